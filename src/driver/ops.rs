@@ -1,0 +1,257 @@
+//! The operations of the driver contract, dispatched to the current runtime's engine.
+//!
+//! Upper layers call only these. Results are `io::Result`; the net layer adds context and
+//! turns them into [`crate::Error`].
+
+use std::io;
+use std::net::{Shutdown, SocketAddr};
+use std::os::fd::OwnedFd;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+
+use super::{poll, uring, DriverKind, SharedFd};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::runtime;
+
+/// Never raise SIGPIPE: a write to a closed connection is an error (EPIPE), not a signal
+/// that kills the program.
+const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
+
+fn kind() -> io::Result<DriverKind> {
+    runtime::current_kind()
+}
+
+/// Connects `fd` to `addr`.
+pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
+    match kind()? {
+        DriverKind::Uring => uring::net::connect(fd, addr).await,
+        DriverKind::Epoll => poll::net::connect(fd, addr).await,
+    }
+}
+
+/// Reads once into the spare capacity of `buf`; `Ok(0)` is end of stream.
+pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
+    match kind() {
+        Ok(DriverKind::Uring) => uring::net::recv(fd, buf).await,
+        Ok(DriverKind::Epoll) => poll::net::recv(fd, buf).await,
+        Err(err) => (Err(err), buf),
+    }
+}
+
+/// Sends once; the count may be short.
+pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
+    match kind() {
+        Ok(DriverKind::Uring) => uring::net::send(fd, buf, SEND_FLAGS).await,
+        Ok(DriverKind::Epoll) => poll::net::send(fd, buf, SEND_FLAGS).await,
+        Err(err) => (Err(err), buf),
+    }
+}
+
+/// Shuts down one or both directions.
+pub(crate) async fn shutdown(fd: &SharedFd, how: Shutdown) -> io::Result<()> {
+    match kind()? {
+        DriverKind::Uring => uring::net::shutdown(fd, how).await,
+        DriverKind::Epoll => poll::net::shutdown(fd, how),
+    }
+}
+
+/// Where a stream batch stands: every byte before (`first`, `skip`) has been sent.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Progress {
+    /// Index of the first buffer not completely sent.
+    pub(crate) first: usize,
+    /// Bytes of `bufs[first]` already sent.
+    pub(crate) skip: usize,
+}
+
+impl Progress {
+    /// Moves past `sent` more bytes.
+    pub(crate) fn advance(&mut self, bufs: &[Bytes], mut sent: usize) {
+        while sent > 0 && self.first < bufs.len() {
+            let left = bufs[self.first].len() - self.skip;
+            if sent >= left {
+                sent -= left;
+                self.first += 1;
+                self.skip = 0;
+            } else {
+                self.skip += sent;
+                sent = 0;
+            }
+        }
+        // Empty buffers after the position are complete too.
+        while self.first < bufs.len() && bufs[self.first].len() == self.skip {
+            self.first += 1;
+            self.skip = 0;
+        }
+    }
+
+    pub(crate) fn done(&self, bufs: &[Bytes]) -> bool {
+        self.first >= bufs.len()
+    }
+}
+
+/// What one batch of stream writes cost and how it ended.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct BatchReport {
+    /// Kernel operations submitted (SQEs or direct calls).
+    pub(crate) operations: u64,
+    /// Times a short send or a cut chain was resubmitted from its byte offset.
+    pub(crate) short_send_recoveries: u64,
+}
+
+/// Most links in one chain: keeps a chain well inside the submission queue.
+const MAX_CHAIN_LINKS: usize = 32;
+
+/// Sends every byte of `bufs` on a stream socket, in order, with as few kernel transitions
+/// as the engine allows: on io_uring one `sendmsg` per 1024 buffers, linked into one chain
+/// with MSG_WAITALL; on epoll one `sendmsg` per 1024 buffers. A short send or a chain cut
+/// after it is resumed from the exact byte where it stopped.
+///
+/// Returns the progress reached (all of `bufs` unless there was an error) and the error.
+pub(crate) async fn send_stream_batch(
+    fd: &SharedFd,
+    mut bufs: Vec<Bytes>,
+    report: &mut BatchReport,
+) -> (io::Result<()>, Progress, Vec<Bytes>) {
+    let mut progress = Progress::default();
+    progress.advance(&bufs, 0);
+    let kind = match kind() {
+        Ok(kind) => kind,
+        Err(err) => return (Err(err), progress, bufs),
+    };
+    let mut rounds = 0u64;
+    while !progress.done(&bufs) {
+        if rounds > 0 {
+            report.short_send_recoveries += 1;
+        }
+        rounds += 1;
+        let remaining = bufs.len() - progress.first;
+        let (result, back) = match kind {
+            DriverKind::Uring if remaining > uring::net::IOV_MAX => {
+                let flags = SEND_FLAGS | libc::MSG_WAITALL;
+                let (result, back) = uring::net::sendmsg_chain(
+                    fd,
+                    bufs,
+                    progress.first,
+                    progress.skip,
+                    flags,
+                    MAX_CHAIN_LINKS,
+                )
+                .await;
+                (result.map(|links| chain_outcome(&links, report)), back)
+            }
+            DriverKind::Uring => {
+                report.operations += 1;
+                let flags = SEND_FLAGS | libc::MSG_WAITALL;
+                let (result, back) =
+                    uring::net::sendmsg_vectored(fd, bufs, progress.first, progress.skip, flags)
+                        .await;
+                (result.map(|n| (n, None)), back)
+            }
+            DriverKind::Epoll => {
+                report.operations += 1;
+                let (result, back) = poll::net::sendmsg_vectored(
+                    fd,
+                    bufs,
+                    progress.first,
+                    progress.skip,
+                    SEND_FLAGS,
+                )
+                .await;
+                (result.map(|n| (n, None)), back)
+            }
+        };
+        bufs = back;
+        match result {
+            Ok((sent, error)) => {
+                progress.advance(&bufs, sent);
+                if let Some(err) = error {
+                    return (Err(err), progress, bufs);
+                }
+                if sent == 0 && !progress.done(&bufs) {
+                    return (Err(io::ErrorKind::WriteZero.into()), progress, bufs);
+                }
+            }
+            Err(err) => return (Err(err), progress, bufs),
+        }
+    }
+    (Ok(()), progress, bufs)
+}
+
+/// Bytes a chain sent in order, and the error that stopped it, if one did. Links after a
+/// short or failed one complete with ECANCELED and sent nothing; a short link without an
+/// error is not an error: the caller resubmits from the new offset.
+fn chain_outcome(
+    links: &[(uring::Completion, usize)],
+    report: &mut BatchReport,
+) -> (usize, Option<io::Error>) {
+    report.operations += links.len() as u64;
+    let mut sent = 0usize;
+    for (completion, _) in links {
+        match completion.into_result() {
+            Ok(n) => sent += n as usize,
+            Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => return (sent, None),
+            Err(err) => return (sent, Some(err)),
+        }
+    }
+    (sent, None)
+}
+
+/// Accepts connections on a listening socket: multishot accept on io_uring (one SQE for
+/// many connections, re-armed when the kernel ends it), accept4 on epoll.
+///
+/// Poll-based so the listener can keep it between calls: a dropped `accept` future then
+/// loses no connection the kernel already accepted.
+pub(crate) struct Acceptor {
+    multishot: Option<uring::MultiOp<SharedFd>>,
+}
+
+impl Acceptor {
+    pub(crate) fn new() -> Acceptor {
+        Acceptor { multishot: None }
+    }
+
+    /// The next connection's socket.
+    pub(crate) fn poll_accept(
+        &mut self,
+        fd: &SharedFd,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<OwnedFd>> {
+        match kind() {
+            Err(err) => Poll::Ready(Err(err)),
+            Ok(DriverKind::Epoll) => loop {
+                match poll::poll_ready(fd, poll::Direction::Read, cx) {
+                    Poll::Ready(Ok(())) => {}
+                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+                    Poll::Pending => return Poll::Pending,
+                }
+                match poll::net::try_accept(fd) {
+                    Ok((new, _)) => return Poll::Ready(Ok(new)),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        poll::clear_ready(fd, poll::Direction::Read)
+                    }
+                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                    Err(err) => return Poll::Ready(Err(err)),
+                }
+            },
+            Ok(DriverKind::Uring) => loop {
+                if self.multishot.as_ref().is_none_or(|op| op.is_finished()) {
+                    self.multishot = None;
+                    match uring::net::accept_multi(fd) {
+                        Ok(op) => self.multishot = Some(op),
+                        Err(err) => return Poll::Ready(Err(err)),
+                    }
+                }
+                let op = self.multishot.as_mut().expect("armed above");
+                match op.poll_next(cx) {
+                    Poll::Ready(Some(completion)) => {
+                        return Poll::Ready(uring::net::accepted(completion))
+                    }
+                    Poll::Ready(None) => continue,
+                    Poll::Pending => return Poll::Pending,
+                }
+            },
+        }
+    }
+}

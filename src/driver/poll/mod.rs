@@ -1,0 +1,206 @@
+//! The portable engine: readiness from epoll (through mio), then plain non-blocking calls.
+//!
+//! Every socket is registered once, edge-triggered, for both directions. A direction is
+//! assumed ready until a call says `EAGAIN`; then the task waits for the next edge. The
+//! runtime is single-threaded and events are only read in `park`, so between a call's
+//! `EAGAIN` and the wait no edge can be missed: it is reported by the next `epoll_wait`.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Token};
+use slab::Slab;
+
+use super::{DriverStats, SharedFd, Unparker};
+use crate::driver::Driver as AnyDriver;
+use crate::runtime;
+
+pub(crate) mod net;
+
+const WAKE_TOKEN: Token = Token(usize::MAX);
+
+/// Read or write readiness.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Read,
+    Write,
+}
+
+#[derive(Default)]
+struct Readiness {
+    ready: [bool; 2],
+    waiters: [Vec<Waker>; 2],
+}
+
+/// The epoll driver of one runtime.
+pub(crate) struct Driver {
+    poll: mio::Poll,
+    events: Events,
+    waker: Arc<mio::Waker>,
+    slots: Slab<Readiness>,
+    stats: DriverStats,
+}
+
+impl Driver {
+    pub(crate) fn new() -> crate::Result<Driver> {
+        let poll = mio::Poll::new().map_err(|e| crate::Error::io("epoll_create", e))?;
+        let waker = mio::Waker::new(poll.registry(), WAKE_TOKEN)
+            .map_err(|e| crate::Error::io("eventfd for the epoll driver", e))?;
+        Ok(Driver {
+            poll,
+            events: Events::with_capacity(1024),
+            waker: Arc::new(waker),
+            slots: Slab::with_capacity(256),
+            stats: DriverStats::default(),
+        })
+    }
+
+    pub(crate) fn stats(&self) -> DriverStats {
+        self.stats
+    }
+
+    pub(crate) fn unparker(&self) -> Unparker {
+        Unparker::Mio(self.waker.clone())
+    }
+
+    /// One `epoll_wait`, then wake every task whose socket became ready.
+    pub(crate) fn park(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.stats.enter_calls += 1;
+        match self.poll.poll(&mut self.events, timeout) {
+            Ok(()) => {}
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(err) => return Err(err),
+        }
+        for event in self.events.iter() {
+            if event.token() == WAKE_TOKEN {
+                continue;
+            }
+            let Some(slot) = self.slots.get_mut(event.token().0) else {
+                continue;
+            };
+            // Errors and hang-ups make both directions "ready": the next call reports them.
+            let failed = event.is_error();
+            if event.is_readable() || event.is_read_closed() || failed {
+                slot.ready[0] = true;
+                slot.waiters[0].drain(..).for_each(Waker::wake);
+            }
+            if event.is_writable() || event.is_write_closed() || failed {
+                slot.ready[1] = true;
+                slot.waiters[1].drain(..).for_each(Waker::wake);
+            }
+        }
+        Ok(())
+    }
+
+    fn register(&mut self, fd: &SharedFd) -> io::Result<usize> {
+        if let Some(slot) = fd.poll_slot() {
+            return Ok(slot);
+        }
+        let slot = self.slots.insert(Readiness {
+            // Unknown until a call says EAGAIN: try first.
+            ready: [true, true],
+            waiters: Default::default(),
+        });
+        let raw = fd.raw();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        if let Err(err) = self
+            .poll
+            .registry()
+            .register(&mut SourceFd(&raw), Token(slot), interest)
+        {
+            self.slots.remove(slot);
+            return Err(err);
+        }
+        fd.set_poll_slot(slot);
+        Ok(slot)
+    }
+}
+
+/// Runs `f` on the current runtime's epoll driver.
+fn with_poll<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
+    runtime::with_driver(|driver| match driver {
+        AnyDriver::Poll(poll) => Ok(f(poll)),
+        AnyDriver::Uring(_) => Err(io::Error::other(
+            "an epoll operation was started on an io_uring runtime",
+        )),
+    })?
+}
+
+/// Forgets a closed socket's readiness. Called when the last handle drops; the kernel
+/// removes a closed descriptor from epoll by itself.
+pub(crate) fn release_slot(slot: usize) {
+    let _ = with_poll(|driver| {
+        if driver.slots.contains(slot) {
+            let readiness = driver.slots.remove(slot);
+            // A task still waiting would hang: wake it so it sees the socket is gone.
+            for waiters in readiness.waiters {
+                waiters.into_iter().for_each(Waker::wake);
+            }
+        }
+    });
+}
+
+/// Counts one data-path system call made by this driver.
+pub(crate) fn count_io_call() {
+    let _ = with_poll(|driver| driver.stats.io_calls += 1);
+}
+
+/// Ready when `direction` may be ready on `fd` (registering it on first use); else keeps
+/// the task's waker for the next edge.
+pub(crate) fn poll_ready(
+    fd: &SharedFd,
+    direction: Direction,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let index = direction as usize;
+    let outcome = with_poll(|driver| {
+        let slot = driver.register(fd)?;
+        let Some(readiness) = driver.slots.get_mut(slot) else {
+            return Ok(true);
+        };
+        if readiness.ready[index] {
+            return Ok(true);
+        }
+        let waiters = &mut readiness.waiters[index];
+        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            waiters.push(cx.waker().clone());
+        }
+        Ok(false)
+    });
+    match outcome {
+        Ok(Ok(true)) => Poll::Ready(Ok(())),
+        Ok(Ok(false)) => Poll::Pending,
+        Ok(Err(err)) | Err(err) => Poll::Ready(Err(err)),
+    }
+}
+
+/// Records that a call on `fd` said EAGAIN: wait for the next edge before trying again.
+pub(crate) fn clear_ready(fd: &SharedFd, direction: Direction) {
+    let _ = with_poll(|driver| {
+        if let Some(readiness) = fd.poll_slot().and_then(|slot| driver.slots.get_mut(slot)) {
+            readiness.ready[direction as usize] = false;
+        }
+    });
+}
+
+/// Runs the non-blocking call `attempt` until it does not say `EAGAIN`, waiting for
+/// `direction` readiness in between. Counts each attempt as a system call.
+pub(crate) async fn retry<T>(
+    fd: &SharedFd,
+    direction: Direction,
+    mut attempt: impl FnMut() -> io::Result<T>,
+) -> io::Result<T> {
+    loop {
+        poll_fn(|cx| poll_ready(fd, direction, cx)).await?;
+        count_io_call();
+        match attempt() {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => clear_ready(fd, direction),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}

@@ -1,0 +1,136 @@
+//! Socket operations as non-blocking system calls retried on readiness.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use bytes::Bytes;
+
+use super::{retry, Direction};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::sockaddr::RawAddr;
+use crate::driver::SharedFd;
+
+/// Most iovecs one `writev`/`sendmsg` takes (UIO_MAXIOV).
+pub(crate) const IOV_MAX: usize = 1024;
+
+fn check(result: isize) -> io::Result<usize> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result as usize)
+    }
+}
+
+/// One non-blocking accept4; `WouldBlock` when no connection waits.
+pub(crate) fn try_accept(fd: &SharedFd) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+    super::count_io_call();
+    {
+        let mut addr = RawAddr::empty();
+        // SAFETY: `addr` is writable storage of `addr.len` bytes that outlives the call.
+        let new = unsafe {
+            libc::accept4(
+                fd.raw(),
+                addr.as_mut_ptr(),
+                &mut addr.len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        check(new as isize).map(|new| {
+            // SAFETY: accept4 returned a new descriptor that nothing else owns.
+            let owned = unsafe { OwnedFd::from_raw_fd(new as i32) };
+            (owned, addr.to_socket_addr())
+        })
+    }
+}
+
+pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
+    let raw = RawAddr::from_socket_addr(addr);
+    // SAFETY: `raw` holds a valid sockaddr of `raw.len` bytes for the duration of the call.
+    let started = unsafe { libc::connect(fd.raw(), raw.as_ptr(), raw.len) };
+    if started == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINPROGRESS) {
+        return Err(err);
+    }
+    retry(fd, Direction::Write, || match fd.sock().take_error() {
+        Ok(Some(err)) => Err(err),
+        Ok(None) => match fd.sock().peer_addr() {
+            Ok(_) => Ok(()),
+            // Not connected yet although writable was reported: wait for the next edge.
+            Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => {
+                Err(io::ErrorKind::WouldBlock.into())
+            }
+            Err(err) => Err(err),
+        },
+        Err(err) => Err(err),
+    })
+    .await
+}
+
+pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, mut buf: B) -> (io::Result<usize>, B) {
+    let result = retry(fd, Direction::Read, || {
+        let init = buf.bytes_init();
+        let spare = buf.bytes_total() - init;
+        // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
+        let n = unsafe { libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0) };
+        check(n)
+    })
+    .await;
+    if let Ok(n) = result {
+        let init = buf.bytes_init() + n;
+        // SAFETY: the kernel wrote `n` bytes after the initialised part.
+        unsafe { buf.set_init(init) };
+    }
+    (result, buf)
+}
+
+pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Result<usize>, B) {
+    let result = retry(fd, Direction::Write, || {
+        // SAFETY: reads `bytes_init` initialised bytes of a live buffer.
+        let n = unsafe { libc::send(fd.raw(), buf.stable_ptr().cast(), buf.bytes_init(), flags) };
+        check(n)
+    })
+    .await;
+    (result, buf)
+}
+
+/// One `sendmsg` of up to [`IOV_MAX`] buffers from byte `skip` of `bufs[first]`.
+pub(crate) async fn sendmsg_vectored(
+    fd: &SharedFd,
+    bufs: Vec<Bytes>,
+    first: usize,
+    skip: usize,
+    flags: i32,
+) -> (io::Result<usize>, Vec<Bytes>) {
+    let mut iovecs: Vec<libc::iovec> = bufs[first..]
+        .iter()
+        .take(IOV_MAX)
+        .enumerate()
+        .map(|(i, buf)| {
+            let skip = if i == 0 { skip.min(buf.len()) } else { 0 };
+            libc::iovec {
+                iov_base: buf[skip..].as_ptr() as *mut libc::c_void,
+                iov_len: buf.len() - skip,
+            }
+        })
+        .collect();
+    let result = retry(fd, Direction::Write, || {
+        // SAFETY: msghdr is plain old data; zero is its empty value.
+        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+        header.msg_iov = iovecs.as_mut_ptr();
+        header.msg_iovlen = iovecs.len();
+        // SAFETY: the header points to iovecs over live Bytes, all alive for the call.
+        let n = unsafe { libc::sendmsg(fd.raw(), &header, flags) };
+        check(n)
+    })
+    .await;
+    (result, bufs)
+}
+
+pub(crate) fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Result<()> {
+    fd.sock().shutdown(how)
+}

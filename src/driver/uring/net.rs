@@ -1,0 +1,245 @@
+//! Socket operations as io_uring SQEs.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::{FromRawFd, OwnedFd};
+
+use bytes::Bytes;
+use io_uring::{opcode, types};
+
+use super::{ChainOp, Completion, MultiOp, Op};
+use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::sockaddr::RawAddr;
+use crate::driver::SharedFd;
+
+/// Most iovecs one `sendmsg` takes (the kernel's UIO_MAXIOV).
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// Multishot accept (Linux 5.19): one SQE, a completion per connection. Results are new
+/// descriptors; those nobody takes are closed by the driver.
+pub(crate) fn accept_multi(fd: &SharedFd) -> io::Result<MultiOp<SharedFd>> {
+    // SAFETY: the SQE points to no memory but the descriptor, which the op's SharedFd keeps
+    // open.
+    unsafe {
+        MultiOp::submit(fd.clone(), true, |fd| {
+            opcode::AcceptMulti::new(types::Fd(fd.raw()))
+                .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+                .build()
+        })
+    }
+}
+
+/// The socket a multishot accept completion carries.
+pub(crate) fn accepted(completion: Completion) -> io::Result<OwnedFd> {
+    let fd = completion.into_result()?;
+    // SAFETY: a successful accept result is a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
+    let data = (fd.clone(), RawAddr::from_socket_addr(addr));
+    // SAFETY: the SQE points into the boxed address, owned by the op.
+    let op = unsafe {
+        Op::submit(data, |(fd, addr)| {
+            opcode::Connect::new(types::Fd(fd.raw()), addr.as_ptr(), addr.len).build()
+        })
+    };
+    let (completion, _) = op.map_err(|(err, _)| err)?.await;
+    completion.into_result().map(drop)
+}
+
+pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
+    // SAFETY: the SQE points into the buffer's spare capacity; the buffer is owned by the
+    // op and its heap memory does not move (IoBufMut's contract).
+    let op = unsafe {
+        Op::submit((fd.clone(), buf), |(fd, buf)| {
+            let init = buf.bytes_init();
+            let spare = (buf.bytes_total() - init).min(u32::MAX as usize) as u32;
+            let ptr = buf.stable_mut_ptr().add(init);
+            opcode::Recv::new(types::Fd(fd.raw()), ptr, spare).build()
+        })
+    };
+    let (completion, data) = match op {
+        Ok(op) => op.await,
+        Err((err, (_, buf))) => return (Err(err), buf),
+    };
+    let (_, mut buf) = *data;
+    let result = completion.into_result().map(|n| {
+        let n = n as usize;
+        let init = buf.bytes_init() + n;
+        // SAFETY: the kernel wrote `n` bytes after the initialised part.
+        unsafe { buf.set_init(init) };
+        n
+    });
+    (result, buf)
+}
+
+pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Result<usize>, B) {
+    // SAFETY: the SQE points into the buffer, owned by the op; its memory does not move.
+    let op = unsafe {
+        Op::submit((fd.clone(), buf), |(fd, buf)| {
+            let len = buf.bytes_init().min(u32::MAX as usize) as u32;
+            opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
+                .flags(flags)
+                .build()
+        })
+    };
+    match op {
+        Ok(op) => {
+            let (completion, data) = op.await;
+            (completion.into_result().map(|n| n as usize), data.1)
+        }
+        Err((err, (_, buf))) => (Err(err), buf),
+    }
+}
+
+pub(crate) async fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Result<()> {
+    let how = match how {
+        std::net::Shutdown::Read => libc::SHUT_RD,
+        std::net::Shutdown::Write => libc::SHUT_WR,
+        std::net::Shutdown::Both => libc::SHUT_RDWR,
+    };
+    // SAFETY: the SQE points to no memory but the descriptor the op keeps open.
+    let op = unsafe {
+        Op::submit(fd.clone(), |fd| {
+            opcode::Shutdown::new(types::Fd(fd.raw()), how).build()
+        })
+    };
+    let (completion, _) = op.map_err(|(err, _)| err)?.await;
+    completion.into_result().map(drop)
+}
+
+/// Buffers described as iovecs, split into `msghdr`s of at most [`IOV_MAX`] entries.
+///
+/// Built completely before it is handed to an op: the iovecs point into the Bytes' heap
+/// memory and the headers into the iovec array's heap memory, so moving this struct
+/// (into a Box or an Rc) moves none of what the kernel will read.
+pub(crate) struct SendMsgs {
+    fd: SharedFd,
+    bufs: Vec<Bytes>,
+    /// Read by the kernel through `headers`; never by us after construction.
+    #[allow(dead_code)]
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::msghdr>,
+    /// How many buffers (iovecs) each header carries.
+    counts: Vec<usize>,
+    /// The destination, read by the kernel through `headers`.
+    #[allow(dead_code)]
+    addr: Box<Option<RawAddr>>,
+}
+
+impl SendMsgs {
+    /// Describes `bufs[first..]`, skipping `skip` bytes of `bufs[first]`, in at most
+    /// `max_headers` headers.
+    fn new(
+        fd: SharedFd,
+        bufs: Vec<Bytes>,
+        first: usize,
+        skip: usize,
+        max_headers: usize,
+        addr: Option<SocketAddr>,
+    ) -> SendMsgs {
+        let limit = max_headers.max(1) * IOV_MAX;
+        let iovecs: Vec<libc::iovec> = bufs[first..]
+            .iter()
+            .take(limit)
+            .enumerate()
+            .map(|(i, buf)| {
+                let skip = if i == 0 { skip.min(buf.len()) } else { 0 };
+                libc::iovec {
+                    iov_base: buf[skip..].as_ptr() as *mut libc::c_void,
+                    iov_len: buf.len() - skip,
+                }
+            })
+            .collect();
+        let mut addr = Box::new(addr.map(RawAddr::from_socket_addr));
+        let mut headers = Vec::new();
+        let mut counts = Vec::new();
+        let mut start = 0;
+        while start < iovecs.len() || headers.is_empty() {
+            let count = (iovecs.len() - start).min(IOV_MAX);
+            // SAFETY: msghdr is plain old data; zero is its empty value.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = iovecs[start..].as_ptr() as *mut libc::iovec;
+            header.msg_iovlen = count;
+            if let Some(addr) = addr.as_mut() {
+                header.msg_name = addr.as_mut_ptr().cast();
+                header.msg_namelen = addr.len;
+            }
+            headers.push(header);
+            counts.push(count);
+            start += count;
+        }
+        SendMsgs {
+            fd,
+            bufs,
+            iovecs,
+            headers,
+            counts,
+            addr,
+        }
+    }
+}
+
+/// One `sendmsg` of up to [`IOV_MAX`] buffers, from byte `skip` of `bufs[first]`:
+/// coalescing many writes into one kernel operation is what makes batches fast.
+pub(crate) async fn sendmsg_vectored(
+    fd: &SharedFd,
+    bufs: Vec<Bytes>,
+    first: usize,
+    skip: usize,
+    flags: i32,
+) -> (io::Result<usize>, Vec<Bytes>) {
+    let msgs = SendMsgs::new(fd.clone(), bufs, first, skip, 1, None);
+    // SAFETY: the SQE points to a header owned by the op's data (see SendMsgs).
+    let op = unsafe {
+        Op::submit(msgs, |msgs| {
+            opcode::SendMsg::new(types::Fd(msgs.fd.raw()), &msgs.headers[0])
+                .flags(flags as u32)
+                .build()
+        })
+    };
+    match op {
+        Ok(op) => {
+            let (completion, msgs) = op.await;
+            (completion.into_result().map(|n| n as usize), msgs.bufs)
+        }
+        Err((err, msgs)) => (Err(err), msgs.bufs),
+    }
+}
+
+/// A linked chain of `sendmsg`s covering `bufs[first..]` from byte `skip`, up to
+/// [`IOV_MAX`] buffers per link and `max_links` links, IO_LINK between links, `flags` on
+/// each (MSG_WAITALL for TCP, so a short send breaks the chain rather than leaving a gap).
+/// Returns each link's completion with the number of buffers it carried.
+pub(crate) async fn sendmsg_chain(
+    fd: &SharedFd,
+    bufs: Vec<Bytes>,
+    first: usize,
+    skip: usize,
+    flags: i32,
+    max_links: usize,
+) -> (io::Result<Vec<(Completion, usize)>>, Vec<Bytes>) {
+    let msgs = SendMsgs::new(fd.clone(), bufs, first, skip, max_links, None);
+    // SAFETY: every SQE points to a header owned by the chain's data (see SendMsgs).
+    let op = unsafe {
+        ChainOp::submit(msgs, |msgs| {
+            msgs.headers
+                .iter()
+                .map(|header| {
+                    opcode::SendMsg::new(types::Fd(msgs.fd.raw()), header)
+                        .flags(flags as u32)
+                        .build()
+                })
+                .collect()
+        })
+    };
+    match op {
+        Ok(op) => {
+            let (completions, msgs) = op.await;
+            let carried = completions.into_iter().zip(msgs.counts).collect();
+            (Ok(carried), msgs.bufs)
+        }
+        Err((err, msgs)) => (Err(err), msgs.bufs),
+    }
+}

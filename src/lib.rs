@@ -1,0 +1,63 @@
+//! # ringsock
+//!
+//! The socket model of Windows.Networking.Sockets — [`StreamSocket`],
+//! [`StreamSocketListener`], batched writes with a flush, [`HostName`], error statuses —
+//! for Linux, on an io_uring engine, with an epoll engine behind the same API where
+//! io_uring is not available.
+//!
+//! ```
+//! use ringsock::{HostName, StreamSocket, StreamSocketListener};
+//!
+//! ringsock::block_on(async {
+//!     // The server: echo one line back on each connection.
+//!     let listener = StreamSocketListener::bind_host(&HostName::new("127.0.0.1")?, "0")?;
+//!     let port = listener.local_addr()?.port().to_string();
+//!     ringsock::spawn(async move {
+//!         let socket = listener.accept().await?;
+//!         let mut input = socket.input_stream();
+//!         if let Some(request) = input.read_line().await? {
+//!             socket.write_all(format!("{request}\n").into_bytes()).await.0?;
+//!         }
+//!         Ok::<_, ringsock::Error>(())
+//!     });
+//!
+//!     // The client: send a line, read the echo.
+//!     let socket = StreamSocket::new();
+//!     socket.connect(&HostName::new("localhost")?, &port).await?;
+//!     socket.write_all(b"Hello, World!\n".to_vec()).await.0?;
+//!     let response = socket.input_stream().read_line().await?;
+//!     assert_eq!(response.as_deref(), Some("Hello, World!"));
+//!     Ok::<_, ringsock::Error>(())
+//! })?;
+//! # Ok::<_, ringsock::Error>(())
+//! ```
+//!
+//! ## Layers
+//!
+//! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`OutputStream`]).
+//! - [`host`] and [`error`]: validated host names and service names; [`Error`] with its
+//!   [`SocketErrorStatus`].
+//! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
+//! - `driver` (private): the io_uring and epoll engines behind one contract.
+//!
+//! The engine is chosen per runtime: `auto` (the default) uses io_uring and falls back to
+//! epoll where io_uring cannot start; `RINGSOCK_BACKEND=uring|epoll|auto` or
+//! [`runtime::Builder::backend`] force it.
+
+#![deny(unsafe_code)]
+#![deny(missing_docs)]
+#![warn(clippy::undocumented_unsafe_blocks)]
+#![warn(unsafe_op_in_unsafe_fn)]
+
+pub mod buf;
+mod driver;
+pub mod error;
+pub mod host;
+pub mod net;
+pub mod runtime;
+
+pub use driver::{Backend, DriverKind, DriverStats};
+pub use error::{Error, Result, SocketErrorStatus};
+pub use host::HostName;
+pub use net::{InputStream, OutputStream, StreamSocket, StreamSocketControl, StreamSocketListener};
+pub use runtime::{block_on, spawn, JoinHandle, Runtime};

@@ -1,0 +1,163 @@
+//! Socket options, set like StreamSocketControl: before connecting, or on a live socket.
+
+use std::cell::Cell;
+use std::time::Duration;
+
+use crate::driver::SharedFd;
+use crate::{Error, Result};
+
+/// Options a [`StreamSocket`](super::StreamSocket) applies when it connects.
+#[derive(Debug, Clone)]
+pub(crate) struct StreamOptions {
+    pub(crate) no_delay: Cell<bool>,
+    pub(crate) keep_alive: Cell<Option<Duration>>,
+    pub(crate) send_buffer_size: Cell<Option<usize>>,
+    pub(crate) receive_buffer_size: Cell<Option<usize>>,
+}
+
+impl Default for StreamOptions {
+    fn default() -> Self {
+        StreamOptions {
+            // As in Windows.Networking.Sockets: latency first, Nagle off.
+            no_delay: Cell::new(true),
+            keep_alive: Cell::new(None),
+            send_buffer_size: Cell::new(None),
+            receive_buffer_size: Cell::new(None),
+        }
+    }
+}
+
+impl StreamOptions {
+    /// Applies every option to `fd`.
+    pub(crate) fn apply(&self, fd: &SharedFd) -> Result<()> {
+        let sock = fd.sock();
+        sock.set_nodelay(self.no_delay.get())
+            .map_err(|e| Error::io("set TCP_NODELAY", e))?;
+        apply_keep_alive(fd, self.keep_alive.get())?;
+        if let Some(size) = self.send_buffer_size.get() {
+            sock.set_send_buffer_size(size)
+                .map_err(|e| Error::io("set SO_SNDBUF", e))?;
+        }
+        if let Some(size) = self.receive_buffer_size.get() {
+            sock.set_recv_buffer_size(size)
+                .map_err(|e| Error::io("set SO_RCVBUF", e))?;
+        }
+        Ok(())
+    }
+}
+
+fn apply_keep_alive(fd: &SharedFd, idle: Option<Duration>) -> Result<()> {
+    let sock = fd.sock();
+    match idle {
+        None => sock
+            .set_keepalive(false)
+            .map_err(|e| Error::io("set SO_KEEPALIVE", e)),
+        Some(idle) => {
+            let params = socket2::TcpKeepalive::new().with_time(idle);
+            sock.set_tcp_keepalive(&params)
+                .map_err(|e| Error::io("set TCP keepalive", e))
+        }
+    }
+}
+
+/// The options of one stream socket, like StreamSocket.Control. Set them before
+/// `connect`; on a connected socket a setter applies at once.
+pub struct StreamSocketControl<'a> {
+    pub(crate) options: &'a StreamOptions,
+    pub(crate) fd: Option<&'a SharedFd>,
+}
+
+impl StreamSocketControl<'_> {
+    /// Disables Nagle's algorithm (TCP_NODELAY). On by default, as on Windows.
+    pub fn set_no_delay(&self, no_delay: bool) -> Result<()> {
+        self.options.no_delay.set(no_delay);
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_nodelay(no_delay)
+                .map_err(|e| Error::io("set TCP_NODELAY", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether Nagle's algorithm is disabled.
+    pub fn no_delay(&self) -> bool {
+        self.options.no_delay.get()
+    }
+
+    /// Sends keep-alive probes after `idle` without traffic; `None` turns them off.
+    pub fn set_keep_alive(&self, idle: Option<Duration>) -> Result<()> {
+        if idle.is_some_and(|idle| idle.as_secs() == 0) {
+            return Err(Error::invalid_input(
+                "keep-alive idle time must be at least one second",
+            ));
+        }
+        self.options.keep_alive.set(idle);
+        match self.fd {
+            Some(fd) => apply_keep_alive(fd, idle),
+            None => Ok(()),
+        }
+    }
+
+    /// The keep-alive idle time, if keep-alive is on.
+    pub fn keep_alive(&self) -> Option<Duration> {
+        self.options.keep_alive.get()
+    }
+
+    /// Requests a send buffer of `bytes` (SO_SNDBUF; the kernel doubles and clamps it).
+    pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
+        check_buffer_size(bytes)?;
+        self.options.send_buffer_size.set(Some(bytes));
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_send_buffer_size(bytes)
+                .map_err(|e| Error::io("set SO_SNDBUF", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Requests a receive buffer of `bytes` (SO_RCVBUF; the kernel doubles and clamps it).
+    pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
+        check_buffer_size(bytes)?;
+        self.options.receive_buffer_size.set(Some(bytes));
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_recv_buffer_size(bytes)
+                .map_err(|e| Error::io("set SO_RCVBUF", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The kernel's send buffer size of a connected socket.
+    pub fn send_buffer_size(&self) -> Result<usize> {
+        let fd = self.connected()?;
+        fd.sock()
+            .send_buffer_size()
+            .map_err(|e| Error::io("get SO_SNDBUF", e))
+    }
+
+    /// The kernel's receive buffer size of a connected socket.
+    pub fn receive_buffer_size(&self) -> Result<usize> {
+        let fd = self.connected()?;
+        fd.sock()
+            .recv_buffer_size()
+            .map_err(|e| Error::io("get SO_RCVBUF", e))
+    }
+
+    fn connected(&self) -> Result<&SharedFd> {
+        self.fd
+            .ok_or_else(|| Error::invalid_input("the socket is not connected"))
+    }
+}
+
+fn check_buffer_size(bytes: usize) -> Result<()> {
+    if bytes == 0 || bytes > i32::MAX as usize {
+        return Err(Error::invalid_input(format!(
+            "buffer size {bytes} is out of range (1..={})",
+            i32::MAX
+        )));
+    }
+    Ok(())
+}

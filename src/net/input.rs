@@ -1,0 +1,122 @@
+//! InputStream: buffered reading from a stream socket, with line reading.
+
+use bytes::{Buf, Bytes, BytesMut};
+
+use crate::driver::{ops, SharedFd};
+use crate::{Error, Result};
+
+/// How much an InputStream asks the kernel for at a time.
+const READ_CHUNK: usize = 64 * 1024;
+/// The longest line `read_line` accepts by default.
+const DEFAULT_MAX_LINE: usize = 1024 * 1024;
+
+/// A buffered reader over a stream socket, like StreamReader over InputStream.
+///
+/// Data read past what a call returns stays buffered for the next call. If a read's
+/// future is dropped while the kernel is filling the buffer, whatever that read received
+/// is discarded with it.
+pub struct InputStream {
+    fd: Option<SharedFd>,
+    buffer: BytesMut,
+    eof: bool,
+    max_line: usize,
+}
+
+impl InputStream {
+    pub(crate) fn new(fd: Option<SharedFd>) -> InputStream {
+        InputStream {
+            fd,
+            buffer: BytesMut::new(),
+            eof: false,
+            max_line: DEFAULT_MAX_LINE,
+        }
+    }
+
+    /// Sets the longest line [`read_line`](Self::read_line) accepts (default 1 MiB), so a
+    /// peer that never sends a newline cannot make the buffer grow without bound.
+    pub fn set_max_line_length(&mut self, bytes: usize) {
+        self.max_line = bytes.max(1);
+    }
+
+    /// Reads more bytes into the buffer; false at end of stream.
+    async fn fill(&mut self) -> Result<bool> {
+        if self.eof {
+            return Ok(false);
+        }
+        let fd = self
+            .fd
+            .as_ref()
+            .ok_or_else(|| Error::invalid_input("the socket is not connected"))?;
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.reserve(READ_CHUNK);
+        let (result, back) = ops::recv(fd, buffer).await;
+        self.buffer = back;
+        let n = result.map_err(|err| Error::io("read", err))?;
+        if n == 0 {
+            self.eof = true;
+        }
+        Ok(n > 0)
+    }
+
+    /// The next line without its `\n` (or `\r\n`); `None` at end of stream. A last line
+    /// without a newline is returned as a line, as ReadLineAsync does.
+    pub async fn read_line(&mut self) -> Result<Option<String>> {
+        let mut searched = 0;
+        loop {
+            if let Some(pos) = self.buffer[searched..].iter().position(|&b| b == b'\n') {
+                let mut line = self.buffer.split_to(searched + pos + 1);
+                line.truncate(line.len() - 1);
+                if line.last() == Some(&b'\r') {
+                    line.truncate(line.len() - 1);
+                }
+                return utf8(line.freeze()).map(Some);
+            }
+            searched = self.buffer.len();
+            if searched > self.max_line {
+                return Err(Error::invalid_input(format!(
+                    "line longer than {} bytes",
+                    self.max_line
+                )));
+            }
+            if !self.fill().await? {
+                if self.buffer.is_empty() {
+                    return Ok(None);
+                }
+                let line = self.buffer.split().freeze();
+                return utf8(line).map(Some);
+            }
+        }
+    }
+
+    /// Up to `max` bytes: what is buffered, else one read. Empty at end of stream.
+    pub async fn read(&mut self, max: usize) -> Result<Bytes> {
+        if self.buffer.is_empty() {
+            self.fill().await?;
+        }
+        let n = self.buffer.len().min(max);
+        Ok(self.buffer.split_to(n).freeze())
+    }
+
+    /// Exactly `n` bytes; an error with status ConnectionClosed if the stream ends first.
+    pub async fn read_exact(&mut self, n: usize) -> Result<Bytes> {
+        while self.buffer.len() < n {
+            if !self.fill().await? {
+                return Err(Error::connection_closed(format!(
+                    "read_exact of {n} bytes got {}",
+                    self.buffer.len()
+                )));
+            }
+        }
+        Ok(self.buffer.split_to(n).freeze())
+    }
+
+    /// Bytes buffered and not yet returned.
+    pub fn buffered(&self) -> &[u8] {
+        self.buffer.chunk()
+    }
+}
+
+fn utf8(line: Bytes) -> Result<String> {
+    String::from_utf8(line.to_vec())
+        .map_err(|err| Error::invalid_input(format!("line is not valid UTF-8: {err}")))
+}

@@ -1,0 +1,49 @@
+//! Sockets: TCP streams and listeners, and the batched output stream.
+
+use std::net::SocketAddr;
+
+use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
+use crate::runtime::spawn_blocking;
+use crate::{Error, Result};
+
+mod control;
+mod input;
+mod listener;
+mod output;
+mod stream;
+
+pub use control::StreamSocketControl;
+pub use input::InputStream;
+pub use listener::{Incoming, StreamSocketListener};
+pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
+pub use stream::StreamSocket;
+
+/// Resolves `host` and `service` to socket addresses. IP literals need no lookup; names go
+/// to the system resolver on a helper thread so the loop never blocks on DNS.
+pub(crate) async fn resolve(
+    host: &HostName,
+    service: &str,
+    protocol: Protocol,
+) -> Result<Vec<SocketAddr>> {
+    let port = parse_service(service, protocol)?;
+    if host.ip().is_some() {
+        return resolve_blocking(host, port);
+    }
+    let owned = host.clone();
+    spawn_blocking(move || resolve_blocking(&owned, port))
+        .await
+        .map_err(|err| Error::io(format!("resolving {host}"), err))?
+}
+
+/// A new non-blocking, close-on-exec socket for `addr`'s family.
+pub(crate) fn new_socket(addr: &SocketAddr, ty: socket2::Type) -> Result<socket2::Socket> {
+    let domain = socket2::Domain::for_address(*addr);
+    let protocol = if ty == socket2::Type::STREAM {
+        socket2::Protocol::TCP
+    } else {
+        socket2::Protocol::UDP
+    };
+    let socket = socket2::Socket::new(domain, ty.nonblocking().cloexec(), Some(protocol))
+        .map_err(|err| Error::io(format!("create a socket for {addr}"), err))?;
+    Ok(socket)
+}

@@ -1,0 +1,390 @@
+//! OutputStream: writes queued without a system call, sent together by `flush`.
+//!
+//! The seed's batched sends: many `write`s, then one `flush` (FlushAsync) that returns
+//! when the kernel has given every one of them back. A batch is sent by a task of its
+//! own, so dropping a `flush` future (or a write handle) never cuts a batch in half: the
+//! stream stays whole whatever the caller gives up on.
+//!
+//! Writes are numbered in the order they are queued and complete in that order, so a
+//! write's result needs no allocation of its own: every write numbered below
+//! `completed` succeeded, and every write from the failure's number on failed.
+
+use std::cell::{Cell, RefCell};
+use std::future::{poll_fn, Future};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use bytes::Bytes;
+
+use crate::driver::ops::{self, BatchReport};
+use crate::driver::SharedFd;
+use crate::{Error, Result, SocketErrorStatus};
+
+/// Bounds of an [`OutputStream`]'s queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputStreamConfig {
+    /// Most bytes queued or in flight before `write` waits (default 8 MiB). A single
+    /// write larger than this is still accepted when nothing else is pending.
+    pub max_pending_bytes: usize,
+    /// Most writes queued or in flight before `write` waits (default 4096).
+    pub max_pending_writes: usize,
+}
+
+impl Default for OutputStreamConfig {
+    fn default() -> Self {
+        OutputStreamConfig {
+            max_pending_bytes: 8 * 1024 * 1024,
+            max_pending_writes: 4096,
+        }
+    }
+}
+
+/// Counters of an [`OutputStream`], for seeing what batching bought.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OutputStreamStats {
+    /// Writes queued.
+    pub writes: u64,
+    /// Bytes of those writes.
+    pub bytes: u64,
+    /// Batches submitted: one per flush that had something to send (more when a batch is
+    /// cut by back-pressure).
+    pub batches: u64,
+    /// Kernel operations used: SQEs on io_uring, `sendmsg` calls on epoll.
+    pub kernel_operations: u64,
+    /// Short sends (or chains cut after one) resubmitted from their exact byte offset.
+    pub short_send_recoveries: u64,
+}
+
+/// The sending side of a stream socket, like StreamSocket.OutputStream.
+///
+/// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
+/// a handle to the same stream, so writes from anywhere keep one order.
+#[derive(Clone)]
+pub struct OutputStream {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    fd: Option<SharedFd>,
+    config: Cell<OutputStreamConfig>,
+    state: RefCell<State>,
+    stats: Cell<OutputStreamStats>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Queued, not yet submitted; numbered `queued_from..next`.
+    queue: Vec<Bytes>,
+    queued_from: u64,
+    next: u64,
+    /// Bytes queued or in flight.
+    pending_bytes: usize,
+    /// Every write numbered below this has been sent.
+    completed: u64,
+    /// Writes from this number on failed, with why.
+    failure: Option<(u64, Failure)>,
+    /// Writes numbered below this must be sent without waiting for another flush.
+    flush_target: u64,
+    /// A sender task is running.
+    sending: bool,
+    waiters: Vec<Waker>,
+}
+
+/// Enough of an error to give a fresh copy to every write and flush it concerns.
+#[derive(Clone)]
+struct Failure {
+    errno: Option<i32>,
+    status: SocketErrorStatus,
+    message: String,
+}
+
+impl Failure {
+    fn from_io(err: &std::io::Error) -> Failure {
+        Failure {
+            errno: err.raw_os_error(),
+            status: SocketErrorStatus::from_io(err),
+            message: err.to_string(),
+        }
+    }
+
+    fn to_error(&self) -> Error {
+        match self.errno {
+            Some(errno) => Error::from_errno("write", errno),
+            None => Error::io(
+                "write",
+                std::io::Error::other(format!("{} ({})", self.message, self.status)),
+            ),
+        }
+    }
+}
+
+impl State {
+    /// The result of write `seq`, once known.
+    fn result_of(&self, seq: u64) -> Option<Result<()>> {
+        if let Some((from, failure)) = &self.failure {
+            if seq >= *from {
+                return Some(Err(failure.to_error()));
+            }
+        }
+        (seq < self.completed).then_some(Ok(()))
+    }
+
+    fn wake_all(&mut self) {
+        self.waiters.drain(..).for_each(Waker::wake);
+    }
+
+    fn in_flight_writes(&self) -> u64 {
+        self.next - self.completed
+    }
+}
+
+impl OutputStream {
+    pub(crate) fn new(fd: Option<SharedFd>) -> OutputStream {
+        OutputStream {
+            inner: Rc::new(Inner {
+                fd,
+                config: Cell::new(OutputStreamConfig::default()),
+                state: RefCell::new(State::default()),
+                stats: Cell::new(OutputStreamStats::default()),
+            }),
+        }
+    }
+
+    /// Changes the queue's bounds.
+    pub fn set_config(&self, config: OutputStreamConfig) -> Result<()> {
+        if config.max_pending_bytes == 0 || config.max_pending_writes == 0 {
+            return Err(Error::invalid_input(
+                "OutputStream bounds must be at least 1 byte and 1 write",
+            ));
+        }
+        self.inner.config.set(config);
+        Ok(())
+    }
+
+    /// The counters so far.
+    pub fn stats(&self) -> OutputStreamStats {
+        self.inner.stats.get()
+    }
+
+    /// Queues `buf` without a system call and returns a handle to await this write alone.
+    ///
+    /// Waits only when the queue is full (see [`OutputStreamConfig`]); it then sends what
+    /// is queued and waits for room. Writes are sent by [`flush`](Self::flush), or when a
+    /// handle is awaited. After a failure every later write fails with the same status.
+    pub async fn write(&self, buf: impl Into<Bytes>) -> Result<WriteHandle> {
+        let buf = buf.into();
+        if self.inner.fd.is_none() {
+            return Err(Error::invalid_input("the socket is not connected"));
+        }
+        poll_fn(|cx| self.poll_room(buf.len(), cx)).await;
+        Ok(self.enqueue(buf))
+    }
+
+    /// Queues `buf` if there is room, without waiting; gives it back when the queue is full.
+    pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
+        let buf = buf.into();
+        if self.inner.fd.is_none() || !self.has_room(buf.len()) {
+            return Err(buf);
+        }
+        Ok(self.enqueue(buf))
+    }
+
+    fn has_room(&self, len: usize) -> bool {
+        let state = self.inner.state.borrow();
+        let config = self.inner.config.get();
+        let writes = state.in_flight_writes();
+        writes == 0
+            || (state.pending_bytes + len <= config.max_pending_bytes
+                && writes < config.max_pending_writes as u64)
+    }
+
+    fn poll_room(&self, len: usize, cx: &mut Context<'_>) -> Poll<()> {
+        if self.has_room(len) || self.inner.state.borrow().failure.is_some() {
+            return Poll::Ready(());
+        }
+        // Full: send what is queued so room comes back, then wait for it.
+        let mut state = self.inner.state.borrow_mut();
+        state.flush_target = state.next;
+        state.waiters.push(cx.waker().clone());
+        drop(state);
+        self.inner.start_sender();
+        Poll::Pending
+    }
+
+    fn enqueue(&self, buf: Bytes) -> WriteHandle {
+        let mut state = self.inner.state.borrow_mut();
+        let seq = state.next;
+        state.next += 1;
+        if state.failure.is_none() {
+            state.pending_bytes += buf.len();
+            let mut stats = self.inner.stats.get();
+            stats.writes += 1;
+            stats.bytes += buf.len() as u64;
+            self.inner.stats.set(stats);
+            state.queue.push(buf);
+        }
+        WriteHandle {
+            stream: self.inner.clone(),
+            seq,
+        }
+    }
+
+    /// Sends every queued write in one submission and returns once the kernel has given
+    /// back every write queued before this call (FlushAsync). Reports the first error;
+    /// each write's handle reports its own. Returns at once when nothing is pending.
+    pub async fn flush(&self) -> Result<()> {
+        let target = self.inner.state.borrow().next;
+        self.inner.wait_for(target).await
+    }
+
+    /// Writes queued or in flight, not yet completed.
+    pub fn pending_writes(&self) -> u64 {
+        self.inner.state.borrow().in_flight_writes()
+    }
+}
+
+impl Inner {
+    /// Resolves once every write numbered below `target` has a result: the first error
+    /// among them, or Ok.
+    async fn wait_for(self: &Rc<Self>, target: u64) -> Result<()> {
+        {
+            let mut state = self.state.borrow_mut();
+            if state.flush_target < target {
+                state.flush_target = target;
+            }
+        }
+        self.start_sender();
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if target == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            if let Some((from, failure)) = &state.failure {
+                if *from < target {
+                    return Poll::Ready(Err(failure.to_error()));
+                }
+            }
+            if state.completed >= target {
+                return Poll::Ready(Ok(()));
+            }
+            state.waiters.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Starts the sender task unless it runs already or nothing needs sending.
+    fn start_sender(self: &Rc<Self>) {
+        let mut state = self.state.borrow_mut();
+        if state.sending || state.queue.is_empty() || state.queued_from >= state.flush_target {
+            return;
+        }
+        state.sending = true;
+        drop(state);
+        let inner = self.clone();
+        crate::runtime::spawn(async move { inner.send_batches().await });
+    }
+
+    /// Sends queued writes, one batch at a time, while somebody waits for them.
+    async fn send_batches(self: Rc<Self>) {
+        let Some(fd) = self.fd.clone() else {
+            return;
+        };
+        loop {
+            let (batch, first_seq) = {
+                let mut state = self.state.borrow_mut();
+                if state.queue.is_empty() || state.queued_from >= state.flush_target {
+                    state.sending = false;
+                    return;
+                }
+                let first_seq = state.queued_from;
+                let batch = std::mem::take(&mut state.queue);
+                state.queued_from = state.next;
+                (batch, first_seq)
+            };
+            let count = batch.len() as u64;
+            let mut report = BatchReport::default();
+            let (result, progress, bufs) = ops::send_stream_batch(&fd, batch, &mut report).await;
+            let sent_bytes: usize = bufs[..progress.first].iter().map(Bytes::len).sum::<usize>()
+                + progress.skip;
+            let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
+            drop(bufs);
+
+            let mut stats = self.stats.get();
+            stats.batches += 1;
+            stats.kernel_operations += report.operations;
+            stats.short_send_recoveries += report.short_send_recoveries;
+            self.stats.set(stats);
+
+            let mut state = self.state.borrow_mut();
+            state.pending_bytes = state.pending_bytes.saturating_sub(sent_bytes + unsent_bytes);
+            state.completed = first_seq + progress.first as u64;
+            if let Err(err) = result {
+                // The stream is broken: this batch's unsent writes, and every write queued
+                // behind them, fail with the same status.
+                let failure = Failure::from_io(&err);
+                state.failure = Some((state.completed, failure));
+                let dropped: usize = state.queue.drain(..).map(|b| b.len()).sum();
+                state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
+                state.queued_from = state.next;
+                state.sending = false;
+                state.wake_all();
+                return;
+            }
+            debug_assert_eq!(state.completed, first_seq + count);
+            state.wake_all();
+        }
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        // The last handle going away must not lose queued writes: send them on, the way
+        // a closed socket still delivers what is in its send buffer.
+        if Rc::strong_count(&self.inner) == 1 {
+            let next = self.inner.state.borrow().next;
+            self.inner.state.borrow_mut().flush_target = next;
+            if crate::runtime::current_driver_kind().is_some() {
+                self.inner.start_sender();
+            }
+        }
+    }
+}
+
+/// One queued write: await it for that write's own result (the seed's Task.WaitAll
+/// pattern). Awaiting sends the queue up to this write if no flush has yet.
+///
+/// Dropping a handle changes nothing: the write stays queued.
+pub struct WriteHandle {
+    stream: Rc<Inner>,
+    seq: u64,
+}
+
+impl WriteHandle {
+    /// The write's result if it is already known.
+    pub fn result(&self) -> Option<Result<()>> {
+        self.stream.state.borrow().result_of(self.seq)
+    }
+}
+
+impl Future for WriteHandle {
+    type Output = Result<()>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let seq = self.seq;
+        let stream = &self.stream;
+        {
+            let mut state = stream.state.borrow_mut();
+            if let Some(result) = state.result_of(seq) {
+                return Poll::Ready(result);
+            }
+            if state.flush_target <= seq {
+                state.flush_target = seq + 1;
+            }
+            state.waiters.push(cx.waker().clone());
+        }
+        stream.start_sender();
+        Poll::Pending
+    }
+}

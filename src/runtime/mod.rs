@@ -1,0 +1,405 @@
+//! A single-threaded executor per thread, parked in one call into its driver.
+//!
+//! Tasks are [`async_task`] tasks on a local run queue. The loop runs every ready task,
+//! then parks in ONE system call (an `io_uring_enter` that submits and waits, or an
+//! `epoll_wait`) with the next timer as its timeout, then fires due timers.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::pin::{pin, Pin};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
+
+use async_task::Runnable;
+
+use crate::driver::{Backend, Driver, DriverConfig, DriverKind, DriverStats, Unparker};
+
+mod blocking;
+mod time;
+
+pub(crate) use blocking::spawn_blocking;
+pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
+
+/// Builds a [`Runtime`] with chosen options.
+#[derive(Debug, Clone, Default)]
+pub struct Builder {
+    backend: Option<Backend>,
+    ring_entries: Option<u32>,
+}
+
+impl Builder {
+    /// A builder with the defaults: backend from `RINGSOCK_BACKEND`, else `auto`.
+    pub fn new() -> Builder {
+        Builder::default()
+    }
+
+    /// Forces the engine, overriding `RINGSOCK_BACKEND`.
+    pub fn backend(mut self, backend: Backend) -> Builder {
+        self.backend = Some(backend);
+        self
+    }
+
+    /// Submission queue size of the io_uring (default 1024).
+    pub fn ring_entries(mut self, entries: u32) -> Builder {
+        self.ring_entries = Some(entries);
+        self
+    }
+
+    /// Starts the runtime on this thread.
+    ///
+    /// Fails when the backend named here or in `RINGSOCK_BACKEND` cannot start (for
+    /// example `uring` where seccomp forbids io_uring), or when that variable is invalid.
+    pub fn build(self) -> crate::Result<Runtime> {
+        let backend = match self.backend {
+            Some(backend) => backend,
+            None => Backend::from_env()?.unwrap_or_default(),
+        };
+        let mut config = DriverConfig::default();
+        if let Some(entries) = self.ring_entries {
+            config.ring_entries = entries;
+        }
+        let (driver, fallback) = Driver::new(backend, config)?;
+        let kind = driver.kind();
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(VecDeque::new()),
+            owner: thread_token(),
+            unparker: driver.unparker(),
+        });
+        Ok(Runtime {
+            inner: Rc::new(Inner {
+                driver: RefCell::new(driver),
+                kind,
+                fallback,
+                shared,
+                timers: RefCell::new(time::Timers::default()),
+                running: Cell::new(false),
+            }),
+        })
+    }
+}
+
+/// One thread's executor and driver. Not `Send`: it lives and runs on the thread that
+/// built it.
+pub struct Runtime {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    driver: RefCell<Driver>,
+    kind: DriverKind,
+    fallback: Option<String>,
+    shared: Arc<Shared>,
+    timers: RefCell<time::Timers>,
+    running: Cell<bool>,
+}
+
+/// The part other threads may touch: the run queue and the way to wake the loop.
+struct Shared {
+    queue: Mutex<VecDeque<Runnable>>,
+    owner: usize,
+    unparker: Unparker,
+}
+
+impl Shared {
+    fn schedule(&self, runnable: Runnable) {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push_back(runnable);
+        if thread_token() != self.owner {
+            self.unparker.unpark();
+        }
+    }
+
+    fn pop(&self) -> Option<Runnable> {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .pop_front()
+    }
+
+    fn queued(&self) -> usize {
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .len()
+    }
+}
+
+thread_local! {
+    static CONTEXT: RefCell<Option<Rc<Inner>>> = const { RefCell::new(None) };
+    static THREAD_MARK: u8 = const { 0 };
+}
+
+/// A number unique to the calling thread while it lives, cheap to read.
+fn thread_token() -> usize {
+    THREAD_MARK.with(|mark| mark as *const u8 as usize)
+}
+
+impl Runtime {
+    /// A runtime with the default options (see [`Builder::new`]).
+    pub fn new() -> crate::Result<Runtime> {
+        Builder::new().build()
+    }
+
+    /// The engine this runtime runs on.
+    pub fn driver_kind(&self) -> DriverKind {
+        self.inner.kind
+    }
+
+    /// Why `auto` fell back to epoll, if it did.
+    pub fn fallback_reason(&self) -> Option<&str> {
+        self.inner.fallback.as_deref()
+    }
+
+    /// System calls the driver has made so far.
+    pub fn driver_stats(&self) -> DriverStats {
+        self.inner.driver.borrow().stats()
+    }
+
+    /// Runs `future` to completion on this thread, along with the tasks it spawns.
+    ///
+    /// # Panics
+    ///
+    /// When called from inside another `block_on` on the same thread, or when the driver
+    /// fails in a way that leaves it unusable (the ring or epoll descriptor broke).
+    pub fn block_on<F: Future>(&self, future: F) -> F::Output {
+        let _enter = self.enter();
+        let main = Arc::new(MainWaker {
+            woken: AtomicBool::new(true),
+            shared: self.inner.shared.clone(),
+        });
+        let waker = Waker::from(main.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut future = pin!(future);
+        loop {
+            if main.woken.swap(false, Ordering::AcqRel) {
+                if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                    return output;
+                }
+            }
+            self.run_ready_tasks();
+            let busy = main.woken.load(Ordering::Acquire) || self.inner.shared.queued() > 0;
+            let now = Instant::now();
+            let timeout = if busy {
+                Some(Duration::ZERO)
+            } else {
+                self.inner.timers.borrow().next_timeout(now)
+            };
+            if let Err(err) = self.inner.driver.borrow_mut().park(timeout) {
+                panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
+            }
+            let due = self.inner.timers.borrow_mut().take_due(Instant::now());
+            due.into_iter().for_each(Waker::wake);
+        }
+    }
+
+    /// Runs the tasks that are ready now; tasks they wake run in the next round, after the
+    /// driver has submitted what this round queued.
+    fn run_ready_tasks(&self) {
+        let ready = self.inner.shared.queued();
+        for _ in 0..ready {
+            match self.inner.shared.pop() {
+                Some(runnable) => {
+                    runnable.run();
+                }
+                None => break,
+            }
+        }
+    }
+
+    /// Spawns a task on this runtime; it runs while some `block_on` of this runtime runs.
+    pub fn spawn<F>(&self, future: F) -> JoinHandle<F::Output>
+    where
+        F: Future + 'static,
+        F::Output: 'static,
+    {
+        spawn_on(&self.inner, future)
+    }
+
+    fn enter(&self) -> EnterGuard {
+        assert!(
+            !self.inner.running.replace(true),
+            "ringsock: block_on called inside block_on on the same thread"
+        );
+        let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
+        EnterGuard {
+            inner: self.inner.clone(),
+            previous,
+        }
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        // Tasks' futures may cancel operations when dropped: they need the driver.
+        let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
+        while let Some(runnable) = self.inner.shared.pop() {
+            drop(runnable);
+        }
+        self.inner.timers.borrow_mut().clear();
+        CONTEXT.with(|context| context.replace(previous));
+    }
+}
+
+struct EnterGuard {
+    inner: Rc<Inner>,
+    previous: Option<Rc<Inner>>,
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        self.inner.running.set(false);
+        let previous = self.previous.take();
+        CONTEXT.with(|context| context.replace(previous));
+    }
+}
+
+/// Wakes `block_on`'s own future: a flag the loop checks, plus an unpark when the wake
+/// comes from another thread.
+struct MainWaker {
+    woken: AtomicBool,
+    shared: Arc<Shared>,
+}
+
+impl Wake for MainWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if thread_token() != self.shared.owner {
+            self.shared.unparker.unpark();
+        }
+    }
+}
+
+/// A spawned task. Awaiting it gives the task's output; dropping it lets the task run on
+/// (detached), unlike `async_task::Task`.
+pub struct JoinHandle<T> {
+    task: Option<async_task::Task<T>>,
+}
+
+impl<T> JoinHandle<T> {
+    /// Stops the task: its future is dropped without running further.
+    pub fn abort(mut self) {
+        self.task.take();
+    }
+
+    /// True once the task has produced its output.
+    pub fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(|task| task.is_finished())
+    }
+}
+
+impl<T> Future for JoinHandle<T> {
+    type Output = T;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
+        match self.task.as_mut() {
+            Some(task) => Pin::new(task).poll(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl<T> Drop for JoinHandle<T> {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.detach();
+        }
+    }
+}
+
+fn spawn_on<F>(inner: &Rc<Inner>, future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    let shared = inner.shared.clone();
+    let (runnable, task) =
+        async_task::spawn_local(future, move |runnable| shared.schedule(runnable));
+    runnable.schedule();
+    JoinHandle { task: Some(task) }
+}
+
+/// Spawns a task on the runtime running on this thread.
+///
+/// # Panics
+///
+/// When no ringsock runtime is running on this thread.
+pub fn spawn<F>(future: F) -> JoinHandle<F::Output>
+where
+    F: Future + 'static,
+    F::Output: 'static,
+{
+    CONTEXT.with(|context| match context.borrow().as_ref() {
+        Some(inner) => spawn_on(inner, future),
+        None => panic!("ringsock::spawn called outside a ringsock runtime"),
+    })
+}
+
+/// Runs `future` on a new runtime for this thread (backend from `RINGSOCK_BACKEND`, else
+/// `auto`).
+///
+/// # Panics
+///
+/// When the runtime cannot start; use [`Runtime::new`] to handle that as an error.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    match Runtime::new() {
+        Ok(runtime) => runtime.block_on(future),
+        Err(err) => panic!("ringsock: cannot start a runtime: {err}"),
+    }
+}
+
+/// The engine of the runtime running on this thread, if any.
+pub fn current_driver_kind() -> Option<DriverKind> {
+    CONTEXT.with(|context| context.borrow().as_ref().map(|inner| inner.kind))
+}
+
+/// System calls made so far by the driver of the runtime running on this thread.
+pub fn driver_stats() -> Option<DriverStats> {
+    CONTEXT.with(|context| {
+        let context = context.borrow();
+        let inner = context.as_ref()?;
+        let driver = inner.driver.try_borrow().ok()?;
+        Some(driver.stats())
+    })
+}
+
+fn no_runtime() -> io::Error {
+    io::Error::other("no ringsock runtime is running on this thread")
+}
+
+pub(crate) fn current_kind() -> io::Result<DriverKind> {
+    current_driver_kind().ok_or_else(no_runtime)
+}
+
+/// Runs `f` with the current runtime's driver.
+pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
+    CONTEXT.with(|context| {
+        let context = context.borrow();
+        let inner = context.as_ref().ok_or_else(no_runtime)?;
+        let mut driver = inner
+            .driver
+            .try_borrow_mut()
+            .map_err(|_| io::Error::other("the ringsock driver is busy (re-entered)"))?;
+        Ok(f(&mut driver))
+    })
+}
+
+/// Runs `f` with the current runtime's timers.
+fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
+    CONTEXT.with(|context| {
+        let context = context.borrow();
+        let inner = context.as_ref()?;
+        let mut timers = inner.timers.try_borrow_mut().ok()?;
+        Some(f(&mut timers))
+    })
+}

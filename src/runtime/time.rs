@@ -1,0 +1,184 @@
+//! Timers: sleeps and timeouts, fired by the loop after each park.
+//!
+//! The next deadline becomes the park's timeout (a timespec in the same `io_uring_enter`
+//! that submits, or `epoll_wait`'s timeout), so a timer costs no system call of its own.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use super::with_timers;
+
+/// Pending timers, ordered by deadline.
+#[derive(Default)]
+pub(crate) struct Timers {
+    entries: BTreeMap<(Instant, u64), Waker>,
+    next_id: u64,
+}
+
+impl Timers {
+    fn insert(&mut self, deadline: Instant, waker: Waker) -> (Instant, u64) {
+        let key = (deadline, self.next_id);
+        self.next_id += 1;
+        self.entries.insert(key, waker);
+        key
+    }
+
+    /// How long the loop may park before the earliest timer is due.
+    pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
+        self.entries
+            .keys()
+            .next()
+            .map(|(deadline, _)| deadline.saturating_duration_since(now))
+    }
+
+    /// Removes and returns the wakers of every timer due at `now`.
+    pub(crate) fn take_due(&mut self, now: Instant) -> Vec<Waker> {
+        let mut due = Vec::new();
+        while let Some(entry) = self.entries.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            due.push(entry.remove());
+        }
+        due
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+    }
+}
+
+/// A future that completes at a deadline.
+#[must_use = "futures do nothing unless awaited"]
+pub struct Sleep {
+    deadline: Instant,
+    key: Option<(Instant, u64)>,
+}
+
+/// Waits for `duration`.
+pub fn sleep(duration: Duration) -> Sleep {
+    sleep_until(Instant::now() + duration)
+}
+
+/// Waits until `deadline`.
+pub fn sleep_until(deadline: Instant) -> Sleep {
+    Sleep {
+        deadline,
+        key: None,
+    }
+}
+
+impl Sleep {
+    /// When this sleep ends.
+    pub fn deadline(&self) -> Instant {
+        self.deadline
+    }
+
+    fn unregister(&mut self) {
+        if let Some(key) = self.key.take() {
+            with_timers(|timers| timers.entries.remove(&key));
+        }
+    }
+}
+
+impl Future for Sleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if Instant::now() >= self.deadline {
+            self.unregister();
+            return Poll::Ready(());
+        }
+        let deadline = self.deadline;
+        let previous = self.key.take();
+        let key = with_timers(|timers| {
+            // A fired timer is gone from the map: register again rather than miss a wake.
+            if let Some(key) = previous {
+                if let Some(waker) = timers.entries.get_mut(&key) {
+                    if !waker.will_wake(cx.waker()) {
+                        *waker = cx.waker().clone();
+                    }
+                    return key;
+                }
+            }
+            timers.insert(deadline, cx.waker().clone())
+        });
+        match key {
+            Some(key) => {
+                self.key = Some(key);
+                Poll::Pending
+            }
+            // No runtime: nothing could ever wake us, so end now rather than hang.
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Sleep {
+    fn drop(&mut self) {
+        self.unregister();
+    }
+}
+
+/// A timeout ran out before the future finished.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Elapsed {
+    after: Duration,
+}
+
+impl fmt::Display for Elapsed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "timed out after {:?}", self.after)
+    }
+}
+
+impl std::error::Error for Elapsed {}
+
+impl From<Elapsed> for crate::Error {
+    fn from(elapsed: Elapsed) -> crate::Error {
+        crate::Error::timed_out(elapsed.to_string())
+    }
+}
+
+/// Runs `future` for at most `duration`. On time-out the future is dropped, which
+/// cancels the operation it was waiting for.
+pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
+    let mut future = std::pin::pin!(future);
+    let mut sleep = std::pin::pin!(sleep(duration));
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+            return Poll::Ready(Ok(output));
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(Elapsed { after: duration })),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn due_timers_come_out_in_deadline_order() {
+        let mut timers = Timers::default();
+        let start = Instant::now();
+        let waker = Waker::noop().clone();
+        timers.insert(start + Duration::from_millis(20), waker.clone());
+        timers.insert(start + Duration::from_millis(10), waker.clone());
+        timers.insert(start + Duration::from_millis(30), waker);
+        assert_eq!(timers.next_timeout(start), Some(Duration::from_millis(10)));
+        assert_eq!(timers.take_due(start + Duration::from_millis(25)).len(), 2);
+        assert_eq!(timers.next_timeout(start), Some(Duration::from_millis(30)));
+        assert_eq!(
+            timers.next_timeout(start + Duration::from_secs(1)),
+            Some(Duration::ZERO)
+        );
+    }
+}
