@@ -129,3 +129,33 @@ unsafe impl IoBuf for &'static str {
         self.len()
     }
 }
+
+/// The initialised bytes of `buf`, as a slice.
+pub(crate) fn init_bytes<B: IoBuf>(buf: &B) -> &[u8] {
+    if buf.bytes_init() == 0 {
+        return &[];
+    }
+    // SAFETY: IoBuf's contract: `stable_ptr` points to `bytes_init` initialised bytes that
+    // stay valid and unchanged while `buf` is alive and not mutated, which the shared
+    // borrow of `buf` guarantees for the slice's lifetime.
+    unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) }
+}
+
+/// Copies as much of `src` as fits into the spare capacity of `buf` (after its
+/// `bytes_init` bytes), marks it initialised and returns how many bytes were copied.
+pub(crate) fn fill_spare<B: IoBufMut>(buf: &mut B, src: &[u8]) -> usize {
+    let init = buf.bytes_init();
+    let n = src.len().min(buf.bytes_total().saturating_sub(init));
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: IoBufMut's contract: `stable_mut_ptr` points to `bytes_total` writable bytes,
+    // and `init + n <= bytes_total`; `src` is a separate borrow, so the ranges cannot
+    // overlap (`buf` is borrowed mutably).
+    unsafe {
+        std::ptr::copy_nonoverlapping(src.as_ptr(), buf.stable_mut_ptr().add(init), n);
+        // SAFETY: the first `init` bytes were initialised before, the next `n` just now.
+        buf.set_init(init + n);
+    }
+    n
+}

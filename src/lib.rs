@@ -37,6 +37,8 @@
 //! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`OutputStream`]).
 //! - [`host`] and [`error`]: validated host names and service names; [`Error`] with its
 //!   [`SocketErrorStatus`].
+//! - [`tls`]: TLS on a [`StreamSocket`] with rustls: client certificates, server
+//!   authentication, certificate statuses.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
 //! - `driver` (private): the io_uring and epoll engines behind one contract.
 //!
@@ -55,9 +57,11 @@ pub mod error;
 pub mod host;
 pub mod net;
 pub mod runtime;
+pub mod tls;
 
 pub use driver::{Backend, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{InputStream, OutputStream, StreamSocket, StreamSocketControl, StreamSocketListener};
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
+pub use tls::ProtectionLevel;

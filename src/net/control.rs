@@ -1,9 +1,10 @@
 //! Socket options, set like StreamSocketControl: before connecting, or on a live socket.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::time::Duration;
 
 use crate::driver::SharedFd;
+use crate::tls::{Identity, TrustedRoots};
 use crate::{Error, Result};
 
 /// Options a [`StreamSocket`](super::StreamSocket) applies when it connects.
@@ -13,6 +14,12 @@ pub(crate) struct StreamOptions {
     pub(crate) keep_alive: Cell<Option<Duration>>,
     pub(crate) send_buffer_size: Cell<Option<usize>>,
     pub(crate) receive_buffer_size: Cell<Option<usize>>,
+    /// Presented when a TLS server asks for a client certificate.
+    pub(crate) client_certificate: RefCell<Option<Identity>>,
+    /// Roots a TLS server's certificate must chain to; `None` means the system's.
+    pub(crate) trusted_roots: RefCell<Option<TrustedRoots>>,
+    /// A TLS handshake has started: the TLS options can no longer change.
+    pub(crate) tls_started: Cell<bool>,
 }
 
 impl Default for StreamOptions {
@@ -23,6 +30,9 @@ impl Default for StreamOptions {
             keep_alive: Cell::new(None),
             send_buffer_size: Cell::new(None),
             receive_buffer_size: Cell::new(None),
+            client_certificate: RefCell::new(None),
+            trusted_roots: RefCell::new(None),
+            tls_started: Cell::new(false),
         }
     }
 }
@@ -144,6 +154,43 @@ impl StreamSocketControl<'_> {
         fd.sock()
             .recv_buffer_size()
             .map_err(|e| Error::io("get SO_RCVBUF", e))
+    }
+
+    /// The certificate and key presented when a TLS server asks for a client certificate
+    /// (StreamSocketControl.ClientCertificate). Set it before the handshake
+    /// ([`connect_with`](super::StreamSocket::connect_with) or
+    /// [`upgrade_to_tls`](super::StreamSocket::upgrade_to_tls)); afterwards it is an error.
+    pub fn set_client_certificate(&self, identity: Identity) -> Result<()> {
+        self.before_tls("the client certificate")?;
+        *self.options.client_certificate.borrow_mut() = Some(identity);
+        Ok(())
+    }
+
+    /// The client certificate that will be (or was) presented, if one was set.
+    pub fn client_certificate(&self) -> Option<Identity> {
+        self.options.client_certificate.borrow().clone()
+    }
+
+    /// The authorities a TLS server's certificate must chain to, instead of the system's
+    /// roots (a CA bundle). Set it before the handshake.
+    pub fn set_trusted_roots(&self, roots: TrustedRoots) -> Result<()> {
+        self.before_tls("the trusted roots")?;
+        *self.options.trusted_roots.borrow_mut() = Some(roots);
+        Ok(())
+    }
+
+    /// The authorities set with [`set_trusted_roots`](Self::set_trusted_roots), if any.
+    pub fn trusted_roots(&self) -> Option<TrustedRoots> {
+        self.options.trusted_roots.borrow().clone()
+    }
+
+    fn before_tls(&self, what: &str) -> Result<()> {
+        if self.options.tls_started.get() {
+            return Err(Error::invalid_input(format!(
+                "{what} must be set before the TLS handshake starts"
+            )));
+        }
+        Ok(())
     }
 
     fn connected(&self) -> Result<&SharedFd> {

@@ -1,8 +1,11 @@
 //! InputStream: buffered reading from a stream socket, with line reading.
 
+use std::rc::Rc;
+
 use bytes::{Buf, Bytes, BytesMut};
 
 use crate::driver::{ops, SharedFd};
+use crate::tls::session::TlsSession;
 use crate::{Error, Result};
 
 /// How much an InputStream asks the kernel for at a time.
@@ -20,6 +23,8 @@ pub struct InputStream {
     buffer: BytesMut,
     eof: bool,
     max_line: usize,
+    /// Reads go through this TLS session when the socket has one.
+    tls: Option<Rc<TlsSession>>,
 }
 
 impl InputStream {
@@ -29,7 +34,14 @@ impl InputStream {
             buffer: BytesMut::new(),
             eof: false,
             max_line: DEFAULT_MAX_LINE,
+            tls: None,
         }
+    }
+
+    /// Reads through `tls` (decrypted) instead of from the socket directly.
+    pub(crate) fn with_tls(mut self, tls: Option<Rc<TlsSession>>) -> InputStream {
+        self.tls = tls;
+        self
     }
 
     /// Sets the longest line [`read_line`](Self::read_line) accepts (default 1 MiB), so a
@@ -42,6 +54,17 @@ impl InputStream {
     async fn fill(&mut self) -> Result<bool> {
         if self.eof {
             return Ok(false);
+        }
+        if let Some(tls) = &self.tls {
+            let buffer = &mut self.buffer;
+            let n = tls
+                .read_with(&mut |plain| {
+                    buffer.extend_from_slice(plain);
+                    plain.len()
+                })
+                .await?;
+            self.eof = n == 0;
+            return Ok(n > 0);
         }
         let fd = self
             .fd

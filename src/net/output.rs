@@ -19,6 +19,7 @@ use bytes::Bytes;
 
 use crate::driver::ops::{self, BatchReport};
 use crate::driver::SharedFd;
+use crate::tls::session::TlsSession;
 use crate::{Error, Result, SocketErrorStatus};
 
 /// Bounds of an [`OutputStream`]'s queue.
@@ -67,6 +68,8 @@ pub struct OutputStream {
 
 struct Inner {
     fd: Option<SharedFd>,
+    /// Batches are encrypted and sent by this TLS session when the socket has one.
+    tls: Option<Rc<TlsSession>>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
     stats: Cell<OutputStreamStats>,
@@ -141,9 +144,20 @@ impl State {
 
 impl OutputStream {
     pub(crate) fn new(fd: Option<SharedFd>) -> OutputStream {
+        OutputStream::with_sink(fd, None)
+    }
+
+    /// A stream whose batches go through `tls`: each batch's writes are encrypted into
+    /// records together, and those records are submitted together.
+    pub(crate) fn new_tls(fd: Option<SharedFd>, tls: Rc<TlsSession>) -> OutputStream {
+        OutputStream::with_sink(fd, Some(tls))
+    }
+
+    fn with_sink(fd: Option<SharedFd>, tls: Option<Rc<TlsSession>>) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
                 fd,
+                tls,
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
                 stats: Cell::new(OutputStreamStats::default()),
@@ -305,9 +319,12 @@ impl Inner {
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, progress, bufs) = ops::send_stream_batch(&fd, batch, &mut report).await;
-            let sent_bytes: usize = bufs[..progress.first].iter().map(Bytes::len).sum::<usize>()
-                + progress.skip;
+            let (result, progress, bufs) = match &self.tls {
+                Some(tls) => tls.send_batch(batch, &mut report).await,
+                None => ops::send_stream_batch(&fd, batch, &mut report).await,
+            };
+            let sent_bytes: usize =
+                bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
             drop(bufs);
 
@@ -318,7 +335,9 @@ impl Inner {
             self.stats.set(stats);
 
             let mut state = self.state.borrow_mut();
-            state.pending_bytes = state.pending_bytes.saturating_sub(sent_bytes + unsent_bytes);
+            state.pending_bytes = state
+                .pending_bytes
+                .saturating_sub(sent_bytes + unsent_bytes);
             state.completed = first_seq + progress.first as u64;
             if let Err(err) = result {
                 // The stream is broken: this batch's unsent writes, and every write queued

@@ -3,12 +3,15 @@
 use std::cell::OnceCell;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::rc::Rc;
 
 use super::control::{StreamOptions, StreamSocketControl};
 use super::{new_socket, resolve, InputStream, OutputStream};
-use crate::buf::{BufResult, IoBuf, IoBufMut};
+use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
 use crate::host::{HostName, Protocol};
+use crate::tls::session::TlsSession;
+use crate::tls::{self, ProtectionLevel, TlsAcceptor, TlsInfo};
 use crate::{Error, Result};
 
 /// A TCP connection, like Windows.Networking.Sockets.StreamSocket.
@@ -35,6 +38,8 @@ use crate::{Error, Result};
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
     options: StreamOptions,
+    /// Set when a TLS handshake starts; from then on every read and write goes through it.
+    tls: OnceCell<Rc<TlsSession>>,
 }
 
 impl StreamSocket {
@@ -44,6 +49,7 @@ impl StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
             options: StreamOptions::default(),
+            tls: OnceCell::new(),
         }
     }
 
@@ -74,6 +80,89 @@ impl StreamSocket {
         Err(last.unwrap_or_else(|| Error::NoAddresses {
             host: host.to_string(),
         }))
+    }
+
+    /// Connects like [`connect`](Self::connect), then, unless `level` is
+    /// [`ProtectionLevel::PlainSocket`], runs a TLS handshake that checks the server's
+    /// certificate against the trusted roots (the system's, or those set with
+    /// [`StreamSocketControl::set_trusted_roots`]) and against `host`
+    /// (ConnectAsync(HostName, String, SocketProtectionLevel)).
+    ///
+    /// A client certificate set with [`StreamSocketControl::set_client_certificate`] is
+    /// presented if the server asks for one. A failed handshake is an
+    /// [`Error::Tls`] whose status says why, e.g. `CertificateUntrustedRoot`.
+    ///
+    /// # Examples
+    ///
+    /// ```no_run
+    /// use ringsock::{HostName, ProtectionLevel, StreamSocket};
+    ///
+    /// ringsock::block_on(async {
+    ///     let socket = StreamSocket::new();
+    ///     socket.connect_with(&HostName::new("example.com")?, "443", ProtectionLevel::Tls13).await?;
+    ///     assert_eq!(socket.tls_info().unwrap().protection_level, ProtectionLevel::Tls13);
+    ///     Ok::<_, ringsock::Error>(())
+    /// })?;
+    /// # Ok::<_, ringsock::Error>(())
+    /// ```
+    pub async fn connect_with(
+        &self,
+        host: &HostName,
+        service: &str,
+        level: ProtectionLevel,
+    ) -> Result<()> {
+        self.connect(host, service).await?;
+        if level == ProtectionLevel::PlainSocket {
+            return Ok(());
+        }
+        self.upgrade_to_tls(level, host).await
+    }
+
+    /// Turns this connected plain socket into a TLS client (UpgradeToSslAsync): the
+    /// server's certificate must be valid for `validation_host`. Take the
+    /// [`input_stream`](Self::input_stream) and [`output_stream`](Self::output_stream)
+    /// after this returns: streams taken before keep reading and writing plain bytes.
+    pub async fn upgrade_to_tls(
+        &self,
+        level: ProtectionLevel,
+        validation_host: &HostName,
+    ) -> Result<()> {
+        let fd = self.fd()?;
+        let roots = self.options.trusted_roots.borrow().clone();
+        let identity = self.options.client_certificate.borrow().clone();
+        let (config, client_cert) =
+            tls::config::client_config(level, roots.as_ref(), identity.as_ref())?;
+        let name = tls::config::server_name(validation_host)?;
+        let session = TlsSession::client(fd.clone(), config, name, client_cert)?;
+        self.start_tls(session)?.handshake().await
+    }
+
+    /// Runs the server side of a TLS handshake on this accepted socket with `acceptor`'s
+    /// certificate and client-certificate policy. Afterwards
+    /// [`tls_info`](Self::tls_info) tells the verified client certificate, if any.
+    pub async fn accept_tls(&self, acceptor: &TlsAcceptor) -> Result<()> {
+        let fd = self.fd()?;
+        let session = TlsSession::server(fd.clone(), acceptor.config.clone())?;
+        self.start_tls(session)?.handshake().await
+    }
+
+    fn start_tls(&self, session: TlsSession) -> Result<&Rc<TlsSession>> {
+        if self.tls.get().is_some() {
+            return Err(Error::invalid_input(
+                "TLS was already started on this socket",
+            ));
+        }
+        self.options.tls_started.set(true);
+        let _ = self.tls.set(Rc::new(session));
+        self.tls
+            .get()
+            .ok_or_else(|| Error::invalid_input("TLS was already started on this socket"))
+    }
+
+    /// What the TLS handshake agreed on (version, cipher suite, the peer's certificate);
+    /// `None` on a plain socket or before the handshake has finished.
+    pub fn tls_info(&self) -> Option<TlsInfo> {
+        self.tls.get().and_then(|session| session.info())
     }
 
     /// Connects to one socket address.
@@ -111,6 +200,7 @@ impl StreamSocket {
         let socket = StreamSocket {
             fd: OnceCell::new(),
             options: options.clone(),
+            tls: OnceCell::new(),
         };
         let _ = socket.fd.set(fd);
         Ok(socket)
@@ -145,17 +235,29 @@ impl StreamSocket {
                 buf,
             );
         }
+        if let Some(session) = self.tls.get() {
+            let result = session
+                .read_with(&mut |plain| fill_spare(&mut buf, plain))
+                .await;
+            return (result, buf);
+        }
         let (result, back) = ops::recv(fd, buf).await;
         buf = back;
         (result.map_err(|err| Error::io("read", err)), buf)
     }
 
     /// Sends once; returns how many bytes the kernel took (possibly fewer than all).
+    /// Through TLS every byte is encrypted and sent before this returns.
     pub async fn write<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
         let fd = match self.fd() {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        if let Some(session) = self.tls.get() {
+            let result = session.write_all(init_bytes(&buf)).await;
+            let len = buf.bytes_init();
+            return (result.map(|()| len), buf);
+        }
         let (result, buf) = ops::send(fd, buf).await;
         (result.map_err(|err| Error::io("write", err)), buf)
     }
@@ -166,6 +268,10 @@ impl StreamSocket {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        if let Some(session) = self.tls.get() {
+            let result = session.write_all(init_bytes(&buf)).await;
+            return (result, buf);
+        }
         let mut slice = Offset { buf, start: 0 };
         while slice.start < slice.buf.bytes_init() {
             let (result, back) = ops::send(fd, slice).await;
@@ -186,18 +292,24 @@ impl StreamSocket {
 
     /// A reader over this connection with line reading (StreamReader.ReadLineAsync).
     pub fn input_stream(&self) -> InputStream {
-        InputStream::new(self.fd.get().cloned())
+        InputStream::new(self.fd.get().cloned()).with_tls(self.tls.get().cloned())
     }
 
     /// A writer that queues writes and sends them together on `flush` (FlushAsync).
     pub fn output_stream(&self) -> OutputStream {
-        OutputStream::new(self.fd.get().cloned())
+        match self.tls.get() {
+            Some(session) => OutputStream::new_tls(self.fd.get().cloned(), session.clone()),
+            None => OutputStream::new(self.fd.get().cloned()),
+        }
     }
 
     /// Closes the sending direction (FIN); the peer reads end-of-stream, while this side
-    /// can still read.
+    /// can still read. Through TLS, `close_notify` is sent first.
     pub async fn shutdown_write(&self) -> Result<()> {
         let fd = self.fd()?;
+        if let Some(session) = self.tls.get() {
+            session.close_write().await?;
+        }
         ops::shutdown(fd, Shutdown::Write)
             .await
             .map_err(|err| Error::io("shutdown", err))

@@ -1,0 +1,532 @@
+//! What a TLS session is built from: identities, trusted roots, the server's acceptor.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use pki_types::pem::PemObject;
+use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::client::ResolvesClientCert;
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
+
+use super::{Certificate, ProtectionLevel};
+use crate::host::HostName;
+use crate::{Error, Result, SocketErrorStatus};
+
+/// The crypto provider every config uses: rustls's *ring* provider, built once.
+pub(crate) fn provider() -> Arc<CryptoProvider> {
+    static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
+    PROVIDER
+        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .clone()
+}
+
+/// A certificate chain with its private key: what a client presents when the server asks
+/// (like StreamSocketControl.ClientCertificate), or what a server presents.
+///
+/// Built from PEM or DER; the key is loaded and checked against the certificate when the
+/// identity is made, so a wrong key is an error here, not a failed handshake later.
+#[derive(Clone)]
+pub struct Identity {
+    key: Arc<CertifiedKey>,
+}
+
+impl Identity {
+    /// From PEM text: `cert_chain_pem` holds one or more `CERTIFICATE` sections,
+    /// end-entity first; `key_pem` holds a `PRIVATE KEY` (PKCS#8), `RSA PRIVATE KEY` or
+    /// `EC PRIVATE KEY` section. Both may be the same combined file.
+    pub fn from_pem(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Identity> {
+        let chain = parse_pem_certificates(cert_chain_pem, "certificate chain")?;
+        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| {
+            Error::invalid_input(format!(
+                "no usable private key in the key PEM (expected a PRIVATE KEY, RSA PRIVATE \
+                 KEY or EC PRIVATE KEY section): {err}"
+            ))
+        })?;
+        Identity::from_parts(chain, key)
+    }
+
+    /// From DER: the chain end-entity first, and a PKCS#8, PKCS#1 (RSA) or SEC1 (EC) key.
+    pub fn from_der(cert_chain: Vec<Vec<u8>>, private_key: Vec<u8>) -> Result<Identity> {
+        if cert_chain.is_empty() {
+            return Err(Error::invalid_input("the certificate chain is empty"));
+        }
+        let chain = cert_chain.into_iter().map(CertificateDer::from).collect();
+        let key = PrivateKeyDer::try_from(private_key).map_err(|err| {
+            Error::invalid_input(format!(
+                "the private key is not PKCS#8, PKCS#1 or SEC1 DER: {err}"
+            ))
+        })?;
+        Identity::from_parts(chain, key)
+    }
+
+    /// From two PEM files (they may be the same file).
+    pub fn from_pem_files(cert_chain: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Identity> {
+        let chain = read_file(cert_chain.as_ref(), "certificate")?;
+        let key = read_file(key.as_ref(), "private key")?;
+        Identity::from_pem(&chain, &key)
+    }
+
+    fn from_parts(
+        chain: Vec<CertificateDer<'static>>,
+        key: PrivateKeyDer<'static>,
+    ) -> Result<Identity> {
+        let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| match err {
+            rustls::Error::InconsistentKeys(_) => {
+                Error::invalid_input("the private key does not belong to the certificate")
+            }
+            other => Error::invalid_input(format!("unusable certificate or private key: {other}")),
+        })?;
+        Ok(Identity { key: Arc::new(key) })
+    }
+
+    /// The end-entity certificate.
+    pub fn certificate(&self) -> Certificate {
+        Certificate::from_der(self.key.cert[0].as_ref())
+    }
+
+    /// The whole chain, end-entity first.
+    pub fn certificate_chain(&self) -> Vec<Certificate> {
+        self.key
+            .cert
+            .iter()
+            .map(|cert| Certificate::from_der(cert.as_ref()))
+            .collect()
+    }
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("chain_len", &self.key.cert.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Certificate authorities trusted to sign a peer's certificate: the system's roots, or a
+/// CA bundle.
+#[derive(Clone)]
+pub struct TrustedRoots {
+    store: Arc<RootCertStore>,
+}
+
+impl TrustedRoots {
+    /// The system's roots, read once per process from the OpenSSL locations
+    /// (`/etc/ssl/certs`, or `SSL_CERT_FILE` / `SSL_CERT_DIR` when set).
+    pub fn system() -> Result<TrustedRoots> {
+        static SYSTEM: OnceLock<std::result::Result<Arc<RootCertStore>, String>> = OnceLock::new();
+        let loaded = SYSTEM.get_or_init(|| {
+            let found = rustls_native_certs::load_native_certs();
+            let mut store = RootCertStore::empty();
+            store.add_parsable_certificates(found.certs);
+            if store.is_empty() {
+                let why = match found.errors.first() {
+                    Some(err) => format!(": {err}"),
+                    None => String::new(),
+                };
+                return Err(format!(
+                    "no trusted root certificates found on this system{why}; install the \
+                     ca-certificates package or give a CA bundle"
+                ));
+            }
+            Ok(Arc::new(store))
+        });
+        match loaded {
+            Ok(store) => Ok(TrustedRoots {
+                store: store.clone(),
+            }),
+            Err(message) => Err(Error::tls(
+                SocketErrorStatus::CertificateUntrustedRoot,
+                message,
+            )),
+        }
+    }
+
+    /// From a PEM bundle of one or more `CERTIFICATE` sections. Every certificate must be
+    /// usable as a trust anchor.
+    pub fn from_pem(pem: &[u8]) -> Result<TrustedRoots> {
+        let certs = parse_pem_certificates(pem, "CA bundle")?;
+        TrustedRoots::from_certs(certs)
+    }
+
+    /// From a PEM bundle file.
+    pub fn from_pem_file(path: impl AsRef<Path>) -> Result<TrustedRoots> {
+        TrustedRoots::from_pem(&read_file(path.as_ref(), "CA bundle")?)
+    }
+
+    /// From DER certificates.
+    pub fn from_der(certs: Vec<Vec<u8>>) -> Result<TrustedRoots> {
+        if certs.is_empty() {
+            return Err(Error::invalid_input("the CA list is empty"));
+        }
+        TrustedRoots::from_certs(certs.into_iter().map(CertificateDer::from).collect())
+    }
+
+    fn from_certs(certs: Vec<CertificateDer<'static>>) -> Result<TrustedRoots> {
+        let mut store = RootCertStore::empty();
+        for (index, cert) in certs.into_iter().enumerate() {
+            store.add(cert).map_err(|err| {
+                Error::invalid_input(format!(
+                    "CA certificate {} is not usable as a trust anchor: {err}",
+                    index + 1
+                ))
+            })?;
+        }
+        Ok(TrustedRoots {
+            store: Arc::new(store),
+        })
+    }
+
+    /// How many authorities are trusted.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    /// True when no authority is trusted.
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+}
+
+impl std::fmt::Debug for TrustedRoots {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustedRoots")
+            .field("len", &self.store.len())
+            .finish()
+    }
+}
+
+/// The server side of TLS: a certificate and key, and whether clients must present a
+/// certificate of their own. Cheap to clone; share one among all connections.
+///
+/// # Examples
+///
+/// ```no_run
+/// use ringsock::tls::{Identity, TlsAcceptor, TrustedRoots};
+/// use ringsock::StreamSocketListener;
+///
+/// ringsock::block_on(async {
+///     let acceptor = TlsAcceptor::builder(Identity::from_pem_files("server.pem", "server.key")?)
+///         .require_client_certificate(TrustedRoots::from_pem_file("clients-ca.pem")?)
+///         .build()?;
+///     let listener = StreamSocketListener::bind("8443")?;
+///     loop {
+///         let socket = listener.accept().await?;
+///         let acceptor = acceptor.clone();
+///         ringsock::spawn(async move {
+///             socket.accept_tls(&acceptor).await?;
+///             let client = socket.tls_info().and_then(|info| info.peer_certificate().cloned());
+///             println!("client certificate: {client:?}");
+///             Ok::<_, ringsock::Error>(())
+///         });
+///     }
+/// })
+/// # ; Ok::<_, ringsock::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct TlsAcceptor {
+    pub(crate) config: Arc<ServerConfig>,
+}
+
+impl TlsAcceptor {
+    /// An acceptor presenting `identity`, TLS 1.2 or newer, without client certificates.
+    pub fn new(identity: Identity) -> Result<TlsAcceptor> {
+        TlsAcceptor::builder(identity).build()
+    }
+
+    /// A builder for the other options.
+    pub fn builder(identity: Identity) -> TlsAcceptorBuilder {
+        TlsAcceptorBuilder {
+            identity,
+            level: ProtectionLevel::Tls12,
+            client_roots: None,
+            client_optional: false,
+        }
+    }
+}
+
+impl std::fmt::Debug for TlsAcceptor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsAcceptor").finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`TlsAcceptor`].
+#[derive(Debug, Clone)]
+pub struct TlsAcceptorBuilder {
+    identity: Identity,
+    level: ProtectionLevel,
+    client_roots: Option<TrustedRoots>,
+    client_optional: bool,
+}
+
+impl TlsAcceptorBuilder {
+    /// The lowest version accepted (default `Tls12`); `Tls13` refuses TLS 1.2 clients.
+    pub fn protection_level(mut self, level: ProtectionLevel) -> TlsAcceptorBuilder {
+        self.level = level;
+        self
+    }
+
+    /// Requires every client to present a certificate signed by one of `roots`; a client
+    /// without one fails with `ClientCertificateRequired`.
+    pub fn require_client_certificate(mut self, roots: TrustedRoots) -> TlsAcceptorBuilder {
+        self.client_roots = Some(roots);
+        self.client_optional = false;
+        self
+    }
+
+    /// Asks clients for a certificate signed by one of `roots` but also accepts clients
+    /// that present none. A certificate that is presented must verify.
+    pub fn request_client_certificate(mut self, roots: TrustedRoots) -> TlsAcceptorBuilder {
+        self.client_roots = Some(roots);
+        self.client_optional = true;
+        self
+    }
+
+    /// The acceptor.
+    pub fn build(self) -> Result<TlsAcceptor> {
+        if self.level == ProtectionLevel::PlainSocket {
+            return Err(Error::invalid_input(
+                "a TLS acceptor needs protection level Tls12 or Tls13",
+            ));
+        }
+        let provider = provider();
+        let builder = ServerConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(self.level.versions())
+            .map_err(|err| Error::invalid_input(format!("TLS versions: {err}")))?;
+        let builder = match self.client_roots {
+            None => builder.with_no_client_auth(),
+            Some(roots) => {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(roots.store.clone(), provider);
+                let verifier = if self.client_optional {
+                    verifier.allow_unauthenticated()
+                } else {
+                    verifier
+                };
+                let verifier = verifier.build().map_err(|err| {
+                    Error::invalid_input(format!("client certificate verifier: {err}"))
+                })?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let config = builder.with_cert_resolver(Arc::new(ServerCert(self.identity.key)));
+        Ok(TlsAcceptor {
+            config: Arc::new(config),
+        })
+    }
+}
+
+/// Presents one certificate to every client.
+#[derive(Debug)]
+struct ServerCert(Arc<CertifiedKey>);
+
+impl ResolvesServerCert for ServerCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.clone())
+    }
+}
+
+/// Answers a server's certificate request with the identity set on the socket's control,
+/// and remembers that the server asked, so a rejection can be reported as
+/// `ClientCertificateRequired` rather than a bare handshake failure.
+#[derive(Debug)]
+pub(crate) struct ClientCert {
+    identity: Option<Arc<CertifiedKey>>,
+    requested: AtomicBool,
+}
+
+impl ClientCert {
+    /// Whether the server sent a certificate request.
+    pub(crate) fn requested(&self) -> bool {
+        self.requested.load(Ordering::Relaxed)
+    }
+
+    /// Whether there was a certificate to present.
+    pub(crate) fn has_identity(&self) -> bool {
+        self.identity.is_some()
+    }
+}
+
+impl ResolvesClientCert for ClientCert {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.requested.store(true, Ordering::Relaxed);
+        self.identity.clone()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.identity.is_some()
+    }
+}
+
+/// A client config for one connection, with the resolver that records whether the server
+/// asked for a certificate.
+pub(crate) fn client_config(
+    level: ProtectionLevel,
+    roots: Option<&TrustedRoots>,
+    identity: Option<&Identity>,
+) -> Result<(Arc<ClientConfig>, Arc<ClientCert>)> {
+    if level == ProtectionLevel::PlainSocket {
+        return Err(Error::invalid_input(
+            "TLS needs protection level Tls12 or Tls13, not PlainSocket",
+        ));
+    }
+    let roots = match roots {
+        Some(roots) => roots.clone(),
+        None => TrustedRoots::system()?,
+    };
+    let resolver = Arc::new(ClientCert {
+        identity: identity.map(|identity| identity.key.clone()),
+        requested: AtomicBool::new(false),
+    });
+    let config = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(level.versions())
+        .map_err(|err| Error::invalid_input(format!("TLS versions: {err}")))?
+        .with_root_certificates(roots.store.clone())
+        .with_client_cert_resolver(resolver.clone());
+    Ok((Arc::new(config), resolver))
+}
+
+/// The name a server's certificate must carry: a DNS name, or an IP address for an IP
+/// literal.
+pub(crate) fn server_name(host: &HostName) -> Result<ServerName<'static>> {
+    if let Some(ip) = host.ip() {
+        return Ok(ServerName::IpAddress(ip.into()));
+    }
+    let name = host.raw_name().trim_end_matches('.');
+    ServerName::try_from(name.to_owned()).map_err(|err| {
+        Error::invalid_input(format!(
+            "{name:?} cannot be checked against a certificate: {err}"
+        ))
+    })
+}
+
+fn parse_pem_certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|err| Error::invalid_input(format!("bad PEM in the {what}: {err}")))?;
+    if certs.is_empty() {
+        return Err(Error::invalid_input(format!(
+            "no CERTIFICATE section found in the {what}"
+        )));
+    }
+    Ok(certs)
+}
+
+fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
+    std::fs::read(path)
+        .map_err(|err| Error::io(format!("read the {what} file {}", path.display()), err))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn generated() -> (String, String) {
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        (cert.cert.pem(), cert.signing_key.serialize_pem())
+    }
+
+    #[test]
+    fn identity_from_pem_and_der() {
+        let (cert, key) = generated();
+        let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+        assert_eq!(identity.certificate_chain().len(), 1);
+        let combined = format!("{cert}{key}");
+        Identity::from_pem(combined.as_bytes(), combined.as_bytes()).unwrap();
+
+        let der = CertificateDer::from_pem_slice(cert.as_bytes()).unwrap();
+        let key_der = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+        let identity =
+            Identity::from_der(vec![der.to_vec()], key_der.secret_der().to_vec()).unwrap();
+        assert_eq!(identity.certificate().der(), der.as_ref());
+    }
+
+    #[test]
+    fn bad_identity_input_is_a_clear_error() {
+        let (cert, key) = generated();
+        let (_, other_key) = generated();
+        let cases: Vec<(Result<Identity>, &str)> = vec![
+            (
+                Identity::from_pem(b"", key.as_bytes()),
+                "no CERTIFICATE section",
+            ),
+            (
+                Identity::from_pem(key.as_bytes(), key.as_bytes()),
+                "no CERTIFICATE section",
+            ),
+            (
+                Identity::from_pem(cert.as_bytes(), b"junk"),
+                "no usable private key",
+            ),
+            (
+                Identity::from_pem(cert.as_bytes(), cert.as_bytes()),
+                "no usable private key",
+            ),
+            (
+                Identity::from_pem(cert.as_bytes(), other_key.as_bytes()),
+                "does not belong to the certificate",
+            ),
+            (
+                Identity::from_pem(b"-----BEGIN CERTIFICATE-----\n!!\n", key.as_bytes()),
+                "bad PEM",
+            ),
+            (Identity::from_der(vec![], vec![1, 2, 3]), "chain is empty"),
+            (
+                Identity::from_der(vec![vec![1, 2]], vec![1, 2, 3]),
+                "private key",
+            ),
+            (
+                Identity::from_pem_files("/nonexistent/cert.pem", "/nonexistent/key.pem"),
+                "/nonexistent/cert.pem",
+            ),
+        ];
+        for (result, want) in cases {
+            let err = result.unwrap_err();
+            assert!(
+                err.to_string().contains(want),
+                "{err} should mention {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn trusted_roots_from_pem() {
+        let (cert, _) = generated();
+        let (cert2, _) = generated();
+        let roots = TrustedRoots::from_pem(format!("{cert}{cert2}").as_bytes()).unwrap();
+        assert_eq!(roots.len(), 2);
+        let err = TrustedRoots::from_pem(b"hello").unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+        let err = TrustedRoots::from_der(vec![vec![0x30, 0x00]]).unwrap_err();
+        assert!(err.to_string().contains("CA certificate 1"), "{err}");
+    }
+
+    #[test]
+    fn server_names() {
+        let name = server_name(&HostName::new("localhost.").unwrap()).unwrap();
+        assert_eq!(name.to_str(), "localhost");
+        let ip = server_name(&HostName::new("::1").unwrap()).unwrap();
+        assert!(matches!(ip, ServerName::IpAddress(_)));
+    }
+
+    #[test]
+    fn plain_socket_is_not_a_tls_level() {
+        let err = client_config(ProtectionLevel::PlainSocket, None, None).unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+        let (cert, key) = generated();
+        let identity = Identity::from_pem(cert.as_bytes(), key.as_bytes()).unwrap();
+        let err = TlsAcceptor::builder(identity)
+            .protection_level(ProtectionLevel::PlainSocket)
+            .build()
+            .unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+    }
+}
