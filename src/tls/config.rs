@@ -242,6 +242,7 @@ impl TlsAcceptor {
         TlsAcceptorBuilder {
             identity,
             level: ProtectionLevel::Tls12,
+            max_level: ProtectionLevel::Tls13,
             client_roots: None,
             client_optional: false,
         }
@@ -259,6 +260,7 @@ impl std::fmt::Debug for TlsAcceptor {
 pub struct TlsAcceptorBuilder {
     identity: Identity,
     level: ProtectionLevel,
+    max_level: ProtectionLevel,
     client_roots: Option<TrustedRoots>,
     client_optional: bool,
 }
@@ -267,6 +269,13 @@ impl TlsAcceptorBuilder {
     /// The lowest version accepted (default `Tls12`); `Tls13` refuses TLS 1.2 clients.
     pub fn protection_level(mut self, level: ProtectionLevel) -> TlsAcceptorBuilder {
         self.level = level;
+        self
+    }
+
+    /// The highest version offered (default `Tls13`); `Tls12` holds connections to TLS
+    /// 1.2, e.g. to test clients or for peers that mishandle TLS 1.3.
+    pub fn max_protection_level(mut self, level: ProtectionLevel) -> TlsAcceptorBuilder {
+        self.max_level = level;
         self
     }
 
@@ -288,14 +297,16 @@ impl TlsAcceptorBuilder {
 
     /// The acceptor.
     pub fn build(self) -> Result<TlsAcceptor> {
-        if self.level == ProtectionLevel::PlainSocket {
-            return Err(Error::invalid_input(
-                "a TLS acceptor needs protection level Tls12 or Tls13",
-            ));
+        let versions = versions_between(self.level, self.max_level);
+        if versions.is_empty() {
+            return Err(Error::invalid_input(format!(
+                "no TLS version from protection level {} up to {}",
+                self.level, self.max_level
+            )));
         }
         let provider = provider();
         let builder = ServerConfig::builder_with_provider(provider.clone())
-            .with_protocol_versions(self.level.versions())
+            .with_protocol_versions(&versions)
             .map_err(|err| Error::invalid_input(format!("TLS versions: {err}")))?;
         let builder = match self.client_roots {
             None => builder.with_no_client_auth(),
@@ -318,6 +329,20 @@ impl TlsAcceptorBuilder {
             config: Arc::new(config),
         })
     }
+}
+
+/// The versions allowed by `min` that `max` also allows.
+fn versions_between(
+    min: ProtectionLevel,
+    max: ProtectionLevel,
+) -> Vec<&'static rustls::SupportedProtocolVersion> {
+    let below_max = |v: &&rustls::SupportedProtocolVersion| {
+        max == ProtectionLevel::Tls13 || v.version != rustls::ProtocolVersion::TLSv1_3
+    };
+    if max == ProtectionLevel::PlainSocket {
+        return Vec::new();
+    }
+    min.versions().iter().copied().filter(below_max).collect()
 }
 
 /// Presents one certificate to every client.
@@ -515,6 +540,24 @@ mod tests {
         assert_eq!(name.to_str(), "localhost");
         let ip = server_name(&HostName::new("::1").unwrap()).unwrap();
         assert!(matches!(ip, ServerName::IpAddress(_)));
+    }
+
+    #[test]
+    fn version_ranges() {
+        use ProtectionLevel::*;
+        let names = |min, max| -> Vec<rustls::ProtocolVersion> {
+            versions_between(min, max)
+                .iter()
+                .map(|v| v.version)
+                .collect()
+        };
+        use rustls::ProtocolVersion::{TLSv1_2, TLSv1_3};
+        assert_eq!(names(Tls12, Tls13), [TLSv1_3, TLSv1_2]);
+        assert_eq!(names(Tls12, Tls12), [TLSv1_2]);
+        assert_eq!(names(Tls13, Tls13), [TLSv1_3]);
+        assert!(names(Tls13, Tls12).is_empty());
+        assert!(names(PlainSocket, Tls13).is_empty());
+        assert!(names(Tls12, PlainSocket).is_empty());
     }
 
     #[test]

@@ -1,0 +1,592 @@
+//! TLS on stream sockets, both ends ours, on both drivers: handshakes with TLS 1.2 and 1.3,
+//! client certificates, certificate statuses, large and batched transfers through TLS.
+
+mod tls_certs;
+mod util;
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use ringsock::runtime::timeout;
+use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TlsInfo, TrustedRoots};
+use ringsock::{
+    Error, HostName, JoinHandle, Result, SocketErrorStatus, StreamSocket, StreamSocketListener,
+};
+use tls_certs::{Ca, LeafOptions};
+
+fn localhost() -> HostName {
+    HostName::new("localhost").unwrap()
+}
+
+fn listen() -> (StreamSocketListener, String) {
+    let listener =
+        StreamSocketListener::bind_host(&HostName::new("127.0.0.1").unwrap(), "0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    (listener, port)
+}
+
+/// Accepts one connection, runs the server handshake, then echoes lines until the client
+/// closes. Gives back what the handshake agreed on, or its error.
+fn echo_server(
+    listener: StreamSocketListener,
+    acceptor: TlsAcceptor,
+) -> JoinHandle<Result<TlsInfo>> {
+    ringsock::spawn(async move {
+        let socket = listener.accept().await?;
+        socket.accept_tls(&acceptor).await?;
+        let info = socket.tls_info().expect("handshake finished");
+        let mut input = socket.input_stream();
+        while let Some(line) = input.read_line().await? {
+            socket.write_all(format!("{line}\n").into_bytes()).await.0?;
+        }
+        socket.shutdown_write().await?;
+        Ok(info)
+    })
+}
+
+/// A client socket trusting `roots`, presenting `identity` if given.
+fn client(roots: &TrustedRoots, identity: Option<Identity>) -> StreamSocket {
+    let socket = StreamSocket::new();
+    socket.control().set_trusted_roots(roots.clone()).unwrap();
+    if let Some(identity) = identity {
+        socket.control().set_client_certificate(identity).unwrap();
+    }
+    socket
+}
+
+/// Sends a few lines and checks they come back, then closes (close_notify + FIN).
+async fn echo_lines(socket: &StreamSocket) {
+    let mut input = socket.input_stream();
+    for line in ["Hello, World!", "second line", ""] {
+        socket
+            .write_all(format!("{line}\n").into_bytes())
+            .await
+            .0
+            .unwrap();
+        assert_eq!(input.read_line().await.unwrap().as_deref(), Some(line));
+    }
+    socket.shutdown_write().await.unwrap();
+    assert_eq!(
+        input.read_line().await.unwrap(),
+        None,
+        "server closed cleanly"
+    );
+}
+
+fn status_of<T: std::fmt::Debug>(result: Result<T>) -> (SocketErrorStatus, String) {
+    let err = result.expect_err("should fail");
+    (err.status(), err.to_string())
+}
+
+#[test]
+fn tls13_handshake_and_echo() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let server = echo_server(listener, TlsAcceptor::new(ca.server()).unwrap());
+
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        let info = socket.tls_info().unwrap();
+        assert_eq!(info.protection_level, ProtectionLevel::Tls13);
+        assert_eq!(info.cipher_suite, "TLS13_AES_256_GCM_SHA384");
+        assert_eq!(info.peer_certificates.len(), 1);
+        echo_lines(&socket).await;
+
+        let server_info = server.await.unwrap();
+        assert_eq!(server_info.protection_level, ProtectionLevel::Tls13);
+        assert_eq!(server_info.server_name.as_deref(), Some("localhost"));
+        assert!(server_info.peer_certificate().is_none());
+    });
+}
+
+#[test]
+fn tls12_handshake_and_echo() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::builder(ca.server())
+            .max_protection_level(ProtectionLevel::Tls12)
+            .build()
+            .unwrap();
+        let server = echo_server(listener, acceptor);
+
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
+            .await
+            .unwrap();
+        let info = socket.tls_info().unwrap();
+        assert_eq!(info.protection_level, ProtectionLevel::Tls12);
+        assert_eq!(info.cipher_suite, "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384");
+        echo_lines(&socket).await;
+        assert_eq!(
+            server.await.unwrap().protection_level,
+            ProtectionLevel::Tls12
+        );
+    });
+}
+
+#[test]
+fn tls13_required_but_server_offers_only_tls12() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::builder(ca.server())
+            .max_protection_level(ProtectionLevel::Tls12)
+            .build()
+            .unwrap();
+        let server = echo_server(listener, acceptor);
+        let socket = client(&ca.roots(), None);
+        let (status, _) = status_of(
+            socket
+                .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+                .await,
+        );
+        assert_eq!(status, SocketErrorStatus::TlsHandshakeFailed);
+        let (status, message) = status_of(server.await);
+        assert_eq!(status, SocketErrorStatus::TlsHandshakeFailed, "{message}");
+    });
+}
+
+#[test]
+fn client_certificate_required_and_given() {
+    for max in [ProtectionLevel::Tls12, ProtectionLevel::Tls13] {
+        util::on_each_backend(|_| async move {
+            let server_ca = Ca::new("server CA");
+            let client_ca = Ca::new("client CA");
+            let identity = client_ca.client("device-17");
+            let (listener, port) = listen();
+            let acceptor = TlsAcceptor::builder(server_ca.server())
+                .max_protection_level(max)
+                .require_client_certificate(client_ca.roots())
+                .build()
+                .unwrap();
+            let server = echo_server(listener, acceptor);
+
+            let socket = client(&server_ca.roots(), Some(identity.clone()));
+            socket
+                .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
+                .await
+                .unwrap();
+            assert_eq!(socket.tls_info().unwrap().protection_level, max);
+            echo_lines(&socket).await;
+
+            let info = server.await.unwrap();
+            assert_eq!(info.peer_certificate(), Some(&identity.certificate()));
+        });
+    }
+}
+
+#[test]
+fn client_certificate_required_and_missing() {
+    for max in [ProtectionLevel::Tls12, ProtectionLevel::Tls13] {
+        util::on_each_backend(|_| async move {
+            let server_ca = Ca::new("server CA");
+            let client_ca = Ca::new("client CA");
+            let (listener, port) = listen();
+            let acceptor = TlsAcceptor::builder(server_ca.server())
+                .max_protection_level(max)
+                .require_client_certificate(client_ca.roots())
+                .build()
+                .unwrap();
+            let server = echo_server(listener, acceptor);
+
+            let socket = client(&server_ca.roots(), None);
+            // TLS 1.2 fails in the handshake; with TLS 1.3 the client has finished its
+            // handshake before the server decides, so the refusal comes with the first read.
+            let result = match socket
+                .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
+                .await
+            {
+                Err(err) => Err(err),
+                Ok(()) => socket.read(Vec::with_capacity(64)).await.0,
+            };
+            let (status, message) = status_of(result);
+            assert_eq!(
+                status,
+                SocketErrorStatus::ClientCertificateRequired,
+                "{message}"
+            );
+            assert!(message.contains("set_client_certificate"), "{message}");
+
+            let (status, message) = status_of(server.await);
+            assert_eq!(
+                status,
+                SocketErrorStatus::ClientCertificateRequired,
+                "{message}"
+            );
+            assert!(message.contains("presented no certificate"), "{message}");
+        });
+    }
+}
+
+#[test]
+fn client_certificate_from_an_untrusted_ca() {
+    util::on_each_backend(|_| async {
+        let server_ca = Ca::new("server CA");
+        let client_ca = Ca::new("client CA");
+        let stranger = Ca::new("some other CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::builder(server_ca.server())
+            .require_client_certificate(client_ca.roots())
+            .build()
+            .unwrap();
+        let server = echo_server(listener, acceptor);
+
+        let socket = client(&server_ca.roots(), Some(stranger.client("intruder")));
+        let result = match socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
+            .await
+        {
+            Err(err) => Err(err),
+            Ok(()) => socket.read(Vec::with_capacity(64)).await.0,
+        };
+        let (status, message) = status_of(result);
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateUntrustedRoot,
+            "{message}"
+        );
+        let (status, message) = status_of(server.await);
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateUntrustedRoot,
+            "{message}"
+        );
+        assert!(message.contains("client's certificate"), "{message}");
+    });
+}
+
+#[test]
+fn client_certificate_optional() {
+    util::on_each_backend(|_| async {
+        let server_ca = Ca::new("server CA");
+        let client_ca = Ca::new("client CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::builder(server_ca.server())
+            .request_client_certificate(client_ca.roots())
+            .build()
+            .unwrap();
+        let server = echo_server(listener, acceptor);
+        let socket = client(&server_ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        echo_lines(&socket).await;
+        assert!(server.await.unwrap().peer_certificate().is_none());
+    });
+}
+
+/// Runs a handshake against a server presenting `server`, and returns the client's and
+/// the server's errors.
+async fn failed_handshake(
+    server: Identity,
+    roots: &TrustedRoots,
+    host: &HostName,
+) -> ((SocketErrorStatus, String), (SocketErrorStatus, String)) {
+    let (listener, port) = listen();
+    let server = echo_server(listener, TlsAcceptor::new(server).unwrap());
+    let socket = client(roots, None);
+    socket.connect(&localhost(), &port).await.unwrap();
+    let client = status_of(socket.upgrade_to_tls(ProtectionLevel::Tls12, host).await);
+    // The socket stays failed: no plaintext sneaks through afterwards.
+    let (again, _) = socket.write_all(b"secret\n".to_vec()).await;
+    assert_eq!(again.unwrap_err().status(), client.0);
+    (client, status_of(server.await))
+}
+
+#[test]
+fn expired_server_certificate() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let expired = ca
+            .leaf(
+                &["localhost"],
+                LeafOptions {
+                    expired: true,
+                    ..LeafOptions::default()
+                },
+            )
+            .identity();
+        let ((status, message), (server_status, server_message)) =
+            failed_handshake(expired, &ca.roots(), &localhost()).await;
+        assert_eq!(status, SocketErrorStatus::CertificateExpired, "{message}");
+        assert!(message.contains("expired"), "{message}");
+        assert_eq!(
+            server_status,
+            SocketErrorStatus::CertificateExpired,
+            "{server_message}"
+        );
+    });
+}
+
+#[test]
+fn wrong_host_name() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let other = ca
+            .leaf(&["other.example"], LeafOptions::default())
+            .identity();
+        let ((status, message), _) = failed_handshake(other, &ca.roots(), &localhost()).await;
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateCommonNameIsIncorrect,
+            "{message}"
+        );
+        assert!(message.contains("other.example"), "{message}");
+
+        // Checked by the name dialled, also for an IP literal the certificate lacks.
+        let ((status, _), _) = failed_handshake(
+            ca.leaf(&["localhost"], LeafOptions::default()).identity(),
+            &ca.roots(),
+            &HostName::new("127.0.0.2").unwrap(),
+        )
+        .await;
+        assert_eq!(status, SocketErrorStatus::CertificateCommonNameIsIncorrect);
+    });
+}
+
+#[test]
+fn untrusted_root() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let stranger = Ca::new("some other CA");
+        let ((status, message), (server_status, _)) =
+            failed_handshake(ca.server(), &stranger.roots(), &localhost()).await;
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateUntrustedRoot,
+            "{message}"
+        );
+        assert_eq!(server_status, SocketErrorStatus::CertificateUntrustedRoot);
+    });
+}
+
+#[test]
+fn untrusted_root_against_the_system_roots() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let server = echo_server(listener, TlsAcceptor::new(ca.server()).unwrap());
+        // No set_trusted_roots: the system's roots, which do not know our test CA (and
+        // if the system has none, that is the same status).
+        let socket = StreamSocket::new();
+        let (status, message) = status_of(
+            socket
+                .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
+                .await,
+        );
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateUntrustedRoot,
+            "{message}"
+        );
+        drop(socket);
+        assert!(server.await.is_err());
+    });
+}
+
+#[test]
+fn server_certificate_for_the_wrong_usage() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let client_only = ca.client("localhost");
+        let ((status, message), _) = failed_handshake(client_only, &ca.roots(), &localhost()).await;
+        assert_eq!(
+            status,
+            SocketErrorStatus::CertificateWrongUsage,
+            "{message}"
+        );
+    });
+}
+
+#[test]
+fn plain_then_upgrade_to_tls() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await?;
+            // A STARTTLS-style exchange in the clear, then TLS on the same connection.
+            let line = socket.input_stream().read_line().await?;
+            assert_eq!(line.as_deref(), Some("STARTTLS"));
+            socket.write_all(b"GO\n".to_vec()).await.0?;
+            socket.accept_tls(&acceptor).await?;
+            let line = socket.input_stream().read_line().await?;
+            socket
+                .write_all(format!("secure {}\n", line.unwrap_or_default()).into_bytes())
+                .await
+                .0?;
+            Ok::<_, Error>(())
+        });
+        let socket = client(&ca.roots(), None);
+        socket.connect(&localhost(), &port).await.unwrap();
+        socket.write_all(b"STARTTLS\n".to_vec()).await.0.unwrap();
+        assert_eq!(
+            socket.input_stream().read_line().await.unwrap().as_deref(),
+            Some("GO")
+        );
+        assert!(socket.tls_info().is_none());
+        socket
+            .upgrade_to_tls(ProtectionLevel::Tls12, &localhost())
+            .await
+            .unwrap();
+        assert!(socket.tls_info().is_some());
+        socket.write_all(b"hello\n".to_vec()).await.0.unwrap();
+        assert_eq!(
+            socket.input_stream().read_line().await.unwrap().as_deref(),
+            Some("secure hello")
+        );
+        server.await.unwrap();
+
+        // TLS options are fixed once the handshake started; a second upgrade is refused.
+        let err = socket
+            .control()
+            .set_client_certificate(ca.client("late"))
+            .unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+        let err = socket
+            .upgrade_to_tls(ProtectionLevel::Tls12, &localhost())
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+    });
+}
+
+#[test]
+fn large_echo_through_tls() {
+    const TOTAL: usize = 64 * 1024 * 1024;
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        // Echo raw bytes until the client closes.
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await?;
+            socket.accept_tls(&acceptor).await?;
+            let mut echoed = 0usize;
+            loop {
+                let (n, buf) = socket.read(Vec::with_capacity(256 * 1024)).await;
+                if n? == 0 {
+                    break;
+                }
+                echoed += buf.len();
+                socket.write_all(buf).await.0?;
+            }
+            socket.shutdown_write().await?;
+            Ok::<_, Error>(echoed)
+        });
+
+        let socket = Rc::new(client(&ca.roots(), None));
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        let data = Rc::new(util::pseudo_random_bytes(64, TOTAL));
+        let writer = {
+            let socket = socket.clone();
+            let data = data.clone();
+            ringsock::spawn(async move {
+                for piece in data.chunks(4 * 1024 * 1024) {
+                    socket.write_all(piece.to_vec()).await.0?;
+                }
+                socket.shutdown_write().await
+            })
+        };
+        let mut received = 0usize;
+        loop {
+            let (n, buf) = socket.read(Vec::with_capacity(256 * 1024)).await;
+            let n = n.unwrap();
+            if n == 0 {
+                break;
+            }
+            assert!(received + n <= TOTAL, "more bytes came back than were sent");
+            assert!(
+                buf[..] == data[received..received + n],
+                "echo differs in the bytes from offset {received}"
+            );
+            received += n;
+        }
+        assert_eq!(received, TOTAL);
+        writer.await.unwrap();
+        assert_eq!(server.await.unwrap(), TOTAL);
+    });
+}
+
+#[test]
+fn batched_flush_through_tls() {
+    const WRITES: usize = 1000;
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let server = echo_server(listener, TlsAcceptor::new(ca.server()).unwrap());
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+
+        let output = socket.output_stream();
+        let mut handles = Vec::new();
+        for i in 0..WRITES {
+            handles.push(output.write(format!("line {i}\n")).await.unwrap());
+        }
+        assert!(handles.iter().all(|handle| handle.result().is_none()));
+        output.flush().await.unwrap();
+        for handle in handles {
+            handle.await.unwrap();
+        }
+        let stats = output.stats();
+        assert_eq!(stats.writes, WRITES as u64);
+        assert_eq!(stats.batches, 1, "one flush, one batch");
+        // The whole batch went out as one encrypted submission (plus resubmissions of a
+        // short send, if the kernel made one).
+        assert_eq!(stats.kernel_operations, 1 + stats.short_send_recoveries);
+
+        let mut input = socket.input_stream();
+        for i in 0..WRITES {
+            let line = input.read_line().await.unwrap();
+            assert_eq!(line, Some(format!("line {i}")));
+        }
+        socket.shutdown_write().await.unwrap();
+        assert_eq!(input.read_line().await.unwrap(), None);
+        server.await.unwrap();
+    });
+}
+
+#[test]
+fn a_read_given_up_on_loses_nothing() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let server = echo_server(listener, TlsAcceptor::new(ca.server()).unwrap());
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        let mut input = socket.input_stream();
+        // Nothing has been sent, so this read cannot finish: give it up while its receive
+        // is in flight.
+        assert!(timeout(Duration::from_millis(5), input.read_line())
+            .await
+            .is_err());
+        socket
+            .write_all(b"after a timeout\n".to_vec())
+            .await
+            .0
+            .unwrap();
+        assert_eq!(
+            input.read_line().await.unwrap().as_deref(),
+            Some("after a timeout")
+        );
+        socket.shutdown_write().await.unwrap();
+        server.await.unwrap();
+    });
+}
