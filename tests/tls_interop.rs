@@ -111,8 +111,10 @@ fn start_s_server(files: &Files, level: ProtectionLevel) -> (Child, u16) {
     let mut line = String::new();
     loop {
         line.clear();
-        let n = stdout.read_line(&mut line).unwrap();
-        assert!(n > 0, "openssl s_server ended before listening");
+        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+            let status = child.wait();
+            panic!("openssl s_server ended before listening: {status:?}");
+        }
         if let Some(addr) = line.trim().strip_prefix("ACCEPT ") {
             let port = addr.rsplit(':').next().unwrap().parse().unwrap();
             // Keep draining its output so it never blocks on a full pipe.
