@@ -107,19 +107,29 @@ fn start_s_server(files: &Files, level: ProtectionLevel) -> (Child, u16) {
         .stderr(Stdio::null())
         .spawn()
         .expect("start openssl s_server");
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    loop {
-        line.clear();
-        if stdout.read_line(&mut line).unwrap_or(0) == 0 {
+    match listening_port(&mut child) {
+        Some(port) => (child, port),
+        None => {
             let status = child.wait();
             panic!("openssl s_server ended before listening: {status:?}");
         }
+    }
+}
+
+/// Reads s_server's output up to its `ACCEPT host:port` line, then keeps draining it in
+/// the background so it never blocks on a full pipe.
+fn listening_port(child: &mut Child) -> Option<u16> {
+    let mut stdout = BufReader::new(child.stdout.take()?);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if stdout.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
         if let Some(addr) = line.trim().strip_prefix("ACCEPT ") {
-            let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-            // Keep draining its output so it never blocks on a full pipe.
+            let port = addr.rsplit(':').next()?.parse().ok()?;
             std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-            return (child, port);
+            return Some(port);
         }
     }
 }
