@@ -12,9 +12,10 @@ const NR_IO_URING_SETUP: u32 = 425;
 
 /// Installs, in the calling process, a filter that fails io_uring_setup with EPERM.
 fn forbid_io_uring() -> std::io::Result<()> {
-    const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20;
-    const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10 | 0x00;
-    const BPF_RET_K: u16 = 0x06 | 0x00;
+    // Classic BPF opcodes: BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K.
+    const BPF_LD_W_ABS: u16 = 0x20;
+    const BPF_JMP_JEQ_K: u16 = 0x15;
+    const BPF_RET_K: u16 = 0x06;
     const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
     const SECCOMP_RET_ERRNO: u32 = 0x0005_0000;
     let filter = [
