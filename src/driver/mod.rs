@@ -25,6 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod iovec;
 pub(crate) mod ops;
 pub(crate) mod poll;
 pub(crate) mod sockaddr;
