@@ -37,9 +37,12 @@ use crate::{Error, Result};
 /// ```
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
+    output: OnceCell<OutputStream>,
     options: StreamOptions,
     /// Set when a TLS handshake starts; from then on every read and write goes through it.
     tls: OnceCell<Rc<TlsSession>>,
+    /// The output stream once TLS has started (the plain one stays plain).
+    tls_output: OnceCell<OutputStream>,
 }
 
 impl StreamSocket {
@@ -48,8 +51,10 @@ impl StreamSocket {
     pub fn new() -> StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
+            output: OnceCell::new(),
             options: StreamOptions::default(),
             tls: OnceCell::new(),
+            tls_output: OnceCell::new(),
         }
     }
 
@@ -199,8 +204,10 @@ impl StreamSocket {
         options.apply(&fd)?;
         let socket = StreamSocket {
             fd: OnceCell::new(),
+            output: OnceCell::new(),
             options: options.clone(),
             tls: OnceCell::new(),
+            tls_output: OnceCell::new(),
         };
         let _ = socket.fd.set(fd);
         Ok(socket)
@@ -295,11 +302,26 @@ impl StreamSocket {
         InputStream::new(self.fd.get().cloned()).with_tls(self.tls.get().cloned())
     }
 
-    /// A writer that queues writes and sends them together on `flush` (FlushAsync).
+    /// The writer that queues writes and sends them together on `flush` (FlushAsync).
+    /// Every call returns a handle to the same stream, so all writes keep one order.
+    ///
+    /// Mixing it with [`write`](Self::write) / [`write_all`](Self::write_all) while a
+    /// batch is in flight may interleave their bytes; use one or the other at a time.
+    /// (Through TLS each write and each batch is encrypted and sent whole, so they
+    /// interleave only at those boundaries.) Once TLS has started, this returns a stream
+    /// that goes through it; a handle taken before stays plain.
     pub fn output_stream(&self) -> OutputStream {
-        match self.tls.get() {
-            Some(session) => OutputStream::new_tls(self.fd.get().cloned(), session.clone()),
-            None => OutputStream::new(self.fd.get().cloned()),
+        match (self.fd.get(), self.tls.get()) {
+            (Some(fd), Some(session)) => self
+                .tls_output
+                .get_or_init(|| OutputStream::new_tls(Some(fd.clone()), session.clone()))
+                .clone(),
+            (Some(fd), None) => self
+                .output
+                .get_or_init(|| OutputStream::new(Some(fd.clone())))
+                .clone(),
+            // Not connected: a stream whose writes fail with a clear error.
+            (None, _) => OutputStream::new(None),
         }
     }
 

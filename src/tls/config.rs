@@ -208,7 +208,7 @@ impl std::fmt::Debug for TrustedRoots {
 /// use ringsock::tls::{Identity, TlsAcceptor, TrustedRoots};
 /// use ringsock::StreamSocketListener;
 ///
-/// ringsock::block_on(async {
+/// async fn serve() -> ringsock::Result<()> {
 ///     let acceptor = TlsAcceptor::builder(Identity::from_pem_files("server.pem", "server.key")?)
 ///         .require_client_certificate(TrustedRoots::from_pem_file("clients-ca.pem")?)
 ///         .build()?;
@@ -216,6 +216,7 @@ impl std::fmt::Debug for TrustedRoots {
 ///     loop {
 ///         let socket = listener.accept().await?;
 ///         let acceptor = acceptor.clone();
+///         // One task per connection: a slow handshake holds up nobody else.
 ///         ringsock::spawn(async move {
 ///             socket.accept_tls(&acceptor).await?;
 ///             let client = socket.tls_info().and_then(|info| info.peer_certificate().cloned());
@@ -223,8 +224,10 @@ impl std::fmt::Debug for TrustedRoots {
 ///             Ok::<_, ringsock::Error>(())
 ///         });
 ///     }
-/// })
-/// # ; Ok::<_, ringsock::Error>(())
+/// }
+///
+/// ringsock::block_on(serve())?;
+/// # Ok::<_, ringsock::Error>(())
 /// ```
 #[derive(Clone)]
 pub struct TlsAcceptor {
