@@ -43,6 +43,8 @@ const WRITE_CHUNK: usize = 256 * 1024;
 const RECORD_OVERHEAD: usize = 5 + 8 + 16 + 256;
 /// The largest plaintext in one record.
 const MAX_FRAGMENT: usize = 16 * 1024;
+/// Plaintext handed to rustls per step of [`TlsSession::seal`]: four full records.
+const SEAL_STEP: usize = 4 * MAX_FRAGMENT;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
@@ -377,11 +379,14 @@ impl TlsSession {
             ));
         }
         let total: usize = plaintext.iter().map(|piece| piece.len()).sum();
-        let mut out = Vec::with_capacity(total + (total / MAX_FRAGMENT + 1) * RECORD_OVERHEAD);
+        let mut out = buffer_pool::take(total + (total / MAX_FRAGMENT + 1) * RECORD_OVERHEAD);
         let mut conn = self.conn.borrow_mut();
         let mut done = 0;
         while done < total {
-            let slices = io_slices_from(plaintext, done);
+            // A few records at a time, drained before the next: rustls allocates each
+            // record, and freeing them as we go lets the allocator reuse the same memory
+            // (a whole batch's worth at once was returned to the kernel and faulted back).
+            let slices = io_slices_from(plaintext, done, SEAL_STEP);
             let n = conn
                 .writer()
                 .write_vectored(&slices)
@@ -555,15 +560,20 @@ fn drain_tls(conn: &mut Connection, out: &mut Vec<u8>) -> Result<()> {
     Ok(())
 }
 
-/// `pieces` as I/O slices, skipping the first `skip` bytes.
-fn io_slices_from<'a>(pieces: &[&'a [u8]], mut skip: usize) -> Vec<IoSlice<'a>> {
-    let mut slices = Vec::with_capacity(pieces.len());
+/// `pieces` as I/O slices, skipping the first `skip` bytes, `limit` bytes at most.
+fn io_slices_from<'a>(pieces: &[&'a [u8]], mut skip: usize, mut limit: usize) -> Vec<IoSlice<'a>> {
+    let mut slices = Vec::new();
     for piece in pieces {
+        if limit == 0 {
+            break;
+        }
         if skip >= piece.len() {
             skip -= piece.len();
             continue;
         }
-        slices.push(IoSlice::new(&piece[skip..]));
+        let end = piece.len().min(skip.saturating_add(limit));
+        slices.push(IoSlice::new(&piece[skip..end]));
+        limit -= end - skip;
         skip = 0;
     }
     slices
@@ -670,7 +680,8 @@ impl Tx {
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, _, _) = ops::send_stream_batch(&self.fd, batch, &mut report).await;
+            let (result, _, sent) = ops::send_stream_batch(&self.fd, batch, &mut report).await;
+            sent.into_iter().for_each(buffer_pool::give_back);
             let mut state = self.state.borrow_mut();
             state.operations += report.operations;
             state.short_send_recoveries += report.short_send_recoveries;
@@ -686,6 +697,51 @@ impl Tx {
             }
             state.waiters.drain(..).for_each(Waker::wake);
         }
+    }
+}
+
+/// Ciphertext buffers kept for reuse by the sessions of this thread: a fresh large buffer
+/// per batch costs page faults that showed up as the sender's largest cost. Bounded per
+/// thread (not per connection), so idle connections hold nothing.
+mod buffer_pool {
+    use std::cell::RefCell;
+
+    use bytes::Bytes;
+
+    /// Buffers kept, at most.
+    const KEEP: usize = 4;
+    /// Larger buffers are freed, not kept.
+    const MAX_CAPACITY: usize = 4 * 1024 * 1024;
+
+    thread_local! {
+        static POOL: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// An empty buffer with room for `capacity` bytes.
+    pub(super) fn take(capacity: usize) -> Vec<u8> {
+        let mut buf = POOL
+            .with(|pool| pool.borrow_mut().pop())
+            .unwrap_or_default();
+        buf.reserve(capacity);
+        buf
+    }
+
+    /// Keeps the allocation behind `bytes` if nothing else shares it and there is room.
+    pub(super) fn give_back(bytes: Bytes) {
+        let Ok(unique) = bytes.try_into_mut() else {
+            return;
+        };
+        let mut buf = Vec::from(unique);
+        if buf.capacity() > MAX_CAPACITY {
+            return;
+        }
+        buf.clear();
+        POOL.with(|pool| {
+            let mut pool = pool.borrow_mut();
+            if pool.len() < KEEP {
+                pool.push(buf);
+            }
+        });
     }
 }
 
@@ -735,11 +791,16 @@ mod tests {
         let joined = |slices: Vec<IoSlice<'_>>| -> Vec<u8> {
             slices.iter().flat_map(|s| s.iter().copied()).collect()
         };
-        assert_eq!(joined(io_slices_from(&pieces, 0)), b"abcdefg");
-        assert_eq!(joined(io_slices_from(&pieces, 2)), b"cdefg");
-        assert_eq!(joined(io_slices_from(&pieces, 3)), b"defg");
-        assert_eq!(joined(io_slices_from(&pieces, 5)), b"fg");
-        assert!(io_slices_from(&pieces, 7).is_empty());
+        let all = usize::MAX;
+        assert_eq!(joined(io_slices_from(&pieces, 0, all)), b"abcdefg");
+        assert_eq!(joined(io_slices_from(&pieces, 2, all)), b"cdefg");
+        assert_eq!(joined(io_slices_from(&pieces, 3, all)), b"defg");
+        assert_eq!(joined(io_slices_from(&pieces, 5, all)), b"fg");
+        assert!(io_slices_from(&pieces, 7, all).is_empty());
+        assert_eq!(joined(io_slices_from(&pieces, 0, 2)), b"ab");
+        assert_eq!(joined(io_slices_from(&pieces, 1, 3)), b"bcd");
+        assert_eq!(joined(io_slices_from(&pieces, 2, 1)), b"c");
+        assert!(io_slices_from(&pieces, 0, 0).is_empty());
     }
 
     #[test]
