@@ -25,7 +25,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod buf_pool;
 pub(crate) mod ops;
+pub(crate) mod ops_datagram;
 pub(crate) mod poll;
 pub(crate) mod sockaddr;
 pub(crate) mod uring;

@@ -73,7 +73,10 @@ impl RawAddr {
                 // the kernel reported covers it.
                 let sin = unsafe { &*(self.as_ptr() as *const libc::sockaddr_in) };
                 let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(sin.sin_port),
+                )))
             }
             libc::AF_INET6 if self.len as usize >= mem::size_of::<libc::sockaddr_in6>() => {
                 // SAFETY: the family says the storage holds a sockaddr_in6, and the length

@@ -17,7 +17,8 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::driver::ops::{self, BatchReport};
+use super::transport::Transport;
+use crate::driver::ops::BatchReport;
 use crate::driver::SharedFd;
 use crate::{Error, Result, SocketErrorStatus};
 
@@ -60,6 +61,11 @@ pub struct OutputStreamStats {
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
 /// a handle to the same stream, so writes from anywhere keep one order.
+///
+/// On a datagram socket ([`DatagramSocket::output_stream`](super::DatagramSocket::output_stream),
+/// [`output_stream_to`](super::DatagramSocket::output_stream_to)) each write is one
+/// datagram, sent in order and never merged with another; a flush sends the queued
+/// datagrams in one submission.
 #[derive(Clone)]
 pub struct OutputStream {
     inner: Rc<Inner>,
@@ -67,6 +73,8 @@ pub struct OutputStream {
 
 struct Inner {
     fd: Option<SharedFd>,
+    /// A byte stream, or one datagram per write.
+    transport: Transport,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
     stats: Cell<OutputStreamStats>,
@@ -141,9 +149,15 @@ impl State {
 
 impl OutputStream {
     pub(crate) fn new(fd: Option<SharedFd>) -> OutputStream {
+        OutputStream::with_transport(fd, Transport::Stream)
+    }
+
+    /// An output stream of a datagram socket (see [`Transport`]).
+    pub(crate) fn with_transport(fd: Option<SharedFd>, transport: Transport) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
                 fd,
+                transport,
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
                 stats: Cell::new(OutputStreamStats::default()),
@@ -177,14 +191,20 @@ impl OutputStream {
         if self.inner.fd.is_none() {
             return Err(Error::invalid_input("the socket is not connected"));
         }
+        self.inner.transport.check_write(buf.len())?;
         poll_fn(|cx| self.poll_room(buf.len(), cx)).await;
         Ok(self.enqueue(buf))
     }
 
-    /// Queues `buf` if there is room, without waiting; gives it back when the queue is full.
+    /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
+    /// (or, on a datagram socket, when `buf` is larger than one datagram can be: `write`
+    /// says so with status MessageTooLong).
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
-        if self.inner.fd.is_none() || !self.has_room(buf.len()) {
+        if self.inner.fd.is_none()
+            || self.inner.transport.check_write(buf.len()).is_err()
+            || !self.has_room(buf.len())
+        {
             return Err(buf);
         }
         Ok(self.enqueue(buf))
@@ -305,9 +325,9 @@ impl Inner {
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, progress, bufs) = ops::send_stream_batch(&fd, batch, &mut report).await;
-            let sent_bytes: usize = bufs[..progress.first].iter().map(Bytes::len).sum::<usize>()
-                + progress.skip;
+            let (result, progress, bufs) = self.transport.send_batch(&fd, batch, &mut report).await;
+            let sent_bytes: usize =
+                bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
             drop(bufs);
 
@@ -318,7 +338,9 @@ impl Inner {
             self.stats.set(stats);
 
             let mut state = self.state.borrow_mut();
-            state.pending_bytes = state.pending_bytes.saturating_sub(sent_bytes + unsent_bytes);
+            state.pending_bytes = state
+                .pending_bytes
+                .saturating_sub(sent_bytes + unsent_bytes);
             state.completed = first_seq + progress.first as u64;
             if let Err(err) = result {
                 // The stream is broken: this batch's unsent writes, and every write queued

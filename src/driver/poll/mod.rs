@@ -19,6 +19,7 @@ use super::{DriverStats, SharedFd, Unparker};
 use crate::driver::Driver as AnyDriver;
 use crate::runtime;
 
+pub(crate) mod datagram;
 pub(crate) mod net;
 
 const WAKE_TOKEN: Token = Token(usize::MAX);

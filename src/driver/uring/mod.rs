@@ -20,6 +20,10 @@
 //! - When the driver itself is dropped, it cancels every operation in flight and waits for
 //!   all their completions before the table is freed; if the kernel refuses to tell, the
 //!   table is leaked rather than freed under it.
+//! - Provided buffer rings (multishot receives) add one rule, written out in
+//!   [`buf_ring`]: ring and buffer memory stay mapped while an op may select from the
+//!   group, and are unmapped only after the group is unregistered; a buffer returns to
+//!   the ring only when the datagram that holds it is dropped.
 //!
 //! [`SharedFd`]: crate::driver::SharedFd
 
@@ -38,6 +42,8 @@ use slab::Slab;
 
 use super::{DriverConfig, DriverStats, Unparker};
 
+pub(crate) mod buf_ring;
+pub(crate) mod datagram;
 pub(crate) mod net;
 mod op;
 
@@ -104,6 +110,8 @@ pub(crate) struct Driver {
     wake_armed: bool,
     /// The ring's setup flags, for diagnostics.
     setup: &'static str,
+    /// Provided buffer groups and the rings waiting to be unregistered.
+    buf_rings: buf_ring::Registry,
 }
 
 impl Driver {
@@ -128,6 +136,7 @@ impl Driver {
             wake_buf: Box::new(0),
             wake_armed: false,
             setup,
+            buf_rings: buf_ring::Registry::new(),
         })
     }
 
@@ -152,7 +161,11 @@ impl Driver {
     /// Everything `entry` points to must stay valid until the slot's final completion has
     /// been reaped: the caller hands it to an [`Op`] (or keeps it in the slot as
     /// `Ignored`).
-    pub(crate) unsafe fn push(&mut self, entry: squeue::Entry, multishot: bool) -> io::Result<usize> {
+    pub(crate) unsafe fn push(
+        &mut self,
+        entry: squeue::Entry,
+        multishot: bool,
+    ) -> io::Result<usize> {
         let slot = self.ops.insert(if multishot {
             Lifecycle::Multi {
                 queue: VecDeque::new(),
@@ -178,7 +191,10 @@ impl Driver {
     /// # Safety
     ///
     /// As for [`Driver::push`], for every entry.
-    pub(crate) unsafe fn push_chain(&mut self, entries: &mut [squeue::Entry]) -> io::Result<Vec<usize>> {
+    pub(crate) unsafe fn push_chain(
+        &mut self,
+        entries: &mut [squeue::Entry],
+    ) -> io::Result<Vec<usize>> {
         let last = entries.len().saturating_sub(1);
         let mut slots = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter_mut().enumerate() {
@@ -253,7 +269,11 @@ impl Driver {
 
     /// Polls a multishot slot: the next completion, or `None` when it has finished (the
     /// slot is then released).
-    pub(crate) fn poll_multi(&mut self, slot: usize, cx: &mut Context<'_>) -> Poll<Option<Completion>> {
+    pub(crate) fn poll_multi(
+        &mut self,
+        slot: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Completion>> {
         match self.ops.get_mut(slot) {
             Some(Lifecycle::Multi {
                 queue,
@@ -383,6 +403,9 @@ impl Driver {
             Err(err) => return Err(err),
         }
         self.reap();
+        if self.buf_rings.has_retired() {
+            self.drain_retired_rings();
+        }
         Ok(())
     }
 
@@ -492,6 +515,7 @@ impl Drop for Driver {
             }
             self.reap();
         }
+        self.close_buf_rings();
     }
 }
 
