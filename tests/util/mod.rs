@@ -5,6 +5,8 @@ use std::future::Future;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
+
+pub mod netns;
 use ringsock::Backend;
 
 /// The longest any one test body may run on one driver before it counts as a hang.
