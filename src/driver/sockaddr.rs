@@ -66,7 +66,7 @@ impl RawAddr {
     }
 
     /// The address the kernel wrote, if it is IPv4 or IPv6.
-    pub(crate) fn to_socket_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn to_socket_addr(self) -> Option<SocketAddr> {
         match self.storage.ss_family as libc::c_int {
             libc::AF_INET if self.len as usize >= mem::size_of::<libc::sockaddr_in>() => {
                 // SAFETY: the family says the storage holds a sockaddr_in, and the length

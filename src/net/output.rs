@@ -60,18 +60,21 @@ pub struct OutputStreamStats {
 /// The sending side of a stream socket, like StreamSocket.OutputStream.
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
-/// a handle to the same stream, so writes from anywhere keep one order.
+/// a handle to the same stream, so writes from anywhere keep one order. When the last
+/// handle (the socket's own included) goes away, writes still queued are sent on, the
+/// way a closed socket still delivers what is in its send buffer.
 ///
 /// On a datagram socket ([`DatagramSocket::output_stream`](super::DatagramSocket::output_stream),
 /// [`output_stream_to`](super::DatagramSocket::output_stream_to)) each write is one
 /// datagram, sent in order and never merged with another; a flush sends the queued
 /// datagrams in one submission.
-#[derive(Clone)]
 pub struct OutputStream {
     inner: Rc<Inner>,
 }
 
 struct Inner {
+    /// OutputStream handles alive (the sender task and write handles don't count).
+    handles: Cell<usize>,
     fd: Option<SharedFd>,
     /// A byte stream, or one datagram per write.
     transport: Transport,
@@ -156,6 +159,7 @@ impl OutputStream {
     pub(crate) fn with_transport(fd: Option<SharedFd>, transport: Transport) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
+                handles: Cell::new(1),
                 fd,
                 transport,
                 config: Cell::new(OutputStreamConfig::default()),
@@ -360,13 +364,24 @@ impl Inner {
     }
 }
 
+impl Clone for OutputStream {
+    fn clone(&self) -> OutputStream {
+        self.inner.handles.set(self.inner.handles.get() + 1);
+        OutputStream {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
 impl Drop for OutputStream {
     fn drop(&mut self) {
-        // The last handle going away must not lose queued writes: send them on, the way
-        // a closed socket still delivers what is in its send buffer.
-        if Rc::strong_count(&self.inner) == 1 {
-            let next = self.inner.state.borrow().next;
-            self.inner.state.borrow_mut().flush_target = next;
+        let handles = self.inner.handles.get() - 1;
+        self.inner.handles.set(handles);
+        if handles == 0 {
+            let mut state = self.inner.state.borrow_mut();
+            state.flush_target = state.next;
+            drop(state);
+            // Outside a runtime nothing can send them: they are dropped with the stream.
             if crate::runtime::current_driver_kind().is_some() {
                 self.inner.start_sender();
             }

@@ -1,0 +1,259 @@
+//! `ringsock`: the demo, an echo server and client, and the benchmarks.
+//!
+//! Thin over the library: it parses flags, calls ringsock, and turns every failure into
+//! one line `error: <SocketErrorStatus>: <what happened>` with exit status 1.
+
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use clap::{Args, Parser, Subcommand};
+use ringsock::runtime::Builder;
+use ringsock::{Backend, Error, HostName, Runtime, StreamSocket, StreamSocketListener};
+
+#[derive(Parser)]
+#[command(
+    name = "ringsock",
+    version,
+    about = "Windows.Networking.Sockets-style sockets on io_uring: demo, echo, benchmarks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// The seed's echo examples in one process (the default command).
+    Demo(BackendArg),
+    /// Echoes every byte back on every connection until SIGINT or SIGTERM.
+    EchoServer(EchoServerArgs),
+    /// Sends one line to an echo server and prints the reply.
+    EchoClient(EchoClientArgs),
+}
+
+#[derive(Args, Clone)]
+struct BackendArg {
+    /// Engine: uring, epoll or auto (default: RINGSOCK_BACKEND, else auto).
+    #[arg(long)]
+    backend: Option<Backend>,
+}
+
+#[derive(Args)]
+struct EchoServerArgs {
+    /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    tcp: SocketAddr,
+    #[command(flatten)]
+    backend: BackendArg,
+}
+
+#[derive(Args)]
+struct EchoClientArgs {
+    /// Host name or IP address of the server.
+    host: String,
+    /// Port number or service name.
+    port: String,
+    /// The line to send.
+    #[arg(long, default_value = "Hello, World!")]
+    message: String,
+    #[command(flatten)]
+    backend: BackendArg,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        None => demo(BackendArg { backend: None }),
+        Some(Command::Demo(args)) => demo(args),
+        Some(Command::EchoServer(args)) => echo_server(args),
+        Some(Command::EchoClient(args)) => echo_client(args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime(backend: &BackendArg) -> ringsock::Result<Runtime> {
+    let mut builder = Builder::new();
+    if let Some(backend) = backend.backend {
+        builder = builder.backend(backend);
+    }
+    let runtime = builder.build()?;
+    if let Some(reason) = runtime.fallback_reason() {
+        eprintln!("note: {reason}");
+    }
+    Ok(runtime)
+}
+
+/// The seed's TCP echo example: a listener and a client in one process.
+fn demo(backend: BackendArg) -> ringsock::Result<()> {
+    let runtime = runtime(&backend)?;
+    runtime.block_on(async {
+        let listener = StreamSocketListener::bind_host(&HostName::new("localhost")?, "0")?;
+        let port = listener.local_addr()?.port().to_string();
+        println!("server is listening on port {port}...");
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await?;
+            let request = socket.input_stream().read_line().await?.unwrap_or_default();
+            println!("server received the request: \"{request}\"");
+            let output = socket.output_stream();
+            output.write(format!("{request}\n")).await?;
+            output.flush().await?;
+            println!("server sent back the response: \"{request}\"");
+            drop(socket);
+            drop(listener);
+            println!("server closed its socket");
+            Ok::<_, Error>(())
+        });
+
+        let host = HostName::new("localhost")?;
+        println!("client is trying to connect...");
+        let socket = StreamSocket::new();
+        socket.connect(&host, &port).await?;
+        println!("client connected");
+        let request = "Hello, World!";
+        let output = socket.output_stream();
+        output.write(format!("{request}\n")).await?;
+        output.flush().await?;
+        println!("client sent the request: \"{request}\"");
+        let response = socket.input_stream().read_line().await?.unwrap_or_default();
+        println!("client received the response: \"{response}\"");
+        drop(socket);
+        println!("client closed its socket");
+        server.await?;
+        Ok::<_, Error>(())
+    })?;
+    println!("driver: {}", runtime.driver_kind());
+    Ok(())
+}
+
+fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
+    let runtime = runtime(&args.backend)?;
+    let stop = StopSignal::install()?;
+    runtime.block_on(async {
+        let listener = StreamSocketListener::bind_addr(args.tcp)?;
+        println!("listening tcp {}", listener.local_addr()?);
+        flush_stdout();
+        eprintln!("driver: {}", runtime.driver_kind());
+        let serve = async {
+            loop {
+                match listener.accept().await {
+                    Ok(socket) => {
+                        ringsock::spawn(async move {
+                            if let Err(err) = echo_connection(&socket).await {
+                                eprintln!("connection: {}: {err}", err.status());
+                            }
+                        });
+                    }
+                    // One failed accept (say, out of descriptors) must not end the server.
+                    Err(err) => eprintln!("accept: {}: {err}", err.status()),
+                }
+            }
+        };
+        first_of(serve, stop.wait()).await;
+        Ok(())
+    })
+}
+
+/// Echoes until the client half-closes, then closes this side.
+async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
+    let mut buf = Vec::with_capacity(64 * 1024);
+    loop {
+        buf.clear();
+        let (read, back) = socket.read(buf).await;
+        buf = back;
+        if read? == 0 {
+            return socket.shutdown_write().await;
+        }
+        let (written, back) = socket.write_all(buf).await;
+        buf = back;
+        written?;
+    }
+}
+
+fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
+    let host = HostName::new(&args.host)?;
+    let runtime = runtime(&args.backend)?;
+    runtime.block_on(async {
+        let socket = StreamSocket::new();
+        socket.connect(&host, &args.port).await?;
+        let (written, _) = socket
+            .write_all(format!("{}\n", args.message).into_bytes())
+            .await;
+        written?;
+        match socket.input_stream().read_line().await? {
+            Some(reply) => {
+                println!("{reply}");
+                Ok(())
+            }
+            None => Err(Error::connection_closed("waiting for the reply")),
+        }
+    })
+}
+
+fn flush_stdout() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+}
+
+/// Resolves with whichever future finishes first.
+async fn first_of<A: Future<Output = ()>, B: Future<Output = ()>>(a: A, b: B) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    poll_fn(|cx| {
+        if a.as_mut().poll(cx).is_ready() || b.as_mut().poll(cx).is_ready() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// SIGINT/SIGTERM as a future: a signal-hook thread sets a flag and wakes the loop.
+struct StopSignal {
+    state: Arc<(AtomicBool, Mutex<Option<Waker>>)>,
+}
+
+impl StopSignal {
+    fn install() -> ringsock::Result<StopSignal> {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])
+            .map_err(|err| Error::io("install signal handlers", err))?;
+        let state = Arc::new((AtomicBool::new(false), Mutex::new(None::<Waker>)));
+        let theirs = state.clone();
+        std::thread::Builder::new()
+            .name("ringsock-signals".into())
+            .spawn(move || {
+                if signals.forever().next().is_some() {
+                    theirs.0.store(true, Ordering::Release);
+                    let waker = theirs.1.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }
+            })
+            .map_err(|err| Error::io("start the signal thread", err))?;
+        Ok(StopSignal { state })
+    }
+
+    async fn wait(&self) {
+        poll_fn(|cx| {
+            *self.state.1.lock().unwrap_or_else(|p| p.into_inner()) = Some(cx.waker().clone());
+            if self.state.0.load(Ordering::Acquire) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
