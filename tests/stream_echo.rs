@@ -14,7 +14,11 @@ fn echo_of_a_line() {
             let socket = listener.accept().await.unwrap();
             let mut input = socket.input_stream();
             let line = input.read_line().await.unwrap().unwrap();
-            socket.write_all(format!("{line}\n").into_bytes()).await.0.unwrap();
+            socket
+                .write_all(format!("{line}\n").into_bytes())
+                .await
+                .0
+                .unwrap();
             line
         });
         let socket = StreamSocket::new();
@@ -22,7 +26,11 @@ fn echo_of_a_line() {
             .connect(&HostName::new("localhost").unwrap(), &port)
             .await
             .unwrap();
-        socket.write_all(b"Hello, World!\n".to_vec()).await.0.unwrap();
+        socket
+            .write_all(b"Hello, World!\n".to_vec())
+            .await
+            .0
+            .unwrap();
         let reply = socket.input_stream().read_line().await.unwrap();
         assert_eq!(reply.as_deref(), Some("Hello, World!"));
         assert_eq!(server.await, "Hello, World!");

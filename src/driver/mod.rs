@@ -133,7 +133,9 @@ impl Default for DriverConfig {
     }
 }
 
-/// One of the two engines.
+/// One of the two engines. Made once per runtime, so the size difference between the
+/// variants costs nothing worth a box.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Driver {
     Uring(uring::Driver),
     Poll(poll::Driver),

@@ -66,14 +66,17 @@ impl RawAddr {
     }
 
     /// The address the kernel wrote, if it is IPv4 or IPv6.
-    pub(crate) fn to_socket_addr(&self) -> Option<SocketAddr> {
+    pub(crate) fn to_socket_addr(self) -> Option<SocketAddr> {
         match self.storage.ss_family as libc::c_int {
             libc::AF_INET if self.len as usize >= mem::size_of::<libc::sockaddr_in>() => {
                 // SAFETY: the family says the storage holds a sockaddr_in, and the length
                 // the kernel reported covers it.
                 let sin = unsafe { &*(self.as_ptr() as *const libc::sockaddr_in) };
                 let ip = Ipv4Addr::from(sin.sin_addr.s_addr.to_ne_bytes());
-                Some(SocketAddr::V4(SocketAddrV4::new(ip, u16::from_be(sin.sin_port))))
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(sin.sin_port),
+                )))
             }
             libc::AF_INET6 if self.len as usize >= mem::size_of::<libc::sockaddr_in6>() => {
                 // SAFETY: the family says the storage holds a sockaddr_in6, and the length

@@ -306,8 +306,8 @@ impl Inner {
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
             let (result, progress, bufs) = ops::send_stream_batch(&fd, batch, &mut report).await;
-            let sent_bytes: usize = bufs[..progress.first].iter().map(Bytes::len).sum::<usize>()
-                + progress.skip;
+            let sent_bytes: usize =
+                bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
             drop(bufs);
 
@@ -318,7 +318,9 @@ impl Inner {
             self.stats.set(stats);
 
             let mut state = self.state.borrow_mut();
-            state.pending_bytes = state.pending_bytes.saturating_sub(sent_bytes + unsent_bytes);
+            state.pending_bytes = state
+                .pending_bytes
+                .saturating_sub(sent_bytes + unsent_bytes);
             state.completed = first_seq + progress.first as u64;
             if let Err(err) = result {
                 // The stream is broken: this batch's unsent writes, and every write queued

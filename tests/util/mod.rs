@@ -33,7 +33,10 @@ where
 {
     let runtime = match Builder::new().backend(backend).build() {
         Ok(runtime) => runtime,
-        Err(err) if backend == Backend::Uring && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() => {
+        Err(err)
+            if backend == Backend::Uring
+                && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() =>
+        {
             eprintln!("skipped on io_uring: {err}");
             return;
         }

@@ -152,7 +152,11 @@ impl Driver {
     /// Everything `entry` points to must stay valid until the slot's final completion has
     /// been reaped: the caller hands it to an [`Op`] (or keeps it in the slot as
     /// `Ignored`).
-    pub(crate) unsafe fn push(&mut self, entry: squeue::Entry, multishot: bool) -> io::Result<usize> {
+    pub(crate) unsafe fn push(
+        &mut self,
+        entry: squeue::Entry,
+        multishot: bool,
+    ) -> io::Result<usize> {
         let slot = self.ops.insert(if multishot {
             Lifecycle::Multi {
                 queue: VecDeque::new(),
@@ -178,7 +182,10 @@ impl Driver {
     /// # Safety
     ///
     /// As for [`Driver::push`], for every entry.
-    pub(crate) unsafe fn push_chain(&mut self, entries: &mut [squeue::Entry]) -> io::Result<Vec<usize>> {
+    pub(crate) unsafe fn push_chain(
+        &mut self,
+        entries: &mut [squeue::Entry],
+    ) -> io::Result<Vec<usize>> {
         let last = entries.len().saturating_sub(1);
         let mut slots = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter_mut().enumerate() {
@@ -253,7 +260,11 @@ impl Driver {
 
     /// Polls a multishot slot: the next completion, or `None` when it has finished (the
     /// slot is then released).
-    pub(crate) fn poll_multi(&mut self, slot: usize, cx: &mut Context<'_>) -> Poll<Option<Completion>> {
+    pub(crate) fn poll_multi(
+        &mut self,
+        slot: usize,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Completion>> {
         match self.ops.get_mut(slot) {
             Some(Lifecycle::Multi {
                 queue,

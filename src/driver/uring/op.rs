@@ -65,7 +65,10 @@ impl<T: 'static> Future for Op<T> {
         let slot = self.slot;
         match with_uring(|driver| driver.poll_slot(slot, cx)) {
             Ok(Poll::Ready(completion)) => {
-                let data = self.data.take().expect("an Op is not polled after it completed");
+                let data = self
+                    .data
+                    .take()
+                    .expect("an Op is not polled after it completed");
                 Poll::Ready((completion, data))
             }
             Ok(Poll::Pending) => Poll::Pending,
@@ -220,8 +223,15 @@ impl<T: 'static> Future for ChainOp<T> {
         if pending {
             return Poll::Pending;
         }
-        let completions = this.results.iter().map(|c| c.expect("all links done")).collect();
-        let data = this.data.take().expect("a ChainOp is not polled after it completed");
+        let completions = this
+            .results
+            .iter()
+            .map(|c| c.expect("all links done"))
+            .collect();
+        let data = this
+            .data
+            .take()
+            .expect("a ChainOp is not polled after it completed");
         let data = match Rc::try_unwrap(data) {
             Ok(data) => data,
             Err(_) => unreachable!("no slot keeps the data once every link completed"),
