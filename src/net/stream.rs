@@ -35,6 +35,9 @@ use crate::{Error, Result};
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
     options: StreamOptions,
+    /// The one output stream of the connection, made on first use; every
+    /// `output_stream()` is a handle to it.
+    output: OnceCell<OutputStream>,
 }
 
 impl StreamSocket {
@@ -44,6 +47,7 @@ impl StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
             options: StreamOptions::default(),
+            output: OnceCell::new(),
         }
     }
 
@@ -111,6 +115,7 @@ impl StreamSocket {
         let socket = StreamSocket {
             fd: OnceCell::new(),
             options: options.clone(),
+            output: OnceCell::new(),
         };
         let _ = socket.fd.set(fd);
         Ok(socket)
@@ -190,8 +195,19 @@ impl StreamSocket {
     }
 
     /// A writer that queues writes and sends them together on `flush` (FlushAsync).
+    ///
+    /// Every call on a connected socket returns a handle to the same stream, so writes
+    /// made through any of them keep one order.
     pub fn output_stream(&self) -> OutputStream {
-        OutputStream::new(self.fd.get().cloned())
+        match self.fd.get() {
+            Some(fd) => self
+                .output
+                .get_or_init(|| OutputStream::new(Some(fd.clone())))
+                .clone(),
+            // Not connected: a stream whose writes fail; not kept, so that one made
+            // after `connect` sends on the connection.
+            None => OutputStream::new(None),
+        }
     }
 
     /// Closes the sending direction (FIN); the peer reads end-of-stream, while this side
