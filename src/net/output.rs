@@ -60,13 +60,15 @@ pub struct OutputStreamStats {
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
 /// a handle to the same stream, so writes from anywhere keep one order.
-#[derive(Clone)]
 pub struct OutputStream {
     inner: Rc<Inner>,
 }
 
 struct Inner {
     fd: Option<SharedFd>,
+    /// OutputStream and WriteHandle values alive. The sender task holds the Rc too, so
+    /// the Rc's count cannot tell when the last of them goes.
+    handles: Cell<usize>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
     stats: Cell<OutputStreamStats>,
@@ -144,6 +146,7 @@ impl OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
                 fd,
+                handles: Cell::new(1),
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
                 stats: Cell::new(OutputStreamStats::default()),
@@ -224,6 +227,7 @@ impl OutputStream {
             self.inner.stats.set(stats);
             state.queue.push(buf);
         }
+        self.inner.handles.set(self.inner.handles.get() + 1);
         WriteHandle {
             stream: self.inner.clone(),
             seq,
@@ -340,27 +344,52 @@ impl Inner {
     }
 }
 
-impl Drop for OutputStream {
-    fn drop(&mut self) {
-        // The last handle going away must not lose queued writes: send them on, the way
-        // a closed socket still delivers what is in its send buffer.
-        if Rc::strong_count(&self.inner) == 1 {
-            let next = self.inner.state.borrow().next;
-            self.inner.state.borrow_mut().flush_target = next;
+impl Inner {
+    /// One OutputStream or WriteHandle went away. The last one going must not lose
+    /// queued writes: send them on, the way a closed socket still delivers what is in
+    /// its send buffer.
+    fn release_handle(self: &Rc<Self>) {
+        let left = self.handles.get() - 1;
+        self.handles.set(left);
+        if left == 0 {
+            let next = self.state.borrow().next;
+            self.state.borrow_mut().flush_target = next;
             if crate::runtime::current_driver_kind().is_some() {
-                self.inner.start_sender();
+                self.start_sender();
             }
         }
+    }
+}
+
+impl Clone for OutputStream {
+    fn clone(&self) -> OutputStream {
+        self.inner.handles.set(self.inner.handles.get() + 1);
+        OutputStream {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl Drop for OutputStream {
+    fn drop(&mut self) {
+        self.inner.release_handle();
     }
 }
 
 /// One queued write: await it for that write's own result (the seed's Task.WaitAll
 /// pattern). Awaiting sends the queue up to this write if no flush has yet.
 ///
-/// Dropping a handle changes nothing: the write stays queued.
+/// Dropping a handle changes nothing: the write stays queued (and is sent when the
+/// last handle of the stream goes, if nothing sent it before).
 pub struct WriteHandle {
     stream: Rc<Inner>,
     seq: u64,
+}
+
+impl Drop for WriteHandle {
+    fn drop(&mut self) {
+        self.stream.release_handle();
+    }
 }
 
 impl WriteHandle {
