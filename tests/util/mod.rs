@@ -285,6 +285,8 @@ pub fn nofile_limit() -> (u64, u64) {
     // SAFETY: getrlimit writes into the local struct it is given.
     let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
     assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    // rlim_t is u64 here but not on every target.
+    #[allow(clippy::unnecessary_cast)]
     (limit.rlim_cur as u64, limit.rlim_max as u64)
 }
 
