@@ -25,7 +25,13 @@ async fn count_then_echo(socket: StreamSocket) -> usize {
     let mut dropped = 0usize;
     let mut echoing = false;
     let mut buf = Vec::with_capacity(64 * 1024);
+    let mut total = 0usize;
+    // Bounded: every round takes at least one byte, up to the limit, or ends.
     loop {
+        assert!(
+            total <= util::READ_TO_END_LIMIT,
+            "more than the client sends"
+        );
         buf.clear();
         let (result, back) = socket.read(buf).await;
         buf = back;
@@ -33,6 +39,7 @@ async fn count_then_echo(socket: StreamSocket) -> usize {
         if n == 0 {
             break;
         }
+        total += n;
         let mut start = 0;
         if !echoing {
             match buf[..n].iter().position(|&b| b != DROPPED_BYTE) {
@@ -176,10 +183,10 @@ fn hundred_thousand_dropped_reads_and_writes_leave_the_connection_exact() {
         assert_eq!(util::read_to_end(&client).await, b"");
 
         // 4. And a fresh connection on the same runtime works too.
-        let echo_server = util::spawn_echo_server(listener);
+        let echo_server = util::spawn_echo_server(listener, 1);
         let fresh = util::connect(addr).await;
         util::round_trip(&fresh, &util::pseudo_random_bytes(43, 256 * 1024)).await;
-        echo_server.abort();
+        util::must("echo server", echo_server).await;
     });
 }
 

@@ -51,7 +51,7 @@ fn thousand_concurrent_connections_echo_exactly() {
     util::on_each_backend(|_| async {
         let listener = util::loopback_listener();
         let addr = listener.local_addr().unwrap();
-        let server = util::spawn_echo_server(listener);
+        let server = util::spawn_echo_server(listener, CONNECTIONS);
         // Every client waits here once connected: all of them are open at the same time.
         let all_connected = util::Barrier::new(CONNECTIONS);
         let clients: Vec<_> = (0..CONNECTIONS)
@@ -81,7 +81,7 @@ fn thousand_concurrent_connections_echo_exactly() {
         for (i, client) in clients.into_iter().enumerate() {
             util::must(&format!("connection {i}"), client).await;
         }
-        server.abort();
+        util::must("echo server", server).await;
     });
 }
 

@@ -177,10 +177,14 @@ pub async fn read_exact(socket: &StreamSocket, n: usize) -> Vec<u8> {
     out
 }
 
-/// Reads until end of stream; panics on an error.
+/// The most [`read_to_end`] accepts before it fails: no test sends more to one socket.
+pub const READ_TO_END_LIMIT: usize = 64 << 20;
+
+/// Reads until end of stream; panics on an error or past [`READ_TO_END_LIMIT`] bytes.
 pub async fn read_to_end(socket: &StreamSocket) -> Vec<u8> {
     let mut out = Vec::new();
-    loop {
+    // Bounded: every round adds at least one byte, up to the limit, or returns.
+    while out.len() <= READ_TO_END_LIMIT {
         let (result, buf) = socket.read(Vec::with_capacity(64 * 1024)).await;
         match result {
             Ok(0) => return out,
@@ -188,14 +192,20 @@ pub async fn read_to_end(socket: &StreamSocket) -> Vec<u8> {
             Err(err) => panic!("read after {} bytes: {err}", out.len()),
         }
     }
+    panic!("more than {READ_TO_END_LIMIT} bytes before end of stream")
 }
 
 /// Echoes everything `socket` receives back to it until end of stream, then closes its
-/// sending side. Returns the number of bytes echoed.
+/// sending side. Returns the number of bytes echoed (at most READ_TO_END_LIMIT).
 pub async fn echo(socket: StreamSocket) -> usize {
     let mut total = 0;
     let mut buf = Vec::with_capacity(64 * 1024);
+    // Bounded: every round echoes at least one byte, up to the limit, or ends.
     loop {
+        assert!(
+            total <= READ_TO_END_LIMIT,
+            "echoed more than any test sends"
+        );
         buf.clear();
         let (result, back) = socket.read(buf).await;
         buf = back;
@@ -211,11 +221,11 @@ pub async fn echo(socket: StreamSocket) -> usize {
     total
 }
 
-/// Serves every connection of `listener` with [`echo`], each on its own task, until the
-/// returned handle is aborted.
-pub fn spawn_echo_server(listener: StreamSocketListener) -> JoinHandle<()> {
+/// Serves the next `connections` connections of `listener` with [`echo`], each on its
+/// own task; the handle finishes once it has accepted them all.
+pub fn spawn_echo_server(listener: StreamSocketListener, connections: usize) -> JoinHandle<()> {
     ringsock::spawn(async move {
-        loop {
+        for _ in 0..connections {
             let socket = listener.accept().await.expect("echo server accept");
             ringsock::spawn(echo(socket));
         }
