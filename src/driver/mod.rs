@@ -199,6 +199,15 @@ impl Driver {
             Driver::Poll(driver) => driver.stats(),
         }
     }
+
+    /// Takes every task waker the driver holds, for a runtime shutting down: dropping
+    /// them lets the tasks waiting on I/O be dropped. Operations stay in flight.
+    pub(crate) fn take_wakers(&mut self) -> Vec<std::task::Waker> {
+        match self {
+            Driver::Uring(driver) => driver.take_wakers(),
+            Driver::Poll(driver) => driver.take_wakers(),
+        }
+    }
 }
 
 /// Ends a driver's `park` from any thread.

@@ -60,9 +60,7 @@ pub struct OutputStreamStats {
 /// The sending side of a stream socket, like StreamSocket.OutputStream.
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
-/// a handle to the same stream, so writes from anywhere keep one order. When the last
-/// handle (the socket's own included) goes away, writes still queued are sent on, the
-/// way a closed socket still delivers what is in its send buffer.
+/// a handle to the same stream, so writes from anywhere keep one order.
 ///
 /// On a datagram socket ([`DatagramSocket::output_stream`](super::DatagramSocket::output_stream),
 /// [`output_stream_to`](super::DatagramSocket::output_stream_to)) each write is one
@@ -73,11 +71,12 @@ pub struct OutputStream {
 }
 
 struct Inner {
-    /// OutputStream handles alive (the sender task and write handles don't count).
-    handles: Cell<usize>,
     fd: Option<SharedFd>,
     /// A byte stream, or one datagram per write.
     transport: Transport,
+    /// OutputStream and WriteHandle values alive. The sender task holds the Rc too, so
+    /// the Rc's count cannot tell when the last of them goes.
+    handles: Cell<usize>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
     stats: Cell<OutputStreamStats>,
@@ -159,9 +158,9 @@ impl OutputStream {
     pub(crate) fn with_transport(fd: Option<SharedFd>, transport: Transport) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
-                handles: Cell::new(1),
                 fd,
                 transport,
+                handles: Cell::new(1),
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
                 stats: Cell::new(OutputStreamStats::default()),
@@ -248,6 +247,7 @@ impl OutputStream {
             self.inner.stats.set(stats);
             state.queue.push(buf);
         }
+        self.inner.handles.set(self.inner.handles.get() + 1);
         WriteHandle {
             stream: self.inner.clone(),
             seq,
@@ -364,6 +364,23 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// One OutputStream or WriteHandle went away. The last one going must not lose
+    /// queued writes: send them on, the way a closed socket still delivers what is in
+    /// its send buffer.
+    fn release_handle(self: &Rc<Self>) {
+        let left = self.handles.get() - 1;
+        self.handles.set(left);
+        if left == 0 {
+            let next = self.state.borrow().next;
+            self.state.borrow_mut().flush_target = next;
+            if crate::runtime::current_driver_kind().is_some() {
+                self.start_sender();
+            }
+        }
+    }
+}
+
 impl Clone for OutputStream {
     fn clone(&self) -> OutputStream {
         self.inner.handles.set(self.inner.handles.get() + 1);
@@ -375,27 +392,24 @@ impl Clone for OutputStream {
 
 impl Drop for OutputStream {
     fn drop(&mut self) {
-        let handles = self.inner.handles.get() - 1;
-        self.inner.handles.set(handles);
-        if handles == 0 {
-            let mut state = self.inner.state.borrow_mut();
-            state.flush_target = state.next;
-            drop(state);
-            // Outside a runtime nothing can send them: they are dropped with the stream.
-            if crate::runtime::current_driver_kind().is_some() {
-                self.inner.start_sender();
-            }
-        }
+        self.inner.release_handle();
     }
 }
 
 /// One queued write: await it for that write's own result (the seed's Task.WaitAll
 /// pattern). Awaiting sends the queue up to this write if no flush has yet.
 ///
-/// Dropping a handle changes nothing: the write stays queued.
+/// Dropping a handle changes nothing: the write stays queued (and is sent when the
+/// last handle of the stream goes, if nothing sent it before).
 pub struct WriteHandle {
     stream: Rc<Inner>,
     seq: u64,
+}
+
+impl Drop for WriteHandle {
+    fn drop(&mut self) {
+        self.stream.release_handle();
+    }
 }
 
 impl WriteHandle {

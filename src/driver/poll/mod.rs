@@ -71,6 +71,17 @@ impl Driver {
         self.stats
     }
 
+    /// Takes every waiting task's waker (see `super::Driver::take_wakers`).
+    pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for (_, readiness) in self.slots.iter_mut() {
+            for waiters in &mut readiness.waiters {
+                wakers.append(waiters);
+            }
+        }
+        wakers
+    }
+
     pub(crate) fn unparker(&self) -> Unparker {
         Unparker::Mio(self.waker.clone())
     }

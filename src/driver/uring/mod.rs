@@ -150,6 +150,17 @@ impl Driver {
         self.stats
     }
 
+    /// Takes the wakers of every operation in flight (see `super::Driver::take_wakers`).
+    pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for (_, state) in self.ops.iter_mut() {
+            if let Lifecycle::Pending(waker) | Lifecycle::Multi { waker, .. } = state {
+                wakers.extend(waker.take());
+            }
+        }
+        wakers
+    }
+
     pub(crate) fn unparker(&self) -> Unparker {
         Unparker::EventFd(self.wake_fd.clone())
     }
