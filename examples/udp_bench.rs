@@ -48,8 +48,15 @@ fn seq_of(buf: &[u8]) -> u64 {
 /// CPU 0 busy and total jiffies from /proc/stat.
 fn cpu0() -> (u64, u64) {
     let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
-    let line = stat.lines().find(|l| l.starts_with("cpu0 ")).unwrap_or("cpu0 0");
-    let v: Vec<u64> = line.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    let line = stat
+        .lines()
+        .find(|l| l.starts_with("cpu0 "))
+        .unwrap_or("cpu0 0");
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
     let total: u64 = v.iter().sum();
     let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
     (total - idle, total)
@@ -84,7 +91,8 @@ fn sizes(size: usize, count: u64, mixed: bool) -> Vec<usize> {
 fn std_receiver(count: u64) -> (SocketAddr, std::thread::JoinHandle<u64>) {
     let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
     sock.set_recv_buffer_size(RCVBUF).unwrap();
-    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    sock.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     let sock: UdpSocket = sock.into();
     sock.set_read_timeout(Some(IDLE)).unwrap();
     let addr = sock.local_addr().unwrap();
@@ -165,7 +173,10 @@ fn gso_flood(dest: SocketAddr, size: usize, count: u64) -> std::thread::JoinHand
             for j in 0..n {
                 stamp(&mut buf[j * size..(j + 1) * size], seq + j as u64);
             }
-            let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: n * size };
+            let mut iov = libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: n * size,
+            };
             let mut control = [0u64; 3];
             // SAFETY: a msghdr over live locals; the cmsg fits the 24-byte control buffer.
             let rc = unsafe {
@@ -202,7 +213,10 @@ fn udp_recv(imp: &str, size: usize, count: u64, gro: bool) -> serde_json::Value 
     } else {
         socket
             .control()
-            .set_receive_ring(ReceiveRing { buffers: 1024, buffer_size: 2048.max(size) })
+            .set_receive_ring(ReceiveRing {
+                buffers: 1024,
+                buffer_size: 2048.max(size),
+            })
             .unwrap();
     }
     socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -217,7 +231,11 @@ fn udp_recv(imp: &str, size: usize, count: u64, gro: bool) -> serde_json::Value 
         let mut first = None;
         let mut last = Instant::now();
         while delivered < count {
-            let wait = if first.is_none() { Duration::from_secs(10) } else { IDLE };
+            let wait = if first.is_none() {
+                Duration::from_secs(10)
+            } else {
+                IDLE
+            };
             match timeout(wait, socket.recv_batch(&mut batch, 256)).await {
                 Ok(result) => result.unwrap(),
                 Err(_) => break,
@@ -234,7 +252,13 @@ fn udp_recv(imp: &str, size: usize, count: u64, gro: bool) -> serde_json::Value 
         let (b1, t1) = cpu0();
         let _ = sender.join();
         let secs = last.duration_since(first.unwrap_or(last)).as_secs_f64();
-        (delivered, bad, secs, (b1 - b0) as f64 / (t1 - t0).max(1) as f64, socket.receive_stats())
+        (
+            delivered,
+            bad,
+            secs,
+            (b1 - b0) as f64 / (t1 - t0).max(1) as f64,
+            socket.receive_stats(),
+        )
     });
     json!({"impl": imp, "workload": "udp-recv", "size": size, "batch": 64, "count": count,
         "gro": gro, "secs": secs, "msgs_per_s": delivered as f64 / secs,
