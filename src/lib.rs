@@ -34,7 +34,8 @@
 //!
 //! ## Layers
 //!
-//! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`OutputStream`]).
+//! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`DatagramSocket`],
+//!   [`OutputStream`]).
 //! - [`host`] and [`error`]: validated host names and service names; [`Error`] with its
 //!   [`SocketErrorStatus`].
 //! - [`tls`]: TLS on a [`StreamSocket`] with rustls: client certificates, server
@@ -62,6 +63,9 @@ pub mod tls;
 pub use driver::{Backend, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
-pub use net::{InputStream, OutputStream, StreamSocket, StreamSocketControl, StreamSocketListener};
+pub use net::{
+    Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream, ReceiveRing,
+    ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+};
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

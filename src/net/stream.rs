@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::rc::Rc;
 
 use super::control::{StreamOptions, StreamSocketControl};
+use super::transport::Transport;
 use super::{new_socket, resolve, InputStream, OutputStream};
 use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
@@ -37,8 +38,10 @@ use crate::{Error, Result};
 /// ```
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
-    output: OnceCell<OutputStream>,
     options: StreamOptions,
+    /// The one output stream of the connection, made on first use; every
+    /// `output_stream()` is a handle to it.
+    output: OnceCell<OutputStream>,
     /// Set when a TLS handshake starts; from then on every read and write goes through it.
     tls: OnceCell<Rc<TlsSession>>,
     /// The output stream once TLS has started (the plain one stays plain).
@@ -51,8 +54,8 @@ impl StreamSocket {
     pub fn new() -> StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
-            output: OnceCell::new(),
             options: StreamOptions::default(),
+            output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
         }
@@ -204,8 +207,8 @@ impl StreamSocket {
         options.apply(&fd)?;
         let socket = StreamSocket {
             fd: OnceCell::new(),
-            output: OnceCell::new(),
             options: options.clone(),
+            output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
         };
@@ -302,25 +305,30 @@ impl StreamSocket {
         InputStream::new(self.fd.get().cloned()).with_tls(self.tls.get().cloned())
     }
 
-    /// The writer that queues writes and sends them together on `flush` (FlushAsync).
-    /// Every call returns a handle to the same stream, so all writes keep one order.
+    /// A writer that queues writes and sends them together on `flush` (FlushAsync).
     ///
-    /// Mixing it with [`write`](Self::write) / [`write_all`](Self::write_all) while a
-    /// batch is in flight may interleave their bytes; use one or the other at a time.
-    /// (Through TLS each write and each batch is encrypted and sent whole, so they
-    /// interleave only at those boundaries.) Once TLS has started, this returns a stream
-    /// that goes through it; a handle taken before stays plain.
+    /// Every call on a connected socket returns a handle to the same stream, so writes
+    /// made through any of them keep one order. Mixing it with [`write`](Self::write) /
+    /// [`write_all`](Self::write_all) while a batch is in flight may interleave their
+    /// bytes: use one or the other at a time.
+    ///
+    /// Once TLS has started, this returns a stream that goes through it (each write and
+    /// each batch is encrypted and sent whole); a handle taken before stays plain.
     pub fn output_stream(&self) -> OutputStream {
         match (self.fd.get(), self.tls.get()) {
             (Some(fd), Some(session)) => self
                 .tls_output
-                .get_or_init(|| OutputStream::new_tls(Some(fd.clone()), session.clone()))
+                .get_or_init(|| {
+                    let transport = Transport::Tls(session.clone());
+                    OutputStream::with_transport(Some(fd.clone()), transport)
+                })
                 .clone(),
             (Some(fd), None) => self
                 .output
                 .get_or_init(|| OutputStream::new(Some(fd.clone())))
                 .clone(),
-            // Not connected: a stream whose writes fail with a clear error.
+            // Not connected: a stream whose writes fail; not kept, so that one made
+            // after `connect` sends on the connection.
             (None, _) => OutputStream::new(None),
         }
     }
