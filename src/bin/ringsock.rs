@@ -5,6 +5,7 @@
 
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -13,6 +14,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use ringsock::runtime::Builder;
+use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
     Backend, DatagramSocket, Error, HostName, Runtime, StreamSocket, StreamSocketListener,
 };
@@ -55,6 +57,15 @@ struct EchoServerArgs {
     /// UDP address to echo datagrams on, e.g. 127.0.0.1:0.
     #[arg(long, value_name = "ADDR:PORT")]
     udp: Option<SocketAddr>,
+    /// Serve TLS on --tcp with this certificate chain (PEM, end-entity first).
+    #[arg(long, value_name = "FILE", requires_all = ["tcp", "tls_key"])]
+    tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require TLS clients to present a certificate signed by one of these CAs (PEM).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    client_ca: Option<PathBuf>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -74,6 +85,25 @@ struct EchoClientArgs {
     /// UDP: how long to wait for the reply, in seconds.
     #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
     timeout: f64,
+    /// Connect with TLS, checking the server's certificate against the system's roots
+    /// (or --ca) and the host name (or --server-name).
+    #[arg(long, conflicts_with = "udp")]
+    tls: bool,
+    /// TLS: trust these CAs (PEM bundle) instead of the system's roots.
+    #[arg(long, value_name = "FILE", requires = "tls")]
+    ca: Option<PathBuf>,
+    /// TLS: the client certificate chain (PEM) to present when the server asks for one.
+    #[arg(long, value_name = "FILE", requires_all = ["tls", "client_key"])]
+    client_cert: Option<PathBuf>,
+    /// TLS: the private key of --client-cert (PEM).
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    client_key: Option<PathBuf>,
+    /// TLS: the name the server's certificate must carry (default: HOST).
+    #[arg(long, value_name = "NAME", requires = "tls")]
+    server_name: Option<String>,
+    /// TLS: the lowest version accepted, Tls12 (default) or Tls13.
+    #[arg(long, value_name = "LEVEL", requires = "tls")]
+    tls_level: Option<ProtectionLevel>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -200,7 +230,20 @@ async fn udp_demo() -> ringsock::Result<()> {
     server_task.await
 }
 
+/// The acceptor for `--tls-cert`/`--tls-key` (and `--client-ca`), if TLS was asked for.
+fn tls_acceptor(args: &EchoServerArgs) -> ringsock::Result<Option<TlsAcceptor>> {
+    let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
+        return Ok(None);
+    };
+    let mut builder = TlsAcceptor::builder(Identity::from_pem_files(cert, key)?);
+    if let Some(ca) = &args.client_ca {
+        builder = builder.require_client_certificate(TrustedRoots::from_pem_file(ca)?);
+    }
+    builder.build().map(Some)
+}
+
 fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
+    let acceptor = tls_acceptor(&args)?;
     let runtime = runtime(&args.backend)?;
     let stop = StopSignal::install()?;
     runtime.block_on(async {
@@ -220,6 +263,13 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         }
         flush_stdout();
         eprintln!("driver: {}", runtime.driver_kind());
+        if acceptor.is_some() {
+            let clients = match &args.client_ca {
+                Some(ca) => format!("client certificates required (CA {})", ca.display()),
+                None => "no client certificates".to_owned(),
+            };
+            eprintln!("tls: on tcp, {clients}");
+        }
         let Some(listener) = listener else {
             stop.wait().await;
             return Ok(());
@@ -228,8 +278,18 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
             loop {
                 match listener.accept().await {
                     Ok(socket) => {
+                        let acceptor = acceptor.clone();
                         ringsock::spawn(async move {
-                            if let Err(err) = echo_connection(&socket).await {
+                            // The handshake runs in the connection's own task, so a slow
+                            // or hostile client holds up nobody else.
+                            let served = match &acceptor {
+                                Some(acceptor) => match socket.accept_tls(acceptor).await {
+                                    Ok(()) => echo_connection(&socket).await,
+                                    Err(err) => Err(err),
+                                },
+                                None => echo_connection(&socket).await,
+                            };
+                            if let Err(err) = served {
                                 eprintln!("connection: {}: {err}", err.status());
                             }
                         });
@@ -288,19 +348,49 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
     }
     runtime.block_on(async {
         let socket = StreamSocket::new();
+        if args.tls {
+            let control = socket.control();
+            if let Some(ca) = &args.ca {
+                control.set_trusted_roots(TrustedRoots::from_pem_file(ca)?)?;
+            }
+            if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+                control.set_client_certificate(Identity::from_pem_files(cert, key)?)?;
+            }
+        }
         socket.connect(&host, &args.port).await?;
+        if args.tls {
+            let name = match &args.server_name {
+                Some(name) => HostName::new(name)?,
+                None => host.clone(),
+            };
+            let level = args.tls_level.unwrap_or(ProtectionLevel::Tls12);
+            socket.upgrade_to_tls(level, &name).await?;
+        }
         let (written, _) = socket
             .write_all(format!("{}\n", args.message).into_bytes())
             .await;
         written?;
-        match socket.input_stream().read_line().await? {
-            Some(reply) => {
-                println!("{reply}");
-                Ok(())
-            }
-            None => Err(Error::connection_closed("waiting for the reply")),
+        let mut input = socket.input_stream();
+        let reply = match input.read_line().await? {
+            Some(reply) => reply,
+            None => return Err(Error::connection_closed("waiting for the reply")),
+        };
+        if args.tls {
+            close_tls(&socket, &mut input).await;
         }
+        println!("{reply}");
+        Ok(())
     })
+}
+
+/// Ends a TLS connection the way TLS asks: our close_notify, then the server's (for two
+/// seconds at most), so neither side sees a truncation or a reset.
+async fn close_tls(socket: &StreamSocket, input: &mut ringsock::InputStream) {
+    if socket.shutdown_write().await.is_err() {
+        return;
+    }
+    let drain = async { while let Ok(Some(_)) = input.read_line().await {} };
+    let _ = ringsock::runtime::timeout(Duration::from_secs(2), drain).await;
 }
 
 /// One datagram to the server; its reply within the timeout, or ConnectionTimedOut.

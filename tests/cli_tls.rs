@@ -1,0 +1,227 @@
+//! `ringsock echo-server --tls-cert ...` and `ringsock echo-client --tls ...`, run as a user
+//! would, on both drivers.
+
+mod tls_certs;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+use tls_certs::{Ca, LeafOptions, TempDir};
+
+const BACKENDS: [&str; 2] = ["uring", "epoll"];
+
+fn ringsock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(args)
+        .env_remove("RINGSOCK_BACKEND")
+        .output()
+        .expect("run ringsock")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// The files of one run: a server CA and certificate, a client CA and certificate.
+struct Pki {
+    dir: TempDir,
+}
+
+impl Pki {
+    fn new() -> Pki {
+        let dir = TempDir::new("cli-tls");
+        let server_ca = Ca::new("cli server CA");
+        let client_ca = Ca::new("cli client CA");
+        server_ca.write(dir.path(), "server-ca.pem");
+        client_ca.write(dir.path(), "client-ca.pem");
+        server_ca
+            .leaf(&["localhost", "127.0.0.1"], LeafOptions::default())
+            .write(dir.path(), "server");
+        client_ca
+            .leaf(
+                &["cli-client"],
+                LeafOptions {
+                    client_only: true,
+                    ..LeafOptions::default()
+                },
+            )
+            .write(dir.path(), "client");
+        Pki { dir }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+}
+
+struct Server {
+    child: Child,
+    port: String,
+}
+
+impl Server {
+    fn start(pki: &Pki, backend: &str, client_ca: bool) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+        command
+            .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+            .args(["--tls-cert", &pki.path("server.pem")])
+            .args(["--tls-key", &pki.path("server.key")]);
+        if client_ca {
+            command.args(["--client-ca", &pki.path("client-ca.pem")]);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the echo server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let Some(addr) = line.trim().strip_prefix("listening tcp ") else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("unexpected first line {line:?}");
+        };
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        Server { child, port }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id() as libc::pid_t;
+        #[allow(unsafe_code)]
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM)
+        };
+        self.child.wait().unwrap()
+    }
+}
+
+#[test]
+fn tls_echo_with_a_client_certificate() {
+    let pki = Pki::new();
+    for server_backend in BACKENDS {
+        let server = Server::start(&pki, server_backend, true);
+        for client_backend in BACKENDS {
+            for level in ["Tls12", "Tls13"] {
+                let out = ringsock(&[
+                    "echo-client",
+                    "localhost",
+                    &server.port,
+                    "--tls",
+                    "--tls-level",
+                    level,
+                    "--ca",
+                    &pki.path("server-ca.pem"),
+                    "--client-cert",
+                    &pki.path("client.pem"),
+                    "--client-key",
+                    &pki.path("client.key"),
+                    "--message",
+                    "over TLS",
+                    "--backend",
+                    client_backend,
+                ]);
+                assert!(out.status.success(), "{}", text(&out.stderr));
+                assert_eq!(text(&out.stdout), "over TLS\n");
+            }
+        }
+        // By IP address, checked against the name given with --server-name.
+        let out = ringsock(&[
+            "echo-client",
+            "127.0.0.1",
+            &server.port,
+            "--tls",
+            "--ca",
+            &pki.path("server-ca.pem"),
+            "--server-name",
+            "localhost",
+            "--client-cert",
+            &pki.path("client.pem"),
+            "--client-key",
+            &pki.path("client.key"),
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "Hello, World!\n");
+        assert!(server.stop().success());
+    }
+}
+
+#[test]
+fn tls_failures_are_one_status_line() {
+    let pki = Pki::new();
+    let server = Server::start(&pki, "epoll", true);
+    let ca = pki.path("server-ca.pem");
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        // No client certificate for a server that requires one.
+        (vec!["--ca", &ca], "error: ClientCertificateRequired: "),
+        // The system's roots do not know our CA.
+        (vec![], "error: CertificateUntrustedRoot: "),
+        // The certificate is for localhost, not this name.
+        (
+            vec!["--ca", &ca, "--server-name", "example.com"],
+            "error: CertificateCommonNameIsIncorrect: ",
+        ),
+        // A bad file is an argument error, not a panic.
+        (
+            vec!["--ca", "/nonexistent/ca.pem"],
+            "error: Unknown: read the CA bundle file /nonexistent/ca.pem",
+        ),
+    ];
+    for (extra, prefix) in cases {
+        for backend in BACKENDS {
+            let mut args = vec!["echo-client", "localhost", &server.port, "--tls"];
+            args.extend(&extra);
+            args.extend(["--backend", backend]);
+            let out = ringsock(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(stderr.starts_with(prefix), "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        }
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn tls_usage_errors_exit_2() {
+    for args in [
+        &["echo-server", "--tcp", "127.0.0.1:0", "--tls-cert", "c.pem"][..],
+        &[
+            "echo-server",
+            "--udp",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ],
+        &["echo-client", "localhost", "1", "--ca", "ca.pem"],
+        &[
+            "echo-client",
+            "localhost",
+            "1",
+            "--tls",
+            "--client-cert",
+            "c.pem",
+        ],
+        &["echo-client", "localhost", "1", "--tls", "--udp"],
+        &[
+            "echo-client",
+            "localhost",
+            "1",
+            "--tls",
+            "--tls-level",
+            "ssl3",
+        ],
+    ] {
+        let out = ringsock(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}
