@@ -38,7 +38,7 @@ use crate::{Error, Result, SocketErrorStatus};
 /// Ciphertext asked of the kernel per receive.
 const RECV_CHUNK: usize = 128 * 1024;
 /// Plaintext encrypted per step of a large write; two steps are in flight at most.
-const WRITE_CHUNK: usize = 256 * 1024;
+const WRITE_CHUNK: usize = 64 * 1024;
 /// Bytes a TLS record adds to its plaintext, at most (header, nonce, tag, padding).
 const RECORD_OVERHEAD: usize = 5 + 8 + 16 + 256;
 /// The largest plaintext in one record.
@@ -365,9 +365,10 @@ impl TlsSession {
         }
     }
 
-    /// Encrypts `plaintext` as one stream (small pieces share records), queues the
-    /// records, and returns the send-queue position to wait for.
-    fn seal(&self, plaintext: &[&[u8]]) -> Result<u64> {
+    /// Encrypts `len` bytes of `plaintext`, taken as one stream from byte `from` (small
+    /// pieces share records), queues the records, and returns the send-queue position to
+    /// wait for.
+    fn seal(&self, plaintext: &[&[u8]], from: usize, len: usize) -> Result<u64> {
         self.check_usable()?;
         if self.write_closed.get() {
             return Err(Error::io(
@@ -378,15 +379,15 @@ impl TlsSession {
                 ),
             ));
         }
-        let total: usize = plaintext.iter().map(|piece| piece.len()).sum();
-        let mut out = buffer_pool::take(total + (total / MAX_FRAGMENT + 1) * RECORD_OVERHEAD);
+        let total = from + len;
+        let mut out = buffer_pool::take(len + (len / MAX_FRAGMENT + 1) * RECORD_OVERHEAD);
         let mut conn = self.conn.borrow_mut();
-        let mut done = 0;
+        let mut done = from;
         while done < total {
             // A few records at a time, drained before the next: rustls allocates each
             // record, and freeing them as we go lets the allocator reuse the same memory
             // (a whole batch's worth at once was returned to the kernel and faulted back).
-            let slices = io_slices_from(plaintext, done, SEAL_STEP);
+            let slices = io_slices_from(plaintext, done, SEAL_STEP.min(total - done));
             let n = conn
                 .writer()
                 .write_vectored(&slices)
@@ -404,24 +405,37 @@ impl TlsSession {
         Ok(self.tx.push(out))
     }
 
-    /// Encrypts and sends every byte of `data`, a step at a time, encrypting the next step
-    /// while the previous one is being sent.
+    /// Encrypts and sends every byte of `data`.
     pub(crate) async fn write_all(&self, data: &[u8]) -> Result<()> {
+        self.send_pieces(&[data]).await
+    }
+
+    /// Encrypts and sends `pieces` as one stream, a step of [`WRITE_CHUNK`] at a time:
+    /// the next step is encrypted while the previous one is being sent, so the sender
+    /// and the network (and the peer decrypting) work at the same time. Anything up to
+    /// one step is sealed and submitted at once.
+    async fn send_pieces(&self, pieces: &[&[u8]]) -> Result<()> {
+        let total: usize = pieces.iter().map(|piece| piece.len()).sum();
         let mut in_flight = None;
-        for step in data.chunks(WRITE_CHUNK) {
-            let target = self.seal(&[step])?;
+        let mut from = 0;
+        while from < total {
+            let len = WRITE_CHUNK.min(total - from);
+            let target = self.seal(pieces, from, len)?;
+            from += len;
             if let Some(previous) = in_flight.replace(target) {
                 self.tx.wait(previous).await?;
             }
         }
         match in_flight {
             Some(target) => self.tx.wait(target).await,
-            None => Ok(()),
+            None => self.check_usable(),
         }
     }
 
     /// The [`OutputStream`](crate::OutputStream)'s hook: one batch of plaintext writes is
-    /// encrypted into records together and those records are sent as one submission.
+    /// encrypted into records together (small writes share records) and those records
+    /// are submitted together: as one submission up to [`WRITE_CHUNK`] of plaintext,
+    /// pipelined in steps of that size beyond.
     /// On failure no write of the batch counts as sent: a TLS stream cannot resume after a
     /// partly sent record.
     pub(crate) async fn send_batch(
@@ -431,10 +445,7 @@ impl TlsSession {
     ) -> (io::Result<()>, Progress, Vec<Bytes>) {
         let before = self.tx.counters();
         let pieces: Vec<&[u8]> = bufs.iter().map(|buf| &buf[..]).collect();
-        let result = match self.seal(&pieces) {
-            Ok(target) => self.tx.wait(target).await,
-            Err(err) => Err(err),
-        };
+        let result = self.send_pieces(&pieces).await;
         drop(pieces);
         let after = self.tx.counters();
         report.operations += after.0 - before.0;
