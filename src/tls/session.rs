@@ -35,8 +35,11 @@ use crate::driver::SharedFd;
 use crate::runtime::JoinHandle;
 use crate::{Error, Result, SocketErrorStatus};
 
-/// Ciphertext asked of the kernel per receive.
-const RECV_CHUNK: usize = 128 * 1024;
+/// Ciphertext asked of the kernel per receive: from `RECV_MIN`, doubled while receives
+/// fill it (a bulk transfer), halved while they use under a quarter of it, so an idle or
+/// chatty connection keeps a small buffer and a fast one gets few large receives.
+const RECV_MIN: usize = 16 * 1024;
+const RECV_MAX: usize = 256 * 1024;
 /// Plaintext encrypted per step of a large write; two steps are in flight at most.
 const WRITE_CHUNK: usize = 64 * 1024;
 /// Bytes a TLS record adds to its plaintext, at most (header, nonce, tag, padding).
@@ -72,7 +75,6 @@ pub(crate) struct TlsSession {
 }
 
 /// The receive side: ciphertext not yet taken by rustls, and the receive in flight.
-#[derive(Default)]
 struct Rx {
     /// Received ciphertext; `buf[pos..]` is not yet fed to rustls.
     buf: Vec<u8>,
@@ -81,11 +83,44 @@ struct Rx {
     recv: Option<JoinHandle<(io::Result<usize>, Vec<u8>)>>,
     /// The peer closed its side of the TCP connection.
     eof: bool,
+    /// Bytes the next receive asks for (`RECV_MIN..=RECV_MAX`).
+    size: usize,
 }
 
 impl Rx {
+    fn new() -> Rx {
+        Rx {
+            buf: Vec::new(),
+            pos: 0,
+            recv: None,
+            eof: false,
+            size: RECV_MIN,
+        }
+    }
+
     fn pending(&self) -> &[u8] {
         &self.buf[self.pos..]
+    }
+
+    /// A buffer for the next receive, reusing the last one unless it is far too large.
+    fn next_buffer(&mut self) -> Vec<u8> {
+        let mut buf = std::mem::take(&mut self.buf);
+        self.pos = 0;
+        if buf.capacity() > 2 * self.size {
+            buf = Vec::new();
+        }
+        buf.clear();
+        buf.reserve(self.size);
+        buf
+    }
+
+    /// Adapts the receive size to what the last receive of `asked` bytes got.
+    fn received(&mut self, got: usize, asked: usize) {
+        if got >= asked {
+            self.size = (self.size * 2).min(RECV_MAX);
+        } else if got < asked / 4 {
+            self.size = (self.size / 2).max(RECV_MIN);
+        }
     }
 }
 
@@ -136,7 +171,7 @@ impl TlsSession {
             phase: Cell::new(Phase::Handshaking),
             failure: RefCell::new(None),
             write_closed: Cell::new(false),
-            rx: RefCell::new(Rx::default()),
+            rx: RefCell::new(Rx::new()),
             read_turn: Turn::default(),
             tx: Rc::new(Tx::new(fd)),
         }
@@ -220,7 +255,8 @@ impl TlsSession {
         match self.phase.get() {
             Phase::Ready => Ok(()),
             Phase::Handshaking => Err(Error::invalid_input(
-                "the TLS handshake has not finished on this socket",
+                "the TLS handshake has not finished on this socket (still running, or \
+                 given up on: a cancelled handshake leaves the socket unusable)",
             )),
             Phase::Failed => Err(Error::tls(
                 SocketErrorStatus::TlsHandshakeFailed,
@@ -255,10 +291,7 @@ impl TlsSession {
         {
             let mut rx = self.rx.borrow_mut();
             if rx.recv.is_none() {
-                let mut buf = std::mem::take(&mut rx.buf);
-                buf.clear();
-                buf.reserve(RECV_CHUNK);
-                rx.pos = 0;
+                let buf = rx.next_buffer();
                 let fd = self.fd.clone();
                 rx.recv = Some(crate::runtime::spawn(
                     async move { ops::recv(&fd, buf).await },
@@ -275,6 +308,7 @@ impl TlsSession {
         .await;
         let mut rx = self.rx.borrow_mut();
         rx.recv = None;
+        let asked = buf.capacity();
         rx.buf = buf;
         rx.pos = 0;
         match result {
@@ -282,7 +316,10 @@ impl TlsSession {
                 rx.eof = true;
                 Ok(())
             }
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                rx.received(n, asked);
+                Ok(())
+            }
             Err(err) => {
                 drop(rx);
                 Err(self.fail(Error::io("TLS receive", err)))
@@ -812,6 +849,27 @@ mod tests {
         assert_eq!(joined(io_slices_from(&pieces, 1, 3)), b"bcd");
         assert_eq!(joined(io_slices_from(&pieces, 2, 1)), b"c");
         assert!(io_slices_from(&pieces, 0, 0).is_empty());
+    }
+
+    #[test]
+    fn receive_size_adapts_within_bounds() {
+        let mut rx = Rx::new();
+        assert_eq!(rx.next_buffer().capacity(), RECV_MIN);
+        for _ in 0..10 {
+            let asked = rx.size;
+            rx.received(asked, asked);
+        }
+        assert_eq!(rx.size, RECV_MAX);
+        rx.received(RECV_MAX / 2, RECV_MAX);
+        assert_eq!(rx.size, RECV_MAX, "half full keeps the size");
+        for _ in 0..10 {
+            let asked = rx.size;
+            rx.received(10, asked);
+        }
+        assert_eq!(rx.size, RECV_MIN);
+        // A buffer grown for bulk is not kept for a small receive.
+        rx.buf = Vec::with_capacity(RECV_MAX);
+        assert!(rx.next_buffer().capacity() < RECV_MAX);
     }
 
     #[test]
