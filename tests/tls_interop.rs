@@ -1,5 +1,8 @@
 //! TLS against peers nobody here wrote, on both drivers: our client against
 //! `openssl s_server -Verify`, our server against `openssl s_client` and Python's `ssl`.
+//! With OpenSSL every cipher suite of ring's provider that fits an ECDSA certificate is
+//! forced in turn: TLS 1.3 AES-256-GCM, AES-128-GCM, ChaCha20-Poly1305; TLS 1.2
+//! ECDHE-ECDSA with the same three.
 //!
 //! Each test needs its tool on PATH (Debian packages `openssl`, `python3`). Without it the
 //! test says it skipped; with `RINGSOCK_REQUIRE_INTEROP=1` (as CI sets) it fails instead.
@@ -86,8 +89,51 @@ fn version_flag(level: ProtectionLevel) -> &'static str {
 
 /// Starts `openssl s_server -rev` (answers each line reversed) requiring a client
 /// certificate from the client CA; returns it with the port it listens on.
-fn start_s_server(files: &Files, level: ProtectionLevel) -> (Child, u16) {
-    let mut child = Command::new("timeout")
+/// `openssl s_server` flags that allow exactly one cipher suite of `level`.
+fn only_suite(level: ProtectionLevel, openssl_name: &str) -> [&str; 2] {
+    match level {
+        ProtectionLevel::Tls13 => ["-ciphersuites", openssl_name],
+        _ => ["-cipher", openssl_name],
+    }
+}
+
+/// The cipher suites our client is checked with, each as OpenSSL and as rustls name it.
+const SUITES: [(ProtectionLevel, &str, &str); 6] = [
+    (
+        ProtectionLevel::Tls13,
+        "TLS_AES_256_GCM_SHA384",
+        "TLS13_AES_256_GCM_SHA384",
+    ),
+    (
+        ProtectionLevel::Tls13,
+        "TLS_AES_128_GCM_SHA256",
+        "TLS13_AES_128_GCM_SHA256",
+    ),
+    (
+        ProtectionLevel::Tls13,
+        "TLS_CHACHA20_POLY1305_SHA256",
+        "TLS13_CHACHA20_POLY1305_SHA256",
+    ),
+    (
+        ProtectionLevel::Tls12,
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384",
+    ),
+    (
+        ProtectionLevel::Tls12,
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256",
+    ),
+    (
+        ProtectionLevel::Tls12,
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "TLS_ECDHE_ECDSA_WITH_CHACHA20_POLY1305_SHA256",
+    ),
+];
+
+fn start_s_server(files: &Files, level: ProtectionLevel, suite: Option<&str>) -> (Child, u16) {
+    let mut command = Command::new("timeout");
+    command
         .arg(PEER_LIMIT)
         .args([
             "openssl",
@@ -101,7 +147,11 @@ fn start_s_server(files: &Files, level: ProtectionLevel) -> (Child, u16) {
         .args(["-cert", &files.path("server.pem")])
         .args(["-key", &files.path("server.key")])
         .args(["-CAfile", &files.path("client-ca.pem")])
-        .arg(version_flag(level))
+        .arg(version_flag(level));
+    if let Some(suite) = suite {
+        command.args(only_suite(level, suite));
+    }
+    let mut child = command
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -140,12 +190,12 @@ fn our_client_against_openssl_s_server_verify() {
         return;
     }
     let files = Files::new("s_server");
-    for level in [ProtectionLevel::Tls12, ProtectionLevel::Tls13] {
+    for (level, openssl_suite, rustls_suite) in SUITES {
         for backend in util::BACKENDS {
             if !uring_available(backend) {
                 continue;
             }
-            let (mut server, port) = start_s_server(&files, level);
+            let (mut server, port) = start_s_server(&files, level, Some(openssl_suite));
             util::on_backend(backend, &|_| async {
                 let socket = StreamSocket::new();
                 let control = socket.control();
@@ -169,7 +219,7 @@ fn our_client_against_openssl_s_server_verify() {
                     .unwrap();
                 let info = socket.tls_info().unwrap();
                 assert_eq!(info.protection_level, level);
-                eprintln!("{backend}: openssl s_server {level}: {}", info.cipher_suite);
+                assert_eq!(info.cipher_suite, rustls_suite);
                 socket
                     .write_all(b"hello ringsock\n".to_vec())
                     .await
@@ -199,7 +249,7 @@ fn our_client_without_certificate_against_openssl_s_server_verify() {
             if !uring_available(backend) {
                 continue;
             }
-            let (mut server, port) = start_s_server(&files, level);
+            let (mut server, port) = start_s_server(&files, level, None);
             util::on_backend(backend, &|_| async {
                 let socket = StreamSocket::new();
                 socket
@@ -223,13 +273,20 @@ fn our_client_without_certificate_against_openssl_s_server_verify() {
     }
 }
 
+/// What our server saw of a client it served.
+#[derive(Debug, PartialEq)]
+struct Served {
+    client_certificates: usize,
+    cipher_suite: &'static str,
+}
+
 /// Runs our TLS echo server (one connection, one line, then close) on its own thread and
 /// runtime; gives its port and a handle to its outcome (the peer's certificate count).
 fn spawn_our_server(
     backend: Backend,
     files: &Files,
     level: ProtectionLevel,
-) -> (u16, std::thread::JoinHandle<Result<usize, String>>) {
+) -> (u16, std::thread::JoinHandle<Result<Served, String>>) {
     let cert = files.path("server.pem");
     let key = files.path("server.key");
     let client_ca = files.path("client-ca.pem");
@@ -252,11 +309,13 @@ fn spawn_our_server(
                 socket.accept_tls(&acceptor).await?;
                 let info = socket.tls_info().unwrap();
                 assert_eq!(info.protection_level, level);
-                eprintln!("{backend}: our server {level}: {}", info.cipher_suite);
                 let line = socket.input_stream().read_line().await?.unwrap_or_default();
                 socket.write_all(format!("{line}\n").into_bytes()).await.0?;
                 socket.shutdown_write().await?;
-                Ok::<_, Error>(info.peer_certificates.len())
+                Ok::<_, Error>(Served {
+                    client_certificates: info.peer_certificates.len(),
+                    cipher_suite: info.cipher_suite,
+                })
             }
             .await;
             *outcome.borrow_mut() = result.map_err(|err| format!("{}: {err}", err.status()));
@@ -268,7 +327,13 @@ fn spawn_our_server(
 }
 
 /// Runs `openssl s_client` against our server: sends a line, reads the echo.
-fn s_client(files: &Files, port: u16, level: ProtectionLevel, with_cert: bool) -> Option<String> {
+fn s_client(
+    files: &Files,
+    port: u16,
+    level: ProtectionLevel,
+    suite: Option<&str>,
+    with_cert: bool,
+) -> Option<String> {
     let mut command = Command::new("timeout");
     command
         .arg(PEER_LIMIT)
@@ -277,6 +342,9 @@ fn s_client(files: &Files, port: u16, level: ProtectionLevel, with_cert: bool) -
         .args(["-servername", "localhost"])
         .args(["-CAfile", &files.path("server-ca.pem")])
         .arg(version_flag(level));
+    if let Some(suite) = suite {
+        command.args(only_suite(level, suite));
+    }
     if with_cert {
         command
             .args(["-cert", &files.path("client.pem")])
@@ -305,23 +373,27 @@ fn openssl_s_client_against_our_server() {
         return;
     }
     let files = Files::new("s_client");
-    for level in [ProtectionLevel::Tls12, ProtectionLevel::Tls13] {
+    for (level, openssl_suite, rustls_suite) in SUITES {
         for backend in util::BACKENDS {
             if !uring_available(backend) {
                 continue;
             }
             let (port, server) = spawn_our_server(backend, &files, level);
-            let reply = s_client(&files, port, level, true);
+            let reply = s_client(&files, port, level, Some(openssl_suite), true);
             assert_eq!(
                 reply.as_deref(),
                 Some("hello from openssl"),
                 "{backend} {level}"
             );
-            assert_eq!(server.join().unwrap(), Ok(1), "{backend} {level}");
+            let served = Served {
+                client_certificates: 1,
+                cipher_suite: rustls_suite,
+            };
+            assert_eq!(server.join().unwrap(), Ok(served), "{backend} {level}");
 
             // Without a client certificate: refused, with the status saying why.
             let (port, server) = spawn_our_server(backend, &files, level);
-            assert_eq!(s_client(&files, port, level, false), None);
+            assert_eq!(s_client(&files, port, level, None, false), None);
             let outcome = server.join().unwrap().unwrap_err();
             assert!(
                 outcome.starts_with("ClientCertificateRequired"),
@@ -381,7 +453,8 @@ fn python_ssl_client_against_our_server() {
             let expected_version = version.replace('_', ".");
             assert!(stdout.starts_with(&expected_version), "{stdout}");
             assert!(stdout.trim_end().ends_with("hello from python"), "{stdout}");
-            assert_eq!(server.join().unwrap(), Ok(1), "{backend} {level}");
+            let served = server.join().unwrap().unwrap();
+            assert_eq!(served.client_certificates, 1, "{backend} {level}");
         }
     }
 }
