@@ -73,6 +73,16 @@ async fn echo_lines(socket: &StreamSocket) {
     );
 }
 
+/// Connects with TLS and reads once: a server's refusal of the client's certificate comes
+/// from the handshake with TLS 1.2, and with the first read with TLS 1.3 (the client has
+/// finished its handshake before the server decides).
+async fn connect_then_read(socket: &StreamSocket, port: &str) -> Result<usize> {
+    socket
+        .connect_with(&localhost(), port, ProtectionLevel::Tls12)
+        .await?;
+    socket.read(Vec::with_capacity(64)).await.0
+}
+
 fn status_of<T: std::fmt::Debug>(result: Result<T>) -> (SocketErrorStatus, String) {
     let err = result.expect_err("should fail");
     (err.status(), err.to_string())
@@ -196,16 +206,7 @@ fn client_certificate_required_and_missing() {
             let server = echo_server(listener, acceptor);
 
             let socket = client(&server_ca.roots(), None);
-            // TLS 1.2 fails in the handshake; with TLS 1.3 the client has finished its
-            // handshake before the server decides, so the refusal comes with the first read.
-            let result = match socket
-                .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
-                .await
-            {
-                Err(err) => Err(err),
-                Ok(()) => socket.read(Vec::with_capacity(64)).await.0,
-            };
-            let (status, message) = status_of(result);
+            let (status, message) = status_of(connect_then_read(&socket, &port).await);
             assert_eq!(
                 status,
                 SocketErrorStatus::ClientCertificateRequired,
@@ -238,14 +239,7 @@ fn client_certificate_from_an_untrusted_ca() {
         let server = echo_server(listener, acceptor);
 
         let socket = client(&server_ca.roots(), Some(stranger.client("intruder")));
-        let result = match socket
-            .connect_with(&localhost(), &port, ProtectionLevel::Tls12)
-            .await
-        {
-            Err(err) => Err(err),
-            Ok(()) => socket.read(Vec::with_capacity(64)).await.0,
-        };
-        let (status, message) = status_of(result);
+        let (status, message) = status_of(connect_then_read(&socket, &port).await);
         assert_eq!(
             status,
             SocketErrorStatus::CertificateUntrustedRoot,
