@@ -417,6 +417,69 @@ impl Error {
     }
 }
 
+impl Clone for Error {
+    /// A copy with the same variant, status and message. `io::Error` is not `Clone`:
+    /// an OS error is rebuilt from its errno, any other from its kind and text (a
+    /// ringsock error carried inside one is copied whole).
+    fn clone(&self) -> Error {
+        match self {
+            Error::Io { context, source } => Error::Io {
+                context: context.clone(),
+                source: clone_io(source),
+            },
+            Error::InvalidHostName { input, reason } => Error::InvalidHostName {
+                input: input.clone(),
+                reason: reason.clone(),
+            },
+            Error::InvalidService {
+                input,
+                reason,
+                status,
+            } => Error::InvalidService {
+                input: input.clone(),
+                reason: reason.clone(),
+                status: *status,
+            },
+            Error::Resolve {
+                host,
+                status,
+                message,
+            } => Error::Resolve {
+                host: host.clone(),
+                status: *status,
+                message: message.clone(),
+            },
+            Error::NoAddresses { host } => Error::NoAddresses { host: host.clone() },
+            Error::InvalidInput { message } => Error::InvalidInput {
+                message: message.clone(),
+            },
+            Error::TimedOut { context } => Error::TimedOut {
+                context: context.clone(),
+            },
+            Error::ConnectionClosed { context } => Error::ConnectionClosed {
+                context: context.clone(),
+            },
+            Error::Tls { status, message } => Error::Tls {
+                status: *status,
+                message: message.clone(),
+            },
+        }
+    }
+}
+
+fn clone_io(err: &io::Error) -> io::Error {
+    if let Some(errno) = err.raw_os_error() {
+        return io::Error::from_raw_os_error(errno);
+    }
+    match err
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<Error>())
+    {
+        Some(inner) => io::Error::new(err.kind(), inner.clone()),
+        None => io::Error::new(err.kind(), err.to_string()),
+    }
+}
+
 impl From<io::Error> for Error {
     /// Unwraps a ringsock error that was carried through an `io::Error`, so a round
     /// trip keeps the variant; anything else becomes [`Error::Io`] without context.
@@ -726,5 +789,28 @@ mod tests {
     fn error_is_send_sync_static() {
         fn check<T: Send + Sync + 'static + std::error::Error>() {}
         check::<Error>();
+    }
+
+    #[test]
+    fn a_clone_keeps_variant_status_errno_and_message() {
+        let cases = [
+            Error::from_errno("write", libc::ECONNRESET),
+            Error::tls(SocketErrorStatus::CertificateExpired, "expired"),
+            Error::io(
+                "write",
+                io::Error::other(Error::tls(
+                    SocketErrorStatus::TlsHandshakeFailed,
+                    "bad record",
+                )),
+            ),
+            Error::io("write", io::ErrorKind::WriteZero.into()),
+            Error::timed_out("flush"),
+        ];
+        for err in cases {
+            let copy = err.clone();
+            assert_eq!(copy.status(), err.status(), "{err}");
+            assert_eq!(copy.raw_os_error(), err.raw_os_error(), "{err}");
+            assert_eq!(copy.to_string(), err.to_string());
+        }
     }
 }

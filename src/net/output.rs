@@ -20,7 +20,7 @@ use bytes::Bytes;
 use super::transport::Transport;
 use crate::driver::ops::BatchReport;
 use crate::driver::SharedFd;
-use crate::{Error, Result, SocketErrorStatus};
+use crate::{Error, Result};
 
 /// Bounds of an [`OutputStream`]'s queue.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,31 +101,20 @@ struct State {
     waiters: Vec<Waker>,
 }
 
-/// Enough of an error to give a fresh copy to every write and flush it concerns.
-#[derive(Clone)]
-struct Failure {
-    errno: Option<i32>,
-    status: SocketErrorStatus,
-    message: String,
-}
+/// The error that broke the stream; every write and flush it concerns gets a copy, with
+/// its status (a TLS failure stays a TLS failure).
+struct Failure(Error);
 
 impl Failure {
-    fn from_io(err: &std::io::Error) -> Failure {
-        Failure {
-            errno: err.raw_os_error(),
-            status: SocketErrorStatus::from_io(err),
-            message: err.to_string(),
+    fn from_io(err: std::io::Error) -> Failure {
+        match Error::from(err) {
+            Error::Io { source, .. } => Failure(Error::io("write", source)),
+            other => Failure(other),
         }
     }
 
     fn to_error(&self) -> Error {
-        match self.errno {
-            Some(errno) => Error::from_errno("write", errno),
-            None => Error::io(
-                "write",
-                std::io::Error::other(format!("{} ({})", self.message, self.status)),
-            ),
-        }
+        self.0.clone()
     }
 }
 
@@ -349,7 +338,7 @@ impl Inner {
             if let Err(err) = result {
                 // The stream is broken: this batch's unsent writes, and every write queued
                 // behind them, fail with the same status.
-                let failure = Failure::from_io(&err);
+                let failure = Failure::from_io(err);
                 state.failure = Some((state.completed, failure));
                 let dropped: usize = state.queue.drain(..).map(|b| b.len()).sum();
                 state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
