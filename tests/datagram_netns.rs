@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use ringsock::runtime::timeout;
 use ringsock::{Backend, DatagramSocket};
-use util::netns::Netns;
+use util::netns::{self, Netns};
 
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 7, 7);
 /// Set in the child process of `multicast_reaches_every_sharer`.
@@ -50,7 +50,7 @@ fn multicast_reaches_every_sharer() {
     }
     let netns = match Netns::create("mcast") {
         Ok(netns) => netns,
-        Err(why) => return println!("skipped: {why}"),
+        Err(why) => return netns::skip(&why),
     };
     // Loopback carries multicast only with the flag and a route.
     netns
@@ -146,7 +146,7 @@ fn nft_dropped(netns: &Netns) -> u64 {
 fn datagrams_dropped_on_purpose_are_counted_and_the_rest_arrive_intact() {
     let netns = match Netns::create("loss") {
         Ok(netns) => netns,
-        Err(why) => return println!("skipped: {why}"),
+        Err(why) => return netns::skip(&why),
     };
     let table = netns
         .exec(&["nft", "add", "table", "inet", "ringsock"])
@@ -157,7 +157,9 @@ fn datagrams_dropped_on_purpose_are_counted_and_the_rest_arrive_intact() {
             ])
         });
     if let Err(why) = table {
-        return println!("skipped: nftables unavailable ({why}); CI installs the nftables package");
+        return netns::skip(&format!(
+            "nftables unavailable ({why}); CI installs the nftables package"
+        ));
     }
     let netns = std::sync::Arc::new(netns);
     let inside = netns.clone();
