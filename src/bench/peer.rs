@@ -63,6 +63,10 @@ pub struct RxOutcome {
     pub order_lost: Option<String>,
     /// The stream ended before every byte arrived.
     pub short: Option<String>,
+    /// `read` calls that returned data.
+    pub reads: u64,
+    /// CPU time the receiver thread used.
+    pub cpu_secs: f64,
 }
 
 /// Starts the plain blocking receiver on its own thread (on the peer CPU when `pin`):
@@ -88,6 +92,8 @@ pub fn spawn_receiver(
 
 fn receive(mut stream: TcpStream, size: usize, count: u64, stride: u64) -> io::Result<RxOutcome> {
     stream.set_read_timeout(Some(PEER_WAIT))?;
+    let cpu0 = cpu::thread_cpu_secs();
+    let mut reads = 0u64;
     let want = count * size as u64;
     let mut buf = vec![0u8; RX_BUF];
     let mut header = [0u8; 8];
@@ -108,6 +114,8 @@ fn receive(mut stream: TcpStream, size: usize, count: u64, stride: u64) -> io::R
                     in_order: if order_lost.is_some() { in_order } else { k },
                     order_lost,
                     short: Some(short),
+                    reads,
+                    cpu_secs: cpu::thread_cpu_secs() - cpu0,
                 });
             }
             Ok(n) => n,
@@ -124,6 +132,7 @@ fn receive(mut stream: TcpStream, size: usize, count: u64, stride: u64) -> io::R
             }
             Err(err) => return Err(err),
         };
+        reads += 1;
         if pos + n as u64 > want {
             return Err(bench_error(format!(
                 "receiver: got {} bytes, {want} were sent",
@@ -170,6 +179,8 @@ fn receive(mut stream: TcpStream, size: usize, count: u64, stride: u64) -> io::R
         in_order: if order_lost.is_some() { in_order } else { k },
         order_lost,
         short: None,
+        reads,
+        cpu_secs: cpu::thread_cpu_secs() - cpu0,
     })
 }
 

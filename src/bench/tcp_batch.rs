@@ -30,6 +30,7 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
 /// What the sender side measured.
 struct Sent {
     start: Instant,
+    cpu_before: cpu::CpuSample,
     result: Result<()>,
     syscalls: u64,
     cpu_secs: f64,
@@ -51,6 +52,7 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
         let rx = start_receiver(server, o)?;
         let output = socket.output_stream();
         let stats = crate::runtime::driver_stats().unwrap_or_default();
+        let cpu_before = cpu::CpuSample::now();
         let cpu0 = cpu::thread_cpu_secs();
         let start = Instant::now();
         let result = send_groups(&output, o).await;
@@ -58,6 +60,7 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
         let after = crate::runtime::driver_stats().unwrap_or_default();
         let sent = Sent {
             start,
+            cpu_before,
             result,
             syscalls: after.syscalls() - stats.syscalls(),
             cpu_secs,
@@ -74,6 +77,7 @@ fn run_std_per_write(o: &Options) -> Result<Report> {
     let rx = start_receiver(server, o)?;
     let mut msg = vec![FILL; o.size];
     let mut calls = 0u64;
+    let cpu_before = cpu::CpuSample::now();
     let cpu0 = cpu::thread_cpu_secs();
     let start = Instant::now();
     let mut result = Ok(());
@@ -88,6 +92,7 @@ fn run_std_per_write(o: &Options) -> Result<Report> {
     drop(client);
     let sent = Sent {
         start,
+        cpu_before,
         result,
         syscalls: calls,
         cpu_secs,
@@ -148,6 +153,27 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
     };
     report.delivered = rx.in_order;
     report.secs = Some((rx.end - sent.start).as_secs_f64());
+    // Which side set the pace. CPU 0 also runs the loopback softirq (partly in
+    // ksoftirqd, not charged to the sender thread), so /proc/stat says more than the
+    // threads' own CPU times.
+    let after = cpu::CpuSample::now();
+    let busy = |x: Option<f64>| x.map_or(serde_json::Value::Null, |x| json!(round(x, 3)));
+    report.extra.push((
+        "cpu0_busy",
+        busy(sent.cpu_before.busy_until(&after, cpu::MEASURED_CPU)),
+    ));
+    report.extra.push((
+        "cpu1_busy",
+        busy(sent.cpu_before.busy_until(&after, cpu::peer_cpu())),
+    ));
+    report.extra.push((
+        "rx_cpu_us_per_msg",
+        json!(round(rx.cpu_secs * 1e6 / o.count as f64, 4)),
+    ));
+    report.extra.push((
+        "rx_bytes_per_read",
+        json!((rx.bytes as f64 / rx.reads.max(1) as f64).round()),
+    ));
     if let Some(detail) = rx.order_lost {
         report.error = Some(RunError::new(SocketErrorStatus::Unknown, "order lost"));
         report.extra.push(("detail", json!(detail)));
