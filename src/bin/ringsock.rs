@@ -196,6 +196,7 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         let listener = StreamSocketListener::bind_addr(args.tcp)?;
         println!("listening tcp {}", listener.local_addr()?);
         flush_stdout();
+        eprintln!("driver: {}", runtime.driver_kind());
         let serve = async {
             loop {
                 match listener.accept().await {

@@ -25,6 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod iovec;
 pub(crate) mod ops;
 pub(crate) mod poll;
 pub(crate) mod sockaddr;
@@ -229,6 +230,8 @@ struct FdInner {
     fd: OwnedFd,
     /// The epoll driver's registration, made on first use.
     poll_slot: Cell<Option<usize>>,
+    /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
+    write_shut: Cell<bool>,
 }
 
 impl SharedFd {
@@ -237,6 +240,7 @@ impl SharedFd {
             inner: Rc::new(FdInner {
                 fd,
                 poll_slot: Cell::new(None),
+                write_shut: Cell::new(false),
             }),
         }
     }
@@ -251,6 +255,14 @@ impl SharedFd {
 
     pub(crate) fn set_poll_slot(&self, slot: usize) {
         self.inner.poll_slot.set(Some(slot));
+    }
+
+    pub(crate) fn mark_write_shut(&self) {
+        self.inner.write_shut.set(true);
+    }
+
+    pub(crate) fn is_write_shut(&self) -> bool {
+        self.inner.write_shut.get()
     }
 
     /// A borrowed socket2 view, for socket options and addresses.

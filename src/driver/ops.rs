@@ -41,15 +41,30 @@ pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usiz
 
 /// Sends once; the count may be short.
 pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
-    match kind() {
+    let (result, buf) = match kind() {
         Ok(DriverKind::Uring) => uring::net::send(fd, buf, SEND_FLAGS).await,
         Ok(DriverKind::Epoll) => poll::net::send(fd, buf, SEND_FLAGS).await,
         Err(err) => (Err(err), buf),
+    };
+    (result.map_err(|err| peer_reset(fd, err)), buf)
+}
+
+/// Linux reports a reset to one call only (ECONNRESET); every send after it says EPIPE.
+/// Unless this side shut its sending direction itself, EPIPE therefore means the peer
+/// reset the connection, and is reported as such — whichever call happened to see it.
+fn peer_reset(fd: &SharedFd, err: io::Error) -> io::Error {
+    if err.raw_os_error() == Some(libc::EPIPE) && !fd.is_write_shut() {
+        io::Error::from_raw_os_error(libc::ECONNRESET)
+    } else {
+        err
     }
 }
 
 /// Shuts down one or both directions.
 pub(crate) async fn shutdown(fd: &SharedFd, how: Shutdown) -> io::Result<()> {
+    if how != Shutdown::Read {
+        fd.mark_write_shut();
+    }
     match kind()? {
         DriverKind::Uring => uring::net::shutdown(fd, how).await,
         DriverKind::Epoll => poll::net::shutdown(fd, how),
@@ -167,13 +182,13 @@ pub(crate) async fn send_stream_batch(
             Ok((sent, error)) => {
                 progress.advance(&bufs, sent);
                 if let Some(err) = error {
-                    return (Err(err), progress, bufs);
+                    return (Err(peer_reset(fd, err)), progress, bufs);
                 }
                 if sent == 0 && !progress.done(&bufs) {
                     return (Err(io::ErrorKind::WriteZero.into()), progress, bufs);
                 }
             }
-            Err(err) => return (Err(err), progress, bufs),
+            Err(err) => return (Err(peer_reset(fd, err)), progress, bufs),
         }
     }
     (Ok(()), progress, bufs)

@@ -59,13 +59,16 @@ pub struct OutputStreamStats {
 /// The sending side of a stream socket, like StreamSocket.OutputStream.
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
-/// a handle to the same stream, so writes from anywhere keep one order.
-#[derive(Clone)]
+/// a handle to the same stream, so writes from anywhere keep one order. When the last
+/// handle (the socket's own included) goes away, writes still queued are sent on, the
+/// way a closed socket still delivers what is in its send buffer.
 pub struct OutputStream {
     inner: Rc<Inner>,
 }
 
 struct Inner {
+    /// OutputStream handles alive (the sender task and write handles don't count).
+    handles: Cell<usize>,
     fd: Option<SharedFd>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
@@ -143,6 +146,7 @@ impl OutputStream {
     pub(crate) fn new(fd: Option<SharedFd>) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
+                handles: Cell::new(1),
                 fd,
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
@@ -340,13 +344,24 @@ impl Inner {
     }
 }
 
+impl Clone for OutputStream {
+    fn clone(&self) -> OutputStream {
+        self.inner.handles.set(self.inner.handles.get() + 1);
+        OutputStream {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
 impl Drop for OutputStream {
     fn drop(&mut self) {
-        // The last handle going away must not lose queued writes: send them on, the way
-        // a closed socket still delivers what is in its send buffer.
-        if Rc::strong_count(&self.inner) == 1 {
-            let next = self.inner.state.borrow().next;
-            self.inner.state.borrow_mut().flush_target = next;
+        let handles = self.inner.handles.get() - 1;
+        self.inner.handles.set(handles);
+        if handles == 0 {
+            let mut state = self.inner.state.borrow_mut();
+            state.flush_target = state.next;
+            drop(state);
+            // Outside a runtime nothing can send them: they are dropped with the stream.
             if crate::runtime::current_driver_kind().is_some() {
                 self.inner.start_sender();
             }

@@ -34,6 +34,7 @@ use crate::{Error, Result};
 /// ```
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
+    output: OnceCell<OutputStream>,
     options: StreamOptions,
 }
 
@@ -43,6 +44,7 @@ impl StreamSocket {
     pub fn new() -> StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
+            output: OnceCell::new(),
             options: StreamOptions::default(),
         }
     }
@@ -110,6 +112,7 @@ impl StreamSocket {
         options.apply(&fd)?;
         let socket = StreamSocket {
             fd: OnceCell::new(),
+            output: OnceCell::new(),
             options: options.clone(),
         };
         let _ = socket.fd.set(fd);
@@ -189,9 +192,20 @@ impl StreamSocket {
         InputStream::new(self.fd.get().cloned())
     }
 
-    /// A writer that queues writes and sends them together on `flush` (FlushAsync).
+    /// The writer that queues writes and sends them together on `flush` (FlushAsync).
+    /// Every call returns a handle to the same stream, so all writes keep one order.
+    ///
+    /// Mixing it with [`write`](Self::write) / [`write_all`](Self::write_all) while a
+    /// batch is in flight may interleave their bytes; use one or the other at a time.
     pub fn output_stream(&self) -> OutputStream {
-        OutputStream::new(self.fd.get().cloned())
+        match self.fd.get() {
+            Some(fd) => self
+                .output
+                .get_or_init(|| OutputStream::new(Some(fd.clone())))
+                .clone(),
+            // Not connected: a stream whose writes fail with a clear error.
+            None => OutputStream::new(None),
+        }
     }
 
     /// Closes the sending direction (FIN); the peer reads end-of-stream, while this side

@@ -61,3 +61,38 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
         })
         .collect()
 }
+
+/// Waits for a std thread without blocking the runtime's loop (tasks keep running).
+pub async fn join_thread<T: Send + 'static>(handle: std::thread::JoinHandle<T>) -> T {
+    use std::sync::{Arc, Mutex};
+    use std::task::{Poll, Waker};
+    type Slot<T> = Arc<Mutex<(Option<std::thread::Result<T>>, Option<Waker>)>>;
+    let slot: Slot<T> = Arc::new(Mutex::new((None, None)));
+    let theirs = slot.clone();
+    std::thread::spawn(move || {
+        let result = handle.join();
+        let waker = {
+            let mut slot = theirs.lock().unwrap();
+            slot.0 = Some(result);
+            slot.1.take()
+        };
+        if let Some(waker) = waker {
+            waker.wake();
+        }
+    });
+    let result = std::future::poll_fn(|cx| {
+        let mut slot = slot.lock().unwrap();
+        match slot.0.take() {
+            Some(result) => Poll::Ready(result),
+            None => {
+                slot.1 = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    })
+    .await;
+    match result {
+        Ok(value) => value,
+        Err(panic) => std::panic::resume_unwind(panic),
+    }
+}

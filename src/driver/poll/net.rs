@@ -9,6 +9,7 @@ use bytes::Bytes;
 
 use super::{retry, Direction};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::iovec::iovecs;
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -106,18 +107,7 @@ pub(crate) async fn sendmsg_vectored(
     skip: usize,
     flags: i32,
 ) -> (io::Result<usize>, Vec<Bytes>) {
-    let mut iovecs: Vec<libc::iovec> = bufs[first..]
-        .iter()
-        .take(IOV_MAX)
-        .enumerate()
-        .map(|(i, buf)| {
-            let skip = if i == 0 { skip.min(buf.len()) } else { 0 };
-            libc::iovec {
-                iov_base: buf[skip..].as_ptr() as *mut libc::c_void,
-                iov_len: buf.len() - skip,
-            }
-        })
-        .collect();
+    let mut iovecs = iovecs(&bufs, first, skip, IOV_MAX);
     let result = retry(fd, Direction::Write, || {
         // SAFETY: msghdr is plain old data; zero is its empty value.
         let mut header: libc::msghdr = unsafe { std::mem::zeroed() };

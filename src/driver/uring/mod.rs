@@ -474,6 +474,13 @@ fn close_descriptors(completions: impl Iterator<Item = Completion>) {
 
 impl Drop for Driver {
     fn drop(&mut self) {
+        // Completions nobody came back for need nothing from the kernel: forget them.
+        // Everything else is in flight: ask the kernel to cancel it.
+        self.ops.retain(|_, state| match state {
+            Lifecycle::Completed(_) => false,
+            Lifecycle::Multi { finished, .. } => !*finished,
+            Lifecycle::Pending(_) | Lifecycle::Ignored { .. } => true,
+        });
         let slots: Vec<usize> = self.ops.iter().map(|(slot, _)| slot).collect();
         for slot in slots {
             self.cancel(slot);
@@ -483,18 +490,22 @@ impl Drop for Driver {
             .user_data(CANCEL_TOKEN);
         // SAFETY: an async cancel points to no memory.
         let _ = unsafe { self.push_entries(std::slice::from_ref(&wake)) };
-        // Every slot is pending or ignored; wait until the kernel has given each one back.
-        while !self.ops.is_empty() || self.wake_armed {
-            for (_, state) in self.ops.iter_mut() {
-                if let Lifecycle::Pending(_) | Lifecycle::Multi { .. } = state {
-                    *state = Lifecycle::Ignored {
-                        _data: Box::new(()),
-                        close_results: false,
-                    };
-                }
+        // The futures of pending slots are gone or will never be polled again: mark them
+        // ignored so their final completions release the slots.
+        for (_, state) in self.ops.iter_mut() {
+            if let Lifecycle::Pending(_) | Lifecycle::Multi { .. } = state {
+                *state = Lifecycle::Ignored {
+                    _data: Box::new(()),
+                    close_results: false,
+                };
             }
-            if let Err(err) = self.ring.submit_and_wait(1) {
-                if err.raw_os_error() != Some(libc::EINTR) {
+        }
+        while !self.ops.is_empty() || self.wake_armed {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
+                }
+                Err(_) => {
                     // The kernel may still hold pointers into the table: never free it.
                     std::mem::forget(std::mem::take(&mut self.ops));
                     std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));

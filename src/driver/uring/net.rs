@@ -9,6 +9,7 @@ use io_uring::{opcode, types};
 
 use super::{ChainOp, Completion, MultiOp, Op};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::iovec::iovecs;
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -140,18 +141,7 @@ impl SendMsgs {
         addr: Option<SocketAddr>,
     ) -> SendMsgs {
         let limit = max_headers.max(1) * IOV_MAX;
-        let iovecs: Vec<libc::iovec> = bufs[first..]
-            .iter()
-            .take(limit)
-            .enumerate()
-            .map(|(i, buf)| {
-                let skip = if i == 0 { skip.min(buf.len()) } else { 0 };
-                libc::iovec {
-                    iov_base: buf[skip..].as_ptr() as *mut libc::c_void,
-                    iov_len: buf.len() - skip,
-                }
-            })
-            .collect();
+        let iovecs = iovecs(&bufs, first, skip, limit);
         let mut addr = Box::new(addr.map(RawAddr::from_socket_addr));
         let mut headers = Vec::new();
         let mut counts = Vec::new();

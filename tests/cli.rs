@@ -1,0 +1,174 @@
+//! The `ringsock` binary, run as a user would, on both drivers.
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Output, Stdio};
+
+fn ringsock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(args)
+        .env_remove("RINGSOCK_BACKEND")
+        .output()
+        .expect("run ringsock")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+const BACKENDS: [(&str, &str); 2] = [("uring", "io_uring"), ("epoll", "epoll")];
+
+#[test]
+fn the_demo_tells_the_seeds_story_and_names_its_driver() {
+    for (backend, driver) in BACKENDS {
+        let out = ringsock(&["demo", "--backend", backend]);
+        let stdout = text(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{backend}: {stdout}{}",
+            text(&out.stderr)
+        );
+        for line in [
+            "client is trying to connect...",
+            "client connected",
+            "server received the request: \"Hello, World!\"",
+            "client received the response: \"Hello, World!\"",
+            "client closed its socket",
+            "server closed its socket",
+        ] {
+            assert!(
+                stdout.contains(line),
+                "{backend}: missing {line:?} in\n{stdout}"
+            );
+        }
+        assert!(stdout.starts_with("server is listening"), "{stdout}");
+        assert!(stdout.contains(&format!("driver: {driver}")), "{stdout}");
+    }
+}
+
+#[test]
+fn no_arguments_runs_the_demo() {
+    let out = ringsock(&[]);
+    assert!(out.status.success());
+    assert!(text(&out.stdout).contains("client received the response: \"Hello, World!\""));
+}
+
+struct Server {
+    child: Child,
+    port: String,
+}
+
+impl Server {
+    fn start(backend: &str) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the echo server");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening tcp ")
+            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
+        let port = addr.rsplit(':').next().unwrap().to_string();
+        assert_ne!(port, "0");
+        Server { child, port }
+    }
+
+    fn stop(mut self) -> std::process::ExitStatus {
+        // SIGTERM, as a service manager would send.
+        let pid = self.child.id() as libc::pid_t;
+        #[allow(unsafe_code)]
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        unsafe {
+            libc::kill(pid, libc::SIGTERM)
+        };
+        self.child.wait().unwrap()
+    }
+}
+
+#[test]
+fn echo_client_and_server_talk_and_the_server_stops_on_sigterm() {
+    for (server_backend, _) in BACKENDS {
+        let server = Server::start(server_backend);
+        for (client_backend, _) in BACKENDS {
+            let out = ringsock(&[
+                "echo-client",
+                "127.0.0.1",
+                &server.port,
+                "--message",
+                "ping from the test",
+                "--backend",
+                client_backend,
+            ]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), "ping from the test\n");
+        }
+        let out = ringsock(&["echo-client", "localhost", &server.port]);
+        assert_eq!(text(&out.stdout), "Hello, World!\n");
+        let status = server.stop();
+        assert!(status.success(), "server exit: {status:?}");
+    }
+}
+
+#[test]
+fn failures_are_one_status_line_and_exit_1() {
+    let closed_port = {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.local_addr().unwrap().port().to_string()
+    };
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["echo-client", "127.0.0.1", &closed_port],
+            "error: ConnectionRefused: ",
+        ),
+        (
+            &["echo-client", "bad_host!", "80"],
+            "error: InvalidArgument: ",
+        ),
+        (
+            &["echo-client", "127.0.0.1", "no-such-service"],
+            "error: ClassTypeNotFound: ",
+        ),
+        (
+            &["echo-client", "127.0.0.1", "99999"],
+            "error: InvalidArgument: ",
+        ),
+    ];
+    for (args, prefix) in cases {
+        for (backend, _) in BACKENDS {
+            let mut args = args.to_vec();
+            args.extend(["--backend", backend]);
+            let out = ringsock(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(stderr.starts_with(prefix), "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [
+        &["echo-client"][..],
+        &["echo-server"],
+        &["echo-server", "--tcp", "not-an-address"],
+        &["demo", "--backend", "kqueue"],
+        &["no-such-command"],
+    ] {
+        let out = ringsock(args);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+}

@@ -1,0 +1,105 @@
+//! The runtime: driver choice, timers, cross-thread wakes, teardown with work in flight.
+
+mod util;
+
+use std::time::{Duration, Instant};
+
+use ringsock::runtime::{sleep, timeout, Builder};
+use ringsock::{Backend, DriverKind, HostName, StreamSocket, StreamSocketListener};
+
+#[test]
+fn a_forced_backend_is_the_one_that_runs() {
+    let epoll = Builder::new().backend(Backend::Epoll).build().unwrap();
+    assert_eq!(epoll.driver_kind(), DriverKind::Epoll);
+    assert!(epoll.fallback_reason().is_none());
+    match Builder::new().backend(Backend::Uring).build() {
+        Ok(uring) => assert_eq!(uring.driver_kind(), DriverKind::Uring),
+        Err(err) => eprintln!("skipped: io_uring unavailable here: {err}"),
+    }
+}
+
+#[test]
+fn backend_names_parse_and_bad_ones_are_errors() {
+    assert_eq!("uring".parse::<Backend>().unwrap(), Backend::Uring);
+    assert_eq!("epoll".parse::<Backend>().unwrap(), Backend::Epoll);
+    assert_eq!("auto".parse::<Backend>().unwrap(), Backend::Auto);
+    let err = "kqueue".parse::<Backend>().unwrap_err();
+    assert_eq!(err.status(), ringsock::SocketErrorStatus::InvalidArgument);
+    assert!(err.to_string().contains("kqueue"), "{err}");
+}
+
+#[test]
+fn timers_fire_in_deadline_order_and_timeouts_cancel() {
+    util::on_each_backend(|_| async {
+        let order = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for (i, ms) in [(0, 30u64), (1, 10), (2, 20)] {
+            let order = order.clone();
+            tasks.push(ringsock::spawn(async move {
+                sleep(Duration::from_millis(ms)).await;
+                order.borrow_mut().push(i);
+            }));
+        }
+        for task in tasks {
+            task.await;
+        }
+        assert_eq!(*order.borrow(), vec![1, 2, 0]);
+
+        let start = Instant::now();
+        let outcome = timeout(Duration::from_millis(20), sleep(Duration::from_secs(3600))).await;
+        assert!(outcome.is_err());
+        assert!(start.elapsed() >= Duration::from_millis(20));
+        let err: ringsock::Error = outcome.unwrap_err().into();
+        assert_eq!(
+            err.status(),
+            ringsock::SocketErrorStatus::ConnectionTimedOut
+        );
+    });
+}
+
+#[test]
+fn a_wake_from_another_thread_reaches_the_parked_loop() {
+    util::on_each_backend(|_| async {
+        let (tx, rx) = std::sync::mpsc::channel::<u32>();
+        let worker = std::thread::spawn(move || rx.recv().unwrap() * 2);
+        tx.send(21).unwrap();
+        assert_eq!(util::join_thread(worker).await, 42);
+    });
+}
+
+#[test]
+fn dropping_a_runtime_with_operations_in_flight_finishes() {
+    for backend in util::BACKENDS {
+        let Ok(runtime) = Builder::new().backend(backend).build() else {
+            eprintln!("skipped on {backend}: cannot start");
+            continue;
+        };
+        let (listener, client) = runtime.block_on(async {
+            let listener =
+                StreamSocketListener::bind_host(&HostName::new("127.0.0.1").unwrap(), "0").unwrap();
+            let client = StreamSocket::new();
+            client
+                .connect_addr(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            (listener, client)
+        });
+        let client = std::rc::Rc::new(client);
+        let reader = client.clone();
+        // A read that never completes (the peer never writes), and an accept that never
+        // completes: both in flight when the runtime goes away.
+        runtime.spawn(async move {
+            let _ = reader.read(Vec::with_capacity(4096)).await;
+        });
+        let listener = std::rc::Rc::new(listener);
+        let acceptor = listener.clone();
+        runtime.spawn(async move {
+            let _ = acceptor.accept().await;
+            let _ = acceptor.accept().await;
+        });
+        runtime.block_on(sleep(Duration::from_millis(5)));
+        drop(runtime);
+        drop(client);
+        drop(listener);
+    }
+}
