@@ -199,6 +199,49 @@ fn tcp_echo_conns_every_impl() {
 }
 
 #[test]
+fn order_lost_is_reported_with_what_came_in_order() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for pattern in ["flush", "wait-all"] {
+            let args = [
+                "bench",
+                "--json",
+                "--pin",
+                "off",
+                "--impl",
+                imp,
+                "--pattern",
+                pattern,
+                "--size",
+                "64",
+                "--count",
+                "640",
+            ];
+            let output = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(args)
+                .env("RINGSOCK_BENCH_FAULT", "swap")
+                .output()
+                .expect("run the ringsock binary");
+            if uring_unavailable(imp, &output) {
+                continue;
+            }
+            assert_eq!(output.status.code(), Some(1), "{args:?}");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+            assert_eq!(v["error"], "order lost", "{v}");
+            assert_eq!(v["fault"], "swap", "{v}");
+            assert_eq!(
+                v["delivered"].as_u64(),
+                Some(1),
+                "only message 0 came in order: {v}"
+            );
+            assert!(v["msgs_per_s"].is_null(), "{v}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.starts_with("error: Unknown: order lost"), "{stderr}");
+        }
+    }
+}
+
+#[test]
 fn bad_flags_are_usage_errors() {
     let cases: [&[&str]; 6] = [
         &["bench", "--json", "--workload", "nope"],

@@ -12,6 +12,8 @@ pub struct RunError {
     pub status: SocketErrorStatus,
     /// One line: the `error` field of the JSON line.
     pub message: String,
+    /// More about it (the `detail` field), e.g. which message broke the order.
+    pub detail: Option<String>,
 }
 
 impl RunError {
@@ -20,7 +22,14 @@ impl RunError {
         RunError {
             status,
             message: message.into(),
+            detail: None,
         }
+    }
+
+    /// The same failure with `detail`.
+    pub fn with_detail(mut self, detail: impl Into<String>) -> RunError {
+        self.detail = Some(detail.into());
+        self
     }
 
     /// A ringsock error, keeping its status.
@@ -37,7 +46,11 @@ impl RunError {
 
 impl std::fmt::Display for RunError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}: {}", self.status, self.message)
+        write!(f, "{}: {}", self.status, self.message)?;
+        match &self.detail {
+            Some(detail) => write!(f, ": {detail}"),
+            None => Ok(()),
+        }
     }
 }
 
@@ -184,6 +197,9 @@ impl Report {
         }
         fields.extend(self.extra.iter().cloned());
         if let Some(error) = &self.error {
+            if let Some(detail) = &error.detail {
+                fields.push(("detail", json!(detail)));
+            }
             fields.push(("error", json!(error.message)));
         }
         fields

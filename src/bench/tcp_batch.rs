@@ -136,6 +136,9 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
         "cpu_us_per_msg",
         json!(round(sent.cpu_secs * 1e6 / o.count as f64, 4)),
     ));
+    if o.imp.backend().is_some() && fault_swap() {
+        report.extra.push(("fault", json!("swap")));
+    }
     if sent.short_sends > 0 {
         report
             .extra
@@ -175,8 +178,8 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
         json!((rx.bytes as f64 / rx.reads.max(1) as f64).round()),
     ));
     if let Some(detail) = rx.order_lost {
-        report.error = Some(RunError::new(SocketErrorStatus::Unknown, "order lost"));
-        report.extra.push(("detail", json!(detail)));
+        let lost = RunError::new(SocketErrorStatus::Unknown, "order lost");
+        report.error = Some(lost.with_detail(detail));
     } else if let Err(err) = sent.result {
         report.error = Some(RunError::from_error(&err).context("sender"));
     } else if let Some(short) = rx.short {
@@ -243,12 +246,21 @@ async fn wait_all(handles: &mut Vec<WriteHandle>) -> Result<()> {
     first_error.map_or(Ok(()), Err)
 }
 
+/// The test hook `RINGSOCK_BENCH_FAULT=swap`: the ringsock sender sends messages 1 and 2
+/// swapped, so the whole "order lost" path (receiver, JSON line, exit status) can be
+/// checked end to end. Never set in a measurement.
+pub(crate) fn fault_swap() -> bool {
+    std::env::var_os("RINGSOCK_BENCH_FAULT").is_some_and(|v| v == "swap")
+}
+
 /// One group's messages in one buffer, reused once the stream has let go of it, so the
 /// sender neither allocates nor fills per message (as the writev peer reuses its buffer).
 struct GroupBuffer {
     size: usize,
     batch: usize,
     spare: Option<Bytes>,
+    /// Test hook: the first group carries messages 1 and 2 swapped.
+    swap: bool,
 }
 
 impl GroupBuffer {
@@ -257,6 +269,7 @@ impl GroupBuffer {
             size,
             batch,
             spare: None,
+            swap: fault_swap(),
         }
     }
 
@@ -273,6 +286,10 @@ impl GroupBuffer {
         };
         for j in 0..n {
             peer::stamp(&mut buf[j * self.size..], first + j as u64);
+        }
+        if self.swap && first == 0 && n >= 3 {
+            peer::stamp(&mut buf[self.size..], 2);
+            peer::stamp(&mut buf[2 * self.size..], 1);
         }
         buf.freeze()
     }
