@@ -34,7 +34,8 @@
 //!
 //! ## Layers
 //!
-//! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`OutputStream`]).
+//! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`DatagramSocket`],
+//!   [`OutputStream`]).
 //! - [`host`] and [`error`]: validated host names and service names; [`Error`] with its
 //!   [`SocketErrorStatus`].
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
@@ -62,5 +63,8 @@ pub mod runtime;
 pub use driver::{Backend, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
-pub use net::{InputStream, OutputStream, StreamSocket, StreamSocketControl, StreamSocketListener};
+pub use net::{
+    Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream, ReceiveRing,
+    ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+};
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};

@@ -172,3 +172,106 @@ fn usage_errors_exit_2() {
         );
     }
 }
+
+/// An echo server with `--udp` (and `--tcp`): its first lines name both addresses.
+fn start_udp_server(backend: &str) -> (Child, String, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args([
+            "echo-server",
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+        ])
+        .args(["--backend", backend])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the echo server");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut port_of = |kind: &str| {
+        let line = lines.next().unwrap().unwrap();
+        let addr = line
+            .strip_prefix(&format!("listening {kind} "))
+            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
+            .to_owned();
+        addr.rsplit(':').next().unwrap().to_string()
+    };
+    let tcp = port_of("tcp");
+    let udp = port_of("udp");
+    (child, tcp, udp)
+}
+
+#[test]
+fn udp_echo_client_and_server() {
+    for (server_backend, _) in BACKENDS {
+        let (mut child, tcp, udp) = start_udp_server(server_backend);
+        for (client_backend, _) in BACKENDS {
+            let out = ringsock(&[
+                "echo-client",
+                "127.0.0.1",
+                &udp,
+                "--udp",
+                "--message",
+                "a datagram",
+                "--backend",
+                client_backend,
+            ]);
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), "a datagram\n");
+        }
+        // TCP is served beside it.
+        let out = ringsock(&["echo-client", "127.0.0.1", &tcp, "--message", "tcp too"]);
+        assert_eq!(text(&out.stdout), "tcp too\n");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}
+
+#[test]
+fn a_lost_udp_reply_is_connection_timed_out() {
+    // A socket that receives and never answers.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    for (backend, _) in BACKENDS {
+        let out = ringsock(&[
+            "echo-client",
+            "127.0.0.1",
+            &port,
+            "--udp",
+            "--timeout",
+            "0.2",
+            "--backend",
+            backend,
+        ]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(
+            stderr.starts_with("error: ConnectionTimedOut: "),
+            "{stderr}"
+        );
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    }
+}
+
+#[test]
+fn the_demo_tells_the_udp_story_too() {
+    let out = ringsock(&["demo"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    for line in [
+        "server is bound to port number",
+        "client is bound to port number",
+        "client sent the request: \"Hello, World!\"",
+    ] {
+        assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
+    }
+    // Both stories end with the response received.
+    assert_eq!(
+        stdout
+            .matches("client received the response: \"Hello, World!\"")
+            .count(),
+        2,
+        "{stdout}"
+    );
+}

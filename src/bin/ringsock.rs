@@ -9,11 +9,14 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
+use std::time::Duration;
 
-use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 use ringsock::runtime::Builder;
-use ringsock::{Backend, Error, HostName, Runtime, StreamSocket, StreamSocketListener};
+use ringsock::{
+    Backend, DatagramSocket, Error, HostName, Runtime, StreamSocket, StreamSocketListener,
+};
 
 #[derive(Parser)]
 #[command(
@@ -30,9 +33,10 @@ struct Cli {
 enum Command {
     /// The seed's echo examples in one process (the default command).
     Demo(BackendArg),
-    /// Echoes every byte back on every connection until SIGINT or SIGTERM.
+    /// Echoes every byte back on every TCP connection, and every UDP datagram back to
+    /// its sender, until SIGINT or SIGTERM.
     EchoServer(EchoServerArgs),
-    /// Sends one line to an echo server and prints the reply.
+    /// Sends one line (TCP) or one datagram (--udp) to an echo server and prints the reply.
     EchoClient(EchoClientArgs),
     /// Benchmarks (../shared/BENCHMARKS.md): with --json one run and one JSON line,
     /// else the default matrix and a table.
@@ -96,10 +100,14 @@ struct BackendArg {
 }
 
 #[derive(Args)]
+#[command(group(ArgGroup::new("listen").required(true).multiple(true).args(["tcp", "udp"])))]
 struct EchoServerArgs {
     /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR:PORT")]
-    tcp: SocketAddr,
+    tcp: Option<SocketAddr>,
+    /// UDP address to echo datagrams on, e.g. 127.0.0.1:0.
+    #[arg(long, value_name = "ADDR:PORT")]
+    udp: Option<SocketAddr>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -110,9 +118,15 @@ struct EchoClientArgs {
     host: String,
     /// Port number or service name.
     port: String,
-    /// The line to send.
+    /// The line (or datagram) to send.
     #[arg(long, default_value = "Hello, World!")]
     message: String,
+    /// Send one UDP datagram instead of a TCP line.
+    #[arg(long)]
+    udp: bool,
+    /// UDP: how long to wait for the reply, in seconds.
+    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
+    timeout: f64,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -183,20 +197,87 @@ fn demo(backend: BackendArg) -> ringsock::Result<()> {
         drop(socket);
         println!("client closed its socket");
         server.await?;
-        Ok::<_, Error>(())
+        udp_demo().await
     })?;
     println!("driver: {}", runtime.driver_kind());
     Ok(())
+}
+
+/// The seed's UDP echo example: a server socket echoes a message back to the client's
+/// port; the client sends through a second socket's output stream.
+async fn udp_demo() -> ringsock::Result<()> {
+    let server = DatagramSocket::new();
+    println!("server is about to bind...");
+    server.bind("0")?;
+    let server_port = server.local_addr()?.port().to_string();
+    println!("server is bound to port number {server_port}");
+    let client = DatagramSocket::new();
+    println!("client is about to bind...");
+    client.bind("0")?;
+    let client_port = client.local_addr()?.port().to_string();
+    println!("client is bound to port number {client_port}");
+
+    let server_task = ringsock::spawn(async move {
+        let message = server.recv().await?;
+        let request = message.text()?.trim().to_owned();
+        println!("server received the request: \"{request}\"");
+        let output = server
+            .output_stream_to(&message.remote_host(), &client_port)
+            .await?;
+        output.write(format!("{request}\n")).await?;
+        output.flush().await?;
+        println!("server sent back the response: \"{request}\"");
+        drop(server);
+        println!("server closed its socket");
+        Ok::<_, Error>(())
+    });
+
+    let request = "Hello, World!";
+    {
+        let sender = DatagramSocket::new();
+        let output = sender
+            .output_stream_to(&HostName::new("localhost")?, &server_port)
+            .await?;
+        output.write(format!("{request}\n")).await?;
+        output.flush().await?;
+    }
+    println!("client sent the request: \"{request}\"");
+    let response = ringsock::runtime::timeout(Duration::from_secs(2), client.recv())
+        .await
+        .map_err(|_| Error::timed_out("waiting for the UDP response"))??;
+    println!(
+        "client received the response: \"{}\"",
+        response.text()?.trim()
+    );
+    drop(client);
+    println!("client closed its socket");
+    server_task.await
 }
 
 fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
     let runtime = runtime(&args.backend)?;
     let stop = StopSignal::install()?;
     runtime.block_on(async {
-        let listener = StreamSocketListener::bind_addr(args.tcp)?;
-        println!("listening tcp {}", listener.local_addr()?);
+        let listener = match args.tcp {
+            Some(addr) => {
+                let listener = StreamSocketListener::bind_addr(addr)?;
+                println!("listening tcp {}", listener.local_addr()?);
+                Some(listener)
+            }
+            None => None,
+        };
+        if let Some(addr) = args.udp {
+            let socket = DatagramSocket::new();
+            socket.bind_addr(addr)?;
+            println!("listening udp {}", socket.local_addr()?);
+            ringsock::spawn(async move { udp_echo(&socket).await });
+        }
         flush_stdout();
         eprintln!("driver: {}", runtime.driver_kind());
+        let Some(listener) = listener else {
+            stop.wait().await;
+            return Ok(());
+        };
         let serve = async {
             loop {
                 match listener.accept().await {
@@ -215,6 +296,26 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         first_of(serve, stop.wait()).await;
         Ok(())
     })
+}
+
+/// Sends every datagram back to its sender, taking every ready datagram at once.
+async fn udp_echo(socket: &DatagramSocket) {
+    let mut batch = Vec::with_capacity(64);
+    loop {
+        batch.clear();
+        if let Err(err) = socket.recv_batch(&mut batch, 64).await {
+            // Per datagram (an ICMP error, say): the socket goes on.
+            eprintln!("udp receive: {}: {err}", err.status());
+            continue;
+        }
+        for datagram in batch.drain(..) {
+            let to = datagram.remote_addr();
+            let (sent, _) = socket.send_to_addr(datagram.to_vec(), to).await;
+            if let Err(err) = sent {
+                eprintln!("udp send to {to}: {}: {err}", err.status());
+            }
+        }
+    }
 }
 
 /// Echoes until the client half-closes, then closes this side.
@@ -236,6 +337,9 @@ async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
 fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
     let host = HostName::new(&args.host)?;
     let runtime = runtime(&args.backend)?;
+    if args.udp {
+        return runtime.block_on(udp_echo_client(&host, &args));
+    }
     runtime.block_on(async {
         let socket = StreamSocket::new();
         socket.connect(&host, &args.port).await?;
@@ -251,6 +355,34 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
             None => Err(Error::connection_closed("waiting for the reply")),
         }
     })
+}
+
+/// One datagram to the server; its reply within the timeout, or ConnectionTimedOut.
+async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Result<()> {
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        return Err(Error::invalid_input(format!(
+            "--timeout {} is not a positive number of seconds",
+            args.timeout
+        )));
+    }
+    let wait = Duration::from_secs_f64(args.timeout);
+    let socket = DatagramSocket::new();
+    socket.connect(host, &args.port).await?;
+    let (sent, _) = socket.send(args.message.clone().into_bytes()).await;
+    sent?;
+    let reply = ringsock::runtime::timeout(wait, socket.recv())
+        .await
+        .map_err(|_| {
+            Error::timed_out(format!(
+                "no UDP reply from {} within {wait:?}",
+                socket
+                    .peer_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| host.to_string())
+            ))
+        })??;
+    println!("{}", String::from_utf8_lossy(reply.data()));
+    Ok(())
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.

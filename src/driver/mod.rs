@@ -25,8 +25,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
+pub(crate) mod buf_pool;
 pub(crate) mod iovec;
 pub(crate) mod ops;
+pub(crate) mod ops_datagram;
 pub(crate) mod poll;
 pub(crate) mod sockaddr;
 pub(crate) mod uring;
@@ -195,6 +197,15 @@ impl Driver {
         match self {
             Driver::Uring(driver) => driver.stats(),
             Driver::Poll(driver) => driver.stats(),
+        }
+    }
+
+    /// Takes every task waker the driver holds, for a runtime shutting down: dropping
+    /// them lets the tasks waiting on I/O be dropped. Operations stay in flight.
+    pub(crate) fn take_wakers(&mut self) -> Vec<std::task::Waker> {
+        match self {
+            Driver::Uring(driver) => driver.take_wakers(),
+            Driver::Poll(driver) => driver.take_wakers(),
         }
     }
 }

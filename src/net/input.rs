@@ -12,9 +12,9 @@ const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 
 /// A buffered reader over a stream socket, like StreamReader over InputStream.
 ///
-/// Data read past what a call returns stays buffered for the next call. If a read's
-/// future is dropped while the kernel is filling the buffer, whatever that read received
-/// is discarded with it.
+/// Data read past what a call returns stays buffered for the next call, also when a
+/// call's future is dropped. If it is dropped while the kernel is filling the buffer,
+/// whatever that last read received is discarded with it.
 pub struct InputStream {
     fd: Option<SharedFd>,
     buffer: BytesMut,
@@ -47,10 +47,13 @@ impl InputStream {
             .fd
             .as_ref()
             .ok_or_else(|| Error::invalid_input("the socket is not connected"))?;
-        let mut buffer = std::mem::take(&mut self.buffer);
-        buffer.reserve(READ_CHUNK);
-        let (result, back) = ops::recv(fd, buffer).await;
-        self.buffer = back;
+        // Read into the spare capacity split off on its own: if this future is dropped
+        // while the kernel fills it, only that part goes with the read, and the bytes
+        // already buffered stay. Joining it back is O(1) (same allocation, adjacent).
+        self.buffer.reserve(READ_CHUNK);
+        let spare = self.buffer.split_off(self.buffer.len());
+        let (result, spare) = ops::recv(fd, spare).await;
+        self.buffer.unsplit(spare);
         let n = result.map_err(|err| Error::io("read", err))?;
         if n == 0 {
             self.eof = true;

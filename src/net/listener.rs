@@ -172,9 +172,11 @@ struct Turn<'a> {
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
         self.listener.busy.set(false);
-        if let Some(next) = self.listener.waiting.borrow_mut().pop_front() {
-            next.wake();
-        }
+        // Wake every waiter, not just the first: a waiter may have been dropped (its
+        // accept cancelled) or be queued twice, and waking only it would leave the live
+        // ones asleep for good. The first to run takes the turn; the rest queue again.
+        let waiting = std::mem::take(&mut *self.listener.waiting.borrow_mut());
+        waiting.into_iter().for_each(Waker::wake);
     }
 }
 

@@ -1,4 +1,4 @@
-//! Sockets: TCP streams and listeners, and the batched output stream.
+//! Sockets: TCP streams and listeners, UDP datagram sockets, and the batched output stream.
 
 use std::net::SocketAddr;
 
@@ -7,12 +7,17 @@ use crate::runtime::spawn_blocking;
 use crate::{Error, Result};
 
 mod control;
+mod datagram;
 mod input;
 mod listener;
 mod output;
 mod stream;
+mod transport;
 
 pub use control::StreamSocketControl;
+pub use datagram::{
+    Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
+};
 pub use input::InputStream;
 pub use listener::{Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};

@@ -17,7 +17,8 @@ use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 
-use crate::driver::ops::{self, BatchReport};
+use super::transport::Transport;
+use crate::driver::ops::BatchReport;
 use crate::driver::SharedFd;
 use crate::{Error, Result, SocketErrorStatus};
 
@@ -59,17 +60,23 @@ pub struct OutputStreamStats {
 /// The sending side of a stream socket, like StreamSocket.OutputStream.
 ///
 /// Every [`StreamSocket::output_stream`](super::StreamSocket::output_stream) call returns
-/// a handle to the same stream, so writes from anywhere keep one order. When the last
-/// handle (the socket's own included) goes away, writes still queued are sent on, the
-/// way a closed socket still delivers what is in its send buffer.
+/// a handle to the same stream, so writes from anywhere keep one order.
+///
+/// On a datagram socket ([`DatagramSocket::output_stream`](super::DatagramSocket::output_stream),
+/// [`output_stream_to`](super::DatagramSocket::output_stream_to)) each write is one
+/// datagram, sent in order and never merged with another; a flush sends the queued
+/// datagrams in one submission.
 pub struct OutputStream {
     inner: Rc<Inner>,
 }
 
 struct Inner {
-    /// OutputStream handles alive (the sender task and write handles don't count).
-    handles: Cell<usize>,
     fd: Option<SharedFd>,
+    /// A byte stream, or one datagram per write.
+    transport: Transport,
+    /// OutputStream and WriteHandle values alive. The sender task holds the Rc too, so
+    /// the Rc's count cannot tell when the last of them goes.
+    handles: Cell<usize>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
     stats: Cell<OutputStreamStats>,
@@ -144,10 +151,16 @@ impl State {
 
 impl OutputStream {
     pub(crate) fn new(fd: Option<SharedFd>) -> OutputStream {
+        OutputStream::with_transport(fd, Transport::Stream)
+    }
+
+    /// An output stream of a datagram socket (see [`Transport`]).
+    pub(crate) fn with_transport(fd: Option<SharedFd>, transport: Transport) -> OutputStream {
         OutputStream {
             inner: Rc::new(Inner {
-                handles: Cell::new(1),
                 fd,
+                transport,
+                handles: Cell::new(1),
                 config: Cell::new(OutputStreamConfig::default()),
                 state: RefCell::new(State::default()),
                 stats: Cell::new(OutputStreamStats::default()),
@@ -181,14 +194,20 @@ impl OutputStream {
         if self.inner.fd.is_none() {
             return Err(Error::invalid_input("the socket is not connected"));
         }
+        self.inner.transport.check_write(buf.len())?;
         poll_fn(|cx| self.poll_room(buf.len(), cx)).await;
         Ok(self.enqueue(buf))
     }
 
-    /// Queues `buf` if there is room, without waiting; gives it back when the queue is full.
+    /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
+    /// (or, on a datagram socket, when `buf` is larger than one datagram can be: `write`
+    /// says so with status MessageTooLong).
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
-        if self.inner.fd.is_none() || !self.has_room(buf.len()) {
+        if self.inner.fd.is_none()
+            || self.inner.transport.check_write(buf.len()).is_err()
+            || !self.has_room(buf.len())
+        {
             return Err(buf);
         }
         Ok(self.enqueue(buf))
@@ -228,6 +247,7 @@ impl OutputStream {
             self.inner.stats.set(stats);
             state.queue.push(buf);
         }
+        self.inner.handles.set(self.inner.handles.get() + 1);
         WriteHandle {
             stream: self.inner.clone(),
             seq,
@@ -309,7 +329,7 @@ impl Inner {
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, progress, bufs) = ops::send_stream_batch(&fd, batch, &mut report).await;
+            let (result, progress, bufs) = self.transport.send_batch(&fd, batch, &mut report).await;
             let sent_bytes: usize =
                 bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
@@ -344,6 +364,23 @@ impl Inner {
     }
 }
 
+impl Inner {
+    /// One OutputStream or WriteHandle went away. The last one going must not lose
+    /// queued writes: send them on, the way a closed socket still delivers what is in
+    /// its send buffer.
+    fn release_handle(self: &Rc<Self>) {
+        let left = self.handles.get() - 1;
+        self.handles.set(left);
+        if left == 0 {
+            let next = self.state.borrow().next;
+            self.state.borrow_mut().flush_target = next;
+            if crate::runtime::current_driver_kind().is_some() {
+                self.start_sender();
+            }
+        }
+    }
+}
+
 impl Clone for OutputStream {
     fn clone(&self) -> OutputStream {
         self.inner.handles.set(self.inner.handles.get() + 1);
@@ -355,27 +392,24 @@ impl Clone for OutputStream {
 
 impl Drop for OutputStream {
     fn drop(&mut self) {
-        let handles = self.inner.handles.get() - 1;
-        self.inner.handles.set(handles);
-        if handles == 0 {
-            let mut state = self.inner.state.borrow_mut();
-            state.flush_target = state.next;
-            drop(state);
-            // Outside a runtime nothing can send them: they are dropped with the stream.
-            if crate::runtime::current_driver_kind().is_some() {
-                self.inner.start_sender();
-            }
-        }
+        self.inner.release_handle();
     }
 }
 
 /// One queued write: await it for that write's own result (the seed's Task.WaitAll
 /// pattern). Awaiting sends the queue up to this write if no flush has yet.
 ///
-/// Dropping a handle changes nothing: the write stays queued.
+/// Dropping a handle changes nothing: the write stays queued (and is sent when the
+/// last handle of the stream goes, if nothing sent it before).
 pub struct WriteHandle {
     stream: Rc<Inner>,
     seq: u64,
+}
+
+impl Drop for WriteHandle {
+    fn drop(&mut self) {
+        self.stream.release_handle();
+    }
 }
 
 impl WriteHandle {

@@ -34,8 +34,10 @@ use crate::{Error, Result};
 /// ```
 pub struct StreamSocket {
     fd: OnceCell<SharedFd>,
-    output: OnceCell<OutputStream>,
     options: StreamOptions,
+    /// The one output stream of the connection, made on first use; every
+    /// `output_stream()` is a handle to it.
+    output: OnceCell<OutputStream>,
 }
 
 impl StreamSocket {
@@ -44,8 +46,8 @@ impl StreamSocket {
     pub fn new() -> StreamSocket {
         StreamSocket {
             fd: OnceCell::new(),
-            output: OnceCell::new(),
             options: StreamOptions::default(),
+            output: OnceCell::new(),
         }
     }
 
@@ -112,8 +114,8 @@ impl StreamSocket {
         options.apply(&fd)?;
         let socket = StreamSocket {
             fd: OnceCell::new(),
-            output: OnceCell::new(),
             options: options.clone(),
+            output: OnceCell::new(),
         };
         let _ = socket.fd.set(fd);
         Ok(socket)
@@ -192,18 +194,20 @@ impl StreamSocket {
         InputStream::new(self.fd.get().cloned())
     }
 
-    /// The writer that queues writes and sends them together on `flush` (FlushAsync).
-    /// Every call returns a handle to the same stream, so all writes keep one order.
+    /// A writer that queues writes and sends them together on `flush` (FlushAsync).
     ///
-    /// Mixing it with [`write`](Self::write) / [`write_all`](Self::write_all) while a
-    /// batch is in flight may interleave their bytes; use one or the other at a time.
+    /// Every call on a connected socket returns a handle to the same stream, so writes
+    /// made through any of them keep one order. Mixing it with [`write`](Self::write) /
+    /// [`write_all`](Self::write_all) while a batch is in flight may interleave their
+    /// bytes: use one or the other at a time.
     pub fn output_stream(&self) -> OutputStream {
         match self.fd.get() {
             Some(fd) => self
                 .output
                 .get_or_init(|| OutputStream::new(Some(fd.clone())))
                 .clone(),
-            // Not connected: a stream whose writes fail with a clear error.
+            // Not connected: a stream whose writes fail; not kept, so that one made
+            // after `connect` sends on the connection.
             None => OutputStream::new(None),
         }
     }

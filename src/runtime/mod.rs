@@ -239,10 +239,24 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         // Tasks' futures may cancel operations when dropped: they need the driver.
         let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
-        while let Some(runnable) = self.inner.shared.pop() {
-            drop(runnable);
+        // Drop every task, not only those queued to run: a task waiting on a waker held
+        // by the driver or a timer would otherwise live on, its sockets open, after the
+        // runtime is gone. Dropping a task's last waker schedules it one last time
+        // (async-task), and dropping that runnable drops its future, whose wakers may be
+        // the last of other tasks: repeat until nothing is left. Each round drops at
+        // least one runnable or waker, and nothing registers new ones, so it ends.
+        loop {
+            while let Some(runnable) = self.inner.shared.pop() {
+                drop(runnable);
+            }
+            let mut wakers = self.inner.timers.borrow_mut().take_all();
+            wakers.extend(self.inner.driver.borrow_mut().take_wakers());
+            if wakers.is_empty() {
+                break;
+            }
+            // Outside the borrows: a dropped waker may schedule its task.
+            drop(wakers);
         }
-        self.inner.timers.borrow_mut().clear();
         CONTEXT.with(|context| context.replace(previous));
     }
 }

@@ -47,8 +47,9 @@ impl Timers {
         due
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.entries.clear();
+    /// Removes every timer and returns their wakers, for a runtime shutting down.
+    pub(crate) fn take_all(&mut self) -> Vec<Waker> {
+        std::mem::take(&mut self.entries).into_values().collect()
     }
 }
 

@@ -1,14 +1,23 @@
 //! Shared test helpers: every test runs once per driver, bounded in time.
 #![allow(dead_code)]
 
-use std::future::Future;
+use std::future::{poll_fn, Future};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener as StdListener, TcpStream as StdStream};
+use std::pin::Pin;
+use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
-use ringsock::Backend;
+use ringsock::{Backend, JoinHandle, StreamSocket, StreamSocketListener};
+
+pub mod netns;
 
 /// The longest any one test body may run on one driver before it counts as a hang.
 pub const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// How long a wait for something that must happen may take before the test fails
+/// (instead of hanging until TEST_LIMIT). Never used to make something happen.
+pub const MUST_HAPPEN: Duration = Duration::from_secs(20);
 
 /// The drivers every test runs on.
 pub const BACKENDS: [Backend; 2] = [Backend::Uring, Backend::Epoll];
@@ -60,6 +69,288 @@ pub fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// Awaits `future`, failing the test with `what` if it has not finished within
+/// [`MUST_HAPPEN`]: a hang becomes a message naming the step that hung.
+pub async fn must<F: Future>(what: &str, future: F) -> F::Output {
+    match timeout(MUST_HAPPEN, future).await {
+        Ok(output) => output,
+        Err(_) => panic!("{what}: did not finish within {MUST_HAPPEN:?}"),
+    }
+}
+
+/// Polls `future` exactly once with the current task's context.
+pub async fn poll_once<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
+    let mut future = Some(future);
+    poll_fn(|cx| Poll::Ready(future.take().expect("polled once").poll(cx))).await
+}
+
+/// Gives the loop one turn: it runs the other ready tasks and parks once (submitting
+/// what was queued and collecting what completed) before this task goes on.
+pub async fn yield_now() {
+    let mut yielded = false;
+    poll_fn(|cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Runs both futures concurrently on this task; returns both outputs.
+pub async fn join<A: Future, B: Future>(a: A, b: B) -> (A::Output, B::Output) {
+    let mut a = std::pin::pin!(a);
+    let mut b = std::pin::pin!(b);
+    let mut out_a = None;
+    let mut out_b = None;
+    poll_fn(|cx| {
+        if out_a.is_none() {
+            if let Poll::Ready(out) = a.as_mut().poll(cx) {
+                out_a = Some(out);
+            }
+        }
+        if out_b.is_none() {
+            if let Poll::Ready(out) = b.as_mut().poll(cx) {
+                out_b = Some(out);
+            }
+        }
+        if out_a.is_some() && out_b.is_some() {
+            Poll::Ready((out_a.take().unwrap(), out_b.take().unwrap()))
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+/// The next item of a stream.
+pub async fn next<S: futures_core::Stream + Unpin>(stream: &mut S) -> Option<S::Item> {
+    poll_fn(|cx| Pin::new(&mut *stream).poll_next(cx)).await
+}
+
+/// A listener on 127.0.0.1 with a port chosen by the kernel.
+pub fn loopback_listener() -> StreamSocketListener {
+    StreamSocketListener::bind_addr((Ipv4Addr::LOCALHOST, 0).into()).expect("bind 127.0.0.1:0")
+}
+
+/// A client connected to `addr`.
+pub async fn connect(addr: SocketAddr) -> StreamSocket {
+    let socket = StreamSocket::new();
+    must("connect", socket.connect_addr(addr))
+        .await
+        .unwrap_or_else(|err| panic!("connect to {addr}: {err}"));
+    socket
+}
+
+/// A connected pair: (client, the listener's side of it).
+pub async fn connected_pair(listener: &StreamSocketListener) -> (StreamSocket, StreamSocket) {
+    let client = connect(listener.local_addr().unwrap()).await;
+    let server = must("accept", listener.accept()).await.expect("accept");
+    assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+    (client, server)
+}
+
+/// A port on 127.0.0.1 that nothing listens on: bound by the kernel's choice, then
+/// released.
+pub fn free_port() -> u16 {
+    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    listener.local_addr().unwrap().port()
+}
+
+/// Reads exactly `n` bytes with `StreamSocket::read`, in chunks of up to 64 KiB; panics
+/// on an error or an early end of stream.
+pub async fn read_exact(socket: &StreamSocket, n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n);
+    // Bounded: every round adds at least one byte or returns.
+    while out.len() < n {
+        let want = (n - out.len()).min(64 * 1024);
+        let (result, buf) = socket.read(Vec::with_capacity(want)).await;
+        match result {
+            Ok(0) => panic!("end of stream after {} of {n} bytes", out.len()),
+            Ok(got) => out.extend_from_slice(&buf[..got]),
+            Err(err) => panic!("read after {} of {n} bytes: {err}", out.len()),
+        }
+    }
+    out
+}
+
+/// The most [`read_to_end`] accepts before it fails: no test sends more to one socket.
+pub const READ_TO_END_LIMIT: usize = 64 << 20;
+
+/// Reads until end of stream; panics on an error or past [`READ_TO_END_LIMIT`] bytes.
+pub async fn read_to_end(socket: &StreamSocket) -> Vec<u8> {
+    let mut out = Vec::new();
+    // Bounded: every round adds at least one byte, up to the limit, or returns.
+    while out.len() <= READ_TO_END_LIMIT {
+        let (result, buf) = socket.read(Vec::with_capacity(64 * 1024)).await;
+        match result {
+            Ok(0) => return out,
+            Ok(got) => out.extend_from_slice(&buf[..got]),
+            Err(err) => panic!("read after {} bytes: {err}", out.len()),
+        }
+    }
+    panic!("more than {READ_TO_END_LIMIT} bytes before end of stream")
+}
+
+/// Echoes everything `socket` receives back to it until end of stream, then closes its
+/// sending side. Returns the number of bytes echoed (at most READ_TO_END_LIMIT).
+pub async fn echo(socket: StreamSocket) -> usize {
+    let mut total = 0;
+    let mut buf = Vec::with_capacity(64 * 1024);
+    // Bounded: every round echoes at least one byte, up to the limit, or ends.
+    loop {
+        assert!(
+            total <= READ_TO_END_LIMIT,
+            "echoed more than any test sends"
+        );
+        buf.clear();
+        let (result, back) = socket.read(buf).await;
+        buf = back;
+        match result.expect("echo server read") {
+            0 => break,
+            n => total += n,
+        }
+        let (result, back) = socket.write_all(buf).await;
+        result.expect("echo server write");
+        buf = back;
+    }
+    socket.shutdown_write().await.expect("echo server shutdown");
+    total
+}
+
+/// Serves the next `connections` connections of `listener` with [`echo`], each on its
+/// own task; the handle finishes once it has accepted them all.
+pub fn spawn_echo_server(listener: StreamSocketListener, connections: usize) -> JoinHandle<()> {
+    ringsock::spawn(async move {
+        for _ in 0..connections {
+            let socket = listener.accept().await.expect("echo server accept");
+            ringsock::spawn(echo(socket));
+        }
+    })
+}
+
+/// Sends `data` and expects exactly the same bytes back (the peer runs [`echo`]); writes
+/// and reads at the same time so neither side's buffers can fill up and stall both.
+pub async fn round_trip(socket: &StreamSocket, data: &[u8]) {
+    let (written, echoed) = join(
+        socket.write_all(data.to_vec()),
+        read_exact(socket, data.len()),
+    )
+    .await;
+    written.0.expect("round trip write");
+    assert!(echoed == data, "echo differs from what was sent");
+}
+
+/// A plain std listener on 127.0.0.1, for a peer whose socket options the test controls.
+/// Its accept gives up after MUST_HAPPEN rather than block the test forever.
+pub fn std_listener() -> StdListener {
+    let listener = StdListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    socket2::SockRef::from(&listener)
+        .set_read_timeout(Some(MUST_HAPPEN))
+        .expect("SO_RCVTIMEO");
+    listener
+}
+
+/// Connects a ringsock client to a std listener and takes the std side of it. The
+/// kernel completes the handshake without the server's accept, so after `connect` the
+/// blocking accept returns at once.
+pub async fn pair_with_std_peer(listener: &StdListener) -> (StreamSocket, StdStream) {
+    let client = connect(listener.local_addr().unwrap()).await;
+    let (peer, addr) = listener.accept().expect("std accept");
+    assert_eq!(addr, client.local_addr().unwrap());
+    (client, peer)
+}
+
+/// Closes `peer` with SO_LINGER 0, so the kernel sends a RST instead of a FIN.
+pub fn reset(peer: StdStream) {
+    socket2::SockRef::from(&peer)
+        .set_linger(Some(Duration::ZERO))
+        .expect("SO_LINGER 0");
+    drop(peer);
+}
+
+/// Raises this process's soft RLIMIT_NOFILE to at least `min` (up to the hard limit);
+/// panics if the hard limit is lower.
+pub fn raise_nofile(min: u64) {
+    let (soft, hard) = nofile_limit();
+    if soft >= min {
+        return;
+    }
+    assert!(
+        hard >= min,
+        "RLIMIT_NOFILE hard limit {hard} is below the {min} descriptors this test needs"
+    );
+    set_nofile_soft(min.max(soft));
+}
+
+/// The (soft, hard) RLIMIT_NOFILE.
+pub fn nofile_limit() -> (u64, u64) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the local struct it is given.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    assert_eq!(rc, 0, "getrlimit: {}", std::io::Error::last_os_error());
+    // rlim_t is u64 here but not on every target.
+    #[allow(clippy::unnecessary_cast)]
+    (limit.rlim_cur as u64, limit.rlim_max as u64)
+}
+
+/// Sets the soft RLIMIT_NOFILE, keeping the hard one.
+pub fn set_nofile_soft(soft: u64) {
+    let (_, hard) = nofile_limit();
+    let limit = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads the local struct it is given.
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) };
+    assert_eq!(rc, 0, "setrlimit: {}", std::io::Error::last_os_error());
+}
+
+/// A single-use barrier for tasks of one runtime: `wait` returns once `count` tasks
+/// are waiting.
+#[derive(Clone)]
+pub struct Barrier {
+    state: std::rc::Rc<std::cell::RefCell<(usize, Vec<std::task::Waker>)>>,
+}
+
+impl Barrier {
+    pub fn new(count: usize) -> Barrier {
+        Barrier {
+            state: std::rc::Rc::new(std::cell::RefCell::new((count, Vec::new()))),
+        }
+    }
+
+    pub async fn wait(&self) {
+        {
+            let mut state = self.state.borrow_mut();
+            assert!(
+                state.0 > 0,
+                "more tasks at the barrier than it was made for"
+            );
+            state.0 -= 1;
+            if state.0 == 0 {
+                state.1.drain(..).for_each(std::task::Waker::wake);
+            }
+        }
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.0 == 0 {
+                Poll::Ready(())
+            } else {
+                state.1.push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 /// Waits for a std thread without blocking the runtime's loop (tasks keep running).

@@ -19,6 +19,7 @@ use super::{DriverStats, SharedFd, Unparker};
 use crate::driver::Driver as AnyDriver;
 use crate::runtime;
 
+pub(crate) mod datagram;
 pub(crate) mod net;
 
 const WAKE_TOKEN: Token = Token(usize::MAX);
@@ -68,6 +69,17 @@ impl Driver {
 
     pub(crate) fn stats(&self) -> DriverStats {
         self.stats
+    }
+
+    /// Takes every waiting task's waker (see `super::Driver::take_wakers`).
+    pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for (_, readiness) in self.slots.iter_mut() {
+            for waiters in &mut readiness.waiters {
+                wakers.append(waiters);
+            }
+        }
+        wakers
     }
 
     pub(crate) fn unparker(&self) -> Unparker {

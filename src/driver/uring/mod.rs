@@ -20,6 +20,10 @@
 //! - When the driver itself is dropped, it cancels every operation in flight and waits for
 //!   all their completions before the table is freed; if the kernel refuses to tell, the
 //!   table is leaked rather than freed under it.
+//! - Provided buffer rings (multishot receives) add one rule, written out in
+//!   [`buf_ring`]: ring and buffer memory stay mapped while an op may select from the
+//!   group, and are unmapped only after the group is unregistered; a buffer returns to
+//!   the ring only when the datagram that holds it is dropped.
 //!
 //! [`SharedFd`]: crate::driver::SharedFd
 
@@ -38,6 +42,8 @@ use slab::Slab;
 
 use super::{DriverConfig, DriverStats, Unparker};
 
+pub(crate) mod buf_ring;
+pub(crate) mod datagram;
 pub(crate) mod net;
 mod op;
 
@@ -104,6 +110,8 @@ pub(crate) struct Driver {
     wake_armed: bool,
     /// The ring's setup flags, for diagnostics.
     setup: &'static str,
+    /// Provided buffer groups and the rings waiting to be unregistered.
+    buf_rings: buf_ring::Registry,
 }
 
 impl Driver {
@@ -128,6 +136,7 @@ impl Driver {
             wake_buf: Box::new(0),
             wake_armed: false,
             setup,
+            buf_rings: buf_ring::Registry::new(),
         })
     }
 
@@ -139,6 +148,17 @@ impl Driver {
 
     pub(crate) fn stats(&self) -> DriverStats {
         self.stats
+    }
+
+    /// Takes the wakers of every operation in flight (see `super::Driver::take_wakers`).
+    pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
+        let mut wakers = Vec::new();
+        for (_, state) in self.ops.iter_mut() {
+            if let Lifecycle::Pending(waker) | Lifecycle::Multi { waker, .. } = state {
+                wakers.extend(waker.take());
+            }
+        }
+        wakers
     }
 
     pub(crate) fn unparker(&self) -> Unparker {
@@ -394,6 +414,9 @@ impl Driver {
             Err(err) => return Err(err),
         }
         self.reap();
+        if self.buf_rings.has_retired() {
+            self.drain_retired_rings();
+        }
         Ok(())
     }
 
@@ -514,6 +537,7 @@ impl Drop for Driver {
             }
             self.reap();
         }
+        self.close_buf_rings();
     }
 }
 

@@ -1,0 +1,243 @@
+//! The provided buffer ring (IORING_REGISTER_PBUF_RING, Linux 5.19): buffers the kernel
+//! picks from when a receive with IOSQE_BUFFER_SELECT completes, so a multishot
+//! receive needs no buffer of its own per datagram.
+//!
+//! # Memory safety
+//!
+//! The ring is a page-aligned array of `struct io_uring_buf { addr, len, bid, resv }`
+//! whose first entry's `resv` doubles as the ring's `tail`. The program writes entries
+//! and then publishes the new tail with a Release store; the kernel reads entries up to
+//! the tail and fills the buffers they name. This module extends the driver's invariant
+//! (see [`super`]) with:
+//!
+//! > A buffer's memory and the ring's memory stay mapped while any operation that may
+//! > select from the ring's group is in flight, and until the ring is unregistered.
+//! > A buffer id is on the ring only while no datagram holds it.
+//!
+//! - The buffer pool ([`BufPool`](crate::driver::buf_pool::BufPool)) is reference
+//!   counted; every multishot receive holds a clone in its op data, which the driver
+//!   keeps until the op's final CQE (also when the receiver is dropped early), and every
+//!   lent datagram holds one too. So the memory outlives the kernel's and the program's
+//!   last use.
+//! - When the last clone goes, the pool hands both mappings to the driver's retire list
+//!   instead of unmapping them. The driver unregisters the group (IORING_UNREGISTER_PBUF_RING)
+//!   in its next `park` and only then unmaps; if unregistering fails the memory is leaked,
+//!   never freed under the kernel. When the driver itself is gone (it waited for every
+//!   CQE before going), nothing can select from the ring any more, and the memory is
+//!   freed at once.
+//! - A buffer id is pushed back on the ring only when its last holder is dropped
+//!   (`BufPool::release`); an id the kernel reports while it is still held is refused.
+#![allow(unsafe_code)]
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicU16, Ordering};
+
+use super::Driver;
+use crate::driver::buf_pool::Mapping;
+
+/// `struct io_uring_buf` (include/uapi/linux/io_uring.h); 16 bytes.
+#[repr(C)]
+struct RawEntry {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    /// In entry 0: the ring's tail (`struct io_uring_buf_ring`).
+    resv: u16,
+}
+
+/// Most entries one provided buffer ring may have (the kernel's limit).
+pub(crate) const MAX_ENTRIES: u16 = 32768;
+
+/// A registered provided buffer ring of one buffer group.
+pub(crate) struct BufRing {
+    /// `None` once retired.
+    memory: Option<Mapping>,
+    entries: u16,
+    tail: Cell<u16>,
+    bgid: u16,
+    retired: Rc<Retired>,
+}
+
+impl BufRing {
+    /// Maps a ring of `entries` (a power of two up to 32768) and registers it with the
+    /// driver's io_uring under a fresh group id.
+    pub(crate) fn register(driver: &mut Driver, entries: u16) -> io::Result<BufRing> {
+        if !entries.is_power_of_two() || entries > MAX_ENTRIES {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "a buffer ring needs a power of two up to {MAX_ENTRIES} entries, not {entries}"
+                ),
+            ));
+        }
+        let memory = Mapping::new(entries as usize * std::mem::size_of::<RawEntry>())?;
+        let bgid = driver.buf_rings.allocate()?;
+        // SAFETY: the mapping is page-aligned, holds `entries` entries, and stays mapped
+        // until the group is unregistered (see the module's memory-safety section).
+        let registered = unsafe {
+            driver.ring.submitter().register_buf_ring_with_flags(
+                memory.as_ptr() as u64,
+                entries,
+                bgid,
+                0,
+            )
+        };
+        if let Err(err) = registered {
+            driver.buf_rings.free.push(bgid);
+            return Err(io::Error::new(
+                err.kind(),
+                format!("registering a provided buffer ring (IORING_REGISTER_PBUF_RING, Linux 5.19): {err}"),
+            ));
+        }
+        Ok(BufRing {
+            memory: Some(memory),
+            entries,
+            tail: Cell::new(0),
+            bgid,
+            retired: driver.buf_rings.retired.clone(),
+        })
+    }
+
+    /// The buffer group id SQEs select from.
+    pub(crate) fn bgid(&self) -> u16 {
+        self.bgid
+    }
+
+    /// Writes an entry for buffer `bid` at the local tail; the kernel sees it after
+    /// [`publish`](Self::publish).
+    pub(crate) fn push(&self, bid: u16, addr: u64, len: u32) {
+        let Some(memory) = &self.memory else {
+            return;
+        };
+        let tail = self.tail.get();
+        let index = (tail & (self.entries - 1)) as usize;
+        let entry = memory.as_ptr().cast::<RawEntry>().wrapping_add(index);
+        // SAFETY: `index < entries`, so the entry is inside the mapping. Only the fields
+        // addr/len/bid are written through raw pointers (no reference to the entry is made,
+        // so entry 0's `resv`, the tail, is not touched). The kernel reads entries only up
+        // to the published tail, and this slot is past it.
+        unsafe {
+            std::ptr::addr_of_mut!((*entry).addr).write(addr);
+            std::ptr::addr_of_mut!((*entry).len).write(len);
+            std::ptr::addr_of_mut!((*entry).bid).write(bid);
+        }
+        self.tail.set(tail.wrapping_add(1));
+    }
+
+    /// Makes every pushed entry visible to the kernel (Release store of the tail).
+    pub(crate) fn publish(&self) {
+        let Some(memory) = &self.memory else {
+            return;
+        };
+        let tail_ptr = memory
+            .as_ptr()
+            .wrapping_add(std::mem::offset_of!(RawEntry, resv))
+            .cast::<AtomicU16>();
+        // SAFETY: the tail is the aligned u16 at offset 14 of the page-aligned mapping;
+        // the kernel reads it with an Acquire load, and only this thread writes it.
+        unsafe { (*tail_ptr).store(self.tail.get(), Ordering::Release) };
+    }
+
+    /// Hands the ring and its buffers' memory to the driver, which unregisters the group
+    /// before unmapping both (or frees them now when the driver is gone).
+    pub(crate) fn retire(&mut self, buffers: Mapping) {
+        self.retire_with(Some(buffers));
+    }
+
+    fn retire_with(&mut self, buffers: Option<Mapping>) {
+        let Some(ring) = self.memory.take() else {
+            return;
+        };
+        let retired = RetiredRing {
+            bgid: self.bgid,
+            _ring: ring,
+            _buffers: buffers,
+        };
+        if self.retired.driver_alive.get() {
+            self.retired.list.borrow_mut().push(retired);
+        }
+        // Else: the driver waited for every CQE before it went, so no operation can
+        // select from this group any more; `retired` is dropped (unmapped) here.
+    }
+}
+
+impl Drop for BufRing {
+    /// A ring dropped without its pool (the pool failed to build) is retired too.
+    fn drop(&mut self) {
+        self.retire_with(None);
+    }
+}
+
+/// A buffer ring nobody uses any more, waiting for the driver to unregister it.
+pub(crate) struct RetiredRing {
+    bgid: u16,
+    _ring: Mapping,
+    _buffers: Option<Mapping>,
+}
+
+/// Rings waiting to be unregistered, shared by the driver and its rings.
+#[derive(Default)]
+pub(crate) struct Retired {
+    list: RefCell<Vec<RetiredRing>>,
+    driver_alive: Cell<bool>,
+}
+
+/// The driver's buffer groups: id allocation and retirement.
+pub(crate) struct Registry {
+    next: u32,
+    free: Vec<u16>,
+    retired: Rc<Retired>,
+}
+
+impl Registry {
+    pub(crate) fn new() -> Registry {
+        let retired = Rc::new(Retired::default());
+        retired.driver_alive.set(true);
+        Registry {
+            next: 0,
+            free: Vec::new(),
+            retired,
+        }
+    }
+
+    fn allocate(&mut self) -> io::Result<u16> {
+        if let Some(bgid) = self.free.pop() {
+            return Ok(bgid);
+        }
+        if self.next > u16::MAX as u32 {
+            return Err(io::Error::other("every io_uring buffer group id is in use"));
+        }
+        self.next += 1;
+        Ok((self.next - 1) as u16)
+    }
+
+    /// True when rings wait to be unregistered.
+    pub(crate) fn has_retired(&self) -> bool {
+        !self.retired.list.borrow().is_empty()
+    }
+}
+
+impl Driver {
+    /// Unregisters retired rings, then unmaps them (leaks them if the kernel refuses).
+    pub(crate) fn drain_retired_rings(&mut self) {
+        let list = std::mem::take(&mut *self.buf_rings.retired.list.borrow_mut());
+        for ring in list {
+            match self.ring.submitter().unregister_buf_ring(ring.bgid) {
+                Ok(()) => {
+                    self.buf_rings.free.push(ring.bgid);
+                    drop(ring);
+                }
+                // The kernel may still know the addresses: never unmap them.
+                Err(_) => std::mem::forget(ring),
+            }
+        }
+    }
+
+    /// Called last in the driver's Drop: later retirements free their memory at once.
+    pub(crate) fn close_buf_rings(&mut self) {
+        self.drain_retired_rings();
+        self.buf_rings.retired.driver_alive.set(false);
+    }
+}

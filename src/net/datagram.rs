@@ -1,0 +1,1034 @@
+//! DatagramSocket: UDP with a receive ring, batched sends, port sharing and multicast.
+
+use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::future::poll_fn;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::ops::Deref;
+use std::os::fd::OwnedFd;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll, Waker};
+
+use futures_core::Stream;
+
+use super::stream::sock_addr;
+use super::transport::Transport;
+use super::{new_socket, resolve, OutputStream};
+use crate::buf::{BufResult, IoBuf};
+use crate::driver::ops_datagram::{
+    self, canonical, for_family, Receiver, RecvDatagram, RingConfig, MAX_UDP_PAYLOAD_V4,
+    MAX_UDP_PAYLOAD_V6, UDP_GRO,
+};
+use crate::driver::SharedFd;
+use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
+use crate::{Error, Result};
+
+/// Shape of a socket's receive ring: how many buffers, and how large a datagram each holds.
+///
+/// On io_uring the buffers form a provided buffer ring (IORING_REGISTER_PBUF_RING,
+/// Linux 5.19) fed by one multishot receive (Linux 6.0); on epoll a pool `recvmmsg`
+/// fills. Either way a received [`Datagram`] lends its buffer and gives it back when
+/// dropped, so `buffers` is also how many datagrams a program can hold at once before the
+/// kernel has to queue (and, past the socket's receive buffer, drop) new ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceiveRing {
+    /// Number of buffers; rounded up to a power of two, 1..=32768 (default 512).
+    pub buffers: u16,
+    /// Payload bytes per buffer (default 2048: a 1500-byte Ethernet packet fits). A larger
+    /// datagram is delivered truncated and flagged (see [`Datagram::is_truncated`]).
+    pub buffer_size: usize,
+}
+
+impl Default for ReceiveRing {
+    fn default() -> Self {
+        ReceiveRing {
+            buffers: 512,
+            buffer_size: 2048,
+        }
+    }
+}
+
+impl ReceiveRing {
+    /// A ring for any UDP datagram (up to 65,535 bytes) and for GRO super-datagrams:
+    /// 64 buffers of 64 KiB.
+    pub fn large() -> ReceiveRing {
+        ReceiveRing {
+            buffers: 64,
+            buffer_size: 65536,
+        }
+    }
+}
+
+/// Counters of a socket's receive ring (see [`DatagramSocket::receive_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReceiveStats {
+    /// Datagrams delivered (GRO segments count one each).
+    pub datagrams: u64,
+    /// Of those, datagrams larger than a buffer, delivered truncated.
+    pub truncated: u64,
+    /// Times the ring ran dry because the program held every buffer (ENOBUFS on
+    /// io_uring); the receiver resumed once a buffer came back.
+    pub ring_empty: u64,
+    /// Times the io_uring multishot receive was armed again after the kernel ended it.
+    pub rearms: u64,
+    /// Receive completions (io_uring) or `recvmmsg` calls (epoll) that delivered data.
+    pub deliveries: u64,
+    /// GRO super-datagrams taken apart.
+    pub gro_splits: u64,
+    /// Datagrams the kernel dropped on this socket before it was read, because its
+    /// receive queue was full: this is where datagrams are lost while the ring is dry
+    /// (SO_MEMINFO's drop counter).
+    pub dropped: u64,
+    /// Buffers in the ring.
+    pub buffers: usize,
+    /// Buffers held by datagrams the program has not dropped yet.
+    pub buffers_lent: usize,
+}
+
+/// Options of a datagram socket, applied when its socket is created and at once after.
+#[derive(Debug)]
+struct DatagramOptions {
+    receive_buffer_size: Cell<Option<usize>>,
+    send_buffer_size: Cell<Option<usize>>,
+    hop_limit: Cell<Option<u32>>,
+    broadcast: Cell<bool>,
+    dont_fragment: Cell<bool>,
+    multicast_only: Cell<bool>,
+    multicast_loop: Cell<Option<bool>>,
+    multicast_hop_limit: Cell<Option<u32>>,
+    gro: Cell<bool>,
+    gso: Rc<Cell<bool>>,
+    ring: Cell<ReceiveRing>,
+}
+
+impl Default for DatagramOptions {
+    fn default() -> Self {
+        DatagramOptions {
+            receive_buffer_size: Cell::new(None),
+            send_buffer_size: Cell::new(None),
+            hop_limit: Cell::new(None),
+            broadcast: Cell::new(false),
+            dont_fragment: Cell::new(false),
+            multicast_only: Cell::new(false),
+            multicast_loop: Cell::new(None),
+            multicast_hop_limit: Cell::new(None),
+            gro: Cell::new(false),
+            gso: Rc::new(Cell::new(true)),
+            ring: Cell::new(ReceiveRing::default()),
+        }
+    }
+}
+
+/// A UDP socket, like Windows.Networking.Sockets.DatagramSocket.
+///
+/// Create it, set its [`control`](Self::control) options, then [`bind`](Self::bind)
+/// (BindServiceNameAsync) or [`connect`](Self::connect) (ConnectAsync); sending to an
+/// address from an unbound socket binds it to a port the kernel picks.
+///
+/// Receiving (MessageReceived) goes through a receive ring: [`messages`](Self::messages)
+/// is a stream of [`Datagram`]s, [`recv_batch`](Self::recv_batch) takes everything
+/// ready at once. Sending in batches goes through [`output_stream`](Self::output_stream)
+/// (connected) or [`output_stream_to`](Self::output_stream_to) (GetOutputStreamAsync):
+/// queue datagrams with `write`, send them with one `flush`.
+///
+/// # Examples
+///
+/// ```
+/// use ringsock::{DatagramSocket, HostName};
+///
+/// ringsock::block_on(async {
+///     let server = DatagramSocket::new();
+///     server.bind_host(&HostName::new("127.0.0.1")?, "0")?;
+///     let port = server.local_addr()?.port().to_string();
+///
+///     let client = DatagramSocket::new();
+///     client.send_to(b"ping".to_vec(), &HostName::new("127.0.0.1")?, &port).await.0?;
+///
+///     let request = server.recv().await?;
+///     assert_eq!(&request[..], b"ping");
+///     server.send_to_addr(b"pong".to_vec(), request.remote_addr()).await.0?;
+///     assert_eq!(&client.recv().await?[..], b"pong");
+///     Ok::<_, ringsock::Error>(())
+/// })?;
+/// # Ok::<_, ringsock::Error>(())
+/// ```
+pub struct DatagramSocket {
+    fd: OnceCell<SharedFd>,
+    ipv6: Cell<bool>,
+    options: DatagramOptions,
+    receiver: RefCell<Option<Receiver>>,
+    /// One receive call at a time uses the receiver; the others wait here in turn.
+    busy: Cell<bool>,
+    waiting: RefCell<VecDeque<Waker>>,
+}
+
+impl DatagramSocket {
+    /// A socket not yet bound or connected.
+    pub fn new() -> DatagramSocket {
+        DatagramSocket {
+            fd: OnceCell::new(),
+            ipv6: Cell::new(false),
+            options: DatagramOptions::default(),
+            receiver: RefCell::new(None),
+            busy: Cell::new(false),
+            waiting: RefCell::new(VecDeque::new()),
+        }
+    }
+
+    /// Binds to `service` (a port number, "0" for any free port, or a UDP service name)
+    /// on every local address: IPv6 and IPv4 together where the system has IPv6, else
+    /// IPv4 (BindServiceNameAsync).
+    pub fn bind(&self, service: &str) -> Result<()> {
+        let port = parse_service(service, Protocol::Udp)?;
+        let any6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port);
+        match self.bind_with(any6, true) {
+            Err(err) if err.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                self.bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+            }
+            other => other,
+        }
+    }
+
+    /// Binds to `service` at the first address of `host` that accepts
+    /// (BindEndpointAsync).
+    pub fn bind_host(&self, host: &HostName, service: &str) -> Result<()> {
+        let port = parse_service(service, Protocol::Udp)?;
+        let mut last = None;
+        for addr in resolve_blocking(host, port)? {
+            match self.bind_addr(addr) {
+                Ok(()) => return Ok(()),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NoAddresses {
+            host: host.to_string(),
+        }))
+    }
+
+    /// Binds to one socket address.
+    pub fn bind_addr(&self, addr: SocketAddr) -> Result<()> {
+        self.bind_with(addr, false)
+    }
+
+    fn bind_with(&self, addr: SocketAddr, dual_stack: bool) -> Result<()> {
+        if self.fd.get().is_some() {
+            return Err(Error::invalid_input(
+                "the socket is already bound or connected",
+            ));
+        }
+        let socket = self.create(&addr, dual_stack)?;
+        socket
+            .bind(&addr.into())
+            .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+        self.install(socket, addr.is_ipv6())
+    }
+
+    /// A new socket for `addr`'s family with every option applied.
+    fn create(&self, addr: &SocketAddr, dual_stack: bool) -> Result<socket2::Socket> {
+        let socket = new_socket(addr, socket2::Type::DGRAM)?;
+        if dual_stack {
+            socket
+                .set_only_v6(false)
+                .map_err(|err| Error::io("set IPV6_V6ONLY", err))?;
+        }
+        if self.options.multicast_only.get() {
+            socket
+                .set_reuse_address(true)
+                .map_err(|err| Error::io("set SO_REUSEADDR", err))?;
+            socket
+                .set_reuse_port(true)
+                .map_err(|err| Error::io("set SO_REUSEPORT", err))?;
+        }
+        Ok(socket)
+    }
+
+    fn install(&self, socket: socket2::Socket, ipv6: bool) -> Result<()> {
+        let fd = SharedFd::new(OwnedFd::from(socket));
+        self.ipv6.set(ipv6);
+        self.control_for(Some(&fd)).apply_all()?;
+        self.fd
+            .set(fd)
+            .map_err(|_| Error::invalid_input("the socket is already bound or connected"))
+    }
+
+    /// The socket, created (unbound) for `addr`'s family if there is none yet.
+    fn socket_for(&self, addr: &SocketAddr) -> Result<&SharedFd> {
+        if self.fd.get().is_none() {
+            let socket = self.create(addr, false)?;
+            self.install(socket, addr.is_ipv6())?;
+        }
+        self.fd()
+    }
+
+    fn fd(&self) -> Result<&SharedFd> {
+        self.fd
+            .get()
+            .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
+    }
+
+    /// Picks the address of `addrs` this socket can reach: any when it has no socket
+    /// yet, else one of its family (IPv4 on a dual-stack IPv6 socket too).
+    fn pick(&self, host: &HostName, addrs: Vec<SocketAddr>) -> Result<SocketAddr> {
+        let usable = |addr: &SocketAddr| match self.fd.get() {
+            None => true,
+            Some(_) => self.ipv6.get() || addr.is_ipv4(),
+        };
+        let mut addrs = addrs.into_iter().filter(usable);
+        addrs.next().ok_or_else(|| Error::NoAddresses {
+            host: host.to_string(),
+        })
+    }
+
+    /// Sets the default remote end (ConnectAsync): `send` and
+    /// [`output_stream`](Self::output_stream) then go there, and only datagrams from it
+    /// are received. Tries each address of `host` in turn.
+    pub async fn connect(&self, host: &HostName, service: &str) -> Result<()> {
+        let addrs = resolve(host, service, Protocol::Udp).await?;
+        let mut last = None;
+        for addr in addrs {
+            match self.connect_addr(addr).await {
+                Ok(()) => return Ok(()),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::NoAddresses {
+            host: host.to_string(),
+        }))
+    }
+
+    /// Sets the default remote end to one socket address.
+    pub async fn connect_addr(&self, addr: SocketAddr) -> Result<()> {
+        let fd = self.socket_for(&addr)?;
+        let target = for_family(addr, self.ipv6.get());
+        // A UDP connect only records the peer: it completes at once, without traffic.
+        fd.sock()
+            .connect(&target.into())
+            .map_err(|err| Error::io(format!("connect to {addr}"), err))
+    }
+
+    /// Sends `buf` as one datagram to the connected remote end.
+    pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
+        let fd = match self.fd() {
+            Ok(fd) => fd,
+            Err(err) => return (Err(err), buf),
+        };
+        let (result, buf) = ops_datagram::send_to(fd, buf, None).await;
+        (result.map_err(|err| Error::io("send", err)), buf)
+    }
+
+    /// Sends `buf` as one datagram to `service` at `host` (the first of its addresses
+    /// this socket can reach).
+    pub async fn send_to<B: IoBuf>(
+        &self,
+        buf: B,
+        host: &HostName,
+        service: &str,
+    ) -> BufResult<usize, B> {
+        let addr = match resolve(host, service, Protocol::Udp).await {
+            Ok(addrs) => self.pick(host, addrs),
+            Err(err) => Err(err),
+        };
+        match addr {
+            Ok(addr) => self.send_to_addr(buf, addr).await,
+            Err(err) => (Err(err), buf),
+        }
+    }
+
+    /// Sends `buf` as one datagram to `addr`.
+    pub async fn send_to_addr<B: IoBuf>(&self, buf: B, addr: SocketAddr) -> BufResult<usize, B> {
+        let fd = match self.socket_for(&addr) {
+            Ok(fd) => fd,
+            Err(err) => return (Err(err), buf),
+        };
+        let target = for_family(addr, self.ipv6.get());
+        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target)).await;
+        (
+            result.map_err(|err| Error::io(format!("send to {addr}"), err)),
+            buf,
+        )
+    }
+
+    fn max_payload(&self) -> usize {
+        if self.ipv6.get() {
+            MAX_UDP_PAYLOAD_V6
+        } else {
+            MAX_UDP_PAYLOAD_V4
+        }
+    }
+
+    /// A batching writer to the connected remote end: each `write` queues one datagram,
+    /// `flush` sends every queued datagram in one submission (a linked SQE chain on
+    /// io_uring, one `sendmmsg` on epoll; runs of equal-sized datagrams as single UDP GSO
+    /// sends). Each call returns a new stream.
+    pub fn output_stream(&self) -> Result<OutputStream> {
+        let fd = self.fd()?;
+        self.peer_addr()?;
+        Ok(self.stream_to(fd, None))
+    }
+
+    /// A batching writer whose datagrams go to `service` at `host`
+    /// (GetOutputStreamAsync); binds the socket to a free port first if needed.
+    pub async fn output_stream_to(&self, host: &HostName, service: &str) -> Result<OutputStream> {
+        let addrs = resolve(host, service, Protocol::Udp).await?;
+        let addr = self.pick(host, addrs)?;
+        self.output_stream_to_addr(addr)
+    }
+
+    /// A batching writer whose datagrams go to `addr`.
+    pub fn output_stream_to_addr(&self, addr: SocketAddr) -> Result<OutputStream> {
+        let fd = self.socket_for(&addr)?;
+        Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get()))))
+    }
+
+    fn stream_to(&self, fd: &SharedFd, dest: Option<SocketAddr>) -> OutputStream {
+        OutputStream::with_transport(
+            Some(fd.clone()),
+            Transport::Datagram {
+                dest,
+                gso: self.options.gso.clone(),
+                max_payload: self.max_payload(),
+            },
+        )
+    }
+
+    /// The next datagram (one MessageReceived). A datagram larger than a ring buffer is
+    /// an error with status MessageTooLong naming its sender and size; the socket goes
+    /// on receiving. Use [`recv_batch`](Self::recv_batch) to see truncated datagrams
+    /// themselves.
+    pub async fn recv(&self) -> Result<Datagram> {
+        let mut one = Vec::with_capacity(1);
+        self.recv_raw(&mut one, 1).await?;
+        let datagram = one
+            .pop()
+            .map(Datagram::from)
+            .ok_or_else(|| Error::io("receive", std::io::ErrorKind::UnexpectedEof.into()))?;
+        datagram.check()
+    }
+
+    /// Waits until at least one datagram is there, then appends every ready datagram, up
+    /// to `max`, to `out` and returns how many. Truncated datagrams are included, flagged
+    /// ([`Datagram::is_truncated`]): a data path decides what to do with them.
+    pub async fn recv_batch(&self, out: &mut Vec<Datagram>, max: usize) -> Result<usize> {
+        let mut raw = Vec::with_capacity(max.clamp(1, 1024));
+        self.recv_raw(&mut raw, max).await?;
+        let n = raw.len();
+        out.extend(raw.into_iter().map(Datagram::from));
+        Ok(n)
+    }
+
+    /// Every received datagram, as a stream (MessageReceived); never ends. Items are
+    /// errors for truncated datagrams and for receive failures (such as an ICMP port
+    /// unreachable on a connected socket); the stream goes on after them.
+    pub fn messages(&self) -> Messages<'_> {
+        Messages {
+            socket: self,
+            ready: VecDeque::new(),
+            pending: None,
+        }
+    }
+
+    async fn recv_raw(&self, out: &mut Vec<RecvDatagram>, max: usize) -> Result<()> {
+        let fd = self.fd()?.clone();
+        let _turn = self.take_turn().await;
+        poll_fn(|cx| self.poll_recv(&fd, cx, out, max)).await
+    }
+
+    fn poll_recv(
+        &self,
+        fd: &SharedFd,
+        cx: &mut Context<'_>,
+        out: &mut Vec<RecvDatagram>,
+        max: usize,
+    ) -> Poll<Result<()>> {
+        let mut receiver = self.receiver.borrow_mut();
+        if receiver.is_none() {
+            let ring = self.options.ring.get();
+            let config = RingConfig {
+                buffers: ring.buffers.clamp(1, 32768).next_power_of_two(),
+                buffer_size: ring.buffer_size.max(1),
+                gro: self.options.gro.get(),
+            };
+            match Receiver::new(config) {
+                Ok(new) => *receiver = Some(new),
+                Err(err) => return Poll::Ready(Err(Error::io("set up the receive ring", err))),
+            }
+        }
+        let receiver = receiver.as_mut().expect("created above");
+        receiver
+            .poll_recv(fd, cx, out, max)
+            .map_err(|err| Error::io("receive", err))
+    }
+
+    async fn take_turn(&self) -> Turn<'_> {
+        poll_fn(|cx| {
+            if self.busy.get() {
+                self.waiting.borrow_mut().push_back(cx.waker().clone());
+                Poll::Pending
+            } else {
+                self.busy.set(true);
+                Poll::Ready(())
+            }
+        })
+        .await;
+        Turn { socket: self }
+    }
+
+    /// The receive ring's counters, with the kernel's drop count for this socket.
+    pub fn receive_stats(&self) -> ReceiveStats {
+        let mut stats = ReceiveStats::default();
+        if let Some(receiver) = self.receiver.borrow().as_ref() {
+            let counters = receiver.counters();
+            stats.datagrams = counters.datagrams;
+            stats.truncated = counters.truncated;
+            stats.ring_empty = counters.ring_empty;
+            stats.rearms = counters.rearms;
+            stats.deliveries = counters.deliveries;
+            stats.gro_splits = counters.gro_splits;
+            stats.buffers = receiver.pool().count() as usize;
+            stats.buffers_lent = receiver.pool().lent();
+        }
+        if let Some(fd) = self.fd.get() {
+            stats.dropped = ops_datagram::socket_drops(fd).unwrap_or(0);
+        }
+        stats
+    }
+
+    /// Joins the multicast group `group` on the default interface (IP_ADD_MEMBERSHIP /
+    /// IPV6_ADD_MEMBERSHIP).
+    pub fn join_multicast_group(&self, group: IpAddr) -> Result<()> {
+        let fd = self.fd()?;
+        let sock = fd.sock();
+        match group {
+            IpAddr::V4(v4) => sock.join_multicast_v4(&v4, &Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(v6) => sock.join_multicast_v6(&v6, 0),
+        }
+        .map_err(|err| Error::io(format!("join multicast group {group}"), err))
+    }
+
+    /// Leaves a multicast group joined with [`join_multicast_group`](Self::join_multicast_group).
+    pub fn leave_multicast_group(&self, group: IpAddr) -> Result<()> {
+        let fd = self.fd()?;
+        let sock = fd.sock();
+        match group {
+            IpAddr::V4(v4) => sock.leave_multicast_v4(&v4, &Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(v6) => sock.leave_multicast_v6(&v6, 0),
+        }
+        .map_err(|err| Error::io(format!("leave multicast group {group}"), err))
+    }
+
+    /// The local address, with the real port when bound to port 0.
+    pub fn local_addr(&self) -> Result<SocketAddr> {
+        sock_addr(self.fd()?.sock().local_addr(), "local address").map(canonical)
+    }
+
+    /// The connected remote end.
+    pub fn peer_addr(&self) -> Result<SocketAddr> {
+        sock_addr(self.fd()?.sock().peer_addr(), "peer address").map(canonical)
+    }
+
+    /// The socket's options (DatagramSocket.Control).
+    pub fn control(&self) -> DatagramSocketControl<'_> {
+        self.control_for(self.fd.get())
+    }
+
+    fn control_for<'a>(&'a self, fd: Option<&'a SharedFd>) -> DatagramSocketControl<'a> {
+        DatagramSocketControl {
+            options: &self.options,
+            fd,
+            ipv6: self.ipv6.get(),
+            receiving: self.receiver.borrow().is_some(),
+        }
+    }
+}
+
+impl Default for DatagramSocket {
+    fn default() -> Self {
+        DatagramSocket::new()
+    }
+}
+
+impl fmt::Debug for DatagramSocket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatagramSocket")
+            .field("local", &self.local_addr().ok())
+            .field("peer", &self.peer_addr().ok())
+            .finish()
+    }
+}
+
+/// Holds the receiver for one receive call; wakes the next waiting call when dropped.
+struct Turn<'a> {
+    socket: &'a DatagramSocket,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.socket.busy.set(false);
+        if let Some(waker) = self.socket.waiting.borrow_mut().pop_front() {
+            waker.wake();
+        }
+    }
+}
+
+/// A received datagram (the MessageReceived event's arguments): its bytes, lent from the
+/// socket's receive ring, and who sent it. The ring buffer goes back when this is
+/// dropped; copy the bytes out (`to_vec`) to keep them longer without holding the ring.
+pub struct Datagram {
+    inner: RecvDatagram,
+}
+
+impl Datagram {
+    /// The payload (the first bytes only, if [`is_truncated`](Self::is_truncated)).
+    pub fn data(&self) -> &[u8] {
+        &self.inner.buf
+    }
+
+    /// The sender's address (RemoteAddress and RemotePort). IPv4 senders on a
+    /// dual-stack socket are shown as IPv4.
+    pub fn remote_addr(&self) -> SocketAddr {
+        self.inner
+            .addr
+            .unwrap_or(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0))
+    }
+
+    /// The sender's address as a [`HostName`].
+    pub fn remote_host(&self) -> HostName {
+        HostName::from(self.remote_addr().ip())
+    }
+
+    /// True when the datagram was larger than a ring buffer: [`data`](Self::data) holds
+    /// only its first bytes and [`original_len`](Self::original_len) says how many it had.
+    pub fn is_truncated(&self) -> bool {
+        self.inner.truncated
+    }
+
+    /// The datagram's real length.
+    pub fn original_len(&self) -> usize {
+        self.inner.original_len
+    }
+
+    /// The payload as UTF-8 text (DataReader.ReadString).
+    pub fn text(&self) -> Result<&str> {
+        std::str::from_utf8(self.data())
+            .map_err(|err| Error::invalid_input(format!("datagram is not valid UTF-8: {err}")))
+    }
+
+    fn check(self) -> Result<Datagram> {
+        if self.is_truncated() {
+            return Err(Error::from_errno(
+                format!(
+                    "datagram of {} bytes from {} is larger than a receive buffer ({} bytes; see ReceiveRing)",
+                    self.original_len(),
+                    self.remote_addr(),
+                    self.data().len()
+                ),
+                libc::EMSGSIZE,
+            ));
+        }
+        Ok(self)
+    }
+}
+
+impl From<RecvDatagram> for Datagram {
+    fn from(inner: RecvDatagram) -> Datagram {
+        Datagram { inner }
+    }
+}
+
+impl Deref for Datagram {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl AsRef<[u8]> for Datagram {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl fmt::Debug for Datagram {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Datagram")
+            .field("from", &self.remote_addr())
+            .field("len", &self.data().len())
+            .field("truncated", &self.is_truncated())
+            .finish()
+    }
+}
+
+type RecvFuture<'a> = Pin<Box<dyn std::future::Future<Output = Result<Vec<Datagram>>> + 'a>>;
+
+/// The stream of received datagrams from [`DatagramSocket::messages`]. It takes every
+/// ready datagram at once from the ring and hands them out one by one.
+pub struct Messages<'a> {
+    socket: &'a DatagramSocket,
+    ready: VecDeque<Datagram>,
+    pending: Option<RecvFuture<'a>>,
+}
+
+/// Datagrams a `Messages` stream takes from the ring at a time.
+const STREAM_BATCH: usize = 64;
+
+impl Stream for Messages<'_> {
+    type Item = Result<Datagram>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(datagram) = self.ready.pop_front() {
+            return Poll::Ready(Some(datagram.check()));
+        }
+        let socket = self.socket;
+        let pending = self.pending.get_or_insert_with(|| {
+            Box::pin(async move {
+                let mut batch = Vec::with_capacity(STREAM_BATCH);
+                socket.recv_batch(&mut batch, STREAM_BATCH).await?;
+                Ok(batch)
+            })
+        });
+        match pending.as_mut().poll(cx) {
+            Poll::Ready(result) => {
+                self.pending = None;
+                match result {
+                    Ok(batch) => {
+                        self.ready.extend(batch);
+                        match self.ready.pop_front() {
+                            Some(datagram) => Poll::Ready(Some(datagram.check())),
+                            None => {
+                                cx.waker().wake_by_ref();
+                                Poll::Pending
+                            }
+                        }
+                    }
+                    Err(err) => Poll::Ready(Some(Err(err))),
+                }
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Messages<'_> {
+    /// The next datagram; `messages().next()` without a stream-extension crate.
+    pub async fn next(&mut self) -> Result<Datagram> {
+        poll_fn(|cx| Pin::new(&mut *self).poll_next(cx))
+            .await
+            .unwrap_or_else(|| Err(Error::invalid_input("the message stream ended")))
+    }
+}
+
+/// The options of one datagram socket, like DatagramSocket.Control
+/// (DatagramSocketControl). Set them before binding; on a live socket a setter applies
+/// at once.
+pub struct DatagramSocketControl<'a> {
+    options: &'a DatagramOptions,
+    fd: Option<&'a SharedFd>,
+    ipv6: bool,
+    receiving: bool,
+}
+
+impl DatagramSocketControl<'_> {
+    fn apply_all(&self) -> Result<()> {
+        if let Some(bytes) = self.options.receive_buffer_size.get() {
+            self.set_receive_buffer_size(bytes)?;
+        }
+        if let Some(bytes) = self.options.send_buffer_size.get() {
+            self.set_send_buffer_size(bytes)?;
+        }
+        if let Some(hops) = self.options.hop_limit.get() {
+            self.set_hop_limit(hops)?;
+        }
+        if self.options.broadcast.get() {
+            self.set_broadcast(true)?;
+        }
+        if self.options.dont_fragment.get() {
+            self.set_dont_fragment(true)?;
+        }
+        if let Some(on) = self.options.multicast_loop.get() {
+            self.set_multicast_loop(on)?;
+        }
+        if let Some(hops) = self.options.multicast_hop_limit.get() {
+            self.set_multicast_hop_limit(hops)?;
+        }
+        if self.options.gro.get() {
+            self.apply_gro(true)?;
+        }
+        Ok(())
+    }
+
+    /// Lets several sockets, in this and other processes, bind the same address and
+    /// port (DatagramSocketControl.MulticastOnly): SO_REUSEADDR and SO_REUSEPORT. Every
+    /// socket sharing the port must set it, before binding. Multicast and broadcast
+    /// datagrams reach each of them; unicast ones are spread over them by the kernel.
+    pub fn set_multicast_only(&self, on: bool) -> Result<()> {
+        if self.fd.is_some() {
+            return Err(Error::invalid_input(
+                "multicast_only (port sharing) must be set before the socket is bound",
+            ));
+        }
+        self.options.multicast_only.set(on);
+        Ok(())
+    }
+
+    /// Whether port sharing is requested.
+    pub fn multicast_only(&self) -> bool {
+        self.options.multicast_only.get()
+    }
+
+    /// Requests a receive buffer of `bytes` (SO_RCVBUF, InboundBufferSizeInBytes; the
+    /// kernel doubles it and caps it at net.core.rmem_max).
+    pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
+        check_size(bytes)?;
+        self.options.receive_buffer_size.set(Some(bytes));
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_recv_buffer_size(bytes)
+                .map_err(|e| Error::io("set SO_RCVBUF", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Requests a send buffer of `bytes` (SO_SNDBUF).
+    pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
+        check_size(bytes)?;
+        self.options.send_buffer_size.set(Some(bytes));
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_send_buffer_size(bytes)
+                .map_err(|e| Error::io("set SO_SNDBUF", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// The kernel's receive buffer size of a live socket.
+    pub fn receive_buffer_size(&self) -> Result<usize> {
+        self.live()?
+            .sock()
+            .recv_buffer_size()
+            .map_err(|e| Error::io("get SO_RCVBUF", e))
+    }
+
+    /// The kernel's send buffer size of a live socket.
+    pub fn send_buffer_size(&self) -> Result<usize> {
+        self.live()?
+            .sock()
+            .send_buffer_size()
+            .map_err(|e| Error::io("get SO_SNDBUF", e))
+    }
+
+    /// Hop limit of unicast datagrams (OutboundUnicastHopLimit): IP_TTL, or
+    /// IPV6_UNICAST_HOPS on an IPv6 socket (1..=255).
+    pub fn set_hop_limit(&self, hops: u32) -> Result<()> {
+        check_hops(hops)?;
+        self.options.hop_limit.set(Some(hops));
+        let Some(fd) = self.fd else { return Ok(()) };
+        let sock = fd.sock();
+        if self.ipv6 {
+            sock.set_unicast_hops_v6(hops)
+                .map_err(|e| Error::io("set IPV6_UNICAST_HOPS", e))
+        } else {
+            sock.set_ttl(hops).map_err(|e| Error::io("set IP_TTL", e))
+        }
+    }
+
+    /// The unicast hop limit of a live socket.
+    pub fn hop_limit(&self) -> Result<u32> {
+        let sock = self.live()?.sock();
+        if self.ipv6 {
+            sock.unicast_hops_v6()
+                .map_err(|e| Error::io("get IPV6_UNICAST_HOPS", e))
+        } else {
+            sock.ttl().map_err(|e| Error::io("get IP_TTL", e))
+        }
+    }
+
+    /// Allows sending to broadcast addresses (SO_BROADCAST).
+    pub fn set_broadcast(&self, on: bool) -> Result<()> {
+        self.options.broadcast.set(on);
+        match self.fd {
+            Some(fd) => fd
+                .sock()
+                .set_broadcast(on)
+                .map_err(|e| Error::io("set SO_BROADCAST", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Sets the don't-fragment bit (DontFragment): path MTU discovery on and no local
+    /// fragmentation (IP_MTU_DISCOVER = IP_PMTUDISC_DO, or IPV6_MTU_DISCOVER and
+    /// IPV6_DONTFRAG). A datagram larger than the path MTU then fails with
+    /// MessageTooLong instead of being fragmented.
+    pub fn set_dont_fragment(&self, on: bool) -> Result<()> {
+        self.options.dont_fragment.set(on);
+        let Some(fd) = self.fd else { return Ok(()) };
+        let set = |level, name, value| {
+            ops_datagram::set_int_option(fd, level, name, value)
+                .map_err(|e| Error::io("set don't-fragment", e))
+        };
+        if self.ipv6 {
+            let mode = if on {
+                libc::IPV6_PMTUDISC_DO
+            } else {
+                libc::IPV6_PMTUDISC_WANT
+            };
+            set(libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER, mode)?;
+            set(libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, on as libc::c_int)?;
+            // A dual-stack socket sends IPv4 too.
+            let mode = if on {
+                libc::IP_PMTUDISC_DO
+            } else {
+                libc::IP_PMTUDISC_WANT
+            };
+            let _ = set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, mode);
+            Ok(())
+        } else {
+            let mode = if on {
+                libc::IP_PMTUDISC_DO
+            } else {
+                libc::IP_PMTUDISC_WANT
+            };
+            set(libc::IPPROTO_IP, libc::IP_MTU_DISCOVER, mode)
+        }
+    }
+
+    /// Whether the don't-fragment bit was requested.
+    pub fn dont_fragment(&self) -> bool {
+        self.options.dont_fragment.get()
+    }
+
+    /// Whether multicast datagrams this socket sends loop back to local listeners
+    /// (IP_MULTICAST_LOOP / IPV6_MULTICAST_LOOP; on by default).
+    pub fn set_multicast_loop(&self, on: bool) -> Result<()> {
+        self.options.multicast_loop.set(Some(on));
+        let Some(fd) = self.fd else { return Ok(()) };
+        let sock = fd.sock();
+        if self.ipv6 {
+            sock.set_multicast_loop_v6(on)
+                .map_err(|e| Error::io("set IPV6_MULTICAST_LOOP", e))?;
+            let _ = sock.set_multicast_loop_v4(on);
+            Ok(())
+        } else {
+            sock.set_multicast_loop_v4(on)
+                .map_err(|e| Error::io("set IP_MULTICAST_LOOP", e))
+        }
+    }
+
+    /// Hop limit of multicast datagrams this socket sends (IP_MULTICAST_TTL /
+    /// IPV6_MULTICAST_HOPS; default 1: the local network only).
+    pub fn set_multicast_hop_limit(&self, hops: u32) -> Result<()> {
+        if hops > 255 {
+            return Err(Error::invalid_input(format!(
+                "multicast hop limit {hops} is out of range (0..=255)"
+            )));
+        }
+        self.options.multicast_hop_limit.set(Some(hops));
+        let Some(fd) = self.fd else { return Ok(()) };
+        let sock = fd.sock();
+        if self.ipv6 {
+            sock.set_multicast_hops_v6(hops)
+                .map_err(|e| Error::io("set IPV6_MULTICAST_HOPS", e))?;
+            let _ = sock.set_multicast_ttl_v4(hops);
+            Ok(())
+        } else {
+            sock.set_multicast_ttl_v4(hops)
+                .map_err(|e| Error::io("set IP_MULTICAST_TTL", e))
+        }
+    }
+
+    /// The receive ring's shape; set before the first receive.
+    pub fn set_receive_ring(&self, ring: ReceiveRing) -> Result<()> {
+        if self.receiving {
+            return Err(Error::invalid_input(
+                "the receive ring is set up by the first receive: configure it before",
+            ));
+        }
+        if ring.buffers == 0 || ring.buffers > 32768 || ring.buffer_size == 0 {
+            return Err(Error::invalid_input(format!(
+                "receive ring of {} buffers of {} bytes: 1..=32768 buffers of at least 1 byte",
+                ring.buffers, ring.buffer_size
+            )));
+        }
+        if self.options.gro.get() && ring.buffer_size < 65535 {
+            return Err(Error::invalid_input(
+                "with GRO on, receive buffers need at least 65535 bytes (ReceiveRing::large())",
+            ));
+        }
+        self.options.ring.set(ring);
+        Ok(())
+    }
+
+    /// The receive ring's shape.
+    pub fn receive_ring(&self) -> ReceiveRing {
+        self.options.ring.get()
+    }
+
+    /// Receives UDP GRO super-datagrams (UDP_GRO, Linux 5.0) and takes them apart into
+    /// their datagrams: one receive for many datagrams from a GSO sender. Needs receive
+    /// buffers of at least 65535 bytes (the ring is switched to [`ReceiveRing::large`]
+    /// if it has the default shape); set before the first receive.
+    pub fn set_gro(&self, on: bool) -> Result<()> {
+        if self.receiving {
+            return Err(Error::invalid_input("set GRO before the first receive"));
+        }
+        if on && self.options.ring.get().buffer_size < 65535 {
+            if self.options.ring.get() == ReceiveRing::default() {
+                self.options.ring.set(ReceiveRing::large());
+            } else {
+                return Err(Error::invalid_input(
+                    "GRO needs receive buffers of at least 65535 bytes (ReceiveRing::large())",
+                ));
+            }
+        }
+        self.options.gro.set(on);
+        self.apply_gro(on)
+    }
+
+    fn apply_gro(&self, on: bool) -> Result<()> {
+        match self.fd {
+            Some(fd) => ops_datagram::set_int_option(fd, libc::SOL_UDP, UDP_GRO, on as libc::c_int)
+                .map_err(|e| Error::io("set UDP_GRO", e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Whether batched sends may use UDP GSO (UDP_SEGMENT, Linux 4.18) for runs of
+    /// equal-sized datagrams (default on). Each datagram still arrives as its own
+    /// datagram; ringsock turns GSO off by itself when the kernel or device refuses it.
+    pub fn set_segmentation_offload(&self, on: bool) {
+        self.options.gso.set(on);
+    }
+
+    /// Whether batched sends may use UDP GSO.
+    pub fn segmentation_offload(&self) -> bool {
+        self.options.gso.get()
+    }
+
+    fn live(&self) -> Result<&SharedFd> {
+        self.fd
+            .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
+    }
+}
+
+fn check_size(bytes: usize) -> Result<()> {
+    if bytes == 0 || bytes > i32::MAX as usize {
+        return Err(Error::invalid_input(format!(
+            "buffer size {bytes} is out of range (1..={})",
+            i32::MAX
+        )));
+    }
+    Ok(())
+}
+
+fn check_hops(hops: u32) -> Result<()> {
+    if hops == 0 || hops > 255 {
+        return Err(Error::invalid_input(format!(
+            "hop limit {hops} is out of range (1..=255)"
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,59 @@
+//! How an [`OutputStream`](super::OutputStream) sends a batch: as one byte stream, or as
+//! one datagram per write.
+
+use std::cell::Cell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::driver::ops::{self, BatchReport, Progress};
+use crate::driver::{ops_datagram, SharedFd};
+use crate::{Error, Result};
+
+/// The kind of socket an output stream writes to.
+pub(crate) enum Transport {
+    /// A stream socket: the writes are one byte stream, sent in order, every byte.
+    Stream,
+    /// A datagram socket: each write is one datagram, never merged with another.
+    Datagram {
+        /// Where each datagram goes; `None` on a connected socket.
+        dest: Option<SocketAddr>,
+        /// UDP GSO for runs of equal-sized datagrams (shared with the socket's control,
+        /// switched off for good when the kernel or device refuses it).
+        gso: Rc<Cell<bool>>,
+        /// The largest datagram the socket's family can carry.
+        max_payload: usize,
+    },
+}
+
+impl Transport {
+    /// Refuses, before queueing, a write the transport can never send.
+    pub(crate) fn check_write(&self, len: usize) -> Result<()> {
+        match self {
+            Transport::Datagram { max_payload, .. } if len > *max_payload => {
+                Err(Error::from_errno(
+                    format!("write of a {len}-byte datagram (at most {max_payload} fit in one)"),
+                    libc::EMSGSIZE,
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends one batch (see `ops::send_stream_batch` and `ops_datagram::send_batch`).
+    pub(crate) async fn send_batch(
+        &self,
+        fd: &SharedFd,
+        bufs: Vec<Bytes>,
+        report: &mut BatchReport,
+    ) -> (io::Result<()>, Progress, Vec<Bytes>) {
+        match self {
+            Transport::Stream => ops::send_stream_batch(fd, bufs, report).await,
+            Transport::Datagram { dest, gso, .. } => {
+                ops_datagram::send_batch(fd, bufs, *dest, gso, report).await
+            }
+        }
+    }
+}

@@ -1,0 +1,238 @@
+//! DatagramSocket tests that need a network of their own: multicast to sockets sharing a
+//! port (in this process and in another one), and datagrams dropped on purpose by an
+//! nftables rule. Each creates a network namespace (root, iproute2, nftables); where it
+//! cannot, it prints "skipped: <why>" and returns.
+
+mod util;
+
+use std::collections::HashSet;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use ringsock::runtime::timeout;
+use ringsock::{Backend, DatagramSocket};
+use util::netns::Netns;
+
+const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 7, 7);
+/// Set in the child process of `multicast_reaches_every_sharer`.
+const CHILD_ENV: &str = "RINGSOCK_TEST_MULTICAST_CHILD";
+
+fn sharer(port: u16) -> DatagramSocket {
+    let socket = DatagramSocket::new();
+    socket.control().set_multicast_only(true).unwrap();
+    socket
+        .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+        .unwrap();
+    socket.join_multicast_group(IpAddr::V4(GROUP)).unwrap();
+    socket
+}
+
+/// The child's part: share the port, say "ready", print the one datagram it gets.
+fn child(port: u16) {
+    let runtime = ringsock::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let socket = sharer(port);
+        println!("ready");
+        let datagram = timeout(Duration::from_secs(30), socket.recv())
+            .await
+            .expect("child: no multicast datagram within 30 s")
+            .unwrap();
+        println!("got {}", datagram.text().unwrap());
+    });
+}
+
+#[test]
+fn multicast_reaches_every_sharer() {
+    if let Ok(port) = std::env::var(CHILD_ENV) {
+        return child(port.parse().unwrap());
+    }
+    let netns = match Netns::create("mcast") {
+        Ok(netns) => netns,
+        Err(why) => return println!("skipped: {why}"),
+    };
+    // Loopback carries multicast only with the flag and a route.
+    netns
+        .exec(&["ip", "link", "set", "lo", "multicast", "on"])
+        .unwrap();
+    netns
+        .exec(&["ip", "route", "add", "224.0.0.0/4", "dev", "lo"])
+        .unwrap();
+    let name = netns.name().to_owned();
+    netns.run(move || {
+        for backend in util::BACKENDS {
+            let name = name.clone();
+            util::on_backend(backend, &move |backend: Backend| {
+                let name = name.clone();
+                async move {
+                    // Two sockets here on one port...
+                    let first = sharer(0);
+                    let port = first.local_addr().unwrap().port();
+                    let second = sharer(port);
+                    // ... and one in another process.
+                    let exe = std::env::current_exe().unwrap();
+                    let mut process = Command::new("ip")
+                        .args(["netns", "exec", &name])
+                        .arg(exe)
+                        .args([
+                            "--exact",
+                            "multicast_reaches_every_sharer",
+                            "--nocapture",
+                            "--test-threads=1",
+                        ])
+                        .env(CHILD_ENV, port.to_string())
+                        .env("RINGSOCK_BACKEND", backend.to_string())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .unwrap();
+                    let mut lines = BufReader::new(process.stdout.take().unwrap()).lines();
+                    let mut wait_for = |prefix: &str| loop {
+                        let line = lines
+                            .next()
+                            .unwrap_or_else(|| panic!("child ended before {prefix:?}"))
+                            .unwrap();
+                        // libtest may print "test NAME ... " on the same line first.
+                        if let Some(at) = line.find(prefix) {
+                            return line[at + prefix.len()..].to_owned();
+                        }
+                    };
+                    wait_for("ready");
+
+                    let sender = DatagramSocket::new();
+                    sender.control().set_multicast_loop(true).unwrap();
+                    sender.control().set_multicast_hop_limit(1).unwrap();
+                    let to = SocketAddr::new(IpAddr::V4(GROUP), port);
+                    sender
+                        .send_to_addr(b"to the group".to_vec(), to)
+                        .await
+                        .0
+                        .unwrap();
+
+                    for socket in [&first, &second] {
+                        let datagram = socket.recv().await.unwrap();
+                        assert_eq!(datagram.text().unwrap(), "to the group");
+                    }
+                    assert_eq!(wait_for("got "), "to the group");
+                    assert!(process.wait().unwrap().success());
+
+                    // Leaving works once (Linux keeps delivering the group to sockets
+                    // bound to 0.0.0.0 while another socket holds it: IP_MULTICAST_ALL).
+                    first.leave_multicast_group(IpAddr::V4(GROUP)).unwrap();
+                    assert!(first.leave_multicast_group(IpAddr::V4(GROUP)).is_err());
+                }
+            });
+        }
+    });
+}
+
+/// Counter of the drop rule in the namespace's nftables chain.
+fn nft_dropped(netns: &Netns) -> u64 {
+    let listing = netns
+        .exec(&["nft", "list", "chain", "inet", "ringsock", "out"])
+        .unwrap();
+    let at = listing
+        .find("counter packets ")
+        .expect("rule with a counter");
+    listing[at + "counter packets ".len()..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[test]
+fn datagrams_dropped_on_purpose_are_counted_and_the_rest_arrive_intact() {
+    let netns = match Netns::create("loss") {
+        Ok(netns) => netns,
+        Err(why) => return println!("skipped: {why}"),
+    };
+    let table = netns
+        .exec(&["nft", "add", "table", "inet", "ringsock"])
+        .and_then(|_| {
+            netns.exec(&[
+                "nft",
+                "add chain inet ringsock out { type filter hook input priority 0; policy accept; }",
+            ])
+        });
+    if let Err(why) = table {
+        return println!("skipped: nftables unavailable ({why}); CI installs the nftables package");
+    }
+    let netns = std::sync::Arc::new(netns);
+    let inside = netns.clone();
+    netns.run(move || {
+        util::on_each_backend(|_| {
+            let netns = inside.clone();
+            async move {
+                const TOTAL: u32 = 3000;
+                let receiver = DatagramSocket::new();
+                receiver.control().set_receive_buffer_size(4 << 20).unwrap();
+                receiver.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+                let to = receiver.local_addr().unwrap();
+                netns.exec(&["nft", "flush", "chain", "inet", "ringsock", "out"]).unwrap();
+                let rule = format!(
+                    "add rule inet ringsock out udp dport {} numgen random mod 10 == 0 counter drop",
+                    to.port()
+                );
+                netns.exec(&["nft", &rule]).unwrap();
+
+                let sender = DatagramSocket::new();
+                // On loopback a GSO super-datagram stays one packet until the receiving
+                // socket, so nftables would count (and drop) runs, not datagrams.
+                sender.control().set_segmentation_offload(false);
+                let output = sender.output_stream_to_addr(to).unwrap();
+                let sizes = util::pseudo_random_bytes(5, TOTAL as usize);
+                let expected = |seq: u32| {
+                    let len = 4 + sizes[seq as usize] as usize * 5;
+                    let mut bytes = util::pseudo_random_bytes(1000 + seq as u64, len);
+                    bytes[..4].copy_from_slice(&seq.to_le_bytes());
+                    bytes
+                };
+                let mut seen = HashSet::new();
+                let mut batch = Vec::new();
+                for first in (0..TOTAL).step_by(64) {
+                    for seq in first..(first + 64).min(TOTAL) {
+                        output.write(expected(seq)).await.unwrap();
+                    }
+                    output.flush().await.unwrap();
+                    // Drain as we go, so the socket's queue never overflows.
+                    while let Ok(result) = timeout(Duration::ZERO, receiver.recv_batch(&mut batch, 256)).await {
+                        result.unwrap();
+                    }
+                }
+                let dropped_by_rule = nft_dropped(&netns);
+                assert!(dropped_by_rule > 0, "the rule drops about 10%");
+                loop {
+                    for datagram in batch.drain(..) {
+                        let seq = u32::from_le_bytes(datagram[..4].try_into().unwrap());
+                        assert!(seq < TOTAL);
+                        assert!(datagram.data() == &expected(seq)[..], "datagram {seq} corrupted");
+                        assert!(seen.insert(seq), "datagram {seq} received twice");
+                    }
+                    let socket_drops = receiver.receive_stats().dropped;
+                    let accounted = seen.len() as u64 + dropped_by_rule + socket_drops;
+                    assert!(accounted <= TOTAL as u64);
+                    if accounted == TOTAL as u64 {
+                        break;
+                    }
+                    match timeout(Duration::from_secs(2), receiver.recv_batch(&mut batch, 256)).await {
+                        Ok(result) => {
+                            result.unwrap();
+                        }
+                        Err(_) => eprintln!(
+                            "waiting: received {} nftables {dropped_by_rule} socket {socket_drops}",
+                            seen.len(),
+                        ),
+                    }
+                }
+                let lost = TOTAL as u64 - seen.len() as u64;
+                println!(
+                    "sent {TOTAL}, received {}, lost {lost} (nftables dropped {dropped_by_rule})",
+                    seen.len()
+                );
+                assert_eq!(lost, dropped_by_rule + receiver.receive_stats().dropped);
+            }
+        });
+    });
+}

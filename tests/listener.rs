@@ -1,0 +1,234 @@
+//! StreamSocketListener: binding, addresses, accepting one by one, as a stream, from
+//! several tasks, and surviving descriptor exhaustion.
+
+mod util;
+
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::rc::Rc;
+
+use ringsock::{Backend, HostName, SocketErrorStatus, StreamSocketListener};
+
+#[test]
+fn local_addr_reports_the_real_port_of_port_zero() {
+    util::on_each_backend(|_| async {
+        let listener =
+            StreamSocketListener::bind_host(&HostName::new("127.0.0.1").unwrap(), "0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        assert_eq!(addr.ip(), IpAddr::V4(Ipv4Addr::LOCALHOST));
+        assert_ne!(addr.port(), 0);
+        let (client, server) = util::connected_pair(&listener).await;
+        assert_eq!(client.peer_addr().unwrap(), addr);
+        assert_eq!(server.local_addr().unwrap(), addr);
+
+        // On every address (dual-stack where the system has IPv6): still a real port,
+        // reachable over IPv4 loopback.
+        let any = StreamSocketListener::bind("0").unwrap();
+        let addr = any.local_addr().unwrap();
+        assert!(addr.ip().is_unspecified(), "{addr}");
+        assert_ne!(addr.port(), 0);
+        let client = util::connect(SocketAddr::from((Ipv4Addr::LOCALHOST, addr.port()))).await;
+        let server = util::must("accept", any.accept()).await.unwrap();
+        // A dual-stack socket sees the IPv4 peer as an IPv4-mapped IPv6 address.
+        let peer = server.peer_addr().unwrap();
+        assert_eq!(peer.port(), client.local_addr().unwrap().port());
+        let mapped = match peer.ip() {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map(IpAddr::V4),
+            v4 => Some(v4),
+        };
+        assert_eq!(mapped, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+    });
+}
+
+#[test]
+fn binding_a_port_in_use_or_a_foreign_address_fails_with_its_status() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+        let err = StreamSocketListener::bind_addr(addr)
+            .err()
+            .expect("the port is taken");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::AddressAlreadyInUse,
+            "{err}"
+        );
+        assert!(err.to_string().contains(&format!("bind {addr}")), "{err}");
+
+        // 192.0.2.1 (TEST-NET-1) is never an address of this machine.
+        let foreign = SocketAddr::from(([192, 0, 2, 1], 0));
+        let err = StreamSocketListener::bind_addr(foreign)
+            .err()
+            .expect("not a local address");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::CannotAssignRequestedAddress,
+            "{err}"
+        );
+        // The listener that holds the port is unaffected.
+        util::connected_pair(&listener).await;
+    });
+}
+
+#[test]
+fn incoming_yields_each_connection_in_order() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+        let mut clients = Vec::new();
+        for _ in 0..5 {
+            clients.push(util::connect(addr).await);
+        }
+        let mut incoming = listener.incoming();
+        for (i, client) in clients.iter().enumerate() {
+            let server = util::must("incoming", util::next(&mut incoming))
+                .await
+                .expect("incoming never ends")
+                .expect("accepted");
+            assert_eq!(
+                server.peer_addr().unwrap(),
+                client.local_addr().unwrap(),
+                "connection {i}"
+            );
+            ringsock::spawn(util::echo(server));
+            util::round_trip(client, format!("connection {i}").as_bytes()).await;
+        }
+        // The stream keeps yielding connections made after it started.
+        let late = util::connect(addr).await;
+        let server = util::must("incoming", util::next(&mut incoming))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(server.peer_addr().unwrap(), late.local_addr().unwrap());
+    });
+}
+
+#[test]
+fn concurrent_accepts_each_get_a_different_connection() {
+    util::on_each_backend(|_| async {
+        let listener = Rc::new(util::loopback_listener());
+        let addr = listener.local_addr().unwrap();
+        const TASKS: usize = 8;
+        let acceptors: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let listener = listener.clone();
+                ringsock::spawn(async move {
+                    let socket = listener.accept().await.expect("accept");
+                    socket.peer_addr().unwrap()
+                })
+            })
+            .collect();
+        // Let every acceptor start waiting before any connection arrives.
+        util::yield_now().await;
+        let mut clients = Vec::new();
+        for _ in 0..TASKS {
+            clients.push(util::connect(addr).await);
+        }
+        let mut peers = HashSet::new();
+        for acceptor in acceptors {
+            peers.insert(util::must("acceptor", acceptor).await);
+        }
+        let expected: HashSet<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
+        assert_eq!(peers, expected);
+    });
+}
+
+/// Set in the environment of the child process that runs [`emfile_child`]; its value
+/// names the driver.
+const EMFILE_CHILD: &str = "RINGSOCK_TEST_EMFILE_CHILD";
+
+/// The EMFILE scenario lowers RLIMIT_NOFILE and exhausts descriptors, which would break
+/// the tests running in parallel threads of this process; so it runs alone in a child
+/// process: this test binary again, filtered to `emfile_child`.
+#[test]
+fn accept_reports_too_many_open_files_and_recovers() {
+    util::on_each_backend(|backend| async move {
+        let exe = std::env::current_exe().expect("test binary path");
+        let output = std::process::Command::new(exe)
+            .args([
+                "emfile_child",
+                "--exact",
+                "--ignored",
+                "--test-threads=1",
+                "--nocapture",
+            ])
+            .env(EMFILE_CHILD, backend.to_string())
+            .output()
+            .expect("run the child test process");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stdout.contains("1 passed"),
+            "child on {backend} failed ({}):\n{stdout}\n{stderr}",
+            output.status
+        );
+        assert!(stdout.contains(&format!("EMFILE scenario passed on {backend}")));
+    });
+}
+
+#[test]
+#[ignore = "run in a child process by accept_reports_too_many_open_files_and_recovers"]
+fn emfile_child() {
+    let Ok(backend) = std::env::var(EMFILE_CHILD) else {
+        eprintln!("{EMFILE_CHILD} is not set: only meaningful in its own process");
+        return;
+    };
+    let backend: Backend = backend.parse().expect("a driver name");
+    util::on_backend(backend, &|backend| async move {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+
+        // A soft limit a little above the highest descriptor in use, then every free
+        // descriptor under it taken but one, which the client socket takes.
+        let (soft, _) = util::nofile_limit();
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .expect("some descriptors are open");
+        let limit = highest + 1 + 32;
+        util::set_nofile_soft(limit);
+        let mut hogs = Vec::new();
+        // Bounded: fewer than `limit` descriptors are free under the new limit.
+        for _ in 0..limit {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => hogs.push(file),
+                Err(err) if err.raw_os_error() == Some(libc::EMFILE) => break,
+                Err(err) => panic!("open /dev/null: {err}"),
+            }
+        }
+        assert!(
+            std::fs::File::open("/dev/null").is_err(),
+            "descriptors left"
+        );
+        hogs.pop();
+        let client = util::connect(addr).await;
+
+        // The connection waits in the backlog; taking it needs a descriptor.
+        for attempt in 0..2 {
+            let err = util::must("accept", listener.accept())
+                .await
+                .expect_err("no descriptor is free");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::TooManyOpenFiles,
+                "attempt {attempt}: {err}"
+            );
+            assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        }
+
+        // Descriptors free up: the waiting connection is accepted and works.
+        drop(hogs);
+        let server = util::must("accept", listener.accept())
+            .await
+            .expect("accept after descriptors were freed");
+        assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+        ringsock::spawn(util::echo(server));
+        util::round_trip(&client, b"still serving").await;
+        // And new connections too.
+        let (next, _) = util::connected_pair(&listener).await;
+        drop(next);
+        util::set_nofile_soft(soft);
+        println!("EMFILE scenario passed on {backend}");
+    });
+}
