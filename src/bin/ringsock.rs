@@ -12,7 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
+use ringsock::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
@@ -39,6 +40,58 @@ enum Command {
     EchoServer(EchoServerArgs),
     /// Sends one line (TCP) or one datagram (--udp) to an echo server and prints the reply.
     EchoClient(EchoClientArgs),
+    /// Benchmarks (../shared/BENCHMARKS.md): with --json one run and one JSON line,
+    /// else the default matrix and a table.
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// One run: print exactly one JSON line (else: the default matrix and a table).
+    #[arg(long)]
+    json: bool,
+    /// Workload (repeatable in the matrix as a filter).
+    #[arg(long, value_enum)]
+    workload: Vec<Workload>,
+    /// Implementation measured (repeatable in the matrix as a filter; default for a
+    /// run: ringsock-uring).
+    #[arg(long = "impl", value_enum)]
+    imp: Vec<Impl>,
+    /// Message size in bytes (default: tcp-batch 1024, echo 64).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(8..=bench::options::MAX_SIZE as u64))]
+    size: Option<u64>,
+    /// Messages per group.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_BATCH as u64))]
+    batch: u64,
+    /// Messages (tcp-batch) or measured round trips (echo); default: the suite's count.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    count: Option<u64>,
+    /// tcp-echo-conns: connections (default 64).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_CONNS as u64))]
+    conns: Option<u64>,
+    /// Measured side on CPU 0 and the plain std peer on CPU 1.
+    #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+    pin: String,
+    /// tcp-batch, ringsock impls: flush per group, wait-all on the write handles, or
+    /// each write awaited alone.
+    #[arg(long, value_enum, default_value_t = Pattern::Flush)]
+    pattern: Pattern,
+    /// tcp-batch: the receiver checks every Nth message's sequence number (wait-all:
+    /// always every message).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    verify_stride: u64,
+    /// Watchdog for one run: give up after this many seconds (0: never).
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Matrix: multiply every default count by this.
+    #[arg(long, default_value_t = 1.0)]
+    scale: f64,
+    /// Matrix: rounds (impls alternate within a row); the table shows medians.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+    repeat: u64,
+    /// Matrix: also print each run's JSON line.
+    #[arg(long)]
+    raw: bool,
 }
 
 #[derive(Args, Clone)]
@@ -115,6 +168,7 @@ fn main() -> ExitCode {
         Some(Command::Demo(args)) => demo(args),
         Some(Command::EchoServer(args)) => echo_server(args),
         Some(Command::EchoClient(args)) => echo_client(args),
+        Some(Command::Bench(args)) => return bench_command(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -419,6 +473,162 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
         })??;
     println!("{}", String::from_utf8_lossy(reply.data()));
     Ok(())
+}
+
+/// `ringsock bench`: one run (`--json`) or the matrix.
+fn bench_command(args: BenchArgs) -> ExitCode {
+    if args.json {
+        bench_one(&args)
+    } else {
+        bench_matrix(&args)
+    }
+}
+
+/// A usage error: clap's format, exit status 2.
+fn usage_error(message: impl std::fmt::Display) -> ! {
+    let mut command = Cli::command();
+    // Built, the subcommand knows its full name ("ringsock bench") for the usage line.
+    command.build();
+    let bench = command.find_subcommand_mut("bench").cloned();
+    let mut command = bench.unwrap_or(command);
+    command
+        .error(clap::error::ErrorKind::ArgumentConflict, message)
+        .exit()
+}
+
+fn bench_options(args: &BenchArgs) -> Options {
+    if args.workload.len() > 1 || args.imp.len() > 1 {
+        usage_error("with --json, give at most one --workload and one --impl");
+    }
+    for (flag, given) in [
+        ("--scale", args.scale != 1.0),
+        ("--repeat", args.repeat != 1),
+        ("--raw", args.raw),
+    ] {
+        if given {
+            usage_error(format!("{flag} applies to the matrix (without --json)"));
+        }
+    }
+    let workload = args.workload.first().copied().unwrap_or(Workload::TcpBatch);
+    let imp = args.imp.first().copied().unwrap_or(Impl::RingsockUring);
+    let mut options = Options::new(workload, imp);
+    options.size = args.size.map_or(options.size, |s| s as usize);
+    options.batch = args.batch as usize;
+    options.pattern = args.pattern;
+    options.count = args
+        .count
+        .unwrap_or_else(|| workload.default_count(options.size, imp, args.pattern));
+    options.conns = args.conns.map_or(options.conns, |c| c as usize);
+    options.pin = args.pin == "on";
+    options.verify_stride = args.verify_stride;
+    if let Err(message) = options.validate() {
+        usage_error(message);
+    }
+    options
+}
+
+fn bench_one(args: &BenchArgs) -> ExitCode {
+    let options = bench_options(args);
+    if args.timeout > 0 {
+        let (watched, secs) = (options.clone(), args.timeout);
+        std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_secs(secs));
+            let error = bench::RunError::new(
+                ringsock::SocketErrorStatus::ConnectionTimedOut,
+                format!("the run did not finish within {secs} s (--timeout)"),
+            );
+            let report = bench::Report::failed(&watched, 0, error.clone());
+            println!("{}", report.to_json_line());
+            flush_stdout();
+            eprintln!("error: {error}");
+            std::process::exit(1);
+        });
+    }
+    match bench::run(&options) {
+        Ok(report) => {
+            println!("{}", report.to_json_line());
+            flush_stdout();
+            match &report.error {
+                None => ExitCode::SUCCESS,
+                Some(error) => {
+                    eprintln!("error: {error}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(err) => {
+            let error = bench::RunError::from_error(&err);
+            println!(
+                "{}",
+                bench::Report::failed(&options, 0, error).to_json_line()
+            );
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn bench_matrix(args: &BenchArgs) -> ExitCode {
+    let single = [
+        ("--size", args.size.is_some()),
+        ("--count", args.count.is_some()),
+        ("--conns", args.conns.is_some()),
+        ("--batch", args.batch != 64),
+        ("--pattern", args.pattern != Pattern::Flush),
+        ("--verify-stride", args.verify_stride != 1),
+    ];
+    for (flag, given) in single {
+        if given {
+            usage_error(format!(
+                "{flag} applies to one run (--json); the matrix uses its own"
+            ));
+        }
+    }
+    if !(args.scale > 0.0 && args.scale.is_finite()) {
+        usage_error("--scale must be a positive number");
+    }
+    let options = MatrixOptions {
+        scale: args.scale,
+        pin: args.pin == "on",
+        workloads: args.workload.clone(),
+        impls: args.imp.clone(),
+        repeat: args.repeat as usize,
+        progress: true,
+    };
+    let exe = match std::env::current_exe() {
+        Ok(exe) => exe,
+        Err(err) => {
+            let err = Error::io("find this program", err);
+            eprintln!("error: {}: {err}", err.status());
+            return ExitCode::FAILURE;
+        }
+    };
+    let raw = args.raw;
+    let result = bench::matrix::run(&exe, &options, |line| {
+        if raw {
+            println!("{line}");
+        }
+    });
+    match result {
+        Ok(matrix) => {
+            print!("{}", matrix.table());
+            flush_stdout();
+            if matrix.failures() == 0 {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!(
+                    "error: {}: {} cells had failed runs",
+                    ringsock::SocketErrorStatus::Unknown,
+                    matrix.failures()
+                );
+                ExitCode::FAILURE
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn flush_stdout() {

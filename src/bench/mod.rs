@@ -1,0 +1,71 @@
+//! The benchmark workloads of `ringsock bench`, exactly as ../shared/BENCHMARKS.md defines
+//! them, measured against the same plain std peers as the peers harness.
+//!
+//! Only with the `cli` feature (the default).
+//!
+//! - [`options`]: what a run measures ([`Workload`], [`Impl`], [`Pattern`], [`Options`]).
+//! - [`report`]: what it measured ([`Report`]) and its one JSON line.
+//! - [`cpu`]: pinning (measured side on CPU 0, peer on CPU 1) and CPU accounting.
+//! - [`peer`]: the plain std receiver, echo server and client threads.
+//! - `tcp_batch`, `tcp_echo`: one module per workload family.
+//! - [`matrix`]: the default matrix, each row in a child process, and its table.
+//!
+//! ```no_run
+//! use ringsock::bench::{self, Impl, Options, Workload};
+//!
+//! let mut options = Options::new(Workload::TcpBatch, Impl::RingsockUring);
+//! options.size = 64;
+//! options.count = 100_000;
+//! let report = bench::run(&options)?;
+//! println!("{}", report.to_json_line());
+//! # Ok::<_, ringsock::Error>(())
+//! ```
+//!
+//! # Adding a workload
+//!
+//! 1. A variant of [`Workload`] with its name, default size, counts and matrix sizes.
+//! 2. A module (`udp_batch.rs`, ...) with `pub(crate) fn run(&Options) -> Result<Report>`;
+//!    the peers it needs go to [`peer`], next to the TCP ones.
+//! 3. One arm in [`run`]. The CLI, the JSON line, the matrix and its table follow.
+
+use std::thread::JoinHandle;
+
+pub mod cpu;
+pub mod matrix;
+pub mod options;
+pub mod peer;
+pub mod report;
+mod tcp_batch;
+mod tcp_echo;
+
+pub use options::{Impl, Options, Pattern, Workload};
+pub use report::{Latency, Report, RunError};
+
+/// Runs one measurement on this thread (pinned to CPU 0 when `options.pin`), its peers on
+/// threads of their own.
+///
+/// A failed check (order lost, a short stream, a wrong echo) is not an `Err`: it comes
+/// back as a [`Report`] whose `error` is set, with what was delivered. `Err` means the
+/// run could not be set up (bad options, a runtime that cannot start).
+pub fn run(options: &Options) -> crate::Result<Report> {
+    options.validate().map_err(crate::Error::invalid_input)?;
+    if options.pin {
+        cpu::pin_to(cpu::MEASURED_CPU)
+            .map_err(|e| crate::Error::io("pin the measured thread to CPU 0", e))?;
+    }
+    match options.workload {
+        Workload::TcpBatch => tcp_batch::run(options),
+        Workload::TcpEchoRtt => tcp_echo::run_rtt(options),
+        Workload::TcpEchoConns => tcp_echo::run_conns(options),
+    }
+}
+
+/// Joins a peer thread: its result, or an error saying it panicked.
+pub(crate) fn join_peer<T>(
+    handle: JoinHandle<std::io::Result<T>>,
+    what: &str,
+) -> std::io::Result<T> {
+    handle
+        .join()
+        .map_err(|_| peer::bench_error(format!("the {what} thread panicked")))?
+}

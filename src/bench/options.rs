@@ -1,0 +1,323 @@
+//! What one benchmark run measures: workload, implementation, sizes, counts, pinning.
+
+use std::fmt;
+
+/// A workload of ../shared/BENCHMARKS.md.
+///
+/// Adding one: a variant here (its name, default size, default counts and matrix sizes
+/// below), a `run` function in a module of its family, and one arm in
+/// [`super::run`]. The CLI, the JSON line, the matrix and the table pick it up from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Workload {
+    /// One TCP connection; M messages of S bytes in groups of B, a flush per group, to a
+    /// plain std receiver thread.
+    TcpBatch,
+    /// One TCP connection; 64-byte ping-pong against a plain blocking std echo thread.
+    TcpEchoRtt,
+    /// C connections doing 64-byte ping-pong against the measured side as echo server,
+    /// driven by one plain std client thread.
+    TcpEchoConns,
+}
+
+impl Workload {
+    /// Every workload, in matrix order.
+    pub const ALL: [Workload; 3] = [
+        Workload::TcpBatch,
+        Workload::TcpEchoRtt,
+        Workload::TcpEchoConns,
+    ];
+
+    /// The name used on the command line and in the JSON line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::TcpBatch => "tcp-batch",
+            Workload::TcpEchoRtt => "tcp-echo-rtt",
+            Workload::TcpEchoConns => "tcp-echo-conns",
+        }
+    }
+
+    /// Message size when `--size` is not given.
+    pub fn default_size(self) -> usize {
+        match self {
+            Workload::TcpBatch => 1024,
+            Workload::TcpEchoRtt | Workload::TcpEchoConns => ECHO_SIZE,
+        }
+    }
+
+    /// The only size the workload accepts, if it is fixed.
+    pub fn fixed_size(self) -> Option<usize> {
+        match self {
+            Workload::TcpBatch => None,
+            Workload::TcpEchoRtt | Workload::TcpEchoConns => Some(ECHO_SIZE),
+        }
+    }
+
+    /// Sizes of the default matrix.
+    pub fn matrix_sizes(self) -> &'static [usize] {
+        match self {
+            Workload::TcpBatch => &[64, 1024, 16384],
+            Workload::TcpEchoRtt | Workload::TcpEchoConns => &[ECHO_SIZE],
+        }
+    }
+
+    /// The messages (batch workloads) or measured round trips (echo workloads) a run
+    /// does when `--count` is not given: the peers harness's suite counts, so a run takes
+    /// about 0.5-3 s on the 2-core reference machine.
+    pub fn default_count(self, size: usize, imp: Impl, pattern: Pattern) -> u64 {
+        let k = 1000;
+        match self {
+            Workload::TcpBatch => {
+                let column = match size {
+                    0..=255 => 0,
+                    256..=4095 => 1,
+                    _ => 2,
+                };
+                let slow = imp == Impl::StdPerWrite || pattern == Pattern::PerWrite;
+                let row: [u64; 3] = if slow {
+                    [400, 400, 150]
+                } else {
+                    [8000, 2000, 150]
+                };
+                row[column] * k
+            }
+            Workload::TcpEchoRtt => 50 * k,
+            Workload::TcpEchoConns => 200 * k,
+        }
+    }
+
+    /// Connections when `--conns` is not given.
+    pub fn default_conns(self) -> usize {
+        match self {
+            Workload::TcpEchoConns => 64,
+            _ => 1,
+        }
+    }
+
+    /// Whether the measured side is the receiving / serving one (the peer sends).
+    pub fn measures_server(self) -> bool {
+        matches!(self, Workload::TcpEchoConns)
+    }
+}
+
+impl fmt::Display for Workload {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The size of every echo message.
+pub const ECHO_SIZE: usize = 64;
+
+/// The implementation measured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
+pub enum Impl {
+    /// ringsock on its io_uring driver.
+    RingsockUring,
+    /// ringsock on its epoll driver.
+    RingsockEpoll,
+    /// The baseline: std::net, one blocking system call per message.
+    StdPerWrite,
+}
+
+impl Impl {
+    /// Every implementation, in table column order.
+    pub const ALL: [Impl; 3] = [Impl::RingsockUring, Impl::RingsockEpoll, Impl::StdPerWrite];
+
+    /// The name used on the command line and in the JSON line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Impl::RingsockUring => "ringsock-uring",
+            Impl::RingsockEpoll => "ringsock-epoll",
+            Impl::StdPerWrite => "std-per-write",
+        }
+    }
+
+    /// The ringsock backend, for the ringsock impls.
+    pub fn backend(self) -> Option<crate::Backend> {
+        match self {
+            Impl::RingsockUring => Some(crate::Backend::Uring),
+            Impl::RingsockEpoll => Some(crate::Backend::Epoll),
+            Impl::StdPerWrite => None,
+        }
+    }
+}
+
+impl fmt::Display for Impl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// How the ringsock tcp-batch sender waits for a group (the seed's three patterns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum Pattern {
+    /// B writes queued, then one `flush().await` (FlushAsync): the workload definition.
+    #[default]
+    Flush,
+    /// B writes queued, then all B write handles awaited together, no flush
+    /// (Task.WaitAll). The receiver checks every message's sequence number.
+    WaitAll,
+    /// Each write awaited alone before the next (one send per message).
+    PerWrite,
+}
+
+impl Pattern {
+    /// The name used on the command line and in the JSON line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pattern::Flush => "flush",
+            Pattern::WaitAll => "wait-all",
+            Pattern::PerWrite => "per-write",
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Most messages per group: the OutputStream's default bound on pending writes.
+pub const MAX_BATCH: usize = 4096;
+/// Largest message.
+pub const MAX_SIZE: usize = 1 << 20;
+/// Most connections of tcp-echo-conns.
+pub const MAX_CONNS: usize = 1024;
+
+/// One benchmark run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    /// What is measured.
+    pub workload: Workload,
+    /// Who is measured.
+    pub imp: Impl,
+    /// Message size in bytes (at least 8: the sequence header).
+    pub size: usize,
+    /// Messages per group.
+    pub batch: usize,
+    /// Messages (tcp-batch) or measured round trips (echo workloads; tcp-echo-conns: all
+    /// connections together).
+    pub count: u64,
+    /// Connections (tcp-echo-conns).
+    pub conns: usize,
+    /// Measured side on CPU 0, plain std peer on CPU 1.
+    pub pin: bool,
+    /// tcp-batch, ringsock impls: how a group is awaited.
+    pub pattern: Pattern,
+    /// tcp-batch: the receiver checks the sequence header of every Nth message
+    /// (1 = every message; wait-all always checks every message).
+    pub verify_stride: u64,
+}
+
+impl Options {
+    /// The defaults of `workload` and `imp`: default size, batch 64, default count,
+    /// default connections, pinned, flush pattern, every message verified.
+    pub fn new(workload: Workload, imp: Impl) -> Options {
+        let size = workload.default_size();
+        Options {
+            workload,
+            imp,
+            size,
+            batch: 64,
+            count: workload.default_count(size, imp, Pattern::Flush),
+            conns: workload.default_conns(),
+            pin: true,
+            pattern: Pattern::Flush,
+            verify_stride: 1,
+        }
+    }
+
+    /// Checks the combination; the message says what is wrong (a usage error).
+    pub fn validate(&self) -> Result<(), String> {
+        let w = self.workload;
+        if self.size < 8 {
+            return Err("--size must be at least 8 (the sequence header)".into());
+        }
+        if self.size > MAX_SIZE {
+            return Err(format!("--size must be at most {MAX_SIZE}"));
+        }
+        if let Some(fixed) = w.fixed_size() {
+            if self.size != fixed {
+                return Err(format!("{w} uses {fixed}-byte messages (--size {fixed})"));
+            }
+        }
+        if !(1..=MAX_BATCH).contains(&self.batch) {
+            return Err(format!("--batch must be 1..={MAX_BATCH}"));
+        }
+        if self.count == 0 {
+            return Err("--count must be at least 1".into());
+        }
+        if self.verify_stride == 0 {
+            return Err("--verify-stride must be at least 1".into());
+        }
+        let conns_ok = match w {
+            Workload::TcpEchoConns => (1..=MAX_CONNS).contains(&self.conns),
+            _ => self.conns == 1,
+        };
+        if !conns_ok {
+            return Err(match w {
+                Workload::TcpEchoConns => format!("--conns must be 1..={MAX_CONNS}"),
+                _ => format!("--conns applies to tcp-echo-conns only, not {w}"),
+            });
+        }
+        if self.pattern != Pattern::Flush {
+            if w != Workload::TcpBatch {
+                return Err(format!("--pattern applies to tcp-batch only, not {w}"));
+            }
+            if self.imp == Impl::StdPerWrite {
+                return Err("--pattern applies to the ringsock impls only".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The stride the tcp-batch receiver really uses: every message for wait-all, whose
+    /// point is to catch reordering.
+    pub fn effective_stride(&self) -> u64 {
+        if self.pattern == Pattern::WaitAll {
+            1
+        } else {
+            self.verify_stride.max(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_for_every_workload_and_impl() {
+        for w in Workload::ALL {
+            for imp in Impl::ALL {
+                assert_eq!(Options::new(w, imp).validate(), Ok(()), "{w} {imp}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_combinations_are_usage_errors() {
+        let mut o = Options::new(Workload::TcpEchoRtt, Impl::RingsockUring);
+        o.size = 128;
+        assert!(o.validate().unwrap_err().contains("64-byte"));
+        let mut o = Options::new(Workload::TcpBatch, Impl::StdPerWrite);
+        o.pattern = Pattern::WaitAll;
+        assert!(o.validate().is_err());
+        let mut o = Options::new(Workload::TcpBatch, Impl::RingsockUring);
+        o.size = 4;
+        assert!(o.validate().is_err());
+        o.size = 64;
+        o.conns = 2;
+        assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn wait_all_checks_every_message() {
+        let mut o = Options::new(Workload::TcpBatch, Impl::RingsockUring);
+        o.verify_stride = 1024;
+        assert_eq!(o.effective_stride(), 1024);
+        o.pattern = Pattern::WaitAll;
+        assert_eq!(o.effective_stride(), 1);
+    }
+}

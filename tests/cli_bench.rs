@@ -1,0 +1,275 @@
+//! `ringsock bench --json`: every workload and impl, tiny counts, through the built
+//! binary. Checks the JSON line and what was delivered; never a timing.
+
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+fn ringsock(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(args)
+        .output()
+        .expect("run the ringsock binary")
+}
+
+/// Where io_uring cannot start, a ringsock-uring run says so; skip it then, loudly,
+/// unless RINGSOCK_REQUIRE_URING is set.
+fn uring_unavailable(imp: &str, output: &Output) -> bool {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let skip = imp == "ringsock-uring"
+        && !output.status.success()
+        && stderr.contains("io_uring was forced")
+        && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none();
+    if skip {
+        eprintln!("skipped on io_uring: {}", stderr.trim());
+    }
+    skip
+}
+
+/// Runs one `bench --json`; its JSON line, after checking it is the only line and
+/// carries every documented field. `None` when skipped.
+fn bench_json(args: &[&str]) -> Option<(Output, Value)> {
+    let mut all = vec!["bench", "--json", "--pin", "off"];
+    all.extend_from_slice(args);
+    let output = ringsock(&all);
+    let imp = args
+        .windows(2)
+        .find(|w| w[0] == "--impl")
+        .map_or("ringsock-uring", |w| w[1]);
+    if uring_unavailable(imp, &output) {
+        return None;
+    }
+    let stdout = String::from_utf8(output.stdout.clone()).expect("UTF-8 output");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line, got {stdout:?}");
+    let value: Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    for field in [
+        "impl",
+        "workload",
+        "size",
+        "batch",
+        "count",
+        "secs",
+        "msgs_per_s",
+        "mb_per_s",
+        "delivered",
+        "p50_us",
+        "p99_us",
+        "p999_us",
+        "syscalls_per_msg",
+    ] {
+        assert!(
+            value.get(field).is_some(),
+            "{field} missing in {}",
+            lines[0]
+        );
+    }
+    Some((output, value))
+}
+
+/// A run that must succeed: exit 0, no error, everything delivered.
+fn check_ok(args: &[&str], count: u64) -> Option<Value> {
+    let (output, value) = bench_json(args)?;
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        value
+    );
+    assert!(value.get("error").is_none(), "{value}");
+    assert_eq!(value["count"].as_u64(), Some(count), "{value}");
+    assert_eq!(value["delivered"].as_u64(), Some(count), "{value}");
+    assert!(
+        value["msgs_per_s"].as_f64().is_some_and(|x| x > 0.0),
+        "{value}"
+    );
+    assert!(value["syscalls_per_msg"].as_f64().is_some(), "{value}");
+    Some(value)
+}
+
+const IMPLS: [&str; 3] = ["ringsock-uring", "ringsock-epoll", "std-per-write"];
+
+#[test]
+fn tcp_batch_every_impl_and_size() {
+    for imp in IMPLS {
+        for size in ["64", "1024", "16384"] {
+            let args = [
+                "--workload",
+                "tcp-batch",
+                "--impl",
+                imp,
+                "--size",
+                size,
+                "--count",
+                "3001",
+            ];
+            if let Some(v) = check_ok(&args, 3001) {
+                assert_eq!(v["impl"], imp);
+                assert_eq!(v["workload"], "tcp-batch");
+                assert!(v["p50_us"].is_null());
+                assert_eq!(v["size"].as_u64(), size.parse().ok());
+                assert_eq!(v["pin"], "off");
+            }
+        }
+    }
+}
+
+#[test]
+fn tcp_batch_patterns_keep_order() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for pattern in ["flush", "wait-all", "per-write"] {
+            for size in ["64", "16384"] {
+                let args = [
+                    "--workload",
+                    "tcp-batch",
+                    "--impl",
+                    imp,
+                    "--pattern",
+                    pattern,
+                    "--size",
+                    size,
+                    "--count",
+                    "2000",
+                ];
+                if let Some(v) = check_ok(&args, 2000) {
+                    let expected = (pattern != "flush").then_some(pattern);
+                    assert_eq!(v["pattern"].as_str(), expected, "{v}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn tcp_batch_batched_sends_cost_one_enter_per_group_on_uring() {
+    let args = [
+        "--workload",
+        "tcp-batch",
+        "--impl",
+        "ringsock-uring",
+        "--size",
+        "64",
+        "--count",
+        "6400",
+    ];
+    if let Some(v) = check_ok(&args, 6400) {
+        // Counted, not timed: a group of 64 must not cost more than 2 system calls.
+        let calls = v["syscalls_per_msg"].as_f64().unwrap();
+        assert!(calls <= 2.0 / 64.0 + 1e-9, "{v}");
+    }
+}
+
+#[test]
+fn tcp_echo_rtt_every_impl() {
+    for imp in IMPLS {
+        let args = [
+            "--workload",
+            "tcp-echo-rtt",
+            "--impl",
+            imp,
+            "--count",
+            "300",
+        ];
+        if let Some(v) = check_ok(&args, 300) {
+            for p in ["p50_us", "p99_us", "p999_us"] {
+                assert!(v[p].as_f64().is_some_and(|x| x > 0.0), "{v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn tcp_echo_conns_every_impl() {
+    for imp in IMPLS {
+        let args = [
+            "--workload",
+            "tcp-echo-conns",
+            "--impl",
+            imp,
+            "--conns",
+            "8",
+            "--count",
+            "800",
+        ];
+        if let Some(v) = check_ok(&args, 800) {
+            assert_eq!(v["conns"].as_u64(), Some(8), "{v}");
+            assert!(v["p99_us"].as_f64().is_some(), "{v}");
+        }
+    }
+}
+
+#[test]
+fn order_lost_is_reported_with_what_came_in_order() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for pattern in ["flush", "wait-all"] {
+            let args = [
+                "bench",
+                "--json",
+                "--pin",
+                "off",
+                "--impl",
+                imp,
+                "--pattern",
+                pattern,
+                "--size",
+                "64",
+                "--count",
+                "640",
+            ];
+            let output = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(args)
+                .env("RINGSOCK_BENCH_FAULT", "swap")
+                .output()
+                .expect("run the ringsock binary");
+            if uring_unavailable(imp, &output) {
+                continue;
+            }
+            assert_eq!(output.status.code(), Some(1), "{args:?}");
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            let v: Value = serde_json::from_str(stdout.trim()).expect("one JSON line");
+            assert_eq!(v["error"], "order lost", "{v}");
+            assert_eq!(v["fault"], "swap", "{v}");
+            assert_eq!(
+                v["delivered"].as_u64(),
+                Some(1),
+                "only message 0 came in order: {v}"
+            );
+            assert!(v["msgs_per_s"].is_null(), "{v}");
+            let stderr = String::from_utf8_lossy(&output.stderr);
+            assert!(stderr.starts_with("error: Unknown: order lost"), "{stderr}");
+        }
+    }
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let cases: [&[&str]; 6] = [
+        &["bench", "--json", "--workload", "nope"],
+        &["bench", "--json", "--impl", "tokio"],
+        &["bench", "--json", "--size", "4"],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "tcp-echo-rtt",
+            "--size",
+            "128",
+        ],
+        &[
+            "bench",
+            "--json",
+            "--impl",
+            "std-per-write",
+            "--pattern",
+            "wait-all",
+        ],
+        &["bench", "--json", "--workload", "tcp-batch", "--conns", "4"],
+    ];
+    for args in cases {
+        let output = ringsock(args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+    }
+}
