@@ -198,6 +198,136 @@ fn tcp_echo_conns_every_impl() {
     }
 }
 
+/// A receive buffer this large holds every datagram of these tiny runs: none can be
+/// lost (the kernel caps SO_RCVBUF at net.core.rmem_max; where that is small, loss is
+/// possible and only its accounting is checked).
+const NO_LOSS_RCVBUF: u64 = 16 << 20;
+
+/// A UDP run: exit 0, no error, `delivered + lost == count`, and everything delivered
+/// where no loss is possible.
+fn check_udp(args: &[&str], count: u64) -> Option<Value> {
+    let (output, value) = bench_json(args)?;
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}\n{value}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(value.get("error").is_none(), "{value}");
+    assert_eq!(value["count"].as_u64(), Some(count), "{value}");
+    let delivered = value["delivered"].as_u64().unwrap();
+    assert_eq!(
+        delivered + value["lost"].as_u64().unwrap(),
+        count,
+        "{value}"
+    );
+    if value["rcvbuf"]
+        .as_u64()
+        .is_some_and(|b| b >= NO_LOSS_RCVBUF)
+    {
+        assert_eq!(delivered, count, "{value}");
+    }
+    assert!(value["syscalls_per_msg"].as_f64().is_some(), "{value}");
+    for field in ["cpu0_busy", "cpu1_busy", "cpu_us_per_msg"] {
+        assert!(value.get(field).is_some(), "{field} missing in {value}");
+    }
+    Some(value)
+}
+
+#[test]
+fn udp_batch_every_impl() {
+    for imp in IMPLS {
+        for size in ["64", "1400"] {
+            let args = [
+                "--workload",
+                "udp-batch",
+                "--impl",
+                imp,
+                "--size",
+                size,
+                "--count",
+                "2000",
+            ];
+            if let Some(v) = check_udp(&args, 2000) {
+                assert_eq!(v["workload"], "udp-batch");
+                assert!(v["msgs_per_s"].as_f64().is_some_and(|x| x > 0.0), "{v}");
+                assert!(v["p50_us"].is_null(), "{v}");
+                assert!(v.get("rx_kernel_drops").is_some(), "{v}");
+            }
+        }
+    }
+}
+
+#[test]
+fn udp_batch_sends_a_group_in_one_enter_on_uring() {
+    let args = [
+        "--workload",
+        "udp-batch",
+        "--impl",
+        "ringsock-uring",
+        "--size",
+        "172",
+        "--count",
+        "6400",
+    ];
+    if let Some(v) = check_udp(&args, 6400) {
+        // Counted, not timed: a group of 64 datagrams must not cost more than 2 calls.
+        let calls = v["syscalls_per_msg"].as_f64().unwrap();
+        assert!(calls <= 2.0 / 64.0 + 1e-9, "{v}");
+    }
+}
+
+#[test]
+fn udp_recv_every_impl() {
+    for imp in IMPLS {
+        for size in ["172", "1200"] {
+            let args = [
+                "--workload",
+                "udp-recv",
+                "--impl",
+                imp,
+                "--size",
+                size,
+                "--count",
+                "3000",
+            ];
+            if let Some(v) = check_udp(&args, 3000) {
+                assert_eq!(v["workload"], "udp-recv");
+                for field in [
+                    "sender_msgs_per_s",
+                    "cpu0_us_per_msg",
+                    "kernel_drops",
+                    "rcvbuf",
+                ] {
+                    assert!(v.get(field).is_some(), "{field} missing in {v}");
+                }
+                if imp != "std-per-write" {
+                    assert!(v["deliveries"].as_u64().is_some(), "{v}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn udp_echo_rtt_every_impl() {
+    for imp in IMPLS {
+        let args = [
+            "--workload",
+            "udp-echo-rtt",
+            "--impl",
+            imp,
+            "--count",
+            "300",
+        ];
+        if let Some(v) = check_ok(&args, 300) {
+            assert_eq!(v["size"].as_u64(), Some(172), "{v}");
+            for p in ["p50_us", "p99_us", "p999_us"] {
+                assert!(v[p].as_f64().is_some_and(|x| x > 0.0), "{v}");
+            }
+        }
+    }
+}
+
 #[test]
 fn order_lost_is_reported_with_what_came_in_order() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
@@ -243,8 +373,33 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 6] = [
+    let cases: [&[&str]; 10] = [
         &["bench", "--json", "--workload", "nope"],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "udp-echo-rtt",
+            "--size",
+            "64",
+        ],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "udp-batch",
+            "--size",
+            "65508",
+        ],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "udp-recv",
+            "--batch",
+            "129",
+        ],
+        &["bench", "--json", "--workload", "udp-recv", "--conns", "2"],
         &["bench", "--json", "--impl", "tokio"],
         &["bench", "--json", "--size", "4"],
         &[

@@ -94,6 +94,14 @@ impl CpuSample {
         }
         Some((b.0.saturating_sub(a.0) as f64 / total as f64).min(1.0))
     }
+
+    /// The seconds `cpu` was busy between `self` and `later` (10 ms ticks).
+    pub fn busy_secs_until(&self, later: &CpuSample, cpu: usize) -> Option<f64> {
+        let (a, b) = (self.0.get(cpu)?, later.0.get(cpu)?);
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        (ticks > 0).then(|| b.0.saturating_sub(a.0) as f64 / ticks as f64)
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-use super::options::{Impl, Pattern, Workload};
+use super::options::{Impl, Options, Workload};
 use crate::{Error, Result};
 
 /// What the matrix runs.
@@ -58,6 +58,11 @@ pub struct Cell {
 }
 
 impl Cell {
+    /// The row's name: the workload.
+    pub fn label(&self) -> String {
+        self.workload.to_string()
+    }
+
     /// Median of a numeric field over the runs that did not fail.
     pub fn median(&self, field: &str) -> Option<f64> {
         let mut xs: Vec<f64> = self
@@ -114,7 +119,9 @@ pub fn plan(options: &MatrixOptions) -> Vec<Cell> {
     for workload in Workload::ALL.iter().filter(|w| selected(w)) {
         for &size in workload.matrix_sizes() {
             for &imp in &impls {
-                let count = workload.default_count(size, imp, Pattern::Flush) as f64;
+                let mut run = Options::new(*workload, imp);
+                run.size = size;
+                let count = run.default_count() as f64;
                 cells.push(Cell {
                     workload: *workload,
                     size,
@@ -176,7 +183,7 @@ pub fn run(exe: &Path, options: &MatrixOptions, mut on_line: impl FnMut(&str)) -
         for cell in cells.iter_mut() {
             bar.set_message(format!(
                 "{} {} B {} (round {}/{rounds})",
-                cell.workload,
+                cell.label(),
                 cell.size,
                 cell.imp,
                 round + 1
@@ -238,10 +245,11 @@ impl Matrix {
         self.cells.iter().filter(|c| c.failure().is_some()).count()
     }
 
-    fn cell(&self, workload: Workload, size: usize, imp: Impl) -> Option<&Cell> {
+    /// The cell of `row`'s workload and size, for `imp`.
+    fn cell(&self, row: &Cell, imp: Impl) -> Option<&Cell> {
         self.cells
             .iter()
-            .find(|c| c.workload == workload && c.size == size && c.imp == imp)
+            .find(|c| c.workload == row.workload && c.size == row.size && c.imp == imp)
     }
 
     /// The table: one row per workload and size, a column per impl, then the speed-up of
@@ -268,12 +276,12 @@ impl Matrix {
                 continue;
             }
             seen.push(key);
-            let mut row = vec![cell.workload.name().to_string(), cell.size.to_string()];
+            let mut row = vec![cell.label(), cell.size.to_string()];
             for &imp in &self.impls {
-                let text = match self.cell(cell.workload, cell.size, imp) {
+                let text = match self.cell(cell, imp) {
                     Some(c) => {
                         if let Some(failure) = c.failure() {
-                            notes.push(format!("{} {} B {}: {failure}", c.workload, c.size, imp));
+                            notes.push(format!("{} {} B {}: {failure}", c.label(), c.size, imp));
                         }
                         cell_text(c)
                     }
@@ -282,9 +290,9 @@ impl Matrix {
                 row.push(text);
             }
             if baseline {
-                let base = self.cell(cell.workload, cell.size, Impl::StdPerWrite);
+                let base = self.cell(cell, Impl::StdPerWrite);
                 for &imp in &ours {
-                    let ratio = match (self.cell(cell.workload, cell.size, imp), base) {
+                    let ratio = match (self.cell(cell, imp), base) {
                         (Some(ours), Some(base)) => speedup(ours, base),
                         _ => None,
                     };
@@ -295,9 +303,10 @@ impl Matrix {
         }
         let mut out = render(&rows);
         out.push_str(
-            "\ntcp-batch: messages/s (system calls per message); tcp-echo-rtt: p50 / p99 \
+            "\ntcp-batch, udp-batch: messages/s sent (system calls per message).\nudp-recv: \
+             datagrams/s received (CPU 0 us per datagram, lost).\necho-rtt: p50 / p99 \
              round trip in us; tcp-echo-conns: round trips/s (p99 us).\nSpeed-up over \
-             std-per-write: rate ratio; for tcp-echo-rtt the p50 ratio (std p50 / ours).\n",
+             std-per-write: rate ratio; for echo-rtt the p50 ratio (std p50 / ours).\n",
         );
         let runs = self.cells.first().map_or(0, |c| c.runs.len());
         if runs > 1 {
@@ -326,21 +335,37 @@ fn speedup_name(imp: Impl) -> String {
 
 fn speedup(ours: &Cell, base: &Cell) -> Option<f64> {
     match ours.workload {
-        Workload::TcpEchoRtt => Some(base.median("p50_us")? / ours.median("p50_us")?),
+        Workload::TcpEchoRtt | Workload::UdpEchoRtt => {
+            Some(base.median("p50_us")? / ours.median("p50_us")?)
+        }
         _ => Some(ours.median("msgs_per_s")? / base.median("msgs_per_s")?),
     }
 }
 
 fn cell_text(cell: &Cell) -> String {
     let rate = fmt_rate(cell.median("msgs_per_s"));
+    let calls = || {
+        cell.median("syscalls_per_msg")
+            .map_or("-".into(), |x| format!("{x:.3}"))
+    };
+    // Median share of the datagrams that did not arrive, when any did not.
+    let lost = || {
+        let lost = cell.median("lost")?;
+        (lost > 0.0).then(|| format!("{:.1}%", 100.0 * lost / cell.count.max(1) as f64))
+    };
     let text = match cell.workload {
-        Workload::TcpBatch => {
-            let calls = cell
-                .median("syscalls_per_msg")
-                .map_or("-".into(), |x| format!("{x:.3}"));
-            format!("{rate} ({calls})")
+        Workload::TcpBatch => format!("{rate} ({})", calls()),
+        Workload::UdpBatch => match lost() {
+            Some(lost) => format!("{rate} ({}, lost {lost})", calls()),
+            None => format!("{rate} ({})", calls()),
+        },
+        Workload::UdpRecv => {
+            let cpu = cell
+                .median("cpu0_us_per_msg")
+                .map_or("-".into(), |x| format!("{x:.2}"));
+            format!("{rate} ({cpu}, lost {})", lost().unwrap_or("0".into()))
         }
-        Workload::TcpEchoRtt => format!(
+        Workload::TcpEchoRtt | Workload::UdpEchoRtt => format!(
             "{} / {}",
             fmt_num(cell.median("p50_us")),
             fmt_num(cell.median("p99_us"))
@@ -411,7 +436,7 @@ mod tests {
     #[test]
     fn the_default_plan_covers_every_workload_size_and_impl() {
         let cells = plan(&MatrixOptions::default());
-        assert_eq!(cells.len(), (3 + 1 + 1) * 3);
+        assert_eq!(cells.len(), (3 + 4 + 2 + 1 + 1 + 1) * 3);
         let scaled = plan(&MatrixOptions {
             scale: 0.01,
             ..MatrixOptions::default()

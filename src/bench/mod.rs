@@ -6,8 +6,11 @@
 //! - [`options`]: what a run measures ([`Workload`], [`Impl`], [`Pattern`], [`Options`]).
 //! - [`report`]: what it measured ([`Report`]) and its one JSON line.
 //! - [`cpu`]: pinning (measured side on CPU 0, peer on CPU 1) and CPU accounting.
-//! - [`peer`]: the plain std receiver, echo server and client threads.
-//! - `tcp_batch`, `tcp_echo`: one module per workload family.
+//! - [`peer`]: the plain std TCP receiver, echo server and client threads;
+//!   [`udp_peer`]: the plain std UDP receiver, GSO flood sender and echo thread.
+//! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
+//!   senders' message buffers.
+
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
 //! ```no_run
@@ -24,19 +27,23 @@
 //! # Adding a workload
 //!
 //! 1. A variant of [`Workload`] with its name, default size, counts and matrix sizes.
-//! 2. A module (`udp_batch.rs`, ...) with `pub(crate) fn run(&Options) -> Result<Report>`;
-//!    the peers it needs go to [`peer`], next to the TCP ones.
+//! 2. A function `pub(crate) fn run_x(&Options) -> Result<Report>` in the module of its
+//!    family; the plain peers it needs go to [`peer`] (TCP) or [`udp_peer`] (UDP).
 //! 3. One arm in [`run`]. The CLI, the JSON line, the matrix and its table follow.
 
 use std::thread::JoinHandle;
 
 pub mod cpu;
+mod group;
 pub mod matrix;
 pub mod options;
 pub mod peer;
 pub mod report;
 mod tcp_batch;
 mod tcp_echo;
+mod udp;
+mod udp_echo;
+pub mod udp_peer;
 
 pub use options::{Impl, Options, Pattern, Workload};
 pub use report::{Latency, Report, RunError};
@@ -55,7 +62,10 @@ pub fn run(options: &Options) -> crate::Result<Report> {
     }
     match options.workload {
         Workload::TcpBatch => tcp_batch::run(options),
+        Workload::UdpBatch => udp::run_batch(options),
+        Workload::UdpRecv => udp::run_recv(options),
         Workload::TcpEchoRtt => tcp_echo::run_rtt(options),
+        Workload::UdpEchoRtt => udp_echo::run_echo_rtt(options),
         Workload::TcpEchoConns => tcp_echo::run_conns(options),
     }
 }

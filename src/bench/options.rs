@@ -12,8 +12,16 @@ pub enum Workload {
     /// One TCP connection; M messages of S bytes in groups of B, a flush per group, to a
     /// plain std receiver thread.
     TcpBatch,
+    /// M datagrams of S bytes in groups of B, a flush per group, to a plain std receiver
+    /// thread with a large receive buffer; the send rate and what arrived.
+    UdpBatch,
+    /// The receiving side alone: a plain std sender floods datagrams of S bytes with UDP
+    /// GSO; the measured side receives them. Datagrams/s, lost, receiver CPU per datagram.
+    UdpRecv,
     /// One TCP connection; 64-byte ping-pong against a plain blocking std echo thread.
     TcpEchoRtt,
+    /// 172-byte datagram ping-pong against a plain blocking std echo thread.
+    UdpEchoRtt,
     /// C connections doing 64-byte ping-pong against the measured side as echo server,
     /// driven by one plain std client thread.
     TcpEchoConns,
@@ -21,9 +29,12 @@ pub enum Workload {
 
 impl Workload {
     /// Every workload, in matrix order.
-    pub const ALL: [Workload; 3] = [
+    pub const ALL: [Workload; 6] = [
         Workload::TcpBatch,
+        Workload::UdpBatch,
+        Workload::UdpRecv,
         Workload::TcpEchoRtt,
+        Workload::UdpEchoRtt,
         Workload::TcpEchoConns,
     ];
 
@@ -31,24 +42,47 @@ impl Workload {
     pub fn name(self) -> &'static str {
         match self {
             Workload::TcpBatch => "tcp-batch",
+            Workload::UdpBatch => "udp-batch",
+            Workload::UdpRecv => "udp-recv",
             Workload::TcpEchoRtt => "tcp-echo-rtt",
+            Workload::UdpEchoRtt => "udp-echo-rtt",
             Workload::TcpEchoConns => "tcp-echo-conns",
         }
+    }
+
+    /// Whether the workload runs over UDP.
+    pub fn is_udp(self) -> bool {
+        matches!(
+            self,
+            Workload::UdpBatch | Workload::UdpRecv | Workload::UdpEchoRtt
+        )
     }
 
     /// Message size when `--size` is not given.
     pub fn default_size(self) -> usize {
         match self {
             Workload::TcpBatch => 1024,
+            Workload::UdpBatch | Workload::UdpRecv => VOIP_SIZE,
             Workload::TcpEchoRtt | Workload::TcpEchoConns => ECHO_SIZE,
+            Workload::UdpEchoRtt => UDP_ECHO_SIZE,
         }
     }
 
     /// The only size the workload accepts, if it is fixed.
     pub fn fixed_size(self) -> Option<usize> {
         match self {
-            Workload::TcpBatch => None,
+            Workload::TcpBatch | Workload::UdpBatch | Workload::UdpRecv => None,
             Workload::TcpEchoRtt | Workload::TcpEchoConns => Some(ECHO_SIZE),
+            Workload::UdpEchoRtt => Some(UDP_ECHO_SIZE),
+        }
+    }
+
+    /// The largest message: one UDP datagram over IPv4, else [`MAX_SIZE`].
+    pub fn max_size(self) -> usize {
+        if self.is_udp() {
+            MAX_DATAGRAM
+        } else {
+            MAX_SIZE
         }
     }
 
@@ -56,7 +90,11 @@ impl Workload {
     pub fn matrix_sizes(self) -> &'static [usize] {
         match self {
             Workload::TcpBatch => &[64, 1024, 16384],
+            // 172 = RTP header + 20 ms of G.711; 1400 = a VPN tunnel packet.
+            Workload::UdpBatch => &[64, 172, 1200, 1400],
+            Workload::UdpRecv => &[172, 1200],
             Workload::TcpEchoRtt | Workload::TcpEchoConns => &[ECHO_SIZE],
+            Workload::UdpEchoRtt => &[UDP_ECHO_SIZE],
         }
     }
 
@@ -80,7 +118,17 @@ impl Workload {
                 };
                 row[column] * k
             }
-            Workload::TcpEchoRtt => 50 * k,
+            Workload::UdpBatch => {
+                let slow = imp == Impl::StdPerWrite;
+                if slow {
+                    150 * k
+                } else {
+                    600 * k
+                }
+            }
+            // The same for every receiver, so that `lost` compares.
+            Workload::UdpRecv => 300 * k,
+            Workload::TcpEchoRtt | Workload::UdpEchoRtt => 50 * k,
             Workload::TcpEchoConns => 200 * k,
         }
     }
@@ -95,7 +143,7 @@ impl Workload {
 
     /// Whether the measured side is the receiving / serving one (the peer sends).
     pub fn measures_server(self) -> bool {
-        matches!(self, Workload::TcpEchoConns)
+        matches!(self, Workload::TcpEchoConns | Workload::UdpRecv)
     }
 }
 
@@ -105,8 +153,17 @@ impl fmt::Display for Workload {
     }
 }
 
-/// The size of every echo message.
+/// The size of every tcp-echo message.
 pub const ECHO_SIZE: usize = 64;
+/// The size of every udp-echo-rtt datagram (and the default UDP size): an RTP header and
+/// 20 ms of G.711.
+pub const UDP_ECHO_SIZE: usize = 172;
+const VOIP_SIZE: usize = UDP_ECHO_SIZE;
+/// The largest UDP payload over IPv4.
+pub const MAX_DATAGRAM: usize = 65507;
+/// Most datagrams in one GSO send of the udp-recv flood (`--batch`): the kernel's limit
+/// since Linux 6.2 (64 before).
+pub const MAX_GSO_SEGMENTS: usize = 128;
 
 /// The implementation measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -228,14 +285,21 @@ impl Options {
         }
     }
 
+    /// The count of these options when none is given: [`Workload::default_count`] of
+    /// their size, impl and pattern.
+    pub fn default_count(&self) -> u64 {
+        self.workload
+            .default_count(self.size, self.imp, self.pattern)
+    }
+
     /// Checks the combination; the message says what is wrong (a usage error).
     pub fn validate(&self) -> Result<(), String> {
         let w = self.workload;
         if self.size < 8 {
             return Err("--size must be at least 8 (the sequence header)".into());
         }
-        if self.size > MAX_SIZE {
-            return Err(format!("--size must be at most {MAX_SIZE}"));
+        if self.size > w.max_size() {
+            return Err(format!("--size must be at most {} for {w}", w.max_size()));
         }
         if let Some(fixed) = w.fixed_size() {
             if self.size != fixed {
@@ -245,6 +309,12 @@ impl Options {
         if !(1..=MAX_BATCH).contains(&self.batch) {
             return Err(format!("--batch must be 1..={MAX_BATCH}"));
         }
+        if w == Workload::UdpRecv && self.batch > MAX_GSO_SEGMENTS {
+            return Err(format!(
+                "udp-recv: --batch is the flood's datagrams per GSO send, 1..={MAX_GSO_SEGMENTS}"
+            ));
+        }
+
         if self.count == 0 {
             return Err("--count must be at least 1".into());
         }
@@ -309,6 +379,23 @@ mod tests {
         assert!(o.validate().is_err());
         o.size = 64;
         o.conns = 2;
+        assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn udp_sizes_and_flags() {
+        let mut o = Options::new(Workload::UdpBatch, Impl::RingsockUring);
+        assert_eq!(o.size, 172);
+        o.size = MAX_DATAGRAM;
+        assert_eq!(o.validate(), Ok(()));
+        o.size = MAX_DATAGRAM + 1;
+        assert!(o.validate().unwrap_err().contains("65507"));
+        let mut o = Options::new(Workload::UdpRecv, Impl::StdPerWrite);
+        o.batch = MAX_GSO_SEGMENTS + 1;
+        assert!(o.validate().is_err());
+        let mut o = Options::new(Workload::UdpEchoRtt, Impl::RingsockEpoll);
+        assert_eq!(o.size, UDP_ECHO_SIZE);
+        o.size = 64;
         assert!(o.validate().is_err());
     }
 

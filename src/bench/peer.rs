@@ -73,10 +73,14 @@ pub struct RxOutcome {
 /// it reads into a 256 KiB buffer until it has `count * size` bytes, checking the
 /// sequence header of every `stride`-th message.
 ///
+/// `stream` is the accepted std socket, or a rustls server over it (tcp-batch `--tls`);
+/// give the socket a read timeout ([`PEER_WAIT`]) first, so that a stalled sender ends
+/// the run instead of hanging it.
+///
 /// After an order violation it stops checking but reads on to the end of the stream, so
 /// the sender finishes normally and the run reports what it delivered in order.
-pub fn spawn_receiver(
-    stream: TcpStream,
+pub fn spawn_receiver<R: Read + Send + 'static>(
+    stream: R,
     size: usize,
     count: u64,
     stride: u64,
@@ -90,8 +94,7 @@ pub fn spawn_receiver(
         })
 }
 
-fn receive(mut stream: TcpStream, size: usize, count: u64, stride: u64) -> io::Result<RxOutcome> {
-    stream.set_read_timeout(Some(PEER_WAIT))?;
+fn receive(mut stream: impl Read, size: usize, count: u64, stride: u64) -> io::Result<RxOutcome> {
     let cpu0 = cpu::thread_cpu_secs();
     let mut reads = 0u64;
     let want = count * size as u64;

@@ -2,6 +2,7 @@
 
 use serde_json::{json, Value};
 
+use super::cpu::{self, CpuSample};
 use super::options::{Options, Pattern, Workload};
 use crate::SocketErrorStatus;
 
@@ -138,10 +139,10 @@ impl Report {
         Some(self.rate_count() as f64 / secs)
     }
 
-    /// Megabytes (10^6) per second in one direction.
+    /// Megabytes (10^6) per second in one direction, of the messages the rate counts.
     pub fn mb_per_s(&self) -> Option<f64> {
         let secs = self.valid_secs()?;
-        Some(self.delivered as f64 * self.options.size as f64 / secs / 1e6)
+        Some(self.rate_count() as f64 * self.options.size as f64 / secs / 1e6)
     }
 
     /// Counted system calls per message.
@@ -154,12 +155,46 @@ impl Report {
         self.secs.filter(|s| *s > 0.0 && self.error.is_none())
     }
 
-    /// Batch workloads: M per second; echo workloads: completed round trips per second.
+    /// Batch workloads: M per second (for udp-batch the send rate: what arrived is
+    /// `delivered`); udp-recv: datagrams received per second; echo workloads: completed
+    /// round trips per second.
     fn rate_count(&self) -> u64 {
         match self.options.workload {
-            Workload::TcpBatch => self.options.count,
-            Workload::TcpEchoRtt | Workload::TcpEchoConns => self.delivered,
+            Workload::TcpBatch | Workload::UdpBatch => self.options.count,
+            Workload::UdpRecv
+            | Workload::TcpEchoRtt
+            | Workload::UdpEchoRtt
+            | Workload::TcpEchoConns => self.delivered,
         }
+    }
+
+    /// Appends a diagnostic key.
+    pub fn push(&mut self, key: &'static str, value: impl Into<Value>) {
+        self.extra.push((key, value.into()));
+    }
+
+    /// Appends `key`: `secs` spread over `n` messages, in microseconds per message
+    /// (null when `n` is 0).
+    pub fn push_per_msg(&mut self, key: &'static str, secs: f64, n: u64) {
+        let value = (n > 0).then(|| round(secs * 1e6 / n as f64, 4));
+        self.push(key, value.map_or(Value::Null, |x| json!(x)));
+    }
+
+    /// Appends `cpu0_busy` and `cpu1_busy`: how busy the measured CPU and the peer's CPU
+    /// were between two samples (which side set the pace; CPU 0 also runs softirq work
+    /// not charged to any thread).
+    pub fn push_busy(&mut self, before: &CpuSample, after: &CpuSample) {
+        self.push_busy_fractions(
+            before.busy_until(after, cpu::MEASURED_CPU),
+            before.busy_until(after, cpu::peer_cpu()),
+        );
+    }
+
+    /// Appends `cpu0_busy` and `cpu1_busy` measured elsewhere (null where unknown).
+    pub fn push_busy_fractions(&mut self, cpu0: Option<f64>, cpu1: Option<f64>) {
+        let busy = |x: Option<f64>| x.map_or(Value::Null, |x| json!(round(x, 3)));
+        self.push("cpu0_busy", busy(cpu0));
+        self.push("cpu1_busy", busy(cpu1));
     }
 
     /// The fields in the order BENCHMARKS.md lists them, then the non-default options

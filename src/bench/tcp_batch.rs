@@ -8,12 +8,12 @@ use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use bytes::{Bytes, BytesMut};
 use serde_json::json;
 
+use super::group::{groups, GroupBuffer};
 use super::options::{Options, Pattern};
 use super::peer::{self, RxOutcome, FILL};
-use super::report::{round, Report};
+use super::report::Report;
 use super::{cpu, join_peer, RunError};
 use crate::net::WriteHandle;
 use crate::runtime::Builder;
@@ -37,13 +37,18 @@ struct Sent {
     short_sends: u64,
 }
 
+// The sending socket stays open until the receiver has everything (closing a socket
+// with unread input resets the connection and throws away what the kernel had not sent
+// yet). After a failed send it is closed at once, so that the receiver sees the end of
+// the stream.
+
 fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
     let runtime = Builder::new().backend(backend).build()?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
     let addr = listener
         .local_addr()
         .map_err(|e| Error::io("local address", e))?;
-    let (sent, rx) = runtime.block_on(async {
+    runtime.block_on(async {
         let socket = StreamSocket::new();
         socket.control().set_no_delay(true)?;
         socket.connect_addr(addr).await?;
@@ -61,44 +66,61 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
         let sent = Sent {
             start,
             cpu_before,
-            result,
             syscalls: after.syscalls() - stats.syscalls(),
             cpu_secs,
             short_sends: output.stats().short_send_recoveries,
+            result,
         };
-        Ok::<_, Error>((sent, rx))
-    })?;
-    // The socket is closed: the receiver finishes or sees the end of the stream.
-    finish(o, sent, rx)
+        let open = sent.result.is_ok().then_some((output, socket));
+        // Nothing is left for this runtime to do: blocking it on the join is fine.
+        let report = finish(o, sent, rx);
+        drop(open);
+        Ok(report)
+    })
+}
+
+/// The baseline's sender: one blocking `write` per message.
+struct StdSender(TcpStream, u64);
+
+impl StdSender {
+    fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
+        peer::write_all_counted(&mut self.0, msg, &mut self.1)
+    }
+
+    fn calls(&self) -> u64 {
+        self.1
+    }
 }
 
 fn run_std_per_write(o: &Options) -> Result<Report> {
-    let (mut client, server) = std_pair()?;
+    let (client, server) = std_pair()?;
     let rx = start_receiver(server, o)?;
+    let mut sender = StdSender(client, 0);
     let mut msg = vec![FILL; o.size];
-    let mut calls = 0u64;
     let cpu_before = cpu::CpuSample::now();
     let cpu0 = cpu::thread_cpu_secs();
     let start = Instant::now();
     let mut result = Ok(());
     for seq in 0..o.count {
         peer::stamp(&mut msg, seq);
-        if let Err(err) = peer::write_all_counted(&mut client, &msg, &mut calls) {
+        if let Err(err) = sender.send(&msg) {
             result = Err(Error::io("write", err));
             break;
         }
     }
     let cpu_secs = cpu::thread_cpu_secs() - cpu0;
-    drop(client);
     let sent = Sent {
         start,
         cpu_before,
-        result,
-        syscalls: calls,
+        syscalls: sender.calls(),
         cpu_secs,
         short_sends: 0,
+        result,
     };
-    finish(o, sent, rx)
+    let open = sent.result.is_ok().then_some(sender);
+    let report = finish(o, sent, rx);
+    drop(open);
+    Ok(report)
 }
 
 /// A connected pair of std sockets with TCP_NODELAY on both ends.
@@ -117,32 +139,31 @@ pub(crate) fn std_pair() -> Result<(TcpStream, TcpStream)> {
     Ok((client, server))
 }
 
-fn start_receiver(
-    server: TcpStream,
-    o: &Options,
-) -> Result<JoinHandle<std::io::Result<RxOutcome>>> {
+type Receiver = JoinHandle<std::io::Result<RxOutcome>>;
+
+/// The plain receiver on `server`.
+fn start_receiver(server: TcpStream, o: &Options) -> Result<Receiver> {
     server
         .set_nodelay(true)
         .map_err(|e| Error::io("set TCP_NODELAY", e))?;
+    server
+        .set_read_timeout(Some(peer::PEER_WAIT))
+        .map_err(|e| Error::io("set SO_RCVTIMEO", e))?;
     peer::spawn_receiver(server, o.size, o.count, o.effective_stride(), o.pin)
         .map_err(|e| Error::io("start the receiver thread", e))
 }
 
-fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -> Result<Report> {
+/// Joins the receiver and turns both sides' results into the report.
+fn finish(o: &Options, sent: Sent, rx: Receiver) -> Report {
     let rx = join_peer(rx, "receiver");
     let mut report = Report::new(o);
     report.syscalls = Some(sent.syscalls);
-    report.extra.push((
-        "cpu_us_per_msg",
-        json!(round(sent.cpu_secs * 1e6 / o.count as f64, 4)),
-    ));
+    report.push_per_msg("cpu_us_per_msg", sent.cpu_secs, o.count);
     if o.imp.backend().is_some() && fault_swap() {
-        report.extra.push(("fault", json!("swap")));
+        report.push("fault", "swap");
     }
     if sent.short_sends > 0 {
-        report
-            .extra
-            .push(("short_send_recoveries", json!(sent.short_sends)));
+        report.push("short_send_recoveries", sent.short_sends);
     }
     let rx = match rx {
         Ok(rx) => rx,
@@ -151,7 +172,7 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
                 Err(sender) => RunError::from_error(&sender).context(format!("sender ({err})")),
                 Ok(()) => RunError::new(SocketErrorStatus::Unknown, err.to_string()),
             });
-            return Ok(report);
+            return report;
         }
     };
     report.delivered = rx.in_order;
@@ -159,24 +180,12 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
     // Which side set the pace. CPU 0 also runs the loopback softirq (partly in
     // ksoftirqd, not charged to the sender thread), so /proc/stat says more than the
     // threads' own CPU times.
-    let after = cpu::CpuSample::now();
-    let busy = |x: Option<f64>| x.map_or(serde_json::Value::Null, |x| json!(round(x, 3)));
-    report.extra.push((
-        "cpu0_busy",
-        busy(sent.cpu_before.busy_until(&after, cpu::MEASURED_CPU)),
-    ));
-    report.extra.push((
-        "cpu1_busy",
-        busy(sent.cpu_before.busy_until(&after, cpu::peer_cpu())),
-    ));
-    report.extra.push((
-        "rx_cpu_us_per_msg",
-        json!(round(rx.cpu_secs * 1e6 / o.count as f64, 4)),
-    ));
-    report.extra.push((
+    report.push_busy(&sent.cpu_before, &cpu::CpuSample::now());
+    report.push_per_msg("rx_cpu_us_per_msg", rx.cpu_secs, o.count);
+    report.push(
         "rx_bytes_per_read",
         json!((rx.bytes as f64 / rx.reads.max(1) as f64).round()),
-    ));
+    );
     if let Some(detail) = rx.order_lost {
         let lost = RunError::new(SocketErrorStatus::Unknown, "order lost");
         report.error = Some(lost.with_detail(detail));
@@ -185,40 +194,35 @@ fn finish(o: &Options, sent: Sent, rx: JoinHandle<std::io::Result<RxOutcome>>) -
     } else if let Some(short) = rx.short {
         report.error = Some(RunError::new(SocketErrorStatus::ConnectionClosed, short));
     }
-    Ok(report)
+    report
 }
 
 /// Sends the M messages, group by group, the way `o.pattern` says.
-async fn send_groups(output: &OutputStream, o: &Options) -> Result<()> {
-    let size = o.size;
-    let mut groups = GroupBuffer::new(size, o.batch);
-    let mut first = 0u64;
+pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()> {
+    let mut buffers = GroupBuffer::new(o.size, o.batch).with_swap(fault_swap());
     let mut handles: Vec<WriteHandle> = Vec::with_capacity(o.batch);
-    while first < o.count {
-        let n = (o.count - first).min(o.batch as u64) as usize;
-        let group = groups.take(first, n);
-        let message = |j: usize| group.slice(j * size..(j + 1) * size);
+    for (first, n) in groups(o.count, o.batch) {
+        let group = buffers.take(first, n);
         match o.pattern {
             Pattern::Flush => {
                 for j in 0..n {
-                    output.write(message(j)).await?;
+                    output.write(buffers.message(&group, j)).await?;
                 }
                 output.flush().await?;
             }
             Pattern::WaitAll => {
                 for j in 0..n {
-                    handles.push(output.write(message(j)).await?);
+                    handles.push(output.write(buffers.message(&group, j)).await?);
                 }
                 wait_all(&mut handles).await?;
             }
             Pattern::PerWrite => {
                 for j in 0..n {
-                    output.write(message(j)).await?.await?;
+                    output.write(buffers.message(&group, j)).await?.await?;
                 }
             }
         }
-        groups.recycle(group);
-        first += n as u64;
+        buffers.recycle(group);
     }
     Ok(())
 }
@@ -253,80 +257,9 @@ pub(crate) fn fault_swap() -> bool {
     std::env::var_os("RINGSOCK_BENCH_FAULT").is_some_and(|v| v == "swap")
 }
 
-/// One group's messages in one buffer, reused once the stream has let go of it, so the
-/// sender neither allocates nor fills per message (as the writev peer reuses its buffer).
-struct GroupBuffer {
-    size: usize,
-    batch: usize,
-    spare: Option<Bytes>,
-    /// Test hook: the first group carries messages 1 and 2 swapped.
-    swap: bool,
-}
-
-impl GroupBuffer {
-    fn new(size: usize, batch: usize) -> GroupBuffer {
-        GroupBuffer {
-            size,
-            batch,
-            spare: None,
-            swap: fault_swap(),
-        }
-    }
-
-    /// The buffer with messages `first..first + n` stamped at the front.
-    fn take(&mut self, first: u64, n: usize) -> Bytes {
-        let mut buf = match self.spare.take().map(Bytes::try_into_mut) {
-            Some(Ok(buf)) => buf,
-            // Still referenced (or the first group): a new one.
-            _ => {
-                let mut buf = BytesMut::with_capacity(self.size * self.batch);
-                buf.resize(self.size * self.batch, FILL);
-                buf
-            }
-        };
-        for j in 0..n {
-            peer::stamp(&mut buf[j * self.size..], first + j as u64);
-        }
-        if self.swap && first == 0 && n >= 3 {
-            peer::stamp(&mut buf[self.size..], 2);
-            peer::stamp(&mut buf[2 * self.size..], 1);
-        }
-        buf.freeze()
-    }
-
-    fn recycle(&mut self, group: Bytes) {
-        self.spare = Some(group);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn a_group_buffer_is_reused_once_released() {
-        let mut groups = GroupBuffer::new(16, 4);
-        let g = groups.take(0, 4);
-        let ptr = g.as_ptr();
-        let slices: Vec<Bytes> = (0..4).map(|j| g.slice(j * 16..(j + 1) * 16)).collect();
-        assert_eq!(peer::read_seq(&slices[3]), 3);
-        drop(slices);
-        groups.recycle(g);
-        let g = groups.take(4, 2);
-        assert_eq!(g.as_ptr(), ptr, "the released buffer is reused");
-        assert_eq!(peer::read_seq(&g[16..]), 5);
-        assert!(g[8..16].iter().all(|&b| b == FILL));
-    }
-
-    #[test]
-    fn a_group_buffer_still_in_use_is_not_overwritten() {
-        let mut groups = GroupBuffer::new(16, 4);
-        let g = groups.take(0, 4);
-        let held = g.slice(0..16);
-        groups.recycle(g);
-        let _next = groups.take(4, 4);
-        assert_eq!(peer::read_seq(&held), 0);
-    }
 
     #[test]
     fn std_pair_connects() {

@@ -5,11 +5,9 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Instant;
 
-use serde_json::json;
-
 use super::options::{Options, ECHO_SIZE};
 use super::peer::{self, ConnsOutcome, ECHO_WARMUP, FILL};
-use super::report::{round, Latency, Report, RunError};
+use super::report::{Latency, Report, RunError};
 use super::tcp_batch::std_pair;
 use super::{cpu, join_peer};
 use crate::runtime::Builder;
@@ -17,12 +15,16 @@ use crate::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener
 
 // ------------------------------------------------------------------ tcp-echo-rtt
 
-/// What an echo client measured.
-struct Client {
-    rtts_ns: Vec<u64>,
-    secs: f64,
-    syscalls: u64,
-    cpu_secs: f64,
+/// What an echo client measured (tcp-echo-rtt and udp-echo-rtt).
+pub(crate) struct Client {
+    /// Round-trip times of the measured round trips, nanoseconds.
+    pub(crate) rtts_ns: Vec<u64>,
+    /// Wall time of the measured round trips.
+    pub(crate) secs: f64,
+    /// System calls the client made during them.
+    pub(crate) syscalls: u64,
+    /// CPU time the client thread used during them.
+    pub(crate) cpu_secs: f64,
 }
 
 /// Runs tcp-echo-rtt: 1,000 warm-up round trips, then `o.count` measured ones, each a
@@ -53,12 +55,23 @@ pub(crate) fn run_rtt(o: &Options) -> Result<Report> {
         }
     };
     let echoed = join_peer(echo, "echo server");
+    Ok(rtt_report(o, client, echoed, total))
+}
+
+/// The report of an echo-rtt run: the client's measurements, checked against what the
+/// echo server says it echoed (`total`: warm-up and measured round trips).
+pub(crate) fn rtt_report(
+    o: &Options,
+    client: Result<Client>,
+    echoed: std::io::Result<u64>,
+    total: u64,
+) -> Report {
     let mut report = Report::new(o);
     let client = match client {
         Ok(client) => client,
         Err(err) => {
             report.error = Some(RunError::from_error(&err).context("client"));
-            return Ok(report);
+            return report;
         }
     };
     match echoed {
@@ -73,11 +86,8 @@ pub(crate) fn run_rtt(o: &Options) -> Result<Report> {
     report.secs = Some(client.secs);
     report.latency = Latency::from_nanos(&client.rtts_ns);
     report.syscalls = Some(client.syscalls);
-    report.extra.push((
-        "cpu_us_per_msg",
-        json!(round(client.cpu_secs * 1e6 / o.count as f64, 4)),
-    ));
-    Ok(report)
+    report.push_per_msg("cpu_us_per_msg", client.cpu_secs, o.count);
+    report
 }
 
 fn start_echo_server(
@@ -119,7 +129,7 @@ async fn ringsock_rtt_client(socket: &StreamSocket, count: u64) -> Result<Client
             }
         }
         let rtt = sent_at.elapsed().as_nanos() as u64;
-        check_echo(&pong, i)?;
+        check_echo(&pong, ECHO_SIZE, i)?;
         if i >= ECHO_WARMUP {
             rtts.push(rtt);
         }
@@ -157,7 +167,7 @@ fn std_rtt_client(mut stream: TcpStream, count: u64) -> Result<Client> {
             return Err(Error::connection_closed("waiting for the echo"));
         }
         let rtt = sent_at.elapsed().as_nanos() as u64;
-        check_echo(&pong, i)?;
+        check_echo(&pong, ECHO_SIZE, i)?;
         if i >= ECHO_WARMUP {
             rtts.push(rtt);
         }
@@ -170,7 +180,14 @@ fn std_rtt_client(mut stream: TcpStream, count: u64) -> Result<Client> {
     })
 }
 
-fn check_echo(pong: &[u8], seq: u64) -> Result<()> {
+/// Checks an echo: `size` bytes carrying sequence number `seq`, then fill bytes.
+pub(crate) fn check_echo(pong: &[u8], size: usize, seq: u64) -> Result<()> {
+    if pong.len() != size {
+        return Err(Error::io(
+            "echo check",
+            peer::bench_error(format!("got {} bytes, expected {size}", pong.len())),
+        ));
+    }
     let got = peer::read_seq(pong);
     if got != seq || pong[8..].iter().any(|&b| b != FILL) {
         return Err(Error::io(
@@ -239,9 +256,7 @@ pub(crate) fn run_conns(o: &Options) -> Result<Report> {
     report.delivered = out.rtts_ns.len() as u64;
     report.secs = Some(out.secs);
     report.latency = Latency::from_nanos(&out.rtts_ns);
-    let busy = |x: Option<f64>| x.map_or(serde_json::Value::Null, |x| json!(round(x, 3)));
-    report.extra.push(("cpu0_busy", busy(out.cpu0_busy)));
-    report.extra.push(("cpu1_busy", busy(out.cpu1_busy)));
+    report.push_busy_fractions(out.cpu0_busy, out.cpu1_busy);
     Ok(report)
 }
 

@@ -57,13 +57,15 @@ struct BenchArgs {
     /// run: ringsock-uring).
     #[arg(long = "impl", value_enum)]
     imp: Vec<Impl>,
-    /// Message size in bytes (default: tcp-batch 1024, echo 64).
+    /// Message size in bytes (default: tcp-batch 1024, udp-batch and udp-recv 172;
+    /// fixed: tcp-echo 64, udp-echo-rtt 172; UDP at most 65507).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=bench::options::MAX_SIZE as u64))]
     size: Option<u64>,
-    /// Messages per group.
+    /// Messages per group (udp-recv: datagrams per GSO send of the flood, at most 128).
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_BATCH as u64))]
     batch: u64,
-    /// Messages (tcp-batch) or measured round trips (echo); default: the suite's count.
+    /// Messages or datagrams (batch workloads, udp-recv) or measured round trips
+    /// (echo); default: the suite's count.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// tcp-echo-conns: connections (default 64).
@@ -515,9 +517,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.size = args.size.map_or(options.size, |s| s as usize);
     options.batch = args.batch as usize;
     options.pattern = args.pattern;
-    options.count = args
-        .count
-        .unwrap_or_else(|| workload.default_count(options.size, imp, args.pattern));
+    options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
     options.pin = args.pin == "on";
     options.verify_stride = args.verify_stride;
