@@ -198,6 +198,28 @@ fn tcp_echo_conns_every_impl() {
     }
 }
 
+#[test]
+fn tcp_batch_through_tls_every_impl() {
+    for imp in IMPLS {
+        for size in ["64", "16384"] {
+            let args = [
+                "--workload",
+                "tcp-batch",
+                "--impl",
+                imp,
+                "--tls",
+                "--size",
+                size,
+                "--count",
+                "3001",
+            ];
+            if let Some(v) = check_ok(&args, 3001) {
+                assert_eq!(v["tls"], "1.3", "{v}");
+            }
+        }
+    }
+}
+
 /// A receive buffer this large holds every datagram of these tiny runs: none can be
 /// lost (the kernel caps SO_RCVBUF at net.core.rmem_max; where that is small, loss is
 /// possible and only its accounting is checked).
@@ -373,8 +395,9 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 10] = [
+    let cases: [&[&str]; 12] = [
         &["bench", "--json", "--workload", "nope"],
+        &["bench", "--json", "--workload", "udp-batch", "--tls"],
         &[
             "bench",
             "--json",
@@ -400,6 +423,7 @@ fn bad_flags_are_usage_errors() {
             "129",
         ],
         &["bench", "--json", "--workload", "udp-recv", "--conns", "2"],
+        &["bench", "--tls"],
         &["bench", "--json", "--impl", "tokio"],
         &["bench", "--json", "--size", "4"],
         &[

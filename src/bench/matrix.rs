@@ -49,6 +49,8 @@ pub struct Cell {
     pub workload: Workload,
     /// Message size.
     pub size: usize,
+    /// Through TLS (tcp-batch `--tls`).
+    pub tls: bool,
     /// The impl.
     pub imp: Impl,
     /// The count every run used.
@@ -58,9 +60,13 @@ pub struct Cell {
 }
 
 impl Cell {
-    /// The row's name: the workload.
+    /// The row's name: the workload, with " tls" through TLS.
     pub fn label(&self) -> String {
-        self.workload.to_string()
+        if self.tls {
+            format!("{} tls", self.workload)
+        } else {
+            self.workload.to_string()
+        }
     }
 
     /// Median of a numeric field over the runs that did not fail.
@@ -111,20 +117,33 @@ pub struct Matrix {
     pub secs: f64,
 }
 
+/// Sizes of the matrix's tcp-batch rows through TLS.
+pub const TLS_SIZES: [usize; 1] = [1024];
+
 /// The cells `options` selects, with the count each runs.
 pub fn plan(options: &MatrixOptions) -> Vec<Cell> {
     let selected = |w: &Workload| options.workloads.is_empty() || options.workloads.contains(w);
     let impls = columns(options);
     let mut cells = Vec::new();
     for workload in Workload::ALL.iter().filter(|w| selected(w)) {
-        for &size in workload.matrix_sizes() {
+        let mut rows: Vec<(usize, bool)> = workload
+            .matrix_sizes()
+            .iter()
+            .map(|&size| (size, false))
+            .collect();
+        if *workload == Workload::TcpBatch {
+            rows.extend(TLS_SIZES.iter().map(|&size| (size, true)));
+        }
+        for (size, tls) in rows {
             for &imp in &impls {
                 let mut run = Options::new(*workload, imp);
                 run.size = size;
+                run.tls = tls;
                 let count = run.default_count() as f64;
                 cells.push(Cell {
                     workload: *workload,
                     size,
+                    tls,
                     imp,
                     count: (count * options.scale).max(1.0) as u64,
                     runs: Vec::new(),
@@ -156,6 +175,9 @@ pub fn child_args(cell: &Cell, pin: bool) -> Vec<String> {
     for (flag, value) in pairs {
         args.push(flag.into());
         args.push(value);
+    }
+    if cell.tls {
+        args.push("--tls".into());
     }
     args
 }
@@ -245,11 +267,11 @@ impl Matrix {
         self.cells.iter().filter(|c| c.failure().is_some()).count()
     }
 
-    /// The cell of `row`'s workload and size, for `imp`.
+    /// The cell of `row`'s workload, size and TLS, for `imp`.
     fn cell(&self, row: &Cell, imp: Impl) -> Option<&Cell> {
-        self.cells
-            .iter()
-            .find(|c| c.workload == row.workload && c.size == row.size && c.imp == imp)
+        self.cells.iter().find(|c| {
+            c.workload == row.workload && c.size == row.size && c.tls == row.tls && c.imp == imp
+        })
     }
 
     /// The table: one row per workload and size, a column per impl, then the speed-up of
@@ -271,7 +293,7 @@ impl Matrix {
         let mut notes = Vec::new();
         let mut seen = Vec::new();
         for cell in &self.cells {
-            let key = (cell.workload, cell.size);
+            let key = (cell.workload, cell.size, cell.tls);
             if seen.contains(&key) {
                 continue;
             }
@@ -436,7 +458,8 @@ mod tests {
     #[test]
     fn the_default_plan_covers_every_workload_size_and_impl() {
         let cells = plan(&MatrixOptions::default());
-        assert_eq!(cells.len(), (3 + 4 + 2 + 1 + 1 + 1) * 3);
+        assert_eq!(cells.len(), (3 + 1 + 4 + 2 + 1 + 1 + 1) * 3);
+        assert_eq!(cells.iter().filter(|c| c.tls).count(), 3);
         let scaled = plan(&MatrixOptions {
             scale: 0.01,
             ..MatrixOptions::default()

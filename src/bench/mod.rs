@@ -9,7 +9,7 @@
 //! - [`peer`]: the plain std TCP receiver, echo server and client threads;
 //!   [`udp_peer`]: the plain std UDP receiver, GSO flood sender and echo thread.
 //! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
-//!   senders' message buffers.
+//!   senders' message buffers; [`tls`]: tcp-batch `--tls` (the built-in test certificate).
 
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
@@ -41,6 +41,7 @@ pub mod peer;
 pub mod report;
 mod tcp_batch;
 mod tcp_echo;
+pub mod tls;
 mod udp;
 mod udp_echo;
 pub mod udp_peer;

@@ -10,7 +10,7 @@ use std::fmt;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
 pub enum Workload {
     /// One TCP connection; M messages of S bytes in groups of B, a flush per group, to a
-    /// plain std receiver thread.
+    /// plain std receiver thread (through TLS 1.3 with `--tls`).
     TcpBatch,
     /// M datagrams of S bytes in groups of B, a flush per group, to a plain std receiver
     /// thread with a large receive buffer; the send rate and what arrived.
@@ -265,11 +265,14 @@ pub struct Options {
     /// tcp-batch: the receiver checks the sequence header of every Nth message
     /// (1 = every message; wait-all always checks every message).
     pub verify_stride: u64,
+    /// tcp-batch: through TLS 1.3 (rustls on both sides; the receiver a rustls server
+    /// over its blocking std socket, with the bench's built-in test certificate).
+    pub tls: bool,
 }
 
 impl Options {
     /// The defaults of `workload` and `imp`: default size, batch 64, default count,
-    /// default connections, pinned, flush pattern, every message verified.
+    /// default connections, pinned, flush pattern, every message verified, no TLS.
     pub fn new(workload: Workload, imp: Impl) -> Options {
         let size = workload.default_size();
         Options {
@@ -282,14 +285,22 @@ impl Options {
             pin: true,
             pattern: Pattern::Flush,
             verify_stride: 1,
+            tls: false,
         }
     }
 
     /// The count of these options when none is given: [`Workload::default_count`] of
-    /// their size, impl and pattern.
+    /// their size, impl and pattern (a quarter of it through TLS at 64 B and 1 KiB,
+    /// where encryption on both sides makes the run slower).
     pub fn default_count(&self) -> u64 {
-        self.workload
-            .default_count(self.size, self.imp, self.pattern)
+        let count = self
+            .workload
+            .default_count(self.size, self.imp, self.pattern);
+        if self.tls && self.size < 4096 {
+            (count / 4).max(1)
+        } else {
+            count
+        }
     }
 
     /// Checks the combination; the message says what is wrong (a usage error).
@@ -314,7 +325,9 @@ impl Options {
                 "udp-recv: --batch is the flood's datagrams per GSO send, 1..={MAX_GSO_SEGMENTS}"
             ));
         }
-
+        if self.tls && w != Workload::TcpBatch {
+            return Err(format!("--tls applies to tcp-batch only, not {w}"));
+        }
         if self.count == 0 {
             return Err("--count must be at least 1".into());
         }
@@ -390,6 +403,9 @@ mod tests {
         assert_eq!(o.validate(), Ok(()));
         o.size = MAX_DATAGRAM + 1;
         assert!(o.validate().unwrap_err().contains("65507"));
+        o.size = 172;
+        o.tls = true;
+        assert!(o.validate().unwrap_err().contains("--tls"));
         let mut o = Options::new(Workload::UdpRecv, Impl::StdPerWrite);
         o.batch = MAX_GSO_SEGMENTS + 1;
         assert!(o.validate().is_err());
@@ -397,6 +413,18 @@ mod tests {
         assert_eq!(o.size, UDP_ECHO_SIZE);
         o.size = 64;
         assert!(o.validate().is_err());
+    }
+
+    #[test]
+    fn tls_runs_are_shorter_for_small_messages() {
+        let mut o = Options::new(Workload::TcpBatch, Impl::RingsockUring);
+        o.size = 64;
+        let plain = o.default_count();
+        o.tls = true;
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.default_count(), plain / 4);
+        o.size = 16384;
+        assert_eq!(o.default_count(), 150_000);
     }
 
     #[test]

@@ -224,6 +224,9 @@ impl Report {
         if o.pattern != Pattern::Flush {
             fields.push(("pattern", json!(o.pattern.name())));
         }
+        if o.tls {
+            fields.push(("tls", json!("1.3")));
+        }
         if !o.pin {
             fields.push(("pin", json!("off")));
         }

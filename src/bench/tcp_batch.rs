@@ -1,7 +1,9 @@
 //! tcp-batch: M messages of S bytes over one TCP connection, in groups of B, to the plain
-//! std receiver. Timed from the first write to the receiver holding all M*S bytes.
+//! std receiver; plain or through TLS 1.3 (`--tls`). Timed from the first write to the
+//! receiver holding all M*S bytes.
 
 use std::future::{poll_fn, Future};
+use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::pin::Pin;
 use std::task::Poll;
@@ -14,10 +16,12 @@ use super::group::{groups, GroupBuffer};
 use super::options::{Options, Pattern};
 use super::peer::{self, RxOutcome, FILL};
 use super::report::Report;
+use super::tls::{self, StdTlsSender};
 use super::{cpu, join_peer, RunError};
 use crate::net::WriteHandle;
 use crate::runtime::Builder;
-use crate::{Error, OutputStream, Result, SocketErrorStatus, StreamSocket};
+use crate::tls::ProtectionLevel;
+use crate::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 
 /// Runs tcp-batch for `o.imp`.
 pub(crate) fn run(o: &Options) -> Result<Report> {
@@ -37,10 +41,10 @@ struct Sent {
     short_sends: u64,
 }
 
-// The sending socket stays open until the receiver has everything (closing a socket
-// with unread input resets the connection and throws away what the kernel had not sent
-// yet). After a failed send it is closed at once, so that the receiver sees the end of
-// the stream.
+// The sending socket stays open until the receiver has everything: closing a socket
+// with unread input (a TLS 1.3 server's session tickets) resets the connection and
+// throws away what the kernel had not sent yet. After a failed send it is closed at
+// once, so that the receiver sees the end of the stream.
 
 fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
     let runtime = Builder::new().backend(backend).build()?;
@@ -51,10 +55,18 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
     runtime.block_on(async {
         let socket = StreamSocket::new();
         socket.control().set_no_delay(true)?;
+        if o.tls {
+            socket.control().set_trusted_roots(tls::trusted_roots()?)?;
+        }
         socket.connect_addr(addr).await?;
         // The connection is already in the backlog: this accept does not block.
         let (server, _) = listener.accept().map_err(|e| Error::io("accept", e))?;
         let rx = start_receiver(server, o)?;
+        if o.tls {
+            // The receiver's first reads run the server side of the handshake.
+            let name = HostName::new(tls::SERVER_NAME)?;
+            socket.upgrade_to_tls(ProtectionLevel::Tls13, &name).await?;
+        }
         let output = socket.output_stream();
         let stats = crate::runtime::driver_stats().unwrap_or_default();
         let cpu_before = cpu::CpuSample::now();
@@ -79,23 +91,37 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
     })
 }
 
-/// The baseline's sender: one blocking `write` per message.
-struct StdSender(TcpStream, u64);
+/// The baseline's sender: one blocking `write` per message (through TLS: one record
+/// and one `write` per message).
+enum StdSender {
+    Plain(TcpStream, u64),
+    Tls(Box<StdTlsSender>),
+}
 
 impl StdSender {
     fn send(&mut self, msg: &[u8]) -> std::io::Result<()> {
-        peer::write_all_counted(&mut self.0, msg, &mut self.1)
+        match self {
+            StdSender::Plain(stream, calls) => peer::write_all_counted(stream, msg, calls),
+            StdSender::Tls(sender) => sender.write_message(msg),
+        }
     }
 
     fn calls(&self) -> u64 {
-        self.1
+        match self {
+            StdSender::Plain(_, calls) => *calls,
+            StdSender::Tls(sender) => sender.calls(),
+        }
     }
 }
 
 fn run_std_per_write(o: &Options) -> Result<Report> {
     let (client, server) = std_pair()?;
     let rx = start_receiver(server, o)?;
-    let mut sender = StdSender(client, 0);
+    let mut sender = if o.tls {
+        StdSender::Tls(Box::new(StdTlsSender::handshake(client)?))
+    } else {
+        StdSender::Plain(client, 0)
+    };
     let mut msg = vec![FILL; o.size];
     let cpu_before = cpu::CpuSample::now();
     let cpu0 = cpu::thread_cpu_secs();
@@ -141,7 +167,7 @@ pub(crate) fn std_pair() -> Result<(TcpStream, TcpStream)> {
 
 type Receiver = JoinHandle<std::io::Result<RxOutcome>>;
 
-/// The plain receiver on `server`.
+/// The plain receiver on `server` (a rustls server over it with `--tls`).
 fn start_receiver(server: TcpStream, o: &Options) -> Result<Receiver> {
     server
         .set_nodelay(true)
@@ -149,7 +175,12 @@ fn start_receiver(server: TcpStream, o: &Options) -> Result<Receiver> {
     server
         .set_read_timeout(Some(peer::PEER_WAIT))
         .map_err(|e| Error::io("set SO_RCVTIMEO", e))?;
-    peer::spawn_receiver(server, o.size, o.count, o.effective_stride(), o.pin)
+    let stream: Box<dyn Read + Send> = if o.tls {
+        Box::new(tls::server_stream(server)?)
+    } else {
+        Box::new(server)
+    };
+    peer::spawn_receiver(stream, o.size, o.count, o.effective_stride(), o.pin)
         .map_err(|e| Error::io("start the receiver thread", e))
 }
 

@@ -82,6 +82,10 @@ struct BenchArgs {
     /// always every message).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     verify_stride: u64,
+    /// tcp-batch: through TLS 1.3 (a rustls receiver; the bench's built-in test
+    /// certificate for localhost).
+    #[arg(long)]
+    tls: bool,
     /// Watchdog for one run: give up after this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -517,10 +521,12 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.size = args.size.map_or(options.size, |s| s as usize);
     options.batch = args.batch as usize;
     options.pattern = args.pattern;
+    options.tls = args.tls;
     options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
     options.pin = args.pin == "on";
     options.verify_stride = args.verify_stride;
+    options.tls = args.tls;
     if let Err(message) = options.validate() {
         usage_error(message);
     }
@@ -576,6 +582,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--batch", args.batch != 64),
         ("--pattern", args.pattern != Pattern::Flush),
         ("--verify-stride", args.verify_stride != 1),
+        ("--tls", args.tls),
     ];
     for (flag, given) in single {
         if given {
