@@ -44,7 +44,39 @@ fn the_demo_tells_the_seeds_story_and_names_its_driver() {
         }
         assert!(stdout.starts_with("server is listening"), "{stdout}");
         assert!(stdout.contains(&format!("driver: {driver}")), "{stdout}");
+        check_batching_table(&stdout, driver);
     }
+}
+
+/// The demo's last story: batched vs per-write, a table with a row per way (the
+/// figures are measured, never checked).
+fn check_batching_table(stdout: &str, driver: &str) {
+    let title = stdout
+        .lines()
+        .find(|l| l.starts_with("batched vs per-write: 64-byte TCP messages in groups of 64"))
+        .unwrap_or_else(|| panic!("no comparison title in\n{stdout}"));
+    assert!(title.contains(&format!("ringsock on {driver}")), "{title}");
+    let header = stdout
+        .lines()
+        .find(|l| l.starts_with("tcp-batch, 64 B x 64"))
+        .unwrap_or_else(|| panic!("no table header in\n{stdout}"));
+    for column in ["msgs/s", "syscalls/msg", "speed-up"] {
+        assert!(header.contains(column), "{header}");
+    }
+    for row in [
+        "ringsock: 64 writes, then one flush",
+        "ringsock: each write awaited alone",
+        "std: one system call per write",
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(row))
+            .unwrap_or_else(|| panic!("no row {row:?} in\n{stdout}"));
+        // A rate, system calls per message and a speed-up: measured, so only present.
+        assert_eq!(line[row.len()..].split_whitespace().count(), 3, "{line}");
+        assert!(line.ends_with('x'), "{line}");
+    }
+    assert!(!stdout.contains("failed:"), "{stdout}");
 }
 
 #[test]

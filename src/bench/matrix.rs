@@ -401,7 +401,8 @@ fn cell_text(cell: &Cell) -> String {
     }
 }
 
-fn fmt_rate(x: Option<f64>) -> String {
+/// A rate with a k or M suffix ("-" when unknown).
+pub(crate) fn fmt_rate(x: Option<f64>) -> String {
     match x {
         Some(x) if x >= 1e6 => format!("{:.2}M", x / 1e6),
         Some(x) if x >= 1e3 => format!("{:.1}k", x / 1e3),
@@ -414,8 +415,9 @@ fn fmt_num(x: Option<f64>) -> String {
     x.map_or("-".into(), |x| format!("{x:.1}"))
 }
 
-/// Left-aligned first column, the rest right-aligned.
-fn render(rows: &[Vec<String>]) -> String {
+/// A table: a rule under the header row, the first column left-aligned, the rest
+/// right-aligned.
+pub(crate) fn render(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
         .map(|i| {

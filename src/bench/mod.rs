@@ -10,6 +10,7 @@
 //!   [`udp_peer`]: the plain std UDP receiver, GSO flood sender and echo thread.
 //! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
 //!   senders' message buffers; [`tls`]: tcp-batch `--tls` (the built-in test certificate).
+//! - [`compare`]: the demo's batched-vs-per-write comparison.
 
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
@@ -33,6 +34,7 @@
 
 use std::thread::JoinHandle;
 
+pub mod compare;
 pub mod cpu;
 mod group;
 pub mod matrix;

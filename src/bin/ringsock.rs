@@ -17,7 +17,8 @@ use ringsock::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workl
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, DatagramSocket, Error, HostName, Runtime, StreamSocket, StreamSocketListener,
+    Backend, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
+    StreamSocketListener,
 };
 
 #[derive(Parser)]
@@ -33,7 +34,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The seed's echo examples in one process (the default command).
+    /// The seed's echo examples in one process, then batched vs per-write sends side by
+    /// side (the default command).
     Demo(BackendArg),
     /// Echoes every byte back on every TCP connection, and every UDP datagram back to
     /// its sender, until SIGINT or SIGTERM.
@@ -235,7 +237,24 @@ fn demo(backend: BackendArg) -> ringsock::Result<()> {
         server.await?;
         udp_demo().await
     })?;
-    println!("driver: {}", runtime.driver_kind());
+    let kind = runtime.driver_kind();
+    println!("driver: {kind}");
+    drop(runtime);
+    batching_demo(kind)
+}
+
+/// Batched sends against one send per write: a few seconds of tcp-batch, 64-byte
+/// messages in groups of 64, on the demo's engine (the bench module does the work).
+fn batching_demo(kind: DriverKind) -> ringsock::Result<()> {
+    let ringsock = match kind {
+        DriverKind::Uring => Impl::RingsockUring,
+        DriverKind::Epoll => Impl::RingsockEpoll,
+    };
+    println!();
+    println!("{} (a few seconds)...", bench::compare::title(ringsock));
+    flush_stdout();
+    let comparison = bench::compare::run(ringsock, true)?;
+    print!("{}", comparison.table());
     Ok(())
 }
 
