@@ -208,6 +208,9 @@ pub struct Options {
     /// tcp-batch: the receiver checks the sequence header of every Nth message
     /// (1 = every message; wait-all always checks every message).
     pub verify_stride: u64,
+    /// ringsock impls: microseconds the runtime looks for completions before it sleeps
+    /// (`runtime::Builder::spin_before_park`); 0 = never spins.
+    pub spin_us: u64,
 }
 
 impl Options {
@@ -225,7 +228,16 @@ impl Options {
             pin: true,
             pattern: Pattern::Flush,
             verify_stride: 1,
+            spin_us: 0,
         }
+    }
+
+    /// The runtime a ringsock impl runs on: `backend`, with the spin asked for.
+    pub fn runtime(&self, backend: crate::Backend) -> crate::Result<crate::Runtime> {
+        crate::runtime::Builder::new()
+            .backend(backend)
+            .spin_before_park(std::time::Duration::from_micros(self.spin_us))
+            .build()
     }
 
     /// Checks the combination; the message says what is wrong (a usage error).

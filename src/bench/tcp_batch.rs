@@ -16,7 +16,6 @@ use super::peer::{self, RxOutcome, FILL};
 use super::report::{round, Report};
 use super::{cpu, join_peer, RunError};
 use crate::net::WriteHandle;
-use crate::runtime::Builder;
 use crate::{Error, OutputStream, Result, SocketErrorStatus, StreamSocket};
 
 /// Runs tcp-batch for `o.imp`.
@@ -38,7 +37,7 @@ struct Sent {
 }
 
 fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
-    let runtime = Builder::new().backend(backend).build()?;
+    let runtime = o.runtime(backend)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
     let addr = listener
         .local_addr()
@@ -200,8 +199,12 @@ async fn send_groups(output: &OutputStream, o: &Options) -> Result<()> {
         let message = |j: usize| group.slice(j * size..(j + 1) * size);
         match o.pattern {
             Pattern::Flush => {
+                // As the seed's batched pattern: writes are issued, not awaited one by
+                // one; only a full queue (never, with the default bounds) makes one wait.
                 for j in 0..n {
-                    output.write(message(j)).await?;
+                    if let Err(message) = output.try_write(message(j)) {
+                        output.write(message).await?;
+                    }
                 }
                 output.flush().await?;
             }

@@ -129,6 +129,14 @@ impl State {
         (seq < self.completed).then_some(Ok(()))
     }
 
+    /// Registers the task to be woken at the next batch's end. The same task awaiting
+    /// many handles (the wait-all pattern) is registered once, not once per handle.
+    fn wait(&mut self, cx: &Context<'_>) {
+        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.waiters.push(cx.waker().clone());
+        }
+    }
+
     fn wake_all(&mut self) {
         self.waiters.drain(..).for_each(Waker::wake);
     }
@@ -218,7 +226,7 @@ impl OutputStream {
         // Full: send what is queued so room comes back, then wait for it.
         let mut state = self.inner.state.borrow_mut();
         state.flush_target = state.next;
-        state.waiters.push(cx.waker().clone());
+        state.wait(cx);
         drop(state);
         self.inner.start_sender();
         Poll::Pending
@@ -281,7 +289,7 @@ impl Inner {
             if state.completed >= target {
                 return Poll::Ready(Ok(()));
             }
-            state.waiters.push(cx.waker().clone());
+            state.wait(cx);
             Poll::Pending
         })
         .await
@@ -422,7 +430,7 @@ impl Future for WriteHandle {
             if state.flush_target <= seq {
                 state.flush_target = seq + 1;
             }
-            state.waiters.push(cx.waker().clone());
+            state.wait(cx);
         }
         stream.start_sender();
         Poll::Pending
