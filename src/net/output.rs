@@ -86,6 +86,8 @@ struct Inner {
 struct State {
     /// Queued, not yet submitted; numbered `queued_from..next`.
     queue: Vec<Bytes>,
+    /// The vector of the last batch sent, emptied, for the next queue to reuse.
+    spare: Vec<Bytes>,
     queued_from: u64,
     next: u64,
     /// Bytes queued or in flight.
@@ -320,7 +322,9 @@ impl Inner {
                     return;
                 }
                 let first_seq = state.queued_from;
-                let batch = std::mem::take(&mut state.queue);
+                // The next batch fills the last one's vector: no regrowth per batch.
+                let spare = std::mem::take(&mut state.spare);
+                let batch = std::mem::replace(&mut state.queue, spare);
                 state.queued_from = state.next;
                 (batch, first_seq)
             };
@@ -330,7 +334,8 @@ impl Inner {
             let sent_bytes: usize =
                 bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
-            drop(bufs);
+            let mut bufs = bufs;
+            bufs.clear();
 
             let mut stats = self.stats.get();
             stats.batches += 1;
@@ -339,6 +344,7 @@ impl Inner {
             self.stats.set(stats);
 
             let mut state = self.state.borrow_mut();
+            state.spare = bufs;
             state.pending_bytes = state
                 .pending_bytes
                 .saturating_sub(sent_bytes + unsent_bytes);
