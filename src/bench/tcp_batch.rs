@@ -19,7 +19,6 @@ use super::report::Report;
 use super::tls::{self, StdTlsSender};
 use super::{cpu, join_peer, RunError};
 use crate::net::WriteHandle;
-use crate::runtime::Builder;
 use crate::tls::ProtectionLevel;
 use crate::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 
@@ -47,7 +46,7 @@ struct Sent {
 // once, so that the receiver sees the end of the stream.
 
 fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
-    let runtime = Builder::new().backend(backend).build()?;
+    let runtime = o.runtime(backend)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
     let addr = listener
         .local_addr()
@@ -236,8 +235,12 @@ pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()
         let group = buffers.take(first, n);
         match o.pattern {
             Pattern::Flush => {
+                // As the seed's batched pattern: writes are issued, not awaited one by
+                // one; only a full queue (never, with the default bounds) makes one wait.
                 for j in 0..n {
-                    output.write(buffers.message(&group, j)).await?;
+                    if let Err(message) = output.try_write(buffers.message(&group, j)) {
+                        output.write(message).await?;
+                    }
                 }
                 output.flush().await?;
             }

@@ -10,7 +10,6 @@ use super::peer::{self, ConnsOutcome, ECHO_WARMUP, FILL};
 use super::report::{Latency, Report, RunError};
 use super::tcp_batch::std_pair;
 use super::{cpu, join_peer};
-use crate::runtime::Builder;
 use crate::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
 
 // ------------------------------------------------------------------ tcp-echo-rtt
@@ -33,7 +32,7 @@ pub(crate) fn run_rtt(o: &Options) -> Result<Report> {
     let total = ECHO_WARMUP + o.count;
     let (client, echo) = match o.imp.backend() {
         Some(backend) => {
-            let runtime = Builder::new().backend(backend).build()?;
+            let runtime = o.runtime(backend)?;
             let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
             let addr = listener
                 .local_addr()
@@ -212,7 +211,7 @@ pub(crate) fn run_conns(o: &Options) -> Result<Report> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (served, client) = match o.imp.backend() {
         Some(backend) => {
-            let runtime = Builder::new().backend(backend).build()?;
+            let runtime = o.runtime(backend)?;
             let listener = StreamSocketListener::bind_addr(SocketAddr::from(([127, 0, 0, 1], 0)))?;
             listener.control().set_no_delay(true)?;
             let clients = connect_clients(listener.local_addr()?, o.conns)?;

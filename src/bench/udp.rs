@@ -14,15 +14,11 @@ use super::options::Options;
 use super::peer::{self, FILL, PEER_WAIT};
 use super::report::{round, Report, RunError};
 use super::udp_peer::{self, Counted, UDP_IDLE};
-use crate::runtime::{timeout, Builder, Runtime};
+use crate::runtime::timeout;
 use crate::{Backend, DatagramSocket, Error, ReceiveRing, Result, SocketErrorStatus};
 
 pub(super) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |err| Error::io(what, err)
-}
-
-pub(super) fn runtime(backend: Backend) -> Result<Runtime> {
-    Builder::new().backend(backend).build()
 }
 
 /// The system calls the current runtime has counted so far.
@@ -57,7 +53,9 @@ pub(crate) fn run_batch(o: &Options) -> Result<Report> {
     let rx = udp_peer::spawn_counter(socket, o.size, o.count, o.pin, stop.clone())
         .map_err(io_error("start the receiver thread"))?;
     let sent = match o.imp.backend() {
-        Some(backend) => runtime(backend).and_then(|rt| rt.block_on(ringsock_sender(o, dest))),
+        Some(backend) => o
+            .runtime(backend)
+            .and_then(|rt| rt.block_on(ringsock_sender(o, dest))),
         None => std_sender(o, dest),
     };
     if !matches!(sent, Ok(Sent { result: Ok(()), .. })) {
@@ -98,7 +96,7 @@ fn check_well_formed(report: &mut Report, rx: &Counted) {
     }
 }
 
-/// The ringsock sender: B writes on the socket's OutputStream, then one flush.
+/// The ringsock sender: B writes queued on the socket's OutputStream, then one flush.
 async fn ringsock_sender(o: &Options, dest: SocketAddr) -> Result<Sent> {
     let socket = DatagramSocket::new();
     let output = socket.output_stream_to_addr(dest)?;
@@ -111,7 +109,10 @@ async fn ringsock_sender(o: &Options, dest: SocketAddr) -> Result<Sent> {
         for (first, n) in groups(o.count, o.batch) {
             let group = buffers.take(first, n);
             for j in 0..n {
-                output.write(buffers.message(&group, j)).await?;
+                // Issued, not awaited one by one (as tcp-batch's flush pattern).
+                if let Err(message) = output.try_write(buffers.message(&group, j)) {
+                    output.write(message).await?;
+                }
             }
             output.flush().await?;
             buffers.recycle(group);
@@ -249,7 +250,7 @@ fn ringsock_receiver(
     ready: mpsc::Sender<()>,
     go: mpsc::Receiver<()>,
 ) -> Result<(Received, Flood)> {
-    let runtime = runtime(backend)?;
+    let runtime = o.runtime(backend)?;
     let socket = DatagramSocket::new();
     socket.control().set_receive_buffer_size(udp_peer::RCVBUF)?;
     socket.control().set_receive_ring(ring_for(o.size))?;

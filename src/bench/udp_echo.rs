@@ -12,7 +12,7 @@ use super::options::Options;
 use super::peer::{self, bench_error, ECHO_WARMUP, FILL, PEER_WAIT};
 use super::report::Report;
 use super::tcp_echo::{check_echo, rtt_report, Client};
-use super::udp::{driver_syscalls, io_error, runtime};
+use super::udp::{driver_syscalls, io_error};
 use super::udp_peer;
 use crate::runtime::timeout;
 use crate::{DatagramSocket, Error, Result};
@@ -26,7 +26,9 @@ pub(crate) fn run_echo_rtt(o: &Options) -> Result<Report> {
     let echo = udp_peer::spawn_echo_server(server, o.pin, stop.clone())
         .map_err(io_error("start the echo thread"))?;
     let client = match o.imp.backend() {
-        Some(backend) => runtime(backend).and_then(|rt| rt.block_on(ringsock_client(o, addr))),
+        Some(backend) => o
+            .runtime(backend)
+            .and_then(|rt| rt.block_on(ringsock_client(o, addr))),
         None => std_client(o, addr),
     };
     stop.store(true, Ordering::Release);

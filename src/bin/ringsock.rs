@@ -88,6 +88,10 @@ struct BenchArgs {
     /// certificate for localhost).
     #[arg(long)]
     tls: bool,
+    /// ringsock impls: microseconds the runtime spins on its completions before it
+    /// sleeps in the kernel (0: never). Trades CPU for wake-up latency.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    spin_us: u64,
     /// Watchdog for one run: give up after this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -546,6 +550,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.pin = args.pin == "on";
     options.verify_stride = args.verify_stride;
     options.tls = args.tls;
+    options.spin_us = args.spin_us;
     if let Err(message) = options.validate() {
         usage_error(message);
     }
@@ -602,6 +607,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--pattern", args.pattern != Pattern::Flush),
         ("--verify-stride", args.verify_stride != 1),
         ("--tls", args.tls),
+        ("--spin-us", args.spin_us != 0),
     ];
     for (flag, given) in single {
         if given {

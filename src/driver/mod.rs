@@ -186,6 +186,15 @@ impl Driver {
         }
     }
 
+    /// Collects what is ready without waiting (for a loop that spins before it parks);
+    /// true when something arrived.
+    pub(crate) fn poll_completions(&mut self) -> io::Result<bool> {
+        match self {
+            Driver::Uring(driver) => driver.poll_completions(),
+            Driver::Poll(driver) => driver.poll_completions(),
+        }
+    }
+
     pub(crate) fn unparker(&self) -> Unparker {
         match self {
             Driver::Uring(driver) => driver.unparker(),

@@ -86,6 +86,8 @@ struct Inner {
 struct State {
     /// Queued, not yet submitted; numbered `queued_from..next`.
     queue: Vec<Bytes>,
+    /// The vector of the last batch sent, emptied, for the next queue to reuse.
+    spare: Vec<Bytes>,
     queued_from: u64,
     next: u64,
     /// Bytes queued or in flight.
@@ -127,6 +129,14 @@ impl State {
             }
         }
         (seq < self.completed).then_some(Ok(()))
+    }
+
+    /// Registers the task to be woken at the next batch's end. The same task awaiting
+    /// many handles (the wait-all pattern) is registered once, not once per handle.
+    fn wait(&mut self, cx: &Context<'_>) {
+        if !self.waiters.iter().any(|w| w.will_wake(cx.waker())) {
+            self.waiters.push(cx.waker().clone());
+        }
     }
 
     fn wake_all(&mut self) {
@@ -218,7 +228,7 @@ impl OutputStream {
         // Full: send what is queued so room comes back, then wait for it.
         let mut state = self.inner.state.borrow_mut();
         state.flush_target = state.next;
-        state.waiters.push(cx.waker().clone());
+        state.wait(cx);
         drop(state);
         self.inner.start_sender();
         Poll::Pending
@@ -281,7 +291,7 @@ impl Inner {
             if state.completed >= target {
                 return Poll::Ready(Ok(()));
             }
-            state.waiters.push(cx.waker().clone());
+            state.wait(cx);
             Poll::Pending
         })
         .await
@@ -312,7 +322,9 @@ impl Inner {
                     return;
                 }
                 let first_seq = state.queued_from;
-                let batch = std::mem::take(&mut state.queue);
+                // The next batch fills the last one's vector: no regrowth per batch.
+                let spare = std::mem::take(&mut state.spare);
+                let batch = std::mem::replace(&mut state.queue, spare);
                 state.queued_from = state.next;
                 (batch, first_seq)
             };
@@ -322,7 +334,8 @@ impl Inner {
             let sent_bytes: usize =
                 bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
             let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
-            drop(bufs);
+            let mut bufs = bufs;
+            bufs.clear();
 
             let mut stats = self.stats.get();
             stats.batches += 1;
@@ -331,6 +344,7 @@ impl Inner {
             self.stats.set(stats);
 
             let mut state = self.state.borrow_mut();
+            state.spare = bufs;
             state.pending_bytes = state
                 .pending_bytes
                 .saturating_sub(sent_bytes + unsent_bytes);
@@ -422,7 +436,7 @@ impl Future for WriteHandle {
             if state.flush_target <= seq {
                 state.flush_target = seq + 1;
             }
-            state.waiters.push(cx.waker().clone());
+            state.wait(cx);
         }
         stream.start_sender();
         Poll::Pending

@@ -101,12 +101,19 @@ impl Driver {
         } else {
             self.busy_rounds = 0;
         }
+        self.wait_events(timeout).map(drop)
+    }
+
+    /// One `epoll_wait`; wakes the tasks waiting for what it reports. Returns whether
+    /// any event came.
+    fn wait_events(&mut self, timeout: Option<Duration>) -> io::Result<bool> {
         self.stats.enter_calls += 1;
         match self.poll.poll(&mut self.events, timeout) {
             Ok(()) => {}
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(()),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => return Ok(false),
             Err(err) => return Err(err),
         }
+        let any = !self.events.is_empty();
         for event in self.events.iter() {
             if event.token() == WAKE_TOKEN {
                 continue;
@@ -125,7 +132,13 @@ impl Driver {
                 slot.waiters[1].drain(..).for_each(Waker::wake);
             }
         }
-        Ok(())
+        Ok(any)
+    }
+
+    /// One `epoll_wait` that does not wait; returns whether a task was woken. For
+    /// spinning (each call is a system call here: epoll has no shared-memory flag).
+    pub(crate) fn poll_completions(&mut self) -> io::Result<bool> {
+        self.wait_events(Some(Duration::ZERO))
     }
 
     fn register(&mut self, fd: &SharedFd) -> io::Result<usize> {

@@ -126,7 +126,7 @@ pub(crate) struct SendMsgs {
     counts: Vec<usize>,
     /// The destination, read by the kernel through `headers`.
     #[allow(dead_code)]
-    addr: Box<Option<RawAddr>>,
+    addr: Option<Box<RawAddr>>,
 }
 
 impl SendMsgs {
@@ -142,9 +142,10 @@ impl SendMsgs {
     ) -> SendMsgs {
         let limit = max_headers.max(1) * IOV_MAX;
         let iovecs = iovecs(&bufs, first, skip, limit);
-        let mut addr = Box::new(addr.map(RawAddr::from_socket_addr));
-        let mut headers = Vec::new();
-        let mut counts = Vec::new();
+        let mut addr = addr.map(|addr| Box::new(RawAddr::from_socket_addr(addr)));
+        let links = iovecs.len().div_ceil(IOV_MAX).max(1);
+        let mut headers = Vec::with_capacity(links);
+        let mut counts = Vec::with_capacity(links);
         let mut start = 0;
         while start < iovecs.len() || headers.is_empty() {
             let count = (iovecs.len() - start).min(IOV_MAX);
