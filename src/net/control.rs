@@ -116,44 +116,24 @@ impl StreamSocketControl<'_> {
 
     /// Requests a send buffer of `bytes` (SO_SNDBUF; the kernel doubles and clamps it).
     pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
-        check_buffer_size(bytes)?;
-        self.options.send_buffer_size.set(Some(bytes));
-        match self.fd {
-            Some(fd) => fd
-                .sock()
-                .set_send_buffer_size(bytes)
-                .map_err(|e| Error::io("set SO_SNDBUF", e)),
-            None => Ok(()),
-        }
+        let wanted = &self.options.send_buffer_size;
+        set_buffer_size(wanted, self.fd, SocketBuffer::Send, bytes)
     }
 
     /// Requests a receive buffer of `bytes` (SO_RCVBUF; the kernel doubles and clamps it).
     pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
-        check_buffer_size(bytes)?;
-        self.options.receive_buffer_size.set(Some(bytes));
-        match self.fd {
-            Some(fd) => fd
-                .sock()
-                .set_recv_buffer_size(bytes)
-                .map_err(|e| Error::io("set SO_RCVBUF", e)),
-            None => Ok(()),
-        }
+        let wanted = &self.options.receive_buffer_size;
+        set_buffer_size(wanted, self.fd, SocketBuffer::Receive, bytes)
     }
 
     /// The kernel's send buffer size of a connected socket.
     pub fn send_buffer_size(&self) -> Result<usize> {
-        let fd = self.connected()?;
-        fd.sock()
-            .send_buffer_size()
-            .map_err(|e| Error::io("get SO_SNDBUF", e))
+        buffer_size(self.connected()?, SocketBuffer::Send)
     }
 
     /// The kernel's receive buffer size of a connected socket.
     pub fn receive_buffer_size(&self) -> Result<usize> {
-        let fd = self.connected()?;
-        fd.sock()
-            .recv_buffer_size()
-            .map_err(|e| Error::io("get SO_RCVBUF", e))
+        buffer_size(self.connected()?, SocketBuffer::Receive)
     }
 
     /// The certificate and key presented when a TLS server asks for a client certificate
@@ -199,12 +179,52 @@ impl StreamSocketControl<'_> {
     }
 }
 
-fn check_buffer_size(bytes: usize) -> Result<()> {
+/// One of a socket's two kernel buffers.
+#[derive(Clone, Copy)]
+pub(crate) enum SocketBuffer {
+    Send,
+    Receive,
+}
+
+impl SocketBuffer {
+    fn option(self) -> &'static str {
+        match self {
+            SocketBuffer::Send => "SO_SNDBUF",
+            SocketBuffer::Receive => "SO_RCVBUF",
+        }
+    }
+}
+
+/// Remembers `bytes` as the size wanted for `which` buffer (applied when the socket is
+/// made) and, on a live socket, requests it now. The kernel doubles and clamps it.
+pub(crate) fn set_buffer_size(
+    wanted: &Cell<Option<usize>>,
+    fd: Option<&SharedFd>,
+    which: SocketBuffer,
+    bytes: usize,
+) -> Result<()> {
     if bytes == 0 || bytes > i32::MAX as usize {
         return Err(Error::invalid_input(format!(
             "buffer size {bytes} is out of range (1..={})",
             i32::MAX
         )));
     }
-    Ok(())
+    wanted.set(Some(bytes));
+    let Some(fd) = fd else { return Ok(()) };
+    let sock = fd.sock();
+    match which {
+        SocketBuffer::Send => sock.set_send_buffer_size(bytes),
+        SocketBuffer::Receive => sock.set_recv_buffer_size(bytes),
+    }
+    .map_err(|e| Error::io(format!("set {}", which.option()), e))
+}
+
+/// The size the kernel gave `which` buffer of a live socket.
+pub(crate) fn buffer_size(fd: &SharedFd, which: SocketBuffer) -> Result<usize> {
+    let sock = fd.sock();
+    match which {
+        SocketBuffer::Send => sock.send_buffer_size(),
+        SocketBuffer::Receive => sock.recv_buffer_size(),
+    }
+    .map_err(|e| Error::io(format!("get {}", which.option()), e))
 }

@@ -11,6 +11,8 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
+use super::control::{buffer_size, set_buffer_size, SocketBuffer};
+
 use futures_core::Stream;
 
 use super::stream::sock_addr;
@@ -781,44 +783,24 @@ impl DatagramSocketControl<'_> {
     /// Requests a receive buffer of `bytes` (SO_RCVBUF, InboundBufferSizeInBytes; the
     /// kernel doubles it and caps it at net.core.rmem_max).
     pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
-        check_size(bytes)?;
-        self.options.receive_buffer_size.set(Some(bytes));
-        match self.fd {
-            Some(fd) => fd
-                .sock()
-                .set_recv_buffer_size(bytes)
-                .map_err(|e| Error::io("set SO_RCVBUF", e)),
-            None => Ok(()),
-        }
+        let wanted = &self.options.receive_buffer_size;
+        set_buffer_size(wanted, self.fd, SocketBuffer::Receive, bytes)
     }
 
     /// Requests a send buffer of `bytes` (SO_SNDBUF).
     pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
-        check_size(bytes)?;
-        self.options.send_buffer_size.set(Some(bytes));
-        match self.fd {
-            Some(fd) => fd
-                .sock()
-                .set_send_buffer_size(bytes)
-                .map_err(|e| Error::io("set SO_SNDBUF", e)),
-            None => Ok(()),
-        }
+        let wanted = &self.options.send_buffer_size;
+        set_buffer_size(wanted, self.fd, SocketBuffer::Send, bytes)
     }
 
     /// The kernel's receive buffer size of a live socket.
     pub fn receive_buffer_size(&self) -> Result<usize> {
-        self.live()?
-            .sock()
-            .recv_buffer_size()
-            .map_err(|e| Error::io("get SO_RCVBUF", e))
+        buffer_size(self.live()?, SocketBuffer::Receive)
     }
 
     /// The kernel's send buffer size of a live socket.
     pub fn send_buffer_size(&self) -> Result<usize> {
-        self.live()?
-            .sock()
-            .send_buffer_size()
-            .map_err(|e| Error::io("get SO_SNDBUF", e))
+        buffer_size(self.live()?, SocketBuffer::Send)
     }
 
     /// Hop limit of unicast datagrams (OutboundUnicastHopLimit): IP_TTL, or
@@ -1012,16 +994,6 @@ impl DatagramSocketControl<'_> {
         self.fd
             .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
     }
-}
-
-fn check_size(bytes: usize) -> Result<()> {
-    if bytes == 0 || bytes > i32::MAX as usize {
-        return Err(Error::invalid_input(format!(
-            "buffer size {bytes} is out of range (1..={})",
-            i32::MAX
-        )));
-    }
-    Ok(())
 }
 
 fn check_hops(hops: u32) -> Result<()> {
