@@ -110,8 +110,9 @@ pub struct DriverStats {
     /// Calls that entered the kernel to submit work or wait for it: `io_uring_enter` on
     /// io_uring, `epoll_wait` on epoll.
     pub enter_calls: u64,
-    /// Data-path system calls made directly by the epoll driver (send, writev, recv,
-    /// sendmmsg...); always 0 on io_uring, where those are SQEs.
+    /// Data-path system calls made directly: on epoll every send, recv, sendmsg,
+    /// sendmmsg...; on io_uring only the sendmmsg of a mixed-size datagram batch (all
+    /// else is SQEs).
     pub io_calls: u64,
     /// Submission queue entries pushed (io_uring only).
     pub sqes: u64,

@@ -223,6 +223,89 @@ pub(crate) struct Link {
     pub(crate) segment: Option<u16>,
 }
 
+/// Datagrams described for one `sendmmsg`: a message per link (a datagram, or a GSO run
+/// with its UDP_SEGMENT control message).
+///
+/// Built completely before use: the headers point into the iovec, control and address
+/// storage of this struct (heap memory that does not move with it), and the iovecs into
+/// the caller's Bytes, which must outlive every [`send`](Self::send).
+pub(crate) struct MmsgBatch {
+    /// Read by the kernel through `headers`.
+    _iovecs: Vec<libc::iovec>,
+    _controls: Vec<[u64; CMSG_WORDS]>,
+    _addr: Option<Box<RawAddr>>,
+    headers: Vec<libc::mmsghdr>,
+}
+
+impl MmsgBatch {
+    pub(crate) fn new(bufs: &[Bytes], links: &[Link], dest: Option<SocketAddr>) -> MmsgBatch {
+        let mut iovecs: Vec<libc::iovec> = links
+            .iter()
+            .flat_map(|link| &bufs[link.first..link.first + link.count])
+            .map(|buf| libc::iovec {
+                iov_base: buf.as_ptr() as *mut libc::c_void,
+                iov_len: buf.len(),
+            })
+            .collect();
+        let mut controls: Vec<[u64; CMSG_WORDS]> = links
+            .iter()
+            .filter_map(|link| link.segment.map(gso_cmsg))
+            .collect();
+        let mut addr = dest.map(|dest| Box::new(RawAddr::from_socket_addr(dest)));
+        // SAFETY: mmsghdr is plain old data; zero is its empty value.
+        let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; links.len()];
+        let (mut iov_at, mut control_at) = (0, 0);
+        for (link, header) in links.iter().zip(headers.iter_mut()) {
+            let msg = &mut header.msg_hdr;
+            msg.msg_iov = iovecs[iov_at..].as_mut_ptr();
+            msg.msg_iovlen = link.count;
+            iov_at += link.count;
+            if link.segment.is_some() {
+                msg.msg_control = controls[control_at].as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
+                control_at += 1;
+            }
+            if let Some(addr) = addr.as_mut() {
+                msg.msg_name = addr.as_mut_ptr().cast();
+                msg.msg_namelen = addr.len;
+            }
+        }
+        MmsgBatch {
+            _iovecs: iovecs,
+            _controls: controls,
+            _addr: addr,
+            headers,
+        }
+    }
+
+    /// How many messages there are.
+    pub(crate) fn len(&self) -> usize {
+        self.headers.len()
+    }
+
+    /// One `sendmmsg` of the messages from `at` on; how many the kernel took. The
+    /// socket is non-blocking: a full send buffer is `WouldBlock`.
+    pub(crate) fn send(&mut self, fd: &SharedFd, at: usize) -> io::Result<usize> {
+        let count = self.headers.len().saturating_sub(at);
+        // SAFETY: every header from `at` points to storage of this struct and to iovecs
+        // over the caller's live Bytes (the struct's contract); the kernel reads them
+        // only during the call.
+        let sent = unsafe {
+            libc::sendmmsg(
+                fd.raw(),
+                self.headers.as_mut_ptr().add(at),
+                count as libc::c_uint,
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        if sent < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(sent as usize)
+        }
+    }
+}
+
 /// Splits `bufs[from..]` into at most `max_links` sends. With `gso`, a run of datagrams
 /// of one size S (the last of a run may be shorter, as GSO allows), at most
 /// [`GSO_MAX_SEGMENTS`] and [`MAX_UDP_PAYLOAD_V4`] bytes, becomes one link; everything

@@ -15,8 +15,8 @@ use crate::buf::IoBuf;
 use crate::driver::buf_pool::{BufPool, Refill};
 use crate::driver::ops::{BatchReport, Progress};
 use crate::driver::ops_datagram::{
-    addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, plan_links, RecvCounters,
-    RecvDatagram, RingConfig, CMSG_WORDS,
+    addr_from_bytes, deliver, gro_segment, gso_refused, plan_links, MmsgBatch, RecvCounters,
+    RecvDatagram, RingConfig,
 };
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
@@ -257,7 +257,6 @@ pub(crate) async fn send_batch(
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
     let mut progress = Progress::default();
-    let mut addr = dest.map(RawAddr::from_socket_addr);
     let mut rounds = 0u64;
     'plan: while progress.first < bufs.len() {
         if rounds > 0 {
@@ -265,52 +264,10 @@ pub(crate) async fn send_batch(
         }
         rounds += 1;
         let links = plan_links(&bufs, progress.first, gso.get(), SEND_SLOTS);
-        let mut iovecs: Vec<libc::iovec> = links
-            .iter()
-            .flat_map(|link| &bufs[link.first..link.first + link.count])
-            .map(|buf| libc::iovec {
-                iov_base: buf.as_ptr() as *mut libc::c_void,
-                iov_len: buf.len(),
-            })
-            .collect();
-        let mut controls: Vec<[u64; CMSG_WORDS]> = links
-            .iter()
-            .filter_map(|link| link.segment.map(gso_cmsg))
-            .collect();
-        // SAFETY: mmsghdr is plain old data; zero is its empty value.
-        let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; links.len()];
-        let (mut iov_at, mut control_at) = (0, 0);
-        for (link, header) in links.iter().zip(headers.iter_mut()) {
-            let msg = &mut header.msg_hdr;
-            msg.msg_iov = iovecs[iov_at..].as_mut_ptr();
-            msg.msg_iovlen = link.count;
-            iov_at += link.count;
-            if link.segment.is_some() {
-                msg.msg_control = controls[control_at].as_mut_ptr().cast();
-                msg.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
-                control_at += 1;
-            }
-            if let Some(addr) = addr.as_mut() {
-                msg.msg_name = addr.as_mut_ptr().cast();
-                msg.msg_namelen = addr.len;
-            }
-        }
+        let mut batch = MmsgBatch::new(&bufs, &links, dest);
         let mut at = 0;
-        while at < links.len() {
-            let result = retry(fd, Direction::Write, || {
-                // SAFETY: every header from `at` points to iovecs over live Bytes, a live
-                // control buffer and address, all alive across the call.
-                let n = unsafe {
-                    libc::sendmmsg(
-                        fd.raw(),
-                        headers.as_mut_ptr().add(at),
-                        (links.len() - at) as libc::c_uint,
-                        libc::MSG_NOSIGNAL,
-                    )
-                };
-                check(n as isize)
-            })
-            .await;
+        while at < batch.len() {
+            let result = retry(fd, Direction::Write, || batch.send(fd, at)).await;
             report.operations += 1;
             match result {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), progress, bufs),
@@ -327,7 +284,7 @@ pub(crate) async fn send_batch(
                 Err(err) => return (Err(err), progress, bufs),
             }
         }
-        drop((iovecs, controls));
+        drop(batch);
     }
     (Ok(()), progress, bufs)
 }

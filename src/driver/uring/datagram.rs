@@ -19,8 +19,8 @@ use crate::buf::IoBuf;
 use crate::driver::buf_pool::{BufPool, Refill};
 use crate::driver::ops::{BatchReport, Progress};
 use crate::driver::ops_datagram::{
-    addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, plan_links, Link, RecvCounters,
-    RecvDatagram, RingConfig, CMSG_WORDS,
+    addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, plan_links, Link, MmsgBatch,
+    RecvCounters, RecvDatagram, RingConfig, CMSG_WORDS,
 };
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
@@ -333,6 +333,29 @@ impl SendChain {
 
 /// See [`crate::driver::ops_datagram::send_batch`]: a linked chain per round (IO_LINK
 /// keeps the datagrams in order even when one has to wait for send-buffer space).
+/// Tries one non-blocking `sendmmsg` of every link; the number of links sent, or `None`
+/// when it sent nothing (a full buffer, an error the chain will report properly).
+///
+/// Measured (udp-batch, 64 datagrams of mixed sizes per flush, 172 B average): a linked
+/// chain of one SEND per datagram ran at about 245k datagrams/s, the unlinked io_uring
+/// peer at 316k, and sendmmsg (the epoll driver's path) at 314-339k.
+fn mmsg_first(
+    fd: &SharedFd,
+    bufs: &[Bytes],
+    links: &[Link],
+    dest: Option<SocketAddr>,
+    report: &mut BatchReport,
+) -> Option<usize> {
+    let mut batch = MmsgBatch::new(bufs, links, dest);
+    let result = batch.send(fd, 0);
+    report.operations += 1;
+    let _ = with_uring(|driver| driver.count_io_call());
+    match result {
+        Ok(sent) if sent > 0 => Some(sent.min(links.len())),
+        _ => None,
+    }
+}
+
 pub(crate) async fn send_batch(
     fd: &SharedFd,
     mut bufs: Vec<Bytes>,
@@ -348,6 +371,16 @@ pub(crate) async fn send_batch(
         }
         rounds += 1;
         let links = plan_links(&bufs, progress.first, gso.get(), MAX_LINKS);
+        if rounds == 1 && links.iter().filter(|link| link.segment.is_none()).count() > 1 {
+            // Datagrams of mixed sizes cannot share a GSO send, and a linked chain of one
+            // SQE each costs more than the kernel's own batch call: sendmmsg won here
+            // (see mmsg_first). What it could not take goes on as a chain.
+            if let Some(sent) = mmsg_first(fd, &bufs, &links, dest, report) {
+                let last = links[sent - 1];
+                progress.first = last.first + last.count;
+                continue;
+            }
+        }
         let chain = SendChain::new(fd.clone(), bufs, links, dest);
         // SAFETY: every SQE points into the chain's data (see SendChain), which the
         // ChainOp owns until each link's CQE.

@@ -150,6 +150,12 @@ impl Driver {
         self.stats
     }
 
+    /// Counts a data-path system call made directly, outside the ring (sendmmsg for
+    /// mixed-size datagram batches).
+    pub(crate) fn count_io_call(&mut self) {
+        self.stats.io_calls += 1;
+    }
+
     /// Takes the wakers of every operation in flight (see `super::Driver::take_wakers`).
     pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
         let mut wakers = Vec::new();
