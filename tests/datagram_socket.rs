@@ -521,3 +521,34 @@ fn dropping_a_receiving_socket_is_clean() {
         }
     });
 }
+
+#[test]
+fn a_receive_cancelled_while_queued_does_not_stall_the_others() {
+    // Regression: the datagram socket's turn woke only the first waiter when passed on,
+    // and a cancelled first waiter left every receive behind it asleep for good.
+    util::on_each_backend(|_| async {
+        let server = std::rc::Rc::new(bound("127.0.0.1"));
+        let addr = server.local_addr().unwrap();
+        let spawn_recv = |server: &std::rc::Rc<DatagramSocket>| {
+            let server = server.clone();
+            ringsock::spawn(async move { server.recv().await.unwrap().to_vec() })
+        };
+        // The first takes the receiver's turn; the others queue behind it.
+        let first = spawn_recv(&server);
+        let cancelled = spawn_recv(&server);
+        let third = spawn_recv(&server);
+        util::yield_now().await;
+        cancelled.abort();
+
+        let client = bound("127.0.0.1");
+        for message in [&b"one"[..], &b"two"[..]] {
+            let (sent, _) = client.send_to_addr(message.to_vec(), addr).await;
+            sent.unwrap();
+        }
+        let got = [
+            util::must("first receive", first).await,
+            util::must("receive queued behind a cancelled one", third).await,
+        ];
+        assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
+    });
+}

@@ -9,7 +9,7 @@ use std::ops::Deref;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
@@ -17,6 +17,7 @@ use futures_core::Stream;
 
 use super::stream::sock_addr;
 use super::transport::Transport;
+use super::turn::Turnstile;
 use super::{new_socket, resolve, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::ops_datagram::{
@@ -162,8 +163,7 @@ pub struct DatagramSocket {
     options: DatagramOptions,
     receiver: RefCell<Option<Receiver>>,
     /// One receive call at a time uses the receiver; the others wait here in turn.
-    busy: Cell<bool>,
-    waiting: RefCell<VecDeque<Waker>>,
+    turn: Turnstile,
 }
 
 impl DatagramSocket {
@@ -174,8 +174,7 @@ impl DatagramSocket {
             ipv6: Cell::new(false),
             options: DatagramOptions::default(),
             receiver: RefCell::new(None),
-            busy: Cell::new(false),
-            waiting: RefCell::new(VecDeque::new()),
+            turn: Turnstile::default(),
         }
     }
 
@@ -433,7 +432,7 @@ impl DatagramSocket {
 
     async fn recv_raw(&self, out: &mut Vec<RecvDatagram>, max: usize) -> Result<()> {
         let fd = self.fd()?.clone();
-        let _turn = self.take_turn().await;
+        let _turn = self.turn.take().await;
         poll_fn(|cx| self.poll_recv(&fd, cx, out, max)).await
     }
 
@@ -461,20 +460,6 @@ impl DatagramSocket {
         receiver
             .poll_recv(fd, cx, out, max)
             .map_err(|err| Error::io("receive", err))
-    }
-
-    async fn take_turn(&self) -> Turn<'_> {
-        poll_fn(|cx| {
-            if self.busy.get() {
-                self.waiting.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            } else {
-                self.busy.set(true);
-                Poll::Ready(())
-            }
-        })
-        .await;
-        Turn { socket: self }
     }
 
     /// The receive ring's counters, with the kernel's drop count for this socket.
@@ -557,20 +542,6 @@ impl fmt::Debug for DatagramSocket {
             .field("local", &self.local_addr().ok())
             .field("peer", &self.peer_addr().ok())
             .finish()
-    }
-}
-
-/// Holds the receiver for one receive call; wakes the next waiting call when dropped.
-struct Turn<'a> {
-    socket: &'a DatagramSocket,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        self.socket.busy.set(false);
-        if let Some(waker) = self.socket.waiting.borrow_mut().pop_front() {
-            waker.wake();
-        }
     }
 }
 

@@ -1,17 +1,17 @@
 //! StreamSocketListener: accepts TCP connections.
 
-use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
+use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::OwnedFd;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use futures_core::Stream;
 
 use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
+use super::turn::Turnstile;
 use super::{new_socket, StreamSocket};
 use crate::driver::ops::Acceptor;
 use crate::driver::SharedFd;
@@ -47,8 +47,7 @@ pub struct StreamSocketListener {
     fd: SharedFd,
     acceptor: RefCell<Acceptor>,
     /// One accept at a time uses the acceptor; the others wait here in turn.
-    busy: Cell<bool>,
-    waiting: RefCell<VecDeque<Waker>>,
+    turn: Turnstile,
     /// Options given to every accepted socket.
     options: StreamOptions,
 }
@@ -110,8 +109,7 @@ impl StreamSocketListener {
         Ok(StreamSocketListener {
             fd: SharedFd::new(OwnedFd::from(socket)),
             acceptor: RefCell::new(Acceptor::new()),
-            busy: Cell::new(false),
-            waiting: RefCell::new(VecDeque::new()),
+            turn: Turnstile::default(),
             options: StreamOptions::default(),
         })
     }
@@ -134,7 +132,7 @@ impl StreamSocketListener {
     /// An error such as TooManyOpenFiles concerns that attempt only: the listener keeps
     /// working and the next `accept` tries again.
     pub async fn accept(&self) -> Result<StreamSocket> {
-        let _turn = self.take_turn().await;
+        let _turn = self.turn.take().await;
         let fd = poll_fn(|cx| self.acceptor.borrow_mut().poll_accept(&self.fd, cx))
             .await
             .map_err(|err| Error::io("accept", err))?;
@@ -147,36 +145,6 @@ impl StreamSocketListener {
             listener: self,
             pending: None,
         }
-    }
-
-    async fn take_turn(&self) -> Turn<'_> {
-        poll_fn(|cx| {
-            if self.busy.get() {
-                self.waiting.borrow_mut().push_back(cx.waker().clone());
-                Poll::Pending
-            } else {
-                self.busy.set(true);
-                Poll::Ready(())
-            }
-        })
-        .await;
-        Turn { listener: self }
-    }
-}
-
-/// Holds the listener's accept turn; passes it on when dropped.
-struct Turn<'a> {
-    listener: &'a StreamSocketListener,
-}
-
-impl Drop for Turn<'_> {
-    fn drop(&mut self) {
-        self.listener.busy.set(false);
-        // Wake every waiter, not just the first: a waiter may have been dropped (its
-        // accept cancelled) or be queued twice, and waking only it would leave the live
-        // ones asleep for good. The first to run takes the turn; the rest queue again.
-        let waiting = std::mem::take(&mut *self.listener.waiting.borrow_mut());
-        waiting.into_iter().for_each(Waker::wake);
     }
 }
 

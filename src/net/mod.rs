@@ -13,6 +13,7 @@ mod listener;
 mod output;
 mod stream;
 mod transport;
+mod turn;
 
 pub use control::StreamSocketControl;
 pub use datagram::{
