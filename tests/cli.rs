@@ -2,8 +2,9 @@
 
 mod util;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
+
+use util::echo_server::EchoServer;
 
 fn ringsock(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ringsock"))
@@ -86,53 +87,18 @@ fn no_arguments_runs_the_demo() {
     assert!(text(&out.stdout).contains("client received the response: \"Hello, World!\""));
 }
 
-struct Server {
-    child: Child,
-    port: String,
-}
-
-impl Server {
-    fn start(backend: &str) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
-            .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the echo server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening tcp ")
-            .unwrap_or_else(|| panic!("unexpected first line {line:?}"));
-        let port = addr.rsplit(':').next().unwrap().to_string();
-        assert_ne!(port, "0");
-        Server { child, port }
-    }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        // SIGTERM, as a service manager would send.
-        let pid = self.child.id() as libc::pid_t;
-        #[allow(unsafe_code)]
-        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM)
-        };
-        self.child.wait().unwrap()
-    }
-}
-
 #[test]
 fn echo_client_and_server_talk_and_the_server_stops_on_sigterm() {
     for (server_backend, _) in BACKENDS {
-        let server = Server::start(server_backend);
+        let server = EchoServer::start(
+            &["--tcp", "127.0.0.1:0", "--backend", server_backend],
+            &["tcp"],
+        );
         for (client_backend, _) in BACKENDS {
             let out = ringsock(&[
                 "echo-client",
                 "127.0.0.1",
-                &server.port,
+                server.port(),
                 "--message",
                 "ping from the test",
                 "--backend",
@@ -141,7 +107,7 @@ fn echo_client_and_server_talk_and_the_server_stops_on_sigterm() {
             assert!(out.status.success(), "{}", text(&out.stderr));
             assert_eq!(text(&out.stdout), "ping from the test\n");
         }
-        let out = ringsock(&["echo-client", "localhost", &server.port]);
+        let out = ringsock(&["echo-client", "localhost", server.port()]);
         assert_eq!(text(&out.stdout), "Hello, World!\n");
         let status = server.stop();
         assert!(status.success(), "server exit: {status:?}");
@@ -205,44 +171,26 @@ fn usage_errors_exit_2() {
     }
 }
 
-/// An echo server with `--udp` (and `--tcp`): its first lines name both addresses.
-fn start_udp_server(backend: &str) -> (Child, String, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
-        .args([
-            "echo-server",
-            "--tcp",
-            "127.0.0.1:0",
-            "--udp",
-            "127.0.0.1:0",
-        ])
-        .args(["--backend", backend])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start the echo server");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut port_of = |kind: &str| {
-        let line = lines.next().unwrap().unwrap();
-        let addr = line
-            .strip_prefix(&format!("listening {kind} "))
-            .unwrap_or_else(|| panic!("unexpected line {line:?}"))
-            .to_owned();
-        addr.rsplit(':').next().unwrap().to_string()
-    };
-    let tcp = port_of("tcp");
-    let udp = port_of("udp");
-    (child, tcp, udp)
-}
-
 #[test]
 fn udp_echo_client_and_server() {
     for (server_backend, _) in BACKENDS {
-        let (mut child, tcp, udp) = start_udp_server(server_backend);
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--udp",
+                "127.0.0.1:0",
+                "--backend",
+                server_backend,
+            ],
+            &["tcp", "udp"],
+        );
+        let (tcp, udp) = (&server.ports[0], &server.ports[1]);
         for (client_backend, _) in BACKENDS {
             let out = ringsock(&[
                 "echo-client",
                 "127.0.0.1",
-                &udp,
+                udp,
                 "--udp",
                 "--message",
                 "a datagram",
@@ -253,10 +201,9 @@ fn udp_echo_client_and_server() {
             assert_eq!(text(&out.stdout), "a datagram\n");
         }
         // TCP is served beside it.
-        let out = ringsock(&["echo-client", "127.0.0.1", &tcp, "--message", "tcp too"]);
+        let out = ringsock(&["echo-client", "127.0.0.1", tcp, "--message", "tcp too"]);
         assert_eq!(text(&out.stdout), "tcp too\n");
-        child.kill().unwrap();
-        child.wait().unwrap();
+        assert!(server.stop().success());
     }
 }
 

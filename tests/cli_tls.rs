@@ -2,11 +2,12 @@
 //! would, on both drivers.
 
 mod tls_certs;
+mod util;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output};
 
 use tls_certs::{Ca, LeafOptions, TempDir};
+use util::echo_server::EchoServer;
 
 const BACKENDS: [&str; 2] = ["uring", "epoll"];
 
@@ -54,61 +55,32 @@ impl Pki {
     }
 }
 
-struct Server {
-    child: Child,
-    port: String,
-}
-
-impl Server {
-    fn start(pki: &Pki, backend: &str, client_ca: bool) -> Server {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
-        command
-            .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
-            .args(["--tls-cert", &pki.path("server.pem")])
-            .args(["--tls-key", &pki.path("server.key")]);
-        if client_ca {
-            command.args(["--client-ca", &pki.path("client-ca.pem")]);
-        }
-        let mut child = command
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the echo server");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let Some(addr) = line.trim().strip_prefix("listening tcp ") else {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("unexpected first line {line:?}");
-        };
-        let port = addr.rsplit(':').next().unwrap().to_string();
-        Server { child, port }
+/// The TLS echo server, requiring client certificates from the test CA when asked.
+fn start_server(pki: &Pki, backend: &str, client_ca: bool) -> EchoServer {
+    let (cert, key, ca) = (
+        pki.path("server.pem"),
+        pki.path("server.key"),
+        pki.path("client-ca.pem"),
+    );
+    let mut args = vec!["--tcp", "127.0.0.1:0", "--backend", backend];
+    args.extend(["--tls-cert", &cert, "--tls-key", &key]);
+    if client_ca {
+        args.extend(["--client-ca", &ca]);
     }
-
-    fn stop(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id() as libc::pid_t;
-        #[allow(unsafe_code)]
-        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
-        unsafe {
-            libc::kill(pid, libc::SIGTERM)
-        };
-        self.child.wait().unwrap()
-    }
+    EchoServer::start(&args, &["tcp"])
 }
 
 #[test]
 fn tls_echo_with_a_client_certificate() {
     let pki = Pki::new();
     for server_backend in BACKENDS {
-        let server = Server::start(&pki, server_backend, true);
+        let server = start_server(&pki, server_backend, true);
         for client_backend in BACKENDS {
             for level in ["Tls12", "Tls13"] {
                 let out = ringsock(&[
                     "echo-client",
                     "localhost",
-                    &server.port,
+                    server.port(),
                     "--tls",
                     "--tls-level",
                     level,
@@ -131,7 +103,7 @@ fn tls_echo_with_a_client_certificate() {
         let out = ringsock(&[
             "echo-client",
             "127.0.0.1",
-            &server.port,
+            server.port(),
             "--tls",
             "--ca",
             &pki.path("server-ca.pem"),
@@ -151,7 +123,7 @@ fn tls_echo_with_a_client_certificate() {
 #[test]
 fn tls_failures_are_one_status_line() {
     let pki = Pki::new();
-    let server = Server::start(&pki, "epoll", true);
+    let server = start_server(&pki, "epoll", true);
     let ca = pki.path("server-ca.pem");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         // No client certificate for a server that requires one.
@@ -171,7 +143,7 @@ fn tls_failures_are_one_status_line() {
     ];
     for (extra, prefix) in cases {
         for backend in BACKENDS {
-            let mut args = vec!["echo-client", "localhost", &server.port, "--tls"];
+            let mut args = vec!["echo-client", "localhost", server.port(), "--tls"];
             args.extend(&extra);
             args.extend(["--backend", backend]);
             let out = ringsock(&args);
