@@ -200,20 +200,26 @@ impl Runtime {
             }
             self.run_ready_tasks();
             let mut busy = main.woken.load(Ordering::Acquire) || self.inner.shared.queued() > 0;
-            let now = Instant::now();
-            if !busy && !self.inner.spin.is_zero() {
+            // The clock is read only when a timer or the spin needs it: a busy sender goes
+            // round this loop a few times per batch.
+            let timers_armed = !self.inner.timers.borrow().is_empty();
+            let spinning = !self.inner.spin.is_zero();
+            let now = (timers_armed || spinning).then(Instant::now);
+            if let Some(now) = now.filter(|_| spinning && !busy) {
                 busy = self.spin(now, &main);
             }
-            let timeout = if busy {
-                Some(Duration::ZERO)
-            } else {
-                self.inner.timers.borrow().next_timeout(now)
+            let timeout = match now {
+                _ if busy => Some(Duration::ZERO),
+                Some(now) if timers_armed => self.inner.timers.borrow().next_timeout(now),
+                _ => None,
             };
             if let Err(err) = self.inner.driver.borrow_mut().park(timeout) {
                 panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
             }
-            let due = self.inner.timers.borrow_mut().take_due(Instant::now());
-            due.into_iter().for_each(Waker::wake);
+            if timers_armed {
+                let due = self.inner.timers.borrow_mut().take_due(Instant::now());
+                due.into_iter().for_each(Waker::wake);
+            }
         }
     }
 

@@ -27,6 +27,11 @@ impl Timers {
         key
     }
 
+    /// No timer is pending.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
     /// How long the loop may park before the earliest timer is due.
     pub(crate) fn next_timeout(&self, now: Instant) -> Option<Duration> {
         self.entries
