@@ -100,13 +100,25 @@ fn byte_exact_stream_under_forced_short_sends() {
         let mut position = 0u64;
         for _ in 0..flushes {
             let writes = 1 + rng.below(64);
-            for _ in 0..writes {
-                let len = if rng.below(400) == 0 {
-                    1 + rng.below(256 * 1024) as usize
-                } else {
-                    1 + rng.below(64) as usize
+            let lens: Vec<usize> = (0..writes)
+                .map(|_| {
+                    if rng.below(400) == 0 {
+                        1 + rng.below(256 * 1024) as usize
+                    } else {
+                        1 + rng.below(64) as usize
+                    }
+                })
+                .collect();
+            // Half the flushes write slices of one buffer, end to end in memory, which
+            // the engine joins into shared iovecs; the rest write separate buffers.
+            let whole = (rng.below(2) == 0).then(|| payload(position, lens.iter().sum()));
+            let mut at = 0;
+            for len in lens {
+                let data = match &whole {
+                    Some(whole) => whole.slice(at..at + len),
+                    None => payload(position, len),
                 };
-                let data = payload(position, len);
+                at += len;
                 sent.update(&data);
                 position += len as u64;
                 output.write(data).await.unwrap();

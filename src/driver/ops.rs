@@ -118,17 +118,22 @@ pub(crate) struct BatchReport {
 /// Most links in one chain: keeps a chain well inside the submission queue.
 const MAX_CHAIN_LINKS: usize = 32;
 
-/// Sends every byte of `bufs` on a stream socket, in order, with as few kernel transitions
-/// as the engine allows: on io_uring one `sendmsg` per 1024 buffers, linked into one chain
-/// with MSG_WAITALL; on epoll one `sendmsg` per 1024 buffers. A short send or a chain cut
-/// after it is resumed from the exact byte where it stopped.
+/// Sends every byte of `bufs` (`total` bytes) on a stream socket, in order, with as few
+/// kernel transitions as the engine allows: on io_uring one `sendmsg` per 1024 iovecs,
+/// linked into one chain with MSG_WAITALL; on epoll one `sendmsg` per 1024 iovecs (buffers
+/// end to end in memory share an iovec). A short send or a chain cut after it is resumed
+/// from the exact byte where it stopped.
 ///
 /// Returns the progress reached (all of `bufs` unless there was an error) and the error.
 pub(crate) async fn send_stream_batch(
     fd: &SharedFd,
     mut bufs: Vec<Bytes>,
+    total: usize,
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
+    debug_assert_eq!(total, bufs.iter().map(Bytes::len).sum::<usize>());
+    // Bytes not yet sent: a send that took them all ends the batch without walking it.
+    let mut unsent = total;
     let mut progress = Progress::default();
     progress.advance(&bufs, 0);
     let kind = match kind() {
@@ -141,11 +146,10 @@ pub(crate) async fn send_stream_batch(
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let remaining = bufs.len() - progress.first;
         let (result, back) = match kind {
-            DriverKind::Uring if remaining > uring::net::IOV_MAX => {
+            DriverKind::Uring => {
                 let flags = SEND_FLAGS | libc::MSG_WAITALL;
-                let (result, back) = uring::net::sendmsg_chain(
+                let (result, back) = uring::net::sendmsg_stream(
                     fd,
                     bufs,
                     progress.first,
@@ -154,15 +158,14 @@ pub(crate) async fn send_stream_batch(
                     MAX_CHAIN_LINKS,
                 )
                 .await;
-                (result.map(|links| chain_outcome(&links, report)), back)
-            }
-            DriverKind::Uring => {
-                report.operations += 1;
-                let flags = SEND_FLAGS | libc::MSG_WAITALL;
-                let (result, back) =
-                    uring::net::sendmsg_vectored(fd, bufs, progress.first, progress.skip, flags)
-                        .await;
-                (result.map(|n| (n, None)), back)
+                let outcome = result.and_then(|sent| match sent {
+                    uring::net::StreamSend::One(completion) => {
+                        report.operations += 1;
+                        completion.into_result().map(|n| (n as usize, None))
+                    }
+                    uring::net::StreamSend::Chain(links) => Ok(chain_outcome(&links, report)),
+                });
+                (outcome, back)
             }
             DriverKind::Epoll => {
                 report.operations += 1;
@@ -180,7 +183,15 @@ pub(crate) async fn send_stream_batch(
         bufs = back;
         match result {
             Ok((sent, error)) => {
-                progress.advance(&bufs, sent);
+                if sent >= unsent {
+                    progress = Progress {
+                        first: bufs.len(),
+                        skip: 0,
+                    };
+                } else {
+                    progress.advance(&bufs, sent);
+                }
+                unsent = unsent.saturating_sub(sent);
                 if let Some(err) = error {
                     return (Err(peer_reset(fd, err)), progress, bufs);
                 }
@@ -198,12 +209,12 @@ pub(crate) async fn send_stream_batch(
 /// short or failed one complete with ECANCELED and sent nothing; a short link without an
 /// error is not an error: the caller resubmits from the new offset.
 fn chain_outcome(
-    links: &[(uring::Completion, usize)],
+    links: &[uring::Completion],
     report: &mut BatchReport,
 ) -> (usize, Option<io::Error>) {
     report.operations += links.len() as u64;
     let mut sent = 0usize;
-    for (completion, _) in links {
+    for completion in links {
         match completion.into_result() {
             Ok(n) => sent += n as usize,
             Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => return (sent, None),

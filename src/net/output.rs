@@ -86,12 +86,18 @@ struct Inner {
 struct State {
     /// Queued, not yet submitted; numbered `queued_from..next`.
     queue: Vec<Bytes>,
+    /// Bytes in `queue`.
+    queued_bytes: usize,
     /// The vector of the last batch sent, emptied, for the next queue to reuse.
     spare: Vec<Bytes>,
     queued_from: u64,
     next: u64,
     /// Bytes queued or in flight.
     pending_bytes: usize,
+    /// Writes (and their bytes) queued since the stream began; the rest of the counters
+    /// live in `Inner::stats`, updated once per batch.
+    accepted_writes: u64,
+    accepted_bytes: u64,
     /// Every write numbered below this has been sent.
     completed: u64,
     /// Writes from this number on failed, with why.
@@ -180,7 +186,12 @@ impl OutputStream {
 
     /// The counters so far.
     pub fn stats(&self) -> OutputStreamStats {
-        self.inner.stats.get()
+        let state = self.inner.state.borrow();
+        OutputStreamStats {
+            writes: state.accepted_writes,
+            bytes: state.accepted_bytes,
+            ..self.inner.stats.get()
+        }
     }
 
     /// Queues `buf` without a system call and returns a handle to await this write alone.
@@ -201,6 +212,7 @@ impl OutputStream {
     /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
     /// (or, on a datagram socket, when `buf` is larger than one datagram can be: `write`
     /// says so with status MessageTooLong).
+    #[inline]
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
         if self.inner.fd.is_none()
@@ -212,6 +224,7 @@ impl OutputStream {
         Ok(self.enqueue(buf))
     }
 
+    #[inline]
     fn has_room(&self, len: usize) -> bool {
         let state = self.inner.state.borrow();
         let config = self.inner.config.get();
@@ -234,16 +247,16 @@ impl OutputStream {
         Poll::Pending
     }
 
+    #[inline]
     fn enqueue(&self, buf: Bytes) -> WriteHandle {
         let mut state = self.inner.state.borrow_mut();
         let seq = state.next;
         state.next += 1;
         if state.failure.is_none() {
             state.pending_bytes += buf.len();
-            let mut stats = self.inner.stats.get();
-            stats.writes += 1;
-            stats.bytes += buf.len() as u64;
-            self.inner.stats.set(stats);
+            state.queued_bytes += buf.len();
+            state.accepted_writes += 1;
+            state.accepted_bytes += buf.len() as u64;
             state.queue.push(buf);
         }
         self.inner.handles.set(self.inner.handles.get() + 1);
@@ -315,7 +328,7 @@ impl Inner {
             return;
         };
         loop {
-            let (batch, first_seq) = {
+            let (batch, batch_bytes, first_seq) = {
                 let mut state = self.state.borrow_mut();
                 if state.queue.is_empty() || state.queued_from >= state.flush_target {
                     state.sending = false;
@@ -326,15 +339,14 @@ impl Inner {
                 let spare = std::mem::take(&mut state.spare);
                 let batch = std::mem::replace(&mut state.queue, spare);
                 state.queued_from = state.next;
-                (batch, first_seq)
+                (batch, std::mem::take(&mut state.queued_bytes), first_seq)
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, progress, bufs) = self.transport.send_batch(&fd, batch, &mut report).await;
-            let sent_bytes: usize =
-                bufs[..progress.first].iter().map(Bytes::len).sum::<usize>() + progress.skip;
-            let unsent_bytes: usize = bufs.iter().map(Bytes::len).sum::<usize>() - sent_bytes;
-            let mut bufs = bufs;
+            let (result, progress, mut bufs) = self
+                .transport
+                .send_batch(&fd, batch, batch_bytes, &mut report)
+                .await;
             bufs.clear();
 
             let mut stats = self.stats.get();
@@ -345,16 +357,16 @@ impl Inner {
 
             let mut state = self.state.borrow_mut();
             state.spare = bufs;
-            state.pending_bytes = state
-                .pending_bytes
-                .saturating_sub(sent_bytes + unsent_bytes);
+            // Sent or failed, the batch is no longer pending.
+            state.pending_bytes = state.pending_bytes.saturating_sub(batch_bytes);
             state.completed = first_seq + progress.first as u64;
             if let Err(err) = result {
                 // The stream is broken: this batch's unsent writes, and every write queued
                 // behind them, fail with the same status.
                 let failure = Failure::from_io(err);
                 state.failure = Some((state.completed, failure));
-                let dropped: usize = state.queue.drain(..).map(|b| b.len()).sum();
+                state.queue.clear();
+                let dropped = std::mem::take(&mut state.queued_bytes);
                 state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
                 state.queued_from = state.next;
                 state.sending = false;
@@ -371,15 +383,21 @@ impl Inner {
     /// One OutputStream or WriteHandle went away. The last one going must not lose
     /// queued writes: send them on, the way a closed socket still delivers what is in
     /// its send buffer.
+    #[inline]
     fn release_handle(self: &Rc<Self>) {
         let left = self.handles.get() - 1;
         self.handles.set(left);
         if left == 0 {
-            let next = self.state.borrow().next;
-            self.state.borrow_mut().flush_target = next;
-            if crate::runtime::current_driver_kind().is_some() {
-                self.start_sender();
-            }
+            self.send_the_rest();
+        }
+    }
+
+    #[cold]
+    fn send_the_rest(self: &Rc<Self>) {
+        let next = self.state.borrow().next;
+        self.state.borrow_mut().flush_target = next;
+        if crate::runtime::current_driver_kind().is_some() {
+            self.start_sender();
         }
     }
 }

@@ -46,15 +46,16 @@ impl Transport {
         }
     }
 
-    /// Sends one batch (see `ops::send_stream_batch` and `ops_datagram::send_batch`).
+    /// Sends one batch of `total` bytes (see `ops::send_stream_batch` and `ops_datagram::send_batch`).
     pub(crate) async fn send_batch(
         &self,
         fd: &SharedFd,
         bufs: Vec<Bytes>,
+        total: usize,
         report: &mut BatchReport,
     ) -> (io::Result<()>, Progress, Vec<Bytes>) {
         match self {
-            Transport::Stream => ops::send_stream_batch(fd, bufs, report).await,
+            Transport::Stream => ops::send_stream_batch(fd, bufs, total, report).await,
             Transport::Datagram { dest, gso, .. } => {
                 ops_datagram::send_batch(fd, bufs, *dest, gso, report).await
             }

@@ -728,7 +728,9 @@ impl Tx {
             };
             let count = batch.len() as u64;
             let mut report = BatchReport::default();
-            let (result, _, sent) = ops::send_stream_batch(&self.fd, batch, &mut report).await;
+            let total = batch.iter().map(Bytes::len).sum();
+            let (result, _, sent) =
+                ops::send_stream_batch(&self.fd, batch, total, &mut report).await;
             sent.into_iter().for_each(buffer_pool::give_back);
             let mut state = self.state.borrow_mut();
             state.operations += report.operations;

@@ -122,8 +122,6 @@ pub(crate) struct SendMsgs {
     #[allow(dead_code)]
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::msghdr>,
-    /// How many buffers (iovecs) each header carries.
-    counts: Vec<usize>,
     /// The destination, read by the kernel through `headers`.
     #[allow(dead_code)]
     addr: Option<Box<RawAddr>>,
@@ -145,7 +143,6 @@ impl SendMsgs {
         let mut addr = addr.map(|addr| Box::new(RawAddr::from_socket_addr(addr)));
         let links = iovecs.len().div_ceil(IOV_MAX).max(1);
         let mut headers = Vec::with_capacity(links);
-        let mut counts = Vec::with_capacity(links);
         let mut start = 0;
         while start < iovecs.len() || headers.is_empty() {
             let count = (iovecs.len() - start).min(IOV_MAX);
@@ -158,7 +155,6 @@ impl SendMsgs {
                 header.msg_namelen = addr.len;
             }
             headers.push(header);
-            counts.push(count);
             start += count;
         }
         SendMsgs {
@@ -166,52 +162,49 @@ impl SendMsgs {
             bufs,
             iovecs,
             headers,
-            counts,
             addr,
         }
     }
 }
 
-/// One `sendmsg` of up to [`IOV_MAX`] buffers, from byte `skip` of `bufs[first]`:
-/// coalescing many writes into one kernel operation is what makes batches fast.
-pub(crate) async fn sendmsg_vectored(
-    fd: &SharedFd,
-    bufs: Vec<Bytes>,
-    first: usize,
-    skip: usize,
-    flags: i32,
-) -> (io::Result<usize>, Vec<Bytes>) {
-    let msgs = SendMsgs::new(fd.clone(), bufs, first, skip, 1, None);
-    // SAFETY: the SQE points to a header owned by the op's data (see SendMsgs).
-    let op = unsafe {
-        Op::submit(msgs, |msgs| {
-            opcode::SendMsg::new(types::Fd(msgs.fd.raw()), &msgs.headers[0])
-                .flags(flags as u32)
-                .build()
-        })
-    };
-    match op {
-        Ok(op) => {
-            let (completion, msgs) = op.await;
-            (completion.into_result().map(|n| n as usize), msgs.bufs)
-        }
-        Err((err, msgs)) => (Err(err), msgs.bufs),
-    }
+/// How a stream send went out: one `sendmsg`, or a linked chain of them.
+pub(crate) enum StreamSend {
+    One(Completion),
+    /// One completion per link, in order.
+    Chain(Vec<Completion>),
 }
 
-/// A linked chain of `sendmsg`s covering `bufs[first..]` from byte `skip`, up to
-/// [`IOV_MAX`] buffers per link and `max_links` links, IO_LINK between links, `flags` on
-/// each (MSG_WAITALL for TCP, so a short send breaks the chain rather than leaving a gap).
-/// Returns each link's completion with the number of buffers it carried.
-pub(crate) async fn sendmsg_chain(
+/// Sends `bufs[first..]` from byte `skip` with as few SQEs as the kernel allows: one
+/// `sendmsg` while its iovecs fit in [`IOV_MAX`] (coalescing the writes into one kernel
+/// operation is what makes batches fast), else a linked chain of up to `max_links` of
+/// them, IO_LINK between links. `flags` go on each (MSG_WAITALL for TCP, so a short send
+/// breaks the chain rather than leaving a gap).
+pub(crate) async fn sendmsg_stream(
     fd: &SharedFd,
     bufs: Vec<Bytes>,
     first: usize,
     skip: usize,
     flags: i32,
     max_links: usize,
-) -> (io::Result<Vec<(Completion, usize)>>, Vec<Bytes>) {
+) -> (io::Result<StreamSend>, Vec<Bytes>) {
     let msgs = SendMsgs::new(fd.clone(), bufs, first, skip, max_links, None);
+    if msgs.headers.len() == 1 {
+        // SAFETY: the SQE points to a header owned by the op's data (see SendMsgs).
+        let op = unsafe {
+            Op::submit(msgs, |msgs| {
+                opcode::SendMsg::new(types::Fd(msgs.fd.raw()), &msgs.headers[0])
+                    .flags(flags as u32)
+                    .build()
+            })
+        };
+        return match op {
+            Ok(op) => {
+                let (completion, msgs) = op.await;
+                (Ok(StreamSend::One(completion)), msgs.bufs)
+            }
+            Err((err, msgs)) => (Err(err), msgs.bufs),
+        };
+    }
     // SAFETY: every SQE points to a header owned by the chain's data (see SendMsgs).
     let op = unsafe {
         ChainOp::submit(msgs, |msgs| {
@@ -228,8 +221,7 @@ pub(crate) async fn sendmsg_chain(
     match op {
         Ok(op) => {
             let (completions, msgs) = op.await;
-            let carried = completions.into_iter().zip(msgs.counts).collect();
-            (Ok(carried), msgs.bufs)
+            (Ok(StreamSend::Chain(completions)), msgs.bufs)
         }
         Err((err, msgs)) => (Err(err), msgs.bufs),
     }
