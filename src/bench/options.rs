@@ -268,9 +268,10 @@ pub struct Options {
     /// tcp-batch: through TLS 1.3 (rustls on both sides; the receiver a rustls server
     /// over its blocking std socket, with the bench's built-in test certificate).
     pub tls: bool,
-    /// ringsock impls: microseconds the runtime looks for completions before it sleeps
-    /// (`runtime::Builder::spin_before_park`); 0 = never spins.
-    pub spin_us: u64,
+    /// ringsock impls: microseconds the runtime looks for completions before every
+    /// sleep (`runtime::Builder::spin_before_park`; 0 = never spins); `None` keeps the
+    /// runtime's default, the adaptive spin.
+    pub spin_us: Option<u64>,
 }
 
 impl Options {
@@ -288,7 +289,7 @@ impl Options {
             pin: true,
             pattern: Pattern::Flush,
             verify_stride: 1,
-            spin_us: 0,
+            spin_us: None,
             tls: false,
         }
     }
@@ -309,10 +310,12 @@ impl Options {
 
     /// The runtime a ringsock impl runs on: `backend`, with the spin asked for.
     pub fn runtime(&self, backend: crate::Backend) -> crate::Result<crate::Runtime> {
-        crate::runtime::Builder::new()
-            .backend(backend)
-            .spin_before_park(std::time::Duration::from_micros(self.spin_us))
-            .build()
+        let builder = crate::runtime::Builder::new().backend(backend);
+        match self.spin_us {
+            Some(us) => builder.spin_before_park(std::time::Duration::from_micros(us)),
+            None => builder,
+        }
+        .build()
     }
 
     /// Checks the combination; the message says what is wrong (a usage error).

@@ -230,8 +230,8 @@ impl Report {
         if !o.pin {
             fields.push(("pin", json!("off")));
         }
-        if o.spin_us != 0 {
-            fields.push(("spin_us", json!(o.spin_us)));
+        if let Some(us) = o.spin_us {
+            fields.push(("spin_us", json!(us)));
         }
         if o.workload == Workload::TcpBatch && o.effective_stride() != 1 {
             fields.push(("verify_stride", json!(o.effective_stride())));

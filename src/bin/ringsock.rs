@@ -88,10 +88,11 @@ struct BenchArgs {
     /// certificate for localhost).
     #[arg(long)]
     tls: bool,
-    /// ringsock impls: microseconds the runtime spins on its completions before it
-    /// sleeps in the kernel (0: never). Trades CPU for wake-up latency.
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
-    spin_us: u64,
+    /// ringsock impls: microseconds the runtime spins on its completions before every
+    /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it the
+    /// runtime's default applies: spin up to 100 us while events come back sooner.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    spin_us: Option<u64>,
     /// Watchdog for one run: give up after this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -607,7 +608,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--pattern", args.pattern != Pattern::Flush),
         ("--verify-stride", args.verify_stride != 1),
         ("--tls", args.tls),
-        ("--spin-us", args.spin_us != 0),
+        ("--spin-us", args.spin_us.is_some()),
     ];
     for (flag, given) in single {
         if given {

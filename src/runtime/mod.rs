@@ -30,7 +30,54 @@ pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 pub struct Builder {
     backend: Option<Backend>,
     ring_entries: Option<u32>,
-    spin: Duration,
+    spin: Spin,
+}
+
+/// Whether the loop looks for completions for a while before it sleeps in the kernel.
+///
+/// A sleeping CPU takes tens of microseconds to wake on a virtual machine; a round trip
+/// whose answer comes back in less than that is faster when the loop watches for it
+/// than when the kernel has to wake it. Spinning trades CPU time for that latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spin {
+    /// Sleep as soon as nothing is ready.
+    Off,
+    /// Look for up to this long before every sleep.
+    Fixed(Duration),
+    /// Look for up to this long, but only while events have lately come back sooner
+    /// than that (a moving average of the waits). A loop that waits longer, an idle
+    /// server say, sleeps at once and burns nothing; one in a fast exchange spins.
+    Adaptive(Duration),
+}
+
+impl Spin {
+    /// How long to spin before the next sleep, given the moving average of the waits.
+    fn budget(self, recent_wait: Duration) -> Option<Duration> {
+        match self {
+            Spin::Off => None,
+            Spin::Fixed(spin) => Some(spin),
+            Spin::Adaptive(spin) => Some(spin).filter(|_| recent_wait < spin),
+        }
+    }
+
+    /// Whether the waits are measured for the moving average.
+    fn measures_waits(self) -> bool {
+        matches!(self, Spin::Adaptive(_))
+    }
+
+    /// The moving average after one more wait: recent waits weigh most, so a few fast
+    /// round trips after an idle spell bring the spin back.
+    fn blend(recent_wait: Duration, wait: Duration) -> Duration {
+        (recent_wait * 3 + wait) / 4
+    }
+}
+
+impl Default for Spin {
+    /// Adaptive, up to 100 µs: above a VM's wake-up latency, so a round trip that comes
+    /// back within it is watched for rather than slept through.
+    fn default() -> Spin {
+        Spin::Adaptive(Duration::from_micros(100))
+    }
 }
 
 impl Builder {
@@ -45,15 +92,23 @@ impl Builder {
         self
     }
 
-    /// Before the loop sleeps in the kernel, it checks for completions for up to `spin`
-    /// first (default: not at all). A sleeping CPU takes tens of microseconds to wake on
-    /// a virtual machine; spinning trades CPU time for that latency, for
-    /// latency-critical paths (a VoIP relay, a request/response hop) on a core of their
-    /// own. On io_uring a spin costs no system call while nothing is ready (the kernel
-    /// flags pending work in shared memory); on epoll each check is an `epoll_wait`.
-    pub fn spin_before_park(mut self, spin: Duration) -> Builder {
+    /// How the loop spins before it sleeps (default [`Spin::Adaptive`], 100 µs). On
+    /// io_uring a spin costs no system call while nothing is ready (the kernel flags
+    /// pending work in shared memory); on epoll each check is an `epoll_wait`.
+    pub fn spin(mut self, spin: Spin) -> Builder {
         self.spin = spin;
         self
+    }
+
+    /// Before every sleep in the kernel, checks for completions for up to `spin` first
+    /// ([`Spin::Fixed`]; zero is [`Spin::Off`]): for latency-critical paths (a VoIP
+    /// relay, a request/response hop) on a core of their own.
+    pub fn spin_before_park(self, spin: Duration) -> Builder {
+        self.spin(if spin.is_zero() {
+            Spin::Off
+        } else {
+            Spin::Fixed(spin)
+        })
     }
 
     /// Submission queue size of the io_uring (default 1024).
@@ -91,6 +146,7 @@ impl Builder {
                 timers: RefCell::new(time::Timers::default()),
                 running: Cell::new(false),
                 spin: self.spin,
+                recent_wait: Cell::new(Duration::ZERO),
             }),
         })
     }
@@ -110,7 +166,10 @@ struct Inner {
     timers: RefCell<time::Timers>,
     running: Cell<bool>,
     /// How long to look for completions before sleeping in the kernel.
-    spin: Duration,
+    spin: Spin,
+    /// Moving average of how long the loop waited for something to happen (kept for
+    /// [`Spin::Adaptive`]).
+    recent_wait: Cell<Duration>,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -203,10 +262,15 @@ impl Runtime {
             // The clock is read only when a timer or the spin needs it: a busy sender goes
             // round this loop a few times per batch.
             let timers_armed = !self.inner.timers.borrow().is_empty();
-            let spinning = !self.inner.spin.is_zero();
-            let now = (timers_armed || spinning).then(Instant::now);
-            if let Some(now) = now.filter(|_| spinning && !busy) {
-                busy = self.spin(now, &main);
+            let waiting = !busy;
+            let policy = self.inner.spin;
+            let spin = policy
+                .budget(self.inner.recent_wait.get())
+                .filter(|_| waiting);
+            let measure = waiting && policy.measures_waits();
+            let now = (timers_armed || spin.is_some() || measure).then(Instant::now);
+            if let (Some(spin), Some(now)) = (spin, now) {
+                busy = self.spin(now, spin, &main);
             }
             let timeout = match now {
                 _ if busy => Some(Duration::ZERO),
@@ -215,6 +279,12 @@ impl Runtime {
             };
             if let Err(err) = self.inner.driver.borrow_mut().park(timeout) {
                 panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
+            }
+            if let (true, Some(now)) = (measure, now) {
+                let recent = self.inner.recent_wait.get();
+                self.inner
+                    .recent_wait
+                    .set(Spin::blend(recent, now.elapsed()));
             }
             if timers_armed {
                 let due = self.inner.timers.borrow_mut().take_due(Instant::now());
@@ -225,8 +295,8 @@ impl Runtime {
 
     /// Looks for completions until something is ready, the spin time is over or a timer
     /// is due; true when something is ready.
-    fn spin(&self, now: Instant, main: &MainWaker) -> bool {
-        let mut deadline = now + self.inner.spin;
+    fn spin(&self, now: Instant, spin: Duration, main: &MainWaker) -> bool {
+        let mut deadline = now + spin;
         if let Some(timer) = self.inner.timers.borrow().next_timeout(now) {
             deadline = deadline.min(now + timer);
         }
@@ -463,4 +533,38 @@ fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
         let mut timers = inner.timers.try_borrow_mut().ok()?;
         Some(f(&mut timers))
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
+        let budget = Duration::from_micros(100);
+        let policy = Spin::Adaptive(budget);
+        let mut recent = Duration::ZERO;
+        assert_eq!(policy.budget(recent), Some(budget));
+        // An idle spell: one long wait turns the spin off.
+        recent = Spin::blend(recent, Duration::from_millis(10));
+        assert_eq!(policy.budget(recent), None);
+        // Round trips of 20 us bring it back within a few waits.
+        let mut waits = 0;
+        while policy.budget(recent).is_none() {
+            recent = Spin::blend(recent, Duration::from_micros(20));
+            waits += 1;
+            assert!(waits < 32, "the spin never came back");
+        }
+        assert_eq!(policy.budget(recent), Some(budget));
+    }
+
+    #[test]
+    fn fixed_and_off_ignore_the_waits() {
+        let long = Duration::from_secs(1);
+        let spin = Duration::from_micros(50);
+        assert_eq!(Spin::Fixed(spin).budget(long), Some(spin));
+        assert_eq!(Spin::Off.budget(Duration::ZERO), None);
+        assert!(!Spin::Fixed(spin).measures_waits());
+        assert!(Spin::Adaptive(spin).measures_waits());
+    }
 }
