@@ -7,6 +7,8 @@ use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use ringsock::runtime::timeout;
 use ringsock::{DatagramSocket, HostName, ReceiveRing, SocketErrorStatus};
 
@@ -266,7 +268,9 @@ fn ring_exhaustion_recovers_and_counts_drops() {
 #[test]
 fn batched_sends_keep_each_datagram_whole() {
     util::on_each_backend(|_| async {
-        for gso in [true, false] {
+        // `joined`: every datagram a slice of one buffer, end to end in memory, so the
+        // engine may describe a GSO run with one iovec but must not join across sends.
+        for (gso, joined) in [(true, false), (false, false), (true, true), (false, true)] {
             let receiver = bound("127.0.0.1");
             let sender = DatagramSocket::new();
             sender.control().set_segmentation_offload(gso);
@@ -278,9 +282,26 @@ fn batched_sends_keep_each_datagram_whole() {
             // 64 equal sizes (one GSO run), then a mixed tail, then an empty datagram.
             let mut sizes = vec![172usize; 64];
             sizes.extend([1400, 1400, 20, 1, 900, 900, 900, 0]);
+            let datagrams: Vec<Bytes> = if joined {
+                let whole: Vec<u8> = (sizes.iter().enumerate())
+                    .flat_map(|(seq, &len)| payload(seq as u32, len))
+                    .collect();
+                let whole = Bytes::from(whole);
+                let mut at = 0;
+                (sizes.iter())
+                    .map(|&len| {
+                        at += len;
+                        whole.slice(at - len..at)
+                    })
+                    .collect()
+            } else {
+                (sizes.iter().enumerate())
+                    .map(|(seq, &len)| Bytes::from(payload(seq as u32, len)))
+                    .collect()
+            };
             let mut handles = Vec::new();
-            for (seq, &len) in sizes.iter().enumerate() {
-                handles.push(output.write(payload(seq as u32, len)).await.unwrap());
+            for datagram in datagrams {
+                handles.push(output.write(datagram).await.unwrap());
             }
             output.flush().await.unwrap();
             for handle in handles {
@@ -300,7 +321,11 @@ fn batched_sends_keep_each_datagram_whole() {
                 receiver.recv_batch(&mut got, 128).await.unwrap();
             }
             for (seq, (datagram, &len)) in got.iter().zip(&sizes).enumerate() {
-                assert_eq!(datagram.len(), len, "datagram {seq} (gso {gso})");
+                assert_eq!(
+                    datagram.len(),
+                    len,
+                    "datagram {seq} (gso {gso}, joined {joined})"
+                );
                 assert!(datagram.data() == &payload(seq as u32, len)[..]);
             }
         }

@@ -15,32 +15,47 @@ const MAX_JOINED_LEN: usize = 1 << 30;
 /// many small slices needs fewer system calls or links. Each buffer keeps its own
 /// ownership; only the description is joined.
 pub(crate) fn iovecs(bufs: &[Bytes], first: usize, skip: usize, limit: usize) -> Vec<libc::iovec> {
-    let mut iovecs: Vec<libc::iovec> =
-        Vec::with_capacity(bufs.len().saturating_sub(first).min(limit));
-    let Some((head, rest)) = bufs.get(first..).and_then(|tail| tail.split_first()) else {
-        return iovecs;
-    };
-    let head = &head[skip.min(head.len())..];
-    for buf in std::iter::once(head).chain(rest.iter().map(|buf| &buf[..])) {
+    let mut iovecs = Vec::with_capacity(bufs.len().saturating_sub(first).min(limit));
+    if let Some((head, rest)) = bufs.get(first..).and_then(|tail| tail.split_first()) {
+        let head = &head[skip.min(head.len())..];
+        let tail = rest.iter().map(|buf| &buf[..]);
+        append_joined(&mut iovecs, std::iter::once(head).chain(tail), limit);
+    }
+    iovecs
+}
+
+/// Appends at most `limit` iovecs over `bufs` to `out`, joining neighbours that sit end to
+/// end in memory (never with an entry that was in `out` before) and skipping empty ones;
+/// returns how many it appended. A stream send, or one GSO datagram run (which the
+/// kernel cuts by segment size, not by iovec), may be described this way.
+pub(crate) fn append_joined<'a>(
+    out: &mut Vec<libc::iovec>,
+    bufs: impl IntoIterator<Item = &'a [u8]>,
+    limit: usize,
+) -> usize {
+    let start = out.len();
+    for buf in bufs {
         if buf.is_empty() {
             continue;
         }
-        if let Some(last) = iovecs.last_mut() {
+        if let Some(last) = out[start..].last_mut() {
             let end = (last.iov_base as *const u8).wrapping_add(last.iov_len);
             if end == buf.as_ptr() && last.iov_len + buf.len() <= MAX_JOINED_LEN {
                 last.iov_len += buf.len();
                 continue;
             }
-            if iovecs.len() == limit {
+            if out.len() - start == limit {
                 break;
             }
+        } else if limit == 0 {
+            break;
         }
-        iovecs.push(libc::iovec {
+        out.push(libc::iovec {
             iov_base: buf.as_ptr() as *mut libc::c_void,
             iov_len: buf.len(),
         });
     }
-    iovecs
+    out.len() - start
 }
 
 #[cfg(test)]
@@ -88,5 +103,15 @@ mod tests {
         let lens: Vec<usize> = iov.iter().map(|v| v.iov_len).collect();
         assert_eq!(lens, [6, 2]);
         assert!(iovecs(&bufs, bufs.len(), 0, 2).is_empty());
+    }
+
+    #[test]
+    fn appending_never_joins_with_what_was_there() {
+        let whole = Bytes::from(b"abcdef".to_vec());
+        let mut out = Vec::new();
+        assert_eq!(append_joined(&mut out, [&whole[0..2], &whole[2..3]], 8), 1);
+        assert_eq!(append_joined(&mut out, [&whole[3..4], &whole[4..6]], 8), 1);
+        let lens: Vec<usize> = out.iter().map(|v| v.iov_len).collect();
+        assert_eq!(lens, [3, 3]);
     }
 }

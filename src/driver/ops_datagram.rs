@@ -17,6 +17,7 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 
 use super::buf_pool::{BufPool, LentBuf};
+use super::iovec::append_joined;
 use super::ops::{BatchReport, Progress};
 use super::sockaddr::RawAddr;
 use super::{poll, uring, DriverKind, SharedFd};
@@ -239,14 +240,7 @@ pub(crate) struct MmsgBatch {
 
 impl MmsgBatch {
     pub(crate) fn new(bufs: &[Bytes], links: &[Link], dest: Option<SocketAddr>) -> MmsgBatch {
-        let mut iovecs: Vec<libc::iovec> = links
-            .iter()
-            .flat_map(|link| &bufs[link.first..link.first + link.count])
-            .map(|buf| libc::iovec {
-                iov_base: buf.as_ptr() as *mut libc::c_void,
-                iov_len: buf.len(),
-            })
-            .collect();
+        let (mut iovecs, counts) = link_iovecs(bufs, links.iter());
         let mut controls: Vec<[u64; CMSG_WORDS]> = links
             .iter()
             .filter_map(|link| link.segment.map(gso_cmsg))
@@ -255,11 +249,11 @@ impl MmsgBatch {
         // SAFETY: mmsghdr is plain old data; zero is its empty value.
         let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; links.len()];
         let (mut iov_at, mut control_at) = (0, 0);
-        for (link, header) in links.iter().zip(headers.iter_mut()) {
+        for ((link, header), count) in links.iter().zip(headers.iter_mut()).zip(counts) {
             let msg = &mut header.msg_hdr;
             msg.msg_iov = iovecs[iov_at..].as_mut_ptr();
-            msg.msg_iovlen = link.count;
-            iov_at += link.count;
+            msg.msg_iovlen = count;
+            iov_at += count;
             if link.segment.is_some() {
                 msg.msg_control = controls[control_at].as_mut_ptr().cast();
                 msg.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
@@ -304,6 +298,23 @@ impl MmsgBatch {
             Ok(sent as usize)
         }
     }
+}
+
+/// The iovecs of `links`, all in one vector, and how many each link has: a GSO run's
+/// datagrams that sit end to end in memory share an iovec (the kernel cuts the run by its
+/// segment size, not by iovec), so the kernel walks fewer entries.
+pub(crate) fn link_iovecs<'a>(
+    bufs: &[Bytes],
+    links: impl Iterator<Item = &'a Link>,
+) -> (Vec<libc::iovec>, Vec<usize>) {
+    let mut iovecs = Vec::with_capacity(bufs.len());
+    let counts = links
+        .map(|link| {
+            let datagrams = bufs[link.first..link.first + link.count].iter();
+            append_joined(&mut iovecs, datagrams.map(|buf| &buf[..]), usize::MAX)
+        })
+        .collect();
+    (iovecs, counts)
 }
 
 /// Splits `bufs[from..]` into at most `max_links` sends. With `gso`, a run of datagrams
