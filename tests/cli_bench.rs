@@ -141,6 +141,43 @@ fn tcp_batch_patterns_keep_order() {
 }
 
 #[test]
+fn gapped_messages_arrive_whole_and_in_order() {
+    // A byte between messages in memory: no two writes share an iovec.
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for size in ["64", "1024"] {
+            let args = [
+                "--workload",
+                "tcp-batch",
+                "--impl",
+                imp,
+                "--size",
+                size,
+                "--count",
+                "3001",
+                "--gapped",
+            ];
+            if let Some(v) = check_ok(&args, 3001) {
+                assert_eq!(v["gapped"], true, "{v}");
+            }
+        }
+        let args = [
+            "--workload",
+            "udp-batch",
+            "--impl",
+            imp,
+            "--size",
+            "172",
+            "--count",
+            "2000",
+            "--gapped",
+        ];
+        if let Some(v) = check_udp(&args, 2000) {
+            assert_eq!(v["gapped"], true, "{v}");
+        }
+    }
+}
+
+#[test]
 fn tcp_batch_batched_sends_cost_one_enter_per_group_on_uring() {
     let args = [
         "--workload",
@@ -395,8 +432,9 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 12] = [
+    let cases: [&[&str]; 13] = [
         &["bench", "--json", "--workload", "nope"],
+        &["bench", "--json", "--workload", "tcp-echo-rtt", "--gapped"],
         &["bench", "--json", "--workload", "udp-batch", "--tls"],
         &[
             "bench",

@@ -9,6 +9,8 @@ use super::peer::{self, FILL};
 /// sender neither allocates nor fills per message (as the writev peer reuses its buffer).
 pub(crate) struct GroupBuffer {
     size: usize,
+    /// Bytes from one message's start to the next: `size`, or one more when gapped.
+    stride: usize,
     batch: usize,
     spare: Option<Bytes>,
     /// Test hook: the first group carries messages 1 and 2 swapped.
@@ -20,10 +22,18 @@ impl GroupBuffer {
     pub(crate) fn new(size: usize, batch: usize) -> GroupBuffer {
         GroupBuffer {
             size,
+            stride: size,
             batch,
             spare: None,
             swap: false,
         }
+    }
+
+    /// The same, with a byte left between messages when `gapped` is set, so no two of
+    /// them sit end to end in memory and none can share an iovec with the next.
+    pub(crate) fn with_gap(mut self, gapped: bool) -> GroupBuffer {
+        self.stride = self.size + usize::from(gapped);
+        self
     }
 
     /// The same, with messages 1 and 2 of the first group swapped when `swap` is set
@@ -39,24 +49,25 @@ impl GroupBuffer {
             Some(Ok(buf)) => buf,
             // Still referenced (or the first group): a new one.
             _ => {
-                let mut buf = BytesMut::with_capacity(self.size * self.batch);
-                buf.resize(self.size * self.batch, FILL);
+                let mut buf = BytesMut::with_capacity(self.stride * self.batch);
+                buf.resize(self.stride * self.batch, FILL);
                 buf
             }
         };
         for j in 0..n {
-            peer::stamp(&mut buf[j * self.size..], first + j as u64);
+            peer::stamp(&mut buf[j * self.stride..], first + j as u64);
         }
         if self.swap && first == 0 && n >= 3 {
-            peer::stamp(&mut buf[self.size..], 2);
-            peer::stamp(&mut buf[2 * self.size..], 1);
+            peer::stamp(&mut buf[self.stride..], 2);
+            peer::stamp(&mut buf[2 * self.stride..], 1);
         }
         buf.freeze()
     }
 
     /// Message `j` of a group returned by [`take`](Self::take).
     pub(crate) fn message(&self, group: &Bytes, j: usize) -> Bytes {
-        group.slice(j * self.size..(j + 1) * self.size)
+        let start = j * self.stride;
+        group.slice(start..start + self.size)
     }
 
     /// Gives the group back for reuse (once every slice of it is dropped).
@@ -109,6 +120,17 @@ mod tests {
         assert_eq!(seqs, [0, 2, 1, 3]);
         let g = groups.take(4, 4);
         assert_eq!(peer::read_seq(&g[16..]), 5);
+    }
+
+    #[test]
+    fn gapped_messages_are_not_end_to_end() {
+        let mut groups = GroupBuffer::new(16, 4).with_gap(true);
+        let g = groups.take(0, 4);
+        let a = groups.message(&g, 0);
+        let b = groups.message(&g, 1);
+        assert_eq!(b.len(), 16);
+        assert_ne!(a.as_ptr().wrapping_add(a.len()), b.as_ptr());
+        assert_eq!(peer::read_seq(&b), 1);
     }
 
     #[test]

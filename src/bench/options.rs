@@ -268,6 +268,9 @@ pub struct Options {
     /// tcp-batch: through TLS 1.3 (rustls on both sides; the receiver a rustls server
     /// over its blocking std socket, with the bench's built-in test certificate).
     pub tls: bool,
+    /// tcp-batch, udp-batch: a byte left between a group's messages in memory, so no
+    /// two writes can share an iovec (the engine measured without joining them).
+    pub gapped: bool,
     /// ringsock impls: microseconds the runtime looks for completions before every
     /// sleep (`runtime::Builder::spin_before_park`; 0 = never spins); `None` keeps the
     /// runtime's default, the adaptive spin.
@@ -291,6 +294,7 @@ impl Options {
             verify_stride: 1,
             spin_us: None,
             tls: false,
+            gapped: false,
         }
     }
 
@@ -342,6 +346,11 @@ impl Options {
         }
         if self.tls && w != Workload::TcpBatch {
             return Err(format!("--tls applies to tcp-batch only, not {w}"));
+        }
+        if self.gapped && !matches!(w, Workload::TcpBatch | Workload::UdpBatch) {
+            return Err(format!(
+                "--gapped applies to tcp-batch and udp-batch, not {w}"
+            ));
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());

@@ -230,6 +230,9 @@ impl Report {
         if !o.pin {
             fields.push(("pin", json!("off")));
         }
+        if o.gapped {
+            fields.push(("gapped", json!(true)));
+        }
         if let Some(us) = o.spin_us {
             fields.push(("spin_us", json!(us)));
         }

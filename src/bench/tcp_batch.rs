@@ -229,7 +229,9 @@ fn finish(o: &Options, sent: Sent, rx: Receiver) -> Report {
 
 /// Sends the M messages, group by group, the way `o.pattern` says.
 pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()> {
-    let mut buffers = GroupBuffer::new(o.size, o.batch).with_swap(fault_swap());
+    let mut buffers = GroupBuffer::new(o.size, o.batch)
+        .with_gap(o.gapped)
+        .with_swap(fault_swap());
     let mut handles: Vec<WriteHandle> = Vec::with_capacity(o.batch);
     for (first, n) in groups(o.count, o.batch) {
         let group = buffers.take(first, n);

@@ -100,7 +100,7 @@ fn check_well_formed(report: &mut Report, rx: &Counted) {
 async fn ringsock_sender(o: &Options, dest: SocketAddr) -> Result<Sent> {
     let socket = DatagramSocket::new();
     let output = socket.output_stream_to_addr(dest)?;
-    let mut buffers = GroupBuffer::new(o.size, o.batch);
+    let mut buffers = GroupBuffer::new(o.size, o.batch).with_gap(o.gapped);
     let calls = driver_syscalls();
     let cpu_before = CpuSample::now();
     let cpu0 = cpu::thread_cpu_secs();

@@ -88,6 +88,10 @@ struct BenchArgs {
     /// certificate for localhost).
     #[arg(long)]
     tls: bool,
+    /// tcp-batch, udp-batch: leave a byte between a group's messages in memory, so no
+    /// two writes can share an iovec (measures the engine without joining them).
+    #[arg(long)]
+    gapped: bool,
     /// ringsock impls: microseconds the runtime spins on its completions before every
     /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it the
     /// runtime's default applies: spin up to 100 us while events come back sooner.
@@ -546,6 +550,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.batch = args.batch as usize;
     options.pattern = args.pattern;
     options.tls = args.tls;
+    options.gapped = args.gapped;
     options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
     options.pin = args.pin == "on";
@@ -608,6 +613,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--pattern", args.pattern != Pattern::Flush),
         ("--verify-stride", args.verify_stride != 1),
         ("--tls", args.tls),
+        ("--gapped", args.gapped),
         ("--spin-us", args.spin_us.is_some()),
     ];
     for (flag, given) in single {
