@@ -368,6 +368,30 @@ fn udp_recv_every_impl() {
 }
 
 #[test]
+fn udp_recv_with_gro_takes_super_datagrams_apart() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        let args = [
+            "--workload",
+            "udp-recv",
+            "--impl",
+            imp,
+            "--size",
+            "1200",
+            "--count",
+            "3000",
+            "--gro",
+        ];
+        if let Some(v) = check_udp(&args, 3000) {
+            assert_eq!(v["gro"], true, "{v}");
+            // Every datagram was checked whole; they came in fewer receives than datagrams.
+            let deliveries = v["deliveries"].as_u64().unwrap();
+            assert!(deliveries < 3000, "{v}");
+            assert!(v["gro_splits"].as_u64().is_some_and(|n| n > 0), "{v}");
+        }
+    }
+}
+
+#[test]
 fn udp_echo_rtt_every_impl() {
     for imp in IMPLS {
         let args = [
@@ -432,8 +456,17 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 13] = [
+    let cases: [&[&str]; 14] = [
         &["bench", "--json", "--workload", "nope"],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "udp-recv",
+            "--impl",
+            "std-per-write",
+            "--gro",
+        ],
         &["bench", "--json", "--workload", "tcp-echo-rtt", "--gapped"],
         &["bench", "--json", "--workload", "udp-batch", "--tls"],
         &[

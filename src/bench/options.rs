@@ -271,6 +271,9 @@ pub struct Options {
     /// tcp-batch, udp-batch: a byte left between a group's messages in memory, so no
     /// two writes can share an iovec (the engine measured without joining them).
     pub gapped: bool,
+    /// udp-recv, ringsock impls: UDP_GRO on the receiving socket, whose receive ring then
+    /// takes the kernel's merged super-datagrams apart.
+    pub gro: bool,
     /// ringsock impls: microseconds the runtime looks for completions before every
     /// sleep (`runtime::Builder::spin_before_park`; 0 = never spins); `None` keeps the
     /// runtime's default, the adaptive spin.
@@ -295,6 +298,7 @@ impl Options {
             spin_us: None,
             tls: false,
             gapped: false,
+            gro: false,
         }
     }
 
@@ -351,6 +355,9 @@ impl Options {
             return Err(format!(
                 "--gapped applies to tcp-batch and udp-batch, not {w}"
             ));
+        }
+        if self.gro && (w != Workload::UdpRecv || self.imp.backend().is_none()) {
+            return Err("--gro applies to udp-recv with a ringsock impl".into());
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());

@@ -233,6 +233,9 @@ impl Report {
         if o.gapped {
             fields.push(("gapped", json!(true)));
         }
+        if o.gro {
+            fields.push(("gro", json!(true)));
+        }
         if let Some(us) = o.spin_us {
             fields.push(("spin_us", json!(us)));
         }

@@ -253,7 +253,12 @@ fn ringsock_receiver(
     let runtime = o.runtime(backend)?;
     let socket = DatagramSocket::new();
     socket.control().set_receive_buffer_size(udp_peer::RCVBUF)?;
-    socket.control().set_receive_ring(ring_for(o.size))?;
+    if o.gro {
+        // Large buffers (ReceiveRing::large) for the super-datagrams.
+        socket.control().set_gro(true)?;
+    } else {
+        socket.control().set_receive_ring(ring_for(o.size))?;
+    }
     socket.bind_addr(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let flood = start_flood(o, socket.local_addr()?, go)?;
     let rcvbuf = socket.control().receive_buffer_size().ok();
@@ -302,6 +307,7 @@ fn ringsock_receiver(
                 ("ring_empty", stats.ring_empty),
                 ("rearms", stats.rearms),
                 ("deliveries", stats.deliveries),
+                ("gro_splits", stats.gro_splits),
             ],
         })
     })?;

@@ -92,6 +92,10 @@ struct BenchArgs {
     /// two writes can share an iovec (measures the engine without joining them).
     #[arg(long)]
     gapped: bool,
+    /// udp-recv, ringsock impls: UDP_GRO on the receiving socket; its receive ring takes
+    /// the merged super-datagrams apart.
+    #[arg(long)]
+    gro: bool,
     /// ringsock impls: microseconds the runtime spins on its completions before every
     /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it the
     /// runtime's default applies: spin up to 100 us while events come back sooner.
@@ -551,6 +555,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.pattern = args.pattern;
     options.tls = args.tls;
     options.gapped = args.gapped;
+    options.gro = args.gro;
     options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
     options.pin = args.pin == "on";
@@ -614,6 +619,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--verify-stride", args.verify_stride != 1),
         ("--tls", args.tls),
         ("--gapped", args.gapped),
+        ("--gro", args.gro),
         ("--spin-us", args.spin_us.is_some()),
     ];
     for (flag, given) in single {
