@@ -20,9 +20,11 @@ use async_task::Runnable;
 use crate::driver::{Backend, Driver, DriverConfig, DriverKind, DriverStats, Unparker};
 
 mod blocking;
+mod spin;
 mod time;
 
 pub(crate) use blocking::spawn_blocking;
+pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
 /// Builds a [`Runtime`] with chosen options.
@@ -30,54 +32,7 @@ pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 pub struct Builder {
     backend: Option<Backend>,
     ring_entries: Option<u32>,
-    spin: Spin,
-}
-
-/// Whether the loop looks for completions for a while before it sleeps in the kernel.
-///
-/// A sleeping CPU takes tens of microseconds to wake on a virtual machine; a round trip
-/// whose answer comes back in less than that is faster when the loop watches for it
-/// than when the kernel has to wake it. Spinning trades CPU time for that latency.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Spin {
-    /// Sleep as soon as nothing is ready.
-    Off,
-    /// Look for up to this long before every sleep.
-    Fixed(Duration),
-    /// Look for up to this long, but only while events have lately come back sooner
-    /// than that (a moving average of the waits). A loop that waits longer, an idle
-    /// server say, sleeps at once and burns nothing; one in a fast exchange spins.
-    Adaptive(Duration),
-}
-
-impl Spin {
-    /// How long to spin before the next sleep, given the moving average of the waits.
-    fn budget(self, recent_wait: Duration) -> Option<Duration> {
-        match self {
-            Spin::Off => None,
-            Spin::Fixed(spin) => Some(spin),
-            Spin::Adaptive(spin) => Some(spin).filter(|_| recent_wait < spin),
-        }
-    }
-
-    /// Whether the waits are measured for the moving average.
-    fn measures_waits(self) -> bool {
-        matches!(self, Spin::Adaptive(_))
-    }
-
-    /// The moving average after one more wait: recent waits weigh most, so a few fast
-    /// round trips after an idle spell bring the spin back.
-    fn blend(recent_wait: Duration, wait: Duration) -> Duration {
-        (recent_wait * 3 + wait) / 4
-    }
-}
-
-impl Default for Spin {
-    /// Adaptive, up to 100 µs: above a VM's wake-up latency, so a round trip that comes
-    /// back within it is watched for rather than slept through.
-    fn default() -> Spin {
-        Spin::Adaptive(Duration::from_micros(100))
-    }
+    spin: Option<Spin>,
 }
 
 impl Builder {
@@ -92,11 +47,12 @@ impl Builder {
         self
     }
 
-    /// How the loop spins before it sleeps (default [`Spin::Adaptive`], 100 µs). On
-    /// io_uring a spin costs no system call while nothing is ready (the kernel flags
-    /// pending work in shared memory); on epoll each check is an `epoll_wait`.
+    /// How the loop spins before it sleeps, overriding `RINGSOCK_SPIN` (default
+    /// [`Spin::Adaptive`], 100 µs). On io_uring a spin costs no system call while nothing
+    /// is ready (the kernel flags pending work in shared memory); on epoll each check is
+    /// an `epoll_wait`.
     pub fn spin(mut self, spin: Spin) -> Builder {
-        self.spin = spin;
+        self.spin = Some(spin);
         self
     }
 
@@ -126,6 +82,10 @@ impl Builder {
             Some(backend) => backend,
             None => Backend::from_env()?.unwrap_or_default(),
         };
+        let spin = match self.spin {
+            Some(spin) => spin,
+            None => Spin::from_env()?.unwrap_or_default(),
+        };
         let mut config = DriverConfig::default();
         if let Some(entries) = self.ring_entries {
             config.ring_entries = entries;
@@ -145,7 +105,7 @@ impl Builder {
                 shared,
                 timers: RefCell::new(time::Timers::default()),
                 running: Cell::new(false),
-                spin: self.spin,
+                spin,
                 recent_wait: Cell::new(Duration::ZERO),
             }),
         })
@@ -533,38 +493,4 @@ fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
         let mut timers = inner.timers.try_borrow_mut().ok()?;
         Some(f(&mut timers))
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
-        let budget = Duration::from_micros(100);
-        let policy = Spin::Adaptive(budget);
-        let mut recent = Duration::ZERO;
-        assert_eq!(policy.budget(recent), Some(budget));
-        // An idle spell: one long wait turns the spin off.
-        recent = Spin::blend(recent, Duration::from_millis(10));
-        assert_eq!(policy.budget(recent), None);
-        // Round trips of 20 us bring it back within a few waits.
-        let mut waits = 0;
-        while policy.budget(recent).is_none() {
-            recent = Spin::blend(recent, Duration::from_micros(20));
-            waits += 1;
-            assert!(waits < 32, "the spin never came back");
-        }
-        assert_eq!(policy.budget(recent), Some(budget));
-    }
-
-    #[test]
-    fn fixed_and_off_ignore_the_waits() {
-        let long = Duration::from_secs(1);
-        let spin = Duration::from_micros(50);
-        assert_eq!(Spin::Fixed(spin).budget(long), Some(spin));
-        assert_eq!(Spin::Off.budget(Duration::ZERO), None);
-        assert!(!Spin::Fixed(spin).measures_waits());
-        assert!(Spin::Adaptive(spin).measures_waits());
-    }
 }

@@ -1,0 +1,135 @@
+//! How long the loop looks for completions before it sleeps in the kernel.
+
+use std::time::Duration;
+
+/// Whether the loop looks for completions for a while before it sleeps in the kernel.
+///
+/// A sleeping CPU takes tens of microseconds to wake on a virtual machine; a round trip
+/// whose answer comes back in less than that is faster when the loop watches for it
+/// than when the kernel has to wake it. Spinning trades CPU time for that latency.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spin {
+    /// Sleep as soon as nothing is ready.
+    Off,
+    /// Look for up to this long before every sleep.
+    Fixed(Duration),
+    /// Look for up to this long, but only while events have lately come back sooner
+    /// than that (a moving average of the waits). A loop that waits longer, an idle
+    /// server say, sleeps at once and burns nothing; one in a fast exchange spins.
+    Adaptive(Duration),
+}
+
+impl Spin {
+    /// How long to spin before the next sleep, given the moving average of the waits.
+    pub(super) fn budget(self, recent_wait: Duration) -> Option<Duration> {
+        match self {
+            Spin::Off => None,
+            Spin::Fixed(spin) => Some(spin),
+            Spin::Adaptive(spin) => Some(spin).filter(|_| recent_wait < spin),
+        }
+    }
+
+    /// Whether the waits are measured for the moving average.
+    pub(super) fn measures_waits(self) -> bool {
+        matches!(self, Spin::Adaptive(_))
+    }
+
+    /// The moving average after one more wait: recent waits weigh most, so a few fast
+    /// round trips after an idle spell bring the spin back.
+    pub(super) fn blend(recent_wait: Duration, wait: Duration) -> Duration {
+        (recent_wait * 3 + wait) / 4
+    }
+}
+
+impl Default for Spin {
+    /// Adaptive, up to 100 µs: above a VM's wake-up latency, so a round trip that comes
+    /// back within it is watched for rather than slept through.
+    fn default() -> Spin {
+        Spin::Adaptive(Duration::from_micros(100))
+    }
+}
+
+impl Spin {
+    /// `RINGSOCK_SPIN`: `off`, `adaptive`, or microseconds to spin before every sleep
+    /// (`0` is off). `None` when unset.
+    pub fn from_env() -> crate::Result<Option<Spin>> {
+        match std::env::var("RINGSOCK_SPIN") {
+            Ok(value) => value.parse().map(Some),
+            Err(std::env::VarError::NotPresent) => Ok(None),
+            Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::invalid_input(
+                "RINGSOCK_SPIN is not valid UTF-8",
+            )),
+        }
+    }
+}
+
+impl std::str::FromStr for Spin {
+    type Err = crate::Error;
+
+    fn from_str(s: &str) -> crate::Result<Spin> {
+        match s {
+            "off" => Ok(Spin::Off),
+            "adaptive" => Ok(Spin::default()),
+            micros => match micros.parse::<u64>() {
+                Ok(0) => Ok(Spin::Off),
+                Ok(us) if us <= 1_000_000 => Ok(Spin::Fixed(Duration::from_micros(us))),
+                _ => Err(crate::Error::invalid_input(format!(
+                    "unknown spin {s:?}: expected off, adaptive or microseconds up to 1000000"
+                ))),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
+        let budget = Duration::from_micros(100);
+        let policy = Spin::Adaptive(budget);
+        let mut recent = Duration::ZERO;
+        assert_eq!(policy.budget(recent), Some(budget));
+        // An idle spell: one long wait turns the spin off.
+        recent = Spin::blend(recent, Duration::from_millis(10));
+        assert_eq!(policy.budget(recent), None);
+        // Round trips of 20 us bring it back within a few waits.
+        let mut waits = 0;
+        while policy.budget(recent).is_none() {
+            recent = Spin::blend(recent, Duration::from_micros(20));
+            waits += 1;
+            assert!(waits < 32, "the spin never came back");
+        }
+        assert_eq!(policy.budget(recent), Some(budget));
+    }
+
+    #[test]
+    fn spin_settings_parse() {
+        assert_eq!("off".parse::<Spin>().unwrap(), Spin::Off);
+        assert_eq!("0".parse::<Spin>().unwrap(), Spin::Off);
+        assert_eq!("adaptive".parse::<Spin>().unwrap(), Spin::default());
+        assert_eq!(
+            "50".parse::<Spin>().unwrap(),
+            Spin::Fixed(Duration::from_micros(50))
+        );
+        for bad in ["", "fast", "-1", "1000001", "10us"] {
+            let err = bad.parse::<Spin>().unwrap_err();
+            assert_eq!(
+                err.status(),
+                crate::SocketErrorStatus::InvalidArgument,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn fixed_and_off_ignore_the_waits() {
+        let long = Duration::from_secs(1);
+        let spin = Duration::from_micros(50);
+        assert_eq!(Spin::Fixed(spin).budget(long), Some(spin));
+        assert_eq!(Spin::Off.budget(Duration::ZERO), None);
+        assert!(!Spin::Fixed(spin).measures_waits());
+        assert!(Spin::Adaptive(spin).measures_waits());
+    }
+}
