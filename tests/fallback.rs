@@ -111,3 +111,29 @@ fn the_same_environment_variable_forces_the_driver() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: InvalidArgument: "));
 }
+
+#[test]
+fn the_spin_variable_is_applied_or_refused_on_each_driver() {
+    for backend in ["uring", "epoll"] {
+        for (spin, ok) in [
+            ("off", true),
+            ("25", true),
+            ("adaptive", true),
+            ("soon", false),
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .arg("demo")
+                .env("RINGSOCK_BACKEND", backend)
+                .env("RINGSOCK_SPIN", spin)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if ok {
+                assert!(out.status.success(), "{backend} {spin}: {stderr}");
+            } else {
+                assert_eq!(out.status.code(), Some(1), "{backend} {spin}");
+                assert!(stderr.starts_with("error: InvalidArgument: "), "{stderr}");
+            }
+        }
+    }
+}
