@@ -114,13 +114,9 @@ fn the_same_environment_variable_forces_the_driver() {
 
 #[test]
 fn the_spin_variable_is_applied_or_refused_on_each_driver() {
-    for backend in ["uring", "epoll"] {
-        for (spin, ok) in [
-            ("off", true),
-            ("25", true),
-            ("adaptive", true),
-            ("soon", false),
-        ] {
+    // auto is io_uring wherever it can start (RINGSOCK_REQUIRE_URING makes CI sure of it).
+    for backend in ["auto", "epoll"] {
+        for (spin, ok) in [("off", true), ("soon", false)] {
             let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
                 .arg("demo")
                 .env("RINGSOCK_BACKEND", backend)
