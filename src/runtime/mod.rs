@@ -234,6 +234,10 @@ impl Runtime {
             }
             let timeout = match now {
                 _ if busy => Some(Duration::ZERO),
+                // After a spin the clock has moved on: the timer is nearer by that much.
+                Some(_) if timers_armed && spin.is_some() => {
+                    self.inner.timers.borrow().next_timeout(Instant::now())
+                }
                 Some(now) if timers_armed => self.inner.timers.borrow().next_timeout(now),
                 _ => None,
             };
