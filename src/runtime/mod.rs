@@ -36,7 +36,8 @@ pub struct Builder {
 }
 
 impl Builder {
-    /// A builder with the defaults: backend from `RINGSOCK_BACKEND`, else `auto`.
+    /// A builder with the defaults: backend from `RINGSOCK_BACKEND`, else `auto`; spin
+    /// from `RINGSOCK_SPIN`, else [`Spin::Adaptive`] (100 µs).
     pub fn new() -> Builder {
         Builder::default()
     }
@@ -48,11 +49,11 @@ impl Builder {
     }
 
     /// How the loop spins before it sleeps, overriding `RINGSOCK_SPIN` (default
-    /// [`Spin::Adaptive`], 100 µs). On io_uring a spin costs no system call while nothing
+    /// [`Spin::Adaptive`], 100 µs; times above one second count as one second). On io_uring a spin costs no system call while nothing
     /// is ready (the kernel flags pending work in shared memory); on epoll each check is
     /// an `epoll_wait`.
     pub fn spin(mut self, spin: Spin) -> Builder {
-        self.spin = Some(spin);
+        self.spin = Some(spin.capped());
         self
     }
 
@@ -248,7 +249,7 @@ impl Runtime {
                 let recent = self.inner.recent_wait.get();
                 self.inner
                     .recent_wait
-                    .set(Spin::blend(recent, now.elapsed()));
+                    .set(policy.blend(recent, now.elapsed()));
             }
             if timers_armed {
                 let due = self.inner.timers.borrow_mut().take_due(Instant::now());

@@ -19,7 +19,19 @@ pub enum Spin {
     Adaptive(Duration),
 }
 
+/// Longest spin the runtime accepts: beyond it spinning buys no latency worth the CPU.
+pub(super) const MAX_SPIN: Duration = Duration::from_secs(1);
+
 impl Spin {
+    /// The same policy with its time capped at [`MAX_SPIN`] (one second).
+    pub(super) fn capped(self) -> Spin {
+        match self {
+            Spin::Off => Spin::Off,
+            Spin::Fixed(spin) => Spin::Fixed(spin.min(MAX_SPIN)),
+            Spin::Adaptive(spin) => Spin::Adaptive(spin.min(MAX_SPIN)),
+        }
+    }
+
     /// How long to spin before the next sleep, given the moving average of the waits.
     pub(super) fn budget(self, recent_wait: Duration) -> Option<Duration> {
         match self {
@@ -34,10 +46,15 @@ impl Spin {
         matches!(self, Spin::Adaptive(_))
     }
 
-    /// The moving average after one more wait: recent waits weigh most, so a few fast
-    /// round trips after an idle spell bring the spin back.
-    pub(super) fn blend(recent_wait: Duration, wait: Duration) -> Duration {
-        (recent_wait * 3 + wait) / 4
+    /// The moving average after one more wait: recent waits weigh most, and a wait counts
+    /// for at most four budgets, so a few fast round trips after an idle spell, however
+    /// long, bring the spin back.
+    pub(super) fn blend(self, recent_wait: Duration, wait: Duration) -> Duration {
+        let cap = match self {
+            Spin::Adaptive(spin) => spin * 4,
+            Spin::Off | Spin::Fixed(_) => wait,
+        };
+        (recent_wait * 3 + wait.min(cap)) / 4
     }
 }
 
@@ -59,6 +76,17 @@ impl Spin {
             Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::invalid_input(
                 "RINGSOCK_SPIN is not valid UTF-8",
             )),
+        }
+    }
+}
+
+impl std::fmt::Display for Spin {
+    /// `off`, `50us` (fixed) or `adaptive-100us`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Spin::Off => f.write_str("off"),
+            Spin::Fixed(spin) => write!(f, "{}us", spin.as_micros()),
+            Spin::Adaptive(spin) => write!(f, "adaptive-{}us", spin.as_micros()),
         }
     }
 }
@@ -91,17 +119,43 @@ mod tests {
         let policy = Spin::Adaptive(budget);
         let mut recent = Duration::ZERO;
         assert_eq!(policy.budget(recent), Some(budget));
-        // An idle spell: one long wait turns the spin off.
-        recent = Spin::blend(recent, Duration::from_millis(10));
+        // An idle spell: long waits turn the spin off.
+        for _ in 0..10 {
+            recent = policy.blend(recent, Duration::from_secs(3600));
+        }
         assert_eq!(policy.budget(recent), None);
-        // Round trips of 20 us bring it back within a few waits.
+        // Round trips of 20 us bring it back within a few waits, however long the spell.
         let mut waits = 0;
         while policy.budget(recent).is_none() {
-            recent = Spin::blend(recent, Duration::from_micros(20));
+            recent = policy.blend(recent, Duration::from_micros(20));
             waits += 1;
-            assert!(waits < 32, "the spin never came back");
+            assert!(waits <= 6, "the spin took {waits} waits to come back");
         }
         assert_eq!(policy.budget(recent), Some(budget));
+    }
+
+    #[test]
+    fn spin_times_are_capped() {
+        assert_eq!(Spin::Fixed(Duration::MAX).capped(), Spin::Fixed(MAX_SPIN));
+        assert_eq!(
+            Spin::Adaptive(Duration::MAX).capped(),
+            Spin::Adaptive(MAX_SPIN)
+        );
+        assert_eq!(Spin::Off.capped(), Spin::Off);
+    }
+
+    #[test]
+    fn spin_policies_print_as_they_parse() {
+        for spin in [Spin::Off, Spin::Fixed(Duration::from_micros(50))] {
+            assert_eq!(
+                spin.to_string()
+                    .trim_end_matches("us")
+                    .parse::<Spin>()
+                    .unwrap(),
+                spin
+            );
+        }
+        assert_eq!(Spin::default().to_string(), "adaptive-100us");
     }
 
     #[test]
