@@ -147,17 +147,33 @@ fn byte_exact_stream_under_forced_short_sends() {
 #[test]
 fn more_writes_than_one_sendmsg_takes_stay_in_order() {
     // 3,000 writes in one flush: more than the 1,024 iovecs a sendmsg carries, so io_uring
-    // sends a linked chain and epoll several sendmsgs.
+    // sends a linked chain and epoll several sendmsgs. Every fourth payload goes out as
+    // two writes, slices of one buffer end to end (one iovec), so link boundaries and the
+    // short sends of a 4 KiB send buffer fall inside joined iovecs too.
     util::on_each_backend(|backend| async move {
         let (addr, receiver) = slow_receiver();
         let socket = StreamSocket::new();
+        socket.control().set_send_buffer_size(4096).unwrap();
         socket.connect_addr(addr).await.unwrap();
         let output = socket.output_stream();
         let mut sent = Fnv::new();
         let mut position = 0u64;
         let mut handles = Vec::new();
         for i in 0..3_000u64 {
-            let data = payload(position, 8 + (i % 300) as usize);
+            let len = 8 + (i % 300) as usize;
+            let data = match i % 4 {
+                0 => {
+                    let pair = payload(position, len + 1 + (i % 7) as usize);
+                    let (first, second) = (pair.slice(..len), pair.slice(len..));
+                    for part in [first, second] {
+                        sent.update(&part);
+                        position += part.len() as u64;
+                        handles.push(output.write(part).await.unwrap());
+                    }
+                    continue;
+                }
+                _ => payload(position, len),
+            };
             sent.update(&data);
             position += data.len() as u64;
             handles.push(output.write(data).await.unwrap());

@@ -392,6 +392,44 @@ fn udp_recv_with_gro_takes_super_datagrams_apart() {
 }
 
 #[test]
+fn the_spin_that_ran_is_reported() {
+    let cases = [
+        (None, None, "adaptive-100us"),
+        (None, Some("0"), "off"),
+        (Some("25"), None, "25us"),
+        (Some("25"), Some("7"), "7us"),
+    ];
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for (variable, flag, expected) in cases {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+            command.args([
+                "bench",
+                "--json",
+                "--pin",
+                "off",
+                "--workload",
+                "tcp-echo-rtt",
+            ]);
+            command.args(["--impl", imp, "--count", "200"]);
+            if let Some(us) = flag {
+                command.args(["--spin-us", us]);
+            }
+            match variable {
+                Some(value) => command.env("RINGSOCK_SPIN", value),
+                None => command.env_remove("RINGSOCK_SPIN"),
+            };
+            let output = command.output().expect("run the ringsock binary");
+            if uring_unavailable(imp, &output) {
+                return;
+            }
+            assert!(output.status.success(), "{imp} {variable:?} {flag:?}");
+            let value: Value = serde_json::from_slice(&output.stdout).expect("a JSON line");
+            assert_eq!(value["spin"], expected, "{imp} {variable:?} {flag:?}");
+        }
+    }
+}
+
+#[test]
 fn udp_echo_rtt_every_impl() {
     for imp in IMPLS {
         let args = [
@@ -456,7 +494,7 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 14] = [
+    let cases: [&[&str]; 15] = [
         &["bench", "--json", "--workload", "nope"],
         &[
             "bench",
@@ -468,6 +506,7 @@ fn bad_flags_are_usage_errors() {
             "--gro",
         ],
         &["bench", "--json", "--workload", "tcp-echo-rtt", "--gapped"],
+        &["bench", "--json", "--impl", "std-per-write", "--gapped"],
         &["bench", "--json", "--workload", "udp-batch", "--tls"],
         &[
             "bench",

@@ -113,7 +113,7 @@ fn the_same_environment_variable_forces_the_driver() {
 }
 
 #[test]
-fn the_spin_variable_is_applied_or_refused_on_each_driver() {
+fn the_spin_variable_is_read_and_a_bad_value_refused_on_each_driver() {
     // auto is io_uring wherever it can start (RINGSOCK_REQUIRE_URING makes CI sure of it).
     for backend in ["auto", "epoll"] {
         for (spin, ok) in [("off", true), ("soon", false)] {

@@ -326,6 +326,18 @@ impl Options {
         .build()
     }
 
+    /// The spin a ringsock impl's runtime runs with: `--spin-us`, else `RINGSOCK_SPIN`,
+    /// else the runtime's default. None for the std baseline, which has no runtime.
+    pub fn effective_spin(&self) -> Option<crate::runtime::Spin> {
+        use crate::runtime::Spin;
+        self.imp.backend()?;
+        Some(match self.spin_us {
+            Some(0) => Spin::Off,
+            Some(us) => Spin::Fixed(std::time::Duration::from_micros(us)),
+            None => Spin::from_env().ok().flatten().unwrap_or_default(),
+        })
+    }
+
     /// Checks the combination; the message says what is wrong (a usage error).
     pub fn validate(&self) -> Result<(), String> {
         let w = self.workload;
@@ -351,12 +363,14 @@ impl Options {
         if self.tls && w != Workload::TcpBatch {
             return Err(format!("--tls applies to tcp-batch only, not {w}"));
         }
-        if self.gapped && !matches!(w, Workload::TcpBatch | Workload::UdpBatch) {
+        let ringsock = self.imp.backend().is_some();
+        if self.gapped && (!matches!(w, Workload::TcpBatch | Workload::UdpBatch) || !ringsock) {
             return Err(format!(
-                "--gapped applies to tcp-batch and udp-batch, not {w}"
+                "--gapped applies to tcp-batch and udp-batch with a ringsock impl, not {w} with {}",
+                self.imp
             ));
         }
-        if self.gro && (w != Workload::UdpRecv || self.imp.backend().is_none()) {
+        if self.gro && (w != Workload::UdpRecv || !ringsock) {
             return Err("--gro applies to udp-recv with a ringsock impl".into());
         }
         if self.count == 0 {

@@ -236,8 +236,8 @@ impl Report {
         if o.gro {
             fields.push(("gro", json!(true)));
         }
-        if let Some(us) = o.spin_us {
-            fields.push(("spin_us", json!(us)));
+        if let Some(spin) = o.effective_spin() {
+            fields.push(("spin", json!(spin.to_string())));
         }
         if o.workload == Workload::TcpBatch && o.effective_stride() != 1 {
             fields.push(("verify_stride", json!(o.effective_stride())));

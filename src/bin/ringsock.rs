@@ -97,8 +97,9 @@ struct BenchArgs {
     #[arg(long)]
     gro: bool,
     /// ringsock impls: microseconds the runtime spins on its completions before every
-    /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it the
-    /// runtime's default applies: spin up to 100 us while events come back sooner.
+    /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it
+    /// RINGSOCK_SPIN applies, else the runtime's default: spin up to 100 us while events
+    /// come back sooner. The JSON's `spin` field says which ran.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     spin_us: Option<u64>,
     /// Watchdog for one run: give up after this many seconds (0: never).

@@ -99,7 +99,8 @@ pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Re
     (result, buf)
 }
 
-/// One `sendmsg` of up to [`IOV_MAX`] buffers from byte `skip` of `bufs[first]`.
+/// One `sendmsg` of up to [`IOV_MAX`] iovecs (buffers end to end in memory share one)
+/// from byte `skip` of `bufs[first]`.
 pub(crate) async fn sendmsg_vectored(
     fd: &SharedFd,
     bufs: Vec<Bytes>,
