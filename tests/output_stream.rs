@@ -177,9 +177,9 @@ fn full_queue_makes_write_wait_and_keeps_order() {
 fn dropping_the_socket_still_sends_queued_writes() {
     util::on_each_backend(|_| async {
         let listener = util::loopback_listener();
-        // Every handle gone: the stream, the socket that keeps it, and the write handles
-        // (one dropped at once, one last). Queued writes are sent, then the connection
-        // closes, as a closed socket still delivers its send buffer.
+        // The last OutputStream gone, with the socket that keeps one: queued writes are
+        // sent, then the connection closes, as a closed socket still delivers its send
+        // buffer. A write handle still alive does not hold them back.
         for keep_a_handle in [false, true] {
             let (client, server) = util::connected_pair(&listener).await;
             let out = client.output_stream();
@@ -192,10 +192,17 @@ fn dropping_the_socket_still_sends_queued_writes() {
             } else {
                 drop(client);
                 assert!(kept.result().is_none(), "nothing flushed it yet");
-                drop(kept);
+                let got = util::must("queued writes", util::read_exact(&server, 15)).await;
+                assert_eq!(got, b"queued and kept", "sent while a handle lives");
+                util::must("the kept write", kept).await.unwrap();
             }
             let got = util::must("queued writes", util::read_to_end(&server)).await;
-            assert_eq!(got, b"queued and kept", "keep_a_handle: {keep_a_handle}");
+            let expected: &[u8] = if keep_a_handle {
+                b""
+            } else {
+                b"queued and kept"
+            };
+            assert_eq!(got, expected, "keep_a_handle: {keep_a_handle}");
         }
 
         // The same while a batch is in flight: a write queued behind it is still sent.

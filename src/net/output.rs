@@ -74,8 +74,9 @@ struct Inner {
     fd: Option<SharedFd>,
     /// A byte stream, or one datagram per write.
     transport: Transport,
-    /// OutputStream and WriteHandle values alive. The sender task holds the Rc too, so
-    /// the Rc's count cannot tell when the last of them goes.
+    /// OutputStream values alive (write handles hold the Rc too, but cannot queue, so
+    /// they do not count). The sender task holds the Rc as well, so the Rc's count
+    /// cannot tell when the last OutputStream goes.
     handles: Cell<usize>,
     config: Cell<OutputStreamConfig>,
     state: RefCell<State>,
@@ -259,7 +260,6 @@ impl OutputStream {
             state.accepted_bytes += buf.len() as u64;
             state.queue.push(buf);
         }
-        self.inner.handles.set(self.inner.handles.get() + 1);
         WriteHandle {
             stream: self.inner.clone(),
             seq,
@@ -380,9 +380,8 @@ impl Inner {
 }
 
 impl Inner {
-    /// One OutputStream or WriteHandle went away. The last one going must not lose
-    /// queued writes: send them on, the way a closed socket still delivers what is in
-    /// its send buffer.
+    /// One OutputStream went away. The last one going must not lose queued writes: send
+    /// them on, the way a closed socket still delivers what is in its send buffer.
     #[inline]
     fn release_handle(self: &Rc<Self>) {
         let left = self.handles.get() - 1;
@@ -421,16 +420,10 @@ impl Drop for OutputStream {
 /// pattern). Awaiting sends the queue up to this write if no flush has yet.
 ///
 /// Dropping a handle changes nothing: the write stays queued (and is sent when the
-/// last handle of the stream goes, if nothing sent it before).
+/// last OutputStream of the stream goes, if nothing sent it before).
 pub struct WriteHandle {
     stream: Rc<Inner>,
     seq: u64,
-}
-
-impl Drop for WriteHandle {
-    fn drop(&mut self) {
-        self.stream.release_handle();
-    }
 }
 
 impl WriteHandle {
