@@ -153,6 +153,16 @@ impl State {
     fn in_flight_writes(&self) -> u64 {
         self.next - self.completed
     }
+
+    /// Whether a write of `len` bytes fits within `config`'s bounds. An empty queue
+    /// always takes one write, however large.
+    #[inline]
+    fn has_room(&self, len: usize, config: &OutputStreamConfig) -> bool {
+        let writes = self.in_flight_writes();
+        writes == 0
+            || (self.pending_bytes + len <= config.max_pending_bytes
+                && writes < config.max_pending_writes as u64)
+    }
 }
 
 impl OutputStream {
@@ -207,7 +217,8 @@ impl OutputStream {
         }
         self.inner.transport.check_write(buf.len())?;
         poll_fn(|cx| self.poll_room(buf.len(), cx)).await;
-        Ok(self.enqueue(buf))
+        let mut state = self.inner.state.borrow_mut();
+        Ok(self.inner.enqueue(&mut state, buf))
     }
 
     /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
@@ -216,41 +227,37 @@ impl OutputStream {
     #[inline]
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
-        if self.inner.fd.is_none()
-            || self.inner.transport.check_write(buf.len()).is_err()
-            || !self.has_room(buf.len())
-        {
+        if self.inner.fd.is_none() || self.inner.transport.check_write(buf.len()).is_err() {
             return Err(buf);
         }
-        Ok(self.enqueue(buf))
-    }
-
-    #[inline]
-    fn has_room(&self, len: usize) -> bool {
-        let state = self.inner.state.borrow();
         let config = self.inner.config.get();
-        let writes = state.in_flight_writes();
-        writes == 0
-            || (state.pending_bytes + len <= config.max_pending_bytes
-                && writes < config.max_pending_writes as u64)
+        let mut state = self.inner.state.borrow_mut();
+        if !state.has_room(buf.len(), &config) {
+            return Err(buf);
+        }
+        Ok(self.inner.enqueue(&mut state, buf))
     }
 
     fn poll_room(&self, len: usize, cx: &mut Context<'_>) -> Poll<()> {
-        if self.has_room(len) || self.inner.state.borrow().failure.is_some() {
+        let config = self.inner.config.get();
+        let mut state = self.inner.state.borrow_mut();
+        if state.has_room(len, &config) || state.failure.is_some() {
             return Poll::Ready(());
         }
         // Full: send what is queued so room comes back, then wait for it.
-        let mut state = self.inner.state.borrow_mut();
         state.flush_target = state.next;
         state.wait(cx);
         drop(state);
         self.inner.start_sender();
         Poll::Pending
     }
+}
 
+impl Inner {
+    /// Queues `buf` behind every earlier write (or, on a broken stream, only numbers it:
+    /// its handle reports the failure).
     #[inline]
-    fn enqueue(&self, buf: Bytes) -> WriteHandle {
-        let mut state = self.inner.state.borrow_mut();
+    fn enqueue(self: &Rc<Self>, state: &mut State, buf: Bytes) -> WriteHandle {
         let seq = state.next;
         state.next += 1;
         if state.failure.is_none() {
@@ -261,11 +268,13 @@ impl OutputStream {
             state.queue.push(buf);
         }
         WriteHandle {
-            stream: self.inner.clone(),
+            stream: self.clone(),
             seq,
         }
     }
+}
 
+impl OutputStream {
     /// Sends every queued write in one submission and returns once the kernel has given
     /// back every write queued before this call (FlushAsync). Reports the first error;
     /// each write's handle reports its own. Returns at once when nothing is pending.
