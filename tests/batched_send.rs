@@ -69,6 +69,18 @@ fn slow_receiver() -> (SocketAddr, JoinHandle<(u64, u64)>) {
     (addr, receiver)
 }
 
+/// A stream connected to a fresh [`slow_receiver`], with a 4 KiB send buffer when
+/// `squeezed` (so sends come back short), and the receiver's thread.
+async fn stream_to_slow_receiver(squeezed: bool) -> (StreamSocket, JoinHandle<(u64, u64)>) {
+    let (addr, receiver) = slow_receiver();
+    let socket = StreamSocket::new();
+    if squeezed {
+        socket.control().set_send_buffer_size(4096).unwrap();
+    }
+    socket.connect_addr(addr).await.unwrap();
+    (socket, receiver)
+}
+
 /// A payload of `len` bytes that differs from its neighbours (stream position encoded).
 fn payload(position: u64, len: usize) -> Bytes {
     let mut bytes = util::pseudo_random_bytes(position, len.min(256));
@@ -90,10 +102,7 @@ fn byte_exact_stream_under_forced_short_sends() {
         100_000
     };
     util::on_each_backend(|backend| async move {
-        let (addr, receiver) = slow_receiver();
-        let socket = StreamSocket::new();
-        socket.control().set_send_buffer_size(4096).unwrap();
-        socket.connect_addr(addr).await.unwrap();
+        let (socket, receiver) = stream_to_slow_receiver(true).await;
         let output = socket.output_stream();
         let mut rng = Rng(backend as u64 + 1);
         let mut sent = Fnv::new();
@@ -151,10 +160,7 @@ fn more_writes_than_one_sendmsg_takes_stay_in_order() {
     // two writes, slices of one buffer end to end (one iovec), so link boundaries and the
     // short sends of a 4 KiB send buffer fall inside joined iovecs too.
     util::on_each_backend(|backend| async move {
-        let (addr, receiver) = slow_receiver();
-        let socket = StreamSocket::new();
-        socket.control().set_send_buffer_size(4096).unwrap();
-        socket.connect_addr(addr).await.unwrap();
+        let (socket, receiver) = stream_to_slow_receiver(true).await;
         let output = socket.output_stream();
         let mut sent = Fnv::new();
         let mut position = 0u64;
@@ -194,9 +200,7 @@ fn more_writes_than_one_sendmsg_takes_stay_in_order() {
 fn wait_all_on_handles_keeps_the_byte_order() {
     // The seed's Task.WaitAll pattern: writes issued, then all awaited together, no flush.
     util::on_each_backend(|backend| async move {
-        let (addr, receiver) = slow_receiver();
-        let socket = StreamSocket::new();
-        socket.connect_addr(addr).await.unwrap();
+        let (socket, receiver) = stream_to_slow_receiver(false).await;
         let output = socket.output_stream();
         let mut sent = Fnv::new();
         let mut position = 0u64;
@@ -223,9 +227,7 @@ fn wait_all_on_handles_keeps_the_byte_order() {
 #[test]
 fn flush_with_nothing_queued_returns_at_once() {
     util::on_each_backend(|_| async {
-        let (addr, receiver) = slow_receiver();
-        let socket = StreamSocket::new();
-        socket.connect_addr(addr).await.unwrap();
+        let (socket, receiver) = stream_to_slow_receiver(false).await;
         let output = socket.output_stream();
         output.flush().await.unwrap();
         assert_eq!(output.stats().batches, 0);
@@ -294,10 +296,7 @@ fn dropping_the_stream_mid_flush_still_delivers_every_queued_byte() {
     // still reads the batch's buffers. The driver keeps them until the completions arrive,
     // and the queued writes still go out, exactly.
     util::on_each_backend(|backend| async move {
-        let (addr, receiver) = slow_receiver();
-        let socket = StreamSocket::new();
-        socket.control().set_send_buffer_size(4096).unwrap();
-        socket.connect_addr(addr).await.unwrap();
+        let (socket, receiver) = stream_to_slow_receiver(true).await;
         let output = socket.output_stream();
         let mut sent = Fnv::new();
         let mut position = 0u64;
