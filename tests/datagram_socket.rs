@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use ringsock::runtime::timeout;
-use ringsock::{DatagramSocket, HostName, ReceiveRing, SocketErrorStatus};
+use ringsock::{Backend, DatagramSocket, HostName, ReceiveRing, SocketErrorStatus};
 
 fn localhost4() -> HostName {
     HostName::new("127.0.0.1").unwrap()
@@ -262,6 +262,126 @@ fn ring_exhaustion_recovers_and_counts_drops() {
         }
         assert!(received > 0);
         assert_eq!(receiver.receive_stats().buffers_lent, 0);
+    });
+}
+
+/// Datagram `seq` of the switching tests: 60..=259 bytes.
+fn switching_payload(seq: u32) -> Vec<u8> {
+    payload(seq, 60 + (seq as usize * 37) % 200)
+}
+
+fn check_in_order(datagram: &[u8], expected_seq: &mut u32) {
+    assert!(
+        datagram == &switching_payload(*expected_seq)[..],
+        "datagram {} missing, reordered or corrupted",
+        *expected_seq
+    );
+    *expected_seq += 1;
+}
+
+#[test]
+fn bursts_and_single_datagrams_switch_the_receive_path_without_loss() {
+    util::on_each_backend(|backend| async move {
+        const BURST: u32 = 1500;
+        let receiver = bound("127.0.0.1");
+        let to = receiver.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (mut sent, mut expected) = (0u32, 0u32);
+        let mut batch = Vec::new();
+        for round in 0..3u64 {
+            // A burst, queued before the receiver looks: the multishot finds it all
+            // ready at once, and the io_uring receiver moves to recvmmsg meanwhile.
+            for _ in 0..BURST {
+                sender.send_to(&switching_payload(sent), to).unwrap();
+                sent += 1;
+            }
+            while expected < sent {
+                if round == 1 {
+                    // One at a time: recvmmsg takes more than asked and keeps the rest.
+                    check_in_order(&receiver.recv().await.unwrap(), &mut expected);
+                } else {
+                    batch.clear();
+                    receiver.recv_batch(&mut batch, 100).await.unwrap();
+                    for datagram in &batch {
+                        check_in_order(datagram, &mut expected);
+                    }
+                }
+            }
+            // Single datagrams, each received before the next is sent: the receiver
+            // goes back to the multishot.
+            for _ in 0..20 {
+                sender.send_to(&switching_payload(sent), to).unwrap();
+                sent += 1;
+                check_in_order(&receiver.recv().await.unwrap(), &mut expected);
+            }
+            let stats = receiver.receive_stats();
+            match backend {
+                Backend::Uring => {
+                    assert_eq!(stats.burst_switches, round + 1, "{stats:?}");
+                    assert_eq!(stats.rearms, round + 1, "{stats:?}");
+                }
+                _ => assert_eq!(stats.burst_switches, 0, "{stats:?}"),
+            }
+        }
+        drop(batch);
+        let stats = receiver.receive_stats();
+        assert_eq!(stats.datagrams, sent as u64, "{stats:?}");
+        assert_eq!(stats.dropped, 0, "{stats:?}");
+        assert_eq!(stats.buffers_lent, 0, "{stats:?}");
+    });
+}
+
+#[test]
+fn a_burst_larger_than_the_ring_waits_for_buffers_and_loses_nothing() {
+    util::on_each_backend(|backend| async move {
+        const RING: usize = 16;
+        const BURST: u32 = 600;
+        let receiver = DatagramSocket::new();
+        receiver
+            .control()
+            .set_receive_ring(ReceiveRing {
+                buffers: RING as u16,
+                buffer_size: 512,
+            })
+            .unwrap();
+        receiver.control().set_receive_buffer_size(4 << 20).unwrap();
+        receiver.bind_host(&localhost4(), "0").unwrap();
+        let to = receiver.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for seq in 0..BURST {
+            sender.send_to(&switching_payload(seq), to).unwrap();
+        }
+        let mut expected = 0u32;
+        let mut held = Vec::new();
+        let mut starved_once = false;
+        while expected < BURST {
+            // Hold every buffer once: nothing more can come until they are back.
+            while held.len() < RING {
+                receiver.recv_batch(&mut held, RING).await.unwrap();
+            }
+            if !starved_once {
+                assert!(timeout(Duration::from_millis(50), receiver.recv())
+                    .await
+                    .is_err());
+                assert!(receiver.receive_stats().ring_empty >= 1);
+                starved_once = true;
+            }
+            for datagram in held.drain(..) {
+                check_in_order(&datagram, &mut expected);
+            }
+            if BURST - expected < RING as u32 {
+                while expected < BURST {
+                    check_in_order(&receiver.recv().await.unwrap(), &mut expected);
+                }
+            }
+        }
+        let stats = receiver.receive_stats();
+        assert_eq!(stats.datagrams, BURST as u64, "{stats:?}");
+        assert_eq!(stats.dropped, 0, "{stats:?}");
+        assert_eq!(stats.buffers_lent, 0, "{stats:?}");
+        if backend == Backend::Uring {
+            assert!(stats.burst_switches >= 1, "{stats:?}");
+        }
     });
 }
 

@@ -308,6 +308,7 @@ fn ringsock_receiver(
                 ("rearms", stats.rearms),
                 ("deliveries", stats.deliveries),
                 ("gro_splits", stats.gro_splits),
+                ("burst_switches", stats.burst_switches),
             ],
         })
     })?;

@@ -2,8 +2,9 @@
 //!
 //! Every buffer is in one of two hands at any moment:
 //!
-//! - the refill side: on io_uring the kernel's provided buffer ring
-//!   ([`BufRing`](super::uring::buf_ring::BufRing)), on epoll the pool's free list; or
+//! - the refill side: the kernel's provided buffer ring
+//!   ([`BufRing`](super::uring::buf_ring::BufRing)) while it is registered (io_uring's
+//!   multishot receive), else the pool's free list (`recvmmsg`); or
 //! - the program: one or more [`LentBuf`]s (more than one when a GRO super-datagram is
 //!   split into its datagrams), counted in `refs`.
 //!
@@ -68,23 +69,19 @@ impl Drop for Mapping {
     }
 }
 
-/// Where a buffer goes when the program gives it back.
-pub(crate) enum Refill {
-    /// The kernel's provided buffer ring (io_uring).
-    Kernel(BufRing),
-    /// A free list the epoll receiver takes from before each `recvmmsg`.
-    Local(RefCell<Vec<u16>>),
-}
-
 /// Equal-sized receive buffers, each lent at most once at a time.
 pub(crate) struct BufPool {
-    /// Freed in Drop, after the refill side says the kernel is done with it.
+    /// Freed in Drop, after the kernel ring (if any) says the kernel is done with it.
     memory: ManuallyDrop<Mapping>,
     stride: usize,
     count: u16,
     /// Per buffer: how many `LentBuf`s (or receiver claims) hold it; 0 = refill side.
     refs: Box<[Cell<u16>]>,
-    refill: Refill,
+    /// The kernel's provided buffer ring (io_uring); it is the refill side while it is
+    /// registered.
+    ring: Option<BufRing>,
+    /// The refill side otherwise: buffers for the next `recvmmsg`.
+    free: RefCell<Vec<u16>>,
     /// Buffers on the refill side, as far as the program has seen.
     available: Cell<usize>,
     /// A receiver that found no buffer and waits for one to come back.
@@ -92,32 +89,73 @@ pub(crate) struct BufPool {
 }
 
 impl BufPool {
-    /// `count` buffers of `stride` bytes. With `Refill::Kernel` the caller then hands
-    /// every buffer to the ring with [`BufPool::fill`].
-    pub(crate) fn new(count: u16, stride: usize, refill: Refill) -> io::Result<BufPool> {
+    /// `count` buffers of `stride` bytes, on the free list; with a kernel `ring`, the
+    /// caller then hands them to it with [`BufPool::fill`].
+    pub(crate) fn new(count: u16, stride: usize, ring: Option<BufRing>) -> io::Result<BufPool> {
         let memory = Mapping::new(count as usize * stride)?;
-        if let Refill::Local(free) = &refill {
-            free.borrow_mut().extend((0..count).rev());
-        }
         Ok(BufPool {
             memory: ManuallyDrop::new(memory),
             stride,
             count,
             refs: (0..count).map(|_| Cell::new(0)).collect(),
-            refill,
+            ring,
+            free: RefCell::new((0..count).rev().collect()),
             available: Cell::new(count as usize),
             waiter: Cell::new(None),
         })
     }
 
-    /// Hands every buffer to the kernel ring (once, after registration).
+    /// Moves every buffer of the free list onto the kernel ring (registered).
     pub(crate) fn fill(&self) {
-        if let Refill::Kernel(ring) = &self.refill {
-            for bid in 0..self.count {
-                ring.push(bid, self.buffer_ptr(bid) as u64, self.stride as u32);
-            }
-            ring.publish();
+        let Some(ring) = self.kernel_ring() else {
+            return;
+        };
+        let mut free = self.free.borrow_mut();
+        for bid in free.drain(..) {
+            ring.push(bid, self.buffer_ptr(bid) as u64, self.stride as u32);
         }
+        ring.publish();
+    }
+
+    /// The kernel ring while it is the refill side.
+    fn kernel_ring(&self) -> Option<&BufRing> {
+        self.ring.as_ref().filter(|ring| ring.is_registered())
+    }
+
+    /// Takes the buffers back from the kernel: the ring is unregistered, and every buffer
+    /// the program does not hold goes on the free list. Only while no operation may
+    /// select from the ring (see `buf_ring`'s memory-safety section).
+    pub(crate) fn detach_ring(
+        &self,
+        unregister: impl FnOnce(&BufRing) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(ring) = self.kernel_ring() else {
+            return Ok(());
+        };
+        unregister(ring)?;
+        let mut free = self.free.borrow_mut();
+        free.clear();
+        free.extend(
+            (0..self.count)
+                .rev()
+                .filter(|&bid| self.refs[bid as usize].get() == 0),
+        );
+        Ok(())
+    }
+
+    /// Registers the ring again and moves the free list onto it.
+    pub(crate) fn attach_ring(
+        &self,
+        register: impl FnOnce(&BufRing) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let Some(ring) = &self.ring else {
+            return Err(io::Error::other("this pool has no kernel ring"));
+        };
+        if !ring.is_registered() {
+            register(ring)?;
+        }
+        self.fill();
+        Ok(())
     }
 
     pub(crate) fn stride(&self) -> usize {
@@ -130,10 +168,7 @@ impl BufPool {
 
     /// The kernel ring's group id, on io_uring.
     pub(crate) fn bgid(&self) -> Option<u16> {
-        match &self.refill {
-            Refill::Kernel(ring) => Some(ring.bgid()),
-            Refill::Local(_) => None,
-        }
+        self.ring.as_ref().map(BufRing::bgid)
     }
 
     /// Buffers on the refill side (the kernel ring or the free list).
@@ -149,8 +184,8 @@ impl BufPool {
             .wrapping_add(bid as usize * self.stride)
     }
 
-    /// Takes buffer `bid` from the refill side: the kernel reported it filled, or the
-    /// epoll receiver took it off the free list. Refuses a buffer the program holds.
+    /// Takes buffer `bid` from the refill side: the kernel reported it filled. Refuses a
+    /// buffer the program holds.
     pub(crate) fn claim(&self, bid: u16) -> io::Result<()> {
         let refs = self.refs.get(bid as usize).ok_or_else(|| {
             io::Error::other(format!(
@@ -183,12 +218,12 @@ impl BufPool {
             0 => debug_assert!(false, "buffer {bid} released twice"),
             1 => {
                 refs.set(0);
-                match &self.refill {
-                    Refill::Kernel(ring) => {
+                match self.kernel_ring() {
+                    Some(ring) => {
                         ring.push(bid, self.buffer_ptr(bid) as u64, self.stride as u32);
                         ring.publish();
                     }
-                    Refill::Local(free) => free.borrow_mut().push(bid),
+                    None => self.free.borrow_mut().push(bid),
                 }
                 self.available.set(self.available.get() + 1);
                 if let Some(waker) = self.waiter.take() {
@@ -199,12 +234,13 @@ impl BufPool {
         }
     }
 
-    /// A free buffer for the epoll receiver, claimed.
-    pub(crate) fn pop_local(&self) -> Option<u16> {
-        let Refill::Local(free) = &self.refill else {
+    /// A buffer off the free list, claimed (for `recvmmsg`); none while the kernel ring
+    /// holds the free buffers.
+    pub(crate) fn pop_free(&self) -> Option<u16> {
+        if self.kernel_ring().is_some() {
             return None;
-        };
-        let bid = free.borrow_mut().pop()?;
+        }
+        let bid = self.free.borrow_mut().pop()?;
         self.refs[bid as usize].set(1);
         self.available.set(self.available.get().saturating_sub(1));
         Some(bid)
@@ -225,11 +261,11 @@ impl Drop for BufPool {
     fn drop(&mut self) {
         // SAFETY: `memory` is taken exactly once, here.
         let memory = unsafe { ManuallyDrop::take(&mut self.memory) };
-        match &mut self.refill {
+        match &mut self.ring {
             // The kernel may know the buffers' addresses until the ring is unregistered:
             // the ring hands the memory to the driver, which frees it after that.
-            Refill::Kernel(ring) => ring.retire(memory),
-            Refill::Local(_) => drop(memory),
+            Some(ring) => ring.retire(memory),
+            None => drop(memory),
         }
     }
 }
@@ -289,9 +325,9 @@ mod tests {
 
     #[test]
     fn local_pool_lends_each_buffer_once() {
-        let pool = Rc::new(BufPool::new(4, 64, Refill::Local(RefCell::new(Vec::new()))).unwrap());
+        let pool = Rc::new(BufPool::new(4, 64, None).unwrap());
         let mut taken = Vec::new();
-        while let Some(bid) = pool.pop_local() {
+        while let Some(bid) = pool.pop_free() {
             taken.push(bid);
         }
         assert_eq!(taken.len(), 4);
@@ -313,8 +349,8 @@ mod tests {
 
     #[test]
     fn shared_buffer_returns_after_last_segment() {
-        let pool = Rc::new(BufPool::new(1, 64, Refill::Local(RefCell::new(Vec::new()))).unwrap());
-        let bid = pool.pop_local().unwrap();
+        let pool = Rc::new(BufPool::new(1, 64, None).unwrap());
+        let bid = pool.pop_free().unwrap();
         pool.add_ref(bid);
         // SAFETY: two holds (claim + add_ref), one per LentBuf, inside the stride.
         let (a, b) = unsafe {

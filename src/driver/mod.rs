@@ -30,6 +30,7 @@ pub(crate) mod iovec;
 pub(crate) mod ops;
 pub(crate) mod ops_datagram;
 pub(crate) mod poll;
+pub(crate) mod recv_mmsg;
 pub(crate) mod sockaddr;
 pub(crate) mod uring;
 

@@ -74,6 +74,9 @@ pub(crate) struct RecvCounters {
     pub(crate) deliveries: u64,
     /// GRO super-datagrams split into datagrams.
     pub(crate) gro_splits: u64,
+    /// Times the io_uring receiver left its multishot receive for `recvmmsg` because
+    /// datagrams came in bursts.
+    pub(crate) burst_switches: u64,
 }
 
 /// The receiving side of one datagram socket, on the current engine.
@@ -470,7 +473,6 @@ pub(crate) unsafe fn deliver(
     counters: &mut RecvCounters,
     out: &mut Vec<RecvDatagram>,
 ) {
-    counters.deliveries += 1;
     match gro {
         Some(segment) if !truncated && segment < len => {
             counters.gro_splits += 1;

@@ -76,10 +76,16 @@ pub struct ReceiveStats {
     pub ring_empty: u64,
     /// Times the io_uring multishot receive was armed again after the kernel ended it.
     pub rearms: u64,
-    /// Receive completions (io_uring) or `recvmmsg` calls (epoll) that delivered data.
+    /// Multishot receive completions and `recvmmsg` calls that delivered data.
     pub deliveries: u64,
     /// GRO super-datagrams taken apart.
     pub gro_splits: u64,
+    /// Times the io_uring receiver left its multishot receive for `recvmmsg`, because
+    /// datagrams came faster than it slept and woke: a multishot receive makes the
+    /// sender's kernel path call it for every datagram, while `recvmmsg` leaves no wait
+    /// on the socket while it keeps up. It goes back to the multishot once wakes find
+    /// single datagrams again. Always 0 on epoll.
+    pub burst_switches: u64,
     /// Datagrams the kernel dropped on this socket before it was read, because its
     /// receive queue was full: this is where datagrams are lost while the ring is dry
     /// (SO_MEMINFO's drop counter).
@@ -473,6 +479,7 @@ impl DatagramSocket {
             stats.rearms = counters.rearms;
             stats.deliveries = counters.deliveries;
             stats.gro_splits = counters.gro_splits;
+            stats.burst_switches = counters.burst_switches;
             stats.buffers = receiver.pool().count() as usize;
             stats.buffers_lent = receiver.pool().lent();
         }

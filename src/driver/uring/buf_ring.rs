@@ -27,6 +27,12 @@
 //!   freed at once.
 //! - A buffer id is pushed back on the ring only when its last holder is dropped
 //!   (`BufPool::release`); an id the kernel reports while it is still held is refused.
+//! - A ring may be unregistered while its pool lives ([`BufRing::unregister`]), so that
+//!   the program can hand the buffers to `recvmmsg` instead; only once no operation may
+//!   select from the group (the receiver waits for its multishot's final CQE first).
+//!   The kernel then forgets every entry, and the buffers it had not filled are the
+//!   program's again. [`BufRing::register_again`] starts the ring afresh (head and
+//!   tail 0).
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
@@ -57,6 +63,9 @@ pub(crate) struct BufRing {
     entries: u16,
     tail: Cell<u16>,
     bgid: u16,
+    /// False between [`unregister`](Self::unregister) and
+    /// [`register_again`](Self::register_again): the kernel knows no entry.
+    registered: Cell<bool>,
     retired: Rc<Retired>,
 }
 
@@ -74,30 +83,64 @@ impl BufRing {
         }
         let memory = Mapping::new(entries as usize * std::mem::size_of::<RawEntry>())?;
         let bgid = driver.buf_rings.allocate()?;
+        let ring = BufRing {
+            memory: Some(memory),
+            entries,
+            tail: Cell::new(0),
+            bgid,
+            registered: Cell::new(false),
+            retired: driver.buf_rings.retired.clone(),
+        };
+        // On failure the ring was never registered: dropping it only frees the id and
+        // the memory.
+        ring.register_again(driver)?;
+        Ok(ring)
+    }
+
+    /// Registers the ring with the kernel, empty (head and tail 0).
+    pub(crate) fn register_again(&self, driver: &mut Driver) -> io::Result<()> {
+        let Some(memory) = &self.memory else {
+            return Err(io::Error::other("the buffer ring was retired"));
+        };
+        if self.registered.get() {
+            return Ok(());
+        }
+        self.tail.set(0);
+        self.publish();
         // SAFETY: the mapping is page-aligned, holds `entries` entries, and stays mapped
         // until the group is unregistered (see the module's memory-safety section).
         let registered = unsafe {
             driver.ring.submitter().register_buf_ring_with_flags(
                 memory.as_ptr() as u64,
-                entries,
-                bgid,
+                self.entries,
+                self.bgid,
                 0,
             )
         };
-        if let Err(err) = registered {
-            driver.buf_rings.free.push(bgid);
-            return Err(io::Error::new(
+        registered.map_err(|err| {
+            io::Error::new(
                 err.kind(),
                 format!("registering a provided buffer ring (IORING_REGISTER_PBUF_RING, Linux 5.19): {err}"),
-            ));
+            )
+        })?;
+        self.registered.set(true);
+        Ok(())
+    }
+
+    /// Makes the kernel forget the ring and every entry on it. The caller makes sure no
+    /// operation may select from the group any more (module docs).
+    pub(crate) fn unregister(&self, driver: &mut Driver) -> io::Result<()> {
+        if !self.registered.get() {
+            return Ok(());
         }
-        Ok(BufRing {
-            memory: Some(memory),
-            entries,
-            tail: Cell::new(0),
-            bgid,
-            retired: driver.buf_rings.retired.clone(),
-        })
+        driver.ring.submitter().unregister_buf_ring(self.bgid)?;
+        self.registered.set(false);
+        Ok(())
+    }
+
+    /// Whether the kernel knows the ring now.
+    pub(crate) fn is_registered(&self) -> bool {
+        self.registered.get()
     }
 
     /// The buffer group id SQEs select from.
@@ -152,6 +195,7 @@ impl BufRing {
         };
         let retired = RetiredRing {
             bgid: self.bgid,
+            registered: self.registered.get(),
             _ring: ring,
             _buffers: buffers,
         };
@@ -173,6 +217,8 @@ impl Drop for BufRing {
 /// A buffer ring nobody uses any more, waiting for the driver to unregister it.
 pub(crate) struct RetiredRing {
     bgid: u16,
+    /// Unregistered already: nothing to tell the kernel.
+    registered: bool,
     _ring: Mapping,
     _buffers: Option<Mapping>,
 }
@@ -224,6 +270,10 @@ impl Driver {
     pub(crate) fn drain_retired_rings(&mut self) {
         let list = std::mem::take(&mut *self.buf_rings.retired.list.borrow_mut());
         for ring in list {
+            if !ring.registered {
+                self.buf_rings.free.push(ring.bgid);
+                continue;
+            }
             match self.ring.submitter().unregister_buf_ring(ring.bgid) {
                 Ok(()) => {
                     self.buf_rings.free.push(ring.bgid);

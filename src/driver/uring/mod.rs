@@ -355,7 +355,9 @@ impl Driver {
         }
     }
 
-    fn cancel(&mut self, slot: usize) {
+    /// Asks the kernel to end the operation in `slot` (an AsyncCancel SQE, submitted
+    /// with the next `park`). The caller owns the slot: it has not seen the final CQE.
+    pub(crate) fn cancel(&mut self, slot: usize) {
         let entry = opcode::AsyncCancel::new(slot as u64)
             .build()
             .user_data(CANCEL_TOKEN);

@@ -144,6 +144,16 @@ impl<T: 'static> MultiOp<T> {
     }
 
     /// True once the multishot has ended and every completion was taken.
+    /// Asks the kernel to end this operation; its last completions still come through
+    /// [`poll_next`](Self::poll_next), which ends with the final one.
+    pub(crate) fn cancel(&self) {
+        if !self.finished {
+            // The slot is still this op's: the driver keeps it until poll_next has
+            // reported the end.
+            let _ = with_uring(|driver| driver.cancel(self.slot));
+        }
+    }
+
     pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }

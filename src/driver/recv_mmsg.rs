@@ -1,0 +1,192 @@
+//! `recvmmsg` into the free buffers of a receive pool: the epoll receiver's one path,
+//! and the io_uring receiver's while datagrams come in bursts (see
+//! `uring::datagram`). Takes up to 64 datagrams per call whatever the caller asked for,
+//! and keeps the ones not asked for yet: a program that reads one datagram at a time
+//! still costs one system call per 64.
+#![allow(unsafe_code)]
+
+use std::collections::VecDeque;
+use std::io;
+use std::rc::Rc;
+
+use super::buf_pool::BufPool;
+use super::ops_datagram::{addr_from_bytes, deliver, gro_segment, RecvCounters, RecvDatagram};
+use super::SharedFd;
+
+/// Most datagrams one `recvmmsg` takes.
+pub(crate) const RECV_SLOTS: usize = 64;
+/// Control room per receive slot for a UDP_GRO message.
+const GRO_WORDS: usize = 4;
+
+/// What one [`MmsgReceiver::receive`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Drained {
+    /// Every slot offered was filled: the socket may hold more.
+    More,
+    /// The socket's queue was empty when the call returned (fewer datagrams than slots,
+    /// or none): a datagram arriving later raises a new readiness event.
+    Empty,
+    /// Every buffer is lent to the program (or on the kernel's ring): no call was made.
+    NoBuffers,
+}
+
+/// A receiver's `recvmmsg` state: address and control slots, and datagrams received but
+/// not yet taken.
+pub(crate) struct MmsgReceiver {
+    names: Vec<libc::sockaddr_storage>,
+    controls: Vec<[u64; GRO_WORDS]>,
+    iovecs: Vec<libc::iovec>,
+    headers: Vec<libc::mmsghdr>,
+    bids: Vec<u16>,
+    gro: bool,
+    received: Vec<RecvDatagram>,
+    ready: VecDeque<RecvDatagram>,
+}
+
+impl MmsgReceiver {
+    pub(crate) fn new(gro: bool) -> MmsgReceiver {
+        MmsgReceiver {
+            // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
+            names: vec![unsafe { std::mem::zeroed() }; RECV_SLOTS],
+            controls: vec![[0; GRO_WORDS]; if gro { RECV_SLOTS } else { 0 }],
+            iovecs: Vec::with_capacity(RECV_SLOTS),
+            headers: Vec::with_capacity(RECV_SLOTS),
+            bids: Vec::with_capacity(RECV_SLOTS),
+            gro,
+            received: Vec::with_capacity(RECV_SLOTS),
+            ready: VecDeque::with_capacity(RECV_SLOTS),
+        }
+    }
+
+    /// Moves up to `max` datagrams received earlier into `out`; how many it moved.
+    pub(crate) fn take_ready(&mut self, out: &mut Vec<RecvDatagram>, max: usize) -> usize {
+        let n = max.min(self.ready.len());
+        out.extend(self.ready.drain(..n));
+        n
+    }
+
+    /// Datagrams received and not taken yet.
+    pub(crate) fn has_ready(&self) -> bool {
+        !self.ready.is_empty()
+    }
+
+    /// One non-blocking `recvmmsg` into up to 64 free buffers of `pool`; what it got
+    /// waits for [`take_ready`](Self::take_ready). The caller counts the system call
+    /// unless the answer is [`Drained::NoBuffers`].
+    pub(crate) fn receive(
+        &mut self,
+        fd: &SharedFd,
+        pool: &Rc<BufPool>,
+        counters: &mut RecvCounters,
+    ) -> io::Result<Drained> {
+        self.bids.clear();
+        while self.bids.len() < RECV_SLOTS {
+            match pool.pop_free() {
+                Some(bid) => self.bids.push(bid),
+                None => break,
+            }
+        }
+        if self.bids.is_empty() {
+            return Ok(Drained::NoBuffers);
+        }
+        let stride = pool.stride();
+        self.iovecs.clear();
+        self.iovecs.extend(self.bids.iter().map(|&bid| libc::iovec {
+            iov_base: pool.buffer_ptr(bid).cast(),
+            iov_len: stride,
+        }));
+        self.headers.clear();
+        for j in 0..self.bids.len() {
+            // SAFETY: mmsghdr is plain old data; zero is its empty value.
+            let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
+            let msg = &mut header.msg_hdr;
+            msg.msg_name = (&mut self.names[j] as *mut libc::sockaddr_storage).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_iov = &mut self.iovecs[j];
+            msg.msg_iovlen = 1;
+            if self.gro {
+                msg.msg_control = self.controls[j].as_mut_ptr().cast();
+                msg.msg_controllen = std::mem::size_of::<[u64; GRO_WORDS]>();
+            }
+            self.headers.push(header);
+        }
+        // SAFETY: every header points to a live name slot, a control slot and an iovec
+        // over a claimed pool buffer of `stride` bytes, all alive across the call.
+        // MSG_TRUNC makes msg_len the datagram's real length.
+        let received = unsafe {
+            libc::recvmmsg(
+                fd.raw(),
+                self.headers.as_mut_ptr(),
+                self.headers.len() as libc::c_uint,
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+                std::ptr::null_mut(),
+            )
+        };
+        if received < 0 {
+            let err = io::Error::last_os_error();
+            self.bids.iter().for_each(|&bid| pool.release(bid));
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(Drained::Empty),
+                io::ErrorKind::Interrupted => Ok(Drained::More),
+                _ => Err(err),
+            };
+        }
+        let received = received as usize;
+        if received > 0 {
+            counters.deliveries += 1;
+        }
+        for (j, &bid) in self.bids.iter().enumerate() {
+            if j >= received {
+                pool.release(bid);
+                continue;
+            }
+            let header = &self.headers[j];
+            let real = header.msg_len as usize;
+            let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > stride;
+            let name_len = (header.msg_hdr.msg_namelen as usize)
+                .min(std::mem::size_of::<libc::sockaddr_storage>());
+            // SAFETY: the kernel wrote `name_len` bytes of address into slot j.
+            let name = unsafe {
+                std::slice::from_raw_parts(
+                    (&self.names[j] as *const libc::sockaddr_storage).cast::<u8>(),
+                    name_len,
+                )
+            };
+            let gro = if self.gro {
+                let control_len = header
+                    .msg_hdr
+                    .msg_controllen
+                    .min(std::mem::size_of::<[u64; GRO_WORDS]>());
+                // SAFETY: the kernel wrote `control_len` bytes of control data.
+                let control = unsafe {
+                    std::slice::from_raw_parts(self.controls[j].as_ptr().cast::<u8>(), control_len)
+                };
+                gro_segment(control)
+            } else {
+                None
+            };
+            // SAFETY: `bid` is claimed (pop_free) and its hold handed over; the kernel
+            // wrote min(real, stride) bytes at its start.
+            unsafe {
+                deliver(
+                    pool,
+                    bid,
+                    0,
+                    real.min(stride),
+                    real,
+                    truncated,
+                    addr_from_bytes(name),
+                    gro,
+                    counters,
+                    &mut self.received,
+                )
+            };
+        }
+        self.ready.extend(self.received.drain(..));
+        Ok(if received < self.bids.len() {
+            Drained::Empty
+        } else {
+            Drained::More
+        })
+    }
+}
