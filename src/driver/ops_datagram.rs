@@ -74,8 +74,9 @@ pub(crate) struct RecvCounters {
     pub(crate) deliveries: u64,
     /// GRO super-datagrams split into datagrams.
     pub(crate) gro_splits: u64,
-    /// Times the io_uring receiver left its multishot receive for `recvmmsg` because
-    /// datagrams came in bursts.
+    /// Times the receiver stopped leaving a wait on the socket while it drains, because
+    /// datagrams came in bursts (io_uring: the multishot receive gave way to
+    /// `recvmmsg`; epoll: the socket leaves the epoll set while it is drained).
     pub(crate) burst_switches: u64,
 }
 

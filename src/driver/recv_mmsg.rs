@@ -13,6 +13,14 @@ use super::buf_pool::BufPool;
 use super::ops_datagram::{addr_from_bytes, deliver, gro_segment, RecvCounters, RecvDatagram};
 use super::SharedFd;
 
+/// A wake that finds at least this many datagrams ready means they arrive faster than
+/// the loop sleeps and wakes: the receiver stops leaving a wait on the socket while it
+/// drains (io_uring: the multishot receive; epoll: the socket's place in the epoll set).
+pub(crate) const BURST: u32 = 8;
+/// After this many wakes in a row that found at most one datagram, the receiver waits
+/// the sparse-traffic way again.
+pub(crate) const QUIET_WAKES: u32 = 8;
+
 /// Most datagrams one `recvmmsg` takes.
 pub(crate) const RECV_SLOTS: usize = 64;
 /// Control room per receive slot for a UDP_GRO message.

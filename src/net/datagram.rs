@@ -80,11 +80,12 @@ pub struct ReceiveStats {
     pub deliveries: u64,
     /// GRO super-datagrams taken apart.
     pub gro_splits: u64,
-    /// Times the io_uring receiver left its multishot receive for `recvmmsg`, because
-    /// datagrams came faster than it slept and woke: a multishot receive makes the
-    /// sender's kernel path call it for every datagram, while `recvmmsg` leaves no wait
-    /// on the socket while it keeps up. It goes back to the multishot once wakes find
-    /// single datagrams again. Always 0 on epoll.
+    /// Times the receiver stopped leaving a wait on the socket, because datagrams came
+    /// faster than it slept and woke. A wait on the socket (io_uring's multishot
+    /// receive, or the socket's place in the epoll set) makes the sender's kernel path
+    /// call it for every datagram it queues; while the receiver drains bursts with
+    /// `recvmmsg` (io_uring) or outside the epoll set (epoll), it leaves none. It goes
+    /// back once wakes find single datagrams again.
     pub burst_switches: u64,
     /// Datagrams the kernel dropped on this socket before it was read, because its
     /// receive queue was full: this is where datagrams are lost while the ring is dry

@@ -10,14 +10,14 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
-use super::{clear_ready, count_io_call, poll_ready, retry, Direction};
+use super::{clear_ready, count_io_call, poll_ready, retry, suspend_events, Direction};
 use crate::buf::IoBuf;
 use crate::driver::buf_pool::BufPool;
 use crate::driver::ops::{BatchReport, Progress};
 use crate::driver::ops_datagram::{
     gso_refused, plan_links, MmsgBatch, RecvCounters, RecvDatagram, RingConfig,
 };
-use crate::driver::recv_mmsg::{Drained, MmsgReceiver};
+use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET_WAKES};
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -37,6 +37,13 @@ pub(crate) struct Receiver {
     pub(crate) pool: Rc<BufPool>,
     mmsg: MmsgReceiver,
     starved: bool,
+    /// Datagrams since the socket was last found empty.
+    burst: u32,
+    /// Wakes find bursts: the socket leaves the epoll set while it is drained (see
+    /// [`suspend_events`]), as the io_uring receiver leaves its multishot.
+    bursty: bool,
+    /// Wakes in a row that found at most one datagram.
+    quiet_wakes: u32,
     pub(crate) counters: RecvCounters,
 }
 
@@ -48,6 +55,9 @@ impl Receiver {
             pool: Rc::new(pool),
             mmsg: MmsgReceiver::new(config.gro),
             starved: false,
+            burst: 0,
+            bursty: false,
+            quiet_wakes: 0,
             counters: RecvCounters::default(),
         })
     }
@@ -77,14 +87,21 @@ impl Receiver {
                     }
                 }
             }
+            if self.bursty {
+                suspend_events(fd);
+            }
+            let before = self.counters.datagrams;
             let drained = self.mmsg.receive(fd, &self.pool, &mut self.counters);
             if !matches!(drained, Ok(Drained::NoBuffers)) {
                 count_io_call();
             }
+            let found = (self.counters.datagrams - before).min(u32::MAX as u64) as u32;
+            self.burst = self.burst.saturating_add(found);
             match drained {
                 Ok(Drained::More) => self.starved = false,
                 Ok(Drained::Empty) => {
                     self.starved = false;
+                    self.end_wake();
                     // A datagram arriving from now on raises a new edge, which the next
                     // epoll_wait reports.
                     clear_ready(fd, Direction::Read);
@@ -104,6 +121,28 @@ impl Receiver {
                 }
                 Err(err) => return Poll::Ready(if got { Ok(()) } else { Err(err) }),
             }
+        }
+    }
+}
+
+impl Receiver {
+    /// The socket was found empty: judges the wake that ends here.
+    fn end_wake(&mut self) {
+        let burst = std::mem::take(&mut self.burst);
+        if burst >= BURST {
+            if !self.bursty {
+                self.counters.burst_switches += 1;
+            }
+            self.bursty = true;
+            self.quiet_wakes = 0;
+        } else if burst <= 1 && self.bursty {
+            self.quiet_wakes += 1;
+            if self.quiet_wakes >= QUIET_WAKES {
+                self.bursty = false;
+                self.quiet_wakes = 0;
+            }
+        } else {
+            self.quiet_wakes = 0;
         }
     }
 }

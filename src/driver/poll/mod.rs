@@ -39,6 +39,8 @@ pub(crate) enum Direction {
 struct Readiness {
     ready: [bool; 2],
     waiters: [Vec<Waker>; 2],
+    /// In the epoll set now; false while events are suspended (see [`suspend_events`]).
+    registered: bool,
 }
 
 /// The epoll driver of one runtime.
@@ -141,6 +143,7 @@ impl Driver {
         self.wait_events(Some(Duration::ZERO))
     }
 
+    /// The socket's readiness slot, registered with epoll when it is first used.
     fn register(&mut self, fd: &SharedFd) -> io::Result<usize> {
         if let Some(slot) = fd.poll_slot() {
             return Ok(slot);
@@ -149,23 +152,36 @@ impl Driver {
             // Unknown until a call says EAGAIN: try first.
             ready: [true, true],
             waiters: Default::default(),
+            registered: false,
         });
-        let raw = fd.raw();
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        if let Err(err) = self
-            .poll
-            .registry()
-            .register(&mut SourceFd(&raw), Token(slot), interest)
-        {
+        if let Err(err) = self.add_to_epoll(fd, slot) {
             self.slots.remove(slot);
             return Err(err);
         }
         fd.set_poll_slot(slot);
         Ok(slot)
     }
+
+    /// Puts the socket (back) into the epoll set. Adding it reports its current state,
+    /// so nothing that became ready while it was out is missed.
+    fn add_to_epoll(&mut self, fd: &SharedFd, slot: usize) -> io::Result<()> {
+        let Some(readiness) = self.slots.get_mut(slot) else {
+            return Ok(());
+        };
+        if readiness.registered {
+            return Ok(());
+        }
+        let raw = fd.raw();
+        let interest = Interest::READABLE | Interest::WRITABLE;
+        self.stats.io_calls += 1;
+        self.poll
+            .registry()
+            .register(&mut SourceFd(&raw), Token(slot), interest)?;
+        readiness.registered = true;
+        Ok(())
+    }
 }
 
-/// Runs `f` on the current runtime's epoll driver.
 fn with_poll<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
     runtime::with_driver(|driver| match driver {
         AnyDriver::Poll(poll) => Ok(f(poll)),
@@ -204,12 +220,16 @@ pub(crate) fn poll_ready(
     let index = direction as usize;
     let outcome = with_poll(|driver| {
         let slot = driver.register(fd)?;
+        match driver.slots.get(slot) {
+            None => return Ok(true),
+            Some(readiness) if readiness.ready[index] => return Ok(true),
+            Some(_) => {}
+        }
+        // About to wait: the socket must be in the epoll set.
+        driver.add_to_epoll(fd, slot)?;
         let Some(readiness) = driver.slots.get_mut(slot) else {
             return Ok(true);
         };
-        if readiness.ready[index] {
-            return Ok(true);
-        }
         let waiters = &mut readiness.waiters[index];
         if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
             waiters.push(cx.waker().clone());
@@ -224,6 +244,36 @@ pub(crate) fn poll_ready(
 }
 
 /// Records that a call on `fd` said EAGAIN: wait for the next edge before trying again.
+/// Takes the socket out of the epoll set until a task next waits on it (`poll_ready`
+/// puts it back). While it is in the set, the kernel calls epoll's wake-up for every
+/// datagram queued on it, on the sending side's core; a receiver draining a burst does
+/// not need those calls. Both directions count as ready meanwhile (calls are tried
+/// first). Does nothing while a task waits on the socket.
+pub(crate) fn suspend_events(fd: &SharedFd) {
+    let _ = with_poll(|driver| {
+        let Some(slot) = fd.poll_slot() else {
+            return;
+        };
+        let Some(readiness) = driver.slots.get_mut(slot) else {
+            return;
+        };
+        if !readiness.registered || readiness.waiters.iter().any(|w| !w.is_empty()) {
+            return;
+        }
+        let raw = fd.raw();
+        driver.stats.io_calls += 1;
+        if driver
+            .poll
+            .registry()
+            .deregister(&mut SourceFd(&raw))
+            .is_ok()
+        {
+            readiness.registered = false;
+            readiness.ready = [true, true];
+        }
+    });
+}
+
 pub(crate) fn clear_ready(fd: &SharedFd, direction: Direction) {
     let _ = with_poll(|driver| {
         if let Some(readiness) = fd.poll_slot().and_then(|slot| driver.slots.get_mut(slot)) {

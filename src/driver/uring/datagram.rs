@@ -24,7 +24,7 @@ use crate::driver::ops_datagram::{
     addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, link_iovecs, plan_links, Link,
     MmsgBatch, RecvCounters, RecvDatagram, RingConfig, CMSG_WORDS,
 };
-use crate::driver::recv_mmsg::{Drained, MmsgReceiver};
+use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET_WAKES};
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -36,13 +36,6 @@ const NAME_LEN: usize = 32;
 const GRO_CONTROL_LEN: usize = 32;
 /// Most links in one send chain: a chain must fit the submission queue.
 const MAX_LINKS: usize = 256;
-
-/// A wake of the multishot receive that found at least this many datagrams ready means
-/// they arrive faster than the loop sleeps and wakes: the receiver moves to `recvmmsg`.
-const BURST: u32 = 8;
-/// After this many wakes in a row that found at most one datagram, the receiver goes
-/// back to the multishot receive.
-const QUIET_WAKES: u32 = 8;
 
 /// The op data of a multishot receive: the msghdr the kernel reads (name and control
 /// lengths), the socket, and the pool whose ring it selects from, all kept until the
