@@ -162,7 +162,7 @@ fn datagram_larger_than_a_buffer_is_reported_truncated() {
         receiver
             .control()
             .set_receive_ring(ReceiveRing {
-                buffers: 4,
+                buffers: 16,
                 buffer_size: 100,
             })
             .unwrap();
@@ -184,12 +184,42 @@ fn datagram_larger_than_a_buffer_is_reported_truncated() {
         }
         assert!(batch[0].is_truncated());
         assert_eq!(batch[0].original_len(), 300);
-        // At least the configured size is kept (the ring rounds buffers up).
-        assert!(batch[0].len() >= 100 && batch[0].len() < 300);
-        assert!(batch[0].data() == &big[..batch[0].len()]);
+        // Exactly the configured size is kept.
+        assert_eq!(batch[0].len(), 100);
+        assert!(batch[0].data() == &big[..100]);
         assert!(!batch[1].is_truncated());
         assert!(batch[1].data() == &payload(2, 50)[..]);
         assert_eq!(receiver.receive_stats().truncated, 2);
+        sender.send_to_addr(payload(3, 101), to).await.0.unwrap();
+        let one_over = receiver.recv().await.unwrap_err();
+        assert_eq!(one_over.status(), SocketErrorStatus::MessageTooLong);
+        sender.send_to_addr(payload(4, 100), to).await.0.unwrap();
+        assert!(receiver.recv().await.unwrap().data() == &payload(4, 100)[..]);
+
+        // The same limit while a burst is drained (recvmmsg on both drivers): 100 bytes
+        // fit, 101 do not.
+        const BURST: u32 = 40;
+        let plain = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for seq in 0..BURST {
+            plain
+                .send_to(&payload(seq, 100 + seq as usize % 2), to)
+                .unwrap();
+        }
+        let mut seq = 0;
+        while seq < BURST {
+            batch.clear();
+            receiver.recv_batch(&mut batch, 16).await.unwrap();
+            for datagram in batch.drain(..) {
+                let sent = payload(seq, 100 + seq as usize % 2);
+                assert_eq!(datagram.is_truncated(), sent.len() > 100, "datagram {seq}");
+                assert_eq!(datagram.original_len(), sent.len());
+                assert!(datagram.data() == &sent[..100]);
+                seq += 1;
+            }
+        }
+        let stats = receiver.receive_stats();
+        assert_eq!(stats.truncated, 3 + BURST as u64 / 2, "{stats:?}");
+        assert!(stats.burst_switches >= 1, "{stats:?}");
     });
 }
 

@@ -80,6 +80,8 @@ pub(crate) struct BufPool {
     /// The kernel's provided buffer ring (io_uring); it is the refill side while it is
     /// registered.
     ring: Option<BufRing>,
+    /// Bytes of each buffer the ring offers the kernel (at most `stride`).
+    ring_len: u32,
     /// The refill side otherwise: buffers for the next `recvmmsg`.
     free: RefCell<Vec<u16>>,
     /// Buffers on the refill side, as far as the program has seen.
@@ -89,11 +91,21 @@ pub(crate) struct BufPool {
 }
 
 impl BufPool {
-    /// `count` buffers of `stride` bytes, on the free list; with a kernel `ring`, the
-    /// caller then hands them to it with [`BufPool::fill`].
-    pub(crate) fn new(count: u16, stride: usize, ring: Option<BufRing>) -> io::Result<BufPool> {
+    /// `count` buffers of `stride` bytes, on the free list; with a kernel ring (and the
+    /// bytes of each buffer it offers), the caller then hands them to it with
+    /// [`BufPool::fill`].
+    pub(crate) fn new(
+        count: u16,
+        stride: usize,
+        ring: Option<(BufRing, u32)>,
+    ) -> io::Result<BufPool> {
         let memory = Mapping::new(count as usize * stride)?;
+        let (ring, ring_len) = match ring {
+            Some((ring, len)) => (Some(ring), len.min(stride as u32)),
+            None => (None, 0),
+        };
         Ok(BufPool {
+            ring_len,
             memory: ManuallyDrop::new(memory),
             stride,
             count,
@@ -112,7 +124,7 @@ impl BufPool {
         };
         let mut free = self.free.borrow_mut();
         for bid in free.drain(..) {
-            ring.push(bid, self.buffer_ptr(bid) as u64, self.stride as u32);
+            ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
         }
         ring.publish();
     }
@@ -220,7 +232,7 @@ impl BufPool {
                 refs.set(0);
                 match self.kernel_ring() {
                     Some(ring) => {
-                        ring.push(bid, self.buffer_ptr(bid) as u64, self.stride as u32);
+                        ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
                         ring.publish();
                     }
                     None => self.free.borrow_mut().push(bid),

@@ -47,13 +47,16 @@ pub(crate) struct MmsgReceiver {
     headers: Vec<libc::mmsghdr>,
     bids: Vec<u16>,
     gro: bool,
+    /// Payload bytes one datagram may fill; longer ones are reported truncated.
+    capacity: usize,
     received: Vec<RecvDatagram>,
     ready: VecDeque<RecvDatagram>,
 }
 
 impl MmsgReceiver {
-    pub(crate) fn new(gro: bool) -> MmsgReceiver {
+    pub(crate) fn new(gro: bool, capacity: usize) -> MmsgReceiver {
         MmsgReceiver {
+            capacity: capacity.max(1),
             // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
             names: vec![unsafe { std::mem::zeroed() }; RECV_SLOTS],
             controls: vec![[0; GRO_WORDS]; if gro { RECV_SLOTS } else { 0 }],
@@ -97,11 +100,11 @@ impl MmsgReceiver {
         if self.bids.is_empty() {
             return Ok(Drained::NoBuffers);
         }
-        let stride = pool.stride();
+        let capacity = self.capacity.min(pool.stride());
         self.iovecs.clear();
         self.iovecs.extend(self.bids.iter().map(|&bid| libc::iovec {
             iov_base: pool.buffer_ptr(bid).cast(),
-            iov_len: stride,
+            iov_len: capacity,
         }));
         self.headers.clear();
         for j in 0..self.bids.len() {
@@ -119,7 +122,7 @@ impl MmsgReceiver {
             self.headers.push(header);
         }
         // SAFETY: every header points to a live name slot, a control slot and an iovec
-        // over a claimed pool buffer of `stride` bytes, all alive across the call.
+        // over `capacity` bytes of a claimed pool buffer, all alive across the call.
         // MSG_TRUNC makes msg_len the datagram's real length.
         let received = unsafe {
             libc::recvmmsg(
@@ -150,7 +153,7 @@ impl MmsgReceiver {
             }
             let header = &self.headers[j];
             let real = header.msg_len as usize;
-            let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > stride;
+            let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > capacity;
             let name_len = (header.msg_hdr.msg_namelen as usize)
                 .min(std::mem::size_of::<libc::sockaddr_storage>());
             // SAFETY: the kernel wrote `name_len` bytes of address into slot j.
@@ -174,13 +177,13 @@ impl MmsgReceiver {
                 None
             };
             // SAFETY: `bid` is claimed (pop_free) and its hold handed over; the kernel
-            // wrote min(real, stride) bytes at its start.
+            // wrote min(real, capacity) bytes at its start.
             unsafe {
                 deliver(
                     pool,
                     bid,
                     0,
-                    real.min(stride),
+                    real.min(capacity),
                     real,
                     truncated,
                     addr_from_bytes(name),

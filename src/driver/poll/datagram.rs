@@ -53,7 +53,7 @@ impl Receiver {
         let pool = BufPool::new(config.buffers, stride, None)?;
         Ok(Receiver {
             pool: Rc::new(pool),
-            mmsg: MmsgReceiver::new(config.gro),
+            mmsg: MmsgReceiver::new(config.gro, config.buffer_size),
             starved: false,
             burst: 0,
             bursty: false,

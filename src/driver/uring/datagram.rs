@@ -98,8 +98,10 @@ pub(crate) struct Receiver {
 impl Receiver {
     pub(crate) fn new(config: RingConfig) -> io::Result<Receiver> {
         let control_len = if config.gro { GRO_CONTROL_LEN } else { 0 };
-        let stride =
-            (RECVMSG_OUT + NAME_LEN + control_len + config.buffer_size).next_multiple_of(64);
+        // What the kernel may fill: its header, the name, the control message and at
+        // most `buffer_size` bytes of payload, as `recvmmsg` takes in drain mode.
+        let ring_len = RECVMSG_OUT + NAME_LEN + control_len + config.buffer_size;
+        let stride = ring_len.next_multiple_of(64);
         if stride > u32::MAX as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -109,7 +111,7 @@ impl Receiver {
         let count = config.buffers;
         let pool = with_uring(|driver| -> io::Result<BufPool> {
             let ring = BufRing::register(driver, count)?;
-            BufPool::new(count, stride, Some(ring))
+            BufPool::new(count, stride, Some((ring, ring_len as u32)))
         })??;
         pool.fill();
         Ok(Receiver {
@@ -117,7 +119,7 @@ impl Receiver {
             op: None,
             readable: None,
             mode: Mode::Multishot,
-            mmsg: MmsgReceiver::new(config.gro),
+            mmsg: MmsgReceiver::new(config.gro, config.buffer_size),
             control_len,
             starved: false,
             armed_once: false,
