@@ -5,7 +5,6 @@
 //! still costs one system call per 64.
 #![allow(unsafe_code)]
 
-use std::collections::VecDeque;
 use std::io;
 use std::rc::Rc;
 
@@ -49,8 +48,8 @@ pub(crate) struct MmsgReceiver {
     gro: bool,
     /// Payload bytes one datagram may fill; longer ones are reported truncated.
     capacity: usize,
-    received: Vec<RecvDatagram>,
-    ready: VecDeque<RecvDatagram>,
+    /// Received, in order, not taken yet.
+    ready: Vec<RecvDatagram>,
 }
 
 impl MmsgReceiver {
@@ -64,15 +63,18 @@ impl MmsgReceiver {
             headers: Vec::with_capacity(RECV_SLOTS),
             bids: Vec::with_capacity(RECV_SLOTS),
             gro,
-            received: Vec::with_capacity(RECV_SLOTS),
-            ready: VecDeque::with_capacity(RECV_SLOTS),
+            ready: Vec::with_capacity(RECV_SLOTS),
         }
     }
 
     /// Moves up to `max` datagrams received earlier into `out`; how many it moved.
     pub(crate) fn take_ready(&mut self, out: &mut Vec<RecvDatagram>, max: usize) -> usize {
         let n = max.min(self.ready.len());
-        out.extend(self.ready.drain(..n));
+        if n == self.ready.len() {
+            out.append(&mut self.ready);
+        } else {
+            out.extend(self.ready.drain(..n));
+        }
         n
     }
 
@@ -189,11 +191,10 @@ impl MmsgReceiver {
                     addr_from_bytes(name),
                     gro,
                     counters,
-                    &mut self.received,
+                    &mut self.ready,
                 )
             };
         }
-        self.ready.extend(self.received.drain(..));
         Ok(if received < self.bids.len() {
             Drained::Empty
         } else {
