@@ -40,7 +40,7 @@ pub(crate) enum Drained {
 /// A receiver's `recvmmsg` state: address and control slots, and datagrams received but
 /// not yet taken.
 pub(crate) struct MmsgReceiver {
-    names: Vec<libc::sockaddr_storage>,
+    names: Vec<libc::sockaddr_in6>,
     controls: Vec<[u64; GRO_WORDS]>,
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::mmsghdr>,
@@ -56,7 +56,7 @@ impl MmsgReceiver {
     pub(crate) fn new(gro: bool, capacity: usize) -> MmsgReceiver {
         MmsgReceiver {
             capacity: capacity.max(1),
-            // SAFETY: sockaddr_storage is plain old data; zero is a valid value.
+            // SAFETY: sockaddr_in6 is plain old data; zero is a valid value.
             names: vec![unsafe { std::mem::zeroed() }; RECV_SLOTS],
             controls: vec![[0; GRO_WORDS]; if gro { RECV_SLOTS } else { 0 }],
             iovecs: Vec::with_capacity(RECV_SLOTS),
@@ -113,8 +113,8 @@ impl MmsgReceiver {
             // SAFETY: mmsghdr is plain old data; zero is its empty value.
             let mut header: libc::mmsghdr = unsafe { std::mem::zeroed() };
             let msg = &mut header.msg_hdr;
-            msg.msg_name = (&mut self.names[j] as *mut libc::sockaddr_storage).cast();
-            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            msg.msg_name = (&mut self.names[j] as *mut libc::sockaddr_in6).cast();
+            msg.msg_namelen = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
             msg.msg_iov = &mut self.iovecs[j];
             msg.msg_iovlen = 1;
             if self.gro {
@@ -157,11 +157,11 @@ impl MmsgReceiver {
             let real = header.msg_len as usize;
             let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > capacity;
             let name_len = (header.msg_hdr.msg_namelen as usize)
-                .min(std::mem::size_of::<libc::sockaddr_storage>());
+                .min(std::mem::size_of::<libc::sockaddr_in6>());
             // SAFETY: the kernel wrote `name_len` bytes of address into slot j.
             let name = unsafe {
                 std::slice::from_raw_parts(
-                    (&self.names[j] as *const libc::sockaddr_storage).cast::<u8>(),
+                    (&self.names[j] as *const libc::sockaddr_in6).cast::<u8>(),
                     name_len,
                 )
             };
