@@ -359,6 +359,112 @@ fn bursts_and_single_datagrams_switch_the_receive_path_without_loss() {
     });
 }
 
+/// Whether an epoll instance of this process watches descriptor `fd`
+/// (/proc/self/fdinfo lists an epoll's watched descriptors as `tfd:` lines).
+fn watched_by_epoll(fd: i32) -> bool {
+    let mut watched = false;
+    for entry in std::fs::read_dir("/proc/self/fdinfo").unwrap().flatten() {
+        let Ok(info) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        for line in info.lines() {
+            let Some(rest) = line.strip_prefix("tfd:") else {
+                continue;
+            };
+            if rest.split_whitespace().next() == Some(fd.to_string().as_str()) {
+                watched = true;
+            }
+        }
+    }
+    watched
+}
+
+/// The descriptor of a bound IPv4 UDP socket of this process, found through its port
+/// (/proc/net/udp gives the socket's inode, /proc/self/fd the descriptor).
+fn socket_fd(socket: &DatagramSocket) -> i32 {
+    let port = format!(":{:04X}", socket.local_addr().unwrap().port());
+    let table = std::fs::read_to_string("/proc/net/udp").unwrap();
+    let inode = table
+        .lines()
+        .skip(1)
+        .map(|line| line.split_whitespace().collect::<Vec<_>>())
+        .find(|fields| fields.get(1).is_some_and(|local| local.ends_with(&port)))
+        .and_then(|fields| fields.get(9).map(|inode| inode.to_string()))
+        .expect("the socket is in /proc/net/udp");
+    let target = format!("socket:[{inode}]");
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .flatten()
+        .find(|entry| {
+            std::fs::read_link(entry.path()).is_ok_and(|link| link.to_string_lossy() == target)
+        })
+        .and_then(|entry| entry.file_name().to_str()?.parse().ok())
+        .expect("the socket's descriptor")
+}
+
+#[test]
+fn a_burst_smaller_than_the_ring_switches_while_a_datagram_is_held() {
+    util::on_each_backend(|backend| async move {
+        // Fewer datagrams than buffers: the multishot does not run dry, so the io_uring
+        // receiver has to cancel it (and wait for its end) before it drains.
+        const BURST: u32 = 100;
+        let receiver = bound("127.0.0.1");
+        let to = receiver.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for seq in 0..BURST {
+            sender.send_to(&switching_payload(seq), to).unwrap();
+        }
+        let held = receiver.recv().await.unwrap();
+        let mut expected = 1;
+        let mut batch = Vec::new();
+        while expected < BURST {
+            batch.clear();
+            receiver.recv_batch(&mut batch, 10).await.unwrap();
+            for datagram in &batch {
+                check_in_order(datagram, &mut expected);
+            }
+        }
+        assert_eq!(receiver.receive_stats().burst_switches, 1);
+        if backend == Backend::Epoll {
+            // Bursty: while it drains, the socket is out of the epoll set...
+            let fd = socket_fd(&receiver);
+            for seq in BURST..2 * BURST {
+                sender.send_to(&switching_payload(seq), to).unwrap();
+            }
+            batch.clear();
+            receiver.recv_batch(&mut batch, 10).await.unwrap();
+            assert!(!watched_by_epoll(fd), "a draining receiver left a wait");
+            for datagram in &batch {
+                check_in_order(datagram, &mut expected);
+            }
+            while expected < 2 * BURST {
+                check_in_order(&receiver.recv().await.unwrap(), &mut expected);
+            }
+            // ...and back in it while a receive waits.
+            assert!(timeout(Duration::from_millis(5), receiver.recv())
+                .await
+                .is_err());
+            assert!(watched_by_epoll(fd), "a waiting receiver is not in the set");
+        }
+        drop(batch);
+        // Back to the sparse way (io_uring: the ring registered again and the multishot
+        // armed), still holding the first datagram.
+        for _ in 0..12 {
+            sender.send_to(&switching_payload(expected), to).unwrap();
+            check_in_order(&receiver.recv().await.unwrap(), &mut expected);
+        }
+        let stats = receiver.receive_stats();
+        if backend == Backend::Uring {
+            assert_eq!(stats.rearms, 1, "{stats:?}");
+        }
+        // The held buffer was never handed to the kernel or to recvmmsg meanwhile.
+        check_in_order(&held, &mut 0);
+        assert_eq!(stats.buffers_lent, 1, "{stats:?}");
+        drop(held);
+        assert_eq!(receiver.receive_stats().buffers_lent, 0);
+    });
+}
+
 #[test]
 fn a_burst_larger_than_the_ring_waits_for_buffers_and_loses_nothing() {
     util::on_each_backend(|_| async move {
@@ -508,6 +614,17 @@ fn gro_takes_super_datagrams_apart() {
         assert_eq!(stats.datagrams, 64);
         drop(got);
         assert_eq!(receiver.receive_stats().buffers_lent, 0);
+
+        // One at a time: a super-datagram's other segments wait for the next calls.
+        for seq in 64..128 {
+            output.write(payload(seq, 1000)).await.unwrap();
+        }
+        output.flush().await.unwrap();
+        for seq in 64..128 {
+            let datagram = receiver.recv().await.unwrap();
+            assert!(datagram.data() == &payload(seq, 1000)[..], "segment {seq}");
+        }
+        assert_eq!(receiver.receive_stats().datagrams, 128);
     });
 }
 

@@ -134,10 +134,14 @@ impl BufPool {
         self.ring.as_ref().filter(|ring| ring.is_registered())
     }
 
-    /// Takes the buffers back from the kernel: the ring is unregistered, and every buffer
-    /// the program does not hold goes on the free list. Only while no operation may
-    /// select from the ring (see `buf_ring`'s memory-safety section).
-    pub(crate) fn detach_ring(
+    /// Takes the buffers back from the kernel: the ring is unregistered (by `unregister`,
+    /// given the ring), and every buffer the program does not hold goes on the free list.
+    ///
+    /// # Safety
+    ///
+    /// No operation may select from the ring any more (see `buf_ring`'s memory-safety
+    /// section): the free list's buffers go to `recvmmsg` next.
+    pub(crate) unsafe fn detach_ring(
         &self,
         unregister: impl FnOnce(&BufRing) -> io::Result<()>,
     ) -> io::Result<()> {

@@ -16,8 +16,10 @@ use super::SharedFd;
 /// the loop sleeps and wakes: the receiver stops leaving a wait on the socket while it
 /// drains (io_uring: the multishot receive; epoll: the socket's place in the epoll set).
 pub(crate) const BURST: u32 = 8;
-/// After this many wakes in a row that found at most one datagram, the receiver waits
-/// the sparse-traffic way again.
+/// A wake that finds fewer datagrams than this is a quiet one; between `QUIET` and
+/// `BURST` a receiver keeps the way it waits, so it does not switch back and forth.
+pub(crate) const QUIET: u32 = BURST / 2;
+/// After this many quiet wakes in a row, the receiver waits the sparse-traffic way again.
 pub(crate) const QUIET_WAKES: u32 = 8;
 
 /// Most datagrams one `recvmmsg` takes.
@@ -76,6 +78,12 @@ impl MmsgReceiver {
             out.extend(self.ready.drain(..n));
         }
         n
+    }
+
+    /// The ready queue, for a receiver that delivers by other means (io_uring's
+    /// multishot): what it appends is taken after what is there.
+    pub(crate) fn ready_mut(&mut self) -> &mut Vec<RecvDatagram> {
+        &mut self.ready
     }
 
     /// Datagrams received and not taken yet.

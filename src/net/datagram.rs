@@ -74,7 +74,8 @@ pub struct ReceiveStats {
     /// Times the ring ran dry because the program held every buffer (ENOBUFS on
     /// io_uring); the receiver resumed once a buffer came back.
     pub ring_empty: u64,
-    /// Times the io_uring multishot receive was armed again after the kernel ended it.
+    /// Times the io_uring multishot receive was armed again: after the kernel ended it,
+    /// or when the receiver came back to it from draining bursts.
     pub rearms: u64,
     /// Multishot receive completions and `recvmmsg` calls that delivered data.
     pub deliveries: u64,
@@ -85,7 +86,7 @@ pub struct ReceiveStats {
     /// receive, or the socket's place in the epoll set) makes the sender's kernel path
     /// call it for every datagram it queues; while the receiver drains bursts with
     /// `recvmmsg` (io_uring) or outside the epoll set (epoll), it leaves none. It goes
-    /// back once wakes find single datagrams again.
+    /// back after 8 wakes in a row that find fewer than 4 datagrams.
     pub burst_switches: u64,
     /// Datagrams the kernel dropped on this socket before it was read, because its
     /// receive queue was full: this is where datagrams are lost while the ring is dry

@@ -17,7 +17,7 @@ use crate::driver::ops::{BatchReport, Progress};
 use crate::driver::ops_datagram::{
     gso_refused, plan_links, MmsgBatch, RecvCounters, RecvDatagram, RingConfig,
 };
-use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET_WAKES};
+use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -42,7 +42,7 @@ pub(crate) struct Receiver {
     /// Wakes find bursts: the socket leaves the epoll set while it is drained (see
     /// [`suspend_events`]), as the io_uring receiver leaves its multishot.
     bursty: bool,
-    /// Wakes in a row that found at most one datagram.
+    /// Quiet wakes in a row (see `QUIET`).
     quiet_wakes: u32,
     pub(crate) counters: RecvCounters,
 }
@@ -71,7 +71,8 @@ impl Receiver {
     ) -> Poll<io::Result<()>> {
         let start = out.len();
         loop {
-            self.mmsg.take_ready(out, max - (out.len() - start));
+            self.mmsg
+                .take_ready(out, max.saturating_sub(out.len() - start));
             let got = out.len() > start;
             if out.len() - start >= max {
                 return Poll::Ready(Ok(()));
@@ -135,7 +136,7 @@ impl Receiver {
             }
             self.bursty = true;
             self.quiet_wakes = 0;
-        } else if burst <= 1 && self.bursty {
+        } else if burst < QUIET && self.bursty {
             self.quiet_wakes += 1;
             if self.quiet_wakes >= QUIET_WAKES {
                 self.bursty = false;

@@ -1,9 +1,11 @@
 //! The portable engine: readiness from epoll (through mio), then plain non-blocking calls.
 //!
-//! Every socket is registered once, edge-triggered, for both directions. A direction is
-//! assumed ready until a call says `EAGAIN`; then the task waits for the next edge. The
-//! runtime is single-threaded and events are only read in `park`, so between a call's
-//! `EAGAIN` and the wait no edge can be missed: it is reported by the next `epoll_wait`.
+//! Every socket is registered on first use, edge-triggered, for both directions (a
+//! datagram receiver draining bursts takes it out of the set meanwhile, see
+//! [`suspend_events`]; it is added back before any task waits). A direction is assumed
+//! ready until a call says `EAGAIN`; then the task waits for the next edge. The runtime
+//! is single-threaded and events are only read in `park`, so between a call's `EAGAIN`
+//! and the wait no edge can be missed: it is reported by the next `epoll_wait`.
 
 use std::future::poll_fn;
 use std::io;
@@ -182,6 +184,7 @@ impl Driver {
     }
 }
 
+/// Runs `f` on the current runtime's epoll driver.
 fn with_poll<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
     runtime::with_driver(|driver| match driver {
         AnyDriver::Poll(poll) => Ok(f(poll)),
@@ -243,7 +246,6 @@ pub(crate) fn poll_ready(
     }
 }
 
-/// Records that a call on `fd` said EAGAIN: wait for the next edge before trying again.
 /// Takes the socket out of the epoll set until a task next waits on it (`poll_ready`
 /// puts it back). While it is in the set, the kernel calls epoll's wake-up for every
 /// datagram queued on it, on the sending side's core; a receiver draining a burst does
@@ -274,6 +276,7 @@ pub(crate) fn suspend_events(fd: &SharedFd) {
     });
 }
 
+/// Records that a call on `fd` said EAGAIN: wait for the next edge before trying again.
 pub(crate) fn clear_ready(fd: &SharedFd, direction: Direction) {
     let _ = with_poll(|driver| {
         if let Some(readiness) = fd.poll_slot().and_then(|slot| driver.slots.get_mut(slot)) {

@@ -53,6 +53,9 @@ struct RawEntry {
     resv: u16,
 }
 
+/// The first buffer group id used (see `Registry::new`).
+const FIRST_GROUP: u16 = 64;
+
 /// Most entries one provided buffer ring may have (the kernel's limit).
 pub(crate) const MAX_ENTRIES: u16 = 32768;
 
@@ -107,6 +110,7 @@ impl BufRing {
         }
         self.tail.set(0);
         self.publish();
+        driver.count_io_call();
         // SAFETY: the mapping is page-aligned, holds `entries` entries, and stays mapped
         // until the group is unregistered (see the module's memory-safety section).
         let registered = unsafe {
@@ -127,12 +131,18 @@ impl BufRing {
         Ok(())
     }
 
-    /// Makes the kernel forget the ring and every entry on it. The caller makes sure no
-    /// operation may select from the group any more (module docs).
-    pub(crate) fn unregister(&self, driver: &mut Driver) -> io::Result<()> {
+    /// Makes the kernel forget the ring and every entry on it.
+    ///
+    /// # Safety
+    ///
+    /// No operation may select from the group any more (the module's memory-safety
+    /// section): the program hands the buffers the kernel had not filled to `recvmmsg`
+    /// next, and a selection after this would write into one of them.
+    pub(crate) unsafe fn unregister(&self, driver: &mut Driver) -> io::Result<()> {
         if !self.registered.get() {
             return Ok(());
         }
+        driver.count_io_call();
         driver.ring.submitter().unregister_buf_ring(self.bgid)?;
         self.registered.set(false);
         Ok(())
@@ -242,7 +252,11 @@ impl Registry {
         let retired = Rc::new(Retired::default());
         retired.driver_alive.set(true);
         Registry {
-            next: 0,
+            // Linux 6.0-6.8 keep groups below 64 in a fixed array and do not reset a
+            // group's head when it is registered again, so a ring registered anew under
+            // such an id would be read from the old head, past entries that name
+            // buffers the program holds. Groups from 64 up are allocated afresh.
+            next: FIRST_GROUP as u32,
             free: Vec::new(),
             retired,
         }

@@ -24,7 +24,7 @@ use crate::driver::ops_datagram::{
     addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, link_iovecs, plan_links, Link,
     MmsgBatch, RecvCounters, RecvDatagram, RingConfig, CMSG_WORDS,
 };
-use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET_WAKES};
+use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::sockaddr::RawAddr;
 use crate::driver::SharedFd;
 
@@ -90,8 +90,10 @@ pub(crate) struct Receiver {
     armed_once: bool,
     /// Datagrams found since the receiver last had nothing ready.
     burst: u32,
-    /// Drain wakes in a row that found at most one datagram.
+    /// Drain wakes in a row that found few datagrams (see `QUIET`).
     quiet_wakes: u32,
+    /// The multishot was asked to end (`Mode::Stopping`): the cancel is queued.
+    cancel_queued: bool,
     pub(crate) counters: RecvCounters,
 }
 
@@ -125,6 +127,7 @@ impl Receiver {
             armed_once: false,
             burst: 0,
             quiet_wakes: 0,
+            cancel_queued: false,
             counters: RecvCounters::default(),
         })
     }
@@ -175,13 +178,15 @@ impl Receiver {
     ) -> Poll<io::Result<()>> {
         let start = out.len();
         loop {
-            // Datagrams a drain took before the multishot's come first.
-            self.mmsg.take_ready(out, max - (out.len() - start));
+            // Every path delivers into the ready queue, in order: the caller never gets
+            // more than `max` (a GRO completion may carry dozens of datagrams).
+            self.mmsg
+                .take_ready(out, max.saturating_sub(out.len() - start));
             if out.len() - start >= max {
                 return Poll::Ready(Ok(()));
             }
             let step = match self.mode {
-                Mode::Multishot | Mode::Stopping => self.step_multishot(fd, cx, out),
+                Mode::Multishot | Mode::Stopping => self.step_multishot(fd, cx),
                 Mode::Drain => self.step_drain(fd, cx),
             };
             let got = out.len() > start || self.mmsg.has_ready();
@@ -190,7 +195,8 @@ impl Receiver {
                 // Keep the datagrams; an error is lost like a recvmmsg's error after its
                 // first message (the receiver goes on).
                 Step::Pending | Step::Failed(_) if got => {
-                    self.mmsg.take_ready(out, max - (out.len() - start));
+                    self.mmsg
+                        .take_ready(out, max.saturating_sub(out.len() - start));
                     return Poll::Ready(Ok(()));
                 }
                 Step::Pending => return Poll::Pending,
@@ -200,12 +206,7 @@ impl Receiver {
     }
 
     /// One multishot completion (or the arming, or the end of a stopping multishot).
-    fn step_multishot(
-        &mut self,
-        fd: &SharedFd,
-        cx: &mut Context<'_>,
-        out: &mut Vec<RecvDatagram>,
-    ) -> Step {
+    fn step_multishot(&mut self, fd: &SharedFd, cx: &mut Context<'_>) -> Step {
         if self.op.is_none() {
             if matches!(self.mode, Mode::Stopping) {
                 self.enter_drain();
@@ -225,8 +226,10 @@ impl Receiver {
         let op = self.op.as_mut().expect("armed above");
         match op.poll_next(cx) {
             Poll::Ready(Some(completion)) => {
-                self.burst = self.burst.saturating_add(1);
-                match self.complete(completion, out) {
+                let before = self.counters.datagrams;
+                let result = self.complete(completion);
+                self.count_found(before);
+                match result {
                     Ok(()) => Step::Continue,
                     Err(err) => Step::Failed(err),
                 }
@@ -239,9 +242,11 @@ impl Receiver {
                 Step::Continue
             }
             Poll::Pending => {
-                if self.switch_on_burst() {
+                let stop = self.switch_on_burst();
+                if stop || (matches!(self.mode, Mode::Stopping) && !self.cancel_queued) {
                     if let Some(op) = &self.op {
-                        op.cancel();
+                        // Asked again on a later wake if the submission queue was full.
+                        self.cancel_queued = op.cancel();
                     }
                 }
                 Step::Pending
@@ -255,20 +260,33 @@ impl Receiver {
         let burst = std::mem::take(&mut self.burst);
         if matches!(self.mode, Mode::Multishot) && burst >= BURST {
             self.mode = Mode::Stopping;
-            self.counters.burst_switches += 1;
+            self.cancel_queued = false;
             return true;
         }
         false
+    }
+
+    /// Adds the datagrams delivered since the counter read `before` to this wake's.
+    fn count_found(&mut self, before: u64) {
+        let found = (self.counters.datagrams - before).min(u32::MAX as u64) as u32;
+        self.burst = self.burst.saturating_add(found);
     }
 
     /// The multishot is over, so nothing selects from the ring any more: the buffers it
     /// held go to the free list for `recvmmsg`. If the kernel refuses, the multishot is
     /// armed again.
     fn enter_drain(&mut self) {
+        debug_assert!(self.op.is_none(), "the multishot must be over");
         let pool = &self.pool;
-        let detached = with_uring(|driver| pool.detach_ring(|ring| ring.unregister(driver)));
+        // SAFETY: the multishot, the only operation that selects from this pool's ring,
+        // has posted its final CQE (`op` is None in Mode::Stopping).
+        let detached =
+            with_uring(|driver| unsafe { pool.detach_ring(|ring| ring.unregister(driver)) });
         self.mode = match detached {
-            Ok(Ok(())) => Mode::Drain,
+            Ok(Ok(())) => {
+                self.counters.burst_switches += 1;
+                Mode::Drain
+            }
             _ => Mode::Multishot,
         };
         self.burst = 0;
@@ -306,8 +324,7 @@ impl Receiver {
         if !matches!(drained, Ok(Drained::NoBuffers)) {
             let _ = with_uring(|driver| driver.count_io_call());
         }
-        let found = (self.counters.datagrams - before).min(u32::MAX as u64) as u32;
-        self.burst = self.burst.saturating_add(found);
+        self.count_found(before);
         match drained {
             Ok(Drained::More) => {
                 self.starved = false;
@@ -316,12 +333,11 @@ impl Receiver {
             Ok(Drained::Empty) => {
                 self.starved = false;
                 // The socket is empty: this wake is over.
-                if self.burst <= 1 {
+                if std::mem::take(&mut self.burst) < QUIET {
                     self.quiet_wakes += 1;
                 } else {
                     self.quiet_wakes = 0;
                 }
-                self.burst = 0;
                 if self.quiet_wakes >= QUIET_WAKES && self.leave_drain() {
                     return Step::Continue;
                 }
@@ -345,7 +361,7 @@ impl Receiver {
         }
     }
 
-    fn complete(&mut self, completion: Completion, out: &mut Vec<RecvDatagram>) -> io::Result<()> {
+    fn complete(&mut self, completion: Completion) -> io::Result<()> {
         let len = match completion.into_result() {
             Ok(len) => len as usize,
             Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
@@ -354,7 +370,7 @@ impl Receiver {
                 self.starved = true;
                 return Ok(());
             }
-            // The multishot was cancelled (only when dropped) : arm again.
+            // The multishot was cancelled: Mode::Stopping goes on to recvmmsg next.
             Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => return Ok(()),
             Err(err) => return Err(err),
         };
@@ -395,7 +411,7 @@ impl Receiver {
                 addr,
                 gro,
                 &mut self.counters,
-                out,
+                self.mmsg.ready_mut(),
             )
         };
         Ok(())

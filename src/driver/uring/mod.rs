@@ -356,15 +356,15 @@ impl Driver {
     }
 
     /// Asks the kernel to end the operation in `slot` (an AsyncCancel SQE, submitted
-    /// with the next `park`). The caller owns the slot: it has not seen the final CQE.
-    pub(crate) fn cancel(&mut self, slot: usize) {
+    /// with the next `park`); false when the SQE could not be queued. The caller owns
+    /// the slot: it has not seen the final CQE.
+    pub(crate) fn cancel(&mut self, slot: usize) -> bool {
         let entry = opcode::AsyncCancel::new(slot as u64)
             .build()
             .user_data(CANCEL_TOKEN);
         // SAFETY: an async cancel points to no memory.
-        if unsafe { self.push_entries(std::slice::from_ref(&entry)) }.is_err() {
-            // The op then runs to its natural end; its data waits in the slot meanwhile.
-        }
+        // On failure the op runs to its natural end; its data waits in the slot meanwhile.
+        unsafe { self.push_entries(std::slice::from_ref(&entry)) }.is_ok()
     }
 
     fn arm_wake(&mut self) {

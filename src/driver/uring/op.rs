@@ -143,17 +143,19 @@ impl<T: 'static> MultiOp<T> {
         }
     }
 
-    /// True once the multishot has ended and every completion was taken.
     /// Asks the kernel to end this operation; its last completions still come through
-    /// [`poll_next`](Self::poll_next), which ends with the final one.
-    pub(crate) fn cancel(&self) {
-        if !self.finished {
-            // The slot is still this op's: the driver keeps it until poll_next has
-            // reported the end.
-            let _ = with_uring(|driver| driver.cancel(self.slot));
+    /// [`poll_next`](Self::poll_next), which ends with the final one. False when the
+    /// request could not be queued (a full submission queue): ask again later.
+    pub(crate) fn cancel(&self) -> bool {
+        if self.finished {
+            return true;
         }
+        // The slot is still this op's: the driver keeps it until poll_next has reported
+        // the end.
+        with_uring(|driver| driver.cancel(self.slot)).unwrap_or(false)
     }
 
+    /// True once the multishot has ended and every completion was taken.
     pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }
