@@ -416,6 +416,18 @@ pub(crate) fn gro_segment(control: &[u8]) -> Option<usize> {
 /// The socket address in `name` (a `sockaddr_in` or `sockaddr_in6` as the kernel wrote
 /// it), with IPv4-mapped IPv6 addresses shown as IPv4.
 pub(crate) fn addr_from_bytes(name: &[u8]) -> Option<SocketAddr> {
+    // The common case, read in place: every received datagram goes through here, and
+    // the general path zeroes and copies a 128-byte sockaddr_storage first.
+    // sockaddr_in: family (native order), port and address (network order).
+    if let [f0, f1, p0, p1, a, b, c, d, ..] = *name {
+        if i32::from(u16::from_ne_bytes([f0, f1])) == libc::AF_INET {
+            let ip = std::net::Ipv4Addr::new(a, b, c, d);
+            return Some(SocketAddr::V4(SocketAddrV4::new(
+                ip,
+                u16::from_be_bytes([p0, p1]),
+            )));
+        }
+    }
     let mut raw = RawAddr::empty();
     let len = name
         .len()
@@ -606,6 +618,19 @@ mod tests {
         let bytes =
             unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), raw.len as usize) };
         assert_eq!(addr_from_bytes(bytes), Some(v4));
+        let v6: SocketAddr = "[2001:db8::7]:443".parse().unwrap();
+        let raw = RawAddr::from_socket_addr(v6);
+        // SAFETY: the storage holds `len` initialised bytes of address.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), raw.len as usize) };
+        assert_eq!(addr_from_bytes(bytes), Some(v6));
+        let mapped: SocketAddr = "[::ffff:10.1.2.3]:5000".parse().unwrap();
+        let raw = RawAddr::from_socket_addr(mapped);
+        // SAFETY: as above.
+        let bytes =
+            unsafe { std::slice::from_raw_parts(raw.as_ptr().cast::<u8>(), raw.len as usize) };
+        assert_eq!(addr_from_bytes(bytes), Some(v4));
+        assert_eq!(addr_from_bytes(&[]), None);
         let mapped = for_family(v4, true);
         assert!(mapped.is_ipv6());
         assert_eq!(canonical(mapped), v4);
