@@ -250,16 +250,32 @@ impl BufPool {
         }
     }
 
-    /// A buffer off the free list, claimed (for `recvmmsg`); none while the kernel ring
-    /// holds the free buffers.
-    pub(crate) fn pop_free(&self) -> Option<u16> {
+    /// Claims up to `max` buffers off the free list into `bids` in one go (for
+    /// `recvmmsg`); none while the kernel ring holds the free buffers.
+    pub(crate) fn pop_free_into(&self, bids: &mut Vec<u16>, max: usize) {
         if self.kernel_ring().is_some() {
-            return None;
+            return;
         }
-        let bid = self.free.borrow_mut().pop()?;
-        self.refs[bid as usize].set(1);
-        self.available.set(self.available.get().saturating_sub(1));
-        Some(bid)
+        let mut free = self.free.borrow_mut();
+        let take = max.min(free.len());
+        let from = free.len() - take;
+        for bid in free.drain(from..).rev() {
+            self.refs[bid as usize].set(1);
+            bids.push(bid);
+        }
+        self.available.set(self.available.get() - take);
+    }
+
+    /// Gives back buffers [`pop_free_into`](Self::pop_free_into) claimed that received
+    /// nothing, so that they are taken next in the same order.
+    pub(crate) fn unpop_free(&self, bids: &[u16]) {
+        let mut free = self.free.borrow_mut();
+        for &bid in bids.iter().rev() {
+            debug_assert_eq!(self.refs[bid as usize].get(), 1, "buffer {bid} was lent");
+            self.refs[bid as usize].set(0);
+            free.push(bid);
+        }
+        self.available.set(self.available.get() + bids.len());
     }
 
     /// Wakes `waker` when a buffer comes back.
@@ -343,10 +359,14 @@ mod tests {
     fn local_pool_lends_each_buffer_once() {
         let pool = Rc::new(BufPool::new(4, 64, None).unwrap());
         let mut taken = Vec::new();
-        while let Some(bid) = pool.pop_free() {
-            taken.push(bid);
-        }
-        assert_eq!(taken.len(), 4);
+        pool.pop_free_into(&mut taken, 3);
+        assert_eq!(taken, [0, 1, 2]);
+        // Given back unused, they are taken next in the same order.
+        pool.unpop_free(&taken[1..]);
+        assert_eq!(pool.available(), 3);
+        taken.truncate(1);
+        pool.pop_free_into(&mut taken, 8);
+        assert_eq!(taken, [0, 1, 2, 3]);
         assert_eq!(pool.available(), 0);
         assert!(
             pool.claim(taken[0]).is_err(),
@@ -366,7 +386,9 @@ mod tests {
     #[test]
     fn shared_buffer_returns_after_last_segment() {
         let pool = Rc::new(BufPool::new(1, 64, None).unwrap());
-        let bid = pool.pop_free().unwrap();
+        let mut one = Vec::new();
+        pool.pop_free_into(&mut one, 1);
+        let bid = one[0];
         pool.add_ref(bid);
         // SAFETY: two holds (claim + add_ref), one per LentBuf, inside the stride.
         let (a, b) = unsafe {

@@ -101,12 +101,7 @@ impl MmsgReceiver {
         counters: &mut RecvCounters,
     ) -> io::Result<Drained> {
         self.bids.clear();
-        while self.bids.len() < RECV_SLOTS {
-            match pool.pop_free() {
-                Some(bid) => self.bids.push(bid),
-                None => break,
-            }
-        }
+        pool.pop_free_into(&mut self.bids, RECV_SLOTS);
         if self.bids.is_empty() {
             return Ok(Drained::NoBuffers);
         }
@@ -145,7 +140,7 @@ impl MmsgReceiver {
         };
         if received < 0 {
             let err = io::Error::last_os_error();
-            self.bids.iter().for_each(|&bid| pool.release(bid));
+            pool.unpop_free(&self.bids);
             return match err.kind() {
                 io::ErrorKind::WouldBlock => Ok(Drained::Empty),
                 io::ErrorKind::Interrupted => Ok(Drained::More),
@@ -156,11 +151,8 @@ impl MmsgReceiver {
         if received > 0 {
             counters.deliveries += 1;
         }
-        for (j, &bid) in self.bids.iter().enumerate() {
-            if j >= received {
-                pool.release(bid);
-                continue;
-            }
+        pool.unpop_free(&self.bids[received.min(self.bids.len())..]);
+        for (j, &bid) in self.bids.iter().enumerate().take(received) {
             let header = &self.headers[j];
             let real = header.msg_len as usize;
             let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > capacity;
@@ -186,7 +178,7 @@ impl MmsgReceiver {
             } else {
                 None
             };
-            // SAFETY: `bid` is claimed (pop_free) and its hold handed over; the kernel
+            // SAFETY: `bid` is claimed (pop_free_into) and its hold handed over; the kernel
             // wrote min(real, capacity) bytes at its start.
             unsafe {
                 deliver(
