@@ -263,7 +263,8 @@ impl BufPool {
             self.refs[bid as usize].set(1);
             bids.push(bid);
         }
-        self.available.set(self.available.get() - take);
+        self.available
+            .set(self.available.get().saturating_sub(take));
     }
 
     /// Gives back buffers [`pop_free_into`](Self::pop_free_into) claimed that received
