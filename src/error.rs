@@ -129,6 +129,11 @@ socket_error_status! {
     /// socket's current state (`EOPNOTSUPP`, `ENOSYS`, `EINVAL`, `ENOPROTOOPT`,
     /// `ENOTCONN`, `EISCONN`).
     UnsupportedOperation,
+    /// ringsock addition: a socket or an operation was used while a runtime other than
+    /// the one it belongs to drives the thread (or no runtime does), or after its
+    /// runtime was dropped. Nothing was taken from the other runtime; an operation that
+    /// was in flight was cancelled first.
+    WrongRuntime,
 }
 
 /// The one public error type of ringsock.
@@ -205,6 +210,14 @@ pub enum Error {
     ConnectionClosed {
         /// What was being done, e.g. `"read_line"`; may be empty.
         context: String,
+    },
+
+    /// A socket or operation was used outside the runtime it belongs to; the status is
+    /// [`SocketErrorStatus::WrongRuntime`].
+    #[error("{}", OneLine(.message))]
+    WrongRuntime {
+        /// Which runtime was expected and what ran instead.
+        message: String,
     },
 
     /// A TLS failure; the status says which kind.
@@ -361,6 +374,7 @@ impl Error {
             Error::NoAddresses { .. } => SocketErrorStatus::NoAddressesFound,
             Error::TimedOut { .. } => SocketErrorStatus::ConnectionTimedOut,
             Error::ConnectionClosed { .. } => SocketErrorStatus::ConnectionClosed,
+            Error::WrongRuntime { .. } => SocketErrorStatus::WrongRuntime,
         }
     }
 
@@ -397,6 +411,14 @@ impl Error {
     pub fn connection_closed(context: impl Into<String>) -> Error {
         Error::ConnectionClosed {
             context: context.into(),
+        }
+    }
+
+    /// A socket or operation used outside its runtime; the status is
+    /// [`SocketErrorStatus::WrongRuntime`].
+    pub fn wrong_runtime(message: impl Into<String>) -> Error {
+        Error::WrongRuntime {
+            message: message.into(),
         }
     }
 
@@ -461,6 +483,9 @@ impl Clone for Error {
             },
             Error::Tls { status, message } => Error::Tls {
                 status: *status,
+                message: message.clone(),
+            },
+            Error::WrongRuntime { message } => Error::WrongRuntime {
                 message: message.clone(),
             },
         }
@@ -639,7 +664,7 @@ mod tests {
 
     #[test]
     fn status_display_is_the_variant_name() {
-        assert_eq!(SocketErrorStatus::ALL.len(), 39);
+        assert_eq!(SocketErrorStatus::ALL.len(), 40);
         for status in SocketErrorStatus::ALL {
             assert_eq!(status.to_string(), format!("{status:?}"));
         }
@@ -672,6 +697,14 @@ mod tests {
                 Error::io("read", io::Error::other("a\nb")),
                 S::Unknown,
                 "read: a b",
+            ),
+            (
+                Error::io(
+                    "read",
+                    io::Error::other(Error::wrong_runtime("owned by runtime 1")),
+                ),
+                S::WrongRuntime,
+                "read: owned by runtime 1",
             ),
             (
                 Error::InvalidHostName {

@@ -1,49 +1,51 @@
-//! The operations of the driver contract, dispatched to the current runtime's engine.
+//! The stream operations of the driver contract, dispatched to the engine the socket
+//! belongs to.
 //!
 //! Upper layers call only these. Results are `io::Result`; the net layer adds context and
 //! turns them into [`crate::Error`].
 
+use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::os::fd::OwnedFd;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
-use super::{poll, uring, DriverKind, SharedFd};
+pub(crate) use super::batch::{BatchReport, Progress};
+use super::caps::Capability;
+use super::fd::FdRef;
+use super::socket::{Binding, SharedFd};
+use super::{poll, uring};
 use crate::buf::{IoBuf, IoBufMut};
-use crate::runtime;
 
 /// Never raise SIGPIPE: a write to a closed connection is an error (EPIPE), not a signal
 /// that kills the program.
 const SEND_FLAGS: i32 = libc::MSG_NOSIGNAL;
 
-fn kind() -> io::Result<DriverKind> {
-    runtime::current_kind()
-}
-
 /// Connects `fd` to `addr`.
 pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
-    match kind()? {
-        DriverKind::Uring => uring::net::connect(fd, addr).await,
-        DriverKind::Epoll => poll::net::connect(fd, addr).await,
+    match fd.binding()? {
+        Binding::Uring(driver) => uring::net::connect(driver, fd.fd(), addr).await,
+        Binding::Poll(reg) => poll::net::connect(reg, fd.fd(), addr).await,
     }
 }
 
 /// Reads once into the spare capacity of `buf`; `Ok(0)` is end of stream.
 pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
-    match kind() {
-        Ok(DriverKind::Uring) => uring::net::recv(fd, buf).await,
-        Ok(DriverKind::Epoll) => poll::net::recv(fd, buf).await,
+    match fd.binding() {
+        Ok(Binding::Uring(driver)) => uring::net::recv(driver, fd.fd(), buf).await,
+        Ok(Binding::Poll(reg)) => poll::net::recv(reg, fd.fd(), buf).await,
         Err(err) => (Err(err), buf),
     }
 }
 
 /// Sends once; the count may be short.
 pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
-    let (result, buf) = match kind() {
-        Ok(DriverKind::Uring) => uring::net::send(fd, buf, SEND_FLAGS).await,
-        Ok(DriverKind::Epoll) => poll::net::send(fd, buf, SEND_FLAGS).await,
+    let (result, buf) = match fd.binding() {
+        Ok(Binding::Uring(driver)) => uring::net::send(driver, fd.fd(), buf, SEND_FLAGS).await,
+        Ok(Binding::Poll(reg)) => poll::net::send(reg, fd.fd(), buf, SEND_FLAGS).await,
         Err(err) => (Err(err), buf),
     };
     (result.map_err(|err| peer_reset(fd, err)), buf)
@@ -62,57 +64,14 @@ fn peer_reset(fd: &SharedFd, err: io::Error) -> io::Error {
 
 /// Shuts down one or both directions.
 pub(crate) async fn shutdown(fd: &SharedFd, how: Shutdown) -> io::Result<()> {
+    let binding = fd.binding()?;
     if how != Shutdown::Read {
         fd.mark_write_shut();
     }
-    match kind()? {
-        DriverKind::Uring => uring::net::shutdown(fd, how).await,
-        DriverKind::Epoll => poll::net::shutdown(fd, how),
+    match binding {
+        Binding::Uring(driver) => uring::net::shutdown(driver, fd.fd(), how).await,
+        Binding::Poll(_) => poll::net::shutdown(fd.fd(), how),
     }
-}
-
-/// Where a stream batch stands: every byte before (`first`, `skip`) has been sent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Progress {
-    /// Index of the first buffer not completely sent.
-    pub(crate) first: usize,
-    /// Bytes of `bufs[first]` already sent.
-    pub(crate) skip: usize,
-}
-
-impl Progress {
-    /// Moves past `sent` more bytes.
-    pub(crate) fn advance(&mut self, bufs: &[Bytes], mut sent: usize) {
-        while sent > 0 && self.first < bufs.len() {
-            let left = bufs[self.first].len() - self.skip;
-            if sent >= left {
-                sent -= left;
-                self.first += 1;
-                self.skip = 0;
-            } else {
-                self.skip += sent;
-                sent = 0;
-            }
-        }
-        // Empty buffers after the position are complete too.
-        while self.first < bufs.len() && bufs[self.first].len() == self.skip {
-            self.first += 1;
-            self.skip = 0;
-        }
-    }
-
-    pub(crate) fn done(&self, bufs: &[Bytes]) -> bool {
-        self.first >= bufs.len()
-    }
-}
-
-/// What one batch of stream writes cost and how it ended.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct BatchReport {
-    /// Kernel operations submitted (SQEs or direct calls).
-    pub(crate) operations: u64,
-    /// Times a short send or a cut chain was resubmitted from its byte offset.
-    pub(crate) short_send_recoveries: u64,
 }
 
 /// Most links in one chain: keeps a chain well inside the submission queue.
@@ -136,8 +95,8 @@ pub(crate) async fn send_stream_batch(
     let mut unsent = total;
     let mut progress = Progress::default();
     progress.advance(&bufs, 0);
-    let kind = match kind() {
-        Ok(kind) => kind,
+    let binding = match fd.binding() {
+        Ok(binding) => binding,
         Err(err) => return (Err(err), progress, bufs),
     };
     let mut rounds = 0u64;
@@ -146,11 +105,12 @@ pub(crate) async fn send_stream_batch(
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let (result, back) = match kind {
-            DriverKind::Uring => {
+        let (result, back) = match binding {
+            Binding::Uring(driver) => {
                 let flags = SEND_FLAGS | libc::MSG_WAITALL;
                 let (result, back) = uring::net::sendmsg_stream(
-                    fd,
+                    driver,
+                    fd.fd(),
                     bufs,
                     progress.first,
                     progress.skip,
@@ -167,10 +127,11 @@ pub(crate) async fn send_stream_batch(
                 });
                 (outcome, back)
             }
-            DriverKind::Epoll => {
+            Binding::Poll(reg) => {
                 report.operations += 1;
                 let (result, back) = poll::net::sendmsg_vectored(
-                    fd,
+                    reg,
+                    fd.fd(),
                     bufs,
                     progress.first,
                     progress.skip,
@@ -225,17 +186,22 @@ fn chain_outcome(
 }
 
 /// Accepts connections on a listening socket: multishot accept on io_uring (one SQE for
-/// many connections, re-armed when the kernel ends it), accept4 on epoll.
+/// many connections, re-armed when the kernel ends it), one ACCEPT per connection where
+/// the kernel lacks multishot accept, accept4 on epoll.
 ///
 /// Poll-based so the listener can keep it between calls: a dropped `accept` future then
 /// loses no connection the kernel already accepted.
 pub(crate) struct Acceptor {
-    multishot: Option<uring::MultiOp<SharedFd>>,
+    multishot: Option<uring::MultiOp>,
+    single: Option<uring::Op<FdRef>>,
 }
 
 impl Acceptor {
     pub(crate) fn new() -> Acceptor {
-        Acceptor { multishot: None }
+        Acceptor {
+            multishot: None,
+            single: None,
+        }
     }
 
     /// The next connection's socket.
@@ -244,40 +210,80 @@ impl Acceptor {
         fd: &SharedFd,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<OwnedFd>> {
-        match kind() {
+        match fd.binding() {
             Err(err) => Poll::Ready(Err(err)),
-            Ok(DriverKind::Epoll) => loop {
-                match poll::poll_ready(fd, poll::Direction::Read, cx) {
+            Ok(Binding::Poll(reg)) => loop {
+                match reg.poll_ready(poll::Direction::Read, cx) {
                     Poll::Ready(Ok(())) => {}
                     Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
                     Poll::Pending => return Poll::Pending,
                 }
-                match poll::net::try_accept(fd) {
+                match poll::net::try_accept(reg, fd.fd()) {
                     Ok((new, _)) => return Poll::Ready(Ok(new)),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        poll::clear_ready(fd, poll::Direction::Read)
+                        reg.clear_ready(poll::Direction::Read)
                     }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                     Err(err) => return Poll::Ready(Err(err)),
                 }
             },
-            Ok(DriverKind::Uring) => loop {
-                if self.multishot.as_ref().is_none_or(|op| op.is_finished()) {
-                    self.multishot = None;
-                    match uring::net::accept_multi(fd) {
-                        Ok(op) => self.multishot = Some(op),
-                        Err(err) => return Poll::Ready(Err(err)),
-                    }
+            Ok(Binding::Uring(driver)) => {
+                let multishot =
+                    driver.with(|d| d.capabilities().contains(Capability::MultishotAccept));
+                match multishot {
+                    Err(err) => Poll::Ready(Err(err)),
+                    Ok(true) => self.poll_multishot(driver, fd.fd(), cx),
+                    Ok(false) => self.poll_single(driver, fd.fd(), cx),
                 }
-                let op = self.multishot.as_mut().expect("armed above");
-                match op.poll_next(cx) {
-                    Poll::Ready(Some(completion)) => {
-                        return Poll::Ready(uring::net::accepted(completion))
-                    }
-                    Poll::Ready(None) => continue,
-                    Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_multishot(
+        &mut self,
+        driver: &uring::Handle,
+        fd: &FdRef,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<OwnedFd>> {
+        loop {
+            if self.multishot.as_ref().is_none_or(|op| op.is_finished()) {
+                self.multishot = None;
+                match uring::net::accept_multi(driver, fd) {
+                    Ok(op) => self.multishot = Some(op),
+                    Err(err) => return Poll::Ready(Err(err)),
                 }
-            },
+            }
+            let op = self.multishot.as_mut().expect("armed above");
+            match op.poll_next(cx) {
+                Poll::Ready(Ok(Some(completion))) => {
+                    return Poll::Ready(uring::net::accepted(completion))
+                }
+                Poll::Ready(Ok(None)) => continue,
+                Poll::Ready(Err(misuse)) => return Poll::Ready(Err(misuse)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn poll_single(
+        &mut self,
+        driver: &uring::Handle,
+        fd: &FdRef,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<OwnedFd>> {
+        if self.single.is_none() {
+            match uring::net::accept_op(driver, fd) {
+                Ok(op) => self.single = Some(op),
+                Err(err) => return Poll::Ready(Err(err)),
+            }
+        }
+        let op = self.single.as_mut().expect("submitted above");
+        match Pin::new(op).poll(cx) {
+            Poll::Ready((completion, _)) => {
+                self.single = None;
+                Poll::Ready(completion.and_then(uring::net::accepted))
+            }
+            Poll::Pending => Poll::Pending,
         }
     }
 }

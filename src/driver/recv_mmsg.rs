@@ -6,11 +6,12 @@
 #![allow(unsafe_code)]
 
 use std::io;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use super::buf_pool::BufPool;
-use super::ops_datagram::{addr_from_bytes, deliver, gro_segment, RecvCounters, RecvDatagram};
-use super::SharedFd;
+use super::recv::{deliver, gro_segment, RecvCounters, RecvDatagram};
+use super::sockaddr::addr_from_bytes;
 
 /// A wake that finds at least this many datagrams ready means they arrive faster than
 /// the loop sleeps and wakes: the receiver stops leaving a wait on the socket while it
@@ -108,7 +109,7 @@ impl MmsgReceiver {
     /// unless the answer is [`Drained::NoBuffers`].
     pub(crate) fn receive(
         &mut self,
-        fd: &SharedFd,
+        fd: RawFd,
         pool: &Rc<BufPool>,
         counters: &mut RecvCounters,
     ) -> io::Result<Drained> {
@@ -151,7 +152,7 @@ impl MmsgReceiver {
         // length.
         let received = unsafe {
             libc::recvmmsg(
-                fd.raw(),
+                fd,
                 self.headers.as_mut_ptr(),
                 slots as libc::c_uint,
                 libc::MSG_DONTWAIT | libc::MSG_TRUNC,

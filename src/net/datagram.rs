@@ -459,7 +459,7 @@ impl DatagramSocket {
                 buffer_size: ring.buffer_size.max(1),
                 gro: self.options.gro.get(),
             };
-            match Receiver::new(config) {
+            match Receiver::new(fd, config) {
                 Ok(new) => *receiver = Some(new),
                 Err(err) => return Poll::Ready(Err(Error::io("set up the receive ring", err))),
             }

@@ -7,7 +7,6 @@
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::pin::{pin, Pin};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +16,12 @@ use std::time::{Duration, Instant};
 
 use async_task::Runnable;
 
-use crate::driver::{Backend, Driver, DriverConfig, DriverKind, DriverStats, Unparker};
+use crate::driver::{
+    Backend, Capabilities, Capability, Driver, DriverConfig, DriverKind, DriverStats, Unparker,
+};
+
+/// The most submission queue entries an io_uring may have (IORING_MAX_ENTRIES).
+const MAX_RING_ENTRIES: u32 = 32768;
 
 mod blocking;
 mod spin;
@@ -33,6 +37,7 @@ pub struct Builder {
     backend: Option<Backend>,
     ring_entries: Option<u32>,
     spin: Option<Spin>,
+    disabled: Capabilities,
 }
 
 impl Builder {
@@ -68,16 +73,28 @@ impl Builder {
         })
     }
 
-    /// Submission queue size of the io_uring (default 1024).
+    /// Submission queue size of the io_uring: 1 to 32768 (default 1024; the kernel
+    /// rounds it up to a power of two). A value out of range fails [`build`](Self::build)
+    /// with `InvalidArgument`, whichever backend is chosen.
     pub fn ring_entries(mut self, entries: u32) -> Builder {
         self.ring_entries = Some(entries);
+        self
+    }
+
+    /// Keeps the io_uring engine from using `cap` even where the kernel has it, so that
+    /// part runs its fallback (as on an older kernel). Adds to the capabilities named in
+    /// `RINGSOCK_DISABLE` (comma-separated, e.g. `multishot-accept,buffer-ring`). No
+    /// effect on epoll.
+    pub fn disable(mut self, cap: Capability) -> Builder {
+        self.disabled = self.disabled.with(cap);
         self
     }
 
     /// Starts the runtime on this thread.
     ///
     /// Fails when the backend named here or in `RINGSOCK_BACKEND` cannot start (for
-    /// example `uring` where seccomp forbids io_uring), or when that variable is invalid.
+    /// example `uring` where seccomp forbids io_uring), when a setting is out of range, or
+    /// when `RINGSOCK_BACKEND`, `RINGSOCK_SPIN` or `RINGSOCK_DISABLE` is invalid.
     pub fn build(self) -> crate::Result<Runtime> {
         let backend = match self.backend {
             Some(backend) => backend,
@@ -89,18 +106,28 @@ impl Builder {
         };
         let mut config = DriverConfig::default();
         if let Some(entries) = self.ring_entries {
+            if !(1..=MAX_RING_ENTRIES).contains(&entries) {
+                return Err(crate::Error::invalid_input(format!(
+                    "ring_entries must be 1 to {MAX_RING_ENTRIES}, not {entries}"
+                )));
+            }
             config.ring_entries = entries;
         }
+        let disabled = Capabilities::disabled_by_env()?;
+        config.disabled = self.disabled.iter().fold(disabled, Capabilities::with);
         let (driver, fallback) = Driver::new(backend, config)?;
         let kind = driver.kind();
+        let unparker = driver
+            .unparker()
+            .map_err(|err| crate::Error::io("start the driver", err))?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
             owner: thread_token(),
-            unparker: driver.unparker(),
+            unparker,
         });
         Ok(Runtime {
             inner: Rc::new(Inner {
-                driver: RefCell::new(driver),
+                driver,
                 kind,
                 fallback,
                 shared,
@@ -120,7 +147,7 @@ pub struct Runtime {
 }
 
 struct Inner {
-    driver: RefCell<Driver>,
+    driver: Driver,
     kind: DriverKind,
     fallback: Option<String>,
     shared: Arc<Shared>,
@@ -194,7 +221,19 @@ impl Runtime {
 
     /// System calls the driver has made so far.
     pub fn driver_stats(&self) -> DriverStats {
-        self.inner.driver.borrow().stats()
+        self.inner.driver.stats().unwrap_or_default()
+    }
+
+    /// The kernel features this runtime's io_uring engine found and uses (none on
+    /// epoll); what is missing runs its fallback.
+    pub fn capabilities(&self) -> Capabilities {
+        self.inner.driver.capabilities()
+    }
+
+    /// The io_uring setup flags in use, e.g. `single-issuer+defer-taskrun+taskrun-flag`;
+    /// `None` on epoll.
+    pub fn ring_setup(&self) -> Option<&'static str> {
+        self.inner.driver.setup_flags()
     }
 
     /// Runs `future` to completion on this thread, along with the tasks it spawns.
@@ -242,7 +281,7 @@ impl Runtime {
                 Some(now) if timers_armed => self.inner.timers.borrow().next_timeout(now),
                 _ => None,
             };
-            if let Err(err) = self.inner.driver.borrow_mut().park(timeout) {
+            if let Err(err) = self.inner.driver.park(timeout) {
                 panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
             }
             if let (true, Some(now)) = (measure, now) {
@@ -266,7 +305,7 @@ impl Runtime {
             deadline = deadline.min(now + timer);
         }
         loop {
-            match self.inner.driver.borrow_mut().poll_completions() {
+            match self.inner.driver.poll_completions() {
                 Ok(true) => return true,
                 Ok(false) => {}
                 Err(err) => panic!("ringsock: the {} driver failed: {err}", self.inner.kind),
@@ -311,6 +350,7 @@ impl Runtime {
         );
         let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
         EnterGuard {
+            _driver: self.inner.driver.enter(),
             inner: self.inner.clone(),
             previous,
         }
@@ -319,8 +359,10 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        // Tasks' futures may cancel operations when dropped: they need the driver.
+        // Tasks' futures may cancel operations when dropped: they hold their driver's
+        // handle; the context is set so a task's drop code sees its own runtime.
         let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
+        let driver_guard = self.inner.driver.enter();
         // Drop every task, not only those queued to run: a task waiting on a waker held
         // by the driver or a timer would otherwise live on, its sockets open, after the
         // runtime is gone. Dropping a task's last waker schedules it one last time
@@ -332,18 +374,25 @@ impl Drop for Runtime {
                 drop(runnable);
             }
             let mut wakers = self.inner.timers.borrow_mut().take_all();
-            wakers.extend(self.inner.driver.borrow_mut().take_wakers());
+            wakers.extend(self.inner.driver.take_wakers());
             if wakers.is_empty() {
                 break;
             }
             // Outside the borrows: a dropped waker may schedule its task.
             drop(wakers);
         }
+        // Every task is gone: cancel and reap what is still in flight (operations of
+        // futures kept outside the runtime), so nothing of this runtime's stays with the
+        // kernel; those futures then report that their runtime was dropped.
+        self.inner.driver.shutdown();
+        drop(driver_guard);
         CONTEXT.with(|context| context.replace(previous));
     }
 }
 
 struct EnterGuard {
+    /// Declared first so the driver stops being current before the context goes.
+    _driver: crate::driver::handle::EnterGuard,
     inner: Rc<Inner>,
     previous: Option<Rc<Inner>>,
 }
@@ -461,33 +510,7 @@ pub fn current_driver_kind() -> Option<DriverKind> {
 
 /// System calls made so far by the driver of the runtime running on this thread.
 pub fn driver_stats() -> Option<DriverStats> {
-    CONTEXT.with(|context| {
-        let context = context.borrow();
-        let inner = context.as_ref()?;
-        let driver = inner.driver.try_borrow().ok()?;
-        Some(driver.stats())
-    })
-}
-
-fn no_runtime() -> io::Error {
-    io::Error::other("no ringsock runtime is running on this thread")
-}
-
-pub(crate) fn current_kind() -> io::Result<DriverKind> {
-    current_driver_kind().ok_or_else(no_runtime)
-}
-
-/// Runs `f` with the current runtime's driver.
-pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
-    CONTEXT.with(|context| {
-        let context = context.borrow();
-        let inner = context.as_ref().ok_or_else(no_runtime)?;
-        let mut driver = inner
-            .driver
-            .try_borrow_mut()
-            .map_err(|_| io::Error::other("the ringsock driver is busy (re-entered)"))?;
-        Ok(f(&mut driver))
-    })
+    CONTEXT.with(|context| context.borrow().as_ref()?.driver.stats())
 }
 
 /// Runs `f` with the current runtime's timers.

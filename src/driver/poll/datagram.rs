@@ -10,16 +10,15 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
-use super::{clear_ready, count_io_call, poll_ready, retry, suspend_events, Direction};
+use super::{Direction, Registration};
 use crate::buf::IoBuf;
+use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
-use crate::driver::ops::{BatchReport, Progress};
-use crate::driver::ops_datagram::{
-    gso_refused, plan_links, MmsgBatch, RecvCounters, RecvDatagram, RingConfig,
-};
+use crate::driver::fd::FdRef;
+use crate::driver::gso::{gso_refused, plan_links, MmsgBatch};
+use crate::driver::recv::{RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::sockaddr::RawAddr;
-use crate::driver::SharedFd;
 
 /// Most messages one `sendmmsg` takes (UIO_MAXIOV).
 const SEND_SLOTS: usize = 1024;
@@ -64,7 +63,8 @@ impl Receiver {
 
     pub(crate) fn poll_recv(
         &mut self,
-        fd: &SharedFd,
+        reg: &Registration,
+        fd: &FdRef,
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
@@ -77,7 +77,7 @@ impl Receiver {
             if out.len() - start >= max {
                 return Poll::Ready(Ok(()));
             }
-            match poll_ready(fd, Direction::Read, cx) {
+            match reg.poll_ready(Direction::Read, cx) {
                 Poll::Ready(Ok(())) => {}
                 Poll::Ready(Err(err)) => return Poll::Ready(if got { Ok(()) } else { Err(err) }),
                 Poll::Pending => {
@@ -89,12 +89,12 @@ impl Receiver {
                 }
             }
             if self.bursty {
-                suspend_events(fd);
+                reg.suspend_events();
             }
             let before = self.counters.datagrams;
-            let drained = self.mmsg.receive(fd, &self.pool, &mut self.counters);
+            let drained = self.mmsg.receive(fd.raw(), &self.pool, &mut self.counters);
             if !matches!(drained, Ok(Drained::NoBuffers)) {
-                count_io_call();
+                reg.count_io_call();
             }
             let found = (self.counters.datagrams - before).min(u32::MAX as u64) as u32;
             self.burst = self.burst.saturating_add(found);
@@ -105,7 +105,7 @@ impl Receiver {
                     self.end_wake();
                     // A datagram arriving from now on raises a new edge, which the next
                     // epoll_wait reports.
-                    clear_ready(fd, Direction::Read);
+                    reg.clear_ready(Direction::Read);
                 }
                 Ok(Drained::NoBuffers) => {
                     // Every buffer is lent: datagrams wait in the socket's queue meanwhile.
@@ -150,38 +150,41 @@ impl Receiver {
 
 /// One datagram to `addr`, or to the connected peer (`sendto`).
 pub(crate) async fn send_to<B: IoBuf>(
-    fd: &SharedFd,
+    reg: &Registration,
+    fd: &FdRef,
     buf: B,
     addr: Option<SocketAddr>,
 ) -> (io::Result<usize>, B) {
     let raw = addr.map(RawAddr::from_socket_addr);
-    let result = retry(fd, Direction::Write, || {
-        let (name, name_len) = match &raw {
-            Some(raw) => (raw.as_ptr(), raw.len),
-            None => (std::ptr::null(), 0),
-        };
-        // SAFETY: reads `bytes_init` initialised bytes of a live buffer and, when given,
-        // a valid sockaddr of `name_len` bytes.
-        let n = unsafe {
-            libc::sendto(
-                fd.raw(),
-                buf.stable_ptr().cast(),
-                buf.bytes_init(),
-                libc::MSG_NOSIGNAL,
-                name,
-                name_len,
-            )
-        };
-        check(n)
-    })
-    .await;
+    let result = reg
+        .retry(Direction::Write, || {
+            let (name, name_len) = match &raw {
+                Some(raw) => (raw.as_ptr(), raw.len),
+                None => (std::ptr::null(), 0),
+            };
+            // SAFETY: reads `bytes_init` initialised bytes of a live buffer and, when given,
+            // a valid sockaddr of `name_len` bytes.
+            let n = unsafe {
+                libc::sendto(
+                    fd.raw(),
+                    buf.stable_ptr().cast(),
+                    buf.bytes_init(),
+                    libc::MSG_NOSIGNAL,
+                    name,
+                    name_len,
+                )
+            };
+            check(n)
+        })
+        .await;
     (result, buf)
 }
 
 /// See [`crate::driver::ops_datagram::send_batch`]: `sendmmsg` calls of up to 1024
 /// messages, each a datagram or a GSO run.
 pub(crate) async fn send_batch(
-    fd: &SharedFd,
+    reg: &Registration,
+    fd: &FdRef,
     bufs: Vec<Bytes>,
     dest: Option<SocketAddr>,
     gso: &Cell<bool>,
@@ -198,7 +201,9 @@ pub(crate) async fn send_batch(
         let mut batch = MmsgBatch::new(&bufs, &links, dest);
         let mut at = 0;
         while at < batch.len() {
-            let result = retry(fd, Direction::Write, || batch.send(fd, at)).await;
+            let result = reg
+                .retry(Direction::Write, || batch.send(fd.raw(), at))
+                .await;
             report.operations += 1;
             match result {
                 Ok(0) => return (Err(io::ErrorKind::WriteZero.into()), progress, bufs),

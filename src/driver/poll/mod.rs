@@ -7,8 +7,11 @@
 //! is single-threaded and events are only read in `park`, so between a call's `EAGAIN`
 //! and the wait no edge can be missed: it is reported by the next `epoll_wait`.
 
+use std::cell::{RefCell, RefMut};
 use std::future::poll_fn;
 use std::io;
+use std::os::fd::RawFd;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -17,9 +20,10 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use slab::Slab;
 
-use super::{DriverStats, SharedFd, Unparker};
-use crate::driver::Driver as AnyDriver;
-use crate::runtime;
+use super::current::{self, DriverId};
+use super::fd::FdRef;
+use super::stats::DriverStats;
+use super::unpark::Unparker;
 
 pub(crate) mod datagram;
 pub(crate) mod net;
@@ -54,13 +58,63 @@ pub(crate) struct Driver {
     stats: DriverStats,
     /// Consecutive parks with a zero timeout.
     busy_rounds: u32,
+    /// The runtime is gone: sockets registered here say so.
+    shut_down: bool,
+}
+
+/// A runtime's epoll driver, shared by its runtime and its sockets' registrations.
+pub(crate) type Handle = Rc<Shared>;
+
+/// The driver behind a [`Handle`], with its identity.
+pub(crate) struct Shared {
+    id: DriverId,
+    driver: RefCell<Driver>,
+}
+
+impl Shared {
+    pub(crate) fn start() -> io::Result<Handle> {
+        Ok(Rc::new(Shared {
+            id: DriverId::next(),
+            driver: RefCell::new(Driver::new()?),
+        }))
+    }
+
+    pub(crate) fn id(&self) -> DriverId {
+        self.id
+    }
+
+    /// Runs `f` with the driver, if it is the one driving this thread and still running;
+    /// the misuse error otherwise.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
+        if !current::is_current(self.id) {
+            return Err(self.misuse());
+        }
+        let mut driver = self.borrow()?;
+        if driver.shut_down {
+            return Err(current::runtime_gone(self.id));
+        }
+        Ok(f(&mut driver))
+    }
+
+    /// The driver, wherever this thread stands (drops, the runtime itself).
+    pub(crate) fn borrow(&self) -> io::Result<RefMut<'_, Driver>> {
+        self.driver
+            .try_borrow_mut()
+            .map_err(|_| io::Error::other("the epoll driver is busy (re-entered)"))
+    }
+
+    fn misuse(&self) -> io::Error {
+        match self.driver.try_borrow() {
+            Ok(driver) if driver.shut_down => current::runtime_gone(self.id),
+            _ => current::wrong_runtime(self.id),
+        }
+    }
 }
 
 impl Driver {
-    pub(crate) fn new() -> crate::Result<Driver> {
-        let poll = mio::Poll::new().map_err(|e| crate::Error::io("epoll_create", e))?;
-        let waker = mio::Waker::new(poll.registry(), WAKE_TOKEN)
-            .map_err(|e| crate::Error::io("eventfd for the epoll driver", e))?;
+    fn new() -> io::Result<Driver> {
+        let poll = mio::Poll::new()?;
+        let waker = mio::Waker::new(poll.registry(), WAKE_TOKEN)?;
         Ok(Driver {
             poll,
             events: Events::with_capacity(1024),
@@ -68,7 +122,14 @@ impl Driver {
             slots: Slab::with_capacity(256),
             stats: DriverStats::default(),
             busy_rounds: 0,
+            shut_down: false,
         })
+    }
+
+    /// The runtime is going: sockets registered here fail with "runtime dropped" from
+    /// now on. Nothing is in flight on epoll, so nothing needs waiting for.
+    pub(crate) fn shutdown(&mut self) {
+        self.shut_down = true;
     }
 
     pub(crate) fn stats(&self) -> DriverStats {
@@ -145,35 +206,15 @@ impl Driver {
         self.wait_events(Some(Duration::ZERO))
     }
 
-    /// The socket's readiness slot, registered with epoll when it is first used.
-    fn register(&mut self, fd: &SharedFd) -> io::Result<usize> {
-        if let Some(slot) = fd.poll_slot() {
-            return Ok(slot);
-        }
-        let slot = self.slots.insert(Readiness {
-            // Unknown until a call says EAGAIN: try first.
-            ready: [true, true],
-            waiters: Default::default(),
-            registered: false,
-        });
-        if let Err(err) = self.add_to_epoll(fd, slot) {
-            self.slots.remove(slot);
-            return Err(err);
-        }
-        fd.set_poll_slot(slot);
-        Ok(slot)
-    }
-
     /// Puts the socket (back) into the epoll set. Adding it reports its current state,
     /// so nothing that became ready while it was out is missed.
-    fn add_to_epoll(&mut self, fd: &SharedFd, slot: usize) -> io::Result<()> {
+    fn add_to_epoll(&mut self, raw: RawFd, slot: usize) -> io::Result<()> {
         let Some(readiness) = self.slots.get_mut(slot) else {
             return Ok(());
         };
         if readiness.registered {
             return Ok(());
         }
-        let raw = fd.raw();
         let interest = Interest::READABLE | Interest::WRITABLE;
         self.stats.io_calls += 1;
         self.poll
@@ -184,121 +225,144 @@ impl Driver {
     }
 }
 
-/// Runs `f` on the current runtime's epoll driver.
-fn with_poll<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
-    runtime::with_driver(|driver| match driver {
-        AnyDriver::Poll(poll) => Ok(f(poll)),
-        AnyDriver::Uring(_) => Err(io::Error::other(
-            "an epoll operation was started on an io_uring runtime",
-        )),
-    })?
+/// A socket's place in one epoll driver: its readiness slot, released when the socket
+/// goes. Made when the socket is first used on a runtime.
+pub(crate) struct Registration {
+    driver: Handle,
+    slot: usize,
+    raw: RawFd,
 }
 
-/// Forgets a closed socket's readiness. Called when the last handle drops; the kernel
-/// removes a closed descriptor from epoll by itself.
-pub(crate) fn release_slot(slot: usize) {
-    let _ = with_poll(|driver| {
-        if driver.slots.contains(slot) {
-            let readiness = driver.slots.remove(slot);
-            // A task still waiting would hang: wake it so it sees the socket is gone.
-            for waiters in readiness.waiters {
-                waiters.into_iter().for_each(Waker::wake);
+impl Registration {
+    /// Registers `fd` with `driver`, which must be the one driving this thread.
+    pub(crate) fn new(driver: &Handle, fd: &FdRef) -> io::Result<Registration> {
+        let raw = fd.raw();
+        let slot = driver.with(|d| -> io::Result<usize> {
+            let slot = d.slots.insert(Readiness {
+                // Unknown until a call says EAGAIN: try first.
+                ready: [true, true],
+                waiters: Default::default(),
+                registered: false,
+            });
+            if let Err(err) = d.add_to_epoll(raw, slot) {
+                d.slots.remove(slot);
+                return Err(err);
+            }
+            Ok(slot)
+        })??;
+        Ok(Registration {
+            driver: driver.clone(),
+            slot,
+            raw,
+        })
+    }
+
+    pub(crate) fn driver(&self) -> &Handle {
+        &self.driver
+    }
+
+    /// Counts one data-path system call made on this socket.
+    pub(crate) fn count_io_call(&self) {
+        let _ = self.driver.with(|d| d.stats.io_calls += 1);
+    }
+
+    /// Ready when `direction` may be ready; else keeps the task's waker for the next
+    /// edge. The misuse error where this driver does not run.
+    pub(crate) fn poll_ready(
+        &self,
+        direction: Direction,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>> {
+        let index = direction as usize;
+        let (slot, raw) = (self.slot, self.raw);
+        let outcome = self.driver.with(|d| {
+            match d.slots.get(slot) {
+                None => return Ok(true),
+                Some(readiness) if readiness.ready[index] => return Ok(true),
+                Some(_) => {}
+            }
+            // About to wait: the socket must be in the epoll set.
+            d.add_to_epoll(raw, slot)?;
+            let Some(readiness) = d.slots.get_mut(slot) else {
+                return Ok(true);
+            };
+            let waiters = &mut readiness.waiters[index];
+            if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                waiters.push(cx.waker().clone());
+            }
+            Ok(false)
+        });
+        match outcome {
+            Ok(Ok(true)) => Poll::Ready(Ok(())),
+            Ok(Ok(false)) => Poll::Pending,
+            Ok(Err(err)) | Err(err) => Poll::Ready(Err(err)),
+        }
+    }
+
+    /// Takes the socket out of the epoll set until a task next waits on it (`poll_ready`
+    /// puts it back). While it is in the set, the kernel calls epoll's wake-up for every
+    /// datagram queued on it, on the sending side's core; a receiver draining a burst
+    /// does not need those calls. Both directions count as ready meanwhile (calls are
+    /// tried first). Does nothing while a task waits on the socket.
+    pub(crate) fn suspend_events(&self) {
+        let (slot, raw) = (self.slot, self.raw);
+        let _ = self.driver.with(|d| {
+            let Some(readiness) = d.slots.get_mut(slot) else {
+                return;
+            };
+            if !readiness.registered || readiness.waiters.iter().any(|w| !w.is_empty()) {
+                return;
+            }
+            d.stats.io_calls += 1;
+            if d.poll.registry().deregister(&mut SourceFd(&raw)).is_ok() {
+                readiness.registered = false;
+                readiness.ready = [true, true];
+            }
+        });
+    }
+
+    /// Records that a call on the socket said EAGAIN: wait for the next edge before
+    /// trying again.
+    pub(crate) fn clear_ready(&self, direction: Direction) {
+        let slot = self.slot;
+        let _ = self.driver.with(|d| {
+            if let Some(readiness) = d.slots.get_mut(slot) {
+                readiness.ready[direction as usize] = false;
+            }
+        });
+    }
+
+    /// Runs the non-blocking call `attempt` until it does not say `EAGAIN`, waiting for
+    /// `direction` readiness in between. Counts each attempt as a system call.
+    pub(crate) async fn retry<T>(
+        &self,
+        direction: Direction,
+        mut attempt: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        loop {
+            poll_fn(|cx| self.poll_ready(direction, cx)).await?;
+            self.count_io_call();
+            match attempt() {
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.clear_ready(direction),
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                other => return other,
             }
         }
-    });
-}
-
-/// Counts one data-path system call made by this driver.
-pub(crate) fn count_io_call() {
-    let _ = with_poll(|driver| driver.stats.io_calls += 1);
-}
-
-/// Ready when `direction` may be ready on `fd` (registering it on first use); else keeps
-/// the task's waker for the next edge.
-pub(crate) fn poll_ready(
-    fd: &SharedFd,
-    direction: Direction,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<()>> {
-    let index = direction as usize;
-    let outcome = with_poll(|driver| {
-        let slot = driver.register(fd)?;
-        match driver.slots.get(slot) {
-            None => return Ok(true),
-            Some(readiness) if readiness.ready[index] => return Ok(true),
-            Some(_) => {}
-        }
-        // About to wait: the socket must be in the epoll set.
-        driver.add_to_epoll(fd, slot)?;
-        let Some(readiness) = driver.slots.get_mut(slot) else {
-            return Ok(true);
-        };
-        let waiters = &mut readiness.waiters[index];
-        if !waiters.iter().any(|w| w.will_wake(cx.waker())) {
-            waiters.push(cx.waker().clone());
-        }
-        Ok(false)
-    });
-    match outcome {
-        Ok(Ok(true)) => Poll::Ready(Ok(())),
-        Ok(Ok(false)) => Poll::Pending,
-        Ok(Err(err)) | Err(err) => Poll::Ready(Err(err)),
     }
 }
 
-/// Takes the socket out of the epoll set until a task next waits on it (`poll_ready`
-/// puts it back). While it is in the set, the kernel calls epoll's wake-up for every
-/// datagram queued on it, on the sending side's core; a receiver draining a burst does
-/// not need those calls. Both directions count as ready meanwhile (calls are tried
-/// first). Does nothing while a task waits on the socket.
-pub(crate) fn suspend_events(fd: &SharedFd) {
-    let _ = with_poll(|driver| {
-        let Some(slot) = fd.poll_slot() else {
-            return;
+impl Drop for Registration {
+    /// Forgets the socket's readiness; the kernel removes a closed descriptor from epoll
+    /// by itself. A task still waiting is woken, so it sees the socket is gone.
+    fn drop(&mut self) {
+        let removed = match self.driver.borrow() {
+            Ok(mut d) if d.slots.contains(self.slot) => Some(d.slots.remove(self.slot)),
+            _ => None,
         };
-        let Some(readiness) = driver.slots.get_mut(slot) else {
-            return;
-        };
-        if !readiness.registered || readiness.waiters.iter().any(|w| !w.is_empty()) {
-            return;
-        }
-        let raw = fd.raw();
-        driver.stats.io_calls += 1;
-        if driver
-            .poll
-            .registry()
-            .deregister(&mut SourceFd(&raw))
-            .is_ok()
-        {
-            readiness.registered = false;
-            readiness.ready = [true, true];
-        }
-    });
-}
-
-/// Records that a call on `fd` said EAGAIN: wait for the next edge before trying again.
-pub(crate) fn clear_ready(fd: &SharedFd, direction: Direction) {
-    let _ = with_poll(|driver| {
-        if let Some(readiness) = fd.poll_slot().and_then(|slot| driver.slots.get_mut(slot)) {
-            readiness.ready[direction as usize] = false;
-        }
-    });
-}
-
-/// Runs the non-blocking call `attempt` until it does not say `EAGAIN`, waiting for
-/// `direction` readiness in between. Counts each attempt as a system call.
-pub(crate) async fn retry<T>(
-    fd: &SharedFd,
-    direction: Direction,
-    mut attempt: impl FnMut() -> io::Result<T>,
-) -> io::Result<T> {
-    loop {
-        poll_fn(|cx| poll_ready(fd, direction, cx)).await?;
-        count_io_call();
-        match attempt() {
-            Err(err) if err.kind() == io::ErrorKind::WouldBlock => clear_ready(fd, direction),
-            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-            other => return other,
+        if let Some(readiness) = removed {
+            for waiters in readiness.waiters {
+                waiters.into_iter().for_each(Waker::wake);
+            }
         }
     }
 }

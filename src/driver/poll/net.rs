@@ -7,11 +7,11 @@ use std::os::fd::{FromRawFd, OwnedFd};
 
 use bytes::Bytes;
 
-use super::{retry, Direction};
+use super::{Direction, Registration};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::fd::FdRef;
 use crate::driver::iovec::iovecs;
 use crate::driver::sockaddr::RawAddr;
-use crate::driver::SharedFd;
 
 /// Most iovecs one `writev`/`sendmsg` takes (UIO_MAXIOV).
 pub(crate) const IOV_MAX: usize = 1024;
@@ -25,8 +25,11 @@ fn check(result: isize) -> io::Result<usize> {
 }
 
 /// One non-blocking accept4; `WouldBlock` when no connection waits.
-pub(crate) fn try_accept(fd: &SharedFd) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
-    super::count_io_call();
+pub(crate) fn try_accept(
+    reg: &Registration,
+    fd: &FdRef,
+) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+    reg.count_io_call();
     {
         let mut addr = RawAddr::empty();
         // SAFETY: `addr` is writable storage of `addr.len` bytes that outlives the call.
@@ -46,7 +49,7 @@ pub(crate) fn try_accept(fd: &SharedFd) -> io::Result<(OwnedFd, Option<SocketAdd
     }
 }
 
-pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
+pub(crate) async fn connect(reg: &Registration, fd: &FdRef, addr: SocketAddr) -> io::Result<()> {
     let raw = RawAddr::from_socket_addr(addr);
     // SAFETY: `raw` holds a valid sockaddr of `raw.len` bytes for the duration of the call.
     let started = unsafe { libc::connect(fd.raw(), raw.as_ptr(), raw.len) };
@@ -57,7 +60,7 @@ pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
     if err.raw_os_error() != Some(libc::EINPROGRESS) {
         return Err(err);
     }
-    retry(fd, Direction::Write, || match fd.sock().take_error() {
+    reg.retry(Direction::Write, || match fd.sock().take_error() {
         Ok(Some(err)) => Err(err),
         Ok(None) => match fd.sock().peer_addr() {
             Ok(_) => Ok(()),
@@ -72,15 +75,21 @@ pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
     .await
 }
 
-pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, mut buf: B) -> (io::Result<usize>, B) {
-    let result = retry(fd, Direction::Read, || {
-        let init = buf.bytes_init();
-        let spare = buf.bytes_total() - init;
-        // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
-        let n = unsafe { libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0) };
-        check(n)
-    })
-    .await;
+pub(crate) async fn recv<B: IoBufMut>(
+    reg: &Registration,
+    fd: &FdRef,
+    mut buf: B,
+) -> (io::Result<usize>, B) {
+    let result = reg
+        .retry(Direction::Read, || {
+            let init = buf.bytes_init();
+            let spare = buf.bytes_total() - init;
+            // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
+            let n =
+                unsafe { libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0) };
+            check(n)
+        })
+        .await;
     if let Ok(n) = result {
         let init = buf.bytes_init() + n;
         // SAFETY: the kernel wrote `n` bytes after the initialised part.
@@ -89,39 +98,48 @@ pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, mut buf: B) -> (io::Result<
     (result, buf)
 }
 
-pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Result<usize>, B) {
-    let result = retry(fd, Direction::Write, || {
-        // SAFETY: reads `bytes_init` initialised bytes of a live buffer.
-        let n = unsafe { libc::send(fd.raw(), buf.stable_ptr().cast(), buf.bytes_init(), flags) };
-        check(n)
-    })
-    .await;
+pub(crate) async fn send<B: IoBuf>(
+    reg: &Registration,
+    fd: &FdRef,
+    buf: B,
+    flags: i32,
+) -> (io::Result<usize>, B) {
+    let result = reg
+        .retry(Direction::Write, || {
+            // SAFETY: reads `bytes_init` initialised bytes of a live buffer.
+            let n =
+                unsafe { libc::send(fd.raw(), buf.stable_ptr().cast(), buf.bytes_init(), flags) };
+            check(n)
+        })
+        .await;
     (result, buf)
 }
 
 /// One `sendmsg` of up to [`IOV_MAX`] iovecs (buffers end to end in memory share one)
 /// from byte `skip` of `bufs[first]`.
 pub(crate) async fn sendmsg_vectored(
-    fd: &SharedFd,
+    reg: &Registration,
+    fd: &FdRef,
     bufs: Vec<Bytes>,
     first: usize,
     skip: usize,
     flags: i32,
 ) -> (io::Result<usize>, Vec<Bytes>) {
     let mut iovecs = iovecs(&bufs, first, skip, IOV_MAX);
-    let result = retry(fd, Direction::Write, || {
-        // SAFETY: msghdr is plain old data; zero is its empty value.
-        let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-        header.msg_iov = iovecs.as_mut_ptr();
-        header.msg_iovlen = iovecs.len();
-        // SAFETY: the header points to iovecs over live Bytes, all alive for the call.
-        let n = unsafe { libc::sendmsg(fd.raw(), &header, flags) };
-        check(n)
-    })
-    .await;
+    let result = reg
+        .retry(Direction::Write, || {
+            // SAFETY: msghdr is plain old data; zero is its empty value.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = iovecs.as_mut_ptr();
+            header.msg_iovlen = iovecs.len();
+            // SAFETY: the header points to iovecs over live Bytes, all alive for the call.
+            let n = unsafe { libc::sendmsg(fd.raw(), &header, flags) };
+            check(n)
+        })
+        .await;
     (result, bufs)
 }
 
-pub(crate) fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Result<()> {
+pub(crate) fn shutdown(fd: &FdRef, how: std::net::Shutdown) -> io::Result<()> {
     fd.sock().shutdown(how)
 }

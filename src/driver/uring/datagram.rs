@@ -15,18 +15,18 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, types};
 
 use super::buf_ring::BufRing;
-use super::op::with_uring;
-use super::{ChainOp, Completion, MultiOp, Op};
+use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::IoBuf;
+use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
-use crate::driver::ops::{BatchReport, Progress};
-use crate::driver::ops_datagram::{
-    addr_from_bytes, deliver, gro_segment, gso_cmsg, gso_refused, link_iovecs, plan_links, Link,
-    MmsgBatch, RecvCounters, RecvDatagram, RingConfig, CMSG_WORDS,
+use crate::driver::caps::Capability;
+use crate::driver::fd::FdRef;
+use crate::driver::gso::{
+    gso_cmsg, gso_refused, link_iovecs, plan_links, Link, MmsgBatch, CMSG_WORDS,
 };
+use crate::driver::recv::{deliver, gro_segment, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
-use crate::driver::sockaddr::RawAddr;
-use crate::driver::SharedFd;
+use crate::driver::sockaddr::{addr_from_bytes, RawAddr};
 
 /// `struct io_uring_recvmsg_out`: what the kernel writes before the name.
 const RECVMSG_OUT: usize = 16;
@@ -41,7 +41,7 @@ const MAX_LINKS: usize = 256;
 /// lengths), the socket, and the pool whose ring it selects from, all kept until the
 /// final CQE (see `buf_ring`'s memory-safety section).
 struct RecvOp {
-    fd: SharedFd,
+    fd: FdRef,
     msghdr: libc::msghdr,
     _pool: Rc<BufPool>,
 }
@@ -78,11 +78,15 @@ enum Step {
 /// come back if the ring had run dry); bursts are drained with `recvmmsg` (see
 /// [`Mode`]).
 pub(crate) struct Receiver {
+    driver: Handle,
     pub(crate) pool: Rc<BufPool>,
-    op: Option<MultiOp<RecvOp>>,
+    op: Option<MultiOp>,
     /// The one-shot poll of `Mode::Drain`.
-    readable: Option<Op<SharedFd>>,
+    readable: Option<Op<FdRef>>,
     mode: Mode,
+    /// The kernel has multishot receives and buffer rings (and they are not disabled):
+    /// else the receiver stays in `Mode::Drain`.
+    multishot: bool,
     mmsg: MmsgReceiver,
     control_len: usize,
     /// The last multishot ended with ENOBUFS: re-arm only once a buffer is back.
@@ -98,7 +102,10 @@ pub(crate) struct Receiver {
 }
 
 impl Receiver {
-    pub(crate) fn new(config: RingConfig) -> io::Result<Receiver> {
+    pub(crate) fn new(driver: &Handle, config: RingConfig) -> io::Result<Receiver> {
+        let caps = driver.with(|d| d.capabilities())?;
+        let multishot =
+            caps.contains(Capability::BufferRing) && caps.contains(Capability::MultishotRecv);
         let control_len = if config.gro { GRO_CONTROL_LEN } else { 0 };
         // What the kernel may fill: its header, the name, the control message and at
         // most `buffer_size` bytes of payload, as `recvmmsg` takes in drain mode.
@@ -111,16 +118,27 @@ impl Receiver {
             ));
         }
         let count = config.buffers;
-        let pool = with_uring(|driver| -> io::Result<BufPool> {
-            let ring = BufRing::register(driver, count)?;
-            BufPool::new(count, stride, Some((ring, ring_len as u32)))
-        })??;
-        pool.fill();
+        let pool = if multishot {
+            let pool = driver.with(|d| -> io::Result<BufPool> {
+                let ring = BufRing::register(d, count)?;
+                BufPool::new(count, stride, Some((ring, ring_len as u32)))
+            })??;
+            pool.fill();
+            pool
+        } else {
+            BufPool::new(count, stride, None)?
+        };
         Ok(Receiver {
+            driver: driver.clone(),
             pool: Rc::new(pool),
             op: None,
             readable: None,
-            mode: Mode::Multishot,
+            mode: if multishot {
+                Mode::Multishot
+            } else {
+                Mode::Drain
+            },
+            multishot,
             mmsg: MmsgReceiver::new(config.gro, config.buffer_size),
             control_len,
             starved: false,
@@ -140,7 +158,7 @@ impl Receiver {
         msghdr
     }
 
-    fn arm(&mut self, fd: &SharedFd) -> io::Result<()> {
+    fn arm(&mut self, fd: &FdRef) -> io::Result<()> {
         let bgid = self
             .pool
             .bgid()
@@ -154,7 +172,7 @@ impl Receiver {
         // until the final CQE; the buffers it selects belong to the pool the same data
         // keeps alive (buf_ring's rule).
         let op = unsafe {
-            MultiOp::submit(data, false, |data| {
+            MultiOp::submit(&self.driver, data, false, |data| {
                 // MSG_TRUNC: the header's payloadlen is the datagram's real length.
                 opcode::RecvMsgMulti::new(types::Fd(data.fd.raw()), &data.msghdr, bgid)
                     .flags(libc::MSG_TRUNC as u32)
@@ -171,7 +189,7 @@ impl Receiver {
 
     pub(crate) fn poll_recv(
         &mut self,
-        fd: &SharedFd,
+        fd: &FdRef,
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
@@ -206,7 +224,7 @@ impl Receiver {
     }
 
     /// One multishot completion (or the arming, or the end of a stopping multishot).
-    fn step_multishot(&mut self, fd: &SharedFd, cx: &mut Context<'_>) -> Step {
+    fn step_multishot(&mut self, fd: &FdRef, cx: &mut Context<'_>) -> Step {
         if self.op.is_none() {
             if matches!(self.mode, Mode::Stopping) {
                 self.enter_drain();
@@ -225,7 +243,8 @@ impl Receiver {
         }
         let op = self.op.as_mut().expect("armed above");
         match op.poll_next(cx) {
-            Poll::Ready(Some(completion)) => {
+            Poll::Ready(Err(misuse)) => Step::Failed(misuse),
+            Poll::Ready(Ok(Some(completion))) => {
                 let before = self.counters.datagrams;
                 let result = self.complete(completion);
                 self.count_found(before);
@@ -234,7 +253,7 @@ impl Receiver {
                     Err(err) => Step::Failed(err),
                 }
             }
-            Poll::Ready(None) => {
+            Poll::Ready(Ok(None)) => {
                 // Ended by the kernel (the ring ran dry, say) in the middle of a burst:
                 // drain instead of arming it again.
                 self.op = None;
@@ -280,8 +299,9 @@ impl Receiver {
         let pool = &self.pool;
         // SAFETY: the multishot, the only operation that selects from this pool's ring,
         // has posted its final CQE (`op` is None in Mode::Stopping).
-        let detached =
-            with_uring(|driver| unsafe { pool.detach_ring(|ring| ring.unregister(driver)) });
+        let detached = self
+            .driver
+            .with(|d| unsafe { pool.detach_ring(|ring| ring.unregister(d)) });
         self.mode = match detached {
             Ok(Ok(())) => {
                 self.counters.burst_switches += 1;
@@ -296,8 +316,13 @@ impl Receiver {
     /// Back to the multishot: the free list goes onto the ring, registered again. If the
     /// kernel refuses, the receiver stays with `recvmmsg`.
     fn leave_drain(&mut self) -> bool {
+        if !self.multishot {
+            return false;
+        }
         let pool = &self.pool;
-        let attached = with_uring(|driver| pool.attach_ring(|ring| ring.register_again(driver)));
+        let attached = self
+            .driver
+            .with(|d| pool.attach_ring(|ring| ring.register_again(d)));
         self.quiet_wakes = 0;
         self.burst = 0;
         if matches!(attached, Ok(Ok(()))) {
@@ -310,19 +335,23 @@ impl Receiver {
     }
 
     /// One `recvmmsg`, or the wait for the socket to become readable.
-    fn step_drain(&mut self, fd: &SharedFd, cx: &mut Context<'_>) -> Step {
+    fn step_drain(&mut self, fd: &FdRef, cx: &mut Context<'_>) -> Step {
         if let Some(readable) = self.readable.as_mut() {
             match Pin::new(readable).poll(cx) {
+                Poll::Ready((Err(misuse), _)) => {
+                    self.readable = None;
+                    return Step::Failed(misuse);
+                }
                 // Whatever the poll reported (readable, an error condition), the next
                 // recvmmsg tells.
-                Poll::Ready(_) => self.readable = None,
+                Poll::Ready((Ok(_), _)) => self.readable = None,
                 Poll::Pending => return Step::Pending,
             }
         }
         let before = self.counters.datagrams;
-        let drained = self.mmsg.receive(fd, &self.pool, &mut self.counters);
+        let drained = self.mmsg.receive(fd.raw(), &self.pool, &mut self.counters);
         if !matches!(drained, Ok(Drained::NoBuffers)) {
-            let _ = with_uring(|driver| driver.count_io_call());
+            let _ = self.driver.with(|d| d.count_io_call());
         }
         self.count_found(before);
         match drained {
@@ -341,7 +370,7 @@ impl Receiver {
                 if self.quiet_wakes >= QUIET_WAKES && self.leave_drain() {
                     return Step::Continue;
                 }
-                match poll_readable(fd) {
+                match poll_readable(&self.driver, fd) {
                     Ok(op) => {
                         self.readable = Some(op);
                         Step::Continue
@@ -420,28 +449,37 @@ impl Receiver {
 
 /// A one-shot IORING_OP_POLL_ADD for POLLIN: completes once the socket is readable, and
 /// leaves no wait entry on it afterwards.
-fn poll_readable(fd: &SharedFd) -> io::Result<Op<SharedFd>> {
+fn poll_readable(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
     // SAFETY: a poll points to no memory; the op keeps the descriptor open.
     let op = unsafe {
-        Op::submit(fd.clone(), |fd| {
+        Op::submit(driver, fd.clone(), |fd| {
             opcode::PollAdd::new(types::Fd(fd.raw()), libc::POLLIN as u32).build()
         })
     };
     op.map_err(|(err, _)| err)
 }
 
-/// One datagram to `addr`, or to the connected peer (IORING_OP_SEND; with a destination
-/// it is a sendto, Linux 6.0).
+/// One datagram to `addr`, or to the connected peer: IORING_OP_SEND (with a destination
+/// it is a sendto, Linux 6.0), or SENDMSG with the address in its header where the kernel
+/// lacks [`Capability::SendTo`].
 pub(crate) async fn send_to<B: IoBuf>(
-    fd: &SharedFd,
+    driver: &Handle,
+    fd: &FdRef,
     buf: B,
     addr: Option<SocketAddr>,
 ) -> (io::Result<usize>, B) {
+    let send_to = match driver.with(|d| d.capabilities().contains(Capability::SendTo)) {
+        Ok(send_to) => send_to,
+        Err(misuse) => return (Err(misuse), buf),
+    };
+    if addr.is_some() && !send_to {
+        return send_msg_to(driver, fd, buf, addr).await;
+    }
     let data = (fd.clone(), buf, addr.map(RawAddr::from_socket_addr));
     // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and the
     // boxed address, both owned by the op.
     let op = unsafe {
-        Op::submit(data, |(fd, buf, addr)| {
+        Op::submit(driver, data, |(fd, buf, addr)| {
             let len = buf.bytes_init().min(u32::MAX as usize) as u32;
             let mut send = opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
                 .flags(libc::MSG_NOSIGNAL);
@@ -453,10 +491,66 @@ pub(crate) async fn send_to<B: IoBuf>(
     };
     match op {
         Ok(op) => {
-            let (completion, data) = op.await;
-            (completion.into_result().map(|n| n as usize), data.1)
+            let (completion, (_, buf, _)) = op.await;
+            let sent = completion.and_then(Completion::into_result);
+            (sent.map(|n| n as usize), buf)
         }
         Err((err, (_, buf, _))) => (Err(err), buf),
+    }
+}
+
+/// The data of a SENDMSG of one datagram to an address: the header points at the iovec
+/// and the address beside it, which stay put in the op's box.
+struct SendMsgTo<B> {
+    fd: FdRef,
+    buf: B,
+    addr: Option<RawAddr>,
+    iovec: libc::iovec,
+    header: libc::msghdr,
+}
+
+/// [`send_to`] as SENDMSG, for kernels without a destination on SEND.
+async fn send_msg_to<B: IoBuf>(
+    driver: &Handle,
+    fd: &FdRef,
+    buf: B,
+    addr: Option<SocketAddr>,
+) -> (io::Result<usize>, B) {
+    let data = SendMsgTo {
+        fd: fd.clone(),
+        buf,
+        addr: addr.map(RawAddr::from_socket_addr),
+        // SAFETY: iovec is plain old data; zero is its empty value.
+        iovec: unsafe { std::mem::zeroed() },
+        // SAFETY: msghdr is plain old data; zero is its empty value.
+        header: unsafe { std::mem::zeroed() },
+    };
+    // SAFETY: the header points at the iovec and address in the boxed data, and the iovec
+    // at the buffer's stable memory (IoBuf's contract); the op owns all of it.
+    let op = unsafe {
+        Op::submit(driver, data, |data| {
+            data.iovec = libc::iovec {
+                iov_base: data.buf.stable_ptr() as *mut libc::c_void,
+                iov_len: data.buf.bytes_init(),
+            };
+            data.header.msg_iov = &mut data.iovec;
+            data.header.msg_iovlen = 1;
+            if let Some(addr) = data.addr.as_mut() {
+                data.header.msg_name = addr.as_mut_ptr().cast();
+                data.header.msg_namelen = addr.len;
+            }
+            opcode::SendMsg::new(types::Fd(data.fd.raw()), &data.header)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        })
+    };
+    match op {
+        Ok(op) => {
+            let (completion, data) = op.await;
+            let sent = completion.and_then(Completion::into_result);
+            (sent.map(|n| n as usize), data.buf)
+        }
+        Err((err, data)) => (Err(err), data.buf),
     }
 }
 
@@ -464,7 +558,7 @@ pub(crate) async fn send_to<B: IoBuf>(
 /// the Bytes' heap memory, the headers into the iovec, control and address heap
 /// allocations, so moving this struct moves nothing the kernel reads.
 struct SendChain {
-    fd: SharedFd,
+    fd: FdRef,
     bufs: Vec<Bytes>,
     links: Vec<Link>,
     /// Read by the kernel through `headers`.
@@ -479,12 +573,7 @@ struct SendChain {
 }
 
 impl SendChain {
-    fn new(
-        fd: SharedFd,
-        bufs: Vec<Bytes>,
-        links: Vec<Link>,
-        dest: Option<SocketAddr>,
-    ) -> SendChain {
+    fn new(fd: FdRef, bufs: Vec<Bytes>, links: Vec<Link>, dest: Option<SocketAddr>) -> SendChain {
         let mut addr = Box::new(dest.map(RawAddr::from_socket_addr));
         let gso_links = links.iter().filter(|link| link.segment.is_some());
         let (iovecs, counts) = link_iovecs(&bufs, gso_links);
@@ -538,16 +627,17 @@ impl SendChain {
 /// of 1400 B per flush (two GSO sends), the chain took two `io_uring_enter` per batch
 /// and ran at 0.72-1.13M datagrams/s; one sendmmsg, one call, at 1.20-1.28M.
 fn mmsg_first(
-    fd: &SharedFd,
+    driver: &Handle,
+    fd: &FdRef,
     bufs: &[Bytes],
     links: &[Link],
     dest: Option<SocketAddr>,
     report: &mut BatchReport,
 ) -> Option<usize> {
     let mut batch = MmsgBatch::new(bufs, links, dest);
-    let result = batch.send(fd, 0);
+    let result = batch.send(fd.raw(), 0);
     report.operations += 1;
-    let _ = with_uring(|driver| driver.count_io_call());
+    let _ = driver.with(|d| d.count_io_call());
     match result {
         Ok(sent) if sent > 0 => Some(sent.min(links.len())),
         _ => None,
@@ -555,7 +645,8 @@ fn mmsg_first(
 }
 
 pub(crate) async fn send_batch(
-    fd: &SharedFd,
+    driver: &Handle,
+    fd: &FdRef,
     mut bufs: Vec<Bytes>,
     dest: Option<SocketAddr>,
     gso: &Cell<bool>,
@@ -575,7 +666,7 @@ pub(crate) async fn send_batch(
             // kernel's own batch call: each link after the first is issued from task
             // work, one more io_uring_enter (see mmsg_first). What sendmmsg could not
             // take goes on as a chain.
-            if let Some(sent) = mmsg_first(fd, &bufs, &links, dest, report) {
+            if let Some(sent) = mmsg_first(driver, fd, &bufs, &links, dest, report) {
                 let last = links[sent - 1];
                 progress.first = last.first + last.count;
                 continue;
@@ -585,7 +676,7 @@ pub(crate) async fn send_batch(
         // SAFETY: every SQE points into the chain's data (see SendChain), which the
         // ChainOp owns until each link's CQE.
         let op = unsafe {
-            ChainOp::submit(chain, |chain| {
+            ChainOp::submit(driver, chain, |chain| {
                 chain
                     .links
                     .iter()
@@ -616,6 +707,10 @@ pub(crate) async fn send_batch(
             Err((err, chain)) => return (Err(err), progress, chain.bufs),
         };
         bufs = chain.bufs;
+        let completions = match completions {
+            Ok(completions) => completions,
+            Err(misuse) => return (Err(misuse), progress, bufs),
+        };
         report.operations += completions.len() as u64;
         let before = progress.first;
         let mut fell_back = false;

@@ -3,124 +3,177 @@
 //! # Memory safety
 //!
 //! The kernel reads and writes an operation's memory (buffers, socket addresses, `msghdr`s,
-//! iovec arrays) after the submitting call has returned, until that operation's completion
-//! queue entry (CQE) arrives. Rust's ownership cannot see the kernel, so this module
-//! upholds one invariant by hand:
+//! iovec arrays) after the submitting call has returned, until that operation's final
+//! completion queue entry (CQE) arrives. Rust's ownership cannot see the kernel, so this
+//! module upholds one invariant by hand:
 //!
-//! > Everything an SQE points to is owned by the operation table entry for that SQE (or by
-//! > the future that owns that entry) from the moment the SQE is pushed until its last CQE
-//! > has been reaped.
+//! > Everything an SQE points to is owned by the driver's operation table, in the slot
+//! > whose key the SQE carries, from the moment the SQE is pushed until the slot's final
+//! > CQE has been reaped.
 //!
-//! - [`Op`] owns its data in a `Box` (so pointers in the SQE survive moves of the future)
-//!   and a slot in the driver's [`Slab`] of lifecycles, keyed by the SQE's `user_data`.
-//! - When the future is dropped before completion, its data moves into the slot as
-//!   `Lifecycle::Ignored`, an async cancel is submitted, and the data is freed only when
-//!   the final CQE for that slot arrives. The data includes a clone of the [`SharedFd`],
-//!   so the descriptor is not closed (and its number not reused) while the kernel uses it.
-//! - When the driver itself is dropped, it cancels every operation in flight and waits for
-//!   all their completions before the table is freed; if the kernel refuses to tell, the
-//!   table is leaked rather than freed under it.
+//! - [`Op`] boxes its data and hands the box to the slot when it pushes the SQE; the
+//!   future keeps only the driver's handle and the key. It takes the box back only once
+//!   the final CQE is in. A dropped future marks the slot ignored and asks the kernel to
+//!   cancel; the slot frees the data when the final CQE arrives.
+//! - A key is a slot index and a generation ([`table`]); the generation changes each time
+//!   the slot is reused, so a late CQE or an ASYNC_CANCEL never reaches the next user of
+//!   the slot.
+//! - Every operation holds the handle of the driver it was pushed to, and checks that
+//!   this driver is the one driving the thread before it touches the table. Polled
+//!   anywhere else, it cancels on its own driver and waits there for its final CQE
+//!   ([`Driver::abandon`]) before it gives its buffer back with a `WrongRuntime` error:
+//!   it never takes another driver's completion.
+//! - [`Driver::shutdown`] (the runtime is dropped) cancels everything in flight and
+//!   reaps until nothing is; if the kernel stops answering, the table is leaked rather
+//!   than freed under it.
 //! - Provided buffer rings (multishot receives) add one rule, written out in
 //!   [`buf_ring`]: ring and buffer memory stay mapped while an op may select from the
 //!   group, and are unmapped only after the group is unregistered; a buffer returns to
 //!   the ring only when the datagram that holds it is dropped.
-//!
-//! [`SharedFd`]: crate::driver::SharedFd
 
 #![allow(unsafe_code)]
 
 use std::any::Any;
+use std::cell::{RefCell, RefMut};
 use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
-use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
-use slab::Slab;
+use io_uring::{opcode, squeue, types, IoUring};
 
-use super::{DriverConfig, DriverStats, Unparker};
+use super::caps::Capabilities;
+use super::current::{self, DriverId};
+use super::stats::DriverStats;
+use super::unpark::Unparker;
 
 pub(crate) mod buf_ring;
 pub(crate) mod datagram;
 pub(crate) mod net;
 mod op;
+mod probe;
+mod table;
 
 pub(crate) use op::{ChainOp, MultiOp, Op};
+pub(crate) use table::Completion;
+use table::{Key, Slot, State, Table};
 
 /// `user_data` of async-cancel SQEs: their completions carry nothing we wait for.
 const CANCEL_TOKEN: u64 = u64::MAX;
 /// `user_data` of the read on the wake-up eventfd.
 const WAKE_TOKEN: u64 = u64::MAX - 1;
+/// How long one wait for a cancelled operation's final completion may take, and how
+/// many such waits [`Driver::abandon`] and [`Driver::shutdown`] make before they give up.
+/// Cancelling a socket operation completes at once; the bound only keeps a kernel that
+/// stopped answering from hanging the thread.
+const REAP_WAIT: Duration = Duration::from_millis(100);
+const REAP_ROUNDS: u32 = 100;
 
-/// What the kernel returned for one SQE.
+/// The setup a driver is built with.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Completion {
-    /// The CQE's `res`: a count or a descriptor when non-negative, `-errno` otherwise.
-    pub(crate) result: i32,
-    pub(crate) flags: u32,
+pub(crate) struct Config {
+    pub(crate) ring_entries: u32,
+    /// Capabilities not to use even where the kernel has them.
+    pub(crate) disabled: Capabilities,
 }
 
-impl Completion {
-    /// The one place a CQE result becomes an error. Special cases callers rely on:
-    /// `ECANCELED` means the operation was cancelled or a linked chain was cut after an
-    /// earlier entry failed; `ENOBUFS` on a buffer-select receive means the provided buffer
-    /// ring is empty.
-    pub(crate) fn into_result(self) -> io::Result<u32> {
-        if self.result >= 0 {
-            Ok(self.result as u32)
-        } else {
-            Err(io::Error::from_raw_os_error(-self.result))
+/// A runtime's io_uring driver, shared by its runtime, its sockets and their
+/// operations (all on one thread).
+pub(crate) type Handle = Rc<Shared>;
+
+/// The driver behind a [`Handle`], with its identity.
+pub(crate) struct Shared {
+    id: DriverId,
+    driver: RefCell<Driver>,
+}
+
+impl Shared {
+    /// Starts a driver (see [`Driver::new`]).
+    pub(crate) fn start(config: Config) -> io::Result<Handle> {
+        Ok(Rc::new(Shared {
+            id: DriverId::next(),
+            driver: RefCell::new(Driver::new(config)?),
+        }))
+    }
+
+    pub(crate) fn id(&self) -> DriverId {
+        self.id
+    }
+
+    /// Runs `f` with the driver, if it is the one driving this thread and still running;
+    /// the misuse error otherwise.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
+        Ok(f(&mut *self.checked()?))
+    }
+
+    /// The driver, if it is the one driving this thread and still running; the misuse
+    /// error otherwise.
+    pub(crate) fn checked(&self) -> io::Result<RefMut<'_, Driver>> {
+        if !current::is_current(self.id) {
+            return Err(self.misuse());
+        }
+        let driver = self.borrow()?;
+        if driver.shut_down {
+            return Err(current::runtime_gone(self.id));
+        }
+        Ok(driver)
+    }
+
+    /// The driver, wherever this thread stands: for drops, which must release what they
+    /// hold whichever runtime runs, and for the runtime itself.
+    pub(crate) fn borrow(&self) -> io::Result<RefMut<'_, Driver>> {
+        self.driver
+            .try_borrow_mut()
+            .map_err(|_| io::Error::other("the io_uring driver is busy (re-entered)"))
+    }
+
+    /// Why this driver cannot be used from here: gone, or not the one running.
+    pub(crate) fn misuse(&self) -> io::Error {
+        match self.driver.try_borrow() {
+            Ok(driver) if driver.shut_down => current::runtime_gone(self.id),
+            _ => current::wrong_runtime(self.id),
         }
     }
-
-    /// True when a multishot operation will post more completions.
-    pub(crate) fn more(&self) -> bool {
-        cqueue::more(self.flags)
-    }
-}
-
-enum Lifecycle {
-    /// Submitted; the waker of the future waiting for it, once it has been polled.
-    Pending(Option<Waker>),
-    /// The (single) completion arrived before the future came back for it.
-    Completed(Completion),
-    /// A multishot operation: completions queue up until the future takes them.
-    Multi {
-        queue: VecDeque<Completion>,
-        waker: Option<Waker>,
-        finished: bool,
-    },
-    /// The future was dropped: the data waits here for the final CQE.
-    Ignored {
-        _data: Box<dyn Any>,
-        /// Results are descriptors (multishot accept) that nobody will take: close them.
-        close_results: bool,
-    },
 }
 
 /// The io_uring driver of one runtime.
 pub(crate) struct Driver {
     ring: IoUring,
-    ops: Slab<Lifecycle>,
+    ops: Table,
     stats: DriverStats,
     wake_fd: Arc<OwnedFd>,
     wake_buf: Box<u64>,
     wake_armed: bool,
     /// The ring's setup flags, for diagnostics.
     setup: &'static str,
+    caps: Capabilities,
     /// Provided buffer groups and the rings waiting to be unregistered.
     buf_rings: buf_ring::Registry,
+    /// Data of operations whose futures were dropped, released by their final CQE: freed
+    /// by the runtime after it lets go of the driver, since a buffer's drop may run any
+    /// code, including code that uses the driver.
+    dead: Vec<Box<dyn Any>>,
+    /// Every operation was cancelled and reaped: the runtime is gone.
+    shut_down: bool,
 }
 
 impl Driver {
-    /// Sets the ring up with the best flags the kernel accepts and checks that every opcode
-    /// ringsock uses is there.
-    pub(crate) fn new(config: DriverConfig) -> io::Result<Driver> {
-        let entries = config.ring_entries.max(8);
-        let (ring, setup) = build_ring(entries)?;
-        probe_opcodes(&ring)?;
+    /// Sets the ring up with the best flags the kernel accepts, checks that every opcode
+    /// ringsock needs is there, and probes the optional capabilities by trying them.
+    fn new(config: Config) -> io::Result<Driver> {
+        let probed = probe::kernel_capabilities()?;
+        let (ring, setup, setup_caps) = probe::build_ring(config.ring_entries, config.disabled)?;
+        probe::check_opcodes(&ring)?;
+        let caps = Capabilities::from_iter(probed.iter().chain(setup_caps.iter())).intersection(
+            Capabilities::from_iter(
+                super::caps::Capability::ALL
+                    .into_iter()
+                    .filter(|cap| !config.disabled.contains(*cap)),
+            ),
+        );
         // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
         let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
         if fd < 0 {
@@ -130,20 +183,27 @@ impl Driver {
         let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
         Ok(Driver {
             ring,
-            ops: Slab::with_capacity(256),
+            ops: Table::with_capacity(256),
             stats: DriverStats::default(),
             wake_fd,
             wake_buf: Box::new(0),
             wake_armed: false,
             setup,
+            caps,
             buf_rings: buf_ring::Registry::new(),
+            dead: Vec::new(),
+            shut_down: false,
         })
     }
 
-    /// Ring setup flags in use ("single-issuer+defer-taskrun", "coop-taskrun" or "plain").
-    #[allow(dead_code)]
+    /// Ring setup flags in use, e.g. "single-issuer+defer-taskrun+taskrun-flag".
     pub(crate) fn setup_flags(&self) -> &'static str {
         self.setup
+    }
+
+    /// What this driver found and uses.
+    pub(crate) fn capabilities(&self) -> Capabilities {
+        self.caps
     }
 
     pub(crate) fn stats(&self) -> DriverStats {
@@ -156,87 +216,107 @@ impl Driver {
         self.stats.io_calls += 1;
     }
 
-    /// Takes the wakers of every operation in flight (see `super::Driver::take_wakers`).
+    /// Takes the wakers of every operation in flight, for a runtime shutting down:
+    /// dropping them lets the tasks waiting on I/O be dropped.
     pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
         let mut wakers = Vec::new();
-        for (_, state) in self.ops.iter_mut() {
-            if let Lifecycle::Pending(waker) | Lifecycle::Multi { waker, .. } = state {
+        for (_, slot) in self.ops.iter_mut() {
+            if let State::Pending(waker) | State::Multi { waker, .. } = &mut slot.state {
                 wakers.extend(waker.take());
             }
         }
         wakers
     }
 
+    /// Data released since the last call, to be dropped once the driver is let go.
+    pub(crate) fn take_dead(&mut self) -> Vec<Box<dyn Any>> {
+        std::mem::take(&mut self.dead)
+    }
+
     pub(crate) fn unparker(&self) -> Unparker {
         Unparker::EventFd(self.wake_fd.clone())
     }
 
-    /// Pushes one SQE and returns its slot; the SQE's `user_data` is set here.
+    /// Pushes one SQE whose memory lives in `data`, and gives `data` to a new slot.
     ///
     /// # Safety
     ///
-    /// Everything `entry` points to must stay valid until the slot's final completion has
-    /// been reaped: the caller hands it to an [`Op`] (or keeps it in the slot as
-    /// `Ignored`).
+    /// Everything `entry` points to must be inside `data`'s heap allocation (or outlive
+    /// the driver): the slot keeps `data` until the final completion.
     pub(crate) unsafe fn push(
         &mut self,
         entry: squeue::Entry,
         multishot: bool,
-    ) -> io::Result<usize> {
-        let slot = self.ops.insert(if multishot {
-            Lifecycle::Multi {
+        data: Box<dyn Any>,
+    ) -> Result<Key, (io::Error, Box<dyn Any>)> {
+        let state = if multishot {
+            State::Multi {
                 queue: VecDeque::new(),
                 waker: None,
                 finished: false,
             }
         } else {
-            Lifecycle::Pending(None)
+            State::Pending(None)
+        };
+        let key = self.ops.insert(Slot {
+            state,
+            data: Some(data),
         });
-        let entry = entry.user_data(slot as u64);
-        // SAFETY: the caller guarantees the entry's memory outlives its completion.
-        if let Err(err) = unsafe { self.push_entries(std::slice::from_ref(&entry)) } {
-            self.ops.remove(slot);
-            return Err(err);
+        let entry = entry.user_data(key.user_data());
+        // SAFETY: the entry's memory is in the slot's data (the caller's contract).
+        match unsafe { self.push_entries(std::slice::from_ref(&entry)) } {
+            Ok(()) => Ok(key),
+            Err(err) => {
+                let slot = self.ops.remove(key).expect("just inserted");
+                Err((err, slot.data.expect("just inserted")))
+            }
         }
-        Ok(slot)
     }
 
     /// Pushes a linked chain all-or-nothing: IO_LINK on every entry but the last, one slot
-    /// per entry. The chain must go to the kernel in one submission (a chain ends at each
-    /// submit), so it is pushed whole or, when the queue lacks room, after a flush.
+    /// per entry, each slot holding what `data` makes (a clone of the chain's shared
+    /// data). The chain goes to the kernel in one submission (a chain ends at each
+    /// submit): pushed whole, or after a flush when the queue lacks room.
     ///
     /// # Safety
     ///
-    /// As for [`Driver::push`], for every entry.
+    /// Everything the entries point to must be inside the data every slot holds.
     pub(crate) unsafe fn push_chain(
         &mut self,
         entries: &mut [squeue::Entry],
-    ) -> io::Result<Vec<usize>> {
+        data: impl Fn() -> Box<dyn Any>,
+    ) -> io::Result<Vec<Key>> {
         let last = entries.len().saturating_sub(1);
-        let mut slots = Vec::with_capacity(entries.len());
+        let mut keys = Vec::with_capacity(entries.len());
         for (i, entry) in entries.iter_mut().enumerate() {
-            let slot = self.ops.insert(Lifecycle::Pending(None));
-            slots.push(slot);
-            let mut linked = entry.clone().user_data(slot as u64);
+            let key = self.ops.insert(Slot {
+                state: State::Pending(None),
+                data: Some(data()),
+            });
+            keys.push(key);
+            let mut linked = entry.clone().user_data(key.user_data());
             if i != last {
                 linked = linked.flags(squeue::Flags::IO_LINK);
             }
             *entry = linked;
         }
-        // SAFETY: the caller guarantees the entries' memory outlives their completions.
+        // SAFETY: every slot holds the data the entries point into.
         if let Err(err) = unsafe { self.push_entries(entries) } {
-            for slot in &slots {
-                self.ops.remove(*slot);
+            for key in &keys {
+                self.ops.remove(*key);
             }
             return Err(err);
         }
-        Ok(slots)
+        Ok(keys)
     }
 
     /// # Safety
     ///
     /// As for [`Driver::push`].
     unsafe fn push_entries(&mut self, entries: &[squeue::Entry]) -> io::Result<()> {
+        if self.shut_down {
+            return Err(io::Error::other("the io_uring driver was shut down"));
+        }
         if entries.len() > self.ring.params().sq_entries() as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -268,19 +348,28 @@ impl Driver {
         }
     }
 
-    /// Polls a single-shot slot: its completion once it has arrived.
-    pub(crate) fn poll_slot(&mut self, slot: usize, cx: &mut Context<'_>) -> Poll<Completion> {
-        match self.ops.get_mut(slot) {
-            Some(Lifecycle::Completed(completion)) => {
+    /// Polls a single-shot slot: its completion and data once the completion arrived
+    /// (the slot is then released).
+    pub(crate) fn poll_single(
+        &mut self,
+        key: Key,
+        cx: &mut Context<'_>,
+    ) -> Poll<(Completion, Box<dyn Any>)> {
+        let slot = self
+            .ops
+            .get_mut(key)
+            .expect("an operation's slot lives until its future takes it back");
+        match &mut slot.state {
+            State::Completed(completion) => {
                 let completion = *completion;
-                self.ops.remove(slot);
-                Poll::Ready(completion)
+                let slot = self.ops.remove(key).expect("present above");
+                Poll::Ready((completion, slot.data.expect("kept until taken")))
             }
-            Some(Lifecycle::Pending(waker)) => {
+            State::Pending(waker) => {
                 set_waker(waker, cx);
                 Poll::Pending
             }
-            _ => unreachable!("slot {slot} polled in a state it cannot be in"),
+            _ => unreachable!("a single-shot slot is pending or completed"),
         }
     }
 
@@ -288,83 +377,96 @@ impl Driver {
     /// slot is then released).
     pub(crate) fn poll_multi(
         &mut self,
-        slot: usize,
+        key: Key,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Completion>> {
-        match self.ops.get_mut(slot) {
-            Some(Lifecycle::Multi {
-                queue,
-                waker,
-                finished,
-            }) => {
-                if let Some(completion) = queue.pop_front() {
-                    return Poll::Ready(Some(completion));
-                }
-                if *finished {
-                    self.ops.remove(slot);
-                    return Poll::Ready(None);
-                }
-                set_waker(waker, cx);
-                Poll::Pending
-            }
-            _ => unreachable!("multishot slot {slot} polled in a state it cannot be in"),
+        let slot = self
+            .ops
+            .get_mut(key)
+            .expect("a multishot slot lives until its future saw the end");
+        let State::Multi {
+            queue,
+            waker,
+            finished,
+        } = &mut slot.state
+        else {
+            unreachable!("a multishot slot is in the Multi state");
+        };
+        if let Some(completion) = queue.pop_front() {
+            return Poll::Ready(Some(completion));
         }
+        if *finished {
+            let slot = self.ops.remove(key).expect("present above");
+            self.dead.extend(slot.data);
+            return Poll::Ready(None);
+        }
+        set_waker(waker, cx);
+        Poll::Pending
     }
 
-    /// The future owning `slot` went away: keep `data` until the final CQE and cancel the
-    /// op. Returns the data when the kernel is already done with it, for the caller to drop
-    /// outside the driver (a drop must never run while the driver is borrowed).
-    pub(crate) fn ignore(
-        &mut self,
-        slot: usize,
-        data: Box<dyn Any>,
-        close_results: bool,
-    ) -> Option<Box<dyn Any>> {
-        let state = self.ops.get_mut(slot)?;
-        match state {
-            Lifecycle::Completed(_) => {
-                self.ops.remove(slot);
-                Some(data)
+    /// The future owning `key` went away: the slot keeps the data until the final CQE,
+    /// and the kernel is asked to cancel. Returns the data when the kernel is already
+    /// done with it, for the caller to drop after it lets go of the driver.
+    pub(crate) fn ignore(&mut self, key: Key, close_results: bool) -> Option<Box<dyn Any>> {
+        let slot = self.ops.get_mut(key)?;
+        match &mut slot.state {
+            State::Multi { queue, .. } if close_results => close_descriptors(queue.drain(..)),
+            State::Completed(completion) if close_results => {
+                close_descriptors(std::iter::once(*completion))
             }
-            Lifecycle::Multi {
-                queue, finished, ..
-            } => {
-                if close_results {
-                    close_descriptors(queue.drain(..));
-                }
-                if *finished {
-                    self.ops.remove(slot);
-                    return Some(data);
-                }
-                *state = Lifecycle::Ignored {
-                    _data: data,
-                    close_results,
-                };
-                self.cancel(slot);
-                None
-            }
-            Lifecycle::Pending(_) => {
-                *state = Lifecycle::Ignored {
-                    _data: data,
-                    close_results,
-                };
-                self.cancel(slot);
-                None
-            }
-            Lifecycle::Ignored { .. } => Some(data),
+            _ => {}
         }
+        if !slot.state.in_flight() {
+            return self.ops.remove(key).and_then(|slot| slot.data);
+        }
+        slot.state = State::Ignored { close_results };
+        self.cancel(key);
+        None
     }
 
-    /// Asks the kernel to end the operation in `slot` (an AsyncCancel SQE, submitted
-    /// with the next `park`); false when the SQE could not be queued. The caller owns
-    /// the slot: it has not seen the final CQE.
-    pub(crate) fn cancel(&mut self, slot: usize) -> bool {
-        let entry = opcode::AsyncCancel::new(slot as u64)
+    /// Asks the kernel to end the operation at `key` (an ASYNC_CANCEL SQE, submitted with
+    /// the next `park`); false when the SQE could not be queued. The caller owns the key:
+    /// its slot has not seen the final CQE.
+    pub(crate) fn cancel(&mut self, key: Key) -> bool {
+        let entry = opcode::AsyncCancel::new(key.user_data())
             .build()
             .user_data(CANCEL_TOKEN);
         // SAFETY: an async cancel points to no memory.
         // On failure the op runs to its natural end; its data waits in the slot meanwhile.
         unsafe { self.push_entries(std::slice::from_ref(&entry)) }.is_ok()
+    }
+
+    /// Ends the operation at `key` now, for a future polled where its driver does not
+    /// run: cancels it, then waits on this ring (a bounded number of times) for its final
+    /// CQE, reaping and dispatching everything else that arrives meanwhile (a descriptor
+    /// its completion carries is closed when `close_result`). Returns the slot's data, or `None` if the kernel never gave it back (the data then stays in the
+    /// table, which is never freed under the kernel).
+    pub(crate) fn abandon(&mut self, key: Key, close_result: bool) -> Option<Box<dyn Any>> {
+        let mut asked = false;
+        for _ in 0..REAP_ROUNDS {
+            match self.ops.get_mut(key) {
+                None => return None,
+                Some(slot) if !slot.state.in_flight() => break,
+                Some(_) => {}
+            }
+            if self.shut_down {
+                return None;
+            }
+            if !asked {
+                asked = self.cancel(key);
+            }
+            let _ = self.wait(REAP_WAIT);
+            self.reap();
+        }
+        let slot = self.ops.get_mut(key)?;
+        match slot.state {
+            _ if slot.state.in_flight() => return None,
+            State::Completed(completion) if close_result => {
+                close_descriptors(std::iter::once(completion))
+            }
+            _ => {}
+        }
+        self.ops.remove(key).and_then(|slot| slot.data)
     }
 
     fn arm_wake(&mut self) {
@@ -376,15 +478,30 @@ impl Driver {
             .build()
             .user_data(WAKE_TOKEN);
         // SAFETY: `wake_buf` and `wake_fd` live as long as the driver, and the driver waits
-        // for this read's completion before it is freed (see Drop).
+        // for this read's completion before it is freed (see `shutdown`).
         if unsafe { self.push_entries(std::slice::from_ref(&entry)) }.is_ok() {
             self.wake_armed = true;
+        }
+    }
+
+    /// Submits and waits up to `wait` for one completion, without dispatching.
+    fn wait(&mut self, wait: Duration) -> io::Result<()> {
+        let ts = types::Timespec::from(wait);
+        let args = types::SubmitArgs::new().timespec(&ts);
+        self.stats.enter_calls += 1;
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => Ok(()),
+            Err(err) if is_transient(&err) => Ok(()),
+            Err(err) => Err(err),
         }
     }
 
     /// Submits queued SQEs and waits, in one `io_uring_enter`, for a completion or the
     /// timeout; then dispatches every completion.
     pub(crate) fn park(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        if self.shut_down {
+            return Err(io::Error::other("the io_uring driver was shut down"));
+        }
         self.arm_wake();
         let ready = !self.ring.completion().is_empty();
         let timeout = if ready { Some(Duration::ZERO) } else { timeout };
@@ -401,12 +518,7 @@ impl Driver {
                     Ok(())
                 }
             }
-            Some(wait) => {
-                let ts = types::Timespec::from(wait);
-                let args = types::SubmitArgs::new().timespec(&ts);
-                self.stats.enter_calls += 1;
-                self.ring.submitter().submit_with_args(1, &args).map(drop)
-            }
+            Some(wait) => self.wait(wait),
             None => {
                 self.stats.enter_calls += 1;
                 self.ring.submit_and_wait(1).map(drop)
@@ -414,11 +526,7 @@ impl Driver {
         };
         match result {
             Ok(()) => {}
-            Err(err)
-                if matches!(
-                    err.raw_os_error(),
-                    Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
-                ) => {}
+            Err(err) if is_transient(&err) => {}
             Err(err) => return Err(err),
         }
         self.reap();
@@ -432,6 +540,9 @@ impl Driver {
     /// cost when nothing is pending (the kernel's TASKRUN flag and the CQ ring are read
     /// from shared memory). Returns whether any completion arrived. For spinning.
     pub(crate) fn poll_completions(&mut self) -> io::Result<bool> {
+        if self.shut_down {
+            return Ok(false);
+        }
         let sq = self.ring.submission();
         let enter = !sq.is_empty() || sq.taskrun() || sq.cq_overflow();
         drop(sq);
@@ -439,8 +550,7 @@ impl Driver {
             self.stats.enter_calls += 1;
             match self.ring.submit() {
                 Ok(_) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
-                }
+                Err(err) if is_transient(&err) => {}
                 Err(err) => return Err(err),
             }
         }
@@ -456,6 +566,7 @@ impl Driver {
             ring,
             ops,
             wake_armed,
+            dead,
             ..
         } = self;
         for cqe in ring.completion() {
@@ -466,25 +577,63 @@ impl Driver {
             match cqe.user_data() {
                 CANCEL_TOKEN => {}
                 WAKE_TOKEN => *wake_armed = false,
-                slot => complete(ops, slot as usize, completion),
+                user_data => complete(ops, dead, Key::from_user_data(user_data), completion),
             }
         }
     }
+
+    /// The runtime is going: cancels every operation in flight and reaps until the kernel
+    /// holds nothing of this driver's, then unregisters the buffer rings. Futures that
+    /// outlive this find their data in their slots and a "runtime dropped" error. If the
+    /// kernel stops answering, the table and the wake buffer are leaked, never freed.
+    pub(crate) fn shutdown(&mut self) {
+        if self.shut_down {
+            return;
+        }
+        for key in self.ops.in_flight() {
+            self.cancel(key);
+        }
+        let wake = opcode::AsyncCancel::new(WAKE_TOKEN)
+            .build()
+            .user_data(CANCEL_TOKEN);
+        // SAFETY: an async cancel points to no memory.
+        let _ = unsafe { self.push_entries(std::slice::from_ref(&wake)) };
+        let mut rounds = 0;
+        while !self.ops.in_flight().is_empty() || self.wake_armed {
+            rounds += 1;
+            if rounds > REAP_ROUNDS || self.wait(REAP_WAIT).is_err() {
+                // The kernel may still hold pointers into the table: never free it.
+                std::mem::forget(std::mem::take(&mut self.ops));
+                std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
+                break;
+            }
+            self.reap();
+            // Cancels queued while the submission queue was full go in now.
+            if rounds % 8 == 0 {
+                for key in self.ops.in_flight() {
+                    self.cancel(key);
+                }
+            }
+        }
+        self.close_buf_rings();
+        self.shut_down = true;
+    }
 }
 
-fn complete(ops: &mut Slab<Lifecycle>, slot: usize, completion: Completion) {
-    let Some(state) = ops.get_mut(slot) else {
+fn complete(ops: &mut Table, dead: &mut Vec<Box<dyn Any>>, key: Key, completion: Completion) {
+    let Some(slot) = ops.get_mut(key) else {
         return;
     };
-    match state {
-        Lifecycle::Pending(waker) => {
+    let release = match &mut slot.state {
+        State::Pending(waker) => {
             let waker = waker.take();
-            *state = Lifecycle::Completed(completion);
+            slot.state = State::Completed(completion);
             if let Some(waker) = waker {
                 waker.wake();
             }
+            false
         }
-        Lifecycle::Multi {
+        State::Multi {
             queue,
             waker,
             finished,
@@ -496,16 +645,18 @@ fn complete(ops: &mut Slab<Lifecycle>, slot: usize, completion: Completion) {
             if let Some(waker) = waker.take() {
                 waker.wake();
             }
+            false
         }
-        Lifecycle::Ignored { close_results, .. } => {
+        State::Ignored { close_results } => {
             if *close_results {
                 close_descriptors(std::iter::once(completion));
             }
-            if !completion.more() {
-                ops.remove(slot);
-            }
+            !completion.more()
         }
-        Lifecycle::Completed(_) => {}
+        State::Completed(_) => false,
+    };
+    if release {
+        dead.extend(ops.remove(key).and_then(|slot| slot.data));
     }
 }
 
@@ -514,6 +665,14 @@ fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
         Some(waker) if waker.will_wake(cx.waker()) => {}
         _ => *slot = Some(cx.waker().clone()),
     }
+}
+
+/// Errors of `io_uring_enter` that only mean "look again".
+fn is_transient(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY) | Some(libc::EAGAIN)
+    )
 }
 
 /// Closes accepted descriptors that no one will take.
@@ -528,124 +687,6 @@ fn close_descriptors(completions: impl Iterator<Item = Completion>) {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        // Completions nobody came back for need nothing from the kernel: forget them.
-        // Everything else is in flight: ask the kernel to cancel it.
-        self.ops.retain(|_, state| match state {
-            Lifecycle::Completed(_) => false,
-            Lifecycle::Multi { finished, .. } => !*finished,
-            Lifecycle::Pending(_) | Lifecycle::Ignored { .. } => true,
-        });
-        let slots: Vec<usize> = self.ops.iter().map(|(slot, _)| slot).collect();
-        for slot in slots {
-            self.cancel(slot);
-        }
-        let wake = opcode::AsyncCancel::new(WAKE_TOKEN)
-            .build()
-            .user_data(CANCEL_TOKEN);
-        // SAFETY: an async cancel points to no memory.
-        let _ = unsafe { self.push_entries(std::slice::from_ref(&wake)) };
-        // The futures of pending slots are gone or will never be polled again: mark them
-        // ignored so their final completions release the slots.
-        for (_, state) in self.ops.iter_mut() {
-            if let Lifecycle::Pending(_) | Lifecycle::Multi { .. } = state {
-                *state = Lifecycle::Ignored {
-                    _data: Box::new(()),
-                    close_results: false,
-                };
-            }
-        }
-        while !self.ops.is_empty() || self.wake_armed {
-            match self.ring.submit_and_wait(1) {
-                Ok(_) => {}
-                Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {
-                }
-                Err(_) => {
-                    // The kernel may still hold pointers into the table: never free it.
-                    std::mem::forget(std::mem::take(&mut self.ops));
-                    std::mem::forget(std::mem::replace(&mut self.wake_buf, Box::new(0)));
-                    return;
-                }
-            }
-            self.reap();
-        }
-        self.close_buf_rings();
+        self.shutdown();
     }
-}
-
-/// Sets the ring up: SINGLE_ISSUER + DEFER_TASKRUN (Linux 6.1), else COOP_TASKRUN
-/// (5.19), else no flags. Measured by the peers harness: DEFER_TASKRUN cut a multishot
-/// receiver's CPU by about a quarter.
-/// Applies one combination of setup flags to a ring builder.
-type SetupFlags = fn(&mut io_uring::Builder);
-
-fn build_ring(entries: u32) -> io::Result<(IoUring, &'static str)> {
-    let cq = entries.saturating_mul(8);
-    // TASKRUN_FLAG (5.19) makes the kernel flag pending completion work in the shared
-    // SQ ring, so a spinning loop can see it without a system call.
-    let attempts: [(&str, SetupFlags); 4] = [
-        ("single-issuer+defer-taskrun+taskrun-flag", |b| {
-            b.setup_single_issuer()
-                .setup_defer_taskrun()
-                .setup_taskrun_flag();
-        }),
-        ("single-issuer+defer-taskrun", |b| {
-            b.setup_single_issuer().setup_defer_taskrun();
-        }),
-        ("coop-taskrun+taskrun-flag", |b| {
-            b.setup_coop_taskrun().setup_taskrun_flag();
-        }),
-        ("plain", |_| {}),
-    ];
-    let mut last = None;
-    for (name, flags) in attempts {
-        let mut builder = IoUring::builder();
-        flags(&mut builder);
-        match builder.setup_cqsize(cq).build(entries) {
-            Ok(ring) => return Ok((ring, name)),
-            Err(err) if is_forbidden(&err) => return Err(err),
-            Err(err) => last = Some(err),
-        }
-    }
-    Err(last.unwrap_or_else(|| io::Error::other("no io_uring setup was accepted")))
-}
-
-/// Errors that no other flag combination will cure: io_uring is absent or forbidden.
-fn is_forbidden(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::ENOSYS) | Some(libc::EPERM) | Some(libc::EACCES) | Some(libc::ENOMEM)
-    )
-}
-
-fn probe_opcodes(ring: &IoUring) -> io::Result<()> {
-    let mut probe = Probe::new();
-    ring.submitter().register_probe(&mut probe)?;
-    let needed = [
-        (opcode::Accept::CODE, "ACCEPT"),
-        (opcode::Connect::CODE, "CONNECT"),
-        (opcode::Recv::CODE, "RECV"),
-        (opcode::Send::CODE, "SEND"),
-        (opcode::SendMsg::CODE, "SENDMSG"),
-        (opcode::RecvMsg::CODE, "RECVMSG"),
-        (opcode::AsyncCancel::CODE, "ASYNC_CANCEL"),
-        (opcode::Shutdown::CODE, "SHUTDOWN"),
-        (opcode::Read::CODE, "READ"),
-    ];
-    for (code, name) in needed {
-        if !probe.is_supported(code) {
-            return Err(io::Error::new(
-                io::ErrorKind::Unsupported,
-                format!("the kernel lacks IORING_OP_{name}"),
-            ));
-        }
-    }
-    Ok(())
-}
-
-/// Wakes a parked ring from another thread.
-pub(crate) fn write_eventfd(fd: RawFd) {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local to a descriptor the Unparker keeps open.
-    // EAGAIN (counter saturated) already means a wake is pending.
-    let _ = unsafe { libc::write(fd, (&one as *const u64).cast(), 8) };
 }

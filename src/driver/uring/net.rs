@@ -7,22 +7,22 @@ use std::os::fd::{FromRawFd, OwnedFd};
 use bytes::Bytes;
 use io_uring::{opcode, types};
 
-use super::{ChainOp, Completion, MultiOp, Op};
+use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::fd::FdRef;
 use crate::driver::iovec::iovecs;
 use crate::driver::sockaddr::RawAddr;
-use crate::driver::SharedFd;
 
 /// Most iovecs one `sendmsg` takes (the kernel's UIO_MAXIOV).
 pub(crate) const IOV_MAX: usize = 1024;
 
 /// Multishot accept (Linux 5.19): one SQE, a completion per connection. Results are new
 /// descriptors; those nobody takes are closed by the driver.
-pub(crate) fn accept_multi(fd: &SharedFd) -> io::Result<MultiOp<SharedFd>> {
-    // SAFETY: the SQE points to no memory but the descriptor, which the op's SharedFd keeps
+pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef) -> io::Result<MultiOp> {
+    // SAFETY: the SQE points to no memory but the descriptor, which the op's FdRef keeps
     // open.
     unsafe {
-        MultiOp::submit(fd.clone(), true, |fd| {
+        MultiOp::submit(driver, fd.clone(), true, |fd| {
             opcode::AcceptMulti::new(types::Fd(fd.raw()))
                 .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
                 .build()
@@ -30,42 +30,64 @@ pub(crate) fn accept_multi(fd: &SharedFd) -> io::Result<MultiOp<SharedFd>> {
     }
 }
 
-/// The socket a multishot accept completion carries.
+/// One ACCEPT (where multishot accept is missing); its completion is the next
+/// connection's socket (see [`accepted`]).
+pub(crate) fn accept_op(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
+    // SAFETY: the SQE points to no memory but the descriptor, which the op's FdRef keeps
+    // open; no address is asked for.
+    let op = unsafe {
+        Op::submit(driver, fd.clone(), |fd| {
+            opcode::Accept::new(
+                types::Fd(fd.raw()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
+            .build()
+        })
+    };
+    op.map(Op::closing_result).map_err(|(err, _)| err)
+}
+
+/// The socket an accept completion carries.
 pub(crate) fn accepted(completion: Completion) -> io::Result<OwnedFd> {
     let fd = completion.into_result()?;
     // SAFETY: a successful accept result is a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
+pub(crate) async fn connect(driver: &Handle, fd: &FdRef, addr: SocketAddr) -> io::Result<()> {
     let data = (fd.clone(), RawAddr::from_socket_addr(addr));
     // SAFETY: the SQE points into the boxed address, owned by the op.
     let op = unsafe {
-        Op::submit(data, |(fd, addr)| {
+        Op::submit(driver, data, |(fd, addr)| {
             opcode::Connect::new(types::Fd(fd.raw()), addr.as_ptr(), addr.len).build()
         })
     };
     let (completion, _) = op.map_err(|(err, _)| err)?.await;
-    completion.into_result().map(drop)
+    completion?.into_result().map(drop)
 }
 
-pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
+pub(crate) async fn recv<B: IoBufMut>(
+    driver: &Handle,
+    fd: &FdRef,
+    buf: B,
+) -> (io::Result<usize>, B) {
     // SAFETY: the SQE points into the buffer's spare capacity; the buffer is owned by the
     // op and its heap memory does not move (IoBufMut's contract).
     let op = unsafe {
-        Op::submit((fd.clone(), buf), |(fd, buf)| {
+        Op::submit(driver, (fd.clone(), buf), |(fd, buf)| {
             let init = buf.bytes_init();
             let spare = (buf.bytes_total() - init).min(u32::MAX as usize) as u32;
             let ptr = buf.stable_mut_ptr().add(init);
             opcode::Recv::new(types::Fd(fd.raw()), ptr, spare).build()
         })
     };
-    let (completion, data) = match op {
+    let (completion, (_, mut buf)) = match op {
         Ok(op) => op.await,
         Err((err, (_, buf))) => return (Err(err), buf),
     };
-    let (_, mut buf) = *data;
-    let result = completion.into_result().map(|n| {
+    let result = completion.and_then(Completion::into_result).map(|n| {
         let n = n as usize;
         let init = buf.bytes_init() + n;
         // SAFETY: the kernel wrote `n` bytes after the initialised part.
@@ -75,10 +97,15 @@ pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usiz
     (result, buf)
 }
 
-pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Result<usize>, B) {
+pub(crate) async fn send<B: IoBuf>(
+    driver: &Handle,
+    fd: &FdRef,
+    buf: B,
+    flags: i32,
+) -> (io::Result<usize>, B) {
     // SAFETY: the SQE points into the buffer, owned by the op; its memory does not move.
     let op = unsafe {
-        Op::submit((fd.clone(), buf), |(fd, buf)| {
+        Op::submit(driver, (fd.clone(), buf), |(fd, buf)| {
             let len = buf.bytes_init().min(u32::MAX as usize) as u32;
             opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
                 .flags(flags)
@@ -87,14 +114,19 @@ pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B, flags: i32) -> (io::Re
     };
     match op {
         Ok(op) => {
-            let (completion, data) = op.await;
-            (completion.into_result().map(|n| n as usize), data.1)
+            let (completion, (_, buf)) = op.await;
+            let sent = completion.and_then(Completion::into_result);
+            (sent.map(|n| n as usize), buf)
         }
         Err((err, (_, buf))) => (Err(err), buf),
     }
 }
 
-pub(crate) async fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Result<()> {
+pub(crate) async fn shutdown(
+    driver: &Handle,
+    fd: &FdRef,
+    how: std::net::Shutdown,
+) -> io::Result<()> {
     let how = match how {
         std::net::Shutdown::Read => libc::SHUT_RD,
         std::net::Shutdown::Write => libc::SHUT_WR,
@@ -102,12 +134,12 @@ pub(crate) async fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Resu
     };
     // SAFETY: the SQE points to no memory but the descriptor the op keeps open.
     let op = unsafe {
-        Op::submit(fd.clone(), |fd| {
+        Op::submit(driver, fd.clone(), |fd| {
             opcode::Shutdown::new(types::Fd(fd.raw()), how).build()
         })
     };
     let (completion, _) = op.map_err(|(err, _)| err)?.await;
-    completion.into_result().map(drop)
+    completion?.into_result().map(drop)
 }
 
 /// Buffers described as iovecs, split into `msghdr`s of at most [`IOV_MAX`] entries.
@@ -116,7 +148,7 @@ pub(crate) async fn shutdown(fd: &SharedFd, how: std::net::Shutdown) -> io::Resu
 /// memory and the headers into the iovec array's heap memory, so moving this struct
 /// (into a Box or an Rc) moves none of what the kernel will read.
 pub(crate) struct SendMsgs {
-    fd: SharedFd,
+    fd: FdRef,
     bufs: Vec<Bytes>,
     /// Read by the kernel through `headers`; never by us after construction.
     #[allow(dead_code)]
@@ -131,7 +163,7 @@ impl SendMsgs {
     /// Describes `bufs[first..]`, skipping `skip` bytes of `bufs[first]`, in at most
     /// `max_headers` headers.
     fn new(
-        fd: SharedFd,
+        fd: FdRef,
         bufs: Vec<Bytes>,
         first: usize,
         skip: usize,
@@ -180,7 +212,8 @@ pub(crate) enum StreamSend {
 /// them, IO_LINK between links. `flags` go on each (MSG_WAITALL for TCP, so a short send
 /// breaks the chain rather than leaving a gap).
 pub(crate) async fn sendmsg_stream(
-    fd: &SharedFd,
+    driver: &Handle,
+    fd: &FdRef,
     bufs: Vec<Bytes>,
     first: usize,
     skip: usize,
@@ -191,7 +224,7 @@ pub(crate) async fn sendmsg_stream(
     if msgs.headers.len() == 1 {
         // SAFETY: the SQE points to a header owned by the op's data (see SendMsgs).
         let op = unsafe {
-            Op::submit(msgs, |msgs| {
+            Op::submit(driver, msgs, |msgs| {
                 opcode::SendMsg::new(types::Fd(msgs.fd.raw()), &msgs.headers[0])
                     .flags(flags as u32)
                     .build()
@@ -200,14 +233,14 @@ pub(crate) async fn sendmsg_stream(
         return match op {
             Ok(op) => {
                 let (completion, msgs) = op.await;
-                (Ok(StreamSend::One(completion)), msgs.bufs)
+                (completion.map(StreamSend::One), msgs.bufs)
             }
             Err((err, msgs)) => (Err(err), msgs.bufs),
         };
     }
     // SAFETY: every SQE points to a header owned by the chain's data (see SendMsgs).
     let op = unsafe {
-        ChainOp::submit(msgs, |msgs| {
+        ChainOp::submit(driver, msgs, |msgs| {
             msgs.headers
                 .iter()
                 .map(|header| {
@@ -221,7 +254,7 @@ pub(crate) async fn sendmsg_stream(
     match op {
         Ok(op) => {
             let (completions, msgs) = op.await;
-            (Ok(StreamSend::Chain(completions)), msgs.bufs)
+            (completions.map(StreamSend::Chain), msgs.bufs)
         }
         Err((err, msgs)) => (Err(err), msgs.bufs),
     }

@@ -1,145 +1,200 @@
 //! Futures over operation-table slots: one SQE, a multishot SQE, or a linked chain.
 //!
-//! Each owns its data (buffers, addresses) until the kernel gives the slot back; dropped
-//! early, it parks the data in the driver and asks for a cancel (see the module above).
+//! Each hands its data (buffers, addresses) to the driver when it pushes the SQE and
+//! keeps only the driver's handle and the key; it takes the data back after the final
+//! completion. Dropped early, it leaves the data in the slot and asks for a cancel (see
+//! the module above). Polled where its driver does not run, it cancels on its own
+//! driver, waits there for the final completion, and gives its data back with the
+//! misuse error.
 
 use std::any::Any;
 use std::future::Future;
 use std::io;
+use std::marker::PhantomData;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use io_uring::squeue;
 
-use super::{Completion, Driver};
-use crate::driver::Driver as AnyDriver;
-use crate::runtime;
+use super::table::Key;
+use super::{Completion, Handle};
 
-/// Runs `f` on the current runtime's io_uring driver.
-pub(crate) fn with_uring<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> {
-    runtime::with_driver(|driver| match driver {
-        AnyDriver::Uring(uring) => Ok(f(uring)),
-        AnyDriver::Poll(_) => Err(io::Error::other(
-            "an io_uring operation was started on an epoll runtime",
-        )),
-    })?
+/// The data of a slot, as the type its operation gave it.
+fn unbox<T: 'static>(data: Box<dyn Any>) -> T {
+    match data.downcast::<T>() {
+        Ok(data) => *data,
+        Err(_) => unreachable!("a key's generation ties it to the data its operation gave"),
+    }
 }
 
-/// A single-shot operation: resolves to its completion and gives its data back.
-pub(crate) struct Op<T: 'static> {
-    slot: usize,
-    data: Option<Box<T>>,
-}
-
-impl<T: 'static> Op<T> {
-    /// Boxes `data`, builds the SQE from it and pushes it.
-    ///
-    /// # Safety
-    ///
-    /// The entry `build` returns may point only into the boxed data (or to memory that
-    /// outlives the runtime): the box is what keeps that memory alive until the CQE.
-    /// On failure nothing was pushed and the data comes back with the error.
-    pub(crate) unsafe fn submit(
-        data: T,
-        build: impl FnOnce(&mut T) -> squeue::Entry,
-    ) -> Result<Op<T>, (io::Error, T)> {
-        let mut data = Box::new(data);
-        let entry = build(&mut data);
-        // SAFETY: the entry points into `data`, which this Op (or, once the Op is dropped,
-        // the driver's slot) owns until the completion.
-        match with_uring(|driver| unsafe { driver.push(entry, false) }).and_then(|r| r) {
-            Ok(slot) => Ok(Op {
-                slot,
-                data: Some(data),
-            }),
-            Err(err) => Err((err, *data)),
+/// Takes an abandoned operation's data back; the process stops rather than let the
+/// kernel write into memory it freed when the kernel never gave it back.
+fn abandoned<T: 'static>(driver: &Handle, key: Key, close_result: bool) -> T {
+    let data = driver
+        .borrow()
+        .ok()
+        .and_then(|mut d| d.abandon(key, close_result));
+    match data {
+        Some(data) => unbox(data),
+        None => {
+            eprintln!(
+                "ringsock: the kernel did not give back an io_uring operation's memory after \
+                 it was cancelled; aborting rather than freeing it under the kernel"
+            );
+            std::process::abort()
         }
     }
 }
 
+/// A single-shot operation: resolves to its completion and gives its data back.
+pub(crate) struct Op<T: 'static> {
+    driver: Handle,
+    /// `None` once the future has taken its data back.
+    key: Option<Key>,
+    /// The result is a descriptor to close if the future is dropped without taking it.
+    close_result: bool,
+    /// The data's type, without making the future depend on it for Unpin.
+    data: PhantomData<fn() -> T>,
+}
+
+impl<T: 'static> Op<T> {
+    /// Boxes `data`, builds the SQE from it and pushes it on `driver`, which must be the
+    /// one driving this thread. On failure nothing was pushed and the data comes back
+    /// with the error.
+    ///
+    /// # Safety
+    ///
+    /// The entry `build` returns may point only into the boxed data (or to memory that
+    /// outlives the driver): the box is what keeps that memory alive until the CQE.
+    pub(crate) unsafe fn submit(
+        driver: &Handle,
+        data: T,
+        build: impl FnOnce(&mut T) -> squeue::Entry,
+    ) -> Result<Op<T>, (io::Error, T)> {
+        let mut d = match driver.checked() {
+            Ok(d) => d,
+            Err(err) => return Err((err, data)),
+        };
+        let mut data = Box::new(data);
+        let entry = build(&mut data);
+        // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
+        match unsafe { d.push(entry, false, data) } {
+            Ok(key) => Ok(Op {
+                driver: driver.clone(),
+                key: Some(key),
+                close_result: false,
+                data: PhantomData,
+            }),
+            Err((err, data)) => {
+                drop(d);
+                Err((err, unbox(data)))
+            }
+        }
+    }
+}
+
+impl<T: 'static> Op<T> {
+    /// Makes a dropped future close the descriptor its completion carries (an accept).
+    pub(crate) fn closing_result(mut self) -> Op<T> {
+        self.close_result = true;
+        self
+    }
+}
+
 impl<T: 'static> Future for Op<T> {
-    type Output = (Completion, Box<T>);
+    /// The completion (or the misuse error) and the data, given back either way.
+    type Output = (io::Result<Completion>, T);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let slot = self.slot;
-        match with_uring(|driver| driver.poll_slot(slot, cx)) {
-            Ok(Poll::Ready(completion)) => {
-                let data = self
-                    .data
-                    .take()
-                    .expect("an Op is not polled after it completed");
-                Poll::Ready((completion, data))
+        let key = self.key.expect("an Op is not polled after it completed");
+        let polled = self.driver.with(|d| d.poll_single(key, cx));
+        match polled {
+            Ok(Poll::Ready((completion, data))) => {
+                self.key = None;
+                Poll::Ready((Ok(completion), unbox(data)))
             }
             Ok(Poll::Pending) => Poll::Pending,
-            Err(_) => unreachable!("an io_uring Op outlived its runtime"),
+            Err(misuse) => {
+                self.key = None;
+                Poll::Ready((Err(misuse), abandoned(&self.driver, key, self.close_result)))
+            }
         }
     }
 }
 
 impl<T: 'static> Drop for Op<T> {
     fn drop(&mut self) {
-        if let Some(data) = self.data.take() {
-            park_data(self.slot, data, false);
+        if let Some(key) = self.key.take() {
+            ignore(&self.driver, key, self.close_result);
         }
     }
 }
 
-/// Moves a dropped operation's data into its slot; without a runtime (thread exit), leaks
-/// it, since the kernel might still use it.
-fn park_data(slot: usize, data: Box<dyn Any>, close_results: bool) {
-    let mut data = Some(data);
-    match with_uring(|driver| driver.ignore(slot, data.take()?, close_results)) {
-        // The kernel was already done: free it here, outside the driver.
-        Ok(done) => drop(done),
-        Err(_) => std::mem::forget(data),
-    }
+/// Leaves a dropped operation's slot to the driver (cancelled, freed at its final CQE);
+/// data the kernel is already done with is dropped here, outside the driver.
+fn ignore(driver: &Handle, key: Key, close_results: bool) {
+    let done = match driver.borrow() {
+        Ok(mut d) => d.ignore(key, close_results),
+        // Only a drop inside the driver's own dispatch could get here; the slot then
+        // keeps the data until the driver goes, which never frees it under the kernel.
+        Err(_) => None,
+    };
+    drop(done);
 }
 
 /// A multishot operation (accept, receive): a stream of completions.
-pub(crate) struct MultiOp<T: 'static> {
-    slot: usize,
-    data: Option<Box<T>>,
+pub(crate) struct MultiOp {
+    driver: Handle,
+    key: Key,
     /// Whether its results are descriptors to close if nobody takes them.
     close_results: bool,
     finished: bool,
 }
 
-impl<T: 'static> MultiOp<T> {
+impl MultiOp {
     /// # Safety
     ///
     /// As for [`Op::submit`].
-    pub(crate) unsafe fn submit(
+    pub(crate) unsafe fn submit<T: 'static>(
+        driver: &Handle,
         data: T,
         close_results: bool,
         build: impl FnOnce(&mut T) -> squeue::Entry,
-    ) -> io::Result<MultiOp<T>> {
+    ) -> io::Result<MultiOp> {
         let mut data = Box::new(data);
         let entry = build(&mut data);
         // SAFETY: as in Op::submit.
-        let slot = with_uring(|driver| unsafe { driver.push(entry, true) }).and_then(|r| r)?;
+        let key = driver
+            .with(|d| unsafe { d.push(entry, true, data) })?
+            .map_err(|(err, _)| err)?;
         Ok(MultiOp {
-            slot,
-            data: Some(data),
+            driver: driver.clone(),
+            key,
             close_results,
             finished: false,
         })
     }
 
     /// The next completion, or `None` once the kernel ended the multishot (no
-    /// IORING_CQE_F_MORE): the caller re-arms it if it wants more.
-    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Option<Completion>> {
+    /// IORING_CQE_F_MORE): the caller re-arms it if it wants more. The misuse error
+    /// where its driver does not run (the multishot stays armed on its driver).
+    pub(crate) fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<Completion>>> {
         if self.finished {
-            return Poll::Ready(None);
+            return Poll::Ready(Ok(None));
         }
-        let slot = self.slot;
-        match with_uring(|driver| driver.poll_multi(slot, cx)) {
+        let key = self.key;
+        match self.driver.with(|d| d.poll_multi(key, cx)) {
             Ok(Poll::Ready(None)) => {
                 self.finished = true;
-                Poll::Ready(None)
+                Poll::Ready(Ok(None))
             }
-            Ok(other) => other,
-            Err(_) => unreachable!("an io_uring MultiOp outlived its runtime"),
+            Ok(Poll::Ready(Some(completion))) => Poll::Ready(Ok(Some(completion))),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(misuse) => Poll::Ready(Err(misuse)),
         }
     }
 
@@ -152,28 +207,19 @@ impl<T: 'static> MultiOp<T> {
         }
         // The slot is still this op's: the driver keeps it until poll_next has reported
         // the end.
-        with_uring(|driver| driver.cancel(self.slot)).unwrap_or(false)
+        self.driver.with(|d| d.cancel(self.key)).unwrap_or(false)
     }
 
     /// True once the multishot has ended and every completion was taken.
     pub(crate) fn is_finished(&self) -> bool {
         self.finished
     }
-
-    /// The data the kernel reads (for example a msghdr template).
-    #[allow(dead_code)]
-    pub(crate) fn data(&self) -> &T {
-        self.data.as_ref().expect("data is present until drop")
-    }
 }
 
-impl<T: 'static> Drop for MultiOp<T> {
+impl Drop for MultiOp {
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        if let Some(data) = self.data.take() {
-            park_data(self.slot, data, self.close_results);
+        if !self.finished {
+            ignore(&self.driver, self.key, self.close_results);
         }
     }
 }
@@ -181,7 +227,8 @@ impl<T: 'static> Drop for MultiOp<T> {
 /// A linked chain of SQEs sharing one piece of data; resolves when every link has
 /// completed (a failed link makes the rest complete with `ECANCELED`).
 pub(crate) struct ChainOp<T: 'static> {
-    slots: Vec<usize>,
+    driver: Handle,
+    keys: Vec<Key>,
     results: Vec<Option<Completion>>,
     data: Option<Rc<T>>,
 }
@@ -192,45 +239,75 @@ impl<T: 'static> ChainOp<T> {
     /// The entries may point only into `data` (boxed behind the Rc, so it never moves).
     /// On failure nothing was pushed and the data comes back with the error.
     pub(crate) unsafe fn submit(
+        driver: &Handle,
         data: T,
         build: impl FnOnce(&T) -> Vec<squeue::Entry>,
     ) -> Result<ChainOp<T>, (io::Error, T)> {
+        let mut d = match driver.checked() {
+            Ok(d) => d,
+            Err(err) => return Err((err, data)),
+        };
         let data = Rc::new(data);
         let mut entries = build(&data);
-        // SAFETY: the entries point into `data`; this ChainOp, or every ignored slot,
-        // holds a clone of the Rc until the last completion.
-        match with_uring(|driver| unsafe { driver.push_chain(&mut entries) }).and_then(|r| r) {
-            Ok(slots) => Ok(ChainOp {
-                results: vec![None; slots.len()],
-                slots,
+        let shared = data.clone();
+        let hold = move || Box::new(shared.clone()) as Box<dyn Any>;
+        // SAFETY: the entries point into `data`; every link's slot holds a clone of the
+        // Rc until that link's final CQE.
+        let pushed = unsafe { d.push_chain(&mut entries, hold) };
+        drop(d);
+        match pushed {
+            Ok(keys) => Ok(ChainOp {
+                driver: driver.clone(),
+                results: vec![None; keys.len()],
+                keys,
                 data: Some(data),
             }),
             Err(err) => match Rc::try_unwrap(data) {
                 Ok(data) => Err((err, data)),
-                Err(_) => unreachable!("nothing was pushed, so nothing shares the data"),
+                Err(_) => unreachable!("nothing was pushed, so no slot shares the data"),
             },
+        }
+    }
+
+    /// The data back, once no slot holds a clone of it.
+    fn take_data(&mut self) -> T {
+        let data = self
+            .data
+            .take()
+            .expect("a ChainOp is not polled after it completed");
+        match Rc::try_unwrap(data) {
+            Ok(data) => data,
+            Err(_) => unreachable!("no slot keeps the data once every link is over"),
         }
     }
 }
 
 impl<T: 'static> Future for ChainOp<T> {
-    type Output = (Vec<Completion>, T);
+    /// Each link's completion (or the misuse error) and the data, given back either way.
+    type Output = (io::Result<Vec<Completion>>, T);
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let mut pending = false;
-        let outcome = with_uring(|driver| {
-            for (slot, result) in this.slots.iter().zip(this.results.iter_mut()) {
+        let outcome = this.driver.with(|d| {
+            for (key, result) in this.keys.iter().zip(this.results.iter_mut()) {
                 if result.is_none() {
-                    match driver.poll_slot(*slot, cx) {
-                        Poll::Ready(completion) => *result = Some(completion),
+                    match d.poll_single(*key, cx) {
+                        // The slot's clone of the data goes with it.
+                        Poll::Ready((completion, _clone)) => *result = Some(completion),
                         Poll::Pending => pending = true,
                     }
                 }
             }
         });
-        if outcome.is_err() {
-            unreachable!("an io_uring ChainOp outlived its runtime");
+        if let Err(misuse) = outcome {
+            for (key, result) in this.keys.iter().zip(this.results.iter_mut()) {
+                if result.take().is_none() {
+                    drop(abandoned::<Rc<T>>(&this.driver, *key, false));
+                }
+            }
+            this.keys.clear();
+            return Poll::Ready((Err(misuse), this.take_data()));
         }
         if pending {
             return Poll::Pending;
@@ -240,26 +317,16 @@ impl<T: 'static> Future for ChainOp<T> {
             .iter()
             .map(|c| c.expect("all links done"))
             .collect();
-        let data = this
-            .data
-            .take()
-            .expect("a ChainOp is not polled after it completed");
-        let data = match Rc::try_unwrap(data) {
-            Ok(data) => data,
-            Err(_) => unreachable!("no slot keeps the data once every link completed"),
-        };
-        Poll::Ready((completions, data))
+        this.keys.clear();
+        Poll::Ready((Ok(completions), this.take_data()))
     }
 }
 
 impl<T: 'static> Drop for ChainOp<T> {
     fn drop(&mut self) {
-        let Some(data) = self.data.take() else {
-            return;
-        };
-        for (slot, result) in self.slots.iter().zip(&self.results) {
+        for (key, result) in self.keys.iter().zip(&self.results) {
             if result.is_none() {
-                park_data(*slot, Box::new(data.clone()), false);
+                ignore(&self.driver, *key, false);
             }
         }
     }

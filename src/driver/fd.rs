@@ -1,0 +1,35 @@
+//! A descriptor kept open by everyone who may still use its number.
+
+use std::fmt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+/// A socket descriptor shared by the socket's handles and by the operations in flight on
+/// it; closed when the last clone is dropped.
+///
+/// An io_uring operation holds a clone until its final completion, even when the future
+/// that started it was dropped, so the kernel never works on a descriptor number that
+/// was closed and reused for another file.
+#[derive(Clone)]
+pub(crate) struct FdRef(Rc<OwnedFd>);
+
+impl FdRef {
+    pub(crate) fn new(fd: OwnedFd) -> FdRef {
+        FdRef(Rc::new(fd))
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+
+    /// A borrowed socket2 view, for socket options and addresses.
+    pub(crate) fn sock(&self) -> socket2::SockRef<'_> {
+        socket2::SockRef::from(&*self.0)
+    }
+}
+
+impl fmt::Debug for FdRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FdRef({})", self.raw())
+    }
+}

@@ -1,0 +1,165 @@
+//! Received datagrams: the shape of a receive ring, a datagram lent from it, the
+//! receiver's counters, and how a filled buffer becomes datagrams (GRO splitting
+//! included). Shared by both engines.
+#![allow(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use super::buf_pool::{BufPool, LentBuf};
+use super::gso::CMSG_HDR;
+
+/// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
+pub(crate) const UDP_GRO: libc::c_int = 104;
+
+/// Shape of a receive ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingConfig {
+    /// Buffers (a power of two).
+    pub(crate) buffers: u16,
+    /// Payload bytes one buffer holds.
+    pub(crate) buffer_size: usize,
+    /// UDP_GRO is on: buffers may hold super-datagrams, split on delivery.
+    pub(crate) gro: bool,
+}
+
+/// One received datagram, its bytes lent from the receive ring.
+pub(crate) struct RecvDatagram {
+    pub(crate) buf: LentBuf,
+    pub(crate) addr: Option<SocketAddr>,
+    /// The datagram was larger than the buffer: `buf` holds its first bytes only.
+    pub(crate) truncated: bool,
+    /// The datagram's real length (equal to `buf.len()` unless truncated).
+    pub(crate) original_len: usize,
+}
+
+/// What a receiver did, for statistics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct RecvCounters {
+    pub(crate) datagrams: u64,
+    pub(crate) truncated: u64,
+    /// Times the ring ran dry (ENOBUFS on io_uring, no free buffer on epoll).
+    pub(crate) ring_empty: u64,
+    /// Multishot receives armed again after the kernel ended one (io_uring).
+    pub(crate) rearms: u64,
+    /// Receive completions or `recvmmsg` calls that delivered datagrams.
+    pub(crate) deliveries: u64,
+    /// GRO super-datagrams split into datagrams.
+    pub(crate) gro_splits: u64,
+    /// Times the receiver stopped leaving a wait on the socket while it drains, because
+    /// datagrams came in bursts (io_uring: the multishot receive gave way to
+    /// `recvmmsg`; epoll: the socket leaves the epoll set while it is drained).
+    pub(crate) burst_switches: u64,
+}
+
+/// The GRO segment size in received control data, if the kernel merged datagrams.
+pub(crate) fn gro_segment(control: &[u8]) -> Option<usize> {
+    let mut offset = 0;
+    while offset + CMSG_HDR <= control.len() {
+        // SAFETY: `offset + CMSG_HDR <= len`: the header is inside the slice; it is read
+        // unaligned because the slice carries no alignment promise.
+        let header = unsafe {
+            control
+                .as_ptr()
+                .add(offset)
+                .cast::<libc::cmsghdr>()
+                .read_unaligned()
+        };
+        let len = header.cmsg_len;
+        if len < CMSG_HDR || offset + len > control.len() {
+            return None;
+        }
+        if header.cmsg_level == libc::SOL_UDP && header.cmsg_type == UDP_GRO && len >= CMSG_HDR + 4
+        {
+            let data = &control[offset + CMSG_HDR..offset + CMSG_HDR + 4];
+            let segment = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
+            return (segment > 0).then_some(segment as usize);
+        }
+        offset += len.next_multiple_of(8);
+    }
+    None
+}
+
+/// Turns one filled, claimed buffer into datagrams: one, or with GRO one per segment
+/// (each holding the buffer). `payload` is the offset and length of the data in the
+/// buffer.
+///
+/// # Safety
+///
+/// - `bid` is claimed from `pool` (one hold), which this call takes over.
+/// - `offset + len <= pool.stride()`, and the kernel wrote those bytes.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn deliver(
+    pool: &Rc<BufPool>,
+    bid: u16,
+    offset: usize,
+    len: usize,
+    original_len: usize,
+    truncated: bool,
+    addr: Option<SocketAddr>,
+    gro: Option<usize>,
+    counters: &mut RecvCounters,
+    out: &mut Vec<RecvDatagram>,
+) {
+    match gro {
+        Some(segment) if !truncated && segment < len => {
+            counters.gro_splits += 1;
+            let pieces = len.div_ceil(segment);
+            for _ in 1..pieces {
+                pool.add_ref(bid);
+            }
+            for piece in 0..pieces {
+                let start = offset + piece * segment;
+                let size = segment.min(offset + len - start);
+                counters.datagrams += 1;
+                out.push(RecvDatagram {
+                    // SAFETY: one hold per piece (claim + add_ref above); inside the
+                    // written bytes (caller's contract).
+                    buf: unsafe { LentBuf::new(pool.clone(), bid, start, size) },
+                    addr,
+                    truncated: false,
+                    original_len: size,
+                });
+            }
+        }
+        _ => {
+            counters.datagrams += 1;
+            if truncated {
+                counters.truncated += 1;
+            }
+            out.push(RecvDatagram {
+                // SAFETY: the caller's hold and bytes, handed over.
+                buf: unsafe { LentBuf::new(pool.clone(), bid, offset, len) },
+                addr,
+                truncated,
+                original_len,
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gro_control_message_is_found() {
+        let mut control = vec![0u8; 24];
+        let header = libc::cmsghdr {
+            cmsg_len: CMSG_HDR + 4,
+            cmsg_level: libc::SOL_UDP,
+            cmsg_type: UDP_GRO,
+        };
+        // SAFETY: `control` has room for a cmsghdr; written unaligned.
+        unsafe {
+            control
+                .as_mut_ptr()
+                .cast::<libc::cmsghdr>()
+                .write_unaligned(header)
+        };
+        control[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1400i32.to_ne_bytes());
+        assert_eq!(gro_segment(&control), Some(1400));
+        assert_eq!(gro_segment(&[]), None);
+        assert_eq!(gro_segment(&[0xff; 7]), None);
+    }
+}

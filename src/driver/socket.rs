@@ -1,0 +1,116 @@
+//! A socket as the layers above the driver hold it: its descriptor and, from its first
+//! use on a runtime, its binding to that runtime's driver.
+
+use std::cell::{Cell, OnceCell};
+use std::fmt;
+use std::io;
+use std::os::fd::{OwnedFd, RawFd};
+use std::rc::Rc;
+
+use super::current::{self, DriverId};
+use super::fd::FdRef;
+use super::handle::{with_current, Driver};
+use super::{poll, uring};
+
+/// A socket shared by the handles that use it. The descriptor is closed when the last
+/// clone and the last operation on it are gone (see [`FdRef`]).
+#[derive(Clone)]
+pub(crate) struct SharedFd {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    /// Declared before `fd`, so it is dropped first: an epoll registration is released
+    /// while its descriptor is still open.
+    binding: OnceCell<Binding>,
+    fd: FdRef,
+    /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
+    write_shut: Cell<bool>,
+}
+
+/// The driver a socket belongs to, for its whole life.
+pub(crate) enum Binding {
+    Uring(uring::Handle),
+    Poll(poll::Registration),
+}
+
+impl Binding {
+    fn id(&self) -> DriverId {
+        match self {
+            Binding::Uring(driver) => driver.id(),
+            Binding::Poll(registration) => registration.driver().id(),
+        }
+    }
+
+    /// Why this socket cannot be used here: its runtime is not the one running, or
+    /// was dropped.
+    fn misuse(&self) -> io::Error {
+        let checked = match self {
+            Binding::Uring(driver) => driver.with(|_| ()),
+            Binding::Poll(registration) => registration.driver().with(|_| ()),
+        };
+        checked
+            .err()
+            .unwrap_or_else(|| current::wrong_runtime(self.id()))
+    }
+}
+
+impl SharedFd {
+    pub(crate) fn new(fd: OwnedFd) -> SharedFd {
+        SharedFd {
+            inner: Rc::new(Inner {
+                binding: OnceCell::new(),
+                fd: FdRef::new(fd),
+                write_shut: Cell::new(false),
+            }),
+        }
+    }
+
+    pub(crate) fn raw(&self) -> RawFd {
+        self.inner.fd.raw()
+    }
+
+    /// The descriptor, for operations to keep open while the kernel uses it.
+    pub(crate) fn fd(&self) -> &FdRef {
+        &self.inner.fd
+    }
+
+    /// A borrowed socket2 view, for socket options and addresses.
+    pub(crate) fn sock(&self) -> socket2::SockRef<'_> {
+        self.inner.fd.sock()
+    }
+
+    pub(crate) fn mark_write_shut(&self) {
+        self.inner.write_shut.set(true);
+    }
+
+    pub(crate) fn is_write_shut(&self) -> bool {
+        self.inner.write_shut.get()
+    }
+
+    /// The driver this socket belongs to. The first use binds it to the driver of the
+    /// runtime running on this thread; after that, using it where another runtime runs
+    /// (or none, or after its runtime was dropped) is the `WrongRuntime` error.
+    pub(crate) fn binding(&self) -> io::Result<&Binding> {
+        if let Some(binding) = self.inner.binding.get() {
+            if current::is_current(binding.id()) {
+                return Ok(binding);
+            }
+            return Err(binding.misuse());
+        }
+        let binding = with_current(|driver| match driver {
+            Driver::Uring(driver) => Ok(Binding::Uring(driver.clone())),
+            Driver::Poll(driver) => {
+                poll::Registration::new(driver, &self.inner.fd).map(Binding::Poll)
+            }
+        })
+        .ok_or_else(current::no_runtime)??;
+        Ok(self.inner.binding.get_or_init(|| binding))
+    }
+}
+
+impl fmt::Debug for SharedFd {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SharedFd({})", self.raw())
+    }
+}
