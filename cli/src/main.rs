@@ -13,13 +13,13 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
-use ringsock::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
     Backend, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
     StreamSocketListener,
 };
+use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
 #[derive(Parser)]
 #[command(

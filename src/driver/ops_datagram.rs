@@ -193,17 +193,12 @@ const SK_MEMINFO_VARS: usize = 9;
 /// Datagrams the kernel dropped on this socket, mostly because its receive queue was
 /// full (`SO_MEMINFO`, SK_MEMINFO_DROPS).
 pub(crate) fn socket_drops(fd: &SharedFd) -> io::Result<u64> {
-    raw_socket_drops(fd.raw())
-}
-
-/// [`socket_drops`] of any UDP socket's descriptor (the bench's plain std sockets).
-pub(crate) fn raw_socket_drops(fd: std::os::fd::RawFd) -> io::Result<u64> {
     let mut info = [0u32; SK_MEMINFO_VARS];
     let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
     // SAFETY: the kernel writes at most `len` bytes into `info`, a live array of that size.
     let rc = unsafe {
         libc::getsockopt(
-            fd,
+            fd.raw(),
             libc::SOL_SOCKET,
             SO_MEMINFO,
             info.as_mut_ptr().cast(),

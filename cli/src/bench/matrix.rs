@@ -9,7 +9,7 @@ use std::time::Instant;
 use serde_json::Value;
 
 use super::options::{Impl, Options, Workload};
-use crate::{Error, Result};
+use ringsock::{Error, Result};
 
 /// What the matrix runs.
 #[derive(Debug, Clone)]

@@ -15,7 +15,7 @@
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
 //! ```no_run
-//! use ringsock::bench::{self, Impl, Options, Workload};
+//! use ringsock_cli::bench::{self, Impl, Options, Workload};
 //!
 //! let mut options = Options::new(Workload::TcpBatch, Impl::RingsockUring);
 //! options.size = 64;
@@ -57,11 +57,11 @@ pub use report::{Latency, Report, RunError};
 /// A failed check (order lost, a short stream, a wrong echo) is not an `Err`: it comes
 /// back as a [`Report`] whose `error` is set, with what was delivered. `Err` means the
 /// run could not be set up (bad options, a runtime that cannot start).
-pub fn run(options: &Options) -> crate::Result<Report> {
-    options.validate().map_err(crate::Error::invalid_input)?;
+pub fn run(options: &Options) -> ringsock::Result<Report> {
+    options.validate().map_err(ringsock::Error::invalid_input)?;
     if options.pin {
         cpu::pin_to(cpu::MEASURED_CPU)
-            .map_err(|e| crate::Error::io("pin the measured thread to CPU 0", e))?;
+            .map_err(|e| ringsock::Error::io("pin the measured thread to CPU 0", e))?;
     }
     match options.workload {
         Workload::TcpBatch => tcp_batch::run(options),

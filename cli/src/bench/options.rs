@@ -190,10 +190,10 @@ impl Impl {
     }
 
     /// The ringsock backend, for the ringsock impls.
-    pub fn backend(self) -> Option<crate::Backend> {
+    pub fn backend(self) -> Option<ringsock::Backend> {
         match self {
-            Impl::RingsockUring => Some(crate::Backend::Uring),
-            Impl::RingsockEpoll => Some(crate::Backend::Epoll),
+            Impl::RingsockUring => Some(ringsock::Backend::Uring),
+            Impl::RingsockEpoll => Some(ringsock::Backend::Epoll),
             Impl::StdPerWrite => None,
         }
     }
@@ -317,8 +317,8 @@ impl Options {
     }
 
     /// The runtime a ringsock impl runs on: `backend`, with the spin asked for.
-    pub fn runtime(&self, backend: crate::Backend) -> crate::Result<crate::Runtime> {
-        let builder = crate::runtime::Builder::new().backend(backend);
+    pub fn runtime(&self, backend: ringsock::Backend) -> ringsock::Result<ringsock::Runtime> {
+        let builder = ringsock::runtime::Builder::new().backend(backend);
         match self.spin_us {
             Some(us) => builder.spin_before_park(std::time::Duration::from_micros(us)),
             None => builder,
@@ -328,8 +328,8 @@ impl Options {
 
     /// The spin a ringsock impl's runtime runs with: `--spin-us`, else `RINGSOCK_SPIN`,
     /// else the runtime's default. None for the std baseline, which has no runtime.
-    pub fn effective_spin(&self) -> Option<crate::runtime::Spin> {
-        use crate::runtime::Spin;
+    pub fn effective_spin(&self) -> Option<ringsock::runtime::Spin> {
+        use ringsock::runtime::Spin;
         self.imp.backend()?;
         Some(match self.spin_us {
             Some(0) => Spin::Off,

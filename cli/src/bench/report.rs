@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 
 use super::cpu::{self, CpuSample};
 use super::options::{Options, Pattern, Workload};
-use crate::SocketErrorStatus;
+use ringsock::SocketErrorStatus;
 
 /// Why a run failed: a status, as every ringsock failure has, and what happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +34,7 @@ impl RunError {
     }
 
     /// A ringsock error, keeping its status.
-    pub fn from_error(err: &crate::Error) -> RunError {
+    pub fn from_error(err: &ringsock::Error) -> RunError {
         RunError::new(err.status(), err.to_string())
     }
 
