@@ -13,10 +13,11 @@
 
 use std::time::Duration;
 
+use ringsock::Result;
+
 use super::matrix::{fmt_rate, render};
 use super::options::{Impl, Options, Pattern, Workload};
 use super::report::Report;
-use ringsock::Result;
 
 /// Message size of the comparison.
 pub const SIZE: usize = 64;

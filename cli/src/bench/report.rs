@@ -1,10 +1,10 @@
 //! The result of one run and its JSON line (the format of ../shared/BENCHMARKS.md).
 
+use ringsock::SocketErrorStatus;
 use serde_json::{json, Value};
 
 use super::cpu::{self, CpuSample};
 use super::options::{Options, Pattern, Workload};
-use ringsock::SocketErrorStatus;
 
 /// Why a run failed: a status, as every ringsock failure has, and what happened.
 #[derive(Debug, Clone, PartialEq)]

@@ -10,6 +10,9 @@ use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use ringsock::net::WriteHandle;
+use ringsock::tls::ProtectionLevel;
+use ringsock::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 use serde_json::json;
 
 use super::group::{groups, GroupBuffer};
@@ -18,9 +21,6 @@ use super::peer::{self, RxOutcome, FILL};
 use super::report::Report;
 use super::tls::{self, StdTlsSender};
 use super::{cpu, join_peer, RunError};
-use ringsock::net::WriteHandle;
-use ringsock::tls::ProtectionLevel;
-use ringsock::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 
 /// Runs tcp-batch for `o.imp`.
 pub(crate) fn run(o: &Options) -> Result<Report> {

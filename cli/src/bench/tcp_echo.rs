@@ -5,12 +5,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use ringsock::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
+
 use super::options::{Options, ECHO_SIZE};
 use super::peer::{self, ConnsOutcome, ECHO_WARMUP, FILL};
 use super::report::{Latency, Report, RunError};
 use super::tcp_batch::std_pair;
 use super::{cpu, join_peer};
-use ringsock::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
 
 // ------------------------------------------------------------------ tcp-echo-rtt
 
