@@ -3,8 +3,8 @@
 //! The `ringsock` command line (`cli/src/main.rs`: the demo, an echo server and client,
 //! `ringsock bench`) and, in this library, the benchmark workloads it runs.
 //!
-//! - [`bench`]: the workloads of `ringsock bench`, as `docs/benchmarks.md` defines them,
-//!   each measured against the same plain std peers.
+//! - [`bench`](mod@bench): the workloads of `ringsock bench`, as `docs/benchmarks.md` in
+//!   the repository defines them, each measured against the same plain std peers.
 //!
 //! It uses only the public API of the [`ringsock`] library.
 

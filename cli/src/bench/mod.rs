@@ -1,7 +1,6 @@
-//! The benchmark workloads of `ringsock bench`, exactly as ../shared/BENCHMARKS.md defines
-//! them, measured against the same plain std peers as the peers harness.
-//!
-//! Only with the `cli` feature (the default).
+//! The benchmark workloads of `ringsock bench`, exactly as `docs/benchmarks.md` in the
+//! repository defines them, every implementation measured against the same plain std
+//! peers.
 //!
 //! - [`options`]: what a run measures ([`Workload`], [`Impl`], [`Pattern`], [`Options`]).
 //! - [`report`]: what it measured ([`Report`]) and its one JSON line.
@@ -11,7 +10,6 @@
 //! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
 //!   senders' message buffers; [`tls`]: tcp-batch `--tls` (the built-in test certificate).
 //! - [`compare`]: the demo's batched-vs-per-write comparison.
-
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
 //! ```no_run

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// A workload of ../shared/BENCHMARKS.md.
+/// A workload of `docs/benchmarks.md`.
 ///
 /// Adding one: a variant here (its name, default size, default counts and matrix sizes
 /// below), a `run` function in a module of its family, and one arm in
@@ -99,8 +99,8 @@ impl Workload {
     }
 
     /// The messages (batch workloads) or measured round trips (echo workloads) a run
-    /// does when `--count` is not given: the peers harness's suite counts, so a run takes
-    /// about 0.5-3 s on the 2-core reference machine.
+    /// does when `--count` is not given: the suite's counts, so a run takes about 0.5-3 s
+    /// on a 2-core machine.
     pub fn default_count(self, size: usize, imp: Impl, pattern: Pattern) -> u64 {
         let k = 1000;
         match self {
@@ -205,7 +205,8 @@ impl fmt::Display for Impl {
     }
 }
 
-/// How the ringsock tcp-batch sender waits for a group (the seed's three patterns).
+/// How the ringsock tcp-batch sender waits for a group: the three send patterns of the
+/// Windows.Networking.Sockets documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Pattern {
     /// B writes queued, then one `flush().await` (FlushAsync): the workload definition.

@@ -237,8 +237,9 @@ pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()
         let group = buffers.take(first, n);
         match o.pattern {
             Pattern::Flush => {
-                // As the seed's batched pattern: writes are issued, not awaited one by
-                // one; only a full queue (never, with the default bounds) makes one wait.
+                // As in the documented batched pattern: writes are issued, not awaited one
+                // by one; only a full queue (never, with the default bounds) makes one
+                // wait.
                 for j in 0..n {
                     if let Err(message) = output.try_write(buffers.message(&group, j)) {
                         output.write(message).await?;

@@ -1,7 +1,6 @@
-//! The plain std UDP peers, as in the peers harness (../shared/peers/src/common.rs): the
-//! udp-batch receiver, the GSO flood sender of udp-recv and the udp-echo-rtt echo
-//! server; and the counting receive loop that the udp-batch receiver and the measured
-//! std-per-write receiver of udp-recv share.
+//! The plain std UDP peers: the udp-batch receiver, the GSO flood sender of udp-recv and
+//! the udp-echo-rtt echo server; and the counting receive loop that the udp-batch receiver
+//! and the measured std-per-write receiver of udp-recv share.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -179,10 +178,10 @@ pub struct Flood {
     pub sends: u64,
 }
 
-/// Starts the udp-recv flood on its own thread (on the peer CPU when `pin`), the peers
-/// harness's `--flood gso`: once `ready` says the receiver is set up, `count` datagrams
-/// of `size` bytes, each stamped with its sequence number, go to `dest` as UDP GSO sends
-/// of `segments` datagrams (at most 65,507 bytes each) from a blocking std socket.
+/// Starts the udp-recv flood on its own thread (on the peer CPU when `pin`): once `ready`
+/// says the receiver is set up, `count` datagrams of `size` bytes, each stamped with its
+/// sequence number, go to `dest` as UDP GSO sends of `segments` datagrams (at most 65,507
+/// bytes each) from a blocking std socket.
 pub fn spawn_gso_flood(
     dest: SocketAddr,
     size: usize,
