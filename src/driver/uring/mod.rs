@@ -573,8 +573,8 @@ impl Drop for Driver {
 }
 
 /// Sets the ring up: SINGLE_ISSUER + DEFER_TASKRUN (Linux 6.1), else COOP_TASKRUN
-/// (5.19), else no flags. Measured by the peers harness: DEFER_TASKRUN cut a multishot
-/// receiver's CPU by about a quarter.
+/// (5.19), else no flags. Measured on a multishot receiver: DEFER_TASKRUN cut its CPU by
+/// about a quarter.
 /// Applies one combination of setup flags to a ring builder.
 type SetupFlags = fn(&mut io_uring::Builder);
 
