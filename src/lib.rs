@@ -42,7 +42,10 @@
 //!   authentication, certificate statuses.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
 //! - `driver` (private): the io_uring and epoll engines behind one contract.
-//! - `bench` (feature `cli`, the default): the workloads of `ringsock bench`.
+//!
+//! The `ringsock` command line — a demo, an echo server and client, and the benchmark
+//! workloads of `ringsock bench` — is a crate of its own, `ringsock-cli` (in `cli/` of
+//! the repository), built on this crate's public API only.
 //!
 //! The engine is chosen per runtime: `auto` (the default) uses io_uring and falls back to
 //! epoll where io_uring cannot start; `RINGSOCK_BACKEND=uring|epoll|auto` or
@@ -53,8 +56,6 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
-#[cfg(feature = "cli")]
-pub mod bench;
 pub mod buf;
 mod driver;
 pub mod error;

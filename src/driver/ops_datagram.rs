@@ -14,8 +14,6 @@ use bytes::Bytes;
 
 use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
-#[cfg(feature = "cli")]
-pub(crate) use super::gso::{gso_cmsg, CMSG_WORDS};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::recv::{RecvCounters, RecvDatagram, RingConfig, UDP_GRO};
 pub(crate) use super::sockaddr::{canonical, for_family};
@@ -122,12 +120,6 @@ pub(crate) async fn send_batch(
 /// full (`SO_MEMINFO`).
 pub(crate) fn socket_drops(fd: &SharedFd) -> io::Result<u64> {
     super::sockopt::socket_drops(fd.raw())
-}
-
-/// [`socket_drops`] of any UDP socket's descriptor (the bench's plain std sockets).
-#[cfg(feature = "cli")]
-pub(crate) fn raw_socket_drops(fd: std::os::fd::RawFd) -> io::Result<u64> {
-    super::sockopt::socket_drops(fd)
 }
 
 /// Sets an integer socket option.

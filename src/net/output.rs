@@ -1,9 +1,9 @@
 //! OutputStream: writes queued without a system call, sent together by `flush`.
 //!
-//! The seed's batched sends: many `write`s, then one `flush` (FlushAsync) that returns
-//! when the kernel has given every one of them back. A batch is sent by a task of its
-//! own, so dropping a `flush` future (or a write handle) never cuts a batch in half: the
-//! stream stays whole whatever the caller gives up on.
+//! Windows.Networking.Sockets' batched sends: many `write`s, then one `flush`
+//! (FlushAsync) that returns when the kernel has given every one of them back. A batch is
+//! sent by a task of its own, so dropping a `flush` future (or a write handle) never cuts
+//! a batch in half: the stream stays whole whatever the caller gives up on.
 //!
 //! Writes are numbered in the order they are queued and complete in that order, so a
 //! write's result needs no allocation of its own: every write numbered below
@@ -425,8 +425,8 @@ impl Drop for OutputStream {
     }
 }
 
-/// One queued write: await it for that write's own result (the seed's Task.WaitAll
-/// pattern). Awaiting sends the queue up to this write if no flush has yet.
+/// One queued write: await it for that write's own result (Windows.Networking.Sockets'
+/// Task.WaitAll pattern). Awaiting sends the queue up to this write if no flush has yet.
 ///
 /// Dropping a handle changes nothing: the write stays queued (and is sent when the
 /// last OutputStream of the stream goes, if nothing sent it before).

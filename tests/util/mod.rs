@@ -10,7 +10,6 @@ use std::time::Duration;
 use ringsock::runtime::{timeout, Builder};
 use ringsock::{Backend, JoinHandle, StreamSocket, StreamSocketListener};
 
-pub mod echo_server;
 pub mod netns;
 
 /// The longest any one test body may run on one driver before it counts as a hang.

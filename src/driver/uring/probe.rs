@@ -24,8 +24,8 @@ type SetupFlags = fn(&mut io_uring::Builder);
 /// Sets the ring up with the best flags the kernel accepts and `disabled` allows:
 /// SINGLE_ISSUER + DEFER_TASKRUN (Linux 6.1), else COOP_TASKRUN (5.19), else none;
 /// TASKRUN_FLAG with either where allowed. Returns the ring, the name of its setup and
-/// the capabilities that setup gives. Measured by the peers harness: DEFER_TASKRUN cut
-/// a multishot receiver's CPU by about a quarter.
+/// the capabilities that setup gives. Measured on a multishot receiver: DEFER_TASKRUN
+/// cut its CPU by about a quarter.
 ///
 /// The completion queue is 8 times the submission queue (multishot operations post many
 /// completions per entry), capped at the kernel's limit.

@@ -2,7 +2,7 @@
 
 use std::fmt;
 
-/// A workload of ../shared/BENCHMARKS.md.
+/// A workload of `docs/benchmarks.md`.
 ///
 /// Adding one: a variant here (its name, default size, default counts and matrix sizes
 /// below), a `run` function in a module of its family, and one arm in
@@ -99,8 +99,8 @@ impl Workload {
     }
 
     /// The messages (batch workloads) or measured round trips (echo workloads) a run
-    /// does when `--count` is not given: the peers harness's suite counts, so a run takes
-    /// about 0.5-3 s on the 2-core reference machine.
+    /// does when `--count` is not given: the suite's counts, so a run takes about 0.5-3 s
+    /// on a 2-core machine.
     pub fn default_count(self, size: usize, imp: Impl, pattern: Pattern) -> u64 {
         let k = 1000;
         match self {
@@ -190,10 +190,10 @@ impl Impl {
     }
 
     /// The ringsock backend, for the ringsock impls.
-    pub fn backend(self) -> Option<crate::Backend> {
+    pub fn backend(self) -> Option<ringsock::Backend> {
         match self {
-            Impl::RingsockUring => Some(crate::Backend::Uring),
-            Impl::RingsockEpoll => Some(crate::Backend::Epoll),
+            Impl::RingsockUring => Some(ringsock::Backend::Uring),
+            Impl::RingsockEpoll => Some(ringsock::Backend::Epoll),
             Impl::StdPerWrite => None,
         }
     }
@@ -205,7 +205,8 @@ impl fmt::Display for Impl {
     }
 }
 
-/// How the ringsock tcp-batch sender waits for a group (the seed's three patterns).
+/// How the ringsock tcp-batch sender waits for a group: the three send patterns of the
+/// Windows.Networking.Sockets documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum Pattern {
     /// B writes queued, then one `flush().await` (FlushAsync): the workload definition.
@@ -317,8 +318,8 @@ impl Options {
     }
 
     /// The runtime a ringsock impl runs on: `backend`, with the spin asked for.
-    pub fn runtime(&self, backend: crate::Backend) -> crate::Result<crate::Runtime> {
-        let builder = crate::runtime::Builder::new().backend(backend);
+    pub fn runtime(&self, backend: ringsock::Backend) -> ringsock::Result<ringsock::Runtime> {
+        let builder = ringsock::runtime::Builder::new().backend(backend);
         match self.spin_us {
             Some(us) => builder.spin_before_park(std::time::Duration::from_micros(us)),
             None => builder,
@@ -328,8 +329,8 @@ impl Options {
 
     /// The spin a ringsock impl's runtime runs with: `--spin-us`, else `RINGSOCK_SPIN`,
     /// else the runtime's default. None for the std baseline, which has no runtime.
-    pub fn effective_spin(&self) -> Option<crate::runtime::Spin> {
-        use crate::runtime::Spin;
+    pub fn effective_spin(&self) -> Option<ringsock::runtime::Spin> {
+        use ringsock::runtime::Spin;
         self.imp.backend()?;
         Some(match self.spin_us {
             Some(0) => Spin::Off,

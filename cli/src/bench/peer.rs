@@ -1,7 +1,6 @@
-//! The plain std peers every implementation is measured against, ported from the peers
-//! harness (../shared/peers/src/common.rs) so that "the same workload" means the same
-//! code on the other side: the blocking tcp-batch receiver with its order check, the
-//! blocking echo server, and the tcp-echo-conns client.
+//! The plain std peers every implementation is measured against, the same for all so that
+//! "the same workload" means the same code on the other side: the blocking tcp-batch
+//! receiver with its order check, the blocking echo server, and the tcp-echo-conns client.
 
 use std::io::{self, Read, Write};
 use std::net::TcpStream;
@@ -307,7 +306,7 @@ struct Conn {
 }
 
 /// Starts the plain client of tcp-echo-conns on its own thread (on the peer CPU when
-/// `pin`), as in the peers harness: one thread, non-blocking sockets, one epoll wait for
+/// `pin`): one thread, non-blocking sockets, one epoll wait for
 /// up to C events, exactly one 64-byte message in flight per connection (stamp
 /// `(conn << 40) | k`), each echo checked and its round trip (send start to echo
 /// complete) recorded. After `ready`, a warm-up phase, then `count` measured round trips

@@ -6,6 +6,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use ringsock::runtime::timeout;
+use ringsock::{DatagramSocket, Error, Result};
+
 use super::cpu;
 use super::join_peer;
 use super::options::Options;
@@ -14,8 +17,6 @@ use super::report::Report;
 use super::tcp_echo::{check_echo, rtt_report, Client};
 use super::udp::{driver_syscalls, io_error};
 use super::udp_peer;
-use crate::runtime::timeout;
-use crate::{DatagramSocket, Error, Result};
 
 /// Runs udp-echo-rtt: 1,000 warm-up round trips, then `o.count` measured ones, each a
 /// datagram sent and its echo received, against the plain echo thread.

@@ -13,13 +13,13 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
-use ringsock::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
     Backend, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
     StreamSocketListener,
 };
+use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
 #[derive(Parser)]
 #[command(
@@ -34,16 +34,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// The seed's echo examples in one process, then batched vs per-write sends side by
-    /// side (the default command).
+    /// The TCP and UDP echo examples of the Windows.Networking.Sockets documentation in
+    /// one process, then batched vs per-write sends side by side (the default command).
     Demo(BackendArg),
     /// Echoes every byte back on every TCP connection, and every UDP datagram back to
     /// its sender, until SIGINT or SIGTERM.
     EchoServer(EchoServerArgs),
     /// Sends one line (TCP) or one datagram (--udp) to an echo server and prints the reply.
     EchoClient(EchoClientArgs),
-    /// Benchmarks (../shared/BENCHMARKS.md): with --json one run and one JSON line,
-    /// else the default matrix and a table.
+    /// Benchmarks (the workloads and the JSON line: docs/benchmarks.md in the
+    /// repository): with --json one run and one JSON line, else the default matrix and a
+    /// table.
     Bench(BenchArgs),
 }
 
@@ -213,7 +214,8 @@ fn runtime(backend: &BackendArg) -> ringsock::Result<Runtime> {
     Ok(runtime)
 }
 
-/// The seed's TCP echo example: a listener and a client in one process.
+/// The TCP echo example of the Windows.Networking.Sockets documentation: a listener and a
+/// client in one process.
 fn demo(backend: BackendArg) -> ringsock::Result<()> {
     let runtime = runtime(&backend)?;
     runtime.block_on(async {
@@ -272,8 +274,8 @@ fn batching_demo(kind: DriverKind) -> ringsock::Result<()> {
     Ok(())
 }
 
-/// The seed's UDP echo example: a server socket echoes a message back to the client's
-/// port; the client sends through a second socket's output stream.
+/// The UDP echo example of the same documentation: a server socket echoes a message back to
+/// the client's port; the client sends through a second socket's output stream.
 async fn udp_demo() -> ringsock::Result<()> {
     let server = DatagramSocket::new();
     println!("server is about to bind...");

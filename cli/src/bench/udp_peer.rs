@@ -1,7 +1,6 @@
-//! The plain std UDP peers, as in the peers harness (../shared/peers/src/common.rs): the
-//! udp-batch receiver, the GSO flood sender of udp-recv and the udp-echo-rtt echo
-//! server; and the counting receive loop that the udp-batch receiver and the measured
-//! std-per-write receiver of udp-recv share.
+//! The plain std UDP peers: the udp-batch receiver, the GSO flood sender of udp-recv and
+//! the udp-echo-rtt echo server; and the counting receive loop that the udp-batch receiver
+//! and the measured std-per-write receiver of udp-recv share.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -14,7 +13,6 @@ use std::time::{Duration, Instant};
 
 use super::cpu;
 use super::peer::{bench_error, read_seq, stamp, FILL, PEER_WAIT};
-use crate::driver::ops_datagram::{gso_cmsg, raw_socket_drops, CMSG_WORDS};
 
 /// The receive buffer every UDP receiver asks for (SO_RCVBUF; the kernel caps it at
 /// net.core.rmem_max, then doubles it).
@@ -56,9 +54,28 @@ pub fn recv_buffer(socket: &UdpSocket) -> Option<usize> {
     socket2::SockRef::from(socket).recv_buffer_size().ok()
 }
 
-/// Datagrams the kernel dropped on `socket` because its receive queue was full.
+/// `SO_MEMINFO` (Linux 3.9): the socket's memory counters, an array of u32 indexed by
+/// `SK_MEMINFO_*`.
+const SO_MEMINFO: libc::c_int = 55;
+
+/// Datagrams the kernel dropped on `socket`, mostly because its receive queue was full
+/// (`SO_MEMINFO`'s `SK_MEMINFO_DROPS`).
 pub fn kernel_drops(socket: &UdpSocket) -> Option<u64> {
-    raw_socket_drops(socket.as_raw_fd()).ok()
+    const DROPS: usize = libc::SK_MEMINFO_DROPS as usize;
+    let mut info = [0u32; DROPS + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, a live array of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    // A kernel with fewer counters leaves the drop counter out.
+    (rc == 0 && len as usize >= std::mem::size_of_val(&info)).then_some(u64::from(info[DROPS]))
 }
 
 /// Whether a received datagram is one the sender sent: exactly `size` bytes, with a
@@ -161,10 +178,10 @@ pub struct Flood {
     pub sends: u64,
 }
 
-/// Starts the udp-recv flood on its own thread (on the peer CPU when `pin`), the peers
-/// harness's `--flood gso`: once `ready` says the receiver is set up, `count` datagrams
-/// of `size` bytes, each stamped with its sequence number, go to `dest` as UDP GSO sends
-/// of `segments` datagrams (at most 65,507 bytes each) from a blocking std socket.
+/// Starts the udp-recv flood on its own thread (on the peer CPU when `pin`): once `ready`
+/// says the receiver is set up, `count` datagrams of `size` bytes, each stamped with its
+/// sequence number, go to `dest` as UDP GSO sends of `segments` datagrams (at most 65,507
+/// bytes each) from a blocking std socket.
 pub fn spawn_gso_flood(
     dest: SocketAddr,
     size: usize,
@@ -230,6 +247,18 @@ fn flood(
     })
 }
 
+/// Bytes of a control buffer for one `UDP_SEGMENT` message (CMSG_SPACE of a u16).
+// SAFETY: CMSG_SPACE is arithmetic on its argument; it touches no memory.
+const SEGMENT_CONTROL_LEN: usize =
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<u16>() as u32) } as usize;
+
+/// The control buffer of one GSO send, aligned for the `cmsghdr` at its start.
+#[repr(C)]
+struct SegmentControl {
+    _align: [libc::cmsghdr; 0],
+    bytes: [u8; SEGMENT_CONTROL_LEN],
+}
+
 /// One `sendmsg` of `payload` to `dest`; with `segment`, a UDP_SEGMENT control message
 /// so that the kernel cuts it into datagrams of that size.
 fn send_gso(
@@ -238,7 +267,10 @@ fn send_gso(
     segment: Option<u16>,
     dest: &socket2::SockAddr,
 ) -> io::Result<usize> {
-    let mut control: [u64; CMSG_WORDS] = segment.map_or([0; CMSG_WORDS], gso_cmsg);
+    let mut control = SegmentControl {
+        _align: [],
+        bytes: [0; SEGMENT_CONTROL_LEN],
+    };
     let mut iov = libc::iovec {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
@@ -249,9 +281,18 @@ fn send_gso(
     msg.msg_namelen = dest.len();
     msg.msg_iov = &mut iov;
     msg.msg_iovlen = 1;
-    if segment.is_some() {
-        msg.msg_control = control.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&control);
+    if let Some(segment) = segment {
+        msg.msg_control = control.bytes.as_mut_ptr().cast();
+        msg.msg_controllen = control.bytes.len();
+        // SAFETY: msg_control points to CMSG_SPACE(sizeof(u16)) bytes aligned for a
+        // cmsghdr, so CMSG_FIRSTHDR is that buffer and the header and its u16 fit in it.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&msg);
+            (*cmsg).cmsg_level = libc::SOL_UDP;
+            (*cmsg).cmsg_type = libc::UDP_SEGMENT;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<u16>() as u32) as usize;
+            libc::CMSG_DATA(cmsg).cast::<u16>().write_unaligned(segment);
+        }
     }
     // SAFETY: every pointer in `msg` (address, one iovec over `payload`, the control
     // buffer) points to live memory of the length given, for the duration of the call;

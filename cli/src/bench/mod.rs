@@ -1,7 +1,6 @@
-//! The benchmark workloads of `ringsock bench`, exactly as ../shared/BENCHMARKS.md defines
-//! them, measured against the same plain std peers as the peers harness.
-//!
-//! Only with the `cli` feature (the default).
+//! The benchmark workloads of `ringsock bench`, exactly as `docs/benchmarks.md` in the
+//! repository defines them, every implementation measured against the same plain std
+//! peers.
 //!
 //! - [`options`]: what a run measures ([`Workload`], [`Impl`], [`Pattern`], [`Options`]).
 //! - [`report`]: what it measured ([`Report`]) and its one JSON line.
@@ -11,11 +10,10 @@
 //! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
 //!   senders' message buffers; [`tls`]: tcp-batch `--tls` (the built-in test certificate).
 //! - [`compare`]: the demo's batched-vs-per-write comparison.
-
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
 //! ```no_run
-//! use ringsock::bench::{self, Impl, Options, Workload};
+//! use ringsock_cli::bench::{self, Impl, Options, Workload};
 //!
 //! let mut options = Options::new(Workload::TcpBatch, Impl::RingsockUring);
 //! options.size = 64;
@@ -57,11 +55,11 @@ pub use report::{Latency, Report, RunError};
 /// A failed check (order lost, a short stream, a wrong echo) is not an `Err`: it comes
 /// back as a [`Report`] whose `error` is set, with what was delivered. `Err` means the
 /// run could not be set up (bad options, a runtime that cannot start).
-pub fn run(options: &Options) -> crate::Result<Report> {
-    options.validate().map_err(crate::Error::invalid_input)?;
+pub fn run(options: &Options) -> ringsock::Result<Report> {
+    options.validate().map_err(ringsock::Error::invalid_input)?;
     if options.pin {
         cpu::pin_to(cpu::MEASURED_CPU)
-            .map_err(|e| crate::Error::io("pin the measured thread to CPU 0", e))?;
+            .map_err(|e| ringsock::Error::io("pin the measured thread to CPU 0", e))?;
     }
     match options.workload {
         Workload::TcpBatch => tcp_batch::run(options),

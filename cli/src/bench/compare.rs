@@ -4,7 +4,7 @@
 //! under a second, then one small table.
 //!
 //! ```no_run
-//! use ringsock::bench::{compare, Impl};
+//! use ringsock_cli::bench::{compare, Impl};
 //!
 //! let comparison = compare::run(Impl::RingsockUring, false)?;
 //! print!("{}", comparison.table());
@@ -13,10 +13,11 @@
 
 use std::time::Duration;
 
+use ringsock::Result;
+
 use super::matrix::{fmt_rate, render};
 use super::options::{Impl, Options, Pattern, Workload};
 use super::report::Report;
-use crate::Result;
 
 /// Message size of the comparison.
 pub const SIZE: usize = 64;

@@ -10,6 +10,9 @@ use std::task::Poll;
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use ringsock::net::WriteHandle;
+use ringsock::tls::ProtectionLevel;
+use ringsock::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 use serde_json::json;
 
 use super::group::{groups, GroupBuffer};
@@ -18,9 +21,6 @@ use super::peer::{self, RxOutcome, FILL};
 use super::report::Report;
 use super::tls::{self, StdTlsSender};
 use super::{cpu, join_peer, RunError};
-use crate::net::WriteHandle;
-use crate::tls::ProtectionLevel;
-use crate::{Error, HostName, OutputStream, Result, SocketErrorStatus, StreamSocket};
 
 /// Runs tcp-batch for `o.imp`.
 pub(crate) fn run(o: &Options) -> Result<Report> {
@@ -45,7 +45,7 @@ struct Sent {
 // throws away what the kernel had not sent yet. After a failed send it is closed at
 // once, so that the receiver sees the end of the stream.
 
-fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
+fn run_ringsock(o: &Options, backend: ringsock::Backend) -> Result<Report> {
     let runtime = o.runtime(backend)?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
     let addr = listener
@@ -67,13 +67,13 @@ fn run_ringsock(o: &Options, backend: crate::Backend) -> Result<Report> {
             socket.upgrade_to_tls(ProtectionLevel::Tls13, &name).await?;
         }
         let output = socket.output_stream();
-        let stats = crate::runtime::driver_stats().unwrap_or_default();
+        let stats = ringsock::runtime::driver_stats().unwrap_or_default();
         let cpu_before = cpu::CpuSample::now();
         let cpu0 = cpu::thread_cpu_secs();
         let start = Instant::now();
         let result = send_groups(&output, o).await;
         let cpu_secs = cpu::thread_cpu_secs() - cpu0;
-        let after = crate::runtime::driver_stats().unwrap_or_default();
+        let after = ringsock::runtime::driver_stats().unwrap_or_default();
         let sent = Sent {
             start,
             cpu_before,
@@ -237,8 +237,9 @@ pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()
         let group = buffers.take(first, n);
         match o.pattern {
             Pattern::Flush => {
-                // As the seed's batched pattern: writes are issued, not awaited one by
-                // one; only a full queue (never, with the default bounds) makes one wait.
+                // As in the documented batched pattern: writes are issued, not awaited one
+                // by one; only a full queue (never, with the default bounds) makes one
+                // wait.
                 for j in 0..n {
                     if let Err(message) = output.try_write(buffers.message(&group, j)) {
                         output.write(message).await?;

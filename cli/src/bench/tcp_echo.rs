@@ -5,12 +5,13 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc;
 use std::time::Instant;
 
+use ringsock::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
+
 use super::options::{Options, ECHO_SIZE};
 use super::peer::{self, ConnsOutcome, ECHO_WARMUP, FILL};
 use super::report::{Latency, Report, RunError};
 use super::tcp_batch::std_pair;
 use super::{cpu, join_peer};
-use crate::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
 
 // ------------------------------------------------------------------ tcp-echo-rtt
 
@@ -106,11 +107,11 @@ async fn ringsock_rtt_client(socket: &StreamSocket, count: u64) -> Result<Client
     let mut pong = Vec::with_capacity(ECHO_SIZE);
     let mut rtts = Vec::with_capacity(count as usize);
     let mut start = Instant::now();
-    let mut stats = crate::runtime::driver_stats().unwrap_or_default();
+    let mut stats = ringsock::runtime::driver_stats().unwrap_or_default();
     let mut cpu0 = cpu::thread_cpu_secs();
     for i in 0..ECHO_WARMUP + count {
         if i == ECHO_WARMUP {
-            stats = crate::runtime::driver_stats().unwrap_or_default();
+            stats = ringsock::runtime::driver_stats().unwrap_or_default();
             cpu0 = cpu::thread_cpu_secs();
             start = Instant::now();
         }
@@ -134,7 +135,7 @@ async fn ringsock_rtt_client(socket: &StreamSocket, count: u64) -> Result<Client
         }
     }
     let secs = start.elapsed().as_secs_f64();
-    let after = crate::runtime::driver_stats().unwrap_or_default();
+    let after = ringsock::runtime::driver_stats().unwrap_or_default();
     Ok(Client {
         rtts_ns: rtts,
         secs,
@@ -292,10 +293,10 @@ async fn ringsock_server(
     for _ in 0..conns {
         sockets.push(listener.accept().await?);
     }
-    let stats = crate::runtime::driver_stats().unwrap_or_default();
+    let stats = ringsock::runtime::driver_stats().unwrap_or_default();
     let tasks: Vec<_> = sockets
         .into_iter()
-        .map(|socket| crate::spawn(echo_connection(socket)))
+        .map(|socket| ringsock::spawn(echo_connection(socket)))
         .collect();
     let _ = ready.send(());
     let mut echoed = 0;
@@ -311,7 +312,7 @@ async fn ringsock_server(
     if let Some(err) = first_error {
         return Err(err);
     }
-    let after = crate::runtime::driver_stats().unwrap_or_default();
+    let after = ringsock::runtime::driver_stats().unwrap_or_default();
     Ok(Served {
         echoed,
         syscalls: Some(after.syscalls() - stats.syscalls()),

@@ -1,10 +1,10 @@
-//! The result of one run and its JSON line (the format of ../shared/BENCHMARKS.md).
+//! The result of one run and its JSON line (the format `docs/benchmarks.md` defines).
 
+use ringsock::SocketErrorStatus;
 use serde_json::{json, Value};
 
 use super::cpu::{self, CpuSample};
 use super::options::{Options, Pattern, Workload};
-use crate::SocketErrorStatus;
 
 /// Why a run failed: a status, as every ringsock failure has, and what happened.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,7 +34,7 @@ impl RunError {
     }
 
     /// A ringsock error, keeping its status.
-    pub fn from_error(err: &crate::Error) -> RunError {
+    pub fn from_error(err: &ringsock::Error) -> RunError {
         RunError::new(err.status(), err.to_string())
     }
 
@@ -68,7 +68,7 @@ pub struct Latency {
 
 impl Latency {
     /// Percentiles of round-trip times given in nanoseconds (hdrhistogram, 3 significant
-    /// digits, as the peers harness). `None` when there are none.
+    /// digits). `None` when there are none.
     pub fn from_nanos(rtts_ns: &[u64]) -> Option<Latency> {
         if rtts_ns.is_empty() {
             return None;
@@ -197,8 +197,8 @@ impl Report {
         self.push("cpu1_busy", busy(cpu1));
     }
 
-    /// The fields in the order BENCHMARKS.md lists them, then the non-default options
-    /// and diagnostics.
+    /// The fields in the order `docs/benchmarks.md` lists them, then the non-default
+    /// options and diagnostics.
     pub fn fields(&self) -> Vec<(&'static str, Value)> {
         let o = &self.options;
         let num = |x: Option<f64>, digits: i32| x.map_or(Value::Null, |x| json!(round(x, digits)));

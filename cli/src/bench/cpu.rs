@@ -1,5 +1,5 @@
-//! Pinning and CPU accounting: the measured side on CPU 0, the plain peer on CPU 1,
-//! as the peers harness does; the CPU time each side spent.
+//! Pinning and CPU accounting: the measured side on CPU 0, the plain peer on CPU 1, so
+//! that figures taken on other stacks the same way compare; the CPU time each side spent.
 #![allow(unsafe_code)]
 
 use std::io;
@@ -30,8 +30,8 @@ pub fn pin_to(cpu: usize) -> io::Result<()> {
 /// The CPU of the plain peer: 1 when the machine has two or more online CPUs, else 0.
 ///
 /// Counts ONLINE CPUs, not `available_parallelism()`: that one honours the calling
-/// thread's affinity, which a peer thread inherits from the already pinned main thread
-/// (the pinning bug the peers harness had until 2026-11-23).
+/// thread's affinity, which a peer thread inherits from the already pinned main thread,
+/// and would put the peer on CPU 0 too.
 pub fn peer_cpu() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };

@@ -1,6 +1,8 @@
 //! `ringsock echo-server --tls-cert ...` and `ringsock echo-client --tls ...`, run as a user
 //! would, on both drivers.
 
+// The certificate helpers of the library's TLS tests, shared rather than copied.
+#[path = "../../tests/tls_certs/mod.rs"]
 mod tls_certs;
 mod util;
 

@@ -7,6 +7,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
+use ringsock::runtime::timeout;
+use ringsock::{Backend, DatagramSocket, Error, ReceiveRing, Result, SocketErrorStatus};
+
 use super::cpu::{self, CpuSample};
 use super::group::{groups, GroupBuffer};
 use super::join_peer;
@@ -14,8 +17,6 @@ use super::options::Options;
 use super::peer::{self, FILL, PEER_WAIT};
 use super::report::{round, Report, RunError};
 use super::udp_peer::{self, Counted, UDP_IDLE};
-use crate::runtime::timeout;
-use crate::{Backend, DatagramSocket, Error, ReceiveRing, Result, SocketErrorStatus};
 
 pub(super) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |err| Error::io(what, err)
@@ -23,7 +24,7 @@ pub(super) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> Error {
 
 /// The system calls the current runtime has counted so far.
 pub(super) fn driver_syscalls() -> u64 {
-    crate::runtime::driver_stats()
+    ringsock::runtime::driver_stats()
         .unwrap_or_default()
         .syscalls()
 }

@@ -21,7 +21,7 @@ fn text(bytes: &[u8]) -> String {
 const BACKENDS: [(&str, &str); 2] = [("uring", "io_uring"), ("epoll", "epoll")];
 
 #[test]
-fn the_demo_tells_the_seeds_story_and_names_its_driver() {
+fn the_demo_runs_the_echo_examples_and_names_its_driver() {
     for (backend, driver) in BACKENDS {
         let out = ringsock(&["demo", "--backend", backend]);
         let stdout = text(&out.stdout);

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
-use crate::tls::TrustedRoots;
-use crate::{Error, Result};
+use ringsock::tls::TrustedRoots;
+use ringsock::{Error, Result};
 
 /// The CA that signed [`CERT_PEM`].
 pub const CA_PEM: &str = "-----BEGIN CERTIFICATE-----

@@ -6,10 +6,10 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Instant;
 
+use ringsock::{Error, Result};
 use serde_json::Value;
 
 use super::options::{Impl, Options, Workload};
-use crate::{Error, Result};
 
 /// What the matrix runs.
 #[derive(Debug, Clone)]

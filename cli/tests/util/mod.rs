@@ -1,0 +1,4 @@
+//! Helpers of the CLI tests.
+#![allow(dead_code)]
+
+pub mod echo_server;
