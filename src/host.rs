@@ -12,6 +12,7 @@ use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::Path;
 use std::ptr;
 use std::str::FromStr;
 
@@ -489,10 +490,19 @@ fn parse_service_with(
 }
 
 fn read_services_file() -> Result<Vec<u8>> {
-    match std::fs::read(SERVICES_PATH) {
+    read_services_table(Path::new(SERVICES_PATH))
+}
+
+/// A missing file lists nothing; any other failure is an error naming the file, with
+/// the file's status (`PermissionDenied`, `InvalidFile` for a directory, ...).
+fn read_services_table(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
         Ok(table) => Ok(table),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(err) => Err(Error::io(format!("read {SERVICES_PATH}"), err)),
+        Err(err) => Err(Error::io(
+            format!("read the services file {}", path.display()),
+            err,
+        )),
     }
 }
 
@@ -967,6 +977,28 @@ ssh 2222/tcp # later duplicates lose
             Err(Error::invalid_input("the file must not be read"))
         });
         assert_eq!(got.ok(), Some(8080));
+    }
+
+    #[test]
+    fn an_unreadable_services_file_is_a_file_error() {
+        use SocketErrorStatus as S;
+        // A missing file lists nothing; the other failures name the file. EACCES cannot
+        // be made here (the tests run as root); its mapping is tested in error.rs.
+        let missing = read_services_table(Path::new("/nonexistent/services"));
+        assert_eq!(missing.ok(), Some(Vec::new()));
+        let cases: &[(&str, SocketErrorStatus)] = &[
+            ("/", S::InvalidFile),
+            ("/proc/self/status/services", S::FileNotFound),
+        ];
+        for &(path, want) in cases {
+            let err = read_services_table(Path::new(path)).expect_err(path);
+            assert_eq!(err.status(), want, "{path}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("read the services file {path}: ")),
+                "{text}"
+            );
+        }
     }
 
     #[test]
