@@ -145,3 +145,13 @@ fn dropping_a_runtime_drops_its_pending_tasks_and_closes_their_sockets() {
         }
     });
 }
+
+#[test]
+fn a_time_too_long_for_the_clock_waits_instead_of_panicking() {
+    util::on_each_backend(|_| async {
+        assert_eq!(timeout(Duration::MAX, async { 7 }).await, Ok(7));
+        let mut forever = std::pin::pin!(sleep(Duration::MAX));
+        assert!(util::poll_once(forever.as_mut()).await.is_pending());
+        assert!(forever.deadline() > Instant::now() + Duration::from_secs(3600));
+    });
+}
