@@ -50,7 +50,8 @@ socket_error_status! {
     OperationAborted,
     /// An HTTP server sent a response that could not be understood.
     HttpInvalidServerResponse,
-    /// The operation or connection attempt timed out (`ETIMEDOUT`, `ETIME`).
+    /// The operation, connection attempt or name lookup timed out (`ETIMEDOUT`,
+    /// `ETIME`).
     ConnectionTimedOut,
     /// The address family is not supported (`EAFNOSUPPORT`, `EPFNOSUPPORT`).
     AddressFamilyNotSupported,
@@ -139,6 +140,10 @@ socket_error_status! {
     /// a certificate or a key that does not match its certificate
     /// ([`Error::InvalidFile`]).
     InvalidFile,
+    /// ringsock addition: the resolver already has as many lookups waiting as it
+    /// takes ([`RESOLVER_QUEUE`](crate::host::RESOLVER_QUEUE)); the lookup was refused
+    /// at once. Retrying later may work.
+    ResolverQueueFull,
 }
 
 /// The one public error type of ringsock.
@@ -178,7 +183,9 @@ pub enum Error {
         status: SocketErrorStatus,
     },
 
-    /// Name resolution (`getaddrinfo`) failed.
+    /// Name resolution failed: `getaddrinfo` reported an error, or the resolver was
+    /// too busy (`ResolverQueueFull`) or gave no answer in time (`ConnectionTimedOut`);
+    /// see [`host::resolve`](crate::host::resolve).
     #[error("cannot resolve {host:?}: {}", OneLine(.message))]
     Resolve {
         /// The name that was being resolved.
@@ -346,6 +353,7 @@ impl SocketErrorStatus {
             S::InvalidArgument | S::MessageTooLong => io::ErrorKind::InvalidInput,
             S::PermissionDenied => io::ErrorKind::PermissionDenied,
             S::FileNotFound => io::ErrorKind::NotFound,
+            S::ResolverQueueFull => io::ErrorKind::ResourceBusy,
             S::NoBufferSpace => io::ErrorKind::OutOfMemory,
             S::UnsupportedOperation | S::AddressFamilyNotSupported | S::SocketTypeNotSupported => {
                 io::ErrorKind::Unsupported
@@ -686,7 +694,7 @@ mod tests {
 
     #[test]
     fn status_display_is_the_variant_name() {
-        assert_eq!(SocketErrorStatus::ALL.len(), 41);
+        assert_eq!(SocketErrorStatus::ALL.len(), 42);
         for status in SocketErrorStatus::ALL {
             assert_eq!(status.to_string(), format!("{status:?}"));
         }

@@ -2,7 +2,9 @@
 //!
 //! [`HostName`] validates up front, like Windows.Networking.HostName, so a typo
 //! fails with a message naming the bad character instead of as a resolver error
-//! later. Resolution is blocking by design: the runtime runs it on a helper thread.
+//! later. [`resolve_blocking`] calls the system resolver on the calling thread;
+//! [`resolve`], which the sockets use, runs it on a small bounded pool of resolver
+//! threads with a timeout, so the loop never blocks on DNS.
 
 // getaddrinfo, freeaddrinfo, gai_strerror and if_nametoindex have no safe wrapper
 // in std that exposes resolver error codes, so this module calls them directly.
@@ -17,6 +19,13 @@ use std::ptr;
 use std::str::FromStr;
 
 use crate::error::{Error, Result, SocketErrorStatus};
+
+mod resolver;
+
+pub use resolver::{
+    resolve, resolver_stats, ResolverStats, DEFAULT_RESOLVE_TIMEOUT, RESOLVER_QUEUE,
+    RESOLVER_THREADS,
+};
 
 /// A validated host name: an IPv4 literal, an IPv6 literal (with or without
 /// `[brackets]`, with an optional `%scope` for link-local addresses), or an

@@ -19,11 +19,10 @@ use async_task::Runnable;
 
 use crate::driver::{Backend, Driver, DriverConfig, DriverKind, DriverStats, Unparker};
 
-mod blocking;
+pub(crate) mod blocking;
 mod spin;
 mod time;
 
-pub(crate) use blocking::spawn_blocking;
 pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
@@ -33,6 +32,7 @@ pub struct Builder {
     backend: Option<Backend>,
     ring_entries: Option<u32>,
     spin: Option<Spin>,
+    resolve_timeout: Option<Duration>,
 }
 
 impl Builder {
@@ -74,11 +74,30 @@ impl Builder {
         self
     }
 
+    /// How long a name lookup ([`host::resolve`](crate::host::resolve), and the
+    /// connects and sends given a [`HostName`](crate::HostName)) may take before it fails
+    /// with `ConnectionTimedOut`; default
+    /// [`DEFAULT_RESOLVE_TIMEOUT`](crate::host::DEFAULT_RESOLVE_TIMEOUT), 5 s. Zero is
+    /// refused by [`build`](Self::build).
+    pub fn resolve_timeout(mut self, timeout: Duration) -> Builder {
+        self.resolve_timeout = Some(timeout);
+        self
+    }
+
     /// Starts the runtime on this thread.
     ///
     /// Fails when the backend named here or in `RINGSOCK_BACKEND` cannot start (for
-    /// example `uring` where seccomp forbids io_uring), or when that variable is invalid.
+    /// example `uring` where seccomp forbids io_uring), when that variable is invalid,
+    /// or when the resolve timeout is zero.
     pub fn build(self) -> crate::Result<Runtime> {
+        let resolve_timeout = self
+            .resolve_timeout
+            .unwrap_or(crate::host::DEFAULT_RESOLVE_TIMEOUT);
+        if resolve_timeout.is_zero() {
+            return Err(crate::Error::invalid_input(
+                "the resolve timeout must be longer than zero",
+            ));
+        }
         let backend = match self.backend {
             Some(backend) => backend,
             None => Backend::from_env()?.unwrap_or_default(),
@@ -108,6 +127,7 @@ impl Builder {
                 running: Cell::new(false),
                 spin,
                 recent_wait: Cell::new(Duration::ZERO),
+                resolve_timeout,
             }),
         })
     }
@@ -131,6 +151,8 @@ struct Inner {
     /// Moving average of how long the loop waited for something to happen (kept for
     /// [`Spin::Adaptive`]).
     recent_wait: Cell<Duration>,
+    /// How long a name lookup may take.
+    resolve_timeout: Duration,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -490,6 +512,15 @@ pub(crate) fn with_driver<R>(f: impl FnOnce(&mut Driver) -> R) -> io::Result<R> 
     })
 }
 
+/// The resolve timeout of the runtime running on this thread.
+pub(crate) fn resolve_timeout() -> io::Result<Duration> {
+    CONTEXT.with(|context| {
+        let context = context.borrow();
+        let inner = context.as_ref().ok_or_else(no_runtime)?;
+        Ok(inner.resolve_timeout)
+    })
+}
+
 /// Runs `f` with the current runtime's timers.
 fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
     CONTEXT.with(|context| {
@@ -498,4 +529,27 @@ fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
         let mut timers = inner.timers.try_borrow_mut().ok()?;
         Some(f(&mut timers))
     })
+}
+
+/// Runs `test` on a fresh runtime of each driver, for unit tests that need the loop.
+/// Where io_uring cannot start, says so and skips it, unless `RINGSOCK_REQUIRE_URING`
+/// is set (as in CI).
+#[cfg(test)]
+pub(crate) fn on_each_backend<F, Fut>(test: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for backend in [Backend::Uring, Backend::Epoll] {
+        match Builder::new().backend(backend).build() {
+            Ok(runtime) => runtime.block_on(test()),
+            Err(err)
+                if backend == Backend::Uring
+                    && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() =>
+            {
+                eprintln!("skipped on io_uring: {err}");
+            }
+            Err(err) => panic!("cannot start the {backend} runtime: {err}"),
+        }
+    }
 }
