@@ -7,6 +7,7 @@
 
 use std::fmt::{self, Write as _};
 use std::io;
+use std::path::PathBuf;
 
 /// The crate's result type; the error defaults to [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -49,7 +50,8 @@ socket_error_status! {
     OperationAborted,
     /// An HTTP server sent a response that could not be understood.
     HttpInvalidServerResponse,
-    /// The operation or connection attempt timed out (`ETIMEDOUT`, `ETIME`).
+    /// The operation, connection attempt or name lookup timed out (`ETIMEDOUT`,
+    /// `ETIME`).
     ConnectionTimedOut,
     /// The address family is not supported (`EAFNOSUPPORT`, `EPFNOSUPPORT`).
     AddressFamilyNotSupported,
@@ -120,7 +122,8 @@ socket_error_status! {
     /// ringsock addition: the kernel ran out of buffer space or memory (`ENOBUFS`,
     /// `ENOMEM`, `EAI_MEMORY`).
     NoBufferSpace,
-    /// ringsock addition: the operation is not permitted (`EACCES`, `EPERM`).
+    /// ringsock addition: the operation is not permitted, or a file may not be read
+    /// (`EACCES`, `EPERM`).
     PermissionDenied,
     /// ringsock addition: the peer closed the connection before the expected data
     /// arrived, e.g. end of stream in the middle of a line.
@@ -134,6 +137,18 @@ socket_error_status! {
     /// runtime was dropped. Nothing was taken from the other runtime; an operation that
     /// was in flight was cancelled first.
     WrongRuntime,
+    /// ringsock addition: a file to be read does not exist: there is no such file, or
+    /// a component of its path is not a directory (`ENOENT`, `ENOTDIR`).
+    FileNotFound,
+    /// ringsock addition: a file exists but cannot be used: the path names a directory
+    /// (`EISDIR`), or the contents are not what was expected, e.g. a PEM file without
+    /// a certificate or a key that does not match its certificate
+    /// ([`Error::InvalidFile`]).
+    InvalidFile,
+    /// ringsock addition: the resolver already has as many lookups waiting as it
+    /// takes ([`RESOLVER_QUEUE`](crate::host::RESOLVER_QUEUE)); the lookup was refused
+    /// at once. Retrying later may work.
+    ResolverQueueFull,
 }
 
 /// The one public error type of ringsock.
@@ -173,7 +188,9 @@ pub enum Error {
         status: SocketErrorStatus,
     },
 
-    /// Name resolution (`getaddrinfo`) failed.
+    /// Name resolution failed: `getaddrinfo` reported an error, or the resolver was
+    /// too busy (`ResolverQueueFull`) or gave no answer in time (`ConnectionTimedOut`);
+    /// see [`host::resolve`](crate::host::resolve).
     #[error("cannot resolve {host:?}: {}", OneLine(.message))]
     Resolve {
         /// The name that was being resolved.
@@ -196,6 +213,16 @@ pub enum Error {
     InvalidInput {
         /// What was wrong with the argument.
         message: String,
+    },
+
+    /// A file was read but its contents cannot be used (a file that cannot be opened
+    /// or read is an [`Error::Io`] whose context names it).
+    #[error("invalid file {}: {}", OneLine(&.path.display().to_string()), OneLine(.reason))]
+    InvalidFile {
+        /// The file, as given.
+        path: PathBuf,
+        /// What is wrong with its contents.
+        reason: String,
     },
 
     /// An operation did not finish within its deadline.
@@ -269,6 +296,8 @@ impl SocketErrorStatus {
             libc::EPIPE | libc::ESHUTDOWN => SocketErrorStatus::BrokenPipe,
             libc::ENOBUFS | libc::ENOMEM => SocketErrorStatus::NoBufferSpace,
             libc::EACCES | libc::EPERM => SocketErrorStatus::PermissionDenied,
+            libc::ENOENT | libc::ENOTDIR => SocketErrorStatus::FileNotFound,
+            libc::EISDIR => SocketErrorStatus::InvalidFile,
             // EINVAL from a socket call on valid arguments means the operation does
             // not fit the socket (e.g. listen on a UDP socket); bad user input is
             // caught before any syscall and reported as InvalidArgument.
@@ -305,6 +334,10 @@ impl SocketErrorStatus {
             io::ErrorKind::BrokenPipe => SocketErrorStatus::BrokenPipe,
             io::ErrorKind::TimedOut => SocketErrorStatus::ConnectionTimedOut,
             io::ErrorKind::PermissionDenied => SocketErrorStatus::PermissionDenied,
+            io::ErrorKind::NotFound | io::ErrorKind::NotADirectory => {
+                SocketErrorStatus::FileNotFound
+            }
+            io::ErrorKind::IsADirectory => SocketErrorStatus::InvalidFile,
             io::ErrorKind::InvalidInput => SocketErrorStatus::InvalidArgument,
             io::ErrorKind::UnexpectedEof | io::ErrorKind::WriteZero => {
                 SocketErrorStatus::ConnectionClosed
@@ -332,6 +365,8 @@ impl SocketErrorStatus {
             S::ConnectionClosed => io::ErrorKind::UnexpectedEof,
             S::InvalidArgument | S::MessageTooLong => io::ErrorKind::InvalidInput,
             S::PermissionDenied => io::ErrorKind::PermissionDenied,
+            S::FileNotFound => io::ErrorKind::NotFound,
+            S::ResolverQueueFull => io::ErrorKind::ResourceBusy,
             S::NoBufferSpace => io::ErrorKind::OutOfMemory,
             S::UnsupportedOperation | S::AddressFamilyNotSupported | S::SocketTypeNotSupported => {
                 io::ErrorKind::Unsupported
@@ -348,7 +383,8 @@ impl SocketErrorStatus {
             | S::CertificateRevocationServerOffline
             | S::CertificateIsInvalid
             | S::ClientCertificateRequired
-            | S::TlsHandshakeFailed => io::ErrorKind::InvalidData,
+            | S::TlsHandshakeFailed
+            | S::InvalidFile => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         }
     }
@@ -372,6 +408,7 @@ impl Error {
             | Error::Resolve { status, .. }
             | Error::Tls { status, .. } => *status,
             Error::NoAddresses { .. } => SocketErrorStatus::NoAddressesFound,
+            Error::InvalidFile { .. } => SocketErrorStatus::InvalidFile,
             Error::TimedOut { .. } => SocketErrorStatus::ConnectionTimedOut,
             Error::ConnectionClosed { .. } => SocketErrorStatus::ConnectionClosed,
             Error::WrongRuntime { .. } => SocketErrorStatus::WrongRuntime,
@@ -430,6 +467,15 @@ impl Error {
         }
     }
 
+    /// A file whose contents cannot be used; the status is
+    /// [`SocketErrorStatus::InvalidFile`].
+    pub fn invalid_file(path: impl Into<PathBuf>, reason: impl Into<String>) -> Error {
+        Error::InvalidFile {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
     /// The errno behind this error, if it came from the operating system.
     pub fn raw_os_error(&self) -> Option<i32> {
         match self {
@@ -474,6 +520,10 @@ impl Clone for Error {
             Error::NoAddresses { host } => Error::NoAddresses { host: host.clone() },
             Error::InvalidInput { message } => Error::InvalidInput {
                 message: message.clone(),
+            },
+            Error::InvalidFile { path, reason } => Error::InvalidFile {
+                path: path.clone(),
+                reason: reason.clone(),
             },
             Error::TimedOut { context } => Error::TimedOut {
                 context: context.clone(),
@@ -605,8 +655,10 @@ mod tests {
             (libc::ENOPROTOOPT, S::UnsupportedOperation),
             (libc::ENOTCONN, S::UnsupportedOperation),
             (libc::EISCONN, S::UnsupportedOperation),
+            (libc::ENOENT, S::FileNotFound),
+            (libc::ENOTDIR, S::FileNotFound),
+            (libc::EISDIR, S::InvalidFile),
             (libc::EAGAIN, S::Unknown),
-            (libc::ENOENT, S::Unknown),
             (0, S::Unknown),
             (100_000, S::Unknown),
             (i32::MAX, S::Unknown),
@@ -650,7 +702,10 @@ mod tests {
             (io::Error::from(K::WriteZero), S::ConnectionClosed),
             (io::Error::from(K::OutOfMemory), S::NoBufferSpace),
             (io::Error::from(K::Interrupted), S::OperationAborted),
-            (io::Error::from(K::NotFound), S::Unknown),
+            (io::Error::from(K::NotFound), S::FileNotFound),
+            (io::Error::from(K::NotADirectory), S::FileNotFound),
+            (io::Error::from(K::IsADirectory), S::InvalidFile),
+            (io::Error::from(K::ResourceBusy), S::Unknown),
             (io::Error::other("custom"), S::Unknown),
             (
                 io::Error::other(Error::tls(S::CertificateExpired, "expired")),
@@ -664,7 +719,7 @@ mod tests {
 
     #[test]
     fn status_display_is_the_variant_name() {
-        assert_eq!(SocketErrorStatus::ALL.len(), 40);
+        assert_eq!(SocketErrorStatus::ALL.len(), 43);
         for status in SocketErrorStatus::ALL {
             assert_eq!(status.to_string(), format!("{status:?}"));
         }
@@ -751,6 +806,16 @@ mod tests {
             ),
             (Error::timed_out(""), S::ConnectionTimedOut, "timed out"),
             (
+                Error::invalid_file("/etc/x\n.pem", "no CERTIFICATE section"),
+                S::InvalidFile,
+                "invalid file /etc/x .pem: no CERTIFICATE section",
+            ),
+            (
+                Error::from_errno("read the certificate file /nope.pem", libc::ENOENT),
+                S::FileNotFound,
+                "read the certificate file /nope.pem: No such file or directory (os error 2)",
+            ),
+            (
                 Error::connection_closed("read_line"),
                 S::ConnectionClosed,
                 "read_line: connection closed by peer",
@@ -789,6 +854,7 @@ mod tests {
             (Error::timed_out("connect"), K::TimedOut),
             (Error::invalid_input("ttl 0"), K::InvalidInput),
             (Error::connection_closed("read_line"), K::UnexpectedEof),
+            (Error::invalid_file("/k.pem", "bad key"), K::InvalidData),
             (
                 Error::tls(SocketErrorStatus::CertificateExpired, "expired"),
                 K::InvalidData,
@@ -838,6 +904,7 @@ mod tests {
             ),
             Error::io("write", io::ErrorKind::WriteZero.into()),
             Error::timed_out("flush"),
+            Error::invalid_file("/k.pem", "bad key"),
         ];
         for err in cases {
             let copy = err.clone();

@@ -2,7 +2,9 @@
 //!
 //! [`HostName`] validates up front, like Windows.Networking.HostName, so a typo
 //! fails with a message naming the bad character instead of as a resolver error
-//! later. Resolution is blocking by design: the runtime runs it on a helper thread.
+//! later. [`resolve_blocking`] calls the system resolver on the calling thread;
+//! [`resolve`], which the sockets use, runs it on a small bounded pool of resolver
+//! threads with a timeout, so the loop never blocks on DNS.
 
 // getaddrinfo, freeaddrinfo, gai_strerror and if_nametoindex have no safe wrapper
 // in std that exposes resolver error codes, so this module calls them directly.
@@ -12,10 +14,18 @@ use std::ffi::{CStr, CString};
 use std::fmt;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::path::Path;
 use std::ptr;
 use std::str::FromStr;
 
 use crate::error::{Error, Result, SocketErrorStatus};
+
+mod resolver;
+
+pub use resolver::{
+    resolve, resolver_stats, ResolverStats, DEFAULT_RESOLVE_TIMEOUT, RESOLVER_QUEUE,
+    RESOLVER_THREADS,
+};
 
 /// A validated host name: an IPv4 literal, an IPv6 literal (with or without
 /// `[brackets]`, with an optional `%scope` for link-local addresses), or an
@@ -489,10 +499,19 @@ fn parse_service_with(
 }
 
 fn read_services_file() -> Result<Vec<u8>> {
-    match std::fs::read(SERVICES_PATH) {
+    read_services_table(Path::new(SERVICES_PATH))
+}
+
+/// A missing file lists nothing; any other failure is an error naming the file, with
+/// the file's status (`PermissionDenied`, `InvalidFile` for a directory, ...).
+fn read_services_table(path: &Path) -> Result<Vec<u8>> {
+    match std::fs::read(path) {
         Ok(table) => Ok(table),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
-        Err(err) => Err(Error::io(format!("read {SERVICES_PATH}"), err)),
+        Err(err) => Err(Error::io(
+            format!("read the services file {}", path.display()),
+            err,
+        )),
     }
 }
 
@@ -967,6 +986,28 @@ ssh 2222/tcp # later duplicates lose
             Err(Error::invalid_input("the file must not be read"))
         });
         assert_eq!(got.ok(), Some(8080));
+    }
+
+    #[test]
+    fn an_unreadable_services_file_is_a_file_error() {
+        use SocketErrorStatus as S;
+        // A missing file lists nothing; the other failures name the file. EACCES cannot
+        // be made here (the tests run as root); its mapping is tested in error.rs.
+        let missing = read_services_table(Path::new("/nonexistent/services"));
+        assert_eq!(missing.ok(), Some(Vec::new()));
+        let cases: &[(&str, SocketErrorStatus)] = &[
+            ("/", S::InvalidFile),
+            ("/proc/self/status/services", S::FileNotFound),
+        ];
+        for &(path, want) in cases {
+            let err = read_services_table(Path::new(path)).expect_err(path);
+            assert_eq!(err.status(), want, "{path}: {err}");
+            let text = err.to_string();
+            assert!(
+                text.starts_with(&format!("read the services file {path}: ")),
+                "{text}"
+            );
+        }
     }
 
     #[test]

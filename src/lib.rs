@@ -36,8 +36,8 @@
 //!
 //! - [`net`]: the sockets ([`StreamSocket`], [`StreamSocketListener`], [`DatagramSocket`],
 //!   [`OutputStream`]).
-//! - [`host`] and [`error`]: validated host names and service names; [`Error`] with its
-//!   [`SocketErrorStatus`].
+//! - [`host`] and [`error`]: validated host names and service names, the bounded resolver;
+//!   [`Error`] with its [`SocketErrorStatus`].
 //! - [`tls`]: TLS on a [`StreamSocket`] with rustls: client certificates, server
 //!   authentication, certificate statuses.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.

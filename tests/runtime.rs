@@ -145,3 +145,39 @@ fn dropping_a_runtime_drops_its_pending_tasks_and_closes_their_sockets() {
         }
     });
 }
+
+#[test]
+fn a_time_too_long_for_the_clock_waits_instead_of_panicking() {
+    util::on_each_backend(|_| async {
+        assert_eq!(timeout(Duration::MAX, async { 7 }).await, Ok(7));
+        let mut forever = std::pin::pin!(sleep(Duration::MAX));
+        assert!(util::poll_once(forever.as_mut()).await.is_pending());
+        assert!(forever.deadline() > Instant::now() + Duration::from_secs(3600));
+    });
+}
+
+#[test]
+fn the_resolve_timeout_is_checked_and_any_length_works() {
+    let err = Builder::new()
+        .resolve_timeout(Duration::ZERO)
+        .build()
+        .err()
+        .expect("a zero resolve timeout is refused");
+    assert_eq!(err.status(), ringsock::SocketErrorStatus::InvalidArgument);
+    assert!(err.to_string().contains("resolve timeout"), "{err}");
+    for backend in util::BACKENDS {
+        // Longer than the clock can add: no panic, it just never runs out.
+        let builder = Builder::new()
+            .backend(backend)
+            .resolve_timeout(Duration::MAX);
+        util::on_runtime_of(builder, backend, &|_| async {
+            let host = HostName::new("localhost").unwrap();
+            let lookup = ringsock::host::resolve(&host, 80);
+            let addrs = util::must("lookup of localhost", lookup).await.unwrap();
+            assert!(
+                addrs.iter().all(|addr| addr.ip().is_loopback()),
+                "{addrs:?}"
+            );
+        });
+    }
+}

@@ -4,6 +4,7 @@
 mod tls_certs;
 mod util;
 
+use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TlsInfo, TrustedRoot
 use ringsock::{
     Error, HostName, JoinHandle, Result, SocketErrorStatus, StreamSocket, StreamSocketListener,
 };
-use tls_certs::{Ca, LeafOptions};
+use tls_certs::{Ca, LeafOptions, TempDir};
 
 fn localhost() -> HostName {
     HostName::new("localhost").unwrap()
@@ -582,5 +583,149 @@ fn a_read_given_up_on_loses_nothing() {
         );
         socket.shutdown_write().await.unwrap();
         server.await.unwrap();
+    });
+}
+
+/// What loading a file must give: its status, the file it names, and a message fragment.
+struct FileCase {
+    what: &'static str,
+    result: Result<()>,
+    status: SocketErrorStatus,
+    names: PathBuf,
+    says: &'static str,
+}
+
+#[test]
+fn certificate_and_key_files_fail_with_file_statuses() {
+    // Loading is synchronous, but run on both drivers like every test.
+    util::on_each_backend(|_| async {
+        let dir = TempDir::new("tls-files");
+        let ca = Ca::new("ringsock test CA");
+        let (cert, key) = ca
+            .leaf(&["localhost"], LeafOptions::default())
+            .write(dir.path(), "server");
+        let (_, other_key) = ca
+            .leaf(&["localhost"], LeafOptions::default())
+            .write(dir.path(), "other");
+        let ca_file = ca.write(dir.path(), "ca.pem");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "").unwrap();
+        let missing = dir.path().join("missing.pem");
+        // A path through a regular file: ENOTDIR. As root (CI), no mode makes a file
+        // unreadable, so EACCES is covered by the errno table in error.rs instead.
+        let under_a_file = cert.join("cert.pem");
+        let zeros = PathBuf::from("/dev/zero");
+
+        Identity::from_pem_files(&cert, &key).expect("the good pair loads");
+        TrustedRoots::from_pem_file(&ca_file).expect("the good CA loads");
+
+        let identity = |c: &PathBuf, k: &PathBuf| Identity::from_pem_files(c, k).map(drop);
+        let roots = |path: &PathBuf| TrustedRoots::from_pem_file(path).map(drop);
+        use SocketErrorStatus::{FileNotFound, InvalidFile};
+        let cases = vec![
+            FileCase {
+                what: "missing certificate",
+                result: identity(&missing, &key),
+                status: FileNotFound,
+                names: missing.clone(),
+                says: "read the certificate file",
+            },
+            FileCase {
+                what: "missing key",
+                result: identity(&cert, &missing),
+                status: FileNotFound,
+                names: missing.clone(),
+                says: "read the private key file",
+            },
+            FileCase {
+                what: "certificate under a file",
+                result: identity(&under_a_file, &key),
+                status: FileNotFound,
+                names: under_a_file.clone(),
+                says: "Not a directory",
+            },
+            FileCase {
+                what: "certificate is a directory",
+                result: identity(&dir.path().to_path_buf(), &key),
+                status: InvalidFile,
+                names: dir.path().to_path_buf(),
+                says: "Is a directory",
+            },
+            FileCase {
+                what: "key is a directory",
+                result: identity(&cert, &dir.path().to_path_buf()),
+                status: InvalidFile,
+                names: dir.path().to_path_buf(),
+                says: "read the private key file",
+            },
+            FileCase {
+                what: "certificate file holds only a key",
+                result: identity(&key, &key),
+                status: InvalidFile,
+                names: key.clone(),
+                says: "no CERTIFICATE section",
+            },
+            FileCase {
+                what: "empty certificate file",
+                result: identity(&empty, &key),
+                status: InvalidFile,
+                names: empty.clone(),
+                says: "no CERTIFICATE section",
+            },
+            FileCase {
+                what: "key file holds only a certificate",
+                result: identity(&cert, &cert),
+                status: InvalidFile,
+                names: cert.clone(),
+                says: "no usable private key",
+            },
+            FileCase {
+                what: "key of another certificate",
+                result: identity(&cert, &other_key),
+                status: InvalidFile,
+                names: other_key.clone(),
+                says: "does not belong to the certificate",
+            },
+            FileCase {
+                what: "endless certificate file",
+                result: identity(&zeros, &key),
+                status: InvalidFile,
+                names: zeros.clone(),
+                says: "larger than 16 MiB",
+            },
+            FileCase {
+                what: "missing CA bundle",
+                result: roots(&missing),
+                status: FileNotFound,
+                names: missing.clone(),
+                says: "read the CA bundle file",
+            },
+            FileCase {
+                what: "CA bundle is a directory",
+                result: roots(&dir.path().to_path_buf()),
+                status: InvalidFile,
+                names: dir.path().to_path_buf(),
+                says: "read the CA bundle file",
+            },
+            FileCase {
+                what: "CA bundle holds only a key",
+                result: roots(&key),
+                status: InvalidFile,
+                names: key.clone(),
+                says: "no CERTIFICATE section found in the CA bundle",
+            },
+        ];
+        for case in cases {
+            let err = case.result.expect_err(case.what);
+            let text = err.to_string();
+            assert_eq!(err.status(), case.status, "{}: {text}", case.what);
+            let path = case.names.display().to_string();
+            assert!(text.contains(&path), "{}: {text} lacks {path}", case.what);
+            assert!(text.contains(case.says), "{}: {text}", case.what);
+            assert!(!text.contains('\n'), "{}: {text}", case.what);
+            if let Error::InvalidFile { path, .. } = &err {
+                assert_eq!(path, &case.names, "{}", case.what);
+            }
+        }
     });
 }

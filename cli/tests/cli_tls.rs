@@ -127,6 +127,10 @@ fn tls_failures_are_one_status_line() {
     let pki = Pki::new();
     let server = start_server(&pki, "epoll", true);
     let ca = pki.path("server-ca.pem");
+    let dir = pki.dir.path().display().to_string();
+    let is_a_dir = format!("error: InvalidFile: read the CA bundle file {dir}: ");
+    let client_key = pki.path("client.key");
+    let not_pem = format!("error: InvalidFile: invalid file {client_key}: no CERTIFICATE section");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         // No client certificate for a server that requires one.
         (vec!["--ca", &ca], "error: ClientCertificateRequired: "),
@@ -137,11 +141,13 @@ fn tls_failures_are_one_status_line() {
             vec!["--ca", &ca, "--server-name", "example.com"],
             "error: CertificateCommonNameIsIncorrect: ",
         ),
-        // A bad file is an argument error, not a panic.
+        // A bad file is a file error naming it, not a panic.
         (
             vec!["--ca", "/nonexistent/ca.pem"],
-            "error: Unknown: read the CA bundle file /nonexistent/ca.pem",
+            "error: FileNotFound: read the CA bundle file /nonexistent/ca.pem: ",
         ),
+        (vec!["--ca", &dir], is_a_dir.as_str()),
+        (vec!["--ca", &client_key], not_pem.as_str()),
     ];
     for (extra, prefix) in cases {
         for backend in BACKENDS {
@@ -154,6 +160,71 @@ fn tls_failures_are_one_status_line() {
             assert!(stderr.starts_with(prefix), "{args:?}: {stderr}");
             assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         }
+    }
+    assert!(server.stop().success());
+}
+
+#[test]
+fn unusable_server_files_fail_at_start_with_a_file_status() {
+    let pki = Pki::new();
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let missing = pki.path("missing.key");
+    let under_a_file = format!("{cert}/server.key");
+    let cases: Vec<([&str; 2], String)> = vec![
+        (
+            [&cert, &missing],
+            format!("error: FileNotFound: read the private key file {missing}: "),
+        ),
+        (
+            [&cert, &under_a_file],
+            format!("error: FileNotFound: read the private key file {under_a_file}: "),
+        ),
+        (
+            [&key, &key],
+            format!("error: InvalidFile: invalid file {key}: no CERTIFICATE section"),
+        ),
+    ];
+    for ([cert, key], prefix) in &cases {
+        for backend in BACKENDS {
+            let args = [
+                "echo-server",
+                "--tcp",
+                "127.0.0.1:0",
+                "--tls-cert",
+                cert,
+                "--tls-key",
+                key,
+                "--backend",
+                backend,
+            ];
+            let out = ringsock(&args);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(stderr.starts_with(prefix.as_str()), "{args:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        }
+    }
+}
+
+#[test]
+fn a_missing_system_roots_file_is_named() {
+    let pki = Pki::new();
+    let server = start_server(&pki, "epoll", false);
+    let missing = pki.path("no-roots.pem");
+    for backend in BACKENDS {
+        let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-client", "localhost", server.port(), "--tls"])
+            .args(["--backend", backend])
+            .env_remove("RINGSOCK_BACKEND")
+            .env_remove("SSL_CERT_DIR")
+            .env("SSL_CERT_FILE", &missing)
+            .output()
+            .expect("run ringsock");
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.starts_with("error: FileNotFound: "), "{stderr}");
+        assert!(stderr.contains(&missing), "{stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
     }
     assert!(server.stop().success());
 }

@@ -2,8 +2,7 @@
 
 use std::net::SocketAddr;
 
-use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
-use crate::runtime::spawn_blocking;
+use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
 mod control;
@@ -24,21 +23,15 @@ pub use listener::{Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use stream::StreamSocket;
 
-/// Resolves `host` and `service` to socket addresses. IP literals need no lookup; names go
-/// to the system resolver on a helper thread so the loop never blocks on DNS.
+/// Resolves `host` and `service` to socket addresses: IP literals at once, names on the
+/// bounded resolver pool with the runtime's timeout ([`crate::host::resolve`]).
 pub(crate) async fn resolve(
     host: &HostName,
     service: &str,
     protocol: Protocol,
 ) -> Result<Vec<SocketAddr>> {
     let port = parse_service(service, protocol)?;
-    if host.ip().is_some() {
-        return resolve_blocking(host, port);
-    }
-    let owned = host.clone();
-    spawn_blocking(move || resolve_blocking(&owned, port))
-        .await
-        .map_err(|err| Error::io(format!("resolving {host}"), err))?
+    crate::host::resolve(host, port).await
 }
 
 /// A new non-blocking, close-on-exec socket for `addr`'s family.

@@ -23,11 +23,10 @@ use crate::driver::{
 /// The most submission queue entries an io_uring may have (IORING_MAX_ENTRIES).
 const MAX_RING_ENTRIES: u32 = 32768;
 
-mod blocking;
+pub(crate) mod blocking;
 mod spin;
 mod time;
 
-pub(crate) use blocking::spawn_blocking;
 pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
@@ -38,6 +37,7 @@ pub struct Builder {
     ring_entries: Option<u32>,
     spin: Option<Spin>,
     disabled: Capabilities,
+    resolve_timeout: Option<Duration>,
 }
 
 impl Builder {
@@ -90,12 +90,31 @@ impl Builder {
         self
     }
 
+    /// How long a name lookup ([`host::resolve`](crate::host::resolve), and the
+    /// connects and sends given a [`HostName`](crate::HostName)) may take before it fails
+    /// with `ConnectionTimedOut`; default
+    /// [`DEFAULT_RESOLVE_TIMEOUT`](crate::host::DEFAULT_RESOLVE_TIMEOUT), 5 s. Zero is
+    /// refused by [`build`](Self::build).
+    pub fn resolve_timeout(mut self, timeout: Duration) -> Builder {
+        self.resolve_timeout = Some(timeout);
+        self
+    }
+
     /// Starts the runtime on this thread.
     ///
     /// Fails when the backend named here or in `RINGSOCK_BACKEND` cannot start (for
-    /// example `uring` where seccomp forbids io_uring), when a setting is out of range, or
-    /// when `RINGSOCK_BACKEND`, `RINGSOCK_SPIN` or `RINGSOCK_DISABLE` is invalid.
+    /// example `uring` where seccomp forbids io_uring), when a setting is out of range
+    /// (ring entries, a zero resolve timeout), or when `RINGSOCK_BACKEND`,
+    /// `RINGSOCK_SPIN` or `RINGSOCK_DISABLE` is invalid.
     pub fn build(self) -> crate::Result<Runtime> {
+        let resolve_timeout = self
+            .resolve_timeout
+            .unwrap_or(crate::host::DEFAULT_RESOLVE_TIMEOUT);
+        if resolve_timeout.is_zero() {
+            return Err(crate::Error::invalid_input(
+                "the resolve timeout must be longer than zero",
+            ));
+        }
         let backend = match self.backend {
             Some(backend) => backend,
             None => Backend::from_env()?.unwrap_or_default(),
@@ -135,6 +154,7 @@ impl Builder {
                 running: Cell::new(false),
                 spin,
                 recent_wait: Cell::new(Duration::ZERO),
+                resolve_timeout,
             }),
         })
     }
@@ -158,6 +178,8 @@ struct Inner {
     /// Moving average of how long the loop waited for something to happen (kept for
     /// [`Spin::Adaptive`]).
     recent_wait: Cell<Duration>,
+    /// How long a name lookup may take.
+    resolve_timeout: Duration,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -513,6 +535,17 @@ pub fn driver_stats() -> Option<DriverStats> {
     CONTEXT.with(|context| context.borrow().as_ref()?.driver.stats())
 }
 
+/// The resolve timeout of the runtime running on this thread.
+pub(crate) fn resolve_timeout() -> std::io::Result<Duration> {
+    CONTEXT.with(|context| {
+        let context = context.borrow();
+        let inner = context
+            .as_ref()
+            .ok_or_else(crate::driver::current::no_runtime)?;
+        Ok(inner.resolve_timeout)
+    })
+}
+
 /// Runs `f` with the current runtime's timers.
 fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
     CONTEXT.with(|context| {
@@ -521,4 +554,27 @@ fn with_timers<R>(f: impl FnOnce(&mut time::Timers) -> R) -> Option<R> {
         let mut timers = inner.timers.try_borrow_mut().ok()?;
         Some(f(&mut timers))
     })
+}
+
+/// Runs `test` on a fresh runtime of each driver, for unit tests that need the loop.
+/// Where io_uring cannot start, says so and skips it, unless `RINGSOCK_REQUIRE_URING`
+/// is set (as in CI).
+#[cfg(test)]
+pub(crate) fn on_each_backend<F, Fut>(test: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    for backend in [Backend::Uring, Backend::Epoll] {
+        match Builder::new().backend(backend).build() {
+            Ok(runtime) => runtime.block_on(test()),
+            Err(err)
+                if backend == Backend::Uring
+                    && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() =>
+            {
+                eprintln!("skipped on io_uring: {err}");
+            }
+            Err(err) => panic!("cannot start the {backend} runtime: {err}"),
+        }
+    }
 }

@@ -12,6 +12,9 @@ use std::time::{Duration, Instant};
 
 use super::with_timers;
 
+/// What "never" is for a [`sleep`] whose deadline does not fit in an `Instant`.
+const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
 /// Pending timers, ordered by deadline.
 #[derive(Default)]
 pub(crate) struct Timers {
@@ -65,9 +68,15 @@ pub struct Sleep {
     key: Option<(Instant, u64)>,
 }
 
-/// Waits for `duration`.
+/// Waits for `duration`. A duration too long for the clock to add (such as
+/// `Duration::MAX`) waits for a hundred years instead of panicking.
 pub fn sleep(duration: Duration) -> Sleep {
-    sleep_until(Instant::now() + duration)
+    let now = Instant::now();
+    let deadline = now
+        .checked_add(duration)
+        .or_else(|| now.checked_add(FOREVER))
+        .unwrap_or(now);
+    sleep_until(deadline)
 }
 
 /// Waits until `deadline`.

@@ -1,5 +1,6 @@
 //! What a TLS session is built from: identities, trusted roots, the server's acceptor.
 
+use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -39,14 +40,10 @@ impl Identity {
     /// end-entity first; `key_pem` holds a `PRIVATE KEY` (PKCS#8), `RSA PRIVATE KEY` or
     /// `EC PRIVATE KEY` section. Both may be the same combined file.
     pub fn from_pem(cert_chain_pem: &[u8], key_pem: &[u8]) -> Result<Identity> {
-        let chain = parse_pem_certificates(cert_chain_pem, "certificate chain")?;
-        let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|err| {
-            Error::invalid_input(format!(
-                "no usable private key in the key PEM (expected a PRIVATE KEY, RSA PRIVATE \
-                 KEY or EC PRIVATE KEY section): {err}"
-            ))
-        })?;
-        Identity::from_parts(chain, key)
+        let chain = parse_pem_certificates(cert_chain_pem, "certificate chain")
+            .map_err(Error::invalid_input)?;
+        let key = parse_pem_key(key_pem).map_err(Error::invalid_input)?;
+        Identity::from_parts(chain, key).map_err(Error::invalid_input)
     }
 
     /// From DER: the chain end-entity first, and a PKCS#8, PKCS#1 (RSA) or SEC1 (EC) key.
@@ -60,25 +57,42 @@ impl Identity {
                 "the private key is not PKCS#8, PKCS#1 or SEC1 DER: {err}"
             ))
         })?;
-        Identity::from_parts(chain, key)
+        Identity::from_parts(chain, key).map_err(Error::invalid_input)
     }
 
-    /// From two PEM files (they may be the same file).
+    /// From two PEM files (they may be the same file), as in [`Identity::from_pem`].
+    ///
+    /// A file that cannot be read is an [`Error::Io`] naming it, with status
+    /// `FileNotFound`, `PermissionDenied` or `InvalidFile` (a directory); one whose
+    /// contents are unusable is an [`Error::InvalidFile`] naming it.
     pub fn from_pem_files(cert_chain: impl AsRef<Path>, key: impl AsRef<Path>) -> Result<Identity> {
-        let chain = read_file(cert_chain.as_ref(), "certificate")?;
-        let key = read_file(key.as_ref(), "private key")?;
-        Identity::from_pem(&chain, &key)
+        let (cert_path, key_path) = (cert_chain.as_ref(), key.as_ref());
+        let chain_pem = read_file(cert_path, "certificate")?;
+        let key_pem = read_file(key_path, "private key")?;
+        let chain = parse_pem_certificates(&chain_pem, "certificate chain")
+            .map_err(|reason| Error::invalid_file(cert_path, reason))?;
+        let key =
+            parse_pem_key(&key_pem).map_err(|reason| Error::invalid_file(key_path, reason))?;
+        // A key that does not fit is blamed on the key file, the usual mistake; the
+        // message names the certificate file too.
+        Identity::from_parts(chain, key).map_err(|reason| {
+            Error::invalid_file(
+                key_path,
+                format!("{reason} (certificate file {})", cert_path.display()),
+            )
+        })
     }
 
+    /// The reason is a sentence for the caller to attach to the input it came from.
     fn from_parts(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
-    ) -> Result<Identity> {
+    ) -> std::result::Result<Identity, String> {
         let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| match err {
             rustls::Error::InconsistentKeys(_) => {
-                Error::invalid_input("the private key does not belong to the certificate")
+                "the private key does not belong to the certificate".to_owned()
             }
-            other => Error::invalid_input(format!("unusable certificate or private key: {other}")),
+            other => format!("unusable certificate or private key: {other}"),
         })?;
         Ok(Identity { key: Arc::new(key) })
     }
@@ -116,45 +130,71 @@ pub struct TrustedRoots {
 impl TrustedRoots {
     /// The system's roots, read once per process from the OpenSSL locations
     /// (`/etc/ssl/certs`, or `SSL_CERT_FILE` / `SSL_CERT_DIR` when set).
+    ///
+    /// When no root could be loaded because a file or directory could not be read (say
+    /// `SSL_CERT_FILE` names a missing file), the error is that file's, naming it, with
+    /// its file status; otherwise an empty store is `CertificateUntrustedRoot`.
     pub fn system() -> Result<TrustedRoots> {
-        static SYSTEM: OnceLock<std::result::Result<Arc<RootCertStore>, String>> = OnceLock::new();
+        static SYSTEM: OnceLock<Result<Arc<RootCertStore>>> = OnceLock::new();
         let loaded = SYSTEM.get_or_init(|| {
             let found = rustls_native_certs::load_native_certs();
             let mut store = RootCertStore::empty();
             store.add_parsable_certificates(found.certs);
-            if store.is_empty() {
-                let why = match found.errors.first() {
-                    Some(err) => format!(": {err}"),
-                    None => String::new(),
-                };
-                return Err(format!(
+            if !store.is_empty() {
+                return Ok(Arc::new(store));
+            }
+            let mut why = String::new();
+            for err in found.errors {
+                let text = err.to_string();
+                match err.kind {
+                    rustls_native_certs::ErrorKind::Io { inner, path } => {
+                        return Err(Error::io(
+                            format!(
+                                "no trusted root certificates loaded: {} {}",
+                                err.context,
+                                path.display()
+                            ),
+                            inner,
+                        ));
+                    }
+                    _ if why.is_empty() => why = format!(": {text}"),
+                    _ => {}
+                }
+            }
+            Err(Error::tls(
+                SocketErrorStatus::CertificateUntrustedRoot,
+                format!(
                     "no trusted root certificates found on this system{why}; install the \
                      ca-certificates package or give a CA bundle"
-                ));
-            }
-            Ok(Arc::new(store))
+                ),
+            ))
         });
         match loaded {
             Ok(store) => Ok(TrustedRoots {
                 store: store.clone(),
             }),
-            Err(message) => Err(Error::tls(
-                SocketErrorStatus::CertificateUntrustedRoot,
-                message,
-            )),
+            Err(err) => Err(err.clone()),
         }
     }
 
     /// From a PEM bundle of one or more `CERTIFICATE` sections. Every certificate must be
     /// usable as a trust anchor.
     pub fn from_pem(pem: &[u8]) -> Result<TrustedRoots> {
-        let certs = parse_pem_certificates(pem, "CA bundle")?;
-        TrustedRoots::from_certs(certs)
+        let certs = parse_pem_certificates(pem, "CA bundle").map_err(Error::invalid_input)?;
+        TrustedRoots::from_certs(certs).map_err(Error::invalid_input)
     }
 
-    /// From a PEM bundle file.
+    /// From a PEM bundle file, as in [`TrustedRoots::from_pem`].
+    ///
+    /// A file that cannot be read is an [`Error::Io`] naming it, with status
+    /// `FileNotFound`, `PermissionDenied` or `InvalidFile` (a directory); one whose
+    /// contents are unusable is an [`Error::InvalidFile`] naming it.
     pub fn from_pem_file(path: impl AsRef<Path>) -> Result<TrustedRoots> {
-        TrustedRoots::from_pem(&read_file(path.as_ref(), "CA bundle")?)
+        let path = path.as_ref();
+        let pem = read_file(path, "CA bundle")?;
+        parse_pem_certificates(&pem, "CA bundle")
+            .and_then(TrustedRoots::from_certs)
+            .map_err(|reason| Error::invalid_file(path, reason))
     }
 
     /// From DER certificates.
@@ -163,16 +203,20 @@ impl TrustedRoots {
             return Err(Error::invalid_input("the CA list is empty"));
         }
         TrustedRoots::from_certs(certs.into_iter().map(CertificateDer::from).collect())
+            .map_err(Error::invalid_input)
     }
 
-    fn from_certs(certs: Vec<CertificateDer<'static>>) -> Result<TrustedRoots> {
+    /// The reason is a sentence for the caller to attach to the input it came from.
+    fn from_certs(
+        certs: Vec<CertificateDer<'static>>,
+    ) -> std::result::Result<TrustedRoots, String> {
         let mut store = RootCertStore::empty();
         for (index, cert) in certs.into_iter().enumerate() {
             store.add(cert).map_err(|err| {
-                Error::invalid_input(format!(
+                format!(
                     "CA certificate {} is not usable as a trust anchor: {err}",
                     index + 1
-                ))
+                )
             })?;
         }
         Ok(TrustedRoots {
@@ -436,21 +480,49 @@ pub(crate) fn server_name(host: &HostName) -> Result<ServerName<'static>> {
     })
 }
 
-fn parse_pem_certificates(pem: &[u8], what: &str) -> Result<Vec<CertificateDer<'static>>> {
+/// The reason is a sentence for the caller to attach to the input it came from.
+fn parse_pem_certificates(
+    pem: &[u8],
+    what: &str,
+) -> std::result::Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_slice_iter(pem)
         .collect::<std::result::Result<Vec<_>, _>>()
-        .map_err(|err| Error::invalid_input(format!("bad PEM in the {what}: {err}")))?;
+        .map_err(|err| format!("bad PEM in the {what}: {err}"))?;
     if certs.is_empty() {
-        return Err(Error::invalid_input(format!(
-            "no CERTIFICATE section found in the {what}"
-        )));
+        return Err(format!("no CERTIFICATE section found in the {what}"));
     }
     Ok(certs)
 }
 
+/// The reason is a sentence for the caller to attach to the input it came from.
+fn parse_pem_key(pem: &[u8]) -> std::result::Result<PrivateKeyDer<'static>, String> {
+    PrivateKeyDer::from_pem_slice(pem).map_err(|err| {
+        format!(
+            "no usable private key (expected a PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE \
+             KEY section): {err}"
+        )
+    })
+}
+
+/// The most a PEM file may hold: far more than any chain or CA bundle, little enough
+/// that a path such as `/dev/zero` fails at once instead of filling memory.
+const MAX_PEM_FILE: u64 = 16 << 20;
+
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|err| Error::io(format!("read the {what} file {}", path.display()), err))
+    let context = || format!("read the {what} file {}", path.display());
+    let file = std::fs::File::open(path).map_err(|err| Error::io(context(), err))?;
+    let mut bytes = Vec::new();
+    // A directory opens fine and fails here, with EISDIR.
+    file.take(MAX_PEM_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| Error::io(context(), err))?;
+    if bytes.len() as u64 > MAX_PEM_FILE {
+        return Err(Error::invalid_file(
+            path,
+            format!("larger than {} MiB: not a {what} file", MAX_PEM_FILE >> 20),
+        ));
+    }
+    Ok(bytes)
 }
 
 #[cfg(test)]

@@ -40,7 +40,16 @@ where
     F: Fn(Backend) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let runtime = match Builder::new().backend(backend).build() {
+    on_runtime_of(Builder::new().backend(backend), backend, test);
+}
+
+/// Runs `test` like [`on_backend`], on the runtime `builder` (set to `backend`) makes.
+pub fn on_runtime_of<F, Fut>(builder: Builder, backend: Backend, test: &F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let runtime = match builder.build() {
         Ok(runtime) => runtime,
         Err(err)
             if backend == Backend::Uring
