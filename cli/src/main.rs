@@ -16,7 +16,7 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
+    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
     StreamSocketListener,
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
@@ -255,6 +255,22 @@ fn demo(backend: BackendArg) -> ringsock::Result<()> {
     })?;
     let kind = runtime.driver_kind();
     println!("driver: {kind}");
+    if let Some(setup) = runtime.ring_setup() {
+        let found = runtime.capabilities();
+        let missing: Vec<&str> = Capability::ALL
+            .into_iter()
+            .filter(|cap| !found.contains(*cap))
+            .map(Capability::name)
+            .collect();
+        println!("io_uring setup: {setup}");
+        println!("io_uring capabilities: {found}");
+        if !missing.is_empty() {
+            println!(
+                "io_uring without (their fallbacks run instead): {}",
+                missing.join(" ")
+            );
+        }
+    }
     drop(runtime);
     batching_demo(kind)
 }

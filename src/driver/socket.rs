@@ -56,14 +56,21 @@ impl Binding {
 }
 
 impl SharedFd {
+    /// Wraps a new socket. Made while a runtime runs, it belongs to that runtime's
+    /// driver from now on (an accepted socket belongs where its listener does); made
+    /// outside any runtime, to the first that uses it.
     pub(crate) fn new(fd: OwnedFd) -> SharedFd {
-        SharedFd {
+        let socket = SharedFd {
             inner: Rc::new(Inner {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
             }),
-        }
+        };
+        // Failing here (an epoll registration refused) leaves the socket unbound: its
+        // first use tries again and reports the error.
+        let _ = socket.binding();
+        socket
     }
 
     pub(crate) fn raw(&self) -> RawFd {

@@ -8,9 +8,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
-use ringsock::{Backend, JoinHandle, StreamSocket, StreamSocketListener};
+use ringsock::{Backend, JoinHandle, Runtime, StreamSocket, StreamSocketListener};
 
 pub mod netns;
+pub mod poison;
 
 /// The longest any one test body may run on one driver before it counts as a hang.
 pub const TEST_LIMIT: Duration = Duration::from_secs(120);
@@ -49,22 +50,30 @@ where
     F: Fn(Backend) -> Fut,
     Fut: Future<Output = ()>,
 {
-    let runtime = match builder.build() {
-        Ok(runtime) => runtime,
-        Err(err)
-            if backend == Backend::Uring
-                && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() =>
-        {
-            eprintln!("skipped on io_uring: {err}");
-            return;
-        }
-        Err(err) => panic!("cannot start the {backend} runtime: {err}"),
+    let Some(runtime) = build_or_skip(builder, backend) else {
+        return;
     };
     runtime.block_on(async {
         if timeout(TEST_LIMIT, test(backend)).await.is_err() {
             panic!("test did not finish within {TEST_LIMIT:?} on {backend}");
         }
     });
+}
+
+/// The runtime `builder` (set to `backend`) makes; `None`, said on stderr, where io_uring
+/// cannot start and CI does not require it (`RINGSOCK_REQUIRE_URING`).
+pub fn build_or_skip(builder: Builder, backend: Backend) -> Option<Runtime> {
+    match builder.build() {
+        Ok(runtime) => Some(runtime),
+        Err(err)
+            if backend == Backend::Uring
+                && std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() =>
+        {
+            eprintln!("skipped on io_uring: {err}");
+            None
+        }
+        Err(err) => panic!("cannot start the {backend} runtime: {err}"),
+    }
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a failure can be replayed.
