@@ -44,6 +44,7 @@
 //! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options) import no
 //! engine.
 
+pub(crate) mod affinity;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub(crate) mod buf_pool;
@@ -58,6 +59,7 @@ pub(crate) mod ops_datagram;
 pub(crate) mod poll;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
+pub(crate) mod scm;
 pub(crate) mod sockaddr;
 pub(crate) mod socket;
 pub(crate) mod sockopt;

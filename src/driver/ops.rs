@@ -194,13 +194,22 @@ fn chain_outcome(
 pub(crate) struct Acceptor {
     multishot: Option<uring::MultiOp>,
     single: Option<uring::Op<FdRef>>,
+    /// Connections accepted before the listener came to this runtime, handed out first.
+    adopted: std::collections::VecDeque<OwnedFd>,
 }
 
 impl Acceptor {
     pub(crate) fn new() -> Acceptor {
+        Acceptor::with_accepted(Vec::new())
+    }
+
+    /// An acceptor that first hands out `accepted`, the connections a listener brought
+    /// from the runtime (or process) it left.
+    pub(crate) fn with_accepted(accepted: Vec<OwnedFd>) -> Acceptor {
         Acceptor {
             multishot: None,
             single: None,
+            adopted: accepted.into(),
         }
     }
 
@@ -210,6 +219,9 @@ impl Acceptor {
         fd: &SharedFd,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<OwnedFd>> {
+        if let Some(accepted) = self.adopted.pop_front() {
+            return Poll::Ready(Ok(accepted));
+        }
         match fd.binding() {
             Err(err) => Poll::Ready(Err(err)),
             Ok(Binding::Poll(reg)) => loop {
@@ -237,6 +249,27 @@ impl Acceptor {
                 }
             }
         }
+    }
+
+    /// The connections the kernel accepted but nobody took yet, for a listener leaving
+    /// this runtime: call after its operations were cancelled and reaped
+    /// ([`SharedFd::detach`]), so every completion is in.
+    pub(crate) fn take_accepted(&mut self) -> Vec<OwnedFd> {
+        let waker = std::task::Waker::noop();
+        let mut cx = Context::from_waker(waker);
+        let mut accepted: Vec<OwnedFd> = self.adopted.drain(..).collect();
+        if let Some(op) = self.multishot.as_mut() {
+            while let Poll::Ready(Ok(Some(completion))) = op.poll_next(&mut cx) {
+                accepted.extend(uring::net::accepted(completion).ok());
+            }
+        }
+        if let Some(op) = self.single.as_mut() {
+            if let Poll::Ready((Ok(completion), _)) = Pin::new(op).poll(&mut cx) {
+                self.single = None;
+                accepted.extend(uring::net::accepted(completion).ok());
+            }
+        }
+        accepted
     }
 
     fn poll_multishot(

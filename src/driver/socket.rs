@@ -26,6 +26,9 @@ struct Inner {
     fd: FdRef,
     /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
     write_shut: Cell<bool>,
+    /// The socket was taken off its runtime ([`SharedFd::detach`]): this handle no
+    /// longer uses it.
+    detached: Cell<bool>,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -65,6 +68,7 @@ impl SharedFd {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
+                detached: Cell::new(false),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -75,6 +79,11 @@ impl SharedFd {
 
     pub(crate) fn raw(&self) -> RawFd {
         self.inner.fd.raw()
+    }
+
+    /// The descriptor, while this handle lives.
+    pub(crate) fn borrow_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.fd.borrow()
     }
 
     /// The descriptor, for operations to keep open while the kernel uses it.
@@ -99,6 +108,9 @@ impl SharedFd {
     /// runtime running on this thread; after that, using it where another runtime runs
     /// (or none, or after its runtime was dropped) is the `WrongRuntime` error.
     pub(crate) fn binding(&self) -> io::Result<&Binding> {
+        if self.inner.detached.get() {
+            return Err(detached());
+        }
         if let Some(binding) = self.inner.binding.get() {
             if current::is_current(binding.id()) {
                 return Ok(binding);
@@ -114,6 +126,38 @@ impl SharedFd {
         .ok_or_else(current::no_runtime)??;
         Ok(self.inner.binding.get_or_init(|| binding))
     }
+}
+
+impl SharedFd {
+    /// Takes the socket off its runtime: every operation in flight on it there is
+    /// cancelled and reaped (io_uring) or its epoll registration removed, this handle and
+    /// its clones stop using it (their calls fail), and a new descriptor for the same
+    /// socket comes back, owned by the caller, for another runtime or process.
+    pub(crate) fn detach(&self) -> io::Result<OwnedFd> {
+        if self.inner.detached.get() {
+            return Err(detached());
+        }
+        // Never used on a runtime, nothing of any driver's holds it.
+        if let Some(binding) = self.inner.binding.get() {
+            if !current::is_current(binding.id()) {
+                return Err(binding.misuse());
+            }
+            match binding {
+                Binding::Uring(driver) => driver.with(|d| d.cancel_fd(self.raw()))??,
+                Binding::Poll(registration) => registration.release()?,
+            }
+        }
+        self.inner.detached.set(true);
+        self.inner.fd.try_clone()
+    }
+}
+
+/// The error for a socket handle whose socket was detached.
+fn detached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the socket was detached from this handle (handed to another runtime or process)",
+    )
 }
 
 impl fmt::Debug for SharedFd {

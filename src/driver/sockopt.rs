@@ -58,3 +58,55 @@ pub(crate) fn socket_drops(fd: RawFd) -> io::Result<u64> {
     }
     Ok(info[SK_MEMINFO_DROPS] as u64)
 }
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+/// Where a classic BPF program reads the CPU that runs it (SKF_AD_OFF + SKF_AD_CPU).
+const SKF_AD_CPU: u32 = (-0x1000i32 + 36) as u32;
+
+/// Routes each new connection (or datagram) of the SO_REUSEPORT group `fd` belongs to,
+/// to the group member whose index is the position of the receiving CPU in `cpus`, so
+/// a connection stays on the CPU (and the pinned thread) that received it; other CPUs
+/// go by CPU number modulo the group's size. A classic BPF program, attached once to
+/// any member, serves the whole group.
+pub(crate) fn route_reuseport_by_cpu(fd: RawFd, cpus: &[usize]) -> io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const MOD_K: u16 = 0x94;
+    const RET_A: u16 = 0x16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    if cpus.is_empty() || cpus.len() > 255 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "CPU routing takes 1 to 255 group members",
+        ));
+    }
+    let mut program = vec![op(LD_W_ABS, 0, 0, SKF_AD_CPU)];
+    for (index, &cpu) in cpus.iter().enumerate() {
+        // On a match fall through to the return; else jump over it.
+        program.push(op(JEQ_K, 0, 1, cpu as u32));
+        program.push(op(RET_K, 0, 0, index as u32));
+    }
+    program.push(op(MOD_K, 0, 0, cpus.len() as u32));
+    program.push(op(RET_A, 0, 0, 0));
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: passes a live sock_fprog whose filter points at `program`, alive for the
+    // call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

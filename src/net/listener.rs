@@ -3,7 +3,7 @@
 use std::cell::RefCell;
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
@@ -12,7 +12,7 @@ use futures_core::Stream;
 use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
 use super::turn::Turnstile;
-use super::{new_socket, StreamSocket};
+use super::{new_socket, Detached, SocketKind, StreamSocket};
 use crate::driver::ops::Acceptor;
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -171,5 +171,58 @@ impl<'a> Stream for Incoming<'a> {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Sockets in and out: std, raw descriptors, and other runtimes.
+impl StreamSocketListener {
+    /// Takes a listening std socket (made non-blocking); it belongs to the runtime
+    /// running on this thread, or to the first that uses it.
+    pub fn from_std(listener: std::net::TcpListener) -> Result<StreamSocketListener> {
+        Detached::from_fd(OwnedFd::from(listener))?.into_listener()
+    }
+
+    /// Wraps a listening descriptor detached elsewhere; `accepted` are handed out first.
+    pub(crate) fn adopt(fd: OwnedFd, accepted: Vec<OwnedFd>) -> Result<StreamSocketListener> {
+        Ok(StreamSocketListener {
+            fd: SharedFd::new(fd),
+            acceptor: RefCell::new(Acceptor::with_accepted(accepted)),
+            turn: Turnstile::default(),
+            options: StreamOptions::default(),
+        })
+    }
+
+    /// Takes the listener off this runtime, for another thread's runtime or another
+    /// process: its accepts in flight are cancelled and reaped, and the connections the
+    /// kernel had accepted but the program had not taken go along with it (the adopting
+    /// listener hands them out first), so no connection is lost or reset. Afterwards this
+    /// listener is a spent handle: its calls fail.
+    pub fn detach(&self) -> Result<Detached> {
+        let owned = self.fd.detach().map_err(|err| Error::io("detach", err))?;
+        let accepted = self.acceptor.borrow_mut().take_accepted();
+        Ok(Detached::new(owned, SocketKind::Listener, accepted))
+    }
+
+    /// The listener as a blocking std listener, taken off this runtime as
+    /// [`detach`](Self::detach) does; connections it had accepted but not handed out
+    /// are closed.
+    pub fn into_std(self) -> Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::from(self.detach()?.into_fd());
+        listener
+            .set_nonblocking(false)
+            .map_err(|err| Error::io("make the socket blocking", err))?;
+        Ok(listener)
+    }
+}
+
+impl AsRawFd for StreamSocketListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.raw()
+    }
+}
+
+impl AsFd for StreamSocketListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.borrow_fd()
     }
 }

@@ -7,9 +7,11 @@ use crate::{Error, Result};
 
 mod control;
 mod datagram;
+mod handoff;
 mod input;
 mod listener;
 mod output;
+mod shard;
 mod stream;
 mod transport;
 mod turn;
@@ -18,9 +20,13 @@ pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
 };
+pub use handoff::{
+    activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind,
+};
 pub use input::InputStream;
 pub use listener::{Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
+pub use shard::Sharded;
 pub use stream::StreamSocket;
 
 /// Resolves `host` and `service` to socket addresses: IP literals at once, names on the

@@ -2,12 +2,12 @@
 
 use std::cell::OnceCell;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 use super::control::{StreamOptions, StreamSocketControl};
 use super::transport::Transport;
-use super::{new_socket, resolve, InputStream, OutputStream};
+use super::{new_socket, resolve, Detached, InputStream, OutputStream, SocketKind};
 use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
 use crate::host::{HostName, Protocol};
@@ -395,5 +395,79 @@ unsafe impl<B: IoBuf> IoBuf for Offset<B> {
     }
     fn bytes_init(&self) -> usize {
         self.buf.bytes_init() - self.start
+    }
+}
+
+/// Sockets in and out: std, raw descriptors, and other runtimes.
+impl StreamSocket {
+    /// Takes a connected std stream (made non-blocking); it belongs to the runtime
+    /// running on this thread, or to the first that uses it.
+    pub fn from_std(stream: std::net::TcpStream) -> Result<StreamSocket> {
+        Detached::from_fd(OwnedFd::from(stream))?.into_stream()
+    }
+
+    /// Wraps a descriptor detached elsewhere (see [`Detached::into_stream`]).
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<StreamSocket> {
+        StreamSocket::accepted(fd, &StreamOptions::default())
+    }
+
+    /// Takes the connection off this runtime, for another thread's runtime or another
+    /// process: writes queued on its output stream are sent first, operations in flight
+    /// on it (a read in another task, say) are cancelled, and handles made from it
+    /// (input and output streams) stop working. Bytes not read yet stay in the kernel
+    /// and are read by whoever adopts it.
+    ///
+    /// Afterwards this socket is a spent handle: its calls fail. A TLS stream cannot be
+    /// detached (its session state lives here): that is an `UnsupportedOperation` error
+    /// and the socket stays as it was.
+    pub async fn detach(&self) -> Result<Detached> {
+        if self.tls.get().is_some() {
+            return Err(Error::io(
+                "detach",
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "a TLS stream cannot be detached: its session stays with this runtime",
+                ),
+            ));
+        }
+        let fd = self.fd()?.clone();
+        if let Some(output) = self.output.get() {
+            output.flush().await?;
+        }
+        let owned = fd.detach().map_err(|err| Error::io("detach", err))?;
+        Ok(Detached::new(owned, SocketKind::Stream, Vec::new()))
+    }
+
+    /// The connection as a blocking std stream, taken off this runtime as
+    /// [`detach`](Self::detach) does.
+    pub async fn into_std(self) -> Result<std::net::TcpStream> {
+        let stream = std::net::TcpStream::from(self.detach().await?.into_fd());
+        stream
+            .set_nonblocking(false)
+            .map_err(|err| Error::io("make the socket blocking", err))?;
+        Ok(stream)
+    }
+}
+
+impl AsRawFd for StreamSocket {
+    /// The descriptor, or -1 while the socket is not connected.
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get().map_or(-1, SharedFd::raw)
+    }
+}
+
+impl AsFd for StreamSocket {
+    /// The descriptor.
+    ///
+    /// # Panics
+    ///
+    /// While the socket is not connected: it has no descriptor before `connect`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        let fd = self
+            .fd
+            .get()
+            .expect("StreamSocket::as_fd: the socket is not connected");
+        // The SharedFd (and its descriptor) lives as long as `self`.
+        fd.borrow_fd()
     }
 }

@@ -469,6 +469,41 @@ impl Driver {
         self.ops.remove(key).and_then(|slot| slot.data)
     }
 
+    /// Cancels every operation in flight on descriptor `fd` and reaps until the kernel
+    /// has given them all back (their futures see `ECANCELED`), for a socket leaving
+    /// this driver: nothing of this ring may read from it or write for it afterwards.
+    /// Synchronous (IORING_REGISTER_SYNC_CANCEL, Linux 6.0), else an ASYNC_CANCEL of
+    /// every request on the descriptor (5.19) and a bounded wait for its completion.
+    pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        let all = || types::CancelBuilder::fd(types::Fd(fd)).all();
+        let synced = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(types::Timespec::from(REAP_WAIT * REAP_ROUNDS)), all());
+        match synced {
+            Ok(()) => {}
+            // Nothing was in flight on it.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                let entry = opcode::AsyncCancel2::new(all())
+                    .build()
+                    .user_data(CANCEL_TOKEN);
+                // SAFETY: an async cancel points to no memory.
+                unsafe { self.push_entries(std::slice::from_ref(&entry)) }?;
+                // Enough rounds for the cancel and the completions it causes to arrive.
+                for _ in 0..3 {
+                    self.wait(REAP_WAIT)?;
+                    self.reap();
+                }
+            }
+            Err(err) => return Err(err),
+        }
+        // Post whatever the cancels completed (deferred task work runs here).
+        let _ = self.wait(Duration::ZERO);
+        self.reap();
+        Ok(())
+    }
+
     fn arm_wake(&mut self) {
         if self.wake_armed {
             return;
