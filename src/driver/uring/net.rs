@@ -22,7 +22,7 @@ pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef) -> io::Result<MultiOp> {
     // SAFETY: the SQE points to no memory but the descriptor, which the op's FdRef keeps
     // open.
     unsafe {
-        MultiOp::submit(driver, fd.clone(), true, |fd| {
+        MultiOp::submit(driver, fd.clone(), true, None, |fd| {
             opcode::AcceptMulti::new(types::Fd(fd.raw()))
                 .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
                 .build()
