@@ -13,7 +13,7 @@ use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
 use super::turn::Turnstile;
 use super::{new_socket, StreamSocket};
-use crate::driver::ops::Acceptor;
+use crate::driver::accept::{self, Acceptor};
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
 use crate::{Error, Result};
@@ -23,8 +23,12 @@ const BACKLOG: i32 = 1024;
 
 /// Listens for TCP connections, like Windows.Networking.Sockets.StreamSocketListener.
 ///
-/// On io_uring one multishot accept serves every connection until the kernel ends it;
-/// it is re-armed on the next `accept`.
+/// On io_uring one multishot accept takes connections in the background, so `accept`
+/// usually finds one waiting. It holds at most [`max_pending`](Self::set_max_pending)
+/// connections the program has not taken (128 by default), then pauses until the
+/// program has taken them down to half; the rest wait in the kernel's listen backlog
+/// (1024). On epoll, and where the kernel lacks multishot accept, a connection is
+/// accepted only when the program asks.
 ///
 /// # Examples
 ///
@@ -52,7 +56,24 @@ pub struct StreamSocketListener {
     options: StreamOptions,
 }
 
+/// What a listener holds ([`StreamSocketListener::accept_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcceptStats {
+    /// Connections accepted in the background (io_uring's multishot accept) that
+    /// `accept` has not taken yet: each is an open descriptor. At most `max_pending`,
+    /// plus what the kernel hands over before a pause takes effect. Always 0 on epoll
+    /// and without multishot accept.
+    pub pending: usize,
+    /// A background accept runs: the kernel hands connections over without a call to
+    /// `accept`. False while it is paused at `max_pending`, and on epoll.
+    pub background: bool,
+}
+
 impl StreamSocketListener {
+    /// The default of [`set_max_pending`](Self::set_max_pending).
+    pub const DEFAULT_MAX_PENDING: usize = accept::DEFAULT_MAX_PENDING;
+
     /// Listens on `service` (a port number, "0" for any free port, or a service name) on
     /// every local address: IPv6 and IPv4 together where the system has IPv6, else IPv4
     /// (BindServiceNameAsync).
@@ -137,6 +158,41 @@ impl StreamSocketListener {
             .await
             .map_err(|err| Error::io("accept", err))?;
         StreamSocket::accepted(fd, &self.options)
+    }
+
+    /// Sets how many connections a background accept may take from the kernel before
+    /// the program asks for them (default [`DEFAULT_MAX_PENDING`](Self::DEFAULT_MAX_PENDING)).
+    /// Each is an open descriptor, so this bounds what a flood of connections costs a
+    /// program that does not keep up. Once that many wait, the background accept pauses
+    /// (connections the kernel hands over before the pause takes effect are kept) and
+    /// resumes when `accept` has taken them down to half; meanwhile new connections wait
+    /// in the kernel's listen backlog. It applies from the next time the background
+    /// accept starts. Only io_uring with multishot accept takes connections in the
+    /// background; elsewhere a connection is accepted when the program asks.
+    ///
+    /// 0 is `InvalidArgument`.
+    pub fn set_max_pending(&self, max_pending: usize) -> Result<()> {
+        if max_pending == 0 {
+            return Err(Error::invalid_input(
+                "max_pending must be at least 1 connection",
+            ));
+        }
+        self.acceptor.borrow_mut().set_max_pending(max_pending);
+        Ok(())
+    }
+
+    /// The bound set by [`set_max_pending`](Self::set_max_pending).
+    pub fn max_pending(&self) -> usize {
+        self.acceptor.borrow().max_pending()
+    }
+
+    /// What the listener holds.
+    pub fn accept_stats(&self) -> AcceptStats {
+        let held = self.acceptor.borrow().held();
+        AcceptStats {
+            pending: held.pending,
+            background: held.background,
+        }
     }
 
     /// Every connection, as a stream; ends never (errors are items).

@@ -19,7 +19,7 @@ pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
 };
 pub use input::InputStream;
-pub use listener::{Incoming, StreamSocketListener};
+pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use stream::StreamSocket;
 

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ringsock::runtime::{timeout, Builder};
 use ringsock::{Backend, JoinHandle, StreamSocket, StreamSocketListener};
 
+pub mod child;
 pub mod netns;
 
 /// The longest any one test body may run on one driver before it counts as a hang.

@@ -595,6 +595,17 @@ impl Driver {
         }
     }
 
+    /// How many completions a multishot's slot holds untaken, and whether the kernel
+    /// has ended the operation; `None` once the slot is gone.
+    pub(crate) fn multi_status(&mut self, key: Key) -> Option<(usize, bool)> {
+        match &self.ops.get_mut(key)?.state {
+            State::Multi {
+                queue, finished, ..
+            } => Some((queue.len(), *finished)),
+            _ => None,
+        }
+    }
+
     /// The runtime is going: cancels every operation in flight and reaps until the kernel
     /// holds nothing of this driver's, then unregisters the buffer rings. Futures that
     /// outlive this find their data in their slots and a "runtime dropped" error. If the

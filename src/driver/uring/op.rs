@@ -215,9 +215,18 @@ impl MultiOp {
         self.driver.with(|d| d.cancel(self.key)).unwrap_or(false)
     }
 
-    /// True once the multishot has ended and every completion was taken.
-    pub(crate) fn is_finished(&self) -> bool {
-        self.finished
+    /// Completions waiting to be taken, and whether the kernel has ended the operation
+    /// (its last completion may still wait). Where its driver does not run: none, ended.
+    pub(crate) fn status(&self) -> (usize, bool) {
+        if self.finished {
+            return (0, true);
+        }
+        let key = self.key;
+        self.driver
+            .with(|d| d.multi_status(key))
+            .ok()
+            .flatten()
+            .unwrap_or((0, true))
     }
 }
 
