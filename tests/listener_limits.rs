@@ -1,12 +1,99 @@
-//! StreamSocketListener when connections flood in: the bound on connections taken
-//! before the program asks. Each scenario runs alone in a child process (see
-//! `util::child`), on every accept path: io_uring with multishot accept, io_uring with
-//! one ACCEPT per connection, and epoll.
+//! StreamSocketListener when descriptors run out and when connections flood in: the
+//! back-off after TooManyOpenFiles, and the bound on connections taken before the
+//! program asks. Each scenario runs alone in a child process (see `util::child`), on
+//! every accept path: io_uring with multishot accept, io_uring with one ACCEPT per
+//! connection, and epoll.
 
 mod util;
 
+use std::pin::pin;
+
 use ringsock::{SocketErrorStatus, StreamSocketListener};
 use util::child::{self, ACCEPT_PATHS};
+
+#[test]
+fn accept_reports_too_many_open_files_backs_off_and_recovers() {
+    for path in ACCEPT_PATHS {
+        child::run_alone("emfile_child", path);
+    }
+}
+
+#[test]
+#[ignore = "run in a child process by accept_reports_too_many_open_files_backs_off_and_recovers"]
+fn emfile_child() {
+    let Some(path) = child::path() else { return };
+    let (builder, backend) = child::runtime_for(&path);
+    util::on_runtime_of(builder, backend, &|_| async {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+
+        // A soft limit a little above the highest descriptor in use, then every free
+        // descriptor under it taken but one, which the client socket takes.
+        let (soft, _) = util::nofile_limit();
+        let highest = std::fs::read_dir("/proc/self/fd")
+            .expect("/proc/self/fd")
+            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
+            .max()
+            .expect("some descriptors are open");
+        let limit = highest + 1 + 32;
+        util::set_nofile_soft(limit);
+        let mut hogs = Vec::new();
+        // Bounded: fewer than `limit` descriptors are free under the new limit.
+        for _ in 0..limit {
+            match std::fs::File::open("/dev/null") {
+                Ok(file) => hogs.push(file),
+                Err(err) if err.raw_os_error() == Some(libc::EMFILE) => break,
+                Err(err) => panic!("open /dev/null: {err}"),
+            }
+        }
+        assert!(
+            std::fs::File::open("/dev/null").is_err(),
+            "descriptors left"
+        );
+        hogs.pop();
+        let client = util::connect(addr).await;
+
+        // The connection waits in the backlog; taking it needs a descriptor.
+        let err = util::must("accept", listener.accept())
+            .await
+            .expect_err("no descriptor is free");
+        assert_eq!(err.status(), SocketErrorStatus::TooManyOpenFiles, "{err}");
+        assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
+        let stats = listener.accept_stats();
+        assert_eq!(stats.exhausted, 1);
+        assert_eq!(stats.backoff, StreamSocketListener::ACCEPT_BACKOFF_FIRST);
+
+        // The next accept does not try again at once: it waits out the back-off (a loop
+        // that logs and retries cannot spin), then fails the same way, waiting longer.
+        {
+            let mut next = pin!(listener.accept());
+            assert!(util::poll_once(next.as_mut()).await.is_pending());
+            let err = util::must("accept", next).await.expect_err("still none");
+            assert_eq!(err.status(), SocketErrorStatus::TooManyOpenFiles, "{err}");
+        }
+        let stats = listener.accept_stats();
+        assert_eq!(stats.exhausted, 2);
+        assert_eq!(
+            stats.backoff,
+            2 * StreamSocketListener::ACCEPT_BACKOFF_FIRST
+        );
+
+        // Descriptors free up: the waiting connection is accepted and works.
+        drop(hogs);
+        let server = util::must("accept", listener.accept())
+            .await
+            .expect("accept after descriptors were freed");
+        assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
+        assert_eq!(listener.accept_stats().backoff, std::time::Duration::ZERO);
+        ringsock::spawn(util::echo(server));
+        util::round_trip(&client, b"still serving").await;
+        // And new connections too.
+        let (next, _) = util::connected_pair(&listener).await;
+        drop(next);
+        util::set_nofile_soft(soft);
+        println!("{}", child::passed("emfile_child", &path));
+    });
+}
 
 /// Connections the kernel may hand a multishot accept after it reached its bound and
 /// before the pause lands. With the program's loop running, that is what arrived since
