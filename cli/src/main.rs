@@ -21,6 +21,15 @@ use ringsock::{
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
+mod conn_limit;
+mod log_limit;
+
+use conn_limit::ConnectionLimit;
+use log_limit::RateLimitedLog;
+
+/// The interval of the echo server's rate-limited log lines.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
 #[derive(Parser)]
 #[command(
     name = "ringsock",
@@ -38,7 +47,9 @@ enum Command {
     /// one process, then batched vs per-write sends side by side (the default command).
     Demo(BackendArg),
     /// Echoes every byte back on every TCP connection, and every UDP datagram back to
-    /// its sender, until SIGINT or SIGTERM.
+    /// its sender, until SIGINT or SIGTERM. Out of descriptors, it waits and tries again
+    /// (5 ms, doubling up to 500 ms). Errors a peer can provoke are logged at most a few
+    /// lines a second per kind, then one line with the count of the others.
     EchoServer(EchoServerArgs),
     /// Sends one line (TCP) or one datagram (--udp) to an echo server and prints the reply.
     EchoClient(EchoClientArgs),
@@ -142,6 +153,13 @@ struct EchoServerArgs {
     /// Require TLS clients to present a certificate signed by one of these CAs (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Serve at most N TCP connections at once (default: no limit but the descriptor
+    /// limit). Further connections are not accepted until one ends: they wait, with their
+    /// handshake done by the kernel, among the listener's pending accepts (at most 128)
+    /// and in the kernel's listen backlog (1024); past that the kernel drops new SYNs
+    /// and clients retry. Nothing is shed.
+    #[arg(long, value_name = "N", requires = "tcp", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -366,11 +384,13 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
             }
             None => None,
         };
+        let logs = EchoLogs::new();
         if let Some(addr) = args.udp {
             let socket = DatagramSocket::new();
             socket.bind_addr(addr)?;
             println!("listening udp {}", socket.local_addr()?);
-            ringsock::spawn(async move { udp_echo(&socket).await });
+            let log = logs.udp.clone();
+            ringsock::spawn(async move { udp_echo(&socket, &log).await });
         }
         flush_stdout();
         eprintln!("driver: {}", runtime.driver_kind());
@@ -383,13 +403,22 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         }
         let Some(listener) = listener else {
             stop.wait().await;
+            logs.flush();
             return Ok(());
         };
+        let slots = ConnectionLimit::new(args.max_connections.map(|n| n as usize));
         let serve = async {
             loop {
+                if let Some(limit) = slots.full() {
+                    logs.limit.line(format!(
+                        "{limit} served (--max-connections); new ones wait until one ends"
+                    ));
+                }
+                let slot = slots.acquire().await;
                 match listener.accept().await {
                     Ok(socket) => {
                         let acceptor = acceptor.clone();
+                        let log = logs.connection.clone();
                         ringsock::spawn(async move {
                             // The handshake runs in the connection's own task, so a slow
                             // or hostile client holds up nobody else.
@@ -400,36 +429,66 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
                                 },
                                 None => echo_connection(&socket).await,
                             };
+                            drop(socket);
+                            drop(slot);
                             if let Err(err) = served {
-                                eprintln!("connection: {}: {err}", err.status());
+                                log.line(format!("{}: {err}", err.status()));
                             }
                         });
                     }
-                    // One failed accept (say, out of descriptors) must not end the server.
-                    Err(err) => eprintln!("accept: {}: {err}", err.status()),
+                    // One failed accept (say, out of descriptors) must not end the server;
+                    // the listener waits before the next attempt, so this cannot spin.
+                    Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
                 }
             }
         };
         first_of(serve, stop.wait()).await;
+        logs.flush();
         Ok(())
     })
 }
 
+/// The echo server's stderr lines that peers can provoke, each kind rate-limited.
+struct EchoLogs {
+    accept: RateLimitedLog,
+    connection: RateLimitedLog,
+    limit: RateLimitedLog,
+    udp: RateLimitedLog,
+}
+
+impl EchoLogs {
+    fn new() -> EchoLogs {
+        EchoLogs {
+            accept: RateLimitedLog::new("accept", 1, LOG_INTERVAL),
+            connection: RateLimitedLog::new("connection", 5, LOG_INTERVAL),
+            limit: RateLimitedLog::new("connections", 1, LOG_INTERVAL),
+            udp: RateLimitedLog::new("udp", 5, LOG_INTERVAL),
+        }
+    }
+
+    /// The summaries still due, before the server ends.
+    fn flush(&self) {
+        for log in [&self.accept, &self.connection, &self.limit, &self.udp] {
+            log.flush();
+        }
+    }
+}
+
 /// Sends every datagram back to its sender, taking every ready datagram at once.
-async fn udp_echo(socket: &DatagramSocket) {
+async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
     let mut batch = Vec::with_capacity(64);
     loop {
         batch.clear();
         if let Err(err) = socket.recv_batch(&mut batch, 64).await {
             // Per datagram (an ICMP error, say): the socket goes on.
-            eprintln!("udp receive: {}: {err}", err.status());
+            log.line(format!("receive: {}: {err}", err.status()));
             continue;
         }
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
             let (sent, _) = socket.send_to_addr(datagram.to_vec(), to).await;
             if let Err(err) = sent {
-                eprintln!("udp send to {to}: {}: {err}", err.status());
+                log.line(format!("send to {to}: {}: {err}", err.status()));
             }
         }
     }

@@ -9,10 +9,11 @@
 //!   call until at least one completion or readiness event arrives, the timeout passes, or
 //!   another thread unparks it; then wake the tasks whose operations progressed.
 //! - An `Unparker` another thread can use to end a `park` early.
-//! - The operations in [`ops`] (accept, connect, recv, send, vectored stream send,
-//!   shutdown) and [`ops_datagram`] (receive ring, datagram send, datagram batch). Each
-//!   takes owned buffers and gives them back, so the upper layers are written once and
-//!   never name io_uring or epoll.
+//! - The operations in [`ops`] (connect, recv, send, vectored stream send, shutdown),
+//!   [`accept`] (accept, with a bound on connections taken before the program asks) and
+//!   [`ops_datagram`] (receive ring, datagram send, datagram batch). Each takes owned
+//!   buffers and gives them back, so the upper layers are written once and never name
+//!   io_uring or epoll.
 //! - [`DriverStats`]: counts of the system calls it made, so benchmarks count, not guess.
 //!
 //! What every engine promises:
@@ -38,12 +39,13 @@
 //! # Layout
 //!
 //! Arrows point down: the runtime owns a [`handle::Driver`]; the dispatch modules
-//! ([`ops`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound to; the
-//! engines ([`uring`], [`poll`]) never import the runtime, the socket API, the dispatch
-//! modules or each other; the shared modules (descriptors, buffer pool, socket
+//! ([`ops`], [`accept`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound
+//! to; the engines ([`uring`], [`poll`]) never import the runtime, the socket API, the
+//! dispatch modules or each other; the shared modules (descriptors, buffer pool, socket
 //! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options) import no
 //! engine.
 
+pub(crate) mod accept;
 pub(crate) mod affinity;
 pub(crate) mod backend;
 pub(crate) mod batch;

@@ -4,18 +4,12 @@
 //! Upper layers call only these. Results are `io::Result`; the net layer adds context and
 //! turns them into [`crate::Error`].
 
-use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
 pub(crate) use super::batch::{BatchReport, Progress};
-use super::caps::Capability;
-use super::fd::FdRef;
 use super::socket::{Binding, SharedFd};
 use super::{poll, uring};
 use crate::buf::{IoBuf, IoBufMut};
@@ -183,140 +177,4 @@ fn chain_outcome(
         }
     }
     (sent, None)
-}
-
-/// Accepts connections on a listening socket: multishot accept on io_uring (one SQE for
-/// many connections, re-armed when the kernel ends it), one ACCEPT per connection where
-/// the kernel lacks multishot accept, accept4 on epoll.
-///
-/// Poll-based so the listener can keep it between calls: a dropped `accept` future then
-/// loses no connection the kernel already accepted.
-pub(crate) struct Acceptor {
-    multishot: Option<uring::MultiOp>,
-    single: Option<uring::Op<FdRef>>,
-    /// Connections accepted before the listener came to this runtime, handed out first.
-    adopted: std::collections::VecDeque<OwnedFd>,
-}
-
-impl Acceptor {
-    pub(crate) fn new() -> Acceptor {
-        Acceptor::with_accepted(Vec::new())
-    }
-
-    /// An acceptor that first hands out `accepted`, the connections a listener brought
-    /// from the runtime (or process) it left.
-    pub(crate) fn with_accepted(accepted: Vec<OwnedFd>) -> Acceptor {
-        Acceptor {
-            multishot: None,
-            single: None,
-            adopted: accepted.into(),
-        }
-    }
-
-    /// The next connection's socket.
-    pub(crate) fn poll_accept(
-        &mut self,
-        fd: &SharedFd,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        if let Some(accepted) = self.adopted.pop_front() {
-            return Poll::Ready(Ok(accepted));
-        }
-        match fd.binding() {
-            Err(err) => Poll::Ready(Err(err)),
-            Ok(Binding::Poll(reg)) => loop {
-                match reg.poll_ready(poll::Direction::Read, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                    Poll::Pending => return Poll::Pending,
-                }
-                match poll::net::try_accept(reg, fd.fd()) {
-                    Ok((new, _)) => return Poll::Ready(Ok(new)),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        reg.clear_ready(poll::Direction::Read)
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Poll::Ready(Err(err)),
-                }
-            },
-            Ok(Binding::Uring(driver)) => {
-                let multishot =
-                    driver.with(|d| d.capabilities().contains(Capability::MultishotAccept));
-                match multishot {
-                    Err(err) => Poll::Ready(Err(err)),
-                    Ok(true) => self.poll_multishot(driver, fd.fd(), cx),
-                    Ok(false) => self.poll_single(driver, fd.fd(), cx),
-                }
-            }
-        }
-    }
-
-    /// The connections the kernel accepted but nobody took yet, for a listener leaving
-    /// this runtime: call after its operations were cancelled and reaped
-    /// ([`SharedFd::detach`]), so every completion is in.
-    pub(crate) fn take_accepted(&mut self) -> Vec<OwnedFd> {
-        let waker = std::task::Waker::noop();
-        let mut cx = Context::from_waker(waker);
-        let mut accepted: Vec<OwnedFd> = self.adopted.drain(..).collect();
-        if let Some(op) = self.multishot.as_mut() {
-            while let Poll::Ready(Ok(Some(completion))) = op.poll_next(&mut cx) {
-                accepted.extend(uring::net::accepted(completion).ok());
-            }
-        }
-        if let Some(op) = self.single.as_mut() {
-            if let Poll::Ready((Ok(completion), _)) = Pin::new(op).poll(&mut cx) {
-                self.single = None;
-                accepted.extend(uring::net::accepted(completion).ok());
-            }
-        }
-        accepted
-    }
-
-    fn poll_multishot(
-        &mut self,
-        driver: &uring::Handle,
-        fd: &FdRef,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        loop {
-            if self.multishot.as_ref().is_none_or(|op| op.is_finished()) {
-                self.multishot = None;
-                match uring::net::accept_multi(driver, fd) {
-                    Ok(op) => self.multishot = Some(op),
-                    Err(err) => return Poll::Ready(Err(err)),
-                }
-            }
-            let op = self.multishot.as_mut().expect("armed above");
-            match op.poll_next(cx) {
-                Poll::Ready(Ok(Some(completion))) => {
-                    return Poll::Ready(uring::net::accepted(completion))
-                }
-                Poll::Ready(Ok(None)) => continue,
-                Poll::Ready(Err(misuse)) => return Poll::Ready(Err(misuse)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    fn poll_single(
-        &mut self,
-        driver: &uring::Handle,
-        fd: &FdRef,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        if self.single.is_none() {
-            match uring::net::accept_op(driver, fd) {
-                Ok(op) => self.single = Some(op),
-                Err(err) => return Poll::Ready(Err(err)),
-            }
-        }
-        let op = self.single.as_mut().expect("submitted above");
-        match Pin::new(op).poll(cx) {
-            Poll::Ready((completion, _)) => {
-                self.single = None;
-                Poll::Ready(completion.and_then(uring::net::accepted))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }

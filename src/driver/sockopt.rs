@@ -110,3 +110,40 @@ pub(crate) fn route_reuseport_by_cpu(fd: RawFd, cpus: &[usize]) -> io::Result<()
     }
     Ok(())
 }
+
+/// `TCP_LISTEN` of the kernel's tcp_states.h (libc does not export it for Linux).
+const TCP_STATE_LISTEN: u8 = 10;
+
+/// Connections waiting in a listening TCP socket's accept queue: TCP_INFO's
+/// `tcpi_unacked`, which the kernel fills with the accept queue's length for a socket
+/// in the LISTEN state.
+pub(crate) fn listen_queue_len(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain old data; zero is a valid value of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, a live struct of that
+    // size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + 4;
+    if (len as usize) < needed {
+        return Err(io::Error::other("TCP_INFO without tcpi_unacked"));
+    }
+    if info.tcpi_state != TCP_STATE_LISTEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening socket",
+        ));
+    }
+    Ok(info.tcpi_unacked)
+}

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
+mod backoff;
 mod control;
 mod datagram;
 mod handoff;
@@ -24,7 +25,7 @@ pub use handoff::{
     activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind,
 };
 pub use input::InputStream;
-pub use listener::{Incoming, StreamSocketListener};
+pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use shard::Sharded;
 pub use stream::StreamSocket;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ringsock::runtime::{timeout, Builder};
 use ringsock::{Backend, JoinHandle, Runtime, StreamSocket, StreamSocketListener};
 
+pub mod child;
 pub mod netns;
 pub mod poison;
 

@@ -17,12 +17,13 @@ use crate::driver::sockaddr::RawAddr;
 pub(crate) const IOV_MAX: usize = 1024;
 
 /// Multishot accept (Linux 5.19): one SQE, a completion per connection. Results are new
-/// descriptors; those nobody takes are closed by the driver.
-pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef) -> io::Result<MultiOp> {
+/// descriptors; those nobody takes are closed by the driver. The driver pauses it once
+/// `queue_limit` connections wait untaken.
+pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef, queue_limit: usize) -> io::Result<MultiOp> {
     // SAFETY: the SQE points to no memory but the descriptor, which the op's FdRef keeps
     // open.
     unsafe {
-        MultiOp::submit(driver, fd.clone(), true, |fd| {
+        MultiOp::submit(driver, fd.clone(), true, Some(queue_limit), |fd| {
             opcode::AcceptMulti::new(types::Fd(fd.raw()))
                 .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
                 .build()
