@@ -1,12 +1,13 @@
 //! A socket as the layers above the driver hold it: its descriptor and, from its first
 //! use on a runtime, its binding to that runtime's driver.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
+use super::activity::Activity;
 use super::current::{self, DriverId};
 use super::fd::FdRef;
 use super::handle::{with_current, Driver};
@@ -26,6 +27,12 @@ struct Inner {
     fd: FdRef,
     /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
     write_shut: Cell<bool>,
+    /// Why the connection was ended on this side (a timeout expired, it was aborted):
+    /// every operation from then on fails with it. Set once.
+    ended: RefCell<Option<crate::Error>>,
+    /// Whether `ended` is set, for the check every operation makes.
+    is_ended: Cell<bool>,
+    activity: Activity,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -62,8 +69,41 @@ impl SharedFd {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
+                ended: RefCell::new(None),
+                is_ended: Cell::new(false),
+                activity: Activity::new(),
             }),
         }
+    }
+
+    /// A handle that does not keep the socket open.
+    pub(crate) fn downgrade(&self) -> WeakFd {
+        WeakFd(Rc::downgrade(&self.inner))
+    }
+
+    /// The socket's traffic clock.
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.inner.activity
+    }
+
+    /// Ends the connection on this side for `why`: from now on every operation fails
+    /// with it (operations in flight when their completion comes back; the caller wakes
+    /// them, e.g. with a shutdown). False if it was ended already (the first reason stays).
+    pub(crate) fn end(&self, why: crate::Error) -> bool {
+        if self.inner.is_ended.replace(true) {
+            return false;
+        }
+        *self.inner.ended.borrow_mut() = Some(why);
+        true
+    }
+
+    /// Why the connection was ended, as the error operations report, if it was.
+    #[inline]
+    pub(crate) fn ended(&self) -> Option<io::Error> {
+        if !self.inner.is_ended.get() {
+            return None;
+        }
+        self.inner.ended.borrow().clone().map(io::Error::from)
     }
 
     pub(crate) fn raw(&self) -> RawFd {
@@ -106,6 +146,16 @@ impl SharedFd {
         })
         .ok_or_else(current::no_runtime)??;
         Ok(self.inner.binding.get_or_init(|| binding))
+    }
+}
+
+/// A [`SharedFd`] that does not keep the socket open (for a watchdog).
+pub(crate) struct WeakFd(Weak<Inner>);
+
+impl WeakFd {
+    /// The socket, if something still holds it.
+    pub(crate) fn upgrade(&self) -> Option<SharedFd> {
+        self.0.upgrade().map(|inner| SharedFd { inner })
     }
 }
 
