@@ -69,7 +69,7 @@ pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
     Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream, ReceiveRing,
-    ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+    ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener, TimeoutCounts,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

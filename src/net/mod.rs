@@ -5,12 +5,14 @@ use std::net::SocketAddr;
 use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
+mod close;
 mod control;
 mod datagram;
 mod input;
 mod listener;
 mod output;
 mod stream;
+mod timeouts;
 mod transport;
 mod turn;
 
@@ -22,6 +24,7 @@ pub use input::InputStream;
 pub use listener::{Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use stream::StreamSocket;
+pub use timeouts::{TimeoutCounts, DEFAULT_LINGER_TIMEOUT};
 
 /// Resolves `host` and `service` to socket addresses: IP literals at once, names on the
 /// bounded resolver pool with the runtime's timeout ([`crate::host::resolve`]).
