@@ -70,6 +70,7 @@ pub use host::HostName;
 pub use net::{
     AcceptStats, Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream,
     ReceiveRing, ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+    TimeoutCounts,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

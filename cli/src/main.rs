@@ -16,8 +16,8 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
-    StreamSocketListener,
+    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, SocketErrorStatus,
+    StreamSocket, StreamSocketListener, TimeoutCounts,
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
@@ -160,8 +160,38 @@ struct EchoServerArgs {
     /// and clients retry. Nothing is shed.
     #[arg(long, value_name = "N", requires = "tcp", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
+    /// Close a TCP connection after this many seconds without a byte either way (0:
+    /// never). Closed connections are counted, not logged one by one.
+    #[arg(long, value_name = "SECS", default_value = "60")]
+    idle_timeout: Seconds,
+    /// TLS: close a connection whose handshake has not finished after this many seconds,
+    /// however slowly the client sends it (0: never).
+    #[arg(long, value_name = "SECS", default_value = "10")]
+    handshake_timeout: Seconds,
     #[command(flatten)]
     backend: BackendArg,
+}
+
+/// A timeout given in seconds on the command line (fractions allowed); 0 means never.
+#[derive(Clone, Copy, Debug)]
+struct Seconds(Option<Duration>);
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Seconds, String> {
+        let secs: f64 = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+        if !(secs.is_finite() && secs >= 0.0) {
+            return Err(format!(
+                "{text:?} is not a number of seconds (0 means never)"
+            ));
+        }
+        Duration::try_from_secs_f64(secs)
+            .map(|limit| Seconds((!limit.is_zero()).then_some(limit)))
+            .map_err(|err| format!("{text:?}: {err}"))
+    }
 }
 
 #[derive(Args)]
@@ -364,7 +394,8 @@ fn tls_acceptor(args: &EchoServerArgs) -> ringsock::Result<Option<TlsAcceptor>> 
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
-    let mut builder = TlsAcceptor::builder(Identity::from_pem_files(cert, key)?);
+    let mut builder = TlsAcceptor::builder(Identity::from_pem_files(cert, key)?)
+        .handshake_timeout(args.handshake_timeout.0);
     if let Some(ca) = &args.client_ca {
         builder = builder.require_client_certificate(TrustedRoots::from_pem_file(ca)?);
     }
@@ -379,6 +410,8 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         let listener = match args.tcp {
             Some(addr) => {
                 let listener = StreamSocketListener::bind_addr(addr)?;
+                // Every accepted connection inherits it, and counts into the listener's.
+                listener.control().set_idle_timeout(args.idle_timeout.0)?;
                 println!("listening tcp {}", listener.local_addr()?);
                 Some(listener)
             }
@@ -431,8 +464,12 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
                             };
                             drop(socket);
                             drop(slot);
-                            if let Err(err) = served {
-                                log.line(format!("{}: {err}", err.status()));
+                            match served {
+                                // Counted on the listener, reported in bulk.
+                                Err(err)
+                                    if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
+                                Err(err) => log.line(format!("{}: {err}", err.status())),
+                                Ok(()) => {}
                             }
                         });
                     }
@@ -442,8 +479,9 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
                 }
             }
         };
-        first_of(serve, stop.wait()).await;
+        first_of(first_of(serve, report_timeouts(&listener)), stop.wait()).await;
         logs.flush();
+        eprintln!("{}", timeouts_line(listener.control().timeout_counts()));
         Ok(())
     })
 }
@@ -472,6 +510,32 @@ impl EchoLogs {
             log.flush();
         }
     }
+}
+
+/// How often the echo server says how many connections its timeouts closed, when that
+/// changed.
+const TIMEOUT_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Prints the listener's timeout counts every [`TIMEOUT_REPORT_EVERY`] while they
+/// change: one line however many connections expired.
+async fn report_timeouts(listener: &StreamSocketListener) {
+    let mut reported = TimeoutCounts::default();
+    loop {
+        ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY).await;
+        let counts = listener.control().timeout_counts();
+        if counts != reported {
+            eprintln!("{}", timeouts_line(counts));
+            reported = counts;
+        }
+    }
+}
+
+/// The connections closed by each timeout, e.g. `timeouts: idle 3, handshake 1, write 0`.
+fn timeouts_line(counts: TimeoutCounts) -> String {
+    format!(
+        "timeouts: idle {}, handshake {}, write {}",
+        counts.idle, counts.handshake, counts.write
+    )
 }
 
 /// Sends every datagram back to its sender, taking every ready datagram at once.

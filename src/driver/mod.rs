@@ -13,7 +13,9 @@
 //!   [`accept`] (accept, with a bound on connections taken before the program asks) and
 //!   [`ops_datagram`] (receive ring, datagram send, datagram batch). Each takes owned
 //!   buffers and gives them back, so the upper layers are written once and never name
-//!   io_uring or epoll.
+//!   io_uring or epoll. A receive can be given a condition to stop on (a read timeout):
+//!   it is cancelled, its final completion still awaited, and its buffer comes back with
+//!   whatever the kernel put in it, so nothing received is lost.
 //! - [`DriverStats`]: counts of the system calls it made, so benchmarks count, not guess.
 //!
 //! What every engine promises:
@@ -33,6 +35,11 @@
 //!   that call: it never hangs, never takes another driver's completion, and an
 //!   operation in flight is cancelled and reaped on its own driver before its buffer
 //!   comes back.
+//! - **Ending.** A stream socket whose connection was ended on this side
+//!   ([`SharedFd::end`]: a timeout expired, it was aborted) fails every later operation
+//!   with that reason, and every operation in flight with it once its completion comes
+//!   back (the socket layer wakes them with a `shutdown`). Stream operations keep the
+//!   socket's traffic clock ([`activity`]) for the idle and write timeouts.
 //! - **Capabilities.** Optional kernel features are probed by trying them
 //!   ([`Capability`]); each missing one has a fallback inside the engine.
 //!
@@ -42,10 +49,11 @@
 //! ([`ops`], [`accept`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound
 //! to; the engines ([`uring`], [`poll`]) never import the runtime, the socket API, the
 //! dispatch modules or each other; the shared modules (descriptors, buffer pool, socket
-//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options) import no
-//! engine.
+//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options, the traffic
+//! clock) import no engine.
 
 pub(crate) mod accept;
+pub(crate) mod activity;
 pub(crate) mod affinity;
 pub(crate) mod backend;
 pub(crate) mod batch;
@@ -73,6 +81,6 @@ pub(crate) use backend::DriverConfig;
 pub use backend::{Backend, DriverKind};
 pub use caps::{Capabilities, Capability};
 pub(crate) use handle::Driver;
-pub(crate) use socket::SharedFd;
+pub(crate) use socket::{SharedFd, WeakFd};
 pub use stats::DriverStats;
 pub(crate) use unpark::Unparker;

@@ -1,12 +1,13 @@
 //! A socket as the layers above the driver hold it: its descriptor and, from its first
 //! use on a runtime, its binding to that runtime's driver.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
+use super::activity::Activity;
 use super::current::{self, DriverId};
 use super::fd::FdRef;
 use super::handle::{with_current, Driver};
@@ -29,6 +30,12 @@ struct Inner {
     /// The socket was taken off its runtime ([`SharedFd::detach`]): this handle no
     /// longer uses it.
     detached: Cell<bool>,
+    /// Why the connection was ended on this side (a timeout expired, it was aborted):
+    /// every operation from then on fails with it. Set once.
+    ended: RefCell<Option<crate::Error>>,
+    /// Whether `ended` is set, for the check every operation makes.
+    is_ended: Cell<bool>,
+    activity: Activity,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -69,12 +76,45 @@ impl SharedFd {
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
                 detached: Cell::new(false),
+                ended: RefCell::new(None),
+                is_ended: Cell::new(false),
+                activity: Activity::new(),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
         // first use tries again and reports the error.
         let _ = socket.binding();
         socket
+    }
+
+    /// A handle that does not keep the socket open.
+    pub(crate) fn downgrade(&self) -> WeakFd {
+        WeakFd(Rc::downgrade(&self.inner))
+    }
+
+    /// The socket's traffic clock.
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.inner.activity
+    }
+
+    /// Ends the connection on this side for `why`: from now on every operation fails
+    /// with it (operations in flight when their completion comes back; the caller wakes
+    /// them, e.g. with a shutdown). False if it was ended already (the first reason stays).
+    pub(crate) fn end(&self, why: crate::Error) -> bool {
+        if self.inner.is_ended.replace(true) {
+            return false;
+        }
+        *self.inner.ended.borrow_mut() = Some(why);
+        true
+    }
+
+    /// Why the connection was ended, as the error operations report, if it was.
+    #[inline]
+    pub(crate) fn ended(&self) -> Option<io::Error> {
+        if !self.inner.is_ended.get() {
+            return None;
+        }
+        self.inner.ended.borrow().clone().map(io::Error::from)
     }
 
     pub(crate) fn raw(&self) -> RawFd {
@@ -158,6 +198,16 @@ fn detached() -> io::Error {
         io::ErrorKind::Unsupported,
         "the socket was detached from this handle (handed to another runtime or process)",
     )
+}
+
+/// A [`SharedFd`] that does not keep the socket open (for a watchdog).
+pub(crate) struct WeakFd(Weak<Inner>);
+
+impl WeakFd {
+    /// The socket, if something still holds it.
+    pub(crate) fn upgrade(&self) -> Option<SharedFd> {
+        self.0.upgrade().map(|inner| SharedFd { inner })
+    }
 }
 
 impl fmt::Debug for SharedFd {

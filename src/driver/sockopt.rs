@@ -147,3 +147,17 @@ pub(crate) fn listen_queue_len(fd: RawFd) -> io::Result<u32> {
     }
     Ok(info.tcpi_unacked)
 }
+
+/// Bytes of a TCP socket's send queue the peer has not acknowledged yet, sent or not
+/// (`SIOCOUTQ`; a FIN counts as one until it is acknowledged). 0 means everything
+/// written, and the FIN if one was sent, has reached the peer.
+pub(crate) fn unacknowledged_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut bytes: libc::c_int = 0;
+    // SIOCOUTQ has TIOCOUTQ's number; libc names only the latter.
+    // SAFETY: SIOCOUTQ writes one c_int into the live local it is given.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes.max(0) as usize)
+}

@@ -6,6 +6,7 @@ use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
 mod backoff;
+mod close;
 mod control;
 mod datagram;
 mod handoff;
@@ -14,6 +15,7 @@ mod listener;
 mod output;
 mod shard;
 mod stream;
+mod timeouts;
 mod transport;
 mod turn;
 
@@ -29,6 +31,7 @@ pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use shard::Sharded;
 pub use stream::StreamSocket;
+pub use timeouts::{TimeoutCounts, DEFAULT_LINGER_TIMEOUT};
 
 /// Resolves `host` and `service` to socket addresses: IP literals at once, names on the
 /// bounded resolver pool with the runtime's timeout ([`crate::host::resolve`]).

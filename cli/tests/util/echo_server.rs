@@ -133,6 +133,18 @@ impl EchoServer {
         self.stop_within(MUST_HAPPEN).0
     }
 
+    /// [`start`](EchoServer::start); its stderr is always kept (see
+    /// [`stop_logged`](EchoServer::stop_logged)).
+    pub fn start_logged(args: &[&str], kinds: &[&str]) -> EchoServer {
+        EchoServer::start(args, kinds)
+    }
+
+    /// [`stop`](EchoServer::stop), and everything it printed on stderr.
+    pub fn stop_logged(self) -> (ExitStatus, String) {
+        let (status, lines) = self.stop_within(MUST_HAPPEN);
+        (status, lines.join("\n"))
+    }
+
     /// Stops it with SIGTERM; fails if it has not exited within `limit`. Returns how it
     /// exited and everything it wrote to stderr.
     pub fn stop_within(mut self, limit: Duration) -> (ExitStatus, Vec<String>) {

@@ -341,10 +341,26 @@ impl Registration {
     pub(crate) async fn retry<T>(
         &self,
         direction: Direction,
+        attempt: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.retry_until(direction, attempt, |_| None).await
+    }
+
+    /// [`retry`](Self::retry), giving up with `stop`'s error when it gives one while
+    /// the call waits for readiness. Nothing is in flight in the kernel between
+    /// attempts, so giving up loses nothing.
+    pub(crate) async fn retry_until<T>(
+        &self,
+        direction: Direction,
         mut attempt: impl FnMut() -> io::Result<T>,
+        mut stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
     ) -> io::Result<T> {
         loop {
-            poll_fn(|cx| self.poll_ready(direction, cx)).await?;
+            poll_fn(|cx| match self.poll_ready(direction, cx) {
+                Poll::Pending => stop(cx).map_or(Poll::Pending, |why| Poll::Ready(Err(why))),
+                ready => ready,
+            })
+            .await?;
             self.count_io_call();
             match attempt() {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.clear_ready(direction),

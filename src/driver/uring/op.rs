@@ -100,6 +100,18 @@ impl<T: 'static> Op<T> {
         self.close_result = true;
         self
     }
+
+    /// Asks the kernel to end this operation early while the future keeps waiting: the
+    /// final completion still comes through `poll`, with the data, as `ECANCELED` or as
+    /// whatever the operation did before the request reached it. False when it could not
+    /// be asked (the operation then runs to its natural end).
+    pub(crate) fn cancel(&self) -> bool {
+        match self.key {
+            // The slot is still this op's: the driver keeps it until poll took it back.
+            Some(key) => self.driver.with(|d| d.cancel(key)).unwrap_or(false),
+            None => true,
+        }
+    }
 }
 
 impl<T: 'static> Future for Op<T> {
