@@ -64,7 +64,7 @@ pub mod net;
 pub mod runtime;
 pub mod tls;
 
-pub use driver::{Backend, DriverKind, DriverStats};
+pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
