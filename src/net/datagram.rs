@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use super::bind::bind_retrying;
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
 use futures_core::Stream;
@@ -243,6 +244,12 @@ impl DatagramSocket {
     }
 
     /// Binds to one socket address.
+    ///
+    /// Every bind retries a port in use for up to 250 ms before it fails with
+    /// AddressAlreadyInUse, so that a server restarted right after its predecessor was
+    /// killed gets the port the dying process still holds. Port sharing between live
+    /// sockets is [`set_multicast_only`](DatagramSocketControl::set_multicast_only)
+    /// (SO_REUSEADDR and SO_REUSEPORT); without it no such option is set.
     pub fn bind_addr(&self, addr: SocketAddr) -> Result<()> {
         self.bind_with(addr, false)
     }
@@ -254,9 +261,7 @@ impl DatagramSocket {
             ));
         }
         let socket = self.create(&addr, dual_stack)?;
-        socket
-            .bind(&addr.into())
-            .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+        bind_retrying(&socket, addr).map_err(|err| Error::io(format!("bind {addr}"), err))?;
         self.install(socket, addr.is_ipv6())
     }
 

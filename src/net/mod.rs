@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
+mod bind;
 mod control;
 mod datagram;
 mod input;

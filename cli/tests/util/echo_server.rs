@@ -47,13 +47,22 @@ impl EchoServer {
     }
 
     /// Stops it with SIGTERM, as a service manager would, and returns how it exited.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.signal(libc::SIGTERM)
+    }
+
+    /// Kills it with SIGKILL (no chance to clean up) and returns once it is gone.
+    pub fn kill(self) -> ExitStatus {
+        self.signal(libc::SIGKILL)
+    }
+
+    fn signal(mut self, signal: libc::c_int) -> ExitStatus {
         let mut child = self.child.take().expect("running");
         let pid = child.id() as libc::pid_t;
         #[allow(unsafe_code)]
         // SAFETY: kill has no memory-safety preconditions; pid is our own child.
         unsafe {
-            libc::kill(pid, libc::SIGTERM)
+            libc::kill(pid, signal)
         };
         child.wait().unwrap()
     }
