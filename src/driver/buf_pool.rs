@@ -1,17 +1,21 @@
-//! Receive buffers lent to datagrams: a pool of equal-sized buffers in one mapping.
+//! Receive buffers lent to datagrams: a pool of equal-sized buffers in one mapping, cut
+//! as [`Layout`] says.
 //!
-//! Every buffer is in one of two hands at any moment:
+//! A buffer is free (on the pool's free list, for the next `recvmmsg`) or held, counted
+//! in `refs`, by any of:
 //!
-//! - the refill side: the kernel's provided buffer ring
-//!   ([`BufRing`](super::uring::buf_ring::BufRing)) while it is registered (io_uring's
-//!   multishot receive), else the pool's free list (`recvmmsg`); or
-//! - the program: one or more [`LentBuf`]s (more than one when a GRO super-datagram is
-//!   split into its datagrams), counted in `refs`.
+//! - the kernel's provided buffer ring ([`BufRing`](super::uring::buf_ring::BufRing)),
+//!   while the buffer is on it: the kernel fills it from its receive point on;
+//! - a `recvmmsg` in progress that claimed it;
+//! - the program: one [`LentBuf`] per datagram in it (several when the kernel packs
+//!   datagrams into a buffer, or a GRO super-datagram is split).
 //!
-//! A buffer goes back to the refill side only when its last `LentBuf` is dropped, and a
-//! buffer id the refill side hands out while the program still holds it is refused as an
-//! error rather than read: no buffer is ever lent twice, and no bytes a datagram shows
-//! can be overwritten while it lives.
+//! A buffer goes back to the refill side (the kernel ring while it is registered, else
+//! the free list) only when its last hold is dropped. The kernel fills a buffer only
+//! while it is on the ring and only past its receive point; the datagrams lent from it
+//! lie before that point. A buffer the kernel reports while it is not on the ring, or
+//! bytes past its end, are refused as an error rather than read: no bytes a datagram
+//! shows can be overwritten while it lives.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
@@ -22,6 +26,7 @@ use std::ptr::NonNull;
 use std::rc::Rc;
 use std::task::Waker;
 
+use super::ring_layout::Layout;
 use super::uring::buf_ring::BufRing;
 
 /// An anonymous, page-aligned memory mapping, unmapped on drop.
@@ -69,50 +74,56 @@ impl Drop for Mapping {
     }
 }
 
-/// Equal-sized receive buffers, each lent at most once at a time.
+/// Equal-sized receive buffers, each on the refill side or held (by datagrams, by the
+/// kernel ring, or by a `recvmmsg` in progress), never both.
 pub(crate) struct BufPool {
     /// Freed in Drop, after the kernel ring (if any) says the kernel is done with it.
     memory: ManuallyDrop<Mapping>,
-    stride: usize,
-    count: u16,
-    /// Per buffer: how many `LentBuf`s (or receiver claims) hold it; 0 = refill side.
-    refs: Box<[Cell<u16>]>,
-    /// The kernel's provided buffer ring (io_uring); it is the refill side while it is
-    /// registered.
+    layout: Layout,
+    /// Per buffer, its holders: one per `LentBuf`, one while it is on the kernel ring,
+    /// one while a `recvmmsg` has claimed it. 0 = on the free list.
+    refs: Box<[Cell<u32>]>,
+    /// Per buffer: the kernel ring's entry that names it, while it is on the ring.
+    on_ring: Box<[Cell<Option<u16>>]>,
+    /// Per buffer on the ring: the bytes the kernel has filled (its receive point, which
+    /// only moves past the first datagram with incremental consumption).
+    filled: Box<[Cell<u32>]>,
+    /// The kernel's provided buffer ring (io_uring): the refill side while registered.
     ring: Option<BufRing>,
-    /// Bytes of each buffer the ring offers the kernel (at most `stride`).
+    /// Bytes of each buffer the ring offers the kernel (at most the stride).
     ring_len: u32,
+    /// With incremental consumption, the kernel reports where it stopped in a buffer's
+    /// ring entry: checked against `filled`.
+    incremental: bool,
     /// The refill side otherwise: buffers for the next `recvmmsg`.
     free: RefCell<Vec<u16>>,
-    /// Buffers on the refill side, as far as the program has seen.
-    available: Cell<usize>,
     /// A receiver that found no buffer and waits for one to come back.
     waiter: Cell<Option<Waker>>,
 }
 
 impl BufPool {
-    /// `count` buffers of `stride` bytes, on the free list; with a kernel ring (and the
-    /// bytes of each buffer it offers), the caller then hands them to it with
-    /// [`BufPool::fill`].
-    pub(crate) fn new(
-        count: u16,
-        stride: usize,
-        ring: Option<(BufRing, u32)>,
-    ) -> io::Result<BufPool> {
-        let memory = Mapping::new(count as usize * stride)?;
-        let (ring, ring_len) = match ring {
-            Some((ring, len)) => (Some(ring), len.min(stride as u32)),
-            None => (None, 0),
+    /// The buffers of `layout`, on the free list; with a kernel ring (and the bytes of
+    /// each buffer it offers, and whether the kernel consumes them incrementally), the
+    /// caller then hands them to it with [`BufPool::fill`].
+    pub(crate) fn new(layout: Layout, ring: Option<(BufRing, u32, bool)>) -> io::Result<BufPool> {
+        let memory = Mapping::new(layout.memory())?;
+        let count = layout.buffers;
+        let (ring, ring_len, incremental) = match ring {
+            Some((ring, len, incremental)) => {
+                (Some(ring), len.min(layout.stride as u32), incremental)
+            }
+            None => (None, 0, false),
         };
         Ok(BufPool {
-            ring_len,
             memory: ManuallyDrop::new(memory),
-            stride,
-            count,
+            layout,
             refs: (0..count).map(|_| Cell::new(0)).collect(),
+            on_ring: (0..count).map(|_| Cell::new(None)).collect(),
+            filled: (0..count).map(|_| Cell::new(0)).collect(),
             ring,
+            ring_len,
+            incremental,
             free: RefCell::new((0..count).rev().collect()),
-            available: Cell::new(count as usize),
             waiter: Cell::new(None),
         })
     }
@@ -122,11 +133,19 @@ impl BufPool {
         let Some(ring) = self.kernel_ring() else {
             return;
         };
-        let mut free = self.free.borrow_mut();
-        for bid in free.drain(..) {
-            ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
+        let free = std::mem::take(&mut *self.free.borrow_mut());
+        for bid in free {
+            self.push_to_ring(ring, bid);
         }
         ring.publish();
+    }
+
+    /// Hands free buffer `bid` to the kernel ring (visible after `publish`).
+    fn push_to_ring(&self, ring: &BufRing, bid: u16) {
+        let index = ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
+        self.refs[bid as usize].set(1);
+        self.on_ring[bid as usize].set(Some(index));
+        self.filled[bid as usize].set(0);
     }
 
     /// The kernel ring while it is the refill side.
@@ -149,13 +168,12 @@ impl BufPool {
             return Ok(());
         };
         unregister(ring)?;
-        let mut free = self.free.borrow_mut();
-        free.clear();
-        free.extend(
-            (0..self.count)
-                .rev()
-                .filter(|&bid| self.refs[bid as usize].get() == 0),
-        );
+        // From the last buffer down, so that the free list hands out the first first.
+        for bid in (0..self.layout.buffers).rev() {
+            if self.on_ring[bid as usize].take().is_some() {
+                self.drop_hold(bid);
+            }
+        }
         Ok(())
     }
 
@@ -174,12 +192,9 @@ impl BufPool {
         Ok(())
     }
 
-    pub(crate) fn stride(&self) -> usize {
-        self.stride
-    }
-
-    pub(crate) fn count(&self) -> u16 {
-        self.count
+    /// The pool's shape.
+    pub(crate) fn layout(&self) -> &Layout {
+        &self.layout
     }
 
     /// The kernel ring's group id, on io_uring.
@@ -187,48 +202,86 @@ impl BufPool {
         self.ring.as_ref().map(BufRing::bgid)
     }
 
-    /// Buffers on the refill side (the kernel ring or the free list).
+    /// Buffers the kernel ring or the next `recvmmsg` can still fill (a buffer the
+    /// kernel is part-way through counts): none means the ring is dry until the program
+    /// drops a datagram.
     pub(crate) fn available(&self) -> usize {
-        self.available.get()
+        let on_ring = self.on_ring.iter().filter(|i| i.get().is_some()).count();
+        self.free.borrow().len() + on_ring
     }
 
     /// Start of buffer `bid`.
     pub(crate) fn buffer_ptr(&self, bid: u16) -> *mut u8 {
-        debug_assert!(bid < self.count);
+        debug_assert!(bid < self.layout.buffers);
         self.memory
             .as_ptr()
-            .wrapping_add(bid as usize * self.stride)
+            .wrapping_add(bid as usize * self.layout.stride)
     }
 
-    /// Takes buffer `bid` from the refill side: the kernel reported it filled. Refuses a
-    /// buffer the program holds.
-    pub(crate) fn claim(&self, bid: u16) -> io::Result<()> {
-        let refs = self.refs.get(bid as usize).ok_or_else(|| {
-            io::Error::other(format!(
-                "buffer id {bid} is outside the ring of {}",
-                self.count
-            ))
-        })?;
-        if refs.get() != 0 {
+    /// The kernel reported `len` bytes written into buffer `bid` from the ring: returns
+    /// where in the buffer they start (its receive point) and moves that past them.
+    /// `more`: the kernel keeps the buffer for further receives (IORING_CQE_F_BUF_MORE),
+    /// so its ring entry shows where it stopped, which must not be behind. Refuses a
+    /// buffer that is not on the ring and bytes past its end: they are not read.
+    pub(crate) fn kernel_filled(&self, bid: u16, len: usize, more: bool) -> io::Result<usize> {
+        let index = self
+            .on_ring
+            .get(bid as usize)
+            .and_then(Cell::get)
+            .ok_or_else(|| {
+                io::Error::other(format!(
+                    "buffer {bid} was reported filled while not on the kernel ring (refused)"
+                ))
+            })?;
+        let start = self.filled[bid as usize].get() as usize;
+        let end = start.saturating_add(len);
+        if end > self.ring_len as usize {
             return Err(io::Error::other(format!(
-                "buffer {bid} was handed out while still lent (refused)"
+                "the kernel reported {len} bytes at {start} of a {}-byte buffer (refused)",
+                self.ring_len
             )));
         }
-        refs.set(1);
-        self.available.set(self.available.get().saturating_sub(1));
-        Ok(())
+        if more && self.incremental {
+            // The kernel may be further on already (completions not reaped yet), but
+            // never behind: behind, it would write over bytes lent to datagrams.
+            let base = self.buffer_ptr(bid) as u64;
+            let ours = base + end as u64;
+            let kernels = self.ring.as_ref().and_then(|ring| ring.entry_addr(index));
+            let agrees =
+                kernels.is_some_and(|point| point >= ours && point <= base + self.ring_len as u64);
+            if !agrees {
+                return Err(io::Error::other(format!(
+                    "buffer {bid}: the kernel's receive point is behind the completions (refused)"
+                )));
+            }
+        }
+        self.filled[bid as usize].set(end as u32);
+        Ok(start)
     }
 
-    /// One more holder of a claimed buffer (a further GRO segment).
+    /// The kernel is done with buffer `bid` (its last completion had no BUF_MORE): it
+    /// leaves the ring, and returns to it once the datagrams in it are dropped.
+    pub(crate) fn kernel_done(&self, bid: u16) {
+        if self.on_ring[bid as usize].take().is_some() {
+            self.drop_hold(bid);
+        }
+    }
+
+    /// One more holder of a held buffer (a datagram in it).
     pub(crate) fn add_ref(&self, bid: u16) {
         let refs = &self.refs[bid as usize];
-        debug_assert!(refs.get() > 0);
+        debug_assert!(refs.get() > 0, "buffer {bid} is not held");
         refs.set(refs.get() + 1);
+    }
+
+    /// Drops one hold on `bid` (a datagram's); see [`BufPool::drop_hold`].
+    pub(crate) fn release(&self, bid: u16) {
+        self.drop_hold(bid);
     }
 
     /// Drops one hold on `bid`; the last one gives the buffer back to the refill side
     /// and wakes a receiver waiting for buffers.
-    pub(crate) fn release(&self, bid: u16) {
+    fn drop_hold(&self, bid: u16) {
         let refs = &self.refs[bid as usize];
         match refs.get() {
             0 => debug_assert!(false, "buffer {bid} released twice"),
@@ -236,12 +289,11 @@ impl BufPool {
                 refs.set(0);
                 match self.kernel_ring() {
                     Some(ring) => {
-                        ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
+                        self.push_to_ring(ring, bid);
                         ring.publish();
                     }
                     None => self.free.borrow_mut().push(bid),
                 }
-                self.available.set(self.available.get() + 1);
                 if let Some(waker) = self.waiter.take() {
                     waker.wake();
                 }
@@ -250,33 +302,30 @@ impl BufPool {
         }
     }
 
-    /// Claims up to `max` buffers off the free list into `bids` in one go (for
-    /// `recvmmsg`); none while the kernel ring holds the free buffers.
-    pub(crate) fn pop_free_into(&self, bids: &mut Vec<u16>, max: usize) {
+    /// Claims free buffers into `bids` until they have at least `slots` slots (for
+    /// `recvmmsg`), each held once; none while the kernel ring holds the free buffers.
+    /// Give the claims back with [`release_claims`](Self::release_claims) once the
+    /// datagrams received into them hold their buffers.
+    pub(crate) fn claim_free(&self, bids: &mut Vec<u16>, slots: usize) {
         if self.kernel_ring().is_some() {
             return;
         }
+        let per_buffer = self.layout.slots as usize;
         let mut free = self.free.borrow_mut();
-        let take = max.min(free.len());
+        let take = slots.div_ceil(per_buffer).min(free.len());
         let from = free.len() - take;
         for bid in free.drain(from..).rev() {
             self.refs[bid as usize].set(1);
             bids.push(bid);
         }
-        self.available
-            .set(self.available.get().saturating_sub(take));
     }
 
-    /// Gives back buffers [`pop_free_into`](Self::pop_free_into) claimed that received
-    /// nothing, so that they are taken next in the same order.
-    pub(crate) fn unpop_free(&self, bids: &[u16]) {
-        let mut free = self.free.borrow_mut();
+    /// Drops the holds [`claim_free`](Self::claim_free) took: buffers that received
+    /// nothing go back to the free list, to be claimed next in the same order.
+    pub(crate) fn release_claims(&self, bids: &[u16]) {
         for &bid in bids.iter().rev() {
-            debug_assert_eq!(self.refs[bid as usize].get(), 1, "buffer {bid} was lent");
-            self.refs[bid as usize].set(0);
-            free.push(bid);
+            self.drop_hold(bid);
         }
-        self.available.set(self.available.get() + bids.len());
     }
 
     /// Wakes `waker` when a buffer comes back.
@@ -284,9 +333,13 @@ impl BufPool {
         self.waiter.set(Some(waker.clone()));
     }
 
-    /// How many buffers the program holds right now.
+    /// How many buffers hold datagrams the program has not dropped yet.
     pub(crate) fn lent(&self) -> usize {
-        self.refs.iter().filter(|r| r.get() != 0).count()
+        self.refs
+            .iter()
+            .zip(self.on_ring.iter())
+            .filter(|(refs, on_ring)| refs.get() > on_ring.get().is_some() as u32)
+            .count()
     }
 }
 
@@ -303,8 +356,7 @@ impl Drop for BufPool {
     }
 }
 
-/// Part of one claimed buffer, lent to a received datagram; gives the buffer back when
-/// dropped.
+/// Part of one held buffer, lent to a received datagram; drops its hold when dropped.
 pub(crate) struct LentBuf {
     pool: Rc<BufPool>,
     bid: u16,
@@ -313,15 +365,16 @@ pub(crate) struct LentBuf {
 }
 
 impl LentBuf {
-    /// Wraps one hold on buffer `bid` (already claimed, or `add_ref`ed).
+    /// Wraps one hold on buffer `bid` (taken with `add_ref`).
     ///
     /// # Safety
     ///
     /// - The caller holds one reference on `bid` and hands it to this LentBuf.
-    /// - `offset + len <= stride`, and those bytes were written (by the kernel) before
-    ///   the buffer was claimed.
+    /// - `offset + len` is within the buffer's stride, those bytes were written (by the
+    ///   kernel) before the hold was taken, and the kernel does not write them again
+    ///   while the buffer is held (they lie before its receive point).
     pub(crate) unsafe fn new(pool: Rc<BufPool>, bid: u16, offset: usize, len: usize) -> LentBuf {
-        debug_assert!(offset + len <= pool.stride());
+        debug_assert!(offset + len <= pool.layout().stride);
         LentBuf {
             pool,
             bid,
@@ -355,49 +408,77 @@ impl Drop for LentBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::driver::recv::RingConfig;
+
+    fn pool(buffers: u16, shared: bool) -> Rc<BufPool> {
+        let config = RingConfig {
+            buffers,
+            buffer_size: 64,
+            gro: false,
+        };
+        Rc::new(BufPool::new(Layout::new(&config, shared), None).unwrap())
+    }
 
     #[test]
-    fn local_pool_lends_each_buffer_once() {
-        let pool = Rc::new(BufPool::new(4, 64, None).unwrap());
+    fn claimed_buffers_are_held_until_their_datagrams_are_dropped() {
+        let pool = pool(4, false);
         let mut taken = Vec::new();
-        pool.pop_free_into(&mut taken, 3);
+        pool.claim_free(&mut taken, 3);
         assert_eq!(taken, [0, 1, 2]);
-        // Given back unused, they are taken next in the same order.
-        pool.unpop_free(&taken[1..]);
-        assert_eq!(pool.available(), 3);
-        taken.truncate(1);
-        pool.pop_free_into(&mut taken, 8);
-        assert_eq!(taken, [0, 1, 2, 3]);
-        assert_eq!(pool.available(), 0);
+        // Two received datagrams, the third buffer nothing.
+        pool.add_ref(0);
+        pool.add_ref(1);
+        // SAFETY: one hold per LentBuf (add_ref above), inside the stride.
+        let lent = unsafe {
+            [
+                LentBuf::new(pool.clone(), 0, 0, 8),
+                LentBuf::new(pool.clone(), 1, 0, 8),
+            ]
+        };
+        pool.release_claims(&taken);
+        assert_eq!(pool.available(), 2);
+        assert_eq!(pool.lent(), 2);
         assert!(
-            pool.claim(taken[0]).is_err(),
-            "a lent buffer must be refused"
+            pool.kernel_filled(0, 8, false).is_err(),
+            "a buffer not on a kernel ring must be refused"
         );
-        // SAFETY: each bid is claimed once and handed to exactly one LentBuf.
-        let lent: Vec<LentBuf> = taken
-            .iter()
-            .map(|&bid| unsafe { LentBuf::new(pool.clone(), bid, 0, 8) })
-            .collect();
-        assert_eq!(pool.lent(), 4);
+        // The unused one is claimed next, then the untouched one.
+        taken.clear();
+        pool.claim_free(&mut taken, 8);
+        assert_eq!(taken, [2, 3]);
+        pool.release_claims(&taken);
         drop(lent);
         assert_eq!(pool.available(), 4);
         assert_eq!(pool.lent(), 0);
     }
 
     #[test]
-    fn shared_buffer_returns_after_last_segment() {
-        let pool = Rc::new(BufPool::new(1, 64, None).unwrap());
+    fn shared_buffers_give_recvmmsg_several_slots_each() {
+        let pool = pool(8, true);
+        assert_eq!(pool.layout().slots, 4);
+        let mut taken = Vec::new();
+        pool.claim_free(&mut taken, 5);
+        assert_eq!(taken.len(), 2, "five slots need two buffers of four");
+        pool.release_claims(&taken);
+        assert_eq!(pool.available(), 2);
+    }
+
+    #[test]
+    fn a_buffer_returns_after_its_last_datagram() {
+        let pool = pool(1, false);
         let mut one = Vec::new();
-        pool.pop_free_into(&mut one, 1);
+        pool.claim_free(&mut one, 1);
         let bid = one[0];
         pool.add_ref(bid);
-        // SAFETY: two holds (claim + add_ref), one per LentBuf, inside the stride.
+        pool.add_ref(bid);
+        // SAFETY: two holds (add_ref), one per LentBuf, inside the stride.
         let (a, b) = unsafe {
             (
                 LentBuf::new(pool.clone(), bid, 0, 32),
                 LentBuf::new(pool.clone(), bid, 32, 32),
             )
         };
+        pool.release_claims(&one);
         drop(a);
         assert_eq!(pool.available(), 0);
         drop(b);

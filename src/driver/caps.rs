@@ -28,6 +28,15 @@ pub enum Capability {
     /// SEND with a destination address (Linux 6.0): a datagram to an address in one
     /// SEND. Without it, SENDMSG with the address in its header.
     SendTo,
+    /// Incrementally consumed provided buffers with a minimum left (IOU_PBUF_RING_INC,
+    /// Linux 6.12, and the buffer ring's `min_left`, added in 2026 and backported to
+    /// stable kernels): each datagram takes only the bytes it needs from a large buffer,
+    /// and the kernel moves on to the next buffer once what is left could not hold the
+    /// largest datagram, so many small datagrams share one buffer and a large one still
+    /// arrives whole. Without it every buffer holds one datagram (and the same memory
+    /// holds fewer small datagrams). Incremental consumption without `min_left` would cut
+    /// a datagram at a buffer's tail, so it does not count.
+    IncrementalBuffers,
     /// IORING_SETUP_SINGLE_ISSUER with DEFER_TASKRUN (Linux 6.1): completion work runs
     /// when the loop asks for it instead of interrupting the thread; a receiver costs
     /// about a quarter less CPU. Without it, COOP_TASKRUN or no setup flags.
@@ -39,11 +48,12 @@ pub enum Capability {
 
 impl Capability {
     /// Every capability, in a fixed order.
-    pub const ALL: [Capability; 6] = [
+    pub const ALL: [Capability; 7] = [
         Capability::BufferRing,
         Capability::MultishotRecv,
         Capability::MultishotAccept,
         Capability::SendTo,
+        Capability::IncrementalBuffers,
         Capability::DeferTaskrun,
         Capability::TaskrunFlag,
     ];
@@ -55,6 +65,7 @@ impl Capability {
             Capability::MultishotRecv => "multishot-recv",
             Capability::MultishotAccept => "multishot-accept",
             Capability::SendTo => "send-to",
+            Capability::IncrementalBuffers => "incremental-buffers",
             Capability::DeferTaskrun => "defer-taskrun",
             Capability::TaskrunFlag => "taskrun-flag",
         }
@@ -205,7 +216,7 @@ mod tests {
         assert!(!set.contains(Capability::SendTo));
         assert_eq!("".parse::<Capabilities>().unwrap(), Capabilities::none());
         assert_eq!(Capabilities::none().to_string(), "none");
-        assert_eq!("all".parse::<Capabilities>().unwrap().iter().count(), 6);
+        assert_eq!("all".parse::<Capabilities>().unwrap().iter().count(), 7);
         let err = "multishot".parse::<Capabilities>().unwrap_err();
         assert_eq!(err.status(), crate::SocketErrorStatus::InvalidArgument);
     }

@@ -49,8 +49,8 @@
 //! ([`ops`], [`accept`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound
 //! to; the engines ([`uring`], [`poll`]) never import the runtime, the socket API, the
 //! dispatch modules or each other; the shared modules (descriptors, buffer pool, socket
-//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options, the traffic
-//! clock) import no engine.
+//! addresses, iovecs, GSO, received datagrams, recvmmsg, the receive ring's layout,
+//! socket options, the traffic clock) import no engine.
 
 pub(crate) mod accept;
 pub(crate) mod activity;
@@ -69,6 +69,7 @@ pub(crate) mod ops_datagram;
 pub(crate) mod poll;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
+pub(crate) mod ring_layout;
 pub(crate) mod scm;
 pub(crate) mod sockaddr;
 pub(crate) mod socket;

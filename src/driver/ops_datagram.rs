@@ -16,6 +16,7 @@ use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::recv::{RecvCounters, RecvDatagram, RingConfig, UDP_GRO};
+pub(crate) use super::ring_layout::ring_memory;
 pub(crate) use super::sockaddr::{canonical, for_family};
 use super::socket::{Binding, SharedFd};
 use super::{poll, uring};

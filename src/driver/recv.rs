@@ -12,12 +12,13 @@ use super::gso::CMSG_HDR;
 /// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
 pub(crate) const UDP_GRO: libc::c_int = 104;
 
-/// Shape of a receive ring.
+/// Shape of a receive ring, as the program asked for it (the engine lays it out with
+/// [`Layout`](super::ring_layout::Layout)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct RingConfig {
-    /// Buffers (a power of two).
+    /// Datagrams of `buffer_size` the ring holds at least (a power of two).
     pub(crate) buffers: u16,
-    /// Payload bytes one buffer holds.
+    /// Payload bytes a datagram keeps; a longer one is truncated.
     pub(crate) buffer_size: usize,
     /// UDP_GRO is on: buffers may hold super-datagrams, split on delivery.
     pub(crate) gro: bool,
@@ -80,14 +81,15 @@ pub(crate) fn gro_segment(control: &[u8]) -> Option<usize> {
     None
 }
 
-/// Turns one filled, claimed buffer into datagrams: one, or with GRO one per segment
-/// (each holding the buffer). `payload` is the offset and length of the data in the
-/// buffer.
+/// Turns the bytes of one received datagram (or GRO super-datagram) into datagrams:
+/// one, or with GRO one per segment, each taking a hold on the buffer. `offset` and
+/// `len` place the payload in the buffer.
 ///
 /// # Safety
 ///
-/// - `bid` is claimed from `pool` (one hold), which this call takes over.
-/// - `offset + len <= pool.stride()`, and the kernel wrote those bytes.
+/// - The caller holds `bid` (a claim, or the kernel ring's hold) until this returns.
+/// - `offset + len` is within the buffer, the kernel wrote those bytes, and it will not
+///   write them again while the buffer is held.
 #[allow(clippy::too_many_arguments)]
 pub(crate) unsafe fn deliver(
     pool: &Rc<BufPool>,
@@ -105,16 +107,14 @@ pub(crate) unsafe fn deliver(
         Some(segment) if !truncated && segment < len => {
             counters.gro_splits += 1;
             let pieces = len.div_ceil(segment);
-            for _ in 1..pieces {
-                pool.add_ref(bid);
-            }
             for piece in 0..pieces {
                 let start = offset + piece * segment;
                 let size = segment.min(offset + len - start);
                 counters.datagrams += 1;
+                pool.add_ref(bid);
                 out.push(RecvDatagram {
-                    // SAFETY: one hold per piece (claim + add_ref above); inside the
-                    // written bytes (caller's contract).
+                    // SAFETY: the hold just taken is this piece's; inside the written
+                    // bytes (caller's contract).
                     buf: unsafe { LentBuf::new(pool.clone(), bid, start, size) },
                     addr,
                     truncated: false,
@@ -127,8 +127,9 @@ pub(crate) unsafe fn deliver(
             if truncated {
                 counters.truncated += 1;
             }
+            pool.add_ref(bid);
             out.push(RecvDatagram {
-                // SAFETY: the caller's hold and bytes, handed over.
+                // SAFETY: the hold just taken; the caller's bytes.
                 buf: unsafe { LentBuf::new(pool.clone(), bid, offset, len) },
                 addr,
                 truncated,

@@ -1,4 +1,4 @@
-//! `recvmmsg` into the free buffers of a receive pool: the epoll receiver's one path,
+//! `recvmmsg` into the free slots of a receive pool: the epoll receiver's one path,
 //! and the io_uring receiver's while datagrams come in bursts (see
 //! `uring::datagram`). Takes up to 64 datagrams per call whatever the caller asked for,
 //! and keeps the ones not asked for yet: a program that reads one datagram at a time
@@ -51,16 +51,17 @@ pub(crate) struct MmsgReceiver {
     controls: Box<[[u64; GRO_WORDS]]>,
     iovecs: Box<[libc::iovec]>,
     headers: Box<[libc::mmsghdr]>,
+    /// The buffers claimed for the call.
     bids: Vec<u16>,
+    /// Per slot of the call: its buffer and where in it the slot starts.
+    slots: Vec<(u16, usize)>,
     gro: bool,
-    /// Payload bytes one datagram may fill; longer ones are reported truncated.
-    capacity: usize,
     /// Received, in order, not taken yet.
     ready: Vec<RecvDatagram>,
 }
 
 impl MmsgReceiver {
-    pub(crate) fn new(gro: bool, capacity: usize) -> MmsgReceiver {
+    pub(crate) fn new(gro: bool) -> MmsgReceiver {
         // SAFETY: sockaddr_in6, iovec and mmsghdr are plain old data; zero is a valid
         // (empty) value of each.
         let (name, iovec, header) = unsafe {
@@ -71,12 +72,12 @@ impl MmsgReceiver {
             )
         };
         MmsgReceiver {
-            capacity: capacity.max(1),
             names: vec![name; RECV_SLOTS].into_boxed_slice(),
             controls: vec![[0; GRO_WORDS]; if gro { RECV_SLOTS } else { 0 }].into_boxed_slice(),
             iovecs: vec![iovec; RECV_SLOTS].into_boxed_slice(),
             headers: vec![header; RECV_SLOTS].into_boxed_slice(),
             bids: Vec::with_capacity(RECV_SLOTS),
+            slots: Vec::with_capacity(RECV_SLOTS),
             gro,
             ready: Vec::with_capacity(RECV_SLOTS),
         }
@@ -104,7 +105,7 @@ impl MmsgReceiver {
         !self.ready.is_empty()
     }
 
-    /// One non-blocking `recvmmsg` into up to 64 free buffers of `pool`; what it got
+    /// One non-blocking `recvmmsg` into up to 64 free slots of `pool`; what it got
     /// waits for [`take_ready`](Self::take_ready). The caller counts the system call
     /// unless the answer is [`Drained::NoBuffers`].
     pub(crate) fn receive(
@@ -114,22 +115,30 @@ impl MmsgReceiver {
         counters: &mut RecvCounters,
     ) -> io::Result<Drained> {
         self.bids.clear();
-        pool.pop_free_into(&mut self.bids, RECV_SLOTS);
-        if self.bids.is_empty() {
+        self.slots.clear();
+        pool.claim_free(&mut self.bids, RECV_SLOTS);
+        let layout = *pool.layout();
+        for &bid in &self.bids {
+            for slot in 0..layout.slots as usize {
+                self.slots.push((bid, slot * layout.slot_stride));
+            }
+        }
+        self.slots.truncate(RECV_SLOTS);
+        if self.slots.is_empty() {
             return Ok(Drained::NoBuffers);
         }
-        let capacity = self.capacity.min(pool.stride());
-        let slots = self.bids.len();
+        let capacity = layout.capacity;
+        let slots = self.slots.len();
         let control_room = std::mem::size_of::<[u64; GRO_WORDS]>();
         let slots_in_use = self
             .headers
             .iter_mut()
-            .zip(&self.bids)
+            .zip(&self.slots)
             .zip(self.names.iter_mut())
             .zip(self.iovecs.iter_mut());
-        for (((header, &bid), name), iovec) in slots_in_use {
+        for (((header, &(bid, at)), name), iovec) in slots_in_use {
             *iovec = libc::iovec {
-                iov_base: pool.buffer_ptr(bid).cast(),
+                iov_base: pool.buffer_ptr(bid).wrapping_add(at).cast(),
                 iov_len: capacity,
             };
             let msg = &mut header.msg_hdr;
@@ -147,9 +156,9 @@ impl MmsgReceiver {
             }
         }
         // SAFETY: the first `slots` headers point to live name slots, control slots (with
-        // GRO) and iovecs over `capacity` bytes of claimed pool buffers, all alive and
-        // untouched by us across the call. MSG_TRUNC makes msg_len the datagram's real
-        // length.
+        // GRO) and iovecs over `capacity` bytes of slots in claimed pool buffers (each
+        // slot's stride holds more), all alive and untouched by us across the call.
+        // MSG_TRUNC makes msg_len the datagram's real length.
         let received = unsafe {
             libc::recvmmsg(
                 fd,
@@ -161,7 +170,7 @@ impl MmsgReceiver {
         };
         if received < 0 {
             let err = io::Error::last_os_error();
-            pool.unpop_free(&self.bids);
+            pool.release_claims(&self.bids);
             return match err.kind() {
                 io::ErrorKind::WouldBlock => Ok(Drained::Empty),
                 io::ErrorKind::Interrupted => Ok(Drained::More),
@@ -172,12 +181,11 @@ impl MmsgReceiver {
         if received > 0 {
             counters.deliveries += 1;
         }
-        pool.unpop_free(&self.bids[received..]);
         let filled = self.headers[..received]
             .iter()
-            .zip(&self.bids)
+            .zip(&self.slots)
             .zip(self.names.iter());
-        for (j, ((header, &bid), name)) in filled.enumerate() {
+        for (j, ((header, &(bid, at)), name)) in filled.enumerate() {
             let real = header.msg_len as usize;
             let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > capacity;
             let name_len = (header.msg_hdr.msg_namelen as usize)
@@ -199,13 +207,14 @@ impl MmsgReceiver {
             } else {
                 None
             };
-            // SAFETY: `bid` is claimed (pop_free_into) and its hold handed over; the kernel
-            // wrote min(real, capacity) bytes at its start.
+            // SAFETY: `bid` is claimed (claim_free) until release_claims below; the kernel
+            // wrote min(real, capacity) bytes at the slot's start, and nothing writes
+            // there again until the buffer is free.
             unsafe {
                 deliver(
                     pool,
                     bid,
-                    0,
+                    at,
                     real.min(capacity),
                     real,
                     truncated,
@@ -216,6 +225,8 @@ impl MmsgReceiver {
                 )
             };
         }
+        // The buffers that got datagrams stay held by them; the others are free again.
+        pool.release_claims(&self.bids);
         Ok(if received < slots {
             Drained::Empty
         } else {

@@ -11,6 +11,7 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
 
+use super::bind::bind_retrying;
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
 use futures_core::Stream;
@@ -28,39 +29,59 @@ use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
 use crate::{Error, Result};
 
-/// Shape of a socket's receive ring: how many buffers, and how large a datagram each holds.
+/// Shape of a socket's receive ring: how large a datagram it keeps whole, and how many
+/// of those it holds at least.
 ///
-/// On io_uring the buffers form a provided buffer ring (IORING_REGISTER_PBUF_RING,
-/// Linux 5.19) fed by one multishot receive (Linux 6.0); on epoll a pool `recvmmsg`
-/// fills. Either way a received [`Datagram`] lends its buffer and gives it back when
-/// dropped, so `buffers` is also how many datagrams a program can hold at once before the
-/// kernel has to queue (and, past the socket's receive buffer, drop) new ones.
+/// The default receives every UDP datagram whole (up to 65,507 bytes over IPv4, 65,527
+/// over IPv6) in 4 MiB per socket ([`memory`](Self::memory)): 64 slots of 64 KiB, each
+/// with room for what io_uring writes before a datagram. The memory is mapped when the
+/// first receive sets the ring up; pages the kernel never writes are never allocated.
+///
+/// On io_uring the ring is a provided buffer ring (IORING_REGISTER_PBUF_RING, Linux 5.19)
+/// fed by one multishot receive (Linux 6.0); on epoll a pool `recvmmsg` fills. Where the
+/// kernel consumes buffers incrementally (io_uring,
+/// [`Capability::IncrementalBuffers`](crate::Capability::IncrementalBuffers)), four slots
+/// make one buffer that the kernel packs with datagrams until fewer than a header and
+/// `buffer_size` bytes are left, so the same memory holds hundreds of small datagrams per
+/// buffer (about 14,000 of 172 bytes by default) where one datagram per slot holds 64.
+/// Either way a received [`Datagram`] lends its buffer and gives it back when the last
+/// datagram in it is dropped; a program that holds every buffer leaves the kernel to
+/// queue (and, past the socket's receive buffer, drop) new datagrams, counted in
+/// [`ReceiveStats::dropped`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReceiveRing {
-    /// Number of buffers; rounded up to a power of two, 1..=32768 (default 512).
+    /// Datagrams of `buffer_size` bytes the ring holds at least; rounded up to a power of
+    /// two, 1..=32768 (default 64).
     pub buffers: u16,
-    /// Payload bytes per buffer (default 2048: a 1500-byte Ethernet packet fits). A larger
-    /// datagram is delivered truncated and flagged (see [`Datagram::is_truncated`]).
+    /// Payload bytes a datagram keeps (default 65,536: every UDP datagram whole). Only a
+    /// ring made smaller cuts datagrams: a longer one is delivered truncated to this
+    /// size, flagged ([`Datagram::is_truncated`]) and counted
+    /// ([`ReceiveStats::truncated`]).
     pub buffer_size: usize,
 }
 
 impl Default for ReceiveRing {
     fn default() -> Self {
         ReceiveRing {
-            buffers: 512,
-            buffer_size: 2048,
+            buffers: 64,
+            buffer_size: ReceiveRing::WHOLE,
         }
     }
 }
 
 impl ReceiveRing {
-    /// A ring for any UDP datagram (up to 65,535 bytes) and for GRO super-datagrams:
-    /// 64 buffers of 64 KiB.
+    /// A `buffer_size` that keeps every UDP datagram whole: 64 KiB.
+    pub const WHOLE: usize = 65_536;
+
+    /// The default ring: every UDP datagram whole, also GRO super-datagrams. (It was
+    /// larger than the default before the default took every datagram whole.)
     pub fn large() -> ReceiveRing {
-        ReceiveRing {
-            buffers: 64,
-            buffer_size: 65536,
-        }
+        ReceiveRing::default()
+    }
+
+    /// Bytes of memory the ring takes: its cap, whichever engine fills it.
+    pub fn memory(&self) -> usize {
+        ops_datagram::ring_memory(self.buffers, self.buffer_size)
     }
 }
 
@@ -69,10 +90,12 @@ impl ReceiveRing {
 pub struct ReceiveStats {
     /// Datagrams delivered (GRO segments count one each).
     pub datagrams: u64,
-    /// Of those, datagrams larger than a buffer, delivered truncated.
+    /// Of those, datagrams longer than the ring's `buffer_size`, delivered truncated
+    /// (only with a ring made smaller than the default).
     pub truncated: u64,
     /// Times the ring ran dry because the program held every buffer (ENOBUFS on
-    /// io_uring); the receiver resumed once a buffer came back.
+    /// io_uring, which ends the multishot receive); the receiver resumed once a buffer
+    /// came back and the program received again.
     pub ring_empty: u64,
     /// Times the io_uring multishot receive was armed again: after the kernel ended it,
     /// or when the receiver came back to it from draining bursts.
@@ -92,10 +115,14 @@ pub struct ReceiveStats {
     /// receive queue was full: this is where datagrams are lost while the ring is dry
     /// (SO_MEMINFO's drop counter).
     pub dropped: u64,
-    /// Buffers in the ring.
+    /// Buffers in the ring (with incremental buffers, each spans four slots).
     pub buffers: usize,
     /// Buffers held by datagrams the program has not dropped yet.
     pub buffers_lent: usize,
+    /// Buffers the kernel (or the next `recvmmsg`) can still fill, a buffer it is
+    /// part-way through included: 0 means the ring is dry until the program drops a
+    /// datagram.
+    pub buffers_free: usize,
 }
 
 /// Options of a datagram socket, applied when its socket is created and at once after.
@@ -217,6 +244,12 @@ impl DatagramSocket {
     }
 
     /// Binds to one socket address.
+    ///
+    /// Every bind retries a port in use for up to 250 ms before it fails with
+    /// AddressAlreadyInUse, so that a server restarted right after its predecessor was
+    /// killed gets the port the dying process still holds. Port sharing between live
+    /// sockets is [`set_multicast_only`](DatagramSocketControl::set_multicast_only)
+    /// (SO_REUSEADDR and SO_REUSEPORT); without it no such option is set.
     pub fn bind_addr(&self, addr: SocketAddr) -> Result<()> {
         self.bind_with(addr, false)
     }
@@ -228,9 +261,7 @@ impl DatagramSocket {
             ));
         }
         let socket = self.create(&addr, dual_stack)?;
-        socket
-            .bind(&addr.into())
-            .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+        bind_retrying(&socket, addr).map_err(|err| Error::io(format!("bind {addr}"), err))?;
         self.install(socket, addr.is_ipv6())
     }
 
@@ -402,23 +433,22 @@ impl DatagramSocket {
         )
     }
 
-    /// The next datagram (one MessageReceived). A datagram larger than a ring buffer is
-    /// an error with status MessageTooLong naming its sender and size; the socket goes
-    /// on receiving. Use [`recv_batch`](Self::recv_batch) to see truncated datagrams
-    /// themselves.
+    /// The next datagram (one MessageReceived), whole. Only a ring made smaller than the
+    /// default ([`ReceiveRing`]) cuts a datagram: it comes flagged
+    /// ([`Datagram::is_truncated`], [`Datagram::original_len`]), as from
+    /// [`recv_batch`](Self::recv_batch) and [`messages`](Self::messages), and counted in
+    /// [`ReceiveStats::truncated`].
     pub async fn recv(&self) -> Result<Datagram> {
         let mut one = Vec::with_capacity(1);
         self.recv_raw(&mut one, 1).await?;
-        let datagram = one
-            .pop()
+        one.pop()
             .map(Datagram::from)
-            .ok_or_else(|| Error::io("receive", std::io::ErrorKind::UnexpectedEof.into()))?;
-        datagram.check()
+            .ok_or_else(|| Error::io("receive", std::io::ErrorKind::UnexpectedEof.into()))
     }
 
     /// Waits until at least one datagram is there, then appends every ready datagram, up
-    /// to `max`, to `out` and returns how many. Truncated datagrams are included, flagged
-    /// ([`Datagram::is_truncated`]): a data path decides what to do with them.
+    /// to `max`, to `out` and returns how many. A datagram a smaller ring cut comes
+    /// flagged ([`Datagram::is_truncated`]), as from [`recv`](Self::recv).
     pub async fn recv_batch(&self, out: &mut Vec<Datagram>, max: usize) -> Result<usize> {
         let mut raw = Vec::with_capacity(max.clamp(1, 1024));
         self.recv_raw(&mut raw, max).await?;
@@ -428,8 +458,9 @@ impl DatagramSocket {
     }
 
     /// Every received datagram, as a stream (MessageReceived); never ends. Items are
-    /// errors for truncated datagrams and for receive failures (such as an ICMP port
-    /// unreachable on a connected socket); the stream goes on after them.
+    /// errors for receive failures (such as an ICMP port unreachable on a connected
+    /// socket); the stream goes on after them. Datagrams a smaller ring cut come flagged,
+    /// as from [`recv`](Self::recv).
     pub fn messages(&self) -> Messages<'_> {
         Messages {
             socket: self,
@@ -482,8 +513,9 @@ impl DatagramSocket {
             stats.deliveries = counters.deliveries;
             stats.gro_splits = counters.gro_splits;
             stats.burst_switches = counters.burst_switches;
-            stats.buffers = receiver.pool().count() as usize;
+            stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();
+            stats.buffers_free = receiver.pool().available();
         }
         if let Some(fd) = self.fd.get() {
             stats.dropped = ops_datagram::socket_drops(fd).unwrap_or(0);
@@ -580,8 +612,9 @@ impl Datagram {
         HostName::from(self.remote_addr().ip())
     }
 
-    /// True when the datagram was larger than a ring buffer: [`data`](Self::data) holds
-    /// only its first bytes and [`original_len`](Self::original_len) says how many it had.
+    /// True when the datagram was longer than the ring's `buffer_size` (only with a ring
+    /// made smaller than the default): [`data`](Self::data) holds only its first bytes
+    /// and [`original_len`](Self::original_len) says how many it had.
     pub fn is_truncated(&self) -> bool {
         self.inner.truncated
     }
@@ -595,21 +628,6 @@ impl Datagram {
     pub fn text(&self) -> Result<&str> {
         std::str::from_utf8(self.data())
             .map_err(|err| Error::invalid_input(format!("datagram is not valid UTF-8: {err}")))
-    }
-
-    fn check(self) -> Result<Datagram> {
-        if self.is_truncated() {
-            return Err(Error::from_errno(
-                format!(
-                    "datagram of {} bytes from {} is larger than a receive buffer ({} bytes; see ReceiveRing)",
-                    self.original_len(),
-                    self.remote_addr(),
-                    self.data().len()
-                ),
-                libc::EMSGSIZE,
-            ));
-        }
-        Ok(self)
     }
 }
 
@@ -661,7 +679,7 @@ impl Stream for Messages<'_> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         if let Some(datagram) = self.ready.pop_front() {
-            return Poll::Ready(Some(datagram.check()));
+            return Poll::Ready(Some(Ok(datagram)));
         }
         let socket = self.socket;
         let pending = self.pending.get_or_insert_with(|| {
@@ -678,7 +696,7 @@ impl Stream for Messages<'_> {
                     Ok(batch) => {
                         self.ready.extend(batch);
                         match self.ready.pop_front() {
-                            Some(datagram) => Poll::Ready(Some(datagram.check())),
+                            Some(datagram) => Poll::Ready(Some(Ok(datagram))),
                             None => {
                                 cx.waker().wake_by_ref();
                                 Poll::Pending
@@ -917,7 +935,7 @@ impl DatagramSocketControl<'_> {
         }
         if self.options.gro.get() && ring.buffer_size < 65535 {
             return Err(Error::invalid_input(
-                "with GRO on, receive buffers need at least 65535 bytes (ReceiveRing::large())",
+                "with GRO on, the ring's buffer_size must be at least 65535 bytes (the default)",
             ));
         }
         self.options.ring.set(ring);
@@ -930,21 +948,17 @@ impl DatagramSocketControl<'_> {
     }
 
     /// Receives UDP GRO super-datagrams (UDP_GRO, Linux 5.0) and takes them apart into
-    /// their datagrams: one receive for many datagrams from a GSO sender. Needs receive
-    /// buffers of at least 65535 bytes (the ring is switched to [`ReceiveRing::large`]
-    /// if it has the default shape); set before the first receive.
+    /// their datagrams: one receive for many datagrams from a GSO sender. Needs a ring
+    /// whose `buffer_size` is at least 65535 bytes, as the default's is; set before the
+    /// first receive.
     pub fn set_gro(&self, on: bool) -> Result<()> {
         if self.receiving {
             return Err(Error::invalid_input("set GRO before the first receive"));
         }
         if on && self.options.ring.get().buffer_size < 65535 {
-            if self.options.ring.get() == ReceiveRing::default() {
-                self.options.ring.set(ReceiveRing::large());
-            } else {
-                return Err(Error::invalid_input(
-                    "GRO needs receive buffers of at least 65535 bytes (ReceiveRing::large())",
-                ));
-            }
+            return Err(Error::invalid_input(
+                "GRO needs a receive ring whose buffer_size is at least 65535 bytes (the default)",
+            ));
         }
         self.options.gro.set(on);
         self.apply_gro(on)

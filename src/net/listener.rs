@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use futures_core::Stream;
 
 use super::backoff::{self, Backoff};
+use super::bind::bind_retrying;
 use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
 use super::turn::Turnstile;
@@ -132,6 +133,11 @@ impl StreamSocketListener {
     }
 
     /// Listens on one socket address.
+    ///
+    /// Every bind retries a port in use for up to 250 ms before it fails with
+    /// AddressAlreadyInUse, so that a server restarted right after its predecessor was
+    /// killed gets the port the dying process still holds (SO_REUSEADDR, which every
+    /// listener sets, covers the old connections' TIME_WAIT, not a listener).
     pub fn bind_addr(addr: SocketAddr) -> Result<StreamSocketListener> {
         Self::bind_addr_with(addr, false)
     }
@@ -147,9 +153,7 @@ impl StreamSocketListener {
                 .set_only_v6(false)
                 .map_err(|err| Error::io("set IPV6_V6ONLY", err))?;
         }
-        socket
-            .bind(&addr.into())
-            .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+        bind_retrying(&socket, addr).map_err(|err| Error::io(format!("bind {addr}"), err))?;
         socket
             .listen(BACKLOG)
             .map_err(|err| Error::io(format!("listen on {addr}"), err))?;

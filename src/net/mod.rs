@@ -6,6 +6,7 @@ use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
 mod backoff;
+mod bind;
 mod close;
 mod control;
 mod datagram;

@@ -36,6 +36,21 @@ where
     }
 }
 
+/// Runs `test` on each driver, then once more on io_uring without incremental buffers
+/// (`Capability::IncrementalBuffers` disabled): the receive ring's fallback layout, one
+/// datagram per buffer, which kernels before that feature get.
+pub fn on_each_receive_path<F, Fut>(test: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    on_each_backend(&test);
+    let builder = Builder::new()
+        .backend(Backend::Uring)
+        .disable(ringsock::Capability::IncrementalBuffers);
+    on_runtime_of(builder, Backend::Uring, &test);
+}
+
 /// Runs `test` on one driver (see [`on_each_backend`]).
 pub fn on_backend<F, Fut>(backend: Backend, test: &F)
 where

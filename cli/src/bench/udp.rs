@@ -8,7 +8,7 @@ use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ringsock::runtime::timeout;
-use ringsock::{Backend, DatagramSocket, Error, ReceiveRing, Result, SocketErrorStatus};
+use ringsock::{Backend, DatagramSocket, Error, Result, SocketErrorStatus};
 
 use super::cpu::{self, CpuSample};
 use super::group::{groups, GroupBuffer};
@@ -235,17 +235,6 @@ fn start_flood(o: &Options, dest: SocketAddr, go: mpsc::Receiver<()>) -> Result<
 /// Datagrams the ringsock receiver takes per `recv_batch`.
 const RECV_BATCH: usize = 64;
 
-/// The receive ring of the measured ringsock socket: 1024 buffers of 2 KiB (fewer for
-/// larger datagrams, about 8 MiB in all).
-fn ring_for(size: usize) -> ReceiveRing {
-    let buffer_size = size.max(2048);
-    let buffers = (8 << 20) / buffer_size;
-    ReceiveRing {
-        buffers: buffers.clamp(64, 1024) as u16,
-        buffer_size,
-    }
-}
-
 /// The ringsock receiver: `recv_batch` on the socket's receive ring (a multishot
 /// receive into a provided-buffer ring on io_uring, `recvmmsg` on epoll).
 fn ringsock_receiver(
@@ -257,11 +246,9 @@ fn ringsock_receiver(
     let runtime = o.runtime(backend)?;
     let socket = DatagramSocket::new();
     socket.control().set_receive_buffer_size(udp_peer::RCVBUF)?;
+    // The default receive ring, as a program gets it: every datagram whole, 4 MiB.
     if o.gro {
-        // Large buffers (ReceiveRing::large) for the super-datagrams.
         socket.control().set_gro(true)?;
-    } else {
-        socket.control().set_receive_ring(ring_for(o.size))?;
     }
     socket.bind_addr(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let flood = start_flood(o, socket.local_addr()?, go)?;
@@ -348,18 +335,4 @@ fn std_receiver(
         ring: Vec::new(),
     };
     Ok((received, flood))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_ring_holds_the_datagram_size() {
-        assert_eq!(ring_for(172).buffers, 1024);
-        assert_eq!(ring_for(172).buffer_size, 2048);
-        let large = ring_for(65507);
-        assert_eq!(large.buffer_size, 65507);
-        assert!(large.buffers >= 64);
-    }
 }

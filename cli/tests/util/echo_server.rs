@@ -145,6 +145,13 @@ impl EchoServer {
         (status, lines.join("\n"))
     }
 
+    /// Kills it with SIGKILL (no chance to clean up) and returns once it is gone.
+    pub fn kill(mut self) -> ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = child.kill();
+        child.wait().unwrap()
+    }
+
     /// Stops it with SIGTERM; fails if it has not exited within `limit`. Returns how it
     /// exited and everything it wrote to stderr.
     pub fn stop_within(mut self, limit: Duration) -> (ExitStatus, Vec<String>) {
@@ -154,7 +161,7 @@ impl EchoServer {
         // SAFETY: kill has no memory-safety preconditions; pid is our own child, not yet
         // waited for.
         unsafe {
-            libc::kill(pid, libc::SIGTERM)
+            libc::kill(pid, signal)
         };
         let (sender, exited) = mpsc::channel();
         std::thread::spawn(move || {

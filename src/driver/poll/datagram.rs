@@ -18,6 +18,7 @@ use crate::driver::fd::FdRef;
 use crate::driver::gso::{gso_refused, plan_links, MmsgBatch};
 use crate::driver::recv::{RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
+use crate::driver::ring_layout::Layout;
 use crate::driver::sockaddr::RawAddr;
 
 /// Most messages one `sendmmsg` takes (UIO_MAXIOV).
@@ -30,8 +31,8 @@ fn check(result: isize) -> io::Result<usize> {
     }
 }
 
-/// A socket's receive ring on epoll: the same pool of lent buffers as on io_uring,
-/// filled by `recvmmsg` up to 64 at a time.
+/// A socket's receive ring on epoll: the same pool of lent buffers as on io_uring, one
+/// datagram per buffer, filled by `recvmmsg` up to 64 at a time.
 pub(crate) struct Receiver {
     pub(crate) pool: Rc<BufPool>,
     mmsg: MmsgReceiver,
@@ -48,11 +49,10 @@ pub(crate) struct Receiver {
 
 impl Receiver {
     pub(crate) fn new(config: RingConfig) -> io::Result<Receiver> {
-        let stride = config.buffer_size.max(1).next_multiple_of(64);
-        let pool = BufPool::new(config.buffers, stride, None)?;
+        let pool = BufPool::new(Layout::new(&config, false), None)?;
         Ok(Receiver {
             pool: Rc::new(pool),
-            mmsg: MmsgReceiver::new(config.gro, config.buffer_size),
+            mmsg: MmsgReceiver::new(config.gro),
             starved: false,
             burst: 0,
             bursty: false,

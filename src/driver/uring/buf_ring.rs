@@ -12,7 +12,8 @@
 //!
 //! > A buffer's memory and the ring's memory stay mapped while any operation that may
 //! > select from the ring's group is in flight, and until the ring is unregistered.
-//! > A buffer id is on the ring only while no datagram holds it.
+//! > A buffer goes onto the ring only while no datagram holds it, and the kernel
+//! > writes only bytes of it that no datagram shows.
 //!
 //! - The buffer pool ([`BufPool`](crate::driver::buf_pool::BufPool)) is reference
 //!   counted; every multishot receive holds a clone in its op data, which the driver
@@ -26,17 +27,43 @@
 //!   CQE before going), nothing can select from the ring any more, and the memory is
 //!   freed at once.
 //! - A buffer id is pushed back on the ring only when its last holder is dropped
-//!   (`BufPool::release`); an id the kernel reports while it is still held is refused.
+//!   (`BufPool::release`); an id the kernel reports while it is not on the ring is
+//!   refused.
 //! - A ring may be unregistered while its pool lives ([`BufRing::unregister`]), so that
 //!   the program can hand the buffers to `recvmmsg` instead; only once no operation may
 //!   select from the group (the receiver waits for its multishot's final CQE first).
 //!   The kernel then forgets every entry, and the buffers it had not filled are the
 //!   program's again. [`BufRing::register_again`] starts the ring afresh (head and
 //!   tail 0).
+//!
+//! # Incremental consumption
+//!
+//! A ring registered with IOU_PBUF_RING_INC (Linux 6.12) and a `min_left`
+//! ([`Capability::IncrementalBuffers`](crate::driver::Capability::IncrementalBuffers))
+//! lends each buffer to many receives: each completion takes the bytes it used from
+//! where the previous one stopped, and IORING_CQE_F_BUF_MORE says the kernel keeps the
+//! buffer for the next one. It gives the buffer up (a completion without that flag)
+//! once fewer than `min_left` bytes are left. For a multishot RECVMSG that is the rule
+//! that keeps datagrams whole: with `min_left` at least its header plus the largest
+//! datagram, the kernel never starts a datagram where it would not fit. (Without
+//! `min_left` it would use the tail anyway: truncating the datagram, or failing the
+//! receive with EFAULT when not even the header fits.)
+//!
+//! This adds to the rules above:
+//!
+//! - The kernel writes the head entry's `addr` and `len` back as it consumes; the
+//!   program writes entries only past the published tail, as before, and reads the
+//!   kernel's `addr` only to check its own count of a buffer's receive point
+//!   ([`BufRing::entry_addr`]).
+//! - A buffer the kernel keeps may already hold datagrams the program has been lent:
+//!   they lie before the receive point, and the kernel writes only at or after it. The
+//!   pool tracks the receive point of every buffer from the completions, in order, and
+//!   refuses a completion when the kernel's entry shows a point behind it.
 #![allow(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
@@ -51,6 +78,64 @@ struct RawEntry {
     bid: u16,
     /// In entry 0: the ring's tail (`struct io_uring_buf_ring`).
     resv: u16,
+}
+
+/// `struct io_uring_buf_reg` (include/uapi/linux/io_uring.h) with `min_left`, the field
+/// the io-uring crate does not know yet: 40 bytes, as the kernel reads them.
+#[repr(C)]
+#[derive(Default)]
+struct BufReg {
+    ring_addr: u64,
+    ring_entries: u32,
+    bgid: u16,
+    flags: u16,
+    /// Read by kernels that know it; older ones refuse a non-zero value (EINVAL).
+    min_left: u32,
+    resv: [u32; 5],
+}
+
+/// IORING_REGISTER_PBUF_RING.
+const REGISTER_PBUF_RING: libc::c_uint = 22;
+/// IOU_PBUF_RING_INC: buffers are consumed incrementally (Linux 6.12).
+const PBUF_RING_INC: u16 = 2;
+
+/// Registers an incrementally consumed buffer ring of `entries` at `ring_addr` under
+/// `bgid`, whose buffers the kernel gives up once fewer than `min_left` bytes are left.
+///
+/// # Safety
+///
+/// The ring memory (page-aligned, `entries` entries) and every buffer it will name stay
+/// mapped until the group is unregistered or the io_uring is gone.
+pub(crate) unsafe fn register_incremental(
+    ring_fd: RawFd,
+    ring_addr: u64,
+    entries: u16,
+    bgid: u16,
+    min_left: u32,
+) -> io::Result<()> {
+    let reg = BufReg {
+        ring_addr,
+        ring_entries: entries as u32,
+        bgid,
+        flags: PBUF_RING_INC,
+        min_left,
+        ..BufReg::default()
+    };
+    // SAFETY: io_uring_register reads one `struct io_uring_buf_reg` (40 bytes) from
+    // `reg`, which lives across the call; the memory it names is the caller's promise.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_io_uring_register,
+            ring_fd,
+            REGISTER_PBUF_RING,
+            std::ptr::from_ref(&reg),
+            1 as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// The first buffer group id used (see `Registry::new`).
@@ -69,13 +154,20 @@ pub(crate) struct BufRing {
     /// False between [`unregister`](Self::unregister) and
     /// [`register_again`](Self::register_again): the kernel knows no entry.
     registered: Cell<bool>,
+    /// Incremental consumption: the `min_left` the ring is registered with.
+    min_left: Option<u32>,
     retired: Rc<Retired>,
 }
 
 impl BufRing {
     /// Maps a ring of `entries` (a power of two up to 32768) and registers it with the
-    /// driver's io_uring under a fresh group id.
-    pub(crate) fn register(driver: &mut Driver, entries: u16) -> io::Result<BufRing> {
+    /// driver's io_uring under a fresh group id; with `min_left`, incrementally consumed
+    /// (see the module's section on it).
+    pub(crate) fn register(
+        driver: &mut Driver,
+        entries: u16,
+        min_left: Option<u32>,
+    ) -> io::Result<BufRing> {
         if !entries.is_power_of_two() || entries > MAX_ENTRIES {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -92,6 +184,7 @@ impl BufRing {
             tail: Cell::new(0),
             bgid,
             registered: Cell::new(false),
+            min_left,
             retired: driver.buf_rings.retired.clone(),
         };
         // On failure the ring was never registered: dropping it only frees the id and
@@ -114,12 +207,21 @@ impl BufRing {
         // SAFETY: the mapping is page-aligned, holds `entries` entries, and stays mapped
         // until the group is unregistered (see the module's memory-safety section).
         let registered = unsafe {
-            driver.ring.submitter().register_buf_ring_with_flags(
-                memory.as_ptr() as u64,
-                self.entries,
-                self.bgid,
-                0,
-            )
+            match self.min_left {
+                Some(min_left) => register_incremental(
+                    driver.ring.as_raw_fd(),
+                    memory.as_ptr() as u64,
+                    self.entries,
+                    self.bgid,
+                    min_left,
+                ),
+                None => driver.ring.submitter().register_buf_ring_with_flags(
+                    memory.as_ptr() as u64,
+                    self.entries,
+                    self.bgid,
+                    0,
+                ),
+            }
         };
         registered.map_err(|err| {
             io::Error::new(
@@ -159,14 +261,18 @@ impl BufRing {
     }
 
     /// Writes an entry for buffer `bid` at the local tail; the kernel sees it after
-    /// [`publish`](Self::publish).
-    pub(crate) fn push(&self, bid: u16, addr: u64, len: u32) {
-        let Some(memory) = &self.memory else {
-            return;
-        };
+    /// [`publish`](Self::publish). Returns the entry's index (for
+    /// [`entry_addr`](Self::entry_addr)).
+    pub(crate) fn push(&self, bid: u16, addr: u64, len: u32) -> u16 {
         let tail = self.tail.get();
-        let index = (tail & (self.entries - 1)) as usize;
-        let entry = memory.as_ptr().cast::<RawEntry>().wrapping_add(index);
+        let index = tail & (self.entries - 1);
+        let Some(memory) = &self.memory else {
+            return index;
+        };
+        let entry = memory
+            .as_ptr()
+            .cast::<RawEntry>()
+            .wrapping_add(index as usize);
         // SAFETY: `index < entries`, so the entry is inside the mapping. Only the fields
         // addr/len/bid are written through raw pointers (no reference to the entry is made,
         // so entry 0's `resv`, the tail, is not touched). The kernel reads entries only up
@@ -177,6 +283,21 @@ impl BufRing {
             std::ptr::addr_of_mut!((*entry).bid).write(bid);
         }
         self.tail.set(tail.wrapping_add(1));
+        index
+    }
+
+    /// The `addr` of entry `index` as the kernel last wrote it: with incremental
+    /// consumption, the receive point of the buffer it is consuming.
+    pub(crate) fn entry_addr(&self, index: u16) -> Option<u64> {
+        let memory = self.memory.as_ref()?;
+        let entry = memory
+            .as_ptr()
+            .cast::<RawEntry>()
+            .wrapping_add((index & (self.entries - 1)) as usize);
+        // SAFETY: the index is masked into the mapping; a volatile read of the aligned
+        // u64, because the kernel writes it (under its ring lock, before it posts the
+        // completion the caller has already reaped).
+        Some(unsafe { std::ptr::addr_of!((*entry).addr).read_volatile() })
     }
 
     /// Makes every pushed entry visible to the kernel (Release store of the tail).

@@ -1,5 +1,6 @@
 //! Datagram operations as io_uring SQEs: the receive ring (multishot IORING_OP_RECVMSG
-//! with IOSQE_BUFFER_SELECT over a provided buffer ring, Linux 6.0), single sends
+//! with IOSQE_BUFFER_SELECT over a provided buffer ring, Linux 6.0; incrementally
+//! consumed where the kernel can, so small datagrams share a buffer), single sends
 //! (IORING_OP_SEND with a destination, Linux 6.0) and batches (a linked chain of SEND
 //! and SENDMSG, with a UDP_SEGMENT control message for GSO runs).
 
@@ -26,6 +27,7 @@ use crate::driver::gso::{
 };
 use crate::driver::recv::{deliver, gro_segment, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
+use crate::driver::ring_layout::{Layout, HEADER_ROOM};
 use crate::driver::sockaddr::{addr_from_bytes, RawAddr};
 
 /// `struct io_uring_recvmsg_out`: what the kernel writes before the name.
@@ -76,7 +78,9 @@ enum Step {
 /// A socket's receive ring on io_uring: a multishot RECVMSG feeds datagrams into the
 /// ring's buffers until the kernel ends it (then it is armed again, after a buffer has
 /// come back if the ring had run dry); bursts are drained with `recvmmsg` (see
-/// [`Mode`]).
+/// [`Mode`]). With [`Capability::IncrementalBuffers`] the kernel packs datagrams into
+/// each buffer one after the other and keeps it until fewer than a header and the ring's
+/// `capacity` bytes are left (see `buf_ring`), so every datagram still arrives whole.
 pub(crate) struct Receiver {
     driver: Handle,
     pub(crate) pool: Rc<BufPool>,
@@ -106,27 +110,38 @@ impl Receiver {
         let caps = driver.with(|d| d.capabilities())?;
         let multishot =
             caps.contains(Capability::BufferRing) && caps.contains(Capability::MultishotRecv);
+        let incremental = multishot && caps.contains(Capability::IncrementalBuffers);
         let control_len = if config.gro { GRO_CONTROL_LEN } else { 0 };
-        // What the kernel may fill: its header, the name, the control message and at
-        // most `buffer_size` bytes of payload, as `recvmmsg` takes in drain mode.
-        let ring_len = RECVMSG_OUT + NAME_LEN + control_len + config.buffer_size;
-        let stride = ring_len.next_multiple_of(64);
-        if stride > u32::MAX as usize {
+        let layout = Layout::new(&config, incremental);
+        // What the kernel writes per datagram: its header, the name, the control message
+        // and the payload; the slot's header room holds the first three.
+        let header = RECVMSG_OUT + NAME_LEN + control_len;
+        debug_assert!(header <= HEADER_ROOM);
+        let whole = header + layout.capacity;
+        // Incrementally: the kernel fills a buffer datagram after datagram and gives it
+        // up once fewer bytes are left than a header and `capacity` (min_left), so it
+        // never starts a datagram it could not hold. Else one datagram per buffer, the
+        // kernel offered only the bytes `recvmmsg` would take in drain mode.
+        let (ring_len, min_left) = if incremental {
+            (layout.stride, Some(whole))
+        } else {
+            (whole, None)
+        };
+        if ring_len > u32::MAX as usize {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 "receive buffer too large",
             ));
         }
-        let count = config.buffers;
         let pool = if multishot {
             let pool = driver.with(|d| -> io::Result<BufPool> {
-                let ring = BufRing::register(d, count)?;
-                BufPool::new(count, stride, Some((ring, ring_len as u32)))
+                let ring = BufRing::register(d, layout.buffers, min_left.map(|n| n as u32))?;
+                BufPool::new(layout, Some((ring, ring_len as u32, incremental)))
             })??;
             pool.fill();
             pool
         } else {
-            BufPool::new(count, stride, None)?
+            BufPool::new(layout, None)?
         };
         Ok(Receiver {
             driver: driver.clone(),
@@ -139,7 +154,7 @@ impl Receiver {
                 Mode::Drain
             },
             multishot,
-            mmsg: MmsgReceiver::new(config.gro, config.buffer_size),
+            mmsg: MmsgReceiver::new(config.gro),
             control_len,
             starved: false,
             armed_once: false,
@@ -405,37 +420,46 @@ impl Receiver {
         };
         let bid = cqueue::buffer_select(completion.flags)
             .ok_or_else(|| io::Error::other("a multishot receive completed without a buffer"))?;
-        self.pool.claim(bid)?;
+        // The kernel keeps a buffer it consumes incrementally until too little is left.
+        let kept = cqueue::buffer_more(completion.flags);
+        let offset = self.pool.kernel_filled(bid, len, kept)?;
+        let delivered = self.deliver_from(bid, offset, len);
+        if !kept {
+            self.pool.kernel_done(bid);
+        }
+        delivered
+    }
+
+    /// The datagram the kernel wrote at `offset` of buffer `bid` (`len` bytes: its
+    /// header, name, control data and payload), into the ready queue.
+    fn deliver_from(&mut self, bid: u16, offset: usize, len: usize) -> io::Result<()> {
         let base = self.pool.buffer_ptr(bid);
-        // SAFETY: the kernel wrote `len` bytes (at most the buffer's stride) into buffer
-        // `bid` before posting the CQE, and the claim above makes it ours: the ring gets
-        // it back only when its last datagram is dropped.
-        let filled = unsafe { std::slice::from_raw_parts(base, len.min(self.pool.stride())) };
+        // SAFETY: the kernel wrote these `len` bytes (within the buffer: kernel_filled
+        // checked) before posting the CQE; the ring's hold keeps the buffer ours, and the
+        // kernel writes it again only past them.
+        let filled = unsafe { std::slice::from_raw_parts(base.wrapping_add(offset), len) };
         let template = self.template();
-        let parsed = match types::RecvMsgOut::parse(filled, &template) {
-            Ok(parsed) => parsed,
-            Err(()) => {
-                self.pool.release(bid);
-                return Err(io::Error::other("malformed multishot receive buffer"));
-            }
-        };
+        let parsed = types::RecvMsgOut::parse(filled, &template)
+            .map_err(|()| io::Error::other("malformed multishot receive buffer"))?;
         let addr = addr_from_bytes(parsed.name_data());
         let gro = gro_segment(parsed.control_data());
         let payload = parsed.payload_data();
-        let offset = payload.as_ptr() as usize - base as usize;
-        let truncated = parsed.is_payload_truncated();
-        let original = parsed.incoming_payload_len() as usize;
-        let payload_len = payload.len();
+        let at = payload.as_ptr() as usize - base as usize;
+        let original = (parsed.incoming_payload_len() as usize).max(payload.len());
+        // A buffer consumed incrementally may have had room for more than the ring's
+        // `capacity`: the datagram is cut where recvmmsg would cut it.
+        let keep = payload.len().min(self.pool.layout().capacity);
+        let truncated = original > keep;
         self.counters.deliveries += 1;
-        // SAFETY: the claim's hold is handed over; the payload lies inside the bytes the
-        // kernel wrote.
+        // SAFETY: the ring's hold on `bid` lasts until after this call; the payload lies
+        // inside the bytes the kernel wrote.
         unsafe {
             deliver(
                 &self.pool,
                 bid,
-                offset,
-                payload_len,
-                original.max(payload_len),
+                at,
+                keep,
+                original,
                 truncated,
                 addr,
                 gro,

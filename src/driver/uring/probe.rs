@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use io_uring::{cqueue, opcode, types, IoUring, Probe};
 
+use super::buf_ring::register_incremental;
 use crate::driver::buf_pool::Mapping;
 use crate::driver::caps::{Capabilities, Capability};
 
@@ -135,6 +136,8 @@ const SEND_TO: u64 = 3;
 const CANCEL: u64 = 4;
 /// The buffer group of the probe's one-entry ring.
 const PROBE_GROUP: u16 = 1;
+/// The buffer group of the probe's incrementally consumed ring.
+const PROBE_INC_GROUP: u16 = 2;
 
 /// What the probes point the kernel at; leaked, not freed, if the kernel does not give
 /// every probe back.
@@ -144,6 +147,7 @@ struct ProbeMemory {
     dest: libc::sockaddr_un,
     dest_len: libc::socklen_t,
     ring: Mapping,
+    inc_ring: Mapping,
     buffer: [u8; 64],
 }
 
@@ -159,6 +163,7 @@ fn probe_by_use() -> io::Result<Capabilities> {
         dest: unsafe { std::mem::zeroed() },
         dest_len: 0,
         ring: Mapping::new(16)?,
+        inc_ring: Mapping::new(16)?,
         buffer: [0; 64],
     });
 
@@ -186,6 +191,31 @@ fn probe_by_use() -> io::Result<Capabilities> {
     };
     if buffer_ring {
         caps = caps.with(Capability::BufferRing);
+        // An empty ring registered with IOU_PBUF_RING_INC and a min_left: kernels before
+        // 6.12 refuse the flag, and kernels without min_left refuse the field (EINVAL),
+        // and incremental consumption without it would cut datagrams.
+        // SAFETY: the mapping is page-aligned and stays alive (in `memory`) until the
+        // group is unregistered here, or forever if the probe is leaked.
+        let incremental = unsafe {
+            register_incremental(
+                ring.as_raw_fd(),
+                memory.inc_ring.as_ptr() as u64,
+                1,
+                PROBE_INC_GROUP,
+                64,
+            )
+        };
+        if incremental.is_ok() {
+            caps = caps.with(Capability::IncrementalBuffers);
+            if ring
+                .submitter()
+                .unregister_buf_ring(PROBE_INC_GROUP)
+                .is_err()
+            {
+                std::mem::forget(memory);
+                return Err(io::Error::other("io_uring kept a probe's buffer ring"));
+            }
+        }
     }
 
     let datagrams = socket_pair(libc::SOCK_DGRAM)?;

@@ -1,0 +1,145 @@
+//! `ringsock echo-server` run as a server is run: every datagram echoed whole, and a
+//! restart on the same ports right after the old process ended, by SIGTERM or SIGKILL,
+//! on both drivers.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::ExitStatusExt;
+use std::time::Duration;
+
+use util::echo_server::EchoServer;
+
+const BACKENDS: [&str; 2] = ["uring", "epoll"];
+
+/// How long a reply may take before the test fails instead of hanging.
+const REPLY_WAIT: Duration = Duration::from_secs(20);
+
+/// A size of every class, up to the IPv4 maximum.
+const SIZES_V4: [usize; 9] = [0, 1, 171, 2048, 2049, 4096, 9000, 32768, 65_507];
+/// The IPv6 maximum (65,535 minus the UDP header).
+const MAX_V6: usize = 65_527;
+
+/// Datagram `seq` of `len` bytes: a pattern that differs per datagram and per byte.
+fn payload(seq: usize, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i.wrapping_mul(31) ^ seq.wrapping_mul(101) ^ (i >> 8)) as u8)
+        .collect()
+}
+
+fn addr(ip: &str, port: &str) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
+}
+
+/// Sends each of `sizes` to `server` and expects it back whole before the next.
+fn udp_echoes(server: SocketAddr, sizes: &[usize]) {
+    let local = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let client = UdpSocket::bind(local).unwrap();
+    client.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    for (seq, &len) in sizes.iter().enumerate() {
+        let sent = payload(seq, len);
+        assert_eq!(client.send_to(&sent, server).unwrap(), len);
+        let (got, from) = client
+            .recv_from(&mut buf)
+            .unwrap_or_else(|err| panic!("no echo of {len} bytes: {err}"));
+        assert_eq!(from, server);
+        assert_eq!(got, len, "echo of a {len}-byte datagram");
+        assert!(buf[..got] == sent[..], "echo of {len} bytes differs");
+    }
+}
+
+/// One line to the TCP echo server and back.
+fn tcp_echoes(server: SocketAddr) {
+    let mut stream = TcpStream::connect(server).unwrap();
+    stream.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+    stream.write_all(b"hello again\n").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    stream.read_to_end(&mut back).unwrap();
+    assert_eq!(back, b"hello again\n");
+}
+
+#[test]
+fn udp_echo_server_echoes_every_size_whole() {
+    for backend in BACKENDS {
+        let server = EchoServer::start(&["--udp", "127.0.0.1:0", "--backend", backend], &["udp"]);
+        udp_echoes(addr("127.0.0.1", server.port()), &SIZES_V4);
+        assert!(server.stop().success(), "{backend}");
+
+        let server = EchoServer::start(&["--udp", "[::1]:0", "--backend", backend], &["udp"]);
+        let mut sizes = SIZES_V4.to_vec();
+        sizes.push(MAX_V6);
+        udp_echoes(addr("[::1]", server.port()), &sizes);
+        assert!(server.stop().success(), "{backend}");
+    }
+}
+
+/// Starts a TCP and UDP echo server, has it serve once on each (so its multishot accept
+/// and receive are armed), ends it with `end`, then starts another on the same ports.
+fn restart_on_the_same_ports(backend: &str, end: impl Fn(EchoServer, SocketAddr, SocketAddr)) {
+    let first = EchoServer::start(
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--udp",
+            "127.0.0.1:0",
+            "--backend",
+            backend,
+        ],
+        &["tcp", "udp"],
+    );
+    let tcp = addr("127.0.0.1", &first.ports[0]);
+    let udp = addr("127.0.0.1", &first.ports[1]);
+    tcp_echoes(tcp);
+    udp_echoes(udp, &[100]);
+    end(first, tcp, udp);
+    // The new process binds both ports on its first start (EchoServer::start fails
+    // the test if it does not print both `listening` lines).
+    let (tcp_arg, udp_arg) = (tcp.to_string(), udp.to_string());
+    let again = EchoServer::start(
+        &["--tcp", &tcp_arg, "--udp", &udp_arg, "--backend", backend],
+        &["tcp", "udp"],
+    );
+    assert_eq!(
+        again.ports,
+        [tcp.port().to_string(), udp.port().to_string()]
+    );
+    tcp_echoes(tcp);
+    udp_echoes(udp, &[100, 65_507]);
+    assert!(again.stop().success(), "{backend}");
+}
+
+#[test]
+fn a_server_restarted_right_after_sigkill_gets_its_ports() {
+    for backend in BACKENDS {
+        restart_on_the_same_ports(backend, |server, _, _| {
+            // On io_uring the kernel tears the dead process's ring down after it is gone,
+            // and its armed operations hold both sockets a few milliseconds longer: the
+            // new server's bind waits them out.
+            let status = server.kill();
+            assert_eq!(status.signal(), Some(libc::SIGKILL), "{backend}");
+        });
+    }
+}
+
+#[test]
+fn a_server_stopped_with_sigterm_frees_its_ports_at_once() {
+    for backend in BACKENDS {
+        restart_on_the_same_ports(backend, |server, tcp, udp| {
+            assert!(server.stop().success(), "{backend}");
+            // A clean exit cancels and reaps every operation first: a bind with no
+            // retry succeeds right away (std's listener sets SO_REUSEADDR, as ours).
+            let listener = TcpListener::bind(tcp)
+                .unwrap_or_else(|err| panic!("{backend}: TCP port still held: {err}"));
+            let socket = UdpSocket::bind(udp)
+                .unwrap_or_else(|err| panic!("{backend}: UDP port still held: {err}"));
+            drop((listener, socket));
+        });
+    }
+}
