@@ -161,7 +161,7 @@ impl EchoServer {
         // SAFETY: kill has no memory-safety preconditions; pid is our own child, not yet
         // waited for.
         unsafe {
-            libc::kill(pid, signal)
+            libc::kill(pid, libc::SIGTERM)
         };
         let (sender, exited) = mpsc::channel();
         std::thread::spawn(move || {
