@@ -63,6 +63,7 @@ pub mod host;
 pub mod net;
 pub mod runtime;
 pub mod tls;
+pub mod tun;
 
 pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};

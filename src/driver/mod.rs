@@ -55,6 +55,7 @@ pub(crate) mod handle;
 pub(crate) mod iovec;
 pub(crate) mod ops;
 pub(crate) mod ops_datagram;
+pub(crate) mod ops_file;
 pub(crate) mod poll;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
@@ -62,6 +63,7 @@ pub(crate) mod sockaddr;
 pub(crate) mod socket;
 pub(crate) mod sockopt;
 pub(crate) mod stats;
+pub(crate) mod tun_sys;
 pub(crate) mod unpark;
 pub(crate) mod uring;
 

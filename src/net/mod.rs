@@ -12,7 +12,7 @@ mod listener;
 mod output;
 mod stream;
 mod transport;
-mod turn;
+pub(crate) mod turn;
 
 pub use control::StreamSocketControl;
 pub use datagram::{
