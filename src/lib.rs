@@ -64,6 +64,7 @@ pub mod net;
 pub mod runtime;
 pub mod tls;
 pub mod tun;
+pub mod tunnel;
 
 pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};

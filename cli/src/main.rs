@@ -21,6 +21,8 @@ use ringsock::{
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
+mod tunnel;
+
 #[derive(Parser)]
 #[command(
     name = "ringsock",
@@ -46,6 +48,10 @@ enum Command {
     /// repository): with --json one run and one JSON line, else the default matrix and a
     /// table.
     Bench(BenchArgs),
+    /// A point-to-point VPN tunnel: IP packets between a TUN interface and a UDP peer,
+    /// sealed with ChaCha20-Poly1305 under keys a handshake derives from a pre-shared
+    /// key, until SIGINT or SIGTERM.
+    Tunnel(tunnel::TunnelArgs),
 }
 
 #[derive(Args)]
@@ -192,6 +198,7 @@ fn main() -> ExitCode {
         Some(Command::EchoServer(args)) => echo_server(args),
         Some(Command::EchoClient(args)) => echo_client(args),
         Some(Command::Bench(args)) => return bench_command(args),
+        Some(Command::Tunnel(args)) => tunnel::tunnel(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
