@@ -2,3 +2,4 @@
 #![allow(dead_code)]
 
 pub mod echo_server;
+pub mod tunnel_pair;
