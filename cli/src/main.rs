@@ -52,6 +52,10 @@ enum Command {
     /// sealed with ChaCha20-Poly1305 under keys a handshake derives from a pre-shared
     /// key, until SIGINT or SIGTERM.
     Tunnel(tunnel::TunnelArgs),
+    /// The tunnel benchmark's baseline: one system call per packet, fixed keys (for
+    /// measuring only; it reuses nonces across restarts).
+    #[command(hide = true)]
+    TunnelBaseline(tunnel::BaselineArgs),
 }
 
 #[derive(Args)]
@@ -109,6 +113,9 @@ struct BenchArgs {
     /// come back sooner. The JSON's `spin` field says which ran.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     spin_us: Option<u64>,
+    /// tunnel, ringsock impls: the tunnels without offloads (plain packets).
+    #[arg(long)]
+    no_offload: bool,
     /// Watchdog for one run: give up after this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -199,6 +206,7 @@ fn main() -> ExitCode {
         Some(Command::EchoClient(args)) => echo_client(args),
         Some(Command::Bench(args)) => return bench_command(args),
         Some(Command::Tunnel(args)) => tunnel::tunnel(args),
+        Some(Command::TunnelBaseline(args)) => tunnel::baseline(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -541,6 +549,15 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
 
 /// `ringsock bench`: one run (`--json`) or the matrix.
 fn bench_command(args: BenchArgs) -> ExitCode {
+    if args.workload == [Workload::Tunnel] && !args.json {
+        let (repeat, raw) = (args.repeat, args.raw);
+        let args = BenchArgs {
+            repeat: 1,
+            raw: false,
+            ..args
+        };
+        return tunnel::bench_table(bench_options(&args), repeat, raw);
+    }
     if args.json {
         bench_one(&args)
     } else {
@@ -588,6 +605,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.verify_stride = args.verify_stride;
     options.tls = args.tls;
     options.spin_us = args.spin_us;
+    options.offloads = !args.no_offload;
     if let Err(message) = options.validate() {
         usage_error(message);
     }

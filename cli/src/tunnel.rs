@@ -5,11 +5,13 @@ use std::future::{poll_fn, Future};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::task::Poll;
 
 use clap::Args;
 use ringsock::tun::{TunDevice, TunOptions};
 use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig};
+use ringsock_cli::bench::{self, Options};
 
 use super::{runtime, BackendArg, StopSignal};
 
@@ -109,4 +111,42 @@ async fn until_stopped(
         stop.as_mut().poll(cx).map(Ok)
     })
     .await
+}
+
+#[derive(Args)]
+pub(crate) struct BaselineArgs {
+    #[arg(long)]
+    tun: String,
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    peer: SocketAddr,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+/// The benchmark's one-system-call-per-packet tunnel.
+pub(crate) fn baseline(args: BaselineArgs) -> ringsock::Result<()> {
+    ringsock_cli::bench::tunnel_baseline::run(&args.tun, args.listen, args.peer, &args.key)
+}
+
+/// `ringsock bench --workload tunnel` without --json: every variant `repeat` times
+/// (at least 3), alternating, then the table of medians.
+pub(crate) fn bench_table(options: Options, repeat: u64, raw: bool) -> ExitCode {
+    let repeat = repeat.max(3);
+    let mut print_raw = |report: &bench::Report| {
+        if raw {
+            println!("{}", report.to_json_line());
+        }
+    };
+    match bench::tunnel::table(&options, repeat, &mut print_raw) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+    }
 }

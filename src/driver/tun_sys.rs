@@ -20,6 +20,8 @@ pub(crate) const VNET_HDR_LEN: usize = 10;
 pub(crate) struct QueueFlags {
     pub(crate) vnet_hdr: bool,
     pub(crate) multi_queue: bool,
+    /// Reads and writes block (for code outside any runtime).
+    pub(crate) blocking: bool,
 }
 
 /// An `ifreq` with the name set; the union is written by the caller.
@@ -68,13 +70,14 @@ pub(crate) fn interface_exists(name: &str) -> bool {
 }
 
 /// Opens one queue of the TUN interface `name` (IFF_TUN | IFF_NO_PI), creating the
-/// interface if it does not exist; non-blocking and close-on-exec. Returns the descriptor
+/// interface if it does not exist; close-on-exec, non-blocking unless asked. Returns the descriptor
 /// and the interface's name as the kernel has it.
 pub(crate) fn open_queue(name: &str, flags: QueueFlags) -> io::Result<(OwnedFd, String)> {
+    let nonblocking = if flags.blocking { 0 } else { libc::O_NONBLOCK };
     let file = OpenOptions::new()
         .read(true)
         .write(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(nonblocking | libc::O_CLOEXEC)
         .open("/dev/net/tun")?;
     let fd: OwnedFd = file.into();
     let mut req = ifreq(name)?;

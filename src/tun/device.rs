@@ -185,6 +185,7 @@ impl TunDevice {
         let flags = QueueFlags {
             vnet_hdr: options.offloads,
             multi_queue: options.multi_queue,
+            blocking: false,
         };
         let (fd, name) = tun_sys::open_queue(name, flags)
             .map_err(|e| Error::io(format!("open the TUN interface {name:?}"), e))?;
@@ -366,6 +367,21 @@ impl TunDevice {
             )),
         }
     }
+}
+
+/// Opens a plain, blocking queue of the TUN interface `name` (created if there is none;
+/// no offloads, not multi-queue) as a file: one packet per `read` and per `write`, for
+/// code outside any runtime, such as a one-system-call-per-packet baseline. The
+/// interface goes away when the file is closed, if this call created it.
+pub fn open_blocking(name: &str) -> Result<std::fs::File> {
+    let flags = QueueFlags {
+        vnet_hdr: false,
+        multi_queue: false,
+        blocking: true,
+    };
+    let (fd, _) = tun_sys::open_queue(name, flags)
+        .map_err(|e| Error::io(format!("open the TUN interface {name:?}"), e))?;
+    Ok(std::fs::File::from(fd))
 }
 
 impl fmt::Debug for TunDevice {

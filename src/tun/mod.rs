@@ -18,7 +18,7 @@ mod tests;
 pub mod vnet;
 
 pub use coalesce::{CoalesceStats, Coalescer};
-pub use device::{TunDevice, TunFrame, TunOffloads, TunOptions, TunStats};
+pub use device::{open_blocking, TunDevice, TunFrame, TunOffloads, TunOptions, TunStats};
 pub use ip::{PROTO_TCP, PROTO_UDP};
 pub use segment::{segment, Room, SegmentError};
 pub use vnet::{GsoType, VnetHeader, VNET_HDR_LEN};
