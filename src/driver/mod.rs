@@ -50,6 +50,7 @@ pub(crate) mod buf_pool;
 pub(crate) mod caps;
 pub(crate) mod current;
 pub(crate) mod fd;
+pub(crate) mod file_io;
 pub(crate) mod gso;
 pub(crate) mod handle;
 pub(crate) mod iovec;

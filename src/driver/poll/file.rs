@@ -24,13 +24,7 @@ pub(crate) fn try_read<B: IoBufMut>(
     buf: &mut B,
 ) -> io::Result<usize> {
     reg.count_io_call();
-    let init = buf.bytes_init();
-    let spare = buf.bytes_total() - init;
-    // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
-    let n = check(unsafe { libc::read(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare) })?;
-    // SAFETY: the kernel wrote `n` bytes after the initialised part.
-    unsafe { buf.set_init(init + n) };
-    Ok(n)
+    crate::driver::file_io::read_now(fd, buf)
 }
 
 /// Writes the initialised bytes of `buf` in one `write(2)`, waiting for readiness while
