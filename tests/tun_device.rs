@@ -95,6 +95,25 @@ fn exchange(offloads: bool) {
                     assert_eq!(from.to_string(), "10.77.0.2:9999");
                 }
                 assert_eq!(tun.stats().frames_written, 5);
+                // A packet that is not IPv4 or IPv6 is refused by the kernel: counted,
+                // and the packets after it still go.
+                tun.write(&[0u8; 20]);
+                tun.write(&udp_packet(port, b"after"));
+                assert!(
+                    tun.flush().await.is_err(),
+                    "{backend}: the refusal is reported"
+                );
+                assert_eq!(tun.stats().write_errors, 1);
+                let mut buf = [0u8; 16];
+                let (n, _) = sock
+                    .recv_from(&mut buf)
+                    .expect("the packet after the refused one");
+                assert_eq!(&buf[..n], b"after");
+
+                // Another queue of the same interface.
+                let second = tun.open_queue().expect("a second queue");
+                assert_eq!(second.name(), "rstun0");
+                assert!(!second.created());
             }
         });
     });

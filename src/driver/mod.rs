@@ -10,7 +10,8 @@
 //!   another thread unparks it; then wake the tasks whose operations progressed.
 //! - An `Unparker` another thread can use to end a `park` early.
 //! - The operations in [`ops`] (accept, connect, recv, send, vectored stream send,
-//!   shutdown) and [`ops_datagram`] (receive ring, datagram send, datagram batch). Each
+//!   shutdown), [`ops_datagram`] (receive ring, datagram send, datagram batch) and
+//!   [`ops_file`] (packets read from and written to a TUN queue). Each
 //!   takes owned buffers and gives them back, so the upper layers are written once and
 //!   never name io_uring or epoll.
 //! - [`DriverStats`]: counts of the system calls it made, so benchmarks count, not guess.
@@ -38,11 +39,12 @@
 //! # Layout
 //!
 //! Arrows point down: the runtime owns a [`handle::Driver`]; the dispatch modules
-//! ([`ops`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound to; the
+//! ([`ops`], [`ops_datagram`], [`ops_file`], [`socket`]) pick the engine a socket (or a
+//! TUN queue) is bound to; the
 //! engines ([`uring`], [`poll`]) never import the runtime, the socket API, the dispatch
 //! modules or each other; the shared modules (descriptors, buffer pool, socket
-//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options) import no
-//! engine.
+//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options, direct file
+//! reads, the TUN ioctls) import no engine.
 
 pub(crate) mod backend;
 pub(crate) mod batch;

@@ -27,6 +27,8 @@ use super::{poll, uring};
 #[derive(Default)]
 pub(crate) struct PacketReader {
     in_flight: Option<uring::file::ReadOp<Vec<u8>>>,
+    /// The buffer of the last read that found nothing, for the next read.
+    spare: Option<Vec<u8>>,
 }
 
 impl PacketReader {
@@ -55,10 +57,11 @@ impl PacketReader {
                     Poll::Pending if out.len() > start => return Poll::Ready(Ok(())),
                     Poll::Pending => return Poll::Pending,
                 }
-                let mut buf = new_buf();
+                let mut buf = take_buf(&mut self.spare, new_buf);
                 match poll::file::try_read(reg, fd.fd(), &mut buf) {
                     Ok(_) => out.push(buf),
                     Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
+                        self.spare = Some(buf);
                         reg.clear_ready(poll::Direction::Read)
                     }
                     Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
@@ -68,7 +71,8 @@ impl PacketReader {
             },
             Ok(Binding::Uring(driver)) => loop {
                 if self.in_flight.is_none() {
-                    match uring::file::read_op(driver, fd.fd(), new_buf()) {
+                    match uring::file::read_op(driver, fd.fd(), take_buf(&mut self.spare, new_buf))
+                    {
                         Ok(op) => self.in_flight = Some(op),
                         Err((err, _)) => return Poll::Ready(Err(err)),
                     }
@@ -83,7 +87,7 @@ impl PacketReader {
                         match uring::file::read_done(completion, buf) {
                             (Ok(_), buf) => {
                                 out.push(buf);
-                                drain(driver, fd, new_buf, out, start + max);
+                                drain(driver, fd, &mut self.spare, new_buf, out, start + max);
                             }
                             (Err(err), _) if err.kind() == io::ErrorKind::Interrupted => {}
                             (Err(_), _) if out.len() > start => return Poll::Ready(Ok(())),
@@ -98,21 +102,30 @@ impl PacketReader {
     }
 }
 
+/// The buffer a read that found nothing left, else a new one.
+fn take_buf(spare: &mut Option<Vec<u8>>, new_buf: &mut dyn FnMut() -> Vec<u8>) -> Vec<u8> {
+    spare.take().unwrap_or_else(new_buf)
+}
+
 /// Reads what is already queued on `fd` with direct non-blocking reads, until EAGAIN
 /// or `out` holds `limit` buffers.
 fn drain(
     driver: &uring::Handle,
     fd: &SharedFd,
+    spare: &mut Option<Vec<u8>>,
     new_buf: &mut dyn FnMut() -> Vec<u8>,
     out: &mut Vec<Vec<u8>>,
     limit: usize,
 ) {
     while out.len() < limit {
-        let mut buf = new_buf();
+        let mut buf = take_buf(spare, new_buf);
         let _ = driver.with(|d| d.count_io_call());
         match super::file_io::read_now(fd.fd(), &mut buf) {
             Ok(_) => out.push(buf),
-            Err(_) => return,
+            Err(_) => {
+                *spare = Some(buf);
+                return;
+            }
         }
     }
 }

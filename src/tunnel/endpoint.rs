@@ -150,6 +150,9 @@ struct State {
     last_sent: Instant,
 }
 
+/// Receive failures in a row after which the socket counts as broken.
+const MAX_RECEIVE_FAILURES: u32 = 1000;
+
 /// Room the seal needs around each packet.
 const ROOM: Room = Room {
     headroom: DATA_HEADER,
@@ -320,6 +323,7 @@ impl Inner {
         let mut datagrams: Vec<Datagram> = Vec::with_capacity(self.config.batch);
         let mut scratch: Vec<u8> = Vec::with_capacity(65536);
         let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        let mut failures_in_a_row = 0u32;
         loop {
             if let Err(err) = self
                 .socket
@@ -327,14 +331,22 @@ impl Inner {
                 .await
             {
                 // An ICMP error reported on the socket concerns one earlier send; the
-                // socket goes on.
-                if err.status() == crate::SocketErrorStatus::WrongRuntime {
+                // socket goes on. A socket that fails every time is broken for good.
+                failures_in_a_row += 1;
+                if err.status() == crate::SocketErrorStatus::WrongRuntime
+                    || failures_in_a_row >= MAX_RECEIVE_FAILURES
+                {
                     return Err(err);
                 }
                 continue;
             }
+            failures_in_a_row = 0;
+            let mut authentic = false;
             for datagram in datagrams.drain(..) {
-                self.receive(&datagram, &mut scratch, &mut replies);
+                authentic |= self.receive(&datagram, &mut scratch, &mut replies);
+            }
+            if authentic {
+                self.state.borrow_mut().last_recv = Instant::now();
             }
             for (reply, to) in replies.drain(..) {
                 let _ = self.socket.send_to_addr(reply, to).await;
@@ -347,22 +359,24 @@ impl Inner {
         }
     }
 
+    /// Handles one datagram; true if it was data that authenticated.
     fn receive(
         &self,
         datagram: &Datagram,
         scratch: &mut Vec<u8>,
         replies: &mut Vec<(Vec<u8>, SocketAddr)>,
-    ) {
+    ) -> bool {
         let from = datagram.remote_addr();
         if datagram.is_truncated() {
             self.count(|s| s.rx_malformed += 1);
-            return;
+            return false;
         }
         match datagram.first() {
-            Some(&DATA) => self.receive_data(datagram, from, scratch),
+            Some(&DATA) => return self.receive_data(datagram, from, scratch),
             Some(&INIT) | Some(&RESPONSE) => self.receive_handshake(datagram, from, replies),
             _ => self.count(|s| s.rx_malformed += 1),
         }
+        false
     }
 
     fn receive_handshake(
@@ -397,10 +411,11 @@ impl Inner {
         }
     }
 
-    fn receive_data(&self, msg: &[u8], from: SocketAddr, scratch: &mut Vec<u8>) {
+    /// Opens a data message and queues its packet for the TUN; true if it authenticated.
+    fn receive_data(&self, msg: &[u8], from: SocketAddr, scratch: &mut Vec<u8>) -> bool {
         let Some(tag) = data_tag(msg) else {
             self.count(|s| s.rx_malformed += 1);
-            return;
+            return false;
         };
         let mut state = self.state.borrow_mut();
         let state = &mut *state;
@@ -412,7 +427,7 @@ impl Inner {
         };
         let Some(session) = session else {
             self.count(|s| s.rx_unknown_session += 1);
-            return;
+            return false;
         };
         scratch.clear();
         scratch.extend_from_slice(msg);
@@ -424,14 +439,13 @@ impl Inner {
                     OpenError::Replayed => s.rx_replayed += 1,
                     OpenError::Forged => s.rx_auth_failed += 1,
                 });
-                return;
+                return false;
             }
         };
         if in_pending {
             state.current = state.pending.take();
             self.count(|s| s.sessions += 1);
         }
-        state.last_recv = Instant::now();
         if state.peer != Some(from) {
             if state.peer.is_some() {
                 self.count(|s| s.roams += 1);
@@ -440,13 +454,14 @@ impl Inner {
         }
         if len == 0 {
             self.count(|s| s.rx_keepalives += 1);
-            return;
+            return true;
         }
         self.tun.write(&scratch[DATA_HEADER..DATA_HEADER + len]);
         self.count(|s| {
             s.rx_packets += 1;
             s.rx_bytes += len as u64;
         });
+        true
     }
 
     /// Handshakes (first, retried, after silence) and keepalives.
