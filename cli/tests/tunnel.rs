@@ -433,3 +433,44 @@ fn a_bad_key_file_is_a_clear_error() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn the_tunnel_benchmark_runs_and_reports_its_fields() {
+    // Namespaces must be possible here, as the benchmark makes its own.
+    let Some(pair) = pair("tb") else { return };
+    drop(pair);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--json", "--count", "2000"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(json["workload"], "tunnel");
+    assert_eq!(json["offloads"], true);
+    assert_eq!(json["tcp_bytes"], 256u64 << 20);
+    for key in ["tcp_gbit_s", "tcp_tunnel_cpu_ns_per_byte", "udp_pps"] {
+        assert!(
+            json[key].as_f64().is_some_and(|x| x > 0.0),
+            "{key}: {stdout}"
+        );
+    }
+    assert!(
+        json["udp_delivered"].as_u64().is_some_and(|n| n > 0),
+        "{stdout}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tcp-batch", "--json", "--no-offload"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "--no-offload is for the tunnel workload"
+    );
+}
