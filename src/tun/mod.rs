@@ -1,5 +1,5 @@
 //! TUN devices on the engine, with offloads: super-segments cut into packets on the way
-//! out of the device ([`segment`]), and TCP segments joined into super-segments on the
+//! out of the device ([`segment()`]), and TCP segments joined into super-segments on the
 //! way in ([`Coalescer`]), as wireguard-go does in user space.
 //!
 //! - [`TunDevice`]: one queue of a TUN interface, read in batches, written in batches

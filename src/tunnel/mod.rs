@@ -1,4 +1,4 @@
-//! A point-to-point tunnel: IP packets between a [`TunDevice`] and a UDP peer, each
+//! A point-to-point tunnel: IP packets between a [`TunDevice`](crate::tun::TunDevice) and a UDP peer, each
 //! sealed with ChaCha20-Poly1305 under per-direction session keys that a one-round-trip
 //! handshake derives from a pre-shared key and fresh randoms.
 //!
