@@ -81,13 +81,14 @@ fn pattern(len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// Sends `data` over TCP from namespace B to A through the tunnel; what A received.
-fn transfer(pair: &Pair, data: Vec<u8>) -> Vec<u8> {
+/// Sends `data` over TCP from namespace B to A's address `to` (inside the tunnel);
+/// what A received.
+fn transfer(pair: &Pair, to: std::net::IpAddr, data: Vec<u8>) -> Vec<u8> {
     let (port_tx, port_rx) = mpsc::channel();
     std::thread::scope(|scope| {
         let server = scope.spawn(|| {
             pair.a.run(move || {
-                let listener = TcpListener::bind((A_INNER, 0)).unwrap();
+                let listener = TcpListener::bind((to, 0)).unwrap();
                 port_tx.send(listener.local_addr().unwrap().port()).unwrap();
                 let (mut conn, _) = listener.accept().unwrap();
                 conn.set_read_timeout(Some(Duration::from_secs(20)))
@@ -99,7 +100,7 @@ fn transfer(pair: &Pair, data: Vec<u8>) -> Vec<u8> {
         });
         let port: u16 = port_rx.recv().unwrap();
         pair.b.run(move || {
-            let addr: SocketAddr = format!("{A_INNER}:{port}").parse().unwrap();
+            let addr = SocketAddr::new(to, port);
             let mut conn = TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
             conn.set_write_timeout(Some(Duration::from_secs(20)))
                 .unwrap();
@@ -131,7 +132,7 @@ fn ping_and_a_64_mib_transfer_pass_byte_exact_without_outer_fragments() {
 
         let before = frag_counters(&pair);
         let data = pattern(64 << 20);
-        let got = transfer(&pair, data.clone());
+        let got = transfer(&pair, A_INNER.parse().unwrap(), data.clone());
         assert!(
             got == data,
             "{backend}: {} of {} bytes, or different",
