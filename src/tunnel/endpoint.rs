@@ -142,6 +142,9 @@ struct State {
     current: Option<Session>,
     /// The responder's newest session, until data authenticates under it.
     pending: Option<Session>,
+    /// The session `current` replaced: what the peer sealed before it switched still
+    /// opens (nothing is sealed with it any more).
+    previous: Option<Session>,
     peer: Option<SocketAddr>,
     output: Option<(SocketAddr, OutputStream)>,
     last_init: Option<Instant>,
@@ -175,6 +178,7 @@ impl Tunnel {
             handshake: Handshake::new(config.key.as_bytes()),
             current: None,
             pending: None,
+            previous: None,
             peer: config.peer,
             output: None,
             last_init: None,
@@ -401,7 +405,7 @@ impl Inner {
                     let to = state.peer.unwrap_or(from);
                     replies.push((confirm, to));
                 }
-                state.current = Some(session);
+                state.previous = state.current.replace(session);
                 state.last_recv = Instant::now();
                 self.count(|s| s.sessions += 1);
             }
@@ -423,7 +427,11 @@ impl Inner {
         let session = if in_pending {
             state.pending.as_mut()
         } else {
-            state.current.as_mut().filter(|s| s.recv_tag() == tag)
+            let matches = |s: &&mut Session| s.recv_tag() == tag;
+            match state.current.as_mut().filter(matches) {
+                Some(session) => Some(session),
+                None => state.previous.as_mut().filter(matches),
+            }
         };
         let Some(session) = session else {
             self.count(|s| s.rx_unknown_session += 1);
@@ -443,7 +451,7 @@ impl Inner {
             }
         };
         if in_pending {
-            state.current = state.pending.take();
+            state.previous = std::mem::replace(&mut state.current, state.pending.take());
             self.count(|s| s.sessions += 1);
         }
         if state.peer != Some(from) {
