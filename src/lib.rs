@@ -74,8 +74,9 @@ pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
-    Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream, ReceiveRing,
-    ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+    AcceptStats, Datagram, DatagramSocket, DatagramSocketControl, InputStream, OutputStream,
+    ReceiveRing, ReceiveStats, StreamSocket, StreamSocketControl, StreamSocketListener,
+    TimeoutCounts,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

@@ -1,5 +1,5 @@
 //! StreamSocketListener: binding, addresses, accepting one by one, as a stream, from
-//! several tasks, and surviving descriptor exhaustion.
+//! several tasks. Descriptor exhaustion and floods: listener_limits.rs.
 
 mod util;
 
@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::rc::Rc;
 
-use ringsock::{Backend, HostName, SocketErrorStatus, StreamSocketListener};
+use ringsock::{HostName, SocketErrorStatus, StreamSocketListener};
 
 #[test]
 fn local_addr_reports_the_real_port_of_port_zero() {
@@ -130,105 +130,5 @@ fn concurrent_accepts_each_get_a_different_connection() {
         }
         let expected: HashSet<_> = clients.iter().map(|c| c.local_addr().unwrap()).collect();
         assert_eq!(peers, expected);
-    });
-}
-
-/// Set in the environment of the child process that runs [`emfile_child`]; its value
-/// names the driver.
-const EMFILE_CHILD: &str = "RINGSOCK_TEST_EMFILE_CHILD";
-
-/// The EMFILE scenario lowers RLIMIT_NOFILE and exhausts descriptors, which would break
-/// the tests running in parallel threads of this process; so it runs alone in a child
-/// process: this test binary again, filtered to `emfile_child`.
-#[test]
-fn accept_reports_too_many_open_files_and_recovers() {
-    util::on_each_backend(|backend| async move {
-        let exe = std::env::current_exe().expect("test binary path");
-        let output = std::process::Command::new(exe)
-            .args([
-                "emfile_child",
-                "--exact",
-                "--ignored",
-                "--test-threads=1",
-                "--nocapture",
-            ])
-            .env(EMFILE_CHILD, backend.to_string())
-            .output()
-            .expect("run the child test process");
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert!(
-            output.status.success() && stdout.contains("1 passed"),
-            "child on {backend} failed ({}):\n{stdout}\n{stderr}",
-            output.status
-        );
-        assert!(stdout.contains(&format!("EMFILE scenario passed on {backend}")));
-    });
-}
-
-#[test]
-#[ignore = "run in a child process by accept_reports_too_many_open_files_and_recovers"]
-fn emfile_child() {
-    let Ok(backend) = std::env::var(EMFILE_CHILD) else {
-        eprintln!("{EMFILE_CHILD} is not set: only meaningful in its own process");
-        return;
-    };
-    let backend: Backend = backend.parse().expect("a driver name");
-    util::on_backend(backend, &|backend| async move {
-        let listener = util::loopback_listener();
-        let addr = listener.local_addr().unwrap();
-
-        // A soft limit a little above the highest descriptor in use, then every free
-        // descriptor under it taken but one, which the client socket takes.
-        let (soft, _) = util::nofile_limit();
-        let highest = std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
-            .max()
-            .expect("some descriptors are open");
-        let limit = highest + 1 + 32;
-        util::set_nofile_soft(limit);
-        let mut hogs = Vec::new();
-        // Bounded: fewer than `limit` descriptors are free under the new limit.
-        for _ in 0..limit {
-            match std::fs::File::open("/dev/null") {
-                Ok(file) => hogs.push(file),
-                Err(err) if err.raw_os_error() == Some(libc::EMFILE) => break,
-                Err(err) => panic!("open /dev/null: {err}"),
-            }
-        }
-        assert!(
-            std::fs::File::open("/dev/null").is_err(),
-            "descriptors left"
-        );
-        hogs.pop();
-        let client = util::connect(addr).await;
-
-        // The connection waits in the backlog; taking it needs a descriptor.
-        for attempt in 0..2 {
-            let err = util::must("accept", listener.accept())
-                .await
-                .expect_err("no descriptor is free");
-            assert_eq!(
-                err.status(),
-                SocketErrorStatus::TooManyOpenFiles,
-                "attempt {attempt}: {err}"
-            );
-            assert_eq!(err.raw_os_error(), Some(libc::EMFILE));
-        }
-
-        // Descriptors free up: the waiting connection is accepted and works.
-        drop(hogs);
-        let server = util::must("accept", listener.accept())
-            .await
-            .expect("accept after descriptors were freed");
-        assert_eq!(server.peer_addr().unwrap(), client.local_addr().unwrap());
-        ringsock::spawn(util::echo(server));
-        util::round_trip(&client, b"still serving").await;
-        // And new connections too.
-        let (next, _) = util::connected_pair(&listener).await;
-        drop(next);
-        util::set_nofile_soft(soft);
-        println!("EMFILE scenario passed on {backend}");
     });
 }

@@ -181,3 +181,41 @@ fn the_resolve_timeout_is_checked_and_any_length_works() {
         });
     }
 }
+
+/// A task that waits on nothing any runtime holds (its only waker is its own) is still
+/// dropped with its runtime: what it owns, a socket here, is closed, and a task awaiting
+/// its output elsewhere hears that it ended.
+#[test]
+fn dropping_a_runtime_drops_tasks_that_wait_on_nothing() {
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let peer = util::std_listener();
+        let addr = peer.local_addr().unwrap();
+        let socket = runtime.block_on(async {
+            let socket = StreamSocket::new();
+            socket.connect_addr(addr).await.unwrap();
+            socket
+        });
+        let handle = runtime.spawn(async move {
+            let _held = socket;
+            std::future::pending::<()>().await;
+        });
+        // Let it run once, so it waits on `pending()` rather than sitting in the queue.
+        runtime.block_on(util::yield_now());
+        let (mut accepted, _) = peer.accept().unwrap();
+        drop(handle);
+        drop(runtime);
+        // The socket the task held is closed: the peer reads end of stream at once.
+        accepted.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+        let mut buf = [0u8; 8];
+        let n = loop {
+            match accepted.read(&mut buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(n, 0, "{backend}: the task's socket is still open");
+    }
+}

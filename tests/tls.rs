@@ -729,3 +729,27 @@ fn certificate_and_key_files_fail_with_file_statuses() {
         }
     });
 }
+
+/// A TLS stream's session lives in its runtime: detaching it is refused with a clear
+/// status, and the connection goes on working.
+#[test]
+fn a_tls_stream_cannot_be_detached_and_stays_usable() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let server = echo_server(listener, TlsAcceptor::new(ca.server()).unwrap());
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        let err = socket.detach().await.unwrap_err();
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::UnsupportedOperation,
+            "{err}"
+        );
+        echo_lines(&socket).await;
+        server.await.unwrap();
+    });
+}

@@ -16,12 +16,20 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
-    StreamSocketListener,
+    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, SocketErrorStatus,
+    StreamSocket, StreamSocketListener, TimeoutCounts,
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
+mod conn_limit;
+mod log_limit;
 mod tunnel;
+
+use conn_limit::ConnectionLimit;
+use log_limit::RateLimitedLog;
+
+/// The interval of the echo server's rate-limited log lines.
+const LOG_INTERVAL: Duration = Duration::from_secs(1);
 
 #[derive(Parser)]
 #[command(
@@ -40,7 +48,9 @@ enum Command {
     /// one process, then batched vs per-write sends side by side (the default command).
     Demo(BackendArg),
     /// Echoes every byte back on every TCP connection, and every UDP datagram back to
-    /// its sender, until SIGINT or SIGTERM.
+    /// its sender, until SIGINT or SIGTERM. Out of descriptors, it waits and tries again
+    /// (5 ms, doubling up to 500 ms). Errors a peer can provoke are logged at most a few
+    /// lines a second per kind, then one line with the count of the others.
     EchoServer(EchoServerArgs),
     /// Sends one line (TCP) or one datagram (--udp) to an echo server and prints the reply.
     EchoClient(EchoClientArgs),
@@ -155,8 +165,45 @@ struct EchoServerArgs {
     /// Require TLS clients to present a certificate signed by one of these CAs (PEM).
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     client_ca: Option<PathBuf>,
+    /// Serve at most N TCP connections at once (default: no limit but the descriptor
+    /// limit). Further connections are not accepted until one ends: they wait, with their
+    /// handshake done by the kernel, among the listener's pending accepts (at most 128)
+    /// and in the kernel's listen backlog (1024); past that the kernel drops new SYNs
+    /// and clients retry. Nothing is shed.
+    #[arg(long, value_name = "N", requires = "tcp", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Close a TCP connection after this many seconds without a byte either way (0:
+    /// never). Closed connections are counted, not logged one by one.
+    #[arg(long, value_name = "SECS", default_value = "60")]
+    idle_timeout: Seconds,
+    /// TLS: close a connection whose handshake has not finished after this many seconds,
+    /// however slowly the client sends it (0: never).
+    #[arg(long, value_name = "SECS", default_value = "10")]
+    handshake_timeout: Seconds,
     #[command(flatten)]
     backend: BackendArg,
+}
+
+/// A timeout given in seconds on the command line (fractions allowed); 0 means never.
+#[derive(Clone, Copy, Debug)]
+struct Seconds(Option<Duration>);
+
+impl std::str::FromStr for Seconds {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Seconds, String> {
+        let secs: f64 = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+        if !(secs.is_finite() && secs >= 0.0) {
+            return Err(format!(
+                "{text:?} is not a number of seconds (0 means never)"
+            ));
+        }
+        Duration::try_from_secs_f64(secs)
+            .map(|limit| Seconds((!limit.is_zero()).then_some(limit)))
+            .map_err(|err| format!("{text:?}: {err}"))
+    }
 }
 
 #[derive(Args)]
@@ -361,7 +408,8 @@ fn tls_acceptor(args: &EchoServerArgs) -> ringsock::Result<Option<TlsAcceptor>> 
     let (Some(cert), Some(key)) = (&args.tls_cert, &args.tls_key) else {
         return Ok(None);
     };
-    let mut builder = TlsAcceptor::builder(Identity::from_pem_files(cert, key)?);
+    let mut builder = TlsAcceptor::builder(Identity::from_pem_files(cert, key)?)
+        .handshake_timeout(args.handshake_timeout.0);
     if let Some(ca) = &args.client_ca {
         builder = builder.require_client_certificate(TrustedRoots::from_pem_file(ca)?);
     }
@@ -376,16 +424,20 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         let listener = match args.tcp {
             Some(addr) => {
                 let listener = StreamSocketListener::bind_addr(addr)?;
+                // Every accepted connection inherits it, and counts into the listener's.
+                listener.control().set_idle_timeout(args.idle_timeout.0)?;
                 println!("listening tcp {}", listener.local_addr()?);
                 Some(listener)
             }
             None => None,
         };
+        let logs = EchoLogs::new();
         if let Some(addr) = args.udp {
             let socket = DatagramSocket::new();
             socket.bind_addr(addr)?;
             println!("listening udp {}", socket.local_addr()?);
-            ringsock::spawn(async move { udp_echo(&socket).await });
+            let log = logs.udp.clone();
+            ringsock::spawn(async move { udp_echo(&socket, &log).await });
         }
         flush_stdout();
         eprintln!("driver: {}", runtime.driver_kind());
@@ -398,13 +450,22 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         }
         let Some(listener) = listener else {
             stop.wait().await;
+            logs.flush();
             return Ok(());
         };
+        let slots = ConnectionLimit::new(args.max_connections.map(|n| n as usize));
         let serve = async {
             loop {
+                if let Some(limit) = slots.full() {
+                    logs.limit.line(format!(
+                        "{limit} served (--max-connections); new ones wait until one ends"
+                    ));
+                }
+                let slot = slots.acquire().await;
                 match listener.accept().await {
                     Ok(socket) => {
                         let acceptor = acceptor.clone();
+                        let log = logs.connection.clone();
                         ringsock::spawn(async move {
                             // The handshake runs in the connection's own task, so a slow
                             // or hostile client holds up nobody else.
@@ -415,36 +476,97 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
                                 },
                                 None => echo_connection(&socket).await,
                             };
-                            if let Err(err) = served {
-                                eprintln!("connection: {}: {err}", err.status());
+                            drop(socket);
+                            drop(slot);
+                            match served {
+                                // Counted on the listener, reported in bulk.
+                                Err(err)
+                                    if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
+                                Err(err) => log.line(format!("{}: {err}", err.status())),
+                                Ok(()) => {}
                             }
                         });
                     }
-                    // One failed accept (say, out of descriptors) must not end the server.
-                    Err(err) => eprintln!("accept: {}: {err}", err.status()),
+                    // One failed accept (say, out of descriptors) must not end the server;
+                    // the listener waits before the next attempt, so this cannot spin.
+                    Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
                 }
             }
         };
-        first_of(serve, stop.wait()).await;
+        first_of(first_of(serve, report_timeouts(&listener)), stop.wait()).await;
+        logs.flush();
+        eprintln!("{}", timeouts_line(listener.control().timeout_counts()));
         Ok(())
     })
 }
 
+/// The echo server's stderr lines that peers can provoke, each kind rate-limited.
+struct EchoLogs {
+    accept: RateLimitedLog,
+    connection: RateLimitedLog,
+    limit: RateLimitedLog,
+    udp: RateLimitedLog,
+}
+
+impl EchoLogs {
+    fn new() -> EchoLogs {
+        EchoLogs {
+            accept: RateLimitedLog::new("accept", 1, LOG_INTERVAL),
+            connection: RateLimitedLog::new("connection", 5, LOG_INTERVAL),
+            limit: RateLimitedLog::new("connections", 1, LOG_INTERVAL),
+            udp: RateLimitedLog::new("udp", 5, LOG_INTERVAL),
+        }
+    }
+
+    /// The summaries still due, before the server ends.
+    fn flush(&self) {
+        for log in [&self.accept, &self.connection, &self.limit, &self.udp] {
+            log.flush();
+        }
+    }
+}
+
+/// How often the echo server says how many connections its timeouts closed, when that
+/// changed.
+const TIMEOUT_REPORT_EVERY: Duration = Duration::from_secs(10);
+
+/// Prints the listener's timeout counts every [`TIMEOUT_REPORT_EVERY`] while they
+/// change: one line however many connections expired.
+async fn report_timeouts(listener: &StreamSocketListener) {
+    let mut reported = TimeoutCounts::default();
+    loop {
+        ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY).await;
+        let counts = listener.control().timeout_counts();
+        if counts != reported {
+            eprintln!("{}", timeouts_line(counts));
+            reported = counts;
+        }
+    }
+}
+
+/// The connections closed by each timeout, e.g. `timeouts: idle 3, handshake 1, write 0`.
+fn timeouts_line(counts: TimeoutCounts) -> String {
+    format!(
+        "timeouts: idle {}, handshake {}, write {}",
+        counts.idle, counts.handshake, counts.write
+    )
+}
+
 /// Sends every datagram back to its sender, taking every ready datagram at once.
-async fn udp_echo(socket: &DatagramSocket) {
+async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
     let mut batch = Vec::with_capacity(64);
     loop {
         batch.clear();
         if let Err(err) = socket.recv_batch(&mut batch, 64).await {
             // Per datagram (an ICMP error, say): the socket goes on.
-            eprintln!("udp receive: {}: {err}", err.status());
+            log.line(format!("receive: {}: {err}", err.status()));
             continue;
         }
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
             let (sent, _) = socket.send_to_addr(datagram.to_vec(), to).await;
             if let Err(err) = sent {
-                eprintln!("udp send to {to}: {}: {err}", err.status());
+                log.line(format!("send to {to}: {}: {err}", err.status()));
             }
         }
     }

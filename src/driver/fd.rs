@@ -1,7 +1,8 @@
 //! A descriptor kept open by everyone who may still use its number.
 
 use std::fmt;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 
 /// A socket descriptor shared by the socket's handles and by the operations in flight on
@@ -20,6 +21,16 @@ impl FdRef {
 
     pub(crate) fn raw(&self) -> RawFd {
         self.0.as_raw_fd()
+    }
+
+    /// The descriptor, while this handle lives.
+    pub(crate) fn borrow(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+
+    /// A new descriptor (close-on-exec) for the same socket, owned by the caller.
+    pub(crate) fn try_clone(&self) -> io::Result<OwnedFd> {
+        self.0.try_clone()
     }
 
     /// A borrowed socket2 view, for socket options and addresses.

@@ -9,11 +9,14 @@
 //!   call until at least one completion or readiness event arrives, the timeout passes, or
 //!   another thread unparks it; then wake the tasks whose operations progressed.
 //! - An `Unparker` another thread can use to end a `park` early.
-//! - The operations in [`ops`] (accept, connect, recv, send, vectored stream send,
-//!   shutdown), [`ops_datagram`] (receive ring, datagram send, datagram batch) and
-//!   [`ops_file`] (packets read from and written to a TUN queue). Each
-//!   takes owned buffers and gives them back, so the upper layers are written once and
-//!   never name io_uring or epoll.
+//! - The operations in [`ops`] (connect, recv, send, vectored stream send, shutdown),
+//!   [`accept`] (accept, with a bound on connections taken before the program asks) and
+//!   [`ops_datagram`] (receive ring, datagram send, datagram batch) and [`ops_file`]
+//!   (packets read from and written to a TUN queue). Each takes owned
+//!   buffers and gives them back, so the upper layers are written once and never name
+//!   io_uring or epoll. A receive can be given a condition to stop on (a read timeout):
+//!   it is cancelled, its final completion still awaited, and its buffer comes back with
+//!   whatever the kernel put in it, so nothing received is lost.
 //! - [`DriverStats`]: counts of the system calls it made, so benchmarks count, not guess.
 //!
 //! What every engine promises:
@@ -33,19 +36,26 @@
 //!   that call: it never hangs, never takes another driver's completion, and an
 //!   operation in flight is cancelled and reaped on its own driver before its buffer
 //!   comes back.
+//! - **Ending.** A stream socket whose connection was ended on this side
+//!   ([`SharedFd::end`]: a timeout expired, it was aborted) fails every later operation
+//!   with that reason, and every operation in flight with it once its completion comes
+//!   back (the socket layer wakes them with a `shutdown`). Stream operations keep the
+//!   socket's traffic clock ([`activity`]) for the idle and write timeouts.
 //! - **Capabilities.** Optional kernel features are probed by trying them
 //!   ([`Capability`]); each missing one has a fallback inside the engine.
 //!
 //! # Layout
 //!
 //! Arrows point down: the runtime owns a [`handle::Driver`]; the dispatch modules
-//! ([`ops`], [`ops_datagram`], [`ops_file`], [`socket`]) pick the engine a socket (or a
-//! TUN queue) is bound to; the
-//! engines ([`uring`], [`poll`]) never import the runtime, the socket API, the dispatch
-//! modules or each other; the shared modules (descriptors, buffer pool, socket
-//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options, direct file
-//! reads, the TUN ioctls) import no engine.
+//! ([`ops`], [`accept`], [`ops_datagram`], [`ops_file`], [`socket`]) pick the engine a
+//! socket (or a TUN queue) is bound to; the engines ([`uring`], [`poll`]) never import
+//! the runtime, the socket API, the dispatch modules or each other; the shared modules (descriptors, buffer pool, socket
+//! addresses, iovecs, GSO, received datagrams, recvmmsg, socket options, the traffic
+//! clock, direct file reads, the TUN ioctls) import no engine.
 
+pub(crate) mod accept;
+pub(crate) mod activity;
+pub(crate) mod affinity;
 pub(crate) mod backend;
 pub(crate) mod batch;
 pub(crate) mod buf_pool;
@@ -62,6 +72,7 @@ pub(crate) mod ops_file;
 pub(crate) mod poll;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
+pub(crate) mod scm;
 pub(crate) mod sockaddr;
 pub(crate) mod socket;
 pub(crate) mod sockopt;
@@ -74,6 +85,6 @@ pub(crate) use backend::DriverConfig;
 pub use backend::{Backend, DriverKind};
 pub use caps::{Capabilities, Capability};
 pub(crate) use handle::Driver;
-pub(crate) use socket::SharedFd;
+pub(crate) use socket::{SharedFd, WeakFd};
 pub use stats::DriverStats;
 pub(crate) use unpark::Unparker;

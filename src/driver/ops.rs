@@ -4,18 +4,13 @@
 //! Upper layers call only these. Results are `io::Result`; the net layer adds context and
 //! turns them into [`crate::Error`].
 
-use std::future::Future;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::Bytes;
 
 pub(crate) use super::batch::{BatchReport, Progress};
-use super::caps::Capability;
-use super::fd::FdRef;
 use super::socket::{Binding, SharedFd};
 use super::{poll, uring};
 use crate::buf::{IoBuf, IoBufMut};
@@ -34,21 +29,66 @@ pub(crate) async fn connect(fd: &SharedFd, addr: SocketAddr) -> io::Result<()> {
 
 /// Reads once into the spare capacity of `buf`; `Ok(0)` is end of stream.
 pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
-    match fd.binding() {
-        Ok(Binding::Uring(driver)) => uring::net::recv(driver, fd.fd(), buf).await,
-        Ok(Binding::Poll(reg)) => poll::net::recv(reg, fd.fd(), buf).await,
-        Err(err) => (Err(err), buf),
+    recv_until(fd, buf, |_| None).await
+}
+
+/// [`recv`] that gives up with `stop`'s error (a read timeout) when `stop` gives one
+/// before anything arrived. On io_uring the receive is cancelled and its final
+/// completion awaited, so bytes that arrived meanwhile are returned, not lost; on epoll
+/// nothing is in flight while it waits. The buffer comes back either way.
+pub(crate) async fn recv_until<B: IoBufMut>(
+    fd: &SharedFd,
+    buf: B,
+    stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
+) -> (io::Result<usize>, B) {
+    if let Some(ended) = fd.ended() {
+        return (Err(ended), buf);
     }
+    let (result, buf) = match fd.binding() {
+        Ok(Binding::Uring(driver)) => uring::net::recv(driver, fd.fd(), buf, stop).await,
+        Ok(Binding::Poll(reg)) => poll::net::recv(reg, fd.fd(), buf, stop).await,
+        Err(err) => (Err(err), buf),
+    };
+    let result = match result {
+        Ok(n) if n > 0 => {
+            fd.activity().received();
+            Ok(n)
+        }
+        // Once the connection was ended here, its end of stream (the shutdown that woke
+        // the receive) and its errors are that ending.
+        other => fd.ended().map_or(other, Err),
+    };
+    (result, buf)
 }
 
 /// Sends once; the count may be short.
 pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B) -> (io::Result<usize>, B) {
+    if let Some(ended) = fd.ended() {
+        return (Err(ended), buf);
+    }
+    let writing = fd.activity().write_begins();
     let (result, buf) = match fd.binding() {
         Ok(Binding::Uring(driver)) => uring::net::send(driver, fd.fd(), buf, SEND_FLAGS).await,
         Ok(Binding::Poll(reg)) => poll::net::send(reg, fd.fd(), buf, SEND_FLAGS).await,
         Err(err) => (Err(err), buf),
     };
-    (result.map_err(|err| peer_reset(fd, err)), buf)
+    drop(writing);
+    let result = match result {
+        Ok(n) => {
+            if n > 0 {
+                fd.activity().sent();
+            }
+            Ok(n)
+        }
+        Err(err) => Err(send_failure(fd, err)),
+    };
+    (result, buf)
+}
+
+/// What a failed send reports: the connection's ending if it was ended here, else the
+/// error (EPIPE read as the peer's reset, see [`peer_reset`]).
+fn send_failure(fd: &SharedFd, err: io::Error) -> io::Error {
+    fd.ended().unwrap_or_else(|| peer_reset(fd, err))
 }
 
 /// Linux reports a reset to one call only (ECONNRESET); every send after it says EPIPE.
@@ -64,6 +104,9 @@ fn peer_reset(fd: &SharedFd, err: io::Error) -> io::Error {
 
 /// Shuts down one or both directions.
 pub(crate) async fn shutdown(fd: &SharedFd, how: Shutdown) -> io::Result<()> {
+    if let Some(ended) = fd.ended() {
+        return Err(ended);
+    }
     let binding = fd.binding()?;
     if how != Shutdown::Read {
         fd.mark_write_shut();
@@ -99,8 +142,12 @@ pub(crate) async fn send_stream_batch(
         Ok(binding) => binding,
         Err(err) => return (Err(err), progress, bufs),
     };
+    let _writing = fd.activity().write_begins();
     let mut rounds = 0u64;
     while !progress.done(&bufs) {
+        if let Some(ended) = fd.ended() {
+            return (Err(ended), progress, bufs);
+        }
         if rounds > 0 {
             report.short_send_recoveries += 1;
         }
@@ -144,6 +191,9 @@ pub(crate) async fn send_stream_batch(
         bufs = back;
         match result {
             Ok((sent, error)) => {
+                if sent > 0 {
+                    fd.activity().sent();
+                }
                 if sent >= unsent {
                     progress = Progress {
                         first: bufs.len(),
@@ -154,13 +204,14 @@ pub(crate) async fn send_stream_batch(
                 }
                 unsent = unsent.saturating_sub(sent);
                 if let Some(err) = error {
-                    return (Err(peer_reset(fd, err)), progress, bufs);
+                    return (Err(send_failure(fd, err)), progress, bufs);
                 }
                 if sent == 0 && !progress.done(&bufs) {
-                    return (Err(io::ErrorKind::WriteZero.into()), progress, bufs);
+                    let err = io::ErrorKind::WriteZero.into();
+                    return (Err(send_failure(fd, err)), progress, bufs);
                 }
             }
-            Err(err) => return (Err(peer_reset(fd, err)), progress, bufs),
+            Err(err) => return (Err(send_failure(fd, err)), progress, bufs),
         }
     }
     (Ok(()), progress, bufs)
@@ -183,107 +234,4 @@ fn chain_outcome(
         }
     }
     (sent, None)
-}
-
-/// Accepts connections on a listening socket: multishot accept on io_uring (one SQE for
-/// many connections, re-armed when the kernel ends it), one ACCEPT per connection where
-/// the kernel lacks multishot accept, accept4 on epoll.
-///
-/// Poll-based so the listener can keep it between calls: a dropped `accept` future then
-/// loses no connection the kernel already accepted.
-pub(crate) struct Acceptor {
-    multishot: Option<uring::MultiOp>,
-    single: Option<uring::Op<FdRef>>,
-}
-
-impl Acceptor {
-    pub(crate) fn new() -> Acceptor {
-        Acceptor {
-            multishot: None,
-            single: None,
-        }
-    }
-
-    /// The next connection's socket.
-    pub(crate) fn poll_accept(
-        &mut self,
-        fd: &SharedFd,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        match fd.binding() {
-            Err(err) => Poll::Ready(Err(err)),
-            Ok(Binding::Poll(reg)) => loop {
-                match reg.poll_ready(poll::Direction::Read, cx) {
-                    Poll::Ready(Ok(())) => {}
-                    Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
-                    Poll::Pending => return Poll::Pending,
-                }
-                match poll::net::try_accept(reg, fd.fd()) {
-                    Ok((new, _)) => return Poll::Ready(Ok(new)),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {
-                        reg.clear_ready(poll::Direction::Read)
-                    }
-                    Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
-                    Err(err) => return Poll::Ready(Err(err)),
-                }
-            },
-            Ok(Binding::Uring(driver)) => {
-                let multishot =
-                    driver.with(|d| d.capabilities().contains(Capability::MultishotAccept));
-                match multishot {
-                    Err(err) => Poll::Ready(Err(err)),
-                    Ok(true) => self.poll_multishot(driver, fd.fd(), cx),
-                    Ok(false) => self.poll_single(driver, fd.fd(), cx),
-                }
-            }
-        }
-    }
-
-    fn poll_multishot(
-        &mut self,
-        driver: &uring::Handle,
-        fd: &FdRef,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        loop {
-            if self.multishot.as_ref().is_none_or(|op| op.is_finished()) {
-                self.multishot = None;
-                match uring::net::accept_multi(driver, fd) {
-                    Ok(op) => self.multishot = Some(op),
-                    Err(err) => return Poll::Ready(Err(err)),
-                }
-            }
-            let op = self.multishot.as_mut().expect("armed above");
-            match op.poll_next(cx) {
-                Poll::Ready(Ok(Some(completion))) => {
-                    return Poll::Ready(uring::net::accepted(completion))
-                }
-                Poll::Ready(Ok(None)) => continue,
-                Poll::Ready(Err(misuse)) => return Poll::Ready(Err(misuse)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    fn poll_single(
-        &mut self,
-        driver: &uring::Handle,
-        fd: &FdRef,
-        cx: &mut Context<'_>,
-    ) -> Poll<io::Result<OwnedFd>> {
-        if self.single.is_none() {
-            match uring::net::accept_op(driver, fd) {
-                Ok(op) => self.single = Some(op),
-                Err(err) => return Poll::Ready(Err(err)),
-            }
-        }
-        let op = self.single.as_mut().expect("submitted above");
-        match Pin::new(op).poll(cx) {
-            Poll::Ready((completion, _)) => {
-                self.single = None;
-                Poll::Ready(completion.and_then(uring::net::accepted))
-            }
-            Poll::Pending => Poll::Pending,
-        }
-    }
 }

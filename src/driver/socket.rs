@@ -1,12 +1,13 @@
 //! A socket as the layers above the driver hold it: its descriptor and, from its first
 //! use on a runtime, its binding to that runtime's driver.
 
-use std::cell::{Cell, OnceCell};
+use std::cell::{Cell, OnceCell, RefCell};
 use std::fmt;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
+use super::activity::Activity;
 use super::current::{self, DriverId};
 use super::fd::FdRef;
 use super::handle::{with_current, Driver};
@@ -26,6 +27,15 @@ struct Inner {
     fd: FdRef,
     /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
     write_shut: Cell<bool>,
+    /// The socket was taken off its runtime ([`SharedFd::detach`]): this handle no
+    /// longer uses it.
+    detached: Cell<bool>,
+    /// Why the connection was ended on this side (a timeout expired, it was aborted):
+    /// every operation from then on fails with it. Set once.
+    ended: RefCell<Option<crate::Error>>,
+    /// Whether `ended` is set, for the check every operation makes.
+    is_ended: Cell<bool>,
+    activity: Activity,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -65,6 +75,10 @@ impl SharedFd {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
+                detached: Cell::new(false),
+                ended: RefCell::new(None),
+                is_ended: Cell::new(false),
+                activity: Activity::new(),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -73,8 +87,43 @@ impl SharedFd {
         socket
     }
 
+    /// A handle that does not keep the socket open.
+    pub(crate) fn downgrade(&self) -> WeakFd {
+        WeakFd(Rc::downgrade(&self.inner))
+    }
+
+    /// The socket's traffic clock.
+    pub(crate) fn activity(&self) -> &Activity {
+        &self.inner.activity
+    }
+
+    /// Ends the connection on this side for `why`: from now on every operation fails
+    /// with it (operations in flight when their completion comes back; the caller wakes
+    /// them, e.g. with a shutdown). False if it was ended already (the first reason stays).
+    pub(crate) fn end(&self, why: crate::Error) -> bool {
+        if self.inner.is_ended.replace(true) {
+            return false;
+        }
+        *self.inner.ended.borrow_mut() = Some(why);
+        true
+    }
+
+    /// Why the connection was ended, as the error operations report, if it was.
+    #[inline]
+    pub(crate) fn ended(&self) -> Option<io::Error> {
+        if !self.inner.is_ended.get() {
+            return None;
+        }
+        self.inner.ended.borrow().clone().map(io::Error::from)
+    }
+
     pub(crate) fn raw(&self) -> RawFd {
         self.inner.fd.raw()
+    }
+
+    /// The descriptor, while this handle lives.
+    pub(crate) fn borrow_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.inner.fd.borrow()
     }
 
     /// The descriptor, for operations to keep open while the kernel uses it.
@@ -99,6 +148,9 @@ impl SharedFd {
     /// runtime running on this thread; after that, using it where another runtime runs
     /// (or none, or after its runtime was dropped) is the `WrongRuntime` error.
     pub(crate) fn binding(&self) -> io::Result<&Binding> {
+        if self.inner.detached.get() {
+            return Err(detached());
+        }
         if let Some(binding) = self.inner.binding.get() {
             if current::is_current(binding.id()) {
                 return Ok(binding);
@@ -113,6 +165,48 @@ impl SharedFd {
         })
         .ok_or_else(current::no_runtime)??;
         Ok(self.inner.binding.get_or_init(|| binding))
+    }
+}
+
+impl SharedFd {
+    /// Takes the socket off its runtime: every operation in flight on it there is
+    /// cancelled and reaped (io_uring) or its epoll registration removed, this handle and
+    /// its clones stop using it (their calls fail), and a new descriptor for the same
+    /// socket comes back, owned by the caller, for another runtime or process.
+    pub(crate) fn detach(&self) -> io::Result<OwnedFd> {
+        if self.inner.detached.get() {
+            return Err(detached());
+        }
+        // Never used on a runtime, nothing of any driver's holds it.
+        if let Some(binding) = self.inner.binding.get() {
+            if !current::is_current(binding.id()) {
+                return Err(binding.misuse());
+            }
+            match binding {
+                Binding::Uring(driver) => driver.with(|d| d.cancel_fd(self.raw()))??,
+                Binding::Poll(registration) => registration.release()?,
+            }
+        }
+        self.inner.detached.set(true);
+        self.inner.fd.try_clone()
+    }
+}
+
+/// The error for a socket handle whose socket was detached.
+fn detached() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the socket was detached from this handle (handed to another runtime or process)",
+    )
+}
+
+/// A [`SharedFd`] that does not keep the socket open (for a watchdog).
+pub(crate) struct WeakFd(Weak<Inner>);
+
+impl WeakFd {
+    /// The socket, if something still holds it.
+    pub(crate) fn upgrade(&self) -> Option<SharedFd> {
+        self.0.upgrade().map(|inner| SharedFd { inner })
     }
 }
 

@@ -58,3 +58,106 @@ pub(crate) fn socket_drops(fd: RawFd) -> io::Result<u64> {
     }
     Ok(info[SK_MEMINFO_DROPS] as u64)
 }
+
+/// `SO_ATTACH_REUSEPORT_CBPF` (Linux 4.5).
+const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+/// Where a classic BPF program reads the CPU that runs it (SKF_AD_OFF + SKF_AD_CPU).
+const SKF_AD_CPU: u32 = (-0x1000i32 + 36) as u32;
+
+/// Routes each new connection (or datagram) of the SO_REUSEPORT group `fd` belongs to,
+/// to the group member whose index is the position of the receiving CPU in `cpus`, so
+/// a connection stays on the CPU (and the pinned thread) that received it; other CPUs
+/// go by CPU number modulo the group's size. A classic BPF program, attached once to
+/// any member, serves the whole group.
+pub(crate) fn route_reuseport_by_cpu(fd: RawFd, cpus: &[usize]) -> io::Result<()> {
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const MOD_K: u16 = 0x94;
+    const RET_A: u16 = 0x16;
+    let op = |code, jt, jf, k| libc::sock_filter { code, jt, jf, k };
+    if cpus.is_empty() || cpus.len() > 255 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "CPU routing takes 1 to 255 group members",
+        ));
+    }
+    let mut program = vec![op(LD_W_ABS, 0, 0, SKF_AD_CPU)];
+    for (index, &cpu) in cpus.iter().enumerate() {
+        // On a match fall through to the return; else jump over it.
+        program.push(op(JEQ_K, 0, 1, cpu as u32));
+        program.push(op(RET_K, 0, 0, index as u32));
+    }
+    program.push(op(MOD_K, 0, 0, cpus.len() as u32));
+    program.push(op(RET_A, 0, 0, 0));
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_mut_ptr(),
+    };
+    // SAFETY: passes a live sock_fprog whose filter points at `program`, alive for the
+    // call; the kernel copies the program.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `TCP_LISTEN` of the kernel's tcp_states.h (libc does not export it for Linux).
+const TCP_STATE_LISTEN: u8 = 10;
+
+/// Connections waiting in a listening TCP socket's accept queue: TCP_INFO's
+/// `tcpi_unacked`, which the kernel fills with the accept queue's length for a socket
+/// in the LISTEN state.
+pub(crate) fn listen_queue_len(fd: RawFd) -> io::Result<u32> {
+    // SAFETY: tcp_info is plain old data; zero is a valid value of it.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `info`, a live struct of that
+    // size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let needed = std::mem::offset_of!(libc::tcp_info, tcpi_unacked) + 4;
+    if (len as usize) < needed {
+        return Err(io::Error::other("TCP_INFO without tcpi_unacked"));
+    }
+    if info.tcpi_state != TCP_STATE_LISTEN {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening socket",
+        ));
+    }
+    Ok(info.tcpi_unacked)
+}
+
+/// Bytes of a TCP socket's send queue the peer has not acknowledged yet, sent or not
+/// (`SIOCOUTQ`; a FIN counts as one until it is acknowledged). 0 means everything
+/// written, and the FIN if one was sent, has reached the peer.
+pub(crate) fn unacknowledged_bytes(fd: RawFd) -> io::Result<usize> {
+    let mut bytes: libc::c_int = 0;
+    // SIOCOUTQ has TIOCOUTQ's number; libc names only the latter.
+    // SAFETY: SIOCOUTQ writes one c_int into the live local it is given.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut bytes) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(bytes.max(0) as usize)
+}

@@ -1,14 +1,15 @@
 //! Socket options, set like StreamSocketControl: before connecting, or on a live socket.
 
 use std::cell::{Cell, RefCell};
+use std::rc::Rc;
 use std::time::Duration;
 
+use super::timeouts::{check_limit, TimeoutCounts, Timeouts};
 use crate::driver::SharedFd;
 use crate::tls::{Identity, TrustedRoots};
 use crate::{Error, Result};
 
 /// Options a [`StreamSocket`](super::StreamSocket) applies when it connects.
-#[derive(Debug, Clone)]
 pub(crate) struct StreamOptions {
     pub(crate) no_delay: Cell<bool>,
     pub(crate) keep_alive: Cell<Option<Duration>>,
@@ -20,6 +21,8 @@ pub(crate) struct StreamOptions {
     pub(crate) trusted_roots: RefCell<Option<TrustedRoots>>,
     /// A TLS handshake has started: the TLS options can no longer change.
     pub(crate) tls_started: Cell<bool>,
+    /// Shared with the socket's input streams and its watchdog.
+    pub(crate) timeouts: Rc<Timeouts>,
 }
 
 impl Default for StreamOptions {
@@ -33,11 +36,27 @@ impl Default for StreamOptions {
             client_certificate: RefCell::new(None),
             trusted_roots: RefCell::new(None),
             tls_started: Cell::new(false),
+            timeouts: Rc::default(),
         }
     }
 }
 
 impl StreamOptions {
+    /// The options of a socket a listener with these options accepted: a copy, whose
+    /// expired timeouts count into the listener's counts.
+    pub(crate) fn for_accepted(&self) -> StreamOptions {
+        StreamOptions {
+            no_delay: self.no_delay.clone(),
+            keep_alive: self.keep_alive.clone(),
+            send_buffer_size: self.send_buffer_size.clone(),
+            receive_buffer_size: self.receive_buffer_size.clone(),
+            client_certificate: self.client_certificate.clone(),
+            trusted_roots: self.trusted_roots.clone(),
+            tls_started: Cell::new(false),
+            timeouts: Rc::new(self.timeouts.for_accepted()),
+        }
+    }
+
     /// Applies every option to `fd`.
     pub(crate) fn apply(&self, fd: &SharedFd) -> Result<()> {
         let sock = fd.sock();
@@ -162,6 +181,125 @@ impl StreamSocketControl<'_> {
     /// The authorities set with [`set_trusted_roots`](Self::set_trusted_roots), if any.
     pub fn trusted_roots(&self) -> Option<TrustedRoots> {
         self.options.trusted_roots.borrow().clone()
+    }
+
+    /// How long a connection attempt may wait for an answer before it fails with
+    /// `ConnectionTimedOut` (counted in [`timeout_counts`](Self::timeout_counts)); each
+    /// address of a host name gets this long. `None` (the default) leaves it to the
+    /// kernel, which gives up after about two minutes of unanswered SYNs.
+    pub fn set_connect_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        check_limit("connect timeout", limit)?;
+        self.options.timeouts.connect.set(limit);
+        Ok(())
+    }
+
+    /// The connect timeout, if one is set.
+    pub fn connect_timeout(&self) -> Option<Duration> {
+        self.options.timeouts.connect.get()
+    }
+
+    /// Closes the connection when no byte has gone either way for `limit`: the calls
+    /// waiting on it fail with `ConnectionTimedOut`, later ones too, and the peer gets a
+    /// FIN (a RST if data is still queued for it). Bytes count when the kernel hands them
+    /// over (a receive) or takes them (a send). `None` (the default): never.
+    ///
+    /// On a listener's control it applies to every socket the listener accepts, from the
+    /// moment it is accepted (a TLS handshake counts as traffic too).
+    pub fn set_idle_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        check_limit("idle timeout", limit)?;
+        self.options.timeouts.idle.set(limit);
+        self.rewatch("set the idle timeout")
+    }
+
+    /// The idle timeout, if one is set.
+    pub fn idle_timeout(&self) -> Option<Duration> {
+        self.options.timeouts.idle.get()
+    }
+
+    /// Fails a read (`read`, and the reads of the socket's
+    /// [`InputStream`](super::InputStream)s) that gets nothing for `limit`, with
+    /// `ConnectionTimedOut`. Only that read fails: the socket stays usable, and nothing
+    /// is lost — bytes that arrive as the read gives up are returned by it, or by the
+    /// next read (through TLS the receive goes on in the background). `None` (the
+    /// default): never.
+    pub fn set_read_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        check_limit("read timeout", limit)?;
+        self.options.timeouts.read.set(limit);
+        Ok(())
+    }
+
+    /// The read timeout, if one is set.
+    pub fn read_timeout(&self) -> Option<Duration> {
+        self.options.timeouts.read.get()
+    }
+
+    /// Closes the connection when a write (`write`, `write_all`, an
+    /// [`OutputStream`](super::OutputStream) flush, a TLS record) waits `limit` without
+    /// the kernel taking any of its bytes, so a peer that reads a byte now and then
+    /// cannot hold the connection and its buffers: the write fails with
+    /// `ConnectionTimedOut`, so does everything after it, and the queued data is dropped
+    /// with a RST. Progress is a send completing: on io_uring a flush sends up to 1024
+    /// buffers as one operation, so `limit` should cover the time the slowest peer you
+    /// accept needs to take one such batch. `None` (the default): never.
+    pub fn set_write_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        check_limit("write timeout", limit)?;
+        self.options.timeouts.write.set(limit);
+        self.rewatch("set the write timeout")
+    }
+
+    /// The write timeout, if one is set.
+    pub fn write_timeout(&self) -> Option<Duration> {
+        self.options.timeouts.write.get()
+    }
+
+    /// How long a TLS handshake this socket starts
+    /// ([`connect_with`](super::StreamSocket::connect_with),
+    /// [`upgrade_to_tls`](super::StreamSocket::upgrade_to_tls),
+    /// [`accept_tls`](super::StreamSocket::accept_tls)) may take before it fails with
+    /// `ConnectionTimedOut` and the connection is closed. `None` (the default): never
+    /// for a client; for `accept_tls`, the acceptor's
+    /// ([`TlsAcceptorBuilder::handshake_timeout`](crate::tls::TlsAcceptorBuilder::handshake_timeout),
+    /// 10 s unless changed).
+    pub fn set_tls_handshake_timeout(&self, limit: Option<Duration>) -> Result<()> {
+        check_limit("TLS handshake timeout", limit)?;
+        self.options.timeouts.handshake.set(limit);
+        Ok(())
+    }
+
+    /// The TLS handshake timeout set on this socket, if one is.
+    pub fn tls_handshake_timeout(&self) -> Option<Duration> {
+        self.options.timeouts.handshake.get()
+    }
+
+    /// How long a dropped socket may go on delivering what it had queued (writes not
+    /// yet sent, the kernel's send queue, a TLS `close_notify`) before it is aborted;
+    /// default [`DEFAULT_LINGER_TIMEOUT`](super::DEFAULT_LINGER_TIMEOUT), 5 s. The
+    /// delivery runs in a task of the socket's runtime and never blocks; see
+    /// [`StreamSocket::close`](super::StreamSocket::close).
+    pub fn set_linger_timeout(&self, limit: Duration) -> Result<()> {
+        check_limit("linger timeout", Some(limit))?;
+        self.options.timeouts.linger.set(limit);
+        Ok(())
+    }
+
+    /// The linger timeout of a dropped socket.
+    pub fn linger_timeout(&self) -> Duration {
+        self.options.timeouts.linger.get()
+    }
+
+    /// The timeouts that expired so far: on this socket, or, on a listener's control,
+    /// on every socket the listener accepted.
+    pub fn timeout_counts(&self) -> TimeoutCounts {
+        self.options.timeouts.counts()
+    }
+
+    /// A changed idle or write limit applies to a live connection at once.
+    fn rewatch(&self, what: &str) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        // The watchdog runs on the socket's runtime: it must be the one running here.
+        fd.binding().map_err(|err| Error::io(what, err))?;
+        self.options.timeouts.watch(fd);
+        Ok(())
     }
 
     fn before_tls(&self, what: &str) -> Result<()> {

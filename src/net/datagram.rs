@@ -6,7 +6,7 @@ use std::fmt;
 use std::future::poll_fn;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::Deref;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -18,7 +18,7 @@ use futures_core::Stream;
 use super::stream::sock_addr;
 use super::transport::Transport;
 use super::turn::Turnstile;
-use super::{new_socket, resolve, OutputStream};
+use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::ops_datagram::{
     self, canonical, for_family, Receiver, RecvDatagram, RingConfig, MAX_UDP_PAYLOAD_V4,
@@ -983,4 +983,50 @@ fn check_hops(hops: u32) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Sockets in and out: std, raw descriptors, and other runtimes.
+impl DatagramSocket {
+    /// Takes a std UDP socket (made non-blocking), bound or connected; it belongs to the
+    /// runtime running on this thread, or to the first that uses it.
+    pub fn from_std(socket: std::net::UdpSocket) -> Result<DatagramSocket> {
+        Detached::from_fd(OwnedFd::from(socket))?.into_datagram()
+    }
+
+    /// Wraps a UDP descriptor detached elsewhere, with its options as they are.
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<DatagramSocket> {
+        let socket = socket2::Socket::from(fd);
+        let ipv6 = socket
+            .domain()
+            .map_err(|err| Error::io("read the socket family", err))?
+            == socket2::Domain::IPV6;
+        let adopted = DatagramSocket::new();
+        adopted.ipv6.set(ipv6);
+        adopted
+            .fd
+            .set(SharedFd::new(OwnedFd::from(socket)))
+            .map_err(|_| Error::invalid_input("the socket is already bound or connected"))?;
+        Ok(adopted)
+    }
+}
+
+impl AsRawFd for DatagramSocket {
+    /// The descriptor, or -1 while the socket is neither bound nor connected.
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get().map_or(-1, SharedFd::raw)
+    }
+}
+
+impl AsFd for DatagramSocket {
+    /// The descriptor.
+    ///
+    /// # Panics
+    ///
+    /// While the socket is neither bound nor connected: it has no descriptor yet.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd
+            .get()
+            .expect("DatagramSocket::as_fd: the socket is not bound or connected")
+            .borrow_fd()
+    }
 }

@@ -4,7 +4,8 @@ use std::rc::Rc;
 
 use bytes::{Buf, Bytes, BytesMut};
 
-use crate::driver::{ops, SharedFd};
+use super::timeouts::{self, Timeouts};
+use crate::driver::SharedFd;
 use crate::tls::session::TlsSession;
 use crate::{Error, Result};
 
@@ -17,7 +18,11 @@ const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 ///
 /// Data read past what a call returns stays buffered for the next call, also when a
 /// call's future is dropped. If it is dropped while the kernel is filling the buffer,
-/// whatever that last read received is discarded with it.
+/// whatever that last read received is discarded with it; a read that fails on the
+/// socket's [read timeout](super::StreamSocketControl::set_read_timeout) instead loses
+/// nothing (what arrived as it gave up is kept for the next call).
+///
+/// It reads while its socket lives: dropping or closing the socket ends the connection.
 pub struct InputStream {
     fd: Option<SharedFd>,
     buffer: BytesMut,
@@ -25,6 +30,8 @@ pub struct InputStream {
     max_line: usize,
     /// Reads go through this TLS session when the socket has one.
     tls: Option<Rc<TlsSession>>,
+    /// The socket's timeouts (the read timeout applies to every fill).
+    timeouts: Rc<Timeouts>,
 }
 
 impl InputStream {
@@ -35,7 +42,14 @@ impl InputStream {
             eof: false,
             max_line: DEFAULT_MAX_LINE,
             tls: None,
+            timeouts: Rc::default(),
         }
+    }
+
+    /// Reads within `timeouts`' read timeout, counting into its counts.
+    pub(crate) fn with_timeouts(mut self, timeouts: Rc<Timeouts>) -> InputStream {
+        self.timeouts = timeouts;
+        self
     }
 
     /// Reads through `tls` (decrypted) instead of from the socket directly.
@@ -57,12 +71,12 @@ impl InputStream {
         }
         if let Some(tls) = &self.tls {
             let buffer = &mut self.buffer;
-            let n = tls
-                .read_with(&mut |plain| {
-                    buffer.extend_from_slice(plain);
-                    plain.len()
-                })
-                .await?;
+            let mut copy = |plain: &[u8]| {
+                buffer.extend_from_slice(plain);
+                plain.len()
+            };
+            let reading = tls.read_with(&mut copy);
+            let n = timeouts::within_read_timeout(&self.timeouts, reading).await?;
             self.eof = n == 0;
             return Ok(n > 0);
         }
@@ -75,9 +89,9 @@ impl InputStream {
         // already buffered stay. Joining it back is O(1) (same allocation, adjacent).
         self.buffer.reserve(READ_CHUNK);
         let spare = self.buffer.split_off(self.buffer.len());
-        let (result, spare) = ops::recv(fd, spare).await;
+        let (result, spare) = timeouts::recv_within(fd, spare, &self.timeouts).await;
         self.buffer.unsplit(spare);
-        let n = result.map_err(|err| Error::io("read", err))?;
+        let n = result?;
         if n == 0 {
             self.eof = true;
         }

@@ -1,19 +1,21 @@
 //! StreamSocketListener: accepts TCP connections.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use futures_core::Stream;
 
+use super::backoff::{self, Backoff};
 use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
 use super::turn::Turnstile;
-use super::{new_socket, StreamSocket};
-use crate::driver::ops::Acceptor;
+use super::{new_socket, Detached, SocketKind, StreamSocket};
+use crate::driver::accept::{self, Acceptor};
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
 use crate::{Error, Result};
@@ -23,8 +25,21 @@ const BACKLOG: i32 = 1024;
 
 /// Listens for TCP connections, like Windows.Networking.Sockets.StreamSocketListener.
 ///
-/// On io_uring one multishot accept serves every connection until the kernel ends it;
-/// it is re-armed on the next `accept`.
+/// On io_uring one multishot accept takes connections in the background, so `accept`
+/// usually finds one waiting. It holds at most [`max_pending`](Self::set_max_pending)
+/// connections the program has not taken (128 by default), then pauses until the
+/// program has taken them down to half; the rest wait in the kernel's listen backlog
+/// (1024). On epoll, and where the kernel lacks multishot accept, a connection is
+/// accepted only when the program asks.
+///
+/// When the process runs out of descriptors (or the system of descriptors or memory),
+/// `accept` returns the error (`TooManyOpenFiles`, ...) and the next `accept` waits
+/// before it tries again: [`ACCEPT_BACKOFF_FIRST`](Self::ACCEPT_BACKOFF_FIRST),
+/// doubling with each failure in a row up to
+/// [`ACCEPT_BACKOFF_MAX`](Self::ACCEPT_BACKOFF_MAX), none after a success. So a loop
+/// that logs the error and calls `accept` again cannot spin, and the runtime's other
+/// tasks, timers and signals keep running meanwhile. [`accept_stats`](Self::accept_stats)
+/// counts the failures.
 ///
 /// # Examples
 ///
@@ -50,9 +65,41 @@ pub struct StreamSocketListener {
     turn: Turnstile,
     /// Options given to every accepted socket.
     options: StreamOptions,
+    /// The wait before the next accept after running out of descriptors or memory.
+    backoff: RefCell<Backoff>,
+    /// Accepts that failed for lack of descriptors or memory.
+    exhausted: Cell<u64>,
+}
+
+/// What a listener holds and how its accepts went ([`StreamSocketListener::accept_stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct AcceptStats {
+    /// Connections accepted in the background (io_uring's multishot accept) that
+    /// `accept` has not taken yet: each is an open descriptor. At most `max_pending`,
+    /// plus what the kernel hands over before a pause takes effect. Always 0 on epoll
+    /// and without multishot accept.
+    pub pending: usize,
+    /// A background accept runs: the kernel hands connections over without a call to
+    /// `accept`. False while it is paused at `max_pending`, and on epoll.
+    pub background: bool,
+    /// Accepts that failed because descriptors or memory ran out (EMFILE, ENFILE,
+    /// ENOBUFS, ENOMEM).
+    pub exhausted: u64,
+    /// How long the next `accept` waits before it tries, after such failures in a row;
+    /// zero once an accept succeeded.
+    pub backoff: Duration,
 }
 
 impl StreamSocketListener {
+    /// The default of [`set_max_pending`](Self::set_max_pending).
+    pub const DEFAULT_MAX_PENDING: usize = accept::DEFAULT_MAX_PENDING;
+    /// The wait before the next `accept` after one failed for lack of descriptors or
+    /// memory.
+    pub const ACCEPT_BACKOFF_FIRST: Duration = backoff::FIRST;
+    /// The longest such wait: each failure in a row doubles it up to this.
+    pub const ACCEPT_BACKOFF_MAX: Duration = backoff::MAX;
+
     /// Listens on `service` (a port number, "0" for any free port, or a service name) on
     /// every local address: IPv6 and IPv4 together where the system has IPv6, else IPv4
     /// (BindServiceNameAsync).
@@ -111,6 +158,8 @@ impl StreamSocketListener {
             acceptor: RefCell::new(Acceptor::new()),
             turn: Turnstile::default(),
             options: StreamOptions::default(),
+            backoff: RefCell::new(Backoff::default()),
+            exhausted: Cell::new(0),
         })
     }
 
@@ -129,14 +178,67 @@ impl StreamSocketListener {
 
     /// The next connection (a ConnectionReceived event).
     ///
-    /// An error such as TooManyOpenFiles concerns that attempt only: the listener keeps
-    /// working and the next `accept` tries again.
+    /// An error concerns that attempt only: the listener keeps working and the next
+    /// `accept` tries again. After `TooManyOpenFiles` (or another shortage of
+    /// descriptors or memory) the next `accept` first waits out the back-off (see the
+    /// type's documentation), so calling it again at once cannot spin.
     pub async fn accept(&self) -> Result<StreamSocket> {
         let _turn = self.turn.take().await;
-        let fd = poll_fn(|cx| self.acceptor.borrow_mut().poll_accept(&self.fd, cx))
-            .await
-            .map_err(|err| Error::io("accept", err))?;
-        StreamSocket::accepted(fd, &self.options)
+        let resume_at = self.backoff.borrow().resume_at();
+        if let Some(resume_at) = resume_at {
+            crate::runtime::sleep_until(resume_at).await;
+        }
+        let accepted = poll_fn(|cx| self.acceptor.borrow_mut().poll_accept(&self.fd, cx)).await;
+        match accepted {
+            Ok(fd) => {
+                self.backoff.borrow_mut().succeeded();
+                StreamSocket::accepted(fd, &self.options)
+            }
+            Err(err) => {
+                if backoff::is_exhaustion(&err) {
+                    self.exhausted.set(self.exhausted.get() + 1);
+                    self.backoff.borrow_mut().failed(Instant::now());
+                }
+                Err(Error::io("accept", err))
+            }
+        }
+    }
+
+    /// Sets how many connections a background accept may take from the kernel before
+    /// the program asks for them (default [`DEFAULT_MAX_PENDING`](Self::DEFAULT_MAX_PENDING)).
+    /// Each is an open descriptor, so this bounds what a flood of connections costs a
+    /// program that does not keep up. Once that many wait, the background accept pauses
+    /// (connections the kernel hands over before the pause takes effect are kept) and
+    /// resumes when `accept` has taken them down to half; meanwhile new connections wait
+    /// in the kernel's listen backlog. It applies from the next time the background
+    /// accept starts. Only io_uring with multishot accept takes connections in the
+    /// background; elsewhere a connection is accepted when the program asks.
+    ///
+    /// 0 is `InvalidArgument`.
+    pub fn set_max_pending(&self, max_pending: usize) -> Result<()> {
+        if max_pending == 0 {
+            return Err(Error::invalid_input(
+                "max_pending must be at least 1 connection",
+            ));
+        }
+        self.acceptor.borrow_mut().set_max_pending(max_pending);
+        Ok(())
+    }
+
+    /// The bound set by [`set_max_pending`](Self::set_max_pending).
+    pub fn max_pending(&self) -> usize {
+        self.acceptor.borrow().max_pending()
+    }
+
+    /// What the listener holds and how its accepts went.
+    pub fn accept_stats(&self) -> AcceptStats {
+        let held = self.acceptor.borrow().held();
+        AcceptStats {
+            pending: held.pending,
+            background: held.background,
+            exhausted: self.exhausted.get(),
+            backoff: self.backoff.borrow().delay(),
+        }
     }
 
     /// Every connection, as a stream; ends never (errors are items).
@@ -171,5 +273,60 @@ impl<'a> Stream for Incoming<'a> {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+/// Sockets in and out: std, raw descriptors, and other runtimes.
+impl StreamSocketListener {
+    /// Takes a listening std socket (made non-blocking); it belongs to the runtime
+    /// running on this thread, or to the first that uses it.
+    pub fn from_std(listener: std::net::TcpListener) -> Result<StreamSocketListener> {
+        Detached::from_fd(OwnedFd::from(listener))?.into_listener()
+    }
+
+    /// Wraps a listening descriptor detached elsewhere; `accepted` are handed out first.
+    pub(crate) fn adopt(fd: OwnedFd, accepted: Vec<OwnedFd>) -> Result<StreamSocketListener> {
+        Ok(StreamSocketListener {
+            fd: SharedFd::new(fd),
+            acceptor: RefCell::new(Acceptor::with_accepted(accepted)),
+            turn: Turnstile::default(),
+            options: StreamOptions::default(),
+            backoff: RefCell::new(Backoff::default()),
+            exhausted: Cell::new(0),
+        })
+    }
+
+    /// Takes the listener off this runtime, for another thread's runtime or another
+    /// process: its accepts in flight are cancelled and reaped, and the connections the
+    /// kernel had accepted but the program had not taken go along with it (the adopting
+    /// listener hands them out first), so no connection is lost or reset. Afterwards this
+    /// listener is a spent handle: its calls fail.
+    pub fn detach(&self) -> Result<Detached> {
+        let owned = self.fd.detach().map_err(|err| Error::io("detach", err))?;
+        let accepted = self.acceptor.borrow_mut().take_accepted();
+        Ok(Detached::new(owned, SocketKind::Listener, accepted))
+    }
+
+    /// The listener as a blocking std listener, taken off this runtime as
+    /// [`detach`](Self::detach) does; connections it had accepted but not handed out
+    /// are closed.
+    pub fn into_std(self) -> Result<std::net::TcpListener> {
+        let listener = std::net::TcpListener::from(self.detach()?.into_fd());
+        listener
+            .set_nonblocking(false)
+            .map_err(|err| Error::io("make the socket blocking", err))?;
+        Ok(listener)
+    }
+}
+
+impl AsRawFd for StreamSocketListener {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.raw()
+    }
+}
+
+impl AsFd for StreamSocketListener {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.borrow_fd()
     }
 }

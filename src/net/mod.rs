@@ -5,12 +5,17 @@ use std::net::SocketAddr;
 use crate::host::{parse_service, HostName, Protocol};
 use crate::{Error, Result};
 
+mod backoff;
+mod close;
 mod control;
 mod datagram;
+mod handoff;
 mod input;
 mod listener;
 mod output;
+mod shard;
 mod stream;
+mod timeouts;
 mod transport;
 pub(crate) mod turn;
 
@@ -18,10 +23,15 @@ pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
 };
+pub use handoff::{
+    activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind,
+};
 pub use input::InputStream;
-pub use listener::{Incoming, StreamSocketListener};
+pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
+pub use shard::Sharded;
 pub use stream::StreamSocket;
+pub use timeouts::{TimeoutCounts, DEFAULT_LINGER_TIMEOUT};
 
 /// Resolves `host` and `service` to socket addresses: IP literals at once, names on the
 /// bounded resolver pool with the runtime's timeout ([`crate::host::resolve`]).

@@ -278,6 +278,11 @@ impl OutputStream {
     /// Sends every queued write in one submission and returns once the kernel has given
     /// back every write queued before this call (FlushAsync). Reports the first error;
     /// each write's handle reports its own. Returns at once when nothing is pending.
+    ///
+    /// On a stream socket with a
+    /// [write timeout](super::StreamSocketControl::set_write_timeout), a flush the peer
+    /// takes no bytes of for that long fails with `ConnectionTimedOut`, and so does the
+    /// connection.
     pub async fn flush(&self) -> Result<()> {
         let target = self.inner.state.borrow().next;
         self.inner.wait_for(target).await

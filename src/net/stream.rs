@@ -2,20 +2,32 @@
 
 use std::cell::OnceCell;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
+use super::close::{self, Closing};
 use super::control::{StreamOptions, StreamSocketControl};
+use super::timeouts::{self, TimeoutKind};
 use super::transport::Transport;
-use super::{new_socket, resolve, InputStream, OutputStream};
+use super::{new_socket, resolve, Detached, InputStream, OutputStream, SocketKind};
 use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
 use crate::host::{HostName, Protocol};
+use crate::runtime;
 use crate::tls::session::TlsSession;
 use crate::tls::{self, ProtectionLevel, TlsAcceptor, TlsInfo};
 use crate::{Error, Result};
 
 /// A TCP connection, like Windows.Networking.Sockets.StreamSocket.
+///
+/// Dropping it closes the connection: at once when nothing is left to deliver, else
+/// gracefully in the background (queued writes sent, then the FIN, until the peer has
+/// acknowledged everything), aborted with a RST after the
+/// [linger timeout](StreamSocketControl::set_linger_timeout) (5 s by default). Its
+/// input and output streams end with it. [`close`](Self::close) does the same and says
+/// how it went; [`abort`](Self::abort) resets at once. Timeouts (connect, idle, read,
+/// write, TLS handshake) are set on its [`control`](Self::control).
 ///
 /// # Examples
 ///
@@ -75,13 +87,7 @@ impl StreamSocket {
         let mut last = None;
         for addr in addrs {
             match self.try_connect(addr).await {
-                Ok(fd) => {
-                    // Only this call sets it: a second connect fails above or here.
-                    return self
-                        .fd
-                        .set(fd)
-                        .map_err(|_| Error::invalid_input("the socket is already connected"));
-                }
+                Ok(fd) => return self.connected(fd),
                 Err(err) => last = Some(err),
             }
         }
@@ -142,16 +148,50 @@ impl StreamSocket {
             tls::config::client_config(level, roots.as_ref(), identity.as_ref())?;
         let name = tls::config::server_name(validation_host)?;
         let session = TlsSession::client(fd.clone(), config, name, client_cert)?;
-        self.start_tls(session)?.handshake().await
+        let limit = self.options.timeouts.handshake.get();
+        self.handshake(session, limit).await
     }
 
     /// Runs the server side of a TLS handshake on this accepted socket with `acceptor`'s
     /// certificate and client-certificate policy. Afterwards
     /// [`tls_info`](Self::tls_info) tells the verified client certificate, if any.
+    ///
+    /// A handshake not finished within the acceptor's
+    /// [handshake timeout](crate::tls::TlsAcceptorBuilder::handshake_timeout) (10 s by
+    /// default; the socket's own, if one is set on its control) fails with
+    /// `ConnectionTimedOut` and closes the connection, however the client trickles its
+    /// bytes.
     pub async fn accept_tls(&self, acceptor: &TlsAcceptor) -> Result<()> {
         let fd = self.fd()?;
         let session = TlsSession::server(fd.clone(), acceptor.config.clone())?;
-        self.start_tls(session)?.handshake().await
+        let limit = self
+            .options
+            .timeouts
+            .handshake
+            .get()
+            .or(acceptor.handshake_timeout);
+        self.handshake(session, limit).await
+    }
+
+    /// Starts TLS with `session` and runs its handshake within `limit`.
+    async fn handshake(&self, session: TlsSession, limit: Option<Duration>) -> Result<()> {
+        let session = self.start_tls(session)?;
+        let Some(limit) = limit else {
+            return session.handshake().await;
+        };
+        match runtime::timeout(limit, session.handshake()).await {
+            Ok(done) => done,
+            Err(_) => {
+                let fd = self.fd()?;
+                let timeouts = &self.options.timeouts;
+                timeouts::expire(fd, timeouts, TimeoutKind::Handshake, limit);
+                let err = fd.ended().map(Error::from).unwrap_or_else(|| {
+                    Error::timed_out(format!("TLS handshake not finished within {limit:?}"))
+                });
+                session.give_up(err.clone());
+                Err(err)
+            }
+        }
     }
 
     fn start_tls(&self, session: TlsSession) -> Result<&Rc<TlsSession>> {
@@ -179,9 +219,17 @@ impl StreamSocket {
             return Err(Error::invalid_input("the socket is already connected"));
         }
         let fd = self.try_connect(addr).await?;
+        self.connected(fd)
+    }
+
+    /// Keeps the socket of a successful connect, and starts watching its timeouts.
+    fn connected(&self, fd: SharedFd) -> Result<()> {
+        // Only a connect sets it: a second connect fails before it gets here, or here.
         self.fd
             .set(fd)
-            .map_err(|_| Error::invalid_input("the socket is already connected"))
+            .map_err(|_| Error::invalid_input("the socket is already connected"))?;
+        self.options.timeouts.watch(self.fd()?);
+        Ok(())
     }
 
     /// A new socket connected to `host` and `service`, with default options.
@@ -195,9 +243,21 @@ impl StreamSocket {
         let socket = new_socket(&addr, socket2::Type::STREAM)?;
         let fd = SharedFd::new(OwnedFd::from(socket));
         self.options.apply(&fd)?;
-        ops::connect(&fd, addr)
-            .await
-            .map_err(|err| Error::io(format!("connect to {addr}"), err))?;
+        let connecting = ops::connect(&fd, addr);
+        let connected = match self.options.timeouts.connect.get() {
+            None => connecting.await,
+            // Dropping the connect on time-out cancels it; the socket goes with it.
+            Some(limit) => match runtime::timeout(limit, connecting).await {
+                Ok(connected) => connected,
+                Err(_) => {
+                    self.options.timeouts.count(TimeoutKind::Connect);
+                    return Err(Error::timed_out(format!(
+                        "connect to {addr}: no answer within {limit:?}"
+                    )));
+                }
+            },
+        };
+        connected.map_err(|err| Error::io(format!("connect to {addr}"), err))?;
         Ok(fd)
     }
 
@@ -207,12 +267,12 @@ impl StreamSocket {
         options.apply(&fd)?;
         let socket = StreamSocket {
             fd: OnceCell::new(),
-            options: options.clone(),
+            options: options.for_accepted(),
             output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
         };
-        let _ = socket.fd.set(fd);
+        socket.connected(fd)?;
         Ok(socket)
     }
 
@@ -231,7 +291,9 @@ impl StreamSocket {
     }
 
     /// Reads once into the spare capacity of `buf` (`capacity - len` bytes at most) and
-    /// returns how many bytes arrived; 0 means the peer closed its side.
+    /// returns how many bytes arrived; 0 means the peer closed its side. With a
+    /// [read timeout](StreamSocketControl::set_read_timeout), a read that gets nothing in
+    /// time fails with `ConnectionTimedOut` and loses nothing.
     pub async fn read<B: IoBufMut>(&self, mut buf: B) -> BufResult<usize, B> {
         let fd = match self.fd() {
             Ok(fd) => fd,
@@ -245,15 +307,14 @@ impl StreamSocket {
                 buf,
             );
         }
+        let timeouts = &self.options.timeouts;
         if let Some(session) = self.tls.get() {
-            let result = session
-                .read_with(&mut |plain| fill_spare(&mut buf, plain))
-                .await;
+            let mut copy = |plain: &[u8]| fill_spare(&mut buf, plain);
+            let reading = session.read_with(&mut copy);
+            let result = timeouts::within_read_timeout(timeouts, reading).await;
             return (result, buf);
         }
-        let (result, back) = ops::recv(fd, buf).await;
-        buf = back;
-        (result.map_err(|err| Error::io("read", err)), buf)
+        timeouts::recv_within(fd, buf, timeouts).await
     }
 
     /// Sends once; returns how many bytes the kernel took (possibly fewer than all).
@@ -302,7 +363,9 @@ impl StreamSocket {
 
     /// A reader over this connection with line reading (StreamReader.ReadLineAsync).
     pub fn input_stream(&self) -> InputStream {
-        InputStream::new(self.fd.get().cloned()).with_tls(self.tls.get().cloned())
+        InputStream::new(self.fd.get().cloned())
+            .with_tls(self.tls.get().cloned())
+            .with_timeouts(self.options.timeouts.clone())
     }
 
     /// A writer that queues writes and sends them together on `flush` (FlushAsync).
@@ -345,6 +408,54 @@ impl StreamSocket {
             .map_err(|err| Error::io("shutdown", err))
     }
 
+    /// Closes the connection gracefully within `timeout`: sends what is queued (writes
+    /// of the output streams, a TLS `close_notify`), shuts the sending side down, then
+    /// reads and discards what the peer still sends until the peer has acknowledged
+    /// every byte and the FIN. Ok means the peer's TCP received everything.
+    ///
+    /// Past `timeout` it aborts (a RST; whatever is still queued is dropped) and fails
+    /// with `ConnectionTimedOut`; a failure on the way (say, the peer reset) aborts too
+    /// and is returned. It never blocks the thread (no SO_LINGER wait in `close`). The
+    /// descriptor is released once the socket's input and output streams are gone too.
+    pub async fn close(mut self, timeout: Duration) -> Result<()> {
+        let Some(closing) = self.closing() else {
+            return Ok(());
+        };
+        if let Some(ended) = closing.fd.ended() {
+            return Err(Error::from(ended));
+        }
+        let deadline = Instant::now()
+            .checked_add(timeout)
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(100 * 365 * 24 * 3600));
+        closing.graceful(deadline).await
+    }
+
+    /// Aborts the connection (SO_LINGER {on, 0}, then close): the peer gets a RST
+    /// (`ConnectionResetByPeer`), and whatever is queued either way is dropped. Every
+    /// operation still waiting on it (through its streams) fails.
+    pub fn abort(mut self) {
+        if let Some(closing) = self.closing() {
+            close::abort(
+                &closing.fd,
+                Error::from_errno("the connection was aborted", libc::ECONNABORTED),
+            );
+        }
+    }
+
+    /// Takes what closing the connection needs out of the socket, stopping its watchdog;
+    /// `None` if it never connected.
+    fn closing(&mut self) -> Option<Closing> {
+        self.options.timeouts.stop_watching();
+        let fd = self.fd.take()?;
+        let outputs = [self.output.take(), self.tls_output.take()];
+        Some(Closing {
+            fd,
+            outputs: outputs.into_iter().flatten().collect(),
+            tls: self.tls.take(),
+            timeouts: self.options.timeouts.clone(),
+        })
+    }
+
     /// The local address of a connected socket.
     pub fn local_addr(&self) -> Result<SocketAddr> {
         sock_addr(self.fd()?.sock().local_addr(), "local address")
@@ -353,6 +464,14 @@ impl StreamSocket {
     /// The remote address of a connected socket.
     pub fn peer_addr(&self) -> Result<SocketAddr> {
         sock_addr(self.fd()?.sock().peer_addr(), "peer address")
+    }
+}
+
+impl Drop for StreamSocket {
+    fn drop(&mut self) {
+        if let Some(closing) = self.closing() {
+            closing.in_background();
+        }
     }
 }
 
@@ -395,5 +514,79 @@ unsafe impl<B: IoBuf> IoBuf for Offset<B> {
     }
     fn bytes_init(&self) -> usize {
         self.buf.bytes_init() - self.start
+    }
+}
+
+/// Sockets in and out: std, raw descriptors, and other runtimes.
+impl StreamSocket {
+    /// Takes a connected std stream (made non-blocking); it belongs to the runtime
+    /// running on this thread, or to the first that uses it.
+    pub fn from_std(stream: std::net::TcpStream) -> Result<StreamSocket> {
+        Detached::from_fd(OwnedFd::from(stream))?.into_stream()
+    }
+
+    /// Wraps a descriptor detached elsewhere (see [`Detached::into_stream`]).
+    pub(crate) fn adopt(fd: OwnedFd) -> Result<StreamSocket> {
+        StreamSocket::accepted(fd, &StreamOptions::default())
+    }
+
+    /// Takes the connection off this runtime, for another thread's runtime or another
+    /// process: writes queued on its output stream are sent first, operations in flight
+    /// on it (a read in another task, say) are cancelled, and handles made from it
+    /// (input and output streams) stop working. Bytes not read yet stay in the kernel
+    /// and are read by whoever adopts it.
+    ///
+    /// Afterwards this socket is a spent handle: its calls fail. A TLS stream cannot be
+    /// detached (its session state lives here): that is an `UnsupportedOperation` error
+    /// and the socket stays as it was.
+    pub async fn detach(&self) -> Result<Detached> {
+        if self.tls.get().is_some() {
+            return Err(Error::io(
+                "detach",
+                std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "a TLS stream cannot be detached: its session stays with this runtime",
+                ),
+            ));
+        }
+        let fd = self.fd()?.clone();
+        if let Some(output) = self.output.get() {
+            output.flush().await?;
+        }
+        let owned = fd.detach().map_err(|err| Error::io("detach", err))?;
+        Ok(Detached::new(owned, SocketKind::Stream, Vec::new()))
+    }
+
+    /// The connection as a blocking std stream, taken off this runtime as
+    /// [`detach`](Self::detach) does.
+    pub async fn into_std(self) -> Result<std::net::TcpStream> {
+        let stream = std::net::TcpStream::from(self.detach().await?.into_fd());
+        stream
+            .set_nonblocking(false)
+            .map_err(|err| Error::io("make the socket blocking", err))?;
+        Ok(stream)
+    }
+}
+
+impl AsRawFd for StreamSocket {
+    /// The descriptor, or -1 while the socket is not connected.
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.get().map_or(-1, SharedFd::raw)
+    }
+}
+
+impl AsFd for StreamSocket {
+    /// The descriptor.
+    ///
+    /// # Panics
+    ///
+    /// While the socket is not connected: it has no descriptor before `connect`.
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        let fd = self
+            .fd
+            .get()
+            .expect("StreamSocket::as_fd: the socket is not connected");
+        // The SharedFd (and its descriptor) lives as long as `self`.
+        fd.borrow_fd()
     }
 }

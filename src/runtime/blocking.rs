@@ -15,7 +15,9 @@ use std::io;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
+
+use super::oneshot;
 use std::time::{Duration, Instant};
 
 /// How big a [`Pool`] may grow.
@@ -81,26 +83,12 @@ pub(crate) enum Refused {
     Spawn(io::Error),
 }
 
-/// The output of one job, handed from the pool thread to the awaiting task.
-struct Slot<T> {
-    state: Mutex<SlotState<T>>,
-}
-
-enum SlotState<T> {
-    /// Not done; the waker of the task that last polled.
-    Pending(Option<Waker>),
-    /// Done: `None` if the work panicked.
-    Done(Option<T>),
-    /// The output was taken, or the task was dropped.
-    Closed,
-}
-
 /// The pending output of a job submitted to a [`Pool`]. Dropping it abandons the job.
 #[must_use = "a task does nothing unless awaited; dropping it abandons the job"]
 pub(crate) struct Task<T> {
     pool: Arc<Pool>,
     id: u64,
-    slot: Arc<Slot<T>>,
+    output: oneshot::Receiver<T>,
 }
 
 /// The work of a [`Task`] panicked.
@@ -132,14 +120,13 @@ impl Pool {
         T: Send + 'static,
         W: FnOnce() -> T + Send + 'static,
     {
-        let slot = Arc::new(Slot {
-            state: Mutex::new(SlotState::Pending(None)),
-        });
-        let theirs = slot.clone();
+        let (sender, output) = oneshot::channel();
         let run = Box::new(move || {
-            // A panic must still end the wait, or the awaiting task would hang.
-            let output = catch_unwind(AssertUnwindSafe(work)).ok();
-            theirs.finish(output);
+            // A panic must still end the wait (the sender is dropped without a value), or
+            // the awaiting task would hang.
+            if let Ok(value) = catch_unwind(AssertUnwindSafe(work)) {
+                sender.send(value);
+            }
         });
         let mut state = self.lock();
         if state.queue.len() >= self.limits.queue {
@@ -168,7 +155,7 @@ impl Pool {
         Ok(Task {
             pool: self.clone(),
             id,
-            slot,
+            output,
         })
     }
 
@@ -284,50 +271,13 @@ impl State {
     }
 }
 
-impl<T> Slot<T> {
-    /// Stores the output and wakes the task, or drops the output if the task is gone.
-    fn finish(&self, output: Option<T>) {
-        let mut state = self.lock();
-        match std::mem::replace(&mut *state, SlotState::Closed) {
-            SlotState::Pending(waker) => {
-                *state = SlotState::Done(output);
-                drop(state);
-                if let Some(waker) = waker {
-                    waker.wake();
-                }
-            }
-            // Abandoned: the output is dropped here, on the pool thread, after the lock.
-            other => {
-                drop(state);
-                drop(other);
-                drop(output);
-            }
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SlotState<T>> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
 impl<T> Future for Task<T> {
     type Output = Result<T, Panicked>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut state = self.slot.lock();
-        match &mut *state {
-            SlotState::Pending(Some(waker)) if waker.will_wake(cx.waker()) => Poll::Pending,
-            SlotState::Pending(waker) => {
-                *waker = Some(cx.waker().clone());
-                Poll::Pending
-            }
-            SlotState::Done(_) => match std::mem::replace(&mut *state, SlotState::Closed) {
-                SlotState::Done(output) => Poll::Ready(output.ok_or(Panicked)),
-                _ => unreachable!("matched Done above"),
-            },
-            // Only reachable by polling again after Ready.
-            SlotState::Closed => Poll::Ready(Err(Panicked)),
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.output)
+            .poll(cx)
+            .map(|output| output.ok_or(Panicked))
     }
 }
 
@@ -335,11 +285,9 @@ impl<T> Drop for Task<T> {
     fn drop(&mut self) {
         // Closed first: a job already running then drops its output instead of waking
         // a task that is gone.
-        let previous = std::mem::replace(&mut *self.slot.lock(), SlotState::Closed);
-        if matches!(previous, SlotState::Pending(_)) {
+        if self.output.close() {
             self.pool.cancel(self.id);
         }
-        drop(previous);
     }
 }
 
@@ -353,6 +301,7 @@ impl<T> fmt::Debug for Task<T> {
 pub(crate) mod tests {
     use super::*;
     use std::sync::mpsc;
+    use std::task::Waker;
 
     /// How long a wait for something that must happen may take before the test fails;
     /// never used to make anything happen.

@@ -24,9 +24,13 @@ use crate::driver::{
 const MAX_RING_ENTRIES: u32 = 32768;
 
 pub(crate) mod blocking;
+mod oneshot;
+mod pool;
 mod spin;
+mod tasks;
 mod time;
 
+pub use pool::{Pool, PoolBuilder, PoolHandle, RemoteJoinHandle};
 pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 
@@ -155,6 +159,7 @@ impl Builder {
                 spin,
                 recent_wait: Cell::new(Duration::ZERO),
                 resolve_timeout,
+                tasks: Rc::default(),
             }),
         })
     }
@@ -180,6 +185,8 @@ struct Inner {
     recent_wait: Cell<Duration>,
     /// How long a name lookup may take.
     resolve_timeout: Duration,
+    /// Every task not yet finished, so dropping the runtime drops them all.
+    tasks: Rc<tasks::Tasks>,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -386,18 +393,19 @@ impl Drop for Runtime {
         let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
         let driver_guard = self.inner.driver.enter();
         // Drop every task, not only those queued to run: a task waiting on a waker held
-        // by the driver or a timer would otherwise live on, its sockets open, after the
-        // runtime is gone. Dropping a task's last waker schedules it one last time
-        // (async-task), and dropping that runnable drops its future, whose wakers may be
-        // the last of other tasks: repeat until nothing is left. Each round drops at
-        // least one runnable or waker, and nothing registers new ones, so it ends.
+        // by the driver, a timer, or nothing at all would otherwise live on, its sockets
+        // open, after the runtime is gone. Waking a task schedules it one last time, and
+        // dropping that runnable drops its future (async-task), whose drop may wake or
+        // even spawn others: repeat until nothing is left. Each round drops at least one
+        // runnable or waker, so it ends.
         loop {
+            let woken = self.inner.tasks.wake_all();
             while let Some(runnable) = self.inner.shared.pop() {
                 drop(runnable);
             }
             let mut wakers = self.inner.timers.borrow_mut().take_all();
             wakers.extend(self.inner.driver.take_wakers());
-            if wakers.is_empty() {
+            if wakers.is_empty() && !woken {
                 break;
             }
             // Outside the borrows: a dropped waker may schedule its task.
@@ -490,8 +498,15 @@ where
     F::Output: 'static,
 {
     let shared = inner.shared.clone();
+    let key = inner.tasks.next_key();
+    let registered = tasks::Registered::new(inner.tasks.clone(), key);
+    let future = async move {
+        let _registered = registered;
+        future.await
+    };
     let (runnable, task) =
         async_task::spawn_local(future, move |runnable| shared.schedule(runnable));
+    inner.tasks.insert(runnable.waker());
     runnable.schedule();
     JoinHandle { task: Some(task) }
 }

@@ -4,6 +4,7 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use pki_types::pem::PemObject;
 use pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -16,6 +17,9 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SignatureScheme};
 use super::{Certificate, ProtectionLevel};
 use crate::host::HostName;
 use crate::{Error, Result, SocketErrorStatus};
+
+/// How long a [`TlsAcceptor`] waits for a client's handshake unless told otherwise.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The crypto provider every config uses: rustls's *ring* provider, built once.
 pub(crate) fn provider() -> Arc<CryptoProvider> {
@@ -276,6 +280,8 @@ impl std::fmt::Debug for TrustedRoots {
 #[derive(Clone)]
 pub struct TlsAcceptor {
     pub(crate) config: Arc<ServerConfig>,
+    /// How long `accept_tls` may take (see [`TlsAcceptorBuilder::handshake_timeout`]).
+    pub(crate) handshake_timeout: Option<Duration>,
 }
 
 impl TlsAcceptor {
@@ -292,7 +298,14 @@ impl TlsAcceptor {
             max_level: ProtectionLevel::Tls13,
             client_roots: None,
             client_optional: false,
+            handshake_timeout: Some(DEFAULT_HANDSHAKE_TIMEOUT),
         }
+    }
+
+    /// How long [`accept_tls`](crate::StreamSocket::accept_tls) waits for a client to
+    /// finish its handshake; `None`: no limit.
+    pub fn handshake_timeout(&self) -> Option<Duration> {
+        self.handshake_timeout
     }
 }
 
@@ -310,9 +323,23 @@ pub struct TlsAcceptorBuilder {
     max_level: ProtectionLevel,
     client_roots: Option<TrustedRoots>,
     client_optional: bool,
+    handshake_timeout: Option<Duration>,
 }
 
 impl TlsAcceptorBuilder {
+    /// How long a client may take to finish its handshake in
+    /// [`accept_tls`](crate::StreamSocket::accept_tls) before it fails with
+    /// `ConnectionTimedOut` and the connection is closed; the whole handshake counts, so
+    /// a client that sends its hello a byte at a time cannot stretch it. Default
+    /// [`DEFAULT_HANDSHAKE_TIMEOUT`] (10 s): unlike the socket timeouts, which default to
+    /// none, a server without this limit keeps a socket and a session for every client
+    /// that connects and never finishes. `None`: no limit; zero is refused by
+    /// [`build`](Self::build).
+    pub fn handshake_timeout(mut self, limit: Option<Duration>) -> TlsAcceptorBuilder {
+        self.handshake_timeout = limit;
+        self
+    }
+
     /// The lowest version accepted (default `Tls12`); `Tls13` refuses TLS 1.2 clients.
     pub fn protection_level(mut self, level: ProtectionLevel) -> TlsAcceptorBuilder {
         self.level = level;
@@ -344,6 +371,11 @@ impl TlsAcceptorBuilder {
 
     /// The acceptor.
     pub fn build(self) -> Result<TlsAcceptor> {
+        if self.handshake_timeout.is_some_and(|limit| limit.is_zero()) {
+            return Err(Error::invalid_input(
+                "the TLS handshake timeout must be longer than zero (None means no limit)",
+            ));
+        }
         let versions = versions_between(self.level, self.max_level);
         if versions.is_empty() {
             return Err(Error::invalid_input(format!(
@@ -374,6 +406,7 @@ impl TlsAcceptorBuilder {
         let config = builder.with_cert_resolver(Arc::new(ServerCert(self.identity.key)));
         Ok(TlsAcceptor {
             config: Arc::new(config),
+            handshake_timeout: self.handshake_timeout,
         })
     }
 }

@@ -54,7 +54,9 @@ pub(crate) mod config;
 mod errors;
 pub(crate) mod session;
 
-pub use config::{Identity, TlsAcceptor, TlsAcceptorBuilder, TrustedRoots};
+pub use config::{
+    Identity, TlsAcceptor, TlsAcceptorBuilder, TrustedRoots, DEFAULT_HANDSHAKE_TIMEOUT,
+};
 
 /// How a stream socket is protected, like Windows.Networking.Sockets.SocketProtectionLevel.
 ///

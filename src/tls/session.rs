@@ -499,6 +499,22 @@ impl TlsSession {
         }
     }
 
+    /// Whether closing the session still has something to send: its `close_notify` (a
+    /// healthy session that has not sent it) or records queued.
+    pub(crate) fn has_unsent(&self) -> bool {
+        let healthy = self.phase.get() == Phase::Ready && self.failure.borrow().is_none();
+        (healthy && !self.write_closed.get()) || self.tx.pending()
+    }
+
+    /// The handshake was given up on (it timed out): the session fails with `why` from
+    /// now on.
+    pub(crate) fn give_up(&self, why: Error) {
+        if self.phase.get() == Phase::Handshaking {
+            self.phase.set(Phase::Failed);
+        }
+        self.fail(why);
+    }
+
     /// Sends `close_notify` (once) and waits until everything queued before it is sent.
     pub(crate) async fn close_write(&self) -> Result<()> {
         if !self.write_closed.replace(true) {
@@ -690,6 +706,12 @@ impl Tx {
 
     fn queued(&self) -> u64 {
         self.state.borrow().queued
+    }
+
+    /// Whether records wait to be sent (after a failure none will be).
+    fn pending(&self) -> bool {
+        let state = self.state.borrow();
+        state.failure.is_none() && state.sent < state.queued
     }
 
     /// (kernel operations, short-send recoveries) so far.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use ringsock::runtime::{timeout, Builder};
 use ringsock::{Backend, JoinHandle, Runtime, StreamSocket, StreamSocketListener};
 
+pub mod child;
 pub mod netns;
 pub mod poison;
 
@@ -282,6 +283,32 @@ pub async fn pair_with_std_peer(listener: &StdListener) -> (StreamSocket, StdStr
     let (peer, addr) = listener.accept().expect("std accept");
     assert_eq!(addr, client.local_addr().unwrap());
     (client, peer)
+}
+
+/// Reads a std peer until its connection ends: the bytes read, and the status of the
+/// error that ended it (None for a clean end of stream). Each read waits at most
+/// MUST_HAPPEN before the test fails.
+pub fn std_read_until_end(peer: &mut StdStream) -> (usize, Option<ringsock::SocketErrorStatus>) {
+    use std::io::Read;
+    peer.set_read_timeout(Some(MUST_HAPPEN))
+        .expect("SO_RCVTIMEO");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut total = 0;
+    loop {
+        match peer.read(&mut buf) {
+            Ok(0) => return (total, None),
+            Ok(n) => total += n,
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                panic!("the connection did not end within {MUST_HAPPEN:?}")
+            }
+            Err(err) => return (total, Some(ringsock::SocketErrorStatus::from_io(&err))),
+        }
+    }
+}
+
+/// [`std_read_until_end`] on a thread of its own, so the loop's tasks keep running.
+pub async fn std_peer_end(mut peer: StdStream) -> (usize, Option<ringsock::SocketErrorStatus>) {
+    join_thread(std::thread::spawn(move || std_read_until_end(&mut peer))).await
 }
 
 /// Closes `peer` with SO_LINGER 0, so the kernel sends a RST instead of a FIN.

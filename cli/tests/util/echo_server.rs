@@ -1,31 +1,92 @@
 //! `ringsock echo-server` run as a child process, the way the CLI tests talk to it.
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use super::MUST_HAPPEN;
 
 /// A running echo server; killed if dropped without [`stop`](EchoServer::stop).
 pub struct EchoServer {
     child: Option<Child>,
     /// The real port of each address it listens on, in the order of `kinds`.
     pub ports: Vec<String>,
+    stderr: Arc<Lines>,
+    stderr_reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How the child is started beyond its arguments.
+#[derive(Default)]
+pub struct Setup<'a> {
+    /// RLIMIT_NOFILE (soft and hard) of the server process.
+    pub nofile: Option<u64>,
+    /// Extra environment variables.
+    pub env: &'a [(&'a str, &'a str)],
+}
+
+/// The server's stderr, line by line as it comes.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    grew: Condvar,
 }
 
 impl EchoServer {
     /// Starts `ringsock echo-server ARGS` and reads its `listening KIND IP:PORT` lines,
     /// one for each of `kinds` ("tcp", "udp"), in that order.
     pub fn start(args: &[&str], kinds: &[&str]) -> EchoServer {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        EchoServer::start_with(args, kinds, Setup::default())
+    }
+
+    /// [`start`](EchoServer::start) with a descriptor limit or extra environment.
+    pub fn start_with(args: &[&str], kinds: &[&str], setup: Setup<'_>) -> EchoServer {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+        command
             .arg("echo-server")
             .args(args)
             .env_remove("RINGSOCK_BACKEND")
+            .envs(setup.env.iter().copied())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start the echo server");
+            .stderr(Stdio::piped());
+        if let Some(nofile) = setup.nofile {
+            let limit = libc::rlimit {
+                rlim_cur: nofile as libc::rlim_t,
+                rlim_max: nofile as libc::rlim_t,
+            };
+            #[allow(unsafe_code)]
+            // SAFETY: the hook only calls setrlimit, which is async-signal-safe, on a
+            // struct it owns.
+            unsafe {
+                command.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = command.spawn().expect("start the echo server");
+        let stderr = Arc::new(Lines::default());
+        let reader = {
+            let stderr = stderr.clone();
+            let pipe = child.stderr.take().unwrap();
+            // Ends at the pipe's end, when the server exits.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines() {
+                    let Ok(line) = line else { break };
+                    stderr.lines.lock().unwrap().push(line);
+                    stderr.grew.notify_all();
+                }
+            })
+        };
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut server = EchoServer {
             child: Some(child),
             ports: Vec::new(),
+            stderr,
+            stderr_reader: Some(reader),
         };
         for kind in kinds {
             let line = lines.next().and_then(Result::ok).unwrap_or_default();
@@ -46,16 +107,77 @@ impl EchoServer {
         &self.ports[0]
     }
 
+    /// Its stderr so far.
+    pub fn stderr(&self) -> Vec<String> {
+        self.stderr.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until `done` holds for its stderr so far; fails naming `what` after
+    /// MUST_HAPPEN.
+    pub fn wait_for_stderr(&self, what: &str, done: impl Fn(&[String]) -> bool) {
+        let deadline = Instant::now() + MUST_HAPPEN;
+        let mut lines = self.stderr.lines.lock().unwrap();
+        while !done(&lines) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{what}: not within {MUST_HAPPEN:?}; stderr:\n{}",
+                lines.join("\n")
+            );
+            lines = self.stderr.grew.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
     /// Stops it with SIGTERM, as a service manager would, and returns how it exited.
-    pub fn stop(mut self) -> ExitStatus {
+    pub fn stop(self) -> ExitStatus {
+        self.stop_within(MUST_HAPPEN).0
+    }
+
+    /// [`start`](EchoServer::start); its stderr is always kept (see
+    /// [`stop_logged`](EchoServer::stop_logged)).
+    pub fn start_logged(args: &[&str], kinds: &[&str]) -> EchoServer {
+        EchoServer::start(args, kinds)
+    }
+
+    /// [`stop`](EchoServer::stop), and everything it printed on stderr.
+    pub fn stop_logged(self) -> (ExitStatus, String) {
+        let (status, lines) = self.stop_within(MUST_HAPPEN);
+        (status, lines.join("\n"))
+    }
+
+    /// Stops it with SIGTERM; fails if it has not exited within `limit`. Returns how it
+    /// exited and everything it wrote to stderr.
+    pub fn stop_within(mut self, limit: Duration) -> (ExitStatus, Vec<String>) {
         let mut child = self.child.take().expect("running");
         let pid = child.id() as libc::pid_t;
         #[allow(unsafe_code)]
-        // SAFETY: kill has no memory-safety preconditions; pid is our own child.
+        // SAFETY: kill has no memory-safety preconditions; pid is our own child, not yet
+        // waited for.
         unsafe {
             libc::kill(pid, libc::SIGTERM)
         };
-        child.wait().unwrap()
+        let (sender, exited) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = sender.send(child.wait());
+        });
+        let status = match exited.recv_timeout(limit) {
+            Ok(status) => status.unwrap(),
+            Err(_) => {
+                #[allow(unsafe_code)]
+                // SAFETY: as above; the waiting thread reaps it.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL)
+                };
+                panic!(
+                    "the echo server did not exit within {limit:?} of SIGTERM; stderr:\n{}",
+                    self.stderr().join("\n")
+                );
+            }
+        };
+        if let Some(reader) = self.stderr_reader.take() {
+            reader.join().unwrap();
+        }
+        (status, self.stderr())
     }
 }
 

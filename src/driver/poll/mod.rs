@@ -232,6 +232,9 @@ pub(crate) struct Registration {
     driver: Handle,
     slot: usize,
     raw: RawFd,
+    /// The socket left the driver ([`Registration::release`]): the slot may belong to
+    /// another socket now.
+    released: std::cell::Cell<bool>,
 }
 
 impl Registration {
@@ -255,6 +258,7 @@ impl Registration {
             driver: driver.clone(),
             slot,
             raw,
+            released: std::cell::Cell::new(false),
         })
     }
 
@@ -338,10 +342,26 @@ impl Registration {
     pub(crate) async fn retry<T>(
         &self,
         direction: Direction,
+        attempt: impl FnMut() -> io::Result<T>,
+    ) -> io::Result<T> {
+        self.retry_until(direction, attempt, |_| None).await
+    }
+
+    /// [`retry`](Self::retry), giving up with `stop`'s error when it gives one while
+    /// the call waits for readiness. Nothing is in flight in the kernel between
+    /// attempts, so giving up loses nothing.
+    pub(crate) async fn retry_until<T>(
+        &self,
+        direction: Direction,
         mut attempt: impl FnMut() -> io::Result<T>,
+        mut stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
     ) -> io::Result<T> {
         loop {
-            poll_fn(|cx| self.poll_ready(direction, cx)).await?;
+            poll_fn(|cx| match self.poll_ready(direction, cx) {
+                Poll::Pending => stop(cx).map_or(Poll::Pending, |why| Poll::Ready(Err(why))),
+                ready => ready,
+            })
+            .await?;
             self.count_io_call();
             match attempt() {
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => self.clear_ready(direction),
@@ -352,13 +372,44 @@ impl Registration {
     }
 }
 
+impl Registration {
+    /// Takes the socket out of this driver for good, for a socket leaving it: out of the
+    /// epoll set (its descriptor stays open, so the kernel would keep it there), its
+    /// slot forgotten, and tasks still waiting woken so they see it is gone.
+    pub(crate) fn release(&self) -> io::Result<()> {
+        if self.released.replace(true) {
+            return Ok(());
+        }
+        let (slot, raw) = (self.slot, self.raw);
+        let removed = self.driver.with(|d| -> io::Result<Option<Readiness>> {
+            let Some(readiness) = d.slots.try_remove(slot) else {
+                return Ok(None);
+            };
+            if readiness.registered {
+                d.stats.io_calls += 1;
+                d.poll.registry().deregister(&mut SourceFd(&raw))?;
+            }
+            Ok(Some(readiness))
+        })??;
+        if let Some(readiness) = removed {
+            for waiters in readiness.waiters {
+                waiters.into_iter().for_each(Waker::wake);
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Drop for Registration {
     /// Forgets the socket's readiness; the kernel removes a closed descriptor from epoll
     /// by itself. A task still waiting is woken, so it sees the socket is gone.
     fn drop(&mut self) {
+        if self.released.get() {
+            return;
+        }
         let removed = match self.driver.borrow() {
-            Ok(mut d) if d.slots.contains(self.slot) => Some(d.slots.remove(self.slot)),
-            _ => None,
+            Ok(mut d) => d.slots.try_remove(self.slot),
+            Err(_) => None,
         };
         if let Some(readiness) = removed {
             for waiters in readiness.waiters {

@@ -4,6 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::task::Context;
 
 use bytes::Bytes;
 
@@ -75,20 +76,28 @@ pub(crate) async fn connect(reg: &Registration, fd: &FdRef, addr: SocketAddr) ->
     .await
 }
 
+/// Receives once into the spare capacity of `buf`, giving up with `stop`'s error when it
+/// gives one while nothing has arrived.
 pub(crate) async fn recv<B: IoBufMut>(
     reg: &Registration,
     fd: &FdRef,
     mut buf: B,
+    stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
 ) -> (io::Result<usize>, B) {
     let result = reg
-        .retry(Direction::Read, || {
-            let init = buf.bytes_init();
-            let spare = buf.bytes_total() - init;
-            // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
-            let n =
-                unsafe { libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0) };
-            check(n)
-        })
+        .retry_until(
+            Direction::Read,
+            || {
+                let init = buf.bytes_init();
+                let spare = buf.bytes_total() - init;
+                // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
+                let n = unsafe {
+                    libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0)
+                };
+                check(n)
+            },
+            stop,
+        )
         .await;
     if let Ok(n) = result {
         let init = buf.bytes_init() + n;

@@ -172,7 +172,7 @@ impl Receiver {
         // until the final CQE; the buffers it selects belong to the pool the same data
         // keeps alive (buf_ring's rule).
         let op = unsafe {
-            MultiOp::submit(&self.driver, data, false, |data| {
+            MultiOp::submit(&self.driver, data, false, None, |data| {
                 // MSG_TRUNC: the header's payloadlen is the datagram's real length.
                 opcode::RecvMsgMulti::new(types::Fd(data.fd.raw()), &data.msghdr, bgid)
                     .flags(libc::MSG_TRUNC as u32)

@@ -35,7 +35,6 @@
 
 use std::any::Any;
 use std::cell::{RefCell, RefMut};
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -238,7 +237,8 @@ impl Driver {
         Unparker::EventFd(self.wake_fd.clone())
     }
 
-    /// Pushes one SQE whose memory lives in `data`, and gives `data` to a new slot.
+    /// Pushes one SQE whose memory lives in `data`, and gives `data` to a new slot in
+    /// `state` (`State::Pending(None)`, or [`State::multi`] for a multishot).
     ///
     /// # Safety
     ///
@@ -247,18 +247,9 @@ impl Driver {
     pub(crate) unsafe fn push(
         &mut self,
         entry: squeue::Entry,
-        multishot: bool,
+        state: State,
         data: Box<dyn Any>,
     ) -> Result<Key, (io::Error, Box<dyn Any>)> {
-        let state = if multishot {
-            State::Multi {
-                queue: VecDeque::new(),
-                waker: None,
-                finished: false,
-            }
-        } else {
-            State::Pending(None)
-        };
         let key = self.ops.insert(Slot {
             state,
             data: Some(data),
@@ -389,6 +380,7 @@ impl Driver {
             queue,
             waker,
             finished,
+            ..
         } = &mut slot.state
         else {
             unreachable!("a multishot slot is in the Multi state");
@@ -468,6 +460,41 @@ impl Driver {
             _ => {}
         }
         self.ops.remove(key).and_then(|slot| slot.data)
+    }
+
+    /// Cancels every operation in flight on descriptor `fd` and reaps until the kernel
+    /// has given them all back (their futures see `ECANCELED`), for a socket leaving
+    /// this driver: nothing of this ring may read from it or write for it afterwards.
+    /// Synchronous (IORING_REGISTER_SYNC_CANCEL, Linux 6.0), else an ASYNC_CANCEL of
+    /// every request on the descriptor (5.19) and a bounded wait for its completion.
+    pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        let all = || types::CancelBuilder::fd(types::Fd(fd)).all();
+        let synced = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(types::Timespec::from(REAP_WAIT * REAP_ROUNDS)), all());
+        match synced {
+            Ok(()) => {}
+            // Nothing was in flight on it.
+            Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {}
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                let entry = opcode::AsyncCancel2::new(all())
+                    .build()
+                    .user_data(CANCEL_TOKEN);
+                // SAFETY: an async cancel points to no memory.
+                unsafe { self.push_entries(std::slice::from_ref(&entry)) }?;
+                // Enough rounds for the cancel and the completions it causes to arrive.
+                for _ in 0..3 {
+                    self.wait(REAP_WAIT)?;
+                    self.reap();
+                }
+            }
+            Err(err) => return Err(err),
+        }
+        // Post whatever the cancels completed (deferred task work runs here).
+        let _ = self.wait(Duration::ZERO);
+        self.reap();
+        Ok(())
     }
 
     fn arm_wake(&mut self) {
@@ -570,6 +597,8 @@ impl Driver {
             dead,
             ..
         } = self;
+        // Multishots that reached their queue limit; rare, so no allocation otherwise.
+        let mut to_pause = Vec::new();
         for cqe in ring.completion() {
             let completion = Completion {
                 result: cqe.result(),
@@ -578,8 +607,38 @@ impl Driver {
             match cqe.user_data() {
                 CANCEL_TOKEN => {}
                 WAKE_TOKEN => *wake_armed = false,
-                user_data => complete(ops, dead, Key::from_user_data(user_data), completion),
+                user_data => {
+                    let key = Key::from_user_data(user_data);
+                    if complete(ops, dead, key, completion) == Reaped::Pause {
+                        to_pause.push(key);
+                    }
+                }
             }
+        }
+        for key in to_pause {
+            // The cancel goes in with the next submission. Completions the kernel posts
+            // before it lands still queue; where the cancel could not be queued, the next
+            // completion asks again.
+            if !self.cancel(key) {
+                if let Some(Slot {
+                    state: State::Multi { paused, .. },
+                    ..
+                }) = self.ops.get_mut(key)
+                {
+                    *paused = false;
+                }
+            }
+        }
+    }
+
+    /// How many completions a multishot's slot holds untaken, and whether the kernel
+    /// has ended the operation; `None` once the slot is gone.
+    pub(crate) fn multi_status(&mut self, key: Key) -> Option<(usize, bool)> {
+        match &self.ops.get_mut(key)?.state {
+            State::Multi {
+                queue, finished, ..
+            } => Some((queue.len(), *finished)),
+            _ => None,
         }
     }
 
@@ -621,10 +680,24 @@ impl Driver {
     }
 }
 
-fn complete(ops: &mut Table, dead: &mut Vec<Box<dyn Any>>, key: Key, completion: Completion) {
+/// What reaping one completion asks of the driver.
+#[derive(Debug, PartialEq, Eq)]
+enum Reaped {
+    Done,
+    /// A multishot reached its queue limit: cancel it.
+    Pause,
+}
+
+fn complete(
+    ops: &mut Table,
+    dead: &mut Vec<Box<dyn Any>>,
+    key: Key,
+    completion: Completion,
+) -> Reaped {
     let Some(slot) = ops.get_mut(key) else {
-        return;
+        return Reaped::Done;
     };
+    let mut reaped = Reaped::Done;
     let release = match &mut slot.state {
         State::Pending(waker) => {
             let waker = waker.take();
@@ -638,11 +711,21 @@ fn complete(ops: &mut Table, dead: &mut Vec<Box<dyn Any>>, key: Key, completion:
             queue,
             waker,
             finished,
+            queue_limit,
+            paused,
         } => {
             if !completion.more() {
                 *finished = true;
             }
-            queue.push_back(completion);
+            let end_of_pause = *paused && *finished && completion.result == -libc::ECANCELED;
+            if !end_of_pause {
+                queue.push_back(completion);
+            }
+            if !*finished && !*paused && queue.len() >= *queue_limit {
+                *paused = true;
+                reaped = Reaped::Pause;
+            }
+            // Also at the end of a pause: the owner may be waiting to arm a new one.
             if let Some(waker) = waker.take() {
                 waker.wake();
             }
@@ -659,6 +742,7 @@ fn complete(ops: &mut Table, dead: &mut Vec<Box<dyn Any>>, key: Key, completion:
     if release {
         dead.extend(ops.remove(key).and_then(|slot| slot.data));
     }
+    reaped
 }
 
 fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {
@@ -689,5 +773,84 @@ fn close_descriptors(completions: impl Iterator<Item = Completion>) {
 impl Drop for Driver {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// IORING_CQE_F_MORE (the io_uring crate keeps its constant private).
+    /// Results are errors (-1), not descriptors, so nothing here has anything to close.
+    const MORE: u32 = 1 << 1;
+
+    fn accepted(result: i32, more: bool) -> Completion {
+        Completion {
+            result,
+            flags: if more { MORE } else { 0 },
+        }
+    }
+
+    /// The results queued in a multishot's slot, and whether it has ended.
+    fn queued(ops: &mut Table, key: Key) -> (Vec<i32>, bool) {
+        match &ops.get_mut(key).expect("live").state {
+            State::Multi {
+                queue, finished, ..
+            } => (queue.iter().map(|c| c.result).collect(), *finished),
+            _ => unreachable!("a multishot slot"),
+        }
+    }
+
+    #[test]
+    fn a_multishot_pauses_once_its_queue_reaches_the_limit() {
+        let mut ops = Table::default();
+        let mut dead = Vec::new();
+        let key = ops.insert(Slot {
+            state: State::multi(Some(2)),
+            data: None,
+        });
+        assert_eq!(
+            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            Reaped::Done
+        );
+        // The second completion reaches the limit: cancel, once.
+        assert_eq!(
+            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            Reaped::Pause
+        );
+        // What the kernel posts before the cancel lands is kept, without a second cancel.
+        assert_eq!(
+            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            Reaped::Done
+        );
+        // The cancel's own completion ends it and is not queued.
+        assert_eq!(
+            complete(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false)),
+            Reaped::Done
+        );
+        assert_eq!(queued(&mut ops, key), (vec![-1, -1, -1], true));
+    }
+
+    #[test]
+    fn a_multishot_without_a_limit_keeps_everything() {
+        let mut ops = Table::default();
+        let mut dead = Vec::new();
+        let key = ops.insert(Slot {
+            state: State::multi(None),
+            data: None,
+        });
+        for _ in 0..1000 {
+            assert_eq!(
+                complete(&mut ops, &mut dead, key, accepted(-1, true)),
+                Reaped::Done
+            );
+        }
+        // An ECANCELED it did not ask for is the owner's to see.
+        complete(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false));
+        let (results, ended) = queued(&mut ops, key);
+        assert_eq!(
+            (results.len(), results.last(), ended),
+            (1001, Some(&-libc::ECANCELED), true)
+        );
     }
 }

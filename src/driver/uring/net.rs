@@ -1,8 +1,11 @@
 //! Socket operations as io_uring SQEs.
 
+use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use io_uring::{opcode, types};
@@ -17,12 +20,13 @@ use crate::driver::sockaddr::RawAddr;
 pub(crate) const IOV_MAX: usize = 1024;
 
 /// Multishot accept (Linux 5.19): one SQE, a completion per connection. Results are new
-/// descriptors; those nobody takes are closed by the driver.
-pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef) -> io::Result<MultiOp> {
+/// descriptors; those nobody takes are closed by the driver. The driver pauses it once
+/// `queue_limit` connections wait untaken.
+pub(crate) fn accept_multi(driver: &Handle, fd: &FdRef, queue_limit: usize) -> io::Result<MultiOp> {
     // SAFETY: the SQE points to no memory but the descriptor, which the op's FdRef keeps
     // open.
     unsafe {
-        MultiOp::submit(driver, fd.clone(), true, |fd| {
+        MultiOp::submit(driver, fd.clone(), true, Some(queue_limit), |fd| {
             opcode::AcceptMulti::new(types::Fd(fd.raw()))
                 .flags(libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK)
                 .build()
@@ -68,10 +72,15 @@ pub(crate) async fn connect(driver: &Handle, fd: &FdRef, addr: SocketAddr) -> io
     completion?.into_result().map(drop)
 }
 
+/// Receives once into the spare capacity of `buf`. When `stop` gives an error before
+/// the kernel has answered, the receive is cancelled and its final completion awaited:
+/// bytes it received before the cancel reached it come back as usual, else `stop`'s
+/// error does. Either way the buffer comes back.
 pub(crate) async fn recv<B: IoBufMut>(
     driver: &Handle,
     fd: &FdRef,
     buf: B,
+    mut stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
 ) -> (io::Result<usize>, B) {
     // SAFETY: the SQE points into the buffer's spare capacity; the buffer is owned by the
     // op and its heap memory does not move (IoBufMut's contract).
@@ -83,9 +92,30 @@ pub(crate) async fn recv<B: IoBufMut>(
             opcode::Recv::new(types::Fd(fd.raw()), ptr, spare).build()
         })
     };
-    let (completion, (_, mut buf)) = match op {
-        Ok(op) => op.await,
+    let mut op = match op {
+        Ok(op) => op,
         Err((err, (_, buf))) => return (Err(err), buf),
+    };
+    let mut stopped = None;
+    let (completion, (_, mut buf)) = poll_fn(|cx| {
+        if let Poll::Ready(done) = Pin::new(&mut op).poll(cx) {
+            return Poll::Ready(done);
+        }
+        if stopped.is_none() {
+            if let Some(why) = stop(cx) {
+                op.cancel();
+                stopped = Some(why);
+            }
+        }
+        Poll::Pending
+    })
+    .await;
+    let completion = match (completion, stopped) {
+        // A receive cancelled while it waited (in io-wq: interrupted) took nothing.
+        (Ok(done), Some(why)) if done.result == -libc::ECANCELED || done.result == -libc::EINTR => {
+            Err(why)
+        }
+        (completion, _) => completion,
     };
     let result = completion.and_then(Completion::into_result).map(|n| {
         let n = n as usize;

@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use io_uring::squeue;
 
-use super::table::Key;
+use super::table::{Key, State};
 use super::{Completion, Handle};
 
 /// The data of a slot, as the type its operation gave it.
@@ -79,7 +79,7 @@ impl<T: 'static> Op<T> {
         let mut data = Box::new(data);
         let entry = build(&mut data);
         // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
-        match unsafe { d.push(entry, false, data) } {
+        match unsafe { d.push(entry, State::Pending(None), data) } {
             Ok(key) => Ok(Op {
                 driver: driver.clone(),
                 key: Some(key),
@@ -99,6 +99,18 @@ impl<T: 'static> Op<T> {
     pub(crate) fn closing_result(mut self) -> Op<T> {
         self.close_result = true;
         self
+    }
+
+    /// Asks the kernel to end this operation early while the future keeps waiting: the
+    /// final completion still comes through `poll`, with the data, as `ECANCELED` or as
+    /// whatever the operation did before the request reached it. False when it could not
+    /// be asked (the operation then runs to its natural end).
+    pub(crate) fn cancel(&self) -> bool {
+        match self.key {
+            // The slot is still this op's: the driver keeps it until poll took it back.
+            Some(key) => self.driver.with(|d| d.cancel(key)).unwrap_or(false),
+            None => true,
+        }
     }
 }
 
@@ -156,17 +168,22 @@ impl MultiOp {
     /// # Safety
     ///
     /// As for [`Op::submit`].
+    ///
+    /// With a `queue_limit`, the driver pauses the operation once that many completions
+    /// wait untaken ([`State::multi`]): it then ends like a cancelled one, without an
+    /// `ECANCELED` completion of its own.
     pub(crate) unsafe fn submit<T: 'static>(
         driver: &Handle,
         data: T,
         close_results: bool,
+        queue_limit: Option<usize>,
         build: impl FnOnce(&mut T) -> squeue::Entry,
     ) -> io::Result<MultiOp> {
         let mut data = Box::new(data);
         let entry = build(&mut data);
         // SAFETY: as in Op::submit.
         let key = driver
-            .with(|d| unsafe { d.push(entry, true, data) })?
+            .with(|d| unsafe { d.push(entry, State::multi(queue_limit), data) })?
             .map_err(|(err, _)| err)?;
         Ok(MultiOp {
             driver: driver.clone(),
@@ -210,9 +227,18 @@ impl MultiOp {
         self.driver.with(|d| d.cancel(self.key)).unwrap_or(false)
     }
 
-    /// True once the multishot has ended and every completion was taken.
-    pub(crate) fn is_finished(&self) -> bool {
-        self.finished
+    /// Completions waiting to be taken, and whether the kernel has ended the operation
+    /// (its last completion may still wait). Where its driver does not run: none, ended.
+    pub(crate) fn status(&self) -> (usize, bool) {
+        if self.finished {
+            return (0, true);
+        }
+        let key = self.key;
+        self.driver
+            .with(|d| d.multi_status(key))
+            .ok()
+            .flatten()
+            .unwrap_or((0, true))
     }
 }
 

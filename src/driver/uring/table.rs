@@ -73,6 +73,11 @@ pub(crate) enum State {
         queue: VecDeque<Completion>,
         waker: Option<Waker>,
         finished: bool,
+        /// Once this many completions wait in `queue`, the driver cancels the operation
+        /// (see [`State::multi`]).
+        queue_limit: usize,
+        /// The driver cancelled it for reaching `queue_limit`.
+        paused: bool,
     },
     /// The future was dropped: the slot lives on until the final completion.
     Ignored {
@@ -82,6 +87,21 @@ pub(crate) enum State {
 }
 
 impl State {
+    /// A multishot operation's state. With a `queue_limit`, the driver pauses the
+    /// operation (cancels it) when that many completions wait untaken, so a multishot
+    /// whose results cost something (an accepted descriptor each) cannot pile them up
+    /// while nobody takes them. The cancel's own final completion (`ECANCELED`) is not
+    /// queued: it carries nothing for the owner.
+    pub(crate) fn multi(queue_limit: Option<usize>) -> State {
+        State::Multi {
+            queue: VecDeque::new(),
+            waker: None,
+            finished: false,
+            queue_limit: queue_limit.unwrap_or(usize::MAX).max(1),
+            paused: false,
+        }
+    }
+
     /// True while the kernel may still post a completion for the slot.
     pub(crate) fn in_flight(&self) -> bool {
         match self {

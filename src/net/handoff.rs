@@ -1,0 +1,304 @@
+//! Sockets in and out of a runtime: detached from one and adopted by another thread's
+//! runtime, handed to another process and back (the socket broker, over SCM_RIGHTS), and
+//! taken from a service manager at start (systemd socket activation).
+
+use std::fmt;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use crate::driver::scm;
+use crate::{DatagramSocket, Error, Result, StreamSocket, StreamSocketListener};
+
+/// What kind of socket a descriptor is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SocketKind {
+    /// A TCP connection (a [`StreamSocket`]).
+    Stream,
+    /// A listening TCP socket (a [`StreamSocketListener`]).
+    Listener,
+    /// A UDP socket (a [`DatagramSocket`]).
+    Datagram,
+}
+
+impl SocketKind {
+    fn code(self) -> u8 {
+        match self {
+            SocketKind::Stream => 1,
+            SocketKind::Listener => 2,
+            SocketKind::Datagram => 3,
+        }
+    }
+
+    fn from_code(code: u8) -> Option<SocketKind> {
+        match code {
+            1 => Some(SocketKind::Stream),
+            2 => Some(SocketKind::Listener),
+            3 => Some(SocketKind::Datagram),
+            _ => None,
+        }
+    }
+}
+
+/// A socket taken off its runtime, owned by nothing but this value: `Send`, so another
+/// thread's runtime can adopt it ([`into_stream`](Self::into_stream) and its siblings
+/// on that thread), or another process can (see [`send_detached`]).
+///
+/// A listener carries the connections the kernel had accepted for it but the program
+/// had not taken yet; the adopting listener hands them out first.
+pub struct Detached {
+    fd: OwnedFd,
+    kind: SocketKind,
+    accepted: Vec<OwnedFd>,
+}
+
+impl Detached {
+    pub(crate) fn new(fd: OwnedFd, kind: SocketKind, accepted: Vec<OwnedFd>) -> Detached {
+        Detached { fd, kind, accepted }
+    }
+
+    /// Takes a descriptor made elsewhere (inherited, received, from std): its kind is
+    /// read from the socket itself (type, and whether it listens), and it is made
+    /// non-blocking. A descriptor that is not a TCP or UDP socket is an error.
+    pub fn from_fd(fd: OwnedFd) -> Result<Detached> {
+        let socket = socket2::SockRef::from(&fd);
+        let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
+            Some(libc::ENOTSOCK) => {
+                Error::invalid_input(format!("descriptor {} is not a socket", fd.as_raw_fd()))
+            }
+            _ => Error::io("read the socket type", err),
+        })?;
+        let kind = if ty == socket2::Type::DGRAM {
+            SocketKind::Datagram
+        } else if ty == socket2::Type::STREAM {
+            let listening = socket
+                .is_listener()
+                .map_err(|err| Error::io("read SO_ACCEPTCONN", err))?;
+            if listening {
+                SocketKind::Listener
+            } else {
+                SocketKind::Stream
+            }
+        } else {
+            return Err(Error::invalid_input(format!(
+                "descriptor {} is not a stream or datagram socket",
+                fd.as_raw_fd()
+            )));
+        };
+        let domain = socket
+            .domain()
+            .map_err(|err| Error::io("read the socket family", err))?;
+        if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
+            return Err(Error::invalid_input(format!(
+                "descriptor {} is not an IPv4 or IPv6 socket",
+                fd.as_raw_fd()
+            )));
+        }
+        socket
+            .set_nonblocking(true)
+            .map_err(|err| Error::io("make the socket non-blocking", err))?;
+        Ok(Detached::new(fd, kind, Vec::new()))
+    }
+
+    /// What kind of socket it is.
+    pub fn kind(&self) -> SocketKind {
+        self.kind
+    }
+
+    /// Connections a listener brought along, not yet taken.
+    pub fn accepted_count(&self) -> usize {
+        self.accepted.len()
+    }
+
+    /// Adopts it as a [`StreamSocket`] of the runtime running on this thread (or, made
+    /// outside one, of the first runtime that uses it).
+    pub fn into_stream(self) -> Result<StreamSocket> {
+        self.expect(SocketKind::Stream)?;
+        StreamSocket::adopt(self.fd)
+    }
+
+    /// Adopts it as a [`StreamSocketListener`]; the connections it brought come first.
+    pub fn into_listener(self) -> Result<StreamSocketListener> {
+        self.expect(SocketKind::Listener)?;
+        StreamSocketListener::adopt(self.fd, self.accepted)
+    }
+
+    /// Adopts it as a [`DatagramSocket`].
+    pub fn into_datagram(self) -> Result<DatagramSocket> {
+        self.expect(SocketKind::Datagram)?;
+        DatagramSocket::adopt(self.fd)
+    }
+
+    /// The descriptor itself; a listener's accepted connections are closed.
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
+    fn expect(&self, kind: SocketKind) -> Result<()> {
+        if self.kind == kind {
+            return Ok(());
+        }
+        Err(Error::invalid_input(format!(
+            "the detached socket is a {:?}, not a {kind:?}",
+            self.kind
+        )))
+    }
+}
+
+impl AsFd for Detached {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+impl AsRawFd for Detached {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+impl fmt::Debug for Detached {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Detached")
+            .field("fd", &self.fd.as_raw_fd())
+            .field("kind", &self.kind)
+            .field("accepted", &self.accepted.len())
+            .finish()
+    }
+}
+
+/// Every message starts with this, so garbage on the channel is refused, not trusted.
+const MAGIC: &[u8; 4] = b"RSK1";
+/// Header: magic, kind, then how many accepted connections follow (u32, little endian).
+const HEADER: usize = 9;
+
+/// Hands `socket` to the process at the other end of `channel` (the socket broker):
+/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; the
+/// connection itself is untouched, so no byte is lost and nothing is reset. Blocking,
+/// as `channel` is. The other side takes it with [`recv_detached`].
+pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
+    let mut header = [0u8; HEADER];
+    header[..4].copy_from_slice(MAGIC);
+    header[4] = socket.kind.code();
+    let count = u32::try_from(socket.accepted.len())
+        .map_err(|_| Error::invalid_input("too many accepted connections to hand over"))?;
+    header[5..].copy_from_slice(&count.to_le_bytes());
+    let mut fds: Vec<BorrowedFd<'_>> = vec![socket.fd.as_fd()];
+    fds.extend(socket.accepted.iter().map(AsFd::as_fd));
+    let send = |data: &[u8], fds: &[BorrowedFd<'_>]| {
+        scm::send_with_fds(channel.as_fd(), data, fds)
+            .map_err(|err| Error::io("hand a socket over", err))
+    };
+    let mut chunks = fds.chunks(scm::MAX_FDS_PER_MESSAGE);
+    send(&header, chunks.next().unwrap_or(&[]))?;
+    // More descriptors than one message carries: one byte per further message, so
+    // each set of descriptors rides on a byte of its own.
+    for chunk in chunks {
+        send(b"+", chunk)?;
+    }
+    Ok(())
+}
+
+/// Takes a socket handed over with [`send_detached`] from `channel`. Blocking. A
+/// message that is not one fails with `InvalidArgument`; an end of stream before one
+/// arrives with `ConnectionClosed`.
+pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
+    let mut header = [0u8; HEADER];
+    let mut fds = Vec::new();
+    let mut got = 0;
+    while got < HEADER {
+        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut header[got..])
+            .map_err(|err| Error::io("take a socket handed over", err))?;
+        if n == 0 {
+            return Err(Error::connection_closed("take a socket handed over"));
+        }
+        got += n;
+        fds.extend(more);
+    }
+    if &header[..4] != MAGIC {
+        return Err(Error::invalid_input(
+            "not a ringsock socket hand-over on this channel",
+        ));
+    }
+    let kind = SocketKind::from_code(header[4])
+        .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
+    let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as usize;
+    while fds.len() < count + 1 {
+        let mut byte = [0u8; 1];
+        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut byte)
+            .map_err(|err| Error::io("take a socket handed over", err))?;
+        if n == 0 {
+            return Err(Error::connection_closed("take a socket handed over"));
+        }
+        fds.extend(more);
+    }
+    if fds.len() != count + 1 {
+        return Err(Error::invalid_input(format!(
+            "a hand-over announced {} descriptors and carried {}",
+            count + 1,
+            fds.len()
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let fd = fds.next().expect("at least one, checked above");
+    let mut detached = Detached::from_fd(fd)?;
+    if detached.kind != kind {
+        return Err(Error::invalid_input(format!(
+            "a hand-over announced a {kind:?} and carried a {:?}",
+            detached.kind
+        )));
+    }
+    detached.accepted = fds.collect();
+    Ok(detached)
+}
+
+/// A socket a service manager passed at start.
+#[derive(Debug)]
+pub struct Activated {
+    /// Its name from `LISTEN_FDNAMES` (systemd's `FileDescriptorName=`), if given.
+    pub name: Option<String>,
+    /// The socket, ready to adopt.
+    pub socket: Detached,
+}
+
+/// The sockets passed by systemd socket activation (or any launcher that keeps its
+/// contract): descriptors from 3 on, `LISTEN_FDS` of them, for the process named by
+/// `LISTEN_PID`, with optional `LISTEN_FDNAMES` (colon-separated). Empty when the
+/// variables are absent or name another process. They are taken once per process: a
+/// second call returns none. A variable that does not parse, or a descriptor that is
+/// not a TCP or UDP socket, is an error.
+pub fn activated_sockets() -> Result<Vec<Activated>> {
+    let Ok(pid) = std::env::var("LISTEN_PID") else {
+        return Ok(Vec::new());
+    };
+    let pid: u32 = pid
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid_input(format!("LISTEN_PID {pid:?} is not a process id")))?;
+    let count = std::env::var("LISTEN_FDS").unwrap_or_default();
+    let count: usize = count
+        .trim()
+        .parse()
+        .map_err(|_| Error::invalid_input(format!("LISTEN_FDS {count:?} is not a count")))?;
+    if count > 1024 {
+        return Err(Error::invalid_input(format!(
+            "LISTEN_FDS {count} is more than a process is given"
+        )));
+    }
+    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
+        .map(|names| names.split(':').map(str::to_owned).collect())
+        .unwrap_or_default();
+    let Some(fds) = scm::claim_listen_fds(pid, count)
+        .map_err(|err| Error::io("take the activated sockets", err))?
+    else {
+        return Ok(Vec::new());
+    };
+    fds.into_iter()
+        .enumerate()
+        .map(|(i, fd)| {
+            Ok(Activated {
+                name: names.get(i).filter(|name| !name.is_empty()).cloned(),
+                socket: Detached::from_fd(fd)?,
+            })
+        })
+        .collect()
+}

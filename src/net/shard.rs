@@ -1,0 +1,151 @@
+//! Thread-per-core serving: one SO_REUSEPORT socket per pool thread on the same address,
+//! so the kernel spreads connections and flows over the threads with no lock between
+//! them.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, OwnedFd};
+
+use super::{new_socket, Detached, SocketKind};
+use crate::driver::sockopt;
+use crate::runtime::{PoolHandle, RemoteJoinHandle};
+use crate::{DatagramSocket, Error, Result, StreamSocketListener};
+
+/// A sharded socket group at work: the address it is bound to and each thread's task
+/// (in thread order), whose output is what the serving future returned, or the error
+/// that kept that thread from adopting its socket.
+#[derive(Debug)]
+pub struct Sharded<T> {
+    /// The address every member is bound to (the real port when asked for port 0).
+    pub addr: SocketAddr,
+    /// Each thread's serving task.
+    pub servers: Vec<RemoteJoinHandle<Result<T>>>,
+}
+
+/// How many connections a sharded listener's socket may queue in the kernel.
+const BACKLOG: i32 = 1024;
+
+/// Binds `count` sockets of `kind` (a listener or a datagram socket) on `addr`, all with
+/// SO_REUSEPORT; with port 0 the first picks the port and the others join it. Returns
+/// the address bound and the sockets, detached, in group order.
+fn bind_group(
+    addr: SocketAddr,
+    count: usize,
+    kind: SocketKind,
+) -> Result<(SocketAddr, Vec<Detached>)> {
+    let ty = match kind {
+        SocketKind::Datagram => socket2::Type::DGRAM,
+        _ => socket2::Type::STREAM,
+    };
+    let mut bound = addr;
+    let mut group = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = new_socket(&bound, ty)?;
+        let set = |what, result: std::io::Result<()>| result.map_err(|err| Error::io(what, err));
+        set("set SO_REUSEADDR", socket.set_reuse_address(true))?;
+        set("set SO_REUSEPORT", socket.set_reuse_port(true))?;
+        socket
+            .bind(&bound.into())
+            .map_err(|err| Error::io(format!("bind {bound}"), err))?;
+        if kind == SocketKind::Listener {
+            socket
+                .listen(BACKLOG)
+                .map_err(|err| Error::io(format!("listen on {bound}"), err))?;
+        }
+        if bound.port() == 0 {
+            bound = socket
+                .local_addr()
+                .ok()
+                .and_then(|addr| addr.as_socket())
+                .ok_or_else(|| Error::invalid_input("the bound address is not an IP address"))?;
+        }
+        group.push(Detached::new(OwnedFd::from(socket), kind, Vec::new()));
+    }
+    Ok((bound, group))
+}
+
+/// Runs `serve(thread, socket)` on every thread of `pool`, each with its own member of
+/// the group.
+fn serve_group<S, F, Fut>(
+    pool: &PoolHandle,
+    group: Vec<Detached>,
+    adopt: fn(Detached) -> Result<S>,
+    serve: F,
+) -> Result<Vec<RemoteJoinHandle<Result<Fut::Output>>>>
+where
+    S: 'static,
+    F: Fn(usize, S) -> Fut + Send + Clone + 'static,
+    Fut: Future + 'static,
+    Fut::Output: Send + 'static,
+{
+    group
+        .into_iter()
+        .enumerate()
+        .map(|(thread, member)| {
+            let serve = serve.clone();
+            pool.spawn_on(thread, move || async move {
+                let socket = adopt(member)?;
+                Ok(serve(thread, socket).await)
+            })
+        })
+        .collect()
+}
+
+impl StreamSocketListener {
+    /// Listens on `addr` with one SO_REUSEPORT listener per thread of `pool`, and runs
+    /// `serve(thread, listener)` on each thread with its own listener.
+    ///
+    /// Where the pool's threads are pinned (see [`PoolBuilder::pin_threads`]), a
+    /// classic BPF program routes each connection to the listener of the CPU that
+    /// received it, so a connection is served on the core its packets arrive on; else
+    /// the kernel spreads connections by their address hash.
+    ///
+    /// [`PoolBuilder::pin_threads`]: crate::runtime::PoolBuilder::pin_threads
+    pub fn bind_sharded<F, Fut>(
+        addr: SocketAddr,
+        pool: &PoolHandle,
+        serve: F,
+    ) -> Result<Sharded<Fut::Output>>
+    where
+        F: Fn(usize, StreamSocketListener) -> Fut + Send + Clone + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Listener)?;
+        let cpus: Option<Vec<usize>> = (0..pool.threads()).map(|t| pool.cpu_of(t)).collect();
+        if let (Some(cpus), Some(first)) = (cpus, group.first()) {
+            sockopt::route_reuseport_by_cpu(first.as_raw_fd(), &cpus)
+                .map_err(|err| Error::io("attach the CPU routing program", err))?;
+        }
+        let servers = serve_group(pool, group, Detached::into_listener, serve)?;
+        Ok(Sharded {
+            addr: bound,
+            servers,
+        })
+    }
+}
+
+impl DatagramSocket {
+    /// Binds `addr` with one SO_REUSEPORT datagram socket per thread of `pool`, and runs
+    /// `serve(thread, socket)` on each thread with its own socket. The kernel picks the
+    /// socket by the hash of each datagram's addresses and ports, so all datagrams of
+    /// one flow reach the same thread, in order. Returns the address bound and each
+    /// thread's handle.
+    pub fn bind_sharded<F, Fut>(
+        addr: SocketAddr,
+        pool: &PoolHandle,
+        serve: F,
+    ) -> Result<Sharded<Fut::Output>>
+    where
+        F: Fn(usize, DatagramSocket) -> Fut + Send + Clone + 'static,
+        Fut: Future + 'static,
+        Fut::Output: Send + 'static,
+    {
+        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Datagram)?;
+        let servers = serve_group(pool, group, Detached::into_datagram, serve)?;
+        Ok(Sharded {
+            addr: bound,
+            servers,
+        })
+    }
+}

@@ -1,0 +1,192 @@
+//! How stream connections end, on both drivers: a graceful close delivers every queued
+//! byte then the end of stream, a close past its timeout aborts, an abort resets, and a
+//! socket dropped anywhere (in its runtime, outside any, after its runtime) never hangs
+//! or panics.
+
+mod tls_certs;
+mod util;
+
+use std::time::Duration;
+
+use ringsock::runtime::Builder;
+use ringsock::tls::{ProtectionLevel, TlsAcceptor};
+use ringsock::{HostName, SocketErrorStatus, StreamSocket};
+use tls_certs::Ca;
+
+/// Queues `total` bytes on `socket`'s output stream, without flushing.
+async fn queue(socket: &StreamSocket, total: usize) -> Vec<u8> {
+    let data = util::pseudo_random_bytes(total as u64, total);
+    let output = socket.output_stream();
+    for chunk in data.chunks(256 * 1024) {
+        drop(output.write(chunk.to_vec()).await.unwrap());
+    }
+    data
+}
+
+#[test]
+fn a_graceful_close_delivers_every_queued_byte_then_the_end() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let data = queue(&client, 4 << 20).await;
+        let (closed, got) =
+            util::join(client.close(util::MUST_HAPPEN), util::read_to_end(&server)).await;
+        closed.unwrap();
+        assert!(
+            got == data,
+            "{} of {} bytes, then the end",
+            got.len(),
+            data.len()
+        );
+        assert_eq!(server.control().timeout_counts().close, 0);
+        // A socket that never connected closes at once.
+        StreamSocket::new()
+            .close(Duration::from_millis(1))
+            .await
+            .unwrap();
+    });
+}
+
+#[test]
+fn a_graceful_close_through_tls_ends_with_close_notify() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("close CA");
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        let listener = util::loopback_listener();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let client = StreamSocket::new();
+        client.control().set_trusted_roots(ca.roots()).unwrap();
+        let host = HostName::new("localhost").unwrap();
+        let (connected, accepted) = util::join(
+            client.connect_with(&host, &port, ProtectionLevel::Tls13),
+            async {
+                let server = listener.accept().await.unwrap();
+                server.accept_tls(&acceptor).await.map(|()| server)
+            },
+        )
+        .await;
+        connected.unwrap();
+        let server = accepted.unwrap();
+        let data = queue(&client, 1 << 20).await;
+        let (closed, got) =
+            util::join(client.close(util::MUST_HAPPEN), util::read_to_end(&server)).await;
+        closed.unwrap();
+        // read_to_end panics on an error: a truncation (no close_notify) would be one.
+        assert!(got == data, "{} of {} bytes", got.len(), data.len());
+    });
+}
+
+#[test]
+fn a_close_past_its_timeout_aborts_and_says_so() {
+    util::on_each_backend(|_| async {
+        let listener = util::std_listener();
+        // A small window: the peer's buffers fill long before the queued data is out.
+        socket2::SockRef::from(&listener)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        queue(&client, 2 << 20).await;
+        let result = util::must("close", client.close(Duration::from_millis(200))).await;
+        assert_eq!(
+            result.expect_err("the peer reads nothing").status(),
+            SocketErrorStatus::ConnectionTimedOut
+        );
+        let (_, end) = util::must("the peer sees the abort", util::std_peer_end(peer)).await;
+        assert_eq!(end, Some(SocketErrorStatus::ConnectionResetByPeer));
+    });
+}
+
+#[test]
+fn an_abort_resets_the_connection() {
+    util::on_each_backend(|_| async {
+        // With nothing queued, and with a write queued that never went out.
+        for queued in [false, true] {
+            let listener = util::loopback_listener();
+            let (client, server) = util::connected_pair(&listener).await;
+            if queued {
+                queue(&client, 1 << 20).await;
+            }
+            client.abort();
+            let (result, _) = util::must("read", server.read(Vec::with_capacity(64))).await;
+            assert_eq!(
+                result.expect_err("a reset, not an end of stream").status(),
+                SocketErrorStatus::ConnectionResetByPeer,
+                "queued: {queued}"
+            );
+        }
+        // A std peer sees ECONNRESET too.
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        client.abort();
+        let (read, end) = util::must("the peer sees the abort", util::std_peer_end(peer)).await;
+        assert_eq!(
+            (read, end),
+            (0, Some(SocketErrorStatus::ConnectionResetByPeer))
+        );
+    });
+}
+
+#[test]
+fn a_close_counts_on_the_listener_of_an_accepted_socket() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        // The client never reads what the server queues, and its window is small.
+        let client = StreamSocket::new();
+        client.control().set_receive_buffer_size(4096).unwrap();
+        util::must(
+            "connect",
+            client.connect_addr(listener.local_addr().unwrap()),
+        )
+        .await
+        .unwrap();
+        let server = util::must("accept", listener.accept()).await.unwrap();
+        queue(&server, 2 << 20).await;
+        let result = util::must("close", server.close(Duration::from_millis(200))).await;
+        assert_eq!(
+            result.unwrap_err().status(),
+            SocketErrorStatus::ConnectionTimedOut
+        );
+        assert_eq!(listener.control().timeout_counts().close, 1);
+        drop(client);
+    });
+}
+
+#[test]
+fn dropping_outside_its_runtime_or_after_it_neither_hangs_nor_panics() {
+    for backend in util::BACKENDS {
+        let Ok(runtime) = Builder::new().backend(backend).build() else {
+            if std::env::var_os("RINGSOCK_REQUIRE_URING").is_some() {
+                panic!("cannot start the {backend} runtime");
+            }
+            continue;
+        };
+        // Each socket has writes queued in its output stream and a peer that reads nothing.
+        let make = || {
+            runtime.block_on(async {
+                let listener = util::loopback_listener();
+                let (client, server) = util::connected_pair(&listener).await;
+                queue(&client, 8 << 20).await;
+                (client, server)
+            })
+        };
+        // Outside any runtime.
+        let (client, server) = make();
+        drop(client);
+        drop(server);
+        // In another runtime.
+        let (client, server) = make();
+        Builder::new()
+            .backend(backend)
+            .build()
+            .unwrap()
+            .block_on(async move {
+                drop(client);
+                drop(server);
+            });
+        // After its runtime is gone.
+        let (client, server) = make();
+        drop(runtime);
+        drop(client);
+        drop(server);
+    }
+}
