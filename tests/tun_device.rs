@@ -6,8 +6,9 @@ mod util;
 use std::net::{Ipv4Addr, UdpSocket};
 use std::time::Duration;
 
-use ringsock::runtime::timeout;
+use ringsock::runtime::{timeout, Builder};
 use ringsock::tun::{TunDevice, TunOptions};
+use ringsock::SocketErrorStatus;
 use util::netns::{skip, Netns};
 use util::{on_each_backend, MUST_HAPPEN};
 
@@ -110,6 +111,24 @@ fn exchange(offloads: bool) {
                     .expect("the packet after the refused one");
                 assert_eq!(&buf[..n], b"after");
 
+                // A read given up on loses nothing: the kernel's read stays with the
+                // device, and the next read takes the packet it gets.
+                // (The kernel's own packets, such as IPv6 router solicitations, may
+                // come meanwhile: the read may end either way.)
+                let _ = timeout(Duration::from_millis(20), tun.recv()).await;
+                sock.send_to(b"after a dropped read", "10.77.0.2:7")
+                    .unwrap();
+                let next = timeout(MUST_HAPPEN, async {
+                    loop {
+                        let frame = tun.recv().await.expect("read");
+                        if frame.packet().ends_with(b"after a dropped read") {
+                            return;
+                        }
+                    }
+                })
+                .await;
+                assert!(next.is_ok(), "{backend}: the packet after a dropped read");
+
                 // Another queue of the same interface.
                 let second = tun.open_queue().expect("a second queue");
                 assert_eq!(second.name(), "rstun0");
@@ -127,4 +146,41 @@ fn tun_reads_and_writes_with_offloads() {
 #[test]
 fn tun_reads_and_writes_without_offloads() {
     exchange(false);
+}
+
+#[test]
+fn a_tun_used_on_another_runtime_is_wrong_runtime() {
+    let netns = match Netns::create("tunrt") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    netns.run(|| {
+        for backend in util::BACKENDS {
+            let Some(first) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+                continue;
+            };
+            let tun = first
+                .block_on(async { TunDevice::create("rstun1", TunOptions::default()) })
+                .expect("create the TUN");
+            let second = Builder::new().backend(backend).build().unwrap();
+            let err = second
+                .block_on(tun.recv())
+                .expect_err("a TUN belongs to its runtime");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::WrongRuntime,
+                "{backend}: {err}"
+            );
+            tun.write(&[0x45; 20]);
+            let err = second
+                .block_on(tun.flush())
+                .expect_err("written on another runtime");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::WrongRuntime,
+                "{backend}: {err}"
+            );
+            drop(tun);
+        }
+    });
 }
