@@ -12,6 +12,7 @@ use bytes::Bytes;
 
 use super::handshake::{Handshake, Outcome, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
+use super::timers::{Due, Intervals, Timers};
 use super::PresharedKey;
 use crate::net::{Datagram, DatagramSocket, OutputStream};
 use crate::tun::{Room, TunDevice, TunFrame};
@@ -147,10 +148,7 @@ struct State {
     previous: Option<Session>,
     peer: Option<SocketAddr>,
     output: Option<(SocketAddr, OutputStream)>,
-    last_init: Option<Instant>,
-    last_recv: Instant,
-    last_data_sent: Option<Instant>,
-    last_sent: Instant,
+    timers: Timers,
 }
 
 /// Receive failures in a row after which the socket counts as broken.
@@ -181,10 +179,7 @@ impl Tunnel {
             previous: None,
             peer: config.peer,
             output: None,
-            last_init: None,
-            last_recv: now,
-            last_data_sent: None,
-            last_sent: now,
+            timers: Timers::new(now),
         };
         Ok(Tunnel {
             inner: Rc::new(Inner {
@@ -310,8 +305,7 @@ impl Inner {
         }
         self.stats.set(stats);
         let now = Instant::now();
-        state.last_data_sent = Some(now);
-        state.last_sent = now;
+        state.timers.sent_data(now);
         match &state.output {
             Some((addr, output)) if *addr == peer => Some(output.clone()),
             _ => {
@@ -350,11 +344,11 @@ impl Inner {
                 authentic |= self.receive(&datagram, &mut scratch, &mut replies);
             }
             if authentic {
-                self.state.borrow_mut().last_recv = Instant::now();
+                self.state.borrow_mut().timers.received(Instant::now());
             }
             for (reply, to) in replies.drain(..) {
                 let _ = self.socket.send_to_addr(reply, to).await;
-                self.state.borrow_mut().last_sent = Instant::now();
+                self.state.borrow_mut().timers.sent(Instant::now());
             }
             if self.tun.flush().await.is_err() {
                 let errors = self.tun.stats().write_errors;
@@ -406,7 +400,7 @@ impl Inner {
                     replies.push((confirm, to));
                 }
                 state.previous = state.current.replace(session);
-                state.last_recv = Instant::now();
+                state.timers.received(Instant::now());
                 self.count(|s| s.sessions += 1);
             }
             Outcome::Rejected => self.count(|s| s.handshakes_rejected += 1),
@@ -480,7 +474,7 @@ impl Inner {
             if let Some((message, to)) = message {
                 let (result, _) = self.socket.send_to_addr(message, to).await;
                 if result.is_ok() {
-                    self.state.borrow_mut().last_sent = Instant::now();
+                    self.state.borrow_mut().timers.sent(Instant::now());
                 }
             }
             crate::runtime::sleep(tick).await;
@@ -490,26 +484,26 @@ impl Inner {
     /// The Init or keepalive due now, if any, and where it goes.
     fn due_message(&self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
         let mut state = self.state.borrow_mut();
+        let state = &mut *state;
         let peer = state.peer?;
-        let config = &self.config;
-        let since =
-            |at: Option<Instant>| at.map_or(Duration::MAX, |at| now.saturating_duration_since(at));
-        let silent = now.saturating_duration_since(state.last_recv);
-        let sent_unanswered = state.last_data_sent.is_some_and(|at| at > state.last_recv);
-        let want_handshake =
-            state.current.is_none() || (sent_unanswered && silent >= config.rehandshake_after);
-        if want_handshake && since(state.last_init) >= config.handshake_retry {
-            state.last_init = Some(now);
-            self.count(|s| s.handshakes_initiated += 1);
-            return Some((state.handshake.initiate(), peer));
+        let intervals = Intervals {
+            keepalive: self.config.keepalive,
+            rehandshake_after: self.config.rehandshake_after,
+            handshake_retry: self.config.handshake_retry,
+        };
+        match state.timers.due(now, state.current.is_some(), &intervals) {
+            Due::Handshake => {
+                state.timers.initiated(now);
+                self.count(|s| s.handshakes_initiated += 1);
+                Some((state.handshake.initiate(), peer))
+            }
+            Due::Keepalive => {
+                let session = state.current.as_mut()?;
+                let mut keepalive = vec![0u8; DATA_HEADER];
+                session.seal(&mut keepalive)?;
+                Some((keepalive, peer))
+            }
+            Due::Nothing => None,
         }
-        let quiet = now.saturating_duration_since(state.last_sent);
-        if state.last_recv > state.last_sent && quiet >= config.keepalive {
-            let session = state.current.as_mut()?;
-            let mut keepalive = vec![0u8; DATA_HEADER];
-            session.seal(&mut keepalive)?;
-            return Some((keepalive, peer));
-        }
-        None
     }
 }

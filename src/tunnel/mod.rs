@@ -18,6 +18,7 @@ mod handshake;
 mod key;
 mod replay;
 mod session;
+mod timers;
 
 pub use endpoint::{Tunnel, TunnelConfig, TunnelStats};
 pub use key::PresharedKey;
