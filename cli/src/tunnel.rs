@@ -43,8 +43,8 @@ pub(crate) struct TunnelArgs {
     /// Run without offloads: no virtio-net header, one plain packet per read and write.
     #[arg(long)]
     no_offload: bool,
-    /// Threads (accepted for later: the tunnel runs 1 thread until ringsock has a
-    /// thread pool).
+    /// Threads (accepted for later: the tunnel runs on 1 thread for now; each thread is
+    /// to own one queue of the multi-queue TUN).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: u32,
     #[command(flatten)]
