@@ -40,6 +40,10 @@
 //!   [`Error`] with its [`SocketErrorStatus`].
 //! - [`tls`]: TLS on a [`StreamSocket`] with rustls: client certificates, server
 //!   authentication, certificate statuses.
+//! - [`tun`]: TUN devices on the engine, with offloads (super-segments cut into packets,
+//!   TCP segments joined into super-segments in user space).
+//! - [`tunnel`]: a point-to-point VPN tunnel between a TUN device and a UDP peer,
+//!   ChaCha20-Poly1305 under keys a handshake derives from a pre-shared key.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
 //! - `driver` (private): the io_uring and epoll engines behind one contract.
 //!
@@ -63,6 +67,8 @@ pub mod host;
 pub mod net;
 pub mod runtime;
 pub mod tls;
+pub mod tun;
+pub mod tunnel;
 
 pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};

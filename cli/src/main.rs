@@ -23,6 +23,7 @@ use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, W
 
 mod conn_limit;
 mod log_limit;
+mod tunnel;
 
 use conn_limit::ConnectionLimit;
 use log_limit::RateLimitedLog;
@@ -57,6 +58,14 @@ enum Command {
     /// repository): with --json one run and one JSON line, else the default matrix and a
     /// table.
     Bench(BenchArgs),
+    /// A point-to-point VPN tunnel: IP packets between a TUN interface and a UDP peer,
+    /// sealed with ChaCha20-Poly1305 under keys a handshake derives from a pre-shared
+    /// key, until SIGINT or SIGTERM.
+    Tunnel(tunnel::TunnelArgs),
+    /// The tunnel benchmark's baseline: one system call per packet, fixed keys (for
+    /// measuring only; it reuses nonces across restarts).
+    #[command(hide = true)]
+    TunnelBaseline(tunnel::BaselineArgs),
 }
 
 #[derive(Args)]
@@ -114,6 +123,9 @@ struct BenchArgs {
     /// come back sooner. The JSON's `spin` field says which ran.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     spin_us: Option<u64>,
+    /// tunnel, ringsock impls: the tunnels without offloads (plain packets).
+    #[arg(long)]
+    no_offload: bool,
     /// Watchdog for one run: give up after this many seconds (0: never).
     #[arg(long, default_value_t = 60)]
     timeout: u64,
@@ -240,6 +252,8 @@ fn main() -> ExitCode {
         Some(Command::EchoServer(args)) => echo_server(args),
         Some(Command::EchoClient(args)) => echo_client(args),
         Some(Command::Bench(args)) => return bench_command(args),
+        Some(Command::Tunnel(args)) => tunnel::tunnel(args),
+        Some(Command::TunnelBaseline(args)) => tunnel::baseline(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -657,6 +671,15 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
 
 /// `ringsock bench`: one run (`--json`) or the matrix.
 fn bench_command(args: BenchArgs) -> ExitCode {
+    if args.workload == [Workload::Tunnel] && !args.json {
+        let (repeat, raw) = (args.repeat, args.raw);
+        let args = BenchArgs {
+            repeat: 1,
+            raw: false,
+            ..args
+        };
+        return tunnel::bench_table(bench_options(&args), repeat, raw);
+    }
     if args.json {
         bench_one(&args)
     } else {
@@ -704,6 +727,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.verify_stride = args.verify_stride;
     options.tls = args.tls;
     options.spin_us = args.spin_us;
+    options.offloads = !args.no_offload;
     if let Err(message) = options.validate() {
         usage_error(message);
     }

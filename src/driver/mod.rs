@@ -11,7 +11,8 @@
 //! - An `Unparker` another thread can use to end a `park` early.
 //! - The operations in [`ops`] (connect, recv, send, vectored stream send, shutdown),
 //!   [`accept`] (accept, with a bound on connections taken before the program asks) and
-//!   [`ops_datagram`] (receive ring, datagram send, datagram batch). Each takes owned
+//!   [`ops_datagram`] (receive ring, datagram send, datagram batch) and [`ops_file`]
+//!   (packets read from and written to a TUN queue). Each takes owned
 //!   buffers and gives them back, so the upper layers are written once and never name
 //!   io_uring or epoll. A receive can be given a condition to stop on (a read timeout):
 //!   it is cancelled, its final completion still awaited, and its buffer comes back with
@@ -46,11 +47,12 @@
 //! # Layout
 //!
 //! Arrows point down: the runtime owns a [`handle::Driver`]; the dispatch modules
-//! ([`ops`], [`accept`], [`ops_datagram`], [`socket`]) pick the engine a socket is bound
-//! to; the engines ([`uring`], [`poll`]) never import the runtime, the socket API, the
-//! dispatch modules or each other; the shared modules (descriptors, buffer pool, socket
-//! addresses, iovecs, GSO, received datagrams, recvmmsg, the receive ring's layout,
-//! socket options, the traffic clock) import no engine.
+//! ([`ops`], [`accept`], [`ops_datagram`], [`ops_file`], [`socket`]) pick the engine a
+//! socket (or a TUN queue) is bound to; the engines ([`uring`], [`poll`]) never import
+//! the runtime, the socket API, the dispatch modules or each other; the shared modules
+//! (descriptors, buffer pool, socket addresses, iovecs, GSO, received datagrams,
+//! recvmmsg, the receive ring's layout, socket options, the traffic clock, direct file
+//! reads, the TUN ioctls) import no engine.
 
 pub(crate) mod accept;
 pub(crate) mod activity;
@@ -61,11 +63,13 @@ pub(crate) mod buf_pool;
 pub(crate) mod caps;
 pub(crate) mod current;
 pub(crate) mod fd;
+pub(crate) mod file_io;
 pub(crate) mod gso;
 pub(crate) mod handle;
 pub(crate) mod iovec;
 pub(crate) mod ops;
 pub(crate) mod ops_datagram;
+pub(crate) mod ops_file;
 pub(crate) mod poll;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
@@ -75,6 +79,7 @@ pub(crate) mod sockaddr;
 pub(crate) mod socket;
 pub(crate) mod sockopt;
 pub(crate) mod stats;
+pub(crate) mod tun_sys;
 pub(crate) mod unpark;
 pub(crate) mod uring;
 

@@ -18,7 +18,7 @@ mod shard;
 mod stream;
 mod timeouts;
 mod transport;
-mod turn;
+pub(crate) mod turn;
 
 pub use control::StreamSocketControl;
 pub use datagram::{

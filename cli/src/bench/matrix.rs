@@ -393,6 +393,7 @@ fn cell_text(cell: &Cell) -> String {
             fmt_num(cell.median("p99_us"))
         ),
         Workload::TcpEchoConns => format!("{rate} ({})", fmt_num(cell.median("p99_us"))),
+        Workload::Tunnel => format!("{rate} ({} Gbit/s TCP)", fmt_num(cell.median("tcp_gbit_s"))),
     };
     if cell.failure().is_some() {
         format!("{text} !")

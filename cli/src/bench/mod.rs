@@ -9,6 +9,9 @@
 //!   [`udp_peer`]: the plain std UDP receiver, GSO flood sender and echo thread.
 //! - `tcp_batch`, `tcp_echo`, `udp`, `udp_echo`: the workloads, by family; `group`: the batch
 //!   senders' message buffers; [`tls`]: tcp-batch `--tls` (the built-in test certificate).
+//! - [`tunnel`]: two namespaces, a tunnel in each, TCP and UDP through them; its
+//!   one-system-call-per-packet baseline is [`tunnel_baseline`]; [`netns`] makes the
+//!   namespaces.
 //! - [`compare`]: the demo's batched-vs-per-write comparison.
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
@@ -36,12 +39,15 @@ pub mod compare;
 pub mod cpu;
 mod group;
 pub mod matrix;
+pub mod netns;
 pub mod options;
 pub mod peer;
 pub mod report;
 mod tcp_batch;
 mod tcp_echo;
 pub mod tls;
+pub mod tunnel;
+pub mod tunnel_baseline;
 mod udp;
 mod udp_echo;
 pub mod udp_peer;
@@ -68,6 +74,7 @@ pub fn run(options: &Options) -> ringsock::Result<Report> {
         Workload::TcpEchoRtt => tcp_echo::run_rtt(options),
         Workload::UdpEchoRtt => udp_echo::run_echo_rtt(options),
         Workload::TcpEchoConns => tcp_echo::run_conns(options),
+        Workload::Tunnel => tunnel::run(options),
     }
 }
 

@@ -25,6 +25,11 @@ pub enum Workload {
     /// C connections doing 64-byte ping-pong against the measured side as echo server,
     /// driven by one plain std client thread.
     TcpEchoConns,
+    /// Two network namespaces joined by veth, a tunnel in each (the impl's, or with
+    /// std-per-write the one-system-call-per-packet baseline): a bulk TCP transfer,
+    /// then a flood of M datagrams of S bytes, between plain std sockets. Needs root;
+    /// not in the default matrix.
+    Tunnel,
 }
 
 impl Workload {
@@ -47,6 +52,7 @@ impl Workload {
             Workload::TcpEchoRtt => "tcp-echo-rtt",
             Workload::UdpEchoRtt => "udp-echo-rtt",
             Workload::TcpEchoConns => "tcp-echo-conns",
+            Workload::Tunnel => "tunnel",
         }
     }
 
@@ -54,7 +60,7 @@ impl Workload {
     pub fn is_udp(self) -> bool {
         matches!(
             self,
-            Workload::UdpBatch | Workload::UdpRecv | Workload::UdpEchoRtt
+            Workload::UdpBatch | Workload::UdpRecv | Workload::UdpEchoRtt | Workload::Tunnel
         )
     }
 
@@ -62,7 +68,7 @@ impl Workload {
     pub fn default_size(self) -> usize {
         match self {
             Workload::TcpBatch => 1024,
-            Workload::UdpBatch | Workload::UdpRecv => VOIP_SIZE,
+            Workload::UdpBatch | Workload::UdpRecv | Workload::Tunnel => VOIP_SIZE,
             Workload::TcpEchoRtt | Workload::TcpEchoConns => ECHO_SIZE,
             Workload::UdpEchoRtt => UDP_ECHO_SIZE,
         }
@@ -71,7 +77,7 @@ impl Workload {
     /// The only size the workload accepts, if it is fixed.
     pub fn fixed_size(self) -> Option<usize> {
         match self {
-            Workload::TcpBatch | Workload::UdpBatch | Workload::UdpRecv => None,
+            Workload::TcpBatch | Workload::UdpBatch | Workload::UdpRecv | Workload::Tunnel => None,
             Workload::TcpEchoRtt | Workload::TcpEchoConns => Some(ECHO_SIZE),
             Workload::UdpEchoRtt => Some(UDP_ECHO_SIZE),
         }
@@ -92,7 +98,7 @@ impl Workload {
             Workload::TcpBatch => &[64, 1024, 16384],
             // 172 = RTP header + 20 ms of G.711; 1400 = a VPN tunnel packet.
             Workload::UdpBatch => &[64, 172, 1200, 1400],
-            Workload::UdpRecv => &[172, 1200],
+            Workload::UdpRecv | Workload::Tunnel => &[172, 1200],
             Workload::TcpEchoRtt | Workload::TcpEchoConns => &[ECHO_SIZE],
             Workload::UdpEchoRtt => &[UDP_ECHO_SIZE],
         }
@@ -128,6 +134,7 @@ impl Workload {
             }
             // The same for every receiver, so that `lost` compares.
             Workload::UdpRecv => 300 * k,
+            Workload::Tunnel => 200 * k,
             Workload::TcpEchoRtt | Workload::UdpEchoRtt => 50 * k,
             Workload::TcpEchoConns => 200 * k,
         }
@@ -279,6 +286,9 @@ pub struct Options {
     /// sleep (`runtime::Builder::spin_before_park`; 0 = never spins); `None` keeps the
     /// runtime's default, the adaptive spin.
     pub spin_us: Option<u64>,
+    /// tunnel, ringsock impls: the TUN's offloads (TSO/USO super-segments, GRO in user
+    /// space); off, plain packets.
+    pub offloads: bool,
 }
 
 impl Options {
@@ -300,6 +310,7 @@ impl Options {
             tls: false,
             gapped: false,
             gro: false,
+            offloads: true,
         }
     }
 
@@ -373,6 +384,9 @@ impl Options {
         }
         if self.gro && (w != Workload::UdpRecv || !ringsock) {
             return Err("--gro applies to udp-recv with a ringsock impl".into());
+        }
+        if !self.offloads && (w != Workload::Tunnel || !ringsock) {
+            return Err("--no-offload applies to tunnel with a ringsock impl".into());
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());

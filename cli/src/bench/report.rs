@@ -157,14 +157,15 @@ impl Report {
 
     /// Batch workloads: M per second (for udp-batch the send rate: what arrived is
     /// `delivered`); udp-recv: datagrams received per second; echo workloads: completed
-    /// round trips per second.
+    /// round trips per second; tunnel: datagrams of the flood delivered per second.
     fn rate_count(&self) -> u64 {
         match self.options.workload {
             Workload::TcpBatch | Workload::UdpBatch => self.options.count,
             Workload::UdpRecv
             | Workload::TcpEchoRtt
             | Workload::UdpEchoRtt
-            | Workload::TcpEchoConns => self.delivered,
+            | Workload::TcpEchoConns
+            | Workload::Tunnel => self.delivered,
         }
     }
 

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 pub mod echo_server;
+pub mod tunnel_pair;
 
 /// How long a wait for something that must happen may take before the test fails
 /// (instead of hanging). Never used to make something happen.

@@ -26,6 +26,7 @@ use super::stats::DriverStats;
 use super::unpark::Unparker;
 
 pub(crate) mod datagram;
+pub(crate) mod file;
 pub(crate) mod net;
 
 const WAKE_TOKEN: Token = Token(usize::MAX);

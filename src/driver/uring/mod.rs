@@ -51,6 +51,7 @@ use super::unpark::Unparker;
 
 pub(crate) mod buf_ring;
 pub(crate) mod datagram;
+pub(crate) mod file;
 pub(crate) mod net;
 mod op;
 mod probe;

@@ -1,0 +1,152 @@
+//! `ringsock tunnel`: a point-to-point tunnel between a TUN interface and a UDP peer
+//! (the library's `ringsock::tunnel`), until SIGINT or SIGTERM.
+
+use std::future::{poll_fn, Future};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::task::Poll;
+
+use clap::Args;
+use ringsock::tun::{TunDevice, TunOptions};
+use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig};
+use ringsock_cli::bench::{self, Options};
+
+use super::{runtime, BackendArg, StopSignal};
+
+/// The MTU the TUN gets by default: a 1500-byte path less the tunnel's overhead over
+/// IPv6 (80 bytes, as WireGuard reserves), so sealed packets need no fragmenting.
+const DEFAULT_MTU: u32 = 1420;
+
+#[derive(Args)]
+pub(crate) struct TunnelArgs {
+    /// The TUN interface to create, or to attach to if it exists (then it stays when
+    /// the tunnel exits; one it created is removed).
+    #[arg(long, value_name = "NAME")]
+    tun: String,
+    /// The UDP address to listen on, e.g. 0.0.0.0:51820 (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR:PORT")]
+    listen: SocketAddr,
+    /// The peer's UDP address. Without it, the peer is learned from the first data
+    /// message that authenticates, and followed when its address changes.
+    #[arg(long, value_name = "ADDR:PORT")]
+    peer: Option<SocketAddr>,
+    /// A file holding the pre-shared key: 32 bytes as 64 hexadecimal characters
+    /// (e.g. from `openssl rand -hex 32`). Both ends use the same key.
+    #[arg(long, value_name = "FILE")]
+    key: PathBuf,
+    /// MTU of the TUN interface (inner packets); sealed packets are 56 bytes larger over
+    /// IPv4, 76 over IPv6, and are sent with don't-fragment.
+    #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(576..=65000))]
+    mtu: u32,
+    /// Run without offloads: no virtio-net header, one plain packet per read and write.
+    #[arg(long)]
+    no_offload: bool,
+    /// Threads (accepted for later: the tunnel runs on 1 thread for now; each thread is
+    /// to own one queue of the multi-queue TUN).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: u32,
+    #[command(flatten)]
+    backend: BackendArg,
+}
+
+/// Runs the tunnel until SIGINT or SIGTERM; prints `tunnel NAME udp IP:PORT` once it
+/// listens and `tunnel stats {...}` (its counters, JSON) when it stops.
+pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
+    let key = PresharedKey::from_file(&args.key)?;
+    if args.threads > 1 {
+        eprintln!("note: --threads {} runs 1 thread for now", args.threads);
+    }
+    let stop = StopSignal::install()?;
+    let runtime = runtime(&args.backend)?;
+    runtime.block_on(async {
+        let options = TunOptions {
+            offloads: !args.no_offload,
+            mtu: Some(args.mtu),
+            ..TunOptions::default()
+        };
+        let tun = TunDevice::create(&args.tun, options)?;
+        let config = TunnelConfig::new(args.listen, args.peer, key);
+        let tunnel = Tunnel::new(tun, config)?;
+        println!(
+            "tunnel {} udp {}",
+            tunnel.device().name(),
+            tunnel.local_addr()?
+        );
+        let _ = std::io::stdout().flush();
+        let offloads = tunnel.device().offloads();
+        eprintln!(
+            "note: {} offloads: vnet_hdr={} checksum={} tso={} uso={}",
+            tunnel.device().name(),
+            offloads.vnet_hdr,
+            offloads.checksum,
+            offloads.tso,
+            offloads.uso
+        );
+        let result = until_stopped(tunnel.run(), stop.wait()).await;
+        let fields: Vec<String> = tunnel
+            .stats()
+            .fields()
+            .iter()
+            .map(|(name, value)| format!("\"{name}\":{value}"))
+            .collect();
+        println!("tunnel stats {{{}}}", fields.join(","));
+        let _ = std::io::stdout().flush();
+        result
+    })
+}
+
+/// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.
+async fn until_stopped(
+    run: impl Future<Output = ringsock::Result<()>>,
+    stop: impl Future<Output = ()>,
+) -> ringsock::Result<()> {
+    let mut run = std::pin::pin!(run);
+    let mut stop = std::pin::pin!(stop);
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = run.as_mut().poll(cx) {
+            return Poll::Ready(result);
+        }
+        stop.as_mut().poll(cx).map(Ok)
+    })
+    .await
+}
+
+#[derive(Args)]
+pub(crate) struct BaselineArgs {
+    #[arg(long)]
+    tun: String,
+    #[arg(long)]
+    listen: SocketAddr,
+    #[arg(long)]
+    peer: SocketAddr,
+    #[arg(long)]
+    key: PathBuf,
+}
+
+/// The benchmark's one-system-call-per-packet tunnel.
+pub(crate) fn baseline(args: BaselineArgs) -> ringsock::Result<()> {
+    ringsock_cli::bench::tunnel_baseline::run(&args.tun, args.listen, args.peer, &args.key)
+}
+
+/// `ringsock bench --workload tunnel` without --json: every variant `repeat` times
+/// (at least 3), alternating, then the table of medians.
+pub(crate) fn bench_table(options: Options, repeat: u64, raw: bool) -> ExitCode {
+    let repeat = repeat.max(3);
+    let mut print_raw = |report: &bench::Report| {
+        if raw {
+            println!("{}", report.to_json_line());
+        }
+    };
+    match bench::tunnel::table(&options, repeat, &mut print_raw) {
+        Ok(table) => {
+            print!("{table}");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,160 @@
+//! The TUN device's system interface: opening `/dev/net/tun`, TUNSETIFF, the offload
+//! ioctls, and the interface ioctls (MTU, up/down) on a helper socket. Imports no engine.
+#![allow(unsafe_code)]
+
+use std::ffi::CString;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// The kernel's interface name limit, the terminating NUL included.
+pub(crate) const IFNAMSIZ: usize = libc::IFNAMSIZ;
+
+/// The virtio-net header the kernel puts before every packet read (and expects before
+/// every packet written) once IFF_VNET_HDR is on: 10 bytes, little-endian on x86.
+pub(crate) const VNET_HDR_LEN: usize = 10;
+
+/// How a TUN queue is opened.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct QueueFlags {
+    pub(crate) vnet_hdr: bool,
+    pub(crate) multi_queue: bool,
+    /// Reads and writes block (for code outside any runtime).
+    pub(crate) blocking: bool,
+}
+
+/// An `ifreq` with the name set; the union is written by the caller.
+fn ifreq(name: &str) -> io::Result<libc::ifreq> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("interface name {name:?}: 1 to 15 bytes, no NUL"),
+        ));
+    }
+    // SAFETY: ifreq is plain old data; zero is its empty value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (slot, byte) in req.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    Ok(req)
+}
+
+/// The name the kernel gave the interface (it may fill in a `%d` template).
+fn name_of(req: &libc::ifreq) -> String {
+    let bytes: Vec<u8> = req
+        .ifr_name
+        .iter()
+        .take_while(|c| **c != 0)
+        .map(|c| *c as u8)
+        .collect();
+    String::from_utf8_lossy(&bytes).into_owned()
+}
+
+fn check(rc: libc::c_int) -> io::Result<()> {
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Whether an interface of this name exists (in this thread's network namespace).
+pub(crate) fn interface_exists(name: &str) -> bool {
+    let Ok(name) = CString::new(name) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated string that outlives the call.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Opens one queue of the TUN interface `name` (IFF_TUN | IFF_NO_PI), creating the
+/// interface if it does not exist; close-on-exec, non-blocking unless asked. Returns the descriptor
+/// and the interface's name as the kernel has it.
+pub(crate) fn open_queue(name: &str, flags: QueueFlags) -> io::Result<(OwnedFd, String)> {
+    let nonblocking = if flags.blocking { 0 } else { libc::O_NONBLOCK };
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(nonblocking | libc::O_CLOEXEC)
+        .open("/dev/net/tun")?;
+    let fd: OwnedFd = file.into();
+    let mut req = ifreq(name)?;
+    let mut ifr_flags = libc::IFF_TUN | libc::IFF_NO_PI;
+    if flags.vnet_hdr {
+        ifr_flags |= libc::IFF_VNET_HDR;
+    }
+    if flags.multi_queue {
+        ifr_flags |= libc::IFF_MULTI_QUEUE;
+    }
+    req.ifr_ifru.ifru_flags = ifr_flags as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
+    if flags.vnet_hdr {
+        let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
+        // SAFETY: TUNSETVNETHDRSZ reads one int that outlives the call.
+        check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) })?;
+    }
+    Ok((fd, name_of(&req)))
+}
+
+/// Declares which offloaded packets our reader accepts (TUNSETOFFLOAD with TUN_F_*);
+/// the kernel refuses flags it does not know with EINVAL.
+pub(crate) fn set_offload(fd: RawFd, flags: libc::c_uint) -> io::Result<()> {
+    // SAFETY: TUNSETOFFLOAD takes its argument by value.
+    check(unsafe { libc::ioctl(fd, libc::TUNSETOFFLOAD, flags as libc::c_ulong) })
+}
+
+/// A datagram socket for the interface ioctls, which need some socket in the namespace.
+fn control_socket() -> io::Result<OwnedFd> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None)?;
+    Ok(socket.into())
+}
+
+/// Sets the interface's MTU (SIOCSIFMTU).
+pub(crate) fn set_mtu(name: &str, mtu: u32) -> io::Result<()> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_mtu = mtu as libc::c_int;
+    // SAFETY: SIOCSIFMTU reads the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFMTU, &mut req) })
+}
+
+/// The interface's MTU (SIOCGIFMTU).
+pub(crate) fn mtu(name: &str) -> io::Result<u32> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFMTU writes into the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFMTU, &mut req) })?;
+    // SAFETY: SIOCGIFMTU filled the union's mtu member.
+    Ok(unsafe { req.ifr_ifru.ifru_mtu } as u32)
+}
+
+/// Brings the interface up or down (IFF_UP through SIOCGIFFLAGS / SIOCSIFFLAGS).
+pub(crate) fn set_up(name: &str, up: bool) -> io::Result<()> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS writes into the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+    let mut flags = unsafe { req.ifr_ifru.ifru_flags };
+    if up {
+        flags |= libc::IFF_UP as libc::c_short;
+    } else {
+        flags &= !(libc::IFF_UP as libc::c_short);
+    }
+    req.ifr_ifru.ifru_flags = flags;
+    // SAFETY: SIOCSIFFLAGS reads the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req) })
+}
+
+/// Whether the interface is up.
+pub(crate) fn is_up(name: &str) -> io::Result<bool> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFFLAGS writes into the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req) })?;
+    // SAFETY: SIOCGIFFLAGS filled the union's flags member.
+    Ok(unsafe { req.ifr_ifru.ifru_flags } & libc::IFF_UP as libc::c_short != 0)
+}

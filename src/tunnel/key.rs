@@ -1,0 +1,88 @@
+//! The pre-shared key: 32 bytes, written as 64 hexadecimal characters in a file.
+
+use std::fmt;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// A 32-byte pre-shared key. Its bytes never appear in `Debug` output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PresharedKey([u8; 32]);
+
+impl PresharedKey {
+    /// The key from its bytes.
+    pub fn from_bytes(bytes: [u8; 32]) -> PresharedKey {
+        PresharedKey(bytes)
+    }
+
+    /// Parses 64 hexadecimal characters (surrounding whitespace, such as a final
+    /// newline, is ignored); anything else is an error saying what is wrong.
+    pub fn from_hex(text: &str) -> std::result::Result<PresharedKey, String> {
+        let text = text.trim();
+        if text.len() != 64 {
+            return Err(format!(
+                "a key is 64 hexadecimal characters (32 bytes), not {} characters",
+                text.chars().count()
+            ));
+        }
+        let mut key = [0u8; 32];
+        for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            match (digit(pair[0]), digit(pair[1])) {
+                (Some(high), Some(low)) => key[i] = (high * 16 + low) as u8,
+                _ => {
+                    return Err(format!(
+                        "a key is 64 hexadecimal characters; character {} is not one",
+                        i * 2 + 1 + digit(pair[0]).is_some() as usize
+                    ))
+                }
+            }
+        }
+        Ok(PresharedKey(key))
+    }
+
+    /// Reads the key from `path` (see [`from_hex`](Self::from_hex)); a missing or
+    /// unreadable file and bad contents are errors with the file's status.
+    pub fn from_file(path: &Path) -> Result<PresharedKey> {
+        let text = std::fs::read(path)
+            .map_err(|e| Error::io(format!("read the key file {}", path.display()), e))?;
+        let text = String::from_utf8(text).map_err(|_| {
+            Error::invalid_file(path, "a key is 64 hexadecimal characters, not binary data")
+        })?;
+        PresharedKey::from_hex(&text).map_err(|why| Error::invalid_file(path, why))
+    }
+
+    /// The key's bytes.
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+}
+
+impl fmt::Debug for PresharedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PresharedKey(..)")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_64_hex_characters_and_nothing_else() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let key = PresharedKey::from_hex(&format!("{hex}\n")).unwrap();
+        assert_eq!(key.as_bytes()[1], 0x11);
+        assert_eq!(key.as_bytes()[31], 0xff);
+        assert!(PresharedKey::from_hex(&hex[..62])
+            .unwrap_err()
+            .contains("not 62"));
+        assert!(PresharedKey::from_hex(&format!("{hex}00")).is_err());
+        let bad = format!("{}g", &hex[..63]);
+        assert!(PresharedKey::from_hex(&bad)
+            .unwrap_err()
+            .contains("character 64"));
+        assert!(PresharedKey::from_hex("").is_err());
+        assert_eq!(format!("{key:?}"), "PresharedKey(..)");
+    }
+}

@@ -1,0 +1,157 @@
+//! When a tunnel sends a message of its own: an Init (no session yet, or the peer has
+//! gone silent while data went out, so it may have restarted), or a keepalive (the peer
+//! sends but hears nothing back, and would otherwise start over).
+
+use std::time::{Duration, Instant};
+
+/// The intervals the timers run on.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Intervals {
+    pub(crate) keepalive: Duration,
+    pub(crate) rehandshake_after: Duration,
+    pub(crate) handshake_retry: Duration,
+}
+
+/// What is due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Due {
+    Handshake,
+    Keepalive,
+    Nothing,
+}
+
+/// When things last happened.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timers {
+    last_init: Option<Instant>,
+    /// The last message that authenticated (data, keepalive, or a handshake answer).
+    last_recv: Instant,
+    last_data_sent: Option<Instant>,
+    /// The last message of any kind sent.
+    last_sent: Instant,
+}
+
+impl Timers {
+    pub(crate) fn new(now: Instant) -> Timers {
+        Timers {
+            last_init: None,
+            last_recv: now,
+            last_data_sent: None,
+            last_sent: now,
+        }
+    }
+
+    pub(crate) fn received(&mut self, now: Instant) {
+        self.last_recv = now;
+    }
+
+    pub(crate) fn sent(&mut self, now: Instant) {
+        self.last_sent = now;
+    }
+
+    pub(crate) fn sent_data(&mut self, now: Instant) {
+        self.last_data_sent = Some(now);
+        self.last_sent = now;
+    }
+
+    pub(crate) fn initiated(&mut self, now: Instant) {
+        self.last_init = Some(now);
+        self.last_sent = now;
+    }
+
+    /// What to send now: an Init while there is no session, or once data went out and
+    /// nothing authentic came back for `rehandshake_after` (at most one Init per
+    /// `handshake_retry`); else a keepalive when something came in since this side last
+    /// sent and it has been quiet for `keepalive`.
+    pub(crate) fn due(&self, now: Instant, has_session: bool, intervals: &Intervals) -> Due {
+        let since_init = self
+            .last_init
+            .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
+        let silent = now.saturating_duration_since(self.last_recv);
+        let unanswered = self.last_data_sent.is_some_and(|at| at > self.last_recv);
+        let want_handshake = !has_session || (unanswered && silent >= intervals.rehandshake_after);
+        if want_handshake && since_init >= intervals.handshake_retry {
+            return Due::Handshake;
+        }
+        let quiet = now.saturating_duration_since(self.last_sent);
+        if has_session && self.last_recv > self.last_sent && quiet >= intervals.keepalive {
+            return Due::Keepalive;
+        }
+        Due::Nothing
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVALS: Intervals = Intervals {
+        keepalive: Duration::from_secs(1),
+        rehandshake_after: Duration::from_secs(3),
+        handshake_retry: Duration::from_millis(500),
+    };
+
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn without_a_session_an_init_goes_out_and_is_retried() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0);
+        assert_eq!(timers.due(t0, false, &INTERVALS), Due::Handshake);
+        timers.initiated(t0);
+        assert_eq!(timers.due(at(t0, 499), false, &INTERVALS), Due::Nothing);
+        assert_eq!(timers.due(at(t0, 500), false, &INTERVALS), Due::Handshake);
+    }
+
+    #[test]
+    fn data_sent_into_silence_starts_a_new_handshake() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0);
+        timers.initiated(t0);
+        timers.received(at(t0, 10));
+        timers.sent_data(at(t0, 20));
+        assert_eq!(timers.due(at(t0, 3009), true, &INTERVALS), Due::Nothing);
+        assert_eq!(timers.due(at(t0, 3010), true, &INTERVALS), Due::Handshake);
+        // An answer in time: no handshake, only the keepalive that acknowledges it.
+        timers.received(at(t0, 2000));
+        assert_eq!(timers.due(at(t0, 3010), true, &INTERVALS), Due::Keepalive);
+    }
+
+    #[test]
+    fn a_side_that_only_receives_sends_keepalives() {
+        let t0 = Instant::now();
+        let mut timers = Timers::new(t0);
+        timers.received(at(t0, 100));
+        assert_eq!(timers.due(at(t0, 999), true, &INTERVALS), Due::Nothing);
+        assert_eq!(timers.due(at(t0, 1000), true, &INTERVALS), Due::Keepalive);
+        timers.sent(at(t0, 1000));
+        // Still receiving: the next one a second later.
+        timers.received(at(t0, 1500));
+        assert_eq!(timers.due(at(t0, 1999), true, &INTERVALS), Due::Nothing);
+        assert_eq!(timers.due(at(t0, 2000), true, &INTERVALS), Due::Keepalive);
+        // Nothing received since the last send: nothing to acknowledge.
+        timers.sent(at(t0, 2000));
+        assert_eq!(timers.due(at(t0, 9000), true, &INTERVALS), Due::Nothing);
+        // No keepalive without a session.
+        timers.received(at(t0, 9001));
+        assert_eq!(timers.due(at(t0, 20000), false, &INTERVALS), Due::Handshake);
+    }
+
+    #[test]
+    fn a_steady_one_way_flow_with_keepalives_back_never_rehandshakes() {
+        let t0 = Instant::now();
+        let mut sender = Timers::new(t0);
+        sender.initiated(t0);
+        for second in 1..20u64 {
+            sender.sent_data(at(t0, second * 1000));
+            // The receiver's keepalive each second.
+            sender.received(at(t0, second * 1000 + 1));
+            assert_eq!(
+                sender.due(at(t0, second * 1000 + 2), true, &INTERVALS),
+                Due::Nothing
+            );
+        }
+    }
+}

@@ -1,0 +1,186 @@
+//! TunDevice on both drivers, in a network namespace the test creates: packets the
+//! kernel routes to the interface are read; packets written reach the kernel's sockets.
+
+mod util;
+
+use std::net::{Ipv4Addr, UdpSocket};
+use std::time::Duration;
+
+use ringsock::runtime::{timeout, Builder};
+use ringsock::tun::{TunDevice, TunOptions};
+use ringsock::SocketErrorStatus;
+use util::netns::{skip, Netns};
+use util::{on_each_backend, MUST_HAPPEN};
+
+/// A hand-built IPv4/UDP packet from 10.77.0.2:9999 to 10.77.0.1:`port`.
+fn udp_packet(port: u16, payload: &[u8]) -> Vec<u8> {
+    let mut p = vec![0u8; 28];
+    p[0] = 0x45;
+    let total = (28 + payload.len()) as u16;
+    p[2..4].copy_from_slice(&total.to_be_bytes());
+    p[8] = 64;
+    p[9] = 17;
+    p[12..16].copy_from_slice(&[10, 77, 0, 2]);
+    p[16..20].copy_from_slice(&[10, 77, 0, 1]);
+    let mut sum: u32 = 0;
+    for pair in p[..20].chunks(2) {
+        sum += u16::from_be_bytes([pair[0], pair[1]]) as u32;
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    p[10..12].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    p[20..22].copy_from_slice(&9999u16.to_be_bytes());
+    p[22..24].copy_from_slice(&port.to_be_bytes());
+    p[24..26].copy_from_slice(&((8 + payload.len()) as u16).to_be_bytes());
+    // UDP checksum 0: none, allowed over IPv4.
+    p.extend_from_slice(payload);
+    p
+}
+
+fn exchange(offloads: bool) {
+    let netns = match Netns::create("tun") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    let name = netns.name().to_owned();
+    netns.run(move || {
+        on_each_backend(|backend| {
+            let name = name.clone();
+            async move {
+                let options = TunOptions {
+                    offloads,
+                    mtu: Some(1400),
+                    ..TunOptions::default()
+                };
+                let tun = TunDevice::create("rstun0", options).expect("create the TUN");
+                assert!(tun.created());
+                assert_eq!(tun.mtu().unwrap(), 1400);
+                assert!(tun.is_up().unwrap());
+                assert_eq!(tun.offloads().vnet_hdr, offloads);
+                let status = std::process::Command::new("ip")
+                    .args(["addr", "add", "10.77.0.1/24", "dev", "rstun0"])
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "ip addr add in {name}");
+
+                // Kernel to TUN: a datagram routed through the interface is read.
+                let sock = UdpSocket::bind((Ipv4Addr::new(10, 77, 0, 1), 0)).unwrap();
+                let port = sock.local_addr().unwrap().port();
+                sock.send_to(b"to the tun", "10.77.0.2:7").unwrap();
+                let found = timeout(MUST_HAPPEN, async {
+                    loop {
+                        let frame = tun.recv().await.expect("read");
+                        let packet = frame.packet().to_vec();
+                        tun.recycle(frame);
+                        if packet.len() > 28 && packet[9] == 17 && packet.ends_with(b"to the tun") {
+                            return packet;
+                        }
+                    }
+                })
+                .await
+                .unwrap_or_else(|_| panic!("no datagram read on {backend}"));
+                assert_eq!(&found[16..20], &[10, 77, 0, 2]);
+
+                // TUN to kernel: a batch of written packets reaches the socket.
+                sock.set_read_timeout(Some(Duration::from_secs(10)))
+                    .unwrap();
+                for i in 0..5u8 {
+                    tun.write(&udp_packet(port, &[b'x', i]));
+                }
+                tun.flush().await.expect("flush");
+                for i in 0..5u8 {
+                    let mut buf = [0u8; 16];
+                    let (n, from) = sock.recv_from(&mut buf).expect("a written packet");
+                    assert_eq!(&buf[..n], &[b'x', i]);
+                    assert_eq!(from.to_string(), "10.77.0.2:9999");
+                }
+                assert_eq!(tun.stats().frames_written, 5);
+                // A packet that is not IPv4 or IPv6 is refused by the kernel: counted,
+                // and the packets after it still go.
+                tun.write(&[0u8; 20]);
+                tun.write(&udp_packet(port, b"after"));
+                assert!(
+                    tun.flush().await.is_err(),
+                    "{backend}: the refusal is reported"
+                );
+                assert_eq!(tun.stats().write_errors, 1);
+                let mut buf = [0u8; 16];
+                let (n, _) = sock
+                    .recv_from(&mut buf)
+                    .expect("the packet after the refused one");
+                assert_eq!(&buf[..n], b"after");
+
+                // A read given up on loses nothing: the kernel's read stays with the
+                // device, and the next read takes the packet it gets.
+                // (The kernel's own packets, such as IPv6 router solicitations, may
+                // come meanwhile: the read may end either way.)
+                let _ = timeout(Duration::from_millis(20), tun.recv()).await;
+                sock.send_to(b"after a dropped read", "10.77.0.2:7")
+                    .unwrap();
+                let next = timeout(MUST_HAPPEN, async {
+                    loop {
+                        let frame = tun.recv().await.expect("read");
+                        if frame.packet().ends_with(b"after a dropped read") {
+                            return;
+                        }
+                    }
+                })
+                .await;
+                assert!(next.is_ok(), "{backend}: the packet after a dropped read");
+
+                // Another queue of the same interface.
+                let second = tun.open_queue().expect("a second queue");
+                assert_eq!(second.name(), "rstun0");
+                assert!(!second.created());
+            }
+        });
+    });
+}
+
+#[test]
+fn tun_reads_and_writes_with_offloads() {
+    exchange(true);
+}
+
+#[test]
+fn tun_reads_and_writes_without_offloads() {
+    exchange(false);
+}
+
+#[test]
+fn a_tun_used_on_another_runtime_is_wrong_runtime() {
+    let netns = match Netns::create("tunrt") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    netns.run(|| {
+        for backend in util::BACKENDS {
+            let Some(first) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+                continue;
+            };
+            let tun = first
+                .block_on(async { TunDevice::create("rstun1", TunOptions::default()) })
+                .expect("create the TUN");
+            let second = Builder::new().backend(backend).build().unwrap();
+            let err = second
+                .block_on(tun.recv())
+                .expect_err("a TUN belongs to its runtime");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::WrongRuntime,
+                "{backend}: {err}"
+            );
+            tun.write(&[0x45; 20]);
+            let err = second
+                .block_on(tun.flush())
+                .expect_err("written on another runtime");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::WrongRuntime,
+                "{backend}: {err}"
+            );
+            drop(tun);
+        }
+    });
+}
