@@ -107,6 +107,11 @@ impl EchoServer {
         &self.ports[0]
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     /// Its stderr so far.
     pub fn stderr(&self) -> Vec<String> {
         self.stderr.lines.lock().unwrap().clone()
