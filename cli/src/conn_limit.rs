@@ -16,6 +16,8 @@ pub struct ConnectionLimit {
 struct State {
     served: usize,
     waiter: Option<Waker>,
+    /// Waits for the last connection to end ([`ConnectionLimit::wait_idle`]).
+    idle_waiter: Option<Waker>,
 }
 
 /// A connection being served; frees its slot when dropped.
@@ -55,16 +57,34 @@ impl ConnectionLimit {
     }
 }
 
+impl ConnectionLimit {
+    /// Resolves once no connection is served any more.
+    pub async fn wait_idle(&self) {
+        poll_fn(|cx| {
+            let mut state = self.state.borrow_mut();
+            if state.served == 0 {
+                return Poll::Ready(());
+            }
+            state.idle_waiter = Some(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
 impl Drop for Slot {
     fn drop(&mut self) {
-        let waiter = {
+        let (waiter, idle) = {
             let mut state = self.state.borrow_mut();
             state.served -= 1;
-            state.waiter.take()
+            let idle = if state.served == 0 {
+                state.idle_waiter.take()
+            } else {
+                None
+            };
+            (state.waiter.take(), idle)
         };
-        if let Some(waiter) = waiter {
-            waiter.wake();
-        }
+        waiter.into_iter().chain(idle).for_each(Waker::wake);
     }
 }
 

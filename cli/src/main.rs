@@ -16,16 +16,16 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, SocketErrorStatus,
-    StreamSocket, StreamSocketListener, TimeoutCounts,
+    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
+    StreamSocketListener, TimeoutCounts,
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
 mod conn_limit;
 mod log_limit;
+mod serve;
 mod tunnel;
 
-use conn_limit::ConnectionLimit;
 use log_limit::RateLimitedLog;
 
 /// The interval of the echo server's rate-limited log lines.
@@ -148,7 +148,7 @@ struct BackendArg {
 }
 
 #[derive(Args)]
-#[command(group(ArgGroup::new("listen").required(true).multiple(true).args(["tcp", "udp"])))]
+#[command(group(ArgGroup::new("listen").required(true).multiple(true).args(["tcp", "udp", "activated"])))]
 struct EchoServerArgs {
     /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR:PORT")]
@@ -180,6 +180,20 @@ struct EchoServerArgs {
     /// however slowly the client sends it (0: never).
     #[arg(long, value_name = "SECS", default_value = "10")]
     handshake_timeout: Seconds,
+    /// Serve on N threads, each with its own runtime and its own SO_REUSEPORT socket
+    /// for --tcp and --udp (default: one per CPU; 1 with --max-connections, which then
+    /// bounds the whole server; with more threads each serves at most its share).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
+    threads: Option<u64>,
+    /// Serve the sockets a service manager passed (systemd socket activation:
+    /// LISTEN_FDS, LISTEN_PID, descriptors from 3 on) instead of binding. Started that
+    /// way, the server uses them even without this flag, in place of --tcp and --udp.
+    #[arg(long)]
+    activated: bool,
+    /// Used by a hot restart (SIGUSR2): the descriptor the old process hands its sockets
+    /// over on.
+    #[arg(long, hide = true, value_name = "FD")]
+    inherit: Option<i32>,
     #[command(flatten)]
     backend: BackendArg,
 }
@@ -418,86 +432,38 @@ fn tls_acceptor(args: &EchoServerArgs) -> ringsock::Result<Option<TlsAcceptor>> 
 
 fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
     let acceptor = tls_acceptor(&args)?;
-    let runtime = runtime(&args.backend)?;
-    let stop = StopSignal::install()?;
-    runtime.block_on(async {
-        let listener = match args.tcp {
-            Some(addr) => {
-                let listener = StreamSocketListener::bind_addr(addr)?;
-                // Every accepted connection inherits it, and counts into the listener's.
-                listener.control().set_idle_timeout(args.idle_timeout.0)?;
-                println!("listening tcp {}", listener.local_addr()?);
-                Some(listener)
-            }
-            None => None,
+    if acceptor.is_some() {
+        let clients = match &args.client_ca {
+            Some(ca) => format!("client certificates required (CA {})", ca.display()),
+            None => "no client certificates".to_owned(),
         };
-        let logs = EchoLogs::new();
-        if let Some(addr) = args.udp {
-            let socket = DatagramSocket::new();
-            socket.bind_addr(addr)?;
-            println!("listening udp {}", socket.local_addr()?);
-            let log = logs.udp.clone();
-            ringsock::spawn(async move { udp_echo(&socket, &log).await });
-        }
-        flush_stdout();
-        eprintln!("driver: {}", runtime.driver_kind());
-        if acceptor.is_some() {
-            let clients = match &args.client_ca {
-                Some(ca) => format!("client certificates required (CA {})", ca.display()),
-                None => "no client certificates".to_owned(),
-            };
-            eprintln!("tls: on tcp, {clients}");
-        }
-        let Some(listener) = listener else {
-            stop.wait().await;
-            logs.flush();
-            return Ok(());
-        };
-        let slots = ConnectionLimit::new(args.max_connections.map(|n| n as usize));
-        let serve = async {
-            loop {
-                if let Some(limit) = slots.full() {
-                    logs.limit.line(format!(
-                        "{limit} served (--max-connections); new ones wait until one ends"
-                    ));
-                }
-                let slot = slots.acquire().await;
-                match listener.accept().await {
-                    Ok(socket) => {
-                        let acceptor = acceptor.clone();
-                        let log = logs.connection.clone();
-                        ringsock::spawn(async move {
-                            // The handshake runs in the connection's own task, so a slow
-                            // or hostile client holds up nobody else.
-                            let served = match &acceptor {
-                                Some(acceptor) => match socket.accept_tls(acceptor).await {
-                                    Ok(()) => echo_connection(&socket).await,
-                                    Err(err) => Err(err),
-                                },
-                                None => echo_connection(&socket).await,
-                            };
-                            drop(socket);
-                            drop(slot);
-                            match served {
-                                // Counted on the listener, reported in bulk.
-                                Err(err)
-                                    if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
-                                Err(err) => log.line(format!("{}: {err}", err.status())),
-                                Ok(()) => {}
-                            }
-                        });
-                    }
-                    // One failed accept (say, out of descriptors) must not end the server;
-                    // the listener waits before the next attempt, so this cannot spin.
-                    Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
-                }
-            }
-        };
-        first_of(first_of(serve, report_timeouts(&listener)), stop.wait()).await;
-        logs.flush();
-        eprintln!("{}", timeouts_line(listener.control().timeout_counts()));
-        Ok(())
-    })
+        eprintln!("tls: on tcp, {clients}");
+    }
+    let threads = match args.threads {
+        Some(threads) => threads as usize,
+        // One connection limit for the whole server stays exact on one thread.
+        None if args.max_connections.is_some() => 1,
+        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+    };
+    let mut runtime = Builder::new();
+    if let Some(backend) = args.backend.backend {
+        runtime = runtime.backend(backend);
+    }
+    serve::run(
+        serve::Start {
+            tcp: args.tcp,
+            udp: args.udp,
+            threads,
+            inherit: args.inherit,
+            activated: args.activated,
+            runtime,
+        },
+        serve::Settings {
+            acceptor,
+            idle_timeout: args.idle_timeout.0,
+            max_connections: args.max_connections.map(|n| (n as usize).div_ceil(threads)),
+        },
+    )
 }
 
 /// The echo server's stderr lines that peers can provoke, each kind rate-limited.
@@ -529,20 +495,6 @@ impl EchoLogs {
 /// How often the echo server says how many connections its timeouts closed, when that
 /// changed.
 const TIMEOUT_REPORT_EVERY: Duration = Duration::from_secs(10);
-
-/// Prints the listener's timeout counts every [`TIMEOUT_REPORT_EVERY`] while they
-/// change: one line however many connections expired.
-async fn report_timeouts(listener: &StreamSocketListener) {
-    let mut reported = TimeoutCounts::default();
-    loop {
-        ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY).await;
-        let counts = listener.control().timeout_counts();
-        if counts != reported {
-            eprintln!("{}", timeouts_line(counts));
-            reported = counts;
-        }
-    }
-}
 
 /// The connections closed by each timeout, e.g. `timeouts: idle 3, handshake 1, write 0`.
 fn timeouts_line(counts: TimeoutCounts) -> String {

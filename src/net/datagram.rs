@@ -1007,6 +1007,24 @@ impl DatagramSocket {
         Detached::from_fd(OwnedFd::from(socket))?.into_datagram()
     }
 
+    /// Takes the socket off this runtime, for another thread's runtime or another
+    /// process: its receive in flight is cancelled and reaped, and this handle becomes
+    /// spent (its calls fail). Datagrams the kernel has queued on the socket stay there
+    /// for whoever adopts it; those already moved into this handle's receive ring and
+    /// not yet taken are dropped with the ring.
+    pub fn detach(&self) -> Result<Detached> {
+        let owned = self
+            .fd()?
+            .detach()
+            .map_err(|err| Error::io("detach", err))?;
+        drop(self.receiver.borrow_mut().take());
+        Ok(Detached::new(
+            owned,
+            super::SocketKind::Datagram,
+            Vec::new(),
+        ))
+    }
+
     /// Wraps a UDP descriptor detached elsewhere, with its options as they are.
     pub(crate) fn adopt(fd: OwnedFd) -> Result<DatagramSocket> {
         let socket = socket2::Socket::from(fd);

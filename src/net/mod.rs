@@ -30,7 +30,7 @@ pub use handoff::{
 pub use input::InputStream;
 pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
-pub use shard::Sharded;
+pub use shard::{bind_reuse_port, Sharded};
 pub use stream::StreamSocket;
 pub use timeouts::{TimeoutCounts, DEFAULT_LINGER_TIMEOUT};
 

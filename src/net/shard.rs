@@ -26,6 +26,24 @@ pub struct Sharded<T> {
 const BACKLOG: i32 = 1024;
 
 /// Binds `count` sockets of `kind` (a listener or a datagram socket) on `addr`, all with
+/// SO_REUSEPORT, so the kernel spreads connections or flows over them; with port 0 the
+/// first picks the port and the others join it. Returns the address bound and the
+/// sockets, detached (to be adopted on the threads that will serve them), in group
+/// order. `SocketKind::Stream` is refused.
+pub fn bind_reuse_port(
+    addr: SocketAddr,
+    count: usize,
+    kind: SocketKind,
+) -> Result<(SocketAddr, Vec<Detached>)> {
+    if kind == SocketKind::Stream {
+        return Err(Error::invalid_input(
+            "a connected stream cannot be bound to share a port",
+        ));
+    }
+    bind_group(addr, count, kind)
+}
+
+/// Binds `count` sockets of `kind` (a listener or a datagram socket) on `addr`, all with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it. Returns
 /// the address bound and the sockets, detached, in group order.
 fn bind_group(

@@ -1,0 +1,548 @@
+//! `echo-server` on a pool of threads: where its sockets come from (bound here, passed
+//! by a service manager, or handed over by the process it replaces), one share of them
+//! per thread, and the signals that stop it or hand everything to a new copy of itself
+//! (hot restart).
+
+use std::future::{poll_fn, Future};
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::sync::{Arc, Mutex};
+use std::task::{Poll, Waker};
+
+use ringsock::net::{self, Detached, SocketKind};
+use ringsock::runtime::{Builder, Pool, RemoteJoinHandle};
+use ringsock::tls::TlsAcceptor;
+use ringsock::{DatagramSocket, Error, SocketErrorStatus, StreamSocketListener, TimeoutCounts};
+
+use crate::conn_limit::ConnectionLimit;
+use crate::{
+    echo_connection, first_of, flush_stdout, timeouts_line, udp_echo, EchoLogs,
+    TIMEOUT_REPORT_EVERY,
+};
+
+/// What the signal thread asks of every serving thread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ask {
+    Serve,
+    /// SIGINT or SIGTERM: stop at once.
+    Stop,
+    /// SIGUSR2: hand the sockets over, then finish open connections.
+    HandOver,
+}
+
+/// The process-wide request, with every thread's waker.
+struct Control {
+    state: Mutex<(Ask, Vec<Waker>)>,
+}
+
+impl Control {
+    fn new() -> Arc<Control> {
+        Arc::new(Control {
+            state: Mutex::new((Ask::Serve, Vec::new())),
+        })
+    }
+
+    fn set(&self, ask: Ask) {
+        let wakers = {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            state.0 = ask;
+            std::mem::take(&mut state.1)
+        };
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Resolves once something other than serving is asked.
+    async fn changed(&self) -> Ask {
+        poll_fn(|cx| {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.0 != Ask::Serve {
+                return Poll::Ready(state.0);
+            }
+            if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
+                state.1.push(cx.waker().clone());
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Turns SIGINT/SIGTERM into `Stop` and SIGUSR2 into `HandOver`, on a thread of its
+    /// own.
+    fn install_signals(self: &Arc<Control>) -> ringsock::Result<()> {
+        use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
+        let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR2])
+            .map_err(|err| Error::io("install signal handlers", err))?;
+        let control = self.clone();
+        std::thread::Builder::new()
+            .name("ringsock-signals".into())
+            .spawn(move || {
+                for signal in signals.forever() {
+                    let ask = if signal == SIGUSR2 {
+                        Ask::HandOver
+                    } else {
+                        Ask::Stop
+                    };
+                    control.set(ask);
+                    if ask == Ask::Stop {
+                        break;
+                    }
+                }
+            })
+            .map_err(|err| Error::io("start the signal thread", err))?;
+        Ok(())
+    }
+}
+
+/// Each thread's timeout counts so far, for the periodic report.
+type CountsBoard = Mutex<Vec<TimeoutCounts>>;
+
+/// What every serving thread needs, shared.
+pub(crate) struct Settings {
+    pub(crate) acceptor: Option<TlsAcceptor>,
+    pub(crate) idle_timeout: Option<std::time::Duration>,
+    /// Connections one thread serves at once.
+    pub(crate) max_connections: Option<usize>,
+}
+
+/// One thread's share of the sockets.
+#[derive(Default)]
+struct Share {
+    listeners: Vec<Detached>,
+    datagrams: Vec<Detached>,
+}
+
+/// What a serving thread gives back: its timeout counts, and its sockets when it handed
+/// them over.
+struct Served {
+    counts: TimeoutCounts,
+    handed: Vec<Detached>,
+}
+
+/// Where the sockets come from, and the command line to restart with.
+pub(crate) struct Start {
+    pub(crate) tcp: Option<SocketAddr>,
+    pub(crate) udp: Option<SocketAddr>,
+    pub(crate) threads: usize,
+    /// The channel the process being replaced hands its sockets over on.
+    pub(crate) inherit: Option<RawFd>,
+    /// Sockets must come from a service manager (`--activated`).
+    pub(crate) activated: bool,
+    pub(crate) runtime: Builder,
+}
+
+/// Runs the echo server until SIGINT/SIGTERM (exits 0), or until SIGUSR2 has handed
+/// every socket to a new copy of this process and the open connections have ended.
+pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
+    let control = Control::new();
+    control.install_signals()?;
+    let (sockets, lines) = sockets(&start)?;
+    let threads = start.threads.max(1);
+    POOL_THREADS.store(threads, std::sync::atomic::Ordering::Release);
+    let mut shares: Vec<Share> = (0..threads).map(|_| Share::default()).collect();
+    for (i, socket) in sockets.into_iter().enumerate() {
+        let share = &mut shares[i % threads];
+        match socket.kind() {
+            SocketKind::Listener => share.listeners.push(socket),
+            SocketKind::Datagram => share.datagrams.push(socket),
+            SocketKind::Stream => {
+                return Err(Error::invalid_input(
+                    "an echo server is given listeners and datagram sockets, not connections",
+                ))
+            }
+        }
+    }
+    let pool = Pool::builder()
+        .threads(threads)
+        .runtime(start.runtime.clone())
+        .build()?;
+    let settings = Arc::new(settings);
+    let board: Arc<CountsBoard> = Arc::new(Mutex::new(vec![TimeoutCounts::default(); threads]));
+    let (ready, adopted) = std::sync::mpsc::channel::<()>();
+    let handle = pool.handle();
+    let servers: Vec<RemoteJoinHandle<ringsock::Result<Served>>> = shares
+        .into_iter()
+        .enumerate()
+        .map(|(thread, share)| {
+            let settings = settings.clone();
+            let control = control.clone();
+            let board = board.clone();
+            let ready = ready.clone();
+            handle.spawn_on(thread, move || {
+                serve_thread(thread, share, settings, control, board, ready)
+            })
+        })
+        .collect::<ringsock::Result<_>>()?;
+    drop(ready);
+    // Everything the server holds for its whole life is open before it says it listens.
+    let main = Builder::new().backend(ringsock::Backend::Epoll).build()?;
+    // Ready once every thread has its sockets: then say where it listens.
+    let all_ready = (0..threads).all(|_| adopted.recv().is_ok());
+    if all_ready {
+        // A closed stdout (a supervisor that stopped reading, say) must not stop the
+        // server: the lines are for whoever listens.
+        let mut stdout = std::io::stdout().lock();
+        for line in &lines {
+            let _ = writeln!(stdout, "{line}");
+        }
+        drop(stdout);
+        flush_stdout();
+    }
+    main.block_on(async {
+        let mut counts = TimeoutCounts::default();
+        let mut handed = Vec::new();
+        let mut failure = None;
+        let report = report_timeouts(&board);
+        let mut report = std::pin::pin!(report);
+        for server in servers {
+            let server = std::pin::pin!(server);
+            let mut server = server;
+            let result = poll_fn(|cx| {
+                let _ = report.as_mut().poll(cx);
+                server.as_mut().poll(cx)
+            })
+            .await;
+            match result.and_then(|served| served) {
+                Ok(served) => {
+                    add(&mut counts, served.counts);
+                    handed.extend(served.handed);
+                }
+                Err(err) => failure = Some(err),
+            }
+        }
+        eprintln!("{}", timeouts_line(counts));
+        match failure {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    })
+}
+
+/// The sockets to serve: handed over by the process this one replaces, passed by a
+/// service manager, or bound here (one SO_REUSEPORT member per thread).
+fn sockets(start: &Start) -> ringsock::Result<(Vec<Detached>, Vec<String>)> {
+    let sockets = if let Some(fd) = start.inherit {
+        take_over(fd)?
+    } else {
+        let activated = net::activated_sockets()?;
+        if activated.is_empty() && start.activated {
+            return Err(Error::invalid_input(
+                "--activated: no sockets were passed (LISTEN_FDS and LISTEN_PID name none for this process)",
+            ));
+        }
+        if !activated.is_empty() && (start.tcp.is_some() || start.udp.is_some()) {
+            eprintln!(
+                "note: serving the {} sockets passed at start, not --tcp/--udp",
+                activated.len()
+            );
+        }
+        if activated.is_empty() {
+            let mut sockets = Vec::new();
+            let threads = start.threads.max(1);
+            if let Some(addr) = start.tcp {
+                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Listener)?.1);
+            }
+            if let Some(addr) = start.udp {
+                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Datagram)?.1);
+            }
+            sockets
+        } else {
+            activated.into_iter().map(|a| a.socket).collect()
+        }
+    };
+    // One line per address, not per SO_REUSEPORT member.
+    let mut lines = Vec::new();
+    for socket in &sockets {
+        let line = listening_line(socket)?;
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    Ok((sockets, lines))
+}
+
+/// `listening KIND ADDR`, which the server prints once it serves on the socket.
+fn listening_line(socket: &Detached) -> ringsock::Result<String> {
+    let local = socket2::SockRef::from(socket)
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket())
+        .ok_or_else(|| Error::invalid_input("a socket to serve has no IP address"))?;
+    let kind = if socket.kind() == SocketKind::Datagram {
+        "udp"
+    } else {
+        "tcp"
+    };
+    Ok(format!("listening {kind} {local}"))
+}
+
+/// Takes the sockets the process being replaced sends over `fd`: a count, then each.
+fn take_over(fd: RawFd) -> ringsock::Result<Vec<Detached>> {
+    let channel = unix_stream_from(fd)?;
+    let mut count = [0u8; 4];
+    std::io::Read::read_exact(&mut &channel, &mut count)
+        .map_err(|err| Error::io("take the handed-over sockets", err))?;
+    let count = u32::from_le_bytes(count) as usize;
+    let mut sockets = Vec::with_capacity(count);
+    for _ in 0..count {
+        sockets.push(net::recv_detached(&channel)?);
+    }
+    Ok(sockets)
+}
+
+fn unix_stream_from(fd: RawFd) -> ringsock::Result<UnixStream> {
+    // SAFETY: fcntl on any number is harmless; it tells whether the number is open.
+    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return Err(Error::invalid_input(format!(
+            "--inherit: descriptor {fd} is not open"
+        )));
+    }
+    // SAFETY: the process being replaced passed this descriptor to this one for the
+    // hand-over alone, and it is open (checked above); nothing else here owns it.
+    let channel = unsafe { UnixStream::from_raw_fd(fd) };
+    Ok(channel)
+}
+
+/// Keeps `fd` open in the child that `command` starts (close-on-exec cleared there only).
+fn keep_open_across_exec(command: &mut std::process::Command, fd: RawFd) {
+    // SAFETY: the hook calls only fcntl, which is async-signal-safe, as a pre_exec hook
+    // must be.
+    unsafe {
+        command.pre_exec(move || {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
+fn add(total: &mut TimeoutCounts, counts: TimeoutCounts) {
+    total.connect += counts.connect;
+    total.idle += counts.idle;
+    total.read += counts.read;
+    total.write += counts.write;
+    total.handshake += counts.handshake;
+    total.close += counts.close;
+}
+
+/// One thread: adopts its share, echoes on it until asked to stop or to hand over.
+async fn serve_thread(
+    thread: usize,
+    share: Share,
+    settings: Arc<Settings>,
+    control: Arc<Control>,
+    board: Arc<CountsBoard>,
+    ready: std::sync::mpsc::Sender<()>,
+) -> ringsock::Result<Served> {
+    let logs = EchoLogs::new();
+    let listeners: Vec<StreamSocketListener> = share
+        .listeners
+        .into_iter()
+        .map(Detached::into_listener)
+        .collect::<ringsock::Result<_>>()?;
+    for listener in &listeners {
+        listener.control().set_idle_timeout(settings.idle_timeout)?;
+    }
+    let datagrams: Vec<std::rc::Rc<DatagramSocket>> = share
+        .datagrams
+        .into_iter()
+        .map(|socket| socket.into_datagram().map(std::rc::Rc::new))
+        .collect::<ringsock::Result<_>>()?;
+    let udp_tasks: Vec<_> = datagrams
+        .iter()
+        .map(|socket| {
+            let socket = socket.clone();
+            let log = logs.udp.clone();
+            ringsock::spawn(async move { udp_echo(&socket, &log).await })
+        })
+        .collect();
+    if thread == 0 {
+        if let Some(kind) = ringsock::runtime::current_driver_kind() {
+            eprintln!("driver: {kind}");
+        }
+    }
+    let _ = ready.send(());
+    let open = ConnectionLimit::new(settings.max_connections);
+    let publish = async {
+        loop {
+            ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY / 2).await;
+            let mut counts = TimeoutCounts::default();
+            for listener in &listeners {
+                add(&mut counts, listener.control().timeout_counts());
+            }
+            board.lock().unwrap_or_else(|p| p.into_inner())[thread] = counts;
+        }
+    };
+    // Serves until asked otherwise: accept loops never end, and a thread with none
+    // (UDP only) waits here while its datagram tasks run.
+    let accepting = async {
+        let loops = listeners
+            .iter()
+            .map(|listener| accept_loop(listener, &settings, &open, &logs));
+        join_all(loops).await;
+        std::future::pending::<()>().await
+    };
+    let mut asked = Ask::Stop;
+    first_of(first_of(accepting, publish), async {
+        asked = control.changed().await;
+    })
+    .await;
+    let mut counts = TimeoutCounts::default();
+    for listener in &listeners {
+        add(&mut counts, listener.control().timeout_counts());
+    }
+    let mut handed = Vec::new();
+    if asked == Ask::HandOver {
+        for listener in &listeners {
+            handed.push(listener.detach()?);
+        }
+        for task in udp_tasks {
+            task.abort();
+        }
+        for socket in &datagrams {
+            handed.push(socket.detach()?);
+        }
+        hand_over_from(thread, &mut handed)?;
+        // Serve what was accepted before the hand-over to its end.
+        open.wait_idle().await;
+    }
+    logs.flush();
+    Ok(Served { counts, handed })
+}
+
+/// The sockets of every thread are collected here, and the last thread to arrive starts
+/// the new process and sends them.
+static HANDED: Mutex<(Vec<Detached>, usize)> = Mutex::new((Vec::new(), 0));
+
+fn hand_over_from(_thread: usize, sockets: &mut Vec<Detached>) -> ringsock::Result<()> {
+    let threads = POOL_THREADS.load(std::sync::atomic::Ordering::Acquire);
+    let ready = {
+        let mut handed = HANDED.lock().unwrap_or_else(|p| p.into_inner());
+        handed.0.append(sockets);
+        handed.1 += 1;
+        (handed.1 == threads).then(|| std::mem::take(&mut handed.0))
+    };
+    if let Some(all) = ready {
+        restart_with(all)?;
+    }
+    Ok(())
+}
+
+/// How many threads serve, for the hand-over to know when every one has given its
+/// sockets.
+pub(crate) static POOL_THREADS: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(1);
+
+/// Starts a new copy of this process with the same arguments and hands it `sockets`.
+fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
+    let (ours, theirs) =
+        UnixStream::pair().map_err(|err| Error::io("make the hand-over channel", err))?;
+    let theirs_fd = theirs.as_raw_fd();
+    let exe = std::env::current_exe().map_err(|err| Error::io("find this program", err))?;
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|arg| !arg.starts_with("--inherit"))
+        .collect();
+    let mut command = std::process::Command::new(exe);
+    command.args(&args).arg(format!("--inherit={theirs_fd}"));
+    keep_open_across_exec(&mut command, theirs_fd);
+    let child = command
+        .spawn()
+        .map_err(|err| Error::io("start the new server", err))?;
+    drop(theirs);
+    let count = u32::try_from(sockets.len()).unwrap_or(u32::MAX);
+    std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
+        .map_err(|err| Error::io("hand the sockets over", err))?;
+    let handed = sockets.len();
+    for socket in sockets {
+        net::send_detached(&ours, socket)?;
+    }
+    eprintln!("restart: handed {handed} sockets to process {}", child.id());
+    Ok(())
+}
+
+/// Prints the whole server's timeout counts every [`TIMEOUT_REPORT_EVERY`] while they
+/// change: one line however many connections expired, on however many threads.
+async fn report_timeouts(board: &CountsBoard) {
+    let mut reported = TimeoutCounts::default();
+    loop {
+        ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY).await;
+        let mut total = TimeoutCounts::default();
+        for counts in board.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            add(&mut total, *counts);
+        }
+        if total != reported {
+            eprintln!("{}", timeouts_line(total));
+            reported = total;
+        }
+    }
+}
+
+/// Accepts and serves connections on `listener` until the task is dropped.
+async fn accept_loop(
+    listener: &StreamSocketListener,
+    settings: &Settings,
+    open: &ConnectionLimit,
+    logs: &EchoLogs,
+) {
+    loop {
+        if let Some(limit) = open.full() {
+            logs.limit.line(format!(
+                "{limit} served (--max-connections); new ones wait until one ends"
+            ));
+        }
+        let slot = open.acquire().await;
+        match listener.accept().await {
+            Ok(socket) => {
+                let acceptor = settings.acceptor.clone();
+                let log = logs.connection.clone();
+                ringsock::spawn(async move {
+                    // The handshake runs in the connection's own task, so a slow or
+                    // hostile client holds up nobody else.
+                    let served = match &acceptor {
+                        Some(acceptor) => match socket.accept_tls(acceptor).await {
+                            Ok(()) => echo_connection(&socket).await,
+                            Err(err) => Err(err),
+                        },
+                        None => echo_connection(&socket).await,
+                    };
+                    drop(socket);
+                    drop(slot);
+                    match served {
+                        // Counted on the listener, reported in bulk.
+                        Err(err) if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
+                        Err(err) => log.line(format!("{}: {err}", err.status())),
+                        Ok(()) => {}
+                    }
+                });
+            }
+            // One failed accept (say, out of descriptors) must not end the server; the
+            // listener waits before the next attempt, so this cannot spin.
+            Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
+        }
+    }
+}
+
+/// Polls every future until all are done.
+async fn join_all<F: Future<Output = ()>>(futures: impl Iterator<Item = F>) {
+    let mut futures: Vec<_> = futures.map(Box::pin).map(Some).collect();
+    poll_fn(|cx| {
+        for slot in futures.iter_mut() {
+            if let Some(future) = slot {
+                if future.as_mut().poll(cx).is_ready() {
+                    *slot = None;
+                }
+            }
+        }
+        if futures.iter().all(Option::is_none) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    })
+    .await
+}

@@ -1,0 +1,210 @@
+//! The socket broker from the outside: `echo-server` started by socket activation serves
+//! the sockets it was given, and a hot restart (SIGUSR2) hands every listening socket to
+//! a new copy of the server while clients keep connecting: none refused, none reset.
+
+mod util;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use util::echo_server::EchoServer;
+use util::MUST_HAPPEN;
+
+const BACKENDS: [&str; 2] = ["uring", "epoll"];
+
+/// Reads exactly `buf.len()` bytes, trying again after EINTR.
+fn read_all(stream: &mut TcpStream, buf: &mut [u8]) -> std::io::Result<()> {
+    let mut at = 0;
+    while at < buf.len() {
+        match stream.read(&mut buf[at..]) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => at += n,
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    Ok(())
+}
+
+/// One connection: connect, send a line, read it back, close.
+fn one_echo(addr: SocketAddr, line: &[u8]) -> std::io::Result<()> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(MUST_HAPPEN))?;
+    stream.write_all(line)?;
+    let mut back = vec![0u8; line.len()];
+    read_all(&mut stream, &mut back)?;
+    if back != line {
+        return Err(std::io::Error::other("the echo differs"));
+    }
+    Ok(())
+}
+
+#[test]
+fn an_activated_echo_server_serves_descriptors_3_and_4() {
+    for backend in BACKENDS {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (tcp_addr, udp_addr) = (tcp.local_addr().unwrap(), udp.local_addr().unwrap());
+        let (tcp_fd, udp_fd) = (tcp.as_raw_fd(), udp.as_raw_fd());
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=2 exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-server", "--activated", "--backend", backend])
+            .env_remove("RINGSOCK_BACKEND")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        // SAFETY: dup and dup2 are async-signal-safe, as a pre_exec hook must be.
+        unsafe {
+            command.pre_exec(move || {
+                // Through spare numbers first, in case the sources sit on 3 or 4.
+                let (a, b) = (libc::dup(tcp_fd), libc::dup(udp_fd));
+                if a < 0 || b < 0 || libc::dup2(a, 3) < 0 || libc::dup2(b, 4) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = command.spawn().unwrap();
+        drop((tcp, udp));
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut said: Vec<String> = (0..2).map(|_| lines.next().unwrap().unwrap()).collect();
+        said.sort();
+        assert_eq!(
+            said,
+            [
+                format!("listening tcp {tcp_addr}"),
+                format!("listening udp {udp_addr}")
+            ],
+            "{backend}"
+        );
+        one_echo(tcp_addr, b"activated\n").unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+        client.send_to(b"datagram", udp_addr).unwrap();
+        let mut buf = [0u8; 16];
+        let n = loop {
+            match client.recv(&mut buf) {
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                other => break other.unwrap(),
+            }
+        };
+        assert_eq!(&buf[..n], b"datagram", "{backend}");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success(), "{backend}");
+    }
+}
+
+#[test]
+fn activated_without_sockets_is_a_clear_error() {
+    let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["echo-server", "--activated"])
+        .env_remove("LISTEN_PID")
+        .env_remove("LISTEN_FDS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("InvalidArgument") && stderr.contains("LISTEN_FDS"),
+        "{stderr}"
+    );
+}
+
+/// SIGUSR2 under a steady stream of connections: the old server hands its listeners to
+/// a new copy of itself and ends once its own connections are done; every connection
+/// made meanwhile is served by one or the other.
+#[test]
+fn a_hot_restart_refuses_and_resets_no_connection() {
+    const CONNECTIONS: usize = 1500;
+    for backend in BACKENDS {
+        let old = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "2",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
+        let done = Arc::new(AtomicUsize::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let client = {
+            let done = done.clone();
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut failures = Vec::new();
+                let started = Instant::now();
+                for i in 0..CONNECTIONS {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    let line = format!("connection {i}\n");
+                    if let Err(err) = one_echo(addr, line.as_bytes()) {
+                        failures.push(format!("connection {i}: {err}"));
+                    }
+                    done.fetch_add(1, Ordering::Release);
+                }
+                (failures, started.elapsed())
+            })
+        };
+        // Restart once a good part of the connections went through the old server.
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while done.load(Ordering::Acquire) < CONNECTIONS / 3 {
+            assert!(Instant::now() < deadline, "{backend}: the client is stuck");
+            std::thread::yield_now();
+        }
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
+        old.wait_for_stderr("the hand-over", |lines| {
+            lines.iter().any(|line| line.starts_with("restart: handed"))
+        });
+        let new_pid: i32 = old
+            .stderr()
+            .iter()
+            .find_map(|line| line.strip_prefix("restart: handed"))
+            .and_then(|rest| rest.rsplit(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .expect("the new server's pid");
+        let (failures, _) = client.join().unwrap();
+        stop.store(true, Ordering::Relaxed);
+        assert!(
+            failures.is_empty(),
+            "{backend}: {} of {CONNECTIONS} connections failed across the restart: {:?}; stderr:\n{}",
+            failures.len(),
+            &failures[..failures.len().min(5)],
+            old.stderr().join("\n")
+        );
+        // The old server ends by itself once its connections are done.
+        assert!(
+            old.wait_exit(MUST_HAPPEN).success(),
+            "{backend}: the old server"
+        );
+        // The new one serves alone now, then stops on SIGTERM.
+        one_echo(addr, b"after the restart\n").unwrap();
+        // SAFETY: as above; the pid is the new server's, which the old one started.
+        unsafe { libc::kill(new_pid, libc::SIGTERM) };
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while std::path::Path::new(&format!("/proc/{new_pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the new server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
