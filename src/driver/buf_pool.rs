@@ -4,8 +4,8 @@
 //! A buffer is free (on the pool's free list, for the next `recvmmsg`) or held, counted
 //! in `refs`, by any of:
 //!
-//! - the kernel's provided buffer ring ([`BufRing`](super::uring::buf_ring::BufRing)),
-//!   while the buffer is on it: the kernel fills it from its receive point on;
+//! - the kernel's provided buffer ring ([`KernelRing`], which the io_uring engine
+//!   implements), while the buffer is on it: the kernel fills it from its receive point on;
 //! - a `recvmmsg` in progress that claimed it;
 //! - the program: one [`LentBuf`] per datagram in it (several when the kernel packs
 //!   datagrams into a buffer, or a GRO super-datagram is split).
@@ -22,56 +22,32 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::mem::ManuallyDrop;
 use std::ops::Deref;
-use std::ptr::NonNull;
 use std::rc::Rc;
 use std::task::Waker;
 
+pub(crate) use super::mapping::Mapping;
 use super::ring_layout::Layout;
-use super::uring::buf_ring::BufRing;
 
-/// An anonymous, page-aligned memory mapping, unmapped on drop.
-pub(crate) struct Mapping {
-    ptr: NonNull<u8>,
-    len: usize,
-}
-
-impl Mapping {
-    /// Maps at least `len` bytes, zeroed, rounded up to whole pages.
-    pub(crate) fn new(len: usize) -> io::Result<Mapping> {
-        // SAFETY: sysconf has no memory-safety preconditions.
-        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
-        let len = len.max(1).next_multiple_of(page);
-        // SAFETY: an anonymous private mapping without an address hint touches no existing
-        // memory; the result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let ptr =
-            NonNull::new(ptr.cast::<u8>()).ok_or_else(|| io::Error::other("mmap gave null"))?;
-        Ok(Mapping { ptr, len })
-    }
-
-    pub(crate) fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
-    }
-}
-
-impl Drop for Mapping {
-    fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` are exactly what mmap returned; whoever drops a Mapping has
-        // made sure nothing (kernel included) uses it any more (see BufPool's Drop).
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
-    }
+/// A ring of buffer entries the kernel selects receive buffers from, as the pool uses it.
+///
+/// The engine that has such rings implements it and registers the ring itself; the pool
+/// only fills entries and hands the ring its memory to free when it goes. Kept as a
+/// trait so that this shared module depends on no engine.
+pub(crate) trait KernelRing: std::any::Any {
+    /// Whether the kernel knows the ring now (it selects from it only then).
+    fn is_registered(&self) -> bool;
+    /// The buffer group id operations select from.
+    fn group(&self) -> u16;
+    /// Writes an entry for buffer `bid` at `addr`, `len` bytes; visible to the kernel
+    /// after [`publish`](Self::publish). Returns the entry's index.
+    fn push(&self, bid: u16, addr: u64, len: u32) -> u16;
+    /// The address entry `index` shows now (the kernel moves it with incremental
+    /// consumption).
+    fn entry_addr(&self, index: u16) -> Option<u64>;
+    /// Makes every pushed entry visible to the kernel.
+    fn publish(&self);
+    /// Takes the buffers' memory, to free only once the kernel has forgotten the ring.
+    fn retire(&mut self, buffers: Mapping);
 }
 
 /// Equal-sized receive buffers, each on the refill side or held (by datagrams, by the
@@ -89,7 +65,7 @@ pub(crate) struct BufPool {
     /// only moves past the first datagram with incremental consumption).
     filled: Box<[Cell<u32>]>,
     /// The kernel's provided buffer ring (io_uring): the refill side while registered.
-    ring: Option<BufRing>,
+    ring: Option<Box<dyn KernelRing>>,
     /// Bytes of each buffer the ring offers the kernel (at most the stride).
     ring_len: u32,
     /// With incremental consumption, the kernel reports where it stopped in a buffer's
@@ -105,7 +81,10 @@ impl BufPool {
     /// The buffers of `layout`, on the free list; with a kernel ring (and the bytes of
     /// each buffer it offers, and whether the kernel consumes them incrementally), the
     /// caller then hands them to it with [`BufPool::fill`].
-    pub(crate) fn new(layout: Layout, ring: Option<(BufRing, u32, bool)>) -> io::Result<BufPool> {
+    pub(crate) fn new(
+        layout: Layout,
+        ring: Option<(Box<dyn KernelRing>, u32, bool)>,
+    ) -> io::Result<BufPool> {
         let memory = Mapping::new(layout.memory())?;
         let count = layout.buffers;
         let (ring, ring_len, incremental) = match ring {
@@ -141,7 +120,7 @@ impl BufPool {
     }
 
     /// Hands free buffer `bid` to the kernel ring (visible after `publish`).
-    fn push_to_ring(&self, ring: &BufRing, bid: u16) {
+    fn push_to_ring(&self, ring: &dyn KernelRing, bid: u16) {
         let index = ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
         self.refs[bid as usize].set(1);
         self.on_ring[bid as usize].set(Some(index));
@@ -149,8 +128,18 @@ impl BufPool {
     }
 
     /// The kernel ring while it is the refill side.
-    fn kernel_ring(&self) -> Option<&BufRing> {
-        self.ring.as_ref().filter(|ring| ring.is_registered())
+    fn kernel_ring(&self) -> Option<&dyn KernelRing> {
+        self.ring.as_deref().filter(|ring| ring.is_registered())
+    }
+
+    /// The pool's kernel ring as the engine's own type `R`, which registers it.
+    fn ring_as<R: KernelRing>(&self) -> io::Result<&R> {
+        let ring: &dyn std::any::Any = self
+            .ring
+            .as_deref()
+            .ok_or_else(|| io::Error::other("this pool has no kernel ring"))?;
+        ring.downcast_ref::<R>()
+            .ok_or_else(|| io::Error::other("this pool's kernel ring is of another engine"))
     }
 
     /// Takes the buffers back from the kernel: the ring is unregistered (by `unregister`,
@@ -158,16 +147,16 @@ impl BufPool {
     ///
     /// # Safety
     ///
-    /// No operation may select from the ring any more (see `buf_ring`'s memory-safety
-    /// section): the free list's buffers go to `recvmmsg` next.
-    pub(crate) unsafe fn detach_ring(
+    /// No operation may select from the ring any more (the io_uring engine's buffer ring
+    /// documents why): the free list's buffers go to `recvmmsg` next.
+    pub(crate) unsafe fn detach_ring<R: KernelRing>(
         &self,
-        unregister: impl FnOnce(&BufRing) -> io::Result<()>,
+        unregister: impl FnOnce(&R) -> io::Result<()>,
     ) -> io::Result<()> {
-        let Some(ring) = self.kernel_ring() else {
+        if self.kernel_ring().is_none() {
             return Ok(());
-        };
-        unregister(ring)?;
+        }
+        unregister(self.ring_as::<R>()?)?;
         // From the last buffer down, so that the free list hands out the first first.
         for bid in (0..self.layout.buffers).rev() {
             if self.on_ring[bid as usize].take().is_some() {
@@ -178,13 +167,11 @@ impl BufPool {
     }
 
     /// Registers the ring again and moves the free list onto it.
-    pub(crate) fn attach_ring(
+    pub(crate) fn attach_ring<R: KernelRing>(
         &self,
-        register: impl FnOnce(&BufRing) -> io::Result<()>,
+        register: impl FnOnce(&R) -> io::Result<()>,
     ) -> io::Result<()> {
-        let Some(ring) = &self.ring else {
-            return Err(io::Error::other("this pool has no kernel ring"));
-        };
+        let ring = self.ring_as::<R>()?;
         if !ring.is_registered() {
             register(ring)?;
         }
@@ -199,7 +186,7 @@ impl BufPool {
 
     /// The kernel ring's group id, on io_uring.
     pub(crate) fn bgid(&self) -> Option<u16> {
-        self.ring.as_ref().map(BufRing::bgid)
+        self.ring.as_deref().map(|ring| ring.group())
     }
 
     /// Buffers the kernel ring or the next `recvmmsg` can still fill (a buffer the
@@ -408,7 +395,7 @@ impl Drop for LentBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::driver::recv::RingConfig;
+    use crate::driver::ring_layout::RingConfig;
 
     fn pool(buffers: u16, shared: bool) -> Rc<BufPool> {
         let config = RingConfig {

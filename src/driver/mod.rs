@@ -67,6 +67,7 @@ pub(crate) mod file_io;
 pub(crate) mod gso;
 pub(crate) mod handle;
 pub(crate) mod iovec;
+pub(crate) mod mapping;
 pub(crate) mod ops;
 pub(crate) mod ops_datagram;
 pub(crate) mod ops_file;

@@ -12,17 +12,7 @@ use super::gso::CMSG_HDR;
 /// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
 pub(crate) const UDP_GRO: libc::c_int = 104;
 
-/// Shape of a receive ring, as the program asked for it (the engine lays it out with
-/// [`Layout`](super::ring_layout::Layout)).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct RingConfig {
-    /// Datagrams of `buffer_size` the ring holds at least (a power of two).
-    pub(crate) buffers: u16,
-    /// Payload bytes a datagram keeps; a longer one is truncated.
-    pub(crate) buffer_size: usize,
-    /// UDP_GRO is on: buffers may hold super-datagrams, split on delivery.
-    pub(crate) gro: bool,
-}
+pub(crate) use super::ring_layout::RingConfig;
 
 /// One received datagram, its bytes lent from the receive ring.
 pub(crate) struct RecvDatagram {
@@ -41,8 +31,9 @@ pub(crate) struct RecvCounters {
     pub(crate) truncated: u64,
     /// Times the ring ran dry (ENOBUFS on io_uring, no free buffer on epoll).
     pub(crate) ring_empty: u64,
-    /// Multishot receives armed again after the kernel ended one (io_uring).
-    pub(crate) rearms: u64,
+    /// Standing receives started again: io_uring's multishot after the kernel ended it
+    /// or after a burst; epoll's place in the set after a burst.
+    pub(crate) receive_restarts: u64,
     /// Receive completions or `recvmmsg` calls that delivered datagrams.
     pub(crate) deliveries: u64,
     /// GRO super-datagrams split into datagrams.
@@ -50,7 +41,7 @@ pub(crate) struct RecvCounters {
     /// Times the receiver stopped leaving a wait on the socket while it drains, because
     /// datagrams came in bursts (io_uring: the multishot receive gave way to
     /// `recvmmsg`; epoll: the socket leaves the epoll set while it is drained).
-    pub(crate) burst_switches: u64,
+    pub(crate) bursts_drained: u64,
 }
 
 /// The GRO segment size in received control data, if the kernel merged datagrams.

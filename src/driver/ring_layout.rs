@@ -14,7 +14,17 @@
 //!   than a header and `capacity` bytes are left, so a buffer holds hundreds of small
 //!   datagrams; while bursts are drained with `recvmmsg`, each of its slots takes one.
 
-use super::recv::RingConfig;
+/// Shape of a receive ring, as the program asked for it (the engine lays it out with
+/// [`Layout`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RingConfig {
+    /// Datagrams of `buffer_size` the ring holds at least (a power of two).
+    pub(crate) buffers: u16,
+    /// Payload bytes a datagram keeps; a longer one is truncated.
+    pub(crate) buffer_size: usize,
+    /// UDP_GRO is on: buffers may hold super-datagrams, split on delivery.
+    pub(crate) gro: bool,
+}
 
 /// Room in each slot beside the payload for what the io_uring multishot receive writes
 /// before it: `struct io_uring_recvmsg_out` (16 bytes), the source address (32) and a

@@ -97,20 +97,18 @@ pub struct ReceiveStats {
     /// io_uring, which ends the multishot receive); the receiver resumed once a buffer
     /// came back and the program received again.
     pub ring_empty: u64,
-    /// Times the io_uring multishot receive was armed again: after the kernel ended it,
-    /// or when the receiver came back to it from draining bursts.
-    pub rearms: u64,
+    /// Times the receiver's standing receive was started again: after the kernel ended
+    /// it (a dry ring), or when the receiver came back to it from draining a burst.
+    pub receive_restarts: u64,
     /// Multishot receive completions and `recvmmsg` calls that delivered data.
     pub deliveries: u64,
     /// GRO super-datagrams taken apart.
     pub gro_splits: u64,
-    /// Times the receiver stopped leaving a wait on the socket, because datagrams came
-    /// faster than it slept and woke. A wait on the socket (io_uring's multishot
-    /// receive, or the socket's place in the epoll set) makes the sender's kernel path
-    /// call it for every datagram it queues; while the receiver drains bursts with
-    /// `recvmmsg` (io_uring) or outside the epoll set (epoll), it leaves none. It goes
-    /// back after 8 wakes in a row that find fewer than 4 datagrams.
-    pub burst_switches: u64,
+    /// Bursts the receiver drained: times datagrams came faster than it slept and woke,
+    /// so it stopped leaving a standing wait on the socket (which makes the sender's
+    /// kernel path call it for every datagram it queues) and read the queue in batches
+    /// instead. It goes back after 8 wakes in a row that find fewer than 4 datagrams.
+    pub bursts_drained: u64,
     /// Datagrams the kernel dropped on this socket before it was read, because its
     /// receive queue was full: this is where datagrams are lost while the ring is dry
     /// (SO_MEMINFO's drop counter).
@@ -509,10 +507,10 @@ impl DatagramSocket {
             stats.datagrams = counters.datagrams;
             stats.truncated = counters.truncated;
             stats.ring_empty = counters.ring_empty;
-            stats.rearms = counters.rearms;
+            stats.receive_restarts = counters.receive_restarts;
             stats.deliveries = counters.deliveries;
             stats.gro_splits = counters.gro_splits;
-            stats.burst_switches = counters.burst_switches;
+            stats.bursts_drained = counters.bursts_drained;
             stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();
             stats.buffers_free = receiver.pool().available();

@@ -10,6 +10,7 @@ mod bind;
 mod close;
 mod control;
 mod datagram;
+mod ending;
 mod handoff;
 mod input;
 mod listener;

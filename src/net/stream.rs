@@ -6,8 +6,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use super::close::{self, Closing};
+use super::close::Closing;
 use super::control::{StreamOptions, StreamSocketControl};
+use super::ending;
 use super::timeouts::{self, TimeoutKind};
 use super::transport::Transport;
 use super::{new_socket, resolve, Detached, InputStream, OutputStream, SocketKind};
@@ -435,7 +436,7 @@ impl StreamSocket {
     /// operation still waiting on it (through its streams) fails.
     pub fn abort(mut self) {
         if let Some(closing) = self.closing() {
-            close::abort(
+            ending::abort(
                 &closing.fd,
                 Error::from_errno("the connection was aborted", libc::ECONNABORTED),
             );

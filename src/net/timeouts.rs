@@ -15,7 +15,7 @@ use std::rc::{Rc, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::close;
+use super::ending;
 use crate::buf::{BufResult, IoBufMut};
 use crate::driver::{ops, SharedFd, WeakFd};
 use crate::runtime::{self, JoinHandle};
@@ -233,7 +233,7 @@ async fn watchdog_task(timeouts: Weak<Timeouts>, fd: WeakFd) {
 
 /// Ends the connection because its `kind` timeout of `limit` expired: every operation
 /// waiting on it fails with ConnectionTimedOut, the peer is told (see
-/// [`close::shut_now`]), and the expiry is counted.
+/// [`ending::shut_now`]), and the expiry is counted.
 pub(crate) fn expire(fd: &SharedFd, timeouts: &Timeouts, kind: TimeoutKind, limit: Duration) {
     let why = match kind {
         TimeoutKind::Idle => format!("idle timeout: no bytes either way for {limit:?}"),
@@ -243,7 +243,7 @@ pub(crate) fn expire(fd: &SharedFd, timeouts: &Timeouts, kind: TimeoutKind, limi
     };
     if fd.end(Error::timed_out(why)) {
         timeouts.count(kind);
-        close::shut_now(fd);
+        ending::shut_now(fd);
     }
 }
 

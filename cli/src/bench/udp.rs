@@ -300,10 +300,10 @@ fn ringsock_receiver(
             kernel_drops: Some(stats.dropped),
             ring: vec![
                 ("ring_empty", stats.ring_empty),
-                ("rearms", stats.rearms),
+                ("receive_restarts", stats.receive_restarts),
                 ("deliveries", stats.deliveries),
                 ("gro_splits", stats.gro_splits),
-                ("burst_switches", stats.burst_switches),
+                ("bursts_drained", stats.bursts_drained),
             ],
         })
     })?;

@@ -132,13 +132,15 @@ impl Receiver {
         let burst = std::mem::take(&mut self.burst);
         if burst >= BURST {
             if !self.bursty {
-                self.counters.burst_switches += 1;
+                self.counters.bursts_drained += 1;
             }
             self.bursty = true;
             self.quiet_wakes = 0;
         } else if burst < QUIET && self.bursty {
             self.quiet_wakes += 1;
             if self.quiet_wakes >= QUIET_WAKES {
+                // Back in the epoll set: the standing wait starts again.
+                self.counters.receive_restarts += 1;
                 self.bursty = false;
                 self.quiet_wakes = 0;
             }

@@ -4,7 +4,7 @@
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::task::Context;
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 
@@ -22,6 +22,27 @@ fn check(result: isize) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(result as usize)
+    }
+}
+
+/// The next connection on listener `fd` once epoll says one waits.
+pub(crate) fn poll_accept(
+    reg: &Registration,
+    fd: &FdRef,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<OwnedFd>> {
+    loop {
+        match reg.poll_ready(Direction::Read, cx) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(err)) => return Poll::Ready(Err(err)),
+            Poll::Pending => return Poll::Pending,
+        }
+        match try_accept(reg, fd) {
+            Ok((new, _)) => return Poll::Ready(Ok(new)),
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => reg.clear_ready(Direction::Read),
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+            Err(err) => return Poll::Ready(Err(err)),
+        }
     }
 }
 

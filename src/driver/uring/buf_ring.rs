@@ -68,7 +68,8 @@ use std::rc::Rc;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use super::Driver;
-use crate::driver::buf_pool::Mapping;
+use crate::driver::buf_pool::KernelRing;
+use crate::driver::mapping::Mapping;
 
 /// `struct io_uring_buf` (include/uapi/linux/io_uring.h); 16 bytes.
 #[repr(C)]
@@ -424,5 +425,31 @@ impl Driver {
     pub(crate) fn close_buf_rings(&mut self) {
         self.drain_retired_rings();
         self.buf_rings.retired.driver_alive.set(false);
+    }
+}
+
+impl KernelRing for BufRing {
+    fn is_registered(&self) -> bool {
+        BufRing::is_registered(self)
+    }
+
+    fn group(&self) -> u16 {
+        self.bgid()
+    }
+
+    fn push(&self, bid: u16, addr: u64, len: u32) -> u16 {
+        BufRing::push(self, bid, addr, len)
+    }
+
+    fn entry_addr(&self, index: u16) -> Option<u64> {
+        BufRing::entry_addr(self, index)
+    }
+
+    fn publish(&self) {
+        BufRing::publish(self)
+    }
+
+    fn retire(&mut self, buffers: Mapping) {
+        BufRing::retire(self, buffers)
     }
 }

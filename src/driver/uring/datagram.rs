@@ -136,7 +136,7 @@ impl Receiver {
         let pool = if multishot {
             let pool = driver.with(|d| -> io::Result<BufPool> {
                 let ring = BufRing::register(d, layout.buffers, min_left.map(|n| n as u32))?;
-                BufPool::new(layout, Some((ring, ring_len as u32, incremental)))
+                BufPool::new(layout, Some((Box::new(ring), ring_len as u32, incremental)))
             })??;
             pool.fill();
             pool
@@ -195,7 +195,7 @@ impl Receiver {
             })?
         };
         if self.armed_once {
-            self.counters.rearms += 1;
+            self.counters.receive_restarts += 1;
         }
         self.armed_once = true;
         self.op = Some(op);
@@ -316,10 +316,10 @@ impl Receiver {
         // has posted its final CQE (`op` is None in Mode::Stopping).
         let detached = self
             .driver
-            .with(|d| unsafe { pool.detach_ring(|ring| ring.unregister(d)) });
+            .with(|d| unsafe { pool.detach_ring(|ring: &BufRing| ring.unregister(d)) });
         self.mode = match detached {
             Ok(Ok(())) => {
-                self.counters.burst_switches += 1;
+                self.counters.bursts_drained += 1;
                 Mode::Drain
             }
             _ => Mode::Multishot,
@@ -337,7 +337,7 @@ impl Receiver {
         let pool = &self.pool;
         let attached = self
             .driver
-            .with(|d| pool.attach_ring(|ring| ring.register_again(d)));
+            .with(|d| pool.attach_ring(|ring: &BufRing| ring.register_again(d)));
         self.quiet_wakes = 0;
         self.burst = 0;
         if matches!(attached, Ok(Ok(()))) {

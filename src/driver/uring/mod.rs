@@ -49,6 +49,7 @@ use super::current::{self, DriverId};
 use super::stats::DriverStats;
 use super::unpark::Unparker;
 
+pub(crate) mod accept;
 pub(crate) mod buf_ring;
 pub(crate) mod datagram;
 pub(crate) mod file;

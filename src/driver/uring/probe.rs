@@ -11,8 +11,8 @@ use std::time::Duration;
 use io_uring::{cqueue, opcode, types, IoUring, Probe};
 
 use super::buf_ring::register_incremental;
-use crate::driver::buf_pool::Mapping;
 use crate::driver::caps::{Capabilities, Capability};
+use crate::driver::mapping::Mapping;
 
 /// The most submission queue entries a ring may have (IORING_MAX_ENTRIES).
 pub(crate) const MAX_RING_ENTRIES: u32 = 32768;

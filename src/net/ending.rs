@@ -1,0 +1,38 @@
+//! Ending a connection from this side at once: an abort (RST) or a shutdown of both
+//! directions that wakes every operation in flight. Used by close, the timeouts' watchdog
+//! and drop.
+
+use std::net::Shutdown;
+use std::time::Duration;
+
+use crate::driver::{sockopt, SharedFd};
+use crate::Error;
+
+/// Aborts the connection: RST to the peer when the descriptor closes, queued data
+/// dropped; every operation on it fails with `why` from now on, and those in flight
+/// are woken (a shutdown of the receiving side, which sends nothing; of the sending
+/// side too if data is queued, which is the only time a send can be waiting, and then
+/// the FIN stays queued behind that data until the RST replaces it).
+pub(crate) fn abort(fd: &SharedFd, why: Error) {
+    let sock = fd.sock();
+    let _ = sock.set_linger(Some(Duration::ZERO));
+    fd.end(why);
+    let _ = sock.shutdown(Shutdown::Read);
+    if sockopt::unacknowledged_bytes(fd.raw()).is_ok_and(|bytes| bytes > 0) {
+        fd.mark_write_shut();
+        let _ = sock.shutdown(Shutdown::Write);
+    }
+}
+
+/// Closes an ended connection's both directions now, waking every operation in flight
+/// (they fail with the ending): the peer gets a FIN, or, when data is still queued for
+/// it, a RST once the descriptor closes (so a peer that does not read cannot keep that
+/// data, and the kernel's memory, alive).
+pub(crate) fn shut_now(fd: &SharedFd) {
+    let sock = fd.sock();
+    if sockopt::unacknowledged_bytes(fd.raw()).is_ok_and(|bytes| bytes > 0) {
+        let _ = sock.set_linger(Some(Duration::ZERO));
+    }
+    fd.mark_write_shut();
+    let _ = sock.shutdown(Shutdown::Both);
+}
