@@ -354,7 +354,7 @@ fn check_in_order(datagram: &[u8], expected_seq: &mut u32) {
 
 #[test]
 fn bursts_and_single_datagrams_switch_the_receive_path_without_loss() {
-    util::on_each_backend(|backend| async move {
+    util::on_each_backend(|_backend| async move {
         const BURST: u32 = 1500;
         let receiver = bound("127.0.0.1");
         let to = receiver.local_addr().unwrap();
