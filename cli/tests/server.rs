@@ -110,7 +110,13 @@ fn restart_on_the_same_ports(backend: &str, end: impl Fn(EchoServer, SocketAddr,
         again.ports,
         [tcp.port().to_string(), udp.port().to_string()]
     );
-    tcp_echoes(tcp);
+    // Many connections and flows: the kernel spreads them over the new server's
+    // SO_REUSEPORT sockets, and any that went to a socket the old process still held
+    // would be reset or lost.
+    for _ in 0..16 {
+        tcp_echoes(tcp);
+        udp_echoes(udp, &[100]);
+    }
     udp_echoes(udp, &[100, 65_507]);
     assert!(again.stop().success(), "{backend}");
 }

@@ -41,6 +41,37 @@ pub(crate) fn bind_retrying(socket: &socket2::Socket, addr: SocketAddr) -> io::R
     }
 }
 
+/// Waits up to [`BIND_RETRY`] for no other socket to hold `addr`, before a group of
+/// SO_REUSEPORT sockets binds it; returns whether it is free.
+///
+/// A SO_REUSEPORT bind does not fail on a port a killed process's ring still holds: it
+/// joins that socket's group (same user), and the kernel then hands part of the
+/// connections or datagrams to a socket about to be closed, which resets or loses them.
+/// So the group first waits the dying socket out, with a probe bound without
+/// SO_REUSEPORT. A port still held after the wait belongs to a live process that shares
+/// it on purpose, and the group joins it as asked.
+pub(crate) fn wait_until_free(addr: SocketAddr, ty: socket2::Type) -> io::Result<bool> {
+    if addr.port() == 0 {
+        return Ok(true);
+    }
+    let protocol = if ty == socket2::Type::STREAM {
+        socket2::Protocol::TCP
+    } else {
+        socket2::Protocol::UDP
+    };
+    let probe = socket2::Socket::new(socket2::Domain::for_address(addr), ty, Some(protocol))?;
+    if ty == socket2::Type::STREAM {
+        // Connections in TIME_WAIT do not hold a port for a listener; a listening socket
+        // still does.
+        probe.set_reuse_address(true)?;
+    }
+    match bind_retrying(&probe, addr) {
+        Ok(()) => Ok(true),
+        Err(err) if err.raw_os_error() == Some(libc::EADDRINUSE) => Ok(false),
+        Err(err) => Err(err),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +91,25 @@ mod tests {
         assert_eq!(err.raw_os_error(), Some(libc::EADDRINUSE));
         drop(holder);
         bind_retrying(&socket, addr).unwrap();
+    }
+
+    #[test]
+    fn a_port_shared_on_purpose_is_reported_held_after_the_wait() {
+        let holder = socket2::Socket::new(
+            socket2::Domain::IPV4,
+            socket2::Type::STREAM,
+            Some(socket2::Protocol::TCP),
+        )
+        .unwrap();
+        holder.set_reuse_port(true).unwrap();
+        holder
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .unwrap();
+        holder.listen(8).unwrap();
+        let addr = holder.local_addr().unwrap().as_socket().unwrap();
+        assert!(!wait_until_free(addr, socket2::Type::STREAM).unwrap());
+        drop(holder);
+        assert!(wait_until_free(addr, socket2::Type::STREAM).unwrap());
+        assert!(wait_until_free(addr, socket2::Type::DGRAM).unwrap());
     }
 }

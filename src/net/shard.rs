@@ -6,6 +6,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
+use super::bind::wait_until_free;
 use super::{new_socket, Detached, SocketKind};
 use crate::driver::sockopt;
 use crate::runtime::{PoolHandle, RemoteJoinHandle};
@@ -30,6 +31,12 @@ const BACKLOG: i32 = 1024;
 /// first picks the port and the others join it. Returns the address bound and the
 /// sockets, detached (to be adopted on the threads that will serve them), in group
 /// order. `SocketKind::Stream` is refused.
+///
+/// With a given port, the group first waits up to 250 ms for no other socket to hold
+/// it: a process killed a moment ago may still hold it (its io_uring ring is torn down
+/// after it is gone), and joining that socket's group would hand it connections that
+/// are reset when it closes. A port still held after the wait is shared with a live
+/// process on purpose, and the group joins it.
 pub fn bind_reuse_port(
     addr: SocketAddr,
     count: usize,
@@ -45,7 +52,8 @@ pub fn bind_reuse_port(
 
 /// Binds `count` sockets of `kind` (a listener or a datagram socket) on `addr`, all with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it. Returns
-/// the address bound and the sockets, detached, in group order.
+/// the address bound and the sockets, detached, in group order. A socket a process that
+/// just ended still holds on the port is waited out first (see `wait_until_free`).
 fn bind_group(
     addr: SocketAddr,
     count: usize,
@@ -55,6 +63,7 @@ fn bind_group(
         SocketKind::Datagram => socket2::Type::DGRAM,
         _ => socket2::Type::STREAM,
     };
+    wait_until_free(addr, ty).map_err(|err| Error::io(format!("bind {addr}"), err))?;
     let mut bound = addr;
     let mut group = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
