@@ -94,6 +94,11 @@ struct BenchArgs {
     /// tcp-echo-conns: connections (default 64).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_CONNS as u64))]
     conns: Option<u64>,
+    /// tcp-echo-conns, ringsock impls: serving threads, each with its own runtime and
+    /// SO_REUSEPORT listener (pinned to CPUs 0.. with --pin on); the JSON line's
+    /// `conns_per_thread` shows how the kernel spread the connections.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_THREADS as u64))]
+    threads: Option<u64>,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pin: String,
@@ -675,6 +680,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.gro = args.gro;
     options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
+    options.threads = args.threads.map_or(1, |t| t as usize);
     options.pin = args.pin == "on";
     options.verify_stride = args.verify_stride;
     options.tls = args.tls;
@@ -732,6 +738,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--size", args.size.is_some()),
         ("--count", args.count.is_some()),
         ("--conns", args.conns.is_some()),
+        ("--threads", args.threads.is_some()),
         ("--batch", args.batch != 64),
         ("--pattern", args.pattern != Pattern::Flush),
         ("--verify-stride", args.verify_stride != 1),

@@ -236,6 +236,31 @@ fn tcp_echo_conns_every_impl() {
 }
 
 #[test]
+fn tcp_echo_conns_on_two_threads_serves_every_connection() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        let args = [
+            "--workload",
+            "tcp-echo-conns",
+            "--impl",
+            imp,
+            "--threads",
+            "2",
+            "--conns",
+            "16",
+            "--count",
+            "1600",
+        ];
+        if let Some(v) = check_ok(&args, 1600) {
+            assert_eq!(v["threads"].as_u64(), Some(2), "{v}");
+            let spread = v["conns_per_thread"].as_array().expect("conns_per_thread");
+            assert_eq!(spread.len(), 2, "{v}");
+            let total: u64 = spread.iter().filter_map(|n| n.as_u64()).sum();
+            assert_eq!(total, 16, "{v}");
+        }
+    }
+}
+
+#[test]
 fn tcp_batch_through_tls_every_impl() {
     for imp in IMPLS {
         for size in ["64", "16384"] {
@@ -494,7 +519,7 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 15] = [
+    let cases: [&[&str]; 18] = [
         &["bench", "--json", "--workload", "nope"],
         &[
             "bench",
@@ -553,6 +578,32 @@ fn bad_flags_are_usage_errors() {
             "wait-all",
         ],
         &["bench", "--json", "--workload", "tcp-batch", "--conns", "4"],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "tcp-batch",
+            "--threads",
+            "2",
+        ],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "tcp-echo-conns",
+            "--impl",
+            "std-per-write",
+            "--threads",
+            "2",
+        ],
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "tcp-echo-conns",
+            "--threads",
+            "0",
+        ],
     ];
     for args in cases {
         let output = ringsock(args);

@@ -250,6 +250,9 @@ pub const MAX_SIZE: usize = 1 << 20;
 /// Most connections of tcp-echo-conns.
 pub const MAX_CONNS: usize = 1024;
 
+/// Most serving threads of tcp-echo-conns.
+pub const MAX_THREADS: usize = 64;
+
 /// One benchmark run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
@@ -289,6 +292,9 @@ pub struct Options {
     /// tunnel, ringsock impls: the TUN's offloads (TSO/USO super-segments, GRO in user
     /// space); off, plain packets.
     pub offloads: bool,
+    /// tcp-echo-conns, ringsock impls: serving threads, each a runtime with its own
+    /// SO_REUSEPORT listener (1: the listener and its connections on the bench's thread).
+    pub threads: usize,
 }
 
 impl Options {
@@ -311,6 +317,7 @@ impl Options {
             gapped: false,
             gro: false,
             offloads: true,
+            threads: 1,
         }
     }
 
@@ -387,6 +394,12 @@ impl Options {
         }
         if !self.offloads && (w != Workload::Tunnel || !ringsock) {
             return Err("--no-offload applies to tunnel with a ringsock impl".into());
+        }
+        if self.threads == 0 || self.threads > MAX_THREADS {
+            return Err(format!("--threads must be 1..={MAX_THREADS}"));
+        }
+        if self.threads > 1 && (w != Workload::TcpEchoConns || !ringsock) {
+            return Err("--threads above 1 applies to tcp-echo-conns with a ringsock impl".into());
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());

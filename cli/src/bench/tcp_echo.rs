@@ -2,9 +2,11 @@
 //! and tcp-echo-conns (the measured side is the echo server of C connections).
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::mpsc;
-use std::time::Instant;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use ringsock::runtime::{timeout, Pool};
 use ringsock::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
 
 use super::options::{Options, ECHO_SIZE};
@@ -204,6 +206,8 @@ pub(crate) fn check_echo(pong: &[u8], size: usize, seq: u64) -> Result<()> {
 struct Served {
     echoed: u64,
     syscalls: Option<u64>,
+    /// Sharded: connections each thread accepted, in thread order.
+    conns_per_thread: Option<Vec<usize>>,
 }
 
 /// Runs tcp-echo-conns: the plain client thread drives C connections against the
@@ -211,6 +215,7 @@ struct Served {
 pub(crate) fn run_conns(o: &Options) -> Result<Report> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (served, client) = match o.imp.backend() {
+        Some(backend) if o.threads > 1 => sharded_server(o, backend, ready_tx, ready_rx)?,
         Some(backend) => {
             let runtime = o.runtime(backend)?;
             let listener = StreamSocketListener::bind_addr(SocketAddr::from(([127, 0, 0, 1], 0)))?;
@@ -246,6 +251,10 @@ pub(crate) fn run_conns(o: &Options) -> Result<Report> {
         }
         (Ok(out), Ok(served)) => {
             report.syscalls = served.syscalls;
+            if let Some(spread) = served.conns_per_thread {
+                report.push("threads", spread.len());
+                report.push("conns_per_thread", spread);
+            }
             if served.echoed != total {
                 let message = format!("the server echoed {}, expected {total}", served.echoed);
                 report.error = Some(RunError::new(SocketErrorStatus::Unknown, message));
@@ -273,11 +282,14 @@ fn connect_clients(addr: SocketAddr, conns: usize) -> Result<Vec<TcpStream>> {
         .collect()
 }
 
+/// The plain client thread of tcp-echo-conns.
+type ClientThread = std::thread::JoinHandle<std::io::Result<ConnsOutcome>>;
+
 fn start_client(
     clients: Vec<TcpStream>,
     o: &Options,
     ready: mpsc::Receiver<()>,
-) -> Result<std::thread::JoinHandle<std::io::Result<ConnsOutcome>>> {
+) -> Result<ClientThread> {
     peer::spawn_conns_client(clients, o.count, o.pin, ready)
         .map_err(|e| Error::io("start the client thread", e))
 }
@@ -316,7 +328,109 @@ async fn ringsock_server(
     Ok(Served {
         echoed,
         syscalls: Some(after.syscalls() - stats.syscalls()),
+        conns_per_thread: None,
     })
+}
+
+/// How often a sharded thread with no connection coming looks whether the others have
+/// taken the last one.
+const SHARD_CHECK: Duration = Duration::from_millis(20);
+
+/// What one serving thread of the sharded server did.
+struct ShardServed {
+    echoed: u64,
+    accepted: usize,
+    syscalls: u64,
+}
+
+/// The sharded ringsock server: `o.threads` threads, each a runtime with its own
+/// SO_REUSEPORT listener, accepting until the C connections are all taken (by whichever
+/// thread the kernel gave them to) and echoing on the thread that accepted.
+fn sharded_server(
+    o: &Options,
+    backend: ringsock::Backend,
+    ready: mpsc::Sender<()>,
+    ready_rx: mpsc::Receiver<()>,
+) -> Result<(Result<Served>, ClientThread)> {
+    let mut runtime = ringsock::runtime::Builder::new().backend(backend);
+    if let Some(us) = o.spin_us {
+        runtime = runtime.spin_before_park(Duration::from_micros(us));
+    }
+    let pool = Pool::builder()
+        .threads(o.threads)
+        .runtime(runtime)
+        .pin_threads(o.pin)
+        .build()?;
+    let conns = o.conns;
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let ready = Arc::new(Mutex::new(Some(ready)));
+    let serve = move |_thread: usize, listener: StreamSocketListener| {
+        let (accepted, ready) = (accepted.clone(), ready.clone());
+        async move {
+            listener.control().set_no_delay(true)?;
+            let mut tasks = Vec::new();
+            while accepted.load(Ordering::Acquire) < conns {
+                let socket = match timeout(SHARD_CHECK, listener.accept()).await {
+                    Ok(socket) => socket?,
+                    Err(_) => continue,
+                };
+                tasks.push(ringsock::spawn(echo_connection(socket)));
+                if accepted.fetch_add(1, Ordering::AcqRel) + 1 == conns {
+                    if let Some(ready) = ready.lock().ok().and_then(|mut r| r.take()) {
+                        let _ = ready.send(());
+                    }
+                }
+            }
+            let before = ringsock::runtime::driver_stats().unwrap_or_default();
+            let mut echoed = 0;
+            let accepted = tasks.len();
+            for task in tasks {
+                echoed += task.await?;
+            }
+            let after = ringsock::runtime::driver_stats().unwrap_or_default();
+            Ok::<_, Error>(ShardServed {
+                echoed,
+                accepted,
+                syscalls: after.syscalls() - before.syscalls(),
+            })
+        }
+    };
+    let sharded = StreamSocketListener::bind_sharded(
+        SocketAddr::from(([127, 0, 0, 1], 0)),
+        &pool.handle(),
+        serve,
+    )?;
+    let clients = connect_clients(sharded.addr, o.conns)?;
+    let client = start_client(clients, o, ready_rx)?;
+    let mut served = Served {
+        echoed: 0,
+        syscalls: Some(0),
+        conns_per_thread: Some(Vec::new()),
+    };
+    let mut first_error = None;
+    // The pool threads' outputs arrive through their handles, awaitable from here.
+    let shards = ringsock::block_on(async {
+        let mut shards = Vec::new();
+        for server in sharded.servers {
+            shards.push(server.await);
+        }
+        shards
+    });
+    for shard in shards {
+        match shard.and_then(|adopted| adopted).and_then(|shard| shard) {
+            Ok(shard) => {
+                served.echoed += shard.echoed;
+                served.syscalls = served.syscalls.map(|n| n + shard.syscalls);
+                if let Some(spread) = served.conns_per_thread.as_mut() {
+                    spread.push(shard.accepted);
+                }
+            }
+            Err(err) => {
+                first_error.get_or_insert(err);
+            }
+        }
+    }
+    Ok((first_error.map_or(Ok(served), Err), client))
 }
 
 /// Reads one whole 64-byte message, writes it back; until the client closes.
@@ -382,6 +496,7 @@ fn std_server(listener: &TcpListener, o: &Options, ready: mpsc::Sender<()>) -> R
         None => Ok(Served {
             echoed,
             syscalls: Some(calls),
+            conns_per_thread: None,
         }),
     }
 }
