@@ -94,9 +94,10 @@ struct BenchArgs {
     /// tcp-echo-conns: connections (default 64).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_CONNS as u64))]
     conns: Option<u64>,
-    /// tcp-echo-conns, ringsock impls: serving threads, each with its own runtime and
-    /// SO_REUSEPORT listener (pinned to CPUs 0.. with --pin on); the JSON line's
-    /// `conns_per_thread` shows how the kernel spread the connections.
+    /// tcp-echo-conns and udp-recv, ringsock impls: serving threads, each with its own
+    /// runtime and SO_REUSEPORT socket (pinned to CPUs 0.. with --pin on); the JSON
+    /// line's `conns_per_thread` / `datagrams_per_thread` shows how the kernel spread
+    /// the load (udp-recv's flood then comes from 16 flows).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_THREADS as u64))]
     threads: Option<u64>,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.

@@ -393,6 +393,30 @@ fn udp_recv_every_impl() {
 }
 
 #[test]
+fn udp_recv_on_two_threads_counts_each_threads_share() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        let args = [
+            "--workload",
+            "udp-recv",
+            "--impl",
+            imp,
+            "--threads",
+            "2",
+            "--count",
+            "3000",
+        ];
+        if let Some(v) = check_udp(&args, 3000) {
+            assert_eq!(v["threads"].as_u64(), Some(2), "{v}");
+            assert_eq!(v["flows"].as_u64(), Some(16), "{v}");
+            let spread = v["datagrams_per_thread"].as_array().expect("per thread");
+            assert_eq!(spread.len(), 2, "{v}");
+            let total: u64 = spread.iter().filter_map(|n| n.as_u64()).sum();
+            assert_eq!(Some(total), v["delivered"].as_u64(), "{v}");
+        }
+    }
+}
+
+#[test]
 fn udp_recv_with_gro_takes_super_datagrams_apart() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
         let args = [
@@ -519,7 +543,15 @@ fn order_lost_is_reported_with_what_came_in_order() {
 
 #[test]
 fn bad_flags_are_usage_errors() {
-    let cases: [&[&str]; 18] = [
+    let cases: [&[&str]; 19] = [
+        &[
+            "bench",
+            "--json",
+            "--workload",
+            "udp-batch",
+            "--threads",
+            "2",
+        ],
         &["bench", "--json", "--workload", "nope"],
         &[
             "bench",

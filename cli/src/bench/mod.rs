@@ -51,6 +51,7 @@ pub mod tunnel_baseline;
 mod udp;
 mod udp_echo;
 pub mod udp_peer;
+mod udp_sharded;
 
 pub use options::{Impl, Options, Pattern, Workload};
 pub use report::{Latency, Report, RunError};

@@ -292,8 +292,8 @@ pub struct Options {
     /// tunnel, ringsock impls: the TUN's offloads (TSO/USO super-segments, GRO in user
     /// space); off, plain packets.
     pub offloads: bool,
-    /// tcp-echo-conns, ringsock impls: serving threads, each a runtime with its own
-    /// SO_REUSEPORT listener (1: the listener and its connections on the bench's thread).
+    /// tcp-echo-conns and udp-recv, ringsock impls: serving threads, each a runtime with
+    /// its own SO_REUSEPORT socket (1: one socket on the bench's thread).
     pub threads: usize,
 }
 
@@ -398,8 +398,13 @@ impl Options {
         if self.threads == 0 || self.threads > MAX_THREADS {
             return Err(format!("--threads must be 1..={MAX_THREADS}"));
         }
-        if self.threads > 1 && (w != Workload::TcpEchoConns || !ringsock) {
-            return Err("--threads above 1 applies to tcp-echo-conns with a ringsock impl".into());
+        if self.threads > 1
+            && (!matches!(w, Workload::TcpEchoConns | Workload::UdpRecv) || !ringsock)
+        {
+            return Err(
+                "--threads above 1 applies to tcp-echo-conns and udp-recv with a ringsock impl"
+                    .into(),
+            );
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());

@@ -17,6 +17,7 @@ use super::options::Options;
 use super::peer::{self, FILL, PEER_WAIT};
 use super::report::{round, Report, RunError};
 use super::udp_peer::{self, Counted, UDP_IDLE};
+use super::udp_sharded;
 
 pub(super) fn io_error(what: &'static str) -> impl Fn(std::io::Error) -> Error {
     move |err| Error::io(what, err)
@@ -167,15 +168,17 @@ fn std_sender(o: &Options, dest: SocketAddr) -> Result<Sent> {
 // ------------------------------------------------------------------ udp-recv
 
 /// What the measured receiver got, and what it cost.
-struct Received {
-    rx: Counted,
-    cpu_before: CpuSample,
-    cpu_after: CpuSample,
-    syscalls: u64,
-    rcvbuf: Option<usize>,
-    kernel_drops: Option<u64>,
+pub(super) struct Received {
+    pub(super) rx: Counted,
+    pub(super) cpu_before: CpuSample,
+    pub(super) cpu_after: CpuSample,
+    pub(super) syscalls: u64,
+    pub(super) rcvbuf: Option<usize>,
+    pub(super) kernel_drops: Option<u64>,
     /// Receive-ring counters (ringsock): (key, value).
-    ring: Vec<(&'static str, u64)>,
+    pub(super) ring: Vec<(&'static str, u64)>,
+    /// Sharded: datagrams each thread received, in thread order.
+    pub(super) per_thread: Option<Vec<u64>>,
 }
 
 /// Runs udp-recv: the plain flood sends `o.count` datagrams of `o.size` bytes as GSO
@@ -183,6 +186,7 @@ struct Received {
 pub(crate) fn run_recv(o: &Options) -> Result<Report> {
     let (ready, go) = mpsc::channel();
     let received = match o.imp.backend() {
+        Some(backend) if o.threads > 1 => udp_sharded::receiver(o, backend, ready, go),
         Some(backend) => ringsock_receiver(o, backend, ready, go),
         None => std_receiver(o, ready, go),
     };
@@ -212,6 +216,11 @@ pub(crate) fn run_recv(o: &Options) -> Result<Report> {
         Some(secs) => report.push_per_msg("cpu0_us_per_msg", secs, rx.delivered),
         None => report.push("cpu0_us_per_msg", serde_json::Value::Null),
     }
+    if let Some(spread) = &received.per_thread {
+        report.push("threads", spread.len());
+        report.push("datagrams_per_thread", spread.clone());
+        report.push("flows", SHARDED_FLOWS);
+    }
     report.push("kernel_drops", received.kernel_drops);
     report.push("rcvbuf", received.rcvbuf);
     for (key, value) in &received.ring {
@@ -225,15 +234,20 @@ pub(crate) fn run_recv(o: &Options) -> Result<Report> {
     Ok(report)
 }
 
-type Flood = std::thread::JoinHandle<std::io::Result<udp_peer::Flood>>;
+pub(super) type Flood = std::thread::JoinHandle<std::io::Result<udp_peer::Flood>>;
 
-fn start_flood(o: &Options, dest: SocketAddr, go: mpsc::Receiver<()>) -> Result<Flood> {
-    udp_peer::spawn_gso_flood(dest, o.size, o.count, o.batch, o.pin, go)
+/// Flows the flood uses against a sharded receiver: the kernel picks a thread's socket
+/// by each flow's hash, so one flow would reach one thread only.
+pub(super) const SHARDED_FLOWS: usize = 16;
+
+pub(super) fn start_flood(o: &Options, dest: SocketAddr, go: mpsc::Receiver<()>) -> Result<Flood> {
+    let flows = if o.threads > 1 { SHARDED_FLOWS } else { 1 };
+    udp_peer::spawn_gso_flood(dest, o.size, o.count, o.batch, flows, o.pin, go)
         .map_err(io_error("start the flood thread"))
 }
 
 /// Datagrams the ringsock receiver takes per `recv_batch`.
-const RECV_BATCH: usize = 64;
+pub(super) const RECV_BATCH: usize = 64;
 
 /// The ringsock receiver: `recv_batch` on the socket's receive ring (a multishot
 /// receive into a provided-buffer ring on io_uring, `recvmmsg` on epoll).
@@ -298,6 +312,7 @@ fn ringsock_receiver(
             syscalls,
             rcvbuf,
             kernel_drops: Some(stats.dropped),
+            per_thread: None,
             ring: vec![
                 ("ring_empty", stats.ring_empty),
                 ("receive_restarts", stats.receive_restarts),
@@ -333,6 +348,7 @@ fn std_receiver(
         rcvbuf: udp_peer::recv_buffer(&socket),
         kernel_drops: udp_peer::kernel_drops(&socket),
         ring: Vec::new(),
+        per_thread: None,
     };
     Ok((received, flood))
 }

@@ -181,12 +181,14 @@ pub struct Flood {
 /// Starts the udp-recv flood on its own thread (on the peer CPU when `pin`): once `ready`
 /// says the receiver is set up, `count` datagrams of `size` bytes, each stamped with its
 /// sequence number, go to `dest` as UDP GSO sends of `segments` datagrams (at most 65,507
-/// bytes each) from a blocking std socket.
+/// bytes each) from `flows` blocking std sockets (each its own port, so its own flow),
+/// one GSO send each in turn.
 pub fn spawn_gso_flood(
     dest: SocketAddr,
     size: usize,
     count: u64,
     segments: usize,
+    flows: usize,
     pin: bool,
     ready: mpsc::Receiver<()>,
 ) -> io::Result<JoinHandle<io::Result<Flood>>> {
@@ -194,16 +196,18 @@ pub fn spawn_gso_flood(
         .name("bench-udp-flood".into())
         .spawn(move || {
             cpu::pin_peer(pin);
-            let socket = UdpSocket::bind("127.0.0.1:0")?;
+            let sockets = (0..flows.max(1))
+                .map(|_| UdpSocket::bind("127.0.0.1:0"))
+                .collect::<io::Result<Vec<_>>>()?;
             ready
                 .recv_timeout(PEER_WAIT)
                 .map_err(|_| bench_error("flood: the receiver never became ready"))?;
-            flood(&socket, dest, size, count, segments)
+            flood(&sockets, dest, size, count, segments)
         })
 }
 
 fn flood(
-    socket: &UdpSocket,
+    sockets: &[UdpSocket],
     dest: SocketAddr,
     size: usize,
     count: u64,
@@ -222,6 +226,8 @@ fn flood(
             stamp(&mut buf[j * size..], seq + j as u64);
         }
         let gso = (n > 1).then_some(segment);
+        // The same number of GSO sends from every flow.
+        let socket = &sockets[(seq / k as u64) as usize % sockets.len()];
         loop {
             sends += 1;
             match send_gso(socket, &buf[..n * size], gso, &dest) {
@@ -372,7 +378,7 @@ mod tests {
         let rx = receiver_socket(true).unwrap();
         let dest = rx.local_addr().unwrap();
         let (ready, go) = mpsc::channel();
-        let flood = spawn_gso_flood(dest, 100, 130, 64, false, go).unwrap();
+        let flood = spawn_gso_flood(dest, 100, 130, 64, 1, false, go).unwrap();
         ready.send(()).unwrap();
         let got = count_datagrams(&rx, 100, 130, None).unwrap();
         let flood = flood.join().unwrap().unwrap();
