@@ -14,14 +14,22 @@ const MAX_JOINED_LEN: usize = 1 << 30;
 /// one iovec, and empty ones get none: the kernel walks fewer entries, and a batch of
 /// many small slices needs fewer system calls or links. Each buffer keeps its own
 /// ownership; only the description is joined.
-pub(crate) fn iovecs(bufs: &[Bytes], first: usize, skip: usize, limit: usize) -> Vec<libc::iovec> {
-    let mut iovecs = Vec::with_capacity(bufs.len().saturating_sub(first).min(limit));
+///
+/// They go into `out`, which is cleared first: a caller that keeps the vector between
+/// sends allocates nothing once it has grown.
+pub(crate) fn iovecs_into(
+    out: &mut Vec<libc::iovec>,
+    bufs: &[Bytes],
+    first: usize,
+    skip: usize,
+    limit: usize,
+) {
+    out.clear();
     if let Some((head, rest)) = bufs.get(first..).and_then(|tail| tail.split_first()) {
         let head = &head[skip.min(head.len())..];
         let tail = rest.iter().map(|buf| &buf[..]);
-        append_joined(&mut iovecs, std::iter::once(head).chain(tail), limit);
+        append_joined(out, std::iter::once(head).chain(tail), limit);
     }
-    iovecs
 }
 
 /// Appends at most `limit` iovecs over `bufs` to `out`, joining neighbours that sit end to
@@ -60,6 +68,12 @@ pub(crate) fn append_joined<'a>(
 
 #[cfg(test)]
 mod tests {
+    fn iovecs(bufs: &[Bytes], first: usize, skip: usize, limit: usize) -> Vec<libc::iovec> {
+        let mut out = Vec::new();
+        iovecs_into(&mut out, bufs, first, skip, limit);
+        out
+    }
+
     use super::*;
 
     /// `parts` as slices of one buffer with a byte between neighbours: never end to end,

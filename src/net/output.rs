@@ -12,7 +12,7 @@
 use std::cell::{Cell, RefCell};
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
@@ -105,9 +105,24 @@ struct State {
     failure: Option<(u64, Failure)>,
     /// Writes numbered below this must be sent without waiting for another flush.
     flush_target: u64,
-    /// A sender task is running.
-    sending: bool,
+    /// The stream's sender task, which lives as long as an OutputStream of the stream
+    /// does, so that a flush spawns nothing.
+    sender: Sender,
+    /// Which sender task is the stream's: one that finds another number ends.
+    sender_epoch: u64,
     waiters: Vec<Waker>,
+}
+
+/// Where the sender task is.
+#[derive(Default)]
+enum Sender {
+    /// None runs (not started yet, or ended: no OutputStream left, or the stream broke).
+    #[default]
+    Absent,
+    /// It is sending, or about to look for more.
+    Running,
+    /// It waits for the next flush, to be woken with this.
+    Parked(Waker),
 }
 
 /// The error that broke the stream; every write and flush it concerns gets a copy, with
@@ -128,6 +143,11 @@ impl Failure {
 }
 
 impl State {
+    /// Queued writes somebody waits for (a flush, a handle, a full queue).
+    fn has_work(&self) -> bool {
+        !self.queue.is_empty() && self.queued_from < self.flush_target
+    }
+
     /// The result of write `seq`, once known.
     fn result_of(&self, seq: u64) -> Option<Result<()>> {
         if let Some((from, failure)) = &self.failure {
@@ -324,71 +344,141 @@ impl Inner {
         .await
     }
 
-    /// Starts the sender task unless it runs already or nothing needs sending.
+    /// Gets the sender task going when something needs sending: wakes it where it
+    /// waits, or starts it where none runs.
     fn start_sender(self: &Rc<Self>) {
         let mut state = self.state.borrow_mut();
-        if state.sending || state.queue.is_empty() || state.queued_from >= state.flush_target {
+        if !state.has_work() {
             return;
         }
-        state.sending = true;
-        drop(state);
-        let inner = self.clone();
-        crate::runtime::spawn(async move { inner.send_batches().await });
+        match std::mem::replace(&mut state.sender, Sender::Running) {
+            Sender::Running => {}
+            Sender::Parked(waker) => {
+                drop(state);
+                waker.wake();
+            }
+            Sender::Absent => {
+                state.sender_epoch += 1;
+                let epoch = state.sender_epoch;
+                drop(state);
+                let inner = self.clone();
+                crate::runtime::spawn(run_sender(inner, epoch));
+            }
+        }
     }
 
-    /// Sends queued writes, one batch at a time, while somebody waits for them.
-    async fn send_batches(self: Rc<Self>) {
-        let Some(fd) = self.fd.clone() else {
-            return;
+    /// The parked sender of `epoch` looks for work: the stream (strongly held again) once
+    /// there is a batch; `None` once the task should end (the stream is gone, no
+    /// OutputStream is left to queue more, or another task took over).
+    fn poll_parked(
+        stream: &Weak<Inner>,
+        epoch: u64,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Rc<Inner>>> {
+        let Some(inner) = stream.upgrade() else {
+            return Poll::Ready(None);
         };
-        loop {
-            let (batch, batch_bytes, first_seq) = {
-                let mut state = self.state.borrow_mut();
-                if state.queue.is_empty() || state.queued_from >= state.flush_target {
-                    state.sending = false;
-                    return;
-                }
-                let first_seq = state.queued_from;
-                // The next batch fills the last one's vector: no regrowth per batch.
-                let spare = std::mem::take(&mut state.spare);
-                let batch = std::mem::replace(&mut state.queue, spare);
-                state.queued_from = state.next;
-                (batch, std::mem::take(&mut state.queued_bytes), first_seq)
-            };
-            let count = batch.len() as u64;
-            let mut report = BatchReport::default();
-            let (result, progress, mut bufs) = self
-                .transport
-                .send_batch(&fd, batch, batch_bytes, &mut report)
-                .await;
-            bufs.clear();
+        let mut state = inner.state.borrow_mut();
+        if state.sender_epoch != epoch {
+            return Poll::Ready(None);
+        }
+        if state.has_work() {
+            state.sender = Sender::Running;
+            drop(state);
+            return Poll::Ready(Some(inner));
+        }
+        if inner.handles.get() == 0 {
+            state.sender = Sender::Absent;
+            return Poll::Ready(None);
+        }
+        state.sender = Sender::Parked(cx.waker().clone());
+        Poll::Pending
+    }
 
-            let mut stats = self.stats.get();
-            stats.batches += 1;
-            stats.kernel_operations += report.operations;
-            stats.short_send_recoveries += report.short_send_recoveries;
-            self.stats.set(stats);
-
+    /// Sends the queued writes somebody waits for as one batch. False when the stream
+    /// broke (every write from the failure on fails; the sender ends).
+    async fn send_next_batch(&self) -> bool {
+        let Some(fd) = self.fd.clone() else {
+            self.state.borrow_mut().sender = Sender::Absent;
+            return false;
+        };
+        let (batch, batch_bytes, first_seq) = {
             let mut state = self.state.borrow_mut();
-            state.spare = bufs;
-            // Sent or failed, the batch is no longer pending.
-            state.pending_bytes = state.pending_bytes.saturating_sub(batch_bytes);
-            state.completed = first_seq + progress.first as u64;
-            if let Err(err) = result {
-                // The stream is broken: this batch's unsent writes, and every write queued
-                // behind them, fail with the same status.
-                let failure = Failure::from_io(err);
-                state.failure = Some((state.completed, failure));
-                state.queue.clear();
-                let dropped = std::mem::take(&mut state.queued_bytes);
-                state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
-                state.queued_from = state.next;
-                state.sending = false;
-                state.wake_all();
-                return;
-            }
-            debug_assert_eq!(state.completed, first_seq + count);
+            let first_seq = state.queued_from;
+            // The next batch fills the last one's vector: no regrowth per batch.
+            let spare = std::mem::take(&mut state.spare);
+            let batch = std::mem::replace(&mut state.queue, spare);
+            state.queued_from = state.next;
+            (batch, std::mem::take(&mut state.queued_bytes), first_seq)
+        };
+        let count = batch.len() as u64;
+        let mut report = BatchReport::default();
+        let (result, progress, mut bufs) = self
+            .transport
+            .send_batch(&fd, batch, batch_bytes, &mut report)
+            .await;
+        bufs.clear();
+
+        let mut stats = self.stats.get();
+        stats.batches += 1;
+        stats.kernel_operations += report.operations;
+        stats.short_send_recoveries += report.short_send_recoveries;
+        self.stats.set(stats);
+
+        let mut state = self.state.borrow_mut();
+        state.spare = bufs;
+        // Sent or failed, the batch is no longer pending.
+        state.pending_bytes = state.pending_bytes.saturating_sub(batch_bytes);
+        state.completed = first_seq + progress.first as u64;
+        if let Err(err) = result {
+            // The stream is broken: this batch's unsent writes, and every write queued
+            // behind them, fail with the same status.
+            let failure = Failure::from_io(err);
+            state.failure = Some((state.completed, failure));
+            state.queue.clear();
+            let dropped = std::mem::take(&mut state.queued_bytes);
+            state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
+            state.queued_from = state.next;
+            state.sender = Sender::Absent;
             state.wake_all();
+            return false;
+        }
+        debug_assert_eq!(state.completed, first_seq + count);
+        state.wake_all();
+        true
+    }
+}
+
+/// The sender task of a stream: sends batch after batch while there is work, holding
+/// the stream; between flushes it waits holding it only weakly, so that an idle sender
+/// keeps neither the stream nor its socket open. It ends when the stream goes, when no
+/// OutputStream is left to queue more, or when the stream breaks.
+async fn run_sender(first: Rc<Inner>, epoch: u64) {
+    let stream = Rc::downgrade(&first);
+    let mut working = Some(first);
+    loop {
+        let inner = match working.take() {
+            Some(inner) => inner,
+            None => match poll_fn(|cx| Inner::poll_parked(&stream, epoch, cx)).await {
+                Some(inner) => inner,
+                None => return,
+            },
+        };
+        if !inner.send_next_batch().await {
+            return;
+        }
+        // More queued meanwhile: go on without letting go of the stream, whose last
+        // handle may have gone while it was sent.
+        let mut state = inner.state.borrow_mut();
+        if state.sender_epoch != epoch {
+            return;
+        }
+        if state.has_work() {
+            drop(state);
+            working = Some(inner);
+        } else {
+            // Looked at again in `poll_parked`, which also parks.
+            state.sender = Sender::Running;
         }
     }
 }
@@ -407,10 +497,38 @@ impl Inner {
 
     #[cold]
     fn send_the_rest(self: &Rc<Self>) {
-        let next = self.state.borrow().next;
-        self.state.borrow_mut().flush_target = next;
+        let parked = {
+            let mut state = self.state.borrow_mut();
+            state.flush_target = state.next;
+            match std::mem::replace(&mut state.sender, Sender::Absent) {
+                Sender::Parked(waker) => {
+                    // A parked sender holds the stream only weakly and could find it
+                    // gone: it ends, and the rest goes with a task that holds it.
+                    state.sender_epoch += 1;
+                    Some(waker)
+                }
+                Sender::Running => {
+                    // A sender at work holds the stream and sends the rest itself.
+                    state.sender = Sender::Running;
+                    None
+                }
+                Sender::Absent => None,
+            }
+        };
+        if let Some(waker) = parked {
+            waker.wake();
+        }
         if crate::runtime::current_driver_kind().is_some() {
             self.start_sender();
+        }
+    }
+}
+
+impl Drop for Inner {
+    /// A parked sender ends once the stream is gone (it would wait for nothing).
+    fn drop(&mut self) {
+        if let Sender::Parked(waker) = std::mem::take(&mut self.state.borrow_mut().sender) {
+            waker.wake();
         }
     }
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use super::{Direction, Registration};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::driver::fd::FdRef;
-use crate::driver::iovec::iovecs;
+use crate::driver::iovec::iovecs_into;
 use crate::driver::sockaddr::RawAddr;
 
 /// Most iovecs one `writev`/`sendmsg` takes (UIO_MAXIOV).
@@ -155,7 +155,10 @@ pub(crate) async fn sendmsg_vectored(
     skip: usize,
     flags: i32,
 ) -> (io::Result<usize>, Vec<Bytes>) {
-    let mut iovecs = iovecs(&bufs, first, skip, IOV_MAX);
+    // The array is taken from the thread's spare (and put back after), so a stream that
+    // keeps flushing allocates nothing for its sends.
+    let mut iovecs = SPARE_IOVECS.with(|spare| spare.take());
+    iovecs_into(&mut iovecs, &bufs, first, skip, IOV_MAX);
     let result = reg
         .retry(Direction::Write, || {
             // SAFETY: msghdr is plain old data; zero is its empty value.
@@ -167,7 +170,16 @@ pub(crate) async fn sendmsg_vectored(
             check(n)
         })
         .await;
+    // Emptied first: the entries point into `bufs`, which go back to the caller.
+    iovecs.clear();
+    SPARE_IOVECS.with(|spare| spare.set(iovecs));
     (result, bufs)
+}
+
+thread_local! {
+    /// An iovec array for the next vectored send on this thread (empty; its capacity
+    /// is what is kept).
+    static SPARE_IOVECS: std::cell::Cell<Vec<libc::iovec>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 pub(crate) fn shutdown(fd: &FdRef, how: std::net::Shutdown) -> io::Result<()> {

@@ -13,7 +13,7 @@ use io_uring::{opcode, types};
 use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::driver::fd::FdRef;
-use crate::driver::iovec::iovecs;
+use crate::driver::iovec::iovecs_into;
 use crate::driver::sockaddr::RawAddr;
 
 /// Most iovecs one `sendmsg` takes (the kernel's UIO_MAXIOV).
@@ -174,37 +174,56 @@ pub(crate) async fn shutdown(
 
 /// Buffers described as iovecs, split into `msghdr`s of at most [`IOV_MAX`] entries.
 ///
-/// Built completely before it is handed to an op: the iovecs point into the Bytes' heap
-/// memory and the headers into the iovec array's heap memory, so moving this struct
-/// (into a Box or an Rc) moves none of what the kernel will read.
+/// Filled in place in its box, which is its final address: the iovecs point into the
+/// Bytes' heap memory and the headers into the iovec array's heap memory, so handing the
+/// box to an op moves none of what the kernel will read. Once the op is over the box
+/// goes back to a per-thread spare list with its arrays' capacity, so a stream that keeps
+/// flushing allocates nothing for its sends.
 pub(crate) struct SendMsgs {
-    fd: FdRef,
+    /// `None` while spare.
+    fd: Option<FdRef>,
     bufs: Vec<Bytes>,
     /// Read by the kernel through `headers`; never by us after construction.
-    #[allow(dead_code)]
     iovecs: Vec<libc::iovec>,
     headers: Vec<libc::msghdr>,
-    /// The destination, read by the kernel through `headers`.
-    #[allow(dead_code)]
-    addr: Option<Box<RawAddr>>,
+}
+
+/// Most spare [`SendMsgs`] a thread keeps: one per stream flushing at the same time is
+/// enough for steady state; more would only hold memory.
+const MAX_SPARE_SENDS: usize = 64;
+
+thread_local! {
+    // The boxes themselves are what is reused: each is handed whole to an op's slot.
+    #[allow(clippy::vec_box)]
+    static SPARE_SENDS: std::cell::RefCell<Vec<Box<SendMsgs>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 impl SendMsgs {
     /// Describes `bufs[first..]`, skipping `skip` bytes of `bufs[first]`, in at most
-    /// `max_headers` headers.
-    fn new(
+    /// `max_headers` headers, in a spare box when this thread has one.
+    fn build(
         fd: FdRef,
         bufs: Vec<Bytes>,
         first: usize,
         skip: usize,
         max_headers: usize,
-        addr: Option<SocketAddr>,
-    ) -> SendMsgs {
+    ) -> Box<SendMsgs> {
+        let spare = SPARE_SENDS.with(|spare| spare.borrow_mut().pop());
+        let mut msgs = spare.unwrap_or_else(|| {
+            Box::new(SendMsgs {
+                fd: None,
+                bufs: Vec::new(),
+                iovecs: Vec::new(),
+                headers: Vec::new(),
+            })
+        });
         let limit = max_headers.max(1) * IOV_MAX;
-        let iovecs = iovecs(&bufs, first, skip, limit);
-        let mut addr = addr.map(|addr| Box::new(RawAddr::from_socket_addr(addr)));
-        let links = iovecs.len().div_ceil(IOV_MAX).max(1);
-        let mut headers = Vec::with_capacity(links);
+        iovecs_into(&mut msgs.iovecs, &bufs, first, skip, limit);
+        let SendMsgs {
+            iovecs, headers, ..
+        } = &mut *msgs;
+        headers.clear();
         let mut start = 0;
         while start < iovecs.len() || headers.is_empty() {
             let count = (iovecs.len() - start).min(IOV_MAX);
@@ -212,20 +231,32 @@ impl SendMsgs {
             let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
             header.msg_iov = iovecs[start..].as_ptr() as *mut libc::iovec;
             header.msg_iovlen = count;
-            if let Some(addr) = addr.as_mut() {
-                header.msg_name = addr.as_mut_ptr().cast();
-                header.msg_namelen = addr.len;
-            }
             headers.push(header);
             start += count;
         }
-        SendMsgs {
-            fd,
-            bufs,
-            iovecs,
-            headers,
-            addr,
-        }
+        msgs.fd = Some(fd);
+        msgs.bufs = bufs;
+        msgs
+    }
+
+    fn raw_fd(&self) -> types::Fd {
+        types::Fd(self.fd.as_ref().map_or(-1, FdRef::raw))
+    }
+
+    /// The buffers back, and the box (with its arrays' capacity) to the spare list. Only
+    /// for a box the kernel is done with: its op gave it back.
+    fn recycle(mut self: Box<SendMsgs>) -> Vec<Bytes> {
+        let bufs = std::mem::take(&mut self.bufs);
+        self.fd = None;
+        self.iovecs.clear();
+        self.headers.clear();
+        SPARE_SENDS.with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < MAX_SPARE_SENDS {
+                spare.push(self);
+            }
+        });
+        bufs
     }
 }
 
@@ -250,12 +281,12 @@ pub(crate) async fn sendmsg_stream(
     flags: i32,
     max_links: usize,
 ) -> (io::Result<StreamSend>, Vec<Bytes>) {
-    let msgs = SendMsgs::new(fd.clone(), bufs, first, skip, max_links, None);
+    let msgs = SendMsgs::build(fd.clone(), bufs, first, skip, max_links);
     if msgs.headers.len() == 1 {
-        // SAFETY: the SQE points to a header owned by the op's data (see SendMsgs).
+        // SAFETY: the SQE points to a header owned by the op's boxed data (see SendMsgs).
         let op = unsafe {
-            Op::submit(driver, msgs, |msgs| {
-                opcode::SendMsg::new(types::Fd(msgs.fd.raw()), &msgs.headers[0])
+            Op::submit_boxed(driver, msgs, |msgs| {
+                opcode::SendMsg::new(msgs.raw_fd(), &msgs.headers[0])
                     .flags(flags as u32)
                     .build()
             })
@@ -263,9 +294,9 @@ pub(crate) async fn sendmsg_stream(
         return match op {
             Ok(op) => {
                 let (completion, msgs) = op.await;
-                (completion.map(StreamSend::One), msgs.bufs)
+                (completion.map(StreamSend::One), msgs.recycle())
             }
-            Err((err, msgs)) => (Err(err), msgs.bufs),
+            Err((err, msgs)) => (Err(err), msgs.recycle()),
         };
     }
     // SAFETY: every SQE points to a header owned by the chain's data (see SendMsgs).
@@ -274,7 +305,7 @@ pub(crate) async fn sendmsg_stream(
             msgs.headers
                 .iter()
                 .map(|header| {
-                    opcode::SendMsg::new(types::Fd(msgs.fd.raw()), header)
+                    opcode::SendMsg::new(msgs.raw_fd(), header)
                         .flags(flags as u32)
                         .build()
                 })
@@ -284,8 +315,8 @@ pub(crate) async fn sendmsg_stream(
     match op {
         Ok(op) => {
             let (completions, msgs) = op.await;
-            (completions.map(StreamSend::Chain), msgs.bufs)
+            (completions.map(StreamSend::Chain), msgs.recycle())
         }
-        Err((err, msgs)) => (Err(err), msgs.bufs),
+        Err((err, msgs)) => (Err(err), msgs.recycle()),
     }
 }

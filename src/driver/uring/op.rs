@@ -10,7 +10,6 @@
 use std::any::Any;
 use std::future::Future;
 use std::io;
-use std::marker::PhantomData;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
@@ -28,15 +27,30 @@ fn unbox<T: 'static>(data: Box<dyn Any>) -> T {
     }
 }
 
-/// Takes an abandoned operation's data back; the process stops rather than let the
-/// kernel write into memory it freed when the kernel never gave it back.
-fn abandoned<T: 'static>(driver: &Handle, key: Key, close_result: bool) -> T {
+/// The data of a slot, still in the box its operation was given in (no allocation is
+/// made or freed for it).
+fn keep_boxed<T: 'static>(data: Box<dyn Any>) -> Box<T> {
+    match data.downcast::<T>() {
+        Ok(data) => data,
+        Err(_) => unreachable!("a key's generation ties it to the data its operation gave"),
+    }
+}
+
+/// Takes an abandoned operation's data back (as `take` gives it); the process stops
+/// rather than let the kernel write into memory it freed when the kernel never gave it
+/// back.
+fn abandoned<T: 'static>(
+    driver: &Handle,
+    key: Key,
+    close_result: bool,
+    take: fn(Box<dyn Any>) -> T,
+) -> T {
     let data = driver
         .borrow()
         .ok()
         .and_then(|mut d| d.abandon(key, close_result));
     match data {
-        Some(data) => unbox(data),
+        Some(data) => take(data),
         None => {
             eprintln!(
                 "ringsock: the kernel did not give back an io_uring operation's memory after \
@@ -54,8 +68,8 @@ pub(crate) struct Op<T: 'static> {
     key: Option<Key>,
     /// The result is a descriptor to close if the future is dropped without taking it.
     close_result: bool,
-    /// The data's type, without making the future depend on it for Unpin.
-    data: PhantomData<fn() -> T>,
+    /// How the slot's data becomes a `T` again: unboxed, or kept in its box.
+    take: fn(Box<dyn Any>) -> T,
 }
 
 impl<T: 'static> Op<T> {
@@ -84,11 +98,45 @@ impl<T: 'static> Op<T> {
                 driver: driver.clone(),
                 key: Some(key),
                 close_result: false,
-                data: PhantomData,
+                take: unbox::<T>,
             }),
             Err((err, data)) => {
                 drop(d);
                 Err((err, unbox(data)))
+            }
+        }
+    }
+}
+
+impl<U: 'static> Op<Box<U>> {
+    /// As [`Op::submit`], for data already in a box: the slot takes that box and the
+    /// future gives the same box back, so an operation whose caller keeps reusing its
+    /// data allocates nothing.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Op::submit`]: the entry may point only into the boxed data.
+    pub(crate) unsafe fn submit_boxed(
+        driver: &Handle,
+        mut data: Box<U>,
+        build: impl FnOnce(&mut U) -> squeue::Entry,
+    ) -> Result<Op<Box<U>>, (io::Error, Box<U>)> {
+        let mut d = match driver.checked() {
+            Ok(d) => d,
+            Err(err) => return Err((err, data)),
+        };
+        let entry = build(&mut data);
+        // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
+        match unsafe { d.push(entry, State::Pending(None), data) } {
+            Ok(key) => Ok(Op {
+                driver: driver.clone(),
+                key: Some(key),
+                close_result: false,
+                take: keep_boxed::<U>,
+            }),
+            Err((err, data)) => {
+                drop(d);
+                Err((err, keep_boxed(data)))
             }
         }
     }
@@ -124,12 +172,13 @@ impl<T: 'static> Future for Op<T> {
         match polled {
             Ok(Poll::Ready((completion, data))) => {
                 self.key = None;
-                Poll::Ready((Ok(completion), unbox(data)))
+                Poll::Ready((Ok(completion), (self.take)(data)))
             }
             Ok(Poll::Pending) => Poll::Pending,
             Err(misuse) => {
                 self.key = None;
-                Poll::Ready((Err(misuse), abandoned(&self.driver, key, self.close_result)))
+                let data = abandoned(&self.driver, key, self.close_result, self.take);
+                Poll::Ready((Err(misuse), data))
             }
         }
     }
@@ -329,7 +378,7 @@ impl<T: 'static> Future for ChainOp<T> {
         if let Err(misuse) = outcome {
             for (key, result) in this.keys.iter().zip(this.results.iter_mut()) {
                 if result.take().is_none() {
-                    drop(abandoned::<Rc<T>>(&this.driver, *key, false));
+                    drop(abandoned::<Rc<T>>(&this.driver, *key, false, unbox));
                 }
             }
             this.keys.clear();
