@@ -401,7 +401,7 @@ mod tests {
         let config = RingConfig {
             buffers,
             buffer_size: 64,
-            gro: false,
+            wants: Default::default(),
         };
         Rc::new(BufPool::new(Layout::new(&config, shared), None).unwrap())
     }

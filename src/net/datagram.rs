@@ -10,20 +10,22 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::bind::bind_retrying;
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
 use futures_core::Stream;
 
+use super::meta::{OutgoingDatagram, SendOptions, TrafficClass};
 use super::stream::sock_addr;
 use super::transport::Transport;
 use super::turn::Turnstile;
 use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, Receiver, RecvDatagram, RingConfig, MAX_UDP_PAYLOAD_V4,
-    MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, Receiver, RecvDatagram, RecvWants, RingConfig, SendMeta,
+    MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -79,9 +81,11 @@ impl ReceiveRing {
         ReceiveRing::default()
     }
 
-    /// Bytes of memory the ring takes: its cap, whichever engine fills it.
+    /// Bytes of memory the ring takes: its cap, whichever engine fills it. Receive
+    /// metadata ([`DatagramSocketControl::set_receive_destination`] and the like) adds
+    /// up to 64 bytes per slot for the kernel's control messages.
     pub fn memory(&self) -> usize {
-        ops_datagram::ring_memory(self.buffers, self.buffer_size)
+        ops_datagram::ring_memory(self.buffers, self.buffer_size, 0)
     }
 }
 
@@ -137,6 +141,9 @@ struct DatagramOptions {
     gro: Cell<bool>,
     gso: Rc<Cell<bool>>,
     ring: Cell<ReceiveRing>,
+    receive_destination: Cell<bool>,
+    receive_traffic_class: Cell<bool>,
+    receive_timestamps: Cell<bool>,
 }
 
 impl Default for DatagramOptions {
@@ -153,6 +160,9 @@ impl Default for DatagramOptions {
             gro: Cell::new(false),
             gso: Rc::new(Cell::new(true)),
             ring: Cell::new(ReceiveRing::default()),
+            receive_destination: Cell::new(false),
+            receive_traffic_class: Cell::new(false),
+            receive_timestamps: Cell::new(false),
         }
     }
 }
@@ -348,12 +358,56 @@ impl DatagramSocket {
 
     /// Sends `buf` as one datagram to the connected remote end.
     pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
-        let fd = match self.fd() {
-            Ok(fd) => fd,
+        self.send_with(buf, &SendOptions::default()).await
+    }
+
+    /// Sends `buf` as one datagram to the connected remote end, with `options` (source
+    /// address, traffic class).
+    pub async fn send_with<B: IoBuf>(&self, buf: B, options: &SendOptions) -> BufResult<usize, B> {
+        let (fd, meta) = match self
+            .fd()
+            .and_then(|fd| Ok((fd, self.connected_meta(options)?)))
+        {
+            Ok(found) => found,
             Err(err) => return (Err(err), buf),
         };
-        let (result, buf) = ops_datagram::send_to(fd, buf, None).await;
+        let (result, buf) = ops_datagram::send_to(fd, buf, None, &meta).await;
         (result.map_err(|err| Error::io("send", err)), buf)
+    }
+
+    /// The driver's form of `options` for datagrams to `dest` (as the socket's family
+    /// writes it): IPv4 control messages for IPv4 and v4-mapped destinations.
+    fn send_meta(&self, options: &SendOptions, dest: SocketAddr) -> Result<SendMeta> {
+        let ipv4 = canonical(dest).is_ipv4();
+        if let Some(source) = options.source {
+            let source_v4 = match source {
+                IpAddr::V4(_) => true,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+            };
+            if source_v4 != ipv4 {
+                return Err(Error::invalid_input(format!(
+                    "source address {source} cannot send to {dest}: another IP version"
+                )));
+            }
+            if !self.ipv6.get() && !source_v4 {
+                return Err(Error::invalid_input(format!(
+                    "source address {source} on an IPv4 socket"
+                )));
+            }
+        }
+        Ok(SendMeta {
+            source: options.source,
+            tos: options.traffic_class.map(TrafficClass::to_byte),
+            ipv4,
+        })
+    }
+
+    /// [`send_meta`](Self::send_meta) for the connected peer.
+    fn connected_meta(&self, options: &SendOptions) -> Result<SendMeta> {
+        if *options == SendOptions::default() {
+            return Ok(SendMeta::default());
+        }
+        self.send_meta(options, self.peer_addr()?)
     }
 
     /// Sends `buf` as one datagram to `service` at `host` (the first of its addresses
@@ -376,12 +430,29 @@ impl DatagramSocket {
 
     /// Sends `buf` as one datagram to `addr`.
     pub async fn send_to_addr<B: IoBuf>(&self, buf: B, addr: SocketAddr) -> BufResult<usize, B> {
+        self.send_to_addr_with(buf, addr, &SendOptions::default())
+            .await
+    }
+
+    /// Sends `buf` as one datagram to `addr` with `options`: from a source address of
+    /// this host (a reply from the address the request came to:
+    /// [`SendOptions::reply_to`]), with a traffic class (DSCP and ECN).
+    pub async fn send_to_addr_with<B: IoBuf>(
+        &self,
+        buf: B,
+        addr: SocketAddr,
+        options: &SendOptions,
+    ) -> BufResult<usize, B> {
         let fd = match self.socket_for(&addr) {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        let meta = match self.send_meta(options, addr) {
+            Ok(meta) => meta,
+            Err(err) => return (Err(err), buf),
+        };
         let target = for_family(addr, self.ipv6.get());
-        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target)).await;
+        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target), &meta).await;
         (
             result.map_err(|err| Error::io(format!("send to {addr}"), err)),
             buf,
@@ -401,9 +472,16 @@ impl DatagramSocket {
     /// io_uring, one `sendmmsg` on epoll; runs of equal-sized datagrams as single UDP GSO
     /// sends). Each call returns a new stream.
     pub fn output_stream(&self) -> Result<OutputStream> {
+        self.output_stream_with(&SendOptions::default())
+    }
+
+    /// [`output_stream`](Self::output_stream) whose every datagram carries `options`
+    /// (source address, traffic class); GSO runs keep them.
+    pub fn output_stream_with(&self, options: &SendOptions) -> Result<OutputStream> {
         let fd = self.fd()?;
         self.peer_addr()?;
-        Ok(self.stream_to(fd, None))
+        let meta = self.connected_meta(options)?;
+        Ok(self.stream_to(fd, None, meta))
     }
 
     /// A batching writer whose datagrams go to `service` at `host`
@@ -416,19 +494,66 @@ impl DatagramSocket {
 
     /// A batching writer whose datagrams go to `addr`.
     pub fn output_stream_to_addr(&self, addr: SocketAddr) -> Result<OutputStream> {
-        let fd = self.socket_for(&addr)?;
-        Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get()))))
+        self.output_stream_to_addr_with(addr, &SendOptions::default())
     }
 
-    fn stream_to(&self, fd: &SharedFd, dest: Option<SocketAddr>) -> OutputStream {
+    /// A batching writer whose datagrams go to `addr`, each carrying `options` (source
+    /// address, traffic class); GSO runs keep them.
+    pub fn output_stream_to_addr_with(
+        &self,
+        addr: SocketAddr,
+        options: &SendOptions,
+    ) -> Result<OutputStream> {
+        let fd = self.socket_for(&addr)?;
+        let meta = self.send_meta(options, addr)?;
+        Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get())), meta))
+    }
+
+    fn stream_to(&self, fd: &SharedFd, dest: Option<SocketAddr>, meta: SendMeta) -> OutputStream {
         OutputStream::with_transport(
             Some(fd.clone()),
             Transport::Datagram {
                 dest,
+                meta,
                 gso: self.options.gso.clone(),
                 max_payload: self.max_payload(),
             },
         )
+    }
+
+    /// Sends each datagram of `batch` to its own destination, with its own options, in
+    /// one flush: one `sendmmsg` (while the send buffer has room) of one message per
+    /// run of datagrams to the same destination with the same options, a UDP GSO send
+    /// where their sizes allow (see
+    /// [`set_segmentation_offload`](DatagramSocketControl::set_segmentation_offload)).
+    ///
+    /// Returns each datagram's result in order: the bytes sent, or why that datagram
+    /// (and the others of its message) was not sent; the rest of the batch goes on. The
+    /// error is for the batch as a whole: options that cannot apply to a destination
+    /// (an IPv6 source for an IPv4 peer), or a socket that cannot send at all; then
+    /// nothing was sent.
+    pub async fn send_many(&self, batch: Vec<OutgoingDatagram>) -> Result<Vec<Result<usize>>> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let fd = self.socket_for(&first.to)?;
+        let mut bufs = Vec::with_capacity(batch.len());
+        let mut targets = Vec::with_capacity(batch.len());
+        for datagram in batch {
+            let meta = self.send_meta(&datagram.options, datagram.to)?;
+            targets.push((for_family(datagram.to, self.ipv6.get()), meta));
+            bufs.push(datagram.data);
+        }
+        let results = ops_datagram::send_many(fd, bufs, targets.clone(), &self.options.gso)
+            .await
+            .map_err(|err| Error::io("send", err))?;
+        Ok(results
+            .into_iter()
+            .zip(targets)
+            .map(|(result, (to, _))| {
+                result.map_err(|err| Error::io(format!("send to {}", canonical(to)), err))
+            })
+            .collect())
     }
 
     /// The next datagram (one MessageReceived), whole. Only a ring made smaller than the
@@ -486,7 +611,12 @@ impl DatagramSocket {
             let config = RingConfig {
                 buffers: ring.buffers.clamp(1, 32768).next_power_of_two(),
                 buffer_size: ring.buffer_size.max(1),
-                gro: self.options.gro.get(),
+                wants: RecvWants {
+                    gro: self.options.gro.get(),
+                    destination: self.options.receive_destination.get(),
+                    traffic_class: self.options.receive_traffic_class.get(),
+                    timestamp: self.options.receive_timestamps.get(),
+                },
             };
             match Receiver::new(fd, config) {
                 Ok(new) => *receiver = Some(new),
@@ -622,6 +752,39 @@ impl Datagram {
         self.inner.original_len
     }
 
+    /// The address the datagram was sent to, one of this host's (IPv4 shown as IPv4 on a
+    /// dual-stack socket), when the socket reports it
+    /// ([`set_receive_destination`](DatagramSocketControl::set_receive_destination)).
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.inner.meta.destination
+    }
+
+    /// The index of the interface the datagram came in on, when the socket reports the
+    /// destination ([`set_receive_destination`](DatagramSocketControl::set_receive_destination)).
+    pub fn interface_index(&self) -> Option<u32> {
+        (self.inner.meta.interface != 0).then_some(self.inner.meta.interface)
+    }
+
+    /// The datagram's traffic class (DSCP and ECN), when the socket reports it
+    /// ([`set_receive_traffic_class`](DatagramSocketControl::set_receive_traffic_class)).
+    pub fn traffic_class(&self) -> Option<TrafficClass> {
+        self.inner.meta.tos.map(TrafficClass::from_byte)
+    }
+
+    /// When the kernel received the datagram (the system clock), when the socket reports
+    /// it ([`set_receive_timestamps`](DatagramSocketControl::set_receive_timestamps)).
+    pub fn timestamp(&self) -> Option<SystemTime> {
+        let ns = self.inner.meta.timestamp_ns;
+        (ns != 0).then(|| UNIX_EPOCH + Duration::from_nanos(ns))
+    }
+
+    /// The segment size of the GRO super-datagram this datagram was cut from (with
+    /// [`set_gro`](DatagramSocketControl::set_gro)); `None` when it came alone.
+    pub fn gro_segment_size(&self) -> Option<usize> {
+        let segment = self.inner.meta.gro_segment as usize;
+        (segment != 0).then_some(segment)
+    }
+
     /// The payload as UTF-8 text (DataReader.ReadString).
     pub fn text(&self) -> Result<&str> {
         std::str::from_utf8(self.data())
@@ -753,6 +916,15 @@ impl DatagramSocketControl<'_> {
         }
         if self.options.gro.get() {
             self.apply_gro(true)?;
+        }
+        if self.options.receive_destination.get() {
+            self.apply_receive_destination(true)?;
+        }
+        if self.options.receive_traffic_class.get() {
+            self.apply_receive_traffic_class(true)?;
+        }
+        if self.options.receive_timestamps.get() {
+            self.apply_receive_timestamps(true)?;
         }
         Ok(())
     }
@@ -968,6 +1140,101 @@ impl DatagramSocketControl<'_> {
                 .map_err(|e| Error::io("set UDP_GRO", e)),
             None => Ok(()),
         }
+    }
+
+    /// Reports on every received datagram the address it was sent to and the
+    /// interface it came in on ([`Datagram::local_ip`], [`Datagram::interface_index`];
+    /// IP_PKTINFO, or IPV6_RECVPKTINFO, which covers IPv4 on a dual-stack socket too).
+    /// A server bound to a wildcard address answers from that address
+    /// ([`SendOptions::reply_to`]). Costs 40 bytes of control data per datagram; set
+    /// before the first receive.
+    pub fn set_receive_destination(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_destination")?;
+        self.options.receive_destination.set(on);
+        self.apply_receive_destination(on)
+    }
+
+    /// Whether received datagrams report their destination.
+    pub fn receive_destination(&self) -> bool {
+        self.options.receive_destination.get()
+    }
+
+    /// Reports on every received datagram its traffic class, DSCP and ECN
+    /// ([`Datagram::traffic_class`]; IP_RECVTOS, and IPV6_RECVTCLASS on an IPv6 socket).
+    /// Costs 24 bytes of control data per datagram; set before the first receive.
+    pub fn set_receive_traffic_class(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_traffic_class")?;
+        self.options.receive_traffic_class.set(on);
+        self.apply_receive_traffic_class(on)
+    }
+
+    /// Whether received datagrams report their traffic class.
+    pub fn receive_traffic_class(&self) -> bool {
+        self.options.receive_traffic_class.get()
+    }
+
+    /// Reports on every received datagram when the kernel received it
+    /// ([`Datagram::timestamp`]; SO_TIMESTAMPNS, the system clock). Costs 32 bytes of
+    /// control data per datagram; set before the first receive.
+    pub fn set_receive_timestamps(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_timestamps")?;
+        self.options.receive_timestamps.set(on);
+        self.apply_receive_timestamps(on)
+    }
+
+    /// Whether received datagrams report their receive time.
+    pub fn receive_timestamps(&self) -> bool {
+        self.options.receive_timestamps.get()
+    }
+
+    /// The receive ring has room for control data only as set up by the first receive.
+    fn before_receiving(&self, what: &str) -> Result<()> {
+        if self.receiving {
+            return Err(Error::invalid_input(format!(
+                "{what}: receive metadata is set up by the first receive: set it before"
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply_receive_destination(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        let (level, name, what) = if self.ipv6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVPKTINFO,
+                "set IPV6_RECVPKTINFO",
+            )
+        } else {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO, "set IP_PKTINFO")
+        };
+        ops_datagram::set_int_option(fd, level, name, on as libc::c_int)
+            .map_err(|e| Error::io(what, e))
+    }
+
+    fn apply_receive_traffic_class(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        let value = on as libc::c_int;
+        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, value);
+        if self.ipv6 {
+            // IPv4 datagrams on a dual-stack socket report IP_TOS; an IPv6-only socket
+            // may refuse the IPv4 option, which it never needs.
+            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, value)
+                .map_err(|e| Error::io("set IPV6_RECVTCLASS", e))
+        } else {
+            ip.map_err(|e| Error::io("set IP_RECVTOS", e))
+        }
+    }
+
+    fn apply_receive_timestamps(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        ops_datagram::set_int_option(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            on as libc::c_int,
+        )
+        .map_err(|e| Error::io("set SO_TIMESTAMPNS", e))
     }
 
     /// Whether batched sends may use UDP GSO (UDP_SEGMENT, Linux 4.18) for runs of

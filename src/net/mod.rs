@@ -14,6 +14,7 @@ mod ending;
 mod handoff;
 mod input;
 mod listener;
+mod meta;
 mod output;
 mod shard;
 mod stream;
@@ -30,6 +31,7 @@ pub use handoff::{
 };
 pub use input::InputStream;
 pub use listener::{AcceptStats, Incoming, StreamSocketListener};
+pub use meta::{Ecn, OutgoingDatagram, SendOptions, TrafficClass};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use shard::{bind_reuse_port, Sharded};
 pub use stream::StreamSocket;
