@@ -105,27 +105,26 @@ impl RecvMeta {
                     self.gro_segment = u16::try_from(segment).unwrap_or(0);
                 }
             }
-            (libc::SOL_IP, libc::IP_PKTINFO) => {
-                if data.len() >= std::mem::size_of::<libc::in_pktinfo>() {
-                    // SAFETY: the data holds a whole in_pktinfo; read unaligned.
-                    let info = unsafe { data.as_ptr().cast::<libc::in_pktinfo>().read_unaligned() };
-                    self.interface = info.ipi_ifindex as u32;
-                    let ip = Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes());
-                    self.destination = Some(IpAddr::V4(ip));
-                }
+            (libc::SOL_IP, libc::IP_PKTINFO)
+                if data.len() >= std::mem::size_of::<libc::in_pktinfo>() =>
+            {
+                // SAFETY: the data holds a whole in_pktinfo; read unaligned.
+                let info = unsafe { data.as_ptr().cast::<libc::in_pktinfo>().read_unaligned() };
+                self.interface = info.ipi_ifindex as u32;
+                let ip = Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes());
+                self.destination = Some(IpAddr::V4(ip));
             }
-            (libc::SOL_IPV6, libc::IPV6_PKTINFO) => {
-                if data.len() >= std::mem::size_of::<libc::in6_pktinfo>() {
-                    // SAFETY: the data holds a whole in6_pktinfo; read unaligned.
-                    let info =
-                        unsafe { data.as_ptr().cast::<libc::in6_pktinfo>().read_unaligned() };
-                    self.interface = info.ipi6_ifindex;
-                    let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
-                    self.destination = Some(match ip.to_ipv4_mapped() {
-                        Some(v4) => IpAddr::V4(v4),
-                        None => IpAddr::V6(ip),
-                    });
-                }
+            (libc::SOL_IPV6, libc::IPV6_PKTINFO)
+                if data.len() >= std::mem::size_of::<libc::in6_pktinfo>() =>
+            {
+                // SAFETY: the data holds a whole in6_pktinfo; read unaligned.
+                let info = unsafe { data.as_ptr().cast::<libc::in6_pktinfo>().read_unaligned() };
+                self.interface = info.ipi6_ifindex;
+                let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
+                self.destination = Some(match ip.to_ipv4_mapped() {
+                    Some(v4) => IpAddr::V4(v4),
+                    None => IpAddr::V6(ip),
+                });
             }
             // IP_TOS comes as one byte (IP_RECVTOS); IPV6_TCLASS as an int.
             (libc::SOL_IP, libc::IP_TOS) => {
@@ -138,15 +137,14 @@ impl RecvMeta {
                     self.tos = Some(class as u8);
                 }
             }
-            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS) => {
-                if data.len() >= std::mem::size_of::<libc::timespec>() {
-                    // SAFETY: the data holds a whole timespec; read unaligned.
-                    let time = unsafe { data.as_ptr().cast::<libc::timespec>().read_unaligned() };
-                    let ns = (time.tv_sec as u64)
-                        .saturating_mul(1_000_000_000)
-                        .saturating_add(time.tv_nsec as u64);
-                    self.timestamp_ns = ns;
-                }
+            (libc::SOL_SOCKET, libc::SCM_TIMESTAMPNS)
+                if data.len() >= std::mem::size_of::<libc::timespec>() =>
+            {
+                // SAFETY: the data holds a whole timespec; read unaligned.
+                let time = unsafe { data.as_ptr().cast::<libc::timespec>().read_unaligned() };
+                self.timestamp_ns = (time.tv_sec as u64)
+                    .saturating_mul(1_000_000_000)
+                    .saturating_add(time.tv_nsec as u64);
             }
             _ => {}
         }
