@@ -1,6 +1,6 @@
-//! `ringsock echo-server` run as a server is run: every datagram echoed whole, and a
-//! restart on the same ports right after the old process ended, by SIGTERM or SIGKILL,
-//! on both drivers.
+//! `ringsock echo-server` run as a server is run: every datagram echoed whole, replies
+//! from the address each request came to on a wildcard address, and a restart on the
+//! same ports right after the old process ended, by SIGTERM or SIGKILL, on both drivers.
 
 mod util;
 
@@ -9,7 +9,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use util::echo_server::EchoServer;
+use util::echo_server::{EchoServer, Setup};
+use util::tunnel_pair::{netns, Pair, A_OUTER, B_OUTER};
 
 const BACKENDS: [&str; 2] = ["uring", "epoll"];
 
@@ -147,5 +148,58 @@ fn a_server_stopped_with_sigterm_frees_its_ports_at_once() {
                 .unwrap_or_else(|err| panic!("{backend}: UDP port still held: {err}"));
             drop((listener, socket));
         });
+    }
+}
+
+/// The server side's second address, on a prefix of its own: replying to the client
+/// (on A_OUTER's prefix) the kernel would pick A_OUTER by itself.
+const A_SECOND: &str = "192.168.72.1";
+
+#[test]
+fn udp_echo_server_on_a_wildcard_replies_from_the_address_asked() {
+    let pair = match Pair::create("usrc") {
+        Ok(pair) => pair,
+        Err(why) => return netns::skip(&why),
+    };
+    let setup = [
+        pair.a.exec(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{A_SECOND}/24"),
+            "dev",
+            "rsva",
+        ]),
+        pair.b
+            .exec(&["ip", "route", "add", "192.168.72.0/24", "dev", "rsvb"]),
+    ];
+    if let Some(Err(why)) = setup.into_iter().find(Result::is_err) {
+        return netns::skip(&why);
+    }
+    let client = pair.b.run(|| {
+        let client = UdpSocket::bind(format!("{B_OUTER}:0")).unwrap();
+        client.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+        client
+    });
+    for backend in BACKENDS {
+        let server = EchoServer::start_with(
+            &["--udp", "0.0.0.0:0", "--backend", backend, "--threads", "1"],
+            &["udp"],
+            Setup {
+                netns: Some(pair.a.name()),
+                ..Setup::default()
+            },
+        );
+        for ip in [A_OUTER, A_SECOND] {
+            let to = addr(ip, server.port());
+            client.send_to(ip.as_bytes(), to).unwrap();
+            let mut buf = [0u8; 64];
+            let (got, from) = client
+                .recv_from(&mut buf)
+                .unwrap_or_else(|err| panic!("{backend}: no echo from {to}: {err}"));
+            assert_eq!(&buf[..got], ip.as_bytes());
+            assert_eq!(from, to, "{backend}: the reply to {to} came from {from}");
+        }
+        server.stop();
     }
 }

@@ -305,6 +305,7 @@ mod tests {
         assert_eq!(bytes.len(), CMSG_HDR + 8);
         // The UDP_SEGMENT layout is UDP_GRO's but for the type and the width.
         let mut control = bytes.clone();
+        control[..8].copy_from_slice(&(CMSG_HDR + 4).to_ne_bytes());
         control[12..16].copy_from_slice(&UDP_GRO.to_ne_bytes());
         control[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1400i32.to_ne_bytes());
         assert_eq!(RecvMeta::parse(&control).gro_segment, 1400);
