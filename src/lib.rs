@@ -74,7 +74,7 @@ pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
-    AcceptStats, Datagram, DatagramSocket, DatagramSocketControl, Ecn, InputStream,
+    AcceptStats, Datagram, DatagramSocket, DatagramSocketControl, Ecn, Forward, InputStream,
     OutgoingDatagram, OutputStream, ReceiveRing, ReceiveStats, SendOptions, StreamSocket,
     StreamSocketControl, StreamSocketListener, TimeoutCounts, TrafficClass,
 };

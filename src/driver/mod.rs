@@ -65,6 +65,7 @@ pub(crate) mod cmsg;
 pub(crate) mod current;
 pub(crate) mod fd;
 pub(crate) mod file_io;
+pub(crate) mod forward;
 pub(crate) mod gso;
 pub(crate) mod handle;
 pub(crate) mod iovec;

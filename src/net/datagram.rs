@@ -23,6 +23,7 @@ use super::transport::Transport;
 use super::turn::Turnstile;
 use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
+use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
     self, canonical, for_family, Receiver, RecvDatagram, RecvWants, RingConfig, SendMeta,
     MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
@@ -125,6 +126,9 @@ pub struct ReceiveStats {
     /// part-way through included: 0 means the ring is dry until the program drops a
     /// datagram.
     pub buffers_free: usize,
+    /// Buffers held by datagrams being forwarded without a copy ([`Datagram::into_forward`]);
+    /// at most a quarter of the ring's.
+    pub buffers_forwarding: usize,
 }
 
 /// Options of a datagram socket, applied when its socket is created and at once after.
@@ -644,6 +648,7 @@ impl DatagramSocket {
             stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();
             stats.buffers_free = receiver.pool().available();
+            stats.buffers_forwarding = receiver.pool().loaned_buffers();
         }
         if let Some(fd) = self.fd.get() {
             stats.dropped = ops_datagram::socket_drops(fd).unwrap_or(0);
@@ -783,6 +788,23 @@ impl Datagram {
     pub fn gro_segment_size(&self) -> Option<usize> {
         let segment = self.inner.meta.gro_segment as usize;
         (segment != 0).then_some(segment)
+    }
+
+    /// The payload, to send on (to another address, on this socket or another) without
+    /// a copy: the send reads it in the receive ring, whose buffer comes back once the
+    /// send is done. Copied instead when forwarded datagrams hold a quarter of the ring
+    /// already (see [`Forward`]).
+    ///
+    /// ```
+    /// # use ringsock::DatagramSocket;
+    /// # async fn relay(inside: &DatagramSocket, outside: &DatagramSocket, peer: std::net::SocketAddr) -> ringsock::Result<()> {
+    /// let datagram = inside.recv().await?;
+    /// outside.send_to_addr(datagram.into_forward(), peer).await.0?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_forward(self) -> Forward {
+        Forward::new(self.inner.buf)
     }
 
     /// The payload as UTF-8 text (DataReader.ReadString).

@@ -22,6 +22,7 @@ mod timeouts;
 mod transport;
 pub(crate) mod turn;
 
+pub use crate::driver::forward::Forward;
 pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
