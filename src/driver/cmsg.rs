@@ -12,6 +12,8 @@ pub(crate) const CMSG_HDR: usize = std::mem::size_of::<libc::cmsghdr>();
 pub(crate) const UDP_SEGMENT: libc::c_int = 103;
 /// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
 pub(crate) const UDP_GRO: libc::c_int = 104;
+/// `SOL_SOCKET` option / control message: a datagram's transmit time (Linux 4.19).
+pub(crate) const SO_TXTIME: libc::c_int = 61;
 
 /// CMSG_SPACE: a control message of `data` bytes with its header, 8-aligned.
 const fn space(data: usize) -> usize {
@@ -164,6 +166,9 @@ pub(crate) struct SendMeta {
     pub(crate) source: Option<IpAddr>,
     /// The traffic class byte (IP_TOS / IPV6_TCLASS).
     pub(crate) tos: Option<u8>,
+    /// The transmit time for the kernel to pace by (SCM_TXTIME, CLOCK_MONOTONIC
+    /// nanoseconds), on a socket with SO_TXTIME on.
+    pub(crate) txtime: Option<u64>,
     /// The datagram goes over IPv4 (also from an IPv6 socket, to a v4-mapped address):
     /// the control messages are IPv4's.
     pub(crate) ipv4: bool,
@@ -172,13 +177,31 @@ pub(crate) struct SendMeta {
 impl SendMeta {
     /// True when nothing is attached.
     pub(crate) fn is_empty(&self) -> bool {
-        self.source.is_none() && self.tos.is_none()
+        self.source.is_none() && self.tos.is_none() && self.txtime.is_none()
+    }
+}
+
+/// `at` on CLOCK_MONOTONIC, in nanoseconds (the clock `Instant` reads on Linux, and the
+/// one SO_TXTIME is set to): for an SCM_TXTIME transmit time.
+pub(crate) fn monotonic_ns(at: std::time::Instant) -> u64 {
+    let now = std::time::Instant::now();
+    // SAFETY: timespec is plain old data; zero is a valid value.
+    let mut spec: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: writes one timespec into a live one; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut spec) };
+    let mono = (spec.tv_sec as u64)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(spec.tv_nsec as u64);
+    if at >= now {
+        mono.saturating_add((at - now).as_nanos().min(u64::MAX as u128) as u64)
+    } else {
+        mono.saturating_sub((now - at).as_nanos().min(u64::MAX as u128) as u64)
     }
 }
 
 /// Words of the largest send control data: an in6_pktinfo (40 bytes), a traffic class
-/// (24) and a UDP_SEGMENT (24).
-const SEND_WORDS: usize = 11;
+/// (24), a transmit time (24) and a UDP_SEGMENT (24).
+const SEND_WORDS: usize = 14;
 
 /// The control data of one send, built by [`SendControl::new`]: aligned for `cmsghdr`,
 /// and self-contained, so a header can point into it while it sits still.
@@ -231,6 +254,9 @@ impl SendControl {
             } else {
                 control.push(libc::SOL_IPV6, libc::IPV6_TCLASS, value);
             }
+        }
+        if let Some(at) = meta.txtime {
+            control.push(libc::SOL_SOCKET, SO_TXTIME, at);
         }
         if let Some(segment) = segment {
             control.push(libc::SOL_UDP, UDP_SEGMENT, segment);
@@ -323,6 +349,7 @@ mod tests {
         let meta = SendMeta {
             source: Some(IpAddr::V6(v6)),
             tos: Some(0xb8 | 2),
+            txtime: Some(7),
             ipv4: false,
         };
         let parsed = RecvMeta::parse(&written(&meta, Some(1200)));
@@ -331,8 +358,8 @@ mod tests {
         // IPv4 on a dual-stack socket comes v4-mapped and is shown as IPv4.
         let mapped = SendMeta {
             source: Some(IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))),
-            tos: None,
             ipv4: false,
+            ..SendMeta::default()
         };
         let parsed = RecvMeta::parse(&written(&mapped, None));
         assert_eq!(
@@ -360,6 +387,7 @@ mod tests {
         let full = SendMeta {
             source: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             tos: Some(1),
+            txtime: Some(1),
             ipv4: false,
         };
         assert_eq!(SendControl::new(&full, Some(9)).len(), SEND_WORDS * 8);

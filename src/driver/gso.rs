@@ -299,10 +299,21 @@ mod tests {
             tos: Some(0xb8),
             ..plain
         };
-        let list = [(a, plain), (a, plain), (b, plain), (b, plain), (b, marked)];
-        let bufs = sizes(&[100; 5]);
+        let later = SendMeta {
+            txtime: Some(1),
+            ..marked
+        };
+        let list = [
+            (a, plain),
+            (a, plain),
+            (b, plain),
+            (b, plain),
+            (b, marked),
+            (b, later),
+        ];
+        let bufs = sizes(&[100; 6]);
         let links = plan_links(&bufs, 0, true, 32, &Targets::Each(&list));
         let shape: Vec<(usize, usize)> = links.iter().map(|l| (l.first, l.count)).collect();
-        assert_eq!(shape, vec![(0, 2), (2, 2), (4, 1)]);
+        assert_eq!(shape, vec![(0, 2), (2, 2), (4, 1), (5, 1)]);
     }
 }

@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
-pub(crate) use super::cmsg::{RecvWants, SendMeta};
+pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::recv::{RecvCounters, RecvDatagram, RingConfig, UDP_GRO};
 pub(crate) use super::ring_layout::ring_memory;
@@ -160,4 +160,9 @@ pub(crate) fn set_int_option(
     value: libc::c_int,
 ) -> io::Result<()> {
     super::sockopt::set_int_option(fd.raw(), level, name, value)
+}
+
+/// Turns SO_TXTIME on (see `sockopt::enable_txtime`).
+pub(crate) fn enable_txtime(fd: &SharedFd) -> io::Result<()> {
+    super::sockopt::enable_txtime(fd.raw())
 }

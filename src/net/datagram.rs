@@ -25,8 +25,8 @@ use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, Receiver, RecvDatagram, RecvWants, RingConfig, SendMeta,
-    MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, monotonic_ns, Receiver, RecvDatagram, RecvWants, RingConfig,
+    SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -148,6 +148,7 @@ struct DatagramOptions {
     receive_destination: Cell<bool>,
     receive_traffic_class: Cell<bool>,
     receive_timestamps: Cell<bool>,
+    kernel_pacing: Cell<bool>,
 }
 
 impl Default for DatagramOptions {
@@ -167,6 +168,7 @@ impl Default for DatagramOptions {
             receive_destination: Cell::new(false),
             receive_traffic_class: Cell::new(false),
             receive_timestamps: Cell::new(false),
+            kernel_pacing: Cell::new(false),
         }
     }
 }
@@ -375,6 +377,7 @@ impl DatagramSocket {
             Ok(found) => found,
             Err(err) => return (Err(err), buf),
         };
+        self.pace(options).await;
         let (result, buf) = ops_datagram::send_to(fd, buf, None, &meta).await;
         (result.map_err(|err| Error::io("send", err)), buf)
     }
@@ -399,11 +402,25 @@ impl DatagramSocket {
                 )));
             }
         }
+        let kernel_paces = self.options.kernel_pacing.get();
         Ok(SendMeta {
             source: options.source,
             tos: options.traffic_class.map(TrafficClass::to_byte),
+            txtime: options
+                .transmit_at
+                .filter(|_| kernel_paces)
+                .map(monotonic_ns),
             ipv4,
         })
+    }
+
+    /// Waits for `options`' transmit time, unless the kernel paces this socket.
+    async fn pace(&self, options: &SendOptions) {
+        if let Some(at) = options.transmit_at {
+            if !self.options.kernel_pacing.get() {
+                crate::runtime::sleep_until(at).await;
+            }
+        }
     }
 
     /// [`send_meta`](Self::send_meta) for the connected peer.
@@ -455,6 +472,7 @@ impl DatagramSocket {
             Ok(meta) => meta,
             Err(err) => return (Err(err), buf),
         };
+        self.pace(options).await;
         let target = for_family(addr, self.ipv6.get());
         let (result, buf) = ops_datagram::send_to(fd, buf, Some(target), &meta).await;
         (
@@ -484,6 +502,7 @@ impl DatagramSocket {
     pub fn output_stream_with(&self, options: &SendOptions) -> Result<OutputStream> {
         let fd = self.fd()?;
         self.peer_addr()?;
+        no_stream_pacing(options)?;
         let meta = self.connected_meta(options)?;
         Ok(self.stream_to(fd, None, meta))
     }
@@ -508,6 +527,7 @@ impl DatagramSocket {
         addr: SocketAddr,
         options: &SendOptions,
     ) -> Result<OutputStream> {
+        no_stream_pacing(options)?;
         let fd = self.socket_for(&addr)?;
         let meta = self.send_meta(options, addr)?;
         Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get())), meta))
@@ -531,6 +551,11 @@ impl DatagramSocket {
     /// where their sizes allow (see
     /// [`set_segmentation_offload`](DatagramSocketControl::set_segmentation_offload)).
     ///
+    /// Datagrams with a transmit time ([`SendOptions::transmit_at`]) leave at it, in
+    /// order: the runtime holds each run of one time until then (or, with
+    /// [`set_kernel_pacing`](DatagramSocketControl::set_kernel_pacing), the kernel does);
+    /// a GSO send never mixes two times.
+    ///
     /// Returns each datagram's result in order: the bytes sent, or why that datagram
     /// (and the others of its message) was not sent; the rest of the batch goes on. The
     /// error is for the batch as a whole: options that cannot apply to a destination
@@ -543,14 +568,38 @@ impl DatagramSocket {
         let fd = self.socket_for(&first.to)?;
         let mut bufs = Vec::with_capacity(batch.len());
         let mut targets = Vec::with_capacity(batch.len());
+        let mut times = Vec::with_capacity(batch.len());
         for datagram in batch {
             let meta = self.send_meta(&datagram.options, datagram.to)?;
             targets.push((for_family(datagram.to, self.ipv6.get()), meta));
+            times.push(datagram.options.transmit_at);
             bufs.push(datagram.data);
         }
-        let results = ops_datagram::send_many(fd, bufs, targets.clone(), &self.options.gso)
+        let mut results = Vec::with_capacity(bufs.len());
+        let kernel_paces = self.options.kernel_pacing.get();
+        let mut from = 0;
+        while from < bufs.len() {
+            // Paced by the runtime: each run of one transmit time goes out at its time,
+            // in order, so no datagram leaves early and no GSO send mixes two times.
+            let mut to = bufs.len();
+            if !kernel_paces {
+                let time = times[from];
+                to = from + times[from..].iter().take_while(|t| **t == time).count();
+                if let Some(at) = time {
+                    crate::runtime::sleep_until(at).await;
+                }
+            }
+            let sent = ops_datagram::send_many(
+                fd,
+                bufs[from..to].to_vec(),
+                targets[from..to].to_vec(),
+                &self.options.gso,
+            )
             .await
             .map_err(|err| Error::io("send", err))?;
+            results.extend(sent);
+            from = to;
+        }
         Ok(results
             .into_iter()
             .zip(targets)
@@ -948,6 +997,9 @@ impl DatagramSocketControl<'_> {
         if self.options.receive_timestamps.get() {
             self.apply_receive_timestamps(true)?;
         }
+        if self.options.kernel_pacing.get() {
+            self.set_kernel_pacing(true)?;
+        }
         Ok(())
     }
 
@@ -1259,6 +1311,27 @@ impl DatagramSocketControl<'_> {
         .map_err(|e| Error::io("set SO_TIMESTAMPNS", e))
     }
 
+    /// Lets the kernel release datagrams at their transmit time
+    /// ([`SendOptions::transmit_at`]): SO_TXTIME on the socket, an SCM_TXTIME control
+    /// message on each datagram that has a time, and no wait in the runtime. Only an fq
+    /// or etf qdisc on the outgoing interface honours the time; any other qdisc sends at
+    /// once, silently. Off (the default), the runtime's timers hold each datagram until
+    /// its time.
+    pub fn set_kernel_pacing(&self, on: bool) -> Result<()> {
+        if on {
+            if let Some(fd) = self.fd {
+                ops_datagram::enable_txtime(fd).map_err(|e| Error::io("set SO_TXTIME", e))?;
+            }
+        }
+        self.options.kernel_pacing.set(on);
+        Ok(())
+    }
+
+    /// Whether the kernel paces datagrams by their transmit time.
+    pub fn kernel_pacing(&self) -> bool {
+        self.options.kernel_pacing.get()
+    }
+
     /// Whether batched sends may use UDP GSO (UDP_SEGMENT, Linux 4.18) for runs of
     /// equal-sized datagrams (default on). Each datagram still arrives as its own
     /// datagram; ringsock turns GSO off by itself when the kernel or device refuses it.
@@ -1275,6 +1348,16 @@ impl DatagramSocketControl<'_> {
         self.fd
             .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
     }
+}
+
+/// A transmit time is per datagram: an output stream's options carry none.
+fn no_stream_pacing(options: &SendOptions) -> Result<()> {
+    if options.transmit_at.is_some() {
+        return Err(Error::invalid_input(
+            "a transmit time is per datagram: use send_to_addr_with or send_many",
+        ));
+    }
+    Ok(())
 }
 
 fn check_hops(hops: u32) -> Result<()> {

@@ -4,6 +4,7 @@
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::str::FromStr;
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -134,6 +135,11 @@ pub struct SendOptions {
     pub source: Option<IpAddr>,
     /// The traffic class (IP_TOS / IPV6_TCLASS): DSCP and ECN.
     pub traffic_class: Option<TrafficClass>,
+    /// When the datagram leaves (pacing), per datagram only: never before. The
+    /// runtime's timers release it, or, on a socket with
+    /// [`set_kernel_pacing`](super::DatagramSocketControl::set_kernel_pacing), the
+    /// kernel (SO_TXTIME). A time in the past sends at once.
+    pub transmit_at: Option<Instant>,
 }
 
 impl SendOptions {
@@ -144,8 +150,14 @@ impl SendOptions {
     pub fn reply_to(datagram: &super::Datagram) -> SendOptions {
         SendOptions {
             source: datagram.local_ip(),
-            traffic_class: None,
+            ..SendOptions::default()
         }
+    }
+
+    /// These options with the datagram leaving at `at`, not before.
+    pub fn with_transmit_time(mut self, at: Instant) -> SendOptions {
+        self.transmit_at = Some(at);
+        self
     }
 
     /// These options with `class` as the traffic class.
