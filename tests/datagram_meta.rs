@@ -264,8 +264,10 @@ fn a_paced_datagram_never_arrives_before_its_time() {
             .iter()
             .enumerate()
             .map(|(i, time)| {
-                let mut options = SendOptions::default();
-                options.transmit_at = *time;
+                let options = SendOptions {
+                    transmit_at: *time,
+                    ..SendOptions::default()
+                };
                 OutgoingDatagram::new(vec![i as u8; 100], to).with_options(options)
             })
             .collect();

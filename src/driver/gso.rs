@@ -238,6 +238,7 @@ mod tests {
         SendMeta {
             source: None,
             tos: None,
+            txtime: None,
             ipv4: true,
         },
     );
