@@ -65,8 +65,7 @@ pub(crate) unsafe fn deliver(
     counters: &mut RecvCounters,
     out: &mut Vec<RecvDatagram>,
 ) {
-    let segment = meta.gro_segment as usize;
-    match segment {
+    match meta.gro_segment as usize {
         segment if segment > 0 && !truncated && segment < len => {
             counters.gro_splits += 1;
             let pieces = len.div_ceil(segment);
