@@ -78,6 +78,8 @@ fn the_traffic_class_received_is_the_one_sent() {
                 stream.write(vec![i; 100]).await.unwrap();
             }
             stream.flush().await.unwrap();
+            // One GSO send carried all eight, control messages and all.
+            assert_eq!(stream.stats().kernel_operations, 1, "to {to}");
             for i in 0..8u8 {
                 let got = recv(&server).await;
                 assert_eq!(&got[..], &[i; 100][..]);
