@@ -3,7 +3,6 @@
 //! metadata), each datagram's own result kept. A failure concerns its datagrams only:
 //! the batch goes on with the next. Shared by both engines, which only wait for the
 //! socket to take more when it is full.
-#![allow(unsafe_code)]
 
 use std::io;
 use std::net::SocketAddr;
