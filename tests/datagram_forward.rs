@@ -8,7 +8,7 @@ mod util;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ringsock::runtime::timeout;
-use ringsock::{Backend, Datagram, DatagramSocket, ReceiveRing};
+use ringsock::{Backend, Datagram, DatagramSocket, OutgoingDatagram, ReceiveRing};
 
 fn bound() -> DatagramSocket {
     let socket = DatagramSocket::new();
@@ -106,5 +106,45 @@ fn lent_datagrams_hold_at_most_a_quarter_of_the_ring() {
         }
         drop(held);
         assert_eq!(relay.receive_stats().buffers_forwarding, 0);
+    });
+}
+
+#[test]
+fn a_relay_forwards_a_burst_to_64_peers_in_one_batch() {
+    util::on_each_receive_path(|_backend: Backend| async move {
+        let source = bound();
+        let relay = bound();
+        let to_relay = relay.local_addr().unwrap();
+        let peers: Vec<DatagramSocket> = (0..64).map(|_| bound()).collect();
+        let payloads: Vec<Vec<u8>> = (0..64u64)
+            .map(|i| util::pseudo_random_bytes(i, 100 + i as usize))
+            .collect();
+        for payload in &payloads {
+            source
+                .send_to_addr(payload.clone(), to_relay)
+                .await
+                .0
+                .unwrap();
+        }
+        let mut batch = Vec::new();
+        while batch.len() < 64 {
+            let datagram = recv(&relay).await;
+            let i = batch.len();
+            let to = peers[i].local_addr().unwrap();
+            batch.push(OutgoingDatagram::of(datagram.into_forward(), to));
+        }
+        assert!(batch.iter().any(|d| d.data.is_zero_copy()));
+        let results = relay.send_many(batch).await.unwrap();
+        for (i, result) in results.iter().enumerate() {
+            assert_eq!(*result.as_ref().unwrap(), 100 + i, "datagram {i}");
+        }
+        // The batch is done with the ring's bytes: every buffer is back.
+        let stats = relay.receive_stats();
+        assert_eq!((stats.buffers_forwarding, stats.buffers_lent), (0, 0));
+        for (peer, payload) in peers.iter().zip(&payloads) {
+            let got = recv(peer).await;
+            assert_eq!(&got[..], &payload[..]);
+            assert_eq!(got.remote_addr(), to_relay);
+        }
     });
 }

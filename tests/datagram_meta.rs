@@ -201,7 +201,14 @@ fn a_batch_to_64_destinations_delivers_each_datagram_to_its_own_peer() {
                 assert_eq!(got.remote_addr(), sender.local_addr().unwrap());
             }
         }
-        assert_eq!(sender.send_many(Vec::new()).await.unwrap().len(), 0);
+        assert_eq!(
+            sender
+                .send_many(Vec::<OutgoingDatagram>::new())
+                .await
+                .unwrap()
+                .len(),
+            0
+        );
     });
 }
 

@@ -11,7 +11,9 @@ use crate::buf::IoBuf;
 /// A received [`Datagram`](crate::Datagram)'s payload on its way out again
 /// ([`Datagram::into_forward`](crate::Datagram::into_forward)): pass it to any send that takes an [`IoBuf`]
 /// (`send_to_addr`, `send`, on this socket or another), which gives it back when it is
-/// done; dropping it then returns the receive buffer to the ring.
+/// done, or put it in a batch to many peers
+/// ([`OutgoingDatagram::of`](crate::OutgoingDatagram::of)); dropping it then returns the
+/// receive buffer to the ring.
 ///
 /// Datagrams lent to sends may hold at most a quarter of the ring's buffers (at least
 /// one), so forwarding never leaves the ring dry; past that, a datagram's bytes are
@@ -62,6 +64,12 @@ unsafe impl IoBuf for Forward {
 
     fn bytes_init(&self) -> usize {
         self.data().len()
+    }
+}
+
+impl AsRef<[u8]> for Forward {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
     }
 }
 

@@ -6,8 +6,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use bytes::Bytes;
-
 use super::cmsg::{SendControl, SendMeta};
 use super::iovec::append_joined;
 use super::sockaddr::RawAddr;
@@ -68,7 +66,7 @@ pub(crate) struct Link {
 ///
 /// Built completely before use: the headers point into the iovec, control and address
 /// storage of this struct (heap memory that does not move with it), and the iovecs into
-/// the caller's Bytes, which must outlive every [`send`](Self::send).
+/// the caller's buffers, which must outlive every [`send`](Self::send) and not change.
 pub(crate) struct MmsgBatch {
     /// Read by the kernel through `headers`.
     _iovecs: Vec<libc::iovec>,
@@ -78,7 +76,11 @@ pub(crate) struct MmsgBatch {
 }
 
 impl MmsgBatch {
-    pub(crate) fn new(bufs: &[Bytes], links: &[Link], targets: &Targets<'_>) -> MmsgBatch {
+    pub(crate) fn new<B: AsRef<[u8]>>(
+        bufs: &[B],
+        links: &[Link],
+        targets: &Targets<'_>,
+    ) -> MmsgBatch {
         let (mut iovecs, counts) = link_iovecs(bufs, links.iter());
         // One control per link that needs one; one address per batch (`One`) or per
         // link (`Each`). Sized first: the headers point into them.
@@ -138,7 +140,7 @@ impl MmsgBatch {
     pub(crate) fn send(&mut self, fd: RawFd, at: usize) -> io::Result<usize> {
         let count = self.headers.len().saturating_sub(at);
         // SAFETY: every header from `at` points to storage of this struct and to iovecs
-        // over the caller's live Bytes (the struct's contract); the kernel reads them
+        // over the caller's live buffers (the struct's contract); the kernel reads them
         // only during the call.
         let sent = unsafe {
             libc::sendmmsg(
@@ -159,15 +161,15 @@ impl MmsgBatch {
 /// The iovecs of `links`, all in one vector, and how many each link has: a GSO run's
 /// datagrams that sit end to end in memory share an iovec (the kernel cuts the run by its
 /// segment size, not by iovec), so the kernel walks fewer entries.
-pub(crate) fn link_iovecs<'a>(
-    bufs: &[Bytes],
+pub(crate) fn link_iovecs<'a, B: AsRef<[u8]>>(
+    bufs: &[B],
     links: impl Iterator<Item = &'a Link>,
 ) -> (Vec<libc::iovec>, Vec<usize>) {
     let mut iovecs = Vec::with_capacity(bufs.len());
     let counts = links
         .map(|link| {
             let datagrams = bufs[link.first..link.first + link.count].iter();
-            append_joined(&mut iovecs, datagrams.map(|buf| &buf[..]), usize::MAX)
+            append_joined(&mut iovecs, datagrams.map(|buf| buf.as_ref()), usize::MAX)
         })
         .collect();
     (iovecs, counts)
@@ -179,8 +181,8 @@ pub(crate) fn link_iovecs<'a>(
 /// else is a link per datagram. Contents are never merged: the kernel cuts a GSO send
 /// exactly at the datagram boundaries. A run ends where the destination or the metadata
 /// changes (`targets`).
-pub(crate) fn plan_links(
-    bufs: &[Bytes],
+pub(crate) fn plan_links<B: AsRef<[u8]>>(
+    bufs: &[B],
     from: usize,
     gso: bool,
     max_links: usize,
@@ -189,12 +191,12 @@ pub(crate) fn plan_links(
     let mut links = Vec::new();
     let mut i = from;
     while i < bufs.len() && links.len() < max_links {
-        let size = bufs[i].len();
+        let size = bufs[i].as_ref().len();
         let mut count = 1;
         let mut total = size;
         if gso && size > 0 && size <= u16::MAX as usize {
             while i + count < bufs.len() && count < GSO_MAX_SEGMENTS {
-                let next = bufs[i + count].len();
+                let next = bufs[i + count].as_ref().len();
                 if next == 0
                     || next > size
                     || total + next > MAX_UDP_PAYLOAD_V4
@@ -232,6 +234,7 @@ pub(crate) fn gso_refused(err: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
 
     const ONE: Targets<'static> = Targets::One(
         None,

@@ -102,13 +102,14 @@ pub(crate) async fn send_to<B: IoBuf>(
 /// send buffer allows (one message per destination run, a GSO run where sizes allow
 /// while `gso` is true; a refusal turns it off). Each datagram's result, in order: a
 /// failure concerns only the datagrams of its message. The error is for the batch as a
-/// whole (a socket of another runtime, a failed wait).
-pub(crate) async fn send_many(
+/// whole (a socket of another runtime, a failed wait). The buffers are read during
+/// the calls only, and come back with the results.
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
     fd: &SharedFd,
-    bufs: Vec<Bytes>,
+    bufs: Vec<B>,
     targets: Vec<(SocketAddr, SendMeta)>,
     gso: &Cell<bool>,
-) -> io::Result<Vec<io::Result<usize>>> {
+) -> io::Result<(Vec<io::Result<usize>>, Vec<B>)> {
     let many = SendMany::new(bufs, targets, gso.get());
     let many = match fd.binding()? {
         Binding::Uring(driver) => uring::datagram::send_many(driver, fd.fd(), many).await?,
@@ -117,7 +118,7 @@ pub(crate) async fn send_many(
     if many.gso_was_refused() {
         gso.set(false);
     }
-    Ok(many.into_results())
+    Ok(many.into_parts())
 }
 
 /// Sends every buffer of `bufs` as its own datagram, in order, to `dest` (or to the

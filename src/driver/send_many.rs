@@ -8,8 +8,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use bytes::Bytes;
-
 use super::cmsg::SendMeta;
 use super::gso::{gso_refused, plan_links, MmsgBatch, Targets};
 
@@ -28,8 +26,10 @@ pub(crate) enum Step {
 }
 
 /// A batch of datagrams, each with its own destination and metadata, on its way out.
-pub(crate) struct SendMany {
-    bufs: Vec<Bytes>,
+/// Each `sendmmsg` reads the buffers only during the call, so any bytes do (a
+/// received datagram's, in the receive ring, included).
+pub(crate) struct SendMany<B> {
+    bufs: Vec<B>,
     targets: Vec<(SocketAddr, SendMeta)>,
     results: Vec<io::Result<usize>>,
     gso: bool,
@@ -37,13 +37,9 @@ pub(crate) struct SendMany {
     gso_refused: bool,
 }
 
-impl SendMany {
+impl<B: AsRef<[u8]>> SendMany<B> {
     /// `bufs[i]` goes to `targets[i]` (the two are the same length).
-    pub(crate) fn new(
-        bufs: Vec<Bytes>,
-        targets: Vec<(SocketAddr, SendMeta)>,
-        gso: bool,
-    ) -> SendMany {
+    pub(crate) fn new(bufs: Vec<B>, targets: Vec<(SocketAddr, SendMeta)>, gso: bool) -> Self {
         debug_assert_eq!(bufs.len(), targets.len());
         SendMany {
             results: Vec::with_capacity(bufs.len()),
@@ -68,7 +64,7 @@ impl SendMany {
             Ok(sent) if sent > 0 => {
                 for link in &links[..sent.min(links.len())] {
                     for buf in &self.bufs[link.first..link.first + link.count] {
-                        self.results.push(Ok(buf.len()));
+                        self.results.push(Ok(buf.as_ref().len()));
                     }
                 }
                 Step::Progress
@@ -113,8 +109,8 @@ impl SendMany {
         self.gso_refused
     }
 
-    /// Each datagram's result, in order (bytes sent, or why not).
-    pub(crate) fn into_results(self) -> Vec<io::Result<usize>> {
-        self.results
+    /// Each datagram's result, in order (bytes sent, or why not), and the buffers.
+    pub(crate) fn into_parts(self) -> (Vec<io::Result<usize>>, Vec<B>) {
+        (self.results, self.bufs)
     }
 }

@@ -561,27 +561,32 @@ impl DatagramSocket {
     /// error is for the batch as a whole: options that cannot apply to a destination
     /// (an IPv6 source for an IPv4 peer), or a socket that cannot send at all; then
     /// nothing was sent.
-    pub async fn send_many(&self, batch: Vec<OutgoingDatagram>) -> Result<Vec<Result<usize>>> {
+    pub async fn send_many<B: AsRef<[u8]>>(
+        &self,
+        batch: Vec<OutgoingDatagram<B>>,
+    ) -> Result<Vec<Result<usize>>> {
         let Some(first) = batch.first() else {
             return Ok(Vec::new());
         };
         let fd = self.socket_for(&first.to)?;
-        let mut bufs = Vec::with_capacity(batch.len());
-        let mut targets = Vec::with_capacity(batch.len());
-        let mut times = Vec::with_capacity(batch.len());
+        let count = batch.len();
+        let mut bufs = Vec::with_capacity(count);
+        let mut targets = Vec::with_capacity(count);
+        let mut times = Vec::with_capacity(count);
         for datagram in batch {
             let meta = self.send_meta(&datagram.options, datagram.to)?;
             targets.push((for_family(datagram.to, self.ipv6.get()), meta));
             times.push(datagram.options.transmit_at);
             bufs.push(datagram.data);
         }
-        let mut results = Vec::with_capacity(bufs.len());
+        let mut results = Vec::with_capacity(count);
         let kernel_paces = self.options.kernel_pacing.get();
+        let mut bufs = bufs.into_iter();
         let mut from = 0;
-        while from < bufs.len() {
+        while from < count {
             // Paced by the runtime: each run of one transmit time goes out at its time,
             // in order, so no datagram leaves early and no GSO send mixes two times.
-            let mut to = bufs.len();
+            let mut to = count;
             if !kernel_paces {
                 let time = times[from];
                 to = from + times[from..].iter().take_while(|t| **t == time).count();
@@ -589,14 +594,11 @@ impl DatagramSocket {
                     crate::runtime::sleep_until(at).await;
                 }
             }
-            let sent = ops_datagram::send_many(
-                fd,
-                bufs[from..to].to_vec(),
-                targets[from..to].to_vec(),
-                &self.options.gso,
-            )
-            .await
-            .map_err(|err| Error::io("send", err))?;
+            let run: Vec<B> = bufs.by_ref().take(to - from).collect();
+            let (sent, _sent_bufs) =
+                ops_datagram::send_many(fd, run, targets[from..to].to_vec(), &self.options.gso)
+                    .await
+                    .map_err(|err| Error::io("send", err))?;
             results.extend(sent);
             from = to;
         }

@@ -168,11 +168,13 @@ impl SendOptions {
 }
 
 /// One datagram of a batch to many destinations
-/// ([`DatagramSocket::send_many`](super::DatagramSocket::send_many)).
+/// ([`DatagramSocket::send_many`](super::DatagramSocket::send_many)). The payload is
+/// any bytes: `Bytes` by default, or a received datagram's own
+/// ([`Forward`](crate::Forward), sent on without a copy).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutgoingDatagram {
+pub struct OutgoingDatagram<B = Bytes> {
     /// The payload.
-    pub data: Bytes,
+    pub data: B,
     /// Where it goes.
     pub to: SocketAddr,
     /// What it carries besides.
@@ -182,15 +184,23 @@ pub struct OutgoingDatagram {
 impl OutgoingDatagram {
     /// `data` to `to`, with no options.
     pub fn new(data: impl Into<Bytes>, to: SocketAddr) -> OutgoingDatagram {
+        OutgoingDatagram::of(data.into(), to)
+    }
+}
+
+impl<B> OutgoingDatagram<B> {
+    /// `data` (any bytes, such as a [`Forward`](crate::Forward)) to `to`, with no
+    /// options.
+    pub fn of(data: B, to: SocketAddr) -> OutgoingDatagram<B> {
         OutgoingDatagram {
-            data: data.into(),
+            data,
             to,
             options: SendOptions::default(),
         }
     }
 
     /// This datagram with `options`.
-    pub fn with_options(mut self, options: SendOptions) -> OutgoingDatagram {
+    pub fn with_options(mut self, options: SendOptions) -> OutgoingDatagram<B> {
         self.options = options;
         self
     }

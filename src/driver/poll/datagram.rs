@@ -226,11 +226,11 @@ async fn send_msg_to<B: IoBuf>(
 
 /// See [`crate::driver::ops_datagram::send_many`]: `sendmmsg` when the socket is
 /// writable, again after each readiness edge while its send buffer is full.
-pub(crate) async fn send_many(
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
     reg: &Registration,
     fd: &FdRef,
-    mut many: SendMany,
-) -> io::Result<SendMany> {
+    mut many: SendMany<B>,
+) -> io::Result<SendMany<B>> {
     loop {
         let step = reg
             .retry(Direction::Write, || match many.step(fd.raw()) {

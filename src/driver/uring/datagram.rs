@@ -503,11 +503,11 @@ fn poll_writable(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
 /// See [`crate::driver::ops_datagram::send_many`]: `sendmmsg` straight from the task
 /// (one call per batch while the send buffer has room; measured faster than a linked
 /// chain, see `mmsg_first`), and a one-shot POLLOUT while it is full.
-pub(crate) async fn send_many(
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
     driver: &Handle,
     fd: &FdRef,
-    mut many: SendMany,
-) -> io::Result<SendMany> {
+    mut many: SendMany<B>,
+) -> io::Result<SendMany<B>> {
     loop {
         match many.step(fd.raw()) {
             send_many::Step::Done => return Ok(many),
