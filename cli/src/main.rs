@@ -16,8 +16,8 @@ use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
 use ringsock::runtime::Builder;
 use ringsock::tls::{Identity, ProtectionLevel, TlsAcceptor, TrustedRoots};
 use ringsock::{
-    Backend, Capability, DatagramSocket, DriverKind, Error, HostName, Runtime, StreamSocket,
-    StreamSocketListener, TimeoutCounts,
+    Backend, Capability, DatagramSocket, DriverKind, Ecn, Error, HostName, Runtime, SendOptions,
+    StreamSocket, StreamSocketListener, TimeoutCounts, TrafficClass,
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
@@ -241,6 +241,12 @@ struct EchoClientArgs {
     /// UDP: how long to wait for the reply, in seconds.
     #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
     timeout: f64,
+    /// UDP: the DSCP of the datagram (0..=63; 46 is Expedited Forwarding, for audio).
+    #[arg(long, requires = "udp", value_parser = clap::value_parser!(u8).range(0..=63))]
+    dscp: Option<u8>,
+    /// UDP: the ECN codepoint of the datagram: not-ect, ect0, ect1 or ce.
+    #[arg(long, requires = "udp", value_name = "CODEPOINT")]
+    ecn: Option<Ecn>,
     /// Connect with TLS, checking the server's certificate against the system's roots
     /// (or --ca) and the host name (or --server-name).
     #[arg(long, conflicts_with = "udp")]
@@ -510,8 +516,19 @@ fn timeouts_line(counts: TimeoutCounts) -> String {
     )
 }
 
-/// Sends every datagram back to its sender, taking every ready datagram at once.
+/// Sends every datagram back to its sender, taking every ready datagram at once. On a
+/// wildcard address each reply leaves from the address its request came to (a client
+/// behind a NAT, or of a multi-homed host, drops a reply from another one).
 async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
+    let wildcard = socket
+        .local_addr()
+        .map(|addr| addr.ip().is_unspecified())
+        .unwrap_or(false);
+    if wildcard {
+        if let Err(err) = socket.control().set_receive_destination(true) {
+            log.line(format!("replies leave from any address: {err}"));
+        }
+    }
     let mut batch = Vec::with_capacity(64);
     loop {
         batch.clear();
@@ -522,7 +539,10 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
         }
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
-            let (sent, _) = socket.send_to_addr(datagram.to_vec(), to).await;
+            let options = SendOptions::reply_to(&datagram);
+            let (sent, _) = socket
+                .send_to_addr_with(datagram.to_vec(), to, &options)
+                .await;
             if let Err(err) = sent {
                 log.line(format!("send to {to}: {}: {err}", err.status()));
             }
@@ -610,7 +630,14 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
     let wait = Duration::from_secs_f64(args.timeout);
     let socket = DatagramSocket::new();
     socket.connect(host, &args.port).await?;
-    let (sent, _) = socket.send(args.message.clone().into_bytes()).await;
+    let mut options = SendOptions::default();
+    if args.dscp.is_some() || args.ecn.is_some() {
+        let class = TrafficClass::new(args.dscp.unwrap_or(0), args.ecn.unwrap_or_default())?;
+        options = options.with_traffic_class(class);
+    }
+    let (sent, _) = socket
+        .send_with(args.message.clone().into_bytes(), &options)
+        .await;
     sent?;
     let reply = ringsock::runtime::timeout(wait, socket.recv())
         .await

@@ -160,6 +160,9 @@ fn usage_errors_exit_2() {
         &["echo-server", "--tcp", "not-an-address"],
         &["demo", "--backend", "kqueue"],
         &["no-such-command"],
+        &["echo-client", "127.0.0.1", "7", "--udp", "--dscp", "64"],
+        &["echo-client", "127.0.0.1", "7", "--udp", "--ecn", "ect2"],
+        &["echo-client", "127.0.0.1", "7", "--dscp", "46"],
     ] {
         let out = ringsock(args);
         assert_eq!(
@@ -204,6 +207,56 @@ fn udp_echo_client_and_server() {
         let out = ringsock(&["echo-client", "127.0.0.1", tcp, "--message", "tcp too"]);
         assert_eq!(text(&out.stdout), "tcp too\n");
         assert!(server.stop().success());
+    }
+}
+
+#[test]
+fn udp_echo_client_sends_the_traffic_class_asked() {
+    use ringsock::{DatagramSocket, Ecn, TrafficClass};
+    let cases = [
+        ("46", "ect0", TrafficClass::new(46, Ecn::Ect0).unwrap()),
+        ("10", "ce", TrafficClass::new(10, Ecn::Ce).unwrap()),
+        ("0", "ect1", TrafficClass::new(0, Ecn::Ect1).unwrap()),
+        ("63", "not-ect", TrafficClass::new(63, Ecn::NotEct).unwrap()),
+    ];
+    for ((backend, _), (dscp, ecn, class)) in BACKENDS.iter().cycle().zip(cases) {
+        let runtime = ringsock::Runtime::new().unwrap();
+        runtime.block_on(async {
+            let server = DatagramSocket::new();
+            server.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            server.control().set_receive_traffic_class(true).unwrap();
+            let port = server.local_addr().unwrap().port().to_string();
+            let client = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args([
+                    "echo-client",
+                    "127.0.0.1",
+                    &port,
+                    "--udp",
+                    "--message",
+                    "voice",
+                ])
+                .args(["--dscp", dscp, "--ecn", ecn, "--backend", backend])
+                .env_remove("RINGSOCK_BACKEND")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            let wait = std::time::Duration::from_secs(20);
+            let request = ringsock::runtime::timeout(wait, server.recv())
+                .await
+                .expect("the client's datagram")
+                .unwrap();
+            assert_eq!(
+                request.traffic_class(),
+                Some(class),
+                "{backend} {dscp} {ecn}"
+            );
+            let back = request.remote_addr();
+            server.send_to_addr(request.to_vec(), back).await.0.unwrap();
+            let out = client.wait_with_output().unwrap();
+            assert!(out.status.success(), "{}", text(&out.stderr));
+            assert_eq!(text(&out.stdout), "voice\n");
+        });
     }
 }
 

@@ -61,6 +61,7 @@ fn a_storm_under_a_low_descriptor_limit_neither_spins_nor_floods_and_serving_res
             Setup {
                 nofile: Some(STORM_NOFILE),
                 env: &[("RINGSOCK_DISABLE", disable)],
+                ..Setup::default()
             },
         );
         let (tcp, udp) = (addr(&server.ports[0]), addr(&server.ports[1]));

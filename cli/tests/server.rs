@@ -1,6 +1,6 @@
-//! `ringsock echo-server` run as a server is run: every datagram echoed whole, and a
-//! restart on the same ports right after the old process ended, by SIGTERM or SIGKILL,
-//! on both drivers.
+//! `ringsock echo-server` run as a server is run: every datagram echoed whole, replies
+//! from the address each request came to on a wildcard address, and a restart on the
+//! same ports right after the old process ended, by SIGTERM or SIGKILL, on both drivers.
 
 mod util;
 
@@ -9,7 +9,8 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::ExitStatusExt;
 use std::time::Duration;
 
-use util::echo_server::EchoServer;
+use util::echo_server::{EchoServer, Setup};
+use util::tunnel_pair::{netns, Pair, A_OUTER, B_OUTER};
 
 const BACKENDS: [&str; 2] = ["uring", "epoll"];
 
@@ -147,5 +148,90 @@ fn a_server_stopped_with_sigterm_frees_its_ports_at_once() {
                 .unwrap_or_else(|err| panic!("{backend}: UDP port still held: {err}"));
             drop((listener, socket));
         });
+    }
+}
+
+/// The server side's second addresses, on prefixes of their own: replying to the
+/// client (on A_OUTER's prefix, or fd71::/64) the kernel would pick the first address.
+const A_SECOND: &str = "192.168.72.1";
+const A_FIRST_V6: &str = "fd71::1";
+const A_SECOND_V6: &str = "fd72::1";
+const B_V6: &str = "fd71::2";
+
+#[test]
+fn udp_echo_server_on_a_wildcard_replies_from_the_address_asked() {
+    let pair = match Pair::create("usrc") {
+        Ok(pair) => pair,
+        Err(why) => return netns::skip(&why),
+    };
+    let a_addrs = [
+        format!("{A_SECOND}/24"),
+        format!("{A_FIRST_V6}/64"),
+        format!("{A_SECOND_V6}/64"),
+    ];
+    let mut setup: Vec<Result<String, String>> = a_addrs
+        .iter()
+        .map(|net| {
+            pair.a
+                .exec(&["ip", "addr", "add", net, "dev", "rsva", "nodad"])
+        })
+        .collect();
+    setup.push(pair.b.exec(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{B_V6}/64"),
+        "dev",
+        "rsvb",
+        "nodad",
+    ]));
+    setup.push(
+        pair.b
+            .exec(&["ip", "route", "add", "192.168.72.0/24", "dev", "rsvb"]),
+    );
+    setup.push(
+        pair.b
+            .exec(&["ip", "route", "add", "fd72::/64", "dev", "rsvb"]),
+    );
+    if let Some(Err(why)) = setup.into_iter().find(Result::is_err) {
+        return netns::skip(&why);
+    }
+    let clients = pair.b.run(|| {
+        let v4 = UdpSocket::bind(format!("{B_OUTER}:0")).unwrap();
+        let v6 = UdpSocket::bind(format!("[{B_V6}]:0")).unwrap();
+        for client in [&v4, &v6] {
+            client.set_read_timeout(Some(REPLY_WAIT)).unwrap();
+        }
+        (v4, v6)
+    });
+    for backend in BACKENDS {
+        for wildcard in ["0.0.0.0:0", "[::]:0"] {
+            let server = EchoServer::start_with(
+                &["--udp", wildcard, "--backend", backend, "--threads", "1"],
+                &["udp"],
+                Setup {
+                    netns: Some(pair.a.name()),
+                    ..Setup::default()
+                },
+            );
+            let mut asks = vec![(&clients.0, A_OUTER), (&clients.0, A_SECOND)];
+            if wildcard.starts_with('[') {
+                asks.extend([(&clients.1, A_FIRST_V6), (&clients.1, A_SECOND_V6)]);
+            }
+            for (client, ip) in asks {
+                let to: SocketAddr = match ip.contains(':') {
+                    true => format!("[{ip}]:{}", server.port()).parse().unwrap(),
+                    false => addr(ip, server.port()),
+                };
+                client.send_to(ip.as_bytes(), to).unwrap();
+                let mut buf = [0u8; 64];
+                let (got, from) = client
+                    .recv_from(&mut buf)
+                    .unwrap_or_else(|err| panic!("{backend} {wildcard}: no echo from {to}: {err}"));
+                assert_eq!(&buf[..got], ip.as_bytes());
+                assert_eq!(from, to, "{backend} {wildcard}: the reply came from {from}");
+            }
+            server.stop();
+        }
     }
 }

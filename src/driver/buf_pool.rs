@@ -75,6 +75,10 @@ pub(crate) struct BufPool {
     free: RefCell<Vec<u16>>,
     /// A receiver that found no buffer and waits for one to come back.
     waiter: Cell<Option<Waker>>,
+    /// Per buffer: its datagrams lent to sends ([`SendLoan`]).
+    loans: Box<[Cell<u32>]>,
+    /// Buffers with at least one datagram lent to a send.
+    loaned_buffers: Cell<usize>,
 }
 
 impl BufPool {
@@ -104,6 +108,8 @@ impl BufPool {
             incremental,
             free: RefCell::new((0..count).rev().collect()),
             waiter: Cell::new(None),
+            loans: (0..count).map(|_| Cell::new(0)).collect(),
+            loaned_buffers: Cell::new(0),
         })
     }
 
@@ -320,6 +326,41 @@ impl BufPool {
         self.waiter.set(Some(waker.clone()));
     }
 
+    /// Most buffers datagrams lent to sends may hold: a quarter of the pool (at least
+    /// one), so forwarding without a copy never drains the ring.
+    pub(crate) fn loan_cap(&self) -> usize {
+        (self.layout.buffers as usize / 4).max(1)
+    }
+
+    /// Buffers held by datagrams lent to sends.
+    pub(crate) fn loaned_buffers(&self) -> usize {
+        self.loaned_buffers.get()
+    }
+
+    /// Counts one more datagram of `bid` lent to a send, if the cap allows: a buffer
+    /// that has one already takes more freely.
+    fn take_loan(&self, bid: u16) -> bool {
+        let loans = &self.loans[bid as usize];
+        if loans.get() == 0 {
+            if self.loaned_buffers.get() >= self.loan_cap() {
+                return false;
+            }
+            self.loaned_buffers.set(self.loaned_buffers.get() + 1);
+        }
+        loans.set(loans.get() + 1);
+        true
+    }
+
+    fn end_loan(&self, bid: u16) {
+        let loans = &self.loans[bid as usize];
+        debug_assert!(loans.get() > 0, "buffer {bid}: a loan ended twice");
+        loans.set(loans.get().saturating_sub(1));
+        if loans.get() == 0 {
+            self.loaned_buffers
+                .set(self.loaned_buffers.get().saturating_sub(1));
+        }
+    }
+
     /// How many buffers hold datagrams the program has not dropped yet.
     pub(crate) fn lent(&self) -> usize {
         self.refs
@@ -371,6 +412,31 @@ impl LentBuf {
     }
 }
 
+impl LentBuf {
+    /// Counts this datagram as lent to a send (its bytes go out without a copy, and its
+    /// buffer comes back once the send is done with them), if the pool's cap allows:
+    /// `None` when datagrams lent to sends hold [`BufPool::loan_cap`] buffers already.
+    pub(crate) fn loan_for_send(&self) -> Option<SendLoan> {
+        self.pool.take_loan(self.bid).then(|| SendLoan {
+            pool: self.pool.clone(),
+            bid: self.bid,
+        })
+    }
+}
+
+/// One datagram's bytes lent to a send, counted against the pool's cap until dropped
+/// (with the datagram, which holds the buffer itself).
+pub(crate) struct SendLoan {
+    pool: Rc<BufPool>,
+    bid: u16,
+}
+
+impl Drop for SendLoan {
+    fn drop(&mut self) {
+        self.pool.end_loan(self.bid);
+    }
+}
+
 impl Deref for LentBuf {
     type Target = [u8];
 
@@ -401,7 +467,7 @@ mod tests {
         let config = RingConfig {
             buffers,
             buffer_size: 64,
-            gro: false,
+            wants: Default::default(),
         };
         Rc::new(BufPool::new(Layout::new(&config, shared), None).unwrap())
     }

@@ -6,14 +6,10 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use bytes::Bytes;
-
+use super::cmsg::{SendControl, SendMeta};
 use super::iovec::append_joined;
 use super::sockaddr::RawAddr;
 
-/// `SOL_UDP` option / control message: GSO segment size (Linux 4.18).
-pub(crate) const UDP_SEGMENT: libc::c_int = 103;
-/// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
 /// Most segments ringsock puts in one GSO send (the kernel takes 64 since 4.18, 128
 /// since 6.2; quinn-udp also uses 64).
 pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
@@ -21,10 +17,40 @@ pub(crate) const GSO_MAX_SEGMENTS: usize = 64;
 pub(crate) const MAX_UDP_PAYLOAD_V4: usize = 65507;
 /// Largest UDP payload over IPv6 without jumbograms (65535 - 8).
 pub(crate) const MAX_UDP_PAYLOAD_V6: usize = 65527;
-/// Bytes of a `cmsghdr` (64-bit Linux) and of a control buffer for one u16 or i32 value.
-pub(crate) const CMSG_HDR: usize = std::mem::size_of::<libc::cmsghdr>();
-/// CMSG_SPACE(sizeof(u16)) = CMSG_SPACE(sizeof(int)) on 64-bit Linux, in u64 words.
-pub(crate) const CMSG_WORDS: usize = (CMSG_HDR + 8) / 8;
+
+/// Where the datagrams of a batch go and what each carries. A GSO run never spans two
+/// destinations or two metadata.
+#[derive(Clone, Copy)]
+pub(crate) enum Targets<'a> {
+    /// Every datagram to one destination (`None`: the connected peer), with one
+    /// metadata.
+    One(Option<SocketAddr>, SendMeta),
+    /// Datagram `i` to `list[i]`.
+    Each(&'a [(SocketAddr, SendMeta)]),
+}
+
+impl Targets<'_> {
+    /// Destination and metadata of datagram `i`.
+    pub(crate) fn get(&self, i: usize) -> (Option<SocketAddr>, SendMeta) {
+        match self {
+            Targets::One(dest, meta) => (*dest, *meta),
+            Targets::Each(list) => (Some(list[i].0), list[i].1),
+        }
+    }
+
+    /// Datagrams `a` and `b` go to the same place with the same metadata.
+    fn same(&self, a: usize, b: usize) -> bool {
+        match self {
+            Targets::One(..) => true,
+            Targets::Each(list) => list[a] == list[b],
+        }
+    }
+
+    /// The control data of a send starting at datagram `i` (`segment` for a GSO run).
+    pub(crate) fn control(&self, i: usize, segment: Option<u16>) -> SendControl {
+        SendControl::new(&self.get(i).1, segment)
+    }
+}
 
 /// One kernel send of a batch: `count` datagrams from `bufs[first]`; with `segment`,
 /// one GSO super-datagram cut into `segment`-byte datagrams (the last may be shorter).
@@ -36,41 +62,62 @@ pub(crate) struct Link {
 }
 
 /// Datagrams described for one `sendmmsg`: a message per link (a datagram, or a GSO run
-/// with its UDP_SEGMENT control message).
+/// with its UDP_SEGMENT control message), each with its destination and metadata.
 ///
 /// Built completely before use: the headers point into the iovec, control and address
 /// storage of this struct (heap memory that does not move with it), and the iovecs into
-/// the caller's Bytes, which must outlive every [`send`](Self::send).
+/// the caller's buffers, which must outlive every [`send`](Self::send) and not change.
 pub(crate) struct MmsgBatch {
     /// Read by the kernel through `headers`.
     _iovecs: Vec<libc::iovec>,
-    _controls: Vec<[u64; CMSG_WORDS]>,
-    _addr: Option<Box<RawAddr>>,
+    _controls: Vec<SendControl>,
+    _addrs: Vec<RawAddr>,
     headers: Vec<libc::mmsghdr>,
 }
 
 impl MmsgBatch {
-    pub(crate) fn new(bufs: &[Bytes], links: &[Link], dest: Option<SocketAddr>) -> MmsgBatch {
+    pub(crate) fn new<B: AsRef<[u8]>>(
+        bufs: &[B],
+        links: &[Link],
+        targets: &Targets<'_>,
+    ) -> MmsgBatch {
         let (mut iovecs, counts) = link_iovecs(bufs, links.iter());
-        let mut controls: Vec<[u64; CMSG_WORDS]> = links
+        // One control per link that needs one; one address per batch (`One`) or per
+        // link (`Each`). Sized first: the headers point into them.
+        let mut controls: Vec<SendControl> = links
             .iter()
-            .filter_map(|link| link.segment.map(gso_cmsg))
+            .map(|link| targets.control(link.first, link.segment))
+            .filter(|control| !control.is_empty())
             .collect();
-        let mut addr = dest.map(|dest| Box::new(RawAddr::from_socket_addr(dest)));
+        let mut addrs: Vec<RawAddr> = match targets {
+            Targets::One(dest, _) => dest.iter().map(|d| RawAddr::from_socket_addr(*d)).collect(),
+            Targets::Each(_) => links
+                .iter()
+                .filter_map(|link| targets.get(link.first).0)
+                .map(RawAddr::from_socket_addr)
+                .collect(),
+        };
         // SAFETY: mmsghdr is plain old data; zero is its empty value.
         let mut headers: Vec<libc::mmsghdr> = vec![unsafe { std::mem::zeroed() }; links.len()];
         let (mut iov_at, mut control_at) = (0, 0);
-        for ((link, header), count) in links.iter().zip(headers.iter_mut()).zip(counts) {
+        for (i, ((link, header), count)) in
+            links.iter().zip(headers.iter_mut()).zip(counts).enumerate()
+        {
             let msg = &mut header.msg_hdr;
             msg.msg_iov = iovecs[iov_at..].as_mut_ptr();
             msg.msg_iovlen = count;
             iov_at += count;
-            if link.segment.is_some() {
-                msg.msg_control = controls[control_at].as_mut_ptr().cast();
-                msg.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
+            if link.segment.is_some() || !targets.get(link.first).1.is_empty() {
+                let control = &mut controls[control_at];
+                msg.msg_control = control.as_ptr();
+                msg.msg_controllen = control.len();
                 control_at += 1;
             }
-            if let Some(addr) = addr.as_mut() {
+            let addr = match targets {
+                Targets::One(..) => addrs.first_mut(),
+                Targets::Each(_) => addrs.get_mut(i),
+            };
+            if let Some(addr) = addr {
                 msg.msg_name = addr.as_mut_ptr().cast();
                 msg.msg_namelen = addr.len;
             }
@@ -78,7 +125,7 @@ impl MmsgBatch {
         MmsgBatch {
             _iovecs: iovecs,
             _controls: controls,
-            _addr: addr,
+            _addrs: addrs,
             headers,
         }
     }
@@ -93,7 +140,7 @@ impl MmsgBatch {
     pub(crate) fn send(&mut self, fd: RawFd, at: usize) -> io::Result<usize> {
         let count = self.headers.len().saturating_sub(at);
         // SAFETY: every header from `at` points to storage of this struct and to iovecs
-        // over the caller's live Bytes (the struct's contract); the kernel reads them
+        // over the caller's live buffers (the struct's contract); the kernel reads them
         // only during the call.
         let sent = unsafe {
             libc::sendmmsg(
@@ -114,15 +161,15 @@ impl MmsgBatch {
 /// The iovecs of `links`, all in one vector, and how many each link has: a GSO run's
 /// datagrams that sit end to end in memory share an iovec (the kernel cuts the run by its
 /// segment size, not by iovec), so the kernel walks fewer entries.
-pub(crate) fn link_iovecs<'a>(
-    bufs: &[Bytes],
+pub(crate) fn link_iovecs<'a, B: AsRef<[u8]>>(
+    bufs: &[B],
     links: impl Iterator<Item = &'a Link>,
 ) -> (Vec<libc::iovec>, Vec<usize>) {
     let mut iovecs = Vec::with_capacity(bufs.len());
     let counts = links
         .map(|link| {
             let datagrams = bufs[link.first..link.first + link.count].iter();
-            append_joined(&mut iovecs, datagrams.map(|buf| &buf[..]), usize::MAX)
+            append_joined(&mut iovecs, datagrams.map(|buf| buf.as_ref()), usize::MAX)
         })
         .collect();
     (iovecs, counts)
@@ -132,18 +179,29 @@ pub(crate) fn link_iovecs<'a>(
 /// of one size S (the last of a run may be shorter, as GSO allows), at most
 /// [`GSO_MAX_SEGMENTS`] and [`MAX_UDP_PAYLOAD_V4`] bytes, becomes one link; everything
 /// else is a link per datagram. Contents are never merged: the kernel cuts a GSO send
-/// exactly at the datagram boundaries.
-pub(crate) fn plan_links(bufs: &[Bytes], from: usize, gso: bool, max_links: usize) -> Vec<Link> {
+/// exactly at the datagram boundaries. A run ends where the destination or the metadata
+/// changes (`targets`).
+pub(crate) fn plan_links<B: AsRef<[u8]>>(
+    bufs: &[B],
+    from: usize,
+    gso: bool,
+    max_links: usize,
+    targets: &Targets<'_>,
+) -> Vec<Link> {
     let mut links = Vec::new();
     let mut i = from;
     while i < bufs.len() && links.len() < max_links {
-        let size = bufs[i].len();
+        let size = bufs[i].as_ref().len();
         let mut count = 1;
         let mut total = size;
         if gso && size > 0 && size <= u16::MAX as usize {
             while i + count < bufs.len() && count < GSO_MAX_SEGMENTS {
-                let next = bufs[i + count].len();
-                if next == 0 || next > size || total + next > MAX_UDP_PAYLOAD_V4 {
+                let next = bufs[i + count].as_ref().len();
+                if next == 0
+                    || next > size
+                    || total + next > MAX_UDP_PAYLOAD_V4
+                    || !targets.same(i, i + count)
+                {
                     break;
                 }
                 count += 1;
@@ -163,25 +221,6 @@ pub(crate) fn plan_links(bufs: &[Bytes], from: usize, gso: bool, max_links: usiz
     links
 }
 
-/// A `SOL_UDP`/`UDP_SEGMENT` control message carrying `segment`, in u64 words (aligned
-/// for `cmsghdr`).
-pub(crate) fn gso_cmsg(segment: u16) -> [u64; CMSG_WORDS] {
-    let mut words = [0u64; CMSG_WORDS];
-    let header = libc::cmsghdr {
-        cmsg_len: CMSG_HDR + std::mem::size_of::<u16>(),
-        cmsg_level: libc::SOL_UDP,
-        cmsg_type: UDP_SEGMENT,
-    };
-    let base = words.as_mut_ptr().cast::<u8>();
-    // SAFETY: `words` is CMSG_HDR + 8 bytes, 8-aligned: room for the header and the u16
-    // right after it (CMSG_DATA on Linux is the byte after the aligned header).
-    unsafe {
-        base.cast::<libc::cmsghdr>().write(header);
-        base.add(CMSG_HDR).cast::<u16>().write_unaligned(segment);
-    }
-    words
-}
-
 /// True when a GSO send failed because of GSO itself (segment over the path MTU, too
 /// many segments, no checksum offload, UDP-Lite or IPsec), so sending the same datagrams
 /// one by one may work.
@@ -195,6 +234,17 @@ pub(crate) fn gso_refused(err: &io::Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::Bytes;
+
+    const ONE: Targets<'static> = Targets::One(
+        None,
+        SendMeta {
+            source: None,
+            tos: None,
+            txtime: None,
+            ipv4: true,
+        },
+    );
 
     fn sizes(list: &[usize]) -> Vec<Bytes> {
         list.iter().map(|&n| Bytes::from(vec![0u8; n])).collect()
@@ -203,7 +253,7 @@ mod tests {
     #[test]
     fn equal_sizes_make_one_gso_link() {
         let bufs = sizes(&[172; 64]);
-        let links = plan_links(&bufs, 0, true, 32);
+        let links = plan_links(&bufs, 0, true, 32, &ONE);
         assert_eq!(
             links,
             vec![Link {
@@ -212,7 +262,7 @@ mod tests {
                 segment: Some(172)
             }]
         );
-        let none = plan_links(&bufs, 0, false, 100);
+        let none = plan_links(&bufs, 0, false, 100, &ONE);
         assert_eq!(none.len(), 64);
         assert!(none.iter().all(|l| l.count == 1 && l.segment.is_none()));
     }
@@ -220,7 +270,7 @@ mod tests {
     #[test]
     fn runs_end_at_a_shorter_datagram_and_at_the_payload_cap() {
         let bufs = sizes(&[100, 100, 50, 100, 200, 200, 0, 7]);
-        let links = plan_links(&bufs, 0, true, 32);
+        let links = plan_links(&bufs, 0, true, 32, &ONE);
         let shape: Vec<(usize, usize, Option<u16>)> = links
             .iter()
             .map(|l| (l.first, l.count, l.segment))
@@ -237,24 +287,37 @@ mod tests {
         );
         // 1400-byte datagrams: 46 fit under 65507 bytes.
         let big = sizes(&[1400; 64]);
-        let links = plan_links(&big, 0, true, 32);
+        let links = plan_links(&big, 0, true, 32, &ONE);
         assert_eq!(links[0].count, 46);
         assert_eq!(links[1].count, 18);
         // The link cap is respected.
-        assert_eq!(plan_links(&sizes(&[1, 2, 3, 4]), 1, true, 2).len(), 2);
+        assert_eq!(plan_links(&sizes(&[1, 2, 3, 4]), 1, true, 2, &ONE).len(), 2);
     }
 
     #[test]
-    fn gso_cmsg_round_trips_through_the_parser_layout() {
-        let words = gso_cmsg(1200);
-        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_ne_bytes()).collect();
-        // SAFETY: `bytes` holds a whole cmsghdr; read unaligned.
-        let header = unsafe { bytes.as_ptr().cast::<libc::cmsghdr>().read_unaligned() };
-        assert_eq!(header.cmsg_level, libc::SOL_UDP);
-        assert_eq!(header.cmsg_type, UDP_SEGMENT);
-        assert_eq!(
-            u16::from_ne_bytes([bytes[CMSG_HDR], bytes[CMSG_HDR + 1]]),
-            1200
-        );
+    fn runs_never_span_two_destinations_or_two_traffic_classes() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let plain = SendMeta::default();
+        let marked = SendMeta {
+            tos: Some(0xb8),
+            ..plain
+        };
+        let later = SendMeta {
+            txtime: Some(1),
+            ..marked
+        };
+        let list = [
+            (a, plain),
+            (a, plain),
+            (b, plain),
+            (b, plain),
+            (b, marked),
+            (b, later),
+        ];
+        let bufs = sizes(&[100; 6]);
+        let links = plan_links(&bufs, 0, true, 32, &Targets::Each(&list));
+        let shape: Vec<(usize, usize)> = links.iter().map(|l| (l.first, l.count)).collect();
+        assert_eq!(shape, vec![(0, 2), (2, 2), (4, 1), (5, 1)]);
     }
 }

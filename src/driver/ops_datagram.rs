@@ -14,9 +14,11 @@ use bytes::Bytes;
 
 use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
+pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::recv::{RecvCounters, RecvDatagram, RingConfig, UDP_GRO};
 pub(crate) use super::ring_layout::ring_memory;
+use super::send_many::SendMany;
 pub(crate) use super::sockaddr::{canonical, for_family};
 use super::socket::{Binding, SharedFd};
 use super::{poll, uring};
@@ -79,21 +81,48 @@ impl Receiver {
     }
 }
 
-/// Sends one datagram to `addr` (or to the connected peer).
+/// Sends one datagram to `addr` (or to the connected peer), with `meta`'s control
+/// messages.
 pub(crate) async fn send_to<B: IoBuf>(
     fd: &SharedFd,
     buf: B,
     addr: Option<SocketAddr>,
+    meta: &SendMeta,
 ) -> (io::Result<usize>, B) {
     match fd.binding() {
-        Ok(Binding::Uring(driver)) => uring::datagram::send_to(driver, fd.fd(), buf, addr).await,
-        Ok(Binding::Poll(reg)) => poll::datagram::send_to(reg, fd.fd(), buf, addr).await,
+        Ok(Binding::Uring(driver)) => {
+            uring::datagram::send_to(driver, fd.fd(), buf, addr, meta).await
+        }
+        Ok(Binding::Poll(reg)) => poll::datagram::send_to(reg, fd.fd(), buf, addr, meta).await,
         Err(err) => (Err(err), buf),
     }
 }
 
+/// Sends `bufs[i]` to `targets[i]`, every datagram in as few `sendmmsg` calls as the
+/// send buffer allows (one message per destination run, a GSO run where sizes allow
+/// while `gso` is true; a refusal turns it off). Each datagram's result, in order: a
+/// failure concerns only the datagrams of its message. The error is for the batch as a
+/// whole (a socket of another runtime, a failed wait). The buffers are read during
+/// the calls only, and come back with the results.
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
+    fd: &SharedFd,
+    bufs: Vec<B>,
+    targets: Vec<(SocketAddr, SendMeta)>,
+    gso: &Cell<bool>,
+) -> io::Result<(Vec<io::Result<usize>>, Vec<B>)> {
+    let many = SendMany::new(bufs, targets, gso.get());
+    let many = match fd.binding()? {
+        Binding::Uring(driver) => uring::datagram::send_many(driver, fd.fd(), many).await?,
+        Binding::Poll(reg) => poll::datagram::send_many(reg, fd.fd(), many).await?,
+    };
+    if many.gso_was_refused() {
+        gso.set(false);
+    }
+    Ok(many.into_parts())
+}
+
 /// Sends every buffer of `bufs` as its own datagram, in order, to `dest` (or to the
-/// connected peer), with as few kernel operations as the engine allows. Runs of
+/// connected peer), each with `meta`'s control messages, with as few kernel operations as the engine allows. Runs of
 /// equal-sized datagrams go out as one UDP GSO send while `gso` is true; a GSO send the
 /// kernel or device refuses turns `gso` off and is sent again datagram by datagram.
 ///
@@ -103,15 +132,16 @@ pub(crate) async fn send_batch(
     fd: &SharedFd,
     bufs: Vec<Bytes>,
     dest: Option<SocketAddr>,
+    meta: &SendMeta,
     gso: &Cell<bool>,
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
     match fd.binding() {
         Ok(Binding::Uring(driver)) => {
-            uring::datagram::send_batch(driver, fd.fd(), bufs, dest, gso, report).await
+            uring::datagram::send_batch(driver, fd.fd(), bufs, dest, meta, gso, report).await
         }
         Ok(Binding::Poll(reg)) => {
-            poll::datagram::send_batch(reg, fd.fd(), bufs, dest, gso, report).await
+            poll::datagram::send_batch(reg, fd.fd(), bufs, dest, meta, gso, report).await
         }
         Err(err) => (Err(err), Progress::default(), bufs),
     }
@@ -131,4 +161,9 @@ pub(crate) fn set_int_option(
     value: libc::c_int,
 ) -> io::Result<()> {
     super::sockopt::set_int_option(fd.raw(), level, name, value)
+}
+
+/// Turns SO_TXTIME on (see `sockopt::enable_txtime`).
+pub(crate) fn enable_txtime(fd: &SharedFd) -> io::Result<()> {
+    super::sockopt::enable_txtime(fd.raw())
 }

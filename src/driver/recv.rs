@@ -7,10 +7,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 
 use super::buf_pool::{BufPool, LentBuf};
-use super::gso::CMSG_HDR;
-
-/// `SOL_UDP` option / control message: receive GRO super-datagrams (Linux 5.0).
-pub(crate) const UDP_GRO: libc::c_int = 104;
+pub(crate) use super::cmsg::{RecvMeta, UDP_GRO};
 
 pub(crate) use super::ring_layout::RingConfig;
 
@@ -22,6 +19,8 @@ pub(crate) struct RecvDatagram {
     pub(crate) truncated: bool,
     /// The datagram's real length (equal to `buf.len()` unless truncated).
     pub(crate) original_len: usize,
+    /// What the kernel reported beside it (empty unless the socket asked).
+    pub(crate) meta: RecvMeta,
 }
 
 /// What a receiver did, for statistics.
@@ -44,37 +43,9 @@ pub(crate) struct RecvCounters {
     pub(crate) bursts_drained: u64,
 }
 
-/// The GRO segment size in received control data, if the kernel merged datagrams.
-pub(crate) fn gro_segment(control: &[u8]) -> Option<usize> {
-    let mut offset = 0;
-    while offset + CMSG_HDR <= control.len() {
-        // SAFETY: `offset + CMSG_HDR <= len`: the header is inside the slice; it is read
-        // unaligned because the slice carries no alignment promise.
-        let header = unsafe {
-            control
-                .as_ptr()
-                .add(offset)
-                .cast::<libc::cmsghdr>()
-                .read_unaligned()
-        };
-        let len = header.cmsg_len;
-        if len < CMSG_HDR || offset + len > control.len() {
-            return None;
-        }
-        if header.cmsg_level == libc::SOL_UDP && header.cmsg_type == UDP_GRO && len >= CMSG_HDR + 4
-        {
-            let data = &control[offset + CMSG_HDR..offset + CMSG_HDR + 4];
-            let segment = i32::from_ne_bytes([data[0], data[1], data[2], data[3]]);
-            return (segment > 0).then_some(segment as usize);
-        }
-        offset += len.next_multiple_of(8);
-    }
-    None
-}
-
 /// Turns the bytes of one received datagram (or GRO super-datagram) into datagrams:
-/// one, or with GRO one per segment, each taking a hold on the buffer. `offset` and
-/// `len` place the payload in the buffer.
+/// one, or with GRO (`meta.gro_segment`) one per segment, each taking a hold on the
+/// buffer and a copy of `meta`. `offset` and `len` place the payload in the buffer.
 ///
 /// # Safety
 ///
@@ -90,12 +61,12 @@ pub(crate) unsafe fn deliver(
     original_len: usize,
     truncated: bool,
     addr: Option<SocketAddr>,
-    gro: Option<usize>,
+    meta: RecvMeta,
     counters: &mut RecvCounters,
     out: &mut Vec<RecvDatagram>,
 ) {
-    match gro {
-        Some(segment) if !truncated && segment < len => {
+    match meta.gro_segment as usize {
+        segment if segment > 0 && !truncated && segment < len => {
             counters.gro_splits += 1;
             let pieces = len.div_ceil(segment);
             for piece in 0..pieces {
@@ -110,6 +81,7 @@ pub(crate) unsafe fn deliver(
                     addr,
                     truncated: false,
                     original_len: size,
+                    meta,
                 });
             }
         }
@@ -125,33 +97,8 @@ pub(crate) unsafe fn deliver(
                 addr,
                 truncated,
                 original_len,
+                meta,
             });
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gro_control_message_is_found() {
-        let mut control = vec![0u8; 24];
-        let header = libc::cmsghdr {
-            cmsg_len: CMSG_HDR + 4,
-            cmsg_level: libc::SOL_UDP,
-            cmsg_type: UDP_GRO,
-        };
-        // SAFETY: `control` has room for a cmsghdr; written unaligned.
-        unsafe {
-            control
-                .as_mut_ptr()
-                .cast::<libc::cmsghdr>()
-                .write_unaligned(header)
-        };
-        control[CMSG_HDR..CMSG_HDR + 4].copy_from_slice(&1400i32.to_ne_bytes());
-        assert_eq!(gro_segment(&control), Some(1400));
-        assert_eq!(gro_segment(&[]), None);
-        assert_eq!(gro_segment(&[0xff; 7]), None);
     }
 }

@@ -10,7 +10,8 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use super::buf_pool::BufPool;
-use super::recv::{deliver, gro_segment, RecvCounters, RecvDatagram};
+use super::cmsg::{RecvMeta, RecvWants};
+use super::recv::{deliver, RecvCounters, RecvDatagram};
 use super::sockaddr::addr_from_bytes;
 
 /// A wake that finds at least this many datagrams ready means they arrive faster than
@@ -25,8 +26,6 @@ pub(crate) const QUIET_WAKES: u32 = 8;
 
 /// Most datagrams one `recvmmsg` takes.
 pub(crate) const RECV_SLOTS: usize = 64;
-/// Control room per receive slot for a UDP_GRO message.
-const GRO_WORDS: usize = 4;
 
 /// What one [`MmsgReceiver::receive`] found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,20 +47,23 @@ pub(crate) struct MmsgReceiver {
     // of building every header again from zero, which cost about 35 instructions per
     // datagram, a tenth of the receiver's user-space work (callgrind).
     names: Box<[libc::sockaddr_in6]>,
-    controls: Box<[[u64; GRO_WORDS]]>,
+    /// `control_words` words of control room per slot (none unless asked for).
+    controls: Box<[u64]>,
+    control_words: usize,
     iovecs: Box<[libc::iovec]>,
     headers: Box<[libc::mmsghdr]>,
     /// The buffers claimed for the call.
     bids: Vec<u16>,
     /// Per slot of the call: its buffer and where in it the slot starts.
     slots: Vec<(u16, usize)>,
-    gro: bool,
     /// Received, in order, not taken yet.
     ready: Vec<RecvDatagram>,
 }
 
 impl MmsgReceiver {
-    pub(crate) fn new(gro: bool) -> MmsgReceiver {
+    /// A receiver with room for the control data `wants` asks for.
+    pub(crate) fn new(wants: RecvWants) -> MmsgReceiver {
+        let control_words = wants.control_len().div_ceil(8);
         // SAFETY: sockaddr_in6, iovec and mmsghdr are plain old data; zero is a valid
         // (empty) value of each.
         let (name, iovec, header) = unsafe {
@@ -73,12 +75,12 @@ impl MmsgReceiver {
         };
         MmsgReceiver {
             names: vec![name; RECV_SLOTS].into_boxed_slice(),
-            controls: vec![[0; GRO_WORDS]; if gro { RECV_SLOTS } else { 0 }].into_boxed_slice(),
+            controls: vec![0; control_words * RECV_SLOTS].into_boxed_slice(),
+            control_words,
             iovecs: vec![iovec; RECV_SLOTS].into_boxed_slice(),
             headers: vec![header; RECV_SLOTS].into_boxed_slice(),
             bids: Vec::with_capacity(RECV_SLOTS),
             slots: Vec::with_capacity(RECV_SLOTS),
-            gro,
             ready: Vec::with_capacity(RECV_SLOTS),
         }
     }
@@ -129,7 +131,8 @@ impl MmsgReceiver {
         }
         let capacity = layout.capacity;
         let slots = self.slots.len();
-        let control_room = std::mem::size_of::<[u64; GRO_WORDS]>();
+        let words = self.control_words;
+        let control_room = words * 8;
         let slots_in_use = self
             .headers
             .iter_mut()
@@ -148,8 +151,8 @@ impl MmsgReceiver {
             msg.msg_iovlen = 1;
             msg.msg_flags = 0;
         }
-        if self.gro {
-            let slots_in_use = self.headers.iter_mut().zip(self.controls.iter_mut());
+        if words > 0 {
+            let slots_in_use = self.headers.iter_mut().zip(self.controls.chunks_mut(words));
             for (header, control) in slots_in_use.take(slots) {
                 header.msg_hdr.msg_control = control.as_mut_ptr().cast();
                 header.msg_hdr.msg_controllen = control_room;
@@ -197,15 +200,19 @@ impl MmsgReceiver {
                     name_len,
                 )
             };
-            let gro = if self.gro {
+            let meta = if words > 0 {
                 let control_len = header.msg_hdr.msg_controllen.min(control_room);
-                // SAFETY: the kernel wrote `control_len` bytes of control data.
+                // SAFETY: the kernel wrote `control_len` bytes of control data into this
+                // slot's `words` words.
                 let control = unsafe {
-                    std::slice::from_raw_parts(self.controls[j].as_ptr().cast::<u8>(), control_len)
+                    std::slice::from_raw_parts(
+                        self.controls[j * words..].as_ptr().cast::<u8>(),
+                        control_len,
+                    )
                 };
-                gro_segment(control)
+                RecvMeta::parse(control)
             } else {
-                None
+                RecvMeta::default()
             };
             // SAFETY: `bid` is claimed (claim_free) until release_claims below; the kernel
             // wrote min(real, capacity) bytes at the slot's start, and nothing writes
@@ -219,7 +226,7 @@ impl MmsgReceiver {
                     real,
                     truncated,
                     addr_from_bytes(name),
-                    gro,
+                    meta,
                     counters,
                     &mut self.ready,
                 )

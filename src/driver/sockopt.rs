@@ -5,6 +5,32 @@ use std::io;
 use std::os::fd::RawFd;
 
 /// Sets an integer socket option.
+/// Turns SO_TXTIME on (CLOCK_MONOTONIC, no error reports): the kernel then takes an
+/// SCM_TXTIME transmit time with each datagram, which an fq or etf qdisc honours and
+/// any other qdisc ignores. The kernel has no way to turn it off again; without the
+/// control message it changes nothing.
+pub(crate) fn enable_txtime(fd: RawFd) -> io::Result<()> {
+    let config = libc::sock_txtime {
+        clockid: libc::CLOCK_MONOTONIC,
+        flags: 0,
+    };
+    // SAFETY: passes a pointer to a live sock_txtime and its exact size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            super::cmsg::SO_TXTIME,
+            (&config as *const libc::sock_txtime).cast(),
+            std::mem::size_of::<libc::sock_txtime>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
 pub(crate) fn set_int_option(
     fd: RawFd,
     level: libc::c_int,

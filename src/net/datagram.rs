@@ -10,20 +10,23 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::bind::bind_retrying;
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
 use futures_core::Stream;
 
+use super::meta::{OutgoingDatagram, SendOptions, TrafficClass};
 use super::stream::sock_addr;
 use super::transport::Transport;
 use super::turn::Turnstile;
 use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
+use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, Receiver, RecvDatagram, RingConfig, MAX_UDP_PAYLOAD_V4,
-    MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, monotonic_ns, Receiver, RecvDatagram, RecvWants, RingConfig,
+    SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -79,9 +82,11 @@ impl ReceiveRing {
         ReceiveRing::default()
     }
 
-    /// Bytes of memory the ring takes: its cap, whichever engine fills it.
+    /// Bytes of memory the ring takes: its cap, whichever engine fills it. Receive
+    /// metadata ([`DatagramSocketControl::set_receive_destination`] and the like) adds
+    /// up to 64 bytes per slot for the kernel's control messages.
     pub fn memory(&self) -> usize {
-        ops_datagram::ring_memory(self.buffers, self.buffer_size)
+        ops_datagram::ring_memory(self.buffers, self.buffer_size, 0)
     }
 }
 
@@ -121,6 +126,9 @@ pub struct ReceiveStats {
     /// part-way through included: 0 means the ring is dry until the program drops a
     /// datagram.
     pub buffers_free: usize,
+    /// Buffers held by datagrams being forwarded without a copy ([`Datagram::into_forward`]);
+    /// at most a quarter of the ring's.
+    pub buffers_forwarding: usize,
 }
 
 /// Options of a datagram socket, applied when its socket is created and at once after.
@@ -137,6 +145,10 @@ struct DatagramOptions {
     gro: Cell<bool>,
     gso: Rc<Cell<bool>>,
     ring: Cell<ReceiveRing>,
+    receive_destination: Cell<bool>,
+    receive_traffic_class: Cell<bool>,
+    receive_timestamps: Cell<bool>,
+    kernel_pacing: Cell<bool>,
 }
 
 impl Default for DatagramOptions {
@@ -153,6 +165,10 @@ impl Default for DatagramOptions {
             gro: Cell::new(false),
             gso: Rc::new(Cell::new(true)),
             ring: Cell::new(ReceiveRing::default()),
+            receive_destination: Cell::new(false),
+            receive_traffic_class: Cell::new(false),
+            receive_timestamps: Cell::new(false),
+            kernel_pacing: Cell::new(false),
         }
     }
 }
@@ -348,12 +364,71 @@ impl DatagramSocket {
 
     /// Sends `buf` as one datagram to the connected remote end.
     pub async fn send<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
-        let fd = match self.fd() {
-            Ok(fd) => fd,
+        self.send_with(buf, &SendOptions::default()).await
+    }
+
+    /// Sends `buf` as one datagram to the connected remote end, with `options` (source
+    /// address, traffic class).
+    pub async fn send_with<B: IoBuf>(&self, buf: B, options: &SendOptions) -> BufResult<usize, B> {
+        let (fd, meta) = match self
+            .fd()
+            .and_then(|fd| Ok((fd, self.connected_meta(options)?)))
+        {
+            Ok(found) => found,
             Err(err) => return (Err(err), buf),
         };
-        let (result, buf) = ops_datagram::send_to(fd, buf, None).await;
+        self.pace(options).await;
+        let (result, buf) = ops_datagram::send_to(fd, buf, None, &meta).await;
         (result.map_err(|err| Error::io("send", err)), buf)
+    }
+
+    /// The driver's form of `options` for datagrams to `dest` (as the socket's family
+    /// writes it): IPv4 control messages for IPv4 and v4-mapped destinations.
+    fn send_meta(&self, options: &SendOptions, dest: SocketAddr) -> Result<SendMeta> {
+        let ipv4 = canonical(dest).is_ipv4();
+        if let Some(source) = options.source {
+            let source_v4 = match source {
+                IpAddr::V4(_) => true,
+                IpAddr::V6(v6) => v6.to_ipv4_mapped().is_some(),
+            };
+            if source_v4 != ipv4 {
+                return Err(Error::invalid_input(format!(
+                    "source address {source} cannot send to {dest}: another IP version"
+                )));
+            }
+            if !self.ipv6.get() && !source_v4 {
+                return Err(Error::invalid_input(format!(
+                    "source address {source} on an IPv4 socket"
+                )));
+            }
+        }
+        let kernel_paces = self.options.kernel_pacing.get();
+        Ok(SendMeta {
+            source: options.source,
+            tos: options.traffic_class.map(TrafficClass::to_byte),
+            txtime: options
+                .transmit_at
+                .filter(|_| kernel_paces)
+                .map(monotonic_ns),
+            ipv4,
+        })
+    }
+
+    /// Waits for `options`' transmit time, unless the kernel paces this socket.
+    async fn pace(&self, options: &SendOptions) {
+        if let Some(at) = options.transmit_at {
+            if !self.options.kernel_pacing.get() {
+                crate::runtime::sleep_until(at).await;
+            }
+        }
+    }
+
+    /// [`send_meta`](Self::send_meta) for the connected peer.
+    fn connected_meta(&self, options: &SendOptions) -> Result<SendMeta> {
+        if *options == SendOptions::default() {
+            return Ok(SendMeta::default());
+        }
+        self.send_meta(options, self.peer_addr()?)
     }
 
     /// Sends `buf` as one datagram to `service` at `host` (the first of its addresses
@@ -376,12 +451,30 @@ impl DatagramSocket {
 
     /// Sends `buf` as one datagram to `addr`.
     pub async fn send_to_addr<B: IoBuf>(&self, buf: B, addr: SocketAddr) -> BufResult<usize, B> {
+        self.send_to_addr_with(buf, addr, &SendOptions::default())
+            .await
+    }
+
+    /// Sends `buf` as one datagram to `addr` with `options`: from a source address of
+    /// this host (a reply from the address the request came to:
+    /// [`SendOptions::reply_to`]), with a traffic class (DSCP and ECN).
+    pub async fn send_to_addr_with<B: IoBuf>(
+        &self,
+        buf: B,
+        addr: SocketAddr,
+        options: &SendOptions,
+    ) -> BufResult<usize, B> {
         let fd = match self.socket_for(&addr) {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        let meta = match self.send_meta(options, addr) {
+            Ok(meta) => meta,
+            Err(err) => return (Err(err), buf),
+        };
+        self.pace(options).await;
         let target = for_family(addr, self.ipv6.get());
-        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target)).await;
+        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target), &meta).await;
         (
             result.map_err(|err| Error::io(format!("send to {addr}"), err)),
             buf,
@@ -401,9 +494,17 @@ impl DatagramSocket {
     /// io_uring, one `sendmmsg` on epoll; runs of equal-sized datagrams as single UDP GSO
     /// sends). Each call returns a new stream.
     pub fn output_stream(&self) -> Result<OutputStream> {
+        self.output_stream_with(&SendOptions::default())
+    }
+
+    /// [`output_stream`](Self::output_stream) whose every datagram carries `options`
+    /// (source address, traffic class); GSO runs keep them.
+    pub fn output_stream_with(&self, options: &SendOptions) -> Result<OutputStream> {
         let fd = self.fd()?;
         self.peer_addr()?;
-        Ok(self.stream_to(fd, None))
+        no_stream_pacing(options)?;
+        let meta = self.connected_meta(options)?;
+        Ok(self.stream_to(fd, None, meta))
     }
 
     /// A batching writer whose datagrams go to `service` at `host`
@@ -416,19 +517,98 @@ impl DatagramSocket {
 
     /// A batching writer whose datagrams go to `addr`.
     pub fn output_stream_to_addr(&self, addr: SocketAddr) -> Result<OutputStream> {
-        let fd = self.socket_for(&addr)?;
-        Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get()))))
+        self.output_stream_to_addr_with(addr, &SendOptions::default())
     }
 
-    fn stream_to(&self, fd: &SharedFd, dest: Option<SocketAddr>) -> OutputStream {
+    /// A batching writer whose datagrams go to `addr`, each carrying `options` (source
+    /// address, traffic class); GSO runs keep them.
+    pub fn output_stream_to_addr_with(
+        &self,
+        addr: SocketAddr,
+        options: &SendOptions,
+    ) -> Result<OutputStream> {
+        no_stream_pacing(options)?;
+        let fd = self.socket_for(&addr)?;
+        let meta = self.send_meta(options, addr)?;
+        Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get())), meta))
+    }
+
+    fn stream_to(&self, fd: &SharedFd, dest: Option<SocketAddr>, meta: SendMeta) -> OutputStream {
         OutputStream::with_transport(
             Some(fd.clone()),
             Transport::Datagram {
                 dest,
+                meta,
                 gso: self.options.gso.clone(),
                 max_payload: self.max_payload(),
             },
         )
+    }
+
+    /// Sends each datagram of `batch` to its own destination, with its own options, in
+    /// one flush: one `sendmmsg` (while the send buffer has room) of one message per
+    /// run of datagrams to the same destination with the same options, a UDP GSO send
+    /// where their sizes allow (see
+    /// [`set_segmentation_offload`](DatagramSocketControl::set_segmentation_offload)).
+    ///
+    /// Datagrams with a transmit time ([`SendOptions::transmit_at`]) leave at it, in
+    /// order: the runtime holds each run of one time until then (or, with
+    /// [`set_kernel_pacing`](DatagramSocketControl::set_kernel_pacing), the kernel does);
+    /// a GSO send never mixes two times.
+    ///
+    /// Returns each datagram's result in order: the bytes sent, or why that datagram
+    /// (and the others of its message) was not sent; the rest of the batch goes on. The
+    /// error is for the batch as a whole: options that cannot apply to a destination
+    /// (an IPv6 source for an IPv4 peer), or a socket that cannot send at all; then
+    /// nothing was sent.
+    pub async fn send_many<B: AsRef<[u8]>>(
+        &self,
+        batch: Vec<OutgoingDatagram<B>>,
+    ) -> Result<Vec<Result<usize>>> {
+        let Some(first) = batch.first() else {
+            return Ok(Vec::new());
+        };
+        let fd = self.socket_for(&first.to)?;
+        let count = batch.len();
+        let mut bufs = Vec::with_capacity(count);
+        let mut targets = Vec::with_capacity(count);
+        let mut times = Vec::with_capacity(count);
+        for datagram in batch {
+            let meta = self.send_meta(&datagram.options, datagram.to)?;
+            targets.push((for_family(datagram.to, self.ipv6.get()), meta));
+            times.push(datagram.options.transmit_at);
+            bufs.push(datagram.data);
+        }
+        let mut results = Vec::with_capacity(count);
+        let kernel_paces = self.options.kernel_pacing.get();
+        let mut bufs = bufs.into_iter();
+        let mut from = 0;
+        while from < count {
+            // Paced by the runtime: each run of one transmit time goes out at its time,
+            // in order, so no datagram leaves early and no GSO send mixes two times.
+            let mut to = count;
+            if !kernel_paces {
+                let time = times[from];
+                to = from + times[from..].iter().take_while(|t| **t == time).count();
+                if let Some(at) = time {
+                    crate::runtime::sleep_until(at).await;
+                }
+            }
+            let run: Vec<B> = bufs.by_ref().take(to - from).collect();
+            let (sent, _sent_bufs) =
+                ops_datagram::send_many(fd, run, targets[from..to].to_vec(), &self.options.gso)
+                    .await
+                    .map_err(|err| Error::io("send", err))?;
+            results.extend(sent);
+            from = to;
+        }
+        Ok(results
+            .into_iter()
+            .zip(targets)
+            .map(|(result, (to, _))| {
+                result.map_err(|err| Error::io(format!("send to {}", canonical(to)), err))
+            })
+            .collect())
     }
 
     /// The next datagram (one MessageReceived), whole. Only a ring made smaller than the
@@ -486,7 +666,12 @@ impl DatagramSocket {
             let config = RingConfig {
                 buffers: ring.buffers.clamp(1, 32768).next_power_of_two(),
                 buffer_size: ring.buffer_size.max(1),
-                gro: self.options.gro.get(),
+                wants: RecvWants {
+                    gro: self.options.gro.get(),
+                    destination: self.options.receive_destination.get(),
+                    traffic_class: self.options.receive_traffic_class.get(),
+                    timestamp: self.options.receive_timestamps.get(),
+                },
             };
             match Receiver::new(fd, config) {
                 Ok(new) => *receiver = Some(new),
@@ -514,6 +699,7 @@ impl DatagramSocket {
             stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();
             stats.buffers_free = receiver.pool().available();
+            stats.buffers_forwarding = receiver.pool().loaned_buffers();
         }
         if let Some(fd) = self.fd.get() {
             stats.dropped = ops_datagram::socket_drops(fd).unwrap_or(0);
@@ -620,6 +806,56 @@ impl Datagram {
     /// The datagram's real length.
     pub fn original_len(&self) -> usize {
         self.inner.original_len
+    }
+
+    /// The address the datagram was sent to, one of this host's (IPv4 shown as IPv4 on a
+    /// dual-stack socket), when the socket reports it
+    /// ([`set_receive_destination`](DatagramSocketControl::set_receive_destination)).
+    pub fn local_ip(&self) -> Option<IpAddr> {
+        self.inner.meta.destination
+    }
+
+    /// The index of the interface the datagram came in on, when the socket reports the
+    /// destination ([`set_receive_destination`](DatagramSocketControl::set_receive_destination)).
+    pub fn interface_index(&self) -> Option<u32> {
+        (self.inner.meta.interface != 0).then_some(self.inner.meta.interface)
+    }
+
+    /// The datagram's traffic class (DSCP and ECN), when the socket reports it
+    /// ([`set_receive_traffic_class`](DatagramSocketControl::set_receive_traffic_class)).
+    pub fn traffic_class(&self) -> Option<TrafficClass> {
+        self.inner.meta.tos.map(TrafficClass::from_byte)
+    }
+
+    /// When the kernel received the datagram (the system clock), when the socket reports
+    /// it ([`set_receive_timestamps`](DatagramSocketControl::set_receive_timestamps)).
+    pub fn timestamp(&self) -> Option<SystemTime> {
+        let ns = self.inner.meta.timestamp_ns;
+        (ns != 0).then(|| UNIX_EPOCH + Duration::from_nanos(ns))
+    }
+
+    /// The segment size of the GRO super-datagram this datagram was cut from (with
+    /// [`set_gro`](DatagramSocketControl::set_gro)); `None` when it came alone.
+    pub fn gro_segment_size(&self) -> Option<usize> {
+        let segment = self.inner.meta.gro_segment as usize;
+        (segment != 0).then_some(segment)
+    }
+
+    /// The payload, to send on (to another address, on this socket or another) without
+    /// a copy: the send reads it in the receive ring, whose buffer comes back once the
+    /// send is done. Copied instead when forwarded datagrams hold a quarter of the ring
+    /// already (see [`Forward`]).
+    ///
+    /// ```
+    /// # use ringsock::DatagramSocket;
+    /// # async fn relay(inside: &DatagramSocket, outside: &DatagramSocket, peer: std::net::SocketAddr) -> ringsock::Result<()> {
+    /// let datagram = inside.recv().await?;
+    /// outside.send_to_addr(datagram.into_forward(), peer).await.0?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn into_forward(self) -> Forward {
+        Forward::new(self.inner.buf)
     }
 
     /// The payload as UTF-8 text (DataReader.ReadString).
@@ -753,6 +989,18 @@ impl DatagramSocketControl<'_> {
         }
         if self.options.gro.get() {
             self.apply_gro(true)?;
+        }
+        if self.options.receive_destination.get() {
+            self.apply_receive_destination(true)?;
+        }
+        if self.options.receive_traffic_class.get() {
+            self.apply_receive_traffic_class(true)?;
+        }
+        if self.options.receive_timestamps.get() {
+            self.apply_receive_timestamps(true)?;
+        }
+        if self.options.kernel_pacing.get() {
+            self.set_kernel_pacing(true)?;
         }
         Ok(())
     }
@@ -970,6 +1218,122 @@ impl DatagramSocketControl<'_> {
         }
     }
 
+    /// Reports on every received datagram the address it was sent to and the
+    /// interface it came in on ([`Datagram::local_ip`], [`Datagram::interface_index`];
+    /// IP_PKTINFO, or IPV6_RECVPKTINFO, which covers IPv4 on a dual-stack socket too).
+    /// A server bound to a wildcard address answers from that address
+    /// ([`SendOptions::reply_to`]). Costs 40 bytes of control data per datagram; set
+    /// before the first receive.
+    pub fn set_receive_destination(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_destination")?;
+        self.options.receive_destination.set(on);
+        self.apply_receive_destination(on)
+    }
+
+    /// Whether received datagrams report their destination.
+    pub fn receive_destination(&self) -> bool {
+        self.options.receive_destination.get()
+    }
+
+    /// Reports on every received datagram its traffic class, DSCP and ECN
+    /// ([`Datagram::traffic_class`]; IP_RECVTOS, and IPV6_RECVTCLASS on an IPv6 socket).
+    /// Costs 24 bytes of control data per datagram; set before the first receive.
+    pub fn set_receive_traffic_class(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_traffic_class")?;
+        self.options.receive_traffic_class.set(on);
+        self.apply_receive_traffic_class(on)
+    }
+
+    /// Whether received datagrams report their traffic class.
+    pub fn receive_traffic_class(&self) -> bool {
+        self.options.receive_traffic_class.get()
+    }
+
+    /// Reports on every received datagram when the kernel received it
+    /// ([`Datagram::timestamp`]; SO_TIMESTAMPNS, the system clock). Costs 32 bytes of
+    /// control data per datagram; set before the first receive.
+    pub fn set_receive_timestamps(&self, on: bool) -> Result<()> {
+        self.before_receiving("set_receive_timestamps")?;
+        self.options.receive_timestamps.set(on);
+        self.apply_receive_timestamps(on)
+    }
+
+    /// Whether received datagrams report their receive time.
+    pub fn receive_timestamps(&self) -> bool {
+        self.options.receive_timestamps.get()
+    }
+
+    /// The receive ring has room for control data only as set up by the first receive.
+    fn before_receiving(&self, what: &str) -> Result<()> {
+        if self.receiving {
+            return Err(Error::invalid_input(format!(
+                "{what}: receive metadata is set up by the first receive: set it before"
+            )));
+        }
+        Ok(())
+    }
+
+    fn apply_receive_destination(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        let (level, name, what) = if self.ipv6 {
+            (
+                libc::IPPROTO_IPV6,
+                libc::IPV6_RECVPKTINFO,
+                "set IPV6_RECVPKTINFO",
+            )
+        } else {
+            (libc::IPPROTO_IP, libc::IP_PKTINFO, "set IP_PKTINFO")
+        };
+        ops_datagram::set_int_option(fd, level, name, on as libc::c_int)
+            .map_err(|e| Error::io(what, e))
+    }
+
+    fn apply_receive_traffic_class(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        let value = on as libc::c_int;
+        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, value);
+        if self.ipv6 {
+            // IPv4 datagrams on a dual-stack socket report IP_TOS; an IPv6-only socket
+            // may refuse the IPv4 option, which it never needs.
+            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, value)
+                .map_err(|e| Error::io("set IPV6_RECVTCLASS", e))
+        } else {
+            ip.map_err(|e| Error::io("set IP_RECVTOS", e))
+        }
+    }
+
+    fn apply_receive_timestamps(&self, on: bool) -> Result<()> {
+        let Some(fd) = self.fd else { return Ok(()) };
+        ops_datagram::set_int_option(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TIMESTAMPNS,
+            on as libc::c_int,
+        )
+        .map_err(|e| Error::io("set SO_TIMESTAMPNS", e))
+    }
+
+    /// Lets the kernel release datagrams at their transmit time
+    /// ([`SendOptions::transmit_at`]): SO_TXTIME on the socket, an SCM_TXTIME control
+    /// message on each datagram that has a time, and no wait in the runtime. Only an fq
+    /// or etf qdisc on the outgoing interface honours the time; any other qdisc sends at
+    /// once, silently. Off (the default), the runtime's timers hold each datagram until
+    /// its time.
+    pub fn set_kernel_pacing(&self, on: bool) -> Result<()> {
+        if on {
+            if let Some(fd) = self.fd {
+                ops_datagram::enable_txtime(fd).map_err(|e| Error::io("set SO_TXTIME", e))?;
+            }
+        }
+        self.options.kernel_pacing.set(on);
+        Ok(())
+    }
+
+    /// Whether the kernel paces datagrams by their transmit time.
+    pub fn kernel_pacing(&self) -> bool {
+        self.options.kernel_pacing.get()
+    }
+
     /// Whether batched sends may use UDP GSO (UDP_SEGMENT, Linux 4.18) for runs of
     /// equal-sized datagrams (default on). Each datagram still arrives as its own
     /// datagram; ringsock turns GSO off by itself when the kernel or device refuses it.
@@ -986,6 +1350,16 @@ impl DatagramSocketControl<'_> {
         self.fd
             .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
     }
+}
+
+/// A transmit time is per datagram: an output stream's options carry none.
+fn no_stream_pacing(options: &SendOptions) -> Result<()> {
+    if options.transmit_at.is_some() {
+        return Err(Error::invalid_input(
+            "a transmit time is per datagram: use send_to_addr_with or send_many",
+        ));
+    }
+    Ok(())
 }
 
 fn check_hops(hops: u32) -> Result<()> {

@@ -14,6 +14,7 @@ mod ending;
 mod handoff;
 mod input;
 mod listener;
+mod meta;
 mod output;
 mod shard;
 mod stream;
@@ -21,6 +22,7 @@ mod timeouts;
 mod transport;
 pub(crate) mod turn;
 
+pub use crate::driver::forward::Forward;
 pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
@@ -30,6 +32,7 @@ pub use handoff::{
 };
 pub use input::InputStream;
 pub use listener::{AcceptStats, Incoming, StreamSocketListener};
+pub use meta::{Ecn, OutgoingDatagram, SendOptions, TrafficClass};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
 pub use shard::{bind_reuse_port, Sharded};
 pub use stream::StreamSocket;

@@ -9,7 +9,8 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::driver::ops::{self, BatchReport, Progress};
-use crate::driver::{ops_datagram, SharedFd};
+use crate::driver::ops_datagram::{self, SendMeta};
+use crate::driver::SharedFd;
 use crate::tls::session::TlsSession;
 use crate::{Error, Result};
 
@@ -21,6 +22,8 @@ pub(crate) enum Transport {
     Datagram {
         /// Where each datagram goes; `None` on a connected socket.
         dest: Option<SocketAddr>,
+        /// What every datagram of the stream carries (source address, traffic class).
+        meta: SendMeta,
         /// UDP GSO for runs of equal-sized datagrams (shared with the socket's control,
         /// switched off for good when the kernel or device refuses it).
         gso: Rc<Cell<bool>>,
@@ -56,9 +59,9 @@ impl Transport {
     ) -> (io::Result<()>, Progress, Vec<Bytes>) {
         match self {
             Transport::Stream => ops::send_stream_batch(fd, bufs, total, report).await,
-            Transport::Datagram { dest, gso, .. } => {
-                ops_datagram::send_batch(fd, bufs, *dest, gso, report).await
-            }
+            Transport::Datagram {
+                dest, meta, gso, ..
+            } => ops_datagram::send_batch(fd, bufs, *dest, meta, gso, report).await,
             Transport::Tls(session) => session.send_batch(bufs, report).await,
         }
     }

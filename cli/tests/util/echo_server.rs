@@ -24,6 +24,9 @@ pub struct Setup<'a> {
     pub nofile: Option<u64>,
     /// Extra environment variables.
     pub env: &'a [(&'a str, &'a str)],
+    /// The network namespace to run it in (`ip netns exec`, which execs the server in
+    /// the same process).
+    pub netns: Option<&'a str>,
 }
 
 /// The server's stderr, line by line as it comes.
@@ -42,7 +45,16 @@ impl EchoServer {
 
     /// [`start`](EchoServer::start) with a descriptor limit or extra environment.
     pub fn start_with(args: &[&str], kinds: &[&str], setup: Setup<'_>) -> EchoServer {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+        let mut command = match setup.netns {
+            Some(name) => {
+                let mut command = Command::new("ip");
+                command
+                    .args(["netns", "exec", name])
+                    .arg(env!("CARGO_BIN_EXE_ringsock"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_ringsock")),
+        };
         command
             .arg("echo-server")
             .args(args)

@@ -14,11 +14,13 @@ use super::{Direction, Registration};
 use crate::buf::IoBuf;
 use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
+use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
-use crate::driver::gso::{gso_refused, plan_links, MmsgBatch};
+use crate::driver::gso::{gso_refused, plan_links, MmsgBatch, Targets};
 use crate::driver::recv::{RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::Layout;
+use crate::driver::send_many::{self, SendMany};
 use crate::driver::sockaddr::RawAddr;
 
 /// Most messages one `sendmmsg` takes (UIO_MAXIOV).
@@ -52,7 +54,7 @@ impl Receiver {
         let pool = BufPool::new(Layout::new(&config, false), None)?;
         Ok(Receiver {
             pool: Rc::new(pool),
-            mmsg: MmsgReceiver::new(config.gro),
+            mmsg: MmsgReceiver::new(config.wants),
             starved: false,
             burst: 0,
             bursty: false,
@@ -150,13 +152,18 @@ impl Receiver {
     }
 }
 
-/// One datagram to `addr`, or to the connected peer (`sendto`).
+/// One datagram to `addr`, or to the connected peer (`sendto`; `sendmsg` when `meta`
+/// attaches control messages).
 pub(crate) async fn send_to<B: IoBuf>(
     reg: &Registration,
     fd: &FdRef,
     buf: B,
     addr: Option<SocketAddr>,
+    meta: &SendMeta,
 ) -> (io::Result<usize>, B) {
+    if !meta.is_empty() {
+        return send_msg_to(reg, fd, buf, addr, meta).await;
+    }
     let raw = addr.map(RawAddr::from_socket_addr);
     let result = reg
         .retry(Direction::Write, || {
@@ -182,6 +189,61 @@ pub(crate) async fn send_to<B: IoBuf>(
     (result, buf)
 }
 
+/// [`send_to`] with control messages, as one `sendmsg`.
+async fn send_msg_to<B: IoBuf>(
+    reg: &Registration,
+    fd: &FdRef,
+    buf: B,
+    addr: Option<SocketAddr>,
+    meta: &SendMeta,
+) -> (io::Result<usize>, B) {
+    let mut raw = addr.map(RawAddr::from_socket_addr);
+    let control = SendControl::new(meta, None);
+    let result = reg
+        .retry(Direction::Write, || {
+            let mut iovec = libc::iovec {
+                iov_base: buf.stable_ptr() as *mut libc::c_void,
+                iov_len: buf.bytes_init(),
+            };
+            // SAFETY: msghdr is plain old data; zero is its empty value.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = &mut iovec;
+            header.msg_iovlen = 1;
+            if let Some(raw) = raw.as_mut() {
+                header.msg_name = raw.as_mut_ptr().cast();
+                header.msg_namelen = raw.len;
+            }
+            header.msg_control = control.as_ptr();
+            header.msg_controllen = control.len();
+            // SAFETY: the header points at the live iovec over `bytes_init` initialised
+            // bytes, the address and the control data above, all alive for the call.
+            let n = unsafe { libc::sendmsg(fd.raw(), &header, libc::MSG_NOSIGNAL) };
+            check(n)
+        })
+        .await;
+    (result, buf)
+}
+
+/// See [`crate::driver::ops_datagram::send_many`]: `sendmmsg` when the socket is
+/// writable, again after each readiness edge while its send buffer is full.
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
+    reg: &Registration,
+    fd: &FdRef,
+    mut many: SendMany<B>,
+) -> io::Result<SendMany<B>> {
+    loop {
+        let step = reg
+            .retry(Direction::Write, || match many.step(fd.raw()) {
+                send_many::Step::WouldBlock => Err(io::ErrorKind::WouldBlock.into()),
+                step => Ok(step),
+            })
+            .await?;
+        if step == send_many::Step::Done {
+            return Ok(many);
+        }
+    }
+}
+
 /// See [`crate::driver::ops_datagram::send_batch`]: `sendmmsg` calls of up to 1024
 /// messages, each a datagram or a GSO run.
 pub(crate) async fn send_batch(
@@ -189,18 +251,20 @@ pub(crate) async fn send_batch(
     fd: &FdRef,
     bufs: Vec<Bytes>,
     dest: Option<SocketAddr>,
+    meta: &SendMeta,
     gso: &Cell<bool>,
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
     let mut progress = Progress::default();
     let mut rounds = 0u64;
+    let targets = Targets::One(dest, *meta);
     'plan: while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let links = plan_links(&bufs, progress.first, gso.get(), SEND_SLOTS);
-        let mut batch = MmsgBatch::new(&bufs, &links, dest);
+        let links = plan_links(&bufs, progress.first, gso.get(), SEND_SLOTS, &targets);
+        let mut batch = MmsgBatch::new(&bufs, &links, &targets);
         let mut at = 0;
         while at < batch.len() {
             let result = reg

@@ -21,21 +21,19 @@ use crate::buf::IoBuf;
 use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
 use crate::driver::caps::Capability;
+use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
 use crate::driver::fd::FdRef;
-use crate::driver::gso::{
-    gso_cmsg, gso_refused, link_iovecs, plan_links, Link, MmsgBatch, CMSG_WORDS,
-};
-use crate::driver::recv::{deliver, gro_segment, RecvCounters, RecvDatagram, RingConfig};
+use crate::driver::gso::{gso_refused, link_iovecs, plan_links, Link, MmsgBatch, Targets};
+use crate::driver::recv::{deliver, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
-use crate::driver::ring_layout::{Layout, HEADER_ROOM};
+use crate::driver::ring_layout::{header_room, Layout, BEFORE_CONTROL};
+use crate::driver::send_many::{self, SendMany};
 use crate::driver::sockaddr::{addr_from_bytes, RawAddr};
 
 /// `struct io_uring_recvmsg_out`: what the kernel writes before the name.
 const RECVMSG_OUT: usize = 16;
 /// Room for the source address in each buffer (>= sizeof(sockaddr_in6)).
 const NAME_LEN: usize = 32;
-/// Room for one UDP_GRO control message (CMSG_SPACE(sizeof(int)), rounded up).
-const GRO_CONTROL_LEN: usize = 32;
 /// Most links in one send chain: a chain must fit the submission queue.
 const MAX_LINKS: usize = 256;
 
@@ -111,12 +109,15 @@ impl Receiver {
         let multishot =
             caps.contains(Capability::BufferRing) && caps.contains(Capability::MultishotRecv);
         let incremental = multishot && caps.contains(Capability::IncrementalBuffers);
-        let control_len = if config.gro { GRO_CONTROL_LEN } else { 0 };
+        // Only what the socket asked for: every byte of it is written before every
+        // datagram.
+        let control_len = config.wants.control_len();
         let layout = Layout::new(&config, incremental);
         // What the kernel writes per datagram: its header, the name, the control message
         // and the payload; the slot's header room holds the first three.
         let header = RECVMSG_OUT + NAME_LEN + control_len;
-        debug_assert!(header <= HEADER_ROOM);
+        debug_assert_eq!(RECVMSG_OUT + NAME_LEN, BEFORE_CONTROL);
+        debug_assert!(header <= header_room(control_len));
         let whole = header + layout.capacity;
         // Incrementally: the kernel fills a buffer datagram after datagram and gives it
         // up once fewer bytes are left than a header and `capacity` (min_left), so it
@@ -154,7 +155,7 @@ impl Receiver {
                 Mode::Drain
             },
             multishot,
-            mmsg: MmsgReceiver::new(config.gro),
+            mmsg: MmsgReceiver::new(config.wants),
             control_len,
             starved: false,
             armed_once: false,
@@ -442,7 +443,11 @@ impl Receiver {
         let parsed = types::RecvMsgOut::parse(filled, &template)
             .map_err(|()| io::Error::other("malformed multishot receive buffer"))?;
         let addr = addr_from_bytes(parsed.name_data());
-        let gro = gro_segment(parsed.control_data());
+        let meta = if self.control_len > 0 {
+            RecvMeta::parse(parsed.control_data())
+        } else {
+            RecvMeta::default()
+        };
         let payload = parsed.payload_data();
         let at = payload.as_ptr() as usize - base as usize;
         let original = (parsed.incoming_payload_len() as usize).max(payload.len());
@@ -462,7 +467,7 @@ impl Receiver {
                 original,
                 truncated,
                 addr,
-                gro,
+                meta,
                 &mut self.counters,
                 self.mmsg.ready_mut(),
             )
@@ -483,21 +488,57 @@ fn poll_readable(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
     op.map_err(|(err, _)| err)
 }
 
+/// A one-shot IORING_OP_POLL_ADD for POLLOUT: completes once the socket's send buffer
+/// has room again.
+fn poll_writable(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
+    // SAFETY: a poll points to no memory; the op keeps the descriptor open.
+    let op = unsafe {
+        Op::submit(driver, fd.clone(), |fd| {
+            opcode::PollAdd::new(types::Fd(fd.raw()), libc::POLLOUT as u32).build()
+        })
+    };
+    op.map_err(|(err, _)| err)
+}
+
+/// See [`crate::driver::ops_datagram::send_many`]: `sendmmsg` straight from the task
+/// (one call per batch while the send buffer has room; measured faster than a linked
+/// chain, see `mmsg_first`), and a one-shot POLLOUT while it is full.
+pub(crate) async fn send_many<B: AsRef<[u8]>>(
+    driver: &Handle,
+    fd: &FdRef,
+    mut many: SendMany<B>,
+) -> io::Result<SendMany<B>> {
+    loop {
+        match many.step(fd.raw()) {
+            send_many::Step::Done => return Ok(many),
+            send_many::Step::Progress => {
+                driver.with(|d| d.count_io_call())?;
+            }
+            send_many::Step::WouldBlock => {
+                driver.with(|d| d.count_io_call())?;
+                let (polled, _) = poll_writable(driver, fd)?.await;
+                polled.and_then(Completion::into_result)?;
+            }
+        }
+    }
+}
+
 /// One datagram to `addr`, or to the connected peer: IORING_OP_SEND (with a destination
 /// it is a sendto, Linux 6.0), or SENDMSG with the address in its header where the kernel
-/// lacks [`Capability::SendTo`].
+/// lacks [`Capability::SendTo`] or `meta` attaches control messages.
 pub(crate) async fn send_to<B: IoBuf>(
     driver: &Handle,
     fd: &FdRef,
     buf: B,
     addr: Option<SocketAddr>,
+    meta: &SendMeta,
 ) -> (io::Result<usize>, B) {
     let send_to = match driver.with(|d| d.capabilities().contains(Capability::SendTo)) {
         Ok(send_to) => send_to,
         Err(misuse) => return (Err(misuse), buf),
     };
-    if addr.is_some() && !send_to {
-        return send_msg_to(driver, fd, buf, addr).await;
+    if (addr.is_some() && !send_to) || !meta.is_empty() {
+        return send_msg_to(driver, fd, buf, addr, meta).await;
     }
     let data = (fd.clone(), buf, addr.map(RawAddr::from_socket_addr));
     // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and the
@@ -523,27 +564,31 @@ pub(crate) async fn send_to<B: IoBuf>(
     }
 }
 
-/// The data of a SENDMSG of one datagram to an address: the header points at the iovec
-/// and the address beside it, which stay put in the op's box.
+/// The data of a SENDMSG of one datagram to an address: the header points at the iovec,
+/// the address and the control data beside it, which stay put in the op's box.
 struct SendMsgTo<B> {
     fd: FdRef,
     buf: B,
     addr: Option<RawAddr>,
+    control: SendControl,
     iovec: libc::iovec,
     header: libc::msghdr,
 }
 
-/// [`send_to`] as SENDMSG, for kernels without a destination on SEND.
+/// [`send_to`] as SENDMSG: for kernels without a destination on SEND, and for control
+/// messages.
 async fn send_msg_to<B: IoBuf>(
     driver: &Handle,
     fd: &FdRef,
     buf: B,
     addr: Option<SocketAddr>,
+    meta: &SendMeta,
 ) -> (io::Result<usize>, B) {
     let data = SendMsgTo {
         fd: fd.clone(),
         buf,
         addr: addr.map(RawAddr::from_socket_addr),
+        control: SendControl::new(meta, None),
         // SAFETY: iovec is plain old data; zero is its empty value.
         iovec: unsafe { std::mem::zeroed() },
         // SAFETY: msghdr is plain old data; zero is its empty value.
@@ -563,6 +608,8 @@ async fn send_msg_to<B: IoBuf>(
                 data.header.msg_name = addr.as_mut_ptr().cast();
                 data.header.msg_namelen = addr.len;
             }
+            data.header.msg_control = data.control.as_ptr();
+            data.header.msg_controllen = data.control.len();
             opcode::SendMsg::new(types::Fd(data.fd.raw()), &data.header)
                 .flags(libc::MSG_NOSIGNAL as u32)
                 .build()
@@ -590,26 +637,35 @@ struct SendChain {
     iovecs: Vec<libc::iovec>,
     /// Read by the kernel through `headers`.
     #[allow(dead_code)]
-    controls: Vec<[u64; CMSG_WORDS]>,
-    /// One per GSO link (None for single-datagram links, which use SEND).
+    controls: Vec<SendControl>,
+    /// One per link that carries control data (a GSO run, or metadata); None for plain
+    /// single datagrams, which use SEND.
     headers: Vec<Option<libc::msghdr>>,
     addr: Box<Option<RawAddr>>,
 }
 
 impl SendChain {
-    fn new(fd: FdRef, bufs: Vec<Bytes>, links: Vec<Link>, dest: Option<SocketAddr>) -> SendChain {
+    fn new(
+        fd: FdRef,
+        bufs: Vec<Bytes>,
+        links: Vec<Link>,
+        dest: Option<SocketAddr>,
+        meta: &SendMeta,
+    ) -> SendChain {
         let mut addr = Box::new(dest.map(RawAddr::from_socket_addr));
-        let gso_links = links.iter().filter(|link| link.segment.is_some());
-        let (iovecs, counts) = link_iovecs(&bufs, gso_links);
+        let needs_header = |link: &Link| link.segment.is_some() || !meta.is_empty();
+        let msg_links = links.iter().filter(|link| needs_header(link));
+        let (iovecs, counts) = link_iovecs(&bufs, msg_links);
         let mut counts = counts.into_iter();
-        let controls: Vec<[u64; CMSG_WORDS]> = links
+        let controls: Vec<SendControl> = links
             .iter()
-            .filter_map(|link| link.segment.map(gso_cmsg))
+            .filter(|link| needs_header(link))
+            .map(|link| SendControl::new(meta, link.segment))
             .collect();
         let mut headers = Vec::with_capacity(links.len());
         let (mut iov_at, mut control_at) = (0, 0);
         for link in &links {
-            if link.segment.is_none() {
+            if !needs_header(link) {
                 headers.push(None);
                 continue;
             }
@@ -618,8 +674,8 @@ impl SendChain {
             let count = counts.next().unwrap_or(0);
             header.msg_iov = iovecs[iov_at..].as_ptr() as *mut libc::iovec;
             header.msg_iovlen = count;
-            header.msg_control = controls[control_at].as_ptr() as *mut libc::c_void;
-            header.msg_controllen = std::mem::size_of::<[u64; CMSG_WORDS]>();
+            header.msg_control = controls[control_at].as_ptr();
+            header.msg_controllen = controls[control_at].len();
             if let Some(addr) = addr.as_mut() {
                 header.msg_name = addr.as_mut_ptr().cast();
                 header.msg_namelen = addr.len;
@@ -655,10 +711,10 @@ fn mmsg_first(
     fd: &FdRef,
     bufs: &[Bytes],
     links: &[Link],
-    dest: Option<SocketAddr>,
+    targets: &Targets<'_>,
     report: &mut BatchReport,
 ) -> Option<usize> {
-    let mut batch = MmsgBatch::new(bufs, links, dest);
+    let mut batch = MmsgBatch::new(bufs, links, targets);
     let result = batch.send(fd.raw(), 0);
     report.operations += 1;
     let _ = driver.with(|d| d.count_io_call());
@@ -673,30 +729,32 @@ pub(crate) async fn send_batch(
     fd: &FdRef,
     mut bufs: Vec<Bytes>,
     dest: Option<SocketAddr>,
+    meta: &SendMeta,
     gso: &Cell<bool>,
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
     let mut progress = Progress::default();
     let mut rounds = 0u64;
+    let targets = Targets::One(dest, *meta);
     while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let links = plan_links(&bufs, progress.first, gso.get(), MAX_LINKS);
+        let links = plan_links(&bufs, progress.first, gso.get(), MAX_LINKS, &targets);
         if rounds == 1 && links.len() > 1 {
             // More than one send: datagrams of mixed sizes, which cannot share a GSO send,
             // or a run longer than one GSO send takes. A linked chain costs more than the
             // kernel's own batch call: each link after the first is issued from task
             // work, one more io_uring_enter (see mmsg_first). What sendmmsg could not
             // take goes on as a chain.
-            if let Some(sent) = mmsg_first(driver, fd, &bufs, &links, dest, report) {
+            if let Some(sent) = mmsg_first(driver, fd, &bufs, &links, &targets, report) {
                 let last = links[sent - 1];
                 progress.first = last.first + last.count;
                 continue;
             }
         }
-        let chain = SendChain::new(fd.clone(), bufs, links, dest);
+        let chain = SendChain::new(fd.clone(), bufs, links, dest, meta);
         // SAFETY: every SQE points into the chain's data (see SendChain), which the
         // ChainOp owns until each link's CQE.
         let op = unsafe {

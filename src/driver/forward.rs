@@ -1,0 +1,83 @@
+//! A received datagram's bytes sent on without a copy: the send reads them where the
+//! kernel put them, in the receive ring, and the buffer goes back to the ring once the
+//! send is done with them. Shared by both engines (a send takes any [`IoBuf`]).
+#![allow(unsafe_code)]
+
+use std::fmt;
+
+use super::buf_pool::{LentBuf, SendLoan};
+use crate::buf::IoBuf;
+
+/// A received [`Datagram`](crate::Datagram)'s payload on its way out again
+/// ([`Datagram::into_forward`](crate::Datagram::into_forward)): pass it to any send that takes an [`IoBuf`]
+/// (`send_to_addr`, `send`, on this socket or another), which gives it back when it is
+/// done, or put it in a batch to many peers
+/// ([`OutgoingDatagram::of`](crate::OutgoingDatagram::of)); dropping it then returns the
+/// receive buffer to the ring.
+///
+/// Datagrams lent to sends may hold at most a quarter of the ring's buffers (at least
+/// one), so forwarding never leaves the ring dry; past that, a datagram's bytes are
+/// copied and its buffer goes back at once ([`is_zero_copy`](Self::is_zero_copy) tells).
+pub struct Forward {
+    body: Body,
+}
+
+enum Body {
+    /// The bytes in the receive ring; the loan counts against the cap.
+    Lent { buf: LentBuf, _loan: SendLoan },
+    /// A copy: the cap was reached.
+    Copied(Vec<u8>),
+}
+
+impl Forward {
+    /// The bytes of `buf`, lent if the pool's cap allows, else copied (and `buf`
+    /// dropped, which gives its buffer back).
+    pub(crate) fn new(buf: LentBuf) -> Forward {
+        let body = match buf.loan_for_send() {
+            Some(loan) => Body::Lent { buf, _loan: loan },
+            None => Body::Copied(buf.to_vec()),
+        };
+        Forward { body }
+    }
+
+    /// The bytes to send.
+    pub fn data(&self) -> &[u8] {
+        match &self.body {
+            Body::Lent { buf, .. } => buf,
+            Body::Copied(bytes) => bytes,
+        }
+    }
+
+    /// True when the bytes are the receive ring's own, not a copy.
+    pub fn is_zero_copy(&self) -> bool {
+        matches!(self.body, Body::Lent { .. })
+    }
+}
+
+// SAFETY: the bytes are the receive ring's (a mapping the datagram's pool keeps alive
+// and does not hand back to the kernel while the datagram holds its buffer) or a Vec's
+// heap allocation: neither moves with the value, and nothing writes them while it lives.
+unsafe impl IoBuf for Forward {
+    fn stable_ptr(&self) -> *const u8 {
+        self.data().as_ptr()
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.data().len()
+    }
+}
+
+impl AsRef<[u8]> for Forward {
+    fn as_ref(&self) -> &[u8] {
+        self.data()
+    }
+}
+
+impl fmt::Debug for Forward {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forward")
+            .field("len", &self.data().len())
+            .field("zero_copy", &self.is_zero_copy())
+            .finish()
+    }
+}

@@ -1,0 +1,116 @@
+//! Datagrams to many destinations in one flush: `sendmmsg` of one message per
+//! destination run (a GSO run where sizes allow, never across destinations or
+//! metadata), each datagram's own result kept. A failure concerns its datagrams only:
+//! the batch goes on with the next. Shared by both engines, which only wait for the
+//! socket to take more when it is full.
+
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::RawFd;
+
+use super::cmsg::SendMeta;
+use super::gso::{gso_refused, plan_links, MmsgBatch, Targets};
+
+/// Most messages one `sendmmsg` takes (UIO_MAXIOV).
+const SEND_SLOTS: usize = 1024;
+
+/// What one [`SendMany::step`] came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Step {
+    /// Every datagram has its result.
+    Done,
+    /// Some went; call again.
+    Progress,
+    /// The send buffer is full: wait until the socket is writable, then call again.
+    WouldBlock,
+}
+
+/// A batch of datagrams, each with its own destination and metadata, on its way out.
+/// Each `sendmmsg` reads the buffers only during the call, so any bytes do (a
+/// received datagram's, in the receive ring, included).
+pub(crate) struct SendMany<B> {
+    bufs: Vec<B>,
+    targets: Vec<(SocketAddr, SendMeta)>,
+    results: Vec<io::Result<usize>>,
+    gso: bool,
+    /// Set when the kernel refused GSO, for the socket to remember.
+    gso_refused: bool,
+}
+
+impl<B: AsRef<[u8]>> SendMany<B> {
+    /// `bufs[i]` goes to `targets[i]` (the two are the same length).
+    pub(crate) fn new(bufs: Vec<B>, targets: Vec<(SocketAddr, SendMeta)>, gso: bool) -> Self {
+        debug_assert_eq!(bufs.len(), targets.len());
+        SendMany {
+            results: Vec::with_capacity(bufs.len()),
+            bufs,
+            targets,
+            gso,
+            gso_refused: false,
+        }
+    }
+
+    /// One non-blocking `sendmmsg` of what has no result yet. The caller counts the
+    /// system call unless the answer is [`Step::Done`].
+    pub(crate) fn step(&mut self, fd: RawFd) -> Step {
+        let at = self.results.len();
+        if at >= self.bufs.len() {
+            return Step::Done;
+        }
+        let targets = Targets::Each(&self.targets);
+        let links = plan_links(&self.bufs, at, self.gso, SEND_SLOTS, &targets);
+        let mut batch = MmsgBatch::new(&self.bufs, &links, &targets);
+        match batch.send(fd, 0) {
+            Ok(sent) if sent > 0 => {
+                for link in &links[..sent.min(links.len())] {
+                    for buf in &self.bufs[link.first..link.first + link.count] {
+                        self.results.push(Ok(buf.as_ref().len()));
+                    }
+                }
+                Step::Progress
+            }
+            Ok(_) => {
+                self.fail(links[0].count, || io::ErrorKind::WriteZero.into());
+                Step::Progress
+            }
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => Step::WouldBlock,
+            Err(err) if err.kind() == io::ErrorKind::Interrupted => Step::Progress,
+            Err(err) if links[0].segment.is_some() && gso_refused(&err) => {
+                // Planned again datagram by datagram.
+                self.gso = false;
+                self.gso_refused = true;
+                Step::Progress
+            }
+            Err(err) => {
+                // The first message failed (sendmmsg reports a later one's failure on
+                // the next call, where it is first): its datagrams only.
+                let code = err.raw_os_error();
+                let kind = err.kind();
+                let mut err = Some(err);
+                self.fail(links[0].count, || {
+                    err.take().unwrap_or_else(|| match code {
+                        Some(code) => io::Error::from_raw_os_error(code),
+                        None => kind.into(),
+                    })
+                });
+                Step::Progress
+            }
+        }
+    }
+
+    fn fail(&mut self, count: usize, mut err: impl FnMut() -> io::Error) {
+        for _ in 0..count {
+            self.results.push(Err(err()));
+        }
+    }
+
+    /// The kernel refused GSO for this socket during the batch.
+    pub(crate) fn gso_was_refused(&self) -> bool {
+        self.gso_refused
+    }
+
+    /// Each datagram's result, in order (bytes sent, or why not), and the buffers.
+    pub(crate) fn into_parts(self) -> (Vec<io::Result<usize>>, Vec<B>) {
+        (self.results, self.bufs)
+    }
+}
