@@ -262,3 +262,18 @@ fn ringsock_spawn_outside_run_until_is_a_clear_panic() {
         .unwrap_or_default();
     assert!(message.contains("outside a ringsock runtime"), "{message}");
 }
+
+/// On io_uring the ring is set up with flags under which the eventfd is signalled for
+/// every completion; which ones this kernel gave is printed for the record.
+#[test]
+fn the_io_uring_driver_reports_its_ring_setup() {
+    let tokio = util::tokio_rt::tokio_runtime();
+    tokio.block_on(async {
+        let Some(driver) = util::tokio_rt::driver_or_skip(ringsock::Backend::Uring) else {
+            return;
+        };
+        let setup = driver.ring_setup().expect("an io_uring driver has a setup");
+        eprintln!("ring setup inside tokio: {setup}");
+        assert_eq!(driver.driver_kind(), ringsock::DriverKind::Uring);
+    });
+}

@@ -32,18 +32,6 @@ pub(crate) fn take_count(fd: &impl AsRawFd) -> u64 {
     }
 }
 
-/// Adds one to an eventfd's count.
-pub(crate) fn signal(fd: &impl AsRawFd) -> io::Result<()> {
-    let one: u64 = 1;
-    // SAFETY: writes 8 bytes from a live local to a descriptor `fd` keeps open.
-    let n = unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
-    if n == 8 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
 /// An owned duplicate of `raw`, a descriptor the caller keeps open during the call.
 pub(crate) fn duplicate(raw: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: the caller keeps `raw` open for the duration of this call (it belongs to a

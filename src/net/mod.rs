@@ -15,6 +15,8 @@ mod handoff;
 mod input;
 mod listener;
 mod output;
+#[cfg(any(feature = "tokio", feature = "futures-io"))]
+mod poll_io;
 mod shard;
 mod stream;
 mod timeouts;

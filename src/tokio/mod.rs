@@ -37,6 +37,8 @@
 //! hangs. A `tokio::task::LocalSet` run inside `run_until` (`local.run_until(..)`) polls
 //! its `spawn_local` tasks there, so they may use the driver's sockets too.
 
+mod io;
+
 use std::future::Future;
 use std::os::fd::OwnedFd;
 use std::pin::Pin;

@@ -223,10 +223,12 @@ impl Driver {
         self.deferred_completions_signal()
     }
 
-    /// Tries it: a poll on a fresh eventfd is armed, the eventfd written, and the
-    /// registered eventfd read before anything enters the ring to run deferred work.
+    /// Tries it: a poll is armed on one end of a fresh socket pair, the other end
+    /// written, and the registered eventfd read before anything enters the ring to run
+    /// deferred work. (A socket, not an eventfd, wakes the poll: an eventfd signalled
+    /// from inside another eventfd's wake-up is signalled later, asynchronously.)
     fn deferred_completions_signal(&mut self) -> io::Result<bool> {
-        let target = notify::eventfd()?;
+        let (target, mut trigger) = std::os::unix::net::UnixStream::pair()?;
         let poll = opcode::PollAdd::new(types::Fd(target.as_raw_fd()), libc::POLLIN as u32)
             .build()
             .user_data(CANCEL_TOKEN);
@@ -236,7 +238,7 @@ impl Driver {
         self.ring.submit()?;
         let notify = self.notify.as_ref().expect("registered by the caller");
         notify::take_count(notify);
-        notify::signal(&target)?;
+        io::Write::write_all(&mut trigger, &[1])?;
         let signalled = notify::take_count(notify) > 0;
         // Runs the deferred work: the poll's completion is posted, and ignored by `reap`.
         for _ in 0..REAP_ROUNDS {
