@@ -277,3 +277,112 @@ fn the_io_uring_driver_reports_its_ring_setup() {
         assert_eq!(driver.driver_kind(), ringsock::DriverKind::Uring);
     });
 }
+
+/// Echo rounds with a std peer thread, on `driver`: a read waits in the kernel when the
+/// answer arrives from another thread, and only the driver's descriptor can say so.
+async fn ping_pong_with_a_std_peer(driver: &mut ringsock::tokio::Driver, rounds: usize) {
+    driver
+        .run_until(async {
+            let peer_listener = util::std_listener();
+            let (socket, mut peer) = util::pair_with_std_peer(&peer_listener).await;
+            let peer = std::thread::spawn(move || {
+                let mut byte = [0u8; 1];
+                for _ in 0..rounds {
+                    peer.read_exact(&mut byte).expect("peer read");
+                    peer.write_all(&byte).expect("peer write");
+                }
+            });
+            for round in 0..rounds {
+                let sent = [round as u8];
+                socket.write_all(sent.to_vec()).await.0.expect("write");
+                assert_eq!(util::read_exact(&socket, 1).await, sent, "round {round}");
+            }
+            util::join_thread(peer).await;
+        })
+        .await;
+}
+
+/// The ring flags used where the kernel does not signal the eventfd for deferred
+/// completions: without DEFER_TASKRUN, completions are posted, and signalled, at once.
+#[test]
+fn without_defer_taskrun_a_lone_read_still_wakes_tokio() {
+    let tokio = util::tokio_rt::tokio_runtime();
+    tokio.block_on(async {
+        let builder = ringsock::runtime::Builder::new()
+            .backend(ringsock::Backend::Uring)
+            .disable(ringsock::Capability::DeferTaskrun);
+        let mut driver = match ringsock::tokio::Driver::with_builder(builder) {
+            Ok(driver) => driver,
+            Err(err) if std::env::var_os("RINGSOCK_REQUIRE_URING").is_none() => {
+                eprintln!("skipped on io_uring: {err}");
+                return;
+            }
+            Err(err) => panic!("cannot start io_uring inside tokio: {err}"),
+        };
+        let setup = driver.ring_setup().unwrap();
+        assert!(!setup.contains("defer-taskrun"), "{setup}");
+        let run = ping_pong_with_a_std_peer(&mut driver, 300);
+        tokio::time::timeout(util::TEST_LIMIT, run)
+            .await
+            .expect("did not finish in time");
+    });
+}
+
+/// In a multi-threaded tokio runtime the driver lives in `block_on`'s future, on the
+/// calling thread; tokio's reactor runs on its workers and still wakes it.
+#[test]
+fn a_driver_in_block_on_of_a_multi_thread_runtime() {
+    for backend in util::BACKENDS {
+        let tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        tokio.block_on(async {
+            let Some(mut driver) = util::tokio_rt::driver_or_skip(backend) else {
+                return;
+            };
+            let run = ping_pong_with_a_std_peer(&mut driver, 300);
+            tokio::time::timeout(util::TEST_LIMIT, run)
+                .await
+                .unwrap_or_else(|_| panic!("did not finish in time on {backend}"));
+        });
+    }
+}
+
+/// A connect by host name resolves on ringsock's blocking pool, whose answer comes
+/// from another thread.
+#[test]
+fn connect_by_host_name_inside_tokio() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let socket = StreamSocket::new();
+        let host = ringsock::HostName::new("localhost").unwrap();
+        let (connected, accepted) = tokio::join!(socket.connect(&host, &port), listener.accept());
+        connected.unwrap_or_else(|err| panic!("connect to localhost on {backend}: {err}"));
+        let server = accepted.expect("accept");
+        server.write_all(b"hi".to_vec()).await.0.expect("write");
+        assert_eq!(util::read_exact(&socket, 2).await, b"hi");
+    });
+}
+
+/// While its tasks wait, the driver leaves the thread to tokio: no busy polling of the
+/// ring or the epoll set (counted, not timed).
+#[test]
+fn a_waiting_driver_does_not_spin() {
+    with_each_driver_in_tokio(|backend, mut driver| async move {
+        driver
+            .run_until(ringsock::runtime::sleep(Duration::from_millis(1)))
+            .await;
+        let before = driver.driver_stats().enter_calls;
+        driver
+            .run_until(ringsock::runtime::sleep(Duration::from_millis(30)))
+            .await;
+        let calls = driver.driver_stats().enter_calls - before;
+        assert!(
+            calls <= 4,
+            "{calls} ring or epoll entries during one 30 ms wait on {backend}"
+        );
+    });
+}
