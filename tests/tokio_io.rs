@@ -180,3 +180,43 @@ fn an_unconnected_socket_fails_clearly_through_the_traits() {
         assert!(err.to_string().contains("not connected"), "{err}");
     });
 }
+
+/// The traits used where the socket's driver is not current fail with WrongRuntime,
+/// and the socket goes on working where it belongs.
+#[test]
+fn the_traits_outside_run_until_are_wrong_runtime() {
+    util::tokio_rt::with_each_driver_in_tokio(|backend, mut driver| async move {
+        let (mut client, server) = driver
+            .run_until(async {
+                let listener = util::loopback_listener();
+                util::connected_pair(&listener).await
+            })
+            .await;
+        let err = AsyncWriteExt::write_all(&mut client, b"outside")
+            .await
+            .expect_err("a write outside run_until");
+        assert_eq!(
+            ringsock::SocketErrorStatus::from_io(&err),
+            ringsock::SocketErrorStatus::WrongRuntime,
+            "{err} on {backend}"
+        );
+        let mut buf = [0u8; 8];
+        let err = AsyncReadExt::read(&mut client, &mut buf)
+            .await
+            .expect_err("a read outside run_until");
+        assert_eq!(
+            ringsock::SocketErrorStatus::from_io(&err),
+            ringsock::SocketErrorStatus::WrongRuntime,
+            "{err} on {backend}"
+        );
+        driver
+            .run_until(async {
+                AsyncWriteExt::write_all(&mut client, b"inside")
+                    .await
+                    .expect("write");
+                AsyncWriteExt::flush(&mut client).await.expect("flush");
+                assert_eq!(util::read_exact(&server, 6).await, b"inside");
+            })
+            .await;
+    });
+}

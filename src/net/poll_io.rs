@@ -79,6 +79,13 @@ impl StreamSocket {
         Poll::Ready(Ok(taken))
     }
 
+    /// The socket's driver is the one running here (the output stream's sender is a task
+    /// of it): `WrongRuntime` otherwise, or "not connected".
+    fn check_usable_here(&self) -> io::Result<()> {
+        self.fd()?.binding()?;
+        Ok(())
+    }
+
     /// Queues a copy of `buf` on the socket's output stream and starts sending it.
     pub(crate) fn poll_write_copy(
         &mut self,
@@ -88,6 +95,7 @@ impl StreamSocket {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        self.check_usable_here()?;
         if self.poll_io().shut_down || self.poll_io().shutting_down.is_some() {
             return Poll::Ready(Err(io::Error::new(
                 io::ErrorKind::BrokenPipe,
@@ -104,6 +112,7 @@ impl StreamSocket {
         if self.fd().is_err() {
             return Poll::Ready(Ok(()));
         }
+        self.check_usable_here()?;
         self.output_stream()
             .poll_flushed(cx)
             .map_err(io::Error::from)
