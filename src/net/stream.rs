@@ -30,6 +30,12 @@ use crate::{Error, Result};
 /// how it went; [`abort`](Self::abort) resets at once. Timeouts (connect, idle, read,
 /// write, TLS handshake) are set on its [`control`](Self::control).
 ///
+/// With the `tokio` feature it implements tokio's `AsyncRead`/`AsyncWrite`, with
+/// `futures-io` the futures ones (plain or TLS): receives land in a buffer the socket
+/// owns and are copied out, writes are copies queued on its
+/// [`output_stream`](Self::output_stream) and sent at once. Inside a tokio program, use it
+/// within a `ringsock::tokio::Driver`'s `run_until`.
+///
 /// # Examples
 ///
 /// ```
