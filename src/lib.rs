@@ -45,7 +45,7 @@
 //! - [`tunnel`]: a point-to-point VPN tunnel between a TUN device and a UDP peer,
 //!   ChaCha20-Poly1305 under keys a handshake derives from a pre-shared key.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
-//! - [`tokio`](crate::tokio) (feature `tokio`): a ringsock driver inside a tokio runtime,
+//! - `tokio` (feature `tokio`): a ringsock driver inside a tokio runtime,
 //!   and tokio's `AsyncRead`/`AsyncWrite` on [`StreamSocket`].
 //! - `driver` (private): the io_uring and epoll engines behind one contract.
 //!

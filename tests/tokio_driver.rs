@@ -386,3 +386,36 @@ fn a_waiting_driver_does_not_spin() {
         );
     });
 }
+
+/// A driver dropped with a ringsock task still waiting in a read, after the tokio
+/// runtime that turned it is gone: the read is cancelled and reaped, nothing panics, and
+/// the peer sees the connection end.
+#[test]
+fn a_driver_outliving_its_tokio_runtime_drops_cleanly() {
+    for backend in util::BACKENDS {
+        let tokio = util::tokio_rt::tokio_runtime();
+        let peer_listener = util::std_listener();
+        let kept = tokio.block_on(async {
+            let mut driver = util::tokio_rt::driver_or_skip(backend)?;
+            driver
+                .run_until(async {
+                    let (socket, peer) = util::pair_with_std_peer(&peer_listener).await;
+                    ringsock::spawn(async move {
+                        let (result, _) = socket.read(Vec::with_capacity(64)).await;
+                        result.expect("the read is dropped, never answered");
+                    });
+                    // One turn: the task's read is submitted before run_until returns.
+                    tokio::task::yield_now().await;
+                    Some(peer)
+                })
+                .await
+                .map(|peer| (driver, peer))
+        });
+        drop(tokio);
+        let Some((driver, peer)) = kept else { continue };
+        drop(driver);
+        let mut peer = peer;
+        let (read, _) = util::std_read_until_end(&mut peer);
+        assert_eq!(read, 0, "nothing was sent on {backend}");
+    }
+}
