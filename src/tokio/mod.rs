@@ -58,8 +58,10 @@ const POLL_ROUNDS: u32 = 8;
 
 /// A ringsock runtime turned by the tokio runtime of the thread that created it.
 ///
-/// Not `Send`: it lives on that thread, like a `LocalSet`. Dropping it drops the
-/// ringsock tasks it runs and cancels what is still in flight.
+/// Not `Send`: it lives on that thread, like a `LocalSet`. It waits in the reactor of the
+/// tokio runtime it was created in, so that runtime must be the one that polls
+/// [`run_until`](Self::run_until). Dropping it drops the ringsock tasks it runs and
+/// cancels what is still in flight.
 pub struct Driver {
     runtime: Runtime,
     notify: AsyncFd<OwnedFd>,
