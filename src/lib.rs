@@ -45,6 +45,8 @@
 //! - [`tunnel`]: a point-to-point VPN tunnel between a TUN device and a UDP peer,
 //!   ChaCha20-Poly1305 under keys a handshake derives from a pre-shared key.
 //! - [`runtime`]: one single-threaded executor per thread, parked in one system call.
+//! - `tokio` (feature `tokio`): a ringsock driver inside a tokio runtime,
+//!   and tokio's `AsyncRead`/`AsyncWrite` on [`StreamSocket`].
 //! - `driver` (private): the io_uring and epoll engines behind one contract.
 //!
 //! The `ringsock` command line — a demo, an echo server and client, and the benchmark
@@ -67,6 +69,8 @@ pub mod host;
 pub mod net;
 pub mod runtime;
 pub mod tls;
+#[cfg(feature = "tokio")]
+pub mod tokio;
 pub mod tun;
 pub mod tunnel;
 

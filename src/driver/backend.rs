@@ -82,6 +82,9 @@ pub(crate) struct DriverConfig {
     pub(crate) ring_entries: u32,
     /// Capabilities the io_uring engine must not use even where the kernel has them.
     pub(crate) disabled: Capabilities,
+    /// Another event loop waits for this driver (see `Driver::notify_fd`): the io_uring
+    /// engine registers an eventfd and keeps only ring flags under which it is signalled.
+    pub(crate) notify: bool,
 }
 
 impl Default for DriverConfig {
@@ -89,6 +92,7 @@ impl Default for DriverConfig {
         DriverConfig {
             ring_entries: 1024,
             disabled: Capabilities::none(),
+            notify: false,
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::any::Any;
 use std::cell::RefCell;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::task::Waker;
 use std::time::Duration;
 
@@ -38,6 +39,7 @@ impl Driver {
         let uring_config = uring::Config {
             ring_entries: config.ring_entries,
             disabled: config.disabled,
+            notify: config.notify,
         };
         let epoll = || {
             poll::Shared::start()
@@ -117,6 +119,37 @@ impl Driver {
                 Ok(any)
             }
             Driver::Poll(driver) => driver.borrow()?.poll_completions(),
+        }
+    }
+
+    /// A descriptor another event loop can wait on: it turns readable when this driver
+    /// has completions (io_uring: the eventfd registered with the ring) or events
+    /// (epoll: the epoll descriptor itself) to collect with [`turn`](Self::turn). The
+    /// io_uring driver must have been started with `DriverConfig::notify`.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn notify_fd(&self) -> io::Result<OwnedFd> {
+        match self {
+            Driver::Uring(driver) => driver.borrow()?.notify_fd(),
+            Driver::Poll(driver) => driver.borrow()?.notify_fd(),
+        }
+    }
+
+    /// Submits what the tasks queued and collects what is there, without waiting; with
+    /// `collect` false (nothing was signalled) an io_uring with nothing queued makes no
+    /// system call, and epoll none at all. True when something arrived.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn turn(&self, collect: bool) -> io::Result<bool> {
+        match self {
+            Driver::Uring(driver) => {
+                let mut driver = driver.borrow()?;
+                let any = driver.turn(collect)?;
+                let dead = driver.take_dead();
+                drop(driver);
+                release(dead);
+                Ok(any)
+            }
+            Driver::Poll(driver) if collect => driver.borrow()?.turn(),
+            Driver::Poll(_) => Ok(false),
         }
     }
 

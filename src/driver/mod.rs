@@ -9,6 +9,9 @@
 //!   call until at least one completion or readiness event arrives, the timeout passes, or
 //!   another thread unparks it; then wake the tasks whose operations progressed.
 //! - An `Unparker` another thread can use to end a `park` early.
+//! - For a runtime turned by another event loop (tokio's): `notify_fd`, a descriptor
+//!   that turns readable when the driver has something to collect, and `turn`, which
+//!   submits what is queued and collects without waiting.
 //! - The operations in [`ops`] (connect, recv, send, vectored stream send, shutdown),
 //!   [`accept`] (accept, with a bound on connections taken before the program asks) and
 //!   [`ops_datagram`] (receive ring, datagram send, datagram batch) and [`ops_file`]
@@ -70,6 +73,7 @@ pub(crate) mod gso;
 pub(crate) mod handle;
 pub(crate) mod iovec;
 pub(crate) mod mapping;
+pub(crate) mod notify;
 pub(crate) mod ops;
 pub(crate) mod ops_datagram;
 pub(crate) mod ops_file;

@@ -16,6 +16,8 @@ mod input;
 mod listener;
 mod meta;
 mod output;
+#[cfg(any(feature = "tokio", feature = "futures-io"))]
+mod poll_io;
 mod shard;
 mod stream;
 mod timeouts;

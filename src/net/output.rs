@@ -258,6 +258,56 @@ impl OutputStream {
         Ok(self.inner.enqueue(&mut state, buf))
     }
 
+    /// For the poll-based write traits: queues a copy of `buf` and starts sending it at
+    /// once (later copies join the batch while one is in flight); `Pending` while the
+    /// queue is full. Fails with the stream's failure once it has one: a write accepted
+    /// here reports its own error at the next call.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    pub(crate) fn poll_write_copy(&self, buf: &[u8], cx: &mut Context<'_>) -> Poll<Result<usize>> {
+        if self.inner.fd.is_none() {
+            return Poll::Ready(Err(Error::invalid_input("the socket is not connected")));
+        }
+        self.inner.transport.check_write(buf.len())?;
+        if let Some((_, failure)) = &self.inner.state.borrow().failure {
+            return Poll::Ready(Err(failure.to_error()));
+        }
+        if self.poll_room(buf.len(), cx).is_pending() {
+            return Poll::Pending;
+        }
+        let mut state = self.inner.state.borrow_mut();
+        if let Some((_, failure)) = &state.failure {
+            return Poll::Ready(Err(failure.to_error()));
+        }
+        self.inner.enqueue(&mut state, Bytes::copy_from_slice(buf));
+        state.flush_target = state.next;
+        drop(state);
+        self.inner.start_sender();
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    /// For the poll-based write traits: ready once every write queued so far has been
+    /// given back by the kernel, with the first error among them.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    pub(crate) fn poll_flushed(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        let target = {
+            let mut state = self.inner.state.borrow_mut();
+            state.flush_target = state.flush_target.max(state.next);
+            state.next
+        };
+        self.inner.start_sender();
+        let mut state = self.inner.state.borrow_mut();
+        if let Some((from, failure)) = &state.failure {
+            if *from < target {
+                return Poll::Ready(Err(failure.to_error()));
+            }
+        }
+        if state.completed >= target {
+            return Poll::Ready(Ok(()));
+        }
+        state.wait(cx);
+        Poll::Pending
+    }
+
     fn poll_room(&self, len: usize, cx: &mut Context<'_>) -> Poll<()> {
         let config = self.inner.config.get();
         let mut state = self.inner.state.borrow_mut();

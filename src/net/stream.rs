@@ -30,6 +30,12 @@ use crate::{Error, Result};
 /// how it went; [`abort`](Self::abort) resets at once. Timeouts (connect, idle, read,
 /// write, TLS handshake) are set on its [`control`](Self::control).
 ///
+/// With the `tokio` feature it implements tokio's `AsyncRead`/`AsyncWrite`, with
+/// `futures-io` the futures ones (plain or TLS): receives land in a buffer the socket
+/// owns and are copied out, writes are copies queued on its
+/// [`output_stream`](Self::output_stream) and sent at once. Inside a tokio program, use it
+/// within a `ringsock::tokio::Driver`'s `run_until`.
+///
 /// # Examples
 ///
 /// ```
@@ -59,6 +65,10 @@ pub struct StreamSocket {
     tls: OnceCell<Rc<TlsSession>>,
     /// The output stream once TLS has started (the plain one stays plain).
     tls_output: OnceCell<OutputStream>,
+    /// The state of the poll-based read and write traits, made on first use: their
+    /// receive in flight and its buffer, owned here and not by the caller.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    poll_io: Option<Box<super::poll_io::PollIo>>,
 }
 
 impl StreamSocket {
@@ -71,6 +81,8 @@ impl StreamSocket {
             output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
+            #[cfg(any(feature = "tokio", feature = "futures-io"))]
+            poll_io: None,
         }
     }
 
@@ -272,9 +284,60 @@ impl StreamSocket {
             output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
+            #[cfg(any(feature = "tokio", feature = "futures-io"))]
+            poll_io: None,
         };
         socket.connected(fd)?;
         Ok(socket)
+    }
+
+    /// The poll-based traits' state, made on first use.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    pub(super) fn poll_io(&mut self) -> &mut super::poll_io::PollIo {
+        self.poll_io.get_or_insert_with(Default::default)
+    }
+
+    /// A read like [`read`](Self::read) that owns everything it uses (descriptor, TLS
+    /// session, timeouts), for a caller that keeps it across polls.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    pub(super) fn read_owned(
+        &self,
+        mut buf: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = BufResult<usize, Vec<u8>>>>> {
+        let fd = self.fd().cloned();
+        let tls = self.tls.get().cloned();
+        let timeouts = self.options.timeouts.clone();
+        Box::pin(async move {
+            let fd = match fd {
+                Ok(fd) => fd,
+                Err(err) => return (Err(err), buf),
+            };
+            if let Some(session) = tls {
+                let mut copy = |plain: &[u8]| fill_spare(&mut buf, plain);
+                let reading = session.read_with(&mut copy);
+                let result = timeouts::within_read_timeout(&timeouts, reading).await;
+                return (result, buf);
+            }
+            timeouts::recv_within(&fd, buf, &timeouts).await
+        })
+    }
+
+    /// [`shutdown_write`](Self::shutdown_write) owning what it uses.
+    #[cfg(any(feature = "tokio", feature = "futures-io"))]
+    pub(super) fn shutdown_owned(
+        &self,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<()>>>> {
+        let fd = self.fd().cloned();
+        let tls = self.tls.get().cloned();
+        Box::pin(async move {
+            let fd = fd?;
+            if let Some(session) = tls {
+                session.close_write().await?;
+            }
+            ops::shutdown(&fd, Shutdown::Write)
+                .await
+                .map_err(|err| Error::io("shutdown", err))
+        })
     }
 
     pub(crate) fn fd(&self) -> Result<&SharedFd> {
@@ -446,6 +509,9 @@ impl StreamSocket {
     /// Takes what closing the connection needs out of the socket, stopping its watchdog;
     /// `None` if it never connected.
     fn closing(&mut self) -> Option<Closing> {
+        // A receive of the poll-based traits is cancelled before the close reads.
+        #[cfg(any(feature = "tokio", feature = "futures-io"))]
+        drop(self.poll_io.take());
         self.options.timeouts.stop_watching();
         let fd = self.fd.take()?;
         let outputs = [self.output.take(), self.tls_output.take()];

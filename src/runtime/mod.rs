@@ -24,6 +24,8 @@ use crate::driver::{
 const MAX_RING_ENTRIES: u32 = 32768;
 
 pub(crate) mod blocking;
+#[cfg(feature = "tokio")]
+pub(crate) mod external;
 mod oneshot;
 mod pool;
 mod spin;
@@ -111,6 +113,17 @@ impl Builder {
     /// (ring entries, a zero resolve timeout), or when `RINGSOCK_BACKEND`,
     /// `RINGSOCK_SPIN` or `RINGSOCK_DISABLE` is invalid.
     pub fn build(self) -> crate::Result<Runtime> {
+        self.build_for(false)
+    }
+
+    /// Starts a runtime another event loop turns (see `external`): its driver can be
+    /// waited on through a descriptor.
+    #[cfg(feature = "tokio")]
+    pub(crate) fn build_turned_from_outside(self) -> crate::Result<Runtime> {
+        self.build_for(true)
+    }
+
+    fn build_for(self, outside: bool) -> crate::Result<Runtime> {
         let resolve_timeout = self
             .resolve_timeout
             .unwrap_or(crate::host::DEFAULT_RESOLVE_TIMEOUT);
@@ -138,6 +151,7 @@ impl Builder {
         }
         let disabled = Capabilities::disabled_by_env()?;
         config.disabled = self.disabled.iter().fold(disabled, Capabilities::with);
+        config.notify = outside;
         let (driver, fallback) = Driver::new(backend, config)?;
         let kind = driver.kind();
         let unparker = driver
@@ -147,6 +161,8 @@ impl Builder {
             queue: Mutex::new(VecDeque::new()),
             owner: thread_token(),
             unparker,
+            #[cfg(feature = "tokio")]
+            outer: outside.then(Default::default),
         });
         Ok(Runtime {
             inner: Rc::new(Inner {
@@ -194,6 +210,10 @@ struct Shared {
     queue: Mutex<VecDeque<Runnable>>,
     owner: usize,
     unparker: Unparker,
+    /// The outer loop's task, for a runtime turned from outside: woken at every
+    /// schedule, since a task may be woken on this thread while no step runs.
+    #[cfg(feature = "tokio")]
+    outer: Option<Arc<external::OuterWaker>>,
 }
 
 impl Shared {
@@ -202,6 +222,11 @@ impl Shared {
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .push_back(runnable);
+        #[cfg(feature = "tokio")]
+        if let Some(outer) = &self.outer {
+            outer.wake();
+            return;
+        }
         if thread_token() != self.owner {
             self.unparker.unpark();
         }
@@ -420,7 +445,7 @@ impl Drop for Runtime {
     }
 }
 
-struct EnterGuard {
+pub(crate) struct EnterGuard {
     /// Declared first so the driver stops being current before the context goes.
     _driver: crate::driver::handle::EnterGuard,
     inner: Rc<Inner>,

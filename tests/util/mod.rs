@@ -13,6 +13,7 @@ use ringsock::{Backend, JoinHandle, Runtime, StreamSocket, StreamSocketListener}
 pub mod child;
 pub mod netns;
 pub mod poison;
+pub mod tokio_rt;
 
 /// The longest any one test body may run on one driver before it counts as a hang.
 pub const TEST_LIMIT: Duration = Duration::from_secs(120);

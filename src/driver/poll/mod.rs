@@ -207,6 +207,27 @@ impl Driver {
         self.wait_events(Some(Duration::ZERO))
     }
 
+    /// A duplicate of the epoll descriptor, for another event loop to wait on (it is
+    /// readable while events are ready).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn notify_fd(&self) -> io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsRawFd;
+        super::notify::duplicate(self.poll.as_raw_fd())
+    }
+
+    /// Collects every event ready now. Nested in another epoll set, this one reports a
+    /// new edge there only when its ready list grows, so it is emptied, not sampled.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn turn(&mut self) -> io::Result<bool> {
+        let mut any = false;
+        loop {
+            any |= self.wait_events(Some(Duration::ZERO))?;
+            if self.events.iter().count() < self.events.capacity() {
+                return Ok(any);
+            }
+        }
+    }
+
     /// Puts the socket (back) into the epoll set. Adding it reports its current state,
     /// so nothing that became ready while it was out is missed.
     fn add_to_epoll(&mut self, raw: RawFd, slot: usize) -> io::Result<()> {

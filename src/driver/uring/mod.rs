@@ -44,8 +44,9 @@ use std::time::Duration;
 
 use io_uring::{opcode, squeue, types, IoUring};
 
-use super::caps::Capabilities;
+use super::caps::{Capabilities, Capability};
 use super::current::{self, DriverId};
+use super::notify;
 use super::stats::DriverStats;
 use super::unpark::Unparker;
 
@@ -79,6 +80,8 @@ pub(crate) struct Config {
     pub(crate) ring_entries: u32,
     /// Capabilities not to use even where the kernel has them.
     pub(crate) disabled: Capabilities,
+    /// Register an eventfd the kernel signals on completions (see [`Driver::notify_fd`]).
+    pub(crate) notify: bool,
 }
 
 /// A runtime's io_uring driver, shared by its runtime, its sockets and their
@@ -94,9 +97,20 @@ pub(crate) struct Shared {
 impl Shared {
     /// Starts a driver (see [`Driver::new`]).
     pub(crate) fn start(config: Config) -> io::Result<Handle> {
+        let mut driver = Driver::new(config)?;
+        if config.notify && !driver.start_notify()? {
+            // Deferred completions do not signal the eventfd on this kernel, so a loop
+            // waiting on it would sleep through them: run without DEFER_TASKRUN.
+            let config = Config {
+                disabled: config.disabled.with(Capability::DeferTaskrun),
+                ..config
+            };
+            driver = Driver::new(config)?;
+            driver.start_notify()?;
+        }
         Ok(Rc::new(Shared {
             id: DriverId::next(),
-            driver: RefCell::new(Driver::new(config)?),
+            driver: RefCell::new(driver),
         }))
     }
 
@@ -148,6 +162,9 @@ pub(crate) struct Driver {
     wake_fd: Arc<OwnedFd>,
     wake_buf: Box<u64>,
     wake_armed: bool,
+    /// The eventfd registered with the ring (IORING_REGISTER_EVENTFD) when another
+    /// event loop waits for this driver.
+    notify: Option<OwnedFd>,
     /// The ring's setup flags, for diagnostics.
     setup: &'static str,
     caps: Capabilities,
@@ -175,13 +192,7 @@ impl Driver {
                     .filter(|cap| !config.disabled.contains(*cap)),
             ),
         );
-        // SAFETY: eventfd has no memory-safety preconditions; the result is checked.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just returned by eventfd and is owned by nothing else.
-        let wake_fd = Arc::new(unsafe { OwnedFd::from_raw_fd(fd) });
+        let wake_fd = Arc::new(notify::eventfd()?);
         Ok(Driver {
             ring,
             ops: Table::with_capacity(256),
@@ -189,12 +200,70 @@ impl Driver {
             wake_fd,
             wake_buf: Box::new(0),
             wake_armed: false,
+            notify: None,
             setup,
             caps,
             buf_rings: buf_ring::Registry::new(),
             dead: Vec::new(),
             shut_down: false,
         })
+    }
+
+    /// Registers an eventfd the kernel signals when it posts completions, for another
+    /// event loop to wait on. Returns false when the ring defers its completions
+    /// (DEFER_TASKRUN) and this kernel does not signal the eventfd for them: such a ring
+    /// is no use to a loop that sleeps until the eventfd says so.
+    fn start_notify(&mut self) -> io::Result<bool> {
+        let fd = notify::eventfd()?;
+        self.ring.submitter().register_eventfd(fd.as_raw_fd())?;
+        self.notify = Some(fd);
+        if !self.caps.contains(Capability::DeferTaskrun) {
+            return Ok(true);
+        }
+        self.deferred_completions_signal()
+    }
+
+    /// Tries it: a poll is armed on one end of a fresh socket pair, the other end
+    /// written, and the registered eventfd read before anything enters the ring to run
+    /// deferred work. (A socket, not an eventfd, wakes the poll: an eventfd signalled
+    /// from inside another eventfd's wake-up is signalled later, asynchronously.)
+    fn deferred_completions_signal(&mut self) -> io::Result<bool> {
+        let (target, mut trigger) = std::os::unix::net::UnixStream::pair()?;
+        let poll = opcode::PollAdd::new(types::Fd(target.as_raw_fd()), libc::POLLIN as u32)
+            .build()
+            .user_data(CANCEL_TOKEN);
+        // SAFETY: a poll points to no memory; `target` stays open until its completion
+        // is reaped below.
+        unsafe { self.push_entries(std::slice::from_ref(&poll)) }?;
+        self.ring.submit()?;
+        let notify = self.notify.as_ref().expect("registered by the caller");
+        notify::take_count(notify);
+        io::Write::write_all(&mut trigger, &[1])?;
+        let signalled = notify::take_count(notify) > 0;
+        // Runs the deferred work: the poll's completion is posted, and ignored by `reap`.
+        for _ in 0..REAP_ROUNDS {
+            self.wait(REAP_WAIT)?;
+            let done = !self.ring.completion().is_empty();
+            self.reap();
+            if done {
+                break;
+            }
+        }
+        if let Some(notify) = &self.notify {
+            notify::take_count(notify);
+        }
+        Ok(signalled)
+    }
+
+    /// A duplicate of the registered eventfd (see [`start_notify`](Self::start_notify)).
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn notify_fd(&self) -> io::Result<OwnedFd> {
+        match &self.notify {
+            Some(fd) => fd.try_clone(),
+            None => Err(io::Error::other(
+                "this io_uring driver was started without an eventfd to notify",
+            )),
+        }
     }
 
     /// Ring setup flags in use, e.g. "single-issuer+defer-taskrun+taskrun-flag".
@@ -563,6 +632,33 @@ impl Driver {
             self.drain_retired_rings();
         }
         Ok(())
+    }
+
+    /// For a loop driven from outside: submits what is queued and collects what is there,
+    /// without waiting. Enters the ring (with GETEVENTS, which runs deferred completion
+    /// work) when `collect` says the eventfd was signalled, when entries are queued, or
+    /// when the kernel flags pending work. True when completions arrived.
+    #[cfg_attr(not(feature = "tokio"), allow(dead_code))]
+    pub(crate) fn turn(&mut self, collect: bool) -> io::Result<bool> {
+        if self.shut_down {
+            return Ok(false);
+        }
+        self.arm_wake();
+        let mut sq = self.ring.submission();
+        let enter = collect || !sq.is_empty() || sq.taskrun() || sq.cq_overflow();
+        sq.sync();
+        drop(sq);
+        if enter {
+            self.wait(Duration::ZERO)?;
+        }
+        let any = !self.ring.completion().is_empty();
+        if any {
+            self.reap();
+        }
+        if self.buf_rings.has_retired() {
+            self.drain_retired_rings();
+        }
+        Ok(any)
     }
 
     /// Collects completions that are ready without waiting: none of the system call's

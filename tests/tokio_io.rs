@@ -1,0 +1,222 @@
+//! tokio's and futures-io's AsyncRead/AsyncWrite on StreamSocket inside a tokio driver:
+//! exact bytes both ways, a tokio-util codec, reads dropped mid-way losing nothing, and
+//! shutdown sending the FIN.
+
+mod util;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use ringsock::StreamSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::codec::{Framed, LinesCodec};
+use util::tokio_rt::on_each_driver_in_tokio;
+
+/// Echoes with tokio's own copy over the socket's traits until end of stream, then
+/// shuts its sending side down.
+async fn tokio_echo(socket: StreamSocket) -> u64 {
+    let (mut reader, mut writer) = tokio::io::split(socket);
+    let copied = tokio::io::copy(&mut reader, &mut writer)
+        .await
+        .expect("echo copy");
+    writer.shutdown().await.expect("echo shutdown");
+    copied
+}
+
+#[test]
+fn megabytes_both_ways_through_tokio_traits_are_exact() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (mut client, server) = util::connected_pair(&listener).await;
+        let echo = ringsock::spawn(tokio_echo(server));
+        let data = util::pseudo_random_bytes(7, 3 << 20);
+        let (received, sent) = tokio::join!(
+            async {
+                // Uneven pieces, so writes and reads never line up.
+                let (mut reader, mut writer) = tokio::io::split(&mut client);
+                let writing = async {
+                    for piece in data.chunks(70_001) {
+                        writer.write_all(piece).await.expect("write_all");
+                    }
+                    writer.flush().await.expect("flush");
+                    writer.shutdown().await.expect("shutdown");
+                };
+                let reading = async {
+                    let mut received = Vec::new();
+                    reader
+                        .read_to_end(&mut received)
+                        .await
+                        .expect("read_to_end");
+                    received
+                };
+                tokio::join!(writing, reading).1
+            },
+            async { util::must("echo", echo).await }
+        );
+        assert_eq!(received.len(), data.len(), "on {backend}");
+        assert!(received == data, "the echo differs on {backend}");
+        assert_eq!(sent, data.len() as u64);
+    });
+}
+
+#[test]
+fn a_lines_codec_framed_over_a_stream_socket() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let server = ringsock::spawn(async move {
+            let mut lines = Framed::new(server, LinesCodec::new());
+            let mut count = 0;
+            while let Some(line) = lines.next().await {
+                let line = line.expect("server line");
+                lines.send(line.to_uppercase()).await.expect("server send");
+                count += 1;
+            }
+            count
+        });
+        let mut lines = Framed::new(client, LinesCodec::new());
+        for i in 0..200 {
+            lines
+                .send(format!("line {i} on {backend}"))
+                .await
+                .expect("send");
+            let back = lines.next().await.expect("a reply").expect("reply line");
+            assert_eq!(
+                back,
+                format!("LINE {i} ON {}", backend.to_string().to_uppercase())
+            );
+        }
+        // Ending the client's side ends the server's loop.
+        lines.get_mut().shutdown().await.expect("shutdown");
+        assert_eq!(util::must("server", server).await, 200);
+    });
+}
+
+/// A read dropped while its receive waits (tokio's timeout gives up on it) keeps the
+/// receive in the socket; the bytes it brings go to the next read.
+#[test]
+fn reads_dropped_mid_way_lose_nothing() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (mut client, server) = util::connected_pair(&listener).await;
+        for round in 0..50u8 {
+            let mut buf = [0u8; 16];
+            let gave_up =
+                tokio::time::timeout(Duration::ZERO, AsyncReadExt::read(&mut client, &mut buf))
+                    .await;
+            assert!(
+                gave_up.is_err(),
+                "round {round}: a read completed with nothing sent"
+            );
+            let message = [round; 5];
+            server.write_all(message.to_vec()).await.0.expect("write");
+            let mut got = [0u8; 5];
+            client.read_exact(&mut got).await.expect("read_exact");
+            assert_eq!(got, message, "round {round} on {backend}");
+        }
+    });
+}
+
+/// Shutdown sends what was written, then the FIN; reading goes on afterwards.
+#[test]
+fn shutdown_sends_everything_then_end_of_stream() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (mut client, server) = util::connected_pair(&listener).await;
+        AsyncWriteExt::write_all(&mut client, b"last words")
+            .await
+            .expect("write");
+        client.shutdown().await.expect("shutdown");
+        let got = util::read_to_end(&server).await;
+        assert_eq!(got, b"last words", "on {backend}");
+        server.write_all(b"reply".to_vec()).await.0.expect("reply");
+        server.shutdown_write().await.expect("server shutdown");
+        let mut reply = Vec::new();
+        client.read_to_end(&mut reply).await.unwrap_or_else(|err| {
+            panic!("read after shutdown on {backend}: {err}");
+        });
+        assert_eq!(reply, b"reply");
+        let err = AsyncWriteExt::write_all(&mut client, b"more")
+            .await
+            .expect_err("write after shutdown");
+        assert_eq!(err.kind(), std::io::ErrorKind::BrokenPipe);
+    });
+}
+
+#[test]
+fn futures_io_traits_round_trip() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (mut client, server) = util::connected_pair(&listener).await;
+        let echo = ringsock::spawn(util::echo(server));
+        let data = util::pseudo_random_bytes(11, 256 * 1024);
+        futures_util::io::AsyncWriteExt::write_all(&mut client, &data)
+            .await
+            .expect("write_all");
+        futures_util::io::AsyncWriteExt::close(&mut client)
+            .await
+            .expect("close");
+        let mut back = Vec::new();
+        futures_util::io::AsyncReadExt::read_to_end(&mut client, &mut back)
+            .await
+            .expect("read_to_end");
+        assert!(back == data, "the echo differs on {backend}");
+        assert_eq!(util::must("echo", echo).await, data.len());
+    });
+}
+
+#[test]
+fn an_unconnected_socket_fails_clearly_through_the_traits() {
+    on_each_driver_in_tokio(|_| async {
+        let mut socket = StreamSocket::new();
+        let err = AsyncWriteExt::write_all(&mut socket, b"x")
+            .await
+            .expect_err("not connected");
+        assert!(err.to_string().contains("not connected"), "{err}");
+        let mut buf = [0u8; 4];
+        let err = AsyncReadExt::read(&mut socket, &mut buf)
+            .await
+            .expect_err("not connected");
+        assert!(err.to_string().contains("not connected"), "{err}");
+    });
+}
+
+/// The traits used where the socket's driver is not current fail with WrongRuntime,
+/// and the socket goes on working where it belongs.
+#[test]
+fn the_traits_outside_run_until_are_wrong_runtime() {
+    util::tokio_rt::with_each_driver_in_tokio(|backend, mut driver| async move {
+        let (mut client, server) = driver
+            .run_until(async {
+                let listener = util::loopback_listener();
+                util::connected_pair(&listener).await
+            })
+            .await;
+        let err = AsyncWriteExt::write_all(&mut client, b"outside")
+            .await
+            .expect_err("a write outside run_until");
+        assert_eq!(
+            ringsock::SocketErrorStatus::from_io(&err),
+            ringsock::SocketErrorStatus::WrongRuntime,
+            "{err} on {backend}"
+        );
+        let mut buf = [0u8; 8];
+        let err = AsyncReadExt::read(&mut client, &mut buf)
+            .await
+            .expect_err("a read outside run_until");
+        assert_eq!(
+            ringsock::SocketErrorStatus::from_io(&err),
+            ringsock::SocketErrorStatus::WrongRuntime,
+            "{err} on {backend}"
+        );
+        driver
+            .run_until(async {
+                AsyncWriteExt::write_all(&mut client, b"inside")
+                    .await
+                    .expect("write");
+                AsyncWriteExt::flush(&mut client).await.expect("flush");
+                assert_eq!(util::read_exact(&server, 6).await, b"inside");
+            })
+            .await;
+    });
+}
