@@ -337,12 +337,25 @@ impl Options {
 
     /// The runtime a ringsock impl runs on: `backend`, with the spin asked for.
     pub fn runtime(&self, backend: ringsock::Backend) -> ringsock::Result<ringsock::Runtime> {
+        self.runtime_builder(backend).build()
+    }
+
+    /// The `--threads` pool a ringsock impl serves on: one such runtime per thread,
+    /// pinned to CPUs 0.. when the run is pinned.
+    pub fn pool(&self, backend: ringsock::Backend) -> ringsock::Result<ringsock::runtime::Pool> {
+        ringsock::runtime::Pool::builder()
+            .threads(self.threads)
+            .runtime(self.runtime_builder(backend))
+            .pin_threads(self.pin)
+            .build()
+    }
+
+    fn runtime_builder(&self, backend: ringsock::Backend) -> ringsock::runtime::Builder {
         let builder = ringsock::runtime::Builder::new().backend(backend);
         match self.spin_us {
             Some(us) => builder.spin_before_park(std::time::Duration::from_micros(us)),
             None => builder,
         }
-        .build()
     }
 
     /// The spin a ringsock impl's runtime runs with: `--spin-us`, else `RINGSOCK_SPIN`,

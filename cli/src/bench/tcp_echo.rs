@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringsock::runtime::{timeout, Pool};
+use ringsock::runtime::timeout;
 use ringsock::{Error, Result, SocketErrorStatus, StreamSocket, StreamSocketListener};
 
 use super::options::{Options, ECHO_SIZE};
@@ -352,15 +352,7 @@ fn sharded_server(
     ready: mpsc::Sender<()>,
     ready_rx: mpsc::Receiver<()>,
 ) -> Result<(Result<Served>, ClientThread)> {
-    let mut runtime = ringsock::runtime::Builder::new().backend(backend);
-    if let Some(us) = o.spin_us {
-        runtime = runtime.spin_before_park(Duration::from_micros(us));
-    }
-    let pool = Pool::builder()
-        .threads(o.threads)
-        .runtime(runtime)
-        .pin_threads(o.pin)
-        .build()?;
+    let pool = o.pool(backend)?;
     let conns = o.conns;
     let accepted = Arc::new(AtomicUsize::new(0));
     let ready = Arc::new(Mutex::new(Some(ready)));

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ringsock::runtime::{timeout, Pool};
+use ringsock::runtime::timeout;
 use ringsock::{Backend, DatagramSocket, Error, Result};
 
 use super::cpu::{self, CpuSample};
@@ -33,15 +33,7 @@ pub(super) fn receiver(
     ready: mpsc::Sender<()>,
     go: mpsc::Receiver<()>,
 ) -> Result<(Received, Flood)> {
-    let mut runtime = ringsock::runtime::Builder::new().backend(backend);
-    if let Some(us) = o.spin_us {
-        runtime = runtime.spin_before_park(Duration::from_micros(us));
-    }
-    let pool = Pool::builder()
-        .threads(o.threads)
-        .runtime(runtime)
-        .pin_threads(o.pin)
-        .build()?;
+    let pool = o.pool(backend)?;
     let (threads, size, count, gro) = (o.threads, o.size, o.count, o.gro);
     let armed = Arc::new(AtomicUsize::new(0));
     let delivered = Arc::new(AtomicU64::new(0));

@@ -86,11 +86,26 @@ impl<T: 'static> Op<T> {
         data: T,
         build: impl FnOnce(&mut T) -> squeue::Entry,
     ) -> Result<Op<T>, (io::Error, T)> {
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Op::push_boxed(driver, Box::new(data), build, unbox::<T>) }
+    }
+
+    /// Builds the SQE from the boxed `data` and pushes it, the slot taking the box;
+    /// `take` turns the slot's data back into what the future gives.
+    ///
+    /// # Safety
+    ///
+    /// As for [`Op::submit`]: the entry may point only into the boxed data.
+    unsafe fn push_boxed<U: 'static>(
+        driver: &Handle,
+        mut data: Box<U>,
+        build: impl FnOnce(&mut U) -> squeue::Entry,
+        take: fn(Box<dyn Any>) -> T,
+    ) -> Result<Op<T>, (io::Error, T)> {
         let mut d = match driver.checked() {
             Ok(d) => d,
-            Err(err) => return Err((err, data)),
+            Err(err) => return Err((err, take(data))),
         };
-        let mut data = Box::new(data);
         let entry = build(&mut data);
         // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
         match unsafe { d.push(entry, State::Pending(None), data) } {
@@ -98,11 +113,11 @@ impl<T: 'static> Op<T> {
                 driver: driver.clone(),
                 key: Some(key),
                 close_result: false,
-                take: unbox::<T>,
+                take,
             }),
             Err((err, data)) => {
                 drop(d);
-                Err((err, unbox(data)))
+                Err((err, take(data)))
             }
         }
     }
@@ -118,27 +133,11 @@ impl<U: 'static> Op<Box<U>> {
     /// As for [`Op::submit`]: the entry may point only into the boxed data.
     pub(crate) unsafe fn submit_boxed(
         driver: &Handle,
-        mut data: Box<U>,
+        data: Box<U>,
         build: impl FnOnce(&mut U) -> squeue::Entry,
     ) -> Result<Op<Box<U>>, (io::Error, Box<U>)> {
-        let mut d = match driver.checked() {
-            Ok(d) => d,
-            Err(err) => return Err((err, data)),
-        };
-        let entry = build(&mut data);
-        // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
-        match unsafe { d.push(entry, State::Pending(None), data) } {
-            Ok(key) => Ok(Op {
-                driver: driver.clone(),
-                key: Some(key),
-                close_result: false,
-                take: keep_boxed::<U>,
-            }),
-            Err((err, data)) => {
-                drop(d);
-                Err((err, keep_boxed(data)))
-            }
-        }
+        // SAFETY: the caller's contract, passed on.
+        unsafe { Op::push_boxed(driver, data, build, keep_boxed::<U>) }
     }
 }
 
