@@ -379,3 +379,75 @@ fn activated_sockets_are_served_on_descriptors_3_and_4() {
         );
     }
 }
+
+/// Datagram `i` of the carry test: its number, then bytes that depend on it.
+fn numbered_datagram(i: usize) -> Vec<u8> {
+    let mut datagram = (i as u32).to_le_bytes().to_vec();
+    datagram.extend((0..100 + i * 13).map(|j| (i * 31 + j) as u8));
+    datagram
+}
+
+/// Receives `count` datagrams starting at number `first` and checks each whole and in
+/// order, from the expected sender.
+async fn receive_numbered(
+    socket: &DatagramSocket,
+    first: usize,
+    count: usize,
+    from: std::net::SocketAddr,
+) {
+    for i in first..first + count {
+        let datagram = must("a carried datagram", socket.recv()).await.unwrap();
+        assert_eq!(datagram.data(), &numbered_datagram(i)[..], "datagram {i}");
+        assert_eq!(datagram.remote_addr(), from, "datagram {i}");
+        assert!(!datagram.is_truncated());
+    }
+}
+
+/// Datagrams already in a socket's receive ring when it detaches go along with it: to
+/// another runtime, and through the broker's channel (as to another process), every one
+/// whole and in order, none lost.
+#[test]
+fn datagrams_in_the_receive_ring_go_along_when_the_socket_moves() {
+    const TOTAL: usize = 24;
+    for backend in BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let from = sender.local_addr().unwrap();
+        let detached = runtime.block_on(async {
+            let socket = DatagramSocket::new();
+            socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            let to = socket.local_addr().unwrap();
+            for i in 0..TOTAL {
+                sender.send_to(&numbered_datagram(i), to).unwrap();
+            }
+            // The first receive sets up the ring, which takes in what is queued.
+            receive_numbered(&socket, 0, 1, from).await;
+            socket.detach().unwrap()
+        });
+        assert!(
+            detached.carried_datagrams() > 0,
+            "{backend}: the ring held none of the queued datagrams"
+        );
+        // To a runtime on another thread: it takes a few, then hands the socket on.
+        let detached = std::thread::spawn(move || {
+            let runtime = Builder::new().backend(backend).build().unwrap();
+            runtime.block_on(async {
+                let socket = detached.into_datagram().unwrap();
+                receive_numbered(&socket, 1, 5, from).await;
+                socket.detach().unwrap()
+            })
+        })
+        .join()
+        .unwrap();
+        // Through the broker's channel, as to another process, and the rest there.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_detached(&ours, detached).unwrap();
+        let taken = recv_detached(&theirs).unwrap();
+        runtime.block_on(async {
+            let socket = taken.into_datagram().unwrap();
+            receive_numbered(&socket, 6, TOTAL - 6, from).await;
+        });
+    }
+}

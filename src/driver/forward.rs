@@ -6,6 +6,7 @@
 use std::fmt;
 
 use super::buf_pool::{LentBuf, SendLoan};
+use super::recv::Payload;
 use crate::buf::IoBuf;
 
 /// A received [`Datagram`](crate::Datagram)'s payload on its way out again
@@ -30,9 +31,21 @@ enum Body {
 }
 
 impl Forward {
+    /// The bytes of a received datagram: lent if they are the ring's and the pool's cap
+    /// allows, else copied.
+    pub(crate) fn from_payload(payload: Payload) -> Forward {
+        match payload {
+            Payload::Lent(buf) => Forward::new(buf),
+            // Carried from another runtime: already a copy of its own.
+            Payload::Owned(bytes) => Forward {
+                body: Body::Copied(bytes.to_vec()),
+            },
+        }
+    }
+
     /// The bytes of `buf`, lent if the pool's cap allows, else copied (and `buf`
     /// dropped, which gives its buffer back).
-    pub(crate) fn new(buf: LentBuf) -> Forward {
+    fn new(buf: LentBuf) -> Forward {
         let body = match buf.loan_for_send() {
             Some(loan) => Body::Lent { buf, _loan: loan },
             None => Body::Copied(buf.to_vec()),

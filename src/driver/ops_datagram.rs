@@ -16,7 +16,7 @@ use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
 pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
-pub(crate) use super::recv::{RecvCounters, RecvDatagram, RingConfig, UDP_GRO};
+pub(crate) use super::recv::{Carried, RecvCounters, RecvDatagram, RecvMeta, RingConfig, UDP_GRO};
 pub(crate) use super::ring_layout::ring_memory;
 use super::send_many::SendMany;
 pub(crate) use super::sockaddr::{canonical, for_family};
@@ -62,6 +62,16 @@ impl Receiver {
                 receiver.poll_recv(reg, fd.fd(), cx, out, max.max(1))
             }
             _ => unreachable!("a receiver is made for the driver its socket is bound to"),
+        }
+    }
+
+    /// Every datagram received and not yet taken, for a socket leaving this runtime:
+    /// call once its operations were cancelled and reaped (`SharedFd::detach`), so every
+    /// completion is in. The receiver receives nothing more.
+    pub(crate) fn take_received(&mut self) -> Vec<RecvDatagram> {
+        match self {
+            Receiver::Uring(receiver) => receiver.take_received(),
+            Receiver::Poll(receiver) => receiver.take_received(),
         }
     }
 

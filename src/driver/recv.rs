@@ -6,14 +6,72 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
+use bytes::Bytes;
+
 use super::buf_pool::{BufPool, LentBuf};
 pub(crate) use super::cmsg::{RecvMeta, UDP_GRO};
 
 pub(crate) use super::ring_layout::RingConfig;
 
-/// One received datagram, its bytes lent from the receive ring.
+/// A received datagram's bytes.
+pub(crate) enum Payload {
+    /// Lent from the receive ring of the socket that received it.
+    Lent(LentBuf),
+    /// Owned: the datagram came along when its socket moved to this runtime or process.
+    Owned(Bytes),
+}
+
+impl std::ops::Deref for Payload {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            Payload::Lent(buf) => buf,
+            Payload::Owned(bytes) => bytes,
+        }
+    }
+}
+
+/// A received datagram not yet taken when its socket detached: its bytes copied out of
+/// the ring, so that it can go wherever the socket goes (`Send`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Carried {
+    pub(crate) data: Bytes,
+    pub(crate) addr: Option<SocketAddr>,
+    pub(crate) truncated: bool,
+    pub(crate) original_len: usize,
+    pub(crate) meta: RecvMeta,
+}
+
+impl RecvDatagram {
+    /// A copy that can leave this runtime.
+    pub(crate) fn carry(&self) -> Carried {
+        Carried {
+            data: Bytes::copy_from_slice(&self.buf),
+            addr: self.addr,
+            truncated: self.truncated,
+            original_len: self.original_len,
+            meta: self.meta,
+        }
+    }
+}
+
+impl Carried {
+    /// The datagram again, owning its bytes.
+    pub(crate) fn into_received(self) -> RecvDatagram {
+        RecvDatagram {
+            buf: Payload::Owned(self.data),
+            addr: self.addr,
+            truncated: self.truncated,
+            original_len: self.original_len,
+            meta: self.meta,
+        }
+    }
+}
+
+/// One received datagram, its bytes lent from the receive ring (or carried along).
 pub(crate) struct RecvDatagram {
-    pub(crate) buf: LentBuf,
+    pub(crate) buf: Payload,
     pub(crate) addr: Option<SocketAddr>,
     /// The datagram was larger than the buffer: `buf` holds its first bytes only.
     pub(crate) truncated: bool,
@@ -77,7 +135,7 @@ pub(crate) unsafe fn deliver(
                 out.push(RecvDatagram {
                     // SAFETY: the hold just taken is this piece's; inside the written
                     // bytes (caller's contract).
-                    buf: unsafe { LentBuf::new(pool.clone(), bid, start, size) },
+                    buf: Payload::Lent(unsafe { LentBuf::new(pool.clone(), bid, start, size) }),
                     addr,
                     truncated: false,
                     original_len: size,
@@ -93,7 +151,7 @@ pub(crate) unsafe fn deliver(
             pool.add_ref(bid);
             out.push(RecvDatagram {
                 // SAFETY: the hold just taken; the caller's bytes.
-                buf: unsafe { LentBuf::new(pool.clone(), bid, offset, len) },
+                buf: Payload::Lent(unsafe { LentBuf::new(pool.clone(), bid, offset, len) }),
                 addr,
                 truncated,
                 original_len,

@@ -25,8 +25,8 @@ use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, monotonic_ns, Receiver, RecvDatagram, RecvWants, RingConfig,
-    SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, monotonic_ns, Carried, Receiver, RecvDatagram, RecvWants,
+    RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -211,6 +211,8 @@ pub struct DatagramSocket {
     ipv6: Cell<bool>,
     options: DatagramOptions,
     receiver: RefCell<Option<Receiver>>,
+    /// Datagrams received before the socket came to this runtime, handed out first.
+    carried: RefCell<VecDeque<RecvDatagram>>,
     /// One receive call at a time uses the receiver; the others wait here in turn.
     turn: Turnstile,
 }
@@ -223,6 +225,7 @@ impl DatagramSocket {
             ipv6: Cell::new(false),
             options: DatagramOptions::default(),
             receiver: RefCell::new(None),
+            carried: RefCell::new(VecDeque::new()),
             turn: Turnstile::default(),
         }
     }
@@ -660,6 +663,14 @@ impl DatagramSocket {
         out: &mut Vec<RecvDatagram>,
         max: usize,
     ) -> Poll<Result<()>> {
+        {
+            let mut carried = self.carried.borrow_mut();
+            if !carried.is_empty() {
+                let n = max.max(1).min(carried.len());
+                out.extend(carried.drain(..n));
+                return Poll::Ready(Ok(()));
+            }
+        }
         let mut receiver = self.receiver.borrow_mut();
         if receiver.is_none() {
             let ring = self.options.ring.get();
@@ -855,7 +866,7 @@ impl Datagram {
     /// # }
     /// ```
     pub fn into_forward(self) -> Forward {
-        Forward::new(self.inner.buf)
+        Forward::from_payload(self.inner.buf)
     }
 
     /// The payload as UTF-8 text (DataReader.ReadString).
@@ -1381,24 +1392,29 @@ impl DatagramSocket {
 
     /// Takes the socket off this runtime, for another thread's runtime or another
     /// process: its receive in flight is cancelled and reaped, and this handle becomes
-    /// spent (its calls fail). Datagrams the kernel has queued on the socket stay there
-    /// for whoever adopts it; those already moved into this handle's receive ring and
-    /// not yet taken are dropped with the ring.
+    /// spent (its calls fail). Nothing received is lost: datagrams the kernel has queued
+    /// on the socket stay there, and those already in this handle's receive ring and not
+    /// yet taken come along (copied out of the ring), handed out first by whoever adopts
+    /// it.
     pub fn detach(&self) -> Result<Detached> {
         let owned = self
             .fd()?
             .detach()
             .map_err(|err| Error::io("detach", err))?;
-        drop(self.receiver.borrow_mut().take());
-        Ok(Detached::new(
-            owned,
-            super::SocketKind::Datagram,
-            Vec::new(),
-        ))
+        let mut carried: Vec<Carried> = self
+            .carried
+            .borrow_mut()
+            .drain(..)
+            .map(|d| d.carry())
+            .collect();
+        if let Some(mut receiver) = self.receiver.borrow_mut().take() {
+            carried.extend(receiver.take_received().iter().map(RecvDatagram::carry));
+        }
+        Ok(Detached::new(owned, super::SocketKind::Datagram, Vec::new()).with_datagrams(carried))
     }
 
     /// Wraps a UDP descriptor detached elsewhere, with its options as they are.
-    pub(crate) fn adopt(fd: OwnedFd) -> Result<DatagramSocket> {
+    pub(crate) fn adopt(fd: OwnedFd, carried: Vec<Carried>) -> Result<DatagramSocket> {
         let socket = socket2::Socket::from(fd);
         let ipv6 = socket
             .domain()
@@ -1410,6 +1426,10 @@ impl DatagramSocket {
             .fd
             .set(SharedFd::new(OwnedFd::from(socket)))
             .map_err(|_| Error::invalid_input("the socket is already bound or connected"))?;
+        adopted
+            .carried
+            .borrow_mut()
+            .extend(carried.into_iter().map(Carried::into_received));
         Ok(adopted)
     }
 }

@@ -3,9 +3,11 @@
 //! taken from a service manager at start (systemd socket activation).
 
 use std::fmt;
+use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use crate::driver::ops_datagram::Carried;
 use crate::driver::scm;
 use crate::{DatagramSocket, Error, Result, StreamSocket, StreamSocketListener};
 
@@ -49,11 +51,30 @@ pub struct Detached {
     fd: OwnedFd,
     kind: SocketKind,
     accepted: Vec<OwnedFd>,
+    /// A datagram socket's datagrams received and not yet taken.
+    datagrams: Vec<Carried>,
 }
 
 impl Detached {
     pub(crate) fn new(fd: OwnedFd, kind: SocketKind, accepted: Vec<OwnedFd>) -> Detached {
-        Detached { fd, kind, accepted }
+        Detached {
+            fd,
+            kind,
+            accepted,
+            datagrams: Vec::new(),
+        }
+    }
+
+    /// The same, carrying a datagram socket's received datagrams.
+    pub(crate) fn with_datagrams(mut self, datagrams: Vec<Carried>) -> Detached {
+        self.datagrams = datagrams;
+        self
+    }
+
+    /// Datagrams it carries: received before it detached and not yet taken, handed out
+    /// first by the socket that adopts it.
+    pub fn carried_datagrams(&self) -> usize {
+        self.datagrams.len()
     }
 
     /// Takes a descriptor made elsewhere (inherited, received, from std): its kind is
@@ -125,7 +146,7 @@ impl Detached {
     /// Adopts it as a [`DatagramSocket`].
     pub fn into_datagram(self) -> Result<DatagramSocket> {
         self.expect(SocketKind::Datagram)?;
-        DatagramSocket::adopt(self.fd)
+        DatagramSocket::adopt(self.fd, self.datagrams)
     }
 
     /// The descriptor itself; a listener's accepted connections are closed.
@@ -172,9 +193,11 @@ const MAGIC: &[u8; 4] = b"RSK1";
 const HEADER: usize = 9;
 
 /// Hands `socket` to the process at the other end of `channel` (the socket broker):
-/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; the
-/// connection itself is untouched, so no byte is lost and nothing is reset. Blocking,
-/// as `channel` is. The other side takes it with [`recv_detached`].
+/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; a
+/// datagram socket's carried datagrams follow as bytes; the connection itself is
+/// untouched, so no byte is lost and nothing is reset. Blocking, as `channel` is (the
+/// other side must be reading when many datagrams are carried). The other side takes it
+/// with [`recv_detached`].
 pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
@@ -194,6 +217,12 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     // each set of descriptors rides on a byte of its own.
     for chunk in chunks {
         send(b"+", chunk)?;
+    }
+    if socket.kind == SocketKind::Datagram {
+        let section = carried::encode(&socket.datagrams)?;
+        (&*channel)
+            .write_all(&section)
+            .map_err(|err| Error::io("hand a socket over", err))?;
     }
     Ok(())
 }
@@ -248,7 +277,131 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
         )));
     }
     detached.accepted = fds.collect();
+    if kind == SocketKind::Datagram {
+        detached.datagrams = carried::decode(&mut &*channel)?;
+    }
     Ok(detached)
+}
+
+/// The datagrams a datagram socket carries, on the broker's channel: after the header, a
+/// count, then each datagram (sender, flags, lengths, what the kernel reported beside
+/// it, bytes), little-endian.
+mod carried {
+    use std::io::Read;
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+    use bytes::Bytes;
+
+    use crate::driver::ops_datagram::Carried;
+    use crate::{Error, Result};
+
+    /// Most datagrams one hand-over carries: a receive ring's worth and then some, so a
+    /// corrupt count cannot make the taker allocate without bound.
+    const MAX_DATAGRAMS: u32 = 1 << 20;
+    /// Largest datagram payload (IPv6's UDP maximum).
+    const MAX_LEN: u32 = 65_535;
+
+    fn put_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
+        match ip {
+            None => out.push(0),
+            Some(IpAddr::V4(ip)) => {
+                out.push(4);
+                out.extend_from_slice(&ip.octets());
+            }
+            Some(IpAddr::V6(ip)) => {
+                out.push(6);
+                out.extend_from_slice(&ip.octets());
+            }
+        }
+    }
+
+    pub(super) fn encode(datagrams: &[Carried]) -> Result<Vec<u8>> {
+        let count = u32::try_from(datagrams.len())
+            .ok()
+            .filter(|&n| n <= MAX_DATAGRAMS)
+            .ok_or_else(|| Error::invalid_input("too many datagrams to hand over"))?;
+        let mut out = count.to_le_bytes().to_vec();
+        for d in datagrams {
+            put_ip(&mut out, d.addr.map(|a| a.ip()));
+            out.extend_from_slice(&d.addr.map_or(0, |a| a.port()).to_le_bytes());
+            out.push(d.truncated as u8);
+            out.extend_from_slice(&(d.original_len as u32).to_le_bytes());
+            put_ip(&mut out, d.meta.destination);
+            out.extend_from_slice(&d.meta.tos.map_or(u16::MAX, u16::from).to_le_bytes());
+            out.extend_from_slice(&d.meta.interface.to_le_bytes());
+            out.extend_from_slice(&d.meta.timestamp_ns.to_le_bytes());
+            out.extend_from_slice(&d.meta.gro_segment.to_le_bytes());
+            out.extend_from_slice(&(d.data.len() as u32).to_le_bytes());
+            out.extend_from_slice(&d.data);
+        }
+        Ok(out)
+    }
+
+    fn read<const N: usize>(from: &mut impl Read) -> Result<[u8; N]> {
+        let mut bytes = [0u8; N];
+        from.read_exact(&mut bytes)
+            .map_err(|err| match err.kind() {
+                std::io::ErrorKind::UnexpectedEof => {
+                    Error::connection_closed("take a socket handed over: its datagrams")
+                }
+                _ => Error::io("take a socket handed over", err),
+            })?;
+        Ok(bytes)
+    }
+
+    fn get_ip(from: &mut impl Read) -> Result<Option<IpAddr>> {
+        Ok(match read::<1>(from)?[0] {
+            0 => None,
+            4 => Some(IpAddr::V4(Ipv4Addr::from(read::<4>(from)?))),
+            6 => Some(IpAddr::V6(Ipv6Addr::from(read::<16>(from)?))),
+            _ => return Err(Error::invalid_input("a bad address in a hand-over")),
+        })
+    }
+
+    pub(super) fn decode(from: &mut impl Read) -> Result<Vec<Carried>> {
+        let count = u32::from_le_bytes(read(from)?);
+        if count > MAX_DATAGRAMS {
+            return Err(Error::invalid_input(
+                "a hand-over announced too many datagrams",
+            ));
+        }
+        let mut datagrams = Vec::new();
+        for _ in 0..count {
+            let ip = get_ip(from)?;
+            let port = u16::from_le_bytes(read(from)?);
+            let truncated = read::<1>(from)?[0] != 0;
+            let original_len = u32::from_le_bytes(read(from)?) as usize;
+            let destination = get_ip(from)?;
+            let tos = u16::from_le_bytes(read(from)?);
+            let interface = u32::from_le_bytes(read(from)?);
+            let timestamp_ns = u64::from_le_bytes(read(from)?);
+            let gro_segment = u16::from_le_bytes(read(from)?);
+            let len = u32::from_le_bytes(read(from)?);
+            if len > MAX_LEN {
+                return Err(Error::invalid_input(
+                    "a hand-over carried an oversized datagram",
+                ));
+            }
+            let mut data = vec![0u8; len as usize];
+            from.read_exact(&mut data)
+                .map_err(|err| Error::io("take a socket handed over", err))?;
+            let meta = crate::driver::ops_datagram::RecvMeta {
+                destination,
+                tos: u8::try_from(tos).ok(),
+                interface,
+                timestamp_ns,
+                gro_segment,
+            };
+            datagrams.push(Carried {
+                data: Bytes::from(data),
+                addr: ip.map(|ip| SocketAddr::new(ip, port)),
+                truncated,
+                original_len,
+                meta,
+            });
+        }
+        Ok(datagrams)
+    }
 }
 
 /// A socket a service manager passed at start.

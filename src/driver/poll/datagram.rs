@@ -129,6 +129,14 @@ impl Receiver {
 }
 
 impl Receiver {
+    /// Every datagram received and not taken (read by a `recvmmsg` beyond what the
+    /// caller took then).
+    pub(crate) fn take_received(&mut self) -> Vec<RecvDatagram> {
+        let mut out = Vec::new();
+        self.mmsg.take_ready(&mut out, usize::MAX);
+        out
+    }
+
     /// The socket was found empty: judges the wake that ends here.
     fn end_wake(&mut self) {
         let burst = std::mem::take(&mut self.burst);

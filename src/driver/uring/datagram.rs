@@ -239,6 +239,21 @@ impl Receiver {
         }
     }
 
+    /// Every datagram received and not taken: the completions the multishot still
+    /// holds (its final one is in: the caller reaped it), then the ready queue.
+    pub(crate) fn take_received(&mut self) -> Vec<RecvDatagram> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        if let Some(mut op) = self.op.take() {
+            while let Poll::Ready(Ok(Some(completion))) = op.poll_next(&mut cx) {
+                // A failed completion carries no datagram; the rest still count.
+                let _ = self.complete(completion);
+            }
+        }
+        let mut out = Vec::new();
+        self.mmsg.take_ready(&mut out, usize::MAX);
+        out
+    }
+
     /// One multishot completion (or the arming, or the end of a stopping multishot).
     fn step_multishot(&mut self, fd: &FdRef, cx: &mut Context<'_>) -> Step {
         if self.op.is_none() {
