@@ -246,6 +246,34 @@ pub(super) fn start_flood(o: &Options, dest: SocketAddr, go: mpsc::Receiver<()>)
         .map_err(io_error("start the flood thread"))
 }
 
+/// Takes one `recv_batch` of the flood within `wait` and counts it into `rx`, checking
+/// each datagram (`size` bytes, a sequence number below `count`): how many came, or
+/// `None` when the wait passed with none.
+pub(super) async fn receive_counted(
+    socket: &DatagramSocket,
+    batch: &mut Vec<ringsock::Datagram>,
+    wait: Duration,
+    rx: &mut Counted,
+    size: usize,
+    count: u64,
+) -> Result<Option<u64>> {
+    match timeout(wait, socket.recv_batch(batch, RECV_BATCH)).await {
+        Ok(result) => result?,
+        Err(_) => return Ok(None),
+    };
+    let now = Instant::now();
+    rx.first.get_or_insert(now);
+    rx.last = Some(now);
+    let n = batch.len() as u64;
+    for datagram in batch.drain(..) {
+        if datagram.is_truncated() || !udp_peer::well_formed(&datagram, size, count) {
+            rx.bad += 1;
+        }
+    }
+    rx.delivered += n;
+    Ok(Some(n))
+}
+
 /// Datagrams the ringsock receiver takes per `recv_batch`.
 pub(super) const RECV_BATCH: usize = 64;
 
@@ -287,18 +315,11 @@ fn ringsock_receiver(
             } else {
                 UDP_IDLE
             };
-            match timeout(wait, socket.recv_batch(&mut batch, RECV_BATCH)).await {
-                Ok(result) => result?,
-                Err(_) => break,
-            };
-            let now = Instant::now();
-            rx.first.get_or_insert(now);
-            rx.last = Some(now);
-            for datagram in batch.drain(..) {
-                if datagram.is_truncated() || !udp_peer::well_formed(&datagram, size, count) {
-                    rx.bad += 1;
-                }
-                rx.delivered += 1;
+            if receive_counted(&socket, &mut batch, wait, &mut rx, size, count)
+                .await?
+                .is_none()
+            {
+                break;
             }
         }
         rx.cpu_secs = cpu::thread_cpu_secs() - cpu0;

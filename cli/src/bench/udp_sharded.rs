@@ -13,7 +13,7 @@ use ringsock::{Backend, DatagramSocket, Error, Result};
 use super::cpu::{self, CpuSample};
 use super::options::Options;
 use super::peer::PEER_WAIT;
-use super::udp::{driver_syscalls, start_flood, Flood, Received, RECV_BATCH};
+use super::udp::{driver_syscalls, receive_counted, start_flood, Flood, Received, RECV_BATCH};
 use super::udp_peer::{self, Counted, UDP_IDLE};
 
 /// What one thread received.
@@ -66,21 +66,10 @@ pub(super) fn receiver(
                 } else {
                     UDP_IDLE
                 };
-                match timeout(wait, socket.recv_batch(&mut batch, RECV_BATCH)).await {
-                    Ok(result) => result?,
-                    Err(_) => break,
+                match receive_counted(&socket, &mut batch, wait, &mut rx, size, count).await? {
+                    Some(n) => delivered.fetch_add(n, Ordering::AcqRel),
+                    None => break,
                 };
-                let now = Instant::now();
-                rx.first.get_or_insert(now);
-                rx.last = Some(now);
-                let n = batch.len() as u64;
-                for datagram in batch.drain(..) {
-                    if datagram.is_truncated() || !udp_peer::well_formed(&datagram, size, count) {
-                        rx.bad += 1;
-                    }
-                }
-                rx.delivered += n;
-                delivered.fetch_add(n, Ordering::AcqRel);
             }
             rx.cpu_secs = cpu::thread_cpu_secs() - cpu0;
             Ok::<_, Error>(Shard {
