@@ -443,7 +443,7 @@ fn udp_recv_with_gro_takes_super_datagrams_apart() {
 #[test]
 fn the_spin_that_ran_is_reported() {
     let cases = [
-        (None, None, "adaptive-100us"),
+        (None, None, "adaptive-30us"),
         (None, Some("0"), "off"),
         (Some("25"), None, "25us"),
         (Some("25"), Some("7"), "7us"),

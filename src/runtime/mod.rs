@@ -48,7 +48,7 @@ pub struct Builder {
 
 impl Builder {
     /// A builder with the defaults: backend from `RINGSOCK_BACKEND`, else `auto`; spin
-    /// from `RINGSOCK_SPIN`, else [`Spin::Adaptive`] (100 µs).
+    /// from `RINGSOCK_SPIN`, else [`Spin::Adaptive`] (30 µs).
     pub fn new() -> Builder {
         Builder::default()
     }
@@ -60,7 +60,7 @@ impl Builder {
     }
 
     /// How the loop spins before it sleeps, overriding `RINGSOCK_SPIN` (default
-    /// [`Spin::Adaptive`], 100 µs; times above one second count as one second). On io_uring a spin costs no system call while nothing
+    /// [`Spin::Adaptive`], 30 µs; times above one second count as one second). On io_uring a spin costs no system call while nothing
     /// is ready (the kernel flags pending work in shared memory); on epoll each check is
     /// an `epoll_wait`.
     pub fn spin(mut self, spin: Spin) -> Builder {

@@ -13,11 +13,18 @@ pub enum Spin {
     Off,
     /// Look for up to this long before every sleep.
     Fixed(Duration),
-    /// Look for up to this long, but only while events have lately come back sooner
-    /// than that (a moving average of the waits). A loop that waits longer, an idle
-    /// server say, sleeps at once and burns nothing; one in a fast exchange spins.
+    /// Look only while events have lately come back sooner than this (a moving average
+    /// of the waits), and then for about twice that average, never longer than this.
+    /// A loop in a fast exchange (a round trip, a send's completion, a burst of
+    /// datagrams) catches the next event without a wake-up; one that waits longer (an
+    /// idle server, a relay at a few thousand packets per second) sleeps at once, and the
+    /// end of a burst costs a spin of twice the gaps inside it, not the whole limit.
     Adaptive(Duration),
 }
+
+/// Shortest adaptive spin: a few system calls' worth, so a loop whose events come back
+/// at once still looks once or twice before it pays for a sleep.
+const MIN_ADAPTIVE_SPIN: Duration = Duration::from_micros(4);
 
 /// Longest spin the runtime accepts: beyond it spinning buys no latency worth the CPU.
 pub(super) const MAX_SPIN: Duration = Duration::from_secs(1);
@@ -37,7 +44,10 @@ impl Spin {
         match self {
             Spin::Off => None,
             Spin::Fixed(spin) => Some(spin),
-            Spin::Adaptive(spin) => Some(spin).filter(|_| recent_wait < spin),
+            Spin::Adaptive(limit) if recent_wait < limit => {
+                Some((recent_wait * 2).clamp(MIN_ADAPTIVE_SPIN.min(limit), limit))
+            }
+            Spin::Adaptive(_) => None,
         }
     }
 
@@ -47,11 +57,11 @@ impl Spin {
     }
 
     /// The moving average after one more wait: recent waits weigh most, and a wait counts
-    /// for at most four budgets, so a few fast round trips after an idle spell, however
-    /// long, bring the spin back.
+    /// for at most twice the limit, so a few fast round trips after an idle spell,
+    /// however long, bring the spin back.
     pub(super) fn blend(self, recent_wait: Duration, wait: Duration) -> Duration {
         let cap = match self {
-            Spin::Adaptive(spin) => spin * 4,
+            Spin::Adaptive(limit) => limit * 2,
             Spin::Off | Spin::Fixed(_) => wait,
         };
         (recent_wait * 3 + wait.min(cap)) / 4
@@ -59,10 +69,11 @@ impl Spin {
 }
 
 impl Default for Spin {
-    /// Adaptive, up to 100 µs: above a VM's wake-up latency, so a round trip that comes
-    /// back within it is watched for rather than slept through.
+    /// Adaptive, up to 30 µs: about what a wake-up costs on a virtual machine. A
+    /// round trip that comes back within it is watched for rather than slept through;
+    /// waits longer than that cost more CPU spun than slept, so they sleep.
     fn default() -> Spin {
-        Spin::Adaptive(Duration::from_micros(100))
+        Spin::Adaptive(Duration::from_micros(30))
     }
 }
 
@@ -81,7 +92,7 @@ impl Spin {
 }
 
 impl std::fmt::Display for Spin {
-    /// `off`, `50us` (fixed) or `adaptive-100us`.
+    /// `off`, `50us` (fixed) or `adaptive-30us`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Spin::Off => f.write_str("off"),
@@ -115,23 +126,48 @@ mod tests {
 
     #[test]
     fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
-        let budget = Duration::from_micros(100);
-        let policy = Spin::Adaptive(budget);
+        let limit = Duration::from_micros(30);
+        let policy = Spin::Adaptive(limit);
         let mut recent = Duration::ZERO;
-        assert_eq!(policy.budget(recent), Some(budget));
+        assert!(policy.budget(recent).is_some());
         // An idle spell: long waits turn the spin off.
         for _ in 0..10 {
             recent = policy.blend(recent, Duration::from_secs(3600));
         }
         assert_eq!(policy.budget(recent), None);
-        // Round trips of 20 us bring it back within a few waits, however long the spell.
+        // Round trips of 15 us bring it back within a few waits, however long the spell.
         let mut waits = 0;
         while policy.budget(recent).is_none() {
-            recent = policy.blend(recent, Duration::from_micros(20));
+            recent = policy.blend(recent, Duration::from_micros(15));
             waits += 1;
             assert!(waits <= 6, "the spin took {waits} waits to come back");
         }
-        assert_eq!(policy.budget(recent), Some(budget));
+        // Steady gaps of 40 us, a relay at 20k packets/s say, cost more spun than slept.
+        for _ in 0..50 {
+            recent = policy.blend(recent, Duration::from_micros(40));
+        }
+        assert_eq!(policy.budget(recent), None);
+    }
+
+    #[test]
+    fn adaptive_spin_lasts_about_twice_the_recent_waits() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let mut recent = Duration::from_micros(60);
+        for _ in 0..50 {
+            recent = policy.blend(recent, Duration::from_micros(5));
+        }
+        // Gaps of 5 us inside a burst: the spin after its last datagram is short.
+        let budget = policy.budget(recent).unwrap();
+        assert!(budget <= Duration::from_micros(11), "{budget:?}");
+        assert!(budget >= MIN_ADAPTIVE_SPIN, "{budget:?}");
+        for _ in 0..50 {
+            recent = policy.blend(recent, Duration::from_micros(14));
+        }
+        let budget = policy.budget(recent).unwrap();
+        assert!(budget >= Duration::from_micros(27), "{budget:?}");
+        assert!(budget <= Duration::from_micros(30), "{budget:?}");
+        // Nothing at all lately still looks at least a few system calls' worth.
+        assert_eq!(policy.budget(Duration::ZERO), Some(MIN_ADAPTIVE_SPIN));
     }
 
     #[test]
@@ -155,7 +191,7 @@ mod tests {
                 spin
             );
         }
-        assert_eq!(Spin::default().to_string(), "adaptive-100us");
+        assert_eq!(Spin::default().to_string(), "adaptive-30us");
     }
 
     #[test]
