@@ -650,6 +650,43 @@ mod tests {
     }
 
     #[test]
+    fn udp_relay_flows_rate_and_counts() {
+        let mut o = Options::new(Workload::UdpRelay, Impl::RingsockUring);
+        assert_eq!((o.size, o.flows, o.rate), (172, 1, Rate::PerSecond(20_000)));
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.default_count(), 200_000);
+        o.rate = Rate::Max;
+        assert_eq!(o.default_count(), 2_000_000);
+        o.flows = MAX_FLOWS;
+        o.size = relay_traffic::MAX_SIZE;
+        assert_eq!(o.validate(), Ok(()));
+        o.flows = MAX_FLOWS + 1;
+        assert!(o.validate().unwrap_err().contains("--flows"));
+        o.flows = 0;
+        assert!(o.validate().is_err());
+        o.flows = 1;
+        o.size = relay_traffic::MIN_SIZE - 1;
+        assert!(o.validate().unwrap_err().contains("at least 24"));
+        o.size = relay_traffic::MAX_SIZE + 1;
+        assert!(o.validate().unwrap_err().contains("8192"));
+        let o = Options::new(Workload::UdpRelay, Impl::StdPerWrite);
+        assert!(o.validate().unwrap_err().contains("ringsock relays"));
+        let mut o = Options::new(Workload::UdpBatch, Impl::RingsockUring);
+        o.rate = Rate::Max;
+        assert!(o.validate().unwrap_err().contains("udp-relay only"));
+    }
+
+    #[test]
+    fn rates_parse_as_a_number_or_max() {
+        assert_eq!("max".parse(), Ok(Rate::Max));
+        assert_eq!("100000".parse(), Ok(Rate::PerSecond(100_000)));
+        for bad in ["abc", "0", "-5", "", "1.5", "MAX"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+        assert_eq!(Rate::Max.to_string(), "max");
+    }
+
+    #[test]
     fn wait_all_checks_every_message() {
         let mut o = Options::new(Workload::TcpBatch, Impl::RingsockUring);
         o.verify_stride = 1024;

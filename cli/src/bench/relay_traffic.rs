@@ -7,6 +7,9 @@
 //! `(flow << 40) ^ seq`. Every bit of a word depends on every bit of the seed, so even
 //! the 4 pattern bytes of the smallest datagram tell two packets apart.
 //!
+//! The seed keeps the low 24 bits of the flow id only; a flow id damaged above them is
+//! caught by the sink's range check (at most 1024 flows) instead.
+//!
 //! Global packet g (0-based, in send order) belongs to flow g mod F with sequence
 //! g div F: the flows are sent round robin.
 
@@ -155,11 +158,20 @@ mod tests {
     fn another_flow_or_sequence_number_is_rejected() {
         for size in [MIN_SIZE, 172] {
             let d = datagram(size, 7, 123_456);
-            for i in 0..12 {
-                let mut bad = d.clone();
-                bad[i] ^= 1;
-                assert_eq!(check(&bad, size), None, "size {size} header byte {i}");
+            // The flow's top byte is shifted out of the seed; every other header byte
+            // (flow bytes 0-2, every sequence byte) is in the pattern.
+            for i in (0..3).chain(4..12) {
+                for bit in 0..8 {
+                    let mut bad = d.clone();
+                    bad[i] ^= 1 << bit;
+                    assert_eq!(check(&bad, size), None, "size {size} byte {i} bit {bit}");
+                }
             }
+            // A flow id changed in its top byte is out of range for the sink instead.
+            let mut bad = d.clone();
+            bad[3] ^= 1;
+            let flow = check(&bad, size).map(|c| c.flow);
+            assert!(flow.is_some_and(|f| f as usize >= super::super::options::MAX_FLOWS));
         }
     }
 
