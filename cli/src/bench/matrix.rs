@@ -337,7 +337,9 @@ impl Matrix {
         out.push_str(
             "\ntcp-batch, udp-batch: messages/s sent (system calls per message).\nudp-recv: \
              datagrams/s received (CPU 0 us per datagram, lost).\necho-rtt: p50 / p99 \
-             round trip in us; tcp-echo-conns: round trips/s (p99 us).\nSpeed-up over \
+             round trip in us; tcp-echo-conns: round trips/s (p99 us).\nudp-relay \
+             (flows 1, 20000/s): delivered/s (relay CPU us per packet, loss, p99 one-way \
+             us).\nSpeed-up over \
              std-per-write: rate ratio; for echo-rtt the p50 ratio (std p50 / ours).\n",
         );
         let runs = self.cells.first().map_or(0, |c| c.runs.len());
