@@ -523,6 +523,19 @@ mod tests {
     }
 
     #[test]
+    fn udp_relay_runs_only_when_asked_for_and_only_on_ringsock() {
+        let all = plan(&MatrixOptions::default());
+        assert!(all.iter().all(|c| c.workload != Workload::UdpRelay));
+        let relay = plan(&MatrixOptions {
+            workloads: vec![Workload::UdpRelay],
+            ..MatrixOptions::default()
+        });
+        let impls: Vec<Impl> = relay.iter().map(|c| c.imp).collect();
+        assert_eq!(impls, [Impl::RingsockUring, Impl::RingsockEpoll]);
+        assert!(relay.iter().all(|c| c.size == 172 && c.count == 200_000));
+    }
+
+    #[test]
     fn child_args_name_every_option() {
         let cell = &plan(&MatrixOptions::default())[0];
         let args = child_args(cell, false).join(" ");
