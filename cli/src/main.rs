@@ -80,8 +80,9 @@ struct BenchArgs {
     /// run: ringsock-uring).
     #[arg(long = "impl", value_enum)]
     imp: Vec<Impl>,
-    /// Message size in bytes (default: tcp-batch 1024, udp-batch and udp-recv 172;
-    /// fixed: tcp-echo 64, udp-echo-rtt 172; UDP at most 65507).
+    /// Message size in bytes (default: tcp-batch 1024, udp-batch, udp-recv and udp-relay
+    /// 172; fixed: tcp-echo 64, udp-echo-rtt 172; UDP at most 65507; udp-relay
+    /// 24..=8192).
     #[arg(long, value_parser = clap::value_parser!(u64).range(8..=bench::options::MAX_SIZE as u64))]
     size: Option<u64>,
     /// Messages per group (udp-recv: datagrams per GSO send of the flood, at most 128).
@@ -100,6 +101,14 @@ struct BenchArgs {
     /// the load (udp-recv's flood then comes from 16 flows).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_THREADS as u64))]
     threads: Option<u64>,
+    /// udp-relay: flows, one relay socket each (1..=1024; default 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_FLOWS as u64))]
+    flows: Option<u64>,
+    /// udp-relay: packets per second over all flows (one sendto each, in 1 ms ticks), or
+    /// max (sendmmsg groups of 64 as fast as they go); default 20000. The default count
+    /// is 10 s worth, 2,000,000 at max.
+    #[arg(long, value_name = "R|max")]
+    rate: Option<bench::Rate>,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pin: String,
@@ -706,7 +715,6 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.tls = args.tls;
     options.gapped = args.gapped;
     options.gro = args.gro;
-    options.count = args.count.unwrap_or_else(|| options.default_count());
     options.conns = args.conns.map_or(options.conns, |c| c as usize);
     options.threads = args.threads.map_or(1, |t| t as usize);
     options.pin = args.pin == "on";
@@ -714,6 +722,9 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.tls = args.tls;
     options.spin_us = args.spin_us;
     options.offloads = !args.no_offload;
+    options.flows = args.flows.map_or(1, |f| f as usize);
+    options.rate = args.rate.unwrap_or_default();
+    options.count = args.count.unwrap_or_else(|| options.default_count());
     if let Err(message) = options.validate() {
         usage_error(message);
     }
@@ -774,6 +785,8 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--gapped", args.gapped),
         ("--gro", args.gro),
         ("--spin-us", args.spin_us.is_some()),
+        ("--flows", args.flows.is_some()),
+        ("--rate", args.rate.is_some()),
     ];
     for (flag, given) in single {
         if given {

@@ -645,3 +645,143 @@ fn bad_flags_are_usage_errors() {
         assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
     }
 }
+
+/// Every key of the udp-relay JSON line.
+const RELAY_KEYS: [&str; 25] = [
+    "impl",
+    "workload",
+    "size",
+    "flows",
+    "rate_target",
+    "count",
+    "sent",
+    "received",
+    "lost",
+    "loss_pct",
+    "reordered",
+    "corrupt",
+    "pps_delivered",
+    "relay_cpu_us_per_pkt",
+    "relay_cpu_util",
+    "lat_p50_us",
+    "lat_p99_us",
+    "lat_p999_us",
+    "elapsed_s",
+    "send_pps",
+    "relay_sock_drops",
+    "sink_drops",
+    "cpu0_busy",
+    "cpu1_busy",
+    "rcvbuf",
+];
+
+/// One udp-relay run that must pass its own checks: its one JSON line has every key,
+/// nothing corrupt, and every datagram sent either arrived or was dropped by the kernel.
+/// Loss itself is allowed (a busy machine drops), and nothing is timed.
+fn check_relay(imp: &str, flows: &str, rate: &str, count: u64) {
+    let count_arg = count.to_string();
+    let args = [
+        "bench",
+        "--json",
+        "--pin",
+        "off",
+        "--workload",
+        "udp-relay",
+        "--impl",
+        imp,
+        "--flows",
+        flows,
+        "--rate",
+        rate,
+        "--count",
+        &count_arg,
+    ];
+    let output = ringsock(&args);
+    if uring_unavailable(imp, &output) {
+        return;
+    }
+    let stdout = String::from_utf8(output.stdout.clone()).expect("UTF-8 output");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines.len(), 1, "exactly one line, got {stdout:?}");
+    let v: Value = serde_json::from_str(lines[0]).expect("a JSON line");
+    assert!(
+        output.status.success(),
+        "{args:?} failed: {}\n{v}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(v.get("error").is_none(), "{v}");
+    for key in RELAY_KEYS {
+        assert!(v.get(key).is_some(), "{key} missing in {v}");
+    }
+    assert_eq!(v["workload"], "udp-relay");
+    assert_eq!(v["impl"], imp);
+    assert_eq!(v["flows"].as_u64(), flows.parse().ok(), "{v}");
+    match rate {
+        "max" => assert_eq!(v["rate_target"], "max", "{v}"),
+        _ => assert_eq!(v["rate_target"].as_u64(), rate.parse().ok(), "{v}"),
+    }
+    assert_eq!(v["count"].as_u64(), Some(count), "{v}");
+    assert_eq!(v["corrupt"].as_u64(), Some(0), "{v}");
+    assert!(v["reordered"].is_u64(), "{v}");
+    let n = |key: &str| v[key].as_u64().unwrap_or_else(|| panic!("{key} in {v}"));
+    assert_eq!(n("sent"), count, "{v}");
+    assert_eq!(
+        n("received") + n("relay_sock_drops") + n("sink_drops"),
+        n("sent"),
+        "{v}"
+    );
+    assert_eq!(n("lost"), n("sent") - n("received"), "{v}");
+    assert!(n("rcvbuf") > 0, "{v}");
+}
+
+#[test]
+fn udp_relay_at_a_fixed_rate_every_impl() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for flows in ["1", "8"] {
+            check_relay(imp, flows, "20000", 3000);
+        }
+    }
+}
+
+#[test]
+fn udp_relay_at_max_rate_every_impl() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for flows in ["1", "8"] {
+            check_relay(imp, flows, "max", 3000);
+        }
+    }
+}
+
+#[test]
+fn udp_relay_bad_arguments_are_usage_errors() {
+    let cases: [(&[&str], &str); 6] = [
+        (&["--flows", "0"], "--flows"),
+        (&["--flows", "1025"], "--flows"),
+        (&["--size", "10"], "at least 24"),
+        (&["--size", "8193"], "at most 8192"),
+        (&["--rate", "abc"], "not a rate"),
+        (&["--rate", "0"], "not a rate"),
+    ];
+    for (extra, says) in cases {
+        let mut args = vec!["bench", "--json", "--workload", "udp-relay"];
+        args.extend_from_slice(extra);
+        let output = ringsock(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(output.stdout.is_empty(), "{args:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.starts_with("error:"), "{args:?}: {stderr}");
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+    let std = ringsock(&[
+        "bench",
+        "--json",
+        "--workload",
+        "udp-relay",
+        "--impl",
+        "std-per-write",
+    ]);
+    assert_eq!(std.status.code(), Some(2));
+    let other = ringsock(&["bench", "--json", "--workload", "udp-batch", "--flows", "2"]);
+    assert_eq!(other.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&other.stderr).contains("udp-relay only"));
+}

@@ -125,7 +125,13 @@ pub fn plan(options: &MatrixOptions) -> Vec<Cell> {
     let selected = |w: &Workload| options.workloads.is_empty() || options.workloads.contains(w);
     let impls = columns(options);
     let mut cells = Vec::new();
-    for workload in Workload::ALL.iter().filter(|w| selected(w)) {
+    // udp-relay is not in the default matrix; asked for, it runs at its defaults.
+    let relay = options
+        .workloads
+        .contains(&Workload::UdpRelay)
+        .then_some(Workload::UdpRelay);
+    let workloads: Vec<Workload> = Workload::ALL.into_iter().chain(relay).collect();
+    for workload in workloads.iter().filter(|w| selected(w)) {
         let mut rows: Vec<(usize, bool)> = workload
             .matrix_sizes()
             .iter()
@@ -136,6 +142,10 @@ pub fn plan(options: &MatrixOptions) -> Vec<Cell> {
         }
         for (size, tls) in rows {
             for &imp in &impls {
+                // Only ringsock relays are measured in udp-relay.
+                if *workload == Workload::UdpRelay && imp.backend().is_none() {
+                    continue;
+                }
                 let mut run = Options::new(*workload, imp);
                 run.size = size;
                 run.tls = tls;
@@ -327,7 +337,9 @@ impl Matrix {
         out.push_str(
             "\ntcp-batch, udp-batch: messages/s sent (system calls per message).\nudp-recv: \
              datagrams/s received (CPU 0 us per datagram, lost).\necho-rtt: p50 / p99 \
-             round trip in us; tcp-echo-conns: round trips/s (p99 us).\nSpeed-up over \
+             round trip in us; tcp-echo-conns: round trips/s (p99 us).\nudp-relay \
+             (flows 1, 20000/s): delivered/s (relay CPU us per packet, loss, p99 one-way \
+             us).\nSpeed-up over \
              std-per-write: rate ratio; for echo-rtt the p50 ratio (std p50 / ours).\n",
         );
         let runs = self.cells.first().map_or(0, |c| c.runs.len());
@@ -394,6 +406,17 @@ fn cell_text(cell: &Cell) -> String {
         ),
         Workload::TcpEchoConns => format!("{rate} ({})", fmt_num(cell.median("p99_us"))),
         Workload::Tunnel => format!("{rate} ({} Gbit/s TCP)", fmt_num(cell.median("tcp_gbit_s"))),
+        Workload::UdpRelay => {
+            let cpu = cell
+                .median("relay_cpu_us_per_pkt")
+                .map_or("-".into(), |x| format!("{x:.2}"));
+            let lost = cell.median("loss_pct").unwrap_or(0.0);
+            format!(
+                "{} ({cpu}, lost {lost:.1}%, p99 {})",
+                fmt_rate(cell.median("pps_delivered")),
+                fmt_num(cell.median("lat_p99_us"))
+            )
+        }
     };
     if cell.failure().is_some() {
         format!("{text} !")
@@ -497,6 +520,19 @@ mod tests {
         assert!(table.contains("20.00x"), "{table}");
         assert!(table.contains("Medians of 3 rounds"));
         assert_eq!(matrix.failures(), 0);
+    }
+
+    #[test]
+    fn udp_relay_runs_only_when_asked_for_and_only_on_ringsock() {
+        let all = plan(&MatrixOptions::default());
+        assert!(all.iter().all(|c| c.workload != Workload::UdpRelay));
+        let relay = plan(&MatrixOptions {
+            workloads: vec![Workload::UdpRelay],
+            ..MatrixOptions::default()
+        });
+        let impls: Vec<Impl> = relay.iter().map(|c| c.imp).collect();
+        assert_eq!(impls, [Impl::RingsockUring, Impl::RingsockEpoll]);
+        assert!(relay.iter().all(|c| c.size == 172 && c.count == 200_000));
     }
 
     #[test]

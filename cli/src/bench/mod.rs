@@ -12,6 +12,8 @@
 //! - [`tunnel`]: two namespaces, a tunnel in each, TCP and UDP through them; its
 //!   one-system-call-per-packet baseline is [`tunnel_baseline`]; [`netns`] makes the
 //!   namespaces.
+//! - `udp_relay`: udp-relay, the ringsock relay between the plain generator and sink of
+//!   [`relay_peers`], with the datagram and its check in [`relay_traffic`].
 //! - [`compare`]: the demo's batched-vs-per-write comparison.
 //! - [`matrix`]: the default matrix, each row in a child process, and its table.
 //!
@@ -42,6 +44,8 @@ pub mod matrix;
 pub mod netns;
 pub mod options;
 pub mod peer;
+pub mod relay_peers;
+pub mod relay_traffic;
 pub mod report;
 mod tcp_batch;
 mod tcp_echo;
@@ -51,9 +55,10 @@ pub mod tunnel_baseline;
 mod udp;
 mod udp_echo;
 pub mod udp_peer;
+mod udp_relay;
 mod udp_sharded;
 
-pub use options::{Impl, Options, Pattern, Workload};
+pub use options::{Impl, Options, Pattern, Rate, Workload};
 pub use report::{Latency, Report, RunError};
 
 /// Runs one measurement on this thread (pinned to CPU 0 when `options.pin`), its peers on
@@ -76,6 +81,7 @@ pub fn run(options: &Options) -> ringsock::Result<Report> {
         Workload::UdpEchoRtt => udp_echo::run_echo_rtt(options),
         Workload::TcpEchoConns => tcp_echo::run_conns(options),
         Workload::Tunnel => tunnel::run(options),
+        Workload::UdpRelay => udp_relay::run(options),
     }
 }
 

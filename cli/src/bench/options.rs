@@ -2,6 +2,8 @@
 
 use std::fmt;
 
+use super::relay_traffic;
+
 /// A workload of `docs/benchmarks.md`.
 ///
 /// Adding one: a variant here (its name, default size, default counts and matrix sizes
@@ -30,6 +32,12 @@ pub enum Workload {
     /// then a flood of M datagrams of S bytes, between plain std sockets. Needs root;
     /// not in the default matrix.
     Tunnel,
+    /// The measured side is a relay (a VoIP media relay, a VPN forwarder): a plain
+    /// generator sends F flows of S-byte datagrams at R packets/s (or as fast as it can)
+    /// to one relay socket per flow; the relay forwards each from the socket it arrived
+    /// on to a plain sink, which checks every datagram and times it. Delivered/s, loss,
+    /// relay CPU per packet, one-way latency. Not in the default matrix.
+    UdpRelay,
 }
 
 impl Workload {
@@ -53,6 +61,7 @@ impl Workload {
             Workload::UdpEchoRtt => "udp-echo-rtt",
             Workload::TcpEchoConns => "tcp-echo-conns",
             Workload::Tunnel => "tunnel",
+            Workload::UdpRelay => "udp-relay",
         }
     }
 
@@ -60,7 +69,11 @@ impl Workload {
     pub fn is_udp(self) -> bool {
         matches!(
             self,
-            Workload::UdpBatch | Workload::UdpRecv | Workload::UdpEchoRtt | Workload::Tunnel
+            Workload::UdpBatch
+                | Workload::UdpRecv
+                | Workload::UdpEchoRtt
+                | Workload::Tunnel
+                | Workload::UdpRelay
         )
     }
 
@@ -68,7 +81,9 @@ impl Workload {
     pub fn default_size(self) -> usize {
         match self {
             Workload::TcpBatch => 1024,
-            Workload::UdpBatch | Workload::UdpRecv | Workload::Tunnel => VOIP_SIZE,
+            Workload::UdpBatch | Workload::UdpRecv | Workload::Tunnel | Workload::UdpRelay => {
+                VOIP_SIZE
+            }
             Workload::TcpEchoRtt | Workload::TcpEchoConns => ECHO_SIZE,
             Workload::UdpEchoRtt => UDP_ECHO_SIZE,
         }
@@ -77,15 +92,22 @@ impl Workload {
     /// The only size the workload accepts, if it is fixed.
     pub fn fixed_size(self) -> Option<usize> {
         match self {
-            Workload::TcpBatch | Workload::UdpBatch | Workload::UdpRecv | Workload::Tunnel => None,
+            Workload::TcpBatch
+            | Workload::UdpBatch
+            | Workload::UdpRecv
+            | Workload::Tunnel
+            | Workload::UdpRelay => None,
             Workload::TcpEchoRtt | Workload::TcpEchoConns => Some(ECHO_SIZE),
             Workload::UdpEchoRtt => Some(UDP_ECHO_SIZE),
         }
     }
 
-    /// The largest message: one UDP datagram over IPv4, else [`MAX_SIZE`].
+    /// The largest message: udp-relay's largest datagram, one UDP datagram over IPv4,
+    /// else [`MAX_SIZE`].
     pub fn max_size(self) -> usize {
-        if self.is_udp() {
+        if self == Workload::UdpRelay {
+            relay_traffic::MAX_SIZE
+        } else if self.is_udp() {
             MAX_DATAGRAM
         } else {
             MAX_SIZE
@@ -99,6 +121,7 @@ impl Workload {
             // 172 = RTP header + 20 ms of G.711; 1400 = a VPN tunnel packet.
             Workload::UdpBatch => &[64, 172, 1200, 1400],
             Workload::UdpRecv | Workload::Tunnel => &[172, 1200],
+            Workload::UdpRelay => &[VOIP_SIZE],
             Workload::TcpEchoRtt | Workload::TcpEchoConns => &[ECHO_SIZE],
             Workload::UdpEchoRtt => &[UDP_ECHO_SIZE],
         }
@@ -135,6 +158,8 @@ impl Workload {
             // The same for every receiver, so that `lost` compares.
             Workload::UdpRecv => 300 * k,
             Workload::Tunnel => 200 * k,
+            // 10 s at the default rate; `Options::default_count` follows `--rate`.
+            Workload::UdpRelay => Rate::default().default_count(),
             Workload::TcpEchoRtt | Workload::UdpEchoRtt => 50 * k,
             Workload::TcpEchoConns => 200 * k,
         }
@@ -171,6 +196,75 @@ pub const MAX_DATAGRAM: usize = 65507;
 /// Most datagrams in one GSO send of the udp-recv flood (`--batch`): the kernel's limit
 /// since Linux 6.2 (64 before).
 pub const MAX_GSO_SEGMENTS: usize = 128;
+
+/// The smallest message of `workload`: udp-relay's header and 4 pattern bytes, else the
+/// 8-byte sequence header.
+pub fn min_size(workload: Workload) -> usize {
+    if workload == Workload::UdpRelay {
+        relay_traffic::MIN_SIZE
+    } else {
+        8
+    }
+}
+
+/// udp-relay: how fast the generator sends, in packets per second over all flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Rate {
+    /// A fixed rate: in 1 ms ticks, one `sendto` per packet.
+    PerSecond(u64),
+    /// As fast as the generator can: `sendmmsg` groups of 64.
+    Max,
+}
+
+impl Rate {
+    /// The default rate: 20,000 packets/s.
+    pub const DEFAULT: Rate = Rate::PerSecond(20_000);
+
+    /// Packets of a run when `--count` is not given: 10 s of traffic at a fixed rate,
+    /// 2,000,000 at max.
+    pub fn default_count(self) -> u64 {
+        match self {
+            Rate::PerSecond(rate) => rate.saturating_mul(10),
+            Rate::Max => 2_000_000,
+        }
+    }
+}
+
+impl Default for Rate {
+    fn default() -> Rate {
+        Rate::DEFAULT
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::PerSecond(rate) => write!(f, "{rate}"),
+            Rate::Max => f.write_str("max"),
+        }
+    }
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        if text == "max" {
+            return Ok(Rate::Max);
+        }
+        match text.parse::<u64>() {
+            Ok(rate) if (1..=MAX_RATE).contains(&rate) => Ok(Rate::PerSecond(rate)),
+            _ => Err(format!(
+                "{text:?} is not a rate: packets per second (1..={MAX_RATE}) or max"
+            )),
+        }
+    }
+}
+
+/// The highest fixed udp-relay rate, packets per second.
+pub const MAX_RATE: u64 = 100_000_000;
+/// Most udp-relay flows (one relay socket each).
+pub const MAX_FLOWS: usize = 1024;
 
 /// The implementation measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -295,6 +389,10 @@ pub struct Options {
     /// tcp-echo-conns and udp-recv, ringsock impls: serving threads, each a runtime with
     /// its own SO_REUSEPORT socket (1: one socket on the bench's thread).
     pub threads: usize,
+    /// udp-relay: flows, one relay socket each.
+    pub flows: usize,
+    /// udp-relay: the generator's rate.
+    pub rate: Rate,
 }
 
 impl Options {
@@ -318,6 +416,8 @@ impl Options {
             gro: false,
             offloads: true,
             threads: 1,
+            flows: 1,
+            rate: Rate::DEFAULT,
         }
     }
 
@@ -325,6 +425,9 @@ impl Options {
     /// their size, impl and pattern (a quarter of it through TLS at 64 B and 1 KiB,
     /// where encryption on both sides makes the run slower).
     pub fn default_count(&self) -> u64 {
+        if self.workload == Workload::UdpRelay {
+            return self.rate.default_count();
+        }
         let count = self
             .workload
             .default_count(self.size, self.imp, self.pattern);
@@ -373,6 +476,22 @@ impl Options {
     /// Checks the combination; the message says what is wrong (a usage error).
     pub fn validate(&self) -> Result<(), String> {
         let w = self.workload;
+        if w == Workload::UdpRelay {
+            if self.size < relay_traffic::MIN_SIZE {
+                return Err(format!(
+                    "udp-relay: --size must be at least {} (flow, sequence number, send \
+                     time and 4 pattern bytes)",
+                    relay_traffic::MIN_SIZE
+                ));
+            }
+            if self.imp.backend().is_none() {
+                return Err(format!(
+                    "udp-relay measures the ringsock relays (ringsock-uring, ringsock-epoll), \
+                     not {}",
+                    self.imp
+                ));
+            }
+        }
         if self.size < 8 {
             return Err("--size must be at least 8 (the sequence header)".into());
         }
@@ -418,6 +537,18 @@ impl Options {
                 "--threads above 1 applies to tcp-echo-conns and udp-recv with a ringsock impl"
                     .into(),
             );
+        }
+        if w == Workload::UdpRelay {
+            if !(1..=MAX_FLOWS).contains(&self.flows) {
+                return Err(format!("--flows must be 1..={MAX_FLOWS}"));
+            }
+            if let Rate::PerSecond(0) = self.rate {
+                return Err("--rate must be at least 1 packet per second, or max".into());
+            }
+        } else if self.flows != 1 || self.rate != Rate::DEFAULT {
+            return Err(format!(
+                "--flows and --rate apply to udp-relay only, not {w}"
+            ));
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());
@@ -516,6 +647,43 @@ mod tests {
         assert_eq!(o.default_count(), plain / 4);
         o.size = 16384;
         assert_eq!(o.default_count(), 150_000);
+    }
+
+    #[test]
+    fn udp_relay_flows_rate_and_counts() {
+        let mut o = Options::new(Workload::UdpRelay, Impl::RingsockUring);
+        assert_eq!((o.size, o.flows, o.rate), (172, 1, Rate::PerSecond(20_000)));
+        assert_eq!(o.validate(), Ok(()));
+        assert_eq!(o.default_count(), 200_000);
+        o.rate = Rate::Max;
+        assert_eq!(o.default_count(), 2_000_000);
+        o.flows = MAX_FLOWS;
+        o.size = relay_traffic::MAX_SIZE;
+        assert_eq!(o.validate(), Ok(()));
+        o.flows = MAX_FLOWS + 1;
+        assert!(o.validate().unwrap_err().contains("--flows"));
+        o.flows = 0;
+        assert!(o.validate().is_err());
+        o.flows = 1;
+        o.size = relay_traffic::MIN_SIZE - 1;
+        assert!(o.validate().unwrap_err().contains("at least 24"));
+        o.size = relay_traffic::MAX_SIZE + 1;
+        assert!(o.validate().unwrap_err().contains("8192"));
+        let o = Options::new(Workload::UdpRelay, Impl::StdPerWrite);
+        assert!(o.validate().unwrap_err().contains("ringsock relays"));
+        let mut o = Options::new(Workload::UdpBatch, Impl::RingsockUring);
+        o.rate = Rate::Max;
+        assert!(o.validate().unwrap_err().contains("udp-relay only"));
+    }
+
+    #[test]
+    fn rates_parse_as_a_number_or_max() {
+        assert_eq!("max".parse(), Ok(Rate::Max));
+        assert_eq!("100000".parse(), Ok(Rate::PerSecond(100_000)));
+        for bad in ["abc", "0", "-5", "", "1.5", "MAX"] {
+            assert!(bad.parse::<Rate>().is_err(), "{bad}");
+        }
+        assert_eq!(Rate::Max.to_string(), "max");
     }
 
     #[test]

@@ -165,7 +165,8 @@ impl Report {
             | Workload::TcpEchoRtt
             | Workload::UdpEchoRtt
             | Workload::TcpEchoConns
-            | Workload::Tunnel => self.delivered,
+            | Workload::Tunnel
+            | Workload::UdpRelay => self.delivered,
         }
     }
 
@@ -202,6 +203,9 @@ impl Report {
     /// options and diagnostics.
     pub fn fields(&self) -> Vec<(&'static str, Value)> {
         let o = &self.options;
+        if o.workload == Workload::UdpRelay {
+            return self.relay_fields();
+        }
         let num = |x: Option<f64>, digits: i32| x.map_or(Value::Null, |x| json!(round(x, digits)));
         let lat = |f: fn(&Latency) -> f64| num(self.latency.as_ref().map(f), 2);
         let mut fields = vec![
@@ -243,6 +247,34 @@ impl Report {
         if o.workload == Workload::TcpBatch && o.effective_stride() != 1 {
             fields.push(("verify_stride", json!(o.effective_stride())));
         }
+        self.push_tail(&mut fields);
+        fields
+    }
+
+    /// udp-relay's own line: what was asked for, then the figures the run pushed (in
+    /// the order `docs/benchmarks.md` lists them).
+    fn relay_fields(&self) -> Vec<(&'static str, Value)> {
+        let o = &self.options;
+        let mut fields = vec![
+            ("impl", json!(o.imp.name())),
+            ("workload", json!(o.workload.name())),
+            ("size", json!(o.size)),
+            ("flows", json!(o.flows)),
+            ("rate_target", super::udp_relay::rate_target(o.rate)),
+            ("count", json!(o.count)),
+        ];
+        if !o.pin {
+            fields.push(("pin", json!("off")));
+        }
+        if let Some(spin) = o.effective_spin() {
+            fields.push(("spin", json!(spin.to_string())));
+        }
+        self.push_tail(&mut fields);
+        fields
+    }
+
+    /// The diagnostics, then the error.
+    fn push_tail(&self, fields: &mut Vec<(&'static str, Value)>) {
         fields.extend(self.extra.iter().cloned());
         if let Some(error) = &self.error {
             if let Some(detail) = &error.detail {
@@ -250,7 +282,6 @@ impl Report {
             }
             fields.push(("error", json!(error.message)));
         }
-        fields
     }
 
     /// The one JSON line, fields in the documented order.

@@ -1,0 +1,266 @@
+//! udp-relay: the ringsock relay, measured between the plain generator and sink of
+//! [`relay_peers`](super::relay_peers), and the run that checks the books and reports.
+//!
+//! The relay is what a program would write: the runtime's defaults, one task per flow,
+//! each taking what its socket's receive ring holds (a multishot receive on io_uring)
+//! and forwarding it from that socket to the sink in one batched send without copying
+//! the bytes out of the ring ([`Datagram::into_forward`] and
+//! [`DatagramSocket::send_many`]).
+
+use std::net::{SocketAddr, UdpSocket};
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use ringsock::{Datagram, DatagramSocket, Error, OutgoingDatagram, Result, SocketErrorStatus};
+use serde_json::{json, Value};
+
+use super::join_peer;
+use super::options::{Options, Rate};
+use super::relay_peers::{self, Expect, Shared, SinkOutcome, ThreadClock, Traffic};
+use super::relay_traffic;
+use super::report::{round, Report, RunError};
+use super::udp::io_error;
+use super::udp_peer;
+
+/// Datagrams a flow takes from its ring and forwards in one batch.
+const FORWARD_BATCH: usize = 64;
+
+/// Runs udp-relay with the ringsock relay of `o.imp` on this thread.
+pub(crate) fn run(o: &Options) -> Result<Report> {
+    let backend = o
+        .imp
+        .backend()
+        .ok_or_else(|| Error::invalid_input("udp-relay measures the ringsock relays"))?;
+    let runtime = o.runtime(backend)?;
+    let mut relay_sockets = Vec::with_capacity(o.flows);
+    let mut second_handles = Vec::with_capacity(o.flows);
+    let mut relay_addrs = Vec::with_capacity(o.flows);
+    for _ in 0..o.flows {
+        let socket = udp_peer::receiver_socket(false).map_err(io_error("relay socket"))?;
+        second_handles.push(socket.try_clone().map_err(io_error("relay socket"))?);
+        relay_addrs.push(socket.local_addr().map_err(io_error("local address"))?);
+        relay_sockets.push(socket);
+    }
+    let sink = udp_peer::receiver_socket(false).map_err(io_error("sink socket"))?;
+    let sink_addr = sink.local_addr().map_err(io_error("local address"))?;
+    let rcvbuf = udp_peer::recv_buffer(&sink);
+    let clock = ThreadClock::of_this_thread().map_err(io_error("the relay thread's CPU clock"))?;
+    let shared = Arc::new(Shared::default());
+    let (ready, go) = mpsc::channel();
+    let traffic = Traffic {
+        relay_addrs,
+        size: o.size,
+        count: o.count,
+        rate: o.rate,
+        pin: o.pin,
+    };
+    let generator = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("relay-generator".into())
+            .spawn(move || relay_peers::generate(&traffic, go, &shared, clock))
+            .map_err(io_error("start the generator thread"))?
+    };
+    let expect = Expect {
+        size: o.size,
+        count: o.count,
+        flows: o.flows,
+        pin: o.pin,
+    };
+    let sink_thread = {
+        let shared = shared.clone();
+        std::thread::Builder::new()
+            .name("relay-sink".into())
+            .spawn(move || relay_peers::sink(&sink, &second_handles, expect, &shared, clock))
+            .map_err(io_error("start the sink thread"))?
+    };
+    let relayed = runtime.block_on(relay(relay_sockets, sink_addr, ready));
+    shared.relay_done.store(true, Ordering::Release);
+    let generated = join_peer(generator, "generator");
+    let sunk = join_peer(sink_thread, "sink");
+    Ok(report(o, &shared, relayed, generated, sunk, rcvbuf))
+}
+
+/// The relay: one task per flow; returns the datagrams forwarded once every flow has
+/// seen its end marker. `ready` goes to the generator once every receive is armed.
+async fn relay(sockets: Vec<UdpSocket>, sink: SocketAddr, ready: mpsc::Sender<()>) -> Result<u64> {
+    let mut flows = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let socket = DatagramSocket::from_std(socket)?;
+        flows.push(ringsock::spawn(forward_flow(socket, sink)));
+    }
+    // The flows were queued before this task sleeps, so each has set up its receive
+    // ring and armed its receive by the time the sleep ends.
+    ringsock::runtime::sleep(Duration::from_millis(1)).await;
+    let _ = ready.send(());
+    let mut forwarded = 0;
+    let mut failed = None;
+    for flow in flows {
+        match flow.await {
+            Ok(n) => forwarded += n,
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
+        }
+    }
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(forwarded),
+    }
+}
+
+/// One flow: what its ring holds, up to [`FORWARD_BATCH`], forwarded to `sink` in one
+/// batch from the socket it arrived on, until the end marker; returns how many.
+async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
+    let mut received: Vec<Datagram> = Vec::with_capacity(FORWARD_BATCH);
+    let mut forwarded = 0u64;
+    loop {
+        socket.recv_batch(&mut received, FORWARD_BATCH).await?;
+        let mut ended = false;
+        let mut batch = Vec::with_capacity(received.len());
+        for datagram in received.drain(..) {
+            // The marker comes after every datagram of the flow: nothing after it counts.
+            if relay_traffic::is_end(&datagram) {
+                ended = true;
+                break;
+            }
+            batch.push(OutgoingDatagram::of(datagram.into_forward(), sink));
+        }
+        if !batch.is_empty() {
+            for result in socket.send_many(batch).await? {
+                result?;
+                forwarded += 1;
+            }
+        }
+        if ended {
+            return Ok(forwarded);
+        }
+    }
+}
+
+/// The JSON line's figures, and its error when a side failed or the books do not
+/// balance: every datagram sent either arrived or was dropped by the kernel on a full
+/// relay or sink socket, nothing stayed queued on a relay socket, and what the relay
+/// forwarded either arrived or was dropped at the sink.
+fn report(
+    o: &Options,
+    shared: &Shared,
+    relayed: Result<u64>,
+    generated: std::io::Result<()>,
+    sunk: std::io::Result<SinkOutcome>,
+    rcvbuf: Option<usize>,
+) -> Report {
+    let mut report = Report::new(o);
+    let mut errors = Vec::new();
+    let forwarded = relayed
+        .map_err(|err| errors.push(format!("relay: {err}")))
+        .ok();
+    if let Err(err) = generated {
+        errors.push(format!("generator: {err}"));
+    }
+    let sink = match sunk {
+        Ok(sink) => sink,
+        Err(err) => {
+            errors.push(format!("sink: {err}"));
+            report.error = Some(RunError::new(SocketErrorStatus::Unknown, errors.join("; ")));
+            return report;
+        }
+    };
+    let sent = shared.sent.load(Ordering::Acquire);
+    if sink.corrupt > 0 {
+        errors.push(format!("{} corrupt datagrams", sink.corrupt));
+    }
+    if sink.duplicates > 0 {
+        errors.push(format!("{} duplicated datagrams", sink.duplicates));
+    }
+    if sink.relay_queued > 0 {
+        errors.push(format!(
+            "the relay stopped with {} bytes still queued on its sockets",
+            sink.relay_queued
+        ));
+    }
+    if sink.arrivals + sink.relay_drops + sink.sink_drops != sent {
+        errors.push(format!(
+            "accounting: arrived {} + relay socket drops {} + sink drops {} != sent {sent}",
+            sink.arrivals, sink.relay_drops, sink.sink_drops
+        ));
+    }
+    if let Some(n) = forwarded {
+        if n != sink.arrivals + sink.sink_drops {
+            errors.push(format!(
+                "the relay forwarded {n}, the sink got {} and dropped {}",
+                sink.arrivals, sink.sink_drops
+            ));
+        }
+    }
+    let first = shared.first_ns.load(Ordering::Acquire);
+    let gen_end = shared.gen_end_ns.load(Ordering::Acquire);
+    let end = if sink.last_ns > first {
+        sink.last_ns
+    } else {
+        gen_end
+    };
+    let elapsed = end.saturating_sub(first) as f64 / 1e9;
+    let send_secs = gen_end.saturating_sub(first) as f64 / 1e9;
+    let cpu_ns = sink
+        .relay_cpu_end_ns
+        .saturating_sub(shared.relay_cpu_start_ns.load(Ordering::Acquire));
+    let received = sink.received;
+    let lost = sent.saturating_sub(received);
+    let ratio = |x: f64, of: f64, digits: i32| {
+        if of > 0.0 {
+            json!(round(x / of, digits))
+        } else {
+            Value::Null
+        }
+    };
+    let latency = |f: fn(&super::Latency) -> f64| {
+        sink.latency
+            .as_ref()
+            .map_or(Value::Null, |l| json!(round(f(l), 2)))
+    };
+    report.delivered = received;
+    report.latency = sink.latency;
+    report.push("sent", sent);
+    report.push("received", received);
+    report.push("lost", lost);
+    report.push("loss_pct", ratio(100.0 * lost as f64, sent as f64, 3));
+    report.push("reordered", sink.reordered);
+    report.push("corrupt", sink.corrupt + sink.duplicates);
+    report.push("pps_delivered", ratio(received as f64, elapsed, 1));
+    report.push(
+        "relay_cpu_us_per_pkt",
+        ratio(cpu_ns as f64 / 1e3, received as f64, 3),
+    );
+    report.push("relay_cpu_util", ratio(cpu_ns as f64 / 1e9, elapsed, 3));
+    report.push("lat_p50_us", latency(|l| l.p50_us));
+    report.push("lat_p99_us", latency(|l| l.p99_us));
+    report.push("lat_p999_us", latency(|l| l.p999_us));
+    report.push("elapsed_s", round(elapsed, 6));
+    report.push("send_pps", ratio(sent as f64, send_secs, 1));
+    report.push("relay_sock_drops", sink.relay_drops);
+    report.push("sink_drops", sink.sink_drops);
+    report.push("rcvbuf", rcvbuf);
+    let before = shared
+        .cpu_before
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    match before {
+        Some(before) => report.push_busy(&before, &sink.cpu_after),
+        None => report.push_busy_fractions(None, None),
+    }
+    if !errors.is_empty() {
+        report.error = Some(RunError::new(SocketErrorStatus::Unknown, errors.join("; ")));
+    }
+    report
+}
+
+/// `rate_target` of the JSON line: the packets per second asked for, or "max".
+pub(crate) fn rate_target(rate: Rate) -> Value {
+    match rate {
+        Rate::PerSecond(rate) => json!(rate),
+        Rate::Max => json!("max"),
+    }
+}
