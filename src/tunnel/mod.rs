@@ -20,7 +20,7 @@ mod replay;
 mod session;
 mod timers;
 
-pub use endpoint::{Tunnel, TunnelConfig, TunnelStats};
+pub use endpoint::{Tunnel, TunnelConfig, TunnelGroup, TunnelStats};
 pub use key::PresharedKey;
 pub use session::{DATA_HEADER, TAG_LEN};
 
