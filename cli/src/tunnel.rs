@@ -190,7 +190,11 @@ fn on_threads(
     });
     let mut result = Ok(());
     let mut stats = TunnelStats::default();
-    for (end, member_stats) in ends.into_iter().flatten() {
+    for (thread, (end, member_stats)) in ends.into_iter().flatten().enumerate() {
+        eprintln!(
+            "note: thread {thread}: {} packets sealed, {} opened, {} replays dropped",
+            member_stats.tx_packets, member_stats.rx_packets, member_stats.rx_replayed
+        );
         stats = stats.sum(&member_stats);
         if result.is_ok() {
             result = end;

@@ -208,13 +208,21 @@ struct Shared {
     config: TunnelConfig,
     /// Bind with SO_REUSEPORT (a group of several threads), or alone (one thread).
     reuse_port: bool,
-    /// The address the first member bound, which the others join.
-    bound: Mutex<Option<SocketAddr>>,
+    members: Mutex<Members>,
     keys: Mutex<Keys>,
     /// Bumped (under `keys`' lock) at each change of `keys` but the handshake, so a
     /// member sees with one load whether its copy is still current.
     epoch: AtomicU64,
     timers: Timers,
+}
+
+/// The group's sockets, in bind order (the SO_REUSEPORT group's order).
+#[derive(Default)]
+struct Members {
+    /// The address the first member bound, which the others join.
+    addr: Option<SocketAddr>,
+    /// The CPU each member's thread is pinned to, if it is.
+    cpus: Vec<Option<usize>>,
 }
 
 /// The sessions and the peer, changed only by handshakes, the first data under a new
@@ -260,7 +268,7 @@ impl TunnelGroup {
             shared: Arc::new(Shared {
                 config,
                 reuse_port,
-                bound: Mutex::new(None),
+                members: Mutex::new(Members::default()),
                 keys: Mutex::new(keys),
                 epoch: AtomicU64::new(1),
                 timers: Timers::new(Instant::now()),
@@ -280,17 +288,29 @@ impl TunnelGroup {
         control.set_gro(true)?;
         control.set_receive_buffer_size(4 << 20)?;
         control.set_send_buffer_size(4 << 20)?;
-        if shared.reuse_port {
-            control.set_multicast_only(true)?;
-        }
-        let leader = {
-            let mut bound = lock(&shared.bound);
-            socket.bind_addr(bound.unwrap_or(shared.config.listen))?;
-            let leader = bound.is_none();
-            if leader {
-                *bound = Some(socket.local_addr()?);
+        let (leader, lane) = {
+            let mut members = lock(&shared.members);
+            let lane = members.cpus.len();
+            let leader = members.addr.is_none();
+            let addr = members.addr.unwrap_or(shared.config.listen);
+            if shared.reuse_port {
+                socket.bind_shared(addr, leader)?;
+            } else {
+                socket.bind_addr(addr)?;
             }
-            leader
+            if leader {
+                members.addr = Some(socket.local_addr()?);
+            }
+            members.cpus.push(crate::driver::affinity::pinned_cpu());
+            // One peer is one UDP flow, which SO_REUSEPORT's hash sends to one socket
+            // (and the TUN then steers every inner flow's replies to that thread's
+            // queue): routed by the CPU that received them instead, datagrams reach the
+            // thread of that CPU, so inner flows spread as the peer's threads send them.
+            let cpus: Option<Vec<usize>> = members.cpus.iter().copied().collect();
+            if let (true, Some(cpus)) = (shared.reuse_port && members.cpus.len() > 1, cpus) {
+                socket.route_group_by_cpu(&cpus)?;
+            }
+            (leader, lane)
         };
         Ok(Tunnel {
             inner: Rc::new(Inner {
@@ -298,6 +318,7 @@ impl TunnelGroup {
                 socket,
                 shared: shared.clone(),
                 leader,
+                lane,
                 view: RefCell::new(View::default()),
                 output: RefCell::new(None),
                 stats: Cell::new(TunnelStats::default()),
@@ -307,7 +328,7 @@ impl TunnelGroup {
 
     /// The UDP address the members are bound to, once one is.
     pub fn local_addr(&self) -> Option<SocketAddr> {
-        *lock(&self.shared.bound)
+        lock(&self.shared.members).addr
     }
 
     /// The peer's address, configured or learned.
@@ -357,6 +378,10 @@ struct Inner {
     /// Runs the timers (the group's first member): one Init or keepalive, not one per
     /// thread.
     leader: bool,
+    /// The counter lane this member seals under (its place in the group): its
+    /// messages leave in counter order, so the peer's window per lane sees little
+    /// reordering however the threads interleave.
+    lane: usize,
     view: RefCell<View>,
     output: RefCell<Option<(SocketAddr, OutputStream)>>,
     stats: Cell<TunnelStats>,
@@ -508,7 +533,7 @@ impl Inner {
         for frame in frames.iter() {
             let result = frame.segments(ROOM, &mut |mut buf| {
                 let len = buf.len() - DATA_HEADER;
-                if session.seal(&mut buf).is_some() {
+                if session.seal(self.lane, &mut buf).is_some() {
                     stats.tx_packets += 1;
                     stats.tx_bytes += len as u64;
                     sealed.push(Bytes::from(buf));
@@ -608,7 +633,7 @@ impl Inner {
                 // Confirm at once with an empty message, so the responder switches to
                 // this session before it has data of its own to send.
                 let mut confirm = vec![0u8; DATA_HEADER];
-                if session.seal(&mut confirm).is_some() {
+                if session.seal(self.lane, &mut confirm).is_some() {
                     let to = keys.peer.unwrap_or(from);
                     replies.push((confirm, to));
                 }
@@ -734,7 +759,7 @@ impl Inner {
             Due::Keepalive => {
                 let session = keys.current.as_ref()?;
                 let mut keepalive = vec![0u8; DATA_HEADER];
-                session.seal(&mut keepalive)?;
+                session.seal(self.lane, &mut keepalive)?;
                 Some((keepalive, peer))
             }
             Due::Nothing => None,

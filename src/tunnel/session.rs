@@ -1,10 +1,14 @@
 //! A session: the two directions' ChaCha20-Poly1305 keys from one handshake, the send
 //! counter and the replay window, and the data message format.
 //!
-//! A session is shared by every thread of a tunnel: the send counter is one atomic, so
-//! no two threads ever seal under the same nonce, and the replay window is one, behind a
-//! lock held only to check or mark a counter (never while decrypting), so a datagram
-//! replayed onto another thread's socket is still refused.
+//! A session is shared by every thread of a tunnel. The counter space is cut into 64
+//! lanes (its top 6 bits), one per sending thread: each lane's next counter is an
+//! atomic, so no two seals ever use the same nonce, and each thread's messages leave
+//! in counter order, however the threads interleave. The receiver keeps one replay
+//! window per lane, shared by all its threads behind a lock held only to check or mark
+//! a counter (never while decrypting): a datagram replayed onto another thread's socket
+//! is still refused, and one thread racing ahead does not push another's messages out
+//! of the window. One thread uses lane 0 only, as a tunnel always did.
 //!
 //! A data message is a 16-byte header — type (1 byte), 3 zero bytes, the receiver's
 //! session tag (4), the counter (8, little-endian) — then the sealed packet and its
@@ -25,9 +29,13 @@ pub(crate) const DATA: u8 = 4;
 pub const DATA_HEADER: usize = 16;
 /// Bytes of the authentication tag after it.
 pub const TAG_LEN: usize = 16;
-/// Counters at and past this are never used: the session must be replaced first
-/// (far beyond any real session's life, kept well clear of the wrap).
-const COUNTER_LIMIT: u64 = 1 << 60;
+/// Lanes of the counter space: its top bits name the sending thread's lane.
+pub(crate) const LANES: usize = 64;
+/// Bits of a counter below its lane.
+const LANE_SHIFT: u32 = 58;
+/// Counters of a lane at and past this are never used: the session must be replaced
+/// first (far beyond any real session's life, kept well clear of the next lane).
+const COUNTER_LIMIT: u64 = 1 << 56;
 
 /// Which end of the handshake this side was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,10 +93,11 @@ impl Direction {
 pub(crate) struct Session {
     send: Direction,
     recv: Direction,
-    /// The next send counter: taken with one `fetch_add`, so each is used once
+    /// Each lane's next send counter: taken with one `fetch_add`, so each is used once
     /// whichever thread seals.
-    next_counter: AtomicU64,
-    window: Mutex<ReplayWindow>,
+    next_counter: Box<[AtomicU64]>,
+    /// Each lane's replay window.
+    windows: Box<[Mutex<ReplayWindow>]>,
 }
 
 fn nonce(counter: u64) -> Nonce {
@@ -121,8 +130,10 @@ impl Session {
         Session {
             send,
             recv,
-            next_counter: AtomicU64::new(0),
-            window: Mutex::new(ReplayWindow::default()),
+            next_counter: (0..LANES).map(|_| AtomicU64::new(0)).collect(),
+            windows: (0..LANES)
+                .map(|_| Mutex::new(ReplayWindow::default()))
+                .collect(),
         }
     }
 
@@ -131,15 +142,18 @@ impl Session {
         self.recv.tag
     }
 
-    /// Seals the packet in `buf[DATA_HEADER..]` in place: writes the header, encrypts,
-    /// appends the tag. `None` once the counter is used up (a new handshake is due).
-    pub(crate) fn seal(&self, buf: &mut Vec<u8>) -> Option<()> {
+    /// Seals the packet in `buf[DATA_HEADER..]` in place under the next counter of
+    /// `lane` (taken modulo [`LANES`]): writes the header, encrypts, appends the tag.
+    /// `None` once the lane's counters are used up (a new handshake is due).
+    pub(crate) fn seal(&self, lane: usize, buf: &mut Vec<u8>) -> Option<()> {
+        let lane = lane % LANES;
         // Relaxed: the counter orders nothing else; uniqueness is the atomic's own. Past
-        // the limit it keeps growing, 2^64 - 2^60 increments away from wrapping.
-        let counter = self.next_counter.fetch_add(1, Ordering::Relaxed);
-        if counter >= COUNTER_LIMIT {
+        // the limit it keeps growing, 2^58 - 2^56 increments away from the next lane.
+        let next = self.next_counter[lane].fetch_add(1, Ordering::Relaxed);
+        if next >= COUNTER_LIMIT {
             return None;
         }
+        let counter = (lane as u64) << LANE_SHIFT | next;
         let mut header = [0u8; DATA_HEADER];
         header[0] = DATA;
         header[4..8].copy_from_slice(&self.send.tag);
@@ -162,7 +176,7 @@ impl Session {
             return Err(OpenError::Malformed);
         }
         let counter = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-        if !self.window().check(counter) {
+        if !self.window(counter).check(counter) {
             return Err(OpenError::Replayed);
         }
         let (header, sealed) = buf.split_at_mut(DATA_HEADER);
@@ -175,16 +189,18 @@ impl Session {
             .len();
         // Two threads may both have passed the check with the same counter: the one
         // that marks it second refuses it here.
-        if !self.window().accept(counter) {
+        if !self.window(counter).accept(counter) {
             return Err(OpenError::Replayed);
         }
         Ok(plain)
     }
 
-    fn window(&self) -> MutexGuard<'_, ReplayWindow> {
+    /// The replay window of `counter`'s lane (every counter has one: 64 lanes of 2^58).
+    fn window(&self, counter: u64) -> MutexGuard<'_, ReplayWindow> {
+        let lane = (counter >> LANE_SHIFT) as usize;
         // The window is consistent between any two statements: a panic elsewhere while
         // it was held leaves it usable.
-        self.window.lock().unwrap_or_else(|p| p.into_inner())
+        self.windows[lane].lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -210,7 +226,7 @@ mod tests {
     fn sealed(session: &Session, packet: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; DATA_HEADER];
         buf.extend_from_slice(packet);
-        session.seal(&mut buf).unwrap();
+        session.seal(0, &mut buf).unwrap();
         buf
     }
 
@@ -263,8 +279,21 @@ mod tests {
     fn threads_sealing_at_once_never_share_a_counter_and_each_message_opens_once() {
         let (initiator, responder) = pair();
         let messages: Vec<Vec<u8>> = std::thread::scope(|scope| {
-            let sealers: Vec<_> = (0..4)
-                .map(|_| scope.spawn(|| (0..500).map(|_| sealed(&initiator, b"p")).collect::<Vec<_>>()))
+            // Two threads on one lane, two on lanes of their own.
+            let sealers: Vec<_> = [0, 0, 1, 63]
+                .into_iter()
+                .map(|lane| {
+                    let initiator = &initiator;
+                    scope.spawn(move || {
+                        (0..500)
+                            .map(|_| {
+                                let mut buf = vec![0u8; DATA_HEADER + 1];
+                                initiator.seal(lane, &mut buf).unwrap();
+                                buf
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
                 .collect();
             sealers
                 .into_iter()
@@ -293,5 +322,22 @@ mod tests {
             openers.into_iter().map(|o| o.join().unwrap()).sum()
         });
         assert_eq!(opened, 2000);
+    }
+
+    #[test]
+    fn one_lane_racing_ahead_does_not_push_another_out_of_the_window() {
+        let (initiator, responder) = pair();
+        let seal = |lane| {
+            let mut buf = vec![0u8; DATA_HEADER + 1];
+            initiator.seal(lane, &mut buf).unwrap();
+            buf
+        };
+        let late = seal(0);
+        for _ in 0..10_000 {
+            assert!(responder.open(&mut seal(1)).is_ok());
+        }
+        let mut copy = late.clone();
+        assert!(responder.open(&mut late.clone()).is_ok());
+        assert_eq!(responder.open(&mut copy), Err(OpenError::Replayed));
     }
 }
