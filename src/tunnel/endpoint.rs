@@ -179,7 +179,10 @@ impl TunnelStats {
 /// [`TunDevice::create`] of the same name on that thread) and its own UDP socket, bound
 /// with SO_REUSEPORT to the group's address: the kernel spreads flows over the queues
 /// and the peer's datagrams over the sockets, and whichever thread a packet reaches
-/// handles it under the one session. `Send` and cheap to clone.
+/// handles it under the one session. Where every member's thread is pinned to a CPU
+/// (as a [`Pool`](crate::runtime::Pool) pins them), datagrams go to the member of the
+/// CPU that received them rather than by the hash of their addresses, which would send
+/// all of one peer's to one socket. `Send` and cheap to clone.
 ///
 /// ```no_run
 /// use ringsock::runtime::Pool;
@@ -419,7 +422,8 @@ impl Tunnel {
         self.inner.stats.get()
     }
 
-    /// The group this tunnel is a member of.
+    /// The group this tunnel is a member of (one made by [`new`](Self::new) shares no
+    /// port: another member could not bind).
     pub fn group(&self) -> TunnelGroup {
         TunnelGroup {
             shared: self.inner.shared.clone(),

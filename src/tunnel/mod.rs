@@ -3,6 +3,8 @@
 //! handshake derives from a pre-shared key and fresh randoms.
 //!
 //! - [`PresharedKey`]: the 32-byte key, as 64 hexadecimal characters in a file.
+//! - [`TunnelGroup`]: one tunnel on several threads, each with its own TUN queue and
+//!   its own SO_REUSEPORT socket, sharing one session (see there).
 //! - [`Tunnel`]: the data path. Out: TUN frames (super-segments with offloads) cut
 //!   into packets sized to the path, each sealed, sent as one batch (UDP GSO for runs of
 //!   equal sizes) with don't-fragment set. In: datagrams opened (a forged, replayed,
