@@ -6,16 +6,18 @@ use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::handshake::{Handshake, Outcome, INIT, RESPONSE};
+use super::group::{lock, Shared, TunnelGroup, View};
+use super::handshake::{Outcome, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
-use super::timers::{Due, Intervals, Timers};
+use super::stats::TunnelStats;
+use super::timers::{Due, Intervals};
 use super::PresharedKey;
 use crate::net::{Datagram, DatagramSocket, OutputStream};
 use crate::tun::{Room, TunDevice, TunFrame};
@@ -59,315 +61,6 @@ impl TunnelConfig {
     }
 }
 
-/// A tunnel's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TunnelStats {
-    /// Packets sealed and sent.
-    pub tx_packets: u64,
-    /// Their bytes (inner packets).
-    pub tx_bytes: u64,
-    /// Packets dropped because no session was up yet.
-    pub tx_no_session: u64,
-    /// TUN frames that could not be segmented (dropped).
-    pub tx_bad_frames: u64,
-    /// Batches the socket refused (their packets dropped).
-    pub tx_send_errors: u64,
-    /// Packets opened and written to the TUN.
-    pub rx_packets: u64,
-    /// Their bytes.
-    pub rx_bytes: u64,
-    /// Empty (keepalive) messages received.
-    pub rx_keepalives: u64,
-    /// Datagrams whose tag did not verify (tampered, or another key): dropped.
-    pub rx_auth_failed: u64,
-    /// Datagrams replayed or too old for the window: dropped.
-    pub rx_replayed: u64,
-    /// Datagrams too short, truncated or of no known type: dropped.
-    pub rx_malformed: u64,
-    /// Data messages for a session this side does not have (sent before this side
-    /// restarted, or garbage): dropped.
-    pub rx_unknown_session: u64,
-    /// Handshake messages whose MAC did not verify (another key): dropped.
-    pub handshakes_rejected: u64,
-    /// Inits sent.
-    pub handshakes_initiated: u64,
-    /// Inits answered.
-    pub handshakes_answered: u64,
-    /// Sessions established (as initiator) or confirmed (as responder).
-    pub sessions: u64,
-    /// Times the peer's address changed.
-    pub roams: u64,
-    /// Frames the TUN refused.
-    pub tun_write_errors: u64,
-}
-
-impl TunnelStats {
-    /// The sum of two threads' counters, field by field.
-    pub fn sum(&self, other: &TunnelStats) -> TunnelStats {
-        let TunnelStats {
-            tx_packets,
-            tx_bytes,
-            tx_no_session,
-            tx_bad_frames,
-            tx_send_errors,
-            rx_packets,
-            rx_bytes,
-            rx_keepalives,
-            rx_auth_failed,
-            rx_replayed,
-            rx_malformed,
-            rx_unknown_session,
-            handshakes_rejected,
-            handshakes_initiated,
-            handshakes_answered,
-            sessions,
-            roams,
-            tun_write_errors,
-        } = *other;
-        TunnelStats {
-            tx_packets: self.tx_packets + tx_packets,
-            tx_bytes: self.tx_bytes + tx_bytes,
-            tx_no_session: self.tx_no_session + tx_no_session,
-            tx_bad_frames: self.tx_bad_frames + tx_bad_frames,
-            tx_send_errors: self.tx_send_errors + tx_send_errors,
-            rx_packets: self.rx_packets + rx_packets,
-            rx_bytes: self.rx_bytes + rx_bytes,
-            rx_keepalives: self.rx_keepalives + rx_keepalives,
-            rx_auth_failed: self.rx_auth_failed + rx_auth_failed,
-            rx_replayed: self.rx_replayed + rx_replayed,
-            rx_malformed: self.rx_malformed + rx_malformed,
-            rx_unknown_session: self.rx_unknown_session + rx_unknown_session,
-            handshakes_rejected: self.handshakes_rejected + handshakes_rejected,
-            handshakes_initiated: self.handshakes_initiated + handshakes_initiated,
-            handshakes_answered: self.handshakes_answered + handshakes_answered,
-            sessions: self.sessions + sessions,
-            roams: self.roams + roams,
-            tun_write_errors: self.tun_write_errors + tun_write_errors,
-        }
-    }
-
-    /// Every counter with its name, for printing.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
-        [
-            ("tx_packets", self.tx_packets),
-            ("tx_bytes", self.tx_bytes),
-            ("tx_no_session", self.tx_no_session),
-            ("tx_bad_frames", self.tx_bad_frames),
-            ("tx_send_errors", self.tx_send_errors),
-            ("rx_packets", self.rx_packets),
-            ("rx_bytes", self.rx_bytes),
-            ("rx_keepalives", self.rx_keepalives),
-            ("rx_auth_failed", self.rx_auth_failed),
-            ("rx_replayed", self.rx_replayed),
-            ("rx_malformed", self.rx_malformed),
-            ("rx_unknown_session", self.rx_unknown_session),
-            ("handshakes_rejected", self.handshakes_rejected),
-            ("handshakes_initiated", self.handshakes_initiated),
-            ("handshakes_answered", self.handshakes_answered),
-            ("sessions", self.sessions),
-            ("roams", self.roams),
-            ("tun_write_errors", self.tun_write_errors),
-        ]
-    }
-}
-
-/// What the threads of one tunnel share: the handshake, the sessions, the peer's
-/// address, the timers, and the UDP address every thread's socket is bound to.
-///
-/// Several threads run one tunnel by each [`join`](Self::join)ing a group with its own
-/// queue of a multi-queue TUN ([`TunDevice::open_queue`], or
-/// [`TunDevice::create`] of the same name on that thread) and its own UDP socket, bound
-/// with SO_REUSEPORT to the group's address: the kernel spreads flows over the queues
-/// and the peer's datagrams over the sockets, and whichever thread a packet reaches
-/// handles it under the one session. Where every member's thread is pinned to a CPU
-/// (as a [`Pool`](crate::runtime::Pool) pins them), datagrams go to the member of the
-/// CPU that received them rather than by the hash of their addresses, which would send
-/// all of one peer's to one socket. `Send` and cheap to clone.
-///
-/// ```no_run
-/// use ringsock::runtime::Pool;
-/// use ringsock::tun::{TunDevice, TunOptions};
-/// use ringsock::tunnel::{PresharedKey, TunnelConfig, TunnelGroup};
-///
-/// let key = PresharedKey::from_bytes([7; 32]);
-/// let group = TunnelGroup::new(TunnelConfig::new("0.0.0.0:51820".parse()?, None, key));
-/// let pool = Pool::builder().threads(2).build()?;
-/// let runs = pool.handle().spawn_on_each(move |_thread| {
-///     let group = group.clone();
-///     async move {
-///         let tunnel = group.join(TunDevice::create("tun0", TunOptions::default())?)?;
-///         tunnel.run().await
-///     }
-/// })?;
-/// # drop(runs);
-/// # Ok::<_, Box<dyn std::error::Error>>(())
-/// ```
-#[derive(Clone)]
-pub struct TunnelGroup {
-    shared: Arc<Shared>,
-}
-
-struct Shared {
-    config: TunnelConfig,
-    /// Bind with SO_REUSEPORT (a group of several threads), or alone (one thread).
-    reuse_port: bool,
-    members: Mutex<Members>,
-    keys: Mutex<Keys>,
-    /// Bumped (under `keys`' lock) at each change of `keys` but the handshake, so a
-    /// member sees with one load whether its copy is still current.
-    epoch: AtomicU64,
-    timers: Timers,
-}
-
-/// The group's sockets, in bind order (the SO_REUSEPORT group's order).
-#[derive(Default)]
-struct Members {
-    /// The address the first member bound, which the others join.
-    addr: Option<SocketAddr>,
-    /// The CPU each member's thread is pinned to, if it is.
-    cpus: Vec<Option<usize>>,
-}
-
-/// The sessions and the peer, changed only by handshakes, the first data under a new
-/// session, and a peer that moved: rare events, under a lock.
-struct Keys {
-    handshake: Handshake,
-    /// The session data is sealed with.
-    current: Option<Arc<Session>>,
-    /// The responder's newest session, until data authenticates under it.
-    pending: Option<Arc<Session>>,
-    /// The session `current` replaced: what the peer sealed before it switched still
-    /// opens (nothing is sealed with it any more).
-    previous: Option<Arc<Session>>,
-    peer: Option<SocketAddr>,
-}
-
-/// A member's copy of [`Keys`] (without the handshake) as of `epoch`: what the data
-/// path reads, with no lock.
-#[derive(Default)]
-struct View {
-    epoch: u64,
-    current: Option<Arc<Session>>,
-    pending: Option<Arc<Session>>,
-    previous: Option<Arc<Session>>,
-    peer: Option<SocketAddr>,
-}
-
-impl TunnelGroup {
-    /// A group with no member yet; the first to join binds `config.listen`.
-    pub fn new(config: TunnelConfig) -> TunnelGroup {
-        TunnelGroup::with_port_sharing(config, true)
-    }
-
-    fn with_port_sharing(config: TunnelConfig, reuse_port: bool) -> TunnelGroup {
-        let keys = Keys {
-            handshake: Handshake::new(config.key.as_bytes()),
-            current: None,
-            pending: None,
-            previous: None,
-            peer: config.peer,
-        };
-        TunnelGroup {
-            shared: Arc::new(Shared {
-                config,
-                reuse_port,
-                members: Mutex::new(Members::default()),
-                keys: Mutex::new(keys),
-                epoch: AtomicU64::new(1),
-                timers: Timers::new(Instant::now()),
-            }),
-        }
-    }
-
-    /// A member on this thread: the queue `tun` and a new UDP socket (don't-fragment on,
-    /// UDP GRO on receive) bound with SO_REUSEPORT to the group's address (the first
-    /// member binds `config.listen`, and its port is everyone's). The first member also
-    /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
-    pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
-        let shared = &self.shared;
-        let socket = DatagramSocket::new();
-        let control = socket.control();
-        control.set_dont_fragment(true)?;
-        control.set_gro(true)?;
-        control.set_receive_buffer_size(4 << 20)?;
-        control.set_send_buffer_size(4 << 20)?;
-        let (leader, lane) = {
-            let mut members = lock(&shared.members);
-            let lane = members.cpus.len();
-            let leader = members.addr.is_none();
-            let addr = members.addr.unwrap_or(shared.config.listen);
-            if shared.reuse_port {
-                socket.bind_shared(addr, leader)?;
-            } else {
-                socket.bind_addr(addr)?;
-            }
-            if leader {
-                members.addr = Some(socket.local_addr()?);
-            }
-            members.cpus.push(crate::driver::affinity::pinned_cpu());
-            // One peer is one UDP flow, which SO_REUSEPORT's hash sends to one socket
-            // (and the TUN then steers every inner flow's replies to that thread's
-            // queue): routed by the CPU that received them instead, datagrams reach the
-            // thread of that CPU, so inner flows spread as the peer's threads send them.
-            let cpus: Option<Vec<usize>> = members.cpus.iter().copied().collect();
-            if let (true, Some(cpus)) = (shared.reuse_port && members.cpus.len() > 1, cpus) {
-                socket.route_group_by_cpu(&cpus)?;
-            }
-            (leader, lane)
-        };
-        Ok(Tunnel {
-            inner: Rc::new(Inner {
-                tun,
-                socket,
-                shared: shared.clone(),
-                leader,
-                lane,
-                view: RefCell::new(View::default()),
-                output: RefCell::new(None),
-                stats: Cell::new(TunnelStats::default()),
-            }),
-        })
-    }
-
-    /// The UDP address the members are bound to, once one is.
-    pub fn local_addr(&self) -> Option<SocketAddr> {
-        lock(&self.shared.members).addr
-    }
-
-    /// The peer's address, configured or learned.
-    pub fn peer(&self) -> Option<SocketAddr> {
-        lock(&self.shared.keys).peer
-    }
-
-    /// Whether a session is up.
-    pub fn has_session(&self) -> bool {
-        lock(&self.shared.keys).current.is_some()
-    }
-}
-
-impl std::fmt::Debug for TunnelGroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TunnelGroup")
-            .field("local_addr", &self.local_addr())
-            .finish()
-    }
-}
-
-/// Locks `mutex`; what it guards is consistent between any two statements, so a panic
-/// elsewhere while it was held leaves it usable.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    /// Changes the keys, and tells every member to refresh its view.
-    fn change<R>(&self, keys: &mut Keys, change: impl FnOnce(&mut Keys) -> R) -> R {
-        let result = change(keys);
-        self.epoch.fetch_add(1, Ordering::Release);
-        result
-    }
-}
-
 /// A point-to-point tunnel between a TUN queue and a UDP socket (see the module): the
 /// whole tunnel ([`new`](Self::new)), or one thread's part of a [`TunnelGroup`].
 pub struct Tunnel {
@@ -400,6 +93,28 @@ const ROOM: Room = Room {
 };
 
 impl Tunnel {
+    /// One member of the group `shared`, with its queue and its bound socket.
+    pub(super) fn member(
+        tun: TunDevice,
+        socket: DatagramSocket,
+        shared: Arc<Shared>,
+        leader: bool,
+        lane: usize,
+    ) -> Tunnel {
+        Tunnel {
+            inner: Rc::new(Inner {
+                tun,
+                socket,
+                shared,
+                leader,
+                lane,
+                view: RefCell::new(View::default()),
+                output: RefCell::new(None),
+                stats: Cell::new(TunnelStats::default()),
+            }),
+        }
+    }
+
     /// A tunnel over `tun` alone, listening on `config.listen` (don't-fragment on, UDP
     /// GRO on receive; no port sharing). Call [`run`](Self::run) on the runtime the TUN
     /// belongs to.

@@ -16,15 +16,19 @@
 //!   from a data message that authenticates and is not a replay.
 
 mod endpoint;
+mod group;
 mod handshake;
 mod key;
 mod replay;
 mod session;
+mod stats;
 mod timers;
 
-pub use endpoint::{Tunnel, TunnelConfig, TunnelGroup, TunnelStats};
+pub use endpoint::{Tunnel, TunnelConfig};
+pub use group::TunnelGroup;
 pub use key::PresharedKey;
 pub use session::{DATA_HEADER, TAG_LEN};
+pub use stats::TunnelStats;
 
 /// Bytes a sealed packet adds to the IP packet it carries: the data header, the tag,
 /// and the outer UDP header and IPv4 header (IPv6: 20 more).
