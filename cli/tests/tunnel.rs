@@ -696,6 +696,28 @@ fn the_tunnel_benchmark_runs_and_reports_its_fields() {
         "{stdout}"
     );
 
+    // Both tunnels on two threads; the per-packet baseline has none to give.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--json", "--count", "2000"])
+        .args(["--threads", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(json["threads"], 2, "{stdout}");
+    assert_eq!(json["tcp_bytes"], 256u64 << 20, "{stdout}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--json", "--threads", "2"])
+        .args(["--impl", "std-per-write"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no threads for the baseline");
+
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
         .args(["bench", "--workload", "tcp-batch", "--json", "--no-offload"])
         .output()
