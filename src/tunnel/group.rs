@@ -25,7 +25,8 @@ use crate::Result;
 /// handles it under the one session. Where every member's thread is pinned to a CPU
 /// (as a [`Pool`](crate::runtime::Pool) pins them), datagrams go to the member of the
 /// CPU that received them rather than by the hash of their addresses, which would send
-/// all of one peer's to one socket. `Send` and cheap to clone.
+/// all of one peer's to one socket. Members stay for the group's life: a member that
+/// leaves takes its place in that routing with it. `Send` and cheap to clone.
 ///
 /// ```no_run
 /// use ringsock::runtime::Pool;
@@ -144,17 +145,20 @@ impl TunnelGroup {
             } else {
                 socket.bind_addr(addr)?;
             }
-            if leader {
-                members.addr = Some(socket.local_addr()?);
-            }
-            members.cpus.push(crate::driver::affinity::pinned_cpu());
+            let bound = socket.local_addr()?;
+            let cpu = crate::driver::affinity::pinned_cpu();
             // One peer is one UDP flow, which SO_REUSEPORT's hash sends to one socket
             // (and the TUN then steers every inner flow's replies to that thread's
             // queue): routed by the CPU that received them instead, datagrams reach the
             // thread of that CPU, so inner flows spread as the peer's threads send them.
-            let cpus: Option<Vec<usize>> = members.cpus.iter().copied().collect();
-            if let (true, Some(cpus)) = (shared.reuse_port && members.cpus.len() > 1, cpus) {
+            let cpus: Option<Vec<usize>> = members.cpus.iter().copied().chain([cpu]).collect();
+            if let (true, Some(cpus)) = (shared.reuse_port && lane > 0, cpus) {
                 socket.route_group_by_cpu(&cpus)?;
+            }
+            // Recorded once nothing can fail: the member's index is its socket's.
+            members.cpus.push(cpu);
+            if leader {
+                members.addr = Some(bound);
             }
             (leader, lane)
         };
