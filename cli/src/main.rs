@@ -98,7 +98,8 @@ struct BenchArgs {
     /// tcp-echo-conns and udp-recv, ringsock impls: serving threads, each with its own
     /// runtime and SO_REUSEPORT socket (pinned to CPUs 0.. with --pin on); the JSON
     /// line's `conns_per_thread` / `datagrams_per_thread` shows how the kernel spread
-    /// the load (udp-recv's flood then comes from 16 flows).
+    /// the load (udp-recv's flood then comes from 16 flows). tunnel, ringsock impls:
+    /// each tunnel's `--threads`.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_THREADS as u64))]
     threads: Option<u64>,
     /// udp-relay: flows, one relay socket each (1..=1024; default 1).

@@ -9,11 +9,13 @@ use std::process::ExitCode;
 use std::task::Poll;
 
 use clap::Args;
-use ringsock::tun::{TunDevice, TunOptions};
-use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig};
+use ringsock::tun::{TunDevice, TunOffloads, TunOptions};
+use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig, TunnelStats};
 use ringsock_cli::bench::{self, Options};
 
 use super::{runtime, BackendArg, StopSignal};
+
+mod threads;
 
 /// The MTU the TUN gets by default: a 1500-byte path less the tunnel's overhead over
 /// IPv6 (80 bytes, as WireGuard reserves), so sealed packets need no fragmenting.
@@ -43,62 +45,81 @@ pub(crate) struct TunnelArgs {
     /// Run without offloads: no virtio-net header, one plain packet per read and write.
     #[arg(long)]
     no_offload: bool,
-    /// Threads (accepted for later: the tunnel runs on 1 thread for now; each thread is
-    /// to own one queue of the multi-queue TUN).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    /// Threads, 1 to 64: each runs its own runtime with its own queue of the
+    /// (multi-queue) TUN and its own UDP socket on the --listen address (SO_REUSEPORT);
+    /// all share one session, so the kernel spreads flows over the threads.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=MAX_THREADS as i64))]
     threads: u32,
     #[command(flatten)]
     backend: BackendArg,
 }
 
+/// Most threads: one TUN queue and one socket each; more than cores only costs.
+const MAX_THREADS: u32 = 64;
+
 /// Runs the tunnel until SIGINT or SIGTERM; prints `tunnel NAME udp IP:PORT` once it
-/// listens and `tunnel stats {...}` (its counters, JSON) when it stops.
+/// listens and `tunnel stats {...}` (its counters, JSON, summed over its threads) when
+/// it stops.
 pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     let key = PresharedKey::from_file(&args.key)?;
-    if args.threads > 1 {
-        eprintln!("note: --threads {} runs 1 thread for now", args.threads);
-    }
     let stop = StopSignal::install()?;
+    let options = TunOptions {
+        offloads: !args.no_offload,
+        mtu: Some(args.mtu),
+        ..TunOptions::default()
+    };
+    let config = TunnelConfig::new(args.listen, args.peer, key);
+    if args.threads == 1 {
+        one_thread(&args, options, config, &stop)
+    } else {
+        threads::run(&args, options, config, &stop)
+    }
+}
+
+/// The whole tunnel on this thread's runtime.
+fn one_thread(
+    args: &TunnelArgs,
+    options: TunOptions,
+    config: TunnelConfig,
+    stop: &StopSignal,
+) -> ringsock::Result<()> {
     let runtime = runtime(&args.backend)?;
     runtime.block_on(async {
-        let options = TunOptions {
-            offloads: !args.no_offload,
-            mtu: Some(args.mtu),
-            ..TunOptions::default()
-        };
         let tun = TunDevice::create(&args.tun, options)?;
-        let config = TunnelConfig::new(args.listen, args.peer, key);
         let tunnel = Tunnel::new(tun, config)?;
-        println!(
-            "tunnel {} udp {}",
-            tunnel.device().name(),
-            tunnel.local_addr()?
-        );
-        let _ = std::io::stdout().flush();
-        let offloads = tunnel.device().offloads();
-        eprintln!(
-            "note: {} offloads: vnet_hdr={} checksum={} tso={} uso={}",
-            tunnel.device().name(),
-            offloads.vnet_hdr,
-            offloads.checksum,
-            offloads.tso,
-            offloads.uso
-        );
+        announce(tunnel.device(), tunnel.local_addr()?);
         let result = until_stopped(tunnel.run(), stop.wait()).await;
-        let fields: Vec<String> = tunnel
-            .stats()
-            .fields()
-            .iter()
-            .map(|(name, value)| format!("\"{name}\":{value}"))
-            .collect();
-        println!("tunnel stats {{{}}}", fields.join(","));
-        let _ = std::io::stdout().flush();
+        print_stats(&tunnel.stats());
         result
     })
 }
 
+/// Prints the line a user (or a test) waits for, and the offloads granted.
+fn announce(device: &TunDevice, addr: SocketAddr) {
+    announce_parts(device.name(), device.offloads(), addr);
+}
+
+pub(super) fn announce_parts(name: &str, offloads: TunOffloads, addr: SocketAddr) {
+    println!("tunnel {name} udp {addr}");
+    let _ = std::io::stdout().flush();
+    eprintln!(
+        "note: {name} offloads: vnet_hdr={} checksum={} tso={} uso={}",
+        offloads.vnet_hdr, offloads.checksum, offloads.tso, offloads.uso
+    );
+}
+
+pub(super) fn print_stats(stats: &TunnelStats) {
+    let fields: Vec<String> = stats
+        .fields()
+        .iter()
+        .map(|(name, value)| format!("\"{name}\":{value}"))
+        .collect();
+    println!("tunnel stats {{{}}}", fields.join(","));
+    let _ = std::io::stdout().flush();
+}
+
 /// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.
-async fn until_stopped(
+pub(super) async fn until_stopped(
     run: impl Future<Output = ringsock::Result<()>>,
     stop: impl Future<Output = ()>,
 ) -> ringsock::Result<()> {

@@ -29,6 +29,17 @@ fn pair(tag: &str) -> Option<Pair> {
 
 /// A's tunnel: listening alone on `listen`.
 fn start_a(pair: &Pair, backend: &str, key: &std::path::Path, listen: &str) -> TunnelProc {
+    start_a_on(pair, backend, key, listen, "1")
+}
+
+/// A's tunnel on `threads` threads.
+fn start_a_on(
+    pair: &Pair,
+    backend: &str,
+    key: &std::path::Path,
+    listen: &str,
+    threads: &str,
+) -> TunnelProc {
     let args = [
         "--tun",
         TUN,
@@ -36,12 +47,25 @@ fn start_a(pair: &Pair, backend: &str, key: &std::path::Path, listen: &str) -> T
         listen,
         "--key",
         key.to_str().unwrap(),
+        "--threads",
+        threads,
     ];
     TunnelProc::start(&pair.a, backend, &args, Some(A_INNER))
 }
 
 /// B's tunnel: on any address of its namespace, with `peer` as its peer.
 fn start_b(pair: &Pair, backend: &str, key: &std::path::Path, peer: &str) -> TunnelProc {
+    start_b_on(pair, backend, key, peer, "1")
+}
+
+/// B's tunnel on `threads` threads.
+fn start_b_on(
+    pair: &Pair,
+    backend: &str,
+    key: &std::path::Path,
+    peer: &str,
+    threads: &str,
+) -> TunnelProc {
     let key = key.to_str().unwrap();
     let args = [
         "--tun",
@@ -52,6 +76,8 @@ fn start_b(pair: &Pair, backend: &str, key: &std::path::Path, peer: &str) -> Tun
         peer,
         "--key",
         key,
+        "--threads",
+        threads,
     ];
     TunnelProc::start(&pair.b, backend, &args, Some(B_INNER))
 }
@@ -107,6 +133,65 @@ fn transfer(pair: &Pair, to: std::net::IpAddr, data: Vec<u8>) -> Vec<u8> {
             conn.write_all(&data).unwrap();
         });
         server.join().unwrap()
+    })
+}
+
+/// Sends `conns` different patterns of `len` bytes at once, one TCP connection each, from
+/// namespace B to A's address `to`; what A received on each, in the order sent.
+fn parallel_transfers(pair: &Pair, to: std::net::IpAddr, conns: usize, len: usize) -> Vec<bool> {
+    let (port_tx, port_rx) = mpsc::channel();
+    let data = move |i: usize| {
+        let mut data = pattern(len);
+        data.iter_mut().for_each(|b| *b ^= i as u8);
+        data
+    };
+    std::thread::scope(|scope| {
+        let server = scope.spawn(|| {
+            pair.a.run(move || {
+                let listener = TcpListener::bind((to, 0)).unwrap();
+                port_tx.send(listener.local_addr().unwrap().port()).unwrap();
+                let readers: Vec<_> = (0..conns)
+                    .map(|_| {
+                        let (mut conn, _) = listener.accept().unwrap();
+                        std::thread::spawn(move || {
+                            conn.set_read_timeout(Some(Duration::from_secs(20)))
+                                .unwrap();
+                            let mut index = [0u8; 1];
+                            conn.read_exact(&mut index).unwrap();
+                            let mut got = Vec::new();
+                            conn.read_to_end(&mut got).unwrap();
+                            (index[0] as usize, got)
+                        })
+                    })
+                    .collect();
+                let mut got: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+                got.sort_by_key(|(index, _)| *index);
+                got
+            })
+        });
+        let port: u16 = port_rx.recv().unwrap();
+        pair.b.run(move || {
+            let writers: Vec<_> = (0..conns)
+                .map(|i| {
+                    std::thread::spawn(move || {
+                        let addr = SocketAddr::new(to, port);
+                        let mut conn =
+                            TcpStream::connect_timeout(&addr, Duration::from_secs(10)).unwrap();
+                        conn.set_write_timeout(Some(Duration::from_secs(20)))
+                            .unwrap();
+                        conn.write_all(&[i as u8]).unwrap();
+                        conn.write_all(&data(i)).unwrap();
+                    })
+                })
+                .collect();
+            writers.into_iter().for_each(|w| w.join().unwrap());
+        });
+        let got = server.join().unwrap();
+        assert_eq!(got.len(), conns);
+        got.into_iter()
+            .enumerate()
+            .map(|(i, (index, bytes))| index == i && bytes == data(i))
+            .collect()
     })
 }
 
@@ -171,6 +256,46 @@ fn ping_and_a_64_mib_transfer_pass_byte_exact_without_outer_fragments() {
         for key in ["rx_auth_failed", "rx_replayed", "rx_malformed"] {
             assert_eq!(stats_a[key], 0, "{backend}: {key} {stats_a:?}");
         }
+    }
+}
+
+#[test]
+fn two_threads_each_side_pass_ping_and_parallel_transfers_byte_exact() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tm") else { return };
+        let key = pair.key("k", 1);
+        let a = start_a_on(&pair, backend, &key, A_LISTEN, "2");
+        let b = start_b_on(&pair, backend, &key, A_LISTEN, "2");
+        // One queue per thread on each side.
+        for ns in [&pair.a, &pair.b] {
+            let queues = ns
+                .exec(&["ls", &format!("/sys/class/net/{TUN}/queues")])
+                .unwrap();
+            assert!(queues.contains("rx-1"), "{backend}: {queues}");
+        }
+        assert!(
+            ping_until(&pair.b, A_INNER, 5),
+            "{backend}: no ping through the tunnel"
+        );
+        // 8 connections of 2 MiB: the kernel picks a queue per flow, so both threads
+        // of each side seal and open.
+        let exact = parallel_transfers(&pair, A_INNER.parse().unwrap(), 8, 2 << 20);
+        assert!(exact.iter().all(|&ok| ok), "{backend}: {exact:?}");
+        assert!(ping(&pair.a, B_INNER, &[]), "{backend}: ping from A");
+
+        let stats_b = b.stop();
+        let stats_a = a.stop();
+        assert!(stats_a["rx_bytes"] >= 16 << 20, "{backend}: {stats_a:?}");
+        for stats in [&stats_a, &stats_b] {
+            for key in ["rx_auth_failed", "rx_replayed", "rx_malformed"] {
+                assert_eq!(stats[key], 0, "{backend}: {key} {stats:?}");
+            }
+            assert_eq!(stats["sessions"], 1, "{backend}: one handshake {stats:?}");
+        }
+        assert!(
+            pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+            "{backend}: the interface A created outlived its threads"
+        );
     }
 }
 
@@ -288,6 +413,112 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
             stats["roams"], 0,
             "{backend}: nothing forged moved the peer: {stats:?}"
         );
+    }
+}
+
+#[test]
+fn a_datagram_replayed_onto_either_thread_is_dropped_and_counted() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tq") else { return };
+        let key = pair.key("k", 1);
+        let a = start_a_on(&pair, backend, &key, A_LISTEN, "2");
+        let tunnel: SocketAddr = A_LISTEN.parse().unwrap();
+        let relay_socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
+        relay_socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let relay_addr = relay_socket.local_addr().unwrap().to_string();
+        let b = start_b(&pair, backend, &key, &relay_addr);
+        let mut relay = Relay {
+            socket: relay_socket,
+            tunnel,
+            b: None,
+            seen: Vec::new(),
+        };
+        let relayed_ping = |relay: &mut Relay, rounds| {
+            std::thread::scope(|scope| {
+                let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, rounds));
+                while !pinger.is_finished() {
+                    relay.pump(10);
+                }
+                pinger.join().unwrap()
+            })
+        };
+        assert!(
+            relayed_ping(&mut relay, 5),
+            "{backend}: no ping through the relay"
+        );
+        let sealed = relay.seen.last().expect("a data datagram").clone();
+
+        // A's two threads are pinned to CPUs and its sockets routed by the CPU that
+        // received the datagram, which on a veth is the sender's: a copy sent from each
+        // CPU reaches each thread, one of them not the thread that opened the original.
+        // Without pinning (one CPU), the copies' 8 source ports spread them by hash.
+        let cpus = allowed_cpus();
+        for &cpu in &cpus {
+            for _ in 0..8 {
+                let sealed = sealed.clone();
+                pair.a.run(move || {
+                    pin_to(cpu);
+                    let source = UdpSocket::bind((A_OUTER, 0)).unwrap();
+                    source.send_to(&sealed, tunnel).unwrap();
+                });
+            }
+        }
+        let copies = cpus.len() as u64 * 8;
+        relay.socket.send_to(&sealed, tunnel).unwrap();
+        assert!(
+            relayed_ping(&mut relay, 3),
+            "{backend}: the tunnel stopped passing traffic"
+        );
+        let stats = a.stop();
+        drop(b);
+        assert_eq!(stats["rx_replayed"], copies + 1, "{backend}: {stats:?}");
+        assert_eq!(stats["rx_auth_failed"], 0, "{backend}: {stats:?}");
+        assert_eq!(stats["roams"], 0, "{backend}: {stats:?}");
+        assert_eq!(stats["sessions"], 1, "{backend}: {stats:?}");
+    }
+}
+
+/// The CPUs this process may run on (at most the first two: A runs two threads).
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain old data; zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: the kernel writes at most size_of(cpu_set_t) bytes into `set`.
+    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&set), &mut set) };
+    assert_eq!(rc, 0, "sched_getaffinity");
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: `cpu` is below CPU_SETSIZE, inside the set.
+        .filter(|&cpu| unsafe { libc::CPU_ISSET(cpu, &set) })
+        .take(2)
+        .collect()
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is plain old data; zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `cpu` came from the allowed set, below CPU_SETSIZE.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; pid 0 is this thread.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) };
+    assert_eq!(rc, 0, "sched_setaffinity");
+}
+
+#[test]
+fn threads_out_of_range_are_refused_with_a_clear_message() {
+    for threads in ["0", "100000", "many"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+            .args(["--key", "/nonexistent", "--threads", threads])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{threads}: {stderr}");
+        assert!(stderr.contains("--threads"), "{threads}: {stderr}");
+        if threads != "many" {
+            assert!(stderr.contains("1..=64"), "{threads}: {stderr}");
+        }
     }
 }
 
@@ -464,6 +695,28 @@ fn the_tunnel_benchmark_runs_and_reports_its_fields() {
         json["udp_delivered"].as_u64().is_some_and(|n| n > 0),
         "{stdout}"
     );
+
+    // Both tunnels on two threads; the per-packet baseline has none to give.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--json", "--count", "2000"])
+        .args(["--threads", "2"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(json["threads"], 2, "{stdout}");
+    assert_eq!(json["tcp_bytes"], 256u64 << 20, "{stdout}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--json", "--threads", "2"])
+        .args(["--impl", "std-per-write"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2), "no threads for the baseline");
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
         .args(["bench", "--workload", "tcp-batch", "--json", "--no-offload"])

@@ -21,6 +21,14 @@ pub(crate) fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+/// The CPU the calling thread is pinned to, if it may run on one only.
+pub(crate) fn pinned_cpu() -> Option<usize> {
+    match allowed_cpus()[..] {
+        [cpu] => Some(cpu),
+        _ => None,
+    }
+}
+
 /// Pins the calling thread to `cpu`.
 pub(crate) fn pin_current_thread(cpu: usize) -> io::Result<()> {
     if cpu >= libc::CPU_SETSIZE as usize {

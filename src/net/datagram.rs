@@ -319,6 +319,27 @@ impl DatagramSocket {
         self.fd()
     }
 
+    /// Binds `addr` with SO_REUSEADDR and SO_REUSEPORT as one member of a group of
+    /// sockets that share it. The `first` member of a group with a given port first
+    /// waits out a socket a process that just ended still holds there (see
+    /// `wait_until_free`), so the group does not join that dying socket's.
+    pub(crate) fn bind_shared(&self, addr: SocketAddr, first: bool) -> Result<()> {
+        if first {
+            super::bind::wait_until_free(addr, socket2::Type::DGRAM)
+                .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+        }
+        self.options.multicast_only.set(true);
+        self.bind_addr(addr)
+    }
+
+    /// Routes each datagram of this socket's SO_REUSEPORT group to the member whose
+    /// index (in bind order) is the position of the receiving CPU in `cpus`, so a
+    /// datagram is handled on the CPU that received it.
+    pub(crate) fn route_group_by_cpu(&self, cpus: &[usize]) -> Result<()> {
+        crate::driver::sockopt::route_reuseport_by_cpu(self.fd()?.raw(), cpus)
+            .map_err(|err| Error::io("attach the CPU routing program", err))
+    }
+
     fn fd(&self) -> Result<&SharedFd> {
         self.fd
             .get()

@@ -1,18 +1,23 @@
-//! The tunnel's data path and timers.
+//! The tunnel's data path and timers, on one thread or on several that share one
+//! session ([`TunnelGroup`]).
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::handshake::{Handshake, Outcome, INIT, RESPONSE};
+use super::group::{lock, Shared, TunnelGroup, View};
+use super::handshake::{Outcome, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
-use super::timers::{Due, Intervals, Timers};
+use super::stats::TunnelStats;
+use super::timers::{Due, Intervals};
 use super::PresharedKey;
 use crate::net::{Datagram, DatagramSocket, OutputStream};
 use crate::tun::{Room, TunDevice, TunFrame};
@@ -56,75 +61,8 @@ impl TunnelConfig {
     }
 }
 
-/// A tunnel's counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct TunnelStats {
-    /// Packets sealed and sent.
-    pub tx_packets: u64,
-    /// Their bytes (inner packets).
-    pub tx_bytes: u64,
-    /// Packets dropped because no session was up yet.
-    pub tx_no_session: u64,
-    /// TUN frames that could not be segmented (dropped).
-    pub tx_bad_frames: u64,
-    /// Batches the socket refused (their packets dropped).
-    pub tx_send_errors: u64,
-    /// Packets opened and written to the TUN.
-    pub rx_packets: u64,
-    /// Their bytes.
-    pub rx_bytes: u64,
-    /// Empty (keepalive) messages received.
-    pub rx_keepalives: u64,
-    /// Datagrams whose tag did not verify (tampered, or another key): dropped.
-    pub rx_auth_failed: u64,
-    /// Datagrams replayed or too old for the window: dropped.
-    pub rx_replayed: u64,
-    /// Datagrams too short, truncated or of no known type: dropped.
-    pub rx_malformed: u64,
-    /// Data messages for a session this side does not have (sent before this side
-    /// restarted, or garbage): dropped.
-    pub rx_unknown_session: u64,
-    /// Handshake messages whose MAC did not verify (another key): dropped.
-    pub handshakes_rejected: u64,
-    /// Inits sent.
-    pub handshakes_initiated: u64,
-    /// Inits answered.
-    pub handshakes_answered: u64,
-    /// Sessions established (as initiator) or confirmed (as responder).
-    pub sessions: u64,
-    /// Times the peer's address changed.
-    pub roams: u64,
-    /// Frames the TUN refused.
-    pub tun_write_errors: u64,
-}
-
-impl TunnelStats {
-    /// Every counter with its name, for printing.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
-        [
-            ("tx_packets", self.tx_packets),
-            ("tx_bytes", self.tx_bytes),
-            ("tx_no_session", self.tx_no_session),
-            ("tx_bad_frames", self.tx_bad_frames),
-            ("tx_send_errors", self.tx_send_errors),
-            ("rx_packets", self.rx_packets),
-            ("rx_bytes", self.rx_bytes),
-            ("rx_keepalives", self.rx_keepalives),
-            ("rx_auth_failed", self.rx_auth_failed),
-            ("rx_replayed", self.rx_replayed),
-            ("rx_malformed", self.rx_malformed),
-            ("rx_unknown_session", self.rx_unknown_session),
-            ("handshakes_rejected", self.handshakes_rejected),
-            ("handshakes_initiated", self.handshakes_initiated),
-            ("handshakes_answered", self.handshakes_answered),
-            ("sessions", self.sessions),
-            ("roams", self.roams),
-            ("tun_write_errors", self.tun_write_errors),
-        ]
-    }
-}
-
-/// A point-to-point tunnel between a TUN queue and a UDP socket (see the module).
+/// A point-to-point tunnel between a TUN queue and a UDP socket (see the module): the
+/// whole tunnel ([`new`](Self::new)), or one thread's part of a [`TunnelGroup`].
 pub struct Tunnel {
     inner: Rc<Inner>,
 }
@@ -132,23 +70,17 @@ pub struct Tunnel {
 struct Inner {
     tun: TunDevice,
     socket: DatagramSocket,
-    config: TunnelConfig,
-    state: RefCell<State>,
+    shared: Arc<Shared>,
+    /// Runs the timers (the group's first member): one Init or keepalive, not one per
+    /// thread.
+    leader: bool,
+    /// The counter lane this member seals under (its place in the group): its
+    /// messages leave in counter order, so the peer's window per lane sees little
+    /// reordering however the threads interleave.
+    lane: usize,
+    view: RefCell<View>,
+    output: RefCell<Option<(SocketAddr, OutputStream)>>,
     stats: Cell<TunnelStats>,
-}
-
-struct State {
-    handshake: Handshake,
-    /// The session data is sealed with.
-    current: Option<Session>,
-    /// The responder's newest session, until data authenticates under it.
-    pending: Option<Session>,
-    /// The session `current` replaced: what the peer sealed before it switched still
-    /// opens (nothing is sealed with it any more).
-    previous: Option<Session>,
-    peer: Option<SocketAddr>,
-    output: Option<(SocketAddr, OutputStream)>,
-    timers: Timers,
 }
 
 /// Receive failures in a row after which the socket counts as broken.
@@ -161,35 +93,33 @@ const ROOM: Room = Room {
 };
 
 impl Tunnel {
-    /// A tunnel over `tun`, listening on `config.listen` (don't-fragment on, UDP GRO on
-    /// receive). Call [`run`](Self::run) on the runtime the TUN belongs to.
-    pub fn new(tun: TunDevice, config: TunnelConfig) -> Result<Tunnel> {
-        let socket = DatagramSocket::new();
-        let control = socket.control();
-        control.set_dont_fragment(true)?;
-        control.set_gro(true)?;
-        control.set_receive_buffer_size(4 << 20)?;
-        control.set_send_buffer_size(4 << 20)?;
-        socket.bind_addr(config.listen)?;
-        let now = Instant::now();
-        let state = State {
-            handshake: Handshake::new(config.key.as_bytes()),
-            current: None,
-            pending: None,
-            previous: None,
-            peer: config.peer,
-            output: None,
-            timers: Timers::new(now),
-        };
-        Ok(Tunnel {
+    /// One member of the group `shared`, with its queue and its bound socket.
+    pub(super) fn member(
+        tun: TunDevice,
+        socket: DatagramSocket,
+        shared: Arc<Shared>,
+        leader: bool,
+        lane: usize,
+    ) -> Tunnel {
+        Tunnel {
             inner: Rc::new(Inner {
                 tun,
                 socket,
-                config,
-                state: RefCell::new(state),
+                shared,
+                leader,
+                lane,
+                view: RefCell::new(View::default()),
+                output: RefCell::new(None),
                 stats: Cell::new(TunnelStats::default()),
             }),
-        })
+        }
+    }
+
+    /// A tunnel over `tun` alone, listening on `config.listen` (don't-fragment on, UDP
+    /// GRO on receive; no port sharing). Call [`run`](Self::run) on the runtime the TUN
+    /// belongs to.
+    pub fn new(tun: TunDevice, config: TunnelConfig) -> Result<Tunnel> {
+        TunnelGroup::with_port_sharing(config, false).join(tun)
     }
 
     /// The UDP address the tunnel listens on.
@@ -202,23 +132,31 @@ impl Tunnel {
         &self.inner.tun
     }
 
-    /// The counters.
+    /// This thread's counters (a group's are the sum of its members').
     pub fn stats(&self) -> TunnelStats {
         self.inner.stats.get()
     }
 
+    /// The group this tunnel is a member of (one made by [`new`](Self::new) shares no
+    /// port: another member could not bind).
+    pub fn group(&self) -> TunnelGroup {
+        TunnelGroup {
+            shared: self.inner.shared.clone(),
+        }
+    }
+
     /// The peer's address, configured or learned.
     pub fn peer(&self) -> Option<SocketAddr> {
-        self.inner.state.borrow().peer
+        lock(&self.inner.shared.keys).peer
     }
 
     /// Whether a session is up.
     pub fn has_session(&self) -> bool {
-        self.inner.state.borrow().current.is_some()
+        lock(&self.inner.shared.keys).current.is_some()
     }
 
     /// Moves packets both ways until a read from the TUN or the socket fails for good.
-    /// Dropping the future stops the tunnel.
+    /// Dropping the future stops the tunnel (this member of a group; the others go on).
     pub async fn run(&self) -> Result<()> {
         let mut outbound = pin!(self.inner.outbound());
         let mut inbound = pin!(self.inner.inbound());
@@ -240,18 +178,40 @@ impl Tunnel {
 }
 
 impl Inner {
+    fn config(&self) -> &TunnelConfig {
+        &self.shared.config
+    }
+
     fn count(&self, change: impl FnOnce(&mut TunnelStats)) {
         let mut stats = self.stats.get();
         change(&mut stats);
         self.stats.set(stats);
     }
 
+    /// The member's view of the keys, refreshed if another thread (or this one) changed
+    /// them since: one atomic load when nothing changed.
+    fn view(&self) -> RefMut<'_, View> {
+        let mut view = self.view.borrow_mut();
+        if self.shared.epoch.load(Ordering::Acquire) != view.epoch {
+            let keys = lock(&self.shared.keys);
+            *view = View {
+                epoch: self.shared.epoch.load(Ordering::Acquire),
+                current: keys.current.clone(),
+                pending: keys.pending.clone(),
+                previous: keys.previous.clone(),
+                peer: keys.peer,
+            };
+        }
+        view
+    }
+
     /// TUN to UDP: frames cut into packets, sealed, sent in one batch per read.
     async fn outbound(&self) -> Result<()> {
-        let mut frames: Vec<TunFrame> = Vec::with_capacity(self.config.batch);
-        let mut sealed: Vec<Bytes> = Vec::with_capacity(self.config.batch * 4);
+        let batch = self.config().batch;
+        let mut frames: Vec<TunFrame> = Vec::with_capacity(batch);
+        let mut sealed: Vec<Bytes> = Vec::with_capacity(batch * 4);
         loop {
-            self.tun.recv_batch(&mut frames, self.config.batch).await?;
+            self.tun.recv_batch(&mut frames, batch).await?;
             let output = self.seal_frames(&mut frames, &mut sealed);
             for frame in frames.drain(..) {
                 self.tun.recycle(frame);
@@ -270,7 +230,7 @@ impl Inner {
                 // A refused batch (a datagram over the path MTU, a full buffer, an
                 // unreachable peer) breaks the stream: the next batch gets a new one.
                 self.count(|s| s.tx_send_errors += 1);
-                self.state.borrow_mut().output = None;
+                *self.output.borrow_mut() = None;
             }
         }
     }
@@ -282,9 +242,8 @@ impl Inner {
         frames: &mut [TunFrame],
         sealed: &mut Vec<Bytes>,
     ) -> Option<OutputStream> {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        let (Some(session), Some(peer)) = (state.current.as_mut(), state.peer) else {
+        let view = self.view();
+        let (Some(session), Some(peer)) = (view.current.as_deref(), view.peer) else {
             let n = frames.len() as u64;
             self.count(|s| s.tx_no_session += n);
             return None;
@@ -293,7 +252,7 @@ impl Inner {
         for frame in frames.iter() {
             let result = frame.segments(ROOM, &mut |mut buf| {
                 let len = buf.len() - DATA_HEADER;
-                if session.seal(&mut buf).is_some() {
+                if session.seal(self.lane, &mut buf).is_some() {
                     stats.tx_packets += 1;
                     stats.tx_bytes += len as u64;
                     sealed.push(Bytes::from(buf));
@@ -304,30 +263,27 @@ impl Inner {
             }
         }
         self.stats.set(stats);
-        let now = Instant::now();
-        state.timers.sent_data(now);
-        match &state.output {
-            Some((addr, output)) if *addr == peer => Some(output.clone()),
+        self.shared.timers.sent_data(Instant::now());
+        let mut output = self.output.borrow_mut();
+        match &*output {
+            Some((addr, stream)) if *addr == peer => Some(stream.clone()),
             _ => {
-                let output = self.socket.output_stream_to_addr(peer).ok()?;
-                state.output = Some((peer, output.clone()));
-                Some(output)
+                let stream = self.socket.output_stream_to_addr(peer).ok()?;
+                *output = Some((peer, stream.clone()));
+                Some(stream)
             }
         }
     }
 
     /// UDP to TUN: datagrams opened, written in one batch per receive.
     async fn inbound(&self) -> Result<()> {
-        let mut datagrams: Vec<Datagram> = Vec::with_capacity(self.config.batch);
+        let batch = self.config().batch;
+        let mut datagrams: Vec<Datagram> = Vec::with_capacity(batch);
         let mut scratch: Vec<u8> = Vec::with_capacity(65536);
         let mut replies: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
         let mut failures_in_a_row = 0u32;
         loop {
-            if let Err(err) = self
-                .socket
-                .recv_batch(&mut datagrams, self.config.batch)
-                .await
-            {
+            if let Err(err) = self.socket.recv_batch(&mut datagrams, batch).await {
                 // An ICMP error reported on the socket concerns one earlier send; the
                 // socket goes on. A socket that fails every time is broken for good.
                 failures_in_a_row += 1;
@@ -344,11 +300,11 @@ impl Inner {
                 authentic |= self.receive(&datagram, &mut scratch, &mut replies);
             }
             if authentic {
-                self.state.borrow_mut().timers.received(Instant::now());
+                self.shared.timers.received(Instant::now());
             }
             for (reply, to) in replies.drain(..) {
                 let _ = self.socket.send_to_addr(reply, to).await;
-                self.state.borrow_mut().timers.sent(Instant::now());
+                self.shared.timers.sent(Instant::now());
             }
             if self.tun.flush().await.is_err() {
                 let errors = self.tun.stats().write_errors;
@@ -383,24 +339,27 @@ impl Inner {
         from: SocketAddr,
         replies: &mut Vec<(Vec<u8>, SocketAddr)>,
     ) {
-        let mut state = self.state.borrow_mut();
-        match state.handshake.receive(msg) {
+        let shared = &*self.shared;
+        let mut keys = lock(&shared.keys);
+        match keys.handshake.receive(msg) {
             Outcome::Answer { reply, session } => {
-                state.pending = Some(session);
+                shared.change(&mut keys, |keys| keys.pending = Some(Arc::new(session)));
                 replies.push((reply, from));
                 self.count(|s| s.handshakes_answered += 1);
             }
             Outcome::AnswerAgain(reply) => replies.push((reply, from)),
-            Outcome::Established(mut session) => {
+            Outcome::Established(session) => {
                 // Confirm at once with an empty message, so the responder switches to
                 // this session before it has data of its own to send.
                 let mut confirm = vec![0u8; DATA_HEADER];
-                if session.seal(&mut confirm).is_some() {
-                    let to = state.peer.unwrap_or(from);
+                if session.seal(self.lane, &mut confirm).is_some() {
+                    let to = keys.peer.unwrap_or(from);
                     replies.push((confirm, to));
                 }
-                state.previous = state.current.replace(session);
-                state.timers.received(Instant::now());
+                shared.change(&mut keys, |keys| {
+                    keys.previous = keys.current.replace(Arc::new(session));
+                });
+                shared.timers.received(Instant::now());
                 self.count(|s| s.sessions += 1);
             }
             Outcome::Rejected => self.count(|s| s.handshakes_rejected += 1),
@@ -415,18 +374,12 @@ impl Inner {
             self.count(|s| s.rx_malformed += 1);
             return false;
         };
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        let in_pending = state.pending.as_ref().is_some_and(|s| s.recv_tag() == tag);
-        let session = if in_pending {
-            state.pending.as_mut()
-        } else {
-            let matches = |s: &&mut Session| s.recv_tag() == tag;
-            match state.current.as_mut().filter(matches) {
-                Some(session) => Some(session),
-                None => state.previous.as_mut().filter(matches),
-            }
-        };
+        let view = self.view();
+        let matches = |s: &&Arc<Session>| s.recv_tag() == tag;
+        let in_pending = view.pending.as_ref().filter(matches);
+        let session = in_pending
+            .or_else(|| view.current.as_ref().filter(matches))
+            .or_else(|| view.previous.as_ref().filter(matches));
         let Some(session) = session else {
             self.count(|s| s.rx_unknown_session += 1);
             return false;
@@ -444,15 +397,11 @@ impl Inner {
                 return false;
             }
         };
-        if in_pending {
-            state.previous = std::mem::replace(&mut state.current, state.pending.take());
-            self.count(|s| s.sessions += 1);
-        }
-        if state.peer != Some(from) {
-            if state.peer.is_some() {
-                self.count(|s| s.roams += 1);
-            }
-            state.peer = Some(from);
+        let promote = in_pending.cloned();
+        let moved = view.peer != Some(from);
+        drop(view);
+        if promote.is_some() || moved {
+            self.settle(promote, from);
         }
         if len == 0 {
             self.count(|s| s.rx_keepalives += 1);
@@ -466,15 +415,43 @@ impl Inner {
         true
     }
 
-    /// Handshakes (first, retried, after silence) and keepalives.
+    /// After data authenticated: the pending session it opened under becomes current
+    /// (unless another thread did that already), and the peer's address is `from`.
+    fn settle(&self, promote: Option<Arc<Session>>, from: SocketAddr) {
+        let shared = &*self.shared;
+        let mut keys = lock(&shared.keys);
+        let promote = promote.filter(|session| {
+            keys.pending
+                .as_ref()
+                .is_some_and(|pending| Arc::ptr_eq(pending, session))
+        });
+        if promote.is_some() {
+            shared.change(&mut keys, |keys| {
+                keys.previous = std::mem::replace(&mut keys.current, keys.pending.take());
+            });
+            self.count(|s| s.sessions += 1);
+        }
+        if keys.peer != Some(from) {
+            if keys.peer.is_some() {
+                self.count(|s| s.roams += 1);
+            }
+            shared.change(&mut keys, |keys| keys.peer = Some(from));
+        }
+    }
+
+    /// Handshakes (first, retried, after silence) and keepalives: on the group's first
+    /// member only.
     async fn timers(&self) -> Result<()> {
-        let tick = (self.config.handshake_retry / 4).max(Duration::from_millis(20));
+        if !self.leader {
+            return std::future::pending().await;
+        }
+        let tick = (self.config().handshake_retry / 4).max(Duration::from_millis(20));
         loop {
             let message = self.due_message(Instant::now());
             if let Some((message, to)) = message {
                 let (result, _) = self.socket.send_to_addr(message, to).await;
                 if result.is_ok() {
-                    self.state.borrow_mut().timers.sent(Instant::now());
+                    self.shared.timers.sent(Instant::now());
                 }
             }
             crate::runtime::sleep(tick).await;
@@ -483,24 +460,25 @@ impl Inner {
 
     /// The Init or keepalive due now, if any, and where it goes.
     fn due_message(&self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
-        let mut state = self.state.borrow_mut();
-        let state = &mut *state;
-        let peer = state.peer?;
+        let shared = &*self.shared;
+        let mut keys = lock(&shared.keys);
+        let peer = keys.peer?;
+        let config = self.config();
         let intervals = Intervals {
-            keepalive: self.config.keepalive,
-            rehandshake_after: self.config.rehandshake_after,
-            handshake_retry: self.config.handshake_retry,
+            keepalive: config.keepalive,
+            rehandshake_after: config.rehandshake_after,
+            handshake_retry: config.handshake_retry,
         };
-        match state.timers.due(now, state.current.is_some(), &intervals) {
+        match shared.timers.due(now, keys.current.is_some(), &intervals) {
             Due::Handshake => {
-                state.timers.initiated(now);
+                shared.timers.initiated(now);
                 self.count(|s| s.handshakes_initiated += 1);
-                Some((state.handshake.initiate(), peer))
+                Some((keys.handshake.initiate(), peer))
             }
             Due::Keepalive => {
-                let session = state.current.as_mut()?;
+                let session = keys.current.as_ref()?;
                 let mut keepalive = vec![0u8; DATA_HEADER];
-                session.seal(&mut keepalive)?;
+                session.seal(self.lane, &mut keepalive)?;
                 Some((keepalive, peer))
             }
             Due::Nothing => None,

@@ -168,11 +168,11 @@ mod tests {
         let mut a = Handshake::new(&[1; 32]);
         let mut b = Handshake::new(&[1; 32]);
         let init = a.initiate();
-        let (reply, mut b_session) = answer(b.receive(&init));
-        let mut a_session = established(a.receive(&reply));
+        let (reply, b_session) = answer(b.receive(&init));
+        let a_session = established(a.receive(&reply));
         let mut msg = vec![0u8; DATA_HEADER];
         msg.extend_from_slice(b"data");
-        a_session.seal(&mut msg).unwrap();
+        a_session.seal(0, &mut msg).unwrap();
         assert!(b_session.open(&mut msg).is_ok());
         // A replayed response is ignored; a repeated Init gets the same answer.
         assert!(matches!(a.receive(&reply), Outcome::Ignored));
@@ -185,11 +185,10 @@ mod tests {
         let mut b = Handshake::new(&[1; 32]);
         let (reply1, _) = answer(b.receive(&a.initiate()));
         let first = established(a.receive(&reply1));
-        let (reply2, mut second_b) = answer(b.receive(&a.initiate()));
+        let (reply2, second_b) = answer(b.receive(&a.initiate()));
         let _second = established(a.receive(&reply2));
-        let mut first = first;
         let mut msg = vec![0u8; DATA_HEADER];
-        first.seal(&mut msg).unwrap();
+        first.seal(0, &mut msg).unwrap();
         assert!(
             second_b.open(&mut msg).is_err(),
             "the old session's keys are not the new ones"

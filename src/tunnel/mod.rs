@@ -3,6 +3,8 @@
 //! handshake derives from a pre-shared key and fresh randoms.
 //!
 //! - [`PresharedKey`]: the 32-byte key, as 64 hexadecimal characters in a file.
+//! - [`TunnelGroup`]: one tunnel on several threads, each with its own TUN queue and
+//!   its own SO_REUSEPORT socket, sharing one session (see there).
 //! - [`Tunnel`]: the data path. Out: TUN frames (super-segments with offloads) cut
 //!   into packets sized to the path, each sealed, sent as one batch (UDP GSO for runs of
 //!   equal sizes) with don't-fragment set. In: datagrams opened (a forged, replayed,
@@ -14,15 +16,19 @@
 //!   from a data message that authenticates and is not a replay.
 
 mod endpoint;
+mod group;
 mod handshake;
 mod key;
 mod replay;
 mod session;
+mod stats;
 mod timers;
 
-pub use endpoint::{Tunnel, TunnelConfig, TunnelStats};
+pub use endpoint::{Tunnel, TunnelConfig};
+pub use group::TunnelGroup;
 pub use key::PresharedKey;
 pub use session::{DATA_HEADER, TAG_LEN};
+pub use stats::TunnelStats;
 
 /// Bytes a sealed packet adds to the IP packet it carries: the data header, the tag,
 /// and the outer UDP header and IPv4 header (IPv6: 20 more).

@@ -1,10 +1,22 @@
 //! A session: the two directions' ChaCha20-Poly1305 keys from one handshake, the send
 //! counter and the replay window, and the data message format.
 //!
+//! A session is shared by every thread of a tunnel. The counter space is cut into 64
+//! lanes (its top 6 bits), one per sending thread: each lane's next counter is an
+//! atomic, so no two seals ever use the same nonce, and each thread's messages leave
+//! in counter order, however the threads interleave. The receiver keeps one replay
+//! window per lane, shared by all its threads behind a lock held only to check or mark
+//! a counter (never while decrypting): a datagram replayed onto another thread's socket
+//! is still refused, and one thread racing ahead does not push another's messages out
+//! of the window. One thread uses lane 0 only, as a tunnel always did.
+//!
 //! A data message is a 16-byte header — type (1 byte), 3 zero bytes, the receiver's
 //! session tag (4), the counter (8, little-endian) — then the sealed packet and its
 //! 16-byte Poly1305 tag. The header is the associated data; the nonce is 4 zero bytes
 //! and the counter, which never repeats under one key.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard};
 
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
 use ring::hkdf;
@@ -17,9 +29,13 @@ pub(crate) const DATA: u8 = 4;
 pub const DATA_HEADER: usize = 16;
 /// Bytes of the authentication tag after it.
 pub const TAG_LEN: usize = 16;
-/// Counters at and past this are never used: the session must be replaced first
-/// (far beyond any real session's life, kept well clear of the wrap).
-const COUNTER_LIMIT: u64 = 1 << 60;
+/// Lanes of the counter space: its top bits name the sending thread's lane.
+pub(crate) const LANES: usize = 64;
+/// Bits of a counter below its lane.
+const LANE_SHIFT: u32 = 58;
+/// Counters of a lane at and past this are never used: the session must be replaced
+/// first (far beyond any real session's life, kept well clear of the next lane).
+const COUNTER_LIMIT: u64 = 1 << 56;
 
 /// Which end of the handshake this side was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,8 +93,18 @@ impl Direction {
 pub(crate) struct Session {
     send: Direction,
     recv: Direction,
-    next_counter: u64,
-    window: ReplayWindow,
+    lanes: Box<[Lane]>,
+}
+
+/// One lane of a session, aligned so that threads on different lanes never write the
+/// same cache line (128 bytes: x86 prefetches lines in pairs).
+#[repr(align(128))]
+struct Lane {
+    /// The next send counter: taken with one `fetch_add`, so each is used once whichever
+    /// thread seals.
+    next_counter: AtomicU64,
+    /// The replay window of the peer's messages in this lane.
+    window: Mutex<ReplayWindow>,
 }
 
 fn nonce(counter: u64) -> Nonce {
@@ -111,8 +137,12 @@ impl Session {
         Session {
             send,
             recv,
-            next_counter: 0,
-            window: ReplayWindow::default(),
+            lanes: (0..LANES)
+                .map(|_| Lane {
+                    next_counter: AtomicU64::new(0),
+                    window: Mutex::new(ReplayWindow::default()),
+                })
+                .collect(),
         }
     }
 
@@ -121,14 +151,20 @@ impl Session {
         self.recv.tag
     }
 
-    /// Seals the packet in `buf[DATA_HEADER..]` in place: writes the header, encrypts,
-    /// appends the tag. `None` once the counter is used up (a new handshake is due).
-    pub(crate) fn seal(&mut self, buf: &mut Vec<u8>) -> Option<()> {
-        if self.next_counter >= COUNTER_LIMIT {
+    /// Seals the packet in `buf[DATA_HEADER..]` in place under the next counter of
+    /// `lane` (taken modulo [`LANES`]): writes the header, encrypts, appends the tag.
+    /// `None` once the lane's counters are used up (a new handshake is due).
+    pub(crate) fn seal(&self, lane: usize, buf: &mut Vec<u8>) -> Option<()> {
+        let lane = lane % LANES;
+        // Relaxed: the counter orders nothing else; uniqueness is the atomic's own. Past
+        // the limit it keeps growing, 2^58 - 2^56 increments away from the next lane.
+        let next = self.lanes[lane]
+            .next_counter
+            .fetch_add(1, Ordering::Relaxed);
+        if next >= COUNTER_LIMIT {
             return None;
         }
-        let counter = self.next_counter;
-        self.next_counter += 1;
+        let counter = (lane as u64) << LANE_SHIFT | next;
         let mut header = [0u8; DATA_HEADER];
         header[0] = DATA;
         header[4..8].copy_from_slice(&self.send.tag);
@@ -146,12 +182,12 @@ impl Session {
     /// Opens the data message in `buf` in place; the packet is then
     /// `buf[DATA_HEADER..DATA_HEADER + n]` for the returned `n`. Only a message that
     /// authenticates moves the replay window.
-    pub(crate) fn open(&mut self, buf: &mut [u8]) -> Result<usize, OpenError> {
+    pub(crate) fn open(&self, buf: &mut [u8]) -> Result<usize, OpenError> {
         if buf.len() < DATA_HEADER + TAG_LEN || buf[0] != DATA || buf[4..8] != self.recv.tag {
             return Err(OpenError::Malformed);
         }
         let counter = u64::from_le_bytes(buf[8..16].try_into().expect("8 bytes"));
-        if !self.window.check(counter) {
+        if !self.window(counter).check(counter) {
             return Err(OpenError::Replayed);
         }
         let (header, sealed) = buf.split_at_mut(DATA_HEADER);
@@ -162,10 +198,23 @@ impl Session {
             .open_in_place(nonce(counter), aad, sealed)
             .map_err(|_| OpenError::Forged)?
             .len();
-        if !self.window.accept(counter) {
+        // Two threads may both have passed the check with the same counter: the one
+        // that marks it second refuses it here.
+        if !self.window(counter).accept(counter) {
             return Err(OpenError::Replayed);
         }
         Ok(plain)
+    }
+
+    /// The replay window of `counter`'s lane (every counter has one: 64 lanes of 2^58).
+    fn window(&self, counter: u64) -> MutexGuard<'_, ReplayWindow> {
+        let lane = (counter >> LANE_SHIFT) as usize;
+        // The window is consistent between any two statements: a panic elsewhere while
+        // it was held leaves it usable.
+        self.lanes[lane]
+            .window
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
     }
 }
 
@@ -188,17 +237,17 @@ mod tests {
         )
     }
 
-    fn sealed(session: &mut Session, packet: &[u8]) -> Vec<u8> {
+    fn sealed(session: &Session, packet: &[u8]) -> Vec<u8> {
         let mut buf = vec![0u8; DATA_HEADER];
         buf.extend_from_slice(packet);
-        session.seal(&mut buf).unwrap();
+        session.seal(0, &mut buf).unwrap();
         buf
     }
 
     #[test]
     fn each_direction_opens_what_the_other_sealed_once() {
-        let (mut initiator, mut responder) = pair();
-        let mut msg = sealed(&mut initiator, b"hello");
+        let (initiator, responder) = pair();
+        let mut msg = sealed(&initiator, b"hello");
         assert_eq!(msg.len(), DATA_HEADER + 5 + TAG_LEN);
         let copy = msg.clone();
         let n = responder.open(&mut msg).unwrap();
@@ -207,15 +256,15 @@ mod tests {
         // The initiator cannot open its own direction.
         assert_eq!(initiator.open(&mut copy.clone()), Err(OpenError::Malformed));
 
-        let mut back = sealed(&mut responder, b"world");
+        let mut back = sealed(&responder, b"world");
         let n = initiator.open(&mut back).unwrap();
         assert_eq!(&back[DATA_HEADER..DATA_HEADER + n], b"world");
     }
 
     #[test]
     fn tampering_anywhere_is_caught_and_does_not_burn_the_counter() {
-        let (mut initiator, mut responder) = pair();
-        let msg = sealed(&mut initiator, &[0xab; 100]);
+        let (initiator, responder) = pair();
+        let msg = sealed(&initiator, &[0xab; 100]);
         for at in [1, 9, DATA_HEADER, DATA_HEADER + 50, msg.len() - 1] {
             let mut bad = msg.clone();
             bad[at] ^= 1;
@@ -231,12 +280,78 @@ mod tests {
 
     #[test]
     fn another_key_or_another_handshake_opens_nothing() {
-        let (mut initiator, _) = pair();
-        let mut other = Session::derive(&[8u8; 32], &[1u8; 32], &[2u8; 32], Role::Responder);
-        let mut msg = sealed(&mut initiator, b"x");
+        let (initiator, _) = pair();
+        let other = Session::derive(&[8u8; 32], &[1u8; 32], &[2u8; 32], Role::Responder);
+        let mut msg = sealed(&initiator, b"x");
         assert!(other.open(&mut msg).is_err());
-        let mut later = Session::derive(&[7u8; 32], &[1u8; 32], &[3u8; 32], Role::Responder);
-        let mut msg = sealed(&mut initiator, b"x");
+        let later = Session::derive(&[7u8; 32], &[1u8; 32], &[3u8; 32], Role::Responder);
+        let mut msg = sealed(&initiator, b"x");
         assert!(later.open(&mut msg).is_err());
+    }
+
+    #[test]
+    fn threads_sealing_at_once_never_share_a_counter_and_each_message_opens_once() {
+        let (initiator, responder) = pair();
+        let messages: Vec<Vec<u8>> = std::thread::scope(|scope| {
+            // Two threads on one lane, two on lanes of their own.
+            let sealers: Vec<_> = [0, 0, 1, 63]
+                .into_iter()
+                .map(|lane| {
+                    let initiator = &initiator;
+                    scope.spawn(move || {
+                        (0..500)
+                            .map(|_| {
+                                let mut buf = vec![0u8; DATA_HEADER + 1];
+                                initiator.seal(lane, &mut buf).unwrap();
+                                buf
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            sealers
+                .into_iter()
+                .flat_map(|sealer| sealer.join().unwrap())
+                .collect()
+        });
+        let mut counters: Vec<u64> = messages
+            .iter()
+            .map(|m| u64::from_le_bytes(m[8..16].try_into().unwrap()))
+            .collect();
+        counters.sort_unstable();
+        counters.dedup();
+        assert_eq!(counters.len(), 2000);
+        // Each message offered to two threads at once opens on exactly one of them.
+        let opened: usize = std::thread::scope(|scope| {
+            let openers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        messages
+                            .iter()
+                            .filter(|m| responder.open(&mut m.to_vec()).is_ok())
+                            .count()
+                    })
+                })
+                .collect();
+            openers.into_iter().map(|o| o.join().unwrap()).sum()
+        });
+        assert_eq!(opened, 2000);
+    }
+
+    #[test]
+    fn one_lane_racing_ahead_does_not_push_another_out_of_the_window() {
+        let (initiator, responder) = pair();
+        let seal = |lane| {
+            let mut buf = vec![0u8; DATA_HEADER + 1];
+            initiator.seal(lane, &mut buf).unwrap();
+            buf
+        };
+        let late = seal(0);
+        for _ in 0..10_000 {
+            assert!(responder.open(&mut seal(1)).is_ok());
+        }
+        let mut copy = late.clone();
+        assert!(responder.open(&mut late.clone()).is_ok());
+        assert_eq!(responder.open(&mut copy), Err(OpenError::Replayed));
     }
 }

@@ -2,7 +2,11 @@
 //! gone silent while data went out, so it may have restarted), or a keepalive (the peer
 //! sends but hears nothing back, and would otherwise start over).
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+/// The stamp of a time that never happened.
+const NEVER: u64 = 0;
 
 /// The intervals the timers run on.
 #[derive(Debug, Clone, Copy)]
@@ -20,43 +24,61 @@ pub(crate) enum Due {
     Nothing,
 }
 
-/// When things last happened.
-#[derive(Debug, Clone, Copy)]
+/// When things last happened, shared by every thread of a tunnel: each time is an
+/// atomic (nanoseconds since `start`, plus one; 0 = never) that only moves forward, so
+/// the data path records an event with one `fetch_max` and no lock.
+#[derive(Debug)]
 pub(crate) struct Timers {
-    last_init: Option<Instant>,
+    start: Instant,
+    last_init: AtomicU64,
     /// The last message that authenticated (data, keepalive, or a handshake answer).
-    last_recv: Instant,
-    last_data_sent: Option<Instant>,
+    last_recv: AtomicU64,
+    last_data_sent: AtomicU64,
     /// The last message of any kind sent.
-    last_sent: Instant,
+    last_sent: AtomicU64,
 }
 
 impl Timers {
     pub(crate) fn new(now: Instant) -> Timers {
         Timers {
-            last_init: None,
-            last_recv: now,
-            last_data_sent: None,
-            last_sent: now,
+            start: now,
+            last_init: AtomicU64::new(NEVER),
+            last_recv: AtomicU64::new(1),
+            last_data_sent: AtomicU64::new(NEVER),
+            last_sent: AtomicU64::new(1),
         }
     }
 
-    pub(crate) fn received(&mut self, now: Instant) {
-        self.last_recv = now;
+    fn mark(&self, time: &AtomicU64, now: Instant) {
+        let nanos = now.saturating_duration_since(self.start).as_nanos();
+        let stamp = u64::try_from(nanos).unwrap_or(u64::MAX - 1) + 1;
+        // Relaxed: a time orders no other memory; threads only need the latest to win.
+        time.fetch_max(stamp, Ordering::Relaxed);
     }
 
-    pub(crate) fn sent(&mut self, now: Instant) {
-        self.last_sent = now;
+    fn get(&self, time: &AtomicU64) -> Option<Instant> {
+        match time.load(Ordering::Relaxed) {
+            NEVER => None,
+            stamp => Some(self.start + Duration::from_nanos(stamp - 1)),
+        }
     }
 
-    pub(crate) fn sent_data(&mut self, now: Instant) {
-        self.last_data_sent = Some(now);
-        self.last_sent = now;
+    pub(crate) fn received(&self, now: Instant) {
+        self.mark(&self.last_recv, now);
     }
 
-    pub(crate) fn initiated(&mut self, now: Instant) {
-        self.last_init = Some(now);
-        self.last_sent = now;
+    pub(crate) fn sent(&self, now: Instant) {
+        self.mark(&self.last_sent, now);
+    }
+
+    pub(crate) fn sent_data(&self, now: Instant) {
+        self.mark(&self.last_data_sent, now);
+        self.mark(&self.last_sent, now);
+    }
+
+    pub(crate) fn initiated(&self, now: Instant) {
+        self.mark(&self.last_init, now);
+        self.mark(&self.last_sent, now);
     }
 
     /// What to send now: an Init while there is no session, or once data went out and
@@ -64,17 +86,21 @@ impl Timers {
     /// `handshake_retry`); else a keepalive when something came in since this side last
     /// sent and it has been quiet for `keepalive`.
     pub(crate) fn due(&self, now: Instant, has_session: bool, intervals: &Intervals) -> Due {
+        let last_recv = self.get(&self.last_recv).unwrap_or(self.start);
+        let last_sent = self.get(&self.last_sent).unwrap_or(self.start);
         let since_init = self
-            .last_init
+            .get(&self.last_init)
             .map_or(Duration::MAX, |at| now.saturating_duration_since(at));
-        let silent = now.saturating_duration_since(self.last_recv);
-        let unanswered = self.last_data_sent.is_some_and(|at| at > self.last_recv);
+        let silent = now.saturating_duration_since(last_recv);
+        let unanswered = self
+            .get(&self.last_data_sent)
+            .is_some_and(|at| at > last_recv);
         let want_handshake = !has_session || (unanswered && silent >= intervals.rehandshake_after);
         if want_handshake && since_init >= intervals.handshake_retry {
             return Due::Handshake;
         }
-        let quiet = now.saturating_duration_since(self.last_sent);
-        if has_session && self.last_recv > self.last_sent && quiet >= intervals.keepalive {
+        let quiet = now.saturating_duration_since(last_sent);
+        if has_session && last_recv > last_sent && quiet >= intervals.keepalive {
             return Due::Keepalive;
         }
         Due::Nothing
@@ -98,7 +124,7 @@ mod tests {
     #[test]
     fn without_a_session_an_init_goes_out_and_is_retried() {
         let t0 = Instant::now();
-        let mut timers = Timers::new(t0);
+        let timers = Timers::new(t0);
         assert_eq!(timers.due(t0, false, &INTERVALS), Due::Handshake);
         timers.initiated(t0);
         assert_eq!(timers.due(at(t0, 499), false, &INTERVALS), Due::Nothing);
@@ -108,7 +134,7 @@ mod tests {
     #[test]
     fn data_sent_into_silence_starts_a_new_handshake() {
         let t0 = Instant::now();
-        let mut timers = Timers::new(t0);
+        let timers = Timers::new(t0);
         timers.initiated(t0);
         timers.received(at(t0, 10));
         timers.sent_data(at(t0, 20));
@@ -122,7 +148,7 @@ mod tests {
     #[test]
     fn a_side_that_only_receives_sends_keepalives() {
         let t0 = Instant::now();
-        let mut timers = Timers::new(t0);
+        let timers = Timers::new(t0);
         timers.received(at(t0, 100));
         assert_eq!(timers.due(at(t0, 999), true, &INTERVALS), Due::Nothing);
         assert_eq!(timers.due(at(t0, 1000), true, &INTERVALS), Due::Keepalive);
@@ -142,7 +168,7 @@ mod tests {
     #[test]
     fn a_steady_one_way_flow_with_keepalives_back_never_rehandshakes() {
         let t0 = Instant::now();
-        let mut sender = Timers::new(t0);
+        let sender = Timers::new(t0);
         sender.initiated(t0);
         for second in 1..20u64 {
             sender.sent_data(at(t0, second * 1000));

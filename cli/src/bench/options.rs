@@ -531,10 +531,13 @@ impl Options {
             return Err(format!("--threads must be 1..={MAX_THREADS}"));
         }
         if self.threads > 1
-            && (!matches!(w, Workload::TcpEchoConns | Workload::UdpRecv) || !ringsock)
+            && (!matches!(
+                w,
+                Workload::TcpEchoConns | Workload::UdpRecv | Workload::Tunnel
+            ) || !ringsock)
         {
             return Err(
-                "--threads above 1 applies to tcp-echo-conns and udp-recv with a ringsock impl"
+                "--threads above 1 applies to tcp-echo-conns, udp-recv and tunnel with a ringsock impl"
                     .into(),
             );
         }

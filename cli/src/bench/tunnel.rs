@@ -91,6 +91,7 @@ fn setup(options: &Options) -> ringsock::Result<Setup> {
     let exe = std::env::current_exe().map_err(io_err("find this program"))?;
     let exe = exe.to_string_lossy().into_owned();
     let key = setup.key.to_string_lossy().into_owned();
+    let threads = options.threads.to_string();
     let a_listen = format!("{A_OUTER}:{PORT}");
     let b_listen = format!("{B_OUTER}:{PORT}");
     for (side, listen, peer, inner) in [
@@ -117,6 +118,7 @@ fn setup(options: &Options) -> ringsock::Result<Setup> {
                 if !options.offloads {
                     args.push("--no-offload");
                 }
+                args.extend(["--threads", &threads]);
             }
             None => args.extend([
                 "tunnel-baseline",
@@ -327,6 +329,7 @@ pub(crate) fn run(options: &Options) -> ringsock::Result<Report> {
         "offloads",
         options.offloads && options.imp != Impl::StdPerWrite,
     );
+    report.push("threads", options.threads);
     report.push("tcp_bytes", bytes);
     report.push("tcp_secs", secs);
     report.push("tcp_gbit_s", bytes as f64 * 8.0 / secs / 1e9);
