@@ -13,51 +13,30 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use super::config::TunnelConfig;
 use super::group::{lock, Shared, TunnelGroup, View};
 use super::handshake::{Outcome, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::stats::TunnelStats;
 use super::timers::{Due, Intervals};
-use super::PresharedKey;
 use crate::net::{Datagram, DatagramSocket, OutputStream};
 use crate::tun::{Room, TunDevice, TunFrame};
 use crate::Result;
 
-/// How a [`Tunnel`] runs.
-#[derive(Debug, Clone)]
-pub struct TunnelConfig {
-    /// The UDP address to listen on.
-    pub listen: SocketAddr,
-    /// The peer's UDP address; without it, learned from the first data message that
-    /// authenticates.
-    pub peer: Option<SocketAddr>,
-    /// The pre-shared key.
-    pub key: PresharedKey,
-    /// Most frames or datagrams handled per batch (default 64).
-    pub batch: usize,
-    /// A side that received but has sent nothing for this long sends an empty message,
-    /// so its peer knows the session lives (default 1 s).
-    pub keepalive: Duration,
-    /// A side that sent data but heard nothing authentic for this long starts a new
-    /// handshake: its peer may have restarted (default 3 s).
-    pub rehandshake_after: Duration,
-    /// An unanswered Init is sent again, with a new random, after this long
-    /// (default 500 ms).
-    pub handshake_retry: Duration,
-}
-
-impl TunnelConfig {
-    /// The defaults, with these addresses and key.
-    pub fn new(listen: SocketAddr, peer: Option<SocketAddr>, key: PresharedKey) -> TunnelConfig {
-        TunnelConfig {
-            listen,
-            peer,
-            key,
-            batch: 64,
-            keepalive: Duration::from_secs(1),
-            rehandshake_after: Duration::from_secs(3),
-            handshake_retry: Duration::from_millis(500),
-        }
+impl TunnelGroup {
+    /// A member on this thread: the queue `tun` and a new UDP socket (don't-fragment on,
+    /// UDP GRO on receive) bound with SO_REUSEPORT to the group's address (the first
+    /// member binds `config.listen`, and its port is everyone's). The first member also
+    /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
+    pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
+        let (socket, leader, lane) = self.bind_member()?;
+        Ok(Tunnel::member(
+            tun,
+            socket,
+            self.shared.clone(),
+            leader,
+            lane,
+        ))
     }
 }
 

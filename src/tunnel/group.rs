@@ -6,20 +6,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
-use super::endpoint::{Tunnel, TunnelConfig};
+use super::config::TunnelConfig;
 use super::handshake::Handshake;
 use super::session::Session;
 use super::timers::Timers;
 use crate::net::DatagramSocket;
-use crate::tun::TunDevice;
 use crate::Result;
 
 /// What the threads of one tunnel share: the handshake, the sessions, the peer's
 /// address, the timers, and the UDP address every thread's socket is bound to.
 ///
 /// Several threads run one tunnel by each [`join`](Self::join)ing a group with its own
-/// queue of a multi-queue TUN ([`TunDevice::open_queue`], or
-/// [`TunDevice::create`] of the same name on that thread) and its own UDP socket, bound
+/// queue of a multi-queue TUN ([`TunDevice::open_queue`](crate::tun::TunDevice::open_queue), or
+/// [`TunDevice::create`](crate::tun::TunDevice::create) of the same name on that thread) and its own UDP socket, bound
 /// with SO_REUSEPORT to the group's address: the kernel spreads flows over the queues
 /// and the peer's datagrams over the sockets, and whichever thread a packet reaches
 /// handles it under the one session. Where every member's thread is pinned to a CPU
@@ -123,11 +122,10 @@ impl TunnelGroup {
         }
     }
 
-    /// A member on this thread: the queue `tun` and a new UDP socket (don't-fragment on,
-    /// UDP GRO on receive) bound with SO_REUSEPORT to the group's address (the first
-    /// member binds `config.listen`, and its port is everyone's). The first member also
-    /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
-    pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
+    /// A new member's UDP socket (don't-fragment on, UDP GRO on receive) bound with
+    /// SO_REUSEPORT to the group's address (the first member binds `config.listen`, and
+    /// its port is everyone's), whether it leads (runs the timers), and its lane.
+    pub(super) fn bind_member(&self) -> Result<(DatagramSocket, bool, usize)> {
         let shared = &self.shared;
         let socket = DatagramSocket::new();
         let control = socket.control();
@@ -162,7 +160,7 @@ impl TunnelGroup {
             }
             (leader, lane)
         };
-        Ok(Tunnel::member(tun, socket, shared.clone(), leader, lane))
+        Ok((socket, leader, lane))
     }
 
     /// The UDP address the members are bound to, once one is.

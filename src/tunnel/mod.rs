@@ -15,6 +15,7 @@
 //!   associated data). A peer's address is learned, and followed when it moves, only
 //!   from a data message that authenticates and is not a replay.
 
+mod config;
 mod endpoint;
 mod group;
 mod handshake;
@@ -24,7 +25,8 @@ mod session;
 mod stats;
 mod timers;
 
-pub use endpoint::{Tunnel, TunnelConfig};
+pub use config::TunnelConfig;
+pub use endpoint::Tunnel;
 pub use group::TunnelGroup;
 pub use key::PresharedKey;
 pub use session::{DATA_HEADER, TAG_LEN};
