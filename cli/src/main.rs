@@ -135,8 +135,8 @@ struct BenchArgs {
     gro: bool,
     /// ringsock impls: microseconds the runtime spins on its completions before every
     /// sleep in the kernel (0: never). Trades CPU for wake-up latency. Without it
-    /// RINGSOCK_SPIN applies, else the runtime's default: spin up to 100 us while events
-    /// come back sooner. The JSON's `spin` field says which ran.
+    /// RINGSOCK_SPIN applies, else the runtime's default: while recent waits average under
+    /// 30 us, spin about twice that average. The JSON's `spin` field says which ran.
     #[arg(long, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
     spin_us: Option<u64>,
     /// tunnel, ringsock impls: the tunnels without offloads (plain packets).

@@ -173,7 +173,7 @@ impl Builder {
                 timers: RefCell::new(time::Timers::default()),
                 running: Cell::new(false),
                 spin,
-                recent_wait: Cell::new(Duration::ZERO),
+                waits: Cell::new(spin::Waits::default()),
                 resolve_timeout,
                 tasks: Rc::default(),
             }),
@@ -196,9 +196,9 @@ struct Inner {
     running: Cell<bool>,
     /// How long to look for completions before sleeping in the kernel.
     spin: Spin,
-    /// Moving average of how long the loop waited for something to happen (kept for
+    /// How long the loop waited for something to happen lately (kept for
     /// [`Spin::Adaptive`]).
-    recent_wait: Cell<Duration>,
+    waits: Cell<spin::Waits>,
     /// How long a name lookup may take.
     resolve_timeout: Duration,
     /// Every task not yet finished, so dropping the runtime drops them all.
@@ -318,9 +318,14 @@ impl Runtime {
             let timers_armed = !self.inner.timers.borrow().is_empty();
             let waiting = !busy;
             let policy = self.inner.spin;
-            let spin = policy
-                .budget(self.inner.recent_wait.get())
-                .filter(|_| waiting);
+            let spin = if waiting {
+                let mut waits = self.inner.waits.get();
+                let spin = policy.budget(&mut waits);
+                self.inner.waits.set(waits);
+                spin
+            } else {
+                None
+            };
             let measure = waiting && policy.measures_waits();
             let now = (timers_armed || spin.is_some() || measure).then(Instant::now);
             if let (Some(spin), Some(now)) = (spin, now) {
@@ -339,10 +344,9 @@ impl Runtime {
                 panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
             }
             if let (true, Some(now)) = (measure, now) {
-                let recent = self.inner.recent_wait.get();
-                self.inner
-                    .recent_wait
-                    .set(policy.blend(recent, now.elapsed()));
+                let mut waits = self.inner.waits.get();
+                policy.record(&mut waits, now.elapsed());
+                self.inner.waits.set(waits);
             }
             if timers_armed {
                 let due = self.inner.timers.borrow_mut().take_due(Instant::now());

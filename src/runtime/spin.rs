@@ -13,12 +13,15 @@ pub enum Spin {
     Off,
     /// Look for up to this long before every sleep.
     Fixed(Duration),
-    /// Look only while events have lately come back sooner than this (a moving average
-    /// of the waits), and then for about twice that average, never longer than this.
-    /// A loop in a fast exchange (a round trip, a send's completion, a burst of
-    /// datagrams) catches the next event without a wake-up; one that waits longer (an
-    /// idle server, a relay at a few thousand packets per second) sleeps at once, and the
-    /// end of a burst costs a spin of twice the gaps inside it, not the whole limit.
+    /// Look only while events have lately come back within this (a moving average of
+    /// the waits), and then for about three times that average, never longer than twice
+    /// this. A loop in a fast exchange (a round trip, a send's completion, a burst of
+    /// datagrams) catches the next event without a wake-up; one whose events come
+    /// further apart (an idle server, a relay at a few thousand packets per second)
+    /// sleeps at once, and the end of a burst costs a spin of a few gaps, not the whole
+    /// limit. A loop that sleeps looks once in a while (every 64th wait, for this long):
+    /// a sleep makes every wait look a wake-up longer than it was, so without the look a
+    /// fast exchange that slowed once would never be seen to be fast again.
     Adaptive(Duration),
 }
 
@@ -39,15 +42,25 @@ impl Spin {
         }
     }
 
-    /// How long to spin before the next sleep, given the moving average of the waits.
-    pub(super) fn budget(self, recent_wait: Duration) -> Option<Duration> {
+    /// How long to spin before the next sleep, given what the waits were.
+    pub(super) fn budget(self, waits: &mut Waits) -> Option<Duration> {
+        waits.probing = false;
         match self {
             Spin::Off => None,
             Spin::Fixed(spin) => Some(spin),
-            Spin::Adaptive(limit) if recent_wait < limit => {
-                Some((recent_wait * 2).clamp(MIN_ADAPTIVE_SPIN.min(limit), limit))
+            Spin::Adaptive(limit) if waits.recent <= limit => {
+                waits.unspun = 0;
+                Some((waits.recent * 3).clamp(MIN_ADAPTIVE_SPIN.min(limit), limit * 2))
             }
-            Spin::Adaptive(_) => None,
+            Spin::Adaptive(limit) => {
+                waits.unspun += 1;
+                if waits.unspun < PROBE_EVERY {
+                    return None;
+                }
+                waits.unspun = 0;
+                waits.probing = true;
+                Some(limit)
+            }
         }
     }
 
@@ -56,22 +69,41 @@ impl Spin {
         matches!(self, Spin::Adaptive(_))
     }
 
-    /// The moving average after one more wait: recent waits weigh most, and a wait counts
-    /// for at most twice the limit, so a few fast round trips after an idle spell,
-    /// however long, bring the spin back.
-    pub(super) fn blend(self, recent_wait: Duration, wait: Duration) -> Duration {
-        let cap = match self {
-            Spin::Adaptive(limit) => limit * 2,
-            Spin::Off | Spin::Fixed(_) => wait,
+    /// Takes one more wait into the moving average: recent waits weigh most, and a wait
+    /// counts for at most twice the limit, so a few fast round trips after an idle spell,
+    /// however long, bring the spin back. A look that caught its event restarts the
+    /// average from that wait: the exchange is fast again.
+    pub(super) fn record(self, waits: &mut Waits, wait: Duration) {
+        let Spin::Adaptive(limit) = self else {
+            return;
         };
-        (recent_wait * 3 + wait.min(cap)) / 4
+        if std::mem::take(&mut waits.probing) && wait <= limit {
+            waits.recent = wait;
+            return;
+        }
+        waits.recent = (waits.recent * 3 + wait.min(limit * 2)) / 4;
     }
 }
 
+/// What the adaptive spin knows of the loop's recent waits.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Waits {
+    /// Moving average of the waits.
+    recent: Duration,
+    /// Sleeps in a row without a spin.
+    unspun: u32,
+    /// The coming wait follows a look taken while the loop was sleeping.
+    probing: bool,
+}
+
+/// A sleeping adaptive loop looks once every this many waits (see [`Spin::Adaptive`]).
+const PROBE_EVERY: u32 = 64;
+
 impl Default for Spin {
-    /// Adaptive, up to 30 µs: about what a wake-up costs on a virtual machine. A
-    /// round trip that comes back within it is watched for rather than slept through;
-    /// waits longer than that cost more CPU spun than slept, so they sleep.
+    /// Adaptive, for waits of up to 30 µs: about what a wake-up costs on a virtual
+    /// machine. A round trip that comes back that soon is watched for rather than
+    /// slept through; events further apart cost more CPU spun than slept, so the loop
+    /// sleeps.
     fn default() -> Spin {
         Spin::Adaptive(Duration::from_micros(30))
     }
@@ -124,50 +156,86 @@ impl std::str::FromStr for Spin {
 mod tests {
     use super::*;
 
-    #[test]
-    fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
-        let limit = Duration::from_micros(30);
-        let policy = Spin::Adaptive(limit);
-        let mut recent = Duration::ZERO;
-        assert!(policy.budget(recent).is_some());
-        // An idle spell: long waits turn the spin off.
-        for _ in 0..10 {
-            recent = policy.blend(recent, Duration::from_secs(3600));
+    fn waits_of(recent: Duration) -> Waits {
+        Waits {
+            recent,
+            ..Waits::default()
         }
-        assert_eq!(policy.budget(recent), None);
-        // Round trips of 15 us bring it back within a few waits, however long the spell.
-        let mut waits = 0;
-        while policy.budget(recent).is_none() {
-            recent = policy.blend(recent, Duration::from_micros(15));
-            waits += 1;
-            assert!(waits <= 6, "the spin took {waits} waits to come back");
-        }
-        // Steady gaps of 40 us, a relay at 20k packets/s say, cost more spun than slept.
-        for _ in 0..50 {
-            recent = policy.blend(recent, Duration::from_micros(40));
-        }
-        assert_eq!(policy.budget(recent), None);
     }
 
     #[test]
-    fn adaptive_spin_lasts_about_twice_the_recent_waits() {
+    fn adaptive_spin_stops_after_long_waits_and_returns_after_fast_ones() {
         let policy = Spin::Adaptive(Duration::from_micros(30));
-        let mut recent = Duration::from_micros(60);
+        let mut waits = Waits::default();
+        assert!(policy.budget(&mut waits).is_some());
+        // An idle spell: long waits turn the spin off.
+        for _ in 0..10 {
+            policy.record(&mut waits, Duration::from_secs(3600));
+        }
+        assert_eq!(policy.budget(&mut waits), None);
+        // Round trips of 15 us bring it back within a few waits, however long the spell.
+        let mut count = 0;
+        while policy.budget(&mut waits).is_none() {
+            policy.record(&mut waits, Duration::from_micros(15));
+            count += 1;
+            assert!(count <= 6, "the spin took {count} waits to come back");
+        }
+        // Steady gaps of 40 us, a relay at 20k packets/s say, cost more spun than slept.
         for _ in 0..50 {
-            recent = policy.blend(recent, Duration::from_micros(5));
+            policy.record(&mut waits, Duration::from_micros(40));
+        }
+        assert_eq!(policy.budget(&mut waits), None);
+    }
+
+    #[test]
+    fn a_sleeping_adaptive_loop_looks_now_and_then_and_a_caught_event_brings_the_spin_back() {
+        let limit = Duration::from_micros(30);
+        let policy = Spin::Adaptive(limit);
+        // Round trips that take a wake-up longer because the loop sleeps through them.
+        let mut waits = waits_of(Duration::from_micros(60));
+        let mut sleeps = 0;
+        let probe = loop {
+            match policy.budget(&mut waits) {
+                Some(spin) => break spin,
+                None => {
+                    policy.record(&mut waits, Duration::from_micros(60));
+                    sleeps += 1;
+                }
+            }
+        };
+        assert_eq!(sleeps, PROBE_EVERY - 1);
+        assert_eq!(probe, limit);
+        // The look caught the answer after 20 us: the loop spins again at once.
+        policy.record(&mut waits, Duration::from_micros(20));
+        assert_eq!(policy.budget(&mut waits), Some(Duration::from_micros(60)));
+        // A look that finds nothing changes only the average.
+        let mut waits = waits_of(Duration::from_micros(60));
+        waits.unspun = PROBE_EVERY - 1;
+        assert_eq!(policy.budget(&mut waits), Some(limit));
+        policy.record(&mut waits, Duration::from_micros(45));
+        assert_eq!(policy.budget(&mut waits), None);
+    }
+
+    #[test]
+    fn adaptive_spin_lasts_a_few_recent_waits() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let mut waits = waits_of(Duration::from_micros(60));
+        for _ in 0..50 {
+            policy.record(&mut waits, Duration::from_micros(5));
         }
         // Gaps of 5 us inside a burst: the spin after its last datagram is short.
-        let budget = policy.budget(recent).unwrap();
-        assert!(budget <= Duration::from_micros(11), "{budget:?}");
+        let budget = policy.budget(&mut waits).unwrap();
+        assert!(budget <= Duration::from_micros(16), "{budget:?}");
         assert!(budget >= MIN_ADAPTIVE_SPIN, "{budget:?}");
         for _ in 0..50 {
-            recent = policy.blend(recent, Duration::from_micros(14));
+            policy.record(&mut waits, Duration::from_micros(14));
         }
-        let budget = policy.budget(recent).unwrap();
-        assert!(budget >= Duration::from_micros(27), "{budget:?}");
-        assert!(budget <= Duration::from_micros(30), "{budget:?}");
+        let budget = policy.budget(&mut waits).unwrap();
+        assert!(budget >= Duration::from_micros(40), "{budget:?}");
+        assert!(budget <= Duration::from_micros(60), "{budget:?}");
         // Nothing at all lately still looks at least a few system calls' worth.
-        assert_eq!(policy.budget(Duration::ZERO), Some(MIN_ADAPTIVE_SPIN));
+        let mut waits = Waits::default();
+        assert_eq!(policy.budget(&mut waits), Some(MIN_ADAPTIVE_SPIN));
     }
 
     #[test]
@@ -215,10 +283,12 @@ mod tests {
 
     #[test]
     fn fixed_and_off_ignore_the_waits() {
-        let long = Duration::from_secs(1);
         let spin = Duration::from_micros(50);
-        assert_eq!(Spin::Fixed(spin).budget(long), Some(spin));
-        assert_eq!(Spin::Off.budget(Duration::ZERO), None);
+        assert_eq!(
+            Spin::Fixed(spin).budget(&mut waits_of(Duration::from_secs(1))),
+            Some(spin)
+        );
+        assert_eq!(Spin::Off.budget(&mut Waits::default()), None);
         assert!(!Spin::Fixed(spin).measures_waits());
         assert!(Spin::Adaptive(spin).measures_waits());
     }
