@@ -98,10 +98,13 @@ impl Layout {
 }
 
 /// Bytes one slot of `capacity` payload bytes and `control` bytes of control data takes.
+/// Saturates rather than wraps: a stride that cannot be mapped fails the mapping, where a
+/// wrapped one would lay every buffer over the same few bytes.
 fn slot_stride(capacity: usize, control: usize) -> usize {
     capacity
         .saturating_add(header_room(control))
-        .next_multiple_of(64)
+        .checked_next_multiple_of(64)
+        .unwrap_or(usize::MAX)
 }
 
 /// The memory of a ring of `datagrams` slots (rounded up to a power of two, as the

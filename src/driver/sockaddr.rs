@@ -139,13 +139,15 @@ pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// `addr` as the socket's family needs it: IPv4 becomes IPv4-mapped on an IPv6 socket.
+/// `addr` as the socket's family needs it: IPv4 becomes IPv4-mapped on an IPv6 socket,
+/// and IPv4-mapped IPv6 becomes IPv4 on an IPv4 socket (which refuses any IPv6 address).
 pub(crate) fn for_family(addr: SocketAddr, ipv6_socket: bool) -> SocketAddr {
     match (addr, ipv6_socket) {
         (SocketAddr::V4(v4), true) => {
             SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
         }
-        (addr, _) => addr,
+        (addr, false) => canonical(addr),
+        (addr, true) => addr,
     }
 }
 
@@ -191,5 +193,6 @@ mod tests {
         assert!(mapped.is_ipv6());
         assert_eq!(canonical(mapped), v4);
         assert_eq!(for_family(v4, false), v4);
+        assert_eq!(for_family(mapped, false), v4);
     }
 }

@@ -56,8 +56,9 @@ pub struct ReceiveRing {
     /// Datagrams of `buffer_size` bytes the ring holds at least; rounded up to a power of
     /// two, 1..=32768 (default 64).
     pub buffers: u16,
-    /// Payload bytes a datagram keeps (default 65,536: every UDP datagram whole). Only a
-    /// ring made smaller cuts datagrams: a longer one is delivered truncated to this
+    /// Payload bytes a datagram keeps, 1..=65,536 (default 65,536: every UDP datagram
+    /// whole, so a larger size could never be filled). Only a ring made smaller cuts
+    /// datagrams: a longer one is delivered truncated to this
     /// size, flagged ([`Datagram::is_truncated`]) and counted
     /// ([`ReceiveStats::truncated`]).
     pub buffer_size: usize,
@@ -488,6 +489,9 @@ impl DatagramSocket {
         addr: SocketAddr,
         options: &SendOptions,
     ) -> BufResult<usize, B> {
+        if let Err(err) = check_destination(addr) {
+            return (Err(err), buf);
+        }
         let fd = match self.socket_for(&addr) {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
@@ -552,6 +556,7 @@ impl DatagramSocket {
         options: &SendOptions,
     ) -> Result<OutputStream> {
         no_stream_pacing(options)?;
+        check_destination(addr)?;
         let fd = self.socket_for(&addr)?;
         let meta = self.send_meta(options, addr)?;
         Ok(self.stream_to(fd, Some(for_family(addr, self.ipv6.get())), meta))
@@ -630,7 +635,12 @@ impl DatagramSocket {
             .into_iter()
             .zip(targets)
             .map(|(result, (to, _))| {
-                result.map_err(|err| Error::io(format!("send to {}", canonical(to)), err))
+                let to = canonical(to);
+                result.map_err(|err| match check_destination(to) {
+                    // The kernel's EINVAL for it says less.
+                    Err(bad) => bad,
+                    Ok(()) => Error::io(format!("send to {to}"), err),
+                })
             })
             .collect())
     }
@@ -650,8 +660,14 @@ impl DatagramSocket {
 
     /// Waits until at least one datagram is there, then appends every ready datagram, up
     /// to `max`, to `out` and returns how many. A datagram a smaller ring cut comes
-    /// flagged ([`Datagram::is_truncated`]), as from [`recv`](Self::recv).
+    /// flagged ([`Datagram::is_truncated`]), as from [`recv`](Self::recv). A `max` of 0
+    /// is an InvalidArgument error: the call would wait for a datagram it cannot take.
     pub async fn recv_batch(&self, out: &mut Vec<Datagram>, max: usize) -> Result<usize> {
+        if max == 0 {
+            return Err(Error::invalid_input(
+                "recv_batch with max 0: it takes at least one datagram",
+            ));
+        }
         let mut raw = Vec::with_capacity(max.clamp(1, 1024));
         self.recv_raw(&mut raw, max).await?;
         let n = raw.len();
@@ -774,15 +790,14 @@ impl DatagramSocket {
 
     /// The socket's options (DatagramSocket.Control).
     pub fn control(&self) -> DatagramSocketControl<'_> {
-        self.control_for(self.fd.get())
+        self.control_for(None)
     }
 
     fn control_for<'a>(&'a self, fd: Option<&'a SharedFd>) -> DatagramSocketControl<'a> {
         DatagramSocketControl {
             options: &self.options,
-            fd,
-            ipv6: self.ipv6.get(),
-            receiving: self.receiver.borrow().is_some(),
+            socket: self,
+            installing: fd,
         }
     }
 }
@@ -989,14 +1004,32 @@ impl Messages<'_> {
 /// The options of one datagram socket, like DatagramSocket.Control
 /// (DatagramSocketControl). Set them before binding; on a live socket a setter applies
 /// at once.
+///
+/// A control reads the socket's state when a setter runs, not when the control was
+/// taken: one taken before `bind` applies its options to the bound socket, and one taken
+/// before the first receive refuses what must be set before it.
 pub struct DatagramSocketControl<'a> {
     options: &'a DatagramOptions,
-    fd: Option<&'a SharedFd>,
-    ipv6: bool,
-    receiving: bool,
+    socket: &'a DatagramSocket,
+    /// The descriptor being installed: its options are applied before the socket holds it.
+    installing: Option<&'a SharedFd>,
 }
 
-impl DatagramSocketControl<'_> {
+impl<'a> DatagramSocketControl<'a> {
+    /// The socket's descriptor now (or the one being installed).
+    fn fd(&self) -> Option<&'a SharedFd> {
+        self.installing.or_else(|| self.socket.fd.get())
+    }
+
+    fn ipv6(&self) -> bool {
+        self.socket.ipv6.get()
+    }
+
+    /// The receive ring is set up (by the first receive).
+    fn receiving(&self) -> bool {
+        self.socket.receiver.borrow().is_some()
+    }
+
     fn apply_all(&self) -> Result<()> {
         if let Some(bytes) = self.options.receive_buffer_size.get() {
             self.set_receive_buffer_size(bytes)?;
@@ -1042,7 +1075,7 @@ impl DatagramSocketControl<'_> {
     /// socket sharing the port must set it, before binding. Multicast and broadcast
     /// datagrams reach each of them; unicast ones are spread over them by the kernel.
     pub fn set_multicast_only(&self, on: bool) -> Result<()> {
-        if self.fd.is_some() {
+        if self.fd().is_some() {
             return Err(Error::invalid_input(
                 "multicast_only (port sharing) must be set before the socket is bound",
             ));
@@ -1060,13 +1093,13 @@ impl DatagramSocketControl<'_> {
     /// kernel doubles it and caps it at net.core.rmem_max).
     pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
         let wanted = &self.options.receive_buffer_size;
-        set_buffer_size(wanted, self.fd, SocketBuffer::Receive, bytes)
+        set_buffer_size(wanted, self.fd(), SocketBuffer::Receive, bytes)
     }
 
     /// Requests a send buffer of `bytes` (SO_SNDBUF).
     pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
         let wanted = &self.options.send_buffer_size;
-        set_buffer_size(wanted, self.fd, SocketBuffer::Send, bytes)
+        set_buffer_size(wanted, self.fd(), SocketBuffer::Send, bytes)
     }
 
     /// The kernel's receive buffer size of a live socket.
@@ -1084,9 +1117,9 @@ impl DatagramSocketControl<'_> {
     pub fn set_hop_limit(&self, hops: u32) -> Result<()> {
         check_hops(hops)?;
         self.options.hop_limit.set(Some(hops));
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         let sock = fd.sock();
-        if self.ipv6 {
+        if self.ipv6() {
             sock.set_unicast_hops_v6(hops)
                 .map_err(|e| Error::io("set IPV6_UNICAST_HOPS", e))
         } else {
@@ -1097,7 +1130,7 @@ impl DatagramSocketControl<'_> {
     /// The unicast hop limit of a live socket.
     pub fn hop_limit(&self) -> Result<u32> {
         let sock = self.live()?.sock();
-        if self.ipv6 {
+        if self.ipv6() {
             sock.unicast_hops_v6()
                 .map_err(|e| Error::io("get IPV6_UNICAST_HOPS", e))
         } else {
@@ -1108,7 +1141,7 @@ impl DatagramSocketControl<'_> {
     /// Allows sending to broadcast addresses (SO_BROADCAST).
     pub fn set_broadcast(&self, on: bool) -> Result<()> {
         self.options.broadcast.set(on);
-        match self.fd {
+        match self.fd() {
             Some(fd) => fd
                 .sock()
                 .set_broadcast(on)
@@ -1123,12 +1156,12 @@ impl DatagramSocketControl<'_> {
     /// MessageTooLong instead of being fragmented.
     pub fn set_dont_fragment(&self, on: bool) -> Result<()> {
         self.options.dont_fragment.set(on);
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         let set = |level, name, value| {
             ops_datagram::set_int_option(fd, level, name, value)
                 .map_err(|e| Error::io("set don't-fragment", e))
         };
-        if self.ipv6 {
+        if self.ipv6() {
             let mode = if on {
                 libc::IPV6_PMTUDISC_DO
             } else {
@@ -1163,9 +1196,9 @@ impl DatagramSocketControl<'_> {
     /// (IP_MULTICAST_LOOP / IPV6_MULTICAST_LOOP; on by default).
     pub fn set_multicast_loop(&self, on: bool) -> Result<()> {
         self.options.multicast_loop.set(Some(on));
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         let sock = fd.sock();
-        if self.ipv6 {
+        if self.ipv6() {
             sock.set_multicast_loop_v6(on)
                 .map_err(|e| Error::io("set IPV6_MULTICAST_LOOP", e))?;
             let _ = sock.set_multicast_loop_v4(on);
@@ -1185,9 +1218,9 @@ impl DatagramSocketControl<'_> {
             )));
         }
         self.options.multicast_hop_limit.set(Some(hops));
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         let sock = fd.sock();
-        if self.ipv6 {
+        if self.ipv6() {
             sock.set_multicast_hops_v6(hops)
                 .map_err(|e| Error::io("set IPV6_MULTICAST_HOPS", e))?;
             let _ = sock.set_multicast_ttl_v4(hops);
@@ -1200,14 +1233,18 @@ impl DatagramSocketControl<'_> {
 
     /// The receive ring's shape; set before the first receive.
     pub fn set_receive_ring(&self, ring: ReceiveRing) -> Result<()> {
-        if self.receiving {
+        if self.receiving() {
             return Err(Error::invalid_input(
                 "the receive ring is set up by the first receive: configure it before",
             ));
         }
-        if ring.buffers == 0 || ring.buffers > 32768 || ring.buffer_size == 0 {
+        if ring.buffers == 0
+            || ring.buffers > 32768
+            || ring.buffer_size == 0
+            || ring.buffer_size > ReceiveRing::WHOLE
+        {
             return Err(Error::invalid_input(format!(
-                "receive ring of {} buffers of {} bytes: 1..=32768 buffers of at least 1 byte",
+                "receive ring of {} buffers of {} bytes: 1..=32768 buffers of 1..=65536 bytes",
                 ring.buffers, ring.buffer_size
             )));
         }
@@ -1230,7 +1267,7 @@ impl DatagramSocketControl<'_> {
     /// whose `buffer_size` is at least 65535 bytes, as the default's is; set before the
     /// first receive.
     pub fn set_gro(&self, on: bool) -> Result<()> {
-        if self.receiving {
+        if self.receiving() {
             return Err(Error::invalid_input("set GRO before the first receive"));
         }
         if on && self.options.ring.get().buffer_size < 65535 {
@@ -1243,7 +1280,7 @@ impl DatagramSocketControl<'_> {
     }
 
     fn apply_gro(&self, on: bool) -> Result<()> {
-        match self.fd {
+        match self.fd() {
             Some(fd) => ops_datagram::set_int_option(fd, libc::SOL_UDP, UDP_GRO, on as libc::c_int)
                 .map_err(|e| Error::io("set UDP_GRO", e)),
             None => Ok(()),
@@ -1297,7 +1334,7 @@ impl DatagramSocketControl<'_> {
 
     /// The receive ring has room for control data only as set up by the first receive.
     fn before_receiving(&self, what: &str) -> Result<()> {
-        if self.receiving {
+        if self.receiving() {
             return Err(Error::invalid_input(format!(
                 "{what}: receive metadata is set up by the first receive: set it before"
             )));
@@ -1306,8 +1343,8 @@ impl DatagramSocketControl<'_> {
     }
 
     fn apply_receive_destination(&self, on: bool) -> Result<()> {
-        let Some(fd) = self.fd else { return Ok(()) };
-        let (level, name, what) = if self.ipv6 {
+        let Some(fd) = self.fd() else { return Ok(()) };
+        let (level, name, what) = if self.ipv6() {
             (
                 libc::IPPROTO_IPV6,
                 libc::IPV6_RECVPKTINFO,
@@ -1321,10 +1358,10 @@ impl DatagramSocketControl<'_> {
     }
 
     fn apply_receive_traffic_class(&self, on: bool) -> Result<()> {
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         let value = on as libc::c_int;
         let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, value);
-        if self.ipv6 {
+        if self.ipv6() {
             // IPv4 datagrams on a dual-stack socket report IP_TOS; an IPv6-only socket
             // may refuse the IPv4 option, which it never needs.
             ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, value)
@@ -1335,7 +1372,7 @@ impl DatagramSocketControl<'_> {
     }
 
     fn apply_receive_timestamps(&self, on: bool) -> Result<()> {
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         ops_datagram::set_int_option(
             fd,
             libc::SOL_SOCKET,
@@ -1353,7 +1390,7 @@ impl DatagramSocketControl<'_> {
     /// its time.
     pub fn set_kernel_pacing(&self, on: bool) -> Result<()> {
         if on {
-            if let Some(fd) = self.fd {
+            if let Some(fd) = self.fd() {
                 ops_datagram::enable_txtime(fd).map_err(|e| Error::io("set SO_TXTIME", e))?;
             }
         }
@@ -1379,7 +1416,7 @@ impl DatagramSocketControl<'_> {
     }
 
     fn live(&self) -> Result<&SharedFd> {
-        self.fd
+        self.fd()
             .ok_or_else(|| Error::invalid_input("the socket is not bound or connected"))
     }
 }
@@ -1390,6 +1427,17 @@ fn no_stream_pacing(options: &SendOptions) -> Result<()> {
         return Err(Error::invalid_input(
             "a transmit time is per datagram: use send_to_addr_with or send_many",
         ));
+    }
+    Ok(())
+}
+
+/// A datagram needs a destination port: port 0 is InvalidArgument, not the kernel's
+/// EINVAL (which ringsock reports as UnsupportedOperation).
+fn check_destination(addr: SocketAddr) -> Result<()> {
+    if addr.port() == 0 {
+        return Err(Error::invalid_input(format!(
+            "send to {addr}: port 0 is no destination"
+        )));
     }
     Ok(())
 }

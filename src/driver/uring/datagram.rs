@@ -118,7 +118,7 @@ impl Receiver {
         let header = RECVMSG_OUT + NAME_LEN + control_len;
         debug_assert_eq!(RECVMSG_OUT + NAME_LEN, BEFORE_CONTROL);
         debug_assert!(header <= header_room(control_len));
-        let whole = header + layout.capacity;
+        let whole = header.saturating_add(layout.capacity);
         // Incrementally: the kernel fills a buffer datagram after datagram and gives it
         // up once fewer bytes are left than a header and `capacity` (min_left), so it
         // never starts a datagram it could not hold. Else one datagram per buffer, the
