@@ -700,3 +700,26 @@ fn a_control_taken_early_sees_the_socket_as_it_is() {
         assert_eq!(socket.control().receive_ring(), ReceiveRing::default());
     });
 }
+
+/// A ring of one buffer: a forward lent from it would leave the ring dry (the next
+/// receive waits until the forward is dropped), which the loan cap promises never
+/// happens; so its datagrams are copied.
+#[test]
+fn forwarding_never_takes_the_last_buffer() {
+    util::on_each_receive_path(|backend: Backend| async move {
+        let source = bound_v4();
+        let relay = with_ring(1, 2048);
+        let to = relay.local_addr().unwrap();
+        source.send_to_addr(payload(1, 100), to).await.0.unwrap();
+        let forward = recv(&relay).await.into_forward();
+        assert_eq!(forward.data(), &payload(1, 100)[..]);
+        let stats = relay.receive_stats();
+        assert_eq!(stats.buffers, 1, "{backend}");
+        assert!(!forward.is_zero_copy(), "{backend}: {stats:?}");
+        assert_eq!(stats.buffers_free, 1, "{backend}: {stats:?}");
+        // The ring still receives while the forward is held.
+        source.send_to_addr(payload(2, 100), to).await.0.unwrap();
+        assert_eq!(&recv(&relay).await[..], &payload(2, 100)[..], "{backend}");
+        drop(forward);
+    });
+}

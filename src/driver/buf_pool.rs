@@ -327,9 +327,11 @@ impl BufPool {
     }
 
     /// Most buffers datagrams lent to sends may hold: a quarter of the pool (at least
-    /// one), so forwarding without a copy never drains the ring.
+    /// one), never every buffer, so forwarding without a copy never drains the ring. A
+    /// pool of one buffer lends none: its datagrams are copied.
     pub(crate) fn loan_cap(&self) -> usize {
-        (self.layout.buffers as usize / 4).max(1)
+        let buffers = self.layout.buffers as usize;
+        (buffers / 4).max(1).min(buffers.saturating_sub(1))
     }
 
     /// Buffers held by datagrams lent to sends.

@@ -17,7 +17,8 @@ use crate::buf::IoBuf;
 /// receive buffer to the ring.
 ///
 /// Datagrams lent to sends may hold at most a quarter of the ring's buffers (at least
-/// one), so forwarding never leaves the ring dry; past that, a datagram's bytes are
+/// one, but never the last: a ring of one buffer lends none), so forwarding never leaves
+/// the ring dry; past that, a datagram's bytes are
 /// copied and its buffer goes back at once ([`is_zero_copy`](Self::is_zero_copy) tells).
 pub struct Forward {
     body: Body,

@@ -128,7 +128,7 @@ pub struct ReceiveStats {
     /// datagram.
     pub buffers_free: usize,
     /// Buffers held by datagrams being forwarded without a copy ([`Datagram::into_forward`]);
-    /// at most a quarter of the ring's.
+    /// at most a quarter of the ring's (at least one, never the last).
     pub buffers_forwarding: usize,
 }
 
