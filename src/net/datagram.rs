@@ -404,7 +404,8 @@ impl DatagramSocket {
         };
         self.pace(options).await;
         let (result, buf) = ops_datagram::send_to(fd, buf, None, &meta).await;
-        (result.map_err(|err| Error::io("send", err)), buf)
+        let context = send_context(None, meta.source);
+        (result.map_err(|err| Error::io(context, err)), buf)
     }
 
     /// The driver's form of `options` for datagrams to `dest` (as the socket's family
@@ -504,7 +505,7 @@ impl DatagramSocket {
         let target = for_family(addr, self.ipv6.get());
         let (result, buf) = ops_datagram::send_to(fd, buf, Some(target), &meta).await;
         (
-            result.map_err(|err| Error::io(format!("send to {addr}"), err)),
+            result.map_err(|err| Error::io(send_context(Some(addr), meta.source), err)),
             buf,
         )
     }
@@ -634,12 +635,12 @@ impl DatagramSocket {
         Ok(results
             .into_iter()
             .zip(targets)
-            .map(|(result, (to, _))| {
+            .map(|(result, (to, meta))| {
                 let to = canonical(to);
                 result.map_err(|err| match check_destination(to) {
                     // The kernel's EINVAL for it says less.
                     Err(bad) => bad,
-                    Ok(()) => Error::io(format!("send to {to}"), err),
+                    Ok(()) => Error::io(send_context(Some(to), meta.source), err),
                 })
             })
             .collect())
@@ -1429,6 +1430,17 @@ fn no_stream_pacing(options: &SendOptions) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// What a failed send says it was: with the source address it asked for, which the
+/// kernel's error for a source this host does not own (ENETUNREACH, EINVAL) never names.
+fn send_context(to: Option<SocketAddr>, source: Option<IpAddr>) -> String {
+    match (to, source) {
+        (Some(to), Some(source)) => format!("send from {source} to {to}"),
+        (Some(to), None) => format!("send to {to}"),
+        (None, Some(source)) => format!("send from {source}"),
+        (None, None) => "send".to_string(),
+    }
 }
 
 /// A datagram needs a destination port: port 0 is InvalidArgument, not the kernel's

@@ -131,7 +131,9 @@ pub struct SendOptions {
     /// The source address (IP_PKTINFO / IPV6_PKTINFO): a local address of the host. A
     /// server bound to a wildcard address answers a request from the address it came
     /// to ([`Datagram::local_ip`](super::Datagram::local_ip)), which a client behind a
-    /// NAT or talking to a multi-homed host needs.
+    /// NAT or talking to a multi-homed host needs. An address the host does not own
+    /// fails that datagram with the kernel's error (such as NetworkIsUnreachable), whose
+    /// message names the source.
     pub source: Option<IpAddr>,
     /// The traffic class (IP_TOS / IPV6_TCLASS): DSCP and ECN.
     pub traffic_class: Option<TrafficClass>,
