@@ -729,3 +729,63 @@ fn forwarding_never_takes_the_last_buffer() {
         drop(forward);
     });
 }
+
+/// A relay detached while a forward of its own datagram is being sent on it, and while
+/// it holds received datagrams: the send ends (sent or with an error, its forward given
+/// back), the datagrams not taken come along, and the adopted socket receives on.
+#[test]
+fn detached_with_a_forward_in_flight() {
+    for backend in util::BACKENDS {
+        let Some(a) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let Some(b) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let relay = with_ring(8, 2048);
+        let sink = bound_v4();
+        let source = bound_v4();
+        let relay_addr = relay.local_addr().unwrap();
+        let sink_addr = sink.local_addr().unwrap();
+        let detached = a.block_on(async {
+            for i in 0..3 {
+                source
+                    .send_to_addr(payload(i, 300), relay_addr)
+                    .await
+                    .0
+                    .unwrap();
+            }
+            let forward = recv(&relay).await.into_forward();
+            let mut send = pin!(relay.send_to_addr(forward, sink_addr));
+            let first = poll_once(send.as_mut()).await;
+            let detached = relay.detach().unwrap();
+            let (result, forward) = match first {
+                Poll::Ready(done) => done,
+                Poll::Pending => must("the send ends", send).await,
+            };
+            if let Ok(n) = result {
+                assert_eq!(n, 300, "{backend}");
+            }
+            assert_eq!(forward.data(), &payload(0, 300)[..], "{backend}");
+            drop(forward);
+            let (late, _) = relay.send_to_addr(b"late".to_vec(), sink_addr).await;
+            assert!(late.is_err(), "{backend}: a detached handle sent");
+            detached
+        });
+        drop(relay);
+        b.block_on(async {
+            let adopted = detached.into_datagram().unwrap();
+            for i in 1..3 {
+                assert_eq!(&recv(&adopted).await[..], &payload(i, 300)[..], "{backend}");
+            }
+            let source = bound_v4();
+            source
+                .send_to_addr(payload(9, 5), relay_addr)
+                .await
+                .0
+                .unwrap();
+            assert_eq!(&recv(&adopted).await[..], &payload(9, 5)[..], "{backend}");
+        });
+        drop(a);
+    }
+}
