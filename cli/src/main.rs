@@ -236,6 +236,22 @@ impl std::str::FromStr for Seconds {
     }
 }
 
+/// `echo-client --timeout`: a positive number of seconds a `Duration` holds (a parse
+/// error, so a usage error, rather than a panic for `1e300`).
+fn reply_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{text:?} is not a positive number of seconds"));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(wait) if wait.is_zero() => Err(format!("{text:?} is less than a nanosecond")),
+        Ok(wait) => Ok(wait),
+        Err(err) => Err(format!("{text:?}: {err}")),
+    }
+}
+
 #[derive(Args)]
 struct EchoClientArgs {
     /// Host name or IP address of the server.
@@ -249,8 +265,8 @@ struct EchoClientArgs {
     #[arg(long)]
     udp: bool,
     /// UDP: how long to wait for the reply, in seconds.
-    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
-    timeout: f64,
+    #[arg(long, default_value = "2", value_name = "SECONDS", value_parser = reply_timeout)]
+    timeout: Duration,
     /// UDP: the DSCP of the datagram (0..=63; 46 is Expedited Forwarding, for audio).
     #[arg(long, requires = "udp", value_parser = clap::value_parser!(u8).range(0..=63))]
     dscp: Option<u8>,
@@ -631,13 +647,7 @@ async fn close_tls(socket: &StreamSocket, input: &mut ringsock::InputStream) {
 
 /// One datagram to the server; its reply within the timeout, or ConnectionTimedOut.
 async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Result<()> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(Error::invalid_input(format!(
-            "--timeout {} is not a positive number of seconds",
-            args.timeout
-        )));
-    }
-    let wait = Duration::from_secs_f64(args.timeout);
+    let wait = args.timeout;
     let socket = DatagramSocket::new();
     socket.connect(host, &args.port).await?;
     let mut options = SendOptions::default();
