@@ -89,7 +89,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_BATCH as u64))]
     batch: u64,
     /// Messages or datagrams (batch workloads, udp-recv) or measured round trips
-    /// (echo); default: the suite's count.
+    /// (echo); default: the suite's count. At most 10,000,000 for the echo workloads
+    /// and 1,000,000,000 for udp-relay, which keep something per message.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// tcp-echo-conns: connections (default 64).
