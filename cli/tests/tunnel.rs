@@ -6,6 +6,7 @@
 mod util;
 
 use std::io::{Read, Write};
+use std::os::unix::process::CommandExt;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -662,6 +663,51 @@ fn a_bad_key_file_is_a_clear_error() {
             stderr.contains("InvalidFile") && stderr.contains(says),
             "{stderr}"
         );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A key file is read only as far as a key can go: /dev/zero and a 1 GiB (sparse) file
+/// are refused at once, not read to the end (forever, or into a gigabyte of memory).
+#[test]
+fn a_key_file_that_never_ends_or_is_huge_is_refused_unread() {
+    let dir = std::env::temp_dir().join(format!("ringsock-hugekey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let huge = dir.join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    for backend in BACKENDS {
+        for path in [std::path::Path::new("/dev/zero"), &huge] {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"));
+            command
+                .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(path);
+            // SAFETY: setrlimit is async-signal-safe, as a pre_exec hook must be.
+            unsafe {
+                command.pre_exec(|| {
+                    // A reader that reads to the end fails fast out of memory instead of
+                    // going on forever (the key is refused long before this matters).
+                    let limit = libc::rlimit {
+                        rlim_cur: 512 << 20,
+                        rlim_max: 512 << 20,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = command.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {path:?}: {stderr}");
+            assert!(
+                stderr.contains("InvalidFile") && stderr.contains("not over 4096 bytes"),
+                "{backend} {path:?}: {stderr}"
+            );
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
