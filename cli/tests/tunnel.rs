@@ -7,6 +7,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
+use std::process::Stdio;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -710,6 +711,49 @@ fn a_key_file_that_never_ends_or_is_huge_is_refused_unread() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ringsock tunnel ARGS --backend BACKEND` in `ns`.
+fn tunnel_command(
+    ns: &util::tunnel_pair::netns::Netns,
+    backend: &str,
+    args: &[&str],
+) -> std::process::Command {
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_ringsock")])
+        .arg("tunnel")
+        .args(args)
+        .args(["--backend", backend])
+        .env_remove("RINGSOCK_BACKEND")
+        .stdin(Stdio::null());
+    command
+}
+
+/// Names the kernel refuses get a message saying what a name may hold.
+#[test]
+fn a_tun_name_the_kernel_refuses_is_a_clear_error() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tn") else { return };
+        let key = pair.key("k", 1);
+        for name in ["a/b", "a:b", "a b", ".", "..", "", "sixteen-bytes-xx"] {
+            let args = [
+                "--tun",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--key",
+                key.to_str().unwrap(),
+            ];
+            let out = tunnel_command(&pair.a, backend, &args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {name:?}: {stderr}");
+            assert!(
+                stderr.contains("InvalidArgument") && stderr.contains("1 to 15 bytes"),
+                "{backend} {name:?}: {stderr}"
+            );
+        }
+    }
 }
 
 #[test]
