@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use ringsock::tun::{TunDevice, TunOffloads, TunOptions};
 use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig, TunnelStats};
+use ringsock::Error;
 use ringsock_cli::bench::{self, Options};
 
 use super::{runtime, BackendArg, StopSignal};
@@ -24,7 +26,8 @@ const DEFAULT_MTU: u32 = 1420;
 #[derive(Args)]
 pub(crate) struct TunnelArgs {
     /// The TUN interface to create, or to attach to if it exists (then it stays when
-    /// the tunnel exits; one it created is removed).
+    /// the tunnel exits; one it created is removed). One that another process (another
+    /// tunnel) has open is refused.
     #[arg(long, value_name = "NAME")]
     tun: String,
     /// The UDP address to listen on, e.g. 0.0.0.0:51820 (port 0 picks a free port).
@@ -62,6 +65,7 @@ const MAX_THREADS: u32 = 64;
 /// it stops.
 pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     let key = PresharedKey::from_file(&args.key)?;
+    refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
     let options = TunOptions {
         offloads: !args.no_offload,
@@ -74,6 +78,38 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     } else {
         threads::run(&args, options, config, &stop)
     }
+}
+
+/// How long an interface still in use may take to be let go: a tunnel killed just before
+/// (SIGKILL) holds its queue a few milliseconds longer on io_uring.
+const IN_USE_WAIT: Duration = Duration::from_millis(250);
+
+/// Fails when another process has a queue of the TUN interface `name` open (its carrier
+/// is on): a second tunnel would attach a queue of its own, and the kernel would spread
+/// the interface's packets over both. A supervisor's restart right after a SIGKILL
+/// waits up to [`IN_USE_WAIT`] for the old queue to close.
+fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
+    // Names the kernel refuses anyway (the open says why) are no path to look at.
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Ok(());
+    }
+    let carrier = format!("/sys/class/net/{name}/carrier");
+    // Absent (no such interface), or unreadable (it is down): nothing passes through it.
+    let in_use = || matches!(std::fs::read_to_string(&carrier), Ok(text) if text.trim() == "1");
+    let start = Instant::now();
+    while in_use() {
+        if start.elapsed() >= IN_USE_WAIT {
+            return Err(Error::io(
+                format!(
+                    "open the TUN interface {name:?}: another process (another tunnel?) \
+                     has it open, and would get part of its packets"
+                ),
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// The whole tunnel on this thread's runtime.

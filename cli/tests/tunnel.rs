@@ -5,7 +5,7 @@
 
 mod util;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
@@ -753,6 +753,57 @@ fn a_tun_name_the_kernel_refuses_is_a_clear_error() {
                 "{backend} {name:?}: {stderr}"
             );
         }
+    }
+}
+
+/// A second tunnel on the interface a running one created is refused: attached, it
+/// would take part of the first one's packets. The first goes on, and its SIGTERM
+/// still removes the interface.
+#[test]
+fn a_second_tunnel_on_an_interface_in_use_is_refused() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tu") else { return };
+        let key = pair.key("k", 1);
+        let args = [
+            "--tun",
+            TUN,
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        let first = TunnelProc::start(&pair.a, backend, &args, None);
+        for threads in ["1", "2"] {
+            let mut second = args.to_vec();
+            second.extend(["--threads", threads]);
+            let mut child = tunnel_command(&pair.a, backend, &second)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Refused, it ends without a line; a tunnel that started says so, and is
+            // stopped here rather than left running.
+            let mut ready = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut ready)
+                .unwrap();
+            if !ready.is_empty() {
+                let _ = child.kill();
+            }
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(ready.is_empty(), "{backend} {threads}: started: {ready}");
+            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            assert!(
+                stderr.contains("another process"),
+                "{backend} {threads}: {stderr}"
+            );
+        }
+        first.stop();
+        assert!(
+            pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+            "{backend}: the interface outlived its tunnel"
+        );
     }
 }
 
