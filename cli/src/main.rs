@@ -693,13 +693,18 @@ fn bench_command(args: BenchArgs) -> ExitCode {
     }
 }
 
-/// A usage error: clap's format, exit status 2.
+/// A usage error of `ringsock bench`: clap's format, exit status 2.
 fn usage_error(message: impl std::fmt::Display) -> ! {
+    usage_error_in("bench", message)
+}
+
+/// A usage error of the subcommand `name`: clap's format, exit status 2.
+fn usage_error_in(name: &str, message: impl std::fmt::Display) -> ! {
     let mut command = Cli::command();
     // Built, the subcommand knows its full name ("ringsock bench") for the usage line.
     command.build();
-    let bench = command.find_subcommand_mut("bench").cloned();
-    let mut command = bench.unwrap_or(command);
+    let sub = command.find_subcommand_mut(name).cloned();
+    let mut command = sub.unwrap_or(command);
     command
         .error(clap::error::ErrorKind::ArgumentConflict, message)
         .exit()

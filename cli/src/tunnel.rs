@@ -35,7 +35,7 @@ pub(crate) struct TunnelArgs {
     listen: SocketAddr,
     /// The peer's UDP address. Without it, the peer is learned from the first data
     /// message that authenticates, and followed when its address changes.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = peer_addr)]
     peer: Option<SocketAddr>,
     /// A file holding the pre-shared key: 32 bytes as 64 hexadecimal characters
     /// (e.g. from `openssl rand -hex 32`). Both ends use the same key.
@@ -57,6 +57,20 @@ pub(crate) struct TunnelArgs {
     backend: BackendArg,
 }
 
+/// `--peer`: an address datagrams can be sent to (no port 0, no 0.0.0.0 or ::), else
+/// every send would fail and the tunnel would wait for nothing.
+fn peer_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an ADDR:PORT such as 192.0.2.1:51820"))?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(format!(
+            "{addr} cannot be sent to: give the peer's address and port"
+        ));
+    }
+    Ok(addr)
+}
+
 /// Most threads: one TUN queue and one socket each; more than cores only costs.
 const MAX_THREADS: u32 = 64;
 
@@ -64,6 +78,18 @@ const MAX_THREADS: u32 = 64;
 /// listens and `tunnel stats {...}` (its counters, JSON, summed over its threads) when
 /// it stops.
 pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
+    if let Some(peer) = args.peer {
+        // An IPv4 socket cannot send to an IPv6 peer (an IPv6 one reaches IPv4 peers).
+        if peer.is_ipv6() && args.listen.is_ipv4() {
+            super::usage_error_in(
+                "tunnel",
+                format!(
+                    "--peer {peer} is IPv6, --listen {} IPv4: listen on an IPv6 address",
+                    args.listen
+                ),
+            );
+        }
+    }
     let key = PresharedKey::from_file(&args.key)?;
     refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;

@@ -6,9 +6,9 @@
 mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -520,6 +520,40 @@ fn threads_out_of_range_are_refused_with_a_clear_message() {
         assert!(stderr.contains("--threads"), "{threads}: {stderr}");
         if threads != "many" {
             assert!(stderr.contains("1..=64"), "{threads}: {stderr}");
+        }
+    }
+}
+
+/// A peer no datagram can reach (port 0, an unspecified address, IPv6 from an IPv4
+/// socket) is a usage error, not a tunnel whose every send fails unseen.
+#[test]
+fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
+    for backend in BACKENDS {
+        for (peer, says) in [
+            ("127.0.0.1:0", "cannot be sent to"),
+            ("0.0.0.0:51820", "cannot be sent to"),
+            ("[::]:51820", "cannot be sent to"),
+            ("[::1]:51820", "is IPv6"),
+            ("peer.example:51820", "not an ADDR:PORT"),
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+                .args([
+                    "--key",
+                    "/nonexistent",
+                    "--peer",
+                    peer,
+                    "--backend",
+                    backend,
+                ])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{backend} {peer}: {stderr}");
+            assert!(
+                stderr.contains("--peer") && stderr.contains(says),
+                "{backend} {peer}: {stderr}"
+            );
         }
     }
 }
