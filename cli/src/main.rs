@@ -631,9 +631,18 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
         if args.tls {
             close_tls(&socket, &mut input).await;
         }
-        println!("{reply}");
-        Ok(())
+        print_reply(&reply)
     })
+}
+
+/// The reply on stdout: a stdout that cannot take it (a full disk, a reader gone) is
+/// this command's failure, not a panic.
+fn print_reply(reply: &str) -> ringsock::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{reply}")
+        .and_then(|()| stdout.flush())
+        .map_err(|err| Error::io("write the reply to stdout", err))
 }
 
 /// Ends a TLS connection the way TLS asks: our close_notify, then the server's (for two
@@ -671,8 +680,7 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
                     .unwrap_or_else(|_| host.to_string())
             ))
         })??;
-    println!("{}", String::from_utf8_lossy(reply.data()));
-    Ok(())
+    print_reply(&String::from_utf8_lossy(reply.data()))
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.

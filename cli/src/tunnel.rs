@@ -161,12 +161,18 @@ fn announce(device: &TunDevice, addr: SocketAddr) {
     announce_parts(device.name(), device.offloads(), addr);
 }
 
+/// The tunnel's lines go out as they can: a reader that went away (`| head -1` once it
+/// has the ready line), or a full disk, must not stop the tunnel, nor fail its exit.
 pub(super) fn announce_parts(name: &str, offloads: TunOffloads, addr: SocketAddr) {
-    println!("tunnel {name} udp {addr}");
-    let _ = std::io::stdout().flush();
-    eprintln!(
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "tunnel {name} udp {addr}").and_then(|()| stdout.flush());
+    let _ = writeln!(
+        std::io::stderr(),
         "note: {name} offloads: vnet_hdr={} checksum={} tso={} uso={}",
-        offloads.vnet_hdr, offloads.checksum, offloads.tso, offloads.uso
+        offloads.vnet_hdr,
+        offloads.checksum,
+        offloads.tso,
+        offloads.uso
     );
 }
 
@@ -176,8 +182,8 @@ pub(super) fn print_stats(stats: &TunnelStats) {
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))
         .collect();
-    println!("tunnel stats {{{}}}", fields.join(","));
-    let _ = std::io::stdout().flush();
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "tunnel stats {{{}}}", fields.join(",")).and_then(|()| stdout.flush());
 }
 
 /// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.

@@ -841,6 +841,50 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
     }
 }
 
+/// A reader of the tunnel's stdout that goes away (`| head -1` once it has the ready
+/// line) stops neither the tunnel nor its clean exit: SIGTERM still exits 0 and
+/// removes the interface, though the stats line has nowhere to go.
+#[test]
+fn a_stdout_reader_that_goes_away_does_not_fail_the_tunnel() {
+    for backend in BACKENDS {
+        for threads in ["1", "2"] {
+            let Some(pair) = pair("to") else { return };
+            let key = pair.key("k", 1);
+            let args = [
+                "--tun",
+                TUN,
+                "--listen",
+                "127.0.0.1:0",
+                "--key",
+                key.to_str().unwrap(),
+                "--threads",
+                threads,
+            ];
+            let mut child = tunnel_command(&pair.a, backend, &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut ready = String::new();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            stdout.read_line(&mut ready).unwrap();
+            assert!(
+                ready.starts_with("tunnel "),
+                "{backend} {threads}: {ready:?}"
+            );
+            drop(stdout);
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{backend} {threads}: {status}");
+            assert!(
+                pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+                "{backend} {threads}: the interface outlived its tunnel"
+            );
+        }
+    }
+}
+
 #[test]
 fn the_tunnel_benchmark_runs_and_reports_its_fields() {
     // Namespaces must be possible here, as the benchmark makes its own.
