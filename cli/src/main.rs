@@ -89,7 +89,8 @@ struct BenchArgs {
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_BATCH as u64))]
     batch: u64,
     /// Messages or datagrams (batch workloads, udp-recv) or measured round trips
-    /// (echo); default: the suite's count.
+    /// (echo); default: the suite's count. At most 10,000,000 for the echo workloads
+    /// and 1,000,000,000 for udp-relay, which keep something per message.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     count: Option<u64>,
     /// tcp-echo-conns: connections (default 64).
@@ -236,6 +237,22 @@ impl std::str::FromStr for Seconds {
     }
 }
 
+/// `echo-client --timeout`: a positive number of seconds a `Duration` holds (a parse
+/// error, so a usage error, rather than a panic for `1e300`).
+fn reply_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0) {
+        return Err(format!("{text:?} is not a positive number of seconds"));
+    }
+    match Duration::try_from_secs_f64(secs) {
+        Ok(wait) if wait.is_zero() => Err(format!("{text:?} is less than a nanosecond")),
+        Ok(wait) => Ok(wait),
+        Err(err) => Err(format!("{text:?}: {err}")),
+    }
+}
+
 #[derive(Args)]
 struct EchoClientArgs {
     /// Host name or IP address of the server.
@@ -249,8 +266,8 @@ struct EchoClientArgs {
     #[arg(long)]
     udp: bool,
     /// UDP: how long to wait for the reply, in seconds.
-    #[arg(long, default_value_t = 2.0, value_name = "SECONDS")]
-    timeout: f64,
+    #[arg(long, default_value = "2", value_name = "SECONDS", value_parser = reply_timeout)]
+    timeout: Duration,
     /// UDP: the DSCP of the datagram (0..=63; 46 is Expedited Forwarding, for audio).
     #[arg(long, requires = "udp", value_parser = clap::value_parser!(u8).range(0..=63))]
     dscp: Option<u8>,
@@ -614,9 +631,18 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
         if args.tls {
             close_tls(&socket, &mut input).await;
         }
-        println!("{reply}");
-        Ok(())
+        print_reply(&reply)
     })
+}
+
+/// The reply on stdout: a stdout that cannot take it (a full disk, a reader gone) is
+/// this command's failure, not a panic.
+fn print_reply(reply: &str) -> ringsock::Result<()> {
+    use std::io::Write;
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{reply}")
+        .and_then(|()| stdout.flush())
+        .map_err(|err| Error::io("write the reply to stdout", err))
 }
 
 /// Ends a TLS connection the way TLS asks: our close_notify, then the server's (for two
@@ -631,13 +657,7 @@ async fn close_tls(socket: &StreamSocket, input: &mut ringsock::InputStream) {
 
 /// One datagram to the server; its reply within the timeout, or ConnectionTimedOut.
 async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Result<()> {
-    if !(args.timeout.is_finite() && args.timeout > 0.0) {
-        return Err(Error::invalid_input(format!(
-            "--timeout {} is not a positive number of seconds",
-            args.timeout
-        )));
-    }
-    let wait = Duration::from_secs_f64(args.timeout);
+    let wait = args.timeout;
     let socket = DatagramSocket::new();
     socket.connect(host, &args.port).await?;
     let mut options = SendOptions::default();
@@ -660,8 +680,7 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
                     .unwrap_or_else(|_| host.to_string())
             ))
         })??;
-    println!("{}", String::from_utf8_lossy(reply.data()));
-    Ok(())
+    print_reply(&String::from_utf8_lossy(reply.data()))
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.
@@ -682,13 +701,18 @@ fn bench_command(args: BenchArgs) -> ExitCode {
     }
 }
 
-/// A usage error: clap's format, exit status 2.
+/// A usage error of `ringsock bench`: clap's format, exit status 2.
 fn usage_error(message: impl std::fmt::Display) -> ! {
+    usage_error_in("bench", message)
+}
+
+/// A usage error of the subcommand `name`: clap's format, exit status 2.
+fn usage_error_in(name: &str, message: impl std::fmt::Display) -> ! {
     let mut command = Cli::command();
     // Built, the subcommand knows its full name ("ringsock bench") for the usage line.
     command.build();
-    let bench = command.find_subcommand_mut("bench").cloned();
-    let mut command = bench.unwrap_or(command);
+    let sub = command.find_subcommand_mut(name).cloned();
+    let mut command = sub.unwrap_or(command);
     command
         .error(clap::error::ErrorKind::ArgumentConflict, message)
         .exit()

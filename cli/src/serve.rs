@@ -136,9 +136,16 @@ pub(crate) struct Start {
 /// Runs the echo server until SIGINT/SIGTERM (exits 0), or until SIGUSR2 has handed
 /// every socket to a new copy of this process and the open connections have ended.
 pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
+    // The passed descriptors are claimed before this process opens any of its own: a
+    // LISTEN_FDS naming more than were passed then finds them closed, instead of taking
+    // (and closing) the signal thread's.
+    let activated = match start.inherit {
+        Some(_) => Vec::new(),
+        None => net::activated_sockets()?,
+    };
     let control = Control::new();
     control.install_signals()?;
-    let (sockets, lines) = sockets(&start)?;
+    let (sockets, lines) = sockets(&start, activated)?;
     let threads = start.threads.max(1);
     POOL_THREADS.store(threads, std::sync::atomic::Ordering::Release);
     let mut shares: Vec<Share> = (0..threads).map(|_| Share::default()).collect();
@@ -222,11 +229,13 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
 
 /// The sockets to serve: handed over by the process this one replaces, passed by a
 /// service manager, or bound here (one SO_REUSEPORT member per thread).
-fn sockets(start: &Start) -> ringsock::Result<(Vec<Detached>, Vec<String>)> {
+fn sockets(
+    start: &Start,
+    activated: Vec<net::Activated>,
+) -> ringsock::Result<(Vec<Detached>, Vec<String>)> {
     let sockets = if let Some(fd) = start.inherit {
         take_over(fd)?
     } else {
-        let activated = net::activated_sockets()?;
         if activated.is_empty() && start.activated {
             return Err(Error::invalid_input(
                 "--activated: no sockets were passed (LISTEN_FDS and LISTEN_PID name none for this process)",

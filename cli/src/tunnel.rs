@@ -7,10 +7,12 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::task::Poll;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 use ringsock::tun::{TunDevice, TunOffloads, TunOptions};
 use ringsock::tunnel::{PresharedKey, Tunnel, TunnelConfig, TunnelStats};
+use ringsock::Error;
 use ringsock_cli::bench::{self, Options};
 
 use super::{runtime, BackendArg, StopSignal};
@@ -24,7 +26,8 @@ const DEFAULT_MTU: u32 = 1420;
 #[derive(Args)]
 pub(crate) struct TunnelArgs {
     /// The TUN interface to create, or to attach to if it exists (then it stays when
-    /// the tunnel exits; one it created is removed).
+    /// the tunnel exits; one it created is removed). One that another process (another
+    /// tunnel) has open is refused.
     #[arg(long, value_name = "NAME")]
     tun: String,
     /// The UDP address to listen on, e.g. 0.0.0.0:51820 (port 0 picks a free port).
@@ -32,7 +35,7 @@ pub(crate) struct TunnelArgs {
     listen: SocketAddr,
     /// The peer's UDP address. Without it, the peer is learned from the first data
     /// message that authenticates, and followed when its address changes.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = peer_addr)]
     peer: Option<SocketAddr>,
     /// A file holding the pre-shared key: 32 bytes as 64 hexadecimal characters
     /// (e.g. from `openssl rand -hex 32`). Both ends use the same key.
@@ -54,6 +57,20 @@ pub(crate) struct TunnelArgs {
     backend: BackendArg,
 }
 
+/// `--peer`: an address datagrams can be sent to (no port 0, no 0.0.0.0 or ::), else
+/// every send would fail and the tunnel would wait for nothing.
+fn peer_addr(text: &str) -> Result<SocketAddr, String> {
+    let addr: SocketAddr = text
+        .parse()
+        .map_err(|_| format!("{text:?} is not an ADDR:PORT such as 192.0.2.1:51820"))?;
+    if addr.port() == 0 || addr.ip().is_unspecified() {
+        return Err(format!(
+            "{addr} cannot be sent to: give the peer's address and port"
+        ));
+    }
+    Ok(addr)
+}
+
 /// Most threads: one TUN queue and one socket each; more than cores only costs.
 const MAX_THREADS: u32 = 64;
 
@@ -61,7 +78,20 @@ const MAX_THREADS: u32 = 64;
 /// listens and `tunnel stats {...}` (its counters, JSON, summed over its threads) when
 /// it stops.
 pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
+    if let Some(peer) = args.peer {
+        // An IPv4 socket cannot send to an IPv6 peer (an IPv6 one reaches IPv4 peers).
+        if peer.is_ipv6() && args.listen.is_ipv4() {
+            super::usage_error_in(
+                "tunnel",
+                format!(
+                    "--peer {peer} is IPv6, --listen {} IPv4: listen on an IPv6 address",
+                    args.listen
+                ),
+            );
+        }
+    }
     let key = PresharedKey::from_file(&args.key)?;
+    refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
     let options = TunOptions {
         offloads: !args.no_offload,
@@ -74,6 +104,38 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     } else {
         threads::run(&args, options, config, &stop)
     }
+}
+
+/// How long an interface still in use may take to be let go: a tunnel killed just before
+/// (SIGKILL) holds its queue a few milliseconds longer on io_uring.
+const IN_USE_WAIT: Duration = Duration::from_millis(250);
+
+/// Fails when another process has a queue of the TUN interface `name` open (its carrier
+/// is on): a second tunnel would attach a queue of its own, and the kernel would spread
+/// the interface's packets over both. A supervisor's restart right after a SIGKILL
+/// waits up to [`IN_USE_WAIT`] for the old queue to close.
+fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
+    // Names the kernel refuses anyway (the open says why) are no path to look at.
+    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+        return Ok(());
+    }
+    let carrier = format!("/sys/class/net/{name}/carrier");
+    // Absent (no such interface), or unreadable (it is down): nothing passes through it.
+    let in_use = || matches!(std::fs::read_to_string(&carrier), Ok(text) if text.trim() == "1");
+    let start = Instant::now();
+    while in_use() {
+        if start.elapsed() >= IN_USE_WAIT {
+            return Err(Error::io(
+                format!(
+                    "open the TUN interface {name:?}: another process (another tunnel?) \
+                     has it open, and would get part of its packets"
+                ),
+                std::io::Error::from_raw_os_error(libc::EBUSY),
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }
 
 /// The whole tunnel on this thread's runtime.
@@ -99,12 +161,18 @@ fn announce(device: &TunDevice, addr: SocketAddr) {
     announce_parts(device.name(), device.offloads(), addr);
 }
 
+/// The tunnel's lines go out as they can: a reader that went away (`| head -1` once it
+/// has the ready line), or a full disk, must not stop the tunnel, nor fail its exit.
 pub(super) fn announce_parts(name: &str, offloads: TunOffloads, addr: SocketAddr) {
-    println!("tunnel {name} udp {addr}");
-    let _ = std::io::stdout().flush();
-    eprintln!(
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "tunnel {name} udp {addr}").and_then(|()| stdout.flush());
+    let _ = writeln!(
+        std::io::stderr(),
         "note: {name} offloads: vnet_hdr={} checksum={} tso={} uso={}",
-        offloads.vnet_hdr, offloads.checksum, offloads.tso, offloads.uso
+        offloads.vnet_hdr,
+        offloads.checksum,
+        offloads.tso,
+        offloads.uso
     );
 }
 
@@ -114,8 +182,8 @@ pub(super) fn print_stats(stats: &TunnelStats) {
         .iter()
         .map(|(name, value)| format!("\"{name}\":{value}"))
         .collect();
-    println!("tunnel stats {{{}}}", fields.join(","));
-    let _ = std::io::stdout().flush();
+    let mut stdout = std::io::stdout().lock();
+    let _ = writeln!(stdout, "tunnel stats {{{}}}", fields.join(",")).and_then(|()| stdout.flush());
 }
 
 /// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.

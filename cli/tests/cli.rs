@@ -307,3 +307,68 @@ fn the_demo_tells_the_udp_story_too() {
         "{stdout}"
     );
 }
+
+/// `--timeout` is parsed with the other flags: a value no `Duration` holds (1e300 s, or
+/// one under a nanosecond) is a usage error, not a panic or a zero wait.
+#[test]
+fn echo_client_timeouts_out_of_range_are_usage_errors() {
+    for (backend, _) in BACKENDS {
+        for timeout in [
+            "1e300",
+            "18446744073709551616",
+            "0",
+            "-1",
+            "NaN",
+            "inf",
+            "1e-300",
+        ] {
+            let out = ringsock(&[
+                "echo-client",
+                "127.0.0.1",
+                "9",
+                "--udp",
+                &format!("--timeout={timeout}"),
+                "--backend",
+                backend,
+            ]);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{backend} {timeout}: {stderr}");
+            assert!(
+                stderr.contains("--timeout") && !stderr.contains("panicked"),
+                "{backend} {timeout}: {stderr}"
+            );
+        }
+    }
+}
+
+/// A stdout that cannot take the reply (here /dev/full) fails the client with exit 1
+/// and a line saying so, on both engines, instead of a panic.
+#[test]
+fn echo_client_with_a_full_stdout_fails_cleanly() {
+    for (backend, _) in BACKENDS {
+        let server = EchoServer::start(&["--tcp", "127.0.0.1:0", "--backend", backend], &["tcp"]);
+        let full = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args([
+                "echo-client",
+                "127.0.0.1",
+                server.port(),
+                "--backend",
+                backend,
+            ])
+            .env_remove("RINGSOCK_BACKEND")
+            .stdout(full)
+            .output()
+            .unwrap();
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("write the reply to stdout") && !stderr.contains("panicked"),
+            "{backend}: {stderr}"
+        );
+        assert!(server.stop().success(), "{backend}");
+    }
+}

@@ -785,3 +785,37 @@ fn udp_relay_bad_arguments_are_usage_errors() {
     assert_eq!(other.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&other.stderr).contains("udp-relay only"));
 }
+
+/// The workloads that keep something per message refuse a count they could not hold
+/// (a usage error), rather than panicking on the allocation or aborting out of memory.
+#[test]
+fn counts_too_large_to_record_are_usage_errors() {
+    for imp in ["ringsock-uring", "ringsock-epoll"] {
+        for (workload, max) in [
+            ("tcp-echo-rtt", "10000000"),
+            ("udp-echo-rtt", "10000000"),
+            ("tcp-echo-conns", "10000000"),
+            ("udp-relay", "1000000000"),
+        ] {
+            for count in ["18446744073709551615", "1000000000000"] {
+                let out = ringsock(&[
+                    "bench",
+                    "--json",
+                    "--workload",
+                    workload,
+                    "--impl",
+                    imp,
+                    "--count",
+                    count,
+                ]);
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(out.status.code(), Some(2), "{workload} {imp}: {stderr}");
+                assert!(
+                    stderr.contains(&format!("--count must be at most {max}")),
+                    "{workload} {imp}: {stderr}"
+                );
+                assert!(out.stdout.is_empty(), "{workload} {imp}");
+            }
+        }
+    }
+}

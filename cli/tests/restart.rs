@@ -118,6 +118,46 @@ fn activated_without_sockets_is_a_clear_error() {
     );
 }
 
+/// A launcher whose LISTEN_FDS names more descriptors than it passed: the server says
+/// which one is missing and exits 1. It claims them before it opens descriptors of its
+/// own, so it cannot take (and close) its signal thread's for a passed one.
+#[test]
+fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
+    for backend in BACKENDS {
+        let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
+        let tcp_fd = tcp.as_raw_fd();
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-server", "--activated", "--backend", backend])
+            .env_remove("RINGSOCK_BACKEND")
+            .stdin(Stdio::null());
+        // SAFETY: dup, dup2 and close are async-signal-safe, as a pre_exec hook must be.
+        unsafe {
+            command.pre_exec(move || {
+                // Only descriptor 3 is passed: the spare copy is closed again.
+                let spare = libc::dup(tcp_fd);
+                if spare < 0 || libc::dup2(spare, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if spare != 3 {
+                    libc::close(spare);
+                }
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        drop(tcp);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("descriptor 4, which is not open") && !stderr.contains("panicked"),
+            "{backend}: {stderr}"
+        );
+    }
+}
+
 /// SIGUSR2 under a steady stream of connections: the old server hands its listeners to
 /// a new copy of itself and ends once its own connections are done; every connection
 /// made meanwhile is served by one or the other.

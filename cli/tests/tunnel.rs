@@ -5,8 +5,10 @@
 
 mod util;
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -522,6 +524,40 @@ fn threads_out_of_range_are_refused_with_a_clear_message() {
     }
 }
 
+/// A peer no datagram can reach (port 0, an unspecified address, IPv6 from an IPv4
+/// socket) is a usage error, not a tunnel whose every send fails unseen.
+#[test]
+fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
+    for backend in BACKENDS {
+        for (peer, says) in [
+            ("127.0.0.1:0", "cannot be sent to"),
+            ("0.0.0.0:51820", "cannot be sent to"),
+            ("[::]:51820", "cannot be sent to"),
+            ("[::1]:51820", "is IPv6"),
+            ("peer.example:51820", "not an ADDR:PORT"),
+        ] {
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+                .args([
+                    "--key",
+                    "/nonexistent",
+                    "--peer",
+                    peer,
+                    "--backend",
+                    backend,
+                ])
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{backend} {peer}: {stderr}");
+            assert!(
+                stderr.contains("--peer") && stderr.contains(says),
+                "{backend} {peer}: {stderr}"
+            );
+        }
+    }
+}
+
 #[test]
 fn a_wrong_key_passes_nothing_and_says_so() {
     for backend in BACKENDS {
@@ -664,6 +700,189 @@ fn a_bad_key_file_is_a_clear_error() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A key file is read only as far as a key can go: /dev/zero and a 1 GiB (sparse) file
+/// are refused at once, not read to the end (forever, or into a gigabyte of memory).
+#[test]
+fn a_key_file_that_never_ends_or_is_huge_is_refused_unread() {
+    let dir = std::env::temp_dir().join(format!("ringsock-hugekey-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let huge = dir.join("huge");
+    std::fs::File::create(&huge)
+        .unwrap()
+        .set_len(1 << 30)
+        .unwrap();
+    for backend in BACKENDS {
+        for path in [std::path::Path::new("/dev/zero"), &huge] {
+            let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"));
+            command
+                .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(path);
+            // SAFETY: setrlimit is async-signal-safe, as a pre_exec hook must be.
+            unsafe {
+                command.pre_exec(|| {
+                    // A reader that reads to the end fails fast out of memory instead of
+                    // going on forever (the key is refused long before this matters).
+                    let limit = libc::rlimit {
+                        rlim_cur: 512 << 20,
+                        rlim_max: 512 << 20,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let out = command.output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {path:?}: {stderr}");
+            assert!(
+                stderr.contains("InvalidFile") && stderr.contains("not over 4096 bytes"),
+                "{backend} {path:?}: {stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `ringsock tunnel ARGS --backend BACKEND` in `ns`.
+fn tunnel_command(
+    ns: &util::tunnel_pair::netns::Netns,
+    backend: &str,
+    args: &[&str],
+) -> std::process::Command {
+    let mut command = std::process::Command::new("ip");
+    command
+        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_ringsock")])
+        .arg("tunnel")
+        .args(args)
+        .args(["--backend", backend])
+        .env_remove("RINGSOCK_BACKEND")
+        .stdin(Stdio::null());
+    command
+}
+
+/// Names the kernel refuses get a message saying what a name may hold.
+#[test]
+fn a_tun_name_the_kernel_refuses_is_a_clear_error() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tn") else { return };
+        let key = pair.key("k", 1);
+        for name in ["a/b", "a:b", "a b", ".", "..", "", "sixteen-bytes-xx"] {
+            let args = [
+                "--tun",
+                name,
+                "--listen",
+                "127.0.0.1:0",
+                "--key",
+                key.to_str().unwrap(),
+            ];
+            let out = tunnel_command(&pair.a, backend, &args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {name:?}: {stderr}");
+            assert!(
+                stderr.contains("InvalidArgument") && stderr.contains("1 to 15 bytes"),
+                "{backend} {name:?}: {stderr}"
+            );
+        }
+    }
+}
+
+/// A second tunnel on the interface a running one created is refused: attached, it
+/// would take part of the first one's packets. The first goes on, and its SIGTERM
+/// still removes the interface.
+#[test]
+fn a_second_tunnel_on_an_interface_in_use_is_refused() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tu") else { return };
+        let key = pair.key("k", 1);
+        let args = [
+            "--tun",
+            TUN,
+            "--listen",
+            "127.0.0.1:0",
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        let first = TunnelProc::start(&pair.a, backend, &args, None);
+        for threads in ["1", "2"] {
+            let mut second = args.to_vec();
+            second.extend(["--threads", threads]);
+            let mut child = tunnel_command(&pair.a, backend, &second)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            // Refused, it ends without a line; a tunnel that started says so, and is
+            // stopped here rather than left running.
+            let mut ready = String::new();
+            BufReader::new(child.stdout.take().unwrap())
+                .read_line(&mut ready)
+                .unwrap();
+            if !ready.is_empty() {
+                let _ = child.kill();
+            }
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(ready.is_empty(), "{backend} {threads}: started: {ready}");
+            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            assert!(
+                stderr.contains("another process"),
+                "{backend} {threads}: {stderr}"
+            );
+        }
+        first.stop();
+        assert!(
+            pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+            "{backend}: the interface outlived its tunnel"
+        );
+    }
+}
+
+/// A reader of the tunnel's stdout that goes away (`| head -1` once it has the ready
+/// line) stops neither the tunnel nor its clean exit: SIGTERM still exits 0 and
+/// removes the interface, though the stats line has nowhere to go.
+#[test]
+fn a_stdout_reader_that_goes_away_does_not_fail_the_tunnel() {
+    for backend in BACKENDS {
+        for threads in ["1", "2"] {
+            let Some(pair) = pair("to") else { return };
+            let key = pair.key("k", 1);
+            let args = [
+                "--tun",
+                TUN,
+                "--listen",
+                "127.0.0.1:0",
+                "--key",
+                key.to_str().unwrap(),
+                "--threads",
+                threads,
+            ];
+            let mut child = tunnel_command(&pair.a, backend, &args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut ready = String::new();
+            let mut stdout = BufReader::new(child.stdout.take().unwrap());
+            stdout.read_line(&mut ready).unwrap();
+            assert!(
+                ready.starts_with("tunnel "),
+                "{backend} {threads}: {ready:?}"
+            );
+            drop(stdout);
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            let status = child.wait().unwrap();
+            assert!(status.success(), "{backend} {threads}: {status}");
+            assert!(
+                pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+                "{backend} {threads}: the interface outlived its tunnel"
+            );
+        }
+    }
 }
 
 #[test]

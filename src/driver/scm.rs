@@ -162,17 +162,22 @@ pub(crate) fn claim_listen_fds(pid: u32, count: usize) -> io::Result<Option<Vec<
     if pid != std::process::id() || CLAIMED.swap(true, Ordering::AcqRel) {
         return Ok(None);
     }
-    let mut fds = Vec::with_capacity(count);
-    for i in 0..count {
-        let raw = LISTEN_FDS_START + i as RawFd;
+    // Every descriptor is checked before any is taken: one missing means the count is
+    // wrong, and taking the others would close descriptors that are not ours.
+    let raws: Vec<RawFd> = (0..count).map(|i| LISTEN_FDS_START + i as RawFd).collect();
+    for &raw in &raws {
         // SAFETY: fcntl on any number is harmless; it tells whether it is open.
-        let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
-        if flags < 0 {
+        if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
                 format!("LISTEN_FDS names descriptor {raw}, which is not open"),
             ));
         }
+    }
+    let mut fds = Vec::with_capacity(count);
+    for raw in raws {
+        // SAFETY: fcntl on any number is harmless; the check above found it open.
+        let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
         // SAFETY: as above.
         unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
         // SAFETY: LISTEN_PID names this process, so its launcher passed these

@@ -27,10 +27,21 @@ pub(crate) struct QueueFlags {
 /// An `ifreq` with the name set; the union is written by the caller.
 fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() >= IFNAMSIZ || bytes.contains(&0) {
+    // The kernel's own rule (dev_valid_name), so a bad name gets this message rather
+    // than TUNSETIFF's bare EINVAL.
+    let bad_byte = |b: &u8| matches!(b, 0 | b'/' | b':' | b'\x0b') || b.is_ascii_whitespace();
+    if bytes.is_empty()
+        || bytes.len() >= IFNAMSIZ
+        || name == "."
+        || name == ".."
+        || bytes.iter().any(bad_byte)
+    {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("interface name {name:?}: 1 to 15 bytes, no NUL"),
+            format!(
+                "interface name {name:?}: 1 to 15 bytes, not . or .., \
+                 no '/', ':', whitespace or NUL"
+            ),
         ));
     }
     // SAFETY: ifreq is plain old data; zero is its empty value.

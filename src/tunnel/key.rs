@@ -5,6 +5,9 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// The most bytes a key file may hold: the key and whitespace around it.
+const KEY_FILE_MAX: u64 = 4096;
+
 /// A 32-byte pre-shared key. Its bytes never appear in `Debug` output.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PresharedKey([u8; 32]);
@@ -44,8 +47,20 @@ impl PresharedKey {
     /// Reads the key from `path` (see [`from_hex`](Self::from_hex)); a missing or
     /// unreadable file and bad contents are errors with the file's status.
     pub fn from_file(path: &Path) -> Result<PresharedKey> {
-        let text = std::fs::read(path)
-            .map_err(|e| Error::io(format!("read the key file {}", path.display()), e))?;
+        use std::io::Read;
+        let read_error = |e| Error::io(format!("read the key file {}", path.display()), e);
+        // A key with its whitespace is a few dozen bytes: reading stops past this, so
+        // /dev/zero or a huge file cannot hold the caller or fill its memory.
+        let mut text = Vec::new();
+        std::fs::File::open(path)
+            .and_then(|file| file.take(KEY_FILE_MAX + 1).read_to_end(&mut text))
+            .map_err(read_error)?;
+        if text.len() as u64 > KEY_FILE_MAX {
+            return Err(Error::invalid_file(
+                path,
+                format!("a key is 64 hexadecimal characters, not over {KEY_FILE_MAX} bytes"),
+            ));
+        }
         let text = String::from_utf8(text).map_err(|_| {
             Error::invalid_file(path, "a key is 64 hexadecimal characters, not binary data")
         })?;

@@ -43,14 +43,17 @@ impl GroupBuffer {
         self
     }
 
-    /// The buffer with messages `first..first + n` stamped at the front.
+    /// The buffer with messages `first..first + n` stamped at the front. It holds the
+    /// `n` messages taken, not a whole `batch` (a run of 3 messages of 1 MiB in groups
+    /// of 4096 allocated 4 GiB).
     pub(crate) fn take(&mut self, first: u64, n: usize) -> Bytes {
+        let need = self.stride * n.min(self.batch);
         let mut buf = match self.spare.take().map(Bytes::try_into_mut) {
-            Some(Ok(buf)) => buf,
-            // Still referenced (or the first group): a new one.
+            Some(Ok(buf)) if buf.len() >= need => buf,
+            // Still referenced, too small (or the first group): a new one.
             _ => {
-                let mut buf = BytesMut::with_capacity(self.stride * self.batch);
-                buf.resize(self.stride * self.batch, FILL);
+                let mut buf = BytesMut::with_capacity(need);
+                buf.resize(need, FILL);
                 buf
             }
         };
@@ -100,6 +103,17 @@ mod tests {
         assert_eq!(g.as_ptr(), ptr, "the released buffer is reused");
         assert_eq!(peer::read_seq(&g[16..]), 5);
         assert!(g[8..16].iter().all(|&b| b == FILL));
+    }
+
+    #[test]
+    fn a_group_buffer_holds_the_messages_taken_not_a_whole_batch() {
+        let mut groups = GroupBuffer::new(16, 4096);
+        let g = groups.take(0, 3);
+        assert_eq!(g.len(), 48);
+        groups.recycle(g);
+        let g = groups.take(3, 5);
+        assert_eq!(g.len(), 80, "a spare too small is not reused");
+        assert_eq!(peer::read_seq(&groups.message(&g, 4)), 7);
     }
 
     #[test]

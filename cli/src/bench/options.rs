@@ -347,6 +347,13 @@ pub const MAX_CONNS: usize = 1024;
 /// Most serving threads of tcp-echo-conns.
 pub const MAX_THREADS: usize = 64;
 
+/// Most round trips of the echo workloads, which keep every round trip's time (8 bytes
+/// each: 80 MB at most).
+pub const MAX_ECHO_COUNT: u64 = 10_000_000;
+/// Most datagrams of udp-relay, whose sink keeps a bit per sequence number (125 MB at
+/// most); 10 s at the highest `--rate`.
+pub const MAX_RELAY_COUNT: u64 = 1_000_000_000;
+
 /// One benchmark run.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Options {
@@ -555,6 +562,16 @@ impl Options {
         }
         if self.count == 0 {
             return Err("--count must be at least 1".into());
+        }
+        let max_count = match w {
+            Workload::TcpEchoRtt | Workload::UdpEchoRtt | Workload::TcpEchoConns => {
+                Some(MAX_ECHO_COUNT)
+            }
+            Workload::UdpRelay => Some(MAX_RELAY_COUNT),
+            _ => None,
+        };
+        if let Some(max) = max_count.filter(|max| self.count > *max) {
+            return Err(format!("--count must be at most {max} for {w}"));
         }
         if self.verify_stride == 0 {
             return Err("--verify-stride must be at least 1".into());

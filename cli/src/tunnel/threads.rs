@@ -2,6 +2,7 @@
 //! pool, each with its own TUN queue and socket, until SIGINT or SIGTERM.
 
 use std::future::{poll_fn, Future};
+use std::io::Write;
 use std::pin::Pin;
 use std::sync::{mpsc, Arc, Mutex};
 use std::task::{Poll, Waker};
@@ -114,9 +115,12 @@ pub(super) fn run(
     let mut stats = TunnelStats::default();
     for (thread, (end, member_stats)) in ends.into_iter().flatten().enumerate() {
         if started {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "note: thread {thread}: {} packets sealed, {} opened, {} replays dropped",
-                member_stats.tx_packets, member_stats.rx_packets, member_stats.rx_replayed
+                member_stats.tx_packets,
+                member_stats.rx_packets,
+                member_stats.rx_replayed
             );
         }
         stats = stats.sum(&member_stats);
