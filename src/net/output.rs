@@ -725,3 +725,51 @@ impl Future for WriteHandle {
         Poll::Pending
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(lens: &[usize]) -> State {
+        let mut state = State::default();
+        for (i, &len) in lens.iter().enumerate() {
+            let buf = Bytes::from(vec![i as u8; len]);
+            state.pending_bytes += len;
+            state.queued_bytes += len;
+            state.queue.push(buf);
+            state.next += 1;
+        }
+        state
+    }
+
+    #[test]
+    fn a_send_taken_whole_completes_every_write_and_empties_the_queue() {
+        let mut state = queued(&[3, 0, 5]);
+        state.take_sent(8);
+        assert!(state.queue.is_empty());
+        assert_eq!((state.completed, state.queued_from), (3, 3));
+        assert_eq!((state.queued_bytes, state.pending_bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_short_send_completes_the_writes_it_finished_and_keeps_the_rest_of_the_one_it_cut() {
+        let mut state = queued(&[3, 0, 5, 2]);
+        state.take_sent(4);
+        // The 3-byte and the empty write are done; one byte of the 5-byte write went.
+        assert_eq!((state.completed, state.queued_from), (2, 2));
+        assert_eq!(state.queue.len(), 2);
+        assert_eq!(&state.queue[0][..], &[2u8; 4]);
+        assert_eq!(&state.queue[1][..], &[3u8; 2]);
+        assert_eq!((state.queued_bytes, state.pending_bytes), (6, 6));
+        assert!(matches!(state.result_of(1), Some(Ok(()))));
+        assert!(state.result_of(2).is_none());
+    }
+
+    #[test]
+    fn a_send_that_ends_on_a_write_boundary_leaves_the_next_write_whole() {
+        let mut state = queued(&[4, 4]);
+        state.take_sent(4);
+        assert_eq!(state.completed, 1);
+        assert_eq!(&state.queue[..], &[Bytes::from(vec![1u8; 4])]);
+    }
+}
