@@ -206,9 +206,18 @@ fn dropping_the_socket_still_sends_queued_writes() {
         }
 
         // The same while a batch is in flight: a write queued behind it is still sent.
+        // The first write is larger than both socket buffers, so the flush cannot send
+        // it at once (the rest is in flight) while the server reads nothing; the queue
+        // is made large enough to take the second write meanwhile.
+        const FIRST: usize = 32 << 20;
         let (client, server) = util::connected_pair(&listener).await;
         let out = client.output_stream();
-        drop(out.write(vec![1u8; 1000]).await.unwrap());
+        out.set_config(ringsock::net::OutputStreamConfig {
+            max_pending_bytes: 2 * FIRST,
+            ..Default::default()
+        })
+        .unwrap();
+        drop(out.write(vec![1u8; FIRST]).await.unwrap());
         let mut flush = Box::pin(out.flush());
         assert!(util::poll_once(flush.as_mut()).await.is_pending());
         util::yield_now().await;
@@ -217,8 +226,8 @@ fn dropping_the_socket_still_sends_queued_writes() {
         drop(out);
         drop(client);
         let got = util::must("queued writes", util::read_to_end(&server)).await;
-        assert_eq!(got.len(), 2000);
-        assert!(got[..1000].iter().all(|&b| b == 1) && got[1000..].iter().all(|&b| b == 2));
+        assert_eq!(got.len(), FIRST + 1000);
+        assert!(got[..FIRST].iter().all(|&b| b == 1) && got[FIRST..].iter().all(|&b| b == 2));
     });
 }
 

@@ -1,6 +1,48 @@
 //! Buffers described for vectored system calls.
+#![allow(unsafe_code)]
+
+use std::io;
+use std::os::fd::RawFd;
 
 use bytes::Bytes;
+
+/// Most iovecs one `writev`/`sendmsg` takes (UIO_MAXIOV).
+pub(crate) const IOV_MAX: usize = 1024;
+
+thread_local! {
+    /// An iovec array for the next vectored send on this thread (empty; its capacity
+    /// is what is kept), so that a stream that keeps flushing allocates nothing.
+    static SPARE_IOVECS: std::cell::Cell<Vec<libc::iovec>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The thread's spare iovec array (empty): give it back with [`keep_spare_iovecs`] once
+/// the send that used it is over.
+pub(crate) fn take_spare_iovecs() -> Vec<libc::iovec> {
+    SPARE_IOVECS.with(|spare| spare.take())
+}
+
+/// Keeps `iovecs`' capacity for the thread's next send; the entries, which point into
+/// buffers it must not outlive, are cleared first.
+pub(crate) fn keep_spare_iovecs(mut iovecs: Vec<libc::iovec>) {
+    iovecs.clear();
+    SPARE_IOVECS.with(|spare| spare.set(iovecs));
+}
+
+/// One `sendmsg` of `iovecs` on `fd` with `flags`: the bytes the kernel took.
+pub(crate) fn sendmsg(fd: RawFd, iovecs: &mut [libc::iovec], flags: i32) -> io::Result<usize> {
+    // SAFETY: msghdr is plain old data; zero is its empty value.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = iovecs.as_mut_ptr();
+    header.msg_iovlen = iovecs.len();
+    // SAFETY: the header points at `iovecs`, whose entries the caller built over buffers
+    // alive for the call (`iovecs_into`'s contract); the kernel only reads them.
+    let n = unsafe { libc::sendmsg(fd, &header, flags) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
 
 /// Longest iovec built by joining neighbours: far below the kernel's per-call cap, so a
 /// joined entry never becomes the reason a send is refused.

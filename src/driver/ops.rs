@@ -11,6 +11,7 @@ use std::task::Context;
 use bytes::Bytes;
 
 pub(crate) use super::batch::{BatchReport, Progress};
+use super::iovec::{iovecs_into, keep_spare_iovecs, sendmsg, take_spare_iovecs, IOV_MAX};
 use super::socket::{Binding, SharedFd};
 use super::{poll, uring};
 use crate::buf::{IoBuf, IoBufMut};
@@ -215,6 +216,40 @@ pub(crate) async fn send_stream_batch(
         }
     }
     (Ok(()), progress, bufs)
+}
+
+/// One nonblocking `sendmsg` of `bufs` from their start, made by the task that flushes:
+/// a flush that finds its stream's sender idle sends this way without waking another
+/// task or waiting for the engine's next turn (the cost a flush had over `writev`).
+/// Nothing of the stream is in flight then, so the bytes keep their order.
+///
+/// `None` when it was not tried (the socket belongs to another runtime, or the
+/// connection ended: the engine's path reports those) or the kernel took nothing for
+/// want of room; else the bytes taken, or the error that broke the connection.
+pub(crate) fn send_stream_now(fd: &SharedFd, bufs: &[Bytes]) -> Option<io::Result<usize>> {
+    if fd.binding().is_err() || fd.ended().is_some() {
+        return None;
+    }
+    let mut iovecs = take_spare_iovecs();
+    iovecs_into(&mut iovecs, bufs, 0, 0, IOV_MAX);
+    let result = sendmsg(fd.fd().raw(), &mut iovecs, SEND_FLAGS | libc::MSG_DONTWAIT);
+    keep_spare_iovecs(iovecs);
+    match result {
+        Ok(0) => None,
+        Ok(sent) => {
+            fd.activity().sent();
+            Some(Ok(sent))
+        }
+        Err(err)
+            if matches!(
+                err.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+            ) =>
+        {
+            None
+        }
+        Err(err) => Some(Err(send_failure(fd, err))),
+    }
 }
 
 /// Bytes a chain sent in order, and the error that stopped it, if one did. Links after a

@@ -1,9 +1,11 @@
 //! OutputStream: writes queued without a system call, sent together by `flush`.
 //!
 //! Windows.Networking.Sockets' batched sends: many `write`s, then one `flush`
-//! (FlushAsync) that returns when the kernel has given every one of them back. A batch is
-//! sent by a task of its own, so dropping a `flush` future (or a write handle) never cuts
-//! a batch in half: the stream stays whole whatever the caller gives up on.
+//! (FlushAsync) that returns when the kernel has given every one of them back. A flush
+//! that finds nothing in flight first offers the batch to the kernel itself, in one
+//! nonblocking `sendmsg`; what that does not finish is sent by a task of its own, so
+//! dropping a `flush` future (or a write handle) never cuts a batch in half: the stream
+//! stays whole whatever the caller gives up on.
 //!
 //! Writes are numbered in the order they are queued and complete in that order, so a
 //! write's result needs no allocation of its own: every write numbered below
@@ -18,7 +20,7 @@ use std::task::{Context, Poll, Waker};
 use bytes::Bytes;
 
 use super::transport::Transport;
-use crate::driver::ops::BatchReport;
+use crate::driver::ops::{self, BatchReport};
 use crate::driver::SharedFd;
 use crate::{Error, Result};
 
@@ -51,7 +53,9 @@ pub struct OutputStreamStats {
     /// Batches submitted: one per flush that had something to send (more when a batch is
     /// cut by back-pressure).
     pub batches: u64,
-    /// Kernel operations used: SQEs on io_uring, `sendmsg` calls on epoll.
+    /// Kernel operations used: SQEs on io_uring, `sendmsg` calls on epoll, and the
+    /// `sendmsg` a flush makes itself when it finds nothing in flight (see
+    /// [`OutputStream::flush`]).
     pub kernel_operations: u64,
     /// Short sends (or chains cut after one) resubmitted from their exact byte offset.
     pub short_send_recoveries: u64,
@@ -168,6 +172,44 @@ impl State {
 
     fn wake_all(&mut self) {
         self.waiters.drain(..).for_each(Waker::wake);
+    }
+
+    /// The stream is broken: every write not yet sent (the queue, and in a batch what
+    /// was not sent of it) fails with `err`'s status.
+    fn fail(&mut self, err: std::io::Error) {
+        self.failure = Some((self.completed, Failure::from_io(err)));
+        self.queue.clear();
+        let dropped = std::mem::take(&mut self.queued_bytes);
+        self.pending_bytes = self.pending_bytes.saturating_sub(dropped);
+        self.queued_from = self.next;
+        self.wake_all();
+    }
+
+    /// The first `sent` bytes of the queue went out while nothing else was in flight:
+    /// the writes they finish complete, a write they cut keeps only its rest.
+    fn take_sent(&mut self, sent: usize) {
+        debug_assert_eq!(self.completed, self.queued_from, "nothing in flight");
+        let mut left = sent;
+        let done = self
+            .queue
+            .iter()
+            .take_while(|buf| {
+                let whole = buf.len() <= left;
+                if whole {
+                    left -= buf.len();
+                }
+                whole
+            })
+            .count();
+        self.queue.drain(..done);
+        if left > 0 {
+            bytes::Buf::advance(&mut self.queue[0], left);
+        }
+        self.queued_from += done as u64;
+        self.completed = self.queued_from;
+        self.queued_bytes -= sent;
+        self.pending_bytes = self.pending_bytes.saturating_sub(sent);
+        self.wake_all();
     }
 
     fn in_flight_writes(&self) -> u64 {
@@ -349,6 +391,13 @@ impl OutputStream {
     /// back every write queued before this call (FlushAsync). Reports the first error;
     /// each write's handle reports its own. Returns at once when nothing is pending.
     ///
+    /// On a stream socket whose previous batch is done, the flush makes that one
+    /// submission itself, a nonblocking `sendmsg` of the queued writes (on io_uring when
+    /// no other task is ready to run, else it joins their submission in the ring): a
+    /// flush the kernel takes whole then costs one system call and no task switch, as a
+    /// `writev` does. The rest of a send the kernel cuts short goes out from its exact
+    /// byte as usual.
+    ///
     /// On a stream socket with a
     /// [write timeout](super::StreamSocketControl::set_write_timeout), a flush the peer
     /// takes no bytes of for that long fails with `ConnectionTimedOut`, and so does the
@@ -374,6 +423,7 @@ impl Inner {
                 state.flush_target = target;
             }
         }
+        self.send_now();
         self.start_sender();
         poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
@@ -392,6 +442,54 @@ impl Inner {
             Poll::Pending
         })
         .await
+    }
+
+    /// A flush that finds the sender idle sends the queue itself, in one nonblocking
+    /// `sendmsg` (see `ops::send_stream_now`): no task is woken and no engine turn waited
+    /// for, which is what a flush cost beyond `writev`. What the kernel does not take
+    /// is left for the sender, from the exact byte it stopped at. On io_uring only when
+    /// no other task runs in this round: otherwise the ring takes this batch together
+    /// with what they queue, in one submission.
+    fn send_now(self: &Rc<Self>) {
+        let (Some(fd), Transport::Stream) = (&self.fd, &self.transport) else {
+            return;
+        };
+        let mut state = self.state.borrow_mut();
+        if matches!(state.sender, Sender::Running) || !state.has_work() || state.failure.is_some() {
+            return;
+        }
+        // Streams flushed by the tasks still to run in this round share one submission
+        // with this one; sending now would cost a system call more.
+        if crate::runtime::ring_batches_this_round() {
+            return;
+        }
+        let Some(result) = ops::send_stream_now(fd, &state.queue) else {
+            return;
+        };
+        let mut stats = self.stats.get();
+        stats.kernel_operations += 1;
+        match result {
+            Ok(sent) => {
+                state.take_sent(sent);
+                if state.queue.is_empty() {
+                    stats.batches += 1;
+                } else {
+                    // The sender goes on from where this send stopped.
+                    stats.short_send_recoveries += 1;
+                }
+            }
+            Err(err) => {
+                stats.batches += 1;
+                state.fail(err);
+                // A parked sender has nothing left to do: it ends when woken.
+                if let Sender::Parked(waker) = std::mem::take(&mut state.sender) {
+                    state.sender_epoch += 1;
+                    drop(state);
+                    waker.wake();
+                }
+            }
+        }
+        self.stats.set(stats);
     }
 
     /// Gets the sender task going when something needs sending: wakes it where it
@@ -481,16 +579,8 @@ impl Inner {
         state.pending_bytes = state.pending_bytes.saturating_sub(batch_bytes);
         state.completed = first_seq + progress.first as u64;
         if let Err(err) = result {
-            // The stream is broken: this batch's unsent writes, and every write queued
-            // behind them, fail with the same status.
-            let failure = Failure::from_io(err);
-            state.failure = Some((state.completed, failure));
-            state.queue.clear();
-            let dropped = std::mem::take(&mut state.queued_bytes);
-            state.pending_bytes = state.pending_bytes.saturating_sub(dropped);
-            state.queued_from = state.next;
+            state.fail(err);
             state.sender = Sender::Absent;
-            state.wake_all();
             return false;
         }
         debug_assert_eq!(state.completed, first_seq + count);
@@ -633,5 +723,53 @@ impl Future for WriteHandle {
         }
         stream.start_sender();
         Poll::Pending
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queued(lens: &[usize]) -> State {
+        let mut state = State::default();
+        for (i, &len) in lens.iter().enumerate() {
+            let buf = Bytes::from(vec![i as u8; len]);
+            state.pending_bytes += len;
+            state.queued_bytes += len;
+            state.queue.push(buf);
+            state.next += 1;
+        }
+        state
+    }
+
+    #[test]
+    fn a_send_taken_whole_completes_every_write_and_empties_the_queue() {
+        let mut state = queued(&[3, 0, 5]);
+        state.take_sent(8);
+        assert!(state.queue.is_empty());
+        assert_eq!((state.completed, state.queued_from), (3, 3));
+        assert_eq!((state.queued_bytes, state.pending_bytes), (0, 0));
+    }
+
+    #[test]
+    fn a_short_send_completes_the_writes_it_finished_and_keeps_the_rest_of_the_one_it_cut() {
+        let mut state = queued(&[3, 0, 5, 2]);
+        state.take_sent(4);
+        // The 3-byte and the empty write are done; one byte of the 5-byte write went.
+        assert_eq!((state.completed, state.queued_from), (2, 2));
+        assert_eq!(state.queue.len(), 2);
+        assert_eq!(&state.queue[0][..], &[2u8; 4]);
+        assert_eq!(&state.queue[1][..], &[3u8; 2]);
+        assert_eq!((state.queued_bytes, state.pending_bytes), (6, 6));
+        assert!(matches!(state.result_of(1), Some(Ok(()))));
+        assert!(state.result_of(2).is_none());
+    }
+
+    #[test]
+    fn a_send_that_ends_on_a_write_boundary_leaves_the_next_write_whole() {
+        let mut state = queued(&[4, 4]);
+        state.take_sent(4);
+        assert_eq!(state.completed, 1);
+        assert_eq!(&state.queue[..], &[Bytes::from(vec![1u8; 4])]);
     }
 }

@@ -574,6 +574,18 @@ pub fn current_driver_kind() -> Option<DriverKind> {
     CONTEXT.with(|context| context.borrow().as_ref().map(|inner| inner.kind))
 }
 
+/// Whether the runtime running on this thread uses io_uring and has other tasks to run
+/// in this round: an operation they queue goes into the same submission as one queued
+/// now, where a system call made now would be one more.
+pub(crate) fn ring_batches_this_round() -> bool {
+    CONTEXT.with(|context| {
+        context
+            .borrow()
+            .as_ref()
+            .is_some_and(|inner| inner.kind == DriverKind::Uring && inner.shared.queued() > 0)
+    })
+}
+
 /// System calls made so far by the driver of the runtime running on this thread.
 pub fn driver_stats() -> Option<DriverStats> {
     CONTEXT.with(|context| context.borrow().as_ref()?.driver.stats())

@@ -11,11 +11,8 @@ use bytes::Bytes;
 use super::{Direction, Registration};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::driver::fd::FdRef;
-use crate::driver::iovec::iovecs_into;
+use crate::driver::iovec::{iovecs_into, keep_spare_iovecs, sendmsg, take_spare_iovecs, IOV_MAX};
 use crate::driver::sockaddr::RawAddr;
-
-/// Most iovecs one `writev`/`sendmsg` takes (UIO_MAXIOV).
-pub(crate) const IOV_MAX: usize = 1024;
 
 fn check(result: isize) -> io::Result<usize> {
     if result < 0 {
@@ -157,29 +154,14 @@ pub(crate) async fn sendmsg_vectored(
 ) -> (io::Result<usize>, Vec<Bytes>) {
     // The array is taken from the thread's spare (and put back after), so a stream that
     // keeps flushing allocates nothing for its sends.
-    let mut iovecs = SPARE_IOVECS.with(|spare| spare.take());
+    let mut iovecs = take_spare_iovecs();
     iovecs_into(&mut iovecs, &bufs, first, skip, IOV_MAX);
     let result = reg
-        .retry(Direction::Write, || {
-            // SAFETY: msghdr is plain old data; zero is its empty value.
-            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-            header.msg_iov = iovecs.as_mut_ptr();
-            header.msg_iovlen = iovecs.len();
-            // SAFETY: the header points to iovecs over live Bytes, all alive for the call.
-            let n = unsafe { libc::sendmsg(fd.raw(), &header, flags) };
-            check(n)
-        })
+        .retry(Direction::Write, || sendmsg(fd.raw(), &mut iovecs, flags))
         .await;
-    // Emptied first: the entries point into `bufs`, which go back to the caller.
-    iovecs.clear();
-    SPARE_IOVECS.with(|spare| spare.set(iovecs));
+    // Emptied before `bufs`, which its entries point into, go back to the caller.
+    keep_spare_iovecs(iovecs);
     (result, bufs)
-}
-
-thread_local! {
-    /// An iovec array for the next vectored send on this thread (empty; its capacity
-    /// is what is kept).
-    static SPARE_IOVECS: std::cell::Cell<Vec<libc::iovec>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 pub(crate) fn shutdown(fd: &FdRef, how: std::net::Shutdown) -> io::Result<()> {

@@ -13,11 +13,8 @@ use io_uring::{opcode, types};
 use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::{IoBuf, IoBufMut};
 use crate::driver::fd::FdRef;
-use crate::driver::iovec::iovecs_into;
+use crate::driver::iovec::{iovecs_into, IOV_MAX};
 use crate::driver::sockaddr::RawAddr;
-
-/// Most iovecs one `sendmsg` takes (the kernel's UIO_MAXIOV).
-pub(crate) const IOV_MAX: usize = 1024;
 
 /// Multishot accept (Linux 5.19): one SQE, a completion per connection. Results are new
 /// descriptors; those nobody takes are closed by the driver. The driver pauses it once
