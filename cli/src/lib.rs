@@ -13,4 +13,21 @@
 #![warn(clippy::undocumented_unsafe_blocks)]
 #![warn(unsafe_op_in_unsafe_fn)]
 
+// Printing never panics here (see `out`): these shadow the standard macros in every
+// module declared below.
+macro_rules! println {
+    () => { $crate::out::line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out::line(format_args!($($arg)*)) };
+}
+#[allow(unused_macros)]
+macro_rules! print {
+    ($($arg:tt)*) => { $crate::out::text(format_args!($($arg)*)) };
+}
+#[allow(unused_macros)]
+macro_rules! eprintln {
+    () => { $crate::out::error_line(format_args!("")) };
+    ($($arg:tt)*) => { $crate::out::error_line(format_args!($($arg)*)) };
+}
+
 pub mod bench;
+pub mod out;

@@ -21,6 +21,20 @@ use ringsock::{
 };
 use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
 
+// Printing never panics (see `ringsock_cli::out`): these shadow the standard macros
+// here and in every module declared below.
+macro_rules! println {
+    () => { ringsock_cli::out::line(format_args!("")) };
+    ($($arg:tt)*) => { ringsock_cli::out::line(format_args!($($arg)*)) };
+}
+macro_rules! print {
+    ($($arg:tt)*) => { ringsock_cli::out::text(format_args!($($arg)*)) };
+}
+macro_rules! eprintln {
+    () => { ringsock_cli::out::error_line(format_args!("")) };
+    ($($arg:tt)*) => { ringsock_cli::out::error_line(format_args!($($arg)*)) };
+}
+
 mod conn_limit;
 mod log_limit;
 mod serve;

@@ -372,3 +372,81 @@ fn echo_client_with_a_full_stdout_fails_cleanly() {
         assert!(server.stop().success(), "{backend}");
     }
 }
+
+fn dev_full() -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap()
+}
+
+/// A stdout that cannot be written (a full disk; a reader of a pipe that went away
+/// fails the same way) loses the demo's and a benchmark's lines, never panics them.
+#[test]
+fn the_demo_and_a_benchmark_with_an_unwritable_stdout_finish_without_a_panic() {
+    for (backend, _) in BACKENDS {
+        for args in [
+            &["demo", "--backend", backend][..],
+            &[
+                "bench",
+                "--json",
+                "--workload",
+                "tcp-batch",
+                "--count",
+                "2000",
+                "--impl",
+                &format!("ringsock-{backend}"),
+            ][..],
+        ] {
+            let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(args)
+                .env_remove("RINGSOCK_BACKEND")
+                .stdout(dev_full())
+                .output()
+                .unwrap();
+            let stderr = text(&out.stderr);
+            assert!(out.status.success(), "{args:?}: {stderr}");
+            assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        }
+    }
+}
+
+/// An echo server whose stderr (its log) cannot be written still serves, and SIGTERM
+/// still ends it with exit 0.
+#[test]
+fn an_echo_server_with_an_unwritable_log_serves_and_stops_cleanly() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    for (backend, _) in BACKENDS {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+            .env_remove("RINGSOCK_BACKEND")
+            .stdout(std::process::Stdio::piped())
+            .stderr(dev_full())
+            .spawn()
+            .unwrap();
+        let mut stdout = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        stdout.read_line(&mut line).unwrap();
+        let addr = line
+            .trim()
+            .strip_prefix("listening tcp ")
+            .unwrap_or_else(|| panic!("{backend}: {line:?}"))
+            .to_string();
+        let mut client = std::net::TcpStream::connect(&addr).unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(20)))
+            .unwrap();
+        client.write_all(b"hello").unwrap();
+        let mut echoed = [0u8; 5];
+        client.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"hello", "{backend}");
+        drop(client);
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child,
+        // not yet waited for.
+        #[allow(unsafe_code)]
+        let sent = unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        assert_eq!(sent, 0);
+        let status = child.wait().unwrap();
+        assert!(status.success(), "{backend}: {status}");
+    }
+}
