@@ -299,6 +299,11 @@ impl Registration {
         direction: Direction,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<()>> {
+        // Released, the slot may be another socket's now: neither its readiness nor the
+        // descriptor may be used any more (a read woken by the release must not go on).
+        if self.released.get() {
+            return Poll::Ready(Err(released()));
+        }
         let index = direction as usize;
         let (slot, raw) = (self.slot, self.raw);
         let outcome = self.driver.with(|d| {
@@ -331,6 +336,9 @@ impl Registration {
     /// does not need those calls. Both directions count as ready meanwhile (calls are
     /// tried first). Does nothing while a task waits on the socket.
     pub(crate) fn suspend_events(&self) {
+        if self.released.get() {
+            return;
+        }
         let (slot, raw) = (self.slot, self.raw);
         let _ = self.driver.with(|d| {
             let Some(readiness) = d.slots.get_mut(slot) else {
@@ -350,6 +358,9 @@ impl Registration {
     /// Records that a call on the socket said EAGAIN: wait for the next edge before
     /// trying again.
     pub(crate) fn clear_ready(&self, direction: Direction) {
+        if self.released.get() {
+            return;
+        }
         let slot = self.slot;
         let _ = self.driver.with(|d| {
             if let Some(readiness) = d.slots.get_mut(slot) {
@@ -419,6 +430,14 @@ impl Registration {
         }
         Ok(())
     }
+}
+
+/// The error for an operation on a socket that left this driver.
+fn released() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "the socket was detached from this handle (handed to another runtime or process)",
+    )
 }
 
 impl Drop for Registration {

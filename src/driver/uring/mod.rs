@@ -538,6 +538,12 @@ impl Driver {
     /// Synchronous (IORING_REGISTER_SYNC_CANCEL, Linux 6.0), else an ASYNC_CANCEL of
     /// every request on the descriptor (5.19) and a bounded wait for its completion.
     pub(crate) fn cancel_fd(&mut self, fd: RawFd) -> io::Result<()> {
+        // An operation queued this round is not the kernel's yet: a cancel would miss it
+        // and the next park would submit it, so it would go on using the socket after it
+        // left. Hand the queue over first (a full completion queue is reaped and retried).
+        while !self.ring.submission().is_empty() {
+            self.flush_submissions()?;
+        }
         let all = || types::CancelBuilder::fd(types::Fd(fd)).all();
         let synced = self
             .ring

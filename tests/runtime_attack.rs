@@ -1,0 +1,207 @@
+//! Attacks on the runtime contract from the safe API, the way a careless user would
+//! misuse it: futures moved between runtimes and past their runtime's end, sockets
+//! detached while operations on them are queued or in flight, runtimes dropped with
+//! buffers the kernel is filling. Each must end with an error or work; none may hang,
+//! lose or misplace bytes, or let the kernel write into freed memory (the file runs
+//! under the poisoning allocator, see `util::poison`).
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::pin::pin;
+use std::task::Poll;
+
+use ringsock::runtime::Builder;
+use ringsock::{Backend, DatagramSocket, Runtime, SocketErrorStatus, StreamSocket};
+
+use util::{must, poll_once, BACKENDS};
+
+#[global_allocator]
+static ALLOC: util::poison::PoisonAlloc = util::poison::PoisonAlloc;
+
+fn runtime(backend: Backend) -> Option<Runtime> {
+    util::build_or_skip(Builder::new().backend(backend), backend)
+}
+
+fn assert_no_corruption(what: &str) {
+    assert_eq!(
+        util::poison::corrupted(),
+        0,
+        "{what}: memory was written after it was freed"
+    );
+}
+
+fn assert_wrong_runtime<T: std::fmt::Debug>(result: ringsock::Result<T>, what: &str) {
+    match result {
+        Err(err) => assert_eq!(
+            err.status(),
+            SocketErrorStatus::WrongRuntime,
+            "{what}: {err}"
+        ),
+        Ok(value) => panic!("{what}: worked on the wrong runtime: {value:?}"),
+    }
+}
+
+/// A ringsock stream connected to a std peer, made on the current runtime.
+async fn stream_with_std_peer() -> (StreamSocket, TcpStream) {
+    let listener = util::std_listener();
+    let addr = listener.local_addr().unwrap();
+    let socket = StreamSocket::new();
+    must("connect", socket.connect_addr(addr)).await.unwrap();
+    let (peer, _) = listener.accept().unwrap();
+    (socket, peer)
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd").unwrap().count()
+}
+
+/// A read queued in this round (polled once, not yet handed to the kernel) when its
+/// socket is detached in the same round: it must not go on reading the socket after it
+/// left the runtime. The bytes the peer sends afterwards belong to whoever adopts it.
+#[test]
+fn a_read_queued_when_its_socket_is_detached_steals_nothing() {
+    for backend in BACKENDS {
+        let Some(rt) = runtime(backend) else {
+            continue;
+        };
+        rt.block_on(async {
+            let (socket, mut peer) = stream_with_std_peer().await;
+            let mut read = pin!(socket.read(Vec::with_capacity(64)));
+            assert!(poll_once(read.as_mut()).await.is_pending());
+            let detached = must("detach", socket.detach()).await.unwrap();
+            let mut adopted = TcpStream::from(detached.into_fd());
+            adopted.set_nonblocking(false).unwrap();
+            adopted.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            peer.write_all(b"for the adopter").unwrap();
+            // The old handle's read ends (it was cancelled) without taking the bytes.
+            let (result, buf) = must("the detached read", read).await;
+            assert!(
+                result.is_err(),
+                "{backend}: a read on a detached socket took {:?}",
+                String::from_utf8_lossy(&buf)
+            );
+            let mut got = [0u8; 15];
+            adopted
+                .read_exact(&mut got)
+                .unwrap_or_else(|err| panic!("{backend}: the adopter lost its bytes: {err}"));
+            assert_eq!(&got, b"for the adopter");
+        });
+        assert_no_corruption("queued read then detach");
+    }
+}
+
+/// The same with the read handed to the kernel (a park in between) before the detach.
+#[test]
+fn a_read_in_flight_when_its_socket_is_detached_steals_nothing() {
+    for backend in BACKENDS {
+        let Some(rt) = runtime(backend) else {
+            continue;
+        };
+        rt.block_on(async {
+            let (socket, mut peer) = stream_with_std_peer().await;
+            let mut read = pin!(socket.read(Vec::with_capacity(64)));
+            assert!(poll_once(read.as_mut()).await.is_pending());
+            util::yield_now().await;
+            let detached = must("detach", socket.detach()).await.unwrap();
+            let mut adopted = TcpStream::from(detached.into_fd());
+            adopted.set_nonblocking(false).unwrap();
+            adopted.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            peer.write_all(b"for the adopter").unwrap();
+            let (result, _) = must("the detached read", read).await;
+            assert!(result.is_err(), "{backend}: a detached socket still read");
+            let mut got = [0u8; 15];
+            adopted.read_exact(&mut got).unwrap();
+            assert_eq!(&got, b"for the adopter");
+        });
+        assert_no_corruption("in-flight read then detach");
+    }
+}
+
+/// Every kind of operation in flight (a read into a Vec, a 32 MiB write to a peer that
+/// does not read, a flush of that much, an accept, a datagram receive from the ring, a
+/// batch receive) when its runtime is dropped: each future then ends with WrongRuntime
+/// under another runtime, nothing hangs, no descriptor stays open after everything is
+/// dropped, and nothing was written into freed memory. Repeated, so a leak shows.
+#[test]
+fn operations_in_flight_when_their_runtime_is_dropped_end_cleanly_and_leak_nothing() {
+    const ROUNDS: usize = 200;
+    const BIG: usize = 32 << 20;
+    let big = bytes::Bytes::from(vec![7u8; BIG]);
+    for backend in BACKENDS {
+        if runtime(backend).is_none() {
+            continue;
+        }
+        let before = open_fds();
+        for round in 0..ROUNDS {
+            let a = runtime(backend).unwrap();
+            let listener = util::loopback_listener();
+            let udp = DatagramSocket::new();
+            udp.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            // `server` is read from (its peer `quiet` never writes); `client` writes to
+            // `peer`, which never reads.
+            let (client, server, quiet, peer) = a.block_on(async {
+                let (quiet, server) = util::connected_pair(&listener).await;
+                let (client, peer) = stream_with_std_peer().await;
+                (client, server, quiet, peer)
+            });
+            let output = client.output_stream();
+            let mut read = Box::pin(server.read(Vec::with_capacity(4096)));
+            let mut write = Box::pin(client.write_all(vec![1u8; BIG]));
+            let mut accept = Box::pin(listener.accept());
+            let mut recv = Box::pin(udp.recv());
+            let mut batch_out = Vec::new();
+            a.block_on(async {
+                assert!(poll_once(read.as_mut()).await.is_pending());
+                assert!(poll_once(write.as_mut()).await.is_pending());
+                assert!(poll_once(accept.as_mut()).await.is_pending());
+                assert!(poll_once(recv.as_mut()).await.is_pending());
+                // The kernel takes over: the write fills the socket buffers.
+                util::yield_now().await;
+                util::yield_now().await;
+                output.try_write(big.clone()).unwrap();
+            });
+            if round % 2 == 0 {
+                drop(a);
+                let b = runtime(backend).unwrap();
+                b.block_on(async {
+                    let Poll::Ready((r, buf)) = poll_once(read.as_mut()).await else {
+                        panic!("{backend}: read waited after its runtime was dropped");
+                    };
+                    assert_wrong_runtime(r, "read");
+                    assert_eq!(buf.capacity(), 4096);
+                    let Poll::Ready((w, buf)) = poll_once(write.as_mut()).await else {
+                        panic!("{backend}: write waited after its runtime was dropped");
+                    };
+                    assert_wrong_runtime(w, "write_all");
+                    assert_eq!(buf.len(), BIG);
+                    let Poll::Ready(acc) = poll_once(accept.as_mut()).await else {
+                        panic!("{backend}: accept waited after its runtime was dropped");
+                    };
+                    assert_wrong_runtime(acc.map(drop), "accept");
+                    let Poll::Ready(got) = poll_once(recv.as_mut()).await else {
+                        panic!("{backend}: recv waited after its runtime was dropped");
+                    };
+                    assert_wrong_runtime(got.map(drop), "recv");
+                    let flushed = must("flush", output.flush()).await;
+                    assert_wrong_runtime(flushed, "flush");
+                    let batch = must("recv_batch", udp.recv_batch(&mut batch_out, 8)).await;
+                    assert_wrong_runtime(batch, "recv_batch");
+                });
+            } else {
+                // Dropped with the runtime still alive and then the runtime goes.
+                drop((read, write, accept, recv));
+                drop(a);
+                drop(output);
+                drop((client, server, quiet, listener, udp, peer));
+                continue;
+            }
+            drop((read, write, accept, recv));
+            drop(output);
+            drop((client, server, quiet, listener, udp, peer));
+        }
+        assert_eq!(open_fds(), before, "{backend}: descriptors leaked");
+        assert_no_corruption("operations in flight when the runtime was dropped");
+    }
+}
