@@ -351,6 +351,11 @@ fn run_worker(shared: &Shared, index: usize, builder: Builder, ready: mpsc::Send
         }
     };
     drop(ready);
+    // However the loop ends (the pool stops, or a task panics and unwinds through
+    // `block_on`), the thread takes no more work: later `spawn_on`s fail and jobs still
+    // queued are dropped, ending their handles' wait, instead of waiting for a thread
+    // that is gone. Declared after `runtime`, so it runs first, before its tasks drop.
+    let _stop = StopOnExit(worker);
     runtime.block_on(poll_fn(|cx| {
         let jobs = {
             let mut inbox = worker.lock();
@@ -370,4 +375,20 @@ fn run_worker(shared: &Shared, index: usize, builder: Builder, ready: mpsc::Send
         }
         Poll::Pending
     }));
+}
+
+/// Marks a worker stopping when its thread's loop ends, normally or by a panic.
+struct StopOnExit<'a>(&'a Worker);
+
+impl Drop for StopOnExit<'_> {
+    fn drop(&mut self) {
+        let unstarted = {
+            let mut inbox = self.0.lock();
+            inbox.stopping = true;
+            inbox.waker = None;
+            std::mem::take(&mut inbox.jobs)
+        };
+        // Outside the lock: dropping a job drops its sender, which may wake a waiter.
+        drop(unstarted);
+    }
 }
