@@ -486,8 +486,13 @@ impl Wake for MainWaker {
 
 /// A spawned task. Awaiting it gives the task's output; dropping it lets the task run on
 /// (detached), unlike `async_task::Task`.
+///
+/// # Panics
+///
+/// Awaiting it panics when the task was dropped unfinished with its runtime (the
+/// runtime was dropped while the handle lived on): there is no output to give.
 pub struct JoinHandle<T> {
-    task: Option<async_task::Task<T>>,
+    task: Option<async_task::FallibleTask<T>>,
 }
 
 impl<T> JoinHandle<T> {
@@ -507,7 +512,11 @@ impl<T> Future for JoinHandle<T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
         match self.task.as_mut() {
-            Some(task) => Pin::new(task).poll(cx),
+            Some(task) => Pin::new(task).poll(cx).map(|output| {
+                output.unwrap_or_else(|| {
+                    panic!("ringsock: a JoinHandle was awaited after its runtime was dropped with the task unfinished")
+                })
+            }),
             None => Poll::Pending,
         }
     }
@@ -537,7 +546,9 @@ where
         async_task::spawn_local(future, move |runnable| shared.schedule(runnable));
     inner.tasks.insert(runnable.waker());
     runnable.schedule();
-    JoinHandle { task: Some(task) }
+    JoinHandle {
+        task: Some(task.fallible()),
+    }
 }
 
 /// Spawns a task on the runtime running on this thread.
