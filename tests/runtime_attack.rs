@@ -8,7 +8,7 @@
 mod util;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::TcpStream;
 use std::pin::pin;
 use std::task::Poll;
 
@@ -53,6 +53,14 @@ async fn stream_with_std_peer() -> (StreamSocket, TcpStream) {
     (socket, peer)
 }
 
+/// Tests here count the process's descriptors: they run one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").unwrap().count()
 }
@@ -62,6 +70,7 @@ fn open_fds() -> usize {
 /// left the runtime. The bytes the peer sends afterwards belong to whoever adopts it.
 #[test]
 fn a_read_queued_when_its_socket_is_detached_steals_nothing() {
+    let _serial = serial();
     for backend in BACKENDS {
         let Some(rt) = runtime(backend) else {
             continue;
@@ -95,6 +104,7 @@ fn a_read_queued_when_its_socket_is_detached_steals_nothing() {
 /// The same with the read handed to the kernel (a park in between) before the detach.
 #[test]
 fn a_read_in_flight_when_its_socket_is_detached_steals_nothing() {
+    let _serial = serial();
     for backend in BACKENDS {
         let Some(rt) = runtime(backend) else {
             continue;
@@ -126,6 +136,7 @@ fn a_read_in_flight_when_its_socket_is_detached_steals_nothing() {
 /// dropped, and nothing was written into freed memory. Repeated, so a leak shows.
 #[test]
 fn operations_in_flight_when_their_runtime_is_dropped_end_cleanly_and_leak_nothing() {
+    let _serial = serial();
     const ROUNDS: usize = 200;
     const BIG: usize = 32 << 20;
     let big = bytes::Bytes::from(vec![7u8; BIG]);
@@ -204,4 +215,117 @@ fn operations_in_flight_when_their_runtime_is_dropped_end_cleanly_and_leak_nothi
         assert_eq!(open_fds(), before, "{backend}: descriptors leaked");
         assert_no_corruption("operations in flight when the runtime was dropped");
     }
+}
+
+/// A task that panics takes its pool thread down; work sent to that thread afterwards
+/// must fail or end (`OperationAborted`), never wait forever for a thread that is gone.
+#[test]
+fn work_sent_to_a_pool_thread_a_panic_took_down_does_not_hang() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        if runtime(backend).is_none() {
+            continue;
+        }
+        let pool = ringsock::runtime::Pool::builder()
+            .threads(1)
+            .pin_threads(false)
+            .runtime(Builder::new().backend(backend))
+            .build()
+            .expect("pool");
+        let handle = pool.handle();
+        let doomed = handle
+            .spawn_on(0, || async { panic!("a task panics on the pool thread") })
+            .unwrap();
+        let ended: ringsock::Result<()> =
+            ringsock::block_on(async { must("doomed", doomed).await });
+        assert!(ended.is_err(), "{backend}: a panicked task gave an output");
+        match handle.spawn_on(0, || async { 1 }) {
+            Err(err) => assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}"),
+            Ok(later) => {
+                let got = ringsock::block_on(async { must("work after the panic", later).await });
+                let err = got.expect_err("a thread that is gone ran a task");
+                assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+            }
+        }
+        drop(pool);
+    }
+}
+
+/// A socket detached from a runtime of one engine is adopted by a runtime of the other
+/// and carries on byte exact, in both directions.
+#[test]
+fn a_socket_detached_from_one_engine_is_adopted_by_the_other() {
+    let _serial = serial();
+    for (from, to) in [
+        (Backend::Uring, Backend::Epoll),
+        (Backend::Epoll, Backend::Uring),
+    ] {
+        let (Some(a), Some(b)) = (runtime(from), runtime(to)) else {
+            continue;
+        };
+        let (detached, mut peer) = a.block_on(async {
+            let (socket, mut peer) = stream_with_std_peer().await;
+            peer.write_all(b"before").unwrap();
+            assert_eq!(util::read_exact(&socket, 6).await, b"before");
+            let mut read = pin!(socket.read(Vec::with_capacity(16)));
+            assert!(poll_once(read.as_mut()).await.is_pending());
+            let detached = must("detach", socket.detach()).await.unwrap();
+            let (result, _) = must("the cancelled read", read).await;
+            assert!(result.is_err(), "{from}: a detached read went on");
+            (detached, peer)
+        });
+        drop(a);
+        b.block_on(async {
+            let socket = detached.into_stream().unwrap();
+            peer.write_all(b"after").unwrap();
+            assert_eq!(util::read_exact(&socket, 5).await, b"after", "{from}->{to}");
+            socket.write_all(b"back".to_vec()).await.0.unwrap();
+        });
+        let mut got = [0u8; 4];
+        peer.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"back");
+        assert_no_corruption("adopted by the other engine");
+    }
+}
+
+/// A JoinHandle whose runtime was dropped with its task unfinished, awaited on another
+/// runtime: it panics, as documented, saying why (not async-task's "polled after
+/// completion", which points nowhere).
+#[test]
+fn a_join_handle_outliving_its_runtime_says_why() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let Some(a) = runtime(backend) else {
+            continue;
+        };
+        let handle = a.spawn(std::future::pending::<u8>());
+        drop(a);
+        let b = runtime(backend).unwrap();
+        b.block_on(async {
+            let outcome = catch_unwind_polls(handle).await;
+            let panic = outcome.expect_err("awaiting a dropped task gave an output");
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            assert!(
+                message.contains("runtime was dropped"),
+                "{backend}: unclear panic: {message}"
+            );
+        });
+    }
+}
+
+/// Polls `future` to its end, catching a panic in any of its polls.
+async fn catch_unwind_polls<F: std::future::Future>(future: F) -> std::thread::Result<F::Output> {
+    let mut future = Box::pin(future);
+    std::future::poll_fn(|cx| {
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| future.as_mut().poll(cx))) {
+            Ok(Poll::Ready(output)) => Poll::Ready(Ok(output)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(panic) => Poll::Ready(Err(panic)),
+        }
+    })
+    .await
 }
