@@ -329,3 +329,315 @@ async fn catch_unwind_polls<F: std::future::Future>(future: F) -> std::thread::R
     })
     .await
 }
+
+/// A listener detached while an accept on it is queued (same round) or in flight, with
+/// connections pending before and arriving after: every connection is accepted exactly
+/// once, by the old accept (if it had completed) or by the adopting listener on another
+/// runtime; none is lost or reset.
+#[test]
+fn a_listener_detached_with_an_accept_queued_or_in_flight_loses_no_connection() {
+    let _serial = serial();
+    const BEFORE: usize = 4;
+    const AFTER: usize = 4;
+    for backend in BACKENDS {
+        for turn_first in [false, true] {
+            let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+                continue;
+            };
+            let listener = a.block_on(async { util::loopback_listener() });
+            let addr = listener.local_addr().unwrap();
+            let mut clients: Vec<TcpStream> = (0..BEFORE)
+                .map(|_| TcpStream::connect(addr).unwrap())
+                .collect();
+            let (detached, old) = a.block_on(async {
+                let mut accept = pin!(listener.accept());
+                let mut old = Vec::new();
+                match poll_once(accept.as_mut()).await {
+                    Poll::Ready(socket) => old.push(socket.unwrap()),
+                    Poll::Pending => {
+                        if turn_first {
+                            util::yield_now().await;
+                        }
+                        let detached = listener.detach().unwrap();
+                        match must("the old accept", accept).await {
+                            Ok(socket) => old.push(socket),
+                            Err(err) => assert_ne!(
+                                err.status(),
+                                SocketErrorStatus::WrongRuntime,
+                                "{backend}: {err}"
+                            ),
+                        }
+                        for socket in &old {
+                            socket.write_all(b"hi".to_vec()).await.0.unwrap();
+                        }
+                        return (detached, old);
+                    }
+                }
+                let detached = listener.detach().unwrap();
+                for socket in &old {
+                    socket.write_all(b"hi".to_vec()).await.0.unwrap();
+                }
+                (detached, old)
+            });
+            clients.extend((0..AFTER).map(|_| TcpStream::connect(addr).unwrap()));
+            b.block_on(async {
+                let adopted = detached.into_listener().unwrap();
+                for _ in old.len()..BEFORE + AFTER {
+                    let socket = must("accept after adopting", adopted.accept())
+                        .await
+                        .unwrap();
+                    socket.write_all(b"hi".to_vec()).await.0.unwrap();
+                }
+            });
+            for (i, client) in clients.iter_mut().enumerate() {
+                client.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+                let mut hi = [0u8; 2];
+                client
+                    .read_exact(&mut hi)
+                    .unwrap_or_else(|e| panic!("{backend} client {i}: {e}"));
+                assert_eq!(&hi, b"hi");
+            }
+            drop(old);
+            drop((a, b));
+        }
+    }
+    assert_no_corruption("listener detached with accepts in flight");
+}
+
+/// A stream detached while a 32 MiB flush runs in another task: the detach waits for
+/// the queued bytes (as documented), the adopter's bytes come after them, and the peer
+/// sees every byte once, in order.
+#[test]
+fn a_stream_detached_while_a_flush_runs_keeps_the_byte_order() {
+    let _serial = serial();
+    const BIG: usize = 32 << 20;
+    for backend in BACKENDS {
+        let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+            continue;
+        };
+        let (detached, reader) = a.block_on(async {
+            let (socket, mut peer) = stream_with_std_peer().await;
+            let reader = std::thread::spawn(move || {
+                let mut all = Vec::new();
+                peer.read_to_end(&mut all).map(|_| all)
+            });
+            let output = socket.output_stream();
+            let data = bytes::Bytes::from(util::pseudo_random_bytes(3, BIG));
+            output.write(data).await.unwrap();
+            let flusher = ringsock::spawn(async move { output.flush().await });
+            util::yield_now().await;
+            let detached = must("detach", socket.detach()).await.unwrap();
+            let flushed = must("flush", flusher).await;
+            assert!(flushed.is_ok(), "{backend}: {flushed:?}");
+            (detached, reader)
+        });
+        drop(a);
+        b.block_on(async {
+            let socket = detached.into_stream().unwrap();
+            socket.write_all(b"tail".to_vec()).await.0.unwrap();
+            socket.shutdown_write().await.unwrap();
+        });
+        let all = reader.join().unwrap().unwrap();
+        assert_eq!(all.len(), BIG + 4, "{backend}");
+        assert!(
+            all[..BIG] == util::pseudo_random_bytes(3, BIG)[..],
+            "{backend}"
+        );
+        assert_eq!(&all[BIG..], b"tail");
+        drop(b);
+    }
+}
+
+/// A read started inside a tokio Driver's `run_until`, kept in a tokio task after the
+/// Driver is dropped: polled by tokio, it ends with WrongRuntime (its runtime was
+/// dropped) and its buffer, and never hangs.
+#[test]
+fn a_tokio_task_polling_a_read_after_its_driver_dropped_gets_wrong_runtime() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let tokio = util::tokio_rt::tokio_runtime();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&tokio, async {
+            let Some(mut driver) = util::tokio_rt::driver_or_skip(backend) else {
+                return;
+            };
+            let (mut read, _client) = driver
+                .run_until(async {
+                    let listener = util::loopback_listener();
+                    let (client, server) = util::connected_pair(&listener).await;
+                    let mut read = Box::pin(async move {
+                        let (result, buf) = server.read(Vec::with_capacity(32)).await;
+                        (result, buf.capacity())
+                    });
+                    assert!(poll_once(read.as_mut()).await.is_pending());
+                    tokio::task::yield_now().await;
+                    (read, client)
+                })
+                .await;
+            drop(driver);
+            let task = tokio::task::spawn_local(async move { read.as_mut().await });
+            let (result, capacity) = tokio::time::timeout(util::MUST_HAPPEN, task)
+                .await
+                .expect("a read whose driver was dropped hung")
+                .unwrap();
+            assert_wrong_runtime(result, "read after the Driver was dropped");
+            assert_eq!(capacity, 32);
+        });
+        assert_no_corruption("tokio driver dropped");
+    }
+}
+
+/// Two Drivers on one thread, one's `run_until` nested in the other's: the inner one's
+/// sockets work, the outer one's fail with WrongRuntime there and work again once the
+/// inner `run_until` returns.
+#[test]
+fn two_tokio_drivers_nested_on_one_thread_keep_their_sockets_apart() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let tokio = util::tokio_rt::tokio_runtime();
+        tokio.block_on(async {
+            let (Some(mut outer), Some(mut inner)) = (
+                util::tokio_rt::driver_or_skip(backend),
+                util::tokio_rt::driver_or_skip(backend),
+            ) else {
+                return;
+            };
+            outer
+                .run_until(async {
+                    let listener = util::loopback_listener();
+                    let (a_client, a_server) = util::connected_pair(&listener).await;
+                    inner
+                        .run_until(async {
+                            let listener = util::loopback_listener();
+                            let (b_client, b_server) = util::connected_pair(&listener).await;
+                            b_client.write_all(b"inner".to_vec()).await.0.unwrap();
+                            assert_eq!(util::read_exact(&b_server, 5).await, b"inner");
+                            let (w, _) = a_client.write(b"x".to_vec()).await;
+                            assert_wrong_runtime(w, "outer socket inside the inner driver");
+                        })
+                        .await;
+                    a_client.write_all(b"outer".to_vec()).await.0.unwrap();
+                    assert_eq!(util::read_exact(&a_server, 5).await, b"outer");
+                })
+                .await;
+        });
+        assert_no_corruption("nested tokio drivers");
+    }
+}
+
+/// A careless user moves the Pool into one of its own tasks and drops it there: the
+/// other threads stop, the dropping thread cannot join itself; the program must not
+/// hang, and the handle of that task must end.
+#[test]
+fn a_pool_dropped_inside_its_own_task_does_not_hang() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        if runtime(backend).is_none() {
+            continue;
+        }
+        let pool = ringsock::runtime::Pool::builder()
+            .threads(2)
+            .pin_threads(false)
+            .runtime(Builder::new().backend(backend))
+            .build()
+            .expect("pool");
+        let handle = pool.handle();
+        let inside = handle
+            .spawn_on(0, move || async move {
+                drop(pool);
+                7
+            })
+            .unwrap();
+        let got =
+            ringsock::block_on(async { must("the task that dropped the pool", inside).await });
+        // Either output is fine; what matters is that it ended.
+        let _ = got;
+        let after = handle.spawn_on(1, || async { 1 });
+        if let Ok(after) = after {
+            let got = ringsock::block_on(async { must("work after the drop", after).await });
+            assert!(got.is_err(), "{backend}: a stopped pool ran a task");
+        }
+    }
+}
+
+/// A thousand runtimes dropped with a read into a Vec, a datagram receive on the
+/// receive ring and a write the peer does not take all in flight: the descriptors come
+/// back, memory does not grow with the rounds, nothing is written into freed memory.
+#[test]
+fn a_thousand_runtimes_dropped_with_buffers_in_the_kernel_leak_nothing() {
+    let _serial = serial();
+    const ROUNDS: usize = 1000;
+    const WARMUP: usize = 400;
+    for backend in BACKENDS {
+        if runtime(backend).is_none() {
+            continue;
+        }
+        let fds = open_fds();
+        let mut rss_after_warmup = 0;
+        for round in 0..ROUNDS {
+            // The poisoning allocator's quarantine fills over the first few hundred
+            // rounds; after that, memory a round keeps would show as growth.
+            if round == WARMUP {
+                rss_after_warmup = rss_kib();
+            }
+            let a = runtime(backend).unwrap();
+            let kept = a.block_on(async {
+                let listener = util::loopback_listener();
+                let (quiet, server) = util::connected_pair(&listener).await;
+                let (client, peer) = stream_with_std_peer().await;
+                let udp = DatagramSocket::new();
+                udp.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+                let to = udp.local_addr().unwrap();
+                let sender = DatagramSocket::new();
+                sender.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+                let server = std::rc::Rc::new(server);
+                let reader = server.clone();
+                ringsock::spawn(async move {
+                    let _ = reader.read(Vec::with_capacity(65536)).await;
+                });
+                let receiver = std::rc::Rc::new(udp);
+                let r = receiver.clone();
+                ringsock::spawn(async move {
+                    loop {
+                        if r.recv().await.is_err() {
+                            break;
+                        }
+                    }
+                });
+                let writer = std::rc::Rc::new(client);
+                let w = writer.clone();
+                ringsock::spawn(async move {
+                    let _ = w.write_all(vec![9u8; 2 << 20]).await;
+                });
+                for _ in 0..3 {
+                    sender
+                        .send_to_addr(b"in the ring".to_vec(), to)
+                        .await
+                        .0
+                        .unwrap();
+                }
+                util::yield_now().await;
+                util::yield_now().await;
+                (quiet, server, writer, receiver, sender, peer)
+            });
+            drop(a);
+            drop(kept);
+        }
+        assert_eq!(open_fds(), fds, "{backend}: descriptors leaked");
+        let grown = rss_kib().saturating_sub(rss_after_warmup);
+        assert!(
+            grown < 256 * 1024,
+            "{backend}: memory grew {grown} KiB over the rounds"
+        );
+        assert_no_corruption("a thousand runtimes dropped");
+    }
+}
+
+fn rss_kib() -> usize {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
