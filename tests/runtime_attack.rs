@@ -641,3 +641,46 @@ fn rss_kib() -> usize {
         .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
 }
+
+/// A Driver made in one tokio runtime and polled by another (the first kept alive, or
+/// dropped): its descriptors are in the first one's reactor only, so it cannot work
+/// there. It must say so with the documented panic, not wait forever (epoll) or
+/// report a failed reactor.
+#[test]
+fn a_tokio_driver_polled_by_another_tokio_runtime_says_so() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        for keep_first in [true, false] {
+            let first = util::tokio_rt::tokio_runtime();
+            let Some(mut driver) =
+                first.block_on(async { util::tokio_rt::driver_or_skip(backend) })
+            else {
+                continue;
+            };
+            let first = keep_first.then_some(first);
+            let second = util::tokio_rt::tokio_runtime();
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                second.block_on(async {
+                    tokio::time::timeout(util::MUST_HAPPEN, driver.run_until(async { 5 })).await
+                })
+            }));
+            let panic = match outcome {
+                Ok(result) => {
+                    panic!("{backend}: run_until under another tokio runtime: {result:?}")
+                }
+                Err(panic) => panic,
+            };
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            assert!(
+                message.contains("outside the tokio runtime the Driver was created in"),
+                "{backend} (first runtime kept: {keep_first}): {message}"
+            );
+            drop(driver);
+            drop(first);
+        }
+    }
+}

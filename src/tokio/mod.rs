@@ -68,6 +68,8 @@ pub struct Driver {
     timer: AsyncFd<TimerFd>,
     /// When the timer descriptor is set to expire, if it is.
     armed: Option<Instant>,
+    /// The tokio runtime whose reactor waits on `notify` and `timer`.
+    tokio: ::tokio::runtime::Id,
 }
 
 impl Driver {
@@ -90,11 +92,12 @@ impl Driver {
     /// Where the kernel does not signal it for deferred completions, the ring is set up
     /// without DEFER_TASKRUN ([`ring_setup`](Self::ring_setup) says which).
     pub fn with_builder(builder: Builder) -> Result<Driver> {
-        if ::tokio::runtime::Handle::try_current().is_err() {
+        let Ok(tokio) = ::tokio::runtime::Handle::try_current() else {
             return Err(Error::wrong_runtime(
                 "ringsock::tokio::Driver must be created inside a tokio runtime",
             ));
-        }
+        };
+        let tokio = tokio.id();
         let runtime = builder.build_turned_from_outside()?;
         let notify = runtime
             .notify_fd()
@@ -109,6 +112,7 @@ impl Driver {
             notify,
             timer,
             armed: None,
+            tokio,
         })
     }
 
@@ -119,7 +123,9 @@ impl Driver {
     /// # Panics
     ///
     /// The returned future panics when polled inside a ringsock `block_on` of the same
-    /// runtime, or when the driver fails in a way that leaves it unusable (the ring or
+    /// runtime, when polled outside the tokio runtime the driver was created in (its
+    /// reactor alone sees the driver's descriptors: elsewhere it would wait forever), or
+    /// when the driver fails in a way that leaves it unusable (the ring or
     /// epoll descriptor broke), as [`Runtime::block_on`] does.
     pub fn run_until<F: Future>(&mut self, future: F) -> RunUntil<'_, F> {
         let stepper = self.runtime.stepper();
@@ -224,6 +230,12 @@ impl<F: Future> Future for RunUntil<'_, F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.get_mut();
         let driver = &mut *this.driver;
+        let here = ::tokio::runtime::Handle::try_current().map(|tokio| tokio.id());
+        if here.ok() != Some(driver.tokio) {
+            panic!(
+                "ringsock: Driver::run_until polled outside the tokio runtime the Driver was created in"
+            );
+        }
         let mut collect = driver.notified(cx);
         for _ in 0..POLL_ROUNDS {
             let future = this
