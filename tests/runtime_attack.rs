@@ -684,3 +684,158 @@ fn a_tokio_driver_polled_by_another_tokio_runtime_says_so() {
         }
     }
 }
+
+/// A datagram socket detached while a receive is queued (same round) or in flight on
+/// its receive ring: the datagrams sent before and after the detach all come out of the
+/// adopting socket on another runtime (or the old receive, if it had completed), each
+/// once, whole.
+#[test]
+fn a_datagram_socket_detached_with_a_receive_queued_or_in_flight_loses_nothing() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        for turn_first in [false, true] {
+            let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+                continue;
+            };
+            let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let (detached, mut got) = a.block_on(async {
+                let udp = DatagramSocket::new();
+                udp.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+                let to = udp.local_addr().unwrap();
+                sender.connect(to).unwrap();
+                sender.send(b"d0").unwrap();
+                let first = must("first", udp.recv()).await.unwrap();
+                let mut got = vec![first.data().to_vec()];
+                sender.send(b"d1").unwrap();
+                let mut recv = pin!(udp.recv());
+                if let Poll::Ready(d) = poll_once(recv.as_mut()).await {
+                    got.push(d.unwrap().data().to_vec());
+                    return (udp.detach().unwrap(), got);
+                }
+                if turn_first {
+                    util::yield_now().await;
+                }
+                let detached = udp.detach().unwrap();
+                if let Ok(d) = must("the old receive", recv).await {
+                    got.push(d.data().to_vec());
+                }
+                (detached, got)
+            });
+            sender.send(b"d2").unwrap();
+            b.block_on(async {
+                let adopted = detached.into_datagram().unwrap();
+                while got.len() < 3 {
+                    let d = must("receive after adopting", adopted.recv())
+                        .await
+                        .unwrap();
+                    got.push(d.data().to_vec());
+                }
+            });
+            got.sort();
+            assert_eq!(got, [b"d0", b"d1", b"d2"], "{backend} turn {turn_first}");
+            drop((a, b));
+        }
+    }
+    assert_no_corruption("datagram socket detached with receives in flight");
+}
+
+/// Operations polled once on runtime A (in flight there), then polled inside runtime B
+/// nested in A's own `block_on` (same thread): a connect, a batch receive, a batch send
+/// and a send_to each end with WrongRuntime under B, and after all are dropped the
+/// sockets still work on A.
+#[test]
+fn operations_in_flight_on_a_polled_under_a_nested_b_fail_and_a_goes_on() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+            continue;
+        };
+        a.block_on(async {
+            let listener = util::loopback_listener();
+            let addr = listener.local_addr().unwrap();
+            let udp = DatagramSocket::new();
+            udp.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            let to = udp.local_addr().unwrap();
+            let client = StreamSocket::new();
+            let mut connect = Box::pin(client.connect_addr(addr));
+            let mut batch_out = Vec::new();
+            let mut batch = Box::pin(udp.recv_batch(&mut batch_out, 16));
+            let many: Vec<_> = (0..4u8)
+                .map(|i| ringsock::net::OutgoingDatagram::new(vec![i; 8], to))
+                .collect();
+            let mut send_many = Box::pin(udp.send_many(many));
+            let mut send_to = Box::pin(udp.send_to_addr(vec![9u8; 8], to));
+            let connect_done = poll_once(connect.as_mut()).await.is_ready();
+            let batch_done = poll_once(batch.as_mut()).await.is_ready();
+            let _ = poll_once(send_many.as_mut()).await;
+            let _ = poll_once(send_to.as_mut()).await;
+            b.block_on(async {
+                if !connect_done {
+                    let Poll::Ready(r) = poll_once(connect.as_mut()).await else {
+                        panic!("{backend}: connect waited under B");
+                    };
+                    assert_wrong_runtime(r, "connect under B");
+                }
+                if !batch_done {
+                    let Poll::Ready(r) = poll_once(batch.as_mut()).await else {
+                        panic!("{backend}: recv_batch waited under B");
+                    };
+                    assert_wrong_runtime(r, "recv_batch under B");
+                }
+            });
+            drop((connect, batch, send_many, send_to));
+            drop(batch_out);
+            // A goes on: the datagrams sent (or not) do not matter; the socket works.
+            udp.send_to_addr(b"still".to_vec(), to).await.0.unwrap();
+            loop {
+                let d = must("A receives", udp.recv()).await.unwrap();
+                if d.data() == b"still" {
+                    break;
+                }
+            }
+            let server = StreamSocket::new();
+            server.connect_addr(addr).await.unwrap();
+            let accepted = must("accept", listener.accept()).await.unwrap();
+            drop((server, accepted, client));
+        });
+        assert_no_corruption("nested runtime polls");
+    }
+}
+
+/// `block_on` of a runtime called inside one of its own tasks panics as documented;
+/// the panic caught, the runtime and its sockets go on working.
+#[test]
+fn block_on_inside_its_own_task_panics_and_the_runtime_goes_on() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let Some(rt) = runtime(backend) else {
+            continue;
+        };
+        let rt = std::rc::Rc::new(rt);
+        let (client, server) = rt.block_on(async {
+            let listener = util::loopback_listener();
+            util::connected_pair(&listener).await
+        });
+        let inner = rt.clone();
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            rt.block_on(async {
+                let task = ringsock::spawn(async move { inner.block_on(async { 1 }) });
+                task.await
+            })
+        }));
+        let panic = outcome.expect_err("block_on inside its own task worked");
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        assert!(message.contains("block_on called inside block_on"), "{message}");
+        rt.block_on(async {
+            client.write_all(b"after".to_vec()).await.0.unwrap();
+            assert_eq!(util::read_exact(&server, 5).await, b"after", "{backend}");
+        });
+        drop((client, server));
+        drop(rt);
+        assert_no_corruption("block_on in its own task");
+    }
+}
