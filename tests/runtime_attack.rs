@@ -899,3 +899,33 @@ fn held_datagrams_keep_their_bytes_while_the_ring_turns_and_after_the_runtime_go
         assert_no_corruption("held datagrams");
     }
 }
+
+/// A JoinHandle is `Send` when its output is: aborted from another thread, the task
+/// (and the socket it holds, mid-read) is dropped on its own runtime's thread; the peer
+/// sees the connection end.
+#[test]
+fn a_join_handle_aborted_from_another_thread_drops_the_task_at_home() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let Some(rt) = runtime(backend) else {
+            continue;
+        };
+        rt.block_on(async {
+            let listener = util::loopback_listener();
+            let (client, server) = util::connected_pair(&listener).await;
+            let task = ringsock::spawn(async move {
+                let (result, _) = server.read(Vec::with_capacity(16)).await;
+                result.map_err(|err| err.to_string())
+            });
+            util::yield_now().await;
+            let aborter = std::thread::spawn(move || task.abort());
+            // The abort reaches this loop from the other thread: the read ends, the
+            // socket closes, the client reads end of stream.
+            let (read, _) = must("end of stream", client.read(Vec::with_capacity(16))).await;
+            assert_eq!(read.unwrap(), 0, "{backend}");
+            aborter.join().unwrap();
+        });
+        drop(rt);
+        assert_no_corruption("abort from another thread");
+    }
+}
