@@ -198,9 +198,9 @@ struct EchoServerArgs {
     client_ca: Option<PathBuf>,
     /// Serve at most N TCP connections at once (default: no limit but the descriptor
     /// limit). Further connections are not accepted until one ends: they wait, with their
-    /// handshake done by the kernel, among the listener's pending accepts (at most 128)
-    /// and in the kernel's listen backlog (1024); past that the kernel drops new SYNs
-    /// and clients retry. Nothing is shed.
+    /// handshake done by the kernel, in its listen backlog (1024; the server takes none
+    /// it does not serve); past that the kernel drops new SYNs and clients retry.
+    /// Nothing is shed.
     #[arg(long, value_name = "N", requires = "tcp", value_parser = clap::value_parser!(u64).range(1..))]
     max_connections: Option<u64>,
     /// Close a TCP connection after this many seconds without a byte either way (0:
@@ -501,6 +501,13 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
     let mut runtime = Builder::new();
     if let Some(backend) = args.backend.backend {
         runtime = runtime.backend(backend);
+    }
+    if args.max_connections.is_some() {
+        // A multishot accept keeps taking connections while the server is full, and the
+        // kernel hands it its whole accept queue in one go, again and again before the
+        // pause lands: a flood left thousands of descriptors open past the limit. One
+        // ACCEPT per call holds none the server has not asked for.
+        runtime = runtime.disable(ringsock::Capability::MultishotAccept);
     }
     serve::run(
         serve::Start {

@@ -214,3 +214,60 @@ fn reset_connections_are_logged_a_few_lines_a_second_and_counted() {
         );
     }
 }
+
+/// Open descriptors of process `pid`.
+fn open_descriptors(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the server's descriptors")
+        .count()
+}
+
+/// Clients beyond the limit that wait while the server is full: more than a listener
+/// holds pending by default (128), fewer than the kernel's backlog (1024).
+const WAITING_CLIENTS: usize = 300;
+
+#[test]
+fn a_full_server_takes_no_descriptor_for_the_clients_that_wait() {
+    for backend in ["uring", "epoll"] {
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--max-connections",
+                "2",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        let tcp = addr(server.port());
+        let first = client(tcp);
+        echo_line(&first, "first");
+        let second = client(tcp);
+        echo_line(&second, "second");
+        server.wait_for_stderr("the server to reach its limit", |lines| {
+            lines
+                .iter()
+                .any(|l| l.starts_with("connections: 2 served (--max-connections)"))
+        });
+        let before = open_descriptors(server.pid());
+
+        // Their handshakes are done by the kernel before the echo below is sent, so the
+        // server's turn that answers it has seen every one of them arrive.
+        let waiting: Vec<TcpStream> = (0..WAITING_CLIENTS).map(|_| client(tcp)).collect();
+        echo_line(&first, "after the flood");
+        echo_line(&second, "after the flood");
+        let during = open_descriptors(server.pid());
+        assert!(
+            during <= before + 1,
+            "{backend}: {before} descriptors open when full, {during} with {WAITING_CLIENTS} clients waiting"
+        );
+
+        // Nothing was shed: once the two end, a waiting client is served.
+        drop(first);
+        drop(second);
+        echo_line(&waiting[0], "served at last");
+        drop(waiting);
+        assert!(server.stop().success());
+    }
+}

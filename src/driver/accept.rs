@@ -14,7 +14,8 @@
 //!   there, connections are taken one ACCEPT per call instead, as where the kernel lacks
 //!   multishot accept. For the same reason the slack is what arrived since the loop's
 //!   last turn: a few connections for a loop that keeps turning, dozens in a flood from
-//!   another process, at worst the listen backlog.
+//!   another process; no hard bound while the thread is busy, as the kernel keeps
+//!   taking what arrives meanwhile (see the README).
 //! - io_uring without multishot accept: one ACCEPT per call; an accept whose caller went
 //!   away keeps its operation, so at most one connection is held.
 //! - epoll: `accept4` when the program asks; nothing is held.
