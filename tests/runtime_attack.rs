@@ -24,6 +24,18 @@ fn runtime(backend: Backend) -> Option<Runtime> {
     util::build_or_skip(Builder::new().backend(backend), backend)
 }
 
+/// An unpinned pool of `threads` threads on `backend`; `None` where the engine is missing.
+fn pool(backend: Backend, threads: usize) -> Option<ringsock::runtime::Pool> {
+    runtime(backend)?;
+    let pool = ringsock::runtime::Pool::builder()
+        .threads(threads)
+        .pin_threads(false)
+        .runtime(Builder::new().backend(backend))
+        .build()
+        .expect("pool");
+    Some(pool)
+}
+
 fn assert_no_corruption(what: &str) {
     assert_eq!(
         util::poison::corrupted(),
@@ -223,15 +235,9 @@ fn operations_in_flight_when_their_runtime_is_dropped_end_cleanly_and_leak_nothi
 fn work_sent_to_a_pool_thread_a_panic_took_down_does_not_hang() {
     let _serial = serial();
     for backend in BACKENDS {
-        if runtime(backend).is_none() {
+        let Some(pool) = pool(backend, 1) else {
             continue;
-        }
-        let pool = ringsock::runtime::Pool::builder()
-            .threads(1)
-            .pin_threads(false)
-            .runtime(Builder::new().backend(backend))
-            .build()
-            .expect("pool");
+        };
         let handle = pool.handle();
         let doomed = handle
             .spawn_on(0, || async { panic!("a task panics on the pool thread") })
@@ -532,15 +538,9 @@ fn two_tokio_drivers_nested_on_one_thread_keep_their_sockets_apart() {
 fn a_pool_dropped_inside_its_own_task_does_not_hang() {
     let _serial = serial();
     for backend in BACKENDS {
-        if runtime(backend).is_none() {
+        let Some(pool) = pool(backend, 2) else {
             continue;
-        }
-        let pool = ringsock::runtime::Pool::builder()
-            .threads(2)
-            .pin_threads(false)
-            .runtime(Builder::new().backend(backend))
-            .build()
-            .expect("pool");
+        };
         let handle = pool.handle();
         let inside = handle
             .spawn_on(0, move || async move {

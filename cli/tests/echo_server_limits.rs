@@ -117,30 +117,37 @@ fn summary_count(line: &str, kind: &str) -> Option<usize> {
     Some(count.parse().unwrap_or_else(|_| panic!("{line}")))
 }
 
+/// An echo server limited to two connections, and the two clients it serves (each has
+/// had one echo), once its log says it is full.
+fn full_server(backend: &str) -> (EchoServer, SocketAddr, TcpStream, TcpStream) {
+    let server = EchoServer::start(
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--max-connections",
+            "2",
+            "--backend",
+            backend,
+        ],
+        &["tcp"],
+    );
+    let tcp = addr(server.port());
+    let first = client(tcp);
+    echo_line(&first, "first");
+    let second = client(tcp);
+    echo_line(&second, "second");
+    server.wait_for_stderr("the server to reach its limit", |lines| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("connections: 2 served (--max-connections)"))
+    });
+    (server, tcp, first, second)
+}
+
 #[test]
 fn clients_beyond_max_connections_wait_until_one_ends() {
     for backend in ["uring", "epoll"] {
-        let server = EchoServer::start(
-            &[
-                "--tcp",
-                "127.0.0.1:0",
-                "--max-connections",
-                "2",
-                "--backend",
-                backend,
-            ],
-            &["tcp"],
-        );
-        let tcp = addr(server.port());
-        let first = client(tcp);
-        echo_line(&first, "first");
-        let second = client(tcp);
-        echo_line(&second, "second");
-        server.wait_for_stderr("the server to reach its limit", |lines| {
-            lines
-                .iter()
-                .any(|l| l.starts_with("connections: 2 served (--max-connections)"))
-        });
+        let (server, tcp, first, second) = full_server(backend);
 
         // The third waits: the server does not accept it while two are served.
         let third = client(tcp);
@@ -229,27 +236,7 @@ const WAITING_CLIENTS: usize = 300;
 #[test]
 fn a_full_server_takes_no_descriptor_for_the_clients_that_wait() {
     for backend in ["uring", "epoll"] {
-        let server = EchoServer::start(
-            &[
-                "--tcp",
-                "127.0.0.1:0",
-                "--max-connections",
-                "2",
-                "--backend",
-                backend,
-            ],
-            &["tcp"],
-        );
-        let tcp = addr(server.port());
-        let first = client(tcp);
-        echo_line(&first, "first");
-        let second = client(tcp);
-        echo_line(&second, "second");
-        server.wait_for_stderr("the server to reach its limit", |lines| {
-            lines
-                .iter()
-                .any(|l| l.starts_with("connections: 2 served (--max-connections)"))
-        });
+        let (server, tcp, first, second) = full_server(backend);
         let before = open_descriptors(server.pid());
 
         // Their handshakes are done by the kernel before the echo below is sent, so the
