@@ -29,7 +29,21 @@ pub(crate) fn keep_spare_iovecs(mut iovecs: Vec<libc::iovec>) {
 }
 
 /// One `sendmsg` of `iovecs` on `fd` with `flags`: the bytes the kernel took.
+///
+/// One entry goes out with `send`, which the kernel takes without copying in a message
+/// header and importing an iovec array: a stream flushed after every small write makes
+/// one such call per write.
 pub(crate) fn sendmsg(fd: RawFd, iovecs: &mut [libc::iovec], flags: i32) -> io::Result<usize> {
+    if let [only] = iovecs {
+        // SAFETY: the entry describes a buffer alive for the call (`iovecs_into`'s
+        // contract); the kernel only reads it.
+        let n = unsafe { libc::send(fd, only.iov_base, only.iov_len, flags) };
+        return if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        };
+    }
     // SAFETY: msghdr is plain old data; zero is its empty value.
     let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
     header.msg_iov = iovecs.as_mut_ptr();
