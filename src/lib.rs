@@ -78,9 +78,9 @@ pub use driver::{Backend, Capabilities, Capability, DriverKind, DriverStats};
 pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
-    AcceptStats, Datagram, DatagramSocket, DatagramSocketControl, Ecn, Forward, InputStream,
-    OutgoingDatagram, OutputStream, ReceiveRing, ReceiveStats, SendOptions, StreamSocket,
-    StreamSocketControl, StreamSocketListener, TimeoutCounts, TrafficClass,
+    AcceptStats, Datagram, DatagramGroup, DatagramSocket, DatagramSocketControl, Ecn, Forward,
+    InputStream, OutgoingDatagram, OutputStream, ReceiveRing, ReceiveStats, SendOptions,
+    StreamSocket, StreamSocketControl, StreamSocketListener, TimeoutCounts, TrafficClass,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

@@ -216,6 +216,8 @@ pub struct DatagramSocket {
     carried: RefCell<VecDeque<RecvDatagram>>,
     /// One receive call at a time uses the receiver; the others wait here in turn.
     turn: Turnstile,
+    /// The socket receives through a [`DatagramGroup`](super::DatagramGroup) only.
+    grouped: Cell<bool>,
 }
 
 impl DatagramSocket {
@@ -228,6 +230,7 @@ impl DatagramSocket {
             receiver: RefCell::new(None),
             carried: RefCell::new(VecDeque::new()),
             turn: Turnstile::default(),
+            grouped: Cell::new(false),
         }
     }
 
@@ -689,9 +692,33 @@ impl DatagramSocket {
     }
 
     async fn recv_raw(&self, out: &mut Vec<RecvDatagram>, max: usize) -> Result<()> {
+        if self.grouped.get() {
+            return Err(Error::invalid_input(
+                "the socket is in a DatagramGroup: receive through the group",
+            ));
+        }
         let fd = self.fd()?.clone();
         let _turn = self.turn.take().await;
         poll_fn(|cx| self.poll_recv(&fd, cx, out, max)).await
+    }
+
+    /// Marks the socket as received through a group (or no longer).
+    pub(super) fn set_grouped(&self, grouped: bool) {
+        self.grouped.set(grouped);
+    }
+
+    /// One receive step for the socket's group: no turn is taken, as the group is the
+    /// socket's only receiver.
+    pub(super) fn poll_recv_grouped(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<RecvDatagram>,
+        max: usize,
+    ) -> Poll<Result<()>> {
+        match self.fd() {
+            Ok(fd) => self.poll_recv(fd, cx, out, max),
+            Err(err) => Poll::Ready(Err(err)),
+        }
     }
 
     fn poll_recv(

@@ -11,6 +11,7 @@ mod close;
 mod control;
 mod datagram;
 mod ending;
+mod group;
 mod handoff;
 mod input;
 mod listener;
@@ -29,6 +30,7 @@ pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
 };
+pub use group::DatagramGroup;
 pub use handoff::{
     activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind,
 };

@@ -1,0 +1,287 @@
+//! Many datagram sockets received in one loop: a relay with a socket per flow takes
+//! what every socket's receive ring holds in one call, polling only the sockets that
+//! were woken since the last one.
+
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use super::datagram::{Datagram, DatagramSocket};
+use crate::driver::ops_datagram::RecvDatagram;
+use crate::{Error, Result};
+
+/// Datagram sockets received together: one call takes the datagrams every socket has
+/// ready, each tagged with its socket's index, and waits for the first when none has.
+///
+/// The group owns its sockets: a socket in a group receives only through it (its own
+/// `recv`, `recv_batch` and `messages` fail with InvalidArgument), so no receive of
+/// another task can take the wake-ups the group waits for. Sending goes on as before,
+/// through [`socket`](Self::socket). [`into_sockets`](Self::into_sockets) gives them back.
+///
+/// One call costs one poll of each socket that was woken, not of every socket: with a
+/// socket per flow, a datagram on one flow of 64 costs one socket's receive, and the
+/// datagrams of all flows that arrived together come back together.
+///
+/// ```no_run
+/// use ringsock::{DatagramGroup, DatagramSocket, Runtime};
+///
+/// Runtime::new()?.block_on(async {
+///     let mut sockets = Vec::new();
+///     for _ in 0..4 {
+///         let socket = DatagramSocket::new();
+///         socket.bind_addr("127.0.0.1:0".parse().unwrap())?;
+///         sockets.push(socket);
+///     }
+///     let group = DatagramGroup::new(sockets);
+///     let mut received = Vec::new();
+///     loop {
+///         group.recv_batch(&mut received, 64).await?;
+///         for (index, datagram) in received.drain(..) {
+///             let from = datagram.remote_addr();
+///             group.socket(index).send_to_addr(datagram.into_forward(), from).await.0?;
+///         }
+///     }
+///     # Ok::<_, ringsock::Error>(())
+/// })?;
+/// # Ok::<_, ringsock::Error>(())
+/// ```
+pub struct DatagramGroup {
+    sockets: Vec<DatagramSocket>,
+    /// Per socket, the waker its receive ring wakes: it marks the socket ready and
+    /// wakes the task waiting on the group.
+    wakers: Vec<Waker>,
+    ready: Arc<ReadySet>,
+    /// A receive error kept for the next call, when datagrams of other sockets were
+    /// already taken in the call that met it.
+    deferred: std::cell::RefCell<Option<Error>>,
+    /// Scratch for one socket's datagrams, kept between calls.
+    scratch: std::cell::RefCell<Vec<RecvDatagram>>,
+}
+
+/// Which sockets were woken, one bit each, and the task to tell.
+struct ReadySet {
+    bits: Box<[AtomicU64]>,
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl ReadySet {
+    fn mark(&self, index: usize) {
+        self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::AcqRel);
+    }
+
+    fn wake_waiting(&self) {
+        let waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(waker) = waiting.as_ref() {
+            waker.wake_by_ref();
+        }
+    }
+
+    fn register(&self, waker: &Waker) {
+        let mut waiting = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !waiting.as_ref().is_some_and(|w| w.will_wake(waker)) {
+            *waiting = Some(waker.clone());
+        }
+    }
+}
+
+/// The waker of one socket in the group.
+struct SocketWaker {
+    index: usize,
+    ready: Arc<ReadySet>,
+}
+
+impl Wake for SocketWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.ready.mark(self.index);
+        self.ready.wake_waiting();
+    }
+}
+
+impl DatagramGroup {
+    /// A group of `sockets`, each bound or connected (a socket that is not fails the
+    /// first receive with InvalidArgument). Its index in `sockets` names it in every
+    /// datagram received.
+    pub fn new(sockets: Vec<DatagramSocket>) -> DatagramGroup {
+        let words = sockets.len().div_ceil(64);
+        // Every socket starts ready: the first call sets up each receive ring.
+        let bits: Box<[AtomicU64]> = (0..words)
+            .map(|word| {
+                let in_word = (sockets.len() - word * 64).min(64);
+                AtomicU64::new(if in_word == 64 {
+                    u64::MAX
+                } else {
+                    (1 << in_word) - 1
+                })
+            })
+            .collect();
+        let ready = Arc::new(ReadySet {
+            bits,
+            waiting: Mutex::new(None),
+        });
+        let wakers = (0..sockets.len())
+            .map(|index| {
+                Waker::from(Arc::new(SocketWaker {
+                    index,
+                    ready: ready.clone(),
+                }))
+            })
+            .collect();
+        for socket in &sockets {
+            socket.set_grouped(true);
+        }
+        DatagramGroup {
+            sockets,
+            wakers,
+            ready,
+            deferred: std::cell::RefCell::new(None),
+            scratch: std::cell::RefCell::new(Vec::new()),
+        }
+    }
+
+    /// How many sockets the group has.
+    pub fn len(&self) -> usize {
+        self.sockets.len()
+    }
+
+    /// Whether the group has no socket (its receive would wait forever, so it fails).
+    pub fn is_empty(&self) -> bool {
+        self.sockets.is_empty()
+    }
+
+    /// Socket `index`, for sending, its options and its statistics.
+    ///
+    /// # Panics
+    ///
+    /// When `index` is not below [`len`](Self::len).
+    pub fn socket(&self, index: usize) -> &DatagramSocket {
+        &self.sockets[index]
+    }
+
+    /// Every socket, in order.
+    pub fn sockets(&self) -> &[DatagramSocket] {
+        &self.sockets
+    }
+
+    /// The sockets, back on their own: each receives through its own calls again.
+    pub fn into_sockets(self) -> Vec<DatagramSocket> {
+        let sockets = std::mem::take(&mut { self }.sockets);
+        for socket in &sockets {
+            socket.set_grouped(false);
+        }
+        sockets
+    }
+
+    /// Waits until a socket of the group has a datagram, then appends what the woken
+    /// sockets hold, up to `max` in all, to `out` as (socket index, datagram) and
+    /// returns how many. A `max` of 0, or an empty group, is an InvalidArgument error.
+    ///
+    /// A receive error of one socket (such as an ICMP port unreachable on a connected
+    /// socket) is returned as the error of the call; if datagrams of other sockets were
+    /// already taken, they come back first and the error with the next call. The group
+    /// goes on receiving after it.
+    pub async fn recv_batch(&self, out: &mut Vec<(usize, Datagram)>, max: usize) -> Result<usize> {
+        if max == 0 {
+            return Err(Error::invalid_input(
+                "recv_batch with max 0: it takes at least one datagram",
+            ));
+        }
+        if self.sockets.is_empty() {
+            return Err(Error::invalid_input(
+                "recv_batch on an empty DatagramGroup would wait forever",
+            ));
+        }
+        if let Some(err) = self.deferred.borrow_mut().take() {
+            return Err(err);
+        }
+        poll_fn(|cx| self.poll_ready_sockets(cx, out, max)).await
+    }
+
+    fn poll_ready_sockets(
+        &self,
+        cx: &mut Context<'_>,
+        out: &mut Vec<(usize, Datagram)>,
+        max: usize,
+    ) -> Poll<Result<usize>> {
+        // Registered before the bits are read: a wake between the two is not lost.
+        self.ready.register(cx.waker());
+        let mut taken = 0;
+        let mut scratch = self.scratch.borrow_mut();
+        for (word_index, word) in self.ready.bits.iter().enumerate() {
+            let mut bits = word.swap(0, Ordering::AcqRel);
+            while bits != 0 {
+                let bit = bits.trailing_zeros() as usize;
+                bits &= bits - 1;
+                let index = word_index * 64 + bit;
+                if taken == max {
+                    // Not polled this time: still ready for the next call.
+                    self.ready.mark(index);
+                    continue;
+                }
+                let mut socket_cx = Context::from_waker(&self.wakers[index]);
+                // Until the socket says Pending: only then has it kept the waker that
+                // marks it ready again (a receive that returned datagrams may keep none).
+                loop {
+                    if taken == max {
+                        self.ready.mark(index);
+                        break;
+                    }
+                    scratch.clear();
+                    match self.sockets[index].poll_recv_grouped(
+                        &mut socket_cx,
+                        &mut scratch,
+                        max - taken,
+                    ) {
+                        Poll::Pending => break,
+                        Poll::Ready(Ok(())) => {
+                            taken += scratch.len();
+                            out.extend(scratch.drain(..).map(|d| (index, Datagram::from(d))));
+                        }
+                        Poll::Ready(Err(err)) => {
+                            // Polled again next time: the socket goes on after an error.
+                            self.ready.mark(index);
+                            // The sockets not yet polled stay ready.
+                            word.fetch_or(bits, Ordering::AcqRel);
+                            if taken == 0 {
+                                return Poll::Ready(Err(err));
+                            }
+                            self.deferred.borrow_mut().get_or_insert(err);
+                            return Poll::Ready(Ok(taken));
+                        }
+                    }
+                }
+            }
+        }
+        if taken == 0 {
+            Poll::Pending
+        } else {
+            Poll::Ready(Ok(taken))
+        }
+    }
+}
+
+impl Drop for DatagramGroup {
+    fn drop(&mut self) {
+        for socket in &self.sockets {
+            socket.set_grouped(false);
+        }
+    }
+}
+
+impl std::fmt::Debug for DatagramGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatagramGroup")
+            .field("sockets", &self.sockets.len())
+            .finish()
+    }
+}
