@@ -19,7 +19,9 @@ use ringsock::{
     Backend, Capability, DatagramSocket, DriverKind, Ecn, Error, HostName, Runtime, SendOptions,
     StreamSocket, StreamSocketListener, TimeoutCounts, TrafficClass,
 };
-use ringsock_cli::bench::{self, matrix::MatrixOptions, Impl, Options, Pattern, Workload};
+use ringsock_cli::bench::{
+    self, matrix::MatrixOptions, Impl, Options, Pattern, RelayLoop, Workload,
+};
 
 // Printing never panics (see `ringsock_cli::out`): these shadow the standard macros
 // here and in every module declared below.
@@ -125,6 +127,10 @@ struct BenchArgs {
     /// is 10 s worth, 2,000,000 at max.
     #[arg(long, value_name = "R|max")]
     rate: Option<bench::Rate>,
+    /// udp-relay: the ringsock relay as one loop over a DatagramGroup of the flows'
+    /// sockets, or as one task per flow.
+    #[arg(long, value_enum, default_value_t = RelayLoop::Group)]
+    relay: RelayLoop,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pin: String,
@@ -758,6 +764,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.size = args.size.map_or(options.size, |s| s as usize);
     options.batch = args.batch as usize;
     options.pattern = args.pattern;
+    options.relay = args.relay;
     options.tls = args.tls;
     options.gapped = args.gapped;
     options.gro = args.gro;
@@ -833,6 +840,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--spin-us", args.spin_us.is_some()),
         ("--flows", args.flows.is_some()),
         ("--rate", args.rate.is_some()),
+        ("--relay", args.relay != RelayLoop::Group),
     ];
     for (flag, given) in single {
         if given {

@@ -678,7 +678,7 @@ const RELAY_KEYS: [&str; 25] = [
 /// One udp-relay run that must pass its own checks: its one JSON line has every key,
 /// nothing corrupt, and every datagram sent either arrived or was dropped by the kernel.
 /// Loss itself is allowed (a busy machine drops), and nothing is timed.
-fn check_relay(imp: &str, flows: &str, rate: &str, count: u64) {
+fn check_relay(imp: &str, flows: &str, rate: &str, count: u64, relay: &str) {
     let count_arg = count.to_string();
     let args = [
         "bench",
@@ -695,6 +695,8 @@ fn check_relay(imp: &str, flows: &str, rate: &str, count: u64) {
         rate,
         "--count",
         &count_arg,
+        "--relay",
+        relay,
     ];
     let output = ringsock(&args);
     if uring_unavailable(imp, &output) {
@@ -716,6 +718,7 @@ fn check_relay(imp: &str, flows: &str, rate: &str, count: u64) {
     assert_eq!(v["workload"], "udp-relay");
     assert_eq!(v["impl"], imp);
     assert_eq!(v["flows"].as_u64(), flows.parse().ok(), "{v}");
+    assert_eq!(v["relay"], relay, "{v}");
     match rate {
         "max" => assert_eq!(v["rate_target"], "max", "{v}"),
         _ => assert_eq!(v["rate_target"].as_u64(), rate.parse().ok(), "{v}"),
@@ -738,7 +741,9 @@ fn check_relay(imp: &str, flows: &str, rate: &str, count: u64) {
 fn udp_relay_at_a_fixed_rate_every_impl() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
         for flows in ["1", "8"] {
-            check_relay(imp, flows, "20000", 3000);
+            for relay in ["group", "tasks"] {
+                check_relay(imp, flows, "20000", 3000, relay);
+            }
         }
     }
 }
@@ -747,15 +752,18 @@ fn udp_relay_at_a_fixed_rate_every_impl() {
 fn udp_relay_at_max_rate_every_impl() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
         for flows in ["1", "8"] {
-            check_relay(imp, flows, "max", 3000);
+            for relay in ["group", "tasks"] {
+                check_relay(imp, flows, "max", 3000, relay);
+            }
         }
     }
 }
 
 #[test]
 fn udp_relay_bad_arguments_are_usage_errors() {
-    let cases: [(&[&str], &str); 6] = [
+    let cases: [(&[&str], &str); 7] = [
         (&["--flows", "0"], "--flows"),
+        (&["--relay", "threads"], "--relay"),
         (&["--flows", "1025"], "--flows"),
         (&["--size", "10"], "at least 24"),
         (&["--size", "8193"], "at most 8192"),
@@ -784,6 +792,16 @@ fn udp_relay_bad_arguments_are_usage_errors() {
     let other = ringsock(&["bench", "--json", "--workload", "udp-batch", "--flows", "2"]);
     assert_eq!(other.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&other.stderr).contains("udp-relay only"));
+    let relay = ringsock(&[
+        "bench",
+        "--json",
+        "--workload",
+        "udp-batch",
+        "--relay",
+        "tasks",
+    ]);
+    assert_eq!(relay.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&relay.stderr).contains("udp-relay only"));
 }
 
 /// The workloads that keep something per message refuse a count they could not hold

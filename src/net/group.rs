@@ -190,6 +190,9 @@ impl DatagramGroup {
     /// socket) is returned as the error of the call; if datagrams of other sockets were
     /// already taken, they come back first and the error with the next call. The group
     /// goes on receiving after it.
+    ///
+    /// Dropping the future loses nothing: datagrams are moved to `out` only by the poll
+    /// that returns them, so a loop may race this call against its sends in flight.
     pub async fn recv_batch(&self, out: &mut Vec<(usize, Datagram)>, max: usize) -> Result<usize> {
         if max == 0 {
             return Err(Error::invalid_input(

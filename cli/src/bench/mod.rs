@@ -58,7 +58,7 @@ pub mod udp_peer;
 mod udp_relay;
 mod udp_sharded;
 
-pub use options::{Impl, Options, Pattern, Rate, Workload};
+pub use options::{Impl, Options, Pattern, Rate, RelayLoop, Workload};
 pub use report::{Latency, Report, RunError};
 
 /// Runs one measurement on this thread (pinned to CPU 0 when `options.pin`), its peers on

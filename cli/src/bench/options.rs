@@ -306,6 +306,27 @@ impl fmt::Display for Impl {
     }
 }
 
+/// How the ringsock udp-relay relay is written: both are what a program would write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
+pub enum RelayLoop {
+    /// One loop over a `DatagramGroup` of every flow's socket: one call takes what the
+    /// woken sockets hold; their sends are in flight while it receives again.
+    #[default]
+    Group,
+    /// One task per flow, each receiving from its own socket.
+    Tasks,
+}
+
+impl RelayLoop {
+    /// The name used on the command line and in the JSON line.
+    pub fn name(self) -> &'static str {
+        match self {
+            RelayLoop::Group => "group",
+            RelayLoop::Tasks => "tasks",
+        }
+    }
+}
+
 /// How the ringsock tcp-batch sender waits for a group: the three send patterns of the
 /// Windows.Networking.Sockets documentation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
@@ -400,6 +421,8 @@ pub struct Options {
     pub flows: usize,
     /// udp-relay: the generator's rate.
     pub rate: Rate,
+    /// udp-relay: how the ringsock relay is written.
+    pub relay: RelayLoop,
 }
 
 impl Options {
@@ -425,6 +448,7 @@ impl Options {
             threads: 1,
             flows: 1,
             rate: Rate::DEFAULT,
+            relay: RelayLoop::default(),
         }
     }
 
@@ -555,9 +579,12 @@ impl Options {
             if let Rate::PerSecond(0) = self.rate {
                 return Err("--rate must be at least 1 packet per second, or max".into());
             }
-        } else if self.flows != 1 || self.rate != Rate::DEFAULT {
+        } else if self.flows != 1
+            || self.rate != Rate::DEFAULT
+            || self.relay != RelayLoop::default()
+        {
             return Err(format!(
-                "--flows and --rate apply to udp-relay only, not {w}"
+                "--flows, --rate and --relay apply to udp-relay only, not {w}"
             ));
         }
         if self.count == 0 {

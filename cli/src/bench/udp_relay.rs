@@ -1,23 +1,30 @@
 //! udp-relay: the ringsock relay, measured between the plain generator and sink of
 //! [`relay_peers`](super::relay_peers), and the run that checks the books and reports.
 //!
-//! The relay is what a program would write: the runtime's defaults, one task per flow,
-//! each taking what its socket's receive ring holds (a multishot receive on io_uring)
-//! and forwarding it from that socket to the sink without copying the bytes out of the
-//! ring ([`Datagram::into_forward`]): a lone datagram as one send
-//! ([`DatagramSocket::send_to_addr`]), more in one batched send
+//! The relay is what a program would write, on the runtime's defaults, one of two ways
+//! ([`RelayLoop`]): one loop over a [`DatagramGroup`] of every flow's socket, or one
+//! task per flow. Either takes what the receive rings hold (a multishot receive on
+//! io_uring) and forwards each datagram from the socket it came in on to the sink
+//! without copying the bytes out of the ring ([`Datagram::into_forward`]): a lone
+//! datagram as one send ([`DatagramSocket::send_to_addr`]), more in one batched send
 //! ([`DatagramSocket::send_many`]).
 
+use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
+use std::task::Poll;
 use std::time::Duration;
 
-use ringsock::{Datagram, DatagramSocket, Error, OutgoingDatagram, Result, SocketErrorStatus};
+use ringsock::{
+    Datagram, DatagramGroup, DatagramSocket, Error, Forward, OutgoingDatagram, Result,
+    SocketErrorStatus,
+};
 use serde_json::{json, Value};
 
 use super::join_peer;
-use super::options::{Options, Rate};
+use super::options::{Options, Rate, RelayLoop};
 use super::relay_peers::{self, Expect, Shared, SinkOutcome, ThreadClock, Traffic};
 use super::relay_traffic;
 use super::report::{round, Report, RunError};
@@ -26,6 +33,9 @@ use super::udp_peer;
 
 /// Datagrams a flow takes from its ring and forwards in one batch.
 const FORWARD_BATCH: usize = 64;
+
+/// Datagrams the grouped relay takes from its sockets in one call.
+const GROUP_BATCH: usize = 256;
 
 /// Runs udp-relay with the ringsock relay of `o.imp` on this thread.
 pub(crate) fn run(o: &Options) -> Result<Report> {
@@ -76,11 +86,20 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
             .spawn(move || relay_peers::sink(&sink, &second_handles, expect, &shared, clock))
             .map_err(io_error("start the sink thread"))?
     };
-    let relayed = runtime.block_on(relay(relay_sockets, sink_addr, ready));
+    let calls_before = runtime.driver_stats();
+    let relayed = match o.relay {
+        RelayLoop::Group => runtime.block_on(relay_grouped(relay_sockets, sink_addr, ready)),
+        RelayLoop::Tasks => runtime.block_on(relay(relay_sockets, sink_addr, ready)),
+    };
+    let calls = runtime.driver_stats();
+    let calls = RelayCalls {
+        enters: calls.enter_calls - calls_before.enter_calls,
+        all: calls.syscalls() - calls_before.syscalls(),
+    };
     shared.relay_done.store(true, Ordering::Release);
     let generated = join_peer(generator, "generator");
     let sunk = join_peer(sink_thread, "sink");
-    Ok(report(o, &shared, relayed, generated, sunk, rcvbuf))
+    Ok(report(o, &shared, relayed, generated, sunk, rcvbuf, calls))
 }
 
 /// The relay: one task per flow; returns the datagrams forwarded once every flow has
@@ -153,6 +172,123 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
     }
 }
 
+/// The relay as one loop over a [`DatagramGroup`]: what every woken socket holds, each
+/// socket's datagrams forwarded from it (one send, or one batch), the sends in flight
+/// while the loop receives again.
+async fn relay_grouped(
+    sockets: Vec<UdpSocket>,
+    sink: SocketAddr,
+    ready: mpsc::Sender<()>,
+) -> Result<u64> {
+    let mut members = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        members.push(DatagramSocket::from_std(socket)?);
+    }
+    let group = DatagramGroup::new(members);
+    let mut ended = vec![false; group.len()];
+    let mut flows_left = group.len();
+    let mut received: Vec<(usize, Datagram)> = Vec::with_capacity(GROUP_BATCH);
+    let mut in_flight: Vec<SendRun<'_>> = Vec::new();
+    let mut forwarded = 0u64;
+    let mut armed = false;
+    while flows_left > 0 || !in_flight.is_empty() {
+        let got = {
+            let mut receive = std::pin::pin!(group.recv_batch(&mut received, GROUP_BATCH));
+            poll_fn(|cx| {
+                let mut failed = None;
+                in_flight.retain_mut(|send| match send.as_mut().poll(cx) {
+                    Poll::Ready(Ok(n)) => {
+                        forwarded += n;
+                        false
+                    }
+                    Poll::Ready(Err(err)) => {
+                        failed.get_or_insert(err);
+                        false
+                    }
+                    Poll::Pending => true,
+                });
+                if let Some(err) = failed {
+                    return Poll::Ready(Err(err));
+                }
+                if flows_left == 0 {
+                    return if in_flight.is_empty() {
+                        Poll::Ready(Ok(false))
+                    } else {
+                        Poll::Pending
+                    };
+                }
+                let polled = receive.as_mut().poll(cx).map_ok(|_| true);
+                if !armed {
+                    // The first poll armed every socket's receive: the generator may start.
+                    armed = true;
+                    let _ = ready.send(());
+                }
+                polled
+            })
+            .await?
+        };
+        if !got {
+            break;
+        }
+        let mut run: Vec<OutgoingDatagram<Forward>> = Vec::new();
+        let mut run_socket = usize::MAX;
+        for (index, datagram) in received.drain(..) {
+            if ended[index] {
+                continue;
+            }
+            if relay_traffic::is_end(&datagram) {
+                ended[index] = true;
+                flows_left -= 1;
+                continue;
+            }
+            if index != run_socket && !run.is_empty() {
+                in_flight.push(send_run(&group, run_socket, std::mem::take(&mut run), sink));
+            }
+            run_socket = index;
+            run.push(OutgoingDatagram::of(datagram.into_forward(), sink));
+        }
+        if !run.is_empty() {
+            in_flight.push(send_run(&group, run_socket, run, sink));
+        }
+    }
+    Ok(forwarded)
+}
+
+/// One socket's run of datagrams on its way.
+type SendRun<'a> = Pin<Box<dyn Future<Output = Result<u64>> + 'a>>;
+
+/// Forwards one socket's run of datagrams: a lone one as one send, more in one batch.
+fn send_run(
+    group: &DatagramGroup,
+    index: usize,
+    mut run: Vec<OutgoingDatagram<Forward>>,
+    sink: SocketAddr,
+) -> SendRun<'_> {
+    let socket = group.socket(index);
+    Box::pin(async move {
+        if run.len() == 1 {
+            let one = run.pop().expect("one datagram");
+            let (sent, _) = socket.send_to_addr(one.data, sink).await;
+            sent?;
+            return Ok(1);
+        }
+        let mut n = 0;
+        for result in socket.send_many(run).await? {
+            result?;
+            n += 1;
+        }
+        Ok(n)
+    })
+}
+
+/// System calls the relay's runtime made during the run (its setup included).
+pub(crate) struct RelayCalls {
+    /// io_uring_enter or epoll_wait.
+    enters: u64,
+    /// Those and every direct I/O call.
+    all: u64,
+}
+
 /// The JSON line's figures, and its error when a side failed or the books do not
 /// balance: every datagram sent either arrived or was dropped by the kernel on a full
 /// relay or sink socket, nothing stayed queued on a relay socket, and what the relay
@@ -164,6 +300,7 @@ fn report(
     generated: std::io::Result<()>,
     sunk: std::io::Result<SinkOutcome>,
     rcvbuf: Option<usize>,
+    calls: RelayCalls,
 ) -> Report {
     let mut report = Report::new(o);
     let mut errors = Vec::new();
@@ -236,6 +373,7 @@ fn report(
     };
     report.delivered = received;
     report.latency = sink.latency;
+    report.push("relay", o.relay.name());
     report.push("sent", sent);
     report.push("received", received);
     report.push("lost", lost);
@@ -253,6 +391,14 @@ fn report(
     report.push("lat_p999_us", latency(|l| l.p999_us));
     report.push("elapsed_s", round(elapsed, 6));
     report.push("send_pps", ratio(sent as f64, send_secs, 1));
+    report.push(
+        "relay_syscalls_per_pkt",
+        ratio(calls.all as f64, received as f64, 3),
+    );
+    report.push(
+        "relay_enters_per_pkt",
+        ratio(calls.enters as f64, received as f64, 3),
+    );
     report.push("relay_sock_drops", sink.relay_drops);
     report.push("sink_drops", sink.sink_drops);
     report.push("rcvbuf", rcvbuf);
