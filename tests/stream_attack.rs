@@ -1,0 +1,68 @@
+//! A careless or hostile user of stream sockets and listeners: options the kernel
+//! refuses, connections reset before they are accepted, concurrent calls on one socket,
+//! connects given up half-way, empty writes.
+
+mod util;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+
+use ringsock::{SocketErrorStatus, StreamSocket};
+
+/// The keep-alive idle time the kernel reports for `socket`.
+fn kernel_keep_alive(socket: &StreamSocket) -> Option<Duration> {
+    let sock = socket2::SockRef::from(socket);
+    if !sock.keepalive().expect("SO_KEEPALIVE") {
+        return None;
+    }
+    Some(sock.keepalive_time().expect("TCP_KEEPIDLE"))
+}
+
+#[test]
+fn a_keep_alive_the_kernel_refuses_is_refused_at_once_and_changes_nothing() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+        let longest = Duration::from_secs(32767);
+        let bad = [
+            Duration::from_secs(32768),
+            Duration::from_secs(u64::MAX),
+            Duration::from_millis(999),
+        ];
+        // On a listener the option is only remembered: were a bad one kept, every
+        // accepted connection would fail to take it and every accept would fail.
+        let unconnected = StreamSocket::new();
+        for control in [listener.control(), unconnected.control()] {
+            for idle in bad {
+                let err = control
+                    .set_keep_alive(Some(idle))
+                    .expect_err("out of range");
+                assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+                assert!(err.to_string().contains("out of range"), "{err}");
+                assert_eq!(control.keep_alive(), None, "{idle:?} was kept");
+            }
+            control.set_keep_alive(Some(longest)).expect("the longest");
+        }
+        util::must("connect", unconnected.connect_addr(addr))
+            .await
+            .expect("connect with the longest keep-alive");
+        let accepted = util::must("accept", listener.accept())
+            .await
+            .expect("accept with the longest keep-alive");
+        assert_eq!(kernel_keep_alive(&unconnected), Some(longest));
+        assert_eq!(kernel_keep_alive(&accepted), Some(longest));
+
+        // On a live socket a refused value leaves the kernel's and the getter's alone.
+        for idle in bad {
+            let err = accepted.control().set_keep_alive(Some(idle)).unwrap_err();
+            assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+            assert_eq!(accepted.control().keep_alive(), Some(longest));
+            assert_eq!(kernel_keep_alive(&accepted), Some(longest));
+        }
+        accepted.control().set_keep_alive(None).expect("off");
+        assert_eq!(kernel_keep_alive(&accepted), None);
+        // Both ends still carry bytes.
+        accepted.write_all(b"ok".to_vec()).await.0.expect("write");
+        assert_eq!(util::read_exact(&unconnected, 2).await, b"ok");
+    });
+}
