@@ -66,3 +66,58 @@ fn a_keep_alive_the_kernel_refuses_is_refused_at_once_and_changes_nothing() {
         assert_eq!(util::read_exact(&unconnected, 2).await, b"ok");
     });
 }
+
+/// What a listener was doing when it was dropped.
+#[derive(Debug, Clone, Copy)]
+enum LastUse {
+    /// An accept was polled and given up.
+    AcceptPending,
+    /// An accept returned a connection.
+    Accepted,
+    /// Connections arrived that nobody took (on io_uring, accepted in the background).
+    Untaken,
+}
+
+#[test]
+fn a_dropped_listener_frees_its_address_at_once() {
+    util::on_each_backend(|backend| async move {
+        for last_use in [LastUse::AcceptPending, LastUse::Accepted, LastUse::Untaken] {
+            let listener = util::loopback_listener();
+            let addr = listener.local_addr().unwrap();
+            let mut keep = Vec::new();
+            match last_use {
+                LastUse::AcceptPending => {
+                    let mut accept = std::pin::pin!(listener.accept());
+                    assert!(util::poll_once(accept.as_mut()).await.is_pending());
+                }
+                LastUse::Accepted => {
+                    let (client, server) = util::connected_pair(&listener).await;
+                    keep.extend([client, server]);
+                }
+                LastUse::Untaken => {
+                    let (client, server) = util::connected_pair(&listener).await;
+                    keep.extend([client, server]);
+                    for _ in 0..3 {
+                        keep.push(util::connect(addr).await);
+                    }
+                    util::yield_now().await;
+                }
+            }
+            drop(listener);
+            // Nothing listens any more: no handshake completes for a listener that is
+            // gone, and the address is free for the next one (on io_uring an accept in
+            // flight used to hold the socket until the loop turned).
+            let refused = std::net::TcpStream::connect(addr).expect_err("nothing listens");
+            assert_eq!(
+                refused.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{backend} {last_use:?}"
+            );
+            let again = ringsock::StreamSocketListener::bind_addr(addr)
+                .unwrap_or_else(|err| panic!("{backend} {last_use:?}: rebind: {err}"));
+            let (client, server) = util::connected_pair(&again).await;
+            server.write_all(b"new".to_vec()).await.0.expect("write");
+            assert_eq!(util::read_exact(&client, 3).await, b"new");
+        }
+    });
+}

@@ -192,6 +192,23 @@ impl SharedFd {
     }
 }
 
+impl SharedFd {
+    /// Cancels and reaps this socket's io_uring operations now, so that the descriptor
+    /// closes with the last handle rather than when the loop next reaps their final
+    /// completions. Best effort: nothing to do on epoll, off the socket's runtime, or
+    /// once the socket was detached (its operations were reaped then).
+    pub(crate) fn cancel_in_flight(&self) {
+        if self.inner.detached.get() {
+            return;
+        }
+        if let Some(Binding::Uring(driver)) = self.inner.binding.get() {
+            // A driver that is not this thread's, borrowed, or shut down refuses; its
+            // operations then end the usual way.
+            let _ = driver.with(|d| d.cancel_fd(self.raw()));
+        }
+    }
+}
+
 /// The error for a socket handle whose socket was detached.
 fn detached() -> io::Error {
     io::Error::new(

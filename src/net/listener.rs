@@ -280,6 +280,17 @@ impl<'a> Stream for Incoming<'a> {
     }
 }
 
+impl Drop for StreamSocketListener {
+    fn drop(&mut self) {
+        // An io_uring accept holds the listening socket open until its completion is
+        // reaped, a loop turn or more after the drop: meanwhile the kernel would complete
+        // handshakes nobody will accept, and a new listener on the same address would
+        // fail with AddressAlreadyInUse (epoll closes at once). Reaping now closes it
+        // with the last handle, as epoll does.
+        self.fd.cancel_in_flight();
+    }
+}
+
 /// Sockets in and out: std, raw descriptors, and other runtimes.
 impl StreamSocketListener {
     /// Takes a listening std socket (made non-blocking); it belongs to the runtime
