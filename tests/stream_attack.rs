@@ -121,3 +121,40 @@ fn a_dropped_listener_frees_its_address_at_once() {
         }
     });
 }
+
+#[test]
+fn a_dropped_socket_ends_the_streams_taken_from_it_and_tells_the_peer() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let mut input = client.input_stream();
+        let output = client.output_stream();
+        {
+            // A read waiting on the stream when the socket goes.
+            let mut reading = std::pin::pin!(input.read(16));
+            assert!(util::poll_once(reading.as_mut()).await.is_pending());
+            drop(client);
+            let err = util::must("the waiting read", reading)
+                .await
+                .expect_err("the socket was dropped");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::OperationAborted,
+                "{backend}: {err}"
+            );
+        }
+        let err = input.read_line().await.expect_err("read after the drop");
+        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+        let sent = async {
+            output.write(b"late".to_vec()).await?;
+            output.flush().await
+        };
+        let err = util::must("write after the drop", sent)
+            .await
+            .expect_err("write after the drop");
+        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+        // The peer sees the end while the streams are still held, and nothing after it.
+        let got = util::must("the peer's end of stream", util::read_to_end(&server)).await;
+        assert!(got.is_empty(), "{backend}: {got:?}");
+    });
+}

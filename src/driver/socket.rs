@@ -121,6 +121,12 @@ impl SharedFd {
         self.inner.fd.raw()
     }
 
+    /// Whether another handle (a clone) holds this socket too, so dropping this one does
+    /// not close it.
+    pub(crate) fn is_shared(&self) -> bool {
+        Rc::strong_count(&self.inner) > 1
+    }
+
     /// The descriptor, while this handle lives.
     pub(crate) fn borrow_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.inner.fd.borrow()
