@@ -158,3 +158,20 @@ fn a_dropped_socket_ends_the_streams_taken_from_it_and_tells_the_peer() {
         assert!(got.is_empty(), "{backend}: {got:?}");
     });
 }
+
+#[test]
+fn a_zero_byte_stream_read_returns_at_once_and_takes_nothing() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let mut input = client.input_stream();
+        // Nothing has arrived: it must not wait for the peer.
+        let empty = util::must("read(0)", input.read(0)).await.expect("read(0)");
+        assert!(empty.is_empty());
+        server.write_all(b"abc".to_vec()).await.0.expect("write");
+        let got = util::must("read", input.read_exact(3)).await.expect("read");
+        assert_eq!(&got[..], b"abc");
+        let empty = util::must("read(0)", input.read(0)).await.expect("read(0)");
+        assert!(empty.is_empty());
+    });
+}
