@@ -9,6 +9,12 @@ use std::time::Duration;
 
 use ringsock::{SocketErrorStatus, StreamSocket};
 
+/// Sends `bytes` from one end and checks that the other end reads exactly them.
+async fn carries(from: &StreamSocket, to: &StreamSocket, bytes: &[u8]) {
+    from.write_all(bytes.to_vec()).await.0.expect("write");
+    assert_eq!(util::read_exact(to, bytes.len()).await, bytes);
+}
+
 /// The keep-alive idle time the kernel reports for `socket`.
 fn kernel_keep_alive(socket: &StreamSocket) -> Option<Duration> {
     let sock = socket2::SockRef::from(socket);
@@ -62,8 +68,7 @@ fn a_keep_alive_the_kernel_refuses_is_refused_at_once_and_changes_nothing() {
         accepted.control().set_keep_alive(None).expect("off");
         assert_eq!(kernel_keep_alive(&accepted), None);
         // Both ends still carry bytes.
-        accepted.write_all(b"ok".to_vec()).await.0.expect("write");
-        assert_eq!(util::read_exact(&unconnected, 2).await, b"ok");
+        carries(&accepted, &unconnected, b"ok").await;
     });
 }
 
@@ -116,8 +121,7 @@ fn a_dropped_listener_frees_its_address_at_once() {
             let again = ringsock::StreamSocketListener::bind_addr(addr)
                 .unwrap_or_else(|err| panic!("{backend} {last_use:?}: rebind: {err}"));
             let (client, server) = util::connected_pair(&again).await;
-            server.write_all(b"new".to_vec()).await.0.expect("write");
-            assert_eq!(util::read_exact(&client, 3).await, b"new");
+            carries(&server, &client, b"new").await;
         }
     });
 }
@@ -173,5 +177,166 @@ fn a_zero_byte_stream_read_returns_at_once_and_takes_nothing() {
         assert_eq!(&got[..], b"abc");
         let empty = util::must("read(0)", input.read(0)).await.expect("read(0)");
         assert!(empty.is_empty());
+    });
+}
+
+#[test]
+fn connections_reset_before_they_are_accepted_do_not_stop_the_listener() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+        const RESET: usize = 50;
+        for _ in 0..RESET {
+            util::reset(std::net::TcpStream::connect(addr).expect("connect"));
+        }
+        let mut good = std::net::TcpStream::connect(addr).expect("connect");
+        std::io::Write::write_all(&mut good, b"hello").expect("write");
+        let good_addr = good.local_addr().unwrap();
+        // Each reset connection is handed out (it fails on use) or refused with a
+        // status of its own; either way the accept after it goes on to the next one,
+        // and the one that stayed arrives with its bytes.
+        let mut accepted = None;
+        for _ in 0..=RESET {
+            match util::must("accept", listener.accept()).await {
+                Ok(socket) if socket.peer_addr().ok() == Some(good_addr) => {
+                    accepted = Some(socket);
+                    break;
+                }
+                Ok(_) => {}
+                Err(err) => assert!(
+                    matches!(
+                        err.status(),
+                        SocketErrorStatus::ConnectionResetByPeer
+                            | SocketErrorStatus::SoftwareCausedConnectionAbort
+                    ),
+                    "{backend}: {err}"
+                ),
+            }
+        }
+        let accepted = accepted.expect("the connection that was not reset");
+        assert_eq!(util::read_exact(&accepted, 5).await, b"hello");
+        assert_eq!(listener.accept_stats().exhausted, 0);
+        // And the listener still takes new connections.
+        let (client, server) = util::connected_pair(&listener).await;
+        carries(&client, &server, b"next").await;
+    });
+}
+
+#[test]
+fn a_connect_given_up_half_way_leaves_the_socket_free_to_connect_again() {
+    util::on_each_backend(|backend| async move {
+        // A listener nobody accepts on, with the shortest backlog: once its queue is
+        // full the kernel drops further SYNs, so a connect to it stays pending.
+        let stuck = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+            .expect("socket");
+        stuck
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .expect("bind");
+        stuck.listen(0).expect("listen");
+        let stuck_addr = stuck.local_addr().unwrap().as_socket().unwrap();
+        // Fill the queue: connect until one stays pending.
+        let mut fillers = Vec::new();
+        let mut full = false;
+        // Bounded: the queue of a backlog-0 listener holds a connection or two.
+        for _ in 0..8 {
+            let filler = StreamSocket::new();
+            {
+                let mut connecting = std::pin::pin!(filler.connect_addr(stuck_addr));
+                full = true;
+                for _ in 0..8 {
+                    if let std::task::Poll::Ready(done) = util::poll_once(connecting.as_mut()).await
+                    {
+                        done.expect("a connect into the queue");
+                        full = false;
+                        break;
+                    }
+                    util::yield_now().await;
+                }
+            }
+            if full {
+                break;
+            }
+            fillers.push(filler);
+        }
+        assert!(full, "{backend}: the queue never filled");
+        let socket = StreamSocket::new();
+        {
+            let mut connecting = std::pin::pin!(socket.connect_addr(stuck_addr));
+            assert!(
+                util::poll_once(connecting.as_mut()).await.is_pending(),
+                "{backend}: a connect to a full queue completed"
+            );
+        }
+        assert_eq!(
+            socket.local_addr().unwrap_err().status(),
+            SocketErrorStatus::InvalidArgument
+        );
+        let listener = util::loopback_listener();
+        util::must(
+            "connect again",
+            socket.connect_addr(listener.local_addr().unwrap()),
+        )
+        .await
+        .expect("a connect given up leaves nothing behind");
+        let server = util::must("accept", listener.accept())
+            .await
+            .expect("accept");
+        assert_eq!(socket.peer_addr().unwrap(), listener.local_addr().unwrap());
+        carries(&socket, &server, b"ok").await;
+    });
+}
+
+#[test]
+fn two_reads_waiting_on_one_socket_split_the_bytes_and_lose_none() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        // `join` polls the reads first, so both wait before the bytes are sent.
+        let ((first, second), written) = util::join(
+            util::join(
+                client.read(Vec::with_capacity(4)),
+                client.read(Vec::with_capacity(4)),
+            ),
+            server.write_all(b"abcdefgh".to_vec()),
+        )
+        .await;
+        written.0.expect("write");
+        let first = first.1[..first.0.expect("first read")].to_vec();
+        let second = second.1[..second.0.expect("second read")].to_vec();
+        let joined = [first.clone(), second.clone()].concat();
+        let swapped = [second, first].concat();
+        assert!(
+            joined == b"abcdefgh" || swapped == b"abcdefgh",
+            "{backend}: {joined:?}"
+        );
+    });
+}
+
+#[test]
+fn two_connects_racing_on_one_socket_leave_exactly_one_connection() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let addr = listener.local_addr().unwrap();
+        let socket = StreamSocket::new();
+        let (a, b) = util::join(socket.connect_addr(addr), socket.connect_addr(addr)).await;
+        let lost = match (a, b) {
+            (Ok(()), Err(err)) | (Err(err), Ok(())) => err,
+            other => panic!("{backend}: {other:?}"),
+        };
+        assert_eq!(lost.status(), SocketErrorStatus::InvalidArgument, "{lost}");
+        assert!(lost.to_string().contains("already connected"), "{lost}");
+        // The loser's connection was closed; the winner's carries the bytes.
+        let local = socket.local_addr().unwrap();
+        socket.write_all(b"won".to_vec()).await.0.expect("write");
+        for _ in 0..2 {
+            let server = util::must("accept", listener.accept())
+                .await
+                .expect("accept");
+            if server.peer_addr().ok() == Some(local) {
+                assert_eq!(util::read_exact(&server, 3).await, b"won");
+                return;
+            }
+        }
+        panic!("{backend}: the winner's connection never arrived");
     });
 }
