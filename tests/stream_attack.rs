@@ -340,3 +340,30 @@ fn two_connects_racing_on_one_socket_leave_exactly_one_connection() {
         panic!("{backend}: the winner's connection never arrived");
     });
 }
+
+#[test]
+fn a_scope_naming_no_interface_is_network_unreachable_by_index_as_by_name() {
+    util::on_each_backend(|backend| async move {
+        // 999999 and "nosuchif0" name no interface here; both must say so alike, for a
+        // listener and for a connection.
+        for scope in ["999999", "nosuchif0"] {
+            let host = ringsock::HostName::new(&format!("fe80::1%{scope}")).expect("valid");
+            let err = ringsock::StreamSocketListener::bind_host(&host, "0")
+                .map(drop)
+                .expect_err("no such interface");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::NetworkIsUnreachable,
+                "{backend} bind %{scope}: {err}"
+            );
+            let err = util::must("connect", StreamSocket::new().connect(&host, "80"))
+                .await
+                .expect_err("no such interface");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::NetworkIsUnreachable,
+                "{backend} connect %{scope}: {err}"
+            );
+        }
+    });
+}
