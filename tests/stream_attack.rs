@@ -367,3 +367,23 @@ fn a_scope_naming_no_interface_is_network_unreachable_by_index_as_by_name() {
         }
     });
 }
+
+#[test]
+fn a_link_local_address_without_a_scope_is_refused_saying_so() {
+    util::on_each_backend(|backend| async move {
+        // The kernel's answer would be a bare EINVAL ("Invalid argument").
+        for name in ["fe80::1", "fe80::1%0", "[febf::1]"] {
+            let host = ringsock::HostName::new(name).expect("valid");
+            let connected = util::must("connect", StreamSocket::new().connect(&host, "80")).await;
+            let bound = ringsock::StreamSocketListener::bind_host(&host, "0").map(drop);
+            for err in [connected.expect_err("connect"), bound.expect_err("bind")] {
+                assert_eq!(
+                    err.status(),
+                    SocketErrorStatus::InvalidArgument,
+                    "{backend} {name}: {err}"
+                );
+                assert!(err.to_string().contains("needs the interface"), "{err}");
+            }
+        }
+    });
+}
