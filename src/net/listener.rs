@@ -117,6 +117,11 @@ impl StreamSocketListener {
 
     /// Listens on `service` at the first address `host` resolves to
     /// (BindEndpointAsync).
+    ///
+    /// This call is not async, so a DNS name is resolved on the calling thread
+    /// ([`resolve_blocking`]), without the resolver pool's timeout: the loop waits for
+    /// the system resolver meanwhile. Give an IP literal, or resolve the name first with
+    /// [`resolve`](crate::host::resolve) and bind with [`bind_addr`](Self::bind_addr).
     pub fn bind_host(host: &HostName, service: &str) -> Result<StreamSocketListener> {
         let port = parse_service(service, Protocol::Tcp)?;
         let addrs = resolve_blocking(host, port)?;
