@@ -15,6 +15,20 @@ async fn carries(from: &StreamSocket, to: &StreamSocket, bytes: &[u8]) {
     assert_eq!(util::read_exact(to, bytes.len()).await, bytes);
 }
 
+/// Awaits `operation`, a call on a stream of a socket that was dropped or closed, and
+/// checks that it fails with OperationAborted.
+async fn aborted<T: std::fmt::Debug>(
+    what: &str,
+    operation: impl std::future::Future<Output = ringsock::Result<T>>,
+) {
+    let err = util::must(what, operation).await.expect_err(what);
+    assert_eq!(
+        err.status(),
+        SocketErrorStatus::OperationAborted,
+        "{what}: {err}"
+    );
+}
+
 /// The keep-alive idle time the kernel reports for `socket`.
 fn kernel_keep_alive(socket: &StreamSocket) -> Option<Duration> {
     let sock = socket2::SockRef::from(socket);
@@ -138,25 +152,14 @@ fn a_dropped_socket_ends_the_streams_taken_from_it_and_tells_the_peer() {
             let mut reading = std::pin::pin!(input.read(16));
             assert!(util::poll_once(reading.as_mut()).await.is_pending());
             drop(client);
-            let err = util::must("the waiting read", reading)
-                .await
-                .expect_err("the socket was dropped");
-            assert_eq!(
-                err.status(),
-                SocketErrorStatus::OperationAborted,
-                "{backend}: {err}"
-            );
+            aborted(&format!("{backend}: the waiting read"), reading).await;
         }
-        let err = input.read_line().await.expect_err("read after the drop");
-        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+        aborted("read after the drop", input.read_line()).await;
         let sent = async {
             output.write(b"late".to_vec()).await?;
             output.flush().await
         };
-        let err = util::must("write after the drop", sent)
-            .await
-            .expect_err("write after the drop");
-        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+        aborted("write after the drop", sent).await;
         // The peer sees the end while the streams are still held, and nothing after it.
         let got = util::must("the peer's end of stream", util::read_to_end(&server)).await;
         assert!(got.is_empty(), "{backend}: {got:?}");
@@ -384,6 +387,35 @@ fn a_link_local_address_without_a_scope_is_refused_saying_so() {
                 );
                 assert!(err.to_string().contains("needs the interface"), "{err}");
             }
+        }
+    });
+}
+
+#[test]
+fn streams_end_once_a_socket_with_queued_writes_is_dropped_or_closed() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        for close in [false, true] {
+            let (client, server) = util::connected_pair(&listener).await;
+            let mut input = client.input_stream();
+            let output = client.output_stream();
+            // Queued, not flushed: the close delivers it, then the end.
+            output.write(b"last".to_vec()).await.expect("queue");
+            let mut reading = std::pin::pin!(input.read(16));
+            assert!(util::poll_once(reading.as_mut()).await.is_pending());
+            if close {
+                let closing = client.close(util::MUST_HAPPEN);
+                util::must("close", closing).await.expect("close");
+            } else {
+                drop(client);
+            }
+            let got = util::must("the peer's read", util::read_to_end(&server)).await;
+            assert_eq!(got, b"last", "{backend} close={close}");
+            aborted(
+                &format!("{backend} close={close}: the waiting read"),
+                reading,
+            )
+            .await;
         }
     });
 }

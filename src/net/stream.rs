@@ -480,7 +480,8 @@ impl StreamSocket {
     /// Past `timeout` it aborts (a RST; whatever is still queued is dropped) and fails
     /// with `ConnectionTimedOut`; a failure on the way (say, the peer reset) aborts too
     /// and is returned. It never blocks the thread (no SO_LINGER wait in `close`). The
-    /// descriptor is released once the socket's input and output streams are gone too.
+    /// socket's input and output streams end with it (their calls fail with
+    /// `OperationAborted`); the descriptor is released once they are gone too.
     pub async fn close(mut self, timeout: Duration) -> Result<()> {
         let Some(closing) = self.closing() else {
             return Ok(());
