@@ -419,3 +419,29 @@ fn streams_end_once_a_socket_with_queued_writes_is_dropped_or_closed() {
         }
     });
 }
+
+#[test]
+fn writes_racing_on_one_socket_never_land_in_each_others_middle() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        // A small send buffer, so each write_all takes many partial sends.
+        client.control().set_send_buffer_size(64 * 1024).unwrap();
+        let size = 4 << 20;
+        let writes = util::join(
+            util::join(
+                client.write_all(vec![b'a'; size]),
+                client.write_all(vec![b'b'; size]),
+            ),
+            client.write(b"c".to_vec()),
+        );
+        let ((((first, _), (second, _)), (single, _)), got) =
+            util::join(writes, util::read_exact(&server, 2 * size + 1)).await;
+        first.expect("first write_all");
+        second.expect("second write_all");
+        assert_eq!(single.expect("write"), 1);
+        // Three runs: each call's bytes arrive together.
+        let runs = 1 + got.windows(2).filter(|pair| pair[0] != pair[1]).count();
+        assert_eq!(runs, 3, "{backend}: the writes interleaved");
+    });
+}
