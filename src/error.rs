@@ -73,7 +73,8 @@ socket_error_status! {
     CannotAssignRequestedAddress,
     /// Nothing is listening at the remote address (`ECONNREFUSED`).
     ConnectionRefused,
-    /// No route to the remote network (`ENETUNREACH`, `ENONET`).
+    /// No route to the remote network (`ENETUNREACH`, `ENONET`), or no such network
+    /// interface, e.g. the scope of `fe80::1%99` (`ENODEV`).
     NetworkIsUnreachable,
     /// No route to the remote host (`EHOSTUNREACH`).
     UnreachableHost,
@@ -280,7 +281,11 @@ impl SocketErrorStatus {
             libc::ETIMEDOUT | libc::ETIME => SocketErrorStatus::ConnectionTimedOut,
             libc::EADDRINUSE => SocketErrorStatus::AddressAlreadyInUse,
             libc::EADDRNOTAVAIL => SocketErrorStatus::CannotAssignRequestedAddress,
-            libc::ENETUNREACH | libc::ENONET => SocketErrorStatus::NetworkIsUnreachable,
+            // ENODEV: an IPv6 scope (or a device to bind to) names no interface, as a
+            // scope by unknown name does when it is resolved.
+            libc::ENETUNREACH | libc::ENONET | libc::ENODEV => {
+                SocketErrorStatus::NetworkIsUnreachable
+            }
             libc::EHOSTUNREACH => SocketErrorStatus::UnreachableHost,
             libc::ENETDOWN => SocketErrorStatus::NetworkIsDown,
             libc::EHOSTDOWN => SocketErrorStatus::HostIsDown,
@@ -628,6 +633,7 @@ mod tests {
             (libc::EADDRNOTAVAIL, S::CannotAssignRequestedAddress),
             (libc::ENETUNREACH, S::NetworkIsUnreachable),
             (libc::ENONET, S::NetworkIsUnreachable),
+            (libc::ENODEV, S::NetworkIsUnreachable),
             (libc::EHOSTUNREACH, S::UnreachableHost),
             (libc::ENETDOWN, S::NetworkIsDown),
             (libc::EHOSTDOWN, S::HostIsDown),

@@ -86,6 +86,10 @@ const SERVICES_PATH: &str = "/etc/services";
 impl HostName {
     /// Validates `name` as an IP literal or an RFC 1123 DNS name.
     ///
+    /// A name made only of numbers and dots must be a dotted-quad IPv4 address: the
+    /// system resolver reads `"1.2.3"` or `"0x7f.1"` as an address (1.2.0.3, 127.0.0.1)
+    /// without asking DNS, so such a name is refused rather than passed as a domain name.
+    ///
     /// Nothing is trimmed. On failure the error is [`Error::InvalidHostName`],
     /// whose reason names the offending character (with its position) or label.
     pub fn new(name: &str) -> Result<HostName> {
@@ -386,8 +390,10 @@ fn is_link_scoped(addr: Ipv6Addr) -> bool {
     (first & 0xffc0) == 0xfe80 || matches!(first & 0xff0f, 0xff01 | 0xff02)
 }
 
-/// RFC 1123 rules, plus: a name made only of digits and dots must be an IPv4
-/// address, because resolvers would otherwise read "1.2.3" as 1.2.0.3.
+/// RFC 1123 rules, plus: a name made only of numbers and dots must be a dotted-quad
+/// IPv4 address, because getaddrinfo reads such a name as an address in inet_aton's
+/// notation without asking DNS: "1.2.3" as 1.2.0.3, "0x7f.1" as 127.0.0.1. Letting
+/// the hexadecimal forms through would give a "domain name" that connects to loopback.
 fn validate_dns_name(name: &str) -> std::result::Result<(), String> {
     for (pos, c) in name.chars().enumerate() {
         if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
@@ -415,6 +421,16 @@ fn validate_dns_name(name: &str) -> std::result::Result<(), String> {
         };
     }
     let body = name.strip_suffix('.').unwrap_or(name);
+    // Only hexadecimal labels get here: all-decimal names were settled above.
+    if body.split('.').all(looks_numeric) {
+        return Err(match inet_aton(body) {
+            Some(addr) => format!(
+                "reads as the IPv4 address {addr} in the resolver's numeric notation; \
+                 write it as the dotted quad {addr}"
+            ),
+            None => "has only numbers and dots but is not a valid IPv4 address".to_owned(),
+        });
+    }
     if body.len() > MAX_NAME_LEN {
         return Err(format!(
             "is {} characters long; at most {MAX_NAME_LEN} are allowed (not counting a trailing dot)",
@@ -441,6 +457,57 @@ fn validate_dns_name(name: &str) -> std::result::Result<(), String> {
         start += label.len() + 1;
     }
     Ok(())
+}
+
+/// Whether `label` is written as a number: decimal digits, or `0x` and hex digits.
+fn looks_numeric(label: &str) -> bool {
+    match label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+    {
+        Some(hex) => !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()),
+        None => !label.is_empty() && label.bytes().all(|b| b.is_ascii_digit()),
+    }
+}
+
+/// The value of one label as inet_aton reads a number: hexadecimal after `0x`, octal
+/// after a leading `0`, else decimal. `None` if it is no such number, or exceeds 32 bits.
+fn numeric_label(label: &str) -> Option<u32> {
+    let (digits, radix) = match label
+        .strip_prefix("0x")
+        .or_else(|| label.strip_prefix("0X"))
+    {
+        Some(hex) => (hex, 16),
+        None if label.len() > 1 && label.starts_with('0') => (&label[1..], 8),
+        None => (label, 10),
+    };
+    // from_str_radix would also take a sign.
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    u32::from_str_radix(digits, radix).ok()
+}
+
+/// The address glibc's inet_aton makes of `text`: one to four numbers, the last filling
+/// the bytes the others leave. `None` where it would refuse the text.
+fn inet_aton(text: &str) -> Option<Ipv4Addr> {
+    let parts = text
+        .split('.')
+        .map(numeric_label)
+        .collect::<Option<Vec<u32>>>()?;
+    let (last, leading) = parts.split_last()?;
+    if leading.len() > 3 || leading.iter().any(|&part| part > 0xff) {
+        return None;
+    }
+    let last_bits = 32 - 8 * leading.len() as u32;
+    if last_bits < 32 && *last >> last_bits != 0 {
+        return None;
+    }
+    let high = leading
+        .iter()
+        .enumerate()
+        .fold(0u32, |acc, (i, &part)| acc | part << (24 - 8 * i as u32));
+    Some(Ipv4Addr::from(high | last))
 }
 
 fn parse_service_with(
@@ -753,6 +820,22 @@ mod tests {
             ("1.2.3", Invalid("not a valid IPv4 address")),
             ("1.2.3.4.", Invalid("not a valid IPv4 address")),
             ("01.2.3.4", Invalid("not a valid IPv4 address")),
+            ("0x7f.1", Invalid("reads as the IPv4 address 127.0.0.1 in the resolver's numeric notation")),
+            ("0x7f000001", Invalid("reads as the IPv4 address 127.0.0.1")),
+            ("0X7F.0.0.1", Invalid("reads as the IPv4 address 127.0.0.1")),
+            ("127.1.0x1", Invalid("reads as the IPv4 address 127.1.0.1")),
+            ("0x7f.010.1", Invalid("reads as the IPv4 address 127.8.0.1")),
+            ("0xffffffff.", Invalid("reads as the IPv4 address 255.255.255.255")),
+            ("0x100000000", Invalid("only numbers and dots but is not a valid IPv4 address")),
+            ("0x1.2.3.4.5", Invalid("only numbers and dots but is not a valid IPv4 address")),
+            ("0x100.1", Invalid("only numbers and dots but is not a valid IPv4 address")),
+            ("1.2.0x10000", Invalid("only numbers and dots but is not a valid IPv4 address")),
+            ("0x7f.09", Invalid("only numbers and dots but is not a valid IPv4 address")),
+            ("0x", Valid(DomainName, "0x")),
+            ("0x.1", Valid(DomainName, "0x.1")),
+            ("0xg.1", Valid(DomainName, "0xg.1")),
+            ("deadbeef", Valid(DomainName, "deadbeef")),
+            ("0x7f.example", Valid(DomainName, "0x7f.example")),
             ("123", Invalid("not a valid IPv4 address")),
             ("[::1", Invalid("unbalanced brackets: '[' at position 0")),
             ("::1]", Invalid("unbalanced brackets: ']' at position 3")),
@@ -1137,6 +1220,50 @@ ssh 2222/tcp # later duplicates lose
                         Ok(SERVICES.as_bytes().to_vec())
                     });
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn numeric_names_read_as_the_system_resolver_reads_them() {
+        extern "C" {
+            #[link_name = "inet_aton"]
+            fn libc_inet_aton(cp: *const libc::c_char, inp: *mut libc::in_addr) -> libc::c_int;
+        }
+        let inputs = [
+            "0x7f.1",
+            "0x7f000001",
+            "0X7F.0.0.1",
+            "127.1.0x1",
+            "0x7f.010.1",
+            "0xffffffff",
+            "0x100000000",
+            "0x1.2.3.4.5",
+            "0x100.1",
+            "1.2.0x10000",
+            "1.2.0xffff",
+            "0x7f.09",
+            "0x",
+            "0x.1",
+            "1.0x",
+            "0x0",
+            "017.0x1",
+            "1.2.3.0x4",
+            "0xff.0xff.0xff.0xff",
+            "0xff.0xff.0xff.0x100",
+            "0x00000000000000007f.1",
+        ];
+        for input in inputs {
+            let text = CString::new(input).expect("no NUL");
+            let mut addr = libc::in_addr { s_addr: 0 };
+            // SAFETY: `text` is NUL-terminated and outlives the call; `addr` is a valid
+            // in_addr for inet_aton to write.
+            let ok = unsafe { libc_inet_aton(text.as_ptr(), &mut addr) } != 0;
+            let system = ok.then(|| Ipv4Addr::from(u32::from_be(addr.s_addr)));
+            assert_eq!(inet_aton(input), system, "{input:?}");
+            // Whatever the system reads as an address is refused as a name.
+            if system.is_some() {
+                assert!(HostName::new(input).is_err(), "{input:?} accepted");
             }
         }
     }

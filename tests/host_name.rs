@@ -61,6 +61,10 @@ fn invalid_host_names_are_rejected_with_invalid_argument() {
             (&"a".repeat(64), "64 characters long"),
             ("256.1.1.1", "not a valid IPv4 address"),
             ("1.2.3", "not a valid IPv4 address"),
+            // getaddrinfo would take these for loopback without asking DNS.
+            ("0x7f.1", "reads as the IPv4 address 127.0.0.1"),
+            ("0x7f000001", "reads as the IPv4 address 127.0.0.1"),
+            ("127.1.0x1", "reads as the IPv4 address 127.1.0.1"),
             ("[::1", "unbalanced brackets"),
             ("[127.0.0.1]", "brackets may only enclose an IPv6 address"),
             ("example.com:80", "a port does not belong in a host name"),

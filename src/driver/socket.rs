@@ -121,6 +121,12 @@ impl SharedFd {
         self.inner.fd.raw()
     }
 
+    /// Whether another handle (a clone) holds this socket too, so dropping this one does
+    /// not close it.
+    pub(crate) fn is_shared(&self) -> bool {
+        Rc::strong_count(&self.inner) > 1
+    }
+
     /// The descriptor, while this handle lives.
     pub(crate) fn borrow_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.inner.fd.borrow()
@@ -189,6 +195,23 @@ impl SharedFd {
         }
         self.inner.detached.set(true);
         self.inner.fd.try_clone()
+    }
+}
+
+impl SharedFd {
+    /// Cancels and reaps this socket's io_uring operations now, so that the descriptor
+    /// closes with the last handle rather than when the loop next reaps their final
+    /// completions. Best effort: nothing to do on epoll, off the socket's runtime, or
+    /// once the socket was detached (its operations were reaped then).
+    pub(crate) fn cancel_in_flight(&self) {
+        if self.inner.detached.get() {
+            return;
+        }
+        if let Some(Binding::Uring(driver)) = self.inner.binding.get() {
+            // A driver that is not this thread's, borrowed, or shut down refuses; its
+            // operations then end the usual way.
+            let _ = driver.with(|d| d.cancel_fd(self.raw()));
+        }
     }
 }
 

@@ -19,7 +19,7 @@ use std::rc::Rc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use super::ending::abort;
+use super::ending::{abort, shut_now};
 use super::timeouts::{TimeoutKind, Timeouts};
 use super::OutputStream;
 use crate::driver::{ops, sockopt, SharedFd};
@@ -57,6 +57,7 @@ impl Closing {
         }
         let queued = self.queued_here();
         if !queued && !self.unacknowledged() {
+            self.end_streams();
             return;
         }
         if self.fd.binding().is_err() || runtime::current_driver_kind().is_none() {
@@ -79,7 +80,27 @@ impl Closing {
         }
         runtime::spawn(async move {
             let _ = self.drain_or_abort(deadline).await;
+            self.end_streams();
         });
+    }
+
+    /// Ends a closed connection once it has nothing left to deliver. Without other
+    /// handles the descriptor closes as this returns; but the socket's input and output
+    /// streams (or a TLS session they share) keep it open, and then nothing would tell
+    /// the peer, and a read waiting on a stream would wait for good. So the connection
+    /// is shut down now: the peer gets its FIN, and every stream operation fails from
+    /// now on.
+    fn end_streams(self) {
+        let Closing {
+            fd, outputs, tls, ..
+        } = self;
+        // Only their own streams and session: a handle of the program's keeps its clone.
+        drop((outputs, tls));
+        if !fd.is_shared() {
+            return;
+        }
+        fd.end(Error::from_errno("the socket was dropped", libc::ECANCELED));
+        shut_now(&fd);
     }
 
     /// Whether writes, or a TLS `close_notify`, wait to be sent by this process.
@@ -97,8 +118,14 @@ impl Closing {
     }
 
     /// Delivers everything and closes before `deadline`; past it (or on a failure)
-    /// aborts and says why.
+    /// aborts and says why. Either way the streams taken from the socket end with it.
     pub(crate) async fn graceful(self, deadline: Instant) -> Result<()> {
+        let result = self.deliver(deadline).await;
+        self.end_streams();
+        result
+    }
+
+    async fn deliver(&self, deadline: Instant) -> Result<()> {
         if let Some(ended) = self.fd.ended() {
             return Err(Error::from(ended));
         }

@@ -75,6 +75,9 @@ impl StreamOptions {
     }
 }
 
+/// The longest keep-alive idle time Linux accepts (MAX_TCP_KEEPIDLE), in seconds.
+const MAX_KEEP_ALIVE_IDLE_SECS: u64 = 32767;
+
 fn apply_keep_alive(fd: &SharedFd, idle: Option<Duration>) -> Result<()> {
     let sock = fd.sock();
     match idle {
@@ -115,17 +118,26 @@ impl StreamSocketControl<'_> {
     }
 
     /// Sends keep-alive probes after `idle` without traffic; `None` turns them off.
+    ///
+    /// `idle` counts in whole seconds, from 1 to 32767 (Linux's limit, about 9 hours);
+    /// anything else is `InvalidArgument` and changes nothing. On a connected socket
+    /// the value is kept only if the kernel took it.
     pub fn set_keep_alive(&self, idle: Option<Duration>) -> Result<()> {
-        if idle.is_some_and(|idle| idle.as_secs() == 0) {
-            return Err(Error::invalid_input(
-                "keep-alive idle time must be at least one second",
-            ));
+        if let Some(idle) = idle {
+            // Checked here because a value the kernel refuses would otherwise fail every
+            // later connect, and every accept of a listener it was set on.
+            if !(1..=MAX_KEEP_ALIVE_IDLE_SECS).contains(&idle.as_secs()) {
+                return Err(Error::invalid_input(format!(
+                    "keep-alive idle time {idle:?} is out of range \
+                     (1 to {MAX_KEEP_ALIVE_IDLE_SECS} whole seconds)"
+                )));
+            }
+        }
+        if let Some(fd) = self.fd {
+            apply_keep_alive(fd, idle)?;
         }
         self.options.keep_alive.set(idle);
-        match self.fd {
-            Some(fd) => apply_keep_alive(fd, idle),
-            None => Ok(()),
-        }
+        Ok(())
     }
 
     /// The keep-alive idle time, if keep-alive is on.

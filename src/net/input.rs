@@ -128,8 +128,13 @@ impl InputStream {
         }
     }
 
-    /// Up to `max` bytes: what is buffered, else one read. Empty at end of stream.
+    /// Up to `max` bytes: what is buffered, else one read. Empty at end of stream, and
+    /// at once for `max` 0 (which reads nothing, as a read into an empty buffer does).
     pub async fn read(&mut self, max: usize) -> Result<Bytes> {
+        // Otherwise it would wait for the peer's next bytes only to return none of them.
+        if max == 0 {
+            return Ok(Bytes::new());
+        }
         if self.buffer.is_empty() {
             self.fill().await?;
         }

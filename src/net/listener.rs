@@ -117,6 +117,11 @@ impl StreamSocketListener {
 
     /// Listens on `service` at the first address `host` resolves to
     /// (BindEndpointAsync).
+    ///
+    /// This call is not async, so a DNS name is resolved on the calling thread
+    /// ([`resolve_blocking`]), without the resolver pool's timeout: the loop waits for
+    /// the system resolver meanwhile. Give an IP literal, or resolve the name first with
+    /// [`resolve`](crate::host::resolve) and bind with [`bind_addr`](Self::bind_addr).
     pub fn bind_host(host: &HostName, service: &str) -> Result<StreamSocketListener> {
         let port = parse_service(service, Protocol::Tcp)?;
         let addrs = resolve_blocking(host, port)?;
@@ -277,6 +282,17 @@ impl<'a> Stream for Incoming<'a> {
             }
             Poll::Pending => Poll::Pending,
         }
+    }
+}
+
+impl Drop for StreamSocketListener {
+    fn drop(&mut self) {
+        // An io_uring accept holds the listening socket open until its completion is
+        // reaped, a loop turn or more after the drop: meanwhile the kernel would complete
+        // handshakes nobody will accept, and a new listener on the same address would
+        // fail with AddressAlreadyInUse (epoll closes at once). Reaping now closes it
+        // with the last handle, as epoll does.
+        self.fd.cancel_in_flight();
     }
 }
 

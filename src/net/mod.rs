@@ -54,7 +54,20 @@ pub(crate) async fn resolve(
 }
 
 /// A new non-blocking, close-on-exec socket for `addr`'s family.
+///
+/// Fails with `InvalidArgument` for a link-local IPv6 address without a zone: the
+/// kernel's answer to connecting or binding to one is a bare EINVAL.
 pub(crate) fn new_socket(addr: &SocketAddr, ty: socket2::Type) -> Result<socket2::Socket> {
+    if let SocketAddr::V6(v6) = addr {
+        if (v6.ip().segments()[0] & 0xffc0) == 0xfe80 && v6.scope_id() == 0 {
+            return Err(Error::invalid_input(format!(
+                "{} is a link-local address: it needs the interface it is on as a \
+                 nonzero scope, e.g. {}%eth0",
+                v6.ip(),
+                v6.ip()
+            )));
+        }
+    }
     let domain = socket2::Domain::for_address(*addr);
     let protocol = if ty == socket2::Type::STREAM {
         socket2::Protocol::TCP

@@ -11,6 +11,7 @@ use super::control::{StreamOptions, StreamSocketControl};
 use super::ending;
 use super::timeouts::{self, TimeoutKind};
 use super::transport::Transport;
+use super::turn::Turnstile;
 use super::{new_socket, resolve, Detached, InputStream, OutputStream, SocketKind};
 use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
@@ -65,6 +66,10 @@ pub struct StreamSocket {
     tls: OnceCell<Rc<TlsSession>>,
     /// The output stream once TLS has started (the plain one stays plain).
     tls_output: OnceCell<OutputStream>,
+    /// One `write` or `write_all` at a time: a `write_all` takes several sends when the
+    /// kernel takes part of its buffer, and another call's send between two of them
+    /// would land in the middle of its bytes.
+    writing: Turnstile,
     /// The state of the poll-based read and write traits, made on first use: their
     /// receive in flight and its buffer, owned here and not by the caller.
     #[cfg(any(feature = "tokio", feature = "futures-io"))]
@@ -81,6 +86,7 @@ impl StreamSocket {
             output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
+            writing: Turnstile::default(),
             #[cfg(any(feature = "tokio", feature = "futures-io"))]
             poll_io: None,
         }
@@ -284,6 +290,7 @@ impl StreamSocket {
             output: OnceCell::new(),
             tls: OnceCell::new(),
             tls_output: OnceCell::new(),
+            writing: Turnstile::default(),
             #[cfg(any(feature = "tokio", feature = "futures-io"))]
             poll_io: None,
         };
@@ -383,11 +390,14 @@ impl StreamSocket {
 
     /// Sends once; returns how many bytes the kernel took (possibly fewer than all).
     /// Through TLS every byte is encrypted and sent before this returns.
+    ///
+    /// Calls from several tasks take turns, as for [`write_all`](Self::write_all).
     pub async fn write<B: IoBuf>(&self, buf: B) -> BufResult<usize, B> {
         let fd = match self.fd() {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        let _turn = self.writing.take().await;
         if let Some(session) = self.tls.get() {
             let result = session.write_all(init_bytes(&buf)).await;
             let len = buf.bytes_init();
@@ -398,11 +408,16 @@ impl StreamSocket {
     }
 
     /// Sends every byte of `buf`.
+    ///
+    /// Calls from several tasks on one socket take turns: the bytes of one `write_all`
+    /// go out together, never with another's (or a [`write`](Self::write)'s) in their
+    /// middle. A call dropped half-way leaves what it sent sent.
     pub async fn write_all<B: IoBuf>(&self, buf: B) -> BufResult<(), B> {
         let fd = match self.fd() {
             Ok(fd) => fd,
             Err(err) => return (Err(err), buf),
         };
+        let _turn = self.writing.take().await;
         if let Some(session) = self.tls.get() {
             let result = session.write_all(init_bytes(&buf)).await;
             return (result, buf);
@@ -480,7 +495,8 @@ impl StreamSocket {
     /// Past `timeout` it aborts (a RST; whatever is still queued is dropped) and fails
     /// with `ConnectionTimedOut`; a failure on the way (say, the peer reset) aborts too
     /// and is returned. It never blocks the thread (no SO_LINGER wait in `close`). The
-    /// descriptor is released once the socket's input and output streams are gone too.
+    /// socket's input and output streams end with it (their calls fail with
+    /// `OperationAborted`); the descriptor is released once they are gone too.
     pub async fn close(mut self, timeout: Duration) -> Result<()> {
         let Some(closing) = self.closing() else {
             return Ok(());
