@@ -789,3 +789,57 @@ fn detached_with_a_forward_in_flight() {
         drop(a);
     }
 }
+
+#[test]
+fn a_dropped_socket_frees_its_address_at_once() {
+    util::on_each_backend(|backend| async move {
+        for received_first in [false, true] {
+            let socket = bound_v4();
+            let addr = socket.local_addr().unwrap();
+            if received_first {
+                let sender = bound_v4();
+                sender.send_to_addr(b"one".to_vec(), addr).await.0.unwrap();
+                assert_eq!(&socket.recv().await.unwrap()[..], b"one");
+            }
+            // The receive ring armed and a receive waiting when the socket goes (on
+            // io_uring its multishot receive used to hold the socket until the loop
+            // turned, so the address stayed taken).
+            {
+                let mut receive = pin!(socket.recv());
+                assert!(poll_once(receive.as_mut()).await.is_pending());
+            }
+            drop(socket);
+            let again = DatagramSocket::new();
+            again.bind_addr(addr).unwrap_or_else(|err| {
+                panic!("{backend} (received first: {received_first}): rebind: {err}")
+            });
+            let sender = bound_v4();
+            sender.send_to_addr(b"two".to_vec(), addr).await.0.unwrap();
+            assert_eq!(&again.recv().await.unwrap()[..], b"two", "{backend}");
+        }
+    });
+}
+
+#[test]
+fn an_output_stream_outliving_its_socket_still_sends() {
+    util::on_each_backend(|backend| async move {
+        let sink = bound_v4();
+        let socket = bound_v4();
+        let output = socket
+            .output_stream_to_addr(sink.local_addr().unwrap())
+            .unwrap();
+        {
+            let mut receive = pin!(socket.recv());
+            assert!(poll_once(receive.as_mut()).await.is_pending());
+        }
+        for i in 0..32u8 {
+            output.write(vec![i; 100]).await.unwrap();
+        }
+        drop(socket);
+        output.flush().await.unwrap();
+        for i in 0..32u8 {
+            let datagram = sink.recv().await.unwrap();
+            assert_eq!(&datagram[..], &[i; 100][..], "{backend}");
+        }
+    });
+}

@@ -215,6 +215,16 @@ impl SharedFd {
     }
 }
 
+impl SharedFd {
+    /// [`cancel_in_flight`](Self::cancel_in_flight) when no other handle shares the
+    /// socket (an output stream taken from it goes on sending with it).
+    pub(crate) fn cancel_in_flight_if_last(&self) {
+        if Rc::strong_count(&self.inner) == 1 {
+            self.cancel_in_flight();
+        }
+    }
+}
+
 /// The error for a socket handle whose socket was detached.
 fn detached() -> io::Error {
     io::Error::new(

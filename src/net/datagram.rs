@@ -830,6 +830,22 @@ impl DatagramSocket {
     }
 }
 
+impl Drop for DatagramSocket {
+    fn drop(&mut self) {
+        // The receive ring's multishot receive holds the socket open. On io_uring that
+        // lasts until the loop reaps the receive's last completion, a turn or more
+        // later: meanwhile the address stays taken (a new socket cannot bind it) and
+        // the kernel queues datagrams nobody reads. Cancelled and reaped while the ring
+        // still owns it (a receive first dropped is cancelled on its own and may not
+        // have ended when a second cancel finds nothing to wait for), it ends now, and
+        // the socket closes with its last handle, as on epoll.
+        if let Some(fd) = self.fd.get() {
+            fd.cancel_in_flight_if_last();
+        }
+        self.receiver.get_mut().take();
+    }
+}
+
 impl Default for DatagramSocket {
     fn default() -> Self {
         DatagramSocket::new()
