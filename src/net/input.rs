@@ -143,6 +143,10 @@ impl InputStream {
     }
 
     /// Exactly `n` bytes; an error with status ConnectionClosed if the stream ends first.
+    ///
+    /// The bytes are gathered in memory until all `n` are there: bound `n` before
+    /// passing a length a peer sent (a hostile 4 GiB length would otherwise be held
+    /// for), or read a large body in pieces with [`read`](Self::read).
     pub async fn read_exact(&mut self, n: usize) -> Result<Bytes> {
         while self.buffer.len() < n {
             if !self.fill().await? {
