@@ -6,7 +6,7 @@ mod util;
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
@@ -380,6 +380,14 @@ fn activated_sockets_are_served_on_descriptors_3_and_4() {
     }
 }
 
+/// A datagram socket bound to a port of 127.0.0.1 the kernel chose, and its address.
+fn loopback_datagram_socket() -> (DatagramSocket, std::net::SocketAddr) {
+    let socket = DatagramSocket::new();
+    socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+    let addr = socket.local_addr().unwrap();
+    (socket, addr)
+}
+
 /// Datagram `i` of the carry test: its number, then bytes that depend on it.
 fn numbered_datagram(i: usize) -> Vec<u8> {
     let mut datagram = (i as u32).to_le_bytes().to_vec();
@@ -416,9 +424,7 @@ fn datagrams_in_the_receive_ring_go_along_when_the_socket_moves() {
         let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let from = sender.local_addr().unwrap();
         let detached = runtime.block_on(async {
-            let socket = DatagramSocket::new();
-            socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
-            let to = socket.local_addr().unwrap();
+            let (socket, to) = loopback_datagram_socket();
             for i in 0..TOTAL {
                 sender.send_to(&numbered_datagram(i), to).unwrap();
             }
@@ -449,5 +455,458 @@ fn datagrams_in_the_receive_ring_go_along_when_the_socket_moves() {
             let socket = taken.into_datagram().unwrap();
             receive_numbered(&socket, 6, TOTAL - 6, from).await;
         });
+    }
+}
+
+/// The header of a hand-over message as `send_detached` writes it: magic, kind code,
+/// count of accepted connections (little endian).
+fn hand_over_header(kind: u8, accepted: u32) -> Vec<u8> {
+    let mut header = b"RSK1".to_vec();
+    header.push(kind);
+    header.extend_from_slice(&accepted.to_le_bytes());
+    header
+}
+
+/// Sends `data` with `fds` attached (SCM_RIGHTS) in one message, as a hostile peer of
+/// the broker's channel would, whatever the descriptors are.
+fn send_raw(channel: &UnixStream, data: &[u8], fds: &[RawFd]) {
+    let payload = std::mem::size_of_val(fds);
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE(payload as u32) } as usize;
+    let mut control = vec![0u64; space.div_ceil(8)];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain old data; zero is its empty value.
+    let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+    header.msg_iov = &mut iov;
+    header.msg_iovlen = 1;
+    if !fds.is_empty() {
+        header.msg_control = control.as_mut_ptr().cast();
+        header.msg_controllen = space;
+        // SAFETY: the control buffer holds CMSG_SPACE(payload) bytes, room for one header
+        // and `fds`.
+        unsafe {
+            let cmsg = libc::CMSG_FIRSTHDR(&header);
+            (*cmsg).cmsg_level = libc::SOL_SOCKET;
+            (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+            (*cmsg).cmsg_len = libc::CMSG_LEN(payload as u32) as usize;
+            std::ptr::copy_nonoverlapping(
+                fds.as_ptr().cast::<u8>(),
+                libc::CMSG_DATA(cmsg),
+                payload,
+            );
+        }
+    }
+    // SAFETY: the header points at the live iovec, data and control buffer above.
+    let sent = unsafe { libc::sendmsg(channel.as_raw_fd(), &header, libc::MSG_NOSIGNAL) };
+    assert_eq!(
+        sent,
+        data.len() as isize,
+        "sendmsg: {}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// A hostile message for the broker's channel: its bytes, the descriptors it carries
+/// (made when it is sent), and the status its receiver must fail with.
+struct Hostile {
+    what: &'static str,
+    message: Vec<u8>,
+    fds: fn() -> Vec<OwnedFd>,
+    status: SocketErrorStatus,
+}
+
+impl Hostile {
+    fn send(&self, channel: &UnixStream) {
+        let fds = (self.fds)();
+        let raws: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
+        send_raw(channel, &self.message, &raws);
+    }
+}
+
+/// A datagram socket's hand-over whose datagram section holds `count`, then `entry`.
+fn datagram_hand_over(count: u32, entry: &[u8]) -> Vec<u8> {
+    let mut message = hand_over_header(3, 0);
+    message.extend_from_slice(&count.to_le_bytes());
+    message.extend_from_slice(entry);
+    message
+}
+
+/// One datagram of a datagram section, with no addresses, whose payload length field is
+/// `len`, followed by `payload`.
+fn carried_entry(len: u32, payload: &[u8]) -> Vec<u8> {
+    let mut entry = vec![0]; // no sender
+    entry.extend_from_slice(&0u16.to_le_bytes()); // port
+    entry.push(0); // truncated
+    entry.extend_from_slice(&0u32.to_le_bytes()); // original length
+    entry.push(0); // no destination
+    entry.extend_from_slice(&u16::MAX.to_le_bytes()); // no tos
+    entry.extend_from_slice(&0u32.to_le_bytes()); // interface
+    entry.extend_from_slice(&0u64.to_le_bytes()); // timestamp
+    entry.extend_from_slice(&0u16.to_le_bytes()); // gro segment
+    entry.extend_from_slice(&len.to_le_bytes());
+    entry.extend_from_slice(payload);
+    entry
+}
+
+fn udp_fd() -> OwnedFd {
+    std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into()
+}
+
+fn listener_fd() -> OwnedFd {
+    TcpListener::bind("127.0.0.1:0").unwrap().into()
+}
+
+/// A pipe's (reading, writing) ends.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut ends = [0; 2];
+    // SAFETY: pipe2 writes two new descriptors into the array it is given.
+    let rc = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+    assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
+    // SAFETY: just made, owned by nothing else.
+    unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) }
+}
+
+fn pipe_fd() -> OwnedFd {
+    pipe().0
+}
+
+/// A UDP-Lite socket, or where the kernel has none a pipe (just as wrong a datagram
+/// socket).
+fn udp_lite_fd() -> OwnedFd {
+    const IPPROTO_UDPLITE: i32 = 136;
+    let protocol = Some(socket2::Protocol::from(IPPROTO_UDPLITE));
+    socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, protocol)
+        .map_or_else(|_| pipe_fd(), OwnedFd::from)
+}
+
+fn epoll_fd() -> OwnedFd {
+    // SAFETY: epoll_create1 returns a new descriptor or -1.
+    let raw = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    assert!(
+        raw >= 0,
+        "epoll_create1: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: just made, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(raw) }
+}
+
+/// Every way a peer of the broker's channel can lie, each answered with a clear error.
+/// (An io_uring descriptor is not among them: the kernel refuses to send one.)
+fn hostile_messages() -> Vec<Hostile> {
+    use SocketErrorStatus::{ConnectionClosed, InvalidArgument};
+    const STREAM: u8 = 1;
+    const LISTENER: u8 = 2;
+    const DATAGRAM: u8 = 3;
+    let hostile = |what, message, fds, status| Hostile {
+        what,
+        message,
+        fds,
+        status,
+    };
+    let stream = hand_over_header(STREAM, 0);
+    let one_accepted = hand_over_header(LISTENER, 1);
+    vec![
+        hostile(
+            "a header without a descriptor",
+            stream.clone(),
+            Vec::new,
+            ConnectionClosed,
+        ),
+        hostile(
+            "two descriptors for one socket",
+            hand_over_header(DATAGRAM, 0),
+            || vec![udp_fd(), udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a pipe",
+            stream.clone(),
+            || vec![pipe_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "/dev/null",
+            stream.clone(),
+            || vec![std::fs::File::open("/dev/null").unwrap().into()],
+            InvalidArgument,
+        ),
+        hostile(
+            "an epoll descriptor",
+            stream.clone(),
+            || vec![epoll_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a UDP socket claimed a TCP connection",
+            stream.clone(),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listening socket claimed a connection",
+            stream.clone(),
+            || vec![listener_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a UDP-Lite socket",
+            hand_over_header(DATAGRAM, 0),
+            || vec![udp_lite_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a Unix socket",
+            stream.clone(),
+            || vec![UnixStream::pair().unwrap().0.into()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a connection that claims accepted connections",
+            hand_over_header(STREAM, 1),
+            || vec![listener_fd(), listener_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a truncated header, then the end",
+            hand_over_header(LISTENER, 0)[..5].to_vec(),
+            || vec![listener_fd()],
+            ConnectionClosed,
+        ),
+        hostile(
+            "garbage",
+            b"GET / HTTP/1.1\r\n".to_vec(),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "an unknown kind",
+            hand_over_header(9, 0),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listener announcing four billion connections",
+            hand_over_header(LISTENER, u32::MAX),
+            || vec![listener_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listener whose accepted connection is a pipe",
+            one_accepted.clone(),
+            || vec![listener_fd(), pipe_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listener whose accepted connection is a UDP socket",
+            one_accepted.clone(),
+            || vec![listener_fd(), udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listener whose accepted connection is a listener",
+            one_accepted,
+            || vec![listener_fd(), listener_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a listener whose connections stop half-way",
+            hand_over_header(LISTENER, 300),
+            || {
+                let listener = listener_fd();
+                (0..253).map(|_| listener.try_clone().unwrap()).collect()
+            },
+            ConnectionClosed,
+        ),
+        hostile(
+            "a datagram socket without its datagrams",
+            hand_over_header(DATAGRAM, 0),
+            || vec![udp_fd()],
+            ConnectionClosed,
+        ),
+        hostile(
+            "four billion datagrams",
+            datagram_hand_over(u32::MAX, &[]),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a 4 GiB datagram",
+            datagram_hand_over(1, &carried_entry(u32::MAX, &[])),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a million datagrams announced, one sent",
+            datagram_hand_over(1_000_000, &carried_entry(3, b"abc")),
+            || vec![udp_fd()],
+            ConnectionClosed,
+        ),
+        hostile(
+            "a datagram cut short",
+            datagram_hand_over(1, &carried_entry(1000, b"abc")),
+            || vec![udp_fd()],
+            ConnectionClosed,
+        ),
+        hostile(
+            "a datagram from a bad address",
+            datagram_hand_over(1, &[7]),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+    ]
+}
+
+#[test]
+fn hostile_hand_overs_fail_cleanly_and_leak_no_descriptor() {
+    util::child::run_alone_on_each_backend("hostile_hand_overs_child");
+}
+
+#[test]
+#[ignore = "run in a child process by hostile_hand_overs_fail_cleanly_and_leak_no_descriptor"]
+fn hostile_hand_overs_child() {
+    util::child::run_child("hostile_hand_overs_child", |_| async {
+        let before = util::child::open_descriptors();
+        for case in hostile_messages() {
+            let (ours, theirs) = UnixStream::pair().unwrap();
+            case.send(&ours);
+            // The peer goes away after its message: an end of stream, never a hang.
+            drop(ours);
+            let err = recv_detached(&theirs).expect_err(case.what);
+            assert_eq!(err.status(), case.status, "{}: {err}", case.what);
+            drop(theirs);
+            assert_eq!(
+                util::child::open_descriptors(),
+                before,
+                "{}: descriptors left open",
+                case.what
+            );
+        }
+        // A message whose descriptors do not all fit in this process is cut off by the
+        // kernel (MSG_CTRUNC): refused, and those that arrived closed.
+        let (soft, _) = util::nofile_limit();
+        let hogs = util::hog_descriptors(8);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        send_raw(&ours, &hand_over_header(2, 252), &[socket.as_raw_fd(); 253]);
+        drop((ours, socket));
+        let err = recv_detached(&theirs).expect_err("descriptors cut off");
+        assert_eq!(err.status(), SocketErrorStatus::TooManyOpenFiles, "{err}");
+        drop((hogs, theirs));
+        util::set_nofile_soft(soft);
+        assert_eq!(util::child::open_descriptors(), before, "MSG_CTRUNC");
+    });
+}
+
+/// A peer of the broker's channel that sends nothing, or stops half-way, holds
+/// `recv_detached` only as long as the channel's read timeout: a clear time-out error.
+#[test]
+fn a_silent_peer_is_bounded_by_the_channels_read_timeout() {
+    util::on_each_backend(|_| async {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        theirs
+            .set_read_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let err = recv_detached(&theirs).expect_err("nothing was sent");
+        assert_eq!(err.status(), SocketErrorStatus::ConnectionTimedOut, "{err}");
+        // A datagram socket's header, and then nothing of its datagrams.
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        send_raw(&ours, &hand_over_header(3, 0), &[socket.as_raw_fd()]);
+        let err = recv_detached(&theirs).expect_err("half a message was sent");
+        assert_eq!(err.status(), SocketErrorStatus::ConnectionTimedOut, "{err}");
+    });
+}
+
+/// Blocks SIGPIPE on this thread while `f` runs and says whether `f` raised one (a
+/// blocked signal stays pending even though the test harness ignores SIGPIPE), clearing
+/// it.
+fn raises_sigpipe(f: impl FnOnce()) -> bool {
+    // SAFETY: sigset_t is plain old data, filled by sigemptyset before use; the mask
+    // calls change this thread's mask only, and it is restored before returning.
+    unsafe {
+        let mut pipe: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut pipe);
+        libc::sigaddset(&mut pipe, libc::SIGPIPE);
+        assert_eq!(libc::pthread_sigmask(libc::SIG_BLOCK, &pipe, &mut old), 0);
+        f();
+        let mut pending: libc::sigset_t = std::mem::zeroed();
+        libc::sigpending(&mut pending);
+        let raised = libc::sigismember(&pending, libc::SIGPIPE) == 1;
+        if raised {
+            let zero = libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            };
+            libc::sigtimedwait(&pipe, std::ptr::null_mut(), &zero);
+        }
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        raised
+    }
+}
+
+/// Handing a socket over a channel whose peer went away, also in the middle of a
+/// datagram socket's datagrams, is an error (BrokenPipe), never a SIGPIPE, which would
+/// kill a process that keeps SIGPIPE's default action (a C host, a CLI that restores it).
+#[test]
+fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
+    const BIG: usize = 30_000;
+    for backend in BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let detached = runtime.block_on(async {
+            let (socket, to) = loopback_datagram_socket();
+            sender.send_to(b"first", to).unwrap();
+            for i in 0..3u8 {
+                sender.send_to(&[i; BIG], to).unwrap();
+            }
+            // The first receive sets up the ring, which takes in what is queued.
+            let first = must("recv", socket.recv()).await.unwrap();
+            assert_eq!(first.data(), b"first");
+            socket.detach().unwrap()
+        });
+        assert!(
+            detached.carried_datagrams() > 0,
+            "{backend}: the ring held none of the queued datagrams"
+        );
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        // The smallest send buffer: the datagrams do not fit, so the sender is still
+        // writing them when the peer goes away.
+        socket2::SockRef::from(&ours)
+            .set_send_buffer_size(1)
+            .unwrap();
+        let peer = std::thread::spawn(move || {
+            let mut header = [0u8; 9];
+            (&theirs).read_exact(&mut header).unwrap();
+            drop(theirs);
+        });
+        let mut result = None;
+        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, detached)));
+        peer.join().unwrap();
+        let err = result.unwrap().expect_err("the peer went away");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::BrokenPipe,
+            "{backend}: {err}"
+        );
+        assert!(!raised, "{backend}: send_detached raised SIGPIPE");
+        // And a peer gone before the header.
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        drop(theirs);
+        let detached = runtime.block_on(async { loopback_datagram_socket().0.detach().unwrap() });
+        let mut result = None;
+        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, detached)));
+        let err = result.unwrap().expect_err("the peer went away");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::BrokenPipe,
+            "{backend}: {err}"
+        );
+        assert!(!raised, "{backend}: send_detached raised SIGPIPE");
     }
 }

@@ -142,11 +142,11 @@ pub(crate) fn recv_with_fds(
             cmsg = libc::CMSG_NXTHDR(&header, cmsg);
         }
     }
+    // The control buffer has room for the most one message carries, so descriptors are
+    // cut off (MSG_CTRUNC) only when this process could not take them all: it is out of
+    // descriptors. Those that arrived are closed with `fds`.
     if header.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "descriptors were cut off (MSG_CTRUNC)",
-        ));
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
     Ok((received, fds))
 }

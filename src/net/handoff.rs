@@ -78,43 +78,11 @@ impl Detached {
     }
 
     /// Takes a descriptor made elsewhere (inherited, received, from std): its kind is
-    /// read from the socket itself (type, and whether it listens), and it is made
-    /// non-blocking. A descriptor that is not a TCP or UDP socket is an error.
+    /// read from the socket itself (type, protocol, and whether it listens), and it is
+    /// made non-blocking. A descriptor that is not a TCP or UDP socket is an error.
     pub fn from_fd(fd: OwnedFd) -> Result<Detached> {
-        let socket = socket2::SockRef::from(&fd);
-        let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
-            Some(libc::ENOTSOCK) => {
-                Error::invalid_input(format!("descriptor {} is not a socket", fd.as_raw_fd()))
-            }
-            _ => Error::io("read the socket type", err),
-        })?;
-        let kind = if ty == socket2::Type::DGRAM {
-            SocketKind::Datagram
-        } else if ty == socket2::Type::STREAM {
-            let listening = socket
-                .is_listener()
-                .map_err(|err| Error::io("read SO_ACCEPTCONN", err))?;
-            if listening {
-                SocketKind::Listener
-            } else {
-                SocketKind::Stream
-            }
-        } else {
-            return Err(Error::invalid_input(format!(
-                "descriptor {} is not a stream or datagram socket",
-                fd.as_raw_fd()
-            )));
-        };
-        let domain = socket
-            .domain()
-            .map_err(|err| Error::io("read the socket family", err))?;
-        if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
-            return Err(Error::invalid_input(format!(
-                "descriptor {} is not an IPv4 or IPv6 socket",
-                fd.as_raw_fd()
-            )));
-        }
-        socket
+        let kind = kind_of(fd.as_fd())?;
+        socket2::SockRef::from(&fd)
             .set_nonblocking(true)
             .map_err(|err| Error::io("make the socket non-blocking", err))?;
         Ok(Detached::new(fd, kind, Vec::new()))
@@ -165,6 +133,46 @@ impl Detached {
     }
 }
 
+/// What kind of TCP or UDP socket `fd` is; any other descriptor is an error.
+fn kind_of(fd: BorrowedFd<'_>) -> Result<SocketKind> {
+    let raw = fd.as_raw_fd();
+    let socket = socket2::SockRef::from(&fd);
+    let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
+        Some(libc::ENOTSOCK) => Error::invalid_input(format!("descriptor {raw} is not a socket")),
+        _ => Error::io("read the socket type", err),
+    })?;
+    let domain = socket
+        .domain()
+        .map_err(|err| Error::io("read the socket family", err))?;
+    if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
+        return Err(Error::invalid_input(format!(
+            "descriptor {raw} is not an IPv4 or IPv6 socket"
+        )));
+    }
+    let protocol = socket
+        .protocol()
+        .map_err(|err| Error::io("read the socket protocol", err))?;
+    // MPTCP keeps TCP's stream semantics; anything else of the same type (UDP-Lite, SCTP,
+    // ICMP echo sockets) does not behave as the adopting socket expects.
+    let tcp = [Some(socket2::Protocol::TCP), Some(socket2::Protocol::MPTCP)];
+    if ty == socket2::Type::DGRAM && protocol == Some(socket2::Protocol::UDP) {
+        Ok(SocketKind::Datagram)
+    } else if ty == socket2::Type::STREAM && tcp.contains(&protocol) {
+        let listening = socket
+            .is_listener()
+            .map_err(|err| Error::io("read SO_ACCEPTCONN", err))?;
+        Ok(if listening {
+            SocketKind::Listener
+        } else {
+            SocketKind::Stream
+        })
+    } else {
+        Err(Error::invalid_input(format!(
+            "descriptor {raw} is not a TCP or UDP socket"
+        )))
+    }
+}
+
 impl AsFd for Detached {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
@@ -191,6 +199,23 @@ impl fmt::Debug for Detached {
 const MAGIC: &[u8; 4] = b"RSK1";
 /// Header: magic, kind, then how many accepted connections follow (u32, little endian).
 const HEADER: usize = 9;
+/// Most accepted connections one hand-over carries, far more than a listener's backlog
+/// holds by default: a larger count announced on the channel is refused before any
+/// descriptor is taken, so a hostile peer cannot make this process take descriptors
+/// until it has none left.
+pub const MAX_ACCEPTED: usize = 1 << 16;
+
+/// A failure reading the broker's channel; one that found nothing to read (its read
+/// timeout passed, or it is non-blocking) is a time-out.
+fn channel_error(err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::WouldBlock => Error::timed_out(
+            "take a socket handed over: nothing arrived within the channel's read timeout",
+        ),
+        std::io::ErrorKind::UnexpectedEof => Error::connection_closed("take a socket handed over"),
+        _ => Error::io("take a socket handed over", err),
+    }
+}
 
 /// Hands `socket` to the process at the other end of `channel` (the socket broker):
 /// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; a
@@ -203,7 +228,9 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     header[..4].copy_from_slice(MAGIC);
     header[4] = socket.kind.code();
     let count = u32::try_from(socket.accepted.len())
-        .map_err(|_| Error::invalid_input("too many accepted connections to hand over"))?;
+        .ok()
+        .filter(|&count| count as usize <= MAX_ACCEPTED)
+        .ok_or_else(|| Error::invalid_input("too many accepted connections to hand over"))?;
     header[5..].copy_from_slice(&count.to_le_bytes());
     let mut fds: Vec<BorrowedFd<'_>> = vec![socket.fd.as_fd()];
     fds.extend(socket.accepted.iter().map(AsFd::as_fd));
@@ -227,16 +254,24 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     Ok(())
 }
 
-/// Takes a socket handed over with [`send_detached`] from `channel`. Blocking. A
-/// message that is not one fails with `InvalidArgument`; an end of stream before one
-/// arrives with `ConnectionClosed`.
+/// Takes a socket handed over with [`send_detached`] from `channel`.
+///
+/// Blocking, as `channel` is: a peer that sends nothing, or stops half-way, holds it as
+/// long as the channel's read timeout ([`UnixStream::set_read_timeout`]), then it fails
+/// with `ConnectionTimedOut`; without one, for ever. A message that is not a hand-over
+/// (garbage, a descriptor that is not a TCP or UDP socket of the kind announced, more
+/// than [`MAX_ACCEPTED`] connections, more or fewer descriptors than announced) fails
+/// with `InvalidArgument`, an end of stream before its end with `ConnectionClosed`,
+/// descriptors this process has no room for with `TooManyOpenFiles`. Whatever failed,
+/// every descriptor it brought is closed; the channel is then out of step with its
+/// peer, and is best closed.
 pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
     let mut header = [0u8; HEADER];
     let mut fds = Vec::new();
     let mut got = 0;
     while got < HEADER {
-        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut header[got..])
-            .map_err(|err| Error::io("take a socket handed over", err))?;
+        let (n, more) =
+            scm::recv_with_fds(channel.as_fd(), &mut header[got..]).map_err(channel_error)?;
         if n == 0 {
             return Err(Error::connection_closed("take a socket handed over"));
         }
@@ -251,10 +286,14 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
     let kind = SocketKind::from_code(header[4])
         .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
     let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as usize;
+    if count > MAX_ACCEPTED || (count > 0 && kind != SocketKind::Listener) {
+        return Err(Error::invalid_input(format!(
+            "a hand-over of a {kind:?} announced {count} accepted connections"
+        )));
+    }
     while fds.len() < count + 1 {
         let mut byte = [0u8; 1];
-        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut byte)
-            .map_err(|err| Error::io("take a socket handed over", err))?;
+        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut byte).map_err(channel_error)?;
         if n == 0 {
             return Err(Error::connection_closed("take a socket handed over"));
         }
@@ -276,7 +315,18 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
             detached.kind
         )));
     }
-    detached.accepted = fds.collect();
+    // The listener hands these out as connections: each must be one (a blocking pipe
+    // handed out as a connection would stall the runtime that reads it).
+    for fd in fds {
+        let accepted = Detached::from_fd(fd)?;
+        accepted.expect(SocketKind::Stream).map_err(|_| {
+            Error::invalid_input(format!(
+                "a listener's hand-over carried a {:?} as an accepted connection",
+                accepted.kind
+            ))
+        })?;
+        detached.accepted.push(accepted.fd);
+    }
     if kind == SocketKind::Datagram {
         detached.datagrams = carried::decode(&mut &*channel)?;
     }
@@ -339,13 +389,7 @@ mod carried {
 
     fn read<const N: usize>(from: &mut impl Read) -> Result<[u8; N]> {
         let mut bytes = [0u8; N];
-        from.read_exact(&mut bytes)
-            .map_err(|err| match err.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    Error::connection_closed("take a socket handed over: its datagrams")
-                }
-                _ => Error::io("take a socket handed over", err),
-            })?;
+        from.read_exact(&mut bytes).map_err(super::channel_error)?;
         Ok(bytes)
     }
 
@@ -383,8 +427,7 @@ mod carried {
                 ));
             }
             let mut data = vec![0u8; len as usize];
-            from.read_exact(&mut data)
-                .map_err(|err| Error::io("take a socket handed over", err))?;
+            from.read_exact(&mut data).map_err(super::channel_error)?;
             let meta = crate::driver::ops_datagram::RecvMeta {
                 destination,
                 tos: u8::try_from(tos).ok(),
