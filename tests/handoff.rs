@@ -910,3 +910,135 @@ fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
         assert!(!raised, "{backend}: send_detached raised SIGPIPE");
     }
 }
+
+/// Puts `fd` on descriptor number `at`, which must be free (activation passes sockets
+/// from 3 on, so the test needs those numbers).
+fn place_at(fd: OwnedFd, at: RawFd) -> OwnedFd {
+    if fd.as_raw_fd() == at {
+        return fd;
+    }
+    assert!(!is_open(at), "descriptor {at} is taken");
+    // SAFETY: dup2 onto a number nothing in this process uses (checked above).
+    let raw = unsafe { libc::dup2(fd.as_raw_fd(), at) };
+    assert_eq!(raw, at, "dup2: {}", std::io::Error::last_os_error());
+    // SAFETY: `at` was just made a copy of `fd`, owned by nothing else.
+    unsafe { OwnedFd::from_raw_fd(at) }
+}
+
+fn is_open(fd: RawFd) -> bool {
+    // SAFETY: fcntl on any number is harmless; it tells whether it is open.
+    unsafe { libc::fcntl(fd, libc::F_GETFD) >= 0 }
+}
+
+/// Sets the activation variables (`None` removes one). Only in a child process that
+/// runs one test: the environment is the whole process's.
+fn set_activation(pid: Option<&str>, fds: Option<&str>, names: Option<&str>) {
+    for (key, value) in [
+        ("LISTEN_PID", pid),
+        ("LISTEN_FDS", fds),
+        ("LISTEN_FDNAMES", names),
+    ] {
+        match value {
+            Some(value) => std::env::set_var(key, value),
+            None => std::env::remove_var(key),
+        }
+    }
+}
+
+#[test]
+fn hostile_activation_variables_fail_cleanly_and_close_nothing() {
+    util::child::run_alone_on_each_backend("hostile_activation_child");
+}
+
+#[test]
+#[ignore = "run in a child process by hostile_activation_variables_fail_cleanly_and_close_nothing"]
+fn hostile_activation_child() {
+    use ringsock::net::activated_sockets;
+    let Some(path) = util::child::path() else {
+        return;
+    };
+    // Descriptors 3 to 6 before any runtime takes numbers: a listener, a pipe's two
+    // ends, a UDP socket.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let listener = place_at(listener.into(), 3);
+    let (reader, writer) = pipe();
+    let reader = place_at(reader, 4);
+    let writer = place_at(writer, 5);
+    let udp = place_at(std::net::UdpSocket::bind("127.0.0.1:0").unwrap().into(), 6);
+    let (builder, backend) = util::child::runtime_for(&path);
+    let me = std::process::id().to_string();
+    let other = (std::process::id() + 1).to_string();
+
+    // Variables for another process are none of ours, whatever they say (as systemd's
+    // sd_listen_fds ignores them); so are absent ones.
+    for fds in [Some("garbage"), Some("2"), None] {
+        set_activation(Some(&other), fds, Some("x:y:z"));
+        assert!(activated_sockets().unwrap().is_empty(), "{fds:?}");
+    }
+    set_activation(None, Some("2"), None);
+    assert!(activated_sockets().unwrap().is_empty());
+    set_activation(Some(&me), None, None);
+    assert!(activated_sockets().unwrap().is_empty());
+    // Values that are no count or no pid, and a descriptor that is not a socket (the
+    // pipe on 4), or not open (7), are errors that close nothing.
+    for (pid, fds, names) in [
+        (me.as_str(), "99999", None),
+        (me.as_str(), "-1", None),
+        (me.as_str(), "two", None),
+        (me.as_str(), "", None),
+        ("-5", "2", None),
+        ("a process", "2", None),
+        (me.as_str(), "2", None),
+        (me.as_str(), "5", None),
+        (me.as_str(), "1", Some("web:dns")),
+    ] {
+        set_activation(Some(pid), Some(fds), names);
+        let err = activated_sockets().expect_err(fds);
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{pid} {fds}: {err}"
+        );
+        for fd in 3..=6 {
+            assert!(is_open(fd), "{pid} {fds}: descriptor {fd} was closed");
+        }
+    }
+    // The pipe still works: nothing closed or took it.
+    let mut writer = std::fs::File::from(writer);
+    writer.write_all(b"!").unwrap();
+    let mut one = [0u8; 1];
+    std::fs::File::from(reader).read_exact(&mut one).unwrap();
+    assert_eq!(&one, b"!");
+
+    // Put right, the sockets are taken (once) and served on this path's runtime.
+    let udp = place_at(udp, 4);
+    set_activation(Some(&me), Some("2"), Some("web:dns"));
+    let sockets = activated_sockets().unwrap();
+    assert!(activated_sockets().unwrap().is_empty(), "taken twice");
+    let names: Vec<_> = sockets.iter().map(|a| a.name.as_deref()).collect();
+    assert_eq!(names, [Some("web"), Some("dns")]);
+    // The sockets own 3 and 4 now.
+    std::mem::forget((listener, udp));
+    let mut sockets = sockets.into_iter();
+    let web = sockets.next().unwrap().socket;
+    let dns = sockets.next().unwrap().socket;
+    let taken = std::cell::RefCell::new(Some((web, dns)));
+    util::on_runtime_of(builder, backend, &|_| {
+        let (web, dns) = taken.borrow_mut().take().expect("run once");
+        async move {
+            let (web, dns) = (web.into_listener().unwrap(), dns.into_datagram().unwrap());
+            let mut client = TcpStream::connect(addr).unwrap();
+            let served = must("accept", web.accept()).await.unwrap();
+            served.write_all(b"hi".to_vec()).await.0.unwrap();
+            let mut hi = [0u8; 2];
+            client.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            read_retrying(&mut client, &mut hi).unwrap();
+            assert_eq!(&hi, b"hi");
+            let to = dns.local_addr().unwrap();
+            dns.send_to_addr(b"self".to_vec(), to).await.0.unwrap();
+            assert_eq!(must("recv", dns.recv()).await.unwrap().data(), b"self");
+        }
+    });
+    println!("{}", util::child::passed("hostile_activation_child", &path));
+}

@@ -458,10 +458,16 @@ pub struct Activated {
 
 /// The sockets passed by systemd socket activation (or any launcher that keeps its
 /// contract): descriptors from 3 on, `LISTEN_FDS` of them, for the process named by
-/// `LISTEN_PID`, with optional `LISTEN_FDNAMES` (colon-separated). Empty when the
-/// variables are absent or name another process. They are taken once per process: a
-/// second call returns none. A variable that does not parse, or a descriptor that is
-/// not a TCP or UDP socket, is an error.
+/// `LISTEN_PID`, with optional `LISTEN_FDNAMES` (colon-separated, one per descriptor).
+///
+/// As systemd's `sd_listen_fds` does, it returns none when `LISTEN_PID` or `LISTEN_FDS`
+/// is absent or `LISTEN_PID` names another process (whatever the other variables say).
+/// They are taken once per process: a second call returns none.
+///
+/// A variable that does not parse, `LISTEN_FDNAMES` with another count of names, a
+/// descriptor that is not open or is not a TCP or UDP socket, are errors; then none is
+/// taken or closed (they may belong to something else of this process), and a later
+/// call may try again.
 pub fn activated_sockets() -> Result<Vec<Activated>> {
     let Ok(pid) = std::env::var("LISTEN_PID") else {
         return Ok(Vec::new());
@@ -470,7 +476,12 @@ pub fn activated_sockets() -> Result<Vec<Activated>> {
         .trim()
         .parse()
         .map_err(|_| Error::invalid_input(format!("LISTEN_PID {pid:?} is not a process id")))?;
-    let count = std::env::var("LISTEN_FDS").unwrap_or_default();
+    if pid != std::process::id() {
+        return Ok(Vec::new());
+    }
+    let Ok(count) = std::env::var("LISTEN_FDS") else {
+        return Ok(Vec::new());
+    };
     let count: usize = count
         .trim()
         .parse()
@@ -480,19 +491,30 @@ pub fn activated_sockets() -> Result<Vec<Activated>> {
             "LISTEN_FDS {count} is more than a process is given"
         )));
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|names| names.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
-    let Some(fds) = scm::claim_listen_fds(pid, count)
-        .map_err(|err| Error::io("take the activated sockets", err))?
-    else {
+    let names: Vec<Option<String>> = match std::env::var("LISTEN_FDNAMES") {
+        Ok(names) => {
+            let names: Vec<_> = names
+                .split(':')
+                .map(|name| Some(name.to_owned()).filter(|name| !name.is_empty()))
+                .collect();
+            if names.len() != count {
+                return Err(Error::invalid_input(format!(
+                    "LISTEN_FDNAMES names {} descriptors and LISTEN_FDS passes {count}",
+                    names.len()
+                )));
+            }
+            names
+        }
+        Err(_) => vec![None; count],
+    };
+    let Some(fds) = scm::claim_listen_fds(count, |fd| kind_of(fd).map(drop))? else {
         return Ok(Vec::new());
     };
     fds.into_iter()
-        .enumerate()
-        .map(|(i, fd)| {
+        .zip(names)
+        .map(|(fd, name)| {
             Ok(Activated {
-                name: names.get(i).filter(|name| !name.is_empty()).cloned(),
+                name,
                 socket: Detached::from_fd(fd)?,
             })
         })
