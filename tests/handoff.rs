@@ -911,6 +911,47 @@ fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
     }
 }
 
+/// A detach that cannot get a descriptor for the socket (the process has none left)
+/// fails with TooManyOpenFiles and leaves the socket where it was, still working; once
+/// descriptors are free again it detaches.
+#[test]
+fn a_detach_without_descriptors_fails_and_keeps_the_socket() {
+    util::child::run_alone_on_each_backend("detach_without_descriptors_child");
+}
+
+#[test]
+#[ignore = "run in a child process by a_detach_without_descriptors_fails_and_keeps_the_socket"]
+fn detach_without_descriptors_child() {
+    util::child::run_child("detach_without_descriptors_child", |_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        ringsock::spawn(util::echo(server));
+        util::round_trip(&client, b"before").await;
+        let (udp, udp_addr) = loopback_datagram_socket();
+        let (soft, _) = util::nofile_limit();
+        let hogs = util::hog_descriptors(0);
+        for err in [
+            client.detach().await.expect_err("no descriptor is free"),
+            listener.detach().expect_err("no descriptor is free"),
+            udp.detach().expect_err("no descriptor is free"),
+        ] {
+            assert_eq!(err.status(), SocketErrorStatus::TooManyOpenFiles, "{err}");
+        }
+        drop(hogs);
+        util::set_nofile_soft(soft);
+        util::round_trip(&client, b"after").await;
+        let (next, _) = util::connected_pair(&listener).await;
+        drop(next);
+        udp.send_to_addr(b"self".to_vec(), udp_addr)
+            .await
+            .0
+            .unwrap();
+        assert_eq!(must("recv", udp.recv()).await.unwrap().data(), b"self");
+        let moved = client.detach().await.unwrap().into_stream().unwrap();
+        util::round_trip(&moved, b"moved").await;
+    });
+}
+
 /// Puts `fd` on descriptor number `at`, which must be free (activation passes sockets
 /// from 3 on, so the test needs those numbers).
 fn place_at(fd: OwnedFd, at: RawFd) -> OwnedFd {

@@ -177,18 +177,23 @@ impl SharedFd {
         if self.inner.detached.get() {
             return Err(detached());
         }
-        // Never used on a runtime, nothing of any driver's holds it.
         if let Some(binding) = self.inner.binding.get() {
             if !current::is_current(binding.id()) {
                 return Err(binding.misuse());
             }
+        }
+        // The new descriptor first: without one (the process is out of descriptors) the
+        // socket stays here, working, instead of leaving with nowhere to go.
+        let owned = self.inner.fd.try_clone()?;
+        // Never used on a runtime, nothing of any driver's holds it.
+        if let Some(binding) = self.inner.binding.get() {
             match binding {
                 Binding::Uring(driver) => driver.with(|d| d.cancel_fd(self.raw()))??,
                 Binding::Poll(registration) => registration.release()?,
             }
         }
         self.inner.detached.set(true);
-        self.inner.fd.try_clone()
+        Ok(owned)
     }
 }
 
