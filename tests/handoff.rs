@@ -820,6 +820,97 @@ fn a_silent_peer_is_bounded_by_the_channels_read_timeout() {
     });
 }
 
+/// A spent handle (its socket detached) that is then aborted, closed or dropped leaves
+/// the socket alone: the adopting side goes on reading and writing, and ends it cleanly.
+#[test]
+fn a_spent_handle_aborted_or_closed_leaves_the_moved_connection_alone() {
+    util::on_each_backend(|_| async {
+        let listener = util::std_listener();
+        for how in ["abort", "close", "drop"] {
+            let (client, mut peer) = util::pair_with_std_peer(&listener).await;
+            client
+                .control()
+                .set_idle_timeout(Some(util::MUST_HAPPEN))
+                .unwrap();
+            let detached = client.detach().await.unwrap();
+            match how {
+                "abort" => client.abort(),
+                "close" => {
+                    let _ = client.close(util::MUST_HAPPEN).await;
+                }
+                _ => drop(client),
+            }
+            let moved = detached.into_stream().unwrap();
+            let sock = socket2::SockRef::from(&moved);
+            assert_eq!(sock.linger().unwrap(), None, "{how}: SO_LINGER was set");
+            // Nothing was sent yet: a receive finds nothing, not an end of stream (as it
+            // would after a shutdown of the receiving side).
+            let got = sock.recv_with_flags(
+                &mut [std::mem::MaybeUninit::new(0u8)],
+                libc::MSG_DONTWAIT | libc::MSG_PEEK,
+            );
+            assert_eq!(
+                got.map_err(|err| err.kind()),
+                Err(std::io::ErrorKind::WouldBlock),
+                "{how}: the receiving side was shut down"
+            );
+            peer.write_all(b"ping").unwrap();
+            assert_eq!(util::read_exact(&moved, 4).await, b"ping", "{how}");
+            moved.write_all(b"pong".to_vec()).await.0.unwrap();
+            peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            let mut pong = [0u8; 4];
+            read_retrying(&mut peer, &mut pong).unwrap();
+            assert_eq!(&pong, b"pong", "{how}");
+            must("close", moved.close(util::MUST_HAPPEN))
+                .await
+                .unwrap_or_else(|err| panic!("{how}: {err}"));
+            assert_eq!(util::std_peer_end(peer).await, (0, None), "{how}");
+        }
+    });
+}
+
+/// A connection detached on one engine is adopted on the other (also from a thread with
+/// no runtime running, bound by its first use), every byte exactly once; the spent
+/// handle refuses a second detach.
+#[test]
+fn a_stream_moves_between_engines_byte_exact() {
+    for (from, to) in [
+        (Backend::Uring, Backend::Epoll),
+        (Backend::Epoll, Backend::Uring),
+    ] {
+        let Some(a) = util::build_or_skip(Builder::new().backend(from), from) else {
+            continue;
+        };
+        let Some(b) = util::build_or_skip(Builder::new().backend(to), to) else {
+            continue;
+        };
+        let listener = util::std_listener();
+        let (detached, mut peer) = a.block_on(async {
+            let (client, mut peer) = util::pair_with_std_peer(&listener).await;
+            peer.write_all(b"before").unwrap();
+            assert_eq!(util::read_exact(&client, 2).await, b"be");
+            let detached = client.detach().await.unwrap();
+            let again = client.detach().await.expect_err("detached twice");
+            assert_eq!(
+                again.status(),
+                SocketErrorStatus::UnsupportedOperation,
+                "{again}"
+            );
+            (detached, peer)
+        });
+        // No runtime runs here: it binds to the one that first uses it.
+        let moved = detached.into_stream().unwrap();
+        b.block_on(async {
+            assert_eq!(util::read_exact(&moved, 4).await, b"fore", "{from} to {to}");
+            moved.write_all(b"after".to_vec()).await.0.unwrap();
+        });
+        peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+        let mut after = [0u8; 5];
+        read_retrying(&mut peer, &mut after).unwrap();
+        assert_eq!(&after, b"after", "{from} to {to}");
+    }
+}
+
 /// Blocks SIGPIPE on this thread while `f` runs and says whether `f` raised one (a
 /// blocked signal stays pending even though the test harness ignores SIGPIPE), clearing
 /// it.

@@ -195,6 +195,12 @@ impl SharedFd {
         self.inner.detached.set(true);
         Ok(owned)
     }
+
+    /// The socket was detached: it belongs to another runtime or process now, so this
+    /// handle must not end it (an abort, a shutdown) on its way out.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.inner.detached.get()
+    }
 }
 
 /// The error for a socket handle whose socket was detached.

@@ -621,6 +621,8 @@ impl StreamSocket {
             output.flush().await?;
         }
         let owned = fd.detach().map_err(|err| Error::io("detach", err))?;
+        // Its idle and write limits are the new owner's business now.
+        self.options.timeouts.stop_watching();
         Ok(Detached::new(owned, SocketKind::Stream, Vec::new()))
     }
 
