@@ -534,6 +534,14 @@ fn datagram_hand_over(count: u32, entry: &[u8]) -> Vec<u8> {
     message
 }
 
+/// A stream's hand-over that announces `len` carried bytes and sends `bytes`.
+fn stream_with_bytes(len: u32, bytes: &[u8]) -> Vec<u8> {
+    let mut message = hand_over_header(4, 0);
+    message.extend_from_slice(&len.to_le_bytes());
+    message.extend_from_slice(bytes);
+    message
+}
+
 /// One datagram of a datagram section, with no addresses, whose payload length field is
 /// `len`, followed by `payload`.
 fn carried_entry(len: u32, payload: &[u8]) -> Vec<u8> {
@@ -567,6 +575,14 @@ fn pipe() -> (OwnedFd, OwnedFd) {
     assert_eq!(rc, 0, "pipe2: {}", std::io::Error::last_os_error());
     // SAFETY: just made, owned by nothing else.
     unsafe { (OwnedFd::from_raw_fd(ends[0]), OwnedFd::from_raw_fd(ends[1])) }
+}
+
+/// One end of a TCP connection on loopback (the other end, closed, sent a FIN).
+fn connection_fd() -> OwnedFd {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    drop(listener.accept().unwrap());
+    client.into()
 }
 
 fn pipe_fd() -> OwnedFd {
@@ -719,6 +735,24 @@ fn hostile_messages() -> Vec<Hostile> {
                 let listener = listener_fd();
                 (0..253).map(|_| listener.try_clone().unwrap()).collect()
             },
+            ConnectionClosed,
+        ),
+        hostile(
+            "a stream announcing no carried bytes",
+            stream_with_bytes(0, b""),
+            || vec![connection_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a stream announcing 4 GiB of carried bytes",
+            stream_with_bytes(u32::MAX, b""),
+            || vec![connection_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a stream's carried bytes cut short",
+            stream_with_bytes(100, b"abc"),
+            || vec![connection_fd()],
             ConnectionClosed,
         ),
         hostile(
@@ -1173,4 +1207,46 @@ fn hostile_activation_child() {
         }
     });
     println!("{}", util::child::passed("hostile_activation_child", &path));
+}
+
+/// Bytes the poll-based read traits (futures-io, tokio) received ahead of what the
+/// caller took go along when the stream detaches, also through the broker's channel:
+/// the adopting socket reads them first, then what the kernel still holds.
+#[test]
+fn bytes_read_ahead_by_async_read_go_along_when_the_stream_detaches() {
+    use futures_util::AsyncReadExt;
+    util::on_each_backend(|_| async {
+        let listener = util::std_listener();
+        let (mut client, mut peer) = util::pair_with_std_peer(&listener).await;
+        // One segment on loopback: the traits' first receive takes all of it.
+        peer.write_all(b"12345678").unwrap();
+        let mut four = [0u8; 4];
+        must("read", client.read_exact(&mut four)).await.unwrap();
+        assert_eq!(&four, b"1234");
+        peer.write_all(b"90").unwrap();
+        peer.shutdown(std::net::Shutdown::Write).unwrap();
+        let detached = client.detach().await.unwrap();
+        assert_eq!(detached.carried_bytes(), 4);
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_detached(&ours, detached).unwrap();
+        let taken = recv_detached(&theirs).unwrap();
+        assert_eq!(taken.carried_bytes(), 4);
+        // Through the traits again: a little at a time, so they read ahead once more.
+        let mut moved = taken.into_stream().unwrap();
+        let mut two = [0u8; 2];
+        must("read", moved.read_exact(&mut two)).await.unwrap();
+        assert_eq!(&two, b"56");
+        let mut rest = Vec::new();
+        must("read", moved.read_to_end(&mut rest)).await.unwrap();
+        assert_eq!(rest, b"7890");
+        // Detached again with nothing read ahead, it carries nothing.
+        let (mut client, _peer) = util::pair_with_std_peer(&listener).await;
+        let detached = client.detach().await.unwrap();
+        assert_eq!(detached.carried_bytes(), 0);
+        let mut nothing = [0u8; 1];
+        assert!(
+            AsyncReadExt::read(&mut client, &mut nothing).await.is_err(),
+            "a spent handle read"
+        );
+    });
 }

@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
+use bytes::{Buf, Bytes};
+
 use super::activity::Activity;
 use super::current::{self, DriverId};
 use super::fd::FdRef;
@@ -36,6 +38,9 @@ struct Inner {
     /// Whether `ended` is set, for the check every operation makes.
     is_ended: Cell<bool>,
     activity: Activity,
+    /// Bytes of the connection received before it came to this handle (read ahead by the
+    /// handle it was detached from, not yet read by anyone): receives take them first.
+    carried: RefCell<Bytes>,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -79,6 +84,7 @@ impl SharedFd {
                 ended: RefCell::new(None),
                 is_ended: Cell::new(false),
                 activity: Activity::new(),
+                carried: RefCell::new(Bytes::new()),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -194,6 +200,27 @@ impl SharedFd {
         }
         self.inner.detached.set(true);
         Ok(owned)
+    }
+
+    /// Sets the bytes a receive hands out before it asks the kernel (see `carried`).
+    pub(crate) fn set_carried(&self, bytes: Bytes) {
+        *self.inner.carried.borrow_mut() = bytes;
+    }
+
+    /// Moves carried bytes into the spare room of `buf`: how many (0 when none are left).
+    pub(crate) fn take_carried<B: crate::buf::IoBufMut>(&self, buf: &mut B) -> usize {
+        let mut carried = self.inner.carried.borrow_mut();
+        if carried.is_empty() {
+            return 0;
+        }
+        let n = crate::buf::fill_spare(buf, &carried);
+        carried.advance(n);
+        n
+    }
+
+    /// Every carried byte not received yet, taken out (for a detach).
+    pub(crate) fn take_all_carried(&self) -> Bytes {
+        std::mem::take(&mut *self.inner.carried.borrow_mut())
     }
 
     /// The socket was detached: it belongs to another runtime or process now, so this

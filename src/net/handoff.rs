@@ -7,6 +7,8 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
+
 use crate::driver::ops_datagram::Carried;
 use crate::driver::scm;
 use crate::{DatagramSocket, Error, Result, StreamSocket, StreamSocketListener};
@@ -53,6 +55,8 @@ pub struct Detached {
     accepted: Vec<OwnedFd>,
     /// A datagram socket's datagrams received and not yet taken.
     datagrams: Vec<Carried>,
+    /// A stream's bytes received ahead and not yet read.
+    bytes: Bytes,
 }
 
 impl Detached {
@@ -62,7 +66,21 @@ impl Detached {
             kind,
             accepted,
             datagrams: Vec::new(),
+            bytes: Bytes::new(),
         }
+    }
+
+    /// The same, carrying a stream's bytes received ahead and not yet read.
+    pub(crate) fn with_bytes(mut self, bytes: Bytes) -> Detached {
+        self.bytes = bytes;
+        self
+    }
+
+    /// Bytes a stream carries: received before it detached (by the poll-based read
+    /// traits, ahead of the caller) and not yet read, read first from the socket that
+    /// adopts it.
+    pub fn carried_bytes(&self) -> usize {
+        self.bytes.len()
     }
 
     /// The same, carrying a datagram socket's received datagrams.
@@ -102,7 +120,7 @@ impl Detached {
     /// outside one, of the first runtime that uses it).
     pub fn into_stream(self) -> Result<StreamSocket> {
         self.expect(SocketKind::Stream)?;
-        StreamSocket::adopt(self.fd)
+        StreamSocket::adopt(self.fd, self.bytes)
     }
 
     /// Adopts it as a [`StreamSocketListener`]; the connections it brought come first.
@@ -117,7 +135,8 @@ impl Detached {
         DatagramSocket::adopt(self.fd, self.datagrams)
     }
 
-    /// The descriptor itself; a listener's accepted connections are closed.
+    /// The descriptor itself; a listener's accepted connections are closed, and what a
+    /// stream or datagram socket carries (bytes, datagrams) is dropped.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }
@@ -191,6 +210,8 @@ impl fmt::Debug for Detached {
             .field("fd", &self.fd.as_raw_fd())
             .field("kind", &self.kind)
             .field("accepted", &self.accepted.len())
+            .field("datagrams", &self.datagrams.len())
+            .field("bytes", &self.bytes.len())
             .finish()
     }
 }
@@ -199,6 +220,12 @@ impl fmt::Debug for Detached {
 const MAGIC: &[u8; 4] = b"RSK1";
 /// Header: magic, kind, then how many accepted connections follow (u32, little endian).
 const HEADER: usize = 9;
+/// The kind code of a stream whose carried bytes follow the header (a length, u32
+/// little endian, then the bytes); a stream that carries none is sent as before.
+const STREAM_WITH_BYTES: u8 = 4;
+/// Most bytes a stream's hand-over carries: what the poll-based read traits receive at
+/// once, many times over; a larger length on the channel is refused before it is read.
+const MAX_CARRIED_BYTES: usize = 16 << 20;
 /// Most accepted connections one hand-over carries, far more than a listener's backlog
 /// holds by default: a larger count announced on the channel is refused before any
 /// descriptor is taken, so a hostile peer cannot make this process take descriptors
@@ -226,7 +253,15 @@ fn channel_error(err: std::io::Error) -> Error {
 pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
-    header[4] = socket.kind.code();
+    let with_bytes = socket.kind == SocketKind::Stream && !socket.bytes.is_empty();
+    header[4] = if with_bytes {
+        STREAM_WITH_BYTES
+    } else {
+        socket.kind.code()
+    };
+    if socket.bytes.len() > MAX_CARRIED_BYTES {
+        return Err(Error::invalid_input("too many carried bytes to hand over"));
+    }
     let count = u32::try_from(socket.accepted.len())
         .ok()
         .filter(|&count| count as usize <= MAX_ACCEPTED)
@@ -244,6 +279,13 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     // each set of descriptors rides on a byte of its own.
     for chunk in chunks {
         send(b"+", chunk)?;
+    }
+    if with_bytes {
+        let mut section = (socket.bytes.len() as u32).to_le_bytes().to_vec();
+        section.extend_from_slice(&socket.bytes);
+        (&*channel)
+            .write_all(&section)
+            .map_err(|err| Error::io("hand a socket over", err))?;
     }
     if socket.kind == SocketKind::Datagram {
         let section = carried::encode(&socket.datagrams)?;
@@ -283,8 +325,13 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
             "not a ringsock socket hand-over on this channel",
         ));
     }
-    let kind = SocketKind::from_code(header[4])
-        .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
+    let with_bytes = header[4] == STREAM_WITH_BYTES;
+    let kind = if with_bytes {
+        Some(SocketKind::Stream)
+    } else {
+        SocketKind::from_code(header[4])
+    }
+    .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
     let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as usize;
     if count > MAX_ACCEPTED || (count > 0 && kind != SocketKind::Listener) {
         return Err(Error::invalid_input(format!(
@@ -327,10 +374,29 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
         })?;
         detached.accepted.push(accepted.fd);
     }
+    if with_bytes {
+        detached.bytes = read_carried_bytes(channel)?;
+    }
     if kind == SocketKind::Datagram {
         detached.datagrams = carried::decode(&mut &*channel)?;
     }
     Ok(detached)
+}
+
+/// A stream's carried bytes, on the broker's channel: their length, then them.
+fn read_carried_bytes(channel: &UnixStream) -> Result<Bytes> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    (&*channel).read_exact(&mut len).map_err(channel_error)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_CARRIED_BYTES {
+        return Err(Error::invalid_input(format!(
+            "a hand-over announced {len} carried bytes"
+        )));
+    }
+    let mut bytes = vec![0u8; len];
+    (&*channel).read_exact(&mut bytes).map_err(channel_error)?;
+    Ok(Bytes::from(bytes))
 }
 
 /// The datagrams a datagram socket carries, on the broker's channel: after the header, a
