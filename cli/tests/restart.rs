@@ -6,7 +6,7 @@ mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -116,6 +116,49 @@ fn activated_without_sockets_is_a_clear_error() {
         stderr.contains("InvalidArgument") && stderr.contains("LISTEN_FDS"),
         "{stderr}"
     );
+}
+
+/// `--inherit` on a channel whose other end lies (a count of 4 billion sockets, then
+/// nothing; a count of one, then garbage): a clear error and exit 1, never an abort
+/// (the count once sized an allocation of 378 GB) or a hang.
+#[test]
+fn a_lying_hand_over_channel_is_a_clear_error() {
+    for backend in BACKENDS {
+        for (message, expected) in [
+            (
+                u32::MAX.to_le_bytes().to_vec(),
+                "announced 4294967295 sockets",
+            ),
+            (
+                [&1u32.to_le_bytes()[..], b"garbage!!"].concat(),
+                "not a ringsock",
+            ),
+        ] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            (&ours).write_all(&message).unwrap();
+            drop(ours);
+            // A copy that, unlike its source, is not close-on-exec: the server inherits it.
+            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
+            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
+            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
+            // SAFETY: just made above, owned by nothing else.
+            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
+            let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .arg(format!("--inherit={}", inherited.as_raw_fd()))
+                .env_remove("RINGSOCK_BACKEND")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            drop((inherited, theirs));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+            assert!(
+                stderr.contains(expected) && !stderr.contains("panicked"),
+                "{backend}: {stderr}"
+            );
+        }
+    }
 }
 
 /// A launcher whose LISTEN_FDS names more descriptors than it passed: the server says
