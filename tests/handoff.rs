@@ -1250,3 +1250,54 @@ fn bytes_read_ahead_by_async_read_go_along_when_the_stream_detaches() {
         );
     });
 }
+
+/// A detach while other tasks wait on the socket (a read, an accept, a receive): each
+/// of them finishes, with an error, instead of hanging or taking what now belongs to
+/// the adopting socket, which gets everything sent after.
+#[test]
+fn a_detach_with_operations_in_flight_ends_them_and_loses_nothing() {
+    use std::rc::Rc;
+    util::on_each_backend(|_| async {
+        let std_listener = util::std_listener();
+        let (client, mut peer) = util::pair_with_std_peer(&std_listener).await;
+        let client = Rc::new(client);
+        let listener = Rc::new(util::loopback_listener());
+        let (udp, udp_addr) = loopback_datagram_socket();
+        let udp = Rc::new(udp);
+        let reading = ringsock::spawn({
+            let client = client.clone();
+            async move { client.read(Vec::with_capacity(16)).await.0 }
+        });
+        let accepting = ringsock::spawn({
+            let listener = listener.clone();
+            async move { listener.accept().await.map(drop) }
+        });
+        let receiving = ringsock::spawn({
+            let udp = udp.clone();
+            async move { udp.recv().await.map(drop) }
+        });
+        // Each of them is waiting on its socket now.
+        for _ in 0..4 {
+            util::yield_now().await;
+        }
+        let stream = client.detach().await.unwrap().into_stream().unwrap();
+        let listener_addr = listener.local_addr().unwrap();
+        let moved_listener = listener.detach().unwrap().into_listener().unwrap();
+        let moved_udp = udp.detach().unwrap().into_datagram().unwrap();
+        let read = must("the read in flight", reading).await;
+        assert!(read.is_err(), "a read on the spent handle: {read:?}");
+        let accept = must("the accept in flight", accepting).await;
+        assert!(accept.is_err(), "an accept on the spent handle");
+        let recv = must("the receive in flight", receiving).await;
+        assert!(recv.is_err(), "a receive on the spent handle");
+        // Everything sent after the detach reaches the adopting sockets.
+        peer.write_all(b"after").unwrap();
+        assert_eq!(util::read_exact(&stream, 5).await, b"after");
+        let _client = TcpStream::connect(listener_addr).unwrap();
+        must("accept", moved_listener.accept()).await.unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"after", udp_addr).unwrap();
+        let datagram = must("recv", moved_udp.recv()).await.unwrap();
+        assert_eq!(datagram.data(), b"after");
+    });
+}
