@@ -215,7 +215,7 @@ fn broker_child(channel: UnixStream, backend: Backend) {
         let detached = recv_detached(&channel).unwrap();
         let socket = detached.into_stream().unwrap();
         read_stream(&socket, 1 << 20, 1 << 20).await;
-        send_detached(&channel, socket.detach().await.unwrap()).unwrap();
+        send_detached(&channel, &socket.detach().await.unwrap()).unwrap();
     });
 }
 
@@ -256,7 +256,7 @@ fn a_stream_goes_to_another_process_and_comes_back_byte_exact() {
             let socket = StreamSocket::new();
             socket.connect_addr(addr).await.unwrap();
             read_stream(&socket, 0, 1 << 20).await;
-            send_detached(&ours, socket.detach().await.unwrap()).unwrap();
+            send_detached(&ours, &socket.detach().await.unwrap()).unwrap();
             let back = recv_detached(&ours).unwrap().into_stream().unwrap();
             read_stream(&back, 2 << 20, TOTAL - (2 << 20)).await;
         });
@@ -449,7 +449,7 @@ fn datagrams_in_the_receive_ring_go_along_when_the_socket_moves() {
         .unwrap();
         // Through the broker's channel, as to another process, and the rest there.
         let (ours, theirs) = UnixStream::pair().unwrap();
-        send_detached(&ours, detached).unwrap();
+        send_detached(&ours, &detached).unwrap();
         let taken = recv_detached(&theirs).unwrap();
         runtime.block_on(async {
             let socket = taken.into_datagram().unwrap();
@@ -975,9 +975,10 @@ fn raises_sigpipe(f: impl FnOnce()) -> bool {
 
 /// Handing a socket over a channel whose peer went away, also in the middle of a
 /// datagram socket's datagrams, is an error (BrokenPipe), never a SIGPIPE, which would
-/// kill a process that keeps SIGPIPE's default action (a C host, a CLI that restores it).
+/// kill a process that keeps SIGPIPE's default action (a C host, a CLI that restores it);
+/// and the socket, with what it carries, is still the sender's.
 #[test]
-fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
+fn handing_over_to_a_peer_that_went_away_fails_and_keeps_the_socket() {
     const BIG: usize = 30_000;
     for backend in BACKENDS {
         let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
@@ -1011,7 +1012,7 @@ fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
             drop(theirs);
         });
         let mut result = None;
-        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, detached)));
+        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, &detached)));
         peer.join().unwrap();
         let err = result.unwrap().expect_err("the peer went away");
         assert_eq!(
@@ -1020,12 +1021,18 @@ fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
             "{backend}: {err}"
         );
         assert!(!raised, "{backend}: send_detached raised SIGPIPE");
+        // The socket is still the sender's, with what it carries.
+        runtime.block_on(async {
+            let socket = detached.into_datagram().unwrap();
+            let datagram = must("a carried datagram", socket.recv()).await.unwrap();
+            assert_eq!(datagram.data(), &[0; BIG][..], "{backend}");
+        });
         // And a peer gone before the header.
         let (ours, theirs) = UnixStream::pair().unwrap();
         drop(theirs);
         let detached = runtime.block_on(async { loopback_datagram_socket().0.detach().unwrap() });
         let mut result = None;
-        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, detached)));
+        let raised = raises_sigpipe(|| result = Some(send_detached(&ours, &detached)));
         let err = result.unwrap().expect_err("the peer went away");
         assert_eq!(
             err.status(),
@@ -1033,6 +1040,12 @@ fn handing_over_to_a_peer_that_went_away_is_an_error_not_a_sigpipe() {
             "{backend}: {err}"
         );
         assert!(!raised, "{backend}: send_detached raised SIGPIPE");
+        runtime.block_on(async {
+            let socket = detached.into_datagram().unwrap();
+            let to = socket.local_addr().unwrap();
+            socket.send_to_addr(b"kept".to_vec(), to).await.0.unwrap();
+            assert_eq!(must("recv", socket.recv()).await.unwrap().data(), b"kept");
+        });
     }
 }
 
@@ -1228,7 +1241,7 @@ fn bytes_read_ahead_by_async_read_go_along_when_the_stream_detaches() {
         let detached = client.detach().await.unwrap();
         assert_eq!(detached.carried_bytes(), 4);
         let (ours, theirs) = UnixStream::pair().unwrap();
-        send_detached(&ours, detached).unwrap();
+        send_detached(&ours, &detached).unwrap();
         let taken = recv_detached(&theirs).unwrap();
         assert_eq!(taken.carried_bytes(), 4);
         // Through the traits again: a little at a time, so they read ahead once more.

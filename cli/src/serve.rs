@@ -474,7 +474,7 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
         .map_err(|err| Error::io("hand the sockets over", err))?;
     let handed = sockets.len();
-    for socket in sockets {
+    for socket in &sockets {
         net::send_detached(&ours, socket)?;
     }
     eprintln!("restart: handed {handed} sockets to process {}", child.id());

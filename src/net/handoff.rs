@@ -245,12 +245,18 @@ fn channel_error(err: std::io::Error) -> Error {
 }
 
 /// Hands `socket` to the process at the other end of `channel` (the socket broker):
-/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; a
-/// datagram socket's carried datagrams follow as bytes; the connection itself is
-/// untouched, so no byte is lost and nothing is reset. Blocking, as `channel` is (the
-/// other side must be reading when many datagrams are carried). The other side takes it
+/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; what a
+/// stream or datagram socket carries (bytes, datagrams) follows as bytes; the connection
+/// itself is untouched, so no byte is lost and nothing is reset. Blocking, as `channel`
+/// is (the other side must be reading when much is carried). The other side takes it
 /// with [`recv_detached`].
-pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
+///
+/// The other side gets descriptors of its own: once this returns Ok, drop `socket` (its
+/// copies close, the socket lives on there). On an error `socket` is still whole and
+/// the caller's to adopt again, so a peer that went away (`BrokenPipe`, never a
+/// SIGPIPE) costs no connection; the channel may then be out of step with its peer,
+/// and is best closed.
+pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
     let with_bytes = socket.kind == SocketKind::Stream && !socket.bytes.is_empty();
@@ -259,14 +265,25 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     } else {
         socket.kind.code()
     };
-    if socket.bytes.len() > MAX_CARRIED_BYTES {
-        return Err(Error::invalid_input("too many carried bytes to hand over"));
-    }
     let count = u32::try_from(socket.accepted.len())
         .ok()
         .filter(|&count| count as usize <= MAX_ACCEPTED)
         .ok_or_else(|| Error::invalid_input("too many accepted connections to hand over"))?;
     header[5..].copy_from_slice(&count.to_le_bytes());
+    // What follows the descriptors, made before anything is sent: a socket that cannot
+    // be handed over is refused before the other side sees any of it.
+    let mut section = Vec::new();
+    if with_bytes {
+        let len = u32::try_from(socket.bytes.len())
+            .ok()
+            .filter(|&len| len as usize <= MAX_CARRIED_BYTES)
+            .ok_or_else(|| Error::invalid_input("too many carried bytes to hand over"))?;
+        section.extend_from_slice(&len.to_le_bytes());
+        section.extend_from_slice(&socket.bytes);
+    }
+    if socket.kind == SocketKind::Datagram {
+        section = carried::encode(&socket.datagrams)?;
+    }
     let mut fds: Vec<BorrowedFd<'_>> = vec![socket.fd.as_fd()];
     fds.extend(socket.accepted.iter().map(AsFd::as_fd));
     let send = |data: &[u8], fds: &[BorrowedFd<'_>]| {
@@ -280,20 +297,9 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     for chunk in chunks {
         send(b"+", chunk)?;
     }
-    if with_bytes {
-        let mut section = (socket.bytes.len() as u32).to_le_bytes().to_vec();
-        section.extend_from_slice(&socket.bytes);
-        (&*channel)
-            .write_all(&section)
-            .map_err(|err| Error::io("hand a socket over", err))?;
-    }
-    if socket.kind == SocketKind::Datagram {
-        let section = carried::encode(&socket.datagrams)?;
-        (&*channel)
-            .write_all(&section)
-            .map_err(|err| Error::io("hand a socket over", err))?;
-    }
-    Ok(())
+    (&*channel)
+        .write_all(&section)
+        .map_err(|err| Error::io("hand a socket over", err))
 }
 
 /// Takes a socket handed over with [`send_detached`] from `channel`.
