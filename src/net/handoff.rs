@@ -237,7 +237,8 @@ pub const MAX_ACCEPTED: usize = 1 << 16;
 fn channel_error(err: std::io::Error) -> Error {
     match err.kind() {
         std::io::ErrorKind::WouldBlock => Error::timed_out(
-            "take a socket handed over: nothing arrived within the channel's read timeout",
+            "take a socket handed over: nothing arrived within the channel's read timeout \
+             (or the channel is non-blocking)",
         ),
         std::io::ErrorKind::UnexpectedEof => Error::connection_closed("take a socket handed over"),
         _ => Error::io("take a socket handed over", err),
@@ -313,6 +314,10 @@ pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
 /// descriptors this process has no room for with `TooManyOpenFiles`. Whatever failed,
 /// every descriptor it brought is closed; the channel is then out of step with its
 /// peer, and is best closed.
+///
+/// The sender keeps its own descriptors for the socket, and they share its open file
+/// (O_NONBLOCK included) with the ones taken here: take sockets only from a process
+/// trusted with them, as it can still read, write or reconfigure them.
 pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
     let mut header = [0u8; HEADER];
     let mut fds = Vec::new();
@@ -539,7 +544,8 @@ pub struct Activated {
 /// A variable that does not parse, `LISTEN_FDNAMES` with another count of names, a
 /// descriptor that is not open or is not a TCP or UDP socket, are errors; then none is
 /// taken or closed (they may belong to something else of this process), and a later
-/// call may try again.
+/// call may try again. Call it before the process opens sockets of its own: a
+/// `LISTEN_FDS` larger than what was passed would otherwise name one of them.
 pub fn activated_sockets() -> Result<Vec<Activated>> {
     let Ok(pid) = std::env::var("LISTEN_PID") else {
         return Ok(Vec::new());
