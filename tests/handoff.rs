@@ -1314,3 +1314,29 @@ fn a_detach_with_operations_in_flight_ends_them_and_loses_nothing() {
         assert_eq!(datagram.data(), b"after");
     });
 }
+
+/// A hand-over on a channel that stays full (the peer reads nothing) fails once the
+/// channel's write timeout passes, or at once when it is non-blocking, with
+/// ConnectionTimedOut; the socket is still the sender's, and serves.
+#[test]
+fn a_hand_over_on_a_full_channel_is_bounded_and_keeps_the_socket() {
+    util::on_each_backend(|_| async {
+        let (socket, addr) = loopback_datagram_socket();
+        let detached = socket.detach().unwrap();
+        let (ours, _theirs) = UnixStream::pair().unwrap();
+        // Filled until the kernel takes no more.
+        ours.set_nonblocking(true).unwrap();
+        let filler = [0u8; 4096];
+        while (&ours).write(&filler).is_ok() {}
+        let err = send_detached(&ours, &detached).expect_err("the channel is full");
+        assert_eq!(err.status(), SocketErrorStatus::ConnectionTimedOut, "{err}");
+        ours.set_nonblocking(false).unwrap();
+        ours.set_write_timeout(Some(std::time::Duration::from_millis(20)))
+            .unwrap();
+        let err = send_detached(&ours, &detached).expect_err("the channel is full");
+        assert_eq!(err.status(), SocketErrorStatus::ConnectionTimedOut, "{err}");
+        let socket = detached.into_datagram().unwrap();
+        socket.send_to_addr(b"kept".to_vec(), addr).await.0.unwrap();
+        assert_eq!(must("recv", socket.recv()).await.unwrap().data(), b"kept");
+    });
+}

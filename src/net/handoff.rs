@@ -255,8 +255,9 @@ fn channel_error(err: std::io::Error) -> Error {
 /// The other side gets descriptors of its own: once this returns Ok, drop `socket` (its
 /// copies close, the socket lives on there). On an error `socket` is still whole and
 /// the caller's to adopt again, so a peer that went away (`BrokenPipe`, never a
-/// SIGPIPE) costs no connection; the channel may then be out of step with its peer,
-/// and is best closed.
+/// SIGPIPE) or a channel that stayed full (`ConnectionTimedOut`: its write timeout,
+/// [`UnixStream::set_write_timeout`], bounds the wait) costs no connection; the
+/// channel may then be out of step with its peer, and is best closed.
 pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
@@ -288,8 +289,7 @@ pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     let mut fds: Vec<BorrowedFd<'_>> = vec![socket.fd.as_fd()];
     fds.extend(socket.accepted.iter().map(AsFd::as_fd));
     let send = |data: &[u8], fds: &[BorrowedFd<'_>]| {
-        scm::send_with_fds(channel.as_fd(), data, fds)
-            .map_err(|err| Error::io("hand a socket over", err))
+        scm::send_with_fds(channel.as_fd(), data, fds).map_err(send_error)
     };
     let mut chunks = fds.chunks(scm::MAX_FDS_PER_MESSAGE);
     send(&header, chunks.next().unwrap_or(&[]))?;
@@ -298,9 +298,19 @@ pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     for chunk in chunks {
         send(b"+", chunk)?;
     }
-    (&*channel)
-        .write_all(&section)
-        .map_err(|err| Error::io("hand a socket over", err))
+    (&*channel).write_all(&section).map_err(send_error)
+}
+
+/// A failure writing the broker's channel; one that found it full (its write timeout
+/// passed, or it is non-blocking) is a time-out.
+fn send_error(err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::WouldBlock => Error::timed_out(
+            "hand a socket over: the channel stayed full through its write timeout (or it \
+             is non-blocking)",
+        ),
+        _ => Error::io("hand a socket over", err),
+    }
 }
 
 /// Takes a socket handed over with [`send_detached`] from `channel`.
