@@ -651,6 +651,18 @@ fn hostile_messages() -> Vec<Hostile> {
             InvalidArgument,
         ),
         hostile(
+            "an O_PATH descriptor",
+            stream.clone(),
+            || {
+                // SAFETY: open with a NUL-terminated path returns a new descriptor or -1.
+                let raw = unsafe { libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+                assert!(raw >= 0, "open: {}", std::io::Error::last_os_error());
+                // SAFETY: just made, owned by nothing else.
+                vec![unsafe { OwnedFd::from_raw_fd(raw) }]
+            },
+            InvalidArgument,
+        ),
+        hostile(
             "an epoll descriptor",
             stream.clone(),
             || vec![epoll_fd()],

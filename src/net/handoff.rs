@@ -156,8 +156,12 @@ impl Detached {
 fn kind_of(fd: BorrowedFd<'_>) -> Result<SocketKind> {
     let raw = fd.as_raw_fd();
     let socket = socket2::SockRef::from(&fd);
+    // EBADF on a descriptor that is open: one opened with O_PATH, which no call but a
+    // few on the path itself accepts.
     let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
-        Some(libc::ENOTSOCK) => Error::invalid_input(format!("descriptor {raw} is not a socket")),
+        Some(libc::ENOTSOCK | libc::EBADF) => {
+            Error::invalid_input(format!("descriptor {raw} is not a socket"))
+        }
         _ => Error::io("read the socket type", err),
     })?;
     let domain = socket
