@@ -1352,3 +1352,42 @@ fn a_hand_over_on_a_full_channel_is_bounded_and_keeps_the_socket() {
         assert_eq!(must("recv", socket.recv()).await.unwrap().data(), b"kept");
     });
 }
+
+/// The sender of a socket keeps its open file, O_NONBLOCK included. Made blocking there
+/// after the hand-over, the socket still never blocks the adopting runtime's thread in a
+/// read: other tasks of the thread run while the read waits.
+#[test]
+fn a_socket_made_blocking_by_its_sender_never_blocks_the_runtime() {
+    util::on_each_backend(|_| async {
+        let std_listener = util::std_listener();
+        let (client, mut peer) = util::pair_with_std_peer(&std_listener).await;
+        let detached = client.detach().await.unwrap();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        send_detached(&ours, &detached).unwrap();
+        let moved = recv_detached(&theirs).unwrap().into_stream().unwrap();
+        socket2::SockRef::from(&detached)
+            .set_nonblocking(false)
+            .unwrap();
+        // The peer sends its second part once another task of this runtime has run
+        // while the second read waits: it never would with the thread stuck in a
+        // blocking recv (then the peer sends anyway after MUST_HAPPEN, and says so).
+        let (ran, ran_here) = std::sync::mpsc::channel();
+        let peer = std::thread::spawn(move || {
+            peer.write_all(b"one").unwrap();
+            let others_ran = ran_here.recv_timeout(util::MUST_HAPPEN).is_ok();
+            peer.write_all(b"two").unwrap();
+            others_ran
+        });
+        assert_eq!(util::read_exact(&moved, 3).await, b"one");
+        let (two, ()) = util::join(util::read_exact(&moved, 3), async {
+            util::yield_now().await;
+            let _ = ran.send(());
+        })
+        .await;
+        assert_eq!(two, b"two");
+        assert!(
+            util::join_thread(peer).await,
+            "the runtime's thread blocked in a read"
+        );
+    });
+}
