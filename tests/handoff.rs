@@ -944,8 +944,20 @@ fn a_stream_moves_between_engines_byte_exact() {
             );
             (detached, peer)
         });
-        // No runtime runs here: it binds to the one that first uses it.
+        // No runtime runs here: it binds to the one that first uses it. A read here
+        // says there is none (and binds it to nothing).
         let moved = detached.into_stream().unwrap();
+        {
+            use std::future::Future;
+            let mut read = std::pin::pin!(moved.read(Vec::with_capacity(1)));
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            match read.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready((Err(err), _)) => {
+                    assert_eq!(err.status(), SocketErrorStatus::WrongRuntime, "{err}")
+                }
+                _ => panic!("a read with no runtime running did not fail at once"),
+            }
+        }
         b.block_on(async {
             assert_eq!(util::read_exact(&moved, 4).await, b"fore", "{from} to {to}");
             moved.write_all(b"after".to_vec()).await.0.unwrap();
