@@ -998,9 +998,9 @@ fn raises_sigpipe(f: impl FnOnce()) -> bool {
 }
 
 /// Handing a socket over a channel whose peer went away, also in the middle of a
-/// datagram socket's datagrams, is an error (BrokenPipe), never a SIGPIPE, which would
-/// kill a process that keeps SIGPIPE's default action (a C host, a CLI that restores it);
-/// and the socket, with what it carries, is still the sender's.
+/// datagram socket's datagrams, is an error (BrokenPipe or ConnectionResetByPeer), never
+/// a SIGPIPE, which would kill a process that keeps SIGPIPE's default action (a C host,
+/// a CLI that restores it); and the socket, with what it carries, is still the sender's.
 #[test]
 fn handing_over_to_a_peer_that_went_away_fails_and_keeps_the_socket() {
     const BIG: usize = 30_000;
@@ -1039,9 +1039,14 @@ fn handing_over_to_a_peer_that_went_away_fails_and_keeps_the_socket() {
         let raised = raises_sigpipe(|| result = Some(send_detached(&ours, &detached)));
         peer.join().unwrap();
         let err = result.unwrap().expect_err("the peer went away");
-        assert_eq!(
-            err.status(),
-            SocketErrorStatus::BrokenPipe,
+        // A peer that closed with bytes unread resets its end (ECONNRESET) rather than
+        // just going (EPIPE): the same to the sender.
+        assert!(
+            [
+                SocketErrorStatus::BrokenPipe,
+                SocketErrorStatus::ConnectionResetByPeer
+            ]
+            .contains(&err.status()),
             "{backend}: {err}"
         );
         assert!(!raised, "{backend}: send_detached raised SIGPIPE");
