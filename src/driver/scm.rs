@@ -194,8 +194,8 @@ pub(crate) fn claim_listen_fds(
         // SAFETY: as above.
         unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
         // SAFETY: the caller found LISTEN_PID naming this process, so its launcher passed
-        // these descriptors to it; each passed `check` above, and CLAIMED
-        // makes this the one place that takes them.
+        // these descriptors to it; each passed `check` above, and CLAIMED makes this the
+        // one place that takes them.
         fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
     }
     Ok(Some(fds))
