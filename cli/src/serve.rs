@@ -422,9 +422,14 @@ async fn serve_thread(
         for socket in &datagrams {
             handed.push(socket.detach()?);
         }
-        hand_over_from(thread, &mut handed)?;
-        // Serve what was accepted before the hand-over to its end.
+        let handed_over = hand_over_from(thread, &mut handed);
+        if let Err(err) = &handed_over {
+            eprintln!("restart failed: {err}; serving the open connections to their end");
+        }
+        // Serve what was accepted before the hand-over to its end, also when it failed:
+        // those connections are this process's either way.
         open.wait_idle().await;
+        handed_over?;
     }
     logs.flush();
     Ok(Served { counts, handed })

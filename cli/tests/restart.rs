@@ -201,6 +201,58 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
     }
 }
 
+/// A hot restart that cannot start the new server (its program was deleted) leaves the
+/// connections already open served to their end, not dropped, and says so; the server
+/// then exits 1.
+#[test]
+fn a_failed_hot_restart_serves_the_open_connections_to_their_end() {
+    for backend in BACKENDS {
+        // A hard link, not a copy: a copy's file open for writing could be inherited by
+        // a child another test forks meanwhile, and running it would fail (ETXTBSY).
+        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
+        let dir = built.with_file_name(format!("failed-restart-{}-{backend}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("ringsock");
+        std::fs::hard_link(built, &exe).unwrap();
+        let server = EchoServer::start_with(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+            util::echo_server::Setup {
+                exe: Some(&exe),
+                ..util::echo_server::Setup::default()
+            },
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+        let mut open = TcpStream::connect(addr).unwrap();
+        open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+        let mut echo = |line: &[u8]| {
+            open.write_all(line).unwrap();
+            let mut back = vec![0u8; line.len()];
+            read_all(&mut open, &mut back).unwrap();
+            assert_eq!(back, line, "{backend}");
+        };
+        echo(b"before\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
+        server.wait_for_stderr("the failed restart", |lines| {
+            lines.iter().any(|line| line.starts_with("restart failed"))
+        });
+        echo(b"after\n");
+        drop(open);
+        let status = server.wait_exit(MUST_HAPPEN);
+        assert_eq!(status.code(), Some(1), "{backend}");
+    }
+}
+
 /// SIGUSR2 under a steady stream of connections: the old server hands its listeners to
 /// a new copy of itself and ends once its own connections are done; every connection
 /// made meanwhile is served by one or the other.
