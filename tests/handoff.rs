@@ -915,6 +915,38 @@ fn a_spent_handle_aborted_or_closed_leaves_the_moved_connection_alone() {
     });
 }
 
+/// A spent handle that lives on holds nothing of the socket: options set through it
+/// fail instead of reconfiguring the socket its new owner serves, and the new owner's
+/// abort really resets the connection (no descriptor of the spent handle keeps it).
+#[test]
+fn a_spent_handle_that_lives_on_holds_nothing_of_the_socket() {
+    util::on_each_backend(|_| async {
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        let moved = client.detach().await.unwrap().into_stream().unwrap();
+        assert!(client.control().set_no_delay(false).is_err());
+        assert!(client.control().set_send_buffer_size(4096).is_err());
+        let sock = socket2::SockRef::from(&moved);
+        assert!(
+            sock.nodelay().unwrap(),
+            "TCP_NODELAY changed by the spent handle"
+        );
+        moved.abort();
+        let (_, ended) = util::std_peer_end(peer).await;
+        assert_eq!(
+            ended,
+            Some(SocketErrorStatus::ConnectionResetByPeer),
+            "the abort of the new owner did not reset the connection"
+        );
+        drop(client);
+
+        let (udp, _) = loopback_datagram_socket();
+        let moved = udp.detach().unwrap().into_datagram().unwrap();
+        assert!(udp.control().set_broadcast(true).is_err());
+        assert!(!socket2::SockRef::from(&moved).broadcast().unwrap());
+    });
+}
+
 /// A connection detached on one engine is adopted on the other (also from a thread with
 /// no runtime running, bound by its first use), every byte exactly once; the spent
 /// handle refuses a second detach.

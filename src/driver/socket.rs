@@ -177,8 +177,9 @@ impl SharedFd {
 impl SharedFd {
     /// Takes the socket off its runtime: every operation in flight on it there is
     /// cancelled and reaped (io_uring) or its epoll registration removed, this handle and
-    /// its clones stop using it (their calls fail), and a new descriptor for the same
-    /// socket comes back, owned by the caller, for another runtime or process.
+    /// its clones stop using it (their calls fail; their descriptor number names
+    /// /dev/null from then on), and a new descriptor for the same socket comes back,
+    /// owned by the caller, for another runtime or process.
     pub(crate) fn detach(&self) -> io::Result<OwnedFd> {
         if self.inner.detached.get() {
             return Err(detached());
@@ -199,6 +200,7 @@ impl SharedFd {
             }
         }
         self.inner.detached.set(true);
+        self.inner.fd.let_go();
         Ok(owned)
     }
 

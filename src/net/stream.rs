@@ -612,7 +612,9 @@ impl StreamSocket {
     /// [`Detached::carried_bytes`]). An [`InputStream`]'s buffer stays with it
     /// ([`InputStream::buffered`]).
     ///
-    /// Afterwards this socket is a spent handle: its calls fail. A TLS stream cannot be
+    /// Afterwards this socket is a spent handle: its calls fail, socket options
+    /// included (its descriptor number names /dev/null, so it holds nothing of the
+    /// socket, whose new owner alone decides when it ends). A TLS stream cannot be
     /// detached (its session state lives here): that is an `UnsupportedOperation` error
     /// and the socket stays as it was.
     pub async fn detach(&self) -> Result<Detached> {
