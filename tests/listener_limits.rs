@@ -27,30 +27,9 @@ fn emfile_child() {
         let listener = util::loopback_listener();
         let addr = listener.local_addr().unwrap();
 
-        // A soft limit a little above the highest descriptor in use, then every free
-        // descriptor under it taken but one, which the client socket takes.
+        // Every free descriptor taken but one, which the client socket takes.
         let (soft, _) = util::nofile_limit();
-        let highest = std::fs::read_dir("/proc/self/fd")
-            .expect("/proc/self/fd")
-            .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
-            .max()
-            .expect("some descriptors are open");
-        let limit = highest + 1 + 32;
-        util::set_nofile_soft(limit);
-        let mut hogs = Vec::new();
-        // Bounded: fewer than `limit` descriptors are free under the new limit.
-        for _ in 0..limit {
-            match std::fs::File::open("/dev/null") {
-                Ok(file) => hogs.push(file),
-                Err(err) if err.raw_os_error() == Some(libc::EMFILE) => break,
-                Err(err) => panic!("open /dev/null: {err}"),
-            }
-        }
-        assert!(
-            std::fs::File::open("/dev/null").is_err(),
-            "descriptors left"
-        );
-        hogs.pop();
+        let hogs = util::hog_descriptors(1);
         let client = util::connect(addr).await;
 
         // The connection waits in the backlog; taking it needs a descriptor.

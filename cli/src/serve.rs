@@ -287,6 +287,11 @@ fn listening_line(socket: &Detached) -> ringsock::Result<String> {
     Ok(format!("listening {kind} {local}"))
 }
 
+/// Most sockets a hot restart hands over: a listener and a datagram socket for each of
+/// at most 1024 threads, or the sockets activation passed (at most 1024), with room to
+/// spare.
+const MAX_HANDED_OVER: usize = 8192;
+
 /// Takes the sockets the process being replaced sends over `fd`: a count, then each.
 fn take_over(fd: RawFd) -> ringsock::Result<Vec<Detached>> {
     let channel = unix_stream_from(fd)?;
@@ -294,11 +299,13 @@ fn take_over(fd: RawFd) -> ringsock::Result<Vec<Detached>> {
     std::io::Read::read_exact(&mut &channel, &mut count)
         .map_err(|err| Error::io("take the handed-over sockets", err))?;
     let count = u32::from_le_bytes(count) as usize;
-    let mut sockets = Vec::with_capacity(count);
-    for _ in 0..count {
-        sockets.push(net::recv_detached(&channel)?);
+    // The count comes from the other end of the channel: never an allocation of its size.
+    if count > MAX_HANDED_OVER {
+        return Err(Error::invalid_input(format!(
+            "--inherit: the channel announced {count} sockets, more than a server hands over"
+        )));
     }
-    Ok(sockets)
+    (0..count).map(|_| net::recv_detached(&channel)).collect()
 }
 
 fn unix_stream_from(fd: RawFd) -> ringsock::Result<UnixStream> {
@@ -415,9 +422,14 @@ async fn serve_thread(
         for socket in &datagrams {
             handed.push(socket.detach()?);
         }
-        hand_over_from(thread, &mut handed)?;
-        // Serve what was accepted before the hand-over to its end.
+        let handed_over = hand_over_from(thread, &mut handed);
+        if let Err(err) = &handed_over {
+            eprintln!("restart failed: {err}; serving the open connections to their end");
+        }
+        // Serve what was accepted before the hand-over to its end, also when it failed:
+        // those connections are this process's either way.
         open.wait_idle().await;
+        handed_over?;
     }
     logs.flush();
     Ok(Served { counts, handed })
@@ -467,7 +479,7 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
         .map_err(|err| Error::io("hand the sockets over", err))?;
     let handed = sockets.len();
-    for socket in sockets {
+    for socket in &sockets {
         net::send_detached(&ours, socket)?;
     }
     eprintln!("restart: handed {handed} sockets to process {}", child.id());

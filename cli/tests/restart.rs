@@ -6,7 +6,7 @@ mod util;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -118,6 +118,49 @@ fn activated_without_sockets_is_a_clear_error() {
     );
 }
 
+/// `--inherit` on a channel whose other end lies (a count of 4 billion sockets, then
+/// nothing; a count of one, then garbage): a clear error and exit 1, never an abort
+/// (the count once sized an allocation of 378 GB) or a hang.
+#[test]
+fn a_lying_hand_over_channel_is_a_clear_error() {
+    for backend in BACKENDS {
+        for (message, expected) in [
+            (
+                u32::MAX.to_le_bytes().to_vec(),
+                "announced 4294967295 sockets",
+            ),
+            (
+                [&1u32.to_le_bytes()[..], b"garbage!!"].concat(),
+                "not a ringsock",
+            ),
+        ] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            (&ours).write_all(&message).unwrap();
+            drop(ours);
+            // A copy that, unlike its source, is not close-on-exec: the server inherits it.
+            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
+            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
+            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
+            // SAFETY: just made above, owned by nothing else.
+            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
+            let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .arg(format!("--inherit={}", inherited.as_raw_fd()))
+                .env_remove("RINGSOCK_BACKEND")
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            drop((inherited, theirs));
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+            assert!(
+                stderr.contains(expected) && !stderr.contains("panicked"),
+                "{backend}: {stderr}"
+            );
+        }
+    }
+}
+
 /// A launcher whose LISTEN_FDS names more descriptors than it passed: the server says
 /// which one is missing and exits 1. It claims them before it opens descriptors of its
 /// own, so it cannot take (and close) its signal thread's for a passed one.
@@ -155,6 +198,58 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
             stderr.contains("descriptor 4, which is not open") && !stderr.contains("panicked"),
             "{backend}: {stderr}"
         );
+    }
+}
+
+/// A hot restart that cannot start the new server (its program was deleted) leaves the
+/// connections already open served to their end, not dropped, and says so; the server
+/// then exits 1.
+#[test]
+fn a_failed_hot_restart_serves_the_open_connections_to_their_end() {
+    for backend in BACKENDS {
+        // A hard link, not a copy: a copy's file open for writing could be inherited by
+        // a child another test forks meanwhile, and running it would fail (ETXTBSY).
+        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
+        let dir = built.with_file_name(format!("failed-restart-{}-{backend}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let exe = dir.join("ringsock");
+        std::fs::hard_link(built, &exe).unwrap();
+        let server = EchoServer::start_with(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+            util::echo_server::Setup {
+                exe: Some(&exe),
+                ..util::echo_server::Setup::default()
+            },
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+        let mut open = TcpStream::connect(addr).unwrap();
+        open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+        let mut echo = |line: &[u8]| {
+            open.write_all(line).unwrap();
+            let mut back = vec![0u8; line.len()];
+            read_all(&mut open, &mut back).unwrap();
+            assert_eq!(back, line, "{backend}");
+        };
+        echo(b"before\n");
+        std::fs::remove_dir_all(&dir).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
+        server.wait_for_stderr("the failed restart", |lines| {
+            lines.iter().any(|line| line.starts_with("restart failed"))
+        });
+        echo(b"after\n");
+        drop(open);
+        let status = server.wait_exit(MUST_HAPPEN);
+        assert_eq!(status.code(), Some(1), "{backend}");
     }
 }
 

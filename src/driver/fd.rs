@@ -33,6 +33,20 @@ impl FdRef {
         self.0.try_clone()
     }
 
+    /// Points this descriptor's number at /dev/null (atomically, with dup3), for a socket
+    /// that left: the socket is then referenced only by its new owner's descriptors, so
+    /// its close really ends it, and no option or shutdown set through this number can
+    /// reach it (they fail: not a socket). Does nothing if /dev/null cannot be opened.
+    #[allow(unsafe_code)]
+    pub(crate) fn let_go(&self) {
+        let Ok(null) = std::fs::File::open("/dev/null") else {
+            return;
+        };
+        // SAFETY: dup3 replaces the file behind `self`'s number, which stays open and
+        // owned by `self` (now naming /dev/null); `null` is a live descriptor.
+        unsafe { libc::dup3(null.as_raw_fd(), self.raw(), libc::O_CLOEXEC) };
+    }
+
     /// A borrowed socket2 view, for socket options and addresses.
     pub(crate) fn sock(&self) -> socket2::SockRef<'_> {
         socket2::SockRef::from(&*self.0)

@@ -135,8 +135,8 @@ impl MmsgBatch {
         self.headers.len()
     }
 
-    /// One `sendmmsg` of the messages from `at` on; how many the kernel took. The
-    /// socket is non-blocking: a full send buffer is `WouldBlock`.
+    /// One `sendmmsg` of the messages from `at` on; how many the kernel took. A full
+    /// send buffer is `WouldBlock`, also on a socket made blocking behind our back.
     pub(crate) fn send(&mut self, fd: RawFd, at: usize) -> io::Result<usize> {
         let count = self.headers.len().saturating_sub(at);
         // SAFETY: every header from `at` points to storage of this struct and to iovecs
@@ -147,7 +147,7 @@ impl MmsgBatch {
                 fd,
                 self.headers.as_mut_ptr().add(at),
                 count as libc::c_uint,
-                libc::MSG_NOSIGNAL,
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
             )
         };
         if sent < 0 {

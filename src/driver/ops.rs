@@ -39,11 +39,17 @@ pub(crate) async fn recv<B: IoBufMut>(fd: &SharedFd, buf: B) -> (io::Result<usiz
 /// nothing is in flight while it waits. The buffer comes back either way.
 pub(crate) async fn recv_until<B: IoBufMut>(
     fd: &SharedFd,
-    buf: B,
+    mut buf: B,
     stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
 ) -> (io::Result<usize>, B) {
     if let Some(ended) = fd.ended() {
         return (Err(ended), buf);
+    }
+    // Bytes that came along with the socket were received before anything the kernel
+    // still holds: they go first.
+    let carried = fd.take_carried(&mut buf);
+    if carried > 0 {
+        return (Ok(carried), buf);
     }
     let (result, buf) = match fd.binding() {
         Ok(Binding::Uring(driver)) => uring::net::recv(driver, fd.fd(), buf, stop).await,

@@ -142,11 +142,11 @@ pub(crate) fn recv_with_fds(
             cmsg = libc::CMSG_NXTHDR(&header, cmsg);
         }
     }
+    // The control buffer has room for the most one message carries, so descriptors are
+    // cut off (MSG_CTRUNC) only when this process could not take them all: it is out of
+    // descriptors. Those that arrived are closed with `fds`.
     if header.msg_flags & libc::MSG_CTRUNC != 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            "descriptors were cut off (MSG_CTRUNC)",
-        ));
+        return Err(io::Error::from_raw_os_error(libc::EMFILE));
     }
     Ok((received, fds))
 }
@@ -155,24 +155,37 @@ pub(crate) fn recv_with_fds(
 pub(crate) const LISTEN_FDS_START: RawFd = 3;
 
 /// Takes ownership of descriptors `3..3 + count`, as socket activation passes them to
-/// the process `pid` names, and marks them close-on-exec. `None` when `pid` is another
-/// process, or when they were taken already: they are taken once per process.
-pub(crate) fn claim_listen_fds(pid: u32, count: usize) -> io::Result<Option<Vec<OwnedFd>>> {
+/// this process, and marks them close-on-exec. `None` when they were taken already: they
+/// are taken once per process.
+///
+/// Every descriptor is looked at, and must pass `check`, before any is taken: a number
+/// that is not open, or not what the launcher would pass, means the variables are wrong,
+/// and taking the others would close descriptors that belong to something else of this
+/// process (its runtime's epoll or io_uring descriptor, say). Then none is taken and a
+/// later call may try again.
+pub(crate) fn claim_listen_fds(
+    count: usize,
+    check: impl Fn(BorrowedFd<'_>) -> crate::Result<()>,
+) -> crate::Result<Option<Vec<OwnedFd>>> {
     static CLAIMED: AtomicBool = AtomicBool::new(false);
-    if pid != std::process::id() || CLAIMED.swap(true, Ordering::AcqRel) {
+    if CLAIMED.swap(true, Ordering::AcqRel) {
         return Ok(None);
     }
-    // Every descriptor is checked before any is taken: one missing means the count is
-    // wrong, and taking the others would close descriptors that are not ours.
     let raws: Vec<RawFd> = (0..count).map(|i| LISTEN_FDS_START + i as RawFd).collect();
-    for &raw in &raws {
+    let checked = raws.iter().try_for_each(|&raw| {
         // SAFETY: fcntl on any number is harmless; it tells whether it is open.
         if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("LISTEN_FDS names descriptor {raw}, which is not open"),
-            ));
+            return Err(crate::Error::invalid_input(format!(
+                "LISTEN_FDS names descriptor {raw}, which is not open"
+            )));
         }
+        // SAFETY: `raw` is open (checked above) and stays open while `check` looks at
+        // it: nothing here closes it, and the launcher passed it to this process.
+        check(unsafe { BorrowedFd::borrow_raw(raw) })
+    });
+    if let Err(err) = checked {
+        CLAIMED.store(false, Ordering::Release);
+        return Err(err);
     }
     let mut fds = Vec::with_capacity(count);
     for raw in raws {
@@ -180,8 +193,9 @@ pub(crate) fn claim_listen_fds(pid: u32, count: usize) -> io::Result<Option<Vec<
         let flags = unsafe { libc::fcntl(raw, libc::F_GETFD) };
         // SAFETY: as above.
         unsafe { libc::fcntl(raw, libc::F_SETFD, flags | libc::FD_CLOEXEC) };
-        // SAFETY: LISTEN_PID names this process, so its launcher passed these
-        // descriptors to it, and CLAIMED makes this the one place that takes them.
+        // SAFETY: the caller found LISTEN_PID naming this process, so its launcher passed
+        // these descriptors to it; each passed `check` above, and CLAIMED makes this the
+        // one place that takes them.
         fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
     }
     Ok(Some(fds))

@@ -7,6 +7,8 @@ use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
 
+use bytes::{Buf, Bytes};
+
 use super::activity::Activity;
 use super::current::{self, DriverId};
 use super::fd::FdRef;
@@ -36,6 +38,9 @@ struct Inner {
     /// Whether `ended` is set, for the check every operation makes.
     is_ended: Cell<bool>,
     activity: Activity,
+    /// Bytes of the connection received before it came to this handle (read ahead by the
+    /// handle it was detached from, not yet read by anyone): receives take them first.
+    carried: RefCell<Bytes>,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -79,6 +84,7 @@ impl SharedFd {
                 ended: RefCell::new(None),
                 is_ended: Cell::new(false),
                 activity: Activity::new(),
+                carried: RefCell::new(Bytes::new()),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -177,24 +183,58 @@ impl SharedFd {
 impl SharedFd {
     /// Takes the socket off its runtime: every operation in flight on it there is
     /// cancelled and reaped (io_uring) or its epoll registration removed, this handle and
-    /// its clones stop using it (their calls fail), and a new descriptor for the same
-    /// socket comes back, owned by the caller, for another runtime or process.
+    /// its clones stop using it (their calls fail; their descriptor number names
+    /// /dev/null from then on), and a new descriptor for the same socket comes back,
+    /// owned by the caller, for another runtime or process.
     pub(crate) fn detach(&self) -> io::Result<OwnedFd> {
         if self.inner.detached.get() {
             return Err(detached());
         }
-        // Never used on a runtime, nothing of any driver's holds it.
         if let Some(binding) = self.inner.binding.get() {
             if !current::is_current(binding.id()) {
                 return Err(binding.misuse());
             }
+        }
+        // The new descriptor first: without one (the process is out of descriptors) the
+        // socket stays here, working, instead of leaving with nowhere to go.
+        let owned = self.inner.fd.try_clone()?;
+        // Never used on a runtime, nothing of any driver's holds it.
+        if let Some(binding) = self.inner.binding.get() {
             match binding {
                 Binding::Uring(driver) => driver.with(|d| d.cancel_fd(self.raw()))??,
                 Binding::Poll(registration) => registration.release()?,
             }
         }
         self.inner.detached.set(true);
-        self.inner.fd.try_clone()
+        self.inner.fd.let_go();
+        Ok(owned)
+    }
+
+    /// Sets the bytes a receive hands out before it asks the kernel (see `carried`).
+    pub(crate) fn set_carried(&self, bytes: Bytes) {
+        *self.inner.carried.borrow_mut() = bytes;
+    }
+
+    /// Moves carried bytes into the spare room of `buf`: how many (0 when none are left).
+    pub(crate) fn take_carried<B: crate::buf::IoBufMut>(&self, buf: &mut B) -> usize {
+        let mut carried = self.inner.carried.borrow_mut();
+        if carried.is_empty() {
+            return 0;
+        }
+        let n = crate::buf::fill_spare(buf, &carried);
+        carried.advance(n);
+        n
+    }
+
+    /// Every carried byte not received yet, taken out (for a detach).
+    pub(crate) fn take_all_carried(&self) -> Bytes {
+        std::mem::take(&mut *self.inner.carried.borrow_mut())
+    }
+
+    /// The socket was detached: it belongs to another runtime or process now, so this
+    /// handle must not end it (an abort, a shutdown) on its way out.
+    pub(crate) fn is_detached(&self) -> bool {
+        self.inner.detached.get()
     }
 }
 

@@ -14,9 +14,14 @@ use crate::Error;
 /// side too if data is queued, which is the only time a send can be waiting, and then
 /// the FIN stays queued behind that data until the RST replaces it).
 pub(crate) fn abort(fd: &SharedFd, why: Error) {
+    fd.end(why);
+    // SO_LINGER and shutdown act on the socket, not on this descriptor: on a detached
+    // one they would reset the connection its new owner serves.
+    if fd.is_detached() {
+        return;
+    }
     let sock = fd.sock();
     let _ = sock.set_linger(Some(Duration::ZERO));
-    fd.end(why);
     let _ = sock.shutdown(Shutdown::Read);
     if sockopt::unacknowledged_bytes(fd.raw()).is_ok_and(|bytes| bytes > 0) {
         fd.mark_write_shut();
@@ -29,6 +34,9 @@ pub(crate) fn abort(fd: &SharedFd, why: Error) {
 /// it, a RST once the descriptor closes (so a peer that does not read cannot keep that
 /// data, and the kernel's memory, alive).
 pub(crate) fn shut_now(fd: &SharedFd) {
+    if fd.is_detached() {
+        return;
+    }
     let sock = fd.sock();
     if sockopt::unacknowledged_bytes(fd.raw()).is_ok_and(|bytes| bytes > 0) {
         let _ = sock.set_linger(Some(Duration::ZERO));

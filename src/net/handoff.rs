@@ -7,6 +7,8 @@ use std::io::Write;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
+use bytes::Bytes;
+
 use crate::driver::ops_datagram::Carried;
 use crate::driver::scm;
 use crate::{DatagramSocket, Error, Result, StreamSocket, StreamSocketListener};
@@ -53,6 +55,8 @@ pub struct Detached {
     accepted: Vec<OwnedFd>,
     /// A datagram socket's datagrams received and not yet taken.
     datagrams: Vec<Carried>,
+    /// A stream's bytes received ahead and not yet read.
+    bytes: Bytes,
 }
 
 impl Detached {
@@ -62,7 +66,21 @@ impl Detached {
             kind,
             accepted,
             datagrams: Vec::new(),
+            bytes: Bytes::new(),
         }
+    }
+
+    /// The same, carrying a stream's bytes received ahead and not yet read.
+    pub(crate) fn with_bytes(mut self, bytes: Bytes) -> Detached {
+        self.bytes = bytes;
+        self
+    }
+
+    /// Bytes a stream carries: received before it detached (by the poll-based read
+    /// traits, ahead of the caller) and not yet read, read first from the socket that
+    /// adopts it.
+    pub fn carried_bytes(&self) -> usize {
+        self.bytes.len()
     }
 
     /// The same, carrying a datagram socket's received datagrams.
@@ -78,43 +96,11 @@ impl Detached {
     }
 
     /// Takes a descriptor made elsewhere (inherited, received, from std): its kind is
-    /// read from the socket itself (type, and whether it listens), and it is made
-    /// non-blocking. A descriptor that is not a TCP or UDP socket is an error.
+    /// read from the socket itself (type, protocol, and whether it listens), and it is
+    /// made non-blocking. A descriptor that is not a TCP or UDP socket is an error.
     pub fn from_fd(fd: OwnedFd) -> Result<Detached> {
-        let socket = socket2::SockRef::from(&fd);
-        let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
-            Some(libc::ENOTSOCK) => {
-                Error::invalid_input(format!("descriptor {} is not a socket", fd.as_raw_fd()))
-            }
-            _ => Error::io("read the socket type", err),
-        })?;
-        let kind = if ty == socket2::Type::DGRAM {
-            SocketKind::Datagram
-        } else if ty == socket2::Type::STREAM {
-            let listening = socket
-                .is_listener()
-                .map_err(|err| Error::io("read SO_ACCEPTCONN", err))?;
-            if listening {
-                SocketKind::Listener
-            } else {
-                SocketKind::Stream
-            }
-        } else {
-            return Err(Error::invalid_input(format!(
-                "descriptor {} is not a stream or datagram socket",
-                fd.as_raw_fd()
-            )));
-        };
-        let domain = socket
-            .domain()
-            .map_err(|err| Error::io("read the socket family", err))?;
-        if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
-            return Err(Error::invalid_input(format!(
-                "descriptor {} is not an IPv4 or IPv6 socket",
-                fd.as_raw_fd()
-            )));
-        }
-        socket
+        let kind = kind_of(fd.as_fd())?;
+        socket2::SockRef::from(&fd)
             .set_nonblocking(true)
             .map_err(|err| Error::io("make the socket non-blocking", err))?;
         Ok(Detached::new(fd, kind, Vec::new()))
@@ -134,7 +120,7 @@ impl Detached {
     /// outside one, of the first runtime that uses it).
     pub fn into_stream(self) -> Result<StreamSocket> {
         self.expect(SocketKind::Stream)?;
-        StreamSocket::adopt(self.fd)
+        StreamSocket::adopt(self.fd, self.bytes)
     }
 
     /// Adopts it as a [`StreamSocketListener`]; the connections it brought come first.
@@ -149,7 +135,8 @@ impl Detached {
         DatagramSocket::adopt(self.fd, self.datagrams)
     }
 
-    /// The descriptor itself; a listener's accepted connections are closed.
+    /// The descriptor itself; a listener's accepted connections are closed, and what a
+    /// stream or datagram socket carries (bytes, datagrams) is dropped.
     pub fn into_fd(self) -> OwnedFd {
         self.fd
     }
@@ -161,6 +148,50 @@ impl Detached {
         Err(Error::invalid_input(format!(
             "the detached socket is a {:?}, not a {kind:?}",
             self.kind
+        )))
+    }
+}
+
+/// What kind of TCP or UDP socket `fd` is; any other descriptor is an error.
+fn kind_of(fd: BorrowedFd<'_>) -> Result<SocketKind> {
+    let raw = fd.as_raw_fd();
+    let socket = socket2::SockRef::from(&fd);
+    // EBADF on a descriptor that is open: one opened with O_PATH, which no call but a
+    // few on the path itself accepts.
+    let ty = socket.r#type().map_err(|err| match err.raw_os_error() {
+        Some(libc::ENOTSOCK | libc::EBADF) => {
+            Error::invalid_input(format!("descriptor {raw} is not a socket"))
+        }
+        _ => Error::io("read the socket type", err),
+    })?;
+    let domain = socket
+        .domain()
+        .map_err(|err| Error::io("read the socket family", err))?;
+    if domain != socket2::Domain::IPV4 && domain != socket2::Domain::IPV6 {
+        return Err(Error::invalid_input(format!(
+            "descriptor {raw} is not an IPv4 or IPv6 socket"
+        )));
+    }
+    let protocol = socket
+        .protocol()
+        .map_err(|err| Error::io("read the socket protocol", err))?;
+    // MPTCP keeps TCP's stream semantics; anything else of the same type (UDP-Lite, SCTP,
+    // ICMP echo sockets) does not behave as the adopting socket expects.
+    let tcp = [Some(socket2::Protocol::TCP), Some(socket2::Protocol::MPTCP)];
+    if ty == socket2::Type::DGRAM && protocol == Some(socket2::Protocol::UDP) {
+        Ok(SocketKind::Datagram)
+    } else if ty == socket2::Type::STREAM && tcp.contains(&protocol) {
+        let listening = socket
+            .is_listener()
+            .map_err(|err| Error::io("read SO_ACCEPTCONN", err))?;
+        Ok(if listening {
+            SocketKind::Listener
+        } else {
+            SocketKind::Stream
+        })
+    } else {
+        Err(Error::invalid_input(format!(
+            "descriptor {raw} is not a TCP or UDP socket"
         )))
     }
 }
@@ -183,6 +214,8 @@ impl fmt::Debug for Detached {
             .field("fd", &self.fd.as_raw_fd())
             .field("kind", &self.kind)
             .field("accepted", &self.accepted.len())
+            .field("datagrams", &self.datagrams.len())
+            .field("bytes", &self.bytes.len())
             .finish()
     }
 }
@@ -191,25 +224,76 @@ impl fmt::Debug for Detached {
 const MAGIC: &[u8; 4] = b"RSK1";
 /// Header: magic, kind, then how many accepted connections follow (u32, little endian).
 const HEADER: usize = 9;
+/// The kind code of a stream whose carried bytes follow the header (a length, u32
+/// little endian, then the bytes); a stream that carries none is sent as before.
+const STREAM_WITH_BYTES: u8 = 4;
+/// Most bytes a stream's hand-over carries: what the poll-based read traits receive at
+/// once, many times over; a larger length on the channel is refused before it is read.
+const MAX_CARRIED_BYTES: usize = 16 << 20;
+/// Most accepted connections one hand-over carries, far more than a listener's backlog
+/// holds by default: a larger count announced on the channel is refused before any
+/// descriptor is taken, so a hostile peer cannot make this process take descriptors
+/// until it has none left.
+pub const MAX_ACCEPTED: usize = 1 << 16;
+
+/// A failure reading the broker's channel; one that found nothing to read (its read
+/// timeout passed, or it is non-blocking) is a time-out.
+fn channel_error(err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::WouldBlock => Error::timed_out(
+            "take a socket handed over: nothing arrived within the channel's read timeout \
+             (or the channel is non-blocking)",
+        ),
+        std::io::ErrorKind::UnexpectedEof => Error::connection_closed("take a socket handed over"),
+        _ => Error::io("take a socket handed over", err),
+    }
+}
 
 /// Hands `socket` to the process at the other end of `channel` (the socket broker):
-/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; a
-/// datagram socket's carried datagrams follow as bytes; the connection itself is
-/// untouched, so no byte is lost and nothing is reset. Blocking, as `channel` is (the
-/// other side must be reading when many datagrams are carried). The other side takes it
+/// its descriptor, and a listener's accepted connections, travel as SCM_RIGHTS; what a
+/// stream or datagram socket carries (bytes, datagrams) follows as bytes; the connection
+/// itself is untouched, so no byte is lost and nothing is reset. Blocking, as `channel`
+/// is (the other side must be reading when much is carried). The other side takes it
 /// with [`recv_detached`].
-pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
+///
+/// The other side gets descriptors of its own: once this returns Ok, drop `socket` (its
+/// copies close, the socket lives on there). On an error `socket` is still whole and
+/// the caller's to adopt again, so a peer that went away (`BrokenPipe`, never a
+/// SIGPIPE) or a channel that stayed full (`ConnectionTimedOut`: its write timeout,
+/// [`UnixStream::set_write_timeout`], bounds the wait) costs no connection; the
+/// channel may then be out of step with its peer, and is best closed.
+pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
-    header[4] = socket.kind.code();
+    let with_bytes = socket.kind == SocketKind::Stream && !socket.bytes.is_empty();
+    header[4] = if with_bytes {
+        STREAM_WITH_BYTES
+    } else {
+        socket.kind.code()
+    };
     let count = u32::try_from(socket.accepted.len())
-        .map_err(|_| Error::invalid_input("too many accepted connections to hand over"))?;
+        .ok()
+        .filter(|&count| count as usize <= MAX_ACCEPTED)
+        .ok_or_else(|| Error::invalid_input("too many accepted connections to hand over"))?;
     header[5..].copy_from_slice(&count.to_le_bytes());
+    // What follows the descriptors, made before anything is sent: a socket that cannot
+    // be handed over is refused before the other side sees any of it.
+    let mut section = Vec::new();
+    if with_bytes {
+        let len = u32::try_from(socket.bytes.len())
+            .ok()
+            .filter(|&len| len as usize <= MAX_CARRIED_BYTES)
+            .ok_or_else(|| Error::invalid_input("too many carried bytes to hand over"))?;
+        section.extend_from_slice(&len.to_le_bytes());
+        section.extend_from_slice(&socket.bytes);
+    }
+    if socket.kind == SocketKind::Datagram {
+        section = carried::encode(&socket.datagrams)?;
+    }
     let mut fds: Vec<BorrowedFd<'_>> = vec![socket.fd.as_fd()];
     fds.extend(socket.accepted.iter().map(AsFd::as_fd));
     let send = |data: &[u8], fds: &[BorrowedFd<'_>]| {
-        scm::send_with_fds(channel.as_fd(), data, fds)
-            .map_err(|err| Error::io("hand a socket over", err))
+        scm::send_with_fds(channel.as_fd(), data, fds).map_err(send_error)
     };
     let mut chunks = fds.chunks(scm::MAX_FDS_PER_MESSAGE);
     send(&header, chunks.next().unwrap_or(&[]))?;
@@ -218,25 +302,43 @@ pub fn send_detached(channel: &UnixStream, socket: Detached) -> Result<()> {
     for chunk in chunks {
         send(b"+", chunk)?;
     }
-    if socket.kind == SocketKind::Datagram {
-        let section = carried::encode(&socket.datagrams)?;
-        (&*channel)
-            .write_all(&section)
-            .map_err(|err| Error::io("hand a socket over", err))?;
-    }
-    Ok(())
+    (&*channel).write_all(&section).map_err(send_error)
 }
 
-/// Takes a socket handed over with [`send_detached`] from `channel`. Blocking. A
-/// message that is not one fails with `InvalidArgument`; an end of stream before one
-/// arrives with `ConnectionClosed`.
+/// A failure writing the broker's channel; one that found it full (its write timeout
+/// passed, or it is non-blocking) is a time-out.
+fn send_error(err: std::io::Error) -> Error {
+    match err.kind() {
+        std::io::ErrorKind::WouldBlock => Error::timed_out(
+            "hand a socket over: the channel stayed full through its write timeout (or it \
+             is non-blocking)",
+        ),
+        _ => Error::io("hand a socket over", err),
+    }
+}
+
+/// Takes a socket handed over with [`send_detached`] from `channel`.
+///
+/// Blocking, as `channel` is: a peer that sends nothing, or stops half-way, holds it as
+/// long as the channel's read timeout ([`UnixStream::set_read_timeout`]), then it fails
+/// with `ConnectionTimedOut`; without one, for ever. A message that is not a hand-over
+/// (garbage, a descriptor that is not a TCP or UDP socket of the kind announced, more
+/// than [`MAX_ACCEPTED`] connections, more or fewer descriptors than announced) fails
+/// with `InvalidArgument`, an end of stream before its end with `ConnectionClosed`,
+/// descriptors this process has no room for with `TooManyOpenFiles`. Whatever failed,
+/// every descriptor it brought is closed; the channel is then out of step with its
+/// peer, and is best closed.
+///
+/// The sender keeps its own descriptors for the socket, and they share its open file
+/// (O_NONBLOCK included) with the ones taken here: take sockets only from a process
+/// trusted with them, as it can still read, write or reconfigure them.
 pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
     let mut header = [0u8; HEADER];
     let mut fds = Vec::new();
     let mut got = 0;
     while got < HEADER {
-        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut header[got..])
-            .map_err(|err| Error::io("take a socket handed over", err))?;
+        let (n, more) =
+            scm::recv_with_fds(channel.as_fd(), &mut header[got..]).map_err(channel_error)?;
         if n == 0 {
             return Err(Error::connection_closed("take a socket handed over"));
         }
@@ -248,13 +350,22 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
             "not a ringsock socket hand-over on this channel",
         ));
     }
-    let kind = SocketKind::from_code(header[4])
-        .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
+    let with_bytes = header[4] == STREAM_WITH_BYTES;
+    let kind = if with_bytes {
+        Some(SocketKind::Stream)
+    } else {
+        SocketKind::from_code(header[4])
+    }
+    .ok_or_else(|| Error::invalid_input("unknown socket kind in a hand-over"))?;
     let count = u32::from_le_bytes([header[5], header[6], header[7], header[8]]) as usize;
+    if count > MAX_ACCEPTED || (count > 0 && kind != SocketKind::Listener) {
+        return Err(Error::invalid_input(format!(
+            "a hand-over of a {kind:?} announced {count} accepted connections"
+        )));
+    }
     while fds.len() < count + 1 {
         let mut byte = [0u8; 1];
-        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut byte)
-            .map_err(|err| Error::io("take a socket handed over", err))?;
+        let (n, more) = scm::recv_with_fds(channel.as_fd(), &mut byte).map_err(channel_error)?;
         if n == 0 {
             return Err(Error::connection_closed("take a socket handed over"));
         }
@@ -276,11 +387,41 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
             detached.kind
         )));
     }
-    detached.accepted = fds.collect();
+    // The listener hands these out as connections: each must be one (a blocking pipe
+    // handed out as a connection would stall the runtime that reads it).
+    for fd in fds {
+        let accepted = Detached::from_fd(fd)?;
+        accepted.expect(SocketKind::Stream).map_err(|_| {
+            Error::invalid_input(format!(
+                "a listener's hand-over carried a {:?} as an accepted connection",
+                accepted.kind
+            ))
+        })?;
+        detached.accepted.push(accepted.fd);
+    }
+    if with_bytes {
+        detached.bytes = read_carried_bytes(channel)?;
+    }
     if kind == SocketKind::Datagram {
         detached.datagrams = carried::decode(&mut &*channel)?;
     }
     Ok(detached)
+}
+
+/// A stream's carried bytes, on the broker's channel: their length, then them.
+fn read_carried_bytes(channel: &UnixStream) -> Result<Bytes> {
+    use std::io::Read;
+    let mut len = [0u8; 4];
+    (&*channel).read_exact(&mut len).map_err(channel_error)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len == 0 || len > MAX_CARRIED_BYTES {
+        return Err(Error::invalid_input(format!(
+            "a hand-over announced {len} carried bytes"
+        )));
+    }
+    let mut bytes = vec![0u8; len];
+    (&*channel).read_exact(&mut bytes).map_err(channel_error)?;
+    Ok(Bytes::from(bytes))
 }
 
 /// The datagrams a datagram socket carries, on the broker's channel: after the header, a
@@ -339,13 +480,7 @@ mod carried {
 
     fn read<const N: usize>(from: &mut impl Read) -> Result<[u8; N]> {
         let mut bytes = [0u8; N];
-        from.read_exact(&mut bytes)
-            .map_err(|err| match err.kind() {
-                std::io::ErrorKind::UnexpectedEof => {
-                    Error::connection_closed("take a socket handed over: its datagrams")
-                }
-                _ => Error::io("take a socket handed over", err),
-            })?;
+        from.read_exact(&mut bytes).map_err(super::channel_error)?;
         Ok(bytes)
     }
 
@@ -383,8 +518,7 @@ mod carried {
                 ));
             }
             let mut data = vec![0u8; len as usize];
-            from.read_exact(&mut data)
-                .map_err(|err| Error::io("take a socket handed over", err))?;
+            from.read_exact(&mut data).map_err(super::channel_error)?;
             let meta = crate::driver::ops_datagram::RecvMeta {
                 destination,
                 tos: u8::try_from(tos).ok(),
@@ -415,10 +549,17 @@ pub struct Activated {
 
 /// The sockets passed by systemd socket activation (or any launcher that keeps its
 /// contract): descriptors from 3 on, `LISTEN_FDS` of them, for the process named by
-/// `LISTEN_PID`, with optional `LISTEN_FDNAMES` (colon-separated). Empty when the
-/// variables are absent or name another process. They are taken once per process: a
-/// second call returns none. A variable that does not parse, or a descriptor that is
-/// not a TCP or UDP socket, is an error.
+/// `LISTEN_PID`, with optional `LISTEN_FDNAMES` (colon-separated, one per descriptor).
+///
+/// As systemd's `sd_listen_fds` does, it returns none when `LISTEN_PID` or `LISTEN_FDS`
+/// is absent or `LISTEN_PID` names another process (whatever the other variables say).
+/// They are taken once per process: a second call returns none.
+///
+/// A variable that does not parse, `LISTEN_FDNAMES` with another count of names, a
+/// descriptor that is not open or is not a TCP or UDP socket, are errors; then none is
+/// taken or closed (they may belong to something else of this process), and a later
+/// call may try again. Call it before the process opens sockets of its own: a
+/// `LISTEN_FDS` larger than what was passed would otherwise name one of them.
 pub fn activated_sockets() -> Result<Vec<Activated>> {
     let Ok(pid) = std::env::var("LISTEN_PID") else {
         return Ok(Vec::new());
@@ -427,7 +568,12 @@ pub fn activated_sockets() -> Result<Vec<Activated>> {
         .trim()
         .parse()
         .map_err(|_| Error::invalid_input(format!("LISTEN_PID {pid:?} is not a process id")))?;
-    let count = std::env::var("LISTEN_FDS").unwrap_or_default();
+    if pid != std::process::id() {
+        return Ok(Vec::new());
+    }
+    let Ok(count) = std::env::var("LISTEN_FDS") else {
+        return Ok(Vec::new());
+    };
     let count: usize = count
         .trim()
         .parse()
@@ -437,19 +583,30 @@ pub fn activated_sockets() -> Result<Vec<Activated>> {
             "LISTEN_FDS {count} is more than a process is given"
         )));
     }
-    let names: Vec<String> = std::env::var("LISTEN_FDNAMES")
-        .map(|names| names.split(':').map(str::to_owned).collect())
-        .unwrap_or_default();
-    let Some(fds) = scm::claim_listen_fds(pid, count)
-        .map_err(|err| Error::io("take the activated sockets", err))?
-    else {
+    let names: Vec<Option<String>> = match std::env::var("LISTEN_FDNAMES") {
+        Ok(names) => {
+            let names: Vec<_> = names
+                .split(':')
+                .map(|name| Some(name.to_owned()).filter(|name| !name.is_empty()))
+                .collect();
+            if names.len() != count {
+                return Err(Error::invalid_input(format!(
+                    "LISTEN_FDNAMES names {} descriptors and LISTEN_FDS passes {count}",
+                    names.len()
+                )));
+            }
+            names
+        }
+        Err(_) => vec![None; count],
+    };
+    let Some(fds) = scm::claim_listen_fds(count, |fd| kind_of(fd).map(drop))? else {
         return Ok(Vec::new());
     };
     fds.into_iter()
-        .enumerate()
-        .map(|(i, fd)| {
+        .zip(names)
+        .map(|(fd, name)| {
             Ok(Activated {
-                name: names.get(i).filter(|name| !name.is_empty()).cloned(),
+                name,
                 socket: Detached::from_fd(fd)?,
             })
         })

@@ -32,7 +32,7 @@ pub use datagram::{
 };
 pub use group::DatagramGroup;
 pub use handoff::{
-    activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind,
+    activated_sockets, recv_detached, send_detached, Activated, Detached, SocketKind, MAX_ACCEPTED,
 };
 pub use input::InputStream;
 pub use listener::{AcceptStats, Incoming, StreamSocketListener};

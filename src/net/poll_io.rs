@@ -36,6 +36,23 @@ pub(crate) struct PollIo {
     shut_down: bool,
 }
 
+impl PollIo {
+    /// Appends to `out` the bytes received and not handed out yet, for a socket that
+    /// detached: those buffered here, then what a receive in flight brought. The socket
+    /// has left its driver, so that receive is complete (io_uring reaped its cancel) or
+    /// fails without reading (epoll): one poll settles it.
+    pub(crate) fn take_unread(&mut self, out: &mut bytes::BytesMut) {
+        out.extend_from_slice(&self.received[self.start..]);
+        self.start = self.received.len();
+        if let Some(mut receiving) = self.receiving.take() {
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            if let Poll::Ready((Ok(_), buf)) = receiving.as_mut().poll(&mut cx) {
+                out.extend_from_slice(&buf);
+            }
+        }
+    }
+}
+
 impl StreamSocket {
     /// Hands received bytes to `copy` (which takes what fits and says how many it took),
     /// receiving first when none are buffered; 0 bytes at end of stream.

@@ -6,6 +6,8 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+
 use super::close::Closing;
 use super::control::{StreamOptions, StreamSocketControl};
 use super::ending;
@@ -72,8 +74,9 @@ pub struct StreamSocket {
     writing: Turnstile,
     /// The state of the poll-based read and write traits, made on first use: their
     /// receive in flight and its buffer, owned here and not by the caller.
+    /// In a cell so that a detach (`&self`) can take the bytes it holds.
     #[cfg(any(feature = "tokio", feature = "futures-io"))]
-    poll_io: Option<Box<super::poll_io::PollIo>>,
+    poll_io: std::cell::RefCell<Option<Box<super::poll_io::PollIo>>>,
 }
 
 impl StreamSocket {
@@ -88,7 +91,7 @@ impl StreamSocket {
             tls_output: OnceCell::new(),
             writing: Turnstile::default(),
             #[cfg(any(feature = "tokio", feature = "futures-io"))]
-            poll_io: None,
+            poll_io: std::cell::RefCell::new(None),
         }
     }
 
@@ -292,7 +295,7 @@ impl StreamSocket {
             tls_output: OnceCell::new(),
             writing: Turnstile::default(),
             #[cfg(any(feature = "tokio", feature = "futures-io"))]
-            poll_io: None,
+            poll_io: std::cell::RefCell::new(None),
         };
         socket.connected(fd)?;
         Ok(socket)
@@ -301,7 +304,7 @@ impl StreamSocket {
     /// The poll-based traits' state, made on first use.
     #[cfg(any(feature = "tokio", feature = "futures-io"))]
     pub(super) fn poll_io(&mut self) -> &mut super::poll_io::PollIo {
-        self.poll_io.get_or_insert_with(Default::default)
+        self.poll_io.get_mut().get_or_insert_with(Default::default)
     }
 
     /// A read like [`read`](Self::read) that owns everything it uses (descriptor, TLS
@@ -527,7 +530,7 @@ impl StreamSocket {
     fn closing(&mut self) -> Option<Closing> {
         // A receive of the poll-based traits is cancelled before the close reads.
         #[cfg(any(feature = "tokio", feature = "futures-io"))]
-        drop(self.poll_io.take());
+        drop(self.poll_io.get_mut().take());
         self.options.timeouts.stop_watching();
         let fd = self.fd.take()?;
         let outputs = [self.output.take(), self.tls_output.take()];
@@ -608,18 +611,26 @@ impl StreamSocket {
         Detached::from_fd(OwnedFd::from(stream))?.into_stream()
     }
 
-    /// Wraps a descriptor detached elsewhere (see [`Detached::into_stream`]).
-    pub(crate) fn adopt(fd: OwnedFd) -> Result<StreamSocket> {
-        StreamSocket::accepted(fd, &StreamOptions::default())
+    /// Wraps a descriptor detached elsewhere (see [`Detached::into_stream`]); its reads
+    /// hand out `carried` first.
+    pub(crate) fn adopt(fd: OwnedFd, carried: Bytes) -> Result<StreamSocket> {
+        let socket = StreamSocket::accepted(fd, &StreamOptions::default())?;
+        socket.fd()?.set_carried(carried);
+        Ok(socket)
     }
 
     /// Takes the connection off this runtime, for another thread's runtime or another
     /// process: writes queued on its output stream are sent first, operations in flight
     /// on it (a read in another task, say) are cancelled, and handles made from it
     /// (input and output streams) stop working. Bytes not read yet stay in the kernel
-    /// and are read by whoever adopts it.
+    /// and are read by whoever adopts it; so are those the poll-based read traits
+    /// (tokio's, futures') received ahead of the caller, which go along with it (see
+    /// [`Detached::carried_bytes`]). An [`InputStream`]'s buffer stays with it
+    /// ([`InputStream::buffered`]).
     ///
-    /// Afterwards this socket is a spent handle: its calls fail. A TLS stream cannot be
+    /// Afterwards this socket is a spent handle: its calls fail, socket options
+    /// included (its descriptor number names /dev/null, so it holds nothing of the
+    /// socket, whose new owner alone decides when it ends). A TLS stream cannot be
     /// detached (its session state lives here): that is an `UnsupportedOperation` error
     /// and the socket stays as it was.
     pub async fn detach(&self) -> Result<Detached> {
@@ -637,11 +648,29 @@ impl StreamSocket {
             output.flush().await?;
         }
         let owned = fd.detach().map_err(|err| Error::io("detach", err))?;
-        Ok(Detached::new(owned, SocketKind::Stream, Vec::new()))
+        // Its idle and write limits are the new owner's business now.
+        self.options.timeouts.stop_watching();
+        let detached = Detached::new(owned, SocketKind::Stream, Vec::new());
+        Ok(detached.with_bytes(self.unread(&fd)))
+    }
+
+    /// Bytes received and read by no one, for a detach: those the poll-based read
+    /// traits hold (received before the rest), then those this socket was carried and
+    /// has not handed out.
+    fn unread(&self, fd: &SharedFd) -> Bytes {
+        let mut unread = bytes::BytesMut::new();
+        #[cfg(any(feature = "tokio", feature = "futures-io"))]
+        if let Some(state) = self.poll_io.borrow_mut().as_mut() {
+            state.take_unread(&mut unread);
+        }
+        unread.extend_from_slice(&fd.take_all_carried());
+        unread.freeze()
     }
 
     /// The connection as a blocking std stream, taken off this runtime as
-    /// [`detach`](Self::detach) does.
+    /// [`detach`](Self::detach) does. Bytes the poll-based read traits received ahead of
+    /// the caller have no place in a std stream and are dropped: read them first, or
+    /// detach instead.
     pub async fn into_std(self) -> Result<std::net::TcpStream> {
         let stream = std::net::TcpStream::from(self.detach().await?.into_fd());
         stream

@@ -4,6 +4,7 @@
 //! filtered to one ignored test, told by an environment variable which accept path to
 //! run on.
 
+use std::future::Future;
 use std::process::Command;
 
 use ringsock::runtime::Builder;
@@ -14,6 +15,10 @@ const CHILD_ENV: &str = "RINGSOCK_TEST_CHILD";
 
 /// The ways a listener can accept, each tested on its own.
 pub const ACCEPT_PATHS: [&str; 3] = ["uring", "uring-single", "epoll"];
+
+/// One path per engine (io_uring's with its default capabilities, epoll), for a
+/// scenario that is not about the ways of accepting.
+pub const BACKEND_PATHS: [&str; 2] = ["uring", "epoll"];
 
 /// The runtime of an accept path: io_uring (with multishot accept where the kernel has
 /// it), io_uring without multishot accept (one ACCEPT per connection), or epoll.
@@ -76,6 +81,26 @@ pub fn run_alone(name: &str, path: &str) {
         stdout.contains(&passed(name, path)),
         "{name} on {path}:\n{stdout}\n{stderr}"
     );
+}
+
+/// Runs the ignored test `name` alone in a child process on each engine's path.
+pub fn run_alone_on_each_backend(name: &str) {
+    for path in BACKEND_PATHS {
+        run_alone(name, path);
+    }
+}
+
+/// In the child that [`run_alone`] started for the ignored test `name`: runs `test` on
+/// the runtime of its path and says it passed. Nothing in the ordinary test run.
+pub fn run_child<F, Fut>(name: &str, test: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(path) = path() else { return };
+    let (builder, backend) = runtime_for(&path);
+    super::on_runtime_of(builder, backend, &test);
+    println!("{}", passed(name, &path));
 }
 
 /// Descriptors open in this process now (the one that reads the directory included).

@@ -363,6 +363,34 @@ pub fn nofile_limit() -> (u64, u64) {
     (limit.rlim_cur as u64, limit.rlim_max as u64)
 }
 
+/// Lowers the soft RLIMIT_NOFILE to a little above the highest descriptor in use and
+/// takes every descriptor free under it but `free`: the files returned hold them. The
+/// caller restores the limit (see [`nofile_limit`]) when it is done.
+pub fn hog_descriptors(free: usize) -> Vec<std::fs::File> {
+    let highest = std::fs::read_dir("/proc/self/fd")
+        .expect("/proc/self/fd")
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u64>().ok())
+        .max()
+        .expect("some descriptors are open");
+    let limit = highest + 1 + 32 + free as u64;
+    set_nofile_soft(limit);
+    let mut hogs = Vec::new();
+    // Bounded: fewer than `limit` descriptors are free under the new limit.
+    for _ in 0..limit {
+        match std::fs::File::open("/dev/null") {
+            Ok(file) => hogs.push(file),
+            Err(err) if err.raw_os_error() == Some(libc::EMFILE) => break,
+            Err(err) => panic!("open /dev/null: {err}"),
+        }
+    }
+    assert!(
+        std::fs::File::open("/dev/null").is_err(),
+        "descriptors left"
+    );
+    hogs.truncate(hogs.len() - free);
+    hogs
+}
+
 /// Sets the soft RLIMIT_NOFILE, keeping the hard one.
 pub fn set_nofile_soft(soft: u64) {
     let (_, hard) = nofile_limit();

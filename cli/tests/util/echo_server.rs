@@ -27,6 +27,8 @@ pub struct Setup<'a> {
     /// The network namespace to run it in (`ip netns exec`, which execs the server in
     /// the same process).
     pub netns: Option<&'a str>,
+    /// The program to run instead of the one cargo built (a copy of it, say).
+    pub exe: Option<&'a std::path::Path>,
 }
 
 /// The server's stderr, line by line as it comes.
@@ -53,7 +55,11 @@ impl EchoServer {
                     .arg(env!("CARGO_BIN_EXE_ringsock"));
                 command
             }
-            None => Command::new(env!("CARGO_BIN_EXE_ringsock")),
+            None => Command::new(
+                setup
+                    .exe
+                    .unwrap_or(std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"))),
+            ),
         };
         command
             .arg("echo-server")

@@ -186,7 +186,7 @@ pub(crate) async fn send_to<B: IoBuf>(
                     fd.raw(),
                     buf.stable_ptr().cast(),
                     buf.bytes_init(),
-                    libc::MSG_NOSIGNAL,
+                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
                     name,
                     name_len,
                 )
@@ -225,7 +225,9 @@ async fn send_msg_to<B: IoBuf>(
             header.msg_controllen = control.len();
             // SAFETY: the header points at the live iovec over `bytes_init` initialised
             // bytes, the address and the control data above, all alive for the call.
-            let n = unsafe { libc::sendmsg(fd.raw(), &header, libc::MSG_NOSIGNAL) };
+            let n = unsafe {
+                libc::sendmsg(fd.raw(), &header, libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            };
             check(n)
         })
         .await;

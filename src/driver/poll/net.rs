@@ -1,4 +1,10 @@
 //! Socket operations as non-blocking system calls retried on readiness.
+//!
+//! Receives and sends say MSG_DONTWAIT themselves rather than trust O_NONBLOCK: a socket
+//! handed over (or taken from std) shares its open file, and so that flag, with whoever
+//! else holds a descriptor for it, who may make it blocking; one blocking call would stall
+//! every socket of the thread. (An accept has no such flag: a listener made blocking
+//! behind our back still can.)
 #![allow(unsafe_code)]
 
 use std::io;
@@ -110,7 +116,12 @@ pub(crate) async fn recv<B: IoBufMut>(
                 let spare = buf.bytes_total() - init;
                 // SAFETY: writes at most `spare` bytes into the buffer's spare capacity.
                 let n = unsafe {
-                    libc::recv(fd.raw(), buf.stable_mut_ptr().add(init).cast(), spare, 0)
+                    libc::recv(
+                        fd.raw(),
+                        buf.stable_mut_ptr().add(init).cast(),
+                        spare,
+                        libc::MSG_DONTWAIT,
+                    )
                 };
                 check(n)
             },
@@ -131,6 +142,7 @@ pub(crate) async fn send<B: IoBuf>(
     buf: B,
     flags: i32,
 ) -> (io::Result<usize>, B) {
+    let flags = flags | libc::MSG_DONTWAIT;
     let result = reg
         .retry(Direction::Write, || {
             // SAFETY: reads `bytes_init` initialised bytes of a live buffer.
@@ -156,6 +168,7 @@ pub(crate) async fn sendmsg_vectored(
     // keeps flushing allocates nothing for its sends.
     let mut iovecs = take_spare_iovecs();
     iovecs_into(&mut iovecs, &bufs, first, skip, IOV_MAX);
+    let flags = flags | libc::MSG_DONTWAIT;
     let result = reg
         .retry(Direction::Write, || sendmsg(fd.raw(), &mut iovecs, flags))
         .await;
