@@ -229,3 +229,35 @@ fn each_datagram_forwarded_without_copy_leaves_from_the_socket_it_came_in_on() {
         }
     });
 }
+
+#[test]
+fn a_second_call_given_up_does_not_strand_the_first() {
+    util::on_each_backend(|backend| async move {
+        let group = std::rc::Rc::new(DatagramGroup::new(bound_sockets(2)));
+        let to = addresses(&group);
+        let first = {
+            let group = group.clone();
+            ringsock::spawn(async move {
+                let mut got = Vec::new();
+                group.recv_batch(&mut got, 8).await.unwrap();
+                got.into_iter()
+                    .map(|(i, d)| (i, d.to_vec()))
+                    .collect::<Vec<_>>()
+            })
+        };
+        // The first call is waiting on the sockets now.
+        util::yield_now().await;
+        // A second call from another task, given up before anything came: it must not
+        // have taken the wake-up the first one waits for.
+        {
+            let mut other = Vec::new();
+            let mut second = std::pin::pin!(group.recv_batch(&mut other, 8));
+            assert!(util::poll_once(second.as_mut()).await.is_pending());
+        }
+        std_sender().send_to(&message(1, 0), to[1]).unwrap();
+        let got = timeout(Duration::from_secs(20), first)
+            .await
+            .expect("the first call should be woken by the datagram");
+        assert_eq!(got, vec![(1, message(1, 0))], "{backend}");
+    });
+}

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use super::datagram::{Datagram, DatagramSocket};
+use super::turn::Turnstile;
 use crate::driver::ops_datagram::RecvDatagram;
 use crate::{Error, Result};
 
@@ -57,6 +58,9 @@ pub struct DatagramGroup {
     deferred: std::cell::RefCell<Option<Error>>,
     /// Scratch for one socket's datagrams, kept between calls.
     scratch: std::cell::RefCell<Vec<RecvDatagram>>,
+    /// One call at a time waits on the sockets (a second task's call would take the
+    /// one waker slot from the first); the others wait here in turn.
+    turn: Turnstile,
 }
 
 /// Which sockets were woken, one bit each, and the task to tell.
@@ -146,6 +150,7 @@ impl DatagramGroup {
             ready,
             deferred: std::cell::RefCell::new(None),
             scratch: std::cell::RefCell::new(Vec::new()),
+            turn: Turnstile::default(),
         }
     }
 
@@ -191,7 +196,7 @@ impl DatagramGroup {
     /// already taken, they come back first and the error with the next call. The group
     /// goes on receiving after it.
     ///
-    /// Dropping the future loses nothing: datagrams are moved to `out` only by the poll
+    /// Calls from several tasks take turns. Dropping the future loses nothing: datagrams are moved to `out` only by the poll
     /// that returns them, so a loop may race this call against its sends in flight.
     pub async fn recv_batch(&self, out: &mut Vec<(usize, Datagram)>, max: usize) -> Result<usize> {
         if max == 0 {
@@ -204,6 +209,7 @@ impl DatagramGroup {
                 "recv_batch on an empty DatagramGroup would wait forever",
             ));
         }
+        let _turn = self.turn.take().await;
         if let Some(err) = self.deferred.borrow_mut().take() {
             return Err(err);
         }
