@@ -307,10 +307,38 @@ struct Relay {
     socket: UdpSocket,
     tunnel: SocketAddr,
     b: Option<SocketAddr>,
+    /// B's data datagrams.
     seen: Vec<Vec<u8>>,
+    /// B's Inits.
+    inits: Vec<Vec<u8>>,
+    /// Sent to A's tunnel just before the Response A sends to each Init of B's is
+    /// passed on to B: it is in A's socket before B can have answered that Response.
+    before_response: Option<Vec<u8>>,
+    /// An Init of B's went to A, and the Response to it has not come back yet.
+    init_passed: bool,
 }
 
 impl Relay {
+    /// A relay on A's veth address in front of A's tunnel at A_LISTEN, and its address
+    /// for B's `--peer`.
+    fn new(pair: &Pair) -> (Relay, String) {
+        let socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap().to_string();
+        let relay = Relay {
+            socket,
+            tunnel: A_LISTEN.parse().unwrap(),
+            b: None,
+            seen: Vec::new(),
+            inits: Vec::new(),
+            before_response: None,
+            init_passed: false,
+        };
+        (relay, addr)
+    }
+
     /// Forwards both ways for `rounds` datagrams or until quiet.
     fn pump(&mut self, rounds: usize) {
         let mut buf = vec![0u8; 65536];
@@ -319,18 +347,56 @@ impl Relay {
                 return;
             };
             if from == self.tunnel {
+                if let (2, true, Some(inject)) = (buf[0], self.init_passed, &self.before_response) {
+                    let _ = self.socket.send_to(inject, self.tunnel);
+                    self.init_passed = false;
+                }
                 if let Some(b) = self.b {
                     let _ = self.socket.send_to(&buf[..n], b);
                 }
             } else {
                 self.b = Some(from);
-                if buf[0] == 4 && n > 32 {
-                    self.seen.push(buf[..n].to_vec());
+                match buf[0] {
+                    1 => {
+                        self.inits.push(buf[..n].to_vec());
+                        self.init_passed = true;
+                    }
+                    4 if n > 32 => self.seen.push(buf[..n].to_vec()),
+                    _ => {}
                 }
                 let _ = self.socket.send_to(&buf[..n], self.tunnel);
             }
         }
     }
+
+    /// Pings A from B through the relay (see [`ping_until`]), forwarding meanwhile.
+    fn ping_through(&mut self, pair: &Pair, rounds: usize) -> bool {
+        std::thread::scope(|scope| {
+            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, rounds));
+            while !pinger.is_finished() {
+                self.pump(10);
+            }
+            pinger.join().unwrap()
+        })
+    }
+}
+
+/// A on A_LISTEN on `a_threads` threads, a relay in front of it, and B with the relay
+/// as its peer, once a ping passes through.
+fn through_relay(
+    pair: &Pair,
+    backend: &str,
+    key: &std::path::Path,
+    a_threads: &str,
+) -> (TunnelProc, Relay, TunnelProc) {
+    let a = start_a_on(pair, backend, key, A_LISTEN, a_threads);
+    let (mut relay, relay_addr) = Relay::new(pair);
+    let b = start_b(pair, backend, key, &relay_addr);
+    assert!(
+        relay.ping_through(pair, 5),
+        "{backend}: no ping through the relay"
+    );
+    (a, relay, b)
 }
 
 #[test]
@@ -338,28 +404,8 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
     for backend in BACKENDS {
         let Some(pair) = pair("tf") else { return };
         let key = pair.key("k", 1);
-        let a = start_a(&pair, backend, &key, A_LISTEN);
         let tunnel: SocketAddr = A_LISTEN.parse().unwrap();
-        let relay_socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
-        relay_socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let relay_addr = relay_socket.local_addr().unwrap().to_string();
-        let b = start_b(&pair, backend, &key, &relay_addr);
-        let mut relay = Relay {
-            socket: relay_socket,
-            tunnel,
-            b: None,
-            seen: Vec::new(),
-        };
-        let pinger = std::thread::scope(|scope| {
-            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, 5));
-            while !pinger.is_finished() {
-                relay.pump(10);
-            }
-            pinger.join().unwrap()
-        });
-        assert!(pinger, "{backend}: no ping through the relay");
+        let (a, mut relay, b) = through_relay(&pair, backend, &key, "1");
         let sealed = relay.seen.last().expect("a data datagram").clone();
 
         // Injected from the relay's own address (the peer's), and from another socket.
@@ -375,7 +421,7 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
         tampered[at] ^= 0x40;
         let tampered = fresh(tampered);
         let mut forged_init = vec![1u8, 0, 0, 0];
-        forged_init.extend_from_slice(&[0x5a; 64]);
+        forged_init.extend_from_slice(&[0x5a; 80]);
         let injected: Vec<(Vec<u8>, &str)> = vec![
             (sealed.clone(), "replay"),
             (tampered, "tampered"),
@@ -390,14 +436,10 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
             relay.socket.send_to(datagram, tunnel).unwrap();
             other.send_to(datagram, tunnel).unwrap();
         }
-        let still = std::thread::scope(|scope| {
-            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, 3));
-            while !pinger.is_finished() {
-                relay.pump(10);
-            }
-            pinger.join().unwrap()
-        });
-        assert!(still, "{backend}: the tunnel stopped passing traffic");
+        assert!(
+            relay.ping_through(&pair, 3),
+            "{backend}: the tunnel stopped passing traffic"
+        );
         let stats = a.stop();
         drop(b);
         assert_eq!(stats["rx_replayed"], 2, "{backend}: {stats:?}");
@@ -418,38 +460,50 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
     }
 }
 
+/// An Init recorded from B's first run, sent to A again as the restarted B (on another
+/// port, as a restart with `--listen ...:0` is) handshakes — after A answered B's new
+/// Init, before B's first data under it can arrive — is not answered: it does not
+/// displace the session A holds for B's new Init, and B's data under it gets through.
+/// (Answered, it did: B was kept out for as long as the copies came, as A's own Inits
+/// went to B's old port.)
+#[test]
+fn a_recorded_init_replayed_while_a_restarted_peer_handshakes_does_not_keep_it_out() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("ti") else { return };
+        let key = pair.key("k", 1);
+        let (a, relay, b) = through_relay(&pair, backend, &key, "1");
+        let recorded = relay.inits.first().expect("B's Init").clone();
+        b.stop();
+        drop(relay);
+
+        let (mut relay, relay_addr) = Relay::new(&pair);
+        relay.before_response = Some(recorded);
+        let b = start_b(&pair, backend, &key, &relay_addr);
+        assert!(
+            relay.ping_through(&pair, 5),
+            "{backend}: the restarted B was kept out"
+        );
+        let stats_a = a.stop();
+        drop(b);
+        assert!(
+            stats_a["handshakes_replayed"] >= 1,
+            "{backend}: the copy reached A: {stats_a:?}"
+        );
+        assert_eq!(
+            stats_a["rx_unknown_session"], 0,
+            "{backend}: B's data under the session A answered was refused: {stats_a:?}"
+        );
+        assert_eq!(stats_a["roams"], 1, "{backend}: B's new port: {stats_a:?}");
+    }
+}
+
 #[test]
 fn a_datagram_replayed_onto_either_thread_is_dropped_and_counted() {
     for backend in BACKENDS {
         let Some(pair) = pair("tq") else { return };
         let key = pair.key("k", 1);
-        let a = start_a_on(&pair, backend, &key, A_LISTEN, "2");
         let tunnel: SocketAddr = A_LISTEN.parse().unwrap();
-        let relay_socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
-        relay_socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let relay_addr = relay_socket.local_addr().unwrap().to_string();
-        let b = start_b(&pair, backend, &key, &relay_addr);
-        let mut relay = Relay {
-            socket: relay_socket,
-            tunnel,
-            b: None,
-            seen: Vec::new(),
-        };
-        let relayed_ping = |relay: &mut Relay, rounds| {
-            std::thread::scope(|scope| {
-                let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, rounds));
-                while !pinger.is_finished() {
-                    relay.pump(10);
-                }
-                pinger.join().unwrap()
-            })
-        };
-        assert!(
-            relayed_ping(&mut relay, 5),
-            "{backend}: no ping through the relay"
-        );
+        let (a, mut relay, b) = through_relay(&pair, backend, &key, "2");
         let sealed = relay.seen.last().expect("a data datagram").clone();
 
         // A's two threads are pinned to CPUs and its sockets routed by the CPU that
@@ -470,7 +524,7 @@ fn a_datagram_replayed_onto_either_thread_is_dropped_and_counted() {
         let copies = cpus.len() as u64 * 8;
         relay.socket.send_to(&sealed, tunnel).unwrap();
         assert!(
-            relayed_ping(&mut relay, 3),
+            relay.ping_through(&pair, 3),
             "{backend}: the tunnel stopped passing traffic"
         );
         let stats = a.stop();

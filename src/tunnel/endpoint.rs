@@ -326,7 +326,6 @@ impl Inner {
                 replies.push((reply, from));
                 self.count(|s| s.handshakes_answered += 1);
             }
-            Outcome::AnswerAgain(reply) => replies.push((reply, from)),
             Outcome::Established(session) => {
                 // Confirm at once with an empty message, so the responder switches to
                 // this session before it has data of its own to send.
@@ -342,6 +341,7 @@ impl Inner {
                 self.count(|s| s.sessions += 1);
             }
             Outcome::Rejected => self.count(|s| s.handshakes_rejected += 1),
+            Outcome::Replayed => self.count(|s| s.handshakes_replayed += 1),
             Outcome::Ignored => {}
             Outcome::Malformed => self.count(|s| s.rx_malformed += 1),
         }
