@@ -184,3 +184,50 @@ fn a_tun_used_on_another_runtime_is_wrong_runtime() {
         }
     });
 }
+
+/// An existing interface a TUN queue cannot attach to (no TUN at all, a TAP, a TUN made
+/// without multi-queue) is an error that says which, not the kernel's bare EINVAL; the
+/// interface stays as it was.
+#[test]
+fn an_interface_a_queue_cannot_attach_to_says_why() {
+    let netns = match Netns::create("tunkind") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    for args in [
+        &[
+            "ip", "link", "add", "rsveth0", "type", "veth", "peer", "name", "rsveth1",
+        ][..],
+        &["ip", "tuntap", "add", "dev", "rstap0", "mode", "tap"],
+        &["ip", "tuntap", "add", "dev", "rstun9", "mode", "tun"],
+    ] {
+        netns.exec(args).expect("make the interface");
+    }
+    netns.run(|| {
+        on_each_backend(|backend| async move {
+            for (name, says) in [
+                ("lo", "not a TUN interface"),
+                ("rsveth0", "not a TUN interface"),
+                ("rstap0", "a TAP interface"),
+                ("rstun9", "multi_queue"),
+            ] {
+                let err = TunDevice::create(name, TunOptions::default())
+                    .expect_err("no TUN queue to attach");
+                let text = err.to_string();
+                assert!(text.contains(says), "{backend} {name}: {text}");
+                assert_eq!(
+                    err.status(),
+                    SocketErrorStatus::InvalidArgument,
+                    "{backend} {name}: {text}"
+                );
+            }
+            // The TUN made without multi-queue is attached as it was made.
+            let single = TunOptions {
+                multi_queue: false,
+                ..TunOptions::default()
+            };
+            let tun = TunDevice::create("rstun9", single).expect("attach as made");
+            assert!(!tun.created(), "{backend}");
+        });
+    });
+}
