@@ -119,6 +119,11 @@ fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
     if name.is_empty() || name.contains('/') || name == "." || name == ".." {
         return Ok(());
     }
+    // Only a TUN or TAP has tun_flags: any other interface's carrier says nothing of a
+    // tunnel, and the open says what it is instead.
+    if !std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists() {
+        return Ok(());
+    }
     let carrier = format!("/sys/class/net/{name}/carrier");
     // Absent (no such interface), or unreadable (it is down): nothing passes through it.
     let in_use = || matches!(std::fs::read_to_string(&carrier), Ok(text) if text.trim() == "1");
