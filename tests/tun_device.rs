@@ -4,13 +4,14 @@
 mod util;
 
 use std::net::{Ipv4Addr, UdpSocket};
+use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
 use ringsock::tun::{TunDevice, TunOptions};
 use ringsock::SocketErrorStatus;
 use util::netns::{skip, Netns};
-use util::{on_each_backend, MUST_HAPPEN};
+use util::{must, on_each_backend, MUST_HAPPEN};
 
 /// A hand-built IPv4/UDP packet from 10.77.0.2:9999 to 10.77.0.1:`port`.
 fn udp_packet(port: u16, payload: &[u8]) -> Vec<u8> {
@@ -228,6 +229,76 @@ fn an_interface_a_queue_cannot_attach_to_says_why() {
             };
             let tun = TunDevice::create("rstun9", single).expect("attach as made");
             assert!(!tun.created(), "{backend}");
+        });
+    });
+}
+
+/// An interface deleted underneath its queue (`ip link del`) ends a read in flight and
+/// every later read and flush with an error saying so: no hang, no panic.
+#[test]
+fn a_tun_deleted_underneath_ends_reads_and_writes_with_an_error() {
+    let netns = match Netns::create("tundel") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    netns.run(|| {
+        on_each_backend(|backend| async move {
+            let tun = TunDevice::create("rstun2", TunOptions::default()).expect("create");
+            let delete = || {
+                let out = std::process::Command::new("ip")
+                    .args(["link", "del", "rstun2"])
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "{backend}: ip link del: {out:?}");
+            };
+            let mut frames = Vec::new();
+            let in_flight = {
+                let mut read = std::pin::pin!(tun.recv_batch(&mut frames, 8));
+                match util::poll_once(read.as_mut()).await {
+                    Poll::Ready(result) => {
+                        delete();
+                        result
+                    }
+                    Poll::Pending => {
+                        delete();
+                        must("the read in flight", read).await
+                    }
+                }
+            };
+            // What the kernel had queued before may still come; then the error.
+            let err = match in_flight {
+                Err(err) => err,
+                Ok(_) => {
+                    must("a read after the deletion", async {
+                        loop {
+                            let mut frames = Vec::new();
+                            if let Err(err) = tun.recv_batch(&mut frames, 8).await {
+                                return err;
+                            }
+                        }
+                    })
+                    .await
+                }
+            };
+            let text = err.to_string();
+            assert!(text.contains("rstun2 was deleted"), "{backend}: {text}");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::NetworkIsDown,
+                "{backend}: {text}"
+            );
+            let again = must("a second read", tun.recv()).await.unwrap_err();
+            assert!(
+                again.to_string().contains("was deleted"),
+                "{backend}: {again}"
+            );
+            tun.write(&udp_packet(9, b"to nowhere"));
+            let flushed = must("a flush", tun.flush()).await.unwrap_err();
+            assert!(
+                flushed.to_string().contains("was deleted"),
+                "{backend}: {flushed}"
+            );
+            assert_eq!(tun.stats().write_errors, 1, "{backend}");
         });
     });
 }
