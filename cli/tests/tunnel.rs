@@ -694,14 +694,7 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
     for backend in BACKENDS {
         let Some(pair) = pair("ts") else { return };
         let key = pair.key("k", 1);
-        let args = [
-            "--tun",
-            TUN,
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let args = on_loopback(TUN, key.to_str().unwrap());
         let a = TunnelProc::start(&pair.a, backend, &args, None);
         assert!(pair.a.exec(&["ip", "link", "show", TUN]).is_ok());
         a.stop();
@@ -801,6 +794,11 @@ fn a_key_file_that_never_ends_or_is_huge_is_refused_unread() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The arguments of a tunnel on `tun` with the key file `key`, listening on loopback.
+fn on_loopback<'a>(tun: &'a str, key: &'a str) -> [&'a str; 6] {
+    ["--tun", tun, "--listen", "127.0.0.1:0", "--key", key]
+}
+
 /// `ringsock tunnel ARGS --backend BACKEND` in `ns`.
 fn tunnel_command(
     ns: &util::tunnel_pair::netns::Netns,
@@ -839,14 +837,7 @@ fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
             ("lo", NO_TUN),
             ("rsva", NO_TUN),
         ] {
-            let args = [
-                "--tun",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--key",
-                key.to_str().unwrap(),
-            ];
+            let args = on_loopback(name, key.to_str().unwrap());
             let out = tunnel_command(&pair.a, backend, &args).output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{backend} {name:?}: {stderr}");
@@ -870,14 +861,7 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
     for backend in BACKENDS {
         let Some(pair) = pair("tu") else { return };
         let key = pair.key("k", 1);
-        let args = [
-            "--tun",
-            TUN,
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let args = on_loopback(TUN, key.to_str().unwrap());
         let first = TunnelProc::start(&pair.a, backend, &args, None);
         for threads in ["1", "2"] {
             let mut second = args.to_vec();
@@ -913,6 +897,64 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
     }
 }
 
+/// A tunnel in A listening on loopback on `threads` threads, its stderr to `stderr`,
+/// once it printed its ready line; and its stdout, after that line.
+fn started_on_loopback(
+    pair: &Pair,
+    backend: &str,
+    threads: &str,
+    stderr: Stdio,
+) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+    let key = pair.key("k", 1);
+    let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
+    args.extend(["--threads", threads]);
+    let mut child = tunnel_command(&pair.a, backend, &args)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut ready = String::new();
+    stdout.read_line(&mut ready).unwrap();
+    assert!(
+        ready.starts_with("tunnel "),
+        "{backend} {threads}: {ready:?}"
+    );
+    (child, stdout)
+}
+
+/// A TUN interface deleted under a running tunnel (`ip link del`) ends it with a
+/// message that says so and exit status 1, on one thread or two: no hang, no panic.
+#[test]
+fn a_tun_deleted_under_the_tunnel_ends_it_with_a_clear_error() {
+    for backend in BACKENDS {
+        for threads in ["1", "2"] {
+            let Some(pair) = pair("td") else { return };
+            let (mut child, _stdout) = started_on_loopback(&pair, backend, threads, Stdio::piped());
+            pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                if std::time::Instant::now() > deadline {
+                    let _ = child.kill();
+                    panic!("{backend} {threads}: still running without its interface");
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            assert!(
+                stderr.contains("NetworkIsDown") && stderr.contains(&format!("{TUN} was deleted")),
+                "{backend} {threads}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("panicked"),
+                "{backend} {threads}: {stderr}"
+            );
+        }
+    }
+}
+
 /// A reader of the tunnel's stdout that goes away (`| head -1` once it has the ready
 /// line) stops neither the tunnel nor its clean exit: SIGTERM still exits 0 and
 /// removes the interface, though the stats line has nowhere to go.
@@ -921,29 +963,7 @@ fn a_stdout_reader_that_goes_away_does_not_fail_the_tunnel() {
     for backend in BACKENDS {
         for threads in ["1", "2"] {
             let Some(pair) = pair("to") else { return };
-            let key = pair.key("k", 1);
-            let args = [
-                "--tun",
-                TUN,
-                "--listen",
-                "127.0.0.1:0",
-                "--key",
-                key.to_str().unwrap(),
-                "--threads",
-                threads,
-            ];
-            let mut child = tunnel_command(&pair.a, backend, &args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut ready = String::new();
-            let mut stdout = BufReader::new(child.stdout.take().unwrap());
-            stdout.read_line(&mut ready).unwrap();
-            assert!(
-                ready.starts_with("tunnel "),
-                "{backend} {threads}: {ready:?}"
-            );
+            let (mut child, stdout) = started_on_loopback(&pair, backend, threads, Stdio::null());
             drop(stdout);
             // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
             assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
