@@ -29,6 +29,14 @@ impl TunnelGroup {
     /// member binds `config.listen`, and its port is everyone's). The first member also
     /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
     pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
+        let batch = self.shared.config.batch;
+        // 0 would take nothing (the socket refuses such a receive, the loop would spin
+        // on it); a huge one would ask for its buffers up front.
+        if !(1..=MAX_BATCH).contains(&batch) {
+            return Err(crate::Error::invalid_input(format!(
+                "a tunnel's batch is 1 to {MAX_BATCH} frames or datagrams, not {batch}"
+            )));
+        }
         let (socket, leader, lane) = self.bind_member()?;
         Ok(Tunnel::member(
             tun,
@@ -61,6 +69,9 @@ struct Inner {
     output: RefCell<Option<(SocketAddr, OutputStream)>>,
     stats: Cell<TunnelStats>,
 }
+
+/// The largest [`TunnelConfig::batch`]: as many datagrams as one receive takes.
+const MAX_BATCH: usize = 1024;
 
 /// Receive failures in a row after which the socket counts as broken.
 const MAX_RECEIVE_FAILURES: u32 = 1000;
