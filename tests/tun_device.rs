@@ -342,3 +342,31 @@ fn odd_packets_written_are_refused_and_the_next_one_goes() {
         }
     });
 }
+
+/// A device dropped just after a read of it was given up while in flight closes its
+/// queue: the interface it created goes away, the runtime going on.
+#[test]
+fn a_tun_dropped_after_a_read_in_flight_goes_away() {
+    on_each_backend_in_netns("tundrop", |backend| async move {
+        let tun = TunDevice::create("rstun6", TunOptions::default()).expect("create");
+        {
+            let mut frames = Vec::new();
+            let mut read = std::pin::pin!(tun.recv_batch(&mut frames, 8));
+            let _ = util::poll_once(read.as_mut()).await;
+        }
+        drop(tun);
+        let what = format!("{backend}: the interface going away");
+        must(&what, async {
+            while std::process::Command::new("ip")
+                .args(["link", "show", "rstun6"])
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                ringsock::runtime::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    });
+}
