@@ -311,6 +311,8 @@ struct Relay {
     seen: Vec<Vec<u8>>,
     /// B's Inits.
     inits: Vec<Vec<u8>>,
+    /// A's Responses.
+    responses: Vec<Vec<u8>>,
     /// Sent to A's tunnel just before the Response A sends to each Init of B's is
     /// passed on to B: it is in A's socket before B can have answered that Response.
     before_response: Option<Vec<u8>>,
@@ -333,6 +335,7 @@ impl Relay {
             b: None,
             seen: Vec::new(),
             inits: Vec::new(),
+            responses: Vec::new(),
             before_response: None,
             init_passed: false,
         };
@@ -347,6 +350,9 @@ impl Relay {
                 return;
             };
             if from == self.tunnel {
+                if buf[0] == 2 {
+                    self.responses.push(buf[..n].to_vec());
+                }
                 if let (2, true, Some(inject)) = (buf[0], self.init_passed, &self.before_response) {
                     let _ = self.socket.send_to(inject, self.tunnel);
                     self.init_passed = false;
@@ -465,7 +471,8 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
 /// Init, before B's first data under it can arrive — is not answered: it does not
 /// displace the session A holds for B's new Init, and B's data under it gets through.
 /// (Answered, it did: B was kept out for as long as the copies came, as A's own Inits
-/// went to B's old port.)
+/// went to B's old port.) A's Response to B's first run, sent to the new B, changes
+/// nothing either; both copies are counted.
 #[test]
 fn a_recorded_init_replayed_while_a_restarted_peer_handshakes_does_not_keep_it_out() {
     for backend in BACKENDS {
@@ -473,6 +480,7 @@ fn a_recorded_init_replayed_while_a_restarted_peer_handshakes_does_not_keep_it_o
         let key = pair.key("k", 1);
         let (a, relay, b) = through_relay(&pair, backend, &key, "1");
         let recorded = relay.inits.first().expect("B's Init").clone();
+        let response = relay.responses.first().expect("A's Response").clone();
         b.stop();
         drop(relay);
 
@@ -483,8 +491,20 @@ fn a_recorded_init_replayed_while_a_restarted_peer_handshakes_does_not_keep_it_o
             relay.ping_through(&pair, 5),
             "{backend}: the restarted B was kept out"
         );
+        // B takes it before the replies of the ping after it.
+        let to_b = relay.b.expect("B's address");
+        relay.socket.send_to(&response, to_b).unwrap();
+        assert!(
+            relay.ping_through(&pair, 3),
+            "{backend}: after the Response"
+        );
+        let stats_b = b.stop();
+        assert!(
+            stats_b["handshakes_replayed"] >= 1,
+            "{backend}: the old Response reached B: {stats_b:?}"
+        );
+        assert_eq!(stats_b["sessions"], 1, "{backend}: {stats_b:?}");
         let stats_a = a.stop();
-        drop(b);
         assert!(
             stats_a["handshakes_replayed"] >= 1,
             "{backend}: the copy reached A: {stats_a:?}"

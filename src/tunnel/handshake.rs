@@ -38,10 +38,10 @@ pub(crate) enum Outcome {
     /// The MAC did not verify (another key, or garbage of the right shape).
     Rejected,
     /// An authentic Init no newer than one taken before, or this side's own: a copy,
-    /// not the peer starting over. Not answered.
+    /// not the peer starting over. Not answered. Or an authentic Response to an Init we
+    /// do not wait for: a copy, or late (we sent a newer Init since).
     Replayed,
-    /// Authentic but not for now: an answer to an Init we no longer wait for, or an Init
-    /// that loses to ours when both sides start at once.
+    /// An authentic Init that loses to ours when both sides start at once.
     Ignored,
     /// Not a handshake message at all.
     Malformed,
@@ -150,7 +150,7 @@ impl Handshake {
         }
         let echoed: [u8; 32] = msg[4..36].try_into().expect("32 bytes");
         if self.waiting != Some(echoed) {
-            return Outcome::Ignored;
+            return Outcome::Replayed;
         }
         self.waiting = None;
         let theirs: [u8; 32] = msg[36..68].try_into().expect("32 bytes");
@@ -210,8 +210,8 @@ mod tests {
         msg.extend_from_slice(b"data");
         a_session.seal(0, &mut msg).unwrap();
         assert!(b_session.open(&mut msg).is_ok());
-        // A replayed response is ignored; a repeated Init is not answered.
-        assert!(matches!(a.receive(&reply), Outcome::Ignored));
+        // A replayed response changes nothing; a repeated Init is not answered.
+        assert!(matches!(a.receive(&reply), Outcome::Replayed));
         assert!(matches!(b.receive(&init), Outcome::Replayed));
     }
 

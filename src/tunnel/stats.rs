@@ -31,7 +31,8 @@ pub struct TunnelStats {
     /// Handshake messages whose MAC did not verify (another key): dropped.
     pub handshakes_rejected: u64,
     /// Authentic Inits not answered: no newer than one taken before, or this side's
-    /// own sent back (recorded and replayed): dropped.
+    /// own sent back (recorded and replayed); and authentic Responses to an Init this
+    /// side does not wait for (replayed, or late): dropped.
     pub handshakes_replayed: u64,
     /// Inits sent.
     pub handshakes_initiated: u64,
