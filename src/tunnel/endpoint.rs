@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
@@ -435,7 +435,7 @@ impl Inner {
         if !self.leader {
             return std::future::pending().await;
         }
-        let tick = (self.config().handshake_retry / 4).max(Duration::from_millis(20));
+        let tick = self.intervals().tick();
         loop {
             let message = self.due_message(Instant::now());
             if let Some((message, to)) = message {
@@ -448,18 +448,24 @@ impl Inner {
         }
     }
 
+    fn intervals(&self) -> Intervals {
+        let config = self.config();
+        Intervals {
+            keepalive: config.keepalive,
+            rehandshake_after: config.rehandshake_after,
+            handshake_retry: config.handshake_retry,
+        }
+    }
+
     /// The Init or keepalive due now, if any, and where it goes.
     fn due_message(&self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
         let shared = &*self.shared;
         let mut keys = lock(&shared.keys);
         let peer = keys.peer?;
-        let config = self.config();
-        let intervals = Intervals {
-            keepalive: config.keepalive,
-            rehandshake_after: config.rehandshake_after,
-            handshake_retry: config.handshake_retry,
-        };
-        match shared.timers.due(now, keys.current.is_some(), &intervals) {
+        match shared
+            .timers
+            .due(now, keys.current.is_some(), &self.intervals())
+        {
             Due::Handshake => {
                 shared.timers.initiated(now);
                 self.count(|s| s.handshakes_initiated += 1);
