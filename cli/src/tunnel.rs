@@ -91,6 +91,7 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
         }
     }
     let key = PresharedKey::from_file(&args.key)?;
+    note_if_others_can_read(&args.key);
     refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
     let options = TunOptions {
@@ -103,6 +104,24 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
         one_thread(&args, options, config, &stop)
     } else {
         threads::run(&args, options, config, &stop)
+    }
+}
+
+/// Says so on stderr when users other than the key file's owner may read it (as
+/// `openssl rand -hex 32 > key` leaves it, under the usual umask): whoever reads the key
+/// can read and forge the tunnel's traffic. A note, not an error: the tunnel runs.
+fn note_if_others_can_read(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the key file {} may be read by other users (mode {mode:o}): chmod 600 it",
+            path.display()
+        );
     }
 }
 

@@ -769,6 +769,36 @@ fn a_bad_key_file_is_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key file other users may read gets a note saying so (the tunnel goes on to its
+/// next step, here a name the kernel refuses); one only its owner reads gets none.
+#[test]
+fn a_key_file_others_may_read_gets_a_note() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ringsock-keymode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("key");
+    std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+    for backend in BACKENDS {
+        for (mode, noted) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {mode:o}: {stderr}");
+            assert_eq!(
+                stderr.contains(&format!("may be read by other users (mode {mode:o})")),
+                noted,
+                "{backend} {mode:o}: {stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key file is read only as far as a key can go: /dev/zero and a 1 GiB (sparse) file
 /// are refused at once, not read to the end (forever, or into a gigabyte of memory).
 #[test]
