@@ -92,6 +92,7 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     }
     let key = PresharedKey::from_file(&args.key)?;
     note_if_others_can_read(&args.key);
+    let _claim = claim(&args.tun)?;
     refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
     let options = TunOptions {
@@ -122,6 +123,31 @@ fn note_if_others_can_read(path: &std::path::Path) {
             "note: the key file {} may be read by other users (mode {mode:o}): chmod 600 it",
             path.display()
         );
+    }
+}
+
+/// Claims the TUN interface `name` for this process, for as long as the value lives:
+/// a second `ringsock tunnel` on the same name in the same network namespace, started
+/// at the same moment, would pass [`refuse_if_in_use`] too (the first one's carrier
+/// shows only once its interface is up) and attach a queue of its own. The claim is
+/// an abstract Unix socket: one per network namespace, gone with the process however
+/// it ends. Where none can be bound for another reason, the carrier check alone stays.
+fn claim(name: &str) -> ringsock::Result<Option<std::os::unix::net::UnixDatagram>> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    let Ok(addr) = SocketAddr::from_abstract_name(format!("ringsock tunnel --tun {name}")) else {
+        return Ok(None);
+    };
+    match UnixDatagram::bind_addr(&addr) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => Err(Error::io(
+            format!(
+                "open the TUN interface {name:?}: another tunnel of this network namespace \
+                 is starting or running on it, and would get part of its packets"
+            ),
+            std::io::Error::from_raw_os_error(libc::EBUSY),
+        )),
+        Err(_) => Ok(None),
     }
 }
 

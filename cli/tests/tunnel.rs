@@ -855,9 +855,14 @@ fn tunnel_command(
     backend: &str,
     args: &[&str],
 ) -> std::process::Command {
+    tunnel_command_in(ns.name(), backend, args)
+}
+
+/// `ringsock tunnel ARGS --backend BACKEND` in the namespace named `ns`.
+fn tunnel_command_in(ns: &str, backend: &str, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new("ip");
     command
-        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_ringsock")])
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ringsock")])
         .arg("tunnel")
         .args(args)
         .args(["--backend", backend])
@@ -903,9 +908,33 @@ fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
     }
 }
 
+/// Runs `ringsock tunnel ARGS` in the namespace named `ns`, which must be refused: no
+/// ready line, status 1 (one that started is stopped here rather than left running).
+/// Its stderr.
+fn refused(ns: &str, backend: &str, args: &[&str]) -> String {
+    let mut child = tunnel_command_in(ns, backend, args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    if !ready.is_empty() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(ready.is_empty(), "{backend} {args:?}: started: {ready}");
+    assert_eq!(out.status.code(), Some(1), "{backend} {args:?}: {stderr}");
+    stderr
+}
+
 /// A second tunnel on the interface a running one created is refused: attached, it
 /// would take part of the first one's packets. The first goes on, and its SIGTERM
-/// still removes the interface.
+/// still removes the interface. So is a tunnel on an interface another program (here
+/// this test) has a queue of open.
 #[test]
 fn a_second_tunnel_on_an_interface_in_use_is_refused() {
     for backend in BACKENDS {
@@ -916,26 +945,9 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
         for threads in ["1", "2"] {
             let mut second = args.to_vec();
             second.extend(["--threads", threads]);
-            let mut child = tunnel_command(&pair.a, backend, &second)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            // Refused, it ends without a line; a tunnel that started says so, and is
-            // stopped here rather than left running.
-            let mut ready = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut ready)
-                .unwrap();
-            if !ready.is_empty() {
-                let _ = child.kill();
-            }
-            let out = child.wait_with_output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(ready.is_empty(), "{backend} {threads}: started: {ready}");
-            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            let stderr = refused(pair.a.name(), backend, &second);
             assert!(
-                stderr.contains("another process"),
+                stderr.contains("another tunnel"),
                 "{backend} {threads}: {stderr}"
             );
         }
@@ -944,6 +956,74 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
             pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
             "{backend}: the interface outlived its tunnel"
         );
+
+        let name = pair.a.name().to_owned();
+        let key = key.to_str().unwrap().to_owned();
+        let backend_name = backend.to_owned();
+        let stderr = pair.a.run(move || {
+            let runtime = ringsock::Runtime::new().unwrap();
+            let options = ringsock::tun::TunOptions::default();
+            let held = runtime
+                .block_on(async { ringsock::tun::TunDevice::create("rstun1", options) })
+                .expect("a queue of our own");
+            let stderr = refused(&name, &backend_name, &on_loopback("rstun1", &key));
+            drop(held);
+            stderr
+        });
+        assert!(stderr.contains("another process"), "{backend}: {stderr}");
+    }
+}
+
+/// Two tunnels started at the same moment on one name: one runs, the other is refused
+/// (before, both could pass the in-use check, the first one's interface not up yet,
+/// and both ran on it, each with part of its packets).
+#[test]
+fn of_two_tunnels_started_at_once_on_one_name_one_runs() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tw") else { return };
+        let key = pair.key("k", 1);
+        let args = on_loopback(TUN, key.to_str().unwrap());
+        for round in 0..5 {
+            let mut children: Vec<_> = (0..2)
+                .map(|_| {
+                    tunnel_command(&pair.a, backend, &args)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            let ready: Vec<bool> = children
+                .iter_mut()
+                .map(|child| {
+                    let mut line = String::new();
+                    BufReader::new(child.stdout.take().unwrap())
+                        .read_line(&mut line)
+                        .unwrap();
+                    line.starts_with("tunnel ")
+                })
+                .collect();
+            for child in &mut children {
+                // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+            let errors: Vec<String> = children
+                .into_iter()
+                .map(|child| {
+                    let out = child.wait_with_output().unwrap();
+                    String::from_utf8_lossy(&out.stderr).into_owned()
+                })
+                .collect();
+            assert_eq!(
+                ready.iter().filter(|r| **r).count(),
+                1,
+                "{backend} round {round}: {errors:?}"
+            );
+            assert!(
+                errors.iter().any(|e| e.contains("another tunnel")),
+                "{backend} round {round}: {errors:?}"
+            );
+        }
     }
 }
 
