@@ -27,7 +27,8 @@ const DEFAULT_MTU: u32 = 1420;
 pub(crate) struct TunnelArgs {
     /// The TUN interface to create, or to attach to if it exists (then it stays when
     /// the tunnel exits; one it created is removed). One that another process (another
-    /// tunnel) has open is refused.
+    /// tunnel) has open is refused. A template such as vpn%d makes a new interface, the
+    /// kernel picking the number; the ready line names it.
     #[arg(long, value_name = "NAME")]
     tun: String,
     /// The UDP address to listen on, e.g. 0.0.0.0:51820 (port 0 picks a free port).
@@ -132,9 +133,13 @@ fn note_if_others_can_read(path: &std::path::Path) {
 /// shows only once its interface is up) and attach a queue of its own. The claim is
 /// an abstract Unix socket: one per network namespace, gone with the process however
 /// it ends. Where none can be bound for another reason, the carrier check alone stays.
+/// A template (`vpn%d`) claims nothing: the kernel makes a new interface of it.
 fn claim(name: &str) -> ringsock::Result<Option<std::os::unix::net::UnixDatagram>> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixDatagram};
+    if name.contains('%') {
+        return Ok(None);
+    }
     let Ok(addr) = SocketAddr::from_abstract_name(format!("ringsock tunnel --tun {name}")) else {
         return Ok(None);
     };

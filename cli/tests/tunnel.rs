@@ -908,19 +908,34 @@ fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
     }
 }
 
+/// A tunnel process: `ringsock tunnel ARGS` in the namespace named `ns`, its stderr to
+/// `stderr`; its stdout after the first line, and that line (empty if it ended first).
+fn spawned(
+    ns: &str,
+    backend: &str,
+    args: &[&str],
+    stderr: Stdio,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut child = tunnel_command_in(ns, backend, args)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    (child, stdout, line)
+}
+
 /// Runs `ringsock tunnel ARGS` in the namespace named `ns`, which must be refused: no
 /// ready line, status 1 (one that started is stopped here rather than left running).
 /// Its stderr.
 fn refused(ns: &str, backend: &str, args: &[&str]) -> String {
-    let mut child = tunnel_command_in(ns, backend, args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut ready = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut ready)
-        .unwrap();
+    let (mut child, _, ready) = spawned(ns, backend, args, Stdio::piped());
     if !ready.is_empty() {
         let _ = child.kill();
     }
@@ -984,6 +999,7 @@ fn of_two_tunnels_started_at_once_on_one_name_one_runs() {
         let key = pair.key("k", 1);
         let args = on_loopback(TUN, key.to_str().unwrap());
         for round in 0..5 {
+            // Both started before either's first line is read.
             let mut children: Vec<_> = (0..2)
                 .map(|_| {
                     tunnel_command(&pair.a, backend, &args)
@@ -1027,6 +1043,43 @@ fn of_two_tunnels_started_at_once_on_one_name_one_runs() {
     }
 }
 
+/// A template name (rsq%d) makes one new interface, the kernel picking its number,
+/// which every thread's queue then opens (before, each thread made one of its own, the
+/// others down, and what they read of the peer was lost); a second tunnel of the same
+/// template runs beside it on the next one. Both go when stopped.
+#[test]
+fn a_template_name_makes_one_interface_for_all_threads() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tx") else { return };
+        let key = pair.key("k", 1);
+        let mut args = on_loopback("rsq%d", key.to_str().unwrap()).to_vec();
+        args.extend(["--threads", "2"]);
+        let mut children = Vec::new();
+        for expected in ["rsq0", "rsq1"] {
+            let (child, _, ready) = spawned(pair.a.name(), backend, &args, Stdio::null());
+            children.push(child);
+            assert!(
+                ready.starts_with(&format!("tunnel {expected} udp ")),
+                "{backend}: {ready:?}"
+            );
+            let queues = pair
+                .a
+                .exec(&["ls", &format!("/sys/class/net/{expected}/queues")])
+                .unwrap();
+            assert!(queues.contains("rx-1"), "{backend}: {queues}");
+        }
+        let links = pair.a.exec(&["ip", "-br", "link"]).unwrap();
+        assert_eq!(links.matches("rsq").count(), 2, "{backend}: {links}");
+        for mut child in children {
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            assert!(child.wait().unwrap().success(), "{backend}");
+        }
+        let links = pair.a.exec(&["ip", "-br", "link"]).unwrap();
+        assert!(!links.contains("rsq"), "{backend}: {links}");
+    }
+}
+
 /// A tunnel in A listening on loopback on `threads` threads, its stderr to `stderr`,
 /// once it printed its ready line; and its stdout, after that line.
 fn started_on_loopback(
@@ -1038,14 +1091,7 @@ fn started_on_loopback(
     let key = pair.key("k", 1);
     let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
     args.extend(["--threads", threads]);
-    let mut child = tunnel_command(&pair.a, backend, &args)
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut ready = String::new();
-    stdout.read_line(&mut ready).unwrap();
+    let (child, stdout, ready) = spawned(pair.a.name(), backend, &args, stderr);
     assert!(
         ready.starts_with("tunnel "),
         "{backend} {threads}: {ready:?}"
