@@ -1043,6 +1043,43 @@ fn of_two_tunnels_started_at_once_on_one_name_one_runs() {
     }
 }
 
+/// A tunnel on a UDP port another tunnel listens on is refused with
+/// AddressAlreadyInUse, on one thread or several (before, one on several threads
+/// joined the other's SO_REUSEPORT group, and the kernel gave it part of the first
+/// one's datagrams).
+#[test]
+fn a_tunnel_on_a_port_another_one_listens_on_is_refused() {
+    for backend in BACKENDS {
+        for first_threads in ["1", "2"] {
+            let Some(pair) = pair("ty") else { return };
+            let (mut first, _stdout, ready) =
+                started_on_loopback(&pair, backend, first_threads, Stdio::null());
+            let listen = ready.trim().rsplit(' ').next().unwrap().to_owned();
+            let key = pair.key("k2", 1);
+            for threads in ["1", "2"] {
+                let args = [
+                    "--tun",
+                    "rstun1",
+                    "--listen",
+                    &listen,
+                    "--key",
+                    key.to_str().unwrap(),
+                    "--threads",
+                    threads,
+                ];
+                let stderr = refused(pair.a.name(), backend, &args);
+                assert!(
+                    stderr.contains("AddressAlreadyInUse"),
+                    "{backend} {first_threads} {threads}: {stderr}"
+                );
+            }
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGTERM) }, 0);
+            assert!(first.wait().unwrap().success(), "{backend}");
+        }
+    }
+}
+
 /// A template name (rsq%d) makes one new interface, the kernel picking its number,
 /// which every thread's queue then opens (before, each thread made one of its own, the
 /// others down, and what they read of the peer was lost); a second tunnel of the same
@@ -1081,13 +1118,17 @@ fn a_template_name_makes_one_interface_for_all_threads() {
 }
 
 /// A tunnel in A listening on loopback on `threads` threads, its stderr to `stderr`,
-/// once it printed its ready line; and its stdout, after that line.
+/// once it printed its ready line; its stdout after that line, and the line.
 fn started_on_loopback(
     pair: &Pair,
     backend: &str,
     threads: &str,
     stderr: Stdio,
-) -> (std::process::Child, BufReader<std::process::ChildStdout>) {
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
     let key = pair.key("k", 1);
     let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
     args.extend(["--threads", threads]);
@@ -1096,7 +1137,7 @@ fn started_on_loopback(
         ready.starts_with("tunnel "),
         "{backend} {threads}: {ready:?}"
     );
-    (child, stdout)
+    (child, stdout, ready)
 }
 
 /// A TUN interface deleted under a running tunnel (`ip link del`) ends it with a
@@ -1106,7 +1147,8 @@ fn a_tun_deleted_under_the_tunnel_ends_it_with_a_clear_error() {
     for backend in BACKENDS {
         for threads in ["1", "2"] {
             let Some(pair) = pair("td") else { return };
-            let (mut child, _stdout) = started_on_loopback(&pair, backend, threads, Stdio::piped());
+            let (mut child, _stdout, _) =
+                started_on_loopback(&pair, backend, threads, Stdio::piped());
             pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
             while child.try_wait().unwrap().is_none() {
@@ -1139,7 +1181,8 @@ fn a_stdout_reader_that_goes_away_does_not_fail_the_tunnel() {
     for backend in BACKENDS {
         for threads in ["1", "2"] {
             let Some(pair) = pair("to") else { return };
-            let (mut child, stdout) = started_on_loopback(&pair, backend, threads, Stdio::null());
+            let (mut child, stdout, _) =
+                started_on_loopback(&pair, backend, threads, Stdio::null());
             drop(stdout);
             // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
             assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

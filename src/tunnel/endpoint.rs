@@ -26,8 +26,10 @@ use crate::Result;
 impl TunnelGroup {
     /// A member on this thread: the queue `tun` and a new UDP socket (don't-fragment on,
     /// UDP GRO on receive) bound with SO_REUSEPORT to the group's address (the first
-    /// member binds `config.listen`, and its port is everyone's). The first member also
-    /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
+    /// member binds `config.listen`, and its port is everyone's; one another socket
+    /// holds is AddressAlreadyInUse, as the group shares its port with no one else).
+    /// The first member also runs the group's timers. Call [`Tunnel::run`] on the
+    /// runtime the TUN belongs to.
     pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
         let batch = self.shared.config.batch;
         // 0 would take nothing (the socket refuses such a receive, the loop would spin
