@@ -1140,6 +1140,44 @@ fn started_on_loopback(
     (child, stdout, ready)
 }
 
+/// SIGINT or SIGTERM while the tunnel is still handshaking with a peer that never
+/// answers (nothing listens on its port) ends it cleanly: status 0, its counters
+/// printed, the interface it made removed, on one thread or two.
+#[test]
+fn a_signal_while_handshaking_ends_the_tunnel_cleanly() {
+    for backend in BACKENDS {
+        for (signal, threads) in [(libc::SIGINT, "1"), (libc::SIGTERM, "2")] {
+            let Some(pair) = pair("th") else { return };
+            let key = pair.key("k", 1);
+            let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
+            args.extend(["--peer", "127.0.0.1:9", "--threads", threads]);
+            let (mut child, stdout, ready) = spawned(pair.a.name(), backend, &args, Stdio::piped());
+            assert!(ready.starts_with("tunnel "), "{backend}: {ready:?}");
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+            let rest: Vec<String> = stdout.lines().map_while(Result::ok).collect();
+            let status = child.wait().unwrap();
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(status.success(), "{backend} {signal}: {status} {stderr}");
+            assert!(!stderr.contains("panicked"), "{backend} {signal}: {stderr}");
+            assert!(
+                rest.iter().any(|line| line.starts_with("tunnel stats {")),
+                "{backend} {signal}: {rest:?}"
+            );
+            assert!(
+                pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+                "{backend} {signal}: the interface outlived its tunnel"
+            );
+        }
+    }
+}
+
 /// A TUN interface deleted under a running tunnel (`ip link del`) ends it with a
 /// message that says so and exit status 1, on one thread or two: no hang, no panic.
 #[test]
