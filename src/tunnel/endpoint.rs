@@ -15,7 +15,7 @@ use bytes::Bytes;
 
 use super::config::TunnelConfig;
 use super::group::{lock, Shared, TunnelGroup, View};
-use super::handshake::{Outcome, INIT, RESPONSE};
+use super::handshake::{Outcome, Refused, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::stats::TunnelStats;
 use super::timers::{Due, Intervals};
@@ -332,6 +332,13 @@ impl Inner {
         replies: &mut Vec<(Vec<u8>, SocketAddr)>,
     ) {
         let shared = &*self.shared;
+        if let Err(refused) = shared.verifier.check(msg) {
+            self.count(|s| match refused {
+                Refused::Malformed => s.rx_malformed += 1,
+                Refused::Rejected => s.handshakes_rejected += 1,
+            });
+            return;
+        }
         let mut keys = lock(&shared.keys);
         match keys.handshake.receive(msg) {
             Outcome::Answer { reply, session } => {

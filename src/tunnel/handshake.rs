@@ -47,10 +47,66 @@ pub(crate) enum Outcome {
     Malformed,
 }
 
+/// Why [`Verifier::check`] refused a message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refused {
+    /// No handshake message: its type or length.
+    Malformed,
+    /// Its MAC did not verify, or its reserved bytes are not zero.
+    Rejected,
+}
+
+impl From<Refused> for Outcome {
+    fn from(refused: Refused) -> Outcome {
+        match refused {
+            Refused::Malformed => Outcome::Malformed,
+            Refused::Rejected => Outcome::Rejected,
+        }
+    }
+}
+
+/// Whether a message is a handshake message that authenticates: its type, length,
+/// reserved bytes and MAC. Immutable, so the threads of a tunnel check at once, with
+/// no lock: a flood of forgeries holds up no thread's handshake, nor another thread.
+#[derive(Clone)]
+pub(crate) struct Verifier {
+    mac_key: hmac::Key,
+}
+
+impl Verifier {
+    pub(crate) fn new(psk: &[u8; 32]) -> Verifier {
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ringsock tunnel v1 handshake").extract(psk);
+        let mac: [u8; 32] = expand(&prk, b"mac");
+        Verifier {
+            mac_key: hmac::Key::new(hmac::HMAC_SHA256, &mac),
+        }
+    }
+
+    /// `Ok` for an Init or Response that authenticates; else why not.
+    pub(crate) fn check(&self, msg: &[u8]) -> Result<(), Refused> {
+        let len = match msg.first() {
+            Some(&INIT) if msg.len() == INIT_LEN => INIT_LEN,
+            Some(&RESPONSE) if msg.len() == RESPONSE_LEN => RESPONSE_LEN,
+            _ => return Err(Refused::Malformed),
+        };
+        let (body, tag) = msg.split_at(len - 32);
+        if hmac::verify(&self.mac_key, body, tag).is_err() || msg[1..4] != [0, 0, 0] {
+            return Err(Refused::Rejected);
+        }
+        Ok(())
+    }
+
+    fn signed(&self, mut body: Vec<u8>) -> Vec<u8> {
+        let tag = hmac::sign(&self.mac_key, &body);
+        body.extend_from_slice(tag.as_ref());
+        body
+    }
+}
+
 /// One side's handshake state.
 pub(crate) struct Handshake {
     psk: [u8; 32],
-    mac_key: hmac::Key,
+    verifier: Verifier,
     rng: SystemRandom,
     /// This side's id in its Inits, so one sent back to it is known for its own.
     id: [u8; 8],
@@ -64,28 +120,16 @@ pub(crate) struct Handshake {
 
 impl Handshake {
     pub(crate) fn new(psk: &[u8; 32]) -> Handshake {
-        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"ringsock tunnel v1 handshake").extract(psk);
-        let mac: [u8; 32] = expand(&prk, b"mac");
         let rng = SystemRandom::new();
         Handshake {
             psk: *psk,
-            mac_key: hmac::Key::new(hmac::HMAC_SHA256, &mac),
+            verifier: Verifier::new(psk),
             id: random(&rng),
             rng,
             last_sent: 0,
             newest_taken: None,
             waiting: None,
         }
-    }
-
-    fn signed(&self, mut body: Vec<u8>) -> Vec<u8> {
-        let tag = hmac::sign(&self.mac_key, &body);
-        body.extend_from_slice(tag.as_ref());
-        body
-    }
-
-    fn verify(&self, msg: &[u8], len: usize) -> bool {
-        msg.len() == len && hmac::verify(&self.mac_key, &msg[..len - 32], &msg[len - 32..]).is_ok()
     }
 
     /// A new Init (a fresh random each time: an answer to an older one is ignored).
@@ -103,22 +147,22 @@ impl Handshake {
         body.extend_from_slice(&self.id);
         body.extend_from_slice(&time.to_be_bytes());
         body.extend_from_slice(&random);
-        self.signed(body)
+        self.verifier.signed(body)
     }
 
-    /// Handles a handshake message.
+    /// Handles a handshake message (checked again: [`Verifier::check`] first spares the
+    /// lock around this the forgeries).
     pub(crate) fn receive(&mut self, msg: &[u8]) -> Outcome {
-        match msg.first() {
-            Some(&INIT) if msg.len() == INIT_LEN => self.on_init(msg),
-            Some(&RESPONSE) if msg.len() == RESPONSE_LEN => self.on_response(msg),
-            _ => Outcome::Malformed,
+        if let Err(refused) = self.verifier.check(msg) {
+            return refused.into();
+        }
+        match msg[0] {
+            INIT => self.on_init(msg),
+            _ => self.on_response(msg),
         }
     }
 
     fn on_init(&mut self, msg: &[u8]) -> Outcome {
-        if !self.verify(msg, INIT_LEN) || msg[1..4] != [0, 0, 0] {
-            return Outcome::Rejected;
-        }
         let sender = &msg[4..12];
         let time = u64::from_be_bytes(msg[12..20].try_into().expect("8 bytes"));
         let theirs: [u8; 32] = msg[20..52].try_into().expect("32 bytes");
@@ -139,15 +183,12 @@ impl Handshake {
         let mut body = vec![RESPONSE, 0, 0, 0];
         body.extend_from_slice(&theirs);
         body.extend_from_slice(&mine);
-        let reply = self.signed(body);
+        let reply = self.verifier.signed(body);
         let session = Session::derive(&self.psk, &theirs, &mine, Role::Responder);
         Outcome::Answer { reply, session }
     }
 
     fn on_response(&mut self, msg: &[u8]) -> Outcome {
-        if !self.verify(msg, RESPONSE_LEN) || msg[1..4] != [0, 0, 0] {
-            return Outcome::Rejected;
-        }
         let echoed: [u8; 32] = msg[4..36].try_into().expect("32 bytes");
         if self.waiting != Some(echoed) {
             return Outcome::Replayed;
