@@ -93,6 +93,9 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     }
     let key = PresharedKey::from_file(&args.key)?;
     note_if_others_can_read(&args.key);
+    // A name the kernel refuses is refused here, before it is claimed: two such runs at
+    // once would be told the name is another tunnel's rather than what is wrong with it.
+    TunDevice::check_name(&args.tun)?;
     let _claim = claim(&args.tun)?;
     refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
@@ -165,10 +168,7 @@ const IN_USE_WAIT: Duration = Duration::from_millis(250);
 /// the interface's packets over both. A supervisor's restart right after a SIGKILL
 /// waits up to [`IN_USE_WAIT`] for the old queue to close.
 fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
-    // Names the kernel refuses anyway (the open says why) are no path to look at.
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
-        return Ok(());
-    }
+    // `name` passed TunDevice::check_name: one plain path component, no / or ..
     // Only a TUN or TAP has tun_flags: any other interface's carrier says nothing of a
     // tunnel, and the open says what it is instead.
     if !std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists() {

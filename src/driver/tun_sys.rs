@@ -52,6 +52,12 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
+/// Whether the kernel takes `name` for an interface (else the error saying what a name
+/// may hold).
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    ifreq(name).map(drop)
+}
+
 /// The name the kernel gave the interface (it may fill in a `%d` template).
 fn name_of(req: &libc::ifreq) -> String {
     let bytes: Vec<u8> = req

@@ -181,6 +181,15 @@ impl TunDevice {
         Ok(device)
     }
 
+    /// Whether `name` is one the kernel takes for an interface (1 to 15 bytes, not `.`
+    /// or `..`, no `/`, `:`, whitespace or NUL; a template such as `vpn%d` is one):
+    /// else the InvalidArgument error [`create`](Self::create) would fail with, before
+    /// anything is opened.
+    pub fn check_name(name: &str) -> Result<()> {
+        tun_sys::check_name(name)
+            .map_err(|e| Error::io(format!("open the TUN interface {name:?}"), e))
+    }
+
     fn open(name: &str, options: TunOptions, created: bool) -> Result<TunDevice> {
         let flags = QueueFlags {
             vnet_hdr: options.offloads,
