@@ -799,6 +799,59 @@ fn a_key_file_others_may_read_gets_a_note() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Whether `child` ends within 20 s (polled); killed if not.
+fn ends_in_time(child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// A key "file" that is a FIFO no one writes to is refused as empty at once (before,
+/// the open waited for a writer forever); one whose writer writes after the tunnel
+/// opened it, as `--key <(cat key)` does, is read (the tunnel then stops at the next
+/// step, here a name the kernel refuses).
+#[test]
+fn a_key_fifo_without_a_writer_is_refused_and_one_with_a_late_writer_is_read() {
+    let dir = std::env::temp_dir().join(format!("ringsock-keyfifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("key");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    for backend in BACKENDS {
+        for (writer, says) in [(false, "not 0 characters"), (true, "1 to 15 bytes")] {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(&fifo)
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            if writer {
+                // Opening to write waits for the tunnel's open to read.
+                let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+                file.write_all(format!("{}\n", "ab".repeat(32)).as_bytes())
+                    .unwrap();
+            }
+            assert!(
+                ends_in_time(&mut child),
+                "{backend} {writer}: still waiting"
+            );
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {writer}: {stderr}");
+            assert!(stderr.contains(says), "{backend} {writer}: {stderr}");
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key file is read only as far as a key can go: /dev/zero and a 1 GiB (sparse) file
 /// are refused at once, not read to the end (forever, or into a gigabyte of memory).
 #[test]
@@ -1188,14 +1241,10 @@ fn a_tun_deleted_under_the_tunnel_ends_it_with_a_clear_error() {
             let (mut child, _stdout, _) =
                 started_on_loopback(&pair, backend, threads, Stdio::piped());
             pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
-            let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while child.try_wait().unwrap().is_none() {
-                if std::time::Instant::now() > deadline {
-                    let _ = child.kill();
-                    panic!("{backend} {threads}: still running without its interface");
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
+            assert!(
+                ends_in_time(&mut child),
+                "{backend} {threads}: still running without its interface"
+            );
             let out = child.wait_with_output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
