@@ -813,11 +813,12 @@ fn ends_in_time(child: &mut std::process::Child) -> bool {
 }
 
 /// A key "file" that is a FIFO no one writes to is refused as empty at once (before,
-/// the open waited for a writer forever); one whose writer writes after the tunnel
-/// opened it, as `--key <(cat key)` does, is read (the tunnel then stops at the next
-/// step, here a name the kernel refuses).
+/// the open waited for a writer forever); a pipe whose writer is there, as with
+/// `--key <(cat key)`, is read (the tunnel then stops at the next step, here a name
+/// the kernel refuses).
 #[test]
-fn a_key_fifo_without_a_writer_is_refused_and_one_with_a_late_writer_is_read() {
+fn a_key_fifo_without_a_writer_is_refused_and_a_pipe_with_one_is_read() {
+    use std::os::fd::{FromRawFd, OwnedFd};
     let dir = std::env::temp_dir().join(format!("ringsock-keyfifo-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let fifo = dir.join("key");
@@ -825,29 +826,42 @@ fn a_key_fifo_without_a_writer_is_refused_and_one_with_a_late_writer_is_read() {
     // SAFETY: a NUL-terminated path that outlives the call.
     assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
     for backend in BACKENDS {
-        for (writer, says) in [(false, "not 0 characters"), (true, "1 to 15 bytes")] {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are new and owned here alone.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut writer = Some(std::fs::File::from(write_end));
+        let key_text = format!("{}\n", "ab".repeat(32));
+        writer
+            .as_mut()
+            .unwrap()
+            .write_all(key_text.as_bytes())
+            .unwrap();
+        let pipe = format!("/proc/{}/fd/{}", std::process::id(), fds[0]);
+        for (key, says) in [
+            (fifo.to_str().unwrap(), "not 0 characters"),
+            (&pipe[..], "1 to 15 bytes"),
+        ] {
             let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
                 .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
-                .args(["--backend", backend, "--key"])
-                .arg(&fifo)
+                .args(["--backend", backend, "--key", key])
                 .stderr(Stdio::piped())
                 .spawn()
                 .unwrap();
-            if writer {
-                // Opening to write waits for the tunnel's open to read.
-                let mut file = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
-                file.write_all(format!("{}\n", "ab".repeat(32)).as_bytes())
-                    .unwrap();
+            if key == pipe {
+                // The key ends where the pipe does: when its writer closes, before or
+                // after the tunnel opened it (this test holds the read end meanwhile).
+                drop(writer.take());
             }
-            assert!(
-                ends_in_time(&mut child),
-                "{backend} {writer}: still waiting"
-            );
+            assert!(ends_in_time(&mut child), "{backend} {key}: still waiting");
             let out = child.wait_with_output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{backend} {writer}: {stderr}");
-            assert!(stderr.contains(says), "{backend} {writer}: {stderr}");
+            assert_eq!(out.status.code(), Some(1), "{backend} {key}: {stderr}");
+            assert!(stderr.contains(says), "{backend} {key}: {stderr}");
         }
+        drop(read_end);
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
