@@ -2,7 +2,7 @@
 //! sealed with ChaCha20-Poly1305 (what `ringsock tunnel` runs).
 //!
 //! ```text
-//! openssl rand -hex 32 > vpn.key                      # the same file on both ends
+//! (umask 077; openssl rand -hex 32 > vpn.key)         # the same file on both ends
 //! # host A (192.0.2.1):
 //! cargo run --example vpn_tunnel -- vpn0 0.0.0.0:51820 vpn.key
 //! ip addr add 10.9.0.1/24 dev vpn0

@@ -4,13 +4,14 @@
 mod util;
 
 use std::net::{Ipv4Addr, UdpSocket};
+use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
 use ringsock::tun::{TunDevice, TunOptions};
 use ringsock::SocketErrorStatus;
 use util::netns::{skip, Netns};
-use util::{on_each_backend, MUST_HAPPEN};
+use util::{must, on_each_backend, on_each_backend_in_netns, MUST_HAPPEN};
 
 /// A hand-built IPv4/UDP packet from 10.77.0.2:9999 to 10.77.0.1:`port`.
 fn udp_packet(port: u16, payload: &[u8]) -> Vec<u8> {
@@ -182,5 +183,190 @@ fn a_tun_used_on_another_runtime_is_wrong_runtime() {
             );
             drop(tun);
         }
+    });
+}
+
+/// An existing interface a TUN queue cannot attach to (no TUN at all, a TAP, a TUN made
+/// without multi-queue) is an error that says which, not the kernel's bare EINVAL; the
+/// interface stays as it was.
+#[test]
+fn an_interface_a_queue_cannot_attach_to_says_why() {
+    let netns = match Netns::create("tunkind") {
+        Ok(netns) => netns,
+        Err(why) => return skip(&why),
+    };
+    for args in [
+        &[
+            "ip", "link", "add", "rsveth0", "type", "veth", "peer", "name", "rsveth1",
+        ][..],
+        &["ip", "tuntap", "add", "dev", "rstap0", "mode", "tap"],
+        &["ip", "tuntap", "add", "dev", "rstun9", "mode", "tun"],
+    ] {
+        netns.exec(args).expect("make the interface");
+    }
+    netns.run(|| {
+        on_each_backend(|backend| async move {
+            for (name, says) in [
+                ("lo", "not a TUN interface"),
+                ("rsveth0", "not a TUN interface"),
+                ("rstap0", "a TAP interface"),
+                ("rstun9", "multi_queue"),
+            ] {
+                let err = TunDevice::create(name, TunOptions::default())
+                    .expect_err("no TUN queue to attach");
+                let text = err.to_string();
+                assert!(text.contains(says), "{backend} {name}: {text}");
+                assert_eq!(
+                    err.status(),
+                    SocketErrorStatus::InvalidArgument,
+                    "{backend} {name}: {text}"
+                );
+            }
+            // The TUN made without multi-queue is attached as it was made.
+            let single = TunOptions {
+                multi_queue: false,
+                ..TunOptions::default()
+            };
+            let tun = TunDevice::create("rstun9", single).expect("attach as made");
+            assert!(!tun.created(), "{backend}");
+        });
+    });
+}
+
+/// An interface deleted underneath its queue (`ip link del`) ends a read in flight and
+/// every later read and flush with an error saying so: no hang, no panic.
+#[test]
+fn a_tun_deleted_underneath_ends_reads_and_writes_with_an_error() {
+    on_each_backend_in_netns("tundel", |backend| async move {
+        let tun = TunDevice::create("rstun2", TunOptions::default()).expect("create");
+        let delete = || {
+            let out = std::process::Command::new("ip")
+                .args(["link", "del", "rstun2"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{backend}: ip link del: {out:?}");
+        };
+        let mut frames = Vec::new();
+        let in_flight = {
+            let mut read = std::pin::pin!(tun.recv_batch(&mut frames, 8));
+            match util::poll_once(read.as_mut()).await {
+                Poll::Ready(result) => {
+                    delete();
+                    result
+                }
+                Poll::Pending => {
+                    delete();
+                    must("the read in flight", read).await
+                }
+            }
+        };
+        // What the kernel had queued before may still come; then the error.
+        let err = match in_flight {
+            Err(err) => err,
+            Ok(_) => {
+                must("a read after the deletion", async {
+                    loop {
+                        let mut frames = Vec::new();
+                        if let Err(err) = tun.recv_batch(&mut frames, 8).await {
+                            return err;
+                        }
+                    }
+                })
+                .await
+            }
+        };
+        let text = err.to_string();
+        assert!(text.contains("rstun2 was deleted"), "{backend}: {text}");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::NetworkIsDown,
+            "{backend}: {text}"
+        );
+        let again = must("a second read", tun.recv()).await.unwrap_err();
+        assert!(
+            again.to_string().contains("was deleted"),
+            "{backend}: {again}"
+        );
+        tun.write(&udp_packet(9, b"to nowhere"));
+        let flushed = must("a flush", tun.flush()).await.unwrap_err();
+        assert!(
+            flushed.to_string().contains("was deleted"),
+            "{backend}: {flushed}"
+        );
+        assert_eq!(tun.stats().write_errors, 1, "{backend}");
+    });
+}
+
+/// Packets the kernel cannot take (empty, one byte, not IP, over 64 KiB) are refused
+/// and counted, with offloads and without, and the packet queued after them still
+/// reaches its socket: no panic, no stuck flush.
+#[test]
+fn odd_packets_written_are_refused_and_the_next_one_goes() {
+    on_each_backend_in_netns("tunodd", |backend| async move {
+        for offloads in [true, false] {
+            let options = TunOptions {
+                offloads,
+                ..TunOptions::default()
+            };
+            let tun = TunDevice::create("rstun4", options).expect("create");
+            let out = std::process::Command::new("ip")
+                .args(["addr", "add", "10.77.0.1/24", "dev", "rstun4"])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{backend}: {out:?}");
+            let sock = UdpSocket::bind((Ipv4Addr::new(10, 77, 0, 1), 0)).unwrap();
+            sock.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+            let port = sock.local_addr().unwrap().port();
+            // To a port no one listens on: the kernel may take it, trimmed to the
+            // length its header says.
+            let huge = {
+                let mut packet = udp_packet(9, &[0; 100]);
+                packet.resize(70_000, 0);
+                packet
+            };
+            for odd in [&[][..], &[0x45], &[0x00; 40], &huge] {
+                tun.write(odd);
+            }
+            tun.write(&udp_packet(port, b"after the odd ones"));
+            let flushed = must("a flush of odd packets", tun.flush()).await;
+            assert!(flushed.is_err(), "{backend} {offloads}: nothing refused");
+            assert!(
+                tun.stats().write_errors >= 2,
+                "{backend} {offloads}: {:?}",
+                tun.stats()
+            );
+            let mut buf = [0u8; 64];
+            let (n, _) = sock.recv_from(&mut buf).expect("the packet after them");
+            assert_eq!(&buf[..n], b"after the odd ones", "{backend} {offloads}");
+            drop(tun);
+        }
+    });
+}
+
+/// A device dropped just after a read of it was given up while in flight closes its
+/// queue: the interface it created goes away, the runtime going on.
+#[test]
+fn a_tun_dropped_after_a_read_in_flight_goes_away() {
+    on_each_backend_in_netns("tundrop", |backend| async move {
+        let tun = TunDevice::create("rstun6", TunOptions::default()).expect("create");
+        {
+            let mut frames = Vec::new();
+            let mut read = std::pin::pin!(tun.recv_batch(&mut frames, 8));
+            let _ = util::poll_once(read.as_mut()).await;
+        }
+        drop(tun);
+        let what = format!("{backend}: the interface going away");
+        must(&what, async {
+            while std::process::Command::new("ip")
+                .args(["link", "show", "rstun6"])
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                ringsock::runtime::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
     });
 }

@@ -27,7 +27,8 @@ const DEFAULT_MTU: u32 = 1420;
 pub(crate) struct TunnelArgs {
     /// The TUN interface to create, or to attach to if it exists (then it stays when
     /// the tunnel exits; one it created is removed). One that another process (another
-    /// tunnel) has open is refused.
+    /// tunnel) has open is refused. A template such as vpn%d makes a new interface, the
+    /// kernel picking the number; the ready line names it.
     #[arg(long, value_name = "NAME")]
     tun: String,
     /// The UDP address to listen on, e.g. 0.0.0.0:51820 (port 0 picks a free port).
@@ -91,6 +92,11 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
         }
     }
     let key = PresharedKey::from_file(&args.key)?;
+    note_if_others_can_read(&args.key);
+    // A name the kernel refuses is refused here, before it is claimed: two such runs at
+    // once would be told the name is another tunnel's rather than what is wrong with it.
+    TunDevice::check_name(&args.tun)?;
+    let _claim = claim(&args.tun)?;
     refuse_if_in_use(&args.tun)?;
     let stop = StopSignal::install()?;
     let options = TunOptions {
@@ -106,6 +112,53 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     }
 }
 
+/// Says so on stderr when users other than the key file's owner may read it (as
+/// `openssl rand -hex 32 > key` leaves it, under the usual umask): whoever reads the key
+/// can read and forge the tunnel's traffic. A note, not an error: the tunnel runs.
+fn note_if_others_can_read(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return;
+    };
+    let mode = meta.permissions().mode() & 0o777;
+    if meta.is_file() && mode & 0o077 != 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the key file {} may be read by other users (mode {mode:o}): chmod 600 it",
+            path.display()
+        );
+    }
+}
+
+/// Claims the TUN interface `name` for this process, for as long as the value lives:
+/// a second `ringsock tunnel` on the same name in the same network namespace, started
+/// at the same moment, would pass [`refuse_if_in_use`] too (the first one's carrier
+/// shows only once its interface is up) and attach a queue of its own. The claim is
+/// an abstract Unix socket: one per network namespace, gone with the process however
+/// it ends. Where none can be bound for another reason, the carrier check alone stays.
+/// A template (`vpn%d`) claims nothing: the kernel makes a new interface of it.
+fn claim(name: &str) -> ringsock::Result<Option<std::os::unix::net::UnixDatagram>> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixDatagram};
+    if name.contains('%') {
+        return Ok(None);
+    }
+    let Ok(addr) = SocketAddr::from_abstract_name(format!("ringsock tunnel --tun {name}")) else {
+        return Ok(None);
+    };
+    match UnixDatagram::bind_addr(&addr) {
+        Ok(socket) => Ok(Some(socket)),
+        Err(err) if err.kind() == std::io::ErrorKind::AddrInUse => Err(Error::io(
+            format!(
+                "open the TUN interface {name:?}: another tunnel of this network namespace \
+                 is starting or running on it, and would get part of its packets"
+            ),
+            std::io::Error::from_raw_os_error(libc::EBUSY),
+        )),
+        Err(_) => Ok(None),
+    }
+}
+
 /// How long an interface still in use may take to be let go: a tunnel killed just before
 /// (SIGKILL) holds its queue a few milliseconds longer on io_uring.
 const IN_USE_WAIT: Duration = Duration::from_millis(250);
@@ -115,8 +168,10 @@ const IN_USE_WAIT: Duration = Duration::from_millis(250);
 /// the interface's packets over both. A supervisor's restart right after a SIGKILL
 /// waits up to [`IN_USE_WAIT`] for the old queue to close.
 fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
-    // Names the kernel refuses anyway (the open says why) are no path to look at.
-    if name.is_empty() || name.contains('/') || name == "." || name == ".." {
+    // `name` passed TunDevice::check_name: one plain path component, no / or ..
+    // Only a TUN or TAP has tun_flags: any other interface's carrier says nothing of a
+    // tunnel, and the open says what it is instead.
+    if !std::path::Path::new(&format!("/sys/class/net/{name}/tun_flags")).exists() {
         return Ok(());
     }
     let carrier = format!("/sys/class/net/{name}/carrier");

@@ -307,10 +307,41 @@ struct Relay {
     socket: UdpSocket,
     tunnel: SocketAddr,
     b: Option<SocketAddr>,
+    /// B's data datagrams.
     seen: Vec<Vec<u8>>,
+    /// B's Inits.
+    inits: Vec<Vec<u8>>,
+    /// A's Responses.
+    responses: Vec<Vec<u8>>,
+    /// Sent to A's tunnel just before the Response A sends to each Init of B's is
+    /// passed on to B: it is in A's socket before B can have answered that Response.
+    before_response: Option<Vec<u8>>,
+    /// An Init of B's went to A, and the Response to it has not come back yet.
+    init_passed: bool,
 }
 
 impl Relay {
+    /// A relay on A's veth address in front of A's tunnel at A_LISTEN, and its address
+    /// for B's `--peer`.
+    fn new(pair: &Pair) -> (Relay, String) {
+        let socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
+        socket
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let addr = socket.local_addr().unwrap().to_string();
+        let relay = Relay {
+            socket,
+            tunnel: A_LISTEN.parse().unwrap(),
+            b: None,
+            seen: Vec::new(),
+            inits: Vec::new(),
+            responses: Vec::new(),
+            before_response: None,
+            init_passed: false,
+        };
+        (relay, addr)
+    }
+
     /// Forwards both ways for `rounds` datagrams or until quiet.
     fn pump(&mut self, rounds: usize) {
         let mut buf = vec![0u8; 65536];
@@ -319,18 +350,59 @@ impl Relay {
                 return;
             };
             if from == self.tunnel {
+                if buf[0] == 2 {
+                    self.responses.push(buf[..n].to_vec());
+                }
+                if let (2, true, Some(inject)) = (buf[0], self.init_passed, &self.before_response) {
+                    let _ = self.socket.send_to(inject, self.tunnel);
+                    self.init_passed = false;
+                }
                 if let Some(b) = self.b {
                     let _ = self.socket.send_to(&buf[..n], b);
                 }
             } else {
                 self.b = Some(from);
-                if buf[0] == 4 && n > 32 {
-                    self.seen.push(buf[..n].to_vec());
+                match buf[0] {
+                    1 => {
+                        self.inits.push(buf[..n].to_vec());
+                        self.init_passed = true;
+                    }
+                    4 if n > 32 => self.seen.push(buf[..n].to_vec()),
+                    _ => {}
                 }
                 let _ = self.socket.send_to(&buf[..n], self.tunnel);
             }
         }
     }
+
+    /// Pings A from B through the relay (see [`ping_until`]), forwarding meanwhile.
+    fn ping_through(&mut self, pair: &Pair, rounds: usize) -> bool {
+        std::thread::scope(|scope| {
+            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, rounds));
+            while !pinger.is_finished() {
+                self.pump(10);
+            }
+            pinger.join().unwrap()
+        })
+    }
+}
+
+/// A on A_LISTEN on `a_threads` threads, a relay in front of it, and B with the relay
+/// as its peer, once a ping passes through.
+fn through_relay(
+    pair: &Pair,
+    backend: &str,
+    key: &std::path::Path,
+    a_threads: &str,
+) -> (TunnelProc, Relay, TunnelProc) {
+    let a = start_a_on(pair, backend, key, A_LISTEN, a_threads);
+    let (mut relay, relay_addr) = Relay::new(pair);
+    let b = start_b(pair, backend, key, &relay_addr);
+    assert!(
+        relay.ping_through(pair, 5),
+        "{backend}: no ping through the relay"
+    );
+    (a, relay, b)
 }
 
 #[test]
@@ -338,28 +410,8 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
     for backend in BACKENDS {
         let Some(pair) = pair("tf") else { return };
         let key = pair.key("k", 1);
-        let a = start_a(&pair, backend, &key, A_LISTEN);
         let tunnel: SocketAddr = A_LISTEN.parse().unwrap();
-        let relay_socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
-        relay_socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let relay_addr = relay_socket.local_addr().unwrap().to_string();
-        let b = start_b(&pair, backend, &key, &relay_addr);
-        let mut relay = Relay {
-            socket: relay_socket,
-            tunnel,
-            b: None,
-            seen: Vec::new(),
-        };
-        let pinger = std::thread::scope(|scope| {
-            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, 5));
-            while !pinger.is_finished() {
-                relay.pump(10);
-            }
-            pinger.join().unwrap()
-        });
-        assert!(pinger, "{backend}: no ping through the relay");
+        let (a, mut relay, b) = through_relay(&pair, backend, &key, "1");
         let sealed = relay.seen.last().expect("a data datagram").clone();
 
         // Injected from the relay's own address (the peer's), and from another socket.
@@ -375,7 +427,7 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
         tampered[at] ^= 0x40;
         let tampered = fresh(tampered);
         let mut forged_init = vec![1u8, 0, 0, 0];
-        forged_init.extend_from_slice(&[0x5a; 64]);
+        forged_init.extend_from_slice(&[0x5a; 80]);
         let injected: Vec<(Vec<u8>, &str)> = vec![
             (sealed.clone(), "replay"),
             (tampered, "tampered"),
@@ -390,14 +442,10 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
             relay.socket.send_to(datagram, tunnel).unwrap();
             other.send_to(datagram, tunnel).unwrap();
         }
-        let still = std::thread::scope(|scope| {
-            let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, 3));
-            while !pinger.is_finished() {
-                relay.pump(10);
-            }
-            pinger.join().unwrap()
-        });
-        assert!(still, "{backend}: the tunnel stopped passing traffic");
+        assert!(
+            relay.ping_through(&pair, 3),
+            "{backend}: the tunnel stopped passing traffic"
+        );
         let stats = a.stop();
         drop(b);
         assert_eq!(stats["rx_replayed"], 2, "{backend}: {stats:?}");
@@ -418,38 +466,64 @@ fn forged_replayed_truncated_and_garbage_datagrams_are_dropped_and_counted() {
     }
 }
 
+/// An Init recorded from B's first run, sent to A again as the restarted B (on another
+/// port, as a restart with `--listen ...:0` is) handshakes — after A answered B's new
+/// Init, before B's first data under it can arrive — is not answered: it does not
+/// displace the session A holds for B's new Init, and B's data under it gets through.
+/// (Answered, it did: B was kept out for as long as the copies came, as A's own Inits
+/// went to B's old port.) A's Response to B's first run, sent to the new B, changes
+/// nothing either; both copies are counted.
+#[test]
+fn a_recorded_init_replayed_while_a_restarted_peer_handshakes_does_not_keep_it_out() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("ti") else { return };
+        let key = pair.key("k", 1);
+        let (a, relay, b) = through_relay(&pair, backend, &key, "1");
+        let recorded = relay.inits.first().expect("B's Init").clone();
+        let response = relay.responses.first().expect("A's Response").clone();
+        b.stop();
+        drop(relay);
+
+        let (mut relay, relay_addr) = Relay::new(&pair);
+        relay.before_response = Some(recorded);
+        let b = start_b(&pair, backend, &key, &relay_addr);
+        assert!(
+            relay.ping_through(&pair, 5),
+            "{backend}: the restarted B was kept out"
+        );
+        // B takes it before the replies of the ping after it.
+        let to_b = relay.b.expect("B's address");
+        relay.socket.send_to(&response, to_b).unwrap();
+        assert!(
+            relay.ping_through(&pair, 3),
+            "{backend}: after the Response"
+        );
+        let stats_b = b.stop();
+        assert!(
+            stats_b["handshakes_replayed"] >= 1,
+            "{backend}: the old Response reached B: {stats_b:?}"
+        );
+        assert_eq!(stats_b["sessions"], 1, "{backend}: {stats_b:?}");
+        let stats_a = a.stop();
+        assert!(
+            stats_a["handshakes_replayed"] >= 1,
+            "{backend}: the copy reached A: {stats_a:?}"
+        );
+        assert_eq!(
+            stats_a["rx_unknown_session"], 0,
+            "{backend}: B's data under the session A answered was refused: {stats_a:?}"
+        );
+        assert_eq!(stats_a["roams"], 1, "{backend}: B's new port: {stats_a:?}");
+    }
+}
+
 #[test]
 fn a_datagram_replayed_onto_either_thread_is_dropped_and_counted() {
     for backend in BACKENDS {
         let Some(pair) = pair("tq") else { return };
         let key = pair.key("k", 1);
-        let a = start_a_on(&pair, backend, &key, A_LISTEN, "2");
         let tunnel: SocketAddr = A_LISTEN.parse().unwrap();
-        let relay_socket = pair.a.run(move || UdpSocket::bind((A_OUTER, 0)).unwrap());
-        relay_socket
-            .set_read_timeout(Some(Duration::from_millis(300)))
-            .unwrap();
-        let relay_addr = relay_socket.local_addr().unwrap().to_string();
-        let b = start_b(&pair, backend, &key, &relay_addr);
-        let mut relay = Relay {
-            socket: relay_socket,
-            tunnel,
-            b: None,
-            seen: Vec::new(),
-        };
-        let relayed_ping = |relay: &mut Relay, rounds| {
-            std::thread::scope(|scope| {
-                let pinger = scope.spawn(|| ping_until(&pair.b, A_INNER, rounds));
-                while !pinger.is_finished() {
-                    relay.pump(10);
-                }
-                pinger.join().unwrap()
-            })
-        };
-        assert!(
-            relayed_ping(&mut relay, 5),
-            "{backend}: no ping through the relay"
-        );
+        let (a, mut relay, b) = through_relay(&pair, backend, &key, "2");
         let sealed = relay.seen.last().expect("a data datagram").clone();
 
         // A's two threads are pinned to CPUs and its sockets routed by the CPU that
@@ -470,7 +544,7 @@ fn a_datagram_replayed_onto_either_thread_is_dropped_and_counted() {
         let copies = cpus.len() as u64 * 8;
         relay.socket.send_to(&sealed, tunnel).unwrap();
         assert!(
-            relayed_ping(&mut relay, 3),
+            relay.ping_through(&pair, 3),
             "{backend}: the tunnel stopped passing traffic"
         );
         let stats = a.stop();
@@ -640,14 +714,7 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
     for backend in BACKENDS {
         let Some(pair) = pair("ts") else { return };
         let key = pair.key("k", 1);
-        let args = [
-            "--tun",
-            TUN,
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let args = on_loopback(TUN, key.to_str().unwrap());
         let a = TunnelProc::start(&pair.a, backend, &args, None);
         assert!(pair.a.exec(&["ip", "link", "show", TUN]).is_ok());
         a.stop();
@@ -702,6 +769,103 @@ fn a_bad_key_file_is_a_clear_error() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A key file other users may read gets a note saying so (the tunnel goes on to its
+/// next step, here a name the kernel refuses); one only its owner reads gets none.
+#[test]
+fn a_key_file_others_may_read_gets_a_note() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ringsock-keymode-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("key");
+    std::fs::write(&path, format!("{}\n", "ab".repeat(32))).unwrap();
+    for backend in BACKENDS {
+        for (mode, noted) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {mode:o}: {stderr}");
+            assert_eq!(
+                stderr.contains(&format!("may be read by other users (mode {mode:o})")),
+                noted,
+                "{backend} {mode:o}: {stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Whether `child` ends within 20 s (polled); killed if not.
+fn ends_in_time(child: &mut std::process::Child) -> bool {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// A key "file" that is a FIFO no one writes to is refused as empty at once (before,
+/// the open waited for a writer forever); a pipe whose writer is there, as with
+/// `--key <(cat key)`, is read (the tunnel then stops at the next step, here a name
+/// the kernel refuses).
+#[test]
+fn a_key_fifo_without_a_writer_is_refused_and_a_pipe_with_one_is_read() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let dir = std::env::temp_dir().join(format!("ringsock-keyfifo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let fifo = dir.join("key");
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    for backend in BACKENDS {
+        let mut fds = [0; 2];
+        // SAFETY: pipe2 writes two descriptors into the array it is given.
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // SAFETY: both descriptors are new and owned here alone.
+        let (read_end, write_end) =
+            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let mut writer = Some(std::fs::File::from(write_end));
+        let key_text = format!("{}\n", "ab".repeat(32));
+        writer
+            .as_mut()
+            .unwrap()
+            .write_all(key_text.as_bytes())
+            .unwrap();
+        let pipe = format!("/proc/{}/fd/{}", std::process::id(), fds[0]);
+        for (key, says) in [
+            (fifo.to_str().unwrap(), "not 0 characters"),
+            (&pipe[..], "1 to 15 bytes"),
+        ] {
+            let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key", key])
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            if key == pipe {
+                // The key ends where the pipe does: when its writer closes, before or
+                // after the tunnel opened it (this test holds the read end meanwhile).
+                drop(writer.take());
+            }
+            assert!(ends_in_time(&mut child), "{backend} {key}: still waiting");
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {key}: {stderr}");
+            assert!(stderr.contains(says), "{backend} {key}: {stderr}");
+        }
+        drop(read_end);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A key file is read only as far as a key can go: /dev/zero and a 1 GiB (sparse) file
 /// are refused at once, not read to the end (forever, or into a gigabyte of memory).
 #[test]
@@ -747,15 +911,25 @@ fn a_key_file_that_never_ends_or_is_huge_is_refused_unread() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The arguments of a tunnel on `tun` with the key file `key`, listening on loopback.
+fn on_loopback<'a>(tun: &'a str, key: &'a str) -> [&'a str; 6] {
+    ["--tun", tun, "--listen", "127.0.0.1:0", "--key", key]
+}
+
 /// `ringsock tunnel ARGS --backend BACKEND` in `ns`.
 fn tunnel_command(
     ns: &util::tunnel_pair::netns::Netns,
     backend: &str,
     args: &[&str],
 ) -> std::process::Command {
+    tunnel_command_in(ns.name(), backend, args)
+}
+
+/// `ringsock tunnel ARGS --backend BACKEND` in the namespace named `ns`.
+fn tunnel_command_in(ns: &str, backend: &str, args: &[&str]) -> std::process::Command {
     let mut command = std::process::Command::new("ip");
     command
-        .args(["netns", "exec", ns.name(), env!("CARGO_BIN_EXE_ringsock")])
+        .args(["netns", "exec", ns, env!("CARGO_BIN_EXE_ringsock")])
         .arg("tunnel")
         .args(args)
         .args(["--backend", backend])
@@ -764,72 +938,98 @@ fn tunnel_command(
     command
 }
 
-/// Names the kernel refuses get a message saying what a name may hold.
+/// Names the kernel refuses get a message saying what a name may hold; an interface
+/// that exists and is no TUN (loopback, the veth) is refused as such, not as one
+/// "another process has open" because its carrier is on, and stays.
 #[test]
-fn a_tun_name_the_kernel_refuses_is_a_clear_error() {
+fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
+    const NAME_RULE: &str = "1 to 15 bytes";
+    const NO_TUN: &str = "is not a TUN interface";
     for backend in BACKENDS {
         let Some(pair) = pair("tn") else { return };
         let key = pair.key("k", 1);
-        for name in ["a/b", "a:b", "a b", ".", "..", "", "sixteen-bytes-xx"] {
-            let args = [
-                "--tun",
-                name,
-                "--listen",
-                "127.0.0.1:0",
-                "--key",
-                key.to_str().unwrap(),
-            ];
+        for (name, says) in [
+            ("a/b", NAME_RULE),
+            ("a:b", NAME_RULE),
+            ("a b", NAME_RULE),
+            (".", NAME_RULE),
+            ("..", NAME_RULE),
+            ("", NAME_RULE),
+            ("sixteen-bytes-xx", NAME_RULE),
+            ("lo", NO_TUN),
+            ("rsva", NO_TUN),
+        ] {
+            let args = on_loopback(name, key.to_str().unwrap());
             let out = tunnel_command(&pair.a, backend, &args).output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{backend} {name:?}: {stderr}");
             assert!(
-                stderr.contains("InvalidArgument") && stderr.contains("1 to 15 bytes"),
+                stderr.contains("InvalidArgument") && stderr.contains(says),
                 "{backend} {name:?}: {stderr}"
             );
         }
+        assert!(
+            pair.a.exec(&["ip", "link", "show", "rsva"]).is_ok(),
+            "{backend}: the veth is still there"
+        );
     }
+}
+
+/// A tunnel process: `ringsock tunnel ARGS` in the namespace named `ns`, its stderr to
+/// `stderr`; its stdout after the first line, and that line (empty if it ended first).
+fn spawned(
+    ns: &str,
+    backend: &str,
+    args: &[&str],
+    stderr: Stdio,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let mut child = tunnel_command_in(ns, backend, args)
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    (child, stdout, line)
+}
+
+/// Runs `ringsock tunnel ARGS` in the namespace named `ns`, which must be refused: no
+/// ready line, status 1 (one that started is stopped here rather than left running).
+/// Its stderr.
+fn refused(ns: &str, backend: &str, args: &[&str]) -> String {
+    let (mut child, _, ready) = spawned(ns, backend, args, Stdio::piped());
+    if !ready.is_empty() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(ready.is_empty(), "{backend} {args:?}: started: {ready}");
+    assert_eq!(out.status.code(), Some(1), "{backend} {args:?}: {stderr}");
+    stderr
 }
 
 /// A second tunnel on the interface a running one created is refused: attached, it
 /// would take part of the first one's packets. The first goes on, and its SIGTERM
-/// still removes the interface.
+/// still removes the interface. So is a tunnel on an interface another program (here
+/// this test) has a queue of open.
 #[test]
 fn a_second_tunnel_on_an_interface_in_use_is_refused() {
     for backend in BACKENDS {
         let Some(pair) = pair("tu") else { return };
         let key = pair.key("k", 1);
-        let args = [
-            "--tun",
-            TUN,
-            "--listen",
-            "127.0.0.1:0",
-            "--key",
-            key.to_str().unwrap(),
-        ];
+        let args = on_loopback(TUN, key.to_str().unwrap());
         let first = TunnelProc::start(&pair.a, backend, &args, None);
         for threads in ["1", "2"] {
             let mut second = args.to_vec();
             second.extend(["--threads", threads]);
-            let mut child = tunnel_command(&pair.a, backend, &second)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            // Refused, it ends without a line; a tunnel that started says so, and is
-            // stopped here rather than left running.
-            let mut ready = String::new();
-            BufReader::new(child.stdout.take().unwrap())
-                .read_line(&mut ready)
-                .unwrap();
-            if !ready.is_empty() {
-                let _ = child.kill();
-            }
-            let out = child.wait_with_output().unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert!(ready.is_empty(), "{backend} {threads}: started: {ready}");
-            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            let stderr = refused(pair.a.name(), backend, &second);
             assert!(
-                stderr.contains("another process"),
+                stderr.contains("another tunnel"),
                 "{backend} {threads}: {stderr}"
             );
         }
@@ -838,6 +1038,239 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
             pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
             "{backend}: the interface outlived its tunnel"
         );
+
+        let name = pair.a.name().to_owned();
+        let key = key.to_str().unwrap().to_owned();
+        let backend_name = backend.to_owned();
+        let stderr = pair.a.run(move || {
+            let runtime = ringsock::Runtime::new().unwrap();
+            let options = ringsock::tun::TunOptions::default();
+            let held = runtime
+                .block_on(async { ringsock::tun::TunDevice::create("rstun1", options) })
+                .expect("a queue of our own");
+            let stderr = refused(&name, &backend_name, &on_loopback("rstun1", &key));
+            drop(held);
+            stderr
+        });
+        assert!(stderr.contains("another process"), "{backend}: {stderr}");
+    }
+}
+
+/// Two tunnels started at the same moment on one name: one runs, the other is refused
+/// (before, both could pass the in-use check, the first one's interface not up yet,
+/// and both ran on it, each with part of its packets).
+#[test]
+fn of_two_tunnels_started_at_once_on_one_name_one_runs() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tw") else { return };
+        let key = pair.key("k", 1);
+        let args = on_loopback(TUN, key.to_str().unwrap());
+        for round in 0..5 {
+            // Both started before either's first line is read.
+            let mut children: Vec<_> = (0..2)
+                .map(|_| {
+                    tunnel_command(&pair.a, backend, &args)
+                        .stdout(Stdio::piped())
+                        .stderr(Stdio::piped())
+                        .spawn()
+                        .unwrap()
+                })
+                .collect();
+            let ready: Vec<bool> = children
+                .iter_mut()
+                .map(|child| {
+                    let mut line = String::new();
+                    BufReader::new(child.stdout.take().unwrap())
+                        .read_line(&mut line)
+                        .unwrap();
+                    line.starts_with("tunnel ")
+                })
+                .collect();
+            for child in &mut children {
+                // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+                unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            }
+            let errors: Vec<String> = children
+                .into_iter()
+                .map(|child| {
+                    let out = child.wait_with_output().unwrap();
+                    String::from_utf8_lossy(&out.stderr).into_owned()
+                })
+                .collect();
+            assert_eq!(
+                ready.iter().filter(|r| **r).count(),
+                1,
+                "{backend} round {round}: {errors:?}"
+            );
+            assert!(
+                errors.iter().any(|e| e.contains("another tunnel")),
+                "{backend} round {round}: {errors:?}"
+            );
+        }
+    }
+}
+
+/// A tunnel on a UDP port another tunnel listens on is refused with
+/// AddressAlreadyInUse, on one thread or several (before, one on several threads
+/// joined the other's SO_REUSEPORT group, and the kernel gave it part of the first
+/// one's datagrams).
+#[test]
+fn a_tunnel_on_a_port_another_one_listens_on_is_refused() {
+    for backend in BACKENDS {
+        for first_threads in ["1", "2"] {
+            let Some(pair) = pair("ty") else { return };
+            let (mut first, _stdout, ready) =
+                started_on_loopback(&pair, backend, first_threads, Stdio::null());
+            let listen = ready.trim().rsplit(' ').next().unwrap().to_owned();
+            let key = pair.key("k2", 1);
+            for threads in ["1", "2"] {
+                let args = [
+                    "--tun",
+                    "rstun1",
+                    "--listen",
+                    &listen,
+                    "--key",
+                    key.to_str().unwrap(),
+                    "--threads",
+                    threads,
+                ];
+                let stderr = refused(pair.a.name(), backend, &args);
+                assert!(
+                    stderr.contains("AddressAlreadyInUse"),
+                    "{backend} {first_threads} {threads}: {stderr}"
+                );
+            }
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(first.id() as i32, libc::SIGTERM) }, 0);
+            assert!(first.wait().unwrap().success(), "{backend}");
+        }
+    }
+}
+
+/// A template name (rsq%d) makes one new interface, the kernel picking its number,
+/// which every thread's queue then opens (before, each thread made one of its own, the
+/// others down, and what they read of the peer was lost); a second tunnel of the same
+/// template runs beside it on the next one. Both go when stopped.
+#[test]
+fn a_template_name_makes_one_interface_for_all_threads() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("tx") else { return };
+        let key = pair.key("k", 1);
+        let mut args = on_loopback("rsq%d", key.to_str().unwrap()).to_vec();
+        args.extend(["--threads", "2"]);
+        let mut children = Vec::new();
+        for expected in ["rsq0", "rsq1"] {
+            let (child, _, ready) = spawned(pair.a.name(), backend, &args, Stdio::null());
+            children.push(child);
+            assert!(
+                ready.starts_with(&format!("tunnel {expected} udp ")),
+                "{backend}: {ready:?}"
+            );
+            let queues = pair
+                .a
+                .exec(&["ls", &format!("/sys/class/net/{expected}/queues")])
+                .unwrap();
+            assert!(queues.contains("rx-1"), "{backend}: {queues}");
+        }
+        let links = pair.a.exec(&["ip", "-br", "link"]).unwrap();
+        assert_eq!(links.matches("rsq").count(), 2, "{backend}: {links}");
+        for mut child in children {
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+            assert!(child.wait().unwrap().success(), "{backend}");
+        }
+        let links = pair.a.exec(&["ip", "-br", "link"]).unwrap();
+        assert!(!links.contains("rsq"), "{backend}: {links}");
+    }
+}
+
+/// A tunnel in A listening on loopback on `threads` threads, its stderr to `stderr`,
+/// once it printed its ready line; its stdout after that line, and the line.
+fn started_on_loopback(
+    pair: &Pair,
+    backend: &str,
+    threads: &str,
+    stderr: Stdio,
+) -> (
+    std::process::Child,
+    BufReader<std::process::ChildStdout>,
+    String,
+) {
+    let key = pair.key("k", 1);
+    let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
+    args.extend(["--threads", threads]);
+    let (child, stdout, ready) = spawned(pair.a.name(), backend, &args, stderr);
+    assert!(
+        ready.starts_with("tunnel "),
+        "{backend} {threads}: {ready:?}"
+    );
+    (child, stdout, ready)
+}
+
+/// SIGINT or SIGTERM while the tunnel is still handshaking with a peer that never
+/// answers (nothing listens on its port) ends it cleanly: status 0, its counters
+/// printed, the interface it made removed, on one thread or two.
+#[test]
+fn a_signal_while_handshaking_ends_the_tunnel_cleanly() {
+    for backend in BACKENDS {
+        for (signal, threads) in [(libc::SIGINT, "1"), (libc::SIGTERM, "2")] {
+            let Some(pair) = pair("th") else { return };
+            let key = pair.key("k", 1);
+            let mut args = on_loopback(TUN, key.to_str().unwrap()).to_vec();
+            args.extend(["--peer", "127.0.0.1:9", "--threads", threads]);
+            let (mut child, stdout, ready) = spawned(pair.a.name(), backend, &args, Stdio::piped());
+            assert!(ready.starts_with("tunnel "), "{backend}: {ready:?}");
+            // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
+            assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+            let rest: Vec<String> = stdout.lines().map_while(Result::ok).collect();
+            let status = child.wait().unwrap();
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(status.success(), "{backend} {signal}: {status} {stderr}");
+            assert!(!stderr.contains("panicked"), "{backend} {signal}: {stderr}");
+            assert!(
+                rest.iter().any(|line| line.starts_with("tunnel stats {")),
+                "{backend} {signal}: {rest:?}"
+            );
+            assert!(
+                pair.a.exec(&["ip", "link", "show", TUN]).is_err(),
+                "{backend} {signal}: the interface outlived its tunnel"
+            );
+        }
+    }
+}
+
+/// A TUN interface deleted under a running tunnel (`ip link del`) ends it with a
+/// message that says so and exit status 1, on one thread or two: no hang, no panic.
+#[test]
+fn a_tun_deleted_under_the_tunnel_ends_it_with_a_clear_error() {
+    for backend in BACKENDS {
+        for threads in ["1", "2"] {
+            let Some(pair) = pair("td") else { return };
+            let (mut child, _stdout, _) =
+                started_on_loopback(&pair, backend, threads, Stdio::piped());
+            pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
+            assert!(
+                ends_in_time(&mut child),
+                "{backend} {threads}: still running without its interface"
+            );
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {threads}: {stderr}");
+            assert!(
+                stderr.contains("NetworkIsDown") && stderr.contains(&format!("{TUN} was deleted")),
+                "{backend} {threads}: {stderr}"
+            );
+            assert!(
+                !stderr.contains("panicked"),
+                "{backend} {threads}: {stderr}"
+            );
+        }
     }
 }
 
@@ -849,29 +1282,8 @@ fn a_stdout_reader_that_goes_away_does_not_fail_the_tunnel() {
     for backend in BACKENDS {
         for threads in ["1", "2"] {
             let Some(pair) = pair("to") else { return };
-            let key = pair.key("k", 1);
-            let args = [
-                "--tun",
-                TUN,
-                "--listen",
-                "127.0.0.1:0",
-                "--key",
-                key.to_str().unwrap(),
-                "--threads",
-                threads,
-            ];
-            let mut child = tunnel_command(&pair.a, backend, &args)
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap();
-            let mut ready = String::new();
-            let mut stdout = BufReader::new(child.stdout.take().unwrap());
-            stdout.read_line(&mut ready).unwrap();
-            assert!(
-                ready.starts_with("tunnel "),
-                "{backend} {threads}: {ready:?}"
-            );
+            let (mut child, stdout, _) =
+                started_on_loopback(&pair, backend, threads, Stdio::null());
             drop(stdout);
             // SAFETY: kill(2) on the pid of our own child, which has not been reaped.
             assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);

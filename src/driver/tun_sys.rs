@@ -52,6 +52,12 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
+/// Whether the kernel takes `name` for an interface (else the error saying what a name
+/// may hold).
+pub(crate) fn check_name(name: &str) -> io::Result<()> {
+    ifreq(name).map(drop)
+}
+
 /// The name the kernel gave the interface (it may fill in a `%d` template).
 fn name_of(req: &libc::ifreq) -> String {
     let bytes: Vec<u8> = req
@@ -101,13 +107,83 @@ pub(crate) fn open_queue(name: &str, flags: QueueFlags) -> io::Result<(OwnedFd, 
     }
     req.ifr_ifru.ifru_flags = ifr_flags as libc::c_short;
     // SAFETY: TUNSETIFF reads and writes the ifreq, which outlives the call.
-    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) })?;
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETIFF, &mut req) }).map_err(|err| {
+        match err.raw_os_error() {
+            Some(libc::EINVAL) if interface_exists(name) => why_not_attached(name, flags),
+            _ => err,
+        }
+    })?;
     if flags.vnet_hdr {
         let size: libc::c_int = VNET_HDR_LEN as libc::c_int;
         // SAFETY: TUNSETVNETHDRSZ reads one int that outlives the call.
         check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TUNSETVNETHDRSZ, &size) })?;
     }
     Ok((fd, name_of(&req)))
+}
+
+/// Why TUNSETIFF refused (EINVAL) to attach a queue to the existing interface `name`:
+/// the kernel says only "Invalid argument" whether it is no TUN at all, a TAP, or a TUN
+/// made with the other multi-queue setting.
+fn why_not_attached(name: &str, flags: QueueFlags) -> io::Error {
+    let why = match driver(name).as_deref() {
+        Ok("tun") if hardware_type(name).is_ok_and(|t| t != libc::ARPHRD_NONE) => {
+            format!("{name} is a TAP interface, not TUN")
+        }
+        Ok("tun") => format!(
+            "{name} is a TUN interface made {} multi_queue, and a queue must be opened as \
+             the interface was made",
+            if flags.multi_queue { "without" } else { "with" }
+        ),
+        Ok(other) => format!("{name} is not a TUN interface (its driver is {other})"),
+        Err(_) => format!("{name} is not a TUN interface"),
+    };
+    io::Error::new(io::ErrorKind::InvalidInput, why)
+}
+
+/// The name of the interface's driver (ETHTOOL_GDRVINFO), such as "tun" or "veth".
+fn driver(name: &str) -> io::Result<String> {
+    /// `struct ethtool_drvinfo` (linux/ethtool.h), which libc does not define.
+    #[repr(C)]
+    struct DrvInfo {
+        cmd: u32,
+        driver: [u8; 32],
+        version: [u8; 32],
+        fw_version: [u8; 32],
+        bus_info: [u8; 32],
+        erom_version: [u8; 32],
+        reserved2: [u8; 12],
+        counts: [u32; 5],
+    }
+    const ETHTOOL_GDRVINFO: u32 = 3;
+    let sock = control_socket()?;
+    let mut info = DrvInfo {
+        cmd: ETHTOOL_GDRVINFO,
+        driver: [0; 32],
+        version: [0; 32],
+        fw_version: [0; 32],
+        bus_info: [0; 32],
+        erom_version: [0; 32],
+        reserved2: [0; 12],
+        counts: [0; 5],
+    };
+    let mut req = ifreq(name)?;
+    req.ifr_ifru.ifru_data = (&mut info as *mut DrvInfo).cast();
+    // SAFETY: SIOCETHTOOL with ETHTOOL_GDRVINFO writes at most one ethtool_drvinfo to
+    // the address in the ifreq; `info` is one, and both outlive the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCETHTOOL, &mut req) })?;
+    let len = info.driver.iter().position(|b| *b == 0).unwrap_or(32);
+    Ok(String::from_utf8_lossy(&info.driver[..len]).into_owned())
+}
+
+/// The interface's hardware type (SIOCGIFHWADDR): ARPHRD_NONE for a TUN, ARPHRD_ETHER
+/// for a TAP.
+fn hardware_type(name: &str) -> io::Result<u16> {
+    let sock = control_socket()?;
+    let mut req = ifreq(name)?;
+    // SAFETY: SIOCGIFHWADDR writes into the ifreq, which outlives the call.
+    check(unsafe { libc::ioctl(sock.as_raw_fd(), libc::SIOCGIFHWADDR, &mut req) })?;
+    // SAFETY: SIOCGIFHWADDR filled the union's hardware address member.
+    Ok(unsafe { req.ifr_ifru.ifru_hwaddr }.sa_family)
 }
 
 /// Declares which offloaded packets our reader accepts (TUNSETOFFLOAD with TUN_F_*);

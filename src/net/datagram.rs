@@ -326,11 +326,20 @@ impl DatagramSocket {
     /// Binds `addr` with SO_REUSEADDR and SO_REUSEPORT as one member of a group of
     /// sockets that share it. The `first` member of a group with a given port first
     /// waits out a socket a process that just ended still holds there (see
-    /// `wait_until_free`), so the group does not join that dying socket's.
+    /// `wait_until_free`), so the group does not join that dying socket's; a port
+    /// still held after that is AddressAlreadyInUse: the group shares it with no one
+    /// else (another process's sockets would take part of its datagrams, and its CPU
+    /// routing would replace theirs).
     pub(crate) fn bind_shared(&self, addr: SocketAddr, first: bool) -> Result<()> {
         if first {
-            super::bind::wait_until_free(addr, socket2::Type::DGRAM)
+            let free = super::bind::wait_until_free(addr, socket2::Type::DGRAM)
                 .map_err(|err| Error::io(format!("bind {addr}"), err))?;
+            if !free {
+                return Err(Error::io(
+                    format!("bind {addr}: another socket holds the port"),
+                    std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+                ));
+            }
         }
         self.options.multicast_only.set(true);
         self.bind_addr(addr)

@@ -181,6 +181,15 @@ impl TunDevice {
         Ok(device)
     }
 
+    /// Whether `name` is one the kernel takes for an interface (1 to 15 bytes, not `.`
+    /// or `..`, no `/`, `:`, whitespace or NUL; a template such as `vpn%d` is one):
+    /// else the InvalidArgument error [`create`](Self::create) would fail with, before
+    /// anything is opened.
+    pub fn check_name(name: &str) -> Result<()> {
+        tun_sys::check_name(name)
+            .map_err(|e| Error::io(format!("open the TUN interface {name:?}"), e))
+    }
+
     fn open(name: &str, options: TunOptions, created: bool) -> Result<TunDevice> {
         let flags = QueueFlags {
             vnet_hdr: options.offloads,
@@ -297,7 +306,7 @@ impl TunDevice {
         match result {
             Ok(()) => Ok(n),
             Err(_) if n > 0 => Ok(n),
-            Err(err) => Err(Error::io(format!("read from {}", self.name), err)),
+            Err(err) => Err(self.queue_error(format!("read from {}", self.name), err)),
         }
     }
 
@@ -348,7 +357,8 @@ impl TunDevice {
             return Ok(());
         }
         let (outcome, _) = ops_file::write_packets(&self.fd, frames).await;
-        let outcome = outcome.map_err(|e| Error::io(format!("write to {}", self.name), e))?;
+        let outcome =
+            outcome.map_err(|e| self.queue_error(format!("write to {}", self.name), e))?;
         let mut stats = self.stats.get();
         stats.flushes += 1;
         stats.frames_written += outcome.written as u64;
@@ -356,7 +366,7 @@ impl TunDevice {
         self.stats.set(stats);
         match outcome.first_error {
             None => Ok(()),
-            Some(err) => Err(Error::io(
+            Some(err) => Err(self.queue_error(
                 format!(
                     "write {} of {} frames to {}",
                     outcome.refused,
@@ -366,6 +376,19 @@ impl TunDevice {
                 err,
             )),
         }
+    }
+
+    /// The error of a read or write: the kernel's EBADFD, which only says "File
+    /// descriptor in bad state", means the interface went away under the queue (`ip
+    /// link del`), for good: said so, as a network that is down.
+    fn queue_error(&self, context: String, err: std::io::Error) -> Error {
+        if err.raw_os_error() != Some(libc::EBADFD) {
+            return Error::io(context, err);
+        }
+        Error::io(
+            format!("{context}: {} was deleted", self.name),
+            std::io::Error::from_raw_os_error(libc::ENETDOWN),
+        )
     }
 }
 

@@ -15,7 +15,8 @@ pub struct TunnelConfig {
     pub peer: Option<SocketAddr>,
     /// The pre-shared key.
     pub key: PresharedKey,
-    /// Most frames or datagrams handled per batch (default 64).
+    /// Most frames or datagrams handled per batch (default 64; 1 to 1024, else joining
+    /// is an InvalidArgument error).
     pub batch: usize,
     /// A side that received but has sent nothing for this long sends an empty message,
     /// so its peer knows the session lives (default 1 s).

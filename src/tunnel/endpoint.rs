@@ -9,13 +9,13 @@ use std::rc::Rc;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 
 use super::config::TunnelConfig;
 use super::group::{lock, Shared, TunnelGroup, View};
-use super::handshake::{Outcome, INIT, RESPONSE};
+use super::handshake::{Outcome, Refused, INIT, RESPONSE};
 use super::session::{data_tag, OpenError, Session, DATA, DATA_HEADER, TAG_LEN};
 use super::stats::TunnelStats;
 use super::timers::{Due, Intervals};
@@ -26,9 +26,19 @@ use crate::Result;
 impl TunnelGroup {
     /// A member on this thread: the queue `tun` and a new UDP socket (don't-fragment on,
     /// UDP GRO on receive) bound with SO_REUSEPORT to the group's address (the first
-    /// member binds `config.listen`, and its port is everyone's). The first member also
-    /// runs the group's timers. Call [`Tunnel::run`] on the runtime the TUN belongs to.
+    /// member binds `config.listen`, and its port is everyone's; one another socket
+    /// holds is AddressAlreadyInUse, as the group shares its port with no one else).
+    /// The first member also runs the group's timers. Call [`Tunnel::run`] on the
+    /// runtime the TUN belongs to.
     pub fn join(&self, tun: TunDevice) -> Result<Tunnel> {
+        let batch = self.shared.config.batch;
+        // 0 would take nothing (the socket refuses such a receive, the loop would spin
+        // on it); a huge one would ask for its buffers up front.
+        if !(1..=MAX_BATCH).contains(&batch) {
+            return Err(crate::Error::invalid_input(format!(
+                "a tunnel's batch is 1 to {MAX_BATCH} frames or datagrams, not {batch}"
+            )));
+        }
         let (socket, leader, lane) = self.bind_member()?;
         Ok(Tunnel::member(
             tun,
@@ -61,6 +71,9 @@ struct Inner {
     output: RefCell<Option<(SocketAddr, OutputStream)>>,
     stats: Cell<TunnelStats>,
 }
+
+/// The largest [`TunnelConfig::batch`]: as many datagrams as one receive takes.
+const MAX_BATCH: usize = 1024;
 
 /// Receive failures in a row after which the socket counts as broken.
 const MAX_RECEIVE_FAILURES: u32 = 1000;
@@ -319,6 +332,13 @@ impl Inner {
         replies: &mut Vec<(Vec<u8>, SocketAddr)>,
     ) {
         let shared = &*self.shared;
+        if let Err(refused) = shared.verifier.check(msg) {
+            self.count(|s| match refused {
+                Refused::Malformed => s.rx_malformed += 1,
+                Refused::Rejected => s.handshakes_rejected += 1,
+            });
+            return;
+        }
         let mut keys = lock(&shared.keys);
         match keys.handshake.receive(msg) {
             Outcome::Answer { reply, session } => {
@@ -326,7 +346,6 @@ impl Inner {
                 replies.push((reply, from));
                 self.count(|s| s.handshakes_answered += 1);
             }
-            Outcome::AnswerAgain(reply) => replies.push((reply, from)),
             Outcome::Established(session) => {
                 // Confirm at once with an empty message, so the responder switches to
                 // this session before it has data of its own to send.
@@ -342,6 +361,7 @@ impl Inner {
                 self.count(|s| s.sessions += 1);
             }
             Outcome::Rejected => self.count(|s| s.handshakes_rejected += 1),
+            Outcome::Replayed => self.count(|s| s.handshakes_replayed += 1),
             Outcome::Ignored => {}
             Outcome::Malformed => self.count(|s| s.rx_malformed += 1),
         }
@@ -424,7 +444,7 @@ impl Inner {
         if !self.leader {
             return std::future::pending().await;
         }
-        let tick = (self.config().handshake_retry / 4).max(Duration::from_millis(20));
+        let tick = self.intervals().tick();
         loop {
             let message = self.due_message(Instant::now());
             if let Some((message, to)) = message {
@@ -437,18 +457,24 @@ impl Inner {
         }
     }
 
+    fn intervals(&self) -> Intervals {
+        let config = self.config();
+        Intervals {
+            keepalive: config.keepalive,
+            rehandshake_after: config.rehandshake_after,
+            handshake_retry: config.handshake_retry,
+        }
+    }
+
     /// The Init or keepalive due now, if any, and where it goes.
     fn due_message(&self, now: Instant) -> Option<(Vec<u8>, SocketAddr)> {
         let shared = &*self.shared;
         let mut keys = lock(&shared.keys);
         let peer = keys.peer?;
-        let config = self.config();
-        let intervals = Intervals {
-            keepalive: config.keepalive,
-            rehandshake_after: config.rehandshake_after,
-            handshake_retry: config.handshake_retry,
-        };
-        match shared.timers.due(now, keys.current.is_some(), &intervals) {
+        match shared
+            .timers
+            .due(now, keys.current.is_some(), &self.intervals())
+        {
             Due::Handshake => {
                 shared.timers.initiated(now);
                 self.count(|s| s.handshakes_initiated += 1);

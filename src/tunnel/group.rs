@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 use super::config::TunnelConfig;
-use super::handshake::Handshake;
+use super::handshake::{Handshake, Verifier};
 use super::session::Session;
 use super::timers::Timers;
 use crate::net::DatagramSocket;
@@ -60,6 +60,8 @@ pub(super) struct Shared {
     /// member sees with one load whether its copy is still current.
     pub(super) epoch: AtomicU64,
     pub(super) timers: Timers,
+    /// Checks handshake messages before `keys` is locked.
+    pub(super) verifier: Verifier,
 }
 
 /// The group's sockets, in bind order (the SO_REUSEPORT group's order).
@@ -103,6 +105,7 @@ impl TunnelGroup {
     }
 
     pub(super) fn with_port_sharing(config: TunnelConfig, reuse_port: bool) -> TunnelGroup {
+        let verifier = Verifier::new(config.key.as_bytes());
         let keys = Keys {
             handshake: Handshake::new(config.key.as_bytes()),
             current: None,
@@ -118,6 +121,7 @@ impl TunnelGroup {
                 keys: Mutex::new(keys),
                 epoch: AtomicU64::new(1),
                 timers: Timers::new(Instant::now()),
+                verifier,
             }),
         }
     }

@@ -47,14 +47,11 @@ impl PresharedKey {
     /// Reads the key from `path` (see [`from_hex`](Self::from_hex)); a missing or
     /// unreadable file and bad contents are errors with the file's status.
     pub fn from_file(path: &Path) -> Result<PresharedKey> {
-        use std::io::Read;
         let read_error = |e| Error::io(format!("read the key file {}", path.display()), e);
         // A key with its whitespace is a few dozen bytes: reading stops past this, so
         // /dev/zero or a huge file cannot hold the caller or fill its memory.
         let mut text = Vec::new();
-        std::fs::File::open(path)
-            .and_then(|file| file.take(KEY_FILE_MAX + 1).read_to_end(&mut text))
-            .map_err(read_error)?;
+        read_limited(path, KEY_FILE_MAX + 1, &mut text).map_err(read_error)?;
         if text.len() as u64 > KEY_FILE_MAX {
             return Err(Error::invalid_file(
                 path,
@@ -70,6 +67,28 @@ impl PresharedKey {
     /// The key's bytes.
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
+    }
+}
+
+/// Appends to `text` what `path` holds, up to `limit` bytes. Opened plain, a FIFO no one
+/// writes to (a `mkfifo` left where the key file was meant to be) would hold the open
+/// forever: opened non-blocking it reads as empty instead. One whose writer has not
+/// written yet (`--key <(cat key)`) is opened again, blocking, which no longer waits
+/// for a writer, and read as it comes.
+fn read_limited(path: &Path, limit: u64, text: &mut Vec<u8>) -> std::io::Result<()> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    match (&file).take(limit).read_to_end(text) {
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+            let rest = limit.saturating_sub(text.len() as u64);
+            std::fs::File::open(path)?.take(rest).read_to_end(text)?;
+            Ok(())
+        }
+        other => other.map(drop),
     }
 }
 

@@ -11,7 +11,8 @@
 //!   truncated or foreign datagram is dropped and counted, never written), TCP segments
 //!   of a flow joined into super-segments, written to the TUN in one batch.
 //! - What is authenticated: every handshake message (HMAC-SHA256 under a key derived
-//!   from the pre-shared key) and every data message, its header included (the AEAD's
+//!   from the pre-shared key; an Init no newer than the last one taken is a recorded
+//!   copy, not answered) and every data message, its header included (the AEAD's
 //!   associated data). A peer's address is learned, and followed when it moves, only
 //!   from a data message that authenticates and is not a replay.
 

@@ -30,6 +30,10 @@ pub struct TunnelStats {
     pub rx_unknown_session: u64,
     /// Handshake messages whose MAC did not verify (another key): dropped.
     pub handshakes_rejected: u64,
+    /// Authentic Inits not answered: no newer than one taken before, or this side's
+    /// own sent back (recorded and replayed); and authentic Responses to an Init this
+    /// side does not wait for (replayed, or late): dropped.
+    pub handshakes_replayed: u64,
     /// Inits sent.
     pub handshakes_initiated: u64,
     /// Inits answered.
@@ -59,6 +63,7 @@ impl TunnelStats {
             rx_malformed,
             rx_unknown_session,
             handshakes_rejected,
+            handshakes_replayed,
             handshakes_initiated,
             handshakes_answered,
             sessions,
@@ -79,6 +84,7 @@ impl TunnelStats {
             rx_malformed: self.rx_malformed + rx_malformed,
             rx_unknown_session: self.rx_unknown_session + rx_unknown_session,
             handshakes_rejected: self.handshakes_rejected + handshakes_rejected,
+            handshakes_replayed: self.handshakes_replayed + handshakes_replayed,
             handshakes_initiated: self.handshakes_initiated + handshakes_initiated,
             handshakes_answered: self.handshakes_answered + handshakes_answered,
             sessions: self.sessions + sessions,
@@ -88,7 +94,7 @@ impl TunnelStats {
     }
 
     /// Every counter with its name, for printing.
-    pub fn fields(&self) -> [(&'static str, u64); 18] {
+    pub fn fields(&self) -> [(&'static str, u64); 19] {
         [
             ("tx_packets", self.tx_packets),
             ("tx_bytes", self.tx_bytes),
@@ -103,6 +109,7 @@ impl TunnelStats {
             ("rx_malformed", self.rx_malformed),
             ("rx_unknown_session", self.rx_unknown_session),
             ("handshakes_rejected", self.handshakes_rejected),
+            ("handshakes_replayed", self.handshakes_replayed),
             ("handshakes_initiated", self.handshakes_initiated),
             ("handshakes_answered", self.handshakes_answered),
             ("sessions", self.sessions),

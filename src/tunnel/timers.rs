@@ -16,6 +16,20 @@ pub(crate) struct Intervals {
     pub(crate) handshake_retry: Duration,
 }
 
+impl Intervals {
+    /// How often the timers look: a quarter of the shortest interval (each is then late
+    /// by at most a quarter), at most every 20 ms. Of the retry alone, a long retry
+    /// (say 10 s on a slow link) made keepalives seconds late, and the peer, hearing
+    /// nothing for its 3 s, handshook again.
+    pub(crate) fn tick(&self) -> Duration {
+        let shortest = self
+            .keepalive
+            .min(self.rehandshake_after)
+            .min(self.handshake_retry);
+        (shortest / 4).max(Duration::from_millis(20))
+    }
+}
+
 /// What is due.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Due {
@@ -119,6 +133,27 @@ mod tests {
 
     fn at(start: Instant, ms: u64) -> Instant {
         start + Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn the_timers_look_often_enough_for_the_shortest_interval() {
+        assert_eq!(INTERVALS.tick(), Duration::from_millis(125));
+        let slow_retry = Intervals {
+            handshake_retry: Duration::from_secs(10),
+            ..INTERVALS
+        };
+        assert_eq!(slow_retry.tick(), Duration::from_millis(250));
+        let never = Intervals {
+            keepalive: Duration::MAX,
+            rehandshake_after: Duration::MAX,
+            handshake_retry: Duration::MAX,
+        };
+        assert_eq!(never.tick(), Duration::MAX / 4);
+        let zero = Intervals {
+            keepalive: Duration::ZERO,
+            ..INTERVALS
+        };
+        assert_eq!(zero.tick(), Duration::from_millis(20));
     }
 
     #[test]

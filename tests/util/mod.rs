@@ -37,6 +37,19 @@ where
     }
 }
 
+/// Runs `test` on each driver (see [`on_each_backend`]) on a thread inside a network
+/// namespace of its own, deleted after; says "skipped" where none can be made.
+pub fn on_each_backend_in_netns<F, Fut>(tag: &str, test: F)
+where
+    F: Fn(Backend) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    match netns::Netns::create(tag) {
+        Ok(netns) => netns.run(move || on_each_backend(test)),
+        Err(why) => netns::skip(&why),
+    }
+}
+
 /// Runs `test` on each driver, then once more on io_uring without incremental buffers
 /// (`Capability::IncrementalBuffers` disabled): the receive ring's fallback layout, one
 /// datagram per buffer, which kernels before that feature get.

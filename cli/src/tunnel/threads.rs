@@ -40,6 +40,9 @@ pub(super) fn run(
     let mut members: Vec<Option<RemoteJoinHandle<MemberEnd>>> = Vec::with_capacity(threads);
     let mut info: Option<TunDeviceInfo> = None;
     let mut ready_members = 0;
+    // The interface thread 0 opened: a template such as vpn%d would make each thread
+    // an interface of its own, the others down, and what they read of the peer lost.
+    let mut opened = args.tun.clone();
     for thread in 0..threads {
         let options = if thread == 0 {
             options
@@ -52,7 +55,7 @@ pub(super) fn run(
             }
         };
         let (ready, is_ready) = mpsc::channel();
-        let (group, halt, name) = (group.clone(), halt.clone(), args.tun.clone());
+        let (group, halt, name) = (group.clone(), halt.clone(), opened.clone());
         let member = handle.spawn_on(thread, move || async move {
             let joined = TunDevice::create(&name, options).and_then(|tun| group.join(tun));
             let tunnel = match joined {
@@ -68,6 +71,7 @@ pub(super) fn run(
         members.push(Some(member));
         match is_ready.recv() {
             Ok(device) => {
+                opened.clone_from(&device.0);
                 info = info.or(Some(device));
                 ready_members += 1;
             }
