@@ -127,9 +127,9 @@ struct BenchArgs {
     /// is 10 s worth, 2,000,000 at max.
     #[arg(long, value_name = "R|max")]
     rate: Option<bench::Rate>,
-    /// udp-relay: the ringsock relay as one loop over a DatagramGroup of the flows'
-    /// sockets, or as one task per flow.
-    #[arg(long, value_enum, default_value_t = RelayLoop::Group)]
+    /// udp-relay: the ringsock relay as one task per flow, or as one loop over a
+    /// DatagramGroup of the flows' sockets.
+    #[arg(long, value_enum, default_value_t = RelayLoop::Tasks)]
     relay: RelayLoop,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
@@ -840,7 +840,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--spin-us", args.spin_us.is_some()),
         ("--flows", args.flows.is_some()),
         ("--rate", args.rate.is_some()),
-        ("--relay", args.relay != RelayLoop::Group),
+        ("--relay", args.relay != RelayLoop::Tasks),
     ];
     for (flag, given) in single {
         if given {

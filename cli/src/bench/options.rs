@@ -309,12 +309,12 @@ impl fmt::Display for Impl {
 /// How the ringsock udp-relay relay is written: both are what a program would write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum RelayLoop {
+    /// One task per flow, each receiving from its own socket.
+    #[default]
+    Tasks,
     /// One loop over a `DatagramGroup` of every flow's socket: one call takes what the
     /// woken sockets hold; their sends are in flight while it receives again.
-    #[default]
     Group,
-    /// One task per flow, each receiving from its own socket.
-    Tasks,
 }
 
 impl RelayLoop {

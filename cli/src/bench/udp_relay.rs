@@ -2,8 +2,8 @@
 //! [`relay_peers`](super::relay_peers), and the run that checks the books and reports.
 //!
 //! The relay is what a program would write, on the runtime's defaults, one of two ways
-//! ([`RelayLoop`]): one loop over a [`DatagramGroup`] of every flow's socket, or one
-//! task per flow. Either takes what the receive rings hold (a multishot receive on
+//! ([`RelayLoop`]): one task per flow (the default), or one loop over a
+//! [`DatagramGroup`] of every flow's socket. Either takes what the receive rings hold (a multishot receive on
 //! io_uring) and forwards each datagram from the socket it came in on to the sink
 //! without copying the bytes out of the ring ([`Datagram::into_forward`]): a lone
 //! datagram as one send ([`DatagramSocket::send_to_addr`]), more in one batched send
