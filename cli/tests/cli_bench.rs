@@ -798,7 +798,7 @@ fn udp_relay_bad_arguments_are_usage_errors() {
         "--workload",
         "udp-batch",
         "--relay",
-        "tasks",
+        "group",
     ]);
     assert_eq!(relay.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&relay.stderr).contains("udp-relay only"));
