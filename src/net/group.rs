@@ -2,6 +2,8 @@
 //! what every socket's receive ring holds in one call, polling only the sockets that
 //! were woken since the last one.
 
+use std::cell::RefCell;
+use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -55,9 +57,9 @@ pub struct DatagramGroup {
     ready: Arc<ReadySet>,
     /// A receive error kept for the next call, when datagrams of other sockets were
     /// already taken in the call that met it.
-    deferred: std::cell::RefCell<Option<Error>>,
+    deferred: RefCell<Option<Error>>,
     /// Scratch for one socket's datagrams, kept between calls.
-    scratch: std::cell::RefCell<Vec<RecvDatagram>>,
+    scratch: RefCell<Vec<RecvDatagram>>,
     /// One call at a time waits on the sockets (a second task's call would take the
     /// one waker slot from the first); the others wait here in turn.
     turn: Turnstile,
@@ -148,8 +150,8 @@ impl DatagramGroup {
             sockets,
             wakers,
             ready,
-            deferred: std::cell::RefCell::new(None),
-            scratch: std::cell::RefCell::new(Vec::new()),
+            deferred: RefCell::new(None),
+            scratch: RefCell::new(Vec::new()),
             turn: Turnstile::default(),
         }
     }
@@ -287,8 +289,8 @@ impl Drop for DatagramGroup {
     }
 }
 
-impl std::fmt::Debug for DatagramGroup {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+impl fmt::Debug for DatagramGroup {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DatagramGroup")
             .field("sockets", &self.sockets.len())
             .finish()
