@@ -261,3 +261,52 @@ fn a_second_call_given_up_does_not_strand_the_first() {
         assert_eq!(got, vec![(1, message(1, 0))], "{backend}");
     });
 }
+
+#[test]
+fn a_group_polled_under_another_runtime_fails_with_wrong_runtime_and_works_at_home() {
+    for backend in util::BACKENDS {
+        let Some(home) =
+            util::build_or_skip(ringsock::runtime::Builder::new().backend(backend), backend)
+        else {
+            continue;
+        };
+        let Some(other) =
+            util::build_or_skip(ringsock::runtime::Builder::new().backend(backend), backend)
+        else {
+            continue;
+        };
+        let group = DatagramGroup::new(bound_sockets(3));
+        let to = addresses(&group);
+        // Armed at home: every receive ring belongs to `home` now.
+        home.block_on(async {
+            let mut out = Vec::new();
+            let mut call = std::pin::pin!(group.recv_batch(&mut out, 8));
+            assert!(util::poll_once(call.as_mut()).await.is_pending());
+        });
+        let err = other.block_on(async {
+            let mut out = Vec::new();
+            let result = timeout(Duration::from_secs(20), group.recv_batch(&mut out, 8))
+                .await
+                .expect("another runtime's call fails, it does not wait");
+            assert!(out.is_empty());
+            result.unwrap_err()
+        });
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::WrongRuntime,
+            "{backend}: {err}"
+        );
+        std_sender().send_to(&message(2, 0), to[2]).unwrap();
+        let got = home.block_on(async {
+            let mut out = Vec::new();
+            timeout(Duration::from_secs(20), group.recv_batch(&mut out, 8))
+                .await
+                .expect("the group still receives at home")
+                .unwrap();
+            out.into_iter()
+                .map(|(i, d)| (i, d.to_vec()))
+                .collect::<Vec<_>>()
+        });
+        assert_eq!(got, vec![(2, message(2, 0))], "{backend}");
+    }
+}

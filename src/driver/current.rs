@@ -35,6 +35,13 @@ pub(crate) fn is_current(id: DriverId) -> bool {
     CURRENT.with(|current| current.get() == id.0)
 }
 
+/// The raw id of the driver running on this thread (0 when none does), for a caller that
+/// only needs to notice when it changes.
+#[inline]
+pub(crate) fn current_raw() -> u64 {
+    CURRENT.with(Cell::get)
+}
+
 /// Makes `id` current until the guard drops, which restores the one before (runtimes
 /// nest when one `block_on` runs inside another runtime's task).
 pub(crate) fn enter(id: DriverId) -> EnterGuard {

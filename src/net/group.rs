@@ -2,7 +2,7 @@
 //! what every socket's receive ring holds in one call, polling only the sockets that
 //! were woken since the last one.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::poll_fn;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +11,7 @@ use std::task::{Context, Poll, Wake, Waker};
 
 use super::datagram::{Datagram, DatagramSocket};
 use super::turn::Turnstile;
+use crate::driver::current;
 use crate::driver::ops_datagram::RecvDatagram;
 use crate::{Error, Result};
 
@@ -63,6 +64,10 @@ pub struct DatagramGroup {
     /// One call at a time waits on the sockets (a second task's call would take the
     /// one waker slot from the first); the others wait here in turn.
     turn: Turnstile,
+    /// The runtime of the last call (`current::current_raw`): a call under another one
+    /// polls every socket, so each says WrongRuntime rather than the call waiting for
+    /// wake-ups that go to the other runtime.
+    last_runtime: Cell<u64>,
 }
 
 /// Which sockets were woken, one bit each, and the task to tell.
@@ -74,6 +79,12 @@ struct ReadySet {
 impl ReadySet {
     fn mark(&self, index: usize) {
         self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::AcqRel);
+    }
+
+    fn mark_all(&self, sockets: usize) {
+        for index in 0..sockets {
+            self.mark(index);
+        }
     }
 
     fn wake_waiting(&self) {
@@ -119,22 +130,14 @@ impl DatagramGroup {
     /// first receive with InvalidArgument). Its index in `sockets` names it in every
     /// datagram received.
     pub fn new(sockets: Vec<DatagramSocket>) -> DatagramGroup {
-        let words = sockets.len().div_ceil(64);
-        // Every socket starts ready: the first call sets up each receive ring.
-        let bits: Box<[AtomicU64]> = (0..words)
-            .map(|word| {
-                let in_word = (sockets.len() - word * 64).min(64);
-                AtomicU64::new(if in_word == 64 {
-                    u64::MAX
-                } else {
-                    (1 << in_word) - 1
-                })
-            })
-            .collect();
         let ready = Arc::new(ReadySet {
-            bits,
+            bits: (0..sockets.len().div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
             waiting: Mutex::new(None),
         });
+        // Every socket starts ready: the first call sets up each receive ring.
+        ready.mark_all(sockets.len());
         let wakers = (0..sockets.len())
             .map(|index| {
                 Waker::from(Arc::new(SocketWaker {
@@ -153,6 +156,7 @@ impl DatagramGroup {
             deferred: RefCell::new(None),
             scratch: RefCell::new(Vec::new()),
             turn: Turnstile::default(),
+            last_runtime: Cell::new(0),
         }
     }
 
@@ -212,6 +216,10 @@ impl DatagramGroup {
             ));
         }
         let _turn = self.turn.take().await;
+        let runtime = current::current_raw();
+        if self.last_runtime.replace(runtime) != runtime {
+            self.ready.mark_all(self.sockets.len());
+        }
         if let Some(err) = self.deferred.borrow_mut().take() {
             return Err(err);
         }
