@@ -328,8 +328,11 @@ impl Runtime {
             };
             let measure = waiting && policy.measures_waits();
             let now = (timers_armed || spin.is_some() || measure).then(Instant::now);
+            let mut missed = false;
             if let (Some(spin), Some(now)) = (spin, now) {
-                busy = self.spin(now, spin, &main);
+                let end = self.spin(now, spin, &main);
+                busy = end == SpinEnd::Caught;
+                missed = end == SpinEnd::Missed;
             }
             let timeout = match now {
                 _ if busy => Some(Duration::ZERO),
@@ -345,7 +348,7 @@ impl Runtime {
             }
             if let (true, Some(now)) = (measure, now) {
                 let mut waits = self.inner.waits.get();
-                policy.record(&mut waits, now.elapsed());
+                policy.record(&mut waits, now.elapsed(), missed);
                 self.inner.waits.set(waits);
             }
             if timers_armed {
@@ -357,22 +360,26 @@ impl Runtime {
 
     /// Looks for completions until something is ready, the spin time is over or a timer
     /// is due; true when something is ready.
-    fn spin(&self, now: Instant, spin: Duration, main: &MainWaker) -> bool {
+    fn spin(&self, now: Instant, spin: Duration, main: &MainWaker) -> SpinEnd {
         let mut deadline = now + spin;
+        let mut at_deadline = SpinEnd::Missed;
         if let Some(timer) = self.inner.timers.borrow().next_timeout(now) {
-            deadline = deadline.min(now + timer);
+            if timer < spin {
+                deadline = now + timer;
+                at_deadline = SpinEnd::TimerDue;
+            }
         }
         loop {
             match self.inner.driver.poll_completions() {
-                Ok(true) => return true,
+                Ok(true) => return SpinEnd::Caught,
                 Ok(false) => {}
                 Err(err) => panic!("ringsock: the {} driver failed: {err}", self.inner.kind),
             }
             if main.woken.load(Ordering::Acquire) || self.inner.shared.queued() > 0 {
-                return true;
+                return SpinEnd::Caught;
             }
             if Instant::now() >= deadline {
-                return false;
+                return at_deadline;
             }
             std::hint::spin_loop();
         }
@@ -466,6 +473,17 @@ impl Drop for EnterGuard {
 
 /// Wakes `block_on`'s own future: a flag the loop checks, plus an unpark when the wake
 /// comes from another thread.
+/// How a spin before a sleep ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SpinEnd {
+    /// Work came: a completion, a woken task.
+    Caught,
+    /// The spin time passed with nothing: the look was CPU for nothing.
+    Missed,
+    /// A timer fell due first.
+    TimerDue,
+}
+
 struct MainWaker {
     woken: AtomicBool,
     shared: Arc<Shared>,

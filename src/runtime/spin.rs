@@ -19,9 +19,15 @@ pub enum Spin {
     /// datagrams) catches the next event without a wake-up; one whose events come
     /// further apart (an idle server, a relay at a few thousand packets per second)
     /// sleeps at once, and the end of a burst costs a spin of a few gaps, not the whole
-    /// limit. A loop that sleeps looks once in a while (every 64th wait, for this long):
-    /// a sleep makes every wait look a wake-up longer than it was, so without the look a
-    /// fast exchange that slowed once would never be seen to be fast again.
+    /// limit. A look that catches nothing was CPU for nothing: after one the loop sleeps
+    /// through the next wait, after each further one through twice as many (up to 64),
+    /// and spins again once a look catches its event; the idle time after such a look
+    /// does not count in the average. So a burst (a relay fed every millisecond, each
+    /// burst ending in a look that finds nothing) ends in a look of a few of its own
+    /// gaps, and a round trip that was late once costs one sleep. A loop that
+    /// sleeps looks once in a while (every 64th wait, for this long): a sleep makes every
+    /// wait look a wake-up longer than it was, so without the look a fast exchange that
+    /// slowed once would never be seen to be fast again.
     Adaptive(Duration),
 }
 
@@ -48,13 +54,18 @@ impl Spin {
         match self {
             Spin::Off => None,
             Spin::Fixed(spin) => Some(spin),
-            Spin::Adaptive(limit) if waits.recent <= limit => {
+            Spin::Adaptive(limit) if waits.recent <= limit && waits.missed == 0 => {
                 waits.unspun = 0;
                 Some((waits.recent * 3).clamp(MIN_ADAPTIVE_SPIN.min(limit), limit * 2))
             }
             Spin::Adaptive(limit) => {
                 waits.unspun += 1;
-                if waits.unspun < PROBE_EVERY {
+                let look_every = if waits.missed > 0 {
+                    waits.missed
+                } else {
+                    PROBE_EVERY
+                };
+                if waits.unspun < look_every {
                     return None;
                 }
                 waits.unspun = 0;
@@ -72,13 +83,27 @@ impl Spin {
     /// Takes one more wait into the moving average: recent waits weigh most, and a wait
     /// counts for at most twice the limit, so a few fast round trips after an idle spell,
     /// however long, bring the spin back. A look that caught its event restarts the
-    /// average from that wait: the exchange is fast again.
-    pub(super) fn record(self, waits: &mut Waits, wait: Duration) {
+    /// average from that wait: the exchange is fast again. `missed`: the loop looked
+    /// before this wait and the look ended with nothing caught.
+    pub(super) fn record(self, waits: &mut Waits, wait: Duration, missed: bool) {
         let Spin::Adaptive(limit) = self else {
             return;
         };
-        if std::mem::take(&mut waits.probing) && wait <= limit {
+        let probing = std::mem::take(&mut waits.probing);
+        if missed {
+            // A look from a loop already sleeping by the average keeps to its own pace.
+            waits.missed = if probing && waits.missed == 0 {
+                PROBE_EVERY
+            } else {
+                (waits.missed * 2).clamp(2, PROBE_EVERY)
+            };
+            waits.unspun = 0;
+            // The wait went on past the look: idle time after a burst, say, which says
+            // nothing of how soon events come while they come.
+            return;
+        } else if probing && wait <= limit {
             waits.recent = wait;
+            waits.missed = 0;
             return;
         }
         waits.recent = (waits.recent * 3 + wait.min(limit * 2)) / 4;
@@ -94,6 +119,9 @@ pub(super) struct Waits {
     unspun: u32,
     /// The coming wait follows a look taken while the loop was sleeping.
     probing: bool,
+    /// After looks that caught nothing: the loop looks only every this many waits
+    /// (0: it spins by the average alone).
+    missed: u32,
 }
 
 /// A sleeping adaptive loop looks once every this many waits (see [`Spin::Adaptive`]).
@@ -170,19 +198,19 @@ mod tests {
         assert!(policy.budget(&mut waits).is_some());
         // An idle spell: long waits turn the spin off.
         for _ in 0..10 {
-            policy.record(&mut waits, Duration::from_secs(3600));
+            policy.record(&mut waits, Duration::from_secs(3600), false);
         }
         assert_eq!(policy.budget(&mut waits), None);
         // Round trips of 15 us bring it back within a few waits, however long the spell.
         let mut count = 0;
         while policy.budget(&mut waits).is_none() {
-            policy.record(&mut waits, Duration::from_micros(15));
+            policy.record(&mut waits, Duration::from_micros(15), false);
             count += 1;
             assert!(count <= 6, "the spin took {count} waits to come back");
         }
         // Steady gaps of 40 us, a relay at 20k packets/s say, cost more spun than slept.
         for _ in 0..50 {
-            policy.record(&mut waits, Duration::from_micros(40));
+            policy.record(&mut waits, Duration::from_micros(40), false);
         }
         assert_eq!(policy.budget(&mut waits), None);
     }
@@ -198,7 +226,7 @@ mod tests {
             match policy.budget(&mut waits) {
                 Some(spin) => break spin,
                 None => {
-                    policy.record(&mut waits, Duration::from_micros(60));
+                    policy.record(&mut waits, Duration::from_micros(60), false);
                     sleeps += 1;
                 }
             }
@@ -206,14 +234,63 @@ mod tests {
         assert_eq!(sleeps, PROBE_EVERY - 1);
         assert_eq!(probe, limit);
         // The look caught the answer after 20 us: the loop spins again at once.
-        policy.record(&mut waits, Duration::from_micros(20));
+        policy.record(&mut waits, Duration::from_micros(20), false);
         assert_eq!(policy.budget(&mut waits), Some(Duration::from_micros(60)));
         // A look that finds nothing changes only the average.
         let mut waits = waits_of(Duration::from_micros(60));
         waits.unspun = PROBE_EVERY - 1;
         assert_eq!(policy.budget(&mut waits), Some(limit));
-        policy.record(&mut waits, Duration::from_micros(45));
+        policy.record(&mut waits, Duration::from_micros(45), true);
         assert_eq!(policy.budget(&mut waits), None);
+    }
+
+    #[test]
+    fn a_look_that_catches_nothing_costs_a_short_look_at_the_next_burst_end() {
+        let limit = Duration::from_micros(30);
+        let policy = Spin::Adaptive(limit);
+        // A relay fed a burst every millisecond: gaps of 5 us inside the burst, then a
+        // look that finds nothing at its end and a sleep through the idle rest.
+        let mut waits = waits_of(Duration::from_micros(5));
+        for burst in 0..200 {
+            for _ in 0..4 {
+                policy.budget(&mut waits);
+                policy.record(&mut waits, Duration::from_micros(5), false);
+            }
+            let end = policy.budget(&mut waits);
+            // The idle time after the last miss did not lengthen this look: it lasts a
+            // few in-burst gaps, not the limit.
+            if let Some(look) = end {
+                assert!(look <= Duration::from_micros(16), "burst {burst}: {look:?}");
+            }
+            policy.record(&mut waits, Duration::from_micros(900), end.is_some());
+        }
+    }
+
+    #[test]
+    fn a_late_round_trip_costs_one_sleep() {
+        let limit = Duration::from_micros(30);
+        let policy = Spin::Adaptive(limit);
+        let mut waits = waits_of(Duration::from_micros(15));
+        assert!(policy.budget(&mut waits).is_some());
+        policy.record(&mut waits, Duration::from_micros(200), true);
+        // The next wait is slept through, the one after looks.
+        assert_eq!(policy.budget(&mut waits), None);
+        policy.record(&mut waits, Duration::from_micros(60), false);
+        assert_eq!(policy.budget(&mut waits), Some(limit));
+        // It caught the answer: the loop spins by the average again.
+        policy.record(&mut waits, Duration::from_micros(15), false);
+        assert!(policy.budget(&mut waits).is_some());
+        policy.record(&mut waits, Duration::from_micros(15), false);
+        assert!(policy.budget(&mut waits).is_some());
+        // Looks that keep missing come ever further apart, up to one in 64 waits.
+        let mut waits = waits_of(Duration::from_micros(15));
+        let mut looks = 0;
+        for _ in 0..1000 {
+            let looked = policy.budget(&mut waits).is_some();
+            looks += usize::from(looked);
+            policy.record(&mut waits, Duration::from_micros(25), looked);
+        }
+        assert!(looks <= 1000 / PROBE_EVERY as usize + 7, "{looks} looks");
     }
 
     #[test]
@@ -221,14 +298,14 @@ mod tests {
         let policy = Spin::Adaptive(Duration::from_micros(30));
         let mut waits = waits_of(Duration::from_micros(60));
         for _ in 0..50 {
-            policy.record(&mut waits, Duration::from_micros(5));
+            policy.record(&mut waits, Duration::from_micros(5), false);
         }
         // Gaps of 5 us inside a burst: the spin after its last datagram is short.
         let budget = policy.budget(&mut waits).unwrap();
         assert!(budget <= Duration::from_micros(16), "{budget:?}");
         assert!(budget >= MIN_ADAPTIVE_SPIN, "{budget:?}");
         for _ in 0..50 {
-            policy.record(&mut waits, Duration::from_micros(14));
+            policy.record(&mut waits, Duration::from_micros(14), false);
         }
         let budget = policy.budget(&mut waits).unwrap();
         assert!(budget >= Duration::from_micros(40), "{budget:?}");
