@@ -17,6 +17,7 @@ use std::sync::{mpsc, Arc};
 use std::task::Poll;
 use std::time::Duration;
 
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringsock::{
     Datagram, DatagramGroup, DatagramSocket, Error, Forward, OutgoingDatagram, Result,
     SocketErrorStatus,
@@ -188,27 +189,19 @@ async fn relay_grouped(
     let mut ended = vec![false; group.len()];
     let mut flows_left = group.len();
     let mut received: Vec<(usize, Datagram)> = Vec::with_capacity(GROUP_BATCH);
-    let mut in_flight: Vec<SendRun<'_>> = Vec::new();
+    // Polls only the sends whose completion woke it, not every send in flight.
+    let mut in_flight: FuturesUnordered<SendRun<'_>> = FuturesUnordered::new();
     let mut forwarded = 0u64;
     let mut armed = false;
     while flows_left > 0 || !in_flight.is_empty() {
         let got = {
             let mut receive = std::pin::pin!(group.recv_batch(&mut received, GROUP_BATCH));
             poll_fn(|cx| {
-                let mut failed = None;
-                in_flight.retain_mut(|send| match send.as_mut().poll(cx) {
-                    Poll::Ready(Ok(n)) => {
-                        forwarded += n;
-                        false
+                while let Poll::Ready(Some(sent)) = in_flight.poll_next_unpin(cx) {
+                    match sent {
+                        Ok(n) => forwarded += n,
+                        Err(err) => return Poll::Ready(Err(err)),
                     }
-                    Poll::Ready(Err(err)) => {
-                        failed.get_or_insert(err);
-                        false
-                    }
-                    Poll::Pending => true,
-                });
-                if let Some(err) = failed {
-                    return Poll::Ready(Err(err));
                 }
                 if flows_left == 0 {
                     return if in_flight.is_empty() {
