@@ -873,3 +873,28 @@ fn a_paced_batch_cut_short_after_its_first_run_reports_what_went() {
         assert!(results[1].is_err(), "{backend}: {results:?}");
     });
 }
+
+#[test]
+fn a_message_stream_dropped_with_datagrams_taken_loses_none() {
+    util::on_each_receive_path(|backend: Backend| async move {
+        let socket = bound_v4();
+        let to = socket.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind((V4, 0)).unwrap();
+        for seq in 0u8..5 {
+            sender.send_to(&[seq; 3], to).unwrap();
+        }
+        // A stream made for one datagram: it takes what the ring holds, hands out one,
+        // and is dropped with the rest.
+        let first = must("a datagram", socket.messages().next()).await.unwrap();
+        assert_eq!(&first[..], &[0; 3], "{backend}");
+        let mut messages = socket.messages();
+        assert_eq!(
+            &must("a datagram", messages.next()).await.unwrap()[..],
+            &[1; 3]
+        );
+        drop(messages);
+        for seq in 2u8..5 {
+            assert_eq!(&recv(&socket).await[..], &[seq; 3], "{backend}");
+        }
+    });
+}

@@ -212,7 +212,8 @@ pub struct DatagramSocket {
     ipv6: Cell<bool>,
     options: DatagramOptions,
     receiver: RefCell<Option<Receiver>>,
-    /// Datagrams received before the socket came to this runtime, handed out first.
+    /// Datagrams received before the socket came to this runtime, or taken by a
+    /// [`Messages`] stream dropped before it handed them out: handed out first.
     carried: RefCell<VecDeque<RecvDatagram>>,
     /// One receive call at a time uses the receiver; the others wait here in turn.
     turn: Turnstile,
@@ -1056,6 +1057,18 @@ impl Stream for Messages<'_> {
                 }
             }
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Messages<'_> {
+    /// Datagrams taken from the ring and not handed out go back to the socket, ahead of
+    /// what it holds: `socket.messages().next()` takes a whole batch for one datagram,
+    /// and the rest would otherwise be lost with the stream.
+    fn drop(&mut self) {
+        let mut carried = self.socket.carried.borrow_mut();
+        for datagram in self.ready.drain(..).rev() {
+            carried.push_front(datagram.inner);
         }
     }
 }
