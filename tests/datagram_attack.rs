@@ -843,3 +843,58 @@ fn an_output_stream_outliving_its_socket_still_sends() {
         }
     });
 }
+
+#[test]
+fn a_paced_batch_cut_short_after_its_first_run_reports_what_went() {
+    util::on_each_backend(|backend: Backend| async move {
+        let sender = bound_v4();
+        let sink = bound_v4();
+        let to = sink.local_addr().unwrap();
+        // The second run waits for its time; the socket is detached meanwhile. The
+        // margin only has to outlast the first poll.
+        let later = Instant::now() + Duration::from_secs(1);
+        let batch = vec![
+            OutgoingDatagram::new(&b"first"[..], to),
+            OutgoingDatagram::new(&b"second"[..], to)
+                .with_options(SendOptions::default().with_transmit_time(later)),
+        ];
+        let mut send = pin!(sender.send_many(batch));
+        assert!(
+            poll_once(send.as_mut()).await.is_pending(),
+            "{backend}: the second run waits for its time"
+        );
+        assert_eq!(&recv(&sink).await[..], b"first", "{backend}");
+        let _detached = sender.detach().unwrap();
+        let results = must("the batch ends", send)
+            .await
+            .expect("the first datagram went: the batch as a whole did not fail");
+        assert_eq!(results.len(), 2, "{backend}");
+        assert_eq!(*results[0].as_ref().unwrap(), 5, "{backend}");
+        assert!(results[1].is_err(), "{backend}: {results:?}");
+    });
+}
+
+#[test]
+fn a_message_stream_dropped_with_datagrams_taken_loses_none() {
+    util::on_each_receive_path(|backend: Backend| async move {
+        let socket = bound_v4();
+        let to = socket.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind((V4, 0)).unwrap();
+        for seq in 0u8..5 {
+            sender.send_to(&[seq; 3], to).unwrap();
+        }
+        // A stream made for one datagram: it takes what the ring holds, hands out one,
+        // and is dropped with the rest.
+        let first = must("a datagram", socket.messages().next()).await.unwrap();
+        assert_eq!(&first[..], &[0; 3], "{backend}");
+        let mut messages = socket.messages();
+        assert_eq!(
+            &must("a datagram", messages.next()).await.unwrap()[..],
+            &[1; 3]
+        );
+        drop(messages);
+        for seq in 2u8..5 {
+            assert_eq!(&recv(&socket).await[..], &[seq; 3], "{backend}");
+        }
+    });
+}

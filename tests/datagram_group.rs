@@ -310,3 +310,64 @@ fn a_group_polled_under_another_runtime_fails_with_wrong_runtime_and_works_at_ho
         assert_eq!(got, vec![(2, message(2, 0))], "{backend}");
     }
 }
+
+#[test]
+fn a_socket_that_keeps_failing_does_not_starve_the_sockets_after_it() {
+    util::on_each_backend(|backend| async move {
+        // Socket 0 is never bound: every poll of it fails.
+        let mut sockets = vec![DatagramSocket::new()];
+        sockets.extend(bound_sockets(1));
+        let group = DatagramGroup::new(sockets);
+        let to = group.socket(1).local_addr().unwrap();
+        std_sender().send_to(&message(1, 0), to).unwrap();
+        let got = timeout(util::MUST_HAPPEN, async {
+            let mut out = Vec::new();
+            let mut errors = 0;
+            while out.is_empty() {
+                match group.recv_batch(&mut out, 8).await {
+                    Ok(_) => {}
+                    Err(err) => {
+                        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+                        errors += 1;
+                    }
+                }
+                // A loop that goes on after errors, giving the runtime its turn.
+                util::yield_now().await;
+            }
+            assert!(
+                errors > 0,
+                "{backend}: the unbound socket's error was reported"
+            );
+            out.into_iter()
+                .map(|(i, d)| (i, d.to_vec()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .expect("the bound socket's datagram should come despite the failing one");
+        assert_eq!(got, vec![(1, message(1, 0))], "{backend}");
+    });
+}
+
+#[test]
+fn a_busy_socket_does_not_starve_the_others_when_each_call_is_full() {
+    util::on_each_receive_path(|backend| async move {
+        let group = DatagramGroup::new(bound_sockets(3));
+        let to = addresses(&group);
+        let sender = std_sender();
+        for seq in 0..32 {
+            sender.send_to(&message(0, seq), to[0]).unwrap();
+        }
+        sender.send_to(&message(1, 0), to[1]).unwrap();
+        sender.send_to(&message(2, 0), to[2]).unwrap();
+        // One datagram per call: socket 0 could fill every call for 32 calls.
+        let mut first = Vec::new();
+        for _ in 0..8 {
+            first.extend(receive(&group, 1, 1).await.into_iter().map(|(i, _)| i));
+            util::yield_now().await;
+        }
+        assert!(
+            first.contains(&1) && first.contains(&2),
+            "{backend}: the first 8 datagrams came from sockets {first:?}"
+        );
+    });
+}

@@ -929,3 +929,51 @@ fn a_join_handle_aborted_from_another_thread_drops_the_task_at_home() {
         assert_no_corruption("abort from another thread");
     }
 }
+
+/// Counts its wakes.
+struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+impl std::task::Wake for CountingWaker {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn a_sleep_moved_to_another_runtime_leaves_that_runtime_s_timers_alone() {
+    use ringsock::runtime::sleep_until;
+    use std::time::{Duration, Instant};
+    for backend in BACKENDS {
+        let (Some(home), Some(other)) = (runtime(backend), runtime(backend)) else {
+            continue;
+        };
+        // Both runtimes' first timer, with one deadline.
+        let at = Instant::now() + Duration::from_millis(50);
+        let mut moved = Box::pin(sleep_until(at));
+        home.block_on(async {
+            assert!(poll_once(moved.as_mut()).await.is_pending());
+        });
+        let woken = other.block_on(async {
+            let counter = std::sync::Arc::new(CountingWaker(Default::default()));
+            let waker = std::task::Waker::from(counter.clone());
+            let mut own = pin!(sleep_until(at));
+            let polled = std::future::Future::poll(
+                own.as_mut(),
+                &mut std::task::Context::from_waker(&waker),
+            );
+            assert!(polled.is_pending());
+            // The sleep of the other runtime, polled here and dropped: it must not take
+            // this runtime's timer for its own.
+            assert!(poll_once(moved.as_mut()).await.is_pending());
+            drop(moved);
+            // Due after `own`: by the time it fires, `own` has been woken.
+            must("a later sleep", sleep_until(at + Duration::from_millis(1))).await;
+            counter.0.load(std::sync::atomic::Ordering::SeqCst)
+        });
+        assert_eq!(woken, 1, "{backend}: the sleep's own timer was lost");
+    }
+}

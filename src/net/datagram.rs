@@ -212,7 +212,8 @@ pub struct DatagramSocket {
     ipv6: Cell<bool>,
     options: DatagramOptions,
     receiver: RefCell<Option<Receiver>>,
-    /// Datagrams received before the socket came to this runtime, handed out first.
+    /// Datagrams received before the socket came to this runtime, or taken by a
+    /// [`Messages`] stream dropped before it handed them out: handed out first.
     carried: RefCell<VecDeque<RecvDatagram>>,
     /// One receive call at a time uses the receiver; the others wait here in turn.
     turn: Turnstile,
@@ -602,7 +603,9 @@ impl DatagramSocket {
     /// (and the others of its message) was not sent; the rest of the batch goes on. The
     /// error is for the batch as a whole: options that cannot apply to a destination
     /// (an IPv6 source for an IPv4 peer), or a socket that cannot send at all; then
-    /// nothing was sent.
+    /// nothing was sent. A socket that stops sending after a run of a paced batch went
+    /// out (detached while a later run waits for its time) fails only the datagrams
+    /// not yet sent, each with that error.
     pub async fn send_many<B: AsRef<[u8]>>(
         &self,
         batch: Vec<OutgoingDatagram<B>>,
@@ -637,25 +640,38 @@ impl DatagramSocket {
                 }
             }
             let run: Vec<B> = bufs.by_ref().take(to - from).collect();
-            let (sent, _sent_bufs) =
-                ops_datagram::send_many(fd, run, targets[from..to].to_vec(), &self.options.gso)
-                    .await
-                    .map_err(|err| Error::io("send", err))?;
-            results.extend(sent);
+            let sent = match ops_datagram::send_many(
+                fd,
+                run,
+                targets[from..to].to_vec(),
+                &self.options.gso,
+            )
+            .await
+            {
+                Ok((sent, _sent_bufs)) => sent,
+                Err(err) if from == 0 => return Err(Error::io("send", err)),
+                Err(err) => {
+                    // Earlier runs went out (the socket was detached while a later one
+                    // waited for its time, say): an error for the whole batch would
+                    // tell the caller to send them again. Only the rest failed.
+                    let err = Error::io("send", err);
+                    results.extend((from..count).map(|_| Err(err.clone())));
+                    break;
+                }
+            };
+            results.extend(sent.into_iter().zip(&targets[from..to]).map(
+                |(result, &(to, meta))| {
+                    let to = canonical(to);
+                    result.map_err(|err| match check_destination(to) {
+                        // The kernel's EINVAL for it says less.
+                        Err(bad) => bad,
+                        Ok(()) => Error::io(send_context(Some(to), meta.source), err),
+                    })
+                },
+            ));
             from = to;
         }
-        Ok(results
-            .into_iter()
-            .zip(targets)
-            .map(|(result, (to, meta))| {
-                let to = canonical(to);
-                result.map_err(|err| match check_destination(to) {
-                    // The kernel's EINVAL for it says less.
-                    Err(bad) => bad,
-                    Ok(()) => Error::io(send_context(Some(to), meta.source), err),
-                })
-            })
-            .collect())
+        Ok(results)
     }
 
     /// The next datagram (one MessageReceived), whole. Only a ring made smaller than the
@@ -1041,6 +1057,18 @@ impl Stream for Messages<'_> {
                 }
             }
             Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Messages<'_> {
+    /// Datagrams taken from the ring and not handed out go back to the socket, ahead of
+    /// what it holds: `socket.messages().next()` takes a whole batch for one datagram,
+    /// and the rest would otherwise be lost with the stream.
+    fn drop(&mut self) {
+        let mut carried = self.socket.carried.borrow_mut();
+        for datagram in self.ready.drain(..).rev() {
+            carried.push_front(datagram.inner);
         }
     }
 }

@@ -68,6 +68,10 @@ pub struct DatagramGroup {
     /// polls every socket, so each says WrongRuntime rather than the call waiting for
     /// wake-ups that go to the other runtime.
     last_runtime: Cell<u64>,
+    /// The socket a call polls first: the one after the last that gave datagrams or an
+    /// error. From a fixed first socket, one that fills every call (a flood, with a small
+    /// `max`) or fails every call (unbound, detached) would leave the others unpolled.
+    next: Cell<usize>,
 }
 
 /// Which sockets were woken, one bit each, and the task to tell.
@@ -157,6 +161,7 @@ impl DatagramGroup {
             scratch: RefCell::new(Vec::new()),
             turn: Turnstile::default(),
             last_runtime: Cell::new(0),
+            next: Cell::new(0),
         }
     }
 
@@ -202,7 +207,9 @@ impl DatagramGroup {
     /// already taken, they come back first and the error with the next call. The group
     /// goes on receiving after it.
     ///
-    /// Calls from several tasks take turns. Dropping the future loses nothing: datagrams are moved to `out` only by the poll
+    /// Each call starts with the socket after the last one that gave datagrams or an
+    /// error, so a socket that fills every call, or fails every call, cannot keep the
+    /// others waiting. Calls from several tasks take turns. Dropping the future loses nothing: datagrams are moved to `out` only by the poll
     /// that returns them, so a loop may race this call against its sends in flight.
     pub async fn recv_batch(&self, out: &mut Vec<(usize, Datagram)>, max: usize) -> Result<usize> {
         if max == 0 {
@@ -236,8 +243,18 @@ impl DatagramGroup {
         self.ready.register(cx.waker());
         let mut taken = 0;
         let mut scratch = self.scratch.borrow_mut();
-        for (word_index, word) in self.ready.bits.iter().enumerate() {
-            let mut bits = word.swap(0, Ordering::AcqRel);
+        let words = self.ready.bits.len();
+        let start = self.next.get() % self.sockets.len();
+        // Word by word from `start`'s, round to it again for the bits before `start`.
+        for step in 0..=words {
+            let word_index = (start / 64 + step) % words;
+            let word = &self.ready.bits[word_index];
+            let mask = match step {
+                0 => !0u64 << (start % 64),
+                _ if step == words => (1u64 << (start % 64)) - 1,
+                _ => !0,
+            };
+            let mut bits = word.fetch_and(!mask, Ordering::AcqRel) & mask;
             while bits != 0 {
                 let bit = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
@@ -263,10 +280,12 @@ impl DatagramGroup {
                     ) {
                         Poll::Pending => break,
                         Poll::Ready(Ok(())) => {
+                            self.next.set(index + 1);
                             taken += scratch.len();
                             out.extend(scratch.drain(..).map(|d| (index, Datagram::from(d))));
                         }
                         Poll::Ready(Err(err)) => {
+                            self.next.set(index + 1);
                             // Polled again next time: the socket goes on after an error.
                             self.ready.mark(index);
                             // The sockets not yet polled stay ready.

@@ -359,7 +359,7 @@ impl Runtime {
     }
 
     /// Looks for completions until something is ready, the spin time is over or a timer
-    /// is due; true when something is ready.
+    /// is due, and says which came first.
     fn spin(&self, now: Instant, spin: Duration, main: &MainWaker) -> SpinEnd {
         let mut deadline = now + spin;
         let mut at_deadline = SpinEnd::Missed;
@@ -471,8 +471,6 @@ impl Drop for EnterGuard {
     }
 }
 
-/// Wakes `block_on`'s own future: a flag the loop checks, plus an unpark when the wake
-/// comes from another thread.
 /// How a spin before a sleep ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SpinEnd {
@@ -484,6 +482,8 @@ enum SpinEnd {
     TimerDue,
 }
 
+/// Wakes `block_on`'s own future: a flag the loop checks, plus an unpark when the wake
+/// comes from another thread.
 struct MainWaker {
     woken: AtomicBool,
     shared: Arc<Shared>,

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -15,17 +16,20 @@ use super::with_timers;
 /// What "never" is for a [`sleep`] whose deadline does not fit in an `Instant`.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
+/// Timer ids, unique in the process, not per runtime: a [`Sleep`] keeps its key when it
+/// is polled or dropped under another runtime (it is `Send`), and a key that another
+/// runtime's timer also had would make it take that timer's wake-up or remove it.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
+
 /// Pending timers, ordered by deadline.
 #[derive(Default)]
 pub(crate) struct Timers {
     entries: BTreeMap<(Instant, u64), Waker>,
-    next_id: u64,
 }
 
 impl Timers {
     fn insert(&mut self, deadline: Instant, waker: Waker) -> (Instant, u64) {
-        let key = (deadline, self.next_id);
-        self.next_id += 1;
+        let key = (deadline, NEXT_ID.fetch_add(1, Ordering::Relaxed));
         self.entries.insert(key, waker);
         key
     }
