@@ -138,8 +138,9 @@ impl Default for Spin {
 }
 
 impl Spin {
-    /// `RINGSOCK_SPIN`: `off`, `adaptive`, or microseconds to spin before every sleep
-    /// (`0` is off). `None` when unset.
+    /// `RINGSOCK_SPIN`: `off`, `adaptive`, `adaptive-<N>us` (an adaptive limit of N
+    /// microseconds), or microseconds to spin before every sleep (`50` or `50us`; `0` is
+    /// off). `None` when unset.
     pub fn from_env() -> crate::Result<Option<Spin>> {
         match std::env::var("RINGSOCK_SPIN") {
             Ok(value) => value.parse().map(Some),
@@ -165,16 +166,34 @@ impl std::fmt::Display for Spin {
 impl std::str::FromStr for Spin {
     type Err = crate::Error;
 
+    /// `off`, `adaptive`, microseconds to spin before every sleep (`50`, `0` is off), or
+    /// what a `Spin` prints: `50us`, `adaptive-30us` (an adaptive limit of 30 us).
     fn from_str(s: &str) -> crate::Result<Spin> {
+        let invalid = || {
+            crate::Error::invalid_input(format!(
+                "unknown spin {s:?}: expected off, adaptive, adaptive-<N>us or microseconds \
+                 up to 1000000 (50 or 50us)"
+            ))
+        };
+        let micros = |text: &str| -> crate::Result<u64> {
+            let digits = text.strip_suffix("us").unwrap_or(text);
+            match digits.parse::<u64>() {
+                Ok(us) if us <= 1_000_000 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(us),
+                _ => Err(invalid()),
+            }
+        };
         match s {
             "off" => Ok(Spin::Off),
             "adaptive" => Ok(Spin::default()),
-            micros => match micros.parse::<u64>() {
-                Ok(0) => Ok(Spin::Off),
-                Ok(us) if us <= 1_000_000 => Ok(Spin::Fixed(Duration::from_micros(us))),
-                _ => Err(crate::Error::invalid_input(format!(
-                    "unknown spin {s:?}: expected off, adaptive or microseconds up to 1000000"
-                ))),
+            _ => match s.strip_prefix("adaptive-") {
+                Some(limit) => match micros(limit)? {
+                    0 => Err(invalid()),
+                    us => Ok(Spin::Adaptive(Duration::from_micros(us))),
+                },
+                None => match micros(s)? {
+                    0 => Ok(Spin::Off),
+                    us => Ok(Spin::Fixed(Duration::from_micros(us))),
+                },
             },
         }
     }
@@ -327,14 +346,13 @@ mod tests {
 
     #[test]
     fn spin_policies_print_as_they_parse() {
-        for spin in [Spin::Off, Spin::Fixed(Duration::from_micros(50))] {
-            assert_eq!(
-                spin.to_string()
-                    .trim_end_matches("us")
-                    .parse::<Spin>()
-                    .unwrap(),
-                spin
-            );
+        for spin in [
+            Spin::Off,
+            Spin::Fixed(Duration::from_micros(50)),
+            Spin::default(),
+            Spin::Adaptive(Duration::from_micros(80)),
+        ] {
+            assert_eq!(spin.to_string().parse::<Spin>().unwrap(), spin);
         }
         assert_eq!(Spin::default().to_string(), "adaptive-30us");
     }
@@ -348,7 +366,23 @@ mod tests {
             "50".parse::<Spin>().unwrap(),
             Spin::Fixed(Duration::from_micros(50))
         );
-        for bad in ["", "fast", "-1", "1000001", "10us"] {
+        assert_eq!(
+            "adaptive-80us".parse::<Spin>().unwrap(),
+            Spin::Adaptive(Duration::from_micros(80))
+        );
+        for bad in [
+            "",
+            "fast",
+            "-1",
+            "+5",
+            "1000001",
+            "10 us",
+            "us",
+            "adaptive-",
+            "adaptive-0us",
+            "adaptive-1000001us",
+            "adaptive-x",
+        ] {
             let err = bad.parse::<Spin>().unwrap_err();
             assert_eq!(
                 err.status(),
