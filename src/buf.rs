@@ -141,6 +141,21 @@ pub(crate) fn init_bytes<B: IoBuf>(buf: &B) -> &[u8] {
     unsafe { std::slice::from_raw_parts(buf.stable_ptr(), buf.bytes_init()) }
 }
 
+/// Puts `front` before the bytes of `bytes` (bytes a reader took and gives back unread).
+pub(crate) fn prepend(bytes: &mut bytes::Bytes, front: bytes::Bytes) {
+    if front.is_empty() {
+        return;
+    }
+    if bytes.is_empty() {
+        *bytes = front;
+        return;
+    }
+    let mut joined = bytes::BytesMut::with_capacity(front.len() + bytes.len());
+    joined.extend_from_slice(&front);
+    joined.extend_from_slice(bytes);
+    *bytes = joined.freeze();
+}
+
 /// Copies as much of `src` as fits into the spare capacity of `buf` (after its
 /// `bytes_init` bytes), marks it initialised and returns how many bytes were copied.
 pub(crate) fn fill_spare<B: IoBufMut>(buf: &mut B, src: &[u8]) -> usize {

@@ -299,3 +299,49 @@ fn options_set_before_connect_apply_to_the_connection() {
         assert_eq!(socket.control().send_buffer_size().unwrap(), 128 * 1024);
     });
 }
+
+/// Lines that arrive together, read each through a new `input_stream()`: the one that
+/// took them all gives the rest back when dropped, so none is lost and the order holds,
+/// also for a plain `read` after it.
+#[test]
+fn an_input_stream_dropped_with_bytes_buffered_gives_them_back() {
+    util::on_each_backend(|_| async {
+        let listener =
+            StreamSocketListener::bind_host(&HostName::new("127.0.0.1").unwrap(), "0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await.unwrap();
+            // One write: the client's first read takes every line at once.
+            socket
+                .write_all(b"one\ntwo\nthree\ntail".to_vec())
+                .await
+                .0
+                .unwrap();
+            socket.shutdown_write().await.unwrap();
+            socket
+        });
+        let socket = StreamSocket::new();
+        socket
+            .connect(&HostName::new("127.0.0.1").unwrap(), &port)
+            .await
+            .unwrap();
+        let mut first = socket.input_stream();
+        assert_eq!(first.read_line().await.unwrap().as_deref(), Some("one"));
+        // One small write on loopback is one segment: the first fill took it all.
+        assert_eq!(first.buffered(), b"two\nthree\ntail");
+        drop(first);
+        assert_eq!(
+            socket.input_stream().read_line().await.unwrap().as_deref(),
+            Some("two")
+        );
+        assert_eq!(
+            socket.input_stream().read_line().await.unwrap().as_deref(),
+            Some("three")
+        );
+        let (read, buf) = socket.read(Vec::with_capacity(64)).await;
+        assert_eq!(&buf[..read.unwrap()], b"tail");
+        let (read, _) = socket.read(Vec::with_capacity(64)).await;
+        assert_eq!(read.unwrap(), 0, "end of stream after every byte");
+        drop(server.await);
+    });
+}

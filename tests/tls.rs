@@ -753,3 +753,39 @@ fn a_tls_stream_cannot_be_detached_and_stays_usable() {
         server.await.unwrap();
     });
 }
+
+/// Through TLS, too: decrypted lines a dropped `input_stream()` had buffered go back to
+/// the session, and the next stream reads them first.
+#[test]
+fn a_tls_input_stream_dropped_with_lines_buffered_gives_them_back() {
+    util::on_each_backend(|_| async {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, port) = listen();
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await?;
+            socket.accept_tls(&acceptor).await?;
+            // One write: one record, decrypted whole by the client's first read.
+            socket.write_all(b"one\ntwo\nthree\n".to_vec()).await.0?;
+            socket.shutdown_write().await?;
+            Ok::<_, Error>(socket)
+        });
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &port, ProtectionLevel::Tls13)
+            .await
+            .unwrap();
+        let mut first = socket.input_stream();
+        assert_eq!(first.read_line().await.unwrap().as_deref(), Some("one"));
+        assert_eq!(first.buffered(), b"two\nthree\n");
+        drop(first);
+        for line in ["two", "three"] {
+            assert_eq!(
+                socket.input_stream().read_line().await.unwrap().as_deref(),
+                Some(line)
+            );
+        }
+        assert_eq!(socket.input_stream().read_line().await.unwrap(), None);
+        drop(server.await.unwrap());
+    });
+}

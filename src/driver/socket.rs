@@ -226,6 +226,12 @@ impl SharedFd {
         n
     }
 
+    /// Puts `bytes` back in front of the carried ones: bytes a reader took from the
+    /// socket and never handed out, so the next receive gets them first, in order.
+    pub(crate) fn unread(&self, bytes: Bytes) {
+        crate::buf::prepend(&mut self.inner.carried.borrow_mut(), bytes);
+    }
+
     /// Every carried byte not received yet, taken out (for a detach).
     pub(crate) fn take_all_carried(&self) -> Bytes {
         std::mem::take(&mut *self.inner.carried.borrow_mut())

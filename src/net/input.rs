@@ -22,6 +22,11 @@ const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 /// socket's [read timeout](super::StreamSocketControl::set_read_timeout) instead loses
 /// nothing (what arrived as it gave up is kept for the next call).
 ///
+/// Dropped with bytes still buffered, it gives them back to its socket (or its TLS
+/// session), so the next read of the socket, or of the next `input_stream()`, gets them
+/// first: `socket.input_stream().read_line()` in a loop loses no line that arrived with
+/// the one before.
+///
 /// It reads while its socket lives: dropping or closing the socket ends the connection.
 pub struct InputStream {
     fd: Option<SharedFd>,
@@ -162,6 +167,17 @@ impl InputStream {
     /// Bytes buffered and not yet returned.
     pub fn buffered(&self) -> &[u8] {
         self.buffer.chunk()
+    }
+}
+
+impl Drop for InputStream {
+    fn drop(&mut self) {
+        let unread = self.buffer.split().freeze();
+        match (&self.tls, &self.fd) {
+            (Some(tls), _) => tls.unread(unread),
+            (None, Some(fd)) => fd.unread(unread),
+            (None, None) => {}
+        }
     }
 }
 

@@ -444,6 +444,9 @@ impl StreamSocket {
     }
 
     /// A reader over this connection with line reading (StreamReader.ReadLineAsync).
+    ///
+    /// Each call makes a new reader; one dropped with bytes it read ahead gives them back,
+    /// so the next reader (or [`read`](Self::read)) gets them first.
     pub fn input_stream(&self) -> InputStream {
         InputStream::new(self.fd.get().cloned())
             .with_tls(self.tls.get().cloned())

@@ -23,7 +23,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Poll, Waker};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, Connection, ServerConfig, ServerConnection};
 
@@ -71,6 +71,9 @@ pub(crate) struct TlsSession {
     rx: RefCell<Rx>,
     /// One reader at a time drives the receive side.
     read_turn: Turn,
+    /// Decrypted bytes a reader took and gave back unread (a dropped
+    /// [`InputStream`](crate::InputStream)'s buffer): handed out before rustls's.
+    unread: RefCell<Bytes>,
     tx: Rc<Tx>,
 }
 
@@ -173,6 +176,7 @@ impl TlsSession {
             write_closed: Cell::new(false),
             rx: RefCell::new(Rx::new()),
             read_turn: Turn::default(),
+            unread: RefCell::new(Bytes::new()),
             tx: Rc::new(Tx::new(fd)),
         }
     }
@@ -386,6 +390,14 @@ impl TlsSession {
     /// how much it took. Returns the count; 0 once the peer sent `close_notify`.
     pub(crate) async fn read_with(&self, copy: &mut dyn FnMut(&[u8]) -> usize) -> Result<usize> {
         let _turn = self.read_turn.take().await;
+        {
+            let mut unread = self.unread.borrow_mut();
+            if !unread.is_empty() {
+                let n = copy(&unread).min(unread.len());
+                unread.advance(n);
+                return Ok(n);
+            }
+        }
         loop {
             self.check_usable()?;
             match take_plaintext(&mut self.conn.borrow_mut(), copy) {
@@ -400,6 +412,11 @@ impl TlsSession {
             }
             self.receive().await?;
         }
+    }
+
+    /// Puts decrypted `bytes` back in front of what the next read hands out.
+    pub(crate) fn unread(&self, bytes: Bytes) {
+        crate::buf::prepend(&mut self.unread.borrow_mut(), bytes);
     }
 
     /// Encrypts `len` bytes of `plaintext`, taken as one stream from byte `from` (small
