@@ -7,6 +7,7 @@ use std::future::{poll_fn, Future};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
@@ -464,9 +465,11 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
         UnixStream::pair().map_err(|err| Error::io("make the hand-over channel", err))?;
     let theirs_fd = theirs.as_raw_fd();
     let exe = std::env::current_exe().map_err(|err| Error::io("find this program", err))?;
-    let args: Vec<String> = std::env::args()
+    // As the OS holds them: a path that is not UTF-8 (a --tls-cert, the program's own
+    // directory) is a valid argument, and `env::args` would panic on it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
         .skip(1)
-        .filter(|arg| !arg.starts_with("--inherit"))
+        .filter(|arg| !arg.as_bytes().starts_with(b"--inherit"))
         .collect();
     let mut command = std::process::Command::new(exe);
     command.args(&args).arg(format!("--inherit={theirs_fd}"));

@@ -343,3 +343,78 @@ fn a_hot_restart_refuses_and_resets_no_connection() {
         }
     }
 }
+
+/// A hot restart of a server whose arguments are not all UTF-8 (here its program's own
+/// path; a `--tls-cert` path would do the same): the new copy gets them as they were and
+/// takes over, instead of the old one panicking as it reads them.
+#[test]
+fn a_hot_restart_with_arguments_that_are_not_utf8_hands_over() {
+    use std::os::unix::ffi::OsStrExt;
+    for backend in BACKENDS {
+        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
+        let mut name = format!("restart-\u{0}-{}-{backend}", std::process::id()).into_bytes();
+        // A byte that is never UTF-8 where the NUL placeholder was.
+        let at = name.iter().position(|&b| b == 0).unwrap();
+        name[at] = 0xff;
+        let dir = built.with_file_name(std::ffi::OsStr::from_bytes(&name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A hard link, as in the failed-restart test: a copy could be busy (ETXTBSY).
+        let exe = dir.join("ringsock");
+        std::fs::hard_link(built, &exe).unwrap();
+        let old = EchoServer::start_with(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+            util::echo_server::Setup {
+                exe: Some(&exe),
+                ..util::echo_server::Setup::default()
+            },
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
+        one_echo(addr, b"before\n").unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
+        old.wait_for_stderr("the hand-over or its failure", |lines| {
+            lines.iter().any(|line| {
+                line.starts_with("restart")
+                    || line.contains("panicked")
+                    || line.starts_with("error:")
+            })
+        });
+        let stderr = old.stderr();
+        let new_pid: i32 = stderr
+            .iter()
+            .find_map(|line| line.strip_prefix("restart: handed"))
+            .and_then(|rest| rest.rsplit(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("{backend}: no hand-over; stderr:\n{}", stderr.join("\n")));
+        assert!(
+            old.wait_exit(MUST_HAPPEN).success(),
+            "{backend}: the old server"
+        );
+        // The new copy serves on the same port, then stops on SIGTERM.
+        one_echo(addr, b"after\n").unwrap();
+        // SAFETY: as above; the pid is the new server's, which the old one started.
+        unsafe { libc::kill(new_pid, libc::SIGTERM) };
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while std::path::Path::new(&format!("/proc/{new_pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the new server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
