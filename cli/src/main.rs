@@ -279,7 +279,7 @@ struct EchoClientArgs {
     host: String,
     /// Port number or service name.
     port: String,
-    /// The line (or datagram) to send.
+    /// The line (or datagram) to send; over TCP without a line break.
     #[arg(long, default_value = "Hello, World!")]
     message: String,
     /// Send one UDP datagram instead of a TCP line.
@@ -622,6 +622,14 @@ async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
 }
 
 fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
+    // The reply is read as one line: a line break in the message would cut it short
+    // without a word (and a trailing \r would be taken for part of the line's end).
+    if !args.udp && args.message.contains(['\n', '\r']) {
+        usage_error_in(
+            "echo-client",
+            "--message is one line over TCP: it cannot hold a line break (\\n or \\r)",
+        );
+    }
     let host = HostName::new(&args.host)?;
     let runtime = runtime(&args.backend)?;
     if args.udp {
