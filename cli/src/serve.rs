@@ -293,11 +293,15 @@ fn sockets(
         if activated.is_empty() {
             let mut sockets = Vec::new();
             let threads = start.threads.max(1);
+            // Exclusive: a second echo server started on a port one already serves must
+            // fail, not join its SO_REUSEPORT group and take part of its clients.
             if let Some(addr) = start.tcp {
-                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Listener)?.1);
+                sockets
+                    .extend(net::bind_reuse_port_exclusive(addr, threads, SocketKind::Listener)?.1);
             }
             if let Some(addr) = start.udp {
-                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Datagram)?.1);
+                sockets
+                    .extend(net::bind_reuse_port_exclusive(addr, threads, SocketKind::Datagram)?.1);
             }
             sockets
         } else {
