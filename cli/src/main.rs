@@ -251,9 +251,14 @@ impl std::str::FromStr for Seconds {
                 "{text:?} is not a number of seconds (0 means never)"
             ));
         }
-        Duration::try_from_secs_f64(secs)
-            .map(|limit| Seconds((!limit.is_zero()).then_some(limit)))
-            .map_err(|err| format!("{text:?}: {err}"))
+        match Duration::try_from_secs_f64(secs) {
+            // Rounded down to zero it would mean never, the opposite of what was asked.
+            Ok(limit) if limit.is_zero() && secs > 0.0 => Err(format!(
+                "{text:?} is less than a nanosecond (0 means never)"
+            )),
+            Ok(limit) => Ok(Seconds((!limit.is_zero()).then_some(limit))),
+            Err(err) => Err(format!("{text:?}: {err}")),
+        }
     }
 }
 

@@ -253,3 +253,34 @@ fn echo_client_gives_up_on_a_silent_tcp_server() {
         }
     }
 }
+
+/// A timeout above zero but under a nanosecond would round to zero, which means never:
+/// a usage error instead, on both engines; 0 itself still means never and serves.
+#[test]
+fn a_timeout_under_a_nanosecond_is_a_usage_error_not_never() {
+    for backend in BACKENDS {
+        for flag in ["--idle-timeout", "--handshake-timeout"] {
+            let out = util::output_within(
+                Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                    .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                    .args([flag, "1e-10"])
+                    .env_remove("RINGSOCK_BACKEND"),
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{backend} {flag}: {stderr}");
+            assert!(stderr.contains("nanosecond"), "{backend} {flag}: {stderr}");
+        }
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "0",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        assert!(server.stop().success(), "{backend}");
+    }
+}
