@@ -590,13 +590,25 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
         }
     }
     let mut batch = Vec::with_capacity(64);
+    let mut failures = 0u32;
     loop {
         batch.clear();
         if let Err(err) = socket.recv_batch(&mut batch, 64).await {
-            // Per datagram (an ICMP error, say): the socket goes on.
+            // Per datagram (an ICMP error, say): the socket goes on. But an error that
+            // comes back at once every time (no memory for the receive ring) would spin
+            // this loop without ever yielding, deaf to SIGTERM: after the first, wait
+            // before the next try, as the listener does after a failed accept.
             log.line(format!("receive: {}: {err}", err.status()));
+            if failures > 0 {
+                let wait = StreamSocketListener::ACCEPT_BACKOFF_FIRST
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(StreamSocketListener::ACCEPT_BACKOFF_MAX);
+                ringsock::runtime::sleep(wait).await;
+            }
+            failures = failures.saturating_add(1);
             continue;
         }
+        failures = 0;
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
             let options = SendOptions::reply_to(&datagram);
