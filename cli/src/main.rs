@@ -251,9 +251,14 @@ impl std::str::FromStr for Seconds {
                 "{text:?} is not a number of seconds (0 means never)"
             ));
         }
-        Duration::try_from_secs_f64(secs)
-            .map(|limit| Seconds((!limit.is_zero()).then_some(limit)))
-            .map_err(|err| format!("{text:?}: {err}"))
+        match Duration::try_from_secs_f64(secs) {
+            // Rounded down to zero it would mean never, the opposite of what was asked.
+            Ok(limit) if limit.is_zero() && secs > 0.0 => Err(format!(
+                "{text:?} is less than a nanosecond (0 means never)"
+            )),
+            Ok(limit) => Ok(Seconds((!limit.is_zero()).then_some(limit))),
+            Err(err) => Err(format!("{text:?}: {err}")),
+        }
     }
 }
 
@@ -279,15 +284,16 @@ struct EchoClientArgs {
     host: String,
     /// Port number or service name.
     port: String,
-    /// The line (or datagram) to send.
+    /// The line (or datagram) to send; over TCP without a line break.
     #[arg(long, default_value = "Hello, World!")]
     message: String,
     /// Send one UDP datagram instead of a TCP line.
     #[arg(long)]
     udp: bool,
-    /// UDP: how long to wait for the reply, in seconds.
-    #[arg(long, default_value = "2", value_name = "SECONDS", value_parser = reply_timeout)]
-    timeout: Duration,
+    /// How long to wait for the reply, in seconds (default: 2 for UDP; 10 for TCP,
+    /// counted from the connect, the TLS handshake included).
+    #[arg(long, value_name = "SECONDS", value_parser = reply_timeout)]
+    timeout: Option<Duration>,
     /// UDP: the DSCP of the datagram (0..=63; 46 is Expedited Forwarding, for audio).
     #[arg(long, requires = "udp", value_parser = clap::value_parser!(u8).range(0..=63))]
     dscp: Option<u8>,
@@ -584,13 +590,25 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
         }
     }
     let mut batch = Vec::with_capacity(64);
+    let mut failures = 0u32;
     loop {
         batch.clear();
         if let Err(err) = socket.recv_batch(&mut batch, 64).await {
-            // Per datagram (an ICMP error, say): the socket goes on.
+            // Per datagram (an ICMP error, say): the socket goes on. But an error that
+            // comes back at once every time (no memory for the receive ring) would spin
+            // this loop without ever yielding, deaf to SIGTERM: after the first, wait
+            // before the next try, as the listener does after a failed accept.
             log.line(format!("receive: {}: {err}", err.status()));
+            if failures > 0 {
+                let wait = StreamSocketListener::ACCEPT_BACKOFF_FIRST
+                    .saturating_mul(1 << (failures - 1).min(16))
+                    .min(StreamSocketListener::ACCEPT_BACKOFF_MAX);
+                ringsock::runtime::sleep(wait).await;
+            }
+            failures = failures.saturating_add(1);
             continue;
         }
+        failures = 0;
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
             let options = SendOptions::reply_to(&datagram);
@@ -621,45 +639,75 @@ async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
 }
 
 fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
+    // The reply is read as one line: a line break in the message would cut it short
+    // without a word (and a trailing \r would be taken for part of the line's end).
+    if !args.udp && args.message.contains(['\n', '\r']) {
+        usage_error_in(
+            "echo-client",
+            "--message is one line over TCP: it cannot hold a line break (\\n or \\r)",
+        );
+    }
     let host = HostName::new(&args.host)?;
     let runtime = runtime(&args.backend)?;
     if args.udp {
         return runtime.block_on(udp_echo_client(&host, &args));
     }
+    let wait = args.timeout.unwrap_or(TCP_REPLY_TIMEOUT);
     runtime.block_on(async {
         let socket = StreamSocket::new();
+        // A server that accepts and never answers (or a TLS handshake it never finishes)
+        // would otherwise hold the client forever.
+        let reply = ringsock::runtime::timeout(wait, tcp_exchange(&socket, &host, &args))
+            .await
+            .map_err(|_| {
+                Error::timed_out(format!(
+                    "no reply from {host} port {} within {wait:?}",
+                    args.port
+                ))
+            })??;
         if args.tls {
-            let control = socket.control();
-            if let Some(ca) = &args.ca {
-                control.set_trusted_roots(TrustedRoots::from_pem_file(ca)?)?;
-            }
-            if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
-                control.set_client_certificate(Identity::from_pem_files(cert, key)?)?;
-            }
-        }
-        socket.connect(&host, &args.port).await?;
-        if args.tls {
-            let name = match &args.server_name {
-                Some(name) => HostName::new(name)?,
-                None => host.clone(),
-            };
-            let level = args.tls_level.unwrap_or(ProtectionLevel::Tls12);
-            socket.upgrade_to_tls(level, &name).await?;
-        }
-        let (written, _) = socket
-            .write_all(format!("{}\n", args.message).into_bytes())
-            .await;
-        written?;
-        let mut input = socket.input_stream();
-        let reply = match input.read_line().await? {
-            Some(reply) => reply,
-            None => return Err(Error::connection_closed("waiting for the reply")),
-        };
-        if args.tls {
-            close_tls(&socket, &mut input).await;
+            close_tls(&socket, &mut socket.input_stream()).await;
         }
         print_reply(&reply)
     })
+}
+
+/// How long a TCP echo-client waits for its reply when `--timeout` is not given: longer
+/// than UDP's, since it covers the connect and a TLS handshake too.
+const TCP_REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects (with TLS if asked), sends the line and reads the reply line.
+async fn tcp_exchange(
+    socket: &StreamSocket,
+    host: &HostName,
+    args: &EchoClientArgs,
+) -> ringsock::Result<String> {
+    if args.tls {
+        let control = socket.control();
+        if let Some(ca) = &args.ca {
+            control.set_trusted_roots(TrustedRoots::from_pem_file(ca)?)?;
+        }
+        if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+            control.set_client_certificate(Identity::from_pem_files(cert, key)?)?;
+        }
+    }
+    socket.connect(host, &args.port).await?;
+    if args.tls {
+        let name = match &args.server_name {
+            Some(name) => HostName::new(name)?,
+            None => host.clone(),
+        };
+        let level = args.tls_level.unwrap_or(ProtectionLevel::Tls12);
+        socket.upgrade_to_tls(level, &name).await?;
+    }
+    let (written, _) = socket
+        .write_all(format!("{}\n", args.message).into_bytes())
+        .await;
+    written?;
+    match socket.input_stream().read_line().await? {
+        Some(reply) => Ok(reply),
+        None => Err(Error::connection_closed("waiting for the reply")),
+    }
 }
 
 /// The reply on stdout: a stdout that cannot take it (a full disk, a reader gone) is
@@ -682,9 +730,12 @@ async fn close_tls(socket: &StreamSocket, input: &mut ringsock::InputStream) {
     let _ = ringsock::runtime::timeout(Duration::from_secs(2), drain).await;
 }
 
+/// How long a UDP echo-client waits for its reply when `--timeout` is not given.
+const UDP_REPLY_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// One datagram to the server; its reply within the timeout, or ConnectionTimedOut.
 async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Result<()> {
-    let wait = args.timeout;
+    let wait = args.timeout.unwrap_or(UDP_REPLY_TIMEOUT);
     let socket = DatagramSocket::new();
     socket.connect(host, &args.port).await?;
     let mut options = SendOptions::default();

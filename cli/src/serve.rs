@@ -7,6 +7,7 @@ use std::future::{poll_fn, Future};
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::sync::{Arc, Mutex};
@@ -36,12 +37,16 @@ enum Ask {
 /// The process-wide request, with every thread's waker.
 struct Control {
     state: Mutex<(Ask, Vec<Waker>)>,
+    /// The hand-over channel while this process waits on it (`--inherit`): a stop shuts
+    /// it down, since the blocking read it sits in sees no waker.
+    taking_over: Mutex<Option<UnixStream>>,
 }
 
 impl Control {
     fn new() -> Arc<Control> {
         Arc::new(Control {
             state: Mutex::new((Ask::Serve, Vec::new())),
+            taking_over: Mutex::new(None),
         })
     }
 
@@ -51,7 +56,38 @@ impl Control {
             state.0 = ask;
             std::mem::take(&mut state.1)
         };
+        if ask == Ask::Stop {
+            let channel = self.taking_over.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(channel) = channel.as_ref() {
+                let _ = channel.shutdown(std::net::Shutdown::Read);
+            }
+        }
         wakers.into_iter().for_each(Waker::wake);
+    }
+
+    fn stop_asked(&self) -> bool {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 == Ask::Stop
+    }
+
+    /// Lets a stop end the wait on the hand-over `channel` (its reads then see the end
+    /// of the stream) until [`taken_over`](Self::taken_over).
+    fn taking_over(&self, channel: &UnixStream) -> ringsock::Result<()> {
+        let watched = channel
+            .try_clone()
+            .map_err(|err| Error::io("take the handed-over sockets", err))?;
+        *self.taking_over.lock().unwrap_or_else(|p| p.into_inner()) = Some(watched);
+        // A stop that came before the channel was there to shut down.
+        if self.stop_asked() {
+            let _ = channel.shutdown(std::net::Shutdown::Read);
+        }
+        Ok(())
+    }
+
+    fn taken_over(&self) {
+        self.taking_over
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// Resolves once something other than serving is asked.
@@ -145,7 +181,13 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     };
     let control = Control::new();
     control.install_signals()?;
-    let (sockets, lines) = sockets(&start, activated)?;
+    let (sockets, lines) = match sockets(&start, activated, &control) {
+        Ok(found) => found,
+        // SIGINT or SIGTERM while waiting for the sockets ended the wait: a stop, as
+        // asked, not a failure.
+        Err(_) if control.stop_asked() => return Ok(()),
+        Err(err) => return Err(err),
+    };
     let threads = start.threads.max(1);
     POOL_THREADS.store(threads, std::sync::atomic::Ordering::Release);
     let mut shares: Vec<Share> = (0..threads).map(|_| Share::default()).collect();
@@ -232,9 +274,10 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
 fn sockets(
     start: &Start,
     activated: Vec<net::Activated>,
+    control: &Control,
 ) -> ringsock::Result<(Vec<Detached>, Vec<String>)> {
     let sockets = if let Some(fd) = start.inherit {
-        take_over(fd)?
+        take_over(fd, control)?
     } else {
         if activated.is_empty() && start.activated {
             return Err(Error::invalid_input(
@@ -250,11 +293,15 @@ fn sockets(
         if activated.is_empty() {
             let mut sockets = Vec::new();
             let threads = start.threads.max(1);
+            // Exclusive: a second echo server started on a port one already serves must
+            // fail, not join its SO_REUSEPORT group and take part of its clients.
             if let Some(addr) = start.tcp {
-                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Listener)?.1);
+                sockets
+                    .extend(net::bind_reuse_port_exclusive(addr, threads, SocketKind::Listener)?.1);
             }
             if let Some(addr) = start.udp {
-                sockets.extend(net::bind_reuse_port(addr, threads, SocketKind::Datagram)?.1);
+                sockets
+                    .extend(net::bind_reuse_port_exclusive(addr, threads, SocketKind::Datagram)?.1);
             }
             sockets
         } else {
@@ -293,10 +340,18 @@ fn listening_line(socket: &Detached) -> ringsock::Result<String> {
 const MAX_HANDED_OVER: usize = 8192;
 
 /// Takes the sockets the process being replaced sends over `fd`: a count, then each.
-fn take_over(fd: RawFd) -> ringsock::Result<Vec<Detached>> {
+/// A stop asked meanwhile ends the wait with an error.
+fn take_over(fd: RawFd, control: &Control) -> ringsock::Result<Vec<Detached>> {
     let channel = unix_stream_from(fd)?;
+    control.taking_over(&channel)?;
+    let taken = take_over_from(&channel);
+    control.taken_over();
+    taken
+}
+
+fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
     let mut count = [0u8; 4];
-    std::io::Read::read_exact(&mut &channel, &mut count)
+    std::io::Read::read_exact(&mut &*channel, &mut count)
         .map_err(|err| Error::io("take the handed-over sockets", err))?;
     let count = u32::from_le_bytes(count) as usize;
     // The count comes from the other end of the channel: never an allocation of its size.
@@ -305,7 +360,7 @@ fn take_over(fd: RawFd) -> ringsock::Result<Vec<Detached>> {
             "--inherit: the channel announced {count} sockets, more than a server hands over"
         )));
     }
-    (0..count).map(|_| net::recv_detached(&channel)).collect()
+    (0..count).map(|_| net::recv_detached(channel)).collect()
 }
 
 fn unix_stream_from(fd: RawFd) -> ringsock::Result<UnixStream> {
@@ -464,9 +519,11 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
         UnixStream::pair().map_err(|err| Error::io("make the hand-over channel", err))?;
     let theirs_fd = theirs.as_raw_fd();
     let exe = std::env::current_exe().map_err(|err| Error::io("find this program", err))?;
-    let args: Vec<String> = std::env::args()
+    // As the OS holds them: a path that is not UTF-8 (a --tls-cert, the program's own
+    // directory) is a valid argument, and `env::args` would panic on it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os()
         .skip(1)
-        .filter(|arg| !arg.starts_with("--inherit"))
+        .filter(|arg| !arg.as_bytes().starts_with(b"--inherit"))
         .collect();
     let mut command = std::process::Command::new(exe);
     command.args(&args).arg(format!("--inherit={theirs_fd}"));

@@ -450,3 +450,51 @@ fn an_echo_server_with_an_unwritable_log_serves_and_stops_cleanly() {
         assert!(status.success(), "{backend}: {status}");
     }
 }
+
+/// A TCP message with a line break would come back cut at the break (only the first
+/// line is read as the reply) with exit 0: it is refused as a usage error instead.
+#[test]
+fn a_tcp_message_with_a_line_break_is_a_usage_error_not_a_cut_reply() {
+    for (backend, _) in BACKENDS {
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--udp",
+                "127.0.0.1:0",
+                "--backend",
+                backend,
+            ],
+            &["tcp", "udp"],
+        );
+        for message in ["first\nsecond", "ends in\r", "\n"] {
+            let out = ringsock(&[
+                "echo-client",
+                "127.0.0.1",
+                server.port(),
+                "--message",
+                message,
+                "--backend",
+                backend,
+            ]);
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{message:?}: {stderr}");
+            assert!(stderr.contains("--message"), "{message:?}: {stderr}");
+            assert!(out.stdout.is_empty(), "{message:?}: {}", text(&out.stdout));
+        }
+        // A datagram holds line breaks, and comes back whole.
+        let out = ringsock(&[
+            "echo-client",
+            "127.0.0.1",
+            &server.ports[1],
+            "--udp",
+            "--message",
+            "first\nsecond",
+            "--backend",
+            backend,
+        ]);
+        assert!(out.status.success(), "{}", text(&out.stderr));
+        assert_eq!(text(&out.stdout), "first\nsecond\n");
+        assert!(server.stop().success(), "{backend}");
+    }
+}

@@ -196,3 +196,91 @@ fn timeouts_that_are_not_seconds_are_usage_errors() {
         );
     }
 }
+
+/// Runs `ringsock ARGS`; fails the test if it has not exited within MUST_HAPPEN.
+fn run_bounded(args: &[&str]) -> std::process::Output {
+    let child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(args)
+        .env_remove("RINGSOCK_BACKEND")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as libc::pid_t;
+    let (sender, exited) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = sender.send(child.wait_with_output());
+    });
+    match exited.recv_timeout(MUST_HAPPEN) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            // SAFETY: kill has no memory-safety preconditions; pid is our child, which
+            // the waiting thread reaps.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("ringsock {args:?} did not exit within {MUST_HAPPEN:?}");
+        }
+    }
+}
+
+/// A TCP server that takes the connection (the kernel's backlog does) and never answers,
+/// in plain TCP or at the TLS handshake: the echo client gives up after `--timeout`
+/// with ConnectionTimedOut, instead of waiting forever.
+#[test]
+fn echo_client_gives_up_on_a_silent_tcp_server() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port().to_string();
+    for backend in BACKENDS {
+        for tls in [false, true] {
+            let mut args = vec![
+                "echo-client",
+                "127.0.0.1",
+                &port,
+                "--timeout",
+                "0.2",
+                "--backend",
+                backend,
+            ];
+            if tls {
+                args.push("--tls");
+            }
+            let out = run_bounded(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.starts_with("error: ConnectionTimedOut: ") && stderr.lines().count() == 1,
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}
+
+/// A timeout above zero but under a nanosecond would round to zero, which means never:
+/// a usage error instead, on both engines; 0 itself still means never and serves.
+#[test]
+fn a_timeout_under_a_nanosecond_is_a_usage_error_not_never() {
+    for backend in BACKENDS {
+        for flag in ["--idle-timeout", "--handshake-timeout"] {
+            let out = util::output_within(
+                Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                    .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                    .args([flag, "1e-10"])
+                    .env_remove("RINGSOCK_BACKEND"),
+            );
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{backend} {flag}: {stderr}");
+            assert!(stderr.contains("nanosecond"), "{backend} {flag}: {stderr}");
+        }
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "0",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        assert!(server.stop().success(), "{backend}");
+    }
+}

@@ -270,3 +270,48 @@ fn tls_usage_errors_exit_2() {
         );
     }
 }
+
+/// A certificate, key or CA path that is a FIFO no one writes to (a `mkfifo` left where
+/// the file was meant to be) fails as a file without a PEM section, on both engines,
+/// instead of holding the server or the client in the open forever.
+#[test]
+fn a_tls_file_that_is_a_fifo_without_a_writer_is_refused_not_waited_on() {
+    let pki = Pki::new();
+    let fifo = pki.path("fifo.pem");
+    let c_fifo = std::ffi::CString::new(fifo.as_str()).unwrap();
+    // SAFETY: mkfifo reads the NUL-terminated path, which lives across the call.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let (cert, key) = (pki.path("server.pem"), pki.path("server.key"));
+    let server = |cert: &str, key: &str| {
+        [
+            "echo-server",
+            "--tcp",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            key,
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let client = ["echo-client", "localhost", "1", "--tls", "--ca", &fifo]
+        .map(str::to_owned)
+        .to_vec();
+    for args in [server(&fifo, &key), server(&cert, &fifo), client] {
+        for backend in BACKENDS {
+            let out = util::output_within(
+                Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                    .args(&args)
+                    .args(["--backend", backend])
+                    .env_remove("RINGSOCK_BACKEND"),
+            );
+            let stderr = text(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.starts_with(&format!("error: InvalidFile: invalid file {fifo}: ")),
+                "{args:?}: {stderr}"
+            );
+        }
+    }
+}

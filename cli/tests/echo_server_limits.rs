@@ -258,3 +258,57 @@ fn a_full_server_takes_no_descriptor_for_the_clients_that_wait() {
         assert!(server.stop().success());
     }
 }
+
+/// The peak of process `pid`'s address space, in bytes.
+fn vm_peak(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmPeak:"))
+        .and_then(|rest| rest.trim().strip_suffix("kB"))
+        .and_then(|kb| kb.trim().parse().ok())
+        .expect("VmPeak in /proc/PID/status");
+    kb * 1024
+}
+
+/// A UDP echo server whose receive ring cannot be mapped (its address space is held
+/// to 2 MiB above what a TCP-only server needs, the ring takes 4 MiB) fails every
+/// receive at once. It logs that, a few lines a second, and waits between tries: it
+/// neither spins nor misses SIGTERM (before, the loop never yielded, ignored SIGTERM
+/// on epoll and ran out of memory on io_uring).
+#[test]
+fn a_udp_receive_that_fails_every_time_neither_spins_nor_ignores_sigterm() {
+    for backend in ["uring", "epoll"] {
+        // One malloc arena: the address space then grows with what is allocated, not
+        // with a reservation per thread.
+        let env = [("MALLOC_ARENA_MAX", "1")];
+        let args = |kind| [kind, "127.0.0.1:0", "--threads", "1", "--backend", backend];
+        let tcp = EchoServer::start_with(
+            &args("--tcp"),
+            &["tcp"],
+            Setup {
+                env: &env,
+                ..Setup::default()
+            },
+        );
+        echo_line(&client(addr(tcp.port())), "measure");
+        let without_ring = vm_peak(tcp.pid());
+        assert!(tcp.stop().success(), "{backend}");
+
+        let server = EchoServer::start_with(
+            &args("--udp"),
+            &["udp"],
+            Setup {
+                env: &env,
+                address_space: Some(without_ring + (2 << 20)),
+                ..Setup::default()
+            },
+        );
+        server.wait_for_stderr("the failed receive", |lines| {
+            lines.iter().any(|line| line.starts_with("udp: receive: "))
+        });
+        let (status, log) = server.stop_logged();
+        assert!(status.success(), "{backend}: {status:?}\n{log}");
+        assert!(!log.contains("panicked"), "{backend}:\n{log}");
+    }
+}

@@ -343,3 +343,149 @@ fn a_hot_restart_refuses_and_resets_no_connection() {
         }
     }
 }
+
+/// A hot restart of a server whose arguments are not all UTF-8 (here its program's own
+/// path; a `--tls-cert` path would do the same): the new copy gets them as they were and
+/// takes over, instead of the old one panicking as it reads them.
+#[test]
+fn a_hot_restart_with_arguments_that_are_not_utf8_hands_over() {
+    use std::os::unix::ffi::OsStrExt;
+    for backend in BACKENDS {
+        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
+        let mut name = format!("restart-\u{0}-{}-{backend}", std::process::id()).into_bytes();
+        // A byte that is never UTF-8 where the NUL placeholder was.
+        let at = name.iter().position(|&b| b == 0).unwrap();
+        name[at] = 0xff;
+        let dir = built.with_file_name(std::ffi::OsStr::from_bytes(&name));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // A hard link, as in the failed-restart test: a copy could be busy (ETXTBSY).
+        let exe = dir.join("ringsock");
+        std::fs::hard_link(built, &exe).unwrap();
+        let old = EchoServer::start_with(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+            util::echo_server::Setup {
+                exe: Some(&exe),
+                ..util::echo_server::Setup::default()
+            },
+        );
+        let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
+        one_echo(addr, b"before\n").unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
+        old.wait_for_stderr("the hand-over or its failure", |lines| {
+            lines.iter().any(|line| {
+                line.starts_with("restart")
+                    || line.contains("panicked")
+                    || line.starts_with("error:")
+            })
+        });
+        let stderr = old.stderr();
+        let new_pid: i32 = stderr
+            .iter()
+            .find_map(|line| line.strip_prefix("restart: handed"))
+            .and_then(|rest| rest.rsplit(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .unwrap_or_else(|| panic!("{backend}: no hand-over; stderr:\n{}", stderr.join("\n")));
+        assert!(
+            old.wait_exit(MUST_HAPPEN).success(),
+            "{backend}: the old server"
+        );
+        // The new copy serves on the same port, then stops on SIGTERM.
+        one_echo(addr, b"after\n").unwrap();
+        // SAFETY: as above; the pid is the new server's, which the old one started.
+        unsafe { libc::kill(new_pid, libc::SIGTERM) };
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while std::path::Path::new(&format!("/proc/{new_pid}")).exists()
+            && !std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
+                .unwrap_or_default()
+                .contains(") Z")
+        {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the new server did not stop"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Whether process `pid` catches `signal` (its handler is installed).
+fn catches(pid: u32, signal: libc::c_int) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1 << (signal - 1)) != 0)
+}
+
+/// A server waiting for the sockets of a hot restart from a process that never sends
+/// them (stuck, or stopped; before the count, or after it) still stops on SIGTERM, and
+/// exits 0, instead of sitting in the read with the signal caught and ignored.
+#[test]
+fn sigterm_ends_the_wait_for_a_hand_over_that_never_comes() {
+    for backend in BACKENDS {
+        for sent in [&[][..], &1u32.to_le_bytes()[..]] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            (&ours).write_all(sent).unwrap();
+            // A copy that, unlike its source, is not close-on-exec: the server inherits it.
+            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
+            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
+            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
+            // SAFETY: just made above, owned by nothing else.
+            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
+            let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .arg(format!("--inherit={}", inherited.as_raw_fd()))
+                .env_remove("RINGSOCK_BACKEND")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop((inherited, theirs));
+            // Once it catches SIGTERM, the signal is the server's to handle.
+            let deadline = Instant::now() + MUST_HAPPEN;
+            while !catches(child.id(), libc::SIGTERM) {
+                assert!(Instant::now() < deadline, "{backend}: no SIGTERM handler");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + MUST_HAPPEN;
+            let status = loop {
+                if let Some(status) = child.try_wait().unwrap() {
+                    break status;
+                }
+                if Instant::now() >= deadline {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!("{backend}, {sent:?} sent: SIGTERM did not stop the server");
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            };
+            let mut stderr = String::new();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut stderr)
+                .unwrap();
+            assert!(
+                status.success(),
+                "{backend}, {sent:?} sent: {status:?} {stderr}"
+            );
+            drop(ours);
+        }
+    }
+}

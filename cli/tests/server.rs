@@ -235,3 +235,51 @@ fn udp_echo_server_on_a_wildcard_replies_from_the_address_asked() {
         }
     }
 }
+
+/// A second echo server on a port a first one serves (the same command line run twice)
+/// fails with AddressAlreadyInUse, on one thread or several, for TCP and UDP: before, it
+/// joined the first one's SO_REUSEPORT group and the kernel gave it part of the first
+/// one's clients, neither saying a word.
+#[test]
+fn a_second_server_on_a_port_one_serves_is_refused() {
+    for backend in BACKENDS {
+        let first = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--udp",
+                "127.0.0.1:0",
+                "--threads",
+                "2",
+                "--backend",
+                backend,
+            ],
+            &["tcp", "udp"],
+        );
+        let (tcp, udp) = (&first.ports[0], &first.ports[1]);
+        for (kind, port) in [("--tcp", tcp), ("--udp", udp)] {
+            for threads in ["1", "2"] {
+                let out = util::output_within(
+                    std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                        .args(["echo-server", kind, &format!("127.0.0.1:{port}")])
+                        .args(["--threads", threads, "--backend", backend])
+                        .env_remove("RINGSOCK_BACKEND"),
+                );
+                let stderr = String::from_utf8_lossy(&out.stderr);
+                assert_eq!(
+                    out.status.code(),
+                    Some(1),
+                    "{backend} {kind} {threads}: {stderr}"
+                );
+                assert!(
+                    stderr.contains("error: AddressAlreadyInUse: "),
+                    "{backend} {kind} {threads}: {stderr}"
+                );
+            }
+        }
+        // The first one still serves both.
+        tcp_echoes(addr("127.0.0.1", tcp));
+        udp_echoes(addr("127.0.0.1", udp), &[172]);
+        assert!(first.stop().success(), "{backend}");
+    }
+}

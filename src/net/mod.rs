@@ -38,7 +38,7 @@ pub use input::InputStream;
 pub use listener::{AcceptStats, Incoming, StreamSocketListener};
 pub use meta::{Ecn, OutgoingDatagram, SendOptions, TrafficClass};
 pub use output::{OutputStream, OutputStreamConfig, OutputStreamStats, WriteHandle};
-pub use shard::{bind_reuse_port, Sharded};
+pub use shard::{bind_reuse_port, bind_reuse_port_exclusive, Sharded};
 pub use stream::StreamSocket;
 pub use timeouts::{TimeoutCounts, DEFAULT_LINGER_TIMEOUT};
 

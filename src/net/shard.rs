@@ -47,23 +47,49 @@ pub fn bind_reuse_port(
             "a connected stream cannot be bound to share a port",
         ));
     }
-    bind_group(addr, count, kind)
+    bind_group(addr, count, kind, false)
+}
+
+/// [`bind_reuse_port`] for a group that shares its port with no one else: after the
+/// same wait for a dying socket, a port a live socket still holds fails with
+/// `AddressAlreadyInUse` instead of being joined. For a server that must not start on
+/// a port another one serves (a second copy started by mistake would take part of the
+/// first one's connections or datagrams, and neither would say so).
+pub fn bind_reuse_port_exclusive(
+    addr: SocketAddr,
+    count: usize,
+    kind: SocketKind,
+) -> Result<(SocketAddr, Vec<Detached>)> {
+    if kind == SocketKind::Stream {
+        return Err(Error::invalid_input(
+            "a connected stream cannot be bound to share a port",
+        ));
+    }
+    bind_group(addr, count, kind, true)
 }
 
 /// Binds `count` sockets of `kind` (a listener or a datagram socket) on `addr`, all with
 /// SO_REUSEPORT; with port 0 the first picks the port and the others join it. Returns
 /// the address bound and the sockets, detached, in group order. A socket a process that
-/// just ended still holds on the port is waited out first (see `wait_until_free`).
+/// just ended still holds on the port is waited out first (see `wait_until_free`); one
+/// still held after that is joined, or with `exclusive` refused.
 fn bind_group(
     addr: SocketAddr,
     count: usize,
     kind: SocketKind,
+    exclusive: bool,
 ) -> Result<(SocketAddr, Vec<Detached>)> {
     let ty = match kind {
         SocketKind::Datagram => socket2::Type::DGRAM,
         _ => socket2::Type::STREAM,
     };
-    wait_until_free(addr, ty).map_err(|err| Error::io(format!("bind {addr}"), err))?;
+    let free = wait_until_free(addr, ty).map_err(|err| Error::io(format!("bind {addr}"), err))?;
+    if exclusive && !free {
+        return Err(Error::io(
+            format!("bind {addr}: another socket holds the port"),
+            std::io::Error::from_raw_os_error(libc::EADDRINUSE),
+        ));
+    }
     let mut bound = addr;
     let mut group = Vec::with_capacity(count);
     for _ in 0..count.max(1) {
@@ -138,7 +164,7 @@ impl StreamSocketListener {
         Fut: Future + 'static,
         Fut::Output: Send + 'static,
     {
-        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Listener)?;
+        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Listener, false)?;
         let cpus: Option<Vec<usize>> = (0..pool.threads()).map(|t| pool.cpu_of(t)).collect();
         if let (Some(cpus), Some(first)) = (cpus, group.first()) {
             sockopt::route_reuseport_by_cpu(first.as_raw_fd(), &cpus)
@@ -168,7 +194,7 @@ impl DatagramSocket {
         Fut: Future + 'static,
         Fut::Output: Send + 'static,
     {
-        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Datagram)?;
+        let (bound, group) = bind_group(addr, pool.threads(), SocketKind::Datagram, false)?;
         let servers = serve_group(pool, group, Detached::into_datagram, serve)?;
         Ok(Sharded {
             addr: bound,

@@ -1,6 +1,5 @@
 //! What a TLS session is built from: identities, trusted roots, the server's acceptor.
 
-use std::io::Read;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -543,11 +542,10 @@ const MAX_PEM_FILE: u64 = 16 << 20;
 
 fn read_file(path: &Path, what: &str) -> Result<Vec<u8>> {
     let context = || format!("read the {what} file {}", path.display());
-    let file = std::fs::File::open(path).map_err(|err| Error::io(context(), err))?;
     let mut bytes = Vec::new();
-    // A directory opens fine and fails here, with EISDIR.
-    file.take(MAX_PEM_FILE + 1)
-        .read_to_end(&mut bytes)
+    // A directory opens fine and fails in the read, with EISDIR; a FIFO no one writes
+    // to reads as empty (then has no PEM section) instead of holding the open forever.
+    crate::tunnel::read_limited(path, MAX_PEM_FILE + 1, &mut bytes)
         .map_err(|err| Error::io(context(), err))?;
     if bytes.len() as u64 > MAX_PEM_FILE {
         return Err(Error::invalid_file(

@@ -75,7 +75,7 @@ impl PresharedKey {
 /// forever: opened non-blocking it reads as empty instead. One whose writer has not
 /// written yet (`--key <(cat key)`) is opened again, blocking, which no longer waits
 /// for a writer, and read as it comes.
-fn read_limited(path: &Path, limit: u64, text: &mut Vec<u8>) -> std::io::Result<()> {
+pub(crate) fn read_limited(path: &Path, limit: u64, text: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Read;
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()

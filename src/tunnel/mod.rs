@@ -30,6 +30,8 @@ pub use config::TunnelConfig;
 pub use endpoint::Tunnel;
 pub use group::TunnelGroup;
 pub use key::PresharedKey;
+// The TLS files are read the same way (a FIFO no one writes to must not hold the caller).
+pub(crate) use key::read_limited;
 pub use session::{DATA_HEADER, TAG_LEN};
 pub use stats::TunnelStats;
 

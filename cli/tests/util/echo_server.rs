@@ -22,6 +22,8 @@ pub struct EchoServer {
 pub struct Setup<'a> {
     /// RLIMIT_NOFILE (soft and hard) of the server process.
     pub nofile: Option<u64>,
+    /// RLIMIT_AS (soft and hard, bytes) of the server process.
+    pub address_space: Option<u64>,
     /// Extra environment variables.
     pub env: &'a [(&'a str, &'a str)],
     /// The network namespace to run it in (`ip netns exec`, which execs the server in
@@ -68,17 +70,22 @@ impl EchoServer {
             .envs(setup.env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        if let Some(nofile) = setup.nofile {
+        let limits = [
+            (libc::RLIMIT_NOFILE, setup.nofile),
+            (libc::RLIMIT_AS, setup.address_space),
+        ];
+        for (resource, value) in limits {
+            let Some(value) = value else { continue };
             let limit = libc::rlimit {
-                rlim_cur: nofile as libc::rlim_t,
-                rlim_max: nofile as libc::rlim_t,
+                rlim_cur: value as libc::rlim_t,
+                rlim_max: value as libc::rlim_t,
             };
             #[allow(unsafe_code)]
             // SAFETY: the hook only calls setrlimit, which is async-signal-safe, on a
             // struct it owns.
             unsafe {
                 command.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    if libc::setrlimit(resource, &limit) != 0 {
                         return Err(std::io::Error::last_os_error());
                     }
                     Ok(())
