@@ -42,11 +42,6 @@ pub fn bind_reuse_port(
     count: usize,
     kind: SocketKind,
 ) -> Result<(SocketAddr, Vec<Detached>)> {
-    if kind == SocketKind::Stream {
-        return Err(Error::invalid_input(
-            "a connected stream cannot be bound to share a port",
-        ));
-    }
     bind_group(addr, count, kind, false)
 }
 
@@ -60,11 +55,6 @@ pub fn bind_reuse_port_exclusive(
     count: usize,
     kind: SocketKind,
 ) -> Result<(SocketAddr, Vec<Detached>)> {
-    if kind == SocketKind::Stream {
-        return Err(Error::invalid_input(
-            "a connected stream cannot be bound to share a port",
-        ));
-    }
     bind_group(addr, count, kind, true)
 }
 
@@ -79,6 +69,11 @@ fn bind_group(
     kind: SocketKind,
     exclusive: bool,
 ) -> Result<(SocketAddr, Vec<Detached>)> {
+    if kind == SocketKind::Stream {
+        return Err(Error::invalid_input(
+            "a connected stream cannot be bound to share a port",
+        ));
+    }
     let ty = match kind {
         SocketKind::Datagram => socket2::Type::DGRAM,
         _ => socket2::Type::STREAM,
