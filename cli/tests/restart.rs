@@ -207,29 +207,9 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
 #[test]
 fn a_failed_hot_restart_serves_the_open_connections_to_their_end() {
     for backend in BACKENDS {
-        // A hard link, not a copy: a copy's file open for writing could be inherited by
-        // a child another test forks meanwhile, and running it would fail (ETXTBSY).
-        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
-        let dir = built.with_file_name(format!("failed-restart-{}-{backend}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let exe = dir.join("ringsock");
-        std::fs::hard_link(built, &exe).unwrap();
-        let server = EchoServer::start_with(
-            &[
-                "--tcp",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--backend",
-                backend,
-            ],
-            &["tcp"],
-            util::echo_server::Setup {
-                exe: Some(&exe),
-                ..util::echo_server::Setup::default()
-            },
-        );
+        let name = format!("failed-restart-{}-{backend}", std::process::id());
+        let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
+        let server = serve_tcp_from(&exe, backend);
         let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
         let mut open = TcpStream::connect(addr).unwrap();
         open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
@@ -351,32 +331,12 @@ fn a_hot_restart_refuses_and_resets_no_connection() {
 fn a_hot_restart_with_arguments_that_are_not_utf8_hands_over() {
     use std::os::unix::ffi::OsStrExt;
     for backend in BACKENDS {
-        let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
         let mut name = format!("restart-\u{0}-{}-{backend}", std::process::id()).into_bytes();
         // A byte that is never UTF-8 where the NUL placeholder was.
         let at = name.iter().position(|&b| b == 0).unwrap();
         name[at] = 0xff;
-        let dir = built.with_file_name(std::ffi::OsStr::from_bytes(&name));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        // A hard link, as in the failed-restart test: a copy could be busy (ETXTBSY).
-        let exe = dir.join("ringsock");
-        std::fs::hard_link(built, &exe).unwrap();
-        let old = EchoServer::start_with(
-            &[
-                "--tcp",
-                "127.0.0.1:0",
-                "--threads",
-                "1",
-                "--backend",
-                backend,
-            ],
-            &["tcp"],
-            util::echo_server::Setup {
-                exe: Some(&exe),
-                ..util::echo_server::Setup::default()
-            },
-        );
+        let (dir, exe) = linked_binary(std::ffi::OsStr::from_bytes(&name));
+        let old = serve_tcp_from(&exe, backend);
         let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
         one_echo(addr, b"before\n").unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
@@ -488,4 +448,37 @@ fn sigterm_ends_the_wait_for_a_hand_over_that_never_comes() {
             drop(ours);
         }
     }
+}
+
+/// The built binary, hard-linked into a fresh directory `name` beside it: the directory
+/// and the link. A hard link, not a copy: a copy's file open for writing could be
+/// inherited by a child another test forks meanwhile, and running it would fail
+/// (ETXTBSY).
+fn linked_binary(name: &std::ffi::OsStr) -> (std::path::PathBuf, std::path::PathBuf) {
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_ringsock"));
+    let dir = built.with_file_name(name);
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let exe = dir.join("ringsock");
+    std::fs::hard_link(built, &exe).unwrap();
+    (dir, exe)
+}
+
+/// An echo server run from `exe`, on one thread, TCP on a port the kernel picks.
+fn serve_tcp_from(exe: &std::path::Path, backend: &str) -> EchoServer {
+    EchoServer::start_with(
+        &[
+            "--tcp",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--backend",
+            backend,
+        ],
+        &["tcp"],
+        util::echo_server::Setup {
+            exe: Some(exe),
+            ..util::echo_server::Setup::default()
+        },
+    )
 }
