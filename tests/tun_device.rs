@@ -40,102 +40,94 @@ fn udp_packet(port: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn exchange(offloads: bool) {
-    let netns = match Netns::create("tun") {
-        Ok(netns) => netns,
-        Err(why) => return skip(&why),
-    };
-    let name = netns.name().to_owned();
-    netns.run(move || {
-        on_each_backend(|backend| {
-            let name = name.clone();
-            async move {
-                let options = TunOptions {
-                    offloads,
-                    mtu: Some(1400),
-                    ..TunOptions::default()
-                };
-                let tun = TunDevice::create("rstun0", options).expect("create the TUN");
-                assert!(tun.created());
-                assert_eq!(tun.mtu().unwrap(), 1400);
-                assert!(tun.is_up().unwrap());
-                assert_eq!(tun.offloads().vnet_hdr, offloads);
-                let status = std::process::Command::new("ip")
-                    .args(["addr", "add", "10.77.0.1/24", "dev", "rstun0"])
-                    .status()
-                    .unwrap();
-                assert!(status.success(), "ip addr add in {name}");
+    on_each_backend_in_netns("tun", move |backend| {
+        async move {
+            let options = TunOptions {
+                offloads,
+                mtu: Some(1400),
+                ..TunOptions::default()
+            };
+            let tun = TunDevice::create("rstun0", options).expect("create the TUN");
+            assert!(tun.created());
+            assert_eq!(tun.mtu().unwrap(), 1400);
+            assert!(tun.is_up().unwrap());
+            assert_eq!(tun.offloads().vnet_hdr, offloads);
+            let status = std::process::Command::new("ip")
+                .args(["addr", "add", "10.77.0.1/24", "dev", "rstun0"])
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip addr add on {backend}");
 
-                // Kernel to TUN: a datagram routed through the interface is read.
-                let sock = UdpSocket::bind((Ipv4Addr::new(10, 77, 0, 1), 0)).unwrap();
-                let port = sock.local_addr().unwrap().port();
-                sock.send_to(b"to the tun", "10.77.0.2:7").unwrap();
-                let found = timeout(MUST_HAPPEN, async {
-                    loop {
-                        let frame = tun.recv().await.expect("read");
-                        let packet = frame.packet().to_vec();
-                        tun.recycle(frame);
-                        if packet.len() > 28 && packet[9] == 17 && packet.ends_with(b"to the tun") {
-                            return packet;
-                        }
+            // Kernel to TUN: a datagram routed through the interface is read.
+            let sock = UdpSocket::bind((Ipv4Addr::new(10, 77, 0, 1), 0)).unwrap();
+            let port = sock.local_addr().unwrap().port();
+            sock.send_to(b"to the tun", "10.77.0.2:7").unwrap();
+            let found = timeout(MUST_HAPPEN, async {
+                loop {
+                    let frame = tun.recv().await.expect("read");
+                    let packet = frame.packet().to_vec();
+                    tun.recycle(frame);
+                    if packet.len() > 28 && packet[9] == 17 && packet.ends_with(b"to the tun") {
+                        return packet;
                     }
-                })
-                .await
-                .unwrap_or_else(|_| panic!("no datagram read on {backend}"));
-                assert_eq!(&found[16..20], &[10, 77, 0, 2]);
-
-                // TUN to kernel: a batch of written packets reaches the socket.
-                sock.set_read_timeout(Some(Duration::from_secs(10)))
-                    .unwrap();
-                for i in 0..5u8 {
-                    tun.write(&udp_packet(port, &[b'x', i]));
                 }
-                tun.flush().await.expect("flush");
-                for i in 0..5u8 {
-                    let mut buf = [0u8; 16];
-                    let (n, from) = sock.recv_from(&mut buf).expect("a written packet");
-                    assert_eq!(&buf[..n], &[b'x', i]);
-                    assert_eq!(from.to_string(), "10.77.0.2:9999");
-                }
-                assert_eq!(tun.stats().frames_written, 5);
-                // A packet that is not IPv4 or IPv6 is refused by the kernel: counted,
-                // and the packets after it still go.
-                tun.write(&[0u8; 20]);
-                tun.write(&udp_packet(port, b"after"));
-                assert!(
-                    tun.flush().await.is_err(),
-                    "{backend}: the refusal is reported"
-                );
-                assert_eq!(tun.stats().write_errors, 1);
-                let mut buf = [0u8; 16];
-                let (n, _) = sock
-                    .recv_from(&mut buf)
-                    .expect("the packet after the refused one");
-                assert_eq!(&buf[..n], b"after");
+            })
+            .await
+            .unwrap_or_else(|_| panic!("no datagram read on {backend}"));
+            assert_eq!(&found[16..20], &[10, 77, 0, 2]);
 
-                // A read given up on loses nothing: the kernel's read stays with the
-                // device, and the next read takes the packet it gets.
-                // (The kernel's own packets, such as IPv6 router solicitations, may
-                // come meanwhile: the read may end either way.)
-                let _ = timeout(Duration::from_millis(20), tun.recv()).await;
-                sock.send_to(b"after a dropped read", "10.77.0.2:7")
-                    .unwrap();
-                let next = timeout(MUST_HAPPEN, async {
-                    loop {
-                        let frame = tun.recv().await.expect("read");
-                        if frame.packet().ends_with(b"after a dropped read") {
-                            return;
-                        }
-                    }
-                })
-                .await;
-                assert!(next.is_ok(), "{backend}: the packet after a dropped read");
-
-                // Another queue of the same interface.
-                let second = tun.open_queue().expect("a second queue");
-                assert_eq!(second.name(), "rstun0");
-                assert!(!second.created());
+            // TUN to kernel: a batch of written packets reaches the socket.
+            sock.set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            for i in 0..5u8 {
+                tun.write(&udp_packet(port, &[b'x', i]));
             }
-        });
+            tun.flush().await.expect("flush");
+            for i in 0..5u8 {
+                let mut buf = [0u8; 16];
+                let (n, from) = sock.recv_from(&mut buf).expect("a written packet");
+                assert_eq!(&buf[..n], &[b'x', i]);
+                assert_eq!(from.to_string(), "10.77.0.2:9999");
+            }
+            assert_eq!(tun.stats().frames_written, 5);
+            // A packet that is not IPv4 or IPv6 is refused by the kernel: counted,
+            // and the packets after it still go.
+            tun.write(&[0u8; 20]);
+            tun.write(&udp_packet(port, b"after"));
+            assert!(
+                tun.flush().await.is_err(),
+                "{backend}: the refusal is reported"
+            );
+            assert_eq!(tun.stats().write_errors, 1);
+            let mut buf = [0u8; 16];
+            let (n, _) = sock
+                .recv_from(&mut buf)
+                .expect("the packet after the refused one");
+            assert_eq!(&buf[..n], b"after");
+
+            // A read given up on loses nothing: the kernel's read stays with the
+            // device, and the next read takes the packet it gets.
+            // (The kernel's own packets, such as IPv6 router solicitations, may
+            // come meanwhile: the read may end either way.)
+            let _ = timeout(Duration::from_millis(20), tun.recv()).await;
+            sock.send_to(b"after a dropped read", "10.77.0.2:7")
+                .unwrap();
+            let next = timeout(MUST_HAPPEN, async {
+                loop {
+                    let frame = tun.recv().await.expect("read");
+                    if frame.packet().ends_with(b"after a dropped read") {
+                        return;
+                    }
+                }
+            })
+            .await;
+            assert!(next.is_ok(), "{backend}: the packet after a dropped read");
+
+            // Another queue of the same interface.
+            let second = tun.open_queue().expect("a second queue");
+            assert_eq!(second.name(), "rstun0");
+            assert!(!second.created());
+        }
     });
 }
 
@@ -308,9 +300,12 @@ fn odd_packets_written_are_refused_and_the_next_one_goes() {
                 offloads,
                 ..TunOptions::default()
             };
-            let tun = TunDevice::create("rstun4", options).expect("create");
+            // A name per round: the last round's interface may outlive its descriptor
+            // for a moment (an io_uring worker's file reference is let go late).
+            let name = format!("rstun4{}", u8::from(offloads));
+            let tun = TunDevice::create(&name, options).expect("create");
             let out = std::process::Command::new("ip")
-                .args(["addr", "add", "10.77.0.1/24", "dev", "rstun4"])
+                .args(["addr", "add", "10.77.0.1/24", "dev", &name])
                 .output()
                 .unwrap();
             assert!(out.status.success(), "{backend}: {out:?}");

@@ -37,16 +37,22 @@ where
     }
 }
 
-/// Runs `test` on each driver (see [`on_each_backend`]) on a thread inside a network
-/// namespace of its own, deleted after; says "skipped" where none can be made.
+/// Runs `test` on each driver (see [`on_each_backend`]), each on a thread inside a
+/// network namespace of its own, deleted after; says "skipped" where none can be made.
+/// One namespace per driver: what the kernel tears down after a test (an interface
+/// whose last descriptor an io_uring worker let go of) cannot meet the next driver's.
 pub fn on_each_backend_in_netns<F, Fut>(tag: &str, test: F)
 where
-    F: Fn(Backend) -> Fut + Send + 'static,
+    F: Fn(Backend) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()>,
 {
-    match netns::Netns::create(tag) {
-        Ok(netns) => netns.run(move || on_each_backend(test)),
-        Err(why) => netns::skip(&why),
+    let test = std::sync::Arc::new(test);
+    for backend in BACKENDS {
+        let test = test.clone();
+        match netns::Netns::create(tag) {
+            Ok(netns) => netns.run(move || on_backend(backend, &*test)),
+            Err(why) => return netns::skip(&why),
+        }
     }
 }
 
