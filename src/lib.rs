@@ -79,7 +79,7 @@ pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
     AcceptStats, Datagram, DatagramGroup, DatagramSocket, DatagramSocketControl, Ecn, Forward,
-    InputStream, OutgoingDatagram, OutputStream, ReceiveRing, ReceiveStats, SendOptions,
+    InputStream, OutgoingDatagram, OutputStream, PostStats, ReceiveRing, ReceiveStats, SendOptions,
     StreamSocket, StreamSocketControl, StreamSocketListener, TimeoutCounts, TrafficClass,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};

@@ -7,16 +7,7 @@ mod util;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
-use ringsock::runtime::timeout;
-use ringsock::{Backend, Datagram, DatagramSocket, OutgoingDatagram, ReceiveRing};
-
-fn bound() -> DatagramSocket {
-    let socket = DatagramSocket::new();
-    socket
-        .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
-        .unwrap();
-    socket
-}
+use ringsock::{Backend, DatagramSocket, OutgoingDatagram, ReceiveRing};
 
 /// A relay socket with a ring of 8 small buffers.
 fn relay() -> DatagramSocket {
@@ -32,20 +23,13 @@ fn relay() -> DatagramSocket {
     socket
 }
 
-async fn recv(socket: &DatagramSocket) -> Datagram {
-    timeout(util::MUST_HAPPEN, socket.recv())
-        .await
-        .expect("a datagram must arrive")
-        .unwrap()
-}
-
 #[test]
 fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
     util::on_each_receive_path(|_backend: Backend| async move {
-        let source = bound();
+        let source = util::bound_loopback();
         let relay = relay();
-        let other = bound();
-        let sink = bound();
+        let other = util::bound_loopback();
+        let sink = util::bound_loopback();
         let to_relay = relay.local_addr().unwrap();
         let to_sink = sink.local_addr().unwrap();
         let rounds = 300;
@@ -53,7 +37,7 @@ fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
             let len = 1 + (round * 37) % 1500;
             let sent = util::pseudo_random_bytes(round as u64, len);
             source.send_to_addr(sent.clone(), to_relay).await.0.unwrap();
-            let forward = recv(&relay).await.into_forward();
+            let forward = util::recv_datagram(&relay).await.into_forward();
             assert!(forward.is_zero_copy(), "round {round}");
             // On from the relay itself, or from another socket.
             let out = if round % 2 == 0 { &relay } else { &other };
@@ -61,7 +45,7 @@ fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
             assert_eq!(result.unwrap(), len);
             assert_eq!(forward.data(), &sent[..]);
             drop(forward);
-            let got = recv(&sink).await;
+            let got = util::recv_datagram(&sink).await;
             assert_eq!(&got[..], &sent[..], "round {round}");
             assert_eq!(got.remote_addr(), out.local_addr().unwrap());
         }
@@ -75,7 +59,7 @@ fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
 #[test]
 fn lent_datagrams_hold_at_most_a_quarter_of_the_ring() {
     util::on_each_receive_path(|_backend: Backend| async move {
-        let source = bound();
+        let source = util::bound_loopback();
         let relay = relay();
         let to_relay = relay.local_addr().unwrap();
         let mut held = Vec::new();
@@ -89,7 +73,7 @@ fn lent_datagrams_hold_at_most_a_quarter_of_the_ring() {
             }
             // Every datagram kept as a Forward: the ring still takes the next ones.
             for i in 0..8u8 {
-                let forward = recv(&relay).await.into_forward();
+                let forward = util::recv_datagram(&relay).await.into_forward();
                 assert_eq!(forward.data(), &[round, i]);
                 held.push(forward);
                 let stats = relay.receive_stats();
@@ -112,10 +96,10 @@ fn lent_datagrams_hold_at_most_a_quarter_of_the_ring() {
 #[test]
 fn a_relay_forwards_a_burst_to_64_peers_in_one_batch() {
     util::on_each_receive_path(|_backend: Backend| async move {
-        let source = bound();
-        let relay = bound();
+        let source = util::bound_loopback();
+        let relay = util::bound_loopback();
         let to_relay = relay.local_addr().unwrap();
-        let peers: Vec<DatagramSocket> = (0..64).map(|_| bound()).collect();
+        let peers: Vec<DatagramSocket> = (0..64).map(|_| util::bound_loopback()).collect();
         let payloads: Vec<Vec<u8>> = (0..64u64)
             .map(|i| util::pseudo_random_bytes(i, 100 + i as usize))
             .collect();
@@ -128,7 +112,7 @@ fn a_relay_forwards_a_burst_to_64_peers_in_one_batch() {
         }
         let mut batch = Vec::new();
         while batch.len() < 64 {
-            let datagram = recv(&relay).await;
+            let datagram = util::recv_datagram(&relay).await;
             let i = batch.len();
             let to = peers[i].local_addr().unwrap();
             batch.push(OutgoingDatagram::of(datagram.into_forward(), to));
@@ -142,7 +126,7 @@ fn a_relay_forwards_a_burst_to_64_peers_in_one_batch() {
         let stats = relay.receive_stats();
         assert_eq!((stats.buffers_forwarding, stats.buffers_lent), (0, 0));
         for (peer, payload) in peers.iter().zip(&payloads) {
-            let got = recv(peer).await;
+            let got = util::recv_datagram(peer).await;
             assert_eq!(&got[..], &payload[..]);
             assert_eq!(got.remote_addr(), to_relay);
         }

@@ -10,10 +10,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
-use ringsock::runtime::timeout;
-use ringsock::{
-    Backend, Datagram, DatagramSocket, Ecn, OutgoingDatagram, SendOptions, TrafficClass,
-};
+use ringsock::{Backend, DatagramSocket, Ecn, OutgoingDatagram, SendOptions, TrafficClass};
 use util::netns::{self, Netns};
 
 const V4: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -23,13 +20,6 @@ fn bound(ip: IpAddr) -> DatagramSocket {
     let socket = DatagramSocket::new();
     socket.bind_addr(SocketAddr::new(ip, 0)).unwrap();
     socket
-}
-
-async fn recv(socket: &DatagramSocket) -> Datagram {
-    timeout(util::MUST_HAPPEN, socket.recv())
-        .await
-        .expect("a datagram must arrive")
-        .unwrap()
 }
 
 fn ef(ecn: Ecn) -> TrafficClass {
@@ -66,7 +56,7 @@ fn the_traffic_class_received_is_the_one_sent() {
                     .await
                     .0
                     .unwrap();
-                let got = recv(&server).await;
+                let got = util::recv_datagram(&server).await;
                 assert_eq!(&got[..], b"one");
                 assert_eq!(got.traffic_class(), Some(class), "to {to}");
             }
@@ -81,7 +71,7 @@ fn the_traffic_class_received_is_the_one_sent() {
             // One GSO send carried all eight, control messages and all.
             assert_eq!(stream.stats().kernel_operations, 1, "to {to}");
             for i in 0..8u8 {
-                let got = recv(&server).await;
+                let got = util::recv_datagram(&server).await;
                 assert_eq!(&got[..], &[i; 100][..]);
                 assert_eq!(got.traffic_class(), Some(class));
             }
@@ -96,7 +86,7 @@ fn the_traffic_class_received_is_the_one_sent() {
             let results = client.send_many(batch).await.unwrap();
             assert!(results.iter().all(|r| matches!(r, Ok(50))), "{results:?}");
             for class in classes {
-                let got = recv(&server).await;
+                let got = util::recv_datagram(&server).await;
                 assert_eq!(got[0], class.to_byte());
                 assert_eq!(got.traffic_class(), Some(class));
             }
@@ -116,7 +106,7 @@ fn metadata_is_absent_unless_asked_for() {
             .await
             .0
             .unwrap();
-        let got = recv(&server).await;
+        let got = util::recv_datagram(&server).await;
         assert_eq!(got.traffic_class(), None);
         assert_eq!(got.local_ip(), None);
         assert_eq!(got.interface_index(), None);
@@ -148,7 +138,7 @@ fn destination_interface_and_timestamp_are_reported() {
             let client = bound(ip);
             let before = SystemTime::now();
             client.send_to_addr(b"hi".to_vec(), to).await.0.unwrap();
-            let got = recv(&server).await;
+            let got = util::recv_datagram(&server).await;
             let after = SystemTime::now();
             assert_eq!(got.local_ip(), Some(ip), "dual {dual}");
             assert_eq!(got.interface_index(), Some(lo));
@@ -194,7 +184,7 @@ fn a_batch_to_64_destinations_delivers_each_datagram_to_its_own_peer() {
         assert!(results.iter().all(|r| matches!(r, Ok(64))), "{results:?}");
         for (i, peer) in peers.iter().enumerate() {
             for copy in 0..2u8 {
-                let got = recv(peer).await;
+                let got = util::recv_datagram(peer).await;
                 assert_eq!(got.len(), 64);
                 assert_eq!(got[0], copy, "peer {i}");
                 assert!(got[1..].iter().all(|&b| b == i as u8), "peer {i}");
@@ -230,8 +220,8 @@ fn a_failed_destination_fails_only_its_own_datagrams() {
         assert!(matches!(results[0], Ok(1)));
         assert!(results[1].is_err(), "{results:?}");
         assert!(matches!(results[2], Ok(1)));
-        assert_eq!(&recv(&peer).await[..], b"a");
-        assert_eq!(&recv(&peer).await[..], b"c");
+        assert_eq!(&util::recv_datagram(&peer).await[..], b"a");
+        assert_eq!(&util::recv_datagram(&peer).await[..], b"c");
         // Options that cannot apply are refused before anything is sent.
         let wrong = SendOptions {
             source: Some(V6),
@@ -261,7 +251,7 @@ fn a_paced_datagram_never_arrives_before_its_time() {
                 .await
                 .0
                 .unwrap();
-            recv(&server).await;
+            util::recv_datagram(&server).await;
             assert!(Instant::now() >= time);
         }
         // A batch: each run of one time leaves at it, in order; equal datagrams of one
@@ -283,7 +273,7 @@ fn a_paced_datagram_never_arrives_before_its_time() {
         let results = client.send_many(batch).await.unwrap();
         assert!(results.iter().all(|r| matches!(r, Ok(100))), "{results:?}");
         for (i, time) in times.iter().enumerate() {
-            let got = recv(&server).await;
+            let got = util::recv_datagram(&server).await;
             assert_eq!(got[0], i as u8);
             if let Some(time) = time {
                 assert!(Instant::now() >= *time, "datagram {i} came early");
@@ -317,14 +307,14 @@ fn kernel_pacing_attaches_the_transmit_time() {
             .await
             .0
             .unwrap();
-        assert_eq!(&recv(&server).await[..], b"paced");
+        assert_eq!(&util::recv_datagram(&server).await[..], b"paced");
         let batch = (0..4u8)
             .map(|i| OutgoingDatagram::new(vec![i; 10], to).with_options(options))
             .collect();
         let results = client.send_many(batch).await.unwrap();
         assert!(results.iter().all(|r| matches!(r, Ok(10))), "{results:?}");
         for i in 0..4u8 {
-            assert_eq!(&recv(&server).await[..], &[i; 10][..]);
+            assert_eq!(&util::recv_datagram(&server).await[..], &[i; 10][..]);
         }
     });
 }
@@ -445,7 +435,7 @@ fn a_wildcard_server_replies_from_the_address_each_request_came_to() {
                     let to = SocketAddr::new(server_ip, port);
                     for plain in [true, false] {
                         client.send_to_addr(vec![plain as u8], to).await.0.unwrap();
-                        let request = recv(&server).await;
+                        let request = util::recv_datagram(&server).await;
                         assert_eq!(request.local_ip(), Some(server_ip));
                         assert_eq!(request.interface_index(), Some(device));
                         let options = if plain {
@@ -459,7 +449,7 @@ fn a_wildcard_server_replies_from_the_address_each_request_came_to() {
                             .await
                             .0
                             .unwrap();
-                        let reply = recv(client).await;
+                        let reply = util::recv_datagram(client).await;
                         if plain {
                             // Without a source the kernel answers from the other
                             // address: the case the option exists for.

@@ -14,7 +14,7 @@
 //!   submits what is queued and collects without waiting.
 //! - The operations in [`ops`] (connect, recv, send, vectored stream send, shutdown),
 //!   [`accept`] (accept, with a bound on connections taken before the program asks) and
-//!   [`ops_datagram`] (receive ring, datagram send, datagram batch) and [`ops_file`]
+//!   [`ops_datagram`] (receive ring, datagram send, datagram batch, posted send) and [`ops_file`]
 //!   (packets read from and written to a TUN queue). Each takes owned
 //!   buffers and gives them back, so the upper layers are written once and never name
 //!   io_uring or epoll. A receive can be given a condition to stop on (a read timeout):
@@ -78,6 +78,7 @@ pub(crate) mod ops;
 pub(crate) mod ops_datagram;
 pub(crate) mod ops_file;
 pub(crate) mod poll;
+pub(crate) mod posted;
 pub(crate) mod recv;
 pub(crate) mod recv_mmsg;
 pub(crate) mod ring_layout;

@@ -16,6 +16,7 @@ use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
 pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
+pub(crate) use super::posted::PostLedger;
 pub(crate) use super::recv::{Carried, RecvCounters, RecvDatagram, RecvMeta, RingConfig, UDP_GRO};
 pub(crate) use super::ring_layout::ring_memory;
 use super::send_many::SendMany;
@@ -106,6 +107,33 @@ pub(crate) async fn send_to<B: IoBuf>(
         Ok(Binding::Poll(reg)) => poll::datagram::send_to(reg, fd.fd(), buf, addr, meta).await,
         Err(err) => (Err(err), buf),
     }
+}
+
+/// Posts `buf` as one datagram to `addr`: it goes out without a future waiting for
+/// it, and its result lands in `ledger`. An error here means it was not posted (a socket
+/// of another runtime, too many posts in flight, a full submission queue that could not
+/// be flushed); the buffer then comes back with it.
+pub(crate) fn post_to<B: IoBuf>(
+    fd: &SharedFd,
+    buf: B,
+    addr: SocketAddr,
+    ledger: &Rc<PostLedger>,
+) -> Result<(), (io::Error, B)> {
+    let binding = match fd.binding() {
+        Ok(binding) => binding,
+        Err(err) => return Err((err, buf)),
+    };
+    if let Err(err) = ledger.begin() {
+        return Err((err, buf));
+    }
+    let posted = match binding {
+        Binding::Uring(driver) => uring::datagram::post_to(driver, fd.fd(), buf, addr, ledger),
+        Binding::Poll(reg) => poll::datagram::post_to(reg, fd.fd(), buf, addr, ledger),
+    };
+    if posted.is_err() {
+        ledger.abort();
+    }
+    posted
 }
 
 /// Sends `bufs[i]` to `targets[i]`, every datagram in as few `sendmmsg` calls as the

@@ -25,12 +25,12 @@ use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, monotonic_ns, Carried, Receiver, RecvDatagram, RecvWants,
-    RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, monotonic_ns, Carried, PostLedger, Receiver, RecvDatagram,
+    RecvWants, RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
-use crate::{Error, Result};
+use crate::{Error, Result, SocketErrorStatus};
 
 /// Shape of a socket's receive ring: how large a datagram it keeps whole, and how many
 /// of those it holds at least.
@@ -132,6 +132,22 @@ pub struct ReceiveStats {
     pub buffers_forwarding: usize,
 }
 
+/// What became of the datagrams a socket posted ([`DatagramSocket::post_to_addr`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PostStats {
+    /// Posted datagrams whose send has not completed yet.
+    pub in_flight: usize,
+    /// Datagrams the kernel took.
+    pub sent: u64,
+    /// Datagrams dropped because the socket's send buffer was full (EAGAIN, ENOBUFS):
+    /// a post never waits for room.
+    pub dropped: u64,
+    /// Datagrams the kernel refused for any other reason.
+    pub failed: u64,
+    /// The reason of the last of those.
+    pub last_error: Option<SocketErrorStatus>,
+}
+
 /// Options of a datagram socket, applied when its socket is created and at once after.
 #[derive(Debug)]
 struct DatagramOptions {
@@ -219,6 +235,8 @@ pub struct DatagramSocket {
     turn: Turnstile,
     /// The socket receives through a [`DatagramGroup`](super::DatagramGroup) only.
     grouped: Cell<bool>,
+    /// The books of posted sends; every posted send's slot holds a clone.
+    posts: Rc<PostLedger>,
 }
 
 impl DatagramSocket {
@@ -232,6 +250,7 @@ impl DatagramSocket {
             carried: RefCell::new(VecDeque::new()),
             turn: Turnstile::default(),
             grouped: Cell::new(false),
+            posts: Rc::default(),
         }
     }
 
@@ -521,6 +540,85 @@ impl DatagramSocket {
             result.map_err(|err| Error::io(send_context(Some(addr), meta.source), err)),
             buf,
         )
+    }
+
+    /// Sends `buf` as one datagram to `addr` without waiting for it: the send is
+    /// submitted with the runtime's next turn, the buffer is dropped when the kernel is
+    /// done with it (a [`Forward`](crate::Forward) gives its receive buffer back to the
+    /// ring then), and its result is counted in [`post_stats`](Self::post_stats) instead
+    /// of returned. For a relay or a media server that forwards many datagrams and acts
+    /// on none of the results one by one: no future, no waker, no wake per datagram.
+    ///
+    /// A post never waits: a datagram the socket's send buffer has no room for is
+    /// dropped and counted, as the kernel drops a datagram on a full receive queue.
+    /// [`settle_posts`](Self::settle_posts) waits until every posted datagram is out.
+    ///
+    /// Fails, with nothing sent and the buffer given back, on port 0 (InvalidArgument), an IPv6 destination on an
+    /// IPv4 socket (AddressFamilyNotSupported), a socket of another runtime
+    /// (WrongRuntime), a datagram over the UDP maximum (MessageTooLong), and when 4,096
+    /// posted datagrams are still in flight (NoBufferSpace: the program posts without
+    /// letting the runtime turn).
+    ///
+    /// ```no_run
+    /// use ringsock::{DatagramSocket, Runtime};
+    ///
+    /// Runtime::new()?.block_on(async {
+    ///     let socket = DatagramSocket::new();
+    ///     socket.bind_addr("127.0.0.1:0".parse().unwrap())?;
+    ///     let sink = "127.0.0.1:9".parse().unwrap();
+    ///     loop {
+    ///         let datagram = socket.recv().await?;
+    ///         socket
+    ///             .post_to_addr(datagram.into_forward(), sink)
+    ///             .map_err(|(err, _)| err)?;
+    ///     }
+    ///     # Ok::<_, ringsock::Error>(())
+    /// })?;
+    /// # Ok::<_, ringsock::Error>(())
+    /// ```
+    pub fn post_to_addr<B: IoBuf>(
+        &self,
+        buf: B,
+        addr: SocketAddr,
+    ) -> std::result::Result<(), (Error, B)> {
+        let context = || send_context(Some(addr), None);
+        if let Err(err) = check_destination(addr) {
+            return Err((err, buf));
+        }
+        let fd = match self.socket_for(&addr) {
+            Ok(fd) => fd,
+            Err(err) => return Err((err, buf)),
+        };
+        let max = self.max_payload();
+        if buf.bytes_init() > max {
+            let what = format!("{}: {} bytes, at most {max}", context(), buf.bytes_init());
+            return Err((Error::from_errno(what, libc::EMSGSIZE), buf));
+        }
+        let target = for_family(addr, self.ipv6.get());
+        if target.is_ipv6() && !self.ipv6.get() {
+            // The kernel would refuse it only in the completion, where nobody looks.
+            return Err((Error::from_errno(context(), libc::EAFNOSUPPORT), buf));
+        }
+        ops_datagram::post_to(fd, buf, target, &self.posts)
+            .map_err(|(err, buf)| (Error::io(format!("post: {}", context()), err), buf))
+    }
+
+    /// What became of the datagrams this socket posted.
+    pub fn post_stats(&self) -> PostStats {
+        let counts = self.posts.counts();
+        PostStats {
+            in_flight: counts.in_flight,
+            sent: counts.sent,
+            dropped: counts.dropped,
+            failed: counts.failed,
+            last_error: counts.last_error.map(SocketErrorStatus::from_errno),
+        }
+    }
+
+    /// Waits until no datagram this socket posted is in flight (each sent, dropped or
+    /// failed, see [`post_stats`](Self::post_stats)).
+    pub async fn settle_posts(&self) {
+        poll_fn(|cx| self.posts.poll_settled(cx)).await
     }
 
     fn max_payload(&self) -> usize {

@@ -28,7 +28,7 @@ pub(crate) mod turn;
 pub use crate::driver::forward::Forward;
 pub use control::StreamSocketControl;
 pub use datagram::{
-    Datagram, DatagramSocket, DatagramSocketControl, Messages, ReceiveRing, ReceiveStats,
+    Datagram, DatagramSocket, DatagramSocketControl, Messages, PostStats, ReceiveRing, ReceiveStats,
 };
 pub use group::DatagramGroup;
 pub use handoff::{

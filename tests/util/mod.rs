@@ -8,7 +8,9 @@ use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
-use ringsock::{Backend, JoinHandle, Runtime, StreamSocket, StreamSocketListener};
+use ringsock::{
+    Backend, Datagram, DatagramSocket, JoinHandle, Runtime, StreamSocket, StreamSocketListener,
+};
 
 pub mod child;
 pub mod netns;
@@ -110,6 +112,23 @@ pub fn build_or_skip(builder: Builder, backend: Backend) -> Option<Runtime> {
         }
         Err(err) => panic!("cannot start the {backend} runtime: {err}"),
     }
+}
+
+/// A datagram socket bound to an ephemeral port on 127.0.0.1.
+pub fn bound_loopback() -> DatagramSocket {
+    let socket = DatagramSocket::new();
+    socket
+        .bind_addr(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))
+        .unwrap();
+    socket
+}
+
+/// The next datagram on `socket`, which must arrive within [`MUST_HAPPEN`].
+pub async fn recv_datagram(socket: &DatagramSocket) -> Datagram {
+    timeout(MUST_HAPPEN, socket.recv())
+        .await
+        .expect("a datagram must arrive")
+        .unwrap()
 }
 
 /// Deterministic pseudo-random bytes (xorshift), so a failure can be replayed.

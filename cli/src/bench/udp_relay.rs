@@ -174,8 +174,9 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
 }
 
 /// The relay as one loop over a [`DatagramGroup`]: what every woken socket holds, each
-/// socket's datagrams forwarded from it (one send, or one batch), the sends in flight
-/// while the loop receives again.
+/// socket's datagrams forwarded from it, the sends in flight while the loop receives
+/// again. A lone datagram is posted ([`DatagramSocket::post_to_addr`]: no future, waker
+/// or wake of its own), a run of them goes in one batch (GSO where sizes allow).
 async fn relay_grouped(
     sockets: Vec<UdpSocket>,
     sink: SocketAddr,
@@ -235,36 +236,63 @@ async fn relay_grouped(
                 continue;
             }
             if index != run_socket && !run.is_empty() {
-                in_flight.push(send_run(&group, run_socket, std::mem::take(&mut run), sink));
+                let run = std::mem::take(&mut run);
+                forward_run(&group, run_socket, run, sink, &mut in_flight).await?;
             }
             run_socket = index;
             run.push(OutgoingDatagram::of(datagram.into_forward(), sink));
         }
         if !run.is_empty() {
-            in_flight.push(send_run(&group, run_socket, run, sink));
+            forward_run(&group, run_socket, run, sink, &mut in_flight).await?;
         }
+    }
+    for index in 0..group.len() {
+        let socket = group.socket(index);
+        socket.settle_posts().await;
+        let posts = socket.post_stats();
+        if posts.dropped + posts.failed > 0 {
+            let why = format!(
+                "flow {index}: {} posted datagrams dropped, {} failed (last: {:?})",
+                posts.dropped, posts.failed, posts.last_error
+            );
+            return Err(Error::io("relay", std::io::Error::other(why)));
+        }
+        forwarded += posts.sent;
     }
     Ok(forwarded)
 }
 
-/// One socket's run of datagrams on its way.
-type SendRun<'a> = Pin<Box<dyn Future<Output = Result<u64>> + 'a>>;
-
-/// Forwards one socket's run of datagrams: a lone one as one send, more in one batch.
-fn send_run(
-    group: &DatagramGroup,
+/// Forwards one socket's run of datagrams: a lone one posted, more in one batch whose
+/// future joins `in_flight`. Waits only when the socket already has the most posts in
+/// flight it allows, for them to settle.
+async fn forward_run<'a>(
+    group: &'a DatagramGroup,
     index: usize,
     mut run: Vec<OutgoingDatagram<Forward>>,
     sink: SocketAddr,
-) -> SendRun<'_> {
+    in_flight: &mut FuturesUnordered<SendRun<'a>>,
+) -> Result<()> {
     let socket = group.socket(index);
-    Box::pin(async move {
-        if run.len() == 1 {
-            let one = run.pop().expect("one datagram");
-            let (sent, _) = socket.send_to_addr(one.data, sink).await;
-            sent?;
-            return Ok(1);
+    if run.len() > 1 {
+        in_flight.push(send_run(socket, run));
+        return Ok(());
+    }
+    let one = run.pop().expect("a run holds a datagram").data;
+    match socket.post_to_addr(one, sink) {
+        Err((err, one)) if err.status() == SocketErrorStatus::NoBufferSpace => {
+            socket.settle_posts().await;
+            socket.post_to_addr(one, sink).map_err(|(err, _)| err)
         }
+        posted => posted.map_err(|(err, _)| err),
+    }
+}
+
+/// One socket's batch of datagrams on its way.
+type SendRun<'a> = Pin<Box<dyn Future<Output = Result<u64>> + 'a>>;
+
+/// Forwards one socket's run of datagrams in one batch.
+fn send_run(socket: &DatagramSocket, run: Vec<OutgoingDatagram<Forward>>) -> SendRun<'_> {
+    Box::pin(async move {
         let mut n = 0;
         for result in socket.send_many(run).await? {
             result?;

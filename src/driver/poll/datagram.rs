@@ -17,6 +17,7 @@ use crate::driver::buf_pool::BufPool;
 use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::gso::{gso_refused, plan_links, MmsgBatch, Targets};
+use crate::driver::posted::PostLedger;
 use crate::driver::recv::{RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::Layout;
@@ -174,27 +175,49 @@ pub(crate) async fn send_to<B: IoBuf>(
     }
     let raw = addr.map(RawAddr::from_socket_addr);
     let result = reg
-        .retry(Direction::Write, || {
-            let (name, name_len) = match &raw {
-                Some(raw) => (raw.as_ptr(), raw.len),
-                None => (std::ptr::null(), 0),
-            };
-            // SAFETY: reads `bytes_init` initialised bytes of a live buffer and, when given,
-            // a valid sockaddr of `name_len` bytes.
-            let n = unsafe {
-                libc::sendto(
-                    fd.raw(),
-                    buf.stable_ptr().cast(),
-                    buf.bytes_init(),
-                    libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
-                    name,
-                    name_len,
-                )
-            };
-            check(n)
-        })
+        .retry(Direction::Write, || send_now(fd, &buf, raw.as_ref()))
         .await;
     (result, buf)
+}
+
+/// One non-blocking `sendto` of `buf` to `to` (or to the connected peer).
+fn send_now<B: IoBuf>(fd: &FdRef, buf: &B, to: Option<&RawAddr>) -> io::Result<usize> {
+    let (name, name_len) = match to {
+        Some(raw) => (raw.as_ptr(), raw.len),
+        None => (std::ptr::null(), 0),
+    };
+    // SAFETY: reads `bytes_init` initialised bytes of a live buffer and, when given, a
+    // valid sockaddr of `name_len` bytes.
+    let n = unsafe {
+        libc::sendto(
+            fd.raw(),
+            buf.stable_ptr().cast(),
+            buf.bytes_init(),
+            libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            name,
+            name_len,
+        )
+    };
+    check(n)
+}
+
+/// Posts `buf` as one datagram to `addr`, nobody waiting for it: one direct `sendto`
+/// now, its result booked in `ledger`. A full send buffer is a drop, not a wait (as on
+/// io_uring, whose posted send carries MSG_DONTWAIT).
+pub(crate) fn post_to<B: IoBuf>(
+    reg: &Registration,
+    fd: &FdRef,
+    buf: B,
+    addr: SocketAddr,
+    ledger: &PostLedger,
+) -> Result<(), (io::Error, B)> {
+    // Also the check that this driver runs the thread: the call goes out now.
+    if let Err(err) = reg.driver().with(|d| d.stats.io_calls += 1) {
+        return Err((err, buf));
+    }
+    let raw = RawAddr::from_socket_addr(addr);
+    ledger.settle_io(send_now(fd, &buf, Some(&raw)));
+    Ok(())
 }
 
 /// [`send_to`] with control messages, as one `sendmsg`.

@@ -16,7 +16,7 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, types};
 
 use super::buf_ring::BufRing;
-use super::{ChainOp, Completion, Handle, MultiOp, Op};
+use super::{post, ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::IoBuf;
 use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
@@ -24,6 +24,7 @@ use crate::driver::caps::Capability;
 use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::gso::{gso_refused, link_iovecs, plan_links, Link, MmsgBatch, Targets};
+use crate::driver::posted::PostLedger;
 use crate::driver::recv::{deliver, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::{header_room, Layout, BEFORE_CONTROL};
@@ -579,6 +580,46 @@ pub(crate) async fn send_to<B: IoBuf>(
     }
 }
 
+/// Posts `buf` as one datagram to `addr`, nobody waiting for it: the result goes to
+/// `ledger` at the final CQE, and the buffer is dropped there. MSG_DONTWAIT: a full send
+/// buffer fails the send at once (a drop in the books) rather than leaving it parked in
+/// the kernel, as the epoll engine's direct call does.
+pub(crate) fn post_to<B: IoBuf>(
+    driver: &Handle,
+    fd: &FdRef,
+    buf: B,
+    addr: SocketAddr,
+    ledger: &Rc<PostLedger>,
+) -> Result<(), (io::Error, B)> {
+    let send_to = match driver.with(|d| d.capabilities().contains(Capability::SendTo)) {
+        Ok(send_to) => send_to,
+        Err(err) => return Err((err, buf)),
+    };
+    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
+    if send_to {
+        let data = (fd.clone(), buf, RawAddr::from_socket_addr(addr));
+        // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and
+        // the address, both in the slot's box until the final CQE.
+        unsafe {
+            post(driver, data, ledger, |(fd, buf, addr)| {
+                let len = buf.bytes_init().min(u32::MAX as usize) as u32;
+                opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
+                    .flags(flags)
+                    .dest_addr(addr.as_ptr())
+                    .dest_addr_len(addr.len)
+                    .build()
+            })
+        }
+        .map_err(|(err, (_, buf, _))| (err, buf))
+    } else {
+        let data = SendMsgTo::new(fd, buf, Some(addr), &SendMeta::default());
+        // SAFETY: the header points at the iovec and address in the boxed data, and the
+        // iovec at the buffer's stable memory; the slot owns all of it.
+        unsafe { post(driver, data, ledger, |data| data.entry(flags)) }
+            .map_err(|(err, data)| (err, data.buf))
+    }
+}
+
 /// The data of a SENDMSG of one datagram to an address: the header points at the iovec,
 /// the address and the control data beside it, which stay put in the op's box.
 struct SendMsgTo<B> {
@@ -590,6 +631,41 @@ struct SendMsgTo<B> {
     header: libc::msghdr,
 }
 
+impl<B: IoBuf> SendMsgTo<B> {
+    fn new(fd: &FdRef, buf: B, addr: Option<SocketAddr>, meta: &SendMeta) -> SendMsgTo<B> {
+        SendMsgTo {
+            fd: fd.clone(),
+            buf,
+            addr: addr.map(RawAddr::from_socket_addr),
+            control: SendControl::new(meta, None),
+            // SAFETY: iovec is plain old data; zero is its empty value.
+            iovec: unsafe { std::mem::zeroed() },
+            // SAFETY: msghdr is plain old data; zero is its empty value.
+            header: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    /// The SENDMSG entry, its header pointing at the iovec, address and control data of
+    /// `self`, which must not move until the final CQE (it is boxed in the op's slot).
+    fn entry(&mut self, flags: i32) -> io_uring::squeue::Entry {
+        self.iovec = libc::iovec {
+            iov_base: self.buf.stable_ptr() as *mut libc::c_void,
+            iov_len: self.buf.bytes_init(),
+        };
+        self.header.msg_iov = &mut self.iovec;
+        self.header.msg_iovlen = 1;
+        if let Some(addr) = self.addr.as_mut() {
+            self.header.msg_name = addr.as_mut_ptr().cast();
+            self.header.msg_namelen = addr.len;
+        }
+        self.header.msg_control = self.control.as_ptr();
+        self.header.msg_controllen = self.control.len();
+        opcode::SendMsg::new(types::Fd(self.fd.raw()), &self.header)
+            .flags(flags as u32)
+            .build()
+    }
+}
+
 /// [`send_to`] as SENDMSG: for kernels without a destination on SEND, and for control
 /// messages.
 async fn send_msg_to<B: IoBuf>(
@@ -599,37 +675,10 @@ async fn send_msg_to<B: IoBuf>(
     addr: Option<SocketAddr>,
     meta: &SendMeta,
 ) -> (io::Result<usize>, B) {
-    let data = SendMsgTo {
-        fd: fd.clone(),
-        buf,
-        addr: addr.map(RawAddr::from_socket_addr),
-        control: SendControl::new(meta, None),
-        // SAFETY: iovec is plain old data; zero is its empty value.
-        iovec: unsafe { std::mem::zeroed() },
-        // SAFETY: msghdr is plain old data; zero is its empty value.
-        header: unsafe { std::mem::zeroed() },
-    };
+    let data = SendMsgTo::new(fd, buf, addr, meta);
     // SAFETY: the header points at the iovec and address in the boxed data, and the iovec
     // at the buffer's stable memory (IoBuf's contract); the op owns all of it.
-    let op = unsafe {
-        Op::submit(driver, data, |data| {
-            data.iovec = libc::iovec {
-                iov_base: data.buf.stable_ptr() as *mut libc::c_void,
-                iov_len: data.buf.bytes_init(),
-            };
-            data.header.msg_iov = &mut data.iovec;
-            data.header.msg_iovlen = 1;
-            if let Some(addr) = data.addr.as_mut() {
-                data.header.msg_name = addr.as_mut_ptr().cast();
-                data.header.msg_namelen = addr.len;
-            }
-            data.header.msg_control = data.control.as_ptr();
-            data.header.msg_controllen = data.control.len();
-            opcode::SendMsg::new(types::Fd(data.fd.raw()), &data.header)
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
-        })
-    };
+    let op = unsafe { Op::submit(driver, data, |data| data.entry(libc::MSG_NOSIGNAL)) };
     match op {
         Ok(op) => {
             let (completion, data) = op.await;

@@ -59,7 +59,7 @@ mod op;
 mod probe;
 mod table;
 
-pub(crate) use op::{ChainOp, MultiOp, Op};
+pub(crate) use op::{post, ChainOp, MultiOp, Op};
 pub(crate) use table::Completion;
 use table::{Key, Slot, State, Table};
 
@@ -839,6 +839,10 @@ fn complete(
                 close_descriptors(std::iter::once(completion));
             }
             !completion.more()
+        }
+        State::Posted(ledger) => {
+            ledger.settle(completion.result);
+            true
         }
         State::Completed(_) => false,
     };

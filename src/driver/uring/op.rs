@@ -18,6 +18,7 @@ use io_uring::squeue;
 
 use super::table::{Key, State};
 use super::{Completion, Handle};
+use crate::driver::posted::PostLedger;
 
 /// The data of a slot, as the type its operation gave it.
 fn unbox<T: 'static>(data: Box<dyn Any>) -> T {
@@ -179,6 +180,35 @@ impl<T: 'static> Future for Op<T> {
                 let data = abandoned(&self.driver, key, self.close_result, self.take);
                 Poll::Ready((Err(misuse), data))
             }
+        }
+    }
+}
+
+/// Pushes a send nobody will wait for: the slot owns `data` until the final CQE, whose
+/// result goes to `ledger` (which the caller has already [`begin`](PostLedger::begin)-ed).
+/// On failure nothing was pushed and the data comes back with the error.
+///
+/// # Safety
+///
+/// As for [`Op::submit`]: the entry may point only into the boxed data.
+pub(crate) unsafe fn post<T: 'static>(
+    driver: &Handle,
+    data: T,
+    ledger: &Rc<PostLedger>,
+    build: impl FnOnce(&mut T) -> squeue::Entry,
+) -> Result<(), (io::Error, T)> {
+    let mut d = match driver.checked() {
+        Ok(d) => d,
+        Err(err) => return Err((err, data)),
+    };
+    let mut data = Box::new(data);
+    let entry = build(&mut data);
+    // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
+    match unsafe { d.push(entry, State::Posted(ledger.clone()), data) } {
+        Ok(_) => Ok(()),
+        Err((err, data)) => {
+            drop(d);
+            Err((err, unbox(data)))
         }
     }
 }

@@ -7,9 +7,12 @@
 
 use std::any::Any;
 use std::collections::VecDeque;
+use std::rc::Rc;
 use std::task::Waker;
 
 use io_uring::cqueue;
+
+use crate::driver::posted::PostLedger;
 
 /// Generations wrap below this bit, so no key is ever `u64::MAX` or `u64::MAX - 1`,
 /// the `user_data` of the driver's own entries.
@@ -79,6 +82,9 @@ pub(crate) enum State {
         /// The driver cancelled it for reaching `queue_limit`.
         paused: bool,
     },
+    /// A send nobody waits for ([`post`](super::op::post)): its result goes to the
+    /// socket's books and the slot is released at once.
+    Posted(Rc<PostLedger>),
     /// The future was dropped: the slot lives on until the final completion.
     Ignored {
         /// Results are descriptors (multishot accept) that nobody will take: close them.
@@ -105,7 +111,7 @@ impl State {
     /// True while the kernel may still post a completion for the slot.
     pub(crate) fn in_flight(&self) -> bool {
         match self {
-            State::Pending(_) | State::Ignored { .. } => true,
+            State::Pending(_) | State::Posted(_) | State::Ignored { .. } => true,
             State::Multi { finished, .. } => !finished,
             State::Completed(_) => false,
         }

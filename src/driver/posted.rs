@@ -1,0 +1,178 @@
+//! The books of datagrams posted on a socket: sent without a future waiting for each,
+//! their outcomes counted as the completions (or the direct calls) come back.
+//!
+//! A relay forwards thousands of datagrams a second and acts on none of their results
+//! one by one; awaiting each send costs a future, a waker and a wake per datagram. A
+//! posted send costs its submission only, and what happened to it lands here.
+
+use std::cell::{Cell, RefCell};
+use std::io;
+use std::task::{Context, Poll, Waker};
+
+/// Posted datagrams a socket may have in flight at once: a program that posts without
+/// ever letting the runtime turn gets an error rather than an unbounded queue.
+pub(crate) const MAX_POSTS_IN_FLIGHT: usize = 4096;
+
+/// One socket's posted sends: how many are out, and what became of the others.
+#[derive(Debug, Default)]
+pub(crate) struct PostLedger {
+    in_flight: Cell<usize>,
+    sent: Cell<u64>,
+    dropped: Cell<u64>,
+    failed: Cell<u64>,
+    last_error: Cell<Option<i32>>,
+    /// The task waiting for `in_flight` to reach zero.
+    settled: RefCell<Option<Waker>>,
+}
+
+/// What the books say at one moment (see [`PostLedger::counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct PostCounts {
+    pub(crate) in_flight: usize,
+    pub(crate) sent: u64,
+    pub(crate) dropped: u64,
+    pub(crate) failed: u64,
+    pub(crate) last_error: Option<i32>,
+}
+
+impl PostLedger {
+    /// Takes a place for one more send; an error once [`MAX_POSTS_IN_FLIGHT`] are out.
+    pub(crate) fn begin(&self) -> io::Result<()> {
+        let out = self.in_flight.get();
+        if out >= MAX_POSTS_IN_FLIGHT {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        self.in_flight.set(out + 1);
+        Ok(())
+    }
+
+    /// Gives back a place taken by [`begin`](Self::begin) for a send that never went out
+    /// (its submission failed and the caller got the error instead).
+    pub(crate) fn abort(&self) {
+        self.finish();
+    }
+
+    /// Books the result of a send that went out: a byte count, or `-errno`. A full send
+    /// buffer (EAGAIN, ENOBUFS) is a drop, as the kernel drops a datagram on a full
+    /// receive queue; anything else is a failure, and the last one is kept.
+    pub(crate) fn settle(&self, result: i32) {
+        if result >= 0 {
+            bump(&self.sent);
+        } else if result == -libc::EAGAIN || result == -libc::ENOBUFS {
+            bump(&self.dropped);
+        } else {
+            bump(&self.failed);
+            self.last_error.set(Some(-result));
+        }
+        self.finish();
+    }
+
+    /// [`settle`](Self::settle) for a direct call's result.
+    pub(crate) fn settle_io(&self, result: io::Result<usize>) {
+        match result {
+            Ok(_) => self.settle(0),
+            Err(err) => self.settle(-err.raw_os_error().unwrap_or(libc::EIO)),
+        }
+    }
+
+    fn finish(&self) {
+        let out = self.in_flight.get().saturating_sub(1);
+        self.in_flight.set(out);
+        if out == 0 {
+            if let Some(waker) = self.settled.borrow_mut().take() {
+                waker.wake();
+            }
+        }
+    }
+
+    /// Ready once no posted send is in flight.
+    pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.in_flight.get() == 0 {
+            return Poll::Ready(());
+        }
+        let mut slot = self.settled.borrow_mut();
+        match slot.as_ref() {
+            Some(waker) if waker.will_wake(cx.waker()) => {}
+            _ => *slot = Some(cx.waker().clone()),
+        }
+        Poll::Pending
+    }
+
+    pub(crate) fn counts(&self) -> PostCounts {
+        PostCounts {
+            in_flight: self.in_flight.get(),
+            sent: self.sent.get(),
+            dropped: self.dropped.get(),
+            failed: self.failed.get(),
+            last_error: self.last_error.get(),
+        }
+    }
+}
+
+fn bump(counter: &Cell<u64>) {
+    counter.set(counter.get() + 1);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn results_land_in_their_counters() {
+        let ledger = PostLedger::default();
+        for _ in 0..4 {
+            ledger.begin().unwrap();
+        }
+        ledger.settle(172);
+        ledger.settle(-libc::EAGAIN);
+        ledger.settle(-libc::ECONNREFUSED);
+        ledger.settle_io(Err(io::Error::from_raw_os_error(libc::ENOBUFS)));
+        let counts = ledger.counts();
+        assert_eq!(
+            (counts.in_flight, counts.sent, counts.dropped, counts.failed),
+            (0, 1, 2, 1)
+        );
+        assert_eq!(counts.last_error, Some(libc::ECONNREFUSED));
+    }
+
+    #[test]
+    fn the_cap_refuses_and_an_abort_gives_the_place_back() {
+        let ledger = PostLedger::default();
+        for _ in 0..MAX_POSTS_IN_FLIGHT {
+            ledger.begin().unwrap();
+        }
+        let refused = ledger.begin().unwrap_err();
+        assert_eq!(refused.raw_os_error(), Some(libc::ENOBUFS));
+        ledger.abort();
+        ledger.begin().unwrap();
+        assert_eq!(ledger.counts().in_flight, MAX_POSTS_IN_FLIGHT);
+        assert_eq!(ledger.counts().sent, 0);
+    }
+
+    #[test]
+    fn the_last_settlement_wakes_the_waiter() {
+        let ledger = PostLedger::default();
+        let flag = Arc::new(Flag(Default::default()));
+        let waker = Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        assert!(ledger.poll_settled(&mut cx).is_ready());
+        ledger.begin().unwrap();
+        ledger.begin().unwrap();
+        assert!(ledger.poll_settled(&mut cx).is_pending());
+        ledger.settle(1);
+        assert!(!flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        ledger.settle(1);
+        assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(ledger.poll_settled(&mut cx).is_ready());
+    }
+}
