@@ -91,18 +91,16 @@ impl Driver {
     /// Submits queued work and waits, in one system call, for progress or the timeout.
     /// `Some(Duration::ZERO)` only submits and collects what is already there.
     pub(crate) fn park(&self, timeout: Option<Duration>) -> io::Result<()> {
-        let dead = match self {
+        match self {
             Driver::Uring(driver) => {
-                let mut driver = driver.borrow()?;
-                driver.park(timeout)?;
-                driver.take_dead()
+                let mut d = driver.borrow()?;
+                d.park(timeout)?;
+                let dead = d.take_dead();
+                drop(d);
+                release_uring(driver, dead);
             }
-            Driver::Poll(driver) => {
-                driver.borrow()?.park(timeout)?;
-                Vec::new()
-            }
+            Driver::Poll(driver) => driver.borrow()?.park(timeout)?,
         };
-        release(dead);
         Ok(())
     }
 
@@ -111,11 +109,11 @@ impl Driver {
     pub(crate) fn poll_completions(&self) -> io::Result<bool> {
         match self {
             Driver::Uring(driver) => {
-                let mut driver = driver.borrow()?;
-                let any = driver.poll_completions()?;
-                let dead = driver.take_dead();
-                drop(driver);
-                release(dead);
+                let mut d = driver.borrow()?;
+                let any = d.poll_completions()?;
+                let dead = d.take_dead();
+                drop(d);
+                release_uring(driver, dead);
                 Ok(any)
             }
             Driver::Poll(driver) => driver.borrow()?.poll_completions(),
@@ -141,11 +139,11 @@ impl Driver {
     pub(crate) fn turn(&self, collect: bool) -> io::Result<bool> {
         match self {
             Driver::Uring(driver) => {
-                let mut driver = driver.borrow()?;
-                let any = driver.turn(collect)?;
-                let dead = driver.take_dead();
-                drop(driver);
-                release(dead);
+                let mut d = driver.borrow()?;
+                let any = d.turn(collect)?;
+                let dead = d.take_dead();
+                drop(d);
+                release_uring(driver, dead);
                 Ok(any)
             }
             Driver::Poll(driver) if collect => driver.borrow()?.turn(),
@@ -232,6 +230,18 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Driver) -> R) -> Option<R> {
 /// Drops data the driver released, now that it is not borrowed.
 fn release(dead: Vec<Box<dyn Any>>) {
     drop(dead);
+}
+
+/// [`release`], then the emptied list back to `driver` for its next turn.
+fn release_uring(driver: &uring::Handle, mut dead: Vec<Box<dyn Any>>) {
+    if dead.capacity() == 0 {
+        return;
+    }
+    // Dropped outside the driver: a drop may use it (a buffer back onto its ring).
+    dead.clear();
+    if let Ok(mut d) = driver.borrow() {
+        d.give_back_dead(dead);
+    }
 }
 
 /// Restores the previous current driver when dropped.

@@ -190,6 +190,8 @@ async fn relay_grouped(
     let mut ended = vec![false; group.len()];
     let mut flows_left = group.len();
     let mut received: Vec<(usize, Datagram)> = Vec::with_capacity(GROUP_BATCH);
+    // One socket's datagrams on their way; a lone one leaves it empty, with its room.
+    let mut run: Vec<OutgoingDatagram<Forward>> = Vec::new();
     // Polls only the sends whose completion woke it, not every send in flight.
     let mut in_flight: FuturesUnordered<SendRun<'_>> = FuturesUnordered::new();
     let mut forwarded = 0u64;
@@ -224,7 +226,6 @@ async fn relay_grouped(
         if !got {
             break;
         }
-        let mut run: Vec<OutgoingDatagram<Forward>> = Vec::new();
         let mut run_socket = usize::MAX;
         for (index, datagram) in received.drain(..) {
             if ended[index] {
@@ -236,14 +237,13 @@ async fn relay_grouped(
                 continue;
             }
             if index != run_socket && !run.is_empty() {
-                let run = std::mem::take(&mut run);
-                forward_run(&group, run_socket, run, sink, &mut in_flight).await?;
+                forward_run(&group, run_socket, &mut run, sink, &mut in_flight).await?;
             }
             run_socket = index;
             run.push(OutgoingDatagram::of(datagram.into_forward(), sink));
         }
         if !run.is_empty() {
-            forward_run(&group, run_socket, run, sink, &mut in_flight).await?;
+            forward_run(&group, run_socket, &mut run, sink, &mut in_flight).await?;
         }
     }
     for index in 0..group.len() {
@@ -262,19 +262,19 @@ async fn relay_grouped(
     Ok(forwarded)
 }
 
-/// Forwards one socket's run of datagrams: a lone one posted, more in one batch whose
-/// future joins `in_flight`. Waits only when the socket already has the most posts in
-/// flight it allows, for them to settle.
+/// Forwards (and takes out of `run`) one socket's run of datagrams: a lone one posted,
+/// more in one batch whose future joins `in_flight`. Waits only when the socket already
+/// has the most posts in flight it allows, for them to settle.
 async fn forward_run<'a>(
     group: &'a DatagramGroup,
     index: usize,
-    mut run: Vec<OutgoingDatagram<Forward>>,
+    run: &mut Vec<OutgoingDatagram<Forward>>,
     sink: SocketAddr,
     in_flight: &mut FuturesUnordered<SendRun<'a>>,
 ) -> Result<()> {
     let socket = group.socket(index);
     if run.len() > 1 {
-        in_flight.push(send_run(socket, run));
+        in_flight.push(send_run(socket, std::mem::take(run)));
         return Ok(());
     }
     let one = run.pop().expect("a run holds a datagram").data;

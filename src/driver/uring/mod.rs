@@ -174,6 +174,8 @@ pub(crate) struct Driver {
     /// by the runtime after it lets go of the driver, since a buffer's drop may run any
     /// code, including code that uses the driver.
     dead: Vec<Box<dyn Any>>,
+    /// An empty list with room, for the next `take_dead`.
+    dead_spare: Vec<Box<dyn Any>>,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -205,6 +207,7 @@ impl Driver {
             caps,
             buf_rings: buf_ring::Registry::new(),
             dead: Vec::new(),
+            dead_spare: Vec::new(),
             shut_down: false,
         })
     }
@@ -300,7 +303,16 @@ impl Driver {
 
     /// Data released since the last call, to be dropped once the driver is let go.
     pub(crate) fn take_dead(&mut self) -> Vec<Box<dyn Any>> {
-        std::mem::take(&mut self.dead)
+        let spare = std::mem::take(&mut self.dead_spare);
+        std::mem::replace(&mut self.dead, spare)
+    }
+
+    /// Takes back an emptied list from [`take_dead`](Self::take_dead), so a loop that
+    /// releases data every turn (posted sends) does not grow a new list every turn.
+    pub(crate) fn give_back_dead(&mut self, emptied: Vec<Box<dyn Any>>) {
+        if emptied.is_empty() && emptied.capacity() > self.dead_spare.capacity() {
+            self.dead_spare = emptied;
+        }
     }
 
     pub(crate) fn unparker(&self) -> Unparker {
