@@ -12,7 +12,9 @@ use ringsock::runtime::Builder;
 use ringsock::{Backend, DatagramSocket, ReceiveRing, SocketErrorStatus};
 
 async fn settle(socket: &DatagramSocket) {
-    util::must("posts settle", socket.settle_posts()).await;
+    util::must("posts settle", socket.settle_posts())
+        .await
+        .unwrap();
 }
 
 #[test]
@@ -188,13 +190,31 @@ fn a_post_under_another_runtime_fails_and_books_nothing() {
             let (err, back) = sender.post_to_addr(b"on B".to_vec(), to_sink).unwrap_err();
             assert_eq!(back, b"on B");
             assert_eq!(err.status(), SocketErrorStatus::WrongRuntime, "{err}");
+            // Nothing in flight: nothing to wait for, wherever it is asked.
+            sender.settle_posts().await.unwrap();
         });
         assert_eq!(sender.post_stats().sent, 1);
         assert_eq!(sender.post_stats().in_flight, 0);
+        // In flight on A, awaited on B: an error, not a wait for A to turn.
+        a.block_on(async {
+            sender
+                .post_to_addr(b"A in flight".to_vec(), to_sink)
+                .unwrap();
+        });
+        // On io_uring the send waits for A's next turn; epoll made it at the call.
+        let in_flight = sender.post_stats().in_flight;
+        assert_eq!(in_flight, usize::from(backend == Backend::Uring), "{backend}");
+        if in_flight > 0 {
+            b.block_on(async {
+                let err = sender.settle_posts().await.unwrap_err();
+                assert_eq!(err.status(), SocketErrorStatus::WrongRuntime, "{err}");
+            });
+        }
         a.block_on(async {
             sender.post_to_addr(b"A again".to_vec(), to_sink).unwrap();
             settle(&sender).await;
             assert_eq!(&util::recv_datagram(&sink).await[..], b"on A");
+            assert_eq!(&util::recv_datagram(&sink).await[..], b"A in flight");
             assert_eq!(&util::recv_datagram(&sink).await[..], b"A again");
         });
     }

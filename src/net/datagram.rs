@@ -616,9 +616,19 @@ impl DatagramSocket {
     }
 
     /// Waits until no datagram this socket posted is in flight (each sent, dropped or
-    /// failed, see [`post_stats`](Self::post_stats)).
-    pub async fn settle_posts(&self) {
-        poll_fn(|cx| self.posts.poll_settled(cx)).await
+    /// failed, see [`post_stats`](Self::post_stats)). Posts in flight complete only as
+    /// their runtime turns, so awaited under another runtime this fails with
+    /// WrongRuntime instead of waiting for it.
+    pub async fn settle_posts(&self) -> Result<()> {
+        if self.posts.counts().in_flight == 0 {
+            return Ok(());
+        }
+        if let Some(fd) = self.fd.get() {
+            fd.binding()
+                .map_err(|err| Error::io("wait for posted datagrams", err))?;
+        }
+        poll_fn(|cx| self.posts.poll_settled(cx)).await;
+        Ok(())
     }
 
     fn max_payload(&self) -> usize {

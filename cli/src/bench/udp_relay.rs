@@ -248,7 +248,7 @@ async fn relay_grouped(
     }
     for index in 0..group.len() {
         let socket = group.socket(index);
-        socket.settle_posts().await;
+        socket.settle_posts().await?;
         let posts = socket.post_stats();
         if posts.dropped + posts.failed > 0 {
             let why = format!(
@@ -280,7 +280,7 @@ async fn forward_run<'a>(
     let one = run.pop().expect("a run holds a datagram").data;
     match socket.post_to_addr(one, sink) {
         Err((err, one)) if err.status() == SocketErrorStatus::NoBufferSpace => {
-            socket.settle_posts().await;
+            socket.settle_posts().await?;
             socket.post_to_addr(one, sink).map_err(|(err, _)| err)
         }
         posted => posted.map_err(|(err, _)| err),
