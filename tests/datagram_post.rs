@@ -203,7 +203,11 @@ fn a_post_under_another_runtime_fails_and_books_nothing() {
         });
         // On io_uring the send waits for A's next turn; epoll made it at the call.
         let in_flight = sender.post_stats().in_flight;
-        assert_eq!(in_flight, usize::from(backend == Backend::Uring), "{backend}");
+        assert_eq!(
+            in_flight,
+            usize::from(backend == Backend::Uring),
+            "{backend}"
+        );
         if in_flight > 0 {
             b.block_on(async {
                 let err = sender.settle_posts().await.unwrap_err();
