@@ -21,8 +21,10 @@ pub(crate) struct PostLedger {
     dropped: Cell<u64>,
     failed: Cell<u64>,
     last_error: Cell<Option<i32>>,
-    /// The task waiting for `in_flight` to reach zero.
-    settled: RefCell<Option<Waker>>,
+    /// The tasks waiting for `in_flight` to reach zero: every one of them, since any
+    /// number of tasks may await `settle_posts` on the same socket at once (keeping
+    /// only the last would leave the others waiting forever).
+    settled: RefCell<Vec<Waker>>,
 }
 
 /// What the books say at one moment (see [`PostLedger::counts`]).
@@ -79,7 +81,10 @@ impl PostLedger {
         let out = self.in_flight.get().saturating_sub(1);
         self.in_flight.set(out);
         if out == 0 {
-            if let Some(waker) = self.settled.borrow_mut().take() {
+            // Taken out first: a wake runs no code of ours, but the books stay unborrowed
+            // whatever it does.
+            let waiting = std::mem::take(&mut *self.settled.borrow_mut());
+            for waker in waiting {
                 waker.wake();
             }
         }
@@ -90,10 +95,11 @@ impl PostLedger {
         if self.in_flight.get() == 0 {
             return Poll::Ready(());
         }
-        let mut slot = self.settled.borrow_mut();
-        match slot.as_ref() {
-            Some(waker) if waker.will_wake(cx.waker()) => {}
-            _ => *slot = Some(cx.waker().clone()),
+        let mut waiting = self.settled.borrow_mut();
+        // A task polled again is not added twice; one whose future was dropped stays
+        // until the next settlement, and gets a wake it ignores.
+        if !waiting.iter().any(|waker| waker.will_wake(cx.waker())) {
+            waiting.push(cx.waker().clone());
         }
         Poll::Pending
     }
@@ -174,5 +180,22 @@ mod tests {
         ledger.settle(1);
         assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
         assert!(ledger.poll_settled(&mut cx).is_ready());
+    }
+
+    #[test]
+    fn every_waiter_is_woken_not_only_the_last() {
+        let ledger = PostLedger::default();
+        let flags: Vec<_> = (0..2).map(|_| Arc::new(Flag(Default::default()))).collect();
+        ledger.begin().unwrap();
+        for flag in &flags {
+            let waker = Waker::from(flag.clone());
+            assert!(ledger
+                .poll_settled(&mut Context::from_waker(&waker))
+                .is_pending());
+        }
+        ledger.settle(1);
+        for flag in &flags {
+            assert!(flag.0.load(std::sync::atomic::Ordering::SeqCst));
+        }
     }
 }
