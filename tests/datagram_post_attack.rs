@@ -316,6 +316,38 @@ fn dual_stack_destinations_and_a_post_before_bind() {
     });
 }
 
+/// An IPv6 socket posting to an IPv4 (or v4-mapped) peer meets the IPv4 limit at the
+/// call, with its buffer back, as the docs say of a datagram over the UDP maximum:
+/// the kernel would refuse it only in the completion, where nobody looks.
+#[test]
+fn an_ipv6_socket_posting_to_ipv4_meets_the_ipv4_limit_at_the_call() {
+    util::on_each_backend(|_backend: Backend| async move {
+        let sink = util::bound_loopback();
+        let to_sink = sink.local_addr().unwrap();
+        let mapped = SocketAddr::new(
+            IpAddr::V6(Ipv4Addr::LOCALHOST.to_ipv6_mapped()),
+            to_sink.port(),
+        );
+        let any6 = DatagramSocket::new();
+        any6.bind_addr(SocketAddr::new(IpAddr::V6(Ipv6Addr::UNSPECIFIED), 0))
+            .unwrap();
+        for to in [to_sink, mapped] {
+            let (err, back) = any6.post_to_addr(vec![1u8; 65_508], to).unwrap_err();
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::MessageTooLong,
+                "{to}: {err}"
+            );
+            assert_eq!(back.len(), 65_508);
+        }
+        any6.post_to_addr(vec![2u8; 65_507], to_sink).unwrap();
+        settle(&any6).await;
+        let posts = any6.post_stats();
+        assert_eq!((posts.sent, posts.failed), (1, 0), "{posts:?}");
+        assert_eq!(util::recv_datagram(&sink).await.len(), 65_507);
+    });
+}
+
 /// A socket of a `DatagramGroup` posts the forwards the group receives.
 #[test]
 fn a_grouped_socket_posts_what_the_group_receives() {

@@ -589,12 +589,19 @@ impl DatagramSocket {
             Ok(fd) => fd,
             Err(err) => return Err((err, buf)),
         };
-        let max = self.max_payload();
+        let target = for_family(addr, self.ipv6.get());
+        // The limit is the destination's: an IPv4 peer (v4-mapped on an IPv6 socket)
+        // takes no more than the IPv4 maximum, and the kernel would refuse more only in
+        // the completion, where nobody looks.
+        let max = if canonical(target).is_ipv4() {
+            MAX_UDP_PAYLOAD_V4
+        } else {
+            MAX_UDP_PAYLOAD_V6
+        };
         if buf.bytes_init() > max {
             let what = format!("{}: {} bytes, at most {max}", context(), buf.bytes_init());
             return Err((Error::from_errno(what, libc::EMSGSIZE), buf));
         }
-        let target = for_family(addr, self.ipv6.get());
         if target.is_ipv6() && !self.ipv6.get() {
             // The kernel would refuse it only in the completion, where nobody looks.
             return Err((Error::from_errno(context(), libc::EAFNOSUPPORT), buf));
