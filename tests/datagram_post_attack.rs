@@ -152,7 +152,7 @@ fn a_socket_dropped_with_its_own_forwards_in_flight() {
 }
 
 /// A forward lent by one socket and posted by another; the lending socket is dropped
-/// while the post is in flight. The post completes, and the buffer goes back to a ring
+/// (or detached) while the post is in flight. The post completes, and the buffer goes back to a ring
 /// whose socket is gone without a write into freed memory.
 #[test]
 fn the_lending_socket_dropped_while_another_posts_its_forward() {
@@ -171,8 +171,11 @@ fn the_lending_socket_dropped_while_another_posts_its_forward() {
                 .unwrap();
             let forward = util::recv_datagram(&relay).await.into_forward();
             poster.post_to_addr(forward, to_sink).unwrap();
+            // Every other round the lender is detached (its ring let go) instead.
+            let detached = (round % 2 == 1).then(|| relay.detach().unwrap());
             drop(relay);
             settle(&poster).await;
+            drop(detached);
             let got = util::recv_datagram(&sink).await;
             assert_eq!(&got[..], &sent[..], "round {round}");
         }
@@ -190,7 +193,7 @@ fn the_runtime_dropped_with_forwards_in_flight() {
         let Some(rt) = runtime(backend) else {
             continue;
         };
-        let (relay, sink) = rt.block_on(async {
+        let (source, relay, sink) = rt.block_on(async {
             let source = util::bound_loopback();
             let relay = ring_socket();
             let sink = util::bound_loopback();
@@ -208,13 +211,19 @@ fn the_runtime_dropped_with_forwards_in_flight() {
                     .post_to_addr(forward, sink.local_addr().unwrap())
                     .unwrap();
             }
-            (relay, sink)
+            // Every socket outlives the block_on: dropping one reaps the ring.
+            (source, relay, sink)
         });
+        if backend == Backend::Uring {
+            assert!(
+                relay.post_stats().in_flight > 0,
+                "the drop meets them in flight"
+            );
+        }
         drop(rt);
         assert_booked(relay.post_stats(), 6, "runtime dropped");
         assert_eq!(relay.receive_stats().buffers_forwarding, 0, "{backend}");
-        drop(relay);
-        drop(sink);
+        drop((source, relay, sink));
         assert_no_corruption("runtime dropped with forwards in flight");
     }
 }
@@ -241,6 +250,10 @@ fn a_socket_detached_with_posts_in_flight() {
             let forward = util::recv_datagram(&relay).await.into_forward();
             relay.post_to_addr(forward, to_sink).unwrap();
             relay.post_to_addr(b"plain".to_vec(), to_sink).unwrap();
+        }
+        if backend == Backend::Uring {
+            // The sends wait for the next turn: the detach meets them in flight.
+            assert!(relay.post_stats().in_flight > 0);
         }
         let detached = relay.detach().unwrap();
         assert_booked(relay.post_stats(), 12, "detached");
@@ -417,5 +430,70 @@ fn a_full_send_buffer_books_every_post() {
         }
         let posts = sender.post_stats();
         assert_eq!(posts.failed, 0, "{posts:?}");
+    });
+}
+
+/// io_uring without a destination on SEND (`Capability::SendTo` disabled, as on kernels
+/// before 6.0): posts go as SENDMSG, whose header points into the slot's own data.
+/// Forwards and plain buffers, to IPv4 and IPv6 peers, arrive exact from the right
+/// address, every post is booked, and nothing is written after free.
+#[test]
+fn posts_as_sendmsg_where_send_takes_no_destination() {
+    let builder = Builder::new()
+        .backend(Backend::Uring)
+        .disable(ringsock::Capability::SendTo);
+    util::on_runtime_of(builder, Backend::Uring, &|_backend: Backend| async move {
+        let source = util::bound_loopback();
+        let relay = ring_socket();
+        let sink = util::bound_loopback();
+        let to_sink = sink.local_addr().unwrap();
+        for round in 0..40u64 {
+            let sent = util::pseudo_random_bytes(round, 1 + round as usize * 31);
+            source
+                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
+                .await
+                .0
+                .unwrap();
+            let forward = util::recv_datagram(&relay).await.into_forward();
+            relay.post_to_addr(forward, to_sink).unwrap();
+            relay.post_to_addr(sent.clone(), to_sink).unwrap();
+            for _ in 0..2 {
+                let got = util::recv_datagram(&sink).await;
+                assert_eq!(&got[..], &sent[..], "round {round}");
+                assert_eq!(got.remote_addr(), relay.local_addr().unwrap());
+            }
+        }
+        settle(&relay).await;
+        assert_booked(relay.post_stats(), 80, "sendmsg");
+        assert_eq!(relay.post_stats().sent, 80);
+        assert_eq!(relay.receive_stats().buffers_forwarding, 0);
+
+        let six = DatagramSocket::new();
+        six.bind_addr("[::1]:0".parse().unwrap()).unwrap();
+        let sink6 = DatagramSocket::new();
+        sink6.bind_addr("[::1]:0".parse().unwrap()).unwrap();
+        six.post_to_addr(b"over six".to_vec(), sink6.local_addr().unwrap())
+            .unwrap();
+        settle(&six).await;
+        let got = util::recv_datagram(&sink6).await;
+        assert_eq!(&got[..], b"over six");
+        assert_eq!(got.remote_addr(), six.local_addr().unwrap());
+        drop(relay);
+        assert_no_corruption("posts as SENDMSG");
+    });
+}
+
+/// An empty datagram is a datagram: posted, it is sent and arrives empty.
+#[test]
+fn an_empty_post_is_an_empty_datagram() {
+    util::on_each_backend(|_backend: Backend| async move {
+        let sender = util::bound_loopback();
+        let sink = util::bound_loopback();
+        sender
+            .post_to_addr(Vec::new(), sink.local_addr().unwrap())
+            .unwrap();
+        settle(&sender).await;
+        assert_eq!(sender.post_stats().sent, 1, "{:?}", sender.post_stats());
+        assert_eq!(util::recv_datagram(&sink).await.len(), 0);
     });
 }
