@@ -419,3 +419,33 @@ fn a_driver_outliving_its_tokio_runtime_drops_cleanly() {
         assert_eq!(read, 0, "nothing was sent on {backend}");
     }
 }
+
+/// Posted datagrams inside tokio: nothing awaits them, yet the step that polled the
+/// post submits it, and two waiters settle (a posting task of ringsock and the future
+/// given to `run_until`), with every post sent.
+#[test]
+fn posts_inside_tokio_are_submitted_and_settle() {
+    on_each_driver_in_tokio(|_backend| async move {
+        let sender = Rc::new(util::bound_loopback());
+        let sink = util::bound_loopback();
+        let to_sink = sink.local_addr().unwrap();
+        let task = {
+            let sender = sender.clone();
+            ringsock::spawn(async move {
+                for i in 0..50u8 {
+                    sender.post_to_addr(vec![i; 8], to_sink).unwrap();
+                }
+                sender.settle_posts().await
+            })
+        };
+        util::must("the posting task settles", task).await.unwrap();
+        util::must("posts settle", sender.settle_posts())
+            .await
+            .unwrap();
+        let posts = sender.post_stats();
+        assert_eq!((posts.sent, posts.in_flight), (50, 0), "{posts:?}");
+        for i in 0..50u8 {
+            assert_eq!(&util::recv_datagram(&sink).await[..], &[i; 8][..]);
+        }
+    });
+}
