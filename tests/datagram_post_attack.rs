@@ -497,3 +497,105 @@ fn an_empty_post_is_an_empty_datagram() {
         assert_eq!(util::recv_datagram(&sink).await.len(), 0);
     });
 }
+
+/// The bytes of a post whose owner, when dropped (once the send is done), posts the
+/// next one on the same socket: a drop that re-enters the API from where the driver
+/// releases a post's data. Every post goes out, in order.
+struct Reposting {
+    data: Vec<u8>,
+    socket: Rc<DatagramSocket>,
+    to: SocketAddr,
+    left: u8,
+}
+
+// SAFETY: the bytes are the Vec's, on the heap: they stay put and unchanged while the
+// value is owned, however it moves.
+unsafe impl ringsock::buf::IoBuf for Reposting {
+    fn stable_ptr(&self) -> *const u8 {
+        self.data.as_ptr()
+    }
+
+    fn bytes_init(&self) -> usize {
+        self.data.len()
+    }
+}
+
+impl Drop for Reposting {
+    fn drop(&mut self) {
+        if self.left == 0 {
+            return;
+        }
+        let next = Reposting {
+            data: vec![self.left - 1; 16],
+            socket: self.socket.clone(),
+            to: self.to,
+            left: self.left - 1,
+        };
+        self.socket
+            .post_to_addr(next, self.to)
+            .map_err(|(err, _)| err)
+            .expect("a post from a released post's drop");
+    }
+}
+
+#[test]
+fn a_post_whose_release_posts_again() {
+    util::on_each_backend(|_backend: Backend| async move {
+        let sender = Rc::new(util::bound_loopback());
+        let sink = util::bound_loopback();
+        let to = sink.local_addr().unwrap();
+        let first = Reposting {
+            data: vec![20; 16],
+            socket: sender.clone(),
+            to,
+            left: 20,
+        };
+        if let Err((err, _)) = sender.post_to_addr(first, to) {
+            panic!("the first post: {err}");
+        }
+        for i in (0..=20u8).rev() {
+            assert_eq!(&util::recv_datagram(&sink).await[..], &[i; 16][..]);
+        }
+        settle(&sender).await;
+        assert_booked(sender.post_stats(), 21, "reposting");
+        assert_eq!(sender.post_stats().sent, 21);
+        assert_no_corruption("reposting");
+    });
+}
+
+/// A forward received on runtime A, kept past A's drop, posted on runtime B: B frees
+/// it after the send, when the ring it was lent from is long gone with its runtime.
+#[test]
+fn a_forward_of_a_dropped_runtime_posted_on_another() {
+    for backend in util::BACKENDS {
+        let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+            continue;
+        };
+        let sent = util::pseudo_random_bytes(7, 900);
+        let (forward, relay) = a.block_on(async {
+            let source = util::bound_loopback();
+            let relay = ring_socket();
+            source
+                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
+                .await
+                .0
+                .unwrap();
+            let forward = util::recv_datagram(&relay).await.into_forward();
+            (forward, relay)
+        });
+        drop(a);
+        drop(relay);
+        b.block_on(async {
+            let poster = util::bound_loopback();
+            let sink = util::bound_loopback();
+            poster
+                .post_to_addr(forward, sink.local_addr().unwrap())
+                .unwrap();
+            settle(&poster).await;
+            assert_eq!(poster.post_stats().sent, 1, "{backend}");
+            assert_eq!(&util::recv_datagram(&sink).await[..], &sent[..]);
+        });
+        drop(b);
+        assert_no_corruption("a forward outliving its runtime");
+    }
+}
