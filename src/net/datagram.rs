@@ -557,7 +557,9 @@ impl DatagramSocket {
     /// IPv4 socket (AddressFamilyNotSupported), a socket of another runtime
     /// (WrongRuntime), a datagram over the UDP maximum (MessageTooLong), and when 4,096
     /// posted datagrams are still in flight (NoBufferSpace: the program posts without
-    /// letting the runtime turn).
+    /// letting the runtime turn). What the kernel refuses only when it sends (an
+    /// IPv6-only socket to an IPv4 address, a send cancelled because the socket was
+    /// detached or dropped first) is counted as failed, with its reason.
     ///
     /// ```no_run
     /// use ringsock::{DatagramSocket, Runtime};
