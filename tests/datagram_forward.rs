@@ -5,29 +5,13 @@
 
 mod util;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-
-use ringsock::{Backend, DatagramSocket, OutgoingDatagram, ReceiveRing};
-
-/// A relay socket with a ring of 8 small buffers.
-fn relay() -> DatagramSocket {
-    let socket = DatagramSocket::new();
-    let ring = ReceiveRing {
-        buffers: 8,
-        buffer_size: 2048,
-    };
-    socket.control().set_receive_ring(ring).unwrap();
-    socket
-        .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
-        .unwrap();
-    socket
-}
+use ringsock::{Backend, DatagramSocket, OutgoingDatagram};
 
 #[test]
 fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
     util::on_each_receive_path(|_backend: Backend| async move {
         let source = util::bound_loopback();
-        let relay = relay();
+        let relay = util::small_ring_loopback();
         let other = util::bound_loopback();
         let sink = util::bound_loopback();
         let to_relay = relay.local_addr().unwrap();
@@ -60,7 +44,7 @@ fn forwarding_keeps_the_bytes_exact_while_the_ring_recycles() {
 fn lent_datagrams_hold_at_most_a_quarter_of_the_ring() {
     util::on_each_receive_path(|_backend: Backend| async move {
         let source = util::bound_loopback();
-        let relay = relay();
+        let relay = util::small_ring_loopback();
         let to_relay = relay.local_addr().unwrap();
         let mut held = Vec::new();
         for round in 0..3u8 {

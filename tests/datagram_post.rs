@@ -9,7 +9,7 @@ mod util;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use ringsock::runtime::Builder;
-use ringsock::{Backend, DatagramSocket, ReceiveRing, SocketErrorStatus};
+use ringsock::{Backend, DatagramSocket, SocketErrorStatus};
 
 async fn settle(socket: &DatagramSocket) {
     util::must("posts settle", socket.settle_posts())
@@ -21,15 +21,7 @@ async fn settle(socket: &DatagramSocket) {
 fn posted_forwards_arrive_exact_while_the_ring_recycles() {
     util::on_each_receive_path(|_backend: Backend| async move {
         let source = util::bound_loopback();
-        let relay = DatagramSocket::new();
-        let ring = ReceiveRing {
-            buffers: 8,
-            buffer_size: 2048,
-        };
-        relay.control().set_receive_ring(ring).unwrap();
-        relay
-            .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
-            .unwrap();
+        let relay = util::small_ring_loopback();
         let sink = util::bound_loopback();
         let to_relay = relay.local_addr().unwrap();
         let to_sink = sink.local_addr().unwrap();

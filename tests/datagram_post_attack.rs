@@ -12,9 +12,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::rc::Rc;
 
 use ringsock::runtime::Builder;
-use ringsock::{
-    Backend, DatagramGroup, DatagramSocket, PostStats, ReceiveRing, Runtime, SocketErrorStatus,
-};
+use ringsock::{Backend, DatagramGroup, DatagramSocket, PostStats, Runtime, SocketErrorStatus};
 
 #[global_allocator]
 static ALLOC: util::poison::PoisonAlloc = util::poison::PoisonAlloc;
@@ -41,20 +39,6 @@ fn assert_booked(posts: PostStats, posted: u64, what: &str) {
         posted,
         "{what}: {posts:?}"
     );
-}
-
-/// A loopback socket with a small receive ring, so forwards it lends are few.
-fn ring_socket() -> DatagramSocket {
-    let socket = DatagramSocket::new();
-    let ring = ReceiveRing {
-        buffers: 8,
-        buffer_size: 2048,
-    };
-    socket.control().set_receive_ring(ring).unwrap();
-    socket
-        .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 0))
-        .unwrap();
-    socket
 }
 
 fn runtime(backend: Backend) -> Option<Runtime> {
@@ -134,14 +118,9 @@ fn a_socket_dropped_with_its_own_forwards_in_flight() {
         let sink = util::bound_loopback();
         let to_sink = sink.local_addr().unwrap();
         for round in 0..20u64 {
-            let relay = ring_socket();
+            let relay = util::small_ring_loopback();
             let sent = util::pseudo_random_bytes(round, 100 + round as usize * 50);
-            source
-                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
-                .await
-                .0
-                .unwrap();
-            let forward = util::recv_datagram(&relay).await.into_forward();
+            let forward = util::forward_through(&source, &relay, sent.clone()).await;
             relay.post_to_addr(forward, to_sink).unwrap();
             drop(relay);
             let got = util::recv_datagram(&sink).await;
@@ -152,8 +131,8 @@ fn a_socket_dropped_with_its_own_forwards_in_flight() {
 }
 
 /// A forward lent by one socket and posted by another; the lending socket is dropped
-/// (or detached) while the post is in flight. The post completes, and the buffer goes back to a ring
-/// whose socket is gone without a write into freed memory.
+/// (or detached) while the post is in flight. The post completes, and the buffer goes
+/// back to a ring whose socket is gone without a write into freed memory.
 #[test]
 fn the_lending_socket_dropped_while_another_posts_its_forward() {
     util::on_each_backend(|_backend: Backend| async move {
@@ -162,14 +141,9 @@ fn the_lending_socket_dropped_while_another_posts_its_forward() {
         let sink = util::bound_loopback();
         let to_sink = sink.local_addr().unwrap();
         for round in 0..20u64 {
-            let relay = ring_socket();
+            let relay = util::small_ring_loopback();
             let sent = util::pseudo_random_bytes(round, 1 + round as usize * 97);
-            source
-                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
-                .await
-                .0
-                .unwrap();
-            let forward = util::recv_datagram(&relay).await.into_forward();
+            let forward = util::forward_through(&source, &relay, sent.clone()).await;
             poster.post_to_addr(forward, to_sink).unwrap();
             // Every other round the lender is detached (its ring let go) instead.
             let detached = (round % 2 == 1).then(|| relay.detach().unwrap());
@@ -195,7 +169,7 @@ fn the_runtime_dropped_with_forwards_in_flight() {
         };
         let (source, relay, sink) = rt.block_on(async {
             let source = util::bound_loopback();
-            let relay = ring_socket();
+            let relay = util::small_ring_loopback();
             let sink = util::bound_loopback();
             for round in 0..6u64 {
                 let sent = util::pseudo_random_bytes(round, 700);
@@ -235,7 +209,7 @@ fn the_runtime_dropped_with_forwards_in_flight() {
 fn a_socket_detached_with_posts_in_flight() {
     util::on_each_backend(|backend: Backend| async move {
         let source = util::bound_loopback();
-        let relay = ring_socket();
+        let relay = util::small_ring_loopback();
         let sink = util::bound_loopback();
         let to_sink = sink.local_addr().unwrap();
         for round in 0..6u64 {
@@ -365,7 +339,10 @@ fn an_ipv6_socket_posting_to_ipv4_meets_the_ipv4_limit_at_the_call() {
 #[test]
 fn a_grouped_socket_posts_what_the_group_receives() {
     util::on_each_backend(|_backend: Backend| async move {
-        let group = DatagramGroup::new(vec![ring_socket(), ring_socket()]);
+        let group = DatagramGroup::new(vec![
+            util::small_ring_loopback(),
+            util::small_ring_loopback(),
+        ]);
         let source = util::bound_loopback();
         let sink = util::bound_loopback();
         let to_sink = sink.local_addr().unwrap();
@@ -444,17 +421,12 @@ fn posts_as_sendmsg_where_send_takes_no_destination() {
         .disable(ringsock::Capability::SendTo);
     util::on_runtime_of(builder, Backend::Uring, &|_backend: Backend| async move {
         let source = util::bound_loopback();
-        let relay = ring_socket();
+        let relay = util::small_ring_loopback();
         let sink = util::bound_loopback();
         let to_sink = sink.local_addr().unwrap();
         for round in 0..40u64 {
             let sent = util::pseudo_random_bytes(round, 1 + round as usize * 31);
-            source
-                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
-                .await
-                .0
-                .unwrap();
-            let forward = util::recv_datagram(&relay).await.into_forward();
+            let forward = util::forward_through(&source, &relay, sent.clone()).await;
             relay.post_to_addr(forward, to_sink).unwrap();
             relay.post_to_addr(sent.clone(), to_sink).unwrap();
             for _ in 0..2 {
@@ -574,13 +546,8 @@ fn a_forward_of_a_dropped_runtime_posted_on_another() {
         let sent = util::pseudo_random_bytes(7, 900);
         let (forward, relay) = a.block_on(async {
             let source = util::bound_loopback();
-            let relay = ring_socket();
-            source
-                .send_to_addr(sent.clone(), relay.local_addr().unwrap())
-                .await
-                .0
-                .unwrap();
-            let forward = util::recv_datagram(&relay).await.into_forward();
+            let relay = util::small_ring_loopback();
+            let forward = util::forward_through(&source, &relay, sent.clone()).await;
             (forward, relay)
         });
         drop(a);

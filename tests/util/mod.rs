@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use ringsock::runtime::{timeout, Builder};
 use ringsock::{
-    Backend, Datagram, DatagramSocket, JoinHandle, Runtime, StreamSocket, StreamSocketListener,
+    Backend, Datagram, DatagramSocket, Forward, JoinHandle, ReceiveRing, Runtime, StreamSocket,
+    StreamSocketListener,
 };
 
 pub mod child;
@@ -121,6 +122,33 @@ pub fn bound_loopback() -> DatagramSocket {
         .bind_addr(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))
         .unwrap();
     socket
+}
+
+/// A loopback datagram socket whose receive ring holds 8 buffers of 2 KiB, so that the
+/// ring goes round often and the datagrams it lends are few.
+pub fn small_ring_loopback() -> DatagramSocket {
+    let socket = DatagramSocket::new();
+    let ring = ReceiveRing {
+        buffers: 8,
+        buffer_size: 2048,
+    };
+    socket.control().set_receive_ring(ring).unwrap();
+    socket
+        .bind_addr(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 0))
+        .unwrap();
+    socket
+}
+
+/// Sends `payload` from `source` to `relay` and takes it there as a [`Forward`] (lent
+/// from `relay`'s ring).
+pub async fn forward_through(
+    source: &DatagramSocket,
+    relay: &DatagramSocket,
+    payload: Vec<u8>,
+) -> Forward {
+    let to_relay = relay.local_addr().unwrap();
+    source.send_to_addr(payload, to_relay).await.0.unwrap();
+    recv_datagram(relay).await.into_forward()
 }
 
 /// The next datagram on `socket`, which must arrive within [`MUST_HAPPEN`].
