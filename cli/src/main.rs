@@ -213,6 +213,11 @@ struct EchoServerArgs {
     /// never). Closed connections are counted, not logged one by one.
     #[arg(long, value_name = "SECS", default_value = "60")]
     idle_timeout: Seconds,
+    /// Close a TCP connection whose echo has made no progress for this many seconds: a
+    /// client that sends but does not read, or reads a byte now and then, holds no
+    /// buffers past it (0: never). Counted with the other timeouts.
+    #[arg(long, value_name = "SECS", default_value = "30")]
+    write_timeout: Seconds,
     /// TLS: close a connection whose handshake has not finished after this many seconds,
     /// however slowly the client sends it (0: never).
     #[arg(long, value_name = "SECS", default_value = "10")]
@@ -533,6 +538,7 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
         serve::Settings {
             acceptor,
             idle_timeout: args.idle_timeout.0,
+            write_timeout: args.write_timeout.0,
             max_connections: args.max_connections.map(|n| (n as usize).div_ceil(threads)),
         },
     )

@@ -139,6 +139,7 @@ type CountsBoard = Mutex<Vec<TimeoutCounts>>;
 pub(crate) struct Settings {
     pub(crate) acceptor: Option<TlsAcceptor>,
     pub(crate) idle_timeout: Option<std::time::Duration>,
+    pub(crate) write_timeout: Option<std::time::Duration>,
     /// Connections one thread serves at once.
     pub(crate) max_connections: Option<usize>,
 }
@@ -416,7 +417,9 @@ async fn serve_thread(
         .map(Detached::into_listener)
         .collect::<ringsock::Result<_>>()?;
     for listener in &listeners {
-        listener.control().set_idle_timeout(settings.idle_timeout)?;
+        let control = listener.control();
+        control.set_idle_timeout(settings.idle_timeout)?;
+        control.set_write_timeout(settings.write_timeout)?;
     }
     let datagrams: Vec<std::rc::Rc<DatagramSocket>> = share
         .datagrams

@@ -1,6 +1,6 @@
-//! `ringsock echo-server --idle-timeout` and `--handshake-timeout` against clients that
-//! say nothing, stop talking, or trickle a TLS hello: each is closed after its timeout
-//! and counted, on both drivers. Short timeouts; the tests check that the close and the
+//! `ringsock echo-server --idle-timeout`, `--write-timeout` and `--handshake-timeout`
+//! against clients that say nothing, stop talking, stop reading, or trickle a TLS hello:
+//! each is closed after its timeout and counted, on both drivers. Short timeouts; the tests check that the close and the
 //! count happened, never how long they took.
 
 #[path = "../../tests/tls_certs/mod.rs"]
@@ -88,6 +88,49 @@ fn silent_and_idle_clients_are_closed_after_the_idle_timeout() {
         assert_eq!(count(&log, "idle"), 2, "{backend}:\n{log}");
         // Counted, never a line per connection.
         assert!(!log.contains("connection:"), "{backend}:\n{log}");
+    }
+}
+
+/// A client that sends and never reads: the echo fills its buffers and the server's,
+/// the server's writes make no progress, and the write timeout closes the connection
+/// (counted as a write timeout), while a client that reads its echo is served on.
+#[test]
+fn a_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    for backend in BACKENDS {
+        let server = EchoServer::start_logged(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--idle-timeout",
+                "0",
+                "--write-timeout",
+                "0.3",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        let mut stuck = connect(server.port());
+        stuck.set_write_timeout(Some(MUST_HAPPEN)).unwrap();
+        let chunk = vec![b'x'; 64 * 1024];
+        // Bounded: the buffers both ways hold a few MiB; 1 GiB is never reached.
+        let refused = (0..16_384).find_map(|_| stuck.write_all(&chunk).err());
+        let refused = refused.expect("1 GiB sent and never read, yet the server took it all");
+        assert_ne!(
+            refused.kind(),
+            ErrorKind::WouldBlock,
+            "{backend}: the server did not close the connection within {MUST_HAPPEN:?}"
+        );
+        // A client that reads its echo is not affected.
+        let mut reader = connect(server.port());
+        reader.write_all(b"still served\n").unwrap();
+        let mut echoed = [0u8; 13];
+        reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"still served\n");
+        drop(reader);
+        let (status, log) = server.stop_logged();
+        assert!(status.success(), "{backend}: {status:?}\n{log}");
+        assert_eq!(count(&log, "write"), 1, "{backend}:\n{log}");
     }
 }
 
@@ -183,6 +226,8 @@ fn timeouts_that_are_not_seconds_are_usage_errors() {
         ("--idle-timeout", "soon"),
         ("--handshake-timeout", "NaN"),
         ("--handshake-timeout", "1e30"),
+        ("--write-timeout", "-0.5"),
+        ("--write-timeout", "inf"),
     ] {
         let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
             .args(["echo-server", "--tcp", "127.0.0.1:0", flag, value])
@@ -259,7 +304,7 @@ fn echo_client_gives_up_on_a_silent_tcp_server() {
 #[test]
 fn a_timeout_under_a_nanosecond_is_a_usage_error_not_never() {
     for backend in BACKENDS {
-        for flag in ["--idle-timeout", "--handshake-timeout"] {
+        for flag in ["--idle-timeout", "--handshake-timeout", "--write-timeout"] {
             let out = util::output_within(
                 Command::new(env!("CARGO_BIN_EXE_ringsock"))
                     .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
