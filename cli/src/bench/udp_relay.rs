@@ -150,15 +150,11 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
         }
         match batch.pop() {
             None => {}
-            // A lone datagram as one send: on io_uring a SEND that goes out in the loop's
-            // next submission with the other flows' sends, where `send_many` makes a
+            // A lone datagram posted: on io_uring a SEND that goes out in the loop's next
+            // submission with the other flows' sends, where `send_many` makes a
             // `sendmmsg` call of its own (64 flows at 20k packets/s: 12.1 against 15.0 µs
-            // of relay CPU per packet).
-            Some(one) if batch.is_empty() => {
-                let (sent, _) = socket.send_to_addr(one.data, sink).await;
-                sent?;
-                forwarded += 1;
-            }
+            // of relay CPU per packet), and the flow receives again without waiting for it.
+            Some(one) if batch.is_empty() => post(&socket, one.data, sink).await?,
             Some(last) => {
                 batch.push(last);
                 for result in socket.send_many(batch).await? {
@@ -168,7 +164,7 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
             }
         }
         if ended {
-            return Ok(forwarded);
+            return Ok(forwarded + settled_posts(&socket).await?);
         }
     }
 }
@@ -247,19 +243,37 @@ async fn relay_grouped(
         }
     }
     for index in 0..group.len() {
-        let socket = group.socket(index);
-        socket.settle_posts().await?;
-        let posts = socket.post_stats();
-        if posts.dropped + posts.failed > 0 {
-            let why = format!(
-                "flow {index}: {} posted datagrams dropped, {} failed (last: {:?})",
-                posts.dropped, posts.failed, posts.last_error
-            );
-            return Err(Error::io("relay", std::io::Error::other(why)));
-        }
-        forwarded += posts.sent;
+        forwarded += settled_posts(group.socket(index)).await?;
     }
     Ok(forwarded)
+}
+
+/// Waits for `socket`'s posts to settle: how many the kernel took; an error if any was
+/// dropped or failed (the books would not balance).
+async fn settled_posts(socket: &DatagramSocket) -> Result<u64> {
+    socket.settle_posts().await?;
+    let posts = socket.post_stats();
+    if posts.dropped + posts.failed > 0 {
+        let from = socket.local_addr()?;
+        let why = format!(
+            "from {from}: {} posted datagrams dropped, {} failed (last: {:?})",
+            posts.dropped, posts.failed, posts.last_error
+        );
+        return Err(Error::io("relay", std::io::Error::other(why)));
+    }
+    Ok(posts.sent)
+}
+
+/// Posts `one` to `sink` from `socket`; when the socket already has the most posts in
+/// flight it allows, waits for them to settle first.
+async fn post(socket: &DatagramSocket, one: Forward, sink: SocketAddr) -> Result<()> {
+    match socket.post_to_addr(one, sink) {
+        Err((err, one)) if err.status() == SocketErrorStatus::NoBufferSpace => {
+            socket.settle_posts().await?;
+            socket.post_to_addr(one, sink).map_err(|(err, _)| err)
+        }
+        posted => posted.map_err(|(err, _)| err),
+    }
 }
 
 /// Forwards (and takes out of `run`) one socket's run of datagrams: a lone one posted,
@@ -278,13 +292,7 @@ async fn forward_run<'a>(
         return Ok(());
     }
     let one = run.pop().expect("a run holds a datagram").data;
-    match socket.post_to_addr(one, sink) {
-        Err((err, one)) if err.status() == SocketErrorStatus::NoBufferSpace => {
-            socket.settle_posts().await?;
-            socket.post_to_addr(one, sink).map_err(|(err, _)| err)
-        }
-        posted => posted.map_err(|(err, _)| err),
-    }
+    post(socket, one, sink).await
 }
 
 /// One socket's batch of datagrams on its way.
