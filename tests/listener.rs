@@ -70,6 +70,34 @@ fn binding_a_port_in_use_or_a_foreign_address_fails_with_its_status() {
     });
 }
 
+/// A multicast address takes no TCP connection: the kernel would bind a listener there
+/// that waits forever, so binding one (alone or as a port-sharing group, IPv4, IPv6 or
+/// IPv4-mapped) fails at once with InvalidArgument.
+#[test]
+fn a_listener_on_a_multicast_address_is_refused() {
+    util::on_each_backend(|_| async {
+        for addr in [
+            "224.0.0.1:0",
+            "239.1.2.3:7000",
+            "[ff02::1]:0",
+            "[::ffff:224.0.0.9]:0",
+        ] {
+            let addr: SocketAddr = addr.parse().unwrap();
+            let err = StreamSocketListener::bind_addr(addr)
+                .err()
+                .unwrap_or_else(|| panic!("{addr}: a listener was bound"));
+            assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+            assert!(err.to_string().contains("multicast"), "{err}");
+            let err = ringsock::net::bind_reuse_port(addr, 2, ringsock::net::SocketKind::Listener)
+                .err()
+                .unwrap_or_else(|| panic!("{addr}: a port-sharing group was bound"));
+            assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+        }
+        // A unicast listener still binds.
+        util::loopback_listener();
+    });
+}
+
 #[test]
 fn incoming_yields_each_connection_in_order() {
     util::on_each_backend(|_| async {

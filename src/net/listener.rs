@@ -15,7 +15,7 @@ use super::bind::bind_retrying;
 use super::control::{StreamOptions, StreamSocketControl};
 use super::stream::sock_addr;
 use super::turn::Turnstile;
-use super::{new_socket, Detached, SocketKind, StreamSocket};
+use super::{new_socket, refuse_multicast_listener, Detached, SocketKind, StreamSocket};
 use crate::driver::accept::{self, Acceptor};
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -148,6 +148,7 @@ impl StreamSocketListener {
     }
 
     fn bind_addr_with(addr: SocketAddr, dual_stack: bool) -> Result<StreamSocketListener> {
+        refuse_multicast_listener(addr)?;
         let socket = new_socket(&addr, socket2::Type::STREAM)?;
         // Restarting a server must not wait for old connections' TIME_WAIT to pass.
         socket

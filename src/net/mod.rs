@@ -57,6 +57,17 @@ pub(crate) async fn resolve(
 ///
 /// Fails with `InvalidArgument` for a link-local IPv6 address without a zone: the
 /// kernel's answer to connecting or binding to one is a bare EINVAL.
+/// A TCP listener on a multicast address: the kernel binds it, and it never gets a
+/// connection (TCP has no multicast), so a server would wait forever without a word.
+pub(crate) fn refuse_multicast_listener(addr: SocketAddr) -> Result<()> {
+    if addr.ip().to_canonical().is_multicast() {
+        return Err(Error::invalid_input(format!(
+            "listen on {addr}: a multicast address takes no TCP connections"
+        )));
+    }
+    Ok(())
+}
+
 pub(crate) fn new_socket(addr: &SocketAddr, ty: socket2::Type) -> Result<socket2::Socket> {
     if let SocketAddr::V6(v6) = addr {
         if (v6.ip().segments()[0] & 0xffc0) == 0xfe80 && v6.scope_id() == 0 {

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::bind::wait_until_free;
-use super::{new_socket, Detached, SocketKind};
+use super::{new_socket, refuse_multicast_listener, Detached, SocketKind};
 use crate::driver::sockopt;
 use crate::runtime::{PoolHandle, RemoteJoinHandle};
 use crate::{DatagramSocket, Error, Result, StreamSocketListener};
@@ -76,7 +76,10 @@ fn bind_group(
     }
     let ty = match kind {
         SocketKind::Datagram => socket2::Type::DGRAM,
-        _ => socket2::Type::STREAM,
+        _ => {
+            refuse_multicast_listener(addr)?;
+            socket2::Type::STREAM
+        }
     };
     let free = wait_until_free(addr, ty).map_err(|err| Error::io(format!("bind {addr}"), err))?;
     if exclusive && !free {
