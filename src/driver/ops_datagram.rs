@@ -17,7 +17,9 @@ use super::buf_pool::BufPool;
 pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::posted::PostLedger;
-pub(crate) use super::recv::{Carried, RecvCounters, RecvDatagram, RecvMeta, RingConfig, UDP_GRO};
+pub(crate) use super::recv::{
+    AfterRecv, Carried, RecvCounters, RecvDatagram, RecvMeta, RingConfig, UDP_GRO,
+};
 pub(crate) use super::ring_layout::ring_memory;
 use super::send_many::SendMany;
 pub(crate) use super::sockaddr::{canonical, for_family};
@@ -44,13 +46,15 @@ impl Receiver {
 
     /// Moves up to `max` received datagrams into `out`. Ready once at least one arrived
     /// (or with an error concerning this attempt only); the receiver goes on afterwards.
+    /// With datagrams, it also says whether the receiver now waits with `cx`'s waker
+    /// (a caller polling many sockets need not poll this one again until it wakes).
     pub(crate) fn poll_recv(
         &mut self,
         fd: &SharedFd,
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<AfterRecv>> {
         let binding = match fd.binding() {
             Ok(binding) => binding,
             Err(err) => return Poll::Ready(Err(err)),

@@ -69,6 +69,17 @@ impl Carried {
     }
 }
 
+/// What a receive that returned datagrams left behind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum AfterRecv {
+    /// The socket was found empty and the receiver keeps the poll's waker: it wakes
+    /// when the next datagram comes, so a poll before then would only find nothing.
+    Waiting,
+    /// More may be ready now (the call's `max` was met, or the receive stopped at an
+    /// error it drops): poll again before waiting.
+    MayHaveMore,
+}
+
 /// One received datagram, its bytes lent from the receive ring (or carried along).
 pub(crate) struct RecvDatagram {
     pub(crate) buf: Payload,

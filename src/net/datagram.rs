@@ -25,8 +25,8 @@ use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
 use crate::driver::forward::Forward;
 use crate::driver::ops_datagram::{
-    self, canonical, for_family, monotonic_ns, Carried, PostLedger, Receiver, RecvDatagram,
-    RecvWants, RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
+    self, canonical, for_family, monotonic_ns, AfterRecv, Carried, PostLedger, Receiver,
+    RecvDatagram, RecvWants, RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
@@ -841,7 +841,7 @@ impl DatagramSocket {
         }
         let fd = self.fd()?.clone();
         let _turn = self.turn.take().await;
-        poll_fn(|cx| self.poll_recv(&fd, cx, out, max)).await
+        poll_fn(|cx| self.poll_recv(&fd, cx, out, max).map_ok(|_| ())).await
     }
 
     /// Marks the socket as received through a group (or no longer).
@@ -850,13 +850,14 @@ impl DatagramSocket {
     }
 
     /// One receive step for the socket's group: no turn is taken, as the group is the
-    /// socket's only receiver.
+    /// socket's only receiver. With datagrams it says whether the socket now waits with
+    /// `cx`'s waker, so the group polls it again only once it wakes.
     pub(super) fn poll_recv_grouped(
         &self,
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
-    ) -> Poll<Result<()>> {
+    ) -> Poll<Result<AfterRecv>> {
         match self.fd() {
             Ok(fd) => self.poll_recv(fd, cx, out, max),
             Err(err) => Poll::Ready(Err(err)),
@@ -869,13 +870,13 @@ impl DatagramSocket {
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
-    ) -> Poll<Result<()>> {
+    ) -> Poll<Result<AfterRecv>> {
         {
             let mut carried = self.carried.borrow_mut();
             if !carried.is_empty() {
                 let n = max.max(1).min(carried.len());
                 out.extend(carried.drain(..n));
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(AfterRecv::MayHaveMore));
             }
         }
         let mut receiver = self.receiver.borrow_mut();

@@ -12,7 +12,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use super::datagram::{Datagram, DatagramSocket};
 use super::turn::Turnstile;
 use crate::driver::current;
-use crate::driver::ops_datagram::RecvDatagram;
+use crate::driver::ops_datagram::{AfterRecv, RecvDatagram};
 use crate::{Error, Result};
 
 /// Datagram sockets received together: one call takes the datagrams every socket has
@@ -265,8 +265,9 @@ impl DatagramGroup {
                     continue;
                 }
                 let mut socket_cx = Context::from_waker(&self.wakers[index]);
-                // Until the socket says Pending: only then has it kept the waker that
-                // marks it ready again (a receive that returned datagrams may keep none).
+                // Until the socket says it keeps the waker that marks it ready again
+                // (Pending, or datagrams with `Waiting`): a receive that returned
+                // datagrams otherwise may keep none.
                 loop {
                     if taken == max {
                         self.ready.mark(index);
@@ -279,10 +280,15 @@ impl DatagramGroup {
                         max - taken,
                     ) {
                         Poll::Pending => break,
-                        Poll::Ready(Ok(())) => {
+                        Poll::Ready(Ok(after)) => {
                             self.next.set(index + 1);
                             taken += scratch.len();
                             out.extend(scratch.drain(..).map(|d| (index, Datagram::from(d))));
+                            // The poll that would only say Pending was most of a lone
+                            // datagram's receive work with a socket per flow.
+                            if after == AfterRecv::Waiting {
+                                break;
+                            }
                         }
                         Poll::Ready(Err(err)) => {
                             self.next.set(index + 1);

@@ -18,7 +18,7 @@ use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::gso::{gso_refused, plan_links, MmsgBatch, Targets};
 use crate::driver::posted::PostLedger;
-use crate::driver::recv::{RecvCounters, RecvDatagram, RingConfig};
+use crate::driver::recv::{AfterRecv, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::Layout;
 use crate::driver::send_many::{self, SendMany};
@@ -71,21 +71,29 @@ impl Receiver {
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<AfterRecv>> {
         let start = out.len();
         loop {
             self.mmsg
                 .take_ready(out, max.saturating_sub(out.len() - start));
             let got = out.len() > start;
             if out.len() - start >= max {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(AfterRecv::MayHaveMore));
             }
             match reg.poll_ready(Direction::Read, cx) {
                 Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(err)) => return Poll::Ready(if got { Ok(()) } else { Err(err) }),
+                Poll::Ready(Err(err)) => {
+                    return Poll::Ready(if got {
+                        Ok(AfterRecv::MayHaveMore)
+                    } else {
+                        Err(err)
+                    })
+                }
+                // Everything ready was taken (the caller's `max` was not met) and the
+                // registration keeps the waker.
                 Poll::Pending => {
                     return if got {
-                        Poll::Ready(Ok(()))
+                        Poll::Ready(Ok(AfterRecv::Waiting))
                     } else {
                         Poll::Pending
                     }
@@ -118,12 +126,18 @@ impl Receiver {
                     }
                     self.pool.wait_for_buffer(cx.waker());
                     return if got {
-                        Poll::Ready(Ok(()))
+                        Poll::Ready(Ok(AfterRecv::Waiting))
                     } else {
                         Poll::Pending
                     };
                 }
-                Err(err) => return Poll::Ready(if got { Ok(()) } else { Err(err) }),
+                Err(err) => {
+                    return Poll::Ready(if got {
+                        Ok(AfterRecv::MayHaveMore)
+                    } else {
+                        Err(err)
+                    })
+                }
             }
         }
     }

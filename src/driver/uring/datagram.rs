@@ -25,7 +25,7 @@ use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::gso::{gso_refused, link_iovecs, plan_links, Link, MmsgBatch, Targets};
 use crate::driver::posted::PostLedger;
-use crate::driver::recv::{deliver, RecvCounters, RecvDatagram, RingConfig};
+use crate::driver::recv::{deliver, AfterRecv, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::{header_room, Layout, BEFORE_CONTROL};
 use crate::driver::send_many::{self, SendMany};
@@ -210,7 +210,7 @@ impl Receiver {
         cx: &mut Context<'_>,
         out: &mut Vec<RecvDatagram>,
         max: usize,
-    ) -> Poll<io::Result<()>> {
+    ) -> Poll<io::Result<AfterRecv>> {
         let start = out.len();
         loop {
             // Every path delivers into the ready queue, in order: the caller never gets
@@ -218,7 +218,7 @@ impl Receiver {
             self.mmsg
                 .take_ready(out, max.saturating_sub(out.len() - start));
             if out.len() - start >= max {
-                return Poll::Ready(Ok(()));
+                return Poll::Ready(Ok(AfterRecv::MayHaveMore));
             }
             let step = match self.mode {
                 Mode::Multishot | Mode::Stopping => self.step_multishot(fd, cx),
@@ -232,7 +232,14 @@ impl Receiver {
                 Step::Pending | Step::Failed(_) if got => {
                     self.mmsg
                         .take_ready(out, max.saturating_sub(out.len() - start));
-                    return Poll::Ready(Ok(()));
+                    // A pending step kept the waker; what the queue still holds (over
+                    // `max`) or a dropped error leaves more to take now.
+                    let waiting = matches!(step, Step::Pending) && !self.mmsg.has_ready();
+                    return Poll::Ready(Ok(if waiting {
+                        AfterRecv::Waiting
+                    } else {
+                        AfterRecv::MayHaveMore
+                    }));
                 }
                 Step::Pending => return Poll::Pending,
                 Step::Failed(err) => return Poll::Ready(Err(err)),

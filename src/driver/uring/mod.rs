@@ -303,6 +303,11 @@ impl Driver {
 
     /// Data released since the last call, to be dropped once the driver is let go.
     pub(crate) fn take_dead(&mut self) -> Vec<Box<dyn Any>> {
+        if self.dead.is_empty() {
+            // Most turns of a spinning loop release nothing: no swap, and the caller
+            // needs no second borrow of the driver to give the list back.
+            return Vec::new();
+        }
         let spare = std::mem::take(&mut self.dead_spare);
         std::mem::replace(&mut self.dead, spare)
     }
