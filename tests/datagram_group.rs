@@ -121,6 +121,33 @@ fn a_call_takes_at_most_max_and_what_is_left_comes_with_the_next() {
 }
 
 #[test]
+fn a_lone_datagram_wakes_the_group_again_on_the_socket_it_just_drained() {
+    util::on_each_receive_path(|backend| async move {
+        // One datagram at a time, the group empty in between: each call's socket keeps
+        // the waker of the poll that returned its datagram (the group polls it no
+        // further), so a datagram on the same socket or another must wake the next call.
+        let group = DatagramGroup::new(bound_sockets(8));
+        let to = addresses(&group);
+        let sender = std_sender();
+        // Two in a row to each socket (0, 0, 3, 3, 6, 6, 1, 1...): every other datagram
+        // goes to the socket the last call drained.
+        let order = (0..240).map(|i: usize| (i / 2) * 3 % 8);
+        for (seq, index) in order.enumerate() {
+            sender
+                .send_to(&message(index, seq as u32), to[index])
+                .unwrap();
+            let got = receive(&group, 1, 64).await;
+            assert_eq!(got.len(), 1, "{backend}: one datagram was sent");
+            assert_eq!(
+                got[0].0, index,
+                "{backend}: datagram {seq} came from its socket"
+            );
+            assert_eq!(&got[0].1[..], &message(index, seq as u32)[..], "{backend}");
+        }
+    });
+}
+
+#[test]
 fn a_socket_in_a_group_receives_only_through_it_and_comes_back_with_nothing_lost() {
     util::on_each_backend(|backend| async move {
         let group = DatagramGroup::new(bound_sockets(2));

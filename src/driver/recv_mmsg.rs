@@ -1,8 +1,9 @@
 //! `recvmmsg` into the free slots of a receive pool: the epoll receiver's one path,
 //! and the io_uring receiver's while datagrams come in bursts (see
-//! `uring::datagram`). Takes up to 64 datagrams per call whatever the caller asked for,
-//! and keeps the ones not asked for yet: a program that reads one datagram at a time
-//! still costs one system call per 64.
+//! `uring::datagram`). Takes up to 64 datagrams per call whatever the caller asked for
+//! (the slots offered follow what recent calls found), and keeps the ones not asked for
+//! yet: a program that reads one datagram at a time from a full queue still costs one
+//! system call per 64 once the offer has grown.
 #![allow(unsafe_code)]
 
 use std::io;
