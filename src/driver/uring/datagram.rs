@@ -70,6 +70,9 @@ enum Mode {
 /// What one step of [`Receiver::poll_recv`] came to.
 enum Step {
     Continue,
+    /// A completion was delivered, nothing more is queued and the waker is kept: this
+    /// wake is over, as with `Pending`, without one more poll to say so.
+    Drained,
     Pending,
     Failed(io::Error),
 }
@@ -227,6 +230,19 @@ impl Receiver {
             let got = out.len() > start || self.mmsg.has_ready();
             match step {
                 Step::Continue => {}
+                Step::Drained => {
+                    self.mmsg
+                        .take_ready(out, max.saturating_sub(out.len() - start));
+                    if out.len() == start {
+                        // The completion carried no datagram; the waker is kept.
+                        return Poll::Pending;
+                    }
+                    return Poll::Ready(Ok(if self.mmsg.has_ready() {
+                        AfterRecv::MayHaveMore
+                    } else {
+                        AfterRecv::Waiting
+                    }));
+                }
                 // Keep the datagrams; an error is lost like a recvmmsg's error after its
                 // first message (the receiver goes on).
                 Step::Pending | Step::Failed(_) if got => {
@@ -281,13 +297,19 @@ impl Receiver {
             }
         }
         let op = self.op.as_mut().expect("armed above");
-        match op.poll_next(cx) {
+        match op.poll_next_keeping_waker(cx) {
             Poll::Ready(Err(misuse)) => Step::Failed(misuse),
-            Poll::Ready(Ok(Some(completion))) => {
+            Poll::Ready(Ok(Some((completion, kept)))) => {
                 let before = self.counters.datagrams;
                 let result = self.complete(completion);
                 self.count_found(before);
                 match result {
+                    // Every completion there was is taken: a lone datagram costs one
+                    // poll, not a second one that would only find the queue empty.
+                    Ok(()) if kept => {
+                        self.end_multishot_wake();
+                        Step::Drained
+                    }
                     Ok(()) => Step::Continue,
                     Err(err) => Step::Failed(err),
                 }
@@ -300,14 +322,20 @@ impl Receiver {
                 Step::Continue
             }
             Poll::Pending => {
-                let stop = self.switch_on_burst();
-                if stop || (matches!(self.mode, Mode::Stopping) && !self.cancel_queued) {
-                    if let Some(op) = &self.op {
-                        // Asked again on a later wake if the submission queue was full.
-                        self.cancel_queued = op.cancel();
-                    }
-                }
+                self.end_multishot_wake();
                 Step::Pending
+            }
+        }
+    }
+
+    /// Nothing more was queued on the running multishot: after a burst it is cancelled
+    /// (the receiver moves on to `recvmmsg`), as it is while stopping.
+    fn end_multishot_wake(&mut self) {
+        let stop = self.switch_on_burst();
+        if stop || (matches!(self.mode, Mode::Stopping) && !self.cancel_queued) {
+            if let Some(op) = &self.op {
+                // Asked again on a later wake if the submission queue was full.
+                self.cancel_queued = op.cancel();
             }
         }
     }

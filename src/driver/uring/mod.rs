@@ -453,12 +453,15 @@ impl Driver {
     }
 
     /// Polls a multishot slot: the next completion, or `None` when it has finished (the
-    /// slot is then released).
+    /// slot is then released). With `keep_when_drained`, a completion that leaves none
+    /// queued and the operation running also keeps `cx`'s waker for the next one (the
+    /// flag beside it says so).
     pub(crate) fn poll_multi(
         &mut self,
         key: Key,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Completion>> {
+        keep_when_drained: bool,
+    ) -> Poll<Option<(Completion, bool)>> {
         let slot = self
             .ops
             .get_mut(key)
@@ -473,7 +476,11 @@ impl Driver {
             unreachable!("a multishot slot is in the Multi state");
         };
         if let Some(completion) = queue.pop_front() {
-            return Poll::Ready(Some(completion));
+            let kept = keep_when_drained && queue.is_empty() && !*finished;
+            if kept {
+                set_waker(waker, cx);
+            }
+            return Poll::Ready(Some((completion, kept)));
         }
         if *finished {
             let slot = self.ops.remove(key).expect("present above");

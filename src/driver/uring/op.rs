@@ -278,16 +278,38 @@ impl MultiOp {
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<io::Result<Option<Completion>>> {
+        self.poll(cx, false)
+            .map_ok(|next| next.map(|(completion, _)| completion))
+    }
+
+    /// As [`poll_next`](Self::poll_next), and a completion that leaves none queued also
+    /// keeps `cx`'s waker for the next one (true beside it): an owner that has taken
+    /// everything then need not poll once more only to be woken.
+    pub(crate) fn poll_next_keeping_waker(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<Option<(Completion, bool)>>> {
+        self.poll(cx, true)
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        keep_when_drained: bool,
+    ) -> Poll<io::Result<Option<(Completion, bool)>>> {
         if self.finished {
             return Poll::Ready(Ok(None));
         }
         let key = self.key;
-        match self.driver.with(|d| d.poll_multi(key, cx)) {
+        match self
+            .driver
+            .with(|d| d.poll_multi(key, cx, keep_when_drained))
+        {
             Ok(Poll::Ready(None)) => {
                 self.finished = true;
                 Poll::Ready(Ok(None))
             }
-            Ok(Poll::Ready(Some(completion))) => Poll::Ready(Ok(Some(completion))),
+            Ok(Poll::Ready(Some(next))) => Poll::Ready(Ok(Some(next))),
             Ok(Poll::Pending) => Poll::Pending,
             Err(misuse) => Poll::Ready(Err(misuse)),
         }
