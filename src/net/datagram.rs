@@ -237,6 +237,9 @@ pub struct DatagramSocket {
     grouped: Cell<bool>,
     /// The books of posted sends; every posted send's slot holds a clone.
     posts: Rc<PostLedger>,
+    /// Where a `recv` or `recv_batch` poll puts what the receiver hands over, kept
+    /// between calls: a list made per call cost a malloc and a free per `recv`.
+    recv_scratch: Cell<Vec<RecvDatagram>>,
 }
 
 impl DatagramSocket {
@@ -251,6 +254,7 @@ impl DatagramSocket {
             turn: Turnstile::default(),
             grouped: Cell::new(false),
             posts: Rc::default(),
+            recv_scratch: Cell::new(Vec::new()),
         }
     }
 
@@ -797,11 +801,9 @@ impl DatagramSocket {
     /// [`recv_batch`](Self::recv_batch) and [`messages`](Self::messages), and counted in
     /// [`ReceiveStats::truncated`].
     pub async fn recv(&self) -> Result<Datagram> {
-        let mut one = Vec::with_capacity(1);
-        self.recv_raw(&mut one, 1).await?;
-        one.pop()
-            .map(Datagram::from)
-            .ok_or_else(|| Error::io("receive", std::io::ErrorKind::UnexpectedEof.into()))
+        let mut one = None;
+        self.recv_into(1, |datagram| one = Some(datagram)).await?;
+        one.ok_or_else(|| Error::io("receive", std::io::ErrorKind::UnexpectedEof.into()))
     }
 
     /// Waits until at least one datagram is there, then appends every ready datagram, up
@@ -814,11 +816,9 @@ impl DatagramSocket {
                 "recv_batch with max 0: it takes at least one datagram",
             ));
         }
-        let mut raw = Vec::with_capacity(max.clamp(1, 1024));
-        self.recv_raw(&mut raw, max).await?;
-        let n = raw.len();
-        out.extend(raw.into_iter().map(Datagram::from));
-        Ok(n)
+        let before = out.len();
+        self.recv_into(max, |datagram| out.push(datagram)).await?;
+        Ok(out.len() - before)
     }
 
     /// Every received datagram, as a stream (MessageReceived); never ends. Items are
@@ -833,7 +833,8 @@ impl DatagramSocket {
         }
     }
 
-    async fn recv_raw(&self, out: &mut Vec<RecvDatagram>, max: usize) -> Result<()> {
+    /// Waits for datagrams and hands up to `max` of them to `take`, in order.
+    async fn recv_into(&self, max: usize, mut take: impl FnMut(Datagram)) -> Result<()> {
         if self.grouped.get() {
             return Err(Error::invalid_input(
                 "the socket is in a DatagramGroup: receive through the group",
@@ -841,7 +842,18 @@ impl DatagramSocket {
         }
         let fd = self.fd()?.clone();
         let _turn = self.turn.take().await;
-        poll_fn(|cx| self.poll_recv(&fd, cx, out, max).map_ok(|_| ())).await
+        poll_fn(|cx| {
+            // Out of its cell for the poll: a receive re-entered from a waker finds it
+            // empty and grows its own.
+            let mut raw = self.recv_scratch.take();
+            let polled = self.poll_recv(&fd, cx, &mut raw, max);
+            for datagram in raw.drain(..) {
+                take(Datagram::from(datagram));
+            }
+            self.recv_scratch.set(raw);
+            polled.map_ok(|_| ())
+        })
+        .await
     }
 
     /// Marks the socket as received through a group (or no longer).

@@ -135,11 +135,12 @@ async fn relay(sockets: Vec<UdpSocket>, sink: SocketAddr, ready: mpsc::Sender<()
 /// batch from the socket it arrived on, until the end marker; returns how many.
 async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
     let mut received: Vec<Datagram> = Vec::with_capacity(FORWARD_BATCH);
+    // Kept while it only ever holds a lone datagram, the common case at many flows.
+    let mut batch = Vec::with_capacity(FORWARD_BATCH);
     let mut forwarded = 0u64;
     loop {
         socket.recv_batch(&mut received, FORWARD_BATCH).await?;
         let mut ended = false;
-        let mut batch = Vec::with_capacity(received.len());
         for datagram in received.drain(..) {
             // The marker comes after every datagram of the flow: nothing after it counts.
             if relay_traffic::is_end(&datagram) {
@@ -157,7 +158,8 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
             Some(one) if batch.is_empty() => post(&socket, one.data, sink).await?,
             Some(last) => {
                 batch.push(last);
-                for result in socket.send_many(batch).await? {
+                let run = std::mem::replace(&mut batch, Vec::with_capacity(FORWARD_BATCH));
+                for result in socket.send_many(run).await? {
                     result?;
                     forwarded += 1;
                 }
