@@ -56,14 +56,10 @@ pub(crate) struct BufPool {
     /// Freed in Drop, after the kernel ring (if any) says the kernel is done with it.
     memory: ManuallyDrop<Mapping>,
     layout: Layout,
-    /// Per buffer, its holders: one per `LentBuf`, one while it is on the kernel ring,
-    /// one while a `recvmmsg` has claimed it. 0 = on the free list.
-    refs: Box<[Cell<u32>]>,
-    /// Per buffer: the kernel ring's entry that names it, while it is on the ring.
-    on_ring: Box<[Cell<Option<u16>>]>,
-    /// Per buffer on the ring: the bytes the kernel has filled (its receive point, which
-    /// only moves past the first datagram with incremental consumption).
-    filled: Box<[Cell<u32>]>,
+    /// Per buffer, what the pool knows of it: one array, so that a receive, a datagram's
+    /// hold and its release touch one cache line of the pool rather than one per fact
+    /// (a relay over many sockets visits each pool too rarely to find it cached).
+    buffers: Box<[BufferState]>,
     /// The kernel's provided buffer ring (io_uring): the refill side while registered.
     ring: Option<Box<dyn KernelRing>>,
     /// Bytes of each buffer the ring offers the kernel (at most the stride).
@@ -75,10 +71,23 @@ pub(crate) struct BufPool {
     free: RefCell<Vec<u16>>,
     /// A receiver that found no buffer and waits for one to come back.
     waiter: Cell<Option<Waker>>,
-    /// Per buffer: its datagrams lent to sends ([`SendLoan`]).
-    loans: Box<[Cell<u32>]>,
     /// Buffers with at least one datagram lent to a send.
     loaned_buffers: Cell<usize>,
+}
+
+/// What the pool knows of one buffer.
+#[derive(Default)]
+struct BufferState {
+    /// Its holders: one per `LentBuf`, one while it is on the kernel ring, one while a
+    /// `recvmmsg` has claimed it. 0 = on the free list.
+    refs: Cell<u32>,
+    /// While it is on the ring: the bytes the kernel has filled (its receive point,
+    /// which only moves past the first datagram with incremental consumption).
+    filled: Cell<u32>,
+    /// Its datagrams lent to sends ([`SendLoan`]).
+    loans: Cell<u32>,
+    /// The kernel ring's entry that names it, while it is on the ring.
+    on_ring: Cell<Option<u16>>,
 }
 
 impl BufPool {
@@ -100,15 +109,12 @@ impl BufPool {
         Ok(BufPool {
             memory: ManuallyDrop::new(memory),
             layout,
-            refs: (0..count).map(|_| Cell::new(0)).collect(),
-            on_ring: (0..count).map(|_| Cell::new(None)).collect(),
-            filled: (0..count).map(|_| Cell::new(0)).collect(),
+            buffers: (0..count).map(|_| BufferState::default()).collect(),
             ring,
             ring_len,
             incremental,
             free: RefCell::new((0..count).rev().collect()),
             waiter: Cell::new(None),
-            loans: (0..count).map(|_| Cell::new(0)).collect(),
             loaned_buffers: Cell::new(0),
         })
     }
@@ -128,9 +134,9 @@ impl BufPool {
     /// Hands free buffer `bid` to the kernel ring (visible after `publish`).
     fn push_to_ring(&self, ring: &dyn KernelRing, bid: u16) {
         let index = ring.push(bid, self.buffer_ptr(bid) as u64, self.ring_len);
-        self.refs[bid as usize].set(1);
-        self.on_ring[bid as usize].set(Some(index));
-        self.filled[bid as usize].set(0);
+        self.buffers[bid as usize].refs.set(1);
+        self.buffers[bid as usize].on_ring.set(Some(index));
+        self.buffers[bid as usize].filled.set(0);
     }
 
     /// The kernel ring while it is the refill side.
@@ -165,7 +171,7 @@ impl BufPool {
         unregister(self.ring_as::<R>()?)?;
         // From the last buffer down, so that the free list hands out the first first.
         for bid in (0..self.layout.buffers).rev() {
-            if self.on_ring[bid as usize].take().is_some() {
+            if self.buffers[bid as usize].on_ring.take().is_some() {
                 self.drop_hold(bid);
             }
         }
@@ -199,7 +205,11 @@ impl BufPool {
     /// kernel is part-way through counts): none means the ring is dry until the program
     /// drops a datagram.
     pub(crate) fn available(&self) -> usize {
-        let on_ring = self.on_ring.iter().filter(|i| i.get().is_some()).count();
+        let on_ring = self
+            .buffers
+            .iter()
+            .filter(|buffer| buffer.on_ring.get().is_some())
+            .count();
         self.free.borrow().len() + on_ring
     }
 
@@ -217,16 +227,14 @@ impl BufPool {
     /// so its ring entry shows where it stopped, which must not be behind. Refuses a
     /// buffer that is not on the ring and bytes past its end: they are not read.
     pub(crate) fn kernel_filled(&self, bid: u16, len: usize, more: bool) -> io::Result<usize> {
-        let index = self
-            .on_ring
-            .get(bid as usize)
-            .and_then(Cell::get)
-            .ok_or_else(|| {
-                io::Error::other(format!(
-                    "buffer {bid} was reported filled while not on the kernel ring (refused)"
-                ))
-            })?;
-        let start = self.filled[bid as usize].get() as usize;
+        let not_on_ring = || {
+            io::Error::other(format!(
+                "buffer {bid} was reported filled while not on the kernel ring (refused)"
+            ))
+        };
+        let buffer = self.buffers.get(bid as usize).ok_or_else(not_on_ring)?;
+        let index = buffer.on_ring.get().ok_or_else(not_on_ring)?;
+        let start = buffer.filled.get() as usize;
         let end = start.saturating_add(len);
         if end > self.ring_len as usize {
             return Err(io::Error::other(format!(
@@ -248,21 +256,21 @@ impl BufPool {
                 )));
             }
         }
-        self.filled[bid as usize].set(end as u32);
+        buffer.filled.set(end as u32);
         Ok(start)
     }
 
     /// The kernel is done with buffer `bid` (its last completion had no BUF_MORE): it
     /// leaves the ring, and returns to it once the datagrams in it are dropped.
     pub(crate) fn kernel_done(&self, bid: u16) {
-        if self.on_ring[bid as usize].take().is_some() {
+        if self.buffers[bid as usize].on_ring.take().is_some() {
             self.drop_hold(bid);
         }
     }
 
     /// One more holder of a held buffer (a datagram in it).
     pub(crate) fn add_ref(&self, bid: u16) {
-        let refs = &self.refs[bid as usize];
+        let refs = &self.buffers[bid as usize].refs;
         debug_assert!(refs.get() > 0, "buffer {bid} is not held");
         refs.set(refs.get() + 1);
     }
@@ -275,7 +283,7 @@ impl BufPool {
     /// Drops one hold on `bid`; the last one gives the buffer back to the refill side
     /// and wakes a receiver waiting for buffers.
     fn drop_hold(&self, bid: u16) {
-        let refs = &self.refs[bid as usize];
+        let refs = &self.buffers[bid as usize].refs;
         match refs.get() {
             0 => debug_assert!(false, "buffer {bid} released twice"),
             1 => {
@@ -308,7 +316,7 @@ impl BufPool {
         let take = slots.div_ceil(per_buffer).min(free.len());
         let from = free.len() - take;
         for bid in free.drain(from..).rev() {
-            self.refs[bid as usize].set(1);
+            self.buffers[bid as usize].refs.set(1);
             bids.push(bid);
         }
     }
@@ -342,7 +350,7 @@ impl BufPool {
     /// Counts one more datagram of `bid` lent to a send, if the cap allows: a buffer
     /// that has one already takes more freely.
     fn take_loan(&self, bid: u16) -> bool {
-        let loans = &self.loans[bid as usize];
+        let loans = &self.buffers[bid as usize].loans;
         if loans.get() == 0 {
             if self.loaned_buffers.get() >= self.loan_cap() {
                 return false;
@@ -354,7 +362,7 @@ impl BufPool {
     }
 
     fn end_loan(&self, bid: u16) {
-        let loans = &self.loans[bid as usize];
+        let loans = &self.buffers[bid as usize].loans;
         debug_assert!(loans.get() > 0, "buffer {bid}: a loan ended twice");
         loans.set(loans.get().saturating_sub(1));
         if loans.get() == 0 {
@@ -365,10 +373,9 @@ impl BufPool {
 
     /// How many buffers hold datagrams the program has not dropped yet.
     pub(crate) fn lent(&self) -> usize {
-        self.refs
+        self.buffers
             .iter()
-            .zip(self.on_ring.iter())
-            .filter(|(refs, on_ring)| refs.get() > on_ring.get().is_some() as u32)
+            .filter(|buffer| buffer.refs.get() > buffer.on_ring.get().is_some() as u32)
             .count()
     }
 }

@@ -22,21 +22,24 @@ pub(crate) struct SharedFd {
     inner: Rc<Inner>,
 }
 
+/// In C order, the fields every operation reads first, so that they share the first
+/// cache line: with many sockets each one is visited too rarely to stay cached.
+#[repr(C)]
 struct Inner {
+    /// The socket was taken off its runtime ([`SharedFd::detach`]): this handle no
+    /// longer uses it.
+    detached: Cell<bool>,
+    /// Whether `ended` is set, for the check every operation makes.
+    is_ended: Cell<bool>,
+    /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
+    write_shut: Cell<bool>,
     /// Declared before `fd`, so it is dropped first: an epoll registration is released
     /// while its descriptor is still open.
     binding: OnceCell<Binding>,
     fd: FdRef,
-    /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
-    write_shut: Cell<bool>,
-    /// The socket was taken off its runtime ([`SharedFd::detach`]): this handle no
-    /// longer uses it.
-    detached: Cell<bool>,
     /// Why the connection was ended on this side (a timeout expired, it was aborted):
     /// every operation from then on fails with it. Set once.
     ended: RefCell<Option<crate::Error>>,
-    /// Whether `ended` is set, for the check every operation makes.
-    is_ended: Cell<bool>,
     activity: Activity,
     /// Bytes of the connection received before it came to this handle (read ahead by the
     /// handle it was detached from, not yet read by anyone): receives take them first.
