@@ -216,17 +216,26 @@ impl Receiver {
     ) -> Poll<io::Result<AfterRecv>> {
         let start = out.len();
         loop {
-            // Every path delivers into the ready queue, in order: the caller never gets
-            // more than `max` (a GRO completion may carry dozens of datagrams).
+            // What waits in the ready queue (recvmmsg's datagrams, a completion's past
+            // `max`: a GRO one may carry dozens) is older than anything received next,
+            // so it goes first; the caller never gets more than `max`.
             self.mmsg
                 .take_ready(out, max.saturating_sub(out.len() - start));
             if out.len() - start >= max {
                 return Poll::Ready(Ok(AfterRecv::MayHaveMore));
             }
             let step = match self.mode {
-                Mode::Multishot | Mode::Stopping => self.step_multishot(fd, cx),
+                Mode::Multishot | Mode::Stopping => self.step_multishot(fd, cx, out),
                 Mode::Drain => self.step_drain(fd, cx),
             };
+            if out.len() - start > max {
+                // A completion delivers into `out` itself, not through the ready queue:
+                // one copy of each datagram fewer, into memory the caller has cached.
+                // What passes `max` waits (the queue was empty: the take above had room
+                // for all of it), ahead of anything received later.
+                let over = out.drain(start + max..);
+                self.mmsg.ready_mut().extend(over);
+            }
             let got = out.len() > start || self.mmsg.has_ready();
             match step {
                 Step::Continue => {}
@@ -267,19 +276,24 @@ impl Receiver {
     /// holds (its final one is in: the caller reaped it), then the ready queue.
     pub(crate) fn take_received(&mut self) -> Vec<RecvDatagram> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut out = Vec::new();
+        self.mmsg.take_ready(&mut out, usize::MAX);
         if let Some(mut op) = self.op.take() {
             while let Poll::Ready(Ok(Some(completion))) = op.poll_next(&mut cx) {
                 // A failed completion carries no datagram; the rest still count.
-                let _ = self.complete(completion);
+                let _ = self.complete(completion, &mut out);
             }
         }
-        let mut out = Vec::new();
-        self.mmsg.take_ready(&mut out, usize::MAX);
         out
     }
 
     /// One multishot completion (or the arming, or the end of a stopping multishot).
-    fn step_multishot(&mut self, fd: &FdRef, cx: &mut Context<'_>) -> Step {
+    fn step_multishot(
+        &mut self,
+        fd: &FdRef,
+        cx: &mut Context<'_>,
+        out: &mut Vec<RecvDatagram>,
+    ) -> Step {
         if self.op.is_none() {
             if matches!(self.mode, Mode::Stopping) {
                 self.enter_drain();
@@ -301,7 +315,7 @@ impl Receiver {
             Poll::Ready(Err(misuse)) => Step::Failed(misuse),
             Poll::Ready(Ok(Some((completion, kept)))) => {
                 let before = self.counters.datagrams;
-                let result = self.complete(completion);
+                let result = self.complete(completion, out);
                 self.count_found(before);
                 match result {
                     // Every completion there was is taken: a lone datagram costs one
@@ -457,7 +471,8 @@ impl Receiver {
         }
     }
 
-    fn complete(&mut self, completion: Completion) -> io::Result<()> {
+    /// Delivers the datagram a multishot completion carries into `out`.
+    fn complete(&mut self, completion: Completion, out: &mut Vec<RecvDatagram>) -> io::Result<()> {
         let len = match completion.into_result() {
             Ok(len) => len as usize,
             Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
@@ -475,7 +490,7 @@ impl Receiver {
         // The kernel keeps a buffer it consumes incrementally until too little is left.
         let kept = cqueue::buffer_more(completion.flags);
         let offset = self.pool.kernel_filled(bid, len, kept)?;
-        let delivered = self.deliver_from(bid, offset, len);
+        let delivered = self.deliver_from(bid, offset, len, out);
         if !kept {
             self.pool.kernel_done(bid);
         }
@@ -483,8 +498,14 @@ impl Receiver {
     }
 
     /// The datagram the kernel wrote at `offset` of buffer `bid` (`len` bytes: its
-    /// header, name, control data and payload), into the ready queue.
-    fn deliver_from(&mut self, bid: u16, offset: usize, len: usize) -> io::Result<()> {
+    /// header, name, control data and payload), into `out`.
+    fn deliver_from(
+        &mut self,
+        bid: u16,
+        offset: usize,
+        len: usize,
+        out: &mut Vec<RecvDatagram>,
+    ) -> io::Result<()> {
         let base = self.pool.buffer_ptr(bid);
         // SAFETY: the kernel wrote these `len` bytes (within the buffer: kernel_filled
         // checked) before posting the CQE; the ring's hold keeps the buffer ours, and the
@@ -520,7 +541,7 @@ impl Receiver {
                 addr,
                 meta,
                 &mut self.counters,
-                self.mmsg.ready_mut(),
+                out,
             )
         };
         Ok(())
