@@ -330,6 +330,28 @@ struct EchoClientArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // What these print is what they are run for (a benchmark's JSON line or table, the
+    // demo's exchange): lost, the command did not do its job. A server's or tunnel's
+    // lines are for whoever listens, and a reader that went away does not fail them.
+    let output_is_the_product = matches!(
+        cli.command,
+        None | Some(Command::Demo(_)) | Some(Command::Bench(_))
+    );
+    let status = run(cli);
+    if !output_is_the_product {
+        return status;
+    }
+    match ringsock_cli::out::lost_output() {
+        Some(lost) => {
+            let err = Error::io("write the output", lost);
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
+        None => status,
+    }
+}
+
+fn run(cli: Cli) -> ExitCode {
     let result = match cli.command {
         None => demo(BackendArg { backend: None }),
         Some(Command::Demo(args)) => demo(args),
@@ -636,7 +658,13 @@ async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
         let (read, back) = socket.read(buf).await;
         buf = back;
         if read? == 0 {
-            return socket.shutdown_write().await;
+            return match socket.shutdown_write().await {
+                // The client is gone altogether (a reset came after its FIN, say, for
+                // an echo it did not read): nothing is left to close, and nothing the
+                // server did wrong.
+                Err(err) if err.raw_os_error() == Some(libc::ENOTCONN) => Ok(()),
+                done => done,
+            };
         }
         let (written, back) = socket.write_all(buf).await;
         buf = back;
@@ -674,8 +702,51 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
         if args.tls {
             close_tls(&socket, &mut socket.input_stream()).await;
         }
-        print_reply(&reply)
+        print_reply(&reply)?;
+        check_echo(&reply, &args.message)
     })
+}
+
+/// A reply that is not the message sent fails the client (after it was shown): the
+/// other end is no echo server, or not one speaking this protocol (a TLS server asked
+/// without `--tls` answers with a TLS alert).
+fn check_echo(reply: &str, message: &str) -> ringsock::Result<()> {
+    if reply == message {
+        return Ok(());
+    }
+    Err(Error::io(
+        "check the reply",
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            format!(
+                "the reply ({} bytes) is not the message sent ({} bytes): not an echo server, \
+                 or one that speaks another protocol (TLS needs --tls)",
+                reply.len(),
+                message.len()
+            ),
+        ),
+    ))
+}
+
+/// `reply` safe for a terminal: control characters other than line feed and tab (a
+/// hostile server's escape sequences, a carriage return that would overwrite the line)
+/// as `\xNN` or `\u{N}` escapes, the rest as it is.
+fn printable(reply: &str) -> std::borrow::Cow<'_, str> {
+    let needs_escape = |c: char| c.is_control() && c != '\n' && c != '\t';
+    if !reply.chars().any(needs_escape) {
+        return std::borrow::Cow::Borrowed(reply);
+    }
+    let mut shown = String::with_capacity(reply.len() + 16);
+    for c in reply.chars() {
+        match c {
+            c if !needs_escape(c) => shown.push(c),
+            c if (c as u32) < 0x80 => {
+                shown.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c => shown.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    std::borrow::Cow::Owned(shown)
 }
 
 /// How long a TCP echo-client waits for its reply when `--timeout` is not given: longer
@@ -721,7 +792,7 @@ async fn tcp_exchange(
 fn print_reply(reply: &str) -> ringsock::Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{reply}")
+    writeln!(stdout, "{}", printable(reply))
         .and_then(|()| stdout.flush())
         .map_err(|err| Error::io("write the reply to stdout", err))
 }
@@ -764,7 +835,9 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
                     .unwrap_or_else(|_| host.to_string())
             ))
         })??;
-    print_reply(&String::from_utf8_lossy(reply.data()))
+    let reply = String::from_utf8_lossy(reply.data());
+    print_reply(&reply)?;
+    check_echo(&reply, &args.message)
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.
@@ -906,8 +979,11 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
             ));
         }
     }
-    if !(args.scale > 0.0 && args.scale.is_finite()) {
-        usage_error("--scale must be a positive number");
+    if !(args.scale > 0.0 && args.scale <= bench::matrix::MAX_SCALE) {
+        usage_error(format!(
+            "--scale must be a number above 0 and at most {}",
+            bench::matrix::MAX_SCALE
+        ));
     }
     let options = MatrixOptions {
         scale: args.scale,
@@ -916,7 +992,12 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         impls: args.imp.clone(),
         repeat: args.repeat as usize,
         progress: true,
+        timeout: args.timeout,
     };
+    let cells = bench::matrix::plan(&options);
+    if let Err(why) = bench::matrix::check(&options, &cells) {
+        usage_error(why);
+    }
     let exe = match std::env::current_exe() {
         Ok(exe) => exe,
         Err(err) => {
@@ -954,8 +1035,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
 }
 
 fn flush_stdout() {
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
+    ringsock_cli::out::flush();
 }
 
 /// Resolves with whichever future finishes first.

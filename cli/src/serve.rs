@@ -230,6 +230,19 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     let main = Builder::new().backend(ringsock::Backend::Epoll).build()?;
     // Ready once every thread has its sockets: then say where it listens.
     let all_ready = (0..threads).all(|_| adopted.recv().is_ok());
+    if let Some((spare, limit)) = spare_descriptors().filter(|(spare, _)| *spare < FEW_SPARE) {
+        // It serves, accepting as descriptors come free; but with none to spare it
+        // never will, and the log alone would not say why.
+        let descriptors = if spare == 1 {
+            "descriptor is"
+        } else {
+            "descriptors are"
+        };
+        eprintln!(
+            "warning: only {spare} {descriptors} left for connections (the limit is \
+             {limit}): raise it (ulimit -n) to serve more than a few at once"
+        );
+    }
     if all_ready {
         // A closed stdout (a supervisor that stopped reading, say) must not stop the
         // server: the lines are for whoever listens.
@@ -318,6 +331,25 @@ fn sockets(
         }
     }
     Ok((sockets, lines))
+}
+
+/// Fewer spare descriptors than this at start-up get a warning.
+const FEW_SPARE: u64 = 8;
+
+/// Descriptors this process may still open, and its limit (RLIMIT_NOFILE's soft
+/// value); None where /proc does not say or there is no limit.
+fn spare_descriptors() -> Option<(u64, u64)> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    let limit: u64 = line
+        .trim_start_matches("Max open files")
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()?;
+    // The directory listing itself holds one descriptor while it counts.
+    let open = (std::fs::read_dir("/proc/self/fd").ok()?.count() as u64).saturating_sub(1);
+    Some((limit.saturating_sub(open), limit))
 }
 
 /// `listening KIND ADDR`, which the server prints once it serves on the socket.

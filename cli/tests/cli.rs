@@ -381,9 +381,11 @@ fn dev_full() -> std::fs::File {
 }
 
 /// A stdout that cannot be written (a full disk; a reader of a pipe that went away
-/// fails the same way) loses the demo's and a benchmark's lines, never panics them.
+/// fails the same way) loses the demo's and a benchmark's lines: they finish without a
+/// panic, and exit 1 with a line saying the output was lost (their output is what they
+/// are run for), as the echo client does.
 #[test]
-fn the_demo_and_a_benchmark_with_an_unwritable_stdout_finish_without_a_panic() {
+fn the_demo_and_a_benchmark_with_an_unwritable_stdout_fail_without_a_panic() {
     for (backend, _) in BACKENDS {
         for args in [
             &["demo", "--backend", backend][..],
@@ -405,7 +407,11 @@ fn the_demo_and_a_benchmark_with_an_unwritable_stdout_finish_without_a_panic() {
                 .output()
                 .unwrap();
             let stderr = text(&out.stderr);
-            assert!(out.status.success(), "{args:?}: {stderr}");
+            assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains("write the output") && stderr.contains("No space left"),
+                "{args:?}: {stderr}"
+            );
             assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
         }
     }
@@ -496,5 +502,42 @@ fn a_tcp_message_with_a_line_break_is_a_usage_error_not_a_cut_reply() {
         assert!(out.status.success(), "{}", text(&out.stderr));
         assert_eq!(text(&out.stdout), "first\nsecond\n");
         assert!(server.stop().success(), "{backend}");
+    }
+}
+
+/// A server that answers with something other than the echo (here a line with a
+/// terminal escape sequence and a carriage return, as a hostile one might) fails the
+/// client with exit 1 and says why; the reply is shown with its control characters
+/// escaped, so it cannot drive the terminal. Both engines.
+#[test]
+fn a_reply_that_is_not_the_echo_fails_the_client_and_is_shown_escaped() {
+    use std::io::{BufRead, BufReader, Write};
+    for (backend, _) in BACKENDS {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(b"\x1b[31mnot\rit\n").unwrap();
+            line
+        });
+        let out = ringsock(&[
+            "echo-client",
+            "127.0.0.1",
+            &port,
+            "--message",
+            "hello",
+            "--backend",
+            backend,
+        ]);
+        assert_eq!(server.join().unwrap(), "hello\n", "{backend}");
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert_eq!(stdout, "\\x1b[31mnot\\x0dit\n", "{backend}");
+        assert!(
+            stderr.contains("not the message sent"),
+            "{backend}: {stderr}"
+        );
     }
 }

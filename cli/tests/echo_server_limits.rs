@@ -312,3 +312,29 @@ fn a_udp_receive_that_fails_every_time_neither_spins_nor_ignores_sigterm() {
         assert!(!log.contains("panicked"), "{backend}:\n{log}");
     }
 }
+
+/// A descriptor limit that leaves almost none for connections once the server is set up
+/// gets a warning at start-up naming the limit (the server would otherwise seem to
+/// serve and never accept); a generous one gets none. Both engines.
+#[test]
+fn a_limit_that_leaves_no_room_for_connections_is_warned_about_at_start() {
+    for backend in ["uring", "epoll"] {
+        for (nofile, warned) in [(16, true), (4096, false)] {
+            let server = EchoServer::start_with(
+                &["--tcp", "127.0.0.1:0", "--backend", backend],
+                &["tcp"],
+                Setup {
+                    nofile: Some(nofile),
+                    ..Setup::default()
+                },
+            );
+            // All of stderr, read to its end once the server has exited.
+            let (status, stderr) = server.stop_within(MUST_HAPPEN);
+            let said = stderr.iter().any(|l| {
+                l.starts_with("warning: only ") && l.contains(&format!("limit is {nofile}"))
+            });
+            assert_eq!(said, warned, "{backend} {nofile}:\n{}", stderr.join("\n"));
+            assert!(status.success(), "{backend} {nofile}: {status:?}");
+        }
+    }
+}

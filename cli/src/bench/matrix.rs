@@ -27,6 +27,8 @@ pub struct MatrixOptions {
     pub repeat: usize,
     /// Show a progress bar on stderr (hidden anyway when stderr is not a terminal).
     pub progress: bool,
+    /// Each run's watchdog (`--timeout`, seconds; 0: none).
+    pub timeout: u64,
 }
 
 impl Default for MatrixOptions {
@@ -38,6 +40,7 @@ impl Default for MatrixOptions {
             impls: Vec::new(),
             repeat: 1,
             progress: true,
+            timeout: DEFAULT_TIMEOUT,
         }
     }
 }
@@ -117,6 +120,13 @@ pub struct Matrix {
     pub secs: f64,
 }
 
+/// A run's watchdog when none is given, seconds (as `bench --timeout`).
+pub const DEFAULT_TIMEOUT: u64 = 60;
+
+/// The largest `--scale`: the default counts are sized for runs of about a second, and a
+/// run at 100 times that meets the default watchdog already.
+pub const MAX_SCALE: f64 = 100.0;
+
 /// Sizes of the matrix's tcp-batch rows through TLS.
 pub const TLS_SIZES: [usize; 1] = [1024];
 
@@ -171,8 +181,29 @@ fn columns(options: &MatrixOptions) -> Vec<Impl> {
         .collect()
 }
 
+/// Checks that every cell's run is one the single-run command takes (a `--scale` may
+/// push a count past its workload's limit): the first that is not, named.
+pub fn check(options: &MatrixOptions, cells: &[Cell]) -> std::result::Result<(), String> {
+    for cell in cells {
+        let mut run = Options::new(cell.workload, cell.imp);
+        run.size = cell.size;
+        run.tls = cell.tls;
+        run.count = cell.count;
+        if let Err(why) = run.validate() {
+            return Err(format!(
+                "--scale {}: the {} row at {} B would run {} messages: {why}",
+                options.scale,
+                cell.label(),
+                cell.size,
+                cell.count
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// The arguments of the child run of `cell`.
-pub fn child_args(cell: &Cell, pin: bool) -> Vec<String> {
+pub fn child_args(cell: &Cell, options: &MatrixOptions) -> Vec<String> {
     let mut args: Vec<String> = vec!["bench".into(), "--json".into()];
     let pairs = [
         ("--workload", cell.workload.name().to_string()),
@@ -180,7 +211,8 @@ pub fn child_args(cell: &Cell, pin: bool) -> Vec<String> {
         ("--size", cell.size.to_string()),
         ("--batch", "64".to_string()),
         ("--count", cell.count.to_string()),
-        ("--pin", if pin { "on" } else { "off" }.to_string()),
+        ("--pin", if options.pin { "on" } else { "off" }.to_string()),
+        ("--timeout", options.timeout.to_string()),
     ];
     for (flag, value) in pairs {
         args.push(flag.into());
@@ -195,10 +227,13 @@ pub fn child_args(cell: &Cell, pin: bool) -> Vec<String> {
 /// Runs the matrix with `exe` (this program) as the child; `on_line` sees each child's
 /// JSON line as it arrives.
 pub fn run(exe: &Path, options: &MatrixOptions, mut on_line: impl FnMut(&str)) -> Result<Matrix> {
-    if !(options.scale > 0.0 && options.scale.is_finite()) {
-        return Err(Error::invalid_input("--scale must be a positive number"));
+    if !(options.scale > 0.0 && options.scale <= MAX_SCALE) {
+        return Err(Error::invalid_input(format!(
+            "--scale must be a number above 0 and at most {MAX_SCALE}"
+        )));
     }
     let mut cells = plan(options);
+    check(options, &cells).map_err(Error::invalid_input)?;
     let rounds = options.repeat.max(1);
     let bar = if options.progress {
         indicatif::ProgressBar::new((cells.len() * rounds) as u64)
@@ -220,7 +255,7 @@ pub fn run(exe: &Path, options: &MatrixOptions, mut on_line: impl FnMut(&str)) -
                 cell.imp,
                 round + 1
             ));
-            let (line, value) = run_child(exe, cell, options.pin);
+            let (line, value) = run_child(exe, cell, options);
             bar.suspend(|| on_line(&line));
             cell.runs.push(value);
             bar.inc(1);
@@ -236,11 +271,11 @@ pub fn run(exe: &Path, options: &MatrixOptions, mut on_line: impl FnMut(&str)) -
 
 /// Runs one child; its JSON line as printed and parsed (a made-up line with an `error`
 /// when the child printed none).
-fn run_child(exe: &Path, cell: &Cell, pin: bool) -> (String, Value) {
-    let output = Command::new(exe)
-        .args(child_args(cell, pin))
-        .stdin(Stdio::null())
-        .output();
+fn run_child(exe: &Path, cell: &Cell, options: &MatrixOptions) -> (String, Value) {
+    let mut command = Command::new(exe);
+    command.args(child_args(cell, options)).stdin(Stdio::null());
+    ends_with_this_process(&mut command);
+    let output = command.output();
     let failed = |message: String| {
         let value = serde_json::json!({
             "impl": cell.imp.name(),
@@ -268,6 +303,28 @@ fn run_child(exe: &Path, cell: &Cell, pin: bool) -> (String, Value) {
             let last = stderr.lines().last().unwrap_or("no output").to_string();
             failed(format!("{} ({})", last, output.status))
         }
+    }
+}
+
+/// Makes the child `command` starts die with this process (killed, or ended by a
+/// signal), instead of running on, unwatched, until its own watchdog.
+#[allow(unsafe_code)]
+fn ends_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and makes only two
+    // system calls (prctl, getppid), both async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // This process may have ended before the prctl: then nobody waits.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
     }
 }
 
@@ -536,10 +593,32 @@ mod tests {
     }
 
     #[test]
+    fn a_scale_that_pushes_a_count_past_its_limit_is_refused_by_name() {
+        let options = MatrixOptions {
+            scale: MAX_SCALE,
+            workloads: vec![Workload::TcpEchoConns],
+            ..MatrixOptions::default()
+        };
+        let cells = plan(&options);
+        let err = check(&options, &cells).expect_err("past the echo limit");
+        let message = err;
+        assert!(
+            message.contains("tcp-echo-conns") && message.contains("at most"),
+            "{message}"
+        );
+        assert!(check(&MatrixOptions::default(), &plan(&MatrixOptions::default())).is_ok());
+    }
+
+    #[test]
     fn child_args_name_every_option() {
         let cell = &plan(&MatrixOptions::default())[0];
-        let args = child_args(cell, false).join(" ");
+        let options = MatrixOptions {
+            pin: false,
+            timeout: 7,
+            ..MatrixOptions::default()
+        };
+        let args = child_args(cell, &options).join(" ");
         assert!(args.starts_with("bench --json --workload tcp-batch --impl ringsock-uring"));
-        assert!(args.ends_with("--pin off"));
+        assert!(args.ends_with("--pin off --timeout 7"));
     }
 }

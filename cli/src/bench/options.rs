@@ -362,6 +362,10 @@ impl fmt::Display for Pattern {
 pub const MAX_BATCH: usize = 4096;
 /// Largest message.
 pub const MAX_SIZE: usize = 1 << 20;
+/// Largest group (`--size` × `--batch`): the sender holds a group, the receiver its
+/// copy, and a wait-all a second group in flight; 64 MiB keeps a run within a small
+/// machine's memory (the largest message in groups of 64).
+pub const MAX_GROUP_BYTES: usize = 64 << 20;
 /// Most connections of tcp-echo-conns.
 pub const MAX_CONNS: usize = 1024;
 
@@ -537,6 +541,16 @@ impl Options {
         if !(1..=MAX_BATCH).contains(&self.batch) {
             return Err(format!("--batch must be 1..={MAX_BATCH}"));
         }
+        if matches!(w, Workload::TcpBatch | Workload::UdpBatch)
+            && self.size.saturating_mul(self.batch) > MAX_GROUP_BYTES
+        {
+            return Err(format!(
+                "--size × --batch must be at most {} MiB (a group is held in memory), not {} × {}",
+                MAX_GROUP_BYTES >> 20,
+                self.size,
+                self.batch
+            ));
+        }
         if w == Workload::UdpRecv && self.batch > MAX_GSO_SEGMENTS {
             return Err(format!(
                 "udp-recv: --batch is the flood's datagrams per GSO send, 1..={MAX_GSO_SEGMENTS}"
@@ -662,6 +676,13 @@ mod tests {
         o.size = 64;
         o.conns = 2;
         assert!(o.validate().is_err());
+        // A group past the memory cap, however each bound alone allows it.
+        let mut o = Options::new(Workload::TcpBatch, Impl::RingsockEpoll);
+        o.size = MAX_SIZE;
+        o.batch = 64;
+        assert_eq!(o.validate(), Ok(()));
+        o.batch = 65;
+        assert!(o.validate().unwrap_err().contains("MiB"));
     }
 
     #[test]
