@@ -56,6 +56,16 @@
 //! The engine is chosen per runtime: `auto` (the default) uses io_uring and falls back to
 //! epoll where io_uring cannot start; `RINGSOCK_BACKEND=uring|epoll|auto` or
 //! [`runtime::Builder::backend`] force it.
+//!
+//! ## Dropped and forgotten operations
+//!
+//! An operation's buffers belong to it until the kernel is done with them, so no use of
+//! this API lets the kernel write into memory the program got back. Dropping a pending
+//! receive cancels it; bytes it had already taken stay with the socket for the next
+//! receive. `std::mem::forget` on a pending operation is safe too, but nothing is told
+//! to stop it: on io_uring a forgotten read still completes in the kernel, into the
+//! operation's own buffer, and the bytes it took are lost to the program (on epoll a
+//! read that was never resumed took nothing). Drop operations; do not forget them.
 
 #![deny(unsafe_code)]
 #![deny(missing_docs)]

@@ -323,6 +323,49 @@ fn a_join_handle_outliving_its_runtime_says_why() {
     }
 }
 
+/// A JoinHandle awaited, its task unfinished, inside another runtime's `block_on` on
+/// the same thread: its task cannot run there, so the wait would never end; it panics at
+/// once saying why, instead of hanging. A finished task's output is taken anywhere.
+#[test]
+fn a_join_handle_awaited_in_another_runtime_says_why_instead_of_hanging() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let (Some(a), Some(b)) = (runtime(backend), runtime(backend)) else {
+            continue;
+        };
+        let unfinished = a.spawn(async { 7u8 });
+        b.block_on(async {
+            // The bound only turns a regression (the old hang) into a failure.
+            let waited = ringsock::runtime::timeout(
+                std::time::Duration::from_secs(10),
+                catch_unwind_polls(unfinished),
+            )
+            .await;
+            let outcome = waited.unwrap_or_else(|_| panic!("{backend}: the await hung"));
+            let panic = outcome.expect_err("the task cannot have run");
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            assert!(
+                message.contains("another runtime"),
+                "{backend}: unclear panic: {message}"
+            );
+        });
+        // Its own runtime awaits the next one as usual; once finished, any runtime may
+        // take the output.
+        let finished = a.spawn(async { 8u8 });
+        assert_eq!(
+            a.block_on(async { a.spawn(async { 9u8 }).await }),
+            9,
+            "{backend}"
+        );
+        assert!(finished.is_finished(), "{backend}");
+        assert_eq!(b.block_on(finished), 8, "{backend}");
+    }
+}
+
 /// Polls `future` to its end, catching a panic in any of its polls.
 async fn catch_unwind_polls<F: std::future::Future>(future: F) -> std::thread::Result<F::Output> {
     let mut future = Box::pin(future);

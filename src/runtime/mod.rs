@@ -508,9 +508,17 @@ impl Wake for MainWaker {
 /// # Panics
 ///
 /// Awaiting it panics when the task was dropped unfinished with its runtime (the
-/// runtime was dropped while the handle lived on): there is no output to give.
+/// runtime was dropped while the handle lived on): there is no output to give. And
+/// when it is awaited, unfinished, inside another runtime's `block_on` on this thread:
+/// its task runs only in its own runtime, which cannot run while the other one waits,
+/// so the wait would never end.
 pub struct JoinHandle<T> {
     task: Option<async_task::FallibleTask<T>>,
+    /// The runtime the task runs on and its thread (their addresses, unique while they
+    /// live: a handle outliving them finds its task dropped first), to tell
+    /// awaiting it in another runtime there. (Awaited on another thread, the handle
+    /// waits for a runtime that may well be running.)
+    runtime: (usize, usize),
 }
 
 impl<T> JoinHandle<T> {
@@ -529,14 +537,38 @@ impl<T> Future for JoinHandle<T> {
     type Output = T;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<T> {
-        match self.task.as_mut() {
+        let polled = match self.task.as_mut() {
             Some(task) => Pin::new(task).poll(cx).map(|output| {
                 output.unwrap_or_else(|| {
                     panic!("ringsock: a JoinHandle was awaited after its runtime was dropped with the task unfinished")
                 })
             }),
             None => Poll::Pending,
+        };
+        if polled.is_pending() && self.awaited_in_another_runtime() {
+            panic!(
+                "ringsock: a JoinHandle was awaited inside another runtime's block_on: its \
+                 task runs only in its own runtime, which cannot run meanwhile (await it \
+                 under its own runtime)"
+            );
         }
+        polled
+    }
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether another runtime than the task's runs this poll, on the task's thread.
+    /// No runtime at all (a foreign executor, while the task's runtime is turned from
+    /// outside) may be fine.
+    fn awaited_in_another_runtime(&self) -> bool {
+        let (runtime, thread) = self.runtime;
+        thread_token() == thread
+            && CONTEXT.with(|context| {
+                context
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|current| Rc::as_ptr(current) as usize != runtime)
+            })
     }
 }
 
@@ -566,6 +598,7 @@ where
     runnable.schedule();
     JoinHandle {
         task: Some(task.fallible()),
+        runtime: (Rc::as_ptr(inner) as usize, thread_token()),
     }
 }
 
