@@ -309,12 +309,8 @@ fn a_join_handle_outliving_its_runtime_says_why() {
         let b = runtime(backend).unwrap();
         b.block_on(async {
             let outcome = catch_unwind_polls(handle).await;
-            let panic = outcome.expect_err("awaiting a dropped task gave an output");
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message =
+                panic_message(outcome.expect_err("awaiting a dropped task gave an output"));
             assert!(
                 message.contains("runtime was dropped"),
                 "{backend}: unclear panic: {message}"
@@ -342,12 +338,7 @@ fn a_join_handle_awaited_in_another_runtime_says_why_instead_of_hanging() {
             )
             .await;
             let outcome = waited.unwrap_or_else(|_| panic!("{backend}: the await hung"));
-            let panic = outcome.expect_err("the task cannot have run");
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = panic_message(outcome.expect_err("the task cannot have run"));
             assert!(
                 message.contains("another runtime"),
                 "{backend}: unclear panic: {message}"
@@ -364,6 +355,15 @@ fn a_join_handle_awaited_in_another_runtime_says_why_instead_of_hanging() {
         assert!(finished.is_finished(), "{backend}");
         assert_eq!(b.block_on(finished), 8, "{backend}");
     }
+}
+
+/// The text a panic carried.
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
 }
 
 /// Polls `future` to its end, catching a panic in any of its polls.
