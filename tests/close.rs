@@ -47,6 +47,33 @@ fn a_graceful_close_delivers_every_queued_byte_then_the_end() {
     });
 }
 
+/// An output stream kept past its socket's close: a write fails at once saying the
+/// socket is gone (not accepted, to fail at the flush), and `try_write` gives the
+/// buffer back.
+#[test]
+fn a_write_after_the_socket_was_closed_fails_at_once() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let output = client.output_stream();
+        client.close(util::MUST_HAPPEN).await.unwrap();
+        assert!(util::read_to_end(&server).await.is_empty(), "{backend}");
+        let Err(err) = output.write(b"late".to_vec()).await else {
+            panic!("{backend}: a write after close was accepted");
+        };
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::OperationAborted,
+            "{backend}"
+        );
+        assert!(err.to_string().contains("socket"), "{backend}: {err}");
+        let Err(back) = output.try_write(b"later".to_vec()) else {
+            panic!("{backend}: try_write after close queued");
+        };
+        assert_eq!(&back[..], b"later", "{backend}");
+    });
+}
+
 #[test]
 fn a_graceful_close_through_tls_ends_with_close_notify() {
     util::on_each_backend(|_| async {

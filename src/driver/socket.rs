@@ -118,6 +118,20 @@ impl SharedFd {
     }
 
     /// Why the connection was ended, as the error operations report, if it was.
+    /// Whether the connection was ended on this side.
+    #[inline]
+    pub(crate) fn is_ended(&self) -> bool {
+        self.inner.is_ended.get()
+    }
+
+    /// Why the connection was ended on this side, as it was said (status and words).
+    pub(crate) fn ended_why(&self) -> Option<crate::Error> {
+        if !self.inner.is_ended.get() {
+            return None;
+        }
+        self.inner.ended.borrow().clone()
+    }
+
     #[inline]
     pub(crate) fn ended(&self) -> Option<io::Error> {
         if !self.inner.is_ended.get() {

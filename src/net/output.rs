@@ -271,11 +271,18 @@ impl OutputStream {
     ///
     /// Waits only when the queue is full (see [`OutputStreamConfig`]); it then sends what
     /// is queued and waits for room. Writes are sent by [`flush`](Self::flush), or when a
-    /// handle is awaited. After a failure every later write fails with the same status.
+    /// handle is awaited. After a failure every later write fails with the same status;
+    /// after the socket was closed, dropped or aborted on this side (or a timeout ended
+    /// it), every write fails at once with why.
     pub async fn write(&self, buf: impl Into<Bytes>) -> Result<WriteHandle> {
         let buf = buf.into();
-        if self.inner.fd.is_none() {
+        let Some(fd) = &self.inner.fd else {
             return Err(Error::invalid_input("the socket is not connected"));
+        };
+        // Closed, dropped, aborted or timed out on this side: said now, not at the
+        // flush that would find the socket gone.
+        if let Some(why) = fd.ended_why() {
+            return Err(why);
         }
         self.inner.transport.check_write(buf.len())?;
         poll_fn(|cx| self.poll_room(buf.len(), cx)).await;
@@ -284,12 +291,14 @@ impl OutputStream {
     }
 
     /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
-    /// (or, on a datagram socket, when `buf` is larger than one datagram can be: `write`
-    /// says so with status MessageTooLong).
+    /// (or, on a datagram socket, when `buf` is larger than one datagram can be, or when
+    /// the socket was closed on this side: `write` says which, e.g. with status
+    /// MessageTooLong).
     #[inline]
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
-        if self.inner.fd.is_none() || self.inner.transport.check_write(buf.len()).is_err() {
+        let usable = self.inner.fd.as_ref().is_some_and(|fd| !fd.is_ended());
+        if !usable || self.inner.transport.check_write(buf.len()).is_err() {
             return Err(buf);
         }
         let config = self.inner.config.get();
