@@ -433,7 +433,8 @@ impl Drop for Runtime {
         // open, after the runtime is gone. Waking a task schedules it one last time, and
         // dropping that runnable drops its future (async-task), whose drop may wake or
         // even spawn others: repeat until nothing is left. Each round drops at least one
-        // runnable or waker, so it ends.
+        // runnable or waker, so it ends, unless each dropped task spawns another without
+        // end (a program's endless chain: it runs on here as it would have run on).
         loop {
             let woken = self.inner.tasks.wake_all();
             while let Some(runnable) = self.inner.shared.pop() {
