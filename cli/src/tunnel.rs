@@ -91,8 +91,18 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
             );
         }
     }
+    if let Some(peer) = args.peer {
+        if !is_unicast(peer.ip()) {
+            super::usage_error_in(
+                "tunnel",
+                format!("--peer {peer} is not one host's address (broadcast or multicast)"),
+            );
+        }
+        warn_if_larger_than_the_route(args.mtu, args.listen, peer);
+    }
     let key = PresharedKey::from_file(&args.key)?;
     note_if_others_can_read(&args.key);
+    note_if_a_placeholder(&args.key);
     // A name the kernel refuses is refused here, before it is claimed: two such runs at
     // once would be told the name is another tunnel's rather than what is wrong with it.
     TunDevice::check_name(&args.tun)?;
@@ -109,6 +119,91 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
         one_thread(&args, options, config, &stop)
     } else {
         threads::run(&args, options, config, &stop)
+    }
+}
+
+/// Whether `ip` names one host (not broadcast, multicast or unspecified).
+fn is_unicast(ip: std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            !(v4.is_broadcast() || v4.is_multicast() || v4.is_unspecified())
+        }
+        std::net::IpAddr::V6(v6) => !(v6.is_multicast() || v6.is_unspecified()),
+    }
+}
+
+/// Bytes a sealed packet adds to an inner one: IP and UDP headers, the tunnel's header
+/// and tag (as `--mtu` says).
+fn sealed_overhead(peer: SocketAddr) -> u32 {
+    if peer.is_ipv4() {
+        56
+    } else {
+        76
+    }
+}
+
+/// Says so on stderr when the route to `peer` takes smaller packets than `--mtu` makes
+/// once sealed: they leave with don't-fragment, so every inner packet that large would be
+/// dropped, with nothing but a counter to say it.
+fn warn_if_larger_than_the_route(mtu: u32, listen: SocketAddr, peer: SocketAddr) {
+    let Some(route) = route_mtu(listen, peer) else {
+        return;
+    };
+    let sealed = mtu + sealed_overhead(peer);
+    if sealed > route {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: --mtu {mtu} makes sealed packets of up to {sealed} bytes, more than the \
+             {route} the route to {peer} takes: larger inner packets will be dropped (use \
+             --mtu {} or less)",
+            route.saturating_sub(sealed_overhead(peer))
+        );
+    }
+}
+
+/// The MTU of the route from `listen`'s address to `peer` (IP_MTU of a UDP socket
+/// connected there); None when the kernel does not say.
+#[allow(unsafe_code)]
+fn route_mtu(listen: SocketAddr, peer: SocketAddr) -> Option<u32> {
+    use std::os::fd::AsRawFd;
+    let local = SocketAddr::new(listen.ip(), 0);
+    let probe = std::net::UdpSocket::bind(local).ok()?;
+    probe.connect(peer).ok()?;
+    let (level, name) = if peer.is_ipv4() && listen.is_ipv4() {
+        (libc::IPPROTO_IP, libc::IP_MTU)
+    } else {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU)
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes (one c_int) into `value`, which
+    // lives across the call, and `probe` is an open socket.
+    let rc = unsafe {
+        libc::getsockopt(
+            probe.as_raw_fd(),
+            level,
+            name,
+            std::ptr::from_mut(&mut value).cast(),
+            &mut len,
+        )
+    };
+    (rc == 0 && value > 0).then_some(value as u32)
+}
+
+/// Says so on stderr when the key is all zeros (a placeholder left in place): anyone
+/// could guess it. A note, not an error: the tunnel runs.
+fn note_if_a_placeholder(path: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return;
+    };
+    let hex = text.trim();
+    if !hex.is_empty() && hex.bytes().all(|b| b == b'0') {
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: the key in {} is all zeros, which anyone could guess: make one with \
+             `openssl rand -hex 32`",
+            path.display()
+        );
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use util::tunnel_pair::netns::skip;
 use util::tunnel_pair::{
-    ip_counters, ping, ping_until, Pair, TunnelProc, A_INNER, A_OUTER, B_INNER, TUN,
+    ip_counters, ping, ping_until, Pair, TunnelProc, A_INNER, A_OUTER, B_INNER, B_OUTER, TUN,
 };
 
 const BACKENDS: [&str; 2] = ["uring", "epoll"];
@@ -609,6 +609,8 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
             ("[::]:51820", "cannot be sent to"),
             ("[::1]:51820", "is IPv6"),
             ("peer.example:51820", "not an ADDR:PORT"),
+            ("255.255.255.255:51820", "not one host"),
+            ("224.0.0.1:51820", "not one host"),
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
                 .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
@@ -797,6 +799,73 @@ fn a_key_file_others_may_read_gets_a_note() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An all-zero key (a placeholder left in place) gets a note saying anyone could guess
+/// it; a random-looking one gets none. The tunnel goes on to its next step (here a name
+/// the kernel refuses).
+#[test]
+fn an_all_zero_key_gets_a_note() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("ringsock-keyzero-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("key");
+    for backend in BACKENDS {
+        for (key, noted) in [("0".repeat(64), true), ("0a".repeat(32), false)] {
+            std::fs::write(&path, format!("{key}\n")).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+                .args(["--backend", backend, "--key"])
+                .arg(&path)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {key}: {stderr}");
+            assert_eq!(
+                stderr.contains("all zeros"),
+                noted,
+                "{backend} {key}: {stderr}"
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An `--mtu` whose sealed packets are larger than the route to the peer takes (the
+/// pair's veth: 1500) gets a warning naming the largest that fits; one that fits gets
+/// none. (The tunnel then stops at a name the kernel refuses.)
+#[test]
+fn an_mtu_larger_than_the_route_to_the_peer_is_warned_about() {
+    let Some(pair) = pair("tm") else { return };
+    let peer = format!("{B_OUTER}:51820");
+    let listen = format!("{A_OUTER}:0");
+    for backend in BACKENDS {
+        for (mtu, warned) in [("9000", true), ("1420", false)] {
+            let args = [
+                "--tun",
+                "a/b",
+                "--listen",
+                &listen,
+                "--peer",
+                &peer,
+                "--key",
+                "/nonexistent",
+                "--mtu",
+                mtu,
+            ];
+            let out = tunnel_command_in(pair.a.name(), backend, &args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} {mtu}: {stderr}");
+            assert_eq!(
+                stderr.contains(&format!("warning: --mtu {mtu}")) && stderr.contains("--mtu 1444"),
+                warned,
+                "{backend} {mtu}: {stderr}"
+            );
+        }
+    }
 }
 
 /// Whether `child` ends within 20 s (polled); killed if not.
