@@ -783,14 +783,7 @@ fn a_key_file_others_may_read_gets_a_note() {
     for backend in BACKENDS {
         for (mode, noted) in [(0o644, true), (0o640, true), (0o600, false), (0o400, false)] {
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
-                .args(["--backend", backend, "--key"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{backend} {mode:o}: {stderr}");
+            let stderr = stopped_at_the_name(backend, &path);
             assert_eq!(
                 stderr.contains(&format!("may be read by other users (mode {mode:o})")),
                 noted,
@@ -799,6 +792,21 @@ fn a_key_file_others_may_read_gets_a_note() {
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tunnel with the key file `key` and a name the kernel refuses: it reads the key,
+/// says what it has to say of it, and stops at the name (exit 1). Its stderr.
+fn stopped_at_the_name(backend: &str, key: &std::path::Path) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
+        .args(["--backend", backend, "--key"])
+        .arg(key)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{backend} {key:?}: {stderr}");
+    assert!(stderr.contains("a/b"), "{backend} {key:?}: {stderr}");
+    stderr
 }
 
 /// An all-zero key (a placeholder left in place) gets a note saying anyone could guess
@@ -814,14 +822,7 @@ fn an_all_zero_key_gets_a_note() {
         for (key, noted) in [("0".repeat(64), true), ("0a".repeat(32), false)] {
             std::fs::write(&path, format!("{key}\n")).unwrap();
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-            let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["tunnel", "--tun", "a/b", "--listen", "127.0.0.1:0"])
-                .args(["--backend", backend, "--key"])
-                .arg(&path)
-                .output()
-                .unwrap();
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(1), "{backend} {key}: {stderr}");
+            let stderr = stopped_at_the_name(backend, &path);
             assert_eq!(
                 stderr.contains("all zeros"),
                 noted,
