@@ -1026,6 +1026,9 @@ fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
             ("..", NAME_RULE),
             ("", NAME_RULE),
             ("sixteen-bytes-xx", NAME_RULE),
+            ("a%d%d", "one %d"),
+            ("a%s", "one %d"),
+            ("a%", "one %d"),
             ("lo", NO_TUN),
             ("rsva", NO_TUN),
         ] {

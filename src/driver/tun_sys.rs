@@ -44,6 +44,18 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
             ),
         ));
     }
+    // A template: one %d the kernel fills in, and no other % (its __dev_alloc_name).
+    if let Some(at) = name.find('%') {
+        if !name[at..].starts_with("%d") || name[at + 2..].contains('%') {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "interface name {name:?}: a template holds one %d (the number the \
+                     kernel picks) and no other %"
+                ),
+            ));
+        }
+    }
     // SAFETY: ifreq is plain old data; zero is its empty value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     for (slot, byte) in req.ifr_name.iter_mut().zip(bytes) {
