@@ -61,7 +61,10 @@ impl PresharedKey {
         let text = String::from_utf8(text).map_err(|_| {
             Error::invalid_file(path, "a key is 64 hexadecimal characters, not binary data")
         })?;
-        PresharedKey::from_hex(&text).map_err(|why| Error::invalid_file(path, why))
+        // A byte-order mark, as some editors begin a text file with, is no part of the
+        // key (as the line end after it is not).
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        PresharedKey::from_hex(text).map_err(|why| Error::invalid_file(path, why))
     }
 
     /// The key's bytes.
@@ -101,6 +104,24 @@ impl fmt::Debug for PresharedKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_key_file_that_begins_with_a_byte_order_mark_is_read() {
+        let dir = std::env::temp_dir().join(format!("ringsock-key-bom-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        std::fs::write(&path, format!("\u{feff}{}\r\n", "1f".repeat(32))).unwrap();
+        let key = PresharedKey::from_file(&path).unwrap();
+        assert_eq!(key.as_bytes(), &[0x1f; 32]);
+        // Only at the start: one inside the key is a bad character, as before.
+        std::fs::write(
+            &path,
+            format!("{}\u{feff}{}", "1f".repeat(16), "1f".repeat(16)),
+        )
+        .unwrap();
+        assert!(PresharedKey::from_file(&path).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn parses_64_hex_characters_and_nothing_else() {
