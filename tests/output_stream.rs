@@ -282,3 +282,145 @@ fn writes_after_a_reset_fail_with_the_resets_status() {
         }
     });
 }
+
+#[test]
+fn copied_writes_arrive_in_order_among_owned_ones_and_complete_with_them() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let out = client.output_stream();
+        let (bufs, all) = writes(21, 3000);
+        let mut handles = Vec::new();
+        for (i, buf) in bufs.iter().enumerate() {
+            // Runs of copies between owned writes, and a copy of nothing now and then.
+            let handle = match i % 7 {
+                3 => out.write(buf.clone()).await,
+                5 => out.write_copy(&[]).await,
+                _ => out.write_copy(buf).await,
+            }
+            .expect("queue a write");
+            if i % 250 == 0 {
+                handles.push(handle);
+            }
+        }
+        assert_eq!(out.pending_writes(), 3000);
+        let (flushed, got) = util::join(
+            out.flush(),
+            util::read_exact(
+                &server,
+                all.len() - {
+                    // The writes replaced by empty copies.
+                    bufs.iter()
+                        .enumerate()
+                        .filter(|(i, _)| i % 7 == 5)
+                        .map(|(_, b)| b.len())
+                        .sum::<usize>()
+                },
+            ),
+        )
+        .await;
+        flushed.expect("flush");
+        let expected: Vec<u8> = bufs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 7 != 5)
+            .flat_map(|(_, b)| b.iter().copied())
+            .collect();
+        assert!(got == expected, "bytes differ from the writes");
+        for handle in handles {
+            assert!(matches!(handle.result(), Some(Ok(()))));
+        }
+        assert_eq!(out.stats().writes, 3000);
+        assert_eq!(out.stats().bytes, expected.len() as u64);
+    });
+}
+
+#[test]
+fn a_run_of_copies_larger_than_the_socket_buffers_completes_only_when_all_of_it_is_sent() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let out = client.output_stream();
+        const WRITES: usize = 8192;
+        const SIZE: usize = 4096;
+        out.set_config(OutputStreamConfig {
+            max_pending_bytes: 2 * WRITES * SIZE,
+            max_pending_writes: 2 * WRITES,
+        })
+        .unwrap();
+        let mut expected = Vec::with_capacity(WRITES * SIZE);
+        let mut first = None;
+        for i in 0..WRITES {
+            let buf = util::pseudo_random_bytes(i as u64, SIZE);
+            let handle = out.try_write_copy(&buf).expect("room for every write");
+            expected.extend_from_slice(&buf);
+            first.get_or_insert(handle);
+        }
+        let first = first.unwrap();
+        // 32 MiB cannot all go before the server reads: the flush waits, and the first
+        // write of the run is not reported sent before the run's last byte is.
+        let mut flush = Box::pin(out.flush());
+        assert!(util::poll_once(flush.as_mut()).await.is_pending());
+        assert!(
+            first.result().is_none(),
+            "reported sent with bytes still queued"
+        );
+        let (flushed, got) = util::join(flush, util::read_exact(&server, expected.len())).await;
+        flushed.expect("flush");
+        assert!(got == expected, "bytes differ from the writes");
+        util::must("the first write", first).await.expect("sent");
+    });
+}
+
+#[test]
+fn try_write_copy_says_none_when_full_or_closed_and_write_copy_says_why() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let out = client.output_stream();
+        out.set_config(OutputStreamConfig {
+            max_pending_bytes: 1000,
+            max_pending_writes: 4,
+        })
+        .unwrap();
+        for i in 0..4u8 {
+            assert!(out.try_write_copy(&[i; 10]).is_some(), "write {i} fits");
+        }
+        assert!(out.try_write_copy(&[9; 10]).is_none(), "the queue is full");
+        out.flush().await.expect("flush");
+        let mut sent = Vec::new();
+        (0..4u8).for_each(|i| sent.extend_from_slice(&[i; 10]));
+        assert_eq!(util::read_exact(&server, 40).await, sent);
+
+        client.close(util::MUST_HAPPEN).await.unwrap();
+        assert!(out.try_write_copy(b"late").is_none());
+        let err = out.write_copy(b"late").await.err().expect("closed");
+        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+    });
+}
+
+#[test]
+fn copied_writes_on_a_datagram_socket_stay_one_datagram_each() {
+    util::on_each_backend(|_| async {
+        let receiver = util::bound_loopback();
+        let sender = util::bound_loopback();
+        let out = sender
+            .output_stream_to_addr(receiver.local_addr().unwrap())
+            .unwrap();
+        let sizes = [1usize, 300, 0, 1200, 7];
+        for (i, &len) in sizes.iter().enumerate() {
+            drop(out.write_copy(&vec![i as u8; len]).await.expect("queue"));
+        }
+        out.flush().await.expect("flush");
+        for (i, &len) in sizes.iter().enumerate() {
+            let datagram = util::recv_datagram(&receiver).await;
+            assert_eq!(datagram.as_ref(), &vec![i as u8; len][..], "datagram {i}");
+        }
+        let err = out
+            .write_copy(&vec![0u8; 70_000])
+            .await
+            .err()
+            .expect("too large");
+        assert_eq!(err.status(), SocketErrorStatus::MessageTooLong, "{err}");
+    });
+}

@@ -73,6 +73,12 @@ impl GroupBuffer {
         group.slice(start..start + self.size)
     }
 
+    /// Message `j` of a group returned by [`take`](Self::take), borrowed.
+    pub(crate) fn message_bytes<'a>(&self, group: &'a Bytes, j: usize) -> &'a [u8] {
+        let start = j * self.stride;
+        &group[start..start + self.size]
+    }
+
     /// Gives the group back for reuse (once every slice of it is dropped).
     pub(crate) fn recycle(&mut self, group: Bytes) {
         self.spare = Some(group);

@@ -192,6 +192,9 @@ fn finish(o: &Options, sent: Sent, rx: Receiver) -> Report {
     if o.imp.backend().is_some() && fault_swap() {
         report.push("fault", "swap");
     }
+    if o.imp.backend().is_some() && o.pattern == Pattern::Flush && copies(o.size) {
+        report.push("writes", "copy");
+    }
     if sent.short_sends > 0 {
         report.push("short_send_recoveries", sent.short_sends);
     }
@@ -236,6 +239,17 @@ pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()
     for (first, n) in groups(o.count, o.batch) {
         let group = buffers.take(first, n);
         match o.pattern {
+            Pattern::Flush if copies(o.size) => {
+                // Small messages as a program writes them from its own memory: copied,
+                // gathered by the stream into one buffer.
+                for j in 0..n {
+                    let message = buffers.message_bytes(&group, j);
+                    if output.try_write_copy(message).is_none() {
+                        output.write_copy(message).await?;
+                    }
+                }
+                output.flush().await?;
+            }
             Pattern::Flush => {
                 // As in the documented batched pattern: writes are issued, not awaited one
                 // by one; only a full queue (never, with the default bounds) makes one
@@ -262,6 +276,15 @@ pub(crate) async fn send_groups(output: &OutputStream, o: &Options) -> Result<()
         buffers.recycle(group);
     }
     Ok(())
+}
+
+/// Largest message the flush pattern sends as a copy ([`OutputStream::write_copy`]) rather
+/// than as a `Bytes` of its own: below it a copy costs less than a reference count.
+pub(crate) const COPY_MAX: usize = 1024;
+
+/// Whether messages of `size` bytes go out as copies in the flush pattern.
+pub(crate) fn copies(size: usize) -> bool {
+    size <= COPY_MAX
 }
 
 /// Awaits every handle together (Task.WaitAll); the first error, once all are done.
