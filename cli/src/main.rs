@@ -608,10 +608,8 @@ fn timeouts_line(counts: TimeoutCounts) -> String {
 /// wildcard address each reply leaves from the address its request came to (a client
 /// behind a NAT, or of a multi-homed host, drops a reply from another one).
 async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
-    let wildcard = socket
-        .local_addr()
-        .map(|addr| addr.ip().is_unspecified())
-        .unwrap_or(false);
+    let local = socket.local_addr().ok();
+    let wildcard = local.is_some_and(|addr| addr.ip().is_unspecified());
     if wildcard {
         if let Err(err) = socket.control().set_receive_destination(true) {
             log.line(format!("replies leave from any address: {err}"));
@@ -639,6 +637,10 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
         failures = 0;
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
+            if let Some(why) = local.and_then(|local| reflection(&datagram, local)) {
+                log.line(format!("dropped a datagram from {to}: {why}"));
+                continue;
+            }
             let options = SendOptions::reply_to(&datagram);
             let (sent, _) = socket
                 .send_to_addr_with(datagram.to_vec(), to, &options)
@@ -648,6 +650,23 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
             }
         }
     }
+}
+
+/// Why a datagram must not be echoed, if it must not: its source is this server's own
+/// address (a forged datagram that would have the server echo to itself for ever), or a
+/// port below 1024, where services live and clients do not send from (a forged
+/// datagram that would set this server and another service, another echo server say,
+/// answering each other for ever).
+fn reflection(datagram: &ringsock::Datagram, local: SocketAddr) -> Option<&'static str> {
+    let from = datagram.remote_addr();
+    if from.port() < 1024 {
+        return Some("a service port (no client sends from one; an answer could loop)");
+    }
+    let to_ip = datagram.local_ip().unwrap_or(local.ip());
+    let same_ip = from.ip() == to_ip
+        || (from.ip().is_loopback() && (to_ip.is_loopback() || to_ip.is_unspecified()));
+    (from.port() == local.port() && same_ip)
+        .then_some("this server's own address (the echo would come back to it for ever)")
 }
 
 /// Echoes until the client half-closes, then closes this side.

@@ -283,3 +283,41 @@ fn a_second_server_on_a_port_one_serves_is_refused() {
         assert!(first.stop().success(), "{backend}");
     }
 }
+
+#[test]
+fn udp_echo_server_does_not_answer_its_own_address_or_a_service_port() {
+    for backend in BACKENDS {
+        let server = EchoServer::start(&["--udp", "127.0.0.1:0", "--backend", backend], &["udp"]);
+        let port = server.port().to_string();
+        let target = addr("127.0.0.1", &port);
+        // Another loopback address with the server's port: the kernel delivers from
+        // there as it would a forged datagram from the server itself, whose echo would
+        // come back to it for ever.
+        let own = UdpSocket::bind(addr("127.0.0.2", &port)).unwrap();
+        own.send_to(b"loop", target).unwrap();
+        server.wait_for_stderr("the datagram from its own port dropped", |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("dropped a datagram from 127.0.0.2"))
+        });
+        // A service port (below 1024): an answer could set two services talking for ever.
+        let service = (600..1024)
+            .find_map(|p| UdpSocket::bind(("127.0.0.1", p)).ok())
+            .expect("a free port below 1024 (the tests run as root)");
+        service.send_to(b"loop", target).unwrap();
+        server.wait_for_stderr("the datagram from a service port dropped", |lines| {
+            lines
+                .iter()
+                .any(|l| l.contains("dropped a datagram") && l.contains("service port"))
+        });
+        // Neither was answered, and a client is still served.
+        for socket in [&own, &service] {
+            socket.set_nonblocking(true).unwrap();
+            let mut buf = [0u8; 16];
+            let answered = socket.recv_from(&mut buf);
+            assert!(answered.is_err(), "{backend}: answered {answered:?}");
+        }
+        udp_echoes(target, &[0, 172]);
+        assert!(server.stop().success(), "{backend}");
+    }
+}
