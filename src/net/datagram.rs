@@ -30,6 +30,7 @@ use crate::driver::ops_datagram::{
 };
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
+use crate::runtime::coop;
 use crate::{Error, Result, SocketErrorStatus};
 
 /// Shape of a socket's receive ring: how large a datagram it keeps whole, and how many
@@ -439,7 +440,7 @@ impl DatagramSocket {
             Err(err) => return (Err(err), buf),
         };
         self.pace(options).await;
-        let (result, buf) = ops_datagram::send_to(fd, buf, None, &meta).await;
+        let (result, buf) = coop::budgeted(ops_datagram::send_to(fd, buf, None, &meta)).await;
         let context = send_context(None, meta.source);
         (result.map_err(|err| Error::io(context, err)), buf)
     }
@@ -539,7 +540,8 @@ impl DatagramSocket {
         };
         self.pace(options).await;
         let target = for_family(addr, self.ipv6.get());
-        let (result, buf) = ops_datagram::send_to(fd, buf, Some(target), &meta).await;
+        let (result, buf) =
+            coop::budgeted(ops_datagram::send_to(fd, buf, Some(target), &meta)).await;
         (
             result.map_err(|err| Error::io(send_context(Some(addr), meta.source), err)),
             buf,
@@ -842,7 +844,7 @@ impl DatagramSocket {
         }
         let fd = self.fd()?.clone();
         let _turn = self.turn.take().await;
-        poll_fn(|cx| {
+        let receive = poll_fn(|cx| {
             // Out of its cell for the poll: a receive re-entered from a waker finds it
             // empty and grows its own.
             let mut raw = self.recv_scratch.take();
@@ -852,8 +854,8 @@ impl DatagramSocket {
             }
             self.recv_scratch.set(raw);
             polled.map_ok(|_| ())
-        })
-        .await
+        });
+        coop::budgeted(receive).await
     }
 
     /// Marks the socket as received through a group (or no longer).

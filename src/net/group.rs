@@ -13,6 +13,7 @@ use super::datagram::{Datagram, DatagramSocket};
 use super::turn::Turnstile;
 use crate::driver::current;
 use crate::driver::ops_datagram::{AfterRecv, RecvDatagram};
+use crate::runtime::coop;
 use crate::{Error, Result};
 
 /// Datagram sockets received together: one call takes the datagrams every socket has
@@ -228,9 +229,10 @@ impl DatagramGroup {
             self.ready.mark_all(self.sockets.len());
         }
         if let Some(err) = self.deferred.borrow_mut().take() {
-            return Err(err);
+            // Counted like any other result: a member that fails every call yields too.
+            return coop::budgeted(std::future::ready(Err(err))).await;
         }
-        poll_fn(|cx| self.poll_ready_sockets(cx, out, max)).await
+        coop::budgeted(poll_fn(|cx| self.poll_ready_sockets(cx, out, max))).await
     }
 
     fn poll_ready_sockets(

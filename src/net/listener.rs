@@ -19,6 +19,7 @@ use super::{new_socket, refuse_multicast_listener, Detached, SocketKind, StreamS
 use crate::driver::accept::{self, Acceptor};
 use crate::driver::SharedFd;
 use crate::host::{parse_service, resolve_blocking, HostName, Protocol};
+use crate::runtime::coop;
 use crate::{Error, Result};
 
 /// Connections the kernel may hold waiting to be accepted.
@@ -198,7 +199,10 @@ impl StreamSocketListener {
         if let Some(resume_at) = resume_at {
             crate::runtime::sleep_until(resume_at).await;
         }
-        let accepted = poll_fn(|cx| self.acceptor.borrow_mut().poll_accept(&self.fd, cx)).await;
+        let accepted = coop::budgeted(poll_fn(|cx| {
+            self.acceptor.borrow_mut().poll_accept(&self.fd, cx)
+        }))
+        .await;
         match accepted {
             Ok(fd) => {
                 self.backoff.borrow_mut().succeeded();

@@ -526,7 +526,7 @@ impl Inner {
         }
         self.send_now();
         self.start_sender();
-        poll_fn(|cx| {
+        let flushed = poll_fn(|cx| {
             let mut state = self.state.borrow_mut();
             if target == 0 {
                 return Poll::Ready(Ok(()));
@@ -541,8 +541,8 @@ impl Inner {
             }
             state.wait(cx);
             Poll::Pending
-        })
-        .await
+        });
+        crate::runtime::coop::budgeted(flushed).await
     }
 
     /// A flush that finds the sender idle sends the queue itself, in one nonblocking

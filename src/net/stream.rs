@@ -19,6 +19,7 @@ use crate::buf::{fill_spare, init_bytes, BufResult, IoBuf, IoBufMut};
 use crate::driver::{ops, SharedFd};
 use crate::host::{HostName, Protocol};
 use crate::runtime;
+use crate::runtime::coop;
 use crate::tls::session::TlsSession;
 use crate::tls::{self, ProtectionLevel, TlsAcceptor, TlsInfo};
 use crate::{Error, Result};
@@ -385,10 +386,10 @@ impl StreamSocket {
         if let Some(session) = self.tls.get() {
             let mut copy = |plain: &[u8]| fill_spare(&mut buf, plain);
             let reading = session.read_with(&mut copy);
-            let result = timeouts::within_read_timeout(timeouts, reading).await;
+            let result = coop::budgeted(timeouts::within_read_timeout(timeouts, reading)).await;
             return (result, buf);
         }
-        timeouts::recv_within(fd, buf, timeouts).await
+        coop::budgeted(timeouts::recv_within(fd, buf, timeouts)).await
     }
 
     /// Sends once; returns how many bytes the kernel took (possibly fewer than all).
@@ -406,7 +407,7 @@ impl StreamSocket {
             let len = buf.bytes_init();
             return (result.map(|()| len), buf);
         }
-        let (result, buf) = ops::send(fd, buf).await;
+        let (result, buf) = coop::budgeted(ops::send(fd, buf)).await;
         (result.map_err(|err| Error::io("write", err)), buf)
     }
 
@@ -427,7 +428,7 @@ impl StreamSocket {
         }
         let mut slice = Offset { buf, start: 0 };
         while slice.start < slice.buf.bytes_init() {
-            let (result, back) = ops::send(fd, slice).await;
+            let (result, back) = coop::budgeted(ops::send(fd, slice)).await;
             slice = back;
             match result {
                 Ok(0) => {

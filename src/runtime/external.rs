@@ -127,7 +127,9 @@ impl Runtime {
             self.fire_due_timers();
             if stepper.main.woken.swap(false, Ordering::AcqRel) {
                 let mut cx = Context::from_waker(&stepper.waker);
-                if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                if let Poll::Ready(output) =
+                    super::coop::with_budget(|| future.as_mut().poll(&mut cx))
+                {
                     // What the future queued last goes to the kernel now, not at the
                     // next step, which may never come.
                     inner.driver.turn(false)?;

@@ -24,6 +24,7 @@ use crate::driver::{
 const MAX_RING_ENTRIES: u32 = 32768;
 
 pub(crate) mod blocking;
+pub(crate) mod coop;
 #[cfg(feature = "tokio")]
 pub(crate) mod external;
 mod oneshot;
@@ -307,7 +308,7 @@ impl Runtime {
         let mut future = pin!(future);
         loop {
             if main.woken.swap(false, Ordering::AcqRel) {
-                if let Poll::Ready(output) = future.as_mut().poll(&mut cx) {
+                if let Poll::Ready(output) = coop::with_budget(|| future.as_mut().poll(&mut cx)) {
                     return output;
                 }
             }
@@ -392,7 +393,7 @@ impl Runtime {
         for _ in 0..ready {
             match self.inner.shared.pop() {
                 Some(runnable) => {
-                    runnable.run();
+                    coop::with_budget(|| runnable.run());
                 }
                 None => break,
             }

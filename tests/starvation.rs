@@ -1,0 +1,121 @@
+//! A task whose every await is ready at once — a socket that always has data, a group
+//! member that fails every call — still lets its loop turn: other tasks and timers run,
+//! and sockets only the engine can see becoming ready are seen (both drivers). Each test
+//! runs on a thread of its own watched from outside, since a starved runtime cannot
+//! time itself out.
+
+mod util;
+
+use std::cell::Cell;
+use std::io::Write;
+use std::net::UdpSocket;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use ringsock::runtime::Builder;
+use ringsock::{Backend, DatagramGroup, DatagramSocket};
+
+/// Runs `test` on `backend` on a thread of its own; fails if it has not finished within
+/// [`util::MUST_HAPPEN`] (the runtime's own timers are what a starved loop never fires).
+fn watched<F, Fut>(backend: Backend, what: &str, test: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+        return;
+    };
+    drop(runtime);
+    let (done, finished) = mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = Builder::new().backend(backend).build().unwrap();
+        runtime.block_on(test());
+        let _ = done.send(());
+    });
+    finished
+        .recv_timeout(util::MUST_HAPPEN)
+        .unwrap_or_else(|_| panic!("{backend}: {what}: the loop never let the others run"));
+}
+
+/// A task that ticks a few timers, then says so.
+fn ticker() -> Rc<Cell<bool>> {
+    let ticked = Rc::new(Cell::new(false));
+    let flag = ticked.clone();
+    ringsock::runtime::spawn(async move {
+        for _ in 0..5 {
+            ringsock::runtime::sleep(Duration::from_millis(1)).await;
+        }
+        flag.set(true);
+    });
+    ticked
+}
+
+#[test]
+fn a_group_member_that_fails_every_call_lets_the_others_and_the_timers_through() {
+    for backend in util::BACKENDS {
+        watched(backend, "group with a failing member", || async {
+            // Never bound: every receive on it fails at once.
+            let failing = DatagramSocket::new();
+            let good = util::bound_loopback();
+            let to = good.local_addr().unwrap();
+            let group = DatagramGroup::new(vec![failing, good]);
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            for i in 0..10u8 {
+                sender.send_to(&[i], to).unwrap();
+            }
+            let ticked = ticker();
+            let mut got = Vec::new();
+            let mut batch = Vec::new();
+            let mut errors = 0u64;
+            while got.len() < 10 || !ticked.get() {
+                batch.clear();
+                match group.recv_batch(&mut batch, 16).await {
+                    Ok(_) => got.extend(batch.iter().map(|(index, d)| (*index, d.data()[0]))),
+                    // As a careless loop does: try again at once.
+                    Err(_) => errors += 1,
+                }
+            }
+            let expected: Vec<(usize, u8)> = (0..10).map(|i| (1, i)).collect();
+            assert_eq!(got, expected);
+            assert!(errors > 0, "the failing member failed");
+        });
+    }
+}
+
+#[test]
+fn a_read_loop_on_a_stream_that_always_has_data_lets_the_timers_through() {
+    for backend in util::BACKENDS {
+        watched(
+            backend,
+            "read loop on a stream that always has data",
+            || async {
+                let listener = util::std_listener();
+                let (socket, peer) = util::pair_with_std_peer(&listener).await;
+                let stop = Arc::new(AtomicBool::new(false));
+                let writing = stop.clone();
+                // Keeps the socket's receive queue full: every small read finds data.
+                let writer = std::thread::spawn(move || {
+                    let mut peer = peer;
+                    let chunk = [7u8; 64 * 1024];
+                    while !writing.load(Ordering::Relaxed) {
+                        if peer.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let ticked = ticker();
+                let mut read = 0u64;
+                while !ticked.get() {
+                    let (got, _) = socket.read(Vec::with_capacity(16)).await;
+                    read += got.unwrap() as u64;
+                }
+                stop.store(true, Ordering::Relaxed);
+                drop(socket);
+                writer.join().unwrap();
+                assert!(read > 0);
+            },
+        );
+    }
+}
