@@ -228,7 +228,8 @@ impl DatagramGroup {
         if self.last_runtime.replace(runtime) != runtime {
             self.ready.mark_all(self.sockets.len());
         }
-        if let Some(err) = self.deferred.borrow_mut().take() {
+        let deferred = self.deferred.borrow_mut().take();
+        if let Some(err) = deferred {
             // Counted like any other result: a member that fails every call yields too.
             return coop::budgeted(std::future::ready(Err(err))).await;
         }
