@@ -424,3 +424,61 @@ fn copied_writes_on_a_datagram_socket_stay_one_datagram_each() {
         assert_eq!(err.status(), SocketErrorStatus::MessageTooLong, "{err}");
     });
 }
+
+#[test]
+fn a_dual_stack_datagram_stream_to_an_ipv4_peer_refuses_what_ipv4_cannot_carry() {
+    util::on_each_backend(|_| async {
+        let receiver = util::bound_loopback();
+        let to = receiver.local_addr().unwrap();
+        let sender = ringsock::DatagramSocket::new();
+        sender.bind_addr("[::]:0".parse().unwrap()).unwrap();
+        let unconnected = sender.output_stream_to_addr(to).unwrap();
+        let connected_socket = ringsock::DatagramSocket::new();
+        connected_socket
+            .bind_addr("[::]:0".parse().unwrap())
+            .unwrap();
+        connected_socket.connect_addr(to).await.unwrap();
+        let connected = connected_socket.output_stream().unwrap();
+        for out in [&unconnected, &connected] {
+            // Refused when written, not at the flush (which would break the stream and
+            // lose the writes after it).
+            drop(out.write(&b"first"[..]).await.unwrap());
+            let err = out
+                .write(vec![0u8; 65_508])
+                .await
+                .err()
+                .expect("too large for IPv4");
+            assert_eq!(err.status(), SocketErrorStatus::MessageTooLong, "{err}");
+            assert!(out.try_write(vec![0u8; 65_508]).is_err());
+            drop(out.write(vec![3u8; 65_507]).await.unwrap());
+            out.flush().await.expect("flush");
+            assert_eq!(util::recv_datagram(&receiver).await.as_ref(), b"first");
+            assert_eq!(util::recv_datagram(&receiver).await.len(), 65_507);
+        }
+    });
+}
+
+#[test]
+fn shutdown_write_sends_the_queued_writes_before_the_fin() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let (client, server) = util::connected_pair(&listener).await;
+        let out = client.output_stream();
+        drop(out.write(&b"queued, "[..]).await.unwrap());
+        drop(out.write_copy(b"not flushed").await.unwrap());
+        client.shutdown_write().await.expect("shutdown");
+        let got = util::must(
+            "the queued writes, then end of stream",
+            util::read_to_end(&server),
+        )
+        .await;
+        assert_eq!(got, b"queued, not flushed");
+        // The sending side is closed: a later write fails, and says so.
+        let late = out.write(&b"late"[..]).await;
+        let failed = match late {
+            Err(_) => true,
+            Ok(handle) => util::must("a late write", handle).await.is_err(),
+        };
+        assert!(failed, "a write after shutdown_write was sent");
+    });
+}

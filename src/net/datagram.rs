@@ -598,14 +598,9 @@ impl DatagramSocket {
             Err(err) => return Err((err, buf)),
         };
         let target = for_family(addr, self.ipv6.get());
-        // The limit is the destination's: an IPv4 peer (v4-mapped on an IPv6 socket)
-        // takes no more than the IPv4 maximum, and the kernel would refuse more only in
-        // the completion, where nobody looks.
-        let max = if canonical(target).is_ipv4() {
-            MAX_UDP_PAYLOAD_V4
-        } else {
-            MAX_UDP_PAYLOAD_V6
-        };
+        // The limit is the destination's: the kernel would refuse more only in the
+        // completion, where nobody looks.
+        let max = max_payload_to(target);
         if buf.bytes_init() > max {
             let what = format!("{}: {} bytes, at most {max}", context(), buf.bytes_init());
             return Err((Error::from_errno(what, libc::EMSGSIZE), buf));
@@ -646,11 +641,13 @@ impl DatagramSocket {
         Ok(())
     }
 
-    fn max_payload(&self) -> usize {
-        if self.ipv6.get() {
-            MAX_UDP_PAYLOAD_V6
-        } else {
-            MAX_UDP_PAYLOAD_V4
+    /// The largest datagram the socket can send where its output streams go: to `dest`,
+    /// else to the connected peer.
+    fn max_payload(&self, dest: Option<SocketAddr>) -> usize {
+        match dest.or_else(|| self.peer_addr().ok()) {
+            Some(to) => max_payload_to(to),
+            None if self.ipv6.get() => MAX_UDP_PAYLOAD_V6,
+            None => MAX_UDP_PAYLOAD_V4,
         }
     }
 
@@ -658,6 +655,14 @@ impl DatagramSocket {
     /// `flush` sends every queued datagram in one submission (a linked SQE chain on
     /// io_uring, one `sendmmsg` on epoll; runs of equal-sized datagrams as single UDP GSO
     /// sends). Each call returns a new stream.
+    ///
+    /// A stream keeps the order of its writes, so a send that fails ends it as it ends a
+    /// byte stream: every write from the failed one on fails with that status (say
+    /// `ConnectionRefused`, after an ICMP port unreachable on a connected socket), and so
+    /// does every later one. The socket goes on: a new stream sends again. A sender that
+    /// expects such refusals from time to time (a peer that restarts) and wants each
+    /// datagram's own result uses [`send_many`](Self::send_many) or
+    /// [`send_to_addr`](Self::send_to_addr) instead.
     pub fn output_stream(&self) -> Result<OutputStream> {
         self.output_stream_with(&SendOptions::default())
     }
@@ -706,7 +711,7 @@ impl DatagramSocket {
                 dest,
                 meta,
                 gso: self.options.gso.clone(),
-                max_payload: self.max_payload(),
+                max_payload: self.max_payload(dest),
             },
         )
     }
@@ -1745,5 +1750,15 @@ impl AsFd for DatagramSocket {
             .get()
             .expect("DatagramSocket::as_fd: the socket is not bound or connected")
             .borrow_fd()
+    }
+}
+
+/// The largest datagram `to` can be sent: an IPv4 peer (v4-mapped on an IPv6 socket)
+/// takes no more than the IPv4 maximum.
+fn max_payload_to(to: SocketAddr) -> usize {
+    if canonical(to).is_ipv4() {
+        MAX_UDP_PAYLOAD_V4
+    } else {
+        MAX_UDP_PAYLOAD_V6
     }
 }

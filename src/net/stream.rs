@@ -483,9 +483,18 @@ impl StreamSocket {
     }
 
     /// Closes the sending direction (FIN); the peer reads end-of-stream, while this side
-    /// can still read. Through TLS, `close_notify` is sent first.
+    /// can still read. Writes still queued in the socket's output streams are sent first
+    /// (as [`close`](Self::close) sends them: a FIN ahead of them would lose them); a
+    /// failure to send them is returned and no FIN goes. Through TLS, `close_notify` is
+    /// sent first.
     pub async fn shutdown_write(&self) -> Result<()> {
         let fd = self.fd()?;
+        for output in [self.output.get(), self.tls_output.get()]
+            .into_iter()
+            .flatten()
+        {
+            output.flush().await?;
+        }
         if let Some(session) = self.tls.get() {
             session.close_write().await?;
         }
