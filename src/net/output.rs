@@ -89,19 +89,21 @@ struct Inner {
 
 #[derive(Default)]
 struct State {
-    /// Queued, not yet submitted; numbered `queued_from..next`, one entry per write.
+    /// Queued, not yet submitted: writes numbered `queued_from..next`.
     queue: Vec<Bytes>,
-    /// Copies of the writes from queue index `gather_from` on ([`OutputStream::write_copy`]
-    /// on a byte stream), gathered in one buffer until the queue is sent. Their entries
-    /// wait in `queue` as empty placeholders; sealing puts the buffer in the first one,
-    /// so each write keeps its own place (its number) and the run completes when its last
-    /// byte is sent.
+    /// How many writes each entry of `queue` holds: 1, or a run of copies.
+    queue_writes: Vec<u32>,
+    /// Copies of the writes of entry `gather_from` ([`OutputStream::write_copy`] on a
+    /// byte stream), gathered in one buffer until the queue is sent; the entry waits
+    /// empty until then ([`seal_gathered`](State::seal_gathered)). The run's writes
+    /// complete together, when its last byte is sent.
     gathered: BytesMut,
     gather_from: Option<usize>,
     /// Bytes in `queue`.
     queued_bytes: usize,
-    /// The vector of the last batch sent, emptied, for the next queue to reuse.
+    /// The vectors of the last batch sent, emptied, for the next queue to reuse.
     spare: Vec<Bytes>,
+    spare_writes: Vec<u32>,
     queued_from: u64,
     next: u64,
     /// Bytes queued or in flight.
@@ -186,6 +188,7 @@ impl State {
     fn fail(&mut self, err: std::io::Error) {
         self.failure = Some((self.completed, Failure::from_io(err)));
         self.queue.clear();
+        self.queue_writes.clear();
         self.gathered.clear();
         self.gather_from = None;
         let dropped = std::mem::take(&mut self.queued_bytes);
@@ -211,18 +214,19 @@ impl State {
             })
             .count();
         self.queue.drain(..done);
+        let writes: u64 = self.queue_writes.drain(..done).map(u64::from).sum();
         if left > 0 {
             bytes::Buf::advance(&mut self.queue[0], left);
         }
-        self.queued_from += done as u64;
+        self.queued_from += writes;
         self.completed = self.queued_from;
         self.queued_bytes -= sent;
         self.pending_bytes = self.pending_bytes.saturating_sub(sent);
         self.wake_all();
     }
 
-    /// Puts the gathered copies into the queue, in the place of the first of their
-    /// writes: done before the queue is sent or a write that is not a copy joins it.
+    /// Puts the gathered copies into their entry of the queue: done before the queue is
+    /// sent or a write that is not a copy joins it.
     #[inline]
     fn seal_gathered(&mut self) {
         let Some(at) = self.gather_from.take() else {
@@ -446,6 +450,7 @@ impl Inner {
             state.count_accepted(buf.len());
             state.seal_gathered();
             state.queue.push(buf);
+            state.queue_writes.push(1);
         }
         WriteHandle {
             stream: self.clone(),
@@ -464,11 +469,16 @@ impl Inner {
         state.next += 1;
         if state.failure.is_none() {
             state.count_accepted(buf.len());
-            if state.gather_from.is_none() {
-                state.gather_from = Some(state.queue.len());
-            }
+            let at = match state.gather_from {
+                Some(at) => at,
+                None => {
+                    state.queue.push(Bytes::new());
+                    state.queue_writes.push(0);
+                    *state.gather_from.insert(state.queue.len() - 1)
+                }
+            };
+            state.queue_writes[at] += 1;
             state.gathered.extend_from_slice(buf);
-            state.queue.push(Bytes::new());
         }
         WriteHandle {
             stream: self.clone(),
@@ -652,17 +662,20 @@ impl Inner {
             self.state.borrow_mut().sender = Sender::Absent;
             return false;
         };
-        let (batch, batch_bytes, first_seq) = {
+        let (batch, mut batch_writes, batch_bytes, first_seq) = {
             let mut state = self.state.borrow_mut();
             state.seal_gathered();
             let first_seq = state.queued_from;
-            // The next batch fills the last one's vector: no regrowth per batch.
+            // The next batch fills the last one's vectors: no regrowth per batch.
             let spare = std::mem::take(&mut state.spare);
             let batch = std::mem::replace(&mut state.queue, spare);
+            let spare_writes = std::mem::take(&mut state.spare_writes);
+            let batch_writes = std::mem::replace(&mut state.queue_writes, spare_writes);
             state.queued_from = state.next;
-            (batch, std::mem::take(&mut state.queued_bytes), first_seq)
+            let bytes = std::mem::take(&mut state.queued_bytes);
+            (batch, batch_writes, bytes, first_seq)
         };
-        let count = batch.len() as u64;
+        let count: u64 = batch_writes.iter().map(|&n| u64::from(n)).sum();
         let mut report = BatchReport::default();
         let (result, progress, mut bufs) = self
             .transport
@@ -680,7 +693,13 @@ impl Inner {
         state.spare = bufs;
         // Sent or failed, the batch is no longer pending.
         state.pending_bytes = state.pending_bytes.saturating_sub(batch_bytes);
-        state.completed = first_seq + progress.first as u64;
+        state.completed = first_seq
+            + batch_writes[..progress.first.min(batch_writes.len())]
+                .iter()
+                .map(|&n| u64::from(n))
+                .sum::<u64>();
+        batch_writes.clear();
+        state.spare_writes = batch_writes;
         if let Err(err) = result {
             state.fail(err);
             state.sender = Sender::Absent;
@@ -840,6 +859,7 @@ mod tests {
             state.pending_bytes += len;
             state.queued_bytes += len;
             state.queue.push(buf);
+            state.queue_writes.push(1);
             state.next += 1;
         }
         state
@@ -877,9 +897,11 @@ mod tests {
             state.queued_bytes += len;
             if state.gather_from.is_none() {
                 state.gather_from = Some(state.queue.len());
+                state.queue.push(Bytes::new());
+                state.queue_writes.push(0);
             }
+            state.queue_writes[state.gather_from.unwrap()] += 1;
             state.gathered.extend_from_slice(&vec![byte; len]);
-            state.queue.push(Bytes::new());
             state.next += 1;
         }
     }
@@ -889,10 +911,10 @@ mod tests {
         let mut state = queued(&[2]);
         gather(&mut state, &[3, 1, 4]);
         state.seal_gathered();
-        // One entry per write: the run's bytes in the place of its first write.
-        assert_eq!(state.queue.len(), 4);
+        // One entry for the run, after the write before it, holding three writes.
+        assert_eq!(state.queue.len(), 2);
         assert_eq!(&state.queue[1][..], &[1, 1, 1, 2, 3, 3, 3, 3]);
-        assert!(state.queue[2].is_empty() && state.queue[3].is_empty());
+        assert_eq!(state.queue_writes, [1, 3]);
         // A send that stops inside the run completes none of its writes...
         state.take_sent(2 + 5);
         assert_eq!(state.completed, 1);
@@ -914,7 +936,8 @@ mod tests {
         let mut state = State::default();
         gather(&mut state, &[5, 5]);
         state.fail(std::io::Error::from_raw_os_error(libc::EPIPE));
-        assert!(state.queue.is_empty() && state.gathered.is_empty());
+        assert!(state.queue.is_empty() && state.queue_writes.is_empty());
+        assert!(state.gathered.is_empty());
         assert_eq!(state.gather_from, None);
         assert!(matches!(state.result_of(1), Some(Err(_))));
     }
