@@ -190,7 +190,9 @@ struct EchoServerArgs {
     /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port).
     #[arg(long, value_name = "ADDR:PORT")]
     tcp: Option<SocketAddr>,
-    /// UDP address to echo datagrams on, e.g. 127.0.0.1:0.
+    /// UDP address to echo datagrams on, e.g. 127.0.0.1:0. Datagrams from a port below
+    /// 1024 (a service's) or from the server's own address are dropped and logged: an
+    /// echo to them could go round for ever.
     #[arg(long, value_name = "ADDR:PORT")]
     udp: Option<SocketAddr>,
     /// Serve TLS on --tcp with this certificate chain (PEM, end-entity first).
@@ -652,20 +654,20 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
     }
 }
 
-/// Why a datagram must not be echoed, if it must not: its source is this server's own
-/// address (a forged datagram that would have the server echo to itself for ever), or a
-/// port below 1024, where services live and clients do not send from (a forged
-/// datagram that would set this server and another service, another echo server say,
-/// answering each other for ever).
+/// Why a datagram must not be echoed, if it must not: its source is the very address it
+/// was sent to (a forged datagram that would have the server echo to itself for ever),
+/// or a port below 1024, where services live and clients do not send from (a forged
+/// datagram that would set this server and another service, an NTP or another echo
+/// server say, answering each other for ever).
 fn reflection(datagram: &ringsock::Datagram, local: SocketAddr) -> Option<&'static str> {
     let from = datagram.remote_addr();
     if from.port() < 1024 {
         return Some("a service port (no client sends from one; an answer could loop)");
     }
+    // On a wildcard address the destination comes with the datagram (IP_PKTINFO).
     let to_ip = datagram.local_ip().unwrap_or(local.ip());
-    let same_ip = from.ip() == to_ip
-        || (from.ip().is_loopback() && (to_ip.is_loopback() || to_ip.is_unspecified()));
-    (from.port() == local.port() && same_ip)
+    let plain = |ip: std::net::IpAddr| ip.to_canonical();
+    (from.port() == local.port() && plain(from.ip()) == plain(to_ip))
         .then_some("this server's own address (the echo would come back to it for ever)")
 }
 

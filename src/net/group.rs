@@ -228,12 +228,16 @@ impl DatagramGroup {
         if self.last_runtime.replace(runtime) != runtime {
             self.ready.mark_all(self.sockets.len());
         }
-        let deferred = self.deferred.borrow_mut().take();
-        if let Some(err) = deferred {
-            // Counted like any other result: a member that fails every call yields too.
-            return coop::budgeted(std::future::ready(Err(err))).await;
-        }
-        coop::budgeted(poll_fn(|cx| self.poll_ready_sockets(cx, out, max))).await
+        // The error an earlier call deferred is taken only by a poll the budget lets
+        // through: a future dropped while it waits for its turn leaves it in place.
+        coop::budgeted(poll_fn(|cx| {
+            let deferred = self.deferred.borrow_mut().take();
+            match deferred {
+                Some(err) => Poll::Ready(Err(err)),
+                None => self.poll_ready_sockets(cx, out, max),
+            }
+        }))
+        .await
     }
 
     fn poll_ready_sockets(

@@ -6,6 +6,7 @@ use bytes::{Buf, Bytes, BytesMut};
 
 use super::timeouts::{self, Timeouts};
 use crate::driver::SharedFd;
+use crate::runtime::coop;
 use crate::tls::session::TlsSession;
 use crate::{Error, Result};
 
@@ -81,7 +82,7 @@ impl InputStream {
                 plain.len()
             };
             let reading = tls.read_with(&mut copy);
-            let n = timeouts::within_read_timeout(&self.timeouts, reading).await?;
+            let n = coop::budgeted(timeouts::within_read_timeout(&self.timeouts, reading)).await?;
             self.eof = n == 0;
             return Ok(n > 0);
         }
@@ -94,7 +95,8 @@ impl InputStream {
         // already buffered stay. Joining it back is O(1) (same allocation, adjacent).
         self.buffer.reserve(READ_CHUNK);
         let spare = self.buffer.split_off(self.buffer.len());
-        let (result, spare) = timeouts::recv_within(fd, spare, &self.timeouts).await;
+        let (result, spare) =
+            coop::budgeted(timeouts::recv_within(fd, spare, &self.timeouts)).await;
         self.buffer.unsplit(spare);
         let n = result?;
         if n == 0 {

@@ -232,10 +232,12 @@ impl State {
         let Some(at) = self.gather_from.take() else {
             return;
         };
-        self.queue[at] = self.gathered.split().freeze();
         // A large run's memory goes with it once sent rather than staying with the
-        // stream for the next small one (an idle connection would keep its largest burst).
-        if self.gathered.capacity() > GATHER_RETAIN {
+        // stream for the next small one (an idle connection would keep its largest
+        // burst): measured before the split, which leaves only the unused tail.
+        let large = self.gathered.capacity() > GATHER_RETAIN;
+        self.queue[at] = self.gathered.split().freeze();
+        if large {
             self.gathered = BytesMut::new();
         }
     }
@@ -469,6 +471,12 @@ impl Inner {
         state.next += 1;
         if state.failure.is_none() {
             state.count_accepted(buf.len());
+            if state
+                .gather_from
+                .is_some_and(|at| state.queue_writes[at] == u32::MAX)
+            {
+                state.seal_gathered();
+            }
             let at = match state.gather_from {
                 Some(at) => at,
                 None => {
@@ -516,6 +524,13 @@ impl OutputStream {
     pub async fn flush(&self) -> Result<()> {
         let target = self.inner.state.borrow().next;
         self.inner.wait_for(target).await
+    }
+
+    /// Whether writes are queued or in flight on a stream that has not failed: what a
+    /// flush would wait for.
+    pub(crate) fn has_unsent(&self) -> bool {
+        let state = self.inner.state.borrow();
+        state.failure.is_none() && state.completed < state.next
     }
 
     /// Writes queued or in flight, not yet completed.

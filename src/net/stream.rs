@@ -403,7 +403,7 @@ impl StreamSocket {
         };
         let _turn = self.writing.take().await;
         if let Some(session) = self.tls.get() {
-            let result = session.write_all(init_bytes(&buf)).await;
+            let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             let len = buf.bytes_init();
             return (result.map(|()| len), buf);
         }
@@ -423,7 +423,7 @@ impl StreamSocket {
         };
         let _turn = self.writing.take().await;
         if let Some(session) = self.tls.get() {
-            let result = session.write_all(init_bytes(&buf)).await;
+            let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             return (result, buf);
         }
         let mut slice = Offset { buf, start: 0 };
@@ -484,16 +484,19 @@ impl StreamSocket {
 
     /// Closes the sending direction (FIN); the peer reads end-of-stream, while this side
     /// can still read. Writes still queued in the socket's output streams are sent first
-    /// (as [`close`](Self::close) sends them: a FIN ahead of them would lose them); a
-    /// failure to send them is returned and no FIN goes. Through TLS, `close_notify` is
-    /// sent first.
+    /// (as [`close`](Self::close) sends them: a FIN ahead of them would lose them), waited
+    /// for as a flush waits (within the write timeout, if one is set); a failure to send
+    /// them is returned and no FIN goes. A stream that failed before holds nothing to
+    /// send. Through TLS, `close_notify` is sent first.
     pub async fn shutdown_write(&self) -> Result<()> {
         let fd = self.fd()?;
         for output in [self.output.get(), self.tls_output.get()]
             .into_iter()
             .flatten()
         {
-            output.flush().await?;
+            if output.has_unsent() {
+                output.flush().await?;
+            }
         }
         if let Some(session) = self.tls.get() {
             session.close_write().await?;

@@ -49,8 +49,14 @@ pub(crate) fn poll_budgeted<F: Future>(
         return Poll::Pending;
     }
     let polled = future.poll(cx);
-    if polled.is_ready() && left != UNLIMITED {
-        BUDGET.with(|budget| budget.set(left - 1));
+    if polled.is_ready() {
+        // Read again: an operation polled inside this one may have spent some.
+        BUDGET.with(|budget| {
+            let left = budget.get();
+            if left != UNLIMITED {
+                budget.set(left.saturating_sub(1));
+            }
+        });
     }
     polled
 }
