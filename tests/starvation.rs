@@ -1,17 +1,19 @@
 //! A task whose every await is ready at once — a socket that always has data, a group
 //! member that fails every call — still lets its loop turn: other tasks and timers run,
-//! and sockets only the engine can see becoming ready are seen (both drivers). Each test
-//! runs on a thread of its own watched from outside, since a starved runtime cannot
-//! time itself out.
+//! and sockets only the engine can see becoming ready are seen (both drivers); a call the
+//! budget turns away loses nothing. Each test runs on a thread of its own watched from
+//! outside, since a starved runtime cannot time itself out.
 
 mod util;
 
 use std::cell::Cell;
+use std::future::Future;
 use std::io::Write;
 use std::net::UdpSocket;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
+use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::Builder;
@@ -117,5 +119,72 @@ fn a_read_loop_on_a_stream_that_always_has_data_lets_the_timers_through() {
                 assert!(read > 0);
             },
         );
+    }
+}
+
+#[test]
+fn a_group_error_kept_for_the_next_call_survives_a_call_the_budget_turned_away() {
+    for backend in util::BACKENDS {
+        watched(backend, "deferred group error", || async {
+            // Socket 0 has a datagram; socket 1 has an ICMP port unreachable waiting
+            // (connected to a port nobody has, it sent there): the call that takes socket
+            // 0's datagram meets socket 1's error, which comes only once, and keeps it
+            // for the next call.
+            let good = util::bound_loopback();
+            let to = good.local_addr().unwrap();
+            let sender = UdpSocket::bind("127.0.0.1:0").unwrap();
+            sender.send_to(b"first", to).unwrap();
+            let nobody = UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap();
+            let refused = UdpSocket::bind("127.0.0.1:0").unwrap();
+            refused.connect(nobody).unwrap();
+            refused.send(b"anyone?").unwrap();
+            let refused = DatagramSocket::from_std(refused).unwrap();
+            let group = DatagramGroup::new(vec![good, refused]);
+            // A group of one never-bound socket: each of its calls fails at once, and
+            // spends a unit of the poll's budget.
+            let spender = DatagramGroup::new(vec![DatagramSocket::new()]);
+            let mut out = Vec::new();
+            let n = group.recv_batch(&mut out, 8).await.unwrap();
+            assert_eq!(n, 1);
+            assert_eq!(out[0].0, 0);
+            assert_eq!(&*out[0].1, b"first");
+            let mut spent = 0;
+            let turned_away = std::future::poll_fn(|cx| {
+                // In one poll: failing calls until the budget says Pending, then one
+                // call of the group, polled once and dropped.
+                loop {
+                    let mut scratch = Vec::new();
+                    let mut spend = std::pin::pin!(spender.recv_batch(&mut scratch, 1));
+                    match spend.as_mut().poll(cx) {
+                        Poll::Ready(got) => {
+                            assert!(got.is_err());
+                            spent += 1;
+                        }
+                        Poll::Pending => break,
+                    }
+                }
+                let mut batch = Vec::new();
+                let mut call = std::pin::pin!(group.recv_batch(&mut batch, 8));
+                Poll::Ready(call.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(turned_away, "the budget turned the group call away");
+            assert!(spent >= 1, "the failing calls spent the budget");
+            util::yield_now().await;
+            // The error was kept: without it the call would wait for a datagram.
+            let err =
+                ringsock::runtime::timeout(util::MUST_HAPPEN / 2, group.recv_batch(&mut out, 8))
+                    .await
+                    .expect("the kept error comes with the next call")
+                    .unwrap_err();
+            assert_eq!(
+                err.status(),
+                ringsock::SocketErrorStatus::ConnectionRefused,
+                "{err}"
+            );
+        });
     }
 }
