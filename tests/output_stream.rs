@@ -482,3 +482,42 @@ fn shutdown_write_sends_the_queued_writes_before_the_fin() {
         assert!(failed, "a write after shutdown_write was sent");
     });
 }
+
+#[test]
+fn shutdown_write_on_a_reset_connection_fails_with_the_reset_and_sends_nothing() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        util::reset(peer);
+        // The reset has come once a read says so.
+        let (read, _) = util::must("the reset", client.read(Vec::with_capacity(16))).await;
+        let err = read.expect_err("a read after the peer's reset");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::ConnectionResetByPeer,
+            "{backend}: {err}"
+        );
+        // Writes queued after it: shutdown_write tries to send them first, and fails.
+        let out = client.output_stream();
+        let queued = out.write_copy(b"never sent").await;
+        let err = util::must("shutdown_write", client.shutdown_write())
+            .await
+            .expect_err("shutdown_write on a reset connection");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::ConnectionResetByPeer,
+            "{backend}: {err}"
+        );
+        // The queued write reports its failure too (when it was queued at all).
+        if let Ok(handle) = queued {
+            let sent = util::must("the queued write's result", handle).await;
+            assert!(
+                sent.is_err(),
+                "{backend}: a write on a reset connection was sent"
+            );
+        }
+        // A second shutdown_write fails again, at once.
+        let again = util::must("shutdown_write again", client.shutdown_write()).await;
+        assert!(again.is_err(), "{backend}: the second shutdown_write");
+    });
+}
