@@ -31,7 +31,9 @@ pub enum Spin {
     /// with nothing caught (4 of its last 32) is fed in bursts, where a sleep would
     /// gather the next burst into one wake-up anyway: it stops spinning and only looks
     /// every 16th wait, and a look that catches its event lets it spin again, until the
-    /// next miss.
+    /// next miss. A loop that a probe let spin and that misses often again within 16
+    /// spins (the next burst's end) probes twice as far apart, up to every 256th wait;
+    /// 16 spins without that bring its probes back to every 16th wait.
     Adaptive(Duration),
 }
 
@@ -71,7 +73,7 @@ impl Spin {
                 // A loop the misses stopped probes at its own pace: its quick looks after
                 // a miss are what kept missing.
                 let look_every = if waits.misses_often() {
-                    waits.missed.max(PROBE_AFTER_MISSES)
+                    waits.missed.max(waits.probe_gap())
                 } else if waits.missed > 0 {
                     waits.missed
                 } else {
@@ -106,6 +108,7 @@ impl Spin {
         let probing = std::mem::take(&mut waits.probing);
         if std::mem::take(&mut waits.spinning) {
             waits.spin_misses = (waits.spin_misses << 1) | u32::from(missed);
+            waits.judge_probation();
         }
         if missed {
             // A look from a loop already sleeping by the average keeps to its own pace.
@@ -126,6 +129,7 @@ impl Spin {
             // a round trip that was late a few times spins on as those misses age out.
             if std::mem::take(&mut waits.probing_after_misses) {
                 waits.spin_misses &= waits.spin_misses.wrapping_sub(1);
+                waits.probation_spins = 1;
             }
             return;
         }
@@ -151,6 +155,12 @@ pub(super) struct Waits {
     spin_misses: u32,
     /// The coming wait follows a probe taken because the spins missed often.
     probing_after_misses: bool,
+    /// Spins since a probe's catch let the loop spin again, while fewer than
+    /// [`PROBATION_SPINS`] (0: not on probation).
+    probation_spins: u32,
+    /// Waits between the probes of a loop the misses stopped, beyond
+    /// [`PROBE_AFTER_MISSES`] (0: that).
+    stopped_probe_gap: u32,
 }
 
 /// Misses among the last 32 spins at which the loop stops spinning by the average.
@@ -161,7 +171,39 @@ const MISSES_TO_STOP: u32 = 4;
 /// times in a row is slept through for a few round trips only.
 const PROBE_AFTER_MISSES: u32 = 16;
 
+/// Spins after a probe's catch within which a stop again counts against the probes.
+const PROBATION_SPINS: u32 = 16;
+
+/// Longest gap between the probes of a loop the misses keep stopping: a relay fed in
+/// bursts, whose every resumption ends at the next burst's end, probes a few times a
+/// second rather than every few bursts.
+const MAX_PROBE_AFTER_MISSES: u32 = 256;
+
 impl Waits {
+    fn probe_gap(&self) -> u32 {
+        self.stopped_probe_gap.max(PROBE_AFTER_MISSES)
+    }
+
+    /// After a spin of a loop that a probe let spin again: misses that stop it again
+    /// within [`PROBATION_SPINS`] say the pattern that stopped it is still there (a
+    /// burst end), so its probes come twice as far apart; that many spins without say
+    /// the events come back fast again (a round trip late a few times), and the gap is
+    /// reset.
+    fn judge_probation(&mut self) {
+        if self.probation_spins == 0 {
+            return;
+        }
+        if self.misses_often() {
+            self.probation_spins = 0;
+            self.stopped_probe_gap = (self.probe_gap() * 2).min(MAX_PROBE_AFTER_MISSES);
+        } else if self.probation_spins >= PROBATION_SPINS {
+            self.probation_spins = 0;
+            self.stopped_probe_gap = PROBE_AFTER_MISSES;
+        } else {
+            self.probation_spins += 1;
+        }
+    }
+
     /// Whether the loop's spins often end with nothing caught: events that come in bursts
     /// (a relay fed every millisecond, whose every burst ends in a look that finds
     /// nothing), where a sleep would also gather the next burst into one wake-up. A
@@ -414,6 +456,51 @@ mod tests {
             );
             policy.record(&mut waits, Duration::from_micros(15), false);
         }
+    }
+
+    #[test]
+    fn probes_that_keep_leading_back_to_misses_come_ever_further_apart() {
+        let limit = Duration::from_micros(30);
+        let policy = Spin::Adaptive(limit);
+        // A relay fed a burst every millisecond, whose looks catch its datagrams 25 us
+        // apart and miss at every burst's end: each probe that catches buys spins that
+        // end in a miss at the next burst's end.
+        let mut waits = waits_of(Duration::from_micros(25));
+        let mut spins_in_bursts = Vec::new();
+        for _ in 0..400 {
+            let mut spins = 0;
+            for _ in 0..4 {
+                let spun = policy.budget(&mut waits).is_some();
+                spins += usize::from(spun);
+                policy.record(&mut waits, Duration::from_micros(25), false);
+            }
+            let end = policy.budget(&mut waits);
+            spins += usize::from(end.is_some());
+            policy.record(&mut waits, Duration::from_micros(900), end.is_some());
+            spins_in_bursts.push(spins);
+        }
+        // Once the gap has grown, a probe comes every 256 waits (about 50 bursts) and
+        // buys a burst or a few of spinning: a few dozen spins in 200 bursts, where
+        // probes every 16 waits would buy about 300, and spinning through every burst
+        // 1,000.
+        let late: usize = spins_in_bursts[200..].iter().sum();
+        assert!(late <= 60, "spins in the last 200 bursts: {late}");
+        assert_eq!(waits.probe_gap(), MAX_PROBE_AFTER_MISSES);
+
+        // Round trips that come back in 15 us again: a probe catches one, the loop spins
+        // on, and once the misses age out its next stop probes at the first gap again.
+        let mut slept = 0;
+        while policy.budget(&mut waits).is_none() {
+            policy.record(&mut waits, Duration::from_micros(60), false);
+            slept += 1;
+            assert!(slept <= MAX_PROBE_AFTER_MISSES, "no probe");
+        }
+        policy.record(&mut waits, Duration::from_micros(15), false);
+        for _ in 0..40 {
+            assert!(policy.budget(&mut waits).is_some(), "the round trip spins");
+            policy.record(&mut waits, Duration::from_micros(15), false);
+        }
+        assert_eq!(waits.probe_gap(), PROBE_AFTER_MISSES);
     }
 
     #[test]
