@@ -4,6 +4,7 @@
 
 mod util;
 
+use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Duration;
 
@@ -461,5 +462,49 @@ fn writes_racing_on_one_socket_never_land_in_each_others_middle() {
         // Three runs: each call's bytes arrive together.
         let runs = 1 + got.windows(2).filter(|pair| pair[0] != pair[1]).count();
         assert_eq!(runs, 3, "{backend}: the writes interleaved");
+    });
+}
+
+#[test]
+fn the_longest_line_holds_whether_a_long_line_comes_whole_or_in_pieces() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::std_listener();
+        let (socket, mut peer) = util::pair_with_std_peer(&listener).await;
+        let mut input = socket.input_stream();
+        input.set_max_line_length(10);
+        // A short segment: the line and its newline come in one read.
+        let whole = b"twenty bytes of line\n";
+        // A long one: it may come in many.
+        let mut long = vec![b'x'; 60_000];
+        long.push(b'\n');
+        for line in [&whole[..], &long] {
+            peer.write_all(line).unwrap();
+            let err = util::must("a long line", input.read_line())
+                .await
+                .expect_err("a line over the limit");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::InvalidArgument,
+                "{backend}: {err}"
+            );
+            // Its bytes stay for read() to skip.
+            let mut skipped = 0;
+            while skipped < line.len() {
+                let chunk = util::must("skip", input.read(line.len() - skipped))
+                    .await
+                    .unwrap();
+                assert!(!chunk.is_empty());
+                skipped += chunk.len();
+            }
+        }
+        peer.write_all(b"0123456789\r\nshort\n").unwrap();
+        let at_limit = util::must("a line at the limit", input.read_line()).await;
+        assert_eq!(
+            at_limit.unwrap().as_deref(),
+            Some("0123456789"),
+            "{backend}"
+        );
+        let short = util::must("a short line", input.read_line()).await;
+        assert_eq!(short.unwrap().as_deref(), Some("short"), "{backend}");
     });
 }

@@ -65,7 +65,9 @@ impl InputStream {
     }
 
     /// Sets the longest line [`read_line`](Self::read_line) accepts (default 1 MiB), so a
-    /// peer that never sends a newline cannot make the buffer grow without bound.
+    /// peer that never sends a newline cannot make the buffer grow without bound. A longer
+    /// line (its newline not counted) fails `read_line` with InvalidArgument however its
+    /// bytes arrived; they stay buffered, for [`read`](Self::read) to take or skip.
     pub fn set_max_line_length(&mut self, bytes: usize) {
         self.max_line = bytes.max(1);
     }
@@ -111,7 +113,17 @@ impl InputStream {
         let mut searched = 0;
         loop {
             if let Some(pos) = self.buffer[searched..].iter().position(|&b| b == b'\n') {
-                let mut line = self.buffer.split_to(searched + pos + 1);
+                let end = searched + pos;
+                let body = match end.checked_sub(1) {
+                    Some(before) if self.buffer[before] == b'\r' => before,
+                    _ => end,
+                };
+                // However the bytes arrived: a long line that came whole in one read is
+                // as long as one that came in many.
+                if body > self.max_line {
+                    return Err(self.line_too_long());
+                }
+                let mut line = self.buffer.split_to(end + 1);
                 line.truncate(line.len() - 1);
                 if line.last() == Some(&b'\r') {
                     line.truncate(line.len() - 1);
@@ -120,10 +132,7 @@ impl InputStream {
             }
             searched = self.buffer.len();
             if searched > self.max_line {
-                return Err(Error::invalid_input(format!(
-                    "line longer than {} bytes",
-                    self.max_line
-                )));
+                return Err(self.line_too_long());
             }
             if !self.fill().await? {
                 if self.buffer.is_empty() {
@@ -133,6 +142,10 @@ impl InputStream {
                 return utf8(line).map(Some);
             }
         }
+    }
+
+    fn line_too_long(&self) -> Error {
+        Error::invalid_input(format!("line longer than {} bytes", self.max_line))
     }
 
     /// Up to `max` bytes: what is buffered, else one read. Empty at end of stream, and
