@@ -898,3 +898,40 @@ fn a_message_stream_dropped_with_datagrams_taken_loses_none() {
         }
     });
 }
+
+#[test]
+fn port_zero_is_no_destination_for_a_send_or_a_connect() {
+    util::on_each_backend(|backend| async move {
+        let socket = bound_v4();
+        let zero = SocketAddr::new(V4, 0);
+        let (sent, _) = socket.send_to_addr(b"x".to_vec(), zero).await;
+        let err = sent.expect_err("a send to port 0");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{backend}: {err}"
+        );
+        let err = socket
+            .connect_addr(zero)
+            .await
+            .expect_err("a connect to port 0");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{backend}: {err}"
+        );
+        // The socket is as it was: not connected, so a send without an address fails.
+        let (sent, _) = socket.send(b"x".to_vec()).await;
+        assert!(sent.is_err(), "{backend}: a send on an unconnected socket");
+        let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), 0);
+        let err = DatagramSocket::new()
+            .connect_addr(v6)
+            .await
+            .expect_err("[::1]:0");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{backend}: {err}"
+        );
+    });
+}

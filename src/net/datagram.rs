@@ -414,8 +414,14 @@ impl DatagramSocket {
         }))
     }
 
-    /// Sets the default remote end to one socket address.
+    /// Sets the default remote end to one socket address. Port 0 is InvalidArgument:
+    /// no datagram can go there.
     pub async fn connect_addr(&self, addr: SocketAddr) -> Result<()> {
+        if addr.port() == 0 {
+            return Err(Error::invalid_input(format!(
+                "connect to {addr}: port 0 is no destination"
+            )));
+        }
         let fd = self.socket_for(&addr)?;
         let target = for_family(addr, self.ipv6.get());
         // A UDP connect only records the peer: it completes at once, without traffic.
