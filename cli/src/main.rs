@@ -38,6 +38,7 @@ macro_rules! eprintln {
 }
 
 mod conn_limit;
+mod echo_limit;
 mod log_limit;
 mod serve;
 mod tunnel;
@@ -191,10 +192,17 @@ struct EchoServerArgs {
     #[arg(long, value_name = "ADDR:PORT")]
     tcp: Option<SocketAddr>,
     /// UDP address to echo datagrams on, e.g. 127.0.0.1:0. Datagrams from a port below
-    /// 1024 (a service's) or from the server's own address are dropped and logged: an
-    /// echo to them could go round for ever.
+    /// 1024 (a service's), or from an address the server receives on (on a wildcard
+    /// address: any of this host's with its port), are dropped and logged: an echo to
+    /// them could go round for ever.
     #[arg(long, value_name = "ADDR:PORT")]
     udp: Option<SocketAddr>,
+    /// Echo at most N datagrams a second to each source address, in bursts of up to N
+    /// (0: no limit); the rest are dropped and counted in the log. A forged datagram that
+    /// sets this server and another echo server answering each other dies out once they
+    /// answer faster than this, and forged sources get no more than this each.
+    #[arg(long, value_name = "N", default_value = "10000", requires = "udp")]
+    udp_rate: u32,
     /// Serve TLS on --tcp with this certificate chain (PEM, end-entity first).
     #[arg(long, value_name = "FILE", requires_all = ["tcp", "tls_key"])]
     tls_cert: Option<PathBuf>,
@@ -564,6 +572,7 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
             idle_timeout: args.idle_timeout.0,
             write_timeout: args.write_timeout.0,
             max_connections: args.max_connections.map(|n| (n as usize).div_ceil(threads)),
+            udp_rate: args.udp_rate,
         },
     )
 }
@@ -609,8 +618,9 @@ fn timeouts_line(counts: TimeoutCounts) -> String {
 /// Sends every datagram back to its sender, taking every ready datagram at once. On a
 /// wildcard address each reply leaves from the address its request came to (a client
 /// behind a NAT, or of a multi-homed host, drops a reply from another one).
-async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
+async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog, udp_rate: u32) {
     let local = socket.local_addr().ok();
+    let mut limit = echo_limit::EchoLimit::new(udp_rate);
     let wildcard = local.is_some_and(|addr| addr.ip().is_unspecified());
     if wildcard {
         if let Err(err) = socket.control().set_receive_destination(true) {
@@ -637,11 +647,21 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
             continue;
         }
         failures = 0;
+        let now = std::time::Instant::now();
         for datagram in batch.drain(..) {
             let to = datagram.remote_addr();
             if let Some(why) = local.and_then(|local| reflection(&datagram, local)) {
                 log.line(format!("dropped a datagram from {to}: {why}"));
                 continue;
+            }
+            if let Some(limit) = limit.as_mut() {
+                if !limit.allow(to, now) {
+                    log.line(format!(
+                        "dropped a datagram from {to}: over {} a second from one source",
+                        limit.per_second()
+                    ));
+                    continue;
+                }
             }
             let options = SendOptions::reply_to(&datagram);
             let (sent, _) = socket
@@ -654,8 +674,9 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog) {
     }
 }
 
-/// Why a datagram must not be echoed, if it must not: its source is the very address it
-/// was sent to (a forged datagram that would have the server echo to itself for ever),
+/// Why a datagram must not be echoed, if it must not: its source is an address this
+/// server receives on (a forged datagram that would have the server echo to itself for
+/// ever: on a wildcard address, from any address of this host with the server's port),
 /// or a port below 1024, where services live and clients do not send from (a forged
 /// datagram that would set this server and another service, an NTP or another echo
 /// server say, answering each other for ever).
@@ -664,11 +685,19 @@ fn reflection(datagram: &ringsock::Datagram, local: SocketAddr) -> Option<&'stat
     if from.port() < 1024 {
         return Some("a service port (no client sends from one; an answer could loop)");
     }
-    // On a wildcard address the destination comes with the datagram (IP_PKTINFO).
-    let to_ip = datagram.local_ip().unwrap_or(local.ip());
-    let plain = |ip: std::net::IpAddr| ip.to_canonical();
-    (from.port() == local.port() && plain(from.ip()) == plain(to_ip))
-        .then_some("this server's own address (the echo would come back to it for ever)")
+    let ip = from.ip().to_canonical();
+    let own = from.port() == local.port()
+        && match local.ip().is_unspecified() {
+            true => is_this_hosts(ip),
+            false => ip == local.ip().to_canonical(),
+        };
+    own.then_some("this server's own address (the echo would come back to it for ever)")
+}
+
+/// Whether `ip` is an address of this host: one a socket can bind to. Asked only of
+/// datagrams from the server's own port, which clients do not send from.
+fn is_this_hosts(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 /// Echoes until the client half-closes, then closes this side.

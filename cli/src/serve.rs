@@ -142,6 +142,8 @@ pub(crate) struct Settings {
     pub(crate) write_timeout: Option<std::time::Duration>,
     /// Connections one thread serves at once.
     pub(crate) max_connections: Option<usize>,
+    /// Echoes a second per UDP source address (0: no limit).
+    pub(crate) udp_rate: u32,
 }
 
 /// One thread's share of the sockets.
@@ -463,7 +465,8 @@ async fn serve_thread(
         .map(|socket| {
             let socket = socket.clone();
             let log = logs.udp.clone();
-            ringsock::spawn(async move { udp_echo(&socket, &log).await })
+            let udp_rate = settings.udp_rate;
+            ringsock::spawn(async move { udp_echo(&socket, &log, udp_rate).await })
         })
         .collect();
     if thread == 0 {

@@ -285,27 +285,40 @@ fn a_second_server_on_a_port_one_serves_is_refused() {
 }
 
 /// Sends `payload` to 127.0.0.1:`port` as a datagram whose source is 127.0.0.1:`port`
-/// itself, as a forger would, through a raw socket (the tests run as root).
+/// itself, as a forger would.
 fn forge_from_itself(port: u16, payload: &[u8]) {
+    forge(([127, 0, 0, 1], port), ([127, 0, 0, 1], port), payload);
+}
+
+/// Sends `payload` to `to` as a datagram whose source is `from` (an address of this
+/// host), as a forger would, through a raw socket bound to it (the tests run as root).
+fn forge(from: ([u8; 4], u16), to: ([u8; 4], u16), payload: &[u8]) {
+    let sockaddr = |ip: [u8; 4]| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: 0,
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip),
+        },
+        sin_zero: [0; 8],
+    };
+    let len_of = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
     #[allow(unsafe_code)]
     // SAFETY: socket has no memory preconditions; the descriptor is closed below.
     let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW, libc::IPPROTO_UDP) };
     assert!(raw >= 0, "raw socket: {}", std::io::Error::last_os_error());
+    let source = sockaddr(from.0);
+    #[allow(unsafe_code)]
+    // SAFETY: the address is live for the call, with its length.
+    let bound = unsafe { libc::bind(raw, (&source as *const libc::sockaddr_in).cast(), len_of) };
+    assert_eq!(bound, 0, "raw bind: {}", std::io::Error::last_os_error());
     let len = (8 + payload.len()) as u16;
     let mut datagram = Vec::with_capacity(len as usize);
-    datagram.extend_from_slice(&port.to_be_bytes()); // source port
-    datagram.extend_from_slice(&port.to_be_bytes()); // destination port
+    datagram.extend_from_slice(&from.1.to_be_bytes()); // source port
+    datagram.extend_from_slice(&to.1.to_be_bytes()); // destination port
     datagram.extend_from_slice(&len.to_be_bytes());
     datagram.extend_from_slice(&[0, 0]); // no checksum (allowed over IPv4)
     datagram.extend_from_slice(payload);
-    let to = libc::sockaddr_in {
-        sin_family: libc::AF_INET as libc::sa_family_t,
-        sin_port: 0,
-        sin_addr: libc::in_addr {
-            s_addr: u32::from_ne_bytes([127, 0, 0, 1]),
-        },
-        sin_zero: [0; 8],
-    };
+    let destination = sockaddr(to.0);
     #[allow(unsafe_code)]
     // SAFETY: the buffer and the address are live for the call, with their lengths.
     let sent = unsafe {
@@ -314,8 +327,8 @@ fn forge_from_itself(port: u16, payload: &[u8]) {
             datagram.as_ptr().cast(),
             datagram.len(),
             0,
-            (&to as *const libc::sockaddr_in).cast(),
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            (&destination as *const libc::sockaddr_in).cast(),
+            len_of,
         )
     };
     let err = std::io::Error::last_os_error();
@@ -325,6 +338,83 @@ fn forge_from_itself(port: u16, payload: &[u8]) {
         libc::close(raw)
     };
     assert_eq!(sent, datagram.len() as isize, "raw send: {err}");
+}
+
+/// On a wildcard address the server receives on every address of the host: a datagram
+/// forged from another of them, with the server's port, would have it echo to itself.
+#[test]
+fn a_wildcard_udp_echo_server_does_not_answer_another_of_its_addresses() {
+    for backend in BACKENDS {
+        let server = EchoServer::start(
+            &["--udp", "0.0.0.0:0", "--threads", "1", "--backend", backend],
+            &["udp"],
+        );
+        let port: u16 = server.port().parse().unwrap();
+        forge(([127, 0, 0, 2], port), ([127, 0, 0, 1], port), b"loop");
+        server.wait_for_stderr(
+            "the datagram from another of its addresses dropped",
+            |lines| {
+                lines.iter().any(|l| {
+                    l.contains("dropped a datagram from 127.0.0.2") && l.contains("own address")
+                })
+            },
+        );
+        udp_echoes(addr("127.0.0.1", server.port()), &[0, 172]);
+        assert!(server.stop().success(), "{backend}");
+    }
+}
+
+/// Two echo servers on unprivileged ports, set answering each other by one datagram
+/// forged from one to the other: the per-source limit drops it once they answer each
+/// other faster than the limit, and the loop ends; clients are still served.
+#[test]
+fn a_forged_datagram_between_two_echo_servers_dies_at_the_rate_limit() {
+    for backend in BACKENDS {
+        let start = || {
+            EchoServer::start(
+                &[
+                    "--udp",
+                    "127.0.0.1:0",
+                    "--udp-rate",
+                    "100",
+                    "--backend",
+                    backend,
+                ],
+                &["udp"],
+            )
+        };
+        let (first, second) = (start(), start());
+        let ports: Vec<u16> = [&first, &second]
+            .iter()
+            .map(|server| server.port().parse().unwrap())
+            .collect();
+        forge(
+            ([127, 0, 0, 1], ports[1]),
+            ([127, 0, 0, 1], ports[0]),
+            b"ping-pong",
+        );
+        let limited = |lines: &[String]| {
+            lines
+                .iter()
+                .any(|l| l.contains("dropped a datagram") && l.contains("over 100 a second"))
+        };
+        // One of them drops it: the one datagram that went round is gone.
+        let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
+        while !limited(&first.stderr()) && !limited(&second.stderr()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{backend}: neither server dropped the datagram going round:\n{}\n{}",
+                first.stderr().join("\n"),
+                second.stderr().join("\n")
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        for server in [&first, &second] {
+            udp_echoes(addr("127.0.0.1", server.port()), &[172]);
+        }
+        assert!(first.stop().success(), "{backend}");
+        assert!(second.stop().success(), "{backend}");
+    }
 }
 
 #[test]
