@@ -201,7 +201,7 @@ struct EchoServerArgs {
     /// (0: no limit); the rest are dropped and counted in the log. A forged datagram that
     /// sets this server and another echo server answering each other dies out once they
     /// answer faster than this, and forged sources get no more than this each.
-    #[arg(long, value_name = "N", default_value = "10000", requires = "udp")]
+    #[arg(long, value_name = "N", default_value = "10000")]
     udp_rate: u32,
     /// Serve TLS on --tcp with this certificate chain (PEM, end-entity first).
     #[arg(long, value_name = "FILE", requires_all = ["tcp", "tls_key"])]
