@@ -548,7 +548,7 @@ fn carried_entry(len: u32, payload: &[u8]) -> Vec<u8> {
     let mut entry = vec![0]; // no sender
     entry.extend_from_slice(&0u16.to_le_bytes()); // port
     entry.push(0); // truncated
-    entry.extend_from_slice(&0u32.to_le_bytes()); // original length
+    entry.extend_from_slice(&len.to_le_bytes()); // original length
     entry.push(0); // no destination
     entry.extend_from_slice(&u16::MAX.to_le_bytes()); // no tos
     entry.extend_from_slice(&0u32.to_le_bytes()); // interface
@@ -782,6 +782,36 @@ fn hostile_messages() -> Vec<Hostile> {
         hostile(
             "a 4 GiB datagram",
             datagram_hand_over(1, &carried_entry(u32::MAX, &[])),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a whole datagram longer than its original length",
+            datagram_hand_over(1, &{
+                let mut entry = carried_entry(3, b"abc");
+                entry[4..8].copy_from_slice(&4_294_967_295u32.to_le_bytes());
+                entry
+            }),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a whole datagram longer than its GRO segment size",
+            datagram_hand_over(1, &{
+                let mut entry = carried_entry(3, b"abc");
+                entry[23..25].copy_from_slice(&1u16.to_le_bytes());
+                entry
+            }),
+            || vec![udp_fd()],
+            InvalidArgument,
+        ),
+        hostile(
+            "a traffic class over 255",
+            datagram_hand_over(1, &{
+                let mut entry = carried_entry(3, b"abc");
+                entry[9..11].copy_from_slice(&256u16.to_le_bytes());
+                entry
+            }),
             || vec![udp_fd()],
             InvalidArgument,
         ),

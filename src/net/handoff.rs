@@ -441,6 +441,10 @@ mod carried {
     const MAX_DATAGRAMS: u32 = 1 << 20;
     /// Largest datagram payload (IPv6's UDP maximum).
     const MAX_LEN: u32 = 65_535;
+    /// Most payload bytes one hand-over carries in all, as for a stream's carried bytes
+    /// (several full receive rings): the count and the length bounds alone would let a
+    /// hostile peer make the taker hold 64 GiB.
+    const MAX_TOTAL: usize = 4 * super::MAX_CARRIED_BYTES;
 
     fn put_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
         match ip {
@@ -461,6 +465,12 @@ mod carried {
             .ok()
             .filter(|&n| n <= MAX_DATAGRAMS)
             .ok_or_else(|| Error::invalid_input("too many datagrams to hand over"))?;
+        let total: usize = datagrams.iter().map(|d| d.data.len()).sum();
+        if total > MAX_TOTAL {
+            return Err(Error::invalid_input(format!(
+                "{total} bytes of received datagrams to hand over: more than {MAX_TOTAL}"
+            )));
+        }
         let mut out = count.to_le_bytes().to_vec();
         for d in datagrams {
             put_ip(&mut out, d.addr.map(|a| a.ip()));
@@ -484,57 +494,181 @@ mod carried {
         Ok(bytes)
     }
 
-    fn get_ip(from: &mut impl Read) -> Result<Option<IpAddr>> {
-        Ok(match read::<1>(from)?[0] {
-            0 => None,
-            4 => Some(IpAddr::V4(Ipv4Addr::from(read::<4>(from)?))),
-            6 => Some(IpAddr::V6(Ipv6Addr::from(read::<16>(from)?))),
-            _ => return Err(Error::invalid_input("a bad address in a hand-over")),
-        })
+    /// Bytes of the address a tag announces (none, IPv4, IPv6).
+    fn ip_len(tag: u8) -> Result<usize> {
+        match tag {
+            0 => Ok(0),
+            4 => Ok(4),
+            6 => Ok(16),
+            _ => Err(Error::invalid_input("a bad address in a hand-over")),
+        }
     }
 
+    fn ip_of(bytes: &[u8]) -> Option<IpAddr> {
+        match bytes.len() {
+            4 => Some(IpAddr::V4(Ipv4Addr::from(
+                <[u8; 4]>::try_from(bytes).expect("4 bytes"),
+            ))),
+            16 => Some(IpAddr::V6(Ipv6Addr::from(
+                <[u8; 16]>::try_from(bytes).expect("16 bytes"),
+            ))),
+            _ => None,
+        }
+    }
+
+    /// Takes `N` bytes from the front of `bytes`.
+    fn take<const N: usize>(bytes: &mut &[u8]) -> [u8; N] {
+        let (head, rest) = bytes.split_at(N);
+        *bytes = rest;
+        head.try_into().expect("N bytes")
+    }
+
+    fn invalid(what: &str) -> Error {
+        Error::invalid_input(format!("a hand-over carried {what}"))
+    }
+
+    /// Reads the datagrams back, each in four reads of the channel (its two addresses
+    /// are of variable length), and refuses what the sender could not have written: a
+    /// count, a length or a total over the bounds, or a datagram whose lengths, segment
+    /// size or traffic class contradict each other.
     pub(super) fn decode(from: &mut impl Read) -> Result<Vec<Carried>> {
         let count = u32::from_le_bytes(read(from)?);
         if count > MAX_DATAGRAMS {
-            return Err(Error::invalid_input(
-                "a hand-over announced too many datagrams",
-            ));
+            return Err(invalid("too many datagrams"));
         }
         let mut datagrams = Vec::new();
+        let mut total = 0usize;
+        let mut fixed = [0u8; 16 + 2 + 1 + 4 + 1];
+        let mut tail = [0u8; 16 + 2 + 4 + 8 + 2 + 4];
         for _ in 0..count {
-            let ip = get_ip(from)?;
-            let port = u16::from_le_bytes(read(from)?);
-            let truncated = read::<1>(from)?[0] != 0;
-            let original_len = u32::from_le_bytes(read(from)?) as usize;
-            let destination = get_ip(from)?;
-            let tos = u16::from_le_bytes(read(from)?);
-            let interface = u32::from_le_bytes(read(from)?);
-            let timestamp_ns = u64::from_le_bytes(read(from)?);
-            let gro_segment = u16::from_le_bytes(read(from)?);
-            let len = u32::from_le_bytes(read(from)?);
+            let sender_len = ip_len(read::<1>(from)?[0])?;
+            // The sender's address, its port, the truncation flag, the original length
+            // and the next address's tag.
+            let first = &mut fixed[..sender_len + 8];
+            from.read_exact(first).map_err(super::channel_error)?;
+            let mut rest: &[u8] = first;
+            let sender = ip_of(&rest[..sender_len]);
+            rest = &rest[sender_len..];
+            let port = u16::from_le_bytes(take(&mut rest));
+            let truncated = take::<1>(&mut rest)[0] != 0;
+            let original_len = u32::from_le_bytes(take(&mut rest)) as usize;
+            let destination_len = ip_len(take::<1>(&mut rest)[0])?;
+            // The destination, traffic class, interface, timestamp, segment size and
+            // the payload's length.
+            let second = &mut tail[..destination_len + 20];
+            from.read_exact(second).map_err(super::channel_error)?;
+            let mut rest: &[u8] = second;
+            let destination = ip_of(&rest[..destination_len]);
+            rest = &rest[destination_len..];
+            let tos = u16::from_le_bytes(take(&mut rest));
+            let interface = u32::from_le_bytes(take(&mut rest));
+            let timestamp_ns = u64::from_le_bytes(take(&mut rest));
+            let gro_segment = u16::from_le_bytes(take(&mut rest));
+            let len = u32::from_le_bytes(take(&mut rest));
             if len > MAX_LEN {
-                return Err(Error::invalid_input(
-                    "a hand-over carried an oversized datagram",
-                ));
+                return Err(invalid("an oversized datagram"));
             }
-            let mut data = vec![0u8; len as usize];
+            let len = len as usize;
+            total += len;
+            if total > MAX_TOTAL {
+                return Err(invalid(&format!(
+                    "more than {MAX_TOTAL} bytes of datagrams"
+                )));
+            }
+            // Truncated: it was longer than what came; else exactly as long.
+            let lengths_agree = match truncated {
+                true => original_len > len,
+                false => original_len == len,
+            };
+            if !lengths_agree {
+                return Err(invalid(&format!(
+                    "a datagram of {len} bytes with an original length of {original_len} \
+                     (truncated: {truncated})"
+                )));
+            }
+            // Whole, a segment of a GRO super-datagram is at most the segment size (a
+            // truncated super-datagram comes uncut).
+            if gro_segment != 0 && !truncated && len > usize::from(gro_segment) {
+                return Err(invalid(&format!(
+                    "a datagram of {len} bytes cut from segments of {gro_segment}"
+                )));
+            }
+            let tos = match tos {
+                u16::MAX => None,
+                tos => Some(u8::try_from(tos).map_err(|_| invalid("a bad traffic class"))?),
+            };
+            let mut data = vec![0u8; len];
             from.read_exact(&mut data).map_err(super::channel_error)?;
             let meta = crate::driver::ops_datagram::RecvMeta {
                 destination,
-                tos: u8::try_from(tos).ok(),
+                tos,
                 interface,
                 timestamp_ns,
                 gro_segment,
             };
             datagrams.push(Carried {
                 data: Bytes::from(data),
-                addr: ip.map(|ip| SocketAddr::new(ip, port)),
+                addr: sender.map(|ip| SocketAddr::new(ip, port)),
                 truncated,
                 original_len,
                 meta,
             });
         }
         Ok(datagrams)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use crate::driver::ops_datagram::RecvMeta;
+
+        fn whole(len: usize) -> Carried {
+            Carried {
+                data: Bytes::from(vec![7u8; len]),
+                addr: Some("192.0.2.1:5000".parse().unwrap()),
+                truncated: false,
+                original_len: len,
+                meta: RecvMeta {
+                    destination: Some("::1".parse().unwrap()),
+                    tos: Some(0xb8),
+                    interface: 3,
+                    timestamp_ns: 1,
+                    gro_segment: 0,
+                },
+            }
+        }
+
+        #[test]
+        fn datagrams_come_back_as_they_went() {
+            let sent: Vec<Carried> = (0..50).map(whole).collect();
+            let bytes = encode(&sent).unwrap();
+            let back = decode(&mut &bytes[..]).unwrap();
+            assert_eq!(back.len(), sent.len());
+            for (a, b) in sent.iter().zip(&back) {
+                assert_eq!(
+                    (&a.data, a.addr, a.original_len),
+                    (&b.data, b.addr, b.original_len)
+                );
+                assert_eq!(a.meta, b.meta);
+            }
+        }
+
+        #[test]
+        fn more_than_the_total_is_refused_both_ways() {
+            let count = MAX_TOTAL / MAX_LEN as usize + 1;
+            let sent: Vec<Carried> = (0..count).map(|_| whole(MAX_LEN as usize)).collect();
+            let err = encode(&sent).unwrap_err();
+            assert!(err.to_string().contains("more than"), "{err}");
+            // Written by hand, as a hostile peer would: refused at the datagram that
+            // goes past the total, before its bytes are read.
+            let within = encode(&sent[..count - 1]).unwrap();
+            let mut bytes = (count as u32).to_le_bytes().to_vec();
+            bytes.extend_from_slice(&within[4..]);
+            let last = encode(&sent[..1]).unwrap();
+            bytes.extend_from_slice(&last[4..]);
+            let err = decode(&mut &bytes[..]).unwrap_err();
+            assert!(err.to_string().contains("more than"), "{err}");
+        }
     }
 }
 
