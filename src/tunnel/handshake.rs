@@ -172,12 +172,12 @@ impl Handshake {
             return Outcome::Replayed;
         }
         self.newest_taken = Some(time);
-        if let Some(ours) = self.waiting {
-            // Both sides started at once: the larger random's Init goes on.
-            if ours > theirs {
-                return Outcome::Ignored;
-            }
-            self.waiting = None;
+        // Both sides started at once: the larger random's Init goes on. Ours stays
+        // awaited either way: the Init may be a recording of the peer's from before this
+        // side restarted, and clearing ours would turn the peer's real Response to it
+        // into a replay (a live peer whose Init wins ignores ours, so nothing answers it).
+        if self.waiting.is_some_and(|ours| ours > theirs) {
+            return Outcome::Ignored;
         }
         let mine: [u8; 32] = random(&self.rng);
         let mut body = vec![RESPONSE, 0, 0, 0];
@@ -351,5 +351,33 @@ mod tests {
             _ => panic!("exactly one side answers"),
         };
         established(loser.receive(&winner_reply));
+    }
+
+    #[test]
+    fn a_recorded_init_answered_while_ours_waits_leaves_ours_to_complete() {
+        let mut a = Handshake::new(&[1; 32]);
+        let mut b = Handshake::new(&[1; 32]);
+        // The peer's Init from an earlier run, recorded by an attacker; one whose random
+        // beats ours, so that it is answered.
+        let mut earlier_b = Handshake::new(&[1; 32]);
+        let init_a = a.initiate();
+        let ours = a.waiting.expect("waiting");
+        let recorded = loop {
+            let init = earlier_b.initiate();
+            if init[20..52] > ours[..] {
+                break init;
+            }
+        };
+        answer(a.receive(&recorded));
+        // The live peer answers ours: the session comes up.
+        let (reply, b_session) = answer(b.receive(&init_a));
+        let a_session = established(a.receive(&reply));
+        let mut sealed = vec![0u8; DATA_HEADER];
+        sealed.extend_from_slice(b"hello");
+        a_session.seal(0, &mut sealed).unwrap();
+        assert!(
+            b_session.open(&mut sealed).is_ok(),
+            "the two ends share the session"
+        );
     }
 }
