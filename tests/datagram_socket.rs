@@ -144,8 +144,7 @@ fn oversized_datagram_is_message_too_long() {
         let err = output
             .write(vec![0u8; 65_508])
             .await
-            .err()
-            .expect("refused at write");
+            .expect_err("refused at write");
         assert_eq!(err.status(), SocketErrorStatus::MessageTooLong);
         assert_eq!(output.pending_writes(), 0, "nothing was queued");
         // The stream is still usable.

@@ -149,7 +149,7 @@ fn full_queue_makes_write_wait_and_keeps_order() {
         for i in 0..4u8 {
             assert!(out.try_write(vec![i; 10]).is_ok(), "write {i} fits");
         }
-        let refused = out.try_write(vec![9u8; 10]).err().expect("queue full");
+        let refused = out.try_write(vec![9u8; 10]).expect_err("queue full");
         assert_eq!(refused, vec![9u8; 10]);
         out.flush().await.expect("flush");
         assert_eq!(util::read_exact(&server, 40).await, {
@@ -394,7 +394,7 @@ fn try_write_copy_says_none_when_full_or_closed_and_write_copy_says_why() {
 
         client.close(util::MUST_HAPPEN).await.unwrap();
         assert!(out.try_write_copy(b"late").is_none());
-        let err = out.write_copy(b"late").await.err().expect("closed");
+        let err = out.write_copy(b"late").await.expect_err("closed");
         assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
     });
 }
@@ -419,8 +419,7 @@ fn copied_writes_on_a_datagram_socket_stay_one_datagram_each() {
         let err = out
             .write_copy(&vec![0u8; 70_000])
             .await
-            .err()
-            .expect("too large");
+            .expect_err("too large");
         assert_eq!(err.status(), SocketErrorStatus::MessageTooLong, "{err}");
     });
 }
@@ -446,8 +445,7 @@ fn a_dual_stack_datagram_stream_to_an_ipv4_peer_refuses_what_ipv4_cannot_carry()
             let err = out
                 .write(vec![0u8; 65_508])
                 .await
-                .err()
-                .expect("too large for IPv4");
+                .expect_err("too large for IPv4");
             assert_eq!(err.status(), SocketErrorStatus::MessageTooLong, "{err}");
             assert!(out.try_write(vec![0u8; 65_508]).is_err());
             drop(out.write(vec![3u8; 65_507]).await.unwrap());
@@ -473,13 +471,15 @@ fn shutdown_write_sends_the_queued_writes_before_the_fin() {
         )
         .await;
         assert_eq!(got, b"queued, not flushed");
-        // The sending side is closed: a later write fails, and says so.
-        let late = out.write(&b"late"[..]).await;
-        let failed = match late {
-            Err(_) => true,
-            Ok(handle) => util::must("a late write", handle).await.is_err(),
-        };
-        assert!(failed, "a write after shutdown_write was sent");
+        // The sending side is closed: a later write fails at once, and says so.
+        let err = out
+            .write(&b"late"[..])
+            .await
+            .expect_err("a write after shutdown_write");
+        assert_eq!(err.status(), SocketErrorStatus::BrokenPipe, "{err}");
+        assert!(err.to_string().contains("shut down"), "{err}");
+        assert!(out.try_write(&b"late"[..]).is_err());
+        assert!(out.try_write_copy(b"late").is_none());
     });
 }
 

@@ -168,6 +168,35 @@ fn a_dropped_socket_ends_the_streams_taken_from_it_and_tells_the_peer() {
 }
 
 #[test]
+fn a_stream_of_a_closed_socket_says_it_was_closed_and_of_a_dropped_one_dropped() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        for (how, says) in [("close", "closed"), ("drop", "dropped")] {
+            let (client, _server) = util::connected_pair(&listener).await;
+            let output = client.output_stream();
+            match how {
+                "close" => util::must("close", client.close(Duration::from_secs(5)))
+                    .await
+                    .unwrap(),
+                _ => drop(client),
+            }
+            let err = util::must("a write after it", output.write(b"late".to_vec()))
+                .await
+                .expect_err("a write after the socket ended");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::OperationAborted,
+                "{backend}"
+            );
+            assert!(
+                err.to_string().contains(says),
+                "{backend}: after {how}: {err}"
+            );
+        }
+    });
+}
+
+#[test]
 fn a_zero_byte_stream_read_returns_at_once_and_takes_nothing() {
     util::on_each_backend(|_| async {
         let listener = util::loopback_listener();

@@ -44,6 +44,9 @@ pub(crate) struct Closing {
     pub(crate) outputs: Vec<OutputStream>,
     pub(crate) tls: Option<Rc<TlsSession>>,
     pub(crate) timeouts: Rc<Timeouts>,
+    /// How the program ended it ("the socket was closed", "... dropped"): what a call on
+    /// one of its streams says afterwards.
+    pub(crate) ended_by: &'static str,
 }
 
 impl Closing {
@@ -92,14 +95,18 @@ impl Closing {
     /// now on.
     fn end_streams(self) {
         let Closing {
-            fd, outputs, tls, ..
+            fd,
+            outputs,
+            tls,
+            ended_by,
+            ..
         } = self;
         // Only their own streams and session: a handle of the program's keeps its clone.
         drop((outputs, tls));
         if !fd.is_shared() {
             return;
         }
-        fd.end(Error::from_errno("the socket was dropped", libc::ECANCELED));
+        fd.end(Error::from_errno(ended_by, libc::ECANCELED));
         shut_now(&fd);
     }
 

@@ -336,6 +336,12 @@ impl OutputStream {
         if let Some(why) = fd.ended_why() {
             return Err(why);
         }
+        if fd.is_write_shut() {
+            return Err(Error::from_errno(
+                "write: the sending side was shut down",
+                libc::EPIPE,
+            ));
+        }
         self.inner.transport.check_write(len)?;
         poll_fn(|cx| self.poll_room(len, cx)).await;
         Ok(())
@@ -343,8 +349,8 @@ impl OutputStream {
 
     /// Queues `buf` if there is room, without waiting; gives it back when the queue is full
     /// (or, on a datagram socket, when `buf` is larger than one datagram can be, or when
-    /// the socket was closed on this side: `write` says which, e.g. with status
-    /// MessageTooLong).
+    /// the socket was closed or its sending side shut down on this side: `write` says
+    /// which, e.g. with status MessageTooLong).
     #[inline]
     pub fn try_write(&self, buf: impl Into<Bytes>) -> std::result::Result<WriteHandle, Bytes> {
         let buf = buf.into();
@@ -367,7 +373,11 @@ impl OutputStream {
     /// The queue, when a write of `len` bytes may join it now.
     #[inline]
     fn queue_now(&self, len: usize) -> Option<std::cell::RefMut<'_, State>> {
-        let usable = self.inner.fd.as_ref().is_some_and(|fd| !fd.is_ended());
+        let usable = self
+            .inner
+            .fd
+            .as_ref()
+            .is_some_and(|fd| !fd.is_ended() && !fd.is_write_shut());
         if !usable || self.inner.transport.check_write(len).is_err() {
             return None;
         }
@@ -839,6 +849,15 @@ impl WriteHandle {
     /// The write's result if it is already known.
     pub fn result(&self) -> Option<Result<()>> {
         self.stream.state.borrow().result_of(self.seq)
+    }
+}
+
+impl std::fmt::Debug for WriteHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WriteHandle")
+            .field("write", &self.seq)
+            .field("result", &self.result())
+            .finish()
     }
 }
 

@@ -517,7 +517,7 @@ impl StreamSocket {
     /// socket's input and output streams end with it (their calls fail with
     /// `OperationAborted`); the descriptor is released once they are gone too.
     pub async fn close(mut self, timeout: Duration) -> Result<()> {
-        let Some(closing) = self.closing() else {
+        let Some(closing) = self.closing("the socket was closed") else {
             return Ok(());
         };
         if let Some(ended) = closing.fd.ended() {
@@ -533,7 +533,7 @@ impl StreamSocket {
     /// (`ConnectionResetByPeer`), and whatever is queued either way is dropped. Every
     /// operation still waiting on it (through its streams) fails.
     pub fn abort(mut self) {
-        if let Some(closing) = self.closing() {
+        if let Some(closing) = self.closing("the connection was aborted") {
             ending::abort(
                 &closing.fd,
                 Error::from_errno("the connection was aborted", libc::ECONNABORTED),
@@ -543,7 +543,7 @@ impl StreamSocket {
 
     /// Takes what closing the connection needs out of the socket, stopping its watchdog;
     /// `None` if it never connected.
-    fn closing(&mut self) -> Option<Closing> {
+    fn closing(&mut self, ended_by: &'static str) -> Option<Closing> {
         // A receive of the poll-based traits is cancelled before the close reads.
         #[cfg(any(feature = "tokio", feature = "futures-io"))]
         drop(self.poll_io.get_mut().take());
@@ -555,6 +555,7 @@ impl StreamSocket {
             outputs: outputs.into_iter().flatten().collect(),
             tls: self.tls.take(),
             timeouts: self.options.timeouts.clone(),
+            ended_by,
         })
     }
 
@@ -571,7 +572,7 @@ impl StreamSocket {
 
 impl Drop for StreamSocket {
     fn drop(&mut self) {
-        if let Some(closing) = self.closing() {
+        if let Some(closing) = self.closing("the socket was dropped") {
             closing.in_background();
         }
     }
