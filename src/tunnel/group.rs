@@ -111,7 +111,11 @@ impl TunnelGroup {
             current: None,
             pending: None,
             previous: None,
-            peer: config.peer,
+            // As datagrams' senders are shown (IPv4 as IPv4 on a dual-stack socket): a
+            // peer configured as [::ffff:a.b.c.d] that never moves is not a roam.
+            peer: config
+                .peer
+                .map(|peer| SocketAddr::new(peer.ip().to_canonical(), peer.port())),
         };
         TunnelGroup {
             shared: Arc::new(Shared {
@@ -172,7 +176,7 @@ impl TunnelGroup {
         lock(&self.shared.members).addr
     }
 
-    /// The peer's address, configured or learned.
+    /// The peer's address, configured or learned (an IPv4-mapped IPv6 address as IPv4).
     pub fn peer(&self) -> Option<SocketAddr> {
         lock(&self.shared.keys).peer
     }
@@ -203,5 +207,23 @@ impl Shared {
         let result = change(keys);
         self.epoch.fetch_add(1, Ordering::Release);
         result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::PresharedKey;
+
+    #[test]
+    fn a_peer_configured_ipv4_mapped_is_kept_as_its_datagrams_will_show_it() {
+        let key = PresharedKey::from_hex(&"11".repeat(32)).unwrap();
+        let config = TunnelConfig::new(
+            "[::]:0".parse().unwrap(),
+            Some("[::ffff:10.9.0.2]:51820".parse().unwrap()),
+            key,
+        );
+        let group = TunnelGroup::new(config);
+        assert_eq!(group.peer(), Some("10.9.0.2:51820".parse().unwrap()));
     }
 }
