@@ -150,6 +150,10 @@ socket_error_status! {
     /// takes ([`RESOLVER_QUEUE`](crate::host::RESOLVER_QUEUE)); the lookup was refused
     /// at once. Retrying later may work.
     ResolverQueueFull,
+    /// ringsock addition: after the TLS handshake, the peer sent what TLS forbids: a
+    /// record that fails authentication (corrupt or forged on the way), a malformed
+    /// message, a protocol violation. The connection carries nothing more.
+    TlsProtocolError,
 }
 
 /// The one public error type of ringsock.
@@ -389,6 +393,7 @@ impl SocketErrorStatus {
             | S::CertificateIsInvalid
             | S::ClientCertificateRequired
             | S::TlsHandshakeFailed
+            | S::TlsProtocolError
             | S::InvalidFile => io::ErrorKind::InvalidData,
             _ => io::ErrorKind::Other,
         }
@@ -725,7 +730,7 @@ mod tests {
 
     #[test]
     fn status_display_is_the_variant_name() {
-        assert_eq!(SocketErrorStatus::ALL.len(), 43);
+        assert_eq!(SocketErrorStatus::ALL.len(), 44);
         for status in SocketErrorStatus::ALL {
             assert_eq!(status.to_string(), format!("{status:?}"));
         }

@@ -4,8 +4,11 @@
 mod tls_certs;
 mod util;
 
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use ringsock::runtime::timeout;
@@ -787,5 +790,71 @@ fn a_tls_input_stream_dropped_with_lines_buffered_gives_them_back() {
         }
         assert_eq!(socket.input_stream().read_line().await.unwrap(), None);
         drop(server.await.unwrap());
+    });
+}
+
+/// Relays TCP between a client and `server`, corrupting the server's bytes once `corrupt`
+/// is set (the last byte of each chunk read): a record tampered with on the way.
+fn tampering_relay(server: std::net::SocketAddr, corrupt: Arc<AtomicBool>) -> u16 {
+    let relay = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = relay.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let (client, _) = relay.accept().unwrap();
+        let upstream = std::net::TcpStream::connect(server).unwrap();
+        let (mut from_client, mut to_server) =
+            (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut from_client, &mut to_server));
+        let (mut from_server, mut to_client) = (upstream, client);
+        let mut buf = [0u8; 16 * 1024];
+        while let Ok(n @ 1..) = from_server.read(&mut buf) {
+            if corrupt.load(Ordering::Acquire) {
+                buf[n - 1] ^= 0xff;
+            }
+            if to_client.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    port
+}
+
+#[test]
+fn a_record_tampered_with_after_the_handshake_is_a_tls_protocol_error() {
+    util::on_each_backend(|backend| async move {
+        let ca = Ca::new("ringsock test CA");
+        let (listener, _) = listen();
+        let server_addr = listener.local_addr().unwrap();
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await?;
+            socket.accept_tls(&acceptor).await?;
+            let mut input = socket.input_stream();
+            // Answers once the client says the relay tampers from now on.
+            input.read_line().await?;
+            socket
+                .write_all(b"a reply the relay corrupts\n".to_vec())
+                .await
+                .0?;
+            let _ = input.read_line().await;
+            Ok::<_, Error>(())
+        });
+        let corrupt = Arc::new(AtomicBool::new(false));
+        let relay = tampering_relay(server_addr, corrupt.clone()).to_string();
+        let socket = client(&ca.roots(), None);
+        socket
+            .connect_with(&localhost(), &relay, ProtectionLevel::Tls12)
+            .await
+            .unwrap();
+        corrupt.store(true, Ordering::Release);
+        socket.write_all(b"go\n".to_vec()).await.0.unwrap();
+        let read = util::must("the tampered reply", socket.input_stream().read_line()).await;
+        let (status, message) = status_of(read);
+        assert_eq!(
+            status,
+            SocketErrorStatus::TlsProtocolError,
+            "{backend}: {message}"
+        );
+        drop(socket);
+        let _ = util::must("the server", server).await;
     });
 }

@@ -47,7 +47,7 @@ pub(crate) fn map(err: &rustls::Error, at: Situation) -> Error {
             format!("the peer has no TLS version or algorithm in common with us ({why:?})"),
         ),
         other if at.handshaking => (S::TlsHandshakeFailed, other.to_string()),
-        other => (S::Unknown, other.to_string()),
+        other => (S::TlsProtocolError, other.to_string()),
     };
     Error::tls(status, message)
 }
@@ -248,7 +248,7 @@ mod tests {
         };
         assert_eq!(
             map(&rustls::Error::DecryptError, data_phase).status(),
-            S::Unknown
+            S::TlsProtocolError
         );
     }
 }

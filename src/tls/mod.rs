@@ -36,7 +36,9 @@
 //! A failed handshake is an [`Error::Tls`](crate::Error::Tls) whose status names the
 //! problem like Windows does: `CertificateExpired`, `CertificateUntrustedRoot`,
 //! `CertificateCommonNameIsIncorrect`, `CertificateWrongUsage`, `CertificateRevoked`,
-//! `CertificateIsInvalid`, `ClientCertificateRequired`, else `TlsHandshakeFailed`.
+//! `CertificateIsInvalid`, `ClientCertificateRequired`, else `TlsHandshakeFailed`. After
+//! the handshake, a record that fails authentication or a message that breaks the
+//! protocol is `TlsProtocolError`.
 //!
 //! # Limitations
 //!

@@ -382,7 +382,7 @@ impl TlsSession {
     fn situation_status(&self) -> SocketErrorStatus {
         match self.phase.get() {
             Phase::Handshaking => SocketErrorStatus::TlsHandshakeFailed,
-            _ => SocketErrorStatus::Unknown,
+            _ => SocketErrorStatus::TlsProtocolError,
         }
     }
 
