@@ -156,6 +156,13 @@ pub(crate) fn prepend(bytes: &mut bytes::Bytes, front: bytes::Bytes) {
     *bytes = joined.freeze();
 }
 
+/// Puts `back` after the bytes of `bytes` (bytes a dropped receive took, behind those
+/// taken before it).
+pub(crate) fn append(bytes: &mut bytes::Bytes, back: bytes::Bytes) {
+    let front = std::mem::replace(bytes, back);
+    prepend(bytes, front);
+}
+
 /// Copies as much of `src` as fits into the spare capacity of `buf` (after its
 /// `bytes_init` bytes), marks it initialised and returns how many bytes were copied.
 pub(crate) fn fill_spare<B: IoBufMut>(buf: &mut B, src: &[u8]) -> usize {

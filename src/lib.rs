@@ -62,7 +62,9 @@
 //! An operation's buffers belong to it until the kernel is done with them, so no use of
 //! this API lets the kernel write into memory the program got back. Dropping a pending
 //! receive cancels it; bytes it had already taken stay with the socket for the next
-//! receive. `std::mem::forget` on a pending operation is safe too, but nothing is told
+//! receive (on io_uring a stream receive dropped in the poll that queued it may still
+//! run before its cancel: the socket keeps it until it is done, and the next receive
+//! hands out what it took first, in order). `std::mem::forget` on a pending operation is safe too, but nothing is told
 //! to stop it: on io_uring a forgotten read still completes in the kernel, into the
 //! operation's own buffer, and the bytes it took are lost to the program (on epoll a
 //! read that was never resumed took nothing). Drop operations; do not forget them.

@@ -5,6 +5,7 @@
 mod util;
 
 use std::rc::Rc;
+use std::task::Poll;
 use std::time::Duration;
 
 use ringsock::runtime::timeout;
@@ -286,5 +287,45 @@ fn dropped_line_read_keeps_the_bytes_already_buffered() {
         server.write_all(b"ld".to_vec()).await.0.unwrap();
         let word = util::must("read_exact", input.read_exact(5)).await.unwrap();
         assert_eq!(&word[..], b"world");
+    });
+}
+
+#[test]
+fn reads_dropped_with_bytes_waiting_lose_none_and_keep_the_order() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::std_listener();
+        let (socket, mut peer) = util::pair_with_std_peer(&listener).await;
+        let mut expected = Vec::new();
+        let mut got = Vec::new();
+        for round in 0..300u32 {
+            let chunk = round.to_le_bytes().repeat(1 + round as usize % 7);
+            std::io::Write::write_all(&mut peer, &chunk).unwrap();
+            expected.extend_from_slice(&chunk);
+            // Polled once and dropped with the bytes waiting: on io_uring the receive is
+            // queued then, and the kernel runs it before the cancel that follows it.
+            let drops = 1 + round as usize % 3;
+            for _ in 0..drops {
+                let mut read = std::pin::pin!(socket.read(Vec::with_capacity(16)));
+                if let Poll::Ready((result, buf)) = util::poll_once(read.as_mut()).await {
+                    result.unwrap();
+                    got.extend_from_slice(&buf);
+                }
+            }
+            if round % 5 == 4 && got.len() < expected.len() {
+                let (result, buf) = util::must("a read", socket.read(Vec::with_capacity(8))).await;
+                assert!(result.unwrap() > 0, "{backend}: end of stream");
+                got.extend_from_slice(&buf);
+            }
+        }
+        while got.len() < expected.len() {
+            let read = socket.read(Vec::with_capacity(4096));
+            let (result, buf) = util::must("the bytes left", read).await;
+            assert!(result.unwrap() > 0, "{backend}: end of stream");
+            got.extend_from_slice(&buf);
+        }
+        assert!(
+            got == expected,
+            "{backend}: the bytes differ from what was sent"
+        );
     });
 }

@@ -66,6 +66,7 @@ pub(crate) mod buf_pool;
 pub(crate) mod caps;
 pub(crate) mod cmsg;
 pub(crate) mod current;
+pub(crate) mod dropped_read;
 pub(crate) mod fd;
 pub(crate) mod file_io;
 pub(crate) mod forward;

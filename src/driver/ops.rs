@@ -4,6 +4,7 @@
 //! Upper layers call only these. Results are `io::Result`; the net layer adds context and
 //! turns them into [`crate::Error`].
 
+use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
 use std::task::Context;
@@ -45,6 +46,11 @@ pub(crate) async fn recv_until<B: IoBufMut>(
     if let Some(ended) = fd.ended() {
         return (Err(ended), buf);
     }
+    // A receive dropped in flight took its bytes before anything asked for now: wait
+    // for it (it was cancelled, so not for long) and hand them out first.
+    if fd.has_dropped_reads() {
+        poll_fn(|cx| fd.poll_dropped_reads(cx)).await;
+    }
     // Bytes that came along with the socket were received before anything the kernel
     // still holds: they go first.
     let carried = fd.take_carried(&mut buf);
@@ -52,7 +58,10 @@ pub(crate) async fn recv_until<B: IoBufMut>(
         return (Ok(carried), buf);
     }
     let (result, buf) = match fd.binding() {
-        Ok(Binding::Uring(driver)) => uring::net::recv(driver, fd.fd(), buf, stop).await,
+        Ok(Binding::Uring(driver)) => {
+            let keep = |read| fd.keep_dropped_read(read);
+            uring::net::recv(driver, fd.fd(), buf, stop, &keep).await
+        }
         Ok(Binding::Poll(reg)) => poll::net::recv(reg, fd.fd(), buf, stop).await,
         Err(err) => (Err(err), buf),
     };

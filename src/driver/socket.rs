@@ -2,15 +2,18 @@
 //! use on a runtime, its binding to that runtime's driver.
 
 use std::cell::{Cell, OnceCell, RefCell};
+use std::collections::VecDeque;
 use std::fmt;
 use std::io;
 use std::os::fd::{OwnedFd, RawFd};
 use std::rc::{Rc, Weak};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 
 use super::activity::Activity;
 use super::current::{self, DriverId};
+use super::dropped_read::DroppedRead;
 use super::fd::FdRef;
 use super::handle::{with_current, Driver};
 use super::{poll, uring};
@@ -44,6 +47,8 @@ struct Inner {
     /// Bytes of the connection received before it came to this handle (read ahead by the
     /// handle it was detached from, not yet read by anyone): receives take them first.
     carried: RefCell<Bytes>,
+    /// Receives dropped in flight, oldest first (see [`DroppedRead`]).
+    dropped_reads: RefCell<VecDeque<Box<dyn DroppedRead>>>,
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -88,6 +93,7 @@ impl SharedFd {
                 is_ended: Cell::new(false),
                 activity: Activity::new(),
                 carried: RefCell::new(Bytes::new()),
+                dropped_reads: RefCell::new(VecDeque::new()),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -227,6 +233,41 @@ impl SharedFd {
         Ok(owned)
     }
 
+    /// Keeps a receive dropped in flight (see [`DroppedRead`]). Those already done give
+    /// their bytes to the carried ones first, so a program that keeps dropping reads
+    /// without reading holds only the ones still in flight.
+    pub(crate) fn keep_dropped_read(&self, read: Box<dyn DroppedRead>) {
+        let _ = self.poll_dropped_reads(&mut Context::from_waker(Waker::noop()));
+        self.inner.dropped_reads.borrow_mut().push_back(read);
+    }
+
+    /// Whether a dropped receive may still hold bytes for the next one.
+    pub(crate) fn has_dropped_reads(&self) -> bool {
+        !self.inner.dropped_reads.borrow().is_empty()
+    }
+
+    /// Ready once every dropped receive is done, their bytes, in order, behind the
+    /// carried ones.
+    pub(crate) fn poll_dropped_reads(&self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            // Out of the cell while polled: the driver may wake tasks meanwhile.
+            let Some(mut read) = self.inner.dropped_reads.borrow_mut().pop_front() else {
+                return Poll::Ready(());
+            };
+            match read.poll_taken(cx) {
+                Poll::Ready(bytes) => {
+                    if !bytes.is_empty() {
+                        crate::buf::append(&mut self.inner.carried.borrow_mut(), bytes);
+                    }
+                }
+                Poll::Pending => {
+                    self.inner.dropped_reads.borrow_mut().push_front(read);
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
     /// Sets the bytes a receive hands out before it asks the kernel (see `carried`).
     pub(crate) fn set_carried(&self, bytes: Bytes) {
         *self.inner.carried.borrow_mut() = bytes;
@@ -249,8 +290,14 @@ impl SharedFd {
         crate::buf::prepend(&mut self.inner.carried.borrow_mut(), bytes);
     }
 
-    /// Every carried byte not received yet, taken out (for a detach).
+    /// Every carried byte not received yet, taken out (for a detach, which has reaped
+    /// every operation in flight first: the dropped receives are done).
     pub(crate) fn take_all_carried(&self) -> Bytes {
+        let mut cx = Context::from_waker(Waker::noop());
+        // Pending only if the kernel never gave one back; its bytes cannot come then.
+        if self.poll_dropped_reads(&mut cx).is_pending() {
+            self.inner.dropped_reads.borrow_mut().clear();
+        }
         std::mem::take(&mut *self.inner.carried.borrow_mut())
     }
 

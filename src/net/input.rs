@@ -18,10 +18,10 @@ const DEFAULT_MAX_LINE: usize = 1024 * 1024;
 /// A buffered reader over a stream socket, like StreamReader over InputStream.
 ///
 /// Data read past what a call returns stays buffered for the next call, also when a
-/// call's future is dropped. If it is dropped while the kernel is filling the buffer,
-/// whatever that last read received is discarded with it; a read that fails on the
-/// socket's [read timeout](super::StreamSocketControl::set_read_timeout) instead loses
-/// nothing (what arrived as it gave up is kept for the next call).
+/// call's future is dropped; dropped while the kernel fills the buffer, what that read
+/// receives goes to the socket's next read. A read that fails on the socket's
+/// [read timeout](super::StreamSocketControl::set_read_timeout) loses nothing either
+/// (what arrived as it gave up is kept for the next call).
 ///
 /// Dropped with bytes still buffered, it gives them back to its socket (or its TLS
 /// session), so the next read of the socket, or of the next `input_stream()`, gets them

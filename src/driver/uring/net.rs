@@ -5,13 +5,14 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use io_uring::{opcode, types};
 
 use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::{IoBuf, IoBufMut};
+use crate::driver::dropped_read::DroppedRead;
 use crate::driver::fd::FdRef;
 use crate::driver::iovec::{iovecs_into, IOV_MAX};
 use crate::driver::sockaddr::RawAddr;
@@ -72,30 +73,39 @@ pub(crate) async fn connect(driver: &Handle, fd: &FdRef, addr: SocketAddr) -> io
 /// Receives once into the spare capacity of `buf`. When `stop` gives an error before
 /// the kernel has answered, the receive is cancelled and its final completion awaited:
 /// bytes it received before the cancel reached it come back as usual, else `stop`'s
-/// error does. Either way the buffer comes back.
+/// error does. Either way the buffer comes back. Dropped while in flight, the receive is
+/// cancelled and handed to `keep`: what it took before the cancel reached it (the
+/// kernel may run it first, in the same submission) goes to the socket's next receive.
 pub(crate) async fn recv<B: IoBufMut>(
     driver: &Handle,
     fd: &FdRef,
     buf: B,
     mut stop: impl FnMut(&mut Context<'_>) -> Option<io::Error>,
+    keep: &dyn Fn(Box<dyn DroppedRead>),
 ) -> (io::Result<usize>, B) {
+    let init = buf.bytes_init();
     // SAFETY: the SQE points into the buffer's spare capacity; the buffer is owned by the
     // op and its heap memory does not move (IoBufMut's contract).
     let op = unsafe {
         Op::submit(driver, (fd.clone(), buf), |(fd, buf)| {
-            let init = buf.bytes_init();
             let spare = (buf.bytes_total() - init).min(u32::MAX as usize) as u32;
             let ptr = buf.stable_mut_ptr().add(init);
             opcode::Recv::new(types::Fd(fd.raw()), ptr, spare).build()
         })
     };
-    let mut op = match op {
-        Ok(op) => op,
+    let mut in_flight = match op {
+        Ok(op) => InFlightRecv {
+            op: Some(op),
+            init,
+            keep,
+        },
         Err((err, (_, buf))) => return (Err(err), buf),
     };
     let mut stopped = None;
     let (completion, (_, mut buf)) = poll_fn(|cx| {
-        if let Poll::Ready(done) = Pin::new(&mut op).poll(cx) {
+        let op = in_flight.op.as_mut().expect("polled until it completes");
+        if let Poll::Ready(done) = Pin::new(&mut *op).poll(cx) {
+            in_flight.op = None;
             return Poll::Ready(done);
         }
         if stopped.is_none() {
@@ -116,12 +126,54 @@ pub(crate) async fn recv<B: IoBufMut>(
     };
     let result = completion.and_then(Completion::into_result).map(|n| {
         let n = n as usize;
-        let init = buf.bytes_init() + n;
         // SAFETY: the kernel wrote `n` bytes after the initialised part.
-        unsafe { buf.set_init(init) };
+        unsafe { buf.set_init(init + n) };
         n
     });
     (result, buf)
+}
+
+/// A receive while its future lives: dropped before its final completion, it is
+/// cancelled and handed to the socket (see [`DroppedRead`]).
+struct InFlightRecv<'a, B: IoBufMut> {
+    op: Option<Op<(FdRef, B)>>,
+    init: usize,
+    keep: &'a dyn Fn(Box<dyn DroppedRead>),
+}
+
+impl<B: IoBufMut> Drop for InFlightRecv<'_, B> {
+    fn drop(&mut self) {
+        if let Some(op) = self.op.take() {
+            op.cancel();
+            (self.keep)(Box::new(DroppedRecv {
+                op,
+                init: self.init,
+            }));
+        }
+    }
+}
+
+/// A receive dropped in flight, until its final completion.
+struct DroppedRecv<B: IoBufMut> {
+    op: Op<(FdRef, B)>,
+    init: usize,
+}
+
+impl<B: IoBufMut> DroppedRead for DroppedRecv<B> {
+    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
+        let (completion, (_, mut buf)) = ready!(Pin::new(&mut self.op).poll(cx));
+        let taken = match completion.and_then(Completion::into_result) {
+            Ok(n) if n > 0 => {
+                // SAFETY: the kernel wrote `n` bytes after the initialised part.
+                unsafe { buf.set_init(self.init + n as usize) };
+                Bytes::copy_from_slice(&crate::buf::init_bytes(&buf)[self.init..])
+            }
+            // Cancelled in time, end of stream or an error: nothing was taken (an error
+            // is the socket's and comes again, or as its end, with the next receive).
+            _ => Bytes::new(),
+        };
+        Poll::Ready(taken)
+    }
 }
 
 pub(crate) async fn send<B: IoBuf>(
