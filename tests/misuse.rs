@@ -371,3 +371,47 @@ fn check_chunks_in_order(chunks: &[Vec<u8>], backend: Backend) {
     }
     assert!(checked > 0, "{backend}: no read completed while polled");
 }
+
+/// A timer polled where no ringsock runtime runs would never be woken: it says so (as
+/// `spawn` does) rather than firing at once and turning a program's waits and timeouts
+/// into a busy loop. One already due is simply ready.
+#[test]
+fn a_timer_polled_outside_any_runtime_says_so_rather_than_firing_early() {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut due = pin!(ringsock::runtime::sleep(std::time::Duration::ZERO));
+    assert!(due.as_mut().poll(&mut cx).is_ready());
+    let later = std::panic::catch_unwind(|| {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut sleep = pin!(ringsock::runtime::sleep(std::time::Duration::from_secs(60)));
+        let _ = sleep.as_mut().poll(&mut cx);
+    });
+    let message = later.expect_err("a sleep polled outside a runtime");
+    let message = message
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| message.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default();
+    assert!(message.contains("outside a ringsock runtime"), "{message}");
+}
+
+/// A task's handle awaited by another executor on the thread of the task's runtime,
+/// while that runtime is not running: the task could never run, so the poll says so
+/// instead of the program hanging.
+#[test]
+fn a_join_handle_awaited_under_another_executor_on_its_runtime_s_thread_says_so() {
+    for backend in BACKENDS {
+        let Some(runtime) = runtime(backend) else {
+            continue;
+        };
+        let handle = runtime.spawn(async { 5 });
+        let tokio = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let awaited =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tokio.block_on(handle)));
+        assert!(awaited.is_err(), "{backend}: it waited for ever, or ran");
+        // Awaited inside its own runtime, a handle works.
+        let handle = runtime.spawn(async { 6 });
+        assert_eq!(runtime.block_on(handle), 6, "{backend}");
+    }
+}

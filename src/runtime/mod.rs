@@ -521,6 +521,10 @@ pub struct JoinHandle<T> {
     /// awaiting it in another runtime there. (Awaited on another thread, the handle
     /// waits for a runtime that may well be running.)
     runtime: (usize, usize),
+    /// The task's runtime is turned from outside (a tokio `Driver`): its tasks run in
+    /// steps another executor interleaves with its own, so awaiting the handle under
+    /// that executor is fine.
+    turned_from_outside: bool,
 }
 
 impl<T> JoinHandle<T> {
@@ -554,6 +558,13 @@ impl<T> Future for JoinHandle<T> {
                  under its own runtime)"
             );
         }
+        if polled.is_pending() && self.awaited_under_a_foreign_executor_here() {
+            panic!(
+                "ringsock: a JoinHandle was awaited under another executor on its runtime's \
+                 thread: its task runs only in its runtime's block_on, which cannot run \
+                 meanwhile (await it inside that block_on, or from another thread)"
+            );
+        }
         polled
     }
 }
@@ -572,6 +583,23 @@ impl<T> JoinHandle<T> {
                     .is_some_and(|current| Rc::as_ptr(current) as usize != runtime)
             })
     }
+}
+
+impl<T> JoinHandle<T> {
+    /// Whether no ringsock runtime runs this poll, on the task's own thread, while the
+    /// task's runtime runs only in its own `block_on`: the executor polling the handle
+    /// holds the thread, so the task can never run.
+    fn awaited_under_a_foreign_executor_here(&self) -> bool {
+        !self.turned_from_outside
+            && self.runtime.1 == thread_token()
+            && CONTEXT.with(|context| context.borrow().is_none())
+    }
+}
+
+/// Whether a ringsock runtime runs on this thread now (a `block_on`, or a step of one
+/// turned from outside).
+pub(crate) fn is_running_here() -> bool {
+    CONTEXT.with(|context| context.borrow().is_some())
 }
 
 impl<T> Drop for JoinHandle<T> {
@@ -601,6 +629,7 @@ where
     JoinHandle {
         task: Some(task.fallible()),
         runtime: (Rc::as_ptr(inner) as usize, thread_token()),
+        turned_from_outside: inner.shared.outer.is_some(),
     }
 }
 

@@ -74,6 +74,11 @@ pub struct Sleep {
 
 /// Waits for `duration`. A duration too long for the clock to add (such as
 /// `Duration::MAX`) waits for a hundred years instead of panicking.
+///
+/// # Panics
+///
+/// Polled before its deadline where no ringsock runtime runs (under another executor
+/// alone): nothing there would wake it.
 pub fn sleep(duration: Duration) -> Sleep {
     let now = Instant::now();
     let deadline = now
@@ -131,7 +136,14 @@ impl Future for Sleep {
                 self.key = Some(key);
                 Poll::Pending
             }
-            // No runtime: nothing could ever wake us, so end now rather than hang.
+            // No runtime runs here: nothing would ever wake this sleep. A timer that
+            // fired early would turn a program's waits and timeouts into a busy loop.
+            None if !super::is_running_here() => panic!(
+                "ringsock: runtime::sleep or timeout polled outside a ringsock runtime (run \
+                 it inside block_on, a ringsock task, or a tokio Driver's run_until)"
+            ),
+            // The runtime's timers are busy (polled from inside them): end now rather
+            // than hang.
             None => Poll::Ready(()),
         }
     }
@@ -165,6 +177,10 @@ impl From<Elapsed> for crate::Error {
 
 /// Runs `future` for at most `duration`. On time-out the future is dropped, which
 /// cancels the operation it was waiting for.
+///
+/// # Panics
+///
+/// As [`sleep`]: polled where no ringsock runtime runs, while `future` is pending.
 pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
     let mut future = std::pin::pin!(future);
     let mut sleep = std::pin::pin!(sleep(duration));
