@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{resolve_blocking, HostName, HostNameKind};
 use crate::runtime::blocking::{Limits, Panicked, Pool, Refused};
-use crate::runtime::{self, timeout};
+use crate::runtime::{self, timeout_lenient};
 use crate::{Error, Result, SocketErrorStatus};
 
 /// The most resolver threads alive at once, in the whole process. They start as lookups
@@ -139,7 +139,7 @@ where
         }
     };
     // On time-out the task is dropped, which abandons the lookup.
-    match timeout(limit, task).await {
+    match timeout_lenient(limit, task).await {
         Ok(Ok(result)) => result,
         Ok(Err(Panicked)) => Err(failed(
             SocketErrorStatus::Unknown,

@@ -137,7 +137,7 @@ impl Closing {
             return Err(Error::from(ended));
         }
         let left = deadline.saturating_duration_since(Instant::now());
-        match runtime::timeout(left, self.send_all()).await {
+        match runtime::timeout_lenient(left, self.send_all()).await {
             Ok(Ok(())) => self.drain_or_abort(deadline).await,
             Ok(Err(err)) => Err(self.abort(err)),
             Err(_) => {
@@ -205,7 +205,7 @@ impl Closing {
                      connection was aborted"
                 )));
             }
-            let mut sleep = runtime::sleep_until((now + tick).min(deadline));
+            let mut sleep = runtime::sleep_until_lenient((now + tick).min(deadline));
             tick = (tick * 2).min(MAX_DRAIN_TICK);
             let read = poll_fn(|cx| {
                 if let Some(read) = reading.as_mut() {

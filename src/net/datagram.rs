@@ -487,7 +487,7 @@ impl DatagramSocket {
     async fn pace(&self, options: &SendOptions) {
         if let Some(at) = options.transmit_at {
             if !self.options.kernel_pacing.get() {
-                crate::runtime::sleep_until(at).await;
+                crate::runtime::sleep_until_lenient(at).await;
             }
         }
     }
@@ -770,7 +770,7 @@ impl DatagramSocket {
                 let time = times[from];
                 to = from + times[from..].iter().take_while(|t| **t == time).count();
                 if let Some(at) = time {
-                    crate::runtime::sleep_until(at).await;
+                    crate::runtime::sleep_until_lenient(at).await;
                 }
             }
             let run: Vec<B> = bufs.by_ref().take(to - from).collect();

@@ -197,7 +197,7 @@ impl StreamSocketListener {
         let _turn = self.turn.take().await;
         let resume_at = self.backoff.borrow().resume_at();
         if let Some(resume_at) = resume_at {
-            crate::runtime::sleep_until(resume_at).await;
+            crate::runtime::sleep_until_lenient(resume_at).await;
         }
         let accepted = coop::budgeted(poll_fn(|cx| {
             self.acceptor.borrow_mut().poll_accept(&self.fd, cx)

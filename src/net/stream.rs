@@ -202,7 +202,7 @@ impl StreamSocket {
         let Some(limit) = limit else {
             return session.handshake().await;
         };
-        match runtime::timeout(limit, session.handshake()).await {
+        match runtime::timeout_lenient(limit, session.handshake()).await {
             Ok(done) => done,
             Err(_) => {
                 let fd = self.fd()?;
@@ -270,7 +270,7 @@ impl StreamSocket {
         let connected = match self.options.timeouts.connect.get() {
             None => connecting.await,
             // Dropping the connect on time-out cancels it; the socket goes with it.
-            Some(limit) => match runtime::timeout(limit, connecting).await {
+            Some(limit) => match runtime::timeout_lenient(limit, connecting).await {
                 Ok(connected) => connected,
                 Err(_) => {
                     self.options.timeouts.count(TimeoutKind::Connect);

@@ -210,7 +210,7 @@ async fn watchdog_task(timeouts: Weak<Timeouts>, fd: WeakFd) {
                 None => None,
             }
         };
-        let mut sleep = deadline.map(runtime::sleep_until);
+        let mut sleep = deadline.map(runtime::sleep_until_lenient);
         let mut armed = false;
         poll_fn(|cx| {
             if armed {
@@ -260,7 +260,7 @@ pub(crate) async fn recv_within<B: IoBufMut>(
         let (result, buf) = ops::recv(fd, buf).await;
         return (result.map_err(|err| Error::io("read", err)), buf);
     };
-    let mut sleep = runtime::sleep(limit);
+    let mut sleep = runtime::sleep_lenient(limit);
     let mut expired = false;
     let (result, buf) = ops::recv_until(fd, buf, |cx| {
         if Pin::new(&mut sleep).poll(cx).is_pending() {
@@ -285,7 +285,7 @@ pub(crate) async fn within_read_timeout<T>(
     let Some(limit) = timeouts.read.get() else {
         return read.await;
     };
-    match runtime::timeout(limit, read).await {
+    match runtime::timeout_lenient(limit, read).await {
         Ok(done) => done,
         Err(_) => {
             timeouts.count(TimeoutKind::Read);

@@ -36,6 +36,7 @@ mod time;
 pub use pool::{Pool, PoolBuilder, PoolHandle, RemoteJoinHandle};
 pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
+pub(crate) use time::{sleep_lenient, sleep_until_lenient, timeout_lenient};
 
 /// Builds a [`Runtime`] with chosen options.
 #[derive(Debug, Clone, Default)]
@@ -218,6 +219,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Whether the runtime is turned from outside (a tokio `Driver`), not by `block_on`.
+    fn turned_from_outside(&self) -> bool {
+        #[cfg(feature = "tokio")]
+        let outside = self.outer.is_some();
+        #[cfg(not(feature = "tokio"))]
+        let outside = false;
+        outside
+    }
+
     fn schedule(&self, runnable: Runnable) {
         self.queue
             .lock()
@@ -629,7 +639,7 @@ where
     JoinHandle {
         task: Some(task.fallible()),
         runtime: (Rc::as_ptr(inner) as usize, thread_token()),
-        turned_from_outside: inner.shared.outer.is_some(),
+        turned_from_outside: inner.shared.turned_from_outside(),
     }
 }
 

@@ -70,6 +70,10 @@ impl Timers {
 pub struct Sleep {
     deadline: Instant,
     key: Option<(Instant, u64)>,
+    /// The library's own waits, on sockets that fail with WrongRuntime outside their
+    /// runtime anyway: polled where no runtime runs, such a sleep ends at once and lets
+    /// the operation say so.
+    lenient: bool,
 }
 
 /// Waits for `duration`. A duration too long for the clock to add (such as
@@ -80,12 +84,27 @@ pub struct Sleep {
 /// Polled before its deadline where no ringsock runtime runs (under another executor
 /// alone): nothing there would wake it.
 pub fn sleep(duration: Duration) -> Sleep {
+    sleep_until(deadline_after(duration))
+}
+
+fn deadline_after(duration: Duration) -> Instant {
     let now = Instant::now();
-    let deadline = now
-        .checked_add(duration)
+    now.checked_add(duration)
         .or_else(|| now.checked_add(FOREVER))
-        .unwrap_or(now);
-    sleep_until(deadline)
+        .unwrap_or(now)
+}
+
+/// [`sleep`] for the library's own waits: where no runtime runs it ends at once.
+pub(crate) fn sleep_lenient(duration: Duration) -> Sleep {
+    sleep_until_lenient(deadline_after(duration))
+}
+
+/// [`sleep_until`] for the library's own waits: where no runtime runs it ends at once.
+pub(crate) fn sleep_until_lenient(deadline: Instant) -> Sleep {
+    Sleep {
+        lenient: true,
+        ..sleep_until(deadline)
+    }
 }
 
 /// Waits until `deadline`.
@@ -93,6 +112,7 @@ pub fn sleep_until(deadline: Instant) -> Sleep {
     Sleep {
         deadline,
         key: None,
+        lenient: false,
     }
 }
 
@@ -138,7 +158,7 @@ impl Future for Sleep {
             }
             // No runtime runs here: nothing would ever wake this sleep. A timer that
             // fired early would turn a program's waits and timeouts into a busy loop.
-            None if !super::is_running_here() => panic!(
+            None if !self.lenient && !super::is_running_here() => panic!(
                 "ringsock: runtime::sleep or timeout polled outside a ringsock runtime (run \
                  it inside block_on, a ringsock task, or a tokio Driver's run_until)"
             ),
@@ -182,8 +202,25 @@ impl From<Elapsed> for crate::Error {
 ///
 /// As [`sleep`]: polled where no ringsock runtime runs, while `future` is pending.
 pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
+    within(duration, future, sleep(duration)).await
+}
+
+/// [`timeout`] for the library's own waits: where no runtime runs, the time is up at
+/// once.
+pub(crate) async fn timeout_lenient<F: Future>(
+    duration: Duration,
+    future: F,
+) -> Result<F::Output, Elapsed> {
+    within(duration, future, sleep_lenient(duration)).await
+}
+
+async fn within<F: Future>(
+    duration: Duration,
+    future: F,
+    sleep: Sleep,
+) -> Result<F::Output, Elapsed> {
     let mut future = std::pin::pin!(future);
-    let mut sleep = std::pin::pin!(sleep(duration));
+    let mut sleep = std::pin::pin!(sleep);
     std::future::poll_fn(|cx| {
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));

@@ -453,7 +453,7 @@ impl Inner {
                     self.shared.timers.sent(Instant::now());
                 }
             }
-            crate::runtime::sleep(tick).await;
+            crate::runtime::sleep_lenient(tick).await;
         }
     }
 
