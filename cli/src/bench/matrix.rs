@@ -184,6 +184,18 @@ fn columns(options: &MatrixOptions) -> Vec<Impl> {
 /// Checks that every cell's run is one the single-run command takes (a `--scale` may
 /// push a count past its workload's limit): the first that is not, named.
 pub fn check(options: &MatrixOptions, cells: &[Cell]) -> std::result::Result<(), String> {
+    if cells.is_empty() {
+        let names = |names: Vec<&str>| match names.is_empty() {
+            true => "(any)".to_string(),
+            false => names.join(", "),
+        };
+        return Err(format!(
+            "the matrix has no run of --workload {} with --impl {}: no implementation \
+             listed runs any of those workloads",
+            names(options.workloads.iter().map(|w| w.name()).collect()),
+            names(options.impls.iter().map(|i| i.name()).collect()),
+        ));
+    }
     for cell in cells {
         let mut run = Options::new(cell.workload, cell.imp);
         run.size = cell.size;
@@ -607,6 +619,14 @@ mod tests {
             "{message}"
         );
         assert!(check(&MatrixOptions::default(), &plan(&MatrixOptions::default())).is_ok());
+        // Filters that leave nothing to run are an error, not an empty table.
+        let nothing = MatrixOptions {
+            workloads: vec![Workload::UdpRelay],
+            impls: vec![Impl::StdPerWrite],
+            ..MatrixOptions::default()
+        };
+        let err = check(&nothing, &plan(&nothing)).expect_err("an empty plan");
+        assert!(err.contains("no run"), "{err}");
     }
 
     #[test]

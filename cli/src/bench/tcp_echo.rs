@@ -212,6 +212,22 @@ struct Served {
 
 /// Runs tcp-echo-conns: the plain client thread drives C connections against the
 /// measured echo server on this thread.
+/// The std peers' listener, with the backlog ringsock's listener has: every client
+/// connects before the server accepts one, and std's backlog of 128 left the 129th
+/// and later waiting on SYN retries (--conns of 130 or more ran into the watchdog).
+fn std_listener() -> Result<TcpListener> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| Error::io("socket", e))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|e| Error::io("SO_REUSEADDR", e))?;
+    socket
+        .bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .map_err(|e| Error::io("bind", e))?;
+    socket.listen(1024).map_err(|e| Error::io("listen", e))?;
+    Ok(socket.into())
+}
+
 pub(crate) fn run_conns(o: &Options) -> Result<Report> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let (served, client) = match o.imp.backend() {
@@ -226,7 +242,7 @@ pub(crate) fn run_conns(o: &Options) -> Result<Report> {
             (served, client)
         }
         None => {
-            let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| Error::io("bind", e))?;
+            let listener = std_listener()?;
             let addr = listener
                 .local_addr()
                 .map_err(|e| Error::io("local address", e))?;
