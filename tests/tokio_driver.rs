@@ -449,3 +449,26 @@ fn posts_inside_tokio_are_submitted_and_settle() {
         }
     });
 }
+
+/// Run inside a ringsock `block_on` (inside tokio's), the driver's future would wait for
+/// ever: tokio's reactor, which alone sees its descriptors, does not run there.
+#[test]
+fn run_until_inside_a_ringsock_block_on_is_a_clear_panic() {
+    let tokio = util::tokio_rt::tokio_runtime();
+    let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        tokio.block_on(async {
+            let mut driver = ringsock::tokio::Driver::new().unwrap();
+            let runtime = ringsock::Runtime::new().unwrap();
+            runtime.block_on(driver.run_until(async {
+                ringsock::runtime::sleep(Duration::from_millis(5)).await;
+            }));
+        })
+    }));
+    let panic = caught.expect_err("run_until inside a ringsock block_on");
+    let message = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default();
+    assert!(message.contains("inside a ringsock block_on"), "{message}");
+}

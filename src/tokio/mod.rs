@@ -122,9 +122,10 @@ impl Driver {
     ///
     /// # Panics
     ///
-    /// The returned future panics when polled inside a ringsock `block_on` of the same
-    /// runtime, when polled outside the tokio runtime the driver was created in (its
-    /// reactor alone sees the driver's descriptors: elsewhere it would wait forever), or
+    /// The returned future panics when polled inside a ringsock `block_on` (of any
+    /// runtime: tokio's executor, whose reactor alone sees the driver's descriptors,
+    /// does not run there), when polled outside the tokio runtime the driver was created
+    /// in (elsewhere it would wait forever), or
     /// when the driver fails in a way that leaves it unusable (the ring or
     /// epoll descriptor broke), as [`Runtime::block_on`] does.
     pub fn run_until<F: Future>(&mut self, future: F) -> RunUntil<'_, F> {
@@ -234,6 +235,14 @@ impl<F: Future> Future for RunUntil<'_, F> {
         if here.ok() != Some(driver.tokio) {
             panic!(
                 "ringsock: Driver::run_until polled outside the tokio runtime the Driver was created in"
+            );
+        }
+        // A ringsock block_on holds the thread: tokio's reactor, which alone sees the
+        // driver's descriptors, does not run, and nothing would wake this future.
+        if crate::runtime::is_running_here() {
+            panic!(
+                "ringsock: Driver::run_until polled inside a ringsock block_on: it runs \
+                 under tokio's executor, which cannot run meanwhile"
             );
         }
         let mut collect = driver.notified(cx);
