@@ -612,6 +612,18 @@ pub(crate) fn is_running_here() -> bool {
     CONTEXT.with(|context| context.borrow().is_some())
 }
 
+/// Whether a ringsock `block_on` holds this thread now (not a step of a runtime turned
+/// from outside, which another executor interleaves with its own work).
+#[cfg(feature = "tokio")]
+pub(crate) fn block_on_runs_here() -> bool {
+    CONTEXT.with(|context| {
+        context
+            .borrow()
+            .as_ref()
+            .is_some_and(|inner| !inner.shared.turned_from_outside())
+    })
+}
+
 impl<T> Drop for JoinHandle<T> {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {

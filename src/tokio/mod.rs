@@ -239,7 +239,7 @@ impl<F: Future> Future for RunUntil<'_, F> {
         }
         // A ringsock block_on holds the thread: tokio's reactor, which alone sees the
         // driver's descriptors, does not run, and nothing would wake this future.
-        if crate::runtime::is_running_here() {
+        if crate::runtime::block_on_runs_here() {
             panic!(
                 "ringsock: Driver::run_until polled inside a ringsock block_on: it runs \
                  under tokio's executor, which cannot run meanwhile"
