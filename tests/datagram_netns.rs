@@ -116,13 +116,83 @@ fn multicast_reaches_every_sharer() {
                     assert_eq!(wait_for("got "), "to the group");
                     assert!(process.wait().unwrap().success());
 
-                    // Leaving works once (Linux keeps delivering the group to sockets
-                    // bound to 0.0.0.0 while another socket holds it: IP_MULTICAST_ALL).
+                    // Leaving works once.
                     first.leave_multicast_group(IpAddr::V4(GROUP)).unwrap();
                     assert!(first.leave_multicast_group(IpAddr::V4(GROUP)).is_err());
                 }
             });
         }
+    });
+}
+
+/// A socket gets the groups it joined, not every group a socket of the host joined on
+/// its port (Linux's IP_MULTICAST_ALL default), and a group it left stops coming while
+/// another socket still holds it.
+#[test]
+fn a_socket_gets_only_the_groups_it_joined() {
+    const OTHER: Ipv4Addr = Ipv4Addr::new(239, 255, 7, 8);
+    let netns = match Netns::create("mcjoin") {
+        Ok(netns) => netns,
+        Err(why) => return netns::skip(&why),
+    };
+    netns
+        .exec(&["ip", "link", "set", "lo", "multicast", "on"])
+        .unwrap();
+    netns
+        .exec(&["ip", "route", "add", "224.0.0.0/4", "dev", "lo"])
+        .unwrap();
+    netns.run(|| {
+        util::on_each_backend(|backend| async move {
+            let joined = sharer(0);
+            let port = joined.local_addr().unwrap().port();
+            // Shares the port; joins only OTHER, later.
+            let bystander = DatagramSocket::new();
+            bystander.control().set_multicast_only(true).unwrap();
+            bystander
+                .bind_addr(SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port))
+                .unwrap();
+            let sender = DatagramSocket::new();
+            sender.control().set_multicast_loop(true).unwrap();
+            sender.control().set_multicast_hop_limit(1).unwrap();
+            let send = |group: Ipv4Addr, text: &'static str| {
+                let to = SocketAddr::new(IpAddr::V4(group), port);
+                let sender = &sender;
+                async move {
+                    sender
+                        .send_to_addr(text.as_bytes().to_vec(), to)
+                        .await
+                        .0
+                        .unwrap()
+                }
+            };
+            send(GROUP, "group").await;
+            let got = util::must("the member's datagram", joined.recv())
+                .await
+                .unwrap();
+            assert_eq!(got.text().unwrap(), "group", "{backend}");
+            // The bystander's first datagram is the one of the group it joins now: the
+            // earlier one, of a group it never joined, did not come to it.
+            bystander.join_multicast_group(IpAddr::V4(OTHER)).unwrap();
+            send(OTHER, "other").await;
+            let got = util::must("the bystander's datagram", bystander.recv())
+                .await
+                .unwrap();
+            assert_eq!(got.text().unwrap(), "other", "{backend}");
+            // Left while the bystander holds OTHER: the leaver gets no more of it. Its
+            // next datagram is the one of the group it still holds.
+            joined.join_multicast_group(IpAddr::V4(OTHER)).unwrap();
+            joined.leave_multicast_group(IpAddr::V4(OTHER)).unwrap();
+            send(OTHER, "other again").await;
+            let got = util::must("the bystander's second", bystander.recv())
+                .await
+                .unwrap();
+            assert_eq!(got.text().unwrap(), "other again", "{backend}");
+            send(GROUP, "group again").await;
+            let got = util::must("the member's second", joined.recv())
+                .await
+                .unwrap();
+            assert_eq!(got.text().unwrap(), "group again", "{backend}");
+        });
     });
 }
 

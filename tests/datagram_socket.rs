@@ -885,3 +885,28 @@ fn a_receive_cancelled_while_queued_does_not_stall_the_others() {
         assert_eq!(got, [b"one".to_vec(), b"two".to_vec()]);
     });
 }
+
+/// A dual-stack socket's hop limit holds for the IPv4 datagrams it sends too (IP_TTL
+/// beside IPV6_UNICAST_HOPS), as its multicast hop limit already did.
+#[test]
+fn a_dual_stack_socket_s_hop_limit_holds_for_ipv4_too() {
+    util::on_each_backend(|backend| async move {
+        let socket = DatagramSocket::new();
+        socket.control().set_hop_limit(7).unwrap();
+        socket.bind("0").unwrap();
+        assert!(
+            socket.local_addr().unwrap().is_ipv6(),
+            "{backend}: dual-stack"
+        );
+        let sock = socket2::SockRef::from(&socket);
+        assert_eq!(sock.unicast_hops_v6().unwrap(), 7, "{backend}");
+        assert_eq!(sock.ttl().unwrap(), 7, "{backend}: IPv4's TTL");
+        // Set after the bind, the same.
+        socket.control().set_hop_limit(9).unwrap();
+        assert_eq!(
+            sock.ttl().unwrap(),
+            9,
+            "{backend}: IPv4's TTL after the bind"
+        );
+    });
+}

@@ -54,6 +54,27 @@ pub(crate) fn set_int_option(
     }
 }
 
+/// `IPV6_MULTICAST_ALL` (Linux 4.20; in `linux/in6.h`, not in the libc crate for glibc).
+const IPV6_MULTICAST_ALL: libc::c_int = 29;
+
+/// Makes a datagram socket receive only the multicast groups it joined itself. Linux's
+/// default (IP_MULTICAST_ALL, IPV6_MULTICAST_ALL on) gives a socket bound to a group's
+/// port the traffic of every group any socket of the host joined, and a group left goes
+/// on arriving while another socket is in it. On an IPv6 socket both are set (a
+/// dual-stack socket receives IPv4 groups too); a kernel without the option keeps its
+/// default.
+pub(crate) fn receive_joined_groups_only(fd: RawFd, ipv6: bool) -> io::Result<()> {
+    let unsupported = |err: &io::Error| err.raw_os_error() == Some(libc::ENOPROTOOPT);
+    let v4 = set_int_option(fd, libc::IPPROTO_IP, libc::IP_MULTICAST_ALL, 0);
+    if !ipv6 {
+        return v4.or_else(|err| if unsupported(&err) { Ok(()) } else { Err(err) });
+    }
+    match set_int_option(fd, libc::IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0) {
+        Err(err) if !unsupported(&err) => Err(err),
+        _ => Ok(()),
+    }
+}
+
 /// `SO_MEMINFO` (Linux 3.9): the socket's memory counters.
 const SO_MEMINFO: libc::c_int = 55;
 /// Index of the drop counter in `SO_MEMINFO`'s array.

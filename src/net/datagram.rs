@@ -319,6 +319,8 @@ impl DatagramSocket {
                 .set_only_v6(false)
                 .map_err(|err| Error::io("set IPV6_V6ONLY", err))?;
         }
+        crate::driver::sockopt::receive_joined_groups_only(socket.as_raw_fd(), addr.is_ipv6())
+            .map_err(|err| Error::io("set IP_MULTICAST_ALL", err))?;
         if self.options.multicast_only.get() {
             socket
                 .set_reuse_address(true)
@@ -952,7 +954,9 @@ impl DatagramSocket {
     }
 
     /// Joins the multicast group `group` on the default interface (IP_ADD_MEMBERSHIP /
-    /// IPV6_ADD_MEMBERSHIP).
+    /// IPV6_ADD_MEMBERSHIP). A socket receives the groups it joined only, not those other
+    /// sockets of the host joined on its port (IP_MULTICAST_ALL is off), and a group it
+    /// left stops coming though another socket still holds it.
     pub fn join_multicast_group(&self, group: IpAddr) -> Result<()> {
         let fd = self.fd()?;
         let sock = fd.sock();
@@ -1337,7 +1341,7 @@ impl<'a> DatagramSocketControl<'a> {
     }
 
     /// Hop limit of unicast datagrams (OutboundUnicastHopLimit): IP_TTL, or
-    /// IPV6_UNICAST_HOPS on an IPv6 socket (1..=255).
+    /// IPV6_UNICAST_HOPS on an IPv6 socket, and both on a dual-stack one (1..=255).
     pub fn set_hop_limit(&self, hops: u32) -> Result<()> {
         check_hops(hops)?;
         self.options.hop_limit.set(Some(hops));
@@ -1345,7 +1349,10 @@ impl<'a> DatagramSocketControl<'a> {
         let sock = fd.sock();
         if self.ipv6() {
             sock.set_unicast_hops_v6(hops)
-                .map_err(|e| Error::io("set IPV6_UNICAST_HOPS", e))
+                .map_err(|e| Error::io("set IPV6_UNICAST_HOPS", e))?;
+            // A dual-stack socket sends IPv4 too, with IP_TTL (refused on a v6-only one).
+            let _ = sock.set_ttl(hops);
+            Ok(())
         } else {
             sock.set_ttl(hops).map_err(|e| Error::io("set IP_TTL", e))
         }
