@@ -286,7 +286,7 @@ pub fn run(exe: &Path, options: &MatrixOptions, mut on_line: impl FnMut(&str)) -
 fn run_child(exe: &Path, cell: &Cell, options: &MatrixOptions) -> (String, Value) {
     let mut command = Command::new(exe);
     command.args(child_args(cell, options)).stdin(Stdio::null());
-    ends_with_this_process(&mut command);
+    super::netns::ends_with_this_process(&mut command);
     let output = command.output();
     let failed = |message: String| {
         let value = serde_json::json!({
@@ -315,28 +315,6 @@ fn run_child(exe: &Path, cell: &Cell, options: &MatrixOptions) -> (String, Value
             let last = stderr.lines().last().unwrap_or("no output").to_string();
             failed(format!("{} ({})", last, output.status))
         }
-    }
-}
-
-/// Makes the child `command` starts die with this process (killed, or ended by a
-/// signal), instead of running on, unwatched, until its own watchdog.
-#[allow(unsafe_code)]
-fn ends_with_this_process(command: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    let parent = std::process::id();
-    // SAFETY: the closure runs in the forked child before exec and makes only two
-    // system calls (prctl, getppid), both async-signal-safe, and allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            // This process may have ended before the prctl: then nobody waits.
-            if libc::getppid() as u32 != parent {
-                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-            }
-            Ok(())
-        });
     }
 }
 

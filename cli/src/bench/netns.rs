@@ -51,6 +51,52 @@ impl Netns {
     }
 }
 
+/// Makes the child `command` starts get SIGTERM when this process (the thread that
+/// starts it) ends, killed or by a signal, instead of running on, unwatched: a bench run
+/// then cleans up as on its own SIGTERM, a tunnel removes its interface.
+#[allow(unsafe_code)]
+pub(crate) fn ends_with_this_process(command: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    let parent = std::process::id();
+    // SAFETY: the closure runs in the forked child before exec and makes only two
+    // system calls (prctl, getppid), both async-signal-safe, and allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // This process may have ended before the prctl: then nobody waits.
+            if libc::getppid() as u32 != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+}
+
+/// On SIGINT or SIGTERM, deletes the namespaces `names` and the file `leftover`, then
+/// exits as the signal would have: a bench run stopped half-way leaves nothing behind
+/// (its children, started with [`ends_with_this_process`], end with it).
+pub(crate) fn clean_up_on_signal(
+    names: Vec<String>,
+    leftover: std::path::PathBuf,
+) -> io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    std::thread::Builder::new()
+        .name("bench-cleanup".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                for name in &names {
+                    let _ = run("ip", &["netns", "del", name]);
+                }
+                let _ = std::fs::remove_file(&leftover);
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
+}
+
 /// Moves the calling thread into the namespace `name`: sockets it makes from now on
 /// live there.
 pub fn enter(name: &str) -> io::Result<()> {

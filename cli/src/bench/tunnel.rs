@@ -52,6 +52,9 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 
 fn setup(options: &Options) -> ringsock::Result<Setup> {
     let tag = format!("rsb{}", std::process::id());
+    let key = std::env::temp_dir().join(format!("{tag}.key"));
+    super::netns::clean_up_on_signal(vec![format!("{tag}a"), format!("{tag}b")], key.clone())
+        .map_err(io_err("watch for SIGINT and SIGTERM"))?;
     let a = Netns::create(&format!("{tag}a")).map_err(io_err("create a network namespace"))?;
     let b = Netns::create(&format!("{tag}b")).map_err(io_err("create a network namespace"))?;
     super::netns::run(
@@ -77,7 +80,6 @@ fn setup(options: &Options) -> ringsock::Result<Setup> {
             .and_then(|_| ns.exec(&["ip", "link", "set", dev, "up"]))
             .map_err(io_err("address the veth pair"))?;
     }
-    let key = std::env::temp_dir().join(format!("{tag}.key"));
     let hex: String = (0..32u8)
         .map(|i| format!("{:02x}", i.wrapping_mul(73) ^ 0x5c))
         .collect();
@@ -132,12 +134,13 @@ fn setup(options: &Options) -> ringsock::Result<Setup> {
                 &key,
             ]),
         }
-        let mut child = Command::new("ip")
+        let mut command = Command::new("ip");
+        command
             .args(&args)
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(io_err("start a tunnel"))?;
+            .stderr(Stdio::null());
+        super::netns::ends_with_this_process(&mut command);
+        let mut child = command.spawn().map_err(io_err("start a tunnel"))?;
         let stdout = child.stdout.take();
         setup.tunnels.push(child);
         let mut line = String::new();
