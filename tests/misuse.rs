@@ -385,12 +385,7 @@ fn a_timer_polled_outside_any_runtime_says_so_rather_than_firing_early() {
         let mut sleep = pin!(ringsock::runtime::sleep(std::time::Duration::from_secs(60)));
         let _ = sleep.as_mut().poll(&mut cx);
     });
-    let message = later.expect_err("a sleep polled outside a runtime");
-    let message = message
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| message.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default();
+    let message = util::panic_message(later.expect_err("a sleep polled outside a runtime"));
     assert!(message.contains("outside a ringsock runtime"), "{message}");
 }
 

@@ -310,7 +310,7 @@ fn a_join_handle_outliving_its_runtime_says_why() {
         b.block_on(async {
             let outcome = catch_unwind_polls(handle).await;
             let message =
-                panic_message(outcome.expect_err("awaiting a dropped task gave an output"));
+                util::panic_message(outcome.expect_err("awaiting a dropped task gave an output"));
             assert!(
                 message.contains("runtime was dropped"),
                 "{backend}: unclear panic: {message}"
@@ -338,7 +338,7 @@ fn a_join_handle_awaited_in_another_runtime_says_why_instead_of_hanging() {
             )
             .await;
             let outcome = waited.unwrap_or_else(|_| panic!("{backend}: the await hung"));
-            let message = panic_message(outcome.expect_err("the task cannot have run"));
+            let message = util::panic_message(outcome.expect_err("the task cannot have run"));
             assert!(
                 message.contains("another runtime"),
                 "{backend}: unclear panic: {message}"
@@ -355,15 +355,6 @@ fn a_join_handle_awaited_in_another_runtime_says_why_instead_of_hanging() {
         assert!(finished.is_finished(), "{backend}");
         assert_eq!(b.block_on(finished), 8, "{backend}");
     }
-}
-
-/// The text a panic carried.
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
-    panic
-        .downcast_ref::<String>()
-        .cloned()
-        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_default()
 }
 
 /// Polls `future` to its end, catching a panic in any of its polls.
@@ -713,11 +704,7 @@ fn a_tokio_driver_polled_by_another_tokio_runtime_says_so() {
                 }
                 Err(panic) => panic,
             };
-            let message = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_default();
+            let message = util::panic_message(panic);
             assert!(
                 message.contains("outside the tokio runtime the Driver was created in"),
                 "{backend} (first runtime kept: {keep_first}): {message}"
@@ -867,11 +854,7 @@ fn block_on_inside_its_own_task_panics_and_the_runtime_goes_on() {
             })
         }));
         let panic = outcome.expect_err("block_on inside its own task worked");
-        let message = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let message = util::panic_message(panic);
         assert!(
             message.contains("block_on called inside block_on"),
             "{message}"

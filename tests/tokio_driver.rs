@@ -255,11 +255,7 @@ fn ringsock_spawn_outside_run_until_is_a_clear_panic() {
         })
     });
     let panic = caught.expect_err("spawn with no driver current");
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let message = util::panic_message(panic);
     assert!(message.contains("outside a ringsock runtime"), "{message}");
 }
 
@@ -465,10 +461,6 @@ fn run_until_inside_a_ringsock_block_on_is_a_clear_panic() {
         })
     }));
     let panic = caught.expect_err("run_until inside a ringsock block_on");
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_default();
+    let message = util::panic_message(panic);
     assert!(message.contains("inside a ringsock block_on"), "{message}");
 }

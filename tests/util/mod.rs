@@ -542,3 +542,12 @@ pub async fn join_thread<T: Send + 'static>(handle: std::thread::JoinHandle<T>) 
         Err(panic) => std::panic::resume_unwind(panic),
     }
 }
+
+/// The text a panic carried (a `String` or a `&str` payload).
+pub fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_default()
+}
