@@ -1,5 +1,5 @@
-//! The seed's three ways to send many packets, side by side, over loopback to a plain std
-//! receiver thread that checks every packet arrives in order:
+//! The Windows.Networking.Sockets guide's three ways to send many packets, side by side,
+//! over loopback to a plain std receiver thread that checks every packet arrives in order:
 //!
 //! 1. one write at a time: each write awaited before the next ("not recommended");
 //! 2. all writes issued, then every write's handle awaited together (Task.WaitAll);

@@ -1,4 +1,5 @@
-//! The seed's TCP echo example: a StreamSocketListener and a StreamSocket in one program.
+//! The TCP echo example of the Windows.Networking.Sockets guide: a StreamSocketListener
+//! and a StreamSocket in one program.
 //!
 //! `cargo run --example tcp_echo`
 
@@ -6,7 +7,7 @@ use ringsock::{Error, HostName, StreamSocket, StreamSocketListener};
 
 fn main() -> ringsock::Result<()> {
     ringsock::block_on(async {
-        // Port 0: the kernel picks a free port (the seed used 1337).
+        // Port 0: the kernel picks a free port (the Windows guide used 1337).
         let listener = StreamSocketListener::bind("0")?;
         let port = listener.local_addr()?.port().to_string();
         println!("server is listening...");

@@ -1,4 +1,5 @@
-//! The seed's "Providing a client certificate with the StreamSocket class", in ringsock:
+//! "Providing a client certificate with the StreamSocket class" from the
+//! Windows.Networking.Sockets guide, in ringsock:
 //!
 //! ```csharp
 //! var socket = new StreamSocket();
@@ -107,7 +108,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             Ok::<_, ringsock::Error>(())
         });
 
-        // The client: the seed's snippet.
+        // The client: the Windows guide's snippet.
         let destination = HostName::new("localhost")?;
         let socket = StreamSocket::new();
         let certificate = get_client_cert(&pki);
@@ -155,7 +156,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-/// The seed's `GetClientCert()`: here, the certificate our made-up CA issued.
+/// The Windows guide's `GetClientCert()`: here, the certificate our made-up CA issued.
 fn get_client_cert(pki: &Pki) -> Identity {
     pki.client.clone()
 }

@@ -1,11 +1,11 @@
-//! The seed's UDP echo client and server ("Build a basic UDP socket client and server"),
-//! in library calls: the server binds a port and echoes each message back to the client's
-//! port through GetOutputStreamAsync; the client binds its own port, sends a request
+//! The UDP echo client and server of the Windows.Networking.Sockets guide ("Build a basic
+//! UDP socket client and server"), in library calls: the server binds a port and echoes
+//! each message back to the client's port through GetOutputStreamAsync; the client binds its own port, sends a request
 //! through a second socket's output stream and waits for the response on its own.
 //!
 //! ```sh
 //! cargo run --example udp_echo            # ports picked by the kernel
-//! cargo run --example udp_echo 1337 1336  # the seed's server and client ports
+//! cargo run --example udp_echo 1337 1336  # the Windows guide's server and client ports
 //! ```
 
 use std::time::Duration;
@@ -17,7 +17,7 @@ fn main() {
     let server_port = args.next().unwrap_or_else(|| "0".into());
     let client_port = args.next().unwrap_or_else(|| "0".into());
     if let Err(err) = ringsock::block_on(run(&server_port, &client_port)) {
-        // SocketError.GetStatus(...) in the seed: the status, else the message.
+        // SocketError.GetStatus(...) in the Windows guide: the status, else the message.
         eprintln!("{}: {err}", err.status());
         std::process::exit(1);
     }

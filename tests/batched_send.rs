@@ -198,7 +198,7 @@ fn more_writes_than_one_sendmsg_takes_stay_in_order() {
 
 #[test]
 fn wait_all_on_handles_keeps_the_byte_order() {
-    // The seed's Task.WaitAll pattern: writes issued, then all awaited together, no flush.
+    // The Windows guide's Task.WaitAll pattern: writes issued, then all awaited together, no flush.
     util::on_each_backend(|backend| async move {
         let (socket, receiver) = stream_to_slow_receiver(false).await;
         let output = socket.output_stream();
