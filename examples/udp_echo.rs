@@ -1,7 +1,8 @@
 //! The UDP echo client and server of the Windows.Networking.Sockets guide ("Build a basic
 //! UDP socket client and server"), in library calls: the server binds a port and echoes
-//! each message back to the client's port through GetOutputStreamAsync; the client binds its own port, sends a request
-//! through a second socket's output stream and waits for the response on its own.
+//! each message back to the client's port through GetOutputStreamAsync; the client binds
+//! its own port, sends a request through a second socket's output stream and waits for the
+//! response on its own.
 //!
 //! ```sh
 //! cargo run --example udp_echo            # ports picked by the kernel
