@@ -166,34 +166,29 @@ fn a_socket_gets_only_the_groups_it_joined() {
                 }
             };
             send(GROUP, "group").await;
-            let got = util::must("the member's datagram", joined.recv())
-                .await
-                .unwrap();
-            assert_eq!(got.text().unwrap(), "group", "{backend}");
+            expect_next(&joined, "the member's datagram", "group", backend).await;
             // The bystander's first datagram is the one of the group it joins now: the
             // earlier one, of a group it never joined, did not come to it.
             bystander.join_multicast_group(IpAddr::V4(OTHER)).unwrap();
             send(OTHER, "other").await;
-            let got = util::must("the bystander's datagram", bystander.recv())
-                .await
-                .unwrap();
-            assert_eq!(got.text().unwrap(), "other", "{backend}");
+            expect_next(&bystander, "the bystander's datagram", "other", backend).await;
             // Left while the bystander holds OTHER: the leaver gets no more of it. Its
             // next datagram is the one of the group it still holds.
             joined.join_multicast_group(IpAddr::V4(OTHER)).unwrap();
             joined.leave_multicast_group(IpAddr::V4(OTHER)).unwrap();
             send(OTHER, "other again").await;
-            let got = util::must("the bystander's second", bystander.recv())
-                .await
-                .unwrap();
-            assert_eq!(got.text().unwrap(), "other again", "{backend}");
+            expect_next(&bystander, "the bystander's second", "other again", backend).await;
             send(GROUP, "group again").await;
-            let got = util::must("the member's second", joined.recv())
-                .await
-                .unwrap();
-            assert_eq!(got.text().unwrap(), "group again", "{backend}");
+            expect_next(&joined, "the member's second", "group again", backend).await;
         });
     });
+}
+
+/// Checks that `socket`'s next datagram is `text`: each came to the one socket that
+/// should have it.
+async fn expect_next(socket: &DatagramSocket, what: &str, text: &str, backend: Backend) {
+    let got = util::must(what, socket.recv()).await.unwrap();
+    assert_eq!(got.text().unwrap(), text, "{what}, {backend}");
 }
 
 /// Counter of the drop rule in the namespace's nftables chain.
