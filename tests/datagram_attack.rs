@@ -935,3 +935,118 @@ fn port_zero_is_no_destination_for_a_send_or_a_connect() {
         );
     });
 }
+
+/// A GSO run that fails for a reason of its own (port 0, a source address the host does
+/// not have: EINVAL, which GSO can also cause) fails its datagrams only: the socket keeps
+/// GSO, and its next flush of equal datagrams still goes out as one GSO send.
+#[test]
+fn a_gso_run_failing_for_its_own_reason_leaves_gso_on() {
+    util::on_each_backend(|backend: Backend| async move {
+        let sender = bound_v4();
+        let sink = bound_v4();
+        let to = sink.local_addr().unwrap();
+        assert!(sender.control().segmentation_offload(), "{backend}");
+        let port_zero = SocketAddr::new(V4, 0);
+        let batch = vec![
+            OutgoingDatagram::new(vec![1u8; 100], to),
+            OutgoingDatagram::new(vec![2u8; 100], port_zero),
+            OutgoingDatagram::new(vec![3u8; 100], port_zero),
+            OutgoingDatagram::new(vec![4u8; 100], to),
+        ];
+        let results = sender.send_many(batch).await.unwrap();
+        let went: Vec<bool> = results.iter().map(Result::is_ok).collect();
+        assert_eq!(went, [true, false, false, true], "{backend}");
+        assert!(
+            sender.control().segmentation_offload(),
+            "{backend}: a run to port 0 turned GSO off"
+        );
+        for expected in [1u8, 4] {
+            assert_eq!(recv(&sink).await.as_ref(), [expected; 100], "{backend}");
+        }
+
+        let foreign = SendOptions {
+            source: Some("192.0.2.1".parse().unwrap()),
+            ..SendOptions::default()
+        };
+        let stream = sender.output_stream_to_addr_with(to, &foreign).unwrap();
+        for _ in 0..4 {
+            stream.write(vec![7u8; 100]).await.unwrap();
+        }
+        assert!(stream.flush().await.is_err(), "{backend}");
+        assert!(
+            sender.control().segmentation_offload(),
+            "{backend}: a source the host lacks turned GSO off"
+        );
+
+        // Still one GSO send: a GRO receiver gets the 64 datagrams in one delivery.
+        let gro = DatagramSocket::new();
+        gro.control().set_gro(true).unwrap();
+        gro.bind_addr(SocketAddr::new(V4, 0)).unwrap();
+        let stream = sender
+            .output_stream_to_addr(gro.local_addr().unwrap())
+            .unwrap();
+        for _ in 0..64 {
+            stream.write(vec![9u8; 100]).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        for _ in 0..64 {
+            let datagram = recv(&gro).await;
+            assert_eq!(datagram.as_ref(), [9u8; 100], "{backend}");
+            assert_eq!(datagram.gro_segment_size(), Some(100), "{backend}");
+        }
+    });
+}
+
+/// A GSO send the kernel refuses for GSO's own sake (here SO_NO_CHECK, which GSO cannot
+/// send with) still delivers every datagram, one by one, and the socket stops asking
+/// for GSO.
+#[test]
+fn a_gso_send_refused_for_gso_itself_goes_datagram_by_datagram() {
+    util::on_each_backend(|backend: Backend| async move {
+        let sender = without_udp_checksums(bound_v4());
+        let sink = bound_v4();
+        let to = sink.local_addr().unwrap();
+        let batch = (0..8u8)
+            .map(|i| OutgoingDatagram::new(vec![i; 100], to))
+            .collect();
+        let results = sender.send_many(batch).await.unwrap();
+        assert!(results.iter().all(Result::is_ok), "{backend}: {results:?}");
+        for i in 0..8u8 {
+            assert_eq!(recv(&sink).await.as_ref(), [i; 100], "{backend}");
+        }
+        assert!(
+            !sender.control().segmentation_offload(),
+            "{backend}: GSO refused for its own sake stays on"
+        );
+
+        let other = without_udp_checksums(bound_v4());
+        let stream = other.output_stream_to_addr(to).unwrap();
+        for i in 0..8u8 {
+            stream.write(vec![i; 100]).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        for i in 0..8u8 {
+            assert_eq!(recv(&sink).await.as_ref(), [i; 100], "{backend}");
+        }
+        assert!(!other.control().segmentation_offload(), "{backend}");
+    });
+}
+
+/// `socket` with SO_NO_CHECK: its datagrams leave without a UDP checksum, which the
+/// kernel's GSO cannot do.
+fn without_udp_checksums(socket: DatagramSocket) -> DatagramSocket {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: setsockopt reads one c_int from a live local of that size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NO_CHECK,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_NO_CHECK");
+    socket
+}

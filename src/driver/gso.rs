@@ -2,6 +2,7 @@
 //! UDP_SEGMENT control message, and `sendmmsg` batches. Shared by both engines.
 #![allow(unsafe_code)]
 
+use std::cell::Cell;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -221,6 +222,68 @@ pub(crate) fn plan_links<B: AsRef<[u8]>>(
     links
 }
 
+/// A GSO run the kernel refused with an error GSO may cause ([`gso_refused`]), and so
+/// may the datagrams themselves (EINVAL for port 0 or a source address the host lacks):
+/// sent again datagram by datagram, its first datagram tells which. Only when that one
+/// goes on its own was GSO to blame, and the socket stops using it; otherwise the error
+/// was the datagrams' own and GSO goes on after the run.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct GsoSuspect {
+    first: usize,
+    end: usize,
+}
+
+/// What a [`GsoSuspect`]'s datagrams, sent one by one, showed so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum GsoVerdict {
+    /// Not known yet: the run goes on datagram by datagram.
+    Pending,
+    /// The first datagram went on its own: GSO was refused.
+    Blamed,
+    /// The first failed on its own too, and the whole run has its results.
+    Cleared,
+}
+
+impl GsoSuspect {
+    /// The refused run `link`.
+    pub(crate) fn new(link: &Link) -> GsoSuspect {
+        GsoSuspect {
+            first: link.first,
+            end: link.first + link.count,
+        }
+    }
+
+    /// The run's first datagram.
+    pub(crate) fn first(&self) -> usize {
+        self.first
+    }
+
+    /// `first_sent`: whether the run's first datagram went on its own, once it has a
+    /// result; `done`: datagrams of the batch with a result.
+    pub(crate) fn judge(&self, first_sent: Option<bool>, done: usize) -> GsoVerdict {
+        match first_sent {
+            None => GsoVerdict::Pending,
+            Some(true) => GsoVerdict::Blamed,
+            Some(false) if done >= self.end => GsoVerdict::Cleared,
+            Some(false) => GsoVerdict::Pending,
+        }
+    }
+}
+
+/// For a batch to one destination, which stops at its first failure: with the datagrams
+/// before `sent` gone, a suspect run whose first datagram went blames GSO, which the
+/// socket then stops using (a failure of that datagram ends the batch, GSO untouched).
+pub(crate) fn settle_suspect(suspect: &mut Option<GsoSuspect>, sent: usize, gso: &Cell<bool>) {
+    let Some(run) = *suspect else {
+        return;
+    };
+    let first_sent = (sent > run.first).then_some(true);
+    if run.judge(first_sent, sent) == GsoVerdict::Blamed {
+        gso.set(false);
+        *suspect = None;
+    }
+}
+
 /// True when a GSO send failed because of GSO itself (segment over the path MTU, too
 /// many segments, no checksum offload, UDP-Lite or IPsec), so sending the same datagrams
 /// one by one may work.
@@ -319,5 +382,27 @@ mod tests {
         let links = plan_links(&bufs, 0, true, 32, &Targets::Each(&list));
         let shape: Vec<(usize, usize)> = links.iter().map(|l| (l.first, l.count)).collect();
         assert_eq!(shape, vec![(0, 2), (2, 2), (4, 1), (5, 1)]);
+    }
+
+    #[test]
+    fn a_refused_run_blames_gso_only_when_its_first_datagram_goes_alone() {
+        let run = GsoSuspect::new(&Link {
+            first: 4,
+            count: 3,
+            segment: Some(100),
+        });
+        assert_eq!(run.judge(None, 4), GsoVerdict::Pending);
+        assert_eq!(run.judge(Some(true), 5), GsoVerdict::Blamed);
+        assert_eq!(run.judge(Some(false), 5), GsoVerdict::Pending);
+        assert_eq!(run.judge(Some(false), 7), GsoVerdict::Cleared);
+        let gso = Cell::new(true);
+        let mut suspect = Some(run);
+        settle_suspect(&mut suspect, 4, &gso);
+        assert!(
+            gso.get() && suspect.is_some(),
+            "nothing of the run went yet"
+        );
+        settle_suspect(&mut suspect, 5, &gso);
+        assert!(!gso.get() && suspect.is_none(), "its first went alone");
     }
 }

@@ -142,10 +142,11 @@ pub(crate) fn post_to<B: IoBuf>(
 
 /// Sends `bufs[i]` to `targets[i]`, every datagram in as few `sendmmsg` calls as the
 /// send buffer allows (one message per destination run, a GSO run where sizes allow
-/// while `gso` is true; a refusal turns it off). Each datagram's result, in order: a
-/// failure concerns only the datagrams of its message. The error is for the batch as a
-/// whole (a socket of another runtime, a failed wait). The buffers are read during
-/// the calls only, and come back with the results.
+/// while `gso` is true; a refusal that was GSO's own turns it off, see `GsoSuspect`).
+/// Each datagram's result, in order: a failure concerns only the datagrams of its
+/// message. The error is for the batch as a whole (a socket of another runtime, a
+/// failed wait). The buffers are read during the calls only, and come back with the
+/// results.
 pub(crate) async fn send_many<B: AsRef<[u8]>>(
     fd: &SharedFd,
     bufs: Vec<B>,
@@ -166,7 +167,8 @@ pub(crate) async fn send_many<B: AsRef<[u8]>>(
 /// Sends every buffer of `bufs` as its own datagram, in order, to `dest` (or to the
 /// connected peer), each with `meta`'s control messages, with as few kernel operations as the engine allows. Runs of
 /// equal-sized datagrams go out as one UDP GSO send while `gso` is true; a GSO send the
-/// kernel or device refuses turns `gso` off and is sent again datagram by datagram.
+/// kernel or device refuses is sent again datagram by datagram, and turns `gso` off
+/// when its first datagram then goes (the refusal was GSO's, not the datagrams').
 ///
 /// Returns how far it got (`Progress::first` datagrams sent; `skip` is always 0) and the
 /// error that stopped it: that datagram, and the ones after it, were not sent.

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
 use super::cmsg::SendMeta;
-use super::gso::{gso_refused, plan_links, MmsgBatch, Targets};
+use super::gso::{gso_refused, plan_links, GsoSuspect, GsoVerdict, MmsgBatch, Targets};
 
 /// Most messages one `sendmmsg` takes (UIO_MAXIOV).
 const SEND_SLOTS: usize = 1024;
@@ -33,7 +33,9 @@ pub(crate) struct SendMany<B> {
     targets: Vec<(SocketAddr, SendMeta)>,
     results: Vec<io::Result<usize>>,
     gso: bool,
-    /// Set when the kernel refused GSO, for the socket to remember.
+    /// A GSO run the kernel refused, being sent again datagram by datagram.
+    suspect: Option<GsoSuspect>,
+    /// Set when GSO was to blame for a refusal, for the socket to remember.
     gso_refused: bool,
 }
 
@@ -46,6 +48,7 @@ impl<B: AsRef<[u8]>> SendMany<B> {
             bufs,
             targets,
             gso,
+            suspect: None,
             gso_refused: false,
         }
     }
@@ -58,9 +61,10 @@ impl<B: AsRef<[u8]>> SendMany<B> {
             return Step::Done;
         }
         let targets = Targets::Each(&self.targets);
-        let links = plan_links(&self.bufs, at, self.gso, SEND_SLOTS, &targets);
+        let gso = self.gso && self.suspect.is_none();
+        let links = plan_links(&self.bufs, at, gso, SEND_SLOTS, &targets);
         let mut batch = MmsgBatch::new(&self.bufs, &links, &targets);
-        match batch.send(fd, 0) {
+        let step = match batch.send(fd, 0) {
             Ok(sent) if sent > 0 => {
                 for link in &links[..sent.min(links.len())] {
                     for buf in &self.bufs[link.first..link.first + link.count] {
@@ -77,8 +81,7 @@ impl<B: AsRef<[u8]>> SendMany<B> {
             Err(err) if err.kind() == io::ErrorKind::Interrupted => Step::Progress,
             Err(err) if links[0].segment.is_some() && gso_refused(&err) => {
                 // Planned again datagram by datagram.
-                self.gso = false;
-                self.gso_refused = true;
+                self.suspect = Some(GsoSuspect::new(&links[0]));
                 Step::Progress
             }
             Err(err) => {
@@ -95,6 +98,29 @@ impl<B: AsRef<[u8]>> SendMany<B> {
                 });
                 Step::Progress
             }
+        };
+        self.judge_suspect();
+        step
+    }
+
+    /// Settles a refused GSO run once its datagrams, sent one by one, show whether GSO
+    /// was to blame (see [`GsoSuspect`]).
+    fn judge_suspect(&mut self) {
+        let Some(suspect) = self.suspect else {
+            return;
+        };
+        let first_sent = self
+            .results
+            .get(suspect.first())
+            .map(|result| result.is_ok());
+        match suspect.judge(first_sent, self.results.len()) {
+            GsoVerdict::Pending => {}
+            GsoVerdict::Blamed => {
+                self.gso = false;
+                self.gso_refused = true;
+                self.suspect = None;
+            }
+            GsoVerdict::Cleared => self.suspect = None,
         }
     }
 

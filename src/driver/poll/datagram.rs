@@ -16,7 +16,7 @@ use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
 use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
-use crate::driver::gso::{gso_refused, plan_links, MmsgBatch, Targets};
+use crate::driver::gso::{gso_refused, plan_links, settle_suspect, GsoSuspect, MmsgBatch, Targets};
 use crate::driver::posted::PostLedger;
 use crate::driver::recv::{AfterRecv, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
@@ -305,12 +305,15 @@ pub(crate) async fn send_batch(
     let mut progress = Progress::default();
     let mut rounds = 0u64;
     let targets = Targets::One(dest, *meta);
+    let mut suspect: Option<GsoSuspect> = None;
     'plan: while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let links = plan_links(&bufs, progress.first, gso.get(), SEND_SLOTS, &targets);
+        settle_suspect(&mut suspect, progress.first, gso);
+        let use_gso = gso.get() && suspect.is_none();
+        let links = plan_links(&bufs, progress.first, use_gso, SEND_SLOTS, &targets);
         let mut batch = MmsgBatch::new(&bufs, &links, &targets);
         let mut at = 0;
         while at < batch.len() {
@@ -327,7 +330,7 @@ pub(crate) async fn send_batch(
                     at += sent;
                 }
                 Err(err) if links[at].segment.is_some() && gso_refused(&err) => {
-                    gso.set(false);
+                    suspect = Some(GsoSuspect::new(&links[at]));
                     continue 'plan;
                 }
                 Err(err) => return (Err(err), progress, bufs),
@@ -335,5 +338,6 @@ pub(crate) async fn send_batch(
         }
         drop(batch);
     }
+    settle_suspect(&mut suspect, progress.first, gso);
     (Ok(()), progress, bufs)
 }

@@ -23,7 +23,9 @@ use crate::driver::buf_pool::BufPool;
 use crate::driver::caps::Capability;
 use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
 use crate::driver::fd::FdRef;
-use crate::driver::gso::{gso_refused, link_iovecs, plan_links, Link, MmsgBatch, Targets};
+use crate::driver::gso::{
+    gso_refused, link_iovecs, plan_links, settle_suspect, GsoSuspect, Link, MmsgBatch, Targets,
+};
 use crate::driver::posted::PostLedger;
 use crate::driver::recv::{deliver, AfterRecv, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
@@ -856,12 +858,15 @@ pub(crate) async fn send_batch(
     let mut progress = Progress::default();
     let mut rounds = 0u64;
     let targets = Targets::One(dest, *meta);
+    let mut suspect: Option<GsoSuspect> = None;
     while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
         }
         rounds += 1;
-        let links = plan_links(&bufs, progress.first, gso.get(), MAX_LINKS, &targets);
+        settle_suspect(&mut suspect, progress.first, gso);
+        let use_gso = gso.get() && suspect.is_none();
+        let links = plan_links(&bufs, progress.first, use_gso, MAX_LINKS, &targets);
         if rounds == 1 && links.len() > 1 {
             // More than one send: datagrams of mixed sizes, which cannot share a GSO send,
             // or a run longer than one GSO send takes. A linked chain costs more than the
@@ -922,8 +927,8 @@ pub(crate) async fn send_batch(
                 // Cut after an earlier link failed or was refused: resubmit from here.
                 Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => break,
                 Err(err) if link.segment.is_some() && gso_refused(&err) => {
-                    // GSO itself was refused: go on without it, from this link.
-                    gso.set(false);
+                    // Perhaps GSO was refused: go on without it, from this link.
+                    suspect = Some(GsoSuspect::new(link));
                     fell_back = true;
                     break;
                 }
@@ -939,5 +944,6 @@ pub(crate) async fn send_batch(
             );
         }
     }
+    settle_suspect(&mut suspect, progress.first, gso);
     (Ok(()), progress, bufs)
 }
