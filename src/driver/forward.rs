@@ -20,6 +20,11 @@ use crate::buf::IoBuf;
 /// one, but never the last: a ring of one buffer lends none), so forwarding never leaves
 /// the ring dry; past that, a datagram's bytes are
 /// copied and its buffer goes back at once ([`is_zero_copy`](Self::is_zero_copy) tells).
+/// Where io_uring packs datagrams into shared buffers, a buffer spans four of the ring's
+/// datagram slots (`receive_stats().buffers` says how many buffers there are), so a ring
+/// of under 16 slots has too few buffers for a quarter: one buffer lent is then up to
+/// half of it, and the kernel may find the ring dry sooner (the datagrams wait in the
+/// socket's queue meanwhile, none is lost). Give a relay that forwards a larger ring.
 pub struct Forward {
     body: Body,
 }
