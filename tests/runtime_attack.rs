@@ -1003,3 +1003,54 @@ fn a_sleep_moved_to_another_runtime_leaves_that_runtime_s_timers_alone() {
         assert_eq!(woken, 1, "{backend}: the sleep's own timer was lost");
     }
 }
+
+/// The smallest submission queues the builder takes still send any batch: a stream
+/// flush that needs several linked sends, and a datagram flush of many sizes (many
+/// links), arrive whole and in order.
+#[test]
+fn the_smallest_rings_send_batches_that_need_long_chains() {
+    for backend in BACKENDS {
+        for entries in [1, 8] {
+            let builder = Builder::new().backend(backend).ring_entries(entries);
+            util::on_runtime_of(builder, backend, &|backend: Backend| async move {
+                let listener = util::loopback_listener();
+                let (client, server) = util::connected_pair(&listener).await;
+                // Every other slice of one buffer: no two writes share an iovec, so the
+                // flush needs more iovecs than one sendmsg takes.
+                let (writes, size) = (5000, 100);
+                let source = bytes::Bytes::from(util::pseudo_random_bytes(7, writes * size * 2));
+                let reader =
+                    ringsock::spawn(async move { util::read_exact(&server, writes * size).await });
+                let output = client.output_stream();
+                let mut expected = Vec::with_capacity(writes * size);
+                for i in 0..writes {
+                    let piece = source.slice(i * 2 * size..i * 2 * size + size);
+                    expected.extend_from_slice(&piece);
+                    output.write(piece).await.unwrap();
+                }
+                output.flush().await.unwrap();
+                let got = reader.await;
+                assert!(
+                    got == expected,
+                    "{backend}, {entries} entries: stream bytes"
+                );
+
+                let receiver = util::bound_loopback();
+                receiver.control().set_receive_buffer_size(8 << 20).unwrap();
+                let sender = util::bound_loopback();
+                let to = receiver.local_addr().unwrap();
+                let datagrams = sender.output_stream_to_addr(to).unwrap();
+                // Sizes that differ from one to the next: no GSO run, a link each.
+                let sized = |i: usize| vec![i as u8; 100 + (i % 7) * 3];
+                for i in 0..300 {
+                    datagrams.write(sized(i)).await.unwrap();
+                }
+                datagrams.flush().await.unwrap();
+                for i in 0..300 {
+                    let datagram = util::recv_datagram(&receiver).await;
+                    assert_eq!(datagram.as_ref(), sized(i), "{backend}, {entries} entries");
+                }
+            });
+        }
+    }
+}

@@ -859,6 +859,11 @@ pub(crate) async fn send_batch(
     let mut rounds = 0u64;
     let targets = Targets::One(dest, *meta);
     let mut suspect: Option<GsoSuspect> = None;
+    // A chain goes into the submission queue whole: never longer than the queue.
+    let max_links = match driver.with(|d| d.max_chain()) {
+        Ok(queue) => MAX_LINKS.min(queue).max(1),
+        Err(err) => return (Err(err), progress, bufs),
+    };
     while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
@@ -866,7 +871,7 @@ pub(crate) async fn send_batch(
         rounds += 1;
         settle_suspect(&mut suspect, progress.first, gso);
         let use_gso = gso.get() && suspect.is_none();
-        let links = plan_links(&bufs, progress.first, use_gso, MAX_LINKS, &targets);
+        let links = plan_links(&bufs, progress.first, use_gso, max_links, &targets);
         if rounds == 1 && links.len() > 1 {
             // More than one send: datagrams of mixed sizes, which cannot share a GSO send,
             // or a run longer than one GSO send takes. A linked chain costs more than the

@@ -283,6 +283,12 @@ impl Driver {
         self.stats
     }
 
+    /// Most entries one linked chain may have: the submission queue takes a chain whole
+    /// or not at all, and a runtime may be built with a queue of a single entry.
+    pub(crate) fn max_chain(&self) -> usize {
+        self.ring.params().sq_entries() as usize
+    }
+
     /// Counts a data-path system call made directly, outside the ring (sendmmsg for
     /// mixed-size datagram batches).
     pub(crate) fn count_io_call(&mut self) {

@@ -319,7 +319,7 @@ pub(crate) enum StreamSend {
 /// Sends `bufs[first..]` from byte `skip` with as few SQEs as the kernel allows: one
 /// `sendmsg` while its iovecs fit in [`IOV_MAX`] (coalescing the writes into one kernel
 /// operation is what makes batches fast), else a linked chain of up to `max_links` of
-/// them, IO_LINK between links. `flags` go on each (MSG_WAITALL for TCP, so a short send
+/// them (fewer if the submission queue is smaller), IO_LINK between links. `flags` go on each (MSG_WAITALL for TCP, so a short send
 /// breaks the chain rather than leaving a gap).
 pub(crate) async fn sendmsg_stream(
     driver: &Handle,
@@ -330,6 +330,10 @@ pub(crate) async fn sendmsg_stream(
     flags: i32,
     max_links: usize,
 ) -> (io::Result<StreamSend>, Vec<Bytes>) {
+    let max_links = match driver.with(|d| d.max_chain()) {
+        Ok(queue) => max_links.min(queue).max(1),
+        Err(err) => return (Err(err), bufs),
+    };
     let msgs = SendMsgs::build(fd.clone(), bufs, first, skip, max_links);
     if msgs.headers.len() == 1 {
         // SAFETY: the SQE points to a header owned by the op's boxed data (see SendMsgs).
