@@ -65,16 +65,29 @@ pub(crate) async fn recv_until<B: IoBufMut>(
         Ok(Binding::Poll(reg)) => poll::net::recv(reg, fd.fd(), buf, stop).await,
         Err(err) => (Err(err), buf),
     };
-    let result = match result {
-        Ok(n) if n > 0 => {
+    let result = match (result, fd.ended()) {
+        (Ok(n), _) if n > 0 => {
             fd.activity().received();
             Ok(n)
         }
         // Once the connection was ended here, its end of stream (the shutdown that woke
         // the receive) and its errors are that ending.
-        other => fd.ended().map_or(other, Err),
+        (_, Some(ended)) => Err(ended),
+        // The end of stream after a reset is the reset: the peer did not finish, and a
+        // program must not take what it got for the whole.
+        (Ok(_), None) if fd.was_reset() => Err(io::Error::from_raw_os_error(libc::ECONNRESET)),
+        (Err(err), None) => Err(note_reset(fd, err)),
+        (end_of_stream, None) => end_of_stream,
     };
     (result, buf)
+}
+
+/// Remembers a reset `err` reports on `fd` (see [`SharedFd::was_reset`]).
+fn note_reset(fd: &SharedFd, err: io::Error) -> io::Error {
+    if err.raw_os_error() == Some(libc::ECONNRESET) {
+        fd.mark_reset();
+    }
+    err
 }
 
 /// Sends once; the count may be short.
@@ -104,7 +117,8 @@ pub(crate) async fn send<B: IoBuf>(fd: &SharedFd, buf: B) -> (io::Result<usize>,
 /// What a failed send reports: the connection's ending if it was ended here, else the
 /// error (EPIPE read as the peer's reset, see [`peer_reset`]).
 fn send_failure(fd: &SharedFd, err: io::Error) -> io::Error {
-    fd.ended().unwrap_or_else(|| peer_reset(fd, err))
+    fd.ended()
+        .unwrap_or_else(|| note_reset(fd, peer_reset(fd, err)))
 }
 
 /// Linux reports a reset to one call only (ECONNRESET); every send after it says EPIPE.

@@ -36,6 +36,10 @@ struct Inner {
     is_ended: Cell<bool>,
     /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
     write_shut: Cell<bool>,
+    /// The peer's reset was reported to a call. Linux reports it to one call only, and
+    /// a receive after it finds an end of stream: that end is the reset, not the peer's
+    /// orderly close.
+    reset_seen: Cell<bool>,
     /// Declared before `fd`, so it is dropped first: an epoll registration is released
     /// while its descriptor is still open.
     binding: OnceCell<Binding>,
@@ -88,6 +92,7 @@ impl SharedFd {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
+                reset_seen: Cell::new(false),
                 detached: Cell::new(false),
                 ended: RefCell::new(None),
                 is_ended: Cell::new(false),
@@ -177,6 +182,16 @@ impl SharedFd {
 
     pub(crate) fn is_write_shut(&self) -> bool {
         self.inner.write_shut.get()
+    }
+
+    /// Remembers that a call was told of the peer's reset.
+    pub(crate) fn mark_reset(&self) {
+        self.inner.reset_seen.set(true);
+    }
+
+    /// Whether a call was told of the peer's reset.
+    pub(crate) fn was_reset(&self) -> bool {
+        self.inner.reset_seen.get()
     }
 
     /// The driver this socket belongs to. The first use binds it to the driver of the

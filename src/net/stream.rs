@@ -366,7 +366,9 @@ impl StreamSocket {
     }
 
     /// Reads once into the spare capacity of `buf` (`capacity - len` bytes at most) and
-    /// returns how many bytes arrived; 0 means the peer closed its side. With a
+    /// returns how many bytes arrived; 0 means the peer closed its side in order. A peer
+    /// that reset the connection is `ConnectionResetByPeer` for this read and every one
+    /// after it (Linux tells one call only, then shows an end of stream). With a
     /// [read timeout](StreamSocketControl::set_read_timeout), a read that gets nothing in
     /// time fails with `ConnectionTimedOut` and loses nothing.
     pub async fn read<B: IoBufMut>(&self, mut buf: B) -> BufResult<usize, B> {
