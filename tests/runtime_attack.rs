@@ -229,31 +229,64 @@ fn operations_in_flight_when_their_runtime_is_dropped_end_cleanly_and_leak_nothi
     }
 }
 
-/// A task that panics takes its pool thread down; work sent to that thread afterwards
-/// must fail or end (`OperationAborted`), never wait forever for a thread that is gone.
+/// A task that panics on a pool thread ends alone: its handle says OperationAborted,
+/// a task of the same thread waiting on a socket is served on, and work sent to that
+/// thread afterwards runs. A `make` that panics ends its own job only.
 #[test]
-fn work_sent_to_a_pool_thread_a_panic_took_down_does_not_hang() {
+fn a_task_that_panics_leaves_its_pool_thread_serving() {
     let _serial = serial();
     for backend in BACKENDS {
         let Some(pool) = pool(backend, 1) else {
             continue;
         };
         let handle = pool.handle();
+        // A task of the thread, waiting for a datagram while the other one panics.
+        let receiver = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let to = receiver.local_addr().unwrap();
+        let waiting = handle
+            .spawn_on(0, move || async move {
+                let socket = DatagramSocket::from_std(receiver).unwrap();
+                let datagram = socket.recv().await.unwrap();
+                datagram.as_ref().to_vec()
+            })
+            .unwrap();
         let doomed = handle
             .spawn_on(0, || async { panic!("a task panics on the pool thread") })
             .unwrap();
         let ended: ringsock::Result<()> =
             ringsock::block_on(async { must("doomed", doomed).await });
-        assert!(ended.is_err(), "{backend}: a panicked task gave an output");
-        match handle.spawn_on(0, || async { 1 }) {
-            Err(err) => assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}"),
-            Ok(later) => {
-                let got = ringsock::block_on(async { must("work after the panic", later).await });
-                let err = got.expect_err("a thread that is gone ran a task");
-                assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
-            }
-        }
+        let err = ended.expect_err("a panicked task gave an output");
+        assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+        let made_badly = handle
+            .spawn_on(0, || -> std::future::Ready<()> { panic!("make panics") })
+            .unwrap();
+        let later = handle.spawn_on(0, || async { 1 }).unwrap();
+        ringsock::block_on(async {
+            let err = must("the job whose make panicked", made_badly)
+                .await
+                .expect_err("a make that panicked gave an output");
+            assert_eq!(err.status(), SocketErrorStatus::OperationAborted, "{err}");
+            assert_eq!(must("work after the panics", later).await.unwrap(), 1);
+        });
+        std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .send_to(b"still served", to)
+            .unwrap();
+        let got = ringsock::block_on(async { must("the waiting task", waiting).await });
+        assert_eq!(got.unwrap(), b"still served", "{backend}");
         drop(pool);
+    }
+}
+
+/// Pools of absurd sizes are refused with InvalidArgument, not a panic.
+#[test]
+fn a_pool_of_absurd_size_is_refused() {
+    for threads in [0, ringsock::runtime::MAX_THREADS + 1, usize::MAX] {
+        let err = ringsock::runtime::Pool::builder()
+            .threads(threads)
+            .build()
+            .expect_err("an absurd pool");
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
     }
 }
 

@@ -33,7 +33,7 @@ mod spin;
 mod tasks;
 mod time;
 
-pub use pool::{Pool, PoolBuilder, PoolHandle, RemoteJoinHandle};
+pub use pool::{Pool, PoolBuilder, PoolHandle, RemoteJoinHandle, MAX_THREADS};
 pub use spin::Spin;
 pub use time::{sleep, sleep_until, timeout, Elapsed, Sleep};
 pub(crate) use time::{sleep_lenient, sleep_until_lenient, timeout_lenient};
@@ -178,6 +178,7 @@ impl Builder {
                 waits: Cell::new(spin::Waits::default()),
                 resolve_timeout,
                 tasks: Rc::default(),
+                broken: Cell::new(false),
             }),
         })
     }
@@ -205,6 +206,8 @@ struct Inner {
     resolve_timeout: Duration,
     /// Every task not yet finished, so dropping the runtime drops them all.
     tasks: Rc<tasks::Tasks>,
+    /// The driver failed for good (the panic `block_on` raised then is not a task's).
+    broken: Cell<bool>,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -355,7 +358,7 @@ impl Runtime {
                 _ => None,
             };
             if let Err(err) = self.inner.driver.park(timeout) {
-                panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
+                self.driver_failed(err);
             }
             if let (true, Some(now)) = (measure, now) {
                 let mut waits = self.inner.waits.get();
@@ -367,6 +370,19 @@ impl Runtime {
                 due.into_iter().for_each(Waker::wake);
             }
         }
+    }
+
+    /// Ends `block_on` for a driver that broke (its ring or epoll descriptor): nothing
+    /// can run on it any more.
+    fn driver_failed(&self, err: std::io::Error) -> ! {
+        self.inner.broken.set(true);
+        panic!("ringsock: the {} driver failed: {err}", self.inner.kind);
+    }
+
+    /// Whether the driver failed for good: a `block_on` that panicked then cannot be
+    /// entered again usefully, where one a task's panic unwound through can.
+    pub(crate) fn is_broken(&self) -> bool {
+        self.inner.broken.get()
     }
 
     /// Looks for completions until something is ready, the spin time is over or a timer
@@ -384,7 +400,7 @@ impl Runtime {
             match self.inner.driver.poll_completions() {
                 Ok(true) => return SpinEnd::Caught,
                 Ok(false) => {}
-                Err(err) => panic!("ringsock: the {} driver failed: {err}", self.inner.kind),
+                Err(err) => self.driver_failed(err),
             }
             if main.woken.load(Ordering::Acquire) || self.inner.shared.queued() > 0 {
                 return SpinEnd::Caught;

@@ -8,6 +8,7 @@
 use std::collections::VecDeque;
 use std::fmt;
 use std::future::{poll_fn, Future};
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, MutexGuard};
@@ -21,6 +22,10 @@ use crate::{Error, Result};
 /// A piece of work a pool thread runs inside its runtime.
 type Job = Box<dyn FnOnce() + Send>;
 
+/// Most threads a pool may have: far more than a program has cores to give them, and
+/// few enough to refuse a count that could only exhaust memory or the thread limit.
+pub const MAX_THREADS: usize = 4096;
+
 /// Builds a [`Pool`].
 #[derive(Debug, Clone, Default)]
 pub struct PoolBuilder {
@@ -30,8 +35,8 @@ pub struct PoolBuilder {
 }
 
 impl PoolBuilder {
-    /// How many threads (each with its own runtime); default: one per CPU this process
-    /// may run on.
+    /// How many threads (each with its own runtime), 1 to [`MAX_THREADS`]; default: one
+    /// per CPU this process may run on.
     pub fn threads(mut self, threads: usize) -> PoolBuilder {
         self.threads = Some(threads);
         self
@@ -52,11 +57,17 @@ impl PoolBuilder {
     }
 
     /// Starts every thread and its runtime; fails (stopping the threads already
-    /// started) when one runtime cannot start, or when `threads` is 0.
+    /// started) when one runtime cannot start or a thread cannot be started, or when
+    /// `threads` is 0 or over [`MAX_THREADS`].
     pub fn build(self) -> Result<Pool> {
         let cpus = affinity::allowed_cpus();
         let threads = match self.threads {
             Some(0) => return Err(Error::invalid_input("a pool needs at least one thread")),
+            Some(threads) if threads > MAX_THREADS => {
+                return Err(Error::invalid_input(format!(
+                    "a pool of {threads} threads: at most {MAX_THREADS}"
+                )))
+            }
             Some(threads) => threads,
             None => cpus.len().max(1),
         };
@@ -108,6 +119,9 @@ impl PoolBuilder {
 
 /// A pool of runtimes, one per thread. Dropping it stops every thread: their tasks are
 /// dropped, their drivers cancel and reap what is in flight, and the threads are joined.
+///
+/// A task that panics ends alone, as a thread would: the panic is printed, its handle
+/// says `OperationAborted`, and the other tasks and sockets of its thread go on.
 ///
 /// # Examples
 ///
@@ -351,12 +365,25 @@ fn run_worker(shared: &Shared, index: usize, builder: Builder, ready: mpsc::Send
         }
     };
     drop(ready);
-    // However the loop ends (the pool stops, or a task panics and unwinds through
-    // `block_on`), the thread takes no more work: later `spawn_on`s fail and jobs still
-    // queued are dropped, ending their handles' wait, instead of waiting for a thread
-    // that is gone. Declared after `runtime`, so it runs first, before its tasks drop.
+    // However the loop ends (the pool stops, or the driver breaks), the thread takes no
+    // more work: later `spawn_on`s fail and jobs still queued are dropped, ending their
+    // handles' wait, instead of waiting for a thread that is gone. Declared after
+    // `runtime`, so it runs first, before its tasks drop.
     let _stop = StopOnExit(worker);
-    runtime.block_on(poll_fn(|cx| {
+    // A task that panics unwinds through `block_on`, as on a runtime of one's own: the
+    // panic hook has said so, its handle's wait ends with OperationAborted (its future
+    // was dropped), and the thread's other tasks and sockets are served on by entering
+    // the runtime again. Only a broken driver ends the thread.
+    while catch_unwind(AssertUnwindSafe(|| runtime.block_on(serve_jobs(worker)))).is_err() {
+        if runtime.is_broken() {
+            break;
+        }
+    }
+}
+
+/// Starts the jobs sent to `worker` as they come, until the pool stops.
+fn serve_jobs(worker: &Worker) -> impl Future<Output = ()> + '_ {
+    poll_fn(move |cx| {
         let jobs = {
             let mut inbox = worker.lock();
             if inbox.stopping {
@@ -371,10 +398,12 @@ fn run_worker(shared: &Shared, index: usize, builder: Builder, ready: mpsc::Send
             std::mem::take(&mut inbox.jobs)
         };
         for job in jobs {
-            job();
+            // A `make` that panics ends its own job only (its handle says
+            // OperationAborted); the jobs after it still start.
+            let _ = catch_unwind(AssertUnwindSafe(job));
         }
         Poll::Pending
-    }));
+    })
 }
 
 /// Marks a worker stopping when its thread's loop ends, normally or by a panic.
