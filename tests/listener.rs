@@ -98,6 +98,19 @@ fn a_listener_on_a_multicast_address_is_refused() {
     });
 }
 
+/// A port-sharing group of no socket is an error, not a lone socket.
+#[test]
+fn a_port_sharing_group_of_absurd_size_is_an_error() {
+    use ringsock::net::SocketKind;
+    let addr: SocketAddr = "127.0.0.1:0".parse().unwrap();
+    for kind in [SocketKind::Listener, SocketKind::Datagram] {
+        let err = ringsock::net::bind_reuse_port(addr, 0, kind)
+            .err()
+            .unwrap_or_else(|| panic!("{kind:?}: a group of 0 was bound"));
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+    }
+}
+
 #[test]
 fn incoming_yields_each_connection_in_order() {
     util::on_each_backend(|_| async {

@@ -233,7 +233,9 @@ impl StreamSocketControl<'_> {
     /// `ConnectionTimedOut`. Only that read fails: the socket stays usable, and nothing
     /// is lost — bytes that arrive as the read gives up are returned by it, or by the
     /// next read (through TLS the receive goes on in the background). `None` (the
-    /// default): never.
+    /// default): never. A read takes the limit when it starts: one already waiting keeps
+    /// the limit it started with (unlike the write timeout, which a waiting write takes
+    /// up at once).
     pub fn set_read_timeout(&self, limit: Option<Duration>) -> Result<()> {
         check_limit("read timeout", limit)?;
         self.options.timeouts.read.set(limit);

@@ -30,7 +30,7 @@ const BACKLOG: i32 = 1024;
 /// SO_REUSEPORT, so the kernel spreads connections or flows over them; with port 0 the
 /// first picks the port and the others join it. Returns the address bound and the
 /// sockets, detached (to be adopted on the threads that will serve them), in group
-/// order. `SocketKind::Stream` is refused.
+/// order. `SocketKind::Stream` is refused, and so is a `count` of 0.
 ///
 /// With a given port, the group first waits up to 250 ms for no other socket to hold
 /// it: a process killed a moment ago may still hold it (its io_uring ring is torn down
@@ -74,6 +74,11 @@ fn bind_group(
             "a connected stream cannot be bound to share a port",
         ));
     }
+    if count == 0 {
+        return Err(Error::invalid_input(
+            "a group of 0 sockets sharing a port: bind at least one",
+        ));
+    }
     let ty = match kind {
         SocketKind::Datagram => socket2::Type::DGRAM,
         _ => {
@@ -89,8 +94,9 @@ fn bind_group(
         ));
     }
     let mut bound = addr;
-    let mut group = Vec::with_capacity(count);
-    for _ in 0..count.max(1) {
+    // The descriptor limit ends a count too large long before memory would.
+    let mut group = Vec::with_capacity(count.min(1024));
+    for _ in 0..count {
         let socket = new_socket(&bound, ty)?;
         let set = |what, result: std::io::Result<()>| result.map_err(|err| Error::io(what, err));
         set("set SO_REUSEADDR", socket.set_reuse_address(true))?;

@@ -308,8 +308,13 @@ impl Runtime {
     ///
     /// # Panics
     ///
-    /// When called from inside another `block_on` on the same thread, or when the driver
-    /// fails in a way that leaves it unusable (the ring or epoll descriptor broke).
+    /// When called from inside this runtime's own `block_on` (from one of its tasks), or
+    /// when the driver fails in a way that leaves it unusable (the ring or epoll
+    /// descriptor broke).
+    ///
+    /// Another runtime's `block_on` may run inside one of this runtime's tasks, but this
+    /// runtime's tasks and sockets stand still until it returns: a future there that
+    /// waits on one of them never ends. Give a second runtime a thread of its own.
     pub fn block_on<F: Future>(&self, future: F) -> F::Output {
         let _enter = self.enter();
         let main = Arc::new(MainWaker {
