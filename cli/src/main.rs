@@ -968,20 +968,32 @@ fn bench_one(args: &BenchArgs) -> ExitCode {
     let options = bench_options(args);
     if args.timeout > 0 {
         let (watched, secs) = (options.clone(), args.timeout);
-        std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_secs(secs));
-            let error = bench::RunError::new(
-                ringsock::SocketErrorStatus::ConnectionTimedOut,
-                format!("the run did not finish within {secs} s (--timeout)"),
-            );
-            let report = bench::Report::failed(&watched, 0, error.clone());
-            println!("{}", report.to_json_line());
-            flush_stdout();
-            eprintln!("error: {error}");
-            std::process::exit(1);
-        });
+        let watchdog = std::thread::Builder::new()
+            .name("bench-timeout".into())
+            .spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs(secs));
+                let error = bench::RunError::new(
+                    ringsock::SocketErrorStatus::ConnectionTimedOut,
+                    format!("the run did not finish within {secs} s (--timeout)"),
+                );
+                let report = bench::Report::failed(&watched, 0, error.clone());
+                println!("{}", report.to_json_line());
+                flush_stdout();
+                eprintln!("error: {error}");
+                // What the run set up outside this process (the tunnel's namespaces)
+                // goes with it.
+                bench::netns::clean_up_now();
+                std::process::exit(1);
+            });
+        if let Err(err) = watchdog {
+            // No thread to keep the time (RLIMIT_NPROC, say): the run does not start.
+            return bench_failed(&options, &Error::io("start the --timeout watchdog", err));
+        }
     }
-    match bench::run(&options) {
+    let outcome = bench::run(&options);
+    // A signal that stopped the run ends the process as it says, not as this outcome.
+    bench::netns::wait_for_signal_cleanup();
+    match outcome {
         Ok(report) => {
             println!("{}", report.to_json_line());
             flush_stdout();
@@ -993,16 +1005,20 @@ fn bench_one(args: &BenchArgs) -> ExitCode {
                 }
             }
         }
-        Err(err) => {
-            let error = bench::RunError::from_error(&err);
-            println!(
-                "{}",
-                bench::Report::failed(&options, 0, error).to_json_line()
-            );
-            eprintln!("error: {}: {err}", err.status());
-            ExitCode::FAILURE
-        }
+        Err(err) => bench_failed(&options, &err),
     }
+}
+
+/// The JSON line of a run that failed before it had figures, and the error on stderr.
+fn bench_failed(options: &bench::Options, err: &Error) -> ExitCode {
+    let error = bench::RunError::from_error(err);
+    println!(
+        "{}",
+        bench::Report::failed(options, 0, error).to_json_line()
+    );
+    flush_stdout();
+    eprintln!("error: {}: {err}", err.status());
+    ExitCode::FAILURE
 }
 
 fn bench_matrix(args: &BenchArgs) -> ExitCode {

@@ -66,7 +66,7 @@ impl Control {
     }
 
     fn stop_asked(&self) -> bool {
-        self.state.lock().unwrap_or_else(|p| p.into_inner()).0 == Ask::Stop
+        self.asked() == Ask::Stop
     }
 
     /// Lets a stop end the wait on the hand-over `channel` (its reads then see the end
@@ -92,9 +92,19 @@ impl Control {
 
     /// Resolves once something other than serving is asked.
     async fn changed(&self) -> Ask {
+        self.until(|ask| ask != Ask::Serve).await
+    }
+
+    /// Resolves once a stop is asked (also after a hand-over was).
+    async fn stopped(&self) {
+        self.until(|ask| ask == Ask::Stop).await;
+    }
+
+    /// Resolves with the request once `done` says it is the one waited for.
+    async fn until(&self, done: impl Fn(Ask) -> bool) -> Ask {
         poll_fn(|cx| {
             let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-            if state.0 != Ask::Serve {
+            if done(state.0) {
                 return Poll::Ready(state.0);
             }
             if !state.1.iter().any(|w| w.will_wake(cx.waker())) {
@@ -105,8 +115,14 @@ impl Control {
         .await
     }
 
+    fn asked(&self) -> Ask {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).0
+    }
+
     /// Turns SIGINT/SIGTERM into `Stop` and SIGUSR2 into `HandOver`, on a thread of its
-    /// own.
+    /// own. A restart the program file cannot make (it was deleted) is refused before
+    /// any socket leaves, and the server serves on. A second SIGINT/SIGTERM ends the
+    /// process as the signal would: an operator who asks twice means it.
     fn install_signals(self: &Arc<Control>) -> ringsock::Result<()> {
         use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR2};
         let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGUSR2])
@@ -116,20 +132,50 @@ impl Control {
             .name("ringsock-signals".into())
             .spawn(move || {
                 for signal in signals.forever() {
-                    let ask = if signal == SIGUSR2 {
-                        Ask::HandOver
-                    } else {
-                        Ask::Stop
-                    };
-                    control.set(ask);
-                    if ask == Ask::Stop {
-                        break;
+                    if signal != SIGUSR2 {
+                        if control.asked() == Ask::Stop {
+                            let _ = signal_hook::low_level::emulate_default_handler(signal);
+                        }
+                        control.set(Ask::Stop);
+                        continue;
+                    }
+                    if control.asked() != Ask::Serve {
+                        continue;
+                    }
+                    match restart_program() {
+                        Ok(_) => control.set(Ask::HandOver),
+                        Err(err) => {
+                            eprintln!("restart refused: {err}; serving on");
+                        }
                     }
                 }
             })
             .map_err(|err| Error::io("start the signal thread", err))?;
         Ok(())
     }
+}
+
+/// The program a restart starts: this one's file, or after an upgrade replaced it (the
+/// running image then reads as "(deleted)"), the new file at its path. No executable
+/// file there is an error, found before any socket is handed over.
+fn restart_program() -> std::io::Result<std::path::PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let exe = std::env::current_exe()?;
+    let exe = match exe.as_os_str().as_bytes().strip_suffix(b" (deleted)") {
+        Some(path) => std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path)),
+        None => exe,
+    };
+    let not_runnable = |why: String| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("no program to restart at {}: {why}", exe.display()),
+        )
+    };
+    let meta = std::fs::metadata(&exe).map_err(|err| not_runnable(err.to_string()))?;
+    if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
+        return Err(not_runnable("not an executable file".into()));
+    }
+    Ok(exe)
 }
 
 /// Each thread's timeout counts so far, for the periodic report.
@@ -520,8 +566,8 @@ async fn serve_thread(
             eprintln!("restart failed: {err}; serving the open connections to their end");
         }
         // Serve what was accepted before the hand-over to its end, also when it failed:
-        // those connections are this process's either way.
-        open.wait_idle().await;
+        // those connections are this process's either way. A stop ends that too.
+        first_of(open.wait_idle(), control.stopped()).await;
         handed_over?;
     }
     logs.flush();
@@ -556,7 +602,7 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     let (ours, theirs) =
         UnixStream::pair().map_err(|err| Error::io("make the hand-over channel", err))?;
     let theirs_fd = theirs.as_raw_fd();
-    let exe = std::env::current_exe().map_err(|err| Error::io("find this program", err))?;
+    let exe = restart_program().map_err(|err| Error::io("find this program", err))?;
     // As the OS holds them: a path that is not UTF-8 (a --tls-cert, the program's own
     // directory) is a valid argument, and `env::args` would panic on it.
     let args: Vec<std::ffi::OsString> = std::env::args_os()

@@ -201,11 +201,10 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
     }
 }
 
-/// A hot restart that cannot start the new server (its program was deleted) leaves the
-/// connections already open served to their end, not dropped, and says so; the server
-/// then exits 1.
+/// A hot restart whose program was deleted is refused before any socket leaves: the
+/// server says so and serves on, the open connection and new ones alike, until SIGTERM.
 #[test]
-fn a_failed_hot_restart_serves_the_open_connections_to_their_end() {
+fn a_hot_restart_without_a_program_to_start_is_refused_and_the_server_serves_on() {
     for backend in BACKENDS {
         let name = format!("failed-restart-{}-{backend}", std::process::id());
         let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
@@ -223,13 +222,86 @@ fn a_failed_hot_restart_serves_the_open_connections_to_their_end() {
         std::fs::remove_dir_all(&dir).unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
-        server.wait_for_stderr("the failed restart", |lines| {
-            lines.iter().any(|line| line.starts_with("restart failed"))
+        server.wait_for_stderr("the refused restart", |lines| {
+            lines.iter().any(|line| line.starts_with("restart refused"))
         });
         echo(b"after\n");
-        drop(open);
+        one_echo(addr, b"a new connection\n").unwrap();
+        // SAFETY: as above.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
         let status = server.wait_exit(MUST_HAPPEN);
-        assert_eq!(status.code(), Some(1), "{backend}");
+        assert!(status.success(), "{backend}: {status:?}");
+    }
+}
+
+/// An upgrade in place: the program's file is replaced (as a package manager does, a
+/// new file renamed over the old), then SIGUSR2 starts the new file, not the deleted
+/// image, and hands it the listener. The old server, holding a connection that keeps
+/// talking, still ends on SIGTERM at once rather than when the connection does.
+#[test]
+fn a_hot_restart_after_an_upgrade_starts_the_new_program_and_sigterm_ends_the_old() {
+    for backend in BACKENDS {
+        let name = format!("upgrade-restart-{}-{backend}", std::process::id());
+        let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
+        let old = serve_tcp_from(&exe, backend);
+        let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
+        let mut open = TcpStream::connect(addr).unwrap();
+        open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+        let mut echo = |line: &[u8]| {
+            open.write_all(line).unwrap();
+            let mut back = vec![0u8; line.len()];
+            read_all(&mut open, &mut back).unwrap();
+            assert_eq!(back, line, "{backend}");
+        };
+        echo(b"before\n");
+        let upgrade = dir.join("ringsock.new");
+        std::fs::copy(env!("CARGO_BIN_EXE_ringsock"), &upgrade).unwrap();
+        std::fs::rename(&upgrade, &exe).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
+        old.wait_for_stderr("the hand-over", |lines| {
+            lines.iter().any(|line| line.starts_with("restart: handed"))
+        });
+        let new_pid: i32 = old
+            .stderr()
+            .iter()
+            .find_map(|line| line.strip_prefix("restart: handed"))
+            .and_then(|rest| rest.rsplit(' ').next())
+            .and_then(|pid| pid.parse().ok())
+            .expect("the new server's pid");
+        let program = std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap();
+        assert_eq!(
+            program, exe,
+            "{backend}: the new server runs the upgraded file"
+        );
+        one_echo(addr, b"served by the new one\n").unwrap();
+        // The old one still serves its connection, and stops when told to.
+        echo(b"still open\n");
+        // SAFETY: as above.
+        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGTERM) };
+        let status = old.wait_exit(MUST_HAPPEN);
+        assert!(status.code().is_some(), "{backend}: {status:?}");
+        drop(open);
+        // SAFETY: as above; the pid is the new server's, which the old one started.
+        unsafe { libc::kill(new_pid, libc::SIGTERM) };
+        wait_gone(new_pid, backend);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// Waits until process `pid` has ended (gone, or a zombie of its dead parent).
+fn wait_gone(pid: i32, backend: &str) {
+    let deadline = Instant::now() + MUST_HAPPEN;
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .unwrap_or_default()
+            .contains(") Z")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{backend}: process {pid} did not stop"
+        );
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -309,18 +381,7 @@ fn a_hot_restart_refuses_and_resets_no_connection() {
         one_echo(addr, b"after the restart\n").unwrap();
         // SAFETY: as above; the pid is the new server's, which the old one started.
         unsafe { libc::kill(new_pid, libc::SIGTERM) };
-        let deadline = Instant::now() + MUST_HAPPEN;
-        while std::path::Path::new(&format!("/proc/{new_pid}")).exists()
-            && !std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
-                .unwrap_or_default()
-                .contains(") Z")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{backend}: the new server did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_gone(new_pid, backend);
     }
 }
 
@@ -363,18 +424,7 @@ fn a_hot_restart_with_arguments_that_are_not_utf8_hands_over() {
         one_echo(addr, b"after\n").unwrap();
         // SAFETY: as above; the pid is the new server's, which the old one started.
         unsafe { libc::kill(new_pid, libc::SIGTERM) };
-        let deadline = Instant::now() + MUST_HAPPEN;
-        while std::path::Path::new(&format!("/proc/{new_pid}")).exists()
-            && !std::fs::read_to_string(format!("/proc/{new_pid}/stat"))
-                .unwrap_or_default()
-                .contains(") Z")
-        {
-            assert!(
-                Instant::now() < deadline,
-                "{backend}: the new server did not stop"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_gone(new_pid, backend);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

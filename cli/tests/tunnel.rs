@@ -1432,3 +1432,98 @@ fn the_tunnel_benchmark_runs_and_reports_its_fields() {
         "--no-offload is for the tunnel workload"
     );
 }
+
+/// `ip netns list`: the names starting with `tag`.
+fn namespaces_of(tag: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| line.split_whitespace().next())
+        .filter(|name| name.starts_with(tag))
+        .map(str::to_owned)
+        .collect()
+}
+
+/// A tunnel bench its `--timeout` ends reports the timeout and exits 1, leaving neither
+/// its namespaces nor its key file behind.
+#[test]
+fn a_tunnel_bench_its_timeout_ends_leaves_nothing_behind() {
+    if let Err(why) = util::tunnel_pair::netns::Netns::create("bench-timeout") {
+        skip(&why);
+        return;
+    }
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args([
+            "bench",
+            "--json",
+            "--workload",
+            "tunnel",
+            "--count",
+            "100000000",
+        ])
+        .args(["--timeout", "3"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tag = format!("rsb{}", child.id());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let line = String::from_utf8_lossy(&out.stdout);
+    assert!(line.contains("--timeout"), "{line}");
+    assert!(namespaces_of(&tag).is_empty(), "{:?}", namespaces_of(&tag));
+    let key = std::env::temp_dir().join(format!("{tag}.key"));
+    assert!(!key.exists(), "the key file is left");
+}
+
+/// A signal that ends `bench --workload tunnel` half-way, SIGHUP of a closed terminal
+/// or SIGQUIT as much as SIGTERM, leaves neither its network namespaces nor its key
+/// file behind, and the process ends as the signal says.
+#[test]
+fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
+    if let Err(why) = util::tunnel_pair::netns::Netns::create("bench-signal") {
+        skip(&why);
+        return;
+    }
+    for signal in [libc::SIGHUP, libc::SIGQUIT, libc::SIGTERM] {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args([
+                "bench",
+                "--json",
+                "--workload",
+                "tunnel",
+                "--count",
+                "100000000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let tag = format!("rsb{}", child.id());
+        let key = std::env::temp_dir().join(format!("{tag}.key"));
+        let namespaces = || namespaces_of(&tag);
+        // Once the key is written, both namespaces are there and the run is under way.
+        let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
+        while !key.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the bench never set up"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(namespaces().len(), 2, "signal {signal}");
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+        let status = child.wait().unwrap();
+        assert_eq!(status.code(), Some(128 + signal), "signal {signal}");
+        assert!(
+            namespaces().is_empty(),
+            "signal {signal}: {:?}",
+            namespaces()
+        );
+        assert!(!key.exists(), "signal {signal}: the key file is left");
+    }
+}

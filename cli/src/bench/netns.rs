@@ -6,6 +6,8 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 /// A network namespace this process made; deleted on drop.
 pub struct Netns {
@@ -74,27 +76,61 @@ pub(crate) fn ends_with_this_process(command: &mut Command) {
     }
 }
 
-/// On SIGINT or SIGTERM, deletes the namespaces `names` and the file `leftover`, then
-/// exits as the signal would have: a bench run stopped half-way leaves nothing behind
-/// (its children, started with [`ends_with_this_process`], end with it).
+/// What a run stopped from outside must delete: namespaces and a file.
+type Leftovers = (Vec<String>, std::path::PathBuf);
+
+/// The leftovers of the run under way, for whichever ends it early: a signal, or the
+/// `--timeout` watchdog ([`clean_up_now`]).
+static LEFTOVERS: Mutex<Option<Leftovers>> = Mutex::new(None);
+
+/// Set once a signal's cleanup has begun (see [`wait_for_signal_cleanup`]).
+static CLEANING_UP: AtomicBool = AtomicBool::new(false);
+
+/// On a signal that would end the process (SIGINT, SIGTERM, SIGHUP of a closed
+/// terminal, SIGQUIT, SIGUSR1/2, SIGALRM), deletes the namespaces `names` and the file
+/// `leftover`, then exits as the signal would have: a bench run stopped half-way leaves
+/// nothing behind (its children, started with [`ends_with_this_process`], end with it).
 pub(crate) fn clean_up_on_signal(
     names: Vec<String>,
     leftover: std::path::PathBuf,
 ) -> io::Result<()> {
-    use signal_hook::consts::{SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM])?;
+    use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
+    *LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()) = Some((names, leftover));
+    let mut signals = signal_hook::iterator::Signals::new([
+        SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
+    ])?;
     std::thread::Builder::new()
         .name("bench-cleanup".into())
         .spawn(move || {
             if let Some(signal) = signals.forever().next() {
-                for name in &names {
-                    let _ = run("ip", &["netns", "del", name]);
-                }
-                let _ = std::fs::remove_file(&leftover);
+                CLEANING_UP.store(true, Ordering::SeqCst);
+                clean_up_now();
                 std::process::exit(128 + signal);
             }
         })?;
     Ok(())
+}
+
+/// Deletes what the run under way registered to be deleted if it is stopped early.
+pub fn clean_up_now() {
+    let leftovers = LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()).take();
+    if let Some((names, leftover)) = leftovers {
+        for name in &names {
+            let _ = run("ip", &["netns", "del", name]);
+        }
+        let _ = std::fs::remove_file(&leftover);
+    }
+}
+
+/// For the run's own end: once a signal's cleanup has begun, waits for it to end the
+/// process, which then exits as the signal says, rather than as the failure the cleanup
+/// caused (the namespaces deleted under the run).
+pub fn wait_for_signal_cleanup() {
+    if CLEANING_UP.load(Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
 }
 
 /// Moves the calling thread into the namespace `name`: sockets it makes from now on

@@ -54,7 +54,7 @@ fn setup(options: &Options) -> ringsock::Result<Setup> {
     let tag = format!("rsb{}", std::process::id());
     let key = std::env::temp_dir().join(format!("{tag}.key"));
     super::netns::clean_up_on_signal(vec![format!("{tag}a"), format!("{tag}b")], key.clone())
-        .map_err(io_err("watch for SIGINT and SIGTERM"))?;
+        .map_err(io_err("watch for the signals that end the run"))?;
     let a = Netns::create(&format!("{tag}a")).map_err(io_err("create a network namespace"))?;
     let b = Netns::create(&format!("{tag}b")).map_err(io_err("create a network namespace"))?;
     super::netns::run(
