@@ -173,7 +173,7 @@ pub enum Error {
     },
 
     /// A string was not a valid host name or IP literal.
-    #[error("invalid host name {input:?}: {}", OneLine(.reason))]
+    #[error("invalid host name {}: {}", Clipped(.input), OneLine(.reason))]
     InvalidHostName {
         /// The rejected input, exactly as given.
         input: String,
@@ -182,7 +182,7 @@ pub enum Error {
     },
 
     /// A string was neither a port number nor a known service name.
-    #[error("invalid service {input:?}: {}", OneLine(.reason))]
+    #[error("invalid service {}: {}", Clipped(.input), OneLine(.reason))]
     InvalidService {
         /// The rejected input, exactly as given.
         input: String,
@@ -266,6 +266,15 @@ pub enum Error {
 /// Renders caller-supplied text with control characters replaced by spaces, so an
 /// error is always one line however its parts were built.
 struct OneLine<'a>(&'a str);
+
+/// Renders an input quoted as `{:?}` does, cut after [`Clipped::SHOWN`] characters with
+/// its length said: a megabyte of host name makes an unreadable log line, and the
+/// error keeps the whole input for a program to look at.
+struct Clipped<'a>(&'a str);
+
+impl Clipped<'_> {
+    const SHOWN: usize = 256;
+}
 
 /// Renders a context as `"context: "`, or as nothing when it is empty, so errors
 /// built without context (e.g. by `?` on an `io::Error`) do not start with `": "`.
@@ -604,6 +613,15 @@ impl fmt::Display for OneLine<'_> {
     }
 }
 
+impl fmt::Display for Clipped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0.char_indices().nth(Clipped::SHOWN) {
+            None => write!(f, "{:?}", self.0),
+            Some((cut, _)) => write!(f, "{:?}... ({} bytes in all)", &self.0[..cut], self.0.len()),
+        }
+    }
+}
+
 impl fmt::Display for Context<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.0.is_empty() {
@@ -922,6 +940,26 @@ mod tests {
             assert_eq!(copy.status(), err.status(), "{err}");
             assert_eq!(copy.raw_os_error(), err.raw_os_error(), "{err}");
             assert_eq!(copy.to_string(), err.to_string());
+        }
+    }
+
+    #[test]
+    fn a_huge_input_is_cut_in_the_message_and_kept_whole_in_the_error() {
+        let input = format!("{}{}", "é".repeat(300), "x".repeat(1_000_000));
+        let err = Error::InvalidHostName {
+            input: input.clone(),
+            reason: "too long".into(),
+        };
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "invalid host name \"{}\"... (1000600 bytes in all): too long",
+                "é".repeat(256)
+            )
+        );
+        match err {
+            Error::InvalidHostName { input: kept, .. } => assert_eq!(kept, input),
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -414,20 +414,31 @@ fn demo(backend: BackendArg) -> ringsock::Result<()> {
             Ok::<_, Error>(())
         });
 
-        let host = HostName::new("localhost")?;
-        println!("client is trying to connect...");
-        let socket = StreamSocket::new();
-        socket.connect(&host, &port).await?;
-        println!("client connected");
-        let request = "Hello, World!";
-        let output = socket.output_stream();
-        output.write(format!("{request}\n")).await?;
-        output.flush().await?;
-        println!("client sent the request: \"{request}\"");
-        let response = socket.input_stream().read_line().await?.unwrap_or_default();
-        println!("client received the response: \"{response}\"");
-        drop(socket);
-        println!("client closed its socket");
+        let client = async {
+            let host = HostName::new("localhost")?;
+            println!("client is trying to connect...");
+            let socket = StreamSocket::new();
+            socket.connect(&host, &port).await?;
+            println!("client connected");
+            let request = "Hello, World!";
+            let output = socket.output_stream();
+            output.write(format!("{request}\n")).await?;
+            output.flush().await?;
+            println!("client sent the request: \"{request}\"");
+            let response = socket.input_stream().read_line().await?.unwrap_or_default();
+            println!("client received the response: \"{response}\"");
+            drop(socket);
+            println!("client closed its socket");
+            Ok::<_, Error>(())
+        };
+        if let Err(err) = client.await {
+            // The server side failing first (out of descriptors in accept, say) is the
+            // cause; the client's refused connection only follows from it.
+            if server.is_finished() {
+                server.await?;
+            }
+            return Err(err);
+        }
         server.await?;
         udp_demo().await
     })?;

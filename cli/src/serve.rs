@@ -516,6 +516,9 @@ async fn serve_thread(
         })
         .collect();
     if thread == 0 {
+        if let Some(reason) = ringsock::runtime::current_fallback_reason() {
+            eprintln!("note: {reason}");
+        }
         if let Some(kind) = ringsock::runtime::current_driver_kind() {
             eprintln!("driver: {kind}");
         }

@@ -710,6 +710,13 @@ pub fn current_driver_kind() -> Option<DriverKind> {
     CONTEXT.with(|context| context.borrow().as_ref().map(|inner| inner.kind))
 }
 
+/// Why the runtime running on this thread fell back to epoll (`auto` found io_uring
+/// missing or forbidden), if it did; `None` outside a runtime too. For a runtime a pool
+/// built, whose [`Runtime::fallback_reason`] the program cannot reach.
+pub fn current_fallback_reason() -> Option<String> {
+    CONTEXT.with(|context| context.borrow().as_ref()?.fallback.clone())
+}
+
 /// Whether the runtime running on this thread uses io_uring and has other tasks to run
 /// in this round: an operation they queue goes into the same submission as one queued
 /// now, where a system call made now would be one more.
