@@ -220,3 +220,40 @@ fn the_traits_outside_run_until_are_wrong_runtime() {
             .await;
     });
 }
+
+/// Bytes written through tokio's AsyncWrite (queued on the socket's output stream) and
+/// then through the socket's own `write_all` and `write` reach the peer in the order
+/// they were written.
+#[test]
+fn async_write_then_the_sockets_own_writes_keep_the_order() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (mut client, server) = util::connected_pair(&listener).await;
+        let first = vec![b'A'; 4 << 20];
+        let reader = ringsock::spawn(async move { util::read_to_end(&server).await });
+        AsyncWriteExt::write_all(&mut client, &first)
+            .await
+            .expect("AsyncWrite");
+        let (result, _) = StreamSocket::write_all(&client, vec![b'B'; 1000]).await;
+        result.expect("write_all");
+        AsyncWriteExt::write_all(&mut client, b"C")
+            .await
+            .expect("AsyncWrite");
+        let (result, _) = StreamSocket::write(&client, vec![b'D'; 10]).await;
+        assert!(result.expect("write") > 0);
+        AsyncWriteExt::shutdown(&mut client)
+            .await
+            .expect("shutdown");
+        let received = util::must("the peer's bytes", reader).await;
+        let mut expected = first;
+        expected.extend_from_slice(&[b'B'; 1000]);
+        expected.push(b'C');
+        assert!(
+            received.starts_with(&expected)
+                && received[expected.len()..].iter().all(|&b| b == b'D'),
+            "{backend}: {} bytes, first B at {:?}",
+            received.len(),
+            received.iter().position(|&b| b == b'B')
+        );
+    });
+}

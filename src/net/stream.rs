@@ -404,6 +404,9 @@ impl StreamSocket {
             Err(err) => return (Err(err), buf),
         };
         let _turn = self.writing.take().await;
+        if let Err(err) = self.send_queued_first().await {
+            return (Err(err), buf);
+        }
         if let Some(session) = self.tls.get() {
             let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             let len = buf.bytes_init();
@@ -424,6 +427,9 @@ impl StreamSocket {
             Err(err) => return (Err(err), buf),
         };
         let _turn = self.writing.take().await;
+        if let Err(err) = self.send_queued_first().await {
+            return (Err(err), buf);
+        }
         if let Some(session) = self.tls.get() {
             let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             return (result, buf);
@@ -446,6 +452,21 @@ impl StreamSocket {
         (Ok(()), slice.buf)
     }
 
+    /// Sends what the socket's output streams still hold (writes queued through them or
+    /// through the poll-based write traits, which queue there), for a write or a FIN
+    /// about to go straight to the kernel: bytes accepted earlier go out earlier.
+    async fn send_queued_first(&self) -> Result<()> {
+        for output in [self.output.get(), self.tls_output.get()]
+            .into_iter()
+            .flatten()
+        {
+            if output.has_unsent() {
+                output.flush().await?;
+            }
+        }
+        Ok(())
+    }
+
     /// A reader over this connection with line reading (StreamReader.ReadLineAsync).
     ///
     /// Each call makes a new reader; one dropped with bytes it read ahead gives them back,
@@ -459,9 +480,10 @@ impl StreamSocket {
     /// A writer that queues writes and sends them together on `flush` (FlushAsync).
     ///
     /// Every call on a connected socket returns a handle to the same stream, so writes
-    /// made through any of them keep one order. Mixing it with [`write`](Self::write) /
-    /// [`write_all`](Self::write_all) while a batch is in flight may interleave their
-    /// bytes: use one or the other at a time.
+    /// made through any of them keep one order. A [`write`](Self::write) /
+    /// [`write_all`](Self::write_all) sends what the stream holds first, so bytes written
+    /// earlier arrive earlier (the poll-based write traits queue here too); writes
+    /// queued while one of them is under way may still go out beside it.
     ///
     /// Once TLS has started, this returns a stream that goes through it (each write and
     /// each batch is encrypted and sent whole); a handle taken before stays plain.
@@ -492,14 +514,7 @@ impl StreamSocket {
     /// send. Through TLS, `close_notify` is sent first.
     pub async fn shutdown_write(&self) -> Result<()> {
         let fd = self.fd()?;
-        for output in [self.output.get(), self.tls_output.get()]
-            .into_iter()
-            .flatten()
-        {
-            if output.has_unsent() {
-                output.flush().await?;
-            }
-        }
+        self.send_queued_first().await?;
         if let Some(session) = self.tls.get() {
             session.close_write().await?;
         }
