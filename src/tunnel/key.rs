@@ -73,25 +73,59 @@ impl PresharedKey {
     }
 }
 
+/// How long a file that is a pipe may take to deliver what it holds.
+const PIPE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Appends to `text` what `path` holds, up to `limit` bytes. Opened plain, a FIFO no one
 /// writes to (a `mkfifo` left where the key file was meant to be) would hold the open
 /// forever: opened non-blocking it reads as empty instead. One whose writer has not
-/// written yet (`--key <(cat key)`) is opened again, blocking, which no longer waits
-/// for a writer, and read as it comes.
+/// written yet (`--key <(cat key)`) is read as it comes, for [`PIPE_WAIT`] at most: a
+/// writer that holds the pipe open and never writes is an error, not a hang.
 pub(crate) fn read_limited(path: &Path, limit: u64, text: &mut Vec<u8>) -> std::io::Result<()> {
     use std::io::Read;
+    use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)
         .open(path)?;
-    match (&file).take(limit).read_to_end(text) {
-        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
-            let rest = limit.saturating_sub(text.len() as u64);
-            std::fs::File::open(path)?.take(rest).read_to_end(text)?;
-            Ok(())
+    let mut reader = (&file).take(limit);
+    let mut waiting: Option<(mio::Poll, std::time::Instant)> = None;
+    loop {
+        match reader.read_to_end(text) {
+            Ok(_) => return Ok(()),
+            Err(err) if err.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                let (poll, deadline) = match &mut waiting {
+                    Some(waiting) => waiting,
+                    None => {
+                        let poll = mio::Poll::new()?;
+                        poll.registry().register(
+                            &mut mio::unix::SourceFd(&file.as_raw_fd()),
+                            mio::Token(0),
+                            mio::Interest::READABLE,
+                        )?;
+                        waiting.insert((poll, std::time::Instant::now() + PIPE_WAIT))
+                    }
+                };
+                let left = deadline.saturating_duration_since(std::time::Instant::now());
+                if left.is_zero() {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!(
+                            "it is a pipe that gave nothing more for {PIPE_WAIT:?} (a writer that \
+                             keeps it open and never writes?)"
+                        ),
+                    ));
+                }
+                let mut events = mio::Events::with_capacity(1);
+                match poll.poll(&mut events, Some(left)) {
+                    Err(err) if err.kind() != std::io::ErrorKind::Interrupted => return Err(err),
+                    _ => {}
+                }
+            }
+            Err(err) => return Err(err),
         }
-        other => other.map(drop),
     }
 }
 
@@ -139,5 +173,31 @@ mod tests {
             .contains("character 64"));
         assert!(PresharedKey::from_hex("").is_err());
         assert_eq!(format!("{key:?}"), "PresharedKey(..)");
+    }
+
+    #[test]
+    fn a_pipe_whose_writer_never_finishes_is_an_error_not_a_hang() {
+        let dir = std::env::temp_dir().join(format!("ringsock-key-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("key");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        // Opened for reading and writing, a FIFO has a writer at once, which writes a
+        // part and then neither writes nor closes.
+        let holder = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        std::io::Write::write_all(&mut &holder, b"1f1f").unwrap();
+        let mut text = Vec::new();
+        let err = read_limited(&path, 100, &mut text).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut, "{err}");
+        assert_eq!(text, b"1f1f");
+        drop(holder);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
