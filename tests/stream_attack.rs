@@ -80,6 +80,16 @@ fn a_keep_alive_the_kernel_refuses_is_refused_at_once_and_changes_nothing() {
             assert_eq!(accepted.control().keep_alive(), Some(longest));
             assert_eq!(kernel_keep_alive(&accepted), Some(longest));
         }
+        // The kernel keeps whole seconds: a fraction is dropped, and the getter says so.
+        accepted
+            .control()
+            .set_keep_alive(Some(Duration::from_millis(1999)))
+            .expect("1.999 s");
+        assert_eq!(
+            accepted.control().keep_alive(),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(kernel_keep_alive(&accepted), Some(Duration::from_secs(1)));
         accepted.control().set_keep_alive(None).expect("off");
         assert_eq!(kernel_keep_alive(&accepted), None);
         // Both ends still carry bytes.

@@ -119,9 +119,11 @@ impl StreamSocketControl<'_> {
 
     /// Sends keep-alive probes after `idle` without traffic; `None` turns them off.
     ///
-    /// `idle` counts in whole seconds, from 1 to 32767 (Linux's limit, about 9 hours);
-    /// anything else is `InvalidArgument` and changes nothing. On a connected socket
-    /// the value is kept only if the kernel took it.
+    /// `idle` counts in whole seconds, from 1 to 32767 (Linux's limit, about 9 hours); a
+    /// fraction of a second is dropped, as the kernel keeps whole seconds only (and
+    /// [`keep_alive`](Self::keep_alive) then says so); anything else is
+    /// `InvalidArgument` and changes nothing. On a connected socket the value is kept
+    /// only if the kernel took it.
     pub fn set_keep_alive(&self, idle: Option<Duration>) -> Result<()> {
         if let Some(idle) = idle {
             // Checked here because a value the kernel refuses would otherwise fail every
@@ -133,6 +135,7 @@ impl StreamSocketControl<'_> {
                 )));
             }
         }
+        let idle = idle.map(|idle| Duration::from_secs(idle.as_secs()));
         if let Some(fd) = self.fd {
             apply_keep_alive(fd, idle)?;
         }
