@@ -173,3 +173,40 @@ fn concurrent_accepts_each_get_a_different_connection() {
         assert_eq!(peers, expected);
     });
 }
+
+/// Buffer sizes set through a listener's control are on the listening socket itself,
+/// which the getters report, and connections have them from before they are accepted.
+#[test]
+fn a_listeners_buffer_sizes_are_on_the_listening_socket_and_every_connection() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let control = listener.control();
+        let default_receive = control.receive_buffer_size().unwrap();
+        control.set_receive_buffer_size(4096).unwrap();
+        control.set_send_buffer_size(8192).unwrap();
+        let receive = control.receive_buffer_size().unwrap();
+        let send = control.send_buffer_size().unwrap();
+        assert_ne!(
+            receive, default_receive,
+            "{backend}: not set on the listening socket"
+        );
+        // What the kernel made of the request (doubled, clamped), as the socket has it.
+        let sock = socket2::SockRef::from(&listener);
+        assert_eq!(receive, sock.recv_buffer_size().unwrap(), "{backend}");
+        assert_eq!(send, sock.send_buffer_size().unwrap(), "{backend}");
+        let addr = listener.local_addr().unwrap();
+        let client = util::connect(addr).await;
+        let accepted = util::must("accept", listener.accept()).await.unwrap();
+        assert_eq!(
+            accepted.control().receive_buffer_size().unwrap(),
+            receive,
+            "{backend}"
+        );
+        assert_eq!(
+            accepted.control().send_buffer_size().unwrap(),
+            send,
+            "{backend}"
+        );
+        drop(client);
+    });
+}

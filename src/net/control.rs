@@ -97,6 +97,10 @@ fn apply_keep_alive(fd: &SharedFd, idle: Option<Duration>) -> Result<()> {
 pub struct StreamSocketControl<'a> {
     pub(crate) options: &'a StreamOptions,
     pub(crate) fd: Option<&'a SharedFd>,
+    /// A listener's own socket: buffer sizes go on it too, so that connections take
+    /// them from their first segment (the window their SYN-ACK offers), not only once
+    /// accepted.
+    pub(crate) listening: Option<&'a SharedFd>,
 }
 
 impl StreamSocketControl<'_> {
@@ -149,25 +153,42 @@ impl StreamSocketControl<'_> {
     }
 
     /// Requests a send buffer of `bytes` (SO_SNDBUF; the kernel doubles and clamps it).
+    ///
+    /// On a listener it is set on the listening socket as well, which connections take
+    /// it from before they are accepted.
     pub fn set_send_buffer_size(&self, bytes: usize) -> Result<()> {
         let wanted = &self.options.send_buffer_size;
-        set_buffer_size(wanted, self.fd, SocketBuffer::Send, bytes)
+        set_buffer_size(
+            wanted,
+            self.fd.or(self.listening),
+            SocketBuffer::Send,
+            bytes,
+        )
     }
 
     /// Requests a receive buffer of `bytes` (SO_RCVBUF; the kernel doubles and clamps it).
+    ///
+    /// On a listener it is set on the listening socket as well: the window a new
+    /// connection offers in its first segment then matches it already (set after the
+    /// handshake, a smaller buffer would shrink under data already in flight).
     pub fn set_receive_buffer_size(&self, bytes: usize) -> Result<()> {
         let wanted = &self.options.receive_buffer_size;
-        set_buffer_size(wanted, self.fd, SocketBuffer::Receive, bytes)
+        set_buffer_size(
+            wanted,
+            self.fd.or(self.listening),
+            SocketBuffer::Receive,
+            bytes,
+        )
     }
 
-    /// The kernel's send buffer size of a connected socket.
+    /// The kernel's send buffer size of a connected socket, or of a listening one.
     pub fn send_buffer_size(&self) -> Result<usize> {
-        buffer_size(self.connected()?, SocketBuffer::Send)
+        buffer_size(self.live()?, SocketBuffer::Send)
     }
 
-    /// The kernel's receive buffer size of a connected socket.
+    /// The kernel's receive buffer size of a connected socket, or of a listening one.
     pub fn receive_buffer_size(&self) -> Result<usize> {
-        buffer_size(self.connected()?, SocketBuffer::Receive)
+        buffer_size(self.live()?, SocketBuffer::Receive)
     }
 
     /// The certificate and key presented when a TLS server asks for a client certificate
@@ -328,8 +349,10 @@ impl StreamSocketControl<'_> {
         Ok(())
     }
 
-    fn connected(&self) -> Result<&SharedFd> {
+    /// The connected socket, or the listening one of a listener's control.
+    fn live(&self) -> Result<&SharedFd> {
         self.fd
+            .or(self.listening)
             .ok_or_else(|| Error::invalid_input("the socket is not connected"))
     }
 }

@@ -184,6 +184,7 @@ impl StreamSocketListener {
         StreamSocketControl {
             options: &self.options,
             fd: None,
+            listening: Some(&self.fd),
         }
     }
 

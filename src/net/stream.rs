@@ -362,6 +362,7 @@ impl StreamSocket {
         StreamSocketControl {
             options: &self.options,
             fd: self.fd.get(),
+            listening: None,
         }
     }
 
