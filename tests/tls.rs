@@ -858,3 +858,32 @@ fn a_record_tampered_with_after_the_handshake_is_a_tls_protocol_error() {
         let _ = util::must("the server", server).await;
     });
 }
+
+/// A certificate chain larger than one handshake message a peer takes (64 KiB) is
+/// refused when it is loaded, naming the certificate file: a server would otherwise
+/// start with it and fail every handshake.
+#[test]
+fn a_certificate_chain_no_peer_would_take_is_refused_at_load() {
+    util::on_each_backend(|_| async {
+        let dir = TempDir::new("tls-huge-chain");
+        let ca = Ca::new("ringsock test CA");
+        let (cert, key) = ca
+            .leaf(&["localhost"], LeafOptions::default())
+            .write(dir.path(), "server");
+        let ca_pem = std::fs::read_to_string(ca.write(dir.path(), "ca.pem")).unwrap();
+        let mut chain = std::fs::read_to_string(&cert).unwrap();
+        for _ in 0..200 {
+            chain.push_str(&ca_pem);
+        }
+        let huge = dir.path().join("huge-chain.pem");
+        std::fs::write(&huge, chain).unwrap();
+        Identity::from_pem_files(&cert, &key).expect("the leaf alone loads");
+        let err = Identity::from_pem_files(&huge, &key).expect_err("a 200-certificate chain");
+        assert_eq!(err.status(), SocketErrorStatus::InvalidFile, "{err}");
+        let message = err.to_string();
+        assert!(
+            message.contains("certificate chain takes") && message.contains("huge-chain.pem"),
+            "{message}"
+        );
+    });
+}

@@ -78,6 +78,7 @@ impl Identity {
             parse_pem_key(&key_pem).map_err(|reason| Error::invalid_file(key_path, reason))?;
         // A key that does not fit is blamed on the key file, the usual mistake; the
         // message names the certificate file too.
+        chain_fits(&chain).map_err(|reason| Error::invalid_file(cert_path, reason))?;
         Identity::from_parts(chain, key).map_err(|reason| {
             Error::invalid_file(
                 key_path,
@@ -91,6 +92,7 @@ impl Identity {
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
     ) -> std::result::Result<Identity, String> {
+        chain_fits(&chain)?;
         let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| match err {
             rustls::Error::InconsistentKeys(_) => {
                 "the private key does not belong to the certificate".to_owned()
@@ -113,6 +115,28 @@ impl Identity {
             .map(|cert| Certificate::from_der(cert.as_ref()))
             .collect()
     }
+}
+
+/// Most bytes of CA names a server sends as hints in its certificate request.
+const MAX_CA_HINT_BYTES: usize = 16 * 1024;
+
+/// Most bytes of certificates a chain may hold: it goes in one handshake message, which
+/// peers take up to 64 KiB of (rustls and OpenSSL alike), with a few bytes of framing
+/// per certificate and room for the message's own.
+const MAX_CHAIN_BYTES: usize = 64 * 1024 - 1024;
+
+/// Refuses a chain no peer would take: a server presenting it would start, and then fail
+/// every handshake.
+fn chain_fits(chain: &[CertificateDer<'_>]) -> std::result::Result<(), String> {
+    let bytes: usize = chain.iter().map(|cert| cert.as_ref().len() + 5).sum();
+    if bytes > MAX_CHAIN_BYTES {
+        return Err(format!(
+            "the certificate chain takes {bytes} bytes ({} certificates): a TLS peer takes \
+             a chain of up to about {MAX_CHAIN_BYTES} bytes",
+            chain.len()
+        ));
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Identity {
@@ -389,8 +413,21 @@ impl TlsAcceptorBuilder {
         let builder = match self.client_roots {
             None => builder.with_no_client_auth(),
             Some(roots) => {
-                let verifier =
+                let mut verifier =
                     WebPkiClientVerifier::builder_with_provider(roots.store.clone(), provider);
+                // The names of the CAs a client certificate may come from go in the
+                // certificate request as hints; thousands of them would make it larger
+                // than a client takes, and every handshake would fail. Past a few
+                // hundred, none are sent: a client then offers the certificate it has.
+                let hints: usize = roots
+                    .store
+                    .subjects()
+                    .iter()
+                    .map(|name| name.as_ref().len())
+                    .sum();
+                if hints > MAX_CA_HINT_BYTES {
+                    verifier = verifier.clear_root_hint_subjects();
+                }
                 let verifier = if self.client_optional {
                     verifier.allow_unauthenticated()
                 } else {
