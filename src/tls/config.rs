@@ -565,6 +565,17 @@ fn parse_pem_certificates(
 
 /// The reason is a sentence for the caller to attach to the input it came from.
 fn parse_pem_key(pem: &[u8]) -> std::result::Result<PrivateKeyDer<'static>, String> {
+    let encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----";
+    if pem
+        .windows(encrypted.len())
+        .any(|window| window == encrypted)
+    {
+        return Err(
+            "the private key is encrypted (ENCRYPTED PRIVATE KEY), which this \
+                    program cannot use: decrypt it first (`openssl pkcs8 -in KEY -out PLAIN`)"
+                .to_owned(),
+        );
+    }
     PrivateKeyDer::from_pem_slice(pem).map_err(|err| {
         format!(
             "no usable private key (expected a PRIVATE KEY, RSA PRIVATE KEY or EC PRIVATE \
@@ -714,5 +725,12 @@ mod tests {
             .build()
             .unwrap_err();
         assert_eq!(err.status(), SocketErrorStatus::InvalidArgument);
+    }
+
+    #[test]
+    fn an_encrypted_key_is_named_as_such() {
+        let pem = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIHsMFcGCSqGSIb3DQEFDTBKMCkGCSqGSIb3DQEFDDAcBAgAAAAAAAAAAAICCAAw\n-----END ENCRYPTED PRIVATE KEY-----\n";
+        let why = parse_pem_key(pem).unwrap_err();
+        assert!(why.contains("encrypted"), "{why}");
     }
 }
