@@ -281,6 +281,7 @@ fn a_task_that_panics_leaves_its_pool_thread_serving() {
 /// Pools of absurd sizes are refused with InvalidArgument, not a panic.
 #[test]
 fn a_pool_of_absurd_size_is_refused() {
+    let _serial = serial();
     for threads in [0, ringsock::runtime::MAX_THREADS + 1, usize::MAX] {
         let err = ringsock::runtime::Pool::builder()
             .threads(threads)
@@ -1006,6 +1007,7 @@ impl std::task::Wake for CountingWaker {
 fn a_sleep_moved_to_another_runtime_leaves_that_runtime_s_timers_alone() {
     use ringsock::runtime::sleep_until;
     use std::time::{Duration, Instant};
+    let _serial = serial();
     for backend in BACKENDS {
         let (Some(home), Some(other)) = (runtime(backend), runtime(backend)) else {
             continue;
@@ -1042,6 +1044,8 @@ fn a_sleep_moved_to_another_runtime_leaves_that_runtime_s_timers_alone() {
 /// links), arrive whole and in order.
 #[test]
 fn the_smallest_rings_send_batches_that_need_long_chains() {
+    // Its sockets would count as leaks in a test counting descriptors meanwhile.
+    let _serial = serial();
     for backend in BACKENDS {
         for entries in [1, 8] {
             let builder = Builder::new().backend(backend).ring_entries(entries);
