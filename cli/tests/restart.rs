@@ -210,22 +210,15 @@ fn a_hot_restart_without_a_program_to_start_is_refused_and_the_server_serves_on(
         let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
         let server = serve_tcp_from(&exe, backend);
         let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
-        let mut open = TcpStream::connect(addr).unwrap();
-        open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
-        let mut echo = |line: &[u8]| {
-            open.write_all(line).unwrap();
-            let mut back = vec![0u8; line.len()];
-            read_all(&mut open, &mut back).unwrap();
-            assert_eq!(back, line, "{backend}");
-        };
-        echo(b"before\n");
+        let mut open = Talker::open(addr, backend);
+        open.echo(b"before\n");
         std::fs::remove_dir_all(&dir).unwrap();
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
         server.wait_for_stderr("the refused restart", |lines| {
             lines.iter().any(|line| line.starts_with("restart refused"))
         });
-        echo(b"after\n");
+        open.echo(b"after\n");
         one_echo(addr, b"a new connection\n").unwrap();
         // SAFETY: as above.
         unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
@@ -245,15 +238,8 @@ fn a_hot_restart_after_an_upgrade_starts_the_new_program_and_sigterm_ends_the_ol
         let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
         let old = serve_tcp_from(&exe, backend);
         let addr: SocketAddr = format!("127.0.0.1:{}", old.port()).parse().unwrap();
-        let mut open = TcpStream::connect(addr).unwrap();
-        open.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
-        let mut echo = |line: &[u8]| {
-            open.write_all(line).unwrap();
-            let mut back = vec![0u8; line.len()];
-            read_all(&mut open, &mut back).unwrap();
-            assert_eq!(back, line, "{backend}");
-        };
-        echo(b"before\n");
+        let mut open = Talker::open(addr, backend);
+        open.echo(b"before\n");
         let upgrade = dir.join("ringsock.new");
         std::fs::copy(env!("CARGO_BIN_EXE_ringsock"), &upgrade).unwrap();
         std::fs::rename(&upgrade, &exe).unwrap();
@@ -276,7 +262,7 @@ fn a_hot_restart_after_an_upgrade_starts_the_new_program_and_sigterm_ends_the_ol
         );
         one_echo(addr, b"served by the new one\n").unwrap();
         // The old one still serves its connection, and stops when told to.
-        echo(b"still open\n");
+        open.echo(b"still open\n");
         // SAFETY: as above.
         unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGTERM) };
         let status = old.wait_exit(MUST_HAPPEN);
@@ -286,6 +272,30 @@ fn a_hot_restart_after_an_upgrade_starts_the_new_program_and_sigterm_ends_the_ol
         unsafe { libc::kill(new_pid, libc::SIGTERM) };
         wait_gone(new_pid, backend);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+/// A connection to the server at `addr` whose every line must come back.
+struct Talker {
+    stream: TcpStream,
+    backend: String,
+}
+
+impl Talker {
+    fn open(addr: SocketAddr, backend: &str) -> Talker {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(MUST_HAPPEN)).unwrap();
+        Talker {
+            stream,
+            backend: backend.to_owned(),
+        }
+    }
+
+    fn echo(&mut self, line: &[u8]) {
+        self.stream.write_all(line).unwrap();
+        let mut back = vec![0u8; line.len()];
+        read_all(&mut self.stream, &mut back).unwrap();
+        assert_eq!(back, line, "{}", self.backend);
     }
 }
 

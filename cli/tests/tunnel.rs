@@ -1433,6 +1433,21 @@ fn the_tunnel_benchmark_runs_and_reports_its_fields() {
     );
 }
 
+/// `ringsock bench --json --workload tunnel` with more packets than it sends before it
+/// is stopped.
+fn tunnel_bench() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"));
+    command.args([
+        "bench",
+        "--json",
+        "--workload",
+        "tunnel",
+        "--count",
+        "100000000",
+    ]);
+    command
+}
+
 /// `ip netns list`: the names starting with `tag`.
 fn namespaces_of(tag: &str) -> Vec<String> {
     let out = std::process::Command::new("ip")
@@ -1455,15 +1470,7 @@ fn a_tunnel_bench_its_timeout_ends_leaves_nothing_behind() {
         skip(&why);
         return;
     }
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
-        .args([
-            "bench",
-            "--json",
-            "--workload",
-            "tunnel",
-            "--count",
-            "100000000",
-        ])
+    let child = tunnel_bench()
         .args(["--timeout", "3"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -1489,15 +1496,7 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
         return;
     }
     for signal in [libc::SIGHUP, libc::SIGQUIT, libc::SIGTERM] {
-        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
-            .args([
-                "bench",
-                "--json",
-                "--workload",
-                "tunnel",
-                "--count",
-                "100000000",
-            ])
+        let mut child = tunnel_bench()
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
