@@ -48,17 +48,9 @@ fn multicast_reaches_every_sharer() {
     if let Ok(port) = std::env::var(CHILD_ENV) {
         return child(port.parse().unwrap());
     }
-    let netns = match Netns::create("mcast") {
-        Ok(netns) => netns,
-        Err(why) => return netns::skip(&why),
+    let Some(netns) = multicast_netns("mcast") else {
+        return;
     };
-    // Loopback carries multicast only with the flag and a route.
-    netns
-        .exec(&["ip", "link", "set", "lo", "multicast", "on"])
-        .unwrap();
-    netns
-        .exec(&["ip", "route", "add", "224.0.0.0/4", "dev", "lo"])
-        .unwrap();
     let name = netns.name().to_owned();
     netns.run(move || {
         for backend in util::BACKENDS {
@@ -131,16 +123,9 @@ fn multicast_reaches_every_sharer() {
 #[test]
 fn a_socket_gets_only_the_groups_it_joined() {
     const OTHER: Ipv4Addr = Ipv4Addr::new(239, 255, 7, 8);
-    let netns = match Netns::create("mcjoin") {
-        Ok(netns) => netns,
-        Err(why) => return netns::skip(&why),
+    let Some(netns) = multicast_netns("mcjoin") else {
+        return;
     };
-    netns
-        .exec(&["ip", "link", "set", "lo", "multicast", "on"])
-        .unwrap();
-    netns
-        .exec(&["ip", "route", "add", "224.0.0.0/4", "dev", "lo"])
-        .unwrap();
     netns.run(|| {
         util::on_each_backend(|backend| async move {
             let joined = sharer(0);
@@ -182,6 +167,25 @@ fn a_socket_gets_only_the_groups_it_joined() {
             expect_next(&joined, "the member's second", "group again", backend).await;
         });
     });
+}
+
+/// A namespace whose loopback carries multicast (it does only with the flag and a
+/// route); `None`, said, where namespaces cannot be made.
+fn multicast_netns(tag: &str) -> Option<Netns> {
+    let netns = match Netns::create(tag) {
+        Ok(netns) => netns,
+        Err(why) => {
+            netns::skip(&why);
+            return None;
+        }
+    };
+    netns
+        .exec(&["ip", "link", "set", "lo", "multicast", "on"])
+        .unwrap();
+    netns
+        .exec(&["ip", "route", "add", "224.0.0.0/4", "dev", "lo"])
+        .unwrap();
+    Some(netns)
 }
 
 /// Checks that `socket`'s next datagram is `text`: each came to the one socket that

@@ -243,18 +243,7 @@ fn a_hot_restart_after_an_upgrade_starts_the_new_program_and_sigterm_ends_the_ol
         let upgrade = dir.join("ringsock.new");
         std::fs::copy(env!("CARGO_BIN_EXE_ringsock"), &upgrade).unwrap();
         std::fs::rename(&upgrade, &exe).unwrap();
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
-        old.wait_for_stderr("the hand-over", |lines| {
-            lines.iter().any(|line| line.starts_with("restart: handed"))
-        });
-        let new_pid: i32 = old
-            .stderr()
-            .iter()
-            .find_map(|line| line.strip_prefix("restart: handed"))
-            .and_then(|rest| rest.rsplit(' ').next())
-            .and_then(|pid| pid.parse().ok())
-            .expect("the new server's pid");
+        let new_pid = hand_over(&old);
         let program = std::fs::read_link(format!("/proc/{new_pid}/exe")).unwrap();
         assert_eq!(
             program, exe,
@@ -297,6 +286,21 @@ impl Talker {
         read_all(&mut self.stream, &mut back).unwrap();
         assert_eq!(back, line, "{}", self.backend);
     }
+}
+
+/// Sends `old` SIGUSR2 and waits for it to hand its sockets over; the new server's pid.
+fn hand_over(old: &EchoServer) -> i32 {
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
+    old.wait_for_stderr("the hand-over", |lines| {
+        lines.iter().any(|line| line.starts_with("restart: handed"))
+    });
+    old.stderr()
+        .iter()
+        .find_map(|line| line.strip_prefix("restart: handed"))
+        .and_then(|rest| rest.rsplit(' ').next())
+        .and_then(|pid| pid.parse().ok())
+        .expect("the new server's pid")
 }
 
 /// Waits until process `pid` has ended (gone, or a zombie of its dead parent).
@@ -361,18 +365,7 @@ fn a_hot_restart_refuses_and_resets_no_connection() {
             assert!(Instant::now() < deadline, "{backend}: the client is stuck");
             std::thread::yield_now();
         }
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        unsafe { libc::kill(old.pid() as libc::pid_t, libc::SIGUSR2) };
-        old.wait_for_stderr("the hand-over", |lines| {
-            lines.iter().any(|line| line.starts_with("restart: handed"))
-        });
-        let new_pid: i32 = old
-            .stderr()
-            .iter()
-            .find_map(|line| line.strip_prefix("restart: handed"))
-            .and_then(|rest| rest.rsplit(' ').next())
-            .and_then(|pid| pid.parse().ok())
-            .expect("the new server's pid");
+        let new_pid = hand_over(&old);
         let (failures, _) = client.join().unwrap();
         stop.store(true, Ordering::Relaxed);
         assert!(
