@@ -339,7 +339,10 @@ struct EchoClientArgs {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(usage) => return print_usage(&usage),
+    };
     // What these print is what they are run for (a benchmark's JSON line or table, the
     // demo's exchange): lost, the command did not do its job. A server's or tunnel's
     // lines are for whoever listens, and a reader that went away does not fail them.
@@ -916,6 +919,26 @@ fn bench_command(args: BenchArgs) -> ExitCode {
         bench_one(&args)
     } else {
         bench_matrix(&args)
+    }
+}
+
+/// What clap had to say instead of a command line to run: help and version on standard
+/// output with status 0, a usage error on standard error with status 2. Help nobody
+/// received (a closed pipe, a full disk) is a failure, as any lost output of a command
+/// run for what it prints.
+fn print_usage(usage: &clap::Error) -> ExitCode {
+    use std::io::Write;
+    let printed = usage.print().and_then(|()| match usage.use_stderr() {
+        true => std::io::stderr().flush(),
+        false => std::io::stdout().flush(),
+    });
+    match printed {
+        Ok(()) => ExitCode::from(u8::try_from(usage.exit_code()).unwrap_or(1)),
+        Err(lost) => {
+            let err = Error::io("write the usage text", lost);
+            eprintln!("error: {}: {err}", err.status());
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -417,6 +417,45 @@ fn the_demo_and_a_benchmark_with_an_unwritable_stdout_fail_without_a_panic() {
     }
 }
 
+/// Help nobody received is a failure, as the demo's lost lines are: `--help` and
+/// `--version` into a full stdout exit 1 saying so, where into a pipe they print and exit
+/// 0; a usage error keeps clap's status 2. (No engine runs: the command line is read
+/// before a runtime starts.)
+#[test]
+fn help_and_version_into_a_full_stdout_fail() {
+    for args in [
+        &["--help"][..],
+        &["bench", "--help"],
+        &["-V"],
+        &["echo-server", "-h"],
+    ] {
+        let lost = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(args)
+            .stdout(dev_full())
+            .output()
+            .unwrap();
+        let stderr = text(&lost.stderr);
+        assert_eq!(lost.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("write the usage text") && stderr.contains("No space left"),
+            "{args:?}: {stderr}"
+        );
+        let printed = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(printed.status.code(), Some(0), "{args:?}");
+        assert!(text(&printed.stdout).contains("ringsock"), "{args:?}");
+    }
+    let usage = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--no-such-flag"])
+        .stdout(dev_full())
+        .output()
+        .unwrap();
+    assert_eq!(usage.status.code(), Some(2), "{}", text(&usage.stderr));
+    assert!(text(&usage.stderr).contains("--no-such-flag"));
+}
+
 /// An echo server whose stderr (its log) cannot be written still serves, and SIGTERM
 /// still ends it with exit 0.
 #[test]
