@@ -120,8 +120,9 @@ socket_error_status! {
     /// ringsock addition: the TLS handshake failed for a reason not covered by a
     /// certificate status.
     TlsHandshakeFailed,
-    /// ringsock addition: the kernel ran out of buffer space or memory (`ENOBUFS`,
-    /// `ENOMEM`, `EAI_MEMORY`).
+    /// ringsock addition: the kernel ran out of buffer space, memory or room
+    /// (`ENOBUFS`, `ENOMEM`, `EAI_MEMORY`; `ENOSPC` and `EDQUOT`: epoll's registrations
+    /// past `max_user_watches`, a full disk under a log or key file).
     NoBufferSpace,
     /// ringsock addition: the operation is not permitted, or a file may not be read
     /// (`EACCES`, `EPERM`).
@@ -312,7 +313,9 @@ impl SocketErrorStatus {
             // Windows reports an interrupted blocking call (WSAEINTR) as aborted too.
             libc::ECANCELED | libc::EINTR => SocketErrorStatus::OperationAborted,
             libc::EPIPE | libc::ESHUTDOWN => SocketErrorStatus::BrokenPipe,
-            libc::ENOBUFS | libc::ENOMEM => SocketErrorStatus::NoBufferSpace,
+            libc::ENOBUFS | libc::ENOMEM | libc::ENOSPC | libc::EDQUOT => {
+                SocketErrorStatus::NoBufferSpace
+            }
             libc::EACCES | libc::EPERM => SocketErrorStatus::PermissionDenied,
             libc::ENOENT | libc::ENOTDIR => SocketErrorStatus::FileNotFound,
             libc::EISDIR => SocketErrorStatus::InvalidFile,
@@ -360,7 +363,9 @@ impl SocketErrorStatus {
             io::ErrorKind::UnexpectedEof | io::ErrorKind::WriteZero => {
                 SocketErrorStatus::ConnectionClosed
             }
-            io::ErrorKind::OutOfMemory => SocketErrorStatus::NoBufferSpace,
+            io::ErrorKind::OutOfMemory | io::ErrorKind::StorageFull => {
+                SocketErrorStatus::NoBufferSpace
+            }
             io::ErrorKind::Interrupted => SocketErrorStatus::OperationAborted,
             _ => SocketErrorStatus::Unknown,
         }
@@ -675,6 +680,8 @@ mod tests {
             (libc::ESHUTDOWN, S::BrokenPipe),
             (libc::ENOBUFS, S::NoBufferSpace),
             (libc::ENOMEM, S::NoBufferSpace),
+            (libc::ENOSPC, S::NoBufferSpace),
+            (libc::EDQUOT, S::NoBufferSpace),
             (libc::EACCES, S::PermissionDenied),
             (libc::EPERM, S::PermissionDenied),
             (libc::EINVAL, S::UnsupportedOperation),

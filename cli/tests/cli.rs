@@ -437,7 +437,8 @@ fn help_and_version_into_a_full_stdout_fail() {
         let stderr = text(&lost.stderr);
         assert_eq!(lost.status.code(), Some(1), "{args:?}: {stderr}");
         assert!(
-            stderr.contains("write the usage text") && stderr.contains("No space left"),
+            stderr.starts_with("error: NoBufferSpace: write the usage text")
+                && stderr.contains("No space left"),
             "{args:?}: {stderr}"
         );
         let printed = Command::new(env!("CARGO_BIN_EXE_ringsock"))
