@@ -96,6 +96,89 @@ fn every_size_arrives_whole_through_recv_recv_batch_and_messages() {
     });
 }
 
+/// A program may hold far more datagrams than the buffers the kernel is given at a time
+/// (io_uring keeps a few of the ring's shared buffers with the kernel and the rest in
+/// reserve): 40 of the largest, each received before the next is sent and all kept,
+/// arrive whole, and the ring gives them up when they are dropped.
+#[test]
+fn a_program_holding_many_of_the_largest_datagrams_gets_every_one_whole() {
+    util::on_each_receive_path(|_| async {
+        const HELD: u32 = 40;
+        let receiver = bound("127.0.0.1");
+        let to = receiver.local_addr().unwrap();
+        let sender = bound("127.0.0.1");
+        let mut held = Vec::new();
+        for seq in 0..HELD {
+            let (sent, _) = sender.send_to_addr(payload(seq, 65_507), to).await;
+            assert_eq!(sent.unwrap(), 65_507);
+            while held.len() <= seq as usize {
+                util::must("recv_batch", receiver.recv_batch(&mut held, 8))
+                    .await
+                    .unwrap();
+            }
+        }
+        for (seq, datagram) in held.iter().enumerate() {
+            assert!(
+                datagram.data() == &payload(seq as u32, 65_507)[..],
+                "datagram {seq} differs"
+            );
+        }
+        drop(held);
+        let stats = receiver.receive_stats();
+        assert_eq!(stats.datagrams, HELD as u64, "{stats:?}");
+        assert_eq!((stats.truncated, stats.dropped), (0, 0), "{stats:?}");
+        assert_eq!(stats.buffers_lent, 0, "{stats:?}");
+        assert_eq!(stats.buffers_free, stats.buffers, "{stats:?}");
+        // The ring had room for every one: it never ran dry on the way.
+        assert_eq!(stats.ring_empty, 0, "{stats:?}");
+    });
+}
+
+/// A burst queued before the first receive, larger than the buffers the kernel is given
+/// at first (a ring of 2 KiB datagrams: four shared buffers take a dozen), comes out
+/// whole and in order: a ring that runs dry with buffers in reserve takes more.
+#[test]
+fn a_burst_past_the_buffers_the_kernel_holds_arrives_whole_and_in_order() {
+    util::on_each_receive_path(|_| async {
+        const BURST: u32 = 60;
+        const LEN: usize = 1500;
+        let receiver = DatagramSocket::new();
+        receiver
+            .control()
+            .set_receive_ring(ReceiveRing {
+                buffers: 64,
+                buffer_size: 2048,
+            })
+            .unwrap();
+        receiver.control().set_receive_buffer_size(1 << 20).unwrap();
+        receiver
+            .bind_host(&HostName::new("127.0.0.1").unwrap(), "0")
+            .unwrap();
+        let to = receiver.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        for seq in 0..BURST {
+            sender.send_to(&payload(seq, LEN), to).unwrap();
+        }
+        let mut next = 0u32;
+        let mut batch = Vec::new();
+        while next < BURST {
+            util::must("recv_batch", receiver.recv_batch(&mut batch, 64))
+                .await
+                .unwrap();
+            for datagram in batch.drain(..) {
+                assert!(
+                    datagram.data() == &payload(next, LEN)[..],
+                    "datagram {next} differs or is out of order"
+                );
+                next += 1;
+            }
+        }
+        let stats = receiver.receive_stats();
+        assert_eq!(stats.datagrams, BURST as u64, "{stats:?}");
+        assert_eq!((stats.truncated, stats.dropped), (0, 0), "{stats:?}");
+    });
+}
+
 #[test]
 fn the_default_ring_is_capped_at_four_mib() {
     let ring = ReceiveRing::default();

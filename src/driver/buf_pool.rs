@@ -50,6 +50,10 @@ pub(crate) trait KernelRing: std::any::Any {
     fn retire(&mut self, buffers: Mapping);
 }
 
+/// Buffers a kernel ring that consumes them incrementally starts with (see
+/// `BufPool::ring_target`): one being filled and the next, with room to spare.
+const INCREMENTAL_RING_START: u16 = 4;
+
 /// Equal-sized receive buffers, each on the refill side or held (by datagrams, by the
 /// kernel ring, or by a `recvmmsg` in progress), never both.
 pub(crate) struct BufPool {
@@ -67,8 +71,19 @@ pub(crate) struct BufPool {
     /// With incremental consumption, the kernel reports where it stopped in a buffer's
     /// ring entry: checked against `filled`.
     incremental: bool,
-    /// The refill side otherwise: buffers for the next `recvmmsg`.
+    /// The refill side otherwise: buffers for the next `recvmmsg`. While the kernel ring
+    /// is registered, the reserve behind it: buffers past [`ring_target`](Self::ring_target)
+    /// wait here, the one freed last on top, to go on the ring when the kernel leaves one.
     free: RefCell<Vec<u16>>,
+    /// Buffers on the kernel ring now.
+    on_ring: Cell<usize>,
+    /// Buffers the ring is kept at. With incremental consumption a buffer holds hundreds
+    /// of small datagrams, so a few on the ring take any burst the socket's queue does
+    /// and the kernel sweeps over few buffers, warm in the cache, instead of over the
+    /// whole pool (4 MiB per socket by default: a relay over many sockets touched fresh
+    /// memory with every datagram). Doubled each time the ring runs dry while buffers
+    /// wait in the reserve; every buffer without incremental consumption.
+    ring_target: Cell<usize>,
     /// A receiver that found no buffer and waits for one to come back.
     waiter: Cell<Option<Waker>>,
     /// Buffers with at least one datagram lent to a send.
@@ -100,7 +115,7 @@ impl BufPool {
     ) -> io::Result<BufPool> {
         let memory = Mapping::new(layout.memory())?;
         let count = layout.buffers;
-        let (ring, ring_len, incremental) = match ring {
+        let (ring, ring_len, incremental): (Option<Box<dyn KernelRing>>, u32, bool) = match ring {
             Some((ring, len, incremental)) => {
                 (Some(ring), len.min(layout.stride as u32), incremental)
             }
@@ -114,21 +129,50 @@ impl BufPool {
             ring_len,
             incremental,
             free: RefCell::new((0..count).rev().collect()),
+            on_ring: Cell::new(0),
+            ring_target: Cell::new(match incremental {
+                true => (INCREMENTAL_RING_START as usize).min(count as usize),
+                false => count as usize,
+            }),
             waiter: Cell::new(None),
             loaned_buffers: Cell::new(0),
         })
     }
 
-    /// Moves every buffer of the free list onto the kernel ring (registered).
+    /// Moves buffers of the free list onto the kernel ring (registered) until it holds
+    /// its target, the one freed last first.
     pub(crate) fn fill(&self) {
         let Some(ring) = self.kernel_ring() else {
             return;
         };
-        let free = std::mem::take(&mut *self.free.borrow_mut());
-        for bid in free {
+        let mut pushed = false;
+        while self.on_ring.get() < self.ring_target.get() {
+            let Some(bid) = self.free.borrow_mut().pop() else {
+                break;
+            };
             self.push_to_ring(ring, bid);
+            pushed = true;
         }
-        ring.publish();
+        if pushed {
+            ring.publish();
+        }
+    }
+
+    /// The kernel ring ran dry (ENOBUFS): if buffers waited in the reserve, the ring was
+    /// kept too small for this socket's bursts, so it keeps twice as many from now on.
+    pub(crate) fn ran_dry(&self) {
+        if self.kernel_ring().is_some() && !self.free.borrow().is_empty() {
+            let all = self.layout.buffers as usize;
+            self.ring_target
+                .set((self.ring_target.get() * 2).clamp(1, all));
+            self.fill();
+        }
+    }
+
+    /// Buffers the kernel ring is kept at (see the field).
+    #[cfg(test)]
+    pub(crate) fn ring_target(&self) -> usize {
+        self.ring_target.get()
     }
 
     /// Hands free buffer `bid` to the kernel ring (visible after `publish`).
@@ -137,6 +181,16 @@ impl BufPool {
         self.buffers[bid as usize].refs.set(1);
         self.buffers[bid as usize].on_ring.set(Some(index));
         self.buffers[bid as usize].filled.set(0);
+        self.on_ring.set(self.on_ring.get() + 1);
+    }
+
+    /// Buffer `bid` leaves the kernel ring (its hold is dropped by the caller).
+    fn left_ring(&self, bid: u16) -> bool {
+        let left = self.buffers[bid as usize].on_ring.take().is_some();
+        if left {
+            self.on_ring.set(self.on_ring.get() - 1);
+        }
+        left
     }
 
     /// The kernel ring while it is the refill side.
@@ -171,7 +225,7 @@ impl BufPool {
         unregister(self.ring_as::<R>()?)?;
         // From the last buffer down, so that the free list hands out the first first.
         for bid in (0..self.layout.buffers).rev() {
-            if self.buffers[bid as usize].on_ring.take().is_some() {
+            if self.left_ring(bid) {
                 self.drop_hold(bid);
             }
         }
@@ -205,12 +259,7 @@ impl BufPool {
     /// kernel is part-way through counts): none means the ring is dry until the program
     /// drops a datagram.
     pub(crate) fn available(&self) -> usize {
-        let on_ring = self
-            .buffers
-            .iter()
-            .filter(|buffer| buffer.on_ring.get().is_some())
-            .count();
-        self.free.borrow().len() + on_ring
+        self.free.borrow().len() + self.on_ring.get()
     }
 
     /// Start of buffer `bid`.
@@ -263,8 +312,9 @@ impl BufPool {
     /// The kernel is done with buffer `bid` (its last completion had no BUF_MORE): it
     /// leaves the ring, and returns to it once the datagrams in it are dropped.
     pub(crate) fn kernel_done(&self, bid: u16) {
-        if self.buffers[bid as usize].on_ring.take().is_some() {
+        if self.left_ring(bid) {
             self.drop_hold(bid);
+            self.fill();
         }
     }
 
@@ -289,11 +339,11 @@ impl BufPool {
             1 => {
                 refs.set(0);
                 match self.kernel_ring() {
-                    Some(ring) => {
+                    Some(ring) if self.on_ring.get() < self.ring_target.get() => {
                         self.push_to_ring(ring, bid);
                         ring.publish();
                     }
-                    None => self.free.borrow_mut().push(bid),
+                    _ => self.free.borrow_mut().push(bid),
                 }
                 if let Some(waker) = self.waiter.take() {
                     waker.wake();
@@ -523,6 +573,122 @@ mod tests {
         assert_eq!(taken.len(), 2, "five slots need two buffers of four");
         pool.release_claims(&taken);
         assert_eq!(pool.available(), 2);
+    }
+
+    /// A kernel ring that remembers which buffers it was given, in order.
+    #[derive(Default)]
+    struct RecordingRing {
+        pushed: RefCell<Vec<u16>>,
+    }
+
+    impl KernelRing for RecordingRing {
+        fn is_registered(&self) -> bool {
+            true
+        }
+        fn group(&self) -> u16 {
+            0
+        }
+        fn push(&self, bid: u16, _addr: u64, _len: u32) -> u16 {
+            let mut pushed = self.pushed.borrow_mut();
+            pushed.push(bid);
+            (pushed.len() - 1) as u16
+        }
+        fn entry_addr(&self, _index: u16) -> Option<u64> {
+            None
+        }
+        fn publish(&self) {}
+        fn retire(&mut self, buffers: Mapping) {
+            drop(buffers);
+        }
+    }
+
+    fn pushed(pool: &BufPool) -> Vec<u16> {
+        pool.ring_as::<RecordingRing>()
+            .unwrap()
+            .pushed
+            .borrow()
+            .clone()
+    }
+
+    /// An incremental ring of 16 buffers, as a default socket's: the kernel is given
+    /// four, and each one it finishes is replaced by the one freed last, so a steady
+    /// receiver cycles through a few warm buffers and never touches the other twelve.
+    fn incremental_pool() -> Rc<BufPool> {
+        let config = RingConfig {
+            buffers: 64,
+            buffer_size: 64,
+            wants: Default::default(),
+        };
+        let layout = Layout::new(&config, true);
+        assert_eq!(layout.buffers, 16);
+        let ring: Box<dyn KernelRing> = Box::new(RecordingRing::default());
+        let pool = Rc::new(BufPool::new(layout, Some((ring, 64, true))).unwrap());
+        pool.fill();
+        pool
+    }
+
+    #[test]
+    fn an_incremental_ring_keeps_a_few_buffers_and_reuses_the_warm_ones() {
+        let pool = incremental_pool();
+        assert_eq!(pushed(&pool), [0, 1, 2, 3]);
+        assert_eq!(pool.available(), 16);
+        // The kernel finishes buffer 0 while a datagram in it is still held: buffer 4
+        // comes from the reserve, so the ring keeps four.
+        pool.add_ref(0);
+        // SAFETY: one hold (add_ref), inside the stride.
+        let held = unsafe { LentBuf::new(pool.clone(), 0, 0, 8) };
+        pool.kernel_done(0);
+        assert_eq!(pushed(&pool), [0, 1, 2, 3, 4]);
+        // Dropped, buffer 0 waits on top of the reserve (the ring has its four); a
+        // buffer the kernel finishes with nothing in it held goes straight back.
+        drop(held);
+        pool.kernel_done(1);
+        assert_eq!(pushed(&pool), [0, 1, 2, 3, 4, 1]);
+        // One still held when the kernel finishes it is replaced by buffer 0, the one
+        // freed last, not by a buffer no receive has touched.
+        pool.add_ref(2);
+        // SAFETY: one hold (add_ref), inside the stride.
+        let held = unsafe { LentBuf::new(pool.clone(), 2, 0, 8) };
+        pool.kernel_done(2);
+        assert_eq!(pushed(&pool), [0, 1, 2, 3, 4, 1, 0]);
+        drop(held);
+        assert_eq!(pool.ring_target(), 4);
+        assert_eq!(pool.available(), 16);
+        assert_eq!(pool.lent(), 0);
+    }
+
+    #[test]
+    fn a_ring_that_runs_dry_with_buffers_in_reserve_grows() {
+        let pool = incremental_pool();
+        // A burst filled all four before the program looked: every one held.
+        let mut held = Vec::new();
+        for bid in 0..4 {
+            pool.add_ref(bid);
+            // SAFETY: one hold (add_ref), inside the stride.
+            held.push(unsafe { LentBuf::new(pool.clone(), bid, 0, 8) });
+        }
+        // Reaped in order, each finished buffer was replaced from the reserve; then the
+        // ring ran dry all the same: the burst outran four.
+        for bid in 0..4 {
+            pool.kernel_done(bid);
+        }
+        assert_eq!(pushed(&pool)[4..], [4, 5, 6, 7]);
+        pool.ran_dry();
+        assert_eq!(pool.ring_target(), 8);
+        assert_eq!(pushed(&pool)[8..], [8, 9, 10, 11]);
+        pool.ran_dry();
+        pool.ran_dry();
+        assert_eq!(pool.ring_target(), 16, "never past the pool");
+        assert_eq!(pool.available(), 12);
+        drop(held);
+        assert_eq!(pool.available(), 16);
+        // With every buffer on the ring or held, a dry ring has nothing to grow with.
+        let mut taken = Vec::new();
+        pool.claim_free(&mut taken, 1);
+        assert!(
+            taken.is_empty(),
+            "the ring is the refill side while registered"
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ use crate::{Error, Result, SocketErrorStatus};
 /// make one buffer that the kernel packs with datagrams until fewer than a header and
 /// `buffer_size` bytes are left, so the same memory holds hundreds of small datagrams per
 /// buffer (about 14,000 of 172 bytes by default) where one datagram per slot holds 64.
+/// The kernel is then given four buffers at a time, more once a burst runs it dry, so a
+/// busy socket cycles through about 1 MiB of warm memory rather than all 4 MiB.
 /// Either way a received [`Datagram`] lends its buffer and gives it back when the last
 /// datagram in it is dropped; a program that holds every buffer leaves the kernel to
 /// queue (and, past the socket's receive buffer, drop) new datagrams, counted in

@@ -481,6 +481,7 @@ impl Receiver {
                 // The ring ran dry; the multishot has ended (no IORING_CQE_F_MORE).
                 self.counters.ring_empty += 1;
                 self.starved = true;
+                self.pool.ran_dry();
                 return Ok(());
             }
             // The multishot was cancelled: Mode::Stopping goes on to recvmmsg next.
