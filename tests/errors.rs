@@ -212,3 +212,58 @@ fn reset_while_a_write_waits_for_room_fails_the_write() {
         );
     });
 }
+
+/// Blocks until the kernel has taken the peer's RST for `socket` (poll shows an error or
+/// hang-up), without taking the error: it is still there for the next call.
+fn wait_for_the_reset_to_arrive(socket: &StreamSocket) {
+    use std::os::fd::AsRawFd;
+    let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
+    loop {
+        let mut pfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        let ready = unsafe { libc::poll(&mut pfd, 1, 20) };
+        if ready > 0 && pfd.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RST did not arrive"
+        );
+    }
+}
+
+/// A read given up at once (a zero timeout: "anything there now?") may still be the
+/// call the kernel tells of a reset that arrived before it: the next read, and every
+/// one after, is that reset, not an end of stream that would pass a cut-short stream
+/// for a whole one (io_uring: the dropped receive's error used to be thrown away).
+#[test]
+fn a_reset_a_dropped_read_was_told_of_is_the_next_reads() {
+    util::on_each_backend(|_| async {
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        util::reset(peer);
+        wait_for_the_reset_to_arrive(&client);
+        let quick = ringsock::runtime::timeout(
+            std::time::Duration::ZERO,
+            client.read(Vec::with_capacity(64)),
+        )
+        .await;
+        if let Ok((result, _)) = quick {
+            let err = result.expect_err("a read after the reset arrived");
+            assert_eq!(err.status(), SocketErrorStatus::ConnectionResetByPeer);
+        }
+        for _ in 0..2 {
+            let (result, _) = util::must("read", client.read(Vec::with_capacity(64))).await;
+            let err = result.expect_err("a read after the reset");
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::ConnectionResetByPeer,
+                "{err}"
+            );
+        }
+    });
+}

@@ -345,3 +345,100 @@ fn an_input_stream_dropped_with_bytes_buffered_gives_them_back() {
         drop(server.await);
     });
 }
+
+/// A std peer that reads only once `go` says so, to the end: what a `write_all` to it
+/// blocks on until then.
+fn held_reader(
+    mut peer: std::net::TcpStream,
+) -> (
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Vec<u8>>,
+) {
+    let (go, wait) = std::sync::mpsc::channel::<()>();
+    let reading = std::thread::spawn(move || {
+        wait.recv_timeout(util::MUST_HAPPEN).expect("the go");
+        peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+        let mut received = Vec::new();
+        std::io::Read::read_to_end(&mut peer, &mut received).expect("read to the end");
+        received
+    });
+    (go, reading)
+}
+
+/// Bytes queued on the output stream and flushed by another task while a `write_all`
+/// waits for room go out after the whole of it, never in its middle (they landed at
+/// about 4 MB of an 8 MB `write_all` on io_uring). Either order of the two is right.
+#[test]
+fn an_output_stream_flushed_during_a_write_all_does_not_land_inside_it() {
+    util::on_each_backend(|backend| async move {
+        const BIG: usize = 8 << 20;
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        let (go, reading) = held_reader(peer);
+        let client = Rc::new(client);
+        let writing = ringsock::spawn({
+            let client = client.clone();
+            async move {
+                let (result, _) = client.write_all(vec![b'A'; BIG]).await;
+                result.expect("write_all");
+            }
+        });
+        util::yield_now().await;
+        util::yield_now().await;
+        let flushing = ringsock::spawn({
+            let client = client.clone();
+            async move {
+                let output = client.output_stream();
+                output.write(vec![b'B'; 100]).await.expect("write");
+                output.flush().await.expect("flush");
+            }
+        });
+        util::yield_now().await;
+        util::yield_now().await;
+        go.send(()).unwrap();
+        util::must("write_all", writing).await;
+        util::must("flush", flushing).await;
+        client.shutdown_write().await.expect("shutdown_write");
+        let received = util::join_thread(reading).await;
+        assert_eq!(received.len(), BIG + 100, "{backend}");
+        let first_b = received.iter().position(|&b| b == b'B').unwrap();
+        assert!(
+            first_b == 0 || first_b == BIG,
+            "{backend}: the flushed bytes landed at {first_b}, inside the write_all"
+        );
+    });
+}
+
+/// `shutdown_write` from another task while a `write_all` waits for room sends its FIN
+/// after the last byte of it: the peer reads every byte, then the end of stream.
+#[test]
+fn shutdown_write_during_a_write_all_waits_for_its_last_byte() {
+    util::on_each_backend(|backend| async move {
+        const BIG: usize = 8 << 20;
+        let listener = util::std_listener();
+        let (client, peer) = util::pair_with_std_peer(&listener).await;
+        let (go, reading) = held_reader(peer);
+        let client = Rc::new(client);
+        let writing = ringsock::spawn({
+            let client = client.clone();
+            async move { client.write_all(vec![b'A'; BIG]).await.0 }
+        });
+        util::yield_now().await;
+        util::yield_now().await;
+        let shutting = ringsock::spawn({
+            let client = client.clone();
+            async move { client.shutdown_write().await }
+        });
+        util::yield_now().await;
+        util::yield_now().await;
+        go.send(()).unwrap();
+        util::must("write_all", writing)
+            .await
+            .expect("write_all, cut by the shutdown");
+        util::must("shutdown_write", shutting)
+            .await
+            .expect("shutdown_write");
+        let received = util::join_thread(reading).await;
+        assert_eq!(received.len(), BIG, "{backend}");
+    });
+}

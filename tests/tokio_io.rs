@@ -257,3 +257,56 @@ fn async_write_then_the_sockets_own_writes_keep_the_order() {
         );
     });
 }
+
+/// Bytes AsyncRead received ahead of its caller (it asks the kernel for 64 KiB at a
+/// time) come first for the socket's own `read` and for an `InputStream`: nothing is
+/// skipped or reordered when a program switches from one to the other.
+#[test]
+fn the_sockets_own_reads_after_async_read_get_the_bytes_it_read_ahead() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (writer, mut reader) = util::connected_pair(&listener).await;
+        let data = util::pseudo_random_bytes(11, 200_000);
+        let sent = data.clone();
+        let sending = ringsock::spawn(async move {
+            let (result, _) = writer.write_all(sent).await;
+            result.expect("write_all");
+            writer.shutdown_write().await.expect("shutdown_write");
+        });
+        let mut first = [0u8; 10];
+        AsyncReadExt::read_exact(&mut reader, &mut first)
+            .await
+            .expect("read_exact");
+        let mut received = first.to_vec();
+        let (result, buf) = reader.read(Vec::with_capacity(1000)).await;
+        let n = result.expect("read");
+        received.extend_from_slice(&buf[..n]);
+        let mut input = reader.input_stream();
+        let piece = input.read_exact(7).await.expect("InputStream");
+        received.extend_from_slice(&piece);
+        drop(input);
+        received.extend(util::read_to_end(&reader).await);
+        util::must("the writer", sending).await;
+        assert_eq!(received.len(), data.len(), "{backend}");
+        assert!(received == data, "{backend}: bytes skipped or reordered");
+    });
+}
+
+/// A receive AsyncRead left in flight (polled once, nothing there yet) does not take
+/// bytes away from the socket's own `read` that comes next.
+#[test]
+fn a_receive_async_read_left_in_flight_gives_its_bytes_to_the_next_read() {
+    on_each_driver_in_tokio(|backend| async move {
+        let listener = util::loopback_listener();
+        let (writer, mut reader) = util::connected_pair(&listener).await;
+        {
+            let mut buf = [0u8; 16];
+            let mut pending = std::pin::pin!(AsyncReadExt::read(&mut reader, &mut buf));
+            assert!(util::poll_once(pending.as_mut()).await.is_pending());
+        }
+        let (result, _) = writer.write_all(b"after the poll".to_vec()).await;
+        result.expect("write_all");
+        let got = util::must("the bytes", util::read_exact(&reader, 14)).await;
+        assert_eq!(got, b"after the poll", "{backend}");
+    });
+}

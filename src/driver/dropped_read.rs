@@ -11,6 +11,7 @@ use bytes::Bytes;
 /// next receive waits for it and hands its bytes out first.
 pub(crate) trait DroppedRead {
     /// Ready once the kernel is done with the receive: the bytes it took (none when the
-    /// cancel came in time, or it failed).
-    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<Bytes>;
+    /// cancel came in time), or the socket's error it took. Linux reports an error such
+    /// as a peer's reset to one call only, so the next receive must report it instead.
+    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<Bytes>>;
 }

@@ -57,6 +57,9 @@ pub(crate) async fn recv_until<B: IoBufMut>(
     if carried > 0 {
         return (Ok(carried), buf);
     }
+    if let Some(err) = fd.take_carried_error() {
+        return (Err(err), buf);
+    }
     let (result, buf) = match fd.binding() {
         Ok(Binding::Uring(driver)) => {
             let keep = |read| fd.keep_dropped_read(read);
@@ -76,6 +79,9 @@ pub(crate) async fn recv_until<B: IoBufMut>(
         // The end of stream after a reset is the reset: the peer did not finish, and a
         // program must not take what it got for the whole.
         (Ok(_), None) if fd.was_reset() => Err(io::Error::from_raw_os_error(libc::ECONNRESET)),
+        // Detached while it waited: cancelled, as io_uring reports it (epoll found the
+        // descriptor gone).
+        (Err(_), None) if fd.is_detached() => Err(io::Error::from_raw_os_error(libc::ECANCELED)),
         (Err(err), None) => Err(note_reset(fd, err)),
         (end_of_stream, None) => end_of_stream,
     };

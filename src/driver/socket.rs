@@ -53,6 +53,29 @@ struct Inner {
     carried: RefCell<Bytes>,
     /// Receives dropped in flight, oldest first (see [`DroppedRead`]).
     dropped_reads: RefCell<VecDeque<Box<dyn DroppedRead>>>,
+    /// The error a dropped receive took (after the carried bytes): the next receive's.
+    carried_error: RefCell<Option<io::Error>>,
+    /// A `write` or `write_all` sends straight to the kernel: an output stream's batch
+    /// waits for it, so that its bytes do not land in the middle of the call's.
+    direct_write: Cell<bool>,
+    /// Output stream senders waiting for the direct write to end.
+    after_direct_write: RefCell<Vec<Waker>>,
+}
+
+/// A direct write under way on a socket ([`SharedFd::direct_write`]); its drop lets the
+/// output streams' batches go.
+pub(crate) struct DirectWrite<'a> {
+    fd: &'a SharedFd,
+}
+
+impl Drop for DirectWrite<'_> {
+    fn drop(&mut self) {
+        self.fd.inner.direct_write.set(false);
+        let waiting = std::mem::take(&mut *self.fd.inner.after_direct_write.borrow_mut());
+        for waker in waiting {
+            waker.wake();
+        }
+    }
 }
 
 /// The driver a socket belongs to, for its whole life.
@@ -98,6 +121,9 @@ impl SharedFd {
                 is_ended: Cell::new(false),
                 activity: Activity::new(),
                 carried: RefCell::new(Bytes::new()),
+                carried_error: RefCell::new(None),
+                direct_write: Cell::new(false),
+                after_direct_write: RefCell::new(Vec::new()),
                 dropped_reads: RefCell::new(VecDeque::new()),
             }),
         };
@@ -178,6 +204,29 @@ impl SharedFd {
 
     pub(crate) fn mark_write_shut(&self) {
         self.inner.write_shut.set(true);
+    }
+
+    /// Marks a direct write under way until the guard is dropped (see `direct_write`).
+    pub(crate) fn direct_write(&self) -> DirectWrite<'_> {
+        self.inner.direct_write.set(true);
+        DirectWrite { fd: self }
+    }
+
+    /// Whether a direct write is under way: a batch must not go out now.
+    pub(crate) fn is_direct_write(&self) -> bool {
+        self.inner.direct_write.get()
+    }
+
+    /// Ready once no direct write is under way.
+    pub(crate) fn poll_no_direct_write(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if !self.inner.direct_write.get() {
+            return Poll::Ready(());
+        }
+        let mut waiting = self.inner.after_direct_write.borrow_mut();
+        if !waiting.iter().any(|waker| waker.will_wake(cx.waker())) {
+            waiting.push(cx.waker().clone());
+        }
+        Poll::Pending
     }
 
     pub(crate) fn is_write_shut(&self) -> bool {
@@ -270,10 +319,17 @@ impl SharedFd {
                 return Poll::Ready(());
             };
             match read.poll_taken(cx) {
-                Poll::Ready(bytes) => {
+                Poll::Ready(Ok(bytes)) => {
                     if !bytes.is_empty() {
                         crate::buf::append(&mut self.inner.carried.borrow_mut(), bytes);
                     }
+                }
+                Poll::Ready(Err(err)) => {
+                    if err.raw_os_error() == Some(libc::ECONNRESET) {
+                        self.mark_reset();
+                    }
+                    // A receive after it would not have run: nothing comes after it.
+                    self.inner.carried_error.borrow_mut().get_or_insert(err);
                 }
                 Poll::Pending => {
                     self.inner.dropped_reads.borrow_mut().push_front(read);
@@ -297,6 +353,15 @@ impl SharedFd {
         let n = crate::buf::fill_spare(buf, &carried);
         carried.advance(n);
         n
+    }
+
+    /// The error a dropped receive took, once the carried bytes are out: the next
+    /// receive reports it.
+    pub(crate) fn take_carried_error(&self) -> Option<io::Error> {
+        if !self.inner.carried.borrow().is_empty() {
+            return None;
+        }
+        self.inner.carried_error.borrow_mut().take()
     }
 
     /// Puts `bytes` back in front of the carried ones: bytes a reader took from the

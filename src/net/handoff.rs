@@ -57,6 +57,9 @@ pub struct Detached {
     datagrams: Vec<Carried>,
     /// A stream's bytes received ahead and not yet read.
     bytes: Bytes,
+    /// A stream whose peer's reset was reported on its way here: its reads after the
+    /// carried bytes are that reset, not an end of stream (Linux tells one call only).
+    reset: bool,
 }
 
 impl Detached {
@@ -67,7 +70,14 @@ impl Detached {
             accepted,
             datagrams: Vec::new(),
             bytes: Bytes::new(),
+            reset: false,
         }
+    }
+
+    /// The same, for a stream whose peer's reset was reported already.
+    pub(crate) fn with_reset(mut self, reset: bool) -> Detached {
+        self.reset = reset;
+        self
     }
 
     /// The same, carrying a stream's bytes received ahead and not yet read.
@@ -120,7 +130,7 @@ impl Detached {
     /// outside one, of the first runtime that uses it).
     pub fn into_stream(self) -> Result<StreamSocket> {
         self.expect(SocketKind::Stream)?;
-        StreamSocket::adopt(self.fd, self.bytes)
+        StreamSocket::adopt(self.fd, self.bytes, self.reset)
     }
 
     /// Adopts it as a [`StreamSocketListener`]; the connections it brought come first.
@@ -227,6 +237,9 @@ const HEADER: usize = 9;
 /// The kind code of a stream whose carried bytes follow the header (a length, u32
 /// little endian, then the bytes); a stream that carries none is sent as before.
 const STREAM_WITH_BYTES: u8 = 4;
+/// The same for a stream whose peer's reset was reported already; its byte count may
+/// be 0.
+const RESET_STREAM_WITH_BYTES: u8 = 5;
 /// Most bytes a stream's hand-over carries: what the poll-based read traits receive at
 /// once, many times over; a larger length on the channel is refused before it is read.
 const MAX_CARRIED_BYTES: usize = 16 << 20;
@@ -265,11 +278,12 @@ fn channel_error(err: std::io::Error) -> Error {
 pub fn send_detached(channel: &UnixStream, socket: &Detached) -> Result<()> {
     let mut header = [0u8; HEADER];
     header[..4].copy_from_slice(MAGIC);
-    let with_bytes = socket.kind == SocketKind::Stream && !socket.bytes.is_empty();
-    header[4] = if with_bytes {
-        STREAM_WITH_BYTES
-    } else {
-        socket.kind.code()
+    let reset = socket.kind == SocketKind::Stream && socket.reset;
+    let with_bytes = socket.kind == SocketKind::Stream && (!socket.bytes.is_empty() || reset);
+    header[4] = match (reset, with_bytes) {
+        (true, _) => RESET_STREAM_WITH_BYTES,
+        (false, true) => STREAM_WITH_BYTES,
+        (false, false) => socket.kind.code(),
     };
     let count = u32::try_from(socket.accepted.len())
         .ok()
@@ -350,7 +364,8 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
             "not a ringsock socket hand-over on this channel",
         ));
     }
-    let with_bytes = header[4] == STREAM_WITH_BYTES;
+    let reset = header[4] == RESET_STREAM_WITH_BYTES;
+    let with_bytes = header[4] == STREAM_WITH_BYTES || reset;
     let kind = if with_bytes {
         Some(SocketKind::Stream)
     } else {
@@ -400,7 +415,8 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
         detached.accepted.push(accepted.fd);
     }
     if with_bytes {
-        detached.bytes = read_carried_bytes(channel)?;
+        detached.bytes = read_carried_bytes(channel, reset)?;
+        detached.reset = reset;
     }
     if kind == SocketKind::Datagram {
         detached.datagrams = carried::decode(&mut &*channel)?;
@@ -409,12 +425,13 @@ pub fn recv_detached(channel: &UnixStream) -> Result<Detached> {
 }
 
 /// A stream's carried bytes, on the broker's channel: their length, then them.
-fn read_carried_bytes(channel: &UnixStream) -> Result<Bytes> {
+/// Only a reset stream's may be empty: a stream with nothing to carry is sent without.
+fn read_carried_bytes(channel: &UnixStream, may_be_empty: bool) -> Result<Bytes> {
     use std::io::Read;
     let mut len = [0u8; 4];
     (&*channel).read_exact(&mut len).map_err(channel_error)?;
     let len = u32::from_le_bytes(len) as usize;
-    if len == 0 || len > MAX_CARRIED_BYTES {
+    if (len == 0 && !may_be_empty) || len > MAX_CARRIED_BYTES {
         return Err(Error::invalid_input(format!(
             "a hand-over announced {len} carried bytes"
         )));

@@ -590,6 +590,10 @@ impl Inner {
         let (Some(fd), Transport::Stream) = (&self.fd, &self.transport) else {
             return;
         };
+        // A `write_all` sending straight to the kernel: this batch goes after it.
+        if fd.is_direct_write() {
+            return;
+        }
         let mut state = self.state.borrow_mut();
         if matches!(state.sender, Sender::Running) || !state.has_work() || state.failure.is_some() {
             return;
@@ -687,6 +691,9 @@ impl Inner {
             self.state.borrow_mut().sender = Sender::Absent;
             return false;
         };
+        // Bytes queued while a `write` or `write_all` sends straight to the kernel go out
+        // after it, not in the middle of its bytes.
+        poll_fn(|cx| fd.poll_no_direct_write(cx)).await;
         let (batch, mut batch_writes, batch_bytes, first_seq) = {
             let mut state = self.state.borrow_mut();
             state.seal_gathered();

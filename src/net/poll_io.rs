@@ -53,6 +53,18 @@ impl PollIo {
     }
 }
 
+impl PollIo {
+    /// For a read that does not go through these traits: the bytes received and not yet
+    /// handed out, which it must get first. A receive in flight is dropped; the socket
+    /// keeps what the kernel gives it for that read, behind these bytes.
+    pub(crate) fn take_read_ahead(&mut self) -> bytes::Bytes {
+        self.receiving = None;
+        let ahead = bytes::Bytes::copy_from_slice(&self.received[self.start..]);
+        self.start = self.received.len();
+        ahead
+    }
+}
+
 impl StreamSocket {
     /// Hands received bytes to `copy` (which takes what fits and says how many it took),
     /// receiving first when none are buffered; 0 bytes at end of stream.

@@ -385,6 +385,7 @@ impl StreamSocket {
                 buf,
             );
         }
+        self.hand_back_read_ahead(fd);
         let timeouts = &self.options.timeouts;
         if let Some(session) = self.tls.get() {
             let mut copy = |plain: &[u8]| fill_spare(&mut buf, plain);
@@ -393,6 +394,23 @@ impl StreamSocket {
             return (result, buf);
         }
         coop::budgeted(timeouts::recv_within(fd, buf, timeouts)).await
+    }
+
+    /// Gives the bytes the poll-based read traits received ahead of their caller back to
+    /// the socket (or its TLS session), so that a read of another kind gets them first.
+    fn hand_back_read_ahead(&self, fd: &SharedFd) {
+        #[cfg(any(feature = "tokio", feature = "futures-io"))]
+        if let Some(state) = self.poll_io.borrow_mut().as_mut() {
+            let ahead = state.take_read_ahead();
+            if !ahead.is_empty() {
+                match self.tls.get() {
+                    Some(session) => session.unread(ahead),
+                    None => fd.unread(ahead),
+                }
+            }
+        }
+        #[cfg(not(any(feature = "tokio", feature = "futures-io")))]
+        let _ = fd;
     }
 
     /// Sends once; returns how many bytes the kernel took (possibly fewer than all).
@@ -408,6 +426,7 @@ impl StreamSocket {
         if let Err(err) = self.send_queued_first().await {
             return (Err(err), buf);
         }
+        let _direct = fd.direct_write();
         if let Some(session) = self.tls.get() {
             let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             let len = buf.bytes_init();
@@ -431,6 +450,7 @@ impl StreamSocket {
         if let Err(err) = self.send_queued_first().await {
             return (Err(err), buf);
         }
+        let _direct = fd.direct_write();
         if let Some(session) = self.tls.get() {
             let result = coop::budgeted(session.write_all(init_bytes(&buf))).await;
             return (result, buf);
@@ -473,6 +493,9 @@ impl StreamSocket {
     /// Each call makes a new reader; one dropped with bytes it read ahead gives them back,
     /// so the next reader (or [`read`](Self::read)) gets them first.
     pub fn input_stream(&self) -> InputStream {
+        if let Some(fd) = self.fd.get() {
+            self.hand_back_read_ahead(fd);
+        }
         InputStream::new(self.fd.get().cloned())
             .with_tls(self.tls.get().cloned())
             .with_timeouts(self.options.timeouts.clone())
@@ -515,6 +538,8 @@ impl StreamSocket {
     /// send. Through TLS, `close_notify` is sent first.
     pub async fn shutdown_write(&self) -> Result<()> {
         let fd = self.fd()?;
+        // After a `write_all` under way, not in the middle of its bytes.
+        let _turn = self.writing.take().await;
         self.send_queued_first().await?;
         if let Some(session) = self.tls.get() {
             session.close_write().await?;
@@ -648,9 +673,12 @@ impl StreamSocket {
 
     /// Wraps a descriptor detached elsewhere (see [`Detached::into_stream`]); its reads
     /// hand out `carried` first.
-    pub(crate) fn adopt(fd: OwnedFd, carried: Bytes) -> Result<StreamSocket> {
+    pub(crate) fn adopt(fd: OwnedFd, carried: Bytes, reset: bool) -> Result<StreamSocket> {
         let socket = StreamSocket::accepted(fd, &StreamOptions::default())?;
         socket.fd()?.set_carried(carried);
+        if reset {
+            socket.fd()?.mark_reset();
+        }
         Ok(socket)
     }
 
@@ -685,8 +713,9 @@ impl StreamSocket {
         let owned = fd.detach().map_err(|err| Error::io("detach", err))?;
         // Its idle and write limits are the new owner's business now.
         self.options.timeouts.stop_watching();
+        let unread = self.unread(&fd);
         let detached = Detached::new(owned, SocketKind::Stream, Vec::new());
-        Ok(detached.with_bytes(self.unread(&fd)))
+        Ok(detached.with_bytes(unread).with_reset(fd.was_reset()))
     }
 
     /// Bytes received and read by no one, for a detach: those the poll-based read

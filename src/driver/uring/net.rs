@@ -160,17 +160,22 @@ struct DroppedRecv<B: IoBufMut> {
 }
 
 impl<B: IoBufMut> DroppedRead for DroppedRecv<B> {
-    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<Bytes> {
+    fn poll_taken(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<Bytes>> {
         let (completion, (_, mut buf)) = ready!(Pin::new(&mut self.op).poll(cx));
         let taken = match completion.and_then(Completion::into_result) {
             Ok(n) if n > 0 => {
                 // SAFETY: the kernel wrote `n` bytes after the initialised part.
                 unsafe { buf.set_init(self.init + n as usize) };
-                Bytes::copy_from_slice(&crate::buf::init_bytes(&buf)[self.init..])
+                Ok(Bytes::copy_from_slice(
+                    &crate::buf::init_bytes(&buf)[self.init..],
+                ))
             }
-            // Cancelled in time, end of stream or an error: nothing was taken (an error
-            // is the socket's and comes again, or as its end, with the next receive).
-            _ => Bytes::new(),
+            // Cancelled in time: nothing was taken. End of stream comes again with the
+            // next receive.
+            Ok(_) => Ok(Bytes::new()),
+            Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => Ok(Bytes::new()),
+            // The socket's error, which the kernel reported to this receive only.
+            Err(err) => Err(err),
         };
         Poll::Ready(taken)
     }
