@@ -1050,3 +1050,38 @@ fn without_udp_checksums(socket: DatagramSocket) -> DatagramSocket {
     assert_eq!(rc, 0, "SO_NO_CHECK");
     socket
 }
+
+/// Where the kernel lacks IORING_OP_SEND with a destination (Capability::SendTo, Linux
+/// 6.0; disabled here to stand for such a kernel), a flush to an address still sends:
+/// a lone datagram and a run of mixed sizes alike go as SENDMSG with the address (the
+/// batch path used to put the address on a plain SEND regardless).
+#[test]
+fn flushes_to_an_address_send_without_the_send_to_capability() {
+    for backend in util::BACKENDS {
+        let builder = Builder::new()
+            .backend(backend)
+            .disable(ringsock::Capability::SendTo);
+        util::on_runtime_of(builder, backend, &|backend| async move {
+            let receiver = util::bound_loopback();
+            let to = receiver.local_addr().unwrap();
+            let sender = DatagramSocket::new();
+            let output = sender.output_stream_to_addr(to).unwrap();
+            let sizes = [100usize, 7, 1200, 1200, 1200, 3];
+            let mut sent = 0u32;
+            for group in [&sizes[..1], &sizes[1..]] {
+                for &len in group {
+                    let mut datagram = vec![sent as u8; len];
+                    datagram[0] = sent as u8;
+                    output.write(datagram).await.unwrap();
+                    sent += 1;
+                }
+                must("flush", output.flush()).await.unwrap();
+            }
+            for (seq, &len) in sizes.iter().enumerate() {
+                let datagram = util::recv_datagram(&receiver).await;
+                assert_eq!(datagram.len(), len, "{backend}: datagram {seq}");
+                assert_eq!(datagram[0], seq as u8, "{backend}: datagram {seq}");
+            }
+        });
+    }
+}

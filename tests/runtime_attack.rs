@@ -1091,3 +1091,32 @@ fn the_smallest_rings_send_batches_that_need_long_chains() {
         }
     }
 }
+
+/// A pool dropped by one of its own tasks stops without a panic: the other threads are
+/// joined, the dropping thread ends once the task returns, and the task's output still
+/// reaches its handle.
+#[test]
+fn a_pool_dropped_by_its_own_task_stops_cleanly() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let Some(pool) = pool(backend, 2) else {
+            continue;
+        };
+        let handle = pool.handle();
+        let (dropped, was_dropped) = std::sync::mpsc::channel();
+        let task = handle
+            .spawn_on(1, move || async move {
+                drop(pool);
+                dropped.send(()).unwrap();
+                7
+            })
+            .unwrap();
+        was_dropped
+            .recv_timeout(util::MUST_HAPPEN)
+            .expect("the task went on after dropping its pool");
+        let output = ringsock::block_on(async { must("the task", task).await });
+        assert_eq!(output.unwrap(), 7, "{backend}");
+        let refused = handle.spawn_on(0, || async {});
+        assert!(refused.is_err(), "{backend}: a stopped pool took work");
+    }
+}

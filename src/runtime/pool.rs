@@ -118,7 +118,12 @@ impl PoolBuilder {
 }
 
 /// A pool of runtimes, one per thread. Dropping it stops every thread: their tasks are
-/// dropped, their drivers cancel and reap what is in flight, and the threads are joined.
+/// dropped, their drivers cancel and reap what is in flight, and the threads are joined
+/// (dropped by a task of its own, the pool joins the others; that task's thread stops
+/// once the task returns).
+///
+/// A task whose future panics while it is dropped (in its `Drop`) aborts the process,
+/// as async-task does for every executor built on it: a panic cannot cross the drop.
 ///
 /// A task that panics ends alone, as a thread would: the panic is printed, its handle
 /// says `OperationAborted`, and the other tasks and sockets of its thread go on.
@@ -182,7 +187,13 @@ impl Drop for Pool {
                 waker.wake();
             }
         }
+        let here = std::thread::current().id();
         for thread in self.threads.drain(..) {
+            // Dropped by a task of its own, a thread cannot wait for itself: it ends
+            // (stopping is set) once that task returns.
+            if thread.thread().id() == here {
+                continue;
+            }
             // A thread that panicked has nothing left to stop.
             let _ = thread.join();
         }

@@ -774,9 +774,13 @@ impl SendChain {
         links: Vec<Link>,
         dest: Option<SocketAddr>,
         meta: &SendMeta,
+        send_to: bool,
     ) -> SendChain {
         let mut addr = Box::new(dest.map(RawAddr::from_socket_addr));
-        let needs_header = |link: &Link| link.segment.is_some() || !meta.is_empty();
+        // A SEND names a destination only where the kernel has Capability::SendTo.
+        let addressed_send = dest.is_none() || send_to;
+        let needs_header =
+            |link: &Link| link.segment.is_some() || !meta.is_empty() || !addressed_send;
         let msg_links = links.iter().filter(|link| needs_header(link));
         let (iovecs, counts) = link_iovecs(&bufs, msg_links);
         let mut counts = counts.into_iter();
@@ -861,10 +865,11 @@ pub(crate) async fn send_batch(
     let targets = Targets::One(dest, *meta);
     let mut suspect: Option<GsoSuspect> = None;
     // A chain goes into the submission queue whole: never longer than the queue.
-    let max_links = match driver.with(|d| d.max_chain()) {
-        Ok(queue) => MAX_LINKS.min(queue).max(1),
-        Err(err) => return (Err(err), progress, bufs),
-    };
+    let (max_links, send_to) =
+        match driver.with(|d| (d.max_chain(), d.capabilities().contains(Capability::SendTo))) {
+            Ok((queue, send_to)) => (MAX_LINKS.min(queue).max(1), send_to),
+            Err(err) => return (Err(err), progress, bufs),
+        };
     while progress.first < bufs.len() {
         if rounds > 0 {
             report.short_send_recoveries += 1;
@@ -885,7 +890,7 @@ pub(crate) async fn send_batch(
                 continue;
             }
         }
-        let chain = SendChain::new(fd.clone(), bufs, links, dest, meta);
+        let chain = SendChain::new(fd.clone(), bufs, links, dest, meta, send_to);
         // SAFETY: every SQE points into the chain's data (see SendChain), which the
         // ChainOp owns until each link's CQE.
         let op = unsafe {
