@@ -632,20 +632,33 @@ fn timeouts_line(counts: TimeoutCounts) -> String {
 /// Sends every datagram back to its sender, taking every ready datagram at once. On a
 /// wildcard address each reply leaves from the address its request came to (a client
 /// behind a NAT, or of a multi-homed host, drops a reply from another one).
-async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog, udp_rate: u32) {
-    let local = socket.local_addr().ok();
-    let mut limit = echo_limit::EchoLimit::new(udp_rate);
-    let wildcard = local.is_some_and(|addr| addr.ip().is_unspecified());
-    if wildcard {
-        if let Err(err) = socket.control().set_receive_destination(true) {
-            log.line(format!("replies leave from any address: {err}"));
-        }
-    }
+///
+/// Returns once `stop` is ready, and only while it waits for datagrams: a batch taken
+/// is echoed whole first, and a receive given up loses nothing (it stays in the ring).
+async fn udp_echo(
+    socket: &DatagramSocket,
+    log: &RateLimitedLog,
+    udp_rate: u32,
+    stop: impl Future<Output = ()>,
+) {
+    let mut echo = UdpEcho::new(socket, log, udp_rate);
+    let mut stop = std::pin::pin!(stop);
     let mut batch = Vec::with_capacity(64);
     let mut failures = 0u32;
     loop {
         batch.clear();
-        if let Err(err) = socket.recv_batch(&mut batch, 64).await {
+        let received = {
+            let mut receive = std::pin::pin!(socket.recv_batch(&mut batch, 64));
+            poll_fn(|cx| match stop.as_mut().poll(cx) {
+                Poll::Ready(()) => Poll::Ready(None),
+                Poll::Pending => receive.as_mut().poll(cx).map(Some),
+            })
+            .await
+        };
+        let Some(received) = received else {
+            return;
+        };
+        if let Err(err) = received {
             // Per datagram (an ICMP error, say): the socket goes on. But an error that
             // comes back at once every time (no memory for the receive ring) would spin
             // this loop without ever yielding, deaf to SIGTERM: after the first, wait
@@ -663,27 +676,61 @@ async fn udp_echo(socket: &DatagramSocket, log: &RateLimitedLog, udp_rate: u32) 
         failures = 0;
         let now = std::time::Instant::now();
         for datagram in batch.drain(..) {
-            let to = datagram.remote_addr();
-            if let Some(why) = local.and_then(|local| reflection(&datagram, local)) {
-                log.line(format!("dropped a datagram from {to}: {why}"));
-                continue;
+            echo.reply(datagram, now).await;
+        }
+    }
+}
+
+/// The echo of one socket's datagrams: what may be echoed, and the reply.
+struct UdpEcho<'a> {
+    socket: &'a DatagramSocket,
+    log: &'a RateLimitedLog,
+    local: Option<SocketAddr>,
+    limit: Option<echo_limit::EchoLimit>,
+}
+
+impl<'a> UdpEcho<'a> {
+    fn new(socket: &'a DatagramSocket, log: &'a RateLimitedLog, udp_rate: u32) -> UdpEcho<'a> {
+        let local = socket.local_addr().ok();
+        let wildcard = local.is_some_and(|addr| addr.ip().is_unspecified());
+        if wildcard {
+            if let Err(err) = socket.control().set_receive_destination(true) {
+                log.line(format!("replies leave from any address: {err}"));
             }
-            if let Some(limit) = limit.as_mut() {
-                if !limit.allow(to, now) {
-                    log.line(format!(
-                        "dropped a datagram from {to}: over {} a second from one source",
-                        limit.per_second()
-                    ));
-                    continue;
-                }
+        }
+        UdpEcho {
+            socket,
+            log,
+            local,
+            limit: echo_limit::EchoLimit::new(udp_rate),
+        }
+    }
+
+    /// Echoes `datagram` to its sender, unless it must not be.
+    async fn reply(&mut self, datagram: ringsock::Datagram, now: std::time::Instant) {
+        let to = datagram.remote_addr();
+        if let Some(why) = self.local.and_then(|local| reflection(&datagram, local)) {
+            self.log
+                .line(format!("dropped a datagram from {to}: {why}"));
+            return;
+        }
+        if let Some(limit) = self.limit.as_mut() {
+            if !limit.allow(to, now) {
+                self.log.line(format!(
+                    "dropped a datagram from {to}: over {} a second from one source",
+                    limit.per_second()
+                ));
+                return;
             }
-            let options = SendOptions::reply_to(&datagram);
-            let (sent, _) = socket
-                .send_to_addr_with(datagram.to_vec(), to, &options)
-                .await;
-            if let Err(err) = sent {
-                log.line(format!("send to {to}: {}: {err}", err.status()));
-            }
+        }
+        let options = SendOptions::reply_to(&datagram);
+        let (sent, _) = self
+            .socket
+            .send_to_addr_with(datagram.to_vec(), to, &options)
+            .await;
+        if let Err(err) = sent {
+            self.log
+                .line(format!("send to {to}: {}: {err}", err.status()));
         }
     }
 }
@@ -709,9 +756,15 @@ fn reflection(datagram: &ringsock::Datagram, local: SocketAddr) -> Option<&'stat
 }
 
 /// Whether `ip` is an address of this host: one a socket can bind to. Asked only of
-/// datagrams from the server's own port, which clients do not send from.
+/// datagrams from the server's own port, which clients do not send from. Only the
+/// kernel's "not an address here" says no: a test that could not be made (out of
+/// descriptors, say) counts as yes, so that a forged datagram cannot start an echo
+/// loop just when the server is short of descriptors.
 fn is_this_hosts(ip: std::net::IpAddr) -> bool {
-    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+    match std::net::UdpSocket::bind(SocketAddr::new(ip, 0)) {
+        Ok(_) => true,
+        Err(err) => err.raw_os_error() != Some(libc::EADDRNOTAVAIL),
+    }
 }
 
 /// Echoes until the client half-closes, then closes this side.

@@ -6,7 +6,7 @@
 use std::future::{poll_fn, Future};
 use std::io::Write as _;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -30,8 +30,11 @@ enum Ask {
     Serve,
     /// SIGINT or SIGTERM: stop at once.
     Stop,
-    /// SIGUSR2: hand the sockets over, then finish open connections.
+    /// SIGUSR2: hand copies of the sockets to a new process, serving on meanwhile.
     HandOver,
+    /// The new process took the sockets and serves: stop taking new work, finish the
+    /// open connections.
+    HandedOver,
 }
 
 /// The process-wide request, with every thread's waker.
@@ -98,6 +101,21 @@ impl Control {
     /// Resolves once a stop is asked (also after a hand-over was).
     async fn stopped(&self) {
         self.until(|ask| ask == Ask::Stop).await;
+    }
+
+    /// Resolves once this process has no more datagrams to take: the new one took the
+    /// sockets, or a stop was asked.
+    async fn udp_done(&self) {
+        self.until(|ask| matches!(ask, Ask::HandedOver | Ask::Stop))
+            .await;
+    }
+
+    /// The hand-over asked is over: `HandedOver` once the new process took the sockets,
+    /// `Serve` again when it failed. A stop asked meanwhile stays.
+    fn hand_over_ended(&self, outcome: Ask) {
+        if self.asked() == Ask::HandOver {
+            self.set(outcome);
+        }
     }
 
     /// Resolves with the request once `done` says it is the one waited for.
@@ -199,11 +217,9 @@ struct Share {
     datagrams: Vec<Detached>,
 }
 
-/// What a serving thread gives back: its timeout counts, and its sockets when it handed
-/// them over.
+/// What a serving thread gives back: its timeout counts.
 struct Served {
     counts: TimeoutCounts,
-    handed: Vec<Detached>,
 }
 
 /// Where the sockets come from, and the command line to restart with.
@@ -230,7 +246,7 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     };
     let control = Control::new();
     control.install_signals()?;
-    let (sockets, lines) = match sockets(&start, activated, &control) {
+    let (sockets, lines, handed_over_on) = match sockets(&start, activated, &control) {
         Ok(found) => found,
         // SIGINT or SIGTERM while waiting for the sockets ended the wait: a stop, as
         // asked, not a failure.
@@ -292,6 +308,10 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
         );
     }
     if all_ready {
+        // The process this one replaces serves until told: it stops taking new work now.
+        if let Some(channel) = &handed_over_on {
+            let _ = (&*channel).write_all(&[SERVING]);
+        }
         // A closed stdout (a supervisor that stopped reading, say) must not stop the
         // server: the lines are for whoever listens.
         let mut stdout = std::io::stdout().lock();
@@ -303,7 +323,6 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     }
     main.block_on(async {
         let mut counts = TimeoutCounts::default();
-        let mut handed = Vec::new();
         let mut failure = None;
         let report = report_timeouts(&board);
         let mut report = std::pin::pin!(report);
@@ -318,7 +337,6 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
             match result.and_then(|served| served) {
                 Ok(served) => {
                     add(&mut counts, served.counts);
-                    handed.extend(served.handed);
                 }
                 Err(err) => failure = Some(err),
             }
@@ -337,9 +355,12 @@ fn sockets(
     start: &Start,
     activated: Vec<net::Activated>,
     control: &Control,
-) -> ringsock::Result<(Vec<Detached>, Vec<String>)> {
+) -> ringsock::Result<(Vec<Detached>, Vec<String>, Option<UnixStream>)> {
+    let mut channel = None;
     let sockets = if let Some(fd) = start.inherit {
-        take_over(fd, control)?
+        let (sockets, from) = take_over(fd, control)?;
+        channel = Some(from);
+        sockets
     } else {
         if activated.is_empty() && start.activated {
             return Err(Error::invalid_input(
@@ -378,7 +399,7 @@ fn sockets(
             lines.push(line);
         }
     }
-    Ok((sockets, lines))
+    Ok((sockets, lines, channel))
 }
 
 /// Fewer spare descriptors than this at start-up get a warning.
@@ -422,12 +443,12 @@ const MAX_HANDED_OVER: usize = 8192;
 
 /// Takes the sockets the process being replaced sends over `fd`: a count, then each.
 /// A stop asked meanwhile ends the wait with an error.
-fn take_over(fd: RawFd, control: &Control) -> ringsock::Result<Vec<Detached>> {
+fn take_over(fd: RawFd, control: &Control) -> ringsock::Result<(Vec<Detached>, UnixStream)> {
     let channel = unix_stream_from(fd)?;
     control.taking_over(&channel)?;
     let taken = take_over_from(&channel);
     control.taken_over();
-    taken
+    Ok((taken?, channel))
 }
 
 fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
@@ -512,7 +533,10 @@ async fn serve_thread(
             let socket = socket.clone();
             let log = logs.udp.clone();
             let udp_rate = settings.udp_rate;
-            ringsock::spawn(async move { udp_echo(&socket, &log, udp_rate).await })
+            let control = control.clone();
+            ringsock::spawn(
+                async move { udp_echo(&socket, &log, udp_rate, control.udp_done()).await },
+            )
         })
         .collect();
     if thread == 0 {
@@ -525,7 +549,7 @@ async fn serve_thread(
     }
     let _ = ready.send(());
     let open = ConnectionLimit::new(settings.max_connections);
-    let publish = async {
+    let publish = || async {
         loop {
             ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY / 2).await;
             let mut counts = TimeoutCounts::default();
@@ -536,63 +560,190 @@ async fn serve_thread(
         }
     };
     // Serves until asked otherwise: accept loops never end, and a thread with none
-    // (UDP only) waits here while its datagram tasks run.
-    let accepting = async {
-        let loops = listeners
-            .iter()
-            .map(|listener| accept_loop(listener, &settings, &open, &logs));
-        join_all(loops).await;
-        std::future::pending::<()>().await
-    };
-    let mut asked = Ask::Stop;
-    first_of(first_of(accepting, publish), async {
-        asked = control.changed().await;
-    })
-    .await;
+    // (UDP only) waits here while its datagram tasks run. A hand-over that failed
+    // comes back here: the server serves on.
+    loop {
+        let accepting = async {
+            let loops = listeners
+                .iter()
+                .map(|listener| accept_loop(listener, &settings, &open, &logs));
+            join_all(loops).await;
+            std::future::pending::<()>().await
+        };
+        let mut asked = Ask::Stop;
+        first_of(first_of(accepting, publish()), async {
+            asked = control.changed().await;
+        })
+        .await;
+        if asked != Ask::HandOver {
+            break;
+        }
+        // Copies go to the new process; these stay and serve until it says it serves.
+        hand_over_from(copies_of(&listeners, &datagrams), &control);
+        match control.until(|ask| ask != Ask::HandOver).await {
+            Ask::Serve => continue,
+            Ask::HandedOver => {
+                // Its datagram tasks end at their next wait: no batch is cut.
+                for task in udp_tasks {
+                    task.await;
+                }
+                for socket in &datagrams {
+                    echo_what_the_ring_holds(socket, &logs, settings.udp_rate).await;
+                }
+                for listener in &listeners {
+                    serve_what_was_accepted(listener, &settings, &open, &logs).await;
+                }
+                // Serve what was accepted before the hand-over to its end: those
+                // connections are this process's. A stop ends that too.
+                first_of(open.wait_idle(), control.stopped()).await;
+            }
+            _ => {}
+        }
+        break;
+    }
     let mut counts = TimeoutCounts::default();
     for listener in &listeners {
         add(&mut counts, listener.control().timeout_counts());
     }
-    let mut handed = Vec::new();
-    if asked == Ask::HandOver {
-        for listener in &listeners {
-            handed.push(listener.detach()?);
-        }
-        for task in udp_tasks {
-            task.abort();
-        }
-        for socket in &datagrams {
-            handed.push(socket.detach()?);
-        }
-        let handed_over = hand_over_from(thread, &mut handed);
-        if let Err(err) = &handed_over {
-            eprintln!("restart failed: {err}; serving the open connections to their end");
-        }
-        // Serve what was accepted before the hand-over to its end, also when it failed:
-        // those connections are this process's either way. A stop ends that too.
-        first_of(open.wait_idle(), control.stopped()).await;
-        handed_over?;
-    }
     logs.flush();
-    Ok(Served { counts, handed })
+    Ok(Served { counts })
 }
 
-/// The sockets of every thread are collected here, and the last thread to arrive starts
-/// the new process and sends them.
-static HANDED: Mutex<(Vec<Detached>, usize)> = Mutex::new((Vec::new(), 0));
+/// A copy of each socket (a new descriptor for it) to hand over, while these serve on.
+fn copies_of(
+    listeners: &[StreamSocketListener],
+    datagrams: &[std::rc::Rc<DatagramSocket>],
+) -> ringsock::Result<Vec<Detached>> {
+    let fds = listeners
+        .iter()
+        .map(|listener| listener.as_fd())
+        .chain(datagrams.iter().map(|socket| socket.as_fd()));
+    fds.map(|fd| {
+        let copy = fd
+            .try_clone_to_owned()
+            .map_err(|err| Error::io("copy a socket to hand over", err))?;
+        Detached::from_fd(copy)
+    })
+    .collect()
+}
 
-fn hand_over_from(_thread: usize, sockets: &mut Vec<Detached>) -> ringsock::Result<()> {
-    let threads = POOL_THREADS.load(std::sync::atomic::Ordering::Acquire);
-    let ready = {
-        let mut handed = HANDED.lock().unwrap_or_else(|p| p.into_inner());
-        handed.0.append(sockets);
-        handed.1 += 1;
-        (handed.1 == threads).then(|| std::mem::take(&mut handed.0))
+/// Once the new process serves: the datagrams this socket's receive ring took from
+/// the kernel and nobody echoed yet are echoed here before the socket closes (the
+/// kernel's queue, shared with the new process, is its to read).
+async fn echo_what_the_ring_holds(socket: &DatagramSocket, logs: &EchoLogs, udp_rate: u32) {
+    let Ok(mut detached) = socket.detach() else {
+        return;
     };
-    if let Some(all) = ready {
-        restart_with(all)?;
+    // Each adoption may take a few more from the kernel before it is detached again;
+    // the new process reads the same queue, so this ends within a few rounds.
+    for _ in 0..8 {
+        let carried = detached.carried_datagrams();
+        if carried == 0 {
+            return;
+        }
+        let Ok(adopted) = detached.into_datagram() else {
+            return;
+        };
+        let mut echo = crate::UdpEcho::new(&adopted, &logs.udp, udp_rate);
+        for _ in 0..carried {
+            let wait = std::time::Duration::from_secs(1);
+            match ringsock::runtime::timeout(wait, adopted.recv()).await {
+                Ok(Ok(datagram)) => echo.reply(datagram, std::time::Instant::now()).await,
+                _ => break,
+            }
+        }
+        match adopted.detach() {
+            Ok(again) => detached = again,
+            Err(_) => return,
+        }
     }
-    Ok(())
+}
+
+/// Once the new process serves: the connections this listener had taken from the
+/// kernel's queue and not handed to the accept loop yet are served here (closing the
+/// listener would reset them); the queue itself is the new process's.
+async fn serve_what_was_accepted(
+    listener: &StreamSocketListener,
+    settings: &Settings,
+    open: &ConnectionLimit,
+    logs: &EchoLogs,
+) {
+    let Ok(detached) = listener.detach() else {
+        return;
+    };
+    let accepted = detached.accepted_count();
+    if accepted == 0 {
+        return;
+    }
+    let Ok(adopted) = detached.into_listener() else {
+        return;
+    };
+    for _ in 0..accepted {
+        let slot = open.acquire().await;
+        match adopted.accept().await {
+            Ok(socket) => serve_connection(socket, settings, slot, logs),
+            Err(_) => return,
+        }
+    }
+}
+
+/// Copies of every thread's sockets, gathered until each thread has given its share
+/// (or failed to copy it).
+struct Gathering {
+    sockets: Vec<Detached>,
+    threads: usize,
+    failure: Option<Error>,
+}
+
+static HANDED: Mutex<Gathering> = Mutex::new(Gathering {
+    sockets: Vec::new(),
+    threads: 0,
+    failure: None,
+});
+
+/// Adds one thread's copies; the last thread to arrive has the new process started and
+/// the copies sent, on a thread of its own (the pool's threads serve on meanwhile),
+/// which says how it ended through `control`.
+fn hand_over_from(copies: ringsock::Result<Vec<Detached>>, control: &Arc<Control>) {
+    let threads = POOL_THREADS.load(std::sync::atomic::Ordering::Acquire);
+    let all = {
+        let mut gathering = HANDED.lock().unwrap_or_else(|p| p.into_inner());
+        match copies {
+            Ok(mut copies) => gathering.sockets.append(&mut copies),
+            Err(err) => {
+                gathering.failure.get_or_insert(err);
+            }
+        }
+        gathering.threads += 1;
+        if gathering.threads < threads {
+            return;
+        }
+        let failure = gathering.failure.take();
+        gathering.threads = 0;
+        (std::mem::take(&mut gathering.sockets), failure)
+    };
+    let control_here = control.clone();
+    let restart = move || {
+        let (sockets, failure) = all;
+        let outcome = match failure {
+            Some(err) => Err(err),
+            None => restart_with(sockets),
+        };
+        match outcome {
+            Ok(()) => control_here.hand_over_ended(Ask::HandedOver),
+            Err(err) => {
+                eprintln!("restart failed: {err}; serving on");
+                control_here.hand_over_ended(Ask::Serve);
+            }
+        }
+    };
+    let started = std::thread::Builder::new()
+        .name("ringsock-restart".into())
+        .spawn(restart);
+    if let Err(err) = started {
+        eprintln!("restart failed: start its thread: {err}; serving on");
+        control.hand_over_ended(Ask::Serve);
+    }
 }
 
 /// How many threads serve, for the hand-over to know when every one has given its
@@ -615,7 +766,7 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     let mut command = std::process::Command::new(exe);
     command.args(&args).arg(format!("--inherit={theirs_fd}"));
     keep_open_across_exec(&mut command, theirs_fd);
-    let child = command
+    let mut child = command
         .spawn()
         .map_err(|err| Error::io("start the new server", err))?;
     drop(theirs);
@@ -623,11 +774,42 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
         .map_err(|err| Error::io("hand the sockets over", err))?;
     let handed = sockets.len();
-    for socket in &sockets {
-        net::send_detached(&ours, socket)?;
+    let sent = sockets
+        .iter()
+        .try_for_each(|socket| net::send_detached(&ours, socket));
+    let ready = sent.and_then(|()| wait_until_serving(&ours));
+    if let Err(err) = ready {
+        // It never said it serves: it must not serve beside this process either.
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(err);
     }
     eprintln!("restart: handed {handed} sockets to process {}", child.id());
     Ok(())
+}
+
+/// What the new process sends once every one of its threads serves.
+const SERVING: u8 = b'S';
+
+/// How long the new process may take to start and serve.
+const START_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Waits for the new process to say it serves ([`SERVING`]), at most [`START_WITHIN`].
+fn wait_until_serving(channel: &UnixStream) -> ringsock::Result<()> {
+    channel
+        .set_read_timeout(Some(START_WITHIN))
+        .map_err(|err| Error::io("wait for the new server", err))?;
+    let mut said = [0u8; 1];
+    match std::io::Read::read(&mut &*channel, &mut said) {
+        Ok(1) if said[0] == SERVING => Ok(()),
+        Ok(_) => Err(Error::connection_closed(
+            "the new server ended before it served",
+        )),
+        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => Err(Error::timed_out(format!(
+            "the new server did not serve within {START_WITHIN:?}"
+        ))),
+        Err(err) => Err(Error::io("wait for the new server", err)),
+    }
 }
 
 /// Prints the whole server's timeout counts every [`TIMEOUT_REPORT_EVERY`] while they
@@ -662,34 +844,42 @@ async fn accept_loop(
         }
         let slot = open.acquire().await;
         match listener.accept().await {
-            Ok(socket) => {
-                let acceptor = settings.acceptor.clone();
-                let log = logs.connection.clone();
-                ringsock::spawn(async move {
-                    // The handshake runs in the connection's own task, so a slow or
-                    // hostile client holds up nobody else.
-                    let served = match &acceptor {
-                        Some(acceptor) => match socket.accept_tls(acceptor).await {
-                            Ok(()) => echo_connection(&socket).await,
-                            Err(err) => Err(err),
-                        },
-                        None => echo_connection(&socket).await,
-                    };
-                    drop(socket);
-                    drop(slot);
-                    match served {
-                        // Counted on the listener, reported in bulk.
-                        Err(err) if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
-                        Err(err) => log.line(format!("{}: {err}", err.status())),
-                        Ok(()) => {}
-                    }
-                });
-            }
+            Ok(socket) => serve_connection(socket, settings, slot, logs),
             // One failed accept (say, out of descriptors) must not end the server; the
             // listener waits before the next attempt, so this cannot spin.
             Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
         }
     }
+}
+
+/// Echoes on `socket` in a task of its own, holding `slot` until the connection ends.
+fn serve_connection(
+    socket: ringsock::StreamSocket,
+    settings: &Settings,
+    slot: crate::conn_limit::Slot,
+    logs: &EchoLogs,
+) {
+    let acceptor = settings.acceptor.clone();
+    let log = logs.connection.clone();
+    ringsock::spawn(async move {
+        // The handshake runs in the connection's own task, so a slow or hostile client
+        // holds up nobody else.
+        let served = match &acceptor {
+            Some(acceptor) => match socket.accept_tls(acceptor).await {
+                Ok(()) => echo_connection(&socket).await,
+                Err(err) => Err(err),
+            },
+            None => echo_connection(&socket).await,
+        };
+        drop(socket);
+        drop(slot);
+        match served {
+            // Counted on the listener, reported in bulk.
+            Err(err) if err.status() == SocketErrorStatus::ConnectionTimedOut => {}
+            Err(err) => log.line(format!("{}: {err}", err.status())),
+            Ok(()) => {}
+        }
+    });
 }
 
 /// Polls every future until all are done.

@@ -338,3 +338,54 @@ fn a_limit_that_leaves_no_room_for_connections_is_warned_about_at_start() {
         }
     }
 }
+
+/// SIGUSR2 while every descriptor is taken cannot copy the sockets for a new process:
+/// the restart is refused and the server serves on, its connections and, once
+/// descriptors come free, new ones (it used to end, cutting every connection).
+#[test]
+fn a_hot_restart_out_of_descriptors_is_refused_and_the_server_serves_on() {
+    for backend in ["uring", "epoll"] {
+        let server = EchoServer::start_with(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--threads",
+                "1",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+            Setup {
+                nofile: Some(STORM_NOFILE),
+                ..Setup::default()
+            },
+        );
+        let tcp = addr(&server.ports[0]);
+        let storm: Vec<_> = (0..STORM_CLIENTS)
+            .map(|_| TcpStream::connect(tcp).expect("connect"))
+            .collect();
+        server.wait_for_stderr("the server to run out of descriptors", |lines| {
+            lines
+                .iter()
+                .any(|l| l.starts_with("accept: TooManyOpenFiles: "))
+        });
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
+        server.wait_for_stderr("the refused restart", |lines| {
+            lines.iter().any(|l| l.starts_with("restart failed"))
+        });
+        drop(storm);
+        echo_line(&client(tcp), "after the refused restart");
+        let (status, stderr) = server.stop_within(MUST_HAPPEN);
+        let all = stderr.join("\n");
+        assert!(status.success(), "{backend}: {status:?}\n{all}");
+        let refused = stderr
+            .iter()
+            .find(|l| l.starts_with("restart failed"))
+            .expect("the refusal");
+        assert!(
+            refused.contains("open files") && refused.ends_with("serving on"),
+            "{backend}:\n{all}"
+        );
+    }
+}

@@ -227,6 +227,50 @@ fn a_hot_restart_without_a_program_to_start_is_refused_and_the_server_serves_on(
     }
 }
 
+/// A restart whose new process starts but never serves (here the program at the path
+/// is one that exits at once, as a new server given a broken certificate would) is
+/// refused after the fact: the old server gave the new one copies of its sockets and
+/// still holds them, so it serves on, its open connections and new ones alike.
+#[test]
+fn a_hot_restart_whose_new_server_fails_leaves_the_old_one_serving() {
+    use std::os::unix::fs::PermissionsExt;
+    for backend in BACKENDS {
+        let name = format!("dead-restart-{}-{backend}", std::process::id());
+        let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
+        let server = serve_tcp_from(&exe, backend);
+        let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+        let mut open = Talker::open(addr, backend);
+        open.echo(b"before\n");
+        let broken = dir.join("ringsock.broken");
+        std::fs::write(&broken, "#!/bin/sh\nexit 3\n").unwrap();
+        std::fs::set_permissions(&broken, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&broken, &exe).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
+        server.wait_for_stderr("the failed restart", |lines| {
+            lines.iter().any(|line| line.starts_with("restart failed"))
+        });
+        let said = server.stderr().join("\n");
+        assert!(said.contains("serving on"), "{backend}: {said}");
+        open.echo(b"after\n");
+        one_echo(addr, b"a new connection\n").unwrap();
+        // A second try, once the program is whole again, hands over.
+        std::fs::remove_file(&exe).unwrap();
+        std::fs::hard_link(env!("CARGO_BIN_EXE_ringsock"), &exe).unwrap();
+        let new_pid = hand_over(&server);
+        one_echo(addr, b"served by the new one\n").unwrap();
+        // SAFETY: as above.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
+        let status = server.wait_exit(MUST_HAPPEN);
+        assert!(status.code().is_some(), "{backend}: {status:?}");
+        drop(open);
+        // SAFETY: as above; the pid is the new server's, which the old one started.
+        unsafe { libc::kill(new_pid, libc::SIGTERM) };
+        wait_gone(new_pid, backend);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// An upgrade in place: the program's file is replaced (as a package manager does, a
 /// new file renamed over the old), then SIGUSR2 starts the new file, not the deleted
 /// image, and hands it the listener. The old server, holding a connection that keeps

@@ -1526,3 +1526,38 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
         assert!(!key.exists(), "signal {signal}: the key file is left");
     }
 }
+
+/// The table (no `--json`) runs one tunnel after another in one process: a signal
+/// during the second run still deletes that run's namespaces and key file (with a
+/// watcher per run, the one that found nothing to delete ended the process first).
+#[test]
+fn a_tunnel_table_ended_by_a_signal_in_its_second_run_leaves_nothing_behind() {
+    if let Err(why) = util::tunnel_pair::netns::Netns::create("bench-table-signal") {
+        skip(&why);
+        return;
+    }
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["bench", "--workload", "tunnel", "--count", "2000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tag = format!("rsb{}", child.id());
+    let key = std::env::temp_dir().join(format!("{tag}.key"));
+    let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
+    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    wait_until("the first run never set up", &|| key.exists());
+    wait_until("the first run never ended", &|| !key.exists());
+    wait_until("the second run never set up", &|| key.exists());
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGINT));
+    assert!(namespaces_of(&tag).is_empty(), "{:?}", namespaces_of(&tag));
+    assert!(!key.exists(), "the key file is left");
+}

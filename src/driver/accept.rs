@@ -25,7 +25,7 @@
 
 use std::collections::VecDeque;
 use std::io;
-use std::os::fd::OwnedFd;
+use std::os::fd::{BorrowedFd, OwnedFd};
 use std::task::{Context, Poll};
 
 use super::socket::{Binding, SharedFd};
@@ -72,9 +72,27 @@ impl Acceptor {
     /// The connections the kernel accepted but nobody took yet, for a listener leaving
     /// this runtime: call after its operations were cancelled and reaped
     /// ([`SharedFd::detach`]), so every completion is in.
-    pub(crate) fn take_accepted(&mut self) -> Vec<OwnedFd> {
+    ///
+    /// `listener` (the socket itself, by any descriptor) is then drained of the
+    /// connections its queue holds, up to the bound: io_uring waits on a listener
+    /// exclusively, so a connection whose wake-up went to the accept just cancelled is
+    /// never signalled to anyone else (another process sharing the socket, the
+    /// runtime that adopts it) and would wait in the queue until the next one came.
+    pub(crate) fn take_accepted(&mut self, listener: BorrowedFd<'_>) -> Vec<OwnedFd> {
         let mut accepted: Vec<OwnedFd> = self.adopted.drain(..).collect();
         self.uring.take_accepted(&mut accepted);
+        let socket = socket2::SockRef::from(&listener);
+        // As every socket here is (a sharer may have made it blocking): an empty queue
+        // is then WouldBlock, never a wait.
+        let non_blocking = socket.set_nonblocking(true).is_ok();
+        while non_blocking && accepted.len() < self.max_pending {
+            let Ok((connection, _)) = socket.accept() else {
+                break;
+            };
+            if connection.set_nonblocking(true).is_ok() {
+                accepted.push(OwnedFd::from(connection));
+            }
+        }
         accepted
     }
 

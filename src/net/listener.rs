@@ -329,7 +329,7 @@ impl StreamSocketListener {
     /// listener is a spent handle: its calls fail.
     pub fn detach(&self) -> Result<Detached> {
         let owned = self.fd.detach().map_err(|err| Error::io("detach", err))?;
-        let accepted = self.acceptor.borrow_mut().take_accepted();
+        let accepted = self.acceptor.borrow_mut().take_accepted(owned.as_fd());
         Ok(Detached::new(owned, SocketKind::Listener, accepted))
     }
 

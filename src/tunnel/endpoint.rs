@@ -3,7 +3,7 @@
 
 use std::cell::{Cell, RefCell, RefMut};
 use std::future::{poll_fn, Future};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -39,6 +39,10 @@ impl TunnelGroup {
                 "a tunnel's batch is 1 to {MAX_BATCH} frames or datagrams, not {batch}"
             )));
         }
+        let config = &self.shared.config;
+        if let Some(peer) = config.peer {
+            unreachable_from(config.listen, peer)?;
+        }
         let (socket, leader, lane) = self.bind_member()?;
         Ok(Tunnel::member(
             tun,
@@ -48,6 +52,28 @@ impl TunnelGroup {
             lane,
         ))
     }
+}
+
+/// A peer the listening address can never send to: an IPv4 one from a specific IPv6
+/// address or from `[::]` bound IPv6-only is not, and an IPv6 one from any IPv4
+/// address. Caught here, where every handshake would otherwise fail unseen.
+fn unreachable_from(listen: SocketAddr, peer: SocketAddr) -> Result<()> {
+    let peer_ip = peer.ip().to_canonical();
+    let reachable = match (listen.ip(), peer_ip) {
+        (IpAddr::V4(_), IpAddr::V4(_)) | (IpAddr::V6(_), IpAddr::V6(_)) => true,
+        // A dual-stack wildcard reaches IPv4 peers through mapped addresses.
+        (IpAddr::V6(listen), IpAddr::V4(_)) => {
+            listen.is_unspecified() || listen.to_ipv4_mapped().is_some()
+        }
+        (IpAddr::V4(_), IpAddr::V6(_)) => false,
+    };
+    if reachable {
+        return Ok(());
+    }
+    Err(crate::Error::invalid_input(format!(
+        "the tunnel listens on {listen} and cannot send to its peer {peer}: use addresses \
+         of one family (or listen on [::] for both)"
+    )))
 }
 
 /// A point-to-point tunnel between a TUN queue and a UDP socket (see the module): the
@@ -449,8 +475,11 @@ impl Inner {
             let message = self.due_message(Instant::now());
             if let Some((message, to)) = message {
                 let (result, _) = self.socket.send_to_addr(message, to).await;
-                if result.is_ok() {
-                    self.shared.timers.sent(Instant::now());
+                match result {
+                    Ok(_) => self.shared.timers.sent(Instant::now()),
+                    // A handshake or keepalive the socket refused (the peer unreachable
+                    // from the address the tunnel listens on, say): counted, retried.
+                    Err(_) => self.count(|s| s.tx_send_errors += 1),
                 }
             }
             crate::runtime::sleep_lenient(tick).await;
@@ -487,6 +516,41 @@ impl Inner {
                 Some((keepalive, peer))
             }
             Due::Nothing => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod family_tests {
+    use super::unreachable_from;
+
+    fn addr(text: &str) -> std::net::SocketAddr {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_peer_of_the_other_family_than_a_specific_listening_address_is_refused() {
+        for (listen, peer) in [
+            ("[::1]:0", "127.0.0.1:9"),
+            ("[::1]:0", "[::ffff:127.0.0.1]:9"),
+            ("127.0.0.1:0", "[::1]:9"),
+            ("0.0.0.0:0", "[2001:db8::1]:9"),
+        ] {
+            let err = unreachable_from(addr(listen), addr(peer)).expect_err(listen);
+            assert_eq!(err.status(), crate::SocketErrorStatus::InvalidArgument);
+            assert!(err.to_string().contains("cannot send to its peer"), "{err}");
+        }
+        for (listen, peer) in [
+            ("[::]:0", "127.0.0.1:9"),
+            ("[::]:0", "[::1]:9"),
+            ("[::ffff:127.0.0.1]:0", "127.0.0.1:9"),
+            ("0.0.0.0:0", "[::ffff:10.0.0.1]:9"),
+            ("127.0.0.1:0", "10.0.0.1:9"),
+        ] {
+            assert!(
+                unreachable_from(addr(listen), addr(peer)).is_ok(),
+                "{listen} {peer}"
+            );
         }
     }
 }

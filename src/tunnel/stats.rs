@@ -11,7 +11,8 @@ pub struct TunnelStats {
     pub tx_no_session: u64,
     /// TUN frames that could not be segmented (dropped).
     pub tx_bad_frames: u64,
-    /// Batches the socket refused (their packets dropped).
+    /// Sends the socket refused: batches of data (their packets dropped), handshakes
+    /// and keepalives (retried on their timers).
     pub tx_send_errors: u64,
     /// Packets opened and written to the TUN.
     pub rx_packets: u64,

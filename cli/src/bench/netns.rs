@@ -96,6 +96,14 @@ pub(crate) fn clean_up_on_signal(
 ) -> io::Result<()> {
     use signal_hook::consts::{SIGALRM, SIGHUP, SIGINT, SIGQUIT, SIGTERM, SIGUSR1, SIGUSR2};
     *LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()) = Some((names, leftover));
+    // One watcher for the process, whatever number of runs register leftovers: two
+    // would both see the signal, and the one that found nothing left to delete would
+    // end the process while the other was still deleting.
+    static WATCHING: Mutex<bool> = Mutex::new(false);
+    let mut watching = WATCHING.lock().unwrap_or_else(|p| p.into_inner());
+    if *watching {
+        return Ok(());
+    }
     let mut signals = signal_hook::iterator::Signals::new([
         SIGINT, SIGTERM, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGALRM,
     ])?;
@@ -108,13 +116,17 @@ pub(crate) fn clean_up_on_signal(
                 std::process::exit(128 + signal);
             }
         })?;
+    *watching = true;
     Ok(())
 }
 
 /// Deletes what the run under way registered to be deleted if it is stopped early.
+///
+/// The registry stays locked while it deletes: a second caller (the watchdog and a
+/// signal at once) waits until everything is gone, then finds nothing left.
 pub fn clean_up_now() {
-    let leftovers = LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner()).take();
-    if let Some((names, leftover)) = leftovers {
+    let mut leftovers = LEFTOVERS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((names, leftover)) = leftovers.take() {
         for name in &names {
             let _ = run("ip", &["netns", "del", name]);
         }
