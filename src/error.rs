@@ -461,6 +461,17 @@ impl Error {
         }
     }
 
+    /// The same error, saying it came from the environment variable `name` (an invalid
+    /// value there is otherwise hard to trace back).
+    pub(crate) fn in_variable(self, name: &str) -> Error {
+        match self {
+            Error::InvalidInput { message } => Error::InvalidInput {
+                message: format!("{name}: {message}"),
+            },
+            other => other,
+        }
+    }
+
     /// A deadline passed; the status is [`SocketErrorStatus::ConnectionTimedOut`].
     pub fn timed_out(context: impl Into<String>) -> Error {
         Error::TimedOut {

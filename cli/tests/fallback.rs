@@ -109,7 +109,12 @@ fn the_same_environment_variable_forces_the_driver() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).starts_with("error: InvalidArgument: "));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The message names the variable: a value set far away is otherwise hard to find.
+    assert!(
+        stderr.starts_with("error: InvalidArgument: ") && stderr.contains("RINGSOCK_BACKEND"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -128,7 +133,11 @@ fn the_spin_variable_is_read_and_a_bad_value_refused_on_each_driver() {
                 assert!(out.status.success(), "{backend} {spin}: {stderr}");
             } else {
                 assert_eq!(out.status.code(), Some(1), "{backend} {spin}");
-                assert!(stderr.starts_with("error: InvalidArgument: "), "{stderr}");
+                assert!(
+                    stderr.starts_with("error: InvalidArgument: ")
+                        && stderr.contains("RINGSOCK_SPIN"),
+                    "{stderr}"
+                );
             }
         }
     }

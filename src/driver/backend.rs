@@ -23,7 +23,10 @@ impl Backend {
     /// quietly test the wrong engine.
     pub fn from_env() -> crate::Result<Option<Backend>> {
         match std::env::var("RINGSOCK_BACKEND") {
-            Ok(value) => value.parse().map(Some),
+            Ok(value) => value
+                .parse()
+                .map(Some)
+                .map_err(|err: crate::Error| err.in_variable("RINGSOCK_BACKEND")),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::invalid_input(
                 "RINGSOCK_BACKEND is not valid UTF-8",

@@ -150,7 +150,9 @@ impl Capabilities {
     /// the wrong engine path.
     pub fn disabled_by_env() -> crate::Result<Capabilities> {
         match std::env::var("RINGSOCK_DISABLE") {
-            Ok(value) => value.parse(),
+            Ok(value) => value
+                .parse()
+                .map_err(|err: crate::Error| err.in_variable("RINGSOCK_DISABLE")),
             Err(std::env::VarError::NotPresent) => Ok(Capabilities::none()),
             Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::invalid_input(
                 "RINGSOCK_DISABLE is not valid UTF-8",

@@ -233,7 +233,10 @@ impl Spin {
     /// off). `None` when unset.
     pub fn from_env() -> crate::Result<Option<Spin>> {
         match std::env::var("RINGSOCK_SPIN") {
-            Ok(value) => value.parse().map(Some),
+            Ok(value) => value
+                .parse()
+                .map(Some)
+                .map_err(|err: crate::Error| err.in_variable("RINGSOCK_SPIN")),
             Err(std::env::VarError::NotPresent) => Ok(None),
             Err(std::env::VarError::NotUnicode(_)) => Err(crate::Error::invalid_input(
                 "RINGSOCK_SPIN is not valid UTF-8",
