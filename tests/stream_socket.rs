@@ -365,26 +365,39 @@ fn held_reader(
     (go, reading)
 }
 
+/// Bytes a held-up `write_all` sends.
+const BIG: usize = 8 << 20;
+
+/// A client whose task writes [`BIG`] bytes with `write_all` to a peer that reads only
+/// once `go` says so: the client, `go`, the peer's reading thread and the writing task.
+async fn a_write_all_held_up(
+    listener: &std::net::TcpListener,
+) -> (
+    Rc<StreamSocket>,
+    std::sync::mpsc::Sender<()>,
+    std::thread::JoinHandle<Vec<u8>>,
+    ringsock::JoinHandle<ringsock::Result<()>>,
+) {
+    let (client, peer) = util::pair_with_std_peer(listener).await;
+    let (go, reading) = held_reader(peer);
+    let client = Rc::new(client);
+    let writing = ringsock::spawn({
+        let client = client.clone();
+        async move { client.write_all(vec![b'A'; BIG]).await.0 }
+    });
+    util::yield_now().await;
+    util::yield_now().await;
+    (client, go, reading, writing)
+}
+
 /// Bytes queued on the output stream and flushed by another task while a `write_all`
 /// waits for room go out after the whole of it, never in its middle (they landed at
 /// about 4 MB of an 8 MB `write_all` on io_uring). Either order of the two is right.
 #[test]
 fn an_output_stream_flushed_during_a_write_all_does_not_land_inside_it() {
     util::on_each_backend(|backend| async move {
-        const BIG: usize = 8 << 20;
         let listener = util::std_listener();
-        let (client, peer) = util::pair_with_std_peer(&listener).await;
-        let (go, reading) = held_reader(peer);
-        let client = Rc::new(client);
-        let writing = ringsock::spawn({
-            let client = client.clone();
-            async move {
-                let (result, _) = client.write_all(vec![b'A'; BIG]).await;
-                result.expect("write_all");
-            }
-        });
-        util::yield_now().await;
-        util::yield_now().await;
+        let (client, go, reading, writing) = a_write_all_held_up(&listener).await;
         let flushing = ringsock::spawn({
             let client = client.clone();
             async move {
@@ -396,7 +409,7 @@ fn an_output_stream_flushed_during_a_write_all_does_not_land_inside_it() {
         util::yield_now().await;
         util::yield_now().await;
         go.send(()).unwrap();
-        util::must("write_all", writing).await;
+        util::must("write_all", writing).await.expect("write_all");
         util::must("flush", flushing).await;
         client.shutdown_write().await.expect("shutdown_write");
         let received = util::join_thread(reading).await;
@@ -414,17 +427,8 @@ fn an_output_stream_flushed_during_a_write_all_does_not_land_inside_it() {
 #[test]
 fn shutdown_write_during_a_write_all_waits_for_its_last_byte() {
     util::on_each_backend(|backend| async move {
-        const BIG: usize = 8 << 20;
         let listener = util::std_listener();
-        let (client, peer) = util::pair_with_std_peer(&listener).await;
-        let (go, reading) = held_reader(peer);
-        let client = Rc::new(client);
-        let writing = ringsock::spawn({
-            let client = client.clone();
-            async move { client.write_all(vec![b'A'; BIG]).await.0 }
-        });
-        util::yield_now().await;
-        util::yield_now().await;
+        let (client, go, reading, writing) = a_write_all_held_up(&listener).await;
         let shutting = ringsock::spawn({
             let client = client.clone();
             async move { client.shutdown_write().await }

@@ -67,14 +67,7 @@ fn a_storm_under_a_low_descriptor_limit_neither_spins_nor_floods_and_serving_res
         let (tcp, udp) = (addr(&server.ports[0]), addr(&server.ports[1]));
 
         // Clients open connections all at once and keep them: descriptors run out.
-        let storm: Vec<_> = (0..STORM_CLIENTS)
-            .map(|_| TcpStream::connect(tcp).expect("connect"))
-            .collect();
-        server.wait_for_stderr("the server to run out of descriptors", |lines| {
-            lines
-                .iter()
-                .any(|l| l.starts_with("accept: TooManyOpenFiles: "))
-        });
+        let storm = run_out_of_descriptors(&server, tcp);
 
         // Meanwhile its other tasks run: the UDP echo answers.
         let datagrams = UdpSocket::bind("127.0.0.1:0").unwrap();
@@ -109,6 +102,20 @@ fn a_storm_under_a_low_descriptor_limit_neither_spins_nor_floods_and_serving_res
             );
         }
     }
+}
+
+/// [`STORM_CLIENTS`] connections to `tcp`, kept open until the server says it ran out
+/// of descriptors.
+fn run_out_of_descriptors(server: &EchoServer, tcp: SocketAddr) -> Vec<TcpStream> {
+    let storm: Vec<_> = (0..STORM_CLIENTS)
+        .map(|_| TcpStream::connect(tcp).expect("connect"))
+        .collect();
+    server.wait_for_stderr("the server to run out of descriptors", |lines| {
+        lines
+            .iter()
+            .any(|l| l.starts_with("accept: TooManyOpenFiles: "))
+    });
+    storm
 }
 
 /// The count of a summary line `KIND: N more in the last 1s, the last: ...`.
@@ -361,14 +368,7 @@ fn a_hot_restart_out_of_descriptors_is_refused_and_the_server_serves_on() {
             },
         );
         let tcp = addr(&server.ports[0]);
-        let storm: Vec<_> = (0..STORM_CLIENTS)
-            .map(|_| TcpStream::connect(tcp).expect("connect"))
-            .collect();
-        server.wait_for_stderr("the server to run out of descriptors", |lines| {
-            lines
-                .iter()
-                .any(|l| l.starts_with("accept: TooManyOpenFiles: "))
-        });
+        let storm = run_out_of_descriptors(&server, tcp);
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
         server.wait_for_stderr("the refused restart", |lines| {

@@ -1448,6 +1448,16 @@ fn tunnel_bench() -> std::process::Command {
     command
 }
 
+/// Polls `done` (a file that another process writes, say) every 2 ms until it holds;
+/// fails with `what` after [`util::MUST_HAPPEN`].
+fn wait_until(what: &str, done: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// `ip netns list`: the names starting with `tag`.
 fn namespaces_of(tag: &str) -> Vec<String> {
     let out = std::process::Command::new("ip")
@@ -1505,14 +1515,7 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
         let key = std::env::temp_dir().join(format!("{tag}.key"));
         let namespaces = || namespaces_of(&tag);
         // Once the key is written, both namespaces are there and the run is under way.
-        let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
-        while !key.exists() {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the bench never set up"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_until("the bench never set up", || key.exists());
         assert_eq!(namespaces().len(), 2, "signal {signal}");
         // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
         assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
@@ -1544,16 +1547,9 @@ fn a_tunnel_table_ended_by_a_signal_in_its_second_run_leaves_nothing_behind() {
         .unwrap();
     let tag = format!("rsb{}", child.id());
     let key = std::env::temp_dir().join(format!("{tag}.key"));
-    let deadline = std::time::Instant::now() + util::MUST_HAPPEN;
-    let wait_until = |what: &str, done: &dyn Fn() -> bool| {
-        while !done() {
-            assert!(std::time::Instant::now() < deadline, "{what}");
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    };
-    wait_until("the first run never set up", &|| key.exists());
-    wait_until("the first run never ended", &|| !key.exists());
-    wait_until("the second run never set up", &|| key.exists());
+    wait_until("the first run never set up", || key.exists());
+    wait_until("the first run never ended", || !key.exists());
+    wait_until("the second run never set up", || key.exists());
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
     let status = child.wait().unwrap();
