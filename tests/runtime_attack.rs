@@ -1120,3 +1120,36 @@ fn a_pool_dropped_by_its_own_task_stops_cleanly() {
         assert!(refused.is_err(), "{backend}: a stopped pool took work");
     }
 }
+
+/// A pool task that awaits, inside a `block_on` of its own, a task it started on its
+/// own pool thread waits for a task that cannot run (that thread's runtime is blocked
+/// in the nested `block_on`): the handle says so (`WrongRuntime`) instead of waiting
+/// for ever, as a `JoinHandle` in that place does.
+#[test]
+fn a_pool_handle_awaited_where_its_task_cannot_run_is_an_error_not_a_hang() {
+    let _serial = serial();
+    for backend in BACKENDS {
+        let Some(pool) = pool(backend, 1) else {
+            continue;
+        };
+        let handle = pool.handle();
+        let inner = handle.clone();
+        let outer = handle
+            .spawn_on(0, move || async move {
+                let stuck = inner.spawn_on(0, || async { 1 }).unwrap();
+                ringsock::block_on(stuck)
+            })
+            .unwrap();
+        let result = ringsock::block_on(async { must("the outer task", outer).await }).unwrap();
+        let err = result.expect_err("a task that cannot run gave an output");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::WrongRuntime,
+            "{backend}: {err}"
+        );
+        // The thread serves on.
+        let later = handle.spawn_on(0, || async { 2 }).unwrap();
+        let got = ringsock::block_on(async { must("later", later).await });
+        assert_eq!(got.unwrap(), 2, "{backend}");
+    }
+}

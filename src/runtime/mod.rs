@@ -271,7 +271,38 @@ fn thread_token() -> usize {
     THREAD_MARK.with(|mark| mark as *const u8 as usize)
 }
 
+/// Which runtime, on which thread: what a task's handle needs to tell that it is
+/// awaited where its task can never run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct RuntimeIdentity {
+    runtime: usize,
+    thread: usize,
+}
+
+impl RuntimeIdentity {
+    /// Whether this poll runs on that runtime's thread under another runtime (a
+    /// `block_on` nested in one of its tasks): that runtime cannot run meanwhile, so
+    /// neither can a task of it that this poll waits for.
+    pub(crate) fn is_blocked_here(self) -> bool {
+        thread_token() == self.thread
+            && CONTEXT.with(|context| {
+                context
+                    .borrow()
+                    .as_ref()
+                    .is_some_and(|current| Rc::as_ptr(current) as usize != self.runtime)
+            })
+    }
+}
+
 impl Runtime {
+    /// This runtime and the thread it runs on (see [`RuntimeIdentity`]).
+    pub(crate) fn identity(&self) -> RuntimeIdentity {
+        RuntimeIdentity {
+            runtime: Rc::as_ptr(&self.inner) as usize,
+            thread: thread_token(),
+        }
+    }
+
     /// A runtime with the default options (see [`Builder::new`]).
     pub fn new() -> crate::Result<Runtime> {
         Builder::new().build()

@@ -76,6 +76,7 @@ impl PoolBuilder {
             .map(|index| Worker {
                 inbox: Mutex::new(Inbox::default()),
                 cpu: if pin { cpus.get(index).copied() } else { None },
+                runtime: std::sync::OnceLock::new(),
             })
             .collect();
         let shared = Arc::new(Shared {
@@ -224,6 +225,9 @@ struct Worker {
     inbox: Mutex<Inbox>,
     /// The CPU the thread is pinned to, if it is.
     cpu: Option<usize>,
+    /// Its runtime, once started: a handle awaited under a `block_on` nested on that
+    /// thread can tell its task will never run.
+    runtime: std::sync::OnceLock<super::RuntimeIdentity>,
 }
 
 #[derive(Default)]
@@ -287,7 +291,10 @@ impl PoolHandle {
         if let Some(waker) = waker {
             waker.wake();
         }
-        Ok(RemoteJoinHandle { output })
+        Ok(RemoteJoinHandle {
+            output,
+            runs_on: worker.runtime.get().copied(),
+        })
     }
 
     /// Like [`spawn_on`](Self::spawn_on), on the next thread in turn.
@@ -337,17 +344,33 @@ fn stopped() -> Error {
 #[must_use = "the task runs anyway; await this to get its output"]
 pub struct RemoteJoinHandle<T> {
     output: oneshot::Receiver<T>,
+    /// The runtime of the pool thread the task runs on.
+    runs_on: Option<super::RuntimeIdentity>,
 }
 
 impl<T> Future for RemoteJoinHandle<T> {
     /// The task's output, or `OperationAborted` when the task was dropped before it
-    /// finished (the pool stopped, or it panicked).
+    /// finished (the pool stopped, or it panicked). Awaited inside a `block_on` nested
+    /// on the task's own pool thread, where that thread's runtime (and so the task)
+    /// cannot run, it is a `WrongRuntime` error instead of a wait for ever.
     type Output = Result<T>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<T>> {
-        Pin::new(&mut self.output)
+        let polled = Pin::new(&mut self.output)
             .poll(cx)
-            .map(|output| output.ok_or_else(stopped))
+            .map(|output| output.ok_or_else(stopped));
+        if polled.is_pending()
+            && self
+                .runs_on
+                .is_some_and(|runtime| runtime.is_blocked_here())
+        {
+            return Poll::Ready(Err(Error::wrong_runtime(
+                "a pool task's handle was awaited inside a block_on nested on that task's own \
+                 pool thread: the thread's runtime, and so the task, cannot run meanwhile \
+                 (await it in the pool thread's runtime, or from another thread)",
+            )));
+        }
+        polled
     }
 }
 
@@ -367,6 +390,7 @@ fn run_worker(shared: &Shared, index: usize, builder: Builder, ready: mpsc::Send
     }
     let runtime = match builder.build() {
         Ok(runtime) => {
+            let _ = worker.runtime.set(runtime.identity());
             let _ = ready.send(Ok(()));
             runtime
         }
