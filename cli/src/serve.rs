@@ -408,16 +408,26 @@ const FEW_SPARE: u64 = 8;
 /// Descriptors this process may still open, and its limit (RLIMIT_NOFILE's soft
 /// value); None where /proc does not say or there is no limit.
 fn spare_descriptors() -> Option<(u64, u64)> {
-    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    let limit: u64 = line
-        .trim_start_matches("Max open files")
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()?;
-    // The directory listing itself holds one descriptor while it counts.
-    let open = (std::fs::read_dir("/proc/self/fd").ok()?.count() as u64).saturating_sub(1);
+    // From the kernel, not /proc/self/limits: reading a file takes a descriptor, and with
+    // none to spare that is exactly what fails.
+    let mut limits = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) } != 0
+        || limits.rlim_cur == libc::RLIM_INFINITY
+    {
+        return None;
+    }
+    let limit = limits.rlim_cur;
+    let open = match std::fs::read_dir("/proc/self/fd") {
+        // The directory listing itself holds one descriptor while it counts.
+        Ok(entries) => (entries.count() as u64).saturating_sub(1),
+        // Not even one to open the listing with.
+        Err(err) if err.raw_os_error() == Some(libc::EMFILE) => limit,
+        Err(_) => return None,
+    };
     Some((limit.saturating_sub(open), limit))
 }
 
