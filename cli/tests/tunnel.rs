@@ -1517,17 +1517,25 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
         // Once the key is written, both namespaces are there and the run is under way.
         wait_until("the bench never set up", || key.exists());
         assert_eq!(namespaces().len(), 2, "signal {signal}");
-        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-        assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
-        let status = child.wait().unwrap();
-        assert_eq!(status.code(), Some(128 + signal), "signal {signal}");
-        assert!(
-            namespaces().is_empty(),
-            "signal {signal}: {:?}",
-            namespaces()
-        );
-        assert!(!key.exists(), "signal {signal}: the key file is left");
+        end_and_check_nothing_is_left(&mut child, signal);
     }
+}
+
+/// Sends `signal` to the tunnel bench `child`, which must end as the signal says and
+/// leave neither its namespaces nor its key file behind.
+fn end_and_check_nothing_is_left(child: &mut std::process::Child, signal: libc::c_int) {
+    let tag = format!("rsb{}", child.id());
+    let key = std::env::temp_dir().join(format!("{tag}.key"));
+    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + signal), "signal {signal}");
+    assert!(
+        namespaces_of(&tag).is_empty(),
+        "signal {signal}: {:?}",
+        namespaces_of(&tag)
+    );
+    assert!(!key.exists(), "signal {signal}: the key file is left");
 }
 
 /// The table (no `--json`) runs one tunnel after another in one process: a signal
@@ -1550,10 +1558,5 @@ fn a_tunnel_table_ended_by_a_signal_in_its_second_run_leaves_nothing_behind() {
     wait_until("the first run never set up", || key.exists());
     wait_until("the first run never ended", || !key.exists());
     wait_until("the second run never set up", || key.exists());
-    // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(128 + libc::SIGINT));
-    assert!(namespaces_of(&tag).is_empty(), "{:?}", namespaces_of(&tag));
-    assert!(!key.exists(), "the key file is left");
+    end_and_check_nothing_is_left(&mut child, libc::SIGINT);
 }
