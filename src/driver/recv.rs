@@ -13,6 +13,22 @@ pub(crate) use super::cmsg::{RecvMeta, UDP_GRO};
 
 pub(crate) use super::ring_layout::RingConfig;
 
+thread_local! {
+    /// Datagrams delivered on this thread, by either engine: how many a wake of the
+    /// event loop brought tells it whether its sleeps gather traffic (see
+    /// `Spin::Adaptive`).
+    static DELIVERED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Datagrams delivered on this thread so far (wrapping).
+pub(crate) fn delivered_here() -> u64 {
+    DELIVERED.with(std::cell::Cell::get)
+}
+
+fn count_delivered(count: u64) {
+    DELIVERED.with(|delivered| delivered.set(delivered.get().wrapping_add(count)));
+}
+
 /// A received datagram's bytes.
 pub(crate) enum Payload {
     /// Lent from the receive ring of the socket that received it.
@@ -138,6 +154,7 @@ pub(crate) unsafe fn deliver(
         segment if segment > 0 && !truncated && segment < len => {
             counters.gro_splits += 1;
             let pieces = len.div_ceil(segment);
+            count_delivered(pieces as u64);
             for piece in 0..pieces {
                 let start = offset + piece * segment;
                 let size = segment.min(offset + len - start);
@@ -156,6 +173,7 @@ pub(crate) unsafe fn deliver(
         }
         _ => {
             counters.datagrams += 1;
+            count_delivered(1);
             if truncated {
                 counters.truncated += 1;
             }
@@ -169,5 +187,33 @@ pub(crate) unsafe fn deliver(
                 meta,
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{DatagramSocket, HostName};
+
+    #[test]
+    fn every_datagram_taken_in_counts_as_delivered_on_this_thread() {
+        crate::runtime::on_each_backend(|| async {
+            let localhost = HostName::new("127.0.0.1").unwrap();
+            let receiver = DatagramSocket::new();
+            receiver.bind_host(&localhost, "0").unwrap();
+            let sender = DatagramSocket::new();
+            sender.bind_host(&localhost, "0").unwrap();
+            let to = receiver.local_addr().unwrap();
+            let before = super::delivered_here();
+            for seq in 0..40u8 {
+                sender.send_to_addr(vec![seq; 100], to).await.0.unwrap();
+            }
+            let mut batch = Vec::new();
+            let mut received = 0;
+            while received < 40 {
+                batch.clear();
+                received += receiver.recv_batch(&mut batch, 64).await.unwrap();
+            }
+            assert_eq!(super::delivered_here().wrapping_sub(before), 40);
+        });
     }
 }

@@ -176,6 +176,8 @@ impl Builder {
                 running: Cell::new(false),
                 spin,
                 waits: Cell::new(spin::Waits::default()),
+                delivered_at_wait: Cell::new(0),
+                slept: Cell::new(false),
                 resolve_timeout,
                 tasks: Rc::default(),
                 broken: Cell::new(false),
@@ -202,6 +204,10 @@ struct Inner {
     /// How long the loop waited for something to happen lately (kept for
     /// [`Spin::Adaptive`]).
     waits: Cell<spin::Waits>,
+    /// Datagrams this thread had taken in when the loop last began to wait.
+    delivered_at_wait: Cell<u64>,
+    /// The loop's last wait was a sleep in the kernel (not a spin's catch).
+    slept: Cell<bool>,
     /// How long a name lookup may take.
     resolve_timeout: Duration,
     /// Every task not yet finished, so dropping the runtime drops them all.
@@ -370,6 +376,12 @@ impl Runtime {
             let policy = self.inner.spin;
             let spin = if waiting {
                 let mut waits = self.inner.waits.get();
+                if policy.measures_waits() {
+                    let delivered = crate::driver::recv::delivered_here();
+                    let since =
+                        delivered.wrapping_sub(self.inner.delivered_at_wait.replace(delivered));
+                    policy.record_wake(&mut waits, since, self.inner.slept.get());
+                }
                 let spin = policy.budget(&mut waits);
                 self.inner.waits.set(waits);
                 spin
@@ -393,6 +405,9 @@ impl Runtime {
                 Some(now) if timers_armed => self.inner.timers.borrow().next_timeout(now),
                 _ => None,
             };
+            if waiting {
+                self.inner.slept.set(timeout != Some(Duration::ZERO));
+            }
             if let Err(err) = self.inner.driver.park(timeout) {
                 self.driver_failed(err);
             }

@@ -34,6 +34,15 @@ pub enum Spin {
     /// next miss. A loop that a probe let spin and that misses often again within 16
     /// spins (the next burst's end) probes twice as far apart, up to every 256th wait;
     /// 16 spins without that bring its probes back to every 16th wait.
+    ///
+    /// A loop fed datagrams faster than it wakes (a relay, one burst after another)
+    /// would spin through every short gap, where a sleep costs less CPU and gathers the
+    /// datagrams that come meanwhile into one wake-up. So a loop that spins and takes in
+    /// datagrams sleeps instead once every 1,024 spins, to see what the sleep brings: more
+    /// than one datagram says its sleeps gather, and it stops spinning, probes included;
+    /// four wakes in a row that bring a single datagram each (a round trip, or traffic
+    /// that thinned out) let it spin again. A round trip loses one spin in 1,024 to the
+    /// test.
     Adaptive(Duration),
 }
 
@@ -58,12 +67,27 @@ impl Spin {
     pub(super) fn budget(self, waits: &mut Waits) -> Option<Duration> {
         waits.probing = false;
         waits.spinning = false;
+        waits.test_sleeping = false;
         match self {
             Spin::Off => None,
             Spin::Fixed(spin) => Some(spin),
+            Spin::Adaptive(_) if waits.gathering => None,
+            Spin::Adaptive(_) if waits.test_sleeps > 0 => {
+                waits.test_sleeps -= 1;
+                waits.test_sleeping = true;
+                None
+            }
             Spin::Adaptive(limit)
                 if waits.recent <= limit && waits.missed == 0 && !waits.misses_often() =>
             {
+                waits.spins_untested += 1;
+                if waits.spins_untested >= GATHER_TEST_EVERY && waits.datagrams_lately {
+                    waits.spins_untested = 0;
+                    waits.datagrams_lately = false;
+                    waits.test_sleeps = GATHER_TEST_SLEEPS - 1;
+                    waits.test_sleeping = true;
+                    return None;
+                }
                 waits.unspun = 0;
                 waits.spinning = true;
                 Some((waits.recent * 3).clamp(MIN_ADAPTIVE_SPIN.min(limit), limit * 2))
@@ -91,6 +115,47 @@ impl Spin {
         }
     }
 
+    /// Tells the policy, at the start of a wait, how many datagrams the loop took in
+    /// since the previous one, and whether it slept then (rather than catching its event
+    /// in a spin or having work at once): what a sleep gathers decides whether the loop
+    /// spins (see [`Spin::Adaptive`]).
+    pub(super) fn record_wake(self, waits: &mut Waits, datagrams: u64, slept: bool) {
+        let Spin::Adaptive(_) = self else {
+            return;
+        };
+        if datagrams > 0 {
+            waits.datagrams_lately = true;
+        }
+        if !slept {
+            return;
+        }
+        if std::mem::take(&mut waits.test_sleeping) {
+            match datagrams {
+                // The sleep ended on something else (a send's completion): the next one
+                // tests, if the test has sleeps left.
+                0 => {}
+                1 => waits.test_sleeps = 0,
+                _ => {
+                    waits.test_sleeps = 0;
+                    waits.gathering = true;
+                    waits.single_wakes = 0;
+                }
+            }
+        } else if waits.gathering {
+            match datagrams {
+                0 => {}
+                1 => {
+                    waits.single_wakes += 1;
+                    if waits.single_wakes >= SINGLE_WAKES_TO_SPIN {
+                        waits.gathering = false;
+                        waits.spins_untested = 0;
+                    }
+                }
+                _ => waits.single_wakes = 0,
+            }
+        }
+    }
+
     /// Whether the waits are measured for the moving average.
     pub(super) fn measures_waits(self) -> bool {
         matches!(self, Spin::Adaptive(_))
@@ -106,6 +171,11 @@ impl Spin {
             return;
         };
         let probing = std::mem::take(&mut waits.probing);
+        if waits.test_sleeping || waits.gathering {
+            // A sleep the loop chose over a spin is a wake-up longer than the events
+            // were apart: counted, it would stop the spin it tests.
+            return;
+        }
         if std::mem::take(&mut waits.spinning) {
             waits.spin_misses = (waits.spin_misses << 1) | u32::from(missed);
             waits.judge_probation();
@@ -161,7 +231,31 @@ pub(super) struct Waits {
     /// Waits between the probes of a loop the misses stopped, beyond
     /// [`PROBE_AFTER_MISSES`] (0: that).
     stopped_probe_gap: u32,
+    /// Spins since the last test of what a sleep gathers.
+    spins_untested: u32,
+    /// Datagrams came in since the last test: a loop without any has nothing to test.
+    datagrams_lately: bool,
+    /// The coming wait is a test sleep in place of a spin.
+    test_sleeping: bool,
+    /// Sleeps the test may still take, when one ended with no datagram.
+    test_sleeps: u32,
+    /// Sleeps gather more than one datagram: the loop does not spin.
+    gathering: bool,
+    /// Wakes in a row, while gathering, that brought one datagram.
+    single_wakes: u32,
 }
+
+/// Spins between two test sleeps of a loop that takes in datagrams: rare enough that a
+/// round trip's percentiles up to the 99th never see one.
+const GATHER_TEST_EVERY: u32 = 1024;
+
+/// Sleeps one test may take: the first may end on the completion of a send the loop
+/// had just queued, before any datagram could come.
+const GATHER_TEST_SLEEPS: u32 = 2;
+
+/// Wakes in a row that bring one datagram each after which a loop that gathered spins
+/// again.
+const SINGLE_WAKES_TO_SPIN: u32 = 4;
 
 /// Misses among the last 32 spins at which the loop stops spinning by the average.
 const MISSES_TO_STOP: u32 = 4;
@@ -504,6 +598,101 @@ mod tests {
             policy.record(&mut waits, Duration::from_micros(15), false);
         }
         assert_eq!(waits.probe_gap(), PROBE_AFTER_MISSES);
+    }
+
+    /// One wait of a loop that spins while it can: its budget, then `wait` and what the
+    /// wake brought. Returns whether it spun.
+    fn one_wait(policy: Spin, waits: &mut Waits, wait: Duration, datagrams: u64) -> bool {
+        let spun = policy.budget(waits).is_some();
+        policy.record(waits, wait, false);
+        policy.record_wake(waits, datagrams, !spun);
+        spun
+    }
+
+    #[test]
+    fn a_loop_whose_sleeps_gather_datagrams_stops_spinning_until_they_come_one_by_one() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let gap = Duration::from_micros(5);
+        // A relay inside a long burst: each spin catches one datagram 5 us after the last.
+        let mut waits = waits_of(gap);
+        let mut spins = 0;
+        while policy.budget(&mut waits).is_some() {
+            policy.record(&mut waits, gap, false);
+            policy.record_wake(&mut waits, 1, false);
+            spins += 1;
+            assert!(spins <= GATHER_TEST_EVERY, "no test sleep");
+        }
+        assert_eq!(spins, GATHER_TEST_EVERY - 1);
+        policy.record(&mut waits, Duration::from_micros(40), false);
+        // The test sleep woke to four datagrams: sleeping gathers, the loop stops spinning,
+        // probes included, however short the gaps.
+        let mut waits_after = waits;
+        policy.record_wake(&mut waits_after, 4, true);
+        for _ in 0..1000 {
+            assert!(!one_wait(policy, &mut waits_after, gap, 3));
+        }
+        // The traffic thins out to one datagram per wake: after four such wakes it spins.
+        for wake in 0..SINGLE_WAKES_TO_SPIN {
+            assert!(!one_wait(policy, &mut waits_after, gap, 1), "wake {wake}");
+        }
+        assert!(one_wait(policy, &mut waits_after, gap, 1));
+        // A single datagram between wakes that gather does not end the gathering.
+        let mut waits_mixed = waits;
+        policy.record_wake(&mut waits_mixed, 2, true);
+        for wake in 0..100 {
+            let datagrams = if wake % 3 == 0 { 3 } else { 1 };
+            assert!(!one_wait(policy, &mut waits_mixed, gap, datagrams));
+        }
+    }
+
+    #[test]
+    fn a_round_trip_sleeps_once_per_test_and_spins_on() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let round_trip = Duration::from_micros(19);
+        // One reply per wake: a test sleep (a wake-up slower) finds one datagram.
+        let mut waits = waits_of(round_trip);
+        let mut sleeps = 0;
+        for _ in 0..10 * GATHER_TEST_EVERY {
+            let spun = policy.budget(&mut waits).is_some();
+            let wait = if spun {
+                round_trip
+            } else {
+                sleeps += 1;
+                Duration::from_micros(60)
+            };
+            policy.record(&mut waits, wait, false);
+            policy.record_wake(&mut waits, 1, !spun);
+        }
+        assert_eq!(sleeps, 10, "one sleep per {GATHER_TEST_EVERY} waits");
+
+        // A test sleep that ended on a send's completion, with no datagram, tests again
+        // once; the reply then says round trip.
+        let mut waits = waits_of(round_trip);
+        waits.spins_untested = GATHER_TEST_EVERY - 1;
+        waits.datagrams_lately = true;
+        assert_eq!(policy.budget(&mut waits), None);
+        policy.record(&mut waits, Duration::from_micros(2), false);
+        policy.record_wake(&mut waits, 0, true);
+        assert_eq!(policy.budget(&mut waits), None);
+        policy.record(&mut waits, Duration::from_micros(60), false);
+        policy.record_wake(&mut waits, 1, true);
+        assert!(policy.budget(&mut waits).is_some());
+        assert!(!waits.gathering);
+    }
+
+    #[test]
+    fn a_loop_without_datagrams_never_sleeps_to_test() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let round_trip = Duration::from_micros(19);
+        // A TCP round trip: its reads are no datagrams.
+        let mut waits = waits_of(round_trip);
+        for wait in 0..10 * GATHER_TEST_EVERY {
+            assert!(one_wait(policy, &mut waits, round_trip, 0), "wait {wait}");
+        }
+        // Fixed and off know nothing of datagrams.
+        let mut waits = Waits::default();
+        Spin::Fixed(round_trip).record_wake(&mut waits, 5, true);
+        assert!(!waits.gathering && !waits.datagrams_lately);
     }
 
     #[test]
