@@ -1512,3 +1512,86 @@ fn a_stream_told_of_its_peers_reset_stays_reset_where_it_goes() {
         }
     });
 }
+
+/// A socket adopted with UDP_GRO on: the kernel still merges equal datagrams, and the
+/// adopted handle must know it to split them again.
+#[test]
+fn an_adopted_gro_socket_keeps_each_datagram_whole() {
+    util::on_each_backend(|backend| async move {
+        let receiver = DatagramSocket::new();
+        receiver.control().set_gro(true).unwrap();
+        receiver.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let to = receiver.local_addr().unwrap();
+        let adopted = receiver.detach().unwrap().into_datagram().unwrap();
+        assert!(adopted.control().gro(), "{backend}: GRO forgotten");
+        let sender = DatagramSocket::new();
+        sender.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let stream = sender.output_stream_to_addr(to).unwrap();
+        for i in 0..8u8 {
+            stream.write(vec![i; 100]).await.unwrap();
+        }
+        stream.flush().await.unwrap();
+        for i in 0..8u8 {
+            let got = util::recv_datagram(&adopted).await;
+            assert_eq!(&got[..], &[i; 100][..], "{backend}: datagram {i}");
+        }
+    });
+}
+
+/// Receive metadata turned on before the socket moved keeps coming on the new handle.
+#[test]
+fn an_adopted_socket_goes_on_reporting_the_metadata_it_was_asked_for() {
+    use ringsock::{Ecn, SendOptions, TrafficClass};
+    util::on_each_backend(|backend| async move {
+        for local in ["127.0.0.1:0", "[::1]:0"] {
+            let receiver = DatagramSocket::new();
+            receiver.control().set_receive_destination(true).unwrap();
+            receiver.control().set_receive_traffic_class(true).unwrap();
+            receiver.control().set_receive_timestamps(true).unwrap();
+            receiver.bind_addr(local.parse().unwrap()).unwrap();
+            let to = receiver.local_addr().unwrap();
+            let adopted = receiver.detach().unwrap().into_datagram().unwrap();
+            let control = adopted.control();
+            assert!(
+                control.receive_destination()
+                    && control.receive_traffic_class()
+                    && control.receive_timestamps(),
+                "{backend} {local}: options forgotten"
+            );
+            let sender = DatagramSocket::new();
+            sender.bind_addr(local.parse().unwrap()).unwrap();
+            let class = TrafficClass::new(TrafficClass::DSCP_EF, Ecn::Ect0).unwrap();
+            let options = SendOptions::default().with_traffic_class(class);
+            sender
+                .send_to_addr_with(b"x".to_vec(), to, &options)
+                .await
+                .0
+                .unwrap();
+            let got = util::recv_datagram(&adopted).await;
+            assert_eq!(got.local_ip(), Some(to.ip()), "{backend} {local}");
+            assert_eq!(got.traffic_class(), Some(class), "{backend} {local}");
+            assert!(got.timestamp().is_some(), "{backend} {local}");
+        }
+    });
+}
+
+/// A std socket whose program set options itself is received with them too.
+#[test]
+fn a_std_socket_with_receive_options_set_reports_them() {
+    use std::os::fd::AsFd;
+    util::on_each_backend(|backend| async move {
+        let std_socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket2::SockRef::from(&std_socket.as_fd())
+            .set_recv_tos(true)
+            .unwrap();
+        let to = std_socket.local_addr().unwrap();
+        let socket = DatagramSocket::from_std(std_socket).unwrap();
+        assert!(socket.control().receive_traffic_class(), "{backend}");
+        assert!(!socket.control().receive_destination(), "{backend}");
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"y", to).unwrap();
+        let got = util::recv_datagram(&socket).await;
+        assert!(got.traffic_class().is_some(), "{backend}");
+        assert_eq!(got.local_ip(), None, "{backend}");
+    });
+}

@@ -207,6 +207,11 @@ pub(crate) fn set_int_option(
     super::sockopt::set_int_option(fd.raw(), level, name, value)
 }
 
+/// Whether an integer socket option is on; an option the kernel does not know is off.
+pub(crate) fn option_is_on(fd: &SharedFd, level: libc::c_int, name: libc::c_int) -> bool {
+    super::sockopt::int_option(fd.raw(), level, name).is_ok_and(|value| value != 0)
+}
+
 /// Turns SO_TXTIME on (see `sockopt::enable_txtime`).
 pub(crate) fn enable_txtime(fd: &SharedFd) -> io::Result<()> {
     super::sockopt::enable_txtime(fd.raw())

@@ -4,7 +4,6 @@
 use std::io;
 use std::os::fd::RawFd;
 
-/// Sets an integer socket option.
 /// Turns SO_TXTIME on (CLOCK_MONOTONIC, no error reports): the kernel then takes an
 /// SCM_TXTIME transmit time with each datagram, which an fq or etf qdisc honours and
 /// any other qdisc ignores. The kernel has no way to turn it off again; without the
@@ -31,6 +30,7 @@ pub(crate) fn enable_txtime(fd: RawFd) -> io::Result<()> {
     }
 }
 
+/// Sets an integer socket option.
 pub(crate) fn set_int_option(
     fd: RawFd,
     level: libc::c_int,
@@ -51,6 +51,31 @@ pub(crate) fn set_int_option(
         Err(io::Error::last_os_error())
     } else {
         Ok(())
+    }
+}
+
+/// Reads an integer socket option.
+pub(crate) fn int_option(
+    fd: RawFd,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: the kernel writes at most `len` bytes into `value`, a live c_int of that size.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(value)
     }
 }
 

@@ -1512,6 +1512,12 @@ impl<'a> DatagramSocketControl<'a> {
         self.apply_gro(on)
     }
 
+    /// Whether the kernel may merge received datagrams (UDP_GRO), which the socket
+    /// splits again.
+    pub fn gro(&self) -> bool {
+        self.options.gro.get()
+    }
+
     fn apply_gro(&self, on: bool) -> Result<()> {
         match self.fd() {
             Some(fd) => ops_datagram::set_int_option(fd, libc::SOL_UDP, UDP_GRO, on as libc::c_int)
@@ -1739,11 +1745,35 @@ impl DatagramSocket {
             .fd
             .set(SharedFd::new(OwnedFd::from(socket)))
             .map_err(|_| Error::invalid_input("the socket is already bound or connected"))?;
+        adopted.take_kernel_options();
         adopted
             .carried
             .borrow_mut()
             .extend(carried.into_iter().map(Carried::into_received));
         Ok(adopted)
+    }
+
+    /// Takes over the receive options the descriptor already has (set by its last owner,
+    /// or by the program before it handed the socket over): the receive ring makes room
+    /// for their control data, and GRO's merged datagrams are split again, only when the
+    /// socket knows of them.
+    fn take_kernel_options(&self) {
+        let Ok(fd) = self.fd() else { return };
+        let on = |level, name| ops_datagram::option_is_on(fd, level, name);
+        let ipv6 = self.ipv6.get();
+        let options = &self.options;
+        options.gro.set(on(libc::SOL_UDP, UDP_GRO));
+        options.receive_destination.set(
+            on(libc::IPPROTO_IP, libc::IP_PKTINFO)
+                || (ipv6 && on(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)),
+        );
+        options.receive_traffic_class.set(
+            on(libc::IPPROTO_IP, libc::IP_RECVTOS)
+                || (ipv6 && on(libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS)),
+        );
+        options
+            .receive_timestamps
+            .set(on(libc::SOL_SOCKET, libc::SO_TIMESTAMPNS));
     }
 }
 

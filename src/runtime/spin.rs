@@ -340,12 +340,20 @@ impl Spin {
 }
 
 impl std::fmt::Display for Spin {
-    /// `off`, `50us` (fixed) or `adaptive-30us`.
+    /// `off`, `50us` (fixed) or `adaptive-30us`; a time that is not a whole number of
+    /// microseconds in nanoseconds (`500ns`).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let time = |spin: &Duration| {
+            if spin.subsec_nanos() % 1_000 == 0 {
+                format!("{}us", spin.as_micros())
+            } else {
+                format!("{}ns", spin.as_nanos())
+            }
+        };
         match self {
             Spin::Off => f.write_str("off"),
-            Spin::Fixed(spin) => write!(f, "{}us", spin.as_micros()),
-            Spin::Adaptive(spin) => write!(f, "adaptive-{}us", spin.as_micros()),
+            Spin::Fixed(spin) => f.write_str(&time(spin)),
+            Spin::Adaptive(spin) => write!(f, "adaptive-{}", time(spin)),
         }
     }
 }
@@ -354,18 +362,31 @@ impl std::str::FromStr for Spin {
     type Err = crate::Error;
 
     /// `off`, `adaptive`, microseconds to spin before every sleep (`50`, `0` is off), or
-    /// what a `Spin` prints: `50us`, `adaptive-30us` (an adaptive limit of 30 us).
+    /// what a `Spin` of at most one second prints: `50us`, `500ns`, `adaptive-30us` (an
+    /// adaptive limit of 30 us). Longer times are refused (the runtime takes no more).
     fn from_str(s: &str) -> crate::Result<Spin> {
         let invalid = || {
             crate::Error::invalid_input(format!(
                 "unknown spin {s:?}: expected off, adaptive, adaptive-<N>us or microseconds \
-                 up to 1000000 (50 or 50us)"
+                 up to 1000000 (50 or 50us; nanoseconds as 500ns)"
             ))
         };
-        let micros = |text: &str| -> crate::Result<u64> {
-            let digits = text.strip_suffix("us").unwrap_or(text);
-            match digits.parse::<u64>() {
-                Ok(us) if us <= 1_000_000 && digits.bytes().all(|b| b.is_ascii_digit()) => Ok(us),
+        let time = |text: &str| -> crate::Result<Duration> {
+            let (digits, nanos_each) = match text.strip_suffix("ns") {
+                Some(digits) => (digits, 1),
+                None => (text.strip_suffix("us").unwrap_or(text), 1_000),
+            };
+            if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(invalid());
+            }
+            match digits
+                .parse::<u64>()
+                .ok()
+                .and_then(|n| n.checked_mul(nanos_each))
+            {
+                Some(nanos) if nanos <= MAX_SPIN.as_nanos() as u64 => {
+                    Ok(Duration::from_nanos(nanos))
+                }
                 _ => Err(invalid()),
             }
         };
@@ -373,13 +394,13 @@ impl std::str::FromStr for Spin {
             "off" => Ok(Spin::Off),
             "adaptive" => Ok(Spin::default()),
             _ => match s.strip_prefix("adaptive-") {
-                Some(limit) => match micros(limit)? {
-                    0 => Err(invalid()),
-                    us => Ok(Spin::Adaptive(Duration::from_micros(us))),
+                Some(limit) => match time(limit)? {
+                    limit if limit.is_zero() => Err(invalid()),
+                    limit => Ok(Spin::Adaptive(limit)),
                 },
-                None => match micros(s)? {
-                    0 => Ok(Spin::Off),
-                    us => Ok(Spin::Fixed(Duration::from_micros(us))),
+                None => match time(s)? {
+                    spin if spin.is_zero() => Ok(Spin::Off),
+                    spin => Ok(Spin::Fixed(spin)),
                 },
             },
         }
@@ -734,6 +755,10 @@ mod tests {
             Spin::Fixed(Duration::from_micros(50)),
             Spin::default(),
             Spin::Adaptive(Duration::from_micros(80)),
+            Spin::Adaptive(Duration::from_nanos(500)),
+            Spin::Fixed(Duration::from_nanos(1_500)),
+            Spin::Adaptive(MAX_SPIN),
+            Spin::Fixed(MAX_SPIN),
         ] {
             assert_eq!(spin.to_string().parse::<Spin>().unwrap(), spin);
         }
@@ -753,6 +778,11 @@ mod tests {
             "adaptive-80us".parse::<Spin>().unwrap(),
             Spin::Adaptive(Duration::from_micros(80))
         );
+        assert_eq!(
+            "500ns".parse::<Spin>().unwrap(),
+            Spin::Fixed(Duration::from_nanos(500))
+        );
+        assert_eq!("0ns".parse::<Spin>().unwrap(), Spin::Off);
         for bad in [
             "",
             "fast",
@@ -765,6 +795,11 @@ mod tests {
             "adaptive-0us",
             "adaptive-1000001us",
             "adaptive-x",
+            "ns",
+            "1000000001ns",
+            "adaptive-0ns",
+            "18446744073709551615",
+            "5usns",
         ] {
             let err = bad.parse::<Spin>().unwrap_err();
             assert_eq!(
