@@ -1492,8 +1492,73 @@ fn a_tunnel_bench_its_timeout_ends_leaves_nothing_behind() {
     let line = String::from_utf8_lossy(&out.stdout);
     assert!(line.contains("--timeout"), "{line}");
     assert!(namespaces_of(&tag).is_empty(), "{:?}", namespaces_of(&tag));
-    let key = std::env::temp_dir().join(format!("{tag}.key"));
-    assert!(!key.exists(), "the key file is left");
+    assert!(key_files_of(&tag).is_empty(), "the key file is left");
+}
+
+/// The key files a tunnel bench run tagged `tag` has in the temporary directory.
+fn key_files_of(tag: &str) -> Vec<std::path::PathBuf> {
+    let prefix = format!("{tag}-");
+    std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            name.starts_with(&prefix) && name.ends_with(".key")
+        })
+        .map(|entry| entry.path())
+        .collect()
+}
+
+/// The bench writes its key to a new file only root can read, under a name nobody can
+/// have prepared; what a run killed outright left behind (its namespaces, its key) is
+/// deleted by the next run.
+#[test]
+fn a_tunnel_bench_writes_a_private_key_file_and_clears_what_killed_runs_left() {
+    use std::os::unix::fs::PermissionsExt;
+    if let Err(why) = util::tunnel_pair::netns::Netns::create("bench-leftovers") {
+        skip(&why);
+        return;
+    }
+    // A process id nobody has now: a child that has ended and been reaped.
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let dead_tag = format!("rsb{dead}");
+    for side in ["a", "b"] {
+        let made = std::process::Command::new("ip")
+            .args(["netns", "add", &format!("{dead_tag}{side}")])
+            .status()
+            .unwrap();
+        assert!(made.success());
+    }
+    let stale_key = std::env::temp_dir().join(format!("{dead_tag}-0123456789abcdef.key"));
+    std::fs::write(&stale_key, "stale").unwrap();
+    // A file of a live process (this test's) with the same shape is left alone.
+    let live_key = std::env::temp_dir().join(format!("rsb{}-live.key", std::process::id()));
+    std::fs::write(&live_key, "live").unwrap();
+
+    let mut child = tunnel_bench()
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let tag = format!("rsb{}", child.id());
+    wait_until("the bench never set up", || {
+        key_files_of(&tag).len() == 1 && namespaces_of(&tag).len() == 2
+    });
+    let key = key_files_of(&tag).remove(0);
+    let meta = std::fs::symlink_metadata(&key).unwrap();
+    assert!(meta.file_type().is_file());
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(
+        namespaces_of(&dead_tag).is_empty(),
+        "{:?}",
+        namespaces_of(&dead_tag)
+    );
+    assert!(!stale_key.exists(), "a killed run's key file is left");
+    assert!(live_key.exists(), "a live process's file was deleted");
+    std::fs::remove_file(&live_key).unwrap();
+    end_and_check_nothing_is_left(&mut child, libc::SIGTERM);
 }
 
 /// A signal that ends `bench --workload tunnel` half-way, SIGHUP of a closed terminal
@@ -1512,11 +1577,10 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
             .spawn()
             .unwrap();
         let tag = format!("rsb{}", child.id());
-        let key = std::env::temp_dir().join(format!("{tag}.key"));
-        let namespaces = || namespaces_of(&tag);
-        // Once the key is written, both namespaces are there and the run is under way.
-        wait_until("the bench never set up", || key.exists());
-        assert_eq!(namespaces().len(), 2, "signal {signal}");
+        // Key written and both namespaces there: the run is under way.
+        wait_until("the bench never set up", || {
+            key_files_of(&tag).len() == 1 && namespaces_of(&tag).len() == 2
+        });
         end_and_check_nothing_is_left(&mut child, signal);
     }
 }
@@ -1525,7 +1589,6 @@ fn a_tunnel_bench_ended_by_a_signal_leaves_nothing_behind() {
 /// leave neither its namespaces nor its key file behind.
 fn end_and_check_nothing_is_left(child: &mut std::process::Child, signal: libc::c_int) {
     let tag = format!("rsb{}", child.id());
-    let key = std::env::temp_dir().join(format!("{tag}.key"));
     // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
     assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
     let status = child.wait().unwrap();
@@ -1535,7 +1598,10 @@ fn end_and_check_nothing_is_left(child: &mut std::process::Child, signal: libc::
         "signal {signal}: {:?}",
         namespaces_of(&tag)
     );
-    assert!(!key.exists(), "signal {signal}: the key file is left");
+    assert!(
+        key_files_of(&tag).is_empty(),
+        "signal {signal}: the key file is left"
+    );
 }
 
 /// The table (no `--json`) runs one tunnel after another in one process: a signal
@@ -1554,9 +1620,11 @@ fn a_tunnel_table_ended_by_a_signal_in_its_second_run_leaves_nothing_behind() {
         .spawn()
         .unwrap();
     let tag = format!("rsb{}", child.id());
-    let key = std::env::temp_dir().join(format!("{tag}.key"));
-    wait_until("the first run never set up", || key.exists());
-    wait_until("the first run never ended", || !key.exists());
-    wait_until("the second run never set up", || key.exists());
+    let set_up = || key_files_of(&tag).len() == 1 && namespaces_of(&tag).len() == 2;
+    wait_until("the first run never set up", set_up);
+    wait_until("the first run never ended", || {
+        key_files_of(&tag).is_empty()
+    });
+    wait_until("the second run never set up", set_up);
     end_and_check_nothing_is_left(&mut child, libc::SIGINT);
 }

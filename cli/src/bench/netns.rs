@@ -9,6 +9,84 @@ use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+/// Whether a process with this id is alive (or exists at all, a zombie too).
+fn process_exists(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// The process id in a name this workload gives its leftovers: `rsb<pid>` followed by
+/// `suffix_after` (a namespace's `a`/`b`, a key file's `-<random>.key`).
+fn run_pid(name: &str, suffix_ok: impl Fn(&str) -> bool) -> Option<u32> {
+    let rest = name.strip_prefix("rsb")?;
+    let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let pid = rest[..digits].parse().ok()?;
+    suffix_ok(&rest[digits..]).then_some(pid)
+}
+
+/// Deletes what runs killed outright (SIGKILL, a crash) left behind: their network
+/// namespaces and key files, named after a process that no longer exists.
+pub fn remove_leftovers_of_dead_runs() {
+    if let Ok(list) = run("ip", &["netns", "list"]) {
+        for name in list
+            .lines()
+            .filter_map(|line| line.split_whitespace().next())
+        {
+            let ours = run_pid(name, |suffix| suffix == "a" || suffix == "b");
+            if ours.is_some_and(|pid| !process_exists(pid)) {
+                let _ = run("ip", &["netns", "del", name]);
+            }
+        }
+    }
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = run_pid(name, |suffix| {
+            suffix.starts_with('-') && suffix.ends_with(".key")
+        });
+        let is_file = entry.file_type().is_ok_and(|kind| kind.is_file());
+        if is_file && ours.is_some_and(|pid| !process_exists(pid)) {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
+}
+
+/// Writes `contents` to a new file only this user can read, at a name no other user
+/// can guess or have prepared (`<dir>/<prefix>-<random>.key`): never through a link
+/// or over a file that is there.
+pub fn write_private_key_file(
+    dir: &std::path::Path,
+    prefix: &str,
+    contents: &str,
+) -> io::Result<std::path::PathBuf> {
+    use std::hash::{BuildHasher, Hasher};
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last_error = None;
+    for attempt in 0..16u32 {
+        let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+        hasher.write_u32(attempt);
+        let path = dir.join(format!("{prefix}-{:016x}.key", hasher.finish()));
+        let opened = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path);
+        match opened {
+            Ok(mut file) => {
+                file.write_all(contents.as_bytes())?;
+                return Ok(path);
+            }
+            Err(err) if err.kind() == io::ErrorKind::AlreadyExists => last_error = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| io::Error::other("no free key file name")))
+}
+
 /// A network namespace this process made; deleted on drop.
 pub struct Netns {
     name: String,

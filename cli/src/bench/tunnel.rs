@@ -51,39 +51,56 @@ fn io_err(what: &str) -> impl FnOnce(std::io::Error) -> Error + '_ {
 }
 
 fn setup(options: &Options) -> ringsock::Result<Setup> {
+    super::netns::remove_leftovers_of_dead_runs();
     let tag = format!("rsb{}", std::process::id());
-    let key = std::env::temp_dir().join(format!("{tag}.key"));
-    super::netns::clean_up_on_signal(vec![format!("{tag}a"), format!("{tag}b")], key.clone())
-        .map_err(io_err("watch for the signals that end the run"))?;
-    let a = Netns::create(&format!("{tag}a")).map_err(io_err("create a network namespace"))?;
-    let b = Netns::create(&format!("{tag}b")).map_err(io_err("create a network namespace"))?;
-    super::netns::run(
-        "ip",
-        &[
-            "link",
-            "add",
-            "rsbva",
-            "netns",
-            a.name(),
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "rsbvb",
-            "netns",
-            b.name(),
-        ],
-    )
-    .map_err(io_err("create the veth pair"))?;
-    for (ns, dev, addr) in [(&a, "rsbva", A_OUTER), (&b, "rsbvb", B_OUTER)] {
-        ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])
-            .and_then(|_| ns.exec(&["ip", "link", "set", dev, "up"]))
-            .map_err(io_err("address the veth pair"))?;
-    }
+    // The key is a fixed test key, but the file goes where other users write: made new,
+    // under a name nobody can have prepared a link at.
     let hex: String = (0..32u8)
         .map(|i| format!("{:02x}", i.wrapping_mul(73) ^ 0x5c))
         .collect();
-    std::fs::write(&key, hex).map_err(io_err("write the key file"))?;
+    let key = super::netns::write_private_key_file(&std::env::temp_dir(), &tag, &hex)
+        .map_err(io_err("write the key file"))?;
+    if let Err(err) =
+        super::netns::clean_up_on_signal(vec![format!("{tag}a"), format!("{tag}b")], key.clone())
+    {
+        let _ = std::fs::remove_file(&key);
+        return Err(io_err("watch for the signals that end the run")(err));
+    }
+    let namespaces = || -> ringsock::Result<(Netns, Netns)> {
+        let a = Netns::create(&format!("{tag}a")).map_err(io_err("create a network namespace"))?;
+        let b = Netns::create(&format!("{tag}b")).map_err(io_err("create a network namespace"))?;
+        super::netns::run(
+            "ip",
+            &[
+                "link",
+                "add",
+                "rsbva",
+                "netns",
+                a.name(),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "rsbvb",
+                "netns",
+                b.name(),
+            ],
+        )
+        .map_err(io_err("create the veth pair"))?;
+        for (ns, dev, addr) in [(&a, "rsbva", A_OUTER), (&b, "rsbvb", B_OUTER)] {
+            ns.exec(&["ip", "addr", "add", &format!("{addr}/24"), "dev", dev])
+                .and_then(|_| ns.exec(&["ip", "link", "set", dev, "up"]))
+                .map_err(io_err("address the veth pair"))?;
+        }
+        Ok((a, b))
+    };
+    let (a, b) = match namespaces() {
+        Ok(pair) => pair,
+        Err(err) => {
+            let _ = std::fs::remove_file(&key);
+            return Err(err);
+        }
+    };
     let mut setup = Setup {
         a,
         b,
