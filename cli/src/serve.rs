@@ -240,13 +240,14 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     // The passed descriptors are claimed before this process opens any of its own: a
     // LISTEN_FDS naming more than were passed then finds them closed, instead of taking
     // (and closing) the signal thread's.
-    let activated = match start.inherit {
+    let inherited = start.inherit.map(unix_stream_from).transpose()?;
+    let activated = match inherited {
         Some(_) => Vec::new(),
         None => net::activated_sockets()?,
     };
     let control = Control::new();
     control.install_signals()?;
-    let (sockets, lines, handed_over_on) = match sockets(&start, activated, &control) {
+    let (sockets, lines, handed_over_on) = match sockets(&start, activated, inherited, &control) {
         Ok(found) => found,
         // SIGINT or SIGTERM while waiting for the sockets ended the wait: a stop, as
         // asked, not a failure.
@@ -354,11 +355,12 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
 fn sockets(
     start: &Start,
     activated: Vec<net::Activated>,
+    inherited: Option<UnixStream>,
     control: &Control,
 ) -> ringsock::Result<(Vec<Detached>, Vec<String>, Option<UnixStream>)> {
     let mut channel = None;
-    let sockets = if let Some(fd) = start.inherit {
-        let (sockets, from) = take_over(fd, control)?;
+    let sockets = if let Some(inherited) = inherited {
+        let (sockets, from) = take_over(inherited, control)?;
         channel = Some(from);
         sockets
     } else {
@@ -453,8 +455,10 @@ const MAX_HANDED_OVER: usize = 8192;
 
 /// Takes the sockets the process being replaced sends over `fd`: a count, then each.
 /// A stop asked meanwhile ends the wait with an error.
-fn take_over(fd: RawFd, control: &Control) -> ringsock::Result<(Vec<Detached>, UnixStream)> {
-    let channel = unix_stream_from(fd)?;
+fn take_over(
+    channel: UnixStream,
+    control: &Control,
+) -> ringsock::Result<(Vec<Detached>, UnixStream)> {
     control.taking_over(&channel)?;
     let taken = take_over_from(&channel);
     control.taken_over();
@@ -475,15 +479,38 @@ fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
     (0..count).map(|_| net::recv_detached(channel)).collect()
 }
 
+/// Claims the hand-over channel `--inherit` names, before this process opens anything
+/// of its own: only a Unix stream socket past the standard streams is taken, so a wrong
+/// number can neither take a descriptor of this process nor close stderr.
 fn unix_stream_from(fd: RawFd) -> ringsock::Result<UnixStream> {
+    let refuse = |why: &str| {
+        Err(Error::invalid_input(format!(
+            "--inherit: descriptor {fd} {why}; it is the hand-over channel an echo server \
+             passes to the copy it starts on SIGUSR2, not an option to set by hand"
+        )))
+    };
+    if fd < 0 {
+        return refuse("is no descriptor number");
+    }
+    if fd <= libc::STDERR_FILENO {
+        return refuse("is a standard stream");
+    }
     // SAFETY: fcntl on any number is harmless; it tells whether the number is open.
-    if fd < 0 || unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
-        return Err(Error::invalid_input(format!(
-            "--inherit: descriptor {fd} is not open"
-        )));
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return refuse("is not open");
+    }
+    // SAFETY: the descriptor is open (checked above) and only borrowed for the two
+    // reads below, while nothing can close it.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let socket = socket2::SockRef::from(&borrowed);
+    let is_unix_stream = socket.domain().is_ok_and(|d| d == socket2::Domain::UNIX)
+        && socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM);
+    if !is_unix_stream {
+        return refuse("is not a Unix stream socket");
     }
     // SAFETY: the process being replaced passed this descriptor to this one for the
-    // hand-over alone, and it is open (checked above); nothing else here owns it.
+    // hand-over alone: open, a Unix stream socket (checked above), claimed before this
+    // process opened any descriptor of its own, so nothing else here owns it.
     let channel = unsafe { UnixStream::from_raw_fd(fd) };
     Ok(channel)
 }

@@ -161,6 +161,64 @@ fn a_lying_hand_over_channel_is_a_clear_error() {
     }
 }
 
+/// `--inherit` naming a descriptor that is no hand-over channel (a standard stream, one
+/// not open, a file, a UDP socket) is refused with a clear error before the server opens
+/// anything of its own: it can neither take its own signal pipe and wait there for ever
+/// nor close stderr and die without a word.
+#[test]
+fn inherit_of_a_descriptor_that_is_no_hand_over_channel_is_refused() {
+    let file = std::fs::File::open(env!("CARGO_BIN_EXE_ringsock")).unwrap();
+    let udp = UdpSocket::bind("127.0.0.1:0").unwrap();
+    let passed = [file.as_raw_fd(), udp.as_raw_fd()];
+    for backend in BACKENDS {
+        for (fd, expected) in [
+            (0, "is a standard stream"),
+            (1, "is a standard stream"),
+            (2, "is a standard stream"),
+            (-5, "is no descriptor number"),
+            (900, "is not open"),
+            (passed[0], "is not a Unix stream socket"),
+            (passed[1], "is not a Unix stream socket"),
+        ] {
+            let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+            command
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .arg(format!("--inherit={fd}"))
+                .env_remove("RINGSOCK_BACKEND")
+                .stdin(Stdio::null());
+            // SAFETY: the hook calls only fcntl, async-signal-safe as pre_exec requires.
+            unsafe {
+                command.pre_exec(move || {
+                    for fd in passed {
+                        libc::fcntl(fd, libc::F_SETFD, 0);
+                    }
+                    Ok(())
+                });
+            }
+            let mut child = command
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let deadline = Instant::now() + MUST_HAPPEN;
+            while child.try_wait().unwrap().is_none() {
+                assert!(
+                    Instant::now() < deadline,
+                    "{backend} fd {fd}: still running"
+                );
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{backend} fd {fd}: {stderr}");
+            assert!(
+                stderr.contains(expected) && !stderr.contains("panicked"),
+                "{backend} fd {fd}: {stderr}"
+            );
+        }
+    }
+}
+
 /// A launcher whose LISTEN_FDS names more descriptors than it passed: the server says
 /// which one is missing and exits 1. It claims them before it opens descriptors of its
 /// own, so it cannot take (and close) its signal thread's for a passed one.
