@@ -819,16 +819,16 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
         if args.tls {
             close_tls(&socket, &mut socket.input_stream()).await;
         }
-        print_reply(&reply)?;
+        print_reply(&reply, &args.message)?;
         check_echo(&reply, &args.message)
     })
 }
 
-/// A reply that is not the message sent fails the client (after it was shown): the
-/// other end is no echo server, or not one speaking this protocol (a TLS server asked
-/// without `--tls` answers with a TLS alert).
-fn check_echo(reply: &str, message: &str) -> ringsock::Result<()> {
-    if reply == message {
+/// A reply that is not the message sent, byte for byte, fails the client (after it was
+/// shown): the other end is no echo server, or not one speaking this protocol (a TLS
+/// server asked without `--tls` answers with a TLS alert).
+fn check_echo(reply: &[u8], message: &str) -> ringsock::Result<()> {
+    if reply == message.as_bytes() {
         return Ok(());
     }
     Err(Error::io(
@@ -845,25 +845,27 @@ fn check_echo(reply: &str, message: &str) -> ringsock::Result<()> {
     ))
 }
 
-/// `reply` safe for a terminal: control characters other than line feed and tab (a
-/// hostile server's escape sequences, a carriage return that would overwrite the line)
-/// as `\xNN` or `\u{N}` escapes, the rest as it is.
-fn printable(reply: &str) -> std::borrow::Cow<'_, str> {
-    let needs_escape = |c: char| c.is_control() && c != '\n' && c != '\t';
-    if !reply.chars().any(needs_escape) {
-        return std::borrow::Cow::Borrowed(reply);
-    }
+/// `reply` safe for a terminal and true to its bytes: control characters (a hostile
+/// server's escape sequences, a carriage return or line feed that would overwrite the
+/// line or fake one of this tool's) as `\xNN` or `\u{N}` escapes, bytes that are not
+/// UTF-8 as `\xNN`, the rest as it is. A reply that is the message sent (`echoed`)
+/// keeps its line feeds and tabs: they are the user's own.
+fn printable(reply: &[u8], echoed: bool) -> String {
     let mut shown = String::with_capacity(reply.len() + 16);
-    for c in reply.chars() {
-        match c {
-            c if !needs_escape(c) => shown.push(c),
-            c if (c as u32) < 0x80 => {
-                shown.push_str(&format!("\\x{:02x}", c as u32));
+    for chunk in reply.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            match c {
+                c if !c.is_control() => shown.push(c),
+                '\n' | '\t' if echoed => shown.push(c),
+                c if (c as u32) < 0x80 => shown.push_str(&format!("\\x{:02x}", c as u32)),
+                c => shown.push_str(&format!("\\u{{{:x}}}", c as u32)),
             }
-            c => shown.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+        for byte in chunk.invalid() {
+            shown.push_str(&format!("\\x{byte:02x}"));
         }
     }
-    std::borrow::Cow::Owned(shown)
+    shown
 }
 
 /// How long a TCP echo-client waits for its reply when `--timeout` is not given: longer
@@ -875,7 +877,7 @@ async fn tcp_exchange(
     socket: &StreamSocket,
     host: &HostName,
     args: &EchoClientArgs,
-) -> ringsock::Result<String> {
+) -> ringsock::Result<Vec<u8>> {
     if args.tls {
         let control = socket.control();
         if let Some(ca) = &args.ca {
@@ -898,18 +900,53 @@ async fn tcp_exchange(
         .write_all(format!("{}\n", args.message).into_bytes())
         .await;
     written?;
-    match socket.input_stream().read_line().await? {
-        Some(reply) => Ok(reply),
-        None => Err(Error::connection_closed("waiting for the reply")),
+    read_reply_line(&mut socket.input_stream(), args.message.len()).await
+}
+
+/// The reply line as bytes (without its `\n` or `\r\n`), whatever they are: a reply
+/// that is not UTF-8 is still shown and compared, not taken for a usage error. A reply
+/// that grows far past the message without a line end is cut off: it is no echo.
+async fn read_reply_line(
+    input: &mut ringsock::InputStream,
+    message_len: usize,
+) -> ringsock::Result<Vec<u8>> {
+    let most = message_len.saturating_mul(4).max(4096);
+    let mut line = Vec::new();
+    loop {
+        // Up to the line end if it is buffered, so what follows it stays unread; else one
+        // byte, which reads what the peer sent into the buffer.
+        let buffered = input.buffered();
+        let take = match buffered.iter().position(|&b| b == b'\n') {
+            Some(end) => end + 1,
+            None => buffered.len().max(1),
+        };
+        let piece = input.read(take).await?;
+        if piece.is_empty() {
+            if line.is_empty() {
+                return Err(Error::connection_closed("waiting for the reply"));
+            }
+            return Ok(line);
+        }
+        line.extend_from_slice(&piece);
+        if line.last() == Some(&b'\n') {
+            line.pop();
+            if line.last() == Some(&b'\r') {
+                line.pop();
+            }
+            return Ok(line);
+        }
+        if line.len() > most {
+            return Ok(line);
+        }
     }
 }
 
 /// The reply on stdout: a stdout that cannot take it (a full disk, a reader gone) is
 /// this command's failure, not a panic.
-fn print_reply(reply: &str) -> ringsock::Result<()> {
+fn print_reply(reply: &[u8], message: &str) -> ringsock::Result<()> {
     use std::io::Write;
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", printable(reply))
+    writeln!(stdout, "{}", printable(reply, reply == message.as_bytes()))
         .and_then(|()| stdout.flush())
         .map_err(|err| Error::io("write the reply to stdout", err))
 }
@@ -952,9 +989,8 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
                     .unwrap_or_else(|_| host.to_string())
             ))
         })??;
-    let reply = String::from_utf8_lossy(reply.data());
-    print_reply(&reply)?;
-    check_echo(&reply, &args.message)
+    print_reply(reply.data(), &args.message)?;
+    check_echo(reply.data(), &args.message)
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.

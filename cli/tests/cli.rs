@@ -545,6 +545,85 @@ fn a_tcp_message_with_a_line_break_is_a_usage_error_not_a_cut_reply() {
     }
 }
 
+/// Replies are compared and shown as bytes: a reply that is not UTF-8 fails the
+/// client with "not the message sent" (never a usage error), shown as `\xNN`; one whose
+/// lossy text would equal the message (0xff against U+FFFD) fails too; a line feed or
+/// tab inside a datagram's reply is escaped, so it cannot pass for this tool's own
+/// output. TCP and UDP, both engines.
+#[test]
+fn replies_are_compared_and_shown_byte_for_byte() {
+    use std::io::{BufRead, BufReader, Write};
+    for (backend, _) in BACKENDS {
+        // TCP: a line of bytes that are no UTF-8.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let server = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&stream).read_line(&mut line).unwrap();
+            (&stream).write_all(b"\xff\xfe\r\n").unwrap();
+        });
+        let out = ringsock(&[
+            "echo-client",
+            "127.0.0.1",
+            &port,
+            "--message",
+            "hello",
+            "--backend",
+            backend,
+        ]);
+        server.join().unwrap();
+        let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert_eq!(stdout, "\\xff\\xfe\n", "{backend}");
+        assert!(
+            stderr.contains("(2 bytes) is not the message sent (5 bytes)"),
+            "{backend}: {stderr}"
+        );
+
+        // UDP: one byte 0xff for a message of U+FFFD, then a reply with a line feed and
+        // a tab in it.
+        for (message, reply, shown) in [
+            ("\u{fffd}", &b"\xff"[..], "\\xff\n"),
+            (
+                "hello",
+                &b"hello\nerror: fake\tline"[..],
+                "hello\\x0aerror: fake\\x09line\n",
+            ),
+        ] {
+            let server = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            let port = server.local_addr().unwrap().port().to_string();
+            let answer = std::thread::spawn(move || {
+                let mut buf = [0u8; 64];
+                let (_, from) = server.recv_from(&mut buf).unwrap();
+                server.send_to(reply, from).unwrap();
+            });
+            let out = ringsock(&[
+                "echo-client",
+                "127.0.0.1",
+                &port,
+                "--udp",
+                "--message",
+                message,
+                "--backend",
+                backend,
+            ]);
+            answer.join().unwrap();
+            let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+            assert_eq!(
+                out.status.code(),
+                Some(1),
+                "{backend} {message:?}: {stderr}"
+            );
+            assert_eq!(stdout, shown, "{backend} {message:?}");
+            assert!(
+                stderr.contains("not the message sent"),
+                "{backend}: {stderr}"
+            );
+        }
+    }
+}
+
 /// A server that answers with something other than the echo (here a line with a
 /// terminal escape sequence and a carriage return, as a hostile one might) fails the
 /// client with exit 1 and says why; the reply is shown with its control characters
