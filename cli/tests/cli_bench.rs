@@ -837,3 +837,63 @@ fn counts_too_large_to_record_are_usage_errors() {
         }
     }
 }
+
+/// A udp-relay run with more flows than the soft descriptor limit allows raises it up
+/// to the hard limit, as a server does; where even the hard limit is too low, the run
+/// says how many it needs (TooManyOpenFiles, exit 1), before it opens a socket.
+#[test]
+fn udp_relay_makes_room_for_its_descriptors_or_says_how_many_it_needs() {
+    use std::os::unix::process::CommandExt;
+    let run = |soft: u64, hard: u64| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ringsock"));
+        command.args([
+            "bench",
+            "--json",
+            "--pin",
+            "off",
+            "--workload",
+            "udp-relay",
+            "--impl",
+            "ringsock-epoll",
+            "--flows",
+            "300",
+            "--count",
+            "600",
+            "--rate",
+            "max",
+        ]);
+        // SAFETY: the hook calls only setrlimit, async-signal-safe as pre_exec requires.
+        unsafe {
+            command.pre_exec(move || {
+                let limits = libc::rlimit {
+                    rlim_cur: soft,
+                    rlim_max: hard,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limits) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        command.output().expect("run the ringsock binary")
+    };
+    let roomy = run(256, 4096);
+    let stdout = String::from_utf8_lossy(&roomy.stdout);
+    assert!(
+        roomy.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&roomy.stderr)
+    );
+    let value: Value = serde_json::from_str(stdout.trim()).expect("a JSON line");
+    assert_eq!(value["received"], 600, "{stdout}");
+
+    let cramped = run(256, 256);
+    let stderr = String::from_utf8_lossy(&cramped.stderr);
+    assert_eq!(cramped.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("TooManyOpenFiles")
+            && stderr.contains("needs about 664 open descriptors")
+            && !stderr.contains("panicked"),
+        "{stderr}"
+    );
+}

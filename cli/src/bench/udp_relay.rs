@@ -45,6 +45,21 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
         .backend()
         .ok_or_else(|| Error::invalid_input("udp-relay measures the ringsock relays"))?;
     let runtime = o.runtime(backend)?;
+    // Two descriptors per flow (the socket and the generator's handle), the sink's, the
+    // runtime's and the threads' few.
+    let needed = 2 * o.flows as u64 + 64;
+    let room = udp_peer::make_room_for_descriptors(needed)
+        .map_err(io_error("raise the descriptor limit"))?;
+    if let Some(limit) = room {
+        return Err(Error::io(
+            format!(
+                "udp-relay with {} flows needs about {needed} open descriptors, and this \
+                 process may open {limit} (ulimit -n)",
+                o.flows
+            ),
+            std::io::Error::from_raw_os_error(libc::EMFILE),
+        ));
+    }
     let mut relay_sockets = Vec::with_capacity(o.flows);
     let mut second_handles = Vec::with_capacity(o.flows);
     let mut relay_addrs = Vec::with_capacity(o.flows);
