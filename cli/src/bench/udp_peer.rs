@@ -345,6 +345,35 @@ pub fn spawn_echo_server(
         })
 }
 
+/// Makes room for `needed` open descriptors: raises the soft RLIMIT_NOFILE up to the
+/// hard one where it is lower (as servers do). `Some(hard limit)` where even that is
+/// too low.
+pub(crate) fn make_room_for_descriptors(needed: u64) -> std::io::Result<Option<u64>> {
+    let mut limits = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if limits.rlim_cur == libc::RLIM_INFINITY || limits.rlim_cur >= needed {
+        return Ok(None);
+    }
+    if limits.rlim_max != libc::RLIM_INFINITY && limits.rlim_max < needed {
+        return Ok(Some(limits.rlim_max));
+    }
+    let raised = libc::rlimit {
+        rlim_cur: needed,
+        rlim_max: limits.rlim_max,
+    };
+    // SAFETY: setrlimit reads one rlimit from the struct we own.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(None)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -401,33 +430,4 @@ mod tests {
         stop.store(true, Ordering::Release);
         assert_eq!(echo.join().unwrap().unwrap(), 1);
     }
-}
-
-/// Makes room for `needed` open descriptors: raises the soft RLIMIT_NOFILE up to the
-/// hard one where it is lower (as servers do). `Some(hard limit)` where even that is
-/// too low.
-pub(crate) fn make_room_for_descriptors(needed: u64) -> std::io::Result<Option<u64>> {
-    let mut limits = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit writes one rlimit into the struct we own.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limits) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    if limits.rlim_cur == libc::RLIM_INFINITY || limits.rlim_cur >= needed {
-        return Ok(None);
-    }
-    if limits.rlim_max != libc::RLIM_INFINITY && limits.rlim_max < needed {
-        return Ok(Some(limits.rlim_max));
-    }
-    let raised = libc::rlimit {
-        rlim_cur: needed,
-        rlim_max: limits.rlim_max,
-    };
-    // SAFETY: setrlimit reads one rlimit from the struct we own.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(None)
 }
