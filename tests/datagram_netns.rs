@@ -307,3 +307,72 @@ fn datagrams_dropped_on_purpose_are_counted_and_the_rest_arrive_intact() {
         });
     });
 }
+
+/// A server bound to 0.0.0.0 answers a datagram sent to its subnet's broadcast address
+/// from its own address on that subnet (`SendOptions::reply_to`): the broadcast address
+/// is no source, and a reply from it fails. On 0.0.0.0 and on a dual-stack [::], both
+/// engines, an interface of the test's own namespace.
+#[test]
+fn a_reply_to_a_broadcast_leaves_from_the_interface_address() {
+    let netns = match Netns::create("bcast") {
+        Ok(netns) => netns,
+        Err(why) => return netns::skip(&why),
+    };
+    for args in [
+        &[
+            "ip", "link", "add", "bc0", "type", "veth", "peer", "name", "bc1",
+        ][..],
+        &[
+            "ip",
+            "addr",
+            "add",
+            "10.77.0.1/24",
+            "brd",
+            "+",
+            "dev",
+            "bc0",
+        ],
+        &["ip", "link", "set", "bc1", "up"],
+        &["ip", "link", "set", "bc0", "up"],
+    ] {
+        netns.exec(args).unwrap();
+    }
+    netns.run(|| {
+        util::on_each_backend(|backend| async move {
+            for wildcard in ["0.0.0.0:0", "[::]:0"] {
+                let backend = format!("{backend} {wildcard}");
+                let server = DatagramSocket::new();
+                server.control().set_receive_destination(true).unwrap();
+                server.bind_addr(wildcard.parse().unwrap()).unwrap();
+                let port = server.local_addr().unwrap().port();
+                let client = DatagramSocket::new();
+                client.control().set_broadcast(true).unwrap();
+                client.bind_addr("10.77.0.1:0".parse().unwrap()).unwrap();
+                let broadcast = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 255)), port);
+                client
+                    .send_to_addr(b"who".to_vec(), broadcast)
+                    .await
+                    .0
+                    .unwrap();
+                let request = util::recv_datagram(&server).await;
+                assert_eq!(
+                    request.local_ip(),
+                    Some(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 255))),
+                    "{backend}"
+                );
+                let options = ringsock::SendOptions::reply_to(&request);
+                let (sent, _) = server
+                    .send_to_addr_with(b"me".to_vec(), request.remote_addr(), &options)
+                    .await;
+                sent.unwrap_or_else(|err| panic!("{backend}: the reply failed: {err}"));
+                let reply = util::recv_datagram(&client).await;
+                assert_eq!(reply.data(), b"me", "{backend}");
+                assert_eq!(
+                    reply.remote_addr(),
+                    SocketAddr::new(IpAddr::V4(Ipv4Addr::new(10, 77, 0, 1)), port),
+                    "{backend}"
+                );
+            }
+        });
+    });
+}

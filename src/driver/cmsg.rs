@@ -42,8 +42,10 @@ impl RecvWants {
             len += space(std::mem::size_of::<libc::c_int>());
         }
         if self.destination {
-            // An IPv6 socket reports IPv4 datagrams with a v4-mapped in6_pktinfo too.
+            // An IPv6 socket reports IPv4 datagrams with a v4-mapped in6_pktinfo and an
+            // in_pktinfo, which alone says where a reply to a broadcast leaves from.
             len += space(std::mem::size_of::<libc::in6_pktinfo>());
+            len += space(std::mem::size_of::<libc::in_pktinfo>());
         }
         if self.traffic_class {
             // IPV6_TCLASS is an int; IP_TOS a byte, padded to the same space.
@@ -56,12 +58,27 @@ impl RecvWants {
     }
 }
 
+/// `ip` where a reply may leave from it: not a multicast group nor the IPv4 broadcast
+/// address (a subnet's broadcast address takes IP_PKTINFO's `ipi_spec_dst` to tell).
+pub(crate) fn unicast(ip: IpAddr) -> Option<IpAddr> {
+    let group = match ip {
+        IpAddr::V4(v4) => v4.is_multicast() || v4.is_broadcast(),
+        IpAddr::V6(v6) => v6.is_multicast(),
+    };
+    (!group).then_some(ip)
+}
+
 /// What the kernel reported beside one received datagram. Fields are empty unless asked
 /// for (see [`RecvWants`]); kept small, as every received datagram carries one.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct RecvMeta {
     /// The datagram's destination address (IPv4 as IPv4, also on an IPv6 socket).
     pub(crate) destination: Option<IpAddr>,
+    /// The local address a reply leaves from: for IPv4 the one the kernel picked for
+    /// the datagram (`ipi_spec_dst`: the receiving interface's own address when the
+    /// datagram went to a broadcast or multicast address), for IPv6 the destination
+    /// unless it is a multicast group. None where neither is known.
+    pub(crate) reply_source: Option<IpAddr>,
     /// The traffic class byte: DSCP in the upper six bits, ECN in the lower two.
     pub(crate) tos: Option<u8>,
     /// The interface it came in on; 0 when not reported.
@@ -115,6 +132,9 @@ impl RecvMeta {
                 self.interface = info.ipi_ifindex as u32;
                 let ip = Ipv4Addr::from(info.ipi_addr.s_addr.to_ne_bytes());
                 self.destination = Some(IpAddr::V4(ip));
+                let local = Ipv4Addr::from(info.ipi_spec_dst.s_addr.to_ne_bytes());
+                // Comes after IPV6_PKTINFO on a dual-stack socket, and knows better.
+                self.reply_source = (!local.is_unspecified()).then_some(IpAddr::V4(local));
             }
             (libc::SOL_IPV6, libc::IPV6_PKTINFO)
                 if data.len() >= std::mem::size_of::<libc::in6_pktinfo>() =>
@@ -123,10 +143,14 @@ impl RecvMeta {
                 let info = unsafe { data.as_ptr().cast::<libc::in6_pktinfo>().read_unaligned() };
                 self.interface = info.ipi6_ifindex;
                 let ip = Ipv6Addr::from(info.ipi6_addr.s6_addr);
-                self.destination = Some(match ip.to_ipv4_mapped() {
+                let destination = match ip.to_ipv4_mapped() {
                     Some(v4) => IpAddr::V4(v4),
                     None => IpAddr::V6(ip),
-                });
+                };
+                self.destination = Some(destination);
+                if self.reply_source.is_none() {
+                    self.reply_source = unicast(destination);
+                }
             }
             // IP_TOS comes as one byte (IP_RECVTOS); IPV6_TCLASS as an int.
             (libc::SOL_IP, libc::IP_TOS) => {
@@ -383,7 +407,7 @@ mod tests {
             traffic_class: true,
             timestamp: true,
         };
-        assert_eq!(all.control_len(), 24 + 40 + 24 + 32);
+        assert_eq!(all.control_len(), 24 + 40 + 32 + 24 + 32);
         let full = SendMeta {
             source: Some(IpAddr::V6(Ipv6Addr::LOCALHOST)),
             tos: Some(1),

@@ -156,7 +156,7 @@ mod tests {
             traffic_class: true,
             timestamp: true,
         };
-        assert_eq!(Layout::new(&all, true).slot_stride, 65_536 + 192);
+        assert_eq!(Layout::new(&all, true).slot_stride, 65_536 + 256);
         all.wants = RecvWants {
             gro: true,
             ..RecvWants::default()

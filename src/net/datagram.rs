@@ -1080,6 +1080,11 @@ impl Datagram {
         self.inner.meta.destination
     }
 
+    /// The local address a reply to it leaves from (see [`SendOptions::reply_to`]).
+    pub(crate) fn reply_source(&self) -> Option<IpAddr> {
+        self.inner.meta.reply_source
+    }
+
     /// The index of the interface the datagram came in on, when the socket reports the
     /// destination ([`set_receive_destination`](DatagramSocketControl::set_receive_destination)).
     pub fn interface_index(&self) -> Option<u32> {
@@ -1528,10 +1533,10 @@ impl<'a> DatagramSocketControl<'a> {
 
     /// Reports on every received datagram the address it was sent to and the
     /// interface it came in on ([`Datagram::local_ip`], [`Datagram::interface_index`];
-    /// IP_PKTINFO, or IPV6_RECVPKTINFO, which covers IPv4 on a dual-stack socket too).
-    /// A server bound to a wildcard address answers from that address
-    /// ([`SendOptions::reply_to`]). Costs 40 bytes of control data per datagram; set
-    /// before the first receive.
+    /// IP_PKTINFO, and on an IPv6 socket IPV6_RECVPKTINFO, which covers IPv4 on a
+    /// dual-stack socket too). A server bound to a wildcard address answers from that
+    /// address, or from its interface's for a broadcast ([`SendOptions::reply_to`]).
+    /// Costs 72 bytes of control room per datagram; set before the first receive.
     pub fn set_receive_destination(&self, on: bool) -> Result<()> {
         self.before_receiving("set_receive_destination")?;
         self.options.receive_destination.set(on);
@@ -1592,6 +1597,16 @@ impl<'a> DatagramSocketControl<'a> {
         } else {
             (libc::IPPROTO_IP, libc::IP_PKTINFO, "set IP_PKTINFO")
         };
+        if self.ipv6() {
+            // IPv4 datagrams on a dual-stack socket then say where a reply to a broadcast
+            // leaves from; an IPv6-only socket may refuse the option, which it never needs.
+            let _ = ops_datagram::set_int_option(
+                fd,
+                libc::IPPROTO_IP,
+                libc::IP_PKTINFO,
+                on as libc::c_int,
+            );
+        }
         ops_datagram::set_int_option(fd, level, name, on as libc::c_int)
             .map_err(|e| Error::io(what, e))
     }

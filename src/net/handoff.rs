@@ -618,6 +618,8 @@ mod carried {
             from.read_exact(&mut data).map_err(super::channel_error)?;
             let meta = crate::driver::ops_datagram::RecvMeta {
                 destination,
+                // Not carried: a reply leaves from the destination if it is unicast.
+                reply_source: destination.and_then(crate::driver::cmsg::unicast),
                 tos,
                 interface,
                 timestamp_ns,
@@ -647,6 +649,7 @@ mod carried {
                 original_len: len,
                 meta: RecvMeta {
                     destination: Some("::1".parse().unwrap()),
+                    reply_source: Some("::1".parse().unwrap()),
                     tos: Some(0xb8),
                     interface: 3,
                     timestamp_ns: 1,

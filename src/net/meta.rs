@@ -146,12 +146,14 @@ pub struct SendOptions {
 
 impl SendOptions {
     /// Options of a reply to `datagram`: from the address it was sent to, if the socket
-    /// reports it ([`set_receive_destination`]).
+    /// reports it ([`set_receive_destination`]); for a datagram sent to a broadcast
+    /// address or a multicast group, from the receiving interface's own address (IPv4)
+    /// or from whatever address the kernel picks (IPv6): a group is no source.
     ///
     /// [`set_receive_destination`]: super::DatagramSocketControl::set_receive_destination
     pub fn reply_to(datagram: &super::Datagram) -> SendOptions {
         SendOptions {
-            source: datagram.local_ip(),
+            source: datagram.reply_source(),
             ..SendOptions::default()
         }
     }
