@@ -390,6 +390,9 @@ fn sockets(
             }
             sockets
         } else {
+            for passed in &activated {
+                refuse_unbound_datagram(&passed.socket)?;
+            }
             activated.into_iter().map(|a| a.socket).collect()
         }
     };
@@ -402,6 +405,26 @@ fn sockets(
         }
     }
     Ok((sockets, lines, channel))
+}
+
+/// A UDP socket passed without a port can receive nothing: served, it would say
+/// `listening udp 0.0.0.0:0` and never echo a datagram.
+fn refuse_unbound_datagram(socket: &Detached) -> ringsock::Result<()> {
+    if socket.kind() != SocketKind::Datagram {
+        return Ok(());
+    }
+    let local = socket2::SockRef::from(socket)
+        .local_addr()
+        .ok()
+        .and_then(|addr| addr.as_socket());
+    match local {
+        Some(addr) if addr.port() != 0 => Ok(()),
+        _ => Err(Error::invalid_input(format!(
+            "--activated: a UDP socket passed (descriptor {}) is bound to no port: it can \
+             receive nothing",
+            std::os::fd::AsRawFd::as_raw_fd(socket)
+        ))),
+    }
 }
 
 /// Fewer spare descriptors than this at start-up get a warning.

@@ -102,6 +102,40 @@ fn an_activated_echo_server_serves_descriptors_3_and_4() {
     }
 }
 
+/// A UDP socket passed unbound (port 0) is refused: served, it would receive nothing.
+#[test]
+fn an_activated_udp_socket_bound_to_no_port_is_refused() {
+    let unbound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
+    let fd = unbound.as_raw_fd();
+    for backend in BACKENDS {
+        let mut command = Command::new("sh");
+        command
+            .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\""])
+            .arg(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["echo-server", "--activated", "--backend", backend])
+            .env_remove("RINGSOCK_BACKEND")
+            .stdin(Stdio::null());
+        // SAFETY: dup and dup2 are async-signal-safe, as a pre_exec hook must be.
+        unsafe {
+            command.pre_exec(move || {
+                let spare = libc::dup(fd);
+                if spare < 0 || libc::dup2(spare, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let out = command.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("bound to no port") && !stderr.contains("panicked"),
+            "{backend}: {stderr}"
+        );
+        assert!(out.stdout.is_empty(), "{backend}: it said it listens");
+    }
+}
+
 #[test]
 fn activated_without_sockets_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
