@@ -622,25 +622,31 @@ async fn serve_thread(
     // Serves until asked otherwise: accept loops never end, and a thread with none
     // (UDP only) waits here while its datagram tasks run. A hand-over that failed
     // comes back here: the server serves on.
+    let accepting = || async {
+        let loops = listeners
+            .iter()
+            .map(|listener| accept_loop(listener, &settings, &open, &logs));
+        join_all(loops).await;
+        std::future::pending::<()>().await
+    };
     loop {
-        let accepting = async {
-            let loops = listeners
-                .iter()
-                .map(|listener| accept_loop(listener, &settings, &open, &logs));
-            join_all(loops).await;
-            std::future::pending::<()>().await
-        };
         let mut asked = Ask::Stop;
-        first_of(first_of(accepting, publish()), async {
+        first_of(first_of(accepting(), publish()), async {
             asked = control.changed().await;
         })
         .await;
         if asked != Ask::HandOver {
             break;
         }
-        // Copies go to the new process; these stay and serve until it says it serves.
+        // Copies go to the new process; these stay and serve (connections accepted
+        // too) until it says it serves, however long it takes to start, or fails.
         hand_over_from(copies_of(&listeners, &datagrams), &control);
-        match control.until(|ask| ask != Ask::HandOver).await {
+        let mut outcome = Ask::Stop;
+        first_of(first_of(accepting(), publish()), async {
+            outcome = control.until(|ask| ask != Ask::HandOver).await;
+        })
+        .await;
+        match outcome {
             Ask::Serve => continue,
             Ask::HandedOver => {
                 // Its datagram tasks end at their next wait: no batch is cut.

@@ -363,6 +363,61 @@ fn a_hot_restart_whose_new_server_fails_leaves_the_old_one_serving() {
     }
 }
 
+/// While the new copy of a hot restart takes its time to start, the old server keeps
+/// accepting: a client that connects meanwhile is echoed at once, not held in the
+/// listen backlog until the new copy serves or fails.
+#[test]
+fn a_hot_restart_keeps_accepting_while_the_new_server_starts() {
+    use std::os::unix::fs::PermissionsExt;
+    for backend in BACKENDS {
+        let name = format!("slow-restart-{}-{backend}", std::process::id());
+        let (dir, exe) = linked_binary(std::ffi::OsStr::new(&name));
+        let server = serve_tcp_from(&exe, backend);
+        let addr: SocketAddr = format!("127.0.0.1:{}", server.port()).parse().unwrap();
+        let (started, gate) = (dir.join("started"), dir.join("gate"));
+        let gate_c = std::ffi::CString::new(gate.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads the NUL-terminated path only.
+        assert_eq!(unsafe { libc::mkfifo(gate_c.as_ptr(), 0o600) }, 0);
+        // The "new server": says it started, then waits at the gate, then fails.
+        let slow = dir.join("ringsock.slow");
+        let script = format!(
+            "#!/bin/sh\ntouch '{}'\nread line < '{}'\nexit 3\n",
+            started.display(),
+            gate.display()
+        );
+        std::fs::write(&slow, script).unwrap();
+        std::fs::set_permissions(&slow, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&slow, &exe).unwrap();
+        // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGUSR2) };
+        let deadline = Instant::now() + MUST_HAPPEN;
+        while !started.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{backend}: the new server never started"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        one_echo(addr, b"while the new one starts\n").unwrap();
+        let said = server.stderr().join("\n");
+        assert!(
+            !said.contains("restart failed"),
+            "{backend}: the echo waited for the hand-over to end: {said}"
+        );
+        // Let the new server fail: the old one serves on.
+        std::fs::write(&gate, "go\n").unwrap();
+        server.wait_for_stderr("the failed restart", |lines| {
+            lines.iter().any(|line| line.starts_with("restart failed"))
+        });
+        one_echo(addr, b"after\n").unwrap();
+        // SAFETY: as above.
+        unsafe { libc::kill(server.pid() as libc::pid_t, libc::SIGTERM) };
+        let status = server.wait_exit(MUST_HAPPEN);
+        assert!(status.success(), "{backend}: {status:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
 /// An upgrade in place: the program's file is replaced (as a package manager does, a
 /// new file renamed over the old), then SIGUSR2 starts the new file, not the deleted
 /// image, and hands it the listener. The old server, holding a connection that keeps
