@@ -8,6 +8,42 @@ use std::task::Poll;
 
 use ringsock::{Error, HostName, SocketErrorStatus, StreamSocket};
 
+/// Port 0 is nobody's: a connect there is InvalidArgument, not the ConnectionRefused the
+/// kernel answers as if a server had refused, by address and by host name alike, and the
+/// socket can connect elsewhere after.
+#[test]
+fn connect_to_port_zero_is_invalid_argument() {
+    util::on_each_backend(|backend| async move {
+        let socket = StreamSocket::new();
+        let err = util::must(
+            "connect_addr",
+            socket.connect_addr("127.0.0.1:0".parse().unwrap()),
+        )
+        .await
+        .expect_err("port 0");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{backend}: {err}"
+        );
+        assert!(err.to_string().contains("port 0"), "{backend}: {err}");
+        let host = HostName::new("localhost").unwrap();
+        let err = util::must("connect", socket.connect(&host, "0"))
+            .await
+            .expect_err("port 0");
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "{backend}: {err}"
+        );
+        let listener = util::std_listener();
+        let addr = listener.local_addr().unwrap();
+        util::must("connect_addr", socket.connect_addr(addr))
+            .await
+            .unwrap();
+    });
+}
+
 #[test]
 fn connect_to_a_closed_port_is_refused() {
     util::on_each_backend(|_| async {

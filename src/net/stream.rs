@@ -236,7 +236,7 @@ impl StreamSocket {
         self.tls.get().and_then(|session| session.info())
     }
 
-    /// Connects to one socket address.
+    /// Connects to one socket address. Port 0 is InvalidArgument: nothing listens there.
     pub async fn connect_addr(&self, addr: SocketAddr) -> Result<()> {
         if self.fd.get().is_some() {
             return Err(Error::invalid_input("the socket is already connected"));
@@ -263,6 +263,12 @@ impl StreamSocket {
     }
 
     async fn try_connect(&self, addr: SocketAddr) -> Result<SharedFd> {
+        // The kernel would answer ECONNREFUSED, as if a server had refused: there is none.
+        if addr.port() == 0 {
+            return Err(Error::invalid_input(format!(
+                "connect to {addr}: port 0 is no destination"
+            )));
+        }
         let socket = new_socket(&addr, socket2::Type::STREAM)?;
         let fd = SharedFd::new(OwnedFd::from(socket));
         self.options.apply(&fd)?;
