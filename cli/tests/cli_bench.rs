@@ -761,8 +761,10 @@ fn udp_relay_at_max_rate_every_impl() {
 
 #[test]
 fn udp_relay_bad_arguments_are_usage_errors() {
-    let cases: [(&[&str], &str); 7] = [
+    let cases: [(&[&str], &str); 9] = [
         (&["--flows", "0"], "--flows"),
+        (&["--batch", "8"], "do not apply to udp-relay"),
+        (&["--verify-stride", "3"], "do not apply to udp-relay"),
         (&["--relay", "threads"], "--relay"),
         (&["--flows", "1025"], "--flows"),
         (&["--size", "10"], "at least 24"),

@@ -593,6 +593,14 @@ impl Options {
             if let Rate::PerSecond(0) = self.rate {
                 return Err("--rate must be at least 1 packet per second, or max".into());
             }
+            // The generator's groups and the sink's checks are the workload's own.
+            if self.batch != 64 || self.verify_stride != 1 {
+                return Err(
+                    "--batch and --verify-stride do not apply to udp-relay (its generator \
+                     sends groups of 64 at max and its sink checks every datagram)"
+                        .into(),
+                );
+            }
         } else if self.flows != 1
             || self.rate != Rate::DEFAULT
             || self.relay != RelayLoop::default()
