@@ -26,8 +26,9 @@ const DEFAULT_MTU: u32 = 1420;
 #[derive(Args)]
 pub(crate) struct TunnelArgs {
     /// The TUN interface to create, or to attach to if it exists (then it stays when
-    /// the tunnel exits; one it created is removed). One that another process (another
-    /// tunnel) has open is refused. A template such as vpn%d makes a new interface, the
+    /// the tunnel exits, with the MTU and state it had with one thread; one it created
+    /// is removed). More than one thread needs one made multi_queue. One that another
+    /// process (another tunnel) has open is refused. A template such as vpn%d makes a new interface, the
     /// kernel picking the number; the ready line names it.
     #[arg(long, value_name = "NAME")]
     tun: String,
@@ -297,13 +298,67 @@ fn one_thread(
 ) -> ringsock::Result<()> {
     let runtime = runtime(&args.backend)?;
     runtime.block_on(async {
-        let tun = TunDevice::create(&args.tun, options)?;
+        let (tun, found) = open_alone(&args.tun, options)?;
         let tunnel = Tunnel::new(tun, config)?;
         announce(tunnel.device(), tunnel.local_addr()?);
         let result = until_stopped(tunnel.run(), stop.wait()).await;
         print_stats(&tunnel.stats());
+        found.restore(tunnel.device());
         result
     })
+}
+
+/// How an interface the tunnel did not create was before it set it up.
+struct FoundAs {
+    mtu: Option<u32>,
+    up: Option<bool>,
+}
+
+impl FoundAs {
+    /// Gives an interface that was there before the tunnel its MTU and state back.
+    fn restore(self, device: &TunDevice) {
+        if let Some(mtu) = self.mtu {
+            let _ = device.set_mtu(mtu);
+        }
+        if self.up == Some(false) {
+            let _ = device.set_up(false);
+        }
+    }
+}
+
+/// The one queue of a one-thread tunnel: an interface made without multi_queue (as
+/// `ip tuntap add` makes one) takes a queue opened the same way, and one thread needs
+/// no more. An interface that was there keeps what it was to be given back at the end.
+fn open_alone(name: &str, options: TunOptions) -> ringsock::Result<(TunDevice, FoundAs)> {
+    let untouched = TunOptions {
+        mtu: None,
+        up: false,
+        ..options
+    };
+    let tun = TunDevice::create(name, untouched).or_else(|first| {
+        let single = TunOptions {
+            multi_queue: false,
+            ..untouched
+        };
+        TunDevice::create(name, single).map_err(|_| first)
+    })?;
+    let found = match tun.created() {
+        true => FoundAs {
+            mtu: None,
+            up: None,
+        },
+        false => FoundAs {
+            mtu: tun.mtu().ok(),
+            up: tun.is_up().ok(),
+        },
+    };
+    if let Some(mtu) = options.mtu {
+        tun.set_mtu(mtu)?;
+    }
+    if options.up {
+        tun.set_up(true)?;
+    }
+    Ok((tun, found))
 }
 
 /// Prints the line a user (or a test) waits for, and the offloads granted.

@@ -711,6 +711,8 @@ fn restarts_get_new_sessions_and_a_moved_peer_is_followed() {
     }
 }
 
+/// SIGTERM deletes an interface the tunnel made; one that was there (multi-queue or
+/// not) stays, with the MTU and state it had.
 #[test]
 fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
     for backend in BACKENDS {
@@ -743,6 +745,29 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
             pair.a.exec(&["ip", "link", "show", TUN]).is_ok(),
             "{backend}: attached, kept"
         );
+        pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
+
+        // Made as `ip tuntap add` makes one by default (no multi_queue), down, with its
+        // own MTU: one thread attaches to it, and leaves it as it found it.
+        pair.a
+            .exec(&["ip", "tuntap", "add", "dev", TUN, "mode", "tun"])
+            .unwrap();
+        pair.a
+            .exec(&["ip", "link", "set", TUN, "mtu", "1300"])
+            .unwrap();
+        let a = TunnelProc::start(&pair.a, backend, &args, None);
+        let during = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
+        assert!(
+            during.contains("mtu 1420") && during.contains(",UP"),
+            "{backend}: {during}"
+        );
+        a.stop();
+        let after = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
+        assert!(
+            after.contains("mtu 1300") && !after.contains(",UP"),
+            "{backend}: not as it was: {after}"
+        );
+        pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
     }
 }
 
