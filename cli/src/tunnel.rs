@@ -92,6 +92,19 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
             );
         }
     }
+    if let (Some(peer), std::net::IpAddr::V6(listen)) = (args.peer, args.listen.ip()) {
+        // A socket bound to one IPv6 address sends from it alone: no IPv4 peer answers.
+        if peer.is_ipv4() && !listen.is_unspecified() && listen.to_ipv4_mapped().is_none() {
+            super::usage_error_in(
+                "tunnel",
+                format!(
+                    "--peer {peer} is IPv4, --listen {} an IPv6 address: listen on an IPv4 \
+                     address or on [::]",
+                    args.listen
+                ),
+            );
+        }
+    }
     if let Some(peer) = args.peer {
         if !is_unicast(peer.ip()) {
             super::usage_error_in(

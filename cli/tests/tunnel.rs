@@ -603,17 +603,18 @@ fn threads_out_of_range_are_refused_with_a_clear_message() {
 #[test]
 fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
     for backend in BACKENDS {
-        for (peer, says) in [
-            ("127.0.0.1:0", "cannot be sent to"),
-            ("0.0.0.0:51820", "cannot be sent to"),
-            ("[::]:51820", "cannot be sent to"),
-            ("[::1]:51820", "is IPv6"),
-            ("peer.example:51820", "not an ADDR:PORT"),
-            ("255.255.255.255:51820", "not one host"),
-            ("224.0.0.1:51820", "not one host"),
+        for (listen, peer, says) in [
+            ("127.0.0.1:0", "127.0.0.1:0", "cannot be sent to"),
+            ("127.0.0.1:0", "0.0.0.0:51820", "cannot be sent to"),
+            ("127.0.0.1:0", "[::]:51820", "cannot be sent to"),
+            ("127.0.0.1:0", "[::1]:51820", "is IPv6"),
+            ("[::1]:0", "127.0.0.1:51820", "is IPv4"),
+            ("127.0.0.1:0", "peer.example:51820", "not an ADDR:PORT"),
+            ("127.0.0.1:0", "255.255.255.255:51820", "not one host"),
+            ("127.0.0.1:0", "224.0.0.1:51820", "not one host"),
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+                .args(["tunnel", "--tun", TUN, "--listen", listen])
                 .args([
                     "--key",
                     "/nonexistent",
