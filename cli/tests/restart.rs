@@ -108,23 +108,7 @@ fn an_activated_udp_socket_bound_to_no_port_is_refused() {
     let unbound = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::DGRAM, None).unwrap();
     let fd = unbound.as_raw_fd();
     for backend in BACKENDS {
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=1 exec \"$0\" \"$@\""])
-            .arg(env!("CARGO_BIN_EXE_ringsock"))
-            .args(["echo-server", "--activated", "--backend", backend])
-            .env_remove("RINGSOCK_BACKEND")
-            .stdin(Stdio::null());
-        // SAFETY: dup and dup2 are async-signal-safe, as a pre_exec hook must be.
-        unsafe {
-            command.pre_exec(move || {
-                let spare = libc::dup(fd);
-                if spare < 0 || libc::dup2(spare, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        let mut command = activated_server(1, fd, backend);
         let out = command.output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
@@ -261,27 +245,7 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
     for backend in BACKENDS {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let tcp_fd = tcp.as_raw_fd();
-        let mut command = Command::new("sh");
-        command
-            .args(["-c", "LISTEN_PID=$$ LISTEN_FDS=3 exec \"$0\" \"$@\""])
-            .arg(env!("CARGO_BIN_EXE_ringsock"))
-            .args(["echo-server", "--activated", "--backend", backend])
-            .env_remove("RINGSOCK_BACKEND")
-            .stdin(Stdio::null());
-        // SAFETY: dup, dup2 and close are async-signal-safe, as a pre_exec hook must be.
-        unsafe {
-            command.pre_exec(move || {
-                // Only descriptor 3 is passed: the spare copy is closed again.
-                let spare = libc::dup(tcp_fd);
-                if spare < 0 || libc::dup2(spare, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if spare != 3 {
-                    libc::close(spare);
-                }
-                Ok(())
-            });
-        }
+        let mut command = activated_server(3, tcp_fd, backend);
         let out = command.output().unwrap();
         drop(tcp);
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -291,6 +255,36 @@ fn activated_with_fewer_descriptors_than_listen_fds_says_which_is_missing() {
             "{backend}: {stderr}"
         );
     }
+}
+
+/// `echo-server --activated` as a service manager starts it with `listen_fds` in
+/// LISTEN_FDS and only `passed` given, as descriptor 3.
+fn activated_server(listen_fds: usize, passed: std::os::fd::RawFd, backend: &str) -> Command {
+    let mut command = Command::new("sh");
+    command
+        .args([
+            "-c",
+            &format!("LISTEN_PID=$$ LISTEN_FDS={listen_fds} exec \"$0\" \"$@\""),
+        ])
+        .arg(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["echo-server", "--activated", "--backend", backend])
+        .env_remove("RINGSOCK_BACKEND")
+        .stdin(Stdio::null());
+    // SAFETY: dup, dup2 and close are async-signal-safe, as a pre_exec hook must be.
+    unsafe {
+        command.pre_exec(move || {
+            // Through a spare number, in case the source sits on 3; the spare is closed.
+            let spare = libc::dup(passed);
+            if spare < 0 || libc::dup2(spare, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if spare != 3 {
+                libc::close(spare);
+            }
+            Ok(())
+        });
+    }
+    command
 }
 
 /// A hot restart whose program was deleted is refused before any socket leaves: the
