@@ -545,6 +545,22 @@ fn a_tcp_message_with_a_line_break_is_a_usage_error_not_a_cut_reply() {
     }
 }
 
+/// A TCP server on a free port that reads one line and answers `reply`; its port, and
+/// the line it read.
+fn tcp_server_answering(reply: &'static [u8]) -> (String, std::thread::JoinHandle<String>) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let server = std::thread::spawn(move || {
+        let (stream, _) = listener.accept().unwrap();
+        let mut line = String::new();
+        BufReader::new(&stream).read_line(&mut line).unwrap();
+        (&stream).write_all(reply).unwrap();
+        line
+    });
+    (port, server)
+}
+
 /// Replies are compared and shown as bytes: a reply that is not UTF-8 fails the
 /// client with "not the message sent" (never a usage error), shown as `\xNN`; one whose
 /// lossy text would equal the message (0xff against U+FFFD) fails too; a line feed or
@@ -552,17 +568,9 @@ fn a_tcp_message_with_a_line_break_is_a_usage_error_not_a_cut_reply() {
 /// output. TCP and UDP, both engines.
 #[test]
 fn replies_are_compared_and_shown_byte_for_byte() {
-    use std::io::{BufRead, BufReader, Write};
     for (backend, _) in BACKENDS {
         // TCP: a line of bytes that are no UTF-8.
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port().to_string();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line).unwrap();
-            (&stream).write_all(b"\xff\xfe\r\n").unwrap();
-        });
+        let (port, server) = tcp_server_answering(b"\xff\xfe\r\n");
         let out = ringsock(&[
             "echo-client",
             "127.0.0.1",
@@ -630,17 +638,8 @@ fn replies_are_compared_and_shown_byte_for_byte() {
 /// escaped, so it cannot drive the terminal. Both engines.
 #[test]
 fn a_reply_that_is_not_the_echo_fails_the_client_and_is_shown_escaped() {
-    use std::io::{BufRead, BufReader, Write};
     for (backend, _) in BACKENDS {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port().to_string();
-        let server = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().unwrap();
-            let mut line = String::new();
-            BufReader::new(&stream).read_line(&mut line).unwrap();
-            (&stream).write_all(b"\x1b[31mnot\rit\n").unwrap();
-            line
-        });
+        let (port, server) = tcp_server_answering(b"\x1b[31mnot\rit\n");
         let out = ringsock(&[
             "echo-client",
             "127.0.0.1",
