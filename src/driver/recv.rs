@@ -14,9 +14,9 @@ pub(crate) use super::cmsg::{RecvMeta, UDP_GRO};
 pub(crate) use super::ring_layout::RingConfig;
 
 thread_local! {
-    /// Datagrams delivered on this thread, by either engine: how many a wake of the
-    /// event loop brought tells it whether its sleeps gather traffic (see
-    /// `Spin::Adaptive`).
+    /// Datagrams delivered on this thread, by either engine (a GRO super-datagram once):
+    /// how many a wake of the event loop brought tells it whether its sleeps gather
+    /// traffic (see `Spin::Adaptive`).
     static DELIVERED: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
 }
 
@@ -154,7 +154,9 @@ pub(crate) unsafe fn deliver(
         segment if segment > 0 && !truncated && segment < len => {
             counters.gro_splits += 1;
             let pieces = len.div_ceil(segment);
-            count_delivered(pieces as u64);
+            // Its pieces came as one: a wake that brings one super-datagram is no
+            // sign of traffic gathering while the loop sleeps.
+            count_delivered(1);
             for piece in 0..pieces {
                 let start = offset + piece * segment;
                 let size = segment.min(offset + len - start);

@@ -1777,7 +1777,14 @@ impl DatagramSocket {
         let on = |level, name| ops_datagram::option_is_on(fd, level, name);
         let ipv6 = self.ipv6.get();
         let options = &self.options;
-        options.gro.set(on(libc::SOL_UDP, UDP_GRO));
+        // A kernel that cannot say (getsockopt of UDP_GRO came after the option) may
+        // merge: room for the segment size costs little, a merged datagram handed out
+        // whole would be wrong data.
+        let gro = match crate::driver::sockopt::int_option(fd.raw(), libc::SOL_UDP, UDP_GRO) {
+            Ok(value) => value != 0,
+            Err(err) => err.raw_os_error() == Some(libc::ENOPROTOOPT),
+        };
+        options.gro.set(gro);
         options.receive_destination.set(
             on(libc::IPPROTO_IP, libc::IP_PKTINFO)
                 || (ipv6 && on(libc::IPPROTO_IPV6, libc::IPV6_RECVPKTINFO)),

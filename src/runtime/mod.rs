@@ -361,6 +361,11 @@ impl Runtime {
         let waker = Waker::from(main.clone());
         let mut cx = Context::from_waker(&waker);
         let mut future = pin!(future);
+        // Datagrams another runtime took in on this thread meanwhile are not this one's.
+        self.inner
+            .delivered_at_wait
+            .set(crate::driver::recv::delivered_here());
+        self.inner.slept.set(false);
         loop {
             if main.woken.swap(false, Ordering::AcqRel) {
                 if let Poll::Ready(output) = coop::with_budget(|| future.as_mut().poll(&mut cx)) {

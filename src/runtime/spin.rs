@@ -40,9 +40,11 @@ pub enum Spin {
     /// datagrams that come meanwhile into one wake-up. So a loop that spins and takes in
     /// datagrams sleeps instead once every 1,024 spins, to see what the sleep brings: more
     /// than one datagram says its sleeps gather, and it stops spinning, probes included;
-    /// four wakes in a row that bring a single datagram each (a round trip, or traffic
-    /// that thinned out) let it spin again. A round trip loses one spin in 1,024 to the
-    /// test.
+    /// four wakes that bring a single datagram each (a round trip, or traffic that
+    /// thinned out), or eight that bring none (the datagrams stopped), with none
+    /// bringing more, let it spin again. A round trip loses one spin in 1,024 to the
+    /// test; one whose answer is several datagrams (not GRO's pieces of one) looks like
+    /// traffic that gathers, and sleeps.
     Adaptive(Duration),
 }
 
@@ -139,19 +141,25 @@ impl Spin {
                     waits.test_sleeps = 0;
                     waits.gathering = true;
                     waits.single_wakes = 0;
+                    waits.empty_wakes = 0;
                 }
             }
         } else if waits.gathering {
             match datagrams {
-                0 => {}
-                1 => {
-                    waits.single_wakes += 1;
-                    if waits.single_wakes >= SINGLE_WAKES_TO_SPIN {
-                        waits.gathering = false;
-                        waits.spins_untested = 0;
-                    }
+                0 => waits.empty_wakes += 1,
+                1 => waits.single_wakes += 1,
+                _ => {
+                    waits.single_wakes = 0;
+                    waits.empty_wakes = 0;
                 }
-                _ => waits.single_wakes = 0,
+            }
+            // One datagram a wake (a round trip), or none (the datagrams stopped, and
+            // what wakes the loop now may be a round trip of another kind): spin again.
+            if waits.single_wakes >= SINGLE_WAKES_TO_SPIN
+                || waits.empty_wakes >= EMPTY_WAKES_TO_SPIN
+            {
+                waits.gathering = false;
+                waits.spins_untested = 0;
             }
         }
     }
@@ -241,8 +249,10 @@ pub(super) struct Waits {
     test_sleeps: u32,
     /// Sleeps gather more than one datagram: the loop does not spin.
     gathering: bool,
-    /// Wakes in a row, while gathering, that brought one datagram.
+    /// Wakes, while gathering, that brought one datagram since one brought more.
     single_wakes: u32,
+    /// Wakes, while gathering, that brought none since one brought more than one.
+    empty_wakes: u32,
 }
 
 /// Spins between two test sleeps of a loop that takes in datagrams: rare enough that a
@@ -253,9 +263,14 @@ const GATHER_TEST_EVERY: u32 = 1024;
 /// had just queued, before any datagram could come.
 const GATHER_TEST_SLEEPS: u32 = 2;
 
-/// Wakes in a row that bring one datagram each after which a loop that gathered spins
-/// again.
+/// Wakes that bring one datagram each, with none bringing more, after which a loop
+/// that gathered spins again.
 const SINGLE_WAKES_TO_SPIN: u32 = 4;
+
+/// Wakes that bring no datagram, with none bringing more than one, after which a loop
+/// that gathered spins again: its datagrams stopped (a program that turned to TCP
+/// round trips after a burst must get its spin back).
+const EMPTY_WAKES_TO_SPIN: u32 = 8;
 
 /// Misses among the last 32 spins at which the loop stops spinning by the average.
 const MISSES_TO_STOP: u32 = 4;
@@ -663,6 +678,32 @@ mod tests {
         for wake in 0..100 {
             let datagrams = if wake % 3 == 0 { 3 } else { 1 };
             assert!(!one_wait(policy, &mut waits_mixed, gap, datagrams));
+        }
+    }
+
+    #[test]
+    fn a_loop_that_gathered_and_then_gets_no_datagrams_spins_again() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let round_trip = Duration::from_micros(19);
+        let mut waits = waits_of(round_trip);
+        waits.gathering = true;
+        // A burst is over; what wakes the loop now is a TCP round trip's reply.
+        let mut slept = 0;
+        while !one_wait(policy, &mut waits, round_trip, 0) {
+            slept += 1;
+            assert!(slept <= EMPTY_WAKES_TO_SPIN, "still not spinning");
+        }
+        assert_eq!(slept, EMPTY_WAKES_TO_SPIN);
+        for _ in 0..10 * GATHER_TEST_EVERY {
+            assert!(one_wait(policy, &mut waits, round_trip, 0));
+        }
+        // Empty wakes between wakes that gather (sends' completions in a relay) do not
+        // end the gathering.
+        let mut waits = waits_of(round_trip);
+        waits.gathering = true;
+        for wake in 0..1000 {
+            let datagrams = if wake % 4 == 0 { 3 } else { 0 };
+            assert!(!one_wait(policy, &mut waits, round_trip, datagrams));
         }
     }
 

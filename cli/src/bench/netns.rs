@@ -77,7 +77,10 @@ pub fn write_private_key_file(
             .open(&path);
         match opened {
             Ok(mut file) => {
-                file.write_all(contents.as_bytes())?;
+                if let Err(err) = file.write_all(contents.as_bytes()) {
+                    let _ = std::fs::remove_file(&path);
+                    return Err(err);
+                }
                 return Ok(path);
             }
             Err(err) if err.kind() == io::ErrorKind::AlreadyExists => last_error = Some(err),
