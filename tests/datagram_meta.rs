@@ -469,3 +469,42 @@ fn interface_index(name: &str) -> u32 {
     // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
     unsafe { libc::if_nametoindex(name.as_ptr()) }
 }
+
+/// A receive option set on the descriptor behind the socket's back (IP_RECVTTL here)
+/// adds control messages the ring has no room for: each such datagram is counted as
+/// control-truncated, and still arrives whole.
+#[test]
+fn control_messages_that_do_not_fit_are_counted() {
+    use std::os::fd::AsRawFd;
+    util::on_each_backend(|backend| async move {
+        let receiver = bound(V4);
+        receiver.control().set_receive_traffic_class(true).unwrap();
+        let on: libc::c_int = 1;
+        // SAFETY: passes a pointer to a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                receiver.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_RECVTTL,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "{backend}");
+        let to = receiver.local_addr().unwrap();
+        let sender = bound(V4);
+        for seq in 0..3u8 {
+            sender.send_to_addr(vec![seq; 50], to).await.0.unwrap();
+            let got = util::recv_datagram(&receiver).await;
+            assert_eq!(got.data(), &[seq; 50][..], "{backend}");
+        }
+        assert_eq!(receiver.receive_stats().control_truncated, 3, "{backend}");
+        // A socket whose options all fit counts none.
+        let plain = bound(V4);
+        plain.control().set_receive_traffic_class(true).unwrap();
+        let to = plain.local_addr().unwrap();
+        sender.send_to_addr(vec![7; 50], to).await.0.unwrap();
+        util::recv_datagram(&plain).await;
+        assert_eq!(plain.receive_stats().control_truncated, 0, "{backend}");
+    });
+}

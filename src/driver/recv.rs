@@ -122,6 +122,8 @@ pub(crate) struct RecvCounters {
     pub(crate) deliveries: u64,
     /// GRO super-datagrams split into datagrams.
     pub(crate) gro_splits: u64,
+    /// Datagrams whose control messages did not all fit (MSG_CTRUNC).
+    pub(crate) control_truncated: u64,
     /// Times the receiver stopped leaving a wait on the socket while it drains, because
     /// datagrams came in bursts (io_uring: the multishot receive gave way to
     /// `recvmmsg`; epoll: the socket leaves the epoll set while it is drained).

@@ -209,6 +209,9 @@ impl MmsgReceiver {
         for (j, ((header, &(bid, at)), name)) in filled.enumerate() {
             let real = header.msg_len as usize;
             let truncated = header.msg_hdr.msg_flags & libc::MSG_TRUNC != 0 || real > capacity;
+            if header.msg_hdr.msg_flags & libc::MSG_CTRUNC != 0 {
+                counters.control_truncated += 1;
+            }
             let name_len = (header.msg_hdr.msg_namelen as usize)
                 .min(std::mem::size_of::<libc::sockaddr_in6>());
             // SAFETY: the kernel wrote `name_len` bytes of address into this slot.

@@ -88,7 +88,7 @@ impl ReceiveRing {
 
     /// Bytes of memory the ring takes: its cap, whichever engine fills it. Receive
     /// metadata ([`DatagramSocketControl::set_receive_destination`] and the like) adds
-    /// up to 64 bytes per slot for the kernel's control messages.
+    /// up to 152 bytes per slot for the kernel's control messages.
     pub fn memory(&self) -> usize {
         ops_datagram::ring_memory(self.buffers, self.buffer_size, 0)
     }
@@ -113,6 +113,11 @@ pub struct ReceiveStats {
     pub deliveries: u64,
     /// GRO super-datagrams taken apart.
     pub gro_splits: u64,
+    /// Datagrams whose control messages did not all fit (MSG_CTRUNC): the descriptor
+    /// has receive options on that this socket does not know of (set on it directly,
+    /// say SO_TIMESTAMPING or IP_RECVTTL), whose messages crowd out the metadata asked
+    /// for. Metadata may be missing from those datagrams.
+    pub control_truncated: u64,
     /// Bursts the receiver drained: times datagrams came faster than it slept and woke,
     /// so it stopped leaving a standing wait on the socket (which makes the sender's
     /// kernel path call it for every datagram it queues) and read the queue in batches
@@ -943,6 +948,7 @@ impl DatagramSocket {
             stats.receive_restarts = counters.receive_restarts;
             stats.deliveries = counters.deliveries;
             stats.gro_splits = counters.gro_splits;
+            stats.control_truncated = counters.control_truncated;
             stats.bursts_drained = counters.bursts_drained;
             stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();

@@ -531,6 +531,9 @@ impl Receiver {
         let keep = payload.len().min(self.pool.layout().capacity);
         let truncated = original > keep;
         self.counters.deliveries += 1;
+        if parsed.is_control_data_truncated() {
+            self.counters.control_truncated += 1;
+        }
         // SAFETY: the ring's hold on `bid` lasts until after this call; the payload lies
         // inside the bytes the kernel wrote.
         unsafe {
