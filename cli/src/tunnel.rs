@@ -312,13 +312,31 @@ fn one_thread(
     let runtime = runtime(&args.backend)?;
     runtime.block_on(async {
         let (tun, found) = open_alone(&args.tun, options)?;
+        // The interface is set up only once the tunnel has its socket: a port in use
+        // leaves an interface that was there as it was.
         let tunnel = Tunnel::new(tun, config)?;
-        announce(tunnel.device(), tunnel.local_addr()?);
-        let result = until_stopped(tunnel.run(), stop.wait()).await;
-        print_stats(&tunnel.stats());
+        let result = async {
+            set_up(tunnel.device(), options)?;
+            announce(tunnel.device(), tunnel.local_addr()?);
+            let result = until_stopped(tunnel.run(), stop.wait()).await;
+            print_stats(&tunnel.stats());
+            result
+        }
+        .await;
         found.restore(tunnel.device());
         result
     })
+}
+
+/// Gives the interface the MTU and state `options` ask for.
+fn set_up(device: &TunDevice, options: TunOptions) -> ringsock::Result<()> {
+    if let Some(mtu) = options.mtu {
+        device.set_mtu(mtu)?;
+    }
+    if options.up {
+        device.set_up(true)?;
+    }
+    Ok(())
 }
 
 /// How an interface the tunnel did not create was before it set it up.
@@ -339,9 +357,10 @@ impl FoundAs {
     }
 }
 
-/// The one queue of a one-thread tunnel: an interface made without multi_queue (as
-/// `ip tuntap add` makes one) takes a queue opened the same way, and one thread needs
-/// no more. An interface that was there keeps what it was to be given back at the end.
+/// The one queue of a one-thread tunnel, its MTU and state untouched (see [`set_up`]):
+/// an interface made without multi_queue (as `ip tuntap add` makes one) takes a queue
+/// opened the same way, and one thread needs no more. An interface that was there keeps
+/// what it was, to be given back at the end.
 fn open_alone(name: &str, options: TunOptions) -> ringsock::Result<(TunDevice, FoundAs)> {
     let untouched = TunOptions {
         mtu: None,
@@ -365,12 +384,6 @@ fn open_alone(name: &str, options: TunOptions) -> ringsock::Result<(TunDevice, F
             up: tun.is_up().ok(),
         },
     };
-    if let Some(mtu) = options.mtu {
-        tun.set_mtu(mtu)?;
-    }
-    if options.up {
-        tun.set_up(true)?;
-    }
     Ok((tun, found))
 }
 

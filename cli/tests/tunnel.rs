@@ -768,6 +768,46 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
             after.contains("mtu 1300") && !after.contains(",UP"),
             "{backend}: not as it was: {after}"
         );
+        // A tunnel that cannot have its port leaves the interface untouched too.
+        let mut holder = std::process::Command::new("ip")
+            .args(["netns", "exec", pair.a.name(), "python3", "-c"])
+            .arg(
+                "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                 s.bind(('127.0.0.1',47999))\nprint('bound',flush=True)\nsys.stdin.read()",
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "bound", "{backend}");
+        let busy = [
+            "--tun",
+            TUN,
+            "--listen",
+            "127.0.0.1:47999",
+            "--key",
+            key.to_str().unwrap(),
+        ];
+        let out = tunnel_command(&pair.a, backend, &busy).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("AddressAlreadyInUse"),
+            "{backend}: {stderr}"
+        );
+        let untouched = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
+        assert!(
+            untouched.contains("mtu 1300") && !untouched.contains(",UP"),
+            "{backend}: changed by a tunnel that failed: {untouched}"
+        );
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
         pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
     }
 }
