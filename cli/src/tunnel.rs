@@ -79,7 +79,12 @@ const MAX_THREADS: u32 = 64;
 /// Runs the tunnel until SIGINT or SIGTERM; prints `tunnel NAME udp IP:PORT` once it
 /// listens and `tunnel stats {...}` (its counters, JSON, summed over its threads) when
 /// it stops.
-pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
+pub(crate) fn tunnel(mut args: TunnelArgs) -> ringsock::Result<()> {
+    // An IPv4 host written as IPv6 (::ffff:a.b.c.d) is judged, and reached from an IPv4
+    // socket, as the IPv4 host it is.
+    if let (Some(peer), true) = (args.peer, args.listen.is_ipv4()) {
+        args.peer = Some(SocketAddr::new(peer.ip().to_canonical(), peer.port()));
+    }
     if let Some(peer) = args.peer {
         // An IPv4 socket cannot send to an IPv6 peer (an IPv6 one reaches IPv4 peers).
         if peer.is_ipv6() && args.listen.is_ipv4() {
@@ -94,7 +99,8 @@ pub(crate) fn tunnel(args: TunnelArgs) -> ringsock::Result<()> {
     }
     if let (Some(peer), std::net::IpAddr::V6(listen)) = (args.peer, args.listen.ip()) {
         // A socket bound to one IPv6 address sends from it alone: no IPv4 peer answers.
-        if peer.is_ipv4() && !listen.is_unspecified() && listen.to_ipv4_mapped().is_none() {
+        let peer_is_ipv4 = peer.ip().to_canonical().is_ipv4();
+        if peer_is_ipv4 && !listen.is_unspecified() && listen.to_ipv4_mapped().is_none() {
             super::usage_error_in(
                 "tunnel",
                 format!(
@@ -149,7 +155,7 @@ fn is_unicast(ip: std::net::IpAddr) -> bool {
 /// Bytes a sealed packet adds to an inner one: IP and UDP headers, the tunnel's header
 /// and tag (as `--mtu` says).
 fn sealed_overhead(peer: SocketAddr) -> u32 {
-    if peer.is_ipv4() {
+    if peer.ip().to_canonical().is_ipv4() {
         56
     } else {
         76

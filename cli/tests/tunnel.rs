@@ -609,6 +609,7 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
             ("127.0.0.1:0", "[::]:51820", "cannot be sent to"),
             ("127.0.0.1:0", "[::1]:51820", "is IPv6"),
             ("[::1]:0", "127.0.0.1:51820", "is IPv4"),
+            ("[::1]:0", "[::ffff:127.0.0.1]:51820", "is IPv4"),
             ("127.0.0.1:0", "peer.example:51820", "not an ADDR:PORT"),
             ("127.0.0.1:0", "255.255.255.255:51820", "not one host"),
             ("127.0.0.1:0", "224.0.0.1:51820", "not one host"),
@@ -632,6 +633,29 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
                 "{backend} {peer}: {stderr}"
             );
         }
+    }
+}
+
+/// An IPv4 peer written as IPv6 (`::ffff:a.b.c.d`) is the IPv4 host it names: an IPv4
+/// socket reaches it, so the run goes on to the key (missing here).
+#[test]
+fn a_v4_mapped_peer_of_an_ipv4_socket_is_its_ipv4_host() {
+    for backend in BACKENDS {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
+            .args(["tunnel", "--tun", TUN, "--listen", "127.0.0.1:0"])
+            .args([
+                "--key",
+                "/nonexistent",
+                "--peer",
+                "[::ffff:127.0.0.1]:51820",
+            ])
+            .args(["--backend", backend])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("is IPv6"), "{backend}: {stderr}");
+        assert!(stderr.contains("/nonexistent"), "{backend}: {stderr}");
+        assert_ne!(out.status.code(), Some(0), "{backend}: {stderr}");
     }
 }
 
