@@ -155,6 +155,9 @@ socket_error_status! {
     /// record that fails authentication (corrupt or forged on the way), a malformed
     /// message, a protocol violation. The connection carries nothing more.
     TlsProtocolError,
+    /// ringsock addition: a device another user holds (`EBUSY`), e.g. a TUN interface
+    /// another process (another tunnel) has open. Retrying once it lets go may work.
+    ResourceBusy,
 }
 
 /// The one public error type of ringsock.
@@ -319,6 +322,7 @@ impl SocketErrorStatus {
             libc::EACCES | libc::EPERM => SocketErrorStatus::PermissionDenied,
             libc::ENOENT | libc::ENOTDIR => SocketErrorStatus::FileNotFound,
             libc::EISDIR => SocketErrorStatus::InvalidFile,
+            libc::EBUSY => SocketErrorStatus::ResourceBusy,
             // EINVAL from a socket call on valid arguments means the operation does
             // not fit the socket (e.g. listen on a UDP socket); bad user input is
             // caught before any syscall and reported as InvalidArgument.
@@ -367,6 +371,7 @@ impl SocketErrorStatus {
                 SocketErrorStatus::NoBufferSpace
             }
             io::ErrorKind::Interrupted => SocketErrorStatus::OperationAborted,
+            io::ErrorKind::ResourceBusy => SocketErrorStatus::ResourceBusy,
             _ => SocketErrorStatus::Unknown,
         }
     }
@@ -389,7 +394,7 @@ impl SocketErrorStatus {
             S::InvalidArgument | S::MessageTooLong => io::ErrorKind::InvalidInput,
             S::PermissionDenied => io::ErrorKind::PermissionDenied,
             S::FileNotFound => io::ErrorKind::NotFound,
-            S::ResolverQueueFull => io::ErrorKind::ResourceBusy,
+            S::ResolverQueueFull | S::ResourceBusy => io::ErrorKind::ResourceBusy,
             S::NoBufferSpace => io::ErrorKind::OutOfMemory,
             S::UnsupportedOperation | S::AddressFamilyNotSupported | S::SocketTypeNotSupported => {
                 io::ErrorKind::Unsupported
@@ -694,6 +699,7 @@ mod tests {
             (libc::ENOSPC, S::NoBufferSpace),
             (libc::EDQUOT, S::NoBufferSpace),
             (libc::EACCES, S::PermissionDenied),
+            (libc::EBUSY, S::ResourceBusy),
             (libc::EPERM, S::PermissionDenied),
             (libc::EINVAL, S::UnsupportedOperation),
             (libc::EOPNOTSUPP, S::UnsupportedOperation),
@@ -752,7 +758,7 @@ mod tests {
             (io::Error::from(K::NotFound), S::FileNotFound),
             (io::Error::from(K::NotADirectory), S::FileNotFound),
             (io::Error::from(K::IsADirectory), S::InvalidFile),
-            (io::Error::from(K::ResourceBusy), S::Unknown),
+            (io::Error::from(K::ResourceBusy), S::ResourceBusy),
             (io::Error::other("custom"), S::Unknown),
             (
                 io::Error::other(Error::tls(S::CertificateExpired, "expired")),
@@ -766,7 +772,7 @@ mod tests {
 
     #[test]
     fn status_display_is_the_variant_name() {
-        assert_eq!(SocketErrorStatus::ALL.len(), 44);
+        assert_eq!(SocketErrorStatus::ALL.len(), 45);
         for status in SocketErrorStatus::ALL {
             assert_eq!(status.to_string(), format!("{status:?}"));
         }

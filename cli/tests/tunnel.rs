@@ -1192,7 +1192,7 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
             second.extend(["--threads", threads]);
             let stderr = refused(pair.a.name(), backend, &second);
             assert!(
-                stderr.contains("another tunnel"),
+                stderr.contains("error: ResourceBusy: ") && stderr.contains("another tunnel"),
                 "{backend} {threads}: {stderr}"
             );
         }
@@ -1215,7 +1215,10 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
             drop(held);
             stderr
         });
-        assert!(stderr.contains("another process"), "{backend}: {stderr}");
+        assert!(
+            stderr.contains("error: ResourceBusy: ") && stderr.contains("another process"),
+            "{backend}: {stderr}"
+        );
     }
 }
 
