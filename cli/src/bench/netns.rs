@@ -245,8 +245,30 @@ impl Drop for Netns {
     }
 }
 
-/// CPU seconds (user + system) process `pid` has used, from /proc/PID/stat.
+/// CPU seconds process `pid` has used so far: the sum of its threads' run time in
+/// nanoseconds (`/proc/PID/task/*/schedstat`), where the kernel keeps it; else its user
+/// and system time in clock ticks (`/proc/PID/stat`: 10 ms steps, which a short run
+/// does not fill). None when neither can be read (the process is gone).
 pub fn process_cpu_secs(pid: u32) -> Option<f64> {
+    threads_run_secs(pid).or_else(|| ticks_cpu_secs(pid))
+}
+
+/// The sum of the run times of `pid`'s threads, in seconds.
+fn threads_run_secs(pid: u32) -> Option<f64> {
+    let mut nanos = 0u64;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let path = task.ok()?.path().join("schedstat");
+        // A thread that ended between the listing and the read has no time to add.
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        nanos += text.split_whitespace().next()?.parse::<u64>().ok()?;
+    }
+    Some(nanos as f64 / 1e9)
+}
+
+/// User and system time of `pid` from `/proc/PID/stat`, in seconds.
+fn ticks_cpu_secs(pid: u32) -> Option<f64> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the command name (which may hold spaces) start after ") ".
     let rest = &text[text.rfind(')')? + 2..];

@@ -345,6 +345,9 @@ pub(crate) fn run(options: &Options) -> ringsock::Result<Report> {
     report.secs = Some(flood_secs);
     report.delivered = got;
     let per = |x: f64, n: u64| if n == 0 { None } else { Some(x / n as f64) };
+    // No time measured (or less than before: a thread that ended took its time along)
+    // is no figure, not a free tunnel.
+    let cpu_per = |x: f64, n: u64| per(x, n).filter(|_| x > 0.0);
     report.push(
         "offloads",
         options.offloads && options.imp != Impl::StdPerWrite,
@@ -355,11 +358,11 @@ pub(crate) fn run(options: &Options) -> ringsock::Result<Report> {
     report.push("tcp_gbit_s", bytes as f64 * 8.0 / secs / 1e9);
     report.push(
         "tcp_tunnel_cpu_ns_per_byte",
-        per((cpu1 - cpu0) * 1e9, bytes),
+        cpu_per((cpu1 - cpu0) * 1e9, bytes),
     );
     report.push(
         "tcp_machine_cpu_ns_per_byte",
-        per(machine_busy(&busy0, &busy1) * 1e9, bytes),
+        cpu_per(machine_busy(&busy0, &busy1) * 1e9, bytes),
     );
     report.push("udp_sent", sent);
     report.push("udp_delivered", got);
@@ -369,11 +372,11 @@ pub(crate) fn run(options: &Options) -> ringsock::Result<Report> {
     );
     report.push(
         "udp_tunnel_cpu_us_per_packet",
-        per((cpu2 - cpu1) * 1e6, got),
+        cpu_per((cpu2 - cpu1) * 1e6, got),
     );
     report.push(
         "udp_machine_cpu_us_per_packet",
-        per(machine_busy(&busy1, &busy2) * 1e6, got),
+        cpu_per(machine_busy(&busy1, &busy2) * 1e6, got),
     );
     if bytes != TCP_BYTES {
         report.error = Some(RunError::new(
