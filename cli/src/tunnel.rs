@@ -352,6 +352,21 @@ struct FoundAs {
 }
 
 impl FoundAs {
+    /// How `device` is now, if the tunnel did not create it (one it created goes with
+    /// it, and needs nothing back).
+    fn of(device: &TunDevice) -> FoundAs {
+        match device.created() {
+            true => FoundAs {
+                mtu: None,
+                up: None,
+            },
+            false => FoundAs {
+                mtu: device.mtu().ok(),
+                up: device.is_up().ok(),
+            },
+        }
+    }
+
     /// Gives an interface that was there before the tunnel its MTU and state back.
     fn restore(self, device: &TunDevice) {
         if let Some(mtu) = self.mtu {
@@ -380,16 +395,7 @@ fn open_alone(name: &str, options: TunOptions) -> ringsock::Result<(TunDevice, F
         };
         TunDevice::create(name, single).map_err(|_| first)
     })?;
-    let found = match tun.created() {
-        true => FoundAs {
-            mtu: None,
-            up: None,
-        },
-        false => FoundAs {
-            mtu: tun.mtu().ok(),
-            up: tun.is_up().ok(),
-        },
-    };
+    let found = FoundAs::of(&tun);
     Ok((tun, found))
 }
 

@@ -770,6 +770,24 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
             pair.a.exec(&["ip", "link", "show", TUN]).is_ok(),
             "{backend}: attached, kept"
         );
+        // On two threads (two queues) too: the MTU and state it found come back.
+        pair.a
+            .exec(&["ip", "link", "set", TUN, "down", "mtu", "1300"])
+            .unwrap();
+        let mut two = args.to_vec();
+        two.extend(["--threads", "2"]);
+        let a = TunnelProc::start(&pair.a, backend, &two, None);
+        let during = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
+        assert!(
+            during.contains("mtu 1420") && during.contains(",UP"),
+            "{backend}: {during}"
+        );
+        a.stop();
+        let after = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
+        assert!(
+            after.contains("mtu 1300") && !after.contains(",UP"),
+            "{backend}: two threads left it not as it was: {after}"
+        );
         pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
 
         // Made as `ip tuntap add` makes one by default (no multi_queue), down, with its

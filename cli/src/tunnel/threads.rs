@@ -11,7 +11,7 @@ use ringsock::runtime::{Builder, Pool, RemoteJoinHandle};
 use ringsock::tun::{TunDevice, TunOffloads, TunOptions};
 use ringsock::tunnel::{TunnelConfig, TunnelGroup, TunnelStats};
 
-use super::{announce_parts, print_stats, until_stopped, StopSignal, TunnelArgs};
+use super::{announce_parts, print_stats, set_up, until_stopped, FoundAs, StopSignal, TunnelArgs};
 
 /// What each thread's member of the tunnel gives back: how it ended, and its counters.
 type MemberEnd = (ringsock::Result<()>, TunnelStats);
@@ -43,29 +43,39 @@ pub(super) fn run(
     // The interface thread 0 opened: a template such as vpn%d would make each thread
     // an interface of its own, the others down, and what they read of the peer lost.
     let mut opened = args.tun.clone();
+    // Every queue opens the interface as it is; thread 0 sets its MTU and state once it
+    // has its socket (a port in use leaves an interface that was there untouched), and
+    // gives one it did not create its MTU and state back when it stops.
+    let untouched = TunOptions {
+        mtu: None,
+        up: false,
+        ..options
+    };
     for thread in 0..threads {
-        let options = if thread == 0 {
-            options
-        } else {
-            // The interface exists, with its MTU, and is up: only attach a queue.
-            TunOptions {
-                mtu: None,
-                up: false,
-                ..options
-            }
-        };
         let (ready, is_ready) = mpsc::channel();
         let (group, halt, name) = (group.clone(), halt.clone(), opened.clone());
         let member = handle.spawn_on(thread, move || async move {
-            let joined = TunDevice::create(&name, options).and_then(|tun| group.join(tun));
-            let tunnel = match joined {
-                Ok(tunnel) => tunnel,
+            let joined = TunDevice::create(&name, untouched).and_then(|tun| {
+                let found = FoundAs::of(&tun);
+                group.join(tun).map(|tunnel| (tunnel, found))
+            });
+            let (tunnel, found) = match joined {
+                Ok(joined) => joined,
                 Err(err) => return (Err(err), TunnelStats::default()),
             };
-            let device = tunnel.device();
-            let _ = ready.send((device.name().to_owned(), device.offloads()));
-            drop(ready);
-            let result = until_stopped(tunnel.run(), halt.wait(thread)).await;
+            let result = async {
+                if thread == 0 {
+                    set_up(tunnel.device(), options)?;
+                }
+                let device = tunnel.device();
+                let _ = ready.send((device.name().to_owned(), device.offloads()));
+                drop(ready);
+                until_stopped(tunnel.run(), halt.wait(thread)).await
+            }
+            .await;
+            if thread == 0 {
+                found.restore(tunnel.device());
+            }
             (result, tunnel.stats())
         })?;
         members.push(Some(member));
