@@ -129,7 +129,13 @@ fn a_socket_used_from_two_runtimes_fails_on_the_other() {
             let (write, _) = must("write on B", client.write(b"x".to_vec())).await;
             assert_wrong_runtime(write, "write");
             let output = client.output_stream();
-            must("queue on B", output.write("queued")).await.unwrap();
+            // Not even queued: a flush at home must not send it.
+            let queued = must("queue on B", output.write("queued")).await;
+            assert_wrong_runtime(queued.map(drop), "queue");
+            assert!(
+                output.try_write("queued").is_err(),
+                "{backend}: try_write on B"
+            );
             assert_wrong_runtime(must("flush on B", output.flush()).await, "flush");
             let accepted = must("accept on B", listener.accept()).await;
             assert_wrong_runtime(accepted.map(drop), "accept");

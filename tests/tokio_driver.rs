@@ -2,6 +2,7 @@
 //! tokio, tasks and timers run, tokio tasks dropped mid-read lose nothing, and sockets
 //! used where their driver is not current fail with WrongRuntime.
 
+mod tls_certs;
 mod util;
 
 use std::io::{Read, Write};
@@ -236,6 +237,62 @@ fn sockets_used_where_their_driver_is_not_current_are_wrong_runtime() {
             })
             .await;
     });
+}
+
+/// A TLS read through tokio's AsyncRead whose receive was in flight when its driver
+/// went: the next read is `WrongRuntime`, not an end of stream (`Ok(0)`) or a panic of
+/// the receive task's handle; so is one with no receive in flight.
+#[test]
+fn a_tls_async_read_after_its_driver_went_is_wrong_runtime() {
+    use tokio::io::AsyncReadExt;
+    for receive_in_flight in [false, true] {
+        with_each_driver_in_tokio(|backend, mut driver| async move {
+            let ca = tls_certs::Ca::new("gone");
+            let (mut client, server) = driver
+                .run_until(async {
+                    let listener = ringsock::StreamSocketListener::bind_host(
+                        &ringsock::HostName::new("127.0.0.1").unwrap(),
+                        "0",
+                    )
+                    .unwrap();
+                    let port = listener.local_addr().unwrap().port().to_string();
+                    let acceptor = ringsock::tls::TlsAcceptor::new(ca.server()).unwrap();
+                    let server = ringsock::spawn(async move {
+                        let socket = listener.accept().await.unwrap();
+                        socket.accept_tls(&acceptor).await.unwrap();
+                        socket
+                    });
+                    let mut client = StreamSocket::new();
+                    client.control().set_trusted_roots(ca.roots()).unwrap();
+                    let host = ringsock::HostName::new("localhost").unwrap();
+                    let tls = ringsock::tls::ProtectionLevel::Tls13;
+                    client.connect_with(&host, &port, tls).await.unwrap();
+                    if receive_in_flight {
+                        let mut byte = [0u8; 1];
+                        let read = AsyncReadExt::read(&mut client, &mut byte);
+                        let given_up = tokio::time::timeout(Duration::from_millis(5), read);
+                        assert!(given_up.await.is_err(), "{backend}: nothing was sent");
+                    }
+                    (client, server.await)
+                })
+                .await;
+            drop(driver);
+            let mut byte = [0u8; 1];
+            let err = AsyncReadExt::read(&mut client, &mut byte)
+                .await
+                .expect_err("a read after the driver went");
+            let status = err
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<ringsock::Error>())
+                .map(ringsock::Error::status);
+            assert_eq!(
+                status,
+                Some(SocketErrorStatus::WrongRuntime),
+                "{backend}: {err}"
+            );
+            drop(server);
+        });
+    }
 }
 
 #[test]

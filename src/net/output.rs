@@ -331,6 +331,7 @@ impl OutputStream {
         let Some(fd) = &self.inner.fd else {
             return Err(Error::invalid_input("the socket is not connected"));
         };
+        self.inner.on_its_runtime()?;
         // Closed, dropped, aborted or timed out on this side: said now, not at the
         // flush that would find the socket gone.
         if let Some(why) = fd.ended_why() {
@@ -377,7 +378,7 @@ impl OutputStream {
             .inner
             .fd
             .as_ref()
-            .is_some_and(|fd| !fd.is_ended() && !fd.is_write_shut());
+            .is_some_and(|fd| !fd.is_ended() && !fd.is_write_shut() && fd.binding().is_ok());
         if !usable || self.inner.transport.check_write(len).is_err() {
             return None;
         }
@@ -395,6 +396,7 @@ impl OutputStream {
         if self.inner.fd.is_none() {
             return Poll::Ready(Err(Error::invalid_input("the socket is not connected")));
         }
+        self.inner.on_its_runtime()?;
         self.inner.transport.check_write(buf.len())?;
         if let Some((_, failure)) = &self.inner.state.borrow().failure {
             return Poll::Ready(Err(failure.to_error()));
@@ -417,6 +419,7 @@ impl OutputStream {
     /// given back by the kernel, with the first error among them.
     #[cfg(any(feature = "tokio", feature = "futures-io"))]
     pub(crate) fn poll_flushed(&self, cx: &mut Context<'_>) -> Poll<Result<()>> {
+        self.inner.on_its_runtime()?;
         let target = {
             let mut state = self.inner.state.borrow_mut();
             state.flush_target = state.flush_target.max(state.next);
@@ -532,6 +535,7 @@ impl OutputStream {
     /// takes no bytes of for that long fails with `ConnectionTimedOut`, and so does the
     /// connection.
     pub async fn flush(&self) -> Result<()> {
+        self.inner.on_its_runtime()?;
         let target = self.inner.state.borrow().next;
         self.inner.wait_for(target).await
     }
@@ -550,6 +554,20 @@ impl OutputStream {
 }
 
 impl Inner {
+    /// Fails with `WrongRuntime` where the socket's runtime does not run. Every entry
+    /// point asks before it queues or starts anything: the sender is a task of that
+    /// runtime, and a call from elsewhere must leave the stream whole for it (a sender
+    /// started elsewhere would fail the stream for good).
+    fn on_its_runtime(&self) -> Result<()> {
+        match &self.fd {
+            Some(fd) => fd
+                .binding()
+                .map(drop)
+                .map_err(|err| Error::io("write", err)),
+            None => Ok(()),
+        }
+    }
+
     /// Resolves once every write numbered below `target` has a result: the first error
     /// among them, or Ok.
     async fn wait_for(self: &Rc<Self>, target: u64) -> Result<()> {
@@ -646,6 +664,8 @@ impl Inner {
                 drop(state);
                 waker.wake();
             }
+            // Only on the socket's own runtime (a write handle awaited elsewhere gets here).
+            Sender::Absent if self.on_its_runtime().is_err() => state.sender = Sender::Absent,
             Sender::Absent => {
                 state.sender_epoch += 1;
                 let epoch = state.sender_epoch;
@@ -879,6 +899,9 @@ impl Future for WriteHandle {
             if let Some(result) = state.result_of(seq) {
                 return Poll::Ready(result);
             }
+            // Its sender runs only where the socket's runtime does: waiting elsewhere
+            // would wait for good.
+            stream.on_its_runtime()?;
             if state.flush_target <= seq {
                 state.flush_target = seq + 1;
             }

@@ -181,9 +181,22 @@ impl TlsSession {
         }
     }
 
+    /// Fails with `WrongRuntime` where the socket's runtime does not run (another
+    /// runtime, none, or after it was dropped). Every entry point asks first, before it
+    /// changes anything: the session's receive and send run as tasks of its own runtime,
+    /// which a call elsewhere must neither start there nor wait on, and a misused call
+    /// must leave the session whole for its own runtime.
+    fn on_its_runtime(&self, what: &str) -> Result<()> {
+        self.fd
+            .binding()
+            .map(drop)
+            .map_err(|err| Error::io(what, err))
+    }
+
     /// Runs the handshake to its end. On failure the peer is sent an alert saying why
     /// (when the socket still works), and the session stays failed.
     pub(crate) async fn handshake(&self) -> Result<()> {
+        self.on_its_runtime("TLS handshake")?;
         let _turn = self.read_turn.take().await;
         match self.drive_handshake().await {
             Ok(()) => {
@@ -302,14 +315,18 @@ impl TlsSession {
                 ));
             }
         }
-        let (result, buf) = poll_fn(|cx| {
+        let polled = poll_fn(|cx| {
+            // A read moved elsewhere while its receive was in flight (or whose runtime
+            // went meanwhile) is told so; the receive stays the session's.
+            self.fd.binding()?;
             let mut rx = self.rx.borrow_mut();
             match rx.recv.as_mut() {
-                Some(recv) => Pin::new(recv).poll(cx),
-                None => Poll::Ready((Err(io::ErrorKind::Other.into()), Vec::new())),
+                Some(recv) => Pin::new(recv).poll(cx).map(Ok),
+                None => Poll::Ready(Ok((Err(io::ErrorKind::Other.into()), Vec::new()))),
             }
         })
         .await;
+        let (result, buf) = polled.map_err(|err| Error::io("TLS read", err))?;
         let mut rx = self.rx.borrow_mut();
         rx.recv = None;
         let asked = buf.capacity();
@@ -389,6 +406,7 @@ impl TlsSession {
     /// Reads decrypted bytes through `copy`, which takes what fits from a slice and says
     /// how much it took. Returns the count; 0 once the peer sent `close_notify`.
     pub(crate) async fn read_with(&self, copy: &mut dyn FnMut(&[u8]) -> usize) -> Result<usize> {
+        self.on_its_runtime("TLS read")?;
         let _turn = self.read_turn.take().await;
         {
             let mut unread = self.unread.borrow_mut();
@@ -469,6 +487,7 @@ impl TlsSession {
     /// and the network (and the peer decrypting) work at the same time. Anything up to
     /// one step is sealed and submitted at once.
     async fn send_pieces(&self, pieces: &[&[u8]]) -> Result<()> {
+        self.on_its_runtime("TLS write")?;
         let total: usize = pieces.iter().map(|piece| piece.len()).sum();
         let mut in_flight = None;
         let mut from = 0;
@@ -534,6 +553,7 @@ impl TlsSession {
 
     /// Sends `close_notify` (once) and waits until everything queued before it is sent.
     pub(crate) async fn close_write(&self) -> Result<()> {
+        self.on_its_runtime("TLS close")?;
         if !self.write_closed.replace(true) {
             self.conn.borrow_mut().send_close_notify();
             self.queue_output()?;
@@ -582,7 +602,8 @@ impl Drop for TlsSession {
         // Close the session the way TLS asks, so the peer can tell the end from a
         // truncation; the sender task keeps the socket open until the alert is out.
         let healthy = self.phase.get() == Phase::Ready && self.failure.get_mut().is_none();
-        if healthy && !self.write_closed.get() && crate::runtime::current_driver_kind().is_some() {
+        // Only where its own runtime runs: its sender is a task there.
+        if healthy && !self.write_closed.get() && self.fd.binding().is_ok() {
             self.write_closed.set(true);
             let conn = self.conn.get_mut();
             conn.send_close_notify();
