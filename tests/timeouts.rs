@@ -84,6 +84,29 @@ fn an_idle_connection_nobody_waits_on_is_closed_too() {
     });
 }
 
+/// A control taken before the connect and used after it acts on the connected socket:
+/// its idle timeout fires and its TCP_NODELAY reaches the kernel.
+#[test]
+fn a_control_taken_before_the_connect_acts_on_the_connected_socket() {
+    util::on_each_backend(|_| async {
+        let listener = util::loopback_listener();
+        let client = StreamSocket::new();
+        let control = client.control();
+        client
+            .connect_addr(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let _server = util::must("accept", listener.accept()).await.unwrap();
+        control.set_no_delay(false).unwrap();
+        let nodelay = socket2::SockRef::from(&client).nodelay().unwrap();
+        assert!(!nodelay, "TCP_NODELAY still on");
+        control.set_idle_timeout(Some(SHORT)).unwrap();
+        let (read, _) = util::must("idle read", client.read(Vec::with_capacity(16))).await;
+        assert_eq!(status(read), SocketErrorStatus::ConnectionTimedOut);
+        assert_eq!(control.timeout_counts().idle, 1);
+    });
+}
+
 #[test]
 fn traffic_before_the_idle_timeout_and_a_cleared_one_keep_the_connection() {
     util::on_each_backend(|_| async {

@@ -96,18 +96,25 @@ fn apply_keep_alive(fd: &SharedFd, idle: Option<Duration>) -> Result<()> {
 /// `connect`; on a connected socket a setter applies at once.
 pub struct StreamSocketControl<'a> {
     pub(crate) options: &'a StreamOptions,
-    pub(crate) fd: Option<&'a SharedFd>,
+    /// A stream socket's descriptor, read at each call: a control taken before the
+    /// connect applies what it is told after it to the connected socket.
+    pub(crate) connected: Option<&'a std::cell::OnceCell<SharedFd>>,
     /// A listener's own socket: buffer sizes go on it too, so that connections take
     /// them from their first segment (the window their SYN-ACK offers), not only once
     /// accepted.
     pub(crate) listening: Option<&'a SharedFd>,
 }
 
-impl StreamSocketControl<'_> {
+impl<'a> StreamSocketControl<'a> {
+    /// The connected socket's descriptor, once there is one.
+    fn fd(&self) -> Option<&'a SharedFd> {
+        self.connected.and_then(std::cell::OnceCell::get)
+    }
+
     /// Disables Nagle's algorithm (TCP_NODELAY). On by default, as on Windows.
     pub fn set_no_delay(&self, no_delay: bool) -> Result<()> {
         self.options.no_delay.set(no_delay);
-        match self.fd {
+        match self.fd() {
             Some(fd) => fd
                 .sock()
                 .set_nodelay(no_delay)
@@ -140,7 +147,7 @@ impl StreamSocketControl<'_> {
             }
         }
         let idle = idle.map(|idle| Duration::from_secs(idle.as_secs()));
-        if let Some(fd) = self.fd {
+        if let Some(fd) = self.fd() {
             apply_keep_alive(fd, idle)?;
         }
         self.options.keep_alive.set(idle);
@@ -160,7 +167,7 @@ impl StreamSocketControl<'_> {
         let wanted = &self.options.send_buffer_size;
         set_buffer_size(
             wanted,
-            self.fd.or(self.listening),
+            self.fd().or(self.listening),
             SocketBuffer::Send,
             bytes,
         )
@@ -175,7 +182,7 @@ impl StreamSocketControl<'_> {
         let wanted = &self.options.receive_buffer_size;
         set_buffer_size(
             wanted,
-            self.fd.or(self.listening),
+            self.fd().or(self.listening),
             SocketBuffer::Receive,
             bytes,
         )
@@ -333,7 +340,7 @@ impl StreamSocketControl<'_> {
 
     /// A changed idle or write limit applies to a live connection at once.
     fn rewatch(&self, what: &str) -> Result<()> {
-        let Some(fd) = self.fd else { return Ok(()) };
+        let Some(fd) = self.fd() else { return Ok(()) };
         // The watchdog runs on the socket's runtime: it must be the one running here.
         fd.binding().map_err(|err| Error::io(what, err))?;
         self.options.timeouts.watch(fd);
@@ -351,7 +358,7 @@ impl StreamSocketControl<'_> {
 
     /// The connected socket, or the listening one of a listener's control.
     fn live(&self) -> Result<&SharedFd> {
-        self.fd
+        self.fd()
             .or(self.listening)
             .ok_or_else(|| Error::invalid_input("the socket is not connected"))
     }

@@ -183,7 +183,7 @@ impl StreamSocketListener {
     pub fn control(&self) -> StreamSocketControl<'_> {
         StreamSocketControl {
             options: &self.options,
-            fd: None,
+            connected: None,
             listening: Some(&self.fd),
         }
     }

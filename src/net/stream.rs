@@ -367,7 +367,7 @@ impl StreamSocket {
     pub fn control(&self) -> StreamSocketControl<'_> {
         StreamSocketControl {
             options: &self.options,
-            fd: self.fd.get(),
+            connected: Some(&self.fd),
             listening: None,
         }
     }
