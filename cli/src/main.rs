@@ -233,8 +233,9 @@ struct EchoServerArgs {
     #[arg(long, value_name = "SECS", default_value = "10")]
     handshake_timeout: Seconds,
     /// Serve on N threads, each with its own runtime and its own SO_REUSEPORT socket
-    /// for --tcp and --udp (default: one per CPU; 1 with --max-connections, which then
-    /// bounds the whole server; with more threads each serves at most its share).
+    /// for --tcp and --udp (default: one per CPU; 1 with --max-connections, which bounds
+    /// the whole server on any number of threads, and on one takes no client from the
+    /// kernel before it has room for it).
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1024))]
     threads: Option<u64>,
     /// Serve the sockets a service manager passed (systemd socket activation:
@@ -557,7 +558,8 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
     }
     let threads = match args.threads {
         Some(threads) => threads as usize,
-        // One connection limit for the whole server stays exact on one thread.
+        // With a limit, each further thread's listener may hold one accepted client while
+        // the server is full: one thread by default takes none before it has room.
         None if args.max_connections.is_some() => 1,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
@@ -585,7 +587,7 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
             acceptor,
             idle_timeout: args.idle_timeout.0,
             write_timeout: args.write_timeout.0,
-            max_connections: args.max_connections.map(|n| (n as usize).div_ceil(threads)),
+            connections: conn_limit::ServerLimit::new(args.max_connections.map(|n| n as usize)),
             udp_rate: args.udp_rate,
         },
     )

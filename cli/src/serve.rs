@@ -19,6 +19,7 @@ use ringsock::tls::TlsAcceptor;
 use ringsock::{DatagramSocket, Error, SocketErrorStatus, StreamSocketListener, TimeoutCounts};
 
 use crate::conn_limit::ConnectionLimit;
+use crate::conn_limit::ServerLimit;
 use crate::{
     echo_connection, first_of, flush_stdout, timeouts_line, udp_echo, EchoLogs,
     TIMEOUT_REPORT_EVERY,
@@ -204,8 +205,8 @@ pub(crate) struct Settings {
     pub(crate) acceptor: Option<TlsAcceptor>,
     pub(crate) idle_timeout: Option<std::time::Duration>,
     pub(crate) write_timeout: Option<std::time::Duration>,
-    /// Connections one thread serves at once.
-    pub(crate) max_connections: Option<usize>,
+    /// Connections the server (all its threads) serves at once.
+    pub(crate) connections: ServerLimit,
     /// Echoes a second per UDP source address (0: no limit).
     pub(crate) udp_rate: u32,
 }
@@ -608,7 +609,7 @@ async fn serve_thread(
         }
     }
     let _ = ready.send(());
-    let open = ConnectionLimit::new(settings.max_connections);
+    let open = ConnectionLimit::new(&settings.connections);
     let publish = || async {
         loop {
             ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY / 2).await;
@@ -908,9 +909,14 @@ async fn accept_loop(
                 "{limit} served (--max-connections); new ones wait until one ends"
             ));
         }
-        let slot = open.acquire().await;
+        // A slot is taken once a client is there: this loop's thread may be the one the
+        // kernel gives no client for a while.
+        open.room().await;
         match listener.accept().await {
-            Ok(socket) => serve_connection(socket, settings, slot, logs),
+            Ok(socket) => {
+                let slot = open.acquire().await;
+                serve_connection(socket, settings, slot, logs);
+            }
             // One failed accept (say, out of descriptors) must not end the server; the
             // listener waits before the next attempt, so this cannot spin.
             Err(err) => logs.accept.line(format!("{}: {err}", err.status())),

@@ -176,6 +176,55 @@ fn clients_beyond_max_connections_wait_until_one_ends() {
     }
 }
 
+/// With several threads the limit is still the server's: three served by two threads
+/// (each with a listener of its own) fill it, and a fourth waits for one to end.
+#[test]
+fn max_connections_counts_every_thread_together() {
+    for backend in ["uring", "epoll"] {
+        let server = EchoServer::start(
+            &[
+                "--tcp",
+                "127.0.0.1:0",
+                "--max-connections",
+                "3",
+                "--threads",
+                "2",
+                "--backend",
+                backend,
+            ],
+            &["tcp"],
+        );
+        let tcp = addr(server.port());
+        let served: Vec<TcpStream> = (0..3)
+            .map(|n| {
+                let stream = client(tcp);
+                echo_line(&stream, &format!("served {n}"));
+                stream
+            })
+            .collect();
+        // Before, each thread had a share of ⌈3 / 2⌉ = 2: four were served, and a full
+        // thread said "2 served".
+        server.wait_for_stderr("the server to reach its limit", |lines| {
+            lines
+                .iter()
+                .any(|l| l.starts_with("connections: 3 served (--max-connections)"))
+        });
+        let fourth = client(tcp);
+        (&fourth).write_all(b"fourth\n").unwrap();
+        fourth.set_nonblocking(true).unwrap();
+        let err = (&fourth).read(&mut [0u8; 16]).expect_err("not served yet");
+        assert_eq!(err.kind(), ErrorKind::WouldBlock, "{backend}: {err}");
+        fourth.set_nonblocking(false).unwrap();
+        drop(served);
+        let mut reply = String::new();
+        BufReader::new(&fourth)
+            .read_line(&mut reply)
+            .expect("the fourth is served once the others are gone");
+        assert_eq!(reply, "fourth\n", "{backend}");
+        assert!(server.stop().success());
+    }
+}
+
 /// Connections reset by their client in a row.
 const RESETS: usize = 200;
 
