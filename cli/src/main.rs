@@ -188,14 +188,15 @@ struct BackendArg {
 #[derive(Args)]
 #[command(group(ArgGroup::new("listen").required(true).multiple(true).args(["tcp", "udp", "activated"])))]
 struct EchoServerArgs {
-    /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port).
-    #[arg(long, value_name = "ADDR:PORT")]
+    /// TCP address to listen on, e.g. 127.0.0.1:0 (port 0 picks a free port); a
+    /// link-local IPv6 address with its interface, by name or index: [fe80::1%eth0]:0.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr)]
     tcp: Option<SocketAddr>,
     /// UDP address to echo datagrams on, e.g. 127.0.0.1:0. Datagrams from a port below
     /// 1024 (a service's), or from an address the server receives on (on a wildcard
     /// address: any of this host's with its port), are dropped and logged: an echo to
     /// them could go round for ever.
-    #[arg(long, value_name = "ADDR:PORT")]
+    #[arg(long, value_name = "ADDR:PORT", value_parser = listen_addr)]
     udp: Option<SocketAddr>,
     /// Echo at most N datagrams a second to each source address, in bursts of up to N
     /// (0: no limit); the rest are dropped and counted in the log. A forged datagram that
@@ -333,7 +334,7 @@ struct EchoClientArgs {
     #[arg(long, value_name = "NAME", requires = "tls")]
     server_name: Option<String>,
     /// TLS: the lowest version accepted, Tls12 (default) or Tls13.
-    #[arg(long, value_name = "LEVEL", requires = "tls")]
+    #[arg(long, value_name = "LEVEL", requires = "tls", value_parser = tls_level)]
     tls_level: Option<ProtectionLevel>,
     #[command(flatten)]
     backend: BackendArg,
@@ -593,6 +594,41 @@ fn echo_server(args: EchoServerArgs) -> ringsock::Result<()> {
     )
 }
 
+/// `--tls-level`: a TLS version (PlainSocket is no TLS level).
+fn tls_level(text: &str) -> Result<ProtectionLevel, String> {
+    match text.parse::<ProtectionLevel>() {
+        Ok(ProtectionLevel::PlainSocket) | Err(_) => Err("Tls12 or Tls13".to_owned()),
+        Ok(level) => Ok(level),
+    }
+}
+
+/// An address to listen on: `IP:PORT`, or `[IPv6%SCOPE]:PORT` whose scope names the
+/// interface by name (`eth0`) or index, as the server's link-local error suggests.
+fn listen_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let scoped = text
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once("]:"))
+        .filter(|(host, _)| host.contains('%'));
+    let Some((host, port)) = scoped else {
+        return Err("not an IP:PORT or [IPv6%SCOPE]:PORT address".to_owned());
+    };
+    let port: u16 = port
+        .parse()
+        .map_err(|_| format!("{port:?} is not a port"))?;
+    let host = HostName::new(host).map_err(|err| err.to_string())?;
+    if host.ip().is_none() {
+        return Err(format!("{} is not an IP address", host.raw_name()));
+    }
+    ringsock::host::resolve_blocking(&host, port)
+        .map_err(|err| err.to_string())?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("{} names no address", host.raw_name()))
+}
+
 /// The echo server's stderr lines that peers can provoke, each kind rate-limited.
 struct EchoLogs {
     accept: RateLimitedLog,
@@ -839,7 +875,7 @@ fn check_echo(reply: &[u8], message: &str) -> ringsock::Result<()> {
             std::io::ErrorKind::InvalidData,
             format!(
                 "the reply ({} bytes) is not the message sent ({} bytes): not an echo server, \
-                 or one that speaks another protocol (TLS needs --tls)",
+                 or one that speaks another protocol (a TLS server needs --tls)",
                 reply.len(),
                 message.len()
             ),

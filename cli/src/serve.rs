@@ -258,6 +258,9 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     let threads = start.threads.max(1);
     POOL_THREADS.store(threads, std::sync::atomic::Ordering::Release);
     let mut shares: Vec<Share> = (0..threads).map(|_| Share::default()).collect();
+    let listens = sockets
+        .iter()
+        .any(|socket| socket.kind() == SocketKind::Listener);
     for (i, socket) in sockets.into_iter().enumerate() {
         let share = &mut shares[i % threads];
         match socket.kind() {
@@ -297,8 +300,19 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     // Ready once every thread has its sockets: then say where it listens.
     let all_ready = (0..threads).all(|_| adopted.recv().is_ok());
     if let Some((spare, limit)) = spare_descriptors().filter(|(spare, _)| *spare < FEW_SPARE) {
-        // It serves, accepting as descriptors come free; but with none to spare it
-        // never will, and the log alone would not say why.
+        // With none to spare a listener never takes a connection (nothing it holds can
+        // come free before it has one), and would only log failed accepts for ever.
+        if spare == 0 && listens {
+            return Err(Error::io(
+                format!(
+                    "serve tcp: no descriptor is left for connections (the limit is \
+                     {limit}): raise it (ulimit -n)"
+                ),
+                std::io::Error::from_raw_os_error(libc::EMFILE),
+            ));
+        }
+        // It serves, accepting as descriptors come free; but with few to spare it
+        // serves few at once, and the log alone would not say why.
         let descriptors = if spare == 1 {
             "descriptor is"
         } else {

@@ -163,6 +163,16 @@ fn usage_errors_exit_2() {
         &["echo-client", "127.0.0.1", "7", "--udp", "--dscp", "64"],
         &["echo-client", "127.0.0.1", "7", "--udp", "--ecn", "ect2"],
         &["echo-client", "127.0.0.1", "7", "--dscp", "46"],
+        &[
+            "echo-client",
+            "127.0.0.1",
+            "7",
+            "--tls",
+            "--tls-level",
+            "PlainSocket",
+        ],
+        &["echo-server", "--tcp", "[fe80::1%no-such-if]:0"],
+        &["echo-server", "--udp", "[fe80::1%lo]:port"],
     ] {
         let out = ringsock(args);
         assert_eq!(
@@ -172,6 +182,19 @@ fn usage_errors_exit_2() {
             text(&out.stderr)
         );
     }
+}
+
+/// A link-local address takes its interface by name, as the server's error for one
+/// without it suggests: `lo` is index 1, and the bind fails for want of the address only.
+#[test]
+fn a_link_local_listen_address_takes_an_interface_name() {
+    let out = ringsock(&["echo-server", "--tcp", "[fe80::1%lo]:0"]);
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.starts_with("error: CannotAssignRequestedAddress: bind [fe80::1%1]:0"),
+        "{stderr}"
+    );
 }
 
 #[test]

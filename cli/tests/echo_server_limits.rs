@@ -395,6 +395,40 @@ fn a_limit_that_leaves_no_room_for_connections_is_warned_about_at_start() {
     }
 }
 
+/// A TCP server left no descriptor at all could never take a connection (it used to
+/// run and log failed accepts for ever): it says so and exits 1. On the epoll engine,
+/// which starts where io_uring could not; the limit rises from where the server cannot
+/// even set up, and the first one it sets up under leaves it none to spare (how many it
+/// holds itself depends on what it inherited).
+#[test]
+fn a_tcp_server_left_no_descriptor_for_connections_exits() {
+    let exe = env!("CARGO_BIN_EXE_ringsock");
+    for nofile in 4..64 {
+        let script = format!(
+            "ulimit -n {nofile} && exec timeout 10 {exe} echo-server --tcp 127.0.0.1:0 \
+             --threads 1 --backend epoll"
+        );
+        let out = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let ours = stderr.contains("error: TooManyOpenFiles: serve tcp: no descriptor is left");
+        // Too few to set up at all (signals, the engine, the listener): one more.
+        if out.status.code() == Some(1) && !ours {
+            continue;
+        }
+        assert_eq!(out.status.code(), Some(1), "{nofile}: {stderr}");
+        assert!(
+            stderr.contains("error: TooManyOpenFiles: serve tcp: no descriptor is left"),
+            "{nofile}: {stderr}"
+        );
+        assert!(!String::from_utf8_lossy(&out.stdout).contains("listening"));
+        return;
+    }
+    panic!("the server never started");
+}
+
 /// SIGUSR2 while every descriptor is taken cannot copy the sockets for a new process:
 /// the restart is refused and the server serves on, its connections and, once
 /// descriptors come free, new ones (it used to end, cutting every connection).
