@@ -153,6 +153,32 @@ fn an_abort_resets_the_connection() {
     });
 }
 
+/// An abort resets the connection at once even while an input or an output stream of
+/// the socket (which hold its descriptor) is alive, its bytes all acknowledged: before,
+/// the RST waited for the last of them to go.
+#[test]
+fn an_abort_resets_the_connection_while_its_streams_are_held() {
+    util::on_each_backend(|_| async {
+        for keep in ["input", "output"] {
+            let listener = util::std_listener();
+            let (client, peer) = util::pair_with_std_peer(&listener).await;
+            client.write_all(b"hi".to_vec()).await.0.unwrap();
+            let held = match keep {
+                "input" => (Some(client.input_stream()), None),
+                _ => (None, Some(client.output_stream())),
+            };
+            client.abort();
+            let (read, end) = util::must("the peer sees the abort", util::std_peer_end(peer)).await;
+            assert_eq!(
+                (read, end),
+                (2, Some(SocketErrorStatus::ConnectionResetByPeer)),
+                "holding the {keep} stream"
+            );
+            drop(held);
+        }
+    });
+}
+
 #[test]
 fn a_close_counts_on_the_listener_of_an_accepted_socket() {
     util::on_each_backend(|_| async {

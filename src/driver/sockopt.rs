@@ -220,6 +220,24 @@ pub(crate) fn listen_queue_len(fd: RawFd) -> io::Result<u32> {
     Ok(info.tcpi_unacked)
 }
 
+/// Resets a TCP connection now (`connect` to `AF_UNSPEC`: the kernel's disconnect),
+/// whoever else holds the descriptor: RST to the peer, the send queue dropped, calls
+/// in flight woken with `ECONNRESET`. A close with a zero linger does the same, but only
+/// once the last copy of the descriptor closes.
+pub(crate) fn reset_connection(fd: RawFd) -> io::Result<()> {
+    // SAFETY: sockaddr is plain data, valid zeroed; only its family is read for
+    // AF_UNSPEC.
+    let mut addr: libc::sockaddr = unsafe { std::mem::zeroed() };
+    addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+    let len = std::mem::size_of::<libc::sockaddr>() as libc::socklen_t;
+    // SAFETY: connect reads `len` bytes of the live local `addr`; `fd` is the caller's.
+    let rc = unsafe { libc::connect(fd, &addr, len) };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Bytes of a TCP socket's send queue the peer has not acknowledged yet, sent or not
 /// (`SIOCOUTQ`; a FIN counts as one until it is acknowledged). 0 means everything
 /// written, and the FIN if one was sent, has reached the peer.

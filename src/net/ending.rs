@@ -8,11 +8,12 @@ use std::time::Duration;
 use crate::driver::{sockopt, SharedFd};
 use crate::Error;
 
-/// Aborts the connection: RST to the peer when the descriptor closes, queued data
-/// dropped; every operation on it fails with `why` from now on, and those in flight
-/// are woken (a shutdown of the receiving side, which sends nothing; of the sending
-/// side too if data is queued, which is the only time a send can be waiting, and then
-/// the FIN stays queued behind that data until the RST replaces it).
+/// Aborts the connection: RST to the peer now (the kernel's disconnect), whatever
+/// handles (input and output streams) still hold the descriptor, queued data dropped;
+/// every operation on it fails with `why` from now on, and those in flight are woken.
+/// Where the disconnect is refused, the RST goes when the descriptor closes (zero
+/// linger), and in-flight operations are woken by a shutdown of the receiving side
+/// (which sends nothing), and of the sending side too if data is queued.
 pub(crate) fn abort(fd: &SharedFd, why: Error) {
     fd.end(why);
     // SO_LINGER and shutdown act on the socket, not on this descriptor: on a detached
@@ -22,6 +23,12 @@ pub(crate) fn abort(fd: &SharedFd, why: Error) {
     }
     let sock = fd.sock();
     let _ = sock.set_linger(Some(Duration::ZERO));
+    // The reset goes now, not when the last handle (an input or output stream the
+    // program still holds) closes the descriptor.
+    if sockopt::reset_connection(fd.raw()).is_ok() {
+        fd.mark_write_shut();
+        return;
+    }
     let _ = sock.shutdown(Shutdown::Read);
     if sockopt::unacknowledged_bytes(fd.raw()).is_ok_and(|bytes| bytes > 0) {
         fd.mark_write_shut();
