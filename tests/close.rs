@@ -243,3 +243,58 @@ fn dropping_outside_its_runtime_or_after_it_neither_hangs_nor_panics() {
         drop(server);
     }
 }
+
+/// A runtime dropped while its writes are unsent (a dropped socket still closing with
+/// data queued, a task in `write_all`): the peer gets a reset, not a FIN that would pass
+/// the part it got for the whole stream.
+#[test]
+fn a_runtime_dropped_with_writes_unsent_resets_the_connection() {
+    const TOTAL: usize = 32 << 20;
+    for backend in util::BACKENDS {
+        for how in ["a dropped socket closing", "a task in write_all"] {
+            let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend)
+            else {
+                return;
+            };
+            let listener = util::std_listener();
+            let mut peer = runtime.block_on(async {
+                let (socket, peer) = util::pair_with_std_peer(&listener).await;
+                if how == "a dropped socket closing" {
+                    let output = socket.output_stream();
+                    output.write(vec![7u8; TOTAL]).await.unwrap();
+                    drop(output);
+                    drop(socket);
+                } else {
+                    let started = std::rc::Rc::new(std::cell::Cell::new(false));
+                    let writing = started.clone();
+                    ringsock::spawn(async move {
+                        writing.set(true);
+                        let _ = socket.write_all(vec![7u8; TOTAL]).await;
+                    });
+                    // The task has run into its write (it cannot finish: the peer
+                    // reads nothing) once this wait ends.
+                    std::future::poll_fn(|cx| {
+                        if started.get() {
+                            return std::task::Poll::Ready(());
+                        }
+                        cx.waker().wake_by_ref();
+                        std::task::Poll::Pending
+                    })
+                    .await;
+                }
+                peer
+            });
+            drop(runtime);
+            peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            let mut got = Vec::new();
+            let end = std::io::Read::read_to_end(&mut peer, &mut got);
+            let what = format!("{backend:?}, {how}: {} of {TOTAL} bytes", got.len());
+            assert!(got.len() < TOTAL, "{what}");
+            assert_eq!(
+                end.map_err(|err| err.kind()),
+                Err(std::io::ErrorKind::ConnectionReset),
+                "{what}"
+            );
+        }
+    }
+}

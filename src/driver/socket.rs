@@ -36,6 +36,9 @@ struct Inner {
     is_ended: Cell<bool>,
     /// This side shut its sending direction down (so EPIPE is ours, not the peer's).
     write_shut: Cell<bool>,
+    /// A write stopped part-way because its runtime was dropped: the peer must not take
+    /// what it got for the whole stream.
+    write_cut: Cell<bool>,
     /// The peer's reset was reported to a call. Linux reports it to one call only, and
     /// a receive after it finds an end of stream: that end is the reset, not the peer's
     /// orderly close.
@@ -70,6 +73,12 @@ pub(crate) struct DirectWrite<'a> {
 
 impl Drop for DirectWrite<'_> {
     fn drop(&mut self) {
+        // Dropped while the runtime goes: the write stopped at an await, unfinished (a
+        // write that returned did so while its runtime ran), and the rest will never
+        // be sent.
+        if crate::runtime::dropping() {
+            self.fd.inner.write_cut.set(true);
+        }
         self.fd.inner.direct_write.set(false);
         let waiting = std::mem::take(&mut *self.fd.inner.after_direct_write.borrow_mut());
         for waker in waiting {
@@ -115,6 +124,7 @@ impl SharedFd {
                 binding: OnceCell::new(),
                 fd: FdRef::new(fd),
                 write_shut: Cell::new(false),
+                write_cut: Cell::new(false),
                 reset_seen: Cell::new(false),
                 detached: Cell::new(false),
                 ended: RefCell::new(None),
@@ -204,6 +214,11 @@ impl SharedFd {
 
     pub(crate) fn mark_write_shut(&self) {
         self.inner.write_shut.set(true);
+    }
+
+    /// Whether a write stopped part-way when its runtime was dropped.
+    pub(crate) fn write_cut(&self) -> bool {
+        self.inner.write_cut.get()
     }
 
     /// Marks a direct write under way until the guard is dropped (see `direct_write`).

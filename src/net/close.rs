@@ -59,19 +59,33 @@ impl Closing {
             return;
         }
         let queued = self.queued_here();
+        // Its runtime is going (or gone) with writes unsent or cut short: they will
+        // never reach the peer, which must not take the FIN for the end of the stream.
+        let runtime_gone = runtime::dropping()
+            || self.fd.binding().is_err()
+            || runtime::current_driver_kind().is_none();
+        if runtime_gone && (queued || self.fd.write_cut()) {
+            abort(&self.fd, runtime_dropped());
+            return;
+        }
         if !queued && !self.unacknowledged() {
             self.end_streams();
             return;
         }
-        if self.fd.binding().is_err() || runtime::current_driver_kind().is_none() {
+        if runtime_gone {
             return;
         }
         let deadline = Instant::now()
             .checked_add(self.timeouts.linger.get())
             .unwrap_or_else(Instant::now);
         if queued {
+            // Dropped unfinished (or before it ran) only with the runtime: what is left
+            // never goes.
+            let cut = AbortIfDropped(Some(self.fd.clone()));
             runtime::spawn(async move {
+                let mut cut = cut;
                 let _ = self.graceful(deadline).await;
+                cut.disarm();
             });
             return;
         }
@@ -228,4 +242,27 @@ impl Closing {
             }
         }
     }
+}
+
+/// Resets the connection if dropped: a close that its runtime's end stopped part-way.
+struct AbortIfDropped(Option<SharedFd>);
+
+impl AbortIfDropped {
+    /// The close finished: nothing to reset.
+    fn disarm(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for AbortIfDropped {
+    fn drop(&mut self) {
+        if let Some(fd) = &self.0 {
+            abort(fd, runtime_dropped());
+        }
+    }
+}
+
+/// Why a connection whose runtime went with writes unsent was reset.
+fn runtime_dropped() -> Error {
+    Error::wrong_runtime("the socket's runtime was dropped before everything written was sent")
 }

@@ -181,6 +181,7 @@ impl Builder {
                 resolve_timeout,
                 tasks: Rc::default(),
                 broken: Cell::new(false),
+                dropping: Cell::new(false),
             }),
         })
     }
@@ -214,6 +215,8 @@ struct Inner {
     tasks: Rc<tasks::Tasks>,
     /// The driver failed for good (the panic `block_on` raised then is not a task's).
     broken: Cell<bool>,
+    /// The runtime is being dropped: its tasks' futures are dropped unfinished.
+    dropping: Cell<bool>,
 }
 
 /// The part other threads may touch: the run queue and the way to wake the loop.
@@ -509,6 +512,7 @@ impl Drop for Runtime {
     fn drop(&mut self) {
         // Tasks' futures may cancel operations when dropped: they hold their driver's
         // handle; the context is set so a task's drop code sees its own runtime.
+        self.inner.dropping.set(true);
         let previous = CONTEXT.with(|context| context.replace(Some(self.inner.clone())));
         let driver_guard = self.inner.driver.enter();
         // Drop every task, not only those queued to run: a task waiting on a waker held
@@ -759,6 +763,17 @@ pub fn block_on<F: Future>(future: F) -> F::Output {
 /// The engine of the runtime running on this thread, if any.
 pub fn current_driver_kind() -> Option<DriverKind> {
     CONTEXT.with(|context| context.borrow().as_ref().map(|inner| inner.kind))
+}
+
+/// Whether the runtime current on this thread is being dropped: what its tasks were
+/// doing stops here, unfinished.
+pub(crate) fn dropping() -> bool {
+    CONTEXT.with(|context| {
+        context
+            .borrow()
+            .as_ref()
+            .is_some_and(|inner| inner.dropping.get())
+    })
 }
 
 /// Why the runtime running on this thread fell back to epoll (`auto` found io_uring
