@@ -669,6 +669,10 @@ fn resolve_name(host: &str, port: u16) -> Result<Vec<SocketAddr>> {
         ai_next: ptr::null_mut(),
     };
     let mut list = AddrInfoList(ptr::null_mut());
+    // getaddrinfo leaves errno as its last failure, and only says so for EAI_SYSTEM: a
+    // clean errno tells an error it met in this call from one before it.
+    // SAFETY: __errno_location returns this thread's errno, always valid to write.
+    unsafe { *libc::__errno_location() = 0 };
     // SAFETY: `node` is NUL-terminated and outlives the call; a null service is
     // allowed; `hints` is a fully initialised addrinfo; `list.0` is a valid place
     // for the result, which the guard frees.
@@ -727,6 +731,11 @@ fn sockaddr_of(ai: &libc::addrinfo, port: u16) -> Option<SocketAddr> {
 
 /// Maps a getaddrinfo error code; `errno` is consulted for `EAI_SYSTEM` only.
 fn gai_status(rc: libc::c_int, errno: Option<i32>) -> SocketErrorStatus {
+    // Out of descriptors, glibc cannot read /etc/hosts or reach a name server, and
+    // says the name is unknown (EAI_NONAME) or the lookup failed (EAI_AGAIN).
+    if let Some(errno @ (libc::EMFILE | libc::ENFILE)) = errno {
+        return SocketErrorStatus::from_errno(errno);
+    }
     match rc {
         libc::EAI_NONAME | libc::EAI_FAIL => SocketErrorStatus::HostNotFound,
         libc::EAI_AGAIN => SocketErrorStatus::NonAuthoritativeHostNotFound,
@@ -754,7 +763,8 @@ fn gai_message(rc: libc::c_int, errno: Option<i32>) -> String {
             .to_string_lossy()
             .into_owned()
     };
-    if rc == libc::EAI_SYSTEM {
+    let out_of_descriptors = matches!(errno, Some(libc::EMFILE | libc::ENFILE));
+    if rc == libc::EAI_SYSTEM || out_of_descriptors {
         if let Some(errno) = errno {
             message = format!("{message}: {}", io::Error::from_raw_os_error(errno));
         }
@@ -1189,6 +1199,10 @@ ssh 2222/tcp # later duplicates lose
             (libc::EAI_MEMORY, None, S::NoBufferSpace),
             (libc::EAI_BADFLAGS, None, S::InvalidArgument),
             (libc::EAI_SYSTEM, Some(libc::EMFILE), S::TooManyOpenFiles),
+            // /etc/hosts unreadable for want of a descriptor: not an unknown name.
+            (libc::EAI_NONAME, Some(libc::EMFILE), S::TooManyOpenFiles),
+            (libc::EAI_AGAIN, Some(libc::ENFILE), S::TooManyOpenFiles),
+            (libc::EAI_NONAME, Some(libc::ENOENT), S::HostNotFound),
             (libc::EAI_SYSTEM, None, S::Unknown),
             (-9999, None, S::Unknown),
         ];
