@@ -358,11 +358,48 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
             }
         }
         eprintln!("{}", timeouts_line(counts));
+        stop_a_restart_under_way();
         match failure {
             Some(err) => Err(err),
             None => Ok(()),
         }
     })
+}
+
+/// A hot restart in progress: the new process started and not yet serving, or the stop
+/// that came first.
+#[derive(Default)]
+struct Restarting {
+    /// The new process, until it says it serves.
+    child: Option<u32>,
+    /// This process is ending: no new process may start.
+    stopping: bool,
+}
+
+static RESTARTING: Mutex<Restarting> = Mutex::new(Restarting {
+    child: None,
+    stopping: false,
+});
+
+fn restarting() -> std::sync::MutexGuard<'static, Restarting> {
+    RESTARTING.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// This process ends (a stop, SIGTERM say, came during a hot restart): a new process
+/// that has not said it serves is stopped too, and none starts after this; the stop
+/// asked of this server is the whole server's. One that already serves is the server
+/// now, as the `restart: handed ...` line said.
+fn stop_a_restart_under_way() {
+    let mut restart = restarting();
+    restart.stopping = true;
+    if let Some(pid) = restart.child.take() {
+        let pid_t = libc::pid_t::try_from(pid).unwrap_or(0);
+        // SAFETY: kill has no memory-safety preconditions; the pid is our own child's,
+        // not yet reaped (its restart thread waits on it only after this).
+        if pid_t > 0 && unsafe { libc::kill(pid_t, libc::SIGTERM) } == 0 {
+            eprintln!("restart: stopped with this process, before it served: process {pid}");
+        }
+    }
 }
 
 /// The sockets to serve: handed over by the process this one replaces, passed by a
@@ -847,9 +884,20 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     let mut command = std::process::Command::new(exe);
     command.args(&args).arg(format!("--inherit={theirs_fd}"));
     keep_open_across_exec(&mut command, theirs_fd);
-    let mut child = command
-        .spawn()
-        .map_err(|err| Error::io("start the new server", err))?;
+    let mut child = {
+        // Under the lock: a stop either comes first (no process starts) or finds it.
+        let mut restart = restarting();
+        if restart.stopping {
+            return Err(Error::connection_closed(
+                "start the new server: this one is stopping",
+            ));
+        }
+        let child = command
+            .spawn()
+            .map_err(|err| Error::io("start the new server", err))?;
+        restart.child = Some(child.id());
+        child
+    };
     drop(theirs);
     let count = u32::try_from(sockets.len()).unwrap_or(u32::MAX);
     std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
@@ -859,12 +907,24 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
         .iter()
         .try_for_each(|socket| net::send_detached(&ours, socket));
     let ready = sent.and_then(|()| wait_until_serving(&ours));
+    let mut restart = restarting();
+    if restart.child.take().is_none() {
+        // A stop came first and stopped it (see stop_a_restart_under_way).
+        drop(restart);
+        let _ = child.wait();
+        return Err(Error::connection_closed(
+            "the new server was stopped with this one",
+        ));
+    }
     if let Err(err) = ready {
+        drop(restart);
         // It never said it serves: it must not serve beside this process either.
         let _ = child.kill();
         let _ = child.wait();
         return Err(err);
     }
+    // Said under the lock: a stop that comes now waits for the line, and leaves the new
+    // process, which is the server from here on, alone.
     eprintln!("restart: handed {handed} sockets to process {}", child.id());
     Ok(())
 }

@@ -720,3 +720,106 @@ fn serve_tcp_from(exe: &std::path::Path, backend: &str) -> EchoServer {
         },
     )
 }
+
+/// SIGTERM right behind SIGUSR2: the stop is the whole server's. Either the new copy
+/// had already taken over (the old one says so, and it serves), or it is stopped with
+/// the old one (which says so too), or none was started; never a copy that serves on
+/// unannounced after the server was stopped. (Its stderr goes to a file: a copy that
+/// lives on holds a pipe open.)
+#[test]
+fn a_stop_during_a_hot_restart_stops_the_new_copy_or_names_it() {
+    for backend in BACKENDS {
+        for round in 0..3 {
+            let dir = std::env::temp_dir().join(format!(
+                "ringsock-stop-restart-{}-{backend}-{round}",
+                std::process::id()
+            ));
+            std::fs::create_dir_all(&dir).unwrap();
+            let log = dir.join("stderr");
+            let mut server = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .stdout(Stdio::piped())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(server.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            let addr: SocketAddr = line
+                .trim()
+                .strip_prefix("listening tcp ")
+                .unwrap_or_else(|| panic!("{backend}: {line:?}"))
+                .parse()
+                .unwrap();
+            let pid = server.id();
+            // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGUSR2) };
+            // The stop comes once the new copy exists, likely before it serves.
+            let deadline = Instant::now() + MUST_HAPPEN;
+            let copies = loop {
+                let copies = children_of(pid);
+                if !copies.is_empty() {
+                    break copies;
+                }
+                assert!(Instant::now() < deadline, "{backend}: no new copy started");
+                std::thread::yield_now();
+            };
+            let _reaped = KillOnDrop(copies.clone());
+            // SAFETY: as above.
+            unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+            let status = server.wait().unwrap();
+            assert!(status.success(), "{backend} {round}: {status:?}");
+            let stderr = std::fs::read_to_string(&log).unwrap();
+            let named = |prefix: &str| {
+                stderr
+                    .lines()
+                    .find_map(|line| line.strip_prefix(prefix))
+                    .and_then(|rest| rest.rsplit(' ').next())
+                    .and_then(|pid| pid.parse::<i32>().ok())
+            };
+            if named("restart: handed").is_some() {
+                one_echo(addr, b"served by the new copy\n").unwrap();
+            } else {
+                for copy in &copies {
+                    wait_gone(*copy, backend);
+                }
+                let refused = TcpStream::connect(addr).map_err(|err| err.kind());
+                assert_eq!(
+                    refused.map(drop),
+                    Err(std::io::ErrorKind::ConnectionRefused),
+                    "{backend} {round}: something still serves:\n{stderr}"
+                );
+            }
+            std::fs::remove_dir_all(&dir).unwrap();
+        }
+    }
+}
+
+/// Stops the processes when dropped (the new copies a test started through its server).
+struct KillOnDrop(Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for pid in &self.0 {
+            // SAFETY: kill has no memory-safety preconditions; a pid that ended already
+            // (and was reaped by init) is at worst reused, which a test run makes unlikely.
+            unsafe { libc::kill(*pid, libc::SIGTERM) };
+        }
+    }
+}
+
+/// The processes `pid` started (any of its threads).
+fn children_of(pid: u32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
+}
