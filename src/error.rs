@@ -155,8 +155,10 @@ socket_error_status! {
     /// record that fails authentication (corrupt or forged on the way), a malformed
     /// message, a protocol violation. The connection carries nothing more.
     TlsProtocolError,
-    /// ringsock addition: a device another user holds (`EBUSY`), e.g. a TUN interface
-    /// another process (another tunnel) has open. Retrying once it lets go may work.
+    /// ringsock addition: what the call needs is busy (`EBUSY`): a device another user
+    /// holds, e.g. a TUN interface another process (another tunnel) has open, or a
+    /// socket with a plain read waiting when TLS is to start on it. Retrying once it is
+    /// free may work.
     ResourceBusy,
 }
 

@@ -1,6 +1,7 @@
-//! A TLS socket (and a plain socket's output stream) used where its runtime does not
-//! run: every call fails with `WrongRuntime` before it changes anything, never panics or
-//! hangs, and the socket goes on working on its own runtime (both engines).
+//! TLS misused (both engines): a TLS socket (and a plain socket's output stream) used
+//! where its runtime does not run fails with `WrongRuntime` before it changes anything,
+//! never panics or hangs, and goes on working on its own runtime; TLS does not start
+//! under a waiting plain read.
 
 mod tls_certs;
 mod util;
@@ -195,4 +196,53 @@ fn a_tls_read_given_up_on_and_read_elsewhere_is_wrong_runtime() {
             assert_wrong_runtime(said, &what);
         }
     }
+}
+
+/// TLS started while a plain read waits on the socket would feed the handshake's bytes
+/// to that read: the start is refused (`ResourceBusy`, nothing sent), and once the read
+/// is dropped the upgrade goes through and carries data both ways.
+#[test]
+fn tls_does_not_start_under_a_waiting_plain_read() {
+    util::on_each_backend(|backend| async move {
+        let ca = Ca::new("busy");
+        let listener =
+            StreamSocketListener::bind_host(&HostName::new("127.0.0.1").unwrap(), "0").unwrap();
+        let port = listener.local_addr().unwrap().port().to_string();
+        let acceptor = TlsAcceptor::new(ca.server()).unwrap();
+        let server = ringsock::spawn(async move {
+            let socket = listener.accept().await.unwrap();
+            socket.accept_tls(&acceptor).await.unwrap();
+            socket.write_all(b"secret\n".to_vec()).await.0.unwrap();
+            socket
+        });
+        let client = StreamSocket::new();
+        client.control().set_trusted_roots(ca.roots()).unwrap();
+        client.connect(&localhost(), &port).await.unwrap();
+        let mut read = Box::pin(client.read(Vec::with_capacity(64)));
+        std::future::poll_fn(|cx| {
+            assert!(
+                read.as_mut().poll(cx).is_pending(),
+                "{backend}: nothing was sent"
+            );
+            Poll::Ready(())
+        })
+        .await;
+        let refused = client
+            .upgrade_to_tls(ProtectionLevel::Tls13, &localhost())
+            .await
+            .expect_err("TLS under a waiting read");
+        assert_eq!(
+            refused.status(),
+            SocketErrorStatus::ResourceBusy,
+            "{backend}: {refused}"
+        );
+        drop(read);
+        client
+            .upgrade_to_tls(ProtectionLevel::Tls13, &localhost())
+            .await
+            .expect("TLS once the read is gone");
+        let line = client.input_stream().read_line().await.unwrap();
+        assert_eq!(line.as_deref(), Some("secret"), "{backend}");
+        drop(server.await);
+    });
 }

@@ -46,6 +46,7 @@ pub(crate) async fn recv_until<B: IoBufMut>(
     if let Some(ended) = fd.ended() {
         return (Err(ended), buf);
     }
+    let _reading = fd.reading();
     // A receive dropped in flight took its bytes before anything asked for now: wait
     // for it (it was cancelled, so not for long) and hand them out first.
     if fd.has_dropped_reads() {

@@ -56,6 +56,9 @@ struct Inner {
     carried: RefCell<Bytes>,
     /// Receives dropped in flight, oldest first (see [`DroppedRead`]).
     dropped_reads: RefCell<VecDeque<Box<dyn DroppedRead>>>,
+    /// Stream receives waiting now (a TLS handshake must not start under one: it
+    /// would take the handshake's bytes).
+    reads_waiting: Cell<u32>,
     /// The error a dropped receive took (after the carried bytes): the next receive's.
     carried_error: RefCell<Option<io::Error>>,
     /// A `write` or `write_all` sends straight to the kernel: an output stream's batch
@@ -84,6 +87,18 @@ impl Drop for DirectWrite<'_> {
         for waker in waiting {
             waker.wake();
         }
+    }
+}
+
+/// A stream receive under way (see [`SharedFd::reading`]).
+pub(crate) struct Reading<'a> {
+    fd: &'a SharedFd,
+}
+
+impl Drop for Reading<'_> {
+    fn drop(&mut self) {
+        let waiting = &self.fd.inner.reads_waiting;
+        waiting.set(waiting.get() - 1);
     }
 }
 
@@ -135,6 +150,7 @@ impl SharedFd {
                 direct_write: Cell::new(false),
                 after_direct_write: RefCell::new(Vec::new()),
                 dropped_reads: RefCell::new(VecDeque::new()),
+                reads_waiting: Cell::new(0),
             }),
         };
         // Failing here (an epoll registration refused) leaves the socket unbound: its
@@ -219,6 +235,19 @@ impl SharedFd {
     /// Whether a write stopped part-way when its runtime was dropped.
     pub(crate) fn write_cut(&self) -> bool {
         self.inner.write_cut.get()
+    }
+
+    /// Counts a stream receive as waiting until the guard is dropped.
+    pub(crate) fn reading(&self) -> Reading<'_> {
+        self.inner
+            .reads_waiting
+            .set(self.inner.reads_waiting.get() + 1);
+        Reading { fd: self }
+    }
+
+    /// Whether a stream receive is waiting now.
+    pub(crate) fn is_reading(&self) -> bool {
+        self.inner.reads_waiting.get() > 0
     }
 
     /// Marks a direct write under way until the guard is dropped (see `direct_write`).

@@ -223,6 +223,14 @@ impl StreamSocket {
                 "TLS was already started on this socket",
             ));
         }
+        // A plain read waiting now would take the handshake's bytes (and lose them for
+        // the session): refused until it ends or is dropped.
+        if self.fd()?.is_reading() {
+            return Err(Error::from_errno(
+                "start TLS: a plain read is waiting on this socket; end or drop it first",
+                libc::EBUSY,
+            ));
+        }
         self.options.tls_started.set(true);
         let _ = self.tls.set(Rc::new(session));
         self.tls
