@@ -69,6 +69,23 @@ fn emfile_child() {
         // And new connections too.
         let (next, _) = util::connected_pair(&listener).await;
         drop(next);
+
+        // Out of descriptors again while no accept waits: a multishot armed in the
+        // background meets EMFILE and holds it. Once descriptors are back, the next
+        // accept takes the connection, not that stale error (and its back-off).
+        let hogs = util::hog_descriptors(1);
+        let late = util::connect(addr).await;
+        util::must("the background accept to meet the shortage", async {
+            while listener.accept_stats().background {
+                ringsock::runtime::sleep(std::time::Duration::from_millis(1)).await;
+            }
+        })
+        .await;
+        drop(hogs);
+        let server = util::must("accept", listener.accept())
+            .await
+            .expect("accept once descriptors are back");
+        assert_eq!(server.peer_addr().unwrap(), late.local_addr().unwrap());
         util::set_nofile_soft(soft);
         println!("{}", child::passed("emfile_child", &path));
     });

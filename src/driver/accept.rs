@@ -114,6 +114,11 @@ impl Acceptor {
         }
     }
 
+    /// A program's `accept` begins (see the io_uring acceptor's `begin`).
+    pub(crate) fn begin(&mut self) {
+        self.uring.begin();
+    }
+
     /// The next connection's socket.
     pub(crate) fn poll_accept(
         &mut self,

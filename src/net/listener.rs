@@ -200,6 +200,7 @@ impl StreamSocketListener {
         if let Some(resume_at) = resume_at {
             crate::runtime::sleep_until_lenient(resume_at).await;
         }
+        self.acceptor.borrow_mut().begin();
         let accepted = coop::budgeted(poll_fn(|cx| {
             self.acceptor.borrow_mut().poll_accept(&self.fd, cx)
         }))

@@ -748,7 +748,10 @@ impl StreamSocket {
     /// The connection as a blocking std stream, taken off this runtime as
     /// [`detach`](Self::detach) does. Bytes the poll-based read traits received ahead of
     /// the caller have no place in a std stream and are dropped: read them first, or
-    /// detach instead.
+    /// detach instead. A TLS socket cannot leave its session: that is
+    /// `UnsupportedOperation`, and the socket, consumed by the call, is closed as if
+    /// dropped (call [`detach`](Self::detach), which keeps it on an error, to find out
+    /// first).
     pub async fn into_std(self) -> Result<std::net::TcpStream> {
         let stream = std::net::TcpStream::from(self.detach().await?.into_fd());
         stream

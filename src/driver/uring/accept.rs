@@ -21,9 +21,21 @@ pub(crate) struct Acceptor {
     /// the kernel) and only hold connections not yet taken; the last may still run.
     multishots: VecDeque<MultiOp>,
     single: Option<Op<FdRef>>,
+    /// The `accept` under way may still set aside one shortage of descriptors or memory
+    /// that a background accept met before it began (see [`Acceptor::begin`]).
+    may_retry_shortage: bool,
 }
 
 impl Acceptor {
+    /// A program's `accept` begins. A multishot runs on between calls, and one that met
+    /// EMFILE (or another shortage) while the program waited out its back-off holds that
+    /// error: handed out now, it would say descriptors are short when they may have come
+    /// back, and start a longer back-off. So one such held error is set aside, and the
+    /// accept asks the kernel again; a shortage met then is reported.
+    pub(crate) fn begin(&mut self) {
+        self.may_retry_shortage = true;
+    }
+
     /// The connections accepted and not taken, once every completion is in (the
     /// listener's operations were cancelled and reaped).
     pub(crate) fn take_accepted(&mut self, accepted: &mut Vec<OwnedFd>) {
@@ -81,6 +93,15 @@ impl Acceptor {
                 return Poll::Ready(Err(err));
             }
             if let Some(taken) = self.take_held(cx) {
+                let shortage = taken.as_ref().is_err_and(|err| {
+                    matches!(
+                        err.raw_os_error(),
+                        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+                    )
+                });
+                if shortage && std::mem::take(&mut self.may_retry_shortage) {
+                    continue;
+                }
                 if taken.is_ok() {
                     // Taking this one may bring the rest down to half: resume now, not
                     // at the next call. A failure shows again at the next call.
