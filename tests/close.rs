@@ -298,3 +298,103 @@ fn a_runtime_dropped_with_writes_unsent_resets_the_connection() {
         }
     }
 }
+
+/// A runtime dropped while a closing socket's writes are all in the kernel, waiting
+/// for a slow peer's acknowledgements: nothing written is lost, so the peer gets every
+/// byte and the FIN, not a reset.
+#[test]
+fn a_runtime_dropped_after_the_writes_reached_the_kernel_delivers_them() {
+    const TOTAL: usize = 256 << 10;
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            return;
+        };
+        // A small receive window: most of the data waits in the sender's kernel.
+        let listener = util::std_listener();
+        socket2::SockRef::from(&listener)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut peer = runtime.block_on(async {
+            let client = StreamSocket::new();
+            let peer = std::thread::spawn(move || listener.accept().unwrap().0);
+            client.connect_addr(addr).await.unwrap();
+            let peer = util::join_thread(peer).await;
+            let output = client.output_stream();
+            output.write(vec![5u8; TOTAL]).await.unwrap();
+            drop(client);
+            // Everything left the process: only the kernel holds what is unsent.
+            util::must("the close to hand everything to the kernel", async {
+                while output.pending_writes() > 0 {
+                    ringsock::runtime::sleep(Duration::from_millis(1)).await;
+                }
+            })
+            .await;
+            peer
+        });
+        drop(runtime);
+        peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+        let mut got = Vec::new();
+        let end = std::io::Read::read_to_end(&mut peer, &mut got);
+        assert_eq!(end.map_err(|err| err.kind()), Ok(TOTAL), "{backend:?}");
+    }
+}
+
+/// A TLS socket dropped healthy at the end of its runtime, everything written sent:
+/// only its `close_notify` is missing, which loses nothing, so the peer reads every
+/// byte and then the end without `close_notify` (`ConnectionClosed`), not a reset.
+#[test]
+fn a_tls_socket_dropped_with_its_runtime_is_not_reset() {
+    const TOTAL: usize = 256 << 10;
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            return;
+        };
+        let ca = Ca::new("tls-drop");
+        let server_config = ca.server();
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let runtime = Builder::new().backend(backend).build().unwrap();
+            runtime.block_on(async {
+                let listener = util::loopback_listener();
+                addr_tx.send(listener.local_addr().unwrap()).unwrap();
+                let socket = listener.accept().await.unwrap();
+                let acceptor = TlsAcceptor::new(server_config).unwrap();
+                socket.accept_tls(&acceptor).await.unwrap();
+                socket.write_all(b"hello\n".to_vec()).await.0.unwrap();
+                let mut total = 0;
+                loop {
+                    let (result, _) = socket.read(Vec::with_capacity(64 << 10)).await;
+                    match result {
+                        Ok(0) => return (total, None),
+                        Ok(n) => total += n,
+                        Err(err) => return (total, Some(err.status())),
+                    }
+                }
+            })
+        });
+        let addr = addr_rx.recv().unwrap();
+        runtime.block_on(async {
+            let client = StreamSocket::new();
+            client.control().set_trusted_roots(ca.roots()).unwrap();
+            let host = HostName::new("localhost").unwrap();
+            client
+                .connect_with(&host, &addr.port().to_string(), ProtectionLevel::Tls13)
+                .await
+                .unwrap();
+            // Read past the session tickets: unread bytes at the close would make the
+            // kernel reset the connection, whatever ringsock does.
+            let hello = client.input_stream().read_line().await.unwrap();
+            assert_eq!(hello.as_deref(), Some("hello"));
+            client.write_all(vec![9u8; TOTAL]).await.0.unwrap();
+            drop(client);
+        });
+        drop(runtime);
+        let (got, end) = server.join().unwrap();
+        assert_eq!(
+            (got, end),
+            (TOTAL, Some(SocketErrorStatus::ConnectionClosed)),
+            "{backend:?}"
+        );
+    }
+}

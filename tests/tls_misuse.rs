@@ -15,12 +15,13 @@ use ringsock::tls::{ProtectionLevel, TlsAcceptor};
 use ringsock::{HostName, SocketErrorStatus, StreamSocket, StreamSocketListener};
 use tls_certs::Ca;
 
-const OPS: [&str; 5] = [
+const OPS: [&str; 6] = [
     "write_all",
     "read",
     "input read",
     "output write and flush",
     "shutdown_write",
+    "upgrade_to_tls",
 ];
 
 fn localhost() -> HostName {
@@ -62,6 +63,11 @@ async fn misuse(client: &StreamSocket, op: &str) -> ringsock::Result<()> {
         "read" => client.read(Vec::with_capacity(8)).await.0.map(drop),
         "input read" => client.input_stream().read(8).await.map(drop),
         "shutdown_write" => client.shutdown_write().await,
+        "upgrade_to_tls" => {
+            client
+                .upgrade_to_tls(ProtectionLevel::Tls13, &localhost())
+                .await
+        }
         _ => {
             let output = client.output_stream();
             output.write(b"lost?".to_vec()).await?;
@@ -136,7 +142,12 @@ fn a_socket_used_where_its_runtime_does_not_run_is_wrong_runtime() {
 fn a_socket_misused_from_another_runtime_still_works_at_home() {
     for backend in util::BACKENDS {
         for tls in [true, false] {
-            for op in ["write_all", "read", "output write and flush"] {
+            for op in [
+                "write_all",
+                "read",
+                "output write and flush",
+                "upgrade_to_tls",
+            ] {
                 let Some(home) = runtime(backend) else { return };
                 let ca = Ca::new("home");
                 let (client, server) = home.block_on(pair(tls.then_some(&ca)));

@@ -64,7 +64,7 @@ impl Closing {
         let runtime_gone = runtime::dropping()
             || self.fd.binding().is_err()
             || runtime::current_driver_kind().is_none();
-        if runtime_gone && (queued || self.fd.write_cut()) {
+        if runtime_gone && self.would_lose_writes() {
             abort(&self.fd, runtime_dropped());
             return;
         }
@@ -79,13 +79,15 @@ impl Closing {
             .checked_add(self.timeouts.linger.get())
             .unwrap_or_else(Instant::now);
         if queued {
-            // Dropped unfinished (or before it ran) only with the runtime: what is left
-            // never goes.
-            let cut = AbortIfDropped(Some(self.fd.clone()));
+            // Dropped unfinished (or before it ran) only with the runtime: writes still
+            // here then never go. Once they are all in the kernel, it delivers them.
+            let cut = AbortIfDropped(self.would_lose_writes().then(|| self.fd.clone()));
             runtime::spawn(async move {
                 let mut cut = cut;
-                let _ = self.graceful(deadline).await;
+                let result = self.deliver_then(deadline, || cut.disarm()).await;
                 cut.disarm();
+                self.end_streams();
+                drop(result);
             });
             return;
         }
@@ -132,6 +134,20 @@ impl Closing {
             || self.tls.as_ref().is_some_and(|tls| tls.has_unsent())
     }
 
+    /// Whether bytes the program wrote wait in this process (queued writes, encrypted
+    /// records), or a write was cut short by its runtime's drop: what a close that
+    /// cannot run would lose.
+    fn would_lose_writes(&self) -> bool {
+        self.outputs
+            .iter()
+            .any(|output| output.pending_writes() > 0)
+            || self
+                .tls
+                .as_ref()
+                .is_some_and(|tls| tls.has_unsent_records())
+            || self.fd.write_cut()
+    }
+
     /// Whether the peer has yet to acknowledge bytes the kernel holds (beyond our FIN).
     fn unacknowledged(&self) -> bool {
         let fin = usize::from(self.fd.is_write_shut());
@@ -147,12 +163,20 @@ impl Closing {
     }
 
     async fn deliver(&self, deadline: Instant) -> Result<()> {
+        self.deliver_then(deadline, || {}).await
+    }
+
+    /// [`deliver`](Self::deliver), calling `sent` once everything is in the kernel.
+    async fn deliver_then(&self, deadline: Instant, sent: impl FnOnce()) -> Result<()> {
         if let Some(ended) = self.fd.ended() {
             return Err(Error::from(ended));
         }
         let left = deadline.saturating_duration_since(Instant::now());
         match runtime::timeout_lenient(left, self.send_all()).await {
-            Ok(Ok(())) => self.drain_or_abort(deadline).await,
+            Ok(Ok(())) => {
+                sent();
+                self.drain_or_abort(deadline).await
+            }
             Ok(Err(err)) => Err(self.abort(err)),
             Err(_) => {
                 let err = self.too_slow(left);

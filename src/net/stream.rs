@@ -198,6 +198,10 @@ impl StreamSocket {
 
     /// Starts TLS with `session` and runs its handshake within `limit`.
     async fn handshake(&self, session: TlsSession, limit: Option<Duration>) -> Result<()> {
+        // Before the session is attached: a call from another runtime changes nothing.
+        self.fd()?
+            .binding()
+            .map_err(|err| Error::io("start TLS", err))?;
         let session = self.start_tls(session)?;
         let Some(limit) = limit else {
             return session.handshake().await;
