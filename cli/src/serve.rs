@@ -386,9 +386,10 @@ fn restarting() -> std::sync::MutexGuard<'static, Restarting> {
 }
 
 /// This process ends (a stop, SIGTERM say, came during a hot restart): a new process
-/// that has not said it serves is stopped too, and none starts after this; the stop
-/// asked of this server is the whole server's. One that already serves is the server
-/// now, as the `restart: handed ...` line said.
+/// whose hand-over this one has not confirmed yet (it may have just said it serves) is
+/// stopped too, and none starts after this; the stop asked of this server is the whole
+/// server's. One whose hand-over was confirmed is the server now, as the
+/// `restart: handed ...` line said.
 fn stop_a_restart_under_way() {
     let mut restart = restarting();
     restart.stopping = true;
@@ -397,7 +398,9 @@ fn stop_a_restart_under_way() {
         // SAFETY: kill has no memory-safety preconditions; the pid is our own child's,
         // not yet reaped (its restart thread waits on it only after this).
         if pid_t > 0 && unsafe { libc::kill(pid_t, libc::SIGTERM) } == 0 {
-            eprintln!("restart: stopped with this process, before it served: process {pid}");
+            eprintln!(
+                "restart: stopped with this process, before the hand-over was done: process {pid}"
+            );
         }
     }
 }
@@ -900,12 +903,16 @@ fn restart_with(sockets: Vec<Detached>) -> ringsock::Result<()> {
     };
     drop(theirs);
     let count = u32::try_from(sockets.len()).unwrap_or(u32::MAX);
-    std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
-        .map_err(|err| Error::io("hand the sockets over", err))?;
     let handed = sockets.len();
-    let sent = sockets
-        .iter()
-        .try_for_each(|socket| net::send_detached(&ours, socket));
+    // Every failure from here on goes through the same end: the new process is killed
+    // and reaped, and forgotten as a restart under way.
+    let sent = std::io::Write::write_all(&mut &ours, &count.to_le_bytes())
+        .map_err(|err| Error::io("hand the sockets over", err))
+        .and_then(|()| {
+            sockets
+                .iter()
+                .try_for_each(|socket| net::send_detached(&ours, socket))
+        });
     let ready = sent.and_then(|()| wait_until_serving(&ours));
     let mut restart = restarting();
     if restart.child.take().is_none() {

@@ -112,7 +112,7 @@ pub(crate) fn tunnel(mut args: TunnelArgs) -> ringsock::Result<()> {
         }
     }
     if let Some(peer) = args.peer {
-        if !is_unicast(peer.ip()) {
+        if !is_unicast(peer.ip().to_canonical()) {
             super::usage_error_in(
                 "tunnel",
                 format!("--peer {peer} is not one host's address (broadcast or multicast)"),

@@ -613,6 +613,8 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
             ("127.0.0.1:0", "peer.example:51820", "not an ADDR:PORT"),
             ("127.0.0.1:0", "255.255.255.255:51820", "not one host"),
             ("127.0.0.1:0", "224.0.0.1:51820", "not one host"),
+            ("[::]:0", "[::ffff:255.255.255.255]:51820", "not one host"),
+            ("[::]:0", "[::ffff:224.0.0.1]:51820", "not one host"),
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
                 .args(["tunnel", "--tun", TUN, "--listen", listen])
