@@ -295,6 +295,50 @@ fn a_tls_async_read_after_its_driver_went_is_wrong_runtime() {
     }
 }
 
+/// TLS started after an AsyncRead was given up on (its receive still waiting inside
+/// the socket, where the program cannot drop it): the upgrade goes through, the
+/// handshake's bytes go to the session, and data flows.
+#[test]
+fn tls_starts_after_an_async_read_was_given_up_on() {
+    use tokio::io::AsyncReadExt;
+    with_each_driver_in_tokio(|backend, mut driver| async move {
+        let ca = tls_certs::Ca::new("given-up");
+        driver
+            .run_until(async {
+                let listener = ringsock::StreamSocketListener::bind_host(
+                    &ringsock::HostName::new("127.0.0.1").unwrap(),
+                    "0",
+                )
+                .unwrap();
+                let port = listener.local_addr().unwrap().port().to_string();
+                let acceptor = ringsock::tls::TlsAcceptor::new(ca.server()).unwrap();
+                let server = ringsock::spawn(async move {
+                    let socket = listener.accept().await.unwrap();
+                    socket.accept_tls(&acceptor).await.unwrap();
+                    socket.write_all(b"secret\n".to_vec()).await.0.unwrap();
+                    socket
+                });
+                let mut client = StreamSocket::new();
+                client.control().set_trusted_roots(ca.roots()).unwrap();
+                let host = ringsock::HostName::new("localhost").unwrap();
+                client.connect(&host, &port).await.unwrap();
+                let mut byte = [0u8; 1];
+                let read = AsyncReadExt::read(&mut client, &mut byte);
+                let given_up = tokio::time::timeout(Duration::from_millis(5), read);
+                assert!(given_up.await.is_err(), "{backend}: nothing was sent");
+                let tls = ringsock::tls::ProtectionLevel::Tls13;
+                client
+                    .upgrade_to_tls(tls, &host)
+                    .await
+                    .unwrap_or_else(|err| panic!("{backend}: {err}"));
+                let line = client.input_stream().read_line().await.unwrap();
+                assert_eq!(line.as_deref(), Some("secret"), "{backend}");
+                drop(server.await);
+            })
+            .await;
+    });
+}
+
 #[test]
 fn a_driver_outside_tokio_is_a_clear_error() {
     let err = ringsock::tokio::Driver::new().expect_err("no tokio runtime here");

@@ -287,6 +287,18 @@ impl SharedFd {
         self.inner.reset_seen.get()
     }
 
+    /// Whether the socket belongs to a runtime that does not run here (or was taken off
+    /// its runtime). Unlike [`binding`](Self::binding) it binds nothing: a socket no
+    /// runtime has used yet is no other runtime's.
+    pub(crate) fn is_elsewhere(&self) -> bool {
+        self.inner.detached.get()
+            || self
+                .inner
+                .binding
+                .get()
+                .is_some_and(|binding| !current::is_current(binding.id()))
+    }
+
     /// The driver this socket belongs to. The first use binds it to the driver of the
     /// runtime running on this thread; after that, using it where another runtime runs
     /// (or none, or after its runtime was dropped) is the `WrongRuntime` error.

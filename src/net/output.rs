@@ -378,7 +378,7 @@ impl OutputStream {
             .inner
             .fd
             .as_ref()
-            .is_some_and(|fd| !fd.is_ended() && !fd.is_write_shut() && fd.binding().is_ok());
+            .is_some_and(|fd| !fd.is_ended() && !fd.is_write_shut() && !fd.is_elsewhere());
         if !usable || self.inner.transport.check_write(len).is_err() {
             return None;
         }

@@ -199,9 +199,12 @@ impl StreamSocket {
     /// Starts TLS with `session` and runs its handshake within `limit`.
     async fn handshake(&self, session: TlsSession, limit: Option<Duration>) -> Result<()> {
         // Before the session is attached: a call from another runtime changes nothing.
-        self.fd()?
-            .binding()
-            .map_err(|err| Error::io("start TLS", err))?;
+        let fd = self.fd()?;
+        fd.binding().map_err(|err| Error::io("start TLS", err))?;
+        // A poll-based read given up on (a tokio `select!`) is the socket's, not the
+        // program's, to drop: what it and the bytes read ahead took goes to the session
+        // first, in order.
+        self.hand_back_read_ahead(fd);
         let session = self.start_tls(session)?;
         let Some(limit) = limit else {
             return session.handshake().await;
