@@ -92,6 +92,22 @@ fn runtime(backend: ringsock::Backend) -> Option<Runtime> {
     util::build_or_skip(Builder::new().backend(backend), backend)
 }
 
+/// `op` on `client` inside a runtime of its own (`backend`): `WrongRuntime`, at once.
+fn misuse_on_another_runtime(
+    backend: ringsock::Backend,
+    client: &StreamSocket,
+    op: &str,
+    what: &str,
+) {
+    let other = Builder::new().backend(backend).build().unwrap();
+    let said = other.block_on(async {
+        timeout(Duration::from_secs(10), misuse(client, op))
+            .await
+            .unwrap_or_else(|_| panic!("{what}: hung"))
+    });
+    assert_wrong_runtime(said, what);
+}
+
 fn assert_wrong_runtime(said: ringsock::Result<()>, what: &str) {
     match said {
         Err(err) => assert_eq!(
@@ -121,14 +137,7 @@ fn a_socket_used_where_its_runtime_does_not_run_is_wrong_runtime() {
                         drop(home.take());
                         assert_wrong_runtime(poll_outside(misuse(&client, op)), &what);
                     }
-                    let other = Builder::new().backend(backend).build().unwrap();
-                    let said = other.block_on(async {
-                        timeout(Duration::from_secs(10), misuse(&client, op))
-                            .await
-                            .unwrap_or_else(|_| panic!("{what}: hung"))
-                    });
-                    assert_wrong_runtime(said, &what);
-                    drop(other);
+                    misuse_on_another_runtime(backend, &client, op, &what);
                     drop(client);
                 }
             }
@@ -152,14 +161,7 @@ fn a_socket_misused_from_another_runtime_still_works_at_home() {
                 let ca = Ca::new("home");
                 let (client, server) = home.block_on(pair(tls.then_some(&ca)));
                 let what = format!("{backend:?} tls {tls}: {op}");
-                let other = Builder::new().backend(backend).build().unwrap();
-                let said = other.block_on(async {
-                    timeout(Duration::from_secs(10), misuse(&client, op))
-                        .await
-                        .unwrap_or_else(|_| panic!("{what}: hung"))
-                });
-                assert_wrong_runtime(said, &what);
-                drop(other);
+                misuse_on_another_runtime(backend, &client, op, &what);
                 home.block_on(async {
                     let output = client.output_stream();
                     output.write(b"home ".to_vec()).await.unwrap();
@@ -198,13 +200,7 @@ fn a_tls_read_given_up_on_and_read_elsewhere_is_wrong_runtime() {
                 drop(home.take());
                 assert_wrong_runtime(poll_outside(misuse(&client, "read")), &what);
             }
-            let other = Builder::new().backend(backend).build().unwrap();
-            let said = other.block_on(async {
-                timeout(Duration::from_secs(10), misuse(&client, "read"))
-                    .await
-                    .unwrap_or_else(|_| panic!("{what}: hung"))
-            });
-            assert_wrong_runtime(said, &what);
+            misuse_on_another_runtime(backend, &client, "read", &what);
         }
     }
 }

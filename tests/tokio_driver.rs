@@ -250,18 +250,7 @@ fn a_tls_async_read_after_its_driver_went_is_wrong_runtime() {
             let ca = tls_certs::Ca::new("gone");
             let (mut client, server) = driver
                 .run_until(async {
-                    let listener = ringsock::StreamSocketListener::bind_host(
-                        &ringsock::HostName::new("127.0.0.1").unwrap(),
-                        "0",
-                    )
-                    .unwrap();
-                    let port = listener.local_addr().unwrap().port().to_string();
-                    let acceptor = ringsock::tls::TlsAcceptor::new(ca.server()).unwrap();
-                    let server = ringsock::spawn(async move {
-                        let socket = listener.accept().await.unwrap();
-                        socket.accept_tls(&acceptor).await.unwrap();
-                        socket
-                    });
+                    let (port, server) = tls_server(&ca, b"");
                     let mut client = StreamSocket::new();
                     client.control().set_trusted_roots(ca.roots()).unwrap();
                     let host = ringsock::HostName::new("localhost").unwrap();
@@ -305,19 +294,7 @@ fn tls_starts_after_an_async_read_was_given_up_on() {
         let ca = tls_certs::Ca::new("given-up");
         driver
             .run_until(async {
-                let listener = ringsock::StreamSocketListener::bind_host(
-                    &ringsock::HostName::new("127.0.0.1").unwrap(),
-                    "0",
-                )
-                .unwrap();
-                let port = listener.local_addr().unwrap().port().to_string();
-                let acceptor = ringsock::tls::TlsAcceptor::new(ca.server()).unwrap();
-                let server = ringsock::spawn(async move {
-                    let socket = listener.accept().await.unwrap();
-                    socket.accept_tls(&acceptor).await.unwrap();
-                    socket.write_all(b"secret\n".to_vec()).await.0.unwrap();
-                    socket
-                });
+                let (port, server) = tls_server(&ca, b"secret\n");
                 let mut client = StreamSocket::new();
                 client.control().set_trusted_roots(ca.roots()).unwrap();
                 let host = ringsock::HostName::new("localhost").unwrap();
@@ -337,6 +314,27 @@ fn tls_starts_after_an_async_read_was_given_up_on() {
             })
             .await;
     });
+}
+
+/// A TLS server on loopback in a task of the running driver: its port, and its end of
+/// the one connection it takes, once it has sent `greeting` (if any) through TLS.
+fn tls_server(
+    ca: &tls_certs::Ca,
+    greeting: &'static [u8],
+) -> (String, ringsock::JoinHandle<StreamSocket>) {
+    let host = ringsock::HostName::new("127.0.0.1").unwrap();
+    let listener = ringsock::StreamSocketListener::bind_host(&host, "0").unwrap();
+    let port = listener.local_addr().unwrap().port().to_string();
+    let acceptor = ringsock::tls::TlsAcceptor::new(ca.server()).unwrap();
+    let server = ringsock::spawn(async move {
+        let socket = listener.accept().await.unwrap();
+        socket.accept_tls(&acceptor).await.unwrap();
+        if !greeting.is_empty() {
+            socket.write_all(greeting.to_vec()).await.0.unwrap();
+        }
+        socket
+    });
+    (port, server)
 }
 
 #[test]
