@@ -664,6 +664,9 @@ async fn serve_thread(
     }
     let _ = ready.send(());
     let open = ConnectionLimit::new(&settings.connections);
+    // Clients accepted while the server was full, waiting for a slot: here, not in the
+    // accept loops, which a hand-over or a stop drops.
+    let parked = Parked::default();
     let publish = || async {
         loop {
             ringsock::runtime::sleep(TIMEOUT_REPORT_EVERY / 2).await;
@@ -680,7 +683,7 @@ async fn serve_thread(
     let accepting = || async {
         let loops = listeners
             .iter()
-            .map(|listener| accept_loop(listener, &settings, &open, &logs));
+            .map(|listener| accept_loop(listener, &settings, &open, &parked, &logs));
         join_all(loops).await;
         std::future::pending::<()>().await
     };
@@ -711,6 +714,7 @@ async fn serve_thread(
                 for socket in &datagrams {
                     echo_what_the_ring_holds(socket, &logs, settings.udp_rate).await;
                 }
+                serve_parked(&parked, &settings, &open, &logs).await;
                 for listener in &listeners {
                     serve_what_was_accepted(listener, &settings, &open, &logs).await;
                 }
@@ -982,9 +986,12 @@ async fn accept_loop(
     listener: &StreamSocketListener,
     settings: &Settings,
     open: &ConnectionLimit,
+    parked: &Parked,
     logs: &EchoLogs,
 ) {
     loop {
+        // Clients an earlier loop accepted and left waiting go first.
+        serve_parked(parked, settings, open, logs).await;
         if let Some(limit) = open.full() {
             logs.limit.line(format!(
                 "{limit} served (--max-connections); new ones wait until one ends"
@@ -995,12 +1002,34 @@ async fn accept_loop(
         open.room().await;
         match listener.accept().await {
             Ok(socket) => {
-                let slot = open.acquire().await;
-                serve_connection(socket, settings, slot, logs);
+                parked.borrow_mut().push_back(socket);
+                serve_parked(parked, settings, open, logs).await;
             }
             // One failed accept (say, out of descriptors) must not end the server; the
             // listener waits before the next attempt, so this cannot spin.
             Err(err) => logs.accept.line(format!("{}: {err}", err.status())),
+        }
+    }
+}
+
+/// Accepted clients waiting for a slot, oldest first.
+type Parked = std::cell::RefCell<std::collections::VecDeque<ringsock::StreamSocket>>;
+
+/// Serves the parked clients as slots come free. A client leaves `parked` only with its
+/// slot taken, so a wait dropped half-way (a hand-over, a stop) leaves it there.
+async fn serve_parked(
+    parked: &Parked,
+    settings: &Settings,
+    open: &ConnectionLimit,
+    logs: &EchoLogs,
+) {
+    while !parked.borrow().is_empty() {
+        let slot = open.acquire().await;
+        let socket = parked.borrow_mut().pop_front();
+        match socket {
+            Some(socket) => serve_connection(socket, settings, slot, logs),
+            // Another loop of this thread took it meanwhile.
+            None => drop(slot),
         }
     }
 }
