@@ -257,7 +257,7 @@ fn a_runtime_dropped_with_writes_unsent_resets_the_connection() {
                 return;
             };
             let listener = util::std_listener();
-            let mut peer = runtime.block_on(async {
+            let peer = runtime.block_on(async {
                 let (socket, peer) = util::pair_with_std_peer(&listener).await;
                 if how == "a dropped socket closing" {
                     let output = socket.output_stream();
@@ -285,9 +285,7 @@ fn a_runtime_dropped_with_writes_unsent_resets_the_connection() {
                 peer
             });
             drop(runtime);
-            peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
-            let mut got = Vec::new();
-            let end = std::io::Read::read_to_end(&mut peer, &mut got);
+            let (got, end) = read_to_end_of(peer);
             let what = format!("{backend:?}, {how}: {} of {TOTAL} bytes", got.len());
             assert!(got.len() < TOTAL, "{what}");
             assert_eq!(
@@ -315,7 +313,7 @@ fn a_runtime_dropped_after_the_writes_reached_the_kernel_delivers_them() {
             .set_recv_buffer_size(4096)
             .unwrap();
         let addr = listener.local_addr().unwrap();
-        let mut peer = runtime.block_on(async {
+        let peer = runtime.block_on(async {
             let client = StreamSocket::new();
             let peer = std::thread::spawn(move || listener.accept().unwrap().0);
             client.connect_addr(addr).await.unwrap();
@@ -333,9 +331,7 @@ fn a_runtime_dropped_after_the_writes_reached_the_kernel_delivers_them() {
             peer
         });
         drop(runtime);
-        peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
-        let mut got = Vec::new();
-        let end = std::io::Read::read_to_end(&mut peer, &mut got);
+        let (_, end) = read_to_end_of(peer);
         assert_eq!(end.map_err(|err| err.kind()), Ok(TOTAL), "{backend:?}");
     }
 }
@@ -397,4 +393,13 @@ fn a_tls_socket_dropped_with_its_runtime_is_not_reset() {
             "{backend:?}"
         );
     }
+}
+
+/// Everything a std peer reads until the connection ends, and how it ended (failing the
+/// test past MUST_HAPPEN rather than waiting for ever).
+fn read_to_end_of(mut peer: std::net::TcpStream) -> (Vec<u8>, std::io::Result<usize>) {
+    peer.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+    let mut got = Vec::new();
+    let end = std::io::Read::read_to_end(&mut peer, &mut got);
+    (got, end)
 }

@@ -778,18 +778,7 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
             .unwrap();
         let mut two = args.to_vec();
         two.extend(["--threads", "2"]);
-        let a = TunnelProc::start(&pair.a, backend, &two, None);
-        let during = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
-        assert!(
-            during.contains("mtu 1420") && during.contains(",UP"),
-            "{backend}: {during}"
-        );
-        a.stop();
-        let after = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
-        assert!(
-            after.contains("mtu 1300") && !after.contains(",UP"),
-            "{backend}: two threads left it not as it was: {after}"
-        );
+        sets_up_and_restores(&pair.a, backend, &two, "two threads");
         pair.a.exec(&["ip", "link", "del", TUN]).unwrap();
 
         // Made as `ip tuntap add` makes one by default (no multi_queue), down, with its
@@ -800,18 +789,7 @@ fn sigterm_removes_the_interface_it_created_and_keeps_one_it_attached_to() {
         pair.a
             .exec(&["ip", "link", "set", TUN, "mtu", "1300"])
             .unwrap();
-        let a = TunnelProc::start(&pair.a, backend, &args, None);
-        let during = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
-        assert!(
-            during.contains("mtu 1420") && during.contains(",UP"),
-            "{backend}: {during}"
-        );
-        a.stop();
-        let after = pair.a.exec(&["ip", "link", "show", TUN]).unwrap();
-        assert!(
-            after.contains("mtu 1300") && !after.contains(",UP"),
-            "{backend}: not as it was: {after}"
-        );
+        sets_up_and_restores(&pair.a, backend, &args, "one thread");
         // A tunnel that cannot have its port leaves the interface untouched too.
         let mut holder = std::process::Command::new("ip")
             .args(["netns", "exec", pair.a.name(), "python3", "-c"])
@@ -1746,4 +1724,26 @@ fn a_tunnel_table_ended_by_a_signal_in_its_second_run_leaves_nothing_behind() {
     });
     wait_until("the second run never set up", set_up);
     end_and_check_nothing_is_left(&mut child, libc::SIGINT);
+}
+
+/// A tunnel started with `args` on `TUN` (down, MTU 1300 before it) runs it up with
+/// MTU 1420, and leaves it down with MTU 1300 again once stopped.
+fn sets_up_and_restores(
+    ns: &util::tunnel_pair::netns::Netns,
+    backend: &str,
+    args: &[&str],
+    how: &str,
+) {
+    let tunnel = TunnelProc::start(ns, backend, args, None);
+    let during = ns.exec(&["ip", "link", "show", TUN]).unwrap();
+    assert!(
+        during.contains("mtu 1420") && during.contains(",UP"),
+        "{backend} {how}: {during}"
+    );
+    tunnel.stop();
+    let after = ns.exec(&["ip", "link", "show", TUN]).unwrap();
+    assert!(
+        after.contains("mtu 1300") && !after.contains(",UP"),
+        "{backend} {how}: not as it was: {after}"
+    );
 }
