@@ -544,9 +544,25 @@ fn take_over(
 }
 
 fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
-    let mut count = [0u8; 4];
-    std::io::Read::read_exact(&mut &*channel, &mut count)
+    // The parent writes the whole hand-over at once: one that stalls half-way must not
+    // leave this copy waiting for ever, holding what it took.
+    channel
+        .set_read_timeout(Some(HAND_OVER_WITHIN))
         .map_err(|err| Error::io("take the handed-over sockets", err))?;
+    let mut count = [0u8; 4];
+    std::io::Read::read_exact(&mut &*channel, &mut count).map_err(|err| {
+        if matches!(
+            err.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            Error::timed_out(format!(
+                "--inherit: the process being replaced sent no sockets within {} s",
+                HAND_OVER_WITHIN.as_secs()
+            ))
+        } else {
+            Error::io("take the handed-over sockets", err)
+        }
+    })?;
     let count = u32::from_le_bytes(count) as usize;
     // The count comes from the other end of the channel: never an allocation of its size.
     if count > MAX_HANDED_OVER {
@@ -554,8 +570,18 @@ fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
             "--inherit: the channel announced {count} sockets, more than a server hands over"
         )));
     }
-    (0..count).map(|_| net::recv_detached(channel)).collect()
+    let taken = (0..count).map(|_| net::recv_detached(channel)).collect();
+    // The channel stays open to say SERVING and to hand over again: its later waits are
+    // bounded where they happen.
+    channel
+        .set_read_timeout(None)
+        .map_err(|err| Error::io("take the handed-over sockets", err))?;
+    taken
 }
+
+/// How long the copy a hot restart starts waits for each part of the hand-over: the
+/// process being replaced sends it as soon as the copy runs.
+const HAND_OVER_WITHIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Claims the hand-over channel `--inherit` names, before this process opens anything
 /// of its own: only a Unix stream socket past the standard streams is taken, so a wrong

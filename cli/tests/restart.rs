@@ -688,6 +688,66 @@ fn sigterm_ends_the_wait_for_a_hand_over_that_never_comes() {
     }
 }
 
+/// A process being replaced that stalls in the hand-over (sends nothing, or the count
+/// and then nothing) and keeps the channel open: the copy gives up with
+/// `ConnectionTimedOut` and exits 1 rather than waiting for ever on what it holds.
+#[test]
+fn a_hand_over_that_stalls_times_out() {
+    let mut waiting = Vec::new();
+    let count_of_one = 1u32.to_le_bytes();
+    for backend in BACKENDS {
+        for sent in [&[][..], &count_of_one[..]] {
+            let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+            (&ours).write_all(sent).unwrap();
+            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
+            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
+            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
+            // SAFETY: just made above, owned by nothing else.
+            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
+            let child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                .arg(format!("--inherit={}", inherited.as_raw_fd()))
+                .env_remove("RINGSOCK_BACKEND")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            drop((inherited, theirs));
+            // `ours` stays open: the channel neither ends nor says anything more.
+            waiting.push((backend, sent, child, ours));
+        }
+    }
+    // The copies wait side by side: the test takes one timeout, not four.
+    for (backend, sent, mut child, ours) in waiting {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{backend}, {sent:?} sent: the copy still waits for the hand-over");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = String::new();
+        child
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert_eq!(status.code(), Some(1), "{backend}, {sent:?}: {stderr}");
+        assert!(
+            stderr.contains("ConnectionTimedOut") && !stderr.contains("panicked"),
+            "{backend}, {sent:?}: {stderr}"
+        );
+        drop(ours);
+    }
+}
+
 /// The built binary, hard-linked into a fresh directory `name` beside it: the directory
 /// and the link. A hard link, not a copy: a copy's file open for writing could be
 /// inherited by a child another test forks meanwhile, and running it would fail
