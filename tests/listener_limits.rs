@@ -81,6 +81,8 @@ fn emfile_child() {
             }
         })
         .await;
+        // What the background accept holds is an error, not an open descriptor.
+        assert_eq!(listener.accept_stats().pending, 0);
         drop(hogs);
         let server = util::must("accept", listener.accept())
             .await

@@ -109,7 +109,7 @@ impl Acceptor {
     /// What is held now.
     pub(crate) fn held(&self) -> Held {
         Held {
-            pending: self.uring.pending(),
+            pending: self.uring.pending_descriptors(),
             background: self.uring.running(),
         }
     }

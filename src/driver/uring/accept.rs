@@ -74,6 +74,12 @@ impl Acceptor {
         self.multishots.iter().map(|op| op.status().0).sum()
     }
 
+    /// Connections accepted in the background and not yet taken, as open descriptors: a
+    /// failed accept waiting to be reported is not one.
+    pub(crate) fn pending_descriptors(&self) -> usize {
+        self.multishots.iter().map(|op| op.values_waiting()).sum()
+    }
+
     /// An accept is in flight: a multishot that may take more, or a single ACCEPT.
     pub(crate) fn running(&self) -> bool {
         self.single.is_some() || self.multishots.back().is_some_and(|op| !op.status().1)

@@ -766,6 +766,17 @@ impl Driver {
 
     /// How many completions a multishot's slot holds untaken, and whether the kernel
     /// has ended the operation; `None` once the slot is gone.
+    /// Completions of multishot `key` waiting to be taken that carry a value (a count or
+    /// a descriptor), not an error.
+    pub(crate) fn multi_values_waiting(&mut self, key: Key) -> Option<usize> {
+        match &self.ops.get_mut(key)?.state {
+            State::Multi { queue, .. } => {
+                Some(queue.iter().filter(|done| done.result >= 0).count())
+            }
+            _ => None,
+        }
+    }
+
     pub(crate) fn multi_status(&mut self, key: Key) -> Option<(usize, bool)> {
         match &self.ops.get_mut(key)?.state {
             State::Multi {

@@ -342,6 +342,22 @@ impl MultiOp {
     }
 }
 
+impl MultiOp {
+    /// Completions waiting to be taken that carry a value, not an error (for an accept:
+    /// open descriptors). None where its driver does not run.
+    pub(crate) fn values_waiting(&self) -> usize {
+        if self.finished {
+            return 0;
+        }
+        let key = self.key;
+        self.driver
+            .with(|d| d.multi_values_waiting(key))
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+}
+
 impl Drop for MultiOp {
     fn drop(&mut self) {
         if !self.finished {
