@@ -99,9 +99,13 @@ impl Shared {
 
     /// The driver, wherever this thread stands (drops, the runtime itself).
     pub(crate) fn borrow(&self) -> io::Result<RefMut<'_, Driver>> {
-        self.driver
-            .try_borrow_mut()
-            .map_err(|_| io::Error::other("the epoll driver is busy (re-entered)"))
+        self.driver.try_borrow_mut().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "the epoll driver is busy: a waker it is calling used the socket (do \
+                     socket work in the task the waker wakes, not in the waker)",
+            )
+        })
     }
 
     fn misuse(&self) -> io::Error {
@@ -409,20 +413,23 @@ impl Registration {
     /// epoll set (its descriptor stays open, so the kernel would keep it there), its
     /// slot forgotten, and tasks still waiting woken so they see it is gone.
     pub(crate) fn release(&self) -> io::Result<()> {
-        if self.released.replace(true) {
+        if self.released.get() {
             return Ok(());
         }
         let (slot, raw) = (self.slot, self.raw);
+        // Nothing changes unless all of it succeeds: a release that failed (the driver
+        // busy, the deregistration refused) leaves the socket working here.
         let removed = self.driver.with(|d| -> io::Result<Option<Readiness>> {
-            let Some(readiness) = d.slots.try_remove(slot) else {
+            let Some(registered) = d.slots.get(slot).map(|readiness| readiness.registered) else {
                 return Ok(None);
             };
-            if readiness.registered {
+            if registered {
                 d.stats.io_calls += 1;
                 d.poll.registry().deregister(&mut SourceFd(&raw))?;
             }
-            Ok(Some(readiness))
+            Ok(d.slots.try_remove(slot))
         })??;
+        self.released.set(true);
         if let Some(readiness) = removed {
             for waiters in readiness.waiters {
                 waiters.into_iter().for_each(Waker::wake);

@@ -140,9 +140,13 @@ impl Shared {
     /// The driver, wherever this thread stands: for drops, which must release what they
     /// hold whichever runtime runs, and for the runtime itself.
     pub(crate) fn borrow(&self) -> io::Result<RefMut<'_, Driver>> {
-        self.driver
-            .try_borrow_mut()
-            .map_err(|_| io::Error::other("the io_uring driver is busy (re-entered)"))
+        self.driver.try_borrow_mut().map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::ResourceBusy,
+                "the io_uring driver is busy: a waker it is calling used the socket (do \
+                     socket work in the task the waker wakes, not in the waker)",
+            )
+        })
     }
 
     /// Why this driver cannot be used from here: gone, or not the one running.

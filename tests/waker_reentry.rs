@@ -1,0 +1,163 @@
+//! A waker the engine calls while it dispatches (a program's own `Wake`, wrapping the
+//! task's) that uses the socket from inside `wake`: the engine is busy then, so the call
+//! may fail, but only with `ResourceBusy`, and the socket keeps working afterwards, a
+//! failed `detach` included.
+
+mod util;
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::net::{SocketAddr, UdpSocket};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, Wake, Waker};
+
+use ringsock::{DatagramSocket, SocketErrorStatus};
+
+thread_local! {
+    /// The socket the waker uses, and where its posts go.
+    static TARGET: RefCell<Option<(Rc<DatagramSocket>, SocketAddr)>> = const { RefCell::new(None) };
+    /// What each call inside `wake` returned: `None` for success, else the status.
+    static OUTCOMES: RefCell<Vec<Option<SocketErrorStatus>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wraps the task's waker; its `wake` first posts a datagram on the target socket and,
+/// when `detach` is set, tries to detach it (dropping what a successful one returns
+/// would close the socket, so a success is kept aside).
+struct Reentering {
+    task: Mutex<Option<Waker>>,
+    detach: bool,
+}
+
+thread_local! {
+    static DETACHED: RefCell<Vec<ringsock::net::Detached>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Wake for Reentering {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        TARGET.with(|target| {
+            let Some((socket, to)) = target.borrow().clone() else {
+                return;
+            };
+            let posted = socket
+                .post_to_addr(b"from a waker".to_vec(), to)
+                .err()
+                .map(|(err, _)| err.status());
+            OUTCOMES.with(|o| o.borrow_mut().push(posted));
+            if self.detach {
+                match socket.detach() {
+                    Ok(detached) => {
+                        DETACHED.with(|d| d.borrow_mut().push(detached));
+                        OUTCOMES.with(|o| o.borrow_mut().push(None));
+                    }
+                    Err(err) => OUTCOMES.with(|o| o.borrow_mut().push(Some(err.status()))),
+                }
+            }
+        });
+        if let Some(task) = self.task.lock().unwrap().as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Polls `future` with a [`Reentering`] waker in place of the task's.
+struct UnderReentering<F> {
+    future: Pin<Box<F>>,
+    waker: Arc<Reentering>,
+}
+
+impl<F: Future> Future for UnderReentering<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        *self.waker.task.lock().unwrap() = Some(cx.waker().clone());
+        let waker = Waker::from(self.waker.clone());
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
+#[test]
+fn a_socket_used_inside_the_engines_wake_fails_busy_at_worst_and_keeps_working() {
+    util::on_each_receive_path(|backend| async move {
+        for detach in [false, true] {
+            let socket = Rc::new(DatagramSocket::new());
+            socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = socket.local_addr().unwrap();
+            let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            sink.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+            let sink_addr = sink.local_addr().unwrap();
+            TARGET.with(|t| *t.borrow_mut() = Some((socket.clone(), sink_addr)));
+            OUTCOMES.with(|o| o.borrow_mut().clear());
+
+            let receiver = socket.clone();
+            let receive = UnderReentering {
+                future: Box::pin(async move { receiver.recv().await.map(|d| d.to_vec()) }),
+                waker: Arc::new(Reentering {
+                    task: Mutex::new(None),
+                    detach,
+                }),
+            };
+            let task = ringsock::spawn(receive);
+            // The receive waits (armed, its waker with the engine) before the datagram.
+            for _ in 0..3 {
+                util::yield_now().await;
+            }
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .send_to(b"first", addr)
+                .unwrap();
+            let first = util::must("the first datagram", task).await;
+            TARGET.with(|t| *t.borrow_mut() = None);
+            let outcomes = OUTCOMES.with(|o| o.borrow().clone());
+            assert!(!outcomes.is_empty(), "{backend}: the waker never ran");
+            for status in outcomes.iter().flatten() {
+                assert_eq!(
+                    *status,
+                    SocketErrorStatus::ResourceBusy,
+                    "{backend}, detach {detach}: {outcomes:?}"
+                );
+            }
+            let detached = DETACHED.with(|d| d.borrow_mut().pop());
+            if detached.is_some() {
+                // The engine let it go: the socket here is gone, as a detach says.
+                assert_eq!(
+                    first.unwrap_err().status(),
+                    SocketErrorStatus::UnsupportedOperation
+                );
+                continue;
+            }
+            assert_eq!(first.unwrap(), b"first", "{backend}, detach {detach}");
+
+            // Whatever failed inside the wake, the socket works on here.
+            UdpSocket::bind("127.0.0.1:0")
+                .unwrap()
+                .send_to(b"second", addr)
+                .unwrap();
+            let second = util::must("the second datagram", socket.recv())
+                .await
+                .unwrap();
+            assert_eq!(second.data(), b"second", "{backend}, detach {detach}");
+            let (sent, _) = socket.send_to_addr(b"reply".to_vec(), sink_addr).await;
+            sent.unwrap();
+            socket.settle_posts().await.unwrap();
+            let posts = socket.post_stats();
+            let mut got = vec![0u8; 64];
+            // The posts that went, then the reply, in order.
+            for _ in 0..posts.sent {
+                let (n, _) = sink.recv_from(&mut got).unwrap();
+                assert_eq!(&got[..n], b"from a waker");
+            }
+            let (n, _) = sink.recv_from(&mut got).unwrap();
+            assert_eq!(&got[..n], b"reply", "{backend}, detach {detach}");
+            if detach {
+                let detached = socket.detach().expect("a detach outside any wake");
+                drop(detached);
+            }
+        }
+    });
+}
