@@ -389,7 +389,12 @@ impl Registry {
             return Ok(bgid);
         }
         if self.next > u16::MAX as u32 {
-            return Err(io::Error::other("every io_uring buffer group id is in use"));
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "every io_uring buffer group id is in use: at most 65,472 datagram sockets \
+                 of one runtime receive at a time (a socket dropped while a Datagram of it \
+                 is held keeps its id until that Datagram goes)",
+            ));
         }
         self.next += 1;
         Ok((self.next - 1) as u16)
@@ -451,5 +456,29 @@ impl KernelRing for BufRing {
 
     fn retire(&mut self, buffers: Mapping) {
         BufRing::retire(self, buffers)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_group_ids_is_no_buffer_space_and_a_freed_id_is_used_again() {
+        let mut registry = Registry::new();
+        let ids = (FIRST_GROUP as u32..=u16::MAX as u32).count();
+        for expected in FIRST_GROUP..=u16::MAX {
+            assert_eq!(registry.allocate().unwrap(), expected);
+        }
+        assert_eq!(ids, 65_472, "the count the error and the README give");
+        let err = crate::Error::io("set up the receive ring", registry.allocate().unwrap_err());
+        assert_eq!(
+            err.status(),
+            crate::SocketErrorStatus::NoBufferSpace,
+            "{err}"
+        );
+        assert!(err.to_string().contains("65,472"), "{err}");
+        registry.free.push(100);
+        assert_eq!(registry.allocate().unwrap(), 100);
     }
 }
