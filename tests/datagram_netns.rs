@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ringsock::runtime::timeout;
-use ringsock::{Backend, DatagramSocket};
+use ringsock::{Backend, DatagramSocket, SocketErrorStatus};
 use util::netns::{self, Netns};
 
 const GROUP: Ipv4Addr = Ipv4Addr::new(239, 255, 7, 7);
@@ -165,6 +165,36 @@ fn a_socket_gets_only_the_groups_it_joined() {
             expect_next(&bystander, "the bystander's second", "other again", backend).await;
             send(GROUP, "group again").await;
             expect_next(&joined, "the member's second", "group again", backend).await;
+
+            // Wrong joins and leaves say what is wrong with them.
+            let twice = joined.join_multicast_group(IpAddr::V4(GROUP)).unwrap_err();
+            assert_eq!(
+                twice.status(),
+                SocketErrorStatus::AddressAlreadyInUse,
+                "{twice}"
+            );
+            assert!(twice.to_string().contains("in it already"), "{twice}");
+            let never = joined.leave_multicast_group(IpAddr::V4(OTHER)).unwrap_err();
+            assert_eq!(
+                never.status(),
+                SocketErrorStatus::CannotAssignRequestedAddress,
+                "{never}"
+            );
+            assert!(never.to_string().contains("did not join"), "{never}");
+            for unicast in [IpAddr::V4(Ipv4Addr::LOCALHOST), "::1".parse().unwrap()] {
+                let err = joined.join_multicast_group(unicast).unwrap_err();
+                assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+                let err = joined.leave_multicast_group(unicast).unwrap_err();
+                assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+            }
+            let v6 = joined
+                .join_multicast_group("ff02::1".parse().unwrap())
+                .unwrap_err();
+            assert_eq!(
+                v6.status(),
+                SocketErrorStatus::AddressFamilyNotSupported,
+                "{v6}"
+            );
         });
     });
 }

@@ -154,6 +154,31 @@ fn oversized_datagram_is_message_too_long() {
     });
 }
 
+/// A host name whose only addresses are of the other family than the socket's: the
+/// status connect would give (AddressFamilyNotSupported), not "no addresses".
+#[test]
+fn a_host_of_the_other_family_is_address_family_not_supported() {
+    util::on_each_backend(|_| async {
+        let socket = bound("127.0.0.1");
+        let v6_only = HostName::new("::1").unwrap();
+        let (result, _) = socket.send_to(b"x".to_vec(), &v6_only, "9").await;
+        let err = result.unwrap_err();
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::AddressFamilyNotSupported,
+            "{err}"
+        );
+        let Err(err) = socket.output_stream_to(&v6_only, "9").await else {
+            panic!("an IPv4 socket made a stream to an IPv6-only host");
+        };
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::AddressFamilyNotSupported,
+            "{err}"
+        );
+    });
+}
+
 #[test]
 fn a_ring_made_smaller_truncates_counts_and_reports_alike() {
     util::on_each_receive_path(|_| async {

@@ -400,9 +400,16 @@ impl DatagramSocket {
             None => true,
             Some(_) => self.ipv6.get() || addr.is_ipv4(),
         };
-        let mut addrs = addrs.into_iter().filter(usable);
-        addrs.next().ok_or_else(|| Error::NoAddresses {
-            host: host.to_string(),
+        if addrs.is_empty() {
+            return Err(Error::NoAddresses {
+                host: host.to_string(),
+            });
+        }
+        addrs.iter().copied().find(usable).ok_or_else(|| {
+            Error::io(
+                format!("{host} has only IPv6 addresses, and this socket is IPv4"),
+                std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
+            )
         })
     }
 
@@ -966,24 +973,60 @@ impl DatagramSocket {
     /// sockets of the host joined on its port (IP_MULTICAST_ALL is off), and a group it
     /// left stops coming though another socket still holds it.
     pub fn join_multicast_group(&self, group: IpAddr) -> Result<()> {
+        self.check_multicast_group(group, "join")?;
         let fd = self.fd()?;
         let sock = fd.sock();
         match group {
             IpAddr::V4(v4) => sock.join_multicast_v4(&v4, &Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(v6) => sock.join_multicast_v6(&v6, 0),
         }
-        .map_err(|err| Error::io(format!("join multicast group {group}"), err))
+        .map_err(|err| {
+            let already = err.raw_os_error() == Some(libc::EADDRINUSE);
+            let why = if already {
+                ": this socket is in it already"
+            } else {
+                ""
+            };
+            Error::io(format!("join multicast group {group}{why}"), err)
+        })
     }
 
     /// Leaves a multicast group joined with [`join_multicast_group`](Self::join_multicast_group).
     pub fn leave_multicast_group(&self, group: IpAddr) -> Result<()> {
+        self.check_multicast_group(group, "leave")?;
         let fd = self.fd()?;
         let sock = fd.sock();
         match group {
             IpAddr::V4(v4) => sock.leave_multicast_v4(&v4, &Ipv4Addr::UNSPECIFIED),
             IpAddr::V6(v6) => sock.leave_multicast_v6(&v6, 0),
         }
-        .map_err(|err| Error::io(format!("leave multicast group {group}"), err))
+        .map_err(|err| {
+            let never = err.raw_os_error() == Some(libc::EADDRNOTAVAIL);
+            let why = if never {
+                ": this socket did not join it"
+            } else {
+                ""
+            };
+            Error::io(format!("leave multicast group {group}{why}"), err)
+        })
+    }
+
+    /// Refuses what the kernel would refuse with a misleading errno: an address that is
+    /// no multicast group (EINVAL, "not supported"), an IPv6 group on an IPv4 socket
+    /// (ENOPROTOOPT, "protocol not available").
+    fn check_multicast_group(&self, group: IpAddr, verb: &str) -> Result<()> {
+        if !group.is_multicast() {
+            return Err(Error::invalid_input(format!(
+                "{verb} multicast group {group}: not a multicast address (224.0.0.0/4, ff00::/8)"
+            )));
+        }
+        if group.is_ipv6() && self.fd.get().is_some() && !self.ipv6.get() {
+            return Err(Error::io(
+                format!("{verb} multicast group {group}: an IPv6 group on an IPv4 socket"),
+                std::io::Error::from_raw_os_error(libc::EAFNOSUPPORT),
+            ));
+        }
+        Ok(())
     }
 
     /// The local address, with the real port when bound to port 0.
