@@ -61,6 +61,22 @@ pub(crate) fn poll_budgeted<F: Future>(
     polled
 }
 
+/// One operation that finished at once (a timer that is due) uses a unit of the budget;
+/// with the budget spent it is Pending instead, its task woken to run again next round.
+pub(crate) fn poll_proceed(cx: &mut Context<'_>) -> Poll<()> {
+    BUDGET.with(|budget| match budget.get() {
+        0 => {
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+        UNLIMITED => Poll::Ready(()),
+        left => {
+            budget.set(left - 1);
+            Poll::Ready(())
+        }
+    })
+}
+
 /// `future`, counted against its task's budget (see [`poll_budgeted`]).
 pub(crate) async fn budgeted<F: Future>(future: F) -> F::Output {
     let mut future = std::pin::pin!(future);

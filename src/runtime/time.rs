@@ -134,6 +134,10 @@ impl Future for Sleep {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         if Instant::now() >= self.deadline {
+            // A due timer is an operation that finished at once: a loop of zero timeouts
+            // around a receive that waits must still yield, or the engine never gets
+            // the turn that completes the receive.
+            std::task::ready!(super::coop::poll_proceed(cx));
             self.unregister();
             return Poll::Ready(());
         }
