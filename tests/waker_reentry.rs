@@ -1,7 +1,7 @@
 //! A waker the engine calls while it dispatches (a program's own `Wake`, wrapping the
-//! task's) that uses the socket from inside `wake`: the engine is busy then, so the call
-//! may fail, but only with `ResourceBusy`, and the socket keeps working afterwards, a
-//! failed `detach` included.
+//! task's) that uses sockets from inside `wake`: the engine is busy then, so a call may
+//! fail, but only with `ResourceBusy`, and the socket keeps working afterwards, a failed
+//! `detach` included; sockets it drops there close in that turn.
 
 mod util;
 
@@ -160,4 +160,87 @@ fn a_socket_used_inside_the_engines_wake_fails_busy_at_worst_and_keeps_working()
             }
         }
     });
+}
+
+thread_local! {
+    /// Sockets the waker drops.
+    static VICTIMS: RefCell<Vec<DatagramSocket>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wraps the task's waker; its `wake` first drops [`VICTIMS`].
+struct Dropping(Mutex<Option<Waker>>);
+
+impl Wake for Dropping {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        drop(VICTIMS.with(|victims| std::mem::take(&mut *victims.borrow_mut())));
+        if let Some(task) = self.0.lock().unwrap().as_ref() {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Sockets with their receives armed, dropped inside the engine's wake: their receives
+/// end and their descriptors close in that turn's wake of the loop, not when the
+/// runtime goes (their ports free again is what shows it).
+#[test]
+fn sockets_dropped_inside_the_engines_wake_close() {
+    util::on_each_receive_path(|backend| async move {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let victim = DatagramSocket::new();
+            victim.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+            let at = victim.local_addr().unwrap();
+            client.send_to(b"one", at).unwrap();
+            // Received: its receive (a multishot on io_uring) is armed from now on.
+            util::must("a victim's datagram", victim.recv())
+                .await
+                .unwrap();
+            ports.push(at);
+            VICTIMS.with(|victims| victims.borrow_mut().push(victim));
+        }
+        let socket = Rc::new(DatagramSocket::new());
+        socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = socket.local_addr().unwrap();
+        let receiver = socket.clone();
+        let task = ringsock::spawn(UnderDropping {
+            future: Box::pin(async move { receiver.recv().await.map(|d| d.to_vec()) }),
+            waker: Arc::new(Dropping(Mutex::new(None))),
+        });
+        for _ in 0..3 {
+            util::yield_now().await;
+        }
+        client.send_to(b"wake", addr).unwrap();
+        assert_eq!(util::must("the wake", task).await.unwrap(), b"wake");
+        assert!(
+            VICTIMS.with(|victims| victims.borrow().is_empty()),
+            "{backend}"
+        );
+        util::must("the victims' ports to be free again", async {
+            while !ports.iter().all(|at| std::net::UdpSocket::bind(at).is_ok()) {
+                util::yield_now().await;
+            }
+        })
+        .await;
+    });
+}
+
+/// Polls `future` with a [`Dropping`] waker in place of the task's.
+struct UnderDropping<F> {
+    future: Pin<Box<F>>,
+    waker: Arc<Dropping>,
+}
+
+impl<F: Future> Future for UnderDropping<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        *self.waker.0.lock().unwrap() = Some(cx.waker().clone());
+        let waker = Waker::from(self.waker.clone());
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
 }

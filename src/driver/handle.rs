@@ -98,6 +98,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
+                driver.ignore_dropped();
             }
             Driver::Poll(driver) => driver.borrow()?.park(timeout)?,
         };
@@ -114,6 +115,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
+                driver.ignore_dropped();
                 Ok(any)
             }
             Driver::Poll(driver) => driver.borrow()?.poll_completions(),
@@ -144,6 +146,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
+                driver.ignore_dropped();
                 Ok(any)
             }
             Driver::Poll(driver) if collect => driver.borrow()?.turn(),

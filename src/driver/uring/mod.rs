@@ -92,6 +92,10 @@ pub(crate) type Handle = Rc<Shared>;
 pub(crate) struct Shared {
     id: DriverId,
     driver: RefCell<Driver>,
+    /// Operations dropped while the driver was busy dispatching (by a waker it called):
+    /// ignored at the end of that turn, so their cancel goes with the next submission
+    /// rather than their descriptors and buffers staying until the driver goes.
+    dropped_in_dispatch: RefCell<Vec<(Key, bool)>>,
 }
 
 impl Shared {
@@ -111,7 +115,35 @@ impl Shared {
         Ok(Rc::new(Shared {
             id: DriverId::next(),
             driver: RefCell::new(driver),
+            dropped_in_dispatch: RefCell::new(Vec::new()),
         }))
+    }
+
+    /// Operation `key` was dropped while the driver was busy: it is ignored (see
+    /// [`Driver::ignore`]) once the driver is free, by [`ignore_dropped`](Self::ignore_dropped).
+    pub(crate) fn ignore_later(&self, key: Key, close_results: bool) {
+        self.dropped_in_dispatch
+            .borrow_mut()
+            .push((key, close_results));
+    }
+
+    /// Ignores the operations dropped while the driver was busy; what the kernel is
+    /// done with is dropped here, outside the driver.
+    pub(crate) fn ignore_dropped(&self) {
+        let dropped = std::mem::take(&mut *self.dropped_in_dispatch.borrow_mut());
+        if dropped.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        match self.borrow() {
+            Ok(mut d) => done.extend(
+                dropped
+                    .into_iter()
+                    .filter_map(|(key, close_results)| d.ignore(key, close_results)),
+            ),
+            Err(_) => self.dropped_in_dispatch.borrow_mut().extend(dropped),
+        }
+        drop(done);
     }
 
     pub(crate) fn id(&self) -> DriverId {

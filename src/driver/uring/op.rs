@@ -226,9 +226,12 @@ impl<T: 'static> Drop for Op<T> {
 fn ignore(driver: &Handle, key: Key, close_results: bool) {
     let done = match driver.borrow() {
         Ok(mut d) => d.ignore(key, close_results),
-        // Only a drop inside the driver's own dispatch could get here; the slot then
-        // keeps the data until the driver goes, which never frees it under the kernel.
-        Err(_) => None,
+        // Only a drop inside the driver's own dispatch gets here (a waker it called):
+        // ignored at the end of that turn. Until then the slot keeps the data.
+        Err(_) => {
+            driver.ignore_later(key, close_results);
+            None
+        }
     };
     drop(done);
 }
