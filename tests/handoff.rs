@@ -430,7 +430,19 @@ fn datagrams_in_the_receive_ring_go_along_when_the_socket_moves() {
             }
             // The first receive sets up the ring, which takes in what is queued.
             receive_numbered(&socket, 0, 1, from).await;
-            socket.detach().unwrap()
+            let detached = socket.detach().unwrap();
+            // The handle left behind says what it is: detached, not a ring that failed.
+            let err = socket.recv().await.unwrap_err();
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::UnsupportedOperation,
+                "{err}"
+            );
+            assert!(
+                err.to_string().contains("detached") && !err.to_string().contains("ring"),
+                "{err}"
+            );
+            detached
         });
         assert!(
             detached.carried_datagrams() > 0,

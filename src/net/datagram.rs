@@ -935,7 +935,14 @@ impl DatagramSocket {
             };
             match Receiver::new(fd, config) {
                 Ok(new) => *receiver = Some(new),
-                Err(err) => return Poll::Ready(Err(Error::io("set up the receive ring", err))),
+                Err(err) => {
+                    // A socket that left this handle has no ring to set up: say receive.
+                    let context = match err.kind() {
+                        std::io::ErrorKind::Unsupported => "receive",
+                        _ => "set up the receive ring",
+                    };
+                    return Poll::Ready(Err(Error::io(context, err)));
+                }
             }
         }
         let receiver = receiver.as_mut().expect("created above");
