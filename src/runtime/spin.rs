@@ -38,13 +38,15 @@ pub enum Spin {
     /// A loop fed datagrams faster than it wakes (a relay, one burst after another)
     /// would spin through every short gap, where a sleep costs less CPU and gathers the
     /// datagrams that come meanwhile into one wake-up. So a loop that spins and takes in
-    /// datagrams sleeps instead once every 1,024 spins, to see what the sleep brings: more
-    /// than one datagram says its sleeps gather, and it stops spinning, probes included;
-    /// four wakes that bring a single datagram each (a round trip, or traffic that
+    /// datagrams sleeps instead after 64 spins, to see what the sleep brings, and again
+    /// after twice as many spins each time the sleep brought one datagram, up to once
+    /// every 1,024 spins: more than one datagram says its sleeps gather, and it stops
+    /// spinning, probes included (and, once it spins again, tests after 64 spins);
+    /// sixteen wakes that bring a single datagram each (a round trip, or traffic that
     /// thinned out), or eight that bring none (the datagrams stopped), with none
-    /// bringing more, let it spin again. A round trip loses one spin in 1,024 to the
-    /// test; one whose answer is several datagrams (not GRO's pieces of one) looks like
-    /// traffic that gathers, and sleeps.
+    /// bringing more, let it spin again. A round trip loses four spins in its first
+    /// thousand and then one in 1,024 to the test; one whose answer is several
+    /// datagrams (not GRO's pieces of one) looks like traffic that gathers, and sleeps.
     Adaptive(Duration),
 }
 
@@ -83,7 +85,7 @@ impl Spin {
                 if waits.recent <= limit && waits.missed == 0 && !waits.misses_often() =>
             {
                 waits.spins_untested += 1;
-                if waits.spins_untested >= GATHER_TEST_EVERY && waits.datagrams_lately {
+                if waits.spins_untested >= waits.gather_test_gap() && waits.datagrams_lately {
                     waits.spins_untested = 0;
                     waits.datagrams_lately = false;
                     waits.test_sleeps = GATHER_TEST_SLEEPS - 1;
@@ -136,10 +138,17 @@ impl Spin {
                 // The sleep ended on something else (a send's completion): the next one
                 // tests, if the test has sleeps left.
                 0 => {}
-                1 => waits.test_sleeps = 0,
+                // One datagram: a round trip, whose next tests come further apart.
+                1 => {
+                    waits.test_sleeps = 0;
+                    waits.gather_test_gap = (waits.gather_test_gap() * 2).min(GATHER_TEST_EVERY);
+                }
                 _ => {
                     waits.test_sleeps = 0;
                     waits.gathering = true;
+                    // Once it spins again, the next test comes soon: the datagrams that
+                    // gathered once likely still come in bursts.
+                    waits.gather_test_gap = GATHER_TEST_FIRST;
                     waits.single_wakes = 0;
                     waits.empty_wakes = 0;
                 }
@@ -241,6 +250,8 @@ pub(super) struct Waits {
     stopped_probe_gap: u32,
     /// Spins since the last test of what a sleep gathers.
     spins_untested: u32,
+    /// Spins between tests now (0: [`GATHER_TEST_FIRST`]).
+    gather_test_gap: u32,
     /// Datagrams came in since the last test: a loop without any has nothing to test.
     datagrams_lately: bool,
     /// The coming wait is a test sleep in place of a spin.
@@ -255,17 +266,27 @@ pub(super) struct Waits {
     empty_wakes: u32,
 }
 
-/// Spins between two test sleeps of a loop that takes in datagrams: rare enough that a
-/// round trip's percentiles up to the 99th never see one.
+/// Most spins between two test sleeps of a loop that takes in datagrams: rare enough that
+/// a round trip's percentiles up to the 99th never see one.
 const GATHER_TEST_EVERY: u32 = 1024;
+
+/// Spins before the first test sleep, and after a test that found the sleeps gather:
+/// a relay fed in bursts (a spin or two at each burst's end) is found out within a few
+/// dozen bursts, not a thousand. Each test that finds one datagram doubles the gap, up
+/// to [`GATHER_TEST_EVERY`]: a round trip pays a handful of test sleeps in its first
+/// thousand exchanges, then one per thousand.
+const GATHER_TEST_FIRST: u32 = 64;
 
 /// Sleeps one test may take: the first may end on the completion of a send the loop
 /// had just queued, before any datagram could come.
 const GATHER_TEST_SLEEPS: u32 = 2;
 
 /// Wakes that bring one datagram each, with none bringing more, after which a loop
-/// that gathered spins again.
-const SINGLE_WAKES_TO_SPIN: u32 = 4;
+/// that gathered spins again. Not fewer: at the end of each burst a relay that has caught
+/// up wakes to single datagrams a few times in a row (with four, 64 flows at 100k
+/// packets/s went back to spinning up to twice a second); a round trip after
+/// a burst sleeps through sixteen exchanges, a few hundred microseconds.
+const SINGLE_WAKES_TO_SPIN: u32 = 16;
 
 /// Wakes that bring no datagram, with none bringing more than one, after which a loop
 /// that gathered spins again: its datagrams stopped (a program that turned to TCP
@@ -289,6 +310,10 @@ const PROBATION_SPINS: u32 = 16;
 const MAX_PROBE_AFTER_MISSES: u32 = 256;
 
 impl Waits {
+    fn gather_test_gap(&self) -> u32 {
+        self.gather_test_gap.max(GATHER_TEST_FIRST)
+    }
+
     fn probe_gap(&self) -> u32 {
         self.stopped_probe_gap.max(PROBE_AFTER_MISSES)
     }
@@ -656,9 +681,9 @@ mod tests {
             policy.record(&mut waits, gap, false);
             policy.record_wake(&mut waits, 1, false);
             spins += 1;
-            assert!(spins <= GATHER_TEST_EVERY, "no test sleep");
+            assert!(spins <= GATHER_TEST_FIRST, "no test sleep");
         }
-        assert_eq!(spins, GATHER_TEST_EVERY - 1);
+        assert_eq!(spins, GATHER_TEST_FIRST - 1);
         policy.record(&mut waits, Duration::from_micros(40), false);
         // The test sleep woke to four datagrams: sleeping gathers, the loop stops spinning,
         // probes included, however short the gaps.
@@ -667,11 +692,16 @@ mod tests {
         for _ in 0..1000 {
             assert!(!one_wait(policy, &mut waits_after, gap, 3));
         }
-        // The traffic thins out to one datagram per wake: after four such wakes it spins.
+        // The traffic thins out to one datagram per wake: after sixteen such wakes it spins,
+        // and tests again after the first gap, not the longest.
         for wake in 0..SINGLE_WAKES_TO_SPIN {
             assert!(!one_wait(policy, &mut waits_after, gap, 1), "wake {wake}");
         }
-        assert!(one_wait(policy, &mut waits_after, gap, 1));
+        let mut spins = 0;
+        while one_wait(policy, &mut waits_after, gap, 1) {
+            spins += 1;
+            assert!(spins < GATHER_TEST_FIRST, "no test sleep");
+        }
         // A single datagram between wakes that gather does not end the gathering.
         let mut waits_mixed = waits;
         policy.record_wake(&mut waits_mixed, 2, true);
@@ -713,24 +743,35 @@ mod tests {
         let round_trip = Duration::from_micros(19);
         // One reply per wake: a test sleep (a wake-up slower) finds one datagram.
         let mut waits = waits_of(round_trip);
-        let mut sleeps = 0;
-        for _ in 0..10 * GATHER_TEST_EVERY {
+        let mut sleeps = Vec::new();
+        for wait in 0..10 * GATHER_TEST_EVERY {
             let spun = policy.budget(&mut waits).is_some();
-            let wait = if spun {
+            let took = if spun {
                 round_trip
             } else {
-                sleeps += 1;
+                sleeps.push(wait);
                 Duration::from_micros(60)
             };
-            policy.record(&mut waits, wait, false);
+            policy.record(&mut waits, took, false);
             policy.record_wake(&mut waits, 1, !spun);
         }
-        assert_eq!(sleeps, 10, "one sleep per {GATHER_TEST_EVERY} waits");
+        // The test takes the place of the 64th spin, then of the 128th after it, and so
+        // on to every 1,024th: four tests in the first thousand round trips, then one per
+        // 1,024.
+        let spins_between: Vec<u32> = sleeps.windows(2).map(|w| w[1] - w[0] - 1).collect();
+        assert_eq!(sleeps[0], GATHER_TEST_FIRST - 1, "{sleeps:?}");
+        assert_eq!(spins_between[..4], [127, 255, 511, 1023], "{sleeps:?}");
+        assert!(
+            spins_between[4..]
+                .iter()
+                .all(|&spins| spins == GATHER_TEST_EVERY - 1),
+            "{sleeps:?}"
+        );
 
         // A test sleep that ended on a send's completion, with no datagram, tests again
         // once; the reply then says round trip.
         let mut waits = waits_of(round_trip);
-        waits.spins_untested = GATHER_TEST_EVERY - 1;
+        waits.spins_untested = GATHER_TEST_FIRST - 1;
         waits.datagrams_lately = true;
         assert_eq!(policy.budget(&mut waits), None);
         policy.record(&mut waits, Duration::from_micros(2), false);
