@@ -858,24 +858,31 @@ fn echo_client(args: EchoClientArgs) -> ringsock::Result<()> {
             close_tls(&socket, &mut socket.input_stream()).await;
         }
         print_reply(&reply, &args.message)?;
-        check_echo(&reply, &args.message)
+        check_echo(&reply, &args.message, !args.tls)
     })
 }
 
 /// A reply that is not the message sent, byte for byte, fails the client (after it was
 /// shown): the other end is no echo server, or not one speaking this protocol (a TLS
 /// server asked without `--tls` answers with a TLS alert).
-fn check_echo(reply: &[u8], message: &str) -> ringsock::Result<()> {
+fn check_echo(reply: &[u8], message: &str, tls_would_help: bool) -> ringsock::Result<()> {
     if reply == message.as_bytes() {
         return Ok(());
     }
+    // Only a plain TCP exchange could have been a TLS server: TLS runs over TCP, and a
+    // client that used it was answered in it.
+    let hint = if tls_would_help {
+        ", or one that speaks another protocol (a TLS server needs --tls)"
+    } else {
+        ""
+    };
     Err(Error::io(
         "check the reply",
         std::io::Error::new(
             std::io::ErrorKind::InvalidData,
             format!(
-                "the reply ({} bytes) is not the message sent ({} bytes): not an echo server, \
-                 or one that speaks another protocol (a TLS server needs --tls)",
+                "the reply ({} bytes) is not the message sent ({} bytes): not an echo \
+                 server{hint}",
                 reply.len(),
                 message.len()
             ),
@@ -1028,7 +1035,7 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
             ))
         })??;
     print_reply(reply.data(), &args.message)?;
-    check_echo(reply.data(), &args.message)
+    check_echo(reply.data(), &args.message, false)
 }
 
 /// `ringsock bench`: one run (`--json`) or the matrix.

@@ -43,8 +43,8 @@ pub(crate) struct TunnelArgs {
     /// (e.g. from `openssl rand -hex 32`). Both ends use the same key.
     #[arg(long, value_name = "FILE")]
     key: PathBuf,
-    /// MTU of the TUN interface (inner packets); sealed packets are 56 bytes larger over
-    /// IPv4, 76 over IPv6, and are sent with don't-fragment.
+    /// MTU of the TUN interface (inner packets); sealed packets are 60 bytes larger over
+    /// IPv4, 80 over IPv6, and are sent with don't-fragment.
     #[arg(long, default_value_t = DEFAULT_MTU, value_parser = clap::value_parser!(u32).range(576..=65000))]
     mtu: u32,
     /// Run without offloads: no virtio-net header, one plain packet per read and write.
@@ -118,6 +118,25 @@ pub(crate) fn tunnel(mut args: TunnelArgs) -> ringsock::Result<()> {
                 format!("--peer {peer} is not one host's address (broadcast or multicast)"),
             );
         }
+        if is_broadcast_of_a_local_network(peer.ip().to_canonical()) {
+            super::usage_error_in(
+                "tunnel",
+                format!(
+                    "--peer {peer} is the broadcast address of a network of this host, not \
+                     one host's address"
+                ),
+            );
+        }
+        if is_this_tunnel(args.listen, peer) {
+            super::usage_error_in(
+                "tunnel",
+                format!(
+                    "--peer {peer} is this tunnel's own address (--listen {}): it would only \
+                     ever hear itself",
+                    args.listen
+                ),
+            );
+        }
         warn_if_larger_than_the_route(args.mtu, args.listen, peer);
     }
     let key = PresharedKey::from_file(&args.key)?;
@@ -152,14 +171,66 @@ fn is_unicast(ip: std::net::IpAddr) -> bool {
     }
 }
 
+/// Whether `peer` is where this tunnel listens: its port, and an address of this host
+/// that `listen` covers (a socket can be bound to it).
+fn is_this_tunnel(listen: SocketAddr, peer: SocketAddr) -> bool {
+    let (listen_ip, peer_ip) = (listen.ip().to_canonical(), peer.ip().to_canonical());
+    if peer.port() != listen.port() {
+        return false;
+    }
+    let covers = match listen.ip() {
+        _ if listen_ip == peer_ip => return true,
+        std::net::IpAddr::V4(v4) => v4.is_unspecified() && peer_ip.is_ipv4(),
+        // [::] takes IPv4 too (dual stack).
+        std::net::IpAddr::V6(v6) => v6.is_unspecified(),
+    };
+    covers && std::net::UdpSocket::bind((peer_ip, 0)).is_ok()
+}
+
+/// Whether `ip` is the broadcast address of an IPv4 network of this host's interfaces
+/// (255.255.255.255 is refused as no unicast address already).
+fn is_broadcast_of_a_local_network(ip: std::net::IpAddr) -> bool {
+    let std::net::IpAddr::V4(ip) = ip else {
+        return false;
+    };
+    let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs writes a list it allocated to `list` (on success only), freed
+    // below with freeifaddrs.
+    if unsafe { libc::getifaddrs(&mut list) } != 0 {
+        return false;
+    }
+    let mut found = false;
+    let mut entry = list;
+    while !entry.is_null() {
+        // SAFETY: `entry` is a node of the list getifaddrs made, alive until freeifaddrs.
+        let ifa = unsafe { &*entry };
+        let broadcast = ifa.ifa_flags & libc::IFF_BROADCAST as libc::c_uint != 0;
+        if broadcast && !ifa.ifa_ifu.is_null() {
+            // SAFETY: with IFF_BROADCAST, ifa_ifu is the broadcast address (a sockaddr
+            // the list owns); it is read as sockaddr_in only when its family says so.
+            let family = unsafe { (*ifa.ifa_ifu).sa_family };
+            if family == libc::AF_INET as libc::sa_family_t {
+                // SAFETY: an AF_INET sockaddr is a sockaddr_in.
+                let addr = unsafe { &*(ifa.ifa_ifu as *const libc::sockaddr_in) };
+                found |= std::net::Ipv4Addr::from(u32::from_be(addr.sin_addr.s_addr)) == ip;
+            }
+        }
+        entry = ifa.ifa_next;
+    }
+    // SAFETY: `list` came from getifaddrs and is freed once, no node used after.
+    unsafe { libc::freeifaddrs(list) };
+    found
+}
+
 /// Bytes a sealed packet adds to an inner one: IP and UDP headers, the tunnel's header
 /// and tag (as `--mtu` says).
 fn sealed_overhead(peer: SocketAddr) -> u32 {
-    if peer.ip().to_canonical().is_ipv4() {
-        56
+    let overhead = if peer.ip().to_canonical().is_ipv4() {
+        ringsock::tunnel::OVERHEAD_V4
     } else {
-        76
-    }
+        ringsock::tunnel::OVERHEAD_V6
+    };
+    overhead as u32
 }
 
 /// Says so on stderr when the route to `peer` takes smaller packets than `--mtu` makes
@@ -279,7 +350,7 @@ fn claim(name: &str) -> ringsock::Result<Option<std::os::unix::net::UnixDatagram
 const IN_USE_WAIT: Duration = Duration::from_millis(250);
 
 /// Fails when another process has a queue of the TUN interface `name` open (its carrier
-/// is on): a second tunnel would attach a queue of its own, and the kernel would spread
+/// is on, or, while it is down, a process's descriptors name it): a second tunnel would attach a queue of its own, and the kernel would spread
 /// the interface's packets over both. A supervisor's restart right after a SIGKILL
 /// waits up to [`IN_USE_WAIT`] for the old queue to close.
 fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
@@ -290,8 +361,12 @@ fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
         return Ok(());
     }
     let carrier = format!("/sys/class/net/{name}/carrier");
-    // Absent (no such interface), or unreadable (it is down): nothing passes through it.
-    let in_use = || matches!(std::fs::read_to_string(&carrier), Ok(text) if text.trim() == "1");
+    // The carrier is on while a queue is open; a down interface has none to read, so
+    // the queues open on it are looked for among the processes' descriptors.
+    let in_use = || match std::fs::read_to_string(&carrier) {
+        Ok(text) => text.trim() == "1",
+        Err(_) => queue_open_elsewhere(name),
+    };
     let start = Instant::now();
     while in_use() {
         if start.elapsed() >= IN_USE_WAIT {
@@ -306,6 +381,56 @@ fn refuse_if_in_use(name: &str) -> ringsock::Result<()> {
         std::thread::sleep(Duration::from_millis(5));
     }
     Ok(())
+}
+
+/// Whether a process of this network namespace has a queue of TUN interface `name`
+/// open: a descriptor of `/dev/net/tun` whose fdinfo names it (`iff:`), in a process
+/// one of whose threads is in this namespace (names are per namespace; a thread may
+/// have entered one its process's first thread is not in). Processes whose descriptors
+/// cannot be read are not counted.
+fn queue_open_elsewhere(name: &str) -> bool {
+    let Ok(our_netns) = std::fs::read_link("/proc/self/ns/net") else {
+        return false;
+    };
+    let Ok(processes) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    processes.flatten().any(|process| {
+        let is_pid = process
+            .file_name()
+            .to_str()
+            .is_some_and(|pid| pid.bytes().all(|b| b.is_ascii_digit()));
+        is_pid && holds_queue_of(&process.path(), name) && in_netns(&process.path(), &our_netns)
+    })
+}
+
+/// Whether the process at `/proc/PID` has a TUN queue of interface `name` open.
+fn holds_queue_of(process: &std::path::Path, name: &str) -> bool {
+    let Ok(fds) = std::fs::read_dir(process.join("fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        let is_tun = std::fs::read_link(fd.path())
+            .is_ok_and(|target| target == std::path::Path::new("/dev/net/tun"));
+        is_tun
+            && std::fs::read_to_string(process.join("fdinfo").join(fd.file_name())).is_ok_and(
+                |info| {
+                    info.lines()
+                        .filter_map(|line| line.strip_prefix("iff:"))
+                        .any(|iff| iff.trim() == name)
+                },
+            )
+    })
+}
+
+/// Whether a thread of the process at `/proc/PID` is in network namespace `netns`.
+fn in_netns(process: &std::path::Path, netns: &std::path::Path) -> bool {
+    let Ok(tasks) = std::fs::read_dir(process.join("task")) else {
+        return false;
+    };
+    tasks
+        .flatten()
+        .any(|task| std::fs::read_link(task.path().join("ns/net")).is_ok_and(|ns| ns == netns))
 }
 
 /// The whole tunnel on this thread's runtime.
@@ -324,7 +449,7 @@ fn one_thread(
         let result = async {
             set_up(tunnel.device(), options)?;
             announce(tunnel.device(), tunnel.local_addr()?);
-            let result = until_stopped(tunnel.run(), stop.wait()).await;
+            let result = until_stopped(run_telling_send_errors(&tunnel), stop.wait()).await;
             print_stats(&tunnel.stats());
             result
         }
@@ -430,6 +555,43 @@ pub(super) fn print_stats(stats: &TunnelStats) {
 }
 
 /// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.
+/// How often a tunnel whose sends fail says so on stderr, at most.
+const SEND_ERRORS_EVERY: Duration = Duration::from_secs(5);
+
+/// Runs `tunnel`, and says on stderr, at most every [`SEND_ERRORS_EVERY`], how many
+/// sealed packets the kernel refused to send since the last line: a `--mtu` larger than
+/// the route takes (packets leave with don't-fragment) or a peer the route refuses drops
+/// packets with nothing else to show for it than a counter printed at the end.
+pub(super) async fn run_telling_send_errors(tunnel: &Tunnel) -> ringsock::Result<()> {
+    let watch = async {
+        let mut told = tunnel.stats().tx_send_errors;
+        loop {
+            ringsock::runtime::sleep(SEND_ERRORS_EVERY).await;
+            let now = tunnel.stats().tx_send_errors;
+            if now > told {
+                eprintln!(
+                    "warning: {} sealed packets could not be sent in the last {} s \
+                     (tx_send_errors): larger than the route to the peer takes (lower \
+                     --mtu), or a peer the route refuses",
+                    now - told,
+                    SEND_ERRORS_EVERY.as_secs()
+                );
+            }
+            told = now;
+        }
+    };
+    let mut run = std::pin::pin!(tunnel.run());
+    let mut watch = std::pin::pin!(watch);
+    poll_fn(|cx| {
+        if let Poll::Ready(result) = run.as_mut().poll(cx) {
+            return Poll::Ready(result);
+        }
+        let _ = watch.as_mut().poll(cx);
+        Poll::Pending
+    })
+    .await
+}
+
 pub(super) async fn until_stopped(
     run: impl Future<Output = ringsock::Result<()>>,
     stop: impl Future<Output = ()>,

@@ -608,7 +608,8 @@ fn replies_are_compared_and_shown_byte_for_byte() {
         assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
         assert_eq!(stdout, "\\xff\\xfe\n", "{backend}");
         assert!(
-            stderr.contains("(2 bytes) is not the message sent (5 bytes)"),
+            stderr.contains("(2 bytes) is not the message sent (5 bytes)")
+                && stderr.contains("needs --tls"),
             "{backend}: {stderr}"
         );
 
@@ -647,8 +648,9 @@ fn replies_are_compared_and_shown_byte_for_byte() {
                 "{backend} {message:?}: {stderr}"
             );
             assert_eq!(stdout, shown, "{backend} {message:?}");
+            // No TLS hint: TLS does not run over UDP.
             assert!(
-                stderr.contains("not the message sent"),
+                stderr.contains("not the message sent") && !stderr.contains("--tls"),
                 "{backend}: {stderr}"
             );
         }

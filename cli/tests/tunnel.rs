@@ -615,6 +615,10 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
             ("127.0.0.1:0", "224.0.0.1:51820", "not one host"),
             ("[::]:0", "[::ffff:255.255.255.255]:51820", "not one host"),
             ("[::]:0", "[::ffff:224.0.0.1]:51820", "not one host"),
+            ("127.0.0.1:51820", "127.0.0.1:51820", "own address"),
+            ("0.0.0.0:51820", "127.0.0.1:51820", "own address"),
+            ("[::]:51820", "[::1]:51820", "own address"),
+            ("[::]:51820", "127.0.0.1:51820", "own address"),
         ] {
             let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringsock"))
                 .args(["tunnel", "--tun", TUN, "--listen", listen])
@@ -632,6 +636,51 @@ fn a_peer_that_cannot_be_sent_to_is_a_usage_error() {
             assert_eq!(out.status.code(), Some(2), "{backend} {peer}: {stderr}");
             assert!(
                 stderr.contains("--peer") && stderr.contains(says),
+                "{backend} {peer}: {stderr}"
+            );
+        }
+    }
+}
+
+/// The broadcast address of a network of the host is no peer (every send would fail
+/// unseen): a usage error, while a host of that network is taken.
+#[test]
+fn a_peer_at_a_local_networks_broadcast_address_is_a_usage_error() {
+    let Some(pair) = pair("tb") else { return };
+    pair.a
+        .exec(&[
+            "ip",
+            "addr",
+            "add",
+            "10.77.0.1/24",
+            "brd",
+            "+",
+            "dev",
+            "rsva",
+        ])
+        .unwrap();
+    for backend in BACKENDS {
+        for (peer, usage) in [("10.77.0.255:51820", true), ("10.77.0.9:51820", false)] {
+            let args = [
+                "--tun",
+                "a/b",
+                "--listen",
+                "0.0.0.0:0",
+                "--peer",
+                peer,
+                "--key",
+                "/nonexistent",
+            ];
+            let out = tunnel_command_in(pair.a.name(), backend, &args)
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            // A peer that passes goes on to the key, missing here: exit 1.
+            let code = if usage { 2 } else { 1 };
+            assert_eq!(out.status.code(), Some(code), "{backend} {peer}: {stderr}");
+            assert_eq!(
+                stderr.contains("broadcast address"),
+                usage,
                 "{backend} {peer}: {stderr}"
             );
         }
@@ -930,7 +979,13 @@ fn an_mtu_larger_than_the_route_to_the_peer_is_warned_about() {
     let peer = format!("{B_OUTER}:51820");
     let listen = format!("{A_OUTER}:0");
     for backend in BACKENDS {
-        for (mtu, warned) in [("9000", true), ("1420", false)] {
+        // Sealed over IPv4 a packet grows by 60 bytes: 1440 is the largest that fits.
+        for (mtu, warned) in [
+            ("9000", true),
+            ("1441", true),
+            ("1440", false),
+            ("1420", false),
+        ] {
             let args = [
                 "--tun",
                 "a/b",
@@ -949,7 +1004,7 @@ fn an_mtu_larger_than_the_route_to_the_peer_is_warned_about() {
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{backend} {mtu}: {stderr}");
             assert_eq!(
-                stderr.contains(&format!("warning: --mtu {mtu}")) && stderr.contains("--mtu 1444"),
+                stderr.contains(&format!("warning: --mtu {mtu}")) && stderr.contains("--mtu 1440"),
                 warned,
                 "{backend} {mtu}: {stderr}"
             );
@@ -1117,6 +1172,8 @@ fn a_tun_name_the_kernel_refuses_or_no_tun_is_a_clear_error() {
             ("a%d%d", "one %d"),
             ("a%s", "one %d"),
             ("a%", "one %d"),
+            ("all", "reserved"),
+            ("default", "reserved"),
             ("lo", NO_TUN),
             ("rsva", NO_TUN),
         ] {
@@ -1209,14 +1266,23 @@ fn a_second_tunnel_on_an_interface_in_use_is_refused() {
             let held = runtime
                 .block_on(async { ringsock::tun::TunDevice::create("rstun1", options) })
                 .expect("a queue of our own");
-            let stderr = refused(&name, &backend_name, &on_loopback("rstun1", &key));
+            let up = refused(&name, &backend_name, &on_loopback("rstun1", &key));
+            // Down, it has no carrier to show the queue: the queue is found all the same.
+            let status = std::process::Command::new("ip")
+                .args(["link", "set", "rstun1", "down"])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let down = refused(&name, &backend_name, &on_loopback("rstun1", &key));
             drop(held);
-            stderr
+            [up, down]
         });
-        assert!(
-            stderr.contains("error: ResourceBusy: ") && stderr.contains("another process"),
-            "{backend}: {stderr}"
-        );
+        for stderr in stderr {
+            assert!(
+                stderr.contains("error: ResourceBusy: ") && stderr.contains("another process"),
+                "{backend}: {stderr}"
+            );
+        }
     }
 }
 
@@ -1746,4 +1812,66 @@ fn sets_up_and_restores(
         after.contains("mtu 1300") && !after.contains(",UP"),
         "{backend} {how}: not as it was: {after}"
     );
+}
+
+/// A `--mtu` too large for the route (1460 + 60 bytes sealed over a 1500-byte veth,
+/// past the warning at start): the full-size packets the kernel refuses are said on
+/// stderr while the tunnel runs, not only counted, and small ones still pass.
+#[test]
+fn sends_the_route_refuses_are_said_while_the_tunnel_runs() {
+    for backend in BACKENDS {
+        let Some(pair) = pair("te") else { return };
+        let key = pair.key("k", 1);
+        let key = key.to_str().unwrap();
+        let a_args = [
+            "--tun", TUN, "--listen", A_LISTEN, "--key", key, "--mtu", "1460",
+        ];
+        let a = TunnelProc::start(&pair.a, backend, &a_args, Some(A_INNER));
+        let b_args = [
+            "--tun",
+            TUN,
+            "--listen",
+            "0.0.0.0:0",
+            "--peer",
+            A_LISTEN,
+            "--key",
+            key,
+            "--mtu",
+            "1460",
+        ];
+        let (mut b, _stdout, ready) = spawned(pair.b.name(), backend, &b_args, Stdio::piped());
+        assert!(ready.starts_with("tunnel "), "{backend}: {ready}");
+        pair.b
+            .exec(&["ip", "addr", "add", &format!("{B_INNER}/24"), "dev", TUN])
+            .unwrap();
+        let (lines_tx, lines) = mpsc::channel();
+        let stderr = b.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        assert!(
+            ping_until(&pair.b, A_INNER, 5),
+            "{backend}: small packets pass"
+        );
+        // 1460 bytes inside, don't-fragment: sealed, 1520 bytes the veth cannot take.
+        assert!(
+            !ping(&pair.b, A_INNER, &["-M", "do", "-s", "1432"]),
+            "{backend}"
+        );
+        let said = loop {
+            match lines.recv_timeout(util::MUST_HAPPEN) {
+                Ok(line) if line.contains("could not be sent") => break line,
+                Ok(_) => continue,
+                Err(_) => panic!("{backend}: no line about the refused sends"),
+            }
+        };
+        assert!(said.contains("--mtu"), "{backend}: {said}");
+        let _ = b.kill();
+        let _ = b.wait();
+        a.stop();
+    }
 }

@@ -44,6 +44,17 @@ fn ifreq(name: &str) -> io::Result<libc::ifreq> {
             ),
         ));
     }
+    // The kernel keeps these for the per-interface sysctl directories
+    // (net/ipv4/conf/all, .../default) and refuses an interface so named with EINVAL.
+    if name == "all" || name == "default" {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "interface name {name:?}: reserved by the kernel (its sysctl directories \
+                 for every interface and for new ones)"
+            ),
+        ));
+    }
     // A template: one %d the kernel fills in, and no other % (its __dev_alloc_name).
     if let Some(at) = name.find('%') {
         if !name[at..].starts_with("%d") || name[at + 2..].contains('%') {

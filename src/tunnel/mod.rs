@@ -38,3 +38,6 @@ pub use stats::TunnelStats;
 /// Bytes a sealed packet adds to the IP packet it carries: the data header, the tag,
 /// and the outer UDP header and IPv4 header (IPv6: 20 more).
 pub const OVERHEAD_V4: usize = DATA_HEADER + TAG_LEN + 8 + 20;
+
+/// [`OVERHEAD_V4`] over IPv6: its header is 20 bytes longer.
+pub const OVERHEAD_V6: usize = OVERHEAD_V4 + 20;

@@ -11,7 +11,10 @@ use ringsock::runtime::{Builder, Pool, RemoteJoinHandle};
 use ringsock::tun::{TunDevice, TunOffloads, TunOptions};
 use ringsock::tunnel::{TunnelConfig, TunnelGroup, TunnelStats};
 
-use super::{announce_parts, print_stats, set_up, until_stopped, FoundAs, StopSignal, TunnelArgs};
+use super::{
+    announce_parts, print_stats, run_telling_send_errors, set_up, until_stopped, FoundAs,
+    StopSignal, TunnelArgs,
+};
 
 /// What each thread's member of the tunnel gives back: how it ended, and its counters.
 type MemberEnd = (ringsock::Result<()>, TunnelStats);
@@ -70,7 +73,7 @@ pub(super) fn run(
                 let device = tunnel.device();
                 let _ = ready.send((device.name().to_owned(), device.offloads()));
                 drop(ready);
-                until_stopped(tunnel.run(), halt.wait(thread)).await
+                until_stopped(run_telling_send_errors(&tunnel), halt.wait(thread)).await
             }
             .await;
             if thread == 0 {
