@@ -1023,17 +1023,21 @@ async fn udp_echo_client(host: &HostName, args: &EchoClientArgs) -> ringsock::Re
         .send_with(args.message.clone().into_bytes(), &options)
         .await;
     sent?;
+    let server = socket
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|_| host.to_string());
     let reply = ringsock::runtime::timeout(wait, socket.recv())
         .await
-        .map_err(|_| {
-            Error::timed_out(format!(
-                "no UDP reply from {} within {wait:?}",
-                socket
-                    .peer_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|_| host.to_string())
-            ))
-        })??;
+        .map_err(|_| Error::timed_out(format!("no UDP reply from {server} within {wait:?}")))?
+        // An ICMP answer (a closed port: ConnectionRefused) names the server it came for.
+        .map_err(|err| match err.raw_os_error() {
+            Some(code) => Error::io(
+                format!("receive the reply from {server}"),
+                std::io::Error::from_raw_os_error(code),
+            ),
+            None => err,
+        })?;
     print_reply(reply.data(), &args.message)?;
     check_echo(reply.data(), &args.message, false)
 }

@@ -120,10 +120,21 @@ fn failures_are_one_status_line_and_exit_1() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         listener.local_addr().unwrap().port().to_string()
     };
-    let cases: [(&[&str], &str); 4] = [
+    // A UDP port nobody has: the ICMP answer names the server.
+    let closed_udp_port = {
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap().port().to_string()
+    };
+    let refused_udp =
+        format!("error: ConnectionRefused: receive the reply from 127.0.0.1:{closed_udp_port}");
+    let cases: [(&[&str], &str); 5] = [
         (
             &["echo-client", "127.0.0.1", &closed_port],
             "error: ConnectionRefused: ",
+        ),
+        (
+            &["echo-client", "127.0.0.1", &closed_udp_port, "--udp"],
+            &refused_udp,
         ),
         (
             &["echo-client", "bad_host!", "80"],
