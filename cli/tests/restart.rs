@@ -636,22 +636,7 @@ fn sigterm_ends_the_wait_for_a_hand_over_that_never_comes() {
         for sent in [&[][..], &1u32.to_le_bytes()[..]] {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
             (&ours).write_all(sent).unwrap();
-            // A copy that, unlike its source, is not close-on-exec: the server inherits it.
-            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
-            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
-            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
-            // SAFETY: just made above, owned by nothing else.
-            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
-            let mut child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
-                .arg(format!("--inherit={}", inherited.as_raw_fd()))
-                .env_remove("RINGSOCK_BACKEND")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            drop((inherited, theirs));
+            let mut child = server_inheriting(backend, theirs);
             // Once it catches SIGTERM, the signal is the server's to handle.
             let deadline = Instant::now() + MUST_HAPPEN;
             while !catches(child.id(), libc::SIGTERM) {
@@ -660,25 +645,8 @@ fn sigterm_ends_the_wait_for_a_hand_over_that_never_comes() {
             }
             // SAFETY: kill has no memory-safety preconditions; the pid is our child's.
             unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-            let deadline = Instant::now() + MUST_HAPPEN;
-            let status = loop {
-                if let Some(status) = child.try_wait().unwrap() {
-                    break status;
-                }
-                if Instant::now() >= deadline {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    panic!("{backend}, {sent:?} sent: SIGTERM did not stop the server");
-                }
-                std::thread::sleep(Duration::from_millis(5));
-            };
-            let mut stderr = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
+            let what = format!("{backend}, {sent:?} sent: SIGTERM to stop the server");
+            let (status, stderr) = exit_of(&mut child, MUST_HAPPEN, &what);
             assert!(
                 status.success(),
                 "{backend}, {sent:?} sent: {status:?} {stderr}"
@@ -699,46 +667,15 @@ fn a_hand_over_that_stalls_times_out() {
         for sent in [&[][..], &count_of_one[..]] {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
             (&ours).write_all(sent).unwrap();
-            // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
-            let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
-            assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
-            // SAFETY: just made above, owned by nothing else.
-            let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
-            let child = Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
-                .arg(format!("--inherit={}", inherited.as_raw_fd()))
-                .env_remove("RINGSOCK_BACKEND")
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap();
-            drop((inherited, theirs));
+            let child = server_inheriting(backend, theirs);
             // `ours` stays open: the channel neither ends nor says anything more.
             waiting.push((backend, sent, child, ours));
         }
     }
     // The copies wait side by side: the test takes one timeout, not four.
     for (backend, sent, mut child, ours) in waiting {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!("{backend}, {sent:?} sent: the copy still waits for the hand-over");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        let mut stderr = String::new();
-        child
-            .stderr
-            .take()
-            .unwrap()
-            .read_to_string(&mut stderr)
-            .unwrap();
+        let what = format!("{backend}, {sent:?} sent: the copy to give up the hand-over");
+        let (status, stderr) = exit_of(&mut child, 3 * MUST_HAPPEN, &what);
         assert_eq!(status.code(), Some(1), "{backend}, {sent:?}: {stderr}");
         assert!(
             stderr.contains("ConnectionTimedOut") && !stderr.contains("panicked"),
@@ -746,6 +683,55 @@ fn a_hand_over_that_stalls_times_out() {
         );
         drop(ours);
     }
+}
+
+/// `echo-server --tcp 127.0.0.1:0 --inherit=FD` on `backend`, FD a copy of `theirs`
+/// (the hand-over channel's end, which the test's own copy closes), stderr piped.
+fn server_inheriting(backend: &str, theirs: std::os::unix::net::UnixStream) -> std::process::Child {
+    // A copy that, unlike its source, is not close-on-exec: the server inherits it.
+    // SAFETY: dup only makes a new descriptor (or fails with -1, checked below).
+    let inherited = unsafe { libc::dup(theirs.as_raw_fd()) };
+    assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
+    // SAFETY: just made above, owned by nothing else.
+    let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
+    Command::new(env!("CARGO_BIN_EXE_ringsock"))
+        .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+        .arg(format!("--inherit={}", inherited.as_raw_fd()))
+        .env_remove("RINGSOCK_BACKEND")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// Waits for `child` to exit (polled), at most `within`: its status and stderr. Killed,
+/// and the test failed with `what`, if it does not.
+fn exit_of(
+    child: &mut std::process::Child,
+    within: Duration,
+    what: &str,
+) -> (std::process::ExitStatus, String) {
+    let deadline = Instant::now() + within;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    (status, stderr)
 }
 
 /// The built binary, hard-linked into a fresh directory `name` beside it: the directory
