@@ -122,6 +122,50 @@ fn a_read_loop_on_a_stream_that_always_has_data_lets_the_timers_through() {
     }
 }
 
+/// A timeout around a read loop that always finds data (it spends its task's whole
+/// budget in every poll): the timeout still fires, and a timer of the same task polled
+/// after such a loop too (a due timer spends budget, but never the last unit the
+/// future beside it took).
+#[test]
+fn a_timeout_around_a_loop_that_spends_the_budget_still_fires() {
+    for backend in util::BACKENDS {
+        watched(
+            backend,
+            "timeout around a read loop that always has data",
+            || async {
+                let listener = util::std_listener();
+                let (socket, peer) = util::pair_with_std_peer(&listener).await;
+                let stop = Arc::new(AtomicBool::new(false));
+                let writing = stop.clone();
+                // Once the reads stop, a full socket must not hold the writer (and the
+                // join below, which holds the loop that would close our end) for ever.
+                peer.set_write_timeout(Some(Duration::from_millis(100)))
+                    .unwrap();
+                let writer = std::thread::spawn(move || {
+                    let mut peer = peer;
+                    let chunk = [7u8; 64 * 1024];
+                    while !writing.load(Ordering::Relaxed) {
+                        if peer.write_all(&chunk).is_err() {
+                            break;
+                        }
+                    }
+                });
+                let reading = ringsock::runtime::timeout(Duration::from_millis(20), async {
+                    loop {
+                        let (got, _) = socket.read(Vec::with_capacity(16)).await;
+                        got.unwrap();
+                    }
+                })
+                .await;
+                assert!(reading.is_err(), "the loop never ends by itself");
+                stop.store(true, Ordering::Relaxed);
+                drop(socket);
+                writer.join().unwrap();
+            },
+        );
+    }
+}
+
 #[test]
 fn a_group_error_kept_for_the_next_call_survives_a_call_the_budget_turned_away() {
     for backend in util::BACKENDS {

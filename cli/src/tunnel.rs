@@ -449,7 +449,7 @@ fn one_thread(
         let result = async {
             set_up(tunnel.device(), options)?;
             announce(tunnel.device(), tunnel.local_addr()?);
-            let result = until_stopped(run_telling_send_errors(&tunnel), stop.wait()).await;
+            let result = until_stopped(run_telling_send_errors(&tunnel, ""), stop.wait()).await;
             print_stats(&tunnel.stats());
             result
         }
@@ -554,7 +554,6 @@ pub(super) fn print_stats(stats: &TunnelStats) {
     let _ = writeln!(stdout, "tunnel stats {{{}}}", fields.join(",")).and_then(|()| stdout.flush());
 }
 
-/// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.
 /// How often a tunnel whose sends fail says so on stderr, at most.
 const SEND_ERRORS_EVERY: Duration = Duration::from_secs(5);
 
@@ -562,7 +561,8 @@ const SEND_ERRORS_EVERY: Duration = Duration::from_secs(5);
 /// sealed packets the kernel refused to send since the last line: a `--mtu` larger than
 /// the route takes (packets leave with don't-fragment) or a peer the route refuses drops
 /// packets with nothing else to show for it than a counter printed at the end.
-pub(super) async fn run_telling_send_errors(tunnel: &Tunnel) -> ringsock::Result<()> {
+/// `whose` names the thread in the line where there are several (each counts its own).
+pub(super) async fn run_telling_send_errors(tunnel: &Tunnel, whose: &str) -> ringsock::Result<()> {
     let watch = async {
         let mut told = tunnel.stats().tx_send_errors;
         loop {
@@ -570,7 +570,7 @@ pub(super) async fn run_telling_send_errors(tunnel: &Tunnel) -> ringsock::Result
             let now = tunnel.stats().tx_send_errors;
             if now > told {
                 eprintln!(
-                    "warning: {} sealed packets could not be sent in the last {} s \
+                    "warning: {} sealed packets{whose} could not be sent in the last {} s \
                      (tx_send_errors): larger than the route to the peer takes (lower \
                      --mtu), or a peer the route refuses",
                     now - told,
@@ -583,15 +583,15 @@ pub(super) async fn run_telling_send_errors(tunnel: &Tunnel) -> ringsock::Result
     let mut run = std::pin::pin!(tunnel.run());
     let mut watch = std::pin::pin!(watch);
     poll_fn(|cx| {
-        if let Poll::Ready(result) = run.as_mut().poll(cx) {
-            return Poll::Ready(result);
-        }
+        // The watch first: its due timer takes a unit of the task's budget, which the
+        // very traffic it reports on could spend in every poll.
         let _ = watch.as_mut().poll(cx);
-        Poll::Pending
+        run.as_mut().poll(cx)
     })
     .await
 }
 
+/// The tunnel's result if it ends by itself; `Ok` once the stop signal comes.
 pub(super) async fn until_stopped(
     run: impl Future<Output = ringsock::Result<()>>,
     stop: impl Future<Output = ()>,

@@ -207,13 +207,18 @@ impl Driver {
     /// the driver's sockets and operations report that their runtime was dropped.
     pub(crate) fn shutdown(&self) {
         let dead = match self {
-            Driver::Uring(driver) => match driver.borrow() {
-                Ok(mut driver) => {
-                    driver.shutdown();
-                    driver.take_dead()
-                }
-                Err(_) => Vec::new(),
-            },
+            Driver::Uring(driver) => {
+                let dead = match driver.borrow() {
+                    Ok(mut d) => {
+                        d.shutdown();
+                        d.take_dead()
+                    }
+                    Err(_) => Vec::new(),
+                };
+                // What wakers dropped during the last reap, freed with the rest.
+                driver.ignore_dropped();
+                dead
+            }
             Driver::Poll(driver) => {
                 if let Ok(mut driver) = driver.borrow() {
                     driver.shutdown();

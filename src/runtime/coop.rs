@@ -7,7 +7,9 @@
 //! The runtime gives each poll of a task (and of the future `block_on` runs) a budget;
 //! each socket operation that completes uses one; once it is spent, the next operation
 //! says Pending and wakes its task at once, which yields to the loop and comes back in
-//! the next round. Outside a runtime's poll (under another executor) the budget is
+//! the next round. A timer that is due counts as such an operation too (a loop of zero
+//! timeouts yields), except where the future it times out spent the budget: a timeout
+//! always fires. Outside a runtime's poll (under another executor) the budget is
 //! unlimited.
 
 use std::cell::Cell;
@@ -75,6 +77,24 @@ pub(crate) fn poll_proceed(cx: &mut Context<'_>) -> Poll<()> {
             Poll::Ready(())
         }
     })
+}
+
+/// Whether this poll's budget has a unit left (always, outside a runtime's poll).
+pub(crate) fn has_budget_remaining() -> bool {
+    BUDGET.with(Cell::get) > 0
+}
+
+/// Runs `poll` without a budget, then restores the one before it: for a timer whose
+/// future beside it spent the budget (see `time::within`), which must still fire.
+pub(crate) fn unconstrained<R>(poll: impl FnOnce() -> R) -> R {
+    struct Restore(u32);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            BUDGET.with(|budget| budget.set(self.0));
+        }
+    }
+    let _restore = Restore(BUDGET.with(|budget| budget.replace(UNLIMITED)));
+    poll()
 }
 
 /// `future`, counted against its task's budget (see [`poll_budgeted`]).

@@ -65,7 +65,10 @@ impl Timers {
     }
 }
 
-/// A future that completes at a deadline.
+/// A future that completes at a deadline. Polled in a ringsock task once it is due, it
+/// uses a unit of the task's budget of operations that finish at once (as a socket
+/// operation does), and is Pending for one more round of the loop when that budget is
+/// spent: a task that only ever finds due timers still yields.
 #[must_use = "futures do nothing unless awaited"]
 pub struct Sleep {
     deadline: Instant,
@@ -226,10 +229,19 @@ async fn within<F: Future>(
     let mut future = std::pin::pin!(future);
     let mut sleep = std::pin::pin!(sleep);
     std::future::poll_fn(|cx| {
+        let had_budget = super::coop::has_budget_remaining();
         if let Poll::Ready(output) = future.as_mut().poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        match sleep.as_mut().poll(cx) {
+        // A future that spent the whole budget (one always ready, polled until the
+        // budget said Pending) would otherwise leave none for the due timer, round after
+        // round: the timeout would never fire. As tokio's Timeout does.
+        let fired = if had_budget && !super::coop::has_budget_remaining() {
+            super::coop::unconstrained(|| sleep.as_mut().poll(cx))
+        } else {
+            sleep.as_mut().poll(cx)
+        };
+        match fired {
             Poll::Ready(()) => Poll::Ready(Err(Elapsed { after: duration })),
             Poll::Pending => Poll::Pending,
         }

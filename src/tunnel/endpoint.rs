@@ -180,10 +180,13 @@ impl Tunnel {
         let mut inbound = pin!(self.inner.inbound());
         let mut timers = pin!(self.inner.timers());
         poll_fn(|cx| {
+            // The timers first: a due tick uses a unit of the task's budget, which a bulk
+            // transfer in either direction could otherwise spend in every poll, and the
+            // keepalives and rekeying would wait as long as the load lasts.
             for future in [
+                timers.as_mut().poll(cx),
                 outbound.as_mut().poll(cx),
                 inbound.as_mut().poll(cx),
-                timers.as_mut().poll(cx),
             ] {
                 if let Poll::Ready(result) = future {
                     return Poll::Ready(result);

@@ -73,7 +73,8 @@ pub(super) fn run(
                 let device = tunnel.device();
                 let _ = ready.send((device.name().to_owned(), device.offloads()));
                 drop(ready);
-                until_stopped(run_telling_send_errors(&tunnel), halt.wait(thread)).await
+                let whose = format!(" of thread {thread}");
+                until_stopped(run_telling_send_errors(&tunnel, &whose), halt.wait(thread)).await
             }
             .await;
             if thread == 0 {

@@ -800,8 +800,6 @@ impl Driver {
         }
     }
 
-    /// How many completions a multishot's slot holds untaken, and whether the kernel
-    /// has ended the operation; `None` once the slot is gone.
     /// Completions of multishot `key` waiting to be taken that carry a value (a count or
     /// a descriptor), not an error.
     pub(crate) fn multi_values_waiting(&mut self, key: Key) -> Option<usize> {
@@ -813,6 +811,8 @@ impl Driver {
         }
     }
 
+    /// How many completions a multishot's slot holds untaken, and whether the kernel
+    /// has ended the operation; `None` once the slot is gone.
     pub(crate) fn multi_status(&mut self, key: Key) -> Option<(usize, bool)> {
         match &self.ops.get_mut(key)?.state {
             State::Multi {
