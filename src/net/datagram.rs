@@ -937,9 +937,9 @@ impl DatagramSocket {
                 Ok(new) => *receiver = Some(new),
                 Err(err) => {
                     // A socket that left this handle has no ring to set up: say receive.
-                    let context = match err.kind() {
-                        std::io::ErrorKind::Unsupported => "receive",
-                        _ => "set up the receive ring",
+                    let context = match fd.is_detached() {
+                        true => "receive",
+                        false => "set up the receive ring",
                     };
                     return Poll::Ready(Err(Error::io(context, err)));
                 }
