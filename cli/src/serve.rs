@@ -299,10 +299,12 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
     let main = Builder::new().backend(ringsock::Backend::Epoll).build()?;
     // Ready once every thread has its sockets: then say where it listens.
     let all_ready = (0..threads).all(|_| adopted.recv().is_ok());
-    if let Some((spare, limit)) = spare_descriptors().filter(|(spare, _)| *spare < FEW_SPARE) {
+    // Only a TCP server takes connections: a UDP one needs no descriptor beyond its own.
+    let few_spare = spare_descriptors().filter(|(spare, _)| listens && *spare < FEW_SPARE);
+    if let Some((spare, limit)) = few_spare {
         // With none to spare a listener never takes a connection (nothing it holds can
         // come free before it has one), and would only log failed accepts for ever.
-        if spare == 0 && listens {
+        if spare == 0 {
             return Err(Error::io(
                 format!(
                     "serve tcp: no descriptor is left for connections (the limit is \
@@ -357,7 +359,9 @@ pub(crate) fn run(start: Start, settings: Settings) -> ringsock::Result<()> {
                 Err(err) => failure = Some(err),
             }
         }
-        eprintln!("{}", timeouts_line(counts));
+        if listens {
+            eprintln!("{}", timeouts_line(counts));
+        }
         stop_a_restart_under_way();
         match failure {
             Some(err) => Err(err),
