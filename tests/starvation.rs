@@ -54,6 +54,26 @@ fn ticker() -> Rc<Cell<bool>> {
     ticked
 }
 
+/// Keeps `peer`'s side of a stream writing until the flag is set, so that every small
+/// read on the other side finds data. Once the reads stop, a full socket does not hold
+/// the writer (nor a join of it, which holds the loop that would close the other end)
+/// for ever: its writes time out.
+fn flood(mut peer: std::net::TcpStream) -> (Arc<AtomicBool>, std::thread::JoinHandle<()>) {
+    peer.set_write_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = stop.clone();
+    let writer = std::thread::spawn(move || {
+        let chunk = [7u8; 64 * 1024];
+        while !writing.load(Ordering::Relaxed) {
+            if peer.write_all(&chunk).is_err() {
+                break;
+            }
+        }
+    });
+    (stop, writer)
+}
+
 #[test]
 fn a_group_member_that_fails_every_call_lets_the_others_and_the_timers_through() {
     for backend in util::BACKENDS {
@@ -95,18 +115,7 @@ fn a_read_loop_on_a_stream_that_always_has_data_lets_the_timers_through() {
             || async {
                 let listener = util::std_listener();
                 let (socket, peer) = util::pair_with_std_peer(&listener).await;
-                let stop = Arc::new(AtomicBool::new(false));
-                let writing = stop.clone();
-                // Keeps the socket's receive queue full: every small read finds data.
-                let writer = std::thread::spawn(move || {
-                    let mut peer = peer;
-                    let chunk = [7u8; 64 * 1024];
-                    while !writing.load(Ordering::Relaxed) {
-                        if peer.write_all(&chunk).is_err() {
-                            break;
-                        }
-                    }
-                });
+                let (stop, writer) = flood(peer);
                 let ticked = ticker();
                 let mut read = 0u64;
                 while !ticked.get() {
@@ -135,21 +144,7 @@ fn a_timeout_around_a_loop_that_spends_the_budget_still_fires() {
             || async {
                 let listener = util::std_listener();
                 let (socket, peer) = util::pair_with_std_peer(&listener).await;
-                let stop = Arc::new(AtomicBool::new(false));
-                let writing = stop.clone();
-                // Once the reads stop, a full socket must not hold the writer (and the
-                // join below, which holds the loop that would close our end) for ever.
-                peer.set_write_timeout(Some(Duration::from_millis(100)))
-                    .unwrap();
-                let writer = std::thread::spawn(move || {
-                    let mut peer = peer;
-                    let chunk = [7u8; 64 * 1024];
-                    while !writing.load(Ordering::Relaxed) {
-                        if peer.write_all(&chunk).is_err() {
-                            break;
-                        }
-                    }
-                });
+                let (stop, writer) = flood(peer);
                 let reading = ringsock::runtime::timeout(Duration::from_millis(20), async {
                     loop {
                         let (got, _) = socket.read(Vec::with_capacity(16)).await;

@@ -29,13 +29,18 @@ thread_local! {
 
 /// Runs `poll` (one poll of a task) with a fresh budget, then restores the one before it.
 pub(crate) fn with_budget<R>(poll: impl FnOnce() -> R) -> R {
+    with_budget_of(PER_POLL, poll)
+}
+
+/// Runs `poll` with `budget`, then restores the one before it (also when `poll` panics).
+fn with_budget_of<R>(budget: u32, poll: impl FnOnce() -> R) -> R {
     struct Restore(u32);
     impl Drop for Restore {
         fn drop(&mut self) {
             BUDGET.with(|budget| budget.set(self.0));
         }
     }
-    let _restore = Restore(BUDGET.with(|budget| budget.replace(PER_POLL)));
+    let _restore = Restore(BUDGET.with(|cell| cell.replace(budget)));
     poll()
 }
 
@@ -87,14 +92,7 @@ pub(crate) fn has_budget_remaining() -> bool {
 /// Runs `poll` without a budget, then restores the one before it: for a timer whose
 /// future beside it spent the budget (see `time::within`), which must still fire.
 pub(crate) fn unconstrained<R>(poll: impl FnOnce() -> R) -> R {
-    struct Restore(u32);
-    impl Drop for Restore {
-        fn drop(&mut self) {
-            BUDGET.with(|budget| budget.set(self.0));
-        }
-    }
-    let _restore = Restore(BUDGET.with(|budget| budget.replace(UNLIMITED)));
-    poll()
+    with_budget_of(UNLIMITED, poll)
 }
 
 /// `future`, counted against its task's budget (see [`poll_budgeted`]).
