@@ -5,7 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::poll_fn;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
@@ -79,11 +79,30 @@ pub struct DatagramGroup {
 struct ReadySet {
     bits: Box<[AtomicU64]>,
     waiting: Mutex<Option<Waker>>,
+    /// The waiting task was woken since its call last looked at the bits: the wakes of
+    /// the other sockets that completed in the same turn need not wake it again.
+    notified: AtomicBool,
 }
 
 impl ReadySet {
     fn mark(&self, index: usize) {
-        self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::AcqRel);
+        self.bits[index / 64].fetch_or(1 << (index % 64), Ordering::SeqCst);
+    }
+
+    /// Marks `index` and wakes the waiting task, unless a wake since its last look at
+    /// the bits already did: that look comes, and finds this bit too.
+    fn mark_and_wake(&self, index: usize) {
+        self.mark(index);
+        // SeqCst with the look's `looking` and its swaps of the bits: either the look
+        // takes this bit, or this swap follows the look's reset and wakes.
+        if !self.notified.swap(true, Ordering::SeqCst) {
+            self.wake_waiting();
+        }
+    }
+
+    /// Called by a look before it takes the bits: the wakes after it wake the task.
+    fn looking(&self) {
+        self.notified.store(false, Ordering::SeqCst);
     }
 
     fn mark_all(&self, sockets: usize) {
@@ -125,8 +144,7 @@ impl Wake for SocketWaker {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        self.ready.mark(self.index);
-        self.ready.wake_waiting();
+        self.ready.mark_and_wake(self.index);
     }
 }
 
@@ -140,6 +158,7 @@ impl DatagramGroup {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
             waiting: Mutex::new(None),
+            notified: AtomicBool::new(false),
         });
         // Every socket starts ready: the first call sets up each receive ring.
         ready.mark_all(sockets.len());
@@ -248,6 +267,7 @@ impl DatagramGroup {
     ) -> Poll<Result<usize>> {
         // Registered before the bits are read: a wake between the two is not lost.
         self.ready.register(cx.waker());
+        self.ready.looking();
         let mut taken = 0;
         let mut scratch = self.scratch.borrow_mut();
         let words = self.ready.bits.len();
@@ -261,7 +281,7 @@ impl DatagramGroup {
                 _ if step == words => (1u64 << (start % 64)) - 1,
                 _ => !0,
             };
-            let mut bits = word.fetch_and(!mask, Ordering::AcqRel) & mask;
+            let mut bits = word.fetch_and(!mask, Ordering::SeqCst) & mask;
             while bits != 0 {
                 let bit = bits.trailing_zeros() as usize;
                 bits &= bits - 1;
@@ -334,5 +354,52 @@ impl fmt::Debug for DatagramGroup {
         f.debug_struct("DatagramGroup")
             .field("sockets", &self.sockets.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    struct CountingWaker(AtomicUsize);
+
+    impl Wake for CountingWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    fn ready_set(sockets: usize) -> ReadySet {
+        ReadySet {
+            bits: (0..sockets.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            waiting: Mutex::new(None),
+            notified: AtomicBool::new(false),
+        }
+    }
+
+    #[test]
+    fn sockets_woken_before_the_next_look_wake_the_task_once() {
+        let ready = ready_set(130);
+        let counter = Arc::new(CountingWaker(AtomicUsize::new(0)));
+        ready.register(&Waker::from(counter.clone()));
+        ready.looking();
+        for index in [0, 64, 129] {
+            ready.mark_and_wake(index);
+        }
+        assert_eq!(counter.0.load(Ordering::SeqCst), 1);
+        // Every socket is marked, even those whose wake did not reach the task.
+        let marked: Vec<u64> = ready
+            .bits
+            .iter()
+            .map(|w| w.load(Ordering::SeqCst))
+            .collect();
+        assert_eq!(marked, vec![1, 1, 2]);
+        // After the look, the next socket's wake reaches the task again.
+        ready.looking();
+        ready.mark_and_wake(5);
+        assert_eq!(counter.0.load(Ordering::SeqCst), 2);
     }
 }

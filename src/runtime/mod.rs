@@ -382,7 +382,7 @@ impl Runtime {
             let timers_armed = !self.inner.timers.borrow().is_empty();
             let waiting = !busy;
             let policy = self.inner.spin;
-            let spin = if waiting {
+            let (spin, measure) = if waiting {
                 let mut waits = self.inner.waits.get();
                 if policy.measures_waits() {
                     let delivered = crate::driver::recv::delivered_here();
@@ -392,11 +392,10 @@ impl Runtime {
                 }
                 let spin = policy.budget(&mut waits);
                 self.inner.waits.set(waits);
-                spin
+                (spin, policy.measures_wait(&waits))
             } else {
-                None
+                (None, false)
             };
-            let measure = waiting && policy.measures_waits();
             let now = (timers_armed || spin.is_some() || measure).then(Instant::now);
             let mut missed = false;
             if let (Some(spin), Some(now)) = (spin, now) {

@@ -178,6 +178,14 @@ impl Spin {
         matches!(self, Spin::Adaptive(_))
     }
 
+    /// Whether the coming wait, as [`budget`](Self::budget) left `waits`, counts in the
+    /// average: a sleep chosen over a spin (a gathering loop's, a test's) does not, and
+    /// then the clock is not read for it (a relay that gathers waits a dozen times a
+    /// millisecond, and two reads a wait were a tenth of its user-space time).
+    pub(super) fn measures_wait(self, waits: &Waits) -> bool {
+        self.measures_waits() && !waits.test_sleeping && !waits.gathering
+    }
+
     /// Takes one more wait into the moving average: recent waits weigh most, and a wait
     /// counts for at most twice the limit, so a few fast round trips after an idle spell,
     /// however long, bring the spin back. A look that caught its event restarts the
@@ -188,7 +196,7 @@ impl Spin {
             return;
         };
         let probing = std::mem::take(&mut waits.probing);
-        if waits.test_sleeping || waits.gathering {
+        if !self.measures_wait(waits) {
             // A sleep the loop chose over a spin is a wake-up longer than the events
             // were apart: counted, it would stop the spin it tests.
             return;
@@ -691,6 +699,8 @@ mod tests {
         policy.record_wake(&mut waits_after, 4, true);
         for _ in 0..1000 {
             assert!(!one_wait(policy, &mut waits_after, gap, 3));
+            // Nor is the clock read for the waits it would not count.
+            assert!(!policy.measures_wait(&waits_after));
         }
         // The traffic thins out to one datagram per wake: after sixteen such wakes it spins,
         // and tests again after the first gap, not the longest.
