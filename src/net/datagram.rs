@@ -1126,7 +1126,7 @@ impl Datagram {
 
     /// The datagram's real length.
     pub fn original_len(&self) -> usize {
-        self.inner.original_len
+        self.inner.original_len as usize
     }
 
     /// The address the datagram was sent to, one of this host's (IPv4 shown as IPv4 on a

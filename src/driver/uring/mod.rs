@@ -905,9 +905,12 @@ fn complete(
                 *paused = true;
                 reaped = Reaped::Pause;
             }
-            // Also at the end of a pause: the owner may be waiting to arm a new one.
-            if let Some(waker) = waker.take() {
-                waker.wake();
+            // Also at the end of a pause: the owner may be waiting to arm a new one. The
+            // waker stays for the next completion: a receive polled after each datagram
+            // would otherwise clone it back every time (its owner's next poll replaces it
+            // if it changed).
+            if let Some(waker) = waker {
+                waker.wake_by_ref();
             }
             false
         }
