@@ -129,3 +129,52 @@ fn flushes_allocate_nothing(copies: bool) {
         );
     });
 }
+
+/// A relay's loop: a datagram received, forwarded from the ring by a post (no future),
+/// the posts settled now and then. Steady state allocates nothing: no box per post, no
+/// list per turn, no waker clone.
+#[test]
+fn forwarding_by_posts_in_steady_state_allocates_nothing() {
+    use ringsock::{Datagram, DatagramSocket};
+    util::on_each_backend(|backend| async move {
+        let relay = DatagramSocket::new();
+        relay.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let relay_addr = relay.local_addr().unwrap();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink_addr = sink.local_addr().unwrap();
+        let generator = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let mut received: Vec<Datagram> = Vec::with_capacity(8);
+        let mut forwarded = 0u64;
+        let relay_one = async |received: &mut Vec<Datagram>| {
+            generator.send_to(b"one datagram", relay_addr).unwrap();
+            relay.recv_batch(received, 8).await.unwrap();
+            for datagram in received.drain(..) {
+                relay
+                    .post_to_addr(datagram.into_forward(), sink_addr)
+                    .map_err(|(err, _)| err)
+                    .unwrap();
+            }
+            relay.settle_posts().await.unwrap();
+            // The sink is read so that its queue never fills (a drop is no failure, but
+            // the count below checks that each one went).
+            let mut buf = [0u8; 64];
+            assert_eq!(sink.recv(&mut buf).unwrap(), 12);
+        };
+        for _ in 0..WARM_UP {
+            relay_one(&mut received).await;
+            forwarded += 1;
+        }
+        let before = allocations();
+        for _ in 0..COUNTED {
+            relay_one(&mut received).await;
+            forwarded += 1;
+        }
+        let allocated = allocations() - before;
+        eprintln!("{backend:?}: {allocated} allocations in {COUNTED} forwards");
+        assert!(
+            allocated <= COUNTED / 100,
+            "{backend:?}: {allocated} allocations in {COUNTED} forwards"
+        );
+        assert_eq!(relay.post_stats().sent, forwarded);
+    });
+}

@@ -1,7 +1,6 @@
 //! The driver a runtime owns: one of the two engines, started once, and the thread's
 //! current driver while the runtime runs.
 
-use std::any::Any;
 use std::cell::RefCell;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -206,27 +205,25 @@ impl Driver {
     /// The runtime is going: cancels and reaps every operation in flight; from now on
     /// the driver's sockets and operations report that their runtime was dropped.
     pub(crate) fn shutdown(&self) {
-        let dead = match self {
+        match self {
             Driver::Uring(driver) => {
                 let dead = match driver.borrow() {
                     Ok(mut d) => {
                         d.shutdown();
                         d.take_dead()
                     }
-                    Err(_) => Vec::new(),
+                    Err(_) => uring::Released::default(),
                 };
                 // What wakers dropped during the last reap, freed with the rest.
                 driver.ignore_dropped();
-                dead
+                release_uring(driver, dead);
             }
             Driver::Poll(driver) => {
                 if let Ok(mut driver) = driver.borrow() {
                     driver.shutdown();
                 }
-                Vec::new()
             }
-        };
-        release(dead);
+        }
     }
 }
 
@@ -235,18 +232,14 @@ pub(crate) fn with_current<R>(f: impl FnOnce(&Driver) -> R) -> Option<R> {
     CURRENT.with(|current| current.borrow().as_ref().map(f))
 }
 
-/// Drops data the driver released, now that it is not borrowed.
-fn release(dead: Vec<Box<dyn Any>>) {
-    drop(dead);
-}
-
-/// [`release`], then the emptied list back to `driver` for its next turn.
-fn release_uring(driver: &uring::Handle, mut dead: Vec<Box<dyn Any>>) {
-    if dead.capacity() == 0 {
+/// Drops what the driver released, now that it is not borrowed (a drop may use it: a
+/// buffer goes back onto its ring), then gives the emptied list and post boxes back to
+/// `driver` for its next turn.
+fn release_uring(driver: &uring::Handle, mut dead: uring::Released) {
+    if dead.is_empty() {
         return;
     }
-    // Dropped outside the driver: a drop may use it (a buffer back onto its ring).
-    dead.clear();
+    dead.release();
     if let Ok(mut d) = driver.borrow() {
         d.give_back_dead(dead);
     }

@@ -83,9 +83,14 @@ impl PostLedger {
         if out == 0 {
             // Taken out first: a wake runs no code of ours, but the books stay unborrowed
             // whatever it does.
-            let waiting = std::mem::take(&mut *self.settled.borrow_mut());
-            for waker in waiting {
+            let mut waiting = std::mem::take(&mut *self.settled.borrow_mut());
+            for waker in waiting.drain(..) {
                 waker.wake();
+            }
+            // The list's room back for the next wait, unless a wake added a waiter.
+            let mut settled = self.settled.borrow_mut();
+            if settled.is_empty() {
+                *settled = waiting;
             }
         }
     }

@@ -57,9 +57,12 @@ pub(crate) mod file;
 pub(crate) mod net;
 mod op;
 mod probe;
+mod released;
 mod table;
 
 pub(crate) use op::{post, ChainOp, MultiOp, Op};
+pub(crate) use released::Released;
+use released::Spares;
 pub(crate) use table::Completion;
 use table::{Key, Slot, State, Table};
 
@@ -209,9 +212,9 @@ pub(crate) struct Driver {
     /// Data of operations whose futures were dropped, released by their final CQE: freed
     /// by the runtime after it lets go of the driver, since a buffer's drop may run any
     /// code, including code that uses the driver.
-    dead: Vec<Box<dyn Any>>,
-    /// An empty list with room, for the next `take_dead`.
-    dead_spare: Vec<Box<dyn Any>>,
+    dead: Released,
+    /// Room for the next turn's releases, and emptied boxes for posted sends.
+    spares: Spares,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -242,8 +245,8 @@ impl Driver {
             setup,
             caps,
             buf_rings: buf_ring::Registry::new(),
-            dead: Vec::new(),
-            dead_spare: Vec::new(),
+            dead: Released::default(),
+            spares: Spares::default(),
             shut_down: false,
         })
     }
@@ -344,22 +347,26 @@ impl Driver {
     }
 
     /// Data released since the last call, to be dropped once the driver is let go.
-    pub(crate) fn take_dead(&mut self) -> Vec<Box<dyn Any>> {
+    pub(crate) fn take_dead(&mut self) -> Released {
         if self.dead.is_empty() {
             // Most turns of a spinning loop release nothing: no swap, and the caller
             // needs no second borrow of the driver to give the list back.
-            return Vec::new();
+            return Released::default();
         }
-        let spare = std::mem::take(&mut self.dead_spare);
+        let spare = self.spares.take_list();
         std::mem::replace(&mut self.dead, spare)
     }
 
-    /// Takes back an emptied list from [`take_dead`](Self::take_dead), so a loop that
-    /// releases data every turn (posted sends) does not grow a new list every turn.
-    pub(crate) fn give_back_dead(&mut self, emptied: Vec<Box<dyn Any>>) {
-        if emptied.is_empty() && emptied.capacity() > self.dead_spare.capacity() {
-            self.dead_spare = emptied;
-        }
+    /// Takes back a list from [`take_dead`](Self::take_dead) once released, so a loop
+    /// that releases data every turn (posted sends) grows no new list every turn, and
+    /// keeps the posted sends' emptied boxes for the next posts.
+    pub(crate) fn give_back_dead(&mut self, emptied: Released) {
+        self.spares.keep(emptied);
+    }
+
+    /// An emptied box a posted send of a `T` released, for the next post's data.
+    pub(crate) fn spare_post_box<T: 'static>(&mut self) -> Option<Box<Option<T>>> {
+        self.spares.post_box::<T>()
     }
 
     pub(crate) fn unparker(&self) -> Unparker {
@@ -526,7 +533,9 @@ impl Driver {
         }
         if *finished {
             let slot = self.ops.remove(key).expect("present above");
-            self.dead.extend(slot.data);
+            if let Some(data) = slot.data {
+                self.dead.push(data);
+            }
             return Poll::Ready(None);
         }
         set_waker(waker, cx);
@@ -868,12 +877,7 @@ enum Reaped {
     Pause,
 }
 
-fn complete(
-    ops: &mut Table,
-    dead: &mut Vec<Box<dyn Any>>,
-    key: Key,
-    completion: Completion,
-) -> Reaped {
+fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completion) -> Reaped {
     let Some(slot) = ops.get_mut(key) else {
         return Reaped::Done;
     };
@@ -920,14 +924,20 @@ fn complete(
             }
             !completion.more()
         }
-        State::Posted(ledger) => {
+        State::Posted { ledger, empty } => {
             ledger.settle(completion.result);
-            true
+            let empty = *empty;
+            if let Some(data) = ops.remove(key).and_then(|slot| slot.data) {
+                dead.push_post(data, empty);
+            }
+            return reaped;
         }
         State::Completed(_) => false,
     };
     if release {
-        dead.extend(ops.remove(key).and_then(|slot| slot.data));
+        if let Some(data) = ops.remove(key).and_then(|slot| slot.data) {
+            dead.push(data);
+        }
     }
     reaped
 }
@@ -991,7 +1001,7 @@ mod tests {
     #[test]
     fn a_multishot_pauses_once_its_queue_reaches_the_limit() {
         let mut ops = Table::default();
-        let mut dead = Vec::new();
+        let mut dead = Released::default();
         let key = ops.insert(Slot {
             state: State::multi(Some(2)),
             data: None,
@@ -1021,7 +1031,7 @@ mod tests {
     #[test]
     fn a_multishot_without_a_limit_keeps_everything() {
         let mut ops = Table::default();
-        let mut dead = Vec::new();
+        let mut dead = Released::default();
         let key = ops.insert(Slot {
             state: State::multi(None),
             data: None,

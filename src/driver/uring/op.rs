@@ -16,6 +16,7 @@ use std::task::{Context, Poll};
 
 use io_uring::squeue;
 
+use super::released::empty_post;
 use super::table::{Key, State};
 use super::{Completion, Handle};
 use crate::driver::posted::PostLedger;
@@ -201,14 +202,26 @@ pub(crate) unsafe fn post<T: 'static>(
         Ok(d) => d,
         Err(err) => return Err((err, data)),
     };
-    let mut data = Box::new(data);
-    let entry = build(&mut data);
-    // SAFETY: the entry points into `data`, which the slot owns until the final CQE.
-    match unsafe { d.push(entry, State::Posted(ledger.clone()), data) } {
+    // The box an earlier post of a `T` released, else a new one.
+    let mut cell = match d.spare_post_box::<T>() {
+        Some(mut cell) => {
+            *cell = Some(data);
+            cell
+        }
+        None => Box::new(Some(data)),
+    };
+    let entry = build(cell.as_mut().as_mut().expect("filled above"));
+    let state = State::Posted {
+        ledger: ledger.clone(),
+        empty: empty_post::<T>,
+    };
+    // SAFETY: the entry points into the cell's data, which the slot owns (in the same
+    // box, never moved) until the final CQE.
+    match unsafe { d.push(entry, state, cell) } {
         Ok(_) => Ok(()),
-        Err((err, data)) => {
+        Err((err, cell)) => {
             drop(d);
-            Err((err, unbox(data)))
+            Err((err, unbox::<Option<T>>(cell).expect("filled above")))
         }
     }
 }

@@ -12,6 +12,7 @@ use std::task::Waker;
 
 use io_uring::cqueue;
 
+use super::released::Emptier;
 use crate::driver::posted::PostLedger;
 
 /// Generations wrap below this bit, so no key is ever `u64::MAX` or `u64::MAX - 1`,
@@ -84,7 +85,11 @@ pub(crate) enum State {
     },
     /// A send nobody waits for ([`post`](super::op::post)): its result goes to the
     /// socket's books and the slot is released at once.
-    Posted(Rc<PostLedger>),
+    Posted {
+        ledger: Rc<PostLedger>,
+        /// Empties the slot's data once released, for the box to carry the next post.
+        empty: Emptier,
+    },
     /// The future was dropped: the slot lives on until the final completion.
     Ignored {
         /// Results are descriptors (multishot accept) that nobody will take: close them.
@@ -111,7 +116,7 @@ impl State {
     /// True while the kernel may still post a completion for the slot.
     pub(crate) fn in_flight(&self) -> bool {
         match self {
-            State::Pending(_) | State::Posted(_) | State::Ignored { .. } => true,
+            State::Pending(_) | State::Posted { .. } | State::Ignored { .. } => true,
             State::Multi { finished, .. } => !finished,
             State::Completed(_) => false,
         }
