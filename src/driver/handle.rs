@@ -99,7 +99,10 @@ impl Driver {
                 release_uring(driver, dead);
                 driver.ignore_dropped();
             }
-            Driver::Poll(driver) => driver.borrow()?.park(timeout)?,
+            Driver::Poll(driver) => {
+                driver.borrow()?.park(timeout)?;
+                driver.forget_dropped();
+            }
         };
         Ok(())
     }
@@ -117,7 +120,11 @@ impl Driver {
                 driver.ignore_dropped();
                 Ok(any)
             }
-            Driver::Poll(driver) => driver.borrow()?.poll_completions(),
+            Driver::Poll(driver) => {
+                let any = driver.borrow()?.poll_completions()?;
+                driver.forget_dropped();
+                Ok(any)
+            }
         }
     }
 
@@ -148,7 +155,11 @@ impl Driver {
                 driver.ignore_dropped();
                 Ok(any)
             }
-            Driver::Poll(driver) if collect => driver.borrow()?.turn(),
+            Driver::Poll(driver) if collect => {
+                let any = driver.borrow()?.turn()?;
+                driver.forget_dropped();
+                Ok(any)
+            }
             Driver::Poll(_) => Ok(false),
         }
     }

@@ -50,6 +50,15 @@ struct Readiness {
     registered: bool,
 }
 
+impl Readiness {
+    /// Wakes every task waiting on the socket (call it with the driver let go).
+    fn wake_all(self) {
+        for waiters in self.waiters {
+            waiters.into_iter().for_each(Waker::wake);
+        }
+    }
+}
+
 /// The epoll driver of one runtime.
 pub(crate) struct Driver {
     poll: mio::Poll,
@@ -70,6 +79,10 @@ pub(crate) type Handle = Rc<Shared>;
 pub(crate) struct Shared {
     id: DriverId,
     driver: RefCell<Driver>,
+    /// Slots of registrations dropped while the driver was busy waking tasks (by a
+    /// waker it called): forgotten at the end of that turn, not kept until the runtime
+    /// goes.
+    dropped_in_dispatch: RefCell<Vec<usize>>,
 }
 
 impl Shared {
@@ -77,7 +90,31 @@ impl Shared {
         Ok(Rc::new(Shared {
             id: DriverId::next(),
             driver: RefCell::new(Driver::new()?),
+            dropped_in_dispatch: RefCell::new(Vec::new()),
         }))
+    }
+
+    /// Forgets the slots of registrations dropped while the driver was busy, and wakes
+    /// the tasks that still waited on them (outside the driver), so they see the
+    /// socket gone.
+    pub(crate) fn forget_dropped(&self) {
+        let dropped = std::mem::take(&mut *self.dropped_in_dispatch.borrow_mut());
+        if dropped.is_empty() {
+            return;
+        }
+        let removed: Vec<Readiness> = match self.borrow() {
+            Ok(mut d) => dropped
+                .into_iter()
+                .filter_map(|slot| d.slots.try_remove(slot))
+                .collect(),
+            Err(_) => {
+                self.dropped_in_dispatch.borrow_mut().extend(dropped);
+                Vec::new()
+            }
+        };
+        for readiness in removed {
+            readiness.wake_all();
+        }
     }
 
     pub(crate) fn id(&self) -> DriverId {
@@ -431,9 +468,7 @@ impl Registration {
         })??;
         self.released.set(true);
         if let Some(readiness) = removed {
-            for waiters in readiness.waiters {
-                waiters.into_iter().for_each(Waker::wake);
-            }
+            readiness.wake_all();
         }
         Ok(())
     }
@@ -456,12 +491,38 @@ impl Drop for Registration {
         }
         let removed = match self.driver.borrow() {
             Ok(mut d) => d.slots.try_remove(self.slot),
-            Err(_) => None,
+            // Dropped by a waker the driver called: forgotten at the end of its turn.
+            Err(_) => {
+                self.driver.dropped_in_dispatch.borrow_mut().push(self.slot);
+                None
+            }
         };
         if let Some(readiness) = removed {
-            for waiters in readiness.waiters {
-                waiters.into_iter().for_each(Waker::wake);
-            }
+            readiness.wake_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::OwnedFd;
+
+    #[test]
+    fn a_registration_dropped_while_the_driver_wakes_tasks_is_forgotten_after_the_turn() {
+        let driver = Shared::start().unwrap();
+        let _current = current::enter(driver.id());
+        let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let fd = FdRef::new(OwnedFd::from(socket));
+        let registration = Registration::new(&driver, &fd).unwrap();
+        assert_eq!(driver.driver.borrow().slots.len(), 1);
+        {
+            // As inside `wait_events`, where the wakers it calls run.
+            let _busy = driver.borrow().unwrap();
+            drop(registration);
+        }
+        assert_eq!(driver.driver.borrow().slots.len(), 1);
+        driver.forget_dropped();
+        assert!(driver.driver.borrow().slots.is_empty());
     }
 }
