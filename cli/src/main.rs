@@ -132,6 +132,12 @@ struct BenchArgs {
     /// DatagramGroup of the flows' sockets.
     #[arg(long, value_enum, default_value_t = RelayLoop::Tasks)]
     relay: RelayLoop,
+    /// udp-relay, ringsock relays: payload bytes each relay socket's receive ring keeps
+    /// per datagram (1..=65536; default 2048 or --size if larger: what a media relay
+    /// whose packets fit the path MTU would set; 65536 is the library's default ring,
+    /// which keeps any UDP datagram whole).
+    #[arg(long, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    relay_ring: Option<u64>,
     /// Measured side on CPU 0 and the plain std peer on CPU 1.
     #[arg(long, default_value = "on", value_parser = ["on", "off"])]
     pin: String,
@@ -1117,6 +1123,7 @@ fn bench_options(args: &BenchArgs) -> Options {
     options.batch = args.batch as usize;
     options.pattern = args.pattern;
     options.relay = args.relay;
+    options.relay_ring = args.relay_ring.map(|bytes| bytes as usize);
     options.tls = args.tls;
     options.gapped = args.gapped;
     options.gro = args.gro;
@@ -1209,6 +1216,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--flows", args.flows.is_some()),
         ("--rate", args.rate.is_some()),
         ("--relay", args.relay != RelayLoop::Tasks),
+        ("--relay-ring", args.relay_ring.is_some()),
     ];
     for (flag, given) in single {
         if given {

@@ -191,6 +191,10 @@ pub const ECHO_SIZE: usize = 64;
 /// 20 ms of G.711.
 pub const UDP_ECHO_SIZE: usize = 172;
 const VOIP_SIZE: usize = UDP_ECHO_SIZE;
+
+/// udp-relay: the relay sockets' receive ring keeps this many bytes per datagram unless
+/// told otherwise (an Ethernet MTU's worth, rounded up).
+const DEFAULT_RELAY_RING: usize = 2048;
 /// The largest UDP payload over IPv4.
 pub const MAX_DATAGRAM: usize = 65507;
 /// Most datagrams in one GSO send of the udp-recv flood (`--batch`): the kernel's limit
@@ -427,6 +431,9 @@ pub struct Options {
     pub rate: Rate,
     /// udp-relay: how the ringsock relay is written.
     pub relay: RelayLoop,
+    /// udp-relay, ringsock relays: payload bytes the relay sockets' receive rings keep
+    /// per datagram (`None`: [`Options::relay_ring_bytes`]'s default).
+    pub relay_ring: Option<usize>,
 }
 
 impl Options {
@@ -453,7 +460,15 @@ impl Options {
             flows: 1,
             rate: Rate::DEFAULT,
             relay: RelayLoop::default(),
+            relay_ring: None,
         }
+    }
+
+    /// udp-relay: payload bytes each relay socket's receive ring keeps per datagram:
+    /// as asked, else 2048 (an Ethernet MTU's worth, rounded up: a media relay's RTP
+    /// packets fit the path MTU) or the datagram size if larger.
+    pub fn relay_ring_bytes(&self) -> usize {
+        self.relay_ring.unwrap_or(self.size.max(DEFAULT_RELAY_RING))
     }
 
     /// The count of these options when none is given: [`Workload::default_count`] of
@@ -517,6 +532,13 @@ impl Options {
                     "udp-relay: --size must be at least {} (flow, sequence number, send \
                      time and 4 pattern bytes)",
                     relay_traffic::MIN_SIZE
+                ));
+            }
+            if let Some(ring) = self.relay_ring.filter(|&ring| ring < self.size) {
+                return Err(format!(
+                    "udp-relay: --relay-ring {ring} is smaller than --size {}: the relay \
+                     would cut every datagram",
+                    self.size
                 ));
             }
             if self.imp.backend().is_none() {
@@ -604,9 +626,10 @@ impl Options {
         } else if self.flows != 1
             || self.rate != Rate::DEFAULT
             || self.relay != RelayLoop::default()
+            || self.relay_ring.is_some()
         {
             return Err(format!(
-                "--flows, --rate and --relay apply to udp-relay only, not {w}"
+                "--flows, --rate, --relay and --relay-ring apply to udp-relay only, not {w}"
             ));
         }
         if self.count == 0 {

@@ -7,7 +7,10 @@
 //! io_uring) and forwards each datagram from the socket it came in on to the sink
 //! without copying the bytes out of the ring ([`Datagram::into_forward`]): a lone
 //! datagram as one send ([`DatagramSocket::send_to_addr`]), more in one batched send
-//! ([`DatagramSocket::send_many`]).
+//! ([`DatagramSocket::send_many`]). Its sockets' receive rings keep what a media relay
+//! would size them for ([`Options::relay_ring_bytes`]): an MTU's worth per datagram,
+//! where the default's 64 KiB per datagram spreads 64 sockets' buffers over more memory
+//! than the caches hold.
 
 use std::future::{poll_fn, Future};
 use std::net::{SocketAddr, UdpSocket};
@@ -19,7 +22,7 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringsock::{
-    Datagram, DatagramGroup, DatagramSocket, Error, Forward, OutgoingDatagram, Result,
+    Datagram, DatagramGroup, DatagramSocket, Error, Forward, OutgoingDatagram, ReceiveRing, Result,
     SocketErrorStatus,
 };
 use serde_json::{json, Value};
@@ -103,9 +106,13 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
             .map_err(io_error("start the sink thread"))?
     };
     let calls_before = runtime.driver_stats();
+    let ring = ReceiveRing {
+        buffer_size: o.relay_ring_bytes(),
+        ..ReceiveRing::default()
+    };
     let relayed = match o.relay {
-        RelayLoop::Group => runtime.block_on(relay_grouped(relay_sockets, sink_addr, ready)),
-        RelayLoop::Tasks => runtime.block_on(relay(relay_sockets, sink_addr, ready)),
+        RelayLoop::Group => runtime.block_on(relay_grouped(relay_sockets, ring, sink_addr, ready)),
+        RelayLoop::Tasks => runtime.block_on(relay(relay_sockets, ring, sink_addr, ready)),
     };
     let calls = runtime.driver_stats();
     let calls = RelayCalls {
@@ -120,10 +127,15 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
 
 /// The relay: one task per flow; returns the datagrams forwarded once every flow has
 /// seen its end marker. `ready` goes to the generator once every receive is armed.
-async fn relay(sockets: Vec<UdpSocket>, sink: SocketAddr, ready: mpsc::Sender<()>) -> Result<u64> {
+async fn relay(
+    sockets: Vec<UdpSocket>,
+    ring: ReceiveRing,
+    sink: SocketAddr,
+    ready: mpsc::Sender<()>,
+) -> Result<u64> {
     let mut flows = Vec::with_capacity(sockets.len());
     for socket in sockets {
-        let socket = DatagramSocket::from_std(socket)?;
+        let socket = relay_socket(socket, ring)?;
         flows.push(ringsock::spawn(forward_flow(socket, sink)));
     }
     // The flows were queued before this task sleeps, so each has set up its receive
@@ -192,12 +204,13 @@ async fn forward_flow(socket: DatagramSocket, sink: SocketAddr) -> Result<u64> {
 /// or wake of its own), a run of them goes in one batch (GSO where sizes allow).
 async fn relay_grouped(
     sockets: Vec<UdpSocket>,
+    ring: ReceiveRing,
     sink: SocketAddr,
     ready: mpsc::Sender<()>,
 ) -> Result<u64> {
     let mut members = Vec::with_capacity(sockets.len());
     for socket in sockets {
-        members.push(DatagramSocket::from_std(socket)?);
+        members.push(relay_socket(socket, ring)?);
     }
     let group = DatagramGroup::new(members);
     let mut ended = vec![false; group.len()];
@@ -263,6 +276,13 @@ async fn relay_grouped(
         forwarded += settled_posts(group.socket(index)).await?;
     }
     Ok(forwarded)
+}
+
+/// A relay socket on this runtime, its receive ring shaped as `ring`.
+fn relay_socket(socket: UdpSocket, ring: ReceiveRing) -> Result<DatagramSocket> {
+    let socket = DatagramSocket::from_std(socket)?;
+    socket.control().set_receive_ring(ring)?;
+    Ok(socket)
 }
 
 /// Waits for `socket`'s posts to settle: how many the kernel took; an error if any was
@@ -420,6 +440,7 @@ fn report(
     report.delivered = received;
     report.latency = sink.latency;
     report.push("relay", o.relay.name());
+    report.push("relay_ring_bytes", o.relay_ring_bytes());
     report.push("sent", sent);
     report.push("received", received);
     report.push("lost", lost);
