@@ -935,3 +935,64 @@ fn a_dual_stack_socket_s_hop_limit_holds_for_ipv4_too() {
         );
     });
 }
+
+/// A task that received from a socket and then waits for something else is woken by
+/// that socket's next datagram at most once, not by every datagram after it: the
+/// standing receive keeps its waker for the task's next receive, but wakes it only while
+/// the task waits on it.
+#[test]
+fn a_socket_no_longer_waited_on_does_not_wake_its_task_per_datagram() {
+    use std::cell::Cell;
+    use std::rc::Rc;
+    use std::task::{Poll, Waker};
+    const DATAGRAMS: usize = 50;
+    util::on_each_receive_path(|backend| async move {
+        let quiet = bound("127.0.0.1");
+        let quiet_addr = quiet.local_addr().unwrap();
+        let pacer = bound("127.0.0.1");
+        let pacer_addr = pacer.local_addr().unwrap();
+        let sender = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sender.send_to(b"first", quiet_addr).unwrap();
+        assert_eq!(quiet.recv().await.unwrap().data(), b"first");
+        // The task turns to a gate that another task opens after DATAGRAMS more datagrams
+        // reached `quiet`, each in a turn of its own (the other task waits for a datagram
+        // of its own on `pacer` after each).
+        let polls = Rc::new(Cell::new(0usize));
+        let open = Rc::new(Cell::new(false));
+        let gate_waker: Rc<Cell<Option<Waker>>> = Rc::new(Cell::new(None));
+        let pacing = {
+            let (open, gate_waker) = (open.clone(), gate_waker.clone());
+            ringsock::spawn(async move {
+                for _ in 0..DATAGRAMS {
+                    sender.send_to(b"more", quiet_addr).unwrap();
+                    sender.send_to(b"turn", pacer_addr).unwrap();
+                    pacer.recv().await.unwrap();
+                }
+                open.set(true);
+                if let Some(waker) = gate_waker.take() {
+                    waker.wake();
+                }
+            })
+        };
+        std::future::poll_fn(|cx| {
+            polls.set(polls.get() + 1);
+            if open.get() {
+                return Poll::Ready(());
+            }
+            gate_waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        pacing.await;
+        // The first poll, the wake the kept waker may give once, the gate's own wake.
+        assert!(
+            polls.get() <= 3,
+            "{backend:?}: the gate was polled {} times for {DATAGRAMS} datagrams",
+            polls.get()
+        );
+        // Nothing was lost meanwhile: the socket still holds every datagram.
+        for _ in 0..DATAGRAMS {
+            assert_eq!(quiet.recv().await.unwrap().data(), b"more");
+        }
+    });
+}

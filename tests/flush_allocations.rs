@@ -141,6 +141,9 @@ fn forwarding_by_posts_in_steady_state_allocates_nothing() {
         relay.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
         let relay_addr = relay.local_addr().unwrap();
         let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // A forward that never arrives fails the test rather than hanging it.
+        sink.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
         let sink_addr = sink.local_addr().unwrap();
         let generator = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let mut received: Vec<Datagram> = Vec::with_capacity(8);

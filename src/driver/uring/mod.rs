@@ -518,6 +518,7 @@ impl Driver {
         let State::Multi {
             queue,
             waker,
+            armed,
             finished,
             ..
         } = &mut slot.state
@@ -528,6 +529,7 @@ impl Driver {
             let kept = keep_when_drained && queue.is_empty() && !*finished;
             if kept {
                 set_waker(waker, cx);
+                *armed = true;
             }
             return Poll::Ready(Some((completion, kept)));
         }
@@ -539,6 +541,7 @@ impl Driver {
             return Poll::Ready(None);
         }
         set_waker(waker, cx);
+        *armed = true;
         Poll::Pending
     }
 
@@ -894,6 +897,7 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
         State::Multi {
             queue,
             waker,
+            armed,
             finished,
             queue_limit,
             paused,
@@ -910,10 +914,10 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
                 reaped = Reaped::Pause;
             }
             // Also at the end of a pause: the owner may be waiting to arm a new one. The
-            // waker stays for the next completion: a receive polled after each datagram
-            // would otherwise clone it back every time (its owner's next poll replaces it
-            // if it changed).
-            if let Some(waker) = waker {
+            // waker stays for the next poll: a receive polled after each datagram would
+            // otherwise clone it back every time (its owner's next poll replaces it if it
+            // changed). Only a waiting one wakes, once until a poll waits again.
+            if let (Some(waker), true) = (waker.as_ref(), std::mem::take(armed)) {
                 waker.wake_by_ref();
             }
             false

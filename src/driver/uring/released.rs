@@ -5,7 +5,7 @@
 //! A relay posts a send for every datagram it forwards; a new box per post and its free
 //! at the completion were a tenth of its user-space time.
 
-use std::any::Any;
+use std::any::{Any, TypeId};
 
 /// Emptied post boxes a driver keeps for reuse: a burst of posts in flight at once
 /// leaves no more behind than this.
@@ -59,7 +59,11 @@ impl Released {
 #[derive(Default)]
 pub(crate) struct Spares {
     lists: Option<Released>,
-    posts: Vec<Box<dyn Any>>,
+    /// Emptied post boxes by the type they hold (a program may post several kinds of
+    /// buffer, or sends with and without control data, in turn).
+    posts: Vec<(TypeId, Vec<Box<dyn Any>>)>,
+    /// Boxes in `posts`, over every type.
+    kept: usize,
 }
 
 impl Spares {
@@ -72,10 +76,18 @@ impl Spares {
     /// up to the bound; the others are freed.
     pub(crate) fn keep(&mut self, mut emptied: Released) {
         debug_assert!(emptied.data.is_empty());
-        let room = MAX_SPARE_POSTS.saturating_sub(self.posts.len());
-        let mut boxes = emptied.posts.drain(..).map(|(cell, _)| cell);
-        self.posts.extend(boxes.by_ref().take(room));
-        boxes.for_each(drop);
+        for (cell, _) in emptied.posts.drain(..) {
+            if self.kept == MAX_SPARE_POSTS {
+                // Freed: it holds nothing any more.
+                continue;
+            }
+            let kind = Any::type_id(&*cell);
+            match self.posts.iter_mut().find(|(of, _)| *of == kind) {
+                Some((_, boxes)) => boxes.push(cell),
+                None => self.posts.push((kind, vec![cell])),
+            }
+            self.kept += 1;
+        }
         let roomier = self.lists.as_ref().is_none_or(|kept| {
             emptied.data.capacity() + emptied.posts.capacity()
                 > kept.data.capacity() + kept.posts.capacity()
@@ -85,10 +97,13 @@ impl Spares {
         }
     }
 
-    /// An emptied box for a post of a `T`, if one is kept; a box of another type is
-    /// freed (it held nothing).
+    /// An emptied box for a post of a `T`, if one is kept.
     pub(crate) fn post_box<T: 'static>(&mut self) -> Option<Box<Option<T>>> {
-        self.posts.pop()?.downcast::<Option<T>>().ok()
+        let kind = TypeId::of::<Option<T>>();
+        let (_, boxes) = self.posts.iter_mut().find(|(of, _)| *of == kind)?;
+        let cell = boxes.pop()?;
+        self.kept -= 1;
+        cell.downcast::<Option<T>>().ok()
     }
 }
 
@@ -114,11 +129,17 @@ mod tests {
         let reused = spares.post_box::<Rc<()>>().expect("kept");
         assert!(reused.is_none());
         assert_eq!(&*reused as *const Option<Rc<()>>, address);
-        // A post of another type does not get a kept box (which is freed).
+        // Posts of two types in turn each get a box of their own type.
         spares.keep(posts_of(
-            (0..1).map(|_| Box::new(None::<Rc<()>>) as Box<dyn Any>),
+            [
+                Box::new(None::<Rc<()>>) as Box<dyn Any>,
+                Box::new(None::<u64>) as Box<dyn Any>,
+            ]
+            .into_iter(),
         ));
+        assert!(spares.post_box::<u64>().is_some());
         assert!(spares.post_box::<u64>().is_none());
+        assert!(spares.post_box::<Rc<()>>().is_some());
         assert!(spares.post_box::<Rc<()>>().is_none());
     }
 

@@ -75,7 +75,13 @@ pub(crate) enum State {
     /// A multishot operation: completions queue up until the future takes them.
     Multi {
         queue: VecDeque<Completion>,
+        /// The waker of the last poll that waits; kept after a wake, so the next poll of
+        /// the same task clones nothing.
         waker: Option<Waker>,
+        /// The waker waits for the next completion: a poll left it (Pending, or a
+        /// completion that drained the queue and kept it). A wake disarms it, so a task
+        /// that turned to other work is woken once, not on every completion after.
+        armed: bool,
         finished: bool,
         /// Once this many completions wait in `queue`, the driver cancels the operation
         /// (see [`State::multi`]).
@@ -107,6 +113,7 @@ impl State {
         State::Multi {
             queue: VecDeque::new(),
             waker: None,
+            armed: false,
             finished: false,
             queue_limit: queue_limit.unwrap_or(usize::MAX).max(1),
             paused: false,
