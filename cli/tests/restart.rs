@@ -724,14 +724,7 @@ fn exit_of(
         }
         std::thread::sleep(Duration::from_millis(5));
     };
-    let mut stderr = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
-    (status, stderr)
+    (status, util::stderr_of(child))
 }
 
 /// The built binary, hard-linked into a fresh directory `name` beside it: the directory

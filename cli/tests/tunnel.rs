@@ -1454,13 +1454,7 @@ fn a_signal_while_handshaking_ends_the_tunnel_cleanly() {
             assert_eq!(unsafe { libc::kill(child.id() as i32, signal) }, 0);
             let rest: Vec<String> = stdout.lines().map_while(Result::ok).collect();
             let status = child.wait().unwrap();
-            let mut stderr = String::new();
-            child
-                .stderr
-                .take()
-                .unwrap()
-                .read_to_string(&mut stderr)
-                .unwrap();
+            let stderr = util::stderr_of(&mut child);
             assert!(status.success(), "{backend} {signal}: {status} {stderr}");
             assert!(!stderr.contains("panicked"), "{backend} {signal}: {stderr}");
             assert!(

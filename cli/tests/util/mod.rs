@@ -10,6 +10,19 @@ pub mod tunnel_pair;
 /// (instead of hanging). Never used to make something happen.
 pub const MUST_HAPPEN: Duration = Duration::from_secs(20);
 
+/// Everything an exited child wrote to its piped stderr.
+pub fn stderr_of(child: &mut std::process::Child) -> String {
+    use std::io::Read;
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr piped")
+        .read_to_string(&mut stderr)
+        .expect("read the child's stderr");
+    stderr
+}
+
 /// Runs `command` to its end and returns what it printed; fails the test (killing it)
 /// if it has not exited within MUST_HAPPEN.
 pub fn output_within(command: &mut std::process::Command) -> std::process::Output {
