@@ -41,8 +41,9 @@ pub enum Spin {
     /// datagrams sleeps instead after 64 spins, to see what the sleep brings, and again
     /// after twice as many spins each time the sleep brought one datagram, up to once
     /// every 1,024 spins: more than one datagram says its sleeps gather, and it stops
-    /// spinning, probes included (and, once it spins again, tests after 64 spins);
-    /// sixteen wakes that bring a single datagram each (a round trip, or traffic that
+    /// spinning, probes included (and, once it spins again, tests after 64 spins). Any
+    /// other sleep that wakes to more than one datagram (after a miss, or while the
+    /// average or a probe's gap keeps the loop asleep) says the same. Sixteen wakes that bring a single datagram each (a round trip, or traffic that
     /// thinned out), or eight that bring none (the datagrams stopped), with none
     /// bringing more, let it spin again. A round trip loses four spins in its first
     /// thousand and then one in 1,024 to the test; one whose answer is several
@@ -145,14 +146,15 @@ impl Spin {
                 }
                 _ => {
                     waits.test_sleeps = 0;
-                    waits.gathering = true;
-                    // Once it spins again, the next test comes soon: the datagrams that
-                    // gathered once likely still come in bursts.
-                    waits.gather_test_gap = GATHER_TEST_FIRST;
-                    waits.single_wakes = 0;
-                    waits.empty_wakes = 0;
+                    waits.start_gathering();
                 }
             }
+        } else if !waits.gathering && datagrams > 1 {
+            // Any sleep that gathered says the same as a test that did: a relay whose
+            // test sleeps happened to bring one datagram each, or that the probes and
+            // misses keep sleeping (so that it seldom reaches a test), spun away a few
+            // per cent of its CPU in catches that took longer than its work.
+            waits.start_gathering();
         } else if waits.gathering {
             match datagrams {
                 0 => waits.empty_wakes += 1,
@@ -318,6 +320,16 @@ const PROBATION_SPINS: u32 = 16;
 const MAX_PROBE_AFTER_MISSES: u32 = 256;
 
 impl Waits {
+    /// Sleeps gather datagrams: the loop stops spinning, probes included.
+    fn start_gathering(&mut self) {
+        self.gathering = true;
+        // Once it spins again, the next test comes soon: the datagrams that gathered
+        // once likely still come in bursts.
+        self.gather_test_gap = GATHER_TEST_FIRST;
+        self.single_wakes = 0;
+        self.empty_wakes = 0;
+    }
+
     fn gather_test_gap(&self) -> u32 {
         self.gather_test_gap.max(GATHER_TEST_FIRST)
     }
@@ -719,6 +731,36 @@ mod tests {
             let datagrams = if wake % 3 == 0 { 3 } else { 1 };
             assert!(!one_wait(policy, &mut waits_mixed, gap, datagrams));
         }
+    }
+
+    #[test]
+    fn any_sleep_that_wakes_to_several_datagrams_stops_the_spin() {
+        let policy = Spin::Adaptive(Duration::from_micros(30));
+        let burst_gap = Duration::from_micros(5);
+        // A relay that spins through a burst and misses at its end: the sleep after the
+        // miss wakes to the next burst's first datagrams. Before its first test sleep,
+        // it stops spinning.
+        let mut waits = waits_of(burst_gap);
+        assert!(policy.budget(&mut waits).is_some());
+        policy.record(&mut waits, Duration::from_micros(900), true);
+        policy.record_wake(&mut waits, 4, true);
+        for wake in 0..1000 {
+            assert!(
+                !one_wait(policy, &mut waits, burst_gap, 3),
+                "spun at wake {wake}"
+            );
+        }
+        // A loop the average keeps asleep (waits of 60 us) would probe every 64th wait;
+        // its sleeps wake to several datagrams each, so it does not.
+        let mut waits = waits_of(Duration::from_micros(60));
+        for wake in 0..1000 {
+            let spun = one_wait(policy, &mut waits, Duration::from_micros(60), 2);
+            assert!(!spun, "probed at wake {wake}");
+        }
+        // One datagram a wake, as a round trip's: the same loop looks now and then.
+        let mut waits = waits_of(Duration::from_micros(60));
+        let probed = (0..1000).any(|_| one_wait(policy, &mut waits, Duration::from_micros(60), 1));
+        assert!(probed);
     }
 
     #[test]
