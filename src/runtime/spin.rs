@@ -43,11 +43,12 @@ pub enum Spin {
     /// every 1,024 spins: more than one datagram says its sleeps gather, and it stops
     /// spinning, probes included (and, once it spins again, tests after 64 spins). Any
     /// other sleep that wakes to more than one datagram (after a miss, or while the
-    /// average or a probe's gap keeps the loop asleep) says the same. Sixteen wakes that bring a single datagram each (a round trip, or traffic that
-    /// thinned out), or eight that bring none (the datagrams stopped), with none
-    /// bringing more, let it spin again. A round trip loses four spins in its first
-    /// thousand and then one in 1,024 to the test; one whose answer is several
-    /// datagrams (not GRO's pieces of one) looks like traffic that gathers, and sleeps.
+    /// average or a probe's gap keeps the loop asleep) says the same. Sixteen wakes
+    /// that bring a single datagram each (a round trip, or traffic that thinned out),
+    /// or eight that bring none (the datagrams stopped), with none bringing more, let
+    /// it spin again. A round trip loses four spins in its first thousand and then one
+    /// in 1,024 to the test; one whose answer is several datagrams (not GRO's pieces of
+    /// one) looks like traffic that gathers, and sleeps.
     Adaptive(Duration),
 }
 
