@@ -1,7 +1,8 @@
 //! A waker the engine calls while it dispatches (a program's own `Wake`, wrapping the
 //! task's) that uses sockets from inside `wake`: the engine is busy then, so a call may
 //! fail, but only with `ResourceBusy`, and the socket keeps working afterwards, a failed
-//! `detach` included; sockets it drops there close in that turn.
+//! `detach` included; sockets it drops there close in that turn, and operations in
+//! flight it polls there wait (or fail busy) and complete after.
 
 mod util;
 
@@ -243,4 +244,122 @@ impl<F: Future> Future for UnderDropping<F> {
         let waker = Waker::from(self.waker.clone());
         self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
+}
+
+/// What a waker polls from inside `wake`: a read in flight on another connection.
+type Victim = Pin<Box<dyn Future<Output = ringsock::Result<Vec<u8>>>>>;
+
+/// What a poll of the [`Victim`] inside `wake` gave: `None` while pending, else the
+/// bytes read or the status it failed with.
+type PolledInWake = Option<Result<Vec<u8>, SocketErrorStatus>>;
+
+thread_local! {
+    /// The read the waker polls, kept while it is pending.
+    static IN_FLIGHT: RefCell<Option<Victim>> = const { RefCell::new(None) };
+    /// What each poll inside `wake` gave.
+    static POLLED_IN_WAKE: RefCell<Vec<PolledInWake>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Wraps the task's waker; its `wake` first polls [`IN_FLIGHT`] with the task's waker.
+struct PollingInFlight(Mutex<Option<Waker>>);
+
+impl Wake for PollingInFlight {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref()
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        let task = self.0.lock().unwrap().clone();
+        if let (Some(task), Some(mut victim)) = (&task, IN_FLIGHT.with(|v| v.borrow_mut().take())) {
+            match victim.as_mut().poll(&mut Context::from_waker(task)) {
+                Poll::Pending => {
+                    POLLED_IN_WAKE.with(|p| p.borrow_mut().push(None));
+                    IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
+                }
+                Poll::Ready(result) => POLLED_IN_WAKE.with(|p| {
+                    p.borrow_mut()
+                        .push(Some(result.map_err(|err| err.status())))
+                }),
+            }
+        }
+        if let Some(task) = task {
+            task.wake_by_ref();
+        }
+    }
+}
+
+/// Polls `future` with a [`PollingInFlight`] waker in place of the task's.
+struct UnderPolling<F> {
+    future: Pin<Box<F>>,
+    waker: Arc<PollingInFlight>,
+}
+
+impl<F: Future> Future for UnderPolling<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        *self.waker.0.lock().unwrap() = Some(cx.waker().clone());
+        let waker = Waker::from(self.waker.clone());
+        self.future.as_mut().poll(&mut Context::from_waker(&waker))
+    }
+}
+
+/// A read in flight polled by a waker the engine calls while it dispatches (which on
+/// io_uring ended the process: the busy engine looked like another runtime's, and the
+/// read's buffer could not be taken back) stays in flight, or fails busy, and the
+/// connection goes on with its bytes exact.
+#[test]
+fn an_operation_in_flight_polled_inside_the_engines_wake_waits_or_fails_busy() {
+    util::on_each_backend(|backend| async move {
+        let listener = util::loopback_listener();
+        let (waking_client, waking_server) = util::connected_pair(&listener).await;
+        let (victim_client, victim_server) = util::connected_pair(&listener).await;
+        let victim_server = Rc::new(victim_server);
+        let reader = victim_server.clone();
+        let mut victim: Victim = Box::pin(async move {
+            let (read, buf) = reader.read(Vec::with_capacity(64)).await;
+            read.map(|n| buf[..n].to_vec())
+        });
+        assert!(
+            util::poll_once(Pin::new(&mut victim)).await.is_pending(),
+            "{backend}"
+        );
+        IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
+        POLLED_IN_WAKE.with(|p| p.borrow_mut().clear());
+
+        let woken_read = UnderPolling {
+            future: Box::pin(waking_server.read(Vec::with_capacity(16))),
+            waker: Arc::new(PollingInFlight(Mutex::new(None))),
+        };
+        let write = async { waking_client.write_all(b"wake".to_vec()).await.0 };
+        let ((read, _), written) = util::must("the wake", util::join(woken_read, write)).await;
+        assert_eq!(read.unwrap(), 4, "{backend}");
+        written.unwrap();
+
+        let polled = POLLED_IN_WAKE.with(|p| p.borrow().clone());
+        assert!(
+            !polled.is_empty(),
+            "{backend}: the waker never polled the read"
+        );
+        let (sent, _) = victim_client.write_all(b"victim".to_vec()).await;
+        sent.unwrap();
+        match IN_FLIGHT.with(|v| v.borrow_mut().take()) {
+            // Still in flight: it completes with the bytes.
+            Some(victim) => {
+                assert!(polled.iter().all(Option::is_none), "{backend}: {polled:?}");
+                let got = util::must("the read in flight", victim).await.unwrap();
+                assert_eq!(got, b"victim", "{backend}");
+            }
+            // It failed busy inside the wake: the connection reads on.
+            None => {
+                assert_eq!(
+                    polled.last(),
+                    Some(&Some(Err(SocketErrorStatus::ResourceBusy))),
+                    "{backend}"
+                );
+                let got = util::read_exact(&victim_server, 6).await;
+                assert_eq!(got, b"victim", "{backend}");
+            }
+        }
+    });
 }

@@ -97,7 +97,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
-                driver.ignore_dropped();
+                driver.after_dispatch();
             }
             Driver::Poll(driver) => {
                 driver.borrow()?.park(timeout)?;
@@ -117,7 +117,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
-                driver.ignore_dropped();
+                driver.after_dispatch();
                 Ok(any)
             }
             Driver::Poll(driver) => {
@@ -152,7 +152,7 @@ impl Driver {
                 let dead = d.take_dead();
                 drop(d);
                 release_uring(driver, dead);
-                driver.ignore_dropped();
+                driver.after_dispatch();
                 Ok(any)
             }
             Driver::Poll(driver) if collect => {
@@ -226,7 +226,7 @@ impl Driver {
                     Err(_) => uring::Released::default(),
                 };
                 // What wakers dropped during the last reap, freed with the rest.
-                driver.ignore_dropped();
+                driver.after_dispatch();
                 release_uring(driver, dead);
             }
             Driver::Poll(driver) => {

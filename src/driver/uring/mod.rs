@@ -99,6 +99,9 @@ pub(crate) struct Shared {
     /// ignored at the end of that turn, so their cancel goes with the next submission
     /// rather than their descriptors and buffers staying until the driver goes.
     dropped_in_dispatch: RefCell<Vec<(Key, bool)>>,
+    /// Wakers of operations polled while the driver was busy dispatching (by a waker it
+    /// called): woken at the end of that turn, when a poll can look at their slots.
+    polled_in_dispatch: RefCell<Vec<Waker>>,
 }
 
 impl Shared {
@@ -119,6 +122,7 @@ impl Shared {
             id: DriverId::next(),
             driver: RefCell::new(driver),
             dropped_in_dispatch: RefCell::new(Vec::new()),
+            polled_in_dispatch: RefCell::new(Vec::new()),
         }))
     }
 
@@ -130,9 +134,32 @@ impl Shared {
             .push((key, close_results));
     }
 
+    /// Whether the driver is the one driving this thread and is busy dispatching: a
+    /// waker it called is polling one of its operations.
+    pub(crate) fn dispatching_here(&self) -> bool {
+        current::is_current(self.id) && self.driver.try_borrow_mut().is_err()
+    }
+
+    /// An operation was polled while the driver was busy (see
+    /// [`dispatching_here`](Self::dispatching_here)): its slot cannot be looked at now,
+    /// so `waker` is woken once the driver is free, by
+    /// [`after_dispatch`](Self::after_dispatch), and polls it then.
+    pub(crate) fn wake_after_dispatch(&self, waker: &Waker) {
+        self.polled_in_dispatch.borrow_mut().push(waker.clone());
+    }
+
+    /// Ends a turn: ignores the operations dropped while the driver was busy (what the
+    /// kernel is done with is dropped here, outside the driver) and wakes the ones
+    /// polled meanwhile.
+    pub(crate) fn after_dispatch(&self) {
+        self.ignore_dropped();
+        let polled = std::mem::take(&mut *self.polled_in_dispatch.borrow_mut());
+        polled.into_iter().for_each(Waker::wake);
+    }
+
     /// Ignores the operations dropped while the driver was busy; what the kernel is
     /// done with is dropped here, outside the driver.
-    pub(crate) fn ignore_dropped(&self) {
+    fn ignore_dropped(&self) {
         let dropped = std::mem::take(&mut *self.dropped_in_dispatch.borrow_mut());
         if dropped.is_empty() {
             return;

@@ -5,7 +5,8 @@
 //! completion. Dropped early, it leaves the data in the slot and asks for a cancel (see
 //! the module above). Polled where its driver does not run, it cancels on its own
 //! driver, waits there for the final completion, and gives its data back with the
-//! misuse error.
+//! misuse error. Polled by a waker its own driver calls while it dispatches, it stays in
+//! flight and is woken to be polled again at the end of that turn.
 
 use std::any::Any;
 use std::future::Future;
@@ -176,6 +177,12 @@ impl<T: 'static> Future for Op<T> {
                 Poll::Ready((Ok(completion), (self.take)(data)))
             }
             Ok(Poll::Pending) => Poll::Pending,
+            // A waker the driver called polls this: the operation is as in flight as
+            // before, and is polled again once the driver is free.
+            Err(_) if self.driver.dispatching_here() => {
+                self.driver.wake_after_dispatch(cx.waker());
+                Poll::Pending
+            }
             Err(misuse) => {
                 self.key = None;
                 let data = abandoned(&self.driver, key, self.close_result, self.take);
@@ -458,6 +465,11 @@ impl<T: 'static> Future for ChainOp<T> {
                 }
             }
         });
+        if outcome.is_err() && this.driver.dispatching_here() {
+            // As for a single operation: polled again once the driver is free.
+            this.driver.wake_after_dispatch(cx.waker());
+            return Poll::Pending;
+        }
         if let Err(misuse) = outcome {
             for (key, result) in this.keys.iter().zip(this.results.iter_mut()) {
                 if result.take().is_none() {
