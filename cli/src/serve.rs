@@ -568,6 +568,12 @@ fn take_over_from(channel: &UnixStream) -> ringsock::Result<Vec<Detached>> {
         }
     })?;
     let count = u32::from_le_bytes(count) as usize;
+    // A count of none would leave a server running with nothing to serve.
+    if count == 0 {
+        return Err(Error::invalid_input(
+            "--inherit: the channel announced no sockets: nothing to serve",
+        ));
+    }
     // The count comes from the other end of the channel: never an allocation of its size.
     if count > MAX_HANDED_OVER {
         return Err(Error::invalid_input(format!(

@@ -137,7 +137,8 @@ fn activated_without_sockets_is_a_clear_error() {
 }
 
 /// `--inherit` on a channel whose other end lies (a count of 4 billion sockets, then
-/// nothing; a count of one, then garbage): a clear error and exit 1, never an abort
+/// nothing; a count of one, then garbage; a count of none, which once left the server
+/// running silently with nothing to serve): a clear error and exit 1, never an abort
 /// (the count once sized an allocation of 378 GB) or a hang.
 #[test]
 fn a_lying_hand_over_channel_is_a_clear_error() {
@@ -151,6 +152,7 @@ fn a_lying_hand_over_channel_is_a_clear_error() {
                 [&1u32.to_le_bytes()[..], b"garbage!!"].concat(),
                 "not a ringsock",
             ),
+            (vec![0u8; 64], "announced no sockets"),
         ] {
             let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
             (&ours).write_all(&message).unwrap();
@@ -161,13 +163,13 @@ fn a_lying_hand_over_channel_is_a_clear_error() {
             assert!(inherited >= 0, "dup: {}", std::io::Error::last_os_error());
             // SAFETY: just made above, owned by nothing else.
             let inherited = unsafe { std::os::fd::OwnedFd::from_raw_fd(inherited) };
-            let out = Command::new(env!("CARGO_BIN_EXE_ringsock"))
-                .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
-                .arg(format!("--inherit={}", inherited.as_raw_fd()))
-                .env_remove("RINGSOCK_BACKEND")
-                .stdin(Stdio::null())
-                .output()
-                .unwrap();
+            let out = util::output_within(
+                Command::new(env!("CARGO_BIN_EXE_ringsock"))
+                    .args(["echo-server", "--tcp", "127.0.0.1:0", "--backend", backend])
+                    .arg(format!("--inherit={}", inherited.as_raw_fd()))
+                    .env_remove("RINGSOCK_BACKEND")
+                    .stdin(Stdio::null()),
+            );
             drop((inherited, theirs));
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
