@@ -589,6 +589,23 @@ fn a_read_given_up_on_loses_nothing() {
     });
 }
 
+/// A self-signed X.509 version 1 certificate (what `openssl x509 -req` issues without
+/// extensions; valid until 2126) and its key: rustls takes version 3 only.
+const VERSION_1_CERTIFICATE: &str = "-----BEGIN CERTIFICATE-----\n\
+MIIBIDCBxwIUbzT3Ae0XVX3jCYQFZZMsvorianUwCgYIKoZIzj0EAwIwEjEQMA4G\n\
+A1UEAwwHdjEudGVzdDAgFw0yNjEyMDUxMjEwNTJaGA8yMTI2MTExMTEyMTA1Mlow\n\
+EjEQMA4GA1UEAwwHdjEudGVzdDBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABIY1\n\
+RMQGlA3N7Ew0PQnwQxaMpFoUdxHF6jCF9D/ZbNL0WrO1W4exWHHu/DOMybnZAEv/\n\
+Ip9kC5QVltRcf1H/dMIwCgYIKoZIzj0EAwIDSAAwRQIgZv4gbkFbcu+Qiqf8YRiO\n\
+xaRLVHFkdBDqjMHeK+5zObMCIQCQ0nT3YB1bD9KxytAfZHG/3e56cngCfrNq9STB\n\
+Ofs6MQ==\n\
+-----END CERTIFICATE-----";
+const VERSION_1_KEY: &str = "-----BEGIN PRIVATE KEY-----\n\
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgBJ3ix6ZguSnghfW6\n\
+F3hrcoeGT9iAxN93tmAE8ubbTOmhRANCAASGNUTEBpQNzexMND0J8EMWjKRaFHcR\n\
+xeowhfQ/2WzS9FqztVuHsVhx7vwzjMm52QBL/yKfZAuUFZbUXH9R/3TC\n\
+-----END PRIVATE KEY-----";
+
 /// What loading a file must give: its status, the file it names, and a message fragment.
 struct FileCase {
     what: &'static str,
@@ -613,6 +630,9 @@ fn certificate_and_key_files_fail_with_file_statuses() {
         let ca_file = ca.write(dir.path(), "ca.pem");
         let empty = dir.path().join("empty.pem");
         std::fs::write(&empty, "").unwrap();
+        let (v1_cert, v1_key) = (dir.path().join("v1.pem"), dir.path().join("v1.key"));
+        std::fs::write(&v1_cert, VERSION_1_CERTIFICATE).unwrap();
+        std::fs::write(&v1_key, VERSION_1_KEY).unwrap();
         let missing = dir.path().join("missing.pem");
         // A path through a regular file: ENOTDIR. As root (CI), no mode makes a file
         // unreadable, so EACCES is covered by the errno table in error.rs instead.
@@ -688,6 +708,14 @@ fn certificate_and_key_files_fail_with_file_statuses() {
                 status: InvalidFile,
                 names: other_key.clone(),
                 says: "does not belong to the certificate",
+            },
+            // Once blamed on the key file, in rustls's words.
+            FileCase {
+                what: "version 1 certificate",
+                result: identity(&v1_cert, &v1_key),
+                status: InvalidFile,
+                names: v1_cert.clone(),
+                says: "X.509 version 1 certificate",
             },
             FileCase {
                 what: "endless certificate file",

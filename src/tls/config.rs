@@ -46,7 +46,7 @@ impl Identity {
         let chain = parse_pem_certificates(cert_chain_pem, "certificate chain")
             .map_err(Error::invalid_input)?;
         let key = parse_pem_key(key_pem).map_err(Error::invalid_input)?;
-        Identity::from_parts(chain, key).map_err(Error::invalid_input)
+        Identity::from_parts(chain, key).map_err(|unusable| Error::invalid_input(unusable.0))
     }
 
     /// From DER: the chain end-entity first, and a PKCS#8, PKCS#1 (RSA) or SEC1 (EC) key.
@@ -60,7 +60,7 @@ impl Identity {
                 "the private key is not PKCS#8, PKCS#1 or SEC1 DER: {err}"
             ))
         })?;
-        Identity::from_parts(chain, key).map_err(Error::invalid_input)
+        Identity::from_parts(chain, key).map_err(|unusable| Error::invalid_input(unusable.0))
     }
 
     /// From two PEM files (they may be the same file), as in [`Identity::from_pem`].
@@ -78,26 +78,41 @@ impl Identity {
             parse_pem_key(&key_pem).map_err(|reason| Error::invalid_file(key_path, reason))?;
         // A key that does not fit is blamed on the key file, the usual mistake; the
         // message names the certificate file too.
-        chain_fits(&chain).map_err(|reason| Error::invalid_file(cert_path, reason))?;
-        Identity::from_parts(chain, key).map_err(|reason| {
-            Error::invalid_file(
+        Identity::from_parts(chain, key).map_err(|Unusable(reason, blamed)| match blamed {
+            Blamed::Certificate => Error::invalid_file(cert_path, reason),
+            Blamed::Key => Error::invalid_file(
                 key_path,
                 format!("{reason} (certificate file {})", cert_path.display()),
-            )
+            ),
         })
     }
 
-    /// The reason is a sentence for the caller to attach to the input it came from.
     fn from_parts(
         chain: Vec<CertificateDer<'static>>,
         key: PrivateKeyDer<'static>,
-    ) -> std::result::Result<Identity, String> {
-        chain_fits(&chain)?;
+    ) -> std::result::Result<Identity, Unusable> {
+        chain_fits(&chain).map_err(|reason| Unusable(reason, Blamed::Certificate))?;
+        if super::x509::is_version_1(&chain[0]) {
+            return Err(Unusable(
+                "an X.509 version 1 certificate: TLS takes version 3 only (a certificate \
+                 issued with extensions, such as openssl's -extfile or -addext)"
+                    .to_owned(),
+                Blamed::Certificate,
+            ));
+        }
         let key = CertifiedKey::from_der(chain, key, &provider()).map_err(|err| match err {
-            rustls::Error::InconsistentKeys(_) => {
-                "the private key does not belong to the certificate".to_owned()
-            }
-            other => format!("unusable certificate or private key: {other}"),
+            rustls::Error::InconsistentKeys(_) => Unusable(
+                "the private key does not belong to the certificate".to_owned(),
+                Blamed::Key,
+            ),
+            rustls::Error::InvalidCertificate(why) => Unusable(
+                format!("the certificate cannot be used: {why}"),
+                Blamed::Certificate,
+            ),
+            other => Unusable(
+                format!("unusable certificate or private key: {other}"),
+                Blamed::Key,
+            ),
         })?;
         Ok(Identity { key: Arc::new(key) })
     }
@@ -115,6 +130,16 @@ impl Identity {
             .map(|cert| Certificate::from_der(cert.as_ref()))
             .collect()
     }
+}
+
+/// Why a certificate chain and key make no identity: a sentence for the caller to attach
+/// to the input it came from, and which input that is.
+struct Unusable(String, Blamed);
+
+/// The input an [`Unusable`] is about.
+enum Blamed {
+    Certificate,
+    Key,
 }
 
 /// Most bytes of CA names a server sends as hints in its certificate request.

@@ -55,6 +55,7 @@ use std::fmt;
 pub(crate) mod config;
 mod errors;
 pub(crate) mod session;
+mod x509;
 
 pub use config::{
     Identity, TlsAcceptor, TlsAcceptorBuilder, TrustedRoots, DEFAULT_HANDSHAKE_TIMEOUT,
