@@ -898,15 +898,16 @@ fn check_echo(reply: &[u8], message: &str, tls_would_help: bool) -> ringsock::Re
 
 /// `reply` safe for a terminal and true to its bytes: control characters (a hostile
 /// server's escape sequences, a carriage return or line feed that would overwrite the
-/// line or fake one of this tool's) as `\xNN` or `\u{N}` escapes, bytes that are not
-/// UTF-8 as `\xNN`, the rest as it is. A reply that is the message sent (`echoed`)
-/// keeps its line feeds and tabs: they are the user's own.
+/// line or fake one of this tool's) and invisible format characters (bidi overrides
+/// that reorder what the terminal shows, zero-width ones that hide text) as `\xNN` or
+/// `\u{N}` escapes, bytes that are not UTF-8 as `\xNN`, the rest as it is. A reply that
+/// is the message sent (`echoed`) keeps its line feeds and tabs: they are the user's own.
 fn printable(reply: &[u8], echoed: bool) -> String {
     let mut shown = String::with_capacity(reply.len() + 16);
     for chunk in reply.utf8_chunks() {
         for c in chunk.valid().chars() {
             match c {
-                c if !c.is_control() => shown.push(c),
+                c if !c.is_control() && !is_invisible_format(c) => shown.push(c),
                 '\n' | '\t' if echoed => shown.push(c),
                 c if (c as u32) < 0x80 => shown.push_str(&format!("\\x{:02x}", c as u32)),
                 c => shown.push_str(&format!("\\u{{{:x}}}", c as u32)),
@@ -917,6 +918,30 @@ fn printable(reply: &[u8], echoed: bool) -> String {
         }
     }
     shown
+}
+
+/// Unicode's format characters (category Cf) a terminal shows as nothing while they
+/// change what is around them: bidi embeddings, overrides and isolates, zero-width
+/// spaces and joiners, the soft hyphen, the byte order mark, interlinear annotations
+/// and tags.
+fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{ad}'
+            | '\u{600}'..='\u{605}'
+            | '\u{61c}'
+            | '\u{6dd}'
+            | '\u{70f}'
+            | '\u{180e}'
+            | '\u{200b}'..='\u{200f}'
+            | '\u{202a}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{206f}'
+            | '\u{feff}'
+            | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0001}'
+            | '\u{e0020}'..='\u{e007f}'
+    )
 }
 
 /// How long a TCP echo-client waits for its reply when `--timeout` is not given: longer

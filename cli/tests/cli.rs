@@ -669,13 +669,14 @@ fn replies_are_compared_and_shown_byte_for_byte() {
 }
 
 /// A server that answers with something other than the echo (here a line with a
-/// terminal escape sequence and a carriage return, as a hostile one might) fails the
-/// client with exit 1 and says why; the reply is shown with its control characters
-/// escaped, so it cannot drive the terminal. Both engines.
+/// terminal escape sequence, a carriage return, a right-to-left override and a
+/// zero-width space, as a hostile one might) fails the client with exit 1 and says why;
+/// the reply is shown with its control and invisible format characters escaped, so it
+/// cannot drive the terminal or reorder and hide what it shows. Both engines.
 #[test]
 fn a_reply_that_is_not_the_echo_fails_the_client_and_is_shown_escaped() {
     for (backend, _) in BACKENDS {
-        let (port, server) = tcp_server_answering(b"\x1b[31mnot\rit\n");
+        let (port, server) = tcp_server_answering("\x1b[31mnot\rit\u{202e}ti\u{200b}\n".as_bytes());
         let out = ringsock(&[
             "echo-client",
             "127.0.0.1",
@@ -688,7 +689,10 @@ fn a_reply_that_is_not_the_echo_fails_the_client_and_is_shown_escaped() {
         assert_eq!(server.join().unwrap(), "hello\n", "{backend}");
         let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
         assert_eq!(out.status.code(), Some(1), "{backend}: {stderr}");
-        assert_eq!(stdout, "\\x1b[31mnot\\x0dit\n", "{backend}");
+        assert_eq!(
+            stdout, "\\x1b[31mnot\\x0dit\\u{202e}ti\\u{200b}\n",
+            "{backend}"
+        );
         assert!(
             stderr.contains("not the message sent"),
             "{backend}: {stderr}"
