@@ -35,6 +35,12 @@ thread_local! {
     static DETACHED: RefCell<Vec<ringsock::net::Detached>> = const { RefCell::new(Vec::new()) };
 }
 
+impl WrapsTask for Reentering {
+    fn task(&self) -> &Mutex<Option<Waker>> {
+        &self.task
+    }
+}
+
 impl Wake for Reentering {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref()
@@ -66,17 +72,23 @@ impl Wake for Reentering {
     }
 }
 
-/// Polls `future` with a [`Reentering`] waker in place of the task's.
-struct UnderReentering<F> {
-    future: Pin<Box<F>>,
-    waker: Arc<Reentering>,
+/// A waker of this file's: it does its work in `wake`, then wakes the task's waker it
+/// keeps here.
+trait WrapsTask: Wake + Send + Sync + 'static {
+    fn task(&self) -> &Mutex<Option<Waker>>;
 }
 
-impl<F: Future> Future for UnderReentering<F> {
+/// Polls `future` with `waker` in place of the task's (which `waker` wakes after).
+struct Under<F, W> {
+    future: Pin<Box<F>>,
+    waker: Arc<W>,
+}
+
+impl<F: Future, W: WrapsTask> Future for Under<F, W> {
     type Output = F::Output;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        *self.waker.task.lock().unwrap() = Some(cx.waker().clone());
+        *self.waker.task().lock().unwrap() = Some(cx.waker().clone());
         let waker = Waker::from(self.waker.clone());
         self.future.as_mut().poll(&mut Context::from_waker(&waker))
     }
@@ -96,7 +108,7 @@ fn a_socket_used_inside_the_engines_wake_fails_busy_at_worst_and_keeps_working()
             OUTCOMES.with(|o| o.borrow_mut().clear());
 
             let receiver = socket.clone();
-            let receive = UnderReentering {
+            let receive = Under {
                 future: Box::pin(async move { receiver.recv().await.map(|d| d.to_vec()) }),
                 waker: Arc::new(Reentering {
                     task: Mutex::new(None),
@@ -171,6 +183,12 @@ thread_local! {
 /// Wraps the task's waker; its `wake` first drops [`VICTIMS`].
 struct Dropping(Mutex<Option<Waker>>);
 
+impl WrapsTask for Dropping {
+    fn task(&self) -> &Mutex<Option<Waker>> {
+        &self.0
+    }
+}
+
 impl Wake for Dropping {
     fn wake(self: Arc<Self>) {
         self.wake_by_ref()
@@ -208,7 +226,7 @@ fn sockets_dropped_inside_the_engines_wake_close() {
         socket.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = socket.local_addr().unwrap();
         let receiver = socket.clone();
-        let task = ringsock::spawn(UnderDropping {
+        let task = ringsock::spawn(Under {
             future: Box::pin(async move { receiver.recv().await.map(|d| d.to_vec()) }),
             waker: Arc::new(Dropping(Mutex::new(None))),
         });
@@ -230,22 +248,6 @@ fn sockets_dropped_inside_the_engines_wake_close() {
     });
 }
 
-/// Polls `future` with a [`Dropping`] waker in place of the task's.
-struct UnderDropping<F> {
-    future: Pin<Box<F>>,
-    waker: Arc<Dropping>,
-}
-
-impl<F: Future> Future for UnderDropping<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        *self.waker.0.lock().unwrap() = Some(cx.waker().clone());
-        let waker = Waker::from(self.waker.clone());
-        self.future.as_mut().poll(&mut Context::from_waker(&waker))
-    }
-}
-
 /// What a waker polls from inside `wake`: a read in flight on another connection.
 type Victim = Pin<Box<dyn Future<Output = ringsock::Result<Vec<u8>>>>>;
 
@@ -262,6 +264,12 @@ thread_local! {
 
 /// Wraps the task's waker; its `wake` first polls [`IN_FLIGHT`] with the task's waker.
 struct PollingInFlight(Mutex<Option<Waker>>);
+
+impl WrapsTask for PollingInFlight {
+    fn task(&self) -> &Mutex<Option<Waker>> {
+        &self.0
+    }
+}
 
 impl Wake for PollingInFlight {
     fn wake(self: Arc<Self>) {
@@ -288,22 +296,6 @@ impl Wake for PollingInFlight {
     }
 }
 
-/// Polls `future` with a [`PollingInFlight`] waker in place of the task's.
-struct UnderPolling<F> {
-    future: Pin<Box<F>>,
-    waker: Arc<PollingInFlight>,
-}
-
-impl<F: Future> Future for UnderPolling<F> {
-    type Output = F::Output;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
-        *self.waker.0.lock().unwrap() = Some(cx.waker().clone());
-        let waker = Waker::from(self.waker.clone());
-        self.future.as_mut().poll(&mut Context::from_waker(&waker))
-    }
-}
-
 /// A read in flight polled by a waker the engine calls while it dispatches (which on
 /// io_uring ended the process: the busy engine looked like another runtime's, and the
 /// read's buffer could not be taken back) stays in flight, or fails busy, and the
@@ -327,7 +319,7 @@ fn an_operation_in_flight_polled_inside_the_engines_wake_waits_or_fails_busy() {
         IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
         POLLED_IN_WAKE.with(|p| p.borrow_mut().clear());
 
-        let woken_read = UnderPolling {
+        let woken_read = Under {
             future: Box::pin(waking_server.read(Vec::with_capacity(16))),
             waker: Arc::new(PollingInFlight(Mutex::new(None))),
         };
