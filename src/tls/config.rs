@@ -92,7 +92,10 @@ impl Identity {
         key: PrivateKeyDer<'static>,
     ) -> std::result::Result<Identity, Unusable> {
         chain_fits(&chain).map_err(|reason| Unusable(reason, Blamed::Certificate))?;
-        if chain.first().is_some_and(|end| super::x509::is_version_1(end)) {
+        if chain
+            .first()
+            .is_some_and(|end| super::x509::is_version_1(end))
+        {
             return Err(Unusable(
                 "an X.509 version 1 certificate: TLS takes version 3 only (a certificate \
                  issued with extensions, such as openssl's -extfile or -addext)"
