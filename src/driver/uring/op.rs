@@ -48,12 +48,22 @@ fn abandoned<T: 'static>(
     close_result: bool,
     take: fn(Box<dyn Any>) -> T,
 ) -> T {
-    let data = driver
-        .borrow()
-        .ok()
-        .and_then(|mut d| d.abandon(key, close_result));
-    match data {
-        Some(data) => take(data),
+    let Ok(mut d) = driver.borrow() else {
+        // Its runtime is dispatching further up this thread's stack: a waker it called
+        // runs another runtime, which polled this. The operation can be neither waited
+        // for here nor cancelled, and its memory is still the kernel's.
+        eprintln!(
+            "ringsock: an io_uring operation was polled under another runtime from inside a \
+             waker its own runtime was calling; aborting rather than freeing its memory \
+             under the kernel"
+        );
+        std::process::abort()
+    };
+    match d.abandon(key, close_result) {
+        Some(data) => {
+            drop(d);
+            take(data)
+        }
         None => {
             eprintln!(
                 "ringsock: the kernel did not give back an io_uring operation's memory after \
