@@ -262,12 +262,17 @@ thread_local! {
     static POLLED_IN_WAKE: RefCell<Vec<PolledInWake>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Wraps the task's waker; its `wake` first polls [`IN_FLIGHT`] with the task's waker.
-struct PollingInFlight(Mutex<Option<Waker>>);
+/// Wraps the task's waker; its `wake` first polls [`IN_FLIGHT`]: with the task's waker,
+/// or (`nested`) inside `block_on` of a runtime of its own, as a waker that drives other
+/// work might.
+struct PollingInFlight {
+    task: Mutex<Option<Waker>>,
+    nested: bool,
+}
 
 impl WrapsTask for PollingInFlight {
     fn task(&self) -> &Mutex<Option<Waker>> {
-        &self.0
+        &self.task
     }
 }
 
@@ -277,9 +282,15 @@ impl Wake for PollingInFlight {
     }
 
     fn wake_by_ref(self: &Arc<Self>) {
-        let task = self.0.lock().unwrap().clone();
+        let task = self.task.lock().unwrap().clone();
         if let (Some(task), Some(mut victim)) = (&task, IN_FLIGHT.with(|v| v.borrow_mut().take())) {
-            match victim.as_mut().poll(&mut Context::from_waker(task)) {
+            let polled = if self.nested {
+                let inner = ringsock::Runtime::new().expect("a runtime inside the waker");
+                inner.block_on(util::poll_once(Pin::new(&mut victim)))
+            } else {
+                victim.as_mut().poll(&mut Context::from_waker(task))
+            };
+            match polled {
                 Poll::Pending => {
                     POLLED_IN_WAKE.with(|p| p.borrow_mut().push(None));
                     IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
@@ -296,46 +307,65 @@ impl Wake for PollingInFlight {
     }
 }
 
-/// A read in flight polled by a waker the engine calls while it dispatches (which on
-/// io_uring ended the process: the busy engine looked like another runtime's, and the
-/// read's buffer could not be taken back) stays in flight, or fails busy, and the
-/// connection goes on with its bytes exact.
+/// A read in flight on a connection of its own, polled by a [`PollingInFlight`] waker
+/// the engine calls; then its peer sends "victim". Returns what the polls inside the
+/// wake gave, the read if it is still in flight, and its socket.
+async fn read_polled_inside_the_wake(
+    backend: ringsock::Backend,
+    nested: bool,
+) -> (
+    Vec<PolledInWake>,
+    Option<Victim>,
+    Rc<ringsock::StreamSocket>,
+) {
+    let listener = util::loopback_listener();
+    let (waking_client, waking_server) = util::connected_pair(&listener).await;
+    let (victim_client, victim_server) = util::connected_pair(&listener).await;
+    let victim_server = Rc::new(victim_server);
+    let reader = victim_server.clone();
+    let mut victim: Victim = Box::pin(async move {
+        let (read, buf) = reader.read(Vec::with_capacity(64)).await;
+        read.map(|n| buf[..n].to_vec())
+    });
+    assert!(
+        util::poll_once(Pin::new(&mut victim)).await.is_pending(),
+        "{backend}"
+    );
+    IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
+    POLLED_IN_WAKE.with(|p| p.borrow_mut().clear());
+
+    let woken_read = Under {
+        future: Box::pin(waking_server.read(Vec::with_capacity(16))),
+        waker: Arc::new(PollingInFlight {
+            task: Mutex::new(None),
+            nested,
+        }),
+    };
+    let write = async { waking_client.write_all(b"wake".to_vec()).await.0 };
+    let ((read, _), written) = util::must("the wake", util::join(woken_read, write)).await;
+    assert_eq!(read.unwrap(), 4, "{backend}");
+    written.unwrap();
+
+    let polled = POLLED_IN_WAKE.with(|p| p.borrow().clone());
+    assert!(
+        !polled.is_empty(),
+        "{backend}: the waker never polled the read"
+    );
+    let (sent, _) = victim_client.write_all(b"victim".to_vec()).await;
+    sent.unwrap();
+    let in_flight = IN_FLIGHT.with(|v| v.borrow_mut().take());
+    (polled, in_flight, victim_server)
+}
+
+/// A read in flight polled by a waker the engine calls (which on io_uring once ended the
+/// process: the engine, busy calling the waker, looked like another runtime's, and the
+/// read's buffer could not be taken back) stays in flight, or fails busy (epoll), and
+/// the connection goes on with its bytes exact.
 #[test]
 fn an_operation_in_flight_polled_inside_the_engines_wake_waits_or_fails_busy() {
     util::on_each_backend(|backend| async move {
-        let listener = util::loopback_listener();
-        let (waking_client, waking_server) = util::connected_pair(&listener).await;
-        let (victim_client, victim_server) = util::connected_pair(&listener).await;
-        let victim_server = Rc::new(victim_server);
-        let reader = victim_server.clone();
-        let mut victim: Victim = Box::pin(async move {
-            let (read, buf) = reader.read(Vec::with_capacity(64)).await;
-            read.map(|n| buf[..n].to_vec())
-        });
-        assert!(
-            util::poll_once(Pin::new(&mut victim)).await.is_pending(),
-            "{backend}"
-        );
-        IN_FLIGHT.with(|v| *v.borrow_mut() = Some(victim));
-        POLLED_IN_WAKE.with(|p| p.borrow_mut().clear());
-
-        let woken_read = Under {
-            future: Box::pin(waking_server.read(Vec::with_capacity(16))),
-            waker: Arc::new(PollingInFlight(Mutex::new(None))),
-        };
-        let write = async { waking_client.write_all(b"wake".to_vec()).await.0 };
-        let ((read, _), written) = util::must("the wake", util::join(woken_read, write)).await;
-        assert_eq!(read.unwrap(), 4, "{backend}");
-        written.unwrap();
-
-        let polled = POLLED_IN_WAKE.with(|p| p.borrow().clone());
-        assert!(
-            !polled.is_empty(),
-            "{backend}: the waker never polled the read"
-        );
-        let (sent, _) = victim_client.write_all(b"victim".to_vec()).await;
-        sent.unwrap();
-        match IN_FLIGHT.with(|v| v.borrow_mut().take()) {
+        let (polled, in_flight, socket) = read_polled_inside_the_wake(backend, false).await;
+        match in_flight {
             // Still in flight: it completes with the bytes.
             Some(victim) => {
                 assert!(polled.iter().all(Option::is_none), "{backend}: {polled:?}");
@@ -349,9 +379,26 @@ fn an_operation_in_flight_polled_inside_the_engines_wake_waits_or_fails_busy() {
                     Some(&Some(Err(SocketErrorStatus::ResourceBusy))),
                     "{backend}"
                 );
-                let got = util::read_exact(&victim_server, 6).await;
+                let got = util::read_exact(&socket, 6).await;
                 assert_eq!(got, b"victim", "{backend}");
             }
         }
+    });
+}
+
+/// The same read polled inside the wake under another runtime (which on io_uring ended
+/// the process too): that is the misuse it is, WrongRuntime (or busy, on epoll), and
+/// the connection goes on with its bytes exact.
+#[test]
+fn an_operation_polled_under_another_runtime_inside_the_engines_wake_is_wrong_runtime() {
+    util::on_each_backend(|backend| async move {
+        let (polled, in_flight, socket) = read_polled_inside_the_wake(backend, true).await;
+        assert!(in_flight.is_none(), "{backend}: {polled:?}");
+        match polled.last() {
+            Some(Some(Err(SocketErrorStatus::WrongRuntime | SocketErrorStatus::ResourceBusy))) => {}
+            other => panic!("{backend}: {other:?}"),
+        }
+        let got = util::read_exact(&socket, 6).await;
+        assert_eq!(got, b"victim", "{backend}");
     });
 }

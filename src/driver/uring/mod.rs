@@ -236,8 +236,9 @@ pub(crate) struct Driver {
     caps: Capabilities,
     /// Provided buffer groups and the rings waiting to be unregistered.
     buf_rings: buf_ring::Registry,
-    /// Data of operations whose futures were dropped, released by their final CQE: freed
-    /// by the runtime after it lets go of the driver, since a buffer's drop may run any
+    /// Data of operations whose futures were dropped, released by their final CQE, and
+    /// the wakers of operations that completed: freed and woken by the runtime after it
+    /// lets go of the driver, since a buffer's drop or a program's own waker may run any
     /// code, including code that uses the driver.
     dead: Released,
     /// Room for the next turn's releases, and emptied boxes for posted sends.
@@ -373,10 +374,11 @@ impl Driver {
         wakers
     }
 
-    /// Data released since the last call, to be dropped once the driver is let go.
+    /// Data released and wakers of completed operations since the last call, to be
+    /// dropped and woken once the driver is let go.
     pub(crate) fn take_dead(&mut self) -> Released {
         if self.dead.is_empty() {
-            // Most turns of a spinning loop release nothing: no swap, and the caller
+            // Most turns of a spinning loop complete nothing: no swap, and the caller
             // needs no second borrow of the driver to give the list back.
             return Released::default();
         }
@@ -917,7 +919,7 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
             let waker = waker.take();
             slot.state = State::Completed(completion);
             if let Some(waker) = waker {
-                waker.wake();
+                dead.push_wake(waker);
             }
             false
         }
@@ -945,7 +947,7 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
             // otherwise clone it back every time (its owner's next poll replaces it if it
             // changed). Only a waiting one wakes, once until a poll waits again.
             if let (Some(waker), true) = (waker.as_ref(), std::mem::take(armed)) {
-                waker.wake_by_ref();
+                dead.push_wake(waker.clone());
             }
             false
         }

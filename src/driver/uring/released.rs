@@ -1,11 +1,15 @@
 //! What operations released at their final completion: dropped once the driver is let
 //! go (a buffer's drop may run any code, including code that uses the driver), and the
-//! boxes of posted sends kept, emptied, for the next post.
+//! boxes of posted sends kept, emptied, for the next post. The wakers of the operations
+//! that completed wait here too, and are woken once the driver is let go: a program's
+//! own waker may use its sockets, or poll an operation, and then finds the driver free.
 //!
 //! A relay posts a send for every datagram it forwards; a new box per post and its free
 //! at the completion were a tenth of its user-space time.
 
 use std::any::{Any, TypeId};
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
+use std::task::Waker;
 
 /// Emptied post boxes a driver keeps for reuse: a burst of posts in flight at once
 /// leaves no more behind than this.
@@ -29,11 +33,17 @@ pub(crate) struct Released {
     data: Vec<Box<dyn Any>>,
     /// Posted sends' boxes, each with the function that empties it.
     posts: Vec<(Box<dyn Any>, Emptier)>,
+    /// Wakers of operations that completed.
+    wakers: Vec<Waker>,
 }
 
 impl Released {
     pub(crate) fn is_empty(&self) -> bool {
-        self.data.is_empty() && self.posts.is_empty()
+        self.data.is_empty() && self.posts.is_empty() && self.wakers.is_empty()
+    }
+
+    pub(crate) fn push_wake(&mut self, waker: Waker) {
+        self.wakers.push(waker);
     }
 
     pub(crate) fn push(&mut self, data: Box<dyn Any>) {
@@ -44,12 +54,23 @@ impl Released {
         self.posts.push((cell, empty));
     }
 
-    /// Drops everything released, the posted sends' data included (call it with the
-    /// driver let go); their boxes stay, empty, for [`Spares::keep`].
+    /// Drops everything released, the posted sends' data included, and wakes the
+    /// wakers (call it with the driver let go); the boxes stay, empty, for
+    /// [`Spares::keep`]. A waker that panics does not keep the others from waking: the
+    /// first panic goes on once every one was woken.
     pub(crate) fn release(&mut self) {
         self.data.clear();
         for (cell, empty) in &mut self.posts {
             empty(&mut **cell);
+        }
+        let mut panicked = None;
+        for waker in self.wakers.drain(..) {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                panicked.get_or_insert(panic);
+            }
+        }
+        if let Some(panic) = panicked {
+            resume_unwind(panic);
         }
     }
 }
@@ -75,7 +96,7 @@ impl Spares {
     /// Takes back a list [`Released::release`] emptied, and keeps its post boxes (empty)
     /// up to the bound; the others are freed.
     pub(crate) fn keep(&mut self, mut emptied: Released) {
-        debug_assert!(emptied.data.is_empty());
+        debug_assert!(emptied.data.is_empty() && emptied.wakers.is_empty());
         for (cell, _) in emptied.posts.drain(..) {
             if self.kept == MAX_SPARE_POSTS {
                 // Freed: it holds nothing any more.
@@ -89,8 +110,8 @@ impl Spares {
             self.kept += 1;
         }
         let roomier = self.lists.as_ref().is_none_or(|kept| {
-            emptied.data.capacity() + emptied.posts.capacity()
-                > kept.data.capacity() + kept.posts.capacity()
+            emptied.data.capacity() + emptied.posts.capacity() + emptied.wakers.capacity()
+                > kept.data.capacity() + kept.posts.capacity() + kept.wakers.capacity()
         });
         if roomier {
             self.lists = Some(emptied);
@@ -111,6 +132,44 @@ impl Spares {
 mod tests {
     use super::*;
     use std::rc::Rc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use std::task::Wake;
+
+    /// Counts its wakes; panics on them when told to.
+    struct Counting {
+        wakes: AtomicUsize,
+        panics: bool,
+    }
+
+    impl Wake for Counting {
+        fn wake(self: Arc<Self>) {
+            self.wakes.fetch_add(1, Ordering::SeqCst);
+            assert!(!self.panics, "a waker that panics");
+        }
+    }
+
+    #[test]
+    fn released_wakers_all_wake_and_a_panic_among_them_comes_out_after() {
+        let counting = |panics| {
+            Arc::new(Counting {
+                wakes: AtomicUsize::new(0),
+                panics,
+            })
+        };
+        let (first, panicking, last) = (counting(false), counting(true), counting(false));
+        let mut released = Released::default();
+        for waker in [&first, &panicking, &last] {
+            released.push_wake(Waker::from(waker.clone()));
+        }
+        assert!(!released.is_empty());
+        let outcome = catch_unwind(AssertUnwindSafe(|| released.release()));
+        assert!(outcome.is_err(), "the waker's panic goes on");
+        for waker in [&first, &panicking, &last] {
+            assert_eq!(waker.wakes.load(Ordering::SeqCst), 1);
+        }
+        assert!(released.is_empty());
+    }
 
     #[test]
     fn a_released_post_is_emptied_and_its_box_reused() {
