@@ -714,7 +714,7 @@ impl Driver {
             return Err(io::Error::other("the io_uring driver was shut down"));
         }
         self.arm_wake();
-        let ready = !self.ring.completion().is_empty();
+        let ready = !self.ring.completion().is_empty() || self.dead.has_wakes();
         let timeout = if ready { Some(Duration::ZERO) } else { timeout };
         let result = match timeout {
             Some(wait) if wait.is_zero() => {

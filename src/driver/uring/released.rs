@@ -42,6 +42,13 @@ impl Released {
         self.data.is_empty() && self.posts.is_empty() && self.wakers.is_empty()
     }
 
+    /// Whether wakers wait to be woken: a turn must not sleep in the kernel before it
+    /// wakes them (a completion reaped outside a turn, by a cancel or a full queue,
+    /// leaves nothing in the ring to end the sleep).
+    pub(crate) fn has_wakes(&self) -> bool {
+        !self.wakers.is_empty()
+    }
+
     pub(crate) fn push_wake(&mut self, waker: Waker) {
         self.wakers.push(waker);
     }
