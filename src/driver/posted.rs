@@ -51,13 +51,19 @@ impl PostLedger {
     /// Gives back a place taken by [`begin`](Self::begin) for a send that never went out
     /// (its submission failed and the caller got the error instead).
     pub(crate) fn abort(&self) {
-        self.finish();
+        self.finish(&mut Waker::wake);
     }
 
     /// Books the result of a send that went out: a byte count, or `-errno`. A full send
     /// buffer (EAGAIN, ENOBUFS) is a drop, as the kernel drops a datagram on a full
     /// receive queue; anything else is a failure, and the last one is kept.
     pub(crate) fn settle(&self, result: i32) {
+        self.settle_waking(result, &mut Waker::wake);
+    }
+
+    /// [`settle`](Self::settle), handing the wakers of the tasks waiting for the posts to
+    /// settle to `wake` (the io_uring driver wakes them once it has let go of itself).
+    pub(crate) fn settle_waking(&self, result: i32, wake: &mut dyn FnMut(Waker)) {
         if result >= 0 {
             bump(&self.sent);
         } else if result == -libc::EAGAIN || result == -libc::ENOBUFS {
@@ -66,7 +72,7 @@ impl PostLedger {
             bump(&self.failed);
             self.last_error.set(Some(-result));
         }
-        self.finish();
+        self.finish(wake);
     }
 
     /// [`settle`](Self::settle) for a direct call's result.
@@ -77,7 +83,7 @@ impl PostLedger {
         }
     }
 
-    fn finish(&self) {
+    fn finish(&self, wake: &mut dyn FnMut(Waker)) {
         let out = self.in_flight.get().saturating_sub(1);
         self.in_flight.set(out);
         if out == 0 {
@@ -85,7 +91,7 @@ impl PostLedger {
             // whatever it does.
             let mut waiting = std::mem::take(&mut *self.settled.borrow_mut());
             for waker in waiting.drain(..) {
-                waker.wake();
+                wake(waker);
             }
             // The list's room back for the next wait, unless a wake added a waiter.
             let mut settled = self.settled.borrow_mut();

@@ -958,7 +958,7 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
             !completion.more()
         }
         State::Posted { ledger, empty } => {
-            ledger.settle(completion.result);
+            ledger.settle_waking(completion.result, &mut |waker| dead.push_wake(waker));
             let empty = *empty;
             if let Some(data) = ops.remove(key).and_then(|slot| slot.data) {
                 dead.push_post(data, empty);
