@@ -101,7 +101,7 @@ impl Driver {
             }
             Driver::Poll(driver) => {
                 driver.borrow()?.park(timeout)?;
-                driver.forget_dropped();
+                driver.after_turn();
             }
         };
         Ok(())
@@ -122,7 +122,7 @@ impl Driver {
             }
             Driver::Poll(driver) => {
                 let any = driver.borrow()?.poll_completions()?;
-                driver.forget_dropped();
+                driver.after_turn();
                 Ok(any)
             }
         }
@@ -157,7 +157,7 @@ impl Driver {
             }
             Driver::Poll(driver) if collect => {
                 let any = driver.borrow()?.turn()?;
-                driver.forget_dropped();
+                driver.after_turn();
                 Ok(any)
             }
             Driver::Poll(_) => Ok(false),

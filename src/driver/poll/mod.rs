@@ -11,6 +11,7 @@ use std::cell::{RefCell, RefMut};
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::RawFd;
+use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -70,6 +71,9 @@ pub(crate) struct Driver {
     busy_rounds: u32,
     /// The runtime is gone: sockets registered here say so.
     shut_down: bool,
+    /// Wakers of the tasks this turn found ready, woken once the driver is let go
+    /// ([`Shared::after_turn`]): a program's own waker may use its sockets.
+    woken: Vec<Waker>,
 }
 
 /// A runtime's epoll driver, shared by its runtime and its sockets' registrations.
@@ -92,6 +96,36 @@ impl Shared {
             driver: RefCell::new(Driver::new()?),
             dropped_in_dispatch: RefCell::new(Vec::new()),
         }))
+    }
+
+    /// Ends a turn, with the driver let go: wakes the tasks it found ready (a waker that
+    /// panics does not keep the others from waking: the first panic goes on after),
+    /// then forgets the registrations they dropped.
+    pub(crate) fn after_turn(&self) {
+        let mut woken = match self.borrow() {
+            Ok(mut d) => std::mem::take(&mut d.woken),
+            Err(_) => return,
+        };
+        if woken.is_empty() {
+            self.forget_dropped();
+            return;
+        }
+        let mut panicked = None;
+        for waker in woken.drain(..) {
+            if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
+                panicked.get_or_insert(panic);
+            }
+        }
+        // The list's room back for the next turn, unless a wake made a new one.
+        if let Ok(mut d) = self.borrow() {
+            if d.woken.is_empty() {
+                d.woken = woken;
+            }
+        }
+        self.forget_dropped();
+        if let Some(panic) = panicked {
+            resume_unwind(panic);
+        }
     }
 
     /// Forgets the slots of registrations dropped while the driver was busy, and wakes
@@ -165,6 +199,7 @@ impl Driver {
             stats: DriverStats::default(),
             busy_rounds: 0,
             shut_down: false,
+            woken: Vec::new(),
         })
     }
 
@@ -180,7 +215,7 @@ impl Driver {
 
     /// Takes every waiting task's waker (see `super::Driver::take_wakers`).
     pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
+        let mut wakers = std::mem::take(&mut self.woken);
         for (_, readiness) in self.slots.iter_mut() {
             for waiters in &mut readiness.waiters {
                 wakers.append(waiters);
@@ -200,6 +235,12 @@ impl Driver {
     /// yet, and one round in [`BUSY_POLL_INTERVAL`] looks, so waiting tasks are not
     /// starved. This halves the system calls of a busy batched sender.
     pub(crate) fn park(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        // Tasks found ready by a turn that failed before it woke them: not a sleep now.
+        let timeout = if self.woken.is_empty() {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         if timeout == Some(Duration::ZERO) {
             self.busy_rounds += 1;
             if self.busy_rounds % BUSY_POLL_INTERVAL != 0 {
@@ -232,11 +273,11 @@ impl Driver {
             let failed = event.is_error();
             if event.is_readable() || event.is_read_closed() || failed {
                 slot.ready[0] = true;
-                slot.waiters[0].drain(..).for_each(Waker::wake);
+                self.woken.append(&mut slot.waiters[0]);
             }
             if event.is_writable() || event.is_write_closed() || failed {
                 slot.ready[1] = true;
-                slot.waiters[1].drain(..).for_each(Waker::wake);
+                self.woken.append(&mut slot.waiters[1]);
             }
         }
         Ok(any)

@@ -365,7 +365,7 @@ impl Driver {
     /// Takes the wakers of every operation in flight, for a runtime shutting down:
     /// dropping them lets the tasks waiting on I/O be dropped.
     pub(crate) fn take_wakers(&mut self) -> Vec<Waker> {
-        let mut wakers = Vec::new();
+        let mut wakers = self.dead.take_wakes();
         for (_, slot) in self.ops.iter_mut() {
             if let State::Pending(waker) | State::Multi { waker, .. } = &mut slot.state {
                 wakers.extend(waker.take());

@@ -49,6 +49,12 @@ impl Released {
         !self.wakers.is_empty()
     }
 
+    /// The wakers not yet woken, for a runtime shutting down (see
+    /// `Driver::take_wakers`).
+    pub(crate) fn take_wakes(&mut self) -> Vec<Waker> {
+        std::mem::take(&mut self.wakers)
+    }
+
     pub(crate) fn push_wake(&mut self, waker: Waker) {
         self.wakers.push(waker);
     }
