@@ -102,14 +102,16 @@ impl Shared {
     /// panics does not keep the others from waking: the first panic goes on after),
     /// then forgets the registrations they dropped.
     pub(crate) fn after_turn(&self) {
-        let mut woken = match self.borrow() {
-            Ok(mut d) => std::mem::take(&mut d.woken),
+        let woken = match self.borrow() {
+            // Taken only when it holds wakers: its room stays for the next turn.
+            Ok(mut d) if !d.woken.is_empty() => Some(std::mem::take(&mut d.woken)),
+            Ok(_) => None,
             Err(_) => return,
         };
-        if woken.is_empty() {
+        let Some(mut woken) = woken else {
             self.forget_dropped();
             return;
-        }
+        };
         let mut panicked = None;
         for waker in woken.drain(..) {
             if let Err(panic) = catch_unwind(AssertUnwindSafe(|| waker.wake())) {
