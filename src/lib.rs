@@ -91,8 +91,9 @@ pub use error::{Error, Result, SocketErrorStatus};
 pub use host::HostName;
 pub use net::{
     AcceptStats, Datagram, DatagramGroup, DatagramSocket, DatagramSocketControl, Ecn, Forward,
-    InputStream, OutgoingDatagram, OutputStream, PostStats, ReceiveRing, ReceiveStats, SendOptions,
-    StreamSocket, StreamSocketControl, StreamSocketListener, TimeoutCounts, TrafficClass,
+    Forwarding, InputStream, OutgoingDatagram, OutputStream, PostStats, ReceiveRing, ReceiveStats,
+    SendOptions, StreamSocket, StreamSocketControl, StreamSocketListener, TimeoutCounts,
+    TrafficClass,
 };
 pub use runtime::{block_on, spawn, JoinHandle, Runtime};
 pub use tls::ProtectionLevel;

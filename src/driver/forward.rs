@@ -1,13 +1,68 @@
 //! A received datagram's bytes sent on without a copy: the send reads them where the
 //! kernel put them, in the receive ring, and the buffer goes back to the ring once the
-//! send is done with them. Shared by both engines (a send takes any [`IoBuf`]).
+//! send is done with them; and the rule a socket forwards by on its own. Shared by both
+//! engines (a send takes any [`IoBuf`]).
 #![allow(unsafe_code)]
 
 use std::fmt;
+use std::net::SocketAddr;
 
 use super::buf_pool::{LentBuf, SendLoan};
-use super::recv::Payload;
+use super::recv::{Payload, RecvDatagram};
 use crate::buf::IoBuf;
+
+/// Where a socket sends on what it receives, by itself
+/// ([`DatagramSocket::forward_received`](crate::DatagramSocket::forward_received)): every
+/// datagram to one address, from the socket it arrived on, but those a test keeps for
+/// the program.
+#[derive(Clone, Copy)]
+pub struct Forwarding {
+    to: SocketAddr,
+    deliver: Option<fn(&[u8]) -> bool>,
+}
+
+impl Forwarding {
+    /// Every datagram on to `to`.
+    pub fn to(to: SocketAddr) -> Forwarding {
+        Forwarding { to, deliver: None }
+    }
+
+    /// The datagrams for which `deliver` returns true (a relay's control messages, an
+    /// end marker) are received by the program as usual instead of forwarded. It is
+    /// called with each datagram's payload as the engine takes it in, so it should be
+    /// quick; it cannot reach the socket or the runtime.
+    pub fn delivering(self, deliver: fn(&[u8]) -> bool) -> Forwarding {
+        Forwarding {
+            deliver: Some(deliver),
+            ..self
+        }
+    }
+
+    /// Where the datagrams go.
+    pub fn destination(&self) -> SocketAddr {
+        self.to
+    }
+
+    /// The same rule to `to` (the address as the socket's family writes it).
+    pub(crate) fn with_destination(self, to: SocketAddr) -> Forwarding {
+        Forwarding { to, ..self }
+    }
+
+    /// Whether `datagram` goes on: whole (a cut one cannot be sent as it came) and not
+    /// kept for the program.
+    pub(crate) fn forwards(&self, datagram: &RecvDatagram) -> bool {
+        !datagram.truncated && !self.deliver.is_some_and(|deliver| deliver(&datagram.buf))
+    }
+}
+
+impl fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Forwarding")
+            .field("to", &self.to)
+            .field("delivering", &self.deliver.is_some())
+            .finish()
+    }
+}
 
 /// A received [`Datagram`](crate::Datagram)'s payload on its way out again
 /// ([`Datagram::into_forward`](crate::Datagram::into_forward)): pass it to any send that takes an [`IoBuf`]

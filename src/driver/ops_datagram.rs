@@ -15,6 +15,7 @@ use bytes::Bytes;
 use super::batch::{BatchReport, Progress};
 use super::buf_pool::BufPool;
 pub(crate) use super::cmsg::{monotonic_ns, RecvWants, SendMeta};
+pub(crate) use super::forward::Forwarding;
 pub(crate) use super::gso::{MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6};
 pub(crate) use super::posted::PostLedger;
 pub(crate) use super::recv::{
@@ -82,8 +83,22 @@ impl Receiver {
 
     pub(crate) fn counters(&self) -> RecvCounters {
         match self {
-            Receiver::Uring(receiver) => receiver.counters,
+            Receiver::Uring(receiver) => receiver.counters(),
             Receiver::Poll(receiver) => receiver.counters,
+        }
+    }
+
+    /// Tells the receiver the socket's forwarding rule (`None`: it stopped). The io_uring
+    /// receiver then forwards inside the driver, as it reaps the datagrams; elsewhere
+    /// the socket's receive forwards what it takes in.
+    pub(crate) fn set_forwarding(
+        &mut self,
+        fd: &SharedFd,
+        rule: Option<Forwarding>,
+        ledger: &Rc<PostLedger>,
+    ) {
+        if let Receiver::Uring(receiver) = self {
+            receiver.set_forwarding(fd.fd(), rule, ledger);
         }
     }
 

@@ -54,6 +54,17 @@ impl PostLedger {
         self.finish(&mut Waker::wake);
     }
 
+    /// Books a datagram that never became a send, for `errno` (no place was taken): a
+    /// full ledger (ENOBUFS) is a drop, anything else a failure.
+    pub(crate) fn count_unsent(&self, errno: i32) {
+        if errno == libc::ENOBUFS || errno == libc::EAGAIN {
+            bump(&self.dropped);
+        } else {
+            bump(&self.failed);
+            self.last_error.set(Some(errno));
+        }
+    }
+
     /// Books the result of a send that went out: a byte count, or `-errno`. A full send
     /// buffer (EAGAIN, ENOBUFS) is a drop, as the kernel drops a datagram on a full
     /// receive queue; anything else is a failure, and the last one is kept.

@@ -136,6 +136,26 @@ pub(crate) struct RecvCounters {
     /// datagrams came in bursts (io_uring: the multishot receive gave way to
     /// `recvmmsg`; epoll: the socket leaves the epoll set while it is drained).
     pub(crate) bursts_drained: u64,
+    /// Datagrams sent on by the socket's [`Forwarding`](super::forward::Forwarding)
+    /// rule rather than delivered (counted in `datagrams` too).
+    pub(crate) forwarded: u64,
+}
+
+impl RecvCounters {
+    /// Both counts together.
+    pub(crate) fn plus(self, other: RecvCounters) -> RecvCounters {
+        RecvCounters {
+            datagrams: self.datagrams + other.datagrams,
+            truncated: self.truncated + other.truncated,
+            ring_empty: self.ring_empty + other.ring_empty,
+            receive_restarts: self.receive_restarts + other.receive_restarts,
+            deliveries: self.deliveries + other.deliveries,
+            gro_splits: self.gro_splits + other.gro_splits,
+            control_truncated: self.control_truncated + other.control_truncated,
+            bursts_drained: self.bursts_drained + other.bursts_drained,
+            forwarded: self.forwarded + other.forwarded,
+        }
+    }
 }
 
 /// Turns the bytes of one received datagram (or GRO super-datagram) into datagrams:

@@ -12,6 +12,8 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+mod forwarding;
+
 use super::bind::bind_retrying;
 use super::control::{buffer_size, set_buffer_size, SocketBuffer};
 
@@ -23,7 +25,7 @@ use super::transport::Transport;
 use super::turn::Turnstile;
 use super::{new_socket, resolve, Detached, OutputStream};
 use crate::buf::{BufResult, IoBuf};
-use crate::driver::forward::Forward;
+use crate::driver::forward::{Forward, Forwarding};
 use crate::driver::ops_datagram::{
     self, canonical, for_family, monotonic_ns, AfterRecv, Carried, PostLedger, Receiver,
     RecvDatagram, RecvWants, RingConfig, SendMeta, MAX_UDP_PAYLOAD_V4, MAX_UDP_PAYLOAD_V6, UDP_GRO,
@@ -97,8 +99,12 @@ impl ReceiveRing {
 /// Counters of a socket's receive ring (see [`DatagramSocket::receive_stats`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReceiveStats {
-    /// Datagrams delivered (GRO segments count one each).
+    /// Datagrams received (GRO segments count one each), those forwarded included.
     pub datagrams: u64,
+    /// Of those, datagrams the socket sent on by itself
+    /// ([`DatagramSocket::forward_received`]) instead of delivering them; what became
+    /// of each send is in [`DatagramSocket::post_stats`].
+    pub forwarded: u64,
     /// Of those, datagrams longer than the ring's `buffer_size`, delivered truncated
     /// (only with a ring made smaller than the default).
     pub truncated: u64,
@@ -248,6 +254,12 @@ pub struct DatagramSocket {
     /// Where a `recv` or `recv_batch` poll puts what the receiver hands over, kept
     /// between calls: a list made per call cost a malloc and a free per `recv`.
     recv_scratch: Cell<Vec<RecvDatagram>>,
+    /// What the socket forwards by itself (see `forward_received`).
+    forwarding: Cell<Option<Forwarding>>,
+    /// Datagrams the socket's receive forwarded (the io_uring driver counts its own).
+    forwarded: Cell<u64>,
+    /// One receive's datagrams while the rule sorts them, kept for its room.
+    forward_scratch: Cell<Vec<RecvDatagram>>,
 }
 
 impl DatagramSocket {
@@ -263,6 +275,9 @@ impl DatagramSocket {
             grouped: Cell::new(false),
             posts: Rc::default(),
             recv_scratch: Cell::new(Vec::new()),
+            forwarding: Cell::new(None),
+            forwarded: Cell::new(0),
+            forward_scratch: Cell::new(Vec::new()),
         }
     }
 
@@ -905,7 +920,9 @@ impl DatagramSocket {
         }
     }
 
-    fn poll_recv(
+    /// One receive step: what the receiver (or, first, what the socket carried along)
+    /// hands over, the receiver set up on the first.
+    fn poll_received(
         &self,
         fd: &SharedFd,
         cx: &mut Context<'_>,
@@ -934,7 +951,12 @@ impl DatagramSocket {
                 },
             };
             match Receiver::new(fd, config) {
-                Ok(new) => *receiver = Some(new),
+                Ok(mut new) => {
+                    if let Some(rule) = self.forwarding.get() {
+                        new.set_forwarding(fd, Some(rule), &self.posts);
+                    }
+                    *receiver = Some(new);
+                }
                 Err(err) => {
                     // A socket that left this handle has no ring to set up: say receive.
                     let context = match fd.is_detached() {
@@ -964,6 +986,7 @@ impl DatagramSocket {
             stats.gro_splits = counters.gro_splits;
             stats.control_truncated = counters.control_truncated;
             stats.bursts_drained = counters.bursts_drained;
+            stats.forwarded = counters.forwarded + self.forwarded.get();
             stats.buffers = receiver.pool().layout().buffers as usize;
             stats.buffers_lent = receiver.pool().lent();
             stats.buffers_free = receiver.pool().available();

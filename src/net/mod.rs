@@ -25,7 +25,7 @@ mod timeouts;
 mod transport;
 pub(crate) mod turn;
 
-pub use crate::driver::forward::Forward;
+pub use crate::driver::forward::{Forward, Forwarding};
 pub use control::StreamSocketControl;
 pub use datagram::{
     Datagram, DatagramSocket, DatagramSocketControl, Messages, PostStats, ReceiveRing, ReceiveStats,

@@ -319,6 +319,9 @@ pub enum RelayLoop {
     /// One loop over a `DatagramGroup` of every flow's socket: one call takes what the
     /// woken sockets hold; their sends are in flight while it receives again.
     Group,
+    /// Each flow's socket forwards by itself (`forward_received`): one task per flow
+    /// waits for the end marker, the only datagram the rule keeps.
+    Forward,
 }
 
 impl RelayLoop {
@@ -327,6 +330,7 @@ impl RelayLoop {
         match self {
             RelayLoop::Group => "group",
             RelayLoop::Tasks => "tasks",
+            RelayLoop::Forward => "forward",
         }
     }
 }

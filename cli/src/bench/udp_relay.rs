@@ -22,8 +22,8 @@ use std::time::Duration;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use ringsock::{
-    Datagram, DatagramGroup, DatagramSocket, Error, Forward, OutgoingDatagram, ReceiveRing, Result,
-    SocketErrorStatus,
+    Datagram, DatagramGroup, DatagramSocket, Error, Forward, Forwarding, OutgoingDatagram,
+    ReceiveRing, Result, SocketErrorStatus,
 };
 use serde_json::{json, Value};
 
@@ -113,6 +113,9 @@ pub(crate) fn run(o: &Options) -> Result<Report> {
     let relayed = match o.relay {
         RelayLoop::Group => runtime.block_on(relay_grouped(relay_sockets, ring, sink_addr, ready)),
         RelayLoop::Tasks => runtime.block_on(relay(relay_sockets, ring, sink_addr, ready)),
+        RelayLoop::Forward => {
+            runtime.block_on(relay_forwarding(relay_sockets, ring, sink_addr, ready))
+        }
     };
     let calls = runtime.driver_stats();
     let calls = RelayCalls {
@@ -140,6 +143,45 @@ async fn relay(
     }
     // The flows were queued before this task sleeps, so each has set up its receive
     // ring and armed its receive by the time the sleep ends.
+    ringsock::runtime::sleep(Duration::from_millis(1)).await;
+    let _ = ready.send(());
+    let mut forwarded = 0;
+    let mut failed = None;
+    for flow in flows {
+        match flow.await {
+            Ok(n) => forwarded += n,
+            Err(err) => {
+                failed.get_or_insert(err);
+            }
+        }
+    }
+    match failed {
+        Some(err) => Err(err),
+        None => Ok(forwarded),
+    }
+}
+
+/// The relay as sockets that forward by themselves: every datagram but the end marker
+/// goes on to `sink` as the engine receives it; one task per flow waits for the marker
+/// and for its forwards to settle.
+async fn relay_forwarding(
+    sockets: Vec<UdpSocket>,
+    ring: ReceiveRing,
+    sink: SocketAddr,
+    ready: mpsc::Sender<()>,
+) -> Result<u64> {
+    let rule = Forwarding::to(sink).delivering(relay_traffic::is_end);
+    let mut flows = Vec::with_capacity(sockets.len());
+    for socket in sockets {
+        let socket = relay_socket(socket, ring)?;
+        socket.forward_received(rule)?;
+        flows.push(ringsock::spawn(async move {
+            // Only the marker is kept: it comes after every datagram of the flow.
+            socket.recv().await?;
+            settled_posts(&socket).await
+        }));
+    }
+    // As in `relay`: every flow has armed its receive once this sleep ends.
     ringsock::runtime::sleep(Duration::from_millis(1)).await;
     let _ = ready.send(());
     let mut forwarded = 0;

@@ -16,13 +16,15 @@ use bytes::Bytes;
 use io_uring::{cqueue, opcode, types};
 
 use super::buf_ring::BufRing;
-use super::{post, ChainOp, Completion, Handle, MultiOp, Op};
+use super::recv_tap::RecvTap;
+use super::{post, ChainOp, Completion, Driver, Handle, MultiOp, Op};
 use crate::buf::IoBuf;
 use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
 use crate::driver::caps::Capability;
 use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
 use crate::driver::fd::FdRef;
+use crate::driver::forward::Forwarding;
 use crate::driver::gso::{
     gso_refused, link_iovecs, plan_links, settle_suspect, GsoSuspect, Link, MmsgBatch, Targets,
 };
@@ -106,7 +108,10 @@ pub(crate) struct Receiver {
     quiet_wakes: u32,
     /// The multishot was asked to end (`Mode::Stopping`): the cancel is queued.
     cancel_queued: bool,
-    pub(crate) counters: RecvCounters,
+    counters: RecvCounters,
+    /// While the socket forwards: the driver's side of the receive, which takes the
+    /// multishot's datagrams as they are reaped (see `recv_tap`).
+    tap: Option<Rc<RecvTap>>,
 }
 
 impl Receiver {
@@ -169,15 +174,48 @@ impl Receiver {
             quiet_wakes: 0,
             cancel_queued: false,
             counters: RecvCounters::default(),
+            tap: None,
         })
     }
 
-    fn template(&self) -> libc::msghdr {
-        // SAFETY: msghdr is plain old data; zero is its empty value.
-        let mut msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
-        msghdr.msg_namelen = NAME_LEN as libc::socklen_t;
-        msghdr.msg_controllen = self.control_len;
-        msghdr
+    /// What the receiver did, the forwarding driver's share included.
+    pub(crate) fn counters(&self) -> RecvCounters {
+        match &self.tap {
+            Some(tap) => self.counters.plus(tap.counters()),
+            None => self.counters,
+        }
+    }
+
+    /// Forwards by `rule` inside the driver from the next multishot on (the socket's
+    /// receive forwards what comes to it meanwhile), or stops (`None`). `ledger` books
+    /// the forwards. Where the receiver drains with `recvmmsg` instead, the socket's
+    /// receive does all of it.
+    pub(crate) fn set_forwarding(
+        &mut self,
+        fd: &FdRef,
+        rule: Option<Forwarding>,
+        ledger: &Rc<PostLedger>,
+    ) {
+        match &self.tap {
+            Some(tap) => tap.set_rule(rule),
+            None if rule.is_some() && self.multishot => {
+                self.tap = Some(Rc::new(RecvTap::new(
+                    fd,
+                    &self.pool,
+                    self.control_len,
+                    ledger,
+                    rule,
+                )));
+            }
+            None => {}
+        }
+    }
+
+    /// Moves what the tap delivered into the ready queue, after what waits there (it is
+    /// all older than what the receiver takes in next); a failure it met comes back.
+    fn take_tapped(&mut self) -> Option<io::Error> {
+        let tap = self.tap.as_ref()?;
+        tap.hand_over(self.mmsg.ready_mut())
     }
 
     fn arm(&mut self, fd: &FdRef) -> io::Result<()> {
@@ -187,7 +225,7 @@ impl Receiver {
             .expect("an io_uring pool has a buffer group");
         let data = RecvOp {
             fd: fd.clone(),
-            msghdr: self.template(),
+            msghdr: template(self.control_len),
             _pool: self.pool.clone(),
         };
         // SAFETY: the SQE points to the boxed msghdr, owned by the op (or its parked data)
@@ -201,6 +239,10 @@ impl Receiver {
                     .build()
             })?
         };
+        if let Some(tap) = &self.tap {
+            // Before the kernel can complete it: the SQE is only queued.
+            op.set_tap(tap.clone())?;
+        }
         if self.armed_once {
             self.counters.receive_restarts += 1;
         }
@@ -218,6 +260,11 @@ impl Receiver {
     ) -> Poll<io::Result<AfterRecv>> {
         let start = out.len();
         loop {
+            if let Some(err) = self.take_tapped() {
+                if out.len() == start {
+                    return Poll::Ready(Err(err));
+                }
+            }
             // What waits in the ready queue (recvmmsg's datagrams, a completion's past
             // `max`: a GRO one may carry dozens) is older than anything received next,
             // so it goes first; the caller never gets more than `max`.
@@ -279,6 +326,8 @@ impl Receiver {
     pub(crate) fn take_received(&mut self) -> Vec<RecvDatagram> {
         let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut out = Vec::new();
+        // A failure of the tap is dropped: the datagrams before and after it still count.
+        let _ = self.take_tapped();
         self.mmsg.take_ready(&mut out, usize::MAX);
         if let Some(mut op) = self.op.take() {
             while let Poll::Ready(Ok(Some(completion))) = op.poll_next(&mut cx) {
@@ -475,8 +524,8 @@ impl Receiver {
 
     /// Delivers the datagram a multishot completion carries into `out`.
     fn complete(&mut self, completion: Completion, out: &mut Vec<RecvDatagram>) -> io::Result<()> {
-        let len = match completion.into_result() {
-            Ok(len) => len as usize,
+        match completion.into_result() {
+            Ok(_) => {}
             Err(err) if err.raw_os_error() == Some(libc::ENOBUFS) => {
                 // The ring ran dry; the multishot has ended (no IORING_CQE_F_MORE).
                 self.counters.ring_empty += 1;
@@ -487,71 +536,94 @@ impl Receiver {
             // The multishot was cancelled: Mode::Stopping goes on to recvmmsg next.
             Err(err) if err.raw_os_error() == Some(libc::ECANCELED) => return Ok(()),
             Err(err) => return Err(err),
-        };
-        let bid = cqueue::buffer_select(completion.flags)
-            .ok_or_else(|| io::Error::other("a multishot receive completed without a buffer"))?;
-        // The kernel keeps a buffer it consumes incrementally until too little is left.
-        let kept = cqueue::buffer_more(completion.flags);
-        let offset = self.pool.kernel_filled(bid, len, kept)?;
-        let delivered = self.deliver_from(bid, offset, len, out);
-        if !kept {
-            self.pool.kernel_done(bid);
         }
-        delivered
+        take_filled(
+            &self.pool,
+            self.control_len,
+            completion,
+            &mut self.counters,
+            out,
+        )
     }
+}
 
-    /// The datagram the kernel wrote at `offset` of buffer `bid` (`len` bytes: its
-    /// header, name, control data and payload), into `out`.
-    fn deliver_from(
-        &mut self,
-        bid: u16,
-        offset: usize,
-        len: usize,
-        out: &mut Vec<RecvDatagram>,
-    ) -> io::Result<()> {
-        let base = self.pool.buffer_ptr(bid);
-        // SAFETY: the kernel wrote these `len` bytes (within the buffer: kernel_filled
-        // checked) before posting the CQE; the ring's hold keeps the buffer ours, and the
-        // kernel writes it again only past them.
-        let filled = unsafe { std::slice::from_raw_parts(base.wrapping_add(offset), len) };
-        let template = self.template();
-        let parsed = types::RecvMsgOut::parse(filled, &template)
-            .map_err(|()| io::Error::other("malformed multishot receive buffer"))?;
-        let addr = addr_from_bytes(parsed.name_data());
-        let meta = if self.control_len > 0 {
-            RecvMeta::parse(parsed.control_data())
-        } else {
-            RecvMeta::default()
-        };
-        let payload = parsed.payload_data();
-        let at = payload.as_ptr() as usize - base as usize;
-        let original = (parsed.incoming_payload_len() as usize).max(payload.len());
-        // A buffer consumed incrementally may have had room for more than the ring's
-        // `capacity`: the datagram is cut where recvmmsg would cut it.
-        let keep = payload.len().min(self.pool.layout().capacity);
-        let truncated = original > keep;
-        self.counters.deliveries += 1;
-        if parsed.is_control_data_truncated() {
-            self.counters.control_truncated += 1;
-        }
-        // SAFETY: the ring's hold on `bid` lasts until after this call; the payload lies
-        // inside the bytes the kernel wrote.
-        unsafe {
-            deliver(
-                &self.pool,
-                bid,
-                at,
-                keep,
-                original,
-                truncated,
-                addr,
-                meta,
-                &mut self.counters,
-                out,
-            )
-        };
-        Ok(())
+/// `struct msghdr` as the multishot receive reads it: room for the name and the
+/// control data (`control_len` bytes).
+fn template(control_len: usize) -> libc::msghdr {
+    // SAFETY: msghdr is plain old data; zero is its empty value.
+    let mut msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
+    msghdr.msg_namelen = NAME_LEN as libc::socklen_t;
+    msghdr.msg_controllen = control_len;
+    msghdr
+}
+
+/// Delivers the datagram a multishot completion carrying `completion.result` bytes
+/// (its header, name, control data and payload) wrote into its buffer, into `out`, and
+/// gives the buffer back to the pool if the kernel is done with it.
+pub(super) fn take_filled(
+    pool: &Rc<BufPool>,
+    control_len: usize,
+    completion: Completion,
+    counters: &mut RecvCounters,
+    out: &mut Vec<RecvDatagram>,
+) -> io::Result<()> {
+    let len = completion.result.max(0) as usize;
+    let bid = cqueue::buffer_select(completion.flags)
+        .ok_or_else(|| io::Error::other("a multishot receive completed without a buffer"))?;
+    // The kernel keeps a buffer it consumes incrementally until too little is left.
+    let kept = cqueue::buffer_more(completion.flags);
+    let offset = pool.kernel_filled(bid, len, kept)?;
+    let delivered = deliver_from(pool, control_len, bid, offset, len, counters, out);
+    if !kept {
+        pool.kernel_done(bid);
     }
+    delivered
+}
+
+/// The datagram the kernel wrote at `offset` of buffer `bid` (`len` bytes: its header,
+/// name, control data and payload), into `out`.
+fn deliver_from(
+    pool: &Rc<BufPool>,
+    control_len: usize,
+    bid: u16,
+    offset: usize,
+    len: usize,
+    counters: &mut RecvCounters,
+    out: &mut Vec<RecvDatagram>,
+) -> io::Result<()> {
+    let base = pool.buffer_ptr(bid);
+    // SAFETY: the kernel wrote these `len` bytes (within the buffer: kernel_filled
+    // checked) before posting the CQE; the ring's hold keeps the buffer ours, and the
+    // kernel writes it again only past them.
+    let filled = unsafe { std::slice::from_raw_parts(base.wrapping_add(offset), len) };
+    let template = template(control_len);
+    let parsed = types::RecvMsgOut::parse(filled, &template)
+        .map_err(|()| io::Error::other("malformed multishot receive buffer"))?;
+    let addr = addr_from_bytes(parsed.name_data());
+    let meta = if control_len > 0 {
+        RecvMeta::parse(parsed.control_data())
+    } else {
+        RecvMeta::default()
+    };
+    let payload = parsed.payload_data();
+    let at = payload.as_ptr() as usize - base as usize;
+    let original = (parsed.incoming_payload_len() as usize).max(payload.len());
+    // A buffer consumed incrementally may have had room for more than the ring's
+    // `capacity`: the datagram is cut where recvmmsg would cut it.
+    let keep = payload.len().min(pool.layout().capacity);
+    let truncated = original > keep;
+    counters.deliveries += 1;
+    if parsed.is_control_data_truncated() {
+        counters.control_truncated += 1;
+    }
+    // SAFETY: the ring's hold on `bid` lasts until after this call; the payload lies
+    // inside the bytes the kernel wrote.
+    unsafe {
+        deliver(
+            pool, bid, at, keep, original, truncated, addr, meta, counters, out,
+        )
+    };
+    Ok(())
 }
 
 /// A one-shot IORING_OP_POLL_ADD for POLLIN: completes once the socket is readable, and
@@ -653,17 +725,27 @@ pub(crate) fn post_to<B: IoBuf>(
     addr: SocketAddr,
     ledger: &Rc<PostLedger>,
 ) -> Result<(), (io::Error, B)> {
-    let send_to = match driver.with(|d| d.capabilities().contains(Capability::SendTo)) {
-        Ok(send_to) => send_to,
-        Err(err) => return Err((err, buf)),
-    };
+    match driver.checked() {
+        Ok(mut d) => post_to_in(&mut d, fd, buf, addr, ledger),
+        Err(err) => Err((err, buf)),
+    }
+}
+
+/// [`post_to`] with the driver in hand (for its own work: a receive's forwarding tap).
+pub(super) fn post_to_in<B: IoBuf>(
+    d: &mut Driver,
+    fd: &FdRef,
+    buf: B,
+    addr: SocketAddr,
+    ledger: &Rc<PostLedger>,
+) -> Result<(), (io::Error, B)> {
     let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-    if send_to {
+    if d.capabilities().contains(Capability::SendTo) {
         let data = (fd.clone(), buf, RawAddr::from_socket_addr(addr));
         // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and
         // the address, both in the slot's box until the final CQE.
         unsafe {
-            post(driver, data, ledger, |(fd, buf, addr)| {
+            post(d, data, ledger, |(fd, buf, addr)| {
                 let len = buf.bytes_init().min(u32::MAX as usize) as u32;
                 opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
                     .flags(flags)
@@ -677,7 +759,7 @@ pub(crate) fn post_to<B: IoBuf>(
         let data = SendMsgTo::new(fd, buf, Some(addr), &SendMeta::default());
         // SAFETY: the header points at the iovec and address in the boxed data, and the
         // iovec at the buffer's stable memory; the slot owns all of it.
-        unsafe { post(driver, data, ledger, |data| data.entry(flags)) }
+        unsafe { post(d, data, ledger, |data| data.entry(flags)) }
             .map_err(|(err, data)| (err, data.buf))
     }
 }

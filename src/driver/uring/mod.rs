@@ -35,6 +35,7 @@
 
 use std::any::Any;
 use std::cell::{RefCell, RefMut};
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -57,14 +58,17 @@ pub(crate) mod file;
 pub(crate) mod net;
 mod op;
 mod probe;
+pub(crate) mod recv_tap;
 mod released;
 mod table;
+pub(crate) mod tap;
 
 pub(crate) use op::{post, ChainOp, MultiOp, Op};
 pub(crate) use released::Released;
 use released::Spares;
 pub(crate) use table::Completion;
 use table::{Key, Slot, State, Table};
+use tap::Tap;
 
 /// `user_data` of async-cancel SQEs: their completions carry nothing we wait for.
 const CANCEL_TOKEN: u64 = u64::MAX;
@@ -243,6 +247,12 @@ pub(crate) struct Driver {
     dead: Released,
     /// Room for the next turn's releases, and emptied boxes for posted sends.
     spares: Spares,
+    /// Tapped completions reaped and not yet given to their taps (see [`Tap`]): they
+    /// are given once the completion queue is read, as a tap pushes entries.
+    tapped: VecDeque<Tapped>,
+    /// The taps are being run: a reap that pushing entries forced (a full queue) leaves
+    /// what it reaps to the run under way, which keeps the kernel's order.
+    running_taps: bool,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -275,6 +285,8 @@ impl Driver {
             buf_rings: buf_ring::Registry::new(),
             dead: Released::default(),
             spares: Spares::default(),
+            tapped: VecDeque::new(),
+            running_taps: false,
             shut_down: false,
         })
     }
@@ -805,6 +817,7 @@ impl Driver {
             ops,
             wake_armed,
             dead,
+            tapped,
             ..
         } = self;
         // Multishots that reached their queue limit; rare, so no allocation otherwise.
@@ -819,7 +832,7 @@ impl Driver {
                 WAKE_TOKEN => *wake_armed = false,
                 user_data => {
                     let key = Key::from_user_data(user_data);
-                    if complete(ops, dead, key, completion) == Reaped::Pause {
+                    if complete(ops, dead, tapped, key, completion) == Reaped::Pause {
                         to_pause.push(key);
                     }
                 }
@@ -838,6 +851,47 @@ impl Driver {
                     *paused = false;
                 }
             }
+        }
+        self.run_taps();
+    }
+
+    /// Gives the tapped completions to their taps, in the order they were reaped, and
+    /// wakes the owners they left something for.
+    fn run_taps(&mut self) {
+        if self.running_taps {
+            return;
+        }
+        self.running_taps = true;
+        while let Some(Tapped {
+            tap,
+            key,
+            completion,
+        }) = self.tapped.pop_front()
+        {
+            if !tap.take(self, completion) {
+                continue;
+            }
+            if let Some(Slot {
+                state: State::Multi { waker, armed, .. },
+                ..
+            }) = self.ops.get_mut(key)
+            {
+                if let (Some(waker), true) = (waker.as_ref(), std::mem::take(armed)) {
+                    self.dead.push_wake(waker.clone());
+                }
+            }
+        }
+        self.running_taps = false;
+    }
+
+    /// Hands multishot `key`'s completions that carry a value to `tap` from now on.
+    pub(crate) fn set_tap(&mut self, key: Key, new: Rc<dyn Tap>) {
+        if let Some(Slot {
+            state: State::Multi { tap, .. },
+            ..
+        }) = self.ops.get_mut(key)
+        {
+            *tap = Some(new);
         }
     }
 
@@ -901,6 +955,13 @@ impl Driver {
     }
 }
 
+/// A completion reaped for a tap, waiting to be given to it.
+struct Tapped {
+    tap: Rc<dyn Tap>,
+    key: Key,
+    completion: Completion,
+}
+
 /// What reaping one completion asks of the driver.
 #[derive(Debug, PartialEq, Eq)]
 enum Reaped {
@@ -909,7 +970,13 @@ enum Reaped {
     Pause,
 }
 
-fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completion) -> Reaped {
+fn complete(
+    ops: &mut Table,
+    dead: &mut Released,
+    tapped: &mut VecDeque<Tapped>,
+    key: Key,
+    completion: Completion,
+) -> Reaped {
     let Some(slot) = ops.get_mut(key) else {
         return Reaped::Done;
     };
@@ -930,9 +997,18 @@ fn complete(ops: &mut Table, dead: &mut Released, key: Key, completion: Completi
             finished,
             queue_limit,
             paused,
+            tap,
         } => {
             if !completion.more() {
                 *finished = true;
+            }
+            if let (Some(tap), true) = (tap.as_ref(), completion.result >= 0) {
+                tapped.push_back(Tapped {
+                    tap: tap.clone(),
+                    key,
+                    completion,
+                });
+                return reaped;
             }
             let end_of_pause = *paused && *finished && completion.result == -libc::ECANCELED;
             if !end_of_pause {
@@ -1040,22 +1116,46 @@ mod tests {
             data: None,
         });
         assert_eq!(
-            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            complete(
+                &mut ops,
+                &mut dead,
+                &mut VecDeque::new(),
+                key,
+                accepted(-1, true)
+            ),
             Reaped::Done
         );
         // The second completion reaches the limit: cancel, once.
         assert_eq!(
-            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            complete(
+                &mut ops,
+                &mut dead,
+                &mut VecDeque::new(),
+                key,
+                accepted(-1, true)
+            ),
             Reaped::Pause
         );
         // What the kernel posts before the cancel lands is kept, without a second cancel.
         assert_eq!(
-            complete(&mut ops, &mut dead, key, accepted(-1, true)),
+            complete(
+                &mut ops,
+                &mut dead,
+                &mut VecDeque::new(),
+                key,
+                accepted(-1, true)
+            ),
             Reaped::Done
         );
         // The cancel's own completion ends it and is not queued.
         assert_eq!(
-            complete(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false)),
+            complete(
+                &mut ops,
+                &mut dead,
+                &mut VecDeque::new(),
+                key,
+                accepted(-libc::ECANCELED, false)
+            ),
             Reaped::Done
         );
         assert_eq!(queued(&mut ops, key), (vec![-1, -1, -1], true));
@@ -1071,12 +1171,24 @@ mod tests {
         });
         for _ in 0..1000 {
             assert_eq!(
-                complete(&mut ops, &mut dead, key, accepted(-1, true)),
+                complete(
+                    &mut ops,
+                    &mut dead,
+                    &mut VecDeque::new(),
+                    key,
+                    accepted(-1, true)
+                ),
                 Reaped::Done
             );
         }
         // An ECANCELED it did not ask for is the owner's to see.
-        complete(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false));
+        complete(
+            &mut ops,
+            &mut dead,
+            &mut VecDeque::new(),
+            key,
+            accepted(-libc::ECANCELED, false),
+        );
         let (results, ended) = queued(&mut ops, key);
         assert_eq!(
             (results.len(), results.last(), ended),

@@ -19,7 +19,8 @@ use io_uring::squeue;
 
 use super::released::empty_post;
 use super::table::{Key, State};
-use super::{Completion, Handle};
+use super::tap::Tap;
+use super::{Completion, Driver, Handle};
 use crate::driver::posted::PostLedger;
 
 /// The data of a slot, as the type its operation gave it.
@@ -210,15 +211,11 @@ impl<T: 'static> Future for Op<T> {
 ///
 /// As for [`Op::submit`]: the entry may point only into the boxed data.
 pub(crate) unsafe fn post<T: 'static>(
-    driver: &Handle,
+    d: &mut Driver,
     data: T,
     ledger: &Rc<PostLedger>,
     build: impl FnOnce(&mut T) -> squeue::Entry,
 ) -> Result<(), (io::Error, T)> {
-    let mut d = match driver.checked() {
-        Ok(d) => d,
-        Err(err) => return Err((err, data)),
-    };
     // The box an earlier post of a `T` released, else a new one.
     let mut cell = match d.spare_post_box::<T>() {
         Some(mut cell) => {
@@ -236,10 +233,7 @@ pub(crate) unsafe fn post<T: 'static>(
     // box, never moved) until the final CQE.
     match unsafe { d.push(entry, state, cell) } {
         Ok(_) => Ok(()),
-        Err((err, cell)) => {
-            drop(d);
-            Err((err, unbox::<Option<T>>(cell).expect("filled above")))
-        }
+        Err((err, cell)) => Err((err, unbox::<Option<T>>(cell).expect("filled above"))),
     }
 }
 
@@ -358,6 +352,13 @@ impl MultiOp {
         // The slot is still this op's: the driver keeps it until poll_next has reported
         // the end.
         self.driver.with(|d| d.cancel(self.key)).unwrap_or(false)
+    }
+
+    /// Hands this operation's completions that carry a value to `tap` from now on, in
+    /// place of [`poll_next`](Self::poll_next) (which still sees errors and the end).
+    pub(crate) fn set_tap(&self, tap: Rc<dyn Tap>) -> io::Result<()> {
+        let key = self.key;
+        self.driver.with(|d| d.set_tap(key, tap))
     }
 
     /// Completions waiting to be taken, and whether the kernel has ended the operation

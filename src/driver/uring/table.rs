@@ -13,6 +13,7 @@ use std::task::Waker;
 use io_uring::cqueue;
 
 use super::released::Emptier;
+use super::tap::Tap;
 use crate::driver::posted::PostLedger;
 
 /// Generations wrap below this bit, so no key is ever `u64::MAX` or `u64::MAX - 1`,
@@ -88,6 +89,9 @@ pub(crate) enum State {
         queue_limit: usize,
         /// The driver cancelled it for reaching `queue_limit`.
         paused: bool,
+        /// Takes the completions that carry a value in place of `queue` (see [`Tap`]);
+        /// errors and the end still queue for the owner.
+        tap: Option<Rc<dyn Tap>>,
     },
     /// A send nobody waits for ([`post`](super::op::post)): its result goes to the
     /// socket's books and the slot is released at once.
@@ -117,6 +121,7 @@ impl State {
             finished: false,
             queue_limit: queue_limit.unwrap_or(usize::MAX).max(1),
             paused: false,
+            tap: None,
         }
     }
 

@@ -1,0 +1,160 @@
+//! A socket that forwards what it receives by itself ([`Forwarding`]): the rule, and
+//! the forwarding its receive does for the datagrams the engine hands it (io_uring's
+//! driver forwards the rest as it reaps them, see the driver's `recv_tap`).
+
+use std::task::{Context, Poll};
+
+use super::{check_destination, DatagramSocket};
+use crate::driver::forward::{Forward, Forwarding};
+use crate::driver::ops_datagram::{self, for_family, AfterRecv, RecvDatagram};
+use crate::driver::SharedFd;
+use crate::{Error, Result};
+
+/// Receive steps one poll may spend forwarding before it lets other tasks run: under
+/// a flood a socket that forwards everything never finds itself empty.
+const FORWARD_ROUNDS: usize = 16;
+
+impl DatagramSocket {
+    /// Forwards what this socket receives by itself: every datagram (but those
+    /// `forwarding` keeps for the program) goes on to its destination from this socket
+    /// as it comes in, without a copy of its bytes where the ring allows (as
+    /// [`Datagram::into_forward`](crate::Datagram::into_forward) and
+    /// [`post_to_addr`](Self::post_to_addr) do), and without a task of the program
+    /// woken for it. On io_uring the driver sends each one on as it reaps the receive,
+    /// from the first receive after this call. The forwards are posted sends: counted
+    /// in [`post_stats`](Self::post_stats) (a full send buffer drops a datagram there)
+    /// and in [`ReceiveStats::forwarded`](crate::ReceiveStats::forwarded), awaited by
+    /// [`settle_posts`](Self::settle_posts). A datagram a smaller ring cut is never
+    /// forwarded: it is delivered, flagged.
+    ///
+    /// Forwarding runs as part of the socket's receive: keep a receive waiting on it
+    /// ([`recv`](Self::recv), [`recv_batch`](Self::recv_batch), [`messages`](Self::messages)
+    /// or its [`DatagramGroup`](crate::DatagramGroup)), which returns the datagrams
+    /// kept for the program. A new call replaces the rule; see
+    /// [`stop_forwarding`](Self::stop_forwarding).
+    ///
+    /// Fails as [`post_to_addr`](Self::post_to_addr) does on a destination it could
+    /// never send to (port 0: InvalidArgument; an IPv6 destination on an IPv4 socket:
+    /// AddressFamilyNotSupported), and while the socket is busy in a receive
+    /// (ResourceBusy: set it from a task, not from a waker).
+    ///
+    /// ```no_run
+    /// use ringsock::{DatagramSocket, Forwarding, Runtime};
+    ///
+    /// Runtime::new()?.block_on(async {
+    ///     let relay = DatagramSocket::new();
+    ///     relay.bind_addr("127.0.0.1:0".parse().unwrap())?;
+    ///     let peer = "127.0.0.1:5004".parse().unwrap();
+    ///     // Everything to the peer but "bye", which ends the relay.
+    ///     relay.forward_received(Forwarding::to(peer).delivering(|data| data == b"bye"))?;
+    ///     let bye = relay.recv().await?;
+    ///     relay.settle_posts().await?;
+    ///     println!("{} forwarded before {:?}", relay.receive_stats().forwarded, bye);
+    ///     # Ok::<_, ringsock::Error>(())
+    /// })?;
+    /// # Ok::<_, ringsock::Error>(())
+    /// ```
+    pub fn forward_received(&self, forwarding: Forwarding) -> Result<()> {
+        let to = forwarding.destination();
+        check_destination(to)?;
+        let fd = self.socket_for(&to)?;
+        let target = for_family(to, self.ipv6.get());
+        if target.is_ipv6() && !self.ipv6.get() {
+            let what = format!("forward to {to}: the socket is IPv4");
+            return Err(Error::from_errno(what, libc::EAFNOSUPPORT));
+        }
+        self.set_forwarding(fd, Some(forwarding.with_destination(target)))
+    }
+
+    /// Stops forwarding: every datagram received from now on is delivered. Forwards in
+    /// flight still complete (see [`settle_posts`](Self::settle_posts)).
+    pub fn stop_forwarding(&self) -> Result<()> {
+        match self.fd.get() {
+            Some(fd) => self.set_forwarding(fd, None),
+            None => Ok(()),
+        }
+    }
+
+    /// The rule the socket forwards by, if any (its destination as the socket's family
+    /// writes it: IPv4 addresses mapped into IPv6 on an IPv6 socket).
+    pub fn forwarding(&self) -> Option<Forwarding> {
+        self.forwarding.get()
+    }
+
+    fn set_forwarding(&self, fd: &SharedFd, rule: Option<Forwarding>) -> Result<()> {
+        let mut receiver = self.receiver.try_borrow_mut().map_err(|_| {
+            Error::io(
+                "set forwarding",
+                std::io::Error::new(
+                    std::io::ErrorKind::ResourceBusy,
+                    "the socket is in the middle of a receive",
+                ),
+            )
+        })?;
+        self.forwarding.set(rule);
+        if let Some(receiver) = receiver.as_mut() {
+            receiver.set_forwarding(fd, rule, &self.posts);
+        }
+        Ok(())
+    }
+
+    /// One receive step as the program sees it: what the receiver hands over, with what
+    /// the forwarding rule sends on taken out. Ready with at least one datagram kept.
+    pub(super) fn poll_recv(
+        &self,
+        fd: &SharedFd,
+        cx: &mut Context<'_>,
+        out: &mut Vec<RecvDatagram>,
+        max: usize,
+    ) -> Poll<Result<AfterRecv>> {
+        let start = out.len();
+        for _ in 0..FORWARD_ROUNDS {
+            let polled = self.poll_received(fd, cx, out, max);
+            let Some(rule) = self.forwarding.get() else {
+                return polled;
+            };
+            let after = match polled {
+                Poll::Ready(Ok(after)) => after,
+                other => return other,
+            };
+            self.forward_taken(fd, rule, out, start);
+            if out.len() > start {
+                return Poll::Ready(Ok(after));
+            }
+            if after == AfterRecv::Waiting {
+                // The receiver keeps the waker for the next datagram.
+                return Poll::Pending;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// Sends on the datagrams of `out[start..]` that `rule` forwards, keeping the others
+    /// in order.
+    fn forward_taken(
+        &self,
+        fd: &SharedFd,
+        rule: Forwarding,
+        out: &mut Vec<RecvDatagram>,
+        start: usize,
+    ) {
+        let mut taken = self.forward_scratch.take();
+        taken.extend(out.drain(start..));
+        for datagram in taken.drain(..) {
+            if !rule.forwards(&datagram) {
+                out.push(datagram);
+                continue;
+            }
+            self.forwarded.set(self.forwarded.get() + 1);
+            let data = Forward::from_payload(datagram.buf);
+            if let Err((err, _unsent)) =
+                ops_datagram::post_to(fd, data, rule.destination(), &self.posts)
+            {
+                self.posts
+                    .count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
+            }
+        }
+        self.forward_scratch.set(taken);
+    }
+}

@@ -1,0 +1,275 @@
+//! A socket that forwards what it receives by itself (`forward_received`), on both
+//! drivers and every io_uring receive path (the driver's own forwarding on the multishot
+//! receive, with and without incremental buffers, and the socket's receive forwarding
+//! where io_uring drains with `recvmmsg`): the bytes arrive exact and every datagram is
+//! accounted for while the ring goes round, what the rule keeps reaches the program in
+//! order, and a rule that could never send is refused.
+
+mod util;
+
+use std::future::Future;
+use std::net::SocketAddr;
+
+use ringsock::{
+    runtime::Builder, Backend, Capability, DatagramSocket, Forwarding, ReceiveRing,
+    SocketErrorStatus,
+};
+
+/// The first byte of a datagram the relay keeps for itself.
+const KEEP: u8 = 0xFF;
+
+fn keep_marked(data: &[u8]) -> bool {
+    data.first() == Some(&KEEP)
+}
+
+/// Runs `test` on every receive path, and on io_uring without multishot receives.
+fn on_each_forwarding_path<F, Fut>(test: F)
+where
+    F: Fn(Backend) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    util::on_each_receive_path(&test);
+    let builder = Builder::new()
+        .backend(Backend::Uring)
+        .disable(Capability::MultishotRecv);
+    util::on_runtime_of(builder, Backend::Uring, &test);
+}
+
+/// Datagram `seq` of a test: its sequence number, then bytes that depend on it; those
+/// the relay keeps start with [`KEEP`].
+fn numbered(seq: u32, len: usize, keep: bool) -> Vec<u8> {
+    let mut data = util::pseudo_random_bytes(u64::from(seq), len.max(5));
+    data[0] = if keep { KEEP } else { 0 };
+    data[1..5].copy_from_slice(&seq.to_le_bytes());
+    data
+}
+
+fn seq_of(data: &[u8]) -> u32 {
+    u32::from_le_bytes(data[1..5].try_into().unwrap())
+}
+
+/// Receives `count` datagrams on `sink`, checking each against [`numbered`]; returns
+/// their sequence numbers in arrival order.
+async fn take_numbered(sink: &DatagramSocket, from: SocketAddr, count: usize) -> Vec<u32> {
+    let mut seqs = Vec::with_capacity(count);
+    for _ in 0..count {
+        let got = util::recv_datagram(sink).await;
+        assert_eq!(got.remote_addr(), from);
+        let seq = seq_of(&got);
+        assert_eq!(
+            &got[..],
+            &numbered(seq, got.len(), false)[..],
+            "datagram {seq}"
+        );
+        seqs.push(seq);
+    }
+    seqs
+}
+
+#[test]
+fn a_forwarding_socket_sends_everything_on_and_delivers_what_the_rule_keeps() {
+    on_each_forwarding_path(|backend| async move {
+        let source = util::bound_loopback();
+        let relay = util::small_ring_loopback();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay
+            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+            .unwrap();
+        assert_eq!(relay.forwarding().unwrap().destination(), to_sink);
+        let rounds = 60u32;
+        let per_round = 10u32;
+        let relay = std::rc::Rc::new(relay);
+        let from = source.local_addr().unwrap();
+        // The program's side of the relay: it sees only what the rule keeps.
+        let kept = ringsock::spawn({
+            let relay = relay.clone();
+            async move {
+                let mut kept = Vec::new();
+                while kept.len() < rounds as usize {
+                    let datagram = util::recv_datagram(&relay).await;
+                    assert_eq!(datagram.remote_addr(), from);
+                    kept.push(seq_of(&datagram));
+                }
+                kept
+            }
+        });
+        let mut forwarded = Vec::new();
+        for round in 0..rounds {
+            for i in 0..per_round {
+                let seq = round * per_round + i;
+                // Last: the program's receive, which the forwarding runs in, stops
+                // after the last one it keeps.
+                let keep = i == per_round - 1;
+                let len = 5 + (seq as usize * 53) % 1400;
+                let data = numbered(seq, len, keep);
+                source.send_to_addr(data, to_relay).await.0.unwrap();
+            }
+            forwarded.extend(take_numbered(&sink, to_relay, per_round as usize - 1).await);
+        }
+        let kept = kept.await;
+        let expect_kept: Vec<u32> = (0..rounds).map(|r| r * per_round + per_round - 1).collect();
+        assert_eq!(kept, expect_kept, "on {backend}: kept in order");
+        forwarded.sort_unstable();
+        let expect: Vec<u32> = (0..rounds * per_round)
+            .filter(|seq| seq % per_round != per_round - 1)
+            .collect();
+        assert_eq!(forwarded, expect, "on {backend}: each forwarded once");
+        relay.settle_posts().await.unwrap();
+        let posts = relay.post_stats();
+        let sent = u64::from(rounds * (per_round - 1));
+        assert_eq!((posts.sent, posts.dropped, posts.failed), (sent, 0, 0));
+        let stats = relay.receive_stats();
+        assert_eq!(stats.forwarded, sent, "{stats:?}");
+        assert_eq!(stats.datagrams, u64::from(rounds * per_round), "{stats:?}");
+        assert_eq!((stats.buffers_lent, stats.buffers_forwarding), (0, 0));
+    });
+}
+
+#[test]
+fn a_stream_of_forwards_goes_round_the_ring_many_times_with_exact_bytes() {
+    on_each_forwarding_path(|backend| async move {
+        let source = util::bound_loopback();
+        let relay = util::small_ring_loopback();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay.forward_received(Forwarding::to(to_sink)).unwrap();
+        let relay = std::rc::Rc::new(relay);
+        // A receive waits on the relay all along, as the rule asks; nothing is kept.
+        let waiting = ringsock::spawn({
+            let relay = relay.clone();
+            async move { relay.recv().await.map(|d| d.len()) }
+        });
+        let count = 1000u32;
+        let mut seen = vec![false; count as usize];
+        for seq in 0..count {
+            let len = 5 + (seq as usize * 131) % 2043;
+            source
+                .send_to_addr(numbered(seq, len, false), to_relay)
+                .await
+                .0
+                .unwrap();
+            for got in take_numbered(&sink, to_relay, 1).await {
+                assert!(!std::mem::replace(&mut seen[got as usize], true));
+            }
+        }
+        relay.settle_posts().await.unwrap();
+        let stats = relay.receive_stats();
+        assert_eq!(stats.forwarded, u64::from(count), "on {backend}: {stats:?}");
+        assert_eq!(relay.post_stats().sent, u64::from(count));
+        assert!(stats.buffers <= 8, "{stats:?}");
+        assert_eq!((stats.buffers_lent, stats.buffers_forwarding), (0, 0));
+        // Stopped, the relay delivers again: its waiting receive gets the next one.
+        relay.stop_forwarding().unwrap();
+        assert!(relay.forwarding().is_none());
+        source
+            .send_to_addr(numbered(count, 40, false), to_relay)
+            .await
+            .0
+            .unwrap();
+        assert_eq!(waiting.await.unwrap(), 40);
+        assert_eq!(relay.receive_stats().forwarded, u64::from(count));
+    });
+}
+
+#[test]
+fn a_datagram_the_ring_cut_is_delivered_flagged_not_forwarded() {
+    on_each_forwarding_path(|backend| async move {
+        let source = util::bound_loopback();
+        let relay = DatagramSocket::new();
+        let ring = ReceiveRing {
+            buffers: 8,
+            buffer_size: 100,
+        };
+        relay.control().set_receive_ring(ring).unwrap();
+        relay.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay.forward_received(Forwarding::to(to_sink)).unwrap();
+        let receive = std::pin::pin!(util::recv_datagram(&relay));
+        source
+            .send_to_addr(numbered(1, 60, false), to_relay)
+            .await
+            .0
+            .unwrap();
+        source
+            .send_to_addr(numbered(2, 300, false), to_relay)
+            .await
+            .0
+            .unwrap();
+        let cut = receive.await;
+        assert!(cut.is_truncated(), "on {backend}");
+        assert_eq!(cut.original_len(), 300);
+        assert_eq!(seq_of(&cut), 2);
+        assert_eq!(take_numbered(&sink, to_relay, 1).await, vec![1]);
+        relay.settle_posts().await.unwrap();
+        let stats = relay.receive_stats();
+        assert_eq!((stats.forwarded, stats.truncated), (1, 1), "{stats:?}");
+    });
+}
+
+#[test]
+fn a_rule_that_could_never_send_is_refused_and_changes_nothing() {
+    util::on_each_backend(|backend| async move {
+        let relay = util::bound_loopback();
+        let port_zero = Forwarding::to("127.0.0.1:0".parse().unwrap());
+        let err = relay.forward_received(port_zero).unwrap_err();
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "on {backend}"
+        );
+        let ipv6 = Forwarding::to("[::1]:9".parse().unwrap());
+        let err = relay.forward_received(ipv6).unwrap_err();
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::AddressFamilyNotSupported,
+            "on {backend}: {err}"
+        );
+        assert!(relay.forwarding().is_none());
+        // Nothing was forwarded: a datagram still comes to the program.
+        let source = util::bound_loopback();
+        source
+            .send_to_addr(b"hello".to_vec(), relay.local_addr().unwrap())
+            .await
+            .0
+            .unwrap();
+        assert_eq!(&util::recv_datagram(&relay).await[..], b"hello");
+        assert_eq!(relay.receive_stats().forwarded, 0);
+    });
+}
+
+#[test]
+fn an_ipv6_socket_forwards_to_an_ipv4_destination() {
+    util::on_each_backend(|backend| async move {
+        let relay = DatagramSocket::new();
+        if relay.bind_addr("[::]:0".parse().unwrap()).is_err() {
+            eprintln!("skipped on {backend}: no IPv6");
+            return;
+        }
+        let sink = util::bound_loopback();
+        let to_sink = sink.local_addr().unwrap();
+        relay.forward_received(Forwarding::to(to_sink)).unwrap();
+        let relay = std::rc::Rc::new(relay);
+        let _waiting = ringsock::spawn({
+            let relay = relay.clone();
+            async move { relay.recv().await.map(|d| d.len()) }
+        });
+        let source = util::bound_loopback();
+        let port = relay.local_addr().unwrap().port();
+        source
+            .send_to_addr(
+                numbered(7, 64, false),
+                SocketAddr::from(([127, 0, 0, 1], port)),
+            )
+            .await
+            .0
+            .unwrap();
+        let got = util::recv_datagram(&sink).await;
+        assert_eq!(seq_of(&got), 7, "on {backend}");
+        assert_eq!(got.remote_addr().port(), port);
+    });
+}
