@@ -128,9 +128,10 @@ struct BenchArgs {
     /// is 10 s worth, 2,000,000 at max.
     #[arg(long, value_name = "R|max")]
     rate: Option<bench::Rate>,
-    /// udp-relay: the ringsock relay as one task per flow, or as one loop over a
-    /// DatagramGroup of the flows' sockets.
-    #[arg(long, value_enum, default_value_t = RelayLoop::Tasks)]
+    /// udp-relay: the ringsock relay as sockets that forward by themselves
+    /// (forward_received), as one task per flow forwarding each datagram, or as one loop
+    /// over a DatagramGroup of the flows' sockets.
+    #[arg(long, value_enum, default_value_t = RelayLoop::Forward)]
     relay: RelayLoop,
     /// udp-relay, ringsock relays: payload bytes each relay socket's receive ring keeps
     /// per datagram (1..=65536; default 2048 or --size if larger: what a media relay
@@ -1240,7 +1241,7 @@ fn bench_matrix(args: &BenchArgs) -> ExitCode {
         ("--spin-us", args.spin_us.is_some()),
         ("--flows", args.flows.is_some()),
         ("--rate", args.rate.is_some()),
-        ("--relay", args.relay != RelayLoop::Tasks),
+        ("--relay", args.relay != RelayLoop::default()),
         ("--relay-ring", args.relay_ring.is_some()),
     ];
     for (flag, given) in single {

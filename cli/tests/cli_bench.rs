@@ -764,10 +764,12 @@ fn udp_relay_rings_are_sized_as_asked() {
             (&["--relay-ring", "65536"][..], 65536),
             (&["--size", "600", "--relay-ring", "600"][..], 600),
         ] {
-            let Some(v) = check_relay_with(imp, "4", "20000", 2000, "group", extra) else {
-                continue;
-            };
-            assert_eq!(v["relay_ring_bytes"].as_u64(), Some(ring), "{extra:?}: {v}");
+            for relay in ["forward", "group"] {
+                let Some(v) = check_relay_with(imp, "4", "20000", 2000, relay, extra) else {
+                    continue;
+                };
+                assert_eq!(v["relay_ring_bytes"].as_u64(), Some(ring), "{extra:?}: {v}");
+            }
         }
     }
 }
@@ -776,7 +778,7 @@ fn udp_relay_rings_are_sized_as_asked() {
 fn udp_relay_at_a_fixed_rate_every_impl() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
         for flows in ["1", "8"] {
-            for relay in ["group", "tasks"] {
+            for relay in ["forward", "group", "tasks"] {
                 check_relay(imp, flows, "20000", 3000, relay);
             }
         }
@@ -787,7 +789,7 @@ fn udp_relay_at_a_fixed_rate_every_impl() {
 fn udp_relay_at_max_rate_every_impl() {
     for imp in ["ringsock-uring", "ringsock-epoll"] {
         for flows in ["1", "8"] {
-            for relay in ["group", "tasks"] {
+            for relay in ["forward", "group", "tasks"] {
                 check_relay(imp, flows, "max", 3000, relay);
             }
         }

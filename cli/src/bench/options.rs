@@ -314,13 +314,13 @@ impl fmt::Display for Impl {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, clap::ValueEnum)]
 pub enum RelayLoop {
     /// One task per flow, each receiving from its own socket.
-    #[default]
     Tasks,
     /// One loop over a `DatagramGroup` of every flow's socket: one call takes what the
     /// woken sockets hold; their sends are in flight while it receives again.
     Group,
     /// Each flow's socket forwards by itself (`forward_received`): one task per flow
     /// waits for the end marker, the only datagram the rule keeps.
+    #[default]
     Forward,
 }
 

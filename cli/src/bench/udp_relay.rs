@@ -1,12 +1,15 @@
 //! udp-relay: the ringsock relay, measured between the plain generator and sink of
 //! [`relay_peers`](super::relay_peers), and the run that checks the books and reports.
 //!
-//! The relay is what a program would write, on the runtime's defaults, one of two ways
-//! ([`RelayLoop`]): one task per flow (the default), or one loop over a
-//! [`DatagramGroup`] of every flow's socket. Either takes what the receive rings hold (a multishot receive on
-//! io_uring) and forwards each datagram from the socket it came in on to the sink
-//! without copying the bytes out of the ring ([`Datagram::into_forward`]): a lone
-//! datagram as one send ([`DatagramSocket::send_to_addr`]), more in one batched send
+//! The relay is what a program would write, on the runtime's defaults, one of three
+//! ways ([`RelayLoop`]). By default each flow's socket forwards by itself
+//! ([`DatagramSocket::forward_received`]: on io_uring the driver sends each datagram on
+//! as it reaps it), and a task per flow waits for the end marker, the one datagram the
+//! rule keeps. Or one task per flow, or one loop over a [`DatagramGroup`] of every
+//! flow's socket, takes what the receive rings hold (a multishot receive on io_uring)
+//! and forwards each datagram from the socket it came in on to the sink without copying
+//! the bytes out of the ring ([`Datagram::into_forward`]): a lone datagram as one send
+//! ([`DatagramSocket::post_to_addr`]), more in one batched send
 //! ([`DatagramSocket::send_many`]). Its sockets' receive rings keep what a media relay
 //! would size them for ([`Options::relay_ring_bytes`]): an MTU's worth per datagram,
 //! where the default's 64 KiB per datagram spreads 64 sockets' buffers over more memory
@@ -176,8 +179,17 @@ async fn relay_forwarding(
         let socket = relay_socket(socket, ring)?;
         socket.forward_received(rule)?;
         flows.push(ringsock::spawn(async move {
-            // Only the marker is kept: it comes after every datagram of the flow.
-            socket.recv().await?;
+            // The marker is kept: it comes after every datagram of the flow. The only
+            // other datagram the socket delivers is one its ring cut.
+            let kept = socket.recv().await?;
+            if !relay_traffic::is_end(&kept) {
+                let why = format!(
+                    "a datagram of {} bytes was cut to {}: the ring cannot forward it",
+                    kept.original_len(),
+                    kept.len()
+                );
+                return Err(Error::io("relay", std::io::Error::other(why)));
+            }
             settled_posts(&socket).await
         }));
     }
