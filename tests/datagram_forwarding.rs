@@ -273,3 +273,48 @@ fn an_ipv6_socket_forwards_to_an_ipv4_destination() {
         assert_eq!(got.remote_addr().port(), port);
     });
 }
+
+#[test]
+fn a_detached_socket_carries_what_it_had_not_forwarded_and_forwards_no_more() {
+    on_each_forwarding_path(|backend| async move {
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay = util::bound_loopback();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay
+            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+            .unwrap();
+        for seq in 0..5 {
+            source.send_to(&numbered(seq, 50, false), to_relay).unwrap();
+        }
+        source.send_to(&numbered(5, 50, true), to_relay).unwrap();
+        let kept = util::recv_datagram(&relay).await;
+        assert_eq!(seq_of(&kept), 5, "on {backend}");
+        let mut forwarded = take_numbered(&sink, to_relay, 5).await;
+        forwarded.sort_unstable();
+        assert_eq!(forwarded, vec![0, 1, 2, 3, 4]);
+        // Sent with no turn of the runtime between them and the detach: the io_uring
+        // driver reaps them while it lets go of the socket.
+        for seq in 6..11 {
+            source.send_to(&numbered(seq, 50, false), to_relay).unwrap();
+        }
+        let detached = relay.detach().unwrap();
+        assert!(relay.forwarding().is_none());
+        let adopted = detached.into_datagram().unwrap();
+        assert!(adopted.forwarding().is_none());
+        for seq in 6..11 {
+            let got = util::recv_datagram(&adopted).await;
+            assert_eq!(seq_of(&got), seq, "on {backend}");
+        }
+        // Nothing more went to the sink: the next datagram there is the source's own.
+        source.send_to(b"last", to_sink).unwrap();
+        assert_eq!(
+            &util::recv_datagram(&sink).await[..],
+            b"last",
+            "on {backend}"
+        );
+        relay.settle_posts().await.unwrap();
+        assert_eq!(relay.post_stats().sent, 5);
+    });
+}

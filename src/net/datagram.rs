@@ -1810,10 +1810,20 @@ impl DatagramSocket {
     /// yet taken come along (copied out of the ring), handed out first by whoever adopts
     /// it.
     pub fn detach(&self) -> Result<Detached> {
-        let owned = self
-            .fd()?
-            .detach()
-            .map_err(|err| Error::io("detach", err))?;
+        let fd = self.fd()?;
+        // What the driver reaps while it lets go of the socket is carried along, not
+        // forwarded: nothing of this runtime's may send from the socket once it left.
+        let rule = self.forwarding.take();
+        self.tell_receiver_forwarding(fd, None);
+        let owned = match fd.detach() {
+            Ok(owned) => owned,
+            Err(err) => {
+                // The socket stays here, forwarding as before.
+                self.forwarding.set(rule);
+                self.tell_receiver_forwarding(fd, rule);
+                return Err(Error::io("detach", err));
+            }
+        };
         let mut carried: Vec<Carried> = self
             .carried
             .borrow_mut()

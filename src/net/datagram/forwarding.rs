@@ -98,6 +98,16 @@ impl DatagramSocket {
         Ok(())
     }
 
+    /// Gives the receiver `rule`, if there is one and it is free (a detach runs from a
+    /// task, never inside a receive's poll).
+    pub(super) fn tell_receiver_forwarding(&self, fd: &SharedFd, rule: Option<Forwarding>) {
+        if let Ok(mut receiver) = self.receiver.try_borrow_mut() {
+            if let Some(receiver) = receiver.as_mut() {
+                receiver.set_forwarding(fd, rule, &self.posts);
+            }
+        }
+    }
+
     /// One receive step as the program sees it: what the receiver hands over, with what
     /// the forwarding rule sends on taken out. Ready with at least one datagram kept.
     pub(super) fn poll_recv(
