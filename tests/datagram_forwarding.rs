@@ -318,3 +318,44 @@ fn a_detached_socket_carries_what_it_had_not_forwarded_and_forwards_no_more() {
         assert_eq!(relay.post_stats().sent, 5);
     });
 }
+
+#[test]
+fn a_gro_super_datagram_is_forwarded_as_its_segments() {
+    on_each_forwarding_path(|backend| async move {
+        let relay = DatagramSocket::new();
+        relay.control().set_gro(true).unwrap();
+        relay.bind_addr("127.0.0.1:0".parse().unwrap()).unwrap();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay
+            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+            .unwrap();
+        let relay = std::rc::Rc::new(relay);
+        let waiting = ringsock::spawn({
+            let relay = relay.clone();
+            async move { util::recv_datagram(&relay).await.len() }
+        });
+        let sender = util::bound_loopback();
+        // Equal sizes in one flush: GSO sends, which loopback GRO hands over whole.
+        let output = sender.output_stream_to_addr(to_relay).unwrap();
+        for seq in 0..64 {
+            output.write(numbered(seq, 1000, false)).await.unwrap();
+        }
+        output.flush().await.unwrap();
+        let mut seqs = take_numbered(&sink, to_relay, 64).await;
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..64).collect::<Vec<u32>>(), "on {backend}");
+        sender
+            .send_to_addr(numbered(64, 30, true), to_relay)
+            .await
+            .0
+            .unwrap();
+        assert_eq!(waiting.await, 30);
+        relay.settle_posts().await.unwrap();
+        let stats = relay.receive_stats();
+        assert_eq!(stats.forwarded, 64, "{stats:?}");
+        assert_eq!(relay.post_stats().sent, 64);
+        assert_eq!((stats.buffers_lent, stats.buffers_forwarding), (0, 0));
+    });
+}
