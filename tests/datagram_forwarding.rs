@@ -359,3 +359,55 @@ fn a_gro_super_datagram_is_forwarded_as_its_segments() {
         assert_eq!((stats.buffers_lent, stats.buffers_forwarding), (0, 0));
     });
 }
+
+/// A burst larger than a tiny ring's completion queue: the kernel ends the multishot
+/// receive on the datagram it could not post a completion for, and the socket must
+/// start another one without waiting for the program.
+#[test]
+fn a_burst_that_overflows_the_completion_queue_keeps_forwarding() {
+    let test = |backend| async move {
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay = util::bound_loopback();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        // Room for the whole burst in both sockets' queues: nothing may be dropped there.
+        for socket in [&relay, &sink] {
+            socket.control().set_receive_buffer_size(4 << 20).unwrap();
+        }
+        relay
+            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+            .unwrap();
+        let relay = std::rc::Rc::new(relay);
+        let waiting = ringsock::spawn({
+            let relay = relay.clone();
+            async move { seq_of(&util::recv_datagram(&relay).await) }
+        });
+        // The first one through says the receive is armed.
+        source.send_to(&numbered(0, 100, false), to_relay).unwrap();
+        assert_eq!(take_numbered(&sink, to_relay, 1).await, vec![0]);
+        let burst = 300;
+        for seq in 1..=burst {
+            source
+                .send_to(&numbered(seq, 100, false), to_relay)
+                .unwrap();
+        }
+        let mut seqs = take_numbered(&sink, to_relay, burst as usize).await;
+        assert_eq!(
+            relay.receive_stats().dropped + sink.receive_stats().dropped,
+            0
+        );
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=burst).collect::<Vec<u32>>(), "on {backend}");
+        source
+            .send_to(&numbered(burst + 1, 100, true), to_relay)
+            .unwrap();
+        assert_eq!(waiting.await, burst + 1);
+        relay.settle_posts().await.unwrap();
+        assert_eq!(relay.post_stats().sent, u64::from(burst) + 1);
+    };
+    for backend in util::BACKENDS {
+        let builder = Builder::new().backend(backend).ring_entries(4);
+        util::on_runtime_of(builder, backend, &test);
+    }
+}

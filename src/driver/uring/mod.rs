@@ -856,7 +856,7 @@ impl Driver {
     }
 
     /// Gives the tapped completions to their taps, in the order they were reaped, and
-    /// wakes the owners they left something for.
+    /// wakes the owners they left something for or whose operation ended.
     fn run_taps(&mut self) {
         if self.running_taps {
             return;
@@ -868,7 +868,11 @@ impl Driver {
             completion,
         }) = self.tapped.pop_front()
         {
-            if !tap.take(self, completion) {
+            let delivered = tap.take(self, completion);
+            // The last completion wakes the owner whatever it carried: the operation has
+            // ended (a full completion queue ends a multishot with a datagram) and waits
+            // for its owner to see that and start another.
+            if !delivered && completion.more() {
                 continue;
             }
             if let Some(Slot {
