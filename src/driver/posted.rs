@@ -21,6 +21,9 @@ pub(crate) struct PostLedger {
     dropped: Cell<u64>,
     failed: Cell<u64>,
     last_error: Cell<Option<i32>>,
+    /// A posted GSO send failed for a reason GSO may cause (see `gso_refused`): the
+    /// socket's forwarding posts datagram by datagram from then on.
+    gso_refused: Cell<bool>,
     /// The tasks waiting for `in_flight` to reach zero: every one of them, since any
     /// number of tasks may await `settle_posts` on the same socket at once (keeping
     /// only the last would leave the others waiting forever).
@@ -84,6 +87,30 @@ impl PostLedger {
             self.last_error.set(Some(-result));
         }
         self.finish(wake);
+    }
+
+    /// [`settle_waking`](Self::settle_waking) for the `datagrams` of one GSO send, which
+    /// share its result; a refusal GSO may have caused is remembered.
+    pub(crate) fn settle_gso_waking(
+        &self,
+        result: i32,
+        datagrams: u32,
+        wake: &mut dyn FnMut(Waker),
+    ) {
+        if datagrams > 1 && result < 0 {
+            let refused = io::Error::from_raw_os_error(-result);
+            if super::gso::gso_refused(&refused) {
+                self.gso_refused.set(true);
+            }
+        }
+        for _ in 0..datagrams {
+            self.settle_waking(result, wake);
+        }
+    }
+
+    /// Whether a posted GSO send was refused for a reason GSO may cause.
+    pub(crate) fn gso_refused(&self) -> bool {
+        self.gso_refused.get()
     }
 
     /// [`settle`](Self::settle) for a direct call's result.

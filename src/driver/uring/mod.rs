@@ -63,7 +63,7 @@ mod released;
 mod table;
 pub(crate) mod tap;
 
-pub(crate) use op::{post, ChainOp, MultiOp, Op};
+pub(crate) use op::{post, post_many, ChainOp, MultiOp, Op};
 pub(crate) use released::Released;
 use released::Spares;
 pub(crate) use table::Completion;
@@ -253,6 +253,9 @@ pub(crate) struct Driver {
     /// The taps are being run: a reap that pushing entries forced (a full queue) leaves
     /// what it reaps to the run under way, which keeps the kernel's order.
     running_taps: bool,
+    /// The taps that took completions in this run, to flush at its end (kept for its
+    /// room).
+    taps_to_flush: Vec<Rc<dyn Tap>>,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -287,6 +290,7 @@ impl Driver {
             spares: Spares::default(),
             tapped: VecDeque::new(),
             running_taps: false,
+            taps_to_flush: Vec::new(),
             shut_down: false,
         })
     }
@@ -862,12 +866,40 @@ impl Driver {
             return;
         }
         self.running_taps = true;
+        let mut flush = std::mem::take(&mut self.taps_to_flush);
+        loop {
+            self.give_tapped(&mut flush);
+            if flush.is_empty() {
+                break;
+            }
+            for tap in flush.drain(..) {
+                tap.flush(self);
+            }
+            // A flush that had to make room in the submission queue reaped more.
+            if self.tapped.is_empty() {
+                break;
+            }
+        }
+        self.taps_to_flush = flush;
+        self.running_taps = false;
+    }
+
+    /// Gives each tapped completion to its tap; the taps that took any join `flush`.
+    fn give_tapped(&mut self, flush: &mut Vec<Rc<dyn Tap>>) {
         while let Some(Tapped {
             tap,
             key,
             completion,
         }) = self.tapped.pop_front()
         {
+            // A tap listed twice flushes nothing the second time; completions of one
+            // socket mostly come together, so the last entry is the one to look at.
+            let listed = flush
+                .last()
+                .is_some_and(|last| std::ptr::addr_eq(Rc::as_ptr(last), Rc::as_ptr(&tap)));
+            if !listed {
+                flush.push(tap.clone());
+            }
             let delivered = tap.take(self, completion);
             // The last completion wakes the owner whatever it carried: the operation has
             // ended (a full completion queue ends a multishot with a datagram) and waits
@@ -885,7 +917,6 @@ impl Driver {
                 }
             }
         }
-        self.running_taps = false;
     }
 
     /// Hands multishot `key`'s completions that carry a value to `tap` from now on.
@@ -1037,8 +1068,14 @@ fn complete(
             }
             !completion.more()
         }
-        State::Posted { ledger, empty } => {
-            ledger.settle_waking(completion.result, &mut |waker| dead.push_wake(waker));
+        State::Posted {
+            ledger,
+            datagrams,
+            empty,
+        } => {
+            ledger.settle_gso_waking(completion.result, *datagrams, &mut |waker| {
+                dead.push_wake(waker)
+            });
             let empty = *empty;
             if let Some(data) = ops.remove(key).and_then(|slot| slot.data) {
                 dead.push_post(data, empty);

@@ -216,6 +216,23 @@ pub(crate) unsafe fn post<T: 'static>(
     ledger: &Rc<PostLedger>,
     build: impl FnOnce(&mut T) -> squeue::Entry,
 ) -> Result<(), (io::Error, T)> {
+    // SAFETY: forwarded from the caller.
+    unsafe { post_many(d, data, ledger, 1, build) }
+}
+
+/// [`post`] for a send of `datagrams` datagrams (a GSO send), each of which has taken
+/// its place in `ledger` and is booked with the send's result.
+///
+/// # Safety
+///
+/// As for [`post`].
+pub(crate) unsafe fn post_many<T: 'static>(
+    d: &mut Driver,
+    data: T,
+    ledger: &Rc<PostLedger>,
+    datagrams: u32,
+    build: impl FnOnce(&mut T) -> squeue::Entry,
+) -> Result<(), (io::Error, T)> {
     // The box an earlier post of a `T` released, else a new one.
     let mut cell = match d.spare_post_box::<T>() {
         Some(mut cell) => {
@@ -227,6 +244,7 @@ pub(crate) unsafe fn post<T: 'static>(
     let entry = build(cell.as_mut().as_mut().expect("filled above"));
     let state = State::Posted {
         ledger: ledger.clone(),
+        datagrams,
         empty: empty_post::<T>,
     };
     // SAFETY: the entry points into the cell's data, which the slot owns (in the same

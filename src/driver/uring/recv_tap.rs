@@ -6,16 +6,23 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
+use std::net::SocketAddr;
 use std::rc::Rc;
+
+use io_uring::{opcode, types};
 
 use super::datagram::{post_to_in, take_filled};
 use super::tap::Tap;
-use super::{Completion, Driver};
+use super::{post_many, Completion, Driver};
+use crate::buf::IoBuf;
 use crate::driver::buf_pool::BufPool;
+use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::forward::{Forward, Forwarding};
+use crate::driver::gso::{GSO_MAX_SEGMENTS, MAX_UDP_PAYLOAD_V4};
 use crate::driver::posted::PostLedger;
 use crate::driver::recv::{RecvCounters, RecvDatagram};
+use crate::driver::sockaddr::RawAddr;
 
 /// The driver's side of one socket's receive while it forwards.
 pub(crate) struct RecvTap {
@@ -34,6 +41,11 @@ pub(crate) struct RecvTap {
     counters: Cell<RecvCounters>,
     /// One completion's datagrams (several with GRO), kept for its room.
     scratch: Cell<Vec<RecvDatagram>>,
+    /// Forwards of the completions reaped together, sent once all are taken: runs of
+    /// them go as GSO sends. Each has its place in the books already.
+    pending: RefCell<Vec<Forward>>,
+    /// Where the held forwards go.
+    pending_to: Cell<SocketAddr>,
 }
 
 impl RecvTap {
@@ -54,6 +66,8 @@ impl RecvTap {
             failure: RefCell::new(None),
             counters: Cell::new(RecvCounters::default()),
             scratch: Cell::new(Vec::new()),
+            pending: RefCell::new(Vec::new()),
+            pending_to: Cell::new(SocketAddr::from(([0, 0, 0, 0], 0))),
         }
     }
 
@@ -75,18 +89,49 @@ impl RecvTap {
         self.failure.borrow_mut().take()
     }
 
-    /// Sends `datagram` on to `rule`'s destination from the socket; what cannot go is
-    /// booked as dropped (4,096 forwards in flight) or failed.
-    fn forward(&self, driver: &mut Driver, datagram: RecvDatagram, rule: Forwarding) {
+    /// Holds `datagram` back to go to `rule`'s destination with the others reaped with
+    /// it, once they are all taken (see [`flush`](Tap::flush)); what cannot go (4,096
+    /// forwards in flight) is booked as dropped.
+    fn hold_forward(&self, datagram: RecvDatagram, rule: Forwarding) {
         if let Err(err) = self.ledger.begin() {
             self.ledger
                 .count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
             return;
         }
-        let data = Forward::from_payload(datagram.buf);
-        if let Err((err, _unsent)) =
-            post_to_in(driver, &self.fd, data, rule.destination(), &self.ledger)
-        {
+        let mut pending = self.pending.borrow_mut();
+        if pending.is_empty() {
+            self.pending_to.set(rule.destination());
+        }
+        pending.push(Forward::from_payload(datagram.buf));
+    }
+
+    /// Sends one datagram whose place in the books is taken.
+    fn send_one(&self, driver: &mut Driver, data: Forward, to: SocketAddr) {
+        if let Err((err, _unsent)) = post_to_in(driver, &self.fd, data, to, &self.ledger) {
+            self.unsent(&err, 1);
+        }
+    }
+
+    /// Sends a GSO run of datagrams whose places in the books are taken.
+    fn send_run(&self, driver: &mut Driver, run: Vec<Forward>, to: SocketAddr) {
+        let datagrams = run.len() as u32;
+        let data = GsoRun::new(&self.fd, run, to);
+        // SAFETY: the header points at the iovecs, address and control data in the boxed
+        // run, and the iovecs at the datagrams' stable bytes (IoBuf's contract), all
+        // owned by the slot until the final CQE.
+        let posted = unsafe {
+            post_many(driver, data, &self.ledger, datagrams, |run| {
+                run.entry(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
+            })
+        };
+        if let Err((err, _unsent)) = posted {
+            self.unsent(&err, datagrams);
+        }
+    }
+
+    /// Books `count` datagrams that had their places and never went out.
+    fn unsent(&self, err: &io::Error, count: u32) {
+        for _ in 0..count {
             self.ledger.abort();
             self.ledger
                 .count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
@@ -114,7 +159,10 @@ impl Tap for RecvTap {
             match rule {
                 Some(rule) if rule.forwards(&datagram) => {
                     counters.forwarded += 1;
-                    self.forward(driver, datagram, rule);
+                    if self.pending_to.get() != rule.destination() {
+                        self.flush(driver);
+                    }
+                    self.hold_forward(datagram, rule);
                 }
                 _ => {
                     self.ready.borrow_mut().push(datagram);
@@ -125,5 +173,107 @@ impl Tap for RecvTap {
         self.counters.set(counters);
         self.scratch.set(got);
         wake
+    }
+
+    /// Sends the forwards held back, in order: each run of equal lengths (the last one
+    /// may be shorter) as one GSO send, unless the socket's GSO sends were refused.
+    fn flush(&self, driver: &mut Driver) {
+        let mut pending = self.pending.take();
+        let to = self.pending_to.get();
+        let gso = !self.ledger.gso_refused();
+        let mut run: Vec<Forward> = Vec::new();
+        let mut run_bytes = 0;
+        for forward in pending.drain(..) {
+            let len = forward.data().len();
+            if !(gso && extends(&run, run_bytes, len)) {
+                self.send(driver, &mut run, to);
+                run_bytes = 0;
+            }
+            run_bytes += len;
+            run.push(forward);
+        }
+        self.send(driver, &mut run, to);
+        // The room back, unless a send that made room in the queue held more meanwhile.
+        let mut kept = self.pending.borrow_mut();
+        if kept.is_empty() {
+            *kept = pending;
+        }
+    }
+}
+
+impl RecvTap {
+    /// Sends (and takes out of `run`) a run of forwards: one alone, more in one GSO send.
+    fn send(&self, driver: &mut Driver, run: &mut Vec<Forward>, to: SocketAddr) {
+        match run.len() {
+            0 => {}
+            1 => {
+                let one = run.pop().expect("one there");
+                self.send_one(driver, one, to);
+            }
+            _ => self.send_run(driver, std::mem::take(run), to),
+        }
+    }
+}
+
+/// Whether one GSO send carrying `run` (`bytes` in all) can carry a datagram of `len`
+/// bytes after them: lengths equal to the first's, the last one of a run possibly
+/// shorter, at most [`GSO_MAX_SEGMENTS`] and one UDP datagram's bytes in all.
+fn extends(run: &[Forward], bytes: usize, len: usize) -> bool {
+    let (Some(first), Some(last)) = (run.first(), run.last()) else {
+        return false;
+    };
+    let segment = first.data().len();
+    segment > 0
+        && len > 0
+        && len <= segment
+        && last.data().len() == segment
+        && run.len() < GSO_MAX_SEGMENTS
+        && bytes + len <= MAX_UDP_PAYLOAD_V4
+}
+
+/// The data of one GSO send of forwarded datagrams: a SENDMSG whose header points at
+/// an iovec per datagram, the destination and a UDP_SEGMENT control message, all of
+/// which stay put in the slot's box.
+struct GsoRun {
+    fd: FdRef,
+    datagrams: Vec<Forward>,
+    iovecs: Vec<libc::iovec>,
+    addr: RawAddr,
+    control: SendControl,
+    header: libc::msghdr,
+}
+
+impl GsoRun {
+    fn new(fd: &FdRef, datagrams: Vec<Forward>, to: SocketAddr) -> GsoRun {
+        let segment = datagrams[0].data().len().min(u16::MAX as usize) as u16;
+        GsoRun {
+            fd: fd.clone(),
+            iovecs: Vec::with_capacity(datagrams.len()),
+            datagrams,
+            addr: RawAddr::from_socket_addr(to),
+            control: SendControl::new(&SendMeta::default(), Some(segment)),
+            // SAFETY: msghdr is plain old data; zero is its empty value.
+            header: unsafe { std::mem::zeroed() },
+        }
+    }
+
+    /// The SENDMSG entry; `self` must not move until the final CQE (it is boxed in the
+    /// slot).
+    fn entry(&mut self, flags: i32) -> io_uring::squeue::Entry {
+        self.iovecs.clear();
+        self.iovecs
+            .extend(self.datagrams.iter().map(|datagram| libc::iovec {
+                iov_base: datagram.stable_ptr() as *mut libc::c_void,
+                iov_len: datagram.bytes_init(),
+            }));
+        self.header.msg_iov = self.iovecs.as_mut_ptr();
+        self.header.msg_iovlen = self.iovecs.len();
+        self.header.msg_name = self.addr.as_mut_ptr().cast();
+        self.header.msg_namelen = self.addr.len;
+        self.header.msg_control = self.control.as_ptr();
+        self.header.msg_controllen = self.control.len();
+        opcode::SendMsg::new(types::Fd(self.fd.raw()), &self.header)
+            .flags(flags as u32)
+            .build()
     }
 }

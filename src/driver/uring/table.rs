@@ -97,6 +97,9 @@ pub(crate) enum State {
     /// socket's books and the slot is released at once.
     Posted {
         ledger: Rc<PostLedger>,
+        /// Datagrams the send carries (more than one: a GSO send), each booked with its
+        /// result.
+        datagrams: u32,
         /// Empties the slot's data once released, for the box to carry the next post.
         empty: Emptier,
     },

@@ -10,4 +10,8 @@ pub(crate) trait Tap {
     /// kernel posted them; the driver is the tap's to push entries on. True when the
     /// operation's owner should wake (the tap left it something to take).
     fn take(&self, driver: &mut Driver, completion: Completion) -> bool;
+
+    /// The completions reaped together have all been taken: what the tap held back to
+    /// do in one go (a run of sends) goes now.
+    fn flush(&self, driver: &mut Driver);
 }
