@@ -411,3 +411,64 @@ fn a_burst_that_overflows_the_completion_queue_keeps_forwarding() {
         util::on_runtime_of(builder, backend, &test);
     }
 }
+
+fn panics_on_13_bytes(data: &[u8]) -> bool {
+    if data.len() == 13 {
+        panic!("the rule panicked");
+    }
+    keep_marked(data)
+}
+
+/// A rule that panics: the panic goes on in the task that receives, the datagram it
+/// panicked on comes to the program's next receive, and the socket goes on forwarding.
+#[test]
+fn a_rule_that_panics_panics_in_the_receiving_task_and_loses_nothing() {
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sink.set_read_timeout(Some(util::MUST_HAPPEN)).unwrap();
+        let relay = runtime.block_on(async {
+            let relay = util::bound_loopback();
+            let rule = Forwarding::to(sink.local_addr().unwrap()).delivering(panics_on_13_bytes);
+            relay.forward_received(rule).unwrap();
+            relay
+        });
+        let to_relay = relay.local_addr().unwrap();
+        for (seq, len) in [(0, 100), (1, 13), (2, 100)] {
+            source
+                .send_to(&numbered(seq, len, false), to_relay)
+                .unwrap();
+        }
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime
+                .block_on(relay.recv())
+                .map(|datagram| datagram.len())
+        }));
+        let panic = first.expect_err("the rule's panic reaches the receive");
+        assert_eq!(
+            util::panic_message(panic),
+            "the rule panicked",
+            "on {backend}"
+        );
+        runtime.block_on(async {
+            let judged = util::recv_datagram(&relay).await;
+            assert_eq!((seq_of(&judged), judged.len()), (1, 13), "on {backend}");
+            source.send_to(&numbered(3, 10, true), to_relay).unwrap();
+            assert_eq!(seq_of(&util::recv_datagram(&relay).await), 3);
+            relay.settle_posts().await.unwrap();
+        });
+        let mut forwarded = Vec::new();
+        let mut buf = [0u8; 200];
+        for _ in 0..2 {
+            let (len, _) = sink.recv_from(&mut buf).unwrap();
+            assert_eq!(&buf[..len], &numbered(seq_of(&buf), len, false)[..]);
+            forwarded.push(seq_of(&buf));
+        }
+        forwarded.sort_unstable();
+        assert_eq!(forwarded, vec![0, 2], "on {backend}");
+        assert_eq!(relay.post_stats().sent, 2);
+    }
+}

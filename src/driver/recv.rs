@@ -81,6 +81,7 @@ impl Carried {
             truncated: self.truncated,
             original_len: datagram_len(self.original_len),
             meta: self.meta,
+            kept: false,
         }
     }
 }
@@ -114,6 +115,9 @@ pub(crate) struct RecvDatagram {
     pub(crate) original_len: u32,
     /// What the kernel reported beside it (empty unless the socket asked).
     pub(crate) meta: RecvMeta,
+    /// The socket's forwarding rule has kept it for the program already (inside the
+    /// io_uring driver): the socket's receive does not ask the rule again.
+    pub(crate) kept: bool,
 }
 
 /// What a receiver did, for statistics.
@@ -200,6 +204,7 @@ pub(crate) unsafe fn deliver(
                     truncated: false,
                     original_len: datagram_len(size),
                     meta,
+                    kept: false,
                 });
             }
         }
@@ -217,6 +222,7 @@ pub(crate) unsafe fn deliver(
                 truncated,
                 original_len: datagram_len(original_len),
                 meta,
+                kept: false,
             });
         }
     }

@@ -4,9 +4,11 @@
 //! no task woken, no poll, no `Datagram`. What the rule keeps for the program waits
 //! here for the socket's receiver, which wakes for it.
 
+use std::any::Any;
 use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::rc::Rc;
 
 use io_uring::{opcode, types};
@@ -38,6 +40,9 @@ pub(crate) struct RecvTap {
     ready: RefCell<Vec<RecvDatagram>>,
     /// A malformed completion, for the receiver to report.
     failure: RefCell<Option<io::Error>>,
+    /// The rule's panic, resumed in the task that receives: it must not unwind through
+    /// the driver, which would stop every tap of the runtime.
+    panic: RefCell<Option<Box<dyn Any + Send>>>,
     counters: Cell<RecvCounters>,
     /// One completion's datagrams (several with GRO), kept for its room.
     scratch: Cell<Vec<RecvDatagram>>,
@@ -64,6 +69,7 @@ impl RecvTap {
             ledger: ledger.clone(),
             ready: RefCell::new(Vec::new()),
             failure: RefCell::new(None),
+            panic: RefCell::new(None),
             counters: Cell::new(RecvCounters::default()),
             scratch: Cell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
@@ -80,13 +86,31 @@ impl RecvTap {
     }
 
     /// Moves what waits for the receiver to the end of `ready`; a failure met meanwhile
-    /// comes back too.
+    /// comes back too. A panic of the rule goes on here, in the receiving task.
     pub(crate) fn hand_over(&self, ready: &mut Vec<RecvDatagram>) -> Option<io::Error> {
         let mut waiting = self.ready.borrow_mut();
         if !waiting.is_empty() {
             ready.append(&mut waiting);
         }
+        drop(waiting);
+        if let Some(panic) = self.panic.borrow_mut().take() {
+            std::panic::resume_unwind(panic);
+        }
         self.failure.borrow_mut().take()
+    }
+
+    /// Whether `rule` forwards `datagram`; a rule that panics keeps it for the program,
+    /// and its panic goes on in the task that receives it.
+    fn forwards(&self, rule: &Forwarding, datagram: &RecvDatagram) -> bool {
+        // AssertUnwindSafe: the rule only reads the datagram, and a panic leaves
+        // nothing of the tap's half-changed.
+        match std::panic::catch_unwind(AssertUnwindSafe(|| rule.forwards(datagram))) {
+            Ok(forwards) => forwards,
+            Err(panic) => {
+                self.panic.borrow_mut().get_or_insert(panic);
+                false
+            }
+        }
     }
 
     /// Holds `datagram` back to go to `rule`'s destination with the others reaped with
@@ -157,7 +181,7 @@ impl Tap for RecvTap {
         let rule = self.rule.get();
         for datagram in got.drain(..) {
             match rule {
-                Some(rule) if rule.forwards(&datagram) => {
+                Some(rule) if self.forwards(&rule, &datagram) => {
                     counters.forwarded += 1;
                     if self.pending_to.get() != rule.destination() {
                         self.flush(driver);
@@ -165,7 +189,10 @@ impl Tap for RecvTap {
                     self.hold_forward(datagram, rule);
                 }
                 _ => {
-                    self.ready.borrow_mut().push(datagram);
+                    self.ready.borrow_mut().push(RecvDatagram {
+                        kept: rule.is_some(),
+                        ..datagram
+                    });
                     wake = true;
                 }
             }

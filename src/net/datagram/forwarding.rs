@@ -2,6 +2,7 @@
 //! the forwarding its receive does for the datagrams the engine hands it (io_uring's
 //! driver forwards the rest as it reaps them, see the driver's `recv_tap`).
 
+use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 
 use super::{check_destination, DatagramSocket};
@@ -141,7 +142,8 @@ impl DatagramSocket {
     }
 
     /// Sends on the datagrams of `out[start..]` that `rule` forwards, keeping the others
-    /// in order.
+    /// in order. A rule that panics: the datagrams not sent on go back to the socket, to
+    /// be handed out first (the one it panicked on as kept), and the panic goes on.
     fn forward_taken(
         &self,
         fd: &SharedFd,
@@ -151,10 +153,25 @@ impl DatagramSocket {
     ) {
         let mut taken = self.forward_scratch.take();
         taken.extend(out.drain(start..));
-        for datagram in taken.drain(..) {
-            if !rule.forwards(&datagram) {
+        let mut panicked = None;
+        for mut datagram in taken.drain(..) {
+            if datagram.kept || panicked.is_some() {
                 out.push(datagram);
                 continue;
+            }
+            // AssertUnwindSafe: the rule only reads the datagram.
+            match std::panic::catch_unwind(AssertUnwindSafe(|| rule.forwards(&datagram))) {
+                Ok(true) => {}
+                Ok(false) => {
+                    out.push(datagram);
+                    continue;
+                }
+                Err(panic) => {
+                    panicked = Some(panic);
+                    datagram.kept = true;
+                    out.push(datagram);
+                    continue;
+                }
             }
             self.forwarded.set(self.forwarded.get() + 1);
             let data = Forward::from_payload(datagram.buf);
@@ -166,5 +183,13 @@ impl DatagramSocket {
             }
         }
         self.forward_scratch.set(taken);
+        if let Some(panic) = panicked {
+            let mut carried = self.carried.borrow_mut();
+            for datagram in out.drain(start..).rev() {
+                carried.push_front(datagram);
+            }
+            drop(carried);
+            std::panic::resume_unwind(panic);
+        }
     }
 }
