@@ -190,11 +190,7 @@ async fn relay_forwarding(
                 );
                 return Err(Error::io("relay", std::io::Error::other(why)));
             }
-            let r = settled_posts(&socket).await;
-            if std::env::var_os("RELAY_DEBUG").is_some() {
-                eprintln!("{:?} {:?}", socket.receive_stats(), socket.post_stats());
-            }
-            r
+            settled_posts(&socket).await
         }));
     }
     // As in `relay`: every flow has armed its receive once this sleep ends.
