@@ -35,7 +35,6 @@
 
 use std::any::Any;
 use std::cell::{RefCell, RefMut};
-use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
@@ -247,15 +246,12 @@ pub(crate) struct Driver {
     dead: Released,
     /// Room for the next turn's releases, and emptied boxes for posted sends.
     spares: Spares,
-    /// Tapped completions reaped and not yet given to their taps (see [`Tap`]): they
-    /// are given once the completion queue is read, as a tap pushes entries.
-    tapped: VecDeque<Tapped>,
-    /// The taps are being run: a reap that pushing entries forced (a full queue) leaves
-    /// what it reaps to the run under way, which keeps the kernel's order.
-    running_taps: bool,
-    /// The taps that took completions in this run, to flush at its end (kept for its
-    /// room).
+    /// The taps that took completions and hold work back for once the completion
+    /// queue is read (see [`Tap::flush`]), in the order they took them.
     taps_to_flush: Vec<Rc<dyn Tap>>,
+    /// The taps are being flushed: a reap that pushing entries forced (a full queue)
+    /// leaves its taps to the flush under way, which keeps the kernel's order.
+    flushing_taps: bool,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -288,9 +284,8 @@ impl Driver {
             buf_rings: buf_ring::Registry::new(),
             dead: Released::default(),
             spares: Spares::default(),
-            tapped: VecDeque::new(),
-            running_taps: false,
             taps_to_flush: Vec::new(),
+            flushing_taps: false,
             shut_down: false,
         })
     }
@@ -821,7 +816,7 @@ impl Driver {
             ops,
             wake_armed,
             dead,
-            tapped,
+            taps_to_flush,
             ..
         } = self;
         // Multishots that reached their queue limit; rare, so no allocation otherwise.
@@ -836,7 +831,7 @@ impl Driver {
                 WAKE_TOKEN => *wake_armed = false,
                 user_data => {
                     let key = Key::from_user_data(user_data);
-                    if complete(ops, dead, tapped, key, completion) == Reaped::Pause {
+                    if complete(ops, dead, taps_to_flush, key, completion) == Reaped::Pause {
                         to_pause.push(key);
                     }
                 }
@@ -856,67 +851,27 @@ impl Driver {
                 }
             }
         }
-        self.run_taps();
+        self.flush_taps();
     }
 
-    /// Gives the tapped completions to their taps, in the order they were reaped, and
-    /// wakes the owners they left something for or whose operation ended.
-    fn run_taps(&mut self) {
-        if self.running_taps {
+    /// Lets the taps that took completions do what they held back, in the order they
+    /// took them.
+    fn flush_taps(&mut self) {
+        if self.flushing_taps || self.taps_to_flush.is_empty() {
             return;
         }
-        self.running_taps = true;
-        let mut flush = std::mem::take(&mut self.taps_to_flush);
-        loop {
-            self.give_tapped(&mut flush);
-            if flush.is_empty() {
-                break;
-            }
-            for tap in flush.drain(..) {
+        self.flushing_taps = true;
+        let mut flushing = Vec::new();
+        // A flush that had to make room in the submission queue may have reaped more.
+        while !self.taps_to_flush.is_empty() {
+            std::mem::swap(&mut flushing, &mut self.taps_to_flush);
+            for tap in flushing.drain(..) {
                 tap.flush(self);
             }
-            // A flush that had to make room in the submission queue reaped more.
-            if self.tapped.is_empty() {
-                break;
-            }
         }
-        self.taps_to_flush = flush;
-        self.running_taps = false;
-    }
-
-    /// Gives each tapped completion to its tap; the taps that took any join `flush`.
-    fn give_tapped(&mut self, flush: &mut Vec<Rc<dyn Tap>>) {
-        while let Some(Tapped {
-            tap,
-            key,
-            completion,
-        }) = self.tapped.pop_front()
-        {
-            // A tap listed twice flushes nothing the second time; completions of one
-            // socket mostly come together, so the last entry is the one to look at.
-            let listed = flush
-                .last()
-                .is_some_and(|last| std::ptr::addr_eq(Rc::as_ptr(last), Rc::as_ptr(&tap)));
-            if !listed {
-                flush.push(tap.clone());
-            }
-            let delivered = tap.take(self, completion);
-            // The last completion wakes the owner whatever it carried: the operation has
-            // ended (a full completion queue ends a multishot with a datagram) and waits
-            // for its owner to see that and start another.
-            if !delivered && completion.more() {
-                continue;
-            }
-            if let Some(Slot {
-                state: State::Multi { waker, armed, .. },
-                ..
-            }) = self.ops.get_mut(key)
-            {
-                if let (Some(waker), true) = (waker.as_ref(), std::mem::take(armed)) {
-                    self.dead.push_wake(waker.clone());
-                }
-            }
-        }
+        // The room back for the next reap.
+        self.taps_to_flush = flushing;
+        self.flushing_taps = false;
     }
 
     /// Hands multishot `key`'s completions that carry a value to `tap` from now on.
@@ -990,13 +945,6 @@ impl Driver {
     }
 }
 
-/// A completion reaped for a tap, waiting to be given to it.
-struct Tapped {
-    tap: Rc<dyn Tap>,
-    key: Key,
-    completion: Completion,
-}
-
 /// What reaping one completion asks of the driver.
 #[derive(Debug, PartialEq, Eq)]
 enum Reaped {
@@ -1008,7 +956,7 @@ enum Reaped {
 fn complete(
     ops: &mut Table,
     dead: &mut Released,
-    tapped: &mut VecDeque<Tapped>,
+    taps_to_flush: &mut Vec<Rc<dyn Tap>>,
     key: Key,
     completion: Completion,
 ) -> Reaped {
@@ -1038,11 +986,25 @@ fn complete(
                 *finished = true;
             }
             if let (Some(tap), true) = (tap.as_ref(), completion.result >= 0) {
-                tapped.push_back(Tapped {
-                    tap: tap.clone(),
-                    key,
-                    completion,
-                });
+                let taken = tap.take(completion);
+                if taken.holds {
+                    // A tap listed twice flushes nothing the second time; completions
+                    // of one socket mostly come together, so the last entry tells.
+                    let listed = taps_to_flush
+                        .last()
+                        .is_some_and(|last| std::ptr::addr_eq(Rc::as_ptr(last), Rc::as_ptr(tap)));
+                    if !listed {
+                        taps_to_flush.push(tap.clone());
+                    }
+                }
+                // The last completion wakes the owner whatever it carried: the operation
+                // has ended (a full completion queue or an empty datagram ends a
+                // multishot receive with a datagram) and waits for its owner to see
+                // that and start another.
+                let wake = taken.wake || *finished;
+                if let (Some(waker), true) = (waker.as_ref(), wake && std::mem::take(armed)) {
+                    dead.push_wake(waker.clone());
+                }
                 return reaped;
             }
             let end_of_pause = *paused && *finished && completion.result == -libc::ECANCELED;
@@ -1160,7 +1122,7 @@ mod tests {
             complete(
                 &mut ops,
                 &mut dead,
-                &mut VecDeque::new(),
+                &mut Vec::new(),
                 key,
                 accepted(-1, true)
             ),
@@ -1171,7 +1133,7 @@ mod tests {
             complete(
                 &mut ops,
                 &mut dead,
-                &mut VecDeque::new(),
+                &mut Vec::new(),
                 key,
                 accepted(-1, true)
             ),
@@ -1182,7 +1144,7 @@ mod tests {
             complete(
                 &mut ops,
                 &mut dead,
-                &mut VecDeque::new(),
+                &mut Vec::new(),
                 key,
                 accepted(-1, true)
             ),
@@ -1193,7 +1155,7 @@ mod tests {
             complete(
                 &mut ops,
                 &mut dead,
-                &mut VecDeque::new(),
+                &mut Vec::new(),
                 key,
                 accepted(-libc::ECANCELED, false)
             ),
@@ -1215,7 +1177,7 @@ mod tests {
                 complete(
                     &mut ops,
                     &mut dead,
-                    &mut VecDeque::new(),
+                    &mut Vec::new(),
                     key,
                     accepted(-1, true)
                 ),
@@ -1226,7 +1188,7 @@ mod tests {
         complete(
             &mut ops,
             &mut dead,
-            &mut VecDeque::new(),
+            &mut Vec::new(),
             key,
             accepted(-libc::ECANCELED, false),
         );

@@ -14,7 +14,7 @@ use std::rc::Rc;
 use io_uring::{opcode, types};
 
 use super::datagram::{post_to_in, take_filled};
-use super::tap::Tap;
+use super::tap::{Taken, Tap};
 use super::{post_many, Completion, Driver};
 use crate::buf::IoBuf;
 use crate::driver::buf_pool::BufPool;
@@ -46,11 +46,9 @@ pub(crate) struct RecvTap {
     counters: Cell<RecvCounters>,
     /// One completion's datagrams (several with GRO), kept for its room.
     scratch: Cell<Vec<RecvDatagram>>,
-    /// Forwards of the completions reaped together, sent once all are taken: runs of
-    /// them go as GSO sends. Each has its place in the books already.
-    pending: RefCell<Vec<Forward>>,
-    /// Where the held forwards go.
-    pending_to: Cell<SocketAddr>,
+    /// Forwards of the completions reaped together and where each goes, sent once all
+    /// are taken: runs of them go as GSO sends. Each has its place in the books already.
+    pending: RefCell<Vec<(Forward, SocketAddr)>>,
 }
 
 impl RecvTap {
@@ -73,7 +71,6 @@ impl RecvTap {
             counters: Cell::new(RecvCounters::default()),
             scratch: Cell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
-            pending_to: Cell::new(SocketAddr::from(([0, 0, 0, 0], 0))),
         }
     }
 
@@ -115,18 +112,17 @@ impl RecvTap {
 
     /// Holds `datagram` back to go to `rule`'s destination with the others reaped with
     /// it, once they are all taken (see [`flush`](Tap::flush)); what cannot go (4,096
-    /// forwards in flight) is booked as dropped.
-    fn hold_forward(&self, datagram: RecvDatagram, rule: Forwarding) {
+    /// forwards in flight) is booked as dropped. True when it is held.
+    fn hold_forward(&self, datagram: RecvDatagram, rule: Forwarding) -> bool {
         if let Err(err) = self.ledger.begin() {
             self.ledger
                 .count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
-            return;
+            return false;
         }
-        let mut pending = self.pending.borrow_mut();
-        if pending.is_empty() {
-            self.pending_to.set(rule.destination());
-        }
-        pending.push(Forward::from_payload(datagram.buf));
+        self.pending
+            .borrow_mut()
+            .push((Forward::from_payload(datagram.buf), rule.destination()));
+        true
     }
 
     /// Sends one datagram whose place in the books is taken.
@@ -164,62 +160,65 @@ impl RecvTap {
 }
 
 impl Tap for RecvTap {
-    fn take(&self, driver: &mut Driver, completion: Completion) -> bool {
+    fn take(&self, completion: Completion) -> Taken {
         let mut counters = self.counters.get();
         let mut got = self.scratch.take();
-        let mut wake = false;
-        if let Err(err) = take_filled(
+        let mut taken = Taken::default();
+        let filled = take_filled(
             &self.pool,
             self.control_len,
             completion,
             &mut counters,
             &mut got,
-        ) {
+        );
+        if let Err(err) = filled {
             self.failure.borrow_mut().get_or_insert(err);
-            wake = true;
+            taken.wake = true;
         }
         let rule = self.rule.get();
         for datagram in got.drain(..) {
             match rule {
                 Some(rule) if self.forwards(&rule, &datagram) => {
                     counters.forwarded += 1;
-                    if self.pending_to.get() != rule.destination() {
-                        self.flush(driver);
-                    }
-                    self.hold_forward(datagram, rule);
+                    taken.holds |= self.hold_forward(datagram, rule);
                 }
                 _ => {
                     self.ready.borrow_mut().push(RecvDatagram {
                         kept: rule.is_some(),
                         ..datagram
                     });
-                    wake = true;
+                    taken.wake = true;
                 }
             }
         }
         self.counters.set(counters);
         self.scratch.set(got);
-        wake
+        taken
     }
 
     /// Sends the forwards held back, in order: each run of equal lengths (the last one
     /// may be shorter) as one GSO send, unless the socket's GSO sends were refused.
     fn flush(&self, driver: &mut Driver) {
         let mut pending = self.pending.take();
-        let to = self.pending_to.get();
         let gso = !self.ledger.gso_refused();
         let mut run: Vec<Forward> = Vec::new();
         let mut run_bytes = 0;
-        for forward in pending.drain(..) {
+        let mut run_to = None;
+        for (forward, to) in pending.drain(..) {
             let len = forward.data().len();
-            if !(gso && extends(&run, run_bytes, len)) {
-                self.send(driver, &mut run, to);
+            if run_to != Some(to) || !(gso && extends(&run, run_bytes, len)) {
+                if let Some(run_to) = run_to {
+                    self.send(driver, &mut run, run_to);
+                }
                 run_bytes = 0;
+                run_to = Some(to);
             }
             run_bytes += len;
             run.push(forward);
         }
-        self.send(driver, &mut run, to);
+        if let Some(run_to) = run_to {
+            self.send(driver, &mut run, run_to);
+        }
         // The room back, unless a send that made room in the queue held more meanwhile.
         let mut kept = self.pending.borrow_mut();
         if kept.is_empty() {

@@ -7,11 +7,19 @@ use super::{Completion, Driver};
 /// Takes a tapped multishot's completions inside the driver.
 pub(crate) trait Tap {
     /// Takes one completion that carries a value (`result >= 0`), in the order the
-    /// kernel posted them; the driver is the tap's to push entries on. True when the
-    /// operation's owner should wake (the tap left it something to take).
-    fn take(&self, driver: &mut Driver, completion: Completion) -> bool;
+    /// kernel posted them, as the driver reaps it.
+    fn take(&self, completion: Completion) -> Taken;
 
-    /// The completions reaped together have all been taken: what the tap held back to
-    /// do in one go (a run of sends) goes now.
+    /// The completions reaped together have all been taken: what the tap held back
+    /// (sends, whose entries need the driver) goes now.
     fn flush(&self, driver: &mut Driver);
+}
+
+/// What taking a completion came to.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct Taken {
+    /// The tap left the operation's owner something to take: wake it.
+    pub(crate) wake: bool,
+    /// The tap holds work back for its [`flush`](Tap::flush).
+    pub(crate) holds: bool,
 }
