@@ -472,3 +472,59 @@ fn a_rule_that_panics_panics_in_the_receiving_task_and_loses_nothing() {
         assert_eq!(relay.post_stats().sent, 2);
     }
 }
+
+/// Loopback with a 1280-byte MTU: datagrams of 1300 bytes go out as IP fragments one by
+/// one, but a GSO send of them is refused (its segments exceed the path). The forwards
+/// the kernel refused as a GSO run are sent again one by one: none is lost.
+#[test]
+fn forwards_a_path_cannot_carry_as_gso_go_one_by_one() {
+    for backend in util::BACKENDS {
+        let netns = match util::netns::Netns::create("fwdmtu") {
+            Ok(netns) => netns,
+            Err(why) => return util::netns::skip(&why),
+        };
+        netns
+            .exec(&["ip", "link", "set", "lo", "mtu", "1280"])
+            .unwrap();
+        netns.run(move || {
+            util::on_backend(backend, &|backend| async move {
+                let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+                let sink = util::bound_loopback();
+                sink.control().set_receive_buffer_size(4 << 20).unwrap();
+                let relay = util::bound_loopback();
+                relay.control().set_receive_buffer_size(4 << 20).unwrap();
+                let to_relay = relay.local_addr().unwrap();
+                let to_sink = sink.local_addr().unwrap();
+                relay
+                    .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+                    .unwrap();
+                let relay = std::rc::Rc::new(relay);
+                let waiting = ringsock::spawn({
+                    let relay = relay.clone();
+                    async move { seq_of(&util::recv_datagram(&relay).await) }
+                });
+                let burst = 40;
+                // Sent with no turn of the runtime between: reaped together, a GSO run.
+                for seq in 0..burst {
+                    source
+                        .send_to(&numbered(seq, 1300, false), to_relay)
+                        .unwrap();
+                }
+                let mut seqs = take_numbered(&sink, to_relay, burst as usize).await;
+                seqs.sort_unstable();
+                assert_eq!(seqs, (0..burst).collect::<Vec<u32>>(), "on {backend}");
+                source
+                    .send_to(&numbered(burst, 20, true), to_relay)
+                    .unwrap();
+                assert_eq!(waiting.await, burst);
+                relay.settle_posts().await.unwrap();
+                let posts = relay.post_stats();
+                assert_eq!(
+                    (posts.sent, posts.failed),
+                    (u64::from(burst), 0),
+                    "{posts:?}"
+                );
+            });
+        });
+    }
+}

@@ -108,6 +108,11 @@ impl PostLedger {
         }
     }
 
+    /// Remembers that a posted GSO send was refused for a reason GSO may cause.
+    pub(crate) fn note_gso_refused(&self) {
+        self.gso_refused.set(true);
+    }
+
     /// Whether a posted GSO send was refused for a reason GSO may cause.
     pub(crate) fn gso_refused(&self) -> bool {
         self.gso_refused.get()

@@ -199,13 +199,7 @@ impl Receiver {
         match &self.tap {
             Some(tap) => tap.set_rule(rule),
             None if rule.is_some() && self.multishot => {
-                self.tap = Some(Rc::new(RecvTap::new(
-                    fd,
-                    &self.pool,
-                    self.control_len,
-                    ledger,
-                    rule,
-                )));
+                self.tap = Some(RecvTap::new(fd, &self.pool, self.control_len, ledger, rule));
             }
             None => {}
         }

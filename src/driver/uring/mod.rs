@@ -46,6 +46,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::caps::{Capabilities, Capability};
 use super::current::{self, DriverId};
+use super::gso::gso_refused;
 use super::notify;
 use super::stats::DriverStats;
 use super::unpark::Unparker;
@@ -988,14 +989,7 @@ fn complete(
             if let (Some(tap), true) = (tap.as_ref(), completion.result >= 0) {
                 let taken = tap.take(completion);
                 if taken.holds {
-                    // A tap listed twice flushes nothing the second time; completions
-                    // of one socket mostly come together, so the last entry tells.
-                    let listed = taps_to_flush
-                        .last()
-                        .is_some_and(|last| std::ptr::addr_eq(Rc::as_ptr(last), Rc::as_ptr(tap)));
-                    if !listed {
-                        taps_to_flush.push(tap.clone());
-                    }
+                    list_to_flush(taps_to_flush, tap);
                 }
                 // The last completion wakes the owner whatever it carried: the operation
                 // has ended (a full completion queue or an empty datagram ends a
@@ -1033,8 +1027,20 @@ fn complete(
         State::Posted {
             ledger,
             datagrams,
+            refused_to,
             empty,
         } => {
+            if let Some(tap) = refused_to.take() {
+                let refused = io::Error::from_raw_os_error(-completion.result);
+                if *datagrams > 1 && completion.result < 0 && gso_refused(&refused) {
+                    ledger.note_gso_refused();
+                    if let Some(data) = ops.remove(key).and_then(|slot| slot.data) {
+                        tap.refused(data);
+                        list_to_flush(taps_to_flush, &tap);
+                    }
+                    return reaped;
+                }
+            }
             ledger.settle_gso_waking(completion.result, *datagrams, &mut |waker| {
                 dead.push_wake(waker)
             });
@@ -1052,6 +1058,17 @@ fn complete(
         }
     }
     reaped
+}
+
+/// Lists `tap` to flush at the end of the reap. A tap listed twice flushes nothing the
+/// second time; completions of one socket mostly come together, so the last entry tells.
+fn list_to_flush(taps_to_flush: &mut Vec<Rc<dyn Tap>>, tap: &Rc<dyn Tap>) {
+    let listed = taps_to_flush
+        .last()
+        .is_some_and(|last| std::ptr::addr_eq(Rc::as_ptr(last), Rc::as_ptr(tap)));
+    if !listed {
+        taps_to_flush.push(tap.clone());
+    }
 }
 
 fn set_waker(slot: &mut Option<Waker>, cx: &Context<'_>) {

@@ -217,11 +217,13 @@ pub(crate) unsafe fn post<T: 'static>(
     build: impl FnOnce(&mut T) -> squeue::Entry,
 ) -> Result<(), (io::Error, T)> {
     // SAFETY: forwarded from the caller.
-    unsafe { post_many(d, data, ledger, 1, build) }
+    unsafe { post_many(d, data, ledger, 1, None, build) }
 }
 
 /// [`post`] for a send of `datagrams` datagrams (a GSO send), each of which has taken
-/// its place in `ledger` and is booked with the send's result.
+/// its place in `ledger` and is booked with the send's result; or, when the kernel
+/// refuses a send of several for a reason GSO may cause, given back to `tap` to send
+/// again ([`Tap::refused`]).
 ///
 /// # Safety
 ///
@@ -231,6 +233,7 @@ pub(crate) unsafe fn post_many<T: 'static>(
     data: T,
     ledger: &Rc<PostLedger>,
     datagrams: u32,
+    tap: Option<Rc<dyn Tap>>,
     build: impl FnOnce(&mut T) -> squeue::Entry,
 ) -> Result<(), (io::Error, T)> {
     // The box an earlier post of a `T` released, else a new one.
@@ -245,6 +248,7 @@ pub(crate) unsafe fn post_many<T: 'static>(
     let state = State::Posted {
         ledger: ledger.clone(),
         datagrams,
+        refused_to: tap,
         empty: empty_post::<T>,
     };
     // SAFETY: the entry points into the cell's data, which the slot owns (in the same

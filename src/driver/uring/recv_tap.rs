@@ -9,7 +9,7 @@ use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 
 use io_uring::{opcode, types};
 
@@ -28,6 +28,8 @@ use crate::driver::sockaddr::RawAddr;
 
 /// The driver's side of one socket's receive while it forwards.
 pub(crate) struct RecvTap {
+    /// Itself, for its GSO sends to come back to when the kernel refuses them.
+    this: Weak<RecvTap>,
     /// The rule; none once the program stopped forwarding (everything is delivered).
     rule: Cell<Option<Forwarding>>,
     fd: FdRef,
@@ -58,8 +60,9 @@ impl RecvTap {
         control_len: usize,
         ledger: &Rc<PostLedger>,
         rule: Option<Forwarding>,
-    ) -> RecvTap {
-        RecvTap {
+    ) -> Rc<RecvTap> {
+        Rc::new_cyclic(|this| RecvTap {
+            this: this.clone(),
             rule: Cell::new(rule),
             fd: fd.clone(),
             pool: pool.clone(),
@@ -71,7 +74,7 @@ impl RecvTap {
             counters: Cell::new(RecvCounters::default()),
             scratch: Cell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
-        }
+        })
     }
 
     pub(crate) fn set_rule(&self, rule: Option<Forwarding>) {
@@ -136,11 +139,12 @@ impl RecvTap {
     fn send_run(&self, driver: &mut Driver, run: Vec<Forward>, to: SocketAddr) {
         let datagrams = run.len() as u32;
         let data = GsoRun::new(&self.fd, run, to);
+        let back: Option<Rc<dyn Tap>> = self.this.upgrade().map(|this| this as Rc<dyn Tap>);
         // SAFETY: the header points at the iovecs, address and control data in the boxed
         // run, and the iovecs at the datagrams' stable bytes (IoBuf's contract), all
         // owned by the slot until the final CQE.
         let posted = unsafe {
-            post_many(driver, data, &self.ledger, datagrams, |run| {
+            post_many(driver, data, &self.ledger, datagrams, back, |run| {
                 run.entry(libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT)
             })
         };
@@ -194,6 +198,22 @@ impl Tap for RecvTap {
         self.counters.set(counters);
         self.scratch.set(got);
         taken
+    }
+
+    fn refused(&self, send: Box<dyn Any>) {
+        let Ok(mut cell) = send.downcast::<Option<GsoRun>>() else {
+            return;
+        };
+        let Some(run) = cell.take() else {
+            return;
+        };
+        // Older than anything held now: they go first, one by one (the books say GSO
+        // was refused), each with the place it has.
+        let to = run.to;
+        let mut pending = self.pending.borrow_mut();
+        let newer = std::mem::take(&mut *pending);
+        pending.extend(run.datagrams.into_iter().map(|datagram| (datagram, to)));
+        pending.extend(newer);
     }
 
     /// Sends the forwards held back, in order: each run of equal lengths (the last one
@@ -262,6 +282,7 @@ fn extends(run: &[Forward], bytes: usize, len: usize) -> bool {
 /// which stay put in the slot's box.
 struct GsoRun {
     fd: FdRef,
+    to: SocketAddr,
     datagrams: Vec<Forward>,
     iovecs: Vec<libc::iovec>,
     addr: RawAddr,
@@ -274,6 +295,7 @@ impl GsoRun {
         let segment = datagrams[0].data().len().min(u16::MAX as usize) as u16;
         GsoRun {
             fd: fd.clone(),
+            to,
             iovecs: Vec::with_capacity(datagrams.len()),
             datagrams,
             addr: RawAddr::from_socket_addr(to),

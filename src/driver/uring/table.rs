@@ -100,6 +100,9 @@ pub(crate) enum State {
         /// Datagrams the send carries (more than one: a GSO send), each booked with its
         /// result.
         datagrams: u32,
+        /// Where the send goes back if the kernel refuses a GSO send (see
+        /// [`Tap::refused`]).
+        refused_to: Option<Rc<dyn Tap>>,
         /// Empties the slot's data once released, for the box to carry the next post.
         empty: Emptier,
     },

@@ -2,6 +2,8 @@
 //! instead of queueing them for the operation's future: the tap acts on each one there
 //! and then (a receive forwards its datagram), with no task woken and no poll for it.
 
+use std::any::Any;
+
 use super::{Completion, Driver};
 
 /// Takes a tapped multishot's completions inside the driver.
@@ -13,6 +15,12 @@ pub(crate) trait Tap {
     /// The completions reaped together have all been taken: what the tap held back
     /// (sends, whose entries need the driver) goes now.
     fn flush(&self, driver: &mut Driver);
+
+    /// The kernel refused a send the tap posted ([`post_many`](super::post_many) with
+    /// this tap), for a reason sending its datagrams one by one may avoid (a GSO send
+    /// whose segments the path cannot carry): `send` is the post's data, for the tap to
+    /// send again at its next flush. Its datagrams keep their places in the books.
+    fn refused(&self, send: Box<dyn Any>);
 }
 
 /// What taking a completion came to.
