@@ -221,24 +221,35 @@ impl Tap for RecvTap {
     fn flush(&self, driver: &mut Driver) {
         let mut pending = self.pending.take();
         let gso = !self.ledger.gso_refused();
-        let mut run: Vec<Forward> = Vec::new();
-        let mut run_bytes = 0;
-        let mut run_to = None;
-        for (forward, to) in pending.drain(..) {
-            let len = forward.data().len();
-            if run_to != Some(to) || !(gso && extends(&run, run_bytes, len)) {
-                if let Some(run_to) = run_to {
-                    self.send(driver, &mut run, run_to);
+        let mut items = pending.drain(..).peekable();
+        while let Some((first, to)) = items.next() {
+            let segment = first.data().len();
+            let mut last = segment;
+            let mut bytes = segment;
+            // A lone forward needs no list: one is made once a second joins the run.
+            let mut alone = Some(first);
+            let mut run = Vec::new();
+            while let Some((next, next_to)) = items.peek() {
+                let len = next.data().len();
+                let joins =
+                    gso && *next_to == to && fits_run(segment, last, run.len().max(1), bytes, len);
+                if !joins {
+                    break;
                 }
-                run_bytes = 0;
-                run_to = Some(to);
+                if let Some(first) = alone.take() {
+                    run.reserve(8);
+                    run.push(first);
+                }
+                run.extend(items.next().map(|(next, _)| next));
+                last = len;
+                bytes += len;
             }
-            run_bytes += len;
-            run.push(forward);
+            match alone {
+                Some(one) => self.send_one(driver, one, to),
+                None => self.send_run(driver, run, to),
+            }
         }
-        if let Some(run_to) = run_to {
-            self.send(driver, &mut run, run_to);
-        }
+        drop(items);
         // The room back, unless a send that made room in the queue held more meanwhile.
         let mut kept = self.pending.borrow_mut();
         if kept.is_empty() {
@@ -247,33 +258,16 @@ impl Tap for RecvTap {
     }
 }
 
-impl RecvTap {
-    /// Sends (and takes out of `run`) a run of forwards: one alone, more in one GSO send.
-    fn send(&self, driver: &mut Driver, run: &mut Vec<Forward>, to: SocketAddr) {
-        match run.len() {
-            0 => {}
-            1 => {
-                let one = run.pop().expect("one there");
-                self.send_one(driver, one, to);
-            }
-            _ => self.send_run(driver, std::mem::take(run), to),
-        }
-    }
-}
-
-/// Whether one GSO send carrying `run` (`bytes` in all) can carry a datagram of `len`
-/// bytes after them: lengths equal to the first's, the last one of a run possibly
-/// shorter, at most [`GSO_MAX_SEGMENTS`] and one UDP datagram's bytes in all.
-fn extends(run: &[Forward], bytes: usize, len: usize) -> bool {
-    let (Some(first), Some(last)) = (run.first(), run.last()) else {
-        return false;
-    };
-    let segment = first.data().len();
+/// Whether one GSO send of `count` datagrams (`bytes` in all, the first `segment`
+/// bytes long, the last `last`) can carry one of `len` bytes after them: lengths equal
+/// to the first's, the last one of a run possibly shorter, at most
+/// [`GSO_MAX_SEGMENTS`] and one UDP datagram's bytes in all.
+fn fits_run(segment: usize, last: usize, count: usize, bytes: usize, len: usize) -> bool {
     segment > 0
         && len > 0
         && len <= segment
-        && last.data().len() == segment
-        && run.len() < GSO_MAX_SEGMENTS
+        && last == segment
+        && count < GSO_MAX_SEGMENTS
         && bytes + len <= MAX_UDP_PAYLOAD_V4
 }
 
@@ -323,5 +317,40 @@ impl GsoRun {
         opcode::SendMsg::new(types::Fd(self.fd.raw()), &self.header)
             .flags(flags as u32)
             .build()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{fits_run, GSO_MAX_SEGMENTS, MAX_UDP_PAYLOAD_V4};
+
+    #[test]
+    fn a_gso_run_takes_equal_lengths_then_at_most_one_shorter() {
+        assert!(fits_run(172, 172, 1, 172, 172));
+        assert!(fits_run(172, 172, 5, 860, 100), "a shorter last one");
+        assert!(
+            !fits_run(172, 100, 6, 960, 100),
+            "nothing after the shorter one"
+        );
+        assert!(!fits_run(172, 172, 1, 172, 173), "longer than the segment");
+        assert!(!fits_run(172, 172, 1, 172, 0), "empty");
+        assert!(!fits_run(0, 0, 1, 0, 0), "empty segments");
+    }
+
+    #[test]
+    fn a_gso_run_stays_within_one_udp_datagram_and_the_segment_limit() {
+        assert!(!fits_run(100, 100, GSO_MAX_SEGMENTS, 6400, 100));
+        assert!(fits_run(100, 100, GSO_MAX_SEGMENTS - 1, 6300, 100));
+        let segment = 16_000;
+        let four = 4 * segment;
+        assert!(four + segment > MAX_UDP_PAYLOAD_V4);
+        assert!(!fits_run(segment, segment, 4, four, segment));
+        assert!(fits_run(
+            segment,
+            segment,
+            4,
+            four,
+            MAX_UDP_PAYLOAD_V4 - four
+        ));
     }
 }
