@@ -155,6 +155,33 @@ pub(crate) fn post_to<B: IoBuf>(
     posted
 }
 
+/// Posts `bufs` as datagrams to `addr`, nobody waiting for them, their results booked
+/// in `ledger`: on epoll runs of equal lengths as GSO sends, in `sendmmsg` calls now; on
+/// io_uring one posted send each. An error concerns them all (nothing was sent): a
+/// socket of another runtime, or 4,096 posts in flight on io_uring.
+pub(crate) fn post_many_to<B: IoBuf + AsRef<[u8]>>(
+    fd: &SharedFd,
+    bufs: &mut Vec<B>,
+    addr: SocketAddr,
+    ledger: &Rc<PostLedger>,
+) -> io::Result<()> {
+    match fd.binding()? {
+        Binding::Poll(reg) => {
+            let posted = poll::datagram::post_many_to(reg, fd.fd(), bufs, addr, ledger);
+            bufs.clear();
+            posted
+        }
+        Binding::Uring(_) => {
+            for buf in bufs.drain(..) {
+                if let Err((err, _unsent)) = post_to(fd, buf, addr, ledger) {
+                    ledger.count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
 /// Sends `bufs[i]` to `targets[i]`, every datagram in as few `sendmmsg` calls as the
 /// send buffer allows (one message per destination run, a GSO run where sizes allow
 /// while `gso` is true; a refusal that was GSO's own turns it off, see `GsoSuspect`).

@@ -57,6 +57,11 @@ impl PostLedger {
         self.finish(&mut Waker::wake);
     }
 
+    /// Books a datagram a direct call sent (no place was taken for it).
+    pub(crate) fn count_sent(&self) {
+        bump(&self.sent);
+    }
+
     /// Books a datagram that never became a send, for `errno` (no place was taken): a
     /// full ledger (ENOBUFS) is a drop, anything else a failure.
     pub(crate) fn count_unsent(&self, errno: i32) {

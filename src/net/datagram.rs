@@ -260,6 +260,8 @@ pub struct DatagramSocket {
     forwarded: Cell<u64>,
     /// One receive's datagrams while the rule sorts them, kept for its room.
     forward_scratch: Cell<Vec<RecvDatagram>>,
+    /// The forwards of one receive on their way out, kept for its room.
+    forward_out: Cell<Vec<Forward>>,
 }
 
 impl DatagramSocket {
@@ -278,6 +280,7 @@ impl DatagramSocket {
             forwarding: Cell::new(None),
             forwarded: Cell::new(0),
             forward_scratch: Cell::new(Vec::new()),
+            forward_out: Cell::new(Vec::new()),
         }
     }
 

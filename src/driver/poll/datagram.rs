@@ -234,6 +234,68 @@ pub(crate) fn post_to<B: IoBuf>(
     Ok(())
 }
 
+/// Posts `bufs` as datagrams to `addr`, nobody waiting for them: runs of equal lengths
+/// as GSO sends, all in `sendmmsg` calls now, each datagram's result booked in `ledger`
+/// (which holds no place for them). A full send buffer drops the rest; a GSO send
+/// refused for a reason GSO may cause sends its datagrams one by one, and the socket's
+/// posts go one by one from then on.
+pub(crate) fn post_many_to<B: IoBuf + AsRef<[u8]>>(
+    reg: &Registration,
+    fd: &FdRef,
+    bufs: &[B],
+    addr: SocketAddr,
+    ledger: &PostLedger,
+) -> io::Result<()> {
+    // Also the check that this driver runs the thread: the calls go out now.
+    reg.driver().with(|_| ())?;
+    let targets = Targets::One(Some(addr), SendMeta::default());
+    let links = plan_links(bufs, 0, !ledger.gso_refused(), usize::MAX, &targets);
+    let mut batch = MmsgBatch::new(bufs, &links, &targets);
+    let mut at = 0;
+    while at < links.len() {
+        let _ = reg.driver().with(|d| d.stats.io_calls += 1);
+        let sent = match batch.send(fd.raw(), at) {
+            // The kernel takes at least one message or fails: none is as a full buffer.
+            Ok(0) => Err(io::Error::from(io::ErrorKind::WouldBlock)),
+            sent => sent,
+        };
+        match sent {
+            Ok(sent) => {
+                for link in &links[at..at + sent] {
+                    (0..link.count).for_each(|_| ledger.count_sent());
+                }
+                at += sent;
+            }
+            Err(err) => {
+                let link = links[at];
+                if err.kind() == io::ErrorKind::WouldBlock {
+                    // No room: the rest is dropped, as a post never waits.
+                    let rest: usize = links[at..].iter().map(|link| link.count).sum();
+                    (0..rest).for_each(|_| ledger.count_unsent(libc::EAGAIN));
+                    return Ok(());
+                }
+                if link.count > 1 && gso_refused(&err) {
+                    ledger.note_gso_refused();
+                    let raw = RawAddr::from_socket_addr(addr);
+                    for buf in &bufs[link.first..link.first + link.count] {
+                        match send_now(fd, buf, Some(&raw)) {
+                            Ok(_) => ledger.count_sent(),
+                            Err(err) => {
+                                ledger.count_unsent(err.raw_os_error().unwrap_or(libc::EIO))
+                            }
+                        }
+                    }
+                } else {
+                    let errno = err.raw_os_error().unwrap_or(libc::EIO);
+                    (0..link.count).for_each(|_| ledger.count_unsent(errno));
+                }
+                at += 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// [`send_to`] with control messages, as one `sendmsg`.
 async fn send_msg_to<B: IoBuf>(
     reg: &Registration,

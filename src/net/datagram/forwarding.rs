@@ -2,6 +2,7 @@
 //! the forwarding its receive does for the datagrams the engine hands it (io_uring's
 //! driver forwards the rest as it reaps them, see the driver's `recv_tap`).
 
+use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 
@@ -14,6 +15,10 @@ use crate::{Error, Result};
 /// Receive steps one poll may spend forwarding before it lets other tasks run: under
 /// a flood a socket that forwards everything never finds itself empty.
 const FORWARD_ROUNDS: usize = 16;
+
+/// Datagrams a receive takes in at most while the socket forwards: its forwards go out
+/// together (GSO runs on epoll), whatever the caller takes.
+const FORWARD_BATCH: usize = 64;
 
 impl DatagramSocket {
     /// Forwards what this socket receives by itself: every datagram (but those
@@ -99,6 +104,29 @@ impl DatagramSocket {
         Ok(())
     }
 
+    /// Sends `forwards` on to `to` as posts: a lone one as one send, more together (GSO
+    /// runs on epoll); what cannot go is booked as dropped or failed.
+    fn send_forwards(&self, fd: &SharedFd, forwards: &mut Vec<Forward>, to: SocketAddr) {
+        let count = forwards.len();
+        let unsent = match count {
+            0 => return,
+            1 => {
+                let one = forwards.pop().expect("one there");
+                ops_datagram::post_to(fd, one, to, &self.posts)
+                    .err()
+                    .map(|(err, _)| (err, 1))
+            }
+            _ => ops_datagram::post_many_to(fd, forwards, to, &self.posts)
+                .err()
+                .map(|err| (err, count)),
+        };
+        forwards.clear();
+        if let Some((err, count)) = unsent {
+            let errno = err.raw_os_error().unwrap_or(libc::EIO);
+            (0..count).for_each(|_| self.posts.count_unsent(errno));
+        }
+    }
+
     /// Gives the receiver `rule`, if there is one and it is free (a detach runs from a
     /// task, never inside a receive's poll).
     pub(super) fn tell_receiver_forwarding(&self, fd: &SharedFd, rule: Option<Forwarding>) {
@@ -120,15 +148,23 @@ impl DatagramSocket {
     ) -> Poll<Result<AfterRecv>> {
         let start = out.len();
         for _ in 0..FORWARD_ROUNDS {
-            let polled = self.poll_received(fd, cx, out, max);
             let Some(rule) = self.forwarding.get() else {
-                return polled;
+                return self.poll_received(fd, cx, out, max);
             };
-            let after = match polled {
+            // More than the caller takes, so that what is forwarded goes in batches.
+            let after = match self.poll_received(fd, cx, out, max.max(FORWARD_BATCH)) {
                 Poll::Ready(Ok(after)) => after,
                 other => return other,
             };
             self.forward_taken(fd, rule, out, start);
+            if out.len() > start + max {
+                // Kept past what the caller takes: first for the next receive.
+                let mut carried = self.carried.borrow_mut();
+                for datagram in out.drain(start + max..).rev() {
+                    carried.push_front(datagram);
+                }
+                return Poll::Ready(Ok(AfterRecv::MayHaveMore));
+            }
             if out.len() > start {
                 return Poll::Ready(Ok(after));
             }
@@ -153,6 +189,7 @@ impl DatagramSocket {
     ) {
         let mut taken = self.forward_scratch.take();
         taken.extend(out.drain(start..));
+        let mut forwards = self.forward_out.take();
         let mut panicked = None;
         for mut datagram in taken.drain(..) {
             if datagram.kept || panicked.is_some() {
@@ -174,15 +211,11 @@ impl DatagramSocket {
                 }
             }
             self.forwarded.set(self.forwarded.get() + 1);
-            let data = Forward::from_payload(datagram.buf);
-            if let Err((err, _unsent)) =
-                ops_datagram::post_to(fd, data, rule.destination(), &self.posts)
-            {
-                self.posts
-                    .count_unsent(err.raw_os_error().unwrap_or(libc::EIO));
-            }
+            forwards.push(Forward::from_payload(datagram.buf));
         }
         self.forward_scratch.set(taken);
+        self.send_forwards(fd, &mut forwards, rule.destination());
+        self.forward_out.set(forwards);
         if let Some(panic) = panicked {
             let mut carried = self.carried.borrow_mut();
             for datagram in out.drain(start..).rev() {
