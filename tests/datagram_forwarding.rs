@@ -528,3 +528,33 @@ fn forwards_a_path_cannot_carry_as_gso_go_one_by_one() {
         });
     }
 }
+
+#[test]
+fn kept_datagrams_of_a_burst_come_one_receive_at_a_time_in_order() {
+    on_each_forwarding_path(|backend| async move {
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay = util::bound_loopback();
+        let sink = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let to_sink = sink.local_addr().unwrap();
+        relay
+            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+            .unwrap();
+        // Kept and forwarded in turn, all queued before the relay takes any.
+        for seq in 0..20 {
+            source
+                .send_to(&numbered(seq, 60, seq % 2 == 0), to_relay)
+                .unwrap();
+        }
+        for seq in (0..20).step_by(2) {
+            let kept = util::recv_datagram(&relay).await;
+            assert_eq!(seq_of(&kept), seq, "on {backend}");
+        }
+        let mut forwarded = take_numbered(&sink, to_relay, 10).await;
+        forwarded.sort_unstable();
+        assert_eq!(forwarded, (1..20).step_by(2).collect::<Vec<u32>>());
+        relay.settle_posts().await.unwrap();
+        assert_eq!(relay.post_stats().sent, 10);
+        assert_eq!(relay.receive_stats().forwarded, 10);
+    });
+}
