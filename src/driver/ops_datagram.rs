@@ -146,7 +146,7 @@ pub(crate) fn post_to<B: IoBuf>(
         return Err((err, buf));
     }
     let posted = match binding {
-        Binding::Uring(driver) => uring::datagram::post_to(driver, fd.fd(), buf, addr, ledger),
+        Binding::Uring(driver) => uring::post_to::post_to(driver, fd.fd(), buf, addr, ledger),
         Binding::Poll(reg) => poll::datagram::post_to(reg, fd.fd(), buf, addr, ledger),
     };
     if posted.is_err() {

@@ -13,32 +13,30 @@ use std::rc::Rc;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use io_uring::{cqueue, opcode, types};
+use io_uring::{opcode, types};
 
 use super::buf_ring::BufRing;
+use super::post_to::SendMsgTo;
 use super::recv_tap::RecvTap;
-use super::{post, ChainOp, Completion, Driver, Handle, MultiOp, Op};
+use super::recvmsg_out::{take_filled, template, NAME_LEN, RECVMSG_OUT};
+use super::{ChainOp, Completion, Handle, MultiOp, Op};
 use crate::buf::IoBuf;
 use crate::driver::batch::{BatchReport, Progress};
 use crate::driver::buf_pool::BufPool;
 use crate::driver::caps::Capability;
-use crate::driver::cmsg::{RecvMeta, SendControl, SendMeta};
+use crate::driver::cmsg::{SendControl, SendMeta};
 use crate::driver::fd::FdRef;
 use crate::driver::forward::Forwarding;
 use crate::driver::gso::{
     gso_refused, link_iovecs, plan_links, settle_suspect, GsoSuspect, Link, MmsgBatch, Targets,
 };
 use crate::driver::posted::PostLedger;
-use crate::driver::recv::{deliver, AfterRecv, RecvCounters, RecvDatagram, RingConfig};
+use crate::driver::recv::{AfterRecv, RecvCounters, RecvDatagram, RingConfig};
 use crate::driver::recv_mmsg::{Drained, MmsgReceiver, BURST, QUIET, QUIET_WAKES};
 use crate::driver::ring_layout::{header_room, Layout, BEFORE_CONTROL};
 use crate::driver::send_many::{self, SendMany};
-use crate::driver::sockaddr::{addr_from_bytes, RawAddr};
+use crate::driver::sockaddr::RawAddr;
 
-/// `struct io_uring_recvmsg_out`: what the kernel writes before the name.
-const RECVMSG_OUT: usize = 16;
-/// Room for the source address in each buffer (>= sizeof(sockaddr_in6)).
-const NAME_LEN: usize = 32;
 /// Most links in one send chain: a chain must fit the submission queue.
 const MAX_LINKS: usize = 256;
 
@@ -541,85 +539,6 @@ impl Receiver {
     }
 }
 
-/// `struct msghdr` as the multishot receive reads it: room for the name and the
-/// control data (`control_len` bytes).
-fn template(control_len: usize) -> libc::msghdr {
-    // SAFETY: msghdr is plain old data; zero is its empty value.
-    let mut msghdr: libc::msghdr = unsafe { std::mem::zeroed() };
-    msghdr.msg_namelen = NAME_LEN as libc::socklen_t;
-    msghdr.msg_controllen = control_len;
-    msghdr
-}
-
-/// Delivers the datagram a multishot completion carrying `completion.result` bytes
-/// (its header, name, control data and payload) wrote into its buffer, into `out`, and
-/// gives the buffer back to the pool if the kernel is done with it.
-pub(super) fn take_filled(
-    pool: &Rc<BufPool>,
-    control_len: usize,
-    completion: Completion,
-    counters: &mut RecvCounters,
-    out: &mut Vec<RecvDatagram>,
-) -> io::Result<()> {
-    let len = completion.result.max(0) as usize;
-    let bid = cqueue::buffer_select(completion.flags)
-        .ok_or_else(|| io::Error::other("a multishot receive completed without a buffer"))?;
-    // The kernel keeps a buffer it consumes incrementally until too little is left.
-    let kept = cqueue::buffer_more(completion.flags);
-    let offset = pool.kernel_filled(bid, len, kept)?;
-    let delivered = deliver_from(pool, control_len, bid, offset, len, counters, out);
-    if !kept {
-        pool.kernel_done(bid);
-    }
-    delivered
-}
-
-/// The datagram the kernel wrote at `offset` of buffer `bid` (`len` bytes: its header,
-/// name, control data and payload), into `out`.
-fn deliver_from(
-    pool: &Rc<BufPool>,
-    control_len: usize,
-    bid: u16,
-    offset: usize,
-    len: usize,
-    counters: &mut RecvCounters,
-    out: &mut Vec<RecvDatagram>,
-) -> io::Result<()> {
-    let base = pool.buffer_ptr(bid);
-    // SAFETY: the kernel wrote these `len` bytes (within the buffer: kernel_filled
-    // checked) before posting the CQE; the ring's hold keeps the buffer ours, and the
-    // kernel writes it again only past them.
-    let filled = unsafe { std::slice::from_raw_parts(base.wrapping_add(offset), len) };
-    let template = template(control_len);
-    let parsed = types::RecvMsgOut::parse(filled, &template)
-        .map_err(|()| io::Error::other("malformed multishot receive buffer"))?;
-    let addr = addr_from_bytes(parsed.name_data());
-    let meta = if control_len > 0 {
-        RecvMeta::parse(parsed.control_data())
-    } else {
-        RecvMeta::default()
-    };
-    let payload = parsed.payload_data();
-    let at = payload.as_ptr() as usize - base as usize;
-    let original = (parsed.incoming_payload_len() as usize).max(payload.len());
-    // A buffer consumed incrementally may have had room for more than the ring's
-    // `capacity`: the datagram is cut where recvmmsg would cut it.
-    let keep = payload.len().min(pool.layout().capacity);
-    let truncated = original > keep;
-    counters.deliveries += 1;
-    if parsed.is_control_data_truncated() {
-        counters.control_truncated += 1;
-    }
-    // SAFETY: the ring's hold on `bid` lasts until after this call; the payload lies
-    // inside the bytes the kernel wrote.
-    unsafe {
-        deliver(
-            pool, bid, at, keep, original, truncated, addr, meta, counters, out,
-        )
-    };
-    Ok(())
-}
-
 /// A one-shot IORING_OP_POLL_ADD for POLLIN: completes once the socket is readable, and
 /// leaves no wait entry on it afterwards.
 fn poll_readable(driver: &Handle, fd: &FdRef) -> io::Result<Op<FdRef>> {
@@ -705,102 +624,6 @@ pub(crate) async fn send_to<B: IoBuf>(
             (sent.map(|n| n as usize), buf)
         }
         Err((err, (_, buf, _))) => (Err(err), buf),
-    }
-}
-
-/// Posts `buf` as one datagram to `addr`, nobody waiting for it: the result goes to
-/// `ledger` at the final CQE, and the buffer is dropped there. MSG_DONTWAIT: a full send
-/// buffer fails the send at once (a drop in the books) rather than leaving it parked in
-/// the kernel, as the epoll engine's direct call does.
-pub(crate) fn post_to<B: IoBuf>(
-    driver: &Handle,
-    fd: &FdRef,
-    buf: B,
-    addr: SocketAddr,
-    ledger: &Rc<PostLedger>,
-) -> Result<(), (io::Error, B)> {
-    match driver.checked() {
-        Ok(mut d) => post_to_in(&mut d, fd, buf, addr, ledger),
-        Err(err) => Err((err, buf)),
-    }
-}
-
-/// [`post_to`] with the driver in hand (for its own work: a receive's forwarding tap).
-pub(super) fn post_to_in<B: IoBuf>(
-    d: &mut Driver,
-    fd: &FdRef,
-    buf: B,
-    addr: SocketAddr,
-    ledger: &Rc<PostLedger>,
-) -> Result<(), (io::Error, B)> {
-    let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
-    if d.capabilities().contains(Capability::SendTo) {
-        let data = (fd.clone(), buf, RawAddr::from_socket_addr(addr));
-        // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and
-        // the address, both in the slot's box until the final CQE.
-        unsafe {
-            post(d, data, ledger, |(fd, buf, addr)| {
-                let len = buf.bytes_init().min(u32::MAX as usize) as u32;
-                opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
-                    .flags(flags)
-                    .dest_addr(addr.as_ptr())
-                    .dest_addr_len(addr.len)
-                    .build()
-            })
-        }
-        .map_err(|(err, (_, buf, _))| (err, buf))
-    } else {
-        let data = SendMsgTo::new(fd, buf, Some(addr), &SendMeta::default());
-        // SAFETY: the header points at the iovec and address in the boxed data, and the
-        // iovec at the buffer's stable memory; the slot owns all of it.
-        unsafe { post(d, data, ledger, |data| data.entry(flags)) }
-            .map_err(|(err, data)| (err, data.buf))
-    }
-}
-
-/// The data of a SENDMSG of one datagram to an address: the header points at the iovec,
-/// the address and the control data beside it, which stay put in the op's box.
-struct SendMsgTo<B> {
-    fd: FdRef,
-    buf: B,
-    addr: Option<RawAddr>,
-    control: SendControl,
-    iovec: libc::iovec,
-    header: libc::msghdr,
-}
-
-impl<B: IoBuf> SendMsgTo<B> {
-    fn new(fd: &FdRef, buf: B, addr: Option<SocketAddr>, meta: &SendMeta) -> SendMsgTo<B> {
-        SendMsgTo {
-            fd: fd.clone(),
-            buf,
-            addr: addr.map(RawAddr::from_socket_addr),
-            control: SendControl::new(meta, None),
-            // SAFETY: iovec is plain old data; zero is its empty value.
-            iovec: unsafe { std::mem::zeroed() },
-            // SAFETY: msghdr is plain old data; zero is its empty value.
-            header: unsafe { std::mem::zeroed() },
-        }
-    }
-
-    /// The SENDMSG entry, its header pointing at the iovec, address and control data of
-    /// `self`, which must not move until the final CQE (it is boxed in the op's slot).
-    fn entry(&mut self, flags: i32) -> io_uring::squeue::Entry {
-        self.iovec = libc::iovec {
-            iov_base: self.buf.stable_ptr() as *mut libc::c_void,
-            iov_len: self.buf.bytes_init(),
-        };
-        self.header.msg_iov = &mut self.iovec;
-        self.header.msg_iovlen = 1;
-        if let Some(addr) = self.addr.as_mut() {
-            self.header.msg_name = addr.as_mut_ptr().cast();
-            self.header.msg_namelen = addr.len;
-        }
-        self.header.msg_control = self.control.as_ptr();
-        self.header.msg_controllen = self.control.len();
-        opcode::SendMsg::new(types::Fd(self.fd.raw()), &self.header)
-            .flags(flags as u32)
-            .build()
     }
 }
 

@@ -13,7 +13,8 @@ use std::rc::{Rc, Weak};
 
 use io_uring::{opcode, types};
 
-use super::datagram::{post_to_in, take_filled};
+use super::post_to::post_to_in;
+use super::recvmsg_out::take_filled;
 use super::tap::{Taken, Tap};
 use super::{post_many, Completion, Driver};
 use crate::buf::IoBuf;
