@@ -144,6 +144,15 @@ async fn relay(
         let socket = relay_socket(socket, ring)?;
         flows.push(ringsock::spawn(forward_flow(socket, sink)));
     }
+    flows_forwarded(flows, ready).await
+}
+
+/// Once every flow has armed its receive, tells the generator (`ready`); then waits for
+/// every flow and returns how many datagrams they forwarded, or the first error.
+async fn flows_forwarded(
+    flows: Vec<ringsock::runtime::JoinHandle<Result<u64>>>,
+    ready: mpsc::Sender<()>,
+) -> Result<u64> {
     // The flows were queued before this task sleeps, so each has set up its receive
     // ring and armed its receive by the time the sleep ends.
     ringsock::runtime::sleep(Duration::from_millis(1)).await;
@@ -193,23 +202,7 @@ async fn relay_forwarding(
             settled_posts(&socket).await
         }));
     }
-    // As in `relay`: every flow has armed its receive once this sleep ends.
-    ringsock::runtime::sleep(Duration::from_millis(1)).await;
-    let _ = ready.send(());
-    let mut forwarded = 0;
-    let mut failed = None;
-    for flow in flows {
-        match flow.await {
-            Ok(n) => forwarded += n,
-            Err(err) => {
-                failed.get_or_insert(err);
-            }
-        }
-    }
-    match failed {
-        Some(err) => Err(err),
-        None => Ok(forwarded),
-    }
+    flows_forwarded(flows, ready).await
 }
 
 /// One flow: what its ring holds, up to [`FORWARD_BATCH`], forwarded to `sink` in one
