@@ -558,3 +558,96 @@ fn kept_datagrams_of_a_burst_come_one_receive_at_a_time_in_order() {
         assert_eq!(relay.receive_stats().forwarded, 10);
     });
 }
+
+static RULE_CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn counted_keep_marked(data: &[u8]) -> bool {
+    RULE_CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    keep_marked(data)
+}
+
+#[test]
+fn the_rule_is_asked_once_per_datagram() {
+    on_each_forwarding_path(|backend| async move {
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let relay = util::bound_loopback();
+        let to_relay = relay.local_addr().unwrap();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rule = Forwarding::to(sink.local_addr().unwrap()).delivering(counted_keep_marked);
+        relay.forward_received(rule).unwrap();
+        let before = RULE_CALLS.load(std::sync::atomic::Ordering::Relaxed);
+        for seq in 0..64 {
+            source.send_to(&numbered(seq, 40, true), to_relay).unwrap();
+        }
+        for seq in 0..64 {
+            assert_eq!(
+                seq_of(&util::recv_datagram(&relay).await),
+                seq,
+                "on {backend}"
+            );
+        }
+        let calls = RULE_CALLS.load(std::sync::atomic::Ordering::Relaxed) - before;
+        assert_eq!(calls, 64, "on {backend}");
+    });
+}
+
+/// A group whose sockets' rule panics: each panic goes on from `recv_batch`, and what
+/// the group had taken from the other sockets in that call comes in the next ones.
+#[test]
+fn a_group_of_forwarding_sockets_loses_nothing_when_a_rule_panics() {
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let rule = Forwarding::to(sink.local_addr().unwrap()).delivering(panics_on_13_bytes);
+        let group = runtime.block_on(async {
+            let sockets: Vec<DatagramSocket> = (0..3).map(|_| util::bound_loopback()).collect();
+            for socket in &sockets {
+                socket.forward_received(rule).unwrap();
+            }
+            ringsock::DatagramGroup::new(sockets)
+        });
+        for index in 0..3 {
+            let to = group.socket(index).local_addr().unwrap();
+            source
+                .send_to(&numbered(index as u32, 30, true), to)
+                .unwrap();
+            source
+                .send_to(&numbered(10 + index as u32, 13, false), to)
+                .unwrap();
+        }
+        let mut got = Vec::new();
+        let mut panics = 0;
+        while got.len() < 6 {
+            let taken = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                runtime.block_on(async {
+                    let mut out = Vec::new();
+                    let taking = group.recv_batch(&mut out, 64);
+                    ringsock::runtime::timeout(util::MUST_HAPPEN, taking)
+                        .await
+                        .expect("the group must hand out what its sockets hold")
+                        .unwrap();
+                    out.into_iter()
+                        .map(|(index, datagram)| (index, seq_of(&datagram)))
+                        .collect::<Vec<_>>()
+                })
+            }));
+            match taken {
+                Ok(taken) => got.extend(taken),
+                Err(panic) => {
+                    assert_eq!(util::panic_message(panic), "the rule panicked");
+                    panics += 1;
+                    assert!(panics <= 3, "on {backend}: a panic per socket at most");
+                }
+            }
+        }
+        got.sort_unstable();
+        let expect: Vec<(usize, u32)> = (0..3)
+            .flat_map(|i| [(i, i as u32), (i, 10 + i as u32)])
+            .collect();
+        assert_eq!(got, expect, "on {backend}");
+        assert!(panics >= 1, "on {backend}");
+    }
+}

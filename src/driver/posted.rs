@@ -118,6 +118,11 @@ impl PostLedger {
         self.gso_refused.set(true);
     }
 
+    /// GSO sends may be tried again (the posts go somewhere else now).
+    pub(crate) fn forget_gso_refused(&self) {
+        self.gso_refused.set(false);
+    }
+
     /// Whether a posted GSO send was refused for a reason GSO may cause.
     pub(crate) fn gso_refused(&self) -> bool {
         self.gso_refused.get()

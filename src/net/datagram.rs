@@ -908,6 +908,12 @@ impl DatagramSocket {
         self.grouped.set(grouped);
     }
 
+    /// Gives back a datagram its group took from it and could not hand out (the call
+    /// unwound): the socket hands it out first. Called newest first.
+    pub(super) fn put_back(&self, datagram: Datagram) {
+        self.carried.borrow_mut().push_front(datagram.inner);
+    }
+
     /// One receive step for the socket's group: no turn is taken, as the group is the
     /// socket's only receiver. With datagrams it says whether the socket now waits with
     /// `cx`'s waker, so the group polls it again only once it wakes.

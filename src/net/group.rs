@@ -5,6 +5,7 @@
 use std::cell::{Cell, RefCell};
 use std::fmt;
 use std::future::poll_fn;
+use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
@@ -272,6 +273,7 @@ impl DatagramGroup {
         self.ready.register(cx.waker());
         self.ready.looking();
         let mut taken = 0;
+        let first = out.len();
         let mut scratch = self.scratch.borrow_mut();
         let words = self.ready.bits.len();
         let start = self.next.get() % self.sockets.len();
@@ -304,11 +306,33 @@ impl DatagramGroup {
                         break;
                     }
                     scratch.clear();
-                    match self.sockets[index].poll_recv_grouped(
-                        &mut socket_cx,
-                        &mut scratch,
-                        max - taken,
-                    ) {
+                    // AssertUnwindSafe: a panic leaves nothing of the group half-changed
+                    // once the ready bits it took are put back below.
+                    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        self.sockets[index].poll_recv_grouped(
+                            &mut socket_cx,
+                            &mut scratch,
+                            max - taken,
+                        )
+                    }));
+                    let polled = match polled {
+                        Ok(polled) => polled,
+                        Err(panic) => {
+                            // A socket's forwarding rule panicked: the panic goes on, and
+                            // that socket and those not yet polled stay ready, since
+                            // their wakes are spent.
+                            self.ready.mark(index);
+                            word.fetch_or(bits, Ordering::AcqRel);
+                            // What this call took goes back to its sockets, first for
+                            // the next call: the caller's list unwinds with the panic.
+                            for (taken_from, datagram) in out.drain(first..).rev() {
+                                self.sockets[taken_from].put_back(datagram);
+                                self.ready.mark(taken_from);
+                            }
+                            std::panic::resume_unwind(panic);
+                        }
+                    };
+                    match polled {
                         Poll::Pending => break,
                         Poll::Ready(Ok(after)) => {
                             self.next.set(index + 1);

@@ -52,6 +52,9 @@ pub(crate) struct RecvTap {
     /// Forwards of the completions reaped together and where each goes, sent once all
     /// are taken: runs of them go as GSO sends. Each has its place in the books already.
     pending: RefCell<Vec<(Forward, SocketAddr)>>,
+    /// The datagrams of GSO sends the kernel refused, in the order they were sent: they
+    /// go again, one by one, ahead of what is pending.
+    refused_runs: RefCell<Vec<(Forward, SocketAddr)>>,
 }
 
 impl RecvTap {
@@ -75,6 +78,7 @@ impl RecvTap {
             counters: Cell::new(RecvCounters::default()),
             scratch: Cell::new(Vec::new()),
             pending: RefCell::new(Vec::new()),
+            refused_runs: RefCell::new(Vec::new()),
         })
     }
 
@@ -208,19 +212,23 @@ impl Tap for RecvTap {
         let Some(run) = cell.take() else {
             return;
         };
-        // Older than anything held now: they go first, one by one (the books say GSO
-        // was refused), each with the place it has.
+        // Older than anything held now: they go first at the next flush, one by one
+        // (the books say GSO was refused), each with the place it has, after the runs
+        // refused before them.
         let to = run.to;
-        let mut pending = self.pending.borrow_mut();
-        let newer = std::mem::take(&mut *pending);
-        pending.extend(run.datagrams.into_iter().map(|datagram| (datagram, to)));
-        pending.extend(newer);
+        self.refused_runs
+            .borrow_mut()
+            .extend(run.datagrams.into_iter().map(|datagram| (datagram, to)));
     }
 
     /// Sends the forwards held back, in order: each run of equal lengths (the last one
     /// may be shorter) as one GSO send, unless the socket's GSO sends were refused.
     fn flush(&self, driver: &mut Driver) {
         let mut pending = self.pending.take();
+        let refused = self.refused_runs.take();
+        if !refused.is_empty() {
+            pending.splice(0..0, refused);
+        }
         let gso = !self.ledger.gso_refused();
         let mut items = pending.drain(..).peekable();
         while let Some((first, to)) = items.next() {

@@ -97,7 +97,11 @@ impl DatagramSocket {
                 ),
             )
         })?;
-        self.forwarding.set(rule);
+        let old = self.forwarding.replace(rule);
+        if old.map(|old| old.destination()) != rule.map(|rule| rule.destination()) {
+            // A refusal of GSO said something of the old path, not of the new one.
+            self.posts.forget_gso_refused();
+        }
         if let Some(receiver) = receiver.as_mut() {
             receiver.set_forwarding(fd, rule, &self.posts);
         }
@@ -200,6 +204,8 @@ impl DatagramSocket {
             match std::panic::catch_unwind(AssertUnwindSafe(|| rule.forwards(&datagram))) {
                 Ok(true) => {}
                 Ok(false) => {
+                    // Asked once: what a later receive takes of it is not judged again.
+                    datagram.kept = true;
                     out.push(datagram);
                     continue;
                 }
