@@ -1,8 +1,9 @@
 //! A socket's forwarding done inside the io_uring driver: the receive ring's multishot
-//! is tapped ([`Tap`]), so each datagram the rule forwards goes out as a posted SEND of
-//! the ring buffer it arrived in, there and then, as the driver reaps its completion —
-//! no task woken, no poll, no `Datagram`. What the rule keeps for the program waits
-//! here for the socket's receiver, which wakes for it.
+//! is tapped ([`Tap`]), so the datagrams the rule forwards go out from the ring buffers
+//! they arrived in as the driver reaps their completions — no task woken, no poll, no
+//! `Datagram`. Those reaped together go once the completion queue is read: each run of
+//! equal lengths as one GSO SENDMSG, a lone one as a SEND. What the rule keeps for the
+//! program waits here for the socket's receiver, which wakes for it.
 
 use std::any::Any;
 use std::cell::{Cell, RefCell};
