@@ -22,6 +22,31 @@ fn keep_marked(data: &[u8]) -> bool {
     data.first() == Some(&KEEP)
 }
 
+/// A std source, a relay forwarding to a sink all but what [`keep_marked`] keeps, and
+/// the relay's address.
+struct Path {
+    source: std::net::UdpSocket,
+    relay: DatagramSocket,
+    sink: DatagramSocket,
+    to_relay: SocketAddr,
+}
+
+fn path_keeping_marked() -> Path {
+    let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay = util::bound_loopback();
+    let sink = util::bound_loopback();
+    let to_sink = sink.local_addr().unwrap();
+    relay
+        .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+        .unwrap();
+    Path {
+        to_relay: relay.local_addr().unwrap(),
+        source,
+        relay,
+        sink,
+    }
+}
+
 /// Runs `test` on every receive path, and on io_uring without multishot receives.
 fn on_each_forwarding_path<F, Fut>(test: F)
 where
@@ -277,14 +302,12 @@ fn an_ipv6_socket_forwards_to_an_ipv4_destination() {
 #[test]
 fn a_detached_socket_carries_what_it_had_not_forwarded_and_forwards_no_more() {
     on_each_forwarding_path(|backend| async move {
-        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let relay = util::bound_loopback();
-        let sink = util::bound_loopback();
-        let to_relay = relay.local_addr().unwrap();
-        let to_sink = sink.local_addr().unwrap();
-        relay
-            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
-            .unwrap();
+        let Path {
+            source,
+            relay,
+            sink,
+            to_relay,
+        } = path_keeping_marked();
         for seq in 0..5 {
             source.send_to(&numbered(seq, 50, false), to_relay).unwrap();
         }
@@ -308,7 +331,7 @@ fn a_detached_socket_carries_what_it_had_not_forwarded_and_forwards_no_more() {
             assert_eq!(seq_of(&got), seq, "on {backend}");
         }
         // Nothing more went to the sink: the next datagram there is the source's own.
-        source.send_to(b"last", to_sink).unwrap();
+        source.send_to(b"last", sink.local_addr().unwrap()).unwrap();
         assert_eq!(
             &util::recv_datagram(&sink).await[..],
             b"last",
@@ -532,14 +555,12 @@ fn forwards_a_path_cannot_carry_as_gso_go_one_by_one() {
 #[test]
 fn kept_datagrams_of_a_burst_come_one_receive_at_a_time_in_order() {
     on_each_forwarding_path(|backend| async move {
-        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-        let relay = util::bound_loopback();
-        let sink = util::bound_loopback();
-        let to_relay = relay.local_addr().unwrap();
-        let to_sink = sink.local_addr().unwrap();
-        relay
-            .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
-            .unwrap();
+        let Path {
+            source,
+            relay,
+            sink,
+            to_relay,
+        } = path_keeping_marked();
         // Kept and forwarded in turn, all queued before the relay takes any.
         for seq in 0..20 {
             source

@@ -1112,6 +1112,11 @@ mod tests {
     /// Results are errors (-1), not descriptors, so nothing here has anything to close.
     const MORE: u32 = 1 << 1;
 
+    /// Reaps `completion` for `key`, no tap involved.
+    fn reap_one(ops: &mut Table, dead: &mut Released, key: Key, completion: Completion) -> Reaped {
+        complete(ops, dead, &mut Vec::new(), key, completion)
+    }
+
     fn accepted(result: i32, more: bool) -> Completion {
         Completion {
             result,
@@ -1138,46 +1143,22 @@ mod tests {
             data: None,
         });
         assert_eq!(
-            complete(
-                &mut ops,
-                &mut dead,
-                &mut Vec::new(),
-                key,
-                accepted(-1, true)
-            ),
+            reap_one(&mut ops, &mut dead, key, accepted(-1, true)),
             Reaped::Done
         );
         // The second completion reaches the limit: cancel, once.
         assert_eq!(
-            complete(
-                &mut ops,
-                &mut dead,
-                &mut Vec::new(),
-                key,
-                accepted(-1, true)
-            ),
+            reap_one(&mut ops, &mut dead, key, accepted(-1, true)),
             Reaped::Pause
         );
         // What the kernel posts before the cancel lands is kept, without a second cancel.
         assert_eq!(
-            complete(
-                &mut ops,
-                &mut dead,
-                &mut Vec::new(),
-                key,
-                accepted(-1, true)
-            ),
+            reap_one(&mut ops, &mut dead, key, accepted(-1, true)),
             Reaped::Done
         );
         // The cancel's own completion ends it and is not queued.
         assert_eq!(
-            complete(
-                &mut ops,
-                &mut dead,
-                &mut Vec::new(),
-                key,
-                accepted(-libc::ECANCELED, false)
-            ),
+            reap_one(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false)),
             Reaped::Done
         );
         assert_eq!(queued(&mut ops, key), (vec![-1, -1, -1], true));
@@ -1193,24 +1174,12 @@ mod tests {
         });
         for _ in 0..1000 {
             assert_eq!(
-                complete(
-                    &mut ops,
-                    &mut dead,
-                    &mut Vec::new(),
-                    key,
-                    accepted(-1, true)
-                ),
+                reap_one(&mut ops, &mut dead, key, accepted(-1, true)),
                 Reaped::Done
             );
         }
         // An ECANCELED it did not ask for is the owner's to see.
-        complete(
-            &mut ops,
-            &mut dead,
-            &mut Vec::new(),
-            key,
-            accepted(-libc::ECANCELED, false),
-        );
+        reap_one(&mut ops, &mut dead, key, accepted(-libc::ECANCELED, false));
         let (results, ended) = queued(&mut ops, key);
         assert_eq!(
             (results.len(), results.last(), ended),
