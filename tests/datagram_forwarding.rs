@@ -672,3 +672,99 @@ fn a_group_of_forwarding_sockets_loses_nothing_when_a_rule_panics() {
         assert!(panics >= 1, "on {backend}");
     }
 }
+
+/// A panic of the rule that the io_uring driver caught while no receive ran goes on at
+/// `detach`, before it takes anything: the socket stays whole, and a second detach
+/// hands every datagram over.
+#[test]
+fn a_rule_panic_pending_at_detach_goes_on_before_anything_is_taken() {
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (relay, marker) = runtime.block_on(async {
+            let relay = util::bound_loopback();
+            let rule = Forwarding::to(sink.local_addr().unwrap()).delivering(panics_on_13_bytes);
+            relay.forward_received(rule).unwrap();
+            (relay, util::bound_loopback())
+        });
+        let to_relay = relay.local_addr().unwrap();
+        source.send_to(&numbered(0, 30, true), to_relay).unwrap();
+        runtime.block_on(async {
+            // Its receive arms the relay's standing receive.
+            assert_eq!(seq_of(&util::recv_datagram(&relay).await), 0);
+        });
+        source.send_to(&numbered(1, 30, true), to_relay).unwrap();
+        source.send_to(&numbered(2, 13, false), to_relay).unwrap();
+        source.send_to(b"m", marker.local_addr().unwrap()).unwrap();
+        // The marker's turn reaps the relay's datagrams too: they came first.
+        runtime.block_on(async { util::recv_datagram(&marker).await });
+        let first = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            runtime.block_on(async { relay.detach() })
+        }));
+        let detached = match first {
+            Ok(detached) => detached.unwrap(),
+            Err(panic) => {
+                assert_eq!(
+                    util::panic_message(panic),
+                    "the rule panicked",
+                    "on {backend}"
+                );
+                assert_eq!(relay.local_addr().unwrap(), to_relay, "still whole");
+                runtime.block_on(async { relay.detach() }).unwrap()
+            }
+        };
+        let seqs = runtime.block_on(async {
+            let adopted = detached.into_datagram().unwrap();
+            let mut seqs = Vec::new();
+            for _ in 0..2 {
+                seqs.push(seq_of(&util::recv_datagram(&adopted).await));
+            }
+            seqs
+        });
+        assert_eq!(seqs, vec![1, 2], "on {backend}");
+    }
+}
+
+/// What a rule kept for the program stays kept on the socket's next owner: a rule set
+/// there judges only what comes after.
+#[test]
+fn what_the_rule_kept_stays_kept_after_a_detach() {
+    on_each_forwarding_path(|backend| async move {
+        let Path {
+            source,
+            relay,
+            sink,
+            to_relay,
+        } = path_keeping_marked();
+        for seq in 0..3 {
+            source.send_to(&numbered(seq, 40, true), to_relay).unwrap();
+        }
+        assert_eq!(seq_of(&util::recv_datagram(&relay).await), 0);
+        let adopted = relay.detach().unwrap().into_datagram().unwrap();
+        let everything = Forwarding::to(sink.local_addr().unwrap());
+        adopted.forward_received(everything).unwrap();
+        // 1 and 2 were kept before the detach: the new rule does not judge them.
+        for seq in 1..3 {
+            let kept = util::recv_datagram(&adopted).await;
+            assert_eq!(seq_of(&kept), seq, "on {backend}");
+        }
+        // 3 comes after, and goes on while a receive waits.
+        let adopted = std::rc::Rc::new(adopted);
+        let _waiting = ringsock::spawn({
+            let adopted = adopted.clone();
+            async move { adopted.recv().await.map(|datagram| datagram.len()) }
+        });
+        source.send_to(&numbered(3, 40, true), to_relay).unwrap();
+        assert_eq!(take_numbered_any(&sink, to_relay).await, 3, "on {backend}");
+    });
+}
+
+/// The next datagram on `sink`, from `from`, whatever its mark; its sequence number.
+async fn take_numbered_any(sink: &DatagramSocket, from: SocketAddr) -> u32 {
+    let got = util::recv_datagram(sink).await;
+    assert_eq!(got.remote_addr(), from);
+    seq_of(&got)
+}

@@ -88,6 +88,14 @@ impl Receiver {
         }
     }
 
+    /// Goes on with a panic of the forwarding rule that the io_uring driver caught, in
+    /// the calling task (elsewhere the rule runs in the task and panics there).
+    pub(crate) fn raise_rule_panic(&mut self) {
+        if let Receiver::Uring(receiver) = self {
+            receiver.raise_rule_panic();
+        }
+    }
+
     /// Tells the receiver the socket's forwarding rule (`None`: it stopped). The io_uring
     /// receiver then forwards inside the driver, as it reaps the datagrams; elsewhere
     /// the socket's receive forwards what it takes in.

@@ -57,6 +57,9 @@ pub(crate) struct Carried {
     pub(crate) truncated: bool,
     pub(crate) original_len: usize,
     pub(crate) meta: RecvMeta,
+    /// The old owner's forwarding rule kept it for the program (see
+    /// [`RecvDatagram::kept`]).
+    pub(crate) kept: bool,
 }
 
 impl RecvDatagram {
@@ -68,6 +71,7 @@ impl RecvDatagram {
             truncated: self.truncated,
             original_len: self.original_len as usize,
             meta: self.meta,
+            kept: self.kept,
         }
     }
 }
@@ -81,7 +85,7 @@ impl Carried {
             truncated: self.truncated,
             original_len: datagram_len(self.original_len),
             meta: self.meta,
-            kept: false,
+            kept: self.kept,
         }
     }
 }

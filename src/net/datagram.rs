@@ -1820,6 +1820,13 @@ impl DatagramSocket {
     /// it.
     pub fn detach(&self) -> Result<Detached> {
         let fd = self.fd()?;
+        // A panic of the forwarding rule goes on now, with the socket still here and
+        // every datagram in it, as from the receive it would have come out of.
+        if let Ok(mut receiver) = self.receiver.try_borrow_mut() {
+            if let Some(receiver) = receiver.as_mut() {
+                receiver.raise_rule_panic();
+            }
+        }
         // What the driver reaps while it lets go of the socket is carried along, not
         // forwarded: nothing of this runtime's may send from the socket once it left.
         let rule = self.forwarding.take();

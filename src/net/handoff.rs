@@ -462,6 +462,10 @@ mod carried {
     /// (several full receive rings): the count and the length bounds alone would let a
     /// hostile peer make the taker hold 64 GiB.
     const MAX_TOTAL: usize = 4 * super::MAX_CARRIED_BYTES;
+    /// A datagram's flags: longer than what came.
+    const TRUNCATED: u8 = 1;
+    /// A datagram's flags: the old owner's forwarding rule kept it for the program.
+    const KEPT: u8 = 2;
 
     fn put_ip(out: &mut Vec<u8>, ip: Option<IpAddr>) {
         match ip {
@@ -492,7 +496,7 @@ mod carried {
         for d in datagrams {
             put_ip(&mut out, d.addr.map(|a| a.ip()));
             out.extend_from_slice(&d.addr.map_or(0, |a| a.port()).to_le_bytes());
-            out.push(d.truncated as u8);
+            out.push(u8::from(d.truncated) | u8::from(d.kept) << 1);
             out.extend_from_slice(&(d.original_len as u32).to_le_bytes());
             put_ip(&mut out, d.meta.destination);
             out.extend_from_slice(&d.meta.tos.map_or(u16::MAX, u16::from).to_le_bytes());
@@ -567,7 +571,12 @@ mod carried {
             let sender = ip_of(&rest[..sender_len]);
             rest = &rest[sender_len..];
             let port = u16::from_le_bytes(take(&mut rest));
-            let truncated = take::<1>(&mut rest)[0] != 0;
+            let flags = take::<1>(&mut rest)[0];
+            if flags & !(TRUNCATED | KEPT) != 0 {
+                return Err(invalid("unknown datagram flags"));
+            }
+            let truncated = flags & TRUNCATED != 0;
+            let kept = flags & KEPT != 0;
             let original_len = u32::from_le_bytes(take(&mut rest)) as usize;
             let destination_len = ip_len(take::<1>(&mut rest)[0])?;
             // The destination, traffic class, interface, timestamp, segment size and
@@ -631,6 +640,7 @@ mod carried {
                 truncated,
                 original_len,
                 meta,
+                kept,
             });
         }
         Ok(datagrams)
@@ -647,6 +657,7 @@ mod carried {
                 addr: Some("192.0.2.1:5000".parse().unwrap()),
                 truncated: false,
                 original_len: len,
+                kept: len % 2 == 0,
                 meta: RecvMeta {
                     destination: Some("::1".parse().unwrap()),
                     reply_source: Some("::1".parse().unwrap()),
@@ -666,11 +677,22 @@ mod carried {
             assert_eq!(back.len(), sent.len());
             for (a, b) in sent.iter().zip(&back) {
                 assert_eq!(
-                    (&a.data, a.addr, a.original_len),
-                    (&b.data, b.addr, b.original_len)
+                    (&a.data, a.addr, a.original_len, a.kept),
+                    (&b.data, b.addr, b.original_len, b.kept)
                 );
                 assert_eq!(a.meta, b.meta);
             }
+        }
+
+        #[test]
+        fn unknown_datagram_flags_are_refused() {
+            let mut bytes = encode(&[whole(10)]).unwrap();
+            // The count, the sender's tag and address, its port: then the flags.
+            let flags = 4 + 1 + 4 + 2;
+            assert_eq!(bytes[flags] & !(TRUNCATED | KEPT), 0);
+            bytes[flags] |= 4;
+            let err = decode(&mut &bytes[..]).unwrap_err();
+            assert!(err.to_string().contains("flags"), "{err}");
         }
 
         #[test]

@@ -210,6 +210,20 @@ impl Receiver {
         tap.hand_over(self.mmsg.ready_mut())
     }
 
+    /// Goes on with a panic of the forwarding rule the driver caught, here in the
+    /// calling task; what the tap delivered is in the ready queue first, so nothing is
+    /// lost with it.
+    pub(crate) fn raise_rule_panic(&mut self) {
+        let Some(tap) = self.tap.as_ref() else {
+            return;
+        };
+        let panic = tap.take_panic();
+        if let Some(panic) = panic {
+            let _ = self.take_tapped();
+            std::panic::resume_unwind(panic);
+        }
+    }
+
     fn arm(&mut self, fd: &FdRef) -> io::Result<()> {
         let bgid = self
             .pool
@@ -251,6 +265,8 @@ impl Receiver {
         max: usize,
     ) -> Poll<io::Result<AfterRecv>> {
         let start = out.len();
+        // Before anything is taken: the panic leaves every datagram where it was.
+        self.raise_rule_panic();
         loop {
             if let Some(err) = self.take_tapped() {
                 if out.len() == start {

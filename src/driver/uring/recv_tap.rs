@@ -92,17 +92,18 @@ impl RecvTap {
     }
 
     /// Moves what waits for the receiver to the end of `ready`; a failure met meanwhile
-    /// comes back too. A panic of the rule goes on here, in the receiving task.
+    /// comes back too.
     pub(crate) fn hand_over(&self, ready: &mut Vec<RecvDatagram>) -> Option<io::Error> {
         let mut waiting = self.ready.borrow_mut();
         if !waiting.is_empty() {
             ready.append(&mut waiting);
         }
-        drop(waiting);
-        if let Some(panic) = self.panic.borrow_mut().take() {
-            std::panic::resume_unwind(panic);
-        }
         self.failure.borrow_mut().take()
+    }
+
+    /// A panic of the rule, taken: for the receiving task to go on with.
+    pub(crate) fn take_panic(&self) -> Option<Box<dyn Any + Send>> {
+        self.panic.borrow_mut().take()
     }
 
     /// Whether `rule` forwards `datagram`; a rule that panics keeps it for the program,
