@@ -768,3 +768,44 @@ async fn take_numbered_any(sink: &DatagramSocket, from: SocketAddr) -> u32 {
     assert_eq!(got.remote_addr(), from);
     seq_of(&got)
 }
+
+/// A rule set from under another runtime's `block_on` only records the rule: the
+/// socket's own runtime forwards by it, and a receive polled under the other runtime
+/// is WrongRuntime, as anywhere.
+#[test]
+fn a_rule_set_under_another_runtime_is_the_sockets_own_runtimes_to_run() {
+    for backend in util::BACKENDS {
+        let Some(home) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let Some(other) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let (relay, sink) =
+            home.block_on(async { (util::bound_loopback(), util::bound_loopback()) });
+        let to_relay = relay.local_addr().unwrap();
+        let rule = Forwarding::to(sink.local_addr().unwrap()).delivering(keep_marked);
+        other.block_on(async {
+            relay.forward_received(rule).unwrap();
+            let err = relay.recv().await.unwrap_err();
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::WrongRuntime,
+                "on {backend}"
+            );
+        });
+        source.send_to(&numbered(0, 50, false), to_relay).unwrap();
+        source.send_to(&numbered(1, 50, true), to_relay).unwrap();
+        home.block_on(async {
+            assert_eq!(
+                seq_of(&util::recv_datagram(&relay).await),
+                1,
+                "on {backend}"
+            );
+            assert_eq!(take_numbered(&sink, to_relay, 1).await, vec![0]);
+            relay.settle_posts().await.unwrap();
+            assert_eq!(relay.post_stats().sent, 1);
+        });
+    }
+}
