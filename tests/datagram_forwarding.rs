@@ -809,3 +809,54 @@ fn a_rule_set_under_another_runtime_is_the_sockets_own_runtimes_to_run() {
         });
     }
 }
+
+/// The io_uring driver sends a forwarding socket's datagrams through the ring's file
+/// table, which keeps the socket open whatever becomes of its descriptor: dropped, the
+/// socket must still give its port back.
+#[test]
+fn a_dropped_forwarding_socket_gives_its_port_back() {
+    on_each_forwarding_path(|backend| async move {
+        let Path {
+            source,
+            relay,
+            sink,
+            to_relay,
+        } = path_keeping_marked();
+        // The relay forwards while the program receives: until the datagram it keeps.
+        let relay = std::rc::Rc::new(relay);
+        let kept = ringsock::spawn({
+            let relay = relay.clone();
+            async move { seq_of(&util::recv_datagram(&relay).await) }
+        });
+        let count = 20u32;
+        for seq in 0..count {
+            source.send_to(&numbered(seq, 64, false), to_relay).unwrap();
+        }
+        source
+            .send_to(&numbered(count, 64, true), to_relay)
+            .unwrap();
+        let mut seqs = take_numbered(&sink, to_relay, count as usize).await;
+        seqs.sort_unstable();
+        assert_eq!(seqs, (0..count).collect::<Vec<_>>(), "on {backend}");
+        assert_eq!(kept.await, count);
+        relay.settle_posts().await.unwrap();
+        drop(relay);
+        // The multishot receive ends at its cancel's completion, in a later turn of the
+        // runtime: each miss lets the runtime turn once more (a datagram round trip).
+        let to_sink = sink.local_addr().unwrap();
+        let mut turns = 0;
+        let rebound = loop {
+            match std::net::UdpSocket::bind(to_relay) {
+                Ok(socket) => break socket,
+                Err(err) if turns < 100 => {
+                    assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse, "{err}");
+                    turns += 1;
+                    sink.send_to_addr(vec![1u8; 8], to_sink).await.0.unwrap();
+                    util::recv_datagram(&sink).await;
+                }
+                Err(err) => panic!("on {backend}: the port is still taken: {err}"),
+            }
+        };
+        assert_eq!(rebound.local_addr().unwrap(), to_relay);
+    });
+}

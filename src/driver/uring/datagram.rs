@@ -197,7 +197,15 @@ impl Receiver {
         match &self.tap {
             Some(tap) => tap.set_rule(rule),
             None if rule.is_some() && self.multishot => {
-                self.tap = Some(RecvTap::new(fd, &self.pool, self.control_len, ledger, rule));
+                let registered = self.driver.register_file(fd);
+                self.tap = Some(RecvTap::new(
+                    fd,
+                    &self.pool,
+                    self.control_len,
+                    ledger,
+                    rule,
+                    registered,
+                ));
             }
             None => {}
         }

@@ -46,6 +46,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 
 use super::caps::{Capabilities, Capability};
 use super::current::{self, DriverId};
+use super::fd::FdRef;
 use super::gso::gso_refused;
 use super::notify;
 use super::stats::DriverStats;
@@ -55,6 +56,7 @@ pub(crate) mod accept;
 pub(crate) mod buf_ring;
 pub(crate) mod datagram;
 pub(crate) mod file;
+pub(crate) mod fixed_files;
 pub(crate) mod net;
 mod op;
 pub(crate) mod post_to;
@@ -65,6 +67,7 @@ mod released;
 mod table;
 pub(crate) mod tap;
 
+use fixed_files::{FixedFiles, RegisteredFile};
 pub(crate) use op::{post, post_many, ChainOp, MultiOp, Op};
 pub(crate) use released::Released;
 use released::Spares;
@@ -108,6 +111,9 @@ pub(crate) struct Shared {
     /// Wakers of operations polled while the driver was busy dispatching (by a waker it
     /// called): woken at the end of that turn, when a poll can look at their slots.
     polled_in_dispatch: RefCell<Vec<Waker>>,
+    /// Slots of the file table let go of while the driver was busy: emptied at the end
+    /// of that turn.
+    files_to_unregister: RefCell<Vec<u32>>,
 }
 
 impl Shared {
@@ -129,6 +135,7 @@ impl Shared {
             driver: RefCell::new(driver),
             dropped_in_dispatch: RefCell::new(Vec::new()),
             polled_in_dispatch: RefCell::new(Vec::new()),
+            files_to_unregister: RefCell::new(Vec::new()),
         }))
     }
 
@@ -159,6 +166,7 @@ impl Shared {
     /// polled meanwhile.
     pub(crate) fn after_dispatch(&self) {
         self.ignore_dropped();
+        self.unregister_files_let_go();
         let polled = std::mem::take(&mut *self.polled_in_dispatch.borrow_mut());
         polled.into_iter().for_each(Waker::wake);
     }
@@ -180,6 +188,30 @@ impl Shared {
             Err(_) => self.dropped_in_dispatch.borrow_mut().extend(dropped),
         }
         drop(done);
+    }
+
+    /// Puts `fd`'s file into the ring's file table (see [`fixed_files`]): none where
+    /// the driver is not this thread's or is busy, or the table is full or missing.
+    pub(crate) fn register_file(self: &Rc<Self>, fd: &FdRef) -> Option<RegisteredFile> {
+        let mut driver = self.checked().ok()?;
+        let slot = driver.register_file(fd.raw())?;
+        Some(RegisteredFile::new(slot, Rc::downgrade(self)))
+    }
+
+    /// Empties `slot` of the file table now, or at the end of the turn when the driver
+    /// is busy.
+    fn unregister_file(&self, slot: u32) {
+        match self.driver.try_borrow_mut() {
+            Ok(mut driver) => driver.unregister_file(slot),
+            Err(_) => self.files_to_unregister.borrow_mut().push(slot),
+        }
+    }
+
+    fn unregister_files_let_go(&self) {
+        let slots = std::mem::take(&mut *self.files_to_unregister.borrow_mut());
+        for slot in slots {
+            self.unregister_file(slot);
+        }
     }
 
     pub(crate) fn id(&self) -> DriverId {
@@ -255,6 +287,8 @@ pub(crate) struct Driver {
     /// The taps are being flushed: a reap that pushing entries forced (a full queue)
     /// leaves its taps to the flush under way, which keeps the kernel's order.
     flushing_taps: bool,
+    /// The ring's file table: sockets that forward by themselves send through it.
+    files: FixedFiles,
     /// Every operation was cancelled and reaped: the runtime is gone.
     shut_down: bool,
 }
@@ -289,6 +323,7 @@ impl Driver {
             spares: Spares::default(),
             taps_to_flush: Vec::new(),
             flushing_taps: false,
+            files: FixedFiles::default(),
             shut_down: false,
         })
     }
@@ -353,6 +388,35 @@ impl Driver {
     /// Ring setup flags in use, e.g. "single-issuer+defer-taskrun+taskrun-flag".
     pub(crate) fn setup_flags(&self) -> &'static str {
         self.setup
+    }
+
+    /// `fd`'s file in a slot of the ring's file table, if there is room.
+    fn register_file(&mut self, fd: RawFd) -> Option<u32> {
+        if self.shut_down {
+            return None;
+        }
+        self.files.install(&self.ring.submitter(), fd)
+    }
+
+    /// Empties `slot`, once every queued entry (some may name it) is submitted.
+    fn unregister_file(&mut self, slot: u32) {
+        if self.shut_down {
+            return;
+        }
+        for _ in 0..3 {
+            if self.ring.submission().is_empty() {
+                self.files.remove(&self.ring.submitter(), slot);
+                return;
+            }
+            self.stats.enter_calls += 1;
+            if let Err(err) = self.ring.submit() {
+                if !is_transient(&err) {
+                    break;
+                }
+            }
+        }
+        // Entries that may name the slot were not taken: emptying it would fail them.
+        // It stays taken, and its file open, until the ring goes.
     }
 
     /// What this driver found and uses.

@@ -5,6 +5,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::RawFd;
 use std::rc::Rc;
 
 use io_uring::{opcode, types};
@@ -29,28 +30,32 @@ pub(crate) fn post_to<B: IoBuf>(
     ledger: &Rc<PostLedger>,
 ) -> Result<(), (io::Error, B)> {
     match driver.checked() {
-        Ok(mut d) => post_to_in(&mut d, fd, buf, addr, ledger),
+        Ok(mut d) => post_to_in(&mut d, fd, None, buf, addr, ledger),
         Err(err) => Err((err, buf)),
     }
 }
 
-/// [`post_to`] with the driver in hand (for its own work: a receive's forwarding tap).
+/// [`post_to`] with the driver in hand (for its own work: a receive's forwarding tap),
+/// through `fd`'s slot in the ring's file table where it has one.
 pub(super) fn post_to_in<B: IoBuf>(
     d: &mut Driver,
     fd: &FdRef,
+    registered: Option<u32>,
     buf: B,
     addr: SocketAddr,
     ledger: &Rc<PostLedger>,
 ) -> Result<(), (io::Error, B)> {
     let flags = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
     if d.capabilities().contains(Capability::SendTo) {
+        let file = SendFile::of(fd, registered);
         let data = (fd.clone(), buf, RawAddr::from_socket_addr(addr));
         // SAFETY: the SQE points into the buffer (stable memory, IoBuf's contract) and
-        // the address, both in the slot's box until the final CQE.
+        // the address, both in the slot's box until the final CQE; the slot it may name
+        // holds `fd`'s file until the entry is submitted (fixed_files' rule).
         unsafe {
-            post(d, data, ledger, |(fd, buf, addr)| {
+            post(d, data, ledger, |(_, buf, addr)| {
                 let len = buf.bytes_init().min(u32::MAX as usize) as u32;
-                opcode::Send::new(types::Fd(fd.raw()), buf.stable_ptr(), len)
+                file.send(buf.stable_ptr(), len)
                     .flags(flags)
                     .dest_addr(addr.as_ptr())
                     .dest_addr_len(addr.len)
@@ -64,6 +69,37 @@ pub(super) fn post_to_in<B: IoBuf>(
         // iovec at the buffer's stable memory; the slot owns all of it.
         unsafe { post(d, data, ledger, |data| data.entry(flags)) }
             .map_err(|(err, data)| (err, data.buf))
+    }
+}
+
+/// The file a send names: the socket's slot in the ring's file table where it has one
+/// (no descriptor lookup and reference count per send), else its descriptor.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum SendFile {
+    Descriptor(RawFd),
+    Registered(u32),
+}
+
+impl SendFile {
+    pub(super) fn of(fd: &FdRef, registered: Option<u32>) -> SendFile {
+        match registered {
+            Some(slot) => SendFile::Registered(slot),
+            None => SendFile::Descriptor(fd.raw()),
+        }
+    }
+
+    fn send(self, buf: *const u8, len: u32) -> opcode::Send {
+        match self {
+            SendFile::Descriptor(fd) => opcode::Send::new(types::Fd(fd), buf, len),
+            SendFile::Registered(slot) => opcode::Send::new(types::Fixed(slot), buf, len),
+        }
+    }
+
+    pub(super) fn send_msg(self, header: *const libc::msghdr) -> opcode::SendMsg {
+        match self {
+            SendFile::Descriptor(fd) => opcode::SendMsg::new(types::Fd(fd), header),
+            SendFile::Registered(slot) => opcode::SendMsg::new(types::Fixed(slot), header),
+        }
     }
 }
 

@@ -12,9 +12,8 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::rc::{Rc, Weak};
 
-use io_uring::{opcode, types};
-
-use super::post_to::post_to_in;
+use super::fixed_files::RegisteredFile;
+use super::post_to::{post_to_in, SendFile};
 use super::recvmsg_out::take_filled;
 use super::tap::{Taken, Tap};
 use super::{post_many, Completion, Driver};
@@ -34,6 +33,9 @@ pub(crate) struct RecvTap {
     this: Weak<RecvTap>,
     /// The rule; none once the program stopped forwarding (everything is delivered).
     rule: Cell<Option<Forwarding>>,
+    /// The socket's slot in the ring's file table, which its sends name; before `fd`,
+    /// so that the slot is emptied before the descriptor can close.
+    registered: Option<RegisteredFile>,
     fd: FdRef,
     pool: Rc<BufPool>,
     /// The control data the receive asks for, as the receiver's.
@@ -65,10 +67,12 @@ impl RecvTap {
         control_len: usize,
         ledger: &Rc<PostLedger>,
         rule: Option<Forwarding>,
+        registered: Option<RegisteredFile>,
     ) -> Rc<RecvTap> {
         Rc::new_cyclic(|this| RecvTap {
             this: this.clone(),
             rule: Cell::new(rule),
+            registered,
             fd: fd.clone(),
             pool: pool.clone(),
             control_len,
@@ -137,7 +141,8 @@ impl RecvTap {
 
     /// Sends one datagram whose place in the books is taken.
     fn send_one(&self, driver: &mut Driver, data: Forward, to: SocketAddr) {
-        if let Err((err, _unsent)) = post_to_in(driver, &self.fd, data, to, &self.ledger) {
+        let slot = self.registered.as_ref().map(RegisteredFile::slot);
+        if let Err((err, _unsent)) = post_to_in(driver, &self.fd, slot, data, to, &self.ledger) {
             self.unsent(&err, 1);
         }
     }
@@ -145,7 +150,8 @@ impl RecvTap {
     /// Sends a GSO run of datagrams whose places in the books are taken.
     fn send_run(&self, driver: &mut Driver, run: Vec<Forward>, to: SocketAddr) {
         let datagrams = run.len() as u32;
-        let data = GsoRun::new(&self.fd, run, to);
+        let slot = self.registered.as_ref().map(RegisteredFile::slot);
+        let data = GsoRun::new(&self.fd, slot, run, to);
         let back: Option<Rc<dyn Tap>> = self.this.upgrade().map(|this| this as Rc<dyn Tap>);
         // SAFETY: the header points at the iovecs, address and control data in the boxed
         // run, and the iovecs at the datagrams' stable bytes (IoBuf's contract), all
@@ -286,7 +292,9 @@ fn fits_run(segment: usize, last: usize, count: usize, bytes: usize, len: usize)
 /// an iovec per datagram, the destination and a UDP_SEGMENT control message, all of
 /// which stay put in the slot's box.
 struct GsoRun {
-    fd: FdRef,
+    /// Holds the descriptor open until the final CQE; `file` is what the entry names.
+    _fd: FdRef,
+    file: SendFile,
     to: SocketAddr,
     datagrams: Vec<Forward>,
     iovecs: Vec<libc::iovec>,
@@ -296,10 +304,11 @@ struct GsoRun {
 }
 
 impl GsoRun {
-    fn new(fd: &FdRef, datagrams: Vec<Forward>, to: SocketAddr) -> GsoRun {
+    fn new(fd: &FdRef, registered: Option<u32>, datagrams: Vec<Forward>, to: SocketAddr) -> GsoRun {
         let segment = datagrams[0].data().len().min(u16::MAX as usize) as u16;
         GsoRun {
-            fd: fd.clone(),
+            _fd: fd.clone(),
+            file: SendFile::of(fd, registered),
             to,
             iovecs: Vec::with_capacity(datagrams.len()),
             datagrams,
@@ -325,9 +334,7 @@ impl GsoRun {
         self.header.msg_namelen = self.addr.len;
         self.header.msg_control = self.control.as_ptr();
         self.header.msg_controllen = self.control.len();
-        opcode::SendMsg::new(types::Fd(self.fd.raw()), &self.header)
-            .flags(flags as u32)
-            .build()
+        self.file.send_msg(&self.header).flags(flags as u32).build()
     }
 }
 
