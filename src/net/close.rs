@@ -11,6 +11,7 @@
 //! whatever is queued; operations still in flight on the socket are woken and fail, so
 //! the tasks holding it let go at once and the descriptor closes.
 
+use std::cell::Cell;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::Shutdown;
@@ -81,12 +82,13 @@ impl Closing {
         if queued {
             // Dropped unfinished (or before it ran) only with the runtime: writes still
             // here then never go. Once they are all in the kernel, it delivers them.
-            let cut = AbortIfDropped(self.would_lose_writes().then(|| self.fd.clone()));
+            let close = AbortIfDropped::new(self);
             runtime::spawn(async move {
-                let mut cut = cut;
-                let result = self.deliver_then(deadline, || cut.disarm()).await;
-                cut.disarm();
-                self.end_streams();
+                let result = close
+                    .closing()
+                    .deliver_then(deadline, || close.disarm())
+                    .await;
+                close.finish().end_streams();
                 drop(result);
             });
             return;
@@ -268,20 +270,47 @@ impl Closing {
     }
 }
 
-/// Resets the connection if dropped: a close that its runtime's end stopped part-way.
-struct AbortIfDropped(Option<SharedFd>);
+/// A close that resets the connection if it is dropped (its runtime's end stopped it
+/// part-way) while writes it had would be lost. That is judged at the drop: the last
+/// write may have reached the kernel after the close last ran, and then the kernel
+/// delivers everything and a reset would cut it.
+struct AbortIfDropped {
+    /// Taken by [`finish`](Self::finish) only.
+    closing: Option<Closing>,
+    armed: Cell<bool>,
+}
 
 impl AbortIfDropped {
-    /// The close finished: nothing to reset.
-    fn disarm(&mut self) {
-        self.0 = None;
+    fn new(closing: Closing) -> AbortIfDropped {
+        AbortIfDropped {
+            closing: Some(closing),
+            armed: Cell::new(true),
+        }
+    }
+
+    fn closing(&self) -> &Closing {
+        self.closing.as_ref().expect("taken only by finish")
+    }
+
+    /// Everything is in the kernel: nothing to reset.
+    fn disarm(&self) {
+        self.armed.set(false);
+    }
+
+    /// The close ran to its end: nothing to reset.
+    fn finish(mut self) -> Closing {
+        self.disarm();
+        self.closing.take().expect("taken only by finish")
     }
 }
 
 impl Drop for AbortIfDropped {
     fn drop(&mut self) {
-        if let Some(fd) = &self.0 {
-            abort(fd, runtime_dropped());
+        match &self.closing {
+            Some(closing) if self.armed.get() && closing.would_lose_writes() => {
+                abort(&closing.fd, runtime_dropped());
+            }
+            _ => {}
         }
     }
 }
