@@ -860,3 +860,85 @@ fn a_dropped_forwarding_socket_gives_its_port_back() {
         assert_eq!(rebound.local_addr().unwrap(), to_relay);
     });
 }
+
+/// More forwarding sockets than the io_uring driver's file table has slots (1024): the
+/// sockets past it send through their descriptors, and every one forwards.
+#[test]
+fn more_forwarding_sockets_than_the_file_table_holds_all_forward() {
+    const RELAYS: usize = 1100;
+    util::raise_nofile(RELAYS as u64 * 2 + 256);
+    on_each_forwarding_path(|backend| async move {
+        let source = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let sink = util::bound_loopback();
+        let to_sink = sink.local_addr().unwrap();
+        let mut relays = Vec::with_capacity(RELAYS);
+        let mut waiting = Vec::with_capacity(RELAYS);
+        for _ in 0..RELAYS {
+            let relay = std::rc::Rc::new(util::small_ring_loopback());
+            relay
+                .forward_received(Forwarding::to(to_sink).delivering(keep_marked))
+                .unwrap();
+            // Each forwards while its program receives: until the datagram it keeps.
+            waiting.push(ringsock::spawn({
+                let relay = relay.clone();
+                async move { seq_of(&util::recv_datagram(&relay).await) }
+            }));
+            relays.push(relay);
+        }
+        let mut seen = vec![false; RELAYS];
+        // In rounds the sink's receive buffer holds whole.
+        for (round, chunk) in relays.chunks(64).enumerate() {
+            for (offset, relay) in chunk.iter().enumerate() {
+                let seq = (round * 64 + offset) as u32;
+                let to_relay = relay.local_addr().unwrap();
+                source.send_to(&numbered(seq, 64, false), to_relay).unwrap();
+                source.send_to(&numbered(seq, 64, true), to_relay).unwrap();
+            }
+            for _ in 0..chunk.len() {
+                let got = util::recv_datagram(&sink).await;
+                let seq = seq_of(&got) as usize;
+                assert_eq!(got.remote_addr(), relays[seq].local_addr().unwrap());
+                assert_eq!(&got[..], &numbered(seq as u32, 64, false)[..]);
+                assert!(!std::mem::replace(&mut seen[seq], true), "{seq} twice");
+            }
+        }
+        for (index, kept) in waiting.into_iter().enumerate() {
+            assert_eq!(kept.await, index as u32, "on {backend}");
+        }
+        for relay in &relays {
+            relay.settle_posts().await.unwrap();
+            assert_eq!(relay.receive_stats().forwarded, 1, "on {backend}");
+            assert_eq!(relay.post_stats().sent, 1, "on {backend}");
+        }
+    });
+}
+
+/// A forwarding socket that outlives its runtime, beside another of its sockets (which
+/// keeps the io_uring driver's ring open): dropped, it still gives its port back at
+/// once, as its descriptor closes. The driver gives its file table up when it goes.
+#[test]
+fn a_forwarding_socket_dropped_after_its_runtime_gives_its_port_back() {
+    for backend in util::BACKENDS {
+        let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
+            continue;
+        };
+        let (relay, sink, to_relay) = runtime.block_on(async {
+            let Path {
+                source,
+                relay,
+                sink,
+                to_relay,
+            } = path_keeping_marked();
+            source.send_to(&numbered(0, 64, false), to_relay).unwrap();
+            source.send_to(&numbered(1, 64, true), to_relay).unwrap();
+            assert_eq!(seq_of(&util::recv_datagram(&relay).await), 1);
+            assert_eq!(take_numbered(&sink, to_relay, 1).await, [0]);
+            (relay, sink, to_relay)
+        });
+        drop(runtime);
+        drop(relay);
+        let rebound = std::net::UdpSocket::bind(to_relay);
+        assert!(rebound.is_ok(), "on {backend}: {rebound:?}");
+        drop(sink);
+    }
+}

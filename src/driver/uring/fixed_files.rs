@@ -26,6 +26,8 @@ const TABLE_SLOTS: u32 = 1024;
 pub(super) struct FixedFiles {
     /// The table was asked for (it is not asked for twice).
     set_up: bool,
+    /// The kernel holds a table.
+    registered: bool,
     /// Slots no file holds, the lowest last.
     free: Vec<u32>,
 }
@@ -38,6 +40,7 @@ impl FixedFiles {
             self.set_up = true;
             let slots = TABLE_SLOTS.min(descriptor_limit());
             if slots > 0 && submitter.register_files_sparse(slots).is_ok() {
+                self.registered = true;
                 self.free = (0..slots).rev().collect();
             }
         }
@@ -58,6 +61,18 @@ impl FixedFiles {
         if matches!(submitter.register_files_update(slot, &[-1]), Ok(1)) {
             self.free.push(slot);
         }
+    }
+}
+
+impl FixedFiles {
+    /// Gives the whole table up, for a driver that is going: sockets that outlive their
+    /// runtime close when their descriptors do, not when the ring's last handle goes
+    /// (and the kernel's exit work after it). Entries in flight keep their files.
+    pub(super) fn close(&mut self, submitter: &Submitter<'_>) {
+        if self.registered && submitter.unregister_files().is_ok() {
+            self.registered = false;
+        }
+        self.free.clear();
     }
 }
 

@@ -1008,6 +1008,7 @@ impl Driver {
             }
         }
         self.close_buf_rings();
+        self.files.close(&self.ring.submitter());
         self.shut_down = true;
     }
 }
