@@ -338,11 +338,13 @@ fn a_runtime_dropped_after_the_writes_reached_the_kernel_delivers_them() {
 
 /// A TLS socket dropped healthy at the end of its runtime, everything written sent:
 /// only its `close_notify` is missing, which loses nothing, so the peer reads every
-/// byte and then the end without `close_notify` (`ConnectionClosed`), not a reset.
+/// byte and then the end without `close_notify` (`ConnectionClosed`), not a reset. The
+/// same when its close ran a turn first and queued the `close_notify`: that record is
+/// not the program's data, and a reset would throw away what the kernel still holds.
 #[test]
 fn a_tls_socket_dropped_with_its_runtime_is_not_reset() {
     const TOTAL: usize = 256 << 10;
-    for backend in util::BACKENDS {
+    for (backend, turns) in util::BACKENDS.into_iter().flat_map(|b| [(b, 0), (b, 1)]) {
         let Some(runtime) = util::build_or_skip(Builder::new().backend(backend), backend) else {
             return;
         };
@@ -384,14 +386,24 @@ fn a_tls_socket_dropped_with_its_runtime_is_not_reset() {
             assert_eq!(hello.as_deref(), Some("hello"));
             client.write_all(vec![9u8; TOTAL]).await.0.unwrap();
             drop(client);
+            for _ in 0..turns {
+                util::yield_now().await;
+            }
         });
         drop(runtime);
         let (got, end) = server.join().unwrap();
-        assert_eq!(
-            (got, end),
-            (TOTAL, Some(SocketErrorStatus::ConnectionClosed)),
-            "{backend:?}"
+        let ends = [None, Some(SocketErrorStatus::ConnectionClosed)];
+        assert!(
+            got == TOTAL && ends.contains(&end),
+            "{backend:?}, {turns} turns: {got} of {TOTAL} bytes, then {end:?}"
         );
+        if turns == 0 {
+            assert_eq!(
+                end,
+                Some(SocketErrorStatus::ConnectionClosed),
+                "{backend:?}"
+            );
+        }
     }
 }
 

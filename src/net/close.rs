@@ -271,9 +271,10 @@ impl Closing {
 }
 
 /// A close that resets the connection if it is dropped (its runtime's end stopped it
-/// part-way) while writes it had would be lost. That is judged at the drop: the last
-/// write may have reached the kernel after the close last ran, and then the kernel
-/// delivers everything and a reset would cut it.
+/// part-way) while writes it had would be lost: armed only if they would be when it
+/// starts (a TLS session's `close_notify` it queues later is not the program's data),
+/// and judged again at the drop, since the last write may have reached the kernel after
+/// the close last ran, and then the kernel delivers everything and a reset would cut it.
 struct AbortIfDropped {
     /// Taken by [`finish`](Self::finish) only.
     closing: Option<Closing>,
@@ -282,9 +283,10 @@ struct AbortIfDropped {
 
 impl AbortIfDropped {
     fn new(closing: Closing) -> AbortIfDropped {
+        let armed = closing.would_lose_writes();
         AbortIfDropped {
             closing: Some(closing),
-            armed: Cell::new(true),
+            armed: Cell::new(armed),
         }
     }
 

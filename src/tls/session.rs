@@ -535,14 +535,14 @@ impl TlsSession {
         }
     }
 
-    /// Whether closing the session still has something to send: its `close_notify` (a
-    /// healthy session that has not sent it) or records queued.
     /// Whether encrypted records wait to be sent (a `close_notify` not yet made is not
     /// one: without it the peer sees a FIN, not lost data).
     pub(crate) fn has_unsent_records(&self) -> bool {
         self.tx.pending()
     }
 
+    /// Whether closing the session still has something to send: its `close_notify` (a
+    /// healthy session that has not sent it) or records queued.
     pub(crate) fn has_unsent(&self) -> bool {
         let healthy = self.phase.get() == Phase::Ready && self.failure.borrow().is_none();
         (healthy && !self.write_closed.get()) || self.tx.pending()
