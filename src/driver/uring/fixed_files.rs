@@ -62,9 +62,7 @@ impl FixedFiles {
             self.free.push(slot);
         }
     }
-}
 
-impl FixedFiles {
     /// Gives the whole table up, for a driver that is going: sockets that outlive their
     /// runtime close when their descriptors do, not when the ring's last handle goes
     /// (and the kernel's exit work after it). Entries in flight keep their files.
