@@ -249,3 +249,54 @@ fn posts_outlive_the_block_on_that_made_them() {
         assert_eq!(sender.post_stats().in_flight, 0, "{backend}");
     }
 }
+
+/// Posts, awaited sends, `send_many` and an output stream's flush on one socket to one
+/// peer: the datagrams arrive in the order the program sent them (on io_uring the
+/// posts wait in the submission queue while the others are direct `sendmmsg` calls).
+#[test]
+fn posts_keep_their_place_before_sends_made_after_them() {
+    util::on_each_backend(|_backend: Backend| async move {
+        use ringsock::OutgoingDatagram;
+        let sender = util::bound_loopback();
+        let peer = util::bound_loopback();
+        let to = peer.local_addr().unwrap();
+        let numbered = |n: u32| n.to_le_bytes().to_vec();
+        let mut next = 0u32;
+        for _ in 0..3 {
+            for _ in 0..5 {
+                sender.post_to_addr(numbered(next), to).unwrap();
+                next += 1;
+            }
+            let many = (next..next + 4)
+                .map(|n| OutgoingDatagram::new(numbered(n), to))
+                .collect();
+            next += 4;
+            for result in sender.send_many(many).await.unwrap() {
+                result.unwrap();
+            }
+            sender.post_to_addr(numbered(next), to).unwrap();
+            next += 1;
+            // Two writes of one size and one of another: more than one send, so the
+            // flush tries one sendmmsg first.
+            let output = sender.output_stream_to_addr(to).unwrap();
+            output.write(numbered(next)).await.unwrap();
+            output.write(numbered(next + 1)).await.unwrap();
+            output.write(vec![0xEE; 9]).await.unwrap();
+            output.flush().await.unwrap();
+            next += 2;
+            sender.post_to_addr(numbered(next), to).unwrap();
+            next += 1;
+            sender.send_to_addr(numbered(next), to).await.0.unwrap();
+            next += 1;
+        }
+        settle(&sender).await;
+        let mut order = Vec::new();
+        while order.len() < next as usize {
+            let got = util::recv_datagram(&peer).await;
+            if got.len() == 4 {
+                order.push(u32::from_le_bytes(got[..].try_into().unwrap()));
+            }
+        }
+        assert_eq!(order, (0..next).collect::<Vec<_>>());
+    });
+}

@@ -190,6 +190,17 @@ pub(crate) fn post_many_to<B: IoBuf + AsRef<[u8]>>(
     }
 }
 
+/// On io_uring, sends the socket's posted datagrams still in the submission queue
+/// before a send the task makes by a direct system call (`sendmmsg`): the program
+/// posted them first, so they must not arrive after it. The epoll engine sends a post
+/// at once.
+fn after_posts(driver: &uring::Handle, posts: &PostLedger) -> io::Result<()> {
+    if posts.has_in_flight() {
+        driver.with(|d| d.submit_queued())??;
+    }
+    Ok(())
+}
+
 /// Sends `bufs[i]` to `targets[i]`, every datagram in as few `sendmmsg` calls as the
 /// send buffer allows (one message per destination run, a GSO run where sizes allow
 /// while `gso` is true; a refusal that was GSO's own turns it off, see `GsoSuspect`).
@@ -202,10 +213,14 @@ pub(crate) async fn send_many<B: AsRef<[u8]>>(
     bufs: Vec<B>,
     targets: Vec<(SocketAddr, SendMeta)>,
     gso: &Cell<bool>,
+    posts: &PostLedger,
 ) -> io::Result<(Vec<io::Result<usize>>, Vec<B>)> {
     let many = SendMany::new(bufs, targets, gso.get());
     let many = match fd.binding()? {
-        Binding::Uring(driver) => uring::datagram::send_many(driver, fd.fd(), many).await?,
+        Binding::Uring(driver) => {
+            after_posts(driver, posts)?;
+            uring::datagram::send_many(driver, fd.fd(), many).await?
+        }
         Binding::Poll(reg) => poll::datagram::send_many(reg, fd.fd(), many).await?,
     };
     if many.gso_was_refused() {
@@ -228,10 +243,14 @@ pub(crate) async fn send_batch(
     dest: Option<SocketAddr>,
     meta: &SendMeta,
     gso: &Cell<bool>,
+    posts: &PostLedger,
     report: &mut BatchReport,
 ) -> (io::Result<()>, Progress, Vec<Bytes>) {
     match fd.binding() {
         Ok(Binding::Uring(driver)) => {
+            if let Err(err) = after_posts(driver, posts) {
+                return (Err(err), Progress::default(), bufs);
+            }
             uring::datagram::send_batch(driver, fd.fd(), bufs, dest, meta, gso, report).await
         }
         Ok(Binding::Poll(reg)) => {

@@ -154,6 +154,11 @@ impl PostLedger {
         }
     }
 
+    /// Whether a posted send is out (queued for the kernel, or not yet given back).
+    pub(crate) fn has_in_flight(&self) -> bool {
+        self.in_flight.get() > 0
+    }
+
     /// Ready once no posted send is in flight.
     pub(crate) fn poll_settled(&self, cx: &mut Context<'_>) -> Poll<()> {
         if self.in_flight.get() == 0 {

@@ -598,6 +598,8 @@ impl DatagramSocket {
     /// A post never waits: a datagram the socket's send buffer has no room for is
     /// dropped and counted, as the kernel drops a datagram on a full receive queue.
     /// [`settle_posts`](Self::settle_posts) waits until every posted datagram is out.
+    /// Posts keep their place among the socket's other sends: a datagram sent after a
+    /// post, by any call, leaves after it.
     ///
     /// Fails, with nothing sent and the buffer given back, on port 0 (InvalidArgument), an IPv6 destination on an
     /// IPv4 socket (AddressFamilyNotSupported), a socket of another runtime
@@ -752,6 +754,7 @@ impl DatagramSocket {
                 meta,
                 gso: self.options.gso.clone(),
                 max_payload: self.max_payload(dest),
+                posts: self.posts.clone(),
             },
         )
     }
@@ -813,6 +816,7 @@ impl DatagramSocket {
                 run,
                 targets[from..to].to_vec(),
                 &self.options.gso,
+                &self.posts,
             )
             .await
             {

@@ -9,7 +9,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 
 use crate::driver::ops::{self, BatchReport, Progress};
-use crate::driver::ops_datagram::{self, SendMeta};
+use crate::driver::ops_datagram::{self, PostLedger, SendMeta};
 use crate::driver::SharedFd;
 use crate::tls::session::TlsSession;
 use crate::{Error, Result};
@@ -29,6 +29,8 @@ pub(crate) enum Transport {
         gso: Rc<Cell<bool>>,
         /// The largest datagram the socket's family can carry.
         max_payload: usize,
+        /// The socket's posted sends: those queued go before the stream's.
+        posts: Rc<PostLedger>,
     },
     /// A stream socket with TLS: a batch's writes are encrypted into records together,
     /// and those records are submitted together.
@@ -60,8 +62,12 @@ impl Transport {
         match self {
             Transport::Stream => ops::send_stream_batch(fd, bufs, total, report).await,
             Transport::Datagram {
-                dest, meta, gso, ..
-            } => ops_datagram::send_batch(fd, bufs, *dest, meta, gso, report).await,
+                dest,
+                meta,
+                gso,
+                posts,
+                ..
+            } => ops_datagram::send_batch(fd, bufs, *dest, meta, gso, posts, report).await,
             Transport::Tls(session) => session.send_batch(bufs, report).await,
         }
     }

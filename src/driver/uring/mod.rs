@@ -569,6 +569,16 @@ impl Driver {
         }
     }
 
+    /// Hands every queued SQE to the kernel now, for a send about to be made by a direct
+    /// system call: the posted sends queued before it must leave first (a UDP send is
+    /// issued as it is submitted).
+    pub(crate) fn submit_queued(&mut self) -> io::Result<()> {
+        while !self.ring.submission().is_empty() {
+            self.flush_submissions()?;
+        }
+        Ok(())
+    }
+
     /// Hands the queued SQEs to the kernel without waiting, to make room in the queue.
     fn flush_submissions(&mut self) -> io::Result<()> {
         self.stats.enter_calls += 1;
