@@ -254,6 +254,36 @@ fn a_rule_that_could_never_send_is_refused_and_changes_nothing() {
             SocketErrorStatus::AddressFamilyNotSupported,
             "on {backend}: {err}"
         );
+        // Itself, by its address or, bound to the wildcard, by its port on loopback: a
+        // loop that would never end.
+        let itself = Forwarding::to(relay.local_addr().unwrap());
+        let err = relay.forward_received(itself).unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+        let wildcard = DatagramSocket::new();
+        wildcard.bind_addr("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = wildcard.local_addr().unwrap().port();
+        let itself = Forwarding::to(SocketAddr::from(([127, 0, 0, 2], port)));
+        let err = wildcard.forward_received(itself).unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+        // A socket that never bound receives nothing to forward.
+        let unbound = DatagramSocket::new();
+        let err = unbound
+            .forward_received(Forwarding::to(relay.local_addr().unwrap()))
+            .unwrap_err();
+        assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+        assert!(unbound.forwarding().is_none());
+        assert!(unbound.local_addr().is_err(), "no socket was made for it");
+        // An IPv6 socket on one IPv6 address cannot send to IPv4.
+        let ipv6_only = DatagramSocket::new();
+        if ipv6_only.bind_addr("[::1]:0".parse().unwrap()).is_ok() {
+            let to_ipv4 = Forwarding::to(relay.local_addr().unwrap());
+            let err = ipv6_only.forward_received(to_ipv4).unwrap_err();
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::AddressFamilyNotSupported,
+                "{err}"
+            );
+        }
         assert!(relay.forwarding().is_none());
         // Nothing was forwarded: a datagram still comes to the program.
         let source = util::bound_loopback();

@@ -39,10 +39,13 @@ impl DatagramSocket {
     /// kept for the program. A new call replaces the rule; see
     /// [`stop_forwarding`](Self::stop_forwarding).
     ///
-    /// Fails as [`post_to_addr`](Self::post_to_addr) does on a destination it could
-    /// never send to (port 0: InvalidArgument; an IPv6 destination on an IPv4 socket:
-    /// AddressFamilyNotSupported), and while the socket is busy in a receive
-    /// (ResourceBusy: set it from a task, not from a waker).
+    /// Fails, changing nothing, on a destination the socket could never send to (port
+    /// 0: InvalidArgument; an IPv6 destination on an IPv4 socket, or an IPv4 one on an
+    /// IPv6 socket that sends IPv6 only — bound to one IPv6 address, or IPV6_V6ONLY:
+    /// AddressFamilyNotSupported), on the socket's own address (InvalidArgument: what
+    /// it forwards would come back to it), on a socket not bound yet (InvalidArgument:
+    /// it receives nothing), and while the socket is busy in a receive (ResourceBusy:
+    /// set it from a task, not from a waker).
     ///
     /// ```no_run
     /// use ringsock::{DatagramSocket, Forwarding, Runtime};
@@ -63,11 +66,27 @@ impl DatagramSocket {
     pub fn forward_received(&self, forwarding: Forwarding) -> Result<()> {
         let to = forwarding.destination();
         check_destination(to)?;
-        let fd = self.socket_for(&to)?;
+        // A socket that never bound receives nothing: a rule on it would wait forever.
+        let unbound = || Error::invalid_input(format!("forward to {to}: bind the socket first"));
+        let fd = self.fd().map_err(|_| unbound())?;
+        let local = self.local_addr()?;
+        if local.port() == 0 {
+            return Err(unbound());
+        }
         let target = for_family(to, self.ipv6.get());
         if target.is_ipv6() && !self.ipv6.get() {
             let what = format!("forward to {to}: the socket is IPv4");
             return Err(Error::from_errno(what, libc::EAFNOSUPPORT));
+        }
+        if to.is_ipv4() && self.ipv6.get() && !reaches_ipv4(fd, local) {
+            let what = format!("forward to {to}: the socket, on {local}, sends IPv6 only");
+            return Err(Error::from_errno(what, libc::EAFNOSUPPORT));
+        }
+        if is_own_address(local, to) {
+            return Err(Error::invalid_input(format!(
+                "forward to {to}: that is the socket's own address (what it forwards \
+                 would come back to it)"
+            )));
         }
         self.set_forwarding(fd, Some(forwarding.with_destination(target)))
     }
@@ -231,4 +250,20 @@ impl DatagramSocket {
             std::panic::resume_unwind(panic);
         }
     }
+}
+
+/// Whether an IPv6 socket on `local` can send to IPv4 peers: dual-stack and bound to
+/// the wildcard (or to an IPv4 address, which `local` shows unmapped).
+fn reaches_ipv4(fd: &SharedFd, local: SocketAddr) -> bool {
+    let dual_stack = !fd.sock().only_v6().unwrap_or(false);
+    dual_stack && (local.is_ipv4() || local.ip().is_unspecified())
+}
+
+/// Whether `to` is the socket on `local` itself: its address, or its port on loopback
+/// when it is bound to the wildcard.
+fn is_own_address(local: SocketAddr, to: SocketAddr) -> bool {
+    let to_ip = to.ip().to_canonical();
+    local.port() == to.port()
+        && (to_ip == local.ip()
+            || (local.ip().is_unspecified() && (to_ip.is_loopback() || to_ip.is_unspecified())))
 }
