@@ -1,24 +1,35 @@
 //! A media relay (RTP/TURN style) between two parties that never learn each other's
-//! address: one relay socket per leg forwards everything it receives to the other party
-//! by itself (`forward_received`), without a copy of the bytes and without waking the
-//! program per packet; only "BYE" comes up to the program, and ends the leg.
+//! address, in the two shapes a relay takes:
 //!
-//! Each party sends to the relay address it was told (its SDP): the caller to one leg,
-//! the callee to the other. The callee sends every packet back from the address it
-//! arrived on (`SendOptions::reply_to`, which matters on a host with several addresses)
-//! marked as audio (DSCP 46, ECT(0)), and the caller checks every answer: each one back,
-//! byte-exact, once.
+//! - by itself (the default): each leg's socket forwards everything it receives to its
+//!   party by itself (`forward_received`), without a copy of the bytes and without
+//!   waking the program per packet; only "BYE" comes up to the program. Each party sends
+//!   to the relay address it was told (its SDP): the caller to one leg, the callee to
+//!   the other.
+//! - `--symmetric`: what arrives on one leg leaves from the other, so each party answers
+//!   where its packets came from (symmetric RTP, what NAT traversal needs). A socket
+//!   forwards only from itself, so here one loop takes what both legs hold
+//!   (`DatagramGroup`) and posts each packet on the other leg (`post_to_addr`), still
+//!   without a copy and without a future per packet.
+//!
+//! The callee sends every packet back from the address it arrived on
+//! (`SendOptions::reply_to`, which matters on a host with several addresses) marked as
+//! audio (DSCP 46, ECT(0)), and the caller checks every answer: each one back, byte-exact,
+//! once.
 //!
 //! ```sh
-//! cargo run --release --example media_relay          # 10,000 round trips
-//! cargo run --release --example media_relay 100000
+//! cargo run --release --example media_relay                       # 10,000 round trips
+//! cargo run --release --example media_relay -- 100000 --symmetric
 //! RINGSOCK_BACKEND=epoll cargo run --release --example media_relay
 //! ```
 
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use ringsock::{DatagramSocket, Ecn, Error, Forwarding, Result, SendOptions, TrafficClass};
+use ringsock::{
+    DatagramGroup, DatagramSocket, Ecn, Error, Forwarding, PostStats, Result, SendOptions,
+    TrafficClass,
+};
 
 /// Packets the caller keeps in flight: the relay forwards them as they come.
 const WINDOW: u64 = 32;
@@ -26,15 +37,19 @@ const WINDOW: u64 = 32;
 const PACKET: usize = 172;
 
 fn main() {
-    let count = match std::env::args().nth(1).map(|arg| arg.parse::<u64>()) {
-        None => 10_000,
-        Some(Ok(count)) if count > 0 => count,
-        Some(_) => {
-            eprintln!("usage: media_relay [ROUND_TRIPS > 0]");
-            std::process::exit(2);
+    let mut count = 10_000;
+    let mut symmetric = false;
+    for arg in std::env::args().skip(1) {
+        match arg.parse::<u64>() {
+            Ok(n) if n > 0 => count = n,
+            _ if arg == "--symmetric" => symmetric = true,
+            _ => {
+                eprintln!("usage: media_relay [ROUND_TRIPS > 0] [--symmetric]");
+                std::process::exit(2);
+            }
         }
-    };
-    if let Err(err) = ringsock::block_on(run(count)) {
+    }
+    if let Err(err) = ringsock::block_on(run(count, symmetric)) {
         eprintln!("{}: {err}", err.status());
         std::process::exit(1);
     }
@@ -51,7 +66,10 @@ fn packet(seq: u64) -> Vec<u8> {
     data
 }
 
-async fn run(count: u64) -> Result<()> {
+/// What a relay leg forwarded, and the books of the sends it posted.
+type LegReport = (u64, PostStats);
+
+async fn run(count: u64, symmetric: bool) -> Result<()> {
     let loopback: SocketAddr = "127.0.0.1:0".parse().expect("an address");
     let bound = || -> Result<DatagramSocket> {
         let socket = DatagramSocket::new();
@@ -60,25 +78,15 @@ async fn run(count: u64) -> Result<()> {
     };
     let (caller, callee) = (bound()?, bound()?);
     let (to_callee, to_caller) = (bound()?, bound()?);
-    // What each party was told to send its media to (its SDP, in a SIP call).
-    let (caller_sends_to, callee_sends_to) = (to_callee.local_addr()?, to_caller.local_addr()?);
-
-    // The relay: each leg's socket forwards to the other party by itself and keeps only
-    // "BYE" for the program, which passes it on and ends the leg.
-    let legs = [
-        (to_callee, callee.local_addr()?),
-        (to_caller, caller.local_addr()?),
-    ];
-    let relay = legs.map(|(leg, party)| {
-        ringsock::spawn(async move {
-            leg.forward_received(Forwarding::to(party).delivering(is_bye))?;
-            let bye = leg.recv().await?;
-            leg.post_to_addr(bye.into_forward(), party)
-                .map_err(|(err, _)| err)?;
-            leg.settle_posts().await?;
-            Ok::<_, Error>((leg.receive_stats().forwarded, leg.post_stats()))
-        })
-    });
+    // Where each party sends its media (what its SDP named, in a SIP call).
+    let caller_sends_to = to_callee.local_addr()?;
+    let callee_sends_to = (!symmetric).then_some(to_caller.local_addr()?);
+    let parties = [callee.local_addr()?, caller.local_addr()?];
+    let relay = if symmetric {
+        ringsock::spawn(relay_symmetric([to_callee, to_caller], parties))
+    } else {
+        ringsock::spawn(relay_by_itself([to_callee, to_caller], parties))
+    };
 
     // The callee: sends each packet back, from the address it came to, marked as audio.
     callee.control().set_receive_destination(true)?;
@@ -89,10 +97,8 @@ async fn run(count: u64) -> Result<()> {
             let request = callee.recv().await?;
             let options = SendOptions::reply_to(&request).with_traffic_class(audio);
             let answer = request.data().to_vec();
-            callee
-                .send_to_addr_with(answer, callee_sends_to, &options)
-                .await
-                .0?;
+            let to = callee_sends_to.unwrap_or(request.remote_addr());
+            callee.send_to_addr_with(answer, to, &options).await.0?;
             if is_bye(request.data()) {
                 return Ok::<_, Error>(answered);
             }
@@ -132,16 +138,70 @@ async fn run(count: u64) -> Result<()> {
         .0?;
     while !is_bye(caller.recv().await?.data()) {}
     let echoed = echo.await?;
-    let [forward, back] = relay;
-    let (forwarded_in, posts_in) = forward.await?;
-    let (forwarded_back, posts_back) = back.await?;
+    let [(forwarded_in, posts_in), (forwarded_back, posts_back)] = relay.await?;
+    let shape = if symmetric { "symmetric" } else { "by itself" };
     println!(
-        "{count} round trips through the relay in {:.1} ms ({:.1} µs each, {WINDOW} in flight)",
+        "{count} round trips through the relay ({shape}) in {:.1} ms ({:.1} µs each, \
+         {WINDOW} in flight)",
         elapsed.as_secs_f64() * 1e3,
         elapsed.as_secs_f64() * 1e6 / count as f64,
     );
     println!("the callee answered {echoed}; every answer came back once, byte-exact");
-    println!("relay, leg to the callee: {forwarded_in} forwarded, {posts_in:?}");
-    println!("relay, leg to the caller: {forwarded_back} forwarded, {posts_back:?}");
+    println!("relay, caller to callee: {forwarded_in} forwarded, {posts_in:?}");
+    println!("relay, callee to caller: {forwarded_back} forwarded, {posts_back:?}");
     Ok(())
+}
+
+/// Each leg forwards to its party by itself and keeps only "BYE" for the program, which
+/// passes it on and ends the leg.
+async fn relay_by_itself(
+    legs: [DatagramSocket; 2],
+    parties: [SocketAddr; 2],
+) -> Result<[LegReport; 2]> {
+    for (leg, &party) in legs.iter().zip(&parties) {
+        leg.forward_received(Forwarding::to(party).delivering(is_bye))?;
+    }
+    let ends = legs.map(|leg| {
+        ringsock::spawn(async move {
+            let bye = leg.recv().await?;
+            let party = leg.forwarding().expect("set above").destination();
+            leg.post_to_addr(bye.into_forward(), party)
+                .map_err(|(err, _)| err)?;
+            leg.settle_posts().await?;
+            Ok::<_, Error>((leg.receive_stats().forwarded, leg.post_stats()))
+        })
+    });
+    let [first, second] = ends;
+    Ok([first.await?, second.await?])
+}
+
+/// One loop over both legs: what arrives on one leaves from the other, to the party
+/// behind it, "BYE" included; the relay ends once both parties said it.
+async fn relay_symmetric(
+    legs: [DatagramSocket; 2],
+    parties: [SocketAddr; 2],
+) -> Result<[LegReport; 2]> {
+    let group = DatagramGroup::new(legs.into());
+    let mut forwarded = [0u64; 2];
+    let mut byes = 0;
+    let mut batch = Vec::new();
+    while byes < 2 {
+        group.recv_batch(&mut batch, 64).await?;
+        for (leg, datagram) in batch.drain(..) {
+            let other = 1 - leg;
+            byes += usize::from(is_bye(datagram.data()));
+            forwarded[leg] += 1;
+            group
+                .socket(other)
+                .post_to_addr(datagram.into_forward(), parties[leg])
+                .map_err(|(err, _)| err)?;
+        }
+    }
+    let mut reports = [(0, PostStats::default()); 2];
+    for (leg, report) in reports.iter_mut().enumerate() {
+        let sends_from = group.socket(1 - leg);
+        sends_from.settle_posts().await?;
+        *report = (forwarded[leg], sends_from.post_stats());
+    }
+    Ok(reports)
 }
