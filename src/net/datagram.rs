@@ -860,9 +860,10 @@ impl DatagramSocket {
     /// Waits until at least one datagram is there, then appends the datagrams the
     /// socket has taken in, up to `max`, to `out` and returns how many: what one receive
     /// step brought (on epoll one `recvmmsg` of up to 64; on io_uring the completions
-    /// reaped), not all the kernel may queue meanwhile, so call it in a loop. A datagram a smaller ring cut comes
-    /// flagged ([`Datagram::is_truncated`]), as from [`recv`](Self::recv). A `max` of 0
-    /// is an InvalidArgument error: the call would wait for a datagram it cannot take.
+    /// reaped), not all the kernel may queue meanwhile, so call it in a loop. A datagram
+    /// a smaller ring cut comes flagged ([`Datagram::is_truncated`]), as from
+    /// [`recv`](Self::recv). A `max` of 0 is an InvalidArgument error: the call would
+    /// wait for a datagram it cannot take.
     pub async fn recv_batch(&self, out: &mut Vec<Datagram>, max: usize) -> Result<usize> {
         if max == 0 {
             return Err(Error::invalid_input(
