@@ -972,3 +972,45 @@ fn a_forwarding_socket_dropped_after_its_runtime_gives_its_port_back() {
         drop(sink);
     }
 }
+
+/// A socket on the wildcard address is its port on every address of the host: a rule
+/// that sends there loops, one that sends to another host's address on that port does
+/// not.
+#[test]
+fn a_wildcard_socket_refuses_its_port_on_any_address_of_the_host() {
+    util::on_each_backend_in_netns("fwdown", |backend| async move {
+        let setup: [&[&str]; 3] = [
+            &[
+                "link", "add", "rsf0", "type", "veth", "peer", "name", "rsf1",
+            ],
+            &["addr", "add", "10.79.0.1/24", "dev", "rsf0"],
+            &["link", "set", "rsf0", "up"],
+        ];
+        for args in setup {
+            let status = std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .unwrap();
+            assert!(status.success(), "ip {args:?}");
+        }
+        let relay = DatagramSocket::new();
+        relay.bind_addr("0.0.0.0:0".parse().unwrap()).unwrap();
+        let port = relay.local_addr().unwrap().port();
+        let here = SocketAddr::from(([10, 79, 0, 1], port));
+        let err = relay.forward_received(Forwarding::to(here)).unwrap_err();
+        assert_eq!(
+            err.status(),
+            SocketErrorStatus::InvalidArgument,
+            "on {backend}: {err}"
+        );
+        assert!(relay.forwarding().is_none());
+        let elsewhere = SocketAddr::from(([10, 79, 0, 2], port));
+        relay.forward_received(Forwarding::to(elsewhere)).unwrap();
+        let other_port = SocketAddr::from(([10, 79, 0, 1], port.wrapping_add(1).max(1)));
+        relay.forward_received(Forwarding::to(other_port)).unwrap();
+        assert_eq!(
+            relay.forwarding().map(|rule| rule.destination()),
+            Some(other_port)
+        );
+    });
+}

@@ -2,7 +2,7 @@
 //! the forwarding its receive does for the datagrams the engine hands it (io_uring's
 //! driver forwards the rest as it reaps them, see the driver's `recv_tap`).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 
@@ -42,8 +42,9 @@ impl DatagramSocket {
     /// Fails, changing nothing, on a destination the socket could never send to (port
     /// 0: InvalidArgument; an IPv6 destination on an IPv4 socket, or an IPv4 one on an
     /// IPv6 socket that sends IPv6 only — bound to one IPv6 address, or IPV6_V6ONLY:
-    /// AddressFamilyNotSupported), on the socket's own address (InvalidArgument: what
-    /// it forwards would come back to it), on a socket not bound yet (InvalidArgument:
+    /// AddressFamilyNotSupported), on the socket's own address — bound to the
+    /// wildcard, its port on any address of this host (InvalidArgument: what it
+    /// forwards would come back to it) — on a socket not bound yet (InvalidArgument:
     /// it receives nothing), and while the socket is busy in a receive (ResourceBusy:
     /// set it from a task, not from a waker).
     ///
@@ -259,11 +260,20 @@ fn reaches_ipv4(fd: &SharedFd, local: SocketAddr) -> bool {
     dual_stack && (local.is_ipv4() || local.ip().is_unspecified())
 }
 
-/// Whether `to` is the socket on `local` itself: its address, or its port on loopback
-/// when it is bound to the wildcard.
+/// Whether `to` is the socket on `local` itself: its address, or, bound to the
+/// wildcard, its port on loopback or on any other address of this host.
 fn is_own_address(local: SocketAddr, to: SocketAddr) -> bool {
     let to_ip = to.ip().to_canonical();
-    local.port() == to.port()
-        && (to_ip == local.ip()
-            || (local.ip().is_unspecified() && (to_ip.is_loopback() || to_ip.is_unspecified())))
+    if local.port() != to.port() {
+        return false;
+    }
+    if !local.ip().is_unspecified() {
+        return to_ip == local.ip();
+    }
+    to_ip.is_unspecified() || to_ip.is_loopback() || is_this_hosts(to_ip)
+}
+
+/// Whether `ip` is a unicast address of this host: one a socket can bind to.
+fn is_this_hosts(ip: IpAddr) -> bool {
+    !ip.is_multicast() && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
