@@ -14,8 +14,9 @@
 //!
 //! The callee sends every packet back from the address it arrived on
 //! (`SendOptions::reply_to`, which matters on a host with several addresses) marked as
-//! audio (DSCP 46, ECT(0)), and the caller checks every answer: each one back, byte-exact,
-//! once.
+//! audio (DSCP 46, ECT(0)); the relay's legs mark what they forward the same way
+//! (`set_traffic_class`), and the caller checks every answer: each one back, byte-exact,
+//! once, marked as audio.
 //!
 //! ```sh
 //! cargo run --release --example media_relay                       # 10,000 round trips
@@ -55,6 +56,11 @@ fn main() {
     }
 }
 
+/// Audio's traffic class: DSCP 46 (Expedited Forwarding, RFC 8837), ECT(0).
+fn audio() -> Result<TrafficClass> {
+    TrafficClass::new(TrafficClass::DSCP_EF, Ecn::Ect0)
+}
+
 fn is_bye(data: &[u8]) -> bool {
     data == b"BYE"
 }
@@ -90,7 +96,7 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
 
     // The callee: sends each packet back, from the address it came to, marked as audio.
     callee.control().set_receive_destination(true)?;
-    let audio = TrafficClass::new(TrafficClass::DSCP_EF, Ecn::Ect0)?;
+    let audio = audio()?;
     let echo = ringsock::spawn(async move {
         let mut answered = 0u64;
         loop {
@@ -106,7 +112,8 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
         }
     });
 
-    // The caller: a window of packets in flight, every answer checked.
+    // The caller: a window of packets in flight, every answer checked, its marking too.
+    caller.control().set_receive_traffic_class(true)?;
     let started = Instant::now();
     let mut seen = vec![false; count as usize];
     let (mut sent, mut answered) = (0u64, 0u64);
@@ -122,6 +129,12 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
             .map(|bytes| u64::from_le_bytes(bytes.try_into().expect("8 bytes")))
             .filter(|&seq| seq < count && answer.data() == packet(seq).as_slice())
             .ok_or_else(|| Error::invalid_input("an answer that was never sent"))?;
+        if answer.traffic_class() != Some(audio) {
+            return Err(Error::invalid_input(format!(
+                "packet {seq} came back marked {:?}, not as audio",
+                answer.traffic_class()
+            )));
+        }
         if std::mem::replace(&mut seen[seq as usize], true) {
             return Err(Error::invalid_input(format!(
                 "packet {seq} came back twice"
@@ -146,7 +159,9 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
         elapsed.as_secs_f64() * 1e3,
         elapsed.as_secs_f64() * 1e6 / count as f64,
     );
-    println!("the callee answered {echoed}; every answer came back once, byte-exact");
+    println!(
+        "the callee answered {echoed}; every answer came back once, byte-exact, marked as audio"
+    );
     println!("relay, caller to callee: {forwarded_in} forwarded, {posts_in:?}");
     println!("relay, callee to caller: {forwarded_back} forwarded, {posts_back:?}");
     Ok(())
@@ -159,6 +174,8 @@ async fn relay_by_itself(
     parties: [SocketAddr; 2],
 ) -> Result<[LegReport; 2]> {
     for (leg, &party) in legs.iter().zip(&parties) {
+        // What it forwards is marked as audio, as the parties mark what they send.
+        leg.control().set_traffic_class(Some(audio()?))?;
         leg.forward_received(Forwarding::to(party).delivering(is_bye))?;
     }
     let ends = legs.map(|leg| {
@@ -181,6 +198,9 @@ async fn relay_symmetric(
     legs: [DatagramSocket; 2],
     parties: [SocketAddr; 2],
 ) -> Result<[LegReport; 2]> {
+    for leg in &legs {
+        leg.control().set_traffic_class(Some(audio()?))?;
+    }
     let group = DatagramGroup::new(legs.into());
     let mut forwarded = [0u64; 2];
     let mut byes = 0;

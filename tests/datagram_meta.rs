@@ -508,3 +508,76 @@ fn control_messages_that_do_not_fit_are_counted() {
         assert_eq!(plain.receive_stats().control_truncated, 0, "{backend}");
     });
 }
+
+/// The socket's own traffic class marks what it sends without one of its own — sends,
+/// posts, output streams and its forwards — on IPv4, IPv6 and IPv4 through a dual-stack
+/// socket; a datagram's own class wins; `None` goes back to 0. Set before the socket
+/// exists, it is applied when it is made.
+#[test]
+fn the_sockets_traffic_class_marks_its_sends_and_forwards() {
+    util::on_each_receive_path(|_backend: Backend| async move {
+        let audio = ef(Ecn::Ect0);
+        for (relay_ip, peer_ip) in [(Some(V4), V4), (Some(V6), V6), (None, V4)] {
+            let sink = bound(peer_ip);
+            sink.control().set_receive_traffic_class(true).unwrap();
+            let to = sink.local_addr().unwrap();
+            let relay = DatagramSocket::new();
+            relay.control().set_traffic_class(Some(audio)).unwrap();
+            match relay_ip {
+                Some(ip) => relay.bind_addr(SocketAddr::new(ip, 0)).unwrap(),
+                None => relay.bind("0").unwrap(),
+            }
+            assert_eq!(relay.control().traffic_class(), Some(audio));
+            relay.send_to_addr(b"send".to_vec(), to).await.0.unwrap();
+            relay.post_to_addr(b"post".to_vec(), to).unwrap();
+            let stream = relay.output_stream_to_addr(to).unwrap();
+            stream.write(b"stream".to_vec()).await.unwrap();
+            stream.flush().await.unwrap();
+            let own = TrafficClass::new(8, Ecn::NotEct).unwrap();
+            let options = SendOptions::default().with_traffic_class(own);
+            relay
+                .send_to_addr_with(b"own".to_vec(), to, &options)
+                .await
+                .0
+                .unwrap();
+            // Forwarded: in from a plain source, out to the sink.
+            let port = relay.local_addr().unwrap().port();
+            relay
+                .forward_received(ringsock::Forwarding::to(to).delivering(|data| data == b"end"))
+                .unwrap();
+            let source = bound(peer_ip);
+            let relay_at = SocketAddr::new(peer_ip, port);
+            source
+                .send_to_addr(b"forwarded".to_vec(), relay_at)
+                .await
+                .0
+                .unwrap();
+            source
+                .send_to_addr(b"end".to_vec(), relay_at)
+                .await
+                .0
+                .unwrap();
+            assert_eq!(&util::recv_datagram(&relay).await[..], b"end");
+            relay.settle_posts().await.unwrap();
+            for (data, class) in [
+                (&b"send"[..], audio),
+                (b"post", audio),
+                (b"stream", audio),
+                (b"own", own),
+                (b"forwarded", audio),
+            ] {
+                let got = util::recv_datagram(&sink).await;
+                assert_eq!(&got[..], data, "from {relay_ip:?}");
+                assert_eq!(
+                    got.traffic_class(),
+                    Some(class),
+                    "{data:?} from {relay_ip:?}"
+                );
+            }
+            relay.control().set_traffic_class(None).unwrap();
+            relay.send_to_addr(b"plain".to_vec(), to).await.0.unwrap();
+            let got = util::recv_datagram(&sink).await;
+            assert_eq!(got.traffic_class(), Some(TrafficClass::from_byte(0)));
+        }
+    });
+}

@@ -173,6 +173,7 @@ struct DatagramOptions {
     multicast_only: Cell<bool>,
     multicast_loop: Cell<Option<bool>>,
     multicast_hop_limit: Cell<Option<u32>>,
+    traffic_class: Cell<Option<TrafficClass>>,
     gro: Cell<bool>,
     gso: Rc<Cell<bool>>,
     ring: Cell<ReceiveRing>,
@@ -193,6 +194,7 @@ impl Default for DatagramOptions {
             multicast_only: Cell::new(false),
             multicast_loop: Cell::new(None),
             multicast_hop_limit: Cell::new(None),
+            traffic_class: Cell::new(None),
             gro: Cell::new(false),
             gso: Rc::new(Cell::new(true)),
             ring: Cell::new(ReceiveRing::default()),
@@ -1382,6 +1384,9 @@ impl<'a> DatagramSocketControl<'a> {
         if let Some(hops) = self.options.multicast_hop_limit.get() {
             self.set_multicast_hop_limit(hops)?;
         }
+        if let Some(class) = self.options.traffic_class.get() {
+            self.apply_traffic_class(class)?;
+        }
         if self.options.gro.get() {
             self.apply_gro(true)?;
         }
@@ -1457,6 +1462,37 @@ impl<'a> DatagramSocketControl<'a> {
             Ok(())
         } else {
             sock.set_ttl(hops).map_err(|e| Error::io("set IP_TTL", e))
+        }
+    }
+
+    /// The traffic class, DSCP and ECN, of every datagram the socket sends that does not
+    /// carry its own ([`SendOptions::with_traffic_class`]): IP_TOS, or IPV6_TCLASS on an
+    /// IPv6 socket, and both on a dual-stack one. It marks the sends the socket makes by
+    /// itself too — its forwards ([`DatagramSocket::forward_received`]) and posts — so a
+    /// media relay marks what it forwards as audio (DSCP 46, RFC 8837) this way. `None`
+    /// goes back to the kernel's default, 0.
+    pub fn set_traffic_class(&self, class: Option<TrafficClass>) -> Result<()> {
+        self.apply_traffic_class(class.unwrap_or(TrafficClass::from_byte(0)))?;
+        self.options.traffic_class.set(class);
+        Ok(())
+    }
+
+    /// The traffic class set with [`set_traffic_class`](Self::set_traffic_class).
+    pub fn traffic_class(&self) -> Option<TrafficClass> {
+        self.options.traffic_class.get()
+    }
+
+    fn apply_traffic_class(&self, class: TrafficClass) -> Result<()> {
+        let Some(fd) = self.fd() else { return Ok(()) };
+        let value = libc::c_int::from(class.to_byte());
+        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_TOS, value);
+        if self.ipv6() {
+            // A dual-stack socket sends IPv4 with IP_TOS; an IPv6-only socket may refuse
+            // the IPv4 option, which it never needs.
+            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, value)
+                .map_err(|e| Error::io("set IPV6_TCLASS", e))
+        } else {
+            ip.map_err(|e| Error::io("set IP_TOS", e))
         }
     }
 
