@@ -236,6 +236,19 @@ fn a_datagram_the_ring_cut_is_delivered_flagged_not_forwarded() {
     });
 }
 
+fn refused_as(socket: &DatagramSocket, to: SocketAddr, status: SocketErrorStatus) {
+    let err = socket.forward_received(Forwarding::to(to)).unwrap_err();
+    assert_eq!(err.status(), status, "to {to}: {err}");
+    assert!(socket.forwarding().is_none());
+}
+
+fn ipv4_mapped(addr: SocketAddr) -> std::net::IpAddr {
+    match addr.ip() {
+        std::net::IpAddr::V4(v4) => v4.to_ipv6_mapped().into(),
+        v6 => v6,
+    }
+}
+
 #[test]
 fn a_rule_that_could_never_send_is_refused_and_changes_nothing() {
     util::on_each_backend(|backend| async move {
@@ -265,6 +278,13 @@ fn a_rule_that_could_never_send_is_refused_and_changes_nothing() {
         let itself = Forwarding::to(SocketAddr::from(([127, 0, 0, 2], port)));
         let err = wildcard.forward_received(itself).unwrap_err();
         assert_eq!(err.status(), SocketErrorStatus::InvalidArgument, "{err}");
+        // The unspecified address is this host: the socket's own port there comes back.
+        let port = relay.local_addr().unwrap().port();
+        refused_as(
+            &relay,
+            SocketAddr::from(([0, 0, 0, 0], port)),
+            SocketErrorStatus::InvalidArgument,
+        );
         // A socket that never bound receives nothing to forward.
         let unbound = DatagramSocket::new();
         let err = unbound
@@ -276,13 +296,14 @@ fn a_rule_that_could_never_send_is_refused_and_changes_nothing() {
         // An IPv6 socket on one IPv6 address cannot send to IPv4.
         let ipv6_only = DatagramSocket::new();
         if ipv6_only.bind_addr("[::1]:0".parse().unwrap()).is_ok() {
-            let to_ipv4 = Forwarding::to(relay.local_addr().unwrap());
-            let err = ipv6_only.forward_received(to_ipv4).unwrap_err();
-            assert_eq!(
-                err.status(),
-                SocketErrorStatus::AddressFamilyNotSupported,
-                "{err}"
-            );
+            let ipv4 = relay.local_addr().unwrap();
+            let mapped = SocketAddr::from((ipv4_mapped(ipv4), ipv4.port()));
+            for to in [ipv4, mapped] {
+                refused_as(&ipv6_only, to, SocketErrorStatus::AddressFamilyNotSupported);
+            }
+            let port = ipv6_only.local_addr().unwrap().port();
+            let unspecified = SocketAddr::from(([0u16; 8], port));
+            refused_as(&ipv6_only, unspecified, SocketErrorStatus::InvalidArgument);
         }
         assert!(relay.forwarding().is_none());
         // Nothing was forwarded: a datagram still comes to the program.
@@ -975,15 +996,17 @@ fn a_forwarding_socket_dropped_after_its_runtime_gives_its_port_back() {
 
 /// A socket on the wildcard address is its port on every address of the host: a rule
 /// that sends there loops, one that sends to another host's address on that port does
-/// not.
+/// not — also where any address may be bound (`ip_nonlocal_bind`, usual beside
+/// keepalived), and for a link-local address, whose scope names the interface.
 #[test]
 fn a_wildcard_socket_refuses_its_port_on_any_address_of_the_host() {
     util::on_each_backend_in_netns("fwdown", |backend| async move {
-        let setup: [&[&str]; 3] = [
+        let setup: [&[&str]; 4] = [
             &[
                 "link", "add", "rsf0", "type", "veth", "peer", "name", "rsf1",
             ],
             &["addr", "add", "10.79.0.1/24", "dev", "rsf0"],
+            &["addr", "add", "fe80::abcd/64", "dev", "rsf0", "nodad"],
             &["link", "set", "rsf0", "up"],
         ];
         for args in setup {
@@ -993,17 +1016,21 @@ fn a_wildcard_socket_refuses_its_port_on_any_address_of_the_host() {
                 .unwrap();
             assert!(status.success(), "ip {args:?}");
         }
+        // This thread's namespace's setting: /proc/sys/net is the opener's namespace.
+        std::fs::write("/proc/sys/net/ipv4/ip_nonlocal_bind", "1").unwrap();
+        let refused = |relay: &DatagramSocket, to: SocketAddr| {
+            let err = relay.forward_received(Forwarding::to(to)).unwrap_err();
+            assert_eq!(
+                err.status(),
+                SocketErrorStatus::InvalidArgument,
+                "to {to} on {backend}: {err}"
+            );
+            assert!(relay.forwarding().is_none());
+        };
         let relay = DatagramSocket::new();
         relay.bind_addr("0.0.0.0:0".parse().unwrap()).unwrap();
         let port = relay.local_addr().unwrap().port();
-        let here = SocketAddr::from(([10, 79, 0, 1], port));
-        let err = relay.forward_received(Forwarding::to(here)).unwrap_err();
-        assert_eq!(
-            err.status(),
-            SocketErrorStatus::InvalidArgument,
-            "on {backend}: {err}"
-        );
-        assert!(relay.forwarding().is_none());
+        refused(&relay, SocketAddr::from(([10, 79, 0, 1], port)));
         let elsewhere = SocketAddr::from(([10, 79, 0, 2], port));
         relay.forward_received(Forwarding::to(elsewhere)).unwrap();
         let other_port = SocketAddr::from(([10, 79, 0, 1], port.wrapping_add(1).max(1)));
@@ -1012,5 +1039,20 @@ fn a_wildcard_socket_refuses_its_port_on_any_address_of_the_host() {
             relay.forwarding().map(|rule| rule.destination()),
             Some(other_port)
         );
+
+        let dual = DatagramSocket::new();
+        dual.bind_addr("[::]:0".parse().unwrap()).unwrap();
+        let port = dual.local_addr().unwrap().port();
+        let name = std::ffi::CString::new("rsf0").unwrap();
+        // SAFETY: a NUL-terminated name; if_nametoindex only reads it.
+        let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+        let link_local = "fe80::abcd".parse().unwrap();
+        refused(
+            &dual,
+            std::net::SocketAddrV6::new(link_local, port, 0, index).into(),
+        );
+        refused(&dual, SocketAddr::from(([10, 79, 0, 1], port)));
+        let elsewhere = SocketAddr::from(([0xfe80, 0, 0, 0, 0, 0, 0, 0xabce], port));
+        dual.forward_received(Forwarding::to(elsewhere)).unwrap();
     });
 }

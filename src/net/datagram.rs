@@ -601,7 +601,9 @@ impl DatagramSocket {
     /// dropped and counted, as the kernel drops a datagram on a full receive queue.
     /// [`settle_posts`](Self::settle_posts) waits until every posted datagram is out.
     /// Posts keep their place among the socket's other sends: a datagram sent after a
-    /// post, by any call, leaves after it.
+    /// post, by any call, leaves after it (but for a forwarding GSO run the path
+    /// refused, which goes again one by one at a later turn: see
+    /// [`forward_received`](Self::forward_received)).
     ///
     /// Fails, with nothing sent and the buffer given back, on port 0 (InvalidArgument), an IPv6 destination on an
     /// IPv4 socket (AddressFamilyNotSupported), a socket of another runtime
@@ -861,11 +863,11 @@ impl DatagramSocket {
 
     /// Waits until at least one datagram is there, then appends the datagrams the
     /// socket has taken in, up to `max`, to `out` and returns how many: what one receive
-    /// step brought (on epoll one `recvmmsg` of up to 64; on io_uring the completions
-    /// reaped), not all the kernel may queue meanwhile, so call it in a loop. A datagram
-    /// a smaller ring cut comes flagged ([`Datagram::is_truncated`]), as from
-    /// [`recv`](Self::recv). A `max` of 0 is an InvalidArgument error: the call would
-    /// wait for a datagram it cannot take.
+    /// step brought (one `recvmmsg` of up to 64, or the multishot receive's completions
+    /// reaped on io_uring), not all the kernel may queue meanwhile, so call it in a
+    /// loop. A datagram a smaller ring cut comes flagged ([`Datagram::is_truncated`]),
+    /// as from [`recv`](Self::recv). A `max` of 0 is an InvalidArgument error: the call
+    /// would wait for a datagram it cannot take.
     pub async fn recv_batch(&self, out: &mut Vec<Datagram>, max: usize) -> Result<usize> {
         if max == 0 {
             return Err(Error::invalid_input(

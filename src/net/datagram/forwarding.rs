@@ -2,13 +2,14 @@
 //! the forwarding its receive does for the datagrams the engine hands it (io_uring's
 //! driver forwards the rest as it reaps them, see the driver's `recv_tap`).
 
-use std::net::{IpAddr, SocketAddr};
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::panic::AssertUnwindSafe;
 use std::task::{Context, Poll};
 
 use super::{check_destination, DatagramSocket};
 use crate::driver::forward::{Forward, Forwarding};
-use crate::driver::ops_datagram::{self, for_family, AfterRecv, RecvDatagram};
+use crate::driver::ops_datagram::{self, canonical, for_family, AfterRecv, RecvDatagram};
 use crate::driver::SharedFd;
 use crate::{Error, Result};
 
@@ -42,9 +43,11 @@ impl DatagramSocket {
     /// Fails, changing nothing, on a destination the socket could never send to (port
     /// 0: InvalidArgument; an IPv6 destination on an IPv4 socket, or an IPv4 one on an
     /// IPv6 socket that sends IPv6 only — bound to one IPv6 address, or IPV6_V6ONLY:
-    /// AddressFamilyNotSupported), on the socket's own address — bound to the
-    /// wildcard, its port on any address of this host (InvalidArgument: what it
-    /// forwards would come back to it) — on a socket not bound yet (InvalidArgument:
+    /// AddressFamilyNotSupported), on the socket's own address — its port on the
+    /// unspecified address, and bound to the wildcard its port on any address of this
+    /// host (InvalidArgument: what it forwards would come back to it; a multicast group
+    /// is not judged, as the socket may join it later) — on a socket not bound yet
+    /// (InvalidArgument:
     /// it receives nothing), and while the socket is busy in a receive (ResourceBusy:
     /// set it from a task, not from a waker).
     ///
@@ -79,11 +82,17 @@ impl DatagramSocket {
             let what = format!("forward to {to}: the socket is IPv4");
             return Err(Error::from_errno(what, libc::EAFNOSUPPORT));
         }
-        if to.is_ipv4() && self.ipv6.get() && !reaches_ipv4(fd, local) {
+        if canonical(to).is_ipv4() && self.ipv6.get() && !reaches_ipv4(fd, local) {
             let what = format!("forward to {to}: the socket, on {local}, sends IPv6 only");
             return Err(Error::from_errno(what, libc::EAFNOSUPPORT));
         }
-        if is_own_address(local, to) {
+        let own = is_own_address(local, to).map_err(|err| {
+            Error::io(
+                format!("forward to {to}: tell whether it is this host's"),
+                err,
+            )
+        })?;
+        if own {
             return Err(Error::invalid_input(format!(
                 "forward to {to}: that is the socket's own address (what it forwards \
                  would come back to it)"
@@ -261,19 +270,50 @@ fn reaches_ipv4(fd: &SharedFd, local: SocketAddr) -> bool {
 }
 
 /// Whether `to` is the socket on `local` itself: its address, or, bound to the
-/// wildcard, its port on loopback or on any other address of this host.
-fn is_own_address(local: SocketAddr, to: SocketAddr) -> bool {
-    let to_ip = to.ip().to_canonical();
+/// wildcard, its port on loopback or on any other address of this host. The
+/// unspecified address is this host too (the kernel delivers it to the sender's own
+/// address). A multicast group on its own port is not judged: whether that comes back
+/// depends on groups the socket may join later.
+fn is_own_address(local: SocketAddr, to: SocketAddr) -> io::Result<bool> {
     if local.port() != to.port() {
-        return false;
+        return Ok(false);
+    }
+    let to = canonical(to);
+    if to.ip().is_unspecified() {
+        return Ok(true);
     }
     if !local.ip().is_unspecified() {
-        return to_ip == local.ip();
+        return Ok(to.ip() == local.ip());
     }
-    to_ip.is_unspecified() || to_ip.is_loopback() || is_this_hosts(to_ip)
+    if to.ip().is_loopback() {
+        return Ok(true);
+    }
+    if to.ip().is_multicast() {
+        return Ok(false);
+    }
+    is_this_hosts(to)
 }
 
-/// Whether `ip` is a unicast address of this host: one a socket can bind to.
-fn is_this_hosts(ip: IpAddr) -> bool {
-    !ip.is_multicast() && std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
+/// Whether `to` names an address of this host: the kernel routes such a destination
+/// through loopback, from that very address, so a socket connected to it is given it
+/// as its own. (A bind test would say yes to every address where non-local binds are
+/// allowed.) A destination with no route is no address of this host.
+fn is_this_hosts(to: SocketAddr) -> io::Result<bool> {
+    let any = match to {
+        SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0)),
+        SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0)),
+    };
+    let probe = std::net::UdpSocket::bind(any)?;
+    match probe.connect(to) {
+        Ok(()) => Ok(probe.local_addr()?.ip() == to.ip()),
+        Err(err)
+            if matches!(
+                err.raw_os_error(),
+                Some(libc::ENETUNREACH | libc::EHOSTUNREACH | libc::EADDRNOTAVAIL | libc::EINVAL)
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(err) => Err(err),
+    }
 }
