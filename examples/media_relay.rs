@@ -25,7 +25,7 @@
 //! ```
 
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ringsock::{
     DatagramGroup, DatagramSocket, Ecn, Error, Forwarding, PostStats, Result, SendOptions,
@@ -54,6 +54,16 @@ fn main() {
         eprintln!("{}: {err}", err.status());
         std::process::exit(1);
     }
+}
+
+/// The caller's next answer; an error if none comes for a second (a datagram lost,
+/// or a relay task that failed), rather than a wait for ever.
+async fn answer_of(caller: &DatagramSocket) -> Result<ringsock::Datagram> {
+    ringsock::runtime::timeout(Duration::from_secs(1), caller.recv())
+        .await
+        .map_err(|_| {
+            Error::timed_out("no answer within a second: one was lost, or the relay stopped")
+        })?
 }
 
 /// Audio's traffic class: DSCP 46 (Expedited Forwarding, RFC 8837), ECT(0).
@@ -122,7 +132,7 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
             caller.send_to_addr(packet(sent), caller_sends_to).await.0?;
             sent += 1;
         }
-        let answer = caller.recv().await?;
+        let answer = answer_of(&caller).await?;
         let seq = answer
             .data()
             .get(..8)
@@ -149,7 +159,7 @@ async fn run(count: u64, symmetric: bool) -> Result<()> {
         .send_to_addr(b"BYE".to_vec(), caller_sends_to)
         .await
         .0?;
-    while !is_bye(caller.recv().await?.data()) {}
+    while !is_bye(answer_of(&caller).await?.data()) {}
     let echoed = echo.await?;
     let [(forwarded_in, posts_in), (forwarded_back, posts_back)] = relay.await?;
     let shape = if symmetric { "symmetric" } else { "by itself" };
@@ -209,8 +219,11 @@ async fn relay_symmetric(
         group.recv_batch(&mut batch, 64).await?;
         for (leg, datagram) in batch.drain(..) {
             let other = 1 - leg;
-            byes += usize::from(is_bye(datagram.data()));
-            forwarded[leg] += 1;
+            if is_bye(datagram.data()) {
+                byes += 1;
+            } else {
+                forwarded[leg] += 1;
+            }
             group
                 .socket(other)
                 .post_to_addr(datagram.into_forward(), parties[leg])
