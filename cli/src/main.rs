@@ -108,7 +108,7 @@ struct BenchArgs {
     /// Messages or datagrams (batch workloads, udp-recv) or measured round trips
     /// (echo); default: the suite's count. At most 10,000,000 for the echo workloads
     /// and 1,000,000,000 for udp-relay, which keep something per message.
-    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_parser = at_least_one)]
     count: Option<u64>,
     /// tcp-echo-conns: connections (default 64).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..=bench::options::MAX_CONNS as u64))]
@@ -148,7 +148,7 @@ struct BenchArgs {
     pattern: Pattern,
     /// tcp-batch: the receiver checks every Nth message's sequence number (wait-all:
     /// always every message).
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
     verify_stride: u64,
     /// tcp-batch: through TLS 1.3 (a rustls receiver; the bench's built-in test
     /// certificate for localhost).
@@ -225,7 +225,7 @@ struct EchoServerArgs {
     /// handshake done by the kernel, in its listen backlog (1024; the server takes none
     /// it does not serve); past that the kernel drops new SYNs and clients retry.
     /// Nothing is shed.
-    #[arg(long, value_name = "N", requires = "tcp", value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, value_name = "N", requires = "tcp", value_parser = at_least_one)]
     max_connections: Option<u64>,
     /// Close a TCP connection after this many seconds without a byte either way (0:
     /// never). Closed connections are counted, not logged one by one.
@@ -831,6 +831,16 @@ async fn echo_connection(socket: &StreamSocket) -> ringsock::Result<()> {
         let (written, back) = socket.write_all(buf).await;
         buf = back;
         written?;
+    }
+}
+
+/// A number of 1 or more, said so when it is not (clap's own range message names the
+/// largest u64).
+fn at_least_one(value: &str) -> Result<u64, String> {
+    match value.parse::<u64>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(count) => Ok(count),
+        Err(err) => Err(format!("{err} (a whole number of 1 or more)")),
     }
 }
 

@@ -798,7 +798,9 @@ fn udp_relay_at_max_rate_every_impl() {
 
 #[test]
 fn udp_relay_bad_arguments_are_usage_errors() {
-    let cases: [(&[&str], &str); 12] = [
+    let cases: [(&[&str], &str); 14] = [
+        (&["--count", "0"], "--count <COUNT>': must be at least 1"),
+        (&["--count", "ten"], "a whole number of 1 or more"),
         (&["--relay-ring", "0"], "--relay-ring"),
         (&["--relay-ring", "65537"], "--relay-ring"),
         (
