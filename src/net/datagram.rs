@@ -1485,16 +1485,32 @@ impl<'a> DatagramSocketControl<'a> {
     }
 
     fn apply_traffic_class(&self, class: TrafficClass) -> Result<()> {
-        let Some(fd) = self.fd() else { return Ok(()) };
         let value = libc::c_int::from(class.to_byte());
-        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_TOS, value);
+        self.set_on_both_levels(
+            (libc::IP_TOS, "IP_TOS"),
+            (libc::IPV6_TCLASS, "IPV6_TCLASS"),
+            value,
+        )
+    }
+
+    /// Sets option `v4` of IPPROTO_IP and, on an IPv6 socket, `v6` of IPPROTO_IPV6 to
+    /// `value` (a live socket only: `apply_all` sets it on one made later). A
+    /// dual-stack socket sends and receives IPv4 by the IPv4 option; an IPv6-only
+    /// socket may refuse that one, which it never needs, so only the IPv6 option's
+    /// failure counts there.
+    fn set_on_both_levels(
+        &self,
+        (v4, v4_name): (libc::c_int, &str),
+        (v6, v6_name): (libc::c_int, &str),
+        value: libc::c_int,
+    ) -> Result<()> {
+        let Some(fd) = self.fd() else { return Ok(()) };
+        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, v4, value);
         if self.ipv6() {
-            // A dual-stack socket sends IPv4 with IP_TOS; an IPv6-only socket may refuse
-            // the IPv4 option, which it never needs.
-            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_TCLASS, value)
-                .map_err(|e| Error::io("set IPV6_TCLASS", e))
+            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, v6, value)
+                .map_err(|e| Error::io(format!("set {v6_name}"), e))
         } else {
-            ip.map_err(|e| Error::io("set IP_TOS", e))
+            ip.map_err(|e| Error::io(format!("set {v4_name}"), e))
         }
     }
 
@@ -1745,17 +1761,11 @@ impl<'a> DatagramSocketControl<'a> {
     }
 
     fn apply_receive_traffic_class(&self, on: bool) -> Result<()> {
-        let Some(fd) = self.fd() else { return Ok(()) };
-        let value = on as libc::c_int;
-        let ip = ops_datagram::set_int_option(fd, libc::IPPROTO_IP, libc::IP_RECVTOS, value);
-        if self.ipv6() {
-            // IPv4 datagrams on a dual-stack socket report IP_TOS; an IPv6-only socket
-            // may refuse the IPv4 option, which it never needs.
-            ops_datagram::set_int_option(fd, libc::IPPROTO_IPV6, libc::IPV6_RECVTCLASS, value)
-                .map_err(|e| Error::io("set IPV6_RECVTCLASS", e))
-        } else {
-            ip.map_err(|e| Error::io("set IP_RECVTOS", e))
-        }
+        self.set_on_both_levels(
+            (libc::IP_RECVTOS, "IP_RECVTOS"),
+            (libc::IPV6_RECVTCLASS, "IPV6_RECVTCLASS"),
+            on as libc::c_int,
+        )
     }
 
     fn apply_receive_timestamps(&self, on: bool) -> Result<()> {
